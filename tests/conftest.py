@@ -1,0 +1,45 @@
+"""Shared helpers: run the real CLI on tiny settings, read what a run wrote."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# Shrinking overrides for the real config: a few steps, small batches, no progress bar.
+TINY = [
+    "trainer.max_steps=40",
+    "trainer.log_every=10",
+    "trainer.eval_every=0",
+    "trainer.eval_steps=10",
+    "trainer.checkpoint_every=20",
+    "trainer.progress_bar=false",
+    "data.batch_size=64",
+]
+
+
+def run_cli(*args: str, module: str = "trainer", cwd: Path | None = None, timeout: int = 600, env=None):
+    """Runs `python -m trainer ARGS` in a subprocess and returns the CompletedProcess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+        env=full_env,
+    )
+
+
+def read_metrics(run_dir: Path):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def tiny():
+    return list(TINY)

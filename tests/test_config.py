@@ -1,0 +1,49 @@
+"""Config validation: bad keys, types and options fail before any work, naming the problem."""
+import hashlib
+
+import pytest
+
+from conftest import run_cli
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("trainer.nonexistent=1", "trainer.nonexistent"),
+        ("trainer.max_steps=abc", "max_steps"),
+        ("recipe=nope", "Available options in 'recipe'"),
+        ("precision=float8", "Available options in 'precision'"),
+        ("data.bogus=1", "data.bogus"),
+    ],
+)
+def test_bad_config_fails_before_work(tmp_path, override, expected):
+    run_dir = tmp_path / "run"
+    result = run_cli(override, f"hydra.run.dir={run_dir}")
+    assert result.returncode != 0
+    assert expected in result.stderr + result.stdout
+    assert not run_dir.exists(), "no run folder may be left by a config error"
+
+
+def test_failed_run_leaves_existing_checkpoints_untouched(tmp_path, tiny):
+    run_dir = tmp_path / "run"
+    ok = run_cli(*tiny, f"hydra.run.dir={run_dir}")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (run_dir / "checkpoints").iterdir() if p.is_file()}
+    assert any(name.endswith(".index") for name in before)
+
+    bad = run_cli(*tiny, f"hydra.run.dir={run_dir}", "trainer.nonexistent=1")
+    assert bad.returncode != 0
+    refused = run_cli(*tiny, f"hydra.run.dir={run_dir}", "trainer.resume=false")
+    assert refused.returncode != 0
+    assert "refusing to overwrite" in refused.stderr + refused.stdout
+
+    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (run_dir / "checkpoints").iterdir() if p.is_file()}
+    assert after == before
+
+
+def test_cfg_job_prints_composed_config():
+    result = run_cli("--cfg", "job", "optimizer=sgd", "optimizer.lr=0.05")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "_target_: keras.optimizers.SGD" in result.stdout
+    assert "lr: 0.05" in result.stdout
+    assert "max_steps: 1500" in result.stdout

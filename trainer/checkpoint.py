@@ -1,0 +1,267 @@
+"""Checkpoints that never lose work: save, keep-N and best-k, resume with fallback, warm start.
+
+Layout of run_dir/checkpoints/: `ckpt-<step>.index` / `.data-*` (tf.train.Checkpoint via
+CheckpointManager, which writes the files before it updates the `checkpoint` state file and deletes old
+ones only after a newer one is complete), and `best/` with the best `keep_best` by an eval metric.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+_CKPT = re.compile(r"^ckpt-(\d+)\.index$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message says why and what to do."""
+
+
+def list_checkpoints(directory: Path) -> List[Tuple[int, str]]:
+    """(step, prefix) of every checkpoint with an index file, newest first (does not trust the state file)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for p in directory.iterdir():
+        m = _CKPT.match(p.name)
+        if m:
+            found.append((int(m.group(1)), str(directory / f"ckpt-{m.group(1)}")))
+    return sorted(found, reverse=True)
+
+
+def _variables_by_key(root) -> Dict[str, tf.Variable]:
+    """Checkpoint key -> variable for everything under `root`, as tf.train.Checkpoint names them."""
+    from tensorflow.python.checkpoint import graph_view  # the traversal tf.train.Checkpoint itself uses
+
+    objects, paths = graph_view.ObjectGraphView(root).breadth_first_traversal()
+    out = {}
+    for obj in objects:
+        if isinstance(obj, (tf.Variable, keras.Variable)):
+            out["/".join(ref.name for ref in paths[obj]) + "/.ATTRIBUTES/VARIABLE_VALUE"] = obj
+    return out
+
+
+def _check_compatible(objects: Dict, prefix: str) -> None:
+    """A changed model (shapes) must be a clear error, not a partial restore."""
+    reader = tf.train.load_checkpoint(prefix)
+    shapes = reader.get_variable_to_shape_map()
+    ours = _variables_by_key(tf.train.Checkpoint(model=objects["model"]))
+    mismatched = [
+        f"{key.split('/.ATTRIBUTES')[0]}: checkpoint {shapes[key]} vs model {list(var.shape)}"
+        for key, var in ours.items()
+        if key in shapes and list(shapes[key]) != list(var.shape)
+    ]
+    missing = [k.split("/.ATTRIBUTES")[0] for k in ours if k not in shapes]
+    if mismatched or missing:
+        detail = "; ".join((mismatched + [f"not in checkpoint: {m}" for m in missing])[:6])
+        raise CheckpointError(
+            f"{prefix} does not fit this model ({detail}). The config changed the model since this run "
+            "saved it. Fix: run with the config the run was started with (see .hydra/config.yaml), or "
+            "start a new run folder (hydra.run.dir=...) and use trainer.init_from=PATH to warm start."
+        )
+
+
+class Checkpointer:
+    """Saves and restores the trainer's state in `directory`.
+
+    Args:
+      objects: name -> trackable (model, optimizer, step, loss_scale, rng, ...).
+      keep: how many recent checkpoints to keep.
+      keep_best, best_metric, best_mode: keep the best `keep_best` by eval `best_metric` (max/min).
+      is_chief: non-chief workers (multi-worker) write to a temporary folder that is removed.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        objects: Dict,
+        keep: int = 3,
+        keep_best: int = 1,
+        best_metric: Optional[str] = None,
+        best_mode: str = "max",
+        is_chief: bool = True,
+    ):
+        if best_mode not in ("max", "min"):
+            raise ValueError(f"trainer.best_mode={best_mode!r} is not one of max|min")
+        self.directory = Path(directory)
+        self.objects = objects
+        self.checkpoint = tf.train.Checkpoint(**objects)
+        self.is_chief = is_chief
+        self.keep = keep
+        self.keep_best = keep_best
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+        self._manager = None
+
+    # -- saving ------------------------------------------------------------------------------
+
+    def _write_dir(self) -> Path:
+        return self.directory if self.is_chief else Path(tempfile.mkdtemp(prefix="trainer-worker-ckpt-"))
+
+    def manager(self, directory: Path) -> tf.train.CheckpointManager:
+        if self._manager is None or Path(self._manager.directory) != directory:
+            self._manager = tf.train.CheckpointManager(self.checkpoint, str(directory), max_to_keep=self.keep)
+        return self._manager
+
+    def weights_finite(self) -> bool:
+        return all(bool(np.isfinite(keras.ops.convert_to_numpy(w)).all()) for w in self.objects["model"].weights)
+
+    def save(self, step: int, eval_logs: Optional[Dict] = None) -> Optional[str]:
+        """Saves at `step` (and into best/ when `eval_logs` improve the best metric). Refuses non-finite weights."""
+        if not self.weights_finite():
+            log.error("Not saving step %d: the model has non-finite weights. The last good checkpoint is kept.", step)
+            return None
+        directory = self._write_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        value = None
+        if eval_logs and self.best_metric and self.best_metric in eval_logs:
+            value = float(eval_logs[self.best_metric])
+            best = float(self.objects["best_metric"].numpy())
+            if math.isnan(best) or (value > best if self.best_mode == "max" else value < best):
+                self.objects["best_metric"].assign(value)
+        path = self.manager(directory).save(checkpoint_number=step)
+        if value is not None and self.keep_best > 0:
+            self._keep_best(directory, step, value)
+        if not self.is_chief:
+            shutil.rmtree(directory, ignore_errors=True)
+            return None
+        log.info("Saved checkpoint %s", path)
+        return path
+
+    def _keep_best(self, directory: Path, step: int, value: float) -> None:
+        best_dir = directory / "best"
+        best_dir.mkdir(exist_ok=True)
+        index_path = best_dir / "best.json"
+        entries = json.loads(index_path.read_text()) if index_path.exists() else []
+        entries = [e for e in entries if e["step"] != step]
+        candidate = {"step": step, self.best_metric: value, "path": str(best_dir / f"ckpt-{step}")}
+        ranked = sorted(entries + [candidate], key=lambda e: e[self.best_metric], reverse=self.best_mode == "max")
+        kept, dropped = ranked[: self.keep_best], ranked[self.keep_best :]
+        if candidate in kept:
+            self.checkpoint.write(candidate["path"])  # complete before the index names it
+        tmp = index_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(kept, indent=1))
+        os.replace(tmp, index_path)
+        for e in dropped:
+            if e is candidate:
+                continue
+            for f in best_dir.glob(f"ckpt-{e['step']}.*"):
+                f.unlink()
+
+    # -- restoring ---------------------------------------------------------------------------
+
+    def prepare(self, resume: bool, init_from: Optional[str], model) -> Optional[int]:
+        """Resumes from the newest complete checkpoint, or warm-starts, or starts fresh.
+
+        Raises CheckpointError when the folder has checkpoints but resume is off, when none of them
+        is readable, or when they do not fit the model.
+        """
+        found = list_checkpoints(self.directory)
+        if found and not resume:
+            raise CheckpointError(
+                f"{self.directory} already has checkpoints (newest: step {found[0][0]}) and "
+                "trainer.resume=false: refusing to overwrite them. To continue that run, drop "
+                "trainer.resume=false; to start fresh, pick a new run folder (hydra.run.dir=...) or "
+                "move that folder away."
+            )
+        if found:
+            return self.restore_latest(found)
+        if init_from:
+            warm_start(model, init_from)
+        return None
+
+    def restore_latest(self, found=None) -> int:
+        found = found if found is not None else list_checkpoints(self.directory)
+        errors = []
+        for step, prefix in found:
+            try:
+                _check_compatible(self.objects, prefix)
+                status = self.checkpoint.restore(prefix)
+                status.assert_existing_objects_matched()
+            except CheckpointError:
+                raise
+            except (tf.errors.OpError, ValueError, AssertionError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                log.warning("Checkpoint %s is unreadable (%s: %s); trying the previous one.", prefix, type(e).__name__, first[:200])
+                errors.append(f"{prefix}: {first[:200]}")
+                continue
+            if errors:
+                log.warning("Resumed from an older checkpoint (step %d) because newer ones were unreadable.", step)
+            log.info("Resuming from %s (step %d)", prefix, step)
+            return step
+        raise CheckpointError(
+            f"{self.directory} has checkpoints but none is readable: {'; '.join(errors)}. Nothing was "
+            "changed. Fix: restore the files from a backup, or start a new run folder (hydra.run.dir=...)."
+        )
+
+
+def _resolve_checkpoint(path: str) -> str:
+    p = Path(path).expanduser()
+    if p.is_dir():
+        for candidate in (p, p / "checkpoints"):
+            found = list_checkpoints(candidate)
+            if found:
+                return found[0][1]
+        raise CheckpointError(f"trainer.init_from={path!r}: no ckpt-N.index in it or in its checkpoints/")
+    if Path(str(p) + ".index").exists():
+        return str(p)
+    raise CheckpointError(
+        f"trainer.init_from={path!r} is not a checkpoint (folder, ckpt prefix), .keras or .weights.h5 file"
+    )
+
+
+def warm_start(model, path: str) -> Dict[str, List[str]]:
+    """Loads model weights only (no optimizer, no step) and reports restored / missing / unexpected.
+
+    TF checkpoints are matched by object structure, one variable at a time, so a new head of another
+    shape is reported as mismatched and left at its initial value; .keras/.weights.h5 files go through
+    Keras' own loader (matching by layer, skipping mismatched shapes).
+    """
+    if path.endswith(".keras") or path.endswith(".weights.h5"):
+        if not Path(path).is_file():
+            raise CheckpointError(f"trainer.init_from={path!r} does not exist")
+        if path.endswith(".keras"):
+            source = keras.saving.load_model(path, compile=False)
+            path_h5 = Path(tempfile.mkdtemp()) / "w.weights.h5"
+            source.save_weights(path_h5)
+            path = str(path_h5)
+        model.load_weights(path, skip_mismatch=True)
+        report = {"restored": [v.path for v in model.weights], "missing": [], "unexpected": [], "mismatched": []}
+        log.info("Warm start from %s: loaded %d weights (Keras loader, mismatched shapes skipped)", path, len(model.weights))
+        return report
+    prefix = _resolve_checkpoint(path)
+    reader = tf.train.load_checkpoint(prefix)
+    shapes = reader.get_variable_to_shape_map()
+    ours = _variables_by_key(tf.train.Checkpoint(model=model))
+    restored, missing, mismatched = [], [], []
+    for key, var in ours.items():
+        name = key.split("/.ATTRIBUTES")[0]
+        if key not in shapes:
+            missing.append(name)
+        elif list(shapes[key]) != list(var.shape):
+            mismatched.append(f"{name} {shapes[key]} vs {list(var.shape)}")
+        else:
+            var.assign(reader.get_tensor(key))
+            restored.append(name)
+    model_keys = {k for k in shapes if k.startswith("model/") and k.endswith("VARIABLE_VALUE") and "OPTIMIZER_SLOT" not in k}
+    unexpected = sorted(k.split("/.ATTRIBUTES")[0] for k in model_keys - set(ours))
+    log.info(
+        "Warm start from %s: restored %d variables, missing %d %s, mismatched %d %s, unexpected %d %s",
+        prefix, len(restored), len(missing), missing[:5], len(mismatched), mismatched[:5], len(unexpected), unexpected[:5],
+    )
+    if not restored:
+        raise CheckpointError(f"trainer.init_from={path!r}: no variable of this model is in {prefix}")
+    return {"restored": restored, "missing": missing, "unexpected": unexpected, "mismatched": mismatched}

@@ -1,0 +1,107 @@
+"""`python -m trainer`: compose the config, log it, instantiate, fit. A short, flat sequence."""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import sys
+
+from trainer.quiet import quiet_tensorflow_import
+
+quiet_tensorflow_import()
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from trainer.config import PrecisionConfig, StrategyConfig, TrainerConfig, register_configs  # noqa: E402
+
+log = logging.getLogger("trainer")
+logging.getLogger("absl").setLevel(logging.WARNING)  # tf.train.Checkpoint logs sharding timings at INFO
+
+register_configs()
+
+# Errors whose message already says what is wrong and how to fix it: no traceback, exit code 2.
+EXIT_USER_ERROR = 2
+EXIT_NUMERICAL = 3
+EXIT_SIGNAL = {"SIGTERM": 143, "SIGINT": 130}
+
+
+def _schema(cls, node: DictConfig):
+    return cls(**OmegaConf.to_container(node, resolve=True))
+
+
+def run(cfg: DictConfig) -> dict:
+    """Builds everything the config names and trains; returns the final logs."""
+    import tensorflow as tf
+
+    from trainer.core import Trainer
+    from trainer.distribute import is_chief, make_strategy
+    from trainer.optim import build_optimizer
+    from trainer.precision import hardware_report
+    from pathlib import Path
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    trainer_cfg = _schema(TrainerConfig, cfg.trainer)
+    precision = _schema(PrecisionConfig, cfg.precision)
+    log.info("Recipe: %s | precision: %s | strategy: %s | run folder: %s", cfg.recipe, precision.policy, cfg.strategy.name, run_dir)
+
+    strategy = make_strategy(_schema(StrategyConfig, cfg.strategy))  # before TF initializes devices
+    log.info("Hardware: %s", hardware_report(precision.policy, strategy))
+    if trainer_cfg.xla_auto_cluster:
+        tf.config.optimizer.set_jit("autoclustering")
+        log.info("XLA auto-clustering: on")
+    if trainer_cfg.jit_compile:
+        log.info("XLA jit_compile: on")
+
+    data = instantiate(cfg.data, _convert_="all")
+    log.info("Data: %s", data.description)
+    steps_per_epoch = data.train_examples // data.batch_size if data.train_examples else None
+    total = Trainer.total_steps(trainer_cfg.max_steps, trainer_cfg.epochs, steps_per_epoch)
+    trainer = Trainer(
+        model=functools.partial(instantiate, cfg.model, _convert_="all"),
+        loss=instantiate(cfg.loss),
+        optimizer=functools.partial(build_optimizer, cfg.optimizer, total),
+        metrics={name: functools.partial(instantiate, m) for name, m in cfg.metrics.items()},
+        strategy=strategy,
+        precision=precision,
+        run_dir=run_dir,
+        config=trainer_cfg,
+        seed=cfg.seed,
+        clipnorm=cfg.optimizer.clipnorm,
+        is_chief=is_chief(strategy),
+        callbacks=[instantiate(c, _convert_="all") for c in cfg.callbacks.values()],
+    )
+    log.info("Model: %s, %s parameters", trainer.model.name, f"{trainer.model.count_params():,}" if trainer.model.built else "unbuilt")
+    return trainer.fit(data.train, data.eval, steps_per_epoch=steps_per_epoch, batch_size=data.batch_size)
+
+
+@hydra.main(version_base="1.3", config_path="pkg://trainer.conf", config_name="config")
+def _hydra_main(cfg: DictConfig) -> float:
+    from trainer.checkpoint import CheckpointError
+    from trainer.core import NumericalError, TrainingInterrupted
+    from trainer.data import DataError
+    from trainer.distribute import StrategyError
+    from trainer.precision import PrecisionError
+
+    try:
+        logs = run(cfg)
+    except (DataError, CheckpointError, StrategyError, PrecisionError) as e:
+        log.error("%s", e)
+        sys.exit(EXIT_USER_ERROR)
+    except NumericalError as e:
+        log.error("%s", e)
+        sys.exit(EXIT_NUMERICAL)
+    except TrainingInterrupted as e:
+        sys.exit(EXIT_SIGNAL.get(str(e), 1))
+    value = logs.get("accuracy", logs.get("loss", math.nan))
+    return float(value)  # what a multirun sweeper optimizes
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,611 @@
+"""The Trainer: the step, the inner loop of K steps in one tf.function, and the outer Python loop.
+
+Three layers, as in Orbit and Keras' own trainer:
+  * `train_step(data)` / `test_step(data)`: one replica's work (forward, loss, scaled loss, unscaled
+    gradients, apply). Override them, or `compute_loss`, in a subclass to change the step.
+  * `_make_train_function`: wraps the step in `strategy.run`, loops it `steps_per_loop` times inside one
+    `tf.function`, and applies XLA. The only place that compiles anything.
+  * `fit`: the Python loop: logging, evaluation, checkpoints, callbacks, faults, signals.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+import keras
+import tensorflow as tf
+
+from trainer import precision as precision_lib
+from trainer.callbacks import Callback, CallbackList, default_callbacks
+from trainer.checkpoint import Checkpointer
+from trainer.config import PrecisionConfig, TrainerConfig
+from trainer.loss_scale import LossScale, all_finite
+
+log = logging.getLogger(__name__)
+
+DataArg = Union[tf.data.Dataset, Callable[[tf.distribute.InputContext], tf.data.Dataset]]
+
+
+class NumericalError(RuntimeError):
+    """Training cannot make progress: too many non-finite steps in a row."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM/SIGINT arrived; a checkpoint was saved (when a run folder is set) before this is raised."""
+
+
+def _build(obj_or_builder):
+    """Objects may be given ready-made or as zero-argument builders (called under the strategy scope)."""
+    ready = (keras.layers.Layer, keras.metrics.Metric, keras.optimizers.Optimizer, keras.losses.Loss)
+    if callable(obj_or_builder) and not isinstance(obj_or_builder, ready):
+        return obj_or_builder()
+    return obj_or_builder
+
+
+def _per_example_loss(loss):
+    """Keras losses reduce by default; the step needs per-example values to average over the global batch."""
+    if isinstance(loss, keras.losses.Loss) and loss.reduction is not None:
+        config = loss.get_config()
+        config["reduction"] = None
+        return type(loss).from_config(config)
+    return loss
+
+
+class Trainer:
+    """Trains a Keras model with tf.function steps, mixed precision and a tf.distribute strategy.
+
+    Args:
+      model: a keras.Model, or a zero-argument function that builds one (preferred: it is then built
+        under the strategy scope and after the dtype policy is set).
+      loss: a Keras loss (its reduction is replaced by per-example) or a function (y, y_pred) -> per-example.
+      optimizer: a Keras optimizer or a zero-argument function that builds one.
+      metrics: Keras metrics (or builders), or a mapping name -> metric; computed on train and eval.
+      strategy: a tf.distribute.Strategy (default: TensorFlow's current/default strategy).
+      precision: a policy name ("float32", "mixed_float16", "mixed_bfloat16") or a PrecisionConfig.
+      run_dir: where metrics.jsonl, checkpoints/ and tensorboard/ go; None: nothing is written.
+      callbacks: extra Callback objects (the progress bar and writers are added from `config`).
+      config: loop settings (TrainerConfig); keyword `options` override single fields of it.
+      seed: seeds Python, NumPy, TensorFlow and Keras, the data order and the step RNG.
+      clipnorm: clip the unscaled gradients to this global norm before applying them.
+    """
+
+    def __init__(
+        self,
+        model,
+        loss,
+        optimizer,
+        metrics: Union[Sequence[Any], Mapping[str, Any], None] = None,
+        *,
+        strategy: Optional[tf.distribute.Strategy] = None,
+        precision: Union[str, PrecisionConfig] = "float32",
+        run_dir: Union[str, Path, None] = None,
+        callbacks: Iterable[Callback] = (),
+        config: Optional[TrainerConfig] = None,
+        seed: int = 0,
+        clipnorm: Optional[float] = None,
+        is_chief: bool = True,
+        **options,
+    ):
+        self.config = dataclasses.replace(config or TrainerConfig(), **options)
+        self.precision = PrecisionConfig(policy=precision) if isinstance(precision, str) else precision
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.is_chief = is_chief
+        self.seed = seed
+        self.clipnorm = clipnorm
+        self.stop_training = False  # a callback may set it; the loop stops after the current loop
+
+        if self.config.deterministic:
+            tf.config.experimental.enable_op_determinism()
+        keras.utils.set_random_seed(seed)
+        precision_lib.set_policy(self.precision.policy)  # before any layer exists
+        if self.precision.debug_numerics:
+            tf.debugging.enable_check_numerics()
+
+        with self.strategy.scope():
+            self.model: keras.Model = _build(model)
+            self.optimizer: keras.optimizers.Optimizer = _build(optimizer)
+            if isinstance(metrics, Mapping):
+                named = {name: _build(m) for name, m in metrics.items()}
+            else:
+                named = {}
+                for m in metrics or ():
+                    m = _build(m)
+                    named[m.name] = m
+            self.metrics: Dict[str, keras.metrics.Metric] = named
+            self.eval_metrics = {name: type(m).from_config(m.get_config()) for name, m in named.items()}
+            self.train_loss = keras.metrics.Mean(name="loss")
+            self.eval_loss = keras.metrics.Mean(name="loss")
+            self.grad_norm = keras.metrics.Mean(name="grad_norm")
+            self.loss_scale = self._make_loss_scale()
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+            self.rng = tf.random.Generator.from_seed(seed)  # for recipes' augmentation seeds
+            self.best = tf.Variable(math.nan, dtype=tf.float32, trainable=False, name="best_metric")
+        self.loss = _per_example_loss(loss)
+        # Our step all-reduces the gradients itself (clipping and the finite check need the global
+        # gradient), so the Keras optimizer's own all-reduce must not sum them a second time.
+        self.optimizer._all_reduce_sum_gradients = lambda grads_and_vars: grads_and_vars
+        self.callbacks = CallbackList(list(callbacks))
+        self._built = False
+        self._train_function = None
+        self._eval_function = None
+        self.traces: Dict[str, int] = {"train": 0, "eval": 0}
+        self._accumulators = None
+        self.checkpointer: Optional[Checkpointer] = None
+        # Variable path -> factor applied to its unscaled gradient (e.g. a lower backbone rate when
+        # fine-tuning; with SGD this equals a per-variable learning rate). Call
+        # reset_step_functions() after changing it, or after freezing/unfreezing layers.
+        self.grad_multipliers: Dict[Any, float] = {}
+
+    # ------------------------------------------------------------------------------------------
+    # The step (one replica). Override these to change what a step does.
+    # ------------------------------------------------------------------------------------------
+
+    def compute_loss(self, x, y, y_pred, sample_weight=None) -> tf.Tensor:
+        """Per-example loss averaged over the *global* batch, plus this replica's share of the
+        regularization losses; summing it over replicas gives the mean loss."""
+        per_example = tf.cast(self.loss(y, y_pred), tf.float32)
+        if per_example.shape.rank and per_example.shape.rank > 1:
+            per_example = tf.reduce_mean(per_example, axis=list(range(1, per_example.shape.rank)))
+        if sample_weight is not None:
+            sample_weight = tf.cast(sample_weight, tf.float32)
+        loss = tf.nn.compute_average_loss(per_example, sample_weight=sample_weight)
+        if self.model.losses:
+            loss += tf.nn.scale_regularization_loss(tf.add_n([tf.cast(l, tf.float32) for l in self.model.losses]))
+        return loss
+
+    def compute_gradients(self, data):
+        """Forward, loss (float32), scaled loss, gradients of the scaled loss, unscaled gradients."""
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        with tf.GradientTape() as tape:
+            y_pred = self.model(x, training=True)
+            loss = self.compute_loss(x, y, y_pred, sample_weight)
+            scaled_loss = self.loss_scale.scale_loss(loss)
+        scaled_grads = tape.gradient(scaled_loss, self.model.trainable_variables)
+        unscaled_grads = self.loss_scale.unscale(scaled_grads)
+        self._update_metrics(self.metrics, self.train_loss, loss, y, y_pred, sample_weight)
+        return loss, unscaled_grads
+
+    def apply_gradients(self, unscaled_grads, loss=None) -> None:
+        """All-reduce, finite check, clip, apply (or skip), update the loss scale."""
+        if self.strategy.num_replicas_in_sync > 1:
+            unscaled_grads = tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.SUM, unscaled_grads
+            )
+            if loss is not None:
+                loss = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, loss)
+        # The same all-reduced values on every replica, so every replica takes the same branch.
+        finite = all_finite(unscaled_grads + ([loss] if loss is not None else []))
+        if self.grad_multipliers:
+            factors = [self.grad_multipliers.get(v.path, 1.0) for v in self.model.trainable_variables]
+            unscaled_grads = [g if g is None or f == 1.0 else g * f for g, f in zip(unscaled_grads, factors)]
+        grad_norm = tf.linalg.global_norm([g for g in unscaled_grads if g is not None])
+        self.grad_norm.update_state(tf.where(finite, grad_norm, 0.0), sample_weight=tf.cast(finite, tf.float32))
+        if self.clipnorm:
+            unscaled_grads, _ = tf.clip_by_global_norm(unscaled_grads, self.clipnorm, use_norm=grad_norm)
+        self._apply_if_finite(unscaled_grads, finite)
+        self.loss_scale.update(finite)
+
+    def train_step(self, data) -> None:
+        """One replica's training step on one batch."""
+        loss, unscaled_grads = self.compute_gradients(data)
+        self.apply_gradients(unscaled_grads, loss)
+
+    def test_step(self, data) -> None:
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        y_pred = self.model(x, training=False)
+        loss = self.compute_loss(x, y, y_pred, sample_weight)
+        self._update_metrics(self.eval_metrics, self.eval_loss, loss, y, y_pred, sample_weight)
+
+    def _update_metrics(self, metrics, loss_tracker, loss, y, y_pred, sample_weight):
+        batch = tf.cast(tf.shape(tf.nest.flatten(y)[0])[0], tf.float32)
+        # `loss` is this replica's share of the global mean; × replicas gives its own batch mean.
+        loss_tracker.update_state(loss * self.strategy.num_replicas_in_sync, sample_weight=batch)
+        for metric in metrics.values():
+            metric.update_state(y, y_pred, sample_weight=sample_weight)
+
+    def _apply_if_finite(self, grads, finite) -> None:
+        variables = self.model.trainable_variables
+
+        def apply():
+            self.optimizer.apply(grads, variables)
+
+        def skip():
+            # Keep `iterations` equal to the global step so learning-rate schedules see the right step.
+            self.optimizer.iterations.assign_add(1)
+
+        if tf.__internal__.distribute.strategy_supports_no_merge_call():
+            tf.cond(finite, apply, skip)
+            return
+
+        # Mirrored-style strategies: a cond whose branch calls merge_call (as optimizer.apply does) is
+        # not allowed in a replica context, so decide in the cross-replica context, as Keras'
+        # LossScaleOptimizer does, and run the apply per replica from there.
+        def cross_replica(strategy, grads, finite):
+            finite = strategy.experimental_local_results(finite)[0]
+            tf.cond(
+                finite,
+                lambda: strategy.extended.call_for_each_replica(
+                    lambda g: self.optimizer.apply(g, variables), args=(grads,)
+                ),
+                skip,
+            )
+
+        tf.distribute.get_replica_context().merge_call(cross_replica, args=(grads, finite))
+
+    # Gradient accumulation: K micro-batches per optimizer update ------------------------------
+
+    def accumulate_step(self, data) -> None:
+        """Adds one micro-batch's unscaled gradients to this replica's accumulators (no all-reduce)."""
+        _, unscaled_grads = self.compute_gradients(data)
+        for v, g in zip(self.model.trainable_variables, unscaled_grads):
+            if g is not None:
+                self._accumulators[v.path].assign_add(tf.convert_to_tensor(g))
+
+    def apply_accumulated(self) -> None:
+        """The mean of the K micro-batch gradients goes through the usual apply (one finite check,
+        one loss-scale update), then the accumulators are zeroed."""
+        k = float(self.config.grad_accum_steps)
+        grads = [self._accumulators[v.path].read_value() / k for v in self.model.trainable_variables]
+        self.apply_gradients(grads)
+        for acc in self._accumulators.values():
+            acc.assign(tf.zeros_like(acc))
+
+    # ------------------------------------------------------------------------------------------
+    # Building and compiling
+    # ------------------------------------------------------------------------------------------
+
+    def _make_loss_scale(self) -> LossScale:
+        p = self.precision
+        needs_scaling = p.policy == "mixed_float16" or (p.policy == "mixed_bfloat16" and p.scale_bfloat16)
+        if not needs_scaling:
+            if p.loss_scale is not None:
+                log.info("precision.loss_scale is ignored for %s (no loss scaling)", p.policy)
+            return LossScale("none")
+        if p.loss_scale is not None:
+            return LossScale("fixed", initial_scale=p.loss_scale, growth_interval=p.growth_interval)
+        return LossScale("dynamic", initial_scale=p.initial_scale, growth_interval=p.growth_interval)
+
+    def build(self, sample_batch) -> None:
+        """Creates every variable before any step is traced: model (on a sample batch), float32-output
+        check, optimizer slots (Keras builds them lazily, which fails inside tf.function under a
+        distribution strategy) and the accumulators."""
+        if self._built:
+            return
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(sample_batch)
+        with self.strategy.scope():
+            outputs = self.model(x, training=False)
+            precision_lib.keep_layers_in_float32(self.model, self.precision.float32_layers)
+            self.model = precision_lib.ensure_float32_outputs(self.model, outputs, self.precision.strict_outputs)
+            if self.precision.policy != "float32":
+                precision_lib.check_variables_float32(self.model)
+                batch = tf.nest.flatten(x)[0].shape[0]
+                precision_lib.warn_not_multiple_of_8(self.model, batch)
+            self.optimizer.build(self.model.trainable_variables)
+            if self.config.grad_accum_steps > 1:
+                # One per replica (ON_READ): each replica accumulates its own micro-batch gradients.
+                self._accumulators = {
+                    v.path: tf.Variable(
+                        tf.zeros(v.shape, tf.float32),
+                        trainable=False,
+                        synchronization=tf.VariableSynchronization.ON_READ,
+                        aggregation=tf.VariableAggregation.NONE,
+                        name="grad_accumulator",
+                    )
+                    for v in self.model.trainable_variables
+                }
+        self._built = True
+
+    def reset_step_functions(self) -> None:
+        """Drops the traced step functions: the next loop traces again (after freezing/unfreezing
+        layers or changing grad_multipliers, which are read at trace time)."""
+        self._train_function = None
+        self._eval_function = None
+
+    def _wrap_xla(self, fn, what: str):
+        if not self.config.jit_compile:
+            return fn
+        return tf.function(fn, jit_compile=True, reduce_retracing=True)
+
+    def _make_train_function(self):
+        """strategy.run(step) × steps_per_loop inside one tf.function; XLA where TensorFlow allows it."""
+        single_replica = tf.__internal__.distribute.strategy_supports_no_merge_call() or (
+            self.strategy.num_replicas_in_sync == 1
+        )
+        accum = self.config.grad_accum_steps
+        if self.config.jit_compile:
+            if single_replica and accum == 1:
+                log.info("XLA: the whole train step (forward, backward, update) is compiled")
+                step = self._wrap_xla(self.train_step, "train")
+            else:
+                # All-reduce and merge_call cannot live inside an XLA cluster on every platform.
+                log.info("XLA: forward and backward are compiled; all-reduce and the update run outside XLA")
+                compiled = self._wrap_xla(type(self).compute_gradients.__get__(self), "train")
+
+                def step(data):
+                    loss, grads = compiled(data)
+                    self.apply_gradients(grads, loss)
+        else:
+            step = self.train_step
+
+        def one_update(iterator):
+            if accum == 1:
+                self.strategy.run(step, args=(next(iterator),))
+            else:
+                for _ in tf.range(accum):
+                    self.strategy.run(self.accumulate_step, args=(next(iterator),))
+                self.strategy.run(self.apply_accumulated)
+            self.step.assign_add(1)
+
+        def train_loop(iterator, num_steps):
+            self.traces["train"] += 1  # Python side effect: runs once per trace
+            for _ in tf.range(num_steps):
+                one_update(iterator)
+
+        return tf.function(train_loop)
+
+    def _make_eval_function(self):
+        step = self._wrap_xla(self.test_step, "eval")
+
+        def eval_loop(iterator, max_batches):
+            self.traces["eval"] += 1
+            n = tf.constant(0, tf.int64)
+            while n < max_batches:
+                batch = iterator.get_next_as_optional()
+                if not batch.has_value():
+                    break
+                self.strategy.run(step, args=(batch.get_value(),))
+                n += 1
+
+        return tf.function(eval_loop)
+
+    def _distribute(self, data: DataArg, skip_batches: int = 0, training: bool = True):
+        """A tf.data.Dataset (global batches) or an InputContext -> Dataset function (per-replica
+        batches) -> a distributed data set. Training data repeats, and skips the batches already
+        consumed: with a seeded shuffle the order is the same as in an uninterrupted run."""
+        if isinstance(data, tf.data.Dataset):
+            ds = data
+            if training:
+                ds = ds.repeat().skip(skip_batches)
+            return self.strategy.experimental_distribute_dataset(ds)
+
+        def fn(ctx):
+            ds = data(ctx)
+            if training:
+                ds = ds.repeat().skip(skip_batches)
+            return ds
+
+        return self.strategy.distribute_datasets_from_function(fn)
+
+    # ------------------------------------------------------------------------------------------
+    # The outer loop
+    # ------------------------------------------------------------------------------------------
+
+    def checkpoint_objects(self) -> Dict[str, Any]:
+        """Everything a checkpoint must hold to continue exactly."""
+        weights = {id(w) for w in self.model.weights}
+        # Keras 3 layers keep their dropout RNG state (SeedGenerator) outside model.weights.
+        seed_states = [v.value for v in self.model.variables if id(v) not in weights]
+        objects = dict(
+            model=self.model,
+            optimizer=self.optimizer,
+            step=self.step,
+            loss_scale=self.loss_scale,
+            rng=self.rng,
+            best_metric=self.best,
+            seed_states=seed_states,
+        )
+        return objects
+
+    @staticmethod
+    def total_steps(steps: Optional[int], epochs: Optional[float], steps_per_epoch: Optional[int]) -> int:
+        candidates = []
+        if steps:
+            candidates.append(int(steps))
+        if epochs:
+            if not steps_per_epoch:
+                raise ValueError("trainer.epochs needs a training set of known size; set trainer.max_steps")
+            candidates.append(int(math.ceil(epochs * steps_per_epoch)))
+        if not candidates:
+            raise ValueError("say how long to train: trainer.max_steps or trainer.epochs (fit(steps=...))")
+        return min(candidates)
+
+    def fit(
+        self,
+        train_data: DataArg,
+        eval_data: Optional[DataArg] = None,
+        *,
+        steps: Optional[int] = None,
+        epochs: Optional[float] = None,
+        steps_per_epoch: Optional[int] = None,
+        batch_size: Optional[int] = None,
+    ) -> Dict[str, float]:
+        """Trains until `steps` (or `epochs`) and returns the final eval logs (or the last train logs).
+
+        Resumes from `run_dir/checkpoints` when it holds checkpoints and `config.resume` is true.
+        """
+        cfg = self.config
+        steps = steps if steps is not None else cfg.max_steps
+        epochs = epochs if epochs is not None else cfg.epochs
+        if isinstance(train_data, tf.data.Dataset) and steps_per_epoch is None:
+            card = int(train_data.cardinality())
+            steps_per_epoch = card if card > 0 else None
+        total = self.total_steps(steps, epochs, steps_per_epoch)
+        self.total = total
+
+        # Build every variable before restoring (restore matches them) and before tracing.
+        if isinstance(train_data, tf.data.Dataset):
+            sample = next(iter(train_data))
+        else:  # what one replica of this strategy would be given
+            sample = next(iter(train_data(tf.distribute.InputContext(1, 0, self.strategy.num_replicas_in_sync))))
+        self.build(sample)
+        self.batch_size = batch_size or int(tf.nest.flatten(sample)[0].shape[0]) * (
+            1 if isinstance(train_data, tf.data.Dataset) else self.strategy.num_replicas_in_sync
+        )
+        if self.run_dir is not None:
+            self.checkpointer = Checkpointer(
+                self.run_dir / "checkpoints",
+                self.checkpoint_objects(),
+                keep=cfg.keep_checkpoints,
+                keep_best=cfg.keep_best,
+                best_metric=cfg.best_metric,
+                best_mode=cfg.best_mode,
+                is_chief=self.is_chief,
+            )
+            self.checkpointer.prepare(resume=cfg.resume, init_from=cfg.init_from, model=self.model)
+        elif cfg.init_from:
+            from trainer.checkpoint import warm_start
+
+            warm_start(self.model, cfg.init_from)
+
+        start = int(self.step.numpy())
+        self.steps_per_epoch = steps_per_epoch
+        iterator = iter(self._distribute(train_data, skip_batches=start * cfg.grad_accum_steps))
+        callbacks = CallbackList(default_callbacks(self) + self.callbacks.callbacks)
+        callbacks.on_train_begin(self)
+
+        eval_logs: Dict[str, float] = {}
+        train_logs: Dict[str, float] = {}
+        step = start
+        window_start, window_step = time.perf_counter(), step
+        last_ckpt_time = time.monotonic()
+        self._reset(self.metrics, self.train_loss, self.grad_norm)
+        interrupted = _SignalCatcher()
+        compile_seconds = None
+        try:
+            with interrupted:
+                while step < total and not self.stop_training:
+                    k = self._steps_to_next_event(step, total)
+                    if self._train_function is None:  # first loop, or reset by a callback
+                        self._train_function = self._make_train_function()
+                    t0 = time.perf_counter()
+                    self._train_function(iterator, tf.constant(k, tf.int64))
+                    step += k
+                    if compile_seconds is None:
+                        compile_seconds = time.perf_counter() - t0
+                        log.info("First loop (trace/compile + %d steps): %.2fs", k, compile_seconds)
+                        window_start, window_step = time.perf_counter(), step
+                    callbacks.on_loop_end(self, step)
+                    self._check_numerics(step)
+                    if step % max(cfg.log_every, 1) == 0 or step == total:
+                        elapsed = time.perf_counter() - window_start
+                        train_logs = self._train_logs(step, (step - window_step) * self.batch_size * cfg.grad_accum_steps, elapsed)
+                        callbacks.on_log(self, step, train_logs)
+                        window_start, window_step = time.perf_counter(), step
+                    if eval_data is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+                        eval_logs = self.evaluate(eval_data, step=step, callbacks=callbacks)
+                    due = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or (
+                        cfg.checkpoint_every_secs and time.monotonic() - last_ckpt_time >= cfg.checkpoint_every_secs
+                    )
+                    if self.checkpointer and due and step < total:
+                        self.checkpointer.save(step, eval_logs if eval_logs.get("step") == step else None)
+                        last_ckpt_time = time.monotonic()
+                    if interrupted.signum is not None:
+                        raise TrainingInterrupted(signal.Signals(interrupted.signum).name)
+                if eval_data is not None:
+                    eval_logs = self.evaluate(eval_data, step=step, callbacks=callbacks)
+                if self.checkpointer:
+                    self.checkpointer.save(step, eval_logs or None)
+        except TrainingInterrupted as e:
+            if self.checkpointer:
+                path = self.checkpointer.save(step, None)
+                log.warning("Received %s at step %d: saved %s; run the same command again to resume.", e, step, path)
+            else:
+                log.warning("Received %s at step %d: stopping (no run folder, nothing saved).", e, step)
+            callbacks.on_train_end(self, {"step": step, "interrupted": True})
+            raise
+        summary = {**train_logs, **{f"eval_{k}": v for k, v in eval_logs.items() if k not in ("step", "split")}}
+        summary["step"] = step
+        summary["traces"] = dict(self.traces)
+        if compile_seconds is not None:
+            summary["first_loop_seconds"] = compile_seconds
+        callbacks.on_train_end(self, summary)
+        return eval_logs or train_logs
+
+    def _steps_to_next_event(self, step: int, total: int) -> int:
+        cfg = self.config
+        k = min(cfg.steps_per_loop, total - step)
+        for every in (cfg.log_every, cfg.eval_every, cfg.checkpoint_every):
+            if every:
+                k = min(k, every - step % every)
+        return max(k, 1)
+
+    def _reset(self, metrics, *trackers):
+        for m in list(metrics.values()) + list(trackers):
+            m.reset_state()
+
+    def _train_logs(self, step: int, examples: int, seconds: float) -> Dict[str, float]:
+        logs = {"step": step, "split": "train", "loss": float(self.train_loss.result())}
+        logs.update({name: float(m.result()) for name, m in self.metrics.items()})
+        logs["examples_per_sec"] = examples / seconds if seconds > 0 else float("nan")
+        logs["grad_norm"] = float(self.grad_norm.result())
+        logs["lr"] = float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
+        if self.loss_scale.enabled:
+            logs["loss_scale"] = float(self.loss_scale.scale.numpy())
+        logs["skipped_steps"] = int(self.loss_scale.skipped_steps.numpy())
+        self._reset(self.metrics, self.train_loss, self.grad_norm)
+        return logs
+
+    def _check_numerics(self, step: int) -> None:
+        ls = self.loss_scale
+        consecutive = int(ls.consecutive_skips.numpy())
+        at_floor = int(ls.skips_at_floor.numpy())
+        limit = self.precision.max_consecutive_skips
+        if consecutive >= limit or at_floor >= 5:
+            why = (
+                f"the dynamic loss scale is at its floor of 1 and {at_floor} more steps still overflowed"
+                if at_floor >= 5
+                else f"{consecutive} consecutive steps had non-finite loss or gradients (limit: precision.max_consecutive_skips={limit})"
+            )
+            raise NumericalError(
+                f"Stopping at step {step}: {why}; {int(ls.skipped_steps.numpy())} steps skipped in all. "
+                "The model is producing inf/NaN, not just float16 overflow. Try: a lower optimizer.lr, "
+                "optimizer.clipnorm=1.0, precision=mixed_bfloat16 or float32, precision.float32_layers=[...] "
+                "for LayerNorm/Softmax, or precision.debug_numerics=true to name the first bad op. "
+                "The last good checkpoint is intact."
+            )
+
+    def evaluate(self, eval_data: DataArg, *, steps: Optional[int] = None, step: Optional[int] = None, callbacks=None) -> Dict[str, float]:
+        """Computes the loss and metrics over the whole eval set (or `steps` batches)."""
+        if self._eval_function is None:
+            self._eval_function = self._make_eval_function()
+        self._reset(self.eval_metrics, self.eval_loss)
+        steps = steps or self.config.eval_steps
+        iterator = iter(self._distribute(eval_data, training=False))
+        self._eval_function(iterator, tf.constant(steps or 2**62, tf.int64))
+        logs = {"step": int(self.step.numpy()) if step is None else step, "split": "eval", "loss": float(self.eval_loss.result())}
+        logs.update({name: float(m.result()) for name, m in self.eval_metrics.items()})
+        if callbacks is not None:
+            callbacks.on_eval_end(self, logs["step"], logs)
+        return logs
+
+
+class _SignalCatcher:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each loop of steps (main thread only)."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False

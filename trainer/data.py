@@ -1,0 +1,203 @@
+"""Data sets for the trainer: the bundle a recipe hands over, and readers for standard formats.
+
+A training data set is a function `InputContext -> tf.data.Dataset` of per-replica batches that repeats
+forever and is deterministic given the seed; `tf.distribute` calls it once per input pipeline
+(`distribute_datasets_from_function`), so each worker reads its own shard. The trainer resumes the input
+position by skipping the batches already consumed (see `Trainer._distribute`).
+"""
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+DatasetFn = Callable[[tf.distribute.InputContext], tf.data.Dataset]
+
+
+class DataError(ValueError):
+    """A data set cannot be found or read; the message says where we looked and what to do."""
+
+
+@dataclass
+class DataBundle:
+    """What a recipe's data builder returns.
+
+    Attributes:
+      train: InputContext -> infinite data set of per-replica batches (x, y) or (x, y, sample_weight).
+      eval: InputContext -> finite data set of per-replica batches, or None.
+      batch_size: the global batch size.
+      train_examples: examples in one epoch of the training set (None if unknown).
+      description: one line that says plainly which data this is (logged at start).
+    """
+
+    train: DatasetFn
+    eval: Optional[DatasetFn]
+    batch_size: int
+    train_examples: Optional[int] = None
+    description: str = ""
+
+
+def per_replica_batch_size(global_batch_size: int, ctx: Optional[tf.distribute.InputContext]) -> int:
+    """The global batch split over replicas; an error when it does not divide evenly."""
+    if ctx is None:
+        return global_batch_size
+    replicas = ctx.num_replicas_in_sync
+    if global_batch_size % replicas:
+        raise DataError(
+            f"data.batch_size={global_batch_size} is not divisible by the {replicas} replicas; "
+            f"set data.batch_size to a multiple of {replicas}"
+        )
+    return global_batch_size // replicas
+
+
+def classification_pipeline(
+    features,
+    labels,
+    *,
+    global_batch_size: int,
+    seed: int,
+    training: bool,
+    deterministic: bool = True,
+    preprocess: Optional[Callable] = None,
+) -> DatasetFn:
+    """In-memory arrays -> a DatasetFn: shard, cache, shuffle (seeded), map, batch, repeat, prefetch."""
+
+    def make(ctx: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
+        batch = per_replica_batch_size(global_batch_size, ctx)
+        ds = tf.data.Dataset.from_tensor_slices((features, labels))
+        if ctx is not None and ctx.num_input_pipelines > 1:
+            ds = ds.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
+        ds = ds.cache()
+        if training:
+            # A full-size buffer: each epoch is a permutation; reshuffled each epoch from the seed.
+            ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+        if preprocess is not None:
+            ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        # Training drops the partial last batch (equal per-replica batches; documented in the README);
+        # evaluation keeps it, so eval metrics cover the whole eval set.
+        ds = ds.batch(batch, drop_remainder=training)
+        if training:
+            ds = ds.repeat()
+        options = tf.data.Options()
+        options.deterministic = deterministic
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+    return make
+
+
+# ---------------------------------------------------------------------------------------------
+# MNIST-format readers (IDX files, gz or not, and Keras' mnist.npz)
+# ---------------------------------------------------------------------------------------------
+
+MNIST_NAMES = ("mnist", "fashion_mnist")
+_IDX_FILES = {
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
+# Where Debian's `dataset-fashion-mnist` package puts the IDX files.
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Reads one IDX file (optionally gzipped) into a numpy array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise DataError(f"{path} is not an IDX file (bad magic number)")
+    dtype_code, ndim = data[2], data[3]
+    if dtype_code != 0x08:
+        raise DataError(f"{path}: only unsigned-byte IDX files are supported (type 0x{dtype_code:02x})")
+    shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
+    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if array.size != int(np.prod(shape)):
+        raise DataError(f"{path} is truncated: header says {shape}, found {array.size} values")
+    return array.reshape(shape)
+
+
+def _find_idx(folder: Path, stem: str) -> Optional[Path]:
+    for name in (stem + ".gz", stem, stem.replace("-idx", ".idx") + ".gz", stem.replace("-idx", ".idx")):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _read_idx_folder(folder: Path):
+    paths = {key: _find_idx(folder, stem) for key, stem in _IDX_FILES.items()}
+    missing = [_IDX_FILES[k] for k, p in paths.items() if p is None]
+    if missing:
+        raise DataError(f"{folder} lacks the IDX files {missing} (with or without .gz)")
+    return tuple(read_idx(paths[k]) for k in ("x_train", "y_train", "x_test", "y_test"))
+
+
+def _read_npz(path: Path):
+    with np.load(path, allow_pickle=False) as f:
+        try:
+            return f["x_train"], f["y_train"], f["x_test"], f["y_test"]
+        except KeyError as e:
+            raise DataError(f"{path} lacks {e}; expected Keras' mnist.npz layout") from None
+
+
+def load_mnist_format(name: str, path: Optional[str] = None):
+    """Returns ((x_train, y_train, x_test, y_test), where) for MNIST or Fashion-MNIST.
+
+    Looks in `path` (an IDX folder or an .npz file), then Debian's dataset-fashion-mnist folder, then
+    the Keras cache, then downloads through keras.datasets (needs the internet).
+    """
+    if name not in MNIST_NAMES:
+        raise DataError(f"data.name={name!r} is not one of {list(MNIST_NAMES)}")
+    if path:
+        p = Path(path).expanduser()
+        if p.is_dir():
+            return _read_idx_folder(p), str(p)
+        if p.is_file() and p.suffix == ".npz":
+            return _read_npz(p), str(p)
+        raise DataError(
+            f"data.path={path!r} is neither a folder of IDX files nor an .npz file; "
+            "point it at MNIST-format data or leave it unset"
+        )
+    cache = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "datasets"
+    candidates = []
+    if name == "fashion_mnist":
+        candidates += [DEBIAN_FASHION_MNIST, cache / "fashion-mnist"]
+    else:
+        candidates += [cache / "mnist.npz", cache / "mnist"]
+    for c in candidates:
+        if c.is_dir() and _find_idx(c, _IDX_FILES["x_train"]):
+            return _read_idx_folder(c), str(c)
+        if c.is_file():
+            return _read_npz(c), str(c)
+    try:
+        import keras
+
+        loader = keras.datasets.fashion_mnist if name == "fashion_mnist" else keras.datasets.mnist
+        log.info("%s not found locally (%s); downloading with keras.datasets", name, ", ".join(map(str, candidates)))
+        return _flatten(loader.load_data()), "keras.datasets download"
+    except Exception as e:  # offline: say what to do instead
+        hint = (
+            "apt-get install dataset-fashion-mnist (Debian/Ubuntu), or "
+            if name == "fashion_mnist"
+            else ""
+        )
+        raise DataError(
+            f"{name} is not available offline and the download failed ({type(e).__name__}: {e}). "
+            f"Looked in: {', '.join(map(str, candidates))}. Fix: {hint}set data.path to a folder of "
+            "IDX files or an mnist.npz file, or use data.name=fashion_mnist."
+        ) from None
+
+
+def _flatten(loaded):
+    (x_train, y_train), (x_test, y_test) = loaded
+    return x_train, y_train, x_test, y_test

@@ -1,0 +1,123 @@
+"""tf.distribute strategies from config. TensorFlow is the distributed engine; this only picks one."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import tensorflow as tf
+
+from trainer.config import StrategyConfig
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
+
+
+class StrategyError(RuntimeError):
+    """The requested strategy cannot run here; the message says why and what to do."""
+
+
+def split_cpu(n: int) -> None:
+    """Splits the CPU into `n` logical devices (before TensorFlow initializes its devices)."""
+    cpus = tf.config.list_physical_devices("CPU")
+    current = tf.config.get_logical_device_configuration(cpus[0])
+    if current and len(current) == n:
+        return
+    try:
+        tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * n)
+    except RuntimeError as e:
+        raise StrategyError(
+            f"strategy.logical_cpus={n}: TensorFlow's devices were already initialized ({e}); "
+            "choose the strategy before any TensorFlow op runs"
+        ) from None
+
+
+def make_strategy(cfg: StrategyConfig) -> tf.distribute.Strategy:
+    """Builds the strategy named by `cfg.name`, logging what it runs on."""
+    name = cfg.name
+    gpus = tf.config.list_physical_devices("GPU")
+    if name == "default":
+        strategy = tf.distribute.get_strategy()
+        log.info("Strategy: default (one device: %s)", "GPU:0" if gpus else "CPU")
+    elif name == "one_device":
+        device = cfg.device or ("/gpu:0" if gpus else "/cpu:0")
+        strategy = tf.distribute.OneDeviceStrategy(device)
+        log.info("Strategy: one_device on %s", device)
+    elif name == "mirrored":
+        if cfg.devices:
+            devices = list(cfg.devices)
+        elif gpus:
+            devices = [f"/gpu:{i}" for i in range(len(gpus))]
+        elif cfg.logical_cpus > 1:
+            split_cpu(cfg.logical_cpus)
+            devices = [f"/cpu:{i}" for i in range(cfg.logical_cpus)]
+        else:
+            devices = ["/cpu:0"]
+            log.warning(
+                "strategy=mirrored: no GPU found, so one replica on the CPU; "
+                "strategy.logical_cpus=N splits the CPU into N replicas (for testing multi-replica code)"
+            )
+        cross = None
+        if all(d.lower().startswith("/cpu") for d in devices):
+            cross = tf.distribute.ReductionToOneDevice()  # NCCL is GPU-only
+        strategy = tf.distribute.MirroredStrategy(devices, cross_device_ops=cross)
+        log.info("Strategy: mirrored over %s (%d replicas)", devices, strategy.num_replicas_in_sync)
+    elif name == "multi_worker":
+        if "TF_CONFIG" not in os.environ:
+            raise StrategyError(
+                "strategy=multi_worker needs TF_CONFIG (cluster and this worker's task) in the environment; "
+                "see the README's 'Scaling out' section"
+            )
+        impl = {
+            "auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
+            "ring": tf.distribute.experimental.CommunicationImplementation.RING,
+            "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL,
+        }
+        if cfg.communication not in impl:
+            raise StrategyError(f"strategy.communication={cfg.communication!r} is not one of {list(impl)}")
+        if cfg.logical_cpus > 1:
+            split_cpu(cfg.logical_cpus)
+        options = tf.distribute.experimental.CommunicationOptions(implementation=impl[cfg.communication])
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        task = json.loads(os.environ["TF_CONFIG"]).get("task", {})
+        log.info(
+            "Strategy: multi_worker, task %s/%s, %d replicas in sync",
+            task.get("type"),
+            task.get("index"),
+            strategy.num_replicas_in_sync,
+        )
+    elif name == "tpu":
+        strategy = _tpu_strategy(cfg.tpu)
+    else:
+        raise StrategyError(f"strategy.name={name!r} is not one of {list(STRATEGIES)}")
+    return strategy
+
+
+def _tpu_strategy(tpu: str | None) -> tf.distribute.Strategy:
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or "")
+    except (ValueError, RuntimeError, tf.errors.OpError) as e:
+        raise StrategyError(
+            f"strategy=tpu: no TPU reachable ({type(e).__name__}: {e}). Run on a TPU VM, or set "
+            "strategy.tpu to the TPU's name or grpc:// address; on other machines use strategy=default or mirrored."
+        ) from None
+    try:
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+    except (ValueError, RuntimeError, tf.errors.OpError) as e:
+        raise StrategyError(f"strategy=tpu: could not initialize the TPU system at {tpu!r}: {e}") from None
+    strategy = tf.distribute.TPUStrategy(resolver)
+    log.info("Strategy: tpu (%d cores)", strategy.num_replicas_in_sync)
+    return strategy
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Only the chief writes the real checkpoints, metrics and TensorBoard files."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(strategy.extended, "_in_multi_worker_mode", lambda: False)():
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    return task_type in (None, "chief") or (
+        task_type == "worker" and task_id == 0 and "chief" not in resolver.cluster_spec().as_dict()
+    )

@@ -1,0 +1,87 @@
+"""Loss scaling for float16 training, kept as explicit state the train step reads and updates.
+
+Why not keras.mixed_precision.LossScaleOptimizer: in Keras 3 it unscales inside `apply`, has no fixed
+scale, and rejects clipnorm on the wrapper, so the step could not see the unscaled gradients it must clip
+and log (keras-team/keras#19479, #20894). The rule here is the one Keras and the mixed-precision guide
+use: ×2 after `growth_interval` finite steps in a row, ÷2 on a non-finite step; and, as the issue asks,
+never below 1.
+"""
+from __future__ import annotations
+
+import tensorflow as tf
+
+_FIRST = tf.VariableAggregation.ONLY_FIRST_REPLICA  # every replica computes the same value
+
+
+class LossScale(tf.Module):
+    """Scale state: `scale`, `good_steps`, and fault counters (all checkpointed).
+
+    Args:
+      mode: "none" (scale fixed at 1: float32, bfloat16), "fixed" or "dynamic".
+      initial_scale: the starting (or fixed) scale.
+      growth_interval: finite steps in a row before a dynamic scale doubles.
+    """
+
+    def __init__(self, mode: str = "none", initial_scale: float = 2.0**15, growth_interval: int = 2000):
+        super().__init__(name="loss_scale")
+        if mode not in ("none", "fixed", "dynamic"):
+            raise ValueError(f"loss scale mode {mode!r} is not one of none|fixed|dynamic")
+        if mode != "none" and not initial_scale >= 1:
+            raise ValueError(f"a loss scale must be >= 1, got {initial_scale}")
+        if growth_interval < 1:
+            raise ValueError(f"precision.growth_interval must be >= 1, got {growth_interval}")
+        self.mode = mode
+        self.growth_interval = growth_interval
+        start = 1.0 if mode == "none" else float(initial_scale)
+
+        def var(value, dtype, name):
+            return tf.Variable(value, dtype=dtype, trainable=False, name=name, aggregation=_FIRST)
+
+        self.scale = var(start, tf.float32, "scale")
+        self.good_steps = var(0, tf.int64, "good_steps")  # finite steps since the last change
+        self.skipped_steps = var(0, tf.int64, "skipped_steps")  # cumulative non-finite steps
+        self.consecutive_skips = var(0, tf.int64, "consecutive_skips")
+        self.skips_at_floor = var(0, tf.int64, "skips_at_floor")  # in a row, with the scale already at 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+    def scale_loss(self, loss: tf.Tensor) -> tf.Tensor:
+        """loss × scale (the loss is float32, so the product cannot overflow float32 in practice)."""
+        return loss * self.scale if self.enabled else loss
+
+    def unscale(self, grads):
+        """Gradients of the scaled loss → float32 gradients of the loss (÷ scale), exactly once."""
+        if not self.enabled:
+            return [None if g is None else tf.cast(g, tf.float32) for g in grads]
+        return [None if g is None else tf.cast(g, tf.float32) / self.scale for g in grads]
+
+    def update(self, finite: tf.Tensor) -> None:
+        """Advances the state after a step; branch-free so it is legal in any replica context."""
+        one = tf.constant(1, tf.int64)
+        zero = tf.constant(0, tf.int64)
+        at_floor = self.scale <= 1.0
+        if self.mode == "dynamic":
+            grow = tf.logical_and(finite, self.good_steps + 1 >= self.growth_interval)
+            new_scale = tf.where(
+                finite,
+                tf.where(grow, self.scale * 2.0, self.scale),
+                tf.maximum(self.scale / 2.0, 1.0),
+            )
+            # Doubling can overflow to inf after a very long run of finite steps: keep the old value.
+            new_scale = tf.where(tf.math.is_finite(new_scale), new_scale, self.scale)
+            self.scale.assign(new_scale)
+            self.good_steps.assign(tf.where(finite, tf.where(grow, zero, self.good_steps + 1), zero))
+        else:
+            self.good_steps.assign(tf.where(finite, self.good_steps + 1, zero))
+        self.skipped_steps.assign_add(tf.where(finite, zero, one))
+        self.consecutive_skips.assign(tf.where(finite, zero, self.consecutive_skips + 1))
+        floor_skip = tf.logical_and(tf.logical_not(finite), tf.logical_and(at_floor, self.mode == "dynamic"))
+        self.skips_at_floor.assign(tf.where(floor_skip, self.skips_at_floor + 1, zero))
+
+
+def all_finite(tensors) -> tf.Tensor:
+    """True when every value of every (non-None) tensor is finite."""
+    checks = [tf.reduce_all(tf.math.is_finite(t)) for t in tensors if t is not None]
+    return tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)

@@ -1,0 +1,71 @@
+"""Optimizers and learning-rate schedules from config (OptimizerConfig and its subclasses)."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Optional
+
+import keras
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+# Keys of OptimizerConfig that the trainer consumes; everything else goes to the Keras optimizer.
+_OURS = ("lr", "clipnorm", "schedule", "warmup_steps", "decay_steps", "alpha", "boundaries", "decay_rate")
+
+
+@keras.saving.register_keras_serializable(package="trainer")
+class Warmup(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warmup from 0 to the schedule's value at `warmup_steps`, then `after` (shifted)."""
+
+    def __init__(self, peak: float, warmup_steps: int, after: Optional[keras.optimizers.schedules.LearningRateSchedule] = None):
+        self.peak = peak
+        self.warmup_steps = warmup_steps
+        self.after = after
+
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32")
+        warm = self.peak * (step + 1.0) / float(max(self.warmup_steps, 1))
+        rest = self.after(step - self.warmup_steps) if self.after is not None else self.peak
+        return keras.ops.where(step < self.warmup_steps, warm, rest)
+
+    def get_config(self):
+        return {
+            "peak": self.peak,
+            "warmup_steps": self.warmup_steps,
+            "after": keras.saving.serialize_keras_object(self.after) if self.after is not None else None,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        after = config.get("after")
+        return cls(config["peak"], config["warmup_steps"], keras.saving.deserialize_keras_object(after) if after else None)
+
+
+def make_schedule(cfg: Dict[str, Any], total_steps: int):
+    """A float (constant) or a LearningRateSchedule: constant | cosine | linear | step, with warmup."""
+    lr, name, warmup = float(cfg["lr"]), cfg.get("schedule"), int(cfg.get("warmup_steps") or 0)
+    decay_steps = int(cfg.get("decay_steps") or max(total_steps - warmup, 1))
+    if name in (None, "constant"):
+        after = None
+    elif name == "cosine":
+        after = keras.optimizers.schedules.CosineDecay(lr, decay_steps, alpha=float(cfg.get("alpha", 0.0)))
+    elif name == "linear":
+        after = keras.optimizers.schedules.PolynomialDecay(lr, decay_steps, end_learning_rate=lr * float(cfg.get("alpha", 0.0)), power=1.0)
+    elif name == "step":
+        bounds = [int(b) for b in cfg.get("boundaries") or []]
+        rate = float(cfg.get("decay_rate", 0.1))
+        after = keras.optimizers.schedules.PiecewiseConstantDecay(bounds, [lr * rate**i for i in range(len(bounds) + 1)])
+    else:
+        raise ValueError(f"optimizer.schedule={name!r} is not one of constant|cosine|linear|step")
+    if warmup:
+        return Warmup(lr, warmup, after)
+    return after if after is not None else lr
+
+
+def build_optimizer(cfg: DictConfig | Dict[str, Any], total_steps: int) -> keras.optimizers.Optimizer:
+    """Instantiates the Keras optimizer named by `_target_` with our `lr`/schedule as learning_rate."""
+    as_dict = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    schedule = make_schedule(as_dict, total_steps)
+    kwargs = {k: v for k, v in as_dict.items() if k not in _OURS}
+    return instantiate(kwargs, learning_rate=schedule, _convert_="all")

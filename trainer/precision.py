@@ -1,0 +1,162 @@
+"""Dtype policies and the checks that go with them: float32 outputs, hardware advice, multiples of 8."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterable, List
+
+import keras
+import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
+
+
+class PrecisionError(ValueError):
+    """A model or setting that mixed precision cannot run correctly."""
+
+
+def set_policy(policy: str) -> None:
+    """Sets Keras' global dtype policy; must happen before any layer is built."""
+    if policy not in POLICIES:
+        raise PrecisionError(f"precision.policy={policy!r} is not one of {list(POLICIES)}")
+    keras.mixed_precision.set_dtype_policy(policy)
+
+
+def compute_dtype(policy: str) -> tf.DType:
+    return {"float32": tf.float32, "mixed_float16": tf.float16, "mixed_bfloat16": tf.bfloat16}[policy]
+
+
+def _layers(model: keras.Model) -> List[keras.layers.Layer]:
+    return list(model._flatten_layers(include_self=False, recursive=True))
+
+
+def keep_layers_in_float32(model: keras.Model, class_names: Iterable[str]) -> List[str]:
+    """Runs the named layer classes (e.g. LayerNormalization, Softmax) in float32.
+
+    Keras casts a layer's inputs to its compute dtype on every call, so changing the policy of a built
+    layer takes effect at the next call; variables are float32 under every policy anyway.
+    """
+    wanted = set(class_names)
+    if not wanted:
+        return []
+    changed = []
+    for layer in _layers(model):
+        if type(layer).__name__ in wanted and layer.compute_dtype != "float32":
+            layer.dtype_policy = keras.DTypePolicy("float32")
+            changed.append(layer.name)
+    known = {type(layer).__name__ for layer in _layers(model)}
+    unknown = wanted - known
+    if unknown:
+        log.warning("precision.float32_layers: no layer of class %s in the model", sorted(unknown))
+    if changed:
+        log.info("Kept in float32 (precision.float32_layers): %s", ", ".join(changed))
+    return changed
+
+
+class Float32Outputs(keras.Model):
+    """Wraps a model whose outputs are float16/bfloat16 with a float32 linear activation."""
+
+    def __init__(self, inner: keras.Model, **kwargs):
+        super().__init__(name=kwargs.pop("name", f"{inner.name}_float32_outputs"), **kwargs)
+        self.inner = inner
+        self.to_float32 = keras.layers.Activation("linear", dtype="float32", name="float32_outputs")
+
+    def call(self, inputs, training=None):
+        outputs = self.inner(inputs, training=training)
+        return tf.nest.map_structure(self.to_float32, outputs)
+
+
+def ensure_float32_outputs(model: keras.Model, outputs, strict: bool) -> keras.Model:
+    """Returns `model` if all its outputs are float32, else the model wrapped to make them so.
+
+    Args:
+      outputs: the model's outputs on a sample batch (their dtypes are what is checked).
+      strict: raise instead of wrapping.
+    """
+    bad = sorted({t.dtype.name for t in tf.nest.flatten(outputs) if t.dtype != tf.float32})
+    if not bad:
+        return model
+    if strict:
+        raise PrecisionError(
+            f"model {model.name!r} outputs {bad}, not float32; softmax and the loss are not safe in "
+            "reduced precision. Give the last layer dtype='float32' (the mixed-precision guide's rule), "
+            "or set precision.strict_outputs=false to have a float32 activation appended."
+        )
+    log.warning(
+        "Model %r outputs %s; appended a float32 linear activation so the loss is computed in float32 "
+        "(give the last layer dtype='float32' to silence this).",
+        model.name,
+        bad,
+    )
+    return Float32Outputs(model)
+
+
+def check_variables_float32(model: keras.Model) -> None:
+    bad = [v.path for v in model.trainable_variables if v.dtype != "float32"]
+    if bad:
+        raise PrecisionError(f"trainable variables must be float32 under mixed precision, found {bad[:5]}")
+
+
+def warn_not_multiple_of_8(model: keras.Model, per_replica_batch: int | None) -> List[str]:
+    """The guide's tip: Tensor Cores want Dense units, conv filters and batch sizes in multiples of 8."""
+    offenders = []
+    for layer in _layers(model):
+        if layer.compute_dtype == "float32":
+            continue  # the float32 head (or kept-float32 layers) do not use reduced-precision units
+        for attr in ("units", "filters", "key_dim", "num_heads_times_key_dim"):
+            value = getattr(layer, attr, None)
+            if isinstance(value, int) and value % 8:
+                offenders.append(f"{layer.name}.{attr}={value}")
+    if per_replica_batch and per_replica_batch % 8:
+        offenders.append(f"per-replica batch size={per_replica_batch}")
+    if offenders:
+        log.warning(
+            "Mixed precision runs fastest when these are multiples of 8 (Tensor Core tiles): %s",
+            ", ".join(offenders),
+        )
+    return offenders
+
+
+def cpu_flags() -> set:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def hardware_report(policy: str, strategy: tf.distribute.Strategy) -> str:
+    """Says, in words, whether this hardware runs `policy` fast. Advice only: never fails."""
+    if isinstance(strategy, (tf.distribute.TPUStrategy,)):
+        return "TPU: bfloat16 is native (pick mixed_bfloat16); float16 is not supported well on TPUs."
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        lines = []
+        for gpu in gpus:
+            details = tf.config.experimental.get_device_details(gpu)
+            cc = details.get("compute_capability")
+            name = details.get("device_name", gpu.name)
+            cc_text = f"{cc[0]}.{cc[1]}" if cc else "unknown"
+            fp16 = cc is not None and cc >= (7, 0)
+            bf16 = cc is not None and cc >= (8, 0)
+            lines.append(
+                f"GPU {name} (compute capability {cc_text}): float16 Tensor Cores "
+                f"{'yes' if fp16 else 'no (needs >= 7.0)'}, bfloat16 {'yes' if bf16 else 'no (needs >= 8.0)'}"
+            )
+        return "; ".join(lines)
+    flags = cpu_flags()
+    bf16 = bool({"avx512_bf16", "amx_bf16"} & flags)
+    fp16 = "avx512_fp16" in flags
+    text = (
+        "No GPU or TPU found: running on the CPU. "
+        f"bfloat16 is {'fast here (AVX-512 BF16/AMX)' if bf16 else 'emulated and slow here (no AVX-512 BF16/AMX)'}; "
+        f"float16 is {'supported by AVX-512 FP16 but ' if fp16 else ''}slow on CPUs: "
+        "mixed_float16 is for GPUs (compute capability >= 7.0)."
+    )
+    if policy == "mixed_float16":
+        text += " Consider precision=mixed_bfloat16 on this machine."
+    return text
