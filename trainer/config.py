@@ -9,12 +9,11 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import importlib
+import pkgutil
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING
 
-# Recipe modules under recipes/ (installed as trainer.recipes); each has register_configs(cs).
-RECIPES = ("mnist",)
 
 
 @dataclass
@@ -144,6 +143,11 @@ def register_configs() -> None:
     cs.store(group="optimizer", name="base_adam", node=AdamConfig)
     cs.store(group="optimizer", name="base_adamw", node=AdamWConfig)
     cs.store(group="optimizer", name="base_sgd", node=SGDConfig)
-    # Each recipe module stores the schemas of its own data and model options.
-    for module in RECIPES:
-        importlib.import_module(f"trainer.recipes.{module}").register_configs(cs)
+    # Each recipe module (recipes/*.py, installed as trainer.recipes) stores the schemas of its own
+    # data and model options in its register_configs(cs); recipes import heavy libraries lazily.
+    import trainer.recipes
+
+    for info in pkgutil.iter_modules(trainer.recipes.__path__):
+        module = importlib.import_module(f"trainer.recipes.{info.name}")
+        if hasattr(module, "register_configs"):
+            module.register_configs(cs)
