@@ -42,35 +42,72 @@ def list_checkpoints(directory: Path) -> List[Tuple[int, str]]:
     return sorted(found, reverse=True)
 
 
-def _variables_by_key(root) -> Dict[str, tf.Variable]:
-    """Checkpoint key -> variable for everything under `root`, as tf.train.Checkpoint names them."""
+def _variables_by_path(root) -> Dict[str, tf.Variable]:
+    """Object path (e.g. model/_functional/_operations/1/_kernel) -> variable, for everything under `root`."""
     from tensorflow.python.checkpoint import graph_view  # the traversal tf.train.Checkpoint itself uses
 
     objects, paths = graph_view.ObjectGraphView(root).breadth_first_traversal()
-    out = {}
-    for obj in objects:
-        if isinstance(obj, (tf.Variable, keras.Variable)):
-            out["/".join(ref.name for ref in paths[obj]) + "/.ATTRIBUTES/VARIABLE_VALUE"] = obj
+    return {
+        "/".join(ref.name for ref in paths[obj]): obj
+        for obj in objects
+        if isinstance(obj, (tf.Variable, keras.Variable))
+    }
+
+
+def _saved_keys_by_path(reader) -> Dict[str, str]:
+    """Object path -> tensor key in a checkpoint, from its object graph.
+
+    A variable shared by several objects is stored once, under whichever path the saver met first
+    (the optimizer's list of variables, say), so a model variable must be found through the graph,
+    not by guessing its key from the model's own path.
+    """
+    from tensorflow.core.protobuf import trackable_object_graph_pb2
+
+    graph = trackable_object_graph_pb2.TrackableObjectGraph()
+    graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+    out: Dict[str, str] = {}
+    expanded = set()
+    queue = [(0, "")]
+    while queue:
+        node_id, path = queue.pop(0)
+        node = graph.nodes[node_id]
+        for attr in node.attributes:
+            if attr.name == "VARIABLE_VALUE":
+                out[path] = attr.checkpoint_key
+        if node_id in expanded:
+            continue
+        expanded.add(node_id)
+        for child in node.children:
+            queue.append((child.node_id, f"{path}/{child.local_name}" if path else child.local_name))
     return out
+
+
+def _match_model(model, prefix: str):
+    """(reader, [(path, variable, saved_key or None, saved_shape or None)]) for the model's variables."""
+    reader = tf.train.load_checkpoint(prefix)
+    shapes = reader.get_variable_to_shape_map()
+    saved = _saved_keys_by_path(reader)
+    rows = []
+    for path, var in _variables_by_path(tf.train.Checkpoint(model=model)).items():
+        key = saved.get(path)
+        rows.append((path, var, key, shapes.get(key) if key else None))
+    return reader, rows, saved
 
 
 def _check_compatible(objects: Dict, prefix: str) -> None:
     """A changed model (shapes) must be a clear error, not a partial restore."""
-    reader = tf.train.load_checkpoint(prefix)
-    shapes = reader.get_variable_to_shape_map()
-    ours = _variables_by_key(tf.train.Checkpoint(model=objects["model"]))
-    mismatched = [
-        f"{key.split('/.ATTRIBUTES')[0]}: checkpoint {shapes[key]} vs model {list(var.shape)}"
-        for key, var in ours.items()
-        if key in shapes and list(shapes[key]) != list(var.shape)
+    _, rows, _ = _match_model(objects["model"], prefix)
+    problems = [
+        f"{path}: checkpoint {shape} vs model {list(var.shape)}" if key else f"not in checkpoint: {path}"
+        for path, var, key, shape in rows
+        if key is None or list(shape) != list(var.shape)
     ]
-    missing = [k.split("/.ATTRIBUTES")[0] for k in ours if k not in shapes]
-    if mismatched or missing:
-        detail = "; ".join((mismatched + [f"not in checkpoint: {m}" for m in missing])[:6])
+    if problems:
         raise CheckpointError(
-            f"{prefix} does not fit this model ({detail}). The config changed the model since this run "
-            "saved it. Fix: run with the config the run was started with (see .hydra/config.yaml), or "
-            "start a new run folder (hydra.run.dir=...) and use trainer.init_from=PATH to warm start."
+            f"{prefix} does not fit this model ({'; '.join(problems[:6])}). The config changed the model "
+            "since this run saved it. Fix: run with the config the run was started with (see "
+            ".hydra/config.yaml), or start a new run folder (hydra.run.dir=...) and use "
+            "trainer.init_from=PATH to warm start."
         )
 
 
@@ -243,21 +280,18 @@ def warm_start(model, path: str) -> Dict[str, List[str]]:
         log.info("Warm start from %s: loaded %d weights (Keras loader, mismatched shapes skipped)", path, len(model.weights))
         return report
     prefix = _resolve_checkpoint(path)
-    reader = tf.train.load_checkpoint(prefix)
-    shapes = reader.get_variable_to_shape_map()
-    ours = _variables_by_key(tf.train.Checkpoint(model=model))
+    reader, rows, saved = _match_model(model, prefix)
     restored, missing, mismatched = [], [], []
-    for key, var in ours.items():
-        name = key.split("/.ATTRIBUTES")[0]
-        if key not in shapes:
+    for name, var, key, shape in rows:
+        if key is None:
             missing.append(name)
-        elif list(shapes[key]) != list(var.shape):
-            mismatched.append(f"{name} {shapes[key]} vs {list(var.shape)}")
+        elif list(shape) != list(var.shape):
+            mismatched.append(f"{name} {shape} vs {list(var.shape)}")
         else:
             var.assign(reader.get_tensor(key))
             restored.append(name)
-    model_keys = {k for k in shapes if k.startswith("model/") and k.endswith("VARIABLE_VALUE") and "OPTIMIZER_SLOT" not in k}
-    unexpected = sorted(k.split("/.ATTRIBUTES")[0] for k in model_keys - set(ours))
+    ours = {name for name, *_ in rows}
+    unexpected = sorted(p for p in saved if p.startswith("model/") and p not in ours)
     log.info(
         "Warm start from %s: restored %d variables, missing %d %s, mismatched %d %s, unexpected %d %s",
         prefix, len(restored), len(missing), missing[:5], len(mismatched), mismatched[:5], len(unexpected), unexpected[:5],

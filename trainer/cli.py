@@ -53,7 +53,7 @@ def run(cfg: DictConfig) -> dict:
         tf.config.optimizer.set_jit("autoclustering")
         log.info("XLA auto-clustering: on")
     if trainer_cfg.jit_compile:
-        log.info("XLA jit_compile: on")
+        log.info("XLA jit_compile: on (train and eval steps)")
 
     data = instantiate(cfg.data, _convert_="all")
     log.info("Data: %s", data.description)

@@ -33,7 +33,9 @@ class TrainerConfig:
     best_mode: str = "max"  # max | min
     resume: bool = True  # resume from the run folder's checkpoints when there are any
     init_from: Optional[str] = None  # warm start: model weights only, from a checkpoint or .keras/.weights.h5
-    jit_compile: bool = False  # compile the steps with XLA
+    # Compile the steps with XLA. None (auto): on only for mixed_float16 without a GPU, where
+    # TensorFlow's float16 CPU kernels are ~100x slower than XLA's.
+    jit_compile: Optional[bool] = None
     xla_auto_cluster: bool = False  # TF's XLA auto-clustering (global)
     steps_per_loop: int = 1  # train steps per tf.function call
     grad_accum_steps: int = 1  # micro-batches accumulated per optimizer update

@@ -130,6 +130,7 @@ class Trainer:
         # Our step all-reduces the gradients itself (clipping and the finite check need the global
         # gradient), so the Keras optimizer's own all-reduce must not sum them a second time.
         self.optimizer._all_reduce_sum_gradients = lambda grads_and_vars: grads_and_vars
+        self.jit_compile = self._resolve_jit_compile()
         self.callbacks = CallbackList(list(callbacks))
         self._built = False
         self._train_function = None
@@ -260,6 +261,18 @@ class Trainer:
     # Building and compiling
     # ------------------------------------------------------------------------------------------
 
+    def _resolve_jit_compile(self) -> bool:
+        if self.config.jit_compile is not None:
+            return bool(self.config.jit_compile)
+        on_cpu = not tf.config.list_physical_devices("GPU") and not isinstance(self.strategy, tf.distribute.TPUStrategy)
+        if self.precision.policy == "mixed_float16" and on_cpu:
+            log.info(
+                "XLA: on (trainer.jit_compile=null means auto): TensorFlow's float16 kernels are very slow "
+                "on CPUs, XLA's are not. trainer.jit_compile=false turns it off."
+            )
+            return True
+        return False
+
     def _make_loss_scale(self) -> LossScale:
         p = self.precision
         needs_scaling = p.policy == "mixed_float16" or (p.policy == "mixed_bfloat16" and p.scale_bfloat16)
@@ -308,7 +321,7 @@ class Trainer:
         self._eval_function = None
 
     def _wrap_xla(self, fn, what: str):
-        if not self.config.jit_compile:
+        if not self.jit_compile:
             return fn
         return tf.function(fn, jit_compile=True, reduce_retracing=True)
 
@@ -318,7 +331,7 @@ class Trainer:
             self.strategy.num_replicas_in_sync == 1
         )
         accum = self.config.grad_accum_steps
-        if self.config.jit_compile:
+        if self.jit_compile:
             if single_replica and accum == 1:
                 log.info("XLA: the whole train step (forward, backward, update) is compiled")
                 step = self._wrap_xla(self.train_step, "train")

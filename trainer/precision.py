@@ -55,6 +55,7 @@ def keep_layers_in_float32(model: keras.Model, class_names: Iterable[str]) -> Li
     return changed
 
 
+@keras.saving.register_keras_serializable(package="trainer")
 class Float32Outputs(keras.Model):
     """Wraps a model whose outputs are float16/bfloat16 with a float32 linear activation."""
 
@@ -66,6 +67,13 @@ class Float32Outputs(keras.Model):
     def call(self, inputs, training=None):
         outputs = self.inner(inputs, training=training)
         return tf.nest.map_structure(self.to_float32, outputs)
+
+    def get_config(self):
+        return {"name": self.name, "inner": keras.saving.serialize_keras_object(self.inner)}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(keras.saving.deserialize_keras_object(config["inner"]), name=config.get("name"))
 
 
 def ensure_float32_outputs(model: keras.Model, outputs, strict: bool) -> keras.Model:

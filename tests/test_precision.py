@@ -1,0 +1,319 @@
+"""Mixed precision: policies, loss scaling order and state, faults, output checks, conversion."""
+import logging
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import read_metrics, run_cli
+from trainer import NumericalError, PrecisionConfig, Trainer
+from trainer.convert import convert_model
+from trainer.loss_scale import LossScale
+from trainer.precision import PrecisionError
+
+
+@pytest.fixture(autouse=True)
+def reset_policy():
+    yield
+    keras.mixed_precision.set_dtype_policy("float32")
+
+
+def mlp(units=16, out_dtype="float32"):
+    return lambda: keras.Sequential(
+        [keras.Input((8,)), keras.layers.Dense(units, activation="relu"), keras.layers.Dense(2, dtype=out_dtype)]
+    )
+
+
+def batches(n_batches=40, batch=16, poison=None, seed=0):
+    """Deterministic (x, y) batches; `poison` maps batch index -> value written into x (inf/NaN/huge)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n_batches, batch, 8)).astype("float32")
+    y = (x[..., 0] > 0).astype("int32")
+    for i, value in (poison or {}).items():
+        x[i] = value
+    return tf.data.Dataset.from_tensor_slices((x, y))
+
+
+def make(precision, model=None, **options):
+    options.setdefault("progress_bar", False)
+    return Trainer(
+        model=model or mlp(),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        optimizer=lambda: keras.optimizers.SGD(0.05),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        precision=precision,
+        log_every=1,
+        **options,
+    )
+
+
+def weights(trainer):
+    return [v.numpy().copy() for v in trainer.model.trainable_variables]
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16", "mixed_bfloat16"])
+def test_policy_keeps_float32_variables_and_outputs(policy):
+    trainer = make(policy)
+    trainer.fit(batches(), steps=3)
+    assert all(v.dtype == "float32" for v in trainer.model.trainable_variables)
+    x, _ = next(iter(batches()))
+    assert trainer.model(x).dtype == tf.float32
+    expected = {"float32": "float32", "mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}[policy]
+    assert trainer.model.layers[0].compute_dtype == expected
+    assert trainer.loss_scale.enabled == (policy == "mixed_float16")
+
+
+def test_underflowing_gradient_is_recovered_by_scaling():
+    """(a) A gradient below float16's smallest subnormal (6e-8) is zero unscaled, exact scaled."""
+
+    class TinyLoss(Trainer):
+        def compute_loss(self, x, y, y_pred, sample_weight=None):
+            return tf.reduce_mean(tf.cast(y_pred, tf.float32)) * 1e-7
+
+    results = {}
+    for name, scale in (("unscaled", 1.0), ("scaled", 2.0**15)):
+        trainer = TinyLoss(
+            model=mlp(out_dtype=None), loss=keras.losses.MeanSquaredError(), optimizer=lambda: keras.optimizers.SGD(0.0),
+            precision=PrecisionConfig(policy="mixed_float16", loss_scale=scale, strict_outputs=False), progress_bar=False,
+        )
+        batch = next(iter(batches()))
+        trainer.build(batch)
+        _, grads = trainer.compute_gradients(batch)
+        results[name] = grads[0].numpy()  # first-layer kernel: flows back through float16 activations
+    assert np.count_nonzero(results["unscaled"]) == 0
+    assert np.count_nonzero(results["scaled"]) > 0
+
+
+def test_overflow_skips_exactly_that_update_and_halves_scale():
+    """(b) An injected overflow (x = 1e5 > float16 max) skips its update only; training continues."""
+    ds = batches(poison={2: 1e5})
+    trainer = make(PrecisionConfig(policy="mixed_float16", initial_scale=1024.0), jit_compile=False)
+    trainer.fit(ds, steps=2)
+    before = weights(trainer)
+    trainer.fit(ds, steps=3)  # batch 2: non-finite
+    after_skip = weights(trainer)
+    assert all(np.array_equal(a, b) for a, b in zip(before, after_skip))
+    assert float(trainer.loss_scale.scale.numpy()) == 512.0
+    assert int(trainer.loss_scale.skipped_steps.numpy()) == 1
+    trainer.fit(ds, steps=6)
+    assert not all(np.array_equal(a, b) for a, b in zip(after_skip, weights(trainer)))
+    assert int(trainer.loss_scale.skipped_steps.numpy()) == 1
+    assert int(trainer.step.numpy()) == 6 and int(trainer.optimizer.iterations.numpy()) == 6
+
+
+def test_scale_grows_after_growth_interval():
+    """(c) ×2 after `growth_interval` finite steps in a row."""
+    trainer = make(PrecisionConfig(policy="mixed_float16", initial_scale=8.0, growth_interval=3))
+    trainer.fit(batches(), steps=7)
+    assert float(trainer.loss_scale.scale.numpy()) == 32.0  # doubled at steps 3 and 6
+    assert int(trainer.loss_scale.good_steps.numpy()) == 1
+
+
+def test_scale_trajectory_matches_keras_loss_scale_optimizer():
+    """(d) Same finite/non-finite sequence -> same scale sequence as Keras 3's LossScaleOptimizer."""
+    sequence = [True] * 5 + [False] + [True] * 7 + [False, False] + [True] * 9 + [False] + [True] * 4
+    var = keras.Variable(np.zeros(3, "float32"))
+    keras_opt = keras.mixed_precision.LossScaleOptimizer(keras.optimizers.SGD(0.0), initial_scale=64.0, dynamic_growth_steps=4)
+    keras_opt.build([var])
+    ours = LossScale("dynamic", initial_scale=64.0, growth_interval=4)
+    keras_scales, our_scales = [], []
+    for finite in sequence:
+        grad = np.ones(3, "float32") if finite else np.full(3, np.inf, "float32")
+        keras_opt.apply([tf.constant(grad)], [var])
+        ours.update(tf.constant(finite))
+        keras_scales.append(float(keras_opt.dynamic_scale.numpy()))
+        our_scales.append(float(ours.scale.numpy()))
+    assert our_scales == keras_scales
+    assert len(set(our_scales)) > 2  # the sequence exercised growth and backoff
+
+
+def test_checkpoint_round_trip_restores_scale(tmp_path):
+    """(e) The scale and good-step counter live in the checkpoint."""
+    ds = batches(poison={1: 1e5})
+    precision = PrecisionConfig(policy="mixed_float16", initial_scale=256.0, growth_interval=2)
+    first = make(precision, run_dir=tmp_path)
+    first.fit(ds, steps=6)
+    saved = (float(first.loss_scale.scale.numpy()), int(first.loss_scale.good_steps.numpy()), int(first.loss_scale.skipped_steps.numpy()))
+    assert saved[0] != 256.0 and saved[2] == 1
+    second = make(precision, run_dir=tmp_path)
+    second.fit(ds, steps=6)  # resumes at step 6: nothing left to train
+    restored = (float(second.loss_scale.scale.numpy()), int(second.loss_scale.good_steps.numpy()), int(second.loss_scale.skipped_steps.numpy()))
+    assert restored == saved
+
+
+def test_fixed_scale_never_changes():
+    trainer = make(PrecisionConfig(policy="mixed_float16", loss_scale=1024.0))
+    trainer.fit(batches(poison={1: 1e5}), steps=5)
+    assert float(trainer.loss_scale.scale.numpy()) == 1024.0
+    assert int(trainer.loss_scale.skipped_steps.numpy()) == 1
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_non_finite_loss_without_scaling_skips_and_counts(policy):
+    trainer = make(policy)
+    ds = batches(poison={2: np.nan})
+    trainer.fit(ds, steps=2)
+    before = weights(trainer)
+    trainer.fit(ds, steps=3)
+    assert all(np.array_equal(a, b) for a, b in zip(before, weights(trainer)))
+    assert int(trainer.loss_scale.skipped_steps.numpy()) == 1
+    assert all(np.isfinite(w).all() for w in weights(trainer))
+
+
+def test_consecutive_skips_stop_the_run_with_last_checkpoint_intact(tmp_path):
+    ds = batches(n_batches=40, poison={i: np.nan for i in range(10, 40)})
+    trainer = make("float32", run_dir=tmp_path, checkpoint_every=5)
+    trainer.precision.max_consecutive_skips = 6
+    with pytest.raises(NumericalError, match="consecutive steps had non-finite"):
+        trainer.fit(ds, steps=40)
+    assert int(trainer.step.numpy()) == 16
+    stopped_weights = weights(trainer)  # every update after step 10 was skipped
+    fresh = make("float32", run_dir=tmp_path)
+    fresh.fit(ds, steps=15)  # resumes from the newest checkpoint (step 15), nothing to train
+    assert int(fresh.step.numpy()) == 15
+    assert all(np.array_equal(a, b) for a, b in zip(stopped_weights, weights(fresh)))
+
+
+def test_scale_at_floor_still_overflowing_stops():
+    ds = batches(n_batches=60, poison={i: np.inf for i in range(60)})
+    trainer = make(PrecisionConfig(policy="mixed_float16", initial_scale=4.0, max_consecutive_skips=1000))
+    with pytest.raises(NumericalError, match="floor of 1"):
+        trainer.fit(ds, steps=60)
+    assert int(trainer.step.numpy()) < 15
+
+
+def test_learning_rate_schedule_sees_the_global_step_under_float16():
+    schedule = keras.optimizers.schedules.PolynomialDecay(0.1, decay_steps=10, end_learning_rate=0.0)
+    trainer = Trainer(
+        model=mlp(), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        optimizer=lambda: keras.optimizers.SGD(schedule), precision="mixed_float16", progress_bar=False, log_every=1,
+    )
+    logs = []
+
+    class Record(__import__("trainer").Callback):
+        def on_log(self, trainer, step, row):
+            logs.append((step, row["lr"]))
+
+    trainer.callbacks.callbacks.append(Record())
+    trainer.fit(batches(poison={3: 1e5}), steps=6)
+    assert int(trainer.optimizer.iterations.numpy()) == 6  # the skipped step still advances it
+    for step, lr in logs:
+        assert lr == pytest.approx(float(schedule(step)), rel=1e-6)
+
+
+def test_float16_outputs_are_wrapped_or_rejected(caplog):
+    with caplog.at_level(logging.WARNING):
+        trainer = make("mixed_float16", model=mlp(out_dtype=None))
+        trainer.fit(batches(), steps=1)
+    x, _ = next(iter(batches()))
+    assert trainer.model(x).dtype == tf.float32
+    assert "float32 linear activation" in caplog.text
+    strict = make(PrecisionConfig(policy="mixed_float16", strict_outputs=True), model=mlp(out_dtype=None))
+    with pytest.raises(PrecisionError, match="strict_outputs"):
+        strict.fit(batches(), steps=1)
+
+
+def test_multiple_of_8_warning_and_float32_layers(caplog):
+    def model():
+        return keras.Sequential(
+            [keras.Input((8,)), keras.layers.Dense(12), keras.layers.LayerNormalization(), keras.layers.Dense(2, dtype="float32")]
+        )
+
+    with caplog.at_level(logging.INFO):
+        trainer = make(PrecisionConfig(policy="mixed_float16", float32_layers=["LayerNormalization"]), model=model)
+        trainer.fit(batches(batch=12), steps=1)
+    assert "units=12" in caplog.text and "per-replica batch size=12" in caplog.text
+    assert trainer.model.layers[1].compute_dtype == "float32"
+    assert trainer.model.layers[0].compute_dtype == "float16"
+
+
+def test_conversion_round_trip_preserves_predictions():
+    """(g) float32 -> mixed_float16 -> float32: close, then exactly the original weights' outputs."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((8,)), keras.layers.Dense(32, activation="relu"), keras.layers.Dense(3, dtype="float32")]
+    )
+    x = tf.random.normal((16, 8), seed=1)
+    half, report = convert_model(model, "mixed_float16", x)
+    assert report.relative_error <= report.tolerance and report.output_dtypes == ["float32"]
+    assert half.layers[0].compute_dtype == "float16"
+    back, report_back = convert_model(half, "float32", x)
+    np.testing.assert_allclose(back(x).numpy(), model(x).numpy(), rtol=1e-6, atol=1e-6)
+    assert report_back.variable_bytes_after == report.variable_bytes_before
+
+
+def test_conversion_of_subclassed_model_with_get_config():
+    @keras.saving.register_keras_serializable(package="tests")
+    class Net(keras.Model):
+        def __init__(self, units=16, **kwargs):
+            super().__init__(**kwargs)
+            self.units = units
+            self.hidden = keras.layers.Dense(units, activation="relu")
+            self.out = keras.layers.Dense(2)
+
+        def call(self, x, training=False):
+            return self.out(self.hidden(x))
+
+        def get_config(self):
+            return {**super().get_config(), "units": self.units}
+
+    model = Net()
+    x = tf.random.normal((4, 8), seed=2)
+    model(x)
+    converted, report = convert_model(model, "mixed_bfloat16", x)
+    assert report.output_dtypes == ["float32"] and report.relative_error <= report.tolerance
+
+
+@pytest.mark.slow
+def test_precisions_reach_the_same_accuracy(tmp_path):
+    """(f) float32, mixed_bfloat16 and mixed_float16 MNIST runs of one length: within 1.5 points."""
+    accuracy = {}
+    for policy in ("float32", "mixed_bfloat16", "mixed_float16"):
+        run_dir = tmp_path / policy
+        result = run_cli(
+            f"precision={policy}", "trainer.max_steps=600", "trainer.log_every=100", "trainer.progress_bar=false",
+            "trainer.checkpoint_every=0", f"hydra.run.dir={run_dir}",
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        rows = read_metrics(run_dir)
+        accuracy[policy] = [r for r in rows if r["split"] == "eval"][-1]["accuracy"]
+        if policy == "mixed_float16":
+            assert all("loss_scale" in r for r in rows if r["split"] == "train")
+    assert max(accuracy.values()) - min(accuracy.values()) <= 0.015, accuracy
+    assert min(accuracy.values()) > 0.8
+
+
+def test_conversion_of_keras_applications_and_keras_hub_models():
+    app = keras.applications.MobileNetV3Small(input_shape=(32, 32, 3), weights=None, classes=4, include_preprocessing=False)
+    images = tf.random.uniform((2, 32, 32, 3), seed=3)
+    converted, report = convert_model(app, "mixed_bfloat16", images, measure_time=False)
+    assert report.relative_error <= report.tolerance and report.output_dtypes == ["float32"]
+
+    keras_hub = pytest.importorskip("keras_hub")
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=50, num_layers=1, num_heads=2, hidden_dim=16, intermediate_dim=32, max_sequence_length=8
+    )
+    tokens = {
+        "token_ids": tf.constant([[2, 5, 7, 3, 0, 0, 0, 0]] * 2),
+        "segment_ids": tf.zeros((2, 8), tf.int32),
+        "padding_mask": tf.constant([[1, 1, 1, 1, 0, 0, 0, 0]] * 2),
+    }
+    converted, report = convert_model(backbone, "mixed_float16", tokens, measure_time=False)
+    assert report.relative_error <= report.tolerance and report.output_dtypes == ["float32"]
+
+
+def test_convert_cli_on_a_trained_run(tmp_path, tiny):
+    run_dir = tmp_path / "run"
+    assert run_cli(*tiny, f"hydra.run.dir={run_dir}").returncode == 0
+    out = tmp_path / "converted"
+    result = run_cli(str(run_dir), "--policy", "mixed_bfloat16", "--out", str(out), module="trainer.convert")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = __import__("json").loads((out / "conversion.json").read_text())
+    assert report["target_policy"] == "mixed_bfloat16" and report["relative_error"] <= report["tolerance"]
+    reloaded = keras.saving.load_model(out / "model.keras")
+    dtypes = {layer.name: layer.compute_dtype for layer in reloaded.layers}
+    assert dtypes["dense"] == "bfloat16" and dtypes["logits"] == "float32", dtypes
+    bad = run_cli(str(tmp_path / "nothing"), "--policy", "mixed_float16", "--out", str(tmp_path / "x"), module="trainer.convert")
+    assert bad.returncode == 2 and "not a run folder" in bad.stderr

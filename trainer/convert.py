@@ -1,0 +1,195 @@
+"""Convert a trained model to another dtype policy (float32 <-> mixed_float16 / mixed_bfloat16).
+
+    python -m trainer.convert CHECKPOINT_OR_MODEL --policy mixed_float16 --out DIR
+
+The model is rebuilt from its config under the target policy (variables stay float32 under mixed
+policies), the weights are copied, the outputs are forced to float32, and the outputs are compared on
+sample inputs against a stated tolerance. The report gives variable bytes and, measured on the sample
+batch, inference time before and after.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+# Relative error allowed between the float32 model and the converted one, per target compute dtype:
+# float16 keeps 10 mantissa bits, bfloat16 7, so a deep net's outputs drift by about that much.
+TOLERANCE = {"float32": 1e-5, "mixed_float16": 2e-2, "mixed_bfloat16": 8e-2}
+
+
+class ConversionError(ValueError):
+    """The converted model does not reproduce the original within tolerance, or cannot be rebuilt."""
+
+
+@dataclass
+class ConversionReport:
+    source_policy: str
+    target_policy: str
+    max_abs_error: float
+    relative_error: float  # max |a - b| / max |a|
+    tolerance: float
+    variable_bytes_before: int
+    variable_bytes_after: int
+    output_dtypes: list
+    seconds_per_batch_before: Optional[float]
+    seconds_per_batch_after: Optional[float]
+
+
+def _policy_of(model) -> str:
+    return model.dtype_policy.name if hasattr(model, "dtype_policy") else "float32"
+
+
+def _variable_bytes(model) -> int:
+    import numpy as np
+
+    return int(sum(np.prod(v.shape) * np.dtype(v.dtype).itemsize for v in model.weights))
+
+
+def _time_predict(model, x, repeats: int = 5) -> float:
+    import tensorflow as tf
+
+    fn = tf.function(lambda inputs: model(inputs, training=False))
+    fn(x)  # trace
+    start = time.perf_counter()
+    for _ in range(repeats):
+        tf.nest.map_structure(lambda t: t.numpy(), fn(x))
+    return (time.perf_counter() - start) / repeats
+
+
+def rebuild_under_policy(model, policy: str):
+    """A fresh copy of `model` whose layers compute in `policy` (weights not yet copied)."""
+    import keras
+    import tensorflow as tf
+
+    from keras.src.models.functional import Functional
+
+    from trainer.precision import Float32Outputs
+
+    if isinstance(model, Float32Outputs):  # convert what it wraps; outputs are forced again after
+        model = model.inner
+    previous = keras.mixed_precision.dtype_policy()
+    keras.mixed_precision.set_dtype_policy(policy)
+    try:
+        # keras.Model(inputs, outputs) makes a Functional; subclasses of it (keras-hub) rebuild from config.
+        if type(model) in (keras.Sequential, keras.Model, Functional):
+            # Layers that produce the model's outputs stay float32 (the mixed-precision guide's rule).
+            output_layers = {id(t._keras_history[0]) for t in tf.nest.flatten(model.outputs)}
+
+            def clone_layer(layer):
+                config = layer.get_config()
+                if "dtype" in config:
+                    config["dtype"] = "float32" if id(layer) in output_layers else policy
+                return type(layer).from_config(config)
+
+            return keras.models.clone_model(model, clone_function=clone_layer)
+        # Subclassed and keras-hub/applications models: rebuild from their own config.
+        config = model.get_config()
+        if isinstance(config, dict) and "dtype" in config:
+            config["dtype"] = policy
+        return type(model).from_config(config)
+    except NotImplementedError as e:
+        raise ConversionError(
+            f"{type(model).__name__} has no get_config(); give the model get_config/from_config to convert it"
+        ) from e
+    finally:
+        keras.mixed_precision.set_dtype_policy(previous)
+
+
+def convert_model(model, policy: str, sample_inputs: Any, tolerance: Optional[float] = None, measure_time: bool = True):
+    """Returns (converted_model, ConversionReport); raises ConversionError beyond tolerance.
+
+    Args:
+      model: a built Keras model (Sequential, Functional, subclassed with get_config, keras-hub).
+      policy: float32 | mixed_float16 | mixed_bfloat16.
+      sample_inputs: a batch the outputs are compared on.
+      tolerance: max relative output error allowed (default: TOLERANCE[policy] against a float32 source).
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    from trainer.precision import POLICIES, ensure_float32_outputs
+
+    if policy not in POLICIES:
+        raise ConversionError(f"--policy {policy!r} is not one of {list(POLICIES)}")
+    source_policy = _policy_of(model)
+    reference = model(sample_inputs, training=False)
+    converted = rebuild_under_policy(model, policy)
+    outputs = converted(sample_inputs, training=False)  # builds the variables
+    converted.set_weights(model.get_weights())
+    outputs = converted(sample_inputs, training=False)
+    target = {"float32": "float32", "mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}[policy]
+    layers = list(converted._flatten_layers(include_self=False, recursive=True))
+    if not any(layer.compute_dtype == target for layer in layers):
+        raise ConversionError(
+            f"rebuilding {type(model).__name__} under {policy} left no layer computing in {target}: its "
+            "config pins the layers' dtypes; give it get_config/from_config that honour the global policy"
+        )
+    converted = ensure_float32_outputs(converted, outputs, strict=False)
+    outputs = converted(sample_inputs, training=False)
+
+    ref = np.concatenate([np.asarray(tf.cast(t, tf.float32)).ravel() for t in tf.nest.flatten(reference)])
+    out = np.concatenate([np.asarray(t).ravel() for t in tf.nest.flatten(outputs)])
+    max_abs = float(np.max(np.abs(ref - out)))
+    relative = max_abs / max(float(np.max(np.abs(ref))), 1e-12)
+    if tolerance is None:
+        worst = {source_policy, policy} - {"float32"}
+        tolerance = max([TOLERANCE[p] for p in worst] or [TOLERANCE["float32"]])
+    report = ConversionReport(
+        source_policy=source_policy,
+        target_policy=policy,
+        max_abs_error=max_abs,
+        relative_error=relative,
+        tolerance=tolerance,
+        variable_bytes_before=_variable_bytes(model),
+        variable_bytes_after=_variable_bytes(converted),
+        output_dtypes=sorted({t.dtype.name for t in tf.nest.flatten(outputs)}),
+        seconds_per_batch_before=_time_predict(model, sample_inputs) if measure_time else None,
+        seconds_per_batch_after=_time_predict(converted, sample_inputs) if measure_time else None,
+    )
+    if not relative <= tolerance:
+        raise ConversionError(
+            f"converted outputs differ from the original by {relative:.3g} (relative), more than the "
+            f"tolerance {tolerance:.3g}; the model may need precision.float32_layers for unstable layers"
+        )
+    return converted, report
+
+
+def main(argv=None) -> int:
+    from trainer.quiet import quiet_tensorflow_import
+
+    quiet_tensorflow_import()
+    parser = argparse.ArgumentParser(prog="python -m trainer.convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", help="a run folder, a checkpoint (folder or ckpt-N prefix) or a .keras file")
+    parser.add_argument("--policy", required=True, help="float32 | mixed_float16 | mixed_bfloat16")
+    parser.add_argument("--out", required=True, help="folder for model.keras and conversion.json")
+    parser.add_argument("--tolerance", type=float, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    from trainer.checkpoint import CheckpointError
+    from trainer.export import load_trained_model
+
+    out = Path(args.out)
+    try:
+        model, sample = load_trained_model(args.source)
+        converted, report = convert_model(model, args.policy, sample, tolerance=args.tolerance)
+    except (ConversionError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    converted.save(out / "model.keras")
+    (out / "conversion.json").write_text(json.dumps(asdict(report), indent=1))
+    for key, value in asdict(report).items():
+        print(f"{key:26s} {value}")
+    print(f"wrote {out / 'model.keras'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
