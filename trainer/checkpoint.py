@@ -156,31 +156,41 @@ class Checkpointer:
     def weights_finite(self) -> bool:
         return all(bool(np.isfinite(keras.ops.convert_to_numpy(w)).all()) for w in self.objects["model"].weights)
 
-    def save(self, step: int, eval_logs: Optional[Dict] = None) -> Optional[str]:
-        """Saves at `step` (and into best/ when `eval_logs` improve the best metric). Refuses non-finite weights."""
+    def save(self, step: int) -> Optional[str]:
+        """Saves the full state at `step`. Refuses (and says so) when the weights are not finite."""
         if not self.weights_finite():
             log.error("Not saving step %d: the model has non-finite weights. The last good checkpoint is kept.", step)
             return None
         directory = self._write_dir()
         directory.mkdir(parents=True, exist_ok=True)
-        value = None
-        if eval_logs and self.best_metric and self.best_metric in eval_logs:
-            value = float(eval_logs[self.best_metric])
-            best = float(self.objects["best_metric"].numpy())
-            if math.isnan(best) or (value > best if self.best_mode == "max" else value < best):
-                self.objects["best_metric"].assign(value)
         path = self.manager(directory).save(checkpoint_number=step)
-        if value is not None and self.keep_best > 0:
-            self._keep_best(directory, step, value)
         if not self.is_chief:
             shutil.rmtree(directory, ignore_errors=True)
             return None
         log.info("Saved checkpoint %s", path)
         return path
 
-    def _keep_best(self, directory: Path, step: int, value: float) -> None:
+    def update_best(self, step: int, eval_logs: Dict) -> bool:
+        """After an evaluation: records the best value, and keeps a copy in best/ when it is in the top k."""
+        if not self.best_metric or self.best_metric not in eval_logs or not self.weights_finite():
+            return False
+        value = float(eval_logs[self.best_metric])
+        if not math.isfinite(value):
+            return False
+        best = float(self.objects["best_metric"].numpy())
+        if math.isnan(best) or (value > best if self.best_mode == "max" else value < best):
+            self.objects["best_metric"].assign(value)
+        if self.keep_best <= 0:
+            return False
+        directory = self._write_dir()
+        kept = self._keep_best(directory, step, value)
+        if not self.is_chief:
+            shutil.rmtree(directory, ignore_errors=True)
+        return kept
+
+    def _keep_best(self, directory: Path, step: int, value: float) -> bool:
         best_dir = directory / "best"
-        best_dir.mkdir(exist_ok=True)
+        best_dir.mkdir(parents=True, exist_ok=True)
         index_path = best_dir / "best.json"
         entries = json.loads(index_path.read_text()) if index_path.exists() else []
         entries = [e for e in entries if e["step"] != step]
@@ -197,6 +207,7 @@ class Checkpointer:
                 continue
             for f in best_dir.glob(f"ckpt-{e['step']}.*"):
                 f.unlink()
+        return candidate in kept
 
     # -- restoring ---------------------------------------------------------------------------
 
@@ -230,7 +241,7 @@ class Checkpointer:
                 status.assert_existing_objects_matched()
             except CheckpointError:
                 raise
-            except (tf.errors.OpError, ValueError, AssertionError) as e:
+            except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous one
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 log.warning("Checkpoint %s is unreadable (%s: %s); trying the previous one.", prefix, type(e).__name__, first[:200])
                 errors.append(f"{prefix}: {first[:200]}")

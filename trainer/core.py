@@ -512,21 +512,25 @@ class Trainer:
                         window_start, window_step = time.perf_counter(), step
                     if eval_data is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
                         eval_logs = self.evaluate(eval_data, step=step, callbacks=callbacks)
+                        if self.checkpointer:
+                            self.checkpointer.update_best(step, eval_logs)
                     due = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or (
                         cfg.checkpoint_every_secs and time.monotonic() - last_ckpt_time >= cfg.checkpoint_every_secs
                     )
                     if self.checkpointer and due and step < total:
-                        self.checkpointer.save(step, eval_logs if eval_logs.get("step") == step else None)
+                        self.checkpointer.save(step)
                         last_ckpt_time = time.monotonic()
                     if interrupted.signum is not None:
                         raise TrainingInterrupted(signal.Signals(interrupted.signum).name)
                 if eval_data is not None:
                     eval_logs = self.evaluate(eval_data, step=step, callbacks=callbacks)
+                    if self.checkpointer:
+                        self.checkpointer.update_best(step, eval_logs)
                 if self.checkpointer:
-                    self.checkpointer.save(step, eval_logs or None)
+                    self.checkpointer.save(step)
         except TrainingInterrupted as e:
             if self.checkpointer:
-                path = self.checkpointer.save(step, None)
+                path = self.checkpointer.save(step)
                 log.warning("Received %s at step %d: saved %s; run the same command again to resume.", e, step, path)
             else:
                 log.warning("Received %s at step %d: stopping (no run folder, nothing saved).", e, step)

@@ -1,0 +1,266 @@
+"""Never lose work: resume, crash safety, exactly-once data, bit-identical resume, retention, warm start, export."""
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import TINY, read_metrics, run_cli
+from trainer import Trainer, warm_start
+from trainer.checkpoint import list_checkpoints
+
+WORKER = Path(__file__).parent / "workers" / "ids_worker.py"
+STEPS_PER_EPOCH = 12
+
+
+def start_worker(run_dir, log, steps, every=5):
+    with open(log, "a") as f:
+        f.write("START\n")
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), str(run_dir), str(log), str(steps), str(every)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def parse_log(log):
+    """[(segment, step, ids)] in the order the steps ran; a segment per process start."""
+    rows, segment = [], -1
+    for line in Path(log).read_text().splitlines():
+        if line == "START":
+            segment += 1
+            continue
+        step, ids = line.split(" ", 1)
+        rows.append((segment, int(step), [int(i) for i in ids.strip("[]").split()]))
+    return rows
+
+
+def check_exactly_once(rows, total):
+    final = {}
+    for _, step, ids in rows:
+        final[step] = ids  # a step redone after a kill: the last run of it is the one that counts
+    assert sorted(final) == list(range(total))
+    for epoch in range(total // STEPS_PER_EPOCH):
+        seen = [i for s in range(epoch * STEPS_PER_EPOCH, (epoch + 1) * STEPS_PER_EPOCH) for i in final[s]]
+        assert sorted(seen) == list(range(96)), f"epoch {epoch}: ids not seen exactly once"
+
+
+def test_exactly_once_data_across_kill_resume_cycles(tmp_path):
+    """Several SIGKILLs at chosen steps: every id is still seen exactly once per epoch."""
+    log = tmp_path / "ids.log"
+    total = 48
+    for stop_after in (7, 19, 30):
+        proc = start_worker(tmp_path, log, total)
+        while True:  # wait until the process has logged the step we want to kill it after
+            time.sleep(0.05)
+            if log.exists() and any(s >= stop_after for _, s, _ in parse_log(log)):
+                break
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    final = start_worker(tmp_path, log, total)
+    assert final.wait(timeout=300) == 0, final.stderr.read()[-2000:]
+    rows = parse_log(log)
+    check_exactly_once(rows, total)
+    first_steps = [next(s for seg, s, _ in rows if seg == k) for k in range(4)]
+    assert first_steps[0] == 0 and all(s > 0 and s % 5 == 0 for s in first_steps[1:])  # resumed, not restarted
+
+
+@pytest.mark.slow
+def test_random_kills_including_inside_save_always_resume(tmp_path):
+    """Ten SIGKILLs at random moments (saves every 2 steps, so some land inside a save)."""
+    log = tmp_path / "ids.log"
+    total, every = 600, 2
+    rng = random.Random(0)
+    kills = 0
+    while kills < 10:
+        proc = start_worker(tmp_path, log, total, every)
+        time.sleep(rng.uniform(3.5, 6.0))
+        if proc.poll() is not None:
+            assert proc.returncode == 0, proc.stderr.read()[-2000:]
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+    proc = start_worker(tmp_path, log, total, every)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
+    assert kills == 10
+    rows = parse_log(log)
+    check_exactly_once(rows, total)
+    # At most `every` steps were lost per kill: a new process starts within `every` of where the last stopped.
+    last_step_of, first_step_of = {}, {}
+    for seg, step, _ in rows:
+        last_step_of[seg] = step
+        first_step_of.setdefault(seg, step)
+    for seg in range(1, max(first_step_of) + 1):
+        if seg in first_step_of and seg - 1 in last_step_of:
+            assert last_step_of[seg - 1] + 1 - first_step_of[seg] <= every
+
+
+def _kill_when(proc, path_glob: str, folder: Path, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if list(folder.glob(path_glob)):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"finished before it could be killed: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting to kill")
+
+
+def _checkpoint_tensors(prefix):
+    reader = tf.train.load_checkpoint(prefix)
+    return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map() if k != "_CHECKPOINTABLE_OBJECT_GRAPH" and "save_counter" not in k}
+
+
+@pytest.mark.slow
+def test_sigkill_resume_is_bit_identical_in_deterministic_mode(tmp_path):
+    """The acceptance test: SIGKILL `python -m trainer` mid-run, rerun: same final weights and metrics."""
+    args = [
+        "trainer.max_steps=240", "trainer.checkpoint_every=40", "trainer.log_every=40", "trainer.eval_every=120",
+        "trainer.deterministic=true", "trainer.progress_bar=false", "data.batch_size=64",
+    ]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_cli(*args, f"hydra.run.dir={straight}").returncode == 0
+
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", *args, f"hydra.run.dir={resumed}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _kill_when(proc, "ckpt-80.index", resumed / "checkpoints")
+    again = run_cli(*args, f"hydra.run.dir={resumed}")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "Resuming from" in again.stdout + again.stderr
+
+    a, b = _checkpoint_tensors(str(straight / "checkpoints" / "ckpt-240")), _checkpoint_tensors(str(resumed / "checkpoints" / "ckpt-240"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert np.array_equal(a[key], b[key]), f"{key} differs"
+    final = lambda d: [r for r in read_metrics(d) if r["split"] == "eval"][-1]
+    fa, fb = final(straight), final(resumed)
+    assert (fa["loss"], fa["accuracy"]) == (fb["loss"], fb["accuracy"])
+
+
+def test_sigterm_saves_and_exits_143_then_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["trainer.max_steps=100000", "trainer.checkpoint_every=100000", "trainer.progress_bar=false", "data.batch_size=32", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run_dir / "metrics.jsonl").exists():  # training has started (first log at step 100)
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "Received SIGTERM" in out + err
+    found = list_checkpoints(run_dir / "checkpoints")
+    assert found and found[0][0] >= 100
+    resumed = run_cli(*[a if not a.startswith("trainer.max_steps") else f"trainer.max_steps={found[0][0] + 10}" for a in args])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"step {found[0][0]})" in resumed.stdout + resumed.stderr
+
+
+def test_corrupt_newest_checkpoint_falls_back_and_unreadable_is_an_error(tmp_path):
+    run_dir = tmp_path / "run"
+    base = [*TINY, f"hydra.run.dir={run_dir}"]
+    assert run_cli(*base).returncode == 0  # checkpoints at 20 and 40
+    data_file = next((run_dir / "checkpoints").glob("ckpt-40.data-*"))
+    data_file.write_bytes(data_file.read_bytes()[:100])  # truncated, as by a crash mid-write
+    result = run_cli(*base, "trainer.max_steps=60")
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout + result.stderr
+    assert "unreadable" in out and "Resuming from" in out and "ckpt-20" in out
+    assert (run_dir / "checkpoints" / "ckpt-60.index").exists()
+
+    for f in (run_dir / "checkpoints").glob("ckpt-*.data-*"):
+        f.write_bytes(b"garbage")
+    before = {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir() if p.is_file()}
+    broken = run_cli(*base, "trainer.max_steps=80")
+    assert broken.returncode == 2
+    assert "none is readable" in broken.stdout + broken.stderr
+    assert {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir() if p.is_file()} == before
+
+
+def test_changed_model_is_a_clear_error(tmp_path):
+    run_dir = tmp_path / "run"
+    assert run_cli(*TINY, f"hydra.run.dir={run_dir}").returncode == 0
+    result = run_cli(*TINY, f"hydra.run.dir={run_dir}", "trainer.max_steps=60", "model.hidden_units=[64]")
+    assert result.returncode == 2
+    assert "does not fit this model" in result.stdout + result.stderr
+
+
+def _blobs():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 256).astype("int32")
+    x = rng.normal(size=(256, 4)).astype("float32") + y[:, None]
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(16, drop_remainder=True)
+
+
+def _net(classes=2):
+    return lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(classes, dtype="float32")])
+
+
+def test_keep_last_n_and_best_k(tmp_path):
+    trainer = Trainer(
+        model=_net(), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), optimizer=lambda: keras.optimizers.SGD(0.1),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")], run_dir=tmp_path, progress_bar=False,
+        checkpoint_every=5, keep_checkpoints=2, eval_every=5, keep_best=2, best_metric="loss", best_mode="min", log_every=5,
+    )
+    trainer.fit(_blobs(), _blobs(), steps=30)
+    assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [30, 25]
+    evals = [r for r in read_metrics(tmp_path) if r["split"] == "eval"]
+    best_two = sorted(evals, key=lambda r: r["loss"])[:2]
+    index = json.loads((tmp_path / "checkpoints" / "best" / "best.json").read_text())
+    assert [e["step"] for e in index] == [r["step"] for r in best_two]
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "best").glob("*.index")) == sorted(f"ckpt-{r['step']}.index" for r in best_two)
+    assert float(trainer.best.numpy()) == pytest.approx(best_two[0]["loss"])
+
+
+def test_init_from_reports_restored_missing_mismatched(tmp_path):
+    source = Trainer(model=_net(2), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                     optimizer=lambda: keras.optimizers.SGD(0.1), run_dir=tmp_path / "a", progress_bar=False)
+    source.fit(_blobs(), steps=10)
+    target = _net(3)()  # same backbone, a new head of another shape
+    report = warm_start(target, str(tmp_path / "a"))
+    assert len(report["restored"]) == 2 and len(report["mismatched"]) == 2 and not report["missing"]
+    np.testing.assert_array_equal(target.layers[0].kernel.numpy(), source.model.layers[0].kernel.numpy())
+
+    # Through the trainer: init_from loads weights only, the step starts at 0.
+    tuned = Trainer(model=_net(2), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                    optimizer=lambda: keras.optimizers.SGD(0.0), run_dir=tmp_path / "b", progress_bar=False,
+                    init_from=str(tmp_path / "a" / "checkpoints"))
+    tuned.fit(_blobs(), steps=1)
+    assert int(tuned.step.numpy()) == 1
+    np.testing.assert_array_equal(tuned.model.layers[1].kernel.numpy(), source.model.layers[1].kernel.numpy())
+
+
+def test_init_from_nonexistent_path_is_a_clear_error(tmp_path):
+    result = run_cli(*TINY, f"hydra.run.dir={tmp_path / 'run'}", f"trainer.init_from={tmp_path / 'nope'}")
+    assert result.returncode == 2 and "trainer.init_from" in result.stdout + result.stderr
+
+
+def test_export_saved_model_and_keras_predict_like_the_trained_model(tmp_path):
+    run_dir = tmp_path / "run"
+    assert run_cli(*TINY, f"hydra.run.dir={run_dir}").returncode == 0
+    saved, keras_out = tmp_path / "saved", tmp_path / "keras"
+    r1 = run_cli(str(run_dir), "--format", "saved_model", "--out", str(saved), module="trainer.export")
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    r2 = run_cli(str(run_dir), "--format", "keras", "--out", str(keras_out), module="trainer.export")
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    refused = run_cli(str(run_dir), "--format", "keras", "--out", str(keras_out), module="trainer.export")
+    assert refused.returncode == 2 and "not empty" in refused.stderr
+
+    from trainer.export import load_trained_model
+
+    model, sample = load_trained_model(str(run_dir))
+    expected = model(sample, training=False).numpy()
+    loaded = tf.saved_model.load(str(saved))  # keep a reference: its variables live as long as it does
+    served = loaded.serve(sample).numpy()
+    np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-5)
+    reloaded = keras.saving.load_model(keras_out / "model.keras")
+    np.testing.assert_allclose(reloaded(sample).numpy(), expected, rtol=1e-6, atol=1e-6)
