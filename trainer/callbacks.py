@@ -154,6 +154,15 @@ class Summary(Callback):
             lines.append(f"Throughput: {ordered[len(ordered) // 2]:.0f} examples/s (median of log windows)")
         if summary.get("traces"):
             lines.append(f"Traced: {summary['traces']} (first loop incl. compile: {summary.get('first_loop_seconds', 0):.2f}s)")
+            retraced = {k: v for k, v in summary["traces"].items() if v > 1}
+            if retraced:
+                log.warning(
+                    "Step functions were traced more than once %s: each trace (and XLA compile) costs time. "
+                    "Usual causes: batches of changing shape (pad or bucket them), or resets after freezing layers.",
+                    retraced,
+                )
+        if summary.get("weights_sha256"):
+            lines.append(f"Weights fingerprint: {summary['weights_sha256']}")
         if trainer.run_dir is not None:
             lines.append(f"Run folder: {trainer.run_dir}")
         log.info("\n  ".join(lines))

@@ -48,6 +48,9 @@ def run(cfg: DictConfig) -> dict:
     log.info("Recipe: %s | precision: %s | strategy: %s | run folder: %s", cfg.recipe, precision.policy, cfg.strategy.name, run_dir)
 
     strategy = make_strategy(_schema(StrategyConfig, cfg.strategy))  # before TF initializes devices
+    chief = is_chief(strategy)
+    if not chief:
+        _log_to_worker_file(run_dir, strategy)
     log.info("Hardware: %s", hardware_report(precision.policy, strategy))
     if trainer_cfg.xla_auto_cluster:
         tf.config.optimizer.set_jit("autoclustering")
@@ -70,11 +73,25 @@ def run(cfg: DictConfig) -> dict:
         config=trainer_cfg,
         seed=cfg.seed,
         clipnorm=cfg.optimizer.clipnorm,
-        is_chief=is_chief(strategy),
+        is_chief=chief,
         callbacks=[instantiate(c, _convert_="all") for c in cfg.callbacks.values()],
     )
     log.info("Model: %s, %s parameters", trainer.model.name, f"{trainer.model.count_params():,}" if trainer.model.built else "unbuilt")
     return trainer.fit(data.train, data.eval, steps_per_epoch=steps_per_epoch, batch_size=data.batch_size)
+
+
+def _log_to_worker_file(run_dir, strategy) -> None:
+    """Non-chief workers log to trainer.<task>.log, so the chief's trainer.log stays one clean file."""
+    resolver = strategy.cluster_resolver
+    name = run_dir / f"trainer.{resolver.task_type}{resolver.task_id}.log"
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            replacement = logging.FileHandler(name)
+            replacement.setFormatter(handler.formatter)
+            root.addHandler(replacement)
+    log.info("Non-chief worker: checkpoints, metrics and TensorBoard files go to temporary folders only")
 
 
 @hydra.main(version_base="1.3", config_path="pkg://trainer.conf", config_name="config")

@@ -320,28 +320,38 @@ class Trainer:
         self._train_function = None
         self._eval_function = None
 
-    def _wrap_xla(self, fn, what: str):
+    def _wrap_xla(self, fn):
+        """`fn` compiled with XLA (when on). With several replicas, one compiled function per replica:
+        an XLA cluster lives on one device, and each replica's trace must capture its own variables."""
         if not self.jit_compile:
             return fn
-        return tf.function(fn, jit_compile=True, reduce_retracing=True)
+        if self.strategy.num_replicas_in_sync == 1:
+            return tf.function(fn, jit_compile=True, reduce_retracing=True)
+        compiled = {}
+
+        def per_replica(*args):
+            replica = int(tf.get_static_value(tf.distribute.get_replica_context().replica_id_in_sync_group))
+            if replica not in compiled:
+                compiled[replica] = tf.function(fn, jit_compile=True, reduce_retracing=True)
+            return compiled[replica](*args)
+
+        return per_replica
 
     def _make_train_function(self):
         """strategy.run(step) × steps_per_loop inside one tf.function; XLA where TensorFlow allows it."""
-        single_replica = tf.__internal__.distribute.strategy_supports_no_merge_call() or (
-            self.strategy.num_replicas_in_sync == 1
-        )
+        single_replica = self.strategy.num_replicas_in_sync == 1
         accum = self.config.grad_accum_steps
         if self.jit_compile:
             if single_replica and accum == 1:
                 log.info("XLA: the whole train step (forward, backward, update) is compiled")
-                step = self._wrap_xla(self.train_step, "train")
+                step = self._wrap_xla(self.train_step)
             else:
                 # All-reduce and merge_call cannot live inside an XLA cluster on every platform.
                 log.info("XLA: forward and backward are compiled; all-reduce and the update run outside XLA")
-                compiled = self._wrap_xla(type(self).compute_gradients.__get__(self), "train")
+                compute_gradients = self._wrap_xla(self.compute_gradients)
 
                 def step(data):
-                    loss, grads = compiled(data)
+                    loss, grads = compute_gradients(data)
                     self.apply_gradients(grads, loss)
         else:
             step = self.train_step
@@ -363,7 +373,7 @@ class Trainer:
         return tf.function(train_loop)
 
     def _make_eval_function(self):
-        step = self._wrap_xla(self.test_step, "eval")
+        step = self._wrap_xla(self.test_step)
 
         def eval_loop(iterator, max_batches):
             self.traces["eval"] += 1
@@ -539,10 +549,20 @@ class Trainer:
         summary = {**train_logs, **{f"eval_{k}": v for k, v in eval_logs.items() if k not in ("step", "split")}}
         summary["step"] = step
         summary["traces"] = dict(self.traces)
+        summary["weights_sha256"] = self.weights_fingerprint()
         if compile_seconds is not None:
             summary["first_loop_seconds"] = compile_seconds
         callbacks.on_train_end(self, summary)
         return eval_logs or train_logs
+
+    def weights_fingerprint(self) -> str:
+        """SHA-256 of all model weights: equal on every worker of a run, and across bit-identical runs."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for w in self.model.weights:
+            digest.update(keras.ops.convert_to_numpy(w).tobytes())
+        return digest.hexdigest()[:16]
 
     def _steps_to_next_event(self, step: int, total: int) -> int:
         cfg = self.config

@@ -82,9 +82,12 @@ def classification_pipeline(
             ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
         if preprocess is not None:
             ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        # Training drops the partial last batch (equal per-replica batches; documented in the README);
-        # evaluation keeps it, so eval metrics cover the whole eval set.
-        ds = ds.batch(batch, drop_remainder=training)
+        # Batch at the global size, then split it into per-replica batches: the examples of a step do
+        # not depend on the number of replicas (keras-team/keras#19891). Training drops the partial
+        # last batch (equal per-replica batches; see the README); evaluation keeps it.
+        ds = ds.batch(global_batch_size // (ctx.num_input_pipelines if ctx else 1), drop_remainder=training)
+        if batch != global_batch_size // (ctx.num_input_pipelines if ctx else 1):
+            ds = ds.rebatch(batch, drop_remainder=training)
         if training:
             ds = ds.repeat()
         options = tf.data.Options()

@@ -94,19 +94,49 @@ def make_strategy(cfg: StrategyConfig) -> tf.distribute.Strategy:
     return strategy
 
 
+TPU_CONNECT_TIMEOUT_S = 120
+
+
+def _probe_grpc(address: str, timeout: float = 10.0) -> None:
+    """A TCP connect to grpc://host:port, so an unreachable TPU is an error in seconds, not a hang."""
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(address)
+    try:
+        socket.create_connection((parsed.hostname, parsed.port or 8470), timeout=timeout).close()
+    except OSError as e:
+        raise StrategyError(f"strategy=tpu: {address} is not reachable ({e}); check strategy.tpu") from None
+
+
 def _tpu_strategy(tpu: str | None) -> tf.distribute.Strategy:
+    import threading
+
+    if tpu and tpu.startswith("grpc://"):
+        _probe_grpc(tpu)
     try:
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or "")
-    except (ValueError, RuntimeError, tf.errors.OpError) as e:
+    except Exception as e:  # noqa: BLE001 - ValueError, URLError (no GCE metadata server), ...
         raise StrategyError(
             f"strategy=tpu: no TPU reachable ({type(e).__name__}: {e}). Run on a TPU VM, or set "
             "strategy.tpu to the TPU's name or grpc:// address; on other machines use strategy=default or mirrored."
         ) from None
+
+    def give_up():  # TensorFlow's TPU initialization cannot be interrupted: end the process
+        log.error("strategy=tpu: the TPU system did not initialize within %ds; giving up", TPU_CONNECT_TIMEOUT_S)
+        logging.shutdown()
+        os._exit(2)
+
+    watchdog = threading.Timer(TPU_CONNECT_TIMEOUT_S, give_up)
+    watchdog.daemon = True
+    watchdog.start()
     try:
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
-    except (ValueError, RuntimeError, tf.errors.OpError) as e:
+    except Exception as e:  # noqa: BLE001
         raise StrategyError(f"strategy=tpu: could not initialize the TPU system at {tpu!r}: {e}") from None
+    finally:
+        watchdog.cancel()
     strategy = tf.distribute.TPUStrategy(resolver)
     log.info("Strategy: tpu (%d cores)", strategy.num_replicas_in_sync)
     return strategy

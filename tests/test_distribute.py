@@ -1,0 +1,146 @@
+"""tf.distribute strategies, XLA and steps_per_loop: same results however the steps are run."""
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import read_metrics, run_cli
+from trainer import Trainer
+
+COMMON = [
+    "trainer.max_steps=20", "trainer.log_every=10", "trainer.checkpoint_every=20", "trainer.eval_every=0",
+    "trainer.eval_steps=5", "trainer.progress_bar=false", "model.dropout=0", "data.batch_size=64",
+]
+
+
+def model_tensors(prefix):
+    """The model and optimizer-slot tensors of a checkpoint (by key), skipping bookkeeping."""
+    reader = tf.train.load_checkpoint(str(prefix))
+    return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map() if k.startswith("optimizer/")}
+
+
+def test_mirrored_two_replicas_match_one_device(tmp_path):
+    """20 float32 steps on 2 logical CPUs (with and without XLA) == the default strategy, same global batch."""
+    runs = {
+        "default": [],
+        "mirrored": ["strategy=mirrored", "strategy.logical_cpus=2"],
+        "mirrored_xla": ["strategy=mirrored", "strategy.logical_cpus=2", "trainer.jit_compile=true"],
+    }
+    tensors, losses = {}, {}
+    for name, extra in runs.items():
+        run_dir = tmp_path / name
+        result = run_cli(*COMMON, *extra, f"hydra.run.dir={run_dir}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        if name != "default":
+            assert "2 replicas" in result.stdout + result.stderr
+        tensors[name] = model_tensors(run_dir / "checkpoints" / "ckpt-20")
+        losses[name] = [r["loss"] for r in read_metrics(run_dir) if r["split"] == "train"]
+    for name in ("mirrored", "mirrored_xla"):
+        assert tensors[name].keys() == tensors["default"].keys()
+        for key, value in tensors["default"].items():
+            np.testing.assert_allclose(tensors[name][key], value, rtol=1e-4, atol=1e-6, err_msg=f"{name}: {key}")
+        np.testing.assert_allclose(losses[name], losses["default"], rtol=1e-4)
+
+
+def test_batch_must_divide_over_replicas(tmp_path):
+    result = run_cli(*COMMON, "strategy=mirrored", "strategy.logical_cpus=2", "data.batch_size=63", f"hydra.run.dir={tmp_path / 'r'}")
+    assert result.returncode == 2
+    assert "not divisible by the 2 replicas" in result.stdout + result.stderr
+
+
+def _free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.mark.slow
+def test_multi_worker_two_processes_on_loopback(tmp_path):
+    """MultiWorkerMirroredStrategy, 2 worker processes: identical final weights, one set of outputs."""
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    run_dir = tmp_path / "run"
+    args = [
+        sys.executable, "-m", "trainer", "strategy=multi_worker", "trainer.max_steps=30", "trainer.log_every=10",
+        "trainer.checkpoint_every=15", "trainer.eval_every=0", "trainer.progress_bar=false", "data.batch_size=64",
+        f"hydra.run.dir={run_dir}",
+    ]
+    procs = []
+    for index in range(2):
+        env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
+        procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = []
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        outputs.append(out + err)
+        assert p.returncode == 0, (out + err)[-3000:]
+    fingerprints = [re.search(r"Weights fingerprint: (\w+)", o).group(1) for o in outputs]
+    assert fingerprints[0] == fingerprints[1]
+    rows = read_metrics(run_dir)
+    train_steps = [r["step"] for r in rows if r["split"] == "train"]
+    assert train_steps == [10, 20, 30]  # written once, by the chief
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("ckpt-*.index")) == ["ckpt-15.index", "ckpt-30.index"]
+    assert (run_dir / "trainer.worker1.log").exists()
+
+
+def test_multi_worker_needs_tf_config(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer", "strategy=multi_worker", f"hydra.run.dir={tmp_path / 'r'}"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 2 and "TF_CONFIG" in result.stdout + result.stderr
+
+
+def test_tpu_without_a_tpu_fails_fast(tmp_path):
+    for extra in ([], ["strategy.tpu=grpc://127.0.0.1:1"]):
+        result = run_cli("strategy=tpu", *extra, f"hydra.run.dir={tmp_path / 'r'}", timeout=120)
+        assert result.returncode == 2
+        assert "strategy=tpu" in result.stdout + result.stderr
+
+
+def _blobs():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 512).astype("int32")
+    x = rng.normal(size=(512, 16)).astype("float32") + y[:, None]
+    return tf.data.Dataset.from_tensor_slices((x, y)).shuffle(512, seed=0).batch(32, drop_remainder=True)
+
+
+@pytest.mark.parametrize("jit_compile, steps_per_loop", [(True, 1), (False, 5), (True, 7)])
+def test_xla_and_steps_per_loop_give_the_same_losses(jit_compile, steps_per_loop):
+    """Against the reference (no XLA, one step per call): same logged losses and weights."""
+
+    def train(jit, k):
+        trainer = Trainer(
+            model=lambda: keras.Sequential([keras.Input((16,)), keras.layers.Dense(32, activation="relu"), keras.layers.Dense(2, dtype="float32")]),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), optimizer=lambda: keras.optimizers.Adam(1e-2),
+            progress_bar=False, log_every=10, jit_compile=jit, steps_per_loop=k, seed=1,
+        )
+        losses = []
+
+        class Record(__import__("trainer").Callback):
+            def on_log(self, t, step, logs):
+                losses.append((step, logs["loss"]))
+
+        trainer.callbacks.callbacks.append(Record())
+        trainer.fit(_blobs(), steps=33)  # a final partial loop when k does not divide 33
+        return losses, [v.numpy() for v in trainer.model.weights], trainer
+
+    ref_losses, ref_weights, _ = train(False, 1)
+    losses, weights, trainer = train(jit_compile, steps_per_loop)
+    assert [s for s, _ in losses] == [s for s, _ in ref_losses] == [10, 20, 30, 33]
+    np.testing.assert_allclose([l for _, l in losses], [l for _, l in ref_losses], rtol=1e-4)
+    for a, b in zip(weights, ref_weights):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert trainer.traces["train"] == 1  # partial loops reuse the same trace (num_steps is a tensor)
