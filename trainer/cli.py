@@ -19,6 +19,7 @@ from trainer.config import PrecisionConfig, StrategyConfig, TrainerConfig, regis
 
 log = logging.getLogger("trainer")
 logging.getLogger("absl").setLevel(logging.WARNING)  # tf.train.Checkpoint logs sharding timings at INFO
+logging.getLogger("tensorflow").setLevel(logging.WARNING)  # collective all-reduce chatter at INFO
 
 register_configs()
 

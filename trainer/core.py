@@ -498,7 +498,10 @@ class Trainer:
         window_start, window_step = time.perf_counter(), step
         last_ckpt_time = time.monotonic()
         self._reset(self.metrics, self.train_loss, self.grad_norm)
-        interrupted = _SignalCatcher()
+        preemption = self._preemption_handler()
+        # Under multi-worker, TF's PreemptionCheckpointHandler owns SIGTERM (it makes every worker save
+        # at the same step); we keep SIGINT.
+        interrupted = _SignalCatcher(signal.SIGINT) if preemption else _SignalCatcher(signal.SIGTERM, signal.SIGINT)
         compile_seconds = None
         try:
             with interrupted:
@@ -514,6 +517,8 @@ class Trainer:
                         log.info("First loop (trace/compile + %d steps): %.2fs", k, compile_seconds)
                         window_start, window_step = time.perf_counter(), step
                     callbacks.on_loop_end(self, step)
+                    if preemption is not None:
+                        preemption.save_checkpoint_if_preempted(checkpoint_number=step)
                     self._check_numerics(step)
                     if step % max(cfg.log_every, 1) == 0 or step == total:
                         elapsed = time.perf_counter() - window_start
@@ -554,6 +559,18 @@ class Trainer:
             summary["first_loop_seconds"] = compile_seconds
         callbacks.on_train_end(self, summary)
         return eval_logs or train_logs
+
+    def _preemption_handler(self):
+        """TF's preemption support for multi-worker runs: on SIGTERM to any worker, all save at one step."""
+        if self.checkpointer is None or not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return None
+        # Our manager (keep-N retention, ckpt-<step> names); non-chief workers write to a temporary folder.
+        directory = self.checkpointer.directory if self.is_chief else self.checkpointer._write_dir()
+        handler = tf.distribute.experimental.PreemptionCheckpointHandler(
+            self.strategy.cluster_resolver, self.checkpointer.manager(directory)
+        )
+        log.info("Multi-worker preemption handling on: SIGTERM to any worker saves a checkpoint on all, then exits")
+        return handler
 
     def weights_fingerprint(self) -> str:
         """SHA-256 of all model weights: equal on every worker of a run, and across bit-identical runs."""
@@ -625,7 +642,8 @@ class Trainer:
 class _SignalCatcher:
     """Turns SIGTERM/SIGINT into a flag the loop checks after each loop of steps (main thread only)."""
 
-    def __init__(self):
+    def __init__(self, *signals):
+        self.signals = signals
         self.signum = None
         self._previous = {}
 
@@ -633,7 +651,7 @@ class _SignalCatcher:
         import threading
 
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
