@@ -317,3 +317,12 @@ def test_convert_cli_on_a_trained_run(tmp_path, tiny):
     assert dtypes["dense"] == "bfloat16" and dtypes["logits"] == "float32", dtypes
     bad = run_cli(str(tmp_path / "nothing"), "--policy", "mixed_float16", "--out", str(tmp_path / "x"), module="trainer.convert")
     assert bad.returncode == 2 and "not a run folder" in bad.stderr
+
+
+def test_debug_numerics_names_the_first_bad_op(tmp_path):
+    result = run_cli(
+        "optimizer=sgd", "optimizer.lr=1e30", "precision.debug_numerics=true", "trainer.max_steps=20",
+        "trainer.progress_bar=false", f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert result.returncode == 3
+    assert 'Detected Infinity or NaN in output 0 of graph op' in result.stdout + result.stderr

@@ -77,7 +77,6 @@ def run(cfg: DictConfig) -> dict:
         is_chief=chief,
         callbacks=[instantiate(c, _convert_="all") for c in cfg.callbacks.values()],
     )
-    log.info("Model: %s, %s parameters", trainer.model.name, f"{trainer.model.count_params():,}" if trainer.model.built else "unbuilt")
     return trainer.fit(data.train, data.eval, steps_per_epoch=steps_per_epoch, batch_size=data.batch_size)
 
 
@@ -111,6 +110,13 @@ def _hydra_main(cfg: DictConfig) -> float:
     except NumericalError as e:
         log.error("%s", e)
         sys.exit(EXIT_NUMERICAL)
+    except Exception as e:  # noqa: BLE001
+        # precision.debug_numerics: tf.debugging.enable_check_numerics raises on the first inf/NaN op.
+        if cfg.precision.debug_numerics and "Infinity or NaN" in str(e):
+            detail = next((line.strip() for line in str(e).splitlines() if "Infinity or NaN" in line), str(e))
+            log.error("precision.debug_numerics: the first non-finite value came from: %s", detail)
+            sys.exit(EXIT_NUMERICAL)
+        raise
     except TrainingInterrupted as e:
         sys.exit(EXIT_SIGNAL.get(str(e), 1))
     value = logs.get("accuracy", logs.get("loss", math.nan))

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from trainer import precision as precision_lib
@@ -292,7 +293,7 @@ class Trainer:
             return
         x, _, _ = keras.utils.unpack_x_y_sample_weight(sample_batch)
         with self.strategy.scope():
-            outputs = self.model(x, training=False)
+            outputs = self.model(tf.nest.map_structure(lambda t: t[:2], x), training=False)  # 2 examples suffice
             precision_lib.keep_layers_in_float32(self.model, self.precision.float32_layers)
             self.model = precision_lib.ensure_float32_outputs(self.model, outputs, self.precision.strict_outputs)
             if self.precision.policy != "float32":
@@ -300,6 +301,13 @@ class Trainer:
                 batch = tf.nest.flatten(x)[0].shape[0]
                 precision_lib.warn_not_multiple_of_8(self.model, batch)
             self.optimizer.build(self.model.trainable_variables)
+            log.info(
+                "Model %s: %s parameters (%s trainable), compute dtype %s",
+                self.model.name,
+                f"{self.model.count_params():,}",
+                f"{sum(int(np.prod(v.shape)) for v in self.model.trainable_variables):,}",
+                self.precision.policy,
+            )
             if self.config.grad_accum_steps > 1:
                 # One per replica (ON_READ): each replica accumulates its own micro-batch gradients.
                 self._accumulators = {
