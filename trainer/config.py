@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import importlib
+import logging
 import pkgutil
 
 from hydra.core.config_store import ConfigStore
@@ -150,6 +151,13 @@ def register_configs() -> None:
     import trainer.recipes
 
     for info in pkgutil.iter_modules(trainer.recipes.__path__):
-        module = importlib.import_module(f"trainer.recipes.{info.name}")
+        try:
+            module = importlib.import_module(f"trainer.recipes.{info.name}")
+        except Exception as e:  # noqa: BLE001 - one broken recipe must not take the others down
+            logging.getLogger(__name__).warning(
+                "recipe module trainer.recipes.%s failed to import (%s: %s); its config options are unavailable",
+                info.name, type(e).__name__, e,
+            )
+            continue
         if hasattr(module, "register_configs"):
             module.register_configs(cs)
