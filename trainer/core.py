@@ -392,6 +392,7 @@ class Trainer:
                     break
                 self.strategy.run(step, args=(batch.get_value(),))
                 n += 1
+            return n
 
         return tf.function(eval_loop)
 
@@ -639,7 +640,22 @@ class Trainer:
         self._reset(self.eval_metrics, self.eval_loss)
         steps = steps or self.config.eval_steps
         iterator = iter(self._distribute(eval_data, training=False))
-        self._eval_function(iterator, tf.constant(steps or 2**62, tf.int64))
+        bar = None
+        if self.config.progress_bar:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=steps, desc="eval", unit="batch", leave=False, dynamic_ncols=True)
+        done, chunk = 0, 25  # batches per call: the bar moves while the loop stays in the graph
+        while steps is None or done < steps:
+            want = chunk if steps is None else min(chunk, steps - done)
+            n = int(self._eval_function(iterator, tf.constant(want, tf.int64)))
+            done += n
+            if bar is not None:
+                bar.update(n)
+            if n < want:
+                break
+        if bar is not None:
+            bar.close()
         logs = {"step": int(self.step.numpy()) if step is None else step, "split": "eval", "loss": float(self.eval_loss.result())}
         logs.update({name: float(m.result()) for name, m in self.eval_metrics.items()})
         if callbacks is not None:
