@@ -47,3 +47,24 @@ def test_cfg_job_prints_composed_config():
     assert "_target_: keras.optimizers.SGD" in result.stdout
     assert "lr: 0.05" in result.stdout
     assert "max_steps: 1500" in result.stdout
+
+
+def test_bad_data_path_is_a_clear_error_with_exit_2(tmp_path):
+    result = run_cli("data.name=mnist", f"data.path={tmp_path / 'missing'}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert "data.path=" in result.stdout + result.stderr and "Traceback" not in result.stderr
+
+
+def test_adamw_excludes_names_from_weight_decay():
+    import keras
+
+    from trainer.optim import build_optimizer
+
+    opt = build_optimizer(
+        {"_target_": "keras.optimizers.AdamW", "lr": 1e-3, "weight_decay": 0.1, "exclude_from_weight_decay": ["bias"]}, 100
+    )
+    kernel, bias = keras.Variable([[1.0]], name="kernel"), keras.Variable([1.0], name="bias")
+    opt.build([kernel, bias])
+    opt.apply([keras.ops.zeros((1, 1)), keras.ops.zeros((1,))], [kernel, bias])
+    assert float(bias.numpy()[0]) == 1.0  # excluded: no decay
+    assert float(kernel.numpy()[0, 0]) < 1.0  # decayed

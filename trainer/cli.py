@@ -102,9 +102,17 @@ def _hydra_main(cfg: DictConfig) -> float:
     from trainer.distribute import StrategyError
     from trainer.precision import PrecisionError
 
+    user_errors = (DataError, CheckpointError, StrategyError, PrecisionError)
     try:
-        logs = run(cfg)
-    except (DataError, CheckpointError, StrategyError, PrecisionError) as e:
+        try:
+            logs = run(cfg)
+        except Exception as e:  # noqa: BLE001
+            # hydra's instantiate wraps errors raised by builders: find ours in the chain.
+            cause = e
+            while cause is not None and not isinstance(cause, user_errors + (NumericalError, TrainingInterrupted)):
+                cause = cause.__cause__
+            raise cause if cause is not None else e
+    except user_errors as e:
         log.error("%s", e)
         sys.exit(EXIT_USER_ERROR)
     except NumericalError as e:

@@ -68,4 +68,9 @@ def build_optimizer(cfg: DictConfig | Dict[str, Any], total_steps: int) -> keras
     as_dict = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     schedule = make_schedule(as_dict, total_steps)
     kwargs = {k: v for k, v in as_dict.items() if k not in _OURS}
-    return instantiate(kwargs, learning_rate=schedule, _convert_="all")
+    # Keras takes the weight-decay exclusions through a method, not the constructor.
+    excluded = kwargs.pop("exclude_from_weight_decay", None)
+    optimizer = instantiate(kwargs, learning_rate=schedule, _convert_="all")
+    if excluded:
+        optimizer.exclude_from_weight_decay(var_names=list(excluded))
+    return optimizer
