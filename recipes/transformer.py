@@ -284,17 +284,3 @@ def build_model(
 # ---------------------------------------------------------------------------------------------
 # Optimizer
 # ---------------------------------------------------------------------------------------------
-
-
-def adamw(exclude_from_weight_decay: Optional[List[str]] = None, **kwargs):
-    """keras.optimizers.AdamW with decay exclusions by variable name.
-
-    Keras 3's AdamW takes no `exclude_from_weight_decay` argument (it rejects it as unrecognized);
-    exclusions are set by a method call before the optimizer is built, which is what this does.
-    """
-    import keras
-
-    optimizer = keras.optimizers.AdamW(**kwargs)
-    if exclude_from_weight_decay:
-        optimizer.exclude_from_weight_decay(var_names=list(exclude_from_weight_decay))
-    return optimizer

