@@ -113,6 +113,15 @@ class SGDConfig(OptimizerConfig):
 
 
 @dataclass
+class FinetuneConfig:
+    """Fine-tuning knobs a recipe's fine-tune callback reads (see recipes/resnet.py FineTune)."""
+
+    freeze_steps: int = 0  # the backbone is frozen (BatchNorm in inference mode) for these first steps
+    backbone_lr_mult: float = 1.0  # then its gradients are scaled by this (an SGD learning-rate multiplier)
+    new_head: bool = False  # re-initialize the head after trainer.init_from (a new task)
+
+
+@dataclass
 class Config:
     """The whole run. `data` and `model` are typed by the schema their group option extends."""
 
@@ -131,6 +140,7 @@ class Config:
         default_factory=lambda: {"accuracy": {"_target_": "keras.metrics.SparseCategoricalAccuracy"}}
     )
     callbacks: Dict[str, Any] = field(default_factory=dict)  # name -> {_target_: ...}: extra Callbacks
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
