@@ -118,6 +118,8 @@ def _hydra_main(cfg: DictConfig) -> float:
     except NumericalError as e:
         log.error("%s", e)
         sys.exit(EXIT_NUMERICAL)
+    except TrainingInterrupted as e:  # a checkpoint was saved; the message was logged
+        sys.exit(EXIT_SIGNAL.get(str(e), 1))
     except Exception as e:  # noqa: BLE001
         # precision.debug_numerics: tf.debugging.enable_check_numerics raises on the first inf/NaN op.
         if cfg.precision.debug_numerics and "Infinity or NaN" in str(e):
@@ -125,8 +127,6 @@ def _hydra_main(cfg: DictConfig) -> float:
             log.error("precision.debug_numerics: the first non-finite value came from: %s", detail)
             sys.exit(EXIT_NUMERICAL)
         raise
-    except TrainingInterrupted as e:
-        sys.exit(EXIT_SIGNAL.get(str(e), 1))
     value = logs.get("accuracy", logs.get("loss", math.nan))
     return float(value)  # what a multirun sweeper optimizes
 

@@ -295,7 +295,10 @@ class Trainer:
         with self.strategy.scope():
             outputs = self.model(tf.nest.map_structure(lambda t: t[:2], x), training=False)  # 2 examples suffice
             precision_lib.keep_layers_in_float32(self.model, self.precision.float32_layers)
-            self.model = precision_lib.ensure_float32_outputs(self.model, outputs, self.precision.strict_outputs)
+            wrapped = precision_lib.ensure_float32_outputs(self.model, outputs, self.precision.strict_outputs)
+            if wrapped is not self.model:
+                wrapped(tf.nest.map_structure(lambda t: t[:2], x), training=False)  # build the wrapper
+                self.model = wrapped
             if self.precision.policy != "float32":
                 precision_lib.check_variables_float32(self.model)
                 batch = tf.nest.flatten(x)[0].shape[0]
