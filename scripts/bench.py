@@ -1,0 +1,919 @@
+#!/usr/bin/env python
+"""Side-by-side training throughput: our Trainer vs Keras `model.fit` vs the hand-written loop (issue #4).
+
+For every cell (workload x precision x XLA x steps_per_loop) three *runners* train the same model on the
+same synthetic data with the same global batch and the same optimizer (Adam):
+
+  trainer  trainer.Trainer(...).fit(ds, steps=...)
+  fit      model.compile(jit_compile=..., steps_per_execution=K); model.fit(ds, steps_per_epoch=n)
+  hand     the custom training loop of the TensorFlow mixed-precision guide, in Keras 3 APIs:
+           tf.function(+XLA) step with GradientTape; for float16 a keras LossScaleOptimizer
+           (`scale_loss`, gradients of the scaled loss, `apply` unscales). K=1: the guide's
+           `for x, y in dataset: step(x, y)`; K>1: K steps in one tf.function over an iterator.
+
+How each runner is measured (identically):
+  1. setup: build model/optimizer (timed: `setup_s`).
+  2. first call: train K steps (trace + compile + K steps; timed: `first_call_s`).
+     time to first step = setup_s + first_call_s; compile_s ~= first_call_s - K * median step time.
+  3. once every runner of the cell is built: a warmup call each (not in the throughput; it picks the
+     number of measured steps n, and absorbs TF's re-instantiation of functions after new traces).
+  4. repeats, interleaved A B C A B C ...: each runner trains n more steps in ONE call of its own API
+     (one `Trainer.fit`, one `model.fit`, one Python loop over the step function), timed wall-clock
+     until a weight is read back. examples/s = n * batch / seconds; the median over repeats is reported.
+  Trace counters are recorded so a retrace inside the measured window would show.
+
+MFU = achieved model FLOP/s / matmul peak of the compute dtype. Model FLOPs are counted analytically
+(matmuls and convolutions only; see each workload's `formula`): forward = 2 * MACs; training = forward +
+weight gradients (2 * MACs) + input gradients (2 * MACs, except for a first layer fed by the raw input,
+whose input gradient is never computed), i.e. 2 * (3 * MACs - MACs_first_layer). The peak is the best
+sample of a timed square matmul per dtype (sizes and XLA off/on) measured in the same run. MFU near or
+above 100% means the workload's matmuls ran as fast as the standalone one (shapes differ).
+
+Memory: on CPU the process RSS is sampled (psutil, every 5 ms) over a runner's setup and first call;
+`peak_mem_mb` is the process-wide peak (it includes the runners of the same cell built before) and
+`mem_delta_mb` that peak minus the RSS just before the runner's setup (after `malloc_trim`). On GPU
+tf.config.experimental.get_memory_info("GPU:0")["peak"] is used instead.
+
+On CPU, mixed_float16 runs only with XLA on and K=1 unless --include-slow (see `plan_cells`); skipped
+cells are listed in the output. `--runners ...,trainer_step` adds a diagnostic runner that calls the
+Trainer's compiled loop directly, to separate fit()'s per-call cost from its per-step cost.
+
+Data are SYNTHETIC (random tensors, cached in memory, repeated, prefetched): the numbers measure the
+training step, not an input pipeline, and say nothing about accuracy.
+
+Usage:
+  python scripts/bench.py                       # the default matrix (estimated 15-25 min, 2-core CPU)
+  python scripts/bench.py --quick               # tiny shapes and steps: a smoke test (~1 min)
+  python scripts/bench.py --workloads mlp --precisions float32,mixed_bfloat16 --xla off,on \
+      --steps-per-loop 1,10 --steps auto --repeats 3 --out bench_results/
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import gc
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import keras  # noqa: E402
+
+from tensorflow.python.framework import ops as tf_ops  # noqa: E402  (see ForgetCustomGradients)
+
+from trainer import Trainer  # noqa: E402
+
+RUNNERS = ("trainer", "fit", "hand")  # plus the optional diagnostic "trainer_step"
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+COMPUTE_DTYPE = {"float32": "float32", "mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}
+SHORT = {"float32": "f32", "mixed_bfloat16": "bf16", "mixed_float16": "f16"}
+POOL_BATCHES = 8  # distinct synthetic batches per data set (cycled)
+LEARNING_RATE = 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# Workloads: model builder, synthetic data, analytic FLOPs
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """A model, its batch, its synthetic data and its analytic multiply-accumulate count."""
+
+    name: str
+    batch: int
+    build: Callable[[], keras.Model]  # builds under the current global dtype policy
+    make_data: Callable[[np.random.Generator], Tuple[np.ndarray, np.ndarray]]  # POOL_BATCHES batches
+    macs: int  # forward multiply-accumulates per example (matmul/conv only)
+    first_layer_macs: int  # MACs of a first layer fed by the raw input: no input gradient
+    formula: str
+    description: str
+
+    @property
+    def train_flops_per_example(self) -> int:
+        return 2 * (3 * self.macs - self.first_layer_macs)
+
+
+def _softmax_head(x, classes):
+    """The guide's rule: the last activation in float32, so the loss is computed in float32."""
+    x = keras.layers.Dense(classes, name="dense_logits")(x)
+    return keras.layers.Activation("softmax", dtype="float32", name="predictions")(x)
+
+
+def mlp_workload(units=4096, batch=512, in_dim=784, classes=10) -> Workload:
+    """The mixed-precision guide's model: 784-4096-4096-10, softmax in float32."""
+
+    def build():
+        inputs = keras.Input((in_dim,), name="digits")
+        x = keras.layers.Dense(units, activation="relu", name="dense_1")(inputs)
+        x = keras.layers.Dense(units, activation="relu", name="dense_2")(x)
+        return keras.Model(inputs, _softmax_head(x, classes), name="mlp")
+
+    def data(rng):
+        x = rng.random((POOL_BATCHES, batch, in_dim), dtype=np.float32)
+        return x, rng.integers(0, classes, (POOL_BATCHES, batch), dtype=np.int32)
+
+    macs = in_dim * units + units * units + units * classes
+    return Workload(
+        "mlp", batch, build, data, macs, in_dim * units,
+        f"MACs = {in_dim}*{units} + {units}*{units} + {units}*{classes}; first layer {in_dim}*{units}",
+        f"MLP {in_dim}-{units}-{units}-{classes} (the TF mixed-precision guide's model), batch {batch}",
+    )
+
+
+def resnet_workload(widths=(16, 32, 64), hw=32, batch=128, classes=10) -> Workload:
+    """A small CIFAR-style ResNet: 3x3 stem, one basic block per stage (stride 2 after the first),
+    1x1 projection shortcuts, BatchNorm, global average pooling."""
+
+    def build():
+        inputs = keras.Input((hw, hw, 3), name="images")
+
+        def conv_bn(x, filters, kernel, stride):
+            x = keras.layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False)(x)
+            return keras.layers.BatchNormalization()(x)
+
+        x = keras.layers.ReLU()(conv_bn(inputs, widths[0], 3, 1))
+        for i, w in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            y = keras.layers.ReLU()(conv_bn(x, w, 3, stride))
+            y = conv_bn(y, w, 3, 1)
+            shortcut = x if stride == 1 and x.shape[-1] == w else conv_bn(x, w, 1, stride)
+            x = keras.layers.ReLU()(keras.layers.Add()([y, shortcut]))
+        x = keras.layers.GlobalAveragePooling2D()(x)
+        return keras.Model(inputs, _softmax_head(x, classes), name="resnet")
+
+    def data(rng):
+        x = rng.standard_normal((POOL_BATCHES, batch, hw, hw, 3), dtype=np.float32)
+        return x, rng.integers(0, classes, (POOL_BATCHES, batch), dtype=np.int32)
+
+    stem = hw * hw * 9 * 3 * widths[0]
+    macs, cin = stem, widths[0]
+    for i, w in enumerate(widths):
+        s = hw // (2**i)  # output side of this stage
+        macs += s * s * 9 * cin * w + s * s * 9 * w * w + (s * s * cin * w if (i or cin != w) else 0)
+        cin = w
+    macs += widths[-1] * classes
+    return Workload(
+        "resnet", batch, build, data, macs, stem,
+        "MACs = stem hw^2*9*3*w0 + per stage s^2*9*(cin*w + w*w) [+ s^2*cin*w shortcut] + w_last*classes",
+        f"ResNet (3 stages x 1 basic block, widths {widths}) on {hw}x{hw}x3, batch {batch}",
+    )
+
+
+class PositionEmbedding(keras.layers.Layer):
+    """Adds a learned position vector to each token embedding."""
+
+    def build(self, input_shape):
+        self.positions = self.add_weight(shape=tuple(input_shape[1:]), initializer="glorot_uniform", name="positions")
+
+    def call(self, x):
+        return x + keras.ops.cast(self.positions, x.dtype)
+
+
+def transformer_workload(seq=64, d=128, heads=4, ff=512, layers=2, vocab=8192, batch=64, classes=10) -> Workload:
+    """A small post-LN Transformer encoder classifier over token ids (mean-pooled)."""
+
+    def build():
+        inputs = keras.Input((seq,), dtype="int32", name="tokens")
+        x = PositionEmbedding()(keras.layers.Embedding(vocab, d)(inputs))
+        for _ in range(layers):
+            a = keras.layers.MultiHeadAttention(heads, d // heads)(x, x)
+            x = keras.layers.LayerNormalization()(keras.layers.Add()([x, a]))
+            f = keras.layers.Dense(ff, activation="gelu")(x)
+            f = keras.layers.Dense(d)(f)
+            x = keras.layers.LayerNormalization()(keras.layers.Add()([x, f]))
+        x = keras.layers.GlobalAveragePooling1D()(x)
+        return keras.Model(inputs, _softmax_head(x, classes), name="transformer")
+
+    def data(rng):
+        x = rng.integers(0, vocab, (POOL_BATCHES, batch, seq), dtype=np.int32)
+        return x, rng.integers(0, classes, (POOL_BATCHES, batch), dtype=np.int32)
+
+    macs = layers * (4 * seq * d * d + 2 * seq * seq * d + 2 * seq * d * ff) + d * classes
+    return Workload(
+        "transformer", batch, build, data, macs, 0,
+        "MACs = L*(4*T*d^2 [QKVO] + 2*T^2*d [scores, context] + 2*T*d*ff [FFN]) + d*classes; "
+        "the embedding is a gather (0 MACs) and needs input gradients downstream",
+        f"Transformer encoder: {layers} layers, T={seq}, d={d}, {heads} heads, ff={ff}, vocab={vocab}, batch {batch}",
+    )
+
+
+def workloads(quick: bool) -> Dict[str, Workload]:
+    """The issue's workloads; `quick` shrinks every shape so a smoke test runs in seconds."""
+    if quick:
+        return {
+            "mlp": mlp_workload(units=256, batch=64),
+            "resnet": resnet_workload(widths=(8, 16, 16), hw=16, batch=32),
+            "transformer": transformer_workload(seq=16, d=32, heads=2, ff=64, layers=1, vocab=256, batch=16),
+        }
+    return {"mlp": mlp_workload(), "resnet": resnet_workload(), "transformer": transformer_workload()}
+
+
+def make_dataset(arrays) -> tf.data.Dataset:
+    """Whole batches from an in-memory pool: cached, repeated, prefetched (no input-pipeline cost)."""
+    return tf.data.Dataset.from_tensor_slices(arrays).cache().repeat().prefetch(tf.data.AUTOTUNE)
+
+
+def make_loss():
+    return keras.losses.SparseCategoricalCrossentropy()  # the model outputs float32 probabilities
+
+
+def make_metrics(names: List[str]):
+    table = {"accuracy": lambda: keras.metrics.SparseCategoricalAccuracy(name="accuracy")}
+    return [table[n]() for n in names]
+
+
+# ----------------------------------------------------------------------------------------------
+# Runners: one object per (cell, runner); setup() builds, run(n) trains n more steps in one call
+# ----------------------------------------------------------------------------------------------
+
+
+def _sync(model: keras.Model) -> None:
+    """Reads a weight back: the call is only finished when its last update is (matters on GPU)."""
+    model.trainable_variables[-1].numpy()
+
+
+class Runner:
+    name = "?"
+
+    def __init__(self, wl: Workload, precision: str, xla: bool, k: int, arrays, metrics: List[str]):
+        self.wl, self.precision, self.xla, self.k = wl, precision, xla, k
+        self.ds = make_dataset(arrays)  # its own Dataset object over the same tensors
+        self.metric_names = metrics
+        self.model: Optional[keras.Model] = None
+
+    def setup(self) -> None:
+        raise NotImplementedError
+
+    def run(self, steps: int) -> None:
+        raise NotImplementedError
+
+    def traces(self) -> Optional[int]:
+        return None
+
+    def xla_effective(self) -> bool:
+        return self.xla
+
+    def _build_model(self) -> keras.Model:
+        keras.mixed_precision.set_dtype_policy(self.precision)
+        keras.utils.set_random_seed(0)  # the Trainer seeds 0 too: same initial weights everywhere
+        return self.wl.build()
+
+
+class TrainerRunner(Runner):
+    """Our Trainer; each run(n) is one `fit` call that trains to the current step + n."""
+
+    name = "trainer"
+
+    def setup(self):
+        self.trainer = Trainer(
+            model=self.wl.build,
+            loss=make_loss(),
+            optimizer=lambda: keras.optimizers.Adam(LEARNING_RATE),
+            metrics=make_metrics(self.metric_names),
+            precision=self.precision,
+            run_dir=None,
+            seed=0,
+            jit_compile=self.xla,
+            steps_per_loop=self.k,
+            log_every=10**9,  # one log at the end of each fit call (it reads the metrics back)
+            checkpoint_every=0,  # else loops are cut at multiples of 500 steps
+            eval_every=0,
+            progress_bar=False,
+            tensorboard=False,
+        )
+        self.model = self.trainer.model
+
+    def run(self, steps):
+        # fit(steps=N) trains up to global step N, so ask for the current step + n.
+        self.trainer.fit(self.ds, steps=int(self.trainer.step.numpy()) + steps)
+        self.model = self.trainer.model  # build() may wrap it; same variables
+        _sync(self.model)
+
+    def traces(self):
+        return self.trainer.traces["train"]
+
+
+class FitRunner(Runner):
+    """Keras `model.fit`; each run(n) is one fit call of one epoch of n steps."""
+
+    name = "fit"
+
+    def setup(self):
+        self.model = self._build_model()
+        self.model.compile(
+            optimizer=keras.optimizers.Adam(LEARNING_RATE),  # Keras wraps it in a LossScaleOptimizer for float16
+            loss=make_loss(),
+            metrics=make_metrics(self.metric_names),
+            jit_compile=self.xla,
+            steps_per_execution=self.k,
+        )
+
+    def run(self, steps):
+        self.model.fit(self.ds, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False)
+        _sync(self.model)
+
+    def traces(self):
+        """Keras' train_function is a Python function closing over its tf.functions: count those."""
+        fn = getattr(self.model, "train_function", None)
+        cells = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ())]
+        counts = [c.experimental_get_tracing_count() for c in cells if hasattr(c, "experimental_get_tracing_count")]
+        return sum(counts) if counts else None
+
+    def xla_effective(self):
+        return bool(self.model.jit_compile)  # Keras may turn it off (e.g. under a tf.distribute strategy)
+
+
+class HandRunner(Runner):
+    """The mixed-precision guide's custom training loop, written with Keras 3 APIs."""
+
+    name = "hand"
+
+    def setup(self):
+        self.model = model = self._build_model()
+        opt = keras.optimizers.Adam(LEARNING_RATE)
+        if self.precision == "mixed_float16":
+            opt = keras.mixed_precision.LossScaleOptimizer(opt)
+        opt.build(model.trainable_variables)
+        self.optimizer = opt
+        loss_fn = make_loss()
+        metrics = make_metrics(self.metric_names)
+        float16 = self.precision == "mixed_float16"
+
+        def train_step(x, y):
+            with tf.GradientTape() as tape:
+                predictions = model(x, training=True)
+                loss = loss_fn(y, predictions)
+                scaled_loss = opt.scale_loss(loss) if float16 else loss
+            grads = tape.gradient(scaled_loss, model.trainable_variables)
+            opt.apply(grads, model.trainable_variables)  # the LossScaleOptimizer unscales here
+            for m in metrics:
+                m.update_state(y, predictions)
+            return loss
+
+        self.step = tf.function(train_step, jit_compile=self.xla)
+
+        def loop(iterator):
+            for _ in tf.range(self.k):
+                x, y = next(iterator)
+                self.step(x, y)
+
+        self.loop = tf.function(loop)
+
+    def run(self, steps):
+        if self.k == 1:  # the guide's loop, one step per Python iteration
+            for x, y in self.ds.take(steps):
+                self.step(x, y)
+        else:
+            iterator = iter(self.ds)
+            for _ in range(steps // self.k):
+                self.loop(iterator)
+        _sync(self.model)
+
+    def traces(self):
+        fn = self.step if self.k == 1 else self.loop
+        return fn.experimental_get_tracing_count()
+
+
+class TrainerStepRunner(TrainerRunner):
+    """Diagnostic, not in the default set: the Trainer's compiled loop called directly with one long-lived
+    iterator, i.e. the Trainer's per-step cost without fit()'s per-call work (iterator creation, metric
+    reads and resets, end-of-fit summary). `trainer` minus `trainer_step` is fit()'s overhead."""
+
+    name = "trainer_step"
+
+    def run(self, steps):
+        t = self.trainer
+        if t._train_function is None:  # first call: fit builds, traces and compiles
+            super().run(steps)
+            self.iterator = iter(t._distribute(self.ds, skip_batches=int(t.step.numpy())))
+            return
+        k = tf.constant(self.k, tf.int64)
+        for _ in range(steps // self.k):
+            t._train_function(self.iterator, k)
+        _sync(t.model)
+
+
+RUNNER_CLASSES = {"trainer": TrainerRunner, "fit": FitRunner, "hand": HandRunner, "trainer_step": TrainerStepRunner}
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory and the matmul peak
+# ----------------------------------------------------------------------------------------------
+
+
+def _malloc_trim() -> None:
+    """Returns freed heap pages to the OS, so an RSS delta shows this runner's memory, not reuse."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """Peak memory over a block: process RSS sampled in a thread on CPU, TF's allocator peak on GPU.
+
+    Why sample: ru_maxrss is a lifetime high-water mark, so it cannot separate runners in one process.
+    """
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.gpu = bool(tf.config.list_physical_devices("GPU"))
+        self.proc = psutil.Process()
+
+    def __enter__(self):
+        if self.gpu:
+            tf.config.experimental.reset_memory_stats("GPU:0")
+            self.base = tf.config.experimental.get_memory_info("GPU:0")["current"]
+            return self
+        gc.collect()
+        _malloc_trim()
+        self.base = self.peak = self.proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __exit__(self, *exc):
+        if self.gpu:
+            self.peak = tf.config.experimental.get_memory_info("GPU:0")["peak"]
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+        return False
+
+    @property
+    def kind(self) -> str:
+        return "gpu_allocator_peak" if self.gpu else "process_rss"
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak / 2**20
+
+    @property
+    def delta_mb(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+class ForgetCustomGradients:
+    """Frees what each cell traced once the cell is done.
+
+    Keras' optimizer.apply all-reduces the gradients through the replica context even under the default
+    strategy, and that all_reduce is a tf.custom_gradient: tracing it registers a gradient function in
+    TensorFlow's global gradient registry whose closure keeps the whole traced FuncGraph, and with it
+    the captured model and optimizer variables, alive forever (~250 MB per fit/hand runner of the MLP).
+    The cell's runners are gone when this runs, so nothing can ask for those gradients again.
+    """
+
+    def __enter__(self):
+        self.registry = getattr(getattr(tf_ops, "_gradient_registry", None), "_registry", None)
+        self.before = set(self.registry) if isinstance(self.registry, dict) else set()
+        return self
+
+    def __exit__(self, *exc):
+        if isinstance(self.registry, dict):
+            for name in set(self.registry) - self.before:
+                if name.startswith("CustomGradient-"):
+                    del self.registry[name]
+        return False
+
+
+def measure_matmul_peak(dtypes, sizes, repeats: int, target_s: float) -> Dict[str, dict]:
+    """GFLOP/s of an n x n @ n x n matmul per dtype, size and XLA setting; repeats interleaved.
+
+    The peak of a dtype is the best sample over sizes, XLA settings and repeats: what this TF build can
+    get out of the hardware at all. Contention only ever slows a sample down, so on a shared machine the
+    best sample is the closest to the uncontended peak (workloads use medians: MFU errs low, not high).
+    """
+    combos = [(dt, n, xla) for dt in dtypes for n in sizes for xla in (False, True)]
+    fns, reps, samples = {}, {}, {c: [] for c in combos}
+    for dt, n, xla in combos:
+        a = tf.cast(tf.random.stateless_normal((n, n), seed=(1, 2)), dt)
+        b = tf.cast(tf.random.stateless_normal((n, n), seed=(3, 4)), dt)
+        fn = tf.function(lambda a, b: tf.matmul(a, b), jit_compile=xla)
+        fn(a, b).numpy()  # trace/compile
+        t = time.perf_counter()
+        fn(a, b).numpy()
+        one = time.perf_counter() - t
+        fns[(dt, n, xla)] = (fn, a, b)
+        reps[(dt, n, xla)] = max(1, int(target_s / max(one, 1e-6)))
+    for _ in range(repeats):
+        for c in combos:
+            fn, a, b = fns[c]
+            t = time.perf_counter()
+            for _ in range(reps[c]):
+                out = fn(a, b)
+            out.numpy()
+            samples[c].append(2 * c[1] ** 3 * reps[c] / (time.perf_counter() - t) / 1e9)
+    result = {}
+    for dt in dtypes:
+        cells = {f"n={n},xla={'on' if xla else 'off'}": samples[(dt, n, xla)] for d, n, xla in combos if d == dt}
+        best = max(cells, key=lambda c: max(cells[c]))
+        result[dt] = {"gflops": max(cells[best]), "best": best,
+                      "median_gflops": {c: statistics.median(v) for c, v in cells.items()}, "samples_gflops": cells}
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# The matrix
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Cell:
+    workload: str
+    precision: str
+    xla: bool
+    k: int
+    skipped: Optional[str] = None  # why the cell was not run
+
+
+def plan_cells(args, gpu: bool) -> List[Cell]:
+    """Every requested combination; on CPU, mixed_float16 cells known to be impractically slow are
+    skipped (with the reason) unless --include-slow: TF 2.21's oneDNN float16 kernels (XLA off) take
+    seconds to minutes per step, and even XLA's float16 step is seconds long, so K>1 cells take minutes."""
+    cells = []
+    for wl in args.workloads:
+        for p in args.precisions:
+            for xla in args.xla:
+                for k in args.steps_per_loop:
+                    cell = Cell(wl, p, xla, k)
+                    if p == "mixed_float16" and not gpu and not args.include_slow:
+                        if not xla:
+                            cell.skipped = ("CPU: TF's oneDNN float16 kernels are pathologically slow (seconds "
+                                            "per forward pass of a small MLP); --include-slow runs it")
+                        elif k > 1:
+                            cell.skipped = "CPU: float16 steps are seconds long, K>1 cells take minutes; --include-slow runs it"
+                    cells.append(cell)
+    return cells
+
+
+def choose_steps(args, k: int, seconds_per_step: float) -> int:
+    """Measured steps per repeat: --steps N, or 'auto': about --target-seconds per call; a multiple of K."""
+    if args.steps != "auto":
+        n = int(args.steps)
+    else:
+        n = int(round(args.target_seconds / max(seconds_per_step, 1e-6)))
+    n = max(n, args.min_steps, 1)
+    return int(math.ceil(n / k) * k)
+
+
+def run_cell(cell: Cell, wl: Workload, args, arrays) -> List[dict]:
+    """Builds the runners one after another (setup + first call, memory sampled), then warms all of
+    them, then times them interleaved; returns one record per runner.
+
+    The warmup comes after *all* builds because TensorFlow re-instantiates a traced function after new
+    functions were traced in the process (we measured 0.4-0.8 s on the next call of an already-warm
+    runner): warming each runner right after its own build would put that cost in a timed repeat."""
+    k, records, runners = cell.k, {}, []
+    warm_steps = k * max(1, math.ceil(args.warmup_steps / k))
+    for name in args.runners:
+        runner = RUNNER_CLASSES[name](wl, cell.precision, cell.xla, k, arrays, args.metrics)
+        with PeakMemory() as mem:
+            t0 = time.perf_counter()
+            runner.setup()
+            t1 = time.perf_counter()
+            runner.run(k)  # trace + compile + K steps: the activation peak is in here too
+            t2 = time.perf_counter()
+        records[name] = dict(
+            runner=name, setup_s=t1 - t0, first_call_s=t2 - t1,
+            memory_kind=mem.kind, peak_mem_mb=mem.peak_mb, mem_delta_mb=mem.delta_mb,
+            xla_effective=runner.xla_effective(),
+        )
+        runners.append(runner)
+    for runner in runners:
+        t = time.perf_counter()
+        runner.run(warm_steps)
+        records[runner.name].update(warmup_step_s=(time.perf_counter() - t) / warm_steps, traces_after_warmup=runner.traces())
+    n = choose_steps(args, k, statistics.median(r["warmup_step_s"] for r in records.values()))
+    times = {r.name: [] for r in runners}
+    for _ in range(args.repeats):
+        for runner in runners:  # interleaved: A B C A B C ...
+            t = time.perf_counter()
+            runner.run(n)
+            times[runner.name].append(time.perf_counter() - t)
+    out = []
+    flops_per_step = wl.train_flops_per_example * wl.batch
+    for runner in runners:
+        rec = records[runner.name]
+        eps = [n * wl.batch / s for s in times[runner.name]]
+        step_s = statistics.median(times[runner.name]) / n
+        rec.update(
+            workload=cell.workload, precision=cell.precision, xla=cell.xla, steps_per_loop=k,
+            batch=wl.batch, steps=n, repeats=args.repeats, seconds=times[runner.name],
+            examples_per_sec=eps, examples_per_sec_median=statistics.median(eps),
+            step_time_s=step_s, time_to_first_step_s=rec["setup_s"] + rec["first_call_s"],
+            compile_s=max(0.0, rec["first_call_s"] - k * step_s),
+            traces_end=runner.traces(), train_flops_per_step=flops_per_step,
+            achieved_gflops=flops_per_step * statistics.median(eps) / wl.batch / 1e9,
+        )
+        out.append(rec)
+    del runners
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Output: table, goals, JSON, PNG
+# ----------------------------------------------------------------------------------------------
+
+
+def _fmt(x, spec, none="-"):
+    return none if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def add_ratios_and_mfu(results: List[dict], peak: Dict[str, dict]) -> None:
+    """vs_hand / vs_fit: this runner's median examples/s over the other runner's in the same cell."""
+    by_cell: Dict[tuple, Dict[str, dict]] = {}
+    for r in results:
+        by_cell.setdefault((r["workload"], r["precision"], r["xla"], r["steps_per_loop"]), {})[r["runner"]] = r
+    for cell in by_cell.values():
+        for r in cell.values():
+            for other in ("hand", "fit"):
+                o = cell.get(other)
+                r[f"vs_{other}"] = r["examples_per_sec_median"] / o["examples_per_sec_median"] if o else None
+            p = peak.get(COMPUTE_DTYPE[r["precision"]])
+            r["peak_gflops"] = p["gflops"] if p else None
+            r["mfu"] = r["achieved_gflops"] / p["gflops"] if p else None
+
+
+def spread(r: dict) -> float:
+    """(max - min) / median of a runner's repeats: how noisy its cell was."""
+    e = r["examples_per_sec"]
+    return (max(e) - min(e)) / statistics.median(e)
+
+
+def check_goals(results: List[dict]) -> List[dict]:
+    """The issue's performance goals, evaluated on this run's numbers (no thresholds are bent)."""
+    goals = []
+    cells: Dict[tuple, Dict[str, dict]] = {}
+    for r in results:
+        cells.setdefault((r["workload"], r["precision"], r["xla"], r["steps_per_loop"]), {})[r["runner"]] = r
+    for key, c in sorted(cells.items(), key=lambda kv: str(kv[0])):
+        t = c.get("trainer")
+        for other in ("hand", "fit"):
+            if t and other in c:
+                ratio = t[f"vs_{other}"]
+                noise = max(spread(t), spread(c[other]))
+                goals.append(dict(
+                    goal=f"trainer >= 1.0x {other}", cell=_cell_name(*key), value=ratio, target=1.0,
+                    passed=ratio >= 1.0, note=f"repeat spread up to {noise:.0%}" + (" (gap within noise)" if ratio < 1.0 and 1 - ratio < noise else ""),
+                ))
+    for (wl, p, xla, k), c in cells.items():
+        if wl == "mlp" and p == "mixed_bfloat16" and "trainer" in c:
+            f32 = cells.get((wl, "float32", xla, k), {}).get("trainer")
+            if f32:
+                ratio = c["trainer"]["examples_per_sec_median"] / f32["examples_per_sec_median"]
+                goals.append(dict(goal="mlp: mixed_bfloat16 >= 1.5x float32 (trainer)", cell=_cell_name(wl, p, xla, k),
+                                  value=ratio, target=1.5, passed=ratio >= 1.5, note=""))
+        if wl == "mlp" and p in ("float32", "mixed_bfloat16") and "trainer" in c and c["trainer"]["mfu"] is not None:
+            m = c["trainer"]["mfu"]
+            goals.append(dict(goal="mlp: trainer >= 80% of matmul peak", cell=_cell_name(wl, p, xla, k),
+                              value=m, target=0.8, passed=m >= 0.8, note=f"peak {c['trainer']['peak_gflops']:.0f} GFLOP/s"))
+    return goals
+
+
+def _cell_name(wl, p, xla, k):
+    return f"{wl}/{SHORT[p]}/xla-{'on' if xla else 'off'}/K={k}"
+
+
+LEGEND = """
+ex/s: median examples/s over the interleaved repeats (each repeat: one API call training `steps` steps).
+spread: (max - min) / median of those repeats.  xhand, xfit: ex/s over the hand loop's / Keras fit's in
+the same cell.  GFLOP/s: analytic model FLOPs (matmul/conv) per second.  MFU: GFLOP/s over the matmul peak
+of the compute dtype.  1st step s: setup + first call (trace + compile + K steps).  compile s: first call
+minus K x the median step time.  peak MB: process RSS peak over setup + first call (all runners of the
+cell built so far are alive);  dMB: its growth over the RSS before setup (GPU: allocator peak).
+xla "!" : the runner ran without XLA although it was asked for (Keras does so under tf.distribute)."""
+
+
+def print_table(results: List[dict], skipped: List[Cell], peak: Dict[str, dict], goals: List[dict], meta: dict) -> None:
+    print()
+    print(f"Synthetic data (random tensors cached in memory). {meta['machine']}. "
+          f"Load average before/after: {meta['loadavg_start']} / {meta['loadavg_end']}")
+    print("Matmul peak (best sample, GFLOP/s): " + ", ".join(f"{dt} {v['gflops']:.0f} ({v['best']})" for dt, v in peak.items()))
+    header = (f"{'workload':<11} {'prec':<4} {'xla':<3} {'K':>3} {'runner':<7} {'ex/s':>9} {'spread':>6} "
+              f"{'xhand':>6} {'xfit':>6} {'GFLOP/s':>8} {'MFU':>5} {'1st step s':>10} {'compile s':>9} "
+              f"{'peak MB':>8} {'dMB':>6} {'steps':>5}")
+    print(header)
+    print("-" * len(header))
+    last = None
+    for r in results:
+        cell = (r["workload"], r["precision"], r["xla"], r["steps_per_loop"])
+        if last is not None and cell[:2] != last[:2]:
+            print()
+        last = cell
+        xla = ("on" if r["xla"] else "off") + ("" if r["xla_effective"] == r["xla"] else "!")
+        print(f"{r['workload']:<11} {SHORT[r['precision']]:<4} {xla:<3} {r['steps_per_loop']:>3} {r['runner']:<7} "
+              f"{r['examples_per_sec_median']:>9.0f} {spread(r):>6.0%} {_fmt(r['vs_hand'], '6.2f'):>6} "
+              f"{_fmt(r['vs_fit'], '6.2f'):>6} {r['achieved_gflops']:>8.1f} {_fmt(r['mfu'] and 100 * r['mfu'], '4.0f'):>4}% "
+              f"{r['time_to_first_step_s']:>10.2f} {r['compile_s']:>9.2f} {r['peak_mem_mb']:>8.0f} {r['mem_delta_mb']:>6.0f} {r['steps']:>5}")
+    print(LEGEND)
+    if skipped:
+        print("\nSkipped cells:")
+        for c in skipped:
+            print(f"  {_cell_name(c.workload, c.precision, c.xla, c.k)}: {c.skipped}")
+    print("\nGoals (issue #4):")
+    for g in goals:
+        mark = "PASS" if g["passed"] else "FAIL"
+        print(f"  [{mark}] {g['goal']:<40} {g['cell']:<28} {g['value']:.2f} (target {g['target']}) {g['note']}")
+    passed = sum(g["passed"] for g in goals)
+    print(f"  {passed}/{len(goals)} passed")
+
+
+def plot(results: List[dict], path: Path) -> None:
+    """Median examples/s (min-max whiskers) and MFU per cell, one column per workload."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    wls = list(dict.fromkeys(r["workload"] for r in results))
+    runners = list(dict.fromkeys(r["runner"] for r in results))
+    fig, axes = plt.subplots(2, len(wls), figsize=(6 * len(wls), 8), squeeze=False)
+    width = 0.8 / max(len(runners), 1)
+    for col, wl in enumerate(wls):
+        rows = [r for r in results if r["workload"] == wl]
+        cells = list(dict.fromkeys((r["precision"], r["xla"], r["steps_per_loop"]) for r in rows))
+        labels = [f"{SHORT[p]}\nXLA {'on' if x else 'off'}\nK={k}" for p, x, k in cells]
+        for i, name in enumerate(runners):
+            med, lo, hi, mfu = [], [], [], []
+            for cell in cells:
+                r = next((r for r in rows if (r["precision"], r["xla"], r["steps_per_loop"]) == cell and r["runner"] == name), None)
+                m = r["examples_per_sec_median"] if r else 0
+                med.append(m)
+                lo.append(m - min(r["examples_per_sec"]) if r else 0)
+                hi.append(max(r["examples_per_sec"]) - m if r else 0)
+                mfu.append(100 * (r["mfu"] or 0) if r else 0)
+            xs = np.arange(len(cells)) + (i - (len(runners) - 1) / 2) * width
+            axes[0, col].bar(xs, med, width, yerr=[lo, hi], capsize=2, label=name)
+            axes[1, col].bar(xs, mfu, width, label=name)
+        for row, ylabel in ((0, "examples/s (median, min-max)"), (1, "MFU % of matmul peak")):
+            ax = axes[row, col]
+            ax.set_xticks(np.arange(len(cells)))
+            ax.set_xticklabels(labels, fontsize=7)
+            ax.set_ylabel(ylabel)
+            ax.grid(axis="y", alpha=0.3)
+        axes[0, col].set_title(f"{wl} (synthetic data)")
+        axes[0, col].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpus = tf.config.list_physical_devices("GPU")
+    return f"{name}, {os.cpu_count()} CPUs" + (f", {len(gpus)} GPU(s)" if gpus else ", no GPU")
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+
+
+def _list(choices=None, cast=str):
+    def parse(text):
+        items = [cast(x.strip()) for x in text.split(",") if x.strip()]
+        bad = [x for x in items if choices and x not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"{bad} not in {list(choices)}")
+        return items
+
+    return parse
+
+
+def _xla(text):
+    table = {"off": False, "on": True}
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if any(x not in table for x in items):
+        raise argparse.ArgumentTypeError("--xla takes off,on")
+    return [table[x] for x in items]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workloads", type=_list(("mlp", "resnet", "transformer")), default=["mlp", "resnet", "transformer"])
+    p.add_argument("--precisions", type=_list(PRECISIONS), default=None, help=f"default {','.join(PRECISIONS)}")
+    p.add_argument("--xla", type=_xla, default=None, help="off,on (the default)")
+    p.add_argument("--steps-per-loop", type=_list(cast=int), default=None, help="K values; default 1,10")
+    p.add_argument("--runners", type=_list(RUNNERS + ("trainer_step",)), default=list(RUNNERS),
+                   help="trainer,fit,hand; add trainer_step to separate fit()'s per-call overhead")
+    p.add_argument("--steps", default="auto", help="measured steps per repeat, or 'auto' (about --target-seconds)")
+    p.add_argument("--target-seconds", type=float, default=1.5, help="auto steps: seconds per measured call")
+    p.add_argument("--min-steps", type=int, default=1)
+    p.add_argument("--warmup-steps", type=int, default=1, help="untimed steps after the first call (rounded up to K)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--metrics", type=_list(("accuracy",)), default=[], help="extra metrics for all runners (e.g. accuracy)")
+    p.add_argument("--peak-sizes", type=_list(cast=int), default=[1024, 2048, 4096])
+    p.add_argument("--include-slow", action="store_true", help="run the mixed_float16 cells skipped on CPU")
+    p.add_argument("--quick", action="store_true", help="tiny shapes and steps, and unless given: float32 and "
+                   "mixed_bfloat16, XLA off, K=1,2 (a ~1-2 min smoke test; numbers not comparable)")
+    p.add_argument("--out", type=Path, default=Path("bench_results"))
+    p.add_argument("--no-plot", action="store_true")
+    args = p.parse_args(argv)
+    defaults = dict(precisions=list(PRECISIONS), xla=[False, True], steps_per_loop=[1, 10])
+    if args.quick:
+        defaults = dict(precisions=["float32", "mixed_bfloat16"], xla=[False], steps_per_loop=[1, 2])
+        args.steps, args.repeats, args.warmup_steps, args.min_steps = "2", min(args.repeats, 2), 1, 1
+        args.peak_sizes = [256]
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    logging.getLogger("trainer").setLevel(logging.WARNING)
+    # The guide's 10-unit logits layer is not a multiple of 8: the Trainer says so for every bf16 cell.
+    logging.getLogger("trainer.precision").setLevel(logging.ERROR)
+    tf.get_logger().setLevel(logging.ERROR)  # the peak's many small tf.functions trip the retrace warning
+    keras.utils.disable_interactive_logging()
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    start = time.perf_counter()
+    meta = dict(
+        issue="#4", data="synthetic: random tensors, cached in memory, repeated, prefetched", quick=args.quick,
+        machine=machine(), tensorflow=tf.__version__, keras=keras.__version__, python=platform.python_version(),
+        loadavg_start=[round(x, 2) for x in os.getloadavg()], args={k: str(v) for k, v in vars(args).items()},
+        flops="training FLOPs/example = 2*(3*MACs - MACs of a first layer fed by the raw input); matmul/conv only",
+        measurement="wall-clock of one API call training n steps, after a first call (trace+compile+K steps) and "
+                    "a warmup call; repeats interleaved across runners; medians",
+    )
+    wls = workloads(args.quick)
+    dtypes = sorted({COMPUTE_DTYPE[p] for p in args.precisions}, key=list(COMPUTE_DTYPE.values()).index)
+    print(f"Measuring the matmul peak for {dtypes} (sizes {args.peak_sizes}, XLA off/on)...", flush=True)
+    peak = measure_matmul_peak(dtypes, args.peak_sizes, repeats=max(args.repeats, 1), target_s=0.05 if args.quick else 0.3)
+    cells = plan_cells(args, gpu)
+    results, skipped = [], [c for c in cells if c.skipped]
+    todo = [c for c in cells if not c.skipped]
+    for i, cell in enumerate(todo, 1):
+        wl = wls[cell.workload]
+        print(f"[{i}/{len(todo)}] {_cell_name(cell.workload, cell.precision, cell.xla, cell.k)} "
+              f"({time.perf_counter() - start:.0f}s elapsed)", flush=True)
+        arrays = wl.make_data(np.random.default_rng(0))
+        t_cell = time.perf_counter()
+        try:
+            with ForgetCustomGradients():
+                records = run_cell(cell, wl, args, arrays)
+            for r in records:
+                r["cell_seconds"] = time.perf_counter() - t_cell  # where the benchmark's own time goes
+            results.extend(records)
+        except Exception as e:  # noqa: BLE001 - one broken cell must not lose the others; it is reported
+            cell.skipped = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            skipped.append(cell)
+            print(f"  {cell.skipped}", flush=True)
+        keras.mixed_precision.set_dtype_policy("float32")
+        keras.backend.clear_session()
+        gc.collect()
+    add_ratios_and_mfu(results, peak)
+    goals = check_goals(results)
+    meta["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    meta["wall_seconds"] = time.perf_counter() - start
+    report = dict(
+        meta=meta,
+        workloads={n: dict(description=w.description, batch=w.batch, macs_per_example=w.macs,
+                           train_flops_per_example=w.train_flops_per_example, formula=w.formula)
+                   for n, w in wls.items() if n in args.workloads},
+        matmul_peak_gflops=peak,
+        results=results,
+        skipped=[dict(cell=_cell_name(c.workload, c.precision, c.xla, c.k), reason=c.skipped) for c in skipped],
+        goals=goals,
+    )
+    print_table(results, skipped, peak, goals, meta)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps(report, indent=1, default=float))
+    if not args.no_plot and results:
+        plot(results, args.out / "bench.png")
+    print(f"\nWrote {args.out / 'bench.json'}" + ("" if args.no_plot else f" and {args.out / 'bench.png'}")
+          + f" in {meta['wall_seconds']:.0f}s")
+    return report
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

@@ -1,0 +1,44 @@
+"""Smoke test of scripts/bench.py: one tiny cell end to end, checking what it reports, not how fast."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_quick_one_cell(tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [
+            sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick",
+            "--workloads", "mlp", "--precisions", "float32", "--xla", "off", "--steps-per-loop", "2",
+            "--out", str(out),
+        ],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Goals (issue #4)" in proc.stdout and "Synthetic data" in proc.stdout
+
+    report = json.loads((out / "bench.json").read_text())
+    assert (out / "bench.png").stat().st_size > 0
+    assert report["meta"]["quick"] is True and report["meta"]["data"].startswith("synthetic")
+    assert report["matmul_peak_gflops"]["float32"]["gflops"] > 0
+    assert report["workloads"]["mlp"]["train_flops_per_example"] > 0
+
+    rows = report["results"]
+    assert sorted(r["runner"] for r in rows) == ["fit", "hand", "trainer"]
+    for r in rows:
+        assert (r["workload"], r["precision"], r["xla"], r["steps_per_loop"]) == ("mlp", "float32", False, 2)
+        assert r["steps"] % 2 == 0 and len(r["examples_per_sec"]) == r["repeats"] >= 1
+        assert r["examples_per_sec_median"] > 0 and r["achieved_gflops"] > 0 and 0 < r["mfu"]
+        assert r["time_to_first_step_s"] >= r["first_call_s"] > 0
+        assert r["peak_mem_mb"] > 0
+        assert r["vs_hand"] > 0 and r["vs_fit"] > 0
+        # The measured calls reuse the traced step: no retrace after the warmup.
+        assert r["traces_end"] == r["traces_after_warmup"]
+    trainer_vs = {g["goal"] for g in report["goals"]}
+    assert {"trainer >= 1.0x hand", "trainer >= 1.0x fit"} <= trainer_vs
