@@ -62,6 +62,7 @@ import statistics
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -887,6 +888,7 @@ def main(argv=None) -> dict:
             cell.skipped = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             skipped.append(cell)
             print(f"  {cell.skipped}", flush=True)
+            traceback.print_exc()
         keras.mixed_precision.set_dtype_policy("float32")
         keras.backend.clear_session()
         gc.collect()
