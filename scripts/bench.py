@@ -75,6 +75,9 @@ import keras  # noqa: E402
 
 from tensorflow.python.framework import ops as tf_ops  # noqa: E402  (see ForgetCustomGradients)
 
+# Benchmark the Trainer of the checkout this script lives in, not whichever copy is pip-installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import trainer as trainer_pkg  # noqa: E402
 from trainer import Trainer  # noqa: E402
 
 RUNNERS = ("trainer", "fit", "hand")  # plus the optional diagnostic "trainer_step"
@@ -549,8 +552,10 @@ class Cell:
 
 def plan_cells(args, gpu: bool) -> List[Cell]:
     """Every requested combination; on CPU, mixed_float16 cells known to be impractically slow are
-    skipped (with the reason) unless --include-slow: TF 2.21's oneDNN float16 kernels (XLA off) take
-    seconds to minutes per step, and even XLA's float16 step is seconds long, so K>1 cells take minutes."""
+    skipped (with the reason) unless --include-slow. Measured on the 2-core dev machine: with XLA off,
+    TF 2.21's oneDNN float16 path needs 5.4 s for one forward pass of a 784-1024-1024 MLP at batch 64
+    (0.017 s with TF_ENABLE_ONEDNN_OPTS=0), and the guide's MLP did not finish 7 steps in 10 minutes;
+    with XLA on, a float16 MLP step takes ~3 s, so a K=10 cell alone would take minutes."""
     cells = []
     for wl in args.workloads:
         for p in args.precisions:
@@ -559,10 +564,10 @@ def plan_cells(args, gpu: bool) -> List[Cell]:
                     cell = Cell(wl, p, xla, k)
                     if p == "mixed_float16" and not gpu and not args.include_slow:
                         if not xla:
-                            cell.skipped = ("CPU: TF's oneDNN float16 kernels are pathologically slow (seconds "
-                                            "per forward pass of a small MLP); --include-slow runs it")
+                            cell.skipped = ("CPU, XLA off: TF's oneDNN float16 kernels take seconds per small "
+                                            "forward pass (see plan_cells); --include-slow runs it")
                         elif k > 1:
-                            cell.skipped = "CPU: float16 steps are seconds long, K>1 cells take minutes; --include-slow runs it"
+                            cell.skipped = "CPU: float16 steps take seconds even with XLA, K>1 cells minutes; --include-slow runs it"
                     cells.append(cell)
     return cells
 
@@ -710,7 +715,7 @@ def print_table(results: List[dict], skipped: List[Cell], peak: Dict[str, dict],
     print(f"Synthetic data (random tensors cached in memory). {meta['machine']}. "
           f"Load average before/after: {meta['loadavg_start']} / {meta['loadavg_end']}")
     print("Matmul peak (best sample, GFLOP/s): " + ", ".join(f"{dt} {v['gflops']:.0f} ({v['best']})" for dt, v in peak.items()))
-    header = (f"{'workload':<11} {'prec':<4} {'xla':<3} {'K':>3} {'runner':<7} {'ex/s':>9} {'spread':>6} "
+    header = (f"{'workload':<11} {'prec':<4} {'xla':<3} {'K':>3} {'runner':<12} {'ex/s':>9} {'spread':>6} "
               f"{'xhand':>6} {'xfit':>6} {'GFLOP/s':>8} {'MFU':>5} {'1st step s':>10} {'compile s':>9} "
               f"{'peak MB':>8} {'dMB':>6} {'steps':>5}")
     print(header)
@@ -722,7 +727,7 @@ def print_table(results: List[dict], skipped: List[Cell], peak: Dict[str, dict],
             print()
         last = cell
         xla = ("on" if r["xla"] else "off") + ("" if r["xla_effective"] == r["xla"] else "!")
-        print(f"{r['workload']:<11} {SHORT[r['precision']]:<4} {xla:<3} {r['steps_per_loop']:>3} {r['runner']:<7} "
+        print(f"{r['workload']:<11} {SHORT[r['precision']]:<4} {xla:<3} {r['steps_per_loop']:>3} {r['runner']:<12} "
               f"{r['examples_per_sec_median']:>9.0f} {spread(r):>6.0%} {_fmt(r['vs_hand'], '6.2f'):>6} "
               f"{_fmt(r['vs_fit'], '6.2f'):>6} {r['achieved_gflops']:>8.1f} {_fmt(r['mfu'] and 100 * r['mfu'], '4.0f'):>4}% "
               f"{r['time_to_first_step_s']:>10.2f} {r['compile_s']:>9.2f} {r['peak_mem_mb']:>8.0f} {r['mem_delta_mb']:>6.0f} {r['steps']:>5}")
@@ -734,7 +739,7 @@ def print_table(results: List[dict], skipped: List[Cell], peak: Dict[str, dict],
     print("\nGoals (issue #4):")
     for g in goals:
         mark = "PASS" if g["passed"] else "FAIL"
-        print(f"  [{mark}] {g['goal']:<40} {g['cell']:<28} {g['value']:.2f} (target {g['target']}) {g['note']}")
+        print(f"  [{mark}] {g['goal']:<46} {g['cell']:<29} {g['value']:.2f} (target {g['target']}) {g['note']}")
     passed = sum(g["passed"] for g in goals)
     print(f"  {passed}/{len(goals)} passed")
 
@@ -777,6 +782,21 @@ def plot(results: List[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def provenance() -> dict:
+    """Which Trainer was measured: its package folder and the checkout's commit (dirty if edited)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    info = {"trainer_package": str(Path(trainer_pkg.__file__).parent)}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "trainer"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        info["git_commit"] = commit + ("+dirty trainer/" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
 
 
 def machine() -> str:
@@ -861,6 +881,7 @@ def main(argv=None) -> dict:
         issue="#4", data="synthetic: random tensors, cached in memory, repeated, prefetched", quick=args.quick,
         machine=machine(), tensorflow=tf.__version__, keras=keras.__version__, python=platform.python_version(),
         loadavg_start=[round(x, 2) for x in os.getloadavg()], args={k: str(v) for k, v in vars(args).items()},
+        **provenance(),
         flops="training FLOPs/example = 2*(3*MACs - MACs of a first layer fed by the raw input); matmul/conv only",
         measurement="wall-clock of one API call training n steps, after a first call (trace+compile+K steps) and "
                     "a warmup call; repeats interleaved across runners; medians",
