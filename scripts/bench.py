@@ -4,7 +4,9 @@
 For every cell (workload x precision x XLA x steps_per_loop) three *runners* train the same model on the
 same synthetic data with the same global batch and the same optimizer (Adam):
 
-  trainer  trainer.Trainer(...).fit(ds, steps=...)
+  trainer  trainer.Trainer(...).fit(ds, steps=...), its defaults: Keras' Adam arithmetic in TF's fused
+           ResourceApplyAdam kernel (trainer/fused.py), and with XLA the forward/backward compiled and
+           the update outside XLA (see core.py `_make_train_function`)
   fit      model.compile(jit_compile=..., steps_per_execution=K); model.fit(ds, steps_per_epoch=n)
   hand     the custom training loop of the TensorFlow mixed-precision guide, in Keras 3 APIs:
            tf.function(+XLA) step with GradientTape; for float16 a keras LossScaleOptimizer

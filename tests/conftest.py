@@ -36,6 +36,20 @@ def run_cli(*args: str, module: str = "trainer", cwd: Path | None = None, timeou
     )
 
 
+def blobs(n: int = 256, features: int = 4, batch: int = 16, shuffle: bool = False):
+    """Two Gaussian blobs as a batched tf.data.Dataset: a tiny, learnable, seeded classification set."""
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, n).astype("int32")
+    x = rng.normal(size=(n, features)).astype("float32") + y[:, None]
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    if shuffle:
+        ds = ds.shuffle(n, seed=0)
+    return ds.batch(batch, drop_remainder=True)
+
+
 def read_metrics(run_dir: Path):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 

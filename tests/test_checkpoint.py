@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import TINY, read_metrics, run_cli
+from conftest import TINY, blobs, read_metrics, run_cli
 from trainer import Trainer, warm_start
 from trainer.checkpoint import list_checkpoints
 
@@ -194,13 +194,6 @@ def test_changed_model_is_a_clear_error(tmp_path):
     assert "does not fit this model" in result.stdout + result.stderr
 
 
-def _blobs():
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, 256).astype("int32")
-    x = rng.normal(size=(256, 4)).astype("float32") + y[:, None]
-    return tf.data.Dataset.from_tensor_slices((x, y)).batch(16, drop_remainder=True)
-
-
 def _net(classes=2):
     return lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(classes, dtype="float32")])
 
@@ -211,7 +204,7 @@ def test_keep_last_n_and_best_k(tmp_path):
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")], run_dir=tmp_path, progress_bar=False,
         checkpoint_every=5, keep_checkpoints=2, eval_every=5, keep_best=2, best_metric="loss", best_mode="min", log_every=5,
     )
-    trainer.fit(_blobs(), _blobs(), steps=30)
+    trainer.fit(blobs(), blobs(), steps=30)
     assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [30, 25]
     evals = [r for r in read_metrics(tmp_path) if r["split"] == "eval"]
     best_two = sorted(evals, key=lambda r: r["loss"])[:2]
@@ -224,7 +217,7 @@ def test_keep_last_n_and_best_k(tmp_path):
 def test_init_from_reports_restored_missing_mismatched(tmp_path):
     source = Trainer(model=_net(2), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                      optimizer=lambda: keras.optimizers.SGD(0.1), run_dir=tmp_path / "a", progress_bar=False)
-    source.fit(_blobs(), steps=10)
+    source.fit(blobs(), steps=10)
     target = _net(3)()  # same backbone, a new head of another shape
     report = warm_start(target, str(tmp_path / "a"))
     assert len(report["restored"]) == 2 and len(report["mismatched"]) == 2 and not report["missing"]
@@ -234,7 +227,7 @@ def test_init_from_reports_restored_missing_mismatched(tmp_path):
     tuned = Trainer(model=_net(2), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                     optimizer=lambda: keras.optimizers.SGD(0.0), run_dir=tmp_path / "b", progress_bar=False,
                     init_from=str(tmp_path / "a" / "checkpoints"))
-    tuned.fit(_blobs(), steps=1)
+    tuned.fit(blobs(), steps=1)
     assert int(tuned.step.numpy()) == 1
     np.testing.assert_array_equal(tuned.model.layers[1].kernel.numpy(), source.model.layers[1].kernel.numpy())
 

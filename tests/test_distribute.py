@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import read_metrics, run_cli
+from conftest import blobs, read_metrics, run_cli
 from trainer import Trainer
 
 COMMON = [
@@ -110,13 +110,6 @@ def test_tpu_without_a_tpu_fails_fast(tmp_path):
         assert "strategy=tpu" in result.stdout + result.stderr
 
 
-def _blobs():
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, 512).astype("int32")
-    x = rng.normal(size=(512, 16)).astype("float32") + y[:, None]
-    return tf.data.Dataset.from_tensor_slices((x, y)).shuffle(512, seed=0).batch(32, drop_remainder=True)
-
-
 @pytest.mark.parametrize("jit_compile, steps_per_loop", [(True, 1), (False, 5), (True, 7)])
 def test_xla_and_steps_per_loop_give_the_same_losses(jit_compile, steps_per_loop):
     """Against the reference (no XLA, one step per call): same logged losses and weights."""
@@ -134,7 +127,7 @@ def test_xla_and_steps_per_loop_give_the_same_losses(jit_compile, steps_per_loop
                 losses.append((step, logs["loss"]))
 
         trainer.callbacks.callbacks.append(Record())
-        trainer.fit(_blobs(), steps=33)  # a final partial loop when k does not divide 33
+        trainer.fit(blobs(512, 16, 32, shuffle=True), steps=33)  # a final partial loop when k does not divide 33
         return losses, [v.numpy() for v in trainer.model.weights], trainer
 
     ref_losses, ref_weights, _ = train(False, 1)

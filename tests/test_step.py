@@ -25,7 +25,7 @@ def make(**options):
     return Trainer(
         model=lambda: keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(2, dtype="float32")]),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        optimizer=lambda: keras.optimizers.SGD(0.1, momentum=0.9),
+        optimizer=options.pop("optimizer", lambda: keras.optimizers.SGD(0.1, momentum=0.9)),
         seed=0,
         log_every=1,
         **options,
@@ -93,3 +93,71 @@ def test_grad_multipliers_scale_one_variable_group():
     frozen.fit(ds, steps=3)
     np.testing.assert_array_equal(first_kernel.numpy(), start)
     assert not np.array_equal(frozen.model.layers[1].kernel.numpy(), other)
+
+
+OPTIMIZERS = {
+    "adam": lambda: keras.optimizers.Adam(0.01),
+    "adamw": lambda: keras.optimizers.AdamW(0.01, weight_decay=0.1),
+    "sgd_nesterov": lambda: keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_fused_optimizer_updates_equal_keras_updates(name):
+    """trainer.fused_optimizer swaps Keras' ops for one TF kernel per variable: the same arithmetic,
+    up to rounding (Adam: 1-2 ulps per step, which training then carries; SGD: bitwise)."""
+    x, y = data()
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(32, drop_remainder=True)
+    for steps, atol, rtol in ((1, 2e-7, 0), (12, 2e-6, 1e-4)):
+        trained = {}
+        for fused in (True, False):
+            trainer = make(fused_optimizer=fused, optimizer=OPTIMIZERS[name])
+            trainer.fit(ds, steps=steps)
+            assert ("update_step" in vars(trainer.optimizer)) == fused  # fused: an instance-level update_step
+            trained[fused] = [w.numpy() for w in trainer.model.weights] + [v.numpy() for v in trainer.optimizer.variables]
+        for a, b in zip(trained[True], trained[False]):
+            if name.startswith("sgd"):
+                np.testing.assert_array_equal(a, b)
+            else:
+                np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
+
+
+def test_fused_update_is_one_kernel_per_variable_and_skips_what_it_cannot_express():
+    from trainer.fused import fuse
+
+    variables = [keras.Variable(np.ones((4, 3), "float32")), keras.Variable(np.ones(3, "float32"))]
+    grads = [tf.ones((4, 3)), tf.ones(3)]
+
+    def op_types(optimizer):
+        optimizer.build(variables)
+        graph = tf.function(lambda: optimizer.apply(grads, variables)).get_concrete_function().graph
+        return [op.type for op in graph.get_operations()]
+
+    adam = keras.optimizers.Adam()
+    assert fuse(adam)
+    assert op_types(adam).count("ResourceApplyAdam") == 2
+    sgd = keras.optimizers.SGD(momentum=0.9)
+    assert fuse(sgd)
+    assert op_types(sgd).count("ResourceApplyKerasMomentum") == 2
+    assert not fuse(keras.optimizers.Adam(amsgrad=True))  # no kernel for it: Keras' update stays
+    assert not fuse(keras.optimizers.RMSprop())  # TF's kernel puts epsilon inside the sqrt: not Keras' formula
+
+
+def test_successive_fit_calls_continue_one_data_stream():
+    """fit(steps=3) then fit(steps=7) trains on the same batches as one fit(steps=7): the second call
+    keeps the first one's iterator (a new iterator over a seeded shuffle would draw a new order)."""
+    x, y = data()
+
+    def shuffled():
+        return tf.data.Dataset.from_tensor_slices((x, y)).shuffle(320, seed=1).batch(32, drop_remainder=True)
+
+    split = make()
+    ds = shuffled()
+    split.fit(ds, steps=3)
+    first_iterator = split._kept_iterator[2]
+    split.fit(ds, steps=7)
+    assert split._kept_iterator[2] is first_iterator
+    whole = make()
+    whole.fit(shuffled(), steps=7)
+    for a, b in zip(split.model.weights, whole.model.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7)

@@ -40,6 +40,9 @@ class TrainerConfig:
     xla_auto_cluster: bool = False  # TF's XLA auto-clustering (global)
     steps_per_loop: int = 1  # train steps per tf.function call
     grad_accum_steps: int = 1  # micro-batches accumulated per optimizer update
+    # Keras Adam/AdamW/SGD(momentum) updates in one TensorFlow kernel per variable (same arithmetic;
+    # see trainer/fused.py); false: Keras' own ops.
+    fused_optimizer: bool = True
     deterministic: bool = False  # op determinism + seeded everything: bit-identical reruns on CPU
     progress_bar: bool = True
     tensorboard: bool = True

@@ -80,8 +80,3 @@ class LossScale(tf.Module):
         floor_skip = tf.logical_and(tf.logical_not(finite), tf.logical_and(at_floor, self.mode == "dynamic"))
         self.skips_at_floor.assign(tf.where(floor_skip, self.skips_at_floor + 1, zero))
 
-
-def all_finite(tensors) -> tf.Tensor:
-    """True when every value of every (non-None) tensor is finite."""
-    checks = [tf.reduce_all(tf.math.is_finite(t)) for t in tensors if t is not None]
-    return tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
