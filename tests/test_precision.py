@@ -162,6 +162,20 @@ def test_non_finite_loss_without_scaling_skips_and_counts(policy):
     assert all(np.isfinite(w).all() for w in weights(trainer))
 
 
+def test_without_skipping_the_first_non_finite_step_stops_the_run_unsaved(tmp_path):
+    """precision.skip_nonfinite=false applies every update (no wait on the finite check), so a NaN step
+    poisons the weights: the run stops there, and no checkpoint holds them."""
+    ds = batches(n_batches=40, poison={12: np.nan})
+    trainer = make(PrecisionConfig(policy="float32", skip_nonfinite=False), run_dir=tmp_path, checkpoint_every=5)
+    with pytest.raises(NumericalError, match="skip_nonfinite=false"):
+        trainer.fit(ds, steps=40)
+    assert int(trainer.step.numpy()) == 13
+    assert not all(np.isfinite(w).all() for w in weights(trainer))  # the NaN update was applied
+    fresh = make("float32", run_dir=tmp_path)
+    fresh.fit(ds, steps=10)  # resumes from ckpt-10, the newest: finite weights, nothing to train
+    assert int(fresh.step.numpy()) == 10 and all(np.isfinite(w).all() for w in weights(fresh))
+
+
 def test_consecutive_skips_stop_the_run_with_last_checkpoint_intact(tmp_path):
     ds = batches(n_batches=40, poison={i: np.nan for i in range(10, 40)})
     trainer = make("float32", run_dir=tmp_path, checkpoint_every=5)

@@ -199,7 +199,10 @@ class Trainer:
         self.grad_norm.update_state(tf.where(finite, grad_norm, 0.0), sample_weight=tf.cast(finite, tf.float32))
         if self.clipnorm:
             unscaled_grads, _ = tf.clip_by_global_norm(unscaled_grads, self.clipnorm, use_norm=grad_norm)
-        self._apply_if_finite(unscaled_grads, finite)
+        if self.loss_scale.enabled or self.precision.skip_nonfinite:
+            self._apply_if_finite(unscaled_grads, finite)
+        else:  # no wait for the finite check: updates start as soon as their gradients are ready
+            self.optimizer.apply(unscaled_grads, self.model.trainable_variables)
         self.loss_scale.update(finite)
 
     def train_step(self, data) -> None:
@@ -536,6 +539,7 @@ class Trainer:
         window_start, window_step = time.perf_counter(), step
         last_ckpt_time = time.monotonic()
         self._reset(self.metrics, self.train_loss, self.grad_norm)
+        self._nonfinite_at_start = int(self.loss_scale.skipped_steps.numpy())
         preemption = self._preemption_handler()
         # Under multi-worker, TF's PreemptionCheckpointHandler owns SIGTERM (it makes every worker save
         # at the same step); we keep SIGINT.
@@ -651,6 +655,15 @@ class Trainer:
         consecutive = int(ls.consecutive_skips.numpy())
         at_floor = int(ls.skips_at_floor.numpy())
         limit = self.precision.max_consecutive_skips
+        applied_nonfinite = not ls.enabled and not self.precision.skip_nonfinite
+        if applied_nonfinite and int(ls.skipped_steps.numpy()) > self._nonfinite_at_start:
+            raise NumericalError(
+                f"Stopping at step {step}: a step had a non-finite loss or gradients and, with "
+                "precision.skip_nonfinite=false, was applied: the weights are no longer finite and are not "
+                "saved. The last good checkpoint is intact; precision.skip_nonfinite=true skips such steps. "
+                "To find the cause: a lower optimizer.lr, optimizer.clipnorm=1.0, or "
+                "precision.debug_numerics=true to name the first bad op."
+            )
         if consecutive >= limit or at_floor >= 5:
             why = (
                 f"the dynamic loss scale is at its floor of 1 and {at_floor} more steps still overflowed"

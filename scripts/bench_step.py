@@ -1,0 +1,153 @@
+#!/usr/bin/env python
+"""Where the Trainer's step time goes, on the guide's MLP (784-4096-4096-10, batch 512): the figures
+behind trainer/fused.py and the XLA layout in core.py `_make_train_function`, side by side in one run.
+
+  update       one Adam update of the MLP's 20M parameters: Keras' ops vs TF's fused kernel
+  finite       finite check of the gradients: per-tensor is_finite + global norm vs the norm alone
+  xla_layout   a train step with XLA: whole step in one cluster vs forward/backward compiled, update outside
+  skip         the small Transformer of scripts/bench.py (float32, XLA off): updates wait for the finite
+               check (precision.skip_nonfinite=true, the default) vs start when their gradient is ready
+
+Each pair is timed interleaved (A B A B ...), medians of --repeats. Usage: python scripts/bench_step.py
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parent))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from trainer import Trainer  # noqa: E402
+from trainer.fused import fuse  # noqa: E402
+
+SHAPES = [(784, 4096), (4096,), (4096, 4096), (4096,), (4096, 10), (10,)]
+
+
+def interleaved(fns: dict, calls: int, repeats: int) -> dict:
+    """Median milliseconds per call of each function, timed A B A B ... after one warm call each."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times[name].append((time.perf_counter() - start) / calls * 1000)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def update_and_finite(repeats: int) -> None:
+    grads = [tf.random.normal(s) * 0.01 for s in SHAPES]
+
+    def adam(fused: bool):
+        variables = [keras.Variable(tf.random.normal(s) * 0.01) for s in SHAPES]
+        optimizer = keras.optimizers.Adam(1e-3)
+        optimizer.build(variables)
+        if fused:
+            fuse(optimizer)
+
+        @tf.function
+        def update():
+            optimizer.apply(grads, variables)
+
+        return lambda: update()  # noqa: PLW0108 - the variables live in the closure
+
+    @tf.function
+    def per_tensor():
+        finite = tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(g)) for g in grads]))
+        return finite, tf.linalg.global_norm(grads)
+
+    @tf.function
+    def norm_only():
+        norm = tf.linalg.global_norm(grads)
+        return tf.math.is_finite(norm), norm
+
+    ms = interleaved({"keras_ops": adam(False), "fused": adam(True)}, calls=10, repeats=repeats)
+    print(f"update      Adam on 20M float32 parameters: Keras ops {ms['keras_ops']:.1f} ms, fused kernel {ms['fused']:.1f} ms "
+          f"({ms['keras_ops'] / ms['fused']:.2f}x)")
+    ms = interleaved({"per_tensor": lambda: per_tensor()[0].numpy(), "norm": lambda: norm_only()[0].numpy()}, calls=10, repeats=repeats)
+    print(f"finite      per-tensor is_finite + norm {ms['per_tensor']:.1f} ms, norm only {ms['norm']:.1f} ms")
+
+
+def compiled_steps(trainer: Trainer, ds: tf.data.Dataset, n: int):
+    """After a 2-step fit (trace, compile), a function that runs n steps of the Trainer's compiled loop."""
+    trainer.fit(ds, steps=2)
+    iterator, one = trainer._kept_iterator[2], tf.constant(1, tf.int64)
+
+    def steps():
+        for _ in range(n):
+            trainer._train_function(iterator, one)
+        trainer.model.trainable_variables[-1].numpy()
+
+    return steps
+
+
+class WholeStepTrainer(Trainer):
+    """Overriding train_step makes XLA compile the whole step (forward, backward, update) as one cluster."""
+
+    def train_step(self, data):
+        return super().train_step(data)
+
+
+def xla_layout(repeats: int, precision: str) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(512 * 4, 784)).astype("float32")
+    y = rng.integers(0, 10, 512 * 4).astype("int32")
+
+    def model():
+        return keras.Sequential([
+            keras.Input((784,)), keras.layers.Dense(4096, activation="relu"), keras.layers.Dense(4096, activation="relu"),
+            keras.layers.Dense(10), keras.layers.Activation("softmax", dtype="float32"),
+        ])
+
+    def runner(cls):
+        trainer = cls(model=model, loss=keras.losses.SparseCategoricalCrossentropy(), optimizer=lambda: keras.optimizers.Adam(1e-4),
+                      precision=precision, jit_compile=True, log_every=10**9, checkpoint_every=0, progress_bar=False, tensorboard=False)
+        return compiled_steps(trainer, tf.data.Dataset.from_tensor_slices((x, y)).batch(512).cache().repeat(), 1)
+
+    ms = interleaved({"whole": runner(WholeStepTrainer), "split": runner(Trainer)}, calls=4, repeats=repeats)
+    print(f"xla_layout  {precision} train step with XLA: whole-step cluster {ms['whole']:.0f} ms, "
+          f"forward/backward compiled + update outside {ms['split']:.0f} ms ({ms['whole'] / ms['split']:.2f}x)")
+
+
+def skip_nonfinite(repeats: int) -> None:
+    from bench import make_dataset, make_loss, workloads  # scripts/bench.py: the same Transformer workload
+
+    from trainer import PrecisionConfig
+
+    workload = workloads(False)["transformer"]
+    arrays = workload.make_data(np.random.default_rng(0))
+
+    def runner(skip: bool):
+        trainer = Trainer(model=workload.build, loss=make_loss(), optimizer=lambda: keras.optimizers.Adam(1e-4),
+                          precision=PrecisionConfig(skip_nonfinite=skip), log_every=10**9, checkpoint_every=0,
+                          progress_bar=False, tensorboard=False)
+        return compiled_steps(trainer, make_dataset(arrays), 5)
+
+    ms = interleaved({"skip": runner(True), "apply": runner(False)}, calls=2, repeats=repeats)
+    print(f"skip        Transformer step (float32, XLA off), 5 steps: skip_nonfinite=true {ms['skip'] / 5:.1f} ms/step, "
+          f"false {ms['apply'] / 5:.1f} ms/step ({ms['skip'] / ms['apply']:.3f}x)")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--precision", default="float32")
+    args = parser.parse_args(argv)
+    keras.utils.disable_interactive_logging()
+    update_and_finite(args.repeats)
+    xla_layout(args.repeats, args.precision)
+    skip_nonfinite(args.repeats)
+
+
+if __name__ == "__main__":
+    main()
