@@ -55,11 +55,11 @@ def test_exactly_once_data_across_kill_resume_cycles(tmp_path):
     """Several SIGKILLs at chosen steps: every id is still seen exactly once per epoch."""
     log = tmp_path / "ids.log"
     total = 48
-    for stop_after in (7, 19, 30):
+    for segment, stop_after in enumerate((7, 19, 30)):
         proc = start_worker(tmp_path, log, total)
-        while True:  # wait until the process has logged the step we want to kill it after
+        while True:  # wait until this process has logged the step we want to kill it after
             time.sleep(0.05)
-            if log.exists() and any(s >= stop_after for _, s, _ in parse_log(log)):
+            if any(seg == segment and s >= stop_after for seg, s, _ in parse_log(log)):
                 break
             assert proc.poll() is None, proc.stderr.read()[-2000:]
         proc.send_signal(signal.SIGKILL)
