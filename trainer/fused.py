@@ -3,8 +3,8 @@
 Why: Keras 3 writes each update as separate ops (Adam: about ten, each a full pass over the variable
 and its slots), and without XLA TensorFlow runs them one by one. TensorFlow's own training kernels
 (ResourceApplyAdam, ResourceApplyKerasMomentum; the ones Keras 2 used) do the same arithmetic in one
-pass. Measured on this 2-core CPU for the 20M-parameter MLP: 64 ms per Adam update with Keras' ops,
-21 ms fused (scripts/bench.py). The formulas are Keras' (checked in tests/test_step.py); with XLA the
+pass. Measured on this 2-core CPU for the 20M-parameter MLP: 59 ms per Adam update with Keras' ops,
+20 ms fused (scripts/bench_step.py). The formulas are Keras' (checked in tests/test_step.py); with XLA the
 kernels compile too (XLA would fuse Keras' ops on its own).
 
 Only the exact Keras classes are fused (a subclass may have its own update_step), only dense
@@ -12,12 +12,8 @@ gradients and only options the kernels express (no amsgrad); anything else keeps
 """
 from __future__ import annotations
 
-import logging
-
 import keras
 import tensorflow as tf
-
-log = logging.getLogger(__name__)
 
 
 def _handle(variable):
