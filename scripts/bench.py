@@ -17,8 +17,9 @@ How each runner is measured (identically):
   1. setup: build model/optimizer (timed: `setup_s`).
   2. first call: train K steps (trace + compile + K steps; timed: `first_call_s`).
      time to first step = setup_s + first_call_s; compile_s ~= first_call_s - K * median step time.
-  3. once every runner of the cell is built: a warmup call each (not in the throughput; it picks the
-     number of measured steps n, and absorbs TF's re-instantiation of functions after new traces).
+  3. once every runner of the cell is built: two warmup calls each (not in the throughput): the first
+     absorbs TF's re-instantiation of functions after new traces (0.4-0.8 s), the second, timed, picks
+     the number of measured steps n (about --target-seconds per call).
   4. repeats, interleaved A B C A B C ...: each runner trains n more steps in ONE call of its own API
      (one `Trainer.fit`, one `model.fit`, one Python loop over the step function), timed wall-clock
      until a weight is read back. examples/s = n * batch / seconds; the median over repeats is reported.
@@ -586,7 +587,8 @@ def choose_steps(args, k: int, seconds_per_step: float) -> int:
 
 def run_cell(cell: Cell, wl: Workload, args, arrays) -> List[dict]:
     """Builds the runners one after another (setup + first call, memory sampled), then warms all of
-    them, then times them interleaved; returns one record per runner.
+    them twice (the second pass, timed, sizes the measured calls), then times them interleaved; returns one
+    record per runner.
 
     The warmup comes after *all* builds because TensorFlow re-instantiates a traced function after new
     functions were traced in the process (we measured 0.4-0.8 s on the next call of an already-warm
@@ -607,6 +609,8 @@ def run_cell(cell: Cell, wl: Workload, args, arrays) -> List[dict]:
             xla_effective=runner.xla_effective(),
         )
         runners.append(runner)
+    for runner in runners:  # absorbs the re-instantiation cost (see above): too slow to size the calls by
+        runner.run(warm_steps)
     for runner in runners:
         t = time.perf_counter()
         runner.run(warm_steps)
@@ -850,7 +854,7 @@ def parse_args(argv=None):
     p.add_argument("--target-seconds", type=float, default=1.5, help="auto steps: seconds per measured call")
     p.add_argument("--min-steps", type=int, default=1)
     p.add_argument("--warmup-steps", type=int, default=1, help="untimed steps after the first call (rounded up to K)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--metrics", type=_list(("accuracy",)), default=[], help="extra metrics for all runners (e.g. accuracy)")
     p.add_argument("--peak-sizes", type=_list(cast=int), default=[1024, 2048, 4096])
     p.add_argument("--include-slow", action="store_true", help="run the mixed_float16 cells skipped on CPU")

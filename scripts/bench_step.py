@@ -81,7 +81,7 @@ def update_and_finite(repeats: int) -> None:
 def compiled_steps(trainer: Trainer, ds: tf.data.Dataset, n: int):
     """After a 2-step fit (trace, compile), a function that runs n steps of the Trainer's compiled loop."""
     trainer.fit(ds, steps=2)
-    iterator, one = trainer._kept_iterator[2], tf.constant(1, tf.int64)
+    iterator, one = trainer._kept_iterator.iterator, tf.constant(1, tf.int64)
 
     def steps():
         for _ in range(n):

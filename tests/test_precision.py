@@ -340,3 +340,18 @@ def test_debug_numerics_names_the_first_bad_op(tmp_path):
     )
     assert result.returncode == 3
     assert 'Detected Infinity or NaN in output 0 of graph op' in result.stdout + result.stderr
+
+
+def test_xla_auto_setting_and_cpu_bfloat16_advice(caplog):
+    """jit_compile=None (auto) turns XLA on only for float16 on a CPU; an explicit XLA with bfloat16 on a
+    CPU is kept but warned about (XLA's CPU backend skips the fast bfloat16 matmul kernels)."""
+    assert not tf.config.list_physical_devices("GPU")  # this test describes the CPU behaviour
+    assert make("mixed_float16").jit_compile is True
+    assert make("mixed_bfloat16").jit_compile is False and make("float32").jit_compile is False
+    assert make("mixed_float16", jit_compile=False).jit_compile is False
+    with caplog.at_level(logging.WARNING):
+        assert make("float32", jit_compile=True).jit_compile is True
+    assert "bfloat16" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        assert make("mixed_bfloat16", jit_compile=True).jit_compile is True
+    assert "XLA with mixed_bfloat16 on a CPU" in caplog.text and "trainer.jit_compile=false" in caplog.text

@@ -154,9 +154,9 @@ def test_successive_fit_calls_continue_one_data_stream():
     split = make()
     ds = shuffled()
     split.fit(ds, steps=3)
-    first_iterator = split._kept_iterator[2]
+    first_iterator = split._kept_iterator.iterator
     split.fit(ds, steps=7)
-    assert split._kept_iterator[2] is first_iterator
+    assert split._kept_iterator.iterator is first_iterator
     whole = make()
     whole.fit(shuffled(), steps=7)
     for a, b in zip(split.model.weights, whole.model.weights):

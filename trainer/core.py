@@ -15,7 +15,7 @@ import math
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Union
 
 import keras
 import numpy as np
@@ -31,6 +31,14 @@ from trainer.loss_scale import LossScale
 log = logging.getLogger(__name__)
 
 DataArg = Union[tf.data.Dataset, Callable[[tf.distribute.InputContext], tf.data.Dataset]]
+
+
+class _KeptIterator(NamedTuple):
+    """What a fit() call that ended normally leaves for the next call on the same data set."""
+
+    data: DataArg
+    step: int
+    iterator: Any
 
 
 class NumericalError(RuntimeError):
@@ -142,7 +150,7 @@ class Trainer:
         self._eval_function = None
         self.traces: Dict[str, int] = {"train": 0, "eval": 0}
         self._accumulators = None
-        self._kept_iterator = None  # (train data, step, iterator) after a fit() call that ended normally
+        self._kept_iterator: Optional[_KeptIterator] = None
         self.checkpointer: Optional[Checkpointer] = None
         # Variable path -> factor applied to its unscaled gradient (e.g. a lower backbone rate when
         # fine-tuning; with SGD this equals a per-variable learning rate). Call
@@ -278,9 +286,16 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
 
     def _resolve_jit_compile(self) -> bool:
-        if self.config.jit_compile is not None:
-            return bool(self.config.jit_compile)
         on_cpu = not tf.config.list_physical_devices("GPU") and not isinstance(self.strategy, tf.distribute.TPUStrategy)
+        if self.config.jit_compile is not None:
+            if self.config.jit_compile and on_cpu and self.precision.policy == "mixed_bfloat16":
+                log.warning(
+                    "XLA with mixed_bfloat16 on a CPU: XLA's CPU backend does not use the bfloat16 matmul "
+                    "kernels (oneDNN) that TensorFlow uses without XLA; scripts/bench.py measured bfloat16 "
+                    "matmuls at ~0.45x their speed without XLA, slower than float32. trainer.jit_compile=false "
+                    "is likely faster here."
+                )
+            return bool(self.config.jit_compile)
         if self.precision.policy == "mixed_float16" and on_cpu:
             log.info(
                 "XLA: on (trainer.jit_compile=null means auto): TensorFlow's float16 kernels are very slow "
@@ -497,7 +512,7 @@ class Trainer:
         # Build every variable before restoring (restore matches them) and before tracing.
         kept = self._kept_iterator
         self._kept_iterator = None  # kept again only if this call ends normally
-        if kept is None or kept[0] is not train_data:
+        if kept is None or kept.data is not train_data:
             if isinstance(train_data, tf.data.Dataset):
                 sample = next(iter(train_data))
             else:  # what one replica of this strategy would be given
@@ -526,8 +541,8 @@ class Trainer:
 
         start = int(self.step.numpy())
         self.steps_per_epoch = steps_per_epoch
-        if kept is not None and kept[0] is train_data and kept[1] == start:
-            iterator = kept[2]  # a later fit() call on the same data continues where the last one ended
+        if kept is not None and kept.data is train_data and kept.step == start:
+            iterator = kept.iterator  # a later fit() call on the same data continues where the last one ended
         else:
             iterator = iter(self._distribute(train_data, skip_batches=start * cfg.grad_accum_steps))
         callbacks = CallbackList(default_callbacks(self) + self.callbacks.callbacks)
@@ -599,7 +614,7 @@ class Trainer:
         if self.run_dir is not None or self.strategy.extended._in_multi_worker_mode():
             # 0.1-0.2 s per 20M parameters: for runs that write a summary, not for every fit() call.
             summary["weights_sha256"] = self.weights_fingerprint()
-        self._kept_iterator = (train_data, step, iterator)
+        self._kept_iterator = _KeptIterator(train_data, step, iterator)
         if compile_seconds is not None:
             summary["first_loop_seconds"] = compile_seconds
         callbacks.on_train_end(self, summary)
