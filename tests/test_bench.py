@@ -28,6 +28,9 @@ def test_bench_quick_one_cell(tmp_path):
     assert report["meta"]["quick"] is True and report["meta"]["data"].startswith("synthetic")
     assert report["matmul_peak_gflops"]["float32"]["gflops"] > 0
     assert report["workloads"]["mlp"]["train_flops_per_example"] > 0
+    ceiling = report["mlp_matmul_ceiling_gflops"]["float32"]
+    assert set(ceiling["by_xla_gflops"]) == {"xla=off", "xla=on"} and ceiling["gflops"] > 0
+    assert "MLP's training matmuls alone" in proc.stdout
 
     rows = report["results"]
     assert sorted(r["runner"] for r in rows) == ["fit", "hand", "trainer"]
@@ -38,6 +41,8 @@ def test_bench_quick_one_cell(tmp_path):
         assert r["time_to_first_step_s"] >= r["first_call_s"] > 0
         assert r["peak_mem_mb"] > 0
         assert r["vs_hand"] > 0 and r["vs_fit"] > 0
+        assert r["ceiling_gflops"] == ceiling["by_xla_gflops"]["xla=off"]
+        assert abs(r["of_ceiling"] * r["ceiling_gflops"] - r["achieved_gflops"]) < 1e-6 * r["achieved_gflops"]
         # The measured calls reuse the traced step: no retrace after the warmup.
         assert r["traces_end"] == r["traces_after_warmup"]
     trainer_vs = {g["goal"] for g in report["goals"]}

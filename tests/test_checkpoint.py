@@ -41,6 +41,15 @@ def parse_log(log):
     return rows
 
 
+def _complete_steps(log, segment):
+    """Steps logged so far by process `segment`, ignoring a line still being written."""
+    text = Path(log).read_text()
+    lines = text.splitlines()[: None if text.endswith("\n") else -1]
+    complete = log.parent / "complete.log"
+    complete.write_text("".join(line + "\n" for line in lines))
+    return [s for seg, s, _ in parse_log(complete) if seg == segment]
+
+
 def check_exactly_once(rows, total):
     final = {}
     for _, step, ids in rows:
@@ -74,24 +83,29 @@ def test_exactly_once_data_across_kill_resume_cycles(tmp_path):
 
 @pytest.mark.slow
 def test_random_kills_including_inside_save_always_resume(tmp_path):
-    """Ten SIGKILLs at random moments (saves every 2 steps, so some land inside a save)."""
+    """Ten SIGKILLs at random moments of training (saves every 2 steps, so some land inside a save)."""
     log = tmp_path / "ids.log"
-    total, every = 3000, 2  # long enough that ten kills land before the end on a fast machine
+    total, every, most_per_process = 360, 2, 30  # ten processes of <= 30 steps cannot finish 360
     rng = random.Random(0)
-    kills = 0
-    while kills < 10:
+    for segment in range(10):
         proc = start_worker(tmp_path, log, total, every)
-        time.sleep(rng.uniform(3.5, 6.0))
-        if proc.poll() is not None:
-            assert proc.returncode == 0, proc.stderr.read()[-2000:]
-            break
+        # Kill at a random moment after this process's first step (its startup is not the interesting
+        # part), or once it has trained `most_per_process` steps, so that ten kills fit in `total`.
+        deadline = None
+        while True:
+            time.sleep(0.02)
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            steps = _complete_steps(log, segment)
+            if steps and deadline is None:
+                deadline = time.time() + rng.uniform(0.0, 1.5)
+            if deadline is not None and (time.time() >= deadline or steps[-1] - steps[0] >= most_per_process):
+                break
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        kills += 1
     proc = start_worker(tmp_path, log, total, every)
     assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
-    assert kills == 10
     rows = parse_log(log)
+    assert sorted({seg for seg, _, _ in rows}) == list(range(11))  # ten killed processes, then the finisher
     check_exactly_once(rows, total)
     # At most `every` steps were lost per kill: a new process starts within `every` of where the last stopped.
     last_step_of, first_step_of = {}, {}
