@@ -928,7 +928,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", default="auto", help="measured steps per repeat, or 'auto' (about --target-seconds)")
     p.add_argument("--target-seconds", type=float, default=1.5, help="auto steps: seconds per measured call")
     p.add_argument("--min-steps", type=int, default=1)
-    p.add_argument("--warmup-steps", type=int, default=1, help="untimed steps after the first call (rounded up to K)")
+    p.add_argument("--warmup-steps", type=int, default=1, help="steps of each warmup call after the first call, not counted in the throughput (rounded up to K)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--metrics", type=_list(("accuracy",)), default=[], help="extra metrics for all runners (e.g. accuracy)")
     p.add_argument("--peak-sizes", type=_list(cast=int), default=[1024, 2048, 4096])

@@ -5,6 +5,8 @@ behind trainer/fused.py and the XLA layout in core.py `_make_train_function`, si
   update       one Adam update of the MLP's 20M parameters: Keras' ops vs TF's fused kernel
   finite       finite check of the gradients: per-tensor is_finite + global norm vs the norm alone
   xla_layout   a train step with XLA: whole step in one cluster vs forward/backward compiled, update outside
+  overhead     a Trainer step vs the same model's forward and backward alone (no update, checks or
+               metrics): what the Trainer adds around the model's own work
   skip         the small Transformer of scripts/bench.py (float32, XLA off): updates wait for the finite
                check (precision.skip_nonfinite=true, the default) vs start when their gradient is ready
 
@@ -98,25 +100,54 @@ class WholeStepTrainer(Trainer):
         return super().train_step(data)
 
 
-def xla_layout(repeats: int, precision: str) -> None:
+def mlp():
+    """The guide's MLP."""
+    return keras.Sequential([
+        keras.Input((784,)), keras.layers.Dense(4096, activation="relu"), keras.layers.Dense(4096, activation="relu"),
+        keras.layers.Dense(10), keras.layers.Activation("softmax", dtype="float32"),
+    ])
+
+
+def mlp_data() -> tf.data.Dataset:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(512 * 4, 784)).astype("float32")
     y = rng.integers(0, 10, 512 * 4).astype("int32")
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(512).cache().repeat()
 
-    def model():
-        return keras.Sequential([
-            keras.Input((784,)), keras.layers.Dense(4096, activation="relu"), keras.layers.Dense(4096, activation="relu"),
-            keras.layers.Dense(10), keras.layers.Activation("softmax", dtype="float32"),
-        ])
 
+def mlp_trainer(cls=Trainer, **kwargs) -> Trainer:
+    return cls(model=mlp, loss=keras.losses.SparseCategoricalCrossentropy(), optimizer=lambda: keras.optimizers.Adam(1e-4),
+               log_every=10**9, checkpoint_every=0, progress_bar=False, tensorboard=False, **kwargs)
+
+
+def xla_layout(repeats: int, precision: str) -> None:
     def runner(cls):
-        trainer = cls(model=model, loss=keras.losses.SparseCategoricalCrossentropy(), optimizer=lambda: keras.optimizers.Adam(1e-4),
-                      precision=precision, jit_compile=True, log_every=10**9, checkpoint_every=0, progress_bar=False, tensorboard=False)
-        return compiled_steps(trainer, tf.data.Dataset.from_tensor_slices((x, y)).batch(512).cache().repeat(), 1)
+        return compiled_steps(mlp_trainer(cls, precision=precision, jit_compile=True), mlp_data(), 1)
 
     ms = interleaved({"whole": runner(WholeStepTrainer), "split": runner(Trainer)}, calls=4, repeats=repeats)
     print(f"xla_layout  {precision} train step with XLA: whole-step cluster {ms['whole']:.0f} ms, "
           f"forward/backward compiled + update outside {ms['split']:.0f} ms ({ms['whole'] / ms['split']:.2f}x)")
+
+
+def overhead(repeats: int, n: int = 4) -> None:
+    trainer_steps = compiled_steps(mlp_trainer(jit_compile=False), mlp_data(), n)
+    model, loss_fn, iterator = mlp(), keras.losses.SparseCategoricalCrossentropy(), iter(mlp_data())
+
+    @tf.function
+    def forward_backward(iterator):
+        x, y = next(iterator)
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        return [tf.reduce_sum(g[0]) for g in tape.gradient(loss, model.trainable_variables)]
+
+    def model_steps():
+        for _ in range(n):
+            out = forward_backward(iterator)
+        out[0].numpy()
+
+    ms = interleaved({"trainer": trainer_steps, "model": model_steps}, calls=2, repeats=repeats)
+    print(f"overhead    MLP float32, XLA off: Trainer step {ms['trainer'] / n:.0f} ms, the model's forward+backward "
+          f"alone {ms['model'] / n:.0f} ms ({ms['trainer'] / ms['model']:.2f}x)")
 
 
 def skip_nonfinite(repeats: int) -> None:
@@ -141,13 +172,20 @@ def skip_nonfinite(repeats: int) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--precision", default="float32")
+    parser.add_argument("--precision", default="float32", help="of the xla_layout section")
+    parser.add_argument("--only", nargs="+", choices=list(SECTIONS), help="run these sections only")
     args = parser.parse_args(argv)
     keras.utils.disable_interactive_logging()
-    update_and_finite(args.repeats)
-    xla_layout(args.repeats, args.precision)
-    skip_nonfinite(args.repeats)
+    for name in args.only or SECTIONS:
+        SECTIONS[name](args)
 
+
+SECTIONS = {
+    "update": lambda args: update_and_finite(args.repeats),  # also prints the finite-check figures
+    "xla_layout": lambda args: xla_layout(args.repeats, args.precision),
+    "overhead": lambda args: overhead(args.repeats),
+    "skip": lambda args: skip_nonfinite(args.repeats),
+}
 
 if __name__ == "__main__":
     main()

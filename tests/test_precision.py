@@ -343,9 +343,9 @@ def test_debug_numerics_names_the_first_bad_op(tmp_path):
     assert 'Detected Infinity or NaN in output 0 of graph op' in result.stdout + result.stderr
 
 
-def test_xla_auto_setting_and_cpu_bfloat16_advice(caplog):
+def test_xla_auto_setting_and_cpu_bfloat16_advice(caplog, monkeypatch):
     """jit_compile=None (auto) turns XLA on only for float16 on a CPU; an explicit XLA with bfloat16 on a
-    CPU is kept but warned about (XLA's CPU backend skips the fast bfloat16 matmul kernels)."""
+    CPU is kept, and warned about where XLA skips fast bfloat16 kernels (AMX, AMD Zen 4)."""
     assert not tf.config.list_physical_devices("GPU")  # this test describes the CPU behaviour
     assert make("mixed_float16").jit_compile is True
     assert make("mixed_bfloat16").jit_compile is False and make("float32").jit_compile is False
@@ -353,9 +353,20 @@ def test_xla_auto_setting_and_cpu_bfloat16_advice(caplog):
     with caplog.at_level(logging.WARNING):
         assert make("float32", jit_compile=True).jit_compile is True
     assert "bfloat16" not in caplog.text
-    with caplog.at_level(logging.WARNING):
-        assert make("mixed_bfloat16", jit_compile=True).jit_compile is True
-    assert "XLA with mixed_bfloat16 on a CPU" in caplog.text and "trainer.jit_compile=false" in caplog.text
+    for flags, vendor, warned in [({"amx_bf16", "avx512_bf16"}, "GenuineIntel", True),
+                                  ({"avx512_bf16"}, "AuthenticAMD", True),
+                                  ({"avx512_bf16"}, "GenuineIntel", False)]:
+        monkeypatch.setattr(precision_lib, "cpu_flags", lambda: flags)
+        monkeypatch.setattr(precision_lib, "cpu_vendor", lambda: vendor)
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            assert make("mixed_bfloat16", jit_compile=True).jit_compile is True
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "XLA with mixed_bfloat16" in r.message]
+        assert bool(warnings) is warned, (flags, vendor, caplog.text)
+        if warned:
+            assert "trainer.jit_compile=false is likely faster" in warnings[0].message
+        else:
+            assert "XLA with mixed_bfloat16 on a CPU without AMX" in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -289,12 +289,7 @@ class Trainer:
         on_cpu = not tf.config.list_physical_devices("GPU") and not isinstance(self.strategy, tf.distribute.TPUStrategy)
         if self.config.jit_compile is not None:
             if self.config.jit_compile and on_cpu and self.precision.policy == "mixed_bfloat16":
-                log.warning(
-                    "XLA with mixed_bfloat16 on a CPU: XLA's CPU backend does not use the bfloat16 matmul "
-                    "kernels (oneDNN) that TensorFlow uses without XLA; scripts/bench.py measured bfloat16 "
-                    "matmuls at ~0.45x their speed without XLA, slower than float32. trainer.jit_compile=false "
-                    "is likely faster here."
-                )
+                precision_lib.advise_xla_bfloat16_on_cpu()
             return bool(self.config.jit_compile)
         if self.precision.policy == "mixed_float16" and on_cpu:
             log.info(

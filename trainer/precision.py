@@ -137,6 +137,37 @@ def cpu_flags() -> set:
     return set()
 
 
+def cpu_vendor() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def advise_xla_bfloat16_on_cpu() -> None:
+    """XLA's CPU backend (TF 2.21) does not use oneDNN's bfloat16 matmul kernels, which is a loss where
+    those kernels are fast and a gain where they are not. Measured with scripts/bench.py (MLP matmuls,
+    bfloat16 with XLA over without): ~0.45x on an AMD Zen 4, ~0.19x on an Intel Xeon with AMX, ~1.5x on
+    an Intel Xeon with AVX-512 BF16 but no AMX."""
+    flags = cpu_flags()
+    measure = "`python scripts/bench.py --workloads mlp --precisions mixed_bfloat16` compares both here"
+    if "amx_bf16" in flags or (cpu_vendor() == "AuthenticAMD" and "avx512_bf16" in flags):
+        log.warning(
+            "XLA with mixed_bfloat16 on this CPU (%s): XLA's CPU backend does not use the fast bfloat16 "
+            "matmul kernels (oneDNN) that TensorFlow uses without XLA; measured at 0.2-0.45x their speed on "
+            "such CPUs. trainer.jit_compile=false is likely faster here (%s).",
+            "AMX" if "amx_bf16" in flags else "AMD with AVX-512 BF16", measure,
+        )
+    else:
+        log.info(
+            "XLA with mixed_bfloat16 on a CPU without AMX: on an Intel Xeon with AVX-512 BF16 and no AMX, XLA's "
+            "bfloat16 matmuls measured ~1.5x TensorFlow's own (oneDNN's are slow there); %s.", measure,
+        )
+
+
 def hardware_report(policy: str, strategy: tf.distribute.Strategy) -> str:
     """Says, in words, whether this hardware runs `policy` fast. Advice only: never fails."""
     if isinstance(strategy, (tf.distribute.TPUStrategy,)):
