@@ -561,7 +561,7 @@ def measure_matmul_peak(dtypes, sizes, repeats: int, target_s: float) -> Dict[st
                                                for (d, n, xla), v in samples.items() if d == dt})
 
 
-def measure_mlp_ceiling(dtypes, dims, batch: int, repeats: int, target_s: float) -> Dict[str, dict]:
+def measure_mlp_ceiling(dtypes, wl: Workload, repeats: int, target_s: float) -> Dict[str, dict]:
     """GFLOP/s of the MLP's training matmuls alone, per dtype and XLA setting; repeats interleaved.
 
     Why: the square-matmul peak is not what oneDNN reaches on the MLP's shapes (batch-row matmuls,
@@ -581,7 +581,8 @@ def measure_mlp_ceiling(dtypes, dims, batch: int, repeats: int, target_s: float)
                 dh = tf.matmul(dh, ws[i], transpose_b=True)  # input gradient
         return [o[0, 0] for o in outs]
 
-    flops = 2 * batch * (3 * sum(a * b for a, b in zip(dims, dims[1:])) - dims[0] * dims[1])
+    dims, batch = wl.matmul_dims, wl.batch
+    flops = wl.train_flops_per_example * batch  # the same analytic count as the workload's MFU
     programs = {}
     for dt in dtypes:
         x = tf.cast(tf.random.stateless_normal((batch, dims[0]), seed=(5, 6)), dt)
@@ -974,8 +975,7 @@ def main(argv=None) -> dict:
     ceiling = {}
     if "mlp" in args.workloads:
         print("Measuring the MLP's matmuls alone (its matmul ceiling)...", flush=True)
-        mlp = wls["mlp"]
-        ceiling = measure_mlp_ceiling(dtypes, mlp.matmul_dims, mlp.batch, repeats=max(args.repeats, 1),
+        ceiling = measure_mlp_ceiling(dtypes, wls["mlp"], repeats=max(args.repeats, 1),
                                       target_s=0.05 if args.quick else 0.5)
     cells = plan_cells(args, gpu)
     results, skipped = [], [c for c in cells if c.skipped]

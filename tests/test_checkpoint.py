@@ -30,24 +30,17 @@ def start_worker(run_dir, log, steps, every=5):
 
 
 def parse_log(log):
-    """[(segment, step, ids)] in the order the steps ran; a segment per process start."""
+    """[(segment, step, ids)] in the order the steps ran; a segment per process start. A last line
+    still being written (no newline yet) is left out."""
     rows, segment = [], -1
-    for line in Path(log).read_text().splitlines():
+    text = Path(log).read_text()
+    for line in text.splitlines()[: None if text.endswith("\n") else -1]:
         if line == "START":
             segment += 1
             continue
         step, ids = line.split(" ", 1)
         rows.append((segment, int(step), [int(i) for i in ids.strip("[]").split()]))
     return rows
-
-
-def _complete_steps(log, segment):
-    """Steps logged so far by process `segment`, ignoring a line still being written."""
-    text = Path(log).read_text()
-    lines = text.splitlines()[: None if text.endswith("\n") else -1]
-    complete = log.parent / "complete.log"
-    complete.write_text("".join(line + "\n" for line in lines))
-    return [s for seg, s, _ in parse_log(complete) if seg == segment]
 
 
 def check_exactly_once(rows, total):
@@ -95,7 +88,7 @@ def test_random_kills_including_inside_save_always_resume(tmp_path):
         while True:
             time.sleep(0.02)
             assert proc.poll() is None, proc.stderr.read()[-2000:]
-            steps = _complete_steps(log, segment)
+            steps = [s for seg, s, _ in parse_log(log) if seg == segment]
             if steps and deadline is None:
                 deadline = time.time() + rng.uniform(0.0, 1.5)
             if deadline is not None and (time.time() >= deadline or steps[-1] - steps[0] >= most_per_process):

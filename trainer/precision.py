@@ -127,24 +127,23 @@ def warn_not_multiple_of_8(model: keras.Model, per_replica_batch: int | None) ->
     return offenders
 
 
-def cpu_flags() -> set:
+def _cpuinfo_field(name: str) -> str:
+    """The value of the first `name` line of /proc/cpuinfo ("" where there is none, e.g. not Linux)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def cpu_vendor() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
+            if line.startswith(name):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return ""
+
+
+def cpu_flags() -> set:
+    return set(_cpuinfo_field("flags").split())
+
+
+def cpu_vendor() -> str:
+    return _cpuinfo_field("vendor_id")
 
 
 def advise_xla_bfloat16_on_cpu() -> None:
