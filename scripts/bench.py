@@ -44,8 +44,9 @@ On CPU, mixed_float16 runs only with XLA on and K=1 unless --include-slow (see `
 cells are listed in the output. `--runners ...,trainer_step` adds a diagnostic runner that calls the
 Trainer's compiled loop directly, to separate fit()'s per-call cost from its per-step cost.
 
-Data are SYNTHETIC (random tensors, cached in memory, repeated, prefetched): the numbers measure the
-training step, not an input pipeline, and say nothing about accuracy.
+Data are SYNTHETIC (random tensors, cached in memory, repeated, prefetched; tf.data autotuning off,
+see `make_dataset`): the numbers measure the training step, not an input pipeline, and say nothing
+about accuracy.
 
 Usage:
   python scripts/bench.py                       # the default matrix (estimated 15-25 min, 2-core CPU)
@@ -235,8 +236,16 @@ def workloads(quick: bool) -> Dict[str, Workload]:
 
 
 def make_dataset(arrays) -> tf.data.Dataset:
-    """Whole batches from an in-memory pool: cached, repeated, prefetched (no input-pipeline cost)."""
-    return tf.data.Dataset.from_tensor_slices(arrays).cache().repeat().prefetch(tf.data.AUTOTUNE)
+    """Whole batches from an in-memory pool: cached, repeated, prefetched (no input-pipeline cost).
+
+    tf.data autotuning is off: there is nothing to tune here, and with it on, destroying an iterator
+    waits for the autotuner's next wake-up (10 ms after the iterator was made, then doubling periods),
+    i.e. up to the iterator's own age. `model.fit` and the hand loop make a new iterator in every timed
+    call (the Trainer keeps its own), so their calls took 0-100% longer, at random: calls of 3.0-3.5 s
+    measured 5.11 s = (2^9 - 1) x 10 ms."""
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return tf.data.Dataset.from_tensor_slices(arrays).cache().repeat().prefetch(2).with_options(options)
 
 
 def make_loss():
@@ -960,7 +969,7 @@ def main(argv=None) -> dict:
     gpu = bool(tf.config.list_physical_devices("GPU"))
     start = time.perf_counter()
     meta = dict(
-        issue="#4", data="synthetic: random tensors, cached in memory, repeated, prefetched", quick=args.quick,
+        issue="#4", data="synthetic: random tensors, cached in memory, repeated, prefetched, tf.data autotuning off", quick=args.quick,
         machine=machine(), tensorflow=tf.__version__, keras=keras.__version__, python=platform.python_version(),
         loadavg_start=[round(x, 2) for x in os.getloadavg()], args={k: str(v) for k, v in vars(args).items()},
         **provenance(),

@@ -123,3 +123,31 @@ def test_example_script_trains_a_custom_model(tmp_path):
     accuracy = float(result.stdout.strip().splitlines()[-1].split()[2])
     assert accuracy > 0.6  # 10 classes: chance is 0.1
     assert (tmp_path / "checkpoints" / "ckpt-120.index").exists()
+
+
+def test_finished_iterators_are_destroyed_off_the_training_thread(monkeypatch):
+    """tf.data can block an iterator's destruction until its autotuner wakes (up to the iterator's age):
+    the eval iterator, and a kept train iterator that a new data set replaces, die on a release thread."""
+    import threading
+    import weakref
+
+    import trainer.core as core
+    import trainer.data as data
+
+    died_on = []
+
+    def watched_release(holder):
+        for item in holder:  # an iterator, or the _KeptIterator tuple that holds one
+            weakref.finalize(getattr(item, "iterator", item), lambda: died_on.append(threading.current_thread().name))
+        del item  # else this frame, not the thread, would hold the last reference
+        data.release_in_background(holder)
+
+    monkeypatch.setattr(core, "release_in_background", watched_release)
+    t = make_trainer()
+    train, evaluation = datasets()
+    t.fit(train, steps=4)
+    t.evaluate(evaluation)
+    t.fit(train.map(lambda x, y: (x * 2.0, y)), steps=8)  # other data: the kept iterator is let go
+    data._join_releases()
+    assert died_on == ["trainer-release-iterator"] * 2
+    assert not data._releasing

@@ -25,6 +25,7 @@ from trainer import precision as precision_lib
 from trainer.callbacks import Callback, CallbackList, default_callbacks
 from trainer.checkpoint import Checkpointer
 from trainer.config import PrecisionConfig, TrainerConfig
+from trainer.data import release_in_background
 from trainer.fused import fuse
 from trainer.loss_scale import LossScale
 
@@ -540,6 +541,10 @@ class Trainer:
             iterator = kept.iterator  # a later fit() call on the same data continues where the last one ended
         else:
             iterator = iter(self._distribute(train_data, skip_batches=start * cfg.grad_accum_steps))
+            if kept is not None:
+                holder, kept = [kept], None  # the thread must hold the last reference
+                release_in_background(holder)
+        kept = None
         callbacks = CallbackList(default_callbacks(self) + self.callbacks.callbacks)
         callbacks.on_train_begin(self)
 
@@ -694,7 +699,7 @@ class Trainer:
             self._eval_function = self._make_eval_function()
         self._reset(self.eval_metrics, self.eval_loss)
         steps = steps or self.config.eval_steps
-        iterator = iter(self._distribute(eval_data, training=False))
+        holder = [iter(self._distribute(eval_data, training=False))]  # its only reference: see the end
         bar = None
         if self.config.progress_bar:
             from tqdm.auto import tqdm
@@ -703,7 +708,7 @@ class Trainer:
         done, chunk = 0, 25  # batches per call: the bar moves while the loop stays in the graph
         while steps is None or done < steps:
             want = chunk if steps is None else min(chunk, steps - done)
-            n = int(self._eval_function(iterator, tf.constant(want, tf.int64)))
+            n = int(self._eval_function(holder[0], tf.constant(want, tf.int64)))
             done += n
             if bar is not None:
                 bar.update(n)
@@ -711,6 +716,7 @@ class Trainer:
                 break
         if bar is not None:
             bar.close()
+        release_in_background(holder)  # destroying it can wait for tf.data's autotuner (see data.py)
         logs = {"step": int(self.step.numpy()) if step is None else step, "split": "eval", "loss": float(self.eval_loss.result())}
         logs.update({name: float(m.result()) for name, m in self.eval_metrics.items()})
         if callbacks is not None:

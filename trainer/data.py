@@ -7,10 +7,12 @@ position by skipping the batches already consumed (see `Trainer._distribute`).
 """
 from __future__ import annotations
 
+import atexit
 import gzip
 import logging
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -21,6 +23,33 @@ import tensorflow as tf
 log = logging.getLogger(__name__)
 
 DatasetFn = Callable[[tf.distribute.InputContext], tf.data.Dataset]
+
+
+_releasing: "set[threading.Thread]" = set()
+
+
+def release_in_background(holder: list) -> None:
+    """Empties `holder`, whose items are the only references to tf.data iterators, on a daemon thread.
+
+    With tf.data autotuning on (the default), destroying an iterator can block until its autotuning
+    thread's next wake-up: 10 ms after the iterator was made, then at doubling periods up to 60 s, so up
+    to the iterator's own lifetime. Measured here: 3 of 10 evaluations of 0.7 s stalled 0.5 s more. The
+    wait releases the GIL, so a thread absorbs it while training goes on; exit waits for these threads
+    (a thread still inside TensorFlow's teardown at process exit could crash it)."""
+    thread = threading.Thread(target=_clear, args=(holder,), name="trainer-release-iterator", daemon=True)
+    _releasing.add(thread)
+    thread.start()
+
+
+def _clear(holder: list) -> None:
+    holder.clear()
+    _releasing.discard(threading.current_thread())
+
+
+@atexit.register
+def _join_releases() -> None:
+    for thread in list(_releasing):
+        thread.join()
 
 
 class DataError(ValueError):
