@@ -15,7 +15,7 @@ import math
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import keras
 import numpy as np
@@ -34,12 +34,18 @@ log = logging.getLogger(__name__)
 DataArg = Union[tf.data.Dataset, Callable[[tf.distribute.InputContext], tf.data.Dataset]]
 
 
-class _KeptIterator(NamedTuple):
-    """What a fit() call that ended normally leaves for the next call on the same data set."""
+class _KeptIterator:
+    """What a fit() call that ended normally leaves for the next call on the same data set. When it is
+    let go (fit() on other data, or the Trainer is freed), its iterator dies on the release thread: after a
+    100 s run, destroying it in the calling thread took 45 s (tf.data's autotuner wait, see data.py)."""
 
-    data: DataArg
-    step: int
-    iterator: Any
+    def __init__(self, data: DataArg, step: int, iterator: Any):
+        self.data, self.step, self.iterator = data, step, iterator
+
+    def __del__(self):
+        if self.iterator is not None:
+            holder, self.iterator = [self.iterator], None
+            release_in_background(holder)
 
 
 class NumericalError(RuntimeError):
@@ -538,13 +544,11 @@ class Trainer:
         start = int(self.step.numpy())
         self.steps_per_epoch = steps_per_epoch
         if kept is not None and kept.data is train_data and kept.step == start:
-            iterator = kept.iterator  # a later fit() call on the same data continues where the last one ended
+            # A later fit() call on the same data continues where the last one ended.
+            iterator, kept.iterator = kept.iterator, None
         else:
             iterator = iter(self._distribute(train_data, skip_batches=start * cfg.grad_accum_steps))
-            if kept is not None:
-                holder, kept = [kept], None  # the thread must hold the last reference
-                release_in_background(holder)
-        kept = None
+        kept = None  # one not reused dies on the release thread (_KeptIterator.__del__)
         callbacks = CallbackList(default_callbacks(self) + self.callbacks.callbacks)
         callbacks.on_train_begin(self)
 
