@@ -516,9 +516,11 @@ class Trainer:
         self._kept_iterator = None  # kept again only if this call ends normally
         if kept is None or kept.data is not train_data:
             if isinstance(train_data, tf.data.Dataset):
-                sample = next(iter(train_data))
+                probe = [iter(train_data)]
             else:  # what one replica of this strategy would be given
-                sample = next(iter(train_data(tf.distribute.InputContext(1, 0, self.strategy.num_replicas_in_sync))))
+                probe = [iter(train_data(tf.distribute.InputContext(1, 0, self.strategy.num_replicas_in_sync)))]
+            sample = next(probe[0])
+            release_in_background(probe)  # its age includes filling a shuffle buffer: see data.py
             self.build(sample)
             self.batch_size = int(tf.nest.flatten(sample)[0].shape[0]) * (
                 1 if isinstance(train_data, tf.data.Dataset) else self.strategy.num_replicas_in_sync
