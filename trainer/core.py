@@ -45,7 +45,10 @@ class _KeptIterator:
     def __del__(self):
         if self.iterator is not None:
             holder, self.iterator = [self.iterator], None
-            release_in_background(holder)
+            try:
+                release_in_background(holder)
+            except Exception:  # late in interpreter shutdown module globals are gone: it dies here
+                pass
 
 
 class NumericalError(RuntimeError):

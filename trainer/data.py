@@ -38,7 +38,11 @@ def release_in_background(holder: list) -> None:
     absorbs it while training goes on."""
     thread = threading.Thread(target=_clear, args=(holder,), name="trainer-release-iterator", daemon=True)
     _releasing.add(thread)
-    thread.start()
+    try:
+        thread.start()
+    except RuntimeError:  # interpreter shutdown: no new threads; the iterators die here
+        _releasing.discard(thread)
+        holder.clear()
 
 
 def _clear(holder: list) -> None:
