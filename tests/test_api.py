@@ -160,3 +160,27 @@ def test_finished_iterators_are_destroyed_off_the_training_thread(monkeypatch):
     # The sample iterators of the two data sets, the eval iterator, the replaced one, the freed one.
     assert died_on == ["trainer-release-iterator"] * 5
     assert not data._releasing
+
+
+def test_process_exits_when_a_freed_trainer_is_collected_at_shutdown():
+    """A Trainer freed by the garbage collector during interpreter shutdown (as after Hydra's task
+    function) must not start its release thread then: Thread.start() would wait forever."""
+    import subprocess
+    import sys
+
+    script = (
+        "import numpy as np, keras, tensorflow as tf\n"
+        "from trainer import Trainer\n"
+        "def run():\n"
+        "    x = np.random.rand(256, 8).astype('float32'); y = np.random.randint(0, 2, 256).astype('int32')\n"
+        "    def build():\n"
+        "        i = keras.Input((8,)); return keras.Model(i, keras.layers.Dense(2)(i))\n"
+        "    t = Trainer(model=build, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),\n"
+        "                optimizer=lambda: keras.optimizers.Adam(1e-3), progress_bar=False)\n"
+        "    t.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(32).repeat().prefetch(tf.data.AUTOTUNE), steps=5)\n"
+        "run()\n"
+        "print('trained')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "trained" in done.stdout

@@ -47,8 +47,8 @@ class _KeptIterator:
             holder, self.iterator = [self.iterator], None
             try:
                 release_in_background(holder)
-            except Exception:  # late in interpreter shutdown module globals are gone: it dies here
-                pass
+            except Exception:  # late in interpreter shutdown module globals may be gone: it dies here
+                holder.clear()
 
 
 class NumericalError(RuntimeError):

@@ -12,6 +12,7 @@ import gzip
 import logging
 import os
 import struct
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -36,13 +37,12 @@ def release_in_background(holder: list) -> None:
     thread's next wake-up: 10 ms after the iterator was made, then at doubling periods up to 60 s, so up
     to the iterator's own age (scripts/iterator_teardown.py). The wait releases the GIL, so a thread
     absorbs it while training goes on."""
+    if sys.is_finalizing():  # a thread started now never runs, and start() would wait for it forever
+        holder.clear()
+        return
     thread = threading.Thread(target=_clear, args=(holder,), name="trainer-release-iterator", daemon=True)
     _releasing.add(thread)
-    try:
-        thread.start()
-    except RuntimeError:  # interpreter shutdown: no new threads; the iterators die here
-        _releasing.discard(thread)
-        holder.clear()
+    thread.start()
 
 
 def _clear(holder: list) -> None:
