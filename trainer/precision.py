@@ -146,19 +146,29 @@ def cpu_vendor() -> str:
     return _cpuinfo_field("vendor_id")
 
 
+def cpu_bfloat16_kernels(flags: set) -> str:
+    """Which bfloat16 matmul hardware this CPU gives oneDNN: "AMX", "AMD with AVX-512 BF16" (fast on a
+    Zen 4: 1.8x float32), "AVX-512 BF16" (Intel without AMX: 0.56x float32, measured), or "" (none)."""
+    if "amx_bf16" in flags:
+        return "AMX"
+    if "avx512_bf16" in flags:
+        return "AMD with AVX-512 BF16" if cpu_vendor() == "AuthenticAMD" else "AVX-512 BF16"
+    return ""
+
+
 def advise_xla_bfloat16_on_cpu() -> None:
     """XLA's CPU backend (TF 2.21) does not use oneDNN's bfloat16 matmul kernels, which is a loss where
     those kernels are fast and a gain where they are not. Measured with scripts/bench.py (MLP matmuls,
     bfloat16 with XLA over without): ~0.45x on an AMD Zen 4, ~0.19x on an Intel Xeon with AMX, ~1.5x on
     an Intel Xeon with AVX-512 BF16 but no AMX."""
-    flags = cpu_flags()
+    kernels = cpu_bfloat16_kernels(cpu_flags())
     measure = "`python scripts/bench.py --workloads mlp --precisions mixed_bfloat16` compares both here"
-    if "amx_bf16" in flags or (cpu_vendor() == "AuthenticAMD" and "avx512_bf16" in flags):
+    if kernels in ("AMX", "AMD with AVX-512 BF16"):
         log.warning(
             "XLA with mixed_bfloat16 on this CPU (%s): XLA's CPU backend does not use the fast bfloat16 "
             "matmul kernels (oneDNN) that TensorFlow uses without XLA; measured at 0.2-0.45x their speed on "
             "such CPUs. trainer.jit_compile=false is likely faster here (%s).",
-            "AMX" if "amx_bf16" in flags else "AMD with AVX-512 BF16", measure,
+            kernels, measure,
         )
     else:
         log.info(
@@ -187,11 +197,10 @@ def hardware_report(policy: str, strategy: tf.distribute.Strategy) -> str:
             )
         return "; ".join(lines)
     flags = cpu_flags()
-    if "amx_bf16" in flags:
+    kernels = cpu_bfloat16_kernels(flags)
+    if kernels == "AMX":
         bf16 = "fast here (AMX)"
-    elif "avx512_bf16" in flags:
-        # Measured with scripts/bench.py (square matmuls, bfloat16 over float32): 1.8x on an AMD Zen 4,
-        # 0.56x on an Intel Xeon that exposes AVX-512 BF16 but not AMX.
+    elif kernels:
         bf16 = ("supported here (AVX-512 BF16, no AMX): from 0.6x to 1.8x float32 matmul speed depending on "
                 "the CPU (`python scripts/bench.py --workloads mlp` measures it)")
     else:
