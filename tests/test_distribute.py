@@ -2,9 +2,11 @@
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import keras
 import numpy as np
@@ -92,6 +94,59 @@ def test_multi_worker_two_processes_on_loopback(tmp_path):
     assert train_steps == [10, 20, 30]  # written once, by the chief
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("ckpt-*.index")) == ["ckpt-15.index", "ckpt-30.index"]
     assert (run_dir / "trainer.worker1.log").exists()
+
+
+def _launch_two_workers(run_dir, log_dir, overrides):
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    args = [
+        sys.executable, "-m", "trainer", "strategy=multi_worker", "trainer.eval_every=0", "trainer.progress_bar=false",
+        "data.batch_size=64", f"hydra.run.dir={run_dir}", *overrides,
+    ]
+    procs, logs = [], []
+    for index in range(2):
+        env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
+        logs.append(log_dir / f"worker{index}.{len(list(log_dir.glob('*.out')))}.out")
+        with open(logs[-1], "w") as out:
+            procs.append(subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, text=True))
+    return procs, logs
+
+
+@pytest.mark.slow
+def test_multi_worker_sigterm_to_one_worker_saves_on_all_and_resumes(tmp_path):
+    """SIGTERM to the non-chief worker only: both workers save the same step and exit 143; the same
+    commands resume from that step on both and finish."""
+    run_dir = tmp_path / "run"
+    common = ["trainer.max_steps=600", "trainer.log_every=20", "trainer.checkpoint_every=0"]
+    procs, logs = _launch_two_workers(run_dir, tmp_path, common)
+    try:
+        deadline = time.monotonic() + 300
+        while "First loop" not in logs[1].read_text():
+            assert time.monotonic() < deadline and procs[1].poll() is None, logs[1].read_text()[-3000:]
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    outputs = [log.read_text() for log in logs]
+    assert codes == [143, 143], [o[-3000:] for o in outputs]
+    saved = [int(re.search(r"every worker saved step (\d+)", o).group(1)) for o in outputs]
+    assert saved[0] == saved[1] < 600
+    step = saved[0]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("ckpt-*.index")) == [f"ckpt-{step}.index"]
+
+    procs, logs = _launch_two_workers(run_dir, tmp_path, common)
+    codes = [p.wait(timeout=300) for p in procs]
+    outputs = [log.read_text() for log in logs]
+    assert codes == [0, 0], [o[-3000:] for o in outputs]
+    for o in outputs:
+        assert f"(step {step})" in o and "Resuming from" in o
+    fingerprints = [re.search(r"Weights fingerprint: (\w+)", o).group(1) for o in outputs]
+    assert fingerprints[0] == fingerprints[1]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("ckpt-*.index")) == sorted(
+        [f"ckpt-{step}.index", "ckpt-600.index"]
+    )
 
 
 def test_multi_worker_needs_tf_config(tmp_path):

@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
@@ -20,6 +22,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.util import deprecation as _tf_deprecation
 
 from trainer import precision as precision_lib
 from trainer.callbacks import Callback, CallbackList, default_callbacks
@@ -57,6 +60,10 @@ class NumericalError(RuntimeError):
 
 class TrainingInterrupted(Exception):
     """SIGTERM/SIGINT arrived; a checkpoint was saved (when a run folder is set) before this is raised."""
+
+
+class _PreemptedAndSaved(TrainingInterrupted):
+    """Raised by TF's PreemptionCheckpointHandler (as its exit_fn) once every worker has saved."""
 
 
 def _build(obj_or_builder):
@@ -584,7 +591,8 @@ class Trainer:
                         window_start, window_step = time.perf_counter(), step
                     callbacks.on_loop_end(self, step)
                     if preemption is not None:
-                        preemption.save_checkpoint_if_preempted(checkpoint_number=step)
+                        with _tf_deprecation.silence():  # TF calls its own deprecated total_run_calls
+                            preemption.save_checkpoint_if_preempted(step)
                     self._check_numerics(step)
                     if step % max(cfg.log_every, 1) == 0 or step == total:
                         elapsed = time.perf_counter() - window_start
@@ -609,6 +617,13 @@ class Trainer:
                         self.checkpointer.update_best(step, eval_logs)
                 if self.checkpointer:
                     self.checkpointer.save(step)
+        except _PreemptedAndSaved as e:
+            log.warning(
+                "Preemption notice (%s to a worker of this run) at step %d: every worker saved step %d; "
+                "run the same commands again to resume.", e, step, step,
+            )
+            callbacks.on_train_end(self, {"step": step, "interrupted": True})
+            raise
         except TrainingInterrupted as e:
             if self.checkpointer:
                 path = self.checkpointer.save(step)
@@ -630,14 +645,28 @@ class Trainer:
         return eval_logs or train_logs
 
     def _preemption_handler(self):
-        """TF's preemption support for multi-worker runs: on SIGTERM to any worker, all save at one step."""
+        """TF's preemption support for multi-worker runs: on SIGTERM to any worker, every worker saves at
+        the same step, then raises _PreemptedAndSaved. TF decides when; our Checkpointer saves (non-finite
+        guard, temporary folders for non-chief workers, retention). TF's handler also wants a checkpoint
+        manager, which it restores at once: it gets one over an empty scratch folder, because prepare()
+        has already restored (with its fallback past unreadable checkpoints)."""
         if self.checkpointer is None or not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
             return None
-        # Our manager (keep-N retention, ckpt-<step> names); non-chief workers write to a temporary folder.
-        directory = self.checkpointer.directory if self.is_chief else self.checkpointer._write_dir()
-        handler = tf.distribute.experimental.PreemptionCheckpointHandler(
-            self.strategy.cluster_resolver, self.checkpointer.manager(directory)
-        )
+
+        def exit_fn():
+            raise _PreemptedAndSaved("SIGTERM")
+
+        scratch = tempfile.mkdtemp(prefix="trainer-preemption-")
+        try:
+            handler = tf.distribute.experimental.PreemptionCheckpointHandler(
+                self.strategy.cluster_resolver,
+                tf.train.CheckpointManager(self.checkpointer.checkpoint, scratch, max_to_keep=1),
+                termination_config=tf.distribute.experimental.TerminationConfig(
+                    exit_fn=exit_fn, save_fn=lambda step: self.checkpointer.save(step)
+                ),
+            )
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         log.info("Multi-worker preemption handling on: SIGTERM to any worker saves a checkpoint on all, then exits")
         return handler
 
