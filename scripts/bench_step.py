@@ -4,7 +4,8 @@ behind trainer/fused.py and the XLA layout in core.py `_make_train_function`, si
 
   update       one Adam update of the MLP's 20M parameters: Keras' ops vs TF's fused kernel
   finite       finite check of the gradients: per-tensor is_finite + global norm vs the norm alone
-  xla_layout   a train step with XLA: whole step in one cluster vs forward/backward compiled, update outside
+  xla_layout   a train step with XLA on the MLP, ResNet and Transformer: whole step in one cluster, non-finite
+               skip as a select (the default) or a tf.cond, vs forward/backward compiled and update outside
   overhead     a Trainer step vs the same model's forward and backward alone (no update, checks or
                metrics): what the Trainer adds around the model's own work
   skip         the small Transformer of scripts/bench.py (float32, XLA off): updates wait for the finite
@@ -93,11 +94,36 @@ def compiled_steps(trainer: Trainer, ds: tf.data.Dataset, n: int):
     return steps
 
 
-class WholeStepTrainer(Trainer):
-    """Overriding train_step makes XLA compile the whole step (forward, backward, update) as one cluster."""
+class SplitStepTrainer(Trainer):
+    """The layout the Trainer uses with several replicas: XLA compiles forward and backward only; the
+    finite check and the (fused) update run outside XLA, the skip as a tf.cond."""
 
-    def train_step(self, data):
-        return super().train_step(data)
+    def _make_train_function(self):
+        compute_gradients = self._wrap_xla(self.compute_gradients)
+
+        def step(data):
+            loss, grads = compute_gradients(data)
+            self.apply_gradients(grads, loss)
+
+        def loop(iterator, num_steps):
+            for _ in tf.range(num_steps):
+                self.strategy.run(step, args=(next(iterator),))
+                self.step.assign_add(1)
+
+        return tf.function(loop)
+
+
+class CondSkipTrainer(Trainer):
+    """The whole step in one XLA cluster, with the skip of a non-finite update as a tf.cond."""
+
+    def _apply_selected(self, grads, finite):
+        def apply():
+            self.optimizer.apply(grads, self.model.trainable_variables)
+
+        def skip():
+            self.optimizer.iterations.assign_add(1)
+
+        tf.cond(finite, apply, skip)
 
 
 def mlp():
@@ -121,12 +147,25 @@ def mlp_trainer(cls=Trainer, **kwargs) -> Trainer:
 
 
 def xla_layout(repeats: int, precision: str) -> None:
-    def runner(cls):
-        return compiled_steps(mlp_trainer(cls, precision=precision, jit_compile=True), mlp_data(), 1)
+    """The Trainer's default with XLA on one device (whole step, select skip) against the alternatives,
+    on the guide's MLP (20M parameters) and bench.py's small ResNet and Transformer."""
+    from bench import make_dataset, make_loss, workloads
 
-    ms = interleaved({"whole": runner(WholeStepTrainer), "split": runner(Trainer)}, calls=4, repeats=repeats)
-    print(f"xla_layout  {precision} train step with XLA: whole-step cluster {ms['whole']:.0f} ms, "
-          f"forward/backward compiled + update outside {ms['split']:.0f} ms ({ms['whole'] / ms['split']:.2f}x)")
+    for name in ("mlp", "resnet", "transformer"):
+        workload = workloads(False)[name]
+        arrays = workload.make_data(np.random.default_rng(0))
+
+        def runner(cls):
+            trainer = cls(model=workload.build, loss=make_loss(), optimizer=lambda: keras.optimizers.Adam(1e-4),
+                          precision=precision, jit_compile=True, log_every=10**9, checkpoint_every=0,
+                          progress_bar=False, tensorboard=False)
+            return compiled_steps(trainer, make_dataset(arrays), 1 if name == "mlp" else 4)
+
+        ms = interleaved({"select": runner(Trainer), "cond": runner(CondSkipTrainer), "split": runner(SplitStepTrainer)},
+                         calls=4, repeats=repeats)
+        print(f"xla_layout  {name} {precision}, ms per call: whole step with select skip (default) {ms['select']:.1f}, "
+              f"with tf.cond skip {ms['cond']:.1f} ({ms['cond'] / ms['select']:.2f}x), update outside XLA "
+              f"{ms['split']:.1f} ({ms['split'] / ms['select']:.2f}x)", flush=True)
 
 
 def overhead(repeats: int, n: int = 4) -> None:

@@ -165,15 +165,16 @@ def test_tpu_without_a_tpu_fails_fast(tmp_path):
         assert "strategy=tpu" in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("jit_compile, steps_per_loop", [(True, 1), (False, 5), (True, 7)])
-def test_xla_and_steps_per_loop_give_the_same_losses(jit_compile, steps_per_loop):
-    """Against the reference (no XLA, one step per call): same logged losses and weights."""
+@pytest.mark.parametrize("jit_compile, steps_per_loop, whole_step", [(True, 1, None), (False, 5, None), (True, 7, False)])
+def test_xla_and_steps_per_loop_give_the_same_losses(jit_compile, steps_per_loop, whole_step):
+    """Against the reference (no XLA, one step per call): same logged losses and weights, with the
+    update compiled into the XLA step (auto for this small model) or run outside it."""
 
-    def train(jit, k):
+    def train(jit, k, whole_step=None):
         trainer = Trainer(
             model=lambda: keras.Sequential([keras.Input((16,)), keras.layers.Dense(32, activation="relu"), keras.layers.Dense(2, dtype="float32")]),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), optimizer=lambda: keras.optimizers.Adam(1e-2),
-            progress_bar=False, log_every=10, jit_compile=jit, steps_per_loop=k, seed=1,
+            progress_bar=False, log_every=10, jit_compile=jit, steps_per_loop=k, seed=1, xla_whole_step=whole_step,
         )
         losses = []
 
@@ -186,9 +187,32 @@ def test_xla_and_steps_per_loop_give_the_same_losses(jit_compile, steps_per_loop
         return losses, [v.numpy() for v in trainer.model.weights], trainer
 
     ref_losses, ref_weights, _ = train(False, 1)
-    losses, weights, trainer = train(jit_compile, steps_per_loop)
+    losses, weights, trainer = train(jit_compile, steps_per_loop, whole_step)
+    if jit_compile:
+        assert trainer._xla_whole_step() == (whole_step is None)
     assert [s for s, _ in losses] == [s for s, _ in ref_losses] == [10, 20, 30, 33]
     np.testing.assert_allclose([l for _, l in losses], [l for _, l in ref_losses], rtol=1e-4)
     for a, b in zip(weights, ref_weights):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     assert trainer.traces["train"] == 1  # partial loops reuse the same trace (num_steps is a tensor)
+
+
+def test_xla_whole_step_auto_keeps_large_variables_updates_outside_xla_on_a_cpu():
+    """Auto: the update joins the XLA step unless the variables average >= 1M parameters (on a CPU),
+    and never with gradient accumulation or several replicas (test_mirrored_two_replicas_match_one_device
+    runs that layout)."""
+
+    def trainer(units, **options):
+        t = Trainer(
+            model=lambda: keras.Sequential([keras.Input((1024,)), keras.layers.Dense(units)]),
+            loss=keras.losses.MeanSquaredError(), optimizer=lambda: keras.optimizers.Adam(1e-3),
+            progress_bar=False, jit_compile=True, **options,
+        )
+        t.build((tf.zeros((2, 1024)), tf.zeros((2, units))))
+        return t
+
+    assert trainer(64)._xla_whole_step() is True  # 32k parameters per variable
+    assert trainer(2048)._xla_whole_step() is False  # a 2M kernel and its bias: 1M on average
+    assert trainer(2048, xla_whole_step=True)._xla_whole_step() is True
+    assert trainer(64, xla_whole_step=False)._xla_whole_step() is False
+    assert trainer(64, grad_accum_steps=2)._xla_whole_step() is False

@@ -39,10 +39,10 @@ def batches(n_batches=40, batch=16, poison=None, seed=0):
 
 def make(precision, model=None, **options):
     options.setdefault("progress_bar", False)
+    options.setdefault("optimizer", lambda: keras.optimizers.SGD(0.05))
     return Trainer(
         model=model or mlp(),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        optimizer=lambda: keras.optimizers.SGD(0.05),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         precision=precision,
         log_every=1,
@@ -87,15 +87,18 @@ def test_underflowing_gradient_is_recovered_by_scaling():
     assert np.count_nonzero(results["scaled"]) > 0
 
 
-def test_overflow_skips_exactly_that_update_and_halves_scale():
+@pytest.mark.parametrize("jit_compile", [False, True])  # XLA skips by select, not tf.cond (core._apply_selected)
+def test_overflow_skips_exactly_that_update_and_halves_scale(jit_compile):
     """(b) An injected overflow (x = 1e5 > float16 max) skips its update only; training continues."""
     ds = batches(poison={2: 1e5})
-    trainer = make(PrecisionConfig(policy="mixed_float16", initial_scale=1024.0), jit_compile=False)
+    trainer = make(PrecisionConfig(policy="mixed_float16", initial_scale=1024.0), jit_compile=jit_compile,
+                   optimizer=lambda: keras.optimizers.Adam(1e-3))
     trainer.fit(ds, steps=2)
-    before = weights(trainer)
+    state = lambda: weights(trainer) + [v.numpy() for v in trainer.optimizer.variables if v is not trainer.optimizer.iterations]
+    before = state()
     trainer.fit(ds, steps=3)  # batch 2: non-finite
-    after_skip = weights(trainer)
-    assert all(np.array_equal(a, b) for a, b in zip(before, after_skip))
+    after_skip = state()
+    assert all(np.array_equal(a, b) for a, b in zip(before, after_skip))  # weights and Adam's slots
     assert float(trainer.loss_scale.scale.numpy()) == 512.0
     assert int(trainer.loss_scale.skipped_steps.numpy()) == 1
     trainer.fit(ds, steps=6)

@@ -38,6 +38,10 @@ class TrainerConfig:
     # TensorFlow's float16 CPU kernels are ~100x slower than XLA's.
     jit_compile: Optional[bool] = None
     xla_auto_cluster: bool = False  # TF's XLA auto-clustering (global)
+    # With XLA on one replica: compile the optimizer update into the step's XLA cluster (true) or run it
+    # outside XLA with TF's multi-threaded fused kernels (false). None (auto): inside, except on a CPU for
+    # models whose variables average >= 1M parameters (the guide's MLP), where the kernels outside win.
+    xla_whole_step: Optional[bool] = None
     steps_per_loop: int = 1  # train steps per tf.function call
     grad_accum_steps: int = 1  # micro-batches accumulated per optimizer update
     # Keras Adam/AdamW/SGD(momentum) updates in one TensorFlow kernel per variable (same arithmetic;

@@ -167,6 +167,7 @@ class Trainer:
         self._eval_function = None
         self.traces: Dict[str, int] = {"train": 0, "eval": 0}
         self._accumulators = None
+        self._tracing_xla = False
         self._kept_iterator: Optional[_KeptIterator] = None
         self.checkpointer: Optional[Checkpointer] = None
         # Variable path -> factor applied to its unscaled gradient (e.g. a lower backbone rate when
@@ -259,7 +260,10 @@ class Trainer:
             self.optimizer.iterations.assign_add(1)
 
         if tf.__internal__.distribute.strategy_supports_no_merge_call():
-            tf.cond(finite, apply, skip)
+            if self._tracing_xla:
+                self._apply_selected(grads, finite)
+            else:
+                tf.cond(finite, apply, skip)
             return
 
         # Mirrored-style strategies: a cond whose branch calls merge_call (as optimizer.apply does) is
@@ -276,6 +280,17 @@ class Trainer:
             )
 
         tf.distribute.get_replica_context().merge_call(cross_replica, args=(grads, finite))
+
+    def _apply_selected(self, grads, finite) -> None:
+        """The skip without a branch, for a step compiled by XLA: apply, then put back the old value
+        of every model and optimizer variable if the step was not finite. XLA fuses the update and the
+        select into one in-place pass per variable; a tf.cond there makes it copy all the variables."""
+        variables = self.model.trainable_variables
+        state = [v for v in list(variables) + list(self.optimizer.variables) if v is not self.optimizer.iterations]
+        before = [tf.convert_to_tensor(v) for v in state]  # read before the update (program order)
+        self.optimizer.apply(grads, variables)  # `iterations` counts skipped steps too, as in skip()
+        for v, old in zip(state, before):
+            v.assign(tf.where(finite, tf.convert_to_tensor(v), old))
 
     # Gradient accumulation: K micro-batches per optimizer update ------------------------------
 
@@ -302,8 +317,30 @@ class Trainer:
     # Building and compiling
     # ------------------------------------------------------------------------------------------
 
+    def _on_cpu(self) -> bool:
+        return not tf.config.list_physical_devices("GPU") and not isinstance(self.strategy, tf.distribute.TPUStrategy)
+
+    def _xla_whole_step(self, possible_only: bool = False) -> bool:
+        """Whether XLA compiles the update with the rest of the step. Only on one replica without
+        accumulation: the all-reduce's merge_call cannot live in an XLA cluster on every platform.
+        Auto, measured on this 2-core CPU (`python scripts/bench_step.py --only xla_layout`): inside XLA
+        the step of the small ResNet and Transformer is 2-13% faster (no op-by-op updates of dozens of
+        small variables), outside it the MLP's (20M parameters in 6 variables) is 4-10% faster (TF's
+        fused kernels run multi-threaded, XLA:CPU's loops do not keep up)."""
+        possible = self.strategy.num_replicas_in_sync == 1 and self.config.grad_accum_steps == 1
+        if possible_only:
+            return possible
+        if self.config.xla_whole_step is not None:
+            if self.config.xla_whole_step and not possible:
+                log.warning("trainer.xla_whole_step=true is ignored with several replicas or grad_accum_steps > 1")
+            return self.config.xla_whole_step and possible
+        if not possible:
+            return False
+        sizes = [v.shape.num_elements() for v in self.model.trainable_variables]
+        return not self._on_cpu() or not sizes or sum(sizes) / len(sizes) < 1_000_000
+
     def _resolve_jit_compile(self) -> bool:
-        on_cpu = not tf.config.list_physical_devices("GPU") and not isinstance(self.strategy, tf.distribute.TPUStrategy)
+        on_cpu = self._on_cpu()
         if self.config.jit_compile is not None:
             if self.config.jit_compile and on_cpu and self.precision.policy == "mixed_bfloat16":
                 precision_lib.advise_xla_bfloat16_on_cpu()
@@ -378,6 +415,15 @@ class Trainer:
         an XLA cluster lives on one device, and each replica's trace must capture its own variables."""
         if not self.jit_compile:
             return fn
+        inner = fn
+
+        def fn(*args):
+            self._tracing_xla = True  # read at trace time by _apply_if_finite
+            try:
+                return inner(*args)
+            finally:
+                self._tracing_xla = False
+
         if self.strategy.num_replicas_in_sync == 1:
             return tf.function(fn, jit_compile=True, reduce_retracing=True)
         compiled = {}
@@ -394,17 +440,20 @@ class Trainer:
         """strategy.run(step) × steps_per_loop inside one tf.function; XLA where TensorFlow allows it."""
         accum = self.config.grad_accum_steps
         compute_gradients, step, accumulate_step = self.compute_gradients, self.train_step, self.accumulate_step
-        if self.jit_compile:
-            custom_step = type(self).train_step is not Trainer.train_step
-            if custom_step and self.strategy.num_replicas_in_sync == 1 and accum == 1:
-                log.info("XLA: the whole (overridden) train step is compiled")
+        custom_step = type(self).train_step is not Trainer.train_step
+        if self.jit_compile and custom_step and not self._xla_whole_step(possible_only=True):
+            log.warning("XLA: an overridden train_step with several replicas or grad_accum_steps > 1 runs without XLA")
+        elif self.jit_compile:
+            if custom_step or self._xla_whole_step():
+                # One XLA cluster for the whole step: forward, backward, metrics and the update, which
+                # XLA fuses (a non-finite step is undone by a select: _apply_selected).
+                log.info("XLA: the whole train step (forward, backward, update) is compiled (trainer.xla_whole_step)")
                 step = self._wrap_xla(self.train_step)
             else:
-                # XLA compiles what it is good at: forward, backward, loss and metrics. The update runs
-                # outside XLA: all-reduce and merge_call cannot live in an XLA cluster on every platform,
-                # and on the guide's MLP (this CPU) the split step took 229 ms against 259 ms for a whole-step
-                # cluster, whose conditional skip of non-finite updates makes XLA copy the variables.
-                log.info("XLA: forward and backward are compiled; all-reduce and the update run outside XLA")
+                # XLA compiles forward, backward, loss and metrics; the all-reduce and the (fused)
+                # update run outside it.
+                log.info("XLA: forward and backward are compiled; all-reduce and the update run outside XLA "
+                         "(trainer.xla_whole_step)")
                 compute_gradients = self._wrap_xla(self.compute_gradients)
 
                 def step(data):
