@@ -336,8 +336,11 @@ class Trainer:
             return self.config.xla_whole_step and possible
         if not possible:
             return False
+        return not self._on_cpu() or self._mean_variable_size() < 1_000_000
+
+    def _mean_variable_size(self) -> float:
         sizes = [v.shape.num_elements() for v in self.model.trainable_variables]
-        return not self._on_cpu() or not sizes or sum(sizes) / len(sizes) < 1_000_000
+        return sum(sizes) / len(sizes) if sizes else 0.0
 
     def _resolve_jit_compile(self) -> bool:
         on_cpu = self._on_cpu()
@@ -452,8 +455,13 @@ class Trainer:
             else:
                 # XLA compiles forward, backward, loss and metrics; the all-reduce and the (fused)
                 # update run outside it.
-                log.info("XLA: forward and backward are compiled; all-reduce and the update run outside XLA "
-                         "(trainer.xla_whole_step)")
+                why = "several replicas or gradient accumulation"
+                if self.config.xla_whole_step is False:
+                    why = "trainer.xla_whole_step=false"
+                elif self._xla_whole_step(possible_only=True):
+                    why = (f"auto: on a CPU, variables averaging {self._mean_variable_size():,.0f} parameters update "
+                           "faster with TF's fused kernels; trainer.xla_whole_step=true compiles the update too")
+                log.info("XLA: forward and backward are compiled; all-reduce and the update run outside XLA (%s)", why)
                 compute_gradients = self._wrap_xla(self.compute_gradients)
 
                 def step(data):
