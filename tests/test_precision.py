@@ -384,3 +384,27 @@ def test_hardware_report_tells_amx_from_avx512_bf16(monkeypatch, flags, says):
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
     text = precision_lib.hardware_report("mixed_bfloat16", tf.distribute.get_strategy())
     assert text.startswith("No GPU or TPU found") and says in text
+
+
+@pytest.mark.parametrize("strategy", [None, "one_device"])
+def test_xla_whole_step_skips_by_select_on_one_replica(strategy):
+    """Inside XLA the skip is a select (no tf.cond), also under OneDeviceStrategy, whose replica context
+    does not support the no-merge-call path."""
+    traced = []
+
+    class Spy(Trainer):
+        def _apply_selected(self, grads, finite):
+            traced.append(True)
+            super()._apply_selected(grads, finite)
+
+    trainer = Spy(
+        model=mlp(), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        optimizer=lambda: keras.optimizers.Adam(1e-3), precision="float32", jit_compile=True, progress_bar=False,
+        strategy=tf.distribute.OneDeviceStrategy("/cpu:0") if strategy else None,
+    )
+    ds = batches(poison={1: np.nan})
+    trainer.fit(ds, steps=1)
+    before = weights(trainer)
+    trainer.fit(ds, steps=2)  # batch 1: non-finite
+    assert traced and all(np.array_equal(a, b) for a, b in zip(before, weights(trainer)))
+    assert int(trainer.loss_scale.skipped_steps.numpy()) == 1

@@ -259,11 +259,11 @@ class Trainer:
             # Keep `iterations` equal to the global step so learning-rate schedules see the right step.
             self.optimizer.iterations.assign_add(1)
 
+        if self._tracing_xla:  # the whole step of one replica in XLA: no branch, no cross-replica decision
+            self._apply_selected(grads, finite)
+            return
         if tf.__internal__.distribute.strategy_supports_no_merge_call():
-            if self._tracing_xla:
-                self._apply_selected(grads, finite)
-            else:
-                tf.cond(finite, apply, skip)
+            tf.cond(finite, apply, skip)
             return
 
         # Mirrored-style strategies: a cond whose branch calls merge_call (as optimizer.apply does) is
@@ -443,14 +443,20 @@ class Trainer:
         """strategy.run(step) × steps_per_loop inside one tf.function; XLA where TensorFlow allows it."""
         accum = self.config.grad_accum_steps
         compute_gradients, step, accumulate_step = self.compute_gradients, self.train_step, self.accumulate_step
-        custom_step = type(self).train_step is not Trainer.train_step
-        if self.jit_compile and custom_step and not self._xla_whole_step(possible_only=True):
-            log.warning("XLA: an overridden train_step with several replicas or grad_accum_steps > 1 runs without XLA")
+        custom_step = type(self).train_step is not Trainer.train_step and accum == 1
+        if type(self).train_step is not Trainer.train_step and accum > 1:
+            log.warning("The overridden train_step is not used with grad_accum_steps > 1 (accumulate_step and "
+                        "apply_accumulated are)")
+        if self.jit_compile and custom_step and self.strategy.num_replicas_in_sync > 1:
+            log.warning("XLA: an overridden train_step with several replicas runs without XLA")
         elif self.jit_compile:
             if custom_step or self._xla_whole_step():
                 # One XLA cluster for the whole step: forward, backward, metrics and the update, which
                 # XLA fuses (a non-finite step is undone by a select: _apply_selected).
-                log.info("XLA: the whole train step (forward, backward, update) is compiled (trainer.xla_whole_step)")
+                if custom_step and self.config.xla_whole_step is False:
+                    log.warning("trainer.xla_whole_step=false is ignored for an overridden train_step (it cannot be split)")
+                log.info("XLA: the whole train step (forward, backward, update) is compiled (%s)",
+                         "overridden train_step" if custom_step else "trainer.xla_whole_step")
                 step = self._wrap_xla(self.train_step)
             else:
                 # XLA compiles forward, backward, loss and metrics; the all-reduce and the (fused)
@@ -647,10 +653,10 @@ class Trainer:
                         log.info("First loop (trace/compile + %d steps): %.2fs", k, compile_seconds)
                         window_start, window_step = time.perf_counter(), step
                     callbacks.on_loop_end(self, step)
+                    self._check_numerics(step)  # before a preemption save: never save (and exit on) bad weights
                     if preemption is not None:
                         with _tf_deprecation.silence():  # TF calls its own deprecated total_run_calls
                             preemption.save_checkpoint_if_preempted(step)
-                    self._check_numerics(step)
                     if step % max(cfg.log_every, 1) == 0 or step == total:
                         elapsed = time.perf_counter() - window_start
                         train_logs = self._train_logs(step, (step - window_step) * self.batch_size * cfg.grad_accum_steps, elapsed)
@@ -676,8 +682,8 @@ class Trainer:
                     self.checkpointer.save(step)
         except _PreemptedAndSaved as e:
             log.warning(
-                "Preemption notice (%s to a worker of this run) at step %d: every worker saved step %d; "
-                "run the same commands again to resume.", e, step, step,
+                "Preemption notice at step %d (%s or the platform's maintenance notice to a worker of this run): "
+                "every worker saved step %d; run the same commands again to resume.", step, e, step,
             )
             callbacks.on_train_end(self, {"step": step, "interrupted": True})
             raise
