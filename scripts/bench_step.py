@@ -94,36 +94,12 @@ def compiled_steps(trainer: Trainer, ds: tf.data.Dataset, n: int):
     return steps
 
 
-class SplitStepTrainer(Trainer):
-    """The layout the Trainer uses with several replicas: XLA compiles forward and backward only; the
-    finite check and the (fused) update run outside XLA, the skip as a tf.cond."""
-
-    def _make_train_function(self):
-        compute_gradients = self._wrap_xla(self.compute_gradients)
-
-        def step(data):
-            loss, grads = compute_gradients(data)
-            self.apply_gradients(grads, loss)
-
-        def loop(iterator, num_steps):
-            for _ in tf.range(num_steps):
-                self.strategy.run(step, args=(next(iterator),))
-                self.step.assign_add(1)
-
-        return tf.function(loop)
-
-
 class CondSkipTrainer(Trainer):
-    """The whole step in one XLA cluster, with the skip of a non-finite update as a tf.cond."""
+    """The whole step in one XLA cluster, with the skip of a non-finite update as a tf.cond (the way the
+    Trainer skips outside XLA)."""
 
     def _apply_selected(self, grads, finite):
-        def apply():
-            self.optimizer.apply(grads, self.model.trainable_variables)
-
-        def skip():
-            self.optimizer.iterations.assign_add(1)
-
-        tf.cond(finite, apply, skip)
+        self._apply_by_cond(grads, finite)
 
 
 def mlp():
@@ -147,23 +123,24 @@ def mlp_trainer(cls=Trainer, **kwargs) -> Trainer:
 
 
 def xla_layout(repeats: int, precision: str) -> None:
-    """The Trainer's default with XLA on one device (whole step, select skip) against the alternatives,
-    on the guide's MLP (20M parameters) and bench.py's small ResNet and Transformer."""
+    """The XLA layouts of one device (trainer.xla_whole_step=true with select or tf.cond skip, false) on
+    the guide's MLP (20M parameters) and bench.py's small ResNet and Transformer; auto picks the first
+    for the ResNet and Transformer, the last for the MLP."""
     from bench import make_dataset, make_loss, workloads
 
     for name in ("mlp", "resnet", "transformer"):
         workload = workloads(False)[name]
         arrays = workload.make_data(np.random.default_rng(0))
 
-        def runner(cls):
+        def runner(cls, whole_step: bool):
             trainer = cls(model=workload.build, loss=make_loss(), optimizer=lambda: keras.optimizers.Adam(1e-4),
-                          precision=precision, jit_compile=True, log_every=10**9, checkpoint_every=0,
-                          progress_bar=False, tensorboard=False)
+                          precision=precision, jit_compile=True, xla_whole_step=whole_step, log_every=10**9,
+                          checkpoint_every=0, progress_bar=False, tensorboard=False)
             return compiled_steps(trainer, make_dataset(arrays), 1 if name == "mlp" else 4)
 
-        ms = interleaved({"select": runner(Trainer), "cond": runner(CondSkipTrainer), "split": runner(SplitStepTrainer)},
-                         calls=4, repeats=repeats)
-        print(f"xla_layout  {name} {precision}, ms per call: whole step with select skip (default) {ms['select']:.1f}, "
+        runners = {"select": runner(Trainer, True), "cond": runner(CondSkipTrainer, True), "split": runner(Trainer, False)}
+        ms = interleaved(runners, calls=4, repeats=repeats)
+        print(f"xla_layout  {name} {precision}, ms per call: whole step with select skip {ms['select']:.1f}, "
               f"with tf.cond skip {ms['cond']:.1f} ({ms['cond'] / ms['select']:.2f}x), update outside XLA "
               f"{ms['split']:.1f} ({ms['split'] / ms['select']:.2f}x)", flush=True)
 

@@ -250,36 +250,37 @@ class Trainer:
             metric.update_state(y, y_pred, sample_weight=sample_weight)
 
     def _apply_if_finite(self, grads, finite) -> None:
-        variables = self.model.trainable_variables
-
-        def apply():
-            self.optimizer.apply(grads, variables)
-
-        def skip():
-            # Keep `iterations` equal to the global step so learning-rate schedules see the right step.
-            self.optimizer.iterations.assign_add(1)
-
         if self._tracing_xla:  # the whole step of one replica in XLA: no branch, no cross-replica decision
             self._apply_selected(grads, finite)
-            return
-        if tf.__internal__.distribute.strategy_supports_no_merge_call():
-            tf.cond(finite, apply, skip)
-            return
+        elif tf.__internal__.distribute.strategy_supports_no_merge_call():
+            self._apply_by_cond(grads, finite)
+        else:
+            # Mirrored-style strategies: a cond whose branch calls merge_call (as optimizer.apply does) is
+            # not allowed in a replica context, so decide in the cross-replica context, as Keras'
+            # LossScaleOptimizer does, and run the apply per replica from there.
+            variables = self.model.trainable_variables
 
-        # Mirrored-style strategies: a cond whose branch calls merge_call (as optimizer.apply does) is
-        # not allowed in a replica context, so decide in the cross-replica context, as Keras'
-        # LossScaleOptimizer does, and run the apply per replica from there.
-        def cross_replica(strategy, grads, finite):
-            finite = strategy.experimental_local_results(finite)[0]
-            tf.cond(
-                finite,
-                lambda: strategy.extended.call_for_each_replica(
-                    lambda g: self.optimizer.apply(g, variables), args=(grads,)
-                ),
-                skip,
-            )
+            def cross_replica(strategy, grads, finite):
+                finite = strategy.experimental_local_results(finite)[0]
+                tf.cond(
+                    finite,
+                    lambda: strategy.extended.call_for_each_replica(
+                        lambda g: self.optimizer.apply(g, variables), args=(grads,)
+                    ),
+                    self._skip_update,
+                )
 
-        tf.distribute.get_replica_context().merge_call(cross_replica, args=(grads, finite))
+            tf.distribute.get_replica_context().merge_call(cross_replica, args=(grads, finite))
+
+    def _skip_update(self) -> None:
+        """A skipped step still counts in `iterations`, so learning-rate schedules see the global step."""
+        self.optimizer.iterations.assign_add(1)
+
+    def _apply_by_cond(self, grads, finite) -> None:
+        def apply():
+            self.optimizer.apply(grads, self.model.trainable_variables)
+
+        tf.cond(finite, apply, self._skip_update)
 
     def _apply_selected(self, grads, finite) -> None:
         """The skip without a branch, for a step compiled by XLA: apply, then put back the old value
@@ -288,7 +289,7 @@ class Trainer:
         variables = self.model.trainable_variables
         state = [v for v in list(variables) + list(self.optimizer.variables) if v is not self.optimizer.iterations]
         before = [tf.convert_to_tensor(v) for v in state]  # read before the update (program order)
-        self.optimizer.apply(grads, variables)  # `iterations` counts skipped steps too, as in skip()
+        self.optimizer.apply(grads, variables)  # `iterations` counts skipped steps too, as in _skip_update
         for v, old in zip(state, before):
             v.assign(tf.where(finite, tf.convert_to_tensor(v), old))
 
@@ -320,16 +321,18 @@ class Trainer:
     def _on_cpu(self) -> bool:
         return not tf.config.list_physical_devices("GPU") and not isinstance(self.strategy, tf.distribute.TPUStrategy)
 
-    def _xla_whole_step(self, possible_only: bool = False) -> bool:
-        """Whether XLA compiles the update with the rest of the step. Only on one replica without
-        accumulation: the all-reduce's merge_call cannot live in an XLA cluster on every platform.
+    def _step_fits_one_cluster(self) -> bool:
+        """One replica, no accumulation: the only case where the update can join the step's XLA cluster
+        (the all-reduce's merge_call cannot live in one on every platform)."""
+        return self.strategy.num_replicas_in_sync == 1 and self.config.grad_accum_steps == 1
+
+    def _xla_whole_step(self) -> bool:
+        """Whether XLA compiles the update with the rest of the step (where it can: _step_fits_one_cluster).
         Auto, measured on this 2-core CPU (`python scripts/bench_step.py --only xla_layout`): inside XLA
         the step of the small ResNet and Transformer is 2-13% faster (no op-by-op updates of dozens of
         small variables), outside it the MLP's (20M parameters in 6 variables) is 4-10% faster (TF's
         fused kernels run multi-threaded, XLA:CPU's loops do not keep up)."""
-        possible = self.strategy.num_replicas_in_sync == 1 and self.config.grad_accum_steps == 1
-        if possible_only:
-            return possible
+        possible = self._step_fits_one_cluster()
         if self.config.xla_whole_step is not None:
             if self.config.xla_whole_step and not possible:
                 log.warning("trainer.xla_whole_step=true is ignored with several replicas or grad_accum_steps > 1")
@@ -447,7 +450,7 @@ class Trainer:
         if type(self).train_step is not Trainer.train_step and accum > 1:
             log.warning("The overridden train_step is not used with grad_accum_steps > 1 (accumulate_step and "
                         "apply_accumulated are)")
-        if self.jit_compile and custom_step and self.strategy.num_replicas_in_sync > 1:
+        if self.jit_compile and custom_step and not self._step_fits_one_cluster():
             log.warning("XLA: an overridden train_step with several replicas runs without XLA")
         elif self.jit_compile:
             if custom_step or self._xla_whole_step():
@@ -464,7 +467,7 @@ class Trainer:
                 why = "several replicas or gradient accumulation"
                 if self.config.xla_whole_step is False:
                     why = "trainer.xla_whole_step=false"
-                elif self._xla_whole_step(possible_only=True):
+                elif self._step_fits_one_cluster():
                     why = (f"auto: on a CPU, variables averaging {self._mean_variable_size():,.0f} parameters update "
                            "faster with TF's fused kernels; trainer.xla_whole_step=true compiles the update too")
                 log.info("XLA: forward and backward are compiled; all-reduce and the update run outside XLA (%s)", why)
