@@ -172,6 +172,51 @@ def test_sigterm_saves_and_exits_143_then_resumes(tmp_path):
     assert f"step {found[0][0]})" in resumed.stdout + resumed.stderr
 
 
+def test_sigterm_during_start_up_is_kept_until_the_first_loop(tmp_path):
+    """The CLI remembers a SIGTERM that arrives before the loop exists: the run saves after its first
+    loop and exits 143 (the resume is as above)."""
+    run_dir = tmp_path / "run"
+    args = ["trainer.max_steps=100000", "trainer.checkpoint_every=100000", "trainer.progress_bar=false", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    log = run_dir / "trainer.log"
+    while not (log.exists() and "Recipe:" in log.read_text()):  # run() has begun: strategy, data, model, tracing follow
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    text = log.read_text()
+    assert "SIGTERM during start-up" in text and "First loop" not in text.split("SIGTERM during start-up")[0]
+    found = list_checkpoints(run_dir / "checkpoints")
+    assert [step for step, _ in found] == [1]  # steps_per_loop=1: the first loop is one step
+
+
+def test_sigterm_before_fit_is_honoured_by_the_loop_and_a_second_stops_at_once(tmp_path):
+    from trainer.signals import SignalCatcher, sigterm_deferred_until_training, take_pending_sigterm
+    from trainer import TrainingInterrupted
+
+    trainer = Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), optimizer=lambda: keras.optimizers.SGD(0.1),
+                      run_dir=tmp_path / "run", progress_bar=False, steps_per_loop=3, tensorboard=False)
+    with sigterm_deferred_until_training():
+        signal.raise_signal(signal.SIGTERM)  # remembered: this process lives on
+        with pytest.raises(TrainingInterrupted, match="SIGTERM"):
+            trainer.fit(blobs(), steps=30)
+        assert [step for step, _ in list_checkpoints(tmp_path / "run" / "checkpoints")] == [3]
+        assert not take_pending_sigterm()  # the loop took it
+        with SignalCatcher(signal.SIGTERM) as catcher:
+            assert catcher.signum is None
+    code = subprocess.run([sys.executable, "-c", (
+        "import os, signal, time\n"
+        "from trainer.signals import sigterm_deferred_until_training\n"
+        "with sigterm_deferred_until_training():\n"
+        "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.1); print('alive', flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(5); print('not reached')\n"
+    )], capture_output=True, text=True, timeout=120)
+    assert code.returncode == -signal.SIGTERM and code.stdout.strip() == "alive", code.stdout + code.stderr
+
+
 def test_corrupt_newest_checkpoint_falls_back_and_unreadable_is_an_error(tmp_path):
     run_dir = tmp_path / "run"
     base = [*TINY, f"hydra.run.dir={run_dir}"]

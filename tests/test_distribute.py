@@ -113,17 +113,20 @@ def _launch_two_workers(run_dir, log_dir, overrides):
 
 
 @pytest.mark.slow
-def test_multi_worker_sigterm_to_one_worker_saves_on_all_and_resumes(tmp_path):
-    """SIGTERM to the non-chief worker only: both workers save the same step and exit 143; the same
-    commands resume from that step on both and finish."""
+@pytest.mark.parametrize("when", ["training", "start-up"])
+def test_multi_worker_sigterm_to_one_worker_saves_on_all_and_resumes(tmp_path, when):
+    """SIGTERM to the non-chief worker only, while training or while starting (the strategy exists, the
+    preemption handler does not yet): both workers save the same step and exit 143; the same commands
+    resume from that step on both and finish."""
     run_dir = tmp_path / "run"
     common = ["trainer.max_steps=600", "trainer.log_every=20", "trainer.checkpoint_every=0"]
     procs, logs = _launch_two_workers(run_dir, tmp_path, common)
+    sign = "First loop" if when == "training" else "Strategy: multi_worker"
     try:
         deadline = time.monotonic() + 300
-        while "First loop" not in logs[1].read_text():
+        while sign not in logs[1].read_text():
             assert time.monotonic() < deadline and procs[1].poll() is None, logs[1].read_text()[-3000:]
-            time.sleep(0.2)
+            time.sleep(0.05)
         procs[1].send_signal(signal.SIGTERM)
         codes = [p.wait(timeout=300) for p in procs]
     finally:
@@ -134,6 +137,8 @@ def test_multi_worker_sigterm_to_one_worker_saves_on_all_and_resumes(tmp_path):
     saved = [int(re.search(r"every worker saved step (\d+)", o).group(1)) for o in outputs]
     assert saved[0] == saved[1] < 600
     step = saved[0]
+    if when == "start-up":
+        assert "SIGTERM during start-up" in outputs[1] and "First loop" not in outputs[1].split("SIGTERM during start-up")[0]
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("ckpt-*.index")) == [f"ckpt-{step}.index"]
 
     procs, logs = _launch_two_workers(run_dir, tmp_path, common)

@@ -132,7 +132,10 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 
 def main() -> None:
-    _hydra_main()
+    from trainer.signals import sigterm_deferred_until_training
+
+    with sigterm_deferred_until_training():
+        _hydra_main()
 
 
 if __name__ == "__main__":

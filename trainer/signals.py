@@ -1,0 +1,103 @@
+"""SIGTERM and SIGINT: the training loop's flag, and a SIGTERM that arrives while a run is starting.
+
+A platform stops a job with SIGTERM, then SIGKILL after a grace period. During the loop the signal
+becomes a flag checked after each loop of steps (save, exit 143). Before the loop exists (strategy,
+data, model, tracing: minutes for a large model), the CLI remembers a SIGTERM instead of dying at
+once, and the loop honours it at its first step boundary. That matters under multi-worker: a worker that
+dies after the collectives formed leaves its peers blocked until TensorFlow's timeout, whereas a
+remembered SIGTERM reaches TF's preemption handler, and every worker saves and exits together.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+
+log = logging.getLogger("trainer")
+
+_pending_sigterm = False
+
+
+def _on_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _remember_sigterm(signum, frame) -> None:
+    global _pending_sigterm
+    if _pending_sigterm:  # the second one: stop now, as the default handler would have
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    _pending_sigterm = True
+    log.warning("SIGTERM during start-up: the run saves a checkpoint after its first loop of steps and exits "
+                "(a second SIGTERM stops it now)")
+
+
+@contextlib.contextmanager
+def sigterm_deferred_until_training():
+    """Within this block, a first SIGTERM is remembered for the training loop (see the module docstring)."""
+    global _pending_sigterm
+    if not _on_main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _remember_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _pending_sigterm = False
+
+
+def reclaim_sigterm_from_tensorflow() -> None:
+    """MultiWorkerMirroredStrategy's coordination service installs a C++ SIGTERM handler that swallows
+    the signal (the process neither dies nor tells Python), so a SIGTERM between the strategy and the
+    training loop was lost: the run went on to the end. Re-installing Python's handler takes it back."""
+    if _on_main_thread():
+        handler = signal.getsignal(signal.SIGTERM)
+        if handler is not None:
+            signal.signal(signal.SIGTERM, handler)
+
+
+def take_pending_sigterm() -> bool:
+    """True once if a SIGTERM arrived during start-up: the caller now owns it."""
+    global _pending_sigterm
+    pending, _pending_sigterm = _pending_sigterm, False
+    return pending
+
+
+class SignalCatcher:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each loop of steps (main thread only);
+    a SIGTERM remembered during start-up sets the flag at once."""
+
+    def __init__(self, *signals):
+        self.signals = signals
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        if _on_main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            if signal.SIGTERM in self.signals and take_pending_sigterm():
+                self.signum = signal.SIGTERM
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def hand_pending_sigterm_to_tensorflow() -> None:
+    """Multi-worker: TF's PreemptionCheckpointHandler now owns SIGTERM; one remembered during start-up
+    is sent again, so TF tells every worker to save at the same step."""
+    if _on_main_thread() and take_pending_sigterm():
+        log.warning("Passing the start-up SIGTERM to TensorFlow's preemption handler: every worker saves, then exits")
+        signal.raise_signal(signal.SIGTERM)
