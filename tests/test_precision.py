@@ -347,12 +347,22 @@ def test_debug_numerics_names_the_first_bad_op(tmp_path):
 
 
 def test_xla_auto_setting_and_cpu_bfloat16_advice(caplog, monkeypatch):
-    """jit_compile=None (auto) turns XLA on only for float16 on a CPU; an explicit XLA with bfloat16 on a
-    CPU is kept, and warned about where XLA skips fast bfloat16 kernels (AMX, AMD Zen 4)."""
+    """jit_compile=None (auto) turns XLA on, on a CPU, for float16, and for bfloat16 only on Intel with
+    AVX-512 BF16 and no AMX; an explicit XLA with bfloat16 on a CPU is kept, and warned about where XLA
+    skips fast bfloat16 kernels (AMX, AMD Zen 4)."""
     assert not tf.config.list_physical_devices("GPU")  # this test describes the CPU behaviour
     assert make("mixed_float16").jit_compile is True
-    assert make("mixed_bfloat16").jit_compile is False and make("float32").jit_compile is False
+    assert make("float32").jit_compile is False
     assert make("mixed_float16", jit_compile=False).jit_compile is False
+    for flags, vendor, auto in [({"amx_bf16", "avx512_bf16"}, "GenuineIntel", False), ({"avx512_bf16"}, "AuthenticAMD", False),
+                                ({"avx512_bf16"}, "GenuineIntel", True), ({"avx2"}, "GenuineIntel", False)]:
+        monkeypatch.setattr(precision_lib, "cpu_flags", lambda: flags)
+        monkeypatch.setattr(precision_lib, "cpu_vendor", lambda: vendor)
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            assert make("mixed_bfloat16").jit_compile is auto, (flags, vendor)
+        assert ("XLA: on (trainer.jit_compile=null means auto)" in caplog.text) is auto
+        assert make("mixed_bfloat16", jit_compile=False).jit_compile is False
     with caplog.at_level(logging.WARNING):
         assert make("float32", jit_compile=True).jit_compile is True
     assert "bfloat16" not in caplog.text

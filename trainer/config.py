@@ -34,8 +34,9 @@ class TrainerConfig:
     best_mode: str = "max"  # max | min
     resume: bool = True  # resume from the run folder's checkpoints when there are any
     init_from: Optional[str] = None  # warm start: model weights only, from a checkpoint or .keras/.weights.h5
-    # Compile the steps with XLA. None (auto): on only for mixed_float16 without a GPU, where
-    # TensorFlow's float16 CPU kernels are ~100x slower than XLA's.
+    # Compile the steps with XLA. None (auto): on only without a GPU for mixed_float16 (TensorFlow's
+    # float16 CPU kernels are ~100x slower than XLA's) and for mixed_bfloat16 on an Intel CPU with
+    # AVX-512 BF16 and no AMX (its bfloat16 kernels are slow, XLA's are not).
     jit_compile: Optional[bool] = None
     xla_auto_cluster: bool = False  # TF's XLA auto-clustering (global)
     # With XLA on one replica: compile the optimizer update into the step's XLA cluster (true) or run it

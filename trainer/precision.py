@@ -156,6 +156,12 @@ def cpu_bfloat16_kernels(flags: set) -> str:
     return ""
 
 
+def xla_bfloat16_is_faster_here() -> bool:
+    """The one CPU kind where XLA's bfloat16 matmuls were measured faster than TensorFlow's (oneDNN's):
+    Intel with AVX-512 BF16 and no AMX (see advise_xla_bfloat16_on_cpu)."""
+    return cpu_bfloat16_kernels(cpu_flags()) == "AVX-512 BF16"
+
+
 def advise_xla_bfloat16_on_cpu() -> None:
     """XLA's CPU backend (TF 2.21) does not use oneDNN's bfloat16 matmul kernels, which is a loss where
     those kernels are fast and a gain where they are not. Measured with scripts/bench.py (MLP matmuls,
