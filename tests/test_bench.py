@@ -47,3 +47,18 @@ def test_bench_quick_one_cell(tmp_path):
         assert r["traces_end"] == r["traces_after_warmup"]
     trainer_vs = {g["goal"] for g in report["goals"]}
     assert {"trainer >= 1.0x hand", "trainer >= 1.0x fit"} <= trainer_vs
+    for g in report["goals"]:
+        if g["goal"].startswith("trainer >= 1.0x"):
+            assert g["verdict"] in ("faster", "tie", "slower") and "paired rounds" in g["note"]
+    assert "sign test" in proc.stdout
+
+
+def test_sign_test_tells_a_real_gap_from_noise():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench import sign_test
+
+    assert sign_test([1.02, 1.01, 1.05, 1.03, 1.01]) == ("faster", 1 / 32)  # every round of 5
+    assert sign_test([0.97, 0.99, 0.98, 0.9, 0.99])[0] == "slower"
+    assert sign_test([1.02, 0.99, 1.05, 1.03, 1.01])[0] == "tie"  # 4 of 5: p = 6/32
+    verdict, p = sign_test([1.1] * 8 + [0.9])  # 8 of 9: p = 10/512
+    assert verdict == "faster" and abs(p - 10 / 512) < 1e-12
