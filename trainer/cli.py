@@ -35,13 +35,10 @@ def _schema(cls, node: DictConfig):
 
 def run(cfg: DictConfig) -> dict:
     """Builds everything the config names and trains; returns the final logs."""
-    import tensorflow as tf
-
-    from trainer.core import Trainer
-    from trainer.distribute import is_chief, make_strategy
-    from trainer.optim import build_optimizer
-    from trainer.precision import hardware_report
     from pathlib import Path
+
+    from trainer.distribute import make_strategy
+    from trainer.signals import sigterm_deferred_until_training
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     trainer_cfg = _schema(TrainerConfig, cfg.trainer)
@@ -49,6 +46,18 @@ def run(cfg: DictConfig) -> dict:
     log.info("Recipe: %s | precision: %s | strategy: %s | run folder: %s", cfg.recipe, precision.policy, cfg.strategy.name, run_dir)
 
     strategy = make_strategy(_schema(StrategyConfig, cfg.strategy))  # before TF initializes devices
+    with sigterm_deferred_until_training():  # until the loop begins (trainer/signals.py)
+        return _build_and_fit(cfg, strategy, run_dir, trainer_cfg, precision)
+
+
+def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfig, precision: PrecisionConfig) -> dict:
+    import tensorflow as tf
+
+    from trainer.core import Trainer
+    from trainer.distribute import is_chief
+    from trainer.optim import build_optimizer
+    from trainer.precision import hardware_report
+
     chief = is_chief(strategy)
     if not chief:
         _log_to_worker_file(run_dir, strategy)
@@ -132,10 +141,7 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 
 def main() -> None:
-    from trainer.signals import sigterm_deferred_until_training
-
-    with sigterm_deferred_until_training():
-        _hydra_main()
+    _hydra_main()
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from trainer.config import PrecisionConfig, TrainerConfig
 from trainer.data import release_in_background
 from trainer.fused import fuse
 from trainer.loss_scale import LossScale
-from trainer.signals import SignalCatcher, hand_pending_sigterm_to_tensorflow
+from trainer.signals import SignalCatcher, hand_pending_sigterm_to_tensorflow, reclaim_sigterm_from_tensorflow, sigterm_owned_by
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,8 @@ class Trainer:
         self.config = dataclasses.replace(config or TrainerConfig(), **options)
         self.precision = PrecisionConfig(policy=precision) if isinstance(precision, str) else precision
         self.strategy = strategy or tf.distribute.get_strategy()
+        if isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            reclaim_sigterm_from_tensorflow()  # its coordination service's handler swallows SIGTERM
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.is_chief = is_chief
         self.seed = seed
@@ -358,7 +360,8 @@ class Trainer:
                 "on CPUs, XLA's are not. trainer.jit_compile=false turns it off."
             )
             return True
-        if self.precision.policy == "mixed_bfloat16" and on_cpu and precision_lib.xla_bfloat16_is_faster_here():
+        if (self.precision.policy == "mixed_bfloat16" and on_cpu and self.strategy.num_replicas_in_sync == 1
+                and precision_lib.xla_bfloat16_is_faster_here()):  # measured on one replica of a 2-core CPU
             log.info(
                 "XLA: on (trainer.jit_compile=null means auto): on an Intel CPU with AVX-512 BF16 and no AMX, "
                 "TensorFlow's own bfloat16 matmuls are slow and XLA's are not (scripts/bench.py, trainer with XLA "
@@ -648,11 +651,17 @@ class Trainer:
         self._nonfinite_at_start = int(self.loss_scale.skipped_steps.numpy())
         preemption = self._preemption_handler()
         # Under multi-worker, TF's PreemptionCheckpointHandler owns SIGTERM (it makes every worker save
-        # at the same step); we keep SIGINT.
-        interrupted = SignalCatcher(signal.SIGINT) if preemption else SignalCatcher(signal.SIGTERM, signal.SIGINT)
+        # at the same step); we keep SIGINT. On GCP VMs it does not take SIGTERM (it polls maintenance
+        # notices, or is unsupported), and SIGTERM saves this worker's checkpoint like a single process.
+        tf_owns_sigterm = preemption is not None and sigterm_owned_by(preemption)
+        interrupted = SignalCatcher(signal.SIGINT) if tf_owns_sigterm else SignalCatcher(signal.SIGTERM, signal.SIGINT)
         compile_seconds = None
         try:
             with interrupted:
+                if tf_owns_sigterm:
+                    hand_pending_sigterm_to_tensorflow()
+                elif interrupted.signum is not None:  # arrived during start-up: no step trained, nothing to save
+                    raise TrainingInterrupted(signal.Signals(interrupted.signum).name)
                 while step < total and not self.stop_training:
                     k = self._steps_to_next_event(step, total)
                     if self._train_function is None:  # first loop, or reset by a callback
@@ -700,7 +709,10 @@ class Trainer:
             callbacks.on_train_end(self, {"step": step, "interrupted": True})
             raise
         except TrainingInterrupted as e:
-            if self.checkpointer:
+            if step == start:
+                log.warning("Received %s at step %d, before this run trained a step: nothing new to save; run the "
+                            "same command again to %s.", e, step, "resume" if start else "start")
+            elif self.checkpointer:
                 path = self.checkpointer.save(step)
                 log.warning("Received %s at step %d: saved %s; run the same command again to resume.", e, step, path)
             else:
@@ -743,7 +755,6 @@ class Trainer:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         log.info("Multi-worker preemption handling on: SIGTERM to any worker saves a checkpoint on all, then exits")
-        hand_pending_sigterm_to_tensorflow()
         return handler
 
     def weights_fingerprint(self) -> str:

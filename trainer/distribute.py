@@ -8,7 +8,6 @@ import os
 import tensorflow as tf
 
 from trainer.config import StrategyConfig
-from trainer.signals import reclaim_sigterm_from_tensorflow
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +80,6 @@ def make_strategy(cfg: StrategyConfig) -> tf.distribute.Strategy:
             split_cpu(cfg.logical_cpus)
         options = tf.distribute.experimental.CommunicationOptions(implementation=impl[cfg.communication])
         strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
-        reclaim_sigterm_from_tensorflow()
         task = json.loads(os.environ["TF_CONFIG"]).get("task", {})
         log.info(
             "Strategy: multi_worker, task %s/%s, %d replicas in sync",

@@ -159,7 +159,7 @@ def cpu_bfloat16_kernels(flags: set) -> str:
 def xla_bfloat16_is_faster_here() -> bool:
     """The one CPU kind where XLA's bfloat16 matmuls were measured faster than TensorFlow's (oneDNN's):
     Intel with AVX-512 BF16 and no AMX (see advise_xla_bfloat16_on_cpu)."""
-    return cpu_bfloat16_kernels(cpu_flags()) == "AVX-512 BF16"
+    return cpu_bfloat16_kernels(cpu_flags()) == "AVX-512 BF16" and cpu_vendor() == "GenuineIntel"
 
 
 def advise_xla_bfloat16_on_cpu() -> None:

@@ -1,11 +1,11 @@
 """SIGTERM and SIGINT: the training loop's flag, and a SIGTERM that arrives while a run is starting.
 
 A platform stops a job with SIGTERM, then SIGKILL after a grace period. During the loop the signal
-becomes a flag checked after each loop of steps (save, exit 143). Before the loop exists (strategy,
-data, model, tracing: minutes for a large model), the CLI remembers a SIGTERM instead of dying at
-once, and the loop honours it at its first step boundary. That matters under multi-worker: a worker that
-dies after the collectives formed leaves its peers blocked until TensorFlow's timeout, whereas a
-remembered SIGTERM reaches TF's preemption handler, and every worker saves and exits together.
+becomes a flag checked after each loop of steps (save, exit 143). Between the strategy and the loop
+(data, model, tracing: minutes for a large model) the CLI remembers a SIGTERM instead of dying, and
+the loop honours it before its first step. That matters under multi-worker: a worker that dies after the
+collectives formed leaves its peers blocked until TensorFlow's timeout, whereas a remembered SIGTERM
+reaches TF's preemption handler, and every worker saves and exits together.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import threading
 log = logging.getLogger("trainer")
 
 _pending_sigterm = False
+_before_deferral = signal.SIG_DFL  # the SIGTERM handler the deferral replaced
 
 
 def _on_main_thread() -> bool:
@@ -31,23 +32,23 @@ def _remember_sigterm(signum, frame) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
         return
     _pending_sigterm = True
-    log.warning("SIGTERM during start-up: the run saves a checkpoint after its first loop of steps and exits "
-                "(a second SIGTERM stops it now)")
+    log.warning("SIGTERM during start-up: the run stops when its training loop begins (under multi-worker, "
+                "after every worker saved); a second SIGTERM stops it now")
 
 
 @contextlib.contextmanager
 def sigterm_deferred_until_training():
     """Within this block, a first SIGTERM is remembered for the training loop (see the module docstring)."""
-    global _pending_sigterm
+    global _pending_sigterm, _before_deferral
     if not _on_main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _remember_sigterm)
+    _before_deferral = signal.signal(signal.SIGTERM, _remember_sigterm)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        _pending_sigterm = False
+        signal.signal(signal.SIGTERM, _before_deferral)
+        _pending_sigterm, _before_deferral = False, signal.SIG_DFL
 
 
 def reclaim_sigterm_from_tensorflow() -> None:
@@ -67,9 +68,16 @@ def take_pending_sigterm() -> bool:
     return pending
 
 
+def sigterm_owned_by(handler_object) -> bool:
+    """Whether SIGTERM now goes to a method of `handler_object` (TF's PreemptionCheckpointHandler installs
+    one, except on GCP VMs, where it polls maintenance notices or is unsupported)."""
+    return getattr(signal.getsignal(signal.SIGTERM), "__self__", None) is handler_object
+
+
 class SignalCatcher:
-    """Turns SIGTERM/SIGINT into a flag the loop checks after each loop of steps (main thread only);
-    a SIGTERM remembered during start-up sets the flag at once."""
+    """Turns SIGTERM/SIGINT into a flag the loop checks between loops of steps (main thread only). A
+    SIGTERM remembered during start-up sets the flag at once, and the start-up deferral ends here: on
+    exit, SIGTERM gets the handler it had before the deferral."""
 
     def __init__(self, *signals):
         self.signals = signals
@@ -79,7 +87,8 @@ class SignalCatcher:
     def __enter__(self):
         if _on_main_thread():
             for sig in self.signals:
-                self._previous[sig] = signal.signal(sig, self._handle)
+                previous = signal.signal(sig, self._handle)
+                self._previous[sig] = _before_deferral if previous is _remember_sigterm else previous
             if signal.SIGTERM in self.signals and take_pending_sigterm():
                 self.signum = signal.SIGTERM
         return self
@@ -96,8 +105,8 @@ class SignalCatcher:
 
 
 def hand_pending_sigterm_to_tensorflow() -> None:
-    """Multi-worker: TF's PreemptionCheckpointHandler now owns SIGTERM; one remembered during start-up
-    is sent again, so TF tells every worker to save at the same step."""
+    """Multi-worker: TF's PreemptionCheckpointHandler owns SIGTERM now (see sigterm_owned_by); one
+    remembered during start-up is sent again, so TF tells every worker to save at the same step."""
     if _on_main_thread() and take_pending_sigterm():
         log.warning("Passing the start-up SIGTERM to TensorFlow's preemption handler: every worker saves, then exits")
         signal.raise_signal(signal.SIGTERM)
