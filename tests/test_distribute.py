@@ -221,3 +221,36 @@ def test_xla_whole_step_auto_keeps_large_variables_updates_outside_xla_on_a_cpu(
     assert trainer(2048, xla_whole_step=True)._xla_whole_step() is True
     assert trainer(64, xla_whole_step=False)._xla_whole_step() is False
     assert trainer(64, grad_accum_steps=2)._xla_whole_step() is False
+
+
+_SIGTERM_PROBE = """
+import json, os, signal, sys, time
+os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": ["127.0.0.1:%d"]}, "task": {"type": "worker", "index": 0}})
+import keras, numpy as np, tensorflow as tf
+from trainer import Trainer
+strategy = tf.distribute.MultiWorkerMirroredStrategy()  # its coordination service installs a SIGTERM handler
+trainer = Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), optimizer=lambda: keras.optimizers.SGD(0.1),
+                  strategy=strategy, run_dir=sys.argv[2], progress_bar=False, tensorboard=False)
+if sys.argv[1] == "after_fit":
+    before = signal.getsignal(signal.SIGTERM)
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+    trainer.fit(tf.data.Dataset.from_tensor_slices((x, (x[:, 0] > 0).astype("int32"))).batch(8).repeat(), steps=2)
+    assert signal.getsignal(signal.SIGTERM) is before, "TF's preemption handler outlived fit()"
+print("signalling", flush=True)
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(20)
+print("SIGTERM was swallowed", flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["after_init", "after_fit"])
+def test_sigterm_is_not_swallowed_around_a_multi_worker_fit(tmp_path, when):
+    """Library use, one-worker cluster: after Trainer() (which takes SIGTERM back from the coordination
+    service) and after fit() (which puts back the handler TF's preemption handler replaced), SIGTERM
+    does what it did before TensorFlow: it ends the process."""
+    result = subprocess.run([sys.executable, "-c", _SIGTERM_PROBE % _free_ports(1)[0], when, str(tmp_path / "run")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGTERM, (result.stdout + result.stderr)[-3000:]
+    assert "signalling" in result.stdout and "swallowed" not in result.stdout

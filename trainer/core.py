@@ -31,7 +31,7 @@ from trainer.config import PrecisionConfig, TrainerConfig
 from trainer.data import release_in_background
 from trainer.fused import fuse
 from trainer.loss_scale import LossScale
-from trainer.signals import SignalCatcher, hand_pending_sigterm_to_tensorflow, reclaim_sigterm_from_tensorflow, sigterm_owned_by
+from trainer import signals
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class Trainer:
         self.precision = PrecisionConfig(policy=precision) if isinstance(precision, str) else precision
         self.strategy = strategy or tf.distribute.get_strategy()
         if isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
-            reclaim_sigterm_from_tensorflow()  # its coordination service's handler swallows SIGTERM
+            signals.reclaim_sigterm_from_tensorflow()  # its coordination service's handler swallows SIGTERM
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.is_chief = is_chief
         self.seed = seed
@@ -649,18 +649,21 @@ class Trainer:
         last_ckpt_time = time.monotonic()
         self._reset(self.metrics, self.train_loss, self.grad_norm)
         self._nonfinite_at_start = int(self.loss_scale.skipped_steps.numpy())
+        sigterm_before = signals.sigterm_handler_outside_deferral()
         preemption = self._preemption_handler()
         # Under multi-worker, TF's PreemptionCheckpointHandler owns SIGTERM (it makes every worker save
         # at the same step); we keep SIGINT. On GCP VMs it does not take SIGTERM (it polls maintenance
-        # notices, or is unsupported), and SIGTERM saves this worker's checkpoint like a single process.
-        tf_owns_sigterm = preemption is not None and sigterm_owned_by(preemption)
-        interrupted = SignalCatcher(signal.SIGINT) if tf_owns_sigterm else SignalCatcher(signal.SIGTERM, signal.SIGINT)
+        # notices, or is unsupported): SIGTERM keeps its default there, as one worker cannot save alone.
+        tf_owns_sigterm = preemption is not None and signals.sigterm_owned_by(preemption)
+        interrupted = signals.SignalCatcher(signal.SIGINT) if preemption is not None else signals.SignalCatcher(signal.SIGTERM, signal.SIGINT)
         compile_seconds = None
         try:
             with interrupted:
                 if tf_owns_sigterm:
-                    hand_pending_sigterm_to_tensorflow()
-                elif interrupted.signum is not None:  # arrived during start-up: no step trained, nothing to save
+                    signals.hand_pending_sigterm_to_tensorflow()
+                elif preemption is not None and signals.end_sigterm_deferral():
+                    interrupted.signum = signal.SIGTERM
+                if interrupted.signum is not None:  # arrived during start-up: no step trained, nothing to save
                     raise TrainingInterrupted(signal.Signals(interrupted.signum).name)
                 while step < total and not self.stop_training:
                     k = self._steps_to_next_event(step, total)
@@ -719,6 +722,9 @@ class Trainer:
                 log.warning("Received %s at step %d: stopping (no run folder, nothing saved).", e, step)
             callbacks.on_train_end(self, {"step": step, "interrupted": True})
             raise
+        finally:
+            if tf_owns_sigterm:  # TF's handler must not outlive this fit() (it would swallow later SIGTERMs)
+                signals.restore_sigterm(sigterm_before)
         summary = {**train_logs, **{f"eval_{k}": v for k, v in eval_logs.items() if k not in ("step", "split")}}
         summary["step"] = step
         summary["traces"] = dict(self.traces)

@@ -61,6 +61,24 @@ def reclaim_sigterm_from_tensorflow() -> None:
             signal.signal(signal.SIGTERM, handler)
 
 
+def sigterm_handler_outside_deferral():
+    """The SIGTERM handler to put back after fit() (the one before the start-up deferral, if on)."""
+    handler = signal.getsignal(signal.SIGTERM)
+    return _before_deferral if handler is _remember_sigterm else handler
+
+
+def restore_sigterm(handler) -> None:
+    if _on_main_thread() and handler is not None:
+        signal.signal(signal.SIGTERM, handler)
+
+
+def end_sigterm_deferral() -> bool:
+    """Gives SIGTERM back its handler from before the deferral; True if one arrived meanwhile."""
+    if _on_main_thread() and signal.getsignal(signal.SIGTERM) is _remember_sigterm:
+        signal.signal(signal.SIGTERM, _before_deferral)
+    return take_pending_sigterm()
+
+
 def take_pending_sigterm() -> bool:
     """True once if a SIGTERM arrived during start-up: the caller now owns it."""
     global _pending_sigterm
