@@ -737,6 +737,7 @@ def add_ratios_and_mfu(results: List[dict], peak: Dict[str, dict], ceiling: Dict
                 if o:  # round i of both: calls of the same length seconds apart, so slow drifts of the machine cancel
                     paired = [b / a for a, b in zip(r["seconds"], o["seconds"])]
                     r[f"paired_vs_{other}"] = statistics.median(paired)
+                    r[f"rounds_faster_vs_{other}"] = sum(x > 1 for x in paired)
                     r[f"verdict_vs_{other}"], r[f"p_vs_{other}"] = sign_test(paired)
             p = peak.get(COMPUTE_DTYPE[r["precision"]])
             r["peak_gflops"] = p["gflops"] if p else None
@@ -781,11 +782,10 @@ def check_goals(results: List[dict], peak: Dict[str, dict]) -> List[dict]:
             if t and other in c:
                 ratio = t[f"vs_{other}"]
                 noise = max(spread(t), spread(c[other]))
-                wins = sum(b > a for a, b in zip(t["seconds"], c[other]["seconds"]))
                 goals.append(dict(
                     goal=f"trainer >= 1.0x {other}", cell=_cell_name(*key), value=ratio, target=1.0,
                     passed=ratio >= 1.0, verdict=t[f"verdict_vs_{other}"],
-                    note=f"paired rounds: median {t[f'paired_vs_{other}']:.2f}, faster in {wins}/{len(t['seconds'])}: "
+                    note=f"paired rounds: median {t[f'paired_vs_{other}']:.2f}, faster in {t[f'rounds_faster_vs_{other}']}/{len(t['seconds'])}: "
                          f"{t[f'verdict_vs_{other}']} (sign test p={t[f'p_vs_{other}']:.2f}); repeat spread up to {noise:.0%}",
                 ))
     for (wl, p, xla, k), c in cells.items():

@@ -128,8 +128,7 @@ def xla_layout(repeats: int, precision: str) -> None:
     for the ResNet and Transformer, the last for the MLP."""
     from bench import make_dataset, make_loss, workloads
 
-    for name in ("mlp", "resnet", "transformer"):
-        workload = workloads(False)[name]
+    for name, workload in workloads(False).items():
         arrays = workload.make_data(np.random.default_rng(0))
 
         def runner(cls, whole_step: bool):

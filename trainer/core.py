@@ -458,8 +458,9 @@ class Trainer:
         """strategy.run(step) × steps_per_loop inside one tf.function; XLA where TensorFlow allows it."""
         accum = self.config.grad_accum_steps
         compute_gradients, step, accumulate_step = self.compute_gradients, self.train_step, self.accumulate_step
-        custom_step = type(self).train_step is not Trainer.train_step and accum == 1
-        if type(self).train_step is not Trainer.train_step and accum > 1:
+        overridden = type(self).train_step is not Trainer.train_step
+        custom_step = overridden and accum == 1
+        if overridden and accum > 1:
             log.warning("The overridden train_step is not used with grad_accum_steps > 1 (accumulate_step and "
                         "apply_accumulated are)")
         if self.jit_compile and custom_step and not self._step_fits_one_cluster():
@@ -658,11 +659,9 @@ class Trainer:
         interrupted = signals.SignalCatcher(signal.SIGINT) if preemption is not None else signals.SignalCatcher(signal.SIGTERM, signal.SIGINT)
         compile_seconds = None
         try:
+            if tf_owns_sigterm:
+                signals.hand_pending_sigterm_to_tensorflow()
             with interrupted:
-                if tf_owns_sigterm:
-                    signals.hand_pending_sigterm_to_tensorflow()
-                elif preemption is not None and signals.end_sigterm_deferral():
-                    interrupted.signum = signal.SIGTERM
                 if interrupted.signum is not None:  # arrived during start-up: no step trained, nothing to save
                     raise TrainingInterrupted(signal.Signals(interrupted.signum).name)
                 while step < total and not self.stop_training:

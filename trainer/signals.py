@@ -55,28 +55,21 @@ def reclaim_sigterm_from_tensorflow() -> None:
     """MultiWorkerMirroredStrategy's coordination service installs a C++ SIGTERM handler that swallows
     the signal (the process neither dies nor tells Python), so a SIGTERM between the strategy and the
     training loop was lost: the run went on to the end. Re-installing Python's handler takes it back."""
-    if _on_main_thread():
-        handler = signal.getsignal(signal.SIGTERM)
-        if handler is not None:
-            signal.signal(signal.SIGTERM, handler)
+    restore_sigterm(signal.getsignal(signal.SIGTERM))
+
+
+def _outside_deferral(handler):
+    return _before_deferral if handler is _remember_sigterm else handler
 
 
 def sigterm_handler_outside_deferral():
     """The SIGTERM handler to put back after fit() (the one before the start-up deferral, if on)."""
-    handler = signal.getsignal(signal.SIGTERM)
-    return _before_deferral if handler is _remember_sigterm else handler
+    return _outside_deferral(signal.getsignal(signal.SIGTERM))
 
 
 def restore_sigterm(handler) -> None:
     if _on_main_thread() and handler is not None:
         signal.signal(signal.SIGTERM, handler)
-
-
-def end_sigterm_deferral() -> bool:
-    """Gives SIGTERM back its handler from before the deferral; True if one arrived meanwhile."""
-    if _on_main_thread() and signal.getsignal(signal.SIGTERM) is _remember_sigterm:
-        signal.signal(signal.SIGTERM, _before_deferral)
-    return take_pending_sigterm()
 
 
 def take_pending_sigterm() -> bool:
@@ -93,9 +86,10 @@ def sigterm_owned_by(handler_object) -> bool:
 
 
 class SignalCatcher:
-    """Turns SIGTERM/SIGINT into a flag the loop checks between loops of steps (main thread only). A
-    SIGTERM remembered during start-up sets the flag at once, and the start-up deferral ends here: on
-    exit, SIGTERM gets the handler it had before the deferral."""
+    """Turns SIGTERM/SIGINT into a flag the loop checks between loops of steps (main thread only). The
+    start-up deferral ends here: a SIGTERM remembered during start-up sets the flag at once (also when
+    SIGTERM is not among `signals`, as under multi-worker on GCP VMs, where SIGTERM keeps its default
+    from now on), and on exit SIGTERM gets the handler it had before the deferral."""
 
     def __init__(self, *signals):
         self.signals = signals
@@ -105,9 +99,10 @@ class SignalCatcher:
     def __enter__(self):
         if _on_main_thread():
             for sig in self.signals:
-                previous = signal.signal(sig, self._handle)
-                self._previous[sig] = _before_deferral if previous is _remember_sigterm else previous
-            if signal.SIGTERM in self.signals and take_pending_sigterm():
+                self._previous[sig] = _outside_deferral(signal.signal(sig, self._handle))
+            if signal.SIGTERM not in self.signals:
+                restore_sigterm(sigterm_handler_outside_deferral())
+            if take_pending_sigterm():
                 self.signum = signal.SIGTERM
         return self
 
@@ -124,7 +119,8 @@ class SignalCatcher:
 
 def hand_pending_sigterm_to_tensorflow() -> None:
     """Multi-worker: TF's PreemptionCheckpointHandler owns SIGTERM now (see sigterm_owned_by); one
-    remembered during start-up is sent again, so TF tells every worker to save at the same step."""
+    remembered during start-up is sent again, so TF tells every worker to save at the same step. Call
+    it before the loop's SignalCatcher, which would otherwise take the pending SIGTERM as its own."""
     if _on_main_thread() and take_pending_sigterm():
         log.warning("Passing the start-up SIGTERM to TensorFlow's preemption handler: every worker saves, then exits")
         signal.raise_signal(signal.SIGTERM)
