@@ -538,8 +538,8 @@ class Trainer:
 
         def fn(ctx):
             ds = data(ctx)
-            if training:
-                ds = ds.repeat().skip(skip_batches)
+            if training:  # a step takes one per-replica batch for each replica this pipeline feeds
+                ds = ds.repeat().skip(skip_batches * (ctx.num_replicas_in_sync // ctx.num_input_pipelines))
             return ds
 
         return self.strategy.distribute_datasets_from_function(fn)
