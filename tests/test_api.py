@@ -184,3 +184,27 @@ def test_process_exits_when_a_freed_trainer_is_collected_at_shutdown():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "trained" in done.stdout
+
+
+def test_a_later_fit_continues_as_one_longer_call(tmp_path):
+    """A second fit() keeps what the first trained: no second warm start from trainer.init_from, and a
+    callback's stop ends that call only. Same weights as one uninterrupted call."""
+    make_trainer(run_dir=tmp_path / "source").fit(datasets()[0], steps=5)
+
+    class StopOnceAt4(Callback):
+        def __init__(self):
+            self.fired = False
+
+        def on_loop_end(self, trainer, step):
+            if step == 4 and not self.fired:
+                self.fired, trainer.stop_training = True, True
+
+    one = make_trainer(init_from=str(tmp_path / "source"))
+    one.fit(datasets()[0], steps=20)  # a data set object of its own: each new iterator reshuffles
+    two, train = make_trainer(init_from=str(tmp_path / "source"), callbacks=[StopOnceAt4()]), datasets()[0]
+    two.fit(train, steps=10)
+    assert int(two.step.numpy()) == 4
+    two.fit(train, steps=20)
+    assert int(two.step.numpy()) == 20
+    for a, b in zip(one.model.weights, two.model.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)

@@ -283,12 +283,14 @@ def warm_start(model, path: str) -> Dict[str, List[str]]:
             raise CheckpointError(f"trainer.init_from={path!r} does not exist")
         if path.endswith(".keras"):
             source = keras.saving.load_model(path, compile=False)
-            path_h5 = Path(tempfile.mkdtemp()) / "w.weights.h5"
-            source.save_weights(path_h5)
-            path = str(path_h5)
-        model.load_weights(path, skip_mismatch=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                source.save_weights(Path(tmp) / "w.weights.h5")
+                model.load_weights(Path(tmp) / "w.weights.h5", skip_mismatch=True)
+        else:
+            model.load_weights(path, skip_mismatch=True)
+        # Keras' loader does not say which layers it skipped (it warns about each); the report cannot either.
         report = {"restored": [v.path for v in model.weights], "missing": [], "unexpected": [], "mismatched": []}
-        log.info("Warm start from %s: loaded %d weights (Keras loader, mismatched shapes skipped)", path, len(model.weights))
+        log.info("Warm start from %s: Keras loader, layers of mismatched shapes skipped (see its warnings)", path)
         return report
     prefix = _resolve_checkpoint(path)
     reader, rows, saved = _match_model(model, prefix)

@@ -173,6 +173,7 @@ class Trainer:
         self._tracing_xla = False
         self._kept_iterator: Optional[_KeptIterator] = None
         self.checkpointer: Optional[Checkpointer] = None
+        self._state_restored = False  # resumed, warm-started or started fresh by the first fit() call
         # Variable path -> factor applied to its unscaled gradient (e.g. a lower backbone rate when
         # fine-tuning; with SGD this equals a per-variable learning rate). Call
         # reset_step_functions() after changing it, or after freezing/unfreezing layers.
@@ -616,21 +617,24 @@ class Trainer:
             )
         if batch_size:
             self.batch_size = batch_size
-        if self.run_dir is not None:
-            self.checkpointer = Checkpointer(
-                self.run_dir / "checkpoints",
-                self.checkpoint_objects(),
-                keep=cfg.keep_checkpoints,
-                keep_best=cfg.keep_best,
-                best_metric=cfg.best_metric,
-                best_mode=cfg.best_mode,
-                is_chief=self.is_chief,
-            )
-            self.checkpointer.prepare(resume=cfg.resume, init_from=cfg.init_from, model=self.model)
-        elif cfg.init_from:
-            from trainer.checkpoint import warm_start
+        self.stop_training = False  # a callback's stop ends one fit() call, not the later ones
+        if not self._state_restored:  # a later fit() call: the model and optimizer in memory are the newest
+            if self.run_dir is not None:
+                self.checkpointer = Checkpointer(
+                    self.run_dir / "checkpoints",
+                    self.checkpoint_objects(),
+                    keep=cfg.keep_checkpoints,
+                    keep_best=cfg.keep_best,
+                    best_metric=cfg.best_metric,
+                    best_mode=cfg.best_mode,
+                    is_chief=self.is_chief,
+                )
+                self.checkpointer.prepare(resume=cfg.resume, init_from=cfg.init_from, model=self.model)
+            elif cfg.init_from:
+                from trainer.checkpoint import warm_start
 
-            warm_start(self.model, cfg.init_from)
+                warm_start(self.model, cfg.init_from)
+            self._state_restored = True
 
         start = int(self.step.numpy())
         self.steps_per_epoch = steps_per_epoch
