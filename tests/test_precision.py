@@ -109,6 +109,21 @@ def test_overflow_skips_exactly_that_update_and_halves_scale(jit_compile):
     assert int(trainer.step.numpy()) == 6 and int(trainer.optimizer.iterations.numpy()) == 6
 
 
+def test_nan_batch_through_batchnorm_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    """A NaN input batch is skipped, but its forward pass already wrote NaN into BatchNormalization's
+    moving statistics: the run stops with NumericalError instead of going on (and exiting 0) with
+    weights that no checkpoint will take."""
+    bn_mlp = lambda: keras.Sequential([
+        keras.Input((8,)), keras.layers.Dense(16), keras.layers.BatchNormalization(), keras.layers.ReLU(),
+        keras.layers.Dense(2, dtype="float32"),
+    ])
+    trainer = make("float32", model=bn_mlp, run_dir=tmp_path, checkpoint_every=3)
+    with pytest.raises(NumericalError, match="BatchNormalization's moving statistics"):
+        trainer.fit(batches(poison={4: np.nan}), steps=20)
+    assert int(trainer.step.numpy()) == 5 and int(trainer.loss_scale.skipped_steps.numpy()) == 1
+    assert [p.name for p in sorted((tmp_path / "checkpoints").glob("ckpt-*.index"))] == ["ckpt-3.index"]
+
+
 def test_scale_grows_after_growth_interval():
     """(c) ×2 after `growth_interval` finite steps in a row."""
     trainer = make(PrecisionConfig(policy="mixed_float16", initial_scale=8.0, growth_interval=3))

@@ -56,7 +56,7 @@ class _KeptIterator:
 
 
 class NumericalError(RuntimeError):
-    """Training cannot make progress: too many non-finite steps in a row."""
+    """Training cannot go on: too many non-finite steps in a row, or weights that are no longer finite."""
 
 
 class TrainingInterrupted(Exception):
@@ -653,7 +653,7 @@ class Trainer:
         window_start, window_step = time.perf_counter(), step
         last_ckpt_time = time.monotonic()
         self._reset(self.metrics, self.train_loss, self.grad_norm)
-        self._nonfinite_at_start = int(self.loss_scale.skipped_steps.numpy())
+        self._nonfinite_at_start = self._skips_checked = int(self.loss_scale.skipped_steps.numpy())
         sigterm_before = signals.sigterm_handler_outside_deferral()
         preemption = self._preemption_handler()
         # Under multi-worker, TF's PreemptionCheckpointHandler owns SIGTERM (it makes every worker save
@@ -697,7 +697,7 @@ class Trainer:
                         cfg.checkpoint_every_secs and time.monotonic() - last_ckpt_time >= cfg.checkpoint_every_secs
                     )
                     if self.checkpointer and due and step < total:
-                        self.checkpointer.save(step)
+                        self._save(step)
                         last_ckpt_time = time.monotonic()
                     if interrupted.signum is not None:
                         raise TrainingInterrupted(signal.Signals(interrupted.signum).name)
@@ -706,7 +706,7 @@ class Trainer:
                     if self.checkpointer:
                         self.checkpointer.update_best(step, eval_logs)
                 if self.checkpointer:
-                    self.checkpointer.save(step)
+                    self._save(step)
         except _PreemptedAndSaved as e:
             log.warning(
                 "Preemption notice at step %d (%s or the platform's maintenance notice to a worker of this run): "
@@ -719,7 +719,7 @@ class Trainer:
                 log.warning("Received %s at step %d, before this run trained a step: nothing new to save; run the "
                             "same command again to %s.", e, step, "resume" if start else "start")
             elif self.checkpointer:
-                path = self.checkpointer.save(step)
+                path = self._save(step)
                 log.warning("Received %s at step %d: saved %s; run the same command again to resume.", e, step, path)
             else:
                 log.warning("Received %s at step %d: stopping (no run folder, nothing saved).", e, step)
@@ -758,7 +758,7 @@ class Trainer:
                 self.strategy.cluster_resolver,
                 tf.train.CheckpointManager(self.checkpointer.checkpoint, scratch, max_to_keep=1),
                 termination_config=tf.distribute.experimental.TerminationConfig(
-                    exit_fn=exit_fn, save_fn=lambda step: self.checkpointer.save(step)
+                    exit_fn=exit_fn, save_fn=lambda step: self._save(step)
                 ),
             )
         finally:
@@ -813,6 +813,10 @@ class Trainer:
                 "To find the cause: a lower optimizer.lr, optimizer.clipnorm=1.0, or "
                 "precision.debug_numerics=true to name the first bad op."
             )
+        skipped = int(ls.skipped_steps.numpy())
+        if skipped > self._skips_checked:  # a skip undoes the update, not what the forward pass assigned
+            self._skips_checked = skipped
+            self._check_weights_finite(step)
         if consecutive >= limit or at_floor >= 5:
             why = (
                 f"the dynamic loss scale is at its floor of 1 and {at_floor} more steps still overflowed"
@@ -826,6 +830,23 @@ class Trainer:
                 "for LayerNorm/Softmax, or precision.debug_numerics=true to name the first bad op. "
                 "The last good checkpoint is intact."
             )
+
+    def _check_weights_finite(self, step: int) -> None:
+        bad = [w.path for w in self.model.weights if not np.isfinite(keras.ops.convert_to_numpy(w)).all()]
+        if bad:
+            raise NumericalError(
+                f"Stopping at step {step}: the model's weights are no longer finite ({len(bad)} of them, e.g. "
+                f"{bad[:3]}) and are not saved; the last good checkpoint is intact. Skipping a non-finite step "
+                "undoes its update, but not what its forward pass assigned: BatchNormalization's moving "
+                "statistics take in a NaN or inf batch as it passes. Check the input data for NaN/inf; or "
+                "try a lower optimizer.lr, optimizer.clipnorm=1.0, or precision.debug_numerics=true to name "
+                "the first bad op."
+            )
+
+    def _save(self, step: int) -> Optional[str]:
+        """Saves a checkpoint; non-finite weights end the run (exit 3) instead of a save that is refused."""
+        self._check_weights_finite(step)
+        return self.checkpointer.save(step)
 
     def evaluate(self, eval_data: DataArg, *, steps: Optional[int] = None, step: Optional[int] = None, callbacks=None) -> Dict[str, float]:
         """Computes the loss and metrics over the whole eval set (or `steps` batches)."""
