@@ -43,6 +43,10 @@ def test_accumulating_k_micro_batches_equals_one_large_batch():
     for a, b in zip(accumulated.model.weights, reference.model.weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
     assert int(accumulated.optimizer.iterations.numpy()) == 5
+    # An epoch is the data set once: its 20 micro-batches make 5 updates.
+    by_epoch = make(grad_accum_steps=4)
+    by_epoch.fit(micro, epochs=1)
+    assert int(by_epoch.step.numpy()) == 5
 
 
 def test_accumulation_composes_with_loss_scaling():

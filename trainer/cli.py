@@ -70,7 +70,8 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
 
     data = instantiate(cfg.data, _convert_="all")
     log.info("Data: %s", data.description)
-    steps_per_epoch = data.train_examples // data.batch_size if data.train_examples else None
+    batches_per_step = data.batch_size * trainer_cfg.grad_accum_steps  # a step: one optimizer update
+    steps_per_epoch = data.train_examples // batches_per_step if data.train_examples else None
     total = Trainer.total_steps(trainer_cfg.max_steps, trainer_cfg.epochs, steps_per_epoch)
     trainer = Trainer(
         model=functools.partial(instantiate, cfg.model, _convert_="all"),

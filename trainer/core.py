@@ -591,13 +591,15 @@ class Trainer:
         """Trains until `steps` (or `epochs`) and returns the final eval logs (or the last train logs).
 
         Resumes from `run_dir/checkpoints` when it holds checkpoints and `config.resume` is true.
+        `steps_per_epoch` counts steps (optimizer updates): by default, the data set's batches over
+        `config.grad_accum_steps`.
         """
         cfg = self.config
         steps = steps if steps is not None else cfg.max_steps
         epochs = epochs if epochs is not None else cfg.epochs
         if isinstance(train_data, tf.data.Dataset) and steps_per_epoch is None:
-            card = int(train_data.cardinality())
-            steps_per_epoch = card if card > 0 else None
+            card = int(train_data.cardinality())  # batches; a step reads grad_accum_steps of them
+            steps_per_epoch = card // cfg.grad_accum_steps if card > 0 else None
         total = self.total_steps(steps, epochs, steps_per_epoch)
         self.total = total
 
