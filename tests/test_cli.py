@@ -61,6 +61,16 @@ def test_multirun_two_jobs(tmp_path, tiny):
     assert lrs == {0.001, 0.0003}
 
 
+def test_a_failing_multirun_job_does_not_stop_the_sweep(tmp_path, tiny):
+    """Job 0 fails with a user error (exit 2 as a single run); job 1 still runs; the sweep exits non-zero."""
+    sweep = tmp_path / "sweep"
+    result = run_cli("-m", f"trainer.init_from={tmp_path / 'nowhere'},null", *tiny, f"hydra.sweep.dir={sweep}")
+    assert result.returncode != 0
+    assert "JobFailed: CheckpointError (exit code 2 as a single run)" in result.stderr
+    assert "nowhere" in (sweep / "0" / "trainer.log").read_text()
+    assert read_metrics(sweep / "1")[-1]["step"] == 40
+
+
 def test_wheel_ships_configs_and_runs_from_anywhere(tmp_path):
     """A non-editable install must carry conf/ and recipes/ inside the package."""
     repo = Path(__file__).resolve().parents[1]

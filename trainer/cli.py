@@ -12,6 +12,7 @@ quiet_tensorflow_import()
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
@@ -124,10 +125,10 @@ def _hydra_main(cfg: DictConfig) -> float:
             raise cause if cause is not None else e
     except user_errors as e:
         log.error("%s", e)
-        sys.exit(EXIT_USER_ERROR)
+        _job_failed(EXIT_USER_ERROR, e)
     except NumericalError as e:
         log.error("%s", e)
-        sys.exit(EXIT_NUMERICAL)
+        _job_failed(EXIT_NUMERICAL, e)
     except TrainingInterrupted as e:  # a checkpoint was saved; the message was logged
         sys.exit(EXIT_SIGNAL.get(str(e), 1))
     except Exception as e:  # noqa: BLE001
@@ -135,10 +136,22 @@ def _hydra_main(cfg: DictConfig) -> float:
         if cfg.precision.debug_numerics and "Infinity or NaN" in str(e):
             detail = next((line.strip() for line in str(e).splitlines() if "Infinity or NaN" in line), str(e))
             log.error("precision.debug_numerics: the first non-finite value came from: %s", detail)
-            sys.exit(EXIT_NUMERICAL)
+            _job_failed(EXIT_NUMERICAL, e)
         raise
     value = logs.get("accuracy", logs.get("loss", math.nan))
     return float(value)  # what a multirun sweeper optimizes
+
+
+class JobFailed(RuntimeError):
+    """One job of a multirun sweep failed; the sweep goes on and Hydra exits non-zero at its end."""
+
+
+def _job_failed(code: int, error: Exception) -> None:
+    """A single run exits with `code`. In a multirun an exit would end the whole sweep (Hydra only
+    catches Exceptions), so the job fails with an exception and the other jobs still run."""
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise JobFailed(f"{type(error).__name__} (exit code {code} as a single run): {error}") from None
+    sys.exit(code)
 
 
 def main() -> None:
