@@ -266,6 +266,26 @@ def test_keep_last_n_and_best_k(tmp_path):
     assert float(trainer.best.numpy()) == pytest.approx(best_two[0]["loss"])
 
 
+def test_resume_takes_the_configured_learning_rate_and_fixed_loss_scale(tmp_path):
+    """Resuming with a new constant lr (or a new fixed loss scale) uses it, not the checkpoint's value."""
+    from trainer import PrecisionConfig
+
+    def trainer(lr, precision):
+        return Trainer(model=_net(), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                       optimizer=lambda: keras.optimizers.Adam(lr), precision=precision, run_dir=tmp_path,
+                       progress_bar=False, jit_compile=False)
+
+    trainer(1e-3, "float32").fit(blobs(), steps=5)
+    try:
+        resumed = trainer(1e-5, PrecisionConfig(policy="mixed_float16", loss_scale=1024.0))
+        resumed.fit(blobs(), steps=10)
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    assert float(resumed.optimizer.learning_rate) == pytest.approx(1e-5)
+    assert float(resumed.loss_scale.scale.numpy()) == 1024.0
+    assert int(resumed.step.numpy()) == 10
+
+
 def test_init_from_reports_restored_missing_mismatched(tmp_path):
     source = Trainer(model=_net(2), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                      optimizer=lambda: keras.optimizers.SGD(0.1), run_dir=tmp_path / "a", progress_bar=False)

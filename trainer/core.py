@@ -631,7 +631,9 @@ class Trainer:
                     best_mode=cfg.best_mode,
                     is_chief=self.is_chief,
                 )
-                self.checkpointer.prepare(resume=cfg.resume, init_from=cfg.init_from, model=self.model)
+                configured = self._configured_settings()
+                if self.checkpointer.prepare(resume=cfg.resume, init_from=cfg.init_from, model=self.model) is not None:
+                    self._keep_configured_settings(*configured)
             elif cfg.init_from:
                 from trainer.checkpoint import warm_start
 
@@ -741,6 +743,27 @@ class Trainer:
             summary["first_loop_seconds"] = compile_seconds
         callbacks.on_train_end(self, summary)
         return eval_logs or train_logs
+
+    def _configured_settings(self):
+        """A constant learning rate and a none/fixed loss scale: values a restore would overwrite."""
+        lr = self.optimizer._learning_rate
+        constant_lr = float(keras.ops.convert_to_numpy(lr)) if isinstance(lr, keras.Variable) else None
+        scale = float(self.loss_scale.scale.numpy()) if self.loss_scale.mode != "dynamic" else None
+        return constant_lr, scale
+
+    def _keep_configured_settings(self, constant_lr, scale) -> None:
+        """After a resume, the configuration's learning rate and fixed scale win over the checkpoint's
+        (a schedule is code and follows the config anyway; a dynamic scale's value is state and is kept)."""
+        if constant_lr is not None:
+            restored = float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
+            if restored != constant_lr:
+                self.optimizer.learning_rate = constant_lr
+                log.info("Learning rate %g from the configuration (the checkpoint had %g)", constant_lr, restored)
+        if scale is not None:
+            restored = float(self.loss_scale.scale.numpy())
+            if restored != scale:
+                self.loss_scale.scale.assign(scale)
+                log.info("Loss scale %g from the configuration (the checkpoint had %g)", scale, restored)
 
     def _preemption_handler(self):
         """TF's preemption support for multi-worker runs: on SIGTERM to any worker, every worker saves at
