@@ -165,3 +165,19 @@ def test_successive_fit_calls_continue_one_data_stream():
     whole.fit(shuffled(), steps=7)
     for a, b in zip(split.model.weights, whole.model.weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("weight_shape", [(6,), (6, 5), (6, 5, 1)])
+def test_sample_weights_per_example_or_per_timestep_weigh_the_loss_as_keras_does(weight_shape):
+    """A padding mask (batch, time) is a common per-element weight; Keras' fit accepts it, so must we."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, (6, 5)).astype("int32")
+    logits = tf.constant(rng.normal(size=(6, 5, 3)).astype("float32"))
+    weight = (rng.random(weight_shape) > 0.3).astype("float32")
+    trainer = Trainer(model=lambda: keras.Sequential([keras.Input((5, 3)), keras.layers.Dense(3)]),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), optimizer=lambda: keras.optimizers.SGD(0.1),
+                      progress_bar=False)
+    ours = trainer.compute_loss(None, y, logits, weight)
+    per_element = np.broadcast_to(weight[:, None], (6, 5)) if weight.ndim == 1 else weight  # Keras wants this
+    expected = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y, logits, sample_weight=per_element)
+    np.testing.assert_allclose(float(ours), float(expected), rtol=1e-6)

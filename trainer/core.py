@@ -187,11 +187,16 @@ class Trainer:
         """Per-example loss averaged over the *global* batch, plus this replica's share of the
         regularization losses; summing it over replicas gives the mean loss."""
         per_example = tf.cast(self.loss(y, y_pred), tf.float32)
+        if sample_weight is not None:  # per example (batch,) or per element, e.g. a padding mask (batch, time)
+            weight = tf.cast(sample_weight, tf.float32)
+            while weight.shape.rank > per_example.shape.rank and weight.shape[-1] == 1:
+                weight = tf.squeeze(weight, -1)
+            while weight.shape.rank < per_example.shape.rank:
+                weight = weight[..., None]
+            per_example = per_example * weight  # then the mean over the elements, as Keras' fit does
         if per_example.shape.rank and per_example.shape.rank > 1:
             per_example = tf.reduce_mean(per_example, axis=list(range(1, per_example.shape.rank)))
-        if sample_weight is not None:
-            sample_weight = tf.cast(sample_weight, tf.float32)
-        loss = tf.nn.compute_average_loss(per_example, sample_weight=sample_weight)
+        loss = tf.nn.compute_average_loss(per_example)
         if self.model.losses:
             loss += tf.nn.scale_regularization_loss(tf.add_n([tf.cast(l, tf.float32) for l in self.model.losses]))
         return loss
