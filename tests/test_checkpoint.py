@@ -244,6 +244,10 @@ def test_changed_model_is_a_clear_error(tmp_path):
     result = run_cli(*TINY, f"hydra.run.dir={run_dir}", "trainer.max_steps=60", "model.hidden_units=[64]")
     assert result.returncode == 2
     assert "does not fit this model" in result.stdout + result.stderr
+    result = run_cli(*TINY, f"hydra.run.dir={run_dir}", "trainer.max_steps=60", "optimizer=sgd")
+    assert result.returncode == 2
+    assert "does not fit this optimizer" in result.stdout + result.stderr
+    assert [s for s, _ in list_checkpoints(run_dir / "checkpoints")] == [40, 20]  # left as they were
 
 
 def _net(classes=2):

@@ -82,33 +82,35 @@ def _saved_keys_by_path(reader) -> Dict[str, str]:
     return out
 
 
-def _match_model(model, prefix: str):
-    """(reader, [(path, variable, saved_key or None, saved_shape or None)]) for the model's variables."""
+def _match_model(model, prefix: str, name: str = "model"):
+    """(reader, [(path, variable, saved_key or None, saved_shape or None)]) for the variables of the
+    checkpoint's object `name` (the model, or the optimizer)."""
     reader = tf.train.load_checkpoint(prefix)
     shapes = reader.get_variable_to_shape_map()
     saved = _saved_keys_by_path(reader)
     rows = []
-    for path, var in _variables_by_path(tf.train.Checkpoint(model=model)).items():
+    for path, var in _variables_by_path(tf.train.Checkpoint(**{name: model})).items():
         key = saved.get(path)
         rows.append((path, var, key, shapes.get(key) if key else None))
     return reader, rows, saved
 
 
 def _check_compatible(objects: Dict, prefix: str) -> None:
-    """A changed model (shapes) must be a clear error, not a partial restore."""
-    _, rows, _ = _match_model(objects["model"], prefix)
-    problems = [
-        f"{path}: checkpoint {shape} vs model {list(var.shape)}" if key else f"not in checkpoint: {path}"
-        for path, var, key, shape in rows
-        if key is None or list(shape) != list(var.shape)
-    ]
-    if problems:
-        raise CheckpointError(
-            f"{prefix} does not fit this model ({'; '.join(problems[:6])}). The config changed the model "
-            "since this run saved it. Fix: run with the config the run was started with (see "
-            ".hydra/config.yaml), or start a new run folder (hydra.run.dir=...) and use "
-            "trainer.init_from=PATH to warm start."
-        )
+    """A changed model or optimizer must be a clear error, not a partial restore or a 'corrupt file'."""
+    for name, what in (("model", "the model"), ("optimizer", "the optimizer (its type, or options that add state such as amsgrad or momentum)")):
+        _, rows, _ = _match_model(objects[name], prefix, name)
+        problems = [
+            f"{path}: checkpoint {shape} vs now {list(var.shape)}" if key else f"not in checkpoint: {path}"
+            for path, var, key, shape in rows
+            if key is None or list(shape) != list(var.shape)
+        ]
+        if problems:
+            raise CheckpointError(
+                f"{prefix} does not fit this {name} ({'; '.join(problems[:6])}). The config changed {what} "
+                "since this run saved it. Fix: run with the config the run was started with (see "
+                ".hydra/config.yaml), or start a new run folder (hydra.run.dir=...) and use "
+                "trainer.init_from=PATH to warm start (weights only)."
+            )
 
 
 class Checkpointer:

@@ -651,6 +651,9 @@ class Trainer:
             # A later fit() call on the same data continues where the last one ended.
             iterator, kept.iterator = kept.iterator, None
         else:
+            if start:  # tf.data produces the skipped batches (reads, decodes) and drops them: it takes time
+                log.info("Data: skipping the %d batches the first %d steps trained on, to resume in the same order",
+                         start * cfg.grad_accum_steps, start)
             iterator = iter(self._distribute(train_data, skip_batches=start * cfg.grad_accum_steps))
         kept = None  # one not reused dies on the release thread (_KeptIterator.__del__)
         callbacks = CallbackList(default_callbacks(self) + self.callbacks.callbacks)
