@@ -208,3 +208,30 @@ def test_a_later_fit_continues_as_one_longer_call(tmp_path):
     assert int(two.step.numpy()) == 20
     for a, b in zip(one.model.weights, two.model.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+
+
+def test_throughput_windows_leave_out_compile_eval_and_save_time(tmp_path):
+    """The first window (only the untimed first loop) logs nan, not 0; a slow evaluation does not
+    count against the training steps of the window after it."""
+    import time as time_module
+
+    train, evaluation = datasets()
+    trainer = make_trainer(run_dir=tmp_path, steps_per_loop=10, eval_every=20, checkpoint_every=20)
+    evaluate = trainer.evaluate
+
+    def slow_evaluate(*args, **kwargs):
+        time_module.sleep(2.0)  # ~100x a 10-step window of this tiny model
+        return evaluate(*args, **kwargs)
+
+    trainer.evaluate = slow_evaluate
+    logs = []
+
+    class Record(Callback):
+        def on_log(self, trainer, step, row):
+            logs.append(row)
+
+    trainer.callbacks.callbacks.append(Record())
+    trainer.fit(train, evaluation, steps=60)
+    rates = {row["step"]: row["examples_per_sec"] for row in logs}
+    assert sorted(rates) == [10, 20, 30, 40, 50, 60] and np.isnan(rates[10])
+    assert min(rates[30], rates[50]) > 0.2 * max(rates[20], rates[40])  # the windows after each eval

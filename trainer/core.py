@@ -701,6 +701,7 @@ class Trainer:
                         train_logs = self._train_logs(step, (step - window_step) * self.batch_size * cfg.grad_accum_steps, elapsed)
                         callbacks.on_log(self, step, train_logs)
                         window_start, window_step = time.perf_counter(), step
+                    paused = time.perf_counter()  # evaluation and saving do not count as training time
                     if eval_data is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
                         eval_logs = self.evaluate(eval_data, step=step, callbacks=callbacks)
                         if self.checkpointer:
@@ -711,6 +712,7 @@ class Trainer:
                     if self.checkpointer and due and step < total:
                         self._save(step)
                         last_ckpt_time = time.monotonic()
+                    window_start += time.perf_counter() - paused
                     if interrupted.signum is not None:
                         raise TrainingInterrupted(signal.Signals(interrupted.signum).name)
                 if eval_data is not None:
@@ -823,7 +825,8 @@ class Trainer:
     def _train_logs(self, step: int, examples: int, seconds: float) -> Dict[str, float]:
         logs = {"step": step, "split": "train", "loss": float(self.train_loss.result())}
         logs.update({name: float(m.result()) for name, m in self.metrics.items()})
-        logs["examples_per_sec"] = examples / seconds if seconds > 0 else float("nan")
+        # nan when no step was timed in this window (the first loop, with its compile time, is not timed)
+        logs["examples_per_sec"] = examples / seconds if examples > 0 and seconds > 0 else float("nan")
         logs["grad_norm"] = float(self.grad_norm.result())
         logs["lr"] = float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
         if self.loss_scale.enabled:
