@@ -181,3 +181,16 @@ def test_sample_weights_per_example_or_per_timestep_weigh_the_loss_as_keras_does
     per_element = np.broadcast_to(weight[:, None], (6, 5)) if weight.ndim == 1 else weight  # Keras wants this
     expected = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y, logits, sample_weight=per_element)
     np.testing.assert_allclose(float(ours), float(expected), rtol=1e-6)
+
+
+@pytest.mark.parametrize("warmup", [0, 40])
+def test_step_schedule_boundaries_are_global_steps_with_or_without_warmup(warmup):
+    from trainer.optim import make_schedule
+
+    schedule = make_schedule({"lr": 0.1, "schedule": "step", "boundaries": [100, 150], "decay_rate": 0.1,
+                              "warmup_steps": warmup}, total_steps=200)
+    lr = lambda step: float(schedule(step))  # noqa: E731
+    # Keras' PiecewiseConstantDecay: the rate drops after each boundary
+    assert lr(100) == pytest.approx(0.1) and lr(101) == pytest.approx(0.01) and lr(151) == pytest.approx(0.001)
+    if warmup:
+        assert lr(0) == pytest.approx(0.1 / warmup) and lr(warmup - 1) == pytest.approx(0.1)

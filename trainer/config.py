@@ -95,7 +95,7 @@ class OptimizerConfig:
     warmup_steps: int = 0
     decay_steps: Optional[int] = None  # None: the run's total steps
     alpha: float = 0.0  # cosine: final lr as a fraction of lr
-    boundaries: List[int] = field(default_factory=list)  # step: where lr is multiplied by `decay_rate`
+    boundaries: List[int] = field(default_factory=list)  # step: global steps after which lr is multiplied by `decay_rate`
     decay_rate: float = 0.1
 
 

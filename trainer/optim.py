@@ -53,7 +53,8 @@ def make_schedule(cfg: Dict[str, Any], total_steps: int):
     elif name == "linear":
         after = keras.optimizers.schedules.PolynomialDecay(lr, decay_steps, end_learning_rate=lr * float(cfg.get("alpha", 0.0)), power=1.0)
     elif name == "step":
-        bounds = [int(b) for b in cfg.get("boundaries") or []]
+        # Boundaries are global steps; the schedule after a warmup counts from the warmup's end.
+        bounds = [int(b) - warmup for b in cfg.get("boundaries") or []]
         rate = float(cfg.get("decay_rate", 0.1))
         after = keras.optimizers.schedules.PiecewiseConstantDecay(bounds, [lr * rate**i for i in range(len(bounds) + 1)])
     else:
