@@ -333,3 +333,14 @@ def test_export_saved_model_and_keras_predict_like_the_trained_model(tmp_path):
     np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-5)
     reloaded = keras.saving.load_model(keras_out / "model.keras")
     np.testing.assert_allclose(reloaded(sample).numpy(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_best_metric_the_eval_does_not_report_is_a_warning(tmp_path, caplog):
+    trainer = Trainer(model=_net(), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      optimizer=lambda: keras.optimizers.SGD(0.1), metrics=[keras.metrics.SparseCategoricalAccuracy()],
+                      run_dir=tmp_path, progress_bar=False, eval_every=5, best_metric="accuracy")
+    with caplog.at_level("WARNING", logger="trainer"):
+        trainer.fit(blobs(), blobs(), steps=10)
+    warnings = [r.getMessage() for r in caplog.records if "best_metric" in r.getMessage()]
+    assert len(warnings) == 1 and "sparse_categorical_accuracy" in warnings[0]  # once, naming what there is
+    assert not (tmp_path / "checkpoints" / "best").exists()

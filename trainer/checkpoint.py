@@ -144,6 +144,7 @@ class Checkpointer:
         self.best_metric = best_metric
         self.best_mode = best_mode
         self._manager = None
+        self._warned_no_best = False
 
     # -- saving ------------------------------------------------------------------------------
 
@@ -174,6 +175,11 @@ class Checkpointer:
 
     def update_best(self, step: int, eval_logs: Dict) -> bool:
         """After an evaluation: records the best value, and keeps a copy in best/ when it is in the top k."""
+        if self.best_metric and self.best_metric not in eval_logs and not self._warned_no_best:
+            self._warned_no_best = True
+            names = sorted(k for k in eval_logs if k not in ("step", "split"))
+            log.warning("trainer.best_metric=%r is not among the eval results %s: no best checkpoint is tracked. "
+                        "Fix: trainer.best_metric=<one of them> (a metric's name is its `name=`).", self.best_metric, names)
         if not self.best_metric or self.best_metric not in eval_logs or not self.weights_finite():
             return False
         value = float(eval_logs[self.best_metric])

@@ -93,7 +93,7 @@ class OptimizerConfig:
     clipnorm: Optional[float] = None  # global-norm clip of the *unscaled* gradients, in the train step
     schedule: Optional[str] = None  # None | constant | cosine | step (see trainer/optim.py)
     warmup_steps: int = 0
-    decay_steps: Optional[int] = None  # None: the run's total steps
+    decay_steps: Optional[int] = None  # None: the run's steps after the warmup
     alpha: float = 0.0  # cosine: final lr as a fraction of lr
     boundaries: List[int] = field(default_factory=list)  # step: global steps after which lr is multiplied by `decay_rate`
     decay_rate: float = 0.1
