@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import read_metrics, run_cli
-from trainer import NumericalError, PrecisionConfig, Trainer
+from trainer import Callback, NumericalError, PrecisionConfig, Trainer
 from trainer.convert import convert_model
 from trainer.loss_scale import LossScale
 from trainer import precision as precision_lib
@@ -117,9 +117,16 @@ def test_nan_batch_through_batchnorm_stops_the_run_and_keeps_the_last_good_check
         keras.Input((8,)), keras.layers.Dense(16), keras.layers.BatchNormalization(), keras.layers.ReLU(),
         keras.layers.Dense(2, dtype="float32"),
     ])
-    trainer = make("float32", model=bn_mlp, run_dir=tmp_path, checkpoint_every=3)
+    ended = []
+
+    class RecordEnd(Callback):
+        def on_train_end(self, trainer, summary):
+            ended.append(summary)
+
+    trainer = make("float32", model=bn_mlp, run_dir=tmp_path, checkpoint_every=3, callbacks=[RecordEnd()])
     with pytest.raises(NumericalError, match="BatchNormalization's moving statistics"):
         trainer.fit(batches(poison={4: np.nan}), steps=20)
+    assert len(ended) == 1 and ended[0]["failed"].startswith("NumericalError")  # writers get to close
     assert int(trainer.step.numpy()) == 5 and int(trainer.loss_scale.skipped_steps.numpy()) == 1
     assert [p.name for p in sorted((tmp_path / "checkpoints").glob("ckpt-*.index"))] == ["ckpt-3.index"]
 

@@ -2,8 +2,9 @@
 
 A callback overrides any of: on_train_begin(trainer), on_loop_end(trainer, step) after each loop of
 `steps_per_loop` steps, on_log(trainer, step, logs) with train logs every `log_every` steps,
-on_eval_end(trainer, step, logs), on_train_end(trainer, summary). Set `trainer.stop_training = True`
-to stop after the current loop.
+on_eval_end(trainer, step, logs), on_train_end(trainer, summary); on_train_end also runs when fit()
+ends early, with `summary["interrupted"]` (a signal) or `summary["failed"]` (an error) set. Set
+`trainer.stop_training = True` to stop after the current loop.
 """
 from __future__ import annotations
 
@@ -146,7 +147,11 @@ class Summary(Callback):
         seconds = time.perf_counter() - self.start
         steps = summary.get("step", 0) - self.start_step
         evals = {k[5:]: v for k, v in summary.items() if k.startswith("eval_")}
-        lines = [f"Done: {steps} steps in {seconds:.1f}s (to step {summary.get('step')})."]
+        if summary.get("failed"):
+            log.info("Stopped by an error at step %s, after %d steps in %.1fs.", summary.get("step"), steps, seconds)
+            return
+        ended = "Interrupted" if summary.get("interrupted") else "Done"
+        lines = [f"{ended}: {steps} steps in {seconds:.1f}s (to step {summary.get('step')})."]
         if evals:
             lines.append("Final eval: " + ", ".join(f"{k}={v:.4f}" for k, v in evals.items()))
         if self.examples_per_sec:

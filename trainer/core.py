@@ -739,6 +739,12 @@ class Trainer:
                 log.warning("Received %s at step %d: stopping (no run folder, nothing saved).", e, step)
             callbacks.on_train_end(self, {"step": step, "interrupted": True})
             raise
+        except BaseException as e:  # writers and the progress bar are closed; the error goes on unchanged
+            try:
+                callbacks.on_train_end(self, {"step": step, "failed": f"{type(e).__name__}: {e}"[:500]})
+            except Exception:  # noqa: BLE001 - never hide the error that ended the run
+                log.exception("A callback's on_train_end failed while fit() was ending on an error")
+            raise
         finally:
             if tf_owns_sigterm:  # TF's handler must not outlive this fit() (it would swallow later SIGTERMs)
                 signals.restore_sigterm(sigterm_before)
