@@ -113,6 +113,10 @@ def _check_compatible(objects: Dict, prefix: str) -> None:
             )
 
 
+# The best metric's value before any evaluation: the worst finite float32 for its mode.
+NO_BEST = {"max": -3.4028235e38, "min": 3.4028235e38}
+
+
 class Checkpointer:
     """Saves and restores the trainer's state in `directory`.
 
@@ -186,7 +190,7 @@ class Checkpointer:
         if not math.isfinite(value):
             return False
         best = float(self.objects["best_metric"].numpy())
-        if math.isnan(best) or (value > best if self.best_mode == "max" else value < best):
+        if math.isnan(best) or (value > best if self.best_mode == "max" else value < best):  # NaN: older runs
             self.objects["best_metric"].assign(value)
         if self.keep_best <= 0:
             return False

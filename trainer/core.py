@@ -26,11 +26,12 @@ from tensorflow.python.util import deprecation as _tf_deprecation
 
 from trainer import precision as precision_lib
 from trainer.callbacks import Callback, CallbackList, default_callbacks
-from trainer.checkpoint import Checkpointer
+from trainer.checkpoint import NO_BEST, Checkpointer
 from trainer.config import PrecisionConfig, TrainerConfig
 from trainer.data import release_in_background
 from trainer.fused import fuse
 from trainer.loss_scale import LossScale
+from trainer.precision import PrecisionError
 from trainer import signals
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,8 @@ class Trainer:
             self.loss_scale = self._make_loss_scale()
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
             self.rng = tf.random.Generator.from_seed(seed)  # for recipes' augmentation seeds
-            self.best = tf.Variable(math.nan, dtype=tf.float32, trainable=False, name="best_metric")
+            # No best yet: the worst finite value (NaN would trip precision.debug_numerics on every read).
+            self.best = tf.Variable(NO_BEST.get(self.config.best_mode, math.nan), dtype=tf.float32, trainable=False, name="best_metric")
         self.loss = _per_example_loss(loss)
         # Our step all-reduces the gradients itself (clipping and the finite check need the global
         # gradient), so the Keras optimizer's own all-reduce must not sum them a second time.
@@ -356,6 +358,12 @@ class Trainer:
 
     def _resolve_jit_compile(self) -> bool:
         on_cpu = self._on_cpu()
+        if self.precision.debug_numerics:  # its checks (DebugNumericSummaryV2) are ops XLA cannot compile
+            if self.config.jit_compile:
+                raise PrecisionError("precision.debug_numerics=true cannot run inside XLA: add trainer.jit_compile=false")
+            if self.config.jit_compile is None:
+                log.info("XLA: off (precision.debug_numerics=true checks every op, which XLA cannot compile)")
+            return False
         if self.config.jit_compile is not None:
             if self.config.jit_compile and on_cpu and self.precision.policy == "mixed_bfloat16":
                 precision_lib.advise_xla_bfloat16_on_cpu()
