@@ -241,9 +241,13 @@ def test_corrupt_newest_checkpoint_falls_back_and_unreadable_is_an_error(tmp_pat
 def test_changed_model_is_a_clear_error(tmp_path):
     run_dir = tmp_path / "run"
     assert run_cli(*TINY, f"hydra.run.dir={run_dir}").returncode == 0
+    record = {p.name: p.read_text() for p in (run_dir / ".hydra").iterdir()}
     result = run_cli(*TINY, f"hydra.run.dir={run_dir}", "trainer.max_steps=60", "model.hidden_units=[64]")
     assert result.returncode == 2
     assert "does not fit this model" in result.stdout + result.stderr
+    # The run's record of its config (export rebuilds the model from it) is left as it was.
+    assert {p.name: p.read_text() for p in (run_dir / ".hydra").iterdir()} == record
+    assert sorted(record) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
     result = run_cli(*TINY, f"hydra.run.dir={run_dir}", "trainer.max_steps=60", "optimizer=sgd")
     assert result.returncode == 2
     assert "does not fit this optimizer" in result.stdout + result.stderr

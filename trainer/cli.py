@@ -16,6 +16,7 @@ from hydra.types import RunMode  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from trainer.callbacks import Callback  # noqa: E402
 from trainer.config import PrecisionConfig, StrategyConfig, TrainerConfig, register_configs  # noqa: E402
 
 log = logging.getLogger("trainer")
@@ -86,9 +87,26 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
         seed=cfg.seed,
         clipnorm=cfg.optimizer.clipnorm,
         is_chief=chief,
-        callbacks=[instantiate(c, _convert_="all") for c in cfg.callbacks.values()],
+        callbacks=[instantiate(c, _convert_="all") for c in cfg.callbacks.values()]
+        + ([_RunConfigWriter(cfg, run_dir)] if chief else []),
     )
     return trainer.fit(data.train, data.eval, steps_per_epoch=steps_per_epoch, batch_size=data.batch_size)
+
+
+class _RunConfigWriter(Callback):
+    """Writes .hydra/{config,hydra,overrides}.yaml once training begins, i.e. after the checkpoints were
+    found to fit (conf/config.yaml turns Hydra's own early write off): a refused resume must leave the
+    run's record of its config as it was (export rebuilds the model from it)."""
+
+    def __init__(self, cfg: DictConfig, run_dir):
+        self.cfg, self.folder = cfg, run_dir / ".hydra"
+        self.hydra_cfg = HydraConfig.instance().cfg  # the hydra node, as Hydra writes it
+
+    def on_train_begin(self, trainer) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.cfg, self.folder / "config.yaml")
+        OmegaConf.save(self.hydra_cfg, self.folder / "hydra.yaml")
+        OmegaConf.save(self.hydra_cfg.hydra.overrides.task, self.folder / "overrides.yaml")
 
 
 def _log_to_worker_file(run_dir, strategy) -> None:
