@@ -278,20 +278,25 @@ def test_resume_takes_the_configured_learning_rate_and_fixed_loss_scale(tmp_path
     """Resuming with a new constant lr (or a new fixed loss scale) uses it, not the checkpoint's value."""
     from trainer import PrecisionConfig
 
-    def trainer(lr, precision):
+    def trainer(lr, precision, run_dir):
         return Trainer(model=_net(), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                       optimizer=lambda: keras.optimizers.Adam(lr), precision=precision, run_dir=tmp_path,
+                       optimizer=lambda: keras.optimizers.Adam(lr), precision=precision, run_dir=run_dir,
                        progress_bar=False, jit_compile=False)
 
-    trainer(1e-3, "float32").fit(blobs(), steps=5)
+    for run_dir in (tmp_path / "fixed", tmp_path / "dynamic"):
+        trainer(1e-3, "float32", run_dir).fit(blobs(), steps=5)
     try:
-        resumed = trainer(1e-5, PrecisionConfig(policy="mixed_float16", loss_scale=1024.0))
+        resumed = trainer(1e-5, PrecisionConfig(policy="mixed_float16", loss_scale=1024.0), tmp_path / "fixed")
         resumed.fit(blobs(), steps=10)
+        # A dynamic scale keeps its saved value, except float32's 1: it restarts at its initial value.
+        dynamic = trainer(1e-3, PrecisionConfig(policy="mixed_float16", initial_scale=256.0), tmp_path / "dynamic")
+        dynamic.fit(blobs(), steps=6)
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
     assert float(resumed.optimizer.learning_rate) == pytest.approx(1e-5)
     assert float(resumed.loss_scale.scale.numpy()) == 1024.0
     assert int(resumed.step.numpy()) == 10
+    assert float(dynamic.loss_scale.scale.numpy()) == 256.0 and int(dynamic.step.numpy()) == 6
 
 
 def test_init_from_reports_restored_missing_mismatched(tmp_path):

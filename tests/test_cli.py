@@ -48,6 +48,13 @@ def test_short_run_learns_and_writes_run_folder(tmp_path):
     assert {"loss", "accuracy"} <= _tensorboard_tags(run_dir / "tensorboard" / "eval")
     assert "Final eval" in out and f"Run folder: {run_dir}" in out
 
+    # The same command again: the run is finished, so nothing is trained, logged or saved anew.
+    again = run_cli("trainer.max_steps=300", "trainer.log_every=50", "trainer.eval_every=150",
+                    "trainer.checkpoint_every=150", "trainer.progress_bar=false", f"hydra.run.dir={run_dir}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already at step 300 of 300: nothing to train" in again.stdout + again.stderr
+    assert read_metrics(run_dir) == rows
+
 
 def test_multirun_two_jobs(tmp_path, tiny):
     sweep = tmp_path / "sweep"

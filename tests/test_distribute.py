@@ -260,3 +260,38 @@ def test_sigterm_is_not_swallowed_around_a_multi_worker_fit(tmp_path, when):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == -signal.SIGTERM, (result.stdout + result.stderr)[-3000:]
     assert "signalling" in result.stdout and "swallowed" not in result.stdout
+
+
+READY_MADE = """
+import keras, numpy as np, tensorflow as tf
+tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+from trainer import Trainer
+x = np.random.default_rng(0).normal(size=(256, 8)).astype("float32"); y = (x[:, 0] > 0).astype("int32")
+ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(32, drop_remainder=True)
+net = lambda: keras.Sequential([keras.Input((8,)), keras.layers.Dense(16), keras.layers.Dense(2, dtype="float32")])
+loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+s = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+t = Trainer(model=net, loss=loss, optimizer=lambda: keras.optimizers.Adam(1e-3), strategy=s, jit_compile=True,
+            metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")], progress_bar=False)
+print("FIT", t.fit(ds, steps=4)["step"])
+for kwargs in [dict(precision="mixed_bfloat16"), dict(strategy=s)]:
+    try:
+        Trainer(model=net(), loss=loss, optimizer=lambda: keras.optimizers.Adam(1e-3), progress_bar=False, **kwargs)
+    except Exception as e:
+        print("ERROR", type(e).__name__, e)
+    keras.mixed_precision.set_dtype_policy("float32")
+"""
+
+
+def test_ready_made_metrics_models_and_strategies(tmp_path):
+    """Ready-made metrics are remade under the strategy (they crashed under Mirrored + XLA); a ready-made
+    model that cannot honour the precision or the strategy is a clear error, not a silent float32 or
+    unmirrored run."""
+    script = tmp_path / "ready_made.py"
+    script.write_text(READY_MADE)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith(("FIT", "ERROR"))]
+    assert lines[0] == "FIT 4"
+    assert lines[1].startswith("ERROR PrecisionError The model was built before the Trainer set precision 'mixed_bfloat16'")
+    assert lines[2].startswith("ERROR StrategyError The model's variables were created outside the strategy's scope")

@@ -140,13 +140,20 @@ class Trainer:
 
         with self.strategy.scope():
             self.model: keras.Model = _build(model)
+            if self.model is model:  # ready-made: built before this Trainer set the policy and entered the scope
+                self._check_ready_made_model(explicit_strategy=strategy is not None)
             self.optimizer: keras.optimizers.Optimizer = _build(optimizer)
+
+            def metric(m):  # a ready-made metric is remade here, so its variables belong to the strategy
+                built = _build(m)
+                return type(built).from_config(built.get_config()) if built is m and strategy is not None else built
+
             if isinstance(metrics, Mapping):
-                named = {name: _build(m) for name, m in metrics.items()}
+                named = {name: metric(m) for name, m in metrics.items()}
             else:
                 named = {}
                 for m in metrics or ():
-                    m = _build(m)
+                    m = metric(m)
                     named[m.name] = m
             self.metrics: Dict[str, keras.metrics.Metric] = named
             self.eval_metrics = {name: type(m).from_config(m.get_config()) for name, m in named.items()}
@@ -180,6 +187,27 @@ class Trainer:
         # fine-tuning; with SGD this equals a per-variable learning rate). Call
         # reset_step_functions() after changing it, or after freezing/unfreezing layers.
         self.grad_multipliers: Dict[Any, float] = {}
+
+    def _check_ready_made_model(self, explicit_strategy: bool) -> None:
+        """A model built before the Trainer keeps the dtype policy and device placement of that moment."""
+        policy = self.precision.policy
+        compute = precision_lib.compute_dtype(policy).name
+        layers = list(self.model._flatten_layers(include_self=False, recursive=True))
+        if policy != "float32" and layers and not any(layer.compute_dtype == compute for layer in layers):
+            raise PrecisionError(
+                f"The model was built before the Trainer set precision {policy!r}: all its layers compute in "
+                f"{layers[0].compute_dtype}. Fix: pass a function that builds it (model=lambda: build_model()), "
+                f"or build it after keras.mixed_precision.set_dtype_policy({policy!r})."
+            )
+        weights = [w.value if isinstance(w, keras.Variable) else w for w in self.model.weights]
+        if explicit_strategy and weights and not self.strategy.extended.variable_created_in_scope(weights[0]):
+            from trainer.distribute import StrategyError
+
+            raise StrategyError(
+                "The model's variables were created outside the strategy's scope, so they are not mirrored "
+                "across its replicas. Fix: pass a function that builds the model (model=lambda: build_model()), "
+                "or build it under strategy.scope()."
+            )
 
     # ------------------------------------------------------------------------------------------
     # The step (one replica). Override these to change what a step does.
@@ -723,12 +751,18 @@ class Trainer:
                     window_start += time.perf_counter() - paused
                     if interrupted.signum is not None:
                         raise TrainingInterrupted(signal.Signals(interrupted.signum).name)
-                if eval_data is not None:
-                    eval_logs = self.evaluate(eval_data, step=step, callbacks=callbacks)
+                if step == start >= total:  # a finished run started again: no new rows, no new save
+                    log.info("The run is already at step %d of %d: nothing to train (raise trainer.max_steps to "
+                             "continue it).", step, total)
+                    if eval_data is not None:
+                        eval_logs = self.evaluate(eval_data, step=step)
+                else:
+                    if eval_data is not None:
+                        eval_logs = self.evaluate(eval_data, step=step, callbacks=callbacks)
+                        if self.checkpointer:
+                            self.checkpointer.update_best(step, eval_logs)
                     if self.checkpointer:
-                        self.checkpointer.update_best(step, eval_logs)
-                if self.checkpointer:
-                    self._save(step)
+                        self._save(step)
         except _PreemptedAndSaved as e:
             log.warning(
                 "Preemption notice at step %d (%s or the platform's maintenance notice to a worker of this run): "
@@ -772,22 +806,22 @@ class Trainer:
         """A constant learning rate and a none/fixed loss scale: values a restore would overwrite."""
         lr = self.optimizer._learning_rate
         constant_lr = float(keras.ops.convert_to_numpy(lr)) if isinstance(lr, keras.Variable) else None
-        scale = float(self.loss_scale.scale.numpy()) if self.loss_scale.mode != "dynamic" else None
-        return constant_lr, scale
+        return constant_lr, float(self.loss_scale.scale.numpy())
 
     def _keep_configured_settings(self, constant_lr, scale) -> None:
         """After a resume, the configuration's learning rate and fixed scale win over the checkpoint's
-        (a schedule is code and follows the config anyway; a dynamic scale's value is state and is kept)."""
+        (a schedule is code and follows the config anyway). A dynamic scale's value is state and is kept,
+        unless it is 1: the value of a run without loss scaling (float32 resumed as float16) or at the floor;
+        it restarts at its initial value then and calibrates down again in a few skipped steps."""
         if constant_lr is not None:
             restored = float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
             if restored != constant_lr:
                 self.optimizer.learning_rate = constant_lr
                 log.info("Learning rate %g from the configuration (the checkpoint had %g)", constant_lr, restored)
-        if scale is not None:
-            restored = float(self.loss_scale.scale.numpy())
-            if restored != scale:
-                self.loss_scale.scale.assign(scale)
-                log.info("Loss scale %g from the configuration (the checkpoint had %g)", scale, restored)
+        restored = float(self.loss_scale.scale.numpy())
+        if restored != scale and (self.loss_scale.mode != "dynamic" or restored <= 1.0):
+            self.loss_scale.scale.assign(scale)
+            log.info("Loss scale %g from the configuration (the checkpoint had %g)", scale, restored)
 
     def _preemption_handler(self):
         """TF's preemption support for multi-worker runs: on SIGTERM to any worker, every worker saves at

@@ -2,7 +2,7 @@
 
 A platform stops a job with SIGTERM, then SIGKILL after a grace period. During the loop the signal
 becomes a flag checked after each loop of steps (save, exit 143). Between the strategy and the loop
-(data, model, tracing: minutes for a large model) the CLI remembers a SIGTERM instead of dying, and
+(data, model: minutes for a large one) the CLI remembers a SIGTERM instead of dying, and
 the loop honours it before its first step. That matters under multi-worker: a worker that dies after the
 collectives formed leaves its peers blocked until TensorFlow's timeout, whereas a remembered SIGTERM
 reaches TF's preemption handler, and every worker saves and exits together.
