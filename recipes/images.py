@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 from omegaconf import II, MISSING
 
+from trainer.config import ConfigError
 from trainer.data import DataBundle, DataError, load_mnist_format, per_replica_batch_size
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ def preprocess(image: tf.Tensor, mode: str) -> tf.Tensor:
         return (image / 255.0 - tf.constant(_TORCH_MEAN, image.dtype)) / tf.constant(_TORCH_STD, image.dtype)
     if mode == "none":
         return image
-    raise ValueError(f"data.preprocessing={mode!r} is not one of {list(PREPROCESSING)}")
+    raise ConfigError(f"data.preprocessing={mode!r} is not one of {list(PREPROCESSING)}")
 
 
 def _to_rgb(image: tf.Tensor) -> tf.Tensor:
@@ -212,13 +213,13 @@ class ImageTransform:
 
     def __post_init__(self):
         if self.augment not in AUGMENTATIONS:
-            raise ValueError(f"data.augment={self.augment!r} is not one of {list(AUGMENTATIONS)}")
+            raise ConfigError(f"data.augment={self.augment!r} is not one of {list(AUGMENTATIONS)}")
         if self.preprocessing not in PREPROCESSING:
-            raise ValueError(f"data.preprocessing={self.preprocessing!r} is not one of {list(PREPROCESSING)}")
+            raise ConfigError(f"data.preprocessing={self.preprocessing!r} is not one of {list(PREPROCESSING)}")
         if not 0.0 < self.eval_crop <= 1.0:
-            raise ValueError(f"data.eval_crop={self.eval_crop} must be in (0, 1]")
+            raise ConfigError(f"data.eval_crop={self.eval_crop} must be in (0, 1]")
         if self.image_size < 8:
-            raise ValueError(f"data.image_size={self.image_size} is too small (at least 8)")
+            raise ConfigError(f"data.image_size={self.image_size} is too small (at least 8)")
 
     def train(self, x: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
         crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))

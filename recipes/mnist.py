@@ -14,6 +14,7 @@ import keras
 import tensorflow as tf
 from omegaconf import II
 
+from trainer.config import ConfigError
 from trainer.data import DataBundle, classification_pipeline, load_mnist_format
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def build_model(
             x = keras.layers.MaxPooling2D()(x)
         x = keras.layers.Flatten()(x)
     else:
-        raise ValueError(f"model.kind={kind!r} is not one of ['mlp', 'cnn']")
+        raise ConfigError(f"model.kind={kind!r} is not one of ['mlp', 'cnn']")
     for units in hidden_units:
         x = keras.layers.Dense(units, activation="relu")(x)
         if dropout:

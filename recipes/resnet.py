@@ -25,6 +25,7 @@ import keras
 from omegaconf import II
 
 from trainer.callbacks import Callback
+from trainer.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def imagenet_weights_file(name: str, download_timeout: float = 60.0) -> str:
         log.info("ImageNet weights for %s are not in %s: downloading %s", name, cached.parent, origin)
         return keras.utils.get_file(file_name, origin, cache_subdir="models", file_hash=file_hash, cache_dir=str(_keras_home()))
     except Exception as e:
-        raise ValueError(
+        raise ConfigError(
             f"model.weights=imagenet: the ImageNet weights of {name} are not in the Keras cache ({cached}) and "
             f"downloading them failed ({type(e).__name__}: {str(e)[:200]}); this machine looks offline. Fix: copy "
             f"{file_name} (from {origin}) into {cached.parent}/ (or set KERAS_HOME), or pass its path as "
@@ -138,7 +139,7 @@ def _weights_arg(weights: Optional[str]) -> Optional[str]:
         return "imagenet"
     path = Path(weights).expanduser()
     if not path.is_file():
-        raise ValueError(f"model.weights={weights!r} is neither none, imagenet nor an existing weights file")
+        raise ConfigError(f"model.weights={weights!r} is neither none, imagenet nor an existing weights file")
     return str(path)
 
 
@@ -147,7 +148,7 @@ def build_backbone(name: str, weights: Optional[str], image_size: int, base_filt
     weights = _weights_arg(weights)
     if name in CIFAR_RESNETS:
         if weights == "imagenet":
-            raise ValueError(
+            raise ConfigError(
                 f"model.weights=imagenet: there are no ImageNet weights for {name} (a CIFAR-style ResNet); "
                 f"use model=resnet50 (or another of {list(KERAS_RESNETS)}), or model.weights=none|PATH"
             )
@@ -156,17 +157,17 @@ def build_backbone(name: str, weights: Optional[str], image_size: int, base_filt
             _load_backbone_weights(backbone, weights)
         return backbone
     if name not in KERAS_RESNETS:
-        raise ValueError(f"model.name={name!r} is not a known ResNet; choose one of {MODEL_NAMES}")
+        raise ConfigError(f"model.name={name!r} is not a known ResNet; choose one of {MODEL_NAMES}")
     builder, _, expected = KERAS_RESNETS[name]
     if weights == "imagenet":
         if preprocessing is not None and preprocessing != expected:
-            raise ValueError(
+            raise ConfigError(
                 f"{name}'s ImageNet weights expect '{expected}' preprocessing but model.preprocessing={preprocessing!r}: "
                 f"set model.preprocessing={expected} (the data pipeline follows it)"
             )
         weights = imagenet_weights_file(name)
     if image_size < 32:
-        raise ValueError(f"{name} needs images of at least 32x32 (data.image_size={image_size})")
+        raise ConfigError(f"{name} needs images of at least 32x32 (data.image_size={image_size})")
     try:
         return getattr(keras.applications, builder)(
             include_top=False, weights=weights, input_shape=(image_size, image_size, 3), pooling="avg", name=BACKBONE
@@ -174,14 +175,14 @@ def build_backbone(name: str, weights: Optional[str], image_size: int, base_filt
     except ValueError as e:
         if weights is None:
             raise
-        raise ValueError(f"model.weights={weights!r} does not fit {name} without its top ({str(e)[:300]})") from None
+        raise ConfigError(f"model.weights={weights!r} does not fit {name} without its top ({str(e)[:300]})") from None
 
 
 def _load_backbone_weights(backbone: keras.Model, path: str) -> None:
     try:
         backbone.load_weights(path)
     except Exception as e:
-        raise ValueError(
+        raise ConfigError(
             f"model.weights={path!r} is not a weights file of this backbone ({type(e).__name__}: {str(e)[:300]}). "
             "model.weights takes backbone weights (e.g. backbone.save_weights('b.weights.h5')); to start from a "
             "whole previous run use trainer.init_from=RUN_DIR instead"
@@ -200,7 +201,7 @@ def build_model(
 ) -> keras.Model:
     """backbone -> [dropout] -> Dense(num_classes) logits in float32 (the mixed-precision rule)."""
     if name not in CIFAR_RESNETS and name not in KERAS_RESNETS:
-        raise ValueError(f"model.name={name!r} is not a known ResNet; choose one of {MODEL_NAMES}")
+        raise ConfigError(f"model.name={name!r} is not a known ResNet; choose one of {MODEL_NAMES}")
     backbone = build_backbone(name, weights, image_size, base_filters, preprocessing)
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = backbone(inputs)
@@ -223,7 +224,7 @@ class SparseCrossentropyWithSmoothing(keras.losses.Loss):
     def __init__(self, from_logits=True, label_smoothing=0.0, reduction="sum_over_batch_size", name="sparse_crossentropy", dtype=None):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"loss.label_smoothing={label_smoothing} must be in [0, 1)")
+            raise ConfigError(f"loss.label_smoothing={label_smoothing} must be in [0, 1)")
         self.from_logits = from_logits
         self.label_smoothing = float(label_smoothing)
 
@@ -250,7 +251,7 @@ def find_layer(model: keras.Model, name: str) -> keras.layers.Layer:
     for layer in model._flatten_layers(include_self=True, recursive=True):
         if layer.name == name:
             return layer
-    raise ValueError(f"model {model.name!r} has no layer named {name!r}; FineTune needs the backbone as one nested layer")
+    raise ConfigError(f"model {model.name!r} has no layer named {name!r}; FineTune needs the backbone as one nested layer")
 
 
 def head_layers(model: keras.Model, backbone: keras.layers.Layer) -> List[keras.layers.Layer]:
@@ -279,7 +280,7 @@ class FineTune(Callback):
 
     def __init__(self, freeze_steps: int = 0, backbone_lr_mult: float = 1.0, new_head: bool = False, backbone: str = BACKBONE):
         if freeze_steps < 0 or backbone_lr_mult < 0:
-            raise ValueError(f"FineTune: freeze_steps={freeze_steps} and backbone_lr_mult={backbone_lr_mult} must be >= 0")
+            raise ConfigError(f"FineTune: freeze_steps={freeze_steps} and backbone_lr_mult={backbone_lr_mult} must be >= 0")
         self.freeze_steps = int(freeze_steps)
         self.backbone_lr_mult = float(backbone_lr_mult)
         self.new_head = new_head
@@ -339,7 +340,7 @@ class FineTune(Callback):
             for var in layer.trainable_weights:
                 initializer = getattr(layer, f"{var.name}_initializer", None)
                 if initializer is None:
-                    raise ValueError(f"FineTune(new_head=True): cannot re-initialize {var.path} (no {var.name}_initializer)")
+                    raise ConfigError(f"FineTune(new_head=True): cannot re-initialize {var.path} (no {var.name}_initializer)")
                 var.assign(initializer(var.shape, var.dtype))
                 names.append(var.path)
         log.info("FineTune: new head, re-initialized %s", ", ".join(names))

@@ -28,6 +28,7 @@ from typing import List, Optional
 
 from omegaconf import II
 
+from trainer.config import ConfigError
 from trainer.data import DataError
 
 log = logging.getLogger(__name__)
@@ -255,9 +256,9 @@ def build_model(
     import keras
 
     if not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"model.num_classes={num_classes!r}: need an integer >= 2 (it follows data.num_classes)")
+        raise ConfigError(f"model.num_classes={num_classes!r}: need an integer >= 2 (it follows data.num_classes)")
     if pooling not in ("cls", "mean"):
-        raise ValueError(f"model.pooling={pooling!r} is not one of ['cls', 'mean']")
+        raise ConfigError(f"model.pooling={pooling!r} is not one of ['cls', 'mean']")
     backbone = build_backbone(preset, pretrained)
     inputs = backbone.input
     outputs = backbone(inputs)

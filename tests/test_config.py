@@ -55,6 +55,20 @@ def test_bad_data_path_is_a_clear_error_with_exit_2(tmp_path):
     assert "data.path=" in result.stdout + result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("data.batch_size=0", "data.batch_size=0 must be a positive integer"),
+        ("optimizer.schedule=nope", "optimizer.schedule='nope' is not one of"),
+        ("strategy=one_device strategy.device=/gpu:7", "strategy.device='/gpu:7': this machine has"),
+    ],
+)
+def test_bad_values_exit_2_naming_the_key_without_a_traceback(tmp_path, override, expected):
+    result = run_cli(*override.split(), "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert expected in result.stdout + result.stderr and "Traceback" not in result.stderr
+
+
 def test_adamw_excludes_names_from_weight_decay():
     import keras
 

@@ -70,6 +70,10 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
     if trainer_cfg.jit_compile:
         log.info("XLA jit_compile: on (train and eval steps)")
 
+    if not cfg.data.get("batch_size", 1) >= 1:
+        from trainer.data import DataError
+
+        raise DataError(f"data.batch_size={cfg.data.batch_size} must be a positive integer (the global batch)")
     data = instantiate(cfg.data, _convert_="all")
     log.info("Data: %s", data.description)
     batches_per_step = data.batch_size * trainer_cfg.grad_accum_steps  # a step: one optimizer update
@@ -126,12 +130,13 @@ def _log_to_worker_file(run_dir, strategy) -> None:
 @hydra.main(version_base="1.3", config_path="pkg://trainer.conf", config_name="config")
 def _hydra_main(cfg: DictConfig) -> float:
     from trainer.checkpoint import CheckpointError
+    from trainer.config import ConfigError
     from trainer.core import NumericalError, TrainingInterrupted
     from trainer.data import DataError
     from trainer.distribute import StrategyError
     from trainer.precision import PrecisionError
 
-    user_errors = (DataError, CheckpointError, StrategyError, PrecisionError)
+    user_errors = (DataError, CheckpointError, StrategyError, PrecisionError, ConfigError)
     try:
         try:
             logs = run(cfg)

@@ -16,6 +16,11 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING
 
 
+class ConfigError(ValueError):
+    """A config value that cannot work (a model, optimizer or data option); the message names the key and
+    the fix. The CLI exits 2 on it, without a traceback."""
+
+
 
 @dataclass
 class TrainerConfig:

@@ -33,6 +33,22 @@ def split_cpu(n: int) -> None:
         ) from None
 
 
+def _check_device_exists(device: str) -> None:
+    """OneDeviceStrategy takes any device name and falls back to the CPU without a word."""
+    try:
+        spec = tf.DeviceSpec.from_string(device)
+    except ValueError as e:
+        raise StrategyError(f"strategy.device={device!r} is not a device name (like /gpu:0 or /cpu:0): {e}") from None
+    kind = (spec.device_type or "").upper()
+    present = tf.config.list_physical_devices(kind) if kind else []
+    if not kind or (spec.device_index or 0) >= len(present):
+        raise StrategyError(
+            f"strategy.device={device!r}: this machine has {len(present) if kind else 'no such'} {kind or 'device'} "
+            f"device(s) ({[d.name for d in present]}). Fix: name one of them, or drop strategy.device (the "
+            "first GPU, else the CPU)."
+        )
+
+
 def make_strategy(cfg: StrategyConfig) -> tf.distribute.Strategy:
     """Builds the strategy named by `cfg.name`, logging what it runs on."""
     name = cfg.name
@@ -42,6 +58,7 @@ def make_strategy(cfg: StrategyConfig) -> tf.distribute.Strategy:
         log.info("Strategy: default (one device: %s)", "GPU:0" if gpus else "CPU")
     elif name == "one_device":
         device = cfg.device or ("/gpu:0" if gpus else "/cpu:0")
+        _check_device_exists(device)
         strategy = tf.distribute.OneDeviceStrategy(device)
         log.info("Strategy: one_device on %s", device)
     elif name == "mirrored":

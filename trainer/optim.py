@@ -8,6 +8,8 @@ import keras
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from trainer.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 # Keys of OptimizerConfig that the trainer consumes; everything else goes to the Keras optimizer.
@@ -58,7 +60,7 @@ def make_schedule(cfg: Dict[str, Any], total_steps: int):
         rate = float(cfg.get("decay_rate", 0.1))
         after = keras.optimizers.schedules.PiecewiseConstantDecay(bounds, [lr * rate**i for i in range(len(bounds) + 1)])
     else:
-        raise ValueError(f"optimizer.schedule={name!r} is not one of constant|cosine|linear|step")
+        raise ConfigError(f"optimizer.schedule={name!r} is not one of constant|cosine|linear|step")
     if warmup:
         return Warmup(lr, warmup, after)
     return after if after is not None else lr
