@@ -272,7 +272,7 @@ def image_pipeline(
       shuffle_buffer: records in the shuffle buffer; None: the whole shard (the source must be finite).
     """
 
-    def make(ctx: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
+    def make(ctx: Optional[tf.distribute.InputContext] = None, skip_steps: int = 0) -> tf.data.Dataset:
         batch = per_replica_batch_size(global_batch_size, ctx)
         pipeline_id = ctx.input_pipeline_id if ctx is not None else 0
         ds = source(ctx)
@@ -285,6 +285,8 @@ def image_pipeline(
             if buffer <= 0:
                 raise DataError("cannot size the shuffle buffer of an unbounded source: set data.shuffle_buffer")
             ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat().enumerate()
+            if skip_steps:  # resume: drop the records of the steps already trained, before decoding them
+                ds = ds.skip(skip_steps * (global_batch_size // (ctx.num_input_pipelines if ctx is not None else 1)))
             base_key = tf.constant([seed, pipeline_id], tf.int64)
 
             def train_example(index, record):
@@ -307,6 +309,7 @@ def image_pipeline(
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
         return ds.with_options(options).prefetch(AUTOTUNE)
 
+    make.skips_itself = training  # trainer/data.py: DatasetFn
     return make
 
 

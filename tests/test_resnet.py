@@ -90,13 +90,37 @@ def test_fashion_mnist_subset_labels_images_and_determinism(fashion):
     for (xa, ya), (xb, yb) in zip(first, again):
         np.testing.assert_array_equal(xa, xb)
         np.testing.assert_array_equal(ya, yb)
-    # Resuming skips batches: the skipped stream continues exactly where the full one is.
+    # Resuming skips batches: the skipped stream continues exactly where the full one is, also when the
+    # pipeline skips the records itself, before decoding (what the Trainer asks of it: skips_itself).
     np.testing.assert_array_equal(next(iter(bundle.train(None).skip(2)))[0].numpy(), first[2][0])
+    assert bundle.train.skips_itself
+    np.testing.assert_array_equal(next(iter(bundle.train(None, skip_steps=2)))[0].numpy(), first[2][0])
+    ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=1, num_replicas_in_sync=4)
+    per_replica = batches(bundle.train, 6, ctx)  # 2 replicas per pipeline: a step takes 2 batches
+    np.testing.assert_array_equal(next(iter(bundle.train(ctx, skip_steps=2)))[0].numpy(), per_replica[4][0])
     other_seed = images.fashion_mnist(image_size=16, batch_size=32, classes=[5, 7, 9], num_classes=3, train_limit=300, seed=2)
     assert not np.array_equal(batches(other_seed.train, 1)[0][1], first[0][1])
 
     with pytest.raises(DataError, match="data.num_classes=3"):
         images.fashion_mnist(image_size=16, classes=[5, 7, 9], num_classes=10)
+
+
+def test_a_resumed_image_stream_trains_as_the_uninterrupted_one(tmp_path):
+    """The Trainer resumes an image pipeline through its own record-level skip (before decoding)."""
+    bundle = images.fashion_mnist(image_size=16, batch_size=32, classes=[5, 7, 9], num_classes=3, train_limit=300)
+
+    def trainer(run_dir):
+        return Trainer(model=lambda: keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Flatten(), keras.layers.Dense(3)]),
+                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), optimizer=lambda: keras.optimizers.SGD(0.1),
+                       run_dir=run_dir, progress_bar=False, checkpoint_every=0)
+
+    full = trainer(tmp_path / "full")
+    full.fit(bundle.train, steps=12)  # 9 steps per epoch: the resumed run crosses an epoch
+    trainer(tmp_path / "resumed").fit(bundle.train, steps=5)
+    resumed = trainer(tmp_path / "resumed")
+    resumed.fit(bundle.train, steps=12)
+    for a, b in zip(full.model.weights, resumed.model.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
 def test_fashion_mnist_shards_are_disjoint_per_input_pipeline():

@@ -579,6 +579,8 @@ class Trainer:
             return self.strategy.experimental_distribute_dataset(ds)
 
         def fn(ctx):
+            if training and skip_batches and getattr(data, "skips_itself", False):
+                return data(ctx, skip_steps=skip_batches).repeat()  # data.py: DatasetFn
             ds = data(ctx)
             if training:  # a step takes one per-replica batch for each replica this pipeline feeds
                 ds = ds.repeat().skip(skip_batches * (ctx.num_replicas_in_sync // ctx.num_input_pipelines))

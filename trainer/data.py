@@ -25,6 +25,9 @@ import tensorflow as tf
 log = logging.getLogger(__name__)
 
 DatasetFn = Callable[[tf.distribute.InputContext], tf.data.Dataset]
+# A DatasetFn whose `skips_itself` attribute is true also takes `skip_steps=N` (global batches already
+# trained on) and starts there more cheaply than the Trainer's `.skip(N)` on its output, which runs the
+# whole pipeline (reads, decodes, augments) for every skipped batch. The stream must be the same.
 
 
 _releasing: "set[threading.Thread]" = set()
