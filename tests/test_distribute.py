@@ -274,6 +274,10 @@ s = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 t = Trainer(model=net, loss=loss, optimizer=lambda: keras.optimizers.Adam(1e-3), strategy=s, jit_compile=True,
             metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")], progress_bar=False)
 print("FIT", t.fit(ds, steps=4)["step"])
+try:
+    t.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(33), steps=6)
+except Exception as e:
+    print("ERROR", type(e).__name__, e)
 for kwargs in [dict(precision="mixed_bfloat16"), dict(strategy=s)]:
     try:
         Trainer(model=net(), loss=loss, optimizer=lambda: keras.optimizers.Adam(1e-3), progress_bar=False, **kwargs)
@@ -285,13 +289,14 @@ for kwargs in [dict(precision="mixed_bfloat16"), dict(strategy=s)]:
 
 def test_ready_made_metrics_models_and_strategies(tmp_path):
     """Ready-made metrics are remade under the strategy (they crashed under Mirrored + XLA); a ready-made
-    model that cannot honour the precision or the strategy is a clear error, not a silent float32 or
-    unmirrored run."""
+    model that cannot honour the precision or the strategy, or a tf.data batch that does not split over
+    the replicas, is a clear error, not a silent float32, unmirrored or misweighted run."""
     script = tmp_path / "ready_made.py"
     script.write_text(READY_MADE)
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith(("FIT", "ERROR"))]
     assert lines[0] == "FIT 4"
-    assert lines[1].startswith("ERROR PrecisionError The model was built before the Trainer set precision 'mixed_bfloat16'")
-    assert lines[2].startswith("ERROR StrategyError The model's variables were created outside the strategy's scope")
+    assert lines[1].startswith("ERROR DataError The training batches (33 examples) do not split evenly over the 2 replicas")
+    assert lines[2].startswith("ERROR PrecisionError The model was built before the Trainer set precision 'mixed_bfloat16'")
+    assert lines[3].startswith("ERROR StrategyError The model's variables were created outside the strategy's scope")

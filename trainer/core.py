@@ -28,7 +28,7 @@ from trainer import precision as precision_lib
 from trainer.callbacks import Callback, CallbackList, default_callbacks
 from trainer.checkpoint import NO_BEST, Checkpointer
 from trainer.config import PrecisionConfig, TrainerConfig
-from trainer.data import release_in_background
+from trainer.data import DataError, release_in_background
 from trainer.fused import fuse
 from trainer.loss_scale import LossScale
 from trainer.precision import PrecisionError
@@ -660,6 +660,13 @@ class Trainer:
             self.batch_size = int(tf.nest.flatten(sample)[0].shape[0]) * (
                 1 if isinstance(train_data, tf.data.Dataset) else self.strategy.num_replicas_in_sync
             )
+            replicas = self.strategy.num_replicas_in_sync
+            if isinstance(train_data, tf.data.Dataset) and self.batch_size % replicas:
+                raise DataError(
+                    f"The training batches ({self.batch_size} examples) do not split evenly over the {replicas} "
+                    f"replicas, so the loss would be misweighted. Fix: a batch size that is a multiple of "
+                    f"{replicas}, with .batch(..., drop_remainder=True) for the last one."
+                )
         if batch_size:
             self.batch_size = batch_size
         self.stop_training = False  # a callback's stop ends one fit() call, not the later ones
