@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import TINY, blobs, read_metrics, run_cli
-from trainer import Trainer, warm_start
+from trainer import Callback, Trainer, warm_start
 from trainer.checkpoint import list_checkpoints
 
 WORKER = Path(__file__).parent / "workers" / "ids_worker.py"
@@ -172,6 +172,25 @@ def test_sigterm_saves_and_exits_143_then_resumes(tmp_path):
     assert f"step {found[0][0]})" in resumed.stdout + resumed.stderr
 
 
+def test_sigterm_in_the_last_loop_finishes_the_run(tmp_path):
+    """A signal during the last loop finishes the run (final eval, best, save) instead of saving the last
+    step as if interrupted, which a restart would then find complete and never evaluate."""
+    import os
+
+    class TermAtTheEnd(Callback):
+        def on_loop_end(self, trainer, step):
+            if step == 20:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer = Trainer(model=_net(), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      optimizer=lambda: keras.optimizers.SGD(0.1), metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+                      run_dir=tmp_path, progress_bar=False, eval_every=10, steps_per_loop=5, checkpoint_every=10,
+                      callbacks=[TermAtTheEnd()])
+    trainer.fit(blobs(), blobs(), steps=20)  # no TrainingInterrupted
+    assert [r["step"] for r in read_metrics(tmp_path) if r["split"] == "eval"] == [10, 20]
+    assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")][0] == 20
+
+
 def test_sigterm_during_start_up_stops_before_the_first_step(tmp_path):
     """The CLI remembers a SIGTERM that arrives between the strategy and the loop (here: while it loads
     data and builds the model): the run stops before its first step, exit 143, nothing written."""
@@ -297,6 +316,20 @@ def test_resume_takes_the_configured_learning_rate_and_fixed_loss_scale(tmp_path
     assert float(resumed.loss_scale.scale.numpy()) == 1024.0
     assert int(resumed.step.numpy()) == 10
     assert float(dynamic.loss_scale.scale.numpy()) == 256.0 and int(dynamic.step.numpy()) == 6
+
+    # A rate a callback set during the run is state, not configuration: the same config keeps it.
+    class Lower(Callback):
+        def on_loop_end(self, trainer, step):
+            if step == 3:
+                trainer.optimizer.learning_rate = 1e-4
+
+    lowered = Trainer(model=_net(), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      optimizer=lambda: keras.optimizers.Adam(1e-3), run_dir=tmp_path / "callback", progress_bar=False,
+                      callbacks=[Lower()])
+    lowered.fit(blobs(), steps=5)
+    again = trainer(1e-3, "float32", tmp_path / "callback")
+    again.fit(blobs(), steps=8)
+    assert float(again.optimizer.learning_rate) == pytest.approx(1e-4)
 
 
 def test_init_from_reports_restored_missing_mismatched(tmp_path):

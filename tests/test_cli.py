@@ -73,7 +73,7 @@ def test_a_failing_multirun_job_does_not_stop_the_sweep(tmp_path, tiny):
     sweep = tmp_path / "sweep"
     result = run_cli("-m", f"trainer.init_from={tmp_path / 'nowhere'},null", *tiny, f"hydra.sweep.dir={sweep}")
     assert result.returncode != 0
-    assert "JobFailed: CheckpointError (exit code 2 as a single run)" in result.stderr
+    assert "JobFailed: exit code 2 as a single run: CheckpointError" in result.stderr
     assert "nowhere" in (sweep / "0" / "trainer.log").read_text()
     assert read_metrics(sweep / "1")[-1]["step"] == 40
 

@@ -131,6 +131,19 @@ def test_nan_batch_through_batchnorm_stops_the_run_and_keeps_the_last_good_check
     assert [p.name for p in sorted((tmp_path / "checkpoints").glob("ckpt-*.index"))] == ["ckpt-3.index"]
 
 
+def test_weights_that_turn_non_finite_without_a_skip_stop_the_run_at_the_next_save(tmp_path):
+    class Poison(Callback):
+        def on_loop_end(self, trainer, step):
+            if step == 4:
+                trainer.model.weights[0].assign(tf.fill(trainer.model.weights[0].shape, np.inf))
+
+    trainer = make("float32", run_dir=tmp_path, checkpoint_every=3, callbacks=[Poison()])
+    with pytest.raises(NumericalError, match="weights are no longer finite"):
+        trainer.fit(batches(), steps=20)
+    assert int(trainer.step.numpy()) == 6 and int(trainer.loss_scale.skipped_steps.numpy()) == 0  # the save caught it
+    assert [p.name for p in sorted((tmp_path / "checkpoints").glob("ckpt-*.index"))] == ["ckpt-3.index"]
+
+
 def test_scale_grows_after_growth_interval():
     """(c) ×2 after `growth_interval` finite steps in a row."""
     trainer = make(PrecisionConfig(policy="mixed_float16", initial_scale=8.0, growth_interval=3))

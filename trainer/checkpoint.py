@@ -20,6 +20,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from trainer.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 _CKPT = re.compile(r"^ckpt-(\d+)\.index$")
@@ -104,6 +106,9 @@ def _check_compatible(objects: Dict, prefix: str) -> None:
             for path, var, key, shape in rows
             if key is None or list(shape) != list(var.shape)
         ]
+        if problems and all(p.endswith("/_learning_rate") for p in problems):
+            what = ("the learning rate from a schedule to a constant (a constant rate is a variable of the "
+                    "checkpoint, a schedule is not): keep optimizer.schedule as it was")
         if problems:
             raise CheckpointError(
                 f"{prefix} does not fit this {name} ({'; '.join(problems[:6])}). The config changed {what} "
@@ -138,7 +143,7 @@ class Checkpointer:
         is_chief: bool = True,
     ):
         if best_mode not in ("max", "min"):
-            raise ValueError(f"trainer.best_mode={best_mode!r} is not one of max|min")
+            raise ConfigError(f"trainer.best_mode={best_mode!r} is not one of max|min")
         self.directory = Path(directory)
         self.objects = objects
         self.checkpoint = tf.train.Checkpoint(**objects)

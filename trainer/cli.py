@@ -137,6 +137,7 @@ def _hydra_main(cfg: DictConfig) -> float:
     from trainer.precision import PrecisionError
 
     user_errors = (DataError, CheckpointError, StrategyError, PrecisionError, ConfigError)
+    failed = None  # (exit code, message): acted on after the except blocks, which hold the run's frames
     try:
         try:
             logs = run(cfg)
@@ -148,19 +149,26 @@ def _hydra_main(cfg: DictConfig) -> float:
             raise cause if cause is not None else e
     except user_errors as e:
         log.error("%s", e)
-        _job_failed(EXIT_USER_ERROR, e)
+        failed = (EXIT_USER_ERROR, f"{type(e).__name__}: {e}")
     except NumericalError as e:
         log.error("%s", e)
-        _job_failed(EXIT_NUMERICAL, e)
+        failed = (EXIT_NUMERICAL, f"{type(e).__name__}: {e}")
     except TrainingInterrupted as e:  # a checkpoint was saved; the message was logged
         sys.exit(EXIT_SIGNAL.get(str(e), 1))
     except Exception as e:  # noqa: BLE001
         # precision.debug_numerics: tf.debugging.enable_check_numerics raises on the first inf/NaN op.
-        if cfg.precision.debug_numerics and "Infinity or NaN" in str(e):
-            detail = next((line.strip() for line in str(e).splitlines() if "Infinity or NaN" in line), str(e))
-            log.error("precision.debug_numerics: the first non-finite value came from: %s", detail)
-            _job_failed(EXIT_NUMERICAL, e)
-        raise
+        if not (cfg.precision.debug_numerics and "Infinity or NaN" in str(e)):
+            raise
+        detail = next((line.strip() for line in str(e).splitlines() if "Infinity or NaN" in line), str(e))
+        log.error("precision.debug_numerics: the first non-finite value came from: %s", detail)
+        failed = (EXIT_NUMERICAL, f"non-finite value: {detail}")
+    finally:
+        if cfg.precision.debug_numerics:  # process-wide: the next job of a multirun must not inherit it
+            import tensorflow as tf
+
+            tf.debugging.disable_check_numerics()
+    if failed is not None:
+        _job_failed(*failed)
     value = logs.get("accuracy", logs.get("loss", math.nan))
     return float(value)  # what a multirun sweeper optimizes
 
@@ -169,11 +177,13 @@ class JobFailed(RuntimeError):
     """One job of a multirun sweep failed; the sweep goes on and Hydra exits non-zero at its end."""
 
 
-def _job_failed(code: int, error: Exception) -> None:
+def _job_failed(code: int, message: str) -> None:
     """A single run exits with `code`. In a multirun an exit would end the whole sweep (Hydra only
-    catches Exceptions), so the job fails with an exception and the other jobs still run."""
+    catches Exceptions), so the job fails with an exception and the other jobs still run. It carries a
+    message, not the error: Hydra keeps it to the sweep's end, and the error's traceback holds the
+    job's whole Trainer (model, optimizer state) alive."""
     if HydraConfig.get().mode == RunMode.MULTIRUN:
-        raise JobFailed(f"{type(error).__name__} (exit code {code} as a single run): {error}") from None
+        raise JobFailed(f"exit code {code} as a single run: {message}")
     sys.exit(code)
 
 

@@ -10,6 +10,7 @@ Three layers, as in Orbit and Keras' own trainer:
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import shutil
@@ -27,7 +28,7 @@ from tensorflow.python.util import deprecation as _tf_deprecation
 from trainer import precision as precision_lib
 from trainer.callbacks import Callback, CallbackList, default_callbacks
 from trainer.checkpoint import NO_BEST, Checkpointer
-from trainer.config import PrecisionConfig, TrainerConfig
+from trainer.config import ConfigError, PrecisionConfig, TrainerConfig
 from trainer.data import DataError, release_in_background
 from trainer.fused import fuse
 from trainer.loss_scale import LossScale
@@ -217,16 +218,17 @@ class Trainer:
         """Per-example loss averaged over the *global* batch, plus this replica's share of the
         regularization losses; summing it over replicas gives the mean loss."""
         per_example = tf.cast(self.loss(y, y_pred), tf.float32)
-        if sample_weight is not None:  # per example (batch,) or per element, e.g. a padding mask (batch, time)
-            weight = tf.cast(sample_weight, tf.float32)
+        weight = None if sample_weight is None else tf.cast(sample_weight, tf.float32)
+        if weight is not None and weight.shape.rank is not None and per_example.shape.rank is not None:
+            # per example (batch,) or per element, e.g. a padding mask (batch, time)
             while weight.shape.rank > per_example.shape.rank and weight.shape[-1] == 1:
                 weight = tf.squeeze(weight, -1)
             while weight.shape.rank < per_example.shape.rank:
                 weight = weight[..., None]
-            per_example = per_example * weight  # then the mean over the elements, as Keras' fit does
+            per_example, weight = per_example * weight, None  # then the mean over the elements, as Keras' fit does
         if per_example.shape.rank and per_example.shape.rank > 1:
             per_example = tf.reduce_mean(per_example, axis=list(range(1, per_example.shape.rank)))
-        loss = tf.nn.compute_average_loss(per_example)
+        loss = tf.nn.compute_average_loss(per_example, sample_weight=weight)  # weight: per example, rank unknown
         if self.model.losses:
             loss += tf.nn.scale_regularization_loss(tf.add_n([tf.cast(l, tf.float32) for l in self.model.losses]))
         return loss
@@ -614,11 +616,14 @@ class Trainer:
         if steps:
             candidates.append(int(steps))
         if epochs:
-            if not steps_per_epoch:
-                raise ValueError("trainer.epochs needs a training set of known size; set trainer.max_steps")
+            if steps_per_epoch is None:
+                raise ConfigError("trainer.epochs needs a training set of known size; set trainer.max_steps")
+            if steps_per_epoch < 1:
+                raise ConfigError("trainer.epochs: an epoch of this training set is shorter than one step "
+                                  "(data.batch_size x trainer.grad_accum_steps examples); lower them or set trainer.max_steps")
             candidates.append(int(math.ceil(epochs * steps_per_epoch)))
         if not candidates:
-            raise ValueError("say how long to train: trainer.max_steps or trainer.epochs (fit(steps=...))")
+            raise ConfigError("say how long to train: trainer.max_steps or trainer.epochs (fit(steps=...))")
         return min(candidates)
 
     def fit(
@@ -684,6 +689,11 @@ class Trainer:
                 configured = self._configured_settings()
                 if self.checkpointer.prepare(resume=cfg.resume, init_from=cfg.init_from, model=self.model) is not None:
                     self._keep_configured_settings(*configured)
+                    if math.isnan(float(self.best.numpy())):  # saved before NO_BEST existed
+                        self.best.assign(NO_BEST.get(cfg.best_mode, math.nan))
+                if self.is_chief and configured[0] is not None:
+                    self._configured_record().parent.mkdir(parents=True, exist_ok=True)
+                    self._configured_record().write_text(json.dumps({"lr": configured[0]}))
             elif cfg.init_from:
                 from trainer.checkpoint import warm_start
 
@@ -738,7 +748,7 @@ class Trainer:
                         window_start, window_step = time.perf_counter(), step
                     callbacks.on_loop_end(self, step)
                     self._check_numerics(step)  # before a preemption save: never save (and exit on) bad weights
-                    if preemption is not None:
+                    if preemption is not None and step < total:  # at the end, the run finishes instead
                         with _tf_deprecation.silence():  # TF calls its own deprecated total_run_calls
                             preemption.save_checkpoint_if_preempted(step)
                     if step % max(cfg.log_every, 1) == 0 or step == total:
@@ -758,7 +768,7 @@ class Trainer:
                         self._save(step)
                         last_ckpt_time = time.monotonic()
                     window_start += time.perf_counter() - paused
-                    if interrupted.signum is not None:
+                    if interrupted.signum is not None and step < total:
                         raise TrainingInterrupted(signal.Signals(interrupted.signum).name)
                 if step == start >= total:  # a finished run started again: no new rows, no new save
                     log.info("The run is already at step %d of %d: nothing to train (raise trainer.max_steps to "
@@ -772,6 +782,9 @@ class Trainer:
                             self.checkpointer.update_best(step, eval_logs)
                     if self.checkpointer:
                         self._save(step)
+                    if interrupted.signum is not None:  # a checkpoint at the last step means the run is complete
+                        log.warning("Received %s during the last loop: finished the run (final evaluation and save) "
+                                    "instead of stopping one loop early.", signal.Signals(interrupted.signum).name)
         except _PreemptedAndSaved as e:
             log.warning(
                 "Preemption notice at step %d (%s or the platform's maintenance notice to a worker of this run): "
@@ -817,12 +830,18 @@ class Trainer:
         constant_lr = float(keras.ops.convert_to_numpy(lr)) if isinstance(lr, keras.Variable) else None
         return constant_lr, float(self.loss_scale.scale.numpy())
 
+    def _configured_record(self) -> Path:
+        return self.run_dir / "checkpoints" / "configured.json"
+
     def _keep_configured_settings(self, constant_lr, scale) -> None:
-        """After a resume, the configuration's learning rate and fixed scale win over the checkpoint's
-        (a schedule is code and follows the config anyway). A dynamic scale's value is state and is kept,
-        unless it is 1: the value of a run without loss scaling (float32 resumed as float16) or at the floor;
-        it restarts at its initial value then and calibrates down again in a few skipped steps."""
-        if constant_lr is not None:
+        """After a resume, a learning rate changed in the configuration (since the run last started, per
+        checkpoints/configured.json) and a fixed scale win over the checkpoint's values; a rate that a
+        callback changed during the run is kept (a schedule is code and follows the config anyway). A
+        dynamic scale's value is state and is kept, unless it is 1: the value of a run without loss
+        scaling (float32 resumed as float16) or at the floor; it restarts at its initial value then."""
+        record = self._configured_record()
+        recorded = json.loads(record.read_text()).get("lr") if record.exists() else None
+        if constant_lr is not None and recorded is not None and recorded != constant_lr:
             restored = float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
             if restored != constant_lr:
                 self.optimizer.learning_rate = constant_lr

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from trainer.config import ConfigError
+
 _FIRST = tf.VariableAggregation.ONLY_FIRST_REPLICA  # every replica computes the same value
 
 
@@ -25,11 +27,11 @@ class LossScale(tf.Module):
     def __init__(self, mode: str = "none", initial_scale: float = 2.0**15, growth_interval: int = 2000):
         super().__init__(name="loss_scale")
         if mode not in ("none", "fixed", "dynamic"):
-            raise ValueError(f"loss scale mode {mode!r} is not one of none|fixed|dynamic")
+            raise ConfigError(f"loss scale mode {mode!r} is not one of none|fixed|dynamic")
         if mode != "none" and not initial_scale >= 1:
-            raise ValueError(f"a loss scale must be >= 1, got {initial_scale}")
+            raise ConfigError(f"precision.loss_scale / precision.initial_scale must be >= 1, got {initial_scale}")
         if growth_interval < 1:
-            raise ValueError(f"precision.growth_interval must be >= 1, got {growth_interval}")
+            raise ConfigError(f"precision.growth_interval must be >= 1, got {growth_interval}")
         self.mode = mode
         self.growth_interval = growth_interval
         start = 1.0 if mode == "none" else float(initial_scale)
