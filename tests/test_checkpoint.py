@@ -331,6 +331,20 @@ def test_resume_takes_the_configured_learning_rate_and_fixed_loss_scale(tmp_path
     again.fit(blobs(), steps=8)
     assert float(again.optimizer.learning_rate) == pytest.approx(1e-4)
 
+    # A run that changed the rate but stopped before saving anything: the next start still applies it.
+    class FailAtStart(Callback):
+        def on_train_begin(self, trainer):
+            raise RuntimeError("stopped before the first save")
+
+    failed = Trainer(model=_net(), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                     optimizer=lambda: keras.optimizers.Adam(1e-2), run_dir=tmp_path / "callback", progress_bar=False,
+                     callbacks=[FailAtStart()])
+    with pytest.raises(RuntimeError, match="before the first save"):
+        failed.fit(blobs(), steps=10)
+    changed = trainer(1e-2, "float32", tmp_path / "callback")
+    changed.fit(blobs(), steps=10)
+    assert float(changed.optimizer.learning_rate) == pytest.approx(1e-2)
+
 
 def test_init_from_reports_restored_missing_mismatched(tmp_path):
     source = Trainer(model=_net(2), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

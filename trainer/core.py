@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import tempfile
@@ -184,6 +185,7 @@ class Trainer:
         self._kept_iterator: Optional[_KeptIterator] = None
         self.checkpointer: Optional[Checkpointer] = None
         self._state_restored = False  # resumed, warm-started or started fresh by the first fit() call
+        self._configured_lr: Optional[float] = None
         # Variable path -> factor applied to its unscaled gradient (e.g. a lower backbone rate when
         # fine-tuning; with SGD this equals a per-variable learning rate). Call
         # reset_step_functions() after changing it, or after freezing/unfreezing layers.
@@ -691,9 +693,7 @@ class Trainer:
                     self._keep_configured_settings(*configured)
                     if math.isnan(float(self.best.numpy())):  # saved before NO_BEST existed
                         self.best.assign(NO_BEST.get(cfg.best_mode, math.nan))
-                if self.is_chief and configured[0] is not None:
-                    self._configured_record().parent.mkdir(parents=True, exist_ok=True)
-                    self._configured_record().write_text(json.dumps({"lr": configured[0]}))
+                self._configured_lr = configured[0]  # recorded with each checkpoint (_save)
             elif cfg.init_from:
                 from trainer.checkpoint import warm_start
 
@@ -834,14 +834,16 @@ class Trainer:
         return self.run_dir / "checkpoints" / "configured.json"
 
     def _keep_configured_settings(self, constant_lr, scale) -> None:
-        """After a resume, a learning rate changed in the configuration (since the run last started, per
-        checkpoints/configured.json) and a fixed scale win over the checkpoint's values; a rate that a
+        """After a resume, a learning rate changed in the configuration (since the newest checkpoint's run,
+        per checkpoints/configured.json) and a fixed scale win over the checkpoint's values; a rate that a
         callback changed during the run is kept (a schedule is code and follows the config anyway). A
         dynamic scale's value is state and is kept, unless it is 1: the value of a run without loss
         scaling (float32 resumed as float16) or at the floor; it restarts at its initial value then."""
-        record = self._configured_record()
-        recorded = json.loads(record.read_text()).get("lr") if record.exists() else None
-        if constant_lr is not None and recorded is not None and recorded != constant_lr:
+        try:
+            recorded = json.loads(self._configured_record().read_text()).get("lr")
+        except (OSError, ValueError, AttributeError):  # none (a run from before this record) or unreadable
+            recorded = None  # then the configuration wins, as it did before
+        if constant_lr is not None and recorded != constant_lr:
             restored = float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
             if restored != constant_lr:
                 self.optimizer.learning_rate = constant_lr
@@ -956,9 +958,16 @@ class Trainer:
             )
 
     def _save(self, step: int) -> Optional[str]:
-        """Saves a checkpoint; non-finite weights end the run (exit 3) instead of a save that is refused."""
+        """Saves a checkpoint; non-finite weights end the run (exit 3) instead of a save that is refused.
+        With it, the configured constant learning rate (see _keep_configured_settings): written only once
+        a checkpoint holds that run's state, and after every worker has read the old record at its start."""
         self._check_weights_finite(step)
-        return self.checkpointer.save(step)
+        path = self.checkpointer.save(step)
+        if path is not None and self._configured_lr is not None:  # the chief's save
+            record = self._configured_record()
+            record.with_suffix(".tmp").write_text(json.dumps({"lr": self._configured_lr}))
+            os.replace(record.with_suffix(".tmp"), record)
+        return path
 
     def evaluate(self, eval_data: DataArg, *, steps: Optional[int] = None, step: Optional[int] = None, callbacks=None) -> Dict[str, float]:
         """Computes the loss and metrics over the whole eval set (or `steps` batches)."""
