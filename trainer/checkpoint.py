@@ -118,6 +118,11 @@ def _check_compatible(objects: Dict, prefix: str) -> None:
             )
 
 
+def non_finite_weights(model) -> List[str]:
+    """The paths of the model's weights that hold an inf or NaN."""
+    return [w.path for w in model.weights if not np.isfinite(keras.ops.convert_to_numpy(w)).all()]
+
+
 # The best metric's value before any evaluation: the worst finite float32 for its mode.
 NO_BEST = {"max": -3.4028235e38, "min": 3.4028235e38}
 
@@ -166,7 +171,7 @@ class Checkpointer:
         return self._manager
 
     def weights_finite(self) -> bool:
-        return all(bool(np.isfinite(keras.ops.convert_to_numpy(w)).all()) for w in self.objects["model"].weights)
+        return not non_finite_weights(self.objects["model"])
 
     def save(self, step: int) -> Optional[str]:
         """Saves the full state at `step`. Refuses (and says so) when the weights are not finite."""

@@ -56,6 +56,7 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
     import tensorflow as tf
 
     from trainer.core import Trainer
+    from trainer.data import check_batch_size
     from trainer.distribute import is_chief
     from trainer.optim import build_optimizer
     from trainer.precision import hardware_report
@@ -70,10 +71,7 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
     if trainer_cfg.jit_compile:
         log.info("XLA jit_compile: on (train and eval steps)")
 
-    if not cfg.data.get("batch_size", 1) >= 1:
-        from trainer.data import DataError
-
-        raise DataError(f"data.batch_size={cfg.data.batch_size} must be a positive integer (the global batch)")
+    check_batch_size(cfg.data.get("batch_size", 1))  # before the division by it below
     data = instantiate(cfg.data, _convert_="all")
     log.info("Data: %s", data.description)
     batches_per_step = data.batch_size * trainer_cfg.grad_accum_steps  # a step: one optimizer update

@@ -28,9 +28,10 @@ from tensorflow.python.util import deprecation as _tf_deprecation
 
 from trainer import precision as precision_lib
 from trainer.callbacks import Callback, CallbackList, default_callbacks
-from trainer.checkpoint import NO_BEST, Checkpointer
+from trainer.checkpoint import NO_BEST, Checkpointer, non_finite_weights
 from trainer.config import ConfigError, PrecisionConfig, TrainerConfig
 from trainer.data import DataError, release_in_background
+from trainer.distribute import StrategyError
 from trainer.fused import fuse
 from trainer.loss_scale import LossScale
 from trainer.precision import PrecisionError
@@ -204,8 +205,6 @@ class Trainer:
             )
         weights = [w.value if isinstance(w, keras.Variable) else w for w in self.model.weights]
         if explicit_strategy and weights and not self.strategy.extended.variable_created_in_scope(weights[0]):
-            from trainer.distribute import StrategyError
-
             raise StrategyError(
                 "The model's variables were created outside the strategy's scope, so they are not mirrored "
                 "across its replicas. Fix: pass a function that builds the model (model=lambda: build_model()), "
@@ -946,7 +945,7 @@ class Trainer:
             )
 
     def _check_weights_finite(self, step: int) -> None:
-        bad = [w.path for w in self.model.weights if not np.isfinite(keras.ops.convert_to_numpy(w)).all()]
+        bad = non_finite_weights(self.model)
         if bad:
             raise NumericalError(
                 f"Stopping at step {step}: the model's weights are no longer finite ({len(bad)} of them, e.g. "

@@ -85,10 +85,14 @@ class DataBundle:
     description: str = ""
 
 
+def check_batch_size(global_batch_size: int) -> None:
+    if not global_batch_size >= 1:
+        raise DataError(f"data.batch_size={global_batch_size} must be a positive integer (the global batch)")
+
+
 def per_replica_batch_size(global_batch_size: int, ctx: Optional[tf.distribute.InputContext]) -> int:
     """The global batch split over replicas; an error when it does not divide evenly."""
-    if global_batch_size < 1:
-        raise DataError(f"data.batch_size={global_batch_size} must be a positive integer (the global batch)")
+    check_batch_size(global_batch_size)
     if ctx is None:
         return global_batch_size
     replicas = ctx.num_replicas_in_sync
