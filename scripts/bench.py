@@ -874,8 +874,13 @@ def print_table(results: List[dict], skipped: List[Cell], peak: Dict[str, dict],
 
 
 def plot(results: List[dict], path: Path) -> None:
-    """Median examples/s (min-max whiskers) and MFU per cell, one column per workload."""
-    import matplotlib
+    """Median examples/s (min-max whiskers) and MFU per cell, one column per workload. Without
+    matplotlib (the `bench` extra) the figures are still printed and saved; only the picture is skipped."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"plot: skipped {path.name} (matplotlib is not installed: pip install -e '.[bench]')")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

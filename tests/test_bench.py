@@ -62,3 +62,14 @@ def test_sign_test_tells_a_real_gap_from_noise():
     assert sign_test([1.02, 0.99, 1.05, 1.03, 1.01])[0] == "tie"  # 4 of 5: p = 6/32
     verdict, p = sign_test([1.1] * 8 + [0.9])  # 8 of 9: p = 10/512
     assert verdict == "faster" and abs(p - 10 / 512) < 1e-12
+
+
+def test_plot_without_matplotlib_says_so_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    """matplotlib is optional (the `bench` extra): without it the figures stand and only the picture is skipped."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench import plot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    plot([], tmp_path / "bench.png")
+    assert "matplotlib is not installed" in capsys.readouterr().out
+    assert not (tmp_path / "bench.png").exists()
