@@ -414,21 +414,20 @@ class HandRunner(Runner):
 
 
 class TrainerStepRunner(TrainerRunner):
-    """Diagnostic, not in the default set: the Trainer's compiled loop called directly with one long-lived
-    iterator, i.e. the Trainer's per-step cost without fit()'s per-call work (iterator creation, metric
-    reads and resets, end-of-fit summary). `trainer` minus `trainer_step` is fit()'s overhead."""
+    """Diagnostic, not in the default set: the Trainer's compiled loop alone (`Trainer.run_steps`, on the
+    iterator the first fit() left), i.e. the Trainer's per-step cost without fit()'s per-call work
+    (iterator creation, metric reads and resets, end-of-fit summary). `trainer` minus `trainer_step` is
+    fit()'s overhead."""
 
     name = "trainer_step"
 
     def run(self, steps):
         t = self.trainer
-        if t._train_function is None:  # first call: fit builds, traces and compiles
+        if not t.traces["train"]:  # first call: fit builds, traces and compiles
             super().run(steps)
-            self.iterator = iter(t._distribute(self.ds, skip_batches=int(t.step.numpy())))
             return
-        k = tf.constant(self.k, tf.int64)
         for _ in range(steps // self.k):
-            t._train_function(self.iterator, k)
+            t.run_steps(self.k)
         _sync(t.model)
 
 

@@ -135,6 +135,7 @@ def test_finished_iterators_are_destroyed_off_the_training_thread(monkeypatch):
 
     import trainer.core as core
     import trainer.data as data
+    import trainer.inputs as inputs
 
     died_on = []
 
@@ -144,7 +145,8 @@ def test_finished_iterators_are_destroyed_off_the_training_thread(monkeypatch):
         del item  # else this frame, not the thread, would hold the last reference
         data.release_in_background(holder)
 
-    monkeypatch.setattr(core, "release_in_background", watched_release)
+    monkeypatch.setattr(core, "release_in_background", watched_release)  # the eval iterator
+    monkeypatch.setattr(inputs, "release_in_background", watched_release)  # sample and kept iterators
     t = make_trainer()
     train, evaluation = datasets()
     t.fit(train, steps=4)

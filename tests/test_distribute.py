@@ -200,7 +200,7 @@ def test_xla_and_steps_per_loop_give_the_same_losses(jit_compile, steps_per_loop
     ref_losses, ref_weights, _ = train(False, 1)
     losses, weights, trainer = train(jit_compile, steps_per_loop, whole_step)
     if jit_compile:
-        assert trainer._xla_whole_step() == (whole_step is None)
+        assert trainer.plan_xla().whole_step == (whole_step is None)
     assert [s for s, _ in losses] == [s for s, _ in ref_losses] == [10, 20, 30, 33]
     np.testing.assert_allclose([l for _, l in losses], [l for _, l in ref_losses], rtol=1e-4)
     for a, b in zip(weights, ref_weights):
@@ -222,11 +222,11 @@ def test_xla_whole_step_auto_keeps_large_variables_updates_outside_xla_on_a_cpu(
         t.build((tf.zeros((2, 1024)), tf.zeros((2, units))))
         return t
 
-    assert trainer(64)._xla_whole_step() is True  # 32k parameters per variable
-    assert trainer(2048)._xla_whole_step() is False  # a 2M kernel and its bias: 1M on average
-    assert trainer(2048, xla_whole_step=True)._xla_whole_step() is True
-    assert trainer(64, xla_whole_step=False)._xla_whole_step() is False
-    assert trainer(64, grad_accum_steps=2)._xla_whole_step() is False
+    assert trainer(64).plan_xla().whole_step is True  # 32k parameters per variable
+    assert trainer(2048).plan_xla().whole_step is False  # a 2M kernel and its bias: 1M on average
+    assert trainer(2048, xla_whole_step=True).plan_xla().whole_step is True
+    assert trainer(64, xla_whole_step=False).plan_xla().whole_step is False
+    assert trainer(64, grad_accum_steps=2).plan_xla().whole_step is False
 
 
 _SIGTERM_PROBE = """

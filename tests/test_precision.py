@@ -1,7 +1,6 @@
 """Mixed precision: policies, loss scaling order and state, faults, output checks, conversion."""
 import logging
 import math
-import types
 
 import keras
 import numpy as np
@@ -9,7 +8,8 @@ import pytest
 import tensorflow as tf
 
 from conftest import read_metrics, run_cli
-from trainer import Callback, NumericalError, PrecisionConfig, Trainer
+from trainer import Callback, NumericalError, PrecisionConfig, Trainer, TrainerConfig
+from trainer.compile import decide_jit_compile
 from trainer.convert import convert_model
 from trainer.loss_scale import LossScale
 from trainer import precision as precision_lib
@@ -417,9 +417,9 @@ def test_xla_auto_setting_and_cpu_bfloat16_advice(caplog, monkeypatch):
             assert make("mixed_bfloat16").jit_compile is auto, (flags, vendor)
         assert ("XLA: on (trainer.jit_compile=null means auto)" in caplog.text) is auto
         assert make("mixed_bfloat16", jit_compile=False).jit_compile is False
-        two_replicas = make("mixed_bfloat16")
-        two_replicas.strategy = types.SimpleNamespace(num_replicas_in_sync=2)  # not measured there: stays off
-        assert two_replicas._resolve_jit_compile() is False
+        two_replicas = decide_jit_compile(TrainerConfig(), PrecisionConfig(policy="mixed_bfloat16"), on_cpu=True,
+                                          replicas=2)
+        assert two_replicas is False  # not measured there: stays off
     with caplog.at_level(logging.WARNING):
         assert make("float32", jit_compile=True).jit_compile is True
     assert "bfloat16" not in caplog.text
@@ -457,14 +457,7 @@ def test_hardware_report_tells_amx_from_avx512_bf16(monkeypatch, flags, says):
 def test_xla_whole_step_skips_by_select_on_one_replica(strategy):
     """Inside XLA the skip is a select (no tf.cond), also under OneDeviceStrategy, whose replica context
     does not support the no-merge-call path."""
-    traced = []
-
-    class Spy(Trainer):
-        def _apply_selected(self, grads, finite):
-            traced.append(True)
-            super()._apply_selected(grads, finite)
-
-    trainer = Spy(
+    trainer = Trainer(
         model=mlp(), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         optimizer=lambda: keras.optimizers.Adam(1e-3), precision="float32", jit_compile=True, progress_bar=False,
         strategy=tf.distribute.OneDeviceStrategy("/cpu:0") if strategy else None,
@@ -473,5 +466,6 @@ def test_xla_whole_step_skips_by_select_on_one_replica(strategy):
     trainer.fit(ds, steps=1)
     before = weights(trainer)
     trainer.fit(ds, steps=2)  # batch 1: non-finite
-    assert traced and all(np.array_equal(a, b) for a, b in zip(before, weights(trainer)))
+    assert trainer.plan_xla().whole_step and all(u.skip_by_select for u in trainer.updaters.values())
+    assert all(np.array_equal(a, b) for a, b in zip(before, weights(trainer)))
     assert int(trainer.loss_scale.skipped_steps.numpy()) == 1

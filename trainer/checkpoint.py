@@ -99,7 +99,10 @@ def _match_model(model, prefix: str, name: str = "model"):
 
 def _check_compatible(objects: Dict, prefix: str) -> None:
     """A changed model or optimizer must be a clear error, not a partial restore or a 'corrupt file'."""
-    for name, what in (("model", "the model"), ("optimizer", "the optimizer (its type, or options that add state such as amsgrad or momentum)")):
+    optimizer = "the optimizer (its type, or options that add state such as amsgrad or momentum)"
+    for name, what in (("model", "the model"), ("optimizer", optimizer), ("models", "the models"), ("optimizers", optimizer)):
+        if name not in objects:
+            continue
         _, rows, _ = _match_model(objects[name], prefix, name)
         problems = [
             f"{path}: checkpoint {shape} vs now {list(var.shape)}" if key else f"not in checkpoint: {path}"
@@ -135,6 +138,8 @@ class Checkpointer:
       keep: how many recent checkpoints to keep.
       keep_best, best_metric, best_mode: keep the best `keep_best` by eval `best_metric` (max/min).
       is_chief: non-chief workers (multi-worker) write to a temporary folder that is removed.
+      extra: name -> trackable saved with every checkpoint but restored leniently (the callbacks' state:
+        a checkpoint without it, from an older run or before a callback was added, still resumes).
     """
 
     def __init__(
@@ -146,12 +151,15 @@ class Checkpointer:
         best_metric: Optional[str] = None,
         best_mode: str = "max",
         is_chief: bool = True,
+        extra: Optional[Dict] = None,
     ):
         if best_mode not in ("max", "min"):
             raise ConfigError(f"trainer.best_mode={best_mode!r} is not one of max|min")
         self.directory = Path(directory)
         self.objects = objects
-        self.checkpoint = tf.train.Checkpoint(**objects)
+        self.extra = dict(extra or {})
+        self.checkpoint = tf.train.Checkpoint(**objects, **self.extra)
+        self._restorable = tf.train.Checkpoint(**objects) if self.extra else self.checkpoint
         self.is_chief = is_chief
         self.keep = keep
         self.keep_best = keep_best
@@ -171,7 +179,8 @@ class Checkpointer:
         return self._manager
 
     def weights_finite(self) -> bool:
-        return not non_finite_weights(self.objects["model"])
+        models = self.objects["models"].values() if "models" in self.objects else [self.objects["model"]]
+        return not any(non_finite_weights(model) for model in models)
 
     def save(self, step: int) -> Optional[str]:
         """Saves the full state at `step`. Refuses (and says so) when the weights are not finite."""
@@ -259,8 +268,9 @@ class Checkpointer:
         for step, prefix in found:
             try:
                 _check_compatible(self.objects, prefix)
-                status = self.checkpoint.restore(prefix)
+                status = self._restorable.restore(prefix)
                 status.assert_existing_objects_matched()
+                status.expect_partial()  # the extra state is read below, on its own
             except CheckpointError:
                 raise
             except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous one
@@ -270,12 +280,22 @@ class Checkpointer:
                 continue
             if errors:
                 log.warning("Resumed from an older checkpoint (step %d) because newer ones were unreadable.", step)
+            self._restore_extra(prefix)
             log.info("Resuming from %s (step %d)", prefix, step)
             return step
         raise CheckpointError(
             f"{self.directory} has checkpoints but none is readable: {'; '.join(errors)}. Nothing was "
             "changed. Fix: restore the files from a backup, or start a new run folder (hydra.run.dir=...)."
         )
+
+
+    def _restore_extra(self, prefix: str) -> None:
+        saved = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
+        for name, trackable in self.extra.items():
+            if any(key.startswith(f"{name}/") for key in saved):
+                tf.train.Checkpoint(**{name: trackable}).read(prefix).expect_partial()
+            else:
+                log.info("%s holds no saved %s state (an older run): it starts fresh", prefix, name)
 
 
 def _resolve_checkpoint(path: str) -> str:

@@ -77,7 +77,8 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
     batches_per_step = data.batch_size * trainer_cfg.grad_accum_steps  # a step: one optimizer update
     steps_per_epoch = data.train_examples // batches_per_step if data.train_examples else None
     total = Trainer.total_steps(trainer_cfg.max_steps, trainer_cfg.epochs, steps_per_epoch)
-    trainer = Trainer(
+    trainer_class = _trainer_class(cfg.trainer_class, Trainer)
+    trainer = trainer_class(
         model=functools.partial(instantiate, cfg.model, _convert_="all"),
         loss=instantiate(cfg.loss),
         optimizer=functools.partial(build_optimizer, cfg.optimizer, total),
@@ -89,16 +90,32 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
         seed=cfg.seed,
         clipnorm=cfg.optimizer.clipnorm,
         is_chief=chief,
-        callbacks=[instantiate(c, _convert_="all") for c in cfg.callbacks.values()]
-        + ([_RunConfigWriter(cfg, run_dir)] if chief else []),
+        callbacks=[instantiate(c, _convert_="all") for c in cfg.callbacks.values()] + [_RunConfigWriter(cfg, run_dir)],
     )
     return trainer.fit(data.train, data.eval, steps_per_epoch=steps_per_epoch, batch_size=data.batch_size)
+
+
+def _trainer_class(path: str, base: type) -> type:
+    """trainer_class=module.Class: the Trainer subclass whose step a recipe brings (recipe=gan)."""
+    from hydra.utils import get_class
+
+    from trainer.config import ConfigError
+
+    try:
+        cls = get_class(path)
+    except Exception as e:  # noqa: BLE001 - hydra raises ImportError or ValueError, wrapped
+        raise ConfigError(f"trainer_class={path!r} cannot be imported ({e}); give module.Class of a Trainer subclass") from None
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ConfigError(f"trainer_class={path!r} is not a subclass of trainer.Trainer")
+    return cls
 
 
 class _RunConfigWriter(Callback):
     """Writes .hydra/{config,hydra,overrides}.yaml once training begins, i.e. after the checkpoints were
     found to fit (conf/config.yaml turns Hydra's own early write off): a refused resume must leave the
     run's record of its config as it was (export rebuilds the model from it)."""
+
+    chief_only = True
 
     def __init__(self, cfg: DictConfig, run_dir):
         self.cfg, self.folder = cfg, run_dir / ".hydra"

@@ -144,6 +144,7 @@ class Config:
 
     seed: int = 0
     recipe: str = "mnist"  # set by the recipe group: names the run in logs
+    trainer_class: str = "trainer.Trainer"  # a recipe with its own step names its Trainer subclass here
     data: Any = MISSING
     model: Any = MISSING
     optimizer: OptimizerConfig = MISSING

@@ -57,12 +57,19 @@ def keep_layers_in_float32(model: keras.Model, class_names: Iterable[str]) -> Li
 
 @keras.saving.register_keras_serializable(package="trainer")
 class Float32Outputs(keras.Model):
-    """Wraps a model whose outputs are float16/bfloat16 with a float32 linear activation."""
+    """Wraps a model whose outputs are float16/bfloat16 with a float32 linear activation. The original
+    is `.inner`; attributes the wrapper lacks (a GAN's `.generator`, say) are read from it."""
 
     def __init__(self, inner: keras.Model, **kwargs):
         super().__init__(name=kwargs.pop("name", f"{inner.name}_float32_outputs"), **kwargs)
         self.inner = inner
         self.to_float32 = keras.layers.Activation("linear", dtype="float32", name="float32_outputs")
+
+    def __getattr__(self, name):  # only for names the wrapper does not have
+        inner = self.__dict__.get("inner")
+        if inner is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(inner, name)
 
     def call(self, inputs, training=None):
         outputs = self.inner(inputs, training=training)
@@ -93,8 +100,9 @@ def ensure_float32_outputs(model: keras.Model, outputs, strict: bool) -> keras.M
             "or set precision.strict_outputs=false to have a float32 activation appended."
         )
     log.warning(
-        "Model %r outputs %s; appended a float32 linear activation so the loss is computed in float32 "
-        "(give the last layer dtype='float32' to silence this).",
+        "Model %r outputs %s; appended a float32 linear activation so the loss is computed in float32: "
+        "trainer.model is now a Float32Outputs wrapper, your model is trainer.model.inner (the wrapper "
+        "forwards its attributes). Give the last layer dtype='float32' to silence this.",
         model.name,
         bad,
     )

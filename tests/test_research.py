@@ -1,0 +1,197 @@
+"""Research code: several models and optimizers in one step, dict logs, unlabelled data, callback state,
+and the examples/ scripts, through the public API and the real CLI."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import read_metrics, run_cli
+from trainer import Callback, Trainer
+from trainer.config import ConfigError
+from trainer.data import DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+GAN_TINY = ["recipe=gan", "trainer.max_steps=20", "trainer.log_every=10", "trainer.checkpoint_every=10",
+            "trainer.eval_steps=2", "trainer.progress_bar=false", "data.batch_size=32"]
+
+
+def tensors(prefix):
+    reader = tf.train.load_checkpoint(str(prefix))
+    return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
+            if k.startswith(("models/", "optimizers/")) and "iterations" not in k}
+
+
+def test_gan_two_optimizers_on_two_replicas_equal_one_device(tmp_path):
+    """recipe=gan: two models, two optimizers, one step; mirrored on 2 logical CPUs == the default strategy."""
+    runs = {"default": [], "mirrored": ["strategy=mirrored", "strategy.logical_cpus=2"]}
+    found, logs = {}, {}
+    for name, extra in runs.items():
+        result = run_cli(*GAN_TINY, *extra, f"hydra.run.dir={tmp_path / name}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        found[name] = tensors(tmp_path / name / "checkpoints" / "ckpt-20")
+        logs[name] = [(r["d_loss"], r["g_loss"]) for r in read_metrics(tmp_path / name) if r["split"] == "train"]
+    assert {k.split("/")[1] for k in found["default"]} == {"generator", "discriminator"}
+    assert any(k.startswith("optimizers/generator/") for k in found["default"])  # Adam slots of both
+    assert any(k.startswith("optimizers/discriminator/") for k in found["default"])
+    assert found["mirrored"].keys() == found["default"].keys()
+    for key, value in found["default"].items():
+        np.testing.assert_allclose(found["mirrored"][key], value, rtol=1e-4, atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(logs["mirrored"], logs["default"], rtol=1e-4)
+
+
+def test_gan_float16_killed_and_resumed_equals_the_uninterrupted_run(tmp_path):
+    """examples/gan.py under mixed_float16 (a loss scale per optimizer, both checkpointed), SIGKILLed after
+    its first checkpoint and run again, ends bit-identical to a run that was never killed."""
+    args = ["--steps", "30", "--checkpoint-every", "10", "--precision", "mixed_float16", "--deterministic"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+    def run(run_dir):
+        return subprocess.run([sys.executable, str(ROOT / "examples" / "gan.py"), *args, "--run-dir", str(run_dir)],
+                              capture_output=True, text=True, timeout=600, env=env)
+
+    whole = run(tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "examples" / "gan.py"), *args, "--run-dir", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "ckpt-10.index").exists():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = run(killed)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    fingerprint = lambda out: out.strip().splitlines()[-1].split("fingerprint ")[1]  # noqa: E731
+    assert fingerprint(resumed.stdout) == fingerprint(whole.stdout)
+    reader = tf.train.load_checkpoint(str(killed / "checkpoints" / "ckpt-30"))
+    for name in ("generator", "discriminator"):
+        assert reader.get_tensor(f"loss_scales/{name}/scale/.ATTRIBUTES/VARIABLE_VALUE") >= 1.0
+        assert reader.get_tensor(f"optimizers/{name}/_iterations/.ATTRIBUTES/VARIABLE_VALUE") == 30
+    rows = [r for r in read_metrics(killed) if r["split"] == "train"]
+    assert all("generator/loss_scale" in r and "discriminator/loss_scale" in r for r in rows)
+
+
+def blobs(n=256, unlabelled=False):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, n).astype("int32")
+    x = (rng.normal(size=(n, 4)) + y[:, None]).astype("float32")
+    ds = tf.data.Dataset.from_tensor_slices(x if unlabelled else (x, y))
+    return ds.batch(16, drop_remainder=True)
+
+
+def mlp(out=2):
+    return lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(out)])
+
+
+class Autoencoder(Trainer):
+    """A step of its own on unlabelled data, returning two loss terms."""
+
+    def train_step(self, x):
+        with tf.GradientTape() as tape:
+            reconstruction = self.model(x, training=True)
+            error = tf.reduce_mean(tf.square(reconstruction - x))
+            penalty = 1e-3 * tf.add_n([tf.reduce_sum(tf.square(w)) for w in self.model.trainable_variables])
+            loss = error + penalty
+        self.update(loss, tape)
+        return {"loss": loss, "error": error, "penalty": penalty}
+
+
+def test_an_overridden_steps_logs_reach_jsonl_tensorboard_and_the_progress_bar(tmp_path, capsys):
+    trainer = Autoencoder(model=mlp(4), loss=None, optimizer=lambda: keras.optimizers.Adam(1e-2), run_dir=tmp_path,
+                          log_every=5, progress_bar=True)
+    logs = trainer.fit(blobs(unlabelled=True), steps=10)
+    assert logs["loss"] == pytest.approx(logs["error"] + logs["penalty"], rel=1e-5)
+    rows = [r for r in read_metrics(tmp_path) if r["split"] == "train"]
+    assert [r["step"] for r in rows] == [5, 10]
+    for r in rows:
+        assert {"loss", "error", "penalty", "grad_norm", "lr"} <= r.keys() and r["grad_norm"] > 0
+    assert rows[1]["error"] < rows[0]["error"]  # averaged over the window, and it learns
+    tags = set()
+    for event_file in (tmp_path / "tensorboard" / "train").glob("events.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(event_file)):
+            tags.update(v.tag for v in event.summary.value)
+    assert {"loss", "error", "penalty", "grad_norm"} <= tags
+    assert "error=" in capsys.readouterr().err  # the progress bar's postfix
+
+
+def test_unlabelled_data_with_the_default_step_is_a_clear_error():
+    trainer = Trainer(model=mlp(), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      optimizer=lambda: keras.optimizers.SGD(0.1), progress_bar=False)
+    with pytest.raises(DataError, match="no labels.*override train_step and call self.update"):
+        trainer.fit(blobs(unlabelled=True), steps=2)
+
+
+def test_two_models_with_one_optimizer_builder_each_get_an_optimizer_and_a_loss_scale():
+    class TwoHeads(Trainer):
+        def train_step(self, data):
+            x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+            for name in ("a", "b"):
+                with tf.GradientTape() as tape:
+                    loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+                        y, tf.cast(self.models[name](x, training=True), tf.float32), from_logits=True))
+                self.update(loss, tape, name)
+            return {"loss": loss}
+
+    trainer = TwoHeads(models={"a": mlp(), "b": mlp()}, optimizer=lambda: keras.optimizers.SGD(0.1),
+                       precision="mixed_float16", progress_bar=False, jit_compile=False)
+    trainer.fit(blobs(), steps=3)
+    assert trainer.optimizers["a"] is not trainer.optimizers["b"]
+    assert [int(o.iterations.numpy()) for o in trainer.optimizers.values()] == [3, 3]
+    assert all(u.loss_scale.enabled for u in trainer.updaters.values())
+    with pytest.raises(AttributeError, match="several"):
+        trainer.model  # noqa: B018
+    with pytest.raises(TypeError, match="ready-made optimizer can train one model"):
+        Trainer(models={"a": mlp(), "b": mlp()}, optimizer=keras.optimizers.SGD(0.1))
+    with pytest.raises(ConfigError, match="name no model"):
+        Trainer(models={"a": mlp()}, optimizers={"c": lambda: keras.optimizers.SGD(0.1)})
+
+
+class CountLogs(Callback):
+    """State that must survive a restart: how many log events this run has seen."""
+
+    def __init__(self):
+        self.count = 0
+
+    def on_log(self, trainer, step, logs):
+        self.count += 1
+
+    def state_dict(self):
+        return {"count": self.count}
+
+    def load_state_dict(self, state):
+        self.count = state["count"]
+
+
+def test_a_callbacks_state_is_checkpointed_and_resumed(tmp_path):
+    def trainer(callback):
+        return Trainer(model=mlp(), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                       optimizer=lambda: keras.optimizers.SGD(0.1), run_dir=tmp_path, callbacks=[callback],
+                       log_every=1, checkpoint_every=2, progress_bar=False)
+
+    first = CountLogs()
+    trainer(first).fit(blobs(), steps=4)
+    assert first.count == 4
+    resumed = CountLogs()
+    trainer(resumed).fit(blobs(), steps=7)
+    assert resumed.count == 7  # 4 restored from ckpt-4, then 3 more
+    saved = tf.train.load_checkpoint(str(tmp_path / "checkpoints" / "ckpt-7")).get_tensor("callbacks/.ATTRIBUTES/py_state")
+    assert json.loads(saved) == {"CountLogs": {"count": 7}}
+
+
+def test_examples_run(tmp_path):
+    """The classifier and the VAE of examples/ (the GAN runs in the kill/resume test above)."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    for script, says in (("classifier.py", "eval accuracy"), ("vae.py", "reconstruction")):
+        proc = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--steps", "20"],
+                              capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert says in proc.stdout

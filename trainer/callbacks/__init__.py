@@ -1,0 +1,28 @@
+"""Callbacks: the hook interface (base.py) and the built-ins, one concern a file: checkpointing, the
+numerics guard, the progress bar and summary, the run folder's writers."""
+from __future__ import annotations
+
+from typing import List
+
+from trainer.callbacks.base import HOOKS, Callback, CallbackList
+from trainer.callbacks.checkpointing import Checkpointing
+from trainer.callbacks.numerics import NumericalError, NumericsGuard
+from trainer.callbacks.progress import ProgressBar, Summary
+from trainer.callbacks.writers import MetricsWriter, TensorBoardWriter
+
+__all__ = ["HOOKS", "Callback", "CallbackList", "Checkpointing", "MetricsWriter", "NumericalError", "NumericsGuard",
+           "ProgressBar", "Summary", "TensorBoardWriter", "callback_list"]
+
+
+def callback_list(trainer, user_callbacks: List[Callback]) -> CallbackList:
+    """The built-ins around the user's: checkpointing first (everyone starts from the restored state),
+    the numerics guard last (it judges the loop after every other callback ran)."""
+    cbs: List[Callback] = [trainer.checkpointing]
+    if trainer.config.progress_bar:
+        cbs.append(ProgressBar())
+    if trainer.run_dir is not None:
+        cbs.append(MetricsWriter(trainer.run_dir / "metrics.jsonl"))
+        if trainer.config.tensorboard:
+            cbs.append(TensorBoardWriter(trainer.run_dir / "tensorboard"))
+    cbs.append(Summary())
+    return CallbackList(cbs + list(user_callbacks) + [NumericsGuard()], is_chief=trainer.is_chief)

@@ -1,0 +1,100 @@
+"""The hook interface the loop calls, and the list that calls every callback in order.
+
+Hooks, in the order the loop calls them:
+  on_train_begin(trainer)                  each fit() call, after the variables are built
+  on_loop_end(trainer, step)               after each loop of `steps_per_loop` steps
+  on_log(trainer, step, logs)              train logs, every `log_every` steps
+  on_eval_begin(trainer, step) / on_eval_end(trainer, step, logs)
+  on_save_point(trainer, step, reason)     after each loop's logs and evaluation ("loop"), at the end
+                                           ("end"), on SIGTERM/SIGINT ("signal"): where Checkpointing saves
+  on_exception(trainer, error)             fit() is ending on an error (then on_train_end runs too)
+  on_train_end(trainer, summary)           also on an early end: summary["interrupted"] or ["failed"]
+Set `trainer.stop_training = True` in a hook to stop after the current loop.
+
+A callback with state that must survive a restart (early stopping's patience count, say) returns it
+from `state_dict()` (JSON-able) and takes it back in `load_state_dict(state)`: it is saved in every
+checkpoint and restored on resume, as Lightning's callbacks are. `chief_only = True` runs a callback
+on the chief worker only (writers of files): the one place that rule lives.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Dict, List
+
+import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+HOOKS = ("on_train_begin", "on_loop_end", "on_log", "on_eval_begin", "on_eval_end", "on_save_point",
+         "on_exception", "on_train_end")
+
+
+class Callback:
+    chief_only = False
+
+    def on_train_begin(self, trainer) -> None: ...
+
+    def on_loop_end(self, trainer, step: int) -> None: ...
+
+    def on_log(self, trainer, step: int, logs: Dict) -> None: ...
+
+    def on_eval_begin(self, trainer, step: int) -> None: ...
+
+    def on_eval_end(self, trainer, step: int, logs: Dict) -> None: ...
+
+    def on_save_point(self, trainer, step: int, reason: str) -> None: ...
+
+    def on_exception(self, trainer, error: BaseException) -> None: ...
+
+    def on_train_end(self, trainer, summary: Dict) -> None: ...
+
+    def state_dict(self) -> Dict:
+        return {}
+
+    def load_state_dict(self, state: Dict) -> None: ...
+
+
+class CallbackList(Callback):
+    """Calls each hook on every callback in order; on a non-chief worker, chief-only callbacks are left out."""
+
+    def __init__(self, callbacks: List[Callback], is_chief: bool = True):
+        self.callbacks = [cb for cb in callbacks if is_chief or not getattr(cb, "chief_only", False)]
+
+    def _call(self, hook: str, *args) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(*args)
+
+    def _keys(self):
+        seen: Dict[str, int] = {}
+        for cb in self.callbacks:
+            name = type(cb).__name__
+            seen[name] = seen.get(name, 0) + 1
+            yield (name if seen[name] == 1 else f"{name}#{seen[name]}"), cb
+
+    def state_dict(self) -> Dict:
+        return {key: state for key, cb in self._keys() if (state := cb.state_dict())}
+
+    def load_state_dict(self, state: Dict) -> None:
+        for key, cb in self._keys():
+            if key in state:
+                cb.load_state_dict(state[key])
+
+
+for _hook in HOOKS:
+    setattr(CallbackList, _hook, lambda self, *args, _hook=_hook: self._call(_hook, *args))
+
+
+class CallbackState(tf.train.experimental.PythonState):
+    """The callbacks' `state_dict()`s inside the checkpoint (a string tensor of JSON), read from the
+    trainer's current callback list at save and restore time."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def serialize(self) -> str:
+        return json.dumps(self.trainer.callback_list.state_dict())
+
+    def deserialize(self, string_value) -> None:
+        text = string_value.decode() if isinstance(string_value, bytes) else str(string_value)
+        self.trainer.callback_list.load_state_dict(json.loads(text or "{}"))

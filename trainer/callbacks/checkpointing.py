@@ -1,0 +1,127 @@
+"""Checkpointing: resume or warm start, saves on a cadence, at the end and on a signal, best-k after each
+evaluation, and the record of the configured learning rates. The files and their guarantees are
+checkpoint.py's Checkpointer; this callback decides when."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import keras
+
+from trainer.callbacks.base import Callback, CallbackState
+from trainer.callbacks.numerics import check_weights_finite
+from trainer.checkpoint import NO_BEST, Checkpointer, warm_start
+from trainer.config import ConfigError
+
+log = logging.getLogger("trainer.core")
+
+
+def _configured_settings(trainer) -> Dict[str, Tuple[Optional[float], float]]:
+    """Per optimizer: its constant learning rate (None for a schedule) and its loss scale: values a
+    restore would overwrite."""
+    settings = {}
+    for name, updater in trainer.updaters.items():
+        lr = updater.optimizer._learning_rate
+        constant = float(keras.ops.convert_to_numpy(lr)) if isinstance(lr, keras.Variable) else None
+        settings[name] = (constant, float(updater.loss_scale.scale.numpy()))
+    return settings
+
+
+class Checkpointing(Callback):
+    """One per Trainer (it carries the Checkpointer across fit() calls); first in the callback list, so
+    every other callback starts from the restored state."""
+
+    def __init__(self):
+        self.checkpointer: Optional[Checkpointer] = None
+        self.prepared = False  # resumed, warm-started or started fresh by the first fit() call
+        self.configured: Dict[str, Tuple[Optional[float], float]] = {}
+        self.last_path: Optional[str] = None
+        self.last_save_time = time.monotonic()
+
+    def _record(self, trainer) -> Path:
+        return trainer.run_dir / "checkpoints" / "configured.json"
+
+    def on_train_begin(self, trainer):
+        self.last_save_time = time.monotonic()
+        if self.prepared:  # a later fit() call: the model and optimizer in memory are the newest
+            return
+        self.prepared = True
+        cfg = trainer.config
+        if cfg.init_from and len(trainer.models) > 1:
+            raise ConfigError("trainer.init_from warm-starts one model; with several, load each model's weights in "
+                              "the builder you give the Trainer (model.load_weights(...))")
+        if trainer.run_dir is None:
+            if cfg.init_from:
+                warm_start(trainer.model, cfg.init_from)
+            return
+        self.checkpointer = Checkpointer(
+            trainer.run_dir / "checkpoints", trainer.checkpoint_objects(), keep=cfg.keep_checkpoints,
+            keep_best=cfg.keep_best, best_metric=cfg.best_metric, best_mode=cfg.best_mode,
+            is_chief=trainer.is_chief, extra={"callbacks": CallbackState(trainer)},
+        )
+        trainer.checkpointer = self.checkpointer
+        self.configured = _configured_settings(trainer)
+        if self.checkpointer.prepare(resume=cfg.resume, init_from=cfg.init_from,
+                                     model=trainer.models[next(iter(trainer.models))]) is not None:
+            self._keep_configured_settings(trainer)
+            if math.isnan(float(trainer.best.numpy())):  # saved before NO_BEST existed
+                trainer.best.assign(NO_BEST.get(cfg.best_mode, math.nan))
+
+    def _keep_configured_settings(self, trainer) -> None:
+        """After a resume, a learning rate changed in the configuration (since the newest checkpoint's run,
+        per checkpoints/configured.json) and a fixed scale win over the checkpoint's values; a rate that a
+        callback changed during the run is kept (a schedule is code and follows the config anyway). A
+        dynamic scale's value is state and is kept, unless it is 1: the value of a run without loss
+        scaling (float32 resumed as float16) or at the floor; it restarts at its initial value then."""
+        try:
+            recorded = json.loads(self._record(trainer).read_text())
+        except (OSError, ValueError):  # none (a run from before this record) or unreadable
+            recorded = {}  # then the configuration wins, as it did before
+        for name, (constant_lr, scale) in self.configured.items():
+            updater = trainer.updaters[name]
+            old = recorded.get("lr") if name == trainer.default_optimizer else recorded.get("lrs", {}).get(name)
+            if constant_lr is not None and old != constant_lr:
+                restored = float(keras.ops.convert_to_numpy(updater.optimizer.learning_rate))
+                if restored != constant_lr:
+                    updater.optimizer.learning_rate = constant_lr
+                    log.info("Learning rate %g from the configuration (the checkpoint had %g)", constant_lr, restored)
+            restored = float(updater.loss_scale.scale.numpy())
+            if restored != scale and (updater.loss_scale.mode != "dynamic" or restored <= 1.0):
+                updater.loss_scale.scale.assign(scale)
+                log.info("Loss scale %g from the configuration (the checkpoint had %g)", scale, restored)
+
+    def on_eval_end(self, trainer, step, logs):
+        if self.checkpointer:
+            self.checkpointer.update_best(step, logs)
+
+    def on_save_point(self, trainer, step, reason):
+        if self.checkpointer is None:
+            return
+        cfg = trainer.config
+        if reason == "loop":
+            due = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or (
+                cfg.checkpoint_every_secs and time.monotonic() - self.last_save_time >= cfg.checkpoint_every_secs)
+            if not due or step >= trainer.total:  # the end saves once, after the final evaluation
+                return
+        self.save(trainer, step)
+
+    def save(self, trainer, step: int) -> Optional[str]:
+        """Saves a checkpoint; non-finite weights end the run (exit 3) instead of a save that is refused.
+        With it, the configured constant learning rates (see _keep_configured_settings): written only once
+        a checkpoint holds that run's state, and after every worker has read the old record at its start."""
+        check_weights_finite(trainer, step)
+        path = self.checkpointer.save(step)
+        self.last_save_time = time.monotonic()
+        self.last_path = path
+        lrs = {name: lr for name, (lr, _) in self.configured.items() if lr is not None}
+        if path is not None and lrs:  # the chief's save
+            record = self._record(trainer)
+            single = lrs.get(trainer.default_optimizer) if len(self.configured) == 1 else None
+            record.with_suffix(".tmp").write_text(json.dumps({"lr": single} if single is not None else {"lrs": lrs}))
+            os.replace(record.with_suffix(".tmp"), record)
+        return path

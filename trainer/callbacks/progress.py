@@ -1,0 +1,85 @@
+"""The progress bar and the end-of-run summary."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+from trainer.callbacks.base import Callback
+from trainer.callbacks.writers import scalars
+
+log = logging.getLogger("trainer.callbacks")
+
+
+class ProgressBar(Callback):
+    """tqdm bar over training steps (the loss, or a custom step's first logs, and examples/s)."""
+
+    HIDDEN = {"examples_per_sec", "grad_norm", "lr", "loss_scale", "skipped_steps"}
+
+    def on_train_begin(self, trainer):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=trainer.total, initial=int(trainer.step.numpy()), desc="train", unit="step", dynamic_ncols=True)
+        self.last = int(trainer.step.numpy())
+
+    def on_loop_end(self, trainer, step):
+        self.bar.update(step - self.last)
+        self.last = step
+
+    def on_log(self, trainer, step, logs):
+        # the loss, or the logs an overridden train_step returned (a GAN's d_loss and g_loss)
+        shown = {k: v for k, v in scalars(logs).items() if k not in self.HIDDEN and "/" not in k}
+        postfix = {k: f"{v:.4f}" for k, v in list(shown.items())[:3]}
+        postfix["ex_per_s"] = f"{logs.get('examples_per_sec', math.nan):.0f}"
+        self.bar.set_postfix(postfix)
+
+    def on_eval_end(self, trainer, step, logs):
+        self.bar.write(
+            f"eval @ step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in scalars(logs).items())
+        )
+
+    def on_train_end(self, trainer, summary):
+        self.bar.close()
+
+
+class Summary(Callback):
+    """Logs a short summary at the end: final eval metrics, time, throughput, the run folder."""
+
+    def on_train_begin(self, trainer):
+        self.start = time.perf_counter()
+        self.start_step = int(trainer.step.numpy())
+        self.examples_per_sec = []
+
+    def on_log(self, trainer, step, logs):
+        if math.isfinite(logs.get("examples_per_sec", math.nan)):
+            self.examples_per_sec.append(logs["examples_per_sec"])
+
+    def on_train_end(self, trainer, summary):
+        seconds = time.perf_counter() - self.start
+        steps = summary.get("step", 0) - self.start_step
+        evals = {k[5:]: v for k, v in summary.items() if k.startswith("eval_")}
+        if summary.get("failed"):
+            log.info("Stopped by an error at step %s, after %d steps in %.1fs.", summary.get("step"), steps, seconds)
+            return
+        ended = "Interrupted" if summary.get("interrupted") else "Done"
+        lines = [f"{ended}: {steps} steps in {seconds:.1f}s (to step {summary.get('step')})."]
+        if evals:
+            lines.append("Final eval: " + ", ".join(f"{k}={v:.4f}" for k, v in evals.items()))
+        if self.examples_per_sec:
+            ordered = sorted(self.examples_per_sec)
+            lines.append(f"Throughput: {ordered[len(ordered) // 2]:.0f} examples/s (median of log windows)")
+        if summary.get("traces"):
+            lines.append(f"Traced: {summary['traces']} (first loop incl. compile: {summary.get('first_loop_seconds', 0):.2f}s)")
+            retraced = {k: v for k, v in summary["traces"].items() if v > 1}
+            if retraced:
+                log.warning(
+                    "Step functions were traced more than once %s: each trace (and XLA compile) costs time. "
+                    "Usual causes: batches of changing shape (pad or bucket them), resets after freezing layers, or "
+                    "variables (an optimizer, a metric) created inside an overridden step: pass them to the Trainer.",
+                    retraced,
+                )
+        if summary.get("weights_sha256"):
+            lines.append(f"Weights fingerprint: {summary['weights_sha256']}")
+        if trainer.run_dir is not None:
+            lines.append(f"Run folder: {trainer.run_dir}")
+        log.info("\n  ".join(lines))

@@ -1,0 +1,214 @@
+"""Compiling the step: where XLA goes (pure decisions, with their reasons), and the train/eval functions.
+
+The only place that wraps anything in `tf.function` or XLA, as Keras' `make_train_function` is: the
+step (step.py) stays plain Python that any subclass can override. The train function runs
+`strategy.run(step)` `num_steps` times inside one tf.function (num_steps is a tensor: no retrace for a
+shorter last loop).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Callable, Dict, List, Tuple
+
+import keras
+import tensorflow as tf
+
+from trainer import precision as precision_lib
+from trainer.config import PrecisionConfig, TrainerConfig
+from trainer.precision import PrecisionError
+from trainer.step import Step
+
+log = logging.getLogger("trainer.core")
+
+
+def decide_jit_compile(config: TrainerConfig, precision: PrecisionConfig, *, on_cpu: bool, replicas: int) -> bool:
+    """trainer.jit_compile, with None (auto) resolved for this hardware; logs the reason."""
+    if precision.debug_numerics:  # its checks (DebugNumericSummaryV2) are ops XLA cannot compile
+        if config.jit_compile:
+            raise PrecisionError("precision.debug_numerics=true cannot run inside XLA: add trainer.jit_compile=false")
+        if config.jit_compile is None:
+            log.info("XLA: off (precision.debug_numerics=true checks every op, which XLA cannot compile)")
+        return False
+    if config.jit_compile is not None:
+        if config.jit_compile and on_cpu and precision.policy == "mixed_bfloat16":
+            precision_lib.advise_xla_bfloat16_on_cpu()
+        return bool(config.jit_compile)
+    if precision.policy == "mixed_float16" and on_cpu:
+        log.info("XLA: on (trainer.jit_compile=null means auto): TensorFlow's float16 kernels are very slow "
+                 "on CPUs, XLA's are not. trainer.jit_compile=false turns it off.")
+        return True
+    if (precision.policy == "mixed_bfloat16" and on_cpu and replicas == 1
+            and precision_lib.xla_bfloat16_is_faster_here()):  # measured on one replica of a 2-core CPU
+        log.info(
+            "XLA: on (trainer.jit_compile=null means auto): on an Intel CPU with AVX-512 BF16 and no AMX, "
+            "TensorFlow's own bfloat16 matmuls are slow and XLA's are not (scripts/bench.py, trainer with XLA "
+            "over without: MLP 1.43-1.48x, ResNet 1.17-1.28x, Transformer 1.40-1.45x). "
+            "trainer.jit_compile=false turns it off."
+        )
+        return True
+    return False
+
+
+@dataclasses.dataclass(frozen=True)
+class XlaPlan:
+    """How the train step is compiled. `whole_step`: XLA compiles forward, backward and the update (a
+    non-finite update is undone by a select); otherwise, with `jit_compile`, XLA compiles forward and
+    backward and the all-reduce and update run outside it. `reason` says why, `warnings` what was ignored."""
+
+    jit_compile: bool
+    whole_step: bool
+    reason: str
+    warnings: Tuple[str, ...] = ()
+
+
+def plan_xla(config: TrainerConfig, *, jit_compile: bool, on_cpu: bool, replicas: int, custom_step: bool,
+             mean_variable_size: float) -> XlaPlan:
+    """Decides the layout from the settings alone (no state). Auto, measured on a 2-core CPU
+    (`python scripts/bench_step.py --only xla_layout`): inside XLA the step of the small ResNet and
+    Transformer is 2-13% faster (no op-by-op updates of dozens of small variables); outside it the
+    MLP's (20M parameters in 6 variables) is 4-10% faster (TF's fused kernels run multi-threaded,
+    XLA:CPU's loops do not keep up)."""
+    one_cluster = replicas == 1 and config.grad_accum_steps == 1  # the all-reduce's merge_call cannot join one
+    warnings = []
+    if config.xla_whole_step and not one_cluster:
+        warnings.append("trainer.xla_whole_step=true is ignored with several replicas or grad_accum_steps > 1")
+    if not jit_compile:
+        return XlaPlan(False, False, "XLA off", tuple(warnings))
+    if custom_step:
+        if not one_cluster:
+            return XlaPlan(False, False, "an overridden train_step with several replicas runs without XLA",
+                           tuple(warnings + ["XLA: an overridden train_step with several replicas runs without XLA"]))
+        if config.xla_whole_step is False:
+            warnings.append("trainer.xla_whole_step=false is ignored for an overridden train_step (it cannot be split)")
+        return XlaPlan(True, True, "overridden train_step", tuple(warnings))
+    if config.xla_whole_step is not None:
+        whole = bool(config.xla_whole_step) and one_cluster
+        why = "trainer.xla_whole_step" if whole else (
+            "trainer.xla_whole_step=false" if config.xla_whole_step is False else "several replicas or gradient accumulation")
+        return XlaPlan(True, whole, why, tuple(warnings))
+    if not one_cluster:
+        return XlaPlan(True, False, "several replicas or gradient accumulation", tuple(warnings))
+    if on_cpu and mean_variable_size >= 1_000_000:
+        return XlaPlan(True, False, f"auto: on a CPU, variables averaging {mean_variable_size:,.0f} parameters update "
+                       "faster with TF's fused kernels; trainer.xla_whole_step=true compiles the update too", tuple(warnings))
+    return XlaPlan(True, True, "trainer.xla_whole_step", tuple(warnings))
+
+
+def wrap_xla(fn: Callable, replicas: int) -> Callable:
+    """`fn` compiled with XLA. With several replicas, one compiled function per replica: an XLA
+    cluster lives on one device, and each replica's trace must capture its own variables."""
+    if replicas == 1:
+        return tf.function(fn, jit_compile=True, reduce_retracing=True)
+    compiled = {}
+
+    def per_replica(*args):
+        replica = int(tf.get_static_value(tf.distribute.get_replica_context().replica_id_in_sync_group))
+        if replica not in compiled:
+            compiled[replica] = tf.function(fn, jit_compile=True, reduce_retracing=True)
+        return compiled[replica](*args)
+
+    return per_replica
+
+
+def _log_names(trainer, step: Callable, iterator, what: str) -> List[str]:
+    """The names of the logs an overridden step returns, from one throwaway trace (the trackers that
+    average them must exist before the real trace)."""
+    probe = tf.function(lambda it: trainer.strategy.run(step, args=(next(it),)))
+    out = probe.get_concrete_function(iterator).structured_outputs
+    if out is None or out == {}:
+        return []
+    local = lambda v: trainer.strategy.experimental_local_results(v)[0]  # noqa: E731
+    if not isinstance(out, dict) or any(not isinstance(k, str) or local(v).shape.rank != 0 for k, v in out.items()):
+        raise TypeError(f"{what} must return None or a dict of scalar tensors (name -> value), got {out!r}")
+    return list(out)
+
+
+def logged_step(trainer, step: Callable, iterator, trackers: Dict[str, keras.metrics.Metric], what: str) -> Callable:
+    """`step`, with the dict of logs it returns added to Mean trackers (averaged over replicas and the
+    log window: each replica adds to its own copy, read as their sum)."""
+    names = _log_names(trainer, step, iterator, what)
+    if not names:
+        return step
+    with trainer.strategy.scope():
+        for name in names:
+            if name not in trackers:
+                trackers[name] = keras.metrics.Mean(name=name)
+
+    def run(data):
+        for name, value in step(data).items():
+            trackers[name].update_state(tf.cast(value, tf.float32))
+
+    return run
+
+
+def make_train_function(trainer, iterator) -> Callable:
+    """strategy.run(step) × num_steps inside one tf.function; XLA as plan_xla says. `iterator`: the
+    distributed training iterator (an overridden step is traced on it once to learn its logs)."""
+    accum = trainer.config.grad_accum_steps
+    overridden = type(trainer).train_step is not Step.train_step
+    if overridden and accum > 1:
+        log.warning("The overridden train_step is not used with grad_accum_steps > 1 (accumulate_step and "
+                    "apply_accumulated are)")
+    plan = trainer.plan_xla()
+    for warning in plan.warnings:
+        log.warning(warning)
+    for updater in trainer.updaters.values():
+        updater.skip_by_select = plan.whole_step
+    replicas = trainer.strategy.num_replicas_in_sync
+    compute_gradients, accumulate_step = trainer.compute_gradients, trainer.accumulate_step
+    step = trainer.train_step
+    if overridden and accum == 1:
+        step = logged_step(trainer, step, iterator, trainer.train_log_trackers, "train_step")
+    if plan.whole_step:
+        log.info("XLA: the whole train step (forward, backward, update) is compiled (%s)", plan.reason)
+        step = wrap_xla(step, replicas)
+    elif plan.jit_compile:
+        log.info("XLA: forward and backward are compiled; all-reduce and the update run outside XLA (%s)", plan.reason)
+        compute_gradients = wrap_xla(trainer.compute_gradients, replicas)
+
+        def step(data):
+            loss, grads = compute_gradients(data)
+            trainer.apply_gradients(grads, loss)
+
+        def accumulate_step(data):
+            _, grads = compute_gradients(data)
+            trainer._accumulate(grads)
+
+    def one_update(iterator):
+        if accum == 1:
+            trainer.strategy.run(step, args=(next(iterator),))
+        else:
+            for _ in tf.range(accum):
+                trainer.strategy.run(accumulate_step, args=(next(iterator),))
+            trainer.strategy.run(trainer.apply_accumulated)
+        trainer.step.assign_add(1)
+
+    def train_loop(iterator, num_steps):
+        trainer.traces["train"] += 1  # Python side effect: runs once per trace
+        for _ in tf.range(num_steps):
+            one_update(iterator)
+
+    return tf.function(train_loop)
+
+
+def make_eval_function(trainer, iterator) -> Callable:
+    """Up to `max_batches` eval batches per call; returns how many there were (fewer at the end)."""
+    step = trainer.test_step
+    if type(trainer).test_step is not Step.test_step:
+        step = logged_step(trainer, step, iterator, trainer.eval_log_trackers, "test_step")
+    if trainer.jit_compile:
+        step = wrap_xla(step, trainer.strategy.num_replicas_in_sync)
+
+    def eval_loop(iterator, max_batches):
+        trainer.traces["eval"] += 1
+        n = tf.constant(0, tf.int64)
+        while n < max_batches:
+            batch = iterator.get_next_as_optional()
+            if not batch.has_value():
+                break
+            trainer.strategy.run(step, args=(batch.get_value(),))
+            n += 1
+        return n
+
+    return tf.function(eval_loop)

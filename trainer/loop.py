@@ -1,0 +1,169 @@
+"""The outer loop, as Orbit's controller has it: loops of K steps (one tf.function call each) between
+events (log, evaluate, save), signals and preemption. Everything else happens in callbacks."""
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import tempfile
+import time
+from typing import Dict, Tuple
+
+import tensorflow as tf
+from tensorflow.python.util import deprecation as _tf_deprecation
+
+from trainer import signals
+from trainer.compile import make_train_function
+
+log = logging.getLogger("trainer.core")
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM/SIGINT arrived; a checkpoint was saved (when a run folder is set) before this is raised."""
+
+
+class PreemptedAndSaved(TrainingInterrupted):
+    """Raised by TF's PreemptionCheckpointHandler (as its exit_fn) once every worker has saved."""
+
+
+def steps_to_next_event(config, step: int, total: int) -> int:
+    k = min(config.steps_per_loop, total - step)
+    for every in (config.log_every, config.eval_every, config.checkpoint_every):
+        if every:
+            k = min(k, every - step % every)
+    return max(k, 1)
+
+
+def preemption_handler(trainer):
+    """TF's preemption support for multi-worker runs: on SIGTERM to any worker, every worker saves at
+    the same step, then raises PreemptedAndSaved. TF decides when; our Checkpointer saves (non-finite
+    guard, temporary folders for non-chief workers, retention). TF's handler also wants a checkpoint
+    manager, which it restores at once: it gets one over an empty scratch folder, because the
+    Checkpointing callback has already restored (with its fallback past unreadable checkpoints)."""
+    if trainer.checkpointer is None or not isinstance(trainer.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return None
+
+    def exit_fn():
+        raise PreemptedAndSaved("SIGTERM")
+
+    scratch = tempfile.mkdtemp(prefix="trainer-preemption-")
+    try:
+        handler = tf.distribute.experimental.PreemptionCheckpointHandler(
+            trainer.strategy.cluster_resolver,
+            tf.train.CheckpointManager(trainer.checkpointer.checkpoint, scratch, max_to_keep=1),
+            termination_config=tf.distribute.experimental.TerminationConfig(
+                exit_fn=exit_fn, save_fn=lambda step: trainer.checkpointing.save(trainer, step)
+            ),
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    log.info("Multi-worker preemption handling on: SIGTERM to any worker saves a checkpoint on all, then exits")
+    return handler
+
+
+class Loop:
+    """Runs one fit() call from `trainer.step` to `total`; returns (train_logs, eval_logs, step)."""
+
+    def __init__(self, trainer, callbacks, iterator, eval_data, total: int):
+        self.trainer, self.callbacks, self.iterator, self.eval_data, self.total = trainer, callbacks, iterator, eval_data, total
+        self.start = self.step = int(trainer.step.numpy())
+        self.train_logs: Dict = {}
+        self.eval_logs: Dict = {}
+        self.first_loop_seconds = None
+
+    def run(self) -> Tuple[Dict, Dict, int]:
+        t = self.trainer
+        sigterm_before = signals.sigterm_handler_outside_deferral()
+        preemption = preemption_handler(t)
+        # Under multi-worker, TF's PreemptionCheckpointHandler owns SIGTERM (it makes every worker save
+        # at the same step); we keep SIGINT. On GCP VMs it does not take SIGTERM (it polls maintenance
+        # notices, or is unsupported): SIGTERM keeps its default there, as one worker cannot save alone.
+        tf_owns_sigterm = preemption is not None and signals.sigterm_owned_by(preemption)
+        caught = (signal.SIGINT,) if preemption is not None else (signal.SIGTERM, signal.SIGINT)
+        self.interrupted = signals.SignalCatcher(*caught)
+        try:
+            if tf_owns_sigterm:
+                signals.hand_pending_sigterm_to_tensorflow()
+            with self.interrupted:
+                if self.interrupted.signum is not None:  # arrived during start-up: no step trained, nothing to save
+                    raise TrainingInterrupted(signal.Signals(self.interrupted.signum).name)
+                self._train(preemption)
+                self._finish()
+        except PreemptedAndSaved as e:
+            log.warning("Preemption notice at step %d (%s or the platform's maintenance notice to a worker of this "
+                        "run): every worker saved step %d; run the same commands again to resume.", self.step, e, self.step)
+            self.callbacks.on_train_end(t, {"step": self.step, "interrupted": True})
+            raise
+        except TrainingInterrupted as e:
+            self._interrupted(e)
+            raise
+        except BaseException as e:  # writers and the progress bar are closed; the error goes on unchanged
+            try:
+                self.callbacks.on_exception(t, e)
+                self.callbacks.on_train_end(t, {"step": self.step, "failed": f"{type(e).__name__}: {e}"[:500]})
+            except Exception:  # noqa: BLE001 - never hide the error that ended the run
+                log.exception("A callback failed while fit() was ending on an error")
+            raise
+        finally:
+            if tf_owns_sigterm:  # TF's handler must not outlive this fit() (it would swallow later SIGTERMs)
+                signals.restore_sigterm(sigterm_before)
+        return self.train_logs, self.eval_logs, self.step
+
+    def _train(self, preemption) -> None:
+        t, cfg, callbacks = self.trainer, self.trainer.config, self.callbacks
+        window_start, window_step = time.perf_counter(), self.step
+        while self.step < self.total and not t.stop_training:
+            k = steps_to_next_event(cfg, self.step, self.total)
+            if t._train_function is None:  # first loop, or reset by a callback
+                t._train_function = make_train_function(t, self.iterator)
+            t0 = time.perf_counter()
+            t._train_function(self.iterator, tf.constant(k, tf.int64))
+            self.step += k
+            if self.first_loop_seconds is None:
+                self.first_loop_seconds = time.perf_counter() - t0
+                log.info("First loop (trace/compile + %d steps): %.2fs", k, self.first_loop_seconds)
+                window_start, window_step = time.perf_counter(), self.step
+            callbacks.on_loop_end(t, self.step)  # the numerics guard last: never save (and exit on) bad weights
+            if preemption is not None and self.step < self.total:  # at the end, the run finishes instead
+                with _tf_deprecation.silence():  # TF calls its own deprecated total_run_calls
+                    preemption.save_checkpoint_if_preempted(self.step)
+            if self.step % max(cfg.log_every, 1) == 0 or self.step == self.total:
+                examples = (self.step - window_step) * t.batch_size * cfg.grad_accum_steps
+                self.train_logs = t.collect_train_logs(self.step, examples, time.perf_counter() - window_start)
+                callbacks.on_log(t, self.step, self.train_logs)
+                window_start, window_step = time.perf_counter(), self.step
+            paused = time.perf_counter()  # evaluation and saving do not count as training time
+            if self.eval_data is not None and cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total:
+                self.eval_logs = t.evaluate(self.eval_data, step=self.step, callbacks=callbacks)
+            callbacks.on_save_point(t, self.step, "loop")
+            window_start += time.perf_counter() - paused
+            if self.interrupted.signum is not None and self.step < self.total:
+                raise TrainingInterrupted(signal.Signals(self.interrupted.signum).name)
+
+    def _finish(self) -> None:
+        t = self.trainer
+        if self.step == self.start >= self.total:  # a finished run started again: no new rows, no new save
+            log.info("The run is already at step %d of %d: nothing to train (raise trainer.max_steps to "
+                     "continue it).", self.step, self.total)
+            if self.eval_data is not None:
+                self.eval_logs = t.evaluate(self.eval_data, step=self.step)
+            return
+        if self.eval_data is not None:
+            self.eval_logs = t.evaluate(self.eval_data, step=self.step, callbacks=self.callbacks)
+        self.callbacks.on_save_point(t, self.step, "end")
+        if self.interrupted.signum is not None:  # a checkpoint at the last step means the run is complete
+            log.warning("Received %s during the last loop: finished the run (final evaluation and save) "
+                        "instead of stopping one loop early.", signal.Signals(self.interrupted.signum).name)
+
+    def _interrupted(self, e: TrainingInterrupted) -> None:
+        t = self.trainer
+        if self.step == self.start:
+            log.warning("Received %s at step %d, before this run trained a step: nothing new to save; run the "
+                        "same command again to %s.", e, self.step, "resume" if self.start else "start")
+        elif t.checkpointer:
+            self.callbacks.on_save_point(t, self.step, "signal")
+            log.warning("Received %s at step %d: saved %s; run the same command again to resume.", e, self.step,
+                        t.checkpointing.last_path)
+        else:
+            log.warning("Received %s at step %d: stopping (no run folder, nothing saved).", e, self.step)
+        self.callbacks.on_train_end(t, {"step": self.step, "interrupted": True})

@@ -1,0 +1,158 @@
+"""The step: one replica's work on one batch. The Trainer inherits it; override any method to change it.
+
+  * `train_step(data)`: forward, loss, gradients, update; may return a dict of scalar logs.
+  * `update(loss, tape, optimizer=None)`: what research code calls once per optimizer (a GAN calls it
+    twice): scaled loss → unscaled gradients → that optimizer's Updater (all-reduce, finite check, clip,
+    apply, loss scale; see update.py).
+  * `compute_loss`, `compute_gradients`, `apply_gradients`: the pieces of the default step.
+  * `test_step(data)`: forward and metrics; may return a dict of scalar logs.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import keras
+import tensorflow as tf
+
+from trainer.data import DataError
+
+
+class Step:
+    """Mixed into Trainer. Expects: models, model, loss, updaters, metrics, eval_metrics, train_loss,
+    eval_loss, strategy, config (see core.py)."""
+
+    # -- the default step ------------------------------------------------------------------------
+
+    def compute_loss(self, x, y, y_pred, sample_weight=None) -> tf.Tensor:
+        """Per-example loss averaged over the *global* batch, plus this replica's share of the
+        regularization and `add_loss` losses; summing it over replicas gives the mean loss."""
+        loss = tf.constant(0.0)
+        if self.loss is not None:
+            loss = self._global_mean(tf.cast(self.loss(y, y_pred), tf.float32), sample_weight)
+        elif not self.model.losses:
+            raise ValueError("Trainer(loss=None): the model adds no losses (add_loss) either; give a loss, "
+                             "or override train_step and call self.update(loss, tape)")
+        if self.model.losses:
+            loss += tf.nn.scale_regularization_loss(tf.add_n([tf.cast(l, tf.float32) for l in self.model.losses]))
+        return loss
+
+    def _global_mean(self, per_example, sample_weight):
+        weight = None if sample_weight is None else tf.cast(sample_weight, tf.float32)
+        if weight is not None and weight.shape.rank is not None and per_example.shape.rank is not None:
+            # per example (batch,) or per element, e.g. a padding mask (batch, time)
+            while weight.shape.rank > per_example.shape.rank and weight.shape[-1] == 1:
+                weight = tf.squeeze(weight, -1)
+            while weight.shape.rank < per_example.shape.rank:
+                weight = weight[..., None]
+            per_example, weight = per_example * weight, None  # then the mean over the elements, as Keras' fit does
+        if per_example.shape.rank and per_example.shape.rank > 1:
+            per_example = tf.reduce_mean(per_example, axis=list(range(1, per_example.shape.rank)))
+        return tf.nn.compute_average_loss(per_example, sample_weight=weight)  # weight: per example, rank unknown
+
+    def _unpack(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if y is None and self.loss is not None:
+            raise DataError(
+                "The training batches have no labels (each batch is one tensor, not (x, y)), but the Trainer's "
+                f"loss {getattr(self.loss, 'name', self.loss)!r} needs them. Fix: batches of (x, y) "
+                "[, sample_weight]; or, for unlabelled data (a VAE, a GAN), override train_step and call "
+                "self.update(loss, tape) (see docs/research.md)."
+            )
+        return x, y, sample_weight
+
+    def compute_gradients(self, data):
+        """Forward, loss (float32), scaled loss, gradients of the scaled loss, unscaled gradients."""
+        x, y, sample_weight = self._unpack(data)
+        loss_scale = self.updaters[self.default_optimizer].loss_scale
+        with tf.GradientTape() as tape:
+            y_pred = self.model(x, training=True)
+            loss = self.compute_loss(x, y, y_pred, sample_weight)
+            scaled_loss = loss_scale.scale_loss(loss)
+        scaled_grads = tape.gradient(scaled_loss, self.model.trainable_variables)
+        unscaled_grads = loss_scale.unscale(scaled_grads)
+        self._update_metrics(self.metrics, self.train_loss, loss, y, y_pred, sample_weight)
+        return loss, unscaled_grads
+
+    def apply_gradients(self, unscaled_grads, loss=None, optimizer: Optional[str] = None) -> None:
+        """All-reduce, finite check, clip, apply (or skip), update the loss scale (update.py)."""
+        self.updaters[optimizer or self.default_optimizer].apply(unscaled_grads, loss)
+
+    def train_step(self, data) -> Optional[Dict[str, tf.Tensor]]:
+        """One replica's training step on one batch. An override may return a dict of scalar logs:
+        they are averaged over replicas and the log window, and reach every logger."""
+        loss, unscaled_grads = self.compute_gradients(data)
+        self.apply_gradients(unscaled_grads, loss)
+
+    def test_step(self, data) -> Optional[Dict[str, tf.Tensor]]:
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        y_pred = self.model(x, training=False)
+        loss = self.compute_loss(x, y, y_pred, sample_weight) if y is not None or self.loss is None else None
+        self._update_metrics(self.eval_metrics, self.eval_loss, loss, y, y_pred, sample_weight)
+
+    def _update_metrics(self, metrics, loss_tracker, loss, y, y_pred, sample_weight):
+        if loss is not None:
+            batch = tf.cast(tf.shape(tf.nest.flatten(y_pred)[0])[0], tf.float32)
+            # `loss` is this replica's share of the global mean; × replicas gives its own batch mean.
+            loss_tracker.update_state(loss * self.strategy.num_replicas_in_sync, sample_weight=batch)
+        if y is None:
+            return  # unlabelled data: metrics compare predictions with labels
+        for metric in metrics.values():
+            metric.update_state(y, y_pred, sample_weight=sample_weight)
+
+    # -- research code: any number of models, optimizers and losses --------------------------------
+
+    def update(self, loss, tape: tf.GradientTape, optimizer: Optional[str] = None) -> None:
+        """Updates the variables of `optimizer` (a key of `Trainer.optimizers`, which is also the name of
+        the model it trains; default: the only one) to lower `loss`, this replica's batch mean in
+        float32, computed under `tape`.
+
+        What the default step gets, this update gets too: the gradients of the loss scaled by that
+        optimizer's own loss scale, unscaled once, averaged over replicas, a finite check that skips
+        (and counts) a bad update, clipping, the fused update, and its grad_norm/lr in the logs.
+
+        The loss is this replica's batch mean, as on one device (tf.reduce_mean, or a Keras loss
+        function such as keras.losses.binary_crossentropy). Not a Keras Loss object's value: under a
+        distribution strategy those divide by the number of replicas themselves (Keras' convention),
+        which would shrink the update by that factor; use reduction=None and tf.reduce_mean with them.
+        """
+        updater = self.updaters[optimizer or self.default_optimizer]
+        if loss.dtype != tf.float32:
+            raise TypeError(f"Trainer.update: the loss is {loss.dtype.name}, not float32. Compute it from float32 "
+                            "outputs (tf.cast(outputs, 'float32') inside the tape), as a mixed policy needs.")
+        replicas = self.strategy.num_replicas_in_sync
+        # d(scale * loss / replicas)/dw without recording the product on the tape: the backward pass
+        # starts from scale / replicas instead of 1 (what scaling the loss inside the tape does).
+        seed = updater.loss_scale.scale / replicas if updater.loss_scale.enabled else (1.0 / replicas if replicas > 1 else None)
+        seed = None if seed is None else tf.convert_to_tensor(seed, tf.float32)
+        scaled_grads = tape.gradient(loss, updater.variables(), output_gradients=seed)
+        updater.apply(updater.loss_scale.unscale(scaled_grads), loss / replicas)
+
+    # -- gradient accumulation: K micro-batches per optimizer update --------------------------------
+
+    def accumulate_step(self, data) -> None:
+        """Adds one micro-batch's unscaled gradients to this replica's accumulators (no all-reduce)."""
+        _, unscaled_grads = self.compute_gradients(data)
+        self._accumulate(unscaled_grads)
+
+    def _accumulate(self, unscaled_grads) -> None:
+        for v, g in zip(self.model.trainable_variables, unscaled_grads):
+            if g is not None:
+                self._accumulators[v.path].assign_add(tf.convert_to_tensor(g))
+
+    def apply_accumulated(self) -> None:
+        """The mean of the K micro-batch gradients goes through the usual apply (one finite check,
+        one loss-scale update), then the accumulators are zeroed."""
+        k = float(self.config.grad_accum_steps)
+        grads = [self._accumulators[v.path].read_value() / k for v in self.model.trainable_variables]
+        self.apply_gradients(grads)
+        for acc in self._accumulators.values():
+            acc.assign(tf.zeros_like(acc))
+
+    def _make_accumulators(self) -> None:
+        """One per replica (ON_READ): each replica accumulates its own micro-batch gradients."""
+        self._accumulators = {
+            v.path: tf.Variable(tf.zeros(v.shape, tf.float32), trainable=False, name="grad_accumulator",
+                                synchronization=tf.VariableSynchronization.ON_READ,
+                                aggregation=tf.VariableAggregation.NONE)
+            for v in self.model.trainable_variables
+        }

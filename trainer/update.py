@@ -1,0 +1,129 @@
+"""One optimizer's update: all-reduce → finite check → clip → apply (or skip) → loss-scale update.
+
+Every optimizer of a Trainer gets one `Updater`, so each gets the same guarantees: its own loss scale
+(checkpointed), the all-reduce once, one finite check per update (a skipped update is counted), clipping
+of the unscaled gradients, the fused update kernels, and its `grad_norm` in the logs.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Dict, List, Optional
+
+import keras
+import tensorflow as tf
+
+from trainer.fused import fuse
+from trainer.loss_scale import LossScale
+
+log = logging.getLogger(__name__)
+
+
+class Updater:
+    """Applies unscaled gradients to `variables()` with `optimizer`.
+
+    Args:
+      name: the optimizer's name in the Trainer (its logs are prefixed with it when there are several).
+      variables: returns the variables it updates (read at trace time: after freezing layers, call
+        `Trainer.reset_step_functions()`).
+      skip_by_select: the update is compiled with the rest of the step by XLA (see compile.py): a
+        non-finite update is undone by a select instead of skipped by a branch.
+    """
+
+    def __init__(self, name: str, optimizer: keras.optimizers.Optimizer, variables: Callable[[], List],
+                 loss_scale: LossScale, *, strategy: tf.distribute.Strategy, clipnorm: Optional[float],
+                 skip_nonfinite: bool, fused: bool, grad_multipliers: Callable[[], Dict]):
+        self.name, self.optimizer, self.variables, self.loss_scale = name, optimizer, variables, loss_scale
+        self.strategy, self.clipnorm, self.skip_nonfinite = strategy, clipnorm, skip_nonfinite
+        self.grad_multipliers = grad_multipliers  # the Trainer's: variable path -> factor, read at trace time
+        self.skip_by_select = False
+        self.in_step = False  # set when a traced step calls apply(): only then has it a grad_norm to log
+        with strategy.scope():
+            self.grad_norm = keras.metrics.Mean(name="grad_norm")
+        # The step all-reduces the gradients itself (clipping and the finite check need the global
+        # gradient), so the Keras optimizer's own all-reduce must not sum them a second time.
+        optimizer._all_reduce_sum_gradients = lambda grads_and_vars: grads_and_vars
+        if fused and fuse(optimizer):
+            log.info("Optimizer %s: %s with TensorFlow's fused update kernels (trainer.fused_optimizer=false: "
+                     "Keras' ops)", name, type(optimizer).__name__)
+
+    def build(self) -> None:
+        """Creates the optimizer's slots now: Keras builds them lazily, which fails inside a tf.function
+        under a distribution strategy, and a lazy build in a later trace retraces the step."""
+        self.optimizer.build(self.variables())
+
+    def apply(self, unscaled_grads, loss=None) -> None:
+        """All-reduce, finite check, clip, apply (or skip), update the loss scale. `loss` is this
+        replica's share of the global loss; a non-finite loss also skips the update."""
+        self.in_step = True
+        replica_context = tf.distribute.get_replica_context()
+        if self.strategy.num_replicas_in_sync > 1:
+            unscaled_grads = replica_context.all_reduce(tf.distribute.ReduceOp.SUM, unscaled_grads)
+            if loss is not None:
+                loss = replica_context.all_reduce(tf.distribute.ReduceOp.SUM, loss)
+        variables = self.variables()
+        multipliers = self.grad_multipliers()
+        if multipliers:
+            factors = [multipliers.get(v.path, 1.0) for v in variables]
+            unscaled_grads = [g if g is None or f == 1.0 else g * f for g, f in zip(unscaled_grads, factors)]
+        grad_norm = tf.linalg.global_norm([g for g in unscaled_grads if g is not None])
+        # One pass over the gradients: an inf or NaN anywhere makes the norm non-finite (so does a norm
+        # beyond float32's range, which clipping could not handle either). The same all-reduced values
+        # on every replica, so every replica takes the same branch.
+        finite = tf.math.is_finite(grad_norm)
+        if loss is not None:
+            finite = tf.logical_and(finite, tf.math.is_finite(loss))
+        self.grad_norm.update_state(tf.where(finite, grad_norm, 0.0), sample_weight=tf.cast(finite, tf.float32))
+        if self.clipnorm:
+            unscaled_grads, _ = tf.clip_by_global_norm(unscaled_grads, self.clipnorm, use_norm=grad_norm)
+        if self.loss_scale.enabled or self.skip_nonfinite:
+            self._apply_if_finite(unscaled_grads, variables, finite)
+        else:  # no wait for the finite check: updates start as soon as their gradients are ready
+            self.optimizer.apply(unscaled_grads, variables)
+        self.loss_scale.update(finite)
+
+    def _apply_if_finite(self, grads, variables, finite) -> None:
+        if self.skip_by_select:  # the whole step of one replica in XLA: no branch, no cross-replica decision
+            self._apply_selected(grads, variables, finite)
+        elif tf.__internal__.distribute.strategy_supports_no_merge_call():
+            tf.cond(finite, lambda: self.optimizer.apply(grads, variables), self._skip)
+        else:
+            # Mirrored-style strategies: a cond whose branch calls merge_call (as optimizer.apply does) is
+            # not allowed in a replica context, so decide in the cross-replica context, as Keras'
+            # LossScaleOptimizer does, and run the apply per replica from there.
+            def cross_replica(strategy, grads, finite):
+                finite = strategy.experimental_local_results(finite)[0]
+                tf.cond(
+                    finite,
+                    lambda: strategy.extended.call_for_each_replica(
+                        lambda g: self.optimizer.apply(g, variables), args=(grads,)
+                    ),
+                    self._skip,
+                )
+
+            tf.distribute.get_replica_context().merge_call(cross_replica, args=(grads, finite))
+
+    def _skip(self) -> None:
+        """A skipped update still counts in `iterations`, so learning-rate schedules see the global step."""
+        self.optimizer.iterations.assign_add(1)
+
+    def _apply_selected(self, grads, variables, finite) -> None:
+        """The skip without a branch, for a step compiled by XLA: apply, then put back the old value of
+        every variable and optimizer slot if the update was not finite. XLA fuses the update and the
+        select into one in-place pass per variable; a tf.cond there makes it copy all the variables."""
+        state = [v for v in list(variables) + list(self.optimizer.variables) if v is not self.optimizer.iterations]
+        before = [tf.convert_to_tensor(v) for v in state]  # read before the update (program order)
+        self.optimizer.apply(grads, variables)  # `iterations` counts skipped updates too, as in _skip
+        for v, old in zip(state, before):
+            v.assign(tf.where(finite, tf.convert_to_tensor(v), old))
+
+    def logs(self, prefix: str = "") -> Dict[str, float]:
+        """lr, grad_norm (mean over the window's finite updates), loss_scale, skipped_steps; resets grad_norm."""
+        logs = {}
+        if self.in_step:  # not for an optimizer the step does not use
+            logs[f"{prefix}grad_norm"] = float(self.grad_norm.result())
+        logs[f"{prefix}lr"] = float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
+        if self.loss_scale.enabled:
+            logs[f"{prefix}loss_scale"] = float(self.loss_scale.scale.numpy())
+        logs[f"{prefix}skipped_steps"] = int(self.loss_scale.skipped_steps.numpy())
+        self.grad_norm.reset_state()
+        return logs
