@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import inspect
 import io
 import sys
@@ -83,6 +84,7 @@ def registered_schemas() -> List[Tuple[Optional[str], str, type]]:
     return stored
 
 
+@functools.lru_cache(maxsize=None)
 def _comments(cls: type) -> Dict[str, str]:
     """field name -> its comment in cls's own body (trailing, else the comment lines right above)."""
     source = inspect.getsource(sys.modules[cls.__module__])
