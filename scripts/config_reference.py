@@ -6,6 +6,10 @@ the field's trailing `#` comment, or the `#` comment lines right above it, or (f
 with neither) the base class's. Fields of trainer/config.py that have no comment yet take theirs from
 FALLBACK below; tests/test_docs.py fails when a field has no description or a fallback is stale.
 
+The page is committed rather than generated at build time: it reads on GitHub without a build, its diff
+shows in review beside the dataclass change that caused it, and `mkdocs build` needs no TensorFlow
+import (the recipes' schemas import it). tests/test_docs.py fails when the committed page is stale.
+
 Run: python scripts/config_reference.py          (writes the page)
      python scripts/config_reference.py --check  (exit 1 if the committed page is out of date)
 """
