@@ -68,7 +68,7 @@ class Block:
 
     def commands(self) -> List[Command]:
         """The block's bash lines (continuations joined), parsed."""
-        out, env = [], {}
+        out = []
         for raw in re.sub(r"\\\n\s*", " ", self.code).splitlines():
             words = shlex.split(raw, comments=True)
             if not words:
@@ -81,7 +81,7 @@ class Block:
             while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):
                 name, value = words.pop(0).split("=", 1)
                 prefix[name] = value
-            out.append(Command(words, {**env, **prefix}, int(expected.group(1)) if expected else 0, raw))
+            out.append(Command(words, prefix, int(expected.group(1)) if expected else 0, raw))
         return out
 
 
@@ -121,7 +121,8 @@ def all_blocks() -> List[Block]:
                     seen.add(key)
                 if len(block.duplicate_lines) == len(commands):
                     block.skip = "duplicate"  # every line ran earlier
-            seen.add(block.code)
+            if block.skip is None:
+                seen.add(block.code)
             blocks.append(block)
     return blocks
 
