@@ -52,7 +52,7 @@ class ImageDataConfig:
     """Options every image source shares."""
 
     image_size: int = 224  # square side the model sees
-    num_classes: int = MISSING
+    num_classes: int = MISSING  # classes in the data (the model's output size follows it)
     batch_size: int = 128  # global batch, split across replicas
     augment: str = "resized_crop"  # none | flip | pad_crop (small images) | resized_crop (ImageNet style)
     eval_crop: float = 0.875  # eval: central crop fraction before resizing (ImageNet: 224/256)
@@ -60,7 +60,7 @@ class ImageDataConfig:
     cache: bool = False  # keep the raw (encoded) examples in memory after the first epoch
     shuffle_buffer: Optional[int] = None  # None: the whole shard (file paths / in-memory images)
     deterministic: bool = True  # ordered tf.data outputs: exact resume; false is faster, resume approximate
-    seed: int = II("seed")
+    seed: int = II("seed")  # shuffling and augmentation seed (follows the run's seed)
 
 
 @dataclass
@@ -88,8 +88,8 @@ class TFRecordConfig(ImageDataConfig):
     _target_: str = "trainer.recipes.images.tfrecord"
     train_files: str = MISSING  # glob, e.g. /data/imagenet/train-*
     eval_files: Optional[str] = None  # glob, e.g. /data/imagenet/validation-*
-    image_key: str = "image/encoded"
-    label_key: str = "image/class/label"
+    image_key: str = "image/encoded"  # tf.train.Example feature holding the encoded image
+    label_key: str = "image/class/label"  # tf.train.Example feature holding the integer label
     label_offset: int = 0  # added to stored labels; -1 for TF-slim/Inception ImageNet files (labels 1..1000)
     train_examples: Optional[int] = None  # records in the training files (needed for trainer.epochs)
     shuffle_buffer: Optional[int] = 10000
@@ -101,20 +101,22 @@ class TFDSConfig(ImageDataConfig):
     _target_: str = "trainer.recipes.images.tfds"
     name: str = MISSING  # e.g. imagenette/320px-v2, cifar10, oxford_flowers102
     data_dir: Optional[str] = None  # default: ~/tensorflow_datasets
-    train_split: str = "train"
-    eval_split: Optional[str] = "test"
+    train_split: str = "train"  # TFDS split to train on
+    eval_split: Optional[str] = "test"  # TFDS split to evaluate on; None: no evaluation data
     download: bool = False  # true: download_and_prepare when not prepared (needs the internet)
     shuffle_buffer: Optional[int] = 10000
 
 
 @dataclass
 class SyntheticImagesConfig:
+    """Random pixels and labels, one batch repeated: step-time benchmarks only, nothing can be learned."""
+
     _target_: str = "trainer.recipes.images.synthetic"
-    image_size: int = 224
-    num_classes: int = 1000
-    batch_size: int = 128
-    eval_batches: int = 4
-    seed: int = II("seed")
+    image_size: int = 224  # square side of the random images
+    num_classes: int = 1000  # labels are drawn from 0..num_classes-1
+    batch_size: int = 128  # global batch, split across replicas
+    eval_batches: int = 4  # batches in one evaluation
+    seed: int = II("seed")  # seed of the random batch (follows the run's seed)
 
 
 def register_configs(cs) -> None:

@@ -26,18 +26,18 @@ class MnistDataConfig:
     name: str = "fashion_mnist"  # mnist | fashion_mnist
     path: Optional[str] = None  # IDX files (gz or not) folder, or an mnist.npz file
     batch_size: int = 128  # global batch, split across replicas
-    seed: int = II("seed")
-    deterministic: bool = II("trainer.deterministic")
+    seed: int = II("seed")  # shuffling seed (follows the run's seed)
+    deterministic: bool = II("trainer.deterministic")  # follows trainer.deterministic (the order is seeded either way)
 
 
 @dataclass
 class MnistModelConfig:
     _target_: str = "trainer.recipes.mnist.build_model"
     kind: str = "mlp"  # mlp | cnn
-    hidden_units: List[int] = field(default_factory=lambda: [256, 256])
-    filters: List[int] = field(default_factory=lambda: [32, 64])
-    dropout: float = 0.1
-    num_classes: int = 10
+    hidden_units: List[int] = field(default_factory=lambda: [256, 256])  # Dense ReLU layers before the logits
+    filters: List[int] = field(default_factory=lambda: [32, 64])  # cnn: 3x3 conv + 2x2 max-pool stages
+    dropout: float = 0.1  # after each hidden Dense layer; 0: none
+    num_classes: int = 10  # size of the float32 logits layer
 
 
 def register_configs(cs) -> None:

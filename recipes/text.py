@@ -51,16 +51,16 @@ class TextDataConfig:
     padding: str = "bucket"  # bucket: pad to the bucket's length | max_length: every batch to max_length
     bucket_width: int = 8  # bucket lengths are multiples of this (and max_length)
     num_classes: Optional[int] = None  # the model's output size (model.num_classes follows it)
-    seed: int = II("seed")
+    seed: int = II("seed")  # shuffling seed (follows the run's seed)
 
 
 @dataclass
 class WordlistDataConfig(TextDataConfig):
     _target_: str = "trainer.recipes.text.build_wordlist_data"
-    languages: List[str] = field(default_factory=lambda: ["en", "fr", "de", "es", "it"])
-    dict_dir: str = "/usr/share/dict"
-    train_per_class: int = 4000
-    eval_per_class: int = 500
+    languages: List[str] = field(default_factory=lambda: ["en", "fr", "de", "es", "it"])  # one class per language, in this order
+    dict_dir: str = "/usr/share/dict"  # where the Debian word lists (wamerican, wfrench, ...) are
+    train_per_class: int = 4000  # training words per language
+    eval_per_class: int = 500  # evaluation words per language (disjoint from the training words)
     words_per_example: int = 1  # >1: each example is that many words of one language, space-separated
     split_seed: int = 0  # which words go to train and eval: fixed, whatever the training seed
     max_length: int = 16
@@ -71,27 +71,27 @@ class WordlistDataConfig(TextDataConfig):
 class FileDataConfig(TextDataConfig):
     _target_: str = "trainer.recipes.text.build_file_data"
     format: str = "auto"  # auto (from the file suffix) | csv | tsv | jsonl
-    train_path: str = MISSING
+    train_path: str = MISSING  # the training file (.csv, .tsv, .jsonl)
     eval_path: Optional[str] = None  # None: hold out eval_fraction of the training file
-    eval_fraction: float = 0.1
-    text_column: str = "text"
-    label_column: str = "label"
+    eval_fraction: float = 0.1  # share of the training rows held out when eval_path is unset
+    text_column: str = "text"  # column (or JSON key) holding the text
+    label_column: str = "label"  # column (or JSON key) holding the label: an integer 0..N-1 or a string
     label_names: Optional[List[str]] = None  # string labels in class-id order; None: integers, or sorted
-    split_seed: int = 0
+    split_seed: int = 0  # which rows eval_fraction holds out: fixed, whatever the training seed
 
 
 @dataclass
 class TfdsDataConfig(TextDataConfig):
     _target_: str = "trainer.recipes.text.build_tfds_data"
-    name: str = "glue/sst2"
+    name: str = "glue/sst2"  # the TFDS data set (glue/sst2, imdb_reviews, or any text classification set)
     data_dir: Optional[str] = None  # where the prepared data set is (TFDS default: ~/tensorflow_datasets)
     download: bool = False  # true: let TFDS download and prepare it (needs the internet)
     text_column: Optional[str] = None  # None: the known column for `name` (sentence, text)
-    label_column: str = "label"
-    train_split: str = "train"
+    label_column: str = "label"  # the feature holding the integer label
+    train_split: str = "train"  # TFDS split to train on
     eval_split: Optional[str] = None  # None: the known labelled eval split for `name`
-    max_train_examples: Optional[int] = None
-    max_eval_examples: Optional[int] = None
+    max_train_examples: Optional[int] = None  # read at most this many training examples; None: all
+    max_eval_examples: Optional[int] = None  # read at most this many eval examples; None: all
     num_classes: Optional[int] = 2
 
 

@@ -59,9 +59,9 @@ class PresetError(DataError):
 @dataclass
 class TransformerModelConfig:
     _target_: str = "trainer.recipes.transformer.build_model"
-    preset: str = DEFAULT_PRESET
+    preset: str = DEFAULT_PRESET  # the packaged MiniLM, a local keras-hub or Hugging Face BERT folder, or a preset name
     pretrained: bool = True  # false: the preset's architecture with random weights (the baseline)
-    num_classes: int = II("data.num_classes")
+    num_classes: int = II("data.num_classes")  # size of the float32 classification layer (follows the data)
     pooling: str = "cls"  # cls: BERT's pooled [CLS] (tanh dense) | mean: mean of the unpadded tokens
     dropout: float = 0.1  # before the classification layer
 

@@ -112,7 +112,7 @@ def test_rejects_unknown_option():
 
 
 def test_example_script_trains_a_custom_model(tmp_path):
-    """The README's example: a ~30-line script importing Trainer, a subclassed model, tf.data, real data."""
+    """The example script of docs/recipes/mnist.md: a ~30-line script importing Trainer, a subclassed model, tf.data, real data."""
     import subprocess
     import sys
     from pathlib import Path
