@@ -28,7 +28,7 @@ from typing import List, Optional
 
 from omegaconf import II
 
-from trainer.config import ConfigError
+from trainer.config import ConfigError, ranged
 from trainer.data import DataError
 
 log = logging.getLogger(__name__)
@@ -61,9 +61,9 @@ class TransformerModelConfig:
     _target_: str = "trainer.recipes.transformer.build_model"
     preset: str = DEFAULT_PRESET
     pretrained: bool = True  # false: the preset's architecture with random weights (the baseline)
-    num_classes: int = II("data.num_classes")
+    num_classes: int = ranged(II("data.num_classes"), "[2, inf)")
     pooling: str = "cls"  # cls: BERT's pooled [CLS] (tanh dense) | mean: mean of the unpadded tokens
-    dropout: float = 0.1  # before the classification layer
+    dropout: float = ranged(0.1, "[0, 1)")  # before the classification layer
 
 
 def register_configs(cs) -> None:

@@ -17,7 +17,7 @@ from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from trainer.callbacks import Callback  # noqa: E402
-from trainer.config import PrecisionConfig, StrategyConfig, TrainerConfig, register_configs  # noqa: E402
+from trainer.config import PrecisionConfig, StrategyConfig, TrainerConfig, check_config, register_configs  # noqa: E402
 
 log = logging.getLogger("trainer")
 logging.getLogger("absl").setLevel(logging.WARNING)  # tf.train.Checkpoint logs sharding timings at INFO
@@ -42,6 +42,7 @@ def run(cfg: DictConfig) -> dict:
     from trainer.distribute import make_strategy
     from trainer.signals import sigterm_deferred_until_training
 
+    check_config(cfg, HydraConfig.get().runtime.choices)  # done by trainer.runlock's callback too, before any folder exists
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     trainer_cfg = _schema(TrainerConfig, cfg.trainer)
     precision = _schema(PrecisionConfig, cfg.precision)
