@@ -1,0 +1,148 @@
+"""Faults a user can cause (issue #18): a clear message naming the problem and the fix, exit 2, no
+traceback, and nothing existing damaged."""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, run_cli
+
+
+def assert_user_error(result, *expected: str) -> None:
+    out = result.stderr + result.stdout
+    assert result.returncode == 2, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    for text in expected:
+        assert text in out, out[-3000:]
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, options: str):
+    """A tmpfs mounted on `folder` (tests run as root); skips the test where that is not possible."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+# -- 1. every numeric option has a range -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("optimizer.lr=-1", "optimizer.lr=-1.0 is out of range: must be > 0"),
+        ("trainer.max_steps=-5", "trainer.max_steps=-5 is out of range: must be >= 1"),
+        ("trainer.keep_checkpoints=-1", "trainer.keep_checkpoints=-1 is out of range: must be >= 1"),
+        ("model.dropout=1.5", "model.dropout=1.5 is out of range: must be in [0, 1)"),
+    ],
+)
+def test_out_of_range_option_is_a_config_error_before_any_work(tmp_path, override, expected):
+    run_dir = tmp_path / "run"
+    result = run_cli(*TINY, override, f"hydra.run.dir={run_dir}")
+    assert_user_error(result, expected)
+    assert not run_dir.exists(), "a config error must leave no run folder"
+
+
+def test_every_numeric_field_of_every_schema_has_a_range():
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    from trainer import config
+
+    config.register_configs()
+    schemas = {config.Config, config.FinetuneConfig, config.TrainerConfig, config.PrecisionConfig, config.StrategyConfig}
+    for group in ConfigStore.instance().repo.values():
+        for item in group.values() if isinstance(group, dict) else ():
+            if hasattr(item, "node"):
+                schemas.add(OmegaConf.get_type(item.node))
+    assert len(schemas) > 15, schemas
+    exempt = {"label_offset"}  # any integer: stored labels are checked against num_classes when read
+    missing = [
+        f"{schema.__name__}.{f.name}"
+        for schema in schemas
+        for f in config.dataclasses.fields(schema)
+        if re.search(r"\b(int|float)\b", str(f.type)) and "range" not in f.metadata and f.name not in exempt
+    ]
+    assert not missing, missing
+
+
+def test_python_api_checks_ranges_too():
+    import keras
+
+    from trainer import PrecisionConfig, Trainer, TrainerConfig
+    from trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"trainer\.epochs=-1 is out of range"):
+        TrainerConfig(epochs=-1)
+    with pytest.raises(ConfigError, match=r"precision\.max_consecutive_skips=0 is out of range"):
+        PrecisionConfig(max_consecutive_skips=0)
+    with pytest.raises(ConfigError, match=r"trainer\.checkpoint_every=-5 is out of range"):
+        Trainer(model=lambda: keras.Sequential([keras.layers.Dense(1)]), loss="mse",
+                optimizer=lambda: keras.optimizers.SGD(0.1), checkpoint_every=-5)
+
+
+# -- 2. a model option of another recipe -------------------------------------------------------
+
+
+def test_model_of_another_recipe_lists_the_recipes_models(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli("recipe=mnist", "model=resnet50", f"hydra.run.dir={run_dir}")
+    assert_user_error(result, "model=resnet50 is not a model of recipe=mnist", "['mnist_cnn', 'mnist_mlp']")
+    assert not run_dir.exists()
+
+
+# -- 3. a read-only run folder -----------------------------------------------------------------
+
+
+def test_read_only_run_folder_is_named(tmp_path):
+    with tmpfs(tmp_path / "ro", "size=4m,ro") as folder:
+        result = run_cli(*TINY, f"hydra.run.dir={folder / 'run'}")
+        assert_user_error(result, f"run folder {folder / 'run'} is on a read-only file system")
+
+
+# -- 7. one run per run folder -----------------------------------------------------------------
+
+
+def test_second_run_on_a_locked_folder_changes_nothing(tmp_path):
+    from trainer.runlock import LOCK_FILE, acquire, release
+
+    run_dir = tmp_path / "run"
+    fd = acquire(run_dir)  # this process stands in for a running first run
+    try:
+        result = run_cli(*TINY, f"hydra.run.dir={run_dir}")
+    finally:
+        release(fd)
+    assert_user_error(result, f"run folder {run_dir} is in use by another run (process {os.getpid()})")
+    assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_FILE], "no .hydra/, no trainer.log"
+
+
+def test_a_killed_run_leaves_no_stale_lock(tmp_path):
+    from trainer.runlock import RunFolderError, acquire, release
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from trainer.runlock import acquire; acquire(sys.argv[1]); "
+         "print('locked', flush=True); time.sleep(60)", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunFolderError, match=f"process {holder.pid}"):
+            acquire(tmp_path)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    release(acquire(tmp_path))  # the OS dropped the dead process's lock
