@@ -146,3 +146,40 @@ def test_a_killed_run_leaves_no_stale_lock(tmp_path):
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     release(acquire(tmp_path))  # the OS dropped the dead process's lock
+
+
+# -- 4. a full disk during a save --------------------------------------------------------------
+
+
+def _fill(folder: Path, leave: int) -> Path:
+    """Fills `folder`'s file system up to `leave` free bytes (small writes fit, a checkpoint does not)."""
+    st = os.statvfs(folder)
+    filler = folder / "filler"
+    filler.write_bytes(b"\0" * max(st.f_bavail * st.f_frsize - leave, 0))
+    return filler
+
+
+def _files(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_disk_full_during_a_save_keeps_the_last_checkpoint_and_resumes(tmp_path):
+    small = ["trainer.keep_best=0", "trainer.tensorboard=false", "model.hidden_units=[32]"]  # ~0.3 MB a checkpoint
+    with tmpfs(tmp_path / "disk", "size=16m") as disk:
+        run = [*TINY, *small, f"hydra.run.dir={disk / 'run'}"]
+        first = run_cli(*run, "trainer.max_steps=20")
+        assert first.returncode == 0, first.stderr[-3000:]
+        checkpoints = disk / "run" / "checkpoints"
+        before = _files(checkpoints)
+
+        filler = _fill(disk, leave=150 * 1024)
+        full = run_cli(*run, "trainer.max_steps=40")
+        assert_user_error(full, f"no space left on device in {checkpoints} while saving step 40; "
+                                "the last complete checkpoint is step 20")
+        assert _files(checkpoints) == before, "the last checkpoint and the state file are as they were"
+        assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == [], "no ckpt-40_temp/ left"
+
+        filler.unlink()
+        again = run_cli(*run, "trainer.max_steps=40")
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert "Resuming from" in again.stderr + again.stdout and (checkpoints / "ckpt-40.index").exists()

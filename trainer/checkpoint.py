@@ -6,6 +6,8 @@ ones only after a newer one is complete), and `best/` with the best `keep_best` 
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import math
@@ -118,6 +120,38 @@ def _check_compatible(objects: Dict, prefix: str) -> None:
             )
 
 
+def is_disk_full(e: BaseException) -> bool:
+    """A full disk, as Python (OSError ENOSPC) or TensorFlow (ResourceExhaustedError from a file op such
+    as SaveV2; an out-of-memory is a ResourceExhaustedError too, without this text) reports it."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    return isinstance(e, (OSError, tf.errors.ResourceExhaustedError)) and "No space left on device" in str(e)
+
+
+@contextlib.contextmanager
+def _no_space_is_checkpoint_error(folder: Path, what: str, last_complete):
+    """A full disk while writing into `folder` removes what the write left there (TF's `ckpt-N_temp/`,
+    a partial `ckpt-N.*`) and becomes a CheckpointError naming the last complete checkpoint
+    (`last_complete()`), so the same command resumes once space is freed."""
+    before = set(folder.iterdir()) if folder.is_dir() else set()
+    try:
+        yield
+    except (OSError, tf.errors.ResourceExhaustedError) as e:
+        if not is_disk_full(e):
+            raise
+        for leftover in (set(folder.iterdir()) if folder.is_dir() else set()) - before:
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+        last = last_complete()
+        kept = f"the last complete checkpoint is step {last}" if last is not None else "there is no complete checkpoint yet"
+        raise CheckpointError(
+            f"no space left on device in {folder} while {what}; {kept}. Fix: free space on that disk (or "
+            "move the run folder to a larger one) and run the same command again: it resumes from there."
+        ) from None
+
+
 def non_finite_weights(model) -> List[str]:
     """The paths of the model's weights that hold an inf or NaN."""
     return [w.path for w in model.weights if not np.isfinite(keras.ops.convert_to_numpy(w)).all()]
@@ -179,13 +213,18 @@ class Checkpointer:
             log.error("Not saving step %d: the model has non-finite weights. The last good checkpoint is kept.", step)
             return None
         directory = self._write_dir()
-        directory.mkdir(parents=True, exist_ok=True)
-        path = self.manager(directory).save(checkpoint_number=step)
+        with _no_space_is_checkpoint_error(directory, f"saving step {step}", self._last_complete):
+            directory.mkdir(parents=True, exist_ok=True)
+            path = self.manager(directory).save(checkpoint_number=step)
         if not self.is_chief:
             shutil.rmtree(directory, ignore_errors=True)
             return None
         log.info("Saved checkpoint %s", path)
         return path
+
+    def _last_complete(self) -> Optional[int]:
+        found = list_checkpoints(self.directory)
+        return found[0][0] if found else None
 
     def update_best(self, step: int, eval_logs: Dict) -> bool:
         """After an evaluation: records the best value, and keeps a copy in best/ when it is in the top k."""
@@ -205,7 +244,9 @@ class Checkpointer:
         if self.keep_best <= 0:
             return False
         directory = self._write_dir()
-        kept = self._keep_best(directory, step, value)
+        (directory / "best").mkdir(parents=True, exist_ok=True)
+        with _no_space_is_checkpoint_error(directory / "best", f"saving the best checkpoint of step {step}", self._last_complete):
+            kept = self._keep_best(directory, step, value)
         if not self.is_chief:
             shutil.rmtree(directory, ignore_errors=True)
         return kept
