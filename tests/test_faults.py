@@ -183,3 +183,25 @@ def test_disk_full_during_a_save_keeps_the_last_checkpoint_and_resumes(tmp_path)
         again = run_cli(*run, "trainer.max_steps=40")
         assert again.returncode == 0, again.stderr[-3000:]
         assert "Resuming from" in again.stderr + again.stdout and (checkpoints / "ckpt-40.index").exists()
+
+
+# -- 5. a garbled state file, a deleted index --------------------------------------------------
+
+
+def test_garbled_state_file_and_deleted_index_are_repaired_and_named(tmp_path):
+    run_dir = tmp_path / "run"
+    run = [*TINY, "trainer.keep_checkpoints=3", "trainer.keep_best=0", "model.hidden_units=[32]", f"hydra.run.dir={run_dir}"]
+    first = run_cli(*run, "trainer.max_steps=60")
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoints = run_dir / "checkpoints"
+    (checkpoints / "checkpoint").write_text("garbage {{{\n")
+    (checkpoints / "ckpt-60.index").unlink()
+
+    second = run_cli(*run, "trainer.max_steps=100")
+    out = second.stderr + second.stdout
+    assert second.returncode == 0, out[-3000:]
+    assert f"Checkpoint {checkpoints / 'ckpt-60'} is unreadable (its .index file is missing)" in out
+    assert "was unreadable; rebuilt it from the checkpoint files (steps [20, 40])" in out
+    assert "Resuming from" in out and "(step 40)" in out
+    kept = sorted(int(p.name[5:-6]) for p in checkpoints.glob("ckpt-*.index"))
+    assert kept == [60, 80, 100], "keep_checkpoints=3 holds again"
