@@ -205,3 +205,20 @@ def test_garbled_state_file_and_deleted_index_are_repaired_and_named(tmp_path):
     assert "Resuming from" in out and "(step 40)" in out
     kept = sorted(int(p.name[5:-6]) for p in checkpoints.glob("ckpt-*.index"))
     assert kept == [60, 80, 100], "keep_checkpoints=3 holds again"
+
+
+# -- 6. NaN in an in-memory data set -----------------------------------------------------------
+
+
+def test_nan_pixels_in_an_npz_are_a_data_error_naming_the_file(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.random((128, 28, 28)).astype("float32") * 255
+    x[3, 4, :7] = np.nan
+    x[5, 0, 0] = np.inf
+    y = rng.integers(0, 10, 128).astype("uint8")
+    path = tmp_path / "mnist.npz"
+    np.savez(path, x_train=x, y_train=y, x_test=x[:32], y_test=y[:32])
+    result = run_cli(*TINY, "data.name=mnist", f"data.path={path}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_user_error(result, f"{path} (x_train) has 8 NaN or infinite values (of {x.size})")
