@@ -222,3 +222,12 @@ def test_nan_pixels_in_an_npz_are_a_data_error_naming_the_file(tmp_path):
     np.savez(path, x_train=x, y_train=y, x_test=x[:32], y_test=y[:32])
     result = run_cli(*TINY, "data.name=mnist", f"data.path={path}", f"hydra.run.dir={tmp_path / 'run'}")
     assert_user_error(result, f"{path} (x_train) has 8 NaN or infinite values (of {x.size})")
+
+
+# -- 8. a batch that does not fit in memory ----------------------------------------------------
+
+
+def test_batch_too_large_for_memory_names_data_batch_size(tmp_path):
+    # 10M Fashion-MNIST images as float32 would be 31 GB: tf.data fails to allocate the batch at once.
+    result = run_cli(*TINY, "data.batch_size=10000000", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_user_error(result, "out of memory: the batch does not fit in memory (data.batch_size=10000000")
