@@ -1,6 +1,7 @@
 """`python -m trainer`: compose the config, log it, instantiate, fit. A short, flat sequence."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -40,11 +41,26 @@ def run(cfg: DictConfig) -> dict:
     """Builds everything the config names and trains; returns the final logs."""
     from pathlib import Path
 
+    check_config(cfg, HydraConfig.get().runtime.choices)  # a single run's was checked before its folder existed
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    with _job_folder_lock(run_dir, cfg):
+        return _run_in(run_dir, cfg)
+
+
+def _job_folder_lock(run_dir, cfg: DictConfig):
+    """A multirun job holds its folder's lock while it runs; a single run's lock is held by
+    trainer.runlock.RunFolderCallback, taken before Hydra wrote anything into the folder."""
+    from trainer.runlock import is_chief_process, run_folder_lock
+
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        return contextlib.nullcontext()
+    return run_folder_lock(run_dir, hold=is_chief_process(cfg.strategy.name))
+
+
+def _run_in(run_dir, cfg: DictConfig) -> dict:
     from trainer.distribute import make_strategy
     from trainer.signals import sigterm_deferred_until_training
 
-    check_config(cfg, HydraConfig.get().runtime.choices)  # done by trainer.runlock's callback too, before any folder exists
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
     trainer_cfg = _schema(TrainerConfig, cfg.trainer)
     precision = _schema(PrecisionConfig, cfg.precision)
     log.info("Recipe: %s | precision: %s | strategy: %s | run folder: %s", cfg.recipe, precision.policy, cfg.strategy.name, run_dir)
@@ -136,7 +152,9 @@ def _hydra_main(cfg: DictConfig) -> float:
     from trainer.distribute import StrategyError
     from trainer.precision import PrecisionError
 
-    user_errors = (DataError, CheckpointError, StrategyError, PrecisionError, ConfigError)
+    from trainer.runlock import RunFolderError
+
+    user_errors = (DataError, CheckpointError, StrategyError, PrecisionError, ConfigError, RunFolderError)
     failed = None  # (exit code, message): acted on after the except blocks, which hold the run's frames
     try:
         try:

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from hydra.experimental.callback import Callback as HydraCallback
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 LOCK_FILE = ".trainer.lock"
@@ -112,8 +111,8 @@ def _fail(e: Exception) -> None:
 
 class RunFolderCallback(HydraCallback):
     """conf/config.yaml's hydra.callbacks: before Hydra creates a run's folder and opens its log, check
-    the config (trainer.config.check_config) and the folder, and lock it until the run ends. The jobs of
-    a multirun lock their own folders (Hydra has opened their logs by then)."""
+    the config (trainer.config.check_config) and the folder, and lock it until the run ends. A multirun's
+    jobs lock their folders in trainer/cli.py: an error there must fail one job, not end the sweep."""
 
     def __init__(self) -> None:
         self.fd: Optional[int] = None
@@ -135,12 +134,3 @@ class RunFolderCallback(HydraCallback):
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         release(self.fd)
         self.fd = None
-
-    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if config.hydra.mode == RunMode.MULTIRUN:
-            self._take(config, config.hydra.runtime.output_dir)
-
-    def on_job_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if config.hydra.mode == RunMode.MULTIRUN:
-            release(self.fd)
-            self.fd = None
