@@ -268,29 +268,32 @@ def register_configs() -> None:
 
 
 def check_config(cfg, choices: Optional[Mapping[str, str]] = None) -> None:
-    """Raises ConfigError for a model option foreign to the recipe, an interpolation that does not
-    resolve, or a numeric option out of its range (every section whose schema declares ranges).
+    """Raises ConfigError for a model option foreign to the recipe, or a numeric option out of its
+    range (every section whose schema declares ranges). A missing or unresolvable value is left to
+    the code that uses it, whose message can say more (the classes a data set was found to have).
 
     `choices` is Hydra's `runtime.choices` (group -> option picked), e.g. {"recipe": "mnist", "model": "resnet50"}.
     """
-    from omegaconf import DictConfig, OmegaConf
-    from omegaconf.errors import InterpolationResolutionError
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     if choices:
         check_recipe_model(choices.get("recipe"), choices.get("model"))
-    check_ranges(Config, {"seed": cfg.get("seed")}, "")
-    for key in cfg:
-        if key == "hydra":
-            continue
-        node = cfg.get(key)
-        schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+    sections = [("", cfg, Config)]  # the top level: seed
+    sections += [(str(k), cfg.get(k), None) for k in cfg if k != "hydra" and isinstance(cfg.get(k), DictConfig)]
+    for key, node, schema in sections:
+        schema = schema or OmegaConf.get_type(node)
         if not (schema and dataclasses.is_dataclass(schema)):
             continue
-        try:
-            values = OmegaConf.to_container(node, resolve=True, throw_on_missing=False)
-        except InterpolationResolutionError as e:
-            raise ConfigError(f"{key}: {e}. Fix: set the key it names, or pick group options that belong together.") from None
-        check_ranges(schema, values, str(key))
+        values = {}
+        for f in dataclasses.fields(schema):
+            if "range" in f.metadata and f.name in node:
+                try:
+                    value = node[f.name]
+                except OmegaConfBaseException:
+                    continue
+                values[f.name] = OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
+        check_ranges(schema, values, key)
 
 
 def _conf_dir():
