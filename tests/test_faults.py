@@ -231,3 +231,21 @@ def test_batch_too_large_for_memory_names_data_batch_size(tmp_path):
     # 10M Fashion-MNIST images as float32 would be 31 GB: tf.data fails to allocate the batch at once.
     result = run_cli(*TINY, "data.batch_size=10000000", f"hydra.run.dir={tmp_path / 'run'}")
     assert_user_error(result, "out of memory: the batch does not fit in memory (data.batch_size=10000000")
+
+
+def test_run_folder_lock_nests_in_one_process_and_only_the_chief_holds_it(tmp_path):
+    import json
+
+    from trainer.runlock import is_chief_process, run_folder_lock
+
+    with run_folder_lock(tmp_path):  # the CLI's lock, then Trainer.fit's, in one process
+        with run_folder_lock(tmp_path):
+            pass
+        probe = subprocess.run([sys.executable, "-c", "import sys; from trainer.runlock import acquire; acquire(sys.argv[1])", str(tmp_path)],
+                               capture_output=True, text=True)
+        assert "is in use by another run" in probe.stderr, "the outer lock still holds after the inner one ended"
+    cluster = {"worker": ["a:1", "b:2"]}
+    assert is_chief_process("multi_worker", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}}))
+    assert not is_chief_process("multi_worker", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 1}}))
+    assert not is_chief_process("multi_worker", json.dumps({"cluster": {**cluster, "chief": ["c:3"]}, "task": {"type": "worker", "index": 0}}))
+    assert is_chief_process("mirrored", "{}")

@@ -18,12 +18,13 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional
 
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
 
 LOCK_FILE = ".trainer.lock"
+_held: Dict[Path, int] = {}  # folder -> lock descriptor, for the folders this process holds
 
 
 class RunFolderError(RuntimeError):
@@ -46,10 +47,13 @@ def _cannot_write(folder: Path, e: OSError) -> RunFolderError:
 def acquire(folder, hold: bool = True) -> Optional[int]:
     """Creates `folder` if needed, checks it is writable and, with `hold`, locks it for this process.
 
-    Returns the lock's file descriptor (None without `hold`); close it (`release`) to unlock.
+    Returns the lock's file descriptor, to `release`; None without `hold`, or when this process holds
+    the folder already (the CLI's lock, then Trainer.fit's: the outer one releases it).
     Raises RunFolderError naming the folder and, when another process holds it, that process's id.
     """
     folder = Path(folder).absolute()
+    if hold and folder in _held:
+        return None
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
@@ -73,11 +77,14 @@ def acquire(folder, hold: bool = True) -> Optional[int]:
     except OSError as e:
         os.close(fd)
         raise _cannot_write(folder, e) from None
+    _held[folder] = fd
     return fd
 
 
 def release(fd: Optional[int]) -> None:
     if fd is not None:
+        for folder in [f for f, held in _held.items() if held == fd]:
+            del _held[folder]
         os.close(fd)  # closing the descriptor drops the flock
 
 
