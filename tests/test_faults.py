@@ -227,10 +227,16 @@ def test_nan_pixels_in_an_npz_are_a_data_error_naming_the_file(tmp_path):
 # -- 8. a batch that does not fit in memory ----------------------------------------------------
 
 
-def test_batch_too_large_for_memory_names_data_batch_size(tmp_path):
-    # 10M Fashion-MNIST images as float32 would be 31 GB: tf.data fails to allocate the batch at once.
-    result = run_cli(*TINY, "data.batch_size=10000000", f"hydra.run.dir={tmp_path / 'run'}")
-    assert_user_error(result, "out of memory: the batch does not fit in memory (data.batch_size=10000000")
+@pytest.mark.parametrize(
+    "override, expected",
+    [  # Each allocation fails at once (31 GB for the batch, 314 GB for the layer): nothing is really allocated.
+        ("data.batch_size=10000000", "out of memory: the batch does not fit in memory (data.batch_size=10000000"),
+        ("model.hidden_units=[100000000]", "out of memory: the model or a training step does not fit in memory"),
+    ],
+)
+def test_out_of_memory_names_data_batch_size(tmp_path, override, expected):
+    result = run_cli(*TINY, override, f"hydra.run.dir={tmp_path / 'run'}")
+    assert_user_error(result, expected)
 
 
 def test_run_folder_lock_nests_in_one_process_and_only_the_chief_holds_it(tmp_path):

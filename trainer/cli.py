@@ -219,7 +219,8 @@ def _out_of_resources(error: BaseException, cfg: DictConfig) -> Optional[str]:
     if not isinstance(seen, tf.errors.ResourceExhaustedError):
         return None
     op = re.search(r"\[Op:(\w+)\]", str(seen))
-    where = "the batch does not fit in memory" if op and op.group(1) == "IteratorGetNext" else "a training step does not fit in memory"
+    # IteratorGetNext: tf.data allocating a batch; any other op: a variable of the model, or the step.
+    where = "the batch does not fit in memory" if op and op.group(1) == "IteratorGetNext" else "the model or a training step does not fit in memory"
     batch = cfg.data.get("batch_size")
     accum = cfg.trainer.grad_accum_steps
     return (f"out of memory: {where} (data.batch_size={batch}, trainer.grad_accum_steps={accum}; "
