@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 from omegaconf import II, MISSING
 
-from trainer.config import ConfigError
+from trainer.config import ConfigError, ranged
 from trainer.data import DataBundle, DataError, load_mnist_format, per_replica_batch_size
 
 log = logging.getLogger(__name__)
@@ -51,28 +51,28 @@ _TORCH_MEAN, _TORCH_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 class ImageDataConfig:
     """Options every image source shares."""
 
-    image_size: int = 224  # square side the model sees
-    num_classes: int = MISSING  # classes in the data (the model's output size follows it)
-    batch_size: int = 128  # global batch, split across replicas
+    image_size: int = ranged(224, "[1, inf)")  # square side the model sees
+    num_classes: int = ranged(MISSING, "[2, inf)")  # classes in the data (the model's output size follows it)
+    batch_size: int = ranged(128, "[1, inf)")  # global batch, split across replicas
     augment: str = "resized_crop"  # none | flip | pad_crop (small images) | resized_crop (ImageNet style)
-    eval_crop: float = 0.875  # eval: central crop fraction before resizing (ImageNet: 224/256)
+    eval_crop: float = ranged(0.875, "(0, 1]")  # eval: central crop fraction before resizing (ImageNet: 224/256)
     preprocessing: str = II("model.preprocessing")  # caffe | tf | torch | none; must match the weights
     cache: bool = False  # keep the raw (encoded) examples in memory after the first epoch
-    shuffle_buffer: Optional[int] = None  # None: the whole shard (file paths / in-memory images)
+    shuffle_buffer: Optional[int] = ranged(None, "[1, inf)")  # None: the whole shard (file paths / in-memory images)
     deterministic: bool = True  # ordered tf.data outputs: exact resume; false is faster, resume approximate
-    seed: int = II("seed")  # shuffling and augmentation seed (follows the run's seed)
+    seed: int = ranged(II("seed"), "[0, 4294967295]")  # shuffling and augmentation seed (follows the run's seed)
 
 
 @dataclass
 class FashionMnistImagesConfig(ImageDataConfig):
     _target_: str = "trainer.recipes.images.fashion_mnist"
     path: Optional[str] = None  # IDX folder or .npz; default: Debian's dataset-fashion-mnist, Keras cache
-    image_size: int = 32
-    num_classes: int = 10
-    classes: Optional[List[int]] = None  # keep only these classes, relabelled 0..k-1 in this order
-    train_limit: Optional[int] = None  # use only the first N training images (after `classes`)
+    image_size: int = ranged(32, "[1, inf)")
+    num_classes: int = ranged(10, "[2, inf)")
+    classes: Optional[List[int]] = ranged(None, "[0, inf)")  # keep only these classes, relabelled 0..k-1 in this order
+    train_limit: Optional[int] = ranged(None, "[1, inf)")  # use only the first N training images (after `classes`)
     augment: str = "pad_crop"
-    eval_crop: float = 1.0
+    eval_crop: float = ranged(1.0, "(0, 1]")
 
 
 @dataclass
@@ -80,7 +80,7 @@ class ImageFolderConfig(ImageDataConfig):
     _target_: str = "trainer.recipes.images.image_folder"
     train_dir: str = MISSING  # <train_dir>/<class name>/<image files>
     eval_dir: Optional[str] = None  # same layout and class names; None: hold out validation_split
-    validation_split: float = 0.0  # fraction of each class held out for eval when eval_dir is unset
+    validation_split: float = ranged(0.0, "[0, 1)")  # fraction of each class held out for eval when eval_dir is unset
 
 
 @dataclass
@@ -91,9 +91,9 @@ class TFRecordConfig(ImageDataConfig):
     image_key: str = "image/encoded"  # tf.train.Example feature holding the encoded image
     label_key: str = "image/class/label"  # tf.train.Example feature holding the integer label
     label_offset: int = 0  # added to stored labels; -1 for TF-slim/Inception ImageNet files (labels 1..1000)
-    train_examples: Optional[int] = None  # records in the training files (needed for trainer.epochs)
-    shuffle_buffer: Optional[int] = 10000
-    cycle_length: int = 16  # files read in parallel
+    train_examples: Optional[int] = ranged(None, "[1, inf)")  # records in the training files (needed for trainer.epochs)
+    shuffle_buffer: Optional[int] = ranged(10000, "[1, inf)")
+    cycle_length: int = ranged(16, "[1, inf)")  # files read in parallel
 
 
 @dataclass
@@ -104,7 +104,7 @@ class TFDSConfig(ImageDataConfig):
     train_split: str = "train"  # TFDS split to train on
     eval_split: Optional[str] = "test"  # TFDS split to evaluate on; None: no evaluation data
     download: bool = False  # true: download_and_prepare when not prepared (needs the internet)
-    shuffle_buffer: Optional[int] = 10000
+    shuffle_buffer: Optional[int] = ranged(10000, "[1, inf)")
 
 
 @dataclass
@@ -112,11 +112,11 @@ class SyntheticImagesConfig:
     """Random pixels and labels, one batch repeated: step-time benchmarks only, nothing can be learned."""
 
     _target_: str = "trainer.recipes.images.synthetic"
-    image_size: int = 224  # square side of the random images
-    num_classes: int = 1000  # labels are drawn from 0..num_classes-1
-    batch_size: int = 128  # global batch, split across replicas
-    eval_batches: int = 4  # batches in one evaluation
-    seed: int = II("seed")  # seed of the random batch (follows the run's seed)
+    image_size: int = ranged(224, "[1, inf)")  # square side of the random images
+    num_classes: int = ranged(1000, "[2, inf)")  # labels are drawn from 0..num_classes-1
+    batch_size: int = ranged(128, "[1, inf)")  # global batch, split across replicas
+    eval_batches: int = ranged(4, "[1, inf)")  # batches in one evaluation
+    seed: int = ranged(II("seed"), "[0, 4294967295]")  # seed of the random batch (follows the run's seed)
 
 
 def register_configs(cs) -> None:
@@ -210,7 +210,7 @@ class ImageTransform:
 
     image_size: int
     augment: str = "none"
-    eval_crop: float = 1.0
+    eval_crop: float = ranged(1.0, "(0, 1]")
     preprocessing: str = "none"
 
     def __post_init__(self):

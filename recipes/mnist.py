@@ -14,7 +14,7 @@ import keras
 import tensorflow as tf
 from omegaconf import II
 
-from trainer.config import ConfigError
+from trainer.config import ConfigError, ranged
 from trainer.data import DataBundle, classification_pipeline, load_mnist_format
 
 log = logging.getLogger(__name__)
@@ -25,8 +25,8 @@ class MnistDataConfig:
     _target_: str = "trainer.recipes.mnist.build_data"
     name: str = "fashion_mnist"  # mnist | fashion_mnist
     path: Optional[str] = None  # IDX files (gz or not) folder, or an mnist.npz file
-    batch_size: int = 128  # global batch, split across replicas
-    seed: int = II("seed")  # shuffling seed (follows the run's seed)
+    batch_size: int = ranged(128, "[1, inf)")  # global batch, split across replicas
+    seed: int = ranged(II("seed"), "[0, 4294967295]")  # shuffling seed (follows the run's seed)
     deterministic: bool = II("trainer.deterministic")  # follows trainer.deterministic (the order is seeded either way)
 
 
@@ -34,10 +34,10 @@ class MnistDataConfig:
 class MnistModelConfig:
     _target_: str = "trainer.recipes.mnist.build_model"
     kind: str = "mlp"  # mlp | cnn
-    hidden_units: List[int] = field(default_factory=lambda: [256, 256])  # Dense ReLU layers before the logits
-    filters: List[int] = field(default_factory=lambda: [32, 64])  # cnn: 3x3 conv + 2x2 max-pool stages
-    dropout: float = 0.1  # after each hidden Dense layer; 0: none
-    num_classes: int = 10  # size of the float32 logits layer
+    hidden_units: List[int] = ranged(interval="[1, inf)", factory=lambda: [256, 256])  # Dense ReLU layers before the logits
+    filters: List[int] = ranged(interval="[1, inf)", factory=lambda: [32, 64])  # cnn: 3x3 conv + 2x2 max-pool stages
+    dropout: float = ranged(0.1, "[0, 1)")  # after each hidden Dense layer; 0: none
+    num_classes: int = ranged(10, "[2, inf)")  # size of the float32 logits layer
 
 
 def register_configs(cs) -> None:

@@ -25,7 +25,7 @@ import keras
 from omegaconf import II
 
 from trainer.callbacks import Callback
-from trainer.config import ConfigError
+from trainer.config import ConfigError, ranged
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,10 @@ class ResNetModelConfig:
     _target_: str = "trainer.recipes.resnet.build_model"
     name: str = "resnet20"  # resnet8|14|20|32|44|56|110 (CIFAR style) | resnet50|101|152[v2] (keras.applications)
     weights: Optional[str] = "none"  # none | imagenet | PATH to a backbone weights file
-    num_classes: int = II("data.num_classes")  # size of the new float32 logits head (follows the data)
-    image_size: int = II("data.image_size")  # input side (follows the data)
-    dropout: float = 0.0  # before the new head
-    base_filters: int = 16  # CIFAR ResNets: width of the first stage (16 in the paper)
+    num_classes: int = ranged(II("data.num_classes"), "[2, inf)")  # size of the new float32 logits head (follows the data)
+    image_size: int = ranged(II("data.image_size"), "[1, inf)")  # input side (follows the data)
+    dropout: float = ranged(0.0, "[0, 1)")  # before the new head
+    base_filters: int = ranged(16, "[1, inf)")  # CIFAR ResNets: width of the first stage (16 in the paper)
     preprocessing: str = "tf"  # what the data pipeline applies: caffe (ResNet v1 weights) | tf (v2) | torch | none
 
 

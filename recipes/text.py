@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from omegaconf import II, MISSING
 
+from trainer.config import ranged
 from trainer.data import DataBundle, DataError, DatasetFn, per_replica_batch_size
 
 log = logging.getLogger(__name__)
@@ -46,12 +47,12 @@ class TextDataConfig:
     """What every text source shares: the tokenizer's preset, lengths, batching, classes."""
 
     preset: str = II("model.preset")  # the tokenizer comes from the encoder's own preset
-    max_length: int = 128  # tokens per example including [CLS] and [SEP]; longer texts are truncated
-    batch_size: int = 32  # global batch, split across replicas
+    max_length: int = ranged(128, "[3, inf)")  # tokens per example including [CLS] and [SEP]; longer texts are truncated
+    batch_size: int = ranged(32, "[1, inf)")  # global batch, split across replicas
     padding: str = "bucket"  # bucket: pad to the bucket's length | max_length: every batch to max_length
-    bucket_width: int = 8  # bucket lengths are multiples of this (and max_length)
-    num_classes: Optional[int] = None  # the model's output size (model.num_classes follows it)
-    seed: int = II("seed")  # shuffling seed (follows the run's seed)
+    bucket_width: int = ranged(8, "[1, inf)")  # bucket lengths are multiples of this (and max_length)
+    num_classes: Optional[int] = ranged(None, "[2, inf)")  # the model's output size (model.num_classes follows it)
+    seed: int = ranged(II("seed"), "[0, 4294967295]")  # shuffling seed (follows the run's seed)
 
 
 @dataclass
@@ -59,12 +60,12 @@ class WordlistDataConfig(TextDataConfig):
     _target_: str = "trainer.recipes.text.build_wordlist_data"
     languages: List[str] = field(default_factory=lambda: ["en", "fr", "de", "es", "it"])  # one class per language, in this order
     dict_dir: str = "/usr/share/dict"  # where the Debian word lists (wamerican, wfrench, ...) are
-    train_per_class: int = 4000  # training words per language
-    eval_per_class: int = 500  # evaluation words per language (disjoint from the training words)
-    words_per_example: int = 1  # >1: each example is that many words of one language, space-separated
-    split_seed: int = 0  # which words go to train and eval: fixed, whatever the training seed
-    max_length: int = 16
-    num_classes: Optional[int] = 5
+    train_per_class: int = ranged(4000, "[1, inf)")  # training words per language
+    eval_per_class: int = ranged(500, "[1, inf)")  # evaluation words per language (disjoint from the training words)
+    words_per_example: int = ranged(1, "[1, inf)")  # >1: each example is that many words of one language, space-separated
+    split_seed: int = ranged(0, "[0, 4294967295]")  # which words go to train and eval: fixed, whatever the training seed
+    max_length: int = ranged(16, "[3, inf)")
+    num_classes: Optional[int] = ranged(5, "[2, inf)")
 
 
 @dataclass
@@ -73,11 +74,11 @@ class FileDataConfig(TextDataConfig):
     format: str = "auto"  # auto (from the file suffix) | csv | tsv | jsonl
     train_path: str = MISSING  # the training file (.csv, .tsv, .jsonl)
     eval_path: Optional[str] = None  # None: hold out eval_fraction of the training file
-    eval_fraction: float = 0.1  # share of the training rows held out when eval_path is unset
+    eval_fraction: float = ranged(0.1, "[0, 1)")  # share of the training rows held out when eval_path is unset
     text_column: str = "text"  # column (or JSON key) holding the text
     label_column: str = "label"  # column (or JSON key) holding the label: an integer 0..N-1 or a string
     label_names: Optional[List[str]] = None  # string labels in class-id order; None: integers, or sorted
-    split_seed: int = 0  # which rows eval_fraction holds out: fixed, whatever the training seed
+    split_seed: int = ranged(0, "[0, 4294967295]")  # which rows eval_fraction holds out: fixed, whatever the training seed
 
 
 @dataclass
@@ -90,9 +91,9 @@ class TfdsDataConfig(TextDataConfig):
     label_column: str = "label"  # the feature holding the integer label
     train_split: str = "train"  # TFDS split to train on
     eval_split: Optional[str] = None  # None: the known labelled eval split for `name`
-    max_train_examples: Optional[int] = None  # read at most this many training examples; None: all
-    max_eval_examples: Optional[int] = None  # read at most this many eval examples; None: all
-    num_classes: Optional[int] = 2
+    max_train_examples: Optional[int] = ranged(None, "[1, inf)")  # read at most this many training examples; None: all
+    max_eval_examples: Optional[int] = ranged(None, "[1, inf)")  # read at most this many eval examples; None: all
+    num_classes: Optional[int] = ranged(2, "[2, inf)")
 
 
 def register_configs(cs) -> None:

@@ -28,7 +28,7 @@ from typing import List, Optional
 
 from omegaconf import II
 
-from trainer.config import ConfigError
+from trainer.config import ConfigError, ranged
 from trainer.data import DataError
 
 log = logging.getLogger(__name__)
@@ -61,9 +61,9 @@ class TransformerModelConfig:
     _target_: str = "trainer.recipes.transformer.build_model"
     preset: str = DEFAULT_PRESET  # the packaged MiniLM, a local keras-hub or Hugging Face BERT folder, or a preset name
     pretrained: bool = True  # false: the preset's architecture with random weights (the baseline)
-    num_classes: int = II("data.num_classes")  # size of the float32 classification layer (follows the data)
+    num_classes: int = ranged(II("data.num_classes"), "[2, inf)")  # size of the float32 classification layer (follows the data)
     pooling: str = "cls"  # cls: BERT's pooled [CLS] (tanh dense) | mean: mean of the unpadded tokens
-    dropout: float = 0.1  # before the classification layer
+    dropout: float = ranged(0.1, "[0, 1)")  # before the classification layer
 
 
 def register_configs(cs) -> None:

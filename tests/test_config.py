@@ -58,7 +58,7 @@ def test_bad_data_path_is_a_clear_error_with_exit_2(tmp_path):
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("data.batch_size=0", "data.batch_size=0 must be a positive integer"),
+        ("data.batch_size=0", "data.batch_size=0 is out of range: must be >= 1"),
         ("optimizer.schedule=nope", "optimizer.schedule='nope' is not one of"),
         ("strategy=one_device strategy.device=/gpu:7", "strategy.device='/gpu:7': this machine has"),
     ],

@@ -6,6 +6,8 @@ ones only after a newer one is complete), and `best/` with the best `keep_best` 
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import math
@@ -25,6 +27,7 @@ from trainer.config import ConfigError
 log = logging.getLogger(__name__)
 
 _CKPT = re.compile(r"^ckpt-(\d+)\.index$")
+_DATA = re.compile(r"^ckpt-(\d+)\.data-\d+-of-\d+$")
 
 
 class CheckpointError(RuntimeError):
@@ -42,6 +45,41 @@ def list_checkpoints(directory: Path) -> List[Tuple[int, str]]:
         if m:
             found.append((int(m.group(1)), str(directory / f"ckpt-{m.group(1)}")))
     return sorted(found, reverse=True)
+
+
+def incomplete_checkpoints(directory: Path) -> List[Tuple[int, str]]:
+    """(step, prefix) of every checkpoint with data files but no index file (deleted, or a save cut short
+    by a crash before TF wrote it), newest first: never restorable."""
+    directory = Path(directory)
+    indexed = {step for step, _ in list_checkpoints(directory)}
+    steps = {int(m.group(1)) for p in directory.glob("ckpt-*.data-*") if (m := _DATA.match(p.name))} if directory.is_dir() else set()
+    return [(step, str(directory / f"ckpt-{step}")) for step in sorted(steps - indexed, reverse=True)]
+
+
+def repair_state_file(directory: Path) -> None:
+    """Rewrites the `checkpoint` state file from the ckpt-N.index files when TF cannot read it.
+
+    tf.train.CheckpointManager takes its list of earlier checkpoints from that file; an unreadable one
+    is read as "no checkpoints" (with a warning), so keep-N would never delete the older ones."""
+    state = Path(directory) / "checkpoint"
+    if not state.exists():
+        return
+    try:
+        readable = tf.train.get_checkpoint_state(str(directory)) is not None
+    except Exception:  # noqa: BLE001 - TF raises ValueError for some contents, returns None for others
+        readable = False
+    if readable:
+        return
+    found = sorted(list_checkpoints(directory))  # oldest first, as TF lists them
+    lines = [f'model_checkpoint_path: "{Path(found[-1][1]).name}"'] if found else []
+    lines += [f'all_model_checkpoint_paths: "{Path(prefix).name}"' for _, prefix in found]
+    # The manager only deletes checkpoints whose timestamp is after its last_preserved_timestamp (0 here).
+    lines += [f"all_model_checkpoint_timestamps: {Path(prefix + '.index').stat().st_mtime}" for _, prefix in found]
+    tmp = state.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, state)
+    log.warning("The checkpoint state file %s was unreadable; rebuilt it from the checkpoint files (steps %s).",
+                state, [step for step, _ in found])
 
 
 def _variables_by_path(root) -> Dict[str, tf.Variable]:
@@ -121,6 +159,38 @@ def _check_compatible(objects: Dict, prefix: str) -> None:
             )
 
 
+def is_disk_full(e: BaseException) -> bool:
+    """A full disk, as Python (OSError ENOSPC) or TensorFlow (ResourceExhaustedError from a file op such
+    as SaveV2; an out-of-memory is a ResourceExhaustedError too, without this text) reports it."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    return isinstance(e, (OSError, tf.errors.ResourceExhaustedError)) and "No space left on device" in str(e)
+
+
+@contextlib.contextmanager
+def _no_space_is_checkpoint_error(folder: Path, what: str, last_complete):
+    """A full disk while writing into `folder` removes what the write left there (TF's `ckpt-N_temp/`,
+    a partial `ckpt-N.*`) and becomes a CheckpointError naming the last complete checkpoint
+    (`last_complete()`), so the same command resumes once space is freed."""
+    before = set(folder.iterdir()) if folder.is_dir() else set()
+    try:
+        yield
+    except (OSError, tf.errors.ResourceExhaustedError) as e:
+        if not is_disk_full(e):
+            raise
+        for leftover in (set(folder.iterdir()) if folder.is_dir() else set()) - before:
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+        last = last_complete()
+        kept = f"the last complete checkpoint is step {last}" if last is not None else "there is no complete checkpoint yet"
+        raise CheckpointError(
+            f"no space left on device in {folder} while {what}; {kept}. Fix: free space on that disk (or "
+            "move the run folder to a larger one) and run the same command again: it resumes from there."
+        ) from None
+
+
 def non_finite_weights(model) -> List[str]:
     """The paths of the model's weights that hold an inf or NaN."""
     return [w.path for w in model.weights if not np.isfinite(keras.ops.convert_to_numpy(w)).all()]
@@ -175,6 +245,7 @@ class Checkpointer:
 
     def manager(self, directory: Path) -> tf.train.CheckpointManager:
         if self._manager is None or Path(self._manager.directory) != directory:
+            repair_state_file(directory)
             self._manager = tf.train.CheckpointManager(self.checkpoint, str(directory), max_to_keep=self.keep)
         return self._manager
 
@@ -188,13 +259,18 @@ class Checkpointer:
             log.error("Not saving step %d: the model has non-finite weights. The last good checkpoint is kept.", step)
             return None
         directory = self._write_dir()
-        directory.mkdir(parents=True, exist_ok=True)
-        path = self.manager(directory).save(checkpoint_number=step)
+        with _no_space_is_checkpoint_error(directory, f"saving step {step}", self._last_complete):
+            directory.mkdir(parents=True, exist_ok=True)
+            path = self.manager(directory).save(checkpoint_number=step)
         if not self.is_chief:
             shutil.rmtree(directory, ignore_errors=True)
             return None
         log.info("Saved checkpoint %s", path)
         return path
+
+    def _last_complete(self) -> Optional[int]:
+        found = list_checkpoints(self.directory)
+        return found[0][0] if found else None
 
     def update_best(self, step: int, eval_logs: Dict) -> bool:
         """After an evaluation: records the best value, and keeps a copy in best/ when it is in the top k."""
@@ -214,7 +290,9 @@ class Checkpointer:
         if self.keep_best <= 0:
             return False
         directory = self._write_dir()
-        kept = self._keep_best(directory, step, value)
+        (directory / "best").mkdir(parents=True, exist_ok=True)
+        with _no_space_is_checkpoint_error(directory / "best", f"saving the best checkpoint of step {step}", self._last_complete):
+            kept = self._keep_best(directory, step, value)
         if not self.is_chief:
             shutil.rmtree(directory, ignore_errors=True)
         return kept
@@ -249,6 +327,7 @@ class Checkpointer:
         is readable, or when they do not fit the model.
         """
         found = list_checkpoints(self.directory)
+        incomplete = incomplete_checkpoints(self.directory)
         if found and not resume:
             raise CheckpointError(
                 f"{self.directory} already has checkpoints (newest: step {found[0][0]}) and "
@@ -256,15 +335,20 @@ class Checkpointer:
                 "trainer.resume=false; to start fresh, pick a new run folder (hydra.run.dir=...) or "
                 "move that folder away."
             )
-        if found:
-            return self.restore_latest(found)
+        if resume and (found or incomplete):
+            return self.restore_latest(found, incomplete)
         if init_from:
             warm_start(model, init_from)
         return None
 
-    def restore_latest(self, found=None) -> int:
+    def restore_latest(self, found=None, incomplete=None) -> int:
         found = found if found is not None else list_checkpoints(self.directory)
+        incomplete = incomplete if incomplete is not None else incomplete_checkpoints(self.directory)
         errors = []
+        for step, prefix in incomplete:
+            if not found or step > found[0][0]:  # an older one is shadowed by a newer complete one anyway
+                log.warning("Checkpoint %s is unreadable (its .index file is missing); trying the previous one.", prefix)
+                errors.append(f"{prefix}: no .index file")
         for step, prefix in found:
             try:
                 _check_compatible(self.objects, prefix)

@@ -1,10 +1,12 @@
 """`python -m trainer`: compose the config, log it, instantiate, fit. A short, flat sequence."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import sys
+from typing import Optional
 
 from trainer.quiet import quiet_tensorflow_import
 
@@ -17,7 +19,7 @@ from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from trainer.callbacks import Callback  # noqa: E402
-from trainer.config import PrecisionConfig, StrategyConfig, TrainerConfig, register_configs  # noqa: E402
+from trainer.config import PrecisionConfig, StrategyConfig, TrainerConfig, check_config, register_configs  # noqa: E402
 
 log = logging.getLogger("trainer")
 logging.getLogger("absl").setLevel(logging.WARNING)  # tf.train.Checkpoint logs sharding timings at INFO
@@ -39,10 +41,26 @@ def run(cfg: DictConfig) -> dict:
     """Builds everything the config names and trains; returns the final logs."""
     from pathlib import Path
 
+    check_config(cfg, HydraConfig.get().runtime.choices)  # a single run's was checked before its folder existed
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    with _job_folder_lock(run_dir, cfg):
+        return _run_in(run_dir, cfg)
+
+
+def _job_folder_lock(run_dir, cfg: DictConfig):
+    """A multirun job holds its folder's lock while it runs; a single run's lock is held by
+    trainer.runlock.RunFolderCallback, taken before Hydra wrote anything into the folder."""
+    from trainer.runlock import is_chief_process, run_folder_lock
+
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        return contextlib.nullcontext()
+    return run_folder_lock(run_dir, hold=is_chief_process(cfg.strategy.name))
+
+
+def _run_in(run_dir, cfg: DictConfig) -> dict:
     from trainer.distribute import make_strategy
     from trainer.signals import sigterm_deferred_until_training
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
     trainer_cfg = _schema(TrainerConfig, cfg.trainer)
     precision = _schema(PrecisionConfig, cfg.precision)
     log.info("Recipe: %s | precision: %s | strategy: %s | run folder: %s", cfg.recipe, precision.policy, cfg.strategy.name, run_dir)
@@ -151,7 +169,9 @@ def _hydra_main(cfg: DictConfig) -> float:
     from trainer.distribute import StrategyError
     from trainer.precision import PrecisionError
 
-    user_errors = (DataError, CheckpointError, StrategyError, PrecisionError, ConfigError)
+    from trainer.runlock import RunFolderError
+
+    user_errors = (DataError, CheckpointError, StrategyError, PrecisionError, ConfigError, RunFolderError)
     failed = None  # (exit code, message): acted on after the except blocks, which hold the run's frames
     try:
         try:
@@ -171,12 +191,17 @@ def _hydra_main(cfg: DictConfig) -> float:
     except TrainingInterrupted as e:  # a checkpoint was saved; the message was logged
         sys.exit(EXIT_SIGNAL.get(str(e), 1))
     except Exception as e:  # noqa: BLE001
+        out_of = _out_of_resources(e, cfg)
+        if out_of is not None:
+            log.error("%s", out_of)
+            failed = (EXIT_USER_ERROR, out_of)
         # precision.debug_numerics: tf.debugging.enable_check_numerics raises on the first inf/NaN op.
-        if not (cfg.precision.debug_numerics and "Infinity or NaN" in str(e)):
+        elif cfg.precision.debug_numerics and "Infinity or NaN" in str(e):
+            detail = next((line.strip() for line in str(e).splitlines() if "Infinity or NaN" in line), str(e))
+            log.error("precision.debug_numerics: the first non-finite value came from: %s", detail)
+            failed = (EXIT_NUMERICAL, f"non-finite value: {detail}")
+        else:
             raise
-        detail = next((line.strip() for line in str(e).splitlines() if "Infinity or NaN" in line), str(e))
-        log.error("precision.debug_numerics: the first non-finite value came from: %s", detail)
-        failed = (EXIT_NUMERICAL, f"non-finite value: {detail}")
     finally:
         if cfg.precision.debug_numerics:  # process-wide: the next job of a multirun must not inherit it
             import tensorflow as tf
@@ -186,6 +211,38 @@ def _hydra_main(cfg: DictConfig) -> float:
         _job_failed(*failed)
     value = logs.get("accuracy", logs.get("loss", math.nan))
     return float(value)  # what a multirun sweeper optimizes
+
+
+def _out_of_resources(error: BaseException, cfg: DictConfig) -> Optional[str]:
+    """The message for a full disk or an exhausted memory anywhere in `error`'s chain, else None.
+
+    TensorFlow reports both as tf.errors.ResourceExhaustedError ("No space left on device" from a file
+    op; "Failed to allocate memory", "OOM when allocating" from a batch or an op of the step)."""
+    import re
+
+    import tensorflow as tf
+
+    from trainer.checkpoint import is_disk_full
+
+    seen = error
+    while seen is not None and not isinstance(seen, (tf.errors.ResourceExhaustedError, OSError)):
+        seen = seen.__cause__ or seen.__context__
+    if seen is None:
+        return None
+    first = str(seen).strip().splitlines()[0][:300] if str(seen).strip() else type(seen).__name__
+    if is_disk_full(seen):
+        return (f"no space left on device under the run folder {HydraConfig.get().runtime.output_dir} ({first}). "
+                "Fix: free space there and run the same command again: it resumes from the last checkpoint.")
+    if not isinstance(seen, tf.errors.ResourceExhaustedError):
+        return None
+    op = re.search(r"\[Op:(\w+)\]", str(seen))
+    # IteratorGetNext: tf.data allocating a batch; any other op: a variable of the model, or the step.
+    where = "the batch does not fit in memory" if op and op.group(1) == "IteratorGetNext" else "the model or a training step does not fit in memory"
+    batch = cfg.data.get("batch_size")
+    accum = cfg.trainer.grad_accum_steps
+    return (f"out of memory: {where} (data.batch_size={batch}, trainer.grad_accum_steps={accum}; "
+            f"TensorFlow: {first}). Fix: lower data.batch_size (with trainer.grad_accum_steps=K an update still "
+            "sees K batches), or pick a smaller model or shorter inputs.")
 
 
 class JobFailed(RuntimeError):

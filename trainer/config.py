@@ -5,12 +5,13 @@ missing group option is an error at composition time, before any work starts.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
-
+import dataclasses
 import importlib
 import logging
 import pkgutil
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Dict, List, Mapping, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING
@@ -21,20 +22,83 @@ class ConfigError(ValueError):
     the fix. The CLI exits 2 on it, without a traceback."""
 
 
+# ---------------------------------------------------------------------------------------------
+# Ranges: every numeric option declares its interval with `ranged(default, "[1, inf)")`; one function
+# checks them, for the CLI (check_config, before any work) and for the dataclasses themselves
+# (`Checked.__post_init__`, so `Trainer(max_steps=-5)` fails as `trainer.max_steps=-5` does).
+# OmegaConf ignores a field's metadata and never calls __post_init__ while composing (it reads the
+# fields' defaults), so the CLI checks the composed values itself.
+# ---------------------------------------------------------------------------------------------
+
+_INTERVAL = re.compile(r"^([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])$")
+
+
+def ranged(default: Any = MISSING, interval: str = "", *, factory=None) -> Any:
+    """A dataclass field whose value (or each element, for a list) must lie in `interval`, written as
+    in mathematics: "[1, inf)", "(0, inf)", "[0, 1)". None (an unset Optional) is always allowed."""
+    if not _INTERVAL.match(interval):
+        raise ValueError(f"not an interval: {interval!r}")
+    if factory is not None:
+        return field(default_factory=factory, metadata={"range": interval})
+    return field(default=default, metadata={"range": interval})
+
+
+def _inside(value: float, interval: str) -> bool:
+    opening, lo, hi, closing = _INTERVAL.match(interval).groups()
+    lo, hi = float(lo), float(hi)
+    return (lo <= value if opening == "[" else lo < value) and (value <= hi if closing == "]" else value < hi)
+
+
+def _describe(interval: str) -> str:
+    opening, lo, hi, closing = _INTERVAL.match(interval).groups()
+    if hi == "inf":
+        return f"{'>=' if opening == '[' else '>'} {lo}"
+    return f"in {interval}"
+
+
+def check_ranges(schema, values: Mapping[str, Any], prefix: str) -> None:
+    """Raises ConfigError naming `prefix.key`, its value and its range for the first value out of range.
+
+    Strings are skipped: an unresolved `???` (reported by OmegaConf when it is used) or a wrong type
+    (OmegaConf rejects those while composing)."""
+    for f in dataclasses.fields(schema):
+        interval = f.metadata.get("range")
+        value = values.get(f.name)
+        if interval is None or value is None:
+            continue
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, (int, float)) and not isinstance(item, bool) and not _inside(item, interval):
+                each = "each element " if isinstance(value, (list, tuple)) else ""
+                key = f"{prefix}.{f.name}" if prefix else f.name
+                raise ConfigError(f"{key}={value} is out of range: {each}must be {_describe(interval)}. "
+                                  f"Fix: set {key} to {'values' if each else 'a value'} {_describe(interval)}.")
+
+
+class Checked:
+    """Mixin for a schema dataclass: its ranges are checked on construction (see check_ranges).
+    `config_key` is where the schema sits in the whole config, for messages."""
+
+    config_key: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        check_ranges(type(self), vars(self), self.config_key)
+
 
 @dataclass
-class TrainerConfig:
+class TrainerConfig(Checked):
     """The training loop: how long, how often to log/evaluate/checkpoint, how steps are compiled."""
 
-    max_steps: Optional[int] = None  # total train steps; with `epochs` too, the smaller wins
-    epochs: Optional[float] = None  # needs a data set of known size
-    log_every: int = 100  # steps between train log events (metrics.jsonl, TensorBoard, progress bar)
-    eval_every: int = 0  # steps between evaluations; 0: evaluate at the end only
-    eval_steps: Optional[int] = None  # None: the whole eval set
-    checkpoint_every: int = 500  # steps between checkpoints (and one at the end); 0: end only
-    checkpoint_every_secs: Optional[float] = None
-    keep_checkpoints: int = 3
-    keep_best: int = 1
+    config_key: ClassVar[str] = "trainer"
+
+    max_steps: Optional[int] = ranged(None, "[1, inf)")  # total train steps; with `epochs` too, the smaller wins
+    epochs: Optional[float] = ranged(None, "(0, inf)")  # needs a data set of known size
+    log_every: int = ranged(100, "[1, inf)")  # steps between train log events (metrics.jsonl, TensorBoard, progress bar)
+    eval_every: int = ranged(0, "[0, inf)")  # steps between evaluations; 0: evaluate at the end only
+    eval_steps: Optional[int] = ranged(None, "[1, inf)")  # None: the whole eval set
+    checkpoint_every: int = ranged(500, "[0, inf)")  # steps between checkpoints (and one at the end); 0: end only
+    checkpoint_every_secs: Optional[float] = ranged(None, "(0, inf)")
+    keep_checkpoints: int = ranged(3, "[1, inf)")
+    keep_best: int = ranged(1, "[0, inf)")
     best_metric: Optional[str] = "accuracy"  # an eval metric name; None: no best-checkpoint tracking
     best_mode: str = "max"  # max | min
     resume: bool = True  # resume from the run folder's checkpoints when there are any
@@ -48,8 +112,8 @@ class TrainerConfig:
     # outside XLA with TF's multi-threaded fused kernels (false). None (auto): inside, except on a CPU for
     # models whose variables average >= 1M parameters (the guide's MLP), where the kernels outside win.
     xla_whole_step: Optional[bool] = None
-    steps_per_loop: int = 1  # train steps per tf.function call
-    grad_accum_steps: int = 1  # micro-batches accumulated per optimizer update
+    steps_per_loop: int = ranged(1, "[1, inf)")  # train steps per tf.function call
+    grad_accum_steps: int = ranged(1, "[1, inf)")  # micro-batches accumulated per optimizer update
     # Keras Adam/AdamW/SGD(momentum) updates in one TensorFlow kernel per variable (same arithmetic;
     # see trainer/fused.py); false: Keras' own ops.
     fused_optimizer: bool = True
@@ -59,16 +123,18 @@ class TrainerConfig:
 
 
 @dataclass
-class PrecisionConfig:
+class PrecisionConfig(Checked):
     """Dtype policy and loss scaling (see trainer/loss_scale.py)."""
 
+    config_key: ClassVar[str] = "precision"
+
     policy: str = "float32"  # float32 | mixed_float16 | mixed_bfloat16
-    loss_scale: Optional[float] = None  # a number: fixed scale; None: dynamic (float16) or none
-    initial_scale: float = 2.0**15
-    growth_interval: int = 2000
+    loss_scale: Optional[float] = ranged(None, "(0, inf)")  # a number: fixed scale; None: dynamic (float16) or none
+    initial_scale: float = ranged(2.0**15, "(0, inf)")
+    growth_interval: int = ranged(2000, "[1, inf)")
     scale_bfloat16: bool = False  # bfloat16 has float32's range: no scaling unless asked
     strict_outputs: bool = False  # reject, rather than fix, a model whose outputs are not float32
-    max_consecutive_skips: int = 100  # stop the run after this many non-finite steps in a row
+    max_consecutive_skips: int = ranged(100, "[1, inf)")  # stop the run after this many non-finite steps in a row
     # Without loss scaling (float32, bfloat16): skip a non-finite update (true), or apply every update
     # unconditionally and stop at the first non-finite step (false: no wait on the finite check before
     # the update: 2% faster on the bench Transformer, scripts/bench_step.py; see README "When numbers go bad").
@@ -78,63 +144,69 @@ class PrecisionConfig:
 
 
 @dataclass
-class StrategyConfig:
+class StrategyConfig(Checked):
     """Which tf.distribute strategy runs the steps (see trainer/distribute.py)."""
+
+    config_key: ClassVar[str] = "strategy"
 
     name: str = "default"  # default | one_device | mirrored | multi_worker | tpu
     device: Optional[str] = None  # one_device: e.g. /gpu:0 (default: first GPU, else CPU)
     devices: Optional[List[str]] = None  # mirrored: explicit devices (default: all GPUs)
-    logical_cpus: int = 0  # mirrored on CPU: split the CPU into N logical devices
+    logical_cpus: int = ranged(0, "[0, inf)")  # mirrored on CPU: split the CPU into N logical devices
     communication: str = "auto"  # multi_worker: auto | ring | nccl
     tpu: Optional[str] = None  # tpu: name or grpc address ("" or local for a TPU VM)
 
 
 @dataclass
-class OptimizerConfig:
+class OptimizerConfig(Checked):
     """A Keras optimizer. `lr` becomes `learning_rate` (or a schedule's peak); clipping is ours."""
 
+    config_key: ClassVar[str] = "optimizer"
+
     _target_: str = "keras.optimizers.Adam"
-    lr: float = 1e-3
-    clipnorm: Optional[float] = None  # global-norm clip of the *unscaled* gradients, in the train step
+    lr: float = ranged(1e-3, "(0, inf)")
+    clipnorm: Optional[float] = ranged(None, "(0, inf)")  # global-norm clip of the *unscaled* gradients, in the train step
     schedule: Optional[str] = None  # None | constant | cosine | step (see trainer/optim.py)
-    warmup_steps: int = 0
-    decay_steps: Optional[int] = None  # None: the run's steps after the warmup
-    alpha: float = 0.0  # cosine: final lr as a fraction of lr
-    boundaries: List[int] = field(default_factory=list)  # step: global steps after which lr is multiplied by `decay_rate`
-    decay_rate: float = 0.1
+    warmup_steps: int = ranged(0, "[0, inf)")
+    decay_steps: Optional[int] = ranged(None, "[1, inf)")  # None: the run's steps after the warmup
+    alpha: float = ranged(0.0, "[0, 1]")  # cosine: final lr as a fraction of lr
+    boundaries: List[int] = ranged(interval="[1, inf)", factory=list)  # step: global steps after which lr is multiplied by `decay_rate`
+    decay_rate: float = ranged(0.1, "(0, inf)")
 
 
 @dataclass
 class AdamConfig(OptimizerConfig):
     _target_: str = "keras.optimizers.Adam"
-    beta_1: float = 0.9
-    beta_2: float = 0.999
-    epsilon: float = 1e-7
+    beta_1: float = ranged(0.9, "[0, 1)")
+    beta_2: float = ranged(0.999, "[0, 1)")
+    epsilon: float = ranged(1e-7, "(0, inf)")
 
 
 @dataclass
 class AdamWConfig(AdamConfig):
     _target_: str = "keras.optimizers.AdamW"
-    weight_decay: float = 0.01
-    epsilon: float = 1e-6
+    weight_decay: float = ranged(0.01, "[0, inf)")
+    epsilon: float = ranged(1e-6, "(0, inf)")
     exclude_from_weight_decay: List[str] = field(default_factory=lambda: ["bias", "gamma", "beta"])
 
 
 @dataclass
 class SGDConfig(OptimizerConfig):
     _target_: str = "keras.optimizers.SGD"
-    lr: float = 0.1
-    momentum: float = 0.9
+    lr: float = ranged(0.1, "(0, inf)")
+    momentum: float = ranged(0.9, "[0, 1)")
     nesterov: bool = False
-    weight_decay: Optional[float] = None
+    weight_decay: Optional[float] = ranged(None, "[0, inf)")
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(Checked):
     """Fine-tuning knobs a recipe's fine-tune callback reads (see recipes/resnet.py FineTune)."""
 
-    freeze_steps: int = 0  # the backbone is frozen (BatchNorm in inference mode) for these first steps
-    backbone_lr_mult: float = 1.0  # then its gradients are scaled by this (an SGD learning-rate multiplier)
+    config_key: ClassVar[str] = "finetune"
+
+    freeze_steps: int = ranged(0, "[0, inf)")  # the backbone is frozen (BatchNorm in inference mode) for these first steps
+    backbone_lr_mult: float = ranged(1.0, "[0, inf)")  # then its gradients are scaled by this (an SGD learning-rate multiplier)
     new_head: bool = False  # re-initialize the head after trainer.init_from (a new task)
 
 
@@ -142,7 +214,7 @@ class FinetuneConfig:
 class Config:
     """The whole run. `data` and `model` are typed by the schema their group option extends."""
 
-    seed: int = 0
+    seed: int = ranged(0, "[0, 4294967295]")  # NumPy's seeds are unsigned 32-bit
     recipe: str = "mnist"  # set by the recipe group: names the run in logs
     trainer_class: str = "trainer.Trainer"  # a recipe with its own step names its Trainer subclass here
     data: Any = MISSING
@@ -189,3 +261,83 @@ def register_configs() -> None:
             continue
         if hasattr(module, "register_configs"):
             module.register_configs(cs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The composed config, checked before any work (trainer/runlock.py and trainer/cli.py call it)
+# ---------------------------------------------------------------------------------------------
+
+
+def check_config(cfg, choices: Optional[Mapping[str, str]] = None) -> None:
+    """Raises ConfigError for a model option foreign to the recipe, or a numeric option out of its
+    range (every section whose schema declares ranges). A missing or unresolvable value is left to
+    the code that uses it, whose message can say more (the classes a data set was found to have).
+
+    `choices` is Hydra's `runtime.choices` (group -> option picked), e.g. {"recipe": "mnist", "model": "resnet50"}.
+    """
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if choices:
+        check_recipe_model(choices.get("recipe"), choices.get("model"))
+    sections = [("", cfg, Config)]  # the top level: seed
+    sections += [(str(k), cfg.get(k), None) for k in cfg if k != "hydra" and isinstance(cfg.get(k), DictConfig)]
+    for key, node, schema in sections:
+        schema = schema or OmegaConf.get_type(node)
+        if not (schema and dataclasses.is_dataclass(schema)):
+            continue
+        values = {}
+        for f in dataclasses.fields(schema):
+            if "range" in f.metadata and f.name in node:
+                try:
+                    value = node[f.name]
+                except OmegaConfBaseException:
+                    continue
+                values[f.name] = OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
+        check_ranges(schema, values, key)
+
+
+def _conf_dir():
+    import trainer.conf
+    from pathlib import Path
+
+    return Path(list(trainer.conf.__path__)[0])
+
+
+def _defaults(path) -> List[Any]:
+    from omegaconf import OmegaConf
+
+    return list(OmegaConf.load(path).get("defaults", [])) if path.is_file() else []
+
+
+def _recipe_model(recipe: str) -> Optional[str]:
+    """The model option conf/recipe/<recipe>.yaml picks, following the recipes it extends."""
+    picked = None
+    for entry in _defaults(_conf_dir() / "recipe" / f"{recipe}.yaml"):
+        if isinstance(entry, str) and entry != "_self_":
+            picked = _recipe_model(entry) or picked
+        elif not isinstance(entry, str):
+            picked = entry.get("/model", entry.get("model", picked))
+    return picked
+
+
+def _model_schema(model: str) -> Optional[str]:
+    """The schema (base_*) that conf/model/<model>.yaml extends."""
+    return next((e for e in _defaults(_conf_dir() / "model" / f"{model}.yaml") if isinstance(e, str) and e.startswith("base_")), None)
+
+
+def check_recipe_model(recipe: Optional[str], model: Optional[str]) -> None:
+    """A model option of another recipe (model=resnet50 recipe=mnist) is a ConfigError listing the
+    recipe's models. Options outside this package's conf/ (a user's search path) are not judged."""
+    default = _recipe_model(recipe) if recipe else None
+    if not (default and model) or model == default:
+        return
+    schema, wanted = _model_schema(model), _model_schema(default)
+    if schema is None or wanted is None or schema == wanted:
+        return
+    models = sorted(p.stem for p in (_conf_dir() / "model").glob("*.yaml") if _model_schema(p.stem) == wanted)
+    takers = sorted(p.stem for p in (_conf_dir() / "recipe").glob("*.yaml") if _model_schema(_recipe_model(p.stem) or "") == schema)
+    raise ConfigError(
+        f"model={model} is not a model of recipe={recipe}; its models are {models}. Fix: pick one of them"
+        + (f", or a recipe that takes {model}: {takers}." if takers else ".")
+    )

@@ -193,9 +193,25 @@ def _read_idx_folder(folder: Path):
 def _read_npz(path: Path):
     with np.load(path, allow_pickle=False) as f:
         try:
-            return f["x_train"], f["y_train"], f["x_test"], f["y_test"]
+            arrays = f["x_train"], f["y_train"], f["x_test"], f["y_test"]
         except KeyError as e:
             raise DataError(f"{path} lacks {e}; expected Keras' mnist.npz layout") from None
+    for name, array in zip(("x_train", "y_train", "x_test", "y_test"), arrays):
+        check_finite(array, f"{path} ({name})")
+    return arrays
+
+
+def check_finite(array: np.ndarray, where: str) -> None:
+    """An in-memory data set with NaN or inf values is a DataError, once, when it is loaded: otherwise
+    the run stops many steps later at a non-finite loss that looks like a too-high learning rate."""
+    if not np.issubdtype(array.dtype, np.inexact):
+        return
+    bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise DataError(
+            f"{where} has {bad} NaN or infinite values (of {array.size}). Fix: repair or drop those "
+            "examples (e.g. numpy.nan_to_num, or a mask on numpy.isfinite) and save the file again."
+        )
 
 
 def load_mnist_format(name: str, path: Optional[str] = None):

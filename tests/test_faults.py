@@ -1,0 +1,257 @@
+"""Faults a user can cause (issue #18): a clear message naming the problem and the fix, exit 2, no
+traceback, and nothing existing damaged."""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, run_cli
+
+
+def assert_user_error(result, *expected: str) -> None:
+    out = result.stderr + result.stdout
+    assert result.returncode == 2, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    for text in expected:
+        assert text in out, out[-3000:]
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, options: str):
+    """A tmpfs mounted on `folder` (tests run as root); skips the test where that is not possible."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+# -- 1. every numeric option has a range -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("optimizer.lr=-1", "optimizer.lr=-1.0 is out of range: must be > 0"),
+        ("trainer.max_steps=-5", "trainer.max_steps=-5 is out of range: must be >= 1"),
+        ("trainer.keep_checkpoints=-1", "trainer.keep_checkpoints=-1 is out of range: must be >= 1"),
+        ("model.dropout=1.5", "model.dropout=1.5 is out of range: must be in [0, 1)"),
+    ],
+)
+def test_out_of_range_option_is_a_config_error_before_any_work(tmp_path, override, expected):
+    run_dir = tmp_path / "run"
+    result = run_cli(*TINY, override, f"hydra.run.dir={run_dir}")
+    assert_user_error(result, expected)
+    assert not run_dir.exists(), "a config error must leave no run folder"
+
+
+def test_every_numeric_field_of_every_schema_has_a_range():
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    from trainer import config
+
+    config.register_configs()
+    schemas = {config.Config, config.FinetuneConfig, config.TrainerConfig, config.PrecisionConfig, config.StrategyConfig}
+    for group in ConfigStore.instance().repo.values():
+        for item in group.values() if isinstance(group, dict) else ():
+            if hasattr(item, "node"):
+                schemas.add(OmegaConf.get_type(item.node))
+    assert len(schemas) > 15, schemas
+    exempt = {"label_offset"}  # any integer: stored labels are checked against num_classes when read
+    missing = [
+        f"{schema.__name__}.{f.name}"
+        for schema in schemas
+        for f in config.dataclasses.fields(schema)
+        if re.search(r"\b(int|float)\b", str(f.type)) and "range" not in f.metadata and f.name not in exempt
+    ]
+    assert not missing, missing
+
+
+def test_python_api_checks_ranges_too():
+    import keras
+
+    from trainer import PrecisionConfig, Trainer, TrainerConfig
+    from trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"trainer\.epochs=-1 is out of range"):
+        TrainerConfig(epochs=-1)
+    with pytest.raises(ConfigError, match=r"precision\.max_consecutive_skips=0 is out of range"):
+        PrecisionConfig(max_consecutive_skips=0)
+    with pytest.raises(ConfigError, match=r"trainer\.checkpoint_every=-5 is out of range"):
+        Trainer(model=lambda: keras.Sequential([keras.layers.Dense(1)]), loss="mse",
+                optimizer=lambda: keras.optimizers.SGD(0.1), checkpoint_every=-5)
+
+
+# -- 2. a model option of another recipe -------------------------------------------------------
+
+
+def test_model_of_another_recipe_lists_the_recipes_models(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli("recipe=mnist", "model=resnet50", f"hydra.run.dir={run_dir}")
+    assert_user_error(result, "model=resnet50 is not a model of recipe=mnist", "['mnist_cnn', 'mnist_mlp']")
+    assert not run_dir.exists()
+
+
+# -- 3. a read-only run folder -----------------------------------------------------------------
+
+
+def test_read_only_run_folder_is_named(tmp_path):
+    with tmpfs(tmp_path / "ro", "size=4m,ro") as folder:
+        result = run_cli(*TINY, f"hydra.run.dir={folder / 'run'}")
+        assert_user_error(result, f"run folder {folder / 'run'} is on a read-only file system")
+
+
+# -- 7. one run per run folder -----------------------------------------------------------------
+
+
+def test_second_run_on_a_locked_folder_changes_nothing(tmp_path):
+    from trainer.runlock import LOCK_FILE, acquire, release
+
+    run_dir = tmp_path / "run"
+    fd = acquire(run_dir)  # this process stands in for a running first run
+    try:
+        result = run_cli(*TINY, f"hydra.run.dir={run_dir}")
+    finally:
+        release(fd)
+    assert_user_error(result, f"run folder {run_dir} is in use by another run (process {os.getpid()})")
+    assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_FILE], "no .hydra/, no trainer.log"
+
+
+def test_a_killed_run_leaves_no_stale_lock(tmp_path):
+    from trainer.runlock import RunFolderError, acquire, release
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from trainer.runlock import acquire; acquire(sys.argv[1]); "
+         "print('locked', flush=True); time.sleep(60)", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunFolderError, match=f"process {holder.pid}"):
+            acquire(tmp_path)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    release(acquire(tmp_path))  # the OS dropped the dead process's lock
+
+
+# -- 4. a full disk during a save --------------------------------------------------------------
+
+
+def _fill(folder: Path, leave: int) -> Path:
+    """Fills `folder`'s file system up to `leave` free bytes (small writes fit, a checkpoint does not)."""
+    st = os.statvfs(folder)
+    filler = folder / "filler"
+    filler.write_bytes(b"\0" * max(st.f_bavail * st.f_frsize - leave, 0))
+    return filler
+
+
+def _files(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_disk_full_during_a_save_keeps_the_last_checkpoint_and_resumes(tmp_path):
+    small = ["trainer.keep_best=0", "trainer.tensorboard=false", "model.hidden_units=[32]"]  # ~0.3 MB a checkpoint
+    with tmpfs(tmp_path / "disk", "size=16m") as disk:
+        run = [*TINY, *small, f"hydra.run.dir={disk / 'run'}"]
+        first = run_cli(*run, "trainer.max_steps=20")
+        assert first.returncode == 0, first.stderr[-3000:]
+        checkpoints = disk / "run" / "checkpoints"
+        before = _files(checkpoints)
+
+        filler = _fill(disk, leave=150 * 1024)
+        full = run_cli(*run, "trainer.max_steps=40")
+        assert_user_error(full, f"no space left on device in {checkpoints} while saving step 40; "
+                                "the last complete checkpoint is step 20")
+        assert _files(checkpoints) == before, "the last checkpoint and the state file are as they were"
+        assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == [], "no ckpt-40_temp/ left"
+
+        filler.unlink()
+        again = run_cli(*run, "trainer.max_steps=40")
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert "Resuming from" in again.stderr + again.stdout and (checkpoints / "ckpt-40.index").exists()
+
+
+# -- 5. a garbled state file, a deleted index --------------------------------------------------
+
+
+def test_garbled_state_file_and_deleted_index_are_repaired_and_named(tmp_path):
+    run_dir = tmp_path / "run"
+    run = [*TINY, "trainer.keep_checkpoints=3", "trainer.keep_best=0", "model.hidden_units=[32]", f"hydra.run.dir={run_dir}"]
+    first = run_cli(*run, "trainer.max_steps=60")
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoints = run_dir / "checkpoints"
+    (checkpoints / "checkpoint").write_text("garbage {{{\n")
+    (checkpoints / "ckpt-60.index").unlink()
+
+    second = run_cli(*run, "trainer.max_steps=100")
+    out = second.stderr + second.stdout
+    assert second.returncode == 0, out[-3000:]
+    assert f"Checkpoint {checkpoints / 'ckpt-60'} is unreadable (its .index file is missing)" in out
+    assert "was unreadable; rebuilt it from the checkpoint files (steps [20, 40])" in out
+    assert "Resuming from" in out and "(step 40)" in out
+    kept = sorted(int(p.name[5:-6]) for p in checkpoints.glob("ckpt-*.index"))
+    assert kept == [60, 80, 100], "keep_checkpoints=3 holds again"
+
+
+# -- 6. NaN in an in-memory data set -----------------------------------------------------------
+
+
+def test_nan_pixels_in_an_npz_are_a_data_error_naming_the_file(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.random((128, 28, 28)).astype("float32") * 255
+    x[3, 4, :7] = np.nan
+    x[5, 0, 0] = np.inf
+    y = rng.integers(0, 10, 128).astype("uint8")
+    path = tmp_path / "mnist.npz"
+    np.savez(path, x_train=x, y_train=y, x_test=x[:32], y_test=y[:32])
+    result = run_cli(*TINY, "data.name=mnist", f"data.path={path}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_user_error(result, f"{path} (x_train) has 8 NaN or infinite values (of {x.size})")
+
+
+# -- 8. a batch that does not fit in memory ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [  # Each allocation fails at once (31 GB for the batch, 314 GB for the layer): nothing is really allocated.
+        ("data.batch_size=10000000", "out of memory: the batch does not fit in memory (data.batch_size=10000000"),
+        ("model.hidden_units=[100000000]", "out of memory: the model or a training step does not fit in memory"),
+    ],
+)
+def test_out_of_memory_names_data_batch_size(tmp_path, override, expected):
+    result = run_cli(*TINY, override, f"hydra.run.dir={tmp_path / 'run'}")
+    assert_user_error(result, expected)
+
+
+def test_run_folder_lock_nests_in_one_process_and_only_the_chief_holds_it(tmp_path):
+    import json
+
+    from trainer.runlock import is_chief_process, run_folder_lock
+
+    with run_folder_lock(tmp_path):  # the CLI's lock, then Trainer.fit's, in one process
+        with run_folder_lock(tmp_path):
+            pass
+        probe = subprocess.run([sys.executable, "-c", "import sys; from trainer.runlock import acquire; acquire(sys.argv[1])", str(tmp_path)],
+                               capture_output=True, text=True)
+        assert "is in use by another run" in probe.stderr, "the outer lock still holds after the inner one ended"
+    cluster = {"worker": ["a:1", "b:2"]}
+    assert is_chief_process("multi_worker", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}}))
+    assert not is_chief_process("multi_worker", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 1}}))
+    assert not is_chief_process("multi_worker", json.dumps({"cluster": {**cluster, "chief": ["c:3"]}, "task": {"type": "worker", "index": 0}}))
+    assert is_chief_process("mirrored", "{}")

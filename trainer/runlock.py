@@ -1,0 +1,143 @@
+"""One run per run folder: the folder is checked writable and locked before anything is written into it.
+
+The lock is `fcntl.flock` on `<run folder>/.trainer.lock`, which holds the owner's process id. The OS
+releases a flock when its process ends, however it ends (a SIGKILL too), so there is no stale lock to
+clean up; the file itself stays and means nothing without the flock. A flock is local to one machine
+(and advisory): two machines writing one network folder are not caught.
+
+The CLI takes the lock in a Hydra callback (`RunFolderCallback`), because Hydra opens the run's
+trainer.log before the task function runs: a read-only folder would be a Hydra traceback, and a second
+run would already have touched the first one's folder. The Python API takes it with `run_folder_lock`.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional
+
+from hydra.experimental.callback import Callback as HydraCallback
+from omegaconf import DictConfig, OmegaConf
+
+LOCK_FILE = ".trainer.lock"
+_held: Dict[Path, int] = {}  # folder -> lock descriptor, for the folders this process holds
+
+
+class RunFolderError(RuntimeError):
+    """The run folder cannot be written, or another run holds it; the message names it and the fix."""
+
+
+def _cannot_write(folder: Path, e: OSError) -> RunFolderError:
+    why = {
+        errno.EROFS: "is on a read-only file system",
+        errno.EACCES: "is not writable (permission denied)",
+        errno.EPERM: "is not writable (operation not permitted)",
+        errno.ENOSPC: "has no space left on its device",
+    }.get(e.errno, f"cannot be written ({e.strerror})")
+    return RunFolderError(
+        f"run folder {folder} {why}: nothing was written. Fix: pick a writable folder with "
+        "hydra.run.dir=PATH (or make that one writable)."
+    )
+
+
+def acquire(folder, hold: bool = True) -> Optional[int]:
+    """Creates `folder` if needed, checks it is writable and, with `hold`, locks it for this process.
+
+    Returns the lock's file descriptor, to `release`; None without `hold`, or when this process holds
+    the folder already (the CLI's lock, then Trainer.fit's: the outer one releases it).
+    Raises RunFolderError naming the folder and, when another process holds it, that process's id.
+    """
+    folder = Path(folder).absolute()
+    if hold and folder in _held:
+        return None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise _cannot_write(folder, e) from None
+    if not hold:
+        os.close(fd)
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunFolderError(
+            f"run folder {folder} is in use by another run (process {holder}): nothing was changed. "
+            "Fix: wait for that run to end (or stop it), or pick another folder with hydra.run.dir=PATH."
+        ) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError as e:
+        os.close(fd)
+        raise _cannot_write(folder, e) from None
+    _held[folder] = fd
+    return fd
+
+
+def release(fd: Optional[int]) -> None:
+    if fd is not None:
+        for folder in [f for f, held in _held.items() if held == fd]:
+            del _held[folder]
+        os.close(fd)  # closing the descriptor drops the flock
+
+
+@contextlib.contextmanager
+def run_folder_lock(folder, hold: bool = True) -> Iterator[None]:
+    """Holds `folder`'s lock for the block (see `acquire`); `hold=False` (a non-chief worker) only
+    checks that the folder is writable."""
+    fd = acquire(folder, hold)
+    try:
+        yield
+    finally:
+        release(fd)
+
+
+def is_chief_process(strategy_name: str, tf_config: Optional[str] = None) -> bool:
+    """Whether this process is the chief, read from TF_CONFIG before TensorFlow's strategy exists
+    (the rule of trainer.distribute.is_chief: task "chief", or worker 0 of a cluster without one)."""
+    if strategy_name != "multi_worker":
+        return True
+    config = json.loads(tf_config if tf_config is not None else os.environ.get("TF_CONFIG") or "{}")
+    task = config.get("task") or {}
+    kind, index = task.get("type"), int(task.get("index", 0))
+    return kind in (None, "chief") or (kind == "worker" and index == 0 and "chief" not in config.get("cluster", {}))
+
+
+def _fail(e: Exception) -> None:
+    """Hydra's logging is not set up yet (that is the point): the message goes to stderr, exit 2."""
+    print(f"[trainer][ERROR] - {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+class RunFolderCallback(HydraCallback):
+    """conf/config.yaml's hydra.callbacks: before Hydra creates a run's folder and opens its log, check
+    the config (trainer.config.check_config) and the folder, and lock it until the run ends. A multirun's
+    jobs lock their folders in trainer/cli.py: an error there must fail one job, not end the sweep."""
+
+    def __init__(self) -> None:
+        self.fd: Optional[int] = None
+
+    def _take(self, config: DictConfig, folder: str) -> None:
+        from trainer.config import ConfigError, check_config
+
+        try:
+            check_config(config, config.hydra.runtime.choices)
+            self.fd = acquire(folder, hold=is_chief_process(str(OmegaConf.select(config, "strategy.name"))))
+        except (ConfigError, RunFolderError) as e:
+            _fail(e)
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # The same config object run_job reads the folder from: Hydra caches ${now:...} per config,
+        # so both see the same time.
+        self._take(config, str(OmegaConf.select(config, "hydra.run.dir")))
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        release(self.fd)
+        self.fd = None
