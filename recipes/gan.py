@@ -8,7 +8,7 @@ fused update; both optimizers and loss scales are in every checkpoint.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import keras
@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 from omegaconf import II
 
-from trainer.config import ConfigError
+from trainer.config import ConfigError, ranged
 from trainer.core import Trainer
 from trainer.data import DataBundle, classification_pipeline, load_mnist_format
 
@@ -24,8 +24,8 @@ from trainer.data import DataBundle, classification_pipeline, load_mnist_format
 @dataclass
 class GanModelConfig:
     _target_: str = "trainer.recipes.gan.build_models"
-    latent_dim: int = 32  # size of the generator's noise input
-    hidden_units: List[int] = field(default_factory=lambda: [128])  # per Dense layer, in both models
+    latent_dim: int = ranged(32, "[1, inf)")  # size of the generator's noise input
+    hidden_units: List[int] = ranged(interval="[1, inf)", factory=lambda: [128])  # units per Dense layer, in both models
 
 
 @dataclass
@@ -33,9 +33,9 @@ class GanDataConfig:
     _target_: str = "trainer.recipes.gan.build_data"
     name: str = "fashion_mnist"  # mnist | fashion_mnist
     path: Optional[str] = None  # IDX files (gz or not) folder, or an mnist.npz file
-    batch_size: int = 128  # global batch, split across replicas
-    latent_dim: int = II("model.latent_dim")  # the noise that comes with each image
-    seed: int = II("seed")
+    batch_size: int = ranged(128, "[1, inf)")  # global batch, split across replicas
+    latent_dim: int = II("model.latent_dim")  # the noise that comes with each image (follows model.latent_dim)
+    seed: int = ranged(II("seed"), "[0, 4294967295]")  # seeds the order and the noise (follows the run's seed)
 
 
 def register_configs(cs) -> None:

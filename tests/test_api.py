@@ -133,9 +133,9 @@ def test_finished_iterators_are_destroyed_off_the_training_thread(monkeypatch):
     import threading
     import weakref
 
-    import trainer.core as core
     import trainer.data as data
     import trainer.inputs as inputs
+    import trainer.loop as loop
 
     died_on = []
 
@@ -145,7 +145,7 @@ def test_finished_iterators_are_destroyed_off_the_training_thread(monkeypatch):
         del item  # else this frame, not the thread, would hold the last reference
         data.release_in_background(holder)
 
-    monkeypatch.setattr(core, "release_in_background", watched_release)  # the eval iterator
+    monkeypatch.setattr(loop, "release_in_background", watched_release)  # the eval iterator
     monkeypatch.setattr(inputs, "release_in_background", watched_release)  # sample and kept iterators
     t = make_trainer()
     train, evaluation = datasets()

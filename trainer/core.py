@@ -10,6 +10,7 @@ Three layers, as in Orbit and Keras' own trainer:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -21,41 +22,22 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from trainer import objects, signals
 from trainer import precision as precision_lib
-from trainer import signals
 from trainer.callbacks import Callback, CallbackList, Checkpointing, NumericalError, callback_list
 from trainer.checkpoint import NO_BEST, Checkpointer
-from trainer.compile import XlaPlan, decide_jit_compile, make_eval_function, plan_xla
-from trainer.config import ConfigError, PrecisionConfig, TrainerConfig
-from trainer.data import release_in_background
-from trainer.distribute import StrategyError
-from trainer.inputs import DataArg, KeptIterator, distribute, sample_batch, steps_per_epoch_of, training_iterator
-from trainer.loop import Loop, TrainingInterrupted
+from trainer.compile import XlaPlan, decide_jit_compile, plan_xla
+from trainer.config import ConfigError, PrecisionConfig, TrainerConfig, check_ranges
+from trainer.inputs import DataArg, KeptIterator, sample_batch, steps_per_epoch_of, training_iterator
+from trainer.loop import Loop, TrainingInterrupted, evaluate
 from trainer.loss_scale import LossScale
-from trainer.precision import PrecisionError
+from trainer.runlock import run_folder_lock
 from trainer.step import Step
 from trainer.update import Updater
 
 log = logging.getLogger(__name__)
 
 __all__ = ["NumericalError", "Trainer", "TrainingInterrupted"]
-
-
-def _build(obj_or_builder):
-    """Objects may be given ready-made or as zero-argument builders (called under the strategy scope)."""
-    ready = (keras.layers.Layer, keras.metrics.Metric, keras.optimizers.Optimizer, keras.losses.Loss)
-    if callable(obj_or_builder) and not isinstance(obj_or_builder, ready):
-        return obj_or_builder()
-    return obj_or_builder
-
-
-def _per_example_loss(loss):
-    """Keras losses reduce by default; the step needs per-example values to average over the global batch."""
-    if isinstance(loss, keras.losses.Loss) and loss.reduction is not None:
-        config = loss.get_config()
-        config["reduction"] = None
-        return type(loss).from_config(config)
-    return loss
 
 
 class Trainer(Step):
@@ -96,8 +78,6 @@ class Trainer(Step):
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.is_chief, self.seed, self.clipnorm = is_chief, seed, clipnorm
         self.stop_training = False  # a callback may set it; the loop stops after the current loop
-        if (model is None) == (models is None):
-            raise TypeError("Trainer: give model= (one model) or models= (several), not both or neither")
 
         if self.config.deterministic:
             tf.config.experimental.enable_op_determinism()
@@ -107,11 +87,11 @@ class Trainer(Step):
             tf.debugging.enable_check_numerics()
 
         with self.strategy.scope():
-            self.models: Dict[str, keras.Model] = self._make_models(model, models)
-            if len(self.models) == 1 and model is not None and self.models["model"] is model:
-                self._check_ready_made_model(explicit_strategy=strategy is not None)
-            self.optimizers = self._make_optimizers(optimizer, optimizers)
-            self.metrics, self.eval_metrics = self._make_metrics(metrics, remake=strategy is not None)
+            self.models: Dict[str, keras.Model] = objects.make_models(model, models)
+            if model is not None and self.models.get("model") is model:  # ready-made: built before the Trainer
+                objects.check_ready_made_model(model, self.precision.policy, self.strategy, strategy is not None)
+            self.optimizers = objects.make_optimizers(optimizer, optimizers, list(self.models))
+            self.metrics, self.eval_metrics = objects.make_metrics(metrics, remake=strategy is not None)
             self.train_loss = keras.metrics.Mean(name="loss")
             self.eval_loss = keras.metrics.Mean(name="loss")
             self.train_log_trackers: Dict[str, keras.metrics.Metric] = {}  # an overridden step's logs
@@ -124,9 +104,15 @@ class Trainer(Step):
             # fine-tuning; with SGD this equals a per-variable learning rate). Call
             # reset_step_functions() after changing it, or after freezing/unfreezing layers.
             self.grad_multipliers: Dict[Any, float] = {}
-            self.updaters = {name: self._make_updater(name, opt) for name, opt in self.optimizers.items()}
+            self.updaters = {
+                name: Updater(name, opt, lambda name=name: self.models[name].trainable_variables,
+                              objects.make_loss_scale(self.precision, say_ignored=i == 0), strategy=self.strategy,
+                              clipnorm=clipnorm, skip_nonfinite=self.precision.skip_nonfinite,
+                              fused=self.config.fused_optimizer, grad_multipliers=lambda: self.grad_multipliers)
+                for i, (name, opt) in enumerate(self.optimizers.items())
+            }
         self.default_optimizer = next(iter(self.optimizers)) if len(self.optimizers) == 1 else None
-        self.loss = _per_example_loss(loss)
+        self.loss = objects.per_example_loss(loss)
         self.jit_compile = decide_jit_compile(self.config, self.precision, on_cpu=self._on_cpu(),
                                               replicas=self.strategy.num_replicas_in_sync)
         self.callbacks = CallbackList(list(callbacks))
@@ -139,54 +125,6 @@ class Trainer(Step):
         self._kept_iterator: Optional[KeptIterator] = None
 
     # -- what the Trainer holds -------------------------------------------------------------------
-
-    def _make_models(self, model, models) -> Dict[str, keras.Model]:
-        built = _build(model if model is not None else models)
-        if isinstance(built, Mapping):
-            built = {name: _build(m) for name, m in built.items()}
-        elif model is None and not isinstance(built, keras.Model):
-            raise TypeError(f"Trainer(models=...) takes name -> model, or a function returning that; got {type(built).__name__}")
-        return dict(built) if isinstance(built, Mapping) else {"model": built}
-
-    def _make_optimizers(self, optimizer, optimizers) -> Dict[str, keras.optimizers.Optimizer]:
-        if optimizers is None:
-            if optimizer is None:
-                raise TypeError("Trainer: give optimizer= (a Keras optimizer or a function building one) or optimizers=")
-            if len(self.models) > 1 and isinstance(optimizer, keras.optimizers.Optimizer):
-                raise TypeError("Trainer: a ready-made optimizer can train one model; with several models give a "
-                                "function that builds one (called once per model), or optimizers={name: ...}")
-            optimizers = {name: optimizer for name in self.models}
-        unknown = sorted(set(optimizers) - set(self.models))
-        if unknown:
-            raise ConfigError(f"optimizers {unknown} name no model: each optimizer trains the model of the same name "
-                              f"(models: {sorted(self.models)})")
-        return {name: _build(opt) for name, opt in optimizers.items()}
-
-    def _make_metrics(self, metrics, remake: bool):
-        def metric(m):  # a ready-made metric is remade here, so its variables belong to the strategy
-            built = _build(m)
-            return type(built).from_config(built.get_config()) if built is m and remake else built
-
-        if isinstance(metrics, Mapping):
-            named = {name: metric(m) for name, m in metrics.items()}
-        else:
-            named = {(m := metric(x)).name: m for x in metrics or ()}
-        return named, {name: type(m).from_config(m.get_config()) for name, m in named.items()}
-
-    def _make_updater(self, name: str, optimizer) -> Updater:
-        p = self.precision
-        scaled = p.policy == "mixed_float16" or (p.policy == "mixed_bfloat16" and p.scale_bfloat16)
-        if not scaled and p.loss_scale is not None and name == next(iter(self.optimizers)):
-            log.info("precision.loss_scale is ignored for %s (no loss scaling)", p.policy)
-        if not scaled:
-            loss_scale = LossScale("none")
-        elif p.loss_scale is not None:
-            loss_scale = LossScale("fixed", initial_scale=p.loss_scale, growth_interval=p.growth_interval)
-        else:
-            loss_scale = LossScale("dynamic", initial_scale=p.initial_scale, growth_interval=p.growth_interval)
-        return Updater(name, optimizer, lambda: self.models[name].trainable_variables, loss_scale,
-                       strategy=self.strategy, clipnorm=self.clipnorm, skip_nonfinite=p.skip_nonfinite,
-                       fused=self.config.fused_optimizer, grad_multipliers=lambda: self.grad_multipliers)
 
     def _only(self, what: str, mapping: Dict):
         if len(mapping) != 1:
@@ -209,25 +147,6 @@ class Trainer(Step):
     @property
     def loss_scale(self) -> LossScale:
         return self._only("loss_scale", {n: u.loss_scale for n, u in self.updaters.items()})
-
-    def _check_ready_made_model(self, explicit_strategy: bool) -> None:
-        """A model built before the Trainer keeps the dtype policy and device placement of that moment."""
-        policy = self.precision.policy
-        compute = precision_lib.compute_dtype(policy).name
-        layers = list(self.model._flatten_layers(include_self=False, recursive=True))
-        if policy != "float32" and layers and not any(layer.compute_dtype == compute for layer in layers):
-            raise PrecisionError(
-                f"The model was built before the Trainer set precision {policy!r}: all its layers compute in "
-                f"{layers[0].compute_dtype}. Fix: pass a function that builds it (model=lambda: build_model()), "
-                f"or build it after keras.mixed_precision.set_dtype_policy({policy!r})."
-            )
-        weights = [w.value if isinstance(w, keras.Variable) else w for w in self.model.weights]
-        if explicit_strategy and weights and not self.strategy.extended.variable_created_in_scope(weights[0]):
-            raise StrategyError(
-                "The model's variables were created outside the strategy's scope, so they are not mirrored "
-                "across its replicas. Fix: pass a function that builds the model (model=lambda: build_model()), "
-                "or build it under strategy.scope()."
-            )
 
     # -- building and compiling -------------------------------------------------------------------
 
@@ -325,6 +244,11 @@ class Trainer(Step):
         `steps_per_epoch` counts steps (optimizer updates): by default, the data set's batches over
         `config.grad_accum_steps`.
         """
+        check_ranges(TrainerConfig, {"max_steps": steps, "epochs": epochs}, "trainer")  # fit()'s own
+        with run_folder_lock(self.run_dir, hold=self.is_chief) if self.run_dir is not None else contextlib.nullcontext():
+            return self._fit(train_data, eval_data, steps, epochs, steps_per_epoch, batch_size)
+
+    def _fit(self, train_data, eval_data, steps, epochs, steps_per_epoch, batch_size) -> Dict[str, float]:
         cfg = self.config
         if steps_per_epoch is None:
             steps_per_epoch = steps_per_epoch_of(train_data, cfg.grad_accum_steps)
@@ -393,41 +317,8 @@ class Trainer(Step):
                  callbacks: Optional[CallbackList] = None) -> Dict[str, float]:
         """Computes the loss and metrics (and an overridden test_step's logs) over the whole eval set
         (or `steps` batches)."""
-        trackers = [*self.eval_metrics.values(), self.eval_loss, *self.eval_log_trackers.values()]
-        for m in trackers:
-            m.reset_state()
-        steps = steps or self.config.eval_steps
-        step = int(self.step.numpy()) if step is None else step
-        if callbacks is not None:
-            callbacks.on_eval_begin(self, step)
-        holder = [iter(distribute(eval_data, self.strategy, training=False))]  # its only reference: see the end
-        if self._eval_function is None:
-            self._eval_function = make_eval_function(self, holder[0])
-        bar = None
-        if self.config.progress_bar:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=steps, desc="eval", unit="batch", leave=False, dynamic_ncols=True)
-        done, chunk = 0, 25  # batches per call: the bar moves while the loop stays in the graph
-        while steps is None or done < steps:
-            want = chunk if steps is None else min(chunk, steps - done)
-            n = int(self._eval_function(holder[0], tf.constant(want, tf.int64)))
-            done += n
-            if bar is not None:
-                bar.update(n)
-            if n < want:
-                break
-        if bar is not None:
-            bar.close()
-        release_in_background(holder)  # destroying it can wait for tf.data's autotuner (see data.py)
-        logs: Dict[str, Any] = {"step": step, "split": "eval"}
-        if int(self.eval_loss.count.numpy()) > 0 or not self.eval_log_trackers:
-            logs["loss"] = float(self.eval_loss.result())
-            logs.update({name: float(m.result()) for name, m in self.eval_metrics.items()})
-        logs.update({name: float(m.result()) for name, m in self.eval_log_trackers.items()})
-        if callbacks is not None:
-            callbacks.on_eval_end(self, step, logs)
-        return logs
+        return evaluate(self, eval_data, steps=steps or self.config.eval_steps,
+                        step=int(self.step.numpy()) if step is None else step, callbacks=callbacks)
 
     def weights_fingerprint(self) -> str:
         """SHA-256 of all models' weights: equal on every worker of a run, and across bit-identical runs."""

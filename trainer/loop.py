@@ -7,13 +7,15 @@ import shutil
 import signal
 import tempfile
 import time
-from typing import Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import tensorflow as tf
 from tensorflow.python.util import deprecation as _tf_deprecation
 
 from trainer import signals
-from trainer.compile import make_train_function
+from trainer.compile import make_eval_function, make_train_function
+from trainer.data import release_in_background
+from trainer.inputs import distribute
 
 log = logging.getLogger("trainer.core")
 
@@ -167,3 +169,41 @@ class Loop:
         else:
             log.warning("Received %s at step %d: stopping (no run folder, nothing saved).", e, self.step)
         self.callbacks.on_train_end(t, {"step": self.step, "interrupted": True})
+
+
+def evaluate(trainer, eval_data, *, steps: Optional[int], step: int, callbacks=None) -> Dict[str, Any]:
+    """The loss and metrics (and an overridden test_step's logs) over the eval set, or `steps` batches of
+    it; with `callbacks` (the loop's evaluations), on_eval_begin and on_eval_end around it."""
+    t = trainer
+    for m in [*t.eval_metrics.values(), t.eval_loss, *t.eval_log_trackers.values()]:
+        m.reset_state()
+    if callbacks is not None:
+        callbacks.on_eval_begin(t, step)
+    holder = [iter(distribute(eval_data, t.strategy, training=False))]  # its only reference: see the end
+    if t._eval_function is None:
+        t._eval_function = make_eval_function(t, holder[0])
+    bar = None
+    if t.config.progress_bar:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="eval", unit="batch", leave=False, dynamic_ncols=True)
+    done, chunk = 0, 25  # batches per call: the bar moves while the loop stays in the graph
+    while steps is None or done < steps:
+        want = chunk if steps is None else min(chunk, steps - done)
+        n = int(t._eval_function(holder[0], tf.constant(want, tf.int64)))
+        done += n
+        if bar is not None:
+            bar.update(n)
+        if n < want:
+            break
+    if bar is not None:
+        bar.close()
+    release_in_background(holder)  # destroying it can wait for tf.data's autotuner (see data.py)
+    logs: Dict[str, Any] = {"step": step, "split": "eval"}
+    if int(t.eval_loss.count.numpy()) > 0 or not t.eval_log_trackers:
+        logs["loss"] = float(t.eval_loss.result())
+        logs.update({name: float(m.result()) for name, m in t.eval_metrics.items()})
+    logs.update({name: float(m.result()) for name, m in t.eval_log_trackers.items()})
+    if callbacks is not None:
+        callbacks.on_eval_end(t, step, logs)
+    return logs

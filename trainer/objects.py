@@ -1,0 +1,108 @@
+"""What a Trainer holds, made from what the user gave: models, optimizers (one per model, by name),
+metrics, loss and loss scales. Called under the strategy scope (core.py), after the dtype policy is set."""
+from __future__ import annotations
+
+import logging
+from typing import Dict, Mapping, Tuple
+
+import keras
+import tensorflow as tf
+
+from trainer import precision as precision_lib
+from trainer.config import ConfigError, PrecisionConfig
+from trainer.distribute import StrategyError
+from trainer.loss_scale import LossScale
+from trainer.precision import PrecisionError
+
+log = logging.getLogger("trainer.core")
+
+
+def build(obj_or_builder):
+    """Objects may be given ready-made or as zero-argument builders (called under the strategy scope)."""
+    ready = (keras.layers.Layer, keras.metrics.Metric, keras.optimizers.Optimizer, keras.losses.Loss)
+    if callable(obj_or_builder) and not isinstance(obj_or_builder, ready):
+        return obj_or_builder()
+    return obj_or_builder
+
+
+def per_example_loss(loss):
+    """Keras losses reduce by default; the step needs per-example values to average over the global batch."""
+    if isinstance(loss, keras.losses.Loss) and loss.reduction is not None:
+        config = loss.get_config()
+        config["reduction"] = None
+        return type(loss).from_config(config)
+    return loss
+
+
+def make_models(model, models) -> Dict[str, keras.Model]:
+    """{"model": model} for one model; name -> model for several (a dict, or a function returning one)."""
+    if (model is None) == (models is None):
+        raise TypeError("Trainer: give model= (one model) or models= (several), not both or neither")
+    built = build(model if model is not None else models)
+    if isinstance(built, Mapping):
+        return {name: build(m) for name, m in built.items()}
+    if model is None and not isinstance(built, keras.Model):
+        raise TypeError(f"Trainer(models=...) takes name -> model, or a function returning that; got {type(built).__name__}")
+    return {"model": built}
+
+
+def make_optimizers(optimizer, optimizers, model_names) -> Dict[str, keras.optimizers.Optimizer]:
+    """name -> optimizer, each training the model of its name; `optimizer` alone: one per model."""
+    if optimizers is None:
+        if optimizer is None:
+            raise TypeError("Trainer: give optimizer= (a Keras optimizer or a function building one) or optimizers=")
+        if len(model_names) > 1 and isinstance(optimizer, keras.optimizers.Optimizer):
+            raise TypeError("Trainer: a ready-made optimizer can train one model; with several models give a "
+                            "function that builds one (called once per model), or optimizers={name: ...}")
+        optimizers = {name: optimizer for name in model_names}
+    unknown = sorted(set(optimizers) - set(model_names))
+    if unknown:
+        raise ConfigError(f"optimizers {unknown} name no model: each optimizer trains the model of the same name "
+                          f"(models: {sorted(model_names)})")
+    return {name: build(opt) for name, opt in optimizers.items()}
+
+
+def make_metrics(metrics, remake: bool) -> Tuple[Dict[str, keras.metrics.Metric], Dict[str, keras.metrics.Metric]]:
+    """(train metrics, eval metrics) by name; with `remake` a ready-made metric is made anew here, so its
+    variables belong to the strategy."""
+    def metric(m):
+        built = build(m)
+        return type(built).from_config(built.get_config()) if built is m and remake else built
+
+    if isinstance(metrics, Mapping):
+        named = {name: metric(m) for name, m in metrics.items()}
+    else:
+        named = {(m := metric(x)).name: m for x in metrics or ()}
+    return named, {name: type(m).from_config(m.get_config()) for name, m in named.items()}
+
+
+def make_loss_scale(p: PrecisionConfig, say_ignored: bool) -> LossScale:
+    """Dynamic for float16 (or bfloat16 with scale_bfloat16), fixed with precision.loss_scale, else none."""
+    scaled = p.policy == "mixed_float16" or (p.policy == "mixed_bfloat16" and p.scale_bfloat16)
+    if not scaled:
+        if p.loss_scale is not None and say_ignored:
+            log.info("precision.loss_scale is ignored for %s (no loss scaling)", p.policy)
+        return LossScale("none")
+    if p.loss_scale is not None:
+        return LossScale("fixed", initial_scale=p.loss_scale, growth_interval=p.growth_interval)
+    return LossScale("dynamic", initial_scale=p.initial_scale, growth_interval=p.growth_interval)
+
+
+def check_ready_made_model(model: keras.Model, policy: str, strategy: tf.distribute.Strategy,
+                           explicit_strategy: bool) -> None:
+    """A model built before the Trainer keeps the dtype policy and device placement of that moment."""
+    compute = precision_lib.compute_dtype(policy).name
+    layers = list(model._flatten_layers(include_self=False, recursive=True))
+    if policy != "float32" and layers and not any(layer.compute_dtype == compute for layer in layers):
+        raise PrecisionError(
+            f"The model was built before the Trainer set precision {policy!r}: all its layers compute in "
+            f"{layers[0].compute_dtype}. Fix: pass a function that builds it (model=lambda: build_model()), "
+            f"or build it after keras.mixed_precision.set_dtype_policy({policy!r})."
+        )
+    weights = [w.value if isinstance(w, keras.Variable) else w for w in model.weights]
+    if explicit_strategy and weights and not strategy.extended.variable_created_in_scope(weights[0]):
+        raise StrategyError(
+            "The model's variables were created outside the strategy's scope, so they are not mirrored "
+            "across its replicas. Fix: pass a function that builds the model (model=lambda: build_model()), "
+            "or build it under strategy.scope()."
+        )
