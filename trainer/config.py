@@ -43,6 +43,11 @@ def ranged(default: Any = MISSING, interval: str = "", *, factory=None) -> Any:
     return field(default=default, metadata={"range": interval})
 
 
+def chosen(default: str, choices: str) -> Any:
+    """A string field whose value must be one of `choices`, written "a|b|c"; checked with the ranges."""
+    return field(default=default, metadata={"choices": tuple(choices.split("|"))})
+
+
 def _inside(value: float, interval: str) -> bool:
     opening, lo, hi, closing = _INTERVAL.match(interval).groups()
     lo, hi = float(lo), float(hi)
@@ -57,19 +62,22 @@ def _describe(interval: str) -> str:
 
 
 def check_ranges(schema, values: Mapping[str, Any], prefix: str) -> None:
-    """Raises ConfigError naming `prefix.key`, its value and its range for the first value out of range.
+    """Raises ConfigError naming `prefix.key`, its value and its range for the first value out of range
+    (or, for a `chosen` field, its choices for a value that is none of them).
 
     Strings are skipped: an unresolved `???` (reported by OmegaConf when it is used) or a wrong type
     (OmegaConf rejects those while composing)."""
     for f in dataclasses.fields(schema):
-        interval = f.metadata.get("range")
+        interval, choices = f.metadata.get("range"), f.metadata.get("choices")
         value = values.get(f.name)
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if choices is not None and value is not None and value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {'|'.join(choices)}. Fix: set {key} to one of them.")
         if interval is None or value is None:
             continue
         for item in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(item, (int, float)) and not isinstance(item, bool) and not _inside(item, interval):
                 each = "each element " if isinstance(value, (list, tuple)) else ""
-                key = f"{prefix}.{f.name}" if prefix else f.name
                 raise ConfigError(f"{key}={value} is out of range: {each}must be {_describe(interval)}. "
                                   f"Fix: set {key} to {'values' if each else 'a value'} {_describe(interval)}.")
 
@@ -103,6 +111,11 @@ class TrainerConfig(Checked):
     best_mode: str = "max"  # max | min
     resume: bool = True  # resume from the run folder's checkpoints when there are any
     init_from: Optional[str] = None  # warm start: model weights only, from a checkpoint or .keras/.weights.h5
+    # Divergence (docs/faults.md). 100x the first loss is far beyond a healthy run's noise (a spike of a
+    # few x), yet a diverging run passes it within a log window or two (lr=1e6 on MNIST: 2.3 -> 5e5).
+    divergence_factor: Optional[float] = ranged(100.0, "(1, inf)")  # a train loss above this x the run's first is a divergence; None: off
+    on_divergence: str = chosen("stop", "stop|rollback|warn")  # stop (exit 3) | rollback (last good checkpoint, half the lr; also on precision.max_consecutive_skips) | warn
+    max_rollbacks: int = ranged(3, "[1, inf)")  # on_divergence=rollback: rollbacks per run before it stops (exit 3)
     # Compile the steps with XLA. None (auto): on only without a GPU for mixed_float16 (TensorFlow's
     # float16 CPU kernels are ~100x slower than XLA's) and for mixed_bfloat16 on an Intel CPU with
     # AVX-512 BF16 and no AMX (its bfloat16 kernels are slow, XLA's are not).
@@ -288,7 +301,7 @@ def check_config(cfg, choices: Optional[Mapping[str, str]] = None) -> None:
             continue
         values = {}
         for f in dataclasses.fields(schema):
-            if "range" in f.metadata and f.name in node:
+            if ("range" in f.metadata or "choices" in f.metadata) and f.name in node:
                 try:
                     value = node[f.name]
                 except OmegaConfBaseException:
