@@ -2,6 +2,8 @@
 state is saved or trained on (exit 3 from the CLI; the last good checkpoint is intact)."""
 from __future__ import annotations
 
+from typing import Optional
+
 from trainer.callbacks.base import Callback
 from trainer.checkpoint import non_finite_weights
 
@@ -38,9 +40,7 @@ class NumericsGuard(Callback):
         return sum(int(u.loss_scale.skipped_steps.numpy()) for u in trainer.updaters.values())
 
     def on_loop_end(self, trainer, step):
-        limit = trainer.precision.max_consecutive_skips
         skipped = self._skipped(trainer)
-        several = len(trainer.updaters) > 1
         applying = [u for u in trainer.updaters.values() if not u.loss_scale.enabled]
         if applying and not trainer.precision.skip_nonfinite and skipped > self.skipped_at_start:
             raise NumericalError(
@@ -53,22 +53,34 @@ class NumericsGuard(Callback):
         if skipped > self.skips_checked:  # a skip undoes the update, not what the forward pass assigned
             self.skips_checked = skipped
             check_weights_finite(trainer, step)
-        for name, updater in trainer.updaters.items():
-            ls = updater.loss_scale
-            consecutive, at_floor = int(ls.consecutive_skips.numpy()), int(ls.skips_at_floor.numpy())
-            if consecutive < limit and at_floor < 5:
-                continue
-            why = (
-                f"the dynamic loss scale is at its floor of 1 and {at_floor} more steps still overflowed"
-                if at_floor >= 5
-                else f"{consecutive} consecutive steps had non-finite loss or gradients (limit: "
-                     f"precision.max_consecutive_skips={limit})"
-            )
+        why = stuck_steps(trainer)
+        if why is not None:
             raise NumericalError(
-                f"Stopping at step {step}: {why}{f' (optimizer {name!r})' if several else ''}; "
-                f"{int(ls.skipped_steps.numpy())} steps skipped in all. "
+                f"Stopping at step {step}: {why}. "
                 "The model is producing inf/NaN, not just float16 overflow. Check the input data for NaN/inf; "
                 "or try: a lower optimizer.lr, optimizer.clipnorm=1.0, precision=mixed_bfloat16 or float32, "
                 "precision.float32_layers=[...] for LayerNorm/Softmax, or precision.debug_numerics=true to "
-                "name the first bad op. The last good checkpoint is intact."
+                "name the first bad op; trainer.on_divergence=rollback rolls back to the last good checkpoint "
+                "and halves the learning rate instead. The last good checkpoint is intact."
             )
+
+
+def stuck_steps(trainer) -> Optional[str]:
+    """Why skipping non-finite steps cannot go on (too many in a row, or a dynamic loss scale at its floor
+    that still overflows), for the first optimizer where it cannot; None while it can. The numerics guard
+    stops on it; the divergence guard (on_divergence=rollback) rolls back on it first."""
+    limit = trainer.precision.max_consecutive_skips
+    several = len(trainer.updaters) > 1
+    for name, updater in trainer.updaters.items():
+        ls = updater.loss_scale
+        consecutive, at_floor = int(ls.consecutive_skips.numpy()), int(ls.skips_at_floor.numpy())
+        if consecutive < limit and at_floor < 5:
+            continue
+        why = (
+            f"the dynamic loss scale is at its floor of 1 and {at_floor} more steps still overflowed"
+            if at_floor >= 5
+            else f"{consecutive} consecutive steps had non-finite loss or gradients (limit: "
+                 f"precision.max_consecutive_skips={limit})"
+        )
+        return f"{why}{f' (optimizer {name!r})' if several else ''}; {int(ls.skipped_steps.numpy())} steps skipped in all"
+    return None
