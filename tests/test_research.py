@@ -184,7 +184,7 @@ def test_a_callbacks_state_is_checkpointed_and_resumed(tmp_path):
     trainer(resumed).fit(blobs(), steps=7)
     assert resumed.count == 7  # 4 restored from ckpt-4, then 3 more
     saved = tf.train.load_checkpoint(str(tmp_path / "checkpoints" / "ckpt-7")).get_tensor("callbacks/.ATTRIBUTES/py_state")
-    assert json.loads(saved) == {"CountLogs": {"count": 7}}
+    assert json.loads(saved)["CountLogs"] == {"count": 7}  # beside the built-ins' (DivergenceGuard's)
 
 
 def test_examples_run(tmp_path):

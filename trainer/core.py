@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from trainer import objects, signals
 from trainer import precision as precision_lib
-from trainer.callbacks import Callback, CallbackList, Checkpointing, NumericalError, callback_list
+from trainer.callbacks import Callback, CallbackList, Checkpointing, DivergenceGuard, NumericalError, callback_list
 from trainer.checkpoint import NO_BEST, Checkpointer
 from trainer.compile import XlaPlan, decide_jit_compile, plan_xla
 from trainer.config import ConfigError, PrecisionConfig, TrainerConfig, check_ranges
@@ -117,6 +117,7 @@ class Trainer(Step):
                                               replicas=self.strategy.num_replicas_in_sync)
         self.callbacks = CallbackList(list(callbacks))
         self.checkpointing = Checkpointing()
+        self.divergence = DivergenceGuard()  # the run's reference loss and rollbacks, across fit() calls
         self.checkpointer: Optional[Checkpointer] = None  # made by the first fit() with a run_dir
         self.callback_list = CallbackList([])  # the current fit() call's, with the built-ins
         self.traces: Dict[str, int] = {"train": 0, "eval": 0}

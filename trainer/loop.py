@@ -126,6 +126,7 @@ class Loop:
                 log.info("First loop (trace/compile + %d steps): %.2fs", k, self.first_loop_seconds)
                 window_start, window_step = time.perf_counter(), self.step
             callbacks.on_loop_end(t, self.step)  # the numerics guard last: never save (and exit on) bad weights
+            self.step = int(t.step.numpy())  # a rollback (callbacks/divergence.py) moves it back
             if preemption is not None and self.step < self.total:  # at the end, the run finishes instead
                 with _tf_deprecation.silence():  # TF calls its own deprecated total_run_calls
                     preemption.save_checkpoint_if_preempted(self.step)
@@ -133,6 +134,7 @@ class Loop:
                 examples = (self.step - window_step) * t.batch_size * cfg.grad_accum_steps
                 self.train_logs = t.collect_train_logs(self.step, examples, time.perf_counter() - window_start)
                 callbacks.on_log(t, self.step, self.train_logs)
+                self.step = int(t.step.numpy())  # likewise
                 window_start, window_step = time.perf_counter(), self.step
             paused = time.perf_counter()  # evaluation and saving do not count as training time
             if self.eval_data is not None and cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total:

@@ -1,0 +1,135 @@
+"""Divergence: a train loss far above the run's first (trainer.divergence_factor) stops, warns or rolls back
+(trainer.on_divergence); with rollback, so do non-finite steps beyond precision.max_consecutive_skips.
+
+A linear regression with plain SGD is the real thing on a tiny scale: its loss grows geometrically once the
+learning rate passes 2 / (the largest curvature), and converges with half that rate."""
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pytest
+
+from conftest import TINY, run_cli
+
+STABLE, UNSTABLE = 0.3, 1.5  # for regression(): SGD on it converges up to a rate of ~0.8, and diverges above
+
+
+def regression(n: int = 2048, batch: int = 16, nan_batches=()):
+    """y = x . w + noise (4 features, each batch of 16); `nan_batches`: batch indices whose inputs are NaN."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 4)).astype("float32")
+    y = (x @ np.array([1.0, -2.0, 0.5, 1.5], "float32") + 0.1 * rng.normal(size=n)).astype("float32")[:, None]
+    for b in nan_batches:
+        x[b * batch:(b + 1) * batch] = np.nan
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch, drop_remainder=True)
+
+
+def make(lr: float, run_dir=None, **options):
+    import keras
+
+    from trainer import Trainer
+
+    defaults = dict(log_every=5, checkpoint_every=10, progress_bar=False, tensorboard=False, best_metric=None)
+    return Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)]), loss=keras.losses.MeanSquaredError(),
+                   optimizer=lambda: keras.optimizers.SGD(lr), run_dir=run_dir, **{**defaults, **options})
+
+
+def lr_of(trainer) -> float:
+    return float(np.asarray(trainer.optimizer.learning_rate))
+
+
+def test_the_options_are_checked():
+    from trainer import TrainerConfig
+    from trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"trainer\.on_divergence='retry' is not one of stop\|rollback\|warn"):
+        TrainerConfig(on_divergence="retry")
+    with pytest.raises(ConfigError, match=r"trainer\.divergence_factor=0\.5 is out of range"):
+        TrainerConfig(divergence_factor=0.5)
+    with pytest.raises(ConfigError, match=r"trainer\.max_rollbacks=0 is out of range"):
+        TrainerConfig(max_rollbacks=0)
+    with pytest.raises(ConfigError, match="no run folder"):
+        make(STABLE, on_divergence="rollback").fit(regression(), steps=5)
+
+
+def test_stop_names_the_loss_the_reference_and_the_causes():
+    from trainer import NumericalError
+
+    trainer = make(UNSTABLE)  # the default: on_divergence=stop, divergence_factor=100
+    with pytest.raises(NumericalError) as raised:
+        trainer.fit(regression(), steps=200)
+    message = str(raised.value)
+    for part in ("trainer.divergence_factor=100", "first train loss", "optimizer.lr", "input data",
+                 "trainer.on_divergence=rollback"):
+        assert part in message, message
+    assert int(trainer.step.numpy()) < 200
+
+
+def test_warn_warns_once_per_episode_and_trains_on(caplog):
+    trainer = make(UNSTABLE, on_divergence="warn", log_every=2)
+    with caplog.at_level(logging.WARNING, logger="trainer.core"):
+        logs = trainer.fit(regression(), steps=40)
+    warnings = [r.getMessage() for r in caplog.records if "diverging" in r.getMessage()]
+    assert len(warnings) == 1, warnings  # many logs above the threshold, one episode
+    assert "trainer.divergence_factor=100" in warnings[0] and f"{trainer.divergence.reference:.4g}" in warnings[0]
+    assert logs["loss"] > 100 * trainer.divergence.reference and int(trainer.step.numpy()) == 40
+
+
+def test_rollback_restores_halves_the_lr_and_trains_on(tmp_path, caplog):
+    make(STABLE, tmp_path).fit(regression(), steps=20)  # checkpoints at 10 and 20
+    trainer = make(UNSTABLE, tmp_path, on_divergence="rollback")  # resumed with a rate that diverges
+    with caplog.at_level(logging.WARNING, logger="trainer.core"):
+        logs = trainer.fit(regression(), steps=80)
+    rolled = [r.getMessage() for r in caplog.records if "Rolled back" in r.getMessage()]
+    assert len(rolled) == 1 and "checkpoint of step 20" in rolled[0], rolled
+    assert lr_of(trainer) == pytest.approx(UNSTABLE / 2)
+    assert trainer.divergence.rollbacks == 1 and int(trainer.step.numpy()) == 80
+    assert math.isfinite(logs["loss"]) and logs["loss"] < trainer.divergence.reference
+
+
+def test_rollback_gives_up_after_max_rollbacks(tmp_path):
+    from trainer import NumericalError
+
+    make(STABLE, tmp_path).fit(regression(), steps=20)
+    trainer = make(UNSTABLE * 16, tmp_path, on_divergence="rollback", max_rollbacks=2)  # diverges at 1/2 and 1/4 too
+    with pytest.raises(NumericalError, match=r"again after 2 rollbacks .*trainer\.max_rollbacks=2"):
+        trainer.fit(regression(), steps=80)
+    assert lr_of(trainer) == pytest.approx(UNSTABLE * 4)
+
+
+def test_the_reference_loss_survives_a_resume(tmp_path):
+    first = make(STABLE, tmp_path)
+    first.fit(regression(), steps=20)
+    reference = first.divergence.reference
+    resumed = make(STABLE, tmp_path)
+    resumed.fit(regression(), steps=30)
+    # the run's first loss (step 1, ~5), not the resumed process's first (~0.01, the model has learned)
+    assert resumed.divergence.reference == reference and resumed.divergence.reference_step == 1
+
+
+def test_nonfinite_steps_roll_back_instead_of_stopping(tmp_path, caplog):
+    data = regression(nan_batches=range(24, 27))  # steps 25-27 see NaN inputs: each is skipped
+    trainer = make(STABLE, tmp_path, on_divergence="rollback", divergence_factor=None,
+                   precision=_precision(max_consecutive_skips=3))
+    with caplog.at_level(logging.WARNING, logger="trainer.core"):
+        logs = trainer.fit(data, steps=50)
+    rolled = [r.getMessage() for r in caplog.records if "Rolled back" in r.getMessage()]
+    assert len(rolled) == 1 and "3 consecutive steps had non-finite" in rolled[0], rolled
+    assert lr_of(trainer) == pytest.approx(STABLE / 2) and int(trainer.step.numpy()) == 50
+    assert math.isfinite(logs["loss"])
+
+
+def _precision(**kw):
+    from trainer import PrecisionConfig
+
+    return PrecisionConfig(**kw)
+
+
+def test_cli_lr_1e6_stops_with_exit_3(tmp_path):
+    result = run_cli(*TINY, "optimizer.lr=1e6", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "trainer.divergence_factor=100" in result.stderr + result.stdout

@@ -1,0 +1,186 @@
+"""The divergence guard: a train loss far above the run's first one (`trainer.divergence_factor`) stops
+the run, warns, or rolls back to the last good checkpoint with half the learning rate
+(`trainer.on_divergence`). With on_divergence=rollback, steps that stay non-finite beyond
+`precision.max_consecutive_skips` roll back too, instead of stopping.
+
+It is the TF Model Garden's recovery (official/core/base_trainer.py: `recovery_loss_threshold`,
+`recovery_max_trials`: restore the latest checkpoint when the loss is NaN or above the threshold, up to N
+times), with two changes: the threshold is relative to the run's first loss (one default fits every
+recipe), and a rollback halves the learning rate (the same rate from the same weights mostly diverges
+again; the data does not replay either: the run goes on with the next batches).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Dict, Optional
+
+import keras
+import tensorflow as tf
+
+from trainer.callbacks.base import Callback
+from trainer.callbacks.numerics import NumericalError, stuck_steps
+from trainer.checkpoint import list_checkpoints
+from trainer.config import ConfigError
+
+log = logging.getLogger("trainer.core")
+
+CAUSES = ("Likely causes: a learning rate too high (optimizer.lr, or a schedule's peak and warmup_steps), or bad "
+          "input data (unnormalised features or targets, wrong labels, NaN/inf).")
+
+
+@keras.saving.register_keras_serializable(package="trainer")
+class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """`schedule(step) * scale`: the scale is a variable, so a rollback halves a scheduled learning rate
+    without retracing the step (the step reads the variable; a Python number would be baked into the trace)."""
+
+    def __init__(self, schedule, scale: tf.Variable):
+        self.schedule, self.scale = schedule, scale
+
+    def __call__(self, step):
+        return self.schedule(step) * keras.ops.cast(self.scale, "float32")
+
+    def get_config(self):
+        return {"schedule": keras.saving.serialize_keras_object(self.schedule), "scale": float(self.scale.numpy())}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(keras.saving.deserialize_keras_object(config["schedule"]), tf.Variable(config["scale"], trainable=False))
+
+
+class DivergenceGuard(Callback):
+    """After each log: a train loss above `divergence_factor` x the reference (the mean loss of the run's
+    first loop, or its first logged loss when that one was not finite) is a divergence. The reference and
+    the rollback count belong to the run: they are kept in every checkpoint (state_dict) and survive a
+    resume and a rollback. One per Trainer; in the loop it runs just before the numerics guard."""
+
+    def __init__(self):
+        self.reference: Optional[float] = None
+        self.reference_step: Optional[int] = None
+        self.rollbacks = 0
+        self.lr_scale = 1.0  # of scheduled learning rates (ScaledSchedule); constant rates are halved in place
+        self.warned = False  # on_divergence=warn: once per episode (logs above the threshold in a row)
+        self.last_good_step = 0  # the newest step judged good: a rollback restores no checkpoint after it
+        self.scales: Dict[str, tf.Variable] = {}
+
+    def state_dict(self):
+        return {"reference": self.reference, "reference_step": self.reference_step, "rollbacks": self.rollbacks,
+                "lr_scale": self.lr_scale}
+
+    def load_state_dict(self, state):
+        self.reference, self.reference_step = state.get("reference"), state.get("reference_step")
+        self.rollbacks, self.lr_scale = int(state.get("rollbacks", 0)), float(state.get("lr_scale", 1.0))
+
+    # -- set-up -----------------------------------------------------------------------------------
+
+    def on_train_begin(self, trainer):
+        self.last_good_step = int(trainer.step.numpy())  # where this fit() starts: a checkpoint, or step 0
+        self.looked_at_first_loop = False
+        if trainer.config.on_divergence != "rollback":
+            return
+        if trainer.run_dir is None:
+            raise ConfigError("trainer.on_divergence=rollback restores the last good checkpoint, and this Trainer has "
+                              "no run folder to keep checkpoints in. Fix: give it run_dir=..., or use "
+                              "on_divergence=stop or warn.")
+        for name, updater in trainer.updaters.items():
+            self._make_settable(trainer, name, updater.optimizer)
+
+    def _make_settable(self, trainer, name: str, optimizer) -> None:
+        """A schedule is wrapped once in a ScaledSchedule (at the run's lr_scale, for a resume); a constant
+        rate (a variable of the checkpoint) is set directly."""
+        lr = optimizer._learning_rate  # Keras keeps a constant rate as a variable, a schedule as itself
+        if isinstance(lr, keras.Variable) or isinstance(lr, ScaledSchedule):
+            return
+        if not isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
+            raise ConfigError(f"trainer.on_divergence=rollback halves the learning rate; optimizer {name!r} has a "
+                              f"{type(lr).__name__}, neither a constant nor a LearningRateSchedule. Fix: give it one "
+                              "of those, or use on_divergence=stop or warn.")
+        with trainer.strategy.scope():
+            self.scales[name] = tf.Variable(self.lr_scale, dtype=tf.float32, trainable=False, name=f"lr_scale_{name}")
+        optimizer.learning_rate = ScaledSchedule(lr, self.scales[name])
+        trainer.reset_step_functions()  # a step traced by an earlier fit() call holds the unscaled schedule
+
+    # -- the checks -------------------------------------------------------------------------------
+
+    def on_loop_end(self, trainer, step):
+        cfg = trainer.config
+        if self.reference is None and not self.looked_at_first_loop and cfg.divergence_factor is not None:
+            self.looked_at_first_loop = True
+            if int(trainer.train_loss.count.numpy()) > 0:  # the default step's loss (a GAN's step has none)
+                self._take_reference(float(trainer.train_loss.result()), step)
+        if cfg.on_divergence == "rollback":
+            why = stuck_steps(trainer)
+            if why is not None:
+                self._rollback(trainer, step, why)
+
+    def _take_reference(self, loss: float, step: int) -> None:
+        if not math.isfinite(loss):
+            return  # the first logged finite loss will do
+        self.reference, self.reference_step = loss, step
+        if loss <= 0:
+            log.info("The divergence check is off for this run: its first train loss is %g, and a loss that "
+                     "is not positive has no meaningful 'times its start'.", loss)
+
+    def on_log(self, trainer, step, logs):
+        cfg, loss = trainer.config, logs.get("loss", 0.0)  # a step without a loss (a GAN's): nothing to judge
+        if not math.isfinite(loss):
+            return  # non-finite steps are the numerics guard's (precision.max_consecutive_skips)
+        if self.reference is None and cfg.divergence_factor is not None and "loss" in logs:
+            self._take_reference(loss, step)
+        factor, reference = cfg.divergence_factor, self.reference
+        if factor is None or reference is None or reference <= 0 or loss <= factor * reference:
+            self.warned, self.last_good_step = False, step
+            return
+        why = (f"the train loss {loss:.4g} is more than trainer.divergence_factor={factor:g} times the run's first "
+               f"train loss {reference:.4g} (step {self.reference_step})")
+        if cfg.on_divergence == "warn":
+            if not self.warned:
+                self.warned = True
+                log.warning("Step %d: %s: training is diverging. %s (trainer.on_divergence=warn: training goes on; "
+                            "this is said once until the loss comes back under the threshold.)", step, why, CAUSES)
+        elif cfg.on_divergence == "rollback":
+            self._rollback(trainer, step, why)
+        else:
+            raise NumericalError(
+                f"Stopping at step {step}: {why}: training diverged. {CAUSES} Fix: lower optimizer.lr (or clip: "
+                "optimizer.clipnorm=1.0), check the data; trainer.on_divergence=rollback restores the last good "
+                "checkpoint and halves the learning rate, trainer.on_divergence=warn only warns, "
+                "trainer.divergence_factor=null turns this check off. Step "
+                f"{self.last_good_step}'s loss was still under the threshold: checkpoints up to it predate the divergence."
+            )
+
+    # -- rollback ---------------------------------------------------------------------------------
+
+    def _rollback(self, trainer, step: int, why: str) -> None:
+        """Restores the newest checkpoint at or before the last step judged good, halves every optimizer's
+        learning rate (the rate that diverged), and lets the loop go on from the restored step."""
+        cfg = trainer.config
+        if self.rollbacks >= cfg.max_rollbacks:
+            raise NumericalError(
+                f"Stopping at step {step}: {why}, again after {self.rollbacks} rollbacks with the learning rate "
+                f"halved each time (trainer.max_rollbacks={cfg.max_rollbacks}). {CAUSES} Fix: lower optimizer.lr "
+                "further, or check the data. The last good checkpoint is intact.")
+        found = [(s, p) for s, p in list_checkpoints(trainer.checkpointer.directory) if s <= self.last_good_step]
+        if not found:
+            raise NumericalError(
+                f"Stopping at step {step}: {why}, and there is no checkpoint to roll back to (none at or before step "
+                f"{self.last_good_step}, the last step judged good; trainer.checkpoint_every={cfg.checkpoint_every}). "
+                f"{CAUSES} Fix: lower optimizer.lr, or save earlier (a smaller trainer.checkpoint_every).")
+        diverged = {name: float(keras.ops.convert_to_numpy(u.optimizer.learning_rate)) for name, u in trainer.updaters.items()}
+        kept = self.state_dict()  # the run's, not the checkpoint's: the restore below reads the callbacks' state too
+        restored = trainer.checkpointer.restore_latest(found, [])
+        self.load_state_dict(kept)
+        self.rollbacks += 1
+        self.lr_scale /= 2
+        for name, updater in trainer.updaters.items():
+            if name in self.scales:
+                self.scales[name].assign(self.lr_scale)
+            else:  # a constant rate: the one that diverged, halved (the checkpoint's may be another)
+                updater.optimizer.learning_rate = diverged[name] / 2
+        trainer._reset_train_trackers()  # the diverged window's loss must not be logged (and judged) again
+        self.warned, self.last_good_step = False, restored
+        halved = ", ".join(f"{name} {lr:g} -> {lr / 2:g}" if len(diverged) > 1 else f"{lr:g} -> {lr / 2:g}"
+                           for name, lr in diverged.items())
+        log.warning("Step %d: %s. Rolled back to the checkpoint of step %d (rollback %d of at most "
+                    "trainer.max_rollbacks=%d); learning rate halved: %s. The data goes on with the next batches.",
+                    step, why, restored, self.rollbacks, cfg.max_rollbacks, halved)
