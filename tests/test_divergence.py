@@ -28,14 +28,16 @@ def regression(n: int = 2048, batch: int = 16, nan_batches=()):
     return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch, drop_remainder=True)
 
 
-def make(lr: float, run_dir=None, **options):
+def make(lr, run_dir=None, **options):
+    """A linear regression trained by SGD at `lr` (a number, or a function of the peak rate -> a schedule)."""
     import keras
 
     from trainer import Trainer
 
     defaults = dict(log_every=5, checkpoint_every=10, progress_bar=False, tensorboard=False, best_metric=None)
-    return Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)]), loss=keras.losses.MeanSquaredError(),
-                   optimizer=lambda: keras.optimizers.SGD(lr), run_dir=run_dir, **{**defaults, **options})
+    return Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)]),
+                   loss=keras.losses.MeanSquaredError(), optimizer=lambda: keras.optimizers.SGD(lr),
+                   run_dir=run_dir, **{**defaults, **options})
 
 
 def lr_of(trainer) -> float:
@@ -91,6 +93,20 @@ def test_rollback_restores_halves_the_lr_and_trains_on(tmp_path, caplog):
     assert math.isfinite(logs["loss"]) and logs["loss"] < trainer.divergence.reference
 
 
+def test_rollback_halves_a_scheduled_learning_rate(tmp_path):
+    import keras
+
+    def cosine(peak):  # nearly flat over these steps
+        return keras.optimizers.schedules.CosineDecay(peak, decay_steps=100_000)
+
+    make(cosine(STABLE), tmp_path).fit(regression(), steps=20)
+    trainer = make(cosine(UNSTABLE), tmp_path, on_divergence="rollback")
+    logs = trainer.fit(regression(), steps=80)
+    assert trainer.divergence.rollbacks == 1
+    assert lr_of(trainer) == pytest.approx(UNSTABLE / 2, rel=1e-3) and logs["lr"] == pytest.approx(UNSTABLE / 2, rel=1e-3)
+    assert math.isfinite(logs["loss"]) and logs["loss"] < trainer.divergence.reference
+
+
 def test_rollback_gives_up_after_max_rollbacks(tmp_path):
     from trainer import NumericalError
 
@@ -112,9 +128,11 @@ def test_the_reference_loss_survives_a_resume(tmp_path):
 
 
 def test_nonfinite_steps_roll_back_instead_of_stopping(tmp_path, caplog):
+    from trainer import PrecisionConfig
+
     data = regression(nan_batches=range(24, 27))  # steps 25-27 see NaN inputs: each is skipped
     trainer = make(STABLE, tmp_path, on_divergence="rollback", divergence_factor=None,
-                   precision=_precision(max_consecutive_skips=3))
+                   precision=PrecisionConfig(max_consecutive_skips=3))
     with caplog.at_level(logging.WARNING, logger="trainer.core"):
         logs = trainer.fit(data, steps=50)
     rolled = [r.getMessage() for r in caplog.records if "Rolled back" in r.getMessage()]
@@ -123,10 +141,10 @@ def test_nonfinite_steps_roll_back_instead_of_stopping(tmp_path, caplog):
     assert math.isfinite(logs["loss"])
 
 
-def _precision(**kw):
-    from trainer import PrecisionConfig
-
-    return PrecisionConfig(**kw)
+def test_cli_unknown_choice_is_a_config_error(tmp_path):
+    result = run_cli(*TINY, "trainer.on_divergence=retry", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2 and "trainer.on_divergence='retry' is not one of stop|rollback|warn" in result.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_lr_1e6_stops_with_exit_3(tmp_path):
