@@ -86,18 +86,25 @@ class Loop:
         try:
             if tf_owns_sigterm:
                 signals.hand_pending_sigterm_to_tensorflow()
+            # Signals stay caught until the save they asked for is done: a repeated SIGTERM (a supervisor and
+            # the process group both signalling) waits for it instead of killing the process mid-save.
             with self.interrupted:
-                if self.interrupted.signum is not None:  # arrived during start-up: no step trained, nothing to save
-                    raise TrainingInterrupted(signal.Signals(self.interrupted.signum).name)
-                self._train(preemption)
-                self._finish()
+                try:
+                    if self.interrupted.signum is not None:  # arrived during start-up: no step trained, nothing to save
+                        raise TrainingInterrupted(signal.Signals(self.interrupted.signum).name)
+                    self._train(preemption)
+                    self._finish()
+                except PreemptedAndSaved:
+                    raise
+                except TrainingInterrupted as e:
+                    self._interrupted(e)
+                    raise
         except PreemptedAndSaved as e:
             log.warning("Preemption notice at step %d (%s or the platform's maintenance notice to a worker of this "
                         "run): every worker saved step %d; run the same commands again to resume.", self.step, e, self.step)
             self.callbacks.on_train_end(t, {"step": self.step, "interrupted": True})
             raise
-        except TrainingInterrupted as e:
-            self._interrupted(e)
+        except TrainingInterrupted:  # saved, and said so, above
             raise
         except BaseException as e:  # writers and the progress bar are closed; the error goes on unchanged
             try:

@@ -86,7 +86,8 @@ def sigterm_owned_by(handler_object) -> bool:
 
 
 class SignalCatcher:
-    """Turns SIGTERM/SIGINT into a flag the loop checks between loops of steps (main thread only). The
+    """Turns SIGTERM/SIGINT into a flag the loop checks between loops of steps (main thread only); a
+    repeated SIGTERM is logged and waits for the save, a second SIGINT stops at once. The
     start-up deferral ends here: a SIGTERM remembered during start-up sets the flag at once (also when
     SIGTERM is not among `signals`, as under multi-worker on GCP VMs, where SIGTERM keeps its default
     from now on), and on exit SIGTERM gets the handler it had before the deferral."""
@@ -107,9 +108,13 @@ class SignalCatcher:
         return self
 
     def _handle(self, signum, frame):
-        if self.signum is not None:  # a second signal: stop now
+        if self.signum is None:
+            self.signum = signum
+        elif signum == signal.SIGTERM:  # repeated by a supervisor: the first one's save goes on
+            log.warning("SIGTERM again: finishing the save the first %s asked for (SIGKILL stops at once)",
+                        signal.Signals(self.signum).name)
+        else:  # a person's second Ctrl-C: stop now
             raise KeyboardInterrupt
-        self.signum = signum
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
