@@ -34,7 +34,7 @@ class GanDataConfig:
     name: str = "fashion_mnist"  # mnist | fashion_mnist
     path: Optional[str] = None  # IDX files (gz or not) folder, or an mnist.npz file
     batch_size: int = ranged(128, "[1, inf)")  # global batch, split across replicas
-    latent_dim: int = II("model.latent_dim")  # the noise that comes with each image (follows model.latent_dim)
+    latent_dim: int = ranged(II("model.latent_dim"), "[1, inf)")  # the noise that comes with each image (follows model.latent_dim)
     seed: int = ranged(II("seed"), "[0, 4294967295]")  # seeds the order and the noise (follows the run's seed)
 
 

@@ -54,7 +54,6 @@ FALLBACK: Dict[str, str] = {
     "SGDConfig.momentum": "Keras SGD momentum",
     "SGDConfig.nesterov": "Nesterov momentum",
     "SGDConfig.weight_decay": "Keras SGD weight decay; None: none",
-    "Config.seed": "seeds data order, initialization and the trainer's random generator",
     "Config.data": "the data group's options (a schema below, chosen with data=...)",
     "Config.model": "the model group's options (a schema below, chosen with model=...)",
     "Config.optimizer": "the optimizer group's options (a schema below, chosen with optimizer=...)",
