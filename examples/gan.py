@@ -7,10 +7,11 @@ The same from the command line: python -m trainer recipe=gan
 """
 import argparse
 
-import keras
+import trainer  # noqa: F401  (first: it quiets TensorFlow's start-up logs)
 
-from trainer import Trainer  # noqa: F401  (GAN below is a Trainer)
-from trainer.recipes.gan import GAN, build_data, build_models
+import keras  # noqa: E402
+
+from trainer.recipes.gan import GAN, build_data, build_models  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--steps", type=int, default=1000)

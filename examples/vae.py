@@ -5,11 +5,11 @@ Run: python examples/vae.py [--steps N] [--run-dir DIR] [--precision mixed_bfloa
 """
 import argparse
 
-import keras
-import tensorflow as tf
-
-from trainer import Trainer
+from trainer import Trainer  # first: it quiets TensorFlow's start-up logs
 from trainer.data import load_mnist_format
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--steps", type=int, default=1000)

@@ -289,3 +289,11 @@ def test_repeated_sigterms_during_training_still_save(tmp_path, gap):
     assert found and found[0][0] >= 20
     resumed = run_cli(*[a if not a.startswith("trainer.max_steps") else f"trainer.max_steps={found[0][0] + 2}" for a in args])
     assert resumed.returncode == 0 and f"step {found[0][0]})" in resumed.stdout + resumed.stderr, resumed.stderr[-2000:]
+
+
+def test_a_run_folder_named_with_dot_dot_is_locked_once(tmp_path):
+    """The CLI's lock and Trainer.fit's are the same folder however it is spelled (hydra.run.dir=a/../b)."""
+    (tmp_path / "a").mkdir()
+    result = run_cli(*TINY, "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'a' / '..' / 'b'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "b" / "checkpoints").is_dir()

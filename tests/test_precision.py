@@ -89,7 +89,7 @@ def test_underflowing_gradient_is_recovered_by_scaling():
     assert np.count_nonzero(results["scaled"]) > 0
 
 
-@pytest.mark.parametrize("jit_compile", [False, True])  # XLA skips by select, not tf.cond (core._apply_selected)
+@pytest.mark.parametrize("jit_compile", [False, True])  # XLA skips by select, not tf.cond (trainer/update.py Updater._apply_selected)
 def test_overflow_skips_exactly_that_update_and_halves_scale(jit_compile):
     """(b) An injected overflow (x = 1e5 > float16 max) skips its update only; training continues."""
     ds = batches(poison={2: 1e5})

@@ -195,3 +195,100 @@ def test_examples_run(tmp_path):
                               capture_output=True, text=True, timeout=600, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert says in proc.stdout
+
+
+class Accuracy(Trainer):
+    """The default train step; a test_step of its own whose logs are per-batch means."""
+
+    def test_step(self, data):
+        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+        predicted = tf.argmax(self.model(x, training=False), axis=-1, output_type=tf.int32)
+        return {"acc": tf.reduce_mean(tf.cast(predicted == y, tf.float32))}
+
+
+def test_step_logs_are_example_weighted_with_a_ragged_last_batch():
+    """17 eval examples in batches of 16: the logs average over examples (one device), not over batches."""
+    trainer = Accuracy(model=mlp(), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                       optimizer=lambda: keras.optimizers.SGD(0.1), progress_bar=False)
+    trainer.fit(blobs(), steps=3)
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(17, 4)).astype("float32"), rng.integers(0, 2, 17).astype("int32")
+    logs = trainer.evaluate(tf.data.Dataset.from_tensor_slices((x, y)).batch(16))
+    truth = np.mean(np.argmax(trainer.model(x).numpy(), -1) == y)
+    assert logs["acc"] == pytest.approx(truth, abs=1e-6)
+
+
+def test_research_mistakes_are_named():
+    class Vector(Trainer):
+        def train_step(self, data):
+            x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+            with tf.GradientTape() as tape:
+                loss = keras.losses.sparse_categorical_crossentropy(y, self.model(x, training=True), from_logits=True)
+            self.update(loss, tape)  # per example, not its mean
+
+    with pytest.raises(Exception, match="not a scalar"):
+        Vector(model=mlp(), optimizer=lambda: keras.optimizers.SGD(0.1), progress_bar=False).fit(blobs(), steps=1)
+    with pytest.raises(TypeError, match="default train_step trains one model"):
+        Trainer(models={"a": mlp(), "b": mlp()}, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                optimizer=lambda: keras.optimizers.SGD(0.1), progress_bar=False).fit(blobs(), steps=1)
+
+    class NoName(Trainer):
+        def train_step(self, data):
+            x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(self.models["a"](x, training=True))
+            self.update(loss, tape)
+
+    with pytest.raises(Exception, match=r"several optimizers \['a', 'b'\]: name the one"):
+        NoName(models={"a": mlp(), "b": mlp()}, optimizer=lambda: keras.optimizers.SGD(0.1),
+               progress_bar=False).fit(blobs(), steps=1)
+
+
+class Unpicklable(Callback):
+    def state_dict(self):
+        return {"when": object()}
+
+
+class Renamed(Callback):
+    def state_dict(self):
+        return {"new_name": 1}
+
+    def load_state_dict(self, state):
+        self.value = state["new_name"]  # a checkpoint from before the rename has "count"
+
+
+def test_callback_state_that_cannot_be_saved_or_taken_back_is_named_or_started_fresh(tmp_path, caplog):
+    def trainer(callback):
+        return Trainer(model=mlp(), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                       optimizer=lambda: keras.optimizers.SGD(0.1), run_dir=tmp_path, callbacks=[callback],
+                       log_every=1, checkpoint_every=2, progress_bar=False)
+
+    with pytest.raises(TypeError, match="Unpicklable's state_dict"):
+        trainer(Unpicklable()).fit(blobs(), steps=2)
+    assert not (tmp_path / "checkpoints").exists()  # said before any work
+    trainer(CountLogs()).fit(blobs(), steps=2)
+    (tmp_path / "checkpoints" / "configured.json").write_text("[]")  # not the dict it should be
+    renamed = Renamed()
+    renamed.__class__.__name__ = "CountLogs"  # the same callback, its code changed since the save
+    import logging
+    with caplog.at_level(logging.WARNING):
+        trainer(renamed).fit(blobs(), steps=4)
+    assert "could not take its saved state" in caplog.text
+
+
+def test_a_refused_resume_refuses_again_on_the_next_fit(tmp_path):
+    """A second fit() on a Trainer whose first was refused must not train from scratch over the run."""
+    from trainer import CheckpointError
+
+    def trainer(units):
+        return Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(units), keras.layers.Dense(2)]),
+                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                       optimizer=lambda: keras.optimizers.SGD(0.1), run_dir=tmp_path, checkpoint_every=2, progress_bar=False)
+
+    trainer(8).fit(blobs(), steps=4)
+    before = (tmp_path / "checkpoints" / "ckpt-4.index").read_bytes()
+    other = trainer(16)
+    for _ in range(2):
+        with pytest.raises(CheckpointError, match="does not fit"):
+            other.fit(blobs(), steps=4)
+    assert (tmp_path / "checkpoints" / "ckpt-4.index").read_bytes() == before

@@ -22,6 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from trainer.checkpoint_graph import match_variables
 from trainer.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -82,66 +83,13 @@ def repair_state_file(directory: Path) -> None:
                 state, [step for step, _ in found])
 
 
-def _variables_by_path(root) -> Dict[str, tf.Variable]:
-    """Object path (e.g. model/_functional/_operations/1/_kernel) -> variable, for everything under `root`."""
-    from tensorflow.python.checkpoint import graph_view  # the traversal tf.train.Checkpoint itself uses
-
-    objects, paths = graph_view.ObjectGraphView(root).breadth_first_traversal()
-    return {
-        "/".join(ref.name for ref in paths[obj]): obj
-        for obj in objects
-        if isinstance(obj, (tf.Variable, keras.Variable))
-    }
-
-
-def _saved_keys_by_path(reader) -> Dict[str, str]:
-    """Object path -> tensor key in a checkpoint, from its object graph.
-
-    A variable shared by several objects is stored once, under whichever path the saver met first
-    (the optimizer's list of variables, say), so a model variable must be found through the graph,
-    not by guessing its key from the model's own path.
-    """
-    from tensorflow.core.protobuf import trackable_object_graph_pb2
-
-    graph = trackable_object_graph_pb2.TrackableObjectGraph()
-    graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
-    out: Dict[str, str] = {}
-    expanded = set()
-    queue = [(0, "")]
-    while queue:
-        node_id, path = queue.pop(0)
-        node = graph.nodes[node_id]
-        for attr in node.attributes:
-            if attr.name == "VARIABLE_VALUE":
-                out[path] = attr.checkpoint_key
-        if node_id in expanded:
-            continue
-        expanded.add(node_id)
-        for child in node.children:
-            queue.append((child.node_id, f"{path}/{child.local_name}" if path else child.local_name))
-    return out
-
-
-def _match_model(model, prefix: str, name: str = "model"):
-    """(reader, [(path, variable, saved_key or None, saved_shape or None)]) for the variables of the
-    checkpoint's object `name` (the model, or the optimizer)."""
-    reader = tf.train.load_checkpoint(prefix)
-    shapes = reader.get_variable_to_shape_map()
-    saved = _saved_keys_by_path(reader)
-    rows = []
-    for path, var in _variables_by_path(tf.train.Checkpoint(**{name: model})).items():
-        key = saved.get(path)
-        rows.append((path, var, key, shapes.get(key) if key else None))
-    return reader, rows, saved
-
-
 def _check_compatible(objects: Dict, prefix: str) -> None:
     """A changed model or optimizer must be a clear error, not a partial restore or a 'corrupt file'."""
     optimizer = "the optimizer (its type, or options that add state such as amsgrad or momentum)"
     for name, what in (("model", "the model"), ("optimizer", optimizer), ("models", "the models"), ("optimizers", optimizer)):
         if name not in objects:
             continue
-        _, rows, _ = _match_model(objects[name], prefix, name)
+        _, rows, _ = match_variables(objects[name], prefix, name)
         problems = [
             f"{path}: checkpoint {shape} vs now {list(var.shape)}" if key else f"not in checkpoint: {path}"
             for path, var, key, shape in rows
@@ -419,7 +367,7 @@ def warm_start(model, path: str) -> Dict[str, List[str]]:
         log.info("Warm start from %s: Keras loader, layers of mismatched shapes skipped (see its warnings)", path)
         return report
     prefix = _resolve_checkpoint(path)
-    reader, rows, saved = _match_model(model, prefix)
+    reader, rows, saved = match_variables(model, prefix)
     restored, missing, mismatched = [], [], []
     for name, var, key, shape in rows:
         if key is None:

@@ -70,11 +70,11 @@ def plan_xla(config: TrainerConfig, *, jit_compile: bool, on_cpu: bool, replicas
     MLP's (20M parameters in 6 variables) is 4-10% faster (TF's fused kernels run multi-threaded,
     XLA:CPU's loops do not keep up)."""
     one_cluster = replicas == 1 and config.grad_accum_steps == 1  # the all-reduce's merge_call cannot join one
+    if not jit_compile:
+        return XlaPlan(False, False, "XLA off")
     warnings = []
     if config.xla_whole_step and not one_cluster:
         warnings.append("trainer.xla_whole_step=true is ignored with several replicas or grad_accum_steps > 1")
-    if not jit_compile:
-        return XlaPlan(False, False, "XLA off", tuple(warnings))
     if custom_step:
         if not one_cluster:
             return XlaPlan(False, False, "an overridden train_step with several replicas runs without XLA",
@@ -119,14 +119,16 @@ def _log_names(trainer, step: Callable, iterator, what: str) -> List[str]:
     if out is None or out == {}:
         return []
     local = lambda v: trainer.strategy.experimental_local_results(v)[0]  # noqa: E731
-    if not isinstance(out, dict) or any(not isinstance(k, str) or local(v).shape.rank != 0 for k, v in out.items()):
+    scalar = lambda v: getattr(local(v), "shape", None) is not None and local(v).shape.rank == 0  # noqa: E731
+    if not isinstance(out, dict) or any(not isinstance(k, str) or not scalar(v) for k, v in out.items()):
         raise TypeError(f"{what} must return None or a dict of scalar tensors (name -> value), got {out!r}")
     return list(out)
 
 
 def logged_step(trainer, step: Callable, iterator, trackers: Dict[str, keras.metrics.Metric], what: str) -> Callable:
-    """`step`, with the dict of logs it returns added to Mean trackers (averaged over replicas and the
-    log window: each replica adds to its own copy, read as their sum)."""
+    """`step`, with the dict of logs it returns added to Mean trackers, weighted by the batch's size (so
+    they average over examples, on any number of replicas: each replica adds to its own copy, read as
+    their sum; a replica's empty last eval batch adds nothing)."""
     names = _log_names(trainer, step, iterator, what)
     if not names:
         return step
@@ -136,8 +138,10 @@ def logged_step(trainer, step: Callable, iterator, trackers: Dict[str, keras.met
                 trackers[name] = keras.metrics.Mean(name=name)
 
     def run(data):
+        examples = tf.cast(tf.shape(tf.nest.flatten(data)[0])[0], tf.float32)
         for name, value in step(data).items():
-            trackers[name].update_state(tf.cast(value, tf.float32))
+            value = tf.where(examples > 0, tf.cast(value, tf.float32), 0.0)  # reduce_mean([]) is NaN
+            trackers[name].update_state(value, sample_weight=examples)
 
     return run
 

@@ -29,7 +29,7 @@ from trainer.checkpoint import NO_BEST, Checkpointer
 from trainer.compile import XlaPlan, decide_jit_compile, plan_xla
 from trainer.config import ConfigError, PrecisionConfig, TrainerConfig, check_ranges
 from trainer.inputs import DataArg, KeptIterator, sample_batch, steps_per_epoch_of, training_iterator
-from trainer.loop import Loop, TrainingInterrupted, evaluate
+from trainer.loop import Loop, TrainingInterrupted, evaluate, tracked
 from trainer.loss_scale import LossScale
 from trainer.runlock import run_folder_lock
 from trainer.step import Step
@@ -139,6 +139,7 @@ class Trainer(Step):
 
     @model.setter
     def model(self, value) -> None:
+        self._only("model", self.models)  # with one model only
         self.models[next(iter(self.models))] = value
 
     @property
@@ -156,6 +157,9 @@ class Trainer(Step):
         float32-output check, every optimizer's slots and the accumulators."""
         if self._built:
             return
+        if len(self.models) > 1 and type(self).train_step is Step.train_step:
+            raise TypeError(f"Trainer: the default train_step trains one model; with several {sorted(self.models)}, "
+                            "override train_step and call self.update(loss, tape, name) (see docs/research.md)")
         with self.strategy.scope():
             if len(self.models) == 1:
                 self._build_single_model(sample_batch)
@@ -264,12 +268,16 @@ class Trainer(Step):
             self.batch_size = batch_size
         self.stop_training = False  # a callback's stop ends one fit() call, not the later ones
         self.callback_list = callbacks = callback_list(self, self.callbacks.callbacks)
+        callbacks.check_state()
         callbacks.on_train_begin(self)  # Checkpointing first: resume or warm start
         start = int(self.step.numpy())
-        iterator = training_iterator(train_data, self.strategy, start, cfg.grad_accum_steps, kept)
-        kept = None  # one not reused dies on the release thread (KeptIterator.__del__)
         self._reset_train_trackers()
-        loop = Loop(self, callbacks, iterator, eval_data, self.total)
+        held, kept = [kept], None  # one not reused dies on the release thread once the loop made its own
+
+        def make_iterator():
+            return training_iterator(train_data, self.strategy, start, cfg.grad_accum_steps, held.pop())
+
+        loop = Loop(self, callbacks, make_iterator, eval_data, self.total)
         train_logs, eval_logs, step = loop.run()
         summary = {**train_logs, **{f"eval_{k}": v for k, v in eval_logs.items() if k not in ("step", "split")}}
         summary.update(step=step, traces=dict(self.traces))
@@ -278,7 +286,7 @@ class Trainer(Step):
         if self.run_dir is not None or self.strategy.extended._in_multi_worker_mode():
             # 0.1-0.2 s per 20M parameters: for runs that write a summary, not for every fit() call.
             summary["weights_sha256"] = self.weights_fingerprint()
-        self._kept_iterator = KeptIterator(train_data, step, iterator)
+        self._kept_iterator = KeptIterator(train_data, step, loop.iterator)
         callbacks.on_train_end(self, summary)
         return eval_logs or train_logs
 
@@ -302,11 +310,7 @@ class Trainer(Step):
         """The train logs of the window that ends at `step` (then its trackers restart): the loss and
         metrics (the default step's), the logs an overridden step returned, examples/s, and per optimizer
         lr, grad_norm, loss_scale and skipped_steps (prefixed `name/` when there are several)."""
-        logs: Dict[str, Any] = {"step": step, "split": "train"}
-        if int(self.train_loss.count.numpy()) > 0 or not self.train_log_trackers:
-            logs["loss"] = float(self.train_loss.result())
-            logs.update({name: float(m.result()) for name, m in self.metrics.items()})
-        logs.update({name: float(m.result()) for name, m in self.train_log_trackers.items()})
+        logs: Dict[str, Any] = {"step": step, "split": "train", **tracked(self.train_loss, self.metrics, self.train_log_trackers)}
         # nan when no step was timed in this window (the first loop, with its compile time, is not timed)
         logs["examples_per_sec"] = examples / seconds if examples > 0 and seconds > 0 else float("nan")
         for name, updater in self.updaters.items():

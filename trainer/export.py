@@ -70,6 +70,12 @@ def load_trained_model(source: str, policy: str = "float32") -> Tuple[Any, Any]:
     x, _, _ = keras.utils.unpack_x_y_sample_weight(batch)
     sample = tf.nest.map_structure(lambda t: t[:8], x)
     model = instantiate(cfg.model, _convert_="all")
+    if isinstance(model, dict):
+        from trainer.checkpoint import CheckpointError
+
+        raise CheckpointError(f"{run} trained several models ({sorted(model)}, e.g. recipe=gan): export takes one. "
+                              "Fix: in Python, rebuild them, restore the checkpoint and save the one you need "
+                              "(trainer.models[name].save(...)).")
     model(sample, training=False)  # build
     report = warm_start(model, prefix)
     if report["missing"] or report["mismatched"]:

@@ -66,8 +66,9 @@ def preemption_handler(trainer):
 class Loop:
     """Runs one fit() call from `trainer.step` to `total`; returns (train_logs, eval_logs, step)."""
 
-    def __init__(self, trainer, callbacks, iterator, eval_data, total: int):
-        self.trainer, self.callbacks, self.iterator, self.eval_data, self.total = trainer, callbacks, iterator, eval_data, total
+    def __init__(self, trainer, callbacks, make_iterator, eval_data, total: int):
+        self.trainer, self.callbacks, self.eval_data, self.total = trainer, callbacks, eval_data, total
+        self.make_iterator, self.iterator = make_iterator, None
         self.start = self.step = int(trainer.step.numpy())
         self.train_logs: Dict = {}
         self.eval_logs: Dict = {}
@@ -84,6 +85,7 @@ class Loop:
         caught = (signal.SIGINT,) if preemption is not None else (signal.SIGTERM, signal.SIGINT)
         self.interrupted = signals.SignalCatcher(*caught)
         try:
+            self.iterator = self.make_iterator()  # inside: a data error still closes the callbacks
             if tf_owns_sigterm:
                 signals.hand_pending_sigterm_to_tensorflow()
             # Signals stay caught until the save they asked for is done: a repeated SIGTERM (a supervisor and
@@ -107,11 +109,11 @@ class Loop:
         except TrainingInterrupted:  # saved, and said so, above
             raise
         except BaseException as e:  # writers and the progress bar are closed; the error goes on unchanged
-            try:
-                self.callbacks.on_exception(t, e)
-                self.callbacks.on_train_end(t, {"step": self.step, "failed": f"{type(e).__name__}: {e}"[:500]})
-            except Exception:  # noqa: BLE001 - never hide the error that ended the run
-                log.exception("A callback failed while fit() was ending on an error")
+            for hook, args in (("on_exception", (e,)), ("on_train_end", ({"step": self.step, "failed": f"{type(e).__name__}: {e}"[:500]},))):
+                try:
+                    getattr(self.callbacks, hook)(t, *args)
+                except Exception:  # noqa: BLE001 - never hide the error that ended the run
+                    log.exception("A callback's %s failed while fit() was ending on an error", hook)
             raise
         finally:
             if tf_owns_sigterm:  # TF's handler must not outlive this fit() (it would swallow later SIGTERMs)
@@ -137,7 +139,7 @@ class Loop:
             if preemption is not None and self.step < self.total:  # at the end, the run finishes instead
                 with _tf_deprecation.silence():  # TF calls its own deprecated total_run_calls
                     preemption.save_checkpoint_if_preempted(self.step)
-            if self.step % max(cfg.log_every, 1) == 0 or self.step == self.total:
+            if self.step % cfg.log_every == 0 or self.step == self.total:
                 examples = (self.step - window_step) * t.batch_size * cfg.grad_accum_steps
                 self.train_logs = t.collect_train_logs(self.step, examples, time.perf_counter() - window_start)
                 callbacks.on_log(t, self.step, self.train_logs)
@@ -208,11 +210,18 @@ def evaluate(trainer, eval_data, *, steps: Optional[int], step: int, callbacks=N
     if bar is not None:
         bar.close()
     release_in_background(holder)  # destroying it can wait for tf.data's autotuner (see data.py)
-    logs: Dict[str, Any] = {"step": step, "split": "eval"}
-    if int(t.eval_loss.count.numpy()) > 0 or not t.eval_log_trackers:
-        logs["loss"] = float(t.eval_loss.result())
-        logs.update({name: float(m.result()) for name, m in t.eval_metrics.items()})
-    logs.update({name: float(m.result()) for name, m in t.eval_log_trackers.items()})
+    logs: Dict[str, Any] = {"step": step, "split": "eval", **tracked(t.eval_loss, t.eval_metrics, t.eval_log_trackers)}
     if callbacks is not None:
         callbacks.on_eval_end(t, step, logs)
+    return logs
+
+
+def tracked(loss, metrics, step_logs) -> Dict[str, float]:
+    """The default step's loss and metrics (when it ran: its loss tracker counted something) and the logs
+    an overridden step returned, as floats."""
+    logs = {}
+    if int(loss.count.numpy()) > 0:
+        logs["loss"] = float(loss.result())
+        logs.update({name: float(m.result()) for name, m in metrics.items()})
+    logs.update({name: float(m.result()) for name, m in step_logs.items()})
     return logs

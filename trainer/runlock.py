@@ -51,7 +51,7 @@ def acquire(folder, hold: bool = True) -> Optional[int]:
     the folder already (the CLI's lock, then Trainer.fit's: the outer one releases it).
     Raises RunFolderError naming the folder and, when another process holds it, that process's id.
     """
-    folder = Path(folder).absolute()
+    folder = Path(os.path.abspath(folder))
     if hold and folder in _held:
         return None
     try:

@@ -30,8 +30,8 @@ class Step:
         if self.loss is not None:
             loss = self._global_mean(tf.cast(self.loss(y, y_pred), tf.float32), sample_weight)
         elif not self.model.losses:
-            raise ValueError("Trainer(loss=None): the model adds no losses (add_loss) either; give a loss, "
-                             "or override train_step and call self.update(loss, tape)")
+            raise ValueError("Trainer(loss=None): the model adds no losses (add_loss) either; give a loss, or "
+                             "override train_step (calling self.update(loss, tape)) and test_step (or no eval data)")
         if self.model.losses:
             loss += tf.nn.scale_regularization_loss(tf.add_n([tf.cast(l, tf.float32) for l in self.model.losses]))
         return loss
@@ -63,7 +63,7 @@ class Step:
     def compute_gradients(self, data):
         """Forward, loss (float32), scaled loss, gradients of the scaled loss, unscaled gradients."""
         x, y, sample_weight = self._unpack(data)
-        loss_scale = self.updaters[self.default_optimizer].loss_scale
+        loss_scale = self.updater().loss_scale
         with tf.GradientTape() as tape:
             y_pred = self.model(x, training=True)
             loss = self.compute_loss(x, y, y_pred, sample_weight)
@@ -75,7 +75,7 @@ class Step:
 
     def apply_gradients(self, unscaled_grads, loss=None, optimizer: Optional[str] = None) -> None:
         """All-reduce, finite check, clip, apply (or skip), update the loss scale (update.py)."""
-        self.updaters[optimizer or self.default_optimizer].apply(unscaled_grads, loss)
+        self.updater(optimizer).apply(unscaled_grads, loss)
 
     def train_step(self, data) -> Optional[Dict[str, tf.Tensor]]:
         """One replica's training step on one batch. An override may return a dict of scalar logs:
@@ -101,6 +101,17 @@ class Step:
 
     # -- research code: any number of models, optimizers and losses --------------------------------
 
+    def updater(self, optimizer: Optional[str] = None):
+        """The update pipeline of optimizer `optimizer` (default: the only one)."""
+        name = optimizer if optimizer is not None else self.default_optimizer
+        if name not in self.updaters:
+            if name is None:
+                raise ValueError(f"This Trainer has several optimizers {sorted(self.updaters)}: name the one to "
+                                 "update, self.update(loss, tape, name). The default step trains one model; with "
+                                 "several models, override train_step (see docs/research.md).")
+            raise ValueError(f"No optimizer {name!r}: this Trainer's optimizers are {sorted(self.updaters)}")
+        return self.updaters[name]
+
     def update(self, loss, tape: tf.GradientTape, optimizer: Optional[str] = None) -> None:
         """Updates the variables of `optimizer` (a key of `Trainer.optimizers`, which is also the name of
         the model it trains; default: the only one) to lower `loss`, this replica's batch mean in
@@ -115,7 +126,10 @@ class Step:
         distribution strategy those divide by the number of replicas themselves (Keras' convention),
         which would shrink the update by that factor; use reduction=None and tf.reduce_mean with them.
         """
-        updater = self.updaters[optimizer or self.default_optimizer]
+        updater = self.updater(optimizer)
+        if loss.shape.rank != 0:
+            raise ValueError(f"Trainer.update: the loss has shape {loss.shape}, not a scalar: take its mean over "
+                             "the batch (tf.reduce_mean) first.")
         if loss.dtype != tf.float32:
             raise TypeError(f"Trainer.update: the loss is {loss.dtype.name}, not float32. Compute it from float32 "
                             "outputs (tf.cast(outputs, 'float32') inside the tape), as a mixed policy needs.")

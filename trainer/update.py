@@ -25,8 +25,9 @@ class Updater:
       name: the optimizer's name in the Trainer (its logs are prefixed with it when there are several).
       variables: returns the variables it updates (read at trace time: after freezing layers, call
         `Trainer.reset_step_functions()`).
-      skip_by_select: the update is compiled with the rest of the step by XLA (see compile.py): a
-        non-finite update is undone by a select instead of skipped by a branch.
+
+    `skip_by_select` is set by compile.py from the XLA plan: when XLA compiles the update with the rest
+    of the step, a non-finite update is undone by a select instead of skipped by a branch.
     """
 
     def __init__(self, name: str, optimizer: keras.optimizers.Optimizer, variables: Callable[[], List],

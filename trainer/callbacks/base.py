@@ -75,10 +75,24 @@ class CallbackList(Callback):
     def state_dict(self) -> Dict:
         return {key: state for key, cb in self._keys() if (state := cb.state_dict())}
 
+    def check_state(self) -> None:
+        """Every state_dict() must be JSON (it goes into the checkpoint): said at the start, not at a save."""
+        for key, cb in self._keys():
+            try:
+                json.dumps(cb.state_dict())
+            except (TypeError, ValueError) as e:
+                raise TypeError(f"callback {key}'s state_dict() cannot be saved in a checkpoint ({e}): return "
+                                "numbers, strings, lists and dicts only") from None
+
     def load_state_dict(self, state: Dict) -> None:
+        """A callback whose saved state it cannot take (its code changed, say) starts fresh, with a warning."""
         for key, cb in self._keys():
             if key in state:
-                cb.load_state_dict(state[key])
+                try:
+                    cb.load_state_dict(state[key])
+                except Exception as e:  # noqa: BLE001 - one callback's old state must not stop a resume
+                    log.warning("Callback %s could not take its saved state (%s: %s): it starts fresh",
+                                key, type(e).__name__, e)
 
 
 for _hook in HOOKS:

@@ -50,7 +50,6 @@ class Checkpointing(Callback):
         self.last_save_time = time.monotonic()
         if self.prepared:  # a later fit() call: the model and optimizer in memory are the newest
             return
-        self.prepared = True
         cfg = trainer.config
         if cfg.init_from and len(trainer.models) > 1:
             raise ConfigError("trainer.init_from warm-starts one model; with several, load each model's weights in "
@@ -58,16 +57,21 @@ class Checkpointing(Callback):
         if trainer.run_dir is None:
             if cfg.init_from:
                 warm_start(trainer.model, cfg.init_from)
+            self.prepared = True
             return
-        self.checkpointer = Checkpointer(
+        checkpointer = Checkpointer(
             trainer.run_dir / "checkpoints", trainer.checkpoint_objects(), keep=cfg.keep_checkpoints,
             keep_best=cfg.keep_best, best_metric=cfg.best_metric, best_mode=cfg.best_mode,
             is_chief=trainer.is_chief, extra={"callbacks": CallbackState(trainer)},
         )
-        trainer.checkpointer = self.checkpointer
-        self.configured = _configured_settings(trainer)
-        if self.checkpointer.prepare(resume=cfg.resume, init_from=cfg.init_from,
-                                     model=trainer.models[next(iter(trainer.models))]) is not None:
+        configured = _configured_settings(trainer)
+        # Prepared only once this succeeds: a refused resume refuses again on the next fit() call, instead
+        # of that call training from scratch over the run's checkpoints.
+        resumed = checkpointer.prepare(resume=cfg.resume, init_from=cfg.init_from,
+                                       model=trainer.models[next(iter(trainer.models))])
+        self.checkpointer = trainer.checkpointer = checkpointer
+        self.configured, self.prepared = configured, True
+        if resumed is not None:
             self._keep_configured_settings(trainer)
             if math.isnan(float(trainer.best.numpy())):  # saved before NO_BEST existed
                 trainer.best.assign(NO_BEST.get(cfg.best_mode, math.nan))
@@ -82,6 +86,8 @@ class Checkpointing(Callback):
             recorded = json.loads(self._record(trainer).read_text())
         except (OSError, ValueError):  # none (a run from before this record) or unreadable
             recorded = {}  # then the configuration wins, as it did before
+        if not isinstance(recorded, dict):
+            recorded = {}
         for name, (constant_lr, scale) in self.configured.items():
             updater = trainer.updaters[name]
             old = recorded.get("lr") if name == trainer.default_optimizer else recorded.get("lrs", {}).get(name)
@@ -96,12 +102,14 @@ class Checkpointing(Callback):
                 log.info("Loss scale %g from the configuration (the checkpoint had %g)", scale, restored)
 
     def on_eval_end(self, trainer, step, logs):
-        if self.checkpointer:
-            self.checkpointer.update_best(step, logs)
+        self.evaluated = (step, logs)  # judged at the save point, after every callback saw the results
 
     def on_save_point(self, trainer, step, reason):
         if self.checkpointer is None:
             return
+        evaluated, self.evaluated = getattr(self, "evaluated", None), None
+        if evaluated is not None:
+            self.checkpointer.update_best(*evaluated)
         cfg = trainer.config
         if reason == "loop":
             due = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or (
