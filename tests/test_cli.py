@@ -1,4 +1,10 @@
 """The real CLI end to end on Fashion-MNIST (real data, offline), on tiny settings."""
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -106,3 +112,30 @@ def test_wheel_ships_configs_and_runs_from_anywhere(tmp_path):
     result = run_cli("--cfg", "job", cwd=elsewhere, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "trainer.recipes.mnist.build_model" in result.stdout
+
+
+def test_sigterm_prints_the_command_that_resumes_the_default_run_folder(tmp_path):
+    """The default folder (runs/<recipe>/<date_time>) is new at every start: the message gives the command
+    with hydra.run.dir set, and that command, run as printed, resumes the same run."""
+    args = ["trainer.max_steps=100000", "trainer.checkpoint_every=100000", "trainer.log_every=10",
+            "trainer.progress_bar=false", "data.batch_size=32"]
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not list((tmp_path / "runs").glob("*/*/metrics.jsonl")):  # training has started
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    (run_dir,) = list((tmp_path / "runs" / "mnist").iterdir())
+    printed = re.search(r"to resume, run: (.*)$", out + err, re.MULTILINE)
+    assert printed, (out + err)[-2000:]
+    command = shlex.split(printed.group(1))
+    assert command[:3] == ["python", "-m", "trainer"] and f"hydra.run.dir={run_dir}" in command
+    saved = max(int(p.name[5:-6]) for p in (run_dir / "checkpoints").glob("ckpt-*.index"))
+    command = [a if not a.startswith("trainer.max_steps=") else f"trainer.max_steps={saved + 10}" for a in command[3:]]
+    resumed = run_cli(*command, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "Done: 10 steps" in resumed.stdout + resumed.stderr
+    assert list((tmp_path / "runs" / "mnist").iterdir()) == [run_dir]  # no new folder

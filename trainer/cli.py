@@ -110,7 +110,22 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
         is_chief=chief,
         callbacks=[instantiate(c, _convert_="all") for c in cfg.callbacks.values()] + [_RunConfigWriter(cfg, run_dir)],
     )
+    trainer.resume_command = resume_command(run_dir)
     return trainer.fit(data.train, data.eval, steps_per_epoch=steps_per_epoch, batch_size=data.batch_size)
+
+
+def resume_command(run_dir) -> str:
+    """The command line that resumes this run: the user's overrides with the run folder named, since the
+    default folder (runs/<recipe>/<date_time>) is new at every start. Hydra keeps the user's overrides
+    apart from its own (overrides.task, overrides.hydra); a multirun job resumes as a single run."""
+    import os
+    import shlex
+
+    overrides = HydraConfig.get().overrides
+    ours = ("hydra.mode=", "hydra.run.dir=", "hydra.sweep.")
+    kept = [o for o in overrides.hydra if not o.startswith(ours)] + list(overrides.task)
+    program = "trainer" if os.path.basename(sys.argv[0]) == "trainer" else "python -m trainer"  # console script or -m
+    return " ".join([program, *map(shlex.quote, [*kept, f"hydra.run.dir={run_dir}"])])
 
 
 def _trainer_class(path: str, base: type) -> type:
@@ -232,7 +247,7 @@ def _out_of_resources(error: BaseException, cfg: DictConfig) -> Optional[str]:
     first = str(seen).strip().splitlines()[0][:300] if str(seen).strip() else type(seen).__name__
     if is_disk_full(seen):
         return (f"no space left on device under the run folder {HydraConfig.get().runtime.output_dir} ({first}). "
-                "Fix: free space there and run the same command again: it resumes from the last checkpoint.")
+                f"Fix: free space there and resume from the last checkpoint with: {resume_command(HydraConfig.get().runtime.output_dir)}")
     if not isinstance(seen, tf.errors.ResourceExhaustedError):
         return None
     op = re.search(r"\[Op:(\w+)\]", str(seen))

@@ -78,6 +78,7 @@ class Trainer(Step):
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.is_chief, self.seed, self.clipnorm = is_chief, seed, clipnorm
         self.stop_training = False  # a callback may set it; the loop stops after the current loop
+        self.resume_command: Optional[str] = None  # the CLI sets it: the command line that resumes this run
 
         if self.config.deterministic:
             tf.config.experimental.enable_op_determinism()

@@ -171,15 +171,22 @@ class Loop:
     def _interrupted(self, e: TrainingInterrupted) -> None:
         t = self.trainer
         if self.step == self.start:
-            log.warning("Received %s at step %d, before this run trained a step: nothing new to save; run the "
-                        "same command again to %s.", e, self.step, "resume" if self.start else "start")
+            log.warning("Received %s at step %d, before this run trained a step: nothing new to save; %s.",
+                        e, self.step, how_to_resume(t) if self.start else "run the same command again to start")
         elif t.checkpointer:
             self.callbacks.on_save_point(t, self.step, "signal")
-            log.warning("Received %s at step %d: saved %s; run the same command again to resume.", e, self.step,
-                        t.checkpointing.last_path)
+            log.warning("Received %s at step %d: saved %s; %s", e, self.step, t.checkpointing.last_path, how_to_resume(t))
         else:
             log.warning("Received %s at step %d: stopping (no run folder, nothing saved).", e, self.step)
         self.callbacks.on_train_end(t, {"step": self.step, "interrupted": True})
+
+
+def how_to_resume(trainer) -> str:
+    """The CLI gives the exact command (trainer.resume_command); from Python, the run folder resumes."""
+    if trainer.resume_command:
+        return f"to resume, run: {trainer.resume_command}"
+    return (f"to resume, call fit() on a Trainer built as this one with run_dir={str(trainer.run_dir)!r} "
+            "(Trainer(run_dir=...) resumes from the newest checkpoint in the folder)")
 
 
 def evaluate(trainer, eval_data, *, steps: Optional[int], step: int, callbacks=None) -> Dict[str, Any]:
