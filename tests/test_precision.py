@@ -453,6 +453,32 @@ def test_hardware_report_tells_amx_from_avx512_bf16(monkeypatch, flags, says):
     assert text.startswith("No GPU or TPU found") and says in text
 
 
+@pytest.mark.parametrize(
+    "flags, vendor, policy, says",
+    [({"avx2"}, "GenuineIntel", "mixed_float16", "Use precision=float32 on this machine"),
+     ({"avx2"}, "GenuineIntel", "mixed_bfloat16", "Use precision=float32 on this machine"),
+     ({"avx2"}, "GenuineIntel", "float32", None),
+     ({"avx512_bf16"}, "GenuineIntel", "mixed_float16", "Consider precision=float32 on this machine"),
+     ({"avx512_bf16"}, "GenuineIntel", "mixed_bfloat16", "Consider precision=float32 on this machine"),
+     ({"avx512_bf16"}, "AuthenticAMD", "mixed_float16", "Consider precision=mixed_bfloat16"),
+     ({"avx512_bf16", "amx_bf16"}, "GenuineIntel", "mixed_float16", "Consider precision=mixed_bfloat16"),
+     ({"avx512_bf16", "amx_bf16"}, "GenuineIntel", "mixed_bfloat16", None)],
+)
+def test_hardware_report_advice_follows_the_cpu(monkeypatch, flags, vendor, policy, says):
+    """mixed_float16 on a CPU without bfloat16 hardware was told "bfloat16 is emulated and slow here" and
+    then "Consider precision=mixed_bfloat16": the advice must follow from the CPU's flags."""
+    monkeypatch.setattr(precision_lib, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(precision_lib, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
+    text = precision_lib.hardware_report(policy, tf.distribute.get_strategy())
+    if says is None:
+        assert "Consider" not in text and "Use precision" not in text, text
+    else:
+        assert says in text, text
+    if not flags & {"avx512_bf16", "amx_bf16"}:
+        assert "mixed_bfloat16" not in text, text  # never suggested where bfloat16 is emulated
+
+
 @pytest.mark.parametrize("strategy", [None, "one_device"])
 def test_xla_whole_step_skips_by_select_on_one_replica(strategy):
     """Inside XLA the skip is a select (no tf.cond), also under OneDeviceStrategy, whose replica context
