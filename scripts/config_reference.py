@@ -37,7 +37,6 @@ FALLBACK: Dict[str, str] = {
     "TrainerConfig.checkpoint_every_secs": "seconds between checkpoints (as well as, or instead of, checkpoint_every); None: off",
     "TrainerConfig.keep_checkpoints": "how many of the newest checkpoints are kept in checkpoints/",
     "TrainerConfig.keep_best": "how many of the best checkpoints (by best_metric) are kept in checkpoints/best/; 0: none",
-    "TrainerConfig.progress_bar": "show a progress bar on the terminal (the log lines are written either way)",
     "TrainerConfig.tensorboard": "write TensorBoard scalars to the run folder's tensorboard/",
     "OptimizerConfig.lr": "learning rate (Keras' learning_rate), or a schedule's peak",
     "PrecisionConfig.initial_scale": "dynamic loss scaling: the scale a run starts from",

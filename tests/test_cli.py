@@ -139,3 +139,16 @@ def test_sigterm_prints_the_command_that_resumes_the_default_run_folder(tmp_path
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "Done: 10 steps" in resumed.stdout + resumed.stderr
     assert list((tmp_path / "runs" / "mnist").iterdir()) == [run_dir]  # no new folder
+
+
+def test_without_the_progress_bar_the_log_has_a_line_per_event(tmp_path, tiny):
+    """trainer.progress_bar=false: each log and eval event is a line of trainer.log (as Keras' verbose=2),
+    not only a row of metrics.jsonl."""
+    run_dir = tmp_path / "run"
+    result = run_cli(*tiny, "trainer.eval_every=20", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = (run_dir / "trainer.log").read_text()
+    for step in (10, 20, 30, 40):
+        assert re.search(rf"step {step}/40: loss=\d+\.\d{{4}}, accuracy=\d+\.\d{{4}} \(\d+ ex/s\)", text), text[-3000:]
+    for step in (20, 40):
+        assert re.search(rf"eval @ step {step}: loss=\d+\.\d{{4}}, accuracy=\d+\.\d{{4}}", text), text[-3000:]

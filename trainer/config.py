@@ -132,7 +132,7 @@ class TrainerConfig(Checked):
     # see trainer/fused.py); false: Keras' own ops.
     fused_optimizer: bool = True
     deterministic: bool = False  # op determinism + seeded everything: bit-identical reruns on CPU
-    progress_bar: bool = True
+    progress_bar: bool = True  # a progress bar on the terminal; false: a log line per log and eval event
     tensorboard: bool = True
 
 

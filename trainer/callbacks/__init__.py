@@ -8,11 +8,11 @@ from trainer.callbacks.base import HOOKS, Callback, CallbackList
 from trainer.callbacks.checkpointing import Checkpointing
 from trainer.callbacks.divergence import DivergenceGuard
 from trainer.callbacks.numerics import NumericalError, NumericsGuard
-from trainer.callbacks.progress import ProgressBar, Summary
+from trainer.callbacks.progress import LogLines, ProgressBar, Summary
 from trainer.callbacks.writers import MetricsWriter, TensorBoardWriter
 
-__all__ = ["HOOKS", "Callback", "CallbackList", "Checkpointing", "DivergenceGuard", "MetricsWriter", "NumericalError",
-           "NumericsGuard", "ProgressBar", "Summary", "TensorBoardWriter", "callback_list"]
+__all__ = ["HOOKS", "Callback", "CallbackList", "Checkpointing", "DivergenceGuard", "LogLines", "MetricsWriter",
+           "NumericalError", "NumericsGuard", "ProgressBar", "Summary", "TensorBoardWriter", "callback_list"]
 
 
 def callback_list(trainer, user_callbacks: List[Callback]) -> CallbackList:
@@ -20,8 +20,7 @@ def callback_list(trainer, user_callbacks: List[Callback]) -> CallbackList:
     the numerics guard last (it judges the loop after every other callback ran), the divergence guard just
     before it (with on_divergence=rollback it rolls back on non-finite steps before the guard would stop)."""
     cbs: List[Callback] = [trainer.checkpointing]
-    if trainer.config.progress_bar:
-        cbs.append(ProgressBar())
+    cbs.append(ProgressBar() if trainer.config.progress_bar else LogLines())  # the bar shows what LogLines logs
     if trainer.run_dir is not None:
         cbs.append(MetricsWriter(trainer.run_dir / "metrics.jsonl"))
         if trainer.config.tensorboard:

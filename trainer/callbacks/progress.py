@@ -1,4 +1,4 @@
-"""The progress bar and the end-of-run summary."""
+"""The progress bar (or, without it, a log line per event) and the end-of-run summary."""
 from __future__ import annotations
 
 import logging
@@ -11,10 +11,20 @@ from trainer.callbacks.writers import scalars
 log = logging.getLogger("trainer.callbacks")
 
 
+HIDDEN = {"examples_per_sec", "grad_norm", "lr", "loss_scale", "skipped_steps"}  # in metrics.jsonl, not shown
+
+
+def shown(logs) -> dict:
+    """The loss and metrics, or the logs an overridden train_step returned (a GAN's d_loss and g_loss)."""
+    return {k: v for k, v in scalars(logs).items() if k not in HIDDEN and "/" not in k}
+
+
+def eval_line(step: int, logs) -> str:
+    return f"eval @ step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in scalars(logs).items())
+
+
 class ProgressBar(Callback):
     """tqdm bar over training steps (the loss, or a custom step's first logs, and examples/s)."""
-
-    HIDDEN = {"examples_per_sec", "grad_norm", "lr", "loss_scale", "skipped_steps"}
 
     def on_train_begin(self, trainer):
         from tqdm.auto import tqdm
@@ -27,19 +37,28 @@ class ProgressBar(Callback):
         self.last = step
 
     def on_log(self, trainer, step, logs):
-        # the loss, or the logs an overridden train_step returned (a GAN's d_loss and g_loss)
-        shown = {k: v for k, v in scalars(logs).items() if k not in self.HIDDEN and "/" not in k}
-        postfix = {k: f"{v:.4f}" for k, v in list(shown.items())[:3]}
+        postfix = {k: f"{v:.4f}" for k, v in list(shown(logs).items())[:3]}
         postfix["ex_per_s"] = f"{logs.get('examples_per_sec', math.nan):.0f}"
         self.bar.set_postfix(postfix)
 
     def on_eval_end(self, trainer, step, logs):
-        self.bar.write(
-            f"eval @ step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in scalars(logs).items())
-        )
+        self.bar.write(eval_line(step, logs))
 
     def on_train_end(self, trainer, summary):
         self.bar.close()
+
+
+class LogLines(Callback):
+    """Without the progress bar (trainer.progress_bar=false): a line per log and eval event in the log, as
+    Keras' fit(verbose=2) prints one per epoch: `step 500/1500: loss=0.4300, accuracy=0.8400 (7170 ex/s)`."""
+
+    def on_log(self, trainer, step, logs):
+        values = ", ".join(f"{k}={v:.4f}" for k, v in shown(logs).items())
+        speed = logs.get("examples_per_sec", math.nan)
+        log.info("step %d/%d: %s%s", step, trainer.total, values, f" ({speed:.0f} ex/s)" if math.isfinite(speed) else "")
+
+    def on_eval_end(self, trainer, step, logs):
+        log.info("%s", eval_line(step, logs))
 
 
 class Summary(Callback):
