@@ -133,6 +133,9 @@ class TrainerConfig(Checked):
     fused_optimizer: bool = True
     deterministic: bool = False  # op determinism + seeded everything: bit-identical reruns on CPU
     progress_bar: bool = True  # a progress bar on the terminal; false: a log line per log and eval event
+    # fit() from Python: its log lines and end summary on stderr, where no logging is configured (the CLI
+    # configures it); false: quiet, no log lines and no progress bar.
+    verbose: bool = True
     tensorboard: bool = True
 
 

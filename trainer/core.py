@@ -28,6 +28,7 @@ from trainer.callbacks import Callback, CallbackList, Checkpointing, DivergenceG
 from trainer.checkpoint import NO_BEST, Checkpointer
 from trainer.compile import XlaPlan, decide_jit_compile, plan_xla
 from trainer.config import ConfigError, PrecisionConfig, TrainerConfig, check_ranges
+from trainer.console import show_logs_unless_configured
 from trainer.inputs import DataArg, KeptIterator, sample_batch, steps_per_epoch_of, training_iterator
 from trainer.loop import Loop, TrainingInterrupted, evaluate, tracked
 from trainer.loss_scale import LossScale
@@ -251,6 +252,7 @@ class Trainer(Step):
         `config.grad_accum_steps`.
         """
         check_ranges(TrainerConfig, {"max_steps": steps, "epochs": epochs}, "trainer")  # fit()'s own
+        show_logs_unless_configured(self.config.verbose)
         with run_folder_lock(self.run_dir, hold=self.is_chief) if self.run_dir is not None else contextlib.nullcontext():
             return self._fit(train_data, eval_data, steps, epochs, steps_per_epoch, batch_size)
 

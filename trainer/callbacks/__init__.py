@@ -20,7 +20,8 @@ def callback_list(trainer, user_callbacks: List[Callback]) -> CallbackList:
     the numerics guard last (it judges the loop after every other callback ran), the divergence guard just
     before it (with on_divergence=rollback it rolls back on non-finite steps before the guard would stop)."""
     cbs: List[Callback] = [trainer.checkpointing]
-    cbs.append(ProgressBar() if trainer.config.progress_bar else LogLines())  # the bar shows what LogLines logs
+    if trainer.config.verbose:
+        cbs.append(ProgressBar() if trainer.config.progress_bar else LogLines())  # the bar shows what LogLines logs
     if trainer.run_dir is not None:
         cbs.append(MetricsWriter(trainer.run_dir / "metrics.jsonl"))
         if trainer.config.tensorboard:

@@ -1,0 +1,45 @@
+"""fit() from Python shows what the CLI shows (the end summary) without any logging set-up; quiet on request."""
+import subprocess
+import sys
+
+
+SCRIPT = """
+import logging, sys
+import keras
+from trainer import Trainer
+sys.path.insert(0, {tests!r})
+from conftest import blobs
+{configure}
+trainer = Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  optimizer=lambda: keras.optimizers.SGD(0.1),
+                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+                  log_every=5, progress_bar=False, verbose={verbose})
+trainer.fit(blobs(), blobs(), steps=10)
+trainer.fit(blobs(), blobs(), steps=20)
+"""
+
+
+def _fit(tmp_path, verbose=True, configure=""):
+    from pathlib import Path
+
+    script = SCRIPT.format(tests=str(Path(__file__).parent), verbose=verbose, configure=configure)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+
+
+def test_fit_shows_the_summary_on_stderr_by_default_and_not_when_quiet(tmp_path):
+    shown = _fit(tmp_path)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert shown.stderr.count("[trainer.callbacks][INFO] - Done: 10 steps") == 2, shown.stderr[-3000:]  # once per fit()
+    assert "Final eval: loss=" in shown.stderr and "step 5/10: loss=" in shown.stderr
+    quiet = _fit(tmp_path, verbose=False)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert "Done:" not in quiet.stderr and "Final eval" not in quiet.stderr and "step 5/10" not in quiet.stderr
+
+
+def test_configured_logging_gets_each_line_once(tmp_path):
+    """Root logging configured by the user (as Hydra does for the CLI): no handler of ours, no doubled line."""
+    result = _fit(tmp_path, configure="logging.basicConfig(level=logging.INFO, format='%(name)s: %(message)s')")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr.count("Done: 10 steps") == 2, result.stderr[-3000:]
+    assert "[trainer.callbacks][INFO]" not in result.stderr
