@@ -63,25 +63,47 @@ def test_short_run_learns_and_writes_run_folder(tmp_path):
 
 
 def test_multirun_two_jobs(tmp_path, tiny):
+    """Job folders are named by their overrides; the sweep ends with a table of the jobs, also as CSV."""
     sweep = tmp_path / "sweep"
+    tiny = [o if o != "trainer.eval_every=0" else "trainer.eval_every=20" for o in tiny]
     result = run_cli("-m", "optimizer.lr=1e-3,3e-4", *tiny, f"hydra.sweep.dir={sweep}")
     assert result.returncode == 0, result.stderr[-3000:]
-    for job in ("0", "1"):
-        rows = read_metrics(sweep / job)
+    jobs = {}
+    for num, lr in ((0, "0.001"), (1, "0.0003")):  # as Hydra's sweeper spells the values
+        (folder,) = sweep.glob(f"{num}_*")
+        assert f"optimizer.lr={lr}" in folder.name.split(",") and "progress_bar" not in folder.name, folder.name
+        rows = read_metrics(folder)
         assert rows[-1]["step"] == 40
-        assert (sweep / job / "checkpoints" / "ckpt-40.index").exists()
-    lrs = {round(read_metrics(sweep / j)[0]["lr"], 6) for j in ("0", "1")}
-    assert lrs == {0.001, 0.0003}
+        assert (folder / "checkpoints" / "ckpt-40.index").exists()
+        jobs[lr] = (folder, rows)
+    assert {lr: round(rows[0]["lr"], 6) for lr, (_, rows) in jobs.items()} == {"0.001": 0.001, "0.0003": 0.0003}
+
+    import csv
+
+    table = list(csv.DictReader((sweep / "sweep_summary.csv").open()))
+    assert [r["overrides"] for r in table] == ["optimizer.lr=0.001", "optimizer.lr=0.0003"]  # only what differs
+    for r, (folder, rows) in zip(table, jobs.values()):
+        evals = [x["accuracy"] for x in rows if x["split"] == "eval"]
+        assert r["folder"] == folder.name and r["status"] == "done" and r["steps"] == "40" and float(r["seconds"]) > 0
+        assert float(r["best_accuracy"]) == round(max(evals), 4) and float(r["final_accuracy"]) == round(evals[-1], 4)
+    assert "Sweep of 2 jobs" in result.stdout and "best_accuracy" in result.stdout
+    assert "optimizer.lr=0.0003" in result.stdout.split("Sweep of 2 jobs")[1]
 
 
 def test_a_failing_multirun_job_does_not_stop_the_sweep(tmp_path, tiny):
-    """Job 0 fails with a user error (exit 2 as a single run); job 1 still runs; the sweep exits non-zero."""
+    """Job 0 fails with a user error (exit 2 as a single run); job 1 still runs; the sweep exits non-zero.
+    A path in an override does not nest the job's folder; the CSV has both jobs."""
     sweep = tmp_path / "sweep"
     result = run_cli("-m", f"trainer.init_from={tmp_path / 'nowhere'},null", *tiny, f"hydra.sweep.dir={sweep}")
     assert result.returncode != 0
     assert "JobFailed: exit code 2 as a single run: CheckpointError" in result.stderr
-    assert "nowhere" in (sweep / "0" / "trainer.log").read_text()
-    assert read_metrics(sweep / "1")[-1]["step"] == 40
+    (failed,) = sweep.glob("0_*")
+    (ran,) = sweep.glob("1_*")
+    assert "nowhere" in (failed / "trainer.log").read_text()
+    assert read_metrics(ran)[-1]["step"] == 40
+    import csv
+
+    assert [r["status"] for r in csv.DictReader((sweep / "sweep_summary.csv").open())] == ["failed", "done"]
 
 
 def test_wheel_ships_configs_and_runs_from_anywhere(tmp_path):

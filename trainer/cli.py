@@ -20,12 +20,14 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from trainer.callbacks import Callback  # noqa: E402
 from trainer.config import PrecisionConfig, StrategyConfig, TrainerConfig, check_config, register_configs  # noqa: E402
+from trainer.sweep import register_resolver  # noqa: E402
 
 log = logging.getLogger("trainer")
 logging.getLogger("absl").setLevel(logging.WARNING)  # tf.train.Checkpoint logs sharding timings at INFO
 logging.getLogger("tensorflow").setLevel(logging.WARNING)  # collective all-reduce chatter at INFO
 
 register_configs()
+register_resolver()  # conf/config.yaml's ${job_folder:...}: a multirun job's folder name
 
 # Errors whose message already says what is wrong and how to fix it: no traceback, exit code 2.
 EXIT_USER_ERROR = 2
