@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import TINY, blobs, read_metrics, run_cli
-from trainer import Callback, Trainer, warm_start
+from trainer import Callback, Trainer, TrainingInterrupted, warm_start
 from trainer.checkpoint import list_checkpoints
 
 WORKER = Path(__file__).parent / "workers" / "ids_worker.py"
@@ -189,6 +189,25 @@ def test_sigterm_in_the_last_loop_finishes_the_run(tmp_path):
     trainer.fit(blobs(), blobs(), steps=20)  # no TrainingInterrupted
     assert [r["step"] for r in read_metrics(tmp_path) if r["split"] == "eval"] == [10, 20]
     assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")][0] == 20
+
+
+def test_sigterm_from_python_names_the_folder_that_resumes(tmp_path, caplog):
+    """No command line to print from Python: the message names the run folder and how it resumes."""
+    import os
+
+    class TermAt(Callback):
+        def on_loop_end(self, trainer, step):
+            if step == 10:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    make = lambda callbacks: Trainer(model=_net(), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),  # noqa: E731
+                                     optimizer=lambda: keras.optimizers.SGD(0.1), run_dir=tmp_path, progress_bar=False,
+                                     steps_per_loop=5, checkpoint_every=100, callbacks=callbacks)
+    with caplog.at_level("WARNING", logger="trainer"), pytest.raises(TrainingInterrupted):
+        make([TermAt()]).fit(blobs(), steps=20)
+    assert f"to resume, call fit() on a Trainer built as this one with run_dir={str(tmp_path)!r}" in caplog.text
+    assert "to resume, run:" not in caplog.text
+    assert make([]).fit(blobs(), steps=20) is not None and read_metrics(tmp_path)[-1]["step"] == 20
 
 
 def test_sigterm_during_start_up_stops_before_the_first_step(tmp_path):
