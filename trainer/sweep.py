@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -18,6 +19,7 @@ from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+log = logging.getLogger(__name__)
 CSV_NAME = "sweep_summary.csv"
 _DONE = re.compile(r"\b(Done|Interrupted): (\d+) steps in ([\d.]+)s")
 
@@ -61,6 +63,8 @@ def summarize(sweep_dir: Path, metric: Optional[str], mode: str) -> List[Dict[st
     jobs (the shared shrinking overrides are noise in a table)."""
     metric = metric or "loss"
     mode = mode if metric != "loss" else "min"
+    if not Path(sweep_dir).is_dir():
+        return []
     folders = [f for f in Path(sweep_dir).iterdir() if f.is_dir() and f.name.split("_")[0].isdigit()]
     rows = [_job_row(f, metric, mode) for f in sorted(folders, key=lambda f: int(f.name.split("_")[0]))]
     shared = set.intersection(*(set(r["overrides"]) for r in rows)) if len(rows) > 1 else set()
@@ -98,8 +102,12 @@ class SweepSummary(HydraCallback):
     def _rows(self, config: DictConfig):
         sweep_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir")))
         metric = OmegaConf.select(config, "trainer.best_metric")
-        rows = summarize(sweep_dir, metric, str(OmegaConf.select(config, "trainer.best_mode", default="max")))
-        write_csv(rows, sweep_dir / CSV_NAME)
+        try:  # a table is a convenience: it never fails a sweep
+            rows = summarize(sweep_dir, metric, str(OmegaConf.select(config, "trainer.best_mode", default="max")))
+            write_csv(rows, sweep_dir / CSV_NAME)
+        except (OSError, ValueError, KeyError) as e:
+            log.warning("The sweep's table in %s could not be made: %s", sweep_dir, e)
+            rows = []
         return rows, sweep_dir
 
     def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:

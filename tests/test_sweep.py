@@ -1,0 +1,27 @@
+"""trainer/sweep.py without a sweep: folder names and the table from job folders as a sweep leaves them."""
+import json
+
+from trainer.sweep import format_table, job_folder, summarize
+
+
+def test_job_folder_names_are_unique_flat_and_bounded():
+    assert job_folder(3, "") == "3"
+    assert job_folder(0, "trainer.init_from=/a/b,x=1") == "0_trainer.init_from=_a_b,x=1"  # no nested folders
+    assert len(job_folder(12, "k=" + "v" * 500)) <= 203
+
+
+def test_table_reads_each_job_and_keeps_the_overrides_that_differ(tmp_path):
+    rows = [{"step": 10, "split": "train", "loss": 1.0}, {"step": 10, "split": "eval", "loss": 0.7},
+            {"step": 20, "split": "eval", "loss": 0.9}]
+    done = tmp_path / "0_a=1,b=2"
+    done.mkdir()
+    (done / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (done / "trainer.log").write_text("[trainer.callbacks][INFO] - Done: 20 steps in 1.5s (to step 20).\n")
+    (tmp_path / "1_a=1,b=3").mkdir()  # failed before its first log
+    (tmp_path / "notajob").mkdir()
+    table = summarize(tmp_path, None, "max")  # no best_metric: the loss, lower is better
+    assert [(r["job"], r["overrides"], r["status"], r["steps"], r["seconds"]) for r in table] == [
+        (0, "b=2", "done", 20, "1.5"), (1, "b=3", "failed", 0, "")]
+    assert table[0]["best_loss"] == 0.7 and table[0]["final_loss"] == 0.9
+    text = format_table(table)
+    assert text.splitlines()[0].split() == ["job", "overrides", "status", "steps", "seconds", "best_loss", "final_loss"]
