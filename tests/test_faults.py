@@ -297,3 +297,10 @@ def test_a_run_folder_named_with_dot_dot_is_locked_once(tmp_path):
     result = run_cli(*TINY, "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'a' / '..' / 'b'}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "b" / "checkpoints").is_dir()
+
+
+@pytest.mark.parametrize("override", ["trainer.best_mode=foo", "precision.policy=float16", "optimizer.schedule=bogus"])
+def test_an_unknown_choice_is_refused_before_any_work(tmp_path, override):
+    result = run_cli(*TINY, override, f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2 and "is not one of" in result.stdout + result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "run").exists()

@@ -292,3 +292,24 @@ def test_a_refused_resume_refuses_again_on_the_next_fit(tmp_path):
         with pytest.raises(CheckpointError, match="does not fit"):
             other.fit(blobs(), steps=4)
     assert (tmp_path / "checkpoints" / "ckpt-4.index").read_bytes() == before
+
+
+def test_evaluation_the_default_test_step_cannot_do_is_refused_before_training(tmp_path):
+    """loss=None with eval data and the default test_step: said at the start, not after training to the first eval."""
+    with pytest.raises(TypeError, match="override test_step"):
+        Autoencoder(model=mlp(4), loss=None, optimizer=lambda: keras.optimizers.SGD(0.1), run_dir=tmp_path,
+                    progress_bar=False).fit(blobs(unlabelled=True), blobs(unlabelled=True), steps=2)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_step_returning_a_tensor_is_told_to_return_a_dict():
+    class ReturnsLoss(Trainer):
+        def train_step(self, data):
+            x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, self.model(x, training=True), from_logits=True))
+            self.update(loss, tape)
+            return loss
+
+    with pytest.raises(TypeError, match="must return None or a dict of scalar tensors"):
+        ReturnsLoss(model=mlp(), optimizer=lambda: keras.optimizers.SGD(0.1), progress_bar=False).fit(blobs(), steps=1)

@@ -116,7 +116,7 @@ def _log_names(trainer, step: Callable, iterator, what: str) -> List[str]:
     average them must exist before the real trace)."""
     probe = tf.function(lambda it: trainer.strategy.run(step, args=(next(it),)))
     out = probe.get_concrete_function(iterator).structured_outputs
-    if out is None or out == {}:
+    if out is None or (isinstance(out, dict) and not out):
         return []
     local = lambda v: trainer.strategy.experimental_local_results(v)[0]  # noqa: E731
     scalar = lambda v: getattr(local(v), "shape", None) is not None and local(v).shape.rank == 0  # noqa: E731

@@ -108,7 +108,7 @@ class TrainerConfig(Checked):
     keep_checkpoints: int = ranged(3, "[1, inf)")
     keep_best: int = ranged(1, "[0, inf)")
     best_metric: Optional[str] = "accuracy"  # an eval metric name; None: no best-checkpoint tracking
-    best_mode: str = "max"  # max | min
+    best_mode: str = chosen("max", "max|min")  # whether a larger or a smaller best_metric is better
     resume: bool = True  # resume from the run folder's checkpoints when there are any
     init_from: Optional[str] = None  # warm start: model weights only, from a checkpoint or .keras/.weights.h5
     # Divergence (docs/faults.md). 100x the first loss is far beyond a healthy run's noise (a spike of a
@@ -145,7 +145,7 @@ class PrecisionConfig(Checked):
 
     config_key: ClassVar[str] = "precision"
 
-    policy: str = "float32"  # float32 | mixed_float16 | mixed_bfloat16
+    policy: str = chosen("float32", "float32|mixed_float16|mixed_bfloat16")  # the Keras dtype policy
     loss_scale: Optional[float] = ranged(None, "(0, inf)")  # a number: fixed scale; None: dynamic (float16) or none
     initial_scale: float = ranged(2.0**15, "(0, inf)")
     growth_interval: int = ranged(2000, "[1, inf)")
@@ -166,11 +166,11 @@ class StrategyConfig(Checked):
 
     config_key: ClassVar[str] = "strategy"
 
-    name: str = "default"  # default | one_device | mirrored | multi_worker | tpu
+    name: str = chosen("default", "default|one_device|mirrored|multi_worker|tpu")  # the tf.distribute strategy
     device: Optional[str] = None  # one_device: e.g. /gpu:0 (default: first GPU, else CPU)
     devices: Optional[List[str]] = None  # mirrored: explicit devices (default: all GPUs)
     logical_cpus: int = ranged(0, "[0, inf)")  # mirrored on CPU: split the CPU into N logical devices
-    communication: str = "auto"  # multi_worker: auto | ring | nccl
+    communication: str = chosen("auto", "auto|ring|nccl")  # multi_worker: the collective implementation
     tpu: Optional[str] = None  # tpu: name or grpc address ("" or local for a TPU VM)
 
 
@@ -183,7 +183,7 @@ class OptimizerConfig(Checked):
     _target_: str = "keras.optimizers.Adam"
     lr: float = ranged(1e-3, "(0, inf)")
     clipnorm: Optional[float] = ranged(None, "(0, inf)")  # global-norm clip of the *unscaled* gradients, in the train step
-    schedule: Optional[str] = None  # None | constant | cosine | step (see trainer/optim.py)
+    schedule: Optional[str] = chosen(None, "constant|cosine|linear|step")  # None: constant (see trainer/optim.py)
     warmup_steps: int = ranged(0, "[0, inf)")
     decay_steps: Optional[int] = ranged(None, "[1, inf)")  # None: the run's steps after the warmup
     alpha: float = ranged(0.0, "[0, 1]")  # cosine: final lr as a fraction of lr

@@ -269,6 +269,10 @@ class Trainer(Step):
             self.build(sample)
         if batch_size:
             self.batch_size = batch_size
+        if eval_data is not None and type(self).test_step is Step.test_step and (
+                len(self.models) > 1 or (self.loss is None and not self.model.losses)):
+            raise TypeError("Trainer: evaluation with the default test_step needs one model and a loss (Trainer(loss=...) "
+                            "or add_loss); override test_step, returning a dict of logs, or give no eval data")
         self.stop_training = False  # a callback's stop ends one fit() call, not the later ones
         self.callback_list = callbacks = callback_list(self, self.callbacks.callbacks)
         callbacks.check_state()
