@@ -118,7 +118,8 @@ class Updater:
             v.assign(tf.where(finite, tf.convert_to_tensor(v), old))
 
     def logs(self, prefix: str = "") -> Dict[str, float]:
-        """lr, grad_norm (mean over the window's finite updates), loss_scale, skipped_steps; resets grad_norm."""
+        """lr, grad_norm (mean over the window's finite updates), loss_scale, skipped_steps. The Trainer
+        restarts grad_norm with its other window trackers (core.py _reset_train_trackers)."""
         logs = {}
         if self.in_step:  # not for an optimizer the step does not use
             logs[f"{prefix}grad_norm"] = float(self.grad_norm.result())
@@ -126,5 +127,4 @@ class Updater:
         if self.loss_scale.enabled:
             logs[f"{prefix}loss_scale"] = float(self.loss_scale.scale.numpy())
         logs[f"{prefix}skipped_steps"] = int(self.loss_scale.skipped_steps.numpy())
-        self.grad_norm.reset_state()
         return logs
