@@ -1,0 +1,50 @@
+"""Memory readings for the logs, the summary and the doctor: the host's resident set and, on a GPU, the
+device's peak allocation. One place, so a train log line and `python -m trainer.doctor` read the same."""
+from __future__ import annotations
+
+import resource
+import sys
+from typing import Dict, List
+
+import psutil
+
+
+def host_rss_mb() -> float:
+    """This process's resident set now, in MiB."""
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def host_peak_rss_mb() -> float:
+    """This process's peak resident set since it started, in MiB (getrusage: KiB on Linux, bytes on macOS).
+    It never goes down: to compare configurations, measure each in its own process."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def accelerators() -> List[str]:
+    """The logical GPU devices ("GPU:0", ...): the ones `tf.config.experimental.get_memory_info` reads."""
+    import tensorflow as tf
+
+    return [d.name.replace("/device:", "") for d in tf.config.list_logical_devices("GPU")]
+
+
+def device_peak_mb(reset: bool = False) -> Dict[str, float]:
+    """Peak bytes allocated on each GPU since the last reset, in MiB; {} without a GPU (the CPU's memory
+    is the host's: see host_peak_rss_mb). `reset=True` starts a new peak after reading."""
+    import tensorflow as tf
+
+    peaks = {}
+    for device in accelerators():
+        peaks[device] = tf.config.experimental.get_memory_info(device)["peak"] / 2**20
+        if reset:
+            tf.config.experimental.reset_memory_stats(device)
+    return peaks
+
+
+def memory_logs(reset_device_peak: bool = False) -> Dict[str, float]:
+    """The memory fields of a log line: host_rss_mb, host_peak_rss_mb, and gpu<N>_peak_mb per GPU."""
+    rss = host_rss_mb()
+    logs = {"host_rss_mb": round(rss, 1), "host_peak_rss_mb": round(max(rss, host_peak_rss_mb()), 1)}
+    for device, peak in device_peak_mb(reset=reset_device_peak).items():
+        logs[f"{device.lower().replace(':', '')}_peak_mb"] = round(peak, 1)
+    return logs
