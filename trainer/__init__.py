@@ -9,7 +9,7 @@ from trainer.quiet import quiet_tensorflow_import
 
 quiet_tensorflow_import()
 
-from trainer.callbacks import Callback  # noqa: E402
+from trainer.callbacks import Callback, CSVLogger, MetricsWriter, MLflowLogger, TensorBoardWriter  # noqa: E402
 from trainer.checkpoint import CheckpointError, warm_start  # noqa: E402
 from trainer.config import PrecisionConfig, StrategyConfig, TrainerConfig  # noqa: E402
 from trainer.core import NumericalError, Trainer, TrainingInterrupted  # noqa: E402
@@ -17,13 +17,17 @@ from trainer.data import DataBundle  # noqa: E402
 from trainer.loss_scale import LossScale  # noqa: E402
 
 __all__ = [
+    "CSVLogger",
     "Callback",
     "CheckpointError",
     "DataBundle",
     "LossScale",
+    "MLflowLogger",
+    "MetricsWriter",
     "NumericalError",
     "PrecisionConfig",
     "StrategyConfig",
+    "TensorBoardWriter",
     "Trainer",
     "TrainerConfig",
     "TrainingInterrupted",

@@ -67,14 +67,17 @@ def _run_in(run_dir, cfg: DictConfig) -> dict:
     precision = _schema(PrecisionConfig, cfg.precision)
     log.info("Recipe: %s | precision: %s | strategy: %s | run folder: %s", cfg.recipe, precision.policy, cfg.strategy.name, run_dir)
 
+    loggers = [instantiate(node, _convert_="all") for node in cfg.logger.values()]  # a missing package: exit 2 now
     strategy = make_strategy(_schema(StrategyConfig, cfg.strategy))  # before TF initializes devices
     with sigterm_deferred_until_training():  # until the loop begins (trainer/signals.py)
-        return _build_and_fit(cfg, strategy, run_dir, trainer_cfg, precision)
+        return _build_and_fit(cfg, strategy, run_dir, trainer_cfg, precision, loggers)
 
 
-def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfig, precision: PrecisionConfig) -> dict:
+def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfig, precision: PrecisionConfig,
+                   loggers: list) -> dict:
     import tensorflow as tf
 
+    from trainer.callbacks.loggers import flatten
     from trainer.core import Trainer
     from trainer.data import check_batch_size
     from trainer.distribute import is_chief
@@ -111,8 +114,10 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
         clipnorm=cfg.optimizer.clipnorm,
         is_chief=chief,
         callbacks=[instantiate(c, _convert_="all") for c in cfg.callbacks.values()] + [_RunConfigWriter(cfg, run_dir)],
+        loggers=loggers,
     )
     trainer.resume_command = resume_command(run_dir)
+    trainer.hparams = flatten(OmegaConf.to_container(cfg, resolve=True))  # the loggers' params (MLflow)
     return trainer.fit(data.train, data.eval, steps_per_epoch=steps_per_epoch, batch_size=data.batch_size)
 
 

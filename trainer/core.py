@@ -58,7 +58,10 @@ class Trainer(Step):
       strategy: a tf.distribute.Strategy (default: TensorFlow's current/default strategy).
       precision: a policy name ("float32", "mixed_float16", "mixed_bfloat16") or a PrecisionConfig.
       run_dir: where metrics.jsonl, checkpoints/ and tensorboard/ go; None: nothing is written.
-      callbacks: extra Callback objects (the progress bar and writers are added from `config`).
+      callbacks: extra Callback objects (the progress bar is added from `config`).
+      loggers: where each train log and evaluation is recorded (trainer.callbacks.loggers: MetricsWriter,
+        TensorBoardWriter, CSVLogger, MLflowLogger); None: metrics.jsonl and TensorBoard in `run_dir`
+        (config.tensorboard=False: without TensorBoard). Only the chief worker's loggers write.
       config: loop settings (TrainerConfig); keyword `options` override single fields of it.
       seed: seeds Python, NumPy, TensorFlow and Keras, the data order and the step RNG.
       clipnorm: clip each optimizer's unscaled gradients to this global norm before applying them.
@@ -69,6 +72,7 @@ class Trainer(Step):
                  models=None, optimizers: Optional[Mapping[str, Any]] = None,
                  strategy: Optional[tf.distribute.Strategy] = None, precision: Union[str, PrecisionConfig] = "float32",
                  run_dir: Union[str, Path, None] = None, callbacks: Iterable[Callback] = (),
+                 loggers: Optional[Iterable[Callback]] = None,
                  config: Optional[TrainerConfig] = None, seed: int = 0, clipnorm: Optional[float] = None,
                  is_chief: bool = True, **options):
         self.config = dataclasses.replace(config or TrainerConfig(), **options)
@@ -80,6 +84,8 @@ class Trainer(Step):
         self.is_chief, self.seed, self.clipnorm = is_chief, seed, clipnorm
         self.stop_training = False  # a callback may set it; the loop stops after the current loop
         self.resume_command: Optional[str] = None  # the CLI sets it: the command line that resumes this run
+        self.hparams: Dict[str, Any] = {}  # the CLI sets it: the composed config, flattened (MLflow's params)
+        self.loggers = list(loggers) if loggers is not None else None
 
         if self.config.deterministic:
             tf.config.experimental.enable_op_determinism()

@@ -1,5 +1,5 @@
 """Callbacks: the hook interface (base.py) and the built-ins, one concern a file: checkpointing, the
-numerics and divergence guards, the progress bar and summary, the run folder's writers."""
+numerics and divergence guards, the progress bar and summary, the loggers (loggers.py)."""
 from __future__ import annotations
 
 from typing import List
@@ -9,10 +9,11 @@ from trainer.callbacks.checkpointing import Checkpointing
 from trainer.callbacks.divergence import DivergenceGuard
 from trainer.callbacks.numerics import NumericalError, NumericsGuard
 from trainer.callbacks.progress import LogLines, ProgressBar, Summary
-from trainer.callbacks.writers import MetricsWriter, TensorBoardWriter
+from trainer.callbacks.loggers import CSVLogger, Logger, MetricsWriter, MLflowLogger, TensorBoardWriter, default_loggers
 
-__all__ = ["HOOKS", "Callback", "CallbackList", "Checkpointing", "DivergenceGuard", "LogLines", "MetricsWriter",
-           "NumericalError", "NumericsGuard", "ProgressBar", "Summary", "TensorBoardWriter", "callback_list"]
+__all__ = ["HOOKS", "CSVLogger", "Callback", "CallbackList", "Checkpointing", "DivergenceGuard", "LogLines", "Logger",
+           "MLflowLogger", "MetricsWriter", "NumericalError", "NumericsGuard", "ProgressBar", "Summary", "TensorBoardWriter",
+           "callback_list"]
 
 
 def callback_list(trainer, user_callbacks: List[Callback]) -> CallbackList:
@@ -22,9 +23,7 @@ def callback_list(trainer, user_callbacks: List[Callback]) -> CallbackList:
     cbs: List[Callback] = [trainer.checkpointing]
     if trainer.config.verbose:
         cbs.append(ProgressBar() if trainer.config.progress_bar else LogLines())  # the bar shows what LogLines logs
-    if trainer.run_dir is not None:
-        cbs.append(MetricsWriter(trainer.run_dir / "metrics.jsonl"))
-        if trainer.config.tensorboard:
-            cbs.append(TensorBoardWriter(trainer.run_dir / "tensorboard"))
+    loggers = default_loggers(trainer) if trainer.loggers is None else trainer.loggers
+    cbs += [lg for lg in loggers if trainer.config.tensorboard or not isinstance(lg, TensorBoardWriter)]
     cbs.append(Summary())
     return CallbackList(cbs + list(user_callbacks) + [trainer.divergence, NumericsGuard()], is_chief=trainer.is_chief)

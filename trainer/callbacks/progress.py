@@ -6,7 +6,7 @@ import math
 import time
 
 from trainer.callbacks.base import Callback
-from trainer.callbacks.writers import scalars
+from trainer.callbacks.loggers import scalars
 
 log = logging.getLogger("trainer.callbacks")
 
