@@ -14,6 +14,9 @@ SMALL = ["recipe=mnist", "trainer.log_every=10", "trainer.eval_every=10", "train
          "trainer.checkpoint_every=20", "trainer.progress_bar=false", "data.batch_size=32", "model.hidden_units=[16]"]
 
 
+NO_TELEMETRY = {"MLFLOW_DISABLE_TELEMETRY": "true"}  # MLflow's usage reports: none from tests
+
+
 def read_csv(path):
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
@@ -23,11 +26,11 @@ def read_csv(path):
 def test_cli_csv_and_mlflow_across_a_resume(tmp_path):
     mlflow = pytest.importorskip("mlflow")
     run = tmp_path / "run"
-    first = run_cli(*SMALL, "trainer.max_steps=20", "logger=[jsonl,csv,mlflow]", f"hydra.run.dir={run}")
+    first = run_cli(*SMALL, "trainer.max_steps=20", "logger=[jsonl,csv,mlflow]", f"hydra.run.dir={run}", env=NO_TELEMETRY)
     assert first.returncode == 0, first.stderr[-3000:]
     run_id = (run / "mlflow_run_id").read_text().strip()
     header_before, _ = read_csv(run / "metrics.csv")
-    second = run_cli(*SMALL, "trainer.max_steps=40", "logger=[jsonl,csv,mlflow]", f"hydra.run.dir={run}")
+    second = run_cli(*SMALL, "trainer.max_steps=40", "logger=[jsonl,csv,mlflow]", f"hydra.run.dir={run}", env=NO_TELEMETRY)
     assert second.returncode == 0, second.stderr[-3000:]
 
     # metrics.csv: one row per event, train and eval, appended by the resumed run under the same columns
@@ -57,11 +60,13 @@ def test_cli_csv_and_mlflow_across_a_resume(tmp_path):
     assert {"checkpoints/ckpt-40.index", "checkpoints/best"} <= artifacts
 
 
-def test_python_api_csv_logger_new_columns_and_mlflow_status(tmp_path):
+def test_python_api_csv_logger_new_columns_and_mlflow_status(tmp_path, monkeypatch):
     """CSVLogger from Python; a resumed Trainer with one more metric rewrites the header with the union of
     columns. An MLflowLogger from Python: a run that fails is FAILED, and fit() again continues it."""
     mlflow = pytest.importorskip("mlflow")
     import keras
+
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
 
     from trainer import Callback, CSVLogger, MLflowLogger, Trainer
 
