@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 
 import pytest
 
@@ -62,13 +63,19 @@ def test_cli_csv_and_mlflow_across_a_resume(tmp_path):
 
 def test_python_api_csv_logger_new_columns_and_mlflow_status(tmp_path, monkeypatch):
     """CSVLogger from Python; a resumed Trainer with one more metric rewrites the header with the union of
-    columns. An MLflowLogger from Python: a run that fails is FAILED, and fit() again continues it."""
+    columns. An MLflowLogger from Python: a SIGTERM ends its run KILLED, an error FAILED, and each resumed
+    fit() continues the same MLflow run, FINISHED at the end."""
     mlflow = pytest.importorskip("mlflow")
     import keras
 
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
 
-    from trainer import Callback, CSVLogger, MLflowLogger, Trainer
+    from trainer import Callback, CSVLogger, MLflowLogger, Trainer, TrainingInterrupted
+
+    class TermAt(Callback):
+        def on_loop_end(self, trainer, step):
+            if step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
 
     class FailAt(Callback):
         def on_save_point(self, trainer, step, reason):  # after step 4 was logged and saved
@@ -83,10 +90,13 @@ def test_python_api_csv_logger_new_columns_and_mlflow_status(tmp_path, monkeypat
                        progress_bar=False, verbose=False, log_every=2, checkpoint_every=2)
 
     data = blobs(n=128)
-    with pytest.raises(RuntimeError, match="a bug"):
-        make({"accuracy": keras.metrics.SparseCategoricalAccuracy()}, [FailAt()]).fit(data, data.take(2), steps=6)
+    with pytest.raises(TrainingInterrupted):
+        make({"accuracy": keras.metrics.SparseCategoricalAccuracy()}, [TermAt()]).fit(data, data.take(2), steps=6)
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run_id = (tmp_path / "mlflow_run_id").read_text().strip()
+    assert client.get_run(run_id).info.status == "KILLED"
+    with pytest.raises(RuntimeError, match="a bug"):
+        make({"accuracy": keras.metrics.SparseCategoricalAccuracy()}, [FailAt()]).fit(data, data.take(2), steps=6)
     assert client.get_run(run_id).info.status == "FAILED"
     make({"accuracy": keras.metrics.SparseCategoricalAccuracy(),
           "top1": keras.metrics.SparseTopKCategoricalAccuracy(k=1)}).fit(data, data.take(2), steps=6)

@@ -196,9 +196,9 @@ class MLflowLogger(Logger):
 
         run_dir = trainer.run_dir
         uri, artifacts = self.tracking_uri, self.artifact_location
-        if uri is None:
-            folder = Path(self.in_run_dir(trainer, None, "mlflow.db")).resolve().parent
-            uri, artifacts = f"sqlite:///{folder / 'mlflow.db'}", artifacts or (folder / "mlartifacts").as_uri()
+        if uri is None:  # SQLite: MLflow 3.17's file store (file:<dir>) refuses to start unless MLFLOW_ALLOW_FILE_STORE=true
+            database = self.in_run_dir(trainer, None, "mlflow.db").resolve()
+            uri, artifacts = f"sqlite:///{database}", artifacts or (database.parent / "mlartifacts").as_uri()
         self.client = MlflowClient(uri)
         self.run_id = self.run_id or self._kept_run_id(run_dir)
         if self.run_id is None:
