@@ -8,11 +8,12 @@ from trainer.callbacks.base import HOOKS, Callback, CallbackList
 from trainer.callbacks.checkpointing import Checkpointing
 from trainer.callbacks.divergence import DivergenceGuard
 from trainer.callbacks.numerics import NumericalError, NumericsGuard
+from trainer.callbacks.profiler import Profiler
 from trainer.callbacks.progress import LogLines, ProgressBar, Summary
 from trainer.callbacks.writers import MetricsWriter, TensorBoardWriter
 
 __all__ = ["HOOKS", "Callback", "CallbackList", "Checkpointing", "DivergenceGuard", "LogLines", "MetricsWriter",
-           "NumericalError", "NumericsGuard", "ProgressBar", "Summary", "TensorBoardWriter", "callback_list"]
+           "NumericalError", "NumericsGuard", "Profiler", "ProgressBar", "Summary", "TensorBoardWriter", "callback_list"]
 
 
 def callback_list(trainer, user_callbacks: List[Callback]) -> CallbackList:
@@ -27,4 +28,7 @@ def callback_list(trainer, user_callbacks: List[Callback]) -> CallbackList:
         if trainer.config.tensorboard:
             cbs.append(TensorBoardWriter(trainer.run_dir / "tensorboard"))
     cbs.append(Summary())
-    return CallbackList(cbs + list(user_callbacks) + [trainer.divergence, NumericsGuard()], is_chief=trainer.is_chief)
+    cbs += list(user_callbacks)
+    if trainer.config.profile_steps and trainer.run_dir is not None:  # after the others: it starts once they saved
+        cbs.append(Profiler(*trainer.config.profile_steps, logdir=trainer.run_dir / "tensorboard"))
+    return CallbackList(cbs + [trainer.divergence, NumericsGuard()], is_chief=trainer.is_chief)
