@@ -262,8 +262,8 @@ class Trainer(Step):
         cfg = self.config
         if steps_per_epoch is None:
             steps_per_epoch = steps_per_epoch_of(train_data, cfg.grad_accum_steps)
-        self.total = self.total_steps(steps if steps is not None else cfg.max_steps,
-                                      epochs if epochs is not None else cfg.epochs, steps_per_epoch)
+        self.total = 0 if cfg.fast_dev_run else self.total_steps(  # fast_dev_run: debug.plan_fit says how long
+            steps if steps is not None else cfg.max_steps, epochs if epochs is not None else cfg.epochs, steps_per_epoch)
         self.steps_per_epoch = steps_per_epoch
         train_data, eval_data, self.total = debug.plan_fit(self, train_data, eval_data, self.total)
         kept, self._kept_iterator = self._kept_iterator, None  # kept again only if this call ends normally
