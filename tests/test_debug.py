@@ -50,6 +50,14 @@ def _folder_state(folder: Path):
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def _tensorboard_tags(folder: Path) -> set:
+    import tensorflow as tf
+    from tensorflow.core.util import event_pb2
+
+    events = (event_pb2.Event.FromString(r.numpy()) for f in folder.glob("events.out.tfevents.*") for r in tf.data.TFRecordDataset(str(f)))
+    return {value.tag for event in events for value in event.summary.value}
+
+
 def test_overfit_batches_drives_the_train_loss_near_zero_where_normal_training_does_not():
     """The same 2 batches (of a set that reshuffles every pass) for 60 steps: the tiny MLP memorizes them;
     on the whole (overlapping) blobs set in the same 60 steps it does not. Evaluation reads those 2 batches."""
@@ -126,6 +134,11 @@ def test_profile_steps_trace_steps_n_to_m_with_loops_cut_around_them(tmp_path, c
     assert len(traces) == 1, traces
     assert f"Profile of train steps 3..5 written to {traces[0].parent}" in caplog.text
 
+    with caplog.at_level(logging.INFO, logger="trainer"):  # steps the run never reaches: a warning, no trace
+        _trainer(max_steps=2, run_dir=tmp_path / "short", profile_steps=(5, 6)).fit(blobs())
+    assert "this run ends at step 2, before step 5: no trace" in caplog.text
+    assert not (tmp_path / "short" / "tensorboard" / "plugins").exists()
+
 
 def test_memory_fields_in_train_logs_and_summary(caplog):
     with caplog.at_level(logging.INFO, logger="trainer"):
@@ -168,6 +181,7 @@ def test_cli_profile_then_fast_dev_run_over_the_same_run_folder(tmp_path):
     assert re.search(r"step 10/10: loss=\d+\.\d{4}.* \| mem \d+ MiB", log_text), log_text[-3000:]
     train_rows = [r for r in read_metrics(run_dir) if r["split"] == "train"]
     assert train_rows and all(r["host_peak_rss_mb"] >= r["host_rss_mb"] > 0 for r in train_rows)
+    assert {"host_rss_mb", "host_peak_rss_mb"} <= _tensorboard_tags(run_dir / "tensorboard" / "train")
     before = _folder_state(run_dir)
 
     dry = run_cli(*TINY, "trainer.fast_dev_run=true", f"hydra.run.dir={run_dir}")
