@@ -19,13 +19,13 @@ log = logging.getLogger("trainer.core")
 FAST_DEV_RUN_BATCHES = 2
 
 
-def _read_once(ds: tf.data.Dataset, n: int) -> tf.data.Dataset:
+def _read_once(ds: tf.data.Dataset, n: int, asked: int) -> tf.data.Dataset:
     """The first `n` batches of `ds`, read now and held in memory: the same batches in the same order on
     every pass, even when `ds` reshuffles (Lightning turns shuffling off instead)."""
     batches = list(ds.take(n))
     if len(batches) < n:
-        raise ConfigError(f"trainer.overfit_batches={n}, but the training set has only {len(batches)} batches. "
-                          f"Fix: trainer.overfit_batches={len(batches) or 1} or fewer.")
+        raise ConfigError(f"trainer.overfit_batches={asked}, but the training set has fewer batches. "
+                          "Fix: a smaller trainer.overfit_batches.")
     held = tf.data.Dataset.from_tensors(batches[0])
     for batch in batches[1:]:
         held = held.concatenate(tf.data.Dataset.from_tensors(batch))
@@ -37,13 +37,13 @@ def first_batches(data: DataArg, n: int) -> DataArg:
     keeps its per-replica batches: n x (replicas its pipeline feeds) of them, read once per pipeline, so
     training and evaluation see the same ones."""
     if isinstance(data, tf.data.Dataset):
-        return _read_once(data, n)
+        return _read_once(data, n, n)
     held = {}
 
     def fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
         key = (ctx.num_input_pipelines, ctx.input_pipeline_id, ctx.num_replicas_in_sync)
         if key not in held:
-            held[key] = _read_once(data(ctx), n * (ctx.num_replicas_in_sync // ctx.num_input_pipelines))
+            held[key] = _read_once(data(ctx), n * (ctx.num_replicas_in_sync // ctx.num_input_pipelines), n)
         return held[key]
 
     return fn
