@@ -66,6 +66,9 @@ def _run_in(run_dir, cfg: DictConfig) -> dict:
     trainer_cfg = _schema(TrainerConfig, cfg.trainer)
     precision = _schema(PrecisionConfig, cfg.precision)
     log.info("Recipe: %s | precision: %s | strategy: %s | run folder: %s", cfg.recipe, precision.policy, cfg.strategy.name, run_dir)
+    if trainer_cfg.fast_dev_run and HydraConfig.get().mode != RunMode.MULTIRUN:
+        log.info("fast_dev_run: the run folder above is a temporary one, deleted at the end; the configured "
+                 "hydra.run.dir is neither read nor written")
 
     loggers = [instantiate(node, _convert_="all") for node in cfg.logger.values()]  # a missing package: exit 2 now
     strategy = make_strategy(_schema(StrategyConfig, cfg.strategy))  # before TF initializes devices
@@ -113,7 +116,8 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
         seed=cfg.seed,
         clipnorm=cfg.optimizer.clipnorm,
         is_chief=chief,
-        callbacks=[instantiate(c, _convert_="all") for c in cfg.callbacks.values()] + [_RunConfigWriter(cfg, run_dir)],
+        callbacks=[instantiate(c, _convert_="all") for c in cfg.callbacks.values()]
+        + ([] if trainer_cfg.fast_dev_run else [_RunConfigWriter(cfg, run_dir)]),
         loggers=loggers,
     )
     trainer.resume_command = resume_command(run_dir)

@@ -90,6 +90,11 @@ class Checked:
 
     def __post_init__(self) -> None:
         check_ranges(type(self), vars(self), self.config_key)
+        self.check_combined(vars(self), self.config_key)
+
+    @staticmethod
+    def check_combined(values: Mapping[str, Any], prefix: str) -> None:
+        """Rules across fields (a schema's own): raise ConfigError naming the keys and the fix."""
 
 
 @dataclass
@@ -102,7 +107,7 @@ class TrainerConfig(Checked):
     epochs: Optional[float] = ranged(None, "(0, inf)")  # needs a data set of known size
     log_every: int = ranged(100, "[1, inf)")  # steps between train log events (metrics.jsonl, TensorBoard, progress bar)
     eval_every: int = ranged(0, "[0, inf)")  # steps between evaluations; 0: evaluate at the end only
-    eval_steps: Optional[int] = ranged(None, "[1, inf)")  # None: the whole eval set
+    eval_steps: Optional[int] = ranged(None, "[1, inf)")  # eval batches per evaluation; None: the whole eval set (or limit_eval_batches)
     checkpoint_every: int = ranged(500, "[0, inf)")  # steps between checkpoints (and one at the end); 0: end only
     checkpoint_every_secs: Optional[float] = ranged(None, "(0, inf)")
     keep_checkpoints: int = ranged(3, "[1, inf)")
@@ -137,6 +142,30 @@ class TrainerConfig(Checked):
     # configures it); false: quiet, no log lines and no progress bar.
     verbose: bool = True
     tensorboard: bool = True
+    # Seeing where time goes, and debug modes (docs/debugging.md).
+    profile_steps: Optional[List[int]] = ranged(None, "[1, inf)")  # [N, M]: a TensorBoard profiler trace of train steps N..M, under the run folder's tensorboard/
+    fast_dev_run: bool = False  # a dry run: 2 train steps and 2 eval batches from fresh weights; no checkpoints, metrics or TensorBoard files; the run folder is neither read nor written
+    overfit_batches: int = ranged(0, "[0, inf)")  # N > 0: train, and evaluate, on the same first N training batches over and over (the loss should go near 0); 0: off
+    # Lightning's name: N >= 1 evaluates N batches (as eval_steps), a fraction in (0, 1) that share of the
+    # eval set (of known size). Set this or eval_steps: both, to different values, is an error.
+    limit_eval_batches: Optional[float] = ranged(None, "(0, inf)")
+
+    @staticmethod
+    def check_combined(values: Mapping[str, Any], prefix: str) -> None:
+        """The rules across fields: profile_steps is [N, M] with N <= M; limit_eval_batches above 1 is a
+        whole number, and agrees with eval_steps when both are set."""
+        steps = values.get("profile_steps")
+        if steps is not None and (len(steps) != 2 or steps[0] > steps[1]):
+            raise ConfigError(f"{prefix}.profile_steps={list(steps)} must be two steps [N, M] with 1 <= N <= M. "
+                              f"Fix: e.g. {prefix}.profile_steps=[10,20] (a trace of steps 10 to 20).")
+        limit, eval_steps = values.get("limit_eval_batches"), values.get("eval_steps")
+        if limit is not None and limit > 1 and limit != int(limit):
+            raise ConfigError(f"{prefix}.limit_eval_batches={limit} is neither a whole number of batches nor a fraction "
+                              f"in (0, 1) of the eval set. Fix: e.g. {prefix}.limit_eval_batches={int(limit)} or =0.25.")
+        if limit is not None and eval_steps is not None and limit != eval_steps:
+            raise ConfigError(f"{prefix}.limit_eval_batches={limit} and {prefix}.eval_steps={eval_steps} both limit "
+                              f"evaluation, to different sizes. Fix: set only one of them ({prefix}.limit_eval_batches "
+                              "is Lightning's name; it also takes a fraction of the eval set).")
 
 
 @dataclass
@@ -313,6 +342,8 @@ def check_config(cfg, choices: Optional[Mapping[str, str]] = None) -> None:
                     continue
                 values[f.name] = OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
         check_ranges(schema, values, key)
+        if issubclass(schema, Checked):
+            schema.check_combined(values, key)
 
 
 def _conf_dir():

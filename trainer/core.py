@@ -22,7 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import objects, signals
+from trainer import debug, objects, signals
 from trainer import precision as precision_lib
 from trainer.callbacks import Callback, CallbackList, Checkpointing, DivergenceGuard, NumericalError, callback_list
 from trainer.checkpoint import NO_BEST, Checkpointer
@@ -32,6 +32,7 @@ from trainer.console import show_logs_unless_configured
 from trainer.inputs import DataArg, KeptIterator, sample_batch, steps_per_epoch_of, training_iterator
 from trainer.loop import Loop, TrainingInterrupted, evaluate, tracked
 from trainer.loss_scale import LossScale
+from trainer.memory import memory_logs
 from trainer.runlock import run_folder_lock
 from trainer.step import Step
 from trainer.update import Updater
@@ -80,7 +81,8 @@ class Trainer(Step):
         self.strategy = strategy or tf.distribute.get_strategy()
         if isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
             signals.reclaim_sigterm_from_tensorflow()  # its coordination service's handler swallows SIGTERM
-        self.run_dir = Path(run_dir) if run_dir is not None else None
+        # fast_dev_run writes nothing and reads no checkpoint: as if there were no run folder (trainer/debug.py)
+        self.run_dir = Path(run_dir) if run_dir is not None and not self.config.fast_dev_run else None
         self.is_chief, self.seed, self.clipnorm = is_chief, seed, clipnorm
         self.stop_training = False  # a callback may set it; the loop stops after the current loop
         self.resume_command: Optional[str] = None  # the CLI sets it: the command line that resumes this run
@@ -266,9 +268,10 @@ class Trainer(Step):
         cfg = self.config
         if steps_per_epoch is None:
             steps_per_epoch = steps_per_epoch_of(train_data, cfg.grad_accum_steps)
-        self.total = self.total_steps(steps if steps is not None else cfg.max_steps,
-                                      epochs if epochs is not None else cfg.epochs, steps_per_epoch)
+        self.total = 0 if cfg.fast_dev_run else self.total_steps(  # fast_dev_run: debug.plan_fit says how long
+            steps if steps is not None else cfg.max_steps, epochs if epochs is not None else cfg.epochs, steps_per_epoch)
         self.steps_per_epoch = steps_per_epoch
+        train_data, eval_data, self.total = debug.plan_fit(self, train_data, eval_data, self.total)
         kept, self._kept_iterator = self._kept_iterator, None  # kept again only if this call ends normally
         if kept is None or kept.data is not train_data:  # build every variable before restoring and tracing
             sample, self.batch_size = sample_batch(train_data, self.strategy)
@@ -321,21 +324,23 @@ class Trainer(Step):
 
     def collect_train_logs(self, step: int, examples: int, seconds: float) -> Dict[str, float]:
         """The train logs of the window that ends at `step` (then its trackers restart): the loss and
-        metrics (the default step's), the logs an overridden step returned, examples/s, and per optimizer
-        lr, grad_norm, loss_scale and skipped_steps (prefixed `name/` when there are several)."""
+        metrics (the default step's), the logs an overridden step returned, examples/s, per optimizer
+        lr, grad_norm, loss_scale and skipped_steps (prefixed `name/` when there are several), and the
+        memory readings (trainer/memory.py: host RSS now and its peak, each GPU's peak)."""
         logs: Dict[str, Any] = {"step": step, "split": "train", **tracked(self.train_loss, self.metrics, self.train_log_trackers)}
         # nan when no step was timed in this window (the first loop, with its compile time, is not timed)
         logs["examples_per_sec"] = examples / seconds if examples > 0 and seconds > 0 else float("nan")
         for name, updater in self.updaters.items():
             logs.update(updater.logs("" if len(self.updaters) == 1 else f"{name}/"))
+        logs.update(memory_logs())
         self._reset_train_trackers()
         return logs
 
     def evaluate(self, eval_data: DataArg, *, steps: Optional[int] = None, step: Optional[int] = None,
                  callbacks: Optional[CallbackList] = None) -> Dict[str, float]:
         """Computes the loss and metrics (and an overridden test_step's logs) over the whole eval set
-        (or `steps` batches)."""
-        return evaluate(self, eval_data, steps=steps or self.config.eval_steps,
+        (or `steps` batches; else eval_steps / limit_eval_batches, fast_dev_run's few: trainer/debug.py)."""
+        return evaluate(self, eval_data, steps=steps or debug.eval_batch_limit(self.config, eval_data, self.strategy),
                         step=int(self.step.numpy()) if step is None else step, callbacks=callbacks)
 
     def weights_fingerprint(self) -> str:

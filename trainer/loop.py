@@ -33,6 +33,11 @@ def steps_to_next_event(config, step: int, total: int) -> int:
     for every in (config.log_every, config.eval_every, config.checkpoint_every):
         if every:
             k = min(k, every - step % every)
+    if config.profile_steps:  # loops end at N-1 and at M: the trace holds steps N..M exactly (callbacks/profiler.py)
+        first, last = config.profile_steps
+        for end in (first - 1, last):
+            if step < end:
+                k = min(k, end - step)
     return max(k, 1)
 
 

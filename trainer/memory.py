@@ -2,6 +2,7 @@
 device's peak allocation. One place, so a train log line and `python -m trainer.doctor` read the same."""
 from __future__ import annotations
 
+import re
 import resource
 import sys
 from typing import Dict, List
@@ -48,3 +49,18 @@ def memory_logs(reset_device_peak: bool = False) -> Dict[str, float]:
     for device, peak in device_peak_mb(reset=reset_device_peak).items():
         logs[f"{device.lower().replace(':', '')}_peak_mb"] = round(peak, 1)
     return logs
+
+
+_FIELD = re.compile(r"^(host_rss_mb|host_peak_rss_mb|gpu\d+_peak_mb)$")
+
+
+def is_memory_field(name: str) -> bool:
+    """Whether a log key is one of memory_logs()'s."""
+    return bool(_FIELD.match(name))
+
+
+def memory_text(logs: Dict[str, float]) -> str:
+    """The short form for a log line: `mem 612 MiB` (host RSS now) and each GPU's peak, `gpu0 1843 MiB peak`."""
+    parts = [f"mem {logs['host_rss_mb']:.0f} MiB"] if "host_rss_mb" in logs else []
+    parts += [f"{k[:-len('_peak_mb')]} {v:.0f} MiB peak" for k, v in logs.items() if k.startswith("gpu") and is_memory_field(k)]
+    return ", ".join(parts)

@@ -11,17 +11,20 @@ run would already have touched the first one's folder. The Python API takes it w
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import fcntl
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
 from hydra.experimental.callback import Callback as HydraCallback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 
 LOCK_FILE = ".trainer.lock"
 _held: Dict[Path, int] = {}  # folder -> lock descriptor, for the folders this process holds
@@ -123,12 +126,15 @@ class RunFolderCallback(HydraCallback):
 
     def __init__(self) -> None:
         self.fd: Optional[int] = None
+        self.scratch: Optional[str] = None
 
     def _take(self, config: DictConfig, folder: str) -> None:
         from trainer.config import ConfigError, check_config
 
         try:
             check_config(config, config.hydra.runtime.choices)
+            if OmegaConf.select(config, "trainer.fast_dev_run"):
+                folder = self._scratch_folder(config)
             self.fd = acquire(folder, hold=is_chief_process(str(OmegaConf.select(config, "strategy.name"))))
         except (ConfigError, RunFolderError) as e:
             _fail(e)
@@ -138,6 +144,17 @@ class RunFolderCallback(HydraCallback):
         # so both see the same time.
         self._take(config, str(OmegaConf.select(config, "hydra.run.dir")))
 
+    def _scratch_folder(self, config: DictConfig) -> str:
+        """trainer.fast_dev_run keeps nothing: the run (its trainer.log too) goes to a temporary folder,
+        deleted at the end, and the configured run folder, maybe an existing run's, is not even opened."""
+        self.scratch = tempfile.mkdtemp(prefix="trainer-fast-dev-run-")
+        atexit.register(shutil.rmtree, self.scratch, ignore_errors=True)  # also after an exit (a user error)
+        with read_write(config.hydra.run):  # run_job reads the folder from here next
+            config.hydra.run.dir = self.scratch
+        return self.scratch
+
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         release(self.fd)
         self.fd = None
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)

@@ -8,12 +8,13 @@ from trainer.callbacks.base import HOOKS, Callback, CallbackList
 from trainer.callbacks.checkpointing import Checkpointing
 from trainer.callbacks.divergence import DivergenceGuard
 from trainer.callbacks.numerics import NumericalError, NumericsGuard
+from trainer.callbacks.profiler import Profiler
 from trainer.callbacks.progress import LogLines, ProgressBar, Summary
 from trainer.callbacks.loggers import CSVLogger, Logger, MetricsWriter, MLflowLogger, TensorBoardWriter, default_loggers
 
 __all__ = ["HOOKS", "CSVLogger", "Callback", "CallbackList", "Checkpointing", "DivergenceGuard", "LogLines", "Logger",
-           "MLflowLogger", "MetricsWriter", "NumericalError", "NumericsGuard", "ProgressBar", "Summary", "TensorBoardWriter",
-           "callback_list"]
+           "MLflowLogger", "MetricsWriter", "NumericalError", "NumericsGuard", "Profiler", "ProgressBar", "Summary",
+           "TensorBoardWriter", "callback_list"]
 
 
 def callback_list(trainer, user_callbacks: List[Callback]) -> CallbackList:
@@ -24,6 +25,11 @@ def callback_list(trainer, user_callbacks: List[Callback]) -> CallbackList:
     if trainer.config.verbose:
         cbs.append(ProgressBar() if trainer.config.progress_bar else LogLines())  # the bar shows what LogLines logs
     loggers = default_loggers(trainer) if trainer.loggers is None else trainer.loggers
+    if trainer.config.fast_dev_run:  # writes nothing (trainer/debug.py)
+        loggers = []
     cbs += [lg for lg in loggers if trainer.config.tensorboard or not isinstance(lg, TensorBoardWriter)]
     cbs.append(Summary())
-    return CallbackList(cbs + list(user_callbacks) + [trainer.divergence, NumericsGuard()], is_chief=trainer.is_chief)
+    cbs += list(user_callbacks)
+    if trainer.config.profile_steps and trainer.run_dir is not None:  # after the others: it starts once they saved
+        cbs.append(Profiler(*trainer.config.profile_steps, logdir=trainer.run_dir / "tensorboard"))
+    return CallbackList(cbs + [trainer.divergence, NumericsGuard()], is_chief=trainer.is_chief)

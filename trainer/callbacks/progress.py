@@ -7,6 +7,7 @@ import time
 
 from trainer.callbacks.base import Callback
 from trainer.callbacks.loggers import scalars
+from trainer.memory import is_memory_field, memory_logs, memory_text
 
 log = logging.getLogger("trainer.callbacks")
 
@@ -16,7 +17,7 @@ HIDDEN = {"examples_per_sec", "grad_norm", "lr", "loss_scale", "skipped_steps"} 
 
 def shown(logs) -> dict:
     """The loss and metrics, or the logs an overridden train_step returned (a GAN's d_loss and g_loss)."""
-    return {k: v for k, v in scalars(logs).items() if k not in HIDDEN and "/" not in k}
+    return {k: v for k, v in scalars(logs).items() if k not in HIDDEN and "/" not in k and not is_memory_field(k)}
 
 
 def eval_line(step: int, logs) -> str:
@@ -39,6 +40,8 @@ class ProgressBar(Callback):
     def on_log(self, trainer, step, logs):
         postfix = {k: f"{v:.4f}" for k, v in list(shown(logs).items())[:3]}
         postfix["ex_per_s"] = f"{logs.get('examples_per_sec', math.nan):.0f}"
+        if "host_rss_mb" in logs:
+            postfix["mem"] = f"{logs['host_rss_mb']:.0f}MiB"
         self.bar.set_postfix(postfix)
 
     def on_eval_end(self, trainer, step, logs):
@@ -50,19 +53,21 @@ class ProgressBar(Callback):
 
 class LogLines(Callback):
     """Without the progress bar (trainer.progress_bar=false): a line per log and eval event in the log, as
-    Keras' fit(verbose=2) prints one per epoch: `step 500/1500: loss=0.4300, accuracy=0.8400 (7170 ex/s)`."""
+    Keras' fit(verbose=2) prints one per epoch: `step 500/1500: loss=0.4300, accuracy=0.8400 (7170 ex/s) | mem 612 MiB`."""
 
     def on_log(self, trainer, step, logs):
         values = ", ".join(f"{k}={v:.4f}" for k, v in shown(logs).items())
         speed = logs.get("examples_per_sec", math.nan)
-        log.info("step %d/%d: %s%s", step, trainer.total, values, f" ({speed:.0f} ex/s)" if math.isfinite(speed) else "")
+        memory = memory_text(logs)
+        log.info("step %d/%d: %s%s%s", step, trainer.total, values, f" ({speed:.0f} ex/s)" if math.isfinite(speed) else "",
+                 f" | {memory}" if memory else "")
 
     def on_eval_end(self, trainer, step, logs):
         log.info("%s", eval_line(step, logs))
 
 
 class Summary(Callback):
-    """Logs a short summary at the end: final eval metrics, time, throughput, the run folder."""
+    """Logs a short summary at the end: final eval metrics, time, throughput, peak memory, the run folder."""
 
     def on_train_begin(self, trainer):
         self.start = time.perf_counter()
@@ -87,6 +92,7 @@ class Summary(Callback):
         if self.examples_per_sec:
             ordered = sorted(self.examples_per_sec)
             lines.append(f"Throughput: {ordered[len(ordered) // 2]:.0f} examples/s (median of log windows)")
+        lines.append(peak_memory_line(memory_logs()))
         if summary.get("traces"):
             lines.append(f"Traced: {summary['traces']} (first loop incl. compile: {summary.get('first_loop_seconds', 0):.2f}s)")
             retraced = {k: v for k, v in summary["traces"].items() if v > 1}
@@ -102,3 +108,9 @@ class Summary(Callback):
         if trainer.run_dir is not None:
             lines.append(f"Run folder: {trainer.run_dir}")
         log.info("\n  ".join(lines))
+
+
+def peak_memory_line(memory) -> str:
+    """`Peak memory: host RSS 812 MiB (now 640 MiB), GPU:0 1843 MiB`: peaks since the process started."""
+    gpus = [f"GPU:{k[len('gpu'):-len('_peak_mb')]} {v:.0f} MiB" for k, v in memory.items() if k.startswith("gpu")]
+    return ", ".join([f"Peak memory: host RSS {memory['host_peak_rss_mb']:.0f} MiB (now {memory['host_rss_mb']:.0f} MiB)", *gpus])

@@ -1,0 +1,193 @@
+"""Seeing where time and memory go (trainer.profile_steps, memory in the logs) and the debug modes
+(fast_dev_run, overfit_batches, limit_eval_batches): docs/debugging.md."""
+import hashlib
+import logging
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, blobs, read_metrics, run_cli
+
+
+def _model():
+    import keras
+
+    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(64, activation="relu"),
+                             keras.layers.Dense(64, activation="relu"), keras.layers.Dense(2)])
+
+
+def _examples_seen():
+    """A metric that counts the examples it was given: how much an evaluation read."""
+    import keras
+
+    class ExamplesSeen(keras.metrics.Metric):
+        def __init__(self, name="seen", **kwargs):
+            super().__init__(name=name, **kwargs)
+            self.total = self.add_variable(shape=(), initializer="zeros", name="total")
+
+        def update_state(self, y_true, y_pred, sample_weight=None):
+            self.total.assign_add(keras.ops.cast(keras.ops.shape(y_true)[0], "float32"))
+
+        def result(self):
+            return self.total
+
+    return ExamplesSeen()
+
+
+def _trainer(**options):
+    import keras
+
+    from trainer import Trainer
+
+    options = {"log_every": 20, "progress_bar": False, "best_metric": None, **options}
+    return Trainer(_model, keras.losses.SparseCategoricalCrossentropy(from_logits=True), lambda: keras.optimizers.Adam(1e-2),
+                   metrics={"accuracy": keras.metrics.SparseCategoricalAccuracy(), "seen": _examples_seen}, **options)
+
+
+def _folder_state(folder: Path):
+    return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _tensorboard_tags(folder: Path) -> set:
+    import tensorflow as tf
+    from tensorflow.core.util import event_pb2
+
+    events = (event_pb2.Event.FromString(r.numpy()) for f in folder.glob("events.out.tfevents.*") for r in tf.data.TFRecordDataset(str(f)))
+    return {value.tag for event in events for value in event.summary.value}
+
+
+def test_overfit_batches_drives_the_train_loss_near_zero_where_normal_training_does_not():
+    """The same 2 batches (of a set that reshuffles every pass) for 60 steps: the tiny MLP memorizes them;
+    on the whole (overlapping) blobs set in the same 60 steps it does not. Evaluation reads those 2 batches."""
+    from trainer.callbacks import Callback
+
+    class LastTrainLogs(Callback):
+        def on_log(self, trainer, step, logs):
+            self.logs = logs
+
+    normal, overfit = LastTrainLogs(), LastTrainLogs()
+    _trainer(max_steps=60, callbacks=[normal]).fit(blobs(shuffle=True))
+    eval_logs = _trainer(max_steps=60, overfit_batches=2, callbacks=[overfit]).fit(blobs(shuffle=True), blobs())
+    assert overfit.logs["loss"] < 0.05 < normal.logs["loss"], (overfit.logs, normal.logs)
+    assert eval_logs["loss"] < 0.05 and eval_logs["seen"] == 2 * 16, eval_logs  # the 2 training batches, once
+
+
+def test_limit_eval_batches_counts_and_fraction():
+    """limit_eval_batches=3 evaluates 3 batches (48 examples); 0.25 a quarter of the 16 batches; eval_steps
+    set to another value as well is an error naming both keys."""
+    import dataclasses
+
+    from trainer.config import ConfigError, TrainerConfig
+
+    t = _trainer(max_steps=2, limit_eval_batches=3)
+    assert t.fit(blobs(), blobs())["seen"] == 3 * 16
+    t.config = dataclasses.replace(t.config, limit_eval_batches=0.25)
+    assert t.evaluate(blobs())["seen"] == 4 * 16
+    assert t.evaluate(blobs(), steps=5)["seen"] == 5 * 16  # an explicit count wins
+    with pytest.raises(ConfigError, match="limit_eval_batches=3 and trainer.eval_steps=5"):
+        TrainerConfig(limit_eval_batches=3, eval_steps=5)
+    with pytest.raises(ConfigError, match="limit_eval_batches=2.5"):
+        TrainerConfig(limit_eval_batches=2.5)
+    assert TrainerConfig(limit_eval_batches=5, eval_steps=5).eval_steps == 5  # the same value twice is fine
+
+
+def test_fast_dev_run_trains_two_steps_from_scratch_and_writes_nothing(tmp_path, caplog):
+    """Pointed at an existing run: it neither resumes from its checkpoints nor changes a byte of its folder;
+    a new run folder is not even created. 2 train steps, 2 eval batches."""
+    existing = tmp_path / "existing"
+    first = _trainer(max_steps=6, run_dir=existing, checkpoint_every=3)
+    first.fit(blobs(), blobs())
+    before = _folder_state(existing)
+    assert any(name.endswith(".index") for name in before)
+
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        dry = _trainer(max_steps=100, run_dir=existing, fast_dev_run=True)
+        logs = dry.fit(blobs(), blobs())
+    assert int(dry.step.numpy()) == 2 and logs["seen"] == 2 * 16  # from step 0, not the run's step 6
+    assert _folder_state(existing) == before
+    assert "fast_dev_run: 2 train steps and 2 eval batches from freshly initialized weights" in caplog.text
+
+    fresh = tmp_path / "fresh"
+    _trainer(max_steps=100, run_dir=fresh, fast_dev_run=True).fit(blobs())
+    assert not fresh.exists()
+
+
+def test_profile_steps_trace_steps_n_to_m_with_loops_cut_around_them(tmp_path, caplog):
+    """steps_per_loop=4: the loops end at 2 (N-1) and 5 (M) as well, so the trace holds steps 3..5; TF writes
+    an .xplane.pb under tensorboard/plugins/profile/<time>/, and the log names that folder."""
+    from trainer.callbacks import Callback
+
+    class LoopEnds(Callback):
+        ends = []
+
+        def on_loop_end(self, trainer, step):
+            self.ends.append(step)
+
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        t = _trainer(max_steps=8, steps_per_loop=4, log_every=4, run_dir=tmp_path / "run", profile_steps=(3, 5),
+                     callbacks=[LoopEnds()])
+        t.fit(blobs())
+    assert LoopEnds.ends == [2, 4, 5, 8]
+    traces = list((tmp_path / "run" / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1, traces
+    assert f"Profile of train steps 3..5 written to {traces[0].parent}" in caplog.text
+
+    with caplog.at_level(logging.INFO, logger="trainer"):  # steps the run never reaches: a warning, no trace
+        _trainer(max_steps=2, run_dir=tmp_path / "short", profile_steps=(5, 6)).fit(blobs())
+    assert "this run ends at step 2, before step 5: no trace" in caplog.text
+    assert not (tmp_path / "short" / "tensorboard" / "plugins").exists()
+
+
+def test_memory_fields_in_train_logs_and_summary(caplog):
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        logs = _trainer(max_steps=4, log_every=2).fit(blobs())
+    assert 0 < logs["host_rss_mb"] <= logs["host_peak_rss_mb"], logs
+    assert re.search(r"step 4/4: loss=\d+\.\d{4}.* \| mem \d+ MiB", caplog.text), caplog.text
+    assert re.search(r"Peak memory: host RSS \d+ MiB \(now \d+ MiB\)", caplog.text), caplog.text
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("[5,3]", "profile_steps=[5, 3] must be two steps [N, M] with 1 <= N <= M"),
+    ("[0,3]", "profile_steps=[0, 3] is out of range: each element must be >= 1"),
+    ("[3]", "profile_steps=[3] must be two steps"),
+])
+def test_bad_profile_steps_is_a_config_error(value, expected):
+    """What the CLI checks before a run folder exists (exit 2): the composed config, as check_config sees it."""
+    from hydra import compose, initialize_config_module
+
+    from trainer.config import ConfigError, check_config, register_configs
+
+    register_configs()
+    with initialize_config_module("trainer.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[f"trainer.profile_steps={value}"])
+    with pytest.raises(ConfigError) as raised:
+        check_config(cfg)
+    assert expected in str(raised.value)
+
+
+def test_cli_profile_then_fast_dev_run_over_the_same_run_folder(tmp_path):
+    """The CLI: a run with profile_steps=[3,5] (a trace, memory in every log line and metrics.jsonl row);
+    then fast_dev_run pointed at that run's folder leaves it exactly as it was, and exits 0."""
+    run_dir = tmp_path / "run"
+    tiny = [o for o in TINY if not o.startswith("trainer.max_steps")]
+    profiled = run_cli(*tiny, "trainer.max_steps=10", "trainer.steps_per_loop=4", "trainer.profile_steps=[3,5]",
+                       f"hydra.run.dir={run_dir}")
+    assert profiled.returncode == 0, profiled.stderr[-3000:]
+    log_text = (run_dir / "trainer.log").read_text()
+    traces = list((run_dir / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1 and f"written to {traces[0].parent}" in log_text, log_text[-3000:]
+    assert re.search(r"step 10/10: loss=\d+\.\d{4}.* \| mem \d+ MiB", log_text), log_text[-3000:]
+    train_rows = [r for r in read_metrics(run_dir) if r["split"] == "train"]
+    assert train_rows and all(r["host_peak_rss_mb"] >= r["host_rss_mb"] > 0 for r in train_rows)
+    assert {"host_rss_mb", "host_peak_rss_mb"} <= _tensorboard_tags(run_dir / "tensorboard" / "train")
+    before = _folder_state(run_dir)
+
+    dry = run_cli(*TINY, "trainer.fast_dev_run=true", f"hydra.run.dir={run_dir}")
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    out = dry.stdout + dry.stderr
+    assert "fast_dev_run: 2 train steps and 2 eval batches" in out and "step 2/2" in out, out[-3000:]
+    scratch = re.search(r"run folder: (\S+)", out).group(1)
+    assert scratch != str(run_dir) and not Path(scratch).exists()  # a temporary folder, deleted
+    assert _folder_state(run_dir) == before
