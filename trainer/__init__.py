@@ -9,7 +9,7 @@ from trainer.quiet import quiet_tensorflow_import
 
 quiet_tensorflow_import()
 
-from trainer.callbacks import Callback  # noqa: E402
+from trainer.callbacks import Callback, EarlyStopping, ReduceLROnPlateau  # noqa: E402
 from trainer.checkpoint import CheckpointError, warm_start  # noqa: E402
 from trainer.config import PrecisionConfig, StrategyConfig, TrainerConfig  # noqa: E402
 from trainer.core import NumericalError, Trainer, TrainingInterrupted  # noqa: E402
@@ -20,9 +20,11 @@ __all__ = [
     "Callback",
     "CheckpointError",
     "DataBundle",
+    "EarlyStopping",
     "LossScale",
     "NumericalError",
     "PrecisionConfig",
+    "ReduceLROnPlateau",
     "StrategyConfig",
     "Trainer",
     "TrainerConfig",
