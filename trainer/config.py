@@ -220,32 +220,35 @@ class SGDConfig(OptimizerConfig):
 
 
 @dataclass
-class EarlyStoppingConfig(Checked):
-    """callbacks=[early_stopping]: stop when a monitored value stops improving (trainer/callbacks/control.py)."""
+class MonitorConfig(Checked):
+    """What a training-control callback watches, and when it acts (trainer/callbacks/control.py)."""
+
+    monitor: str = "loss"  # an eval result as trainer.best_metric names it (loss, accuracy), or a train log as train/NAME
+    mode: str = chosen("auto", "auto|min|max")  # min: lower is better, max: higher; auto: max for accuracy-like names, min for losses
+    patience: int = ranged(3, "[0, inf)")  # monitored events (evaluations, or train logs) without improvement before it acts
+    min_delta: float = ranged(0.0, "[0, inf)")  # a change smaller than this is no improvement
+
+
+@dataclass
+class EarlyStoppingConfig(MonitorConfig):
+    """callbacks=[early_stopping]: stop when the monitored value stops improving."""
 
     config_key: ClassVar[str] = "callbacks.early_stopping"
 
     _target_: str = "trainer.callbacks.EarlyStopping"
-    monitor: str = "loss"  # an eval result as trainer.best_metric names it (loss, accuracy), or a train log as train/NAME
-    mode: str = chosen("auto", "auto|min|max")  # min: lower is better, max: higher; auto: max for accuracy-like names, min for losses
-    patience: int = ranged(3, "[0, inf)")  # monitored events (evaluations, or train logs) without improvement before stopping
-    min_delta: float = ranged(0.0, "[0, inf)")  # a change smaller than this is no improvement
     baseline: Optional[float] = ranged(None, "(-inf, inf)")  # stop when the value has not beaten this within `patience` events; None: off
     start_from_step: int = ranged(0, "[0, inf)")  # warm-up: events before this step are not judged
 
 
 @dataclass
-class ReduceLROnPlateauConfig(Checked):
+class ReduceLROnPlateauConfig(MonitorConfig):
     """callbacks=[reduce_lr_on_plateau]: multiply every learning rate (or schedule) by `factor` on a plateau."""
 
     config_key: ClassVar[str] = "callbacks.reduce_lr_on_plateau"
 
     _target_: str = "trainer.callbacks.ReduceLROnPlateau"
-    monitor: str = "loss"  # an eval result as trainer.best_metric names it (loss, accuracy), or a train log as train/NAME
-    mode: str = chosen("auto", "auto|min|max")  # min: lower is better, max: higher; auto: max for accuracy-like names, min for losses
-    patience: int = ranged(3, "[0, inf)")  # monitored events without improvement before the learning rate is lowered
+    min_delta: float = ranged(1e-4, "[0, inf)")  # a change smaller than this is no improvement (Keras' default)
     factor: float = ranged(0.1, "(0, 1)")  # the new learning rate is the old one times this
-    min_delta: float = ranged(1e-4, "[0, inf)")  # a change smaller than this is no improvement
     cooldown: int = ranged(0, "[0, inf)")  # monitored events after a reduction during which nothing is judged
     min_lr: float = ranged(0.0, "[0, inf)")  # no reduction takes a learning rate below this
 
