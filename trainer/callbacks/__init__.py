@@ -1,5 +1,6 @@
 """Callbacks: the hook interface (base.py) and the built-ins, one concern a file: checkpointing, the
-numerics and divergence guards, training control (early stopping, plateaus), the progress bar and summary, the run folder's writers."""
+numerics and divergence guards, training control (early stopping, plateaus), the progress bar and
+summary, the run folder's writers."""
 from __future__ import annotations
 
 from typing import List
@@ -12,8 +13,9 @@ from trainer.callbacks.numerics import NumericalError, NumericsGuard
 from trainer.callbacks.progress import LogLines, ProgressBar, Summary
 from trainer.callbacks.writers import MetricsWriter, TensorBoardWriter
 
-__all__ = ["HOOKS", "Callback", "CallbackList", "Checkpointing", "DivergenceGuard", "EarlyStopping", "LogLines", "MetricsWriter",
-           "NumericalError", "NumericsGuard", "ProgressBar", "ReduceLROnPlateau", "Summary", "TensorBoardWriter", "callback_list"]
+__all__ = ["HOOKS", "Callback", "CallbackList", "Checkpointing", "DivergenceGuard", "EarlyStopping", "LogLines",
+           "MetricsWriter", "NumericalError", "NumericsGuard", "ProgressBar", "ReduceLROnPlateau", "Summary",
+           "TensorBoardWriter", "callback_list"]
 
 
 def callback_list(trainer, user_callbacks: List[Callback]) -> CallbackList:

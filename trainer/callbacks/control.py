@@ -59,12 +59,17 @@ class Monitor(Callback):
         self.best, self.best_step = state["best"], state["best_step"]
         self.wait, self.last_step = int(state["wait"]), int(state["last_step"])
 
+    @property
+    def best_or_nan(self) -> float:
+        return math.nan if self.best is None else self.best
+
     def improved(self, value: float, reference: Optional[float]) -> bool:
         if reference is None:
             return math.isfinite(value)
         return value < reference - self.min_delta if self.mode == "min" else value > reference + self.min_delta
 
     def on_train_begin(self, trainer) -> None:
+        self.events, self.start_step = 0, int(trainer.step.numpy())  # events judged in this fit() call, from where
         if not self.monitor.startswith("train/") and not trainer.config.eval_every:
             log.warning("%s watches the eval result %r, and trainer.eval_every=0 evaluates at the end only: it cannot "
                         "act during training. Fix: set trainer.eval_every, or monitor a train log (train/loss).",
@@ -88,8 +93,15 @@ class Monitor(Callback):
                 f"{type(self).__name__}: monitor={self.monitor!r} is not among the {what} {[prefix + n for n in names]}. "
                 f"Fix: {self.key}.monitor=<one of them> (an eval result as trainer.best_metric names it, or a train "
                 "log as train/NAME).")
-        self.last_step = step
+        self.last_step, self.events = step, self.events + 1
         self.judge(trainer, step, float(logs[name]))
+
+    def on_train_end(self, trainer, summary) -> None:
+        trained = summary.get("step", self.start_step) > self.start_step
+        if trained and not self.events and not summary.get("failed") and not summary.get("interrupted"):
+            log.warning("%s judged nothing in this fit() call: no %s reached it. Fix: give fit() eval data and set "
+                        "trainer.eval_every, or monitor a train log (train/loss).", type(self).__name__,
+                        "train log" if self.monitor.startswith("train/") else "evaluation")
 
     def judge(self, trainer, step: int, value: float) -> None:
         raise NotImplementedError
@@ -123,7 +135,7 @@ class EarlyStopping(Monitor):
         if self.stopped_step == step and self.wait >= self.patience:  # resumed from the checkpoint of the stop
             log.info("Early stopping ended this run at step %d (%s: no improvement for %d events, best %.6g at step "
                      "%s): nothing to train. To train on, raise %s.patience.", step, self.monitor, self.wait,
-                     self.best, self.best_step, self.key)
+                     self.best_or_nan, self.best_step, self.key)
             trainer.stop_training = True
 
     def judge(self, trainer, step, value) -> None:
@@ -139,8 +151,8 @@ class EarlyStopping(Monitor):
             self.stopped_step = step
             trainer.stop_training = True
             log.info("Early stopping at step %d: %s=%.6g has not improved on %.6g (step %s, mode=%s, min_delta=%g) "
-                     "for %d events (patience=%d).", step, self.monitor, value, self.best if self.best is not None else math.nan,
-                     self.best_step, self.mode, self.min_delta, self.wait, self.patience)
+                     "for %d events (patience=%d).", step, self.monitor, value, self.best_or_nan, self.best_step, self.mode,
+                     self.min_delta, self.wait, self.patience)
 
 
 class ReduceLROnPlateau(Monitor):
@@ -209,5 +221,5 @@ class ReduceLROnPlateau(Monitor):
             changes.append(f"{name} {old:.4g} -> {new:.4g}" if len(trainer.updaters) > 1 else f"{old:.4g} -> {new:.4g}")
         if changes:
             log.info("Step %d: %s=%.6g has not improved on %.6g (step %s) for %d events (patience=%d): learning "
-                     "rate lowered: %s.", step, self.monitor, value, self.best, self.best_step, self.wait,
+                     "rate lowered: %s.", step, self.monitor, value, self.best_or_nan, self.best_step, self.wait,
                      self.patience, ", ".join(changes))
