@@ -68,7 +68,8 @@ TARGET = "what hydra.utils.instantiate calls to build it"
 # Config's nested sections (key, schema in trainer/config.py), then the groups, in page order.
 SECTIONS = [("trainer", "TrainerConfig"), ("precision", "PrecisionConfig"), ("strategy", "StrategyConfig"),
             ("finetune", "FinetuneConfig")]
-GROUPS = ["optimizer", "data", "model"]
+GROUPS = ["optimizer", "data", "model", "callbacks"]
+CHOOSE = {"callbacks": "Choose several with `callbacks=[OPTION,...]` (docs/training-control.md); each option's keys sit under `callbacks.OPTION.`."}
 
 
 def registered_schemas() -> List[Tuple[Optional[str], str, type]]:
@@ -231,7 +232,8 @@ def render() -> Tuple[str, List[str]]:
         lines += ["", f"## {name}", "", doc + f" Defined in `trainer/config.py` ({cls_name}).", "", *rows]
     for group in GROUPS:
         options = group_options(group)
-        lines += ["", f"## {group}", "", f"Choose one with `{group}=OPTION`; each option's YAML file sets the defaults its recipe needs.", ""]
+        choose = CHOOSE.get(group, f"Choose one with `{group}=OPTION`; each option's YAML file sets the defaults its recipe needs.")
+        lines += ["", f"## {group}", "", choose, ""]
         for g, schema_name, cls in stored:
             if g != group:
                 continue
@@ -241,7 +243,7 @@ def render() -> Tuple[str, List[str]]:
                 doc = ""
             where = cls.__module__.replace("trainer.recipes.", "recipes.").replace(".", "/") + ".py"
             lines += [f"### {cls.__name__}", "", f"Options: {opts}. Defined in `{where}`." + (f" {doc}" if doc else ""), ""]
-            rows, miss = table(cls, f"{group}.")
+            rows, miss = table(cls, f"{group}." + "".join(f"{o}." for o in options.get(schema_name, [])[:1] if group in CHOOSE))
             missing += miss
             lines += rows + [""]
     return "\n".join(lines).rstrip() + "\n", sorted(set(missing))

@@ -9,7 +9,7 @@ from trainer.quiet import quiet_tensorflow_import
 
 quiet_tensorflow_import()
 
-from trainer.callbacks import Callback, CSVLogger, MetricsWriter, MLflowLogger, TensorBoardWriter  # noqa: E402
+from trainer.callbacks import Callback, CSVLogger, EarlyStopping, MetricsWriter, MLflowLogger, ReduceLROnPlateau, TensorBoardWriter  # noqa: E402
 from trainer.checkpoint import CheckpointError, warm_start  # noqa: E402
 from trainer.config import PrecisionConfig, StrategyConfig, TrainerConfig  # noqa: E402
 from trainer.core import NumericalError, Trainer, TrainingInterrupted  # noqa: E402
@@ -21,11 +21,13 @@ __all__ = [
     "Callback",
     "CheckpointError",
     "DataBundle",
+    "EarlyStopping",
     "LossScale",
     "MLflowLogger",
     "MetricsWriter",
     "NumericalError",
     "PrecisionConfig",
+    "ReduceLROnPlateau",
     "StrategyConfig",
     "TensorBoardWriter",
     "Trainer",

@@ -218,6 +218,9 @@ class OptimizerConfig(Checked):
     alpha: float = ranged(0.0, "[0, 1]")  # cosine: final lr as a fraction of lr
     boundaries: List[int] = ranged(interval="[1, inf)", factory=list)  # step: global steps after which lr is multiplied by `decay_rate`
     decay_rate: float = ranged(0.1, "(0, inf)")
+    use_ema: bool = False  # keep an exponential moving average of the weights: evaluation, best/, the summary and export use it (docs/training-control.md)
+    ema_momentum: float = ranged(0.99, "[0, 1]")  # use_ema: average = momentum x average + (1 - momentum) x weights, after every applied update
+    ema_overwrite_frequency: Optional[int] = ranged(None, "[1, inf)")  # use_ema: every N updates the weights themselves are replaced by the average (Keras'); None: never
 
 
 @dataclass
@@ -243,6 +246,40 @@ class SGDConfig(OptimizerConfig):
     momentum: float = ranged(0.9, "[0, 1)")
     nesterov: bool = False
     weight_decay: Optional[float] = ranged(None, "[0, inf)")
+
+
+@dataclass
+class MonitorConfig(Checked):
+    """What a training-control callback watches, and when it acts (trainer/callbacks/control.py)."""
+
+    monitor: str = "loss"  # an eval result as trainer.best_metric names it (loss, accuracy), or a train log as train/NAME
+    mode: str = chosen("auto", "auto|min|max")  # min: lower is better, max: higher; auto: max for accuracy-like names, min for losses
+    patience: int = ranged(3, "[0, inf)")  # monitored events (evaluations, or train logs) without improvement before it acts
+    min_delta: float = ranged(0.0, "[0, inf)")  # a change smaller than this is no improvement
+
+
+@dataclass
+class EarlyStoppingConfig(MonitorConfig):
+    """callbacks=[early_stopping]: stop when the monitored value stops improving."""
+
+    config_key: ClassVar[str] = "callbacks.early_stopping"
+
+    _target_: str = "trainer.callbacks.EarlyStopping"
+    baseline: Optional[float] = ranged(None, "(-inf, inf)")  # stop when the value has not beaten this within `patience` events; None: off
+    start_from_step: int = ranged(0, "[0, inf)")  # warm-up: events before this step are not judged
+
+
+@dataclass
+class ReduceLROnPlateauConfig(MonitorConfig):
+    """callbacks=[reduce_lr_on_plateau]: multiply every learning rate (or schedule) by `factor` on a plateau."""
+
+    config_key: ClassVar[str] = "callbacks.reduce_lr_on_plateau"
+
+    _target_: str = "trainer.callbacks.ReduceLROnPlateau"
+    min_delta: float = ranged(1e-4, "[0, inf)")  # a change smaller than this is no improvement (Keras' default)
+    factor: float = ranged(0.1, "(0, 1)")  # the new learning rate is the old one times this
+    cooldown: int = ranged(0, "[0, inf)")  # monitored events after a reduction during which nothing is judged
+    min_lr: float = ranged(0.0, "[0, inf)")  # no reduction takes a learning rate below this
 
 
 @dataclass
@@ -293,6 +330,8 @@ def register_configs() -> None:
     cs.store(group="optimizer", name="base_adam", node=AdamConfig)
     cs.store(group="optimizer", name="base_adamw", node=AdamWConfig)
     cs.store(group="optimizer", name="base_sgd", node=SGDConfig)
+    cs.store(group="callbacks", name="base_early_stopping", node=EarlyStoppingConfig)
+    cs.store(group="callbacks", name="base_reduce_lr_on_plateau", node=ReduceLROnPlateauConfig)
     # Each recipe module (recipes/*.py, installed as trainer.recipes) stores the schemas of its own
     # data and model options in its register_configs(cs); recipes import heavy libraries lazily.
     import trainer.recipes
@@ -329,6 +368,9 @@ def check_config(cfg, choices: Optional[Mapping[str, str]] = None) -> None:
         check_recipe_model(choices.get("recipe"), choices.get("model"))
     sections = [("", cfg, Config)]  # the top level: seed
     sections += [(str(k), cfg.get(k), None) for k in cfg if k != "hydra" and isinstance(cfg.get(k), DictConfig)]
+    callbacks = cfg.get("callbacks")  # name -> a callback's options: typed by their schema (conf/callbacks/)
+    if isinstance(callbacks, DictConfig):
+        sections += [(f"callbacks.{k}", callbacks.get(k), None) for k in callbacks if isinstance(callbacks.get(k), DictConfig)]
     for key, node, schema in sections:
         schema = schema or OmegaConf.get_type(node)
         if not (schema and dataclasses.is_dataclass(schema)):

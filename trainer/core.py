@@ -22,7 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import debug, objects, signals
+from trainer import debug, ema, objects, signals
 from trainer import precision as precision_lib
 from trainer.callbacks import Callback, CallbackList, Checkpointing, DivergenceGuard, NumericalError, callback_list
 from trainer.checkpoint import NO_BEST, Checkpointer
@@ -286,6 +286,7 @@ class Trainer(Step):
         self.callback_list = callbacks = callback_list(self, self.callbacks.callbacks)
         callbacks.check_state()
         callbacks.on_train_begin(self)  # Checkpointing first: resume or warm start
+        ema.start_averages(self)  # after a warm start; a resume keeps the checkpoint's averages
         start = int(self.step.numpy())
         self._reset_train_trackers()
         held, kept = [kept], None  # one not reused dies on the release thread once the loop made its own
@@ -302,6 +303,9 @@ class Trainer(Step):
         if self.run_dir is not None or self.strategy.extended._in_multi_worker_mode():
             # 0.1-0.2 s per 20M parameters: for runs that write a summary, not for every fit() call.
             summary["weights_sha256"] = self.weights_fingerprint()
+            with ema.averaged_weights(self) as averaged:
+                if averaged:  # what evaluation and export see
+                    summary["ema_weights_sha256"] = self.weights_fingerprint()
         self._kept_iterator = KeptIterator(train_data, step, loop.iterator)
         callbacks.on_train_end(self, summary)
         return eval_logs or train_logs
@@ -339,9 +343,11 @@ class Trainer(Step):
     def evaluate(self, eval_data: DataArg, *, steps: Optional[int] = None, step: Optional[int] = None,
                  callbacks: Optional[CallbackList] = None) -> Dict[str, float]:
         """Computes the loss and metrics (and an overridden test_step's logs) over the whole eval set
-        (or `steps` batches; else eval_steps / limit_eval_batches, fast_dev_run's few: trainer/debug.py)."""
-        return evaluate(self, eval_data, steps=steps or debug.eval_batch_limit(self.config, eval_data, self.strategy),
-                        step=int(self.step.numpy()) if step is None else step, callbacks=callbacks)
+        (or `steps` batches; else eval_steps / limit_eval_batches, fast_dev_run's few: trainer/debug.py); with an
+        optimizer's use_ema=True, of the averaged weights (see ema.py)."""
+        with ema.averaged_weights(self):
+            return evaluate(self, eval_data, steps=steps or debug.eval_batch_limit(self.config, eval_data, self.strategy),
+                            step=int(self.step.numpy()) if step is None else step, callbacks=callbacks)
 
     def weights_fingerprint(self) -> str:
         """SHA-256 of all models' weights: equal on every worker of a run, and across bit-identical runs."""

@@ -81,6 +81,9 @@ def load_trained_model(source: str, policy: str = "float32") -> Tuple[Any, Any]:
     if report["missing"] or report["mismatched"]:
         raise ValueError(f"{prefix} does not hold all of this model's weights: {report}")
     log.info("Loaded %s from %s (%d variables)", model.name, prefix, len(report["restored"]))
+    from trainer.ema import restore_averages
+
+    restore_averages(model, cfg.get("optimizer"), prefix)  # a run with optimizer.use_ema=true: its averages
     return model, sample
 
 

@@ -166,7 +166,7 @@ class Loop:
             if self.eval_data is not None:
                 self.eval_logs = t.evaluate(self.eval_data, step=self.step)
             return
-        if self.eval_data is not None:
+        if self.eval_data is not None and self.eval_logs.get("step") != self.step:  # not again after an early stop
             self.eval_logs = t.evaluate(self.eval_data, step=self.step, callbacks=self.callbacks)
         self.callbacks.on_save_point(t, self.step, "end")
         if self.interrupted.signum is not None:  # a checkpoint at the last step means the run is complete

@@ -1,19 +1,22 @@
 """Callbacks: the hook interface (base.py) and the built-ins, one concern a file: checkpointing, the
-numerics and divergence guards, the progress bar and summary, the loggers (loggers.py)."""
+numerics and divergence guards, training control (early stopping, plateaus), the progress bar and
+summary, the loggers (loggers.py)."""
 from __future__ import annotations
 
 from typing import List
 
 from trainer.callbacks.base import HOOKS, Callback, CallbackList
 from trainer.callbacks.checkpointing import Checkpointing
+from trainer.callbacks.control import EarlyStopping, ReduceLROnPlateau
 from trainer.callbacks.divergence import DivergenceGuard
 from trainer.callbacks.numerics import NumericalError, NumericsGuard
 from trainer.callbacks.profiler import Profiler
 from trainer.callbacks.progress import LogLines, ProgressBar, Summary
 from trainer.callbacks.loggers import CSVLogger, Logger, MetricsWriter, MLflowLogger, TensorBoardWriter, default_loggers
 
-__all__ = ["HOOKS", "CSVLogger", "Callback", "CallbackList", "Checkpointing", "DivergenceGuard", "LogLines", "Logger",
-           "MLflowLogger", "MetricsWriter", "NumericalError", "NumericsGuard", "Profiler", "ProgressBar", "Summary",
+__all__ = ["HOOKS", "CSVLogger", "Callback", "CallbackList", "Checkpointing", "DivergenceGuard", "EarlyStopping",
+           "LogLines", "Logger", "MLflowLogger", "MetricsWriter", "NumericalError", "NumericsGuard", "Profiler",
+           "ProgressBar", "ReduceLROnPlateau", "Summary",
            "TensorBoardWriter", "callback_list"]
 
 

@@ -48,6 +48,24 @@ class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
         return cls(keras.saving.deserialize_keras_object(config["schedule"]), tf.Variable(config["scale"], trainable=False))
 
 
+def scale_schedule(trainer, name: str, optimizer, scale: float, why: str) -> Optional[tf.Variable]:
+    """Makes `optimizer`'s learning rate scalable: a schedule is wrapped in a ScaledSchedule at `scale` (its
+    variable is returned: assign it to scale the rate); a constant rate (a variable of the checkpoint) is
+    left as it is (None: set it directly). Each caller wraps once and keeps its own variable, so the
+    scales of several callers (the divergence guard, ReduceLROnPlateau) multiply."""
+    lr = optimizer._learning_rate  # Keras keeps a constant rate as a variable, a schedule as itself
+    if isinstance(lr, keras.Variable):
+        return None
+    if not isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
+        raise ConfigError(f"{why}; optimizer {name!r} has a {type(lr).__name__}, neither a constant nor a "
+                          "LearningRateSchedule. Fix: give it one of those.")
+    with trainer.strategy.scope():
+        variable = tf.Variable(scale, dtype=tf.float32, trainable=False, name=f"lr_scale_{name}")
+    optimizer.learning_rate = ScaledSchedule(lr, variable)
+    trainer.reset_step_functions()  # a step traced by an earlier fit() call holds the unscaled schedule
+    return variable
+
+
 class DivergenceGuard(Callback):
     """After each log: a train loss above `divergence_factor` x the reference (the mean loss of the run's
     first loop, or its first logged loss when that one was not finite) is a divergence. The reference and
@@ -82,23 +100,12 @@ class DivergenceGuard(Callback):
             raise ConfigError("trainer.on_divergence=rollback restores the last good checkpoint, and this Trainer has "
                               "no run folder to keep checkpoints in. Fix: give it run_dir=..., or use "
                               "on_divergence=stop or warn.")
+        why = "trainer.on_divergence=rollback halves the learning rate (or use on_divergence=stop or warn)"
         for name, updater in trainer.updaters.items():
-            self._make_settable(trainer, name, updater.optimizer)
-
-    def _make_settable(self, trainer, name: str, optimizer) -> None:
-        """A schedule is wrapped once in a ScaledSchedule (at the run's lr_scale, for a resume); a constant
-        rate (a variable of the checkpoint) is set directly."""
-        lr = optimizer._learning_rate  # Keras keeps a constant rate as a variable, a schedule as itself
-        if isinstance(lr, keras.Variable) or isinstance(lr, ScaledSchedule):
-            return
-        if not isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
-            raise ConfigError(f"trainer.on_divergence=rollback halves the learning rate; optimizer {name!r} has a "
-                              f"{type(lr).__name__}, neither a constant nor a LearningRateSchedule. Fix: give it one "
-                              "of those, or use on_divergence=stop or warn.")
-        with trainer.strategy.scope():
-            self.scales[name] = tf.Variable(self.lr_scale, dtype=tf.float32, trainable=False, name=f"lr_scale_{name}")
-        optimizer.learning_rate = ScaledSchedule(lr, self.scales[name])
-        trainer.reset_step_functions()  # a step traced by an earlier fit() call holds the unscaled schedule
+            if name not in self.scales:  # wrapped once per run: an earlier fit() call's wrapping is kept
+                variable = scale_schedule(trainer, name, updater.optimizer, self.lr_scale, why)
+                if variable is not None:
+                    self.scales[name] = variable
 
     # -- the checks -------------------------------------------------------------------------------
 

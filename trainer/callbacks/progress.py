@@ -105,6 +105,8 @@ class Summary(Callback):
                 )
         if summary.get("weights_sha256"):
             lines.append(f"Weights fingerprint: {summary['weights_sha256']}")
+        if summary.get("ema_weights_sha256"):
+            lines.append(f"Averaged weights (optimizer.use_ema; used by evaluation, best/ and export): {summary['ema_weights_sha256']}")
         if trainer.run_dir is not None:
             lines.append(f"Run folder: {trainer.run_dir}")
         log.info("\n  ".join(lines))

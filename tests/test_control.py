@@ -1,0 +1,264 @@
+"""Training control: early stopping and ReduceLROnPlateau (callbacks=[...], or from Python), and the moving
+average of the weights (optimizer.use_ema) used by evaluation, the summary and export.
+
+Tiny models through the public API; one CLI run checks the config group, the EMA summary and export."""
+from __future__ import annotations
+
+import hashlib
+import re
+
+import numpy as np
+import pytest
+
+from conftest import TINY, blobs, read_metrics, run_cli
+
+
+def regression(n: int = 512, batch: int = 16, nan_batches=()):
+    """y = x . w + noise, 4 features; `nan_batches`: batch indices whose inputs are NaN (skipped updates)."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 4)).astype("float32")
+    y = (x @ np.array([1.0, -2.0, 0.5, 1.5], "float32") + 0.1 * rng.normal(size=n)).astype("float32")[:, None]
+    for b in nan_batches:
+        x[b * batch:(b + 1) * batch] = np.nan
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch, drop_remainder=True), x, y
+
+
+def classifier(run_dir, callbacks=(), optimizer=None, **options):
+    import keras
+
+    from trainer import Trainer
+
+    defaults = dict(log_every=5, eval_every=5, checkpoint_every=5, progress_bar=False, tensorboard=False, verbose=False)
+    return Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]),
+                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                   optimizer=optimizer or (lambda: keras.optimizers.SGD(0.05)),
+                   metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+                   run_dir=run_dir, callbacks=list(callbacks), **{**defaults, **options})
+
+
+def keras_early_stop(values, patience):
+    """Keras' rule (mode=max, min_delta=0) over a sequence of eval values: the index it stops at, or None."""
+    best, wait = None, 0
+    for i, value in enumerate(values):
+        wait += 1
+        if best is None or value > best:
+            best, wait = value, 0
+        elif wait >= patience:
+            return i
+    return None
+
+
+# -- early stopping ------------------------------------------------------------------------------------
+
+
+def test_early_stopping_stops_at_the_right_eval_and_keeps_counting_on_resume(tmp_path):
+    from trainer import EarlyStopping
+
+    def stopper():  # the eval loss falls as the model learns: with mode=max it never "improves" after the first
+        return EarlyStopping(monitor="loss", mode="max", patience=2)
+
+    whole = classifier(tmp_path / "whole", [stopper()])
+    whole.fit(blobs(), blobs(64), steps=60)
+    evals = [r for r in read_metrics(tmp_path / "whole") if r["split"] == "eval"]
+    at = keras_early_stop([r["loss"] for r in evals], patience=2)
+    assert at is not None and evals[at]["step"] < 60, evals
+    stop_step = evals[at]["step"]
+    assert int(whole.step.numpy()) == stop_step and evals[-1]["step"] == stop_step  # no second final eval
+
+    # The same run in two fit() calls of two Trainers (a restart): the count goes on from the checkpoint.
+    classifier(tmp_path / "split", [stopper()]).fit(blobs(), blobs(64), steps=stop_step - 5)
+    second = stopper()
+    resumed = classifier(tmp_path / "split", [second])
+    resumed.fit(blobs(), blobs(64), steps=60)
+    assert int(resumed.step.numpy()) == stop_step, "a fresh count would stop later"
+    assert second.wait == 2 and second.best_step == evals[0]["step"]
+
+    # Started again on the stopped run: nothing more is trained.
+    again = classifier(tmp_path / "whole", [stopper()])
+    again.fit(blobs(), blobs(64), steps=60)
+    assert int(again.step.numpy()) == stop_step
+
+
+def test_a_monitor_that_is_not_in_the_logs_is_an_error_at_the_first_eval(tmp_path):
+    from trainer import EarlyStopping, ReduceLROnPlateau
+    from trainer.config import ConfigError
+
+    trainer = classifier(None, [EarlyStopping(monitor="val_acc", mode="max")])
+    with pytest.raises(ConfigError, match=r"monitor='val_acc' is not among the eval results \['accuracy', 'loss'\]"):
+        trainer.fit(blobs(), blobs(64), steps=10)
+    assert int(trainer.step.numpy()) == 5
+    with pytest.raises(ConfigError, match=r"is not among the train logs \[.*'train/loss'"):
+        classifier(None, [ReduceLROnPlateau(monitor="train/los", mode="min")]).fit(blobs(), steps=10)
+
+
+def test_bad_values_are_refused(tmp_path):
+    from trainer import EarlyStopping, ReduceLROnPlateau
+    from trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"callbacks\.early_stopping\.patience=-1 is out of range"):
+        EarlyStopping(patience=-1)
+    with pytest.raises(ConfigError, match=r"callbacks\.reduce_lr_on_plateau\.factor=1\.5 is out of range"):
+        ReduceLROnPlateau(factor=1.5)
+    with pytest.raises(ConfigError, match=r"mode=auto cannot tell whether a larger 'throughput' is better"):
+        EarlyStopping(monitor="throughput")
+    run_dir = tmp_path / "run"
+    result = run_cli(*TINY, "callbacks=[early_stopping,reduce_lr_on_plateau]", "callbacks.reduce_lr_on_plateau.mode=up",
+                     f"hydra.run.dir={run_dir}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "callbacks.reduce_lr_on_plateau.mode='up' is not one of auto|min|max" in result.stderr
+    assert "Traceback" not in result.stderr and not run_dir.exists()
+
+
+# -- ReduceLROnPlateau -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule, min_lr", [(None, 0.03), ("cosine", 0.0)])
+def test_plateau_lowers_the_lr_in_the_logs_and_keeps_it_on_resume(tmp_path, schedule, min_lr):
+    import keras
+
+    from trainer import ReduceLROnPlateau
+    from trainer.optim import build_optimizer
+
+    total = 12
+    options = {"_target_": "keras.optimizers.SGD", "lr": 0.1, "momentum": 0.0, "schedule": schedule}
+
+    def plateau():  # min_delta=1e9: only the first event is an improvement; every later one is a plateau
+        return ReduceLROnPlateau(monitor="train/loss", mode="min", patience=1, factor=0.5, min_delta=1e9, min_lr=min_lr)
+
+    def make():
+        return classifier(tmp_path, [plateau()], optimizer=lambda: build_optimizer(options, total),
+                          log_every=2, eval_every=0, checkpoint_every=2)
+
+    make().fit(blobs(), steps=6)
+    make().fit(blobs(), steps=total)  # a restart: the reduced rate (or the schedule's scale) is restored
+    rows = [r for r in read_metrics(tmp_path) if r["split"] == "train"]
+    assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 12]
+    base = keras.optimizers.schedules.CosineDecay(0.1, total) if schedule else (lambda step: 0.1)
+    # Each log after the first lowers the rate after it is written: row k shows k - 1 reductions.
+    expected = [max(float(base(r["step"])) * 0.5 ** max(k - 1, 0), min_lr) for k, r in enumerate(rows)]
+    np.testing.assert_allclose([r["lr"] for r in rows], expected, rtol=1e-5)
+
+
+# -- EMA ---------------------------------------------------------------------------------------------
+
+
+class Record:
+    """Each step's raw weights and whether its update was skipped."""
+
+    def __init__(self):
+        from trainer import Callback
+
+        class _Record(Callback):
+            def on_train_begin(inner, trainer):
+                self.initial = [w.numpy().copy() for w in trainer.model.trainable_variables]
+
+            def on_loop_end(inner, trainer, step):
+                self.weights.append([w.numpy().copy() for w in trainer.model.trainable_variables])
+                self.skipped.append(int(trainer.loss_scale.skipped_steps.numpy()))
+
+        self.callback, self.weights, self.skipped = _Record(), [], []
+
+    def hand_average(self, momentum):
+        """Keras' rule: the first applied update (optimizer iteration 0) copies the weights, each later
+        applied update blends them in; a skipped update changes nothing (the average starts at the weights)."""
+        average, before = [w.copy() for w in self.initial], 0
+        for iteration, (weights, skipped) in enumerate(zip(self.weights, self.skipped)):
+            if skipped > before:
+                before = skipped
+                continue
+            m = momentum if iteration else 0.0
+            average = [m * a + (1 - m) * w for a, w in zip(average, weights)]
+        return average
+
+
+def mse(weights, x, y):
+    kernel, bias = weights
+    return float(np.mean((x @ kernel + bias - y) ** 2))
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_ema_evaluation_uses_the_hand_computed_average(jit_compile):
+    import keras
+
+    from trainer import Trainer
+
+    train, _, _ = regression(nan_batches=[0, 4])  # the first update and the fifth are skipped
+    eval_ds, x, y = regression(n=128)
+    record = Record()
+    trainer = Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)]),
+                      loss=keras.losses.MeanSquaredError(), callbacks=[record.callback],
+                      optimizer=lambda: keras.optimizers.SGD(0.05, momentum=0.9, use_ema=True, ema_momentum=0.7),
+                      jit_compile=jit_compile, log_every=1, progress_bar=False, tensorboard=False, verbose=False,
+                      best_metric=None)
+    logs = trainer.fit(train, steps=8)
+    assert record.skipped[-1] == 2, record.skipped
+    average = record.hand_average(0.7)
+    for got, want in zip(trainer.optimizer._model_variables_moving_average, average):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+
+    evaluated = trainer.evaluate(eval_ds)["loss"]
+    assert evaluated == pytest.approx(mse(average, x, y), rel=1e-4)
+    assert abs(evaluated - mse(record.weights[-1], x, y)) > 1e-3  # the raw weights evaluate differently
+    for raw, want in zip(trainer.model.trainable_variables, record.weights[-1]):  # swapped back: training goes on
+        np.testing.assert_array_equal(raw.numpy(), want)
+    assert "loss" in logs
+
+
+def test_ema_averages_survive_a_resume(tmp_path):
+    import keras
+
+    from trainer import Trainer
+
+    def make(run_dir):
+        return Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)]),
+                       loss=keras.losses.MeanSquaredError(), run_dir=run_dir, deterministic=True,
+                       optimizer=lambda: keras.optimizers.Adam(0.05, use_ema=True, ema_momentum=0.9),
+                       log_every=5, checkpoint_every=5, progress_bar=False, tensorboard=False, verbose=False,
+                       best_metric=None)
+
+    train, _, _ = regression()
+    eval_ds, _, _ = regression(n=128)
+    make(tmp_path / "split").fit(train, steps=10)
+    resumed = make(tmp_path / "split")
+    resumed_logs = resumed.fit(train, eval_ds, steps=20)
+    whole = make(tmp_path / "whole")
+    whole_logs = whole.fit(train, eval_ds, steps=20)
+    for a, b in zip(resumed.optimizer._model_variables_moving_average, whole.optimizer._model_variables_moving_average):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6)
+    assert resumed_logs["loss"] == pytest.approx(whole_logs["loss"], rel=1e-6)
+
+
+def fingerprint(model) -> str:
+    digest = hashlib.sha256()
+    for w in model.weights:
+        digest.update(np.asarray(w).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def test_cli_callbacks_group_and_ema_export(tmp_path):
+    """callbacks=[...] from the command line, with optimizer.use_ema=true: the run stops early, lowers
+    its rate, its summary names the averaged weights, and export loads those."""
+    from trainer.export import load_trained_model
+
+    run_dir = tmp_path / "run"
+    result = run_cli(*TINY, "model.hidden_units=[16]", "callbacks=[early_stopping,reduce_lr_on_plateau]",
+                     "callbacks.early_stopping.monitor=train/loss", "callbacks.early_stopping.mode=max",
+                     "callbacks.early_stopping.patience=2", "callbacks.reduce_lr_on_plateau.monitor=train/loss",
+                     "callbacks.reduce_lr_on_plateau.mode=max", "callbacks.reduce_lr_on_plateau.patience=1",
+                     "callbacks.reduce_lr_on_plateau.factor=0.5", "optimizer.use_ema=true", "optimizer.ema_momentum=0.9",
+                     f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [r for r in read_metrics(run_dir) if r["split"] == "train"]
+    losses = [r["loss"] for r in rows]
+    at = keras_early_stop(losses, patience=2)
+    assert at is not None and rows[-1]["step"] == rows[at]["step"] < 40, losses
+    assert rows[-1]["lr"] < rows[0]["lr"]  # lowered on the way
+    output = result.stdout + result.stderr
+    assert "Early stopping at step" in output and "learning rate lowered" in output
+    raw = re.search(r"Weights fingerprint: (\w+)", output).group(1)
+    averaged = re.search(r"Averaged weights \(optimizer.use_ema.*\): (\w+)", output).group(1)
+    assert raw != averaged
+    model, _ = load_trained_model(str(run_dir))
+    assert fingerprint(model) == averaged

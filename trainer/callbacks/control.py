@@ -1,0 +1,225 @@
+"""Training control, as Keras' and Lightning's callbacks of the same names: stop when a monitored value
+stops improving (EarlyStopping), lower the learning rate on a plateau (ReduceLROnPlateau).
+
+Both watch one value: an eval result, named as `trainer.best_metric` names it (`loss`, `accuracy`), or a
+train log as `train/NAME` (`train/loss`). Each event (an evaluation, or a train log) is judged once, so
+the final evaluation at the step where the run stopped does not count twice. Their counts are in every
+checkpoint (state_dict): a resumed run goes on counting where it stopped.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Dict, Optional
+
+import keras
+
+from trainer.callbacks.base import Callback
+from trainer.callbacks.divergence import scale_schedule
+from trainer.config import ConfigError, EarlyStoppingConfig, ReduceLROnPlateauConfig
+
+log = logging.getLogger("trainer.callbacks")
+
+LARGER_IS_BETTER = ("acc", "auc", "precision", "recall", "f1", "iou", "score")
+SMALLER_IS_BETTER = ("loss", "error", "mse", "mae", "perplexity")
+
+
+def resolve_mode(mode: str, monitor: str, key: str) -> str:
+    """min or max; "auto" decides from the name, as Keras does, and refuses a name it cannot judge."""
+    if mode != "auto":
+        return mode
+    name = monitor.split("/")[-1].lower()
+    if any(word in name for word in SMALLER_IS_BETTER):
+        return "min"
+    if any(word in name for word in LARGER_IS_BETTER):
+        return "max"
+    raise ConfigError(f"{key}.mode=auto cannot tell whether a larger {monitor!r} is better. Fix: set {key}.mode=min "
+                      "or max.")
+
+
+class Monitor(Callback):
+    """The value a subclass watches, its best so far, and the events since it last improved (`wait`).
+    Subclasses implement `judge(trainer, step, value)`."""
+
+    key = ""  # the callback's place in the config, for messages
+
+    def __init__(self, monitor: str, mode: str, min_delta: float):
+        self.monitor = monitor[len("eval/"):] if monitor.startswith("eval/") else monitor
+        self.mode = resolve_mode(mode, self.monitor, self.key)
+        self.min_delta = min_delta
+        self.best: Optional[float] = None
+        self.best_step: Optional[int] = None
+        self.wait = 0
+        self.last_step = -1  # the newest event judged
+
+    def state_dict(self) -> Dict:
+        return {"best": self.best, "best_step": self.best_step, "wait": self.wait, "last_step": self.last_step}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.best, self.best_step = state["best"], state["best_step"]
+        self.wait, self.last_step = int(state["wait"]), int(state["last_step"])
+
+    @property
+    def best_or_nan(self) -> float:
+        return math.nan if self.best is None else self.best
+
+    def improved(self, value: float, reference: Optional[float]) -> bool:
+        if reference is None:
+            return math.isfinite(value)
+        return value < reference - self.min_delta if self.mode == "min" else value > reference + self.min_delta
+
+    def on_train_begin(self, trainer) -> None:
+        self.events, self.start_step = 0, int(trainer.step.numpy())  # events judged in this fit() call, from where
+        if not self.monitor.startswith("train/") and not trainer.config.eval_every:
+            log.warning("%s watches the eval result %r, and trainer.eval_every=0 evaluates at the end only: it cannot "
+                        "act during training. Fix: set trainer.eval_every, or monitor a train log (train/loss).",
+                        type(self).__name__, self.monitor)
+
+    def on_log(self, trainer, step, logs) -> None:
+        if self.monitor.startswith("train/"):
+            self._event(trainer, step, logs, self.monitor[len("train/"):], "train logs")
+
+    def on_eval_end(self, trainer, step, logs) -> None:
+        if not self.monitor.startswith("train/"):
+            self._event(trainer, step, logs, self.monitor, "eval results")
+
+    def _event(self, trainer, step: int, logs: Dict, name: str, what: str) -> None:
+        if step <= self.last_step:  # the final evaluation of a step already judged (an early stop)
+            return
+        if name not in logs:
+            names = sorted(k for k in logs if k not in ("step", "split"))
+            prefix = "train/" if what == "train logs" else ""
+            raise ConfigError(
+                f"{type(self).__name__}: monitor={self.monitor!r} is not among the {what} {[prefix + n for n in names]}. "
+                f"Fix: {self.key}.monitor=<one of them> (an eval result as trainer.best_metric names it, or a train "
+                "log as train/NAME).")
+        self.last_step, self.events = step, self.events + 1
+        self.judge(trainer, step, float(logs[name]))
+
+    def on_train_end(self, trainer, summary) -> None:
+        trained = summary.get("step", self.start_step) > self.start_step
+        if trained and not self.events and not summary.get("failed") and not summary.get("interrupted"):
+            log.warning("%s judged nothing in this fit() call: no %s reached it. Fix: give fit() eval data and set "
+                        "trainer.eval_every, or monitor a train log (train/loss).", type(self).__name__,
+                        "train log" if self.monitor.startswith("train/") else "evaluation")
+
+    def judge(self, trainer, step: int, value: float) -> None:
+        raise NotImplementedError
+
+
+class EarlyStopping(Monitor):
+    """Stops training when `monitor` has not improved by more than `min_delta` for `patience` events
+    (evaluations, or train logs for a train/NAME monitor). `baseline`: the count restarts only for values
+    that also beat it. `start_from_step`: events before it are not judged (a warm-up)."""
+
+    key = "callbacks.early_stopping"
+
+    def __init__(self, monitor: str = "loss", mode: str = "auto", patience: int = 3, min_delta: float = 0.0,
+                 baseline: Optional[float] = None, start_from_step: int = 0):
+        EarlyStoppingConfig(monitor=monitor, mode=mode, patience=patience, min_delta=min_delta,
+                            baseline=baseline, start_from_step=start_from_step)  # checks the ranges
+        super().__init__(monitor, mode, min_delta)
+        self.patience, self.baseline, self.start_from_step = patience, baseline, start_from_step
+        self.stopped_step: Optional[int] = None
+
+    def state_dict(self) -> Dict:
+        return {**super().state_dict(), "stopped_step": self.stopped_step}
+
+    def load_state_dict(self, state: Dict) -> None:
+        super().load_state_dict(state)
+        self.stopped_step = state.get("stopped_step")
+
+    def on_train_begin(self, trainer) -> None:
+        super().on_train_begin(trainer)
+        step = int(trainer.step.numpy())
+        if self.stopped_step == step and self.wait >= self.patience:  # resumed from the checkpoint of the stop
+            log.info("Early stopping ended this run at step %d (%s: no improvement for %d events, best %.6g at step "
+                     "%s): nothing to train. To train on, raise %s.patience.", step, self.monitor, self.wait,
+                     self.best_or_nan, self.best_step, self.key)
+            trainer.stop_training = True
+
+    def judge(self, trainer, step, value) -> None:
+        if step < self.start_from_step:
+            return
+        self.wait += 1
+        if self.improved(value, self.best):
+            self.best, self.best_step = value, step
+            if self.baseline is None or self.improved(value, self.baseline):
+                self.wait = 0
+                return
+        if self.wait >= self.patience:
+            self.stopped_step = step
+            trainer.stop_training = True
+            log.info("Early stopping at step %d: %s=%.6g has not improved on %.6g (step %s, mode=%s, min_delta=%g) "
+                     "for %d events (patience=%d).", step, self.monitor, value, self.best_or_nan, self.best_step, self.mode,
+                     self.min_delta, self.wait, self.patience)
+
+
+class ReduceLROnPlateau(Monitor):
+    """Multiplies every optimizer's learning rate by `factor` when `monitor` has not improved by more than
+    `min_delta` for `patience` events, then waits `cooldown` events before judging again; never below
+    `min_lr`. A constant rate is set (it is in the checkpoint); a schedule is scaled (a ScaledSchedule, as
+    the divergence guard's rollback scales it; its scale is in this callback's state)."""
+
+    key = "callbacks.reduce_lr_on_plateau"
+
+    def __init__(self, monitor: str = "loss", mode: str = "auto", patience: int = 3, factor: float = 0.1,
+                 min_delta: float = 1e-4, cooldown: int = 0, min_lr: float = 0.0):
+        ReduceLROnPlateauConfig(monitor=monitor, mode=mode, patience=patience, factor=factor, min_delta=min_delta,
+                                cooldown=cooldown, min_lr=min_lr)  # checks the ranges
+        super().__init__(monitor, mode, min_delta)
+        self.patience, self.factor, self.cooldown, self.min_lr = patience, factor, cooldown, min_lr
+        self.cooling = 0  # events left in the cooldown
+        self.scale: Dict[str, float] = {}  # optimizer name -> the factor its schedule is multiplied by
+        self.scales: Dict[str, object] = {}  # optimizer name -> the ScaledSchedule's variable
+
+    def state_dict(self) -> Dict:
+        return {**super().state_dict(), "cooling": self.cooling, "scale": dict(self.scale)}
+
+    def load_state_dict(self, state: Dict) -> None:
+        super().load_state_dict(state)
+        self.cooling, self.scale = int(state["cooling"]), {k: float(v) for k, v in state["scale"].items()}
+        for name, variable in self.scales.items():  # a rollback restores the state of an older checkpoint
+            variable.assign(self.scale.get(name, 1.0))
+
+    def on_train_begin(self, trainer) -> None:
+        super().on_train_begin(trainer)
+        for name, updater in trainer.updaters.items():
+            if name not in self.scales:
+                why = f"{type(self).__name__} lowers the learning rate"
+                variable = scale_schedule(trainer, name, updater.optimizer, self.scale.get(name, 1.0), why)
+                if variable is not None:
+                    self.scales[name] = variable
+
+    def judge(self, trainer, step, value) -> None:
+        if self.cooling > 0:
+            self.cooling -= 1
+            self.wait = 0
+        if self.improved(value, self.best):
+            self.best, self.best_step, self.wait = value, step, 0
+            return
+        if self.cooling > 0:
+            return
+        self.wait += 1
+        if self.wait >= self.patience:
+            self._reduce(trainer, step, value)
+            self.cooling, self.wait = self.cooldown, 0
+
+    def _reduce(self, trainer, step: int, value: float) -> None:
+        changes = []
+        for name, updater in trainer.updaters.items():
+            optimizer = updater.optimizer
+            old = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+            if old <= self.min_lr:
+                continue
+            new = max(old * self.factor, self.min_lr)
+            if name in self.scales:  # a schedule: scaled, so that its value now is `new`
+                self.scale[name] = self.scale.get(name, 1.0) * new / old
+                self.scales[name].assign(self.scale[name])
+            else:
+                optimizer.learning_rate = new
+            changes.append(f"{name} {old:.4g} -> {new:.4g}" if len(trainer.updaters) > 1 else f"{old:.4g} -> {new:.4g}")
+        if changes:
+            log.info("Step %d: %s=%.6g has not improved on %.6g (step %s) for %d events (patience=%d): learning "
+                     "rate lowered: %s.", step, self.monitor, value, self.best_or_nan, self.best_step, self.wait,
+                     self.patience, ", ".join(changes))
