@@ -94,6 +94,31 @@ def load_run(run: str, which: str = "latest", overrides: Sequence[str] = ()) -> 
     return RunCheckpoint(folder, cfg, prefix, name)
 
 
+def checkpoint_of(source: str, which: str = "latest") -> RunCheckpoint:
+    """A run folder (with `which`), its checkpoints/ folder, or a ckpt-N prefix (as trainer.export takes)."""
+    from omegaconf import OmegaConf
+
+    from trainer.export import _find_run
+
+    path = Path(source).expanduser()
+    if (path / ".hydra" / "config.yaml").exists():
+        return load_run(source, which)
+    run, prefix = _find_run(path)
+    name = ("best-" if Path(prefix).parent.name == "best" else "") + Path(prefix).name
+    return RunCheckpoint(run, OmegaConf.load(run / ".hydra" / "config.yaml"), prefix, name)
+
+
+def eval_inputs(cfg, batches: int) -> List[Any]:
+    """The inputs (no labels) of the first `batches` batches of the recipe's eval split (else train split)."""
+    import keras
+    import tensorflow as tf
+    from hydra.utils import instantiate
+
+    data = instantiate(cfg.data, _convert_="all")
+    dataset = (data.eval or data.train)(tf.distribute.InputContext())
+    return [keras.utils.unpack_x_y_sample_weight(batch)[0] for batch in dataset.take(batches)]
+
+
 def apply_overrides(cfg, overrides: Sequence[str]) -> None:
     """Sets Hydra-style key=value overrides of existing data.* / trainer.* keys; checks trainer.* ranges."""
     import dataclasses
@@ -122,9 +147,12 @@ def apply_overrides(cfg, overrides: Sequence[str]) -> None:
             raise ServingError(str(e)) from None
 
 
-def trainer_for(checkpoint: RunCheckpoint, strategy=None, model=None):
+def trainer_for(checkpoint: RunCheckpoint, strategy=None, model=None, policy: str = None):
     """A Trainer holding the run's trained model (restored from `checkpoint`, or `model` when given) with
-    the recipe's loss and metrics, its precision and its trainer settings; it writes nothing (no run_dir)."""
+    the recipe's loss and metrics, its precision (or `policy`: `model`'s) and its trainer settings; it
+    writes nothing (no run_dir)."""
+    import dataclasses
+
     import keras
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
@@ -136,6 +164,8 @@ def trainer_for(checkpoint: RunCheckpoint, strategy=None, model=None):
 
     cfg = checkpoint.cfg
     precision = PrecisionConfig(**OmegaConf.to_container(cfg.precision, resolve=True))
+    if policy is not None:
+        precision = dataclasses.replace(precision, policy=policy)
     trainer_cfg = TrainerConfig(**OmegaConf.to_container(cfg.trainer, resolve=True))
     loss = instantiate(cfg.loss) if cfg.get("loss") is not None else None
     return _trainer_class(cfg.get("trainer_class", "trainer.core.Trainer"), Trainer)(
@@ -150,8 +180,9 @@ def trainer_for(checkpoint: RunCheckpoint, strategy=None, model=None):
     )
 
 
-def evaluate_run(checkpoint: RunCheckpoint, model=None) -> Dict[str, Any]:
-    """The recipe's loss and metrics of the checkpoint (or of `model`, e.g. a converted copy) on the eval split."""
+def evaluate_run(checkpoint: RunCheckpoint, model=None, policy: str = None, steps: int = None) -> Dict[str, Any]:
+    """The recipe's loss and metrics of the checkpoint (or of `model` computing in `policy`, e.g. a
+    converted copy) on the eval split: trainer.eval_steps batches, or `steps`."""
     from hydra.utils import instantiate
 
     from trainer.inputs import sample_batch
@@ -160,10 +191,10 @@ def evaluate_run(checkpoint: RunCheckpoint, model=None) -> Dict[str, Any]:
     if data.eval is None:
         raise ServingError(f"recipe {checkpoint.cfg.get('recipe')!r}'s data has no eval split (data.*: set one, e.g. "
                            "data.validation_split=0.1 for an image folder)")
-    trainer = trainer_for(checkpoint, model=model)
+    trainer = trainer_for(checkpoint, model=model, policy=policy)
     sample, _ = sample_batch(data.eval, trainer.strategy)
     trainer.build(sample)
-    logs = trainer.evaluate(data.eval, step=checkpoint.step)
+    logs = trainer.evaluate(data.eval, step=checkpoint.step, steps=steps)
     return {k: v for k, v in logs.items() if k not in ("step", "split")}
 
 
