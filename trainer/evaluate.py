@@ -207,7 +207,7 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument("--checkpoint", default="latest", help="latest (default) | best | ckpt-N | best/ckpt-N")
     parser.add_argument("--out", default=None, help="the metrics JSON file (default: RUN/eval/<checkpoint>.json)")
     parser.add_argument("overrides", nargs="*", help="data.*/trainer.* key=value, e.g. trainer.eval_steps=5")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before or after the options
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         checkpoint = load_run(args.run, args.checkpoint, args.overrides)

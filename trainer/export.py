@@ -7,7 +7,7 @@ own config (.hydra/config.yaml) under float32 (mixed policies keep float32 varia
 exact trained model computed in float32), and its weights are restored from the newest checkpoint (or
 --checkpoint). `--policy mixed_bfloat16` (or mixed_float16) exports a converted copy instead (see
 trainer.convert). Every export is loaded back (trainer/export_formats.py) and its outputs compared with
-the model's on --check-batches batches of the recipe's eval split.
+the trained model's (float32) on --check-batches batches of the recipe's eval split.
 
 Exit codes: 0 written and checked; 2 a user error (no run or checkpoint, --out not empty, a missing package:
 the message gives the pip command); 3 written, but its outputs differ beyond --tolerance (kept for a look).
@@ -124,13 +124,14 @@ def main(argv=None) -> int:
     try:
         checkpoint = checkpoint_of(args.source, args.checkpoint)
         model, sample = load_trained_model(checkpoint.prefix)
+        trained = model  # what every export is compared with: the trained model in float32
         if args.policy != "float32":
             model, report = convert_model(model, args.policy, sample)
             tolerance = tolerance if tolerance is not None else report.tolerance
             print(f"converted to {args.policy}: relative output error {report.relative_error:.3g}")
         batches = eval_inputs(checkpoint.cfg, args.check_batches)
         path = export_formats.write(model, args.format, out)
-        result = export_formats.check(model, args.format, path, batches, tolerance or export_formats.TOLERANCE)
+        result = export_formats.check(trained, args.format, path, batches, tolerance or export_formats.TOLERANCE)
     except export_formats.ExportMismatch as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_MISMATCH
