@@ -187,3 +187,20 @@ def test_convert_reports_the_recipes_metrics_before_and_after_on_eval_data(run_d
     assert code == 0, stderr
     back = json.loads((tmp_path / "back" / "conversion.json").read_text())
     assert back["inputs"].startswith("8 seeded random inputs") and back["max_abs_error"] > 0  # not all-zero inputs
+
+
+def test_transformer_predict_inputs_tokenize_as_training_in_order(tmp_path):
+    pytest.importorskip("keras_hub")
+    from trainer.recipes import text, transformer
+
+    lines = tmp_path / "words.txt"
+    lines.write_text("hello world\n\nbonjour le monde\nguten tag\n")
+    cfg = {"preset": transformer.DEFAULT_PRESET, "max_length": 16, "languages": ["en", "fr", "de"],
+           "_target_": "trainer.recipes.text.build_wordlist_data"}
+    names, batches = text.predict_inputs([lines], cfg, batch_size=2)
+    assert names == ["words.txt:1", "words.txt:3", "words.txt:4"] and text.class_names(cfg) == ["en", "fr", "de"]
+    tokenizer = transformer.load_tokenizer(transformer.DEFAULT_PRESET)
+    got = np.concatenate([x["token_ids"].numpy() for x, _ in batches])
+    for row, line in zip(got, ["hello world", "bonjour le monde", "guten tag"]):
+        ids = [int(tokenizer.cls_token_id), *np.asarray(tokenizer(line)).tolist(), int(tokenizer.sep_token_id)]
+        assert row[: len(ids)].tolist() == ids and not row[len(ids):].any()  # [CLS] words [SEP], then padding
