@@ -163,6 +163,21 @@ def test_export_each_format_is_loaded_back_and_checked(run_dir, tmp_path, fmt, c
     assert any(p.is_file() for p in out.rglob("*"))
 
 
+def test_export_without_its_packages_exits_2_with_the_pip_command(run_dir, tmp_path, capsys, monkeypatch):
+    from trainer import export_formats
+
+    # As if onnxruntime were not installed: a module name that no environment has.
+    monkeypatch.setitem(export_formats.NEEDS, "onnx", [("onnxruntime_is_not_installed", "onnxruntime==1.31.1")])
+    code, _, stderr = in_process("trainer.export", str(run_dir), "--format", "onnx", "--out", str(tmp_path / "x"), capsys=capsys)
+    assert code == 2 and 'pip install -e ".[export]"' in stderr and "pip install onnxruntime==1.31.1" in stderr
+    assert not (tmp_path / "x").exists()
+    import tomllib
+
+    extra = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]["export"]
+    monkeypatch.undo()
+    assert {pin for needs in export_formats.NEEDS.values() for _, pin in needs} <= set(extra)  # the pins the message gives
+
+
 def test_export_beyond_tolerance_exits_3(run_dir, tmp_path):
     # float16 compute against the float32 model: about 1e-3 apart, far more than 1e-12.
     result = run_cli(str(run_dir), "--format", "keras", "--policy", "mixed_float16", "--tolerance", "1e-12",

@@ -122,6 +122,7 @@ def main(argv=None) -> int:
         return 2
     tolerance = args.tolerance
     try:
+        export_formats.check_packages(args.format)  # before any work
         checkpoint = checkpoint_of(args.source, args.checkpoint)
         model, sample = load_trained_model(checkpoint.prefix)
         trained = model  # what every export is compared with: the trained model in float32

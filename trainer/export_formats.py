@@ -52,12 +52,17 @@ def missing_packages(fmt: str) -> List[str]:
     return [pin for module, pin in NEEDS.get(fmt, []) if importlib.util.find_spec(module) is None]
 
 
-def write(model, fmt: str, out: Path) -> Path:
-    """Writes `model` in `fmt` under `out` (a folder; onnx/tflite: a file when `out` ends in .onnx/.tflite)."""
+def check_packages(fmt: str) -> None:
+    """Raises ExportError with the pip command when a package `fmt` needs is not installed."""
     missing = missing_packages(fmt)
     if missing:
         raise ExportError(f"--format {fmt} needs {', '.join(missing)}. Fix: pip install -e \".[export]\" "
                           f"(or pip install {' '.join(missing)})")
+
+
+def write(model, fmt: str, out: Path) -> Path:
+    """Writes `model` in `fmt` under `out` (a folder; onnx/tflite: a file when `out` ends in .onnx/.tflite)."""
+    check_packages(fmt)
     if fmt == "keras":
         path = out if out.suffix == ".keras" else out / "model.keras"
         path.parent.mkdir(parents=True, exist_ok=True)
