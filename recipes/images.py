@@ -329,6 +329,25 @@ def _transform(image_size, augment, eval_crop, preprocessing) -> ImageTransform:
     return ImageTransform(image_size=image_size, augment=augment, eval_crop=eval_crop, preprocessing=preprocessing)
 
 
+def predict_inputs(paths: Sequence[Path], data_cfg, batch_size: int):
+    """(names, images) for trainer.predict: image files through the eval transform of training
+    (decode to RGB, central crop by data.eval_crop, resize to data.image_size, data.preprocessing)."""
+    transform = _transform(data_cfg["image_size"], "none", data_cfg.get("eval_crop", 1.0), data_cfg.get("preprocessing", "none"))
+    images = [transform.eval(tf.io.read_file(str(p))).numpy() for p in paths]
+    return [p.name for p in paths], np.stack(images)
+
+
+def class_names(data_cfg) -> Optional[List[str]]:
+    """The class names the data source knows (Fashion-MNIST's articles, an image folder's sub-folders)."""
+    target = str(data_cfg.get("_target_", ""))
+    if target.endswith(".fashion_mnist"):
+        classes = data_cfg.get("classes")
+        return [FASHION_MNIST_CLASSES[c] for c in (classes if classes is not None else range(10))]
+    if target.endswith(".image_folder") and data_cfg.get("train_dir"):
+        return index_image_folder(data_cfg["train_dir"])[0]
+    return None
+
+
 def _bundle(train, eval_, batch_size, train_examples, description) -> DataBundle:
     return DataBundle(train=train, eval=eval_, batch_size=batch_size, train_examples=train_examples, description=description)
 

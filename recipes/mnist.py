@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import List, Optional, Sequence
 
 import keras
@@ -15,7 +16,7 @@ import tensorflow as tf
 from omegaconf import II
 
 from trainer.config import ConfigError, ranged
-from trainer.data import DataBundle, classification_pipeline, load_mnist_format
+from trainer.data import DataBundle, DataError, classification_pipeline, load_mnist_format
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def build_data(
     (x_train, y_train, x_test, y_test), where = load_mnist_format(name, path)
 
     def scale(x, y):
-        return tf.cast(x, tf.float32) / 255.0, tf.cast(y, tf.int32)
+        return to_model_input(x), tf.cast(y, tf.int32)
 
     common = dict(global_batch_size=batch_size, seed=seed, preprocess=scale, deterministic=True)
     return DataBundle(
@@ -66,6 +67,42 @@ def build_data(
         train_examples=len(y_train),
         description=f"{name} from {where}: {len(y_train)} train / {len(y_test)} eval images, 10 classes",
     )
+
+
+def to_model_input(images) -> tf.Tensor:
+    """uint8 28x28 grey images (0-255) -> what the model reads: float32 in [0, 1]."""
+    return tf.cast(images, tf.float32) / 255.0
+
+
+def predict_inputs(paths: Sequence[Path], data_cfg, batch_size: int):
+    """(names, images) for trainer.predict: PNG/JPEG files (read as grey, resized to 28x28 if they are
+    not) or .npy arrays of 28x28 images (uint8 0-255, or floats already in [0, 1], one image or a stack)."""
+    import numpy as np
+
+    names, images = [], []
+    for path in paths:
+        if path.suffix == ".npy":
+            array = np.load(path, allow_pickle=False)
+            array = array[None] if array.ndim == 2 else array
+            if array.shape[1:] != (28, 28):
+                raise DataError(f"{path}: images of shape {array.shape[1:]}, expected 28x28 (one image or N x 28 x 28)")
+            floats = array.astype("float32") if array.dtype.kind == "f" else to_model_input(array).numpy()
+            images.extend(floats)
+            names.extend([f"{path.name}[{i}]" for i in range(len(array))] if len(array) > 1 else [path.name])
+        else:
+            image = tf.io.decode_image(tf.io.read_file(str(path)), channels=1, expand_animations=False)
+            if image.shape[:2] != (28, 28):
+                image = tf.cast(tf.round(tf.image.resize(image, [28, 28])), tf.uint8)
+            images.append(to_model_input(image[..., 0]).numpy())
+            names.append(path.name)
+    return names, np.stack(images)
+
+
+def class_names(data_cfg) -> Optional[List[str]]:
+    """Fashion-MNIST's article names; MNIST's digits."""
+    from trainer.recipes.images import FASHION_MNIST_CLASSES
+
+    return list(FASHION_MNIST_CLASSES) if data_cfg.get("name") == "fashion_mnist" else [str(d) for d in range(10)]
 
 
 def build_model(

