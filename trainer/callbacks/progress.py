@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shlex
 import time
 
 from trainer.callbacks.base import Callback
@@ -101,4 +102,5 @@ class Summary(Callback):
             lines.append(f"Weights fingerprint: {summary['weights_sha256']}")
         if trainer.run_dir is not None:
             lines.append(f"Run folder: {trainer.run_dir}")
+            lines.append(f"Plot: python -m trainer.plot {shlex.quote(str(trainer.run_dir))} --out runs.png")
         log.info("\n  ".join(lines))
