@@ -80,6 +80,7 @@ def test_an_optuna_sweep_maximizes_the_recipes_metric_and_ends_with_its_trials(t
         assert float(row["final_accuracy"]) == round(trial.value, 4)
     number, command = best_line(result.stdout)
     assert number == study.best_trial.number and command == table[number]["command"]
+    assert [r["best"] for r in table] == [str(job == number) for job in range(3)]
     argv = shlex.split(command)
     assert argv[:3] == ["python", "-m", "trainer"] and f"optimizer.lr={study.best_trial.params['optimizer.lr']}" in argv
     assert SMALL_MODEL in argv and not any(a.startswith(("hydra", "-m")) for a in argv[3:])  # a single run of it

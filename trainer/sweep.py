@@ -6,8 +6,9 @@ hydra.job.override_dirname, through the `job_folder` resolver below) and registe
 reads every job's metrics.jsonl and trainer.log and writes sweep_summary.csv in the sweep folder after
 each job; at the end of the sweep it prints the table and the best job's command.
 
-A job returns its final value of trainer.sweep_metric (`sweep_objective`); conf/hydra/sweeper/optuna.yaml
-points the Optuna sweeper's direction at the same choice (the `sweep_direction` resolver).
+A job returns its final value of trainer.sweep_metric (`job_value`); hydra/sweeper=optuna, as
+`register_sweeper_configs` stores it, points the Optuna sweeper's direction at the same choice (the
+`sweep_direction` resolver).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 CSV_NAME = "sweep_summary.csv"
+CSV_ONLY = ("folder", "command", "best")  # columns too wide for the printed table: the job number finds them
 _DONE = re.compile(r"\b(Done|Interrupted): (\d+) steps in ([\d.]+)s")
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"  # runs every job; uses no value
 SWEEP_EXTRA = "pip install -e '.[sweep]'"  # the Optuna sweeper and the joblib launcher (pyproject.toml)
@@ -64,7 +66,7 @@ def sweep_objective(trainer_cfg: Any) -> Tuple[str, str]:
 
 
 def sweep_direction(trainer_cfg: Any) -> str:
-    """conf/hydra/sweeper/optuna.yaml's `direction: ${sweep_direction:${trainer}}`."""
+    """hydra/sweeper=optuna's `direction: ${sweep_direction:${trainer}}` (register_sweeper_configs)."""
     return {"max": "maximize", "min": "minimize"}[sweep_objective(trainer_cfg)[1]]
 
 
@@ -97,8 +99,9 @@ def register_sweeper_configs() -> None:
     trainer.sweep_metric (maximize accuracy, minimize a loss; hydra.sweeper.direction=... still wins), and a
     failed job is a failed trial, not the end of the sweep (max_failure_rate=1.0).
 
-    Hydra lets a YAML file take no ConfigStore entry's name, and a plugin stores its configs when Hydra scans
-    the plugins (once per process): so the scan runs first and our entry replaces the plugin's. Without the
+    A YAML file of ours cannot take the plugin's name (Hydra 1.3 would take the plugin's entry for its schema,
+    and refuses one with a defaults list), and a plugin stores its ConfigStore entries when Hydra scans the
+    plugins (once per process): so the scan runs here first, and our entry then replaces the plugin's. Without the
     plugins, hydra/sweeper=optuna and hydra/launcher=joblib still compose, to their plugins' targets, so that
     SweepSummary.on_multirun_start can say how to install them (instead of Hydra's "Could not find")."""
     from dataclasses import make_dataclass
@@ -114,7 +117,7 @@ def register_sweeper_configs() -> None:
         store.store(group="hydra/sweeper", name="optuna", node={"_target_": OPTUNA_SWEEPER}, provider="trainer")
     else:
         node = make_dataclass("TrainerOptunaSweeperConf", [
-            ("direction", Any, "${sweep_direction:${trainer}}"),  # sweep_direction below
+            ("direction", Any, "${sweep_direction:${trainer}}"),  # sweep_direction above
             ("max_failure_rate", float, 1.0)], bases=(OptunaSweeperConf,))
         store.store(group="hydra/sweeper", name="optuna", node=node, provider="trainer")
     if importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is None:
@@ -200,7 +203,7 @@ def write_csv(rows: List[Dict[str, Any]], path: Path) -> None:
 
 
 def format_table(rows: List[Dict[str, Any]]) -> str:
-    header = [k for k in rows[0] if k not in ("folder", "command")]  # in the CSV; the job number finds them
+    header = [k for k in rows[0] if k not in CSV_ONLY]
     cells = [header] + [[_cell(r[k]) for k in header] for r in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells)
@@ -250,11 +253,14 @@ class SweepSummary(HydraCallback):
         try:  # a table is a convenience: it never fails a sweep
             metric, mode = _objective(config)
             rows = summarize(sweep_dir, metric, mode)
+            best = best_job(rows, metric, mode)
+            for row in rows:
+                row["best"] = row is best
             write_csv(rows, sweep_dir / CSV_NAME)
         except (OSError, ValueError, KeyError) as e:  # ConfigError is a ValueError
             log.warning("The sweep's table in %s could not be made: %s", sweep_dir, e)
             return [], sweep_dir, None
-        return rows, sweep_dir, best_job(rows, metric, mode)
+        return rows, sweep_dir, best
 
     def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
         if OmegaConf.select(config, "hydra.mode") == RunMode.MULTIRUN:
