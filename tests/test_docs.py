@@ -5,7 +5,7 @@ How blocks run (see docs/getting-started.md#tests for the reader's view):
 - ```python blocks run as a script in a fresh folder; they are written small enough to run as they are.
 - ```bash blocks run line by line in a fresh folder (relative paths such as runs/a are shared by the
   lines of one block). `python -m trainer ...` gets the shrinking overrides of conftest.TINY appended (a
-  key the line sets and TINY also sets takes TINY's value); `python -m trainer.export|convert|evaluate|predict` and
+  key the line sets and TINY also sets takes TINY's value); `python -m trainer.export|convert|evaluate|predict|plot` and
   `python <repo script>` run as written; `export NAME=VALUE` sets the environment of the later lines. A
   line's comment `(exit N)` is the exit code it must end with (else 0).
 - ```text blocks are output or listings, not code.
@@ -148,7 +148,7 @@ def resolve(command: Command) -> List[str]:
         pytest.fail(f"{command.line!r}: the test runs only python commands; mark the block with <!-- no-test: REASON -->")
     if command.trainer_overrides is not None:
         return [sys.executable, "-m", "trainer", *with_tiny(command)]
-    if argv[1:2] == ["-m"] and argv[2] in ("trainer.export", "trainer.convert", "trainer.evaluate", "trainer.predict"):
+    if argv[1:2] == ["-m"] and argv[2] in ("trainer.export", "trainer.convert", "trainer.evaluate", "trainer.predict", "trainer.plot"):
         return [sys.executable, *argv[1:]]
     if len(argv) > 1 and (ROOT / argv[1]).is_file():
         return [sys.executable, str(ROOT / argv[1]), *argv[2:]]
@@ -194,14 +194,17 @@ def test_doc_block_runs(block: Block, tmp_path):
 
 
 def _compose_args(overrides: List[str]) -> List[List[str]]:
-    """Hydra overrides as compose() takes them: no flags, no hydra.* keys, one list per sweep job."""
+    """Hydra overrides as compose() takes them: no flags, no hydra.* keys, one list per sweep job (an
+    interval, which only Optuna samples: one job)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     kept = [o for o in overrides if not o.startswith("-") and o != "job" and not o.startswith("hydra.")]
     jobs: List[List[str]] = [[]]
     for override in OverridesParser.create().parse_overrides(kept):
         text = override.input_line
-        if override.is_sweep_override():
+        if override.is_interval_sweep():  # an Optuna search space: its lower end stands for it
+            jobs = [job + [f"{override.get_key_element()}={override.value().start}"] for job in jobs]
+        elif override.is_sweep_override():
             key = override.get_key_element()
             jobs = [job + [f"{key}={value}"] for job in jobs for value in override.sweep_string_iterator()]
         else:
@@ -246,7 +249,7 @@ def test_readme_commands_are_what_ci_runs():
         assert f"```bash\n{command}\n```" in readme, command
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert "bash scripts/setup.sh" in ci and "python -m pytest -q -n 2" in ci
-    assert 'pip install -q -e ".[text,test,bench,docs]"' in (ROOT / "scripts" / "setup.sh").read_text()
+    assert 'pip install -q -e ".[text,test,bench,docs,mlflow,export,sweep,profile]"' in (ROOT / "scripts" / "setup.sh").read_text()
 
 
 def _mkdocs(config_dir: Path, site: Path) -> subprocess.CompletedProcess:

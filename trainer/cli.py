@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import sys
 from typing import Optional
 
@@ -20,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from trainer.callbacks import Callback  # noqa: E402
 from trainer.config import PrecisionConfig, StrategyConfig, TrainerConfig, check_config, register_configs  # noqa: E402
-from trainer.sweep import register_resolver  # noqa: E402
+from trainer.sweep import BASIC_SWEEPER, job_value, program, register_resolver, register_sweeper_configs  # noqa: E402
 
 log = logging.getLogger("trainer")
 logging.getLogger("absl").setLevel(logging.WARNING)  # tf.train.Checkpoint logs sharding timings at INFO
@@ -28,6 +27,7 @@ logging.getLogger("tensorflow").setLevel(logging.WARNING)  # collective all-redu
 
 register_configs()
 register_resolver()  # conf/config.yaml's ${job_folder:...}: a multirun job's folder name
+register_sweeper_configs()  # hydra/sweeper=optuna, maximizing or minimizing trainer.sweep_metric
 
 # Errors whose message already says what is wrong and how to fix it: no traceback, exit code 2.
 EXIT_USER_ERROR = 2
@@ -129,14 +129,12 @@ def resume_command(run_dir) -> str:
     """The command line that resumes this run: the user's overrides with the run folder named, since the
     default folder (runs/<recipe>/<date_time>) is new at every start. Hydra keeps the user's overrides
     apart from its own (overrides.task, overrides.hydra); a multirun job resumes as a single run."""
-    import os
     import shlex
 
     overrides = HydraConfig.get().overrides
     ours = ("hydra.mode=", "hydra.run.dir=", "hydra.sweep.")
     kept = [o for o in overrides.hydra if not o.startswith(ours)] + list(overrides.task)
-    program = "trainer" if os.path.basename(sys.argv[0]) == "trainer" else "python -m trainer"  # console script or -m
-    return " ".join([program, *map(shlex.quote, [*kept, f"hydra.run.dir={run_dir}"])])
+    return " ".join([program(), *map(shlex.quote, [*kept, f"hydra.run.dir={run_dir}"])])
 
 
 def _trainer_class(path: str, base: type) -> type:
@@ -233,10 +231,14 @@ def _hydra_main(cfg: DictConfig) -> float:
             import tensorflow as tf
 
             tf.debugging.disable_check_numerics()
+    if failed is None:
+        value, problem = job_value(logs, cfg.trainer)  # what a multirun sweeper optimizes
+        if problem and HydraConfig.get().mode == RunMode.MULTIRUN and HydraConfig.get().sweeper._target_ != BASIC_SWEEPER:
+            log.error("%s", problem)
+            failed = (EXIT_USER_ERROR, f"ConfigError: {problem}")  # a failed trial, not a NaN it would rank
     if failed is not None:
         _job_failed(*failed)
-    value = logs.get("accuracy", logs.get("loss", math.nan))
-    return float(value)  # what a multirun sweeper optimizes
+    return value
 
 
 def _out_of_resources(error: BaseException, cfg: DictConfig) -> Optional[str]:

@@ -114,6 +114,8 @@ class TrainerConfig(Checked):
     keep_best: int = ranged(1, "[0, inf)")
     best_metric: Optional[str] = "accuracy"  # an eval metric name; None: no best-checkpoint tracking
     best_mode: str = chosen("max", "max|min")  # whether a larger or a smaller best_metric is better
+    sweep_metric: Optional[str] = None  # the final eval metric a multirun sweeper (Optuna) optimizes: `accuracy`, `loss`; None: best_metric, or the loss without one
+    sweep_mode: Optional[str] = chosen(None, "max|min")  # whether a larger or a smaller sweep_metric is better; None: best_mode for best_metric, min for a name ending in loss
     resume: bool = True  # resume from the run folder's checkpoints when there are any
     init_from: Optional[str] = None  # warm start: model weights only, from a checkpoint or .keras/.weights.h5
     # Divergence (docs/faults.md). 100x the first loss is far beyond a healthy run's noise (a spike of a

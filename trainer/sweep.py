@@ -1,19 +1,28 @@
-"""Multirun sweeps: job folders named by their overrides, and a table of the jobs at the sweep's end.
+"""Multirun sweeps: job folders named by their overrides, the value a sweeper optimizes, and a table of
+the jobs at the sweep's end.
 
 conf/config.yaml names each job's folder `<job number>_<its overrides>` (Hydra's
 hydra.job.override_dirname, through the `job_folder` resolver below) and registers SweepSummary, which
 reads every job's metrics.jsonl and trainer.log and writes sweep_summary.csv in the sweep folder after
-each job; at the end of the sweep it prints the table.
+each job; at the end of the sweep it prints the table and the best job's command.
+
+A job returns its final value of trainer.sweep_metric (`job_value`); hydra/sweeper=optuna, as
+`register_sweeper_configs` stores it, points the Optuna sweeper's direction at the same choice (the
+`sweep_direction` resolver).
 """
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import logging
 import math
+import os
 import re
+import shlex
+import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
@@ -21,7 +30,10 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 CSV_NAME = "sweep_summary.csv"
+CSV_ONLY = ("folder", "command", "best")  # columns too wide for the printed table: the job number finds them
 _DONE = re.compile(r"\b(Done|Interrupted): (\d+) steps in ([\d.]+)s")
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"  # runs every job; uses no value
+SWEEP_EXTRA = "pip install -e '.[sweep]'"  # the Optuna sweeper and the joblib launcher (pyproject.toml)
 
 
 def job_folder(num: Any, override_dirname: str) -> str:
@@ -31,15 +43,108 @@ def job_folder(num: Any, override_dirname: str) -> str:
     return f"{num}_{name}" if name else str(num)
 
 
+def _sweep_metric(trainer_cfg: Any) -> str:
+    return getattr(trainer_cfg, "sweep_metric", None) or getattr(trainer_cfg, "best_metric", None) or "loss"
+
+
+def sweep_objective(trainer_cfg: Any) -> Tuple[str, str]:
+    """(metric, "max" or "min"): what a sweep optimizes. trainer.sweep_metric, else the best_metric the
+    recipe keeps its best checkpoint by, else the loss; the mode is sweep_mode, else best_mode for the
+    best_metric, min for a loss. Raises ConfigError for any other metric without a sweep_mode."""
+    from trainer.config import ConfigError
+
+    best_metric, best_mode = getattr(trainer_cfg, "best_metric", None), getattr(trainer_cfg, "best_mode", "max")
+    metric, mode = _sweep_metric(trainer_cfg), getattr(trainer_cfg, "sweep_mode", None)
+    if mode is None and metric == best_metric:
+        mode = best_mode
+    elif mode is None and metric.endswith("loss"):
+        mode = "min"
+    elif mode is None:
+        raise ConfigError(f"trainer.sweep_metric={metric}: is a larger or a smaller {metric} better? "
+                          "Fix: set trainer.sweep_mode=max or trainer.sweep_mode=min.")
+    return metric, mode
+
+
+def sweep_direction(trainer_cfg: Any) -> str:
+    """hydra/sweeper=optuna's `direction: ${sweep_direction:${trainer}}` (register_sweeper_configs)."""
+    return {"max": "maximize", "min": "minimize"}[sweep_objective(trainer_cfg)[1]]
+
+
+def job_value(logs: Dict[str, Any], trainer_cfg: Any) -> Tuple[float, Optional[str]]:
+    """The value a job returns to its sweeper, and the error when the final logs lack a finite one."""
+    metric = _sweep_metric(trainer_cfg)
+    value = logs.get(metric)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value), None
+    if value is None:
+        names = ", ".join(k for k, v in logs.items() if isinstance(v, (int, float)) and k not in ("step",))
+        return math.nan, (f"trainer.sweep_metric: {metric!r} is not in the run's final logs ({names}). "
+                          "Fix: set trainer.sweep_metric to one of them.")
+    return math.nan, f"trainer.sweep_metric: the final {metric} is {value}, which a sweeper cannot rank."
+
+
 def register_resolver() -> None:
     if not OmegaConf.has_resolver("job_folder"):
         OmegaConf.register_new_resolver("job_folder", job_folder)
+    if not OmegaConf.has_resolver("sweep_direction"):
+        OmegaConf.register_new_resolver("sweep_direction", sweep_direction)
+
+
+OPTUNA_SWEEPER = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+JOBLIB_LAUNCHER = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+
+
+def register_sweeper_configs() -> None:
+    """hydra/sweeper=optuna as the plugin defines it but for two defaults: the direction follows
+    trainer.sweep_metric (maximize accuracy, minimize a loss; hydra.sweeper.direction=... still wins), and a
+    failed job is a failed trial, not the end of the sweep (max_failure_rate=1.0).
+
+    A YAML file of ours cannot take the plugin's name (Hydra 1.3 would take the plugin's entry for its schema,
+    and refuses one with a defaults list), and a plugin stores its ConfigStore entries when Hydra scans the
+    plugins (once per process): so the scan runs here first, and our entry then replaces the plugin's. Without the
+    plugins, hydra/sweeper=optuna and hydra/launcher=joblib still compose, to their plugins' targets, so that
+    SweepSummary.on_multirun_start can say how to install them (instead of Hydra's "Could not find")."""
+    from dataclasses import make_dataclass
+
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.plugins import Plugins
+
+    store = ConfigStore.instance()
+    Plugins.instance()  # the plugins' own ConfigStore entries, now rather than after ours
+    try:
+        from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
+    except ImportError:
+        store.store(group="hydra/sweeper", name="optuna", node={"_target_": OPTUNA_SWEEPER}, provider="trainer")
+    else:
+        node = make_dataclass("TrainerOptunaSweeperConf", [
+            ("direction", Any, "${sweep_direction:${trainer}}"),  # sweep_direction above
+            ("max_failure_rate", float, 1.0)], bases=(OptunaSweeperConf,))
+        store.store(group="hydra/sweeper", name="optuna", node=node, provider="trainer")
+    if importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is None:
+        store.store(group="hydra/launcher", name="joblib", node={"_target_": JOBLIB_LAUNCHER}, provider="trainer")
+
+
+def program() -> str:
+    """How the user started trainer: the console script or `python -m trainer`."""
+    return "trainer" if os.path.basename(sys.argv[0]) == "trainer" else "python -m trainer"
+
+
+def recorded_overrides(folder: Path) -> Optional[List[str]]:
+    """The command-line overrides a run was started with, or None before it began training."""
+    recorded = Path(folder) / ".hydra" / "overrides.yaml"  # written once training began (trainer/cli.py)
+    return [str(o) for o in OmegaConf.load(recorded)] if recorded.exists() else None
+
+
+def differing(override_lists: List[List[str]]) -> List[List[str]]:
+    """Each list without the overrides all of them share: what tells runs apart (in a table, a legend)."""
+    shared = set.intersection(*map(set, override_lists)) if len(override_lists) > 1 else set()
+    return [[o for o in overrides if o not in shared] for overrides in override_lists]
 
 
 def _overrides(folder: Path) -> List[str]:
-    recorded = folder / ".hydra" / "overrides.yaml"  # written once training began (trainer/cli.py)
-    if recorded.exists():
-        return [str(o) for o in OmegaConf.load(recorded)]
+    recorded = recorded_overrides(folder)
+    if recorded is not None:
+        return recorded
     _, _, name = folder.name.partition("_")
     return name.split(",") if name else []
 
@@ -53,9 +158,11 @@ def _job_row(folder: Path, metric: str, mode: str) -> Dict[str, Any]:
     done = _DONE.findall(log_text)
     status, seconds = (done[-1][0].lower(), float(done[-1][2])) if done else ("failed", math.nan)
     best = (max if mode == "max" else min)(evals) if evals else math.nan
-    return {"job": int(folder.name.split("_")[0]), "overrides": _overrides(folder), "status": status,
+    overrides = _overrides(folder)
+    return {"job": int(folder.name.split("_")[0]), "overrides": overrides, "status": status,
             "steps": rows[-1]["step"] if rows else 0, "seconds": "" if math.isnan(seconds) else f"{seconds:.1f}",
-            f"best_{metric}": best, f"final_{metric}": evals[-1] if evals else math.nan, "folder": folder.name}
+            f"best_{metric}": best, f"final_{metric}": evals[-1] if evals else math.nan, "folder": folder.name,
+            "command": " ".join([program(), *map(shlex.quote, overrides)])}  # this job as a single run
 
 
 def summarize(sweep_dir: Path, metric: Optional[str], mode: str) -> List[Dict[str, Any]]:
@@ -67,10 +174,15 @@ def summarize(sweep_dir: Path, metric: Optional[str], mode: str) -> List[Dict[st
         return []
     folders = [f for f in Path(sweep_dir).iterdir() if f.is_dir() and f.name.split("_")[0].isdigit()]
     rows = [_job_row(f, metric, mode) for f in sorted(folders, key=lambda f: int(f.name.split("_")[0]))]
-    shared = set.intersection(*(set(r["overrides"]) for r in rows)) if len(rows) > 1 else set()
-    for r in rows:
-        r["overrides"] = ",".join(o for o in r["overrides"] if o not in shared)
+    for r, kept in zip(rows, differing([r["overrides"] for r in rows])):
+        r["overrides"] = ",".join(kept)
     return rows
+
+
+def best_job(rows: List[Dict[str, Any]], metric: str, mode: str) -> Optional[Dict[str, Any]]:
+    """The finished job with the best final `metric`: the value each job returned to the sweeper."""
+    ranked = [r for r in rows if r["status"] == "done" and math.isfinite(r.get(f"final_{metric}", math.nan))]
+    return (max if mode == "max" else min)(ranked, key=lambda r: r[f"final_{metric}"], default=None)
 
 
 def _cell(value: Any) -> str:
@@ -82,39 +194,83 @@ def _cell(value: Any) -> str:
 def write_csv(rows: List[Dict[str, Any]], path: Path) -> None:
     if not rows:
         return
-    with Path(path).open("w", newline="") as f:
+    partial = Path(path).with_name(f".{Path(path).name}.{os.getpid()}")  # parallel jobs (joblib) write it too
+    with partial.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows({k: _cell(v) for k, v in r.items()} for r in rows)
+    os.replace(partial, path)
 
 
 def format_table(rows: List[Dict[str, Any]]) -> str:
-    header = [k for k in rows[0] if k != "folder"]  # in the CSV; the job number finds it
+    header = [k for k in rows[0] if k not in CSV_ONLY]
     cells = [header] + [[_cell(r[k]) for k in header] for r in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells)
 
 
+def _objective(config: DictConfig) -> Tuple[str, str]:
+    """The sweep's (metric, mode); an explicit hydra.sweeper.direction (Optuna's) decides the mode."""
+    metric, mode = sweep_objective(config.trainer)
+    direction = OmegaConf.select(config, "hydra.sweeper.direction", default=None, throw_on_resolution_failure=False)
+    return metric, {"maximize": "max", "minimize": "min"}.get(str(direction), mode)
+
+
+def _missing_sweeper(config: DictConfig) -> Optional[str]:
+    """Why the chosen sweeper or launcher cannot be made, when its plugin is not installed (hydra/sweeper=optuna
+    composes from our conf/ without it: Hydra would fail later with an import traceback)."""
+    for kind in ("sweeper", "launcher"):
+        target = str(OmegaConf.select(config, f"hydra.{kind}._target_", default=""))
+        plugin = ".".join(target.split(".")[:2])  # hydra_plugins.hydra_optuna_sweeper
+        if target.startswith("hydra_plugins.") and importlib.util.find_spec(plugin) is None:
+            choice = OmegaConf.select(config, f"hydra.runtime.choices.hydra/{kind}", default=kind)
+            return (f"hydra/{kind}={choice} needs the Hydra plugin {plugin}, which is not installed. "
+                    f"Fix: {SWEEP_EXTRA} (it pins the Optuna sweeper and the joblib launcher).")
+    return None
+
+
 class SweepSummary(HydraCallback):
-    """conf/config.yaml's hydra.callbacks: the sweep's table, as CSV after each job (a failed job ends a
-    Hydra sweep with an exception, before on_multirun_end) and printed at the end."""
+    """conf/config.yaml's hydra.callbacks: checks the sweeper and the objective before the first job, writes
+    the sweep's table as CSV after each job (a failed job ends a Hydra sweep with an exception, before
+    on_multirun_end) and prints it at the end, with the best job's command."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from trainer.config import ConfigError
+        from trainer.runlock import _fail
+
+        try:
+            problem = _missing_sweeper(config)
+            if problem:
+                raise ConfigError(problem)
+            metric, mode = _objective(config)
+        except ConfigError as e:
+            _fail(e)  # exit 2 before the sweeper is made
+        if OmegaConf.select(config, "hydra.sweeper._target_") != BASIC_SWEEPER:
+            log.info("Sweep objective: the final %s, %s (trainer.sweep_metric)", metric, "maximized" if mode == "max" else "minimized")
 
     def _rows(self, config: DictConfig):
         sweep_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir")))
-        metric = OmegaConf.select(config, "trainer.best_metric")
         try:  # a table is a convenience: it never fails a sweep
-            rows = summarize(sweep_dir, metric, str(OmegaConf.select(config, "trainer.best_mode", default="max")))
+            metric, mode = _objective(config)
+            rows = summarize(sweep_dir, metric, mode)
+            best = best_job(rows, metric, mode)
+            for row in rows:
+                row["best"] = row is best
             write_csv(rows, sweep_dir / CSV_NAME)
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError) as e:  # ConfigError is a ValueError
             log.warning("The sweep's table in %s could not be made: %s", sweep_dir, e)
-            rows = []
-        return rows, sweep_dir
+            return [], sweep_dir, None
+        return rows, sweep_dir, best
 
     def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
         if OmegaConf.select(config, "hydra.mode") == RunMode.MULTIRUN:
             self._rows(config)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        rows, sweep_dir = self._rows(config)
+        rows, sweep_dir, best = self._rows(config)
         if rows:  # printed: the process's logging belongs to the last job (its trainer.log) by now
-            print(f"Sweep of {len(rows)} jobs ({sweep_dir / CSV_NAME}):\n{format_table(rows)}", flush=True)
+            lines = [f"Sweep of {len(rows)} jobs ({sweep_dir / CSV_NAME}):", format_table(rows)]
+            if best is not None:
+                metric, mode = _objective(config)
+                lines.append(f"Best: job {best['job']}, final {metric}={_cell(best[f'final_{metric}'])} ({mode}): {best['command']}")
+            print("\n".join(lines), flush=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shlex
 import time
 
 from trainer.callbacks.base import Callback
@@ -109,6 +110,7 @@ class Summary(Callback):
             lines.append(f"Averaged weights (optimizer.use_ema; used by evaluation, best/ and export): {summary['ema_weights_sha256']}")
         if trainer.run_dir is not None:
             lines.append(f"Run folder: {trainer.run_dir}")
+            lines.append(f"Plot: python -m trainer.plot {shlex.quote(str(trainer.run_dir))} --out runs.png")
         log.info("\n  ".join(lines))
 
 

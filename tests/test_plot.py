@@ -1,0 +1,92 @@
+"""trainer.plot: curves of runs from their metrics.jsonl, read back from the PNG and the figure it draws.
+
+The runs here are metrics.jsonl files written as the Trainer writes them (tests/test_sweep_optuna.py plots
+the folders of a real sweep)."""
+import json
+import sys
+
+import pytest
+
+from trainer.plot import main, plot_runs
+
+
+def write_run(folder, rows, overrides=None):
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if overrides is not None:
+        (folder / ".hydra").mkdir()
+        (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    return folder
+
+
+def rows_of(loss_scaling: bool):
+    rows = []
+    for step in (10, 20, 30):
+        row = {"step": step, "split": "train", "loss": 2.0 / step, "accuracy": step / 40, "examples_per_sec": 900.0,
+               "grad_norm": 1.0, "lr": 1e-3, "skipped_steps": (1 if step > 10 else 0) if loss_scaling else 0, "time": 1.0 * step}
+        if loss_scaling:
+            row["loss_scale"] = 2.0 ** (15 - step // 10)
+        rows.append(row)
+        if step % 20 == 0 or step == 30:
+            rows.append({"step": step, "split": "eval", "loss": 2.5 / step, "accuracy": step / 50, "time": 1.0 * step})
+    return rows
+
+
+def lines_by_panel(fig):
+    return {ax.get_ylabel(): [line.get_label() for line in ax.get_lines()] for ax in fig.get_axes()}
+
+
+def test_runs_are_drawn_train_and_eval_by_their_overrides_with_loss_scaling_panels(tmp_path):
+    import matplotlib.image
+
+    a = write_run(tmp_path / "a", rows_of(False), ["precision=float32", "trainer.max_steps=30"])
+    b = write_run(tmp_path / "b", rows_of(True), ["precision=mixed_float16", "trainer.max_steps=30"])
+    panels = lines_by_panel(plot_runs([str(a), str(b)]))
+    assert list(panels) == ["loss", "accuracy", "loss_scale", "skipped_steps"]  # speed, lr, grad_norm are not curves
+    both = ["precision=float32 train", "precision=float32 eval", "precision=mixed_float16 train", "precision=mixed_float16 eval"]
+    assert panels["loss"] == both and panels["accuracy"] == both  # the shared override is left out of the names
+    assert panels["loss_scale"] == ["precision=mixed_float16 train"]
+    assert panels["skipped_steps"] == ["precision=float32 train", "precision=mixed_float16 train"]
+    loss_axis = plot_runs([str(b)]).get_axes()[0]
+    train, evals = loss_axis.get_lines()
+    assert list(train.get_xdata()) == [10, 20, 30] and list(evals.get_ydata()) == [2.5 / 20, 2.5 / 30]
+
+    out = tmp_path / "runs.png"
+    main([str(a), str(b), "--out", str(out)])
+    image = matplotlib.image.imread(out)
+    assert image.shape[:2] == (1020, 800)  # 4 panels of 2.4 in + 0.6 in for the legend, 8 in wide, at 100 dpi
+    colours = {tuple(px) for px in image[::7, ::7, :3].reshape(-1, 3).round(2).tolist()}
+    assert image[..., :3].std() > 0.05 and len(colours) > 20  # curves, text and grid, not a blank canvas
+
+
+def test_a_multirun_folder_stands_for_its_jobs_and_runs_without_loss_scaling_have_no_such_panels(tmp_path):
+    sweep = tmp_path / "multirun"
+    for name in ("10_optimizer.lr=0.01", "2_optimizer.lr=0.1"):  # no .hydra: the folder names the run
+        write_run(sweep / name, rows_of(False))
+    (sweep / "sweep_summary.csv").write_text("job\n")
+    panels = lines_by_panel(plot_runs([str(sweep)]))
+    assert list(panels) == ["loss", "accuracy"]  # skipped_steps is 0 throughout: no panel
+    assert panels["loss"] == ["2_optimizer.lr=0.1 train", "2_optimizer.lr=0.1 eval",
+                              "10_optimizer.lr=0.01 train", "10_optimizer.lr=0.01 eval"]  # in job order
+
+
+def test_bad_input_exits_2_with_the_fix_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "runs.png"
+    (tmp_path / "empty").mkdir()
+    write_run(tmp_path / "fresh", [])  # a run that has not logged yet
+
+    def fails(*args):
+        with pytest.raises(SystemExit) as exit_:
+            main([*args, "--out", str(out)])
+        assert exit_.value.code == 2 and not out.exists()
+        return capsys.readouterr().err
+
+    assert "is not a folder. Fix: give a run folder" in fails(str(tmp_path / "nowhere"))
+    assert "has no metrics.jsonl, nor subfolders with one" in fails(str(tmp_path / "empty"))
+    assert "hold no logs yet" in fails(str(tmp_path / "fresh"))
+    run = write_run(tmp_path / "run", rows_of(False))
+    with pytest.raises(SystemExit) as exit_:
+        main([str(run), "--out", str(tmp_path / "no" / "such" / "folder.png")])
+    assert exit_.value.code == 2 and "cannot write" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as when matplotlib is not installed
+    assert "needs matplotlib, which is not installed. Fix: pip install -e '.[bench]'" in fails(str(run))

@@ -1,0 +1,156 @@
+"""Loss and metric curves of one or several runs, from their metrics.jsonl, as one PNG.
+
+    python -m trainer.plot RUN [RUN ...] --out runs.png
+
+A RUN is a run folder (runs/<recipe>/<time>) or a multirun folder, which stands for its jobs. One panel
+per loss or metric (train: solid line, eval: dots), then the loss scale (log axis) and the skipped steps
+when a run has them (mixed_float16). Each run's lines are named by its overrides, less those all the
+plotted runs share (.hydra/overrides.yaml; the folder's name when the run has none).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+from trainer.callbacks.progress import HIDDEN
+from trainer.sweep import differing, recorded_overrides
+
+EXIT_USER_ERROR = 2
+NOT_CURVES = HIDDEN | {"step", "split", "time"}  # speed and optimizer state; loss scale has its own panels
+INSTALL_MATPLOTLIB = "pip install -e '.[bench]' (or pip install matplotlib==3.11.2)"
+
+
+class PlotError(ValueError):
+    """Bad input to the plot (a path, an empty run); the message says what to give instead."""
+
+
+@dataclass
+class Run:
+    label: str
+    rows: List[Dict[str, Any]]
+
+    def series(self, split: str, key: str):
+        points = [(r["step"], r[key]) for r in self.rows
+                  if r.get("split") == split and isinstance(r.get(key), (int, float)) and "step" in r]
+        return [p[0] for p in points], [p[1] for p in points]
+
+
+def run_folders(paths: Sequence[str]) -> List[Path]:
+    """The run folders the paths name: a run folder itself, or the jobs of a multirun folder."""
+    found = []
+    for given in paths:
+        path = Path(given).expanduser()
+        if not path.is_dir():
+            raise PlotError(f"{given} is not a folder. Fix: give a run folder (runs/<recipe>/<time>) or a multirun folder.")
+        if (path / "metrics.jsonl").is_file():
+            found.append(path)
+            continue
+        jobs = sorted((p for p in path.iterdir() if (p / "metrics.jsonl").is_file()), key=_job_order)
+        if not jobs:
+            raise PlotError(f"{given} has no metrics.jsonl, nor subfolders with one. Fix: give a run folder "
+                            "(runs/<recipe>/<time>) or a multirun folder; a run writes metrics.jsonl at its first log.")
+        found.extend(jobs)
+    return found
+
+
+def _job_order(folder: Path):
+    number = folder.name.split("_")[0]
+    return (0, int(number), "") if number.isdigit() else (1, 0, folder.name)
+
+
+def _read_rows(folder: Path) -> List[Dict[str, Any]]:
+    rows = []
+    for line in (folder / "metrics.jsonl").read_text(errors="replace").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a killed run
+    return [r for r in rows if isinstance(r, dict)]
+
+
+def load_runs(paths: Sequence[str]) -> List[Run]:
+    folders = run_folders(paths)
+    overrides = [recorded_overrides(f) or [] for f in folders]
+    labels = [",".join(kept) or f.name for f, kept in zip(folders, differing(overrides))]
+    if len(set(labels)) < len(labels):  # runs with the same overrides: their folders tell them apart
+        labels = [f"{label} ({f.name})" if label != f.name else label for label, f in zip(labels, folders)]
+    runs = [Run(label, _read_rows(f)) for label, f in zip(labels, folders)]
+    if not any(run.rows for run in runs):
+        raise PlotError(f"the metrics.jsonl of {', '.join(map(str, folders))} hold no logs yet. Fix: plot once the run has logged.")
+    return runs
+
+
+def _panels(runs: List[Run]) -> List[str]:
+    """The loss first, then the metrics, in the order the runs logged them; then loss scaling's."""
+    keys: Dict[str, None] = {}
+    for run in runs:
+        for row in run.rows:
+            keys.update((k, None) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+    curves = [k for k in keys if k not in NOT_CURVES and "/" not in k and not k.endswith(("loss_scale", "skipped_steps"))]
+    curves.sort(key=lambda k: not k.endswith("loss"))  # stable: losses first
+    scales = [k for k in keys if k.endswith("loss_scale")]
+    skipped = [k for k in keys if k.endswith("skipped_steps")]
+    if not scales and not any(r.get(k) for k in skipped for run in runs for r in run.rows):
+        skipped = []  # logged as 0 by every run without loss scaling: nothing to see
+    return curves + scales + skipped
+
+
+def plot_runs(paths: Sequence[str]):
+    """A matplotlib Figure of the runs' curves (no pyplot: no display or global state needed)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise PlotError(f"trainer.plot needs matplotlib, which is not installed. Fix: {INSTALL_MATPLOTLIB}") from None
+    runs = load_runs(paths)
+    panels = _panels(runs)
+    if not panels:
+        raise PlotError("the runs logged no loss or metric to plot.")
+    fig = Figure(figsize=(8, 2.4 * len(panels) + 0.6), layout="constrained")
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    colors = [f"C{i % 10}" for i in range(len(runs))]
+    for ax, key in zip(axes, panels):
+        for run, color in zip(runs, colors):
+            steps, values = run.series("train", key)
+            if steps:
+                ax.plot(steps, values, color=color, label=f"{run.label} train")
+            steps, values = run.series("eval", key)
+            if steps:
+                ax.plot(steps, values, color=color, linestyle="--", marker="o", markersize=4, label=f"{run.label} eval")
+        ax.set_ylabel(key)
+        if key.endswith("loss_scale"):
+            ax.set_yscale("log", base=2)
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("step")
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside upper center", ncols=min(2, len(names)), fontsize="small")
+    return fig
+
+
+def _fail(message: str) -> None:
+    print(f"trainer.plot: {message}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m trainer.plot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders, or multirun folders (their jobs)")
+    parser.add_argument("--out", default="runs.png", help="the PNG to write (default: runs.png)")
+    args = parser.parse_args(argv)
+    try:
+        fig = plot_runs(args.runs)
+        fig.savefig(args.out, dpi=100)
+    except PlotError as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"cannot write {args.out}: {e.strerror or e}. Fix: give --out a path in a folder that exists and you can write.")
+    except ValueError as e:  # matplotlib: an --out suffix it has no writer for
+        _fail(f"cannot write {args.out}: {e}. Fix: give --out a .png path.")
+    print(f"Wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
