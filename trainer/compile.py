@@ -8,8 +8,9 @@ shorter last loop).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import keras
 import tensorflow as tf
@@ -18,12 +19,19 @@ from trainer import precision as precision_lib
 from trainer.config import PrecisionConfig, TrainerConfig
 from trainer.precision import PrecisionError
 from trainer.step import Step
+from trainer.timing import interleaved_seconds, median_seconds
 
 log = logging.getLogger("trainer.core")
 
 
 def decide_jit_compile(config: TrainerConfig, precision: PrecisionConfig, *, on_cpu: bool, replicas: int) -> bool:
-    """trainer.jit_compile, with None (auto) resolved for this hardware; logs the reason."""
+    """trainer.jit_compile, with None (auto) resolved for this hardware; logs the reason. With "measure",
+    auto's answer until the first loop measures (and for a run too short to measure)."""
+    if config.jit_compile == "measure":
+        if not precision.debug_numerics:
+            log.info("XLA: trainer.jit_compile=measure: the first loop times train steps with XLA on and off "
+                     "and keeps the faster")
+        config = dataclasses.replace(config, jit_compile=None)
     if precision.debug_numerics:  # its checks (DebugNumericSummaryV2) are ops XLA cannot compile
         if config.jit_compile:
             raise PrecisionError("precision.debug_numerics=true cannot run inside XLA: add trainer.jit_compile=false")
@@ -216,3 +224,101 @@ def make_eval_function(trainer, iterator) -> Callable:
         return n
 
     return tf.function(eval_loop)
+
+
+# ---------------------------------------------------------------------------------------------
+# trainer.jit_compile=measure: the run's first loop times its own train function both ways
+# ---------------------------------------------------------------------------------------------
+
+MEASURE_STEPS, MEASURE_ROUNDS, MEASURE_WARMUP = 5, 3, 1  # steps per timed call, timed calls and warm-up calls each way
+
+
+@dataclasses.dataclass(frozen=True)
+class XlaMeasurement:
+    """What measuring found: the median seconds per train step with XLA on and off (each after its
+    compile and warm-up), over `rounds` interleaved rounds of `steps` steps; `steps_taken` counts the
+    real train steps run while measuring (warm-up included). `jit_compile`: the faster (off on a tie)."""
+
+    on_seconds: float
+    off_seconds: float
+    rounds: int
+    steps: int
+    steps_taken: int
+
+    @property
+    def jit_compile(self) -> bool:
+        return self.on_seconds < self.off_seconds
+
+    def describe(self) -> str:
+        return (f"jit_compile=measure: XLA on {1e3 * self.on_seconds:.2f} ms/step, off {1e3 * self.off_seconds:.2f} "
+                f"ms/step (median of {self.rounds} rounds of {self.steps} steps): {'on' if self.jit_compile else 'off'}")
+
+
+def why_not_measurable(trainer) -> Optional[str]:
+    """Why XLA on and off would not differ (or XLA cannot run) for this trainer; None when they can be timed."""
+    if trainer.precision.debug_numerics:
+        return "precision.debug_numerics=true checks every op, which XLA cannot compile"
+    chosen, trainer.jit_compile = trainer.jit_compile, True
+    try:
+        plan = trainer.plan_xla()
+    finally:
+        trainer.jit_compile = chosen
+    return None if plan.jit_compile else plan.reason
+
+
+def _agreed(strategy, medians: Dict[str, float]) -> Dict[str, float]:
+    """The medians averaged over the workers, so every worker keeps the same train function (their
+    collectives must match); the same numbers on one worker."""
+    if strategy.num_replicas_in_sync == 1:
+        return medians
+    local = tf.constant([medians["on"], medians["off"]], tf.float64)
+    mean = tf.function(lambda: strategy.reduce(tf.distribute.ReduceOp.MEAN, strategy.run(lambda: tf.identity(local)), axis=None))()
+    on, off = (float(v) for v in mean.numpy())
+    return {"on": on, "off": off}
+
+
+def _run_and_wait(trainer, train_function, iterator, num_steps) -> None:
+    train_function(iterator, num_steps)
+    trainer.step.numpy()  # reading the counter waits for the steps: their time is counted
+
+
+def measure_jit(trainer, iterator, *, steps: int = MEASURE_STEPS, rounds: int = MEASURE_ROUNDS,
+                warmup: int = MEASURE_WARMUP) -> XlaMeasurement:
+    """Times the trainer's own train function with XLA on and off on `iterator` (a distributed training
+    iterator), in interleaved rounds (trainer/timing.py), and keeps the faster as the trainer's train
+    function and `trainer.jit_compile`. Every step is a real train step: `trainer.step` advances by
+    `steps_taken`, the iterator by as many steps' batches. ValueError when XLA cannot run here
+    (`why_not_measurable`)."""
+    why = why_not_measurable(trainer)
+    if why:
+        raise ValueError(f"nothing to measure: {why}")
+    num_steps, functions, calls = tf.constant(steps, tf.int64), {}, {}
+    for name, on in (("on", True), ("off", False)):
+        trainer.jit_compile = on
+        functions[name] = make_train_function(trainer, iterator)
+        calls[name] = functools.partial(_run_and_wait, trainer, functions[name], iterator, num_steps)
+        for _ in range(warmup):  # traced here, while make_train_function's settings (skip_by_select) hold
+            calls[name]()
+    medians = _agreed(trainer.strategy, median_seconds(interleaved_seconds(calls, rounds=rounds, warmup=0)))
+    measured = XlaMeasurement(medians["on"] / steps, medians["off"] / steps, rounds, steps, 2 * (warmup + rounds) * steps)
+    trainer.jit_compile = measured.jit_compile
+    trainer._train_function = functions["on" if measured.jit_compile else "off"]
+    for updater in trainer.updaters.values():  # as the kept function was traced with
+        updater.skip_by_select = trainer.plan_xla().whole_step
+    trainer._eval_function = None  # compiled as the choice says
+    return measured
+
+
+def measure_in_run(trainer, iterator, remaining_steps: int) -> Optional[XlaMeasurement]:
+    """The first loop of a trainer.jit_compile=measure run: measure_jit with calls short enough to fit the
+    run (None, keeping auto's choice, when it cannot measure or is too short)."""
+    calls = 2 * (MEASURE_WARMUP + MEASURE_ROUNDS)
+    steps = min(MEASURE_STEPS, remaining_steps // calls)
+    why = why_not_measurable(trainer) or (None if steps >= 1 else
+                                          f"the run has {remaining_steps} steps left, fewer than the {calls} it takes")
+    if why:
+        log.warning("XLA: trainer.jit_compile=measure: %s; XLA %s (auto)", why, "on" if trainer.jit_compile else "off")
+        return None
+    measured = measure_jit(trainer, iterator, steps=steps)
+    log.info("XLA: %s (%d train steps)", measured.describe(), measured.steps_taken)
+    return measured

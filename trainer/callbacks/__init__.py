@@ -10,16 +10,18 @@ from trainer.callbacks.divergence import DivergenceGuard
 from trainer.callbacks.numerics import NumericalError, NumericsGuard
 from trainer.callbacks.progress import LogLines, ProgressBar, Summary
 from trainer.callbacks.writers import MetricsWriter, TensorBoardWriter
+from trainer.callbacks.xla_choice import XlaChoice
 
 __all__ = ["HOOKS", "Callback", "CallbackList", "Checkpointing", "DivergenceGuard", "LogLines", "MetricsWriter",
-           "NumericalError", "NumericsGuard", "ProgressBar", "Summary", "TensorBoardWriter", "callback_list"]
+           "NumericalError", "NumericsGuard", "ProgressBar", "Summary", "TensorBoardWriter", "XlaChoice",
+           "callback_list"]
 
 
 def callback_list(trainer, user_callbacks: List[Callback]) -> CallbackList:
     """The built-ins around the user's: checkpointing first (everyone starts from the restored state),
     the numerics guard last (it judges the loop after every other callback ran), the divergence guard just
     before it (with on_divergence=rollback it rolls back on non-finite steps before the guard would stop)."""
-    cbs: List[Callback] = [trainer.checkpointing]
+    cbs: List[Callback] = [trainer.checkpointing, trainer.xla_choice]  # a restored XLA choice applies before the loop
     if trainer.config.verbose:
         cbs.append(ProgressBar() if trainer.config.progress_bar else LogLines())  # the bar shows what LogLines logs
     if trainer.run_dir is not None:
