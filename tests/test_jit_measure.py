@@ -11,7 +11,8 @@ from conftest import blobs, read_metrics, run_cli
 from trainer import Trainer
 from trainer.config import ConfigError
 
-FIGURES = re.compile(r"XLA on ([\d.]+) ms/step, off ([\d.]+) ms/step \(median of 3 rounds of (\d+) steps\): (on|off)")
+FIGURES = re.compile(r"XLA on ([\d.]+) ms/step, off ([\d.]+) ms/step \(median of 3 rounds of (\d+) steps; "
+                     r"XLA on faster in (\d) of 3 rounds[^)]*\): (on|off)")
 
 
 def make(run_dir=None, jit_compile="measure", **options):
@@ -33,7 +34,9 @@ def test_measured_steps_count_the_choice_is_applied_and_resume_is_exact(tmp_path
     assert measured.steps_taken == 8 and measured.steps == int(found[3]) == 1
     assert float(found[1]) == pytest.approx(1e3 * measured.on_seconds, abs=0.01)
     assert float(found[2]) == pytest.approx(1e3 * measured.off_seconds, abs=0.01)
-    assert found[4] == ("on" if measured.jit_compile else "off")
+    assert found[5] == ("on" if measured.jit_compile else "off") and int(found[4]) == measured.on_wins
+    # auto (XLA off for float32 on a CPU) is left only when every round says XLA on is faster
+    assert measured.jit_compile is (measured.on_wins == 3) and measured.auto is False
     assert first.jit_compile is measured.jit_compile and first.plan_xla().jit_compile is measured.jit_compile
     assert int(first.step.numpy()) == 10 and first.traces["train"] == 2  # the measured steps count
     row = next(r for r in read_metrics(tmp_path / "a") if r["split"] == "train")
@@ -75,7 +78,7 @@ def test_cli_measures_on_two_replicas_and_rejects_a_bad_value(tmp_path):
     out = result.stdout + result.stderr
     assert "2 replicas" in out and FIGURES.search(out), out[-3000:]
     rows = [r for r in read_metrics(tmp_path / "run") if r["split"] == "train"]
-    assert [r["step"] for r in rows] == [16] and rows[0]["jit_compile"] == (FIGURES.search(out)[4] == "on")
+    assert [r["step"] for r in rows] == [16] and rows[0]["jit_compile"] == (FIGURES.search(out)[5] == "on")
 
     bad = run_cli(*common, "trainer.jit_compile=maybe", f"hydra.run.dir={tmp_path / 'bad'}")
     assert bad.returncode == 2

@@ -236,22 +236,34 @@ MEASURE_STEPS, MEASURE_ROUNDS, MEASURE_WARMUP = 5, 3, 1  # steps per timed call,
 @dataclasses.dataclass(frozen=True)
 class XlaMeasurement:
     """What measuring found: the median seconds per train step with XLA on and off (each after its
-    compile and warm-up), over `rounds` interleaved rounds of `steps` steps; `steps_taken` counts the
-    real train steps run while measuring (warm-up included). `jit_compile`: the faster (off on a tie)."""
+    compile and warm-up), over `rounds` interleaved rounds of `steps` steps; `on_wins`: the rounds in which
+    XLA on was the faster; `auto`: trainer.jit_compile=null's choice; `steps_taken`: the real train steps
+    run while measuring (warm-up included).
+
+    `jit_compile` leaves auto's choice only when every round says the other is faster: the two calls of a
+    round are adjacent in time, so a burst of load from another process rarely favours the same side in
+    all of them, while one median of a few rounds on a shared machine can (see docs/benchmarks.md)."""
 
     on_seconds: float
     off_seconds: float
     rounds: int
     steps: int
     steps_taken: int
+    on_wins: float  # a mean over workers with several: all of them must agree
+    auto: bool
 
     @property
     def jit_compile(self) -> bool:
-        return self.on_seconds < self.off_seconds
+        if self.on_wins >= self.rounds:
+            return True
+        return False if self.on_wins <= 0 else self.auto
 
     def describe(self) -> str:
+        choice, verdict = "on" if self.jit_compile else "off", f"XLA on faster in {self.on_wins:g} of {self.rounds} rounds"
+        if 0 < self.on_wins < self.rounds:
+            verdict += ", so auto's choice is kept"
         return (f"jit_compile=measure: XLA on {1e3 * self.on_seconds:.2f} ms/step, off {1e3 * self.off_seconds:.2f} "
-                f"ms/step (median of {self.rounds} rounds of {self.steps} steps): {'on' if self.jit_compile else 'off'}")
+                f"ms/step (median of {self.rounds} rounds of {self.steps} steps; {verdict}): {choice}")
 
 
 def why_not_measurable(trainer) -> Optional[str]:
@@ -266,15 +278,14 @@ def why_not_measurable(trainer) -> Optional[str]:
     return None if plan.jit_compile else plan.reason
 
 
-def _agreed(strategy, medians: Dict[str, float]) -> Dict[str, float]:
-    """The medians averaged over the workers, so every worker keeps the same train function (their
+def _agreed(strategy, figures: List[float]) -> List[float]:
+    """The figures averaged over the workers, so every worker keeps the same train function (their
     collectives must match); the same numbers on one worker."""
     if strategy.num_replicas_in_sync == 1:
-        return medians
-    local = tf.constant([medians["on"], medians["off"]], tf.float64)
+        return figures
+    local = tf.constant(figures, tf.float64)
     mean = tf.function(lambda: strategy.reduce(tf.distribute.ReduceOp.MEAN, strategy.run(lambda: tf.identity(local)), axis=None))()
-    on, off = (float(v) for v in mean.numpy())
-    return {"on": on, "off": off}
+    return [float(v) for v in mean.numpy()]
 
 
 def _run_and_wait(trainer, train_function, iterator, num_steps) -> None:
@@ -285,13 +296,15 @@ def _run_and_wait(trainer, train_function, iterator, num_steps) -> None:
 def measure_jit(trainer, iterator, *, steps: int = MEASURE_STEPS, rounds: int = MEASURE_ROUNDS,
                 warmup: int = MEASURE_WARMUP) -> XlaMeasurement:
     """Times the trainer's own train function with XLA on and off on `iterator` (a distributed training
-    iterator), in interleaved rounds (trainer/timing.py), and keeps the faster as the trainer's train
-    function and `trainer.jit_compile`. Every step is a real train step: `trainer.step` advances by
+    iterator), in interleaved rounds (trainer/timing.py), and keeps the faster (XlaMeasurement.jit_compile)
+    as the trainer's train function and `trainer.jit_compile`; the trainer's `jit_compile` on entry is
+    taken as auto's choice. Every step is a real train step: `trainer.step` advances by
     `steps_taken`, the iterator by as many steps' batches. ValueError when XLA cannot run here
     (`why_not_measurable`)."""
     why = why_not_measurable(trainer)
     if why:
         raise ValueError(f"nothing to measure: {why}")
+    auto = trainer.jit_compile  # before measuring: auto's choice (the Trainer made with jit_compile=measure or null)
     num_steps, functions, calls = tf.constant(steps, tf.int64), {}, {}
     for name, on in (("on", True), ("off", False)):
         trainer.jit_compile = on
@@ -299,8 +312,11 @@ def measure_jit(trainer, iterator, *, steps: int = MEASURE_STEPS, rounds: int = 
         calls[name] = functools.partial(_run_and_wait, trainer, functions[name], iterator, num_steps)
         for _ in range(warmup):  # traced here, while make_train_function's settings (skip_by_select) hold
             calls[name]()
-    medians = _agreed(trainer.strategy, median_seconds(interleaved_seconds(calls, rounds=rounds, warmup=0)))
-    measured = XlaMeasurement(medians["on"] / steps, medians["off"] / steps, rounds, steps, 2 * (warmup + rounds) * steps)
+    seconds = interleaved_seconds(calls, rounds=rounds, warmup=0)
+    medians = median_seconds(seconds)
+    on_wins = sum(on < off for on, off in zip(seconds["on"], seconds["off"]))
+    on, off, on_wins = _agreed(trainer.strategy, [medians["on"] / steps, medians["off"] / steps, float(on_wins)])
+    measured = XlaMeasurement(on, off, rounds, steps, 2 * (warmup + rounds) * steps, on_wins, bool(auto))
     trainer.jit_compile = measured.jit_compile
     trainer._train_function = functions["on" if measured.jit_compile else "off"]
     for updater in trainer.updaters.values():  # as the kept function was traced with
