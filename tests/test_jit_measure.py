@@ -9,6 +9,7 @@ import pytest
 
 from conftest import blobs, read_metrics, run_cli
 from trainer import Trainer
+from trainer.compile import AUTO_MEASURE_STEPS, measures_in_run
 from trainer.config import ConfigError
 
 FIGURES = re.compile(r"XLA on ([\d.]+) ms/step, off ([\d.]+) ms/step \(median of 3 rounds of (\d+) steps; "
@@ -65,6 +66,11 @@ def test_too_short_to_measure_keeps_auto_and_bad_values_name_the_choices(caplog)
     assert short.xla_measurement is None and int(short.step.numpy()) == 3
     assert make(jit_compile=True).jit_compile is True  # the old spellings still work
     assert make(jit_compile="false").config.jit_compile is False
+    # auto (null) measures long runs on a CPU, except mixed_float16 (XLA is ~100x faster there)
+    auto = make(jit_compile=None)
+    assert measures_in_run(auto, AUTO_MEASURE_STEPS) and not measures_in_run(auto, AUTO_MEASURE_STEPS - 1)
+    assert not measures_in_run(make(jit_compile=None, precision="mixed_float16"), AUTO_MEASURE_STEPS)
+    assert not measures_in_run(make(jit_compile=False), AUTO_MEASURE_STEPS)
     with pytest.raises(ConfigError, match=r"trainer.jit_compile='maybe' is not one of true\|false\|null\|measure"):
         make(jit_compile="maybe")
 

@@ -231,6 +231,9 @@ def make_eval_function(trainer, iterator) -> Callable:
 # ---------------------------------------------------------------------------------------------
 
 MEASURE_STEPS, MEASURE_ROUNDS, MEASURE_WARMUP = 5, 3, 1  # steps per timed call, timed calls and warm-up calls each way
+# Auto measures on a CPU from this run length: measuring cost 340-480 steps' worth of time when auto was right
+# and saved 90% of every step when it was wrong (scripts/bench_jit_measure.py, docs/benchmarks.md).
+AUTO_MEASURE_STEPS = 10_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,7 +265,7 @@ class XlaMeasurement:
         choice, verdict = "on" if self.jit_compile else "off", f"XLA on faster in {self.on_wins:g} of {self.rounds} rounds"
         if 0 < self.on_wins < self.rounds:
             verdict += ", so auto's choice is kept"
-        return (f"jit_compile=measure: XLA on {1e3 * self.on_seconds:.2f} ms/step, off {1e3 * self.off_seconds:.2f} "
+        return (f"XLA on {1e3 * self.on_seconds:.2f} ms/step, off {1e3 * self.off_seconds:.2f} "
                 f"ms/step (median of {self.rounds} rounds of {self.steps} steps; {verdict}): {choice}")
 
 
@@ -325,16 +328,27 @@ def measure_jit(trainer, iterator, *, steps: int = MEASURE_STEPS, rounds: int = 
     return measured
 
 
+def measures_in_run(trainer, remaining_steps: int) -> bool:
+    """trainer.jit_compile=measure; or auto (null) for a run of AUTO_MEASURE_STEPS steps or more on a CPU,
+    where auto's float32 and bfloat16 answers are guesses by CPU model (mixed_float16's XLA is ~100x faster
+    there: not worth 20 slow steps)."""
+    setting, precision = trainer.config.jit_compile, trainer.precision
+    return setting == "measure" or (setting is None and remaining_steps >= AUTO_MEASURE_STEPS and trainer._on_cpu()
+                                    and precision.policy != "mixed_float16" and not precision.debug_numerics)
+
+
 def measure_in_run(trainer, iterator, remaining_steps: int) -> Optional[XlaMeasurement]:
-    """The first loop of a trainer.jit_compile=measure run: measure_jit with calls short enough to fit the
-    run (None, keeping auto's choice, when it cannot measure or is too short)."""
+    """The first loop of a run that measures (measures_in_run): measure_jit with calls short enough to fit
+    the run (None, keeping auto's choice, when it cannot measure or is too short)."""
+    why_measure = ("trainer.jit_compile=measure" if trainer.config.jit_compile == "measure" else
+                   f"trainer.jit_compile=null (auto) measures runs of {AUTO_MEASURE_STEPS:,}+ steps on a CPU")
     calls = 2 * (MEASURE_WARMUP + MEASURE_ROUNDS)
     steps = min(MEASURE_STEPS, remaining_steps // calls)
     why = why_not_measurable(trainer) or (None if steps >= 1 else
                                           f"the run has {remaining_steps} steps left, fewer than the {calls} it takes")
     if why:
-        log.warning("XLA: trainer.jit_compile=measure: %s; XLA %s (auto)", why, "on" if trainer.jit_compile else "off")
+        log.warning("XLA: %s, but %s; XLA %s (auto)", why_measure, why, "on" if trainer.jit_compile else "off")
         return None
     measured = measure_jit(trainer, iterator, steps=steps)
-    log.info("XLA: %s (%d train steps)", measured.describe(), measured.steps_taken)
+    log.info("XLA: %s: %s (%d train steps)", why_measure, measured.describe(), measured.steps_taken)
     return measured

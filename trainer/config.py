@@ -123,10 +123,11 @@ class TrainerConfig(Checked):
     divergence_factor: Optional[float] = ranged(100.0, "(1, inf)")  # a train loss above this x the run's first is a divergence; None: off
     on_divergence: str = chosen("stop", "stop|rollback|warn")  # stop (exit 3) | rollback (last good checkpoint, half the lr; also on precision.max_consecutive_skips) | warn
     max_rollbacks: int = ranged(3, "[1, inf)")  # on_divergence=rollback: rollbacks per run before it stops (exit 3)
-    # Compile the steps with XLA: true | false | null (auto) | measure. Auto: on only without a GPU for
-    # mixed_float16 (TensorFlow's float16 CPU kernels are ~100x slower than XLA's) and for mixed_bfloat16
-    # on an Intel CPU with AVX-512 BF16 and no AMX. measure: the first loop times a few real train steps
-    # each way (docs/concepts/distribution.md) and keeps the faster; a resumed run keeps that choice.
+    # Compile the steps with XLA: true | false | null (auto) | measure. measure: the first loop times a few
+    # real train steps each way and keeps the faster (docs/concepts/distribution.md); a resumed run keeps
+    # that choice. Auto: on a CPU, a run of 10,000+ steps measures (float32, bfloat16); otherwise XLA is on
+    # only without a GPU for mixed_float16 (TensorFlow's float16 CPU kernels are ~100x slower than XLA's)
+    # and for mixed_bfloat16 on an Intel CPU with AVX-512 BF16 and no AMX.
     jit_compile: Any = chosen(None, "true|false|null|measure")
     xla_auto_cluster: bool = False  # TF's XLA auto-clustering (global)
     # With XLA on one replica: compile the optimizer update into the step's XLA cluster (true) or run it

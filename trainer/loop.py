@@ -13,7 +13,7 @@ import tensorflow as tf
 from tensorflow.python.util import deprecation as _tf_deprecation
 
 from trainer import signals
-from trainer.compile import make_eval_function, make_train_function, measure_in_run
+from trainer.compile import make_eval_function, make_train_function, measure_in_run, measures_in_run
 from trainer.data import release_in_background
 from trainer.inputs import distribute
 
@@ -152,11 +152,11 @@ class Loop:
                 raise TrainingInterrupted(signal.Signals(self.interrupted.signum).name)
 
     def _train_loop(self, k: int) -> int:
-        """Runs k train steps; returns how many ran. The first loop of a trainer.jit_compile=measure run
-        measures instead (compile.measure_in_run): its steps are real ones, and events (logs, evaluation,
+        """Runs k train steps; returns how many ran. The first loop of a run with trainer.jit_compile=measure
+        (or auto, for a long run on a CPU) measures instead (compile.measure_in_run): its steps are real ones, and events (logs, evaluation,
         checkpoints) that fall inside it wait for its end."""
         t = self.trainer
-        if t._train_function is None and t.config.jit_compile == "measure" and t.xla_measurement is None:
+        if t._train_function is None and t.xla_measurement is None and measures_in_run(t, self.total - self.step):
             measured = measure_in_run(t, self.iterator, self.total - self.step)
             if measured is not None:
                 t.xla_choice.measured(measured)

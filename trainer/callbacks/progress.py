@@ -90,7 +90,7 @@ class Summary(Callback):
             lines.append(f"Throughput: {ordered[len(ordered) // 2]:.0f} examples/s (median of log windows)")
         if summary.get("traces"):
             lines.append(f"Traced: {summary['traces']} (first loop incl. compile: {summary.get('first_loop_seconds', 0):.2f}s)")
-            expected = {"train": 2} if trainer.xla_choice.traced_both else {}  # jit_compile=measure traces on and off
+            expected = {"train": 2} if trainer.xla_choice.traced_both else {}  # measuring traces XLA on and off
             retraced = {k: v for k, v in summary["traces"].items() if v > expected.get(k, 1)}
             if retraced:
                 log.warning(
@@ -100,7 +100,7 @@ class Summary(Callback):
                     retraced,
                 )
         if summary.get("xla_measurement"):
-            lines.append(f"XLA: {summary['xla_measurement']}")
+            lines.append(f"XLA, measured: {summary['xla_measurement']}")
         if summary.get("weights_sha256"):
             lines.append(f"Weights fingerprint: {summary['weights_sha256']}")
         if trainer.run_dir is not None:

@@ -1,5 +1,5 @@
-"""The choice trainer.jit_compile=measure made, kept in every checkpoint: a resumed run compiles as the
-measured run did instead of measuring again (re-measuring would run steps both ways at the resume point,
+"""The choice trainer.jit_compile=measure (or auto, for a long run on a CPU) made, kept in every
+checkpoint: a resumed run compiles as the measured run did instead of measuring again (re-measuring would run steps both ways at the resume point,
 so the resumed run would not repeat the uninterrupted one, and would cost the measuring again)."""
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class XlaChoice(Callback):
 
     def on_train_begin(self, trainer):
         m = self.measurement
-        if m is not None and trainer.config.jit_compile == "measure" and trainer.jit_compile != m.jit_compile:
+        if m is not None and trainer.config.jit_compile in ("measure", None) and trainer.jit_compile != m.jit_compile:
             log.info("XLA: %s, as measured before this run was resumed", "on" if m.jit_compile else "off")
             trainer.jit_compile = m.jit_compile
             trainer.reset_step_functions()
