@@ -232,7 +232,7 @@ def make_eval_function(trainer, iterator) -> Callable:
 
 MEASURE_STEPS, MEASURE_ROUNDS, MEASURE_WARMUP = 5, 3, 1  # steps per timed call, timed calls and warm-up calls each way
 # Auto measures on a CPU from this run length: measuring cost 340-480 steps' worth of time when auto was right
-# and saved 90% of every step when it was wrong (scripts/bench_jit_measure.py, docs/benchmarks.md).
+# and saved 17-90% of every step when it was wrong (scripts/bench_jit_measure.py, docs/benchmarks.md).
 AUTO_MEASURE_STEPS = 10_000
 
 
