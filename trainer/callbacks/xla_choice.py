@@ -1,6 +1,7 @@
 """The choice trainer.jit_compile=measure (or auto, for a long run on a CPU) made, kept in every
-checkpoint: a resumed run compiles as the measured run did instead of measuring again (re-measuring would run steps both ways at the resume point,
-so the resumed run would not repeat the uninterrupted one, and would cost the measuring again)."""
+checkpoint: a resumed run compiles as the measured run did instead of measuring again (re-measuring
+would run steps both ways at the resume point, so the resumed run would not repeat the uninterrupted
+one, and would pay for the measuring again)."""
 from __future__ import annotations
 
 import dataclasses
