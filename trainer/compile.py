@@ -19,7 +19,7 @@ from trainer import precision as precision_lib
 from trainer.config import PrecisionConfig, TrainerConfig
 from trainer.precision import PrecisionError
 from trainer.step import Step
-from trainer.timing import interleaved_seconds, median_seconds
+from trainer.timing import interleaved_seconds, median_seconds, rounds_won
 
 log = logging.getLogger("trainer.core")
 
@@ -317,7 +317,7 @@ def measure_jit(trainer, iterator, *, steps: int = MEASURE_STEPS, rounds: int = 
             calls[name]()
     seconds = interleaved_seconds(calls, rounds=rounds, warmup=0)
     medians = median_seconds(seconds)
-    on_wins = sum(on < off for on, off in zip(seconds["on"], seconds["off"]))
+    on_wins = rounds_won(seconds, "on", "off")
     on, off, on_wins = _agreed(trainer.strategy, [medians["on"] / steps, medians["off"] / steps, float(on_wins)])
     measured = XlaMeasurement(on, off, rounds, steps, 2 * (warmup + rounds) * steps, on_wins, bool(auto))
     trainer.jit_compile = measured.jit_compile
