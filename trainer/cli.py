@@ -94,7 +94,7 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
     if trainer_cfg.xla_auto_cluster:
         tf.config.optimizer.set_jit("autoclustering")
         log.info("XLA auto-clustering: on")
-    if trainer_cfg.jit_compile:
+    if trainer_cfg.jit_compile is True:  # "measure" decides in the first loop
         log.info("XLA jit_compile: on (train and eval steps)")
 
     check_batch_size(cfg.data.get("batch_size", 1))  # before the division by it below

@@ -8,8 +8,9 @@ shorter last loop).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import keras
 import tensorflow as tf
@@ -18,12 +19,19 @@ from trainer import precision as precision_lib
 from trainer.config import PrecisionConfig, TrainerConfig
 from trainer.precision import PrecisionError
 from trainer.step import Step
+from trainer.timing import interleaved_seconds, median_seconds, rounds_won
 
 log = logging.getLogger("trainer.core")
 
 
 def decide_jit_compile(config: TrainerConfig, precision: PrecisionConfig, *, on_cpu: bool, replicas: int) -> bool:
-    """trainer.jit_compile, with None (auto) resolved for this hardware; logs the reason."""
+    """trainer.jit_compile, with None (auto) resolved for this hardware; logs the reason. With "measure",
+    auto's answer until the first loop measures (and for a run too short to measure)."""
+    if config.jit_compile == "measure":
+        if not precision.debug_numerics:
+            log.info("XLA: trainer.jit_compile=measure: the first loop times train steps with XLA on and off "
+                     "and keeps the faster")
+        config = dataclasses.replace(config, jit_compile=None)
     if precision.debug_numerics:  # its checks (DebugNumericSummaryV2) are ops XLA cannot compile
         if config.jit_compile:
             raise PrecisionError("precision.debug_numerics=true cannot run inside XLA: add trainer.jit_compile=false")
@@ -216,3 +224,131 @@ def make_eval_function(trainer, iterator) -> Callable:
         return n
 
     return tf.function(eval_loop)
+
+
+# ---------------------------------------------------------------------------------------------
+# trainer.jit_compile=measure: the run's first loop times its own train function both ways
+# ---------------------------------------------------------------------------------------------
+
+MEASURE_STEPS, MEASURE_ROUNDS, MEASURE_WARMUP = 5, 3, 1  # steps per timed call, timed calls and warm-up calls each way
+# Auto measures on a CPU from this run length: measuring cost 340-480 steps' worth of time when auto was right
+# and saved 17-90% of every step when it was wrong (scripts/bench_jit_measure.py, docs/benchmarks.md).
+AUTO_MEASURE_STEPS = 10_000
+
+
+@dataclasses.dataclass(frozen=True)
+class XlaMeasurement:
+    """What measuring found: the median seconds per train step with XLA on and off (each after its
+    compile and warm-up), over `rounds` interleaved rounds of `steps` steps; `on_wins`: the rounds in which
+    XLA on was the faster; `auto`: trainer.jit_compile=null's choice; `steps_taken`: the real train steps
+    run while measuring (warm-up included).
+
+    `jit_compile` leaves auto's choice only when every round says the other is faster: the two calls of a
+    round are adjacent in time, so a burst of load from another process rarely favours the same side in
+    all of them, while one median of a few rounds on a shared machine can (see docs/benchmarks.md)."""
+
+    on_seconds: float
+    off_seconds: float
+    rounds: int
+    steps: int
+    steps_taken: int
+    on_wins: float  # a mean over workers with several: all of them must agree
+    auto: bool
+
+    @property
+    def jit_compile(self) -> bool:
+        if self.on_wins >= self.rounds:
+            return True
+        return False if self.on_wins <= 0 else self.auto
+
+    def describe(self) -> str:
+        choice, verdict = "on" if self.jit_compile else "off", f"XLA on faster in {self.on_wins:g} of {self.rounds} rounds"
+        if 0 < self.on_wins < self.rounds:
+            verdict += ", so auto's choice is kept"
+        return (f"XLA on {1e3 * self.on_seconds:.2f} ms/step, off {1e3 * self.off_seconds:.2f} "
+                f"ms/step (median of {self.rounds} rounds of {self.steps} steps; {verdict}): {choice}")
+
+
+def why_not_measurable(trainer) -> Optional[str]:
+    """Why XLA on and off would not differ (or XLA cannot run) for this trainer; None when they can be timed."""
+    if trainer.precision.debug_numerics:
+        return "precision.debug_numerics=true checks every op, which XLA cannot compile"
+    chosen, trainer.jit_compile = trainer.jit_compile, True
+    try:
+        plan = trainer.plan_xla()
+    finally:
+        trainer.jit_compile = chosen
+    return None if plan.jit_compile else plan.reason
+
+
+def _agreed(strategy, figures: List[float]) -> List[float]:
+    """The figures averaged over the workers, so every worker keeps the same train function (their
+    collectives must match); the same numbers on one worker."""
+    if strategy.num_replicas_in_sync == 1:
+        return figures
+    local = tf.constant(figures, tf.float64)
+    mean = tf.function(lambda: strategy.reduce(tf.distribute.ReduceOp.MEAN, strategy.run(lambda: tf.identity(local)), axis=None))()
+    return [float(v) for v in mean.numpy()]
+
+
+def _run_and_wait(trainer, train_function, iterator, num_steps) -> None:
+    train_function(iterator, num_steps)
+    trainer.step.numpy()  # reading the counter waits for the steps: their time is counted
+
+
+def measure_jit(trainer, iterator, *, steps: int = MEASURE_STEPS, rounds: int = MEASURE_ROUNDS,
+                warmup: int = MEASURE_WARMUP) -> XlaMeasurement:
+    """Times the trainer's own train function with XLA on and off on `iterator` (a distributed training
+    iterator), in interleaved rounds (trainer/timing.py), and keeps the faster (XlaMeasurement.jit_compile)
+    as the trainer's train function and `trainer.jit_compile`; the trainer's `jit_compile` on entry is
+    taken as auto's choice. Every step is a real train step: `trainer.step` advances by
+    `steps_taken`, the iterator by as many steps' batches. ValueError when XLA cannot run here
+    (`why_not_measurable`)."""
+    why = why_not_measurable(trainer)
+    if why:
+        raise ValueError(f"nothing to measure: {why}")
+    auto = trainer.jit_compile  # before measuring: auto's choice (the Trainer made with jit_compile=measure or null)
+    num_steps, functions, calls = tf.constant(steps, tf.int64), {}, {}
+    for name, on in (("on", True), ("off", False)):
+        trainer.jit_compile = on
+        functions[name] = make_train_function(trainer, iterator)
+        calls[name] = functools.partial(_run_and_wait, trainer, functions[name], iterator, num_steps)
+        for _ in range(warmup):  # traced here, while make_train_function's settings (skip_by_select) hold
+            calls[name]()
+    seconds = interleaved_seconds(calls, rounds=rounds, warmup=0)
+    medians = median_seconds(seconds)
+    on_wins = rounds_won(seconds, "on", "off")
+    on, off, on_wins = _agreed(trainer.strategy, [medians["on"] / steps, medians["off"] / steps, float(on_wins)])
+    measured = XlaMeasurement(on, off, rounds, steps, 2 * (warmup + rounds) * steps, on_wins, bool(auto))
+    trainer.jit_compile = measured.jit_compile
+    trainer._train_function = functions["on" if measured.jit_compile else "off"]
+    for updater in trainer.updaters.values():  # as the kept function was traced with
+        updater.skip_by_select = trainer.plan_xla().whole_step
+    trainer._eval_function = None  # compiled as the choice says
+    return measured
+
+
+def measures_in_run(trainer, remaining_steps: int) -> bool:
+    """trainer.jit_compile=measure; or auto (null) for a run of AUTO_MEASURE_STEPS steps or more on a CPU,
+    where auto's float32 and bfloat16 answers are guesses by CPU model (mixed_float16's XLA is ~100x faster
+    there: not worth 20 slow steps)."""
+    setting, precision = trainer.config.jit_compile, trainer.precision
+    return setting == "measure" or (setting is None and remaining_steps >= AUTO_MEASURE_STEPS and trainer._on_cpu()
+                                    and precision.policy != "mixed_float16" and not precision.debug_numerics)
+
+
+def measure_in_run(trainer, iterator, remaining_steps: int) -> Optional[XlaMeasurement]:
+    """The first loop of a run that measures (measures_in_run): measure_jit with calls short enough to fit
+    the run (None, keeping auto's choice, when it cannot measure or is too short)."""
+    why_measure = ("trainer.jit_compile=measure" if trainer.config.jit_compile == "measure" else
+                   f"trainer.jit_compile=null (auto) measures runs of {AUTO_MEASURE_STEPS:,}+ steps on a CPU")
+    calls = 2 * (MEASURE_WARMUP + MEASURE_ROUNDS)
+    steps = min(MEASURE_STEPS, remaining_steps // calls)
+    why = why_not_measurable(trainer) or (None if steps >= 1 else
+                                          f"the run has {remaining_steps} steps left, fewer than the {calls} it takes")
+    if why:
+        log.warning("XLA: %s, but %s; XLA %s (auto)", why_measure, why, "on" if trainer.jit_compile else "off")
+        return None
+    measured = measure_jit(trainer, iterator, steps=steps)
+    log.info("XLA: %s: %s (%d train steps)", why_measure, measured.describe(), measured.steps_taken)
+    return measured

@@ -43,9 +43,15 @@ def ranged(default: Any = MISSING, interval: str = "", *, factory=None) -> Any:
     return field(default=default, metadata={"range": interval})
 
 
-def chosen(default: str, choices: str) -> Any:
-    """A string field whose value must be one of `choices`, written "a|b|c"; checked with the ranges."""
+def chosen(default: Any, choices: str) -> Any:
+    """A string field whose value must be one of `choices`, written "a|b|c"; checked with the ranges.
+    On an `Any` field, "true|false" among the choices admit the booleans (OmegaConf has no Union type)."""
     return field(default=default, metadata={"choices": tuple(choices.split("|"))})
+
+
+def _as_choice(value: Any) -> Any:
+    """A boolean as the CLI spells it ("true"/"false"), to compare with a field's choices."""
+    return str(value).lower() if isinstance(value, bool) else value
 
 
 def _inside(value: float, interval: str) -> bool:
@@ -71,7 +77,7 @@ def check_ranges(schema, values: Mapping[str, Any], prefix: str) -> None:
         interval, choices = f.metadata.get("range"), f.metadata.get("choices")
         value = values.get(f.name)
         key = f"{prefix}.{f.name}" if prefix else f.name
-        if choices is not None and value is not None and value not in choices:
+        if choices is not None and value is not None and _as_choice(value) not in choices:
             raise ConfigError(f"{key}={value!r} is not one of {'|'.join(choices)}. Fix: set {key} to one of them.")
         if interval is None or value is None:
             continue
@@ -124,10 +130,12 @@ class TrainerConfig(Checked):
     divergence_factor: Optional[float] = ranged(100.0, "(1, inf)")  # a train loss above this x the run's first is a divergence; None: off
     on_divergence: str = chosen("stop", "stop|rollback|warn")  # stop (exit 3) | rollback (last good checkpoint, half the lr; also on precision.max_consecutive_skips) | warn
     max_rollbacks: int = ranged(3, "[1, inf)")  # on_divergence=rollback: rollbacks per run before it stops (exit 3)
-    # Compile the steps with XLA. None (auto): on only without a GPU for mixed_float16 (TensorFlow's
-    # float16 CPU kernels are ~100x slower than XLA's) and for mixed_bfloat16 on an Intel CPU with
-    # AVX-512 BF16 and no AMX (its bfloat16 kernels are slow, XLA's are not).
-    jit_compile: Optional[bool] = None
+    # Compile the steps with XLA: true | false | null (auto) | measure. measure: the first loop times a few
+    # real train steps each way and keeps the faster (docs/concepts/distribution.md); a resumed run keeps
+    # that choice. Auto: on a CPU, a run of 10,000+ steps measures (float32, bfloat16); otherwise XLA is on
+    # only without a GPU for mixed_float16 (TensorFlow's float16 CPU kernels are ~100x slower than XLA's)
+    # and for mixed_bfloat16 on an Intel CPU with AVX-512 BF16 and no AMX.
+    jit_compile: Any = chosen(None, "true|false|null|measure")
     xla_auto_cluster: bool = False  # TF's XLA auto-clustering (global)
     # With XLA on one replica: compile the optimizer update into the step's XLA cluster (true) or run it
     # outside XLA with TF's multi-threaded fused kernels (false). None (auto): inside, except on a CPU for
@@ -168,6 +176,11 @@ class TrainerConfig(Checked):
             raise ConfigError(f"{prefix}.limit_eval_batches={limit} and {prefix}.eval_steps={eval_steps} both limit "
                               f"evaluation, to different sizes. Fix: set only one of them ({prefix}.limit_eval_batches "
                               "is Lightning's name; it also takes a fraction of the eval set).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.jit_compile, str) and self.jit_compile != "measure":  # "true" from Python, or quoted
+            self.jit_compile = {"true": True, "false": False, "null": None}[self.jit_compile]
 
 
 @dataclass

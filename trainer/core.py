@@ -24,9 +24,10 @@ import tensorflow as tf
 
 from trainer import debug, ema, objects, signals
 from trainer import precision as precision_lib
-from trainer.callbacks import Callback, CallbackList, Checkpointing, DivergenceGuard, NumericalError, callback_list
+from trainer.callbacks import (Callback, CallbackList, Checkpointing, DivergenceGuard, NumericalError, XlaChoice,
+                               callback_list)
 from trainer.checkpoint import NO_BEST, Checkpointer
-from trainer.compile import XlaPlan, decide_jit_compile, plan_xla
+from trainer.compile import XlaMeasurement, XlaPlan, decide_jit_compile, plan_xla
 from trainer.config import ConfigError, PrecisionConfig, TrainerConfig, check_ranges
 from trainer.console import show_logs_unless_configured
 from trainer.inputs import DataArg, KeptIterator, sample_batch, steps_per_epoch_of, training_iterator
@@ -128,6 +129,7 @@ class Trainer(Step):
         self.callbacks = CallbackList(list(callbacks))
         self.checkpointing = Checkpointing()
         self.divergence = DivergenceGuard()  # the run's reference loss and rollbacks, across fit() calls
+        self.xla_choice = XlaChoice()  # trainer.jit_compile=measure's figures and choice, across fit() calls
         self.checkpointer: Optional[Checkpointer] = None  # made by the first fit() with a run_dir
         self.callback_list = CallbackList([])  # the current fit() call's, with the built-ins
         self.traces: Dict[str, int] = {"train": 0, "eval": 0}
@@ -205,6 +207,11 @@ class Trainer(Step):
 
     def _on_cpu(self) -> bool:
         return not tf.config.list_physical_devices("GPU") and not isinstance(self.strategy, tf.distribute.TPUStrategy)
+
+    @property
+    def xla_measurement(self) -> Optional[XlaMeasurement]:
+        """What trainer.jit_compile=measure found (also when restored from a checkpoint); None before."""
+        return self.xla_choice.measurement
 
     def plan_xla(self) -> XlaPlan:
         """How the train step is (or will be) compiled, and why: see compile.plan_xla."""
@@ -300,6 +307,8 @@ class Trainer(Step):
         summary.update(step=step, traces=dict(self.traces))
         if loop.first_loop_seconds is not None:
             summary["first_loop_seconds"] = loop.first_loop_seconds
+        if self.xla_measurement is not None:
+            summary["xla_measurement"] = self.xla_measurement.describe()
         if self.run_dir is not None or self.strategy.extended._in_multi_worker_mode():
             # 0.1-0.2 s per 20M parameters: for runs that write a summary, not for every fit() call.
             summary["weights_sha256"] = self.weights_fingerprint()

@@ -13,7 +13,7 @@ import tensorflow as tf
 from tensorflow.python.util import deprecation as _tf_deprecation
 
 from trainer import signals
-from trainer.compile import make_eval_function, make_train_function
+from trainer.compile import make_eval_function, make_train_function, measure_in_run, measures_in_run
 from trainer.data import release_in_background
 from trainer.inputs import distribute
 
@@ -130,14 +130,12 @@ class Loop:
         window_start, window_step = time.perf_counter(), self.step
         while self.step < self.total and not t.stop_training:
             k = steps_to_next_event(cfg, self.step, self.total)
-            if t._train_function is None:  # first loop, or reset by a callback
-                t._train_function = make_train_function(t, self.iterator)
             t0 = time.perf_counter()
-            t._train_function(self.iterator, tf.constant(k, tf.int64))
-            self.step += k
+            done = self._train_loop(k)
+            self.step += done
             if self.first_loop_seconds is None:
                 self.first_loop_seconds = time.perf_counter() - t0
-                log.info("First loop (trace/compile + %d steps): %.2fs", k, self.first_loop_seconds)
+                log.info("First loop (trace/compile + %d steps): %.2fs", done, self.first_loop_seconds)
                 window_start, window_step = time.perf_counter(), self.step
             callbacks.on_loop_end(t, self.step)  # the numerics guard last: never save (and exit on) bad weights
             self.step = int(t.step.numpy())  # a rollback (callbacks/divergence.py) moves it back
@@ -157,6 +155,21 @@ class Loop:
             window_start += time.perf_counter() - paused
             if self.interrupted.signum is not None and self.step < self.total:
                 raise TrainingInterrupted(signal.Signals(self.interrupted.signum).name)
+
+    def _train_loop(self, k: int) -> int:
+        """Runs k train steps; returns how many ran. The first loop of a run with trainer.jit_compile=measure
+        (or auto, for a long run on a CPU) measures instead (compile.measure_in_run): its steps are real ones, and events (logs, evaluation,
+        checkpoints) that fall inside it wait for its end."""
+        t = self.trainer
+        if t._train_function is None and t.xla_measurement is None and measures_in_run(t, self.total - self.step):
+            measured = measure_in_run(t, self.iterator, self.total - self.step)
+            if measured is not None:
+                t.xla_choice.measured(measured)
+                return measured.steps_taken
+        if t._train_function is None:  # first loop, or reset by a callback
+            t._train_function = make_train_function(t, self.iterator)
+        t._train_function(self.iterator, tf.constant(k, tf.int64))
+        return k
 
     def _finish(self) -> None:
         t = self.trainer

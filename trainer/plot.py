@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
 from trainer.callbacks.progress import HIDDEN
+from trainer.memory import is_memory_field
 from trainer.sweep import differing, recorded_overrides
 
 EXIT_USER_ERROR = 2
-NOT_CURVES = HIDDEN | {"step", "split", "time"}  # speed and optimizer state; loss scale has its own panels
+NOT_CURVES = HIDDEN | {"step", "split", "time"}  # speed and optimizer state; loss scale has its own panels; memory is no curve
 INSTALL_MATPLOTLIB = "pip install -e '.[bench]' (or pip install matplotlib==3.11.2)"
 
 
@@ -90,7 +91,7 @@ def _panels(runs: List[Run]) -> List[str]:
     for run in runs:
         for row in run.rows:
             keys.update((k, None) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
-    curves = [k for k in keys if k not in NOT_CURVES and "/" not in k and not k.endswith(("loss_scale", "skipped_steps"))]
+    curves = [k for k in keys if k not in NOT_CURVES and not is_memory_field(k) and "/" not in k and not k.endswith(("loss_scale", "skipped_steps"))]
     curves.sort(key=lambda k: not k.endswith("loss"))  # stable: losses first
     scales = [k for k in keys if k.endswith("loss_scale")]
     skipped = [k for k in keys if k.endswith("skipped_steps")]

@@ -31,6 +31,13 @@ def median_seconds(seconds: Mapping[str, List[float]]) -> Dict[str, float]:
     return {name: statistics.median(values) for name, values in seconds.items()}
 
 
+def rounds_won(seconds: Mapping[str, List[float]], candidate: str, other: str) -> int:
+    """The rounds in which `candidate` was faster than `other`. The two calls of a round are adjacent in
+    time, so a burst of load rarely favours the same side in every round: "won all rounds" is a sturdier
+    verdict than the medians' order on a shared machine (docs/benchmarks.md)."""
+    return sum(a < b for a, b in zip(seconds[candidate], seconds[other]))
+
+
 def fastest(seconds: Mapping[str, List[float]]) -> str:
     """The candidate with the smallest median time."""
     medians = median_seconds(seconds)

@@ -13,18 +13,18 @@ from trainer.callbacks.numerics import NumericalError, NumericsGuard
 from trainer.callbacks.profiler import Profiler
 from trainer.callbacks.progress import LogLines, ProgressBar, Summary
 from trainer.callbacks.loggers import CSVLogger, Logger, MetricsWriter, MLflowLogger, TensorBoardWriter, default_loggers
+from trainer.callbacks.xla_choice import XlaChoice
 
 __all__ = ["HOOKS", "CSVLogger", "Callback", "CallbackList", "Checkpointing", "DivergenceGuard", "EarlyStopping",
            "LogLines", "Logger", "MLflowLogger", "MetricsWriter", "NumericalError", "NumericsGuard", "Profiler",
-           "ProgressBar", "ReduceLROnPlateau", "Summary",
-           "TensorBoardWriter", "callback_list"]
+           "ProgressBar", "ReduceLROnPlateau", "Summary", "TensorBoardWriter", "XlaChoice", "callback_list"]
 
 
 def callback_list(trainer, user_callbacks: List[Callback]) -> CallbackList:
     """The built-ins around the user's: checkpointing first (everyone starts from the restored state),
     the numerics guard last (it judges the loop after every other callback ran), the divergence guard just
     before it (with on_divergence=rollback it rolls back on non-finite steps before the guard would stop)."""
-    cbs: List[Callback] = [trainer.checkpointing]
+    cbs: List[Callback] = [trainer.checkpointing, trainer.xla_choice]  # a restored XLA choice applies before the loop
     if trainer.config.verbose:
         cbs.append(ProgressBar() if trainer.config.progress_bar else LogLines())  # the bar shows what LogLines logs
     loggers = default_loggers(trainer) if trainer.loggers is None else trainer.loggers
