@@ -331,10 +331,12 @@ def measure_jit(trainer, iterator, *, steps: int = MEASURE_STEPS, rounds: int = 
 def measures_in_run(trainer, remaining_steps: int) -> bool:
     """trainer.jit_compile=measure; or auto (null) for a run of AUTO_MEASURE_STEPS steps or more on a CPU,
     where auto's float32 and bfloat16 answers are guesses by CPU model (mixed_float16's XLA is ~100x faster
-    there: not worth 20 slow steps)."""
+    there: not worth 20 slow steps). Not auto under trainer.deterministic: a choice made by timing could
+    differ between two runs, and so would their weights."""
     setting, precision = trainer.config.jit_compile, trainer.precision
     return setting == "measure" or (setting is None and remaining_steps >= AUTO_MEASURE_STEPS and trainer._on_cpu()
-                                    and precision.policy != "mixed_float16" and not precision.debug_numerics)
+                                    and precision.policy != "mixed_float16" and not precision.debug_numerics
+                                    and not trainer.config.deterministic)
 
 
 def measure_in_run(trainer, iterator, remaining_steps: int) -> Optional[XlaMeasurement]:

@@ -132,7 +132,7 @@ class TrainerConfig(Checked):
     max_rollbacks: int = ranged(3, "[1, inf)")  # on_divergence=rollback: rollbacks per run before it stops (exit 3)
     # Compile the steps with XLA: true | false | null (auto) | measure. measure: the first loop times a few
     # real train steps each way and keeps the faster (docs/concepts/distribution.md); a resumed run keeps
-    # that choice. Auto: on a CPU, a run of 10,000+ steps measures (float32, bfloat16); otherwise XLA is on
+    # that choice. Auto: on a CPU, a run of 10,000+ steps measures (float32, bfloat16; not with deterministic); otherwise XLA is on
     # only without a GPU for mixed_float16 (TensorFlow's float16 CPU kernels are ~100x slower than XLA's)
     # and for mixed_bfloat16 on an Intel CPU with AVX-512 BF16 and no AMX.
     jit_compile: Any = chosen(None, "true|false|null|measure")
