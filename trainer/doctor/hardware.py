@@ -92,12 +92,12 @@ def measure_matmul(rounds: int, progress: Callable[[str], None]) -> dict:
             progress(f"hardware: sizing the {key} matmul")
             calls[key], sides[key] = _sized_call(dtype, xla, side)
     progress(f"hardware: timing {len(calls)} matmuls, {rounds} interleaved rounds")
-    medians = median_seconds(interleaved_seconds(calls, rounds=rounds, warmup=0))
+    samples = interleaved_seconds(calls, rounds=rounds, warmup=0)
     rows = []
-    for key, seconds in medians.items():
+    for key, seconds in median_seconds(samples).items():
         dtype, _, xla = key.split()
         rows.append({"dtype": dtype, "xla": xla == "on", "side": sides[key], "seconds": seconds,
-                     "gflops": 2 * sides[key] ** 3 / seconds / 1e9})
+                     "gflops": 2 * sides[key] ** 3 / seconds / 1e9, "spread": max(samples[key]) / min(samples[key])})
     by_key = {(r["dtype"], r["xla"]): r for r in rows}
     for r in rows:
         r["vs_float32"] = r["gflops"] / by_key[("float32", r["xla"])]["gflops"]

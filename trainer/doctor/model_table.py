@@ -3,6 +3,7 @@ whether it is kept in float32 and why, and the dimensions that are not multiples
 fix (precision.dims_not_multiple_of_8); and whether the model's outputs are float32."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -20,6 +21,25 @@ FLOAT32_INSIDE = {
 }
 
 
+@contextlib.contextmanager
+def same_auto_names():
+    """Keras' counters of automatic layer names ("dense", "dense_1", ...) are put back after the block, so
+    every copy the doctor builds names its layers alike (keras.src internals; a no-op if they move)."""
+    try:
+        from keras.src.backend.common import global_state
+    except ImportError:
+        yield
+        return
+    before = dict(global_state.get_global_attribute("object_name_uids", default={}) or {})
+    try:
+        yield
+    finally:
+        counters = global_state.get_global_attribute("object_name_uids")
+        if counters is not None:
+            counters.clear()
+            counters.update(before)
+
+
 def build_under(builder: Callable[[], keras.Model], policy: str, sample_x, *, weights: Optional[list] = None,
                 float32_layers: Sequence[str] = (), seed: int = 0) -> keras.Model:
     """A model from `builder` computing in `policy` (its variables are float32 under every policy), built
@@ -27,9 +47,10 @@ def build_under(builder: Callable[[], keras.Model], policy: str, sample_x, *, we
     global policy is float32 again on return. The seed makes dropout draw the same masks in each copy."""
     set_policy(policy)
     try:
-        keras.utils.set_random_seed(seed)
-        model = builder()
-        model(sample_x, training=False)
+        with same_auto_names():
+            keras.utils.set_random_seed(seed)
+            model = builder()
+            model(sample_x, training=False)
     finally:
         set_policy("float32")
     if weights is not None:

@@ -104,24 +104,28 @@ def choose_scale(largest_gradient: float) -> float:
 def compare_pass(builder: Callable[[], keras.Model], policy: str, weights: list, batch, loss_fn,
                  float32_layers: Sequence[str], scale: float) -> dict:
     """The loss and unscaled gradients of one batch under `policy` (inference mode, so dropout draws
-    nothing and every policy sees the same function), compiled with XLA where it compiles (TensorFlow's
-    float16 CPU kernels are very slow), else eagerly."""
+    nothing and every policy sees the same function); eagerly, float16 with XLA where it compiles
+    (TensorFlow's float16 CPU kernels are very slow)."""
     x, _, _ = keras.utils.unpack_x_y_sample_weight(batch)
-    model = build_under(builder, policy, x, weights=weights, float32_layers=float32_layers)
-
-    def loss_and_grads(batch):
-        with tf.GradientTape() as tape:
-            loss = _mean_loss(loss_fn, batch, model, training=False)
-            scaled = loss * scale
-        grads = tape.gradient(scaled, model.trainable_variables)
-        return loss, [tf.zeros_like(v) if g is None else tf.cast(g, tf.float32) / scale
-                      for g, v in zip(grads, model.trainable_variables)]
-
     with warnings.catch_warnings():  # an overflowing float16 batch is what this pass looks for
         warnings.simplefilter("ignore", RuntimeWarning)
-        try:
-            loss, grads = tf.function(loss_and_grads, jit_compile=True)(batch)
-        except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError, ValueError):
+        model = build_under(builder, policy, x, weights=weights, float32_layers=float32_layers)
+
+        def loss_and_grads(batch):
+            with tf.GradientTape() as tape:
+                loss = _mean_loss(loss_fn, batch, model, training=False)
+                scaled = loss * scale
+            grads = tape.gradient(scaled, model.trainable_variables)
+            return loss, [tf.zeros_like(v) if g is None else tf.cast(g, tf.float32) / scale
+                          for g, v in zip(grads, model.trainable_variables)]
+
+        loss, grads = None, None
+        if policy == "mixed_float16":
+            try:
+                loss, grads = tf.function(loss_and_grads, jit_compile=True)(batch)
+            except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError, ValueError):
+                pass  # a model XLA cannot compile: eagerly, slowly
+        if loss is None:
             loss, grads = loss_and_grads(batch)
     compute = {names: layer.compute_dtype for names, layer in zip(layer_names(model).values(), model_layers(model))}
     return {"loss": float(loss), "grads": [g.numpy() for g in grads],
