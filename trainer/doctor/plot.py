@@ -26,14 +26,16 @@ def plot_report(report: dict, path: Path) -> Optional[str]:
         ax.set_title(f"matmul GFLOP/s on this {hw['kind']}")
     speed = [r for r in (report.get("speed") or {}).get("configs", []) if "examples_per_sec" in r]
     if speed:
-        names = [r["name"].replace(" batch", "\nbatch").replace(" XLA", "\nXLA") for r in speed]
+        short = {"float32": "f32", "mixed_float16": "f16", "mixed_bfloat16": "bf16"}
+        names = [f"{short[r['policy']]}\nXLA {'on' if r['xla'] else 'off'}\nb{r['batch']}" for r in speed]
         colors = {"float32": "tab:gray", "mixed_float16": "tab:orange", "mixed_bfloat16": "tab:green"}
         axes[0][1].bar(names, [r["examples_per_sec"] for r in speed], color=[colors[r["policy"]] for r in speed])
         axes[0][1].set_title("training examples/s (median of interleaved rounds)")
         axes[1][0].bar(names, [r["memory_mb"] for r in speed], color=[colors[r["policy"]] for r in speed])
-        axes[1][0].set_title("memory MiB: " + report["speed"]["memory_means"][:70])
+        cpu = speed[0].get("memory_kind") == "process_rss"
+        axes[1][0].set_title("memory MiB: " + ("process RSS growth over build + first steps" if cpu else "device peak"))
         for ax in (axes[0][1], axes[1][0]):
-            ax.tick_params(axis="x", labelsize=6)
+            ax.tick_params(axis="x", labelsize=7)
     f16 = (report.get("numerics") or {}).get("float16")
     if f16:
         ax = axes[1][1]
@@ -44,7 +46,7 @@ def plot_report(report: dict, path: Path) -> Optional[str]:
         ax.set_xlabel("loss scale")
         ax.set_title("float16: fraction of nonzero gradients flushed to zero")
         ax.legend(fontsize=7)
-    fig.suptitle(f"python -m trainer.doctor {report['meta']['command']}"[:150], fontsize=9)
+    fig.suptitle(report["meta"]["command"][:150], fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

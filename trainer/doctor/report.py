@@ -178,7 +178,8 @@ def _recommendation_lines(rec: Optional[dict]) -> List[str]:
         return ["5. RECOMMENDATION: none (no configuration was measured)"]
     mem = rec["memory_mb"]
     saving = "memory not measured" if rec["memory_saving_mb"] is None else (
-        f"memory {rec['memory_saving_mb']:+.0f} MiB saved ({mem['recommended']:.0f} vs {mem['baseline']:.0f} MiB of {mem['means']})")
+        f"memory {abs(rec['memory_saving_mb']):.0f} MiB {'less' if rec['memory_saving_mb'] >= 0 else 'more'} "
+        f"({mem['recommended']:.0f} vs {mem['baseline']:.0f} MiB: {mem['means']})")
     lines = ["5. RECOMMENDATION", f"  {rec['config']}: {rec['speedup']:.2f}x the examples/s of {rec['baseline']}; {saving}",
              f"  train with:  {rec['command']}"]
     lines += [f"  note: {n}" for n in rec["notes"]]
