@@ -79,6 +79,16 @@ def _single_model(model_builder) -> bool:
         return isinstance(model_builder(), keras.Model)
 
 
+def _section(report: dict, key: str, progress: Callable[[str], None], measure: Callable[[], dict]) -> None:
+    """report[key] = measure(); a model this section cannot handle gets report[key + "_skipped"] with the
+    error instead, and the other sections still run."""
+    try:
+        report[key] = measure()
+    except Exception as e:  # noqa: BLE001 - reported, not raised: the rest of the report is still worth having
+        report[f"{key}_skipped"] = f"failed on this model: {type(e).__name__}: {str(e).strip()[:300]}"
+        progress(f"{key}: {report[f'{key}_skipped']}")
+
+
 def diagnose(model: Callable, data, loss, optimizer: Optional[Callable] = None, *, batch_size: Optional[int] = None,
              metrics=None, strategy=None, precision="float32", trainer_config=None, trainer_class=None,
              seed: int = 0, clipnorm: Optional[float] = None, weights: Optional[list] = None, quick: bool = False,
@@ -114,6 +124,8 @@ def diagnose(model: Callable, data, loss, optimizer: Optional[Callable] = None, 
     precision = PrecisionConfig(policy=precision) if isinstance(precision, str) else precision
     trainer_config = trainer_config or TrainerConfig()
     strategy = strategy or tf.distribute.get_strategy()
+    if batch_size is None and not isinstance(data, tf.data.Dataset):
+        raise ValueError("trainer.doctor.diagnose: with data given as a function of the batch size, give batch_size too")
     data_for_batch = _data_for_batch(data)
     batches = _first_batches(data_for_batch(batch_size) if batch_size else data, 1 if quick else 2)
     if batch_size is None:
@@ -131,14 +143,15 @@ def diagnose(model: Callable, data, loss, optimizer: Optional[Callable] = None, 
         why_not = "numerics need a loss (Trainer(loss=...))"
     if "model" in sections and single:
         progress(f"model: the layer table under {candidate_policy(precision.policy, device['kind'])}")
-        report["model"] = model_section(model, candidate_policy(precision.policy, device["kind"]), x,
-                                        batch_size // strategy.num_replicas_in_sync, weights=weights,
-                                        float32_layers=precision.float32_layers)
+        _section(report, "model", progress, lambda: model_section(
+            model, candidate_policy(precision.policy, device["kind"]), x, batch_size // strategy.num_replicas_in_sync,
+            weights=weights, float32_layers=precision.float32_layers))
     elif "model" in sections:
         report["model_skipped"] = why_not
     if "numerics" in sections and why_not is None:
-        report["numerics"] = numerics_section(model, per_example_loss(loss), batches, weights=weights,
-                                              float32_layers=precision.float32_layers, progress=progress)
+        _section(report, "numerics", progress, lambda: numerics_section(
+            model, per_example_loss(loss), batches, weights=weights, float32_layers=precision.float32_layers,
+            progress=progress))
     elif "numerics" in sections:
         report["numerics_skipped"] = why_not
     if "speed" in sections:

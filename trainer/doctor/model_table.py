@@ -108,7 +108,10 @@ def model_section(builder: Callable[[], keras.Model], policy: str, sample_x, per
     for layer, attr, value in dims_not_multiple_of_8(model):
         x8.setdefault(probe.names[id(layer)], []).append((attr, value))
     rows, fixes = [], []
-    for layer in probe.layers:
+    called_order = list(output_dtypes)  # the order the layers ran in (Keras lists nested layers otherwise)
+    by_call = sorted(probe.layers, key=lambda layer: called_order.index(probe.names[id(layer)])
+                     if probe.names[id(layer)] in called_order else len(called_order))
+    for layer in by_call:
         if isinstance(layer, keras.layers.InputLayer):
             continue
         name = probe.names[id(layer)]
