@@ -154,11 +154,14 @@ def relative_errors(reference: dict, other: dict) -> dict:
     loss_error = abs(other["loss"] - reference["loss"]) / max(abs(reference["loss"]), 1e-12)
     diff = math.sqrt(sum(float(np.sum((g - r) ** 2)) for g, r in zip(other["grads"], reference["grads"])))
     norm = math.sqrt(sum(float(np.sum(r**2)) for r in reference["grads"]))
-    per_variable = [(float(np.linalg.norm(g - r)) / max(float(np.linalg.norm(r)), 1e-30), path)
+    # The variable that contributes most to the error (not the largest relative error: a gradient that is
+    # ~0 in float32, e.g. an attention key's bias, has a huge relative error and no effect).
+    per_variable = [(float(np.linalg.norm(g - r)), float(np.linalg.norm(r)), path)
                     for g, r, path in zip(other["grads"], reference["grads"], reference["paths"])]
-    worst = max(per_variable) if per_variable else (0.0, None)
+    error, size, path = max(per_variable) if per_variable else (0.0, 0.0, None)
     return {"finite": True, "loss": loss_error, "gradients": diff / max(norm, 1e-30),
-            "worst_variable": {"path": worst[1], "relative_error": worst[0]}}
+            "worst_variable": {"path": path, "share_of_error": error / max(diff, 1e-30),
+                               "relative_error": error / max(size, 1e-30)}}
 
 
 def _float16_verdict(layers: List[dict], reference: dict, scale: float, errors: dict, kept_float32: set) -> dict:

@@ -28,6 +28,21 @@ def _safety(report: dict) -> dict:
             "mixed_bfloat16": (numerics["bfloat16"]["safe"], numerics["bfloat16"]["blockers"])}
 
 
+def _softmax_changes(layers: List[dict]) -> List[str]:
+    """One line per class of layers that compute a softmax in reduced precision: Softmax layers (often
+    inside attention, out of the user's reach) are kept in float32 by the override; others by dtype."""
+    by_class = {}
+    for row in layers:
+        if row.get("advice"):
+            by_class.setdefault(row["class"], []).append(row["name"])
+    lines = []
+    for cls, names in by_class.items():
+        fix = (f"add {shlex.quote(f'precision.float32_layers=[{cls}]')}" if cls == "Softmax"
+               else "give these layers dtype='float32'")
+        lines.append(f"{', '.join(names)} ({cls}): softmax in reduced precision; {fix}")
+    return lines
+
+
 def model_changes(report: dict) -> List[str]:
     """What to change in the model or config to unblock reduced precision or run it faster."""
     changes = []
@@ -38,7 +53,7 @@ def model_changes(report: dict) -> List[str]:
     if model.get("batch_fix"):
         b = model["batch_fix"]
         changes.append(f"per-replica batch {b['per_replica_batch']} -> {b['fix']} (a multiple of 8)")
-    changes += [f"{row['name']}: {row['advice']}" for row in model.get("layers", []) if row.get("advice")]
+    changes += _softmax_changes(model.get("layers", []))
     if model and not model.get("outputs_float32", True):
         changes.append(model["outputs_note"])
     override = ((report.get("numerics") or {}).get("float16") or {}).get("float32_layers_override")
@@ -151,8 +166,8 @@ def _numerics_lines(num: dict) -> List[str]:
     lines.append(f"  mixed_float16: {'safe' if f16['safe'] else 'NOT safe: ' + '; '.join(f16['blockers'])}")
     e = bf16["error_vs_float32"]
     lines.append(f"  mixed_bfloat16 run of the first batch: " + (
-        f"loss error {e['loss']:.2g}, gradient error {e['gradients']:.2g} (worst variable {e['worst_variable']['path']}: "
-        f"{e['worst_variable']['relative_error']:.2g})" if e["finite"] else "inf/NaN"))
+        f"loss error {e['loss']:.2g}, gradient error {e['gradients']:.2g} (largest part: {e['worst_variable']['path']}, "
+        f"{e['worst_variable']['share_of_error']:.0%} of it)" if e["finite"] else "inf/NaN"))
     lines.append(f"  mixed_bfloat16: {'safe' if bf16['safe'] else 'NOT safe: ' + '; '.join(bf16['blockers'])} "
                  f"(limits: loss {num['limits']['loss']}, gradients {num['limits']['gradients']})")
     return lines
