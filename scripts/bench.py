@@ -61,7 +61,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import gc
 import json
@@ -71,7 +70,6 @@ import os
 import platform
 import statistics
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -80,7 +78,6 @@ from typing import Callable, Dict, List, Optional, Tuple
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
-import psutil  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
 
@@ -90,6 +87,7 @@ from tensorflow.python.framework import ops as tf_ops  # noqa: E402  (see Forget
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import trainer as trainer_pkg  # noqa: E402
 from trainer import Trainer  # noqa: E402
+from trainer.memory import PeakMemory  # noqa: E402
 
 RUNNERS = ("trainer", "fit", "hand")  # plus the optional diagnostic "trainer_step"
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
@@ -437,64 +435,6 @@ RUNNER_CLASSES = {"trainer": TrainerRunner, "fit": FitRunner, "hand": HandRunner
 # ----------------------------------------------------------------------------------------------
 # Memory and the matmul peak
 # ----------------------------------------------------------------------------------------------
-
-
-def _malloc_trim() -> None:
-    """Returns freed heap pages to the OS, so an RSS delta shows this runner's memory, not reuse."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class PeakMemory:
-    """Peak memory over a block: process RSS sampled in a thread on CPU, TF's allocator peak on GPU.
-
-    Why sample: ru_maxrss is a lifetime high-water mark, so it cannot separate runners in one process.
-    """
-
-    def __init__(self, interval: float = 0.005):
-        self.interval = interval
-        self.gpu = bool(tf.config.list_physical_devices("GPU"))
-        self.proc = psutil.Process()
-
-    def __enter__(self):
-        if self.gpu:
-            tf.config.experimental.reset_memory_stats("GPU:0")
-            self.base = tf.config.experimental.get_memory_info("GPU:0")["current"]
-            return self
-        gc.collect()
-        _malloc_trim()
-        self.base = self.peak = self.proc.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    def __exit__(self, *exc):
-        if self.gpu:
-            self.peak = tf.config.experimental.get_memory_info("GPU:0")["peak"]
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-        return False
-
-    @property
-    def kind(self) -> str:
-        return "gpu_allocator_peak" if self.gpu else "process_rss"
-
-    @property
-    def peak_mb(self) -> float:
-        return self.peak / 2**20
-
-    @property
-    def delta_mb(self) -> float:
-        return (self.peak - self.base) / 2**20
 
 
 class ForgetCustomGradients:

@@ -5,7 +5,7 @@ How blocks run (see docs/getting-started.md#tests for the reader's view):
 - ```python blocks run as a script in a fresh folder; they are written small enough to run as they are.
 - ```bash blocks run line by line in a fresh folder (relative paths such as runs/a are shared by the
   lines of one block). `python -m trainer ...` gets the shrinking overrides of conftest.TINY appended (a
-  key the line sets and TINY also sets takes TINY's value); `python -m trainer.export|convert|evaluate|predict|plot` and
+  key the line sets and TINY also sets takes TINY's value); `python -m trainer.export|convert|evaluate|predict|plot|doctor` and
   `python <repo script>` run as written; `export NAME=VALUE` sets the environment of the later lines. A
   line's comment `(exit N)` is the exit code it must end with (else 0).
 - ```text blocks are output or listings, not code.
@@ -148,7 +148,8 @@ def resolve(command: Command) -> List[str]:
         pytest.fail(f"{command.line!r}: the test runs only python commands; mark the block with <!-- no-test: REASON -->")
     if command.trainer_overrides is not None:
         return [sys.executable, "-m", "trainer", *with_tiny(command)]
-    if argv[1:2] == ["-m"] and argv[2] in ("trainer.export", "trainer.convert", "trainer.evaluate", "trainer.predict", "trainer.plot"):
+    if argv[1:2] == ["-m"] and argv[2] in ("trainer.export", "trainer.convert", "trainer.evaluate", "trainer.predict", "trainer.plot",
+                                           "trainer.doctor"):
         return [sys.executable, *argv[1:]]
     if len(argv) > 1 and (ROOT / argv[1]).is_file():
         return [sys.executable, str(ROOT / argv[1]), *argv[2:]]

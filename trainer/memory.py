@@ -2,9 +2,12 @@
 device's peak allocation. One place, so a train log line and `python -m trainer.doctor` read the same."""
 from __future__ import annotations
 
+import ctypes
+import gc
 import re
 import resource
 import sys
+import threading
 from typing import Dict, List
 
 import psutil
@@ -64,3 +67,71 @@ def memory_text(logs: Dict[str, float]) -> str:
     parts = [f"mem {logs['host_rss_mb']:.0f} MiB"] if "host_rss_mb" in logs else []
     parts += [f"{k[:-len('_peak_mb')]} {v:.0f} MiB peak" for k, v in logs.items() if k.startswith("gpu") and is_memory_field(k)]
     return ", ".join(parts)
+
+
+def malloc_trim() -> None:
+    """Returns freed heap pages to the OS (glibc), so an RSS delta shows new memory, not reuse."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """Peak memory over a block, for comparing configurations inside one process: on a GPU the
+    allocator's peak (reset on entry) over the GPUs, on the CPU the process RSS sampled in a thread.
+
+    Why sample: ru_maxrss is a lifetime high-water mark, so it cannot separate configurations in one
+    process. `delta_mb` (peak minus the reading on entry) is what the block added; `kind` says which.
+    """
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.devices = accelerators()
+
+    def _device_bytes(self, key: str) -> int:
+        import tensorflow as tf
+
+        return sum(tf.config.experimental.get_memory_info(d)[key] for d in self.devices)
+
+    def __enter__(self):
+        if self.devices:
+            import tensorflow as tf
+
+            for device in self.devices:
+                tf.config.experimental.reset_memory_stats(device)
+            self.base = self._device_bytes("current")
+            return self
+        gc.collect()
+        malloc_trim()
+        self.proc = psutil.Process()
+        self.base = self.peak = self.proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __exit__(self, *exc):
+        if self.devices:
+            self.peak = self._device_bytes("peak")
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+        return False
+
+    @property
+    def kind(self) -> str:
+        return "gpu_allocator_peak" if self.devices else "process_rss"
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak / 2**20
+
+    @property
+    def delta_mb(self) -> float:
+        return (self.peak - self.base) / 2**20

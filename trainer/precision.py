@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Iterable, List
+from typing import Iterable, List, Tuple
 
 import keras
 import tensorflow as tf
@@ -115,16 +115,24 @@ def check_variables_float32(model: keras.Model) -> None:
         raise PrecisionError(f"trainable variables must be float32 under mixed precision, found {bad[:5]}")
 
 
-def warn_not_multiple_of_8(model: keras.Model, per_replica_batch: int | None) -> List[str]:
-    """The guide's tip: Tensor Cores want Dense units, conv filters and batch sizes in multiples of 8."""
-    offenders = []
+def dims_not_multiple_of_8(model: keras.Model) -> List[Tuple[keras.layers.Layer, str, int]]:
+    """(layer, attribute, value) of each Dense units / conv filters / attention key_dim that is not a
+    multiple of 8, in layers computing in reduced precision (a float32 head or kept-float32 layer does not
+    use reduced-precision units, so 1000 output classes are fine)."""
+    found = []
     for layer in _layers(model):
         if layer.compute_dtype == "float32":
-            continue  # the float32 head (or kept-float32 layers) do not use reduced-precision units
+            continue
         for attr in ("units", "filters", "key_dim", "num_heads_times_key_dim"):
             value = getattr(layer, attr, None)
             if isinstance(value, int) and value % 8:
-                offenders.append(f"{layer.name}.{attr}={value}")
+                found.append((layer, attr, value))
+    return found
+
+
+def warn_not_multiple_of_8(model: keras.Model, per_replica_batch: int | None) -> List[str]:
+    """The guide's tip: Tensor Cores want Dense units, conv filters and batch sizes in multiples of 8."""
+    offenders = [f"{layer.name}.{attr}={value}" for layer, attr, value in dims_not_multiple_of_8(model)]
     if per_replica_batch and per_replica_batch % 8:
         offenders.append(f"per-replica batch size={per_replica_batch}")
     if offenders:
@@ -152,6 +160,10 @@ def cpu_flags() -> set:
 
 def cpu_vendor() -> str:
     return _cpuinfo_field("vendor_id")
+
+
+def cpu_model() -> str:
+    return _cpuinfo_field("model name")
 
 
 def cpu_bfloat16_kernels(flags: set) -> str:

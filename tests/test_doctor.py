@@ -1,0 +1,113 @@
+"""python -m trainer.doctor: the numbers are real (a layer that overflows float16 by construction is named,
+a 1001-unit hidden layer gets 1008, underflow falls as the loss scale rises), the CLI writes its report
+for a trained run, and the command it recommends trains."""
+from __future__ import annotations
+
+import json
+import shlex
+
+import numpy as np
+import pytest
+
+from conftest import blobs, run_cli
+
+TRAIN_FEW_STEPS = ["trainer.max_steps=4", "trainer.log_every=2", "trainer.eval_every=0", "trainer.eval_steps=2",
+                   "trainer.checkpoint_every=0", "trainer.progress_bar=false"]
+
+
+def _overflowing_model():
+    """A 1001-unit hidden Dense (not a multiple of 8), a Lambda that multiplies by 1e6 (float16's max is
+    65504), and a 10-unit output layer left in the policy's dtype (an output: its size is the task's)."""
+    import keras
+
+    inputs = keras.Input((4,))
+    x = keras.layers.Dense(1001, activation="relu", name="wide")(inputs)
+    x = keras.layers.Lambda(lambda v: v * 1e6, name="amplifier")(x)
+    x = keras.layers.Dense(16, activation="relu", name="narrow")(x)
+    return keras.Model(inputs, keras.layers.Dense(10, name="head")(x))
+
+
+def test_overflow_is_flagged_by_layer_name_and_x8_fix_is_given():
+    import keras
+
+    from trainer.doctor import diagnose
+
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    report = diagnose(_overflowing_model, blobs(n=64), loss, sections=("model", "numerics"), quick=True,
+                      progress=lambda message: None)
+    f16 = report["numerics"]["float16"]
+    assert "amplifier" in f16["overflowing_layers"]
+    assert "wide" not in f16["overflowing_layers"]  # its activations are small: only the layers after the Lambda
+    assert f16["float32_layers_override"].startswith("precision.float32_layers=[") and "Lambda" in f16["float32_layers_override"]
+    assert not f16["safe"] and any("amplifier" in b for b in f16["blockers"])
+    amplifier = next(r for r in report["numerics"]["layers"] if r["layer"] == "amplifier")
+    assert amplifier["max_activation"] > 65504 and amplifier["headroom"] < 1
+    fixes = {f["layer"]: f for f in report["model"]["multiple_of_8_fixes"]}
+    assert fixes["wide"]["value"] == 1001 and fixes["wide"]["fix"] == 1008
+    assert "head" not in fixes  # 10 output units: fine for an output layer
+    head = next(r for r in report["model"]["layers"] if r["name"] == "head")
+    assert head["output_layer"] and "output layer" in head["not_multiple_of_8"][0]
+    assert report["model"]["outputs_float32"] is False  # the head computes in the reduced dtype: said so
+    # bfloat16 has float32's range: no overflow, and its error against float32 is measured
+    assert report["numerics"]["bfloat16"]["error_vs_float32"]["finite"]
+
+
+def test_underflow_falls_when_the_loss_scale_rises():
+    """Inputs scaled by 1e-7 make the first layer's weight gradients ~1e-9, below float16's smallest
+    subnormal (2^-24 ~ 6e-8) unscaled, and above it at a scale of 2^12."""
+    import keras
+    import tensorflow as tf
+
+    from trainer.doctor.numerics import numerics_section
+
+    def build():
+        inputs = keras.Input((4,))
+        x = keras.layers.Lambda(lambda v: v * 1e-7, name="shrink")(inputs)
+        x = keras.layers.Dense(8, name="first")(x)
+        return keras.Model(inputs, keras.layers.Dense(2, dtype="float32", name="logits")(x))
+
+    rng = np.random.default_rng(0)
+    batch = (tf.constant(rng.normal(size=(32, 4)), tf.float32), tf.constant(rng.integers(0, 2, 32), tf.int32))
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+    f16 = numerics_section(build, loss, [batch], progress=lambda m: None)["float16"]
+    by_scale = {row["scale"]: row["weight_gradients"] for row in f16["underflow_by_scale"]}
+    assert by_scale[1.0] > 0.1  # the first kernel's gradients (32 of 50 values) flush unscaled
+    assert by_scale[2.0**12] < by_scale[1.0]  # strictly fewer flushed values at the higher scale
+    assert f16["underflow"]["weight_gradients"]["at_scale"] <= f16["underflow"]["weight_gradients"]["unscaled"]
+    assert f16["loss_scale"] >= 2.0**12
+
+
+def test_bad_arguments_exit_2_without_traceback(capsys):
+    from trainer.doctor.__main__ import main
+
+    assert main(["--quick", "notanoverride"]) == 2
+    assert "is not a config override" in capsys.readouterr().err
+    assert main(["--run", "nowhere", "recipe=mnist"]) == 2
+    assert "either --run" in capsys.readouterr().err
+    assert main(["data.no_such_key=1"]) == 2
+    assert "do not compose" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_doctor_on_a_trained_run_and_its_recommended_command_trains(tmp_path):
+    run = tmp_path / "run"
+    trained = run_cli("recipe=mnist", "model.hidden_units=[16]", "data.batch_size=32", *TRAIN_FEW_STEPS,
+                      f"hydra.run.dir={run}")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+
+    doctor = run_cli("--run", str(run), "--quick", module="trainer.doctor")
+    assert doctor.returncode == 0, doctor.stderr[-3000:]
+    report = json.loads((run / "doctor.json").read_text())
+    assert {"meta", "hardware", "model", "numerics", "speed", "recommendation"} <= set(report)
+    assert report["hardware"]["matmul"] and all(r["gflops"] > 0 for r in report["hardware"]["matmul"])
+    timed = [r for r in report["speed"]["configs"] if "steps_per_sec" in r]
+    assert {r["policy"] for r in timed} == {"float32", "mixed_float16", "mixed_bfloat16"}
+    assert all(r["batch"] == 32 for r in timed)  # --quick: the given batch only
+    assert "speed: timing" in doctor.stderr and "train with:" in doctor.stdout
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == checkpoints  # the run is left as it was
+
+    command = shlex.split(report["recommendation"]["command"])
+    assert command[:3] == ["python", "-m", "trainer"] and "model.hidden_units=[16]" in command
+    again = run_cli(*command[3:], *TRAIN_FEW_STEPS, f"hydra.run.dir={tmp_path / 'recommended'}")
+    assert again.returncode == 0, again.stderr[-2000:]

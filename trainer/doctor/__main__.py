@@ -1,0 +1,190 @@
+"""python -m trainer.doctor [--quick] [--out DIR] [OVERRIDES...] | --run RUN_DIR
+
+Measures the model of a config (the same overrides as `python -m trainer`) or of a trained run (its
+.hydra/config.yaml and its latest checkpoint's weights) on this hardware, and says which precision, XLA
+setting and batch size to train with. Writes doctor.json and doctor.png (and doctor.txt, the printed
+report) to --out (default: runs/doctor/<date_time>, or the run folder with --run).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+from trainer.quiet import quiet_tensorflow_import
+
+quiet_tensorflow_import()
+
+EXIT_USER_ERROR = 2
+
+
+class DoctorError(ValueError):
+    """Bad arguments: the message says what and how to fix it (exit 2)."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m trainer.doctor", description=__doc__.split("\n\n")[1].replace("\n", " "))
+    parser.add_argument("overrides", nargs="*", help="config overrides, as for python -m trainer (recipe=resnet ...)")
+    parser.add_argument("--run", help="a run folder: its config and its latest checkpoint's weights")
+    parser.add_argument("--quick", action="store_true", help="the given batch size only, fewer rounds, one numerics batch")
+    parser.add_argument("--out", help="folder for doctor.json / doctor.png (default: runs/doctor/<date_time>, or the run folder)")
+    args = parser.parse_args(argv)
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        raise DoctorError(f"{bad[0]!r} is not a config override (key=value) or an option (--run, --quick, --out)")
+    if args.run and args.overrides:
+        raise DoctorError("--run takes the run's own config: give either --run RUN_DIR or overrides, not both")
+    return args
+
+
+def compose_config(overrides: List[str]):
+    """The config `python -m trainer OVERRIDES` would run, checked the same way."""
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf import open_dict
+    from omegaconf.errors import OmegaConfBaseException
+
+    from trainer.config import check_config, register_configs
+    from trainer.sweep import register_resolver
+
+    register_configs()
+    register_resolver()
+    try:
+        with initialize_config_module("trainer.conf", version_base="1.3"):
+            cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise DoctorError(f"the overrides do not compose: {e}") from None
+    check_config(cfg, cfg.hydra.runtime.choices)
+    with open_dict(cfg):
+        del cfg["hydra"]  # Hydra's own settings: not the run's
+    return cfg
+
+
+def load_run(folder: str) -> Tuple[object, List[str], str]:
+    """(config, its overrides, the latest checkpoint) of a run folder."""
+    from omegaconf import OmegaConf
+
+    from trainer.export import _find_run
+
+    run, prefix = _find_run(Path(folder).expanduser())
+    recorded = run / ".hydra" / "overrides.yaml"
+    overrides = [str(o) for o in OmegaConf.load(recorded)] if recorded.exists() else []
+    return OmegaConf.load(run / ".hydra" / "config.yaml"), [o for o in overrides if not o.startswith("hydra.")], prefix
+
+
+def trained_weights(model_builder, sample_x, prefix: str) -> list:
+    from trainer.checkpoint import warm_start
+    from trainer.doctor.model_table import build_under
+
+    model = build_under(model_builder, "float32", sample_x)
+    report = warm_start(model, prefix)
+    if report["missing"] or report["mismatched"]:
+        raise DoctorError(f"{prefix} does not hold all of this model's weights: {report}")
+    return model.get_weights()
+
+
+def diagnose_config(cfg, overrides: List[str], quick: bool, prefix: Optional[str], command: str) -> dict:
+    """Instantiates what `python -m trainer` would (trainer/cli.py's way) and runs trainer.doctor.diagnose."""
+    import keras
+    from hydra.utils import instantiate
+
+    from trainer.cli import _schema, _trainer_class
+    from trainer.config import PrecisionConfig, StrategyConfig, TrainerConfig
+    from trainer.core import Trainer
+    from trainer.data import check_batch_size
+    from trainer.distribute import make_strategy
+    from trainer.doctor import _first_batches, diagnose
+    from trainer.optim import build_optimizer
+
+    strategy = make_strategy(_schema(StrategyConfig, cfg.strategy))  # before TensorFlow initializes devices
+    batch_size = cfg.data.get("batch_size", 1)
+    check_batch_size(batch_size)
+    bundles = {}
+
+    def data_for_batch(size: int):
+        if size not in bundles:
+            bundles[size] = instantiate(cfg.data, batch_size=size, _convert_="all")
+        return bundles[size].train
+
+    model_builder = functools.partial(instantiate, cfg.model, _convert_="all")
+    weights = None
+    if prefix:
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(_first_batches(data_for_batch(batch_size), 1)[0])
+        weights = trained_weights(model_builder, x, prefix)
+    total = cfg.trainer.max_steps or 1000
+    return diagnose(
+        model_builder, data_for_batch, instantiate(cfg.loss), functools.partial(build_optimizer, cfg.optimizer, total),
+        batch_size=batch_size, metrics={name: functools.partial(instantiate, m) for name, m in cfg.metrics.items()},
+        strategy=strategy, precision=_schema(PrecisionConfig, cfg.precision), trainer_config=_schema(TrainerConfig, cfg.trainer),
+        trainer_class=_trainer_class(cfg.trainer_class, Trainer), seed=cfg.seed, clipnorm=cfg.optimizer.clipnorm,
+        weights=weights, quick=quick, overrides=overrides, command=command,
+    )
+
+
+def _out_folder(args) -> Path:
+    if args.out:
+        return Path(args.out)
+    if args.run:
+        return Path(args.run)
+    return Path("runs") / "doctor" / time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def main(argv=None) -> int:
+    from trainer.doctor.plot import plot_report
+    from trainer.doctor.report import render_text, write_json
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    argv = sys.argv[1:] if argv is None else argv
+    command = " ".join(["python -m trainer.doctor", *map(shlex.quote, argv)])
+    try:
+        args = parse_args(argv)
+        out = _out_folder(args)
+        if out.exists() and not out.is_dir():
+            raise DoctorError(f"--out {out} is a file; give a folder")
+        if args.run:
+            cfg, overrides, prefix = load_run(args.run)
+        else:
+            cfg, overrides, prefix = compose_config(args.overrides), args.overrides, None
+        report = diagnose_config(cfg, overrides, args.quick, prefix, command)
+    except Exception as e:  # noqa: BLE001 - the user errors below exit 2 with their message
+        from trainer.checkpoint import CheckpointError
+        from trainer.config import ConfigError
+        from trainer.data import DataError
+        from trainer.distribute import StrategyError
+        from trainer.precision import PrecisionError
+
+        cause = e
+        user = (DoctorError, ConfigError, DataError, CheckpointError, StrategyError, PrecisionError, FileNotFoundError)
+        while cause is not None and not isinstance(cause, user):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    out.mkdir(parents=True, exist_ok=True)
+    text = render_text(report)
+    write_json(report, out / "doctor.json")
+    (out / "doctor.txt").write_text(text + "\n")
+    missing_plot = plot_report(report, out / "doctor.png")
+    print(text)
+    print(missing_plot or f"wrote {out / 'doctor.json'}, {out / 'doctor.png'} and {out / 'doctor.txt'}")
+    if missing_plot:
+        print(f"wrote {out / 'doctor.json'} and {out / 'doctor.txt'}")
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The report is written. The grid's Trainers left tf.data iterators dying on release threads
+    # (trainer/data.py), each blocked up to a minute on tf.data's autotuner; under MirroredStrategy, ending
+    # the interpreter while one is blocked aborted the process (exit 134) after the report was complete.
+    os._exit(code)

@@ -1,0 +1,233 @@
+"""Section 5 and the outputs: the recommendation (the fastest configuration that is numerically safe, as
+the command line that trains with it, and what to change in the model when something blocks a faster
+one), the text report, doctor.json and doctor.png."""
+from __future__ import annotations
+
+import json
+import math
+import shlex
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+SPEEDUP_OVER_NOISE = 1.05  # a configuration must be 5% faster than float32 to be worth recommending
+REPLACED_KEYS = ("precision", "precision.policy", "trainer.jit_compile", "data.batch_size", "precision.initial_scale")
+DEFAULT_INITIAL_SCALE = 2.0**15
+NOISY_SPREAD = 1.5  # slowest / fastest call of a configuration above which its speed is called uncertain
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _safety(report: dict) -> dict:
+    numerics = report.get("numerics")
+    if not numerics:
+        return {"float32": (True, []), "mixed_float16": (False, ["numerics were not measured"]),
+                "mixed_bfloat16": (False, ["numerics were not measured"])}
+    return {"float32": (True, []), "mixed_float16": (numerics["float16"]["safe"], numerics["float16"]["blockers"]),
+            "mixed_bfloat16": (numerics["bfloat16"]["safe"], numerics["bfloat16"]["blockers"])}
+
+
+def _softmax_changes(layers: List[dict]) -> List[str]:
+    """One line per class of layers that compute a softmax in reduced precision: Softmax layers (often
+    inside attention, out of the user's reach) are kept in float32 by the override; others by dtype."""
+    by_class = {}
+    for row in layers:
+        if row.get("advice"):
+            by_class.setdefault(row["class"], []).append(row["name"])
+    lines = []
+    for cls, names in by_class.items():
+        fix = (f"add {shlex.quote(f'precision.float32_layers=[{cls}]')}" if cls == "Softmax"
+               else "give these layers dtype='float32'")
+        lines.append(f"{', '.join(names)} ({cls}): softmax in reduced precision; {fix}")
+    return lines
+
+
+def model_changes(report: dict) -> List[str]:
+    """What to change in the model or config to unblock reduced precision or run it faster."""
+    changes = []
+    model = report.get("model") or {}
+    for fix in model.get("multiple_of_8_fixes", []):
+        changes.append(f"{fix['layer']} ({fix['class']}): {fix['attribute']}={fix['value']} -> {fix['fix']} "
+                       "(a multiple of 8: Tensor Core tiles)")
+    if model.get("batch_fix"):
+        b = model["batch_fix"]
+        changes.append(f"per-replica batch {b['per_replica_batch']} -> {b['fix']} (a multiple of 8)")
+    changes += _softmax_changes(model.get("layers", []))
+    if model and not model.get("outputs_float32", True):
+        changes.append(model["outputs_note"])
+    override = ((report.get("numerics") or {}).get("float16") or {}).get("float32_layers_override")
+    if override:
+        changes.append(f"overflowing layers in float32 for mixed_float16: add {shlex.quote(override)} "
+                       "(it keeps every layer of those classes in float32)")
+    return changes
+
+
+def recommend(report: dict, overrides: Sequence[str], baseline_xla: bool, batch: int,
+              program: str = "python -m trainer") -> Optional[dict]:
+    """The fastest safe measured configuration against float32 at the given batch and XLA setting."""
+    rows = [r for r in (report.get("speed") or {}).get("configs", []) if "examples_per_sec" in r]
+    if not rows:
+        return None
+    safety = _safety(report)
+    baseline = next((r for r in rows if r["policy"] == "float32" and r["batch"] == batch and r["xla"] == baseline_xla),
+                    next((r for r in rows if r["policy"] == "float32"), rows[0]))
+    safe_rows = [r for r in rows if safety[r["policy"]][0]] or [baseline]
+    best = max(safe_rows, key=lambda r: r["examples_per_sec"])
+    notes = []
+    if best is not baseline and best["examples_per_sec"] < baseline["examples_per_sec"] * SPEEDUP_OVER_NOISE:
+        notes.append(f"nothing measured {SPEEDUP_OVER_NOISE - 1:.0%} or more faster than {baseline['name']}: keep it")
+        best = baseline
+    kept = [o for o in overrides if _key(o) not in REPLACED_KEYS]
+    chosen = [f"precision={best['policy']}", f"trainer.jit_compile={'true' if best['xla'] else 'false'}",
+              f"data.batch_size={best['batch']}"]
+    scale = ((report.get("numerics") or {}).get("float16") or {}).get("loss_scale")
+    if best["policy"] == "mixed_float16" and scale and scale != DEFAULT_INITIAL_SCALE:
+        chosen.append(f"precision.initial_scale={scale:g}")
+        notes.append(f"dynamic loss scaling starts at the measured safe scale {scale:g} instead of 2^15")
+    noisiest = max(best.get("spread", 1.0), baseline.get("spread", 1.0))
+    if noisiest > NOISY_SPREAD:
+        notes.append(f"the machine was noisy (a configuration's slowest call took {noisiest:.1f}x its fastest): "
+                     "the speed-ups are uncertain; rerun when the machine is quieter")
+    if best["batch"] != batch:
+        notes.append(f"data.batch_size={best['batch']} is {best['batch'] / batch:g}x the given batch: it changes the "
+                     "optimization (fewer updates per epoch); raise optimizer.lr about as much (linear scaling rule) "
+                     "and check the accuracy")
+    memory = None  # MiB the recommended configuration saves (negative: costs) over the baseline
+    if baseline.get("memory_mb") is not None and best.get("memory_mb") is not None:
+        memory = baseline["memory_mb"] - best["memory_mb"]
+    blocked = {policy: reasons for policy, (ok, reasons) in safety.items() if not ok}
+    return {"config": best["name"], "baseline": baseline["name"],
+            "speedup": best["examples_per_sec"] / baseline["examples_per_sec"], "memory_saving_mb": memory,
+            "memory_mb": {"recommended": best.get("memory_mb"), "baseline": baseline.get("memory_mb"),
+                          "means": (report.get("speed") or {}).get("memory_means")},
+            "command": " ".join([program, *map(shlex.quote, kept + chosen)]), "blocked": blocked,
+            "model_changes": model_changes(report), "notes": notes,
+            "rule": f"the fastest measured configuration (examples/s) whose precision passed the numerics checks, "
+                    f"if {SPEEDUP_OVER_NOISE - 1:.0%} or more faster than float32 at the given batch"}
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence]) -> List[str]:
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+
+
+def _g(x, spec=".3g") -> str:
+    return "-" if x is None else ("inf" if isinstance(x, float) and math.isinf(x) else format(x, spec))
+
+
+def _hardware_lines(hw: dict) -> List[str]:
+    lines = ["1. HARDWARE", f"  device: {hw['kind']} ({hw['cpu'] if hw['kind'] == 'CPU' else ', '.join(hw['gpus']) or hw['kind']}), "
+             f"{hw['replicas']} replica(s) ({hw['strategy']})", f"  {hw['support']}"]
+    if hw.get("absent"):
+        lines.append(f"  {hw['absent']}")
+    if hw.get("matmul"):
+        lines.append(f"  matmul throughput ({hw['what']}; {hw['rounds']} rounds):")
+        lines += _table(["dtype", "XLA", "n", "GFLOP/s", "vs float32", "spread"],
+                        [[r["dtype"], "on" if r["xla"] else "off", r["side"], _g(r["gflops"], ".1f"),
+                          f"{r['vs_float32']:.2f}x", f"{r['spread']:.2f}x"] for r in hw["matmul"]])
+    return lines
+
+
+def _model_lines(model: dict) -> List[str]:
+    lines = [f"2. MODEL under {model['policy']} (the candidate policy)"]
+    lines += _table(["layer", "class", "compute", "variables", "output", "kept in float32 because", "not x8 -> fix"],
+                    [[r["name"], r["class"], r["compute_dtype"], r["variable_dtype"], r["output_dtype"],
+                      r["float32_reason"] or "-", "; ".join(r["not_multiple_of_8"]) or "-"] for r in model["layers"]])
+    lines.append(f"  outputs: {', '.join(model['outputs_dtype'])}" + ("" if model["outputs_float32"] else f" ({model['outputs_note']})"))
+    if model.get("batch_fix"):
+        lines.append(f"  per-replica batch {model['batch_fix']['per_replica_batch']} is not a multiple of 8 "
+                     f"(-> {model['batch_fix']['fix']})")
+    return lines
+
+
+def _numerics_lines(num: dict) -> List[str]:
+    f16, bf16 = num["float16"], num["bfloat16"]
+    lines = [f"3. NUMERICS ({num['batches']} real batch(es), float32 reference, loss {num['reference_loss']:.4g})"]
+    lines += _table(["layer", "class", "max |activation|", "float16 headroom", "max |gradient|", "float16 run computes in"],
+                    [[r["layer"], r["class"], _g(r["max_activation"]), f"{_g(r['headroom'])}x", _g(r["max_gradient"]),
+                      r["float16_compute"]] for r in num["layers"]])
+    u = f16["underflow"]
+    lines += [
+        f"  float16: values below its smallest subnormal 2^-24 = {num['float16_smallest_subnormal']:.3g} flush to zero; "
+        f"max {num['float16_max']:g}",
+        f"  underflow (fraction of nonzero gradient values): weights {u['weight_gradients']['unscaled']:.2%} unscaled, "
+        f"{u['weight_gradients']['at_scale']:.2%} at scale {f16['loss_scale']:g}; layer outputs "
+        f"{u['activation_gradients']['unscaled']:.2%} unscaled, {u['activation_gradients']['at_scale']:.2%} at scale {f16['loss_scale']:g}",
+        f"  loss scale that keeps both in range: {f16['loss_scale']:g} (largest gradient {_g(f16['largest_gradient'])} x scale "
+        f"x {num['limits']['headroom_of_chosen_scale']:g} <= {num['float16_max']:g})",
+    ]
+    e = f16["error_vs_float32"]
+    lines.append(f"  mixed_float16 run of the first batch at that scale: " + (
+        f"loss error {e['loss']:.2g}, gradient error {e['gradients']:.2g} (relative to float32)" if e["finite"] else "inf/NaN"))
+    if f16["float32_layers_override"]:
+        lines.append(f"  would overflow float16: {', '.join(f16['overflowing_layers'])} -> {shlex.quote(f16['float32_layers_override'])}")
+    lines.append(f"  mixed_float16: {'safe' if f16['safe'] else 'NOT safe: ' + '; '.join(f16['blockers'])}")
+    e = bf16["error_vs_float32"]
+    lines.append(f"  mixed_bfloat16 run of the first batch: " + (
+        f"loss error {e['loss']:.2g}, gradient error {e['gradients']:.2g} (largest part: {e['worst_variable']['path']}, "
+        f"{e['worst_variable']['share_of_error']:.0%} of it)" if e["finite"] else "inf/NaN"))
+    lines.append(f"  mixed_bfloat16: {'safe' if bf16['safe'] else 'NOT safe: ' + '; '.join(bf16['blockers'])} "
+                 f"(limits: loss {num['limits']['loss']}, gradients {num['limits']['gradients']})")
+    return lines
+
+
+def _speed_lines(speed: dict) -> List[str]:
+    lines = [f"4. SPEED AND MEMORY ({speed['rounds']} interleaved rounds; memory: {speed['memory_means']})"]
+    rows = []
+    for r in speed["configs"]:
+        if "error" in r:
+            rows.append([r["name"], "-", "-", "-", "-", "-", r["error"]])
+        else:
+            rows.append([r["name"], _g(r["steps_per_sec"], ".1f"), _g(r["examples_per_sec"], ".0f"),
+                         f"{r['spread']:.2f}x", _g(r["memory_mb"], ".0f"), _g(r["first_call_seconds"], ".1f"), r["xla_layout"]])
+    lines += _table(["configuration", "steps/s", "examples/s", "spread", "memory MiB", "first call s", "XLA layout"], rows)
+    lines.append("  spread: slowest / fastest timed call of a configuration (the machine's noise; medians are compared)")
+    lines += [f"  {s['name']}: {s['reason']}" for s in speed["skipped"]]
+    return lines
+
+
+def _recommendation_lines(rec: Optional[dict]) -> List[str]:
+    if rec is None:
+        return ["5. RECOMMENDATION: none (no configuration was measured)"]
+    mem = rec["memory_mb"]
+    saving = "memory not measured" if rec["memory_saving_mb"] is None else (
+        f"memory {abs(rec['memory_saving_mb']):.0f} MiB {'less' if rec['memory_saving_mb'] >= 0 else 'more'} "
+        f"({mem['recommended']:.0f} vs {mem['baseline']:.0f} MiB: {mem['means']})")
+    lines = ["5. RECOMMENDATION", f"  {rec['config']}: {rec['speedup']:.2f}x the examples/s of {rec['baseline']}; {saving}",
+             f"  train with:  {rec['command']}"]
+    lines += [f"  note: {n}" for n in rec["notes"]]
+    lines += [f"  {policy} blocked: {'; '.join(reasons)}" for policy, reasons in rec["blocked"].items()]
+    lines += [f"  change: {c}" for c in rec["model_changes"]]
+    lines.append(f"  rule: {rec['rule']}")
+    return lines
+
+
+def render_text(report: dict) -> str:
+    lines = [f"python -m trainer.doctor report ({report['meta']['command']})", ""]
+    for key, render in (("hardware", _hardware_lines), ("model", _model_lines), ("numerics", _numerics_lines),
+                        ("speed", _speed_lines)):
+        if report.get(key):
+            lines += render(report[key]) + [""]
+        elif report.get(f"{key}_skipped"):
+            lines += [f"{key.upper()}: {report[f'{key}_skipped']}", ""]
+    if report.get("speed"):
+        lines += _recommendation_lines(report.get("recommendation")) + [""]
+    lines.append(f"wall time: {report['meta']['wall_seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def write_json(report: dict, path: Path) -> None:
+    """Strict JSON: infinities as the strings "inf"/"-inf"."""
+    path.write_text(json.dumps(_finite(report), indent=1, default=str))

@@ -1,0 +1,136 @@
+"""Section 4, speed and memory: steps/s and memory of each precision x XLA x batch size, measured with the
+Trainer's own compiled loop (`Trainer.run_steps`), a few timed calls each after warm-up, in interleaved
+rounds (trainer/timing.py) so that a burst of load from another process hits every configuration alike.
+
+Memory (trainer/memory.py's PeakMemory): on a GPU the allocator's peak while a configuration is built
+and runs its first steps, minus what was allocated before (the other configurations' memory); on the
+CPU the process RSS, sampled over the same span, minus the RSS before it. The RSS high-water mark cannot
+be reset inside a process, so that growth is the honest reading: what this configuration added (model,
+optimizer state, compiled code, its first batches). One-time costs (TensorFlow's and XLA's start-up)
+were paid by the numerics section before the grid, not by its first configuration.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import logging
+import time
+import warnings
+from typing import Callable, Dict, List, Tuple
+
+from trainer.memory import PeakMemory
+from trainer.precision import POLICIES
+from trainer.timing import interleaved_seconds, median_seconds
+
+SHORT = {"float32": "float32", "mixed_float16": "mixed_float16", "mixed_bfloat16": "mixed_bfloat16"}
+FLOAT16_ON_CPU_WITHOUT_XLA = ("not timed: TensorFlow's float16 kernels on a CPU are ~100x slower than XLA's "
+                              "(trainer.jit_compile auto turns XLA on for mixed_float16 on a CPU)")
+MOST_STEPS_PER_CALL = 500
+
+
+@dataclasses.dataclass(frozen=True)
+class GridConfig:
+    policy: str
+    xla: bool
+    batch: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.policy} XLA {'on' if self.xla else 'off'} batch {self.batch}"
+
+
+def plan_grid(batch: int, quick: bool, on_cpu: bool) -> Tuple[List[GridConfig], List[dict]]:
+    """The configurations to time (the given batch and, unless quick, twice it) and the ones left out, why."""
+    configs, skipped = [], []
+    for size in ([batch] if quick else [batch, 2 * batch]):
+        for policy in POLICIES:
+            for xla in (False, True):
+                config = GridConfig(policy, xla, size)
+                if on_cpu and policy == "mixed_float16" and not xla:
+                    skipped.append({**dataclasses.asdict(config), "name": config.name, "reason": FLOAT16_ON_CPU_WITHOUT_XLA})
+                else:
+                    configs.append(config)
+    return configs, skipped
+
+
+@contextlib.contextmanager
+def _trainer_logs_at(level: int):
+    """The Trainer's warnings (x8 sizes, float32 outputs appended) repeat per configuration; the model
+    table reports them once."""
+    logger = logging.getLogger("trainer")
+    previous = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
+def _finish(trainer) -> None:
+    """Reads a weight back: the steps before it have finished when the clock stops."""
+    next(iter(trainer.models.values())).trainable_variables[0].numpy()
+
+
+def _prepare(config: GridConfig, make_trainer, data_for_batch, call_seconds: float) -> dict:
+    """Builds, compiles and runs a configuration's first steps (memory is measured over this), then sizes
+    its timed call: the number of steps that takes about `call_seconds`."""
+    data = data_for_batch(config.batch)
+    with PeakMemory() as memory:
+        trainer = make_trainer(config.policy, config.xla)
+        start = time.perf_counter()
+        trainer.fit(data, steps=1)
+        first_call = time.perf_counter() - start
+        trainer.run_steps(1)
+        _finish(trainer)
+    start = time.perf_counter()
+    trainer.run_steps(1)
+    _finish(trainer)
+    one_step = time.perf_counter() - start
+    steps = max(1, min(MOST_STEPS_PER_CALL, round(call_seconds / max(one_step, 1e-6))))
+    return {"trainer": trainer, "steps_per_call": steps, "first_call_seconds": first_call,
+            "memory_mb": memory.delta_mb, "memory_kind": memory.kind, "xla_layout": trainer.plan_xla().reason}
+
+
+def speed_section(make_trainer: Callable[[str, bool], object], data_for_batch: Callable[[int], object],
+                  configs: List[GridConfig], skipped: List[dict], *, rounds: int, call_seconds: float,
+                  progress: Callable[[str], None]) -> dict:
+    """Measures `configs` (see the module docstring); a configuration that fails to build or run is
+    reported with its error and left out of the timing."""
+    prepared: Dict[str, dict] = {}
+    rows: List[dict] = []
+    with _trainer_logs_at(logging.ERROR), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # numpy's overflow in a float16 cast: numerics reports it
+        for i, config in enumerate(configs, 1):
+            progress(f"speed: [{i}/{len(configs)}] building, compiling and sizing {config.name}")
+            row = {**dataclasses.asdict(config), "name": config.name}
+            try:
+                prepared[config.name] = _prepare(config, make_trainer, data_for_batch, call_seconds)
+            except Exception as e:  # noqa: BLE001 - one configuration's failure (OOM, XLA) is a finding
+                row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+                progress(f"speed: {config.name} failed: {row['error']}")
+            rows.append(row)
+        calls = {name: (lambda p=p: (p["trainer"].run_steps(p["steps_per_call"]), _finish(p["trainer"])))
+                 for name, p in prepared.items()}
+        progress(f"speed: timing {len(calls)} configurations, {rounds} interleaved rounds of about "
+                 f"{call_seconds:g} s per configuration")
+        seconds = interleaved_seconds(calls, rounds=rounds, warmup=1) if calls else {}
+    medians = median_seconds(seconds)
+    for row in rows:
+        p = prepared.pop(row["name"], None)
+        if p is None:
+            continue
+        steps_per_sec = p["steps_per_call"] / medians[row["name"]]
+        row.update({k: v for k, v in p.items() if k != "trainer"}, steps_per_sec=steps_per_sec,
+                   examples_per_sec=steps_per_sec * row["batch"],
+                   seconds_per_call=seconds[row["name"]],
+                   spread=max(seconds[row["name"]]) / min(seconds[row["name"]]))
+    calls.clear()
+    prepared.clear()
+    gc.collect()  # the Trainers (cycles) die now, their tf.data iterators on release threads, not at exit (data.py)
+    return {"rounds": rounds, "configs": rows, "skipped": skipped,
+            "memory_means": ("device allocator peak minus the memory in use before (MiB)" if rows and any(
+                r.get("memory_kind") == "gpu_allocator_peak" for r in rows) else
+                "growth of this process's RSS (MiB) while the configuration was built and ran its first steps; "
+                "the first one built may include one-time costs"),
+            "how": __doc__.split("\n\n")[0].replace("\n", " ")}
