@@ -75,27 +75,47 @@ def to_model_input(images) -> tf.Tensor:
 
 
 def predict_inputs(paths: Sequence[Path], data_cfg, batch_size: int):
-    """(names, images) for trainer.predict: PNG/JPEG files (read as grey, resized to 28x28 if they are
-    not) or .npy arrays of 28x28 images (uint8 0-255, or floats already in [0, 1], one image or a stack)."""
+    """(names, batches) for trainer.predict: PNG/JPEG files (read as grey, resized to 28x28 if they are
+    not) or .npy arrays of 28x28 images (uint8 0-255, or floats already in [0, 1], one image or a stack).
+    The batches are read one at a time as trainer.predict consumes them (a folder larger than memory
+    works); the .npy shapes are checked first, from their headers."""
     import numpy as np
 
-    names, images = [], []
+    from trainer.predict import in_batches
+
+    names = []
     for path in paths:
         if path.suffix == ".npy":
-            array = np.load(path, allow_pickle=False)
-            array = array[None] if array.ndim == 2 else array
-            if array.shape[1:] != (28, 28):
-                raise DataError(f"{path}: images of shape {array.shape[1:]}, expected 28x28 (one image or N x 28 x 28)")
-            floats = array.astype("float32") if array.dtype.kind == "f" else to_model_input(array).numpy()
-            images.extend(floats)
-            names.extend([f"{path.name}[{i}]" for i in range(len(array))] if len(array) > 1 else [path.name])
+            count = len(_npy_images(path))
+            names.extend([f"{path.name}[{i}]" for i in range(count)] if count > 1 else [path.name])
         else:
-            image = tf.io.decode_image(tf.io.read_file(str(path)), channels=1, expand_animations=False)
-            if image.shape[:2] != (28, 28):
-                image = tf.cast(tf.round(tf.image.resize(image, [28, 28])), tf.uint8)
-            images.append(to_model_input(image[..., 0]).numpy())
             names.append(path.name)
-    return names, np.stack(images)
+
+    def examples():
+        for path in paths:
+            if path.suffix == ".npy":
+                array = _npy_images(path)
+                for start in range(0, len(array), batch_size):  # a chunk of the mapped file at a time
+                    chunk = np.asarray(array[start:start + batch_size])
+                    yield from (chunk.astype("float32") if chunk.dtype.kind == "f" else to_model_input(chunk).numpy())
+            else:
+                image = tf.io.decode_image(tf.io.read_file(str(path)), channels=1, expand_animations=False)
+                if image.shape[:2] != (28, 28):
+                    image = tf.cast(tf.round(tf.image.resize(image, [28, 28])), tf.uint8)
+                yield to_model_input(image[..., 0]).numpy()
+
+    return names, in_batches(examples(), batch_size)
+
+
+def _npy_images(path: Path):
+    """The images of a .npy file, memory-mapped (read when used): N x 28 x 28."""
+    import numpy as np
+
+    array = np.load(path, mmap_mode="r", allow_pickle=False)
+    array = array[None] if array.ndim == 2 else array
+    if array.shape[1:] != (28, 28):
+        raise DataError(f"{path}: images of shape {array.shape[1:]}, expected 28x28 (one image or N x 28 x 28)")
+    return array
 
 
 def class_names(data_cfg) -> Optional[List[str]]:

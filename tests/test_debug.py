@@ -191,3 +191,66 @@ def test_cli_profile_then_fast_dev_run_over_the_same_run_folder(tmp_path):
     scratch = re.search(r"run folder: (\S+)", out).group(1)
     assert scratch != str(run_dir) and not Path(scratch).exists()  # a temporary folder, deleted
     assert _folder_state(run_dir) == before
+
+
+def test_limit_eval_fraction_is_resolved_once_before_training(tmp_path):
+    """A fraction of an eval set tf.data cannot count (a filter) is an error before the first step (not at
+    the final evaluation, after training, losing the final checkpoint); of a set given as a function of an
+    InputContext, it is counted once per fit, not again at each evaluation."""
+    import tensorflow as tf
+
+    from trainer.callbacks import Callback
+    from trainer.config import ConfigError
+
+    t = _trainer(max_steps=30, run_dir=tmp_path / "run", limit_eval_batches=0.5, checkpoint_every=10)
+    with pytest.raises(ConfigError, match=r"limit_eval_batches=0.5: a fraction needs an eval set of known size"):
+        t.fit(blobs().repeat(), blobs().filter(lambda x, y: True))
+    assert int(t.step.numpy()) == 0 and not list((tmp_path / "run").rglob("ckpt-*"))
+
+    pipelines = []
+
+    def eval_set(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+        pipelines.append(ctx)
+        return blobs()
+
+    class EvalsSeen(Callback):
+        seen = []
+
+        def on_eval_end(self, trainer, step, logs):
+            self.seen.append(logs["seen"])
+
+    _trainer(max_steps=6, eval_every=2, limit_eval_batches=0.25, callbacks=[EvalsSeen()]).fit(blobs(), eval_set)
+    assert EvalsSeen.seen == [4 * 16] * 3  # steps 2, 4 and 6: a quarter of the 16 batches each
+    assert len(pipelines) == 3 + 1  # one per evaluation, and the one count
+
+
+def test_fast_dev_run_with_rollback_acts_as_stop_and_says_so(tmp_path, caplog):
+    """fast_dev_run keeps no checkpoints (no run folder by design): on_divergence=rollback is accepted, said
+    to act as stop, and a divergence stops the run (SGD at a huge rate: step 2's loss is far above step 1's)."""
+    import keras
+
+    from trainer import Trainer
+    from trainer.callbacks import NumericalError
+
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        logs = _trainer(run_dir=tmp_path / "run", fast_dev_run=True, on_divergence="rollback").fit(blobs(), blobs())
+    assert logs["seen"] == 2 * 16 and not (tmp_path / "run").exists()
+    assert "trainer.on_divergence=rollback acts as on_divergence=stop for this run" in caplog.text
+
+    diverging = Trainer(_model, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                        lambda: keras.optimizers.SGD(200.0), run_dir=tmp_path / "run", fast_dev_run=True,
+                        on_divergence="rollback", divergence_factor=1.5, steps_per_loop=1, log_every=1,
+                        progress_bar=False, best_metric=None)
+    with pytest.raises(NumericalError, match="Stopping at step 2: .* training diverged"):
+        diverging.fit(blobs())
+
+
+def test_overfit_batches_an_epoch_is_those_batches():
+    """As Lightning counts it: epochs=1 with overfit_batches=2 trains 2 steps (not the 16 of the whole set);
+    epochs=3, 6."""
+    t = _trainer(overfit_batches=2, epochs=1)
+    t.fit(blobs())
+    assert int(t.step.numpy()) == 2 and t.steps_per_epoch == 2
+    t = _trainer(overfit_batches=2)
+    t.fit(blobs(), epochs=3)
+    assert int(t.step.numpy()) == 6

@@ -219,3 +219,83 @@ def test_transformer_predict_inputs_tokenize_as_training_in_order(tmp_path):
     for row, line in zip(got, ["hello world", "bonjour le monde", "guten tag"]):
         ids = [int(tokenizer.cls_token_id), *np.asarray(tokenizer(line)).tolist(), int(tokenizer.sep_token_id)]
         assert row[: len(ids)].tolist() == ids and not row[len(ids):].any()  # [CLS] words [SEP], then padding
+
+
+def test_trainer_predict_uses_the_ema_averages_as_evaluate_does():
+    """With use_ema=True, Trainer.predict gives the model's outputs under the averaged weights (what
+    evaluate, best/, export and python -m trainer.predict use), not the raw weights'; and puts them back."""
+    from conftest import blobs
+
+    from trainer import Trainer
+    from trainer.ema import averaged_weights
+
+    def build():
+        return keras.Sequential([keras.Input((4,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(2)])
+
+    trainer = Trainer(build, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      lambda: keras.optimizers.Adam(1e-2, use_ema=True, ema_momentum=0.9),
+                      max_steps=30, log_every=10, progress_bar=False, best_metric=None)
+    trainer.fit(blobs())
+    x = np.concatenate([b[0].numpy() for b in blobs()])
+    raw = trainer.model(x).numpy()
+    with averaged_weights(trainer) as averaged:
+        assert averaged
+        under_averages = trainer.model(x).numpy()
+    predicted = trainer.predict(x)
+    np.testing.assert_allclose(predicted, under_averages, rtol=1e-5, atol=1e-6)
+    assert np.abs(predicted - raw).max() > 1e-3
+    np.testing.assert_array_equal(trainer.model(x).numpy(), raw)  # training goes on from the raw weights
+
+
+def test_evaluate_records_the_batches_a_fraction_limit_used(run_dir, tmp_path, capsys):
+    """trainer.limit_eval_batches=0.5: the JSON's eval_steps is the number of batches evaluated (half the
+    eval set's), not null."""
+    import tensorflow as tf
+    from hydra.utils import instantiate
+
+    from trainer.evaluate import load_run
+
+    out = tmp_path / "half.json"
+    code, _, stderr = in_process("trainer.evaluate", str(run_dir), "trainer.eval_steps=null",
+                                 "trainer.limit_eval_batches=0.5", "--out", str(out), capsys=capsys)
+    assert code == 0, stderr
+    data = instantiate(load_run(str(run_dir)).cfg.data, _convert_="all")
+    batches = int(data.eval(tf.distribute.InputContext()).cardinality())
+    assert batches > 2 and json.loads(out.read_text())["eval_steps"] == int(0.5 * batches)
+
+
+def test_export_tolerance_zero_is_zero_and_negative_is_a_user_error(run_dir, tmp_path, capsys):
+    code, _, stderr = in_process("trainer.export", str(run_dir), "--format", "keras", "--tolerance", "-1",
+                                 "--out", str(tmp_path / "neg"), capsys=capsys)
+    assert code == 2 and "--tolerance -1.0: must be >= 0" in stderr and not (tmp_path / "neg").exists()
+    code, stdout, stderr = in_process("trainer.export", str(run_dir), "--format", "keras", "--tolerance", "0",
+                                      "--out", str(tmp_path / "zero"), capsys=capsys)
+    assert code == 0 and stdout.strip().endswith("(tolerance 0)"), (code, stdout, stderr)  # not the default 1e-4
+
+
+def test_predict_inputs_are_read_batch_by_batch_and_a_bad_file_is_a_user_error(run_dir, tmp_path, capsys):
+    """The mnist recipe's predict_inputs decodes a batch when it is consumed (a folder larger than memory
+    works): the first batch reads before a broken file further on; the CLI then says which error, exit 2."""
+    from PIL import Image
+
+    from trainer.recipes import mnist
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((28, 28), 40 * i, np.uint8)).save(inputs / f"a{i}.png")
+    np.save(inputs / "b.npy", np.zeros((3, 28, 28), np.uint8))
+    (inputs / "c.png").write_bytes(b"not an image")
+    paths = sorted(inputs.iterdir())
+    names, batches = mnist.predict_inputs(paths, {}, batch_size=2)
+    assert names == ["a0.png", "a1.png", "a2.png", "b.npy[0]", "b.npy[1]", "b.npy[2]", "c.png"]
+    assert not isinstance(batches, np.ndarray)
+    first = next(batches)
+    assert first.shape == (2, 28, 28) and first[1].max() == pytest.approx(40 / 255)
+    assert next(batches).shape == next(batches).shape == (2, 28, 28)  # [a2.png, b.npy[0]], [b.npy[1], b.npy[2]]
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        next(batches)  # c.png, only now
+
+    out = tmp_path / "p.csv"
+    code, _, stderr = in_process("trainer.predict", str(run_dir), "--input", str(inputs), "--out", str(out), capsys=capsys)
+    assert code == 2 and stderr.startswith("error: ") and "Traceback" not in stderr and not out.exists(), stderr

@@ -80,6 +80,7 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
                    loggers: list) -> dict:
     import tensorflow as tf
 
+    from trainer import debug
     from trainer.callbacks.loggers import flatten
     from trainer.core import Trainer
     from trainer.data import check_batch_size
@@ -101,7 +102,7 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
     data = instantiate(cfg.data, _convert_="all")
     log.info("Data: %s", data.description)
     batches_per_step = data.batch_size * trainer_cfg.grad_accum_steps  # a step: one optimizer update
-    steps_per_epoch = data.train_examples // batches_per_step if data.train_examples else None
+    steps_per_epoch = debug.steps_per_epoch(trainer_cfg, data.train_examples // batches_per_step if data.train_examples else None)
     total = Trainer.total_steps(trainer_cfg.max_steps, trainer_cfg.epochs, steps_per_epoch)
     trainer_class = _trainer_class(cfg.trainer_class, Trainer)
     trainer = trainer_class(

@@ -136,6 +136,8 @@ class Trainer(Step):
         self._built, self._train_function, self._eval_function = False, None, None
         self._accumulators = None
         self._kept_iterator: Optional[KeptIterator] = None
+        self.fit_eval_limit = None  # (eval data, config, batches or None): set by debug.plan_fit
+        self.eval_batches: Optional[int] = None  # global batches the last evaluation read
 
     # -- what the Trainer holds -------------------------------------------------------------------
 
@@ -275,6 +277,7 @@ class Trainer(Step):
         cfg = self.config
         if steps_per_epoch is None:
             steps_per_epoch = steps_per_epoch_of(train_data, cfg.grad_accum_steps)
+        steps_per_epoch = debug.steps_per_epoch(cfg, steps_per_epoch)  # overfit_batches: an epoch is those batches
         self.total = 0 if cfg.fast_dev_run else self.total_steps(  # fast_dev_run: debug.plan_fit says how long
             steps if steps is not None else cfg.max_steps, epochs if epochs is not None else cfg.epochs, steps_per_epoch)
         self.steps_per_epoch = steps_per_epoch
@@ -354,16 +357,24 @@ class Trainer(Step):
         """Computes the loss and metrics (and an overridden test_step's logs) over the whole eval set
         (or `steps` batches; else eval_steps / limit_eval_batches, fast_dev_run's few: trainer/debug.py); with an
         optimizer's use_ema=True, of the averaged weights (see ema.py)."""
+        if not steps:
+            resolved = self.fit_eval_limit  # fit()'s eval set: its limit, resolved once by debug.plan_fit
+            if resolved is not None and resolved[0] is eval_data and resolved[1] is self.config:
+                steps = resolved[2]
+            else:
+                steps = debug.eval_batch_limit(self.config, eval_data, self.strategy)
         with ema.averaged_weights(self):
-            return evaluate(self, eval_data, steps=steps or debug.eval_batch_limit(self.config, eval_data, self.strategy),
+            return evaluate(self, eval_data, steps=steps,
                             step=int(self.step.numpy()) if step is None else step, callbacks=callbacks)
 
     def predict(self, data: Any, batch_size: Optional[int] = None):
         """The model's outputs on `data` (a Dataset of batches, an array, a dict/tuple of arrays, an
-        iterable of batches) as NumPy, in inference mode, under the strategy: see trainer/predict.py."""
+        iterable of batches) as NumPy, in inference mode, under the strategy: see trainer/predict.py. With
+        an optimizer's use_ema=True, of the averaged weights (as evaluate and export)."""
         from trainer.predict import predict
 
-        return predict(self, data, batch_size)
+        with ema.averaged_weights(self):  # as evaluate, best/, export and python -m trainer.predict see it
+            return predict(self, data, batch_size)
 
     def weights_fingerprint(self) -> str:
         """SHA-256 of all models' weights: equal on every worker of a run, and across bit-identical runs."""

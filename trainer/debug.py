@@ -74,6 +74,12 @@ def eval_batch_limit(config, eval_data: DataArg, strategy: tf.distribute.Strateg
     return max(1, int(limit * batches))
 
 
+def steps_per_epoch(config, steps: Optional[int]) -> Optional[int]:
+    """Steps in an epoch: `steps` (of the whole training set), or under overfit_batches those N batches'
+    (as Lightning counts an epoch there), so trainer.epochs=1 trains one pass over them."""
+    return config.overfit_batches // config.grad_accum_steps if config.overfit_batches else steps
+
+
 def plan_fit(trainer, train_data: DataArg, eval_data: Optional[DataArg], total: int) -> Tuple[DataArg, Optional[DataArg], int]:
     """What this fit() call trains on, evaluates on and trains to, with the debug modes applied (and said)."""
     cfg, start = trainer.config, int(trainer.step.numpy())
@@ -85,8 +91,11 @@ def plan_fit(trainer, train_data: DataArg, eval_data: Optional[DataArg], total: 
         if eval_data is not None:  # as Lightning first did: the loss there should go near 0 as well
             eval_data = train_data
         log.info("overfit_batches=%d: training on the same %d training batches over and over%s; the loss should "
-                 "go near 0 (if it does not, the model, loss or data pipeline has a bug)", cfg.overfit_batches,
+                 "go near 0 (if it does not, the model, loss or data pipeline has a bug); an epoch is these batches", cfg.overfit_batches,
                  cfg.overfit_batches, ", and evaluating on them" if eval_data is not None else "")
+    # The eval limit, resolved once: a fraction of a set tf.data cannot count fails here, before any step,
+    # not at the first (with eval_every=0: the final) evaluation; every evaluation of this fit reuses it.
+    trainer.fit_eval_limit = None if eval_data is None else (eval_data, trainer.config, eval_batch_limit(cfg, eval_data, trainer.strategy))
     if cfg.fast_dev_run:
         total = start + FAST_DEV_RUN_BATCHES
         evaluated = f" and {FAST_DEV_RUN_BATCHES} eval batches" if eval_data is not None else ""

@@ -6,7 +6,8 @@ The model is rebuilt from the run's own config (.hydra/config.yaml) under the ru
 checkpoint's weights are restored read-only (trainer.export.load_trained_model), and the recipe's loss and
 metrics are computed over its eval split exactly as training's evaluation does (the same Trainer test
 step, eval_steps and XLA setting): the figures equal the eval logged in metrics.jsonl at that step. They
-are printed and written as JSON to RUN/eval/<checkpoint>.json (best/ckpt-N: best-ckpt-N.json), or --out.
+are printed and written as JSON to RUN/eval/<checkpoint>.json (best/ckpt-N: best-ckpt-N.json), or --out,
+with "eval_steps": the number of eval batches they were computed on.
 
 Only data.* and trainer.* keys can be overridden (the model must stay the one the checkpoint holds).
 Exit codes: 0 done, 2 a user error (no such run, checkpoint or key; a value out of range), said in one line.
@@ -182,7 +183,12 @@ def trainer_for(checkpoint: RunCheckpoint, strategy=None, model=None, policy: st
 
 def evaluate_run(checkpoint: RunCheckpoint, model=None, policy: str = None, steps: int = None) -> Dict[str, Any]:
     """The recipe's loss and metrics of the checkpoint (or of `model` computing in `policy`, e.g. a
-    converted copy) on the eval split: trainer.eval_steps batches, or `steps`."""
+    converted copy) on the eval split: trainer.eval_steps (or limit_eval_batches) batches, or `steps`."""
+    return evaluate_checkpoint(checkpoint, model, policy, steps)[0]
+
+
+def evaluate_checkpoint(checkpoint: RunCheckpoint, model=None, policy: str = None, steps: int = None) -> Tuple[Dict[str, Any], int]:
+    """evaluate_run's metrics, and the number of eval batches they were computed on."""
     from hydra.utils import instantiate
 
     from trainer.inputs import sample_batch
@@ -195,7 +201,7 @@ def evaluate_run(checkpoint: RunCheckpoint, model=None, policy: str = None, step
     sample, _ = sample_batch(data.eval, trainer.strategy)
     trainer.build(sample)
     logs = trainer.evaluate(data.eval, step=checkpoint.step, steps=steps)
-    return {k: v for k, v in logs.items() if k not in ("step", "split")}
+    return {k: v for k, v in logs.items() if k not in ("step", "split")}, trainer.eval_batches
 
 
 def main(argv: List[str] = None) -> int:
@@ -211,7 +217,7 @@ def main(argv: List[str] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         checkpoint = load_run(args.run, args.checkpoint, args.overrides)
-        metrics = evaluate_run(checkpoint)
+        metrics, batches = evaluate_checkpoint(checkpoint)
     except Exception as e:  # noqa: BLE001 - ours, or a user error a builder raised (hydra wraps them)
         message = user_error(e)
         if message is None:
@@ -220,7 +226,7 @@ def main(argv: List[str] = None) -> int:
         return EXIT_USER_ERROR
     out = Path(args.out) if args.out else checkpoint.run / "eval" / f"{checkpoint.name}.json"
     record = {"run": str(checkpoint.run), "checkpoint": checkpoint.prefix, "step": checkpoint.step,
-              "overrides": list(args.overrides), "eval_steps": checkpoint.cfg.trainer.get("eval_steps"), "metrics": metrics}
+              "overrides": list(args.overrides), "eval_steps": batches, "metrics": metrics}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1))
     print(f"{checkpoint.name} (step {checkpoint.step}): " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))

@@ -123,6 +123,9 @@ def main(argv=None) -> int:
     if args.check_batches < 1:
         print(f"error: --check-batches {args.check_batches}: must be >= 1", file=sys.stderr)
         return 2
+    if args.tolerance is not None and not args.tolerance >= 0:  # also NaN
+        print(f"error: --tolerance {args.tolerance}: must be >= 0 (0: outputs must match exactly)", file=sys.stderr)
+        return 2
     tolerance = args.tolerance
     try:
         export_formats.check_packages(args.format)  # before any work
@@ -135,7 +138,7 @@ def main(argv=None) -> int:
             print(f"converted to {args.policy}: relative output error {report.relative_error:.3g}")
         batches = eval_inputs(checkpoint.cfg, args.check_batches)
         path = export_formats.write(model, args.format, out)
-        result = export_formats.check(trained, args.format, path, batches, tolerance or export_formats.TOLERANCE)
+        result = export_formats.check(trained, args.format, path, batches, tolerance if tolerance is not None else export_formats.TOLERANCE)
     except export_formats.ExportMismatch as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_MISMATCH

@@ -235,6 +235,7 @@ def evaluate(trainer, eval_data, *, steps: Optional[int], step: int, callbacks=N
     if bar is not None:
         bar.close()
     release_in_background(holder)  # destroying it can wait for tf.data's autotuner (see data.py)
+    t.eval_batches = done  # what this evaluation read (python -m trainer.evaluate records it)
     logs: Dict[str, Any] = {"step": step, "split": "eval", **tracked(t.eval_loss, t.eval_metrics, t.eval_log_trackers)}
     if callbacks is not None:
         callbacks.on_eval_end(t, step, logs)

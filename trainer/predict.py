@@ -16,7 +16,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Iterable, List, Optional
+from typing import Any, Iterable, Iterator, List, Optional
 
 import numpy as np
 
@@ -160,6 +160,51 @@ def write_rows(rows: List[dict], out: Path) -> None:
             writer.writerow([r["input"], r["class"], r["class_index"], *[f"{v:.6g}" for v in r["probabilities"].values()]])
 
 
+def in_batches(examples: Iterable[Any], batch_size: int) -> Iterator[np.ndarray]:
+    """The examples stacked `batch_size` at a time, read as the batches are consumed: a recipe's
+    predict_inputs reads its files lazily with it (a folder larger than memory works)."""
+    batch = []
+    for example in examples:
+        batch.append(example)
+        if len(batch) == batch_size:
+            yield np.stack(batch)
+            batch = []
+    if batch:
+        yield np.stack(batch)
+
+
+class _KeptErrors:
+    """A recipe's batches for Trainer.predict: an error reading one (an unreadable file) ends them and is
+    kept, to be raised as itself after (tf.data's generator op would wrap it in an op error)."""
+
+    def __init__(self, batches: Iterable[Any]):
+        self.batches, self.error = iter(batches), None
+
+    def __iter__(self):
+        try:
+            yield from self.batches
+        except Exception as e:  # noqa: BLE001 - raised again by predict_recipe_batches
+            self.error = e
+
+
+def predict_recipe_batches(trainer, data: Any, batch_size: int):
+    """Trainer.predict on what a recipe's predict_inputs gave: a Dataset (of batches), arrays, or an
+    iterator of batches, consumed batch by batch (its reading errors raised as they are)."""
+    if hasattr(data, "element_spec"):
+        return trainer.predict(data)
+    if not isinstance(data, Iterator):
+        return trainer.predict(data, batch_size=batch_size)
+    reader = _KeptErrors(data)
+    try:
+        outputs = trainer.predict(reader, batch_size=batch_size)
+    except ValueError:  # no batches: the first one failed
+        if reader.error is None:
+            raise
+    if reader.error is not None:
+        raise reader.error
+    return outputs
+
+
 def predict_files(run: str, inputs: str, checkpoint: str = "latest", batch_size: Optional[int] = None) -> List[dict]:
     """The rows `python -m trainer.predict` writes: the run's model on the files, read as its recipe reads them."""
     from trainer.evaluate import load_run, trainer_for
@@ -169,7 +214,7 @@ def predict_files(run: str, inputs: str, checkpoint: str = "latest", batch_size:
     batch_size = batch_size or int(data_cfg.get("batch_size", DEFAULT_BATCH_SIZE))
     module = recipe_module(data_cfg)
     names, data = module.predict_inputs(input_files(inputs), data_cfg, batch_size)
-    outputs = trainer_for(loaded).predict(data, batch_size=None if hasattr(data, "element_spec") else batch_size)
+    outputs = predict_recipe_batches(trainer_for(loaded), data, batch_size)
     labels = module.class_names(data_cfg) if hasattr(module, "class_names") else None
     from_logits = bool((loaded.cfg.get("loss") or {}).get("from_logits", False))
     return list(class_rows(names, outputs, from_logits, labels))

@@ -80,6 +80,7 @@ class DivergenceGuard(Callback):
         self.warned = False  # on_divergence=warn: once per episode (logs above the threshold in a row)
         self.last_good_step = 0  # the newest step judged good: a rollback restores no checkpoint after it
         self.scales: Dict[str, tf.Variable] = {}
+        self.mode = "stop"  # this fit() call's trainer.on_divergence (set in on_train_begin)
 
     def state_dict(self):
         return {"reference": self.reference, "reference_step": self.reference_step, "rollbacks": self.rollbacks,
@@ -94,7 +95,13 @@ class DivergenceGuard(Callback):
     def on_train_begin(self, trainer):
         self.last_good_step = int(trainer.step.numpy())  # where this fit() starts: a checkpoint, or step 0
         self.looked_at_first_loop = False
-        if trainer.config.on_divergence != "rollback":
+        self.mode = trainer.config.on_divergence  # this fit() call's: fast_dev_run cannot roll back
+        if self.mode != "rollback":
+            return
+        if trainer.config.fast_dev_run:  # no run folder by design: no checkpoint to roll back to
+            self.mode = "stop"
+            log.info("fast_dev_run keeps no checkpoints: trainer.on_divergence=rollback acts as on_divergence=stop "
+                     "for this run.")
             return
         if trainer.run_dir is None:
             raise ConfigError("trainer.on_divergence=rollback restores the last good checkpoint, and this Trainer has "
@@ -115,7 +122,7 @@ class DivergenceGuard(Callback):
             self.looked_at_first_loop = True
             if int(trainer.train_loss.count.numpy()) > 0:  # the default step's loss (a GAN's step has none)
                 self._take_reference(float(trainer.train_loss.result()), step)
-        if cfg.on_divergence == "rollback":
+        if self.mode == "rollback":
             why = stuck_steps(trainer)
             if why is not None:
                 self._rollback(trainer, step, why)
@@ -140,12 +147,12 @@ class DivergenceGuard(Callback):
             return
         why = (f"the train loss {loss:.4g} is more than trainer.divergence_factor={factor:g} times the run's first "
                f"train loss {reference:.4g} (step {self.reference_step})")
-        if cfg.on_divergence == "warn":
+        if self.mode == "warn":
             if not self.warned:
                 self.warned = True
                 log.warning("Step %d: %s: training is diverging. %s (trainer.on_divergence=warn: training goes on; "
                             "this is said once until the loss comes back under the threshold.)", step, why, CAUSES)
-        elif cfg.on_divergence == "rollback":
+        elif self.mode == "rollback":
             self._rollback(trainer, step, why)
         else:
             raise NumericalError(
