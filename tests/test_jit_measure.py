@@ -1,14 +1,19 @@
 """trainer.jit_compile=measure: the first loop times real train steps with XLA on and off, keeps the
 faster, logs both figures, and a resumed run keeps the choice (bit-exact resume)."""
 import logging
+import math
 import re
 import shutil
+from types import SimpleNamespace
 
 import keras
 import pytest
 
 from conftest import blobs, read_metrics, run_cli
+import tensorflow as tf
+
 from trainer import Trainer
+from trainer.callbacks.profiler import Profiler
 from trainer.compile import AUTO_MEASURE_STEPS, measures_in_run
 from trainer.config import ConfigError
 
@@ -20,9 +25,10 @@ def make(run_dir=None, jit_compile="measure", **options):
     def model():
         return keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(2)])
 
+    options = {"log_every": 10, "checkpoint_every": 10, "deterministic": True, **options}
     return Trainer(model, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                    optimizer=lambda: keras.optimizers.Adam(1e-2), run_dir=run_dir, jit_compile=jit_compile,
-                   progress_bar=False, log_every=10, checkpoint_every=10, deterministic=True, seed=3, **options)
+                   progress_bar=False, seed=3, **options)
 
 
 def test_measured_steps_count_the_choice_is_applied_and_resume_is_exact(tmp_path, caplog):
@@ -67,9 +73,10 @@ def test_too_short_to_measure_keeps_auto_and_bad_values_name_the_choices(caplog)
     assert make(jit_compile=True).jit_compile is True  # the old spellings still work
     assert make(jit_compile="false").config.jit_compile is False
     # auto (null) measures long runs on a CPU, except mixed_float16 (XLA is ~100x faster there)
-    auto = make(jit_compile=None)
+    auto = make(jit_compile=None, deterministic=False)
     assert measures_in_run(auto, AUTO_MEASURE_STEPS) and not measures_in_run(auto, AUTO_MEASURE_STEPS - 1)
-    assert not measures_in_run(make(jit_compile=None, precision="mixed_float16"), AUTO_MEASURE_STEPS)
+    assert not measures_in_run(make(jit_compile=None), AUTO_MEASURE_STEPS)  # trainer.deterministic: no timing
+    assert not measures_in_run(make(jit_compile=None, precision="mixed_float16", deterministic=False), AUTO_MEASURE_STEPS)
     assert not measures_in_run(make(jit_compile=False), AUTO_MEASURE_STEPS)
     with pytest.raises(ConfigError, match=r"trainer.jit_compile='maybe' is not one of true\|false\|null\|measure"):
         make(jit_compile="maybe")
@@ -90,3 +97,47 @@ def test_cli_measures_on_two_replicas_and_rejects_a_bad_value(tmp_path):
     assert bad.returncode == 2
     assert "trainer.jit_compile='maybe' is not one of true|false|null|measure" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_events_due_while_measuring_happen_at_its_end_and_the_next_ones_on_time(tmp_path, caplog):
+    """The 40 measured steps jump over step 15 and 30 (eval, log) and 25 (checkpoint): each happens once,
+    at step 40, then on its cadence again; that log row's examples/s is not timed (both compiles)."""
+    caplog.set_level(logging.INFO, logger="trainer")
+    t = make(tmp_path, log_every=15, eval_every=15, checkpoint_every=25, keep_checkpoints=10)
+    t.fit(blobs().repeat(), blobs(), steps=60)
+    assert t.xla_measurement.steps_taken == 40
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows if r["split"] == "eval"] == [40, 45, 60]
+    train = {r["step"]: r for r in rows if r["split"] == "train"}
+    assert sorted(train) == [40, 45, 60]
+    untimed = train[40].get("examples_per_sec")  # nan, written as null
+    assert (untimed is None or math.isnan(untimed)) and "xla_on_ms_per_step" in train[40]
+    assert train[45]["examples_per_sec"] > 0
+    saved = sorted(int(p.stem.split("-")[1]) for p in (tmp_path / "checkpoints").glob("ckpt-*.index"))
+    assert saved == [40, 50, 60]
+
+
+def test_profile_within_the_measuring_steps_is_kept_and_measuring_is_left_out(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="trainer")
+    t = make(tmp_path, profile_steps=(5, 9))
+    t.fit(blobs().repeat(), steps=40)
+    assert "trainer.profile_steps=[5, 9] starts within the 40 steps measuring takes" in caplog.text
+    assert "not measured. Fix: profile steps after 40" in caplog.text
+    assert t.xla_measurement is None and int(t.step.numpy()) == 40
+    assert "Profile of train steps 5..9 written" in caplog.text
+    assert len(list((tmp_path / "tensorboard").rglob("*.xplane.pb"))) == 1
+
+
+def test_profiler_warns_when_a_loop_went_past_its_start(tmp_path, caplog):
+    """Any loop that jumps over step N-1 (none of the loop's own cuts do) gets a warning, not a trace of
+    other steps."""
+    caplog.set_level(logging.INFO, logger="trainer")
+    profiler = Profiler(5, 9, tmp_path)
+    run = SimpleNamespace(step=tf.Variable(0, dtype=tf.int64), total=100)
+    profiler.on_train_begin(run)
+    profiler.on_save_point(run, 3, "loop")
+    profiler.on_save_point(run, 40, "loop")
+    profiler.on_save_point(run, 45, "loop")
+    assert "one loop ran steps 4..40, past step 4 where the trace had to start: no trace" in caplog.text
+    assert caplog.text.count("no trace") == 1 and not profiler.active and profiler.folder is None
+    assert not (tmp_path / "plugins").exists()

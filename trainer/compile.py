@@ -339,6 +339,20 @@ def measures_in_run(trainer, remaining_steps: int) -> bool:
                                     and not trainer.config.deterministic)
 
 
+def profiled_while_measuring(trainer, steps_taken: int) -> Optional[str]:
+    """Why not to measure: trainer.profile_steps=[N, M] with N among the steps measuring would take. Its
+    one loop cannot stop at step N-1, and a trace of both compiles and 40 steps is not the one asked for;
+    the profile is kept as asked and the measuring is left out."""
+    profiled, start = trainer.config.profile_steps, int(trainer.step.numpy())
+    if not profiled or trainer.run_dir is None or not start < profiled[0] <= start + steps_taken:
+        return None
+    first, last = profiled
+    return (f"trainer.profile_steps=[{first}, {last}] starts within the {steps_taken} steps measuring takes "
+            f"(steps {start + 1}..{start + steps_taken}), and the trace must hold exactly steps {first}..{last}: not "
+            f"measured. Fix: profile steps after {start + steps_taken} (e.g. trainer.profile_steps="
+            f"[{start + steps_taken + 1},{start + steps_taken + 1 + last - first}]) to measure and trace the choice")
+
+
 def measure_in_run(trainer, iterator, remaining_steps: int) -> Optional[XlaMeasurement]:
     """The first loop of a run that measures (measures_in_run): measure_jit with calls short enough to fit
     the run (None, keeping auto's choice, when it cannot measure or is too short)."""
@@ -348,6 +362,7 @@ def measure_in_run(trainer, iterator, remaining_steps: int) -> Optional[XlaMeasu
     steps = min(MEASURE_STEPS, remaining_steps // calls)
     why = why_not_measurable(trainer) or (None if steps >= 1 else
                                           f"the run has {remaining_steps} steps left, fewer than the {calls} it takes")
+    why = why or profiled_while_measuring(trainer, calls * steps)
     if why:
         log.warning("XLA: %s, but %s; XLA %s (auto)", why_measure, why, "on" if trainer.jit_compile else "off")
         return None

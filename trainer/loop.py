@@ -41,6 +41,12 @@ def steps_to_next_event(config, step: int, total: int) -> int:
     return max(k, 1)
 
 
+def due(every: int, before: int, step: int) -> bool:
+    """An event every `every` steps is due at `step` when a loop from step `before` ended on a multiple of
+    it or went past one (a loop that ignores the cuts at events, as the measuring one does, skips none)."""
+    return bool(every) and (step % every == 0 or before // every < step // every)
+
+
 def preemption_handler(trainer):
     """TF's preemption support for multi-worker runs: on SIGTERM to any worker, every worker saves at
     the same step, then raises PreemptedAndSaved. TF decides when; our Checkpointer saves (non-finite
@@ -129,7 +135,7 @@ class Loop:
         t, cfg, callbacks = self.trainer, self.trainer.config, self.callbacks
         window_start, window_step = time.perf_counter(), self.step
         while self.step < self.total and not t.stop_training:
-            k = steps_to_next_event(cfg, self.step, self.total)
+            before, k = self.step, steps_to_next_event(cfg, self.step, self.total)
             t0 = time.perf_counter()
             done = self._train_loop(k)
             self.step += done
@@ -142,14 +148,14 @@ class Loop:
             if preemption is not None and self.step < self.total:  # at the end, the run finishes instead
                 with _tf_deprecation.silence():  # TF calls its own deprecated total_run_calls
                     preemption.save_checkpoint_if_preempted(self.step)
-            if self.step % cfg.log_every == 0 or self.step == self.total:
+            if due(cfg.log_every, before, self.step) or self.step == self.total:
                 examples = (self.step - window_step) * t.batch_size * cfg.grad_accum_steps
                 self.train_logs = t.collect_train_logs(self.step, examples, time.perf_counter() - window_start)
                 callbacks.on_log(t, self.step, self.train_logs)
                 self.step = int(t.step.numpy())  # likewise
                 window_start, window_step = time.perf_counter(), self.step
             paused = time.perf_counter()  # evaluation and saving do not count as training time
-            if self.eval_data is not None and cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total:
+            if self.eval_data is not None and due(cfg.eval_every, before, self.step) and self.step < self.total:
                 self.eval_logs = t.evaluate(self.eval_data, step=self.step, callbacks=callbacks)
             callbacks.on_save_point(t, self.step, "loop")
             window_start += time.perf_counter() - paused

@@ -17,6 +17,7 @@ from trainer.callbacks.base import Callback, CallbackState
 from trainer.callbacks.numerics import check_weights_finite
 from trainer.checkpoint import NO_BEST, Checkpointer, warm_start
 from trainer.config import ConfigError
+from trainer.loop import due as loop_event_due
 
 log = logging.getLogger("trainer.core")
 
@@ -42,11 +43,16 @@ class Checkpointing(Callback):
         self.configured: Dict[str, Tuple[Optional[float], float]] = {}
         self.last_path: Optional[str] = None
         self.last_save_time = time.monotonic()
+        self.last_point = 0  # the step of the last save point (or the run's start): a loop from it went past a due save?
 
     def _record(self, trainer) -> Path:
         return trainer.run_dir / "checkpoints" / "configured.json"
 
     def on_train_begin(self, trainer):
+        self._prepare(trainer)
+        self.last_point = int(trainer.step.numpy())  # after a resume's restore
+
+    def _prepare(self, trainer):
         self.last_save_time = time.monotonic()
         if self.prepared:  # a later fit() call: the model and optimizer in memory are the newest
             return
@@ -110,9 +116,9 @@ class Checkpointing(Callback):
         evaluated, self.evaluated = getattr(self, "evaluated", None), None
         if evaluated is not None:
             self.checkpointer.update_best(*evaluated)
-        cfg = trainer.config
+        cfg, last_point, self.last_point = trainer.config, self.last_point, step
         if reason == "loop":
-            due = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or (
+            due = loop_event_due(cfg.checkpoint_every, last_point, step) or (
                 cfg.checkpoint_every_secs and time.monotonic() - self.last_save_time >= cfg.checkpoint_every_secs)
             if not due or step >= trainer.total:  # the end saves once, after the final evaluation
                 return

@@ -5,7 +5,9 @@ TensorFlow writes the trace itself (`tf.profiler.experimental.start(logdir)` ...
 `tensorboard --logdir RUN/tensorboard` shows it in its Profile tab (the tensorboard-plugin-profile
 package: `pip install "trainer[profile]"`). The loop ends a loop at step N-1 and at step M
 (loop.steps_to_next_event), so the trace holds exactly steps N..M whatever steps_per_loop is; it starts
-after step N-1's logs, evaluation and checkpoint, and stops as soon as step M's loop returns.
+after step N-1's logs, evaluation and checkpoint, and stops as soon as step M's loop returns. A loop that
+went past step N-1 (trainer.jit_compile=measure's first loop does not stop at the cuts: it does not measure
+when its steps would cover step N, compile.measure_in_run) gets a warning and no trace, never a wrong one.
 """
 from __future__ import annotations
 
@@ -28,10 +30,13 @@ class Profiler(Callback):
     def __init__(self, first: int, last: int, logdir: Path):
         self.first, self.last, self.logdir = first, last, Path(logdir)
         self.active = False
+        self.last_point = 0  # the step of the last save point: did a loop go past step N-1?
+        self.given_up = False  # no trace in this run, and said why
         self.folder: Optional[Path] = None  # the trace's folder, once written
 
     def on_train_begin(self, trainer) -> None:
         start, total = int(trainer.step.numpy()), trainer.total
+        self.last_point, self.given_up = start, self.first > total or start >= self.first
         if self.first > total:
             log.warning("trainer.profile_steps=[%d, %d]: this run ends at step %d, before step %d: no trace. Fix: "
                         "profile steps within trainer.max_steps.", self.first, self.last, total, self.first)
@@ -45,8 +50,17 @@ class Profiler(Callback):
                         self.first, self.last, total)
 
     def on_save_point(self, trainer, step: int, reason: str) -> None:
-        if reason == "loop" and step == self.first - 1 and not self.active and self.folder is None:
+        last_point, self.last_point = self.last_point, step
+        if reason != "loop" or self.active or self.folder is not None or self.given_up:
+            return
+        if step == self.first - 1:
             self._start(trainer)  # the last hook before the loop of step N: its logs, eval and save are done
+        elif last_point < self.first - 1 < step:
+            self.given_up = True
+            log.warning("trainer.profile_steps=[%d, %d]: one loop ran steps %d..%d, past step %d where the trace "
+                        "had to start: no trace (a trace from step %d would not be the steps asked for). Fix: "
+                        "profile steps after %d.", self.first, self.last, last_point + 1, step, self.first - 1,
+                        step + 1, step)
 
     def on_loop_end(self, trainer, step: int) -> None:
         if self.active and step >= min(self.last, trainer.total):
