@@ -46,7 +46,8 @@ def resolve_mode(mode: str, monitor: str, key: str) -> str:
 def log_names(trainer, train: bool) -> Optional[List[str]]:
     """The names a train log (train=True) or an eval result of `trainer` holds, known before its first step;
     None when an overridden train_step/test_step may add names of its own (known once it is traced)."""
-    if type(trainer).train_step is not Step.train_step if train else type(trainer).test_step is not Step.test_step:
+    step = "train_step" if train else "test_step"
+    if getattr(type(trainer), step) is not getattr(Step, step):
         return None
     names = ["loss", *(trainer.metrics if train else trainer.eval_metrics)]
     if train:
