@@ -81,14 +81,14 @@ def test_early_stopping_stops_at_the_right_eval_and_keeps_counting_on_resume(tmp
     assert int(again.step.numpy()) == stop_step
 
 
-def test_a_monitor_that_is_not_in_the_logs_is_an_error_at_the_first_eval(tmp_path):
+def test_a_monitor_that_is_not_in_the_logs_is_an_error_before_the_first_step(tmp_path):
     from trainer import EarlyStopping, ReduceLROnPlateau
     from trainer.config import ConfigError
 
     trainer = classifier(None, [EarlyStopping(monitor="val_acc", mode="max")])
     with pytest.raises(ConfigError, match=r"monitor='val_acc' is not among the eval results \['accuracy', 'loss'\]"):
         trainer.fit(blobs(), blobs(64), steps=10)
-    assert int(trainer.step.numpy()) == 5
+    assert int(trainer.step.numpy()) == 0
     with pytest.raises(ConfigError, match=r"is not among the train logs \[.*'train/loss'"):
         classifier(None, [ReduceLROnPlateau(monitor="train/los", mode="min")]).fit(blobs(), steps=10)
 
@@ -262,3 +262,157 @@ def test_cli_callbacks_group_and_ema_export(tmp_path):
     assert raw != averaged
     model, _ = load_trained_model(str(run_dir))
     assert fingerprint(model) == averaged
+
+
+# -- review fixes: a misspelt monitor, rollback and plateau, a reused callback, a stopped run relaunched -----
+
+
+def checkpoint_steps(run_dir):
+    from trainer.checkpoint import list_checkpoints
+
+    return sorted(step for step, _ in list_checkpoints(run_dir / "checkpoints"))
+
+
+def test_a_misspelt_monitor_is_refused_before_training_also_with_eval_every_0(tmp_path):
+    """With eval_every=0 the first eval is the final one, after the last checkpoint: the name is checked at
+    the start instead (from Python and from the CLI), and nothing is trained or saved."""
+    from trainer import EarlyStopping
+    from trainer.config import ConfigError
+
+    trainer = classifier(tmp_path / "py", [EarlyStopping(monitor="acuracy", mode="max")], eval_every=0,
+                         checkpoint_every=10)
+    with pytest.raises(ConfigError, match=r"monitor='acuracy' is not among the eval results .*did you mean 'accuracy'"):
+        trainer.fit(blobs(), blobs(64), steps=25)
+    assert int(trainer.step.numpy()) == 0 and checkpoint_steps(tmp_path / "py") == []
+
+    run_dir = tmp_path / "cli"  # TINY: eval_every=0, checkpoint_every=20, max_steps=40
+    result = run_cli(*TINY, "callbacks=[early_stopping]", "callbacks.early_stopping.monitor=acuracy",
+                     "callbacks.early_stopping.mode=max", f"hydra.run.dir={run_dir}")
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-2000:]
+    assert "did you mean 'accuracy'" in output and "Traceback" not in output
+    assert checkpoint_steps(run_dir) == []
+
+
+def test_a_monitor_an_overridden_test_step_lacks_fails_after_the_end_save(tmp_path):
+    """An overridden test_step's names are known only once it runs: the error comes at the final evaluation,
+    and the steps since the last checkpoint are saved before it."""
+    import keras
+    import tensorflow as tf
+
+    from trainer import EarlyStopping, Trainer
+    from trainer.config import ConfigError
+
+    class Scored(Trainer):
+        def test_step(self, data):
+            x, y = data
+            predicted = tf.argmax(self.model(x, training=False), axis=-1, output_type=tf.int32)
+            return {"score": tf.reduce_mean(tf.cast(predicted == y, tf.float32))}
+
+    trainer = Scored(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]),
+                     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                     optimizer=lambda: keras.optimizers.SGD(0.05), run_dir=tmp_path, best_metric=None,
+                     callbacks=[EarlyStopping(monitor="scor", mode="max")], log_every=5, eval_every=0,
+                     checkpoint_every=10, progress_bar=False, tensorboard=False, verbose=False)
+    with pytest.raises(ConfigError, match=r"monitor='scor' is not among the eval results \['score'\]"):
+        trainer.fit(blobs(), blobs(64), steps=25)
+    assert checkpoint_steps(tmp_path) == [10, 20, 25]
+
+
+class LrAfterRollback:
+    """Each log's learning rate (after ReduceLROnPlateau, before the divergence guard) and the rate at the
+    save point that follows a rollback (the step moved back)."""
+
+    def __init__(self):
+        from trainer import Callback
+
+        outer = self
+
+        class _Record(Callback):
+            def on_log(self, trainer, step, logs):
+                outer.logged = (step, lr_now(trainer))
+
+            def on_save_point(self, trainer, step, reason):
+                if step < outer.logged[0] and outer.after is None:
+                    outer.diverged, outer.after = outer.logged[1], lr_now(trainer)
+
+        self.callback, self.logged, self.diverged, self.after = _Record(), (0, None), None, None
+
+
+def lr_now(trainer) -> float:
+    import keras
+
+    return float(keras.ops.convert_to_numpy(trainer.optimizer.learning_rate))
+
+
+@pytest.mark.parametrize("schedule", [True, False])
+def test_a_rollback_halves_the_rate_that_diverged_after_plateau_reductions(tmp_path, schedule):
+    """Plateau reductions after the last checkpoint, then a divergence: the rate after the rollback is half
+    the one that diverged (the plateau's scale is not taken back from the checkpoint)."""
+    import keras
+
+    from trainer import ReduceLROnPlateau, Trainer
+
+    def make(lr, **options):  # a linear regression with SGD: diverges above a rate of ~0.8
+        rate = keras.optimizers.schedules.CosineDecay(lr, 100_000) if schedule else lr
+        return Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)]),
+                       loss=keras.losses.MeanSquaredError(), optimizer=lambda: keras.optimizers.SGD(rate),
+                       run_dir=tmp_path, log_every=1, checkpoint_every=10, best_metric=None, progress_bar=False,
+                       tensorboard=False, verbose=False, **options)
+
+    train, _, _ = regression()
+    patient = ReduceLROnPlateau(monitor="train/loss", mode="min", patience=100)  # its state is in the checkpoints
+    make(0.3, callbacks=[patient]).fit(train, steps=20)  # converged; checkpoints at 10 and 20
+    record = LrAfterRollback()
+    plateau = ReduceLROnPlateau(monitor="train/loss", mode="min", patience=1, factor=0.9, min_delta=1e9)
+    make(3.0, on_divergence="rollback", callbacks=[plateau, record.callback]).fit(train, steps=40)
+    assert record.after is not None, "no rollback"
+    assert record.diverged < 3.0 * 0.9  # lowered by the plateau after the checkpoint of step 20
+    assert record.after == pytest.approx(record.diverged / 2, rel=1e-5)
+
+
+def test_a_callback_given_to_another_trainer_starts_fresh_there_and_resumes_its_own_run(tmp_path):
+    """One ReduceLROnPlateau object through three Trainers: run a, run b (another folder: its own counts,
+    its schedule scaled), then run a resumed (the counts and scale of a's checkpoint)."""
+    import keras
+
+    from trainer import ReduceLROnPlateau
+    from trainer.optim import build_optimizer
+
+    plateau = ReduceLROnPlateau(monitor="train/loss", mode="min", patience=1, factor=0.5, min_delta=1e9)
+    options = {"_target_": "keras.optimizers.SGD", "lr": 0.1, "momentum": 0.0, "schedule": "cosine"}
+
+    def make(run_dir):
+        return classifier(run_dir, [plateau], optimizer=lambda: build_optimizer(options, 30), log_every=5,
+                          eval_every=0, checkpoint_every=5)
+
+    base = keras.optimizers.schedules.CosineDecay(0.1, 30)
+    for run_dir, steps in ((tmp_path / "a", 15), (tmp_path / "b", 15), (tmp_path / "a", 30)):
+        make(run_dir).fit(blobs(), steps=steps)
+    for run_dir in (tmp_path / "a", tmp_path / "b"):
+        rows = [r for r in read_metrics(run_dir) if r["split"] == "train"]
+        # Each log after the run's first lowers the rate after it is written: row k shows k - 1 reductions.
+        expected = [float(base(r["step"])) * 0.5 ** max(k - 1, 0) for k, r in enumerate(rows)]
+        np.testing.assert_allclose([r["lr"] for r in rows], expected, rtol=1e-5, err_msg=str(run_dir))
+    assert len(rows) == 3 and plateau.last_step == 30
+
+
+def test_a_run_that_early_stopping_ended_trains_evaluates_and_saves_nothing_when_relaunched(tmp_path, caplog):
+    import logging
+
+    from trainer import EarlyStopping
+
+    def run():  # the eval loss falls: with mode=max the second evaluation stops the run
+        classifier(tmp_path, [EarlyStopping(monitor="loss", mode="max", patience=1)]).fit(blobs(), blobs(64), steps=60)
+
+    run()
+    rows, saved = read_metrics(tmp_path), checkpoint_steps(tmp_path)
+    assert rows[-1]["split"] == "eval" and rows[-1]["step"] == saved[-1] < 60
+    index = tmp_path / "checkpoints" / f"ckpt-{saved[-1]}.index"
+    written = index.stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        run()
+    assert read_metrics(tmp_path) == rows and checkpoint_steps(tmp_path) == saved
+    assert index.stat().st_mtime_ns == written
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "Early stopping ended this run" in said and "nothing saved" in said

@@ -179,15 +179,37 @@ class Loop:
 
     def _finish(self) -> None:
         t = self.trainer
-        if self.step == self.start >= self.total:  # a finished run started again: no new rows, no new save
-            log.info("The run is already at step %d of %d: nothing to train (raise trainer.max_steps to "
-                     "continue it).", self.step, self.total)
+        if self.step == self.start and (self.start >= self.total or t.stop_training):  # no new rows, no new save
+            if self.start >= self.total:  # a finished run started again
+                log.info("The run is already at step %d of %d: nothing to train (raise trainer.max_steps to "
+                         "continue it).", self.step, self.total)
+            else:  # a run that early stopping ended, say (the callback said why)
+                log.info("Stopped at step %d before training a step (a callback set trainer.stop_training at the "
+                         "start): nothing trained, no new evaluation row, nothing saved.", self.step)
             if self.eval_data is not None:
                 self.eval_logs = t.evaluate(self.eval_data, step=self.step)
             return
         if self.eval_data is not None and self.eval_logs.get("step") != self.step:  # not again after an early stop
-            self.eval_logs = t.evaluate(self.eval_data, step=self.step, callbacks=self.callbacks)
+            try:
+                self.eval_logs = t.evaluate(self.eval_data, step=self.step, callbacks=self.callbacks)
+            except Exception as e:
+                self._save_before_failing(e)
+                raise
         self.callbacks.on_save_point(t, self.step, "end")
+
+    def _save_before_failing(self, error: Exception) -> None:
+        """The final evaluation failed (or a callback refused its results: a monitor named a log an overridden
+        test_step does not return, say): the steps trained since the last checkpoint are saved first."""
+        t = self.trainer
+        if t.checkpointer is None or self.step == self.start:
+            return
+        try:
+            self.callbacks.on_save_point(t, self.step, "end")
+        except Exception:  # noqa: BLE001 - the evaluation's error is the one to report
+            log.exception("Saving step %d after the final evaluation failed did not work either", self.step)
+            return
+        log.warning("The final evaluation at step %d failed (%s: %s); the trained steps were saved first: %s.",
+                    self.step, type(error).__name__, str(error)[:200], t.checkpointing.last_path)
         if self.interrupted.signum is not None:  # a checkpoint at the last step means the run is complete
             log.warning("Received %s during the last loop: finished the run (final evaluation and save) "
                         "instead of stopping one loop early.", signal.Signals(self.interrupted.signum).name)

@@ -4,19 +4,25 @@ stops improving (EarlyStopping), lower the learning rate on a plateau (ReduceLRO
 Both watch one value: an eval result, named as `trainer.best_metric` names it (`loss`, `accuracy`), or a
 train log as `train/NAME` (`train/loss`). Each event (an evaluation, or a train log) is judged once, so
 the final evaluation at the step where the run stopped does not count twice. Their counts are in every
-checkpoint (state_dict): a resumed run goes on counting where it stopped.
+checkpoint (state_dict): a resumed run goes on counting where it stopped. The counts belong to one Trainer:
+an object given to another Trainer starts fresh there (or from that Trainer's checkpoint), as Keras'
+callbacks reset in on_train_begin.
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import math
-from typing import Dict, Optional
+import weakref
+from typing import Dict, List, Optional
 
 import keras
 
 from trainer.callbacks.base import Callback
 from trainer.callbacks.divergence import scale_schedule
 from trainer.config import ConfigError, EarlyStoppingConfig, ReduceLROnPlateauConfig
+from trainer.memory import memory_logs
+from trainer.step import Step
 
 log = logging.getLogger("trainer.callbacks")
 
@@ -37,6 +43,22 @@ def resolve_mode(mode: str, monitor: str, key: str) -> str:
                       "or max.")
 
 
+def log_names(trainer, train: bool) -> Optional[List[str]]:
+    """The names a train log (train=True) or an eval result of `trainer` holds, known before its first step;
+    None when an overridden train_step/test_step may add names of its own (known once it is traced)."""
+    step = "train_step" if train else "test_step"
+    if getattr(type(trainer), step) is not getattr(Step, step):
+        return None
+    names = ["loss", *(trainer.metrics if train else trainer.eval_metrics)]
+    if train:
+        names += ["examples_per_sec", *memory_logs()]
+        for name, updater in trainer.updaters.items():
+            prefix = "" if len(trainer.updaters) == 1 else f"{name}/"
+            fields = ["lr", "grad_norm", "skipped_steps"] + (["loss_scale"] if updater.loss_scale.enabled else [])
+            names += [prefix + field for field in fields]
+    return sorted(set(names))
+
+
 class Monitor(Callback):
     """The value a subclass watches, its best so far, and the events since it last improved (`wait`).
     Subclasses implement `judge(trainer, step, value)`."""
@@ -47,6 +69,12 @@ class Monitor(Callback):
         self.monitor = monitor[len("eval/"):] if monitor.startswith("eval/") else monitor
         self.mode = resolve_mode(mode, self.monitor, self.key)
         self.min_delta = min_delta
+        self.owner = None  # a weak reference to the Trainer the counts belong to
+        self.restored = False  # load_state_dict ran since the last on_train_begin: the counts are a checkpoint's
+        self.fresh()
+
+    def fresh(self) -> None:
+        """The counts of a run that has judged nothing yet."""
         self.best: Optional[float] = None
         self.best_step: Optional[int] = None
         self.wait = 0
@@ -58,6 +86,7 @@ class Monitor(Callback):
     def load_state_dict(self, state: Dict) -> None:
         self.best, self.best_step = state["best"], state["best_step"]
         self.wait, self.last_step = int(state["wait"]), int(state["last_step"])
+        self.restored = True
 
     @property
     def best_or_nan(self) -> float:
@@ -69,11 +98,40 @@ class Monitor(Callback):
         return value < reference - self.min_delta if self.mode == "min" else value > reference + self.min_delta
 
     def on_train_begin(self, trainer) -> None:
+        if self.owner is None or self.owner() is not trainer:
+            self.adopt(trainer)
+        self.restored = False
+        self.check_monitor(trainer)
         self.events, self.start_step = 0, int(trainer.step.numpy())  # events judged in this fit() call, from where
         if not self.monitor.startswith("train/") and not trainer.config.eval_every:
             log.warning("%s watches the eval result %r, and trainer.eval_every=0 evaluates at the end only: it cannot "
                         "act during training. Fix: set trainer.eval_every, or monitor a train log (train/loss).",
                         type(self).__name__, self.monitor)
+
+    def adopt(self, trainer) -> None:
+        """This object's first fit() call with `trainer` (a first run, or it is reused by another Trainer): the
+        counts start fresh, unless its checkpoint just restored them (a resume)."""
+        if not self.restored:
+            self.fresh()
+        self.owner = weakref.ref(trainer)
+
+    def check_monitor(self, trainer) -> None:
+        """A monitor name that no log of this trainer can hold is refused before the first step (at the first
+        event, it may be the final evaluation, after the last checkpoint)."""
+        train = self.monitor.startswith("train/")
+        names = log_names(trainer, train)
+        name = self.monitor[len("train/"):] if train else self.monitor
+        if names is not None and name not in names:
+            self.refuse(name, names, "train logs" if train else "eval results")
+
+    def refuse(self, name: str, names: List[str], what: str) -> None:
+        prefix = "train/" if what == "train logs" else ""
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
+        raise ConfigError(
+            f"{type(self).__name__}: monitor={self.monitor!r} is not among the {what} {[prefix + n for n in names]}"
+            f"{hint}. Fix: {self.key}.monitor=<one of them> (an eval result as trainer.best_metric names it, or a "
+            "train log as train/NAME).")
 
     def on_log(self, trainer, step, logs) -> None:
         if self.monitor.startswith("train/"):
@@ -86,17 +144,13 @@ class Monitor(Callback):
     def _event(self, trainer, step: int, logs: Dict, name: str, what: str) -> None:
         if step <= self.last_step:  # the final evaluation of a step already judged (an early stop)
             return
-        if name not in logs:
-            names = sorted(k for k in logs if k not in ("step", "split"))
-            prefix = "train/" if what == "train logs" else ""
-            raise ConfigError(
-                f"{type(self).__name__}: monitor={self.monitor!r} is not among the {what} {[prefix + n for n in names]}. "
-                f"Fix: {self.key}.monitor=<one of them> (an eval result as trainer.best_metric names it, or a train "
-                "log as train/NAME).")
+        if name not in logs:  # an overridden step's logs (checked here, when they are known)
+            self.refuse(name, sorted(k for k in logs if k not in ("step", "split")), what)
         self.last_step, self.events = step, self.events + 1
         self.judge(trainer, step, float(logs[name]))
 
     def on_train_end(self, trainer, summary) -> None:
+        self.restored = False  # a rollback's restore, in this fit() call: not a resume of a later Trainer
         trained = summary.get("step", self.start_step) > self.start_step
         if trained and not self.events and not summary.get("failed") and not summary.get("interrupted"):
             log.warning("%s judged nothing in this fit() call: no %s reached it. Fix: give fit() eval data and set "
@@ -120,6 +174,9 @@ class EarlyStopping(Monitor):
                             baseline=baseline, start_from_step=start_from_step)  # checks the ranges
         super().__init__(monitor, mode, min_delta)
         self.patience, self.baseline, self.start_from_step = patience, baseline, start_from_step
+
+    def fresh(self) -> None:
+        super().fresh()
         self.stopped_step: Optional[int] = None
 
     def state_dict(self) -> Dict:
@@ -169,18 +226,30 @@ class ReduceLROnPlateau(Monitor):
                                 cooldown=cooldown, min_lr=min_lr)  # checks the ranges
         super().__init__(monitor, mode, min_delta)
         self.patience, self.factor, self.cooldown, self.min_lr = patience, factor, cooldown, min_lr
+        self.scales: Dict[str, object] = {}  # optimizer name -> the ScaledSchedule's variable (of `owner`'s optimizers)
+
+    def fresh(self) -> None:
+        super().fresh()
         self.cooling = 0  # events left in the cooldown
         self.scale: Dict[str, float] = {}  # optimizer name -> the factor its schedule is multiplied by
-        self.scales: Dict[str, object] = {}  # optimizer name -> the ScaledSchedule's variable
+        self.restored_scale: Dict[str, float] = {}  # the checkpoint's, taken on a resume (see adopt)
 
     def state_dict(self) -> Dict:
         return {**super().state_dict(), "cooling": self.cooling, "scale": dict(self.scale)}
 
     def load_state_dict(self, state: Dict) -> None:
+        """On a resume, the checkpoint's scales apply when the schedules are wrapped (adopt). On a rollback
+        (the divergence guard restores a checkpoint mid-run) the scales in use are kept, as constant rates
+        are: the guard halves the rate that diverged, reductions made since that checkpoint included."""
         super().load_state_dict(state)
-        self.cooling, self.scale = int(state["cooling"]), {k: float(v) for k, v in state["scale"].items()}
-        for name, variable in self.scales.items():  # a rollback restores the state of an older checkpoint
-            variable.assign(self.scale.get(name, 1.0))
+        self.cooling = int(state["cooling"])
+        self.restored_scale = {k: float(v) for k, v in state["scale"].items()}
+
+    def adopt(self, trainer) -> None:
+        restored = self.restored
+        super().adopt(trainer)
+        self.scales = {}  # another Trainer's variables, if any: this one's schedules are wrapped below
+        self.scale = dict(self.restored_scale) if restored else {}
 
     def on_train_begin(self, trainer) -> None:
         super().on_train_begin(trainer)
