@@ -22,3 +22,30 @@ def test_verbose_false_prints_no_eval_bar(capfd):
     err = capfd.readouterr().err
     assert "loss" in logs
     assert "eval:" not in err and "batch" not in err and "train:" not in err, err[-2000:]
+
+
+def test_a_sweep_metric_the_run_does_not_log_fails_before_the_first_job(tmp_path):
+    """Not 'set trainer.sweep_mode', nor trials that train and then fail: exit 2 naming what the run logs."""
+    from tests.conftest import run_cli
+
+    sweep = tmp_path / "sweep"
+    result = run_cli("-m", "hydra/sweeper=optuna", "recipe=mnist", "trainer.sweep_metric=val_acc",
+                     "hydra.sweeper.n_trials=2", "optimizer.lr=interval(1e-3,1e-2)", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "trainer.sweep_metric=val_acc" in result.stderr and "loss, accuracy" in result.stderr, result.stderr[-3000:]
+    assert "sweep_mode" not in result.stderr and "Traceback" not in result.stderr
+    assert not sweep.exists() or not any(sweep.glob("*/metrics.jsonl"))  # no trial ran
+
+
+def test_a_recipe_step_may_log_other_names_so_only_a_warning(caplog):
+    from omegaconf import OmegaConf
+
+    from trainer.config import ConfigError
+    from trainer.sweep import check_sweep_metric
+
+    cfg = OmegaConf.create({"trainer": {"sweep_metric": "d_loss"}, "metrics": {}, "trainer_class": "recipes.gan.GanTrainer"})
+    check_sweep_metric(cfg)  # the GAN's step logs d_loss: a warning only
+    assert "d_loss" in caplog.text and "trainer_class=recipes.gan.GanTrainer" in caplog.text
+    check_sweep_metric(OmegaConf.create({"trainer": {"sweep_metric": "accuracy"}, "metrics": {"accuracy": {}}}))
+    with pytest.raises(ConfigError, match="logs no 'acc'.*loss, accuracy"):
+        check_sweep_metric(OmegaConf.create({"trainer": {"sweep_metric": "acc"}, "metrics": {"accuracy": {}}}))
