@@ -49,3 +49,24 @@ def test_a_recipe_step_may_log_other_names_so_only_a_warning(caplog):
     check_sweep_metric(OmegaConf.create({"trainer": {"sweep_metric": "accuracy"}, "metrics": {"accuracy": {}}}))
     with pytest.raises(ConfigError, match="logs no 'acc'.*loss, accuracy"):
         check_sweep_metric(OmegaConf.create({"trainer": {"sweep_metric": "acc"}, "metrics": {"accuracy": {}}}))
+
+
+@pytest.mark.parametrize("given, expected", [
+    ("trainer.profile_steps=5", "trainer.profile_steps takes two steps: trainer.profile_steps=[N,M]"),
+    ("logger=[jsonl,cvs]", "no logger named 'cvs'. Fix: choose from csv, jsonl, mlflow, tensorboard"),
+])
+def test_overrides_hydra_rejects_without_a_fix_exit_2_with_one(given, expected, monkeypatch, capsys):
+    """Hydra's "int is not a ListConfig" / "Could not load 'logger/cvs'" (exit 1, no options) become exit 2."""
+    from trainer.cli import main
+
+    monkeypatch.setattr("sys.argv", ["trainer", "recipe=mnist", given])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_good_list_overrides_pass_the_check():
+    from trainer.argv_check import problem_in
+
+    assert problem_in(["logger=[jsonl,csv]", "trainer.profile_steps=[1,2]", "trainer.profile_steps=null", "data.x=[1]"]) is None
+    assert "no logger named 'cvs'" in problem_in(["-m", "logger=[jsonl],[cvs]"])  # each choice of a sweep
