@@ -70,3 +70,21 @@ def test_good_list_overrides_pass_the_check():
 
     assert problem_in(["logger=[jsonl,csv]", "trainer.profile_steps=[1,2]", "trainer.profile_steps=null", "data.x=[1]"]) is None
     assert "no logger named 'cvs'" in problem_in(["-m", "logger=[jsonl],[cvs]"])  # each choice of a sweep
+
+
+def test_resuming_with_another_use_ema_names_it_and_export_loading_is_no_warm_start(tmp_path, caplog):
+    import logging
+
+    from trainer.checkpoint import CheckpointError, warm_start
+
+    run = tmp_path / "run"
+    first = _trainer(verbose=False, run_dir=run, checkpoint_every=2)
+    first.fit(blobs(), steps=2)
+    averaged = Trainer(model=lambda: keras.Sequential([keras.layers.Dense(8, activation="relu"), keras.layers.Dense(2)]),
+                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                       optimizer=lambda: keras.optimizers.Adam(1e-2, use_ema=True), run_dir=run, verbose=False)
+    with pytest.raises(CheckpointError, match="optimizer.use_ema"):
+        averaged.fit(blobs(), steps=4)
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        warm_start(first.model, str(run / "checkpoints"), purpose="Loading weights")  # as export and doctor load
+    assert "Loading weights from" in caplog.text and "Warm start" not in caplog.text
