@@ -135,10 +135,10 @@ def plot_runs(paths: Sequence[str]):
 
 
 def _legend_shape(runs: List[Run]):
-    """(columns, extra inches): two columns of short names, one of long ones; 0.6 in holds two rows."""
+    """(columns, extra inches): two columns of short names, one of long ones; 0.6 in holds three rows."""
     columns = 2 if all(len(line) <= LABEL_WIDTH * 2 // 3 for run in runs for line in run.label.split("\n")) else 1
     rows = math.ceil(2 * sum(run.label.count("\n") + 1 for run in runs) / columns)  # train and eval entries
-    return columns, max(0, rows - 2) * 0.17
+    return columns, max(0, rows - 3) * 0.17
 
 
 def draw_runs(runs: List[Run]):
