@@ -90,3 +90,32 @@ def test_bad_input_exits_2_with_the_fix_and_writes_nothing(tmp_path, capsys, mon
     assert exit_.value.code == 2 and "cannot write" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as when matplotlib is not installed
     assert "needs matplotlib, which is not installed. Fix: pip install -e '.[bench]'" in fails(str(run))
+
+
+def test_long_names_wrap_below_the_panels_are_keyed_when_cut_and_a_single_point_has_a_marker(tmp_path, capsys):
+    """Legends of long override lists stayed on one line, off the figure; a one-event run drew nothing."""
+    import matplotlib.image
+
+    shared = ["recipe=mnist"]
+    long_a = [f"model.hidden_{i}=12{i}" for i in range(6)]  # about 100 characters: two lines
+    long_b = [f"optimizer.option_number_{i}=0.00{i}" for i in range(9)]  # more than 3 lines: cut to #2
+    a = write_run(tmp_path / "a", rows_of(False), shared + long_a)
+    b = write_run(tmp_path / "b", rows_of(False)[:1], shared + long_b)  # one train log event
+    fig = plot_runs([str(a), str(b)])
+    names = [line.get_label() for line in fig.get_axes()[0].get_lines()]
+    assert names[0].startswith("model.hidden_0=120,") and "\n" in names[0] and "recipe=mnist" not in names[0]
+    assert all(len(line) <= 60 for name in names for line in name.split("\n")[:-1])
+    assert names[2].startswith("#2: optimizer.option_number_0=0.000") and "\n" not in names[2]
+    single = fig.get_axes()[0].get_lines()[2]
+    assert list(single.get_xdata()) == [10] and single.get_marker() == "o"  # drawn, as a dot
+    out = tmp_path / "long.png"
+    main([str(a), str(b), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "#2: " + ",".join(long_b) in printed  # the key: the whole name
+    image = matplotlib.image.imread(out)
+    assert image.shape[1] == 800 and image.shape[0] > 540  # 2 panels, 0.6 in, and room for the wrapped names
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig.draw(renderer := FigureCanvasAgg(fig).get_renderer())  # constrained layout places the legend
+    legend = fig.legends[0].get_window_extent(renderer)
+    assert legend.x0 >= 0 and legend.x1 <= fig.bbox.width and legend.y0 >= 0  # inside the figure

@@ -85,7 +85,7 @@ def repair_state_file(directory: Path) -> None:
 
 def _check_compatible(objects: Dict, prefix: str) -> None:
     """A changed model or optimizer must be a clear error, not a partial restore or a 'corrupt file'."""
-    optimizer = "the optimizer (its type, or options that add state such as amsgrad or momentum)"
+    optimizer = "the optimizer (its type, or options that add state such as amsgrad, momentum or optimizer.use_ema)"
     for name, what in (("model", "the model"), ("optimizer", optimizer), ("models", "the models"), ("optimizers", optimizer)):
         if name not in objects:
             continue
@@ -345,8 +345,10 @@ def _resolve_checkpoint(path: str) -> str:
     )
 
 
-def warm_start(model, path: str) -> Dict[str, List[str]]:
+def warm_start(model, path: str, purpose: str = "Warm start") -> Dict[str, List[str]]:
     """Loads model weights only (no optimizer, no step) and reports restored / missing / unexpected.
+
+    `purpose` starts the log line: "Warm start" for trainer.init_from, "Loading weights" for export/doctor.
 
     TF checkpoints are matched by object structure, one variable at a time, so a new head of another
     shape is reported as mismatched and left at its initial value; .keras/.weights.h5 files go through
@@ -364,7 +366,7 @@ def warm_start(model, path: str) -> Dict[str, List[str]]:
             model.load_weights(path, skip_mismatch=True)
         # Keras' loader does not say which layers it skipped (it warns about each); the report cannot either.
         report = {"restored": [v.path for v in model.weights], "missing": [], "unexpected": [], "mismatched": []}
-        log.info("Warm start from %s: Keras loader, layers of mismatched shapes skipped (see its warnings)", path)
+        log.info("%s from %s: Keras loader, layers of mismatched shapes skipped (see its warnings)", purpose, path)
         return report
     prefix = _resolve_checkpoint(path)
     reader, rows, saved = match_variables(model, prefix)
@@ -380,8 +382,8 @@ def warm_start(model, path: str) -> Dict[str, List[str]]:
     ours = {name for name, *_ in rows}
     unexpected = sorted(p for p in saved if p.startswith("model/") and p not in ours)
     log.info(
-        "Warm start from %s: restored %d variables, missing %d %s, mismatched %d %s, unexpected %d %s",
-        prefix, len(restored), len(missing), missing[:5], len(mismatched), mismatched[:5], len(unexpected), unexpected[:5],
+        "%s from %s: restored %d variables, missing %d %s, mismatched %d %s, unexpected %d %s",
+        purpose, prefix, len(restored), len(missing), missing[:5], len(mismatched), mismatched[:5], len(unexpected), unexpected[:5],
     )
     if not restored:
         raise CheckpointError(f"trainer.init_from={path!r}: no variable of this model is in {prefix}")

@@ -289,6 +289,12 @@ def _job_failed(code: int, message: str) -> None:
 
 
 def main() -> None:
+    from trainer.argv_check import problem_in
+
+    problem = problem_in(sys.argv[1:])  # what Hydra would reject without the fix (trainer/argv_check.py)
+    if problem:
+        print(f"[trainer][ERROR] - {problem}", file=sys.stderr)
+        sys.exit(2)
     _hydra_main()
 
 

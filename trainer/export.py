@@ -82,7 +82,7 @@ def load_trained_model(source: str, policy: str = "float32") -> Tuple[Any, Any]:
                               "Fix: in Python, rebuild them, restore the checkpoint and save the one you need "
                               "(trainer.models[name].save(...)).")
     model(sample, training=False)  # build
-    report = warm_start(model, prefix)
+    report = warm_start(model, prefix, purpose="Loading weights")
     if report["missing"] or report["mismatched"]:
         raise ValueError(f"{prefix} does not hold all of this model's weights: {report}")
     log.info("Loaded %s from %s (%d variables)", model.name, prefix, len(report["restored"]))

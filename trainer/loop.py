@@ -247,7 +247,7 @@ def evaluate(trainer, eval_data, *, steps: Optional[int], step: int, callbacks=N
     if t._eval_function is None:
         t._eval_function = make_eval_function(t, holder[0])
     bar = None
-    if t.config.progress_bar:
+    if t.config.verbose and t.config.progress_bar:  # verbose=False: nothing on the terminal
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, desc="eval", unit="batch", leave=False, dynamic_ncols=True)

@@ -5,12 +5,14 @@
 A RUN is a run folder (runs/<recipe>/<time>) or a multirun folder, which stands for its jobs. One panel
 per loss or metric (train: solid line, eval: dots), then the loss scale (log axis) and the skipped steps
 when a run has them (mixed_float16). Each run's lines are named by its overrides, less those all the
-plotted runs share (.hydra/overrides.yaml; the folder's name when the run has none).
+plotted runs share (.hydra/overrides.yaml; the folder's name when the run has none), wrapped at 60
+characters below the panels; a name longer than 3 lines is cut to `#N: ...` and printed in full as a key.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,8 @@ from trainer.sweep import differing, recorded_overrides
 
 EXIT_USER_ERROR = 2
 NOT_CURVES = HIDDEN | {"step", "split", "time"}  # speed and optimizer state; loss scale has its own panels; memory is no curve
+LABEL_WIDTH, LABEL_LINES = 60, 3  # a legend entry's characters per line, and lines before it is cut to #N
+FEW_POINTS = 5  # a train series with fewer points gets markers (one point draws no line)
 INSTALL_MATPLOTLIB = "pip install -e '.[bench]' (or pip install matplotlib==3.11.2)"
 
 
@@ -33,6 +37,7 @@ class PlotError(ValueError):
 class Run:
     label: str
     rows: List[Dict[str, Any]]
+    full_label: str = ""  # the whole label when `label` (the legend's) is cut short
 
     def series(self, split: str, key: str):
         points = [(r["step"], r[key]) for r in self.rows
@@ -79,10 +84,34 @@ def load_runs(paths: Sequence[str]) -> List[Run]:
     labels = [",".join(kept) or f.name for f, kept in zip(folders, differing(overrides))]
     if len(set(labels)) < len(labels):  # runs with the same overrides: their folders tell them apart
         labels = [f"{label} ({f.name})" if label != f.name else label for label, f in zip(labels, folders)]
-    runs = [Run(label, _read_rows(f)) for label, f in zip(labels, folders)]
+    runs = [Run(_legend_label(label, number), _read_rows(f), label) for number, (label, f) in enumerate(zip(labels, folders), 1)]
     if not any(run.rows for run in runs):
         raise PlotError(f"the metrics.jsonl of {', '.join(map(str, folders))} hold no logs yet. Fix: plot once the run has logged.")
     return runs
+
+
+def _wrapped(label: str) -> List[str]:
+    """The label in lines of at most LABEL_WIDTH characters, broken after an override's comma."""
+    lines = [""]
+    for part in label.split(","):
+        if lines[-1] and len(lines[-1]) + 1 + len(part) > LABEL_WIDTH:
+            lines[-1] += ","
+            lines.append(part)
+        else:
+            lines[-1] = f"{lines[-1]},{part}" if lines[-1] else part
+    return [chunk for line in lines for chunk in (line[i:i + LABEL_WIDTH] for i in range(0, len(line), LABEL_WIDTH))]
+
+
+def _legend_label(label: str, number: int) -> str:
+    lines = _wrapped(label)
+    if len(lines) <= LABEL_LINES:
+        return "\n".join(lines)
+    return f"#{number}: {lines[0][:LABEL_WIDTH - 8]}..."
+
+
+def label_key(runs: List[Run]) -> List[str]:
+    """`#N: the whole label` for each run whose legend entry is cut short."""
+    return [f"{run.label.split(':')[0]}: {run.full_label}" for run in runs if run.label != "\n".join(_wrapped(run.full_label))]
 
 
 def _panels(runs: List[Run]) -> List[str]:
@@ -102,22 +131,34 @@ def _panels(runs: List[Run]) -> List[str]:
 
 def plot_runs(paths: Sequence[str]):
     """A matplotlib Figure of the runs' curves (no pyplot: no display or global state needed)."""
+    return draw_runs(load_runs(paths))
+
+
+def _legend_shape(runs: List[Run]):
+    """(columns, extra inches): two columns of short names, one of long ones; 0.6 in holds three rows."""
+    columns = 2 if all(len(line) <= LABEL_WIDTH * 2 // 3 for run in runs for line in run.label.split("\n")) else 1
+    rows = math.ceil(2 * sum(run.label.count("\n") + 1 for run in runs) / columns)  # train and eval entries
+    return columns, max(0, rows - 3) * 0.17
+
+
+def draw_runs(runs: List[Run]):
     try:
         from matplotlib.figure import Figure
     except ImportError:
         raise PlotError(f"trainer.plot needs matplotlib, which is not installed. Fix: {INSTALL_MATPLOTLIB}") from None
-    runs = load_runs(paths)
     panels = _panels(runs)
     if not panels:
         raise PlotError("the runs logged no loss or metric to plot.")
-    fig = Figure(figsize=(8, 2.4 * len(panels) + 0.6), layout="constrained")
+    columns, legend_inches = _legend_shape(runs)
+    fig = Figure(figsize=(8, 2.4 * len(panels) + 0.6 + legend_inches), layout="constrained")
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
     colors = [f"C{i % 10}" for i in range(len(runs))]
     for ax, key in zip(axes, panels):
         for run, color in zip(runs, colors):
             steps, values = run.series("train", key)
             if steps:
-                ax.plot(steps, values, color=color, label=f"{run.label} train")
+                few = {"marker": "o", "markersize": 4} if len(steps) < FEW_POINTS else {}
+                ax.plot(steps, values, color=color, label=f"{run.label} train", **few)
             steps, values = run.series("eval", key)
             if steps:
                 ax.plot(steps, values, color=color, linestyle="--", marker="o", markersize=4, label=f"{run.label} eval")
@@ -127,7 +168,7 @@ def plot_runs(paths: Sequence[str]):
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("step")
     handles, names = axes[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside upper center", ncols=min(2, len(names)), fontsize="small")
+    fig.legend(handles, names, loc="outside lower center", ncols=min(columns, len(names)), fontsize="small")
     return fig
 
 
@@ -142,8 +183,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", default="runs.png", help="the PNG to write (default: runs.png)")
     args = parser.parse_args(argv)
     try:
-        fig = plot_runs(args.runs)
-        fig.savefig(args.out, dpi=100)
+        runs = load_runs(args.runs)
+        draw_runs(runs).savefig(args.out, dpi=100)
     except PlotError as e:
         _fail(str(e))
     except OSError as e:
@@ -151,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValueError as e:  # matplotlib: an --out suffix it has no writer for
         _fail(f"cannot write {args.out}: {e}. Fix: give --out a .png path.")
     print(f"Wrote {args.out}")
+    for line in label_key(runs):
+        print(line)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,28 @@ def sweep_objective(trainer_cfg: Any) -> Tuple[str, str]:
     return metric, mode
 
 
+def logged_names(config: Any) -> List[str]:
+    """The names a run's final (eval) logs hold: the loss and the config's `metrics` keys."""
+    return ["loss", *(str(name) for name in (config.get("metrics") or {}))]
+
+
+def check_sweep_metric(config: Any) -> None:
+    """An explicit trainer.sweep_metric the run will not log: a ConfigError before the first job (else every
+    trial trains, then fails). A recipe's own trainer_class step may log other names: then only a warning."""
+    from trainer.config import ConfigError
+
+    metric, names = getattr(config.trainer, "sweep_metric", None), logged_names(config)
+    if not metric or metric in names:
+        return
+    problem = (f"trainer.sweep_metric={metric}: the run logs no {metric!r}; its eval logs hold "
+               f"{', '.join(names)}. Fix: set trainer.sweep_metric to one of them")
+    trainer_class = str(config.get("trainer_class") or "trainer.Trainer")
+    if trainer_class != "trainer.Trainer":
+        log.warning("%s, unless trainer_class=%s's step logs %r.", problem, trainer_class, metric)
+        return
+    raise ConfigError(problem + " (or add it to metrics).")
+
+
 def sweep_direction(trainer_cfg: Any) -> str:
     """hydra/sweeper=optuna's `direction: ${sweep_direction:${trainer}}` (register_sweeper_configs)."""
     return {"max": "maximize", "min": "minimize"}[sweep_objective(trainer_cfg)[1]]
@@ -242,6 +264,7 @@ class SweepSummary(HydraCallback):
             problem = _missing_sweeper(config)
             if problem:
                 raise ConfigError(problem)
+            check_sweep_metric(config)  # before the sweep_mode question: a wrong name needs another fix
             metric, mode = _objective(config)
         except ConfigError as e:
             _fail(e)  # exit 2 before the sweeper is made

@@ -3,7 +3,7 @@
 TensorFlow writes the trace itself (`tf.profiler.experimental.start(logdir)` ... `stop()`) as
 `<logdir>/plugins/profile/<time>/<host>.xplane.pb`; with logdir = the run folder's tensorboard/,
 `tensorboard --logdir RUN/tensorboard` shows it in its Profile tab (the tensorboard-plugin-profile
-package: `pip install "trainer[profile]"`). The loop ends a loop at step N-1 and at step M
+package: `pip install -e ".[profile]"`). The loop ends a loop at step N-1 and at step M
 (loop.steps_to_next_event), so the trace holds exactly steps N..M whatever steps_per_loop is; it starts
 after step N-1's logs, evaluation and checkpoint, and stops as soon as step M's loop returns. A loop that
 went past step N-1 (trainer.jit_compile=measure's first loop does not stop at the cuts: it does not measure
@@ -87,7 +87,7 @@ class Profiler(Callback):
         new = sorted(set(self._folders()) - self.before) or sorted(self._folders())[-1:]
         self.folder = new[-1] if new else self.logdir / "plugins" / "profile"
         log.info("Profile of train steps %d..%d written to %s; view it with: tensorboard --logdir %s (Profile tab, "
-                 'needs pip install "trainer[profile]")', self.first, step, self.folder, self.logdir)
+                 'needs pip install -e ".[profile]")', self.first, step, self.folder, self.logdir)
 
     def _folders(self):
         root = self.logdir / "plugins" / "profile"

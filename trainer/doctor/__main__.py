@@ -83,7 +83,7 @@ def trained_weights(model_builder, sample_x, prefix: str) -> list:
     from trainer.doctor.model_table import build_under
 
     model = build_under(model_builder, "float32", sample_x)
-    report = warm_start(model, prefix)
+    report = warm_start(model, prefix, purpose="Loading weights")
     if report["missing"] or report["mismatched"]:
         raise DoctorError(f"{prefix} does not hold all of this model's weights: {report}")
     return model.get_weights()
