@@ -111,3 +111,35 @@ def test_doctor_on_a_trained_run_and_its_recommended_command_trains(tmp_path):
     assert command[:3] == ["python", "-m", "trainer"] and "model.hidden_units=[16]" in command
     again = run_cli(*command[3:], *TRAIN_FEW_STEPS, f"hydra.run.dir={tmp_path / 'recommended'}")
     assert again.returncode == 0, again.stderr[-2000:]
+
+
+def test_unwritable_out_exits_2_before_measuring_and_options_may_come_between_overrides(tmp_path, capsys):
+    """The --out check runs before the minutes of measuring (no report lost at the end); `--quick` and
+    `--out` between overrides parse (parse_intermixed_args)."""
+    from trainer.doctor.__main__ import main
+
+    regular_file = tmp_path / "a_file"
+    regular_file.write_text("")
+    argv = ["recipe=mnist", "--quick", "data.batch_size=32", "--out", str(regular_file / "sub"), "model.hidden_units=[16]"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "cannot be written" in err and str(regular_file / "sub") in err and "Traceback" not in err
+    assert main(["--out", str(regular_file), "recipe=mnist"]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_run_given_as_a_checkpoint_resolves_to_its_run_folder(tmp_path, capsys):
+    from trainer.doctor.__main__ import load_run, main
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    (run / "checkpoints").mkdir()
+    for suffix in (".index", ".data-00000-of-00001"):
+        (run / "checkpoints" / f"ckpt-20{suffix}").write_text("")
+    for given in (run / "checkpoints" / "ckpt-20", run / "checkpoints", run):
+        _, _, prefix, folder = load_run(str(given))
+        assert folder == run and prefix.endswith("ckpt-20")  # doctor.* go to the run, not checkpoints/
+    assert main(["--run", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a run folder" in err and "a .keras file has none" in err
