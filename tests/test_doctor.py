@@ -143,3 +143,79 @@ def test_run_given_as_a_checkpoint_resolves_to_its_run_folder(tmp_path, capsys):
     assert main(["--run", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert "is not a run folder" in err and "a .keras file has none" in err
+
+
+def test_recommendation_needs_a_win_in_every_round_and_claims_no_memory_within_noise():
+    """The verdict of trainer.jit_compile=measure: a faster median that lost one interleaved round is not
+    recommended; a memory difference within the RSS noise is not called a saving."""
+    from trainer.doctor import recommend
+    from trainer.doctor.report import render_text
+
+    def row(policy, batch, per_example, memory):
+        name = f"{policy} XLA off batch {batch}"
+        median = sorted(per_example)[len(per_example) // 2]
+        return {"name": name, "policy": policy, "xla": False, "batch": batch, "examples_per_sec": 1 / median,
+                "steps_per_sec": 1 / median / batch, "seconds_per_example": per_example, "memory_mb": memory,
+                "memory_kind": "process_rss", "spread": max(per_example) / min(per_example),
+                "first_call_seconds": 1.0, "xla_layout": "XLA off"}
+
+    baseline = row("float32", 32, [1.0, 1.0, 1.0], 150.0)
+    lucky = row("mixed_bfloat16", 32, [0.5, 0.6, 1.1], 40.0)  # much faster median, lost the third round
+    report = {"meta": {"command": "", "wall_seconds": 1.0}, "speed": {  # from Python: no command
+        "rounds": 3, "configs": [baseline, lucky], "skipped": [], "memory_means": "RSS growth"},
+        "numerics": {"float16": {"safe": True, "blockers": []}, "bfloat16": {"safe": True, "blockers": []}}}
+    rec = recommend(report, [], baseline_xla=False, batch=32)
+    assert rec["config"] == baseline["name"] and "every round" in rec["notes"][0]
+
+    bigger = row("float32", 64, [0.8, 0.9, 0.85], 130.0)  # won every round; 20 MiB apart is RSS noise
+    report["speed"]["configs"].append(bigger)
+    rec = recommend(report, [], baseline_xla=False, batch=32)
+    assert rec["config"] == bigger["name"] and rec["memory_difference_measurable"] is False
+    report["recommendation"] = rec
+    del report["numerics"]  # rendered from its full section only; the recommendation is what is checked here
+    text = render_text(report)
+    assert "no difference beyond the measurement's noise" in text and "MiB less" not in text
+    assert text.splitlines()[0] == "python -m trainer.doctor report"  # no empty "()"
+
+
+def test_tensorflow_warnings_are_printed_once():
+    """main() configures logging; TensorFlow's logger has its own handler and must not also reach the root's."""
+    import subprocess
+    import sys
+
+    script = ("import sys, tensorflow as tf; from trainer.doctor.__main__ import main; "
+              "code = main(['--quick', 'notanoverride']); tf.get_logger().warning('retracing, say'); sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.count("retracing, say") == 1, done.stderr[-2000:]
+
+
+def test_no_fitting_loss_scale_blocks_float16_and_weightless_layers_get_their_gradient():
+    """A loss scaled by 1e5 makes the largest gradient too big for any scale (>= 1) with 8x headroom:
+    said so, and a blocker. A Rescaling of the inputs has no weights upstream: its output gradient is
+    measured (watched), not shown as 0."""
+    import keras
+    import tensorflow as tf
+
+    from trainer.doctor.numerics import numerics_section
+    from trainer.doctor.report import _numerics_lines
+
+    def build():
+        inputs = keras.Input((4,))
+        x = keras.layers.Rescaling(2.0, name="pre")(inputs)
+        x = keras.layers.Dense(8, name="hidden")(x)
+        return keras.Model(inputs, keras.layers.Dense(2, dtype="float32", name="logits")(x))
+
+    def huge_loss(y, logits):
+        return 1e5 * keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+
+    rng = np.random.default_rng(0)
+    batch = (tf.constant(rng.normal(size=(16, 4)), tf.float32), tf.constant(rng.integers(0, 2, 16), tf.int32))
+    numerics = numerics_section(build, huge_loss, [batch], progress=lambda m: None)
+    f16 = numerics["float16"]
+    assert f16["largest_gradient"] * 8 > 65504 and f16["scale_fits"] is False and not f16["safe"]
+    assert any("no loss scale keeps the largest gradient" in b for b in f16["blockers"])
+    text = "\n".join(_numerics_lines(numerics))
+    assert "float16 would overflow" in text and "<= 65504" not in text
+    pre = next(r for r in numerics["layers"] if r["layer"] == "pre")
+    assert pre["max_gradient"] is not None and pre["max_gradient"] > 0

@@ -161,6 +161,9 @@ def main(argv=None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)
+    import tensorflow as tf
+
+    tf.get_logger().propagate = False  # it has its own handler: through the root's too, each line came twice
     argv = sys.argv[1:] if argv is None else argv
     command = " ".join(["python -m trainer.doctor", *map(shlex.quote, argv)])
     try:
