@@ -4,6 +4,7 @@ for a trained run, and the command it recommends trains."""
 from __future__ import annotations
 
 import json
+import math
 import shlex
 
 import numpy as np
@@ -219,3 +220,33 @@ def test_no_fitting_loss_scale_blocks_float16_and_weightless_layers_get_their_gr
     assert "float16 would overflow" in text and "<= 65504" not in text
     pre = next(r for r in numerics["layers"] if r["layer"] == "pre")
     assert pre["max_gradient"] is not None and pre["max_gradient"] > 0
+
+
+def test_resnet_recipe_model_table_and_numerics_at_a_tiny_size():
+    """Issue 21's acceptance on the resnet recipe: its own builder (a ResNet-8, 8 filters, 32x32 images)
+    through diagnose's model and numerics sections: nested backbone layers are listed, BatchNormalization
+    is kept in float32, every conv's output gradient is measured and the logits are float32."""
+    import functools
+
+    import keras
+    import tensorflow as tf
+
+    from trainer.doctor import diagnose
+    from trainer.recipes.resnet import build_model
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, size=(16, 32, 32, 3)).astype("float32")
+    data = tf.data.Dataset.from_tensor_slices((images, rng.integers(0, 10, 16).astype("int32"))).batch(8)
+    builder = functools.partial(build_model, name="resnet8", base_filters=8, num_classes=10, image_size=32)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    report = diagnose(builder, data, loss, sections=("model", "numerics"), progress=lambda message: None)
+    rows = {r["name"]: r for r in report["model"]["layers"]}
+    assert "stage1_block1_1_conv" in rows or any(name.startswith("stage1_block1_1") for name in rows)
+    batch_norms = [r for r in rows.values() if r["class"] == "BatchNormalization"]
+    assert batch_norms and all(r["float32_reason"] for r in batch_norms)
+    assert report["model"]["outputs_float32"] is True  # the recipe's float32 logits head
+    numerics = report["numerics"]
+    assert numerics["batches"] == 2 and math.isfinite(numerics["reference_loss"])
+    convs = [r for r in numerics["layers"] if r["class"] == "Conv2D"]
+    assert convs and all(r["max_gradient"] is not None and r["max_gradient"] > 0 for r in convs)
+    assert numerics["float16"]["loss_scale"] >= 1 and numerics["bfloat16"]["error_vs_float32"]["finite"]
