@@ -250,3 +250,22 @@ def test_resnet_recipe_model_table_and_numerics_at_a_tiny_size():
     convs = [r for r in numerics["layers"] if r["class"] == "Conv2D"]
     assert convs and all(r["max_gradient"] is not None and r["max_gradient"] > 0 for r in convs)
     assert numerics["float16"]["loss_scale"] >= 1 and numerics["bfloat16"]["error_vs_float32"]["finite"]
+
+
+@pytest.mark.slow
+def test_quick_under_mirrored_on_two_logical_cpus(tmp_path):
+    """Issue 21's acceptance: `--quick` under strategy=mirrored strategy.logical_cpus=2 through the CLI,
+    options between overrides; every configuration is a two-replica Trainer, the recommended command keeps
+    the strategy, and TensorFlow's warnings are not doubled by the root logger."""
+    out = tmp_path / "doctor"
+    done = run_cli("strategy=mirrored", "--quick", "strategy.logical_cpus=2", "model.hidden_units=[16]",
+                   "data.batch_size=32", "--out", str(out), module="trainer.doctor")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "doctor.json").read_text())
+    assert report["hardware"]["replicas"] == 2
+    timed = [r for r in report["speed"]["configs"] if "steps_per_sec" in r]
+    assert timed and all(r["steps_per_call"] >= 1 and len(r["seconds_per_example"]) == 3 for r in timed)
+    command = shlex.split(report["recommendation"]["command"])
+    assert "strategy=mirrored" in command and "strategy.logical_cpus=2" in command
+    assert "warm-up (not measured)" in done.stderr and "WARNING tensorflow:" not in done.stderr
+    assert (out / "doctor.txt").read_text().strip() in done.stdout
