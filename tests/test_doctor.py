@@ -178,6 +178,10 @@ def test_recommendation_needs_a_win_in_every_round_and_claims_no_memory_within_n
     assert "no difference beyond the measurement's noise" in text and "MiB less" not in text
     assert text.splitlines()[0] == "python -m trainer.doctor report"  # no empty "()"
 
+    tie = row("mixed_bfloat16", 64, [0.79, 0.92, 0.84], 130.0)  # no faster than float32 at 64 in every round
+    report["speed"]["configs"].append(tie)
+    assert recommend(report, [], baseline_xla=False, batch=32)["config"] == bigger["name"]  # the simpler one
+
 
 def test_tensorflow_warnings_are_printed_once():
     """main() configures logging; TensorFlow's logger has its own handler and must not also reach the root's."""
