@@ -182,6 +182,13 @@ def test_recommendation_needs_a_win_in_every_round_and_claims_no_memory_within_n
     report["speed"]["configs"].append(tie)
     assert recommend(report, [], baseline_xla=False, batch=32)["config"] == bigger["name"]  # the simpler one
 
+    unlucky = row("float32", 64, [0.8, 1.1, 0.8], 130.0)  # lost one round to the baseline: no winner
+    only_winner = row("mixed_bfloat16", 64, [0.78, 0.8, 0.79], 130.0)  # won every round, tied with unlucky
+    report["speed"]["configs"] = [baseline, unlucky, only_winner]
+    rec = recommend(report, [], baseline_xla=False, batch=32)
+    assert rec["config"] == only_winner["name"]
+    assert any(unlucky["name"] in n and "no measurable difference" in n for n in rec["notes"])
+
 
 def test_tensorflow_warnings_are_printed_once():
     """main() configures logging; TensorFlow's logger has its own handler and must not also reach the root's."""

@@ -107,6 +107,12 @@ def recommend(report: dict, overrides: Sequence[str], baseline_xla: bool, batch:
             best = simpler
             break
     notes = []
+    unbeaten = [r for r in safe_rows if r is not baseline and r is not best and not beats(best, r)
+                and _complexity(r, batch) < _complexity(best, batch)]
+    if unbeaten:  # simpler, not beaten by best, yet no winner over the baseline itself: the noise decides
+        simplest = min(unbeaten, key=lambda r: _complexity(r, batch))
+        notes.append(f"{best['name']} was not faster than {simplest['name']} in every round and by "
+                     f"{SPEEDUP_OVER_NOISE - 1:.0%}: what they differ in made no measurable difference here")
     if not winners:
         notes.append(f"no safe configuration was faster than {baseline['name']} in every round and by "
                      f"{SPEEDUP_OVER_NOISE - 1:.0%} or more: keep it")
