@@ -185,6 +185,7 @@ def test_recommendation_needs_a_win_in_every_round_and_claims_no_memory_within_n
     unlucky = row("float32", 64, [0.8, 1.1, 0.8], 130.0)  # lost one round to the baseline: no winner
     only_winner = row("mixed_bfloat16", 64, [0.78, 0.8, 0.79], 130.0)  # won every round, tied with unlucky
     report["speed"]["configs"] = [baseline, unlucky, only_winner]
+    report["numerics"] = {"float16": {"safe": True, "blockers": []}, "bfloat16": {"safe": True, "blockers": []}}
     rec = recommend(report, [], baseline_xla=False, batch=32)
     assert rec["config"] == only_winner["name"]
     assert any(unlucky["name"] in n and "no measurable difference" in n for n in rec["notes"])
