@@ -4,6 +4,7 @@ for a trained run, and the command it recommends trains."""
 from __future__ import annotations
 
 import json
+import math
 import shlex
 
 import numpy as np
@@ -111,3 +112,172 @@ def test_doctor_on_a_trained_run_and_its_recommended_command_trains(tmp_path):
     assert command[:3] == ["python", "-m", "trainer"] and "model.hidden_units=[16]" in command
     again = run_cli(*command[3:], *TRAIN_FEW_STEPS, f"hydra.run.dir={tmp_path / 'recommended'}")
     assert again.returncode == 0, again.stderr[-2000:]
+
+
+def test_unwritable_out_exits_2_before_measuring_and_options_may_come_between_overrides(tmp_path, capsys):
+    """The --out check runs before the minutes of measuring (no report lost at the end); `--quick` and
+    `--out` between overrides parse (parse_intermixed_args)."""
+    from trainer.doctor.__main__ import main
+
+    regular_file = tmp_path / "a_file"
+    regular_file.write_text("")
+    argv = ["recipe=mnist", "--quick", "data.batch_size=32", "--out", str(regular_file / "sub"), "model.hidden_units=[16]"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "cannot be written" in err and str(regular_file / "sub") in err and "Traceback" not in err
+    assert main(["--out", str(regular_file), "recipe=mnist"]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_run_given_as_a_checkpoint_resolves_to_its_run_folder(tmp_path, capsys):
+    from trainer.doctor.__main__ import load_run, main
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    (run / "checkpoints").mkdir()
+    for suffix in (".index", ".data-00000-of-00001"):
+        (run / "checkpoints" / f"ckpt-20{suffix}").write_text("")
+    for given in (run / "checkpoints" / "ckpt-20", run / "checkpoints", run):
+        _, _, prefix, folder = load_run(str(given))
+        assert folder == run and prefix.endswith("ckpt-20")  # doctor.* go to the run, not checkpoints/
+    assert main(["--run", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a run folder" in err and "a .keras file has none" in err
+
+
+def test_recommendation_needs_a_win_in_every_round_and_claims_no_memory_within_noise():
+    """The verdict of trainer.jit_compile=measure: a faster median that lost one interleaved round is not
+    recommended; a memory difference within the RSS noise is not called a saving."""
+    from trainer.doctor import recommend
+    from trainer.doctor.report import render_text
+
+    def row(policy, batch, per_example, memory):
+        name = f"{policy} XLA off batch {batch}"
+        median = sorted(per_example)[len(per_example) // 2]
+        return {"name": name, "policy": policy, "xla": False, "batch": batch, "examples_per_sec": 1 / median,
+                "steps_per_sec": 1 / median / batch, "seconds_per_example": per_example, "memory_mb": memory,
+                "memory_kind": "process_rss", "spread": max(per_example) / min(per_example),
+                "first_call_seconds": 1.0, "xla_layout": "XLA off"}
+
+    baseline = row("float32", 32, [1.0, 1.0, 1.0], 150.0)
+    lucky = row("mixed_bfloat16", 32, [0.5, 0.6, 1.1], 40.0)  # much faster median, lost the third round
+    report = {"meta": {"command": "", "wall_seconds": 1.0}, "speed": {  # from Python: no command
+        "rounds": 3, "configs": [baseline, lucky], "skipped": [], "memory_means": "RSS growth"},
+        "numerics": {"float16": {"safe": True, "blockers": []}, "bfloat16": {"safe": True, "blockers": []}}}
+    rec = recommend(report, [], baseline_xla=False, batch=32)
+    assert rec["config"] == baseline["name"] and "every round" in rec["notes"][0]
+
+    bigger = row("float32", 64, [0.8, 0.9, 0.85], 130.0)  # won every round; 20 MiB apart is RSS noise
+    report["speed"]["configs"].append(bigger)
+    rec = recommend(report, [], baseline_xla=False, batch=32)
+    assert rec["config"] == bigger["name"] and rec["memory_difference_measurable"] is False
+    report["recommendation"] = rec
+    del report["numerics"]  # rendered from its full section only; the recommendation is what is checked here
+    text = render_text(report)
+    assert "no difference beyond the measurement's noise" in text and "MiB less" not in text
+    assert text.splitlines()[0] == "python -m trainer.doctor report"  # no empty "()"
+
+    tie = row("mixed_bfloat16", 64, [0.79, 0.92, 0.84], 130.0)  # no faster than float32 at 64 in every round
+    report["speed"]["configs"].append(tie)
+    assert recommend(report, [], baseline_xla=False, batch=32)["config"] == bigger["name"]  # the simpler one
+
+    unlucky = row("float32", 64, [0.8, 1.1, 0.8], 130.0)  # lost one round to the baseline: no winner
+    only_winner = row("mixed_bfloat16", 64, [0.78, 0.8, 0.79], 130.0)  # won every round, tied with unlucky
+    report["speed"]["configs"] = [baseline, unlucky, only_winner]
+    report["numerics"] = {"float16": {"safe": True, "blockers": []}, "bfloat16": {"safe": True, "blockers": []}}
+    rec = recommend(report, [], baseline_xla=False, batch=32)
+    assert rec["config"] == only_winner["name"]
+    assert any(unlucky["name"] in n and "either way" in n for n in rec["notes"])
+
+
+def test_tensorflow_warnings_are_printed_once():
+    """main() configures logging; TensorFlow's logger has its own handler and must not also reach the root's."""
+    import subprocess
+    import sys
+
+    script = ("import sys, tensorflow as tf; from trainer.doctor.__main__ import main; "
+              "code = main(['--quick', 'notanoverride']); tf.get_logger().warning('retracing, say'); sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.count("retracing, say") == 1, done.stderr[-2000:]
+
+
+def test_no_fitting_loss_scale_blocks_float16_and_weightless_layers_get_their_gradient():
+    """A loss scaled by 1e5 makes the largest gradient too big for any scale (>= 1) with 8x headroom:
+    said so, and a blocker. A Rescaling of the inputs has no weights upstream: its output gradient is
+    measured (watched), not shown as 0."""
+    import keras
+    import tensorflow as tf
+
+    from trainer.doctor.numerics import numerics_section
+    from trainer.doctor.report import _numerics_lines
+
+    def build():
+        inputs = keras.Input((4,))
+        x = keras.layers.Rescaling(2.0, name="pre")(inputs)
+        x = keras.layers.Dense(8, name="hidden")(x)
+        return keras.Model(inputs, keras.layers.Dense(2, dtype="float32", name="logits")(x))
+
+    def huge_loss(y, logits):
+        return 1e5 * keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+
+    rng = np.random.default_rng(0)
+    batch = (tf.constant(rng.normal(size=(16, 4)), tf.float32), tf.constant(rng.integers(0, 2, 16), tf.int32))
+    numerics = numerics_section(build, huge_loss, [batch], progress=lambda m: None)
+    f16 = numerics["float16"]
+    assert f16["largest_gradient"] * 8 > 65504 and f16["scale_fits"] is False and not f16["safe"]
+    assert any("no loss scale keeps the largest gradient" in b for b in f16["blockers"])
+    text = "\n".join(_numerics_lines(numerics))
+    assert "float16 would overflow" in text and "<= 65504" not in text
+    pre = next(r for r in numerics["layers"] if r["layer"] == "pre")
+    assert pre["max_gradient"] is not None and pre["max_gradient"] > 0
+
+
+def test_resnet_recipe_model_table_and_numerics_at_a_tiny_size():
+    """Issue 21's acceptance on the resnet recipe: its own builder (a ResNet-8, 8 filters, 32x32 images)
+    through diagnose's model and numerics sections: nested backbone layers are listed, BatchNormalization
+    is kept in float32, every conv's output gradient is measured and the logits are float32."""
+    import functools
+
+    import keras
+    import tensorflow as tf
+
+    from trainer.doctor import diagnose
+    from trainer.recipes.resnet import build_model
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, size=(16, 32, 32, 3)).astype("float32")
+    data = tf.data.Dataset.from_tensor_slices((images, rng.integers(0, 10, 16).astype("int32"))).batch(8)
+    builder = functools.partial(build_model, name="resnet8", base_filters=8, num_classes=10, image_size=32)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    report = diagnose(builder, data, loss, sections=("model", "numerics"), progress=lambda message: None)
+    rows = {r["name"]: r for r in report["model"]["layers"]}
+    assert "stage1_block1_1_conv" in rows or any(name.startswith("stage1_block1_1") for name in rows)
+    batch_norms = [r for r in rows.values() if r["class"] == "BatchNormalization"]
+    assert batch_norms and all(r["float32_reason"] for r in batch_norms)
+    assert report["model"]["outputs_float32"] is True  # the recipe's float32 logits head
+    numerics = report["numerics"]
+    assert numerics["batches"] == 2 and math.isfinite(numerics["reference_loss"])
+    convs = [r for r in numerics["layers"] if r["class"] == "Conv2D"]
+    assert convs and all(r["max_gradient"] is not None and r["max_gradient"] > 0 for r in convs)
+    assert numerics["float16"]["loss_scale"] >= 1 and numerics["bfloat16"]["error_vs_float32"]["finite"]
+
+
+@pytest.mark.slow
+def test_quick_under_mirrored_on_two_logical_cpus(tmp_path):
+    """Issue 21's acceptance: `--quick` under strategy=mirrored strategy.logical_cpus=2 through the CLI,
+    options between overrides; every configuration is a two-replica Trainer, the recommended command keeps
+    the strategy, and TensorFlow's warnings are not doubled by the root logger."""
+    out = tmp_path / "doctor"
+    done = run_cli("strategy=mirrored", "--quick", "strategy.logical_cpus=2", "model.hidden_units=[16]",
+                   "data.batch_size=32", "--out", str(out), module="trainer.doctor")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "doctor.json").read_text())
+    assert report["hardware"]["replicas"] == 2
+    timed = [r for r in report["speed"]["configs"] if "steps_per_sec" in r]
+    assert timed and all(r["steps_per_call"] >= 1 and len(r["seconds_per_example"]) == 3 for r in timed)
+    command = shlex.split(report["recommendation"]["command"])
+    assert "strategy=mirrored" in command and "strategy.logical_cpus=2" in command
+    assert "warm-up (not measured)" in done.stderr and "WARNING tensorflow:" not in done.stderr
+    assert (out / "doctor.txt").read_text().strip() in done.stdout

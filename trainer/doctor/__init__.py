@@ -164,7 +164,7 @@ def diagnose(model: Callable, data, loss, optimizer: Optional[Callable] = None, 
                 config=dataclasses.replace(trainer_config, jit_compile=xla, progress_bar=False, verbose=False,
                                            tensorboard=False, init_from=None))
 
-        report["speed"] = speed_section(make_trainer, data_for_batch, configs, skipped, rounds=2 if quick else 5,
+        report["speed"] = speed_section(make_trainer, data_for_batch, configs, skipped, rounds=3 if quick else 5,
                                         call_seconds=0.1 if quick else 0.2, progress=progress)
         report["recommendation"] = recommend(report, overrides, baseline_xla(trainer_config, strategy), batch_size)
     keras.mixed_precision.set_dtype_policy("float32")

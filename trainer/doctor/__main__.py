@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--run", help="a run folder: its config and its latest checkpoint's weights")
     parser.add_argument("--quick", action="store_true", help="the given batch size only, fewer rounds, one numerics batch")
     parser.add_argument("--out", help="folder for doctor.json / doctor.png (default: runs/doctor/<date_time>, or the run folder)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may come between overrides
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         raise DoctorError(f"{bad[0]!r} is not a config override (key=value) or an option (--run, --quick, --out)")
@@ -66,16 +66,23 @@ def compose_config(overrides: List[str]):
     return cfg
 
 
-def load_run(folder: str) -> Tuple[object, List[str], str]:
-    """(config, its overrides, the latest checkpoint) of a run folder."""
+def load_run(folder: str) -> Tuple[object, List[str], str, Path]:
+    """(config, its overrides, the latest checkpoint, the run folder itself) of a run folder (or of a
+    folder or checkpoint inside it)."""
     from omegaconf import OmegaConf
 
     from trainer.export import _find_run
 
-    run, prefix = _find_run(Path(folder).expanduser())
+    try:
+        run, prefix = _find_run(Path(folder).expanduser())
+    except FileNotFoundError:  # export's message offers a .keras file: the doctor needs the run's config
+        raise DoctorError(f"{folder} is not a run folder (with .hydra/config.yaml), its checkpoints/ folder or a "
+                          "ckpt-N prefix; the doctor needs the run's config (a .keras file has none: give "
+                          "its overrides instead of --run)") from None
     recorded = run / ".hydra" / "overrides.yaml"
     overrides = [str(o) for o in OmegaConf.load(recorded)] if recorded.exists() else []
-    return OmegaConf.load(run / ".hydra" / "config.yaml"), [o for o in overrides if not o.startswith("hydra.")], prefix
+    config = OmegaConf.load(run / ".hydra" / "config.yaml")
+    return config, [o for o in overrides if not o.startswith("hydra.")], prefix, run
 
 
 def trained_weights(model_builder, sample_x, prefix: str) -> list:
@@ -127,12 +134,25 @@ def diagnose_config(cfg, overrides: List[str], quick: bool, prefix: Optional[str
     )
 
 
-def _out_folder(args) -> Path:
+def _out_folder(args, run_folder: Optional[Path]) -> Path:
     if args.out:
         return Path(args.out)
-    if args.run:
-        return Path(args.run)
+    if run_folder is not None:
+        return run_folder
     return Path("runs") / "doctor" / time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def _prepare_out_folder(out: Path) -> None:
+    """Creates --out and checks it takes a file before the minutes of measuring, not after."""
+    if out.exists() and not out.is_dir():
+        raise DoctorError(f"--out {out} is a file; give a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".doctor-write-check"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise DoctorError(f"--out {out} cannot be written ({e.strerror or e}); give a folder you can write to") from None
 
 
 def main(argv=None) -> int:
@@ -141,17 +161,19 @@ def main(argv=None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)
+    import tensorflow as tf
+
+    tf.get_logger().propagate = False  # it has its own handler: through the root's too, each line came twice
     argv = sys.argv[1:] if argv is None else argv
     command = " ".join(["python -m trainer.doctor", *map(shlex.quote, argv)])
     try:
         args = parse_args(argv)
-        out = _out_folder(args)
-        if out.exists() and not out.is_dir():
-            raise DoctorError(f"--out {out} is a file; give a folder")
         if args.run:
-            cfg, overrides, prefix = load_run(args.run)
+            cfg, overrides, prefix, run_folder = load_run(args.run)
         else:
-            cfg, overrides, prefix = compose_config(args.overrides), args.overrides, None
+            cfg, overrides, prefix, run_folder = compose_config(args.overrides), args.overrides, None, None
+        out = _out_folder(args, run_folder)
+        _prepare_out_folder(out)
         report = diagnose_config(cfg, overrides, args.quick, prefix, command)
     except Exception as e:  # noqa: BLE001 - the user errors below exit 2 with their message
         from trainer.checkpoint import CheckpointError
@@ -168,12 +190,11 @@ def main(argv=None) -> int:
             raise
         print(f"error: {cause}", file=sys.stderr)
         return EXIT_USER_ERROR
-    out.mkdir(parents=True, exist_ok=True)
     text = render_text(report)
+    print(text, flush=True)  # first: the report is on screen even if writing the files fails
     write_json(report, out / "doctor.json")
     (out / "doctor.txt").write_text(text + "\n")
     missing_plot = plot_report(report, out / "doctor.png")
-    print(text)
     print(missing_plot or f"wrote {out / 'doctor.json'}, {out / 'doctor.png'} and {out / 'doctor.txt'}")
     if missing_plot:
         print(f"wrote {out / 'doctor.json'} and {out / 'doctor.txt'}")

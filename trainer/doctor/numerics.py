@@ -68,7 +68,9 @@ class _Counts:
 
 def reference_pass(model: keras.Model, loss_fn, batches: Sequence) -> dict:
     """float32, training mode, eager: per layer the largest |activation| and |gradient of the loss with
-    respect to it|, and the counts of weight and activation gradient magnitudes."""
+    respect to it| (None when the loss does not depend on it), and the counts of weight and activation
+    gradient magnitudes. The outputs are watched: a layer with no weights upstream (a Rescaling of the
+    inputs) still gets its gradient."""
     layers: Dict[str, dict] = {}
     weight_grads, activation_grads = _Counts(), _Counts()
     for batch in batches:
@@ -77,6 +79,7 @@ def reference_pass(model: keras.Model, loss_fn, batches: Sequence) -> dict:
         def on_output(name, layer, outputs):
             floats = [t for t in tf.nest.flatten(outputs) if getattr(t, "dtype", tf.int32).is_floating]
             if floats:
+                tape.watch(floats)
                 recorded.append((name, layer, floats))
 
         with tf.GradientTape() as tape, LayerProbe(model, on_output):
@@ -90,19 +93,24 @@ def reference_pass(model: keras.Model, loss_fn, batches: Sequence) -> dict:
         activation_grad = iter(grads[len(variables):])
         for name, layer, floats in recorded:
             row = layers.setdefault(name, {"layer": name, "class": type(layer).__name__,
-                                           "max_activation": 0.0, "max_gradient": 0.0})
+                                           "max_activation": 0.0, "max_gradient": None})
             for t in floats:
                 row["max_activation"] = max(row["max_activation"], float(tf.reduce_max(tf.abs(t))))
                 g = next(activation_grad)
                 if g is not None:
                     activation_grads.add(g)
-                    row["max_gradient"] = max(row["max_gradient"], float(tf.reduce_max(tf.abs(g))))
+                    row["max_gradient"] = max(row["max_gradient"] or 0.0, float(tf.reduce_max(tf.abs(g))))
     return {"layers": layers, "weight_grads": weight_grads, "activation_grads": activation_grads}
 
 
+def scale_fits(largest_gradient: float, scale: float) -> bool:
+    return largest_gradient * scale * HEADROOM <= FLOAT16_MAX
+
+
 def choose_scale(largest_gradient: float) -> float:
-    """The largest power of two in SCALES with largest_gradient x scale x HEADROOM <= 65504 (1 at least)."""
-    fitting = [s for s in SCALES if largest_gradient * s * HEADROOM <= FLOAT16_MAX]
+    """The largest power of two in SCALES with largest_gradient x scale x HEADROOM <= 65504; 1 when none
+    fits (scale_fits then says so: a blocker for float16)."""
+    fitting = [s for s in SCALES if scale_fits(largest_gradient, s)]
     return max(fitting) if fitting else 1.0
 
 
@@ -167,9 +175,13 @@ def relative_errors(reference: dict, other: dict) -> dict:
 def _float16_verdict(layers: List[dict], reference: dict, scale: float, errors: dict, kept_float32: set) -> dict:
     weight_grads, activation_grads = reference["weight_grads"], reference["activation_grads"]
     overflowing = [r for r in layers if r["max_activation"] >= FLOAT16_MAX and r["layer"] not in kept_float32]
-    scaled_overflow = [r for r in layers if r["max_gradient"] * scale >= FLOAT16_MAX and r["layer"] not in kept_float32]
+    scaled_overflow = [r for r in layers if (r["max_gradient"] or 0.0) * scale >= FLOAT16_MAX and r["layer"] not in kept_float32]
     underflow = max(weight_grads.flushed(scale), activation_grads.flushed(scale))
+    largest = max(weight_grads.largest, activation_grads.largest)
     blockers = []
+    if not scale_fits(largest, scale):
+        blockers.append(f"no loss scale keeps the largest gradient ({largest:.3g}) in range ({HEADROOM:g}x below "
+                        f"{FLOAT16_MAX:g}): float16 would overflow")
     if overflowing:
         blockers.append("activations overflow float16 in " + ", ".join(f"{r['layer']} ({r['class']}, max {r['max_activation']:.3g})"
                                                                       for r in overflowing))
@@ -186,13 +198,13 @@ def _float16_verdict(layers: List[dict], reference: dict, scale: float, errors: 
                         f"(limits {ERROR_LIMITS['loss']}, {ERROR_LIMITS['gradients']})")
     classes = sorted({r["class"] for r in overflowing})
     return {
-        "loss_scale": scale,
+        "loss_scale": scale, "scale_fits": scale_fits(largest, scale),
         "underflow": {"weight_gradients": {"unscaled": weight_grads.flushed(1.0), "at_scale": weight_grads.flushed(scale)},
                       "activation_gradients": {"unscaled": activation_grads.flushed(1.0),
                                                "at_scale": activation_grads.flushed(scale)}},
         "underflow_by_scale": [{"scale": s, "weight_gradients": weight_grads.flushed(s),
                                 "activation_gradients": activation_grads.flushed(s)} for s in SCALES],
-        "largest_gradient": max(weight_grads.largest, activation_grads.largest),
+        "largest_gradient": largest,
         "overflowing_layers": [r["layer"] for r in overflowing],
         "float32_layers_override": f"precision.float32_layers=[{','.join(classes)}]" if classes else None,
         "error_vs_float32": errors, "blockers": blockers, "safe": not blockers,

@@ -9,7 +9,13 @@ import shlex
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from trainer.timing import rounds_won
+
 SPEEDUP_OVER_NOISE = 1.05  # a configuration must be 5% faster than float32 to be worth recommending
+# Memory readings closer than this are noise: on a CPU, RSS growth depends on what earlier configurations
+# freed (reused by later ones); a GPU allocator's peak is exact to its block size.
+MEMORY_NOISE_MB = {"gpu_allocator_peak": 4.0}
+RSS_MEMORY_NOISE_MB, RSS_MEMORY_NOISE_FRACTION = 32.0, 0.2
 REPLACED_KEYS = ("precision", "precision.policy", "trainer.jit_compile", "data.batch_size", "precision.initial_scale")
 DEFAULT_INITIAL_SCALE = 2.0**15
 NOISY_SPREAD = 1.5  # slowest / fastest call of a configuration above which its speed is called uncertain
@@ -63,6 +69,27 @@ def model_changes(report: dict) -> List[str]:
     return changes
 
 
+def beats(candidate: dict, baseline: dict) -> bool:
+    """The verdict of `trainer.jit_compile=measure` (trainer/timing.py rounds_won): faster per example in
+    every interleaved round (the two calls of a round are adjacent in time, so a burst of load rarely
+    favours one side in all of them), and by SPEEDUP_OVER_NOISE on the medians."""
+    if candidate["examples_per_sec"] < baseline["examples_per_sec"] * SPEEDUP_OVER_NOISE:
+        return False
+    per_example = {"candidate": candidate.get("seconds_per_example"), "baseline": baseline.get("seconds_per_example")}
+    if not per_example["candidate"] or not per_example["baseline"]:
+        return True  # a report without per-round times: the medians alone
+    return rounds_won(per_example, "candidate", "baseline") == min(map(len, per_example.values()))
+
+
+def _complexity(row: dict, batch: int) -> tuple:
+    """What a configuration changes from a float32 run of the given batch: fewer is simpler."""
+    return (row["policy"] != "float32") + row["xla"] + (row["batch"] != batch), row["batch"]
+
+
+def memory_noise_mb(kind: Optional[str], baseline_mb: float) -> float:
+    return MEMORY_NOISE_MB.get(kind, max(RSS_MEMORY_NOISE_MB, RSS_MEMORY_NOISE_FRACTION * abs(baseline_mb)))
+
+
 def recommend(report: dict, overrides: Sequence[str], baseline_xla: bool, batch: int,
               program: str = "python -m trainer") -> Optional[dict]:
     """The fastest safe measured configuration against float32 at the given batch and XLA setting."""
@@ -73,11 +100,22 @@ def recommend(report: dict, overrides: Sequence[str], baseline_xla: bool, batch:
     baseline = next((r for r in rows if r["policy"] == "float32" and r["batch"] == batch and r["xla"] == baseline_xla),
                     next((r for r in rows if r["policy"] == "float32"), rows[0]))
     safe_rows = [r for r in rows if safety[r["policy"]][0]] or [baseline]
-    best = max(safe_rows, key=lambda r: r["examples_per_sec"])
+    winners = [r for r in safe_rows if r is not baseline and beats(r, baseline)]
+    best = max(winners, key=lambda r: r["examples_per_sec"]) if winners else baseline
+    for simpler in sorted(winners, key=lambda r: _complexity(r, batch)):  # a tie goes to the simpler one
+        if _complexity(simpler, batch) < _complexity(best, batch) and not beats(best, simpler):
+            best = simpler
+            break
     notes = []
-    if best is not baseline and best["examples_per_sec"] < baseline["examples_per_sec"] * SPEEDUP_OVER_NOISE:
-        notes.append(f"nothing measured {SPEEDUP_OVER_NOISE - 1:.0%} or more faster than {baseline['name']}: keep it")
-        best = baseline
+    unbeaten = [r for r in safe_rows if r is not baseline and r is not best and not beats(best, r)
+                and _complexity(r, batch) < _complexity(best, batch)]
+    if unbeaten:  # simpler, not beaten by best, yet no winner over the baseline itself: the noise decides
+        closest = max(unbeaten, key=lambda r: r["examples_per_sec"])
+        notes.append(f"it did not beat the simpler {closest['name']} ({closest['examples_per_sec']:.0f} examples/s) "
+                     f"in every round and by {SPEEDUP_OVER_NOISE - 1:.0%}: the noise could rank those two either way")
+    if not winners:
+        notes.append(f"no safe configuration was faster than {baseline['name']} in every round and by "
+                     f"{SPEEDUP_OVER_NOISE - 1:.0%} or more: keep it")
     kept = [o for o in overrides if _key(o) not in REPLACED_KEYS]
     chosen = [f"precision={best['policy']}", f"trainer.jit_compile={'true' if best['xla'] else 'false'}",
               f"data.batch_size={best['batch']}"]
@@ -94,17 +132,22 @@ def recommend(report: dict, overrides: Sequence[str], baseline_xla: bool, batch:
                      "optimization (fewer updates per epoch); raise optimizer.lr about as much (linear scaling rule) "
                      "and check the accuracy")
     memory = None  # MiB the recommended configuration saves (negative: costs) over the baseline
+    memory_measurable = False  # the difference is beyond the measurement's noise
     if baseline.get("memory_mb") is not None and best.get("memory_mb") is not None:
         memory = baseline["memory_mb"] - best["memory_mb"]
+        memory_measurable = abs(memory) > memory_noise_mb(baseline.get("memory_kind"), baseline["memory_mb"])
     blocked = {policy: reasons for policy, (ok, reasons) in safety.items() if not ok}
     return {"config": best["name"], "baseline": baseline["name"],
             "speedup": best["examples_per_sec"] / baseline["examples_per_sec"], "memory_saving_mb": memory,
+            "memory_difference_measurable": memory_measurable,
             "memory_mb": {"recommended": best.get("memory_mb"), "baseline": baseline.get("memory_mb"),
                           "means": (report.get("speed") or {}).get("memory_means")},
             "command": " ".join([program, *map(shlex.quote, kept + chosen)]), "blocked": blocked,
             "model_changes": model_changes(report), "notes": notes,
             "rule": f"the fastest measured configuration (examples/s) whose precision passed the numerics checks, "
-                    f"if {SPEEDUP_OVER_NOISE - 1:.0%} or more faster than float32 at the given batch"}
+                    f"if faster per example than float32 at the given batch in every interleaved round and by "
+                    f"{SPEEDUP_OVER_NOISE - 1:.0%} or more on the medians; a simpler one (float32, XLA off, the "
+                    f"given batch) it did not beat so is kept instead"}
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence]) -> List[str]:
@@ -155,9 +198,13 @@ def _numerics_lines(num: dict) -> List[str]:
         f"  underflow (fraction of nonzero gradient values): weights {u['weight_gradients']['unscaled']:.2%} unscaled, "
         f"{u['weight_gradients']['at_scale']:.2%} at scale {f16['loss_scale']:g}; layer outputs "
         f"{u['activation_gradients']['unscaled']:.2%} unscaled, {u['activation_gradients']['at_scale']:.2%} at scale {f16['loss_scale']:g}",
-        f"  loss scale that keeps both in range: {f16['loss_scale']:g} (largest gradient {_g(f16['largest_gradient'])} x scale "
-        f"x {num['limits']['headroom_of_chosen_scale']:g} <= {num['float16_max']:g})",
     ]
+    if f16.get("scale_fits", True):
+        lines.append(f"  loss scale that keeps both in range: {f16['loss_scale']:g} (largest gradient {_g(f16['largest_gradient'])} "
+                     f"x scale x {num['limits']['headroom_of_chosen_scale']:g} <= {num['float16_max']:g})")
+    else:
+        lines.append(f"  loss scale: no scale keeps the largest gradient ({_g(f16['largest_gradient'])}) in range: "
+                     f"float16 would overflow (underflow above is at scale 1)")
     e = f16["error_vs_float32"]
     lines.append(f"  mixed_float16 run of the first batch at that scale: " + (
         f"loss error {e['loss']:.2g}, gradient error {e['gradients']:.2g} (relative to float32)" if e["finite"] else "inf/NaN"))
@@ -192,9 +239,16 @@ def _recommendation_lines(rec: Optional[dict]) -> List[str]:
     if rec is None:
         return ["5. RECOMMENDATION: none (no configuration was measured)"]
     mem = rec["memory_mb"]
-    saving = "memory not measured" if rec["memory_saving_mb"] is None else (
-        f"memory {abs(rec['memory_saving_mb']):.0f} MiB {'less' if rec['memory_saving_mb'] >= 0 else 'more'} "
-        f"({mem['recommended']:.0f} vs {mem['baseline']:.0f} MiB: {mem['means']})")
+    if rec["memory_saving_mb"] is None:
+        saving = "memory not measured"
+    elif rec["config"] == rec["baseline"]:
+        saving = f"memory {mem['baseline']:.0f} MiB ({mem['means']})"
+    elif not rec.get("memory_difference_measurable", True):
+        saving = (f"memory: no difference beyond the measurement's noise ({mem['recommended']:.0f} vs "
+                  f"{mem['baseline']:.0f} MiB: {mem['means']})")
+    else:
+        saving = (f"memory {abs(rec['memory_saving_mb']):.0f} MiB {'less' if rec['memory_saving_mb'] >= 0 else 'more'} "
+                  f"({mem['recommended']:.0f} vs {mem['baseline']:.0f} MiB: {mem['means']})")
     lines = ["5. RECOMMENDATION", f"  {rec['config']}: {rec['speedup']:.2f}x the examples/s of {rec['baseline']}; {saving}",
              f"  train with:  {rec['command']}"]
     lines += [f"  note: {n}" for n in rec["notes"]]
@@ -205,7 +259,8 @@ def _recommendation_lines(rec: Optional[dict]) -> List[str]:
 
 
 def render_text(report: dict) -> str:
-    lines = [f"python -m trainer.doctor report ({report['meta']['command']})", ""]
+    command = report["meta"].get("command")
+    lines = ["python -m trainer.doctor report" + (f" ({command})" if command else ""), ""]
     for key, render in (("hardware", _hardware_lines), ("model", _model_lines), ("numerics", _numerics_lines),
                         ("speed", _speed_lines)):
         if report.get(key):

@@ -1,13 +1,17 @@
 """Section 4, speed and memory: steps/s and memory of each precision x XLA x batch size, measured with the
-Trainer's own compiled loop (`Trainer.run_steps`), a few timed calls each after warm-up, in interleaved
-rounds (trainer/timing.py) so that a burst of load from another process hits every configuration alike.
+Trainer's own compiled loop (`Trainer.run_steps`), in interleaved rounds (trainer/timing.py) so that a burst
+of load from another process hits every configuration alike. A configuration's timed call runs about
+`call_seconds` of steps, sized from timed calls after its warm-up (a single step's time would include the
+per-call overhead and size the calls too short).
 
 Memory (trainer/memory.py's PeakMemory): on a GPU the allocator's peak while a configuration is built
 and runs its first steps, minus what was allocated before (the other configurations' memory); on the
 CPU the process RSS, sampled over the same span, minus the RSS before it. The RSS high-water mark cannot
 be reset inside a process, so that growth is the honest reading: what this configuration added (model,
-optimizer state, compiled code, its first batches). One-time costs (TensorFlow's and XLA's start-up)
-were paid by the numerics section before the grid, not by its first configuration.
+optimizer state, compiled code, its first batches). A warm-up configuration, built and run before the
+measured ones and discarded, pays the one-time costs (the Trainer's and XLA's first use), so the first
+measured configuration does not. Memory a discarded Trainer freed is reused by later ones, so on a CPU
+readings a few tens of MiB apart are within the measurement's noise (report.py says so).
 """
 from __future__ import annotations
 
@@ -72,9 +76,28 @@ def _finish(trainer) -> None:
     next(iter(trainer.models.values())).trainable_variables[0].numpy()
 
 
+def _timed_call(trainer, steps: int) -> float:
+    start = time.perf_counter()
+    trainer.run_steps(steps)
+    _finish(trainer)
+    return time.perf_counter() - start
+
+
+def size_call(trainer, call_seconds: float) -> int:
+    """The number of steps a call of about `call_seconds` runs: calls of growing length are timed until
+    one lasts half of it, so the per-call overhead is spread over many steps before the rate is taken."""
+    steps = 1
+    while True:
+        seconds = _timed_call(trainer, steps)
+        if seconds >= call_seconds / 2 or steps >= MOST_STEPS_PER_CALL:
+            break
+        steps = min(MOST_STEPS_PER_CALL, steps * min(8, max(2, int(call_seconds / 2 / max(seconds, 1e-6)))))
+    return max(1, min(MOST_STEPS_PER_CALL, round(steps * call_seconds / max(seconds, 1e-6))))
+
+
 def _prepare(config: GridConfig, make_trainer, data_for_batch, call_seconds: float) -> dict:
     """Builds, compiles and runs a configuration's first steps (memory is measured over this), then sizes
-    its timed call: the number of steps that takes about `call_seconds`."""
+    its timed call (size_call)."""
     data = data_for_batch(config.batch)
     with PeakMemory() as memory:
         trainer = make_trainer(config.policy, config.xla)
@@ -83,13 +106,27 @@ def _prepare(config: GridConfig, make_trainer, data_for_batch, call_seconds: flo
         first_call = time.perf_counter() - start
         trainer.run_steps(1)
         _finish(trainer)
-    start = time.perf_counter()
-    trainer.run_steps(1)
-    _finish(trainer)
-    one_step = time.perf_counter() - start
-    steps = max(1, min(MOST_STEPS_PER_CALL, round(call_seconds / max(one_step, 1e-6))))
+    steps = size_call(trainer, call_seconds)
     return {"trainer": trainer, "steps_per_call": steps, "first_call_seconds": first_call,
             "memory_mb": memory.delta_mb, "memory_kind": memory.kind, "xla_layout": trainer.plan_xla().reason}
+
+
+def _warm_up(configs: List[GridConfig], make_trainer, data_for_batch, progress) -> None:
+    """Builds and runs the first configuration (and one with XLA, if any is timed), then discards them:
+    the one-time costs of the Trainer's and XLA's first use are paid before any configuration's memory is
+    read. A failure here is left to the measured configuration to report."""
+    warm = configs[:1] + [c for c in configs if c.xla != configs[0].xla][:1]
+    for config in warm:
+        progress(f"speed: warm-up (not measured): {config.name}")
+        try:
+            trainer = make_trainer(config.policy, config.xla)
+            trainer.fit(data_for_batch(config.batch), steps=1)
+            trainer.run_steps(1)
+            _finish(trainer)
+        except Exception:  # noqa: BLE001 - reported by the measured configuration
+            pass
+        trainer = None
+        gc.collect()
 
 
 def speed_section(make_trainer: Callable[[str, bool], object], data_for_batch: Callable[[int], object],
@@ -101,6 +138,8 @@ def speed_section(make_trainer: Callable[[str, bool], object], data_for_batch: C
     rows: List[dict] = []
     with _trainer_logs_at(logging.ERROR), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # numpy's overflow in a float16 cast: numerics reports it
+        if configs:
+            _warm_up(configs, make_trainer, data_for_batch, progress)
         for i, config in enumerate(configs, 1):
             progress(f"speed: [{i}/{len(configs)}] building, compiling and sizing {config.name}")
             row = {**dataclasses.asdict(config), "name": config.name}
@@ -124,6 +163,7 @@ def speed_section(make_trainer: Callable[[str, bool], object], data_for_batch: C
         row.update({k: v for k, v in p.items() if k != "trainer"}, steps_per_sec=steps_per_sec,
                    examples_per_sec=steps_per_sec * row["batch"],
                    seconds_per_call=seconds[row["name"]],
+                   seconds_per_example=[t / (p["steps_per_call"] * row["batch"]) for t in seconds[row["name"]]],
                    spread=max(seconds[row["name"]]) / min(seconds[row["name"]]))
     calls.clear()
     prepared.clear()
@@ -131,6 +171,7 @@ def speed_section(make_trainer: Callable[[str, bool], object], data_for_batch: C
     return {"rounds": rounds, "configs": rows, "skipped": skipped,
             "memory_means": ("device allocator peak minus the memory in use before (MiB)" if rows and any(
                 r.get("memory_kind") == "gpu_allocator_peak" for r in rows) else
-                "growth of this process's RSS (MiB) while the configuration was built and ran its first steps; "
-                "the first one built may include one-time costs"),
+                "growth of this process's RSS (MiB) while the configuration was built and ran its first steps, "
+                "after a discarded warm-up configuration; memory freed by one configuration is reused by the "
+                "next, so differences of a few tens of MiB are noise"),
             "how": __doc__.split("\n\n")[0].replace("\n", " ")}
