@@ -99,12 +99,12 @@ def checkpoint_of(source: str, which: str = "latest") -> RunCheckpoint:
     """A run folder (with `which`), its checkpoints/ folder, or a ckpt-N prefix (as trainer.export takes)."""
     from omegaconf import OmegaConf
 
-    from trainer.export import _find_run
+    from trainer.export import find_run
 
     path = Path(source).expanduser()
     if (path / ".hydra" / "config.yaml").exists():
         return load_run(source, which)
-    run, prefix = _find_run(path)
+    run, prefix = find_run(path)
     name = ("best-" if Path(prefix).parent.name == "best" else "") + Path(prefix).name
     return RunCheckpoint(run, OmegaConf.load(run / ".hydra" / "config.yaml"), prefix, name)
 

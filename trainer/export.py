@@ -23,7 +23,7 @@ from typing import Any, Tuple
 log = logging.getLogger(__name__)
 
 
-def _find_run(source: Path) -> Tuple[Path, str]:
+def find_run(source: Path) -> Tuple[Path, str]:
     from trainer.checkpoint import CheckpointError, list_checkpoints
 
     if (source / ".hydra" / "config.yaml").exists():
@@ -67,7 +67,7 @@ def load_trained_model(source: str, policy: str = "float32") -> Tuple[Any, Any]:
             lambda t: tf.zeros([2] + list(t.shape[1:]), t.dtype), model.inputs if len(model.inputs) > 1 else model.inputs[0]
         )
         return model, sample
-    run, prefix = _find_run(path)
+    run, prefix = find_run(path)
     cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
     data = instantiate(cfg.data, _convert_="all")
     source_ds = data.eval or data.train

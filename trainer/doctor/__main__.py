@@ -71,10 +71,10 @@ def load_run(folder: str) -> Tuple[object, List[str], str, Path]:
     folder or checkpoint inside it)."""
     from omegaconf import OmegaConf
 
-    from trainer.export import _find_run
+    from trainer.export import find_run
 
     try:
-        run, prefix = _find_run(Path(folder).expanduser())
+        run, prefix = find_run(Path(folder).expanduser())
     except FileNotFoundError:  # export's message offers a .keras file: the doctor needs the run's config
         raise DoctorError(f"{folder} is not a run folder (with .hydra/config.yaml), its checkpoints/ folder or a "
                           "ckpt-N prefix; the doctor needs the run's config (a .keras file has none: give "
