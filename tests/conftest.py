@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from cli_runner import run_module
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -23,17 +23,30 @@ TINY = [
 ]
 
 
-def run_cli(*args: str, module: str = "trainer", cwd: Path | None = None, timeout: int = 600, env=None):
-    """Runs `python -m trainer ARGS` in a subprocess and returns the CompletedProcess."""
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=timeout,
-        env=full_env,
-    )
+def run_cli(*args: str, module: str = "trainer", cwd: Path | None = None, timeout: int = 900, env=None,
+            process: bool = False):
+    """`python -m trainer ARGS` (or another module): its CompletedProcess. It runs in this process unless
+    the command needs its own or `process=True` asks for one (tests/cli_runner.py says when)."""
+    return run_module(module, args, cwd=cwd, timeout=timeout, env=env, process=process)
+
+
+# A process waited on: an event (a file, a log line) ends the wait, not a clock. The limit is far above any
+# expected time (a loaded 2-core machine takes several times an idle one's); it only stops a hung test.
+WAIT_LIMIT_S = 1200
+
+
+def wait_until(condition, proc, what: str, poll: float = 0.05) -> None:
+    """Polls `condition()` until it holds; fails at once, with the process's output, if `proc` ended first."""
+    import time
+
+    deadline = time.monotonic() + WAIT_LIMIT_S
+    while not condition():
+        if proc.poll() is not None:
+            out = proc.stderr.read()[-3000:] if getattr(proc, "stderr", None) else ""
+            pytest.fail(f"the process ended (exit {proc.returncode}) before {what}\n{out}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not after {WAIT_LIMIT_S} s")
+        time.sleep(poll)
 
 
 def blobs(n: int = 256, features: int = 4, batch: int = 16, shuffle: bool = False):
@@ -61,10 +74,30 @@ def tiny():
 
 @pytest.fixture(autouse=True)
 def _fresh_keras_session():
-    """Each test starts from a fresh Keras/TF graph state and the float32 policy: without this, graphs and
-    names pile up over the suite (a model conversion took 37 s after 20 tests instead of 4 s alone)."""
+    """Each test starts from a fresh Keras/TF graph state, the float32 policy and TensorFlow's process-wide
+    switches off: without this, graphs and names pile up over the suite (a model conversion took 37 s after
+    20 tests instead of 4 s alone), and a deterministic=True test made later tests' numbers differ."""
     yield
-    import keras  # here, not at the top: TF_CPP_MIN_LOG_LEVEL must be set before TensorFlow loads
+    from cli_runner import reset_process_state  # here, not at the top: TF_CPP_MIN_LOG_LEVEL must be set before TensorFlow loads
 
-    keras.mixed_precision.set_dtype_policy("float32")
-    keras.backend.clear_session(free_memory=True)
+    reset_process_state(free_memory=True)
+
+
+# The default stage's guard: a test outside the `slow` stage that takes longer than this (its fixtures'
+# set-up included) is named at the end of the run, so the stage stays within ten minutes on two cores.
+DEFAULT_STAGE_LIMIT_S = 30.0
+_overlong: dict = {}
+
+
+def pytest_runtest_logreport(report):
+    if "slow" not in report.keywords:
+        _overlong[report.nodeid] = _overlong.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    over = sorted(((t, n) for n, t in _overlong.items() if t > DEFAULT_STAGE_LIMIT_S), reverse=True)
+    if over:
+        terminalreporter.section(f"tests outside the slow stage over {DEFAULT_STAGE_LIMIT_S:.0f} s "
+                                 "(mark them @pytest.mark.slow or make them cheaper)")
+        for seconds, nodeid in over:
+            terminalreporter.write_line(f"{seconds:7.1f}s {nodeid}")

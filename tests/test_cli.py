@@ -4,13 +4,12 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
 import tensorflow as tf
 
-from conftest import read_metrics, run_cli
+from conftest import read_metrics, run_cli, wait_until
 
 
 def _tensorboard_tags(folder: Path):
@@ -143,10 +142,7 @@ def test_sigterm_prints_the_command_that_resumes_the_default_run_folder(tmp_path
             "trainer.progress_bar=false", "data.batch_size=32"]
     proc = subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=tmp_path, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not list((tmp_path / "runs").glob("*/*/metrics.jsonl")):  # training has started
-        assert time.time() < deadline and proc.poll() is None
-        time.sleep(0.1)
+    wait_until(lambda: list((tmp_path / "runs").glob("*/*/metrics.jsonl")), proc, "training started")
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]

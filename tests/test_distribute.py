@@ -6,14 +6,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import blobs, read_metrics, run_cli
+from conftest import blobs, read_metrics, run_cli, wait_until
 from trainer import Trainer
 
 COMMON = [
@@ -129,10 +128,7 @@ def test_multi_worker_sigterm_to_one_worker_saves_on_all_and_resumes(tmp_path, w
     procs, logs = _launch_two_workers(run_dir, tmp_path, common)
     sign = "First loop" if when == "training" else "Hardware:"  # logged once the start-up deferral is on
     try:
-        deadline = time.monotonic() + 300
-        while sign not in logs[1].read_text():
-            assert time.monotonic() < deadline and procs[1].poll() is None, logs[1].read_text()[-3000:]
-            time.sleep(0.05)
+        wait_until(lambda: sign in logs[1].read_text(), procs[1], f"worker 1 logged {sign!r}")
         procs[1].send_signal(signal.SIGTERM)
         codes = [p.wait(timeout=300) for p in procs]
     finally:

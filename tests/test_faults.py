@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, run_cli
+from conftest import TINY, run_cli, wait_until
 
 
 def assert_user_error(result, *expected: str) -> None:
@@ -123,7 +123,7 @@ def test_second_run_on_a_locked_folder_changes_nothing(tmp_path):
     run_dir = tmp_path / "run"
     fd = acquire(run_dir)  # this process stands in for a running first run
     try:
-        result = run_cli(*TINY, f"hydra.run.dir={run_dir}")
+        result = run_cli(*TINY, f"hydra.run.dir={run_dir}", process=True)  # a lock is per process
     finally:
         release(fd)
     assert_user_error(result, f"run folder {run_dir} is in use by another run (process {os.getpid()})")
@@ -272,11 +272,8 @@ def test_repeated_sigterms_during_training_still_save(tmp_path, gap):
     args = ["trainer.max_steps=100000", "trainer.checkpoint_every=100000", "trainer.log_every=1",
             "trainer.progress_bar=false", "data.batch_size=32", f"hydra.run.dir={run_dir}"]
     proc = subprocess.Popen([sys.executable, "-m", "trainer", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
     metrics = run_dir / "metrics.jsonl"
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 20):  # 20 steps trained, none saved
-        assert time.time() < deadline and proc.poll() is None
-        time.sleep(0.05)
+    wait_until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 20, proc, "20 steps trained, none saved")
     proc.send_signal(signal.SIGTERM)
     time.sleep(gap)
     proc.send_signal(signal.SIGTERM)

@@ -1,6 +1,5 @@
 """Mixed precision: policies, loss scaling order and state, faults, output checks, conversion."""
 import logging
-import math
 
 import keras
 import numpy as np
@@ -382,18 +381,18 @@ def test_convert_cli_on_a_trained_run(tmp_path, tiny):
 
 
 def test_debug_numerics_names_the_first_bad_op(tmp_path):
-    result = run_cli(
-        "optimizer=sgd", "optimizer.lr=1e30", "precision.debug_numerics=true", "trainer.max_steps=20",
-        "trainer.progress_bar=false", f"hydra.run.dir={tmp_path / 'run'}",
-    )
-    assert result.returncode == 3
-    assert 'Detected Infinity or NaN in output 0 of graph op' in result.stdout + result.stderr
     # A healthy run passes the checks: saves, evaluation, and float16 (auto XLA is off: XLA cannot compile them).
     healthy = run_cli("precision=mixed_float16", "precision.debug_numerics=true", "trainer.max_steps=6",
                       "trainer.checkpoint_every=3", "trainer.eval_every=3", "trainer.eval_steps=2",
                       "trainer.progress_bar=false", f"hydra.run.dir={tmp_path / 'healthy'}")
     assert healthy.returncode == 0, healthy.stderr[-3000:]
     assert "XLA: off (precision.debug_numerics=true" in healthy.stdout + healthy.stderr
+    result = run_cli(
+        "optimizer=sgd", "optimizer.lr=1e30", "precision.debug_numerics=true", "trainer.max_steps=20",
+        "trainer.progress_bar=false", f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert result.returncode == 3
+    assert 'Detected Infinity or NaN in output 0 of graph op' in result.stdout + result.stderr
     with pytest.raises(PrecisionError, match="trainer.jit_compile=false"):
         make(PrecisionConfig(debug_numerics=True), jit_compile=True)
     tf.debugging.disable_check_numerics()
