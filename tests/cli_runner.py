@@ -28,8 +28,11 @@ PROCESS_ONLY = ("strategy=mirrored", "strategy=multi_worker", "strategy=tpu", "s
                 "hydra/launcher=joblib")
 
 
+ALWAYS_PROCESS = {"on": False}  # set by conftest for `slow` tests: they keep their real processes
+
+
 def needs_process(args: Iterable[str]) -> bool:
-    return any(arg.startswith(prefix) for arg in args for prefix in PROCESS_ONLY)
+    return ALWAYS_PROCESS["on"] or any(arg.startswith(prefix) for arg in args for prefix in PROCESS_ONLY)
 
 
 def run_process(argv, cwd=None, timeout: int = 900, env=None) -> subprocess.CompletedProcess:

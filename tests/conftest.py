@@ -73,6 +73,15 @@ def tiny():
 
 
 @pytest.fixture(autouse=True)
+def _slow_tests_keep_real_processes(request):
+    import cli_runner
+
+    cli_runner.ALWAYS_PROCESS["on"] = request.node.get_closest_marker("slow") is not None
+    yield
+    cli_runner.ALWAYS_PROCESS["on"] = False
+
+
+@pytest.fixture(autouse=True)
 def _fresh_keras_session():
     """Each test starts from a fresh Keras/TF graph state, the float32 policy and TensorFlow's process-wide
     switches off: without this, graphs and names pile up over the suite (a model conversion took 37 s after
