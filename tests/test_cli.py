@@ -7,6 +7,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 import tensorflow as tf
 
 from conftest import read_metrics, run_cli, wait_until
@@ -172,3 +173,22 @@ def test_without_the_progress_bar_the_log_has_a_line_per_event(tmp_path, tiny):
     assert text.count("Done: 40 steps") == 1 and (result.stdout + result.stderr).count("Done: 40 steps") == 1
     for step in (20, 40):
         assert re.search(rf"eval @ step {step}: loss=\d+\.\d{{4}}, accuracy=\d+\.\d{{4}}", text), text[-3000:]
+
+
+@pytest.mark.parametrize(
+    "overrides, code, says",
+    [
+        (["trainer.max_steps=abc"], 1, "max_steps"),  # Hydra's config error, before any work
+        (["data.batch_size=0"], 2, "data.batch_size=0 is out of range"),  # a user error, named
+        (["optimizer.lr=1e6"], 3, "trainer.divergence_factor=100"),  # training diverged
+    ],
+)
+def test_exit_codes_of_a_real_process(tmp_path, overrides, code, says):
+    """Most CLI tests run the command in the test's process (tests/cli_runner.py); these keep the exit path
+    itself honest: a real interpreter, its exit code, no traceback. 130 and 143 are in test_checkpoint.py."""
+    from conftest import TINY
+
+    result = run_cli(*TINY, *overrides, f"hydra.run.dir={tmp_path / 'run'}", process=True)
+    output = result.stdout + result.stderr
+    assert result.returncode == code, output[-2000:]
+    assert says in output and "Traceback" not in output

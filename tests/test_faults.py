@@ -278,9 +278,11 @@ def test_repeated_sigterms_during_training_still_save(tmp_path, gap):
     time.sleep(gap)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
-    # The second SIGTERM after the save was done (and the catcher let go) ends the process as its default
-    # does, with nothing left to lose; before or during the save it waits for it.
-    assert proc.returncode == 143 or (gap > 0.1 and proc.returncode == -signal.SIGTERM), err[-2000:]
+    # Before or during the save, the second SIGTERM waits for it (exit 143). Once the save is done and the
+    # catcher let go, it ends the process as its default does (-15, which a shell and Kubernetes also report
+    # as 143), with nothing left to lose. Which one happens depends on how fast the save was, not on `gap`:
+    # what must hold either way is the saved step checked below.
+    assert proc.returncode in (143, -signal.SIGTERM), err[-2000:]
     assert "Received SIGTERM at step" in (run_dir / "trainer.log").read_text()
     found = list_checkpoints(run_dir / "checkpoints")
     assert found and found[0][0] >= 20
