@@ -88,7 +88,7 @@ def _in_this_process(target: str, args, cwd: Optional[str], script: bool = False
     try:
         os.chdir(folder)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings(), \
-                _pytest_log_handlers_kept_open():
+                _pytest_log_handlers_kept_open(), _os_exit_ends_the_command():
             warnings.simplefilter("default")  # a fresh process shows each warning once
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", "'trainer.*' found in sys.modules", RuntimeWarning)  # runpy's, of this way
@@ -107,6 +107,19 @@ def _in_this_process(target: str, args, cwd: Optional[str], script: bool = False
         GlobalHydra.instance().clear()
     argv = [sys.executable, target] if script else [sys.executable, "-m", target]
     return subprocess.CompletedProcess([*argv, *args], code, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def _os_exit_ends_the_command():
+    """A command that ends with os._exit (the doctor skips the interpreter's teardown) ends the command
+    here, not the test's process."""
+    from unittest import mock
+
+    def exit_command(code):
+        raise SystemExit(code)
+
+    with mock.patch.object(os, "_exit", exit_command):
+        yield
 
 
 @contextlib.contextmanager

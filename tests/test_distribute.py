@@ -27,6 +27,7 @@ def model_tensors(prefix):
     return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map() if k.startswith("optimizer/")}
 
 
+@pytest.mark.slow  # over 30 s on 2 cores: CI runs it in the slow stage
 def test_mirrored_two_replicas_match_one_device(tmp_path):
     """20 float32 steps on 2 logical CPUs (with and without XLA, and stopped at 10 then resumed) == the
     default strategy, same global batch."""

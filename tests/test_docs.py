@@ -3,6 +3,8 @@ site builds with `mkdocs build --strict`, and the configuration reference matche
 
 How blocks run (see docs/getting-started.md#tests for the reader's view):
 - ```python blocks run as a script in a fresh folder; they are written small enough to run as they are.
+- Commands and scripts run in the test's process through their real entry points (tests/cli_runner.py),
+  or in a new one where that is not faithful (an `export`ed variable, devices set up, distribution).
 - ```bash blocks run line by line in a fresh folder (relative paths such as runs/a are shared by the
   lines of one block). `python -m trainer ...` gets the shrinking overrides of conftest.TINY appended (a
   key the line sets and TINY also sets takes TINY's value); `python -m trainer.export|convert|evaluate|predict|plot|doctor` and
@@ -25,10 +27,11 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import pytest
 
+from cli_runner import run_module, run_script
 from conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,12 +150,12 @@ def resolve(command: Command) -> List[str]:
     if argv[0] != "python":
         pytest.fail(f"{command.line!r}: the test runs only python commands; mark the block with <!-- no-test: REASON -->")
     if command.trainer_overrides is not None:
-        return [sys.executable, "-m", "trainer", *with_tiny(command)]
+        return ["python", "-m", "trainer", *with_tiny(command)]
     if argv[1:2] == ["-m"] and argv[2] in ("trainer.export", "trainer.convert", "trainer.evaluate", "trainer.predict", "trainer.plot",
                                            "trainer.doctor"):
-        return [sys.executable, *argv[1:]]
+        return list(argv)
     if len(argv) > 1 and (ROOT / argv[1]).is_file():
-        return [sys.executable, str(ROOT / argv[1]), *argv[2:]]
+        return ["python", str(ROOT / argv[1]), *argv[2:]]
     pytest.fail(f"{command.line!r}: not a command this test knows how to run; mark the block with <!-- no-test: REASON -->")
 
 
@@ -171,23 +174,36 @@ def test_every_block_is_runnable_or_says_why_not():
     assert any(b.lang == "bash" and b.code.startswith("python -m trainer ") for b in readme_run)
 
 
+# A Python block runs in its own interpreter when it sets up devices or distribution: TensorFlow allows
+# that only before it initializes, which in the test's process happened long ago.
+NEEDS_OWN_PROCESS = ("logical_cpus", "set_logical_device_configuration", "MirroredStrategy", "TF_CONFIG")
+
+
+def run_command(argv: List[str], cwd: Path, env: Dict[str, str]):
+    """A documented `python ...` command, in the test's process where that is faithful (tests/cli_runner.py):
+    `-m MODULE` through its real entry point, a script through runpy; an `export`ed variable needs a process."""
+    if argv[1] == "-m":
+        return run_module(argv[2], argv[3:], cwd=cwd, env=env or None)
+    return run_script(argv[1], argv[2:], cwd=cwd, env=env or None)
+
+
 @pytest.mark.parametrize("block", RUN, ids=[b.id for b in RUN])
 def test_doc_block_runs(block: Block, tmp_path):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     if block.lang == "python":
         script = tmp_path / "block.py"
         script.write_text(block.code)
-        result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        own_process = any(word in block.code for word in NEEDS_OWN_PROCESS)
+        result = run_script(script, cwd=tmp_path, process=own_process)
         assert result.returncode == 0, f"{block.id}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
         return
+    env: Dict[str, str] = {}
     for command in block.commands():
         if command.argv[0] == "export":
             env.update(dict(word.split("=", 1) for word in command.argv[1:]))
             continue
         if command.line in block.duplicate_lines:
             continue  # the same stateless command ran in an earlier block
-        argv = resolve(command)
-        result = subprocess.run(argv, cwd=tmp_path, env={**env, **command.env}, capture_output=True, text=True, timeout=600)
+        result = run_command(resolve(command), tmp_path, {**env, **command.env})
         assert result.returncode == command.exit_code, (
             f"{block.id}: {command.line.strip()}\nexit {result.returncode}, expected {command.exit_code}\n"
             f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}"

@@ -46,6 +46,7 @@ def test_gan_two_optimizers_on_two_replicas_equal_one_device(tmp_path):
     np.testing.assert_allclose(logs["mirrored"], logs["default"], rtol=1e-4)
 
 
+@pytest.mark.slow  # over 30 s on 2 cores: CI runs it in the slow stage
 def test_gan_float16_killed_and_resumed_equals_the_uninterrupted_run(tmp_path):
     """examples/gan.py under mixed_float16 (a loss scale per optimizer, both checkpointed), SIGKILLed after
     its first checkpoint and run again, ends bit-identical to a run that was never killed."""
