@@ -19,17 +19,17 @@ from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
 from trainer.callbacks.progress import HIDDEN
+from trainer.errors import EXIT_USER_ERROR, UserError
 from trainer.memory import is_memory_field
 from trainer.sweep import differing, recorded_overrides
 
-EXIT_USER_ERROR = 2
 NOT_CURVES = HIDDEN | {"step", "split", "time"}  # speed and optimizer state; loss scale has its own panels; memory is no curve
 LABEL_WIDTH, LABEL_LINES = 60, 3  # a legend entry's characters per line, and lines before it is cut to #N
 FEW_POINTS = 5  # a train series with fewer points gets markers (one point draws no line)
 INSTALL_MATPLOTLIB = "pip install -e '.[bench]' (or pip install matplotlib==3.11.2)"
 
 
-class PlotError(ValueError):
+class PlotError(UserError, ValueError):
     """Bad input to the plot (a path, an empty run); the message says what to give instead."""
 
 

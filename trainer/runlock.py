@@ -26,11 +26,13 @@ from typing import Any, Dict, Iterator, Optional
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf, read_write
 
+from trainer.errors import UserError
+
 LOCK_FILE = ".trainer.lock"
 _held: Dict[Path, int] = {}  # folder -> lock descriptor, for the folders this process holds
 
 
-class RunFolderError(RuntimeError):
+class RunFolderError(UserError, RuntimeError):
     """The run folder cannot be written, or another run holds it; the message names it and the fix."""
 
 
