@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from trainer.assemble import parts_of, schema, strategy_of  # noqa: E402
 from trainer.callbacks import Callback  # noqa: E402
 from trainer.config import PrecisionConfig, TrainerConfig, check_config, register_configs  # noqa: E402
-from trainer.errors import EXIT_NUMERICAL, EXIT_USER_ERROR, exit_code_of  # noqa: E402
+from trainer.errors import EXIT_NUMERICAL, EXIT_USER_ERROR, exit_code_of, find_error  # noqa: E402
 from trainer.sweep import BASIC_SWEEPER, job_value, program, register_resolver, register_sweeper_configs  # noqa: E402
 
 log = logging.getLogger("trainer")
@@ -210,9 +210,7 @@ def _out_of_resources(error: BaseException, cfg: DictConfig) -> Optional[str]:
 
     from trainer.checkpoint import is_disk_full
 
-    seen = error
-    while seen is not None and not isinstance(seen, (tf.errors.ResourceExhaustedError, OSError)):
-        seen = seen.__cause__ or seen.__context__
+    seen = find_error(error, (tf.errors.ResourceExhaustedError, OSError), implicit=True)
     if seen is None:
         return None
     first = str(seen).strip().splitlines()[0][:300] if str(seen).strip() else type(seen).__name__

@@ -42,14 +42,16 @@ class ServingError(UserError, ValueError):
     """A run, checkpoint, input or override cannot be used (evaluate, predict, export, convert)."""
 
 
-def find_error(error: BaseException, types: Tuple[Type[BaseException], ...] = (TrainerError,)) -> Optional[BaseException]:
+def find_error(error: BaseException, types: Tuple[Type[BaseException], ...] = (TrainerError,),
+               implicit: bool = False) -> Optional[BaseException]:
     """The first error of `types` in `error`'s cause chain (itself, its __cause__, ...), else None.
 
     Hydra's instantiate re-raises what a builder raised as the cause of its own error, so a recipe's
-    DataError arrives wrapped."""
+    DataError arrives wrapped. `implicit`: also follow __context__ (an error raised while handling another,
+    as TensorFlow's file ops do with the OSError of a full disk)."""
     seen = error
     while seen is not None and not isinstance(seen, types):
-        seen = seen.__cause__
+        seen = seen.__cause__ or (seen.__context__ if implicit else None)
     return seen
 
 
