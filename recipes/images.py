@@ -333,7 +333,7 @@ def predict_inputs(paths: Sequence[Path], data_cfg, batch_size: int):
     """(names, batches) for trainer.predict: image files through the eval transform of training
     (decode to RGB, central crop by data.eval_crop, resize to data.image_size, data.preprocessing),
     decoded one batch at a time as trainer.predict consumes them (a folder larger than memory works)."""
-    from trainer.predict import in_batches
+    from trainer.inference import in_batches
 
     transform = _transform(data_cfg["image_size"], "none", data_cfg.get("eval_crop", 1.0), data_cfg.get("preprocessing", "none"))
     images = (transform.eval(tf.io.read_file(str(p))).numpy() for p in paths)

@@ -81,7 +81,7 @@ def predict_inputs(paths: Sequence[Path], data_cfg, batch_size: int):
     works); the .npy shapes are checked first, from their headers."""
     import numpy as np
 
-    from trainer.predict import in_batches
+    from trainer.inference import in_batches
 
     names = []
     for path in paths:

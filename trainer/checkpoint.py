@@ -24,6 +24,7 @@ import tensorflow as tf
 
 from trainer.checkpoint_graph import match_variables
 from trainer.config import ConfigError
+from trainer.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ _CKPT = re.compile(r"^ckpt-(\d+)\.index$")
 _DATA = re.compile(r"^ckpt-(\d+)\.data-\d+-of-\d+$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be used; the message says why and what to do."""
 
 

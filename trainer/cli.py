@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import sys
 from typing import Optional
@@ -17,8 +16,10 @@ from hydra.types import RunMode  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from trainer.assemble import parts_of, schema, strategy_of  # noqa: E402
 from trainer.callbacks import Callback  # noqa: E402
-from trainer.config import PrecisionConfig, StrategyConfig, TrainerConfig, check_config, register_configs  # noqa: E402
+from trainer.config import PrecisionConfig, TrainerConfig, check_config, register_configs  # noqa: E402
+from trainer.errors import EXIT_NUMERICAL, EXIT_USER_ERROR, exit_code_of, find_error  # noqa: E402
 from trainer.sweep import BASIC_SWEEPER, job_value, program, register_resolver, register_sweeper_configs  # noqa: E402
 
 log = logging.getLogger("trainer")
@@ -28,15 +29,6 @@ logging.getLogger("tensorflow").setLevel(logging.WARNING)  # collective all-redu
 register_configs()
 register_resolver()  # conf/config.yaml's ${job_folder:...}: a multirun job's folder name
 register_sweeper_configs()  # hydra/sweeper=optuna, maximizing or minimizing trainer.sweep_metric
-
-# Errors whose message already says what is wrong and how to fix it: no traceback, exit code 2.
-EXIT_USER_ERROR = 2
-EXIT_NUMERICAL = 3
-EXIT_SIGNAL = {"SIGTERM": 143, "SIGINT": 130}
-
-
-def _schema(cls, node: DictConfig):
-    return cls(**OmegaConf.to_container(node, resolve=True))
 
 
 def run(cfg: DictConfig) -> dict:
@@ -60,18 +52,17 @@ def _job_folder_lock(run_dir, cfg: DictConfig):
 
 
 def _run_in(run_dir, cfg: DictConfig) -> dict:
-    from trainer.distribute import make_strategy
     from trainer.signals import sigterm_deferred_until_training
 
-    trainer_cfg = _schema(TrainerConfig, cfg.trainer)
-    precision = _schema(PrecisionConfig, cfg.precision)
+    trainer_cfg = schema(TrainerConfig, cfg.trainer)
+    precision = schema(PrecisionConfig, cfg.precision)
     log.info("Recipe: %s | precision: %s | strategy: %s | run folder: %s", cfg.recipe, precision.policy, cfg.strategy.name, run_dir)
     if trainer_cfg.fast_dev_run and HydraConfig.get().mode != RunMode.MULTIRUN:
         log.info("fast_dev_run: the run folder above is a temporary one, deleted at the end; the configured "
                  "hydra.run.dir is neither read nor written")
 
     loggers = [instantiate(node, _convert_="all") for node in cfg.logger.values()]  # a missing package: exit 2 now
-    strategy = make_strategy(_schema(StrategyConfig, cfg.strategy))  # before TF initializes devices
+    strategy = strategy_of(cfg)  # before TF initializes devices
     with sigterm_deferred_until_training():  # until the loop begins (trainer/signals.py)
         return _build_and_fit(cfg, strategy, run_dir, trainer_cfg, precision, loggers)
 
@@ -85,7 +76,6 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
     from trainer.core import Trainer
     from trainer.data import check_batch_size
     from trainer.distribute import is_chief
-    from trainer.optim import build_optimizer
     from trainer.precision import hardware_report
 
     chief = is_chief(strategy)
@@ -104,18 +94,9 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
     batches_per_step = data.batch_size * trainer_cfg.grad_accum_steps  # a step: one optimizer update
     steps_per_epoch = debug.steps_per_epoch(trainer_cfg, data.train_examples // batches_per_step if data.train_examples else None)
     total = Trainer.total_steps(trainer_cfg.max_steps, trainer_cfg.epochs, steps_per_epoch)
-    trainer_class = _trainer_class(cfg.trainer_class, Trainer)
-    trainer = trainer_class(
-        model=functools.partial(instantiate, cfg.model, _convert_="all"),
-        loss=instantiate(cfg.loss),
-        optimizer=functools.partial(build_optimizer, cfg.optimizer, total),
-        metrics={name: functools.partial(instantiate, m) for name, m in cfg.metrics.items()},
+    trainer = parts_of(cfg, total).build(
         strategy=strategy,
-        precision=precision,
         run_dir=run_dir,
-        config=trainer_cfg,
-        seed=cfg.seed,
-        clipnorm=cfg.optimizer.clipnorm,
         is_chief=chief,
         callbacks=[instantiate(c, _convert_="all") for c in cfg.callbacks.values()]
         + ([] if trainer_cfg.fast_dev_run else [_RunConfigWriter(cfg, run_dir)]),
@@ -136,21 +117,6 @@ def resume_command(run_dir) -> str:
     ours = ("hydra.mode=", "hydra.run.dir=", "hydra.sweep.")
     kept = [o for o in overrides.hydra if not o.startswith(ours)] + list(overrides.task)
     return " ".join([program(), *map(shlex.quote, [*kept, f"hydra.run.dir={run_dir}"])])
-
-
-def _trainer_class(path: str, base: type) -> type:
-    """trainer_class=module.Class: the Trainer subclass whose step a recipe brings (recipe=gan)."""
-    from hydra.utils import get_class
-
-    from trainer.config import ConfigError
-
-    try:
-        cls = get_class(path)
-    except Exception as e:  # noqa: BLE001 - hydra raises ImportError or ValueError, wrapped
-        raise ConfigError(f"trainer_class={path!r} cannot be imported ({e}); give module.Class of a Trainer subclass") from None
-    if not (isinstance(cls, type) and issubclass(cls, base)):
-        raise ConfigError(f"trainer_class={path!r} is not a subclass of trainer.Trainer")
-    return cls
 
 
 class _RunConfigWriter(Callback):
@@ -187,45 +153,17 @@ def _log_to_worker_file(run_dir, strategy) -> None:
 
 @hydra.main(version_base="1.3", config_path="pkg://trainer.conf", config_name="config")
 def _hydra_main(cfg: DictConfig) -> float:
-    from trainer.checkpoint import CheckpointError
-    from trainer.config import ConfigError
-    from trainer.core import NumericalError, TrainingInterrupted
-    from trainer.data import DataError
-    from trainer.distribute import StrategyError
-    from trainer.precision import PrecisionError
+    from trainer.loop import TrainingInterrupted
 
-    from trainer.runlock import RunFolderError
-
-    user_errors = (DataError, CheckpointError, StrategyError, PrecisionError, ConfigError, RunFolderError)
     failed = None  # (exit code, message): acted on after the except blocks, which hold the run's frames
     try:
-        try:
-            logs = run(cfg)
-        except Exception as e:  # noqa: BLE001
-            # hydra's instantiate wraps errors raised by builders: find ours in the chain.
-            cause = e
-            while cause is not None and not isinstance(cause, user_errors + (NumericalError, TrainingInterrupted)):
-                cause = cause.__cause__
-            raise cause if cause is not None else e
-    except user_errors as e:
-        log.error("%s", e)
-        failed = (EXIT_USER_ERROR, f"{type(e).__name__}: {e}")
-    except NumericalError as e:
-        log.error("%s", e)
-        failed = (EXIT_NUMERICAL, f"{type(e).__name__}: {e}")
-    except TrainingInterrupted as e:  # a checkpoint was saved; the message was logged
-        sys.exit(EXIT_SIGNAL.get(str(e), 1))
-    except Exception as e:  # noqa: BLE001
-        out_of = _out_of_resources(e, cfg)
-        if out_of is not None:
-            log.error("%s", out_of)
-            failed = (EXIT_USER_ERROR, out_of)
-        # precision.debug_numerics: tf.debugging.enable_check_numerics raises on the first inf/NaN op.
-        elif cfg.precision.debug_numerics and "Infinity or NaN" in str(e):
-            detail = next((line.strip() for line in str(e).splitlines() if "Infinity or NaN" in line), str(e))
-            log.error("precision.debug_numerics: the first non-finite value came from: %s", detail)
-            failed = (EXIT_NUMERICAL, f"non-finite value: {detail}")
-        else:
+        logs = run(cfg)
+    except Exception as e:  # noqa: BLE001 - ours (trainer/errors.py, found through hydra's wrapping) or a fault below
+        ours = exit_code_of(e)
+        if ours is not None and isinstance(ours[1], TrainingInterrupted):
+            sys.exit(ours[0])  # a checkpoint was saved and the signal logged; a signal ends a sweep too
+        failed = _failure(e, ours, cfg)
+        if failed is None:
             raise
     finally:
         if cfg.precision.debug_numerics:  # process-wide: the next job of a multirun must not inherit it
@@ -242,6 +180,25 @@ def _hydra_main(cfg: DictConfig) -> float:
     return value
 
 
+def _failure(error: BaseException, ours, cfg: DictConfig) -> Optional[tuple]:
+    """(exit code, message) of a run that failed on `error`, logged; None for a bug (its traceback stays).
+    `ours`: exit_code_of(error). Beyond our errors: a full disk or memory, and precision.debug_numerics'
+    first non-finite op (tf.debugging.enable_check_numerics raises an InvalidArgumentError on it)."""
+    if ours is not None:
+        code, cause = ours
+        log.error("%s", cause)
+        return code, f"{type(cause).__name__}: {cause}"
+    out_of = _out_of_resources(error, cfg)
+    if out_of is not None:
+        log.error("%s", out_of)
+        return EXIT_USER_ERROR, out_of
+    if cfg.precision.debug_numerics and "Infinity or NaN" in str(error):
+        detail = next((line.strip() for line in str(error).splitlines() if "Infinity or NaN" in line), str(error))
+        log.error("precision.debug_numerics: the first non-finite value came from: %s", detail)
+        return EXIT_NUMERICAL, f"non-finite value: {detail}"
+    return None
+
+
 def _out_of_resources(error: BaseException, cfg: DictConfig) -> Optional[str]:
     """The message for a full disk or an exhausted memory anywhere in `error`'s chain, else None.
 
@@ -253,9 +210,7 @@ def _out_of_resources(error: BaseException, cfg: DictConfig) -> Optional[str]:
 
     from trainer.checkpoint import is_disk_full
 
-    seen = error
-    while seen is not None and not isinstance(seen, (tf.errors.ResourceExhaustedError, OSError)):
-        seen = seen.__cause__ or seen.__context__
+    seen = find_error(error, (tf.errors.ResourceExhaustedError, OSError), implicit=True)
     if seen is None:
         return None
     first = str(seen).strip().splitlines()[0][:300] if str(seen).strip() else type(seen).__name__

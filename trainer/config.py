@@ -16,8 +16,10 @@ from typing import Any, ClassVar, Dict, List, Mapping, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING
 
+from trainer.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config value that cannot work (a model, optimizer or data option); the message names the key and
     the fix. The CLI exits 2 on it, without a traceback."""
 

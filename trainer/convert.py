@@ -21,12 +21,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from trainer.errors import EXIT_USER_ERROR, UserError, report_error
+
 # Relative error allowed between the float32 model and the converted one, per target compute dtype:
 # float16 keeps 10 mantissa bits, bfloat16 7, so a deep net's outputs drift by about that much.
 TOLERANCE = {"float32": 1e-5, "mixed_float16": 2e-2, "mixed_bfloat16": 8e-2}
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """The converted model does not reproduce the original within tolerance, or cannot be rebuilt."""
 
 
@@ -197,14 +199,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from trainer.checkpoint import CheckpointError
-    from trainer.evaluate import checkpoint_of, evaluate_run, user_error
-    from trainer.export import load_trained_model
+    from trainer.evaluate import evaluate_run
+    from trainer.runs import checkpoint_of, load_trained_model
 
     out = Path(args.out)
     if args.eval_steps is not None and args.eval_steps < 1:
         print(f"error: --eval-steps {args.eval_steps}: must be >= 1", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     try:
         model, sample = load_trained_model(args.source)
         from_run = Path(args.source).suffix != ".keras"
@@ -218,9 +219,11 @@ def main(argv=None) -> int:
             report.eval_after = evaluate_run(checkpoint, model=converted, policy=args.policy, steps=args.eval_steps)
         else:
             report.inputs = "8 seeded random inputs (floats uniform in [0, 1), integers in {0, 1})"
-    except (ConversionError, CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {user_error(e) or e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 - ours (no run, checkpoint, a conversion beyond tolerance), else a bug
+        code = report_error(e)
+        if code is None:
+            raise
+        return code
     out.mkdir(parents=True, exist_ok=True)
     converted.save(out / "model.keras")
     (out / "conversion.json").write_text(json.dumps(asdict(report), indent=1))

@@ -369,9 +369,9 @@ class Trainer(Step):
 
     def predict(self, data: Any, batch_size: Optional[int] = None):
         """The model's outputs on `data` (a Dataset of batches, an array, a dict/tuple of arrays, an
-        iterable of batches) as NumPy, in inference mode, under the strategy: see trainer/predict.py. With
+        iterable of batches) as NumPy, in inference mode, under the strategy: see trainer/inference.py. With
         an optimizer's use_ema=True, of the averaged weights (as evaluate and export)."""
-        from trainer.predict import predict
+        from trainer.inference import predict
 
         with ema.averaged_weights(self):  # as evaluate, best/, export and python -m trainer.predict see it
             return predict(self, data, batch_size)

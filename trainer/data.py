@@ -22,6 +22,8 @@ from typing import Callable, Optional
 import numpy as np
 import tensorflow as tf
 
+from trainer.errors import UserError
+
 log = logging.getLogger(__name__)
 
 DatasetFn = Callable[[tf.distribute.InputContext], tf.data.Dataset]
@@ -62,7 +64,7 @@ def _join_releases(timeout: float = 2.0) -> None:
         thread.join(max(0.0, deadline - time.monotonic()))
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data set cannot be found or read; the message says where we looked and what to do."""
 
 

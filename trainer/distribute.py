@@ -8,13 +8,14 @@ import os
 import tensorflow as tf
 
 from trainer.config import StrategyConfig
+from trainer.errors import UserError
 
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 
 
-class StrategyError(RuntimeError):
+class StrategyError(UserError, RuntimeError):
     """The requested strategy cannot run here; the message says why and what to do."""
 
 

@@ -18,81 +18,11 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Tuple
 
-log = logging.getLogger(__name__)
+from trainer.errors import EXIT_NUMERICAL, EXIT_USER_ERROR, report_error
+from trainer.runs import checkpoint_of, eval_inputs, find_run, load_trained_model  # noqa: F401 - find_run: its home before
 
-
-def find_run(source: Path) -> Tuple[Path, str]:
-    from trainer.checkpoint import CheckpointError, list_checkpoints
-
-    if (source / ".hydra" / "config.yaml").exists():
-        run, ckpts = source, source / "checkpoints"
-        found = list_checkpoints(ckpts)
-        if not found:
-            raise CheckpointError(f"{source} has no checkpoints/ckpt-N; train it first")
-        return run, found[0][1]
-    if source.is_dir() and (source.parent / ".hydra" / "config.yaml").exists():
-        found = list_checkpoints(source)
-        if not found:
-            raise CheckpointError(f"{source} has no ckpt-N checkpoints")
-        return source.parent, found[0][1]
-    if Path(str(source) + ".index").exists():
-        for run in (source.parent.parent, source.parent.parent.parent):
-            if (run / ".hydra" / "config.yaml").exists():
-                return run, str(source)
-    raise FileNotFoundError(
-        f"{source} is not a run folder (with .hydra/config.yaml), its checkpoints/ folder, a ckpt-N prefix, "
-        "or a .keras file"
-    )
-
-
-def load_trained_model(source: str, policy: str = "float32") -> Tuple[Any, Any]:
-    """Returns (model, sample_inputs) for a run folder / checkpoint / .keras file, under `policy`."""
-    import keras
-    import tensorflow as tf
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    from trainer.checkpoint import warm_start
-    from trainer.precision import set_policy
-
-    path = Path(source).expanduser()
-    set_policy(policy)
-    if path.suffix == ".keras":
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist")
-        model = keras.saving.load_model(path, compile=False)
-        sample = tf.nest.map_structure(
-            lambda t: tf.zeros([2] + list(t.shape[1:]), t.dtype), model.inputs if len(model.inputs) > 1 else model.inputs[0]
-        )
-        return model, sample
-    run, prefix = find_run(path)
-    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
-    data = instantiate(cfg.data, _convert_="all")
-    source_ds = data.eval or data.train
-    batch = next(iter(source_ds(tf.distribute.InputContext())))
-    x, _, _ = keras.utils.unpack_x_y_sample_weight(batch)
-    sample = tf.nest.map_structure(lambda t: t[:8], x)
-    model = instantiate(cfg.model, _convert_="all")
-    if isinstance(model, dict):
-        from trainer.checkpoint import CheckpointError
-
-        raise CheckpointError(f"{run} trained several models ({sorted(model)}, e.g. recipe=gan): export takes one. "
-                              "Fix: in Python, rebuild them, restore the checkpoint and save the one you need "
-                              "(trainer.models[name].save(...)).")
-    model(sample, training=False)  # build
-    report = warm_start(model, prefix, purpose="Loading weights")
-    if report["missing"] or report["mismatched"]:
-        raise ValueError(f"{prefix} does not hold all of this model's weights: {report}")
-    log.info("Loaded %s from %s (%d variables)", model.name, prefix, len(report["restored"]))
-    from trainer.ema import restore_averages
-
-    restore_averages(model, cfg.get("optimizer"), prefix)  # a run with optimizer.use_ema=true: its averages
-    return model, sample
-
-
-EXIT_MISMATCH = 3
+EXIT_MISMATCH = EXIT_NUMERICAL  # written, but its outputs differ beyond --tolerance (ExportMismatch)
 
 
 def main(argv=None) -> int:
@@ -113,19 +43,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from trainer.convert import ConversionError, convert_model
-    from trainer.evaluate import checkpoint_of, eval_inputs, user_error
+    from trainer.convert import convert_model
 
     out = Path(args.out)
     if (out.is_dir() and any(out.iterdir())) or out.is_file():
         print(f"error: {out} exists and is not empty; choose another --out (nothing was written)", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     if args.check_batches < 1:
         print(f"error: --check-batches {args.check_batches}: must be >= 1", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     if args.tolerance is not None and not args.tolerance >= 0:  # also NaN
         print(f"error: --tolerance {args.tolerance}: must be >= 0 (0: outputs must match exactly)", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     tolerance = args.tolerance
     try:
         export_formats.check_packages(args.format)  # before any work
@@ -139,18 +68,11 @@ def main(argv=None) -> int:
         batches = eval_inputs(checkpoint.cfg, args.check_batches)
         path = export_formats.write(model, args.format, out)
         result = export_formats.check(trained, args.format, path, batches, tolerance if tolerance is not None else export_formats.TOLERANCE)
-    except export_formats.ExportMismatch as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_MISMATCH
-    except (ConversionError, export_formats.ExportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # noqa: BLE001 - a user error (no run, checkpoint, data), else a bug with its traceback
-        message = user_error(e) or (str(e) if isinstance(e, ValueError) else None)
-        if message is None:
+    except Exception as e:  # noqa: BLE001 - ours: a user error (2) or ExportMismatch (3); else a bug, with its traceback
+        code = report_error(e)
+        if code is None:
             raise
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+        return code
     print(f"wrote {args.format} {path} ({checkpoint.name}, step {checkpoint.step})")
     print(f"checked: loaded back, {result.examples} eval examples, max abs error {result.max_abs_error:.3g}, "
           f"relative {result.relative_error:.3g} (tolerance {result.tolerance:g})")

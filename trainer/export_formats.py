@@ -18,6 +18,8 @@ from typing import Any, Callable, Dict, List
 
 import numpy as np
 
+from trainer.errors import NumericalFailure, UserError
+
 FORMATS = ("saved_model", "keras", "onnx", "tflite")
 # Format -> (module, pinned requirement) it needs beyond TensorFlow/Keras; pyproject.toml's `export` extra.
 NEEDS = {
@@ -29,12 +31,13 @@ NEEDS = {
 TOLERANCE = 1e-4
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """An export cannot be made (a missing package, a model it cannot take); the message says the fix."""
 
 
-class ExportMismatch(ValueError):
-    """The exported file does not reproduce the trained model's outputs within tolerance."""
+class ExportMismatch(NumericalFailure, ValueError):
+    """The exported file does not reproduce the trained model's outputs within tolerance (exit 3: written,
+    kept for a look)."""
 
 
 @dataclass

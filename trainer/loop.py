@@ -15,13 +15,19 @@ from tensorflow.python.util import deprecation as _tf_deprecation
 from trainer import signals
 from trainer.compile import make_eval_function, make_train_function, measure_in_run, measures_in_run
 from trainer.data import release_in_background
+from trainer.errors import EXIT_BUG, EXIT_SIGNAL, TrainerError
 from trainer.inputs import distribute
 
 log = logging.getLogger("trainer.core")
 
 
-class TrainingInterrupted(Exception):
-    """SIGTERM/SIGINT arrived; a checkpoint was saved (when a run folder is set) before this is raised."""
+class TrainingInterrupted(TrainerError):
+    """SIGTERM/SIGINT arrived; a checkpoint was saved (when a run folder is set) before this is raised.
+    Its message is the signal's name; a command exits as a shell reports that signal (143, 130)."""
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_SIGNAL.get(str(self), EXIT_BUG)
 
 
 class PreemptedAndSaved(TrainingInterrupted):

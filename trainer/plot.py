@@ -19,17 +19,17 @@ from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
 from trainer.callbacks.progress import HIDDEN
+from trainer.errors import UserError, report_error
 from trainer.memory import is_memory_field
 from trainer.sweep import differing, recorded_overrides
 
-EXIT_USER_ERROR = 2
 NOT_CURVES = HIDDEN | {"step", "split", "time"}  # speed and optimizer state; loss scale has its own panels; memory is no curve
 LABEL_WIDTH, LABEL_LINES = 60, 3  # a legend entry's characters per line, and lines before it is cut to #N
 FEW_POINTS = 5  # a train series with fewer points gets markers (one point draws no line)
 INSTALL_MATPLOTLIB = "pip install -e '.[bench]' (or pip install matplotlib==3.11.2)"
 
 
-class PlotError(ValueError):
+class PlotError(UserError, ValueError):
     """Bad input to the plot (a path, an empty run); the message says what to give instead."""
 
 
@@ -172,9 +172,15 @@ def draw_runs(runs: List[Run]):
     return fig
 
 
-def _fail(message: str) -> None:
-    print(f"trainer.plot: {message}", file=sys.stderr)
-    sys.exit(EXIT_USER_ERROR)
+def save(fig, out: str) -> None:
+    """Writes the figure; a path it cannot be written to is a PlotError naming the fix."""
+    try:
+        fig.savefig(out, dpi=100)
+    except OSError as e:
+        raise PlotError(f"cannot write {out}: {e.strerror or e}. Fix: give --out a path in a folder that exists "
+                        "and you can write.") from None
+    except ValueError as e:  # matplotlib: an --out suffix it has no writer for
+        raise PlotError(f"cannot write {out}: {e}. Fix: give --out a .png path.") from None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -184,13 +190,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         runs = load_runs(args.runs)
-        draw_runs(runs).savefig(args.out, dpi=100)
-    except PlotError as e:
-        _fail(str(e))
-    except OSError as e:
-        _fail(f"cannot write {args.out}: {e.strerror or e}. Fix: give --out a path in a folder that exists and you can write.")
-    except ValueError as e:  # matplotlib: an --out suffix it has no writer for
-        _fail(f"cannot write {args.out}: {e}. Fix: give --out a .png path.")
+        save(draw_runs(runs), args.out)
+    except Exception as e:  # noqa: BLE001 - ours exit with their code and message; a bug keeps its traceback
+        code = report_error(e, prefix="trainer.plot: ")
+        if code is None:
+            raise
+        sys.exit(code)
     print(f"Wrote {args.out}")
     for line in label_key(runs):
         print(line)

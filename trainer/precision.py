@@ -8,12 +8,14 @@ from typing import Iterable, List, Tuple
 import keras
 import tensorflow as tf
 
+from trainer.errors import UserError
+
 log = logging.getLogger(__name__)
 
 POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
-class PrecisionError(ValueError):
+class PrecisionError(UserError, ValueError):
     """A model or setting that mixed precision cannot run correctly."""
 
 

@@ -1,4 +1,4 @@
-"""Batched inference: `Trainer.predict(data)` in Python, and `python -m trainer.predict` on files.
+"""`python -m trainer.predict`: a run's model on files (`Trainer.predict(data)` itself: trainer/inference.py).
 
     python -m trainer.predict RUN --input FILE|DIR --out FILE.csv|FILE.jsonl [--checkpoint latest|best|ckpt-N] [--batch-size N]
 
@@ -20,89 +20,17 @@ from typing import Any, Iterable, Iterator, List, Optional
 
 import numpy as np
 
+from trainer.assemble import trainer_for
+from trainer.errors import EXIT_USER_ERROR, ServingError, report_error
+from trainer.inference import DEFAULT_BATCH_SIZE, as_batched_dataset, in_batches, predict  # noqa: F401 - their home before
+from trainer.runs import load_run
+
 log = logging.getLogger(__name__)
-
-DEFAULT_BATCH_SIZE = 32
-
-
-def as_batched_dataset(data: Any, batch_size: Optional[int]):
-    """A tf.data.Dataset of batches from a Dataset (taken as batched, like Keras' predict), an array, a
-    dict/tuple of arrays (batched here, by `batch_size`), or an iterable of batches."""
-    import tensorflow as tf
-
-    if isinstance(data, tf.data.Dataset):
-        return data.rebatch(batch_size) if batch_size else data
-    if isinstance(data, (np.ndarray, tf.Tensor, dict, tuple)):
-        return tf.data.Dataset.from_tensor_slices(data).batch(batch_size or DEFAULT_BATCH_SIZE)
-    if isinstance(data, list):
-        raise TypeError("Trainer.predict: a list is ambiguous (examples? inputs?); give a NumPy array, a dict or "
-                        "tuple of arrays, a tf.data.Dataset, or an iterator of batches")
-    batches = iter(data)
-    first = next(batches, None)
-    if first is None:
-        raise ValueError("Trainer.predict: the iterable gave no batches")
-    first = tf.nest.map_structure(np.asarray, first)
-    spec = tf.nest.map_structure(lambda a: tf.TensorSpec((None, *a.shape[1:]), tf.as_dtype(a.dtype)), first)
-
-    def chain():
-        yield first
-        yield from batches
-
-    ds = tf.data.Dataset.from_generator(chain, output_signature=spec)
-    return ds.rebatch(batch_size) if batch_size else ds
-
-
-def predict(trainer, data: Any, batch_size: Optional[int] = None):
-    """The model's outputs (inference mode) on every example of `data`, as NumPy (a dict or list of
-    arrays for a model with several outputs), concatenated over batches in order. Runs under the
-    trainer's strategy (each batch split over its replicas), in a tf.function, with XLA when the trainer
-    compiles its steps with XLA. Labels in (x, y) batches are ignored."""
-    import keras
-    import tensorflow as tf
-
-    from trainer.compile import wrap_xla
-    from trainer.data import release_in_background
-
-    model, strategy = trainer.model, trainer.strategy
-    dataset = as_batched_dataset(data, batch_size).map(lambda *b: keras.utils.unpack_x_y_sample_weight(
-        b[0] if len(b) == 1 else b)[0])
-
-    def forward(x):
-        return model(x, training=False)
-
-    step = wrap_xla(forward, strategy.num_replicas_in_sync) if trainer.jit_compile else forward
-    # The iterator is the argument (as in Keras' predict): one trace, its batch dimension unknown.
-    run = tf.function(lambda iterator: strategy.run(step, args=(next(iterator),)))
-    if not model.built:  # a model without keras.Input: its variables are made here, not in the tf.function
-        with strategy.scope():
-            model(next(iter(dataset)), training=False)
-    pieces = []
-    iterator = iter(strategy.experimental_distribute_dataset(dataset))
-    while True:
-        try:
-            outputs = run(iterator)
-        except tf.errors.OutOfRangeError:
-            break
-        # Each replica holds a consecutive slice of the global batch, in replica order.
-        local = [strategy.experimental_local_results(t) for t in tf.nest.flatten(outputs)]
-        for replica in range(len(local[0])):
-            pieces.append(tf.nest.pack_sequence_as(outputs, [np.asarray(t[replica]) for t in local]))
-    release_in_background([iterator])  # destroying it can wait for tf.data's autotuner (see data.py)
-    if not pieces:
-        raise ValueError("Trainer.predict: the data has no examples")
-    return tf.nest.map_structure(lambda *parts: np.concatenate(parts, axis=0), *pieces)
-
-
-# ---------------------------------------------------------------------------------------------
-# python -m trainer.predict
-# ---------------------------------------------------------------------------------------------
 
 
 def recipe_module(data_cfg):
     """The module of the run's data builder (data._target_), where a recipe keeps `predict_inputs`."""
     import importlib
-
-    from trainer.evaluate import ServingError
 
     target = str(data_cfg.get("_target_", ""))
     module = importlib.import_module(target.rpartition(".")[0]) if "." in target else None
@@ -115,8 +43,6 @@ def recipe_module(data_cfg):
 
 def input_files(source: str) -> List[Path]:
     """A file, or the files of a folder (sorted, hidden ones skipped)."""
-    from trainer.evaluate import ServingError
-
     path = Path(source).expanduser()
     if path.is_file():
         return [path]
@@ -133,7 +59,7 @@ def class_rows(names: Iterable[str], outputs: np.ndarray, from_logits: bool, lab
 
     outputs = np.asarray(outputs, np.float32)
     if outputs.ndim != 2:
-        raise ValueError(f"the model outputs shape {outputs.shape[1:]} per example; trainer.predict writes classes "
+        raise ServingError(f"the model outputs shape {outputs.shape[1:]} per example; trainer.predict writes classes "
                          "of (batch, classes) outputs: use Trainer.predict from Python for other models")
     if outputs.shape[1] == 1:  # one logit/probability of the positive class
         positive = tf.sigmoid(outputs).numpy() if from_logits else outputs
@@ -160,17 +86,6 @@ def write_rows(rows: List[dict], out: Path) -> None:
             writer.writerow([r["input"], r["class"], r["class_index"], *[f"{v:.6g}" for v in r["probabilities"].values()]])
 
 
-def in_batches(examples: Iterable[Any], batch_size: int) -> Iterator[np.ndarray]:
-    """The examples stacked `batch_size` at a time, read as the batches are consumed: a recipe's
-    predict_inputs reads its files lazily with it (a folder larger than memory works)."""
-    batch = []
-    for example in examples:
-        batch.append(example)
-        if len(batch) == batch_size:
-            yield np.stack(batch)
-            batch = []
-    if batch:
-        yield np.stack(batch)
 
 
 class _KeptErrors:
@@ -207,8 +122,6 @@ def predict_recipe_batches(trainer, data: Any, batch_size: int):
 
 def predict_files(run: str, inputs: str, checkpoint: str = "latest", batch_size: Optional[int] = None) -> List[dict]:
     """The rows `python -m trainer.predict` writes: the run's model on the files, read as its recipe reads them."""
-    from trainer.evaluate import load_run, trainer_for
-
     loaded = load_run(run, checkpoint)
     data_cfg = loaded.cfg.data
     batch_size = batch_size or int(data_cfg.get("batch_size", DEFAULT_BATCH_SIZE))
@@ -232,8 +145,6 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="default: the run's data.batch_size")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from trainer.evaluate import EXIT_USER_ERROR, user_error
-
     out = Path(args.out)
     problem = None
     if out.suffix not in (".csv", ".jsonl"):
@@ -245,22 +156,23 @@ def main(argv: List[str] = None) -> int:
         return EXIT_USER_ERROR
     try:
         rows = predict_files(args.run, args.input, args.checkpoint, args.batch_size)
-    except Exception as e:  # noqa: BLE001 - a user error a reader or builder raised, else a bug (traceback)
-        message = user_error(e) or (str(e) if isinstance(e, (ValueError, OSError, tf_errors())) else None)
-        if message is None:
+    except Exception as e:  # noqa: BLE001 - ours, or a recipe's reader failing on an input file; else a bug (traceback)
+        code = report_error(e, bad_input=input_errors())
+        if code is None:
             raise
-        print(f"error: {message}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return code
     write_rows(rows, out)
     print(f"wrote {len(rows)} predictions to {out}")
     return 0
 
 
-def tf_errors():
-    """TensorFlow's error for a file it cannot decode (an image that is not one)."""
+def input_errors() -> tuple:
+    """What a recipe's predict_inputs raises on a file it cannot read: a missing or unreadable file
+    (OSError), one of another shape or encoding (ValueError), an image TensorFlow cannot decode. Bad input
+    for this command (exit 2), though not errors of ours: the recipes' readers are the user's code."""
     import tensorflow as tf
 
-    return tf.errors.InvalidArgumentError
+    return (ValueError, OSError, tf.errors.InvalidArgumentError)
 
 
 if __name__ == "__main__":

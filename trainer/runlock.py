@@ -26,11 +26,13 @@ from typing import Any, Dict, Iterator, Optional
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf, read_write
 
+from trainer.errors import EXIT_USER_ERROR, UserError
+
 LOCK_FILE = ".trainer.lock"
 _held: Dict[Path, int] = {}  # folder -> lock descriptor, for the folders this process holds
 
 
-class RunFolderError(RuntimeError):
+class RunFolderError(UserError, RuntimeError):
     """The run folder cannot be written, or another run holds it; the message names it and the fix."""
 
 
@@ -116,7 +118,7 @@ def is_chief_process(strategy_name: str, tf_config: Optional[str] = None) -> boo
 def _fail(e: Exception) -> None:
     """Hydra's logging is not set up yet (that is the point): the message goes to stderr, exit 2."""
     print(f"[trainer][ERROR] - {e}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(getattr(e, "exit_code", EXIT_USER_ERROR))
 
 
 class RunFolderCallback(HydraCallback):

@@ -6,12 +6,13 @@ from typing import Optional
 
 from trainer.callbacks.base import Callback
 from trainer.checkpoint import non_finite_weights
+from trainer.errors import NumericalFailure
 
 CAUSES = ("Check the input data for NaN/inf; or try a lower optimizer.lr, optimizer.clipnorm=1.0, "
           "or precision.debug_numerics=true to name the first bad op.")
 
 
-class NumericalError(RuntimeError):
+class NumericalError(NumericalFailure, RuntimeError):
     """Training cannot go on: too many non-finite steps in a row, or weights that are no longer finite."""
 
 

@@ -8,7 +8,6 @@ report) to --out (default: runs/doctor/<date_time>, or the run folder with --run
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import os
 import shlex
@@ -21,10 +20,10 @@ from trainer.quiet import quiet_tensorflow_import
 
 quiet_tensorflow_import()
 
-EXIT_USER_ERROR = 2
+from trainer.errors import EXIT_USER_ERROR, UserError, report_error  # noqa: E402,F401 - EXIT_USER_ERROR: its name here before
 
 
-class DoctorError(ValueError):
+class DoctorError(UserError, ValueError):
     """Bad arguments: the message says what and how to fix it (exit 2)."""
 
 
@@ -71,11 +70,11 @@ def load_run(folder: str) -> Tuple[object, List[str], str, Path]:
     folder or checkpoint inside it)."""
     from omegaconf import OmegaConf
 
-    from trainer.export import find_run
+    from trainer.runs import RunNotFound, find_run
 
     try:
         run, prefix = find_run(Path(folder).expanduser())
-    except FileNotFoundError:  # export's message offers a .keras file: the doctor needs the run's config
+    except RunNotFound:  # its message offers a .keras file: the doctor needs the run's config
         raise DoctorError(f"{folder} is not a run folder (with .hydra/config.yaml), its checkpoints/ folder or a "
                           "ckpt-N prefix; the doctor needs the run's config (a .keras file has none: give "
                           "its overrides instead of --run)") from None
@@ -97,19 +96,15 @@ def trained_weights(model_builder, sample_x, prefix: str) -> list:
 
 
 def diagnose_config(cfg, overrides: List[str], quick: bool, prefix: Optional[str], command: str) -> dict:
-    """Instantiates what `python -m trainer` would (trainer/cli.py's way) and runs trainer.doctor.diagnose."""
+    """Instantiates what `python -m trainer` would (trainer/assemble.py) and runs trainer.doctor.diagnose."""
     import keras
     from hydra.utils import instantiate
 
-    from trainer.cli import _schema, _trainer_class
-    from trainer.config import PrecisionConfig, StrategyConfig, TrainerConfig
-    from trainer.core import Trainer
+    from trainer.assemble import parts_of, strategy_of
     from trainer.data import check_batch_size
-    from trainer.distribute import make_strategy
     from trainer.doctor import _first_batches, diagnose
-    from trainer.optim import build_optimizer
 
-    strategy = make_strategy(_schema(StrategyConfig, cfg.strategy))  # before TensorFlow initializes devices
+    strategy = strategy_of(cfg)  # before TensorFlow initializes devices
     batch_size = cfg.data.get("batch_size", 1)
     check_batch_size(batch_size)
     bundles = {}
@@ -119,18 +114,15 @@ def diagnose_config(cfg, overrides: List[str], quick: bool, prefix: Optional[str
             bundles[size] = instantiate(cfg.data, batch_size=size, _convert_="all")
         return bundles[size].train
 
-    model_builder = functools.partial(instantiate, cfg.model, _convert_="all")
+    parts = parts_of(cfg, total_steps=cfg.trainer.max_steps or 1000)
     weights = None
     if prefix:
         x, _, _ = keras.utils.unpack_x_y_sample_weight(_first_batches(data_for_batch(batch_size), 1)[0])
-        weights = trained_weights(model_builder, x, prefix)
-    total = cfg.trainer.max_steps or 1000
+        weights = trained_weights(parts.model, x, prefix)
     return diagnose(
-        model_builder, data_for_batch, instantiate(cfg.loss), functools.partial(build_optimizer, cfg.optimizer, total),
-        batch_size=batch_size, metrics={name: functools.partial(instantiate, m) for name, m in cfg.metrics.items()},
-        strategy=strategy, precision=_schema(PrecisionConfig, cfg.precision), trainer_config=_schema(TrainerConfig, cfg.trainer),
-        trainer_class=_trainer_class(cfg.trainer_class, Trainer), seed=cfg.seed, clipnorm=cfg.optimizer.clipnorm,
-        weights=weights, quick=quick, overrides=overrides, command=command,
+        parts.model, data_for_batch, parts.loss, parts.optimizer, batch_size=batch_size, metrics=parts.metrics,
+        strategy=strategy, precision=parts.precision, trainer_config=parts.config, trainer_class=parts.trainer_class,
+        seed=parts.seed, clipnorm=parts.clipnorm, weights=weights, quick=quick, overrides=overrides, command=command,
     )
 
 
@@ -175,21 +167,11 @@ def main(argv=None) -> int:
         out = _out_folder(args, run_folder)
         _prepare_out_folder(out)
         report = diagnose_config(cfg, overrides, args.quick, prefix, command)
-    except Exception as e:  # noqa: BLE001 - the user errors below exit 2 with their message
-        from trainer.checkpoint import CheckpointError
-        from trainer.config import ConfigError
-        from trainer.data import DataError
-        from trainer.distribute import StrategyError
-        from trainer.precision import PrecisionError
-
-        cause = e
-        user = (DoctorError, ConfigError, DataError, CheckpointError, StrategyError, PrecisionError, FileNotFoundError)
-        while cause is not None and not isinstance(cause, user):
-            cause = cause.__cause__
-        if cause is None:
+    except Exception as e:  # noqa: BLE001 - ours exit with their code and message; a bug keeps its traceback
+        code = report_error(e)
+        if code is None:
             raise
-        print(f"error: {cause}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return code
     text = render_text(report)
     print(text, flush=True)  # first: the report is on screen even if writing the files fails
     write_json(report, out / "doctor.json")

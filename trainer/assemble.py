@@ -1,0 +1,108 @@
+"""A Trainer from a composed config: the one place that turns the config's nodes into the Trainer's parts.
+
+`python -m trainer` (trainer/cli.py) trains with them, the doctor measures them at several batch sizes and
+precisions, evaluate and predict hold a run's trained model in them. Each takes `parts_of(cfg)` and
+changes what it needs (a restored model, no optimizer state), so a new Trainer argument is wired once.
+Below the commands, above the library: it imports no command module.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from trainer.config import ConfigError, PrecisionConfig, StrategyConfig, TrainerConfig
+
+DEFAULT_TRAINER_CLASS = "trainer.core.Trainer"
+
+
+def schema(cls, node: DictConfig):
+    """The typed config `cls` (TrainerConfig, PrecisionConfig, ...) of a config node, resolved."""
+    return cls(**OmegaConf.to_container(node, resolve=True))
+
+
+def trainer_class(path: str, base: Optional[type] = None) -> type:
+    """trainer_class=module.Class: the Trainer subclass whose step a recipe brings (recipe=gan)."""
+    from hydra.utils import get_class
+
+    if base is None:
+        from trainer.core import Trainer as base
+    try:
+        cls = get_class(path)
+    except Exception as e:  # noqa: BLE001 - hydra raises ImportError or ValueError, wrapped
+        raise ConfigError(f"trainer_class={path!r} cannot be imported ({e}); give module.Class of a Trainer subclass") from None
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ConfigError(f"trainer_class={path!r} is not a subclass of trainer.Trainer")
+    return cls
+
+
+@dataclass
+class Parts:
+    """What a composed config says a Trainer is made of; each builder is called by the Trainer, under its
+    strategy's scope (a model, an optimizer and metrics must be made there)."""
+
+    model: Callable[[], Any]
+    loss: Any
+    optimizer: Callable[[], Any]
+    metrics: Dict[str, Callable[[], Any]]
+    precision: PrecisionConfig
+    config: TrainerConfig
+    trainer_class: type
+    seed: int
+    clipnorm: Optional[float]
+
+    def build(self, **rest):
+        """The Trainer of these parts; `rest`: strategy, run_dir, callbacks, loggers, is_chief."""
+        return self.trainer_class(model=self.model, loss=self.loss, optimizer=self.optimizer, metrics=self.metrics,
+                                  precision=self.precision, config=self.config, seed=self.seed, clipnorm=self.clipnorm,
+                                  **rest)
+
+    def replace(self, **changes) -> "Parts":
+        return dataclasses.replace(self, **changes)
+
+
+def parts_of(cfg: DictConfig, total_steps: Optional[int] = None) -> Parts:
+    """The Trainer's parts a composed config (or a run's .hydra/config.yaml) names. `total_steps`: the
+    optimizer's schedule length (its decay ends there)."""
+    from trainer.optim import build_optimizer
+
+    return Parts(
+        model=functools.partial(instantiate, cfg.model, _convert_="all"),
+        loss=instantiate(cfg.loss) if cfg.get("loss") is not None else None,
+        optimizer=functools.partial(build_optimizer, cfg.optimizer, total_steps),
+        metrics={name: functools.partial(instantiate, m) for name, m in (cfg.get("metrics") or {}).items()},
+        precision=schema(PrecisionConfig, cfg.precision),
+        config=schema(TrainerConfig, cfg.trainer),
+        trainer_class=trainer_class(cfg.get("trainer_class", DEFAULT_TRAINER_CLASS)),
+        seed=cfg.seed,
+        clipnorm=cfg.optimizer.get("clipnorm"),
+    )
+
+
+def strategy_of(cfg: DictConfig):
+    """The tf.distribute strategy cfg.strategy names; call it before TensorFlow initializes its devices."""
+    from trainer.distribute import make_strategy
+
+    return make_strategy(schema(StrategyConfig, cfg.strategy))
+
+
+def trainer_for(checkpoint, strategy=None, model=None, policy: str = None):
+    """A Trainer holding a run's trained model (restored from `checkpoint`, a trainer.runs.RunCheckpoint, or
+    `model` when given) with the recipe's loss and metrics, its precision (or `policy`: `model`'s) and its
+    trainer settings; it writes nothing (no run_dir) and trains nothing."""
+    import keras
+
+    from trainer.runs import load_trained_model
+
+    parts = parts_of(checkpoint.cfg)
+    precision = parts.precision if policy is None else dataclasses.replace(parts.precision, policy=policy)
+    return parts.replace(
+        model=model or (lambda: load_trained_model(checkpoint.prefix, precision.policy)[0]),
+        optimizer=keras.optimizers.SGD,  # nothing trains: build() wants one to make its slots
+        precision=precision,
+        clipnorm=None,
+    ).build(strategy=strategy)

@@ -1,0 +1,220 @@
+"""A trained run folder: its config, its checkpoints, and its model restored from one of them.
+
+    runs/<recipe>/<date_time>/.hydra/config.yaml      the composed config (written once training began)
+    runs/<recipe>/<date_time>/checkpoints/ckpt-N      the regular checkpoints (best/ckpt-N: the best kept)
+
+One home for what evaluate, predict, export, convert and the doctor read of a finished run. Below the
+commands, above the library (checkpoint, precision, config): it imports no command module.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, List, Sequence, Tuple
+
+from trainer.checkpoint import CheckpointError
+from trainer.errors import ServingError, UserError
+
+log = logging.getLogger(__name__)
+
+OVERRIDABLE = ("data.", "trainer.")  # what a served run's config may change: the model stays the checkpoint's
+
+
+class RunNotFound(UserError, FileNotFoundError):
+    """The path names no run folder, checkpoints/ folder, ckpt-N prefix or .keras file (still a
+    FileNotFoundError, as before the hierarchy)."""
+
+
+@dataclass
+class RunCheckpoint:
+    """A run folder, its config, and one of its checkpoints."""
+
+    run: Path
+    cfg: Any  # the run's OmegaConf config, with the overrides applied
+    prefix: str  # the ckpt-N prefix to restore
+    name: str  # ckpt-N, or best-ckpt-N for a best/ copy
+
+    @property
+    def step(self) -> int:
+        return int(re.search(r"ckpt-(\d+)$", self.prefix).group(1))
+
+
+def is_run_folder(path: Path) -> bool:
+    return (Path(path) / ".hydra" / "config.yaml").is_file()
+
+
+def find_run(source: Path) -> Tuple[Path, str]:
+    """(run folder, newest ckpt-N prefix) of a run folder, its checkpoints/ folder, or one ckpt-N prefix."""
+    from trainer.checkpoint import list_checkpoints
+
+    if is_run_folder(source):
+        found = list_checkpoints(source / "checkpoints")
+        if not found:
+            raise CheckpointError(f"{source} has no checkpoints/ckpt-N; train it first")
+        return source, found[0][1]
+    if source.is_dir() and is_run_folder(source.parent):
+        found = list_checkpoints(source)
+        if not found:
+            raise CheckpointError(f"{source} has no ckpt-N checkpoints")
+        return source.parent, found[0][1]
+    if Path(str(source) + ".index").exists():
+        for run in (source.parent.parent, source.parent.parent.parent):
+            if is_run_folder(run):
+                return run, str(source)
+    raise RunNotFound(f"{source} is not a run folder (with .hydra/config.yaml), its checkpoints/ folder, a ckpt-N prefix, "
+                        "or a .keras file")
+
+
+def resolve_checkpoint(run: Path, which: str = "latest") -> Tuple[str, str]:
+    """(prefix, name) of `which` = latest | best | ckpt-N in run/checkpoints (ckpt-N also in best/)."""
+    from trainer.checkpoint import list_checkpoints
+
+    folder = run / "checkpoints"
+    regular, best = list_checkpoints(folder), list_checkpoints(folder / "best")
+    have = [Path(p).name for _, p in regular] + [f"best/{Path(p).name}" for _, p in best]
+    if which == "latest":
+        if not regular:
+            raise ServingError(f"{folder} has no ckpt-N checkpoints. Fix: train the run first, or pick another run folder.")
+        return regular[0][1], Path(regular[0][1]).name
+    if which == "best":
+        index = folder / "best" / "best.json"
+        ranked = json.loads(index.read_text()) if index.exists() else []
+        # The entries' paths are absolute when written: find them by step, so a moved run folder works.
+        prefixes = [str(folder / "best" / f"ckpt-{e['step']}") for e in ranked]
+        kept = [p for p in prefixes if Path(p + ".index").exists()]
+        if not kept:
+            raise ServingError(f"{folder / 'best'} holds no best checkpoint (the run kept none: trainer.keep_best=0, "
+                               f"no eval, or no trainer.best_metric). Fix: --checkpoint latest or one of {have}.")
+        return kept[0], f"best-{Path(kept[0]).name}"
+    m = re.fullmatch(r"(best/)?ckpt-(\d+)", which)
+    if m:
+        where = folder / "best" if m.group(1) else folder
+        prefix = where / f"ckpt-{m.group(2)}"
+        if not Path(str(prefix) + ".index").exists() and not m.group(1) and (folder / "best" / f"ckpt-{m.group(2)}.index").exists():
+            prefix = folder / "best" / f"ckpt-{m.group(2)}"  # kept only as a best copy
+        if Path(str(prefix) + ".index").exists():
+            return str(prefix), ("best-" if prefix.parent.name == "best" else "") + prefix.name
+    raise ServingError(f"--checkpoint {which!r} is not in {folder}. Fix: latest, best, or one of {have or 'none: train first'}.")
+
+
+def load_run(run: str, which: str = "latest", overrides: Sequence[str] = ()) -> RunCheckpoint:
+    """The run's config (with data.*/trainer.* `overrides`) and the checkpoint `which`."""
+    from omegaconf import OmegaConf
+
+    folder = Path(run).expanduser()
+    if not is_run_folder(folder):
+        raise ServingError(f"{folder} is not a run folder (no .hydra/config.yaml). Fix: give the folder a training "
+                           "run wrote (hydra.run.dir, e.g. runs/mnist/<date_time>).")
+    cfg = OmegaConf.load(folder / ".hydra" / "config.yaml")
+    apply_overrides(cfg, overrides)
+    prefix, name = resolve_checkpoint(folder, which)
+    return RunCheckpoint(folder, cfg, prefix, name)
+
+
+def checkpoint_of(source: str, which: str = "latest") -> RunCheckpoint:
+    """A run folder (with `which`), its checkpoints/ folder, or a ckpt-N prefix (as trainer.export takes)."""
+    from omegaconf import OmegaConf
+
+    path = Path(source).expanduser()
+    if is_run_folder(path):
+        return load_run(source, which)
+    run, prefix = find_run(path)
+    name = ("best-" if Path(prefix).parent.name == "best" else "") + Path(prefix).name
+    return RunCheckpoint(run, OmegaConf.load(run / ".hydra" / "config.yaml"), prefix, name)
+
+
+def apply_overrides(cfg, overrides: Sequence[str]) -> None:
+    """Sets Hydra-style key=value overrides of existing data.* / trainer.* keys; checks trainer.* ranges."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from trainer.config import ConfigError, TrainerConfig, check_ranges
+
+    for item in overrides:
+        key, eq, _ = item.partition("=")
+        if not eq or not key.startswith(OVERRIDABLE):
+            raise ServingError(f"{item!r}: overrides are key=value of data.* or trainer.* keys (the model must stay the "
+                               "one the checkpoint holds), e.g. data.batch_size=32 trainer.eval_steps=5")
+        if OmegaConf.select(cfg, key, default="<missing>", throw_on_missing=False) == "<missing>":
+            section = cfg.get(key.split(".")[0]) or {}
+            raise ServingError(f"{key} is not a key of this run's config. Fix: one of {sorted(section)} under {key.split('.')[0]}.")
+        try:
+            cfg.merge_with(OmegaConf.from_dotlist([item]))
+            trainer = OmegaConf.merge(OmegaConf.structured(TrainerConfig), cfg.trainer)
+        except OmegaConfBaseException as e:
+            raise ServingError(f"{item!r}: {str(e).splitlines()[0]}") from None
+        try:
+            check_ranges(TrainerConfig, {f.name: trainer[f.name] for f in dataclasses.fields(TrainerConfig)}, "trainer")
+        except ConfigError as e:
+            raise ServingError(str(e)) from None
+
+
+def eval_inputs(cfg, batches: int) -> List[Any]:
+    """The inputs (no labels) of the first `batches` batches of the recipe's eval split (else train split)."""
+    import keras
+
+    return [keras.utils.unpack_x_y_sample_weight(batch)[0] for batch in eval_dataset(cfg).take(batches)]
+
+
+def load_trained_model(source: str, policy: str = "float32") -> Tuple[Any, Any]:
+    """Returns (model, sample_inputs) for a run folder / checkpoint / .keras file, under `policy`."""
+    import keras
+    import tensorflow as tf
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from trainer.checkpoint import warm_start
+    from trainer.ema import restore_averages
+    from trainer.precision import set_policy
+
+    path = Path(source).expanduser()
+    set_policy(policy)
+    if path.suffix == ".keras":
+        return _load_keras_file(path)
+    run, prefix = find_run(path)
+    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
+    x, _, _ = keras.utils.unpack_x_y_sample_weight(next(iter(eval_dataset(cfg))))
+    sample = tf.nest.map_structure(lambda t: t[:8], x)
+    model = instantiate(cfg.model, _convert_="all")
+    if isinstance(model, dict):
+        raise CheckpointError(f"{run} trained several models ({sorted(model)}, e.g. recipe=gan): export takes one. "
+                              "Fix: in Python, rebuild them, restore the checkpoint and save the one you need "
+                              "(trainer.models[name].save(...)).")
+    model(sample, training=False)  # build
+    report = warm_start(model, prefix, purpose="Loading weights")
+    if report["missing"] or report["mismatched"]:
+        raise ServingError(f"{prefix} does not hold all of this model's weights: {report}")
+    log.info("Loaded %s from %s (%d variables)", model.name, prefix, len(report["restored"]))
+    restore_averages(model, cfg.get("optimizer"), prefix)  # a run with optimizer.use_ema=true: its averages
+    return model, sample
+
+
+def eval_dataset(cfg):
+    """The recipe's eval split (else its train split) as one input pipeline's dataset."""
+    import tensorflow as tf
+    from hydra.utils import instantiate
+
+    data = instantiate(cfg.data, _convert_="all")
+    return (data.eval or data.train)(tf.distribute.InputContext())
+
+
+def _load_keras_file(path: Path) -> Tuple[Any, Any]:
+    """(model, two zero inputs of its input specs) of a .keras file."""
+    import keras
+    import tensorflow as tf
+
+    if not path.is_file():
+        raise RunNotFound(f"{path} does not exist")
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except (ValueError, OSError) as e:  # not a .keras archive, or one Keras cannot read
+        raise ServingError(f"{path} cannot be loaded as a Keras model ({e}). Fix: give a file model.save() wrote, "
+                           "or the run folder.") from e
+    sample = tf.nest.map_structure(
+        lambda t: tf.zeros([2] + list(t.shape[1:]), t.dtype), model.inputs if len(model.inputs) > 1 else model.inputs[0]
+    )
+    return model, sample
