@@ -131,14 +131,14 @@ class RunFolderCallback(HydraCallback):
         self.scratch: Optional[str] = None
 
     def _take(self, config: DictConfig, folder: str) -> None:
-        from trainer.config import ConfigError, check_config
+        from trainer.config import check_config
 
         try:
             check_config(config, config.hydra.runtime.choices)
             if OmegaConf.select(config, "trainer.fast_dev_run"):
                 folder = self._scratch_folder(config)
             self.fd = acquire(folder, hold=is_chief_process(str(OmegaConf.select(config, "strategy.name"))))
-        except (ConfigError, RunFolderError) as e:
+        except UserError as e:  # ConfigError, RunFolderError
             _fail(e)
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
