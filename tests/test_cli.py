@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import tensorflow as tf
 
-from conftest import read_metrics, run_cli, wait_until
+from conftest import TINY, read_metrics, run_cli, wait_until
 
 
 def _tensorboard_tags(folder: Path):
@@ -186,8 +186,6 @@ def test_without_the_progress_bar_the_log_has_a_line_per_event(tmp_path, tiny):
 def test_exit_codes_of_a_real_process(tmp_path, overrides, code, says):
     """Most CLI tests run the command in the test's process (tests/cli_runner.py); these keep the exit path
     itself honest: a real interpreter, its exit code, no traceback. 130 and 143 are in test_checkpoint.py."""
-    from conftest import TINY
-
     result = run_cli(*TINY, *overrides, f"hydra.run.dir={tmp_path / 'run'}", process=True)
     output = result.stdout + result.stderr
     assert result.returncode == code, output[-2000:]

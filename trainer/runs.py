@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Sequence, Tuple
 
-from trainer.checkpoint import CheckpointError
+from omegaconf import OmegaConf
+
+from trainer.checkpoint import CheckpointError, list_checkpoints
 from trainer.errors import ServingError, UserError
 
 log = logging.getLogger(__name__)
@@ -43,14 +45,23 @@ class RunCheckpoint:
         return int(re.search(r"ckpt-(\d+)$", self.prefix).group(1))
 
 
+def config_path(run: Path) -> Path:
+    """Where a run keeps its composed config; its presence is what makes a folder a run folder."""
+    return Path(run) / ".hydra" / "config.yaml"
+
+
 def is_run_folder(path: Path) -> bool:
-    return (Path(path) / ".hydra" / "config.yaml").is_file()
+    return config_path(path).is_file()
+
+
+def checkpoint_name(prefix) -> str:
+    """ckpt-N, or best-ckpt-N for a copy in best/ (the name evaluate writes its JSON under)."""
+    prefix = Path(prefix)
+    return ("best-" if prefix.parent.name == "best" else "") + prefix.name
 
 
 def find_run(source: Path) -> Tuple[Path, str]:
     """(run folder, newest ckpt-N prefix) of a run folder, its checkpoints/ folder, or one ckpt-N prefix."""
-    from trainer.checkpoint import list_checkpoints
-
     if is_run_folder(source):
         found = list_checkpoints(source / "checkpoints")
         if not found:
@@ -71,8 +82,6 @@ def find_run(source: Path) -> Tuple[Path, str]:
 
 def resolve_checkpoint(run: Path, which: str = "latest") -> Tuple[str, str]:
     """(prefix, name) of `which` = latest | best | ckpt-N in run/checkpoints (ckpt-N also in best/)."""
-    from trainer.checkpoint import list_checkpoints
-
     folder = run / "checkpoints"
     regular, best = list_checkpoints(folder), list_checkpoints(folder / "best")
     have = [Path(p).name for _, p in regular] + [f"best/{Path(p).name}" for _, p in best]
@@ -97,19 +106,17 @@ def resolve_checkpoint(run: Path, which: str = "latest") -> Tuple[str, str]:
         if not Path(str(prefix) + ".index").exists() and not m.group(1) and (folder / "best" / f"ckpt-{m.group(2)}.index").exists():
             prefix = folder / "best" / f"ckpt-{m.group(2)}"  # kept only as a best copy
         if Path(str(prefix) + ".index").exists():
-            return str(prefix), ("best-" if prefix.parent.name == "best" else "") + prefix.name
+            return str(prefix), checkpoint_name(prefix)
     raise ServingError(f"--checkpoint {which!r} is not in {folder}. Fix: latest, best, or one of {have or 'none: train first'}.")
 
 
 def load_run(run: str, which: str = "latest", overrides: Sequence[str] = ()) -> RunCheckpoint:
     """The run's config (with data.*/trainer.* `overrides`) and the checkpoint `which`."""
-    from omegaconf import OmegaConf
-
     folder = Path(run).expanduser()
     if not is_run_folder(folder):
         raise ServingError(f"{folder} is not a run folder (no .hydra/config.yaml). Fix: give the folder a training "
                            "run wrote (hydra.run.dir, e.g. runs/mnist/<date_time>).")
-    cfg = OmegaConf.load(folder / ".hydra" / "config.yaml")
+    cfg = OmegaConf.load(config_path(folder))
     apply_overrides(cfg, overrides)
     prefix, name = resolve_checkpoint(folder, which)
     return RunCheckpoint(folder, cfg, prefix, name)
@@ -117,19 +124,15 @@ def load_run(run: str, which: str = "latest", overrides: Sequence[str] = ()) -> 
 
 def checkpoint_of(source: str, which: str = "latest") -> RunCheckpoint:
     """A run folder (with `which`), its checkpoints/ folder, or a ckpt-N prefix (as trainer.export takes)."""
-    from omegaconf import OmegaConf
-
     path = Path(source).expanduser()
     if is_run_folder(path):
         return load_run(source, which)
     run, prefix = find_run(path)
-    name = ("best-" if Path(prefix).parent.name == "best" else "") + Path(prefix).name
-    return RunCheckpoint(run, OmegaConf.load(run / ".hydra" / "config.yaml"), prefix, name)
+    return RunCheckpoint(run, OmegaConf.load(config_path(run)), prefix, checkpoint_name(prefix))
 
 
 def apply_overrides(cfg, overrides: Sequence[str]) -> None:
     """Sets Hydra-style key=value overrides of existing data.* / trainer.* keys; checks trainer.* ranges."""
-    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     from trainer.config import ConfigError, TrainerConfig, check_ranges
@@ -165,7 +168,6 @@ def load_trained_model(source: str, policy: str = "float32") -> Tuple[Any, Any]:
     import keras
     import tensorflow as tf
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
     from trainer.checkpoint import warm_start
     from trainer.ema import restore_averages
@@ -176,7 +178,7 @@ def load_trained_model(source: str, policy: str = "float32") -> Tuple[Any, Any]:
     if path.suffix == ".keras":
         return _load_keras_file(path)
     run, prefix = find_run(path)
-    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
+    cfg = OmegaConf.load(config_path(run))
     x, _, _ = keras.utils.unpack_x_y_sample_weight(next(iter(eval_dataset(cfg))))
     sample = tf.nest.map_structure(lambda t: t[:8], x)
     model = instantiate(cfg.model, _convert_="all")

@@ -70,7 +70,8 @@ def load_run(folder: str) -> Tuple[object, List[str], str, Path]:
     folder or checkpoint inside it)."""
     from omegaconf import OmegaConf
 
-    from trainer.runs import RunNotFound, find_run
+    from trainer.runs import RunNotFound, config_path, find_run
+    from trainer.sweep import recorded_overrides
 
     try:
         run, prefix = find_run(Path(folder).expanduser())
@@ -78,9 +79,8 @@ def load_run(folder: str) -> Tuple[object, List[str], str, Path]:
         raise DoctorError(f"{folder} is not a run folder (with .hydra/config.yaml), its checkpoints/ folder or a "
                           "ckpt-N prefix; the doctor needs the run's config (a .keras file has none: give "
                           "its overrides instead of --run)") from None
-    recorded = run / ".hydra" / "overrides.yaml"
-    overrides = [str(o) for o in OmegaConf.load(recorded)] if recorded.exists() else []
-    config = OmegaConf.load(run / ".hydra" / "config.yaml")
+    overrides = recorded_overrides(run) or []
+    config = OmegaConf.load(config_path(run))
     return config, [o for o in overrides if not o.startswith("hydra.")], prefix, run
 
 
