@@ -30,6 +30,8 @@ DatasetFn = Callable[[tf.distribute.InputContext], tf.data.Dataset]
 # A DatasetFn whose `skips_itself` attribute is true also takes `skip_steps=N` (global batches already
 # trained on) and starts there more cheaply than the Trainer's `.skip(N)` on its output, which runs the
 # whole pipeline (reads, decodes, augments) for every skipped batch. The stream must be the same.
+# A DatasetFn with an `unshuffled` attribute (a DatasetFn too) gives batches of the same structure and
+# shapes without its shuffle buffer: the Trainer builds the model on its first batch (inputs.sample_batch).
 
 
 _releasing: "set[threading.Thread]" = set()
@@ -116,15 +118,18 @@ def classification_pipeline(
     deterministic: bool = True,
     preprocess: Optional[Callable] = None,
 ) -> DatasetFn:
-    """In-memory arrays -> a DatasetFn: shard, cache, shuffle (seeded), map, batch, repeat, prefetch."""
+    """In-memory arrays -> a DatasetFn: shard, cache, shuffle (seeded), map, batch, repeat, prefetch.
 
-    def make(ctx: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
+    Its `unshuffled` attribute makes the same batches in file order: a first batch of the right shapes
+    without filling the full-size shuffle buffer (60,000 examples for Fashion-MNIST, ~0.6 CPU-s)."""
+
+    def make(ctx: Optional[tf.distribute.InputContext] = None, shuffle: bool = training) -> tf.data.Dataset:
         batch = per_replica_batch_size(global_batch_size, ctx)
         ds = tf.data.Dataset.from_tensor_slices((features, labels))
         if ctx is not None and ctx.num_input_pipelines > 1:
             ds = ds.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
         ds = ds.cache()
-        if training:
+        if shuffle:
             # A full-size buffer: each epoch is a permutation; reshuffled each epoch from the seed.
             ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
         if preprocess is not None:
@@ -142,6 +147,7 @@ def classification_pipeline(
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
         return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
+    make.unshuffled = lambda ctx=None: make(ctx, shuffle=False)
     return make
 
 

@@ -35,8 +35,9 @@ def sample_batch(data: DataArg, strategy: tf.distribute.Strategy):
     """(one batch, global batch size): what one replica of `strategy` would be given first."""
     if isinstance(data, tf.data.Dataset):
         probe = [iter(data)]
-    else:
-        probe = [iter(data(tf.distribute.InputContext(1, 0, strategy.num_replicas_in_sync)))]
+    else:  # the unshuffled twin, where there is one, skips filling the shuffle buffer twice (data.py)
+        make = getattr(data, "unshuffled", data)
+        probe = [iter(make(tf.distribute.InputContext(1, 0, strategy.num_replicas_in_sync)))]
     sample = next(probe[0])
     release_in_background(probe)  # its age includes filling a shuffle buffer: see data.py
     replicas = strategy.num_replicas_in_sync

@@ -11,6 +11,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from trainer.config import ConfigError
+from trainer.tracing import framework_code
 
 _FIRST = tf.VariableAggregation.ONLY_FIRST_REPLICA  # every replica computes the same value
 
@@ -49,16 +50,19 @@ class LossScale(tf.Module):
     def enabled(self) -> bool:
         return self.mode != "none"
 
+    @framework_code
     def scale_loss(self, loss: tf.Tensor) -> tf.Tensor:
         """loss × scale (the loss is float32, so the product cannot overflow float32 in practice)."""
         return loss * self.scale if self.enabled else loss
 
+    @framework_code
     def unscale(self, grads):
         """Gradients of the scaled loss → float32 gradients of the loss (÷ scale), exactly once."""
         if not self.enabled:
             return [None if g is None else tf.cast(g, tf.float32) for g in grads]
         return [None if g is None else tf.cast(g, tf.float32) / self.scale for g in grads]
 
+    @framework_code
     def update(self, finite: tf.Tensor) -> None:
         """Advances the state after a step; branch-free so it is legal in any replica context."""
         one = tf.constant(1, tf.int64)

@@ -15,6 +15,7 @@ import keras
 import tensorflow as tf
 
 from trainer.data import DataError
+from trainer.tracing import framework_code
 
 
 class Step:
@@ -36,6 +37,7 @@ class Step:
             loss += tf.nn.scale_regularization_loss(tf.add_n([tf.cast(l, tf.float32) for l in self.model.losses]))
         return loss
 
+    @framework_code
     def _global_mean(self, per_example, sample_weight):
         weight = None if sample_weight is None else tf.cast(sample_weight, tf.float32)
         if weight is not None and weight.shape.rank is not None and per_example.shape.rank is not None:
@@ -49,6 +51,7 @@ class Step:
             per_example = tf.reduce_mean(per_example, axis=list(range(1, per_example.shape.rank)))
         return tf.nn.compute_average_loss(per_example, sample_weight=weight)  # weight: per example, rank unknown
 
+    @framework_code
     def _unpack(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         if y is None and self.loss is not None:
@@ -101,6 +104,7 @@ class Step:
 
     # -- research code: any number of models, optimizers and losses --------------------------------
 
+    @framework_code
     def updater(self, optimizer: Optional[str] = None):
         """The update pipeline of optimizer `optimizer` (default: the only one)."""
         name = optimizer if optimizer is not None else self.default_optimizer
@@ -112,6 +116,7 @@ class Step:
             raise ValueError(f"No optimizer {name!r}: this Trainer's optimizers are {sorted(self.updaters)}")
         return self.updaters[name]
 
+    @framework_code
     def update(self, loss, tape: tf.GradientTape, optimizer: Optional[str] = None) -> None:
         """Updates the variables of `optimizer` (a key of `Trainer.optimizers`, which is also the name of
         the model it trains; default: the only one) to lower `loss`, this replica's batch mean in

@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from trainer.fused import fuse
 from trainer.loss_scale import LossScale
+from trainer.tracing import framework_code
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class Updater:
         under a distribution strategy, and a lazy build in a later trace retraces the step."""
         self.optimizer.build(self.variables())
 
+    @framework_code
     def apply(self, unscaled_grads, loss=None) -> None:
         """All-reduce, finite check, clip, apply (or skip), update the loss scale. `loss` is this
         replica's share of the global loss; a non-finite loss also skips the update."""
@@ -82,6 +84,7 @@ class Updater:
             self.optimizer.apply(unscaled_grads, variables)
         self.loss_scale.update(finite)
 
+    @framework_code
     def _apply_if_finite(self, grads, variables, finite) -> None:
         if self.skip_by_select:  # the whole step of one replica in XLA: no branch, no cross-replica decision
             self._apply_selected(grads, variables, finite)
@@ -103,10 +106,12 @@ class Updater:
 
             tf.distribute.get_replica_context().merge_call(cross_replica, args=(grads, finite))
 
+    @framework_code
     def _skip(self) -> None:
         """A skipped update still counts in `iterations`, so learning-rate schedules see the global step."""
         self.optimizer.iterations.assign_add(1)
 
+    @framework_code
     def _apply_selected(self, grads, variables, finite) -> None:
         """The skip without a branch, for a step compiled by XLA: apply, then put back the old value of
         every variable and optimizer slot if the update was not finite. XLA fuses the update and the
