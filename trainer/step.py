@@ -18,7 +18,7 @@ from trainer.data import DataError
 
 
 class Step:
-    """Mixed into Trainer. Expects: models, model, loss, updaters, metrics, eval_metrics, train_loss,
+    """Mixed into Trainer. Expects: models, model, loss, updaters, train_metrics, eval_metrics, train_loss,
     eval_loss, strategy, config (see core.py)."""
 
     # -- the default step ------------------------------------------------------------------------
@@ -70,7 +70,7 @@ class Step:
             scaled_loss = loss_scale.scale_loss(loss)
         scaled_grads = tape.gradient(scaled_loss, self.model.trainable_variables)
         unscaled_grads = loss_scale.unscale(scaled_grads)
-        self._update_metrics(self.metrics, self.train_loss, loss, y, y_pred, sample_weight)
+        self._update_metrics(self.train_metrics, self.train_loss, loss, y, y_pred, sample_weight)
         return loss, unscaled_grads
 
     def apply_gradients(self, unscaled_grads, loss=None, optimizer: Optional[str] = None) -> None:
