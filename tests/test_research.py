@@ -355,3 +355,29 @@ def test_metrics_updated_in_an_overridden_step_are_reported(tmp_path):
     # The evaluations between the windows update the eval copies, not the train metrics of the next window.
     assert trainer().fit(blobs(), steps=10)["accuracy"] == pytest.approx(train[-1]["accuracy"], abs=1e-6)
 
+
+def test_an_optimizer_the_step_never_updates_is_named_and_a_typo_is_an_error(caplog):
+    import logging
+
+    class OneOfTwo(Trainer):
+        def __init__(self, name, **kwargs):
+            super().__init__(**kwargs)
+            self.which = name
+
+        def train_step(self, data):
+            x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+                    y, self.models["a"](x, training=True), from_logits=True))
+            self.update(loss, tape, self.which)
+
+    def trainer(name):
+        return OneOfTwo(name, models={"a": mlp(), "b": mlp()}, optimizer=lambda: keras.optimizers.SGD(0.1),
+                        progress_bar=False)
+
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        trainer("a").fit(blobs(), steps=2)
+    assert "never calls self.update(loss, tape, name) for optimizer(s) ['b']" in caplog.text
+    assert "self.update(loss, tape, 'b')" in caplog.text
+    with pytest.raises(ValueError, match=r"No optimizer 'c': this Trainer's optimizers are \['a', 'b'\]"):
+        trainer("c").fit(blobs(), steps=1)
