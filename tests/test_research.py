@@ -381,3 +381,16 @@ def test_an_optimizer_the_step_never_updates_is_named_and_a_typo_is_an_error(cap
     assert "self.update(loss, tape, 'b')" in caplog.text
     with pytest.raises(ValueError, match=r"No optimizer 'c': this Trainer's optimizers are \['a', 'b'\]"):
         trainer("c").fit(blobs(), steps=1)
+
+
+def test_a_forward_pass_outside_the_tape_names_the_optimizer_and_the_cause():
+    class Outside(Trainer):
+        def train_step(self, data):
+            x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+            logits = self.model(x, training=True)  # before the tape: nothing recorded
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
+            self.update(loss, tape)
+
+    with pytest.raises(ValueError, match=r"no gradient for any variable of model 'model'.*outside `with tf.GradientTape"):
+        Outside(model=mlp(), optimizer=lambda: keras.optimizers.SGD(0.1), progress_bar=False).fit(blobs(), steps=1)

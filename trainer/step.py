@@ -139,6 +139,12 @@ class Step:
         seed = updater.loss_scale.scale / replicas if updater.loss_scale.enabled else (1.0 / replicas if replicas > 1 else None)
         seed = None if seed is None else tf.convert_to_tensor(seed, tf.float32)
         scaled_grads = tape.gradient(loss, updater.variables(), output_gradients=seed)
+        if scaled_grads and all(g is None for g in scaled_grads):  # Keras would say "No gradients provided for any variable"
+            name = updater.name
+            raise ValueError(f"Trainer.update(loss, tape, {name!r}): the loss has no gradient for any variable of model "
+                             f"{name!r}, so optimizer {name!r} has nothing to apply. Likely cause: the model's forward "
+                             "pass ran outside `with tf.GradientTape() as tape:` (or the loss comes from another model, "
+                             "or through tf.stop_gradient). Fix: call the model and compute the loss inside the tape.")
         updater.apply(updater.loss_scale.unscale(scaled_grads), loss / replicas)
 
     # -- gradient accumulation: K micro-batches per optimizer update --------------------------------
