@@ -43,3 +43,30 @@ def test_configured_logging_gets_each_line_once(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stderr.count("Done: 10 steps") == 2, result.stderr[-3000:]
     assert "[trainer.callbacks][INFO]" not in result.stderr
+
+
+TWO_TRAINERS = """
+import sys, keras
+from trainer import Trainer
+sys.path.insert(0, {tests!r})
+from conftest import blobs
+for run in ("teacher", "student"):  # distillation trains a teacher first: two Trainers in one process
+    Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), optimizer=lambda: keras.optimizers.SGD(0.1),
+            run_dir=run, log_every=2, checkpoint_every=2, progress_bar=False).fit(blobs(), steps=4)
+"""
+
+
+def test_each_line_once_after_a_checkpoint_save_and_with_two_trainers(tmp_path):
+    """TensorFlow's saver logs through absl, which adds a bare root handler (logging.basicConfig()) at the
+    first save: the `trainer` lines must not then print a second time through it."""
+    from pathlib import Path
+
+    script = TWO_TRAINERS.format(tests=str(Path(__file__).parent))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stderr.splitlines()
+    for said in ("step 4/4: loss=", "Saved checkpoint", "Done: 4 steps"):
+        assert sum(said in line for line in lines) in (2, 4), result.stderr[-3000:]  # once per Trainer (per save)
+    assert sum("step 4/4: loss=" in line for line in lines) == 2
+    assert not any(line.startswith("INFO:trainer") for line in lines), result.stderr[-3000:]

@@ -310,3 +310,87 @@ def test_a_step_returning_a_tensor_is_told_to_return_a_dict():
 
     with pytest.raises(TypeError, match="must return None or a dict of scalar tensors"):
         ReturnsLoss(model=mlp(), optimizer=lambda: keras.optimizers.SGD(0.1), progress_bar=False).fit(blobs(), steps=1)
+
+
+class SelfMetered(Trainer):
+    """The Keras custom-step habit: the step updates the Trainer's metrics itself (no default step, loss=None).
+    train_step updates accuracy only; test_step updates accuracy and AUC through the same `self.metrics`."""
+
+    def train_step(self, data):
+        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+        with tf.GradientTape() as tape:
+            logits = self.model(x, training=True)
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
+        self.update(loss, tape)
+        self.metrics["accuracy"].update_state(y, logits)
+        return {"xent": loss}
+
+    def test_step(self, data):
+        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+        logits = self.model(x, training=False)
+        self.metrics["accuracy"].update_state(y, logits)
+        self.metrics["auc"].update_state(y, tf.nn.softmax(logits)[:, 1])
+
+
+def test_metrics_updated_in_an_overridden_step_are_reported(tmp_path):
+    def trainer(run_dir=None):
+        return SelfMetered(model=mlp(), optimizer=lambda: keras.optimizers.SGD(0.1), run_dir=run_dir, log_every=5,
+                           eval_every=5, progress_bar=False, tensorboard=False,
+                           metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")])
+
+    metered = trainer(tmp_path)
+    returned = metered.fit(blobs(), blobs(), steps=10)
+    rows = read_metrics(tmp_path)
+    train, evals = [r for r in rows if r["split"] == "train"], [r for r in rows if r["split"] == "eval"]
+    assert [r["step"] for r in train] == [5, 10] and [r["step"] for r in evals] == [5, 10]
+    assert all("accuracy" in r and "auc" not in r for r in train)  # AUC never moved in training: not a 0.0
+    x, y = (np.concatenate([b[i].numpy() for b in blobs()]) for i in (0, 1))
+    probabilities = tf.nn.softmax(metered.model(x)).numpy()
+    auc = keras.metrics.AUC()
+    auc.update_state(y, probabilities[:, 1])
+    expected = {"accuracy": np.mean(probabilities.argmax(-1) == y), "auc": float(auc.result())}
+    for logs in (evals[-1], returned, metered.evaluate(blobs())):
+        assert logs["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-6)
+        assert logs["auc"] == pytest.approx(expected["auc"], abs=1e-6)
+    # The evaluations between the windows update the eval copies, not the train metrics of the next window.
+    assert trainer().fit(blobs(), steps=10)["accuracy"] == pytest.approx(train[-1]["accuracy"], abs=1e-6)
+
+
+def test_an_optimizer_the_step_never_updates_is_named_and_a_typo_is_an_error(caplog):
+    import logging
+
+    class OneOfTwo(Trainer):
+        def __init__(self, name, **kwargs):
+            super().__init__(**kwargs)
+            self.which = name
+
+        def train_step(self, data):
+            x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+                    y, self.models["a"](x, training=True), from_logits=True))
+            self.update(loss, tape, self.which)
+
+    def trainer(name):
+        return OneOfTwo(name, models={"a": mlp(), "b": mlp()}, optimizer=lambda: keras.optimizers.SGD(0.1),
+                        progress_bar=False)
+
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        trainer("a").fit(blobs(), steps=2)
+    assert "never calls self.update(loss, tape, name) for optimizer(s) ['b']" in caplog.text
+    assert "self.update(loss, tape, 'b')" in caplog.text
+    with pytest.raises(ValueError, match=r"No optimizer 'c': this Trainer's optimizers are \['a', 'b'\]"):
+        trainer("c").fit(blobs(), steps=1)
+
+
+def test_a_forward_pass_outside_the_tape_names_the_optimizer_and_the_cause():
+    class Outside(Trainer):
+        def train_step(self, data):
+            x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+            logits = self.model(x, training=True)  # before the tape: nothing recorded
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
+            self.update(loss, tape)
+
+    with pytest.raises(ValueError, match=r"no gradient for any variable of model 'model'.*outside `with tf.GradientTape"):
+        Outside(model=mlp(), optimizer=lambda: keras.optimizers.SGD(0.1), progress_bar=False).fit(blobs(), steps=1)

@@ -200,8 +200,21 @@ def make_train_function(trainer, iterator) -> Callable:
         trainer.traces["train"] += 1  # Python side effect: runs once per trace
         for _ in tf.range(num_steps):
             one_update(iterator)
+        warn_unused_optimizers(trainer)  # the step is traced by now: every update it makes has set in_step
 
     return tf.function(train_loop)
+
+
+def warn_unused_optimizers(trainer) -> None:
+    """Names each optimizer the traced train step never updated through self.update: an old-style step that
+    calls optimizer.apply itself gets no loss scaling, all-reduce or finite check, and a model left out
+    trains not at all, with exit 0 either way."""
+    unused = [name for name, updater in trainer.updaters.items() if not updater.in_step]
+    if unused:
+        log.warning("The train step never calls self.update(loss, tape, name) for optimizer(s) %s (this Trainer's: %s): "
+                    "their models are not trained by the Trainer (an optimizer.apply of your own gets no loss scaling, "
+                    "all-reduce over replicas or finite check). Fix: call self.update(loss, tape, %r) in train_step.",
+                    unused, sorted(trainer.updaters), unused[0])
 
 
 def make_eval_function(trainer, iterator) -> Callable:

@@ -14,19 +14,31 @@ class _StderrHandler(logging.StreamHandler):
     """Ours: recognised (and taken away once the user configures logging, so no line is doubled)."""
 
 
+def _user_configured(root: logging.Logger) -> bool:
+    """A root handler of the user's (Hydra's, pytest's, logging.basicConfig(format=...)), not the bare one
+    `logging.basicConfig()` makes: TensorFlow's checkpoint saver logs through absl, which adds that one
+    mid-run, and the `trainer` lines then came twice (ours, and propagated to it)."""
+    return any(not (type(h) is logging.StreamHandler and getattr(h.formatter, "_fmt", None) == logging.BASIC_FORMAT)
+               for h in root.handlers)
+
+
 def show_logs_unless_configured(verbose: bool) -> None:
-    """Logs the `trainer` logger's INFO lines to stderr when neither it nor the root logger has a handler
-    (the CLI's Hydra and pytest configure the root one). Called by every fit(); idempotent."""
+    """Logs the `trainer` logger's INFO lines to stderr, once each, when neither it nor the root logger has a
+    handler of the user's (the CLI's Hydra and pytest configure the root one). While ours is there the
+    `trainer` logger does not propagate, so a bare root handler added later (absl's) does not print them
+    again. Called by every fit(); idempotent."""
     package, root = logging.getLogger("trainer"), logging.getLogger()
     ours = [h for h in package.handlers if isinstance(h, _StderrHandler)]
-    if ours and (root.handlers or not verbose):  # configured since, or quiet asked for
+    if ours and (_user_configured(root) or not verbose):  # configured since, or quiet asked for
         for handler in ours:
             package.removeHandler(handler)
+        package.propagate = True
         return
-    if ours or not verbose or package.handlers or root.handlers:
+    if ours or not verbose or package.handlers or _user_configured(root):
         return
     handler = _StderrHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[%(name)s][%(levelname)s] - %(message)s"))  # as the CLI's
     package.addHandler(handler)
+    package.propagate = False
     if package.level == logging.NOTSET:
         package.setLevel(logging.INFO)

@@ -31,11 +31,12 @@ from trainer.compile import XlaMeasurement, XlaPlan, decide_jit_compile, plan_xl
 from trainer.config import ConfigError, PrecisionConfig, TrainerConfig, check_ranges
 from trainer.console import show_logs_unless_configured
 from trainer.inputs import DataArg, KeptIterator, sample_batch, steps_per_epoch_of, training_iterator
-from trainer.loop import Loop, TrainingInterrupted, evaluate, tracked
+from trainer.loop import Loop, TrainingInterrupted, evaluate
 from trainer.loss_scale import LossScale
 from trainer.memory import memory_logs
 from trainer.runlock import run_folder_lock
 from trainer.step import Step
+from trainer.tracking import Window
 from trainer.update import Updater
 
 log = logging.getLogger(__name__)
@@ -102,11 +103,14 @@ class Trainer(Step):
             if model is not None and self.models.get("model") is model:  # ready-made: built before the Trainer
                 objects.check_ready_made_model(model, self.precision.policy, self.strategy, strategy is not None)
             self.optimizers = objects.make_optimizers(optimizer, optimizers, list(self.models))
-            self.metrics, self.eval_metrics = objects.make_metrics(metrics, remake=strategy is not None)
+            self.train_metrics, self.eval_metrics = objects.make_metrics(metrics, remake=strategy is not None)
             self.train_loss = keras.metrics.Mean(name="loss")
             self.eval_loss = keras.metrics.Mean(name="loss")
             self.train_log_trackers: Dict[str, keras.metrics.Metric] = {}  # an overridden step's logs
             self.eval_log_trackers: Dict[str, keras.metrics.Metric] = {}
+            self.train_window = Window(self.train_loss, self.train_metrics, self.train_log_trackers)
+            self.eval_window = Window(self.eval_loss, self.eval_metrics, self.eval_log_trackers)
+            self._evaluating = False  # self.metrics is the eval metrics while evaluate() runs (and traces)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
             self.rng = tf.random.Generator.from_seed(seed)  # for recipes' augmentation seeds
             # No best yet: the worst finite value (NaN would trip precision.debug_numerics on every read).
@@ -155,6 +159,12 @@ class Trainer(Step):
     def model(self, value) -> None:
         self._only("model", self.models)  # with one model only
         self.models[next(iter(self.models))] = value
+
+    @property
+    def metrics(self) -> Dict[str, keras.metrics.Metric]:
+        """The metrics a step updates, by name: the train metrics, and while evaluating the eval metrics (copies
+        of the same metrics, reset per evaluation), so a test_step may update `self.metrics` as in Keras."""
+        return self.eval_metrics if self._evaluating else self.train_metrics
 
     @property
     def optimizer(self) -> keras.optimizers.Optimizer:
@@ -333,8 +343,7 @@ class Trainer(Step):
         kept.step += num_steps
 
     def _reset_train_trackers(self) -> None:
-        for m in [*self.metrics.values(), self.train_loss, *self.train_log_trackers.values()]:
-            m.reset_state()
+        self.train_window.restart()
         for updater in self.updaters.values():
             updater.grad_norm.reset_state()
 
@@ -343,7 +352,7 @@ class Trainer(Step):
         metrics (the default step's), the logs an overridden step returned, examples/s, per optimizer
         lr, grad_norm, loss_scale and skipped_steps (prefixed `name/` when there are several), and the
         memory readings (trainer/memory.py: host RSS now and its peak, each GPU's peak)."""
-        logs: Dict[str, Any] = {"step": step, "split": "train", **tracked(self.train_loss, self.metrics, self.train_log_trackers)}
+        logs: Dict[str, Any] = {"step": step, "split": "train", **self.train_window.logs()}
         # nan when no step was timed in this window (the first loop, with its compile time, is not timed)
         logs["examples_per_sec"] = examples / seconds if examples > 0 and seconds > 0 else float("nan")
         for name, updater in self.updaters.items():
@@ -363,9 +372,13 @@ class Trainer(Step):
                 steps = resolved[2]
             else:
                 steps = debug.eval_batch_limit(self.config, eval_data, self.strategy)
-        with ema.averaged_weights(self):
-            return evaluate(self, eval_data, steps=steps,
-                            step=int(self.step.numpy()) if step is None else step, callbacks=callbacks)
+        evaluating, self._evaluating = self._evaluating, True
+        try:
+            with ema.averaged_weights(self):
+                return evaluate(self, eval_data, steps=steps,
+                                step=int(self.step.numpy()) if step is None else step, callbacks=callbacks)
+        finally:
+            self._evaluating = evaluating
 
     def predict(self, data: Any, batch_size: Optional[int] = None):
         """The model's outputs on `data` (a Dataset of batches, an array, a dict/tuple of arrays, an

@@ -245,8 +245,7 @@ def evaluate(trainer, eval_data, *, steps: Optional[int], step: int, callbacks=N
     """The loss and metrics (and an overridden test_step's logs) over the eval set, or `steps` batches of
     it; with `callbacks` (the loop's evaluations), on_eval_begin and on_eval_end around it."""
     t = trainer
-    for m in [*t.eval_metrics.values(), t.eval_loss, *t.eval_log_trackers.values()]:
-        m.reset_state()
+    t.eval_window.restart()
     if callbacks is not None:
         callbacks.on_eval_begin(t, step)
     holder = [iter(distribute(eval_data, t.strategy, training=False))]  # its only reference: see the end
@@ -270,18 +269,8 @@ def evaluate(trainer, eval_data, *, steps: Optional[int], step: int, callbacks=N
         bar.close()
     release_in_background(holder)  # destroying it can wait for tf.data's autotuner (see data.py)
     t.eval_batches = done  # what this evaluation read (python -m trainer.evaluate records it)
-    logs: Dict[str, Any] = {"step": step, "split": "eval", **tracked(t.eval_loss, t.eval_metrics, t.eval_log_trackers)}
+    logs: Dict[str, Any] = {"step": step, "split": "eval", **t.eval_window.logs()}
     if callbacks is not None:
         callbacks.on_eval_end(t, step, logs)
     return logs
 
-
-def tracked(loss, metrics, step_logs) -> Dict[str, float]:
-    """The default step's loss and metrics (when it ran: its loss tracker counted something) and the logs
-    an overridden step returned, as floats."""
-    logs = {}
-    if int(loss.count.numpy()) > 0:
-        logs["loss"] = float(loss.result())
-        logs.update({name: float(m.result()) for name, m in metrics.items()})
-    logs.update({name: float(m.result()) for name, m in step_logs.items()})
-    return logs

@@ -19,7 +19,7 @@ from trainer.tracing import framework_code
 
 
 class Step:
-    """Mixed into Trainer. Expects: models, model, loss, updaters, metrics, eval_metrics, train_loss,
+    """Mixed into Trainer. Expects: models, model, loss, updaters, train_metrics, eval_metrics, train_loss,
     eval_loss, strategy, config (see core.py)."""
 
     # -- the default step ------------------------------------------------------------------------
@@ -73,7 +73,7 @@ class Step:
             scaled_loss = loss_scale.scale_loss(loss)
         scaled_grads = tape.gradient(scaled_loss, self.model.trainable_variables)
         unscaled_grads = loss_scale.unscale(scaled_grads)
-        self._update_metrics(self.metrics, self.train_loss, loss, y, y_pred, sample_weight)
+        self._update_metrics(self.train_metrics, self.train_loss, loss, y, y_pred, sample_weight)
         return loss, unscaled_grads
 
     def apply_gradients(self, unscaled_grads, loss=None, optimizer: Optional[str] = None) -> None:
@@ -144,6 +144,12 @@ class Step:
         seed = updater.loss_scale.scale / replicas if updater.loss_scale.enabled else (1.0 / replicas if replicas > 1 else None)
         seed = None if seed is None else tf.convert_to_tensor(seed, tf.float32)
         scaled_grads = tape.gradient(loss, updater.variables(), output_gradients=seed)
+        if scaled_grads and all(g is None for g in scaled_grads):  # Keras would say "No gradients provided for any variable"
+            name = updater.name
+            raise ValueError(f"Trainer.update(loss, tape, {name!r}): the loss has no gradient for any variable of model "
+                             f"{name!r}, so optimizer {name!r} has nothing to apply. Likely cause: the model's forward "
+                             "pass ran outside `with tf.GradientTape() as tape:` (or the loss comes from another model, "
+                             "or through tf.stop_gradient). Fix: call the model and compute the loss inside the tape.")
         updater.apply(updater.loss_scale.unscale(scaled_grads), loss / replicas)
 
     # -- gradient accumulation: K micro-batches per optimizer update --------------------------------
