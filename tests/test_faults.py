@@ -333,3 +333,15 @@ def test_tools_fall_back_from_a_corrupt_newest_checkpoint_and_name_when_none_is_
                          ("trainer.predict", [str(run), "--input", str(run), "--out", str(tmp_path / "p.csv")]),
                          ("trainer.doctor", ["--run", str(run)])]:
         assert_user_error(run_cli(*args, module=module), "none of the checkpoints in", "is readable")
+
+
+def test_evaluate_on_a_read_only_run_folder_prints_the_figures(tmp_path):
+    with tmpfs(tmp_path / "ro", "size=64m") as folder:
+        run = folder / "run"
+        assert run_cli(*TINY, f"hydra.run.dir={run}").returncode == 0
+        assert subprocess.run(["mount", "-o", "remount,ro", str(folder)]).returncode == 0
+        result = run_cli(str(run), "trainer.eval_steps=2", module="trainer.evaluate")
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+        assert result.stdout.startswith("ckpt-40 (step 40): loss=")
+        assert f"not written: {run / 'eval' / 'ckpt-40.json'} cannot be written (Read-only file system)" in result.stdout
+        assert "Traceback" not in result.stderr
