@@ -151,3 +151,60 @@ def test_cli_lr_1e6_stops_with_exit_3(tmp_path):
     result = run_cli(*TINY, "optimizer.lr=1e6", f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 3, result.stderr[-2000:]
     assert "trainer.divergence_factor=100" in result.stderr + result.stdout
+
+
+# -- a run that does not learn (trainer.not_learning) ----------------------------------------------------
+
+
+def classifier(lr, **options):
+    """A linear 3-class classifier trained by SGD at `lr`, with an accuracy metric."""
+    import keras
+
+    from trainer import Trainer
+
+    defaults = dict(log_every=20, checkpoint_every=0, progress_bar=False, tensorboard=False, best_metric=None)
+    return Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]),
+                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                   optimizer=lambda: keras.optimizers.SGD(lr),
+                   metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")], **{**defaults, **options})
+
+
+def classes(learnable: bool, n: int = 1024, batch: int = 32):
+    """3 classes of 4 features: separable blobs (`learnable`), or the same inputs with random labels."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, n).astype("int32")
+    x = rng.normal(size=(n, 4)).astype("float32") + 3 * np.eye(3, 4, dtype="float32")[y]
+    labels = y if learnable else rng.integers(0, 3, n).astype("int32")
+    return tf.data.Dataset.from_tensor_slices((x, labels)).repeat().batch(batch, drop_remainder=True)
+
+
+def not_learning_warnings(caplog):
+    return [r.getMessage() for r in caplog.records if "not learning" in r.getMessage() or "did not learn" in r.getMessage()]
+
+
+def test_a_run_that_does_not_learn_is_said_loudly(caplog):
+    with caplog.at_level(logging.WARNING, logger="trainer.core"):
+        classifier(1e-7).fit(classes(learnable=True), steps=240)  # a rate so low nothing moves
+    said = not_learning_warnings(caplog)
+    assert len(said) == 2, said  # at a quarter of the run, and again at its end
+    assert "is not below its early level" in said[0] and "at chance level (1/3 classes" in said[0], said[0]
+    assert "lower optimizer.lr" in said[0] and "trainer.not_learning=divergence" in said[0]
+
+
+@pytest.mark.parametrize("lr, steps, data", [(0.1, 240, True), (1e-7, 40, True)], ids=["learns", "short-run"])
+def test_a_run_that_learns_or_is_short_is_not_judged(caplog, lr, steps, data):
+    with caplog.at_level(logging.WARNING, logger="trainer.core"):
+        classifier(lr).fit(classes(learnable=data), steps=steps)
+    assert not_learning_warnings(caplog) == []
+
+
+def test_not_learning_as_divergence_stops_under_on_divergence_stop():
+    from trainer.callbacks.numerics import NumericalError
+
+    trainer = classifier(1e-7, not_learning="divergence")
+    with pytest.raises(NumericalError, match=r"Stopping at step 200: the train loss .* \(83% of the run\) is not below its early level"):
+        trainer.fit(classes(learnable=False), steps=240)
+    warned = classifier(1e-7, not_learning="divergence", on_divergence="warn")  # warn: a warning, and on
+    assert warned.fit(classes(learnable=False), steps=240)["step"] == 240

@@ -303,3 +303,45 @@ def test_an_unknown_choice_is_refused_before_any_work(tmp_path, override):
     result = run_cli(*TINY, override, f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 2 and "is not one of" in result.stdout + result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+# -- tools on damaged run folders (issue #29) ----------------------------------------------------
+
+
+def _truncate(prefix: Path) -> None:
+    for data in prefix.parent.glob(prefix.name + ".data-*"):
+        data.write_bytes(data.read_bytes()[:100])
+
+
+def test_tools_fall_back_from_a_corrupt_newest_checkpoint_and_name_when_none_is_readable(tmp_path, caplog):
+    run = tmp_path / "run"
+    assert run_cli(*TINY, f"hydra.run.dir={run}").returncode == 0  # ckpt-20 and ckpt-40
+    from trainer.runs import load_trained_model
+
+    # The checkpoint a tool picked, deleted by a run still training (keep_checkpoints rotation) before it loaded it:
+    model, _ = load_trained_model(str(run / "checkpoints" / "ckpt-10"))
+    assert "ckpt-10 was deleted while it was being loaded" in caplog.text and "using ckpt-40" in caplog.text
+    assert "trainer.init_from" not in caplog.text
+    _truncate(run / "checkpoints" / "ckpt-40")
+    result = run_cli(str(run), "trainer.eval_steps=2", module="trainer.evaluate")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    said = result.stderr + caplog.text  # in this process, the log line goes to pytest's capture
+    assert "Using ckpt-20, the newest readable checkpoint: ckpt-40 is unreadable" in said
+    assert result.stdout.startswith("ckpt-20 (step 20)")
+    _truncate(run / "checkpoints" / "ckpt-20")
+    for module, args in [("trainer.evaluate", [str(run)]), ("trainer.export", [str(run), "--out", str(tmp_path / "out")]),
+                         ("trainer.predict", [str(run), "--input", str(run), "--out", str(tmp_path / "p.csv")]),
+                         ("trainer.doctor", ["--run", str(run)])]:
+        assert_user_error(run_cli(*args, module=module), "none of the checkpoints in", "is readable")
+
+
+def test_evaluate_on_a_read_only_run_folder_prints_the_figures(tmp_path):
+    with tmpfs(tmp_path / "ro", "size=64m") as folder:
+        run = folder / "run"
+        assert run_cli(*TINY, f"hydra.run.dir={run}").returncode == 0
+        assert subprocess.run(["mount", "-o", "remount,ro", str(folder)]).returncode == 0
+        result = run_cli(str(run), "trainer.eval_steps=2", module="trainer.evaluate")
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+        assert result.stdout.startswith("ckpt-40 (step 40): loss=")
+        assert f"not written: {run / 'eval' / 'ckpt-40.json'} cannot be written (Read-only file system)" in result.stdout
+        assert "Traceback" not in result.stderr

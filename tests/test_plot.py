@@ -82,7 +82,7 @@ def test_bad_input_exits_2_with_the_fix_and_writes_nothing(tmp_path, capsys, mon
         return capsys.readouterr().err
 
     assert "is not a folder. Fix: give a run folder" in fails(str(tmp_path / "nowhere"))
-    assert "has no metrics.jsonl, nor subfolders with one" in fails(str(tmp_path / "empty"))
+    assert "has no metrics.jsonl (nor metrics.csv or tensorboard/), nor subfolders with one" in fails(str(tmp_path / "empty"))
     assert "hold no logs yet" in fails(str(tmp_path / "fresh"))
     run = write_run(tmp_path / "run", rows_of(False))
     with pytest.raises(SystemExit) as exit_:
@@ -119,3 +119,29 @@ def test_long_names_wrap_below_the_panels_are_keyed_when_cut_and_a_single_point_
     fig.draw(renderer := FigureCanvasAgg(fig).get_renderer())  # constrained layout places the legend
     legend = fig.legends[0].get_window_extent(renderer)
     assert legend.x0 >= 0 and legend.x1 <= fig.bbox.width and legend.y0 >= 0  # inside the figure
+
+
+def test_a_run_without_metrics_jsonl_is_plotted_from_its_csv_or_tensorboard_logs(tmp_path):
+    import shutil
+
+    import keras
+
+    from conftest import blobs
+    from trainer import CSVLogger, MetricsWriter, TensorBoardWriter, Trainer
+    from trainer.plot import load_runs
+
+    run = tmp_path / "run"
+    Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), optimizer=lambda: keras.optimizers.SGD(0.1),
+            run_dir=run, log_every=5, eval_every=10, eval_steps=2, progress_bar=False, best_metric=None,
+            loggers=[MetricsWriter(), CSVLogger(), TensorBoardWriter()]).fit(blobs(), blobs(), steps=20)
+    expected = load_runs([str(run)])[0]
+    csv_only, tensorboard_only = tmp_path / "csv", tmp_path / "tb"
+    shutil.copytree(run, csv_only, ignore=shutil.ignore_patterns("metrics.jsonl", "tensorboard"))
+    shutil.copytree(run, tensorboard_only, ignore=shutil.ignore_patterns("metrics.jsonl", "metrics.csv"))
+    for folder in (csv_only, tensorboard_only):
+        got = load_runs([str(folder)])[0]
+        for split in ("train", "eval"):
+            steps, losses = got.series(split, "loss")
+            assert steps == expected.series(split, "loss")[0] and steps, (folder, split, steps)
+            assert losses == pytest.approx(expected.series(split, "loss")[1], rel=1e-6)

@@ -132,6 +132,10 @@ class TrainerConfig(Checked):
     divergence_factor: Optional[float] = ranged(100.0, "(1, inf)")  # a train loss above this x the run's first is a divergence; None: off
     on_divergence: str = chosen("stop", "stop|rollback|warn")  # stop (exit 3) | rollback (last good checkpoint, half the lr; also on precision.max_consecutive_skips) | warn
     max_rollbacks: int = ranged(3, "[1, inf)")  # on_divergence=rollback: rollbacks per run before it stops (exit 3)
+    # A run that does not learn (docs/faults.md): a train loss still >= 95% of the run's first at
+    # not_learning_at of the run (not before step 200), with no accuracy above chance.
+    not_learning: str = chosen("warn", "warn|divergence|off")  # warn | divergence (as trainer.on_divergence says: stop exits 3) | off
+    not_learning_at: float = ranged(0.25, "(0, 1]")  # the part of the run after which the loss must be below its start (judged once, not before step 200)
     # Compile the steps with XLA: true | false | null (auto) | measure. measure: the first loop times a few
     # real train steps each way and keeps the faster (docs/concepts/distribution.md); a resumed run keeps
     # that choice. Auto: on a CPU, a run of 10,000+ steps measures (float32, bfloat16; not with deterministic); otherwise XLA is on

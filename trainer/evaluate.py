@@ -7,7 +7,8 @@ checkpoint's weights are restored read-only (trainer.runs.load_trained_model), a
 metrics are computed over its eval split exactly as training's evaluation does (the same Trainer test
 step, eval_steps and XLA setting): the figures equal the eval logged in metrics.jsonl at that step. They
 are printed and written as JSON to RUN/eval/<checkpoint>.json (best/ckpt-N: best-ckpt-N.json), or --out,
-with "eval_steps": the number of eval batches they were computed on.
+with "eval_steps": the number of eval batches they were computed on. A run folder that cannot be written
+(read-only) gets the figures printed only, and says so (exit 0).
 
 Only data.* and trainer.* keys can be overridden (the model must stay the one the checkpoint holds).
 Exit codes: 0 done, 2 a user error (no such run, checkpoint or key; a value out of range), said in one line.
@@ -77,9 +78,17 @@ def main(argv: List[str] = None) -> int:
     out = Path(args.out) if args.out else checkpoint.run / "eval" / f"{checkpoint.name}.json"
     record = {"run": str(checkpoint.run), "checkpoint": checkpoint.prefix, "step": checkpoint.step,
               "overrides": list(args.overrides), "eval_steps": batches, "metrics": metrics}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1))
     print(f"{checkpoint.name} (step {checkpoint.step}): " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=1))
+    except OSError as e:  # a read-only or full run folder: the figures above are the result
+        if args.out:
+            print(f"error: --out {out} cannot be written ({e.strerror or e}). Fix: give a file you can write to.", file=sys.stderr)
+            return EXIT_USER_ERROR
+        print(f"not written: {out} cannot be written ({e.strerror or e}); the figures above are the result. "
+              "To keep them as JSON: --out FILE (a place you can write to).")
+        return 0
     print(f"wrote {out}")
     return 0
 

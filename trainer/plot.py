@@ -1,4 +1,4 @@
-"""Loss and metric curves of one or several runs, from their metrics.jsonl, as one PNG.
+"""Loss and metric curves of one or several runs, from their metrics.jsonl (else metrics.csv, else tensorboard/), as one PNG.
 
     python -m trainer.plot RUN [RUN ...] --out runs.png
 
@@ -52,12 +52,12 @@ def run_folders(paths: Sequence[str]) -> List[Path]:
         path = Path(given).expanduser()
         if not path.is_dir():
             raise PlotError(f"{given} is not a folder. Fix: give a run folder (runs/<recipe>/<time>) or a multirun folder.")
-        if (path / "metrics.jsonl").is_file():
+        if has_metrics(path):
             found.append(path)
             continue
-        jobs = sorted((p for p in path.iterdir() if (p / "metrics.jsonl").is_file()), key=_job_order)
+        jobs = sorted((p for p in path.iterdir() if p.is_dir() and has_metrics(p)), key=_job_order)
         if not jobs:
-            raise PlotError(f"{given} has no metrics.jsonl, nor subfolders with one. Fix: give a run folder "
+            raise PlotError(f"{given} has no metrics.jsonl (nor metrics.csv or tensorboard/), nor subfolders with one. Fix: give a run folder "
                             "(runs/<recipe>/<time>) or a multirun folder; a run writes metrics.jsonl at its first log.")
         found.extend(jobs)
     return found
@@ -68,7 +68,15 @@ def _job_order(folder: Path):
     return (0, int(number), "") if number.isdigit() else (1, 0, folder.name)
 
 
+def has_metrics(folder: Path) -> bool:
+    """Whether a run folder holds logs of any logger that plots: jsonl, csv or tensorboard."""
+    return (folder / "metrics.jsonl").is_file() or (folder / "metrics.csv").is_file() or (folder / "tensorboard").is_dir()
+
+
 def _read_rows(folder: Path) -> List[Dict[str, Any]]:
+    """The run's log rows from metrics.jsonl, else metrics.csv (logger=[csv]), else tensorboard/ events."""
+    if not (folder / "metrics.jsonl").is_file():
+        return _csv_rows(folder / "metrics.csv") if (folder / "metrics.csv").is_file() else _tensorboard_rows(folder / "tensorboard")
     rows = []
     for line in (folder / "metrics.jsonl").read_text(errors="replace").splitlines():
         try:
@@ -76,6 +84,34 @@ def _read_rows(folder: Path) -> List[Dict[str, Any]]:
         except json.JSONDecodeError:
             continue  # a line cut short by a killed run
     return [r for r in rows if isinstance(r, dict)]
+
+
+def _csv_rows(path: Path) -> List[Dict[str, Any]]:
+    import csv
+
+    def number(cell: str):
+        try:
+            return float(cell)
+        except ValueError:
+            return cell
+
+    with path.open(newline="", errors="replace") as f:
+        rows = [{k: number(v) for k, v in row.items() if k and v not in ("", None)} for row in csv.DictReader(f)]
+    return [{**r, "step": int(r["step"])} for r in rows if isinstance(r.get("step"), float)]
+
+
+def _tensorboard_rows(folder: Path) -> List[Dict[str, Any]]:
+    """One row per (split, step) of the scalars under tensorboard/{train,eval} (tf.summary.scalar's tensors)."""
+    import tensorflow as tf
+
+    merged: Dict[tuple, Dict[str, Any]] = {}
+    for split in ("train", "eval"):
+        for events in sorted((folder / split).glob("events.out.tfevents.*")):
+            for event in tf.compat.v1.train.summary_iterator(str(events)):
+                for value in event.summary.value:
+                    number = float(tf.make_ndarray(value.tensor)) if value.HasField("tensor") else value.simple_value
+                    merged.setdefault((split, event.step), {"step": int(event.step), "split": split})[value.tag] = number
+    return sorted(merged.values(), key=lambda r: (r["step"], r["split"] != "train"))
 
 
 def load_runs(paths: Sequence[str]) -> List[Run]:

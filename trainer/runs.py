@@ -14,7 +14,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 from omegaconf import OmegaConf
 
@@ -60,18 +60,48 @@ def checkpoint_name(prefix) -> str:
     return ("best-" if prefix.parent.name == "best" else "") + prefix.name
 
 
+def unreadable(prefix: str) -> Optional[str]:
+    """Why the checkpoint cannot be read (a truncated or damaged .data file, a missing .index), else None.
+    Every tensor is read: a truncated file reads its index fine and fails only on the tensors past its end."""
+    import tensorflow as tf
+
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+        for key in reader.get_variable_to_shape_map():
+            reader.get_tensor(key)
+    except Exception as e:  # noqa: BLE001 - TF raises several types (IndexError, DataLossError, NotFoundError)
+        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+    return None
+
+
+def newest_readable(found: List[Tuple[int, str]], folder: Path) -> str:
+    """The newest readable prefix of `found` (newest first), as training's resume falls back: a skipped
+    newer one is said; none readable is a CheckpointError (exit 2)."""
+    problems = []
+    for _, prefix in found:
+        why = unreadable(prefix)
+        if why is None:
+            if problems:
+                log.warning("Using %s, the newest readable checkpoint: %s (training's resume falls back the same way).",
+                            Path(prefix).name, "; ".join(problems))
+            return prefix
+        problems.append(f"{Path(prefix).name} is unreadable ({why})")
+    raise CheckpointError(f"none of the checkpoints in {folder} is readable: {'; '.join(problems)}. Fix: restore the "
+                          "files from a backup, or train the run again (a new run folder).")
+
+
 def find_run(source: Path) -> Tuple[Path, str]:
-    """(run folder, newest ckpt-N prefix) of a run folder, its checkpoints/ folder, or one ckpt-N prefix."""
+    """(run folder, newest readable ckpt-N prefix) of a run folder, its checkpoints/ folder, or one ckpt-N prefix."""
     if is_run_folder(source):
         found = list_checkpoints(source / "checkpoints")
         if not found:
             raise CheckpointError(f"{source} has no checkpoints/ckpt-N; train it first")
-        return source, found[0][1]
+        return source, newest_readable(found, source / "checkpoints")
     if source.is_dir() and is_run_folder(source.parent):
         found = list_checkpoints(source)
         if not found:
             raise CheckpointError(f"{source} has no ckpt-N checkpoints")
-        return source.parent, found[0][1]
+        return source.parent, newest_readable(found, source)
     if Path(str(source) + ".index").exists():
         for run in (source.parent.parent, source.parent.parent.parent):
             if is_run_folder(run):
@@ -88,7 +118,8 @@ def resolve_checkpoint(run: Path, which: str = "latest") -> Tuple[str, str]:
     if which == "latest":
         if not regular:
             raise ServingError(f"{folder} has no ckpt-N checkpoints. Fix: train the run first, or pick another run folder.")
-        return regular[0][1], Path(regular[0][1]).name
+        prefix = newest_readable(regular, folder)
+        return prefix, Path(prefix).name
     if which == "best":
         index = folder / "best" / "best.json"
         ranked = json.loads(index.read_text()) if index.exists() else []
@@ -98,6 +129,7 @@ def resolve_checkpoint(run: Path, which: str = "latest") -> Tuple[str, str]:
         if not kept:
             raise ServingError(f"{folder / 'best'} holds no best checkpoint (the run kept none: trainer.keep_best=0, "
                                f"no eval, or no trainer.best_metric). Fix: --checkpoint latest or one of {have}.")
+        _check_readable(kept[0])
         return kept[0], f"best-{Path(kept[0]).name}"
     m = re.fullmatch(r"(best/)?ckpt-(\d+)", which)
     if m:
@@ -106,8 +138,16 @@ def resolve_checkpoint(run: Path, which: str = "latest") -> Tuple[str, str]:
         if not Path(str(prefix) + ".index").exists() and not m.group(1) and (folder / "best" / f"ckpt-{m.group(2)}.index").exists():
             prefix = folder / "best" / f"ckpt-{m.group(2)}"  # kept only as a best copy
         if Path(str(prefix) + ".index").exists():
+            _check_readable(str(prefix))
             return str(prefix), checkpoint_name(prefix)
     raise ServingError(f"--checkpoint {which!r} is not in {folder}. Fix: latest, best, or one of {have or 'none: train first'}.")
+
+
+def _check_readable(prefix: str) -> None:
+    why = unreadable(prefix)
+    if why is not None:
+        raise CheckpointError(f"{prefix} is unreadable ({why}). Fix: --checkpoint latest (the newest readable one), "
+                              "or another ckpt-N.")
 
 
 def load_run(run: str, which: str = "latest", overrides: Sequence[str] = ()) -> RunCheckpoint:
@@ -177,6 +217,15 @@ def load_trained_model(source: str, policy: str = "float32") -> Tuple[Any, Any]:
     set_policy(policy)
     if path.suffix == ".keras":
         return _load_keras_file(path)
+    if re.fullmatch(r"ckpt-\d+", path.name) and path.parent.is_dir() and not Path(str(path) + ".index").exists():
+        # A run still training deleted it (keep_checkpoints rotation) since it was picked: the newest left.
+        newer = list_checkpoints(path.parent)
+        if not newer:
+            raise CheckpointError(f"{path} was deleted while it was being loaded, and {path.parent} holds no other "
+                                  "checkpoint. Fix: run the command again once the run has saved one.")
+        log.warning("%s was deleted while it was being loaded (the run is still training and keeps only its newest "
+                    "checkpoints): using %s, the newest left.", path.name, Path(newer[0][1]).name)
+        path = Path(newer[0][1])
     run, prefix = find_run(path)
     cfg = OmegaConf.load(config_path(run))
     x, _, _ = keras.utils.unpack_x_y_sample_weight(next(iter(eval_dataset(cfg))))

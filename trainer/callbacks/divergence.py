@@ -18,6 +18,7 @@ from typing import Dict, Optional
 import keras
 import tensorflow as tf
 
+from trainer.callbacks import learning
 from trainer.callbacks.base import Callback
 from trainer.callbacks.numerics import NumericalError, stuck_steps
 from trainer.checkpoint import list_checkpoints
@@ -81,20 +82,25 @@ class DivergenceGuard(Callback):
         self.last_good_step = 0  # the newest step judged good: a rollback restores no checkpoint after it
         self.scales: Dict[str, tf.Variable] = {}
         self.mode = "stop"  # this fit() call's trainer.on_divergence (set in on_train_begin)
+        self.learning_checked = False  # the learning check (callbacks/learning.py) runs once per run
+        self.not_learning: Optional[str] = None  # why this run is not learning, once judged so (said again at the end)
 
     def state_dict(self):
         return {"reference": self.reference, "reference_step": self.reference_step, "rollbacks": self.rollbacks,
-                "lr_scale": self.lr_scale}
+                "lr_scale": self.lr_scale, "learning_checked": self.learning_checked}
 
     def load_state_dict(self, state):
         self.reference, self.reference_step = state.get("reference"), state.get("reference_step")
         self.rollbacks, self.lr_scale = int(state.get("rollbacks", 0)), float(state.get("lr_scale", 1.0))
+        self.learning_checked = bool(state.get("learning_checked", False))
 
     # -- set-up -----------------------------------------------------------------------------------
 
     def on_train_begin(self, trainer):
         self.last_good_step = int(trainer.step.numpy())  # where this fit() starts: a checkpoint, or step 0
         self.looked_at_first_loop = False
+        self.not_learning = None
+        self.learning_from = learning.check_step(trainer)
         self.mode = trainer.config.on_divergence  # this fit() call's: fast_dev_run cannot roll back
         if self.mode != "rollback":
             return
@@ -118,7 +124,7 @@ class DivergenceGuard(Callback):
 
     def on_loop_end(self, trainer, step):
         cfg = trainer.config
-        if self.reference is None and not self.looked_at_first_loop and cfg.divergence_factor is not None:
+        if self.reference is None and not self.looked_at_first_loop and self._judges(cfg):
             self.looked_at_first_loop = True
             if int(trainer.train_loss.count.numpy()) > 0:  # the default step's loss (a GAN's step has none)
                 self._take_reference(float(trainer.train_loss.result()), step)
@@ -139,8 +145,10 @@ class DivergenceGuard(Callback):
         cfg, loss = trainer.config, logs.get("loss", 0.0)  # a step without a loss (a GAN's): nothing to judge
         if not math.isfinite(loss):
             return  # non-finite steps are the numerics guard's (precision.max_consecutive_skips)
-        if self.reference is None and cfg.divergence_factor is not None and "loss" in logs:
+        if self.reference is None and self._judges(cfg) and "loss" in logs:
             self._take_reference(loss, step)
+        if not self.learning_checked and self.learning_from is not None and step >= self.learning_from and "loss" in logs:
+            self._check_learning(trainer, step, logs)
         factor, reference = cfg.divergence_factor, self.reference
         if factor is None or reference is None or reference <= 0 or loss <= factor * reference:
             self.warned, self.last_good_step = False, step
@@ -162,6 +170,28 @@ class DivergenceGuard(Callback):
                 "trainer.divergence_factor=null turns this check off. Step "
                 f"{self.last_good_step}'s loss was still under the threshold: checkpoints up to it predate the divergence."
             )
+
+    @staticmethod
+    def _judges(cfg) -> bool:
+        """Whether the run's first loss is needed: by the divergence check or the learning check."""
+        return cfg.divergence_factor is not None or cfg.not_learning != "off"
+
+    def _check_learning(self, trainer, step: int, logs) -> None:
+        """Once per run: a run not learning is said (not_learning=warn), or handled as a divergence."""
+        self.learning_checked = True
+        why = learning.not_learning(trainer, step, logs, self.reference, self.reference_step)
+        if why is None:
+            return
+        self.not_learning = why
+        if trainer.config.not_learning == "divergence" and self.mode != "warn":
+            rollback = (" (trainer.on_divergence=rollback: a run that never learned has no good checkpoint to roll "
+                        "back to)" if self.mode == "rollback" else "")
+            raise NumericalError(f"Stopping at step {step}: {why}{rollback}. {learning.CAUSES} {learning.FIX}")
+        log.warning("Step %d: %s. %s %s Training goes on.", step, why, learning.CAUSES, learning.FIX)
+
+    def on_train_end(self, trainer, summary):
+        if self.not_learning and not summary.get("failed"):
+            log.warning("This run did not learn: %s. %s", self.not_learning, learning.FIX)
 
     # -- rollback ---------------------------------------------------------------------------------
 
