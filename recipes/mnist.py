@@ -9,13 +9,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import ClassVar, List, Optional, Sequence
 
 import keras
 import tensorflow as tf
 from omegaconf import II
 
-from trainer.config import ConfigError, ranged
+from trainer.config import Checked, ConfigError, chosen, ranged
 from trainer.data import DataBundle, DataError, classification_pipeline, load_mnist_format
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class MnistDataConfig:
     _target_: str = "trainer.recipes.mnist.build_data"
-    name: str = "fashion_mnist"  # mnist | fashion_mnist
+    name: str = chosen("fashion_mnist", "mnist|fashion_mnist")  # mnist | fashion_mnist
     path: Optional[str] = None  # IDX files (gz or not) folder, or an mnist.npz file
     batch_size: int = ranged(128, "[1, inf)")  # global batch, split across replicas
     seed: int = ranged(II("seed"), "[0, 4294967295]")  # shuffling seed (follows the run's seed)
@@ -32,13 +32,21 @@ class MnistDataConfig:
 
 
 @dataclass
-class MnistModelConfig:
+class MnistModelConfig(Checked):
+    config_key: ClassVar[str] = "model"
+
     _target_: str = "trainer.recipes.mnist.build_model"
-    kind: str = "mlp"  # mlp | cnn
+    kind: str = chosen("mlp", "mlp|cnn")  # mlp | cnn
     hidden_units: List[int] = ranged(interval="[1, inf)", factory=lambda: [256, 256])  # Dense ReLU layers before the logits
     filters: List[int] = ranged(interval="[1, inf)", factory=lambda: [32, 64])  # cnn: 3x3 conv + 2x2 max-pool stages
     dropout: float = ranged(0.1, "[0, 1)")  # after each hidden Dense layer; 0: none
     num_classes: int = ranged(10, "[2, inf)")  # size of the float32 logits layer
+
+    @staticmethod
+    def check_combined(values, prefix: str) -> None:
+        if values.get("kind") == "cnn" and values.get("filters") == []:
+            raise ConfigError(f"{prefix}.filters=[] leaves the cnn without a convolution (an MLP under another name). "
+                              f"Fix: give it conv stages, e.g. {prefix}.filters=[32,64], or pick {prefix}.kind=mlp.")
 
 
 def register_configs(cs) -> None:

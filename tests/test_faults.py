@@ -45,14 +45,22 @@ def tmpfs(folder: Path, options: str):
     "override, expected",
     [
         ("optimizer.lr=-1", "optimizer.lr=-1.0 is out of range: must be > 0"),
-        ("trainer.max_steps=-5", "trainer.max_steps=-5 is out of range: must be >= 1"),
+        ("trainer.max_steps=-5", "trainer.max_steps=-5 is out of range: must be in [1, 9223372036854775807]"),
         ("trainer.keep_checkpoints=-1", "trainer.keep_checkpoints=-1 is out of range: must be >= 1"),
         ("model.dropout=1.5", "model.dropout=1.5 is out of range: must be in [0, 1)"),
+        # issue 29: each was accepted (or a traceback) before
+        ("optimizer.lr=inf", "optimizer.lr=inf is not a finite number: must be finite and > 0"),
+        ("trainer.max_steps=99999999999999999999", "trainer.max_steps=99999999999999999999 is out of range: must be in [1, 9223372036854775807]"),
+        ("+trainer.foo=1", "trainer.foo is not a key of trainer (its schema TrainerConfig has: max_steps, epochs,"),
+        ("model=mnist_cnn model.filters=[]", "model.filters=[] leaves the cnn without a convolution"),
+        ("model.kind=foo", "model.kind='foo' is not one of mlp|cnn"),
+        ("data.name=foo", "data.name='foo' is not one of mnist|fashion_mnist"),
+        ("trainer.max_steps=null", "no run length: trainer.max_steps and trainer.epochs are both null"),
     ],
 )
 def test_out_of_range_option_is_a_config_error_before_any_work(tmp_path, override, expected):
     run_dir = tmp_path / "run"
-    result = run_cli(*TINY, override, f"hydra.run.dir={run_dir}")
+    result = run_cli(*TINY, *override.split(), f"hydra.run.dir={run_dir}")
     assert_user_error(result, expected)
     assert not run_dir.exists(), "a config error must leave no run folder"
 
@@ -83,13 +91,15 @@ def test_every_numeric_field_of_every_schema_has_a_range():
 def test_python_api_checks_ranges_too():
     import keras
 
-    from trainer import PrecisionConfig, Trainer, TrainerConfig
+    from trainer import PrecisionConfig, StrategyConfig, Trainer, TrainerConfig
     from trainer.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"trainer\.epochs=-1 is out of range"):
         TrainerConfig(epochs=-1)
     with pytest.raises(ConfigError, match=r"precision\.max_consecutive_skips=0 is out of range"):
         PrecisionConfig(max_consecutive_skips=0)
+    with pytest.raises(ConfigError, match=r"strategy\.logical_cpus=0 is out of range: must be >= 1"):
+        StrategyConfig(name="mirrored", logical_cpus=0)  # 0 meant "no split" silently; unset (None) says that
     with pytest.raises(ConfigError, match=r"trainer\.checkpoint_every=-5 is out of range"):
         Trainer(model=lambda: keras.Sequential([keras.layers.Dense(1)]), loss="mse",
                 optimizer=lambda: keras.optimizers.SGD(0.1), checkpoint_every=-5)
