@@ -313,3 +313,25 @@ def test_an_unknown_choice_is_refused_before_any_work(tmp_path, override):
     result = run_cli(*TINY, override, f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 2 and "is not one of" in result.stdout + result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+# -- issue 29: values accepted silently before -------------------------------------------------
+
+
+def test_a_float32_layer_the_model_lacks_names_its_layers(tmp_path):
+    result = run_cli(*TINY, "precision.float32_layers=[LayerNorm]", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_user_error(result, "precision.float32_layers: no layer of class ['LayerNorm'] in model 'mnist_mlp'; "
+                              "its layer classes are ['Dense', 'Dropout', 'Flatten', 'InputLayer']")
+
+
+def test_an_epoch_fraction_under_one_step_is_an_error(tmp_path):
+    result = run_cli(*TINY, "trainer.max_steps=null", "trainer.epochs=0.0001", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_user_error(result, "trainer.epochs=0.0001 is 0.0937 of a step (an epoch is 937 steps). "
+                              "Fix: at least trainer.epochs=0.00107 (one step)")
+
+
+def test_a_warmup_longer_than_the_run_is_named(tmp_path):
+    result = run_cli(*TINY, "trainer.max_steps=4", "optimizer.warmup_steps=10", f"hydra.run.dir={tmp_path / 'run'}")
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    assert "optimizer.warmup_steps=10 is not shorter than the run (4 steps): the learning rate never reaches optimizer.lr=0.001 (it ends at 0.0004)" in out
