@@ -335,3 +335,21 @@ def test_a_warmup_longer_than_the_run_is_named(tmp_path):
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
     assert "optimizer.warmup_steps=10 is not shorter than the run (4 steps): the learning rate never reaches optimizer.lr=0.001 (it ends at 0.0004)" in out
+
+
+@pytest.mark.parametrize("override", ["trainer.init_from=/nonexistent/ckpt-5", "data.path=/nonexistent/mnist.npz"])
+def test_bad_input_found_after_the_data_is_built_leaves_no_run_folder(tmp_path, override):
+    run_dir = tmp_path / "run"
+    result = run_cli(*TINY, override, f"hydra.run.dir={run_dir}")
+    assert_user_error(result, override.split("=")[0])
+    assert not run_dir.exists(), "a run folder made by a run that failed on bad input before training"
+
+
+def test_bad_input_keeps_a_run_folder_that_existed(tmp_path):
+    run_dir = tmp_path / "run"
+    first = run_cli(*TINY, "trainer.max_steps=2", f"hydra.run.dir={run_dir}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = sorted(p.name for p in run_dir.iterdir())
+    result = run_cli(*TINY, "trainer.max_steps=4", "data.path=/nonexistent/mnist.npz", f"hydra.run.dir={run_dir}")
+    assert_user_error(result, "data.path=")
+    assert sorted(p.name for p in run_dir.iterdir()) == before and (run_dir / "checkpoints" / "ckpt-2.index").exists()

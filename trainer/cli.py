@@ -176,8 +176,19 @@ def _hydra_main(cfg: DictConfig) -> float:
             log.error("%s", problem)
             failed = (EXIT_USER_ERROR, f"ConfigError: {problem}")  # a failed trial, not a NaN it would rank
     if failed is not None:
+        _remove_unused_run_folder(failed[0])
         _job_failed(*failed)
     return value
+
+
+def _remove_unused_run_folder(code: int) -> None:
+    """Bad input found once data or model were built (a data.path, trainer.init_from, labels) leaves no run folder,
+    as a config error found before it does: a folder this run made, holding only its lock and log, goes."""
+    from trainer.runlock import remove_if_unused
+
+    folder = HydraConfig.get().runtime.output_dir
+    if code == EXIT_USER_ERROR and HydraConfig.get().mode != RunMode.MULTIRUN and remove_if_unused(folder):
+        log.info("Removed the run folder %s this run had made: nothing was trained in it", folder)
 
 
 def _failure(error: BaseException, ours, cfg: DictConfig) -> Optional[tuple]:
