@@ -16,7 +16,7 @@ import tensorflow as tf
 from omegaconf import II
 
 from trainer.config import Checked, ConfigError, chosen, ranged
-from trainer.data import DataBundle, DataError, classification_pipeline, load_mnist_format
+from trainer.data import DataBundle, DataError, check_labels, classification_pipeline, load_mnist_format
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ class MnistDataConfig:
     batch_size: int = ranged(128, "[1, inf)")  # global batch, split across replicas
     seed: int = ranged(II("seed"), "[0, 4294967295]")  # shuffling seed (follows the run's seed)
     deterministic: bool = II("trainer.deterministic")  # follows trainer.deterministic (the order is seeded either way)
+    num_classes: Optional[int] = ranged(II("model.num_classes"), "[2, inf)")  # labels must lie in 0..num_classes-1 (follows model.num_classes)
 
 
 @dataclass
@@ -60,9 +61,14 @@ def build_data(
     batch_size: int = 128,
     seed: int = 0,
     deterministic: bool = False,
+    num_classes: Optional[int] = None,
 ) -> DataBundle:
-    """Real MNIST-format data as (28, 28) float images in [0, 1] with int labels."""
+    """Real MNIST-format data as (28, 28) float images in [0, 1] with int labels (checked against
+    `num_classes` when given: the model's outputs)."""
     (x_train, y_train, x_test, y_test), where = load_mnist_format(name, path)
+    if num_classes is not None:
+        check_labels(y_train, num_classes, f"{where} (y_train)")
+        check_labels(y_test, num_classes, f"{where} (y_test)")
 
     def scale(x, y):
         return to_model_input(x), tf.cast(y, tf.int32)

@@ -353,3 +353,29 @@ def test_bad_input_keeps_a_run_folder_that_existed(tmp_path):
     result = run_cli(*TINY, "trainer.max_steps=4", "data.path=/nonexistent/mnist.npz", f"hydra.run.dir={run_dir}")
     assert_user_error(result, "data.path=")
     assert sorted(p.name for p in run_dir.iterdir()) == before and (run_dir / "checkpoints" / "ckpt-2.index").exists()
+
+
+def test_labels_beyond_num_classes_are_named_when_loaded(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (128, 28, 28)).astype("uint8")
+    y = rng.integers(0, 10, 128).astype("uint8")
+    y[7] = 200
+    path = tmp_path / "mnist.npz"
+    np.savez(path, x_train=x, y_train=y, x_test=x[:32], y_test=y[:32] % 10)
+    result = run_cli(*TINY, f"data.path={path}", "data.name=mnist", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_user_error(result, f"{path} (y_train) has labels 0..200 (1 of 128 outside 0..9), but model.num_classes=10. "
+                              "Fix: set model.num_classes=201")
+    fashion = run_cli(*TINY, "model.num_classes=5", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_user_error(fashion, "(y_train) has labels 0..9 (", "but model.num_classes=5")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_label_the_step_meets_is_named():
+    from trainer.cli import _label_out_of_range
+
+    tf_text = "Received a label value of 9 which is outside the valid range of [0, 5).  Label values: 9 0 6"
+    assert _label_out_of_range(ValueError(tf_text)).startswith(
+        "a training batch holds label 9, but the model has 5 outputs (classes 0..4)")
+    assert _label_out_of_range(ValueError("something else")) is None
