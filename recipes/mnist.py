@@ -9,14 +9,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import ClassVar, List, Optional, Sequence
 
 import keras
 import tensorflow as tf
 from omegaconf import II
 
-from trainer.config import ConfigError, ranged
-from trainer.data import DataBundle, DataError, classification_pipeline, load_mnist_format
+from trainer.config import Checked, ConfigError, chosen, ranged
+from trainer.data import DataBundle, DataError, check_labels, classification_pipeline, load_mnist_format
 
 log = logging.getLogger(__name__)
 
@@ -24,21 +24,30 @@ log = logging.getLogger(__name__)
 @dataclass
 class MnistDataConfig:
     _target_: str = "trainer.recipes.mnist.build_data"
-    name: str = "fashion_mnist"  # mnist | fashion_mnist
+    name: str = chosen("fashion_mnist", "mnist|fashion_mnist")  # mnist | fashion_mnist
     path: Optional[str] = None  # IDX files (gz or not) folder, or an mnist.npz file
     batch_size: int = ranged(128, "[1, inf)")  # global batch, split across replicas
     seed: int = ranged(II("seed"), "[0, 4294967295]")  # shuffling seed (follows the run's seed)
     deterministic: bool = II("trainer.deterministic")  # follows trainer.deterministic (the order is seeded either way)
+    num_classes: Optional[int] = ranged(II("model.num_classes"), "[2, inf)")  # labels must lie in 0..num_classes-1 (follows model.num_classes)
 
 
 @dataclass
-class MnistModelConfig:
+class MnistModelConfig(Checked):
+    config_key: ClassVar[str] = "model"
+
     _target_: str = "trainer.recipes.mnist.build_model"
-    kind: str = "mlp"  # mlp | cnn
+    kind: str = chosen("mlp", "mlp|cnn")  # mlp | cnn
     hidden_units: List[int] = ranged(interval="[1, inf)", factory=lambda: [256, 256])  # Dense ReLU layers before the logits
     filters: List[int] = ranged(interval="[1, inf)", factory=lambda: [32, 64])  # cnn: 3x3 conv + 2x2 max-pool stages
     dropout: float = ranged(0.1, "[0, 1)")  # after each hidden Dense layer; 0: none
     num_classes: int = ranged(10, "[2, inf)")  # size of the float32 logits layer
+
+    @staticmethod
+    def check_combined(values, prefix: str) -> None:
+        if values.get("kind") == "cnn" and values.get("filters") == []:
+            raise ConfigError(f"{prefix}.filters=[] leaves the cnn without a convolution (an MLP under another name). "
+                              f"Fix: give it conv stages, e.g. {prefix}.filters=[32,64], or pick {prefix}.kind=mlp.")
 
 
 def register_configs(cs) -> None:
@@ -52,9 +61,14 @@ def build_data(
     batch_size: int = 128,
     seed: int = 0,
     deterministic: bool = False,
+    num_classes: Optional[int] = None,
 ) -> DataBundle:
-    """Real MNIST-format data as (28, 28) float images in [0, 1] with int labels."""
+    """Real MNIST-format data as (28, 28) float images in [0, 1] with int labels (checked against
+    `num_classes` when given: the model's outputs)."""
     (x_train, y_train, x_test, y_test), where = load_mnist_format(name, path)
+    if num_classes is not None:
+        check_labels(y_train, num_classes, f"{where} (y_train)")
+        check_labels(y_test, num_classes, f"{where} (y_test)")
 
     def scale(x, y):
         return to_model_input(x), tf.cast(y, tf.int32)

@@ -69,6 +69,17 @@ def test_bad_values_exit_2_naming_the_key_without_a_traceback(tmp_path, override
     assert expected in result.stdout + result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("override, expected", [
+    ("trainer.max_steps=1.5", "trainer.max_steps=1.5: trainer.max_steps takes an integer (or null), not 1.5. Fix: give trainer.max_steps an integer."),
+    ("trainer.resume=maybe", "trainer.resume=maybe: trainer.resume takes true or false, not 'maybe'."),
+])
+def test_a_wrong_type_is_one_line_naming_key_value_and_type(tmp_path, override, expected):
+    result = run_cli(override, f"hydra.run.dir={tmp_path / 'run'}")
+    out = result.stdout + result.stderr
+    assert result.returncode == 2 and expected in out and "full_key" not in out, out[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
 def test_adamw_excludes_names_from_weight_decay():
     import keras
 

@@ -45,14 +45,22 @@ def tmpfs(folder: Path, options: str):
     "override, expected",
     [
         ("optimizer.lr=-1", "optimizer.lr=-1.0 is out of range: must be > 0"),
-        ("trainer.max_steps=-5", "trainer.max_steps=-5 is out of range: must be >= 1"),
+        ("trainer.max_steps=-5", "trainer.max_steps=-5 is out of range: must be in [1, 9223372036854775807]"),
         ("trainer.keep_checkpoints=-1", "trainer.keep_checkpoints=-1 is out of range: must be >= 1"),
         ("model.dropout=1.5", "model.dropout=1.5 is out of range: must be in [0, 1)"),
+        # issue 29: each was accepted (or a traceback) before
+        ("optimizer.lr=inf", "optimizer.lr=inf is not a finite number: must be finite and > 0"),
+        ("trainer.max_steps=99999999999999999999", "trainer.max_steps=99999999999999999999 is out of range: must be in [1, 9223372036854775807]"),
+        ("+trainer.foo=1", "trainer.foo is not a key of trainer (its schema TrainerConfig has: max_steps, epochs,"),
+        ("model=mnist_cnn model.filters=[]", "model.filters=[] leaves the cnn without a convolution"),
+        ("model.kind=foo", "model.kind='foo' is not one of mlp|cnn"),
+        ("data.name=foo", "data.name='foo' is not one of mnist|fashion_mnist"),
+        ("trainer.max_steps=null", "no run length: trainer.max_steps and trainer.epochs are both null"),
     ],
 )
 def test_out_of_range_option_is_a_config_error_before_any_work(tmp_path, override, expected):
     run_dir = tmp_path / "run"
-    result = run_cli(*TINY, override, f"hydra.run.dir={run_dir}")
+    result = run_cli(*TINY, *override.split(), f"hydra.run.dir={run_dir}")
     assert_user_error(result, expected)
     assert not run_dir.exists(), "a config error must leave no run folder"
 
@@ -83,13 +91,15 @@ def test_every_numeric_field_of_every_schema_has_a_range():
 def test_python_api_checks_ranges_too():
     import keras
 
-    from trainer import PrecisionConfig, Trainer, TrainerConfig
+    from trainer import PrecisionConfig, StrategyConfig, Trainer, TrainerConfig
     from trainer.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"trainer\.epochs=-1 is out of range"):
         TrainerConfig(epochs=-1)
     with pytest.raises(ConfigError, match=r"precision\.max_consecutive_skips=0 is out of range"):
         PrecisionConfig(max_consecutive_skips=0)
+    with pytest.raises(ConfigError, match=r"strategy\.logical_cpus=0 is out of range: must be >= 1"):
+        StrategyConfig(name="mirrored", logical_cpus=0)  # 0 meant "no split" silently; unset (None) says that
     with pytest.raises(ConfigError, match=r"trainer\.checkpoint_every=-5 is out of range"):
         Trainer(model=lambda: keras.Sequential([keras.layers.Dense(1)]), loss="mse",
                 optimizer=lambda: keras.optimizers.SGD(0.1), checkpoint_every=-5)
@@ -345,3 +355,69 @@ def test_evaluate_on_a_read_only_run_folder_prints_the_figures(tmp_path):
         assert result.stdout.startswith("ckpt-40 (step 40): loss=")
         assert f"not written: {run / 'eval' / 'ckpt-40.json'} cannot be written (Read-only file system)" in result.stdout
         assert "Traceback" not in result.stderr
+
+
+# -- issue 29: values accepted silently before -------------------------------------------------
+
+
+def test_a_float32_layer_the_model_lacks_names_its_layers(tmp_path):
+    result = run_cli(*TINY, "precision.float32_layers=[LayerNorm]", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_user_error(result, "precision.float32_layers: no layer of class ['LayerNorm'] in model 'mnist_mlp'; "
+                              "its layer classes are ['Dense', 'Dropout', 'Flatten', 'InputLayer']")
+
+
+def test_an_epoch_fraction_under_one_step_is_an_error(tmp_path):
+    result = run_cli(*TINY, "trainer.max_steps=null", "trainer.epochs=0.0001", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_user_error(result, "trainer.epochs=0.0001 is 0.0937 of a step (an epoch is 937 steps). "
+                              "Fix: at least trainer.epochs=0.00107 (one step)")
+
+
+def test_a_warmup_longer_than_the_run_is_named(tmp_path):
+    result = run_cli(*TINY, "trainer.max_steps=4", "optimizer.warmup_steps=10", f"hydra.run.dir={tmp_path / 'run'}")
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    assert "optimizer.warmup_steps=10 is not shorter than the run (4 steps): the learning rate never reaches optimizer.lr=0.001 (it ends at 0.0004)" in out
+
+
+@pytest.mark.parametrize("override", ["trainer.init_from=/nonexistent/ckpt-5", "data.path=/nonexistent/mnist.npz"])
+def test_bad_input_found_after_the_data_is_built_leaves_no_run_folder(tmp_path, override):
+    run_dir = tmp_path / "run"
+    result = run_cli(*TINY, override, f"hydra.run.dir={run_dir}")
+    assert_user_error(result, override.split("=")[0])
+    assert not run_dir.exists(), "a run folder made by a run that failed on bad input before training"
+
+
+def test_bad_input_keeps_a_run_folder_that_existed(tmp_path):
+    run_dir = tmp_path / "run"
+    first = run_cli(*TINY, "trainer.max_steps=2", f"hydra.run.dir={run_dir}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = sorted(p.name for p in run_dir.iterdir())
+    result = run_cli(*TINY, "trainer.max_steps=4", "data.path=/nonexistent/mnist.npz", f"hydra.run.dir={run_dir}")
+    assert_user_error(result, "data.path=")
+    assert sorted(p.name for p in run_dir.iterdir()) == before and (run_dir / "checkpoints" / "ckpt-2.index").exists()
+
+
+def test_labels_beyond_num_classes_are_named_when_loaded(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (128, 28, 28)).astype("uint8")
+    y = rng.integers(0, 10, 128).astype("uint8")
+    y[7] = 200
+    path = tmp_path / "mnist.npz"
+    np.savez(path, x_train=x, y_train=y, x_test=x[:32], y_test=y[:32] % 10)
+    result = run_cli(*TINY, f"data.path={path}", "data.name=mnist", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_user_error(result, f"{path} (y_train) has labels 0..200 (1 of 128 outside 0..9), but model.num_classes=10. "
+                              "Fix: set model.num_classes=201")
+    fashion = run_cli(*TINY, "model.num_classes=5", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_user_error(fashion, "(y_train) has labels 0..9 (", "but model.num_classes=5")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_label_the_step_meets_is_named():
+    from trainer.cli import _label_out_of_range
+
+    tf_text = "Received a label value of 9 which is outside the valid range of [0, 5).  Label values: 9 0 6"
+    assert _label_out_of_range(ValueError(tf_text)).startswith(
+        "a training batch holds label 9, but the model has 5 outputs (classes 0..4)")
+    assert _label_out_of_range(ValueError("something else")) is None

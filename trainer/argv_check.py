@@ -1,5 +1,8 @@
 """Command-line overrides Hydra rejects without saying the fix, checked before Hydra composes the config.
 
+A value of the wrong type for a trainer/precision/strategy/finetune key (`trainer.max_steps=1.5`) exits 2 in
+one line naming key, value and type.
+
 `trainer.profile_steps=5` (Hydra: "int is not a ListConfig") and a misspelt name in a list-valued config
 group such as `logger=[jsonl,cvs]` (Hydra: "Could not load 'logger/cvs'", no options) exit 2 with the fix.
 """
@@ -24,6 +27,33 @@ def _choices(value: Any) -> List[Any]:
     return list(value.list) if hasattr(value, "list") else [value]
 
 
+TYPED_SECTIONS = ("trainer", "precision", "strategy", "finetune")  # their schemas are the same in every recipe
+
+
+def _type_problem(key: str, value: Any, given: str) -> Optional[str]:
+    """`trainer.max_steps=1.5` as one line naming key, value and type (OmegaConf's text spans five lines)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ValidationError
+
+    from trainer import config
+
+    section, _, name = key.partition(".")
+    schema = {"trainer": config.TrainerConfig, "precision": config.PrecisionConfig, "strategy": config.StrategyConfig,
+              "finetune": config.FinetuneConfig}.get(section)
+    fields = {f.name: f for f in config.dataclasses.fields(schema)} if schema else {}
+    if name not in fields or (isinstance(value, str) and "${" in value):
+        return None
+    try:
+        setattr(OmegaConf.structured(schema), name, value)
+    except ValidationError:
+        kind = str(fields[name].type).replace("typing.", "")
+        optional = kind.startswith("Optional[")
+        kind = kind[len("Optional["):-1] if optional else kind
+        words = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}.get(kind, kind)
+        return f"{given}: {key} takes {words}{' (or null)' if optional else ''}, not {value!r}. Fix: give {key} {words}."
+    return None
+
+
 def problem_in(args: Sequence[str]) -> Optional[str]:
     """The first override of `args` (the command line) that Hydra would reject without a fix, as a message."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -37,6 +67,8 @@ def problem_in(args: Sequence[str]) -> Optional[str]:
         key, given = override.key_or_group, override.input_line
         options = _options(key)
         for value in _choices(override.value()):
+            if key.startswith(TYPED_SECTIONS) and not override.is_delete() and _type_problem(key, value, given):
+                return _type_problem(key, value, given)
             if key in LIST_FIELDS and value is not None and not isinstance(value, list):
                 return f"{given}: {LIST_FIELDS[key]}."
             unknown = [v for v in value if v not in options] if options and isinstance(value, list) else []

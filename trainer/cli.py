@@ -176,8 +176,19 @@ def _hydra_main(cfg: DictConfig) -> float:
             log.error("%s", problem)
             failed = (EXIT_USER_ERROR, f"ConfigError: {problem}")  # a failed trial, not a NaN it would rank
     if failed is not None:
+        _remove_unused_run_folder(failed[0])
         _job_failed(*failed)
     return value
+
+
+def _remove_unused_run_folder(code: int) -> None:
+    """Bad input found once data or model were built (a data.path, trainer.init_from, labels) leaves no run folder,
+    as a config error found before it does: a folder this run made, holding only its lock and log, goes."""
+    from trainer.runlock import remove_if_unused
+
+    folder = HydraConfig.get().runtime.output_dir
+    if code == EXIT_USER_ERROR and HydraConfig.get().mode != RunMode.MULTIRUN and remove_if_unused(folder):
+        log.info("Removed the run folder %s this run had made: nothing was trained in it", folder)
 
 
 def _failure(error: BaseException, ours, cfg: DictConfig) -> Optional[tuple]:
@@ -192,11 +203,29 @@ def _failure(error: BaseException, ours, cfg: DictConfig) -> Optional[tuple]:
     if out_of is not None:
         log.error("%s", out_of)
         return EXIT_USER_ERROR, out_of
+    label = _label_out_of_range(error)
+    if label is not None:
+        log.error("%s", label)
+        return EXIT_USER_ERROR, label
     if cfg.precision.debug_numerics and "Infinity or NaN" in str(error):
         detail = next((line.strip() for line in str(error).splitlines() if "Infinity or NaN" in line), str(error))
         log.error("precision.debug_numerics: the first non-finite value came from: %s", detail)
         return EXIT_NUMERICAL, f"non-finite value: {detail}"
     return None
+
+
+def _label_out_of_range(error: BaseException) -> Optional[str]:
+    """The message for a label the step met outside the model's classes (a streamed set, checked by no loader),
+    from the sparse cross-entropy's InvalidArgumentError on a CPU; else None."""
+    import re
+
+    found = re.search(r"Received a label value of (-?\d+) which is outside the valid range of \[0, (\d+)\)", str(error))
+    if found is None:
+        return None
+    label, classes = found.groups()
+    return (f"a training batch holds label {label}, but the model has {classes} outputs (classes 0..{int(classes) - 1}). "
+            "Fix: set the model's number of classes (model.num_classes, or data.num_classes where the model follows "
+            "it) to cover every label, or repair the labels (data.label_offset for files that count from 1).")
 
 
 def _out_of_resources(error: BaseException, cfg: DictConfig) -> Optional[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import math
 import pkgutil
 import re
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ class ConfigError(UserError, ValueError):
 # fields' defaults), so the CLI checks the composed values itself.
 # ---------------------------------------------------------------------------------------------
 
+MAX_STEPS = 2**63 - 1  # the step counter is an int64 (in every checkpoint): no run is longer
 _INTERVAL = re.compile(r"^([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])$")
 
 
@@ -56,9 +58,14 @@ def _as_choice(value: Any) -> Any:
     return str(value).lower() if isinstance(value, bool) else value
 
 
+def _bound(text: str):
+    """An interval's bound, exactly: int64's limit as a float would round up and let 2**63 in."""
+    return int(text) if re.fullmatch(r"-?\d+", text) else float(text)
+
+
 def _inside(value: float, interval: str) -> bool:
     opening, lo, hi, closing = _INTERVAL.match(interval).groups()
-    lo, hi = float(lo), float(hi)
+    lo, hi = _bound(lo), _bound(hi)
     return (lo <= value if opening == "[" else lo < value) and (value <= hi if closing == "]" else value < hi)
 
 
@@ -84,8 +91,11 @@ def check_ranges(schema, values: Mapping[str, Any], prefix: str) -> None:
         if interval is None or value is None:
             continue
         for item in value if isinstance(value, (list, tuple)) else [value]:
+            each = "each element " if isinstance(value, (list, tuple)) else ""
+            if isinstance(item, float) and not math.isfinite(item):  # inf passes "(0, inf)"'s > 0; nan fails every test
+                raise ConfigError(f"{key}={value} is not a finite number: {each}must be finite and {_describe(interval)}. "
+                                  f"Fix: set {key} to {'finite values' if each else 'a finite value'} {_describe(interval)}.")
             if isinstance(item, (int, float)) and not isinstance(item, bool) and not _inside(item, interval):
-                each = "each element " if isinstance(value, (list, tuple)) else ""
                 raise ConfigError(f"{key}={value} is out of range: {each}must be {_describe(interval)}. "
                                   f"Fix: set {key} to {'values' if each else 'a value'} {_describe(interval)}.")
 
@@ -111,7 +121,7 @@ class TrainerConfig(Checked):
 
     config_key: ClassVar[str] = "trainer"
 
-    max_steps: Optional[int] = ranged(None, "[1, inf)")  # total train steps; with `epochs` too, the smaller wins
+    max_steps: Optional[int] = ranged(None, f"[1, {MAX_STEPS}]")  # total train steps; with `epochs` too, the smaller wins
     epochs: Optional[float] = ranged(None, "(0, inf)")  # needs a data set of known size
     log_every: int = ranged(100, "[1, inf)")  # steps between train log events (metrics.jsonl, TensorBoard, progress bar)
     eval_every: int = ranged(0, "[0, inf)")  # steps between evaluations; 0: evaluate at the end only
@@ -219,7 +229,7 @@ class StrategyConfig(Checked):
     name: str = chosen("default", "default|one_device|mirrored|multi_worker|tpu")  # the tf.distribute strategy
     device: Optional[str] = None  # one_device: e.g. /gpu:0 (default: first GPU, else CPU)
     devices: Optional[List[str]] = None  # mirrored: explicit devices (default: all GPUs)
-    logical_cpus: int = ranged(0, "[0, inf)")  # mirrored on CPU: split the CPU into N logical devices
+    logical_cpus: Optional[int] = ranged(None, "[1, inf)")  # mirrored on CPU: split the CPU into N logical devices; None: no split
     communication: str = chosen("auto", "auto|ring|nccl")  # multi_worker: the collective implementation
     tpu: Optional[str] = None  # tpu: name or grpc address ("" or local for a TPU VM)
 
@@ -376,9 +386,10 @@ def register_configs() -> None:
 
 
 def check_config(cfg, choices: Optional[Mapping[str, str]] = None) -> None:
-    """Raises ConfigError for a model option foreign to the recipe, or a numeric option out of its
-    range (every section whose schema declares ranges). A missing or unresolvable value is left to
-    the code that uses it, whose message can say more (the classes a data set was found to have).
+    """Raises ConfigError for a model option foreign to the recipe, a key added to a typed section
+    (`+trainer.foo=1`), a numeric option out of its range (every section whose schema declares ranges), or
+    no run length. A missing or unresolvable value is left to the code that uses
+    it, whose message can say more (the classes a data set was found to have).
 
     `choices` is Hydra's `runtime.choices` (group -> option picked), e.g. {"recipe": "mnist", "model": "resnet50"}.
     """
@@ -396,6 +407,8 @@ def check_config(cfg, choices: Optional[Mapping[str, str]] = None) -> None:
         schema = schema or OmegaConf.get_type(node)
         if not (schema and dataclasses.is_dataclass(schema)):
             continue
+        if key:
+            _check_known_keys(schema, node, key)
         values = {}
         for f in dataclasses.fields(schema):
             if ("range" in f.metadata or "choices" in f.metadata) and f.name in node:
@@ -407,6 +420,21 @@ def check_config(cfg, choices: Optional[Mapping[str, str]] = None) -> None:
         check_ranges(schema, values, key)
         if issubclass(schema, Checked):
             schema.check_combined(values, key)
+    trainer = cfg.get("trainer")
+    if trainer is not None and trainer.get("max_steps") is None and trainer.get("epochs") is None:
+        raise ConfigError("no run length: trainer.max_steps and trainer.epochs are both null. Fix: set one of them "
+                          "(e.g. trainer.max_steps=1000 or trainer.epochs=3); with both, the shorter wins.")
+
+
+def _check_known_keys(schema, node, key: str) -> None:
+    """A key the schema lacks, added with Hydra's `+` (`+trainer.foo=1`), reached the dataclass as an unexpected
+    argument; Hydra's own special keys (`_partial_`, `_convert_`) are left to it."""
+    known = [f.name for f in dataclasses.fields(schema)]
+    unknown = [k for k in node if k not in known and not str(k).startswith("_")]
+    if unknown:
+        shown = ", ".join(k for k in known if not k.startswith("_"))
+        raise ConfigError(f"{key}.{unknown[0]} is not a key of {key} (its schema {schema.__name__} has: {shown}). "
+                          f"Fix: drop {key}.{unknown[0]}, or correct its spelling to one of those keys.")
 
 
 def _conf_dir():

@@ -264,6 +264,10 @@ class Trainer(Step):
             if steps_per_epoch < 1:
                 raise ConfigError("trainer.epochs: an epoch of this training set is shorter than one step "
                                   "(data.batch_size x trainer.grad_accum_steps examples); lower them or set trainer.max_steps")
+            if epochs * steps_per_epoch < 1:  # Lightning's rule for a limit_train_batches fraction under one batch
+                raise ConfigError(f"trainer.epochs={epochs} is {epochs * steps_per_epoch:.3g} of a step (an epoch is "
+                                  f"{steps_per_epoch} steps). Fix: at least trainer.epochs={1 / steps_per_epoch:.3g} (one step), "
+                                  "or set trainer.max_steps.")
             candidates.append(int(math.ceil(epochs * steps_per_epoch)))
         if not candidates:
             raise ConfigError("say how long to train: trainer.max_steps or trainer.epochs (fit(steps=...))")

@@ -222,6 +222,20 @@ def check_finite(array: np.ndarray, where: str) -> None:
         )
 
 
+def check_labels(labels: np.ndarray, num_classes: int, where: str, setting: str = "model.num_classes") -> None:
+    """Integer class labels outside 0..num_classes-1 are a DataError when the set is loaded: TensorFlow would
+    stop the first step on them (InvalidArgumentError) on a CPU, and give a NaN loss on a GPU."""
+    labels = np.asarray(labels)
+    if labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        outside = int(np.count_nonzero((labels < 0) | (labels >= num_classes)))
+        raise DataError(f"{where} has labels {low}..{high} ({outside} of {labels.size} outside 0..{num_classes - 1}), "
+                        f"but {setting}={num_classes}. Fix: set {setting}={high + 1} if the data has that many "
+                        "classes, or repair the labels.")
+
+
 def load_mnist_format(name: str, path: Optional[str] = None):
     """Returns ((x_train, y_train, x_test, y_test), where) for MNIST or Fashion-MNIST.
 

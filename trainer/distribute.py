@@ -67,7 +67,7 @@ def make_strategy(cfg: StrategyConfig) -> tf.distribute.Strategy:
             devices = list(cfg.devices)
         elif gpus:
             devices = [f"/gpu:{i}" for i in range(len(gpus))]
-        elif cfg.logical_cpus > 1:
+        elif (cfg.logical_cpus or 0) > 1:
             split_cpu(cfg.logical_cpus)
             devices = [f"/cpu:{i}" for i in range(cfg.logical_cpus)]
         else:
@@ -94,7 +94,7 @@ def make_strategy(cfg: StrategyConfig) -> tf.distribute.Strategy:
         }
         if cfg.communication not in impl:
             raise StrategyError(f"strategy.communication={cfg.communication!r} is not one of {list(impl)}")
-        if cfg.logical_cpus > 1:
+        if (cfg.logical_cpus or 0) > 1:
             split_cpu(cfg.logical_cpus)
         options = tf.distribute.experimental.CommunicationOptions(implementation=impl[cfg.communication])
         strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)

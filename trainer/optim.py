@@ -47,6 +47,10 @@ class Warmup(keras.optimizers.schedules.LearningRateSchedule):
 def make_schedule(cfg: Dict[str, Any], total_steps: int):
     """A float (constant) or a LearningRateSchedule: constant | cosine | linear | step, with warmup."""
     lr, name, warmup = float(cfg["lr"]), cfg.get("schedule"), int(cfg.get("warmup_steps") or 0)
+    if total_steps is not None and warmup >= total_steps:
+        log.warning("optimizer.warmup_steps=%d is not shorter than the run (%d steps): the learning rate never reaches "
+                    "optimizer.lr=%g (it ends at %g) and the schedule after the warmup never starts. Fix: fewer warmup "
+                    "steps, or a longer run.", warmup, total_steps, lr, lr * min(total_steps, warmup) / warmup)
     decay_steps = int(cfg.get("decay_steps") or max(total_steps - warmup, 1))
     if name in (None, "constant"):
         after = None

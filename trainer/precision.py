@@ -50,8 +50,9 @@ def keep_layers_in_float32(model: keras.Model, class_names: Iterable[str]) -> Li
             changed.append(layer.name)
     known = {type(layer).__name__ for layer in _layers(model)}
     unknown = wanted - known
-    if unknown:
-        log.warning("precision.float32_layers: no layer of class %s in the model", sorted(unknown))
+    if unknown:  # a typo would leave the layer it meant in reduced precision, without a word
+        raise PrecisionError(f"precision.float32_layers: no layer of class {sorted(unknown)} in model {model.name!r}; "
+                             f"its layer classes are {sorted(known)}. Fix: name classes from that list.")
     if changed:
         log.info("Kept in float32 (precision.float32_layers): %s", ", ".join(changed))
     return changed

@@ -30,6 +30,7 @@ from trainer.errors import EXIT_USER_ERROR, UserError
 
 LOCK_FILE = ".trainer.lock"
 _held: Dict[Path, int] = {}  # folder -> lock descriptor, for the folders this process holds
+_made: set = set()  # the run folders this process created (remove_if_unused may delete only those)
 
 
 class RunFolderError(UserError, RuntimeError):
@@ -60,6 +61,8 @@ def acquire(folder, hold: bool = True) -> Optional[int]:
     if hold and folder in _held:
         return None
     try:
+        if not folder.exists():
+            _made.add(folder)
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
@@ -91,6 +94,24 @@ def release(fd: Optional[int]) -> None:
         for folder in [f for f, held in _held.items() if held == fd]:
             del _held[folder]
         os.close(fd)  # closing the descriptor drops the flock
+
+
+def remove_if_unused(folder) -> bool:
+    """Removes `folder` when this process created it and it holds nothing but its lock and trainer.log: a run
+    that failed on bad input before training (data, model, init_from), so it leaves no run folder, as a
+    config error caught earlier does. A folder that existed before (a previous run's) is never touched."""
+    import logging
+
+    folder = Path(os.path.abspath(folder))
+    if folder not in _made or not folder.is_dir() or any(p.name not in (LOCK_FILE, "trainer.log") for p in folder.iterdir()):
+        return False
+    for handler in logging.getLogger().handlers[:]:  # Hydra's file handler writes trainer.log there
+        if Path(getattr(handler, "baseFilename", "/")).parent == folder:
+            handler.close()
+            logging.getLogger().removeHandler(handler)
+    shutil.rmtree(folder, ignore_errors=True)
+    _made.discard(folder)
+    return True
 
 
 @contextlib.contextmanager
