@@ -135,9 +135,9 @@ def test_run_given_as_a_checkpoint_resolves_to_its_run_folder(tmp_path, capsys):
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "config.yaml").write_text("seed: 0\n")
-    (run / "checkpoints").mkdir()
-    for suffix in (".index", ".data-00000-of-00001"):
-        (run / "checkpoints" / f"ckpt-20{suffix}").write_text("")
+    import tensorflow as tf
+
+    tf.train.Checkpoint(v=tf.Variable(1.0)).write(str(run / "checkpoints" / "ckpt-20"))  # a readable one
     for given in (run / "checkpoints" / "ckpt-20", run / "checkpoints", run):
         _, _, prefix, folder = load_run(str(given))
         assert folder == run and prefix.endswith("ckpt-20")  # doctor.* go to the run, not checkpoints/

@@ -67,10 +67,10 @@ def problem_in(args: Sequence[str]) -> Optional[str]:
         key, given = override.key_or_group, override.input_line
         options = _options(key)
         for value in _choices(override.value()):
-            if key.startswith(TYPED_SECTIONS) and not override.is_delete() and _type_problem(key, value, given):
-                return _type_problem(key, value, given)
             if key in LIST_FIELDS and value is not None and not isinstance(value, list):
                 return f"{given}: {LIST_FIELDS[key]}."
+            if key.startswith(TYPED_SECTIONS) and not override.is_delete() and _type_problem(key, value, given):
+                return _type_problem(key, value, given)
             unknown = [v for v in value if v not in options] if options and isinstance(value, list) else []
             if unknown:
                 return (f"{given}: no {key} named {', '.join(map(repr, unknown))}. "
