@@ -208,3 +208,26 @@ def test_not_learning_as_divergence_stops_under_on_divergence_stop():
         trainer.fit(classes(learnable=False), steps=240)
     warned = classifier(1e-7, not_learning="divergence", on_divergence="warn")  # warn: a warning, and on
     assert warned.fit(classes(learnable=False), steps=240)["step"] == 240
+
+
+def test_the_window_the_reference_came_from_is_not_judged(caplog):
+    """With one log window per loop as long as a quarter of the run, the first log is both the reference
+    and the judging point: it is judged at the next window, not against itself."""
+    import keras
+
+    from trainer import Trainer
+
+    trainer = Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]),  # no accuracy to go by
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      optimizer=lambda: keras.optimizers.SGD(0.1), log_every=200, steps_per_loop=200,
+                      checkpoint_every=0, progress_bar=False, tensorboard=False, best_metric=None)
+    with caplog.at_level(logging.WARNING, logger="trainer.core"):
+        trainer.fit(classes(learnable=True), steps=800)
+    assert not_learning_warnings(caplog) == []
+
+
+def test_sweeps_of_typed_keys_are_left_to_hydra():
+    from trainer.argv_check import problem_in
+
+    assert problem_in(["trainer.max_steps=range(100,300,100)", "trainer.divergence_factor=interval(10,100)"]) is None
+    assert "takes an integer" in problem_in(["trainer.max_steps=1.5"])

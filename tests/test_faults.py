@@ -328,10 +328,15 @@ def test_tools_fall_back_from_a_corrupt_newest_checkpoint_and_name_when_none_is_
     assert run_cli(*TINY, f"hydra.run.dir={run}").returncode == 0  # ckpt-20 and ckpt-40
     from trainer.runs import load_trained_model
 
-    # The checkpoint a tool picked, deleted by a run still training (keep_checkpoints rotation) before it loaded it:
-    model, _ = load_trained_model(str(run / "checkpoints" / "ckpt-10"))
+    # The checkpoint a tool picked as the newest, deleted by a run still training (keep_checkpoints rotation)
+    # before it loaded it: the newest left. One the user named is never replaced by another.
+    model, _ = load_trained_model(str(run / "checkpoints" / "ckpt-10"), newest_if_gone=True)
     assert "ckpt-10 was deleted while it was being loaded" in caplog.text and "using ckpt-40" in caplog.text
     assert "trainer.init_from" not in caplog.text
+    from trainer.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"ckpt-10 does not exist .* Fix: one of \['ckpt-40', 'ckpt-20'\]"):
+        load_trained_model(str(run / "checkpoints" / "ckpt-10"))
     _truncate(run / "checkpoints" / "ckpt-40")
     result = run_cli(str(run), "trainer.eval_steps=2", module="trainer.evaluate")
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]

@@ -66,11 +66,14 @@ def problem_in(args: Sequence[str]) -> Optional[str]:
     for override in overrides:
         key, given = override.key_or_group, override.input_line
         options = _options(key)
+        if override.is_sweep_override() and not override.is_choice_sweep():
+            continue  # range(...)/interval(...): Hydra and the sweeper expand them; each job is checked then
         for value in _choices(override.value()):
             if key in LIST_FIELDS and value is not None and not isinstance(value, list):
                 return f"{given}: {LIST_FIELDS[key]}."
-            if key.startswith(TYPED_SECTIONS) and not override.is_delete() and _type_problem(key, value, given):
-                return _type_problem(key, value, given)
+            wrong_type = _type_problem(key, value, given) if key.startswith(TYPED_SECTIONS) and not override.is_delete() else None
+            if wrong_type:
+                return wrong_type
             unknown = [v for v in value if v not in options] if options and isinstance(value, list) else []
             if unknown:
                 return (f"{given}: no {key} named {', '.join(map(repr, unknown))}. "

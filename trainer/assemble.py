@@ -101,7 +101,7 @@ def trainer_for(checkpoint, strategy=None, model=None, policy: str = None):
     parts = parts_of(checkpoint.cfg)
     precision = parts.precision if policy is None else dataclasses.replace(parts.precision, policy=policy)
     return parts.replace(
-        model=model or (lambda: load_trained_model(checkpoint.prefix, precision.policy)[0]),
+        model=model or (lambda: load_trained_model(checkpoint.prefix, precision.policy, checkpoint.latest)[0]),
         optimizer=keras.optimizers.SGD,  # nothing trains: build() wants one to make its slots
         precision=precision,
         clipnorm=None,

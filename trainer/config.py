@@ -421,9 +421,17 @@ def check_config(cfg, choices: Optional[Mapping[str, str]] = None) -> None:
         if issubclass(schema, Checked):
             schema.check_combined(values, key)
     trainer = cfg.get("trainer")
-    if trainer is not None and trainer.get("max_steps") is None and trainer.get("epochs") is None:
+    if trainer is not None and _unset(trainer, "max_steps") and _unset(trainer, "epochs"):
         raise ConfigError("no run length: trainer.max_steps and trainer.epochs are both null. Fix: set one of them "
                           "(e.g. trainer.max_steps=1000 or trainer.epochs=3); with both, the shorter wins.")
+
+
+def _unset(node, name: str) -> bool:
+    """The key is null; one that does not resolve yet (`${oc.env:...}`) is not judged here."""
+    try:
+        return node.get(name) is None
+    except Exception:  # noqa: BLE001 - OmegaConf's interpolation errors: composition reports them itself
+        return False
 
 
 def _check_known_keys(schema, node, key: str) -> None:

@@ -166,6 +166,11 @@ class Trainer(Step):
         of the same metrics, reset per evaluation), so a test_step may update `self.metrics` as in Keras."""
         return self.eval_metrics if self._evaluating else self.train_metrics
 
+    @metrics.setter
+    def metrics(self, value) -> None:
+        raise AttributeError("Trainer.metrics is the metrics the current step updates (train or eval copies); give "
+                             "them as Trainer(metrics={...}), or read/extend Trainer.train_metrics before fit()")
+
     @property
     def optimizer(self) -> keras.optimizers.Optimizer:
         return self._only("optimizer", self.optimizers)

@@ -39,6 +39,7 @@ class RunCheckpoint:
     cfg: Any  # the run's OmegaConf config, with the overrides applied
     prefix: str  # the ckpt-N prefix to restore
     name: str  # ckpt-N, or best-ckpt-N for a best/ copy
+    latest: bool = False  # picked as the newest: if rotation deletes it before loading, the newest left will do
 
     @property
     def step(self) -> int:
@@ -159,7 +160,7 @@ def load_run(run: str, which: str = "latest", overrides: Sequence[str] = ()) -> 
     cfg = OmegaConf.load(config_path(folder))
     apply_overrides(cfg, overrides)
     prefix, name = resolve_checkpoint(folder, which)
-    return RunCheckpoint(folder, cfg, prefix, name)
+    return RunCheckpoint(folder, cfg, prefix, name, latest=which == "latest")
 
 
 def checkpoint_of(source: str, which: str = "latest") -> RunCheckpoint:
@@ -203,8 +204,10 @@ def eval_inputs(cfg, batches: int) -> List[Any]:
     return [keras.utils.unpack_x_y_sample_weight(batch)[0] for batch in eval_dataset(cfg).take(batches)]
 
 
-def load_trained_model(source: str, policy: str = "float32") -> Tuple[Any, Any]:
-    """Returns (model, sample_inputs) for a run folder / checkpoint / .keras file, under `policy`."""
+def load_trained_model(source: str, policy: str = "float32", newest_if_gone: bool = False) -> Tuple[Any, Any]:
+    """Returns (model, sample_inputs) for a run folder / checkpoint / .keras file, under `policy`.
+    `newest_if_gone`: `source` was picked as the newest checkpoint, so if a run still training rotated it
+    away since, the newest left is what was asked for; a checkpoint the user named is never replaced."""
     import keras
     import tensorflow as tf
     from hydra.utils import instantiate
@@ -217,7 +220,12 @@ def load_trained_model(source: str, policy: str = "float32") -> Tuple[Any, Any]:
     set_policy(policy)
     if path.suffix == ".keras":
         return _load_keras_file(path)
-    if re.fullmatch(r"ckpt-\d+", path.name) and path.parent.is_dir() and not Path(str(path) + ".index").exists():
+    gone = re.fullmatch(r"ckpt-\d+", path.name) and path.parent.is_dir() and not Path(str(path) + ".index").exists()
+    if gone and not newest_if_gone:
+        have = [Path(p).name for _, p in list_checkpoints(path.parent)]
+        raise CheckpointError(f"{path} does not exist (a run still training keeps only its newest checkpoints). "
+                              f"Fix: one of {have or 'none: train first'}, or --checkpoint latest.")
+    if gone:
         # A run still training deleted it (keep_checkpoints rotation) since it was picked: the newest left.
         newer = list_checkpoints(path.parent)
         if not newer:

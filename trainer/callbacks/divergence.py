@@ -147,7 +147,9 @@ class DivergenceGuard(Callback):
             return  # non-finite steps are the numerics guard's (precision.max_consecutive_skips)
         if self.reference is None and self._judges(cfg) and "loss" in logs:
             self._take_reference(loss, step)
-        if not self.learning_checked and self.learning_from is not None and step >= self.learning_from and "loss" in logs:
+        later_than_reference = self.reference_step is not None and step > self.reference_step  # not its own window
+        if (not self.learning_checked and self.learning_from is not None and step >= self.learning_from
+                and later_than_reference and "loss" in logs):
             self._check_learning(trainer, step, logs)
         factor, reference = cfg.divergence_factor, self.reference
         if factor is None or reference is None or reference <= 0 or loss <= factor * reference:

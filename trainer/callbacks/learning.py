@@ -52,7 +52,7 @@ def not_learning(trainer, step: int, logs: Dict, reference: Optional[float], ref
         return None
     accuracy = next((float(v) for k, v in logs.items() if k.endswith("accuracy") and isinstance(v, (int, float))), None)
     chance = chance_accuracy(trainer)
-    if accuracy is not None and chance is not None and accuracy > ABOVE_CHANCE * chance:
+    if accuracy is not None and chance is not None and accuracy > min(ABOVE_CHANCE * chance, (1 + chance) / 2):  # 2 classes: 0.75, not 1.0
         return None
     at_chance = (f", and the train accuracy {accuracy:.4f} is at chance level (1/{round(1 / chance)} classes = {chance:.3g})"
                  if accuracy is not None and chance is not None else "")
