@@ -4,12 +4,12 @@ Run: python examples/custom_model.py [RUN_DIR]
 """
 import sys
 
-import keras
-import numpy as np
-import tensorflow as tf
-
-from trainer import Trainer
+from trainer import Trainer  # first: it quiets TensorFlow's C++ start-up logs (the CUDA line on a CPU machine)
 from trainer.data import load_mnist_format
+
+import keras  # noqa: E402 - after trainer on purpose
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 
 class SmallConvNet(keras.Model):
