@@ -75,7 +75,8 @@ def test_good_list_overrides_pass_the_check():
 def test_resuming_with_another_use_ema_names_it_and_export_loading_is_no_warm_start(tmp_path, caplog):
     import logging
 
-    from trainer.checkpoint import CheckpointError, warm_start
+    from trainer.checkpoint import CheckpointError
+    from trainer.load_weights import warm_start
 
     run = tmp_path / "run"
     first = _trainer(verbose=False, run_dir=run, checkpoint_every=2)

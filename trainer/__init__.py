@@ -10,10 +10,11 @@ from trainer.quiet import quiet_tensorflow_import
 quiet_tensorflow_import()
 
 from trainer.callbacks import Callback, CSVLogger, EarlyStopping, MetricsWriter, MLflowLogger, ReduceLROnPlateau, TensorBoardWriter  # noqa: E402
-from trainer.checkpoint import CheckpointError, warm_start  # noqa: E402
+from trainer.checkpoint import CheckpointError  # noqa: E402
 from trainer.config import PrecisionConfig, StrategyConfig, TrainerConfig  # noqa: E402
 from trainer.core import NumericalError, Trainer, TrainingInterrupted  # noqa: E402
 from trainer.data import DataBundle  # noqa: E402
+from trainer.load_weights import warm_start  # noqa: E402
 from trainer.loss_scale import LossScale  # noqa: E402
 
 __all__ = [

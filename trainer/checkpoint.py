@@ -269,8 +269,9 @@ class Checkpointer:
 
     # -- restoring ---------------------------------------------------------------------------
 
-    def prepare(self, resume: bool, init_from: Optional[str], model) -> Optional[int]:
-        """Resumes from the newest complete checkpoint, or warm-starts, or starts fresh.
+    def prepare(self, resume: bool) -> Optional[int]:
+        """Resumes from the newest complete checkpoint (returns its step), or starts fresh (None: the caller
+        may warm start, trainer/load_weights.py).
 
         Raises CheckpointError when the folder has checkpoints but resume is off, when none of them
         is readable, or when they do not fit the model.
@@ -286,8 +287,6 @@ class Checkpointer:
             )
         if resume and (found or incomplete):
             return self.restore_latest(found, incomplete)
-        if init_from:
-            warm_start(model, init_from)
         return None
 
     def restore_latest(self, found=None, incomplete=None) -> int:
@@ -329,63 +328,3 @@ class Checkpointer:
                 tf.train.Checkpoint(**{name: trackable}).read(prefix).expect_partial()
             else:
                 log.info("%s holds no saved %s state (an older run): it starts fresh", prefix, name)
-
-
-def _resolve_checkpoint(path: str) -> str:
-    p = Path(path).expanduser()
-    if p.is_dir():
-        for candidate in (p, p / "checkpoints"):
-            found = list_checkpoints(candidate)
-            if found:
-                return found[0][1]
-        raise CheckpointError(f"trainer.init_from={path!r}: no ckpt-N.index in it or in its checkpoints/")
-    if Path(str(p) + ".index").exists():
-        return str(p)
-    raise CheckpointError(
-        f"trainer.init_from={path!r} is not a checkpoint (folder, ckpt prefix), .keras or .weights.h5 file"
-    )
-
-
-def warm_start(model, path: str, purpose: str = "Warm start") -> Dict[str, List[str]]:
-    """Loads model weights only (no optimizer, no step) and reports restored / missing / unexpected.
-
-    `purpose` starts the log line: "Warm start" for trainer.init_from, "Loading weights" for export/doctor.
-
-    TF checkpoints are matched by object structure, one variable at a time, so a new head of another
-    shape is reported as mismatched and left at its initial value; .keras/.weights.h5 files go through
-    Keras' own loader (matching by layer, skipping mismatched shapes).
-    """
-    if path.endswith(".keras") or path.endswith(".weights.h5"):
-        if not Path(path).is_file():
-            raise CheckpointError(f"trainer.init_from={path!r} does not exist")
-        if path.endswith(".keras"):
-            source = keras.saving.load_model(path, compile=False)
-            with tempfile.TemporaryDirectory() as tmp:
-                source.save_weights(Path(tmp) / "w.weights.h5")
-                model.load_weights(Path(tmp) / "w.weights.h5", skip_mismatch=True)
-        else:
-            model.load_weights(path, skip_mismatch=True)
-        # Keras' loader does not say which layers it skipped (it warns about each); the report cannot either.
-        report = {"restored": [v.path for v in model.weights], "missing": [], "unexpected": [], "mismatched": []}
-        log.info("%s from %s: Keras loader, layers of mismatched shapes skipped (see its warnings)", purpose, path)
-        return report
-    prefix = _resolve_checkpoint(path)
-    reader, rows, saved = match_variables(model, prefix)
-    restored, missing, mismatched = [], [], []
-    for name, var, key, shape in rows:
-        if key is None:
-            missing.append(name)
-        elif list(shape) != list(var.shape):
-            mismatched.append(f"{name} {shape} vs {list(var.shape)}")
-        else:
-            var.assign(reader.get_tensor(key))
-            restored.append(name)
-    ours = {name for name, *_ in rows}
-    unexpected = sorted(p for p in saved if p.startswith("model/") and p not in ours)
-    log.info(
-        "%s from %s: restored %d variables, missing %d %s, mismatched %d %s, unexpected %d %s",
-        purpose, prefix, len(restored), len(missing), missing[:5], len(mismatched), mismatched[:5], len(unexpected), unexpected[:5],
-    )
-    if not restored:
-        raise CheckpointError(f"trainer.init_from={path!r}: no variable of this model is in {prefix}")
-    return {"restored": restored, "missing": missing, "unexpected": unexpected, "mismatched": mismatched}

@@ -50,12 +50,13 @@ def _saved_keys_by_path(reader) -> Dict[str, str]:
 
 def match_variables(model, prefix: str, name: str = "model"):
     """(reader, [(path, variable, saved_key or None, saved_shape or None)]) for the variables of the
-    checkpoint's object `name` (the model, or the optimizer)."""
+    checkpoint's object `name` (the model, or the optimizer; `models/<name>`: one of several models)."""
     reader = tf.train.load_checkpoint(prefix)
     shapes = reader.get_variable_to_shape_map()
     saved = _saved_keys_by_path(reader)
     rows = []
-    for path, var in _variables_by_path(tf.train.Checkpoint(**{name: model})).items():
+    root, _, child = name.partition("/")  # models/<name>: as the Trainer saves several models, a dict by name
+    for path, var in _variables_by_path(tf.train.Checkpoint(**{root: {child: model} if child else model})).items():
         key = saved.get(path)
         rows.append((path, var, key, shapes.get(key) if key else None))
     return reader, rows, saved

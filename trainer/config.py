@@ -135,7 +135,7 @@ class TrainerConfig(Checked):
     sweep_metric: Optional[str] = None  # the final eval metric a multirun sweeper (Optuna) optimizes: `accuracy`, `loss`; None: best_metric, or the loss without one
     sweep_mode: Optional[str] = chosen(None, "max|min")  # whether a larger or a smaller sweep_metric is better; None: best_mode for best_metric, min for a name ending in loss
     resume: bool = True  # resume from the run folder's checkpoints when there are any
-    init_from: Optional[str] = None  # warm start: model weights only, from a checkpoint or .keras/.weights.h5
+    init_from: Any = None  # warm start, model weights only (a checkpoint, .keras, .weights.h5); several models: {name:PATH}
     # Divergence (docs/faults.md). 100x the first loss is far beyond a healthy run's noise (a spike of a
     # few x), yet a diverging run passes it within a log window or two (lr=1e6 on MNIST: 2.4 at step 1,
     # then a mean of 7e22 over the first 10 steps).

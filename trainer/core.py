@@ -58,6 +58,8 @@ class Trainer(Step):
       models: instead of `model`, several: name -> model (or builder), or a function returning that dict.
         Each must have its variables (a keras.Input, or built in its builder).
       optimizers: name -> optimizer (or builder); each trains the model of the same name.
+      frozen: names of models that do not train (a distillation's teacher): no optimizer, not in checkpoints or
+        the weights fingerprint; their weights come from their builder or init_from on every run.
       strategy: a tf.distribute.Strategy (default: TensorFlow's current/default strategy).
       precision: a policy name ("float32", "mixed_float16", "mixed_bfloat16") or a PrecisionConfig.
       run_dir: where metrics.jsonl, checkpoints/ and tensorboard/ go; None: nothing is written.
@@ -72,7 +74,7 @@ class Trainer(Step):
 
     def __init__(self, model=None, loss=None, optimizer=None,
                  metrics: Union[Sequence[Any], Mapping[str, Any], None] = None, *,
-                 models=None, optimizers: Optional[Mapping[str, Any]] = None,
+                 models=None, optimizers: Optional[Mapping[str, Any]] = None, frozen: Iterable[str] = (),
                  strategy: Optional[tf.distribute.Strategy] = None, precision: Union[str, PrecisionConfig] = "float32",
                  run_dir: Union[str, Path, None] = None, callbacks: Iterable[Callback] = (),
                  loggers: Optional[Iterable[Callback]] = None,
@@ -102,7 +104,8 @@ class Trainer(Step):
             self.models: Dict[str, keras.Model] = objects.make_models(model, models)
             if model is not None and self.models.get("model") is model:  # ready-made: built before the Trainer
                 objects.check_ready_made_model(model, self.precision.policy, self.strategy, strategy is not None)
-            self.optimizers = objects.make_optimizers(optimizer, optimizers, list(self.models))
+            self.frozen = objects.freeze(frozen, self.models, optimizers)  # docs/research.md, Frozen models
+            self.optimizers = objects.make_optimizers(optimizer, optimizers, [n for n in self.models if n not in self.frozen])
             self.train_metrics, self.eval_metrics = objects.make_metrics(metrics, remake=strategy is not None)
             self.train_loss = keras.metrics.Mean(name="loss")
             self.eval_loss = keras.metrics.Mean(name="loss")
@@ -245,15 +248,16 @@ class Trainer(Step):
         self._eval_function = None
 
     def checkpoint_objects(self) -> Dict[str, Any]:
-        """Everything a checkpoint must hold to continue exactly: every model, optimizer and loss scale."""
+        """Everything a checkpoint must hold to continue exactly: every model but the frozen, optimizer and loss scale."""
+        saved = {name: m for name, m in self.models.items() if name not in self.frozen}
         weights = {id(w) for m in self.models.values() for w in m.weights}
         # Keras 3 layers keep their dropout RNG state (SeedGenerator) outside model.weights.
         seed_states = [v.value for m in self.models.values() for v in m.variables if id(v) not in weights]
         scales = {name: u.loss_scale for name, u in self.updaters.items()}
-        if len(self.models) == 1 and len(self.optimizers) == 1:  # the layout of every earlier run
-            held = dict(model=self.model, optimizer=self.optimizer, loss_scale=self.loss_scale)
+        if len(saved) == 1 and len(self.optimizers) == 1:  # the layout of every one-model run
+            held = dict(model=next(iter(saved.values())), optimizer=self.optimizer, loss_scale=self.loss_scale)
         else:
-            held = dict(models=dict(self.models), optimizers=dict(self.optimizers), loss_scales=scales)
+            held = dict(models=saved, optimizers=dict(self.optimizers), loss_scales=scales)
         return dict(held, step=self.step, rng=self.rng, best_metric=self.best, seed_states=seed_states)
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -399,9 +403,9 @@ class Trainer(Step):
             return predict(self, data, batch_size)
 
     def weights_fingerprint(self) -> str:
-        """SHA-256 of all models' weights: equal on every worker of a run, and across bit-identical runs."""
+        """SHA-256 of the weights of all models but the frozen: equal on every worker, and across bit-identical runs."""
         digest = hashlib.sha256()
-        for model in self.models.values():
+        for model in (m for name, m in self.models.items() if name not in self.frozen):
             for w in model.weights:
                 digest.update(keras.ops.convert_to_numpy(w).tobytes())
         return digest.hexdigest()[:16]

@@ -46,6 +46,34 @@ def make_models(model, models) -> Dict[str, keras.Model]:
     return {"model": built}
 
 
+def freeze(frozen, models: Mapping[str, keras.Model], optimizers) -> frozenset:
+    """The names of the frozen models (`Trainer(frozen=...)`), checked, each set `trainable = False`.
+
+    A frozen model is in no checkpoint, so one an optimizer updated would resume from the weights its
+    builder loads, not the trained ones: an optimizer for it is refused, as are variables it shares with a
+    trained model (freezing it would freeze them too)."""
+    names = frozenset([frozen] if isinstance(frozen, str) else frozen or ())
+    unknown = sorted(names - set(models))
+    if unknown:
+        raise ConfigError(f"Trainer(frozen={sorted(names)}): {unknown} name no model (models: {sorted(models)})")
+    if names and names == set(models):
+        raise ConfigError(f"Trainer(frozen={sorted(names)}): every model is frozen, so nothing trains. Fix: freeze "
+                          "only the models loaded from elsewhere (a distillation's teacher)")
+    updated = sorted(names & set(optimizers or ()))
+    if updated:
+        raise ConfigError(f"Trainer(frozen=...): the frozen models {updated} have optimizers, but a frozen model is in no "
+                          "checkpoint, so a resumed run would lose what they learned. Fix: drop optimizers[name] of a "
+                          "frozen model, or do not freeze a model that trains")
+    trained = {id(v) for name, m in models.items() if name not in names for v in m.weights}
+    for name in sorted(names):
+        shared = [v.path for v in models[name].weights if id(v) in trained]
+        if shared:
+            raise ConfigError(f"Trainer(frozen=...): frozen model {name!r} shares variables with a trained model "
+                              f"({shared[:3]}); freezing it would freeze them too. Fix: give the frozen model its own copy")
+        models[name].trainable = False  # as Keras freezes: no trainable variables, BatchNormalization in inference mode
+    return names
+
+
 def make_optimizers(optimizer, optimizers, model_names) -> Dict[str, keras.optimizers.Optimizer]:
     """name -> optimizer, each training the model of its name; `optimizer` alone: one per model."""
     if optimizers is None:

@@ -212,7 +212,7 @@ def load_trained_model(source: str, policy: str = "float32", newest_if_gone: boo
     import tensorflow as tf
     from hydra.utils import instantiate
 
-    from trainer.checkpoint import warm_start
+    from trainer.load_weights import warm_start
     from trainer.ema import restore_averages
     from trainer.precision import set_policy
 

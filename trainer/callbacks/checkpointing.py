@@ -15,8 +15,8 @@ import keras
 
 from trainer.callbacks.base import Callback, CallbackState
 from trainer.callbacks.numerics import check_weights_finite
-from trainer.checkpoint import NO_BEST, Checkpointer, warm_start
-from trainer.config import ConfigError
+from trainer.checkpoint import NO_BEST, Checkpointer
+from trainer.load_weights import init_from_targets, warm_start_models
 from trainer.loop import due as loop_event_due
 
 log = logging.getLogger("trainer.core")
@@ -57,12 +57,9 @@ class Checkpointing(Callback):
         if self.prepared:  # a later fit() call: the model and optimizer in memory are the newest
             return
         cfg = trainer.config
-        if cfg.init_from and len(trainer.models) > 1:
-            raise ConfigError("trainer.init_from warm-starts one model; with several, load each model's weights in "
-                              "the builder you give the Trainer (model.load_weights(...))")
+        targets = init_from_targets(cfg.init_from, trainer.models)  # checked before anything is read
         if trainer.run_dir is None:
-            if cfg.init_from:
-                warm_start(trainer.model, cfg.init_from)
+            warm_start_models(trainer.models, targets)
             self.prepared = True
             return
         checkpointer = Checkpointer(
@@ -73,8 +70,10 @@ class Checkpointing(Callback):
         configured = _configured_settings(trainer)
         # Prepared only once this succeeds: a refused resume refuses again on the next fit() call, instead
         # of that call training from scratch over the run's checkpoints.
-        resumed = checkpointer.prepare(resume=cfg.resume, init_from=cfg.init_from,
-                                       model=trainer.models[next(iter(trainer.models))])
+        resumed = checkpointer.prepare(resume=cfg.resume)
+        # A warm start is a fresh run's; a frozen model is in no checkpoint, so it is warm-started on every run.
+        warm_start_models(trainer.models, {name: path for name, path in targets.items()
+                                           if resumed is None or name in trainer.frozen})
         self.checkpointer = trainer.checkpointer = checkpointer
         self.configured, self.prepared = configured, True
         if resumed is not None:

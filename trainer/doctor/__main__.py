@@ -85,7 +85,7 @@ def load_run(folder: str) -> Tuple[object, List[str], str, Path]:
 
 
 def trained_weights(model_builder, sample_x, prefix: str) -> list:
-    from trainer.checkpoint import warm_start
+    from trainer.load_weights import warm_start
     from trainer.doctor.model_table import build_under
 
     model = build_under(model_builder, "float32", sample_x)

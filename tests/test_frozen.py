@@ -1,0 +1,148 @@
+"""Frozen models (`Trainer(frozen=...)`: a distillation's teacher) and `trainer.init_from` by model name, through
+the public API: what a checkpoint holds, the fingerprint, exact resume, and the errors."""
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import TINY, blobs, run_cli
+from trainer import CheckpointError, Trainer
+from trainer.config import ConfigError
+from trainer.errors import UserError
+
+SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def mlp(width, name=None):
+    """A 4 -> width -> 2 MLP: the teacher is 7 wide, the student 3, so each one's kernels have shapes of their own."""
+    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(width, activation="relu"), keras.layers.Dense(2)], name=name)
+
+
+class Distillation(Trainer):
+    def train_step(self, data):
+        x, _ = data
+        soft_targets = tf.nn.softmax(self.models["teacher"](x, training=False) / 2.0)
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(keras.losses.categorical_crossentropy(
+                soft_targets, self.models["student"](x, training=True) / 2.0, from_logits=True))
+        self.update(loss, tape)
+        return {"distill_loss": loss}
+
+
+class TwoModels(Trainer):
+    """Two trained models, each fit to the labels: a checkpoint of several models (`models/<name>`)."""
+
+    def train_step(self, data):
+        x, y = data
+        for name in self.optimizers:
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, self.models[name](x, training=True), from_logits=True))
+            self.update(loss, tape, name)
+        return {"loss": loss}
+
+
+def train_teacher(run_dir):
+    teacher = Trainer(model=lambda: mlp(7), loss=SCCE, optimizer=lambda: keras.optimizers.Adam(1e-2), run_dir=run_dir,
+                      verbose=False, checkpoint_every=20)
+    teacher.fit(blobs(), steps=20)
+    return teacher
+
+
+def distillation(run_dir, teacher_run, **options):
+    return Distillation(models={"student": lambda: mlp(3), "teacher": lambda: mlp(7)}, frozen={"teacher"},
+                        optimizer=lambda: keras.optimizers.Adam(1e-2), init_from={"teacher": str(teacher_run)},
+                        run_dir=run_dir, verbose=False, checkpoint_every=10, deterministic=True, **options)
+
+
+def test_a_frozen_teacher_is_in_no_checkpoint_nor_the_fingerprint_and_the_student_resumes_exactly(tmp_path):
+    teacher = train_teacher(tmp_path / "teacher")
+    whole = distillation(tmp_path / "whole", tmp_path / "teacher")
+    whole.fit(blobs(), steps=20)
+    assert not whole.models["teacher"].trainable and set(whole.optimizers) == {"student"}  # no optimizer of its own
+    for a, b in zip(whole.models["teacher"].get_weights(), teacher.model.get_weights()):
+        np.testing.assert_array_equal(a, b)  # init_from={"teacher": a one-model run} loaded it
+
+    saved = tf.train.list_variables(str(tmp_path / "whole" / "checkpoints" / "ckpt-20"))
+    shapes = [shape for _, shape in saved]
+    assert [4, 3] in shapes and [3, 2] in shapes  # the student (and its Adam slots)
+    assert [4, 7] not in shapes and [7, 2] not in shapes and [7] not in shapes  # nothing of the teacher
+    assert not any("teacher" in key for key, _ in saved)
+
+    fingerprint = whole.weights_fingerprint()
+    whole.models["teacher"].set_weights([np.zeros_like(w) for w in whole.models["teacher"].get_weights()])
+    assert whole.weights_fingerprint() == fingerprint
+    whole.models["student"].layers[0].kernel.assign_add(tf.ones([4, 3]))
+    assert whole.weights_fingerprint() != fingerprint  # it does read the student
+
+    # Stopped at step 10 and resumed by a new Trainer: the teacher is loaded again (init_from applies to a
+    # frozen model on every run), the student restored, and the run ends where the whole run ended.
+    distillation(tmp_path / "resumed", tmp_path / "teacher").fit(blobs(), steps=10)
+    resumed = distillation(tmp_path / "resumed", tmp_path / "teacher")
+    resumed.fit(blobs(), steps=20)
+    reference = tf.train.load_checkpoint(str(tmp_path / "whole" / "checkpoints" / "ckpt-20"))
+    again = tf.train.load_checkpoint(str(tmp_path / "resumed" / "checkpoints" / "ckpt-20"))
+    for key, _ in saved:
+        if key.startswith(("model/", "optimizer/", "step/", "rng/")):  # weights, slots, step, RNG (not save counters)
+            np.testing.assert_array_equal(again.get_tensor(key), reference.get_tensor(key), err_msg=key)
+    for a, b in zip(resumed.models["teacher"].get_weights(), teacher.model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_frozen_model_with_an_optimizer_or_an_unknown_name_is_refused():
+    models = {"student": lambda: mlp(3), "teacher": lambda: mlp(7)}
+    with pytest.raises(ConfigError, match=r"frozen models \['teacher'\] have optimizers.*resumed run would lose"):
+        Trainer(models=models, optimizers={"student": keras.optimizers.Adam(), "teacher": keras.optimizers.Adam()},
+                frozen={"teacher"})
+    with pytest.raises(ConfigError, match=r"\['techer'\] name no model \(models: \['student', 'teacher'\]\)"):
+        Trainer(models=models, optimizer=keras.optimizers.Adam, frozen={"techer"})
+    with pytest.raises(ConfigError, match="every model is frozen"):
+        Trainer(model=lambda: mlp(3), optimizer=keras.optimizers.Adam, frozen="model")
+    shared = keras.layers.Dense(2)
+    with pytest.raises(ConfigError, match="shares variables with a trained model"):
+        Trainer(models={"student": keras.Sequential([keras.Input((4,)), shared]),
+                        "teacher": keras.Sequential([keras.Input((4,)), shared])}, optimizer=keras.optimizers.Adam, frozen={"teacher"})
+    # A ready-made optimizer serves the one model that trains.
+    trainer = Trainer(models=models, optimizer=keras.optimizers.Adam(), frozen={"teacher"})
+    assert set(trainer.optimizers) == {"student"} and trainer.frozen == {"teacher"}
+
+
+def test_init_from_by_name_loads_each_named_model_from_a_checkpoint_of_several(tmp_path):
+    source = TwoModels(models={"a": lambda: mlp(5), "b": lambda: mlp(6)}, optimizer=keras.optimizers.Adam,
+                       run_dir=tmp_path / "source", verbose=False)
+    source.fit(blobs(), steps=5)
+    target = TwoModels(models={"a": lambda: mlp(5), "b": lambda: mlp(6)}, optimizer=lambda: keras.optimizers.SGD(0.0),
+                       verbose=False, init_from={"b": str(tmp_path / "source")})
+    target.fit(blobs(), steps=1)  # a rate of 0: the weights stay as the warm start left them
+    for loaded, saved in zip(target.models["b"].get_weights(), source.models["b"].get_weights()):
+        np.testing.assert_array_equal(loaded, saved)
+    assert not np.array_equal(target.models["a"].get_weights()[0], source.models["a"].get_weights()[0])  # not named
+
+
+def test_init_from_errors_name_the_model_the_path_and_what_the_checkpoint_holds(tmp_path):
+    TwoModels(models={"a": lambda: mlp(5), "b": lambda: mlp(6)}, optimizer=keras.optimizers.Adam,
+              run_dir=tmp_path / "source", verbose=False).fit(blobs(), steps=2)
+
+    def fit(init_from, models=None):
+        models = models or {"a": lambda: mlp(5), "c": lambda: mlp(6)}
+        TwoModels(models=models, optimizer=keras.optimizers.Adam, verbose=False, init_from=init_from).fit(blobs(), steps=1)
+
+    with pytest.raises(ConfigError, match=r"names \['x'\], not models of this Trainer \(models: \['a', 'c'\]\)"):
+        fit({"x": str(tmp_path / "source")})
+    with pytest.raises(CheckpointError, match=r"init_from=\{c: '.*nowhere'\} is not a checkpoint"):
+        fit({"c": str(tmp_path / "nowhere")})
+    with pytest.raises(CheckpointError, match=r"no variable of model 'c' is in .*ckpt-2 \(it holds the models \['a', 'b'\]\)"):
+        fit({"c": str(tmp_path / "source")})
+    with pytest.raises(ConfigError, match=r"one path, and this Trainer has several models.*init_from=\{'a': PATH\}"):
+        fit(str(tmp_path / "source"))
+    with pytest.raises(ConfigError, match="neither a path nor model name -> path"):
+        fit({"a": 5})
+    assert issubclass(ConfigError, UserError) and issubclass(CheckpointError, UserError)
+
+
+def test_init_from_by_name_on_the_command_line(tmp_path):
+    """Hydra's dict syntax reaches the Trainer; a wrong name is exit 2, named, with no traceback."""
+    result = run_cli(*TINY, f"hydra.run.dir={tmp_path / 'run'}", f"trainer.init_from={{teachr:{tmp_path / 'nope'}}}")
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-2000:]
+    assert "trainer.init_from names ['teachr'], not models of this Trainer (models: ['model'])" in output
+    assert "Traceback" not in output

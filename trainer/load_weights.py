@@ -1,0 +1,128 @@
+"""A model's weights alone, from a checkpoint or a Keras file: warm starts (`trainer.init_from`, one model or
+several by name) and the trained model that export, evaluate and the doctor load from a run.
+
+Below the Trainer, beside checkpoint.py (whose files it reads); it imports no command module.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Union
+
+import keras
+
+from trainer.checkpoint import CheckpointError, list_checkpoints
+from trainer.checkpoint_graph import match_variables
+from trainer.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+InitFrom = Union[str, Mapping[str, str], None]
+
+
+def _setting(path: str, name: Optional[str]) -> str:
+    """How the user wrote it, for messages: trainer.init_from='PATH' or trainer.init_from={name: 'PATH'}."""
+    return f"trainer.init_from={path!r}" if name is None else f"trainer.init_from={{{name}: {path!r}}}"
+
+
+def _resolve_checkpoint(path: str, name: Optional[str] = None) -> str:
+    p = Path(path).expanduser()
+    if p.is_dir():
+        for candidate in (p, p / "checkpoints"):
+            found = list_checkpoints(candidate)
+            if found:
+                return found[0][1]
+        raise CheckpointError(f"{_setting(path, name)}: no ckpt-N.index in it or in its checkpoints/")
+    if Path(str(p) + ".index").exists():
+        return str(p)
+    raise CheckpointError(f"{_setting(path, name)} is not a checkpoint (folder, ckpt prefix), .keras or .weights.h5 file")
+
+
+def _held_models(saved) -> List[str]:
+    """The models a checkpoint holds: `model` (a one-model run) and the names under `models/`."""
+    held = {"model"} if any(p.startswith("model/") for p in saved) else set()
+    return sorted(held | {p.split("/")[1] for p in saved if p.startswith("models/")})
+
+
+def warm_start(model, path: str, purpose: str = "Warm start", name: Optional[str] = None) -> Dict[str, List[str]]:
+    """Loads model weights only (no optimizer, no step) and reports restored / missing / unexpected.
+
+    `purpose` starts the log line: "Warm start" for trainer.init_from, "Loading weights" for export/doctor.
+    `name`: the Trainer's name of the model (init_from={name: path}): a checkpoint of several models gives its
+    `models/<name>`, one of a one-model run its `model`; None: the `model` of a one-model run.
+
+    TF checkpoints are matched by object structure, one variable at a time, so a new head of another
+    shape is reported as mismatched and left at its initial value; .keras/.weights.h5 files go through
+    Keras' own loader (matching by layer, skipping mismatched shapes).
+    """
+    if path.endswith(".keras") or path.endswith(".weights.h5"):
+        if not Path(path).is_file():
+            raise CheckpointError(f"{_setting(path, name)} does not exist")
+        if path.endswith(".keras"):
+            source = keras.saving.load_model(path, compile=False)
+            with tempfile.TemporaryDirectory() as tmp:
+                source.save_weights(Path(tmp) / "w.weights.h5")
+                model.load_weights(Path(tmp) / "w.weights.h5", skip_mismatch=True)
+        else:
+            model.load_weights(path, skip_mismatch=True)
+        # Keras' loader does not say which layers it skipped (it warns about each); the report cannot either.
+        report = {"restored": [v.path for v in model.weights], "missing": [], "unexpected": [], "mismatched": []}
+        log.info("%s from %s: Keras loader, layers of mismatched shapes skipped (see its warnings)", purpose, path)
+        return report
+    prefix = _resolve_checkpoint(path, name)
+    where = "model" if name is None else f"models/{name}"
+    reader, rows, saved = match_variables(model, prefix, where)
+    if where != "model" and not any(key for _, _, key, _ in rows):  # not in a checkpoint of several: a one-model run's
+        where = "model"
+        reader, rows, saved = match_variables(model, prefix, where)
+    restored, missing, mismatched = [], [], []
+    for path_in, var, key, shape in rows:
+        if key is None:
+            missing.append(path_in)
+        elif list(shape) != list(var.shape):
+            mismatched.append(f"{path_in} {shape} vs {list(var.shape)}")
+        else:
+            var.assign(reader.get_tensor(key))
+            restored.append(path_in)
+    ours = {path_in for path_in, *_ in rows}
+    unexpected = sorted(p for p in saved if p.startswith(f"{where}/") and p not in ours)
+    log.info(
+        "%s%s from %s: restored %d variables, missing %d %s, mismatched %d %s, unexpected %d %s",
+        purpose, "" if name is None else f" of {name}", prefix, len(restored), len(missing), missing[:5],
+        len(mismatched), mismatched[:5], len(unexpected), unexpected[:5],
+    )
+    if not restored:
+        what = "this model" if name is None else f"model {name!r}"
+        raise CheckpointError(f"{_setting(path, name)}: no variable of {what} is in {prefix} (it holds the models "
+                              f"{_held_models(saved)}). Fix: name a checkpoint of this model"
+                              + ("" if name is None else ", or give it the name that checkpoint holds it under"))
+    return {"restored": restored, "missing": missing, "unexpected": unexpected, "mismatched": mismatched}
+
+
+def init_from_targets(init_from: InitFrom, models: Mapping[str, keras.Model]) -> Dict[str, Optional[str]]:
+    """trainer.init_from as model name -> path, checked: one path for a Trainer of one model, else a mapping
+    whose names are the Trainer's models. (The mapping's keys come back; the single form's is None.)"""
+    if not init_from:
+        return {}
+    if not isinstance(init_from, (str, Mapping)) or isinstance(init_from, Mapping) and not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in init_from.items()):
+        raise ConfigError(f"trainer.init_from={init_from!r} is neither a path nor model name -> path. Fix: "
+                          "trainer.init_from=PATH (one model) or trainer.init_from={teacher:PATH} (several)")
+    if isinstance(init_from, str):
+        if len(models) > 1:
+            raise ConfigError(f"trainer.init_from={init_from!r} is one path, and this Trainer has several models "
+                              f"{sorted(models)}. Fix: say which model each checkpoint is for, e.g. "
+                              f"init_from={{{next(iter(models))!r}: PATH}} (command line: "
+                              f"trainer.init_from={{{next(iter(models))}:PATH}})")
+        return {None: init_from}
+    unknown = sorted(set(init_from) - set(models))
+    if unknown:
+        raise ConfigError(f"trainer.init_from names {unknown}, not models of this Trainer (models: {sorted(models)})")
+    return dict(init_from)
+
+
+def warm_start_models(models: Mapping[str, keras.Model], targets: Mapping[Optional[str], str]) -> None:
+    """Warm-starts each model of `targets` (init_from_targets' mapping) from its checkpoint."""
+    for name, path in targets.items():
+        warm_start(next(iter(models.values())) if name is None else models[name], path, name=name)
