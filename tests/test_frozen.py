@@ -13,9 +13,9 @@ from trainer.errors import UserError
 SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def mlp(width, name=None):
+def mlp(width):
     """A 4 -> width -> 2 MLP: the teacher is 7 wide, the student 3, so each one's kernels have shapes of their own."""
-    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(width, activation="relu"), keras.layers.Dense(2)], name=name)
+    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(width, activation="relu"), keras.layers.Dense(2)])
 
 
 class Distillation(Trainer):

@@ -1,4 +1,4 @@
-"""Checkpoints that never lose work: save, keep-N and best-k, resume with fallback, warm start.
+"""Checkpoints that never lose work: save, keep-N and best-k, resume with fallback (warm starts: load_weights.py).
 
 Layout of run_dir/checkpoints/: `ckpt-<step>.index` / `.data-*` (tf.train.Checkpoint via
 CheckpointManager, which writes the files before it updates the `checkpoint` state file and deletes old
