@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import TINY, blobs, run_cli
-from trainer import CheckpointError, Trainer
+from trainer import CheckpointError, Trainer, warm_start
 from trainer.config import ConfigError
 from trainer.errors import UserError
 
@@ -67,6 +67,11 @@ def test_a_frozen_teacher_is_in_no_checkpoint_nor_the_fingerprint_and_the_studen
     assert [4, 3] in shapes and [3, 2] in shapes  # the student (and its Adam slots)
     assert [4, 7] not in shapes and [7, 2] not in shapes and [7] not in shapes  # nothing of the teacher
     assert not any("teacher" in key for key, _ in saved)
+    student = mlp(3)  # the checkpoint has a one-model run's layout: export and evaluate load the student from it
+    report = warm_start(student, str(tmp_path / "whole"), purpose="Loading weights")
+    assert len(report["restored"]) == 4 and not report["missing"] and not report["mismatched"]
+    for a, b in zip(student.get_weights(), whole.models["student"].get_weights()):
+        np.testing.assert_array_equal(a, b)
 
     fingerprint = whole.weights_fingerprint()
     whole.models["teacher"].set_weights([np.zeros_like(w) for w in whole.models["teacher"].get_weights()])
