@@ -1,4 +1,5 @@
 """trainer.batches_per_step=K: a WGAN-like step gets K fresh batches and updates its critic once per batch."""
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -98,17 +99,26 @@ def test_an_epoch_is_one_pass_over_the_data():
     assert firsts(trainer, 20) == [BATCH * b for b in range(60)]
 
 
-def test_resume_goes_on_at_the_same_batches_and_ends_with_the_same_weights(tmp_path):
+def test_resume_goes_on_at_the_same_batches_and_ends_with_the_same_weights(tmp_path, caplog):
     """8 steps straight (steps_per_loop=4, evaluated) == 4 steps, then a new Trainer resuming to 8 (steps_per_loop=1)."""
     straight = wgan(run_dir=tmp_path / "straight", steps_per_loop=4, log_every=4)
     eval_logs = straight.fit(integers(), integers(), steps=8)  # the eval step gets one batch at a time
     assert straight.eval_batches == EXAMPLES // BATCH and np.isfinite(eval_logs["critic_mean"])
     wgan(run_dir=tmp_path / "resumed", checkpoint_every=4).fit(integers(), steps=4)
     resumed = wgan(run_dir=tmp_path / "resumed", checkpoint_every=4)
-    resumed.fit(integers(), steps=8)
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        resumed.fit(integers(), steps=8)
+    assert "batches per step" not in caplog.text
     assert firsts(resumed, 8, start=4) == firsts(straight, 8, start=4) == [BATCH * b for b in range(12, 24)]
     assert int(resumed.optimizers["critic"].iterations.numpy()) == 24
     assert resumed.weights_fingerprint() == straight.weights_fingerprint()
+
+
+def test_resuming_with_other_batches_per_step_says_the_data_position_moved(tmp_path, caplog):
+    wgan(run_dir=tmp_path, checkpoint_every=2).fit(integers(), steps=2)
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        wgan(run_dir=tmp_path, batches_per_step=2).fit(integers(), steps=3)
+    assert "Resuming at step 2 with 2 batches per step" in caplog.text and "where the run read 3" in caplog.text
 
 
 def test_with_xla_the_whole_step_is_compiled_and_gives_the_same_weights():
