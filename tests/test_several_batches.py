@@ -59,8 +59,8 @@ def linear():
 def wgan(**options):
     schedule = keras.optimizers.schedules.InverseTimeDecay(1e-2, decay_steps=1, decay_rate=0.1)
     optimizers = {"critic": lambda: keras.optimizers.SGD(schedule), "generator": lambda: keras.optimizers.SGD(1e-2)}
-    return WGAN(models={"critic": linear, "generator": linear}, optimizers=optimizers,
-                **{"batches_per_step": K, "progress_bar": False, **options})
+    return WGAN(models={"critic": linear, "generator": linear},
+                **{"optimizers": optimizers, "batches_per_step": K, "progress_bar": False, **options})
 
 
 def firsts(trainer, steps, start=0):
@@ -147,17 +147,24 @@ for a, b in zip(one.models["critic"].weights + one.models["generator"].weights,
                 two.models["critic"].weights + two.models["generator"].weights):
     np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5)
 print("SAME WEIGHTS")
+import keras
+try:  # made outside the scope: its iterations would count once per replica (2 per update)
+    wgan(strategy=two.strategy, optimizers={"critic": keras.optimizers.SGD(0.1), "generator": lambda: keras.optimizers.SGD(0.1)})
+except Exception as e:
+    print("ERROR", type(e).__name__, e)
 """
 
 
 def test_two_replicas_equal_one_device(tmp_path):
-    """2 logical CPUs: each replica gets its half of each of the K batches; the weights equal one device's."""
+    """2 logical CPUs: each replica gets its half of each of the K batches; the weights equal one device's. A
+    ready-made optimizer made outside the strategy's scope is refused (its iterations would count per replica)."""
     script = tmp_path / "mirrored.py"
     script.write_text(MIRRORED)
     result = subprocess.run([sys.executable, str(script), str(Path(__file__).parent)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ITERATIONS 18 6" in result.stdout and "SAME WEIGHTS" in result.stdout
+    assert "ERROR StrategyError Optimizer 'critic' was made outside the strategy's scope" in result.stdout
 
 
 def test_bad_settings_are_user_errors(tmp_path):
