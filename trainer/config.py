@@ -179,8 +179,8 @@ class TrainerConfig(Checked):
 
     @staticmethod
     def check_combined(values: Mapping[str, Any], prefix: str) -> None:
-        """The rules across fields: profile_steps is [N, M] with N <= M; limit_eval_batches above 1 is a
-        whole number, and agrees with eval_steps when both are set."""
+        """The rules across fields: batches_per_step is a whole number, not with grad_accum_steps; profile_steps
+        is [N, M] with N <= M; limit_eval_batches above 1 is a whole number, and agrees with eval_steps."""
         per_step = values.get("batches_per_step", 1)
         if isinstance(per_step, bool) or not isinstance(per_step, int):
             raise ConfigError(f"{prefix}.batches_per_step={per_step!r} is not a whole number. Fix: a number of batches >= 1.")
