@@ -76,6 +76,7 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
     from trainer.core import Trainer
     from trainer.data import check_batch_size
     from trainer.distribute import is_chief
+    from trainer.inputs import batches_read_per_step
     from trainer.precision import hardware_report
 
     chief = is_chief(strategy)
@@ -91,8 +92,8 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
     check_batch_size(cfg.data.get("batch_size", 1))  # before the division by it below
     data = instantiate(cfg.data, _convert_="all")
     log.info("Data: %s", data.description)
-    batches_per_step = data.batch_size * trainer_cfg.grad_accum_steps  # a step: one optimizer update
-    steps_per_epoch = debug.steps_per_epoch(trainer_cfg, data.train_examples // batches_per_step if data.train_examples else None)
+    examples_per_step = data.batch_size * batches_read_per_step(trainer_cfg)  # an epoch: one pass over the data
+    steps_per_epoch = debug.steps_per_epoch(trainer_cfg, data.train_examples // examples_per_step if data.train_examples else None)
     total = Trainer.total_steps(trainer_cfg.max_steps, trainer_cfg.epochs, steps_per_epoch)
     trainer = parts_of(cfg, total).build(
         strategy=strategy,

@@ -16,7 +16,7 @@ import keras
 import tensorflow as tf
 
 from trainer import precision as precision_lib
-from trainer.config import PrecisionConfig, TrainerConfig
+from trainer.config import ConfigError, PrecisionConfig, TrainerConfig
 from trainer.precision import PrecisionError
 from trainer.step import Step
 from trainer.timing import interleaved_seconds, median_seconds, rounds_won
@@ -119,10 +119,18 @@ def wrap_xla(fn: Callable, replicas: int) -> Callable:
     return per_replica
 
 
-def _log_names(trainer, step: Callable, iterator, what: str) -> List[str]:
+def step_input(iterator, batches_per_step: int):
+    """What one train step is given: the next batch, or with trainer.batches_per_step=K > 1 a tuple of the
+    next K batches (each a fresh one from the iterator, read in order: resume skips K per step)."""
+    if batches_per_step == 1:
+        return next(iterator)
+    return tuple(next(iterator) for _ in range(batches_per_step))
+
+
+def _log_names(trainer, step: Callable, iterator, what: str, batches: int = 1) -> List[str]:
     """The names of the logs an overridden step returns, from one throwaway trace (the trackers that
     average them must exist before the real trace)."""
-    probe = tf.function(lambda it: trainer.strategy.run(step, args=(next(it),)))
+    probe = tf.function(lambda it: trainer.strategy.run(step, args=(step_input(it, batches),)))
     out = probe.get_concrete_function(iterator).structured_outputs
     if out is None or (isinstance(out, dict) and not out):
         return []
@@ -133,11 +141,13 @@ def _log_names(trainer, step: Callable, iterator, what: str) -> List[str]:
     return list(out)
 
 
-def logged_step(trainer, step: Callable, iterator, trackers: Dict[str, keras.metrics.Metric], what: str) -> Callable:
+def logged_step(trainer, step: Callable, iterator, trackers: Dict[str, keras.metrics.Metric], what: str,
+                batches: int = 1) -> Callable:
     """`step`, with the dict of logs it returns added to Mean trackers, weighted by the batch's size (so
     they average over examples, on any number of replicas: each replica adds to its own copy, read as
-    their sum; a replica's empty last eval batch adds nothing)."""
-    names = _log_names(trainer, step, iterator, what)
+    their sum; a replica's empty last eval batch adds nothing). With several `batches` per step, by the
+    first one's size."""
+    names = _log_names(trainer, step, iterator, what, batches)
     if not names:
         return step
     with trainer.strategy.scope():
@@ -157,8 +167,13 @@ def logged_step(trainer, step: Callable, iterator, trackers: Dict[str, keras.met
 def make_train_function(trainer, iterator) -> Callable:
     """strategy.run(step) × num_steps inside one tf.function; XLA as plan_xla says. `iterator`: the
     distributed training iterator (an overridden step is traced on it once to learn its logs)."""
-    accum = trainer.config.grad_accum_steps
+    accum, batches = trainer.config.grad_accum_steps, trainer.config.batches_per_step
     overridden = type(trainer).train_step is not Step.train_step
+    if batches > 1 and not overridden:
+        raise ConfigError(f"trainer.batches_per_step={batches} hands train_step a tuple of {batches} batches, and "
+                          "the default train_step trains on one. Fix: override train_step to use them (see "
+                          "docs/research.md, 'Several updates per step'), or trainer.grad_accum_steps to average "
+                          "the gradients of several batches in one update.")
     if overridden and accum > 1:
         log.warning("The overridden train_step is not used with grad_accum_steps > 1 (accumulate_step and "
                     "apply_accumulated are)")
@@ -171,7 +186,7 @@ def make_train_function(trainer, iterator) -> Callable:
     compute_gradients, accumulate_step = trainer.compute_gradients, trainer.accumulate_step
     step = trainer.train_step
     if overridden and accum == 1:
-        step = logged_step(trainer, step, iterator, trainer.train_log_trackers, "train_step")
+        step = logged_step(trainer, step, iterator, trainer.train_log_trackers, "train_step", batches)
     if plan.whole_step:
         log.info("XLA: the whole train step (forward, backward, update) is compiled (%s)", plan.reason)
         step = wrap_xla(step, replicas)
@@ -189,7 +204,7 @@ def make_train_function(trainer, iterator) -> Callable:
 
     def one_update(iterator):
         if accum == 1:
-            trainer.strategy.run(step, args=(next(iterator),))
+            trainer.strategy.run(step, args=(step_input(iterator, batches),))
         else:
             for _ in tf.range(accum):
                 trainer.strategy.run(accumulate_step, args=(next(iterator),))

@@ -159,6 +159,7 @@ class TrainerConfig(Checked):
     xla_whole_step: Optional[bool] = None
     steps_per_loop: int = ranged(1, "[1, inf)")  # train steps per tf.function call
     grad_accum_steps: int = ranged(1, "[1, inf)")  # micro-batches accumulated per optimizer update
+    batches_per_step: int = ranged(1, "[1, inf)")  # K > 1: an overridden train_step gets a tuple of K fresh batches (a WGAN's critic updates); an epoch stays one pass over the data
     # Keras Adam/AdamW/SGD(momentum) updates in one TensorFlow kernel per variable (same arithmetic;
     # see trainer/fused.py); false: Keras' own ops.
     fused_optimizer: bool = True
@@ -178,8 +179,14 @@ class TrainerConfig(Checked):
 
     @staticmethod
     def check_combined(values: Mapping[str, Any], prefix: str) -> None:
-        """The rules across fields: profile_steps is [N, M] with N <= M; limit_eval_batches above 1 is a
-        whole number, and agrees with eval_steps when both are set."""
+        """The rules across fields: batches_per_step is a whole number, not with grad_accum_steps; profile_steps
+        is [N, M] with N <= M; limit_eval_batches above 1 is a whole number, and agrees with eval_steps."""
+        per_step = values.get("batches_per_step", 1)
+        if isinstance(per_step, bool) or not isinstance(per_step, int):
+            raise ConfigError(f"{prefix}.batches_per_step={per_step!r} is not a whole number. Fix: a number of batches >= 1.")
+        if per_step > 1 and values.get("grad_accum_steps", 1) > 1:
+            raise ConfigError(f"{prefix}.batches_per_step={per_step} and {prefix}.grad_accum_steps={values['grad_accum_steps']}: "
+                              "the overridden step that takes several batches is not accumulated. Fix: set only one of them.")
         steps = values.get("profile_steps")
         if steps is not None and (len(steps) != 2 or steps[0] > steps[1]):
             raise ConfigError(f"{prefix}.profile_steps={list(steps)} must be two steps [N, M] with 1 <= N <= M. "

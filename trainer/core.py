@@ -30,7 +30,7 @@ from trainer.checkpoint import NO_BEST, Checkpointer
 from trainer.compile import XlaMeasurement, XlaPlan, decide_jit_compile, plan_xla
 from trainer.config import ConfigError, PrecisionConfig, TrainerConfig, check_ranges
 from trainer.console import show_logs_unless_configured
-from trainer.inputs import DataArg, KeptIterator, sample_batch, steps_per_epoch_of, training_iterator
+from trainer.inputs import DataArg, KeptIterator, batches_read_per_step, sample_batch, steps_per_epoch_of, training_iterator
 from trainer.loop import Loop, TrainingInterrupted, evaluate
 from trainer.loss_scale import LossScale
 from trainer.memory import memory_logs
@@ -105,7 +105,8 @@ class Trainer(Step):
             if model is not None and self.models.get("model") is model:  # ready-made: built before the Trainer
                 objects.check_ready_made_model(model, self.precision.policy, self.strategy, strategy is not None)
             self.frozen = objects.freeze(frozen, self.models, optimizers)  # docs/research.md, Frozen models
-            self.optimizers = objects.make_optimizers(optimizer, optimizers, [n for n in self.models if n not in self.frozen])
+            trained = [n for n in self.models if n not in self.frozen]
+            self.optimizers = objects.make_optimizers(optimizer, optimizers, trained, strategy)
             self.train_metrics, self.eval_metrics = objects.make_metrics(metrics, remake=strategy is not None)
             self.train_loss = keras.metrics.Mean(name="loss")
             self.eval_loss = keras.metrics.Mean(name="loss")
@@ -272,7 +273,7 @@ class Trainer(Step):
                 raise ConfigError("trainer.epochs needs a training set of known size; set trainer.max_steps")
             if steps_per_epoch < 1:
                 raise ConfigError("trainer.epochs: an epoch of this training set is shorter than one step "
-                                  "(data.batch_size x trainer.grad_accum_steps examples); lower them or set trainer.max_steps")
+                                  "(data.batch_size x trainer.grad_accum_steps or batches_per_step examples); lower them or set trainer.max_steps")
             if epochs * steps_per_epoch < 1:  # Lightning's rule for a limit_train_batches fraction under one batch
                 raise ConfigError(f"trainer.epochs={epochs} is {epochs * steps_per_epoch:.3g} of a step (an epoch is "
                                   f"{steps_per_epoch} steps). Fix: at least trainer.epochs={1 / steps_per_epoch:.3g} (one step), "
@@ -288,8 +289,8 @@ class Trainer(Step):
         """Trains until `steps` (or `epochs`) and returns the final eval logs (or the last train logs).
 
         Resumes from `run_dir/checkpoints` when it holds checkpoints and `config.resume` is true.
-        `steps_per_epoch` counts steps (optimizer updates): by default, the data set's batches over
-        `config.grad_accum_steps`.
+        `steps_per_epoch` counts steps: by default, the data set's batches over the batches a step reads
+        (`config.grad_accum_steps` or `config.batches_per_step`): an epoch is one pass over the data.
         """
         check_ranges(TrainerConfig, {"max_steps": steps, "epochs": epochs}, "trainer")  # fit()'s own
         show_logs_unless_configured(self.config.verbose)
@@ -299,7 +300,7 @@ class Trainer(Step):
     def _fit(self, train_data, eval_data, steps, epochs, steps_per_epoch, batch_size) -> Dict[str, float]:
         cfg = self.config
         if steps_per_epoch is None:
-            steps_per_epoch = steps_per_epoch_of(train_data, cfg.grad_accum_steps)
+            steps_per_epoch = steps_per_epoch_of(train_data, batches_read_per_step(cfg))
         steps_per_epoch = debug.steps_per_epoch(cfg, steps_per_epoch)  # overfit_batches: an epoch is those batches
         self.total = 0 if cfg.fast_dev_run else self.total_steps(  # fast_dev_run: debug.plan_fit says how long
             steps if steps is not None else cfg.max_steps, epochs if epochs is not None else cfg.epochs, steps_per_epoch)
@@ -325,7 +326,7 @@ class Trainer(Step):
         held, kept = [kept], None  # one not reused dies on the release thread once the loop made its own
 
         def make_iterator():
-            return training_iterator(train_data, self.strategy, start, cfg.grad_accum_steps, held.pop())
+            return training_iterator(train_data, self.strategy, start, batches_read_per_step(cfg), held.pop())
 
         loop = Loop(self, callbacks, make_iterator, eval_data, self.total)
         train_logs, eval_logs, step = loop.run()

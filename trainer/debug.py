@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 import tensorflow as tf
 
 from trainer.config import ConfigError
-from trainer.inputs import DataArg
+from trainer.inputs import DataArg, batches_read_per_step
 
 log = logging.getLogger("trainer.core")
 
@@ -77,7 +77,7 @@ def eval_batch_limit(config, eval_data: DataArg, strategy: tf.distribute.Strateg
 def steps_per_epoch(config, steps: Optional[int]) -> Optional[int]:
     """Steps in an epoch: `steps` (of the whole training set), or under overfit_batches those N batches'
     (as Lightning counts an epoch there), so trainer.epochs=1 trains one pass over them."""
-    return config.overfit_batches // config.grad_accum_steps if config.overfit_batches else steps
+    return config.overfit_batches // batches_read_per_step(config) if config.overfit_batches else steps
 
 
 def plan_fit(trainer, train_data: DataArg, eval_data: Optional[DataArg], total: int) -> Tuple[DataArg, Optional[DataArg], int]:

@@ -51,12 +51,18 @@ def sample_batch(data: DataArg, strategy: tf.distribute.Strategy):
     return sample, batch_size
 
 
-def steps_per_epoch_of(data: DataArg, grad_accum_steps: int) -> Optional[int]:
-    """Steps (optimizer updates) in one pass over a data set of known size; None when unknown."""
+def batches_read_per_step(config) -> int:
+    """The batches one train step reads: trainer.grad_accum_steps micro-batches, or trainer.batches_per_step
+    batches for an overridden step (one of them is 1). Epochs, resume skips and examples/s count by it."""
+    return config.grad_accum_steps * config.batches_per_step
+
+
+def steps_per_epoch_of(data: DataArg, batches_per_step: int) -> Optional[int]:
+    """Steps in one pass over a data set of known size; None when unknown."""
     if not isinstance(data, tf.data.Dataset):
         return None
-    card = int(data.cardinality())  # batches; a step reads grad_accum_steps of them
-    return card // grad_accum_steps if card > 0 else None
+    card = int(data.cardinality())  # batches; a step reads batches_per_step of them
+    return card // batches_per_step if card > 0 else None
 
 
 def distribute(data: DataArg, strategy: tf.distribute.Strategy, skip_batches: int = 0, training: bool = True):
@@ -80,7 +86,7 @@ def distribute(data: DataArg, strategy: tf.distribute.Strategy, skip_batches: in
     return strategy.distribute_datasets_from_function(fn)
 
 
-def training_iterator(data: DataArg, strategy, start: int, grad_accum_steps: int, kept: Optional[KeptIterator]):
+def training_iterator(data: DataArg, strategy, start: int, batches_per_step: int, kept: Optional[KeptIterator]):
     """The iterator a fit() call trains from: the one the last call left, when it ended at `start` on
     the same data; else a new one that skips the batches the first `start` steps trained on."""
     if kept is not None and kept.data is data and kept.step == start:
@@ -88,5 +94,5 @@ def training_iterator(data: DataArg, strategy, start: int, grad_accum_steps: int
         return iterator
     if start:  # tf.data produces the skipped batches (reads, decodes) and drops them: it takes time
         log.info("Data: skipping the %d batches the first %d steps trained on, to resume in the same order",
-                 start * grad_accum_steps, start)
-    return iter(distribute(data, strategy, skip_batches=start * grad_accum_steps))
+                 start * batches_per_step, start)
+    return iter(distribute(data, strategy, skip_batches=start * batches_per_step))

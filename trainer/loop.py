@@ -16,7 +16,7 @@ from trainer import signals
 from trainer.compile import make_eval_function, make_train_function, measure_in_run, measures_in_run
 from trainer.data import release_in_background
 from trainer.errors import EXIT_BUG, EXIT_SIGNAL, TrainerError
-from trainer.inputs import distribute
+from trainer.inputs import batches_read_per_step, distribute
 
 log = logging.getLogger("trainer.core")
 
@@ -155,7 +155,7 @@ class Loop:
                 with _tf_deprecation.silence():  # TF calls its own deprecated total_run_calls
                     preemption.save_checkpoint_if_preempted(self.step)
             if due(cfg.log_every, before, self.step) or self.step == self.total:
-                examples = (self.step - window_step) * t.batch_size * cfg.grad_accum_steps
+                examples = (self.step - window_step) * t.batch_size * batches_read_per_step(cfg)
                 self.train_logs = t.collect_train_logs(self.step, examples, time.perf_counter() - window_start)
                 callbacks.on_log(t, self.step, self.train_logs)
                 self.step = int(t.step.numpy())  # likewise

@@ -74,8 +74,9 @@ def freeze(frozen, models: Mapping[str, keras.Model], optimizers) -> frozenset:
     return names
 
 
-def make_optimizers(optimizer, optimizers, model_names) -> Dict[str, keras.optimizers.Optimizer]:
-    """name -> optimizer, each training the model of its name; `optimizer` alone: one per model."""
+def make_optimizers(optimizer, optimizers, model_names, strategy=None) -> Dict[str, keras.optimizers.Optimizer]:
+    """name -> optimizer, each training the model of its name; `optimizer` alone: one per model. With the
+    `strategy` given to the Trainer, a ready-made optimizer must have been made under its scope."""
     if optimizers is None:
         if optimizer is None:
             raise TypeError("Trainer: give optimizer= (a Keras optimizer or a function building one) or optimizers=")
@@ -87,7 +88,15 @@ def make_optimizers(optimizer, optimizers, model_names) -> Dict[str, keras.optim
     if unknown:
         raise ConfigError(f"optimizers {unknown} name no model: each optimizer trains the model of the same name "
                           f"(models: {sorted(model_names)})")
-    return {name: build(opt) for name, opt in optimizers.items()}
+    made = {name: build(opt) for name, opt in optimizers.items()}
+    for name, opt in made.items():
+        if strategy is not None and not strategy.extended.variable_created_in_scope(opt.iterations.value):
+            raise StrategyError(
+                f"Optimizer {name!r} was made outside the strategy's scope: its step counter `iterations` is not "
+                "mirrored, and every replica would add its update to it (2 replicas: twice per update), so "
+                "learning-rate schedules and Adam's bias correction would run ahead. Fix: pass a function that "
+                "builds it (optimizer=lambda: keras.optimizers.Adam(...)), or make it under strategy.scope().")
+    return made
 
 
 def make_metrics(metrics, remake: bool) -> Tuple[Dict[str, keras.metrics.Metric], Dict[str, keras.metrics.Metric]]:

@@ -1,9 +1,9 @@
 """The step: one replica's work on one batch. The Trainer inherits it; override any method to change it.
 
   * `train_step(data)`: forward, loss, gradients, update; may return a dict of scalar logs.
-  * `update(loss, tape, optimizer=None)`: what research code calls once per optimizer (a GAN calls it
-    twice): scaled loss → unscaled gradients → that optimizer's Updater (all-reduce, finite check, clip,
-    apply, loss scale; see update.py).
+  * `update(loss, tape, optimizer=None)`: what research code calls per update (a GAN once per optimizer, a
+    WGAN's critic once per batch of trainer.batches_per_step): scaled loss → unscaled gradients → that
+    optimizer's Updater (all-reduce, finite check, clip, apply, loss scale; see update.py).
   * `compute_loss`, `compute_gradients`, `apply_gradients`: the pieces of the default step.
   * `test_step(data)`: forward and metrics; may return a dict of scalar logs.
 """
@@ -81,8 +81,8 @@ class Step:
         self.updater(optimizer).apply(unscaled_grads, loss)
 
     def train_step(self, data) -> Optional[Dict[str, tf.Tensor]]:
-        """One replica's training step on one batch. An override may return a dict of scalar logs:
-        they are averaged over replicas and the log window, and reach every logger."""
+        """One replica's training step on one batch (a tuple of K with trainer.batches_per_step=K). An override
+        may return a dict of scalar logs: averaged over replicas and the log window, they reach every logger."""
         loss, unscaled_grads = self.compute_gradients(data)
         self.apply_gradients(unscaled_grads, loss)
 

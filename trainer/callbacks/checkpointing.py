@@ -1,6 +1,6 @@
 """Checkpointing: resume or warm start, saves on a cadence, at the end and on a signal, best-k after each
-evaluation, and the record of the configured learning rates. The files and their guarantees are
-checkpoint.py's Checkpointer; this callback decides when."""
+evaluation, and the record of the configured learning rates and batches per step. The files and their
+guarantees are checkpoint.py's Checkpointer; this callback decides when."""
 from __future__ import annotations
 
 import json
@@ -16,6 +16,8 @@ import keras
 from trainer.callbacks.base import Callback, CallbackState
 from trainer.callbacks.numerics import check_weights_finite
 from trainer.checkpoint import NO_BEST, Checkpointer
+from trainer.config import ConfigError
+from trainer.inputs import batches_read_per_step
 from trainer.load_weights import init_from_targets, warm_start_models
 from trainer.loop import due as loop_event_due
 
@@ -86,13 +88,21 @@ class Checkpointing(Callback):
         per checkpoints/configured.json) and a fixed scale win over the checkpoint's values; a rate that a
         callback changed during the run is kept (a schedule is code and follows the config anyway). A
         dynamic scale's value is state and is kept, unless it is 1: the value of a run without loss
-        scaling (float32 resumed as float16) or at the floor; it restarts at its initial value then."""
+        scaling (float32 resumed as float16) or at the floor; it restarts at its initial value then.
+        Other batches per step than the run's move the data position: said, with the fix."""
         try:
             recorded = json.loads(self._record(trainer).read_text())
         except (OSError, ValueError):  # none (a run from before this record) or unreadable
             recorded = {}  # then the configuration wins, as it did before
         if not isinstance(recorded, dict):
             recorded = {}
+        read, was = batches_read_per_step(trainer.config), recorded.get("batches_per_step")
+        if was is not None and was != read:
+            step = int(trainer.step.numpy())
+            log.warning("Resuming at step %d with %d batches per step (trainer.grad_accum_steps x trainer.batches_per_step) "
+                        "where the run read %d: it skips %d batches, not the %d trained on, so the data order is not the "
+                        "uninterrupted run's. Fix: resume with the run's settings, or start a new run folder.",
+                        step, read, was, step * read, step * was)
         for name, (constant_lr, scale) in self.configured.items():
             updater = trainer.updaters[name]
             old = recorded.get("lr") if name == trainer.default_optimizer else recorded.get("lrs", {}).get(name)
@@ -132,9 +142,11 @@ class Checkpointing(Callback):
         self.last_save_time = time.monotonic()
         self.last_path = path
         lrs = {name: lr for name, (lr, _) in self.configured.items() if lr is not None}
-        if path is not None and lrs:  # the chief's save
+        if path is not None:  # the chief's save
             record = self._record(trainer)
             single = lrs.get(trainer.default_optimizer) if len(self.configured) == 1 else None
-            record.with_suffix(".tmp").write_text(json.dumps({"lr": single} if single is not None else {"lrs": lrs}))
+            written = {"lr": single} if single is not None else ({"lrs": lrs} if lrs else {})
+            written["batches_per_step"] = batches_read_per_step(trainer.config)  # the data position: step x this
+            record.with_suffix(".tmp").write_text(json.dumps(written))
             os.replace(record.with_suffix(".tmp"), record)
         return path
