@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from trainer import precision as precision_lib
 from trainer.config import PrecisionConfig, TrainerConfig
+from trainer.loss_convention import per_replica_mean
 from trainer.precision import PrecisionError
 from trainer.step import Step
 from trainer.timing import interleaved_seconds, median_seconds, rounds_won
@@ -171,6 +172,7 @@ def make_train_function(trainer, iterator) -> Callable:
     compute_gradients, accumulate_step = trainer.compute_gradients, trainer.accumulate_step
     step = trainer.train_step
     if overridden and accum == 1:
+        step = per_replica_mean(step, replicas)  # a Keras Loss object's value: the replica's batch mean
         step = logged_step(trainer, step, iterator, trainer.train_log_trackers, "train_step")
     if plan.whole_step:
         log.info("XLA: the whole train step (forward, backward, update) is compiled (%s)", plan.reason)
@@ -221,6 +223,7 @@ def make_eval_function(trainer, iterator) -> Callable:
     """Up to `max_batches` eval batches per call; returns how many there were (fewer at the end)."""
     step = trainer.test_step
     if type(trainer).test_step is not Step.test_step:
+        step = per_replica_mean(step, trainer.strategy.num_replicas_in_sync)
         step = logged_step(trainer, step, iterator, trainer.eval_log_trackers, "test_step")
     if trainer.jit_compile:
         step = wrap_xla(step, trainer.strategy.num_replicas_in_sync)
