@@ -21,6 +21,7 @@ from trainer.loss_convention import per_replica_mean
 from trainer.precision import PrecisionError
 from trainer.step import Step
 from trainer.timing import interleaved_seconds, median_seconds, rounds_won
+from trainer.tracing import warn_random_state_outside_checkpoint
 
 log = logging.getLogger("trainer.core")
 
@@ -203,6 +204,7 @@ def make_train_function(trainer, iterator) -> Callable:
         for _ in tf.range(num_steps):
             one_update(iterator)
         warn_unused_optimizers(trainer)  # the step is traced by now: every update it makes has set in_step
+        warn_random_state_outside_checkpoint(trainer)  # trainer.deterministic: randomness a resume cannot repeat
 
     return tf.function(train_loop)
 
