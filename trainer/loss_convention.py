@@ -27,7 +27,7 @@ log = logging.getLogger("trainer.core")
 _keras_divides = threading.local()
 _keras_scale = keras_loss.scale_loss_for_distribution
 # Keras looks the function up in its module when a loss reduces (reduce_values), so replacing the module's
-# name reaches every Loss object; a Keras that does it otherwise is reported instead (hook_missing).
+# name reaches every Loss object; a Keras that does it otherwise is reported instead (per_replica_mean).
 _HOOKED = "scale_loss_for_distribution" in keras_loss.reduce_values.__code__.co_names
 
 
