@@ -297,3 +297,68 @@ def test_ready_made_metrics_models_and_strategies(tmp_path):
     assert lines[1].startswith("ERROR DataError The training batches (33 examples) do not split evenly over the 2 replicas")
     assert lines[2].startswith("ERROR PrecisionError The model was built before the Trainer set precision 'mixed_bfloat16'")
     assert lines[3].startswith("ERROR StrategyError The model's variables were created outside the strategy's scope")
+
+
+LOSS_OBJECTS = """
+import json, keras, numpy as np, tensorflow as tf
+tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+from trainer import Trainer
+x = np.random.default_rng(0).normal(size=(128, 8)).astype("float32"); y = (x[:, :1] > 0).astype("float32")
+ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(32, drop_remainder=True)
+bce = keras.losses.BinaryCrossentropy(from_logits=True)
+forms = {"object": bce, "function": lambda y, p: tf.reduce_mean(keras.losses.binary_crossentropy(y, p, from_logits=True))}
+
+class OwnStep(Trainer):
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            loss = self.form(y, self.model(x, training=True))
+        self.update(loss, tape)
+        return {"d_loss": loss}
+
+    def test_step(self, data):
+        return {"d_loss": self.form(data[1], self.model(data[0], training=False))}
+
+class OwnComputeLoss(Trainer):  # compute_loss returns this replica's share of the global mean: Keras' division
+    def compute_loss(self, x, y, y_pred, sample_weight=None):
+        return bce(y, y_pred)
+
+    def train_step(self, data):
+        loss, grads = self.compute_gradients(data)
+        self.apply_gradients(grads, loss)
+        return {"d_loss": loss * self.strategy.num_replicas_in_sync}
+
+out = {}
+for replicas, strategy in ((1, tf.distribute.OneDeviceStrategy("/cpu:0")), (2, tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))):
+    for name in ("object", "function", "compute_loss", "default"):
+        cls = {"compute_loss": OwnComputeLoss, "default": Trainer}.get(name, OwnStep)
+        t = cls(model=lambda: keras.Sequential([keras.Input((8,)), keras.layers.Dense(4), keras.layers.Dense(1)]),
+                loss=bce if cls is not OwnStep else None, optimizer=lambda: keras.optimizers.SGD(0.5), strategy=strategy,
+                progress_bar=False, log_every=1)
+        t.form = forms.get(name)
+        logs = t.fit(ds, steps=3)
+        evaluated = t.evaluate(ds) if cls is OwnStep else {}
+        out[f"{name}/{replicas}"] = dict(weights=[w.numpy().tolist() for w in t.model.weights],
+                                         loss=logs.get("d_loss", logs.get("loss")), eval=evaluated.get("d_loss"))
+print("RESULT", json.dumps(out))
+"""
+
+
+def test_a_keras_loss_object_in_an_overridden_step_gives_the_update_of_its_function_form_on_two_replicas(tmp_path):
+    """Keras divides a Loss object's value by the replicas (its trainer sums gradients); self.update averages
+    them itself, so 2 replicas halved the update and the logged loss. Now the object and the function form give
+    the same weights and logs on 1 and 2 replicas; an overridden compute_loss and the default step keep Keras'
+    division (their loss is the replica's share of the global mean)."""
+    script = tmp_path / "loss_objects.py"
+    script.write_text(LOSS_OBJECTS)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(next(l for l in result.stdout.splitlines() if l.startswith("RESULT"))[len("RESULT "):])
+    reference = out["function/1"]
+    assert 0.5 < reference["loss"] < 0.9 and 0.5 < reference["eval"] < 0.9  # a mean binary cross-entropy, not halved
+    for name, run in out.items():
+        for got, want in zip(run["weights"], reference["weights"]):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=name)
+        np.testing.assert_allclose(run["loss"], reference["loss"], rtol=1e-5, err_msg=name)
+        if run["eval"] is not None:
+            np.testing.assert_allclose(run["eval"], reference["eval"], rtol=1e-5, err_msg=name)

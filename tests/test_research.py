@@ -1,6 +1,7 @@
 """Research code: several models and optimizers in one step, dict logs, unlabelled data, callback state,
 and the examples/ scripts, through the public API and the real CLI."""
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -394,3 +395,57 @@ def test_a_forward_pass_outside_the_tape_names_the_optimizer_and_the_cause():
 
     with pytest.raises(ValueError, match=r"no gradient for any variable of model 'model'.*outside `with tf.GradientTape"):
         Outside(model=mlp(), optimizer=lambda: keras.optimizers.SGD(0.1), progress_bar=False).fit(blobs(), steps=1)
+
+
+class NoisyInputs(Trainer):
+    """Input noise in the step, drawn by `self.noise(self, shape)`: tf.random.uniform, self.rng.uniform, ..."""
+
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            logits = self.model(x + self.noise(self, tf.shape(x)), training=True)
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
+        self.update(loss, tape)
+
+
+def test_random_state_no_checkpoint_holds_is_named_and_self_rng_resumes_exactly(tmp_path, caplog):
+    """trainer.deterministic: tf.random.* in the step is named at its first trace (a resume draws other
+    numbers, so other weights); self.rng and Keras' Dropout (seed generators kept on the model) resume exactly."""
+    def fingerprints(noise, name):
+        def trainer(run_dir):
+            t = NoisyInputs(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
+                                                            keras.layers.Dropout(0.3), keras.layers.Dense(2)]),
+                            loss=None, optimizer=lambda: keras.optimizers.Adam(1e-2), run_dir=run_dir, seed=1,
+                            deterministic=True, log_every=2, checkpoint_every=2, progress_bar=False)
+            t.noise = noise
+            return t
+
+        straight = trainer(tmp_path / name / "straight")
+        straight.fit(blobs(), steps=8)
+        trainer(tmp_path / name / "resumed").fit(blobs(), steps=4)
+        resumed = trainer(tmp_path / name / "resumed")
+        resumed.fit(blobs(), steps=8)
+        return straight.weights_fingerprint(), resumed.weights_fingerprint()
+
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        a, b = fingerprints(lambda self, shape: tf.random.uniform(shape), "stateful")
+    assert a != b  # what the warning says
+    assert "draws random numbers whose state is in no checkpoint" in caplog.text
+    assert "RandomUniform 'while/" in caplog.text and "self.rng.uniform(shape)" in caplog.text
+    assert caplog.text.count("draws random numbers whose state") == 3  # once per Trainer (3), at its first trace
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        a, b = fingerprints(lambda self, shape: self.rng.uniform(shape), "rng")
+        assert a == b
+        assert "draws random numbers" not in caplog.text
+        keras_unseeded = NoisyInputs(model=mlp(), loss=None, optimizer=lambda: keras.optimizers.SGD(0.1),
+                                     deterministic=True, progress_bar=False)
+        keras_unseeded.noise = lambda self, shape: keras.random.uniform(shape)
+        keras_unseeded.fit(blobs(), steps=1)
+        assert "keras.random.* without a seed (Keras' global SeedGenerator)" in caplog.text
+        caplog.clear()
+        not_deterministic = NoisyInputs(model=mlp(), loss=None, optimizer=lambda: keras.optimizers.SGD(0.1), progress_bar=False)
+        not_deterministic.noise = lambda self, shape: tf.random.uniform(shape)
+        not_deterministic.fit(blobs(), steps=1)
+    assert "draws random numbers" not in caplog.text  # not deterministic: resume is not promised bit-exact

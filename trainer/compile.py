@@ -17,9 +17,11 @@ import tensorflow as tf
 
 from trainer import precision as precision_lib
 from trainer.config import ConfigError, PrecisionConfig, TrainerConfig
+from trainer.loss_convention import per_replica_mean
 from trainer.precision import PrecisionError
 from trainer.step import Step
 from trainer.timing import interleaved_seconds, median_seconds, rounds_won
+from trainer.tracing import warn_random_state_outside_checkpoint
 
 log = logging.getLogger("trainer.core")
 
@@ -186,6 +188,7 @@ def make_train_function(trainer, iterator) -> Callable:
     compute_gradients, accumulate_step = trainer.compute_gradients, trainer.accumulate_step
     step = trainer.train_step
     if overridden and accum == 1:
+        step = per_replica_mean(step, replicas)  # a Keras Loss object's value: the replica's batch mean
         step = logged_step(trainer, step, iterator, trainer.train_log_trackers, "train_step", batches)
     if plan.whole_step:
         log.info("XLA: the whole train step (forward, backward, update) is compiled (%s)", plan.reason)
@@ -216,6 +219,7 @@ def make_train_function(trainer, iterator) -> Callable:
         for _ in tf.range(num_steps):
             one_update(iterator)
         warn_unused_optimizers(trainer)  # the step is traced by now: every update it makes has set in_step
+        warn_random_state_outside_checkpoint(trainer)  # trainer.deterministic: randomness a resume cannot repeat
 
     return tf.function(train_loop)
 
@@ -236,6 +240,7 @@ def make_eval_function(trainer, iterator) -> Callable:
     """Up to `max_batches` eval batches per call; returns how many there were (fewer at the end)."""
     step = trainer.test_step
     if type(trainer).test_step is not Step.test_step:
+        step = per_replica_mean(step, trainer.strategy.num_replicas_in_sync)
         step = logged_step(trainer, step, iterator, trainer.eval_log_trackers, "test_step")
     if trainer.jit_compile:
         step = wrap_xla(step, trainer.strategy.num_replicas_in_sync)

@@ -15,12 +15,18 @@ import keras
 import tensorflow as tf
 
 from trainer.data import DataError
+from trainer.loss_convention import keras_convention
 from trainer.tracing import framework_code
 
 
 class Step:
     """Mixed into Trainer. Expects: models, model, loss, updaters, train_metrics, eval_metrics, train_loss,
     eval_loss, strategy, config (see core.py)."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "compute_loss" in cls.__dict__:  # Keras Loss objects in it keep Keras' division (loss_convention.py)
+            cls.compute_loss = keras_convention(cls.__dict__["compute_loss"])
 
     # -- the default step ------------------------------------------------------------------------
 
@@ -126,10 +132,9 @@ class Step:
         optimizer's own loss scale, unscaled once, averaged over replicas, a finite check that skips
         (and counts) a bad update, clipping, the fused update, and its grad_norm/lr in the logs.
 
-        The loss is this replica's batch mean, as on one device (tf.reduce_mean, or a Keras loss
-        function such as keras.losses.binary_crossentropy). Not a Keras Loss object's value: under a
-        distribution strategy those divide by the number of replicas themselves (Keras' convention),
-        which would shrink the update by that factor; use reduction=None and tf.reduce_mean with them.
+        The loss is this replica's batch mean, as on one device: tf.reduce_mean, a Keras loss function
+        such as keras.losses.binary_crossentropy, or a Keras Loss object (in an overridden step those
+        skip Keras' division by the replicas: loss_convention.py).
         """
         updater = self.updater(optimizer)
         if loss.shape.rank != 0:
