@@ -16,7 +16,6 @@ import keras
 from trainer.callbacks.base import Callback, CallbackState
 from trainer.callbacks.numerics import check_weights_finite
 from trainer.checkpoint import NO_BEST, Checkpointer
-from trainer.config import ConfigError
 from trainer.inputs import batches_read_per_step
 from trainer.load_weights import init_from_targets, warm_start_models
 from trainer.loop import due as loop_event_due
