@@ -25,6 +25,8 @@ class WGAN(Trainer):
     """K critic updates (one per batch) and one generator update per step; records each batch's first value
     and returns the gradient norm each critic update must have: |mean(fake) - mean(real)| for a linear critic."""
 
+    takes_several_batches = True
+
     def __init__(self, *args, record=64, **kwargs):
         super().__init__(*args, **kwargs)
         with self.strategy.scope():
@@ -173,11 +175,35 @@ def test_bad_settings_are_user_errors(tmp_path):
             wgan(batches_per_step=value)
     with pytest.raises(ConfigError, match="grad_accum_steps"):
         Trainer(model=linear, loss="mse", optimizer=keras.optimizers.SGD, batches_per_step=2, grad_accum_steps=2)
-    default = Trainer(model=linear, loss="mse", optimizer=lambda: keras.optimizers.SGD(0.1), batches_per_step=2,
-                      progress_bar=False)
+    built = []  # said at Trainer(), before any model is built
     with pytest.raises(ConfigError, match="the default train_step trains on one"):
-        default.fit(tf.data.Dataset.from_tensor_slices((np.ones((8, 1)), np.ones((8, 1)))).batch(4), steps=1)
+        Trainer(model=lambda: built.append(1) or linear(), loss="mse", optimizer=keras.optimizers.SGD, batches_per_step=2)
+    assert not built
+
+    class OneBatch(WGAN):  # a step written for one batch would mis-unpack the tuple: it must say it takes several
+        takes_several_batches = False
+    with pytest.raises(ConfigError, match="OneBatch.train_step does not say it takes them.*takes_several_batches = True"):
+        OneBatch(models={"critic": linear, "generator": linear}, optimizers={"critic": keras.optimizers.SGD,
+                 "generator": keras.optimizers.SGD}, batches_per_step=2)
+    with pytest.raises(ConfigError, match="overfit_batches=4 .* a multiple of 3"):
+        wgan(overfit_batches=4)
+    assert wgan(overfit_batches=6).fit(integers(), steps=4)["step"] == 4
     for value in ("0", "1.5"):
         result = run_cli("trainer.max_steps=1", f"trainer.batches_per_step={value}", f"hydra.run.dir={tmp_path / value}")
         assert result.returncode == 2, result.stderr[-2000:]
         assert "batches_per_step" in result.stdout + result.stderr and "Traceback" not in result.stderr
+    result = run_cli("trainer.max_steps=1", "trainer.batches_per_step=2", f"hydra.run.dir={tmp_path / 'default'}")
+    assert result.returncode == 2 and "the default train_step trains on one" in result.stdout + result.stderr
+    assert "Data:" not in result.stdout + result.stderr  # before the data is loaded
+
+
+def test_the_gan_recipe_updates_its_discriminator_on_each_batch(tmp_path):
+    """recipe=gan trainer.batches_per_step=2 from the CLI: 4 steps are 8 discriminator and 4 generator updates."""
+    result = run_cli("recipe=gan", "trainer.max_steps=4", "trainer.log_every=2", "trainer.eval_steps=1",
+                     "trainer.progress_bar=false", "data.batch_size=16", "trainer.batches_per_step=2",
+                     f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    reader = tf.train.load_checkpoint(str(tmp_path / "checkpoints" / "ckpt-4"))
+    iterations = {k.split("/")[1]: int(reader.get_tensor(k)) for k in reader.get_variable_to_shape_map()
+                  if k.startswith("optimizers/") and "iterations" in k}
+    assert iterations == {"discriminator": 8, "generator": 4}

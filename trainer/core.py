@@ -30,7 +30,7 @@ from trainer.checkpoint import NO_BEST, Checkpointer
 from trainer.compile import XlaMeasurement, XlaPlan, decide_jit_compile, plan_xla
 from trainer.config import ConfigError, PrecisionConfig, TrainerConfig, check_ranges
 from trainer.console import show_logs_unless_configured
-from trainer.inputs import DataArg, KeptIterator, batches_read_per_step, sample_batch, steps_per_epoch_of, training_iterator
+from trainer.inputs import DataArg, KeptIterator, batches_read_per_step, check_batches_per_step, sample_batch, steps_per_epoch_of, training_iterator
 from trainer.loop import Loop, TrainingInterrupted, evaluate
 from trainer.loss_scale import LossScale
 from trainer.memory import memory_logs
@@ -79,6 +79,7 @@ class Trainer(Step):
                  config: Optional[TrainerConfig] = None, seed: int = 0, clipnorm: Optional[float] = None,
                  is_chief: bool = True, **options):
         self.config = dataclasses.replace(config or TrainerConfig(), **options)
+        check_batches_per_step(type(self), self.config)  # before any data or model is built
         self.precision = PrecisionConfig(policy=precision) if isinstance(precision, str) else precision
         self.strategy = strategy or tf.distribute.get_strategy()
         if isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):

@@ -7,7 +7,9 @@ from typing import Any, Callable, Optional, Union
 
 import tensorflow as tf
 
+from trainer.config import ConfigError
 from trainer.data import DataError, release_in_background
+from trainer.step import Step
 
 log = logging.getLogger("trainer.core")
 
@@ -55,6 +57,26 @@ def batches_read_per_step(config) -> int:
     """The batches one train step reads: trainer.grad_accum_steps micro-batches, or trainer.batches_per_step
     batches for an overridden step (one of them is 1). Epochs, resume skips and examples/s count by it."""
     return config.grad_accum_steps * config.batches_per_step
+
+
+def check_batches_per_step(trainer_type, config) -> None:
+    """trainer.batches_per_step=K > 1 hands train_step a tuple of K batches: only a step written for them may
+    get it (its class says `takes_several_batches = True`; a step for one batch would mis-unpack the tuple).
+    Said at Trainer(), before any data is loaded or model built."""
+    k = config.batches_per_step
+    if k == 1:
+        return
+    if not getattr(trainer_type, "takes_several_batches", False):
+        written = ("the default train_step trains on one" if trainer_type.train_step is Step.train_step
+                   else f"{trainer_type.__name__}.train_step does not say it takes them")
+        raise ConfigError(f"trainer.batches_per_step={k} hands train_step a tuple of {k} batches, and {written}. Fix: "
+                          "override train_step to use them and set `takes_several_batches = True` on the class (see "
+                          "docs/research.md, 'Several updates per step'), or trainer.grad_accum_steps to average "
+                          "the gradients of several batches in one update.")
+    if config.overfit_batches % batches_read_per_step(config):
+        raise ConfigError(f"trainer.overfit_batches={config.overfit_batches} is not a whole number of steps of "
+                          f"trainer.batches_per_step={k} batches, so the steps would not go over the same batches. "
+                          f"Fix: trainer.overfit_batches a multiple of {k}.")
 
 
 def steps_per_epoch_of(data: DataArg, batches_per_step: int) -> Optional[int]:
