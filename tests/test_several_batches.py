@@ -154,6 +154,12 @@ try:  # made outside the scope: its iterations would count once per replica (2 p
     wgan(strategy=two.strategy, optimizers={"critic": keras.optimizers.SGD(0.1), "generator": lambda: keras.optimizers.SGD(0.1)})
 except Exception as e:
     print("ERROR", type(e).__name__, e)
+outside = keras.optimizers.SGD(0.1)
+with two.strategy.scope():  # the Trainer's strategy is the scope's, without strategy=
+    try:
+        wgan(optimizers={"critic": outside, "generator": lambda: keras.optimizers.SGD(0.1)})
+    except Exception as e:
+        print("IMPLICIT", type(e).__name__, e)
 """
 
 
@@ -167,6 +173,17 @@ def test_two_replicas_equal_one_device(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ITERATIONS 18 6" in result.stdout and "SAME WEIGHTS" in result.stdout
     assert "ERROR StrategyError Optimizer 'critic' was made outside the strategy's scope" in result.stdout
+    assert "IMPLICIT StrategyError Optimizer 'critic' was made outside the strategy's scope" in result.stdout
+
+
+@pytest.mark.parametrize("strategy", ["one_device", "default"])
+def test_a_ready_made_optimizer_on_one_replica_is_fine(strategy):
+    """One replica counts each update once: an optimizer made outside the strategy's scope trains as before."""
+    ready = {"critic": keras.optimizers.SGD(0.1), "generator": keras.optimizers.SGD(0.1)}
+    chosen = tf.distribute.OneDeviceStrategy("/cpu:0") if strategy == "one_device" else None
+    trainer = wgan(strategy=chosen, optimizers=ready)
+    trainer.fit(integers(), steps=2)
+    assert [int(o.iterations.numpy()) for o in (ready["critic"], ready["generator"])] == [2 * K, 2]
 
 
 def test_bad_settings_are_user_errors(tmp_path):

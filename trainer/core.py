@@ -103,7 +103,7 @@ class Trainer(Step):
             self.models: Dict[str, keras.Model] = objects.make_models(model, models)
             if model is not None and self.models.get("model") is model:  # ready-made: built before the Trainer
                 objects.check_ready_made_model(model, self.precision.policy, self.strategy, strategy is not None)
-            self.optimizers = objects.make_optimizers(optimizer, optimizers, list(self.models), strategy)
+            self.optimizers = objects.make_optimizers(optimizer, optimizers, list(self.models), self.strategy)
             self.train_metrics, self.eval_metrics = objects.make_metrics(metrics, remake=strategy is not None)
             self.train_loss = keras.metrics.Mean(name="loss")
             self.eval_loss = keras.metrics.Mean(name="loss")
