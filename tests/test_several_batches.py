@@ -1,4 +1,5 @@
 """trainer.batches_per_step=K: a WGAN-like step gets K fresh batches and updates its critic once per batch."""
+import json
 import logging
 import subprocess
 import sys
@@ -116,11 +117,26 @@ def test_resume_goes_on_at_the_same_batches_and_ends_with_the_same_weights(tmp_p
     assert resumed.weights_fingerprint() == straight.weights_fingerprint()
 
 
-def test_resuming_with_other_batches_per_step_says_the_data_position_moved(tmp_path, caplog):
-    wgan(run_dir=tmp_path, checkpoint_every=2).fit(integers(), steps=2)
-    with caplog.at_level(logging.WARNING, logger="trainer"):
-        wgan(run_dir=tmp_path, batches_per_step=2).fit(integers(), steps=3)
-    assert "Resuming at step 2 with 2 batches per step" in caplog.text and "where the run read 3" in caplog.text
+def test_a_resume_with_other_batches_per_step_goes_on_where_the_data_was(tmp_path):
+    """4 steps of 2 batches, then resumed to 8 steps of 3: the resumed steps read batches 8.. (not 12..), as
+    the record of the data position (written at every save) says; resumed again with 1 batch per step too."""
+    wgan(run_dir=tmp_path, batches_per_step=2, checkpoint_every=4).fit(integers(), steps=4)
+    resumed = wgan(run_dir=tmp_path, checkpoint_every=4)
+    resumed.fit(integers(), steps=8)
+    assert firsts(resumed, 8, start=4) == [BATCH * b for b in range(8, 20)]
+    record = json.loads((tmp_path / "checkpoints" / "configured.json").read_text())
+    assert (record["step"], record["batches_read"], record["batches_read_per_step"]) == (8, 20, 3)
+    again = wgan(run_dir=tmp_path, batches_per_step=1)
+    again.fit(integers(), steps=10)
+    assert [int(v) for v in again.seen.numpy()[8:10]] == [BATCH * 20, BATCH * 21]
+
+
+def test_a_run_folder_without_the_record_resumes_at_step_times_batches_per_step(tmp_path):
+    wgan(run_dir=tmp_path, checkpoint_every=4).fit(integers(), steps=4)
+    (tmp_path / "checkpoints" / "configured.json").unlink()  # a run from before the record
+    resumed = wgan(run_dir=tmp_path)
+    resumed.fit(integers(), steps=6)
+    assert firsts(resumed, 6, start=4) == [BATCH * b for b in range(12, 18)]
 
 
 def test_with_xla_the_whole_step_is_compiled_and_gives_the_same_weights():

@@ -108,13 +108,13 @@ def distribute(data: DataArg, strategy: tf.distribute.Strategy, skip_batches: in
     return strategy.distribute_datasets_from_function(fn)
 
 
-def training_iterator(data: DataArg, strategy, start: int, batches_per_step: int, kept: Optional[KeptIterator]):
-    """The iterator a fit() call trains from: the one the last call left, when it ended at `start` on
-    the same data; else a new one that skips the batches the first `start` steps trained on."""
+def training_iterator(data: DataArg, strategy, start: int, batches_read: int, kept: Optional[KeptIterator]):
+    """The iterator a fit() call trains from: the one the last call left, when it ended at step `start` on
+    the same data; else a new one that skips the `batches_read` batches the run trained on so far."""
     if kept is not None and kept.data is data and kept.step == start:
         iterator, kept.iterator = kept.iterator, None
         return iterator
-    if start:  # tf.data produces the skipped batches (reads, decodes) and drops them: it takes time
+    if batches_read:  # tf.data produces the skipped batches (reads, decodes) and drops them: it takes time
         log.info("Data: skipping the %d batches the first %d steps trained on, to resume in the same order",
-                 start * batches_per_step, start)
-    return iter(distribute(data, strategy, skip_batches=start * batches_per_step))
+                 batches_read, start)
+    return iter(distribute(data, strategy, skip_batches=batches_read))
