@@ -102,6 +102,13 @@ def test_an_epoch_is_one_pass_over_the_data():
     assert firsts(trainer, 20) == [BATCH * b for b in range(60)]
 
 
+def test_the_batches_an_epoch_leaves_over_start_the_next():
+    """60 batches, 7 per step: an epoch is 8 steps (56 batches); epochs=2 reads the 4 left over, then goes on."""
+    trainer = wgan(batches_per_step=7)
+    assert trainer.fit(integers(), epochs=2)["step"] == 16
+    assert [int(v) for v in trainer.seen.numpy()[:16 * 7]] == [BATCH * (b % 60) for b in range(16 * 7)]
+
+
 def test_resume_goes_on_at_the_same_batches_and_ends_with_the_same_weights(tmp_path, caplog):
     """8 steps straight (steps_per_loop=4, evaluated) == 4 steps, then a new Trainer resuming to 8 (steps_per_loop=1)."""
     straight = wgan(run_dir=tmp_path / "straight", steps_per_loop=4, log_every=4)

@@ -122,7 +122,7 @@ class TrainerConfig(Checked):
     config_key: ClassVar[str] = "trainer"
 
     max_steps: Optional[int] = ranged(None, f"[1, {MAX_STEPS}]")  # total train steps; with `epochs` too, the smaller wins
-    epochs: Optional[float] = ranged(None, "(0, inf)")  # needs a data set of known size
+    epochs: Optional[float] = ranged(None, "(0, inf)")  # needs a data set of known size; an epoch is ⌊batches / (grad_accum_steps × batches_per_step)⌋ steps, the batches left over start the next epoch
     log_every: int = ranged(100, "[1, inf)")  # steps between train log events (metrics.jsonl, TensorBoard, progress bar)
     eval_every: int = ranged(0, "[0, inf)")  # steps between evaluations; 0: evaluate at the end only
     eval_steps: Optional[int] = ranged(None, "[1, inf)")  # eval batches per evaluation; None: the whole eval set (or limit_eval_batches)
@@ -159,7 +159,7 @@ class TrainerConfig(Checked):
     xla_whole_step: Optional[bool] = None
     steps_per_loop: int = ranged(1, "[1, inf)")  # train steps per tf.function call
     grad_accum_steps: int = ranged(1, "[1, inf)")  # micro-batches accumulated per optimizer update
-    batches_per_step: int = ranged(1, "[1, inf)")  # K > 1: an overridden train_step gets a tuple of K fresh batches (a WGAN's critic updates); an epoch stays one pass over the data
+    batches_per_step: int = ranged(1, "[1, inf)")  # K > 1: a train_step whose class sets takes_several_batches = True gets a tuple of K fresh batches (a WGAN's critic updates); an epoch stays one pass over the data
     # Keras Adam/AdamW/SGD(momentum) updates in one TensorFlow kernel per variable (same arithmetic;
     # see trainer/fused.py); false: Keras' own ops.
     fused_optimizer: bool = True

@@ -285,8 +285,7 @@ class Trainer(Step):
         """Trains until `steps` (or `epochs`) and returns the final eval logs (or the last train logs).
 
         Resumes from `run_dir/checkpoints` when it holds checkpoints and `config.resume` is true.
-        `steps_per_epoch` counts steps: by default, the data set's batches over the batches a step reads
-        (`config.grad_accum_steps` or `config.batches_per_step`): an epoch is one pass over the data.
+        `steps_per_epoch` counts steps: by default, the data set's batches // the batches a step reads.
         """
         check_ranges(TrainerConfig, {"max_steps": steps, "epochs": epochs}, "trainer")  # fit()'s own
         show_logs_unless_configured(self.config.verbose)
