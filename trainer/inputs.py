@@ -79,12 +79,12 @@ def check_batches_per_step(trainer_type, config) -> None:
                           f"Fix: trainer.overfit_batches a multiple of {k}.")
 
 
-def steps_per_epoch_of(data: DataArg, batches_per_step: int) -> Optional[int]:
-    """Steps in one pass over a data set of known size; None when unknown."""
+def steps_per_epoch_of(data: DataArg, batches_read_per_step: int) -> Optional[int]:
+    """Steps in one pass over a data set of known size (the batches left over start the next); None when unknown."""
     if not isinstance(data, tf.data.Dataset):
         return None
-    card = int(data.cardinality())  # batches; a step reads batches_per_step of them
-    return card // batches_per_step if card > 0 else None
+    card = int(data.cardinality())  # batches; a step reads batches_read_per_step of them
+    return card // batches_read_per_step if card > 0 else None
 
 
 def distribute(data: DataArg, strategy: tf.distribute.Strategy, skip_batches: int = 0, training: bool = True):
