@@ -247,3 +247,11 @@ def test_the_gan_recipe_updates_its_discriminator_on_each_batch(tmp_path):
     iterations = {k.split("/")[1]: int(reader.get_tensor(k)) for k in reader.get_variable_to_shape_map()
                   if k.startswith("optimizers/") and "iterations" in k}
     assert iterations == {"discriminator": 8, "generator": 4}
+
+
+def test_out_of_memory_with_several_batches_names_batches_per_step(tmp_path):
+    """The out-of-memory hint says that a step holds its K batches at once (the allocation fails at once)."""
+    result = run_cli("recipe=gan", "trainer.max_steps=1", "trainer.batches_per_step=2", "model.hidden_units=[1000000000]",
+                     "trainer.progress_bar=false", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Fix: lower data.batch_size or trainer.batches_per_step=2 (a step holds its 2 batches at once)" in result.stdout + result.stderr

@@ -254,9 +254,10 @@ def _out_of_resources(error: BaseException, cfg: DictConfig) -> Optional[str]:
     # IteratorGetNext: tf.data allocating a batch; any other op: a variable of the model, or the step.
     where = "the batch does not fit in memory" if op and op.group(1) == "IteratorGetNext" else "the model or a training step does not fit in memory"
     batch = cfg.data.get("batch_size")
-    accum = cfg.trainer.grad_accum_steps
+    accum, k = cfg.trainer.grad_accum_steps, cfg.trainer.get("batches_per_step", 1)
+    lower = f"data.batch_size or trainer.batches_per_step={k} (a step holds its {k} batches at once)" if k > 1 else "data.batch_size"
     return (f"out of memory: {where} (data.batch_size={batch}, trainer.grad_accum_steps={accum}; "
-            f"TensorFlow: {first}). Fix: lower data.batch_size (with trainer.grad_accum_steps=K an update still "
+            f"TensorFlow: {first}). Fix: lower {lower} (with trainer.grad_accum_steps=K an update still "
             "sees K batches), or pick a smaller model or shorter inputs.")
 
 
