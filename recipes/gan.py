@@ -89,22 +89,26 @@ def build_models(latent_dim: int = 32, hidden_units: Sequence[int] = (128,)) -> 
 
 class GAN(Trainer):
     """Trains `models["discriminator"]` to tell real images from generated ones, then
-    `models["generator"]` to fool it: one update per optimizer per step."""
+    `models["generator"]` to fool it: one update per optimizer per step. With trainer.batches_per_step=K,
+    the discriminator is updated on each of the K batches, then the generator once (a WGAN's schedule)."""
+
+    takes_several_batches = True  # train_step takes the tuple of K batches trainer.batches_per_step=K > 1 gives
 
     def train_step(self, data):
-        real, noise = data  # images and the noise that came with them (build_data)
+        batches = data if self.config.batches_per_step > 1 else (data,)
         generator, discriminator = self.models["generator"], self.models["discriminator"]
         # Losses as this replica's batch mean (update() sums the replicas): the function form, since a
         # Keras Loss object divides by the number of replicas itself under a distribution strategy.
         bce = lambda labels, logits: tf.reduce_mean(keras.losses.binary_crossentropy(labels, logits, from_logits=True))  # noqa: E731
+        for real, noise in batches:  # images and the noise that came with them (build_data)
+            with tf.GradientTape() as tape:
+                fake = generator(noise, training=True)
+                logits = discriminator(tf.concat([fake, real], 0), training=True)
+                labels = tf.concat([tf.zeros_like(logits[: tf.shape(real)[0]]), tf.ones_like(logits[: tf.shape(real)[0]])], 0)
+                d_loss = bce(labels, logits)
+            self.update(d_loss, tape, "discriminator")
         with tf.GradientTape() as tape:
-            fake = generator(noise, training=True)
-            logits = discriminator(tf.concat([fake, real], 0), training=True)
-            labels = tf.concat([tf.zeros_like(logits[: tf.shape(real)[0]]), tf.ones_like(logits[: tf.shape(real)[0]])], 0)
-            d_loss = bce(labels, logits)
-        self.update(d_loss, tape, "discriminator")
-        with tf.GradientTape() as tape:
-            fooled = discriminator(generator(noise, training=True), training=True)
+            fooled = discriminator(generator(noise, training=True), training=True)  # the last batch's noise
             g_loss = bce(tf.ones_like(fooled), fooled)  # "these are real"
         self.update(g_loss, tape, "generator")
         return {"d_loss": d_loss, "g_loss": g_loss}

@@ -93,3 +93,21 @@ def test_adamw_excludes_names_from_weight_decay():
     opt.apply([keras.ops.zeros((1, 1)), keras.ops.zeros((1,))], [kernel, bias])
     assert float(bias.numpy()[0]) == 1.0  # excluded: no decay
     assert float(kernel.numpy()[0, 0]) < 1.0  # decayed
+
+
+@pytest.mark.parametrize("field, value", [("grad_accum_steps", 2.5), ("steps_per_loop", 2.5), ("max_steps", "5"),
+                                          ("log_every", True), ("profile_steps", [1, 2.5])])
+def test_every_int_field_takes_only_whole_numbers(field, value):
+    """One check for every int field of a schema (Python gives it no type check): the ranges alone let 2.5 pass."""
+    from trainer.config import ConfigError, TrainerConfig
+
+    with pytest.raises(ConfigError, match=f"trainer.{field}=.* is not a whole number"):
+        TrainerConfig(**{field: value})
+
+
+def test_numpy_integers_are_whole_numbers():
+    import numpy as np
+
+    from trainer.config import TrainerConfig
+
+    assert TrainerConfig(grad_accum_steps=np.int64(2), max_steps=np.int32(5), profile_steps=[1, 2]).grad_accum_steps == 2

@@ -5,6 +5,7 @@ A linear regression with plain SGD is the real thing on a tiny scale: its loss g
 learning rate passes 2 / (the largest curvature), and converges with half that rate."""
 from __future__ import annotations
 
+import json
 import logging
 import math
 
@@ -139,6 +140,8 @@ def test_nonfinite_steps_roll_back_instead_of_stopping(tmp_path, caplog):
     assert len(rolled) == 1 and "3 consecutive steps had non-finite" in rolled[0], rolled
     assert lr_of(trainer) == pytest.approx(STABLE / 2) and int(trainer.step.numpy()) == 50
     assert math.isfinite(logs["loss"])
+    record = json.loads((tmp_path / "checkpoints" / "configured.json").read_text())  # the data went on after
+    assert (record["step"], record["batches_read"]) == (50, 27 + 30)  # the rollback: a resume skips all 57 read
 
 
 def test_cli_unknown_choice_is_a_config_error(tmp_path):

@@ -114,6 +114,18 @@ def test_doctor_on_a_trained_run_and_its_recommended_command_trains(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
 
 
+def test_examples_per_sec_counts_every_batch_a_step_reads(tmp_path):
+    """A run with trainer.grad_accum_steps=2 reads 2 batches per step: its examples/s is steps/s x 2 x the batch."""
+    run = tmp_path / "run"
+    trained = run_cli("recipe=mnist", "model.hidden_units=[16]", "data.batch_size=32", "trainer.grad_accum_steps=2",
+                      *TRAIN_FEW_STEPS, f"hydra.run.dir={run}")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    doctor = run_cli("--run", str(run), "--quick", module="trainer.doctor")
+    assert doctor.returncode == 0, doctor.stderr[-3000:]
+    timed = [r for r in json.loads((run / "doctor.json").read_text())["speed"]["configs"] if "steps_per_sec" in r]
+    assert timed and all(r["examples_per_sec"] == pytest.approx(r["steps_per_sec"] * 2 * 32) for r in timed)
+
+
 def test_unwritable_out_exits_2_before_measuring_and_options_may_come_between_overrides(tmp_path, capsys):
     """The --out check runs before the minutes of measuring (no report lost at the end); `--quick` and
     `--out` between overrides parse (parse_intermixed_args)."""

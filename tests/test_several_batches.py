@@ -1,4 +1,5 @@
 """trainer.batches_per_step=K: a WGAN-like step gets K fresh batches and updates its critic once per batch."""
+import json
 import logging
 import subprocess
 import sys
@@ -24,6 +25,8 @@ def integers():
 class WGAN(Trainer):
     """K critic updates (one per batch) and one generator update per step; records each batch's first value
     and returns the gradient norm each critic update must have: |mean(fake) - mean(real)| for a linear critic."""
+
+    takes_several_batches = True
 
     def __init__(self, *args, record=64, **kwargs):
         super().__init__(*args, **kwargs)
@@ -99,6 +102,13 @@ def test_an_epoch_is_one_pass_over_the_data():
     assert firsts(trainer, 20) == [BATCH * b for b in range(60)]
 
 
+def test_the_batches_an_epoch_leaves_over_start_the_next():
+    """60 batches, 7 per step: an epoch is 8 steps (56 batches); epochs=2 reads the 4 left over, then goes on."""
+    trainer = wgan(batches_per_step=7)
+    assert trainer.fit(integers(), epochs=2)["step"] == 16
+    assert [int(v) for v in trainer.seen.numpy()[:16 * 7]] == [BATCH * (b % 60) for b in range(16 * 7)]
+
+
 def test_resume_goes_on_at_the_same_batches_and_ends_with_the_same_weights(tmp_path, caplog):
     """8 steps straight (steps_per_loop=4, evaluated) == 4 steps, then a new Trainer resuming to 8 (steps_per_loop=1)."""
     straight = wgan(run_dir=tmp_path / "straight", steps_per_loop=4, log_every=4)
@@ -114,11 +124,26 @@ def test_resume_goes_on_at_the_same_batches_and_ends_with_the_same_weights(tmp_p
     assert resumed.weights_fingerprint() == straight.weights_fingerprint()
 
 
-def test_resuming_with_other_batches_per_step_says_the_data_position_moved(tmp_path, caplog):
-    wgan(run_dir=tmp_path, checkpoint_every=2).fit(integers(), steps=2)
-    with caplog.at_level(logging.WARNING, logger="trainer"):
-        wgan(run_dir=tmp_path, batches_per_step=2).fit(integers(), steps=3)
-    assert "Resuming at step 2 with 2 batches per step" in caplog.text and "where the run read 3" in caplog.text
+def test_a_resume_with_other_batches_per_step_goes_on_where_the_data_was(tmp_path):
+    """4 steps of 2 batches, then resumed to 8 steps of 3: the resumed steps read batches 8.. (not 12..), as
+    the record of the data position (written at every save) says; resumed again with 1 batch per step too."""
+    wgan(run_dir=tmp_path, batches_per_step=2, checkpoint_every=4).fit(integers(), steps=4)
+    resumed = wgan(run_dir=tmp_path, checkpoint_every=4)
+    resumed.fit(integers(), steps=8)
+    assert firsts(resumed, 8, start=4) == [BATCH * b for b in range(8, 20)]
+    record = json.loads((tmp_path / "checkpoints" / "configured.json").read_text())
+    assert (record["step"], record["batches_read"], record["batches_read_per_step"]) == (8, 20, 3)
+    again = wgan(run_dir=tmp_path, batches_per_step=1)
+    again.fit(integers(), steps=10)
+    assert [int(v) for v in again.seen.numpy()[8:10]] == [BATCH * 20, BATCH * 21]
+
+
+def test_a_run_folder_without_the_record_resumes_at_step_times_batches_per_step(tmp_path):
+    wgan(run_dir=tmp_path, checkpoint_every=4).fit(integers(), steps=4)
+    (tmp_path / "checkpoints" / "configured.json").unlink()  # a run from before the record
+    resumed = wgan(run_dir=tmp_path)
+    resumed.fit(integers(), steps=6)
+    assert firsts(resumed, 6, start=4) == [BATCH * b for b in range(12, 18)]
 
 
 def test_with_xla_the_whole_step_is_compiled_and_gives_the_same_weights():
@@ -152,6 +177,12 @@ try:  # made outside the scope: its iterations would count once per replica (2 p
     wgan(strategy=two.strategy, optimizers={"critic": keras.optimizers.SGD(0.1), "generator": lambda: keras.optimizers.SGD(0.1)})
 except Exception as e:
     print("ERROR", type(e).__name__, e)
+outside = keras.optimizers.SGD(0.1)
+with two.strategy.scope():  # the Trainer's strategy is the scope's, without strategy=
+    try:
+        wgan(optimizers={"critic": outside, "generator": lambda: keras.optimizers.SGD(0.1)})
+    except Exception as e:
+        print("IMPLICIT", type(e).__name__, e)
 """
 
 
@@ -165,6 +196,17 @@ def test_two_replicas_equal_one_device(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ITERATIONS 18 6" in result.stdout and "SAME WEIGHTS" in result.stdout
     assert "ERROR StrategyError Optimizer 'critic' was made outside the strategy's scope" in result.stdout
+    assert "IMPLICIT StrategyError Optimizer 'critic' was made outside the strategy's scope" in result.stdout
+
+
+@pytest.mark.parametrize("strategy", ["one_device", "default"])
+def test_a_ready_made_optimizer_on_one_replica_is_fine(strategy):
+    """One replica counts each update once: an optimizer made outside the strategy's scope trains as before."""
+    ready = {"critic": keras.optimizers.SGD(0.1), "generator": keras.optimizers.SGD(0.1)}
+    chosen = tf.distribute.OneDeviceStrategy("/cpu:0") if strategy == "one_device" else None
+    trainer = wgan(strategy=chosen, optimizers=ready)
+    trainer.fit(integers(), steps=2)
+    assert [int(o.iterations.numpy()) for o in (ready["critic"], ready["generator"])] == [2 * K, 2]
 
 
 def test_bad_settings_are_user_errors(tmp_path):
@@ -173,11 +215,43 @@ def test_bad_settings_are_user_errors(tmp_path):
             wgan(batches_per_step=value)
     with pytest.raises(ConfigError, match="grad_accum_steps"):
         Trainer(model=linear, loss="mse", optimizer=keras.optimizers.SGD, batches_per_step=2, grad_accum_steps=2)
-    default = Trainer(model=linear, loss="mse", optimizer=lambda: keras.optimizers.SGD(0.1), batches_per_step=2,
-                      progress_bar=False)
+    built = []  # said at Trainer(), before any model is built
     with pytest.raises(ConfigError, match="the default train_step trains on one"):
-        default.fit(tf.data.Dataset.from_tensor_slices((np.ones((8, 1)), np.ones((8, 1)))).batch(4), steps=1)
+        Trainer(model=lambda: built.append(1) or linear(), loss="mse", optimizer=keras.optimizers.SGD, batches_per_step=2)
+    assert not built
+
+    class OneBatch(WGAN):  # a step written for one batch would mis-unpack the tuple: it must say it takes several
+        takes_several_batches = False
+    with pytest.raises(ConfigError, match="OneBatch.train_step does not say it takes them.*takes_several_batches = True"):
+        OneBatch(models={"critic": linear, "generator": linear}, optimizers={"critic": keras.optimizers.SGD,
+                 "generator": keras.optimizers.SGD}, batches_per_step=2)
+    with pytest.raises(ConfigError, match="overfit_batches=4 .* a multiple of 3"):
+        wgan(overfit_batches=4)
+    assert wgan(overfit_batches=6).fit(integers(), steps=4)["step"] == 4
     for value in ("0", "1.5"):
         result = run_cli("trainer.max_steps=1", f"trainer.batches_per_step={value}", f"hydra.run.dir={tmp_path / value}")
         assert result.returncode == 2, result.stderr[-2000:]
         assert "batches_per_step" in result.stdout + result.stderr and "Traceback" not in result.stderr
+    result = run_cli("trainer.max_steps=1", "trainer.batches_per_step=2", f"hydra.run.dir={tmp_path / 'default'}")
+    assert result.returncode == 2 and "the default train_step trains on one" in result.stdout + result.stderr
+    assert "Data:" not in result.stdout + result.stderr  # before the data is loaded
+
+
+def test_the_gan_recipe_updates_its_discriminator_on_each_batch(tmp_path):
+    """recipe=gan trainer.batches_per_step=2 from the CLI: 4 steps are 8 discriminator and 4 generator updates."""
+    result = run_cli("recipe=gan", "trainer.max_steps=4", "trainer.log_every=2", "trainer.eval_steps=1",
+                     "trainer.progress_bar=false", "data.batch_size=16", "trainer.batches_per_step=2",
+                     f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    reader = tf.train.load_checkpoint(str(tmp_path / "checkpoints" / "ckpt-4"))
+    iterations = {k.split("/")[1]: int(reader.get_tensor(k)) for k in reader.get_variable_to_shape_map()
+                  if k.startswith("optimizers/") and "iterations" in k}
+    assert iterations == {"discriminator": 8, "generator": 4}
+
+
+def test_out_of_memory_with_several_batches_names_batches_per_step(tmp_path):
+    """The out-of-memory hint says that a step holds its K batches at once (the allocation fails at once)."""
+    result = run_cli("recipe=gan", "trainer.max_steps=1", "trainer.batches_per_step=2", "model.hidden_units=[1000000000]",
+                     "trainer.progress_bar=false", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Fix: lower data.batch_size or trainer.batches_per_step=2 (a step holds its 2 batches at once)" in result.stdout + result.stderr

@@ -76,7 +76,7 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
     from trainer.core import Trainer
     from trainer.data import check_batch_size
     from trainer.distribute import is_chief
-    from trainer.inputs import batches_read_per_step
+    from trainer.inputs import batches_read_per_step, check_batches_per_step
     from trainer.precision import hardware_report
 
     chief = is_chief(strategy)
@@ -90,6 +90,7 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
         log.info("XLA jit_compile: on (train and eval steps)")
 
     check_batch_size(cfg.data.get("batch_size", 1))  # before the division by it below
+    check_batches_per_step(parts_of(cfg).trainer_class, trainer_cfg)  # before the data is loaded
     data = instantiate(cfg.data, _convert_="all")
     log.info("Data: %s", data.description)
     examples_per_step = data.batch_size * batches_read_per_step(trainer_cfg)  # an epoch: one pass over the data
@@ -253,9 +254,10 @@ def _out_of_resources(error: BaseException, cfg: DictConfig) -> Optional[str]:
     # IteratorGetNext: tf.data allocating a batch; any other op: a variable of the model, or the step.
     where = "the batch does not fit in memory" if op and op.group(1) == "IteratorGetNext" else "the model or a training step does not fit in memory"
     batch = cfg.data.get("batch_size")
-    accum = cfg.trainer.grad_accum_steps
+    accum, k = cfg.trainer.grad_accum_steps, cfg.trainer.get("batches_per_step", 1)
+    lower = f"data.batch_size or trainer.batches_per_step={k} (a step holds its {k} batches at once)" if k > 1 else "data.batch_size"
     return (f"out of memory: {where} (data.batch_size={batch}, trainer.grad_accum_steps={accum}; "
-            f"TensorFlow: {first}). Fix: lower data.batch_size (with trainer.grad_accum_steps=K an update still "
+            f"TensorFlow: {first}). Fix: lower {lower} (with trainer.grad_accum_steps=K an update still "
             "sees K batches), or pick a smaller model or shorter inputs.")
 
 

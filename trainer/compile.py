@@ -16,7 +16,7 @@ import keras
 import tensorflow as tf
 
 from trainer import precision as precision_lib
-from trainer.config import ConfigError, PrecisionConfig, TrainerConfig
+from trainer.config import PrecisionConfig, TrainerConfig
 from trainer.loss_convention import per_replica_mean
 from trainer.precision import PrecisionError
 from trainer.step import Step
@@ -171,11 +171,6 @@ def make_train_function(trainer, iterator) -> Callable:
     distributed training iterator (an overridden step is traced on it once to learn its logs)."""
     accum, batches = trainer.config.grad_accum_steps, trainer.config.batches_per_step
     overridden = type(trainer).train_step is not Step.train_step
-    if batches > 1 and not overridden:
-        raise ConfigError(f"trainer.batches_per_step={batches} hands train_step a tuple of {batches} batches, and "
-                          "the default train_step trains on one. Fix: override train_step to use them (see "
-                          "docs/research.md, 'Several updates per step'), or trainer.grad_accum_steps to average "
-                          "the gradients of several batches in one update.")
     if overridden and accum > 1:
         log.warning("The overridden train_step is not used with grad_accum_steps > 1 (accumulate_step and "
                     "apply_accumulated are)")

@@ -9,13 +9,14 @@ import dataclasses
 import importlib
 import logging
 import math
+import numbers
 import pkgutil
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, List, Mapping, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import II, MISSING
+from omegaconf import MISSING
 
 from trainer.errors import UserError
 
@@ -35,6 +36,7 @@ class ConfigError(UserError, ValueError):
 
 MAX_STEPS = 2**63 - 1  # the step counter is an int64 (in every checkpoint): no run is longer
 _INTERVAL = re.compile(r"^([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])$")
+_WHOLE = re.compile(r"(typing\.)?(Optional\[)?(List\[)?int\]*|<class 'int'>")  # an int field's (or int list's) type
 
 
 def ranged(default: Any = MISSING, interval: str = "", *, factory=None) -> Any:
@@ -78,19 +80,23 @@ def _describe(interval: str) -> str:
 
 def check_ranges(schema, values: Mapping[str, Any], prefix: str) -> None:
     """Raises ConfigError naming `prefix.key`, its value and its range for the first value out of range
-    (or, for a `chosen` field, its choices for a value that is none of them).
+    (or, for a `chosen` field, its choices for a value that is none of them; for an int field, not whole).
 
     Strings are skipped: an unresolved `???` (reported by OmegaConf when it is used) or a wrong type
-    (OmegaConf rejects those while composing)."""
+    (OmegaConf rejects those while composing); not in an int field (from Python: `Trainer(max_steps="5")`)."""
     for f in dataclasses.fields(schema):
         interval, choices = f.metadata.get("range"), f.metadata.get("choices")
         value = values.get(f.name)
         key = f"{prefix}.{f.name}" if prefix else f.name
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if value not in (None, MISSING) and _WHOLE.fullmatch(str(f.type)) and not all(
+                isinstance(item, numbers.Integral) and not isinstance(item, bool) for item in items):
+            raise ConfigError(f"{key}={value!r} is not a whole number. Fix: set {key} to whole numbers.")
         if choices is not None and value is not None and _as_choice(value) not in choices:
             raise ConfigError(f"{key}={value!r} is not one of {'|'.join(choices)}. Fix: set {key} to one of them.")
         if interval is None or value is None:
             continue
-        for item in value if isinstance(value, (list, tuple)) else [value]:
+        for item in items:
             each = "each element " if isinstance(value, (list, tuple)) else ""
             if isinstance(item, float) and not math.isfinite(item):  # inf passes "(0, inf)"'s > 0; nan fails every test
                 raise ConfigError(f"{key}={value} is not a finite number: {each}must be finite and {_describe(interval)}. "
@@ -122,7 +128,7 @@ class TrainerConfig(Checked):
     config_key: ClassVar[str] = "trainer"
 
     max_steps: Optional[int] = ranged(None, f"[1, {MAX_STEPS}]")  # total train steps; with `epochs` too, the smaller wins
-    epochs: Optional[float] = ranged(None, "(0, inf)")  # needs a data set of known size
+    epochs: Optional[float] = ranged(None, "(0, inf)")  # needs a data set of known size; an epoch is ⌊batches / (grad_accum_steps × batches_per_step)⌋ steps, the batches left over start the next epoch
     log_every: int = ranged(100, "[1, inf)")  # steps between train log events (metrics.jsonl, TensorBoard, progress bar)
     eval_every: int = ranged(0, "[0, inf)")  # steps between evaluations; 0: evaluate at the end only
     eval_steps: Optional[int] = ranged(None, "[1, inf)")  # eval batches per evaluation; None: the whole eval set (or limit_eval_batches)
@@ -159,7 +165,7 @@ class TrainerConfig(Checked):
     xla_whole_step: Optional[bool] = None
     steps_per_loop: int = ranged(1, "[1, inf)")  # train steps per tf.function call
     grad_accum_steps: int = ranged(1, "[1, inf)")  # micro-batches accumulated per optimizer update
-    batches_per_step: int = ranged(1, "[1, inf)")  # K > 1: an overridden train_step gets a tuple of K fresh batches (a WGAN's critic updates); an epoch stays one pass over the data
+    batches_per_step: int = ranged(1, "[1, inf)")  # K > 1: a train_step whose class sets takes_several_batches = True gets a tuple of K fresh batches (a WGAN's critic updates); an epoch stays one pass over the data
     # Keras Adam/AdamW/SGD(momentum) updates in one TensorFlow kernel per variable (same arithmetic;
     # see trainer/fused.py); false: Keras' own ops.
     fused_optimizer: bool = True
@@ -179,12 +185,9 @@ class TrainerConfig(Checked):
 
     @staticmethod
     def check_combined(values: Mapping[str, Any], prefix: str) -> None:
-        """The rules across fields: batches_per_step is a whole number, not with grad_accum_steps; profile_steps
-        is [N, M] with N <= M; limit_eval_batches above 1 is a whole number, and agrees with eval_steps."""
-        per_step = values.get("batches_per_step", 1)
-        if isinstance(per_step, bool) or not isinstance(per_step, int):
-            raise ConfigError(f"{prefix}.batches_per_step={per_step!r} is not a whole number. Fix: a number of batches >= 1.")
-        if per_step > 1 and values.get("grad_accum_steps", 1) > 1:
+        """The rules across fields: batches_per_step not with grad_accum_steps; profile_steps is [N, M] with
+        N <= M; limit_eval_batches above 1 is a whole number, and agrees with eval_steps."""
+        if (per_step := values.get("batches_per_step", 1)) > 1 and values.get("grad_accum_steps", 1) > 1:
             raise ConfigError(f"{prefix}.batches_per_step={per_step} and {prefix}.grad_accum_steps={values['grad_accum_steps']}: "
                               "the overridden step that takes several batches is not accumulated. Fix: set only one of them.")
         steps = values.get("profile_steps")

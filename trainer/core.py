@@ -30,7 +30,7 @@ from trainer.checkpoint import NO_BEST, Checkpointer
 from trainer.compile import XlaMeasurement, XlaPlan, decide_jit_compile, plan_xla
 from trainer.config import ConfigError, PrecisionConfig, TrainerConfig, check_ranges
 from trainer.console import show_logs_unless_configured
-from trainer.inputs import DataArg, KeptIterator, batches_read_per_step, sample_batch, steps_per_epoch_of, training_iterator
+from trainer.inputs import DataArg, KeptIterator, batches_read_per_step, check_batches_per_step, sample_batch, steps_per_epoch_of, training_iterator
 from trainer.loop import Loop, TrainingInterrupted, evaluate
 from trainer.loss_scale import LossScale
 from trainer.memory import memory_logs
@@ -81,6 +81,7 @@ class Trainer(Step):
                  config: Optional[TrainerConfig] = None, seed: int = 0, clipnorm: Optional[float] = None,
                  is_chief: bool = True, **options):
         self.config = dataclasses.replace(config or TrainerConfig(), **options)
+        check_batches_per_step(type(self), self.config)  # before any data or model is built
         self.precision = PrecisionConfig(policy=precision) if isinstance(precision, str) else precision
         self.strategy = strategy or tf.distribute.get_strategy()
         if isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
@@ -106,7 +107,7 @@ class Trainer(Step):
                 objects.check_ready_made_model(model, self.precision.policy, self.strategy, strategy is not None)
             self.frozen = objects.freeze(frozen, self.models, optimizers)  # docs/research.md, Frozen models
             trained = [n for n in self.models if n not in self.frozen]
-            self.optimizers = objects.make_optimizers(optimizer, optimizers, trained, strategy)
+            self.optimizers = objects.make_optimizers(optimizer, optimizers, trained, self.strategy)
             self.train_metrics, self.eval_metrics = objects.make_metrics(metrics, remake=strategy is not None)
             self.train_loss = keras.metrics.Mean(name="loss")
             self.eval_loss = keras.metrics.Mean(name="loss")
@@ -289,8 +290,7 @@ class Trainer(Step):
         """Trains until `steps` (or `epochs`) and returns the final eval logs (or the last train logs).
 
         Resumes from `run_dir/checkpoints` when it holds checkpoints and `config.resume` is true.
-        `steps_per_epoch` counts steps: by default, the data set's batches over the batches a step reads
-        (`config.grad_accum_steps` or `config.batches_per_step`): an epoch is one pass over the data.
+        `steps_per_epoch` counts steps: by default, the data set's batches // the batches a step reads.
         """
         check_ranges(TrainerConfig, {"max_steps": steps, "epochs": epochs}, "trainer")  # fit()'s own
         show_logs_unless_configured(self.config.verbose)
@@ -326,7 +326,7 @@ class Trainer(Step):
         held, kept = [kept], None  # one not reused dies on the release thread once the loop made its own
 
         def make_iterator():
-            return training_iterator(train_data, self.strategy, start, batches_read_per_step(cfg), held.pop())
+            return training_iterator(train_data, self.strategy, start, self.checkpointing.data_position(), held.pop())
 
         loop = Loop(self, callbacks, make_iterator, eval_data, self.total)
         train_logs, eval_logs, step = loop.run()

@@ -7,7 +7,9 @@ from typing import Any, Callable, Optional, Union
 
 import tensorflow as tf
 
+from trainer.config import ConfigError
 from trainer.data import DataError, release_in_background
+from trainer.step import Step
 
 log = logging.getLogger("trainer.core")
 
@@ -57,12 +59,32 @@ def batches_read_per_step(config) -> int:
     return config.grad_accum_steps * config.batches_per_step
 
 
-def steps_per_epoch_of(data: DataArg, batches_per_step: int) -> Optional[int]:
-    """Steps in one pass over a data set of known size; None when unknown."""
+def check_batches_per_step(trainer_type, config) -> None:
+    """trainer.batches_per_step=K > 1 hands train_step a tuple of K batches: only a step written for them may
+    get it (its class says `takes_several_batches = True`; a step for one batch would mis-unpack the tuple).
+    Said at Trainer(), before any data is loaded or model built."""
+    k = config.batches_per_step
+    if k == 1:
+        return
+    if not getattr(trainer_type, "takes_several_batches", False):
+        written = ("the default train_step trains on one" if trainer_type.train_step is Step.train_step
+                   else f"{trainer_type.__name__}.train_step does not say it takes them")
+        raise ConfigError(f"trainer.batches_per_step={k} hands train_step a tuple of {k} batches, and {written}. Fix: "
+                          "override train_step to use them and set `takes_several_batches = True` on the class (see "
+                          "docs/research.md, 'Several updates per step'), or trainer.grad_accum_steps to average "
+                          "the gradients of several batches in one update.")
+    if config.overfit_batches % batches_read_per_step(config):
+        raise ConfigError(f"trainer.overfit_batches={config.overfit_batches} is not a whole number of steps of "
+                          f"trainer.batches_per_step={k} batches, so the steps would not go over the same batches. "
+                          f"Fix: trainer.overfit_batches a multiple of {k}.")
+
+
+def steps_per_epoch_of(data: DataArg, batches_read_per_step: int) -> Optional[int]:
+    """Steps in one pass over a data set of known size (the batches left over start the next); None when unknown."""
     if not isinstance(data, tf.data.Dataset):
         return None
-    card = int(data.cardinality())  # batches; a step reads batches_per_step of them
-    return card // batches_per_step if card > 0 else None
+    card = int(data.cardinality())  # batches; a step reads batches_read_per_step of them
+    return card // batches_read_per_step if card > 0 else None
 
 
 def distribute(data: DataArg, strategy: tf.distribute.Strategy, skip_batches: int = 0, training: bool = True):
@@ -86,13 +108,13 @@ def distribute(data: DataArg, strategy: tf.distribute.Strategy, skip_batches: in
     return strategy.distribute_datasets_from_function(fn)
 
 
-def training_iterator(data: DataArg, strategy, start: int, batches_per_step: int, kept: Optional[KeptIterator]):
-    """The iterator a fit() call trains from: the one the last call left, when it ended at `start` on
-    the same data; else a new one that skips the batches the first `start` steps trained on."""
+def training_iterator(data: DataArg, strategy, start: int, batches_read: int, kept: Optional[KeptIterator]):
+    """The iterator a fit() call trains from: the one the last call left, when it ended at step `start` on
+    the same data; else a new one that skips the `batches_read` batches the run trained on so far."""
     if kept is not None and kept.data is data and kept.step == start:
         iterator, kept.iterator = kept.iterator, None
         return iterator
-    if start:  # tf.data produces the skipped batches (reads, decodes) and drops them: it takes time
+    if batches_read:  # tf.data produces the skipped batches (reads, decodes) and drops them: it takes time
         log.info("Data: skipping the %d batches the first %d steps trained on, to resume in the same order",
-                 start * batches_per_step, start)
-    return iter(distribute(data, strategy, skip_batches=start * batches_per_step))
+                 batches_read, start)
+    return iter(distribute(data, strategy, skip_batches=batches_read))

@@ -75,8 +75,9 @@ def freeze(frozen, models: Mapping[str, keras.Model], optimizers) -> frozenset:
 
 
 def make_optimizers(optimizer, optimizers, model_names, strategy=None) -> Dict[str, keras.optimizers.Optimizer]:
-    """name -> optimizer, each training the model of its name; `optimizer` alone: one per model. With the
-    `strategy` given to the Trainer, a ready-made optimizer must have been made under its scope."""
+    """name -> optimizer, each training the model of its name; `optimizer` alone: one per model. Under the
+    Trainer's `strategy` (given, or the scope it is made in) with several replicas, a ready-made optimizer
+    must have been made under its scope (one replica counts each update once anyway)."""
     if optimizers is None:
         if optimizer is None:
             raise TypeError("Trainer: give optimizer= (a Keras optimizer or a function building one) or optimizers=")
@@ -89,8 +90,9 @@ def make_optimizers(optimizer, optimizers, model_names, strategy=None) -> Dict[s
         raise ConfigError(f"optimizers {unknown} name no model: each optimizer trains the model of the same name "
                           f"(models: {sorted(model_names)})")
     made = {name: build(opt) for name, opt in optimizers.items()}
+    several = strategy is not None and strategy.num_replicas_in_sync > 1
     for name, opt in made.items():
-        if strategy is not None and not strategy.extended.variable_created_in_scope(opt.iterations.value):
+        if several and not strategy.extended.variable_created_in_scope(opt.iterations.value):
             raise StrategyError(
                 f"Optimizer {name!r} was made outside the strategy's scope: its step counter `iterations` is not "
                 "mirrored, and every replica would add its update to it (2 replicas: twice per update), so "

@@ -1,6 +1,7 @@
 """Checkpointing: resume or warm start, saves on a cadence, at the end and on a signal, best-k after each
-evaluation, and the record of the configured learning rates and batches per step. The files and their
-guarantees are checkpoint.py's Checkpointer; this callback decides when."""
+evaluation, and the record of the configured learning rates and of the data position (the batches the
+training iterator read). The files and their guarantees are checkpoint.py's Checkpointer; this callback
+decides when."""
 from __future__ import annotations
 
 import json
@@ -45,13 +46,30 @@ class Checkpointing(Callback):
         self.last_path: Optional[str] = None
         self.last_save_time = time.monotonic()
         self.last_point = 0  # the step of the last save point (or the run's start): a loop from it went past a due save?
+        # The data position: the training batches read up to step `counted_step`. Counted, not step x batches
+        # per step: a resume with other batches per step (or after a rollback) goes on where the data was.
+        self.batches_read, self.counted_step = 0, None
 
     def _record(self, trainer) -> Path:
         return trainer.run_dir / "checkpoints" / "configured.json"
 
     def on_train_begin(self, trainer):
+        first = not self.prepared
         self._prepare(trainer)
         self.last_point = int(trainer.step.numpy())  # after a resume's restore
+        if first and self.counted_step is None:  # not resumed from a record: a fresh run, or one from before it
+            self.batches_read = self.last_point * batches_read_per_step(trainer.config)
+        self.counted_step = self.last_point
+
+    def data_position(self) -> int:
+        """The training batches read so far: the next fit() call's iterator skips them."""
+        return self.batches_read
+
+    def _position(self, trainer, step: int) -> int:
+        return self.batches_read + (step - self.counted_step) * batches_read_per_step(trainer.config)
+
+    def on_loop_end(self, trainer, step):
+        self.batches_read, self.counted_step = self._position(trainer, step), step
 
     def _prepare(self, trainer):
         self.last_save_time = time.monotonic()
@@ -78,7 +96,8 @@ class Checkpointing(Callback):
         self.checkpointer = trainer.checkpointer = checkpointer
         self.configured, self.prepared = configured, True
         if resumed is not None:
-            self._keep_configured_settings(trainer)
+            recorded = self._keep_configured_settings(trainer)
+            self._resume_data_position(trainer, recorded)
             if math.isnan(float(trainer.best.numpy())):  # saved before NO_BEST existed
                 trainer.best.assign(NO_BEST.get(cfg.best_mode, math.nan))
 
@@ -88,20 +107,13 @@ class Checkpointing(Callback):
         callback changed during the run is kept (a schedule is code and follows the config anyway). A
         dynamic scale's value is state and is kept, unless it is 1: the value of a run without loss
         scaling (float32 resumed as float16) or at the floor; it restarts at its initial value then.
-        Other batches per step than the run's move the data position: said, with the fix."""
+        Returns the record."""
         try:
             recorded = json.loads(self._record(trainer).read_text())
         except (OSError, ValueError):  # none (a run from before this record) or unreadable
             recorded = {}  # then the configuration wins, as it did before
         if not isinstance(recorded, dict):
             recorded = {}
-        read, was = batches_read_per_step(trainer.config), recorded.get("batches_per_step")
-        if was is not None and was != read:
-            step = int(trainer.step.numpy())
-            log.warning("Resuming at step %d with %d batches per step (trainer.grad_accum_steps x trainer.batches_per_step) "
-                        "where the run read %d: it skips %d batches, not the %d trained on, so the data order is not the "
-                        "uninterrupted run's. Fix: resume with the run's settings, or start a new run folder.",
-                        step, read, was, step * read, step * was)
         for name, (constant_lr, scale) in self.configured.items():
             updater = trainer.updaters[name]
             old = recorded.get("lr") if name == trainer.default_optimizer else recorded.get("lrs", {}).get(name)
@@ -114,11 +126,23 @@ class Checkpointing(Callback):
             if restored != scale and (updater.loss_scale.mode != "dynamic" or restored <= 1.0):
                 updater.loss_scale.scale.assign(scale)
                 log.info("Loss scale %g from the configuration (the checkpoint had %g)", scale, restored)
+        return recorded
+
+    def _resume_data_position(self, trainer, recorded) -> None:
+        """The batches the run had read at the restored step, from the record of its last save (any
+        batches per step, then and now); without one (a run from before it), step x batches per step."""
+        step, read, at = int(trainer.step.numpy()), recorded.get("batches_read"), recorded.get("step")
+        if not isinstance(read, int) or not isinstance(at, int):
+            return  # on_train_begin counts step x batches per step
+        # A checkpoint older than the record's (the newest unreadable): the record's batches per step back to it.
+        self.batches_read = max(0, read + (step - at) * recorded.get("batches_read_per_step", 1))
+        self.counted_step = step
 
     def on_eval_end(self, trainer, step, logs):
         self.evaluated = (step, logs)  # judged at the save point, after every callback saw the results
 
     def on_save_point(self, trainer, step, reason):
+        self.counted_step = step  # a rollback moved the step back; the data goes on
         if self.checkpointer is None:
             return
         evaluated, self.evaluated = getattr(self, "evaluated", None), None
@@ -145,7 +169,8 @@ class Checkpointing(Callback):
             record = self._record(trainer)
             single = lrs.get(trainer.default_optimizer) if len(self.configured) == 1 else None
             written = {"lr": single} if single is not None else ({"lrs": lrs} if lrs else {})
-            written["batches_per_step"] = batches_read_per_step(trainer.config)  # the data position: step x this
+            written.update(step=step, batches_read=self._position(trainer, step),  # the data position
+                           batches_read_per_step=batches_read_per_step(trainer.config))
             record.with_suffix(".tmp").write_text(json.dumps(written))
             os.replace(record.with_suffix(".tmp"), record)
         return path

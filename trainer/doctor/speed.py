@@ -23,6 +23,7 @@ import time
 import warnings
 from typing import Callable, Dict, List, Tuple
 
+from trainer.inputs import batches_read_per_step
 from trainer.memory import PeakMemory
 from trainer.precision import POLICIES
 from trainer.timing import interleaved_seconds, median_seconds
@@ -160,10 +161,11 @@ def speed_section(make_trainer: Callable[[str, bool], object], data_for_batch: C
         if p is None:
             continue
         steps_per_sec = p["steps_per_call"] / medians[row["name"]]
+        per_step = row["batch"] * batches_read_per_step(p["trainer"].config)  # grad_accum_steps x batches_per_step batches
         row.update({k: v for k, v in p.items() if k != "trainer"}, steps_per_sec=steps_per_sec,
-                   examples_per_sec=steps_per_sec * row["batch"],
+                   examples_per_sec=steps_per_sec * per_step,
                    seconds_per_call=seconds[row["name"]],
-                   seconds_per_example=[t / (p["steps_per_call"] * row["batch"]) for t in seconds[row["name"]]],
+                   seconds_per_example=[t / (p["steps_per_call"] * per_step) for t in seconds[row["name"]]],
                    spread=max(seconds[row["name"]]) / min(seconds[row["name"]]))
     calls.clear()
     prepared.clear()
