@@ -70,15 +70,15 @@ def load_run(folder: str) -> Tuple[object, List[str], str, Path]:
     folder or checkpoint inside it)."""
     from omegaconf import OmegaConf
 
-    from trainer.runs import RunNotFound, config_path, find_run
+    from trainer.runs import RunNotFound, config_path, find_run, not_a_run_folder
     from trainer.sweep import recorded_overrides
 
     try:
         run, prefix = find_run(Path(folder).expanduser())
     except RunNotFound:  # its message offers a .keras file: the doctor needs the run's config
-        raise DoctorError(f"{folder} is not a run folder (with .hydra/config.yaml), its checkpoints/ folder or a "
-                          "ckpt-N prefix; the doctor needs the run's config (a .keras file has none: give "
-                          "its overrides instead of --run)") from None
+        raise not_a_run_folder(folder, takes=", nor its checkpoints/ folder or a ckpt-N prefix",
+                               fix="give a run folder; the doctor needs the run's config (a .keras file has none: "
+                                   "give its overrides instead of --run)") from None
     overrides = recorded_overrides(run) or []
     config = OmegaConf.load(config_path(run))
     return config, [o for o in overrides if not o.startswith("hydra.")], prefix, run
