@@ -235,7 +235,7 @@ def test_documented_commands_compose_against_the_schema():
     from omegaconf import OmegaConf
 
     from trainer.argv_check import problem_in
-    from trainer.config import register_configs
+    from trainer.assemble import register_configs
 
     register_configs()
     checked, problems = 0, []

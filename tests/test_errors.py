@@ -1,8 +1,11 @@
 """One classification of user errors (trainer/errors.py): every `python -m trainer.*` command says bad input in
-one line, exit 2, no traceback, through the same mapping."""
+one line, exit 2, no traceback, through the same mapping; and the lowest layers import without TensorFlow."""
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -76,3 +79,21 @@ def test_an_error_wrapped_by_a_builder_maps_through_its_class():
     assert code == 2 and str(cause) == "bad data.path"
     assert exit_code_of(NumericalFailure("nan"))[0] == 3 and exit_code_of(KeyError("bug")) is None
 
+
+@pytest.mark.parametrize("module", ["trainer.errors", "trainer.config"])
+def test_the_lowest_layers_import_without_tensorflow(module):
+    code = f"import {module}, sys; assert 'tensorflow' not in sys.modules, 'tensorflow was imported'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_tensorflow_loads_quietly_whoever_loads_it_first():
+    """`import trainer` no longer loads TensorFlow, yet a trainer module or the user's own `import tensorflow`
+    after it still keeps TensorFlow's C++ start-up lines off stderr (TRAINER_TF_LOGS=1 shows them)."""
+    code = "import trainer.config, tensorflow as tf; tf.config.list_physical_devices('GPU'); print(tf.__loader__ is tf.__spec__.loader)"
+    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0 and quiet.stdout.strip() == "True", quiet.stderr[-2000:]
+    assert quiet.stderr.strip() == ""
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "TRAINER_TF_LOGS": "1", "TF_CPP_MIN_LOG_LEVEL": "0"})
+    assert shown.returncode == 0 and shown.stderr.strip() != ""  # the lines exist: the quiet run hid them

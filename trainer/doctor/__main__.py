@@ -49,7 +49,8 @@ def compose_config(overrides: List[str]):
     from omegaconf import open_dict
     from omegaconf.errors import OmegaConfBaseException
 
-    from trainer.config import check_config, register_configs
+    from trainer.assemble import register_configs
+    from trainer.config import check_config
     from trainer.sweep import register_resolver
 
     register_configs()
