@@ -220,7 +220,6 @@ def load_trained_model(source: str, policy: str = "float32", newest_if_gone: boo
     import tensorflow as tf
     from hydra.utils import instantiate
 
-    from trainer.checkpoint import warm_start
     from trainer.ema import restore_averages
     from trainer.precision import set_policy
 
@@ -252,12 +251,19 @@ def load_trained_model(source: str, policy: str = "float32", newest_if_gone: boo
                               "Fix: in Python, rebuild them, restore the checkpoint and save the one you need "
                               "(trainer.models[name].save(...)).")
     model(sample, training=False)  # build
+    restore_weights(model, prefix)
+    restore_averages(model, cfg.get("optimizer"), prefix)  # a run with optimizer.use_ema=true: its averages
+    return model, sample
+
+
+def restore_weights(model, prefix: str) -> None:
+    """Restores a built model's weights from a run's checkpoint, read-only; a weight it lacks is a ServingError."""
+    from trainer.checkpoint import warm_start
+
     report = warm_start(model, prefix, purpose="Loading weights")
     if report["missing"] or report["mismatched"]:
         raise ServingError(f"{prefix} does not hold all of this model's weights: {report}")
     log.info("Loaded %s from %s (%d variables)", model.name, prefix, len(report["restored"]))
-    restore_averages(model, cfg.get("optimizer"), prefix)  # a run with optimizer.use_ema=true: its averages
-    return model, sample
 
 
 def eval_dataset(cfg):
