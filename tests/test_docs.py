@@ -268,7 +268,7 @@ def test_readme_commands_are_what_ci_runs():
         assert f"```bash\n{command}\n```" in readme, command
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert "bash scripts/setup.sh" in ci and "python -m pytest -q -n 2" in ci
-    assert ci.index("ruff check trainer tests scripts examples recipes") < ci.index("python -m pytest -q -n 2")
+    assert ci.index("ruff check trainer tests scripts benchmarks examples recipes") < ci.index("python -m pytest -q -n 2")
     assert 'pip install -q -e ".[text,test,bench,docs,mlflow,export,sweep,profile]"' in (ROOT / "scripts" / "setup.sh").read_text()
 
 
@@ -278,7 +278,7 @@ def test_the_code_passes_the_linter_ci_runs():
 
     pins = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
     assert "ruff==0.14.0" in pins
-    result = subprocess.run([sys.executable, "-m", "ruff", "check", "trainer", "tests", "scripts", "examples", "recipes"],
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "trainer", "tests", "scripts", "benchmarks", "examples", "recipes"],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-1000:]
 

@@ -211,7 +211,7 @@ class PrecisionConfig(Checked):
     max_consecutive_skips: int = ranged(100, "[1, inf)")  # stop the run after this many non-finite steps in a row
     # Without loss scaling (float32, bfloat16): skip a non-finite update (true), or apply every update
     # unconditionally and stop at the first non-finite step (false: no wait on the finite check before
-    # the update: 2% faster on the bench Transformer, scripts/bench_step.py; see README "When numbers go bad").
+    # the update: 2% faster on the bench Transformer, benchmarks/bench_step.py; see README "When numbers go bad").
     skip_nonfinite: bool = True
     float32_layers: List[str] = field(default_factory=list)  # layer class names kept in float32
     debug_numerics: bool = False  # tf.debugging.enable_check_numerics: names the first bad op
