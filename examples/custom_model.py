@@ -8,7 +8,6 @@ from trainer import Trainer  # first: it quiets TensorFlow's C++ start-up logs (
 from trainer.data import load_mnist_format
 
 import keras  # noqa: E402 - after trainer on purpose
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 

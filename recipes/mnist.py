@@ -7,7 +7,7 @@ Tiny variant for tests: trainer.max_steps=30 trainer.log_every=10 data.batch_siz
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, List, Optional, Sequence
 

@@ -1,6 +1,6 @@
 """Writes docs/reference/config.md from the structured-config dataclasses, so the reference cannot drift.
 
-Every schema that `trainer.config.register_configs()` puts in Hydra's ConfigStore (trainer/config.py and
+Every schema that `trainer.assemble.register_configs()` puts in Hydra's ConfigStore (trainer/config.py and
 each recipe module's own) is listed with its fields' types, defaults and descriptions. A description is
 the field's trailing `#` comment, or the `#` comment lines right above it, or (for an overriding field
 with neither) the base class's. Fields of trainer/config.py that have no comment yet take theirs from
@@ -74,6 +74,7 @@ CHOOSE = {"callbacks": "Choose several with `callbacks=[OPTION,...]` (docs/train
 
 def registered_schemas() -> List[Tuple[Optional[str], str, type]]:
     """(group, name, dataclass) for everything register_configs() stores, recipes included."""
+    import trainer.assemble
     import trainer.config
 
     stored = []
@@ -83,7 +84,7 @@ def registered_schemas() -> List[Tuple[Optional[str], str, type]]:
             stored.append((group, name, node))
 
     with mock.patch.object(trainer.config.ConfigStore, "instance", return_value=Recorder()):
-        trainer.config.register_configs()
+        trainer.assemble.register_configs()
     return stored
 
 

@@ -75,8 +75,13 @@ def run_script(path, args=(), cwd=None, timeout: int = 900, env=None, process: b
 def _in_this_process(target: str, args, cwd: Optional[str], script: bool = False) -> subprocess.CompletedProcess:
     from hydra.core.global_hydra import GlobalHydra
 
+    import trainer
     from trainer import runlock
 
+    # The library stays loaded across commands, as one process has it: its public names load on first use
+    # (trainer/__init__.py), and a module first loaded during a command would be dropped with the user's below.
+    for name in trainer.__all__:
+        getattr(trainer, name)
     out, err = io.StringIO(), io.StringIO()
     root = logging.getLogger()
     saved = (sys.argv[:], os.getcwd(), root.handlers[:], root.level, set(sys.modules), sys.path[:], set(runlock._held))

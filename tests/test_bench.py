@@ -1,4 +1,4 @@
-"""Smoke test of scripts/bench.py: one tiny cell end to end, checking what it reports, not how fast."""
+"""Smoke test of benchmarks/bench.py: one tiny cell end to end, checking what it reports, not how fast."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ def test_bench_quick_one_cell(tmp_path):
     out = tmp_path / "bench"
     proc = subprocess.run(
         [
-            sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick",
+            sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--quick",
             "--workloads", "mlp", "--precisions", "float32", "--xla", "off", "--steps-per-loop", "2",
             "--out", str(out),
         ],
@@ -54,7 +54,7 @@ def test_bench_quick_one_cell(tmp_path):
 
 
 def test_sign_test_tells_a_real_gap_from_noise():
-    sys.path.insert(0, str(ROOT / "scripts"))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench import sign_test
 
     assert sign_test([1.02, 1.01, 1.05, 1.03, 1.01]) == ("faster", 1 / 32)  # every round of 5
@@ -66,7 +66,7 @@ def test_sign_test_tells_a_real_gap_from_noise():
 
 def test_plot_without_matplotlib_says_so_and_writes_nothing(tmp_path, capsys, monkeypatch):
     """matplotlib is optional (the `bench` extra): without it the figures stand and only the picture is skipped."""
-    sys.path.insert(0, str(ROOT / "scripts"))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench import plot
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError

@@ -157,7 +157,8 @@ def test_bad_profile_steps_is_a_config_error(value, expected):
     """What the CLI checks before a run folder exists (exit 2): the composed config, as check_config sees it."""
     from hydra import compose, initialize_config_module
 
-    from trainer.config import ConfigError, check_config, register_configs
+    from trainer.assemble import register_configs
+    from trainer.config import ConfigError, check_config
 
     register_configs()
     with initialize_config_module("trainer.conf", version_base="1.3"):

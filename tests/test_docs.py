@@ -235,7 +235,7 @@ def test_documented_commands_compose_against_the_schema():
     from omegaconf import OmegaConf
 
     from trainer.argv_check import problem_in
-    from trainer.config import register_configs
+    from trainer.assemble import register_configs
 
     register_configs()
     checked, problems = 0, []
@@ -268,7 +268,19 @@ def test_readme_commands_are_what_ci_runs():
         assert f"```bash\n{command}\n```" in readme, command
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert "bash scripts/setup.sh" in ci and "python -m pytest -q -n 2" in ci
+    assert ci.index("ruff check trainer tests scripts benchmarks examples recipes") < ci.index("python -m pytest -q -n 2")
     assert 'pip install -q -e ".[text,test,bench,docs,mlflow,export,sweep,profile]"' in (ROOT / "scripts" / "setup.sh").read_text()
+
+
+def test_the_code_passes_the_linter_ci_runs():
+    """.ci/run's `ruff check` (pyproject.toml's [tool.ruff]: pyflakes' rules), with the version the test extra pins."""
+    import tomllib
+
+    pins = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
+    assert "ruff==0.14.0" in pins
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "trainer", "tests", "scripts", "benchmarks", "examples", "recipes"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-1000:]
 
 
 def _mkdocs(config_dir: Path, site: Path) -> subprocess.CompletedProcess:

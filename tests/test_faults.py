@@ -70,8 +70,9 @@ def test_every_numeric_field_of_every_schema_has_a_range():
     from omegaconf import OmegaConf
 
     from trainer import config
+    from trainer.assemble import register_configs
 
-    config.register_configs()
+    register_configs()
     schemas = {config.Config, config.FinetuneConfig, config.TrainerConfig, config.PrecisionConfig, config.StrategyConfig}
     for group in ConfigStore.instance().repo.values():
         for item in group.values() if isinstance(group, dict) else ():

@@ -4,36 +4,46 @@
     trainer = Trainer(model=build_model, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       optimizer=lambda: keras.optimizers.Adam(1e-3), metrics=[keras.metrics.SparseCategoricalAccuracy()])
     trainer.fit(train_ds, eval_ds, steps=1000)
+
+The names below load when first used (PEP 562), so `import trainer.config` or `trainer.errors` does not load
+TensorFlow; TensorFlow's C++ start-up lines are kept off the terminal whoever loads it (trainer/quiet.py).
 """
-from trainer.quiet import quiet_tensorflow_import
+import importlib
 
-quiet_tensorflow_import()
+from trainer.quiet import quiet_when_loaded
 
-from trainer.callbacks import Callback, CSVLogger, EarlyStopping, MetricsWriter, MLflowLogger, ReduceLROnPlateau, TensorBoardWriter  # noqa: E402
-from trainer.checkpoint import CheckpointError  # noqa: E402
-from trainer.config import PrecisionConfig, StrategyConfig, TrainerConfig  # noqa: E402
-from trainer.core import NumericalError, Trainer, TrainingInterrupted  # noqa: E402
-from trainer.data import DataBundle  # noqa: E402
-from trainer.load_weights import warm_start  # noqa: E402
-from trainer.loss_scale import LossScale  # noqa: E402
+quiet_when_loaded()
 
-__all__ = [
-    "CSVLogger",
-    "Callback",
-    "CheckpointError",
-    "DataBundle",
-    "EarlyStopping",
-    "LossScale",
-    "MLflowLogger",
-    "MetricsWriter",
-    "NumericalError",
-    "PrecisionConfig",
-    "ReduceLROnPlateau",
-    "StrategyConfig",
-    "TensorBoardWriter",
-    "Trainer",
-    "TrainerConfig",
-    "TrainingInterrupted",
-    "warm_start",
-]
+_HOME = {  # public name -> the module that defines it
+    "CSVLogger": "trainer.callbacks",
+    "Callback": "trainer.callbacks",
+    "CheckpointError": "trainer.checkpoint",
+    "DataBundle": "trainer.data",
+    "EarlyStopping": "trainer.callbacks",
+    "LossScale": "trainer.loss_scale",
+    "MLflowLogger": "trainer.callbacks",
+    "MetricsWriter": "trainer.callbacks",
+    "NumericalError": "trainer.core",
+    "PrecisionConfig": "trainer.config",
+    "ReduceLROnPlateau": "trainer.callbacks",
+    "StrategyConfig": "trainer.config",
+    "TensorBoardWriter": "trainer.callbacks",
+    "Trainer": "trainer.core",
+    "TrainerConfig": "trainer.config",
+    "TrainingInterrupted": "trainer.core",
+    "warm_start": "trainer.load_weights",
+}
+__all__ = list(_HOME)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module 'trainer' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOME[name]), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_HOME))

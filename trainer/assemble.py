@@ -9,15 +9,44 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.config import ConfigError, PrecisionConfig, StrategyConfig, TrainerConfig
+from trainer.config import ConfigError, PrecisionConfig, StrategyConfig, TrainerConfig, register_schemas
 
 DEFAULT_TRAINER_CLASS = "trainer.core.Trainer"
+log = logging.getLogger(__name__)
+
+
+def register_configs() -> None:
+    """Hydra's ConfigStore gets the framework's schemas (trainer/config.py), then each recipe's.
+
+    The recipe contract: a module of trainer.recipes (recipes/*.py) may define `register_configs(cs)`, which
+    stores the schemas of its data and model options (`cs.store(group="data", name="base_mnist", node=...)`)
+    for its YAML files under conf/ to extend. Loading a recipe may load TensorFlow and the core: that is why
+    this lives here, above them, and not in trainer.config."""
+    import importlib
+    import pkgutil
+
+    from hydra.core.config_store import ConfigStore
+
+    import trainer.recipes
+
+    cs = ConfigStore.instance()
+    register_schemas(cs)
+    for info in pkgutil.iter_modules(trainer.recipes.__path__):
+        try:
+            module = importlib.import_module(f"trainer.recipes.{info.name}")
+        except Exception as e:  # noqa: BLE001 - one broken recipe must not take the others down
+            log.warning("recipe module trainer.recipes.%s failed to import (%s: %s); its config options are unavailable",
+                        info.name, type(e).__name__, e)
+            continue
+        if hasattr(module, "register_configs"):
+            module.register_configs(cs)
 
 
 def schema(cls, node: DictConfig):

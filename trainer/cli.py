@@ -16,10 +16,10 @@ from hydra.types import RunMode  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from trainer.assemble import parts_of, schema, strategy_of  # noqa: E402
+from trainer.assemble import parts_of, register_configs, schema, strategy_of  # noqa: E402
 from trainer.callbacks import Callback  # noqa: E402
-from trainer.config import PrecisionConfig, TrainerConfig, check_config, register_configs  # noqa: E402
-from trainer.errors import EXIT_NUMERICAL, EXIT_USER_ERROR, exit_code_of, find_error  # noqa: E402
+from trainer.config import ConfigError, PrecisionConfig, TrainerConfig, check_config  # noqa: E402
+from trainer.errors import EXIT_NUMERICAL, EXIT_USER_ERROR, exit_code_of, find_error, report_error  # noqa: E402
 from trainer.sweep import BASIC_SWEEPER, job_value, program, register_resolver, register_sweeper_configs  # noqa: E402
 
 log = logging.getLogger("trainer")
@@ -280,8 +280,7 @@ def main() -> None:
 
     problem = problem_in(sys.argv[1:])  # what Hydra would reject without the fix (trainer/argv_check.py)
     if problem:
-        print(f"[trainer][ERROR] - {problem}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(report_error(ConfigError(problem), prefix="[trainer][ERROR] - "))
     _hydra_main()
 
 

@@ -52,7 +52,7 @@ def decide_jit_compile(config: TrainerConfig, precision: PrecisionConfig, *, on_
             and precision_lib.xla_bfloat16_is_faster_here()):  # measured on one replica of a 2-core CPU
         log.info(
             "XLA: on (trainer.jit_compile=null means auto): on an Intel CPU with AVX-512 BF16 and no AMX, "
-            "TensorFlow's own bfloat16 matmuls are slow and XLA's are not (scripts/bench.py, trainer with XLA "
+            "TensorFlow's own bfloat16 matmuls are slow and XLA's are not (benchmarks/bench.py, trainer with XLA "
             "over without: MLP 1.43-1.48x, ResNet 1.17-1.28x, Transformer 1.40-1.45x). "
             "trainer.jit_compile=false turns it off."
         )
@@ -75,7 +75,7 @@ class XlaPlan:
 def plan_xla(config: TrainerConfig, *, jit_compile: bool, on_cpu: bool, replicas: int, custom_step: bool,
              mean_variable_size: float) -> XlaPlan:
     """Decides the layout from the settings alone (no state). Auto, measured on a 2-core CPU
-    (`python scripts/bench_step.py --only xla_layout`): inside XLA the step of the small ResNet and
+    (`python benchmarks/bench_step.py --only xla_layout`): inside XLA the step of the small ResNet and
     Transformer is 2-13% faster (no op-by-op updates of dozens of small variables); outside it the
     MLP's (20M parameters in 6 variables) is 4-10% faster (TF's fused kernels run multi-threaded,
     XLA:CPU's loops do not keep up)."""
@@ -260,7 +260,7 @@ def make_eval_function(trainer, iterator) -> Callable:
 
 MEASURE_STEPS, MEASURE_ROUNDS, MEASURE_WARMUP = 5, 3, 1  # steps per timed call, timed calls and warm-up calls each way
 # Auto measures on a CPU from this run length: measuring cost 340-480 steps' worth of time when auto was right
-# and saved 17-90% of every step when it was wrong (scripts/bench_jit_measure.py, docs/benchmarks.md).
+# and saved 17-90% of every step when it was wrong (benchmarks/bench_jit_measure.py, docs/benchmarks.md).
 AUTO_MEASURE_STEPS = 10_000
 
 

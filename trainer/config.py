@@ -6,11 +6,8 @@ missing group option is an error at composition time, before any work starts.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import logging
 import math
 import numbers
-import pkgutil
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, List, Mapping, Optional
@@ -224,7 +221,7 @@ class PrecisionConfig(Checked):
     max_consecutive_skips: int = ranged(100, "[1, inf)")  # stop the run after this many non-finite steps in a row
     # Without loss scaling (float32, bfloat16): skip a non-finite update (true), or apply every update
     # unconditionally and stop at the first non-finite step (false: no wait on the finite check before
-    # the update: 2% faster on the bench Transformer, scripts/bench_step.py; see README "When numbers go bad").
+    # the update: 2% faster on the bench Transformer, benchmarks/bench_step.py; see README "When numbers go bad").
     skip_nonfinite: bool = True
     float32_layers: List[str] = field(default_factory=list)  # layer class names kept in float32
     debug_numerics: bool = False  # tf.debugging.enable_check_numerics: names the first bad op
@@ -361,11 +358,10 @@ class Config:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
 
 
-def register_configs() -> None:
-    """Puts the schemas in Hydra's ConfigStore; YAML files name them in their defaults lists."""
-    cs = ConfigStore.instance()
+def register_schemas(cs: ConfigStore) -> None:
+    """Puts the framework's schemas in Hydra's ConfigStore; YAML files name them in their defaults lists.
+    The recipes' own schemas come from the composition root (trainer.assemble.register_configs)."""
     cs.store(name="base_config", node=Config)
-    cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
     cs.store(group="precision", name="base_precision", node=PrecisionConfig)
     cs.store(group="strategy", name="base_strategy", node=StrategyConfig)
     cs.store(group="optimizer", name="base_adam", node=AdamConfig)
@@ -373,21 +369,6 @@ def register_configs() -> None:
     cs.store(group="optimizer", name="base_sgd", node=SGDConfig)
     cs.store(group="callbacks", name="base_early_stopping", node=EarlyStoppingConfig)
     cs.store(group="callbacks", name="base_reduce_lr_on_plateau", node=ReduceLROnPlateauConfig)
-    # Each recipe module (recipes/*.py, installed as trainer.recipes) stores the schemas of its own
-    # data and model options in its register_configs(cs); recipes import heavy libraries lazily.
-    import trainer.recipes
-
-    for info in pkgutil.iter_modules(trainer.recipes.__path__):
-        try:
-            module = importlib.import_module(f"trainer.recipes.{info.name}")
-        except Exception as e:  # noqa: BLE001 - one broken recipe must not take the others down
-            logging.getLogger(__name__).warning(
-                "recipe module trainer.recipes.%s failed to import (%s: %s); its config options are unavailable",
-                info.name, type(e).__name__, e,
-            )
-            continue
-        if hasattr(module, "register_configs"):
-            module.register_configs(cs)
 
 
 # ---------------------------------------------------------------------------------------------

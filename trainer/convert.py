@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from trainer.errors import EXIT_USER_ERROR, UserError, report_error
+from trainer.errors import UserError, report_error
 
 # Relative error allowed between the float32 model and the converted one, per target compute dtype:
 # float16 keeps 10 mantissa bits, bfloat16 7, so a deep net's outputs drift by about that much.
@@ -203,10 +203,9 @@ def main(argv=None) -> int:
     from trainer.runs import checkpoint_of, load_trained_model
 
     out = Path(args.out)
-    if args.eval_steps is not None and args.eval_steps < 1:
-        print(f"error: --eval-steps {args.eval_steps}: must be >= 1", file=sys.stderr)
-        return EXIT_USER_ERROR
     try:
+        if args.eval_steps is not None and args.eval_steps < 1:
+            raise ConversionError(f"--eval-steps {args.eval_steps}: must be >= 1")
         model, sample = load_trained_model(args.source)
         from_run = Path(args.source).suffix != ".keras"
         if not from_run:

@@ -143,7 +143,7 @@ def _tpu_strategy(tpu: str | None) -> tf.distribute.Strategy:
     def give_up():  # TensorFlow's TPU initialization cannot be interrupted: end the process
         log.error("strategy=tpu: the TPU system did not initialize within %ds; giving up", TPU_CONNECT_TIMEOUT_S)
         logging.shutdown()
-        os._exit(2)
+        os._exit(StrategyError.exit_code)
 
     watchdog = threading.Timer(TPU_CONNECT_TIMEOUT_S, give_up)
     watchdog.daemon = True

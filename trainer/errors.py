@@ -38,10 +38,6 @@ class NumericalFailure(TrainerError):
     exit_code = EXIT_NUMERICAL
 
 
-class ServingError(UserError, ValueError):
-    """A run, checkpoint, input or override cannot be used (evaluate, predict, export, convert)."""
-
-
 def find_error(error: BaseException, types: Tuple[Type[BaseException], ...] = (TrainerError,),
                implicit: bool = False) -> Optional[BaseException]:
     """The first error of `types` in `error`'s cause chain (itself, its __cause__, ...), else None.

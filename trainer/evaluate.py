@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 from trainer.assemble import trainer_for
-from trainer.errors import EXIT_USER_ERROR, ServingError, report_error
-from trainer.runs import OVERRIDABLE, RunCheckpoint, apply_overrides, checkpoint_of, eval_inputs, load_run, resolve_checkpoint
+from trainer.errors import EXIT_USER_ERROR, report_error  # noqa: F401 - EXIT_USER_ERROR: importable here before
+from trainer.runs import (OVERRIDABLE, RunCheckpoint, ServingError, apply_overrides, checkpoint_of, eval_inputs, load_run,
+                          resolve_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,7 @@ def main(argv: List[str] = None) -> int:
         out.write_text(json.dumps(record, indent=1))
     except OSError as e:  # a read-only or full run folder: the figures above are the result
         if args.out:
-            print(f"error: --out {out} cannot be written ({e.strerror or e}). Fix: give a file you can write to.", file=sys.stderr)
-            return EXIT_USER_ERROR
+            return report_error(ServingError(f"--out {out} cannot be written ({e.strerror or e}). Fix: give a file you can write to."))
         print(f"not written: {out} cannot be written ({e.strerror or e}); the figures above are the result. "
               "To keep them as JSON: --out FILE (a place you can write to).")
         return 0

@@ -19,7 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
-from trainer.errors import EXIT_NUMERICAL, EXIT_USER_ERROR, report_error
+from trainer.errors import EXIT_NUMERICAL, report_error
 from trainer.runs import checkpoint_of, eval_inputs, find_run, load_trained_model  # noqa: F401 - find_run: its home before
 
 EXIT_MISMATCH = EXIT_NUMERICAL  # written, but its outputs differ beyond --tolerance (ExportMismatch)
@@ -46,17 +46,14 @@ def main(argv=None) -> int:
     from trainer.convert import convert_model
 
     out = Path(args.out)
-    if (out.is_dir() and any(out.iterdir())) or out.is_file():
-        print(f"error: {out} exists and is not empty; choose another --out (nothing was written)", file=sys.stderr)
-        return EXIT_USER_ERROR
-    if args.check_batches < 1:
-        print(f"error: --check-batches {args.check_batches}: must be >= 1", file=sys.stderr)
-        return EXIT_USER_ERROR
-    if args.tolerance is not None and not args.tolerance >= 0:  # also NaN
-        print(f"error: --tolerance {args.tolerance}: must be >= 0 (0: outputs must match exactly)", file=sys.stderr)
-        return EXIT_USER_ERROR
     tolerance = args.tolerance
     try:
+        if (out.is_dir() and any(out.iterdir())) or out.is_file():
+            raise export_formats.ExportError(f"{out} exists and is not empty; choose another --out (nothing was written)")
+        if args.check_batches < 1:
+            raise export_formats.ExportError(f"--check-batches {args.check_batches}: must be >= 1")
+        if tolerance is not None and not tolerance >= 0:  # also NaN
+            raise export_formats.ExportError(f"--tolerance {tolerance}: must be >= 0 (0: outputs must match exactly)")
         export_formats.check_packages(args.format)  # before any work
         checkpoint = checkpoint_of(args.source, args.checkpoint)
         model, sample = load_trained_model(checkpoint.prefix, newest_if_gone=checkpoint.latest)

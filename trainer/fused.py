@@ -4,7 +4,7 @@ Why: Keras 3 writes each update as separate ops (Adam: about ten, each a full pa
 and its slots), and without XLA TensorFlow runs them one by one. TensorFlow's own training kernels
 (ResourceApplyAdam, ResourceApplyKerasMomentum; the ones Keras 2 used) do the same arithmetic in one
 pass. Measured on this 2-core CPU for the 20M-parameter MLP: 59 ms per Adam update with Keras' ops,
-20 ms fused (scripts/bench_step.py). The formulas are Keras' (checked in tests/test_step.py); with XLA the
+20 ms fused (benchmarks/bench_step.py). The formulas are Keras' (checked in tests/test_step.py); with XLA the
 kernels compile too (XLA would fuse Keras' ops on its own).
 
 Only the exact Keras classes are fused (a subclass may have its own update_step), only dense

@@ -187,11 +187,11 @@ def xla_bfloat16_is_faster_here() -> bool:
 
 def advise_xla_bfloat16_on_cpu() -> None:
     """XLA's CPU backend (TF 2.21) does not use oneDNN's bfloat16 matmul kernels, which is a loss where
-    those kernels are fast and a gain where they are not. Measured with scripts/bench.py (MLP matmuls,
+    those kernels are fast and a gain where they are not. Measured with benchmarks/bench.py (MLP matmuls,
     bfloat16 with XLA over without): ~0.45x on an AMD Zen 4, ~0.19x on an Intel Xeon with AMX, ~1.5x on
     an Intel Xeon with AVX-512 BF16 but no AMX."""
     kernels = cpu_bfloat16_kernels(cpu_flags())
-    measure = "`python scripts/bench.py --workloads mlp --precisions mixed_bfloat16` compares both here"
+    measure = "`python benchmarks/bench.py --workloads mlp --precisions mixed_bfloat16` compares both here"
     if kernels in ("AMX", "AMD with AVX-512 BF16"):
         log.warning(
             "XLA with mixed_bfloat16 on this CPU (%s): XLA's CPU backend does not use the fast bfloat16 "
@@ -231,7 +231,7 @@ def hardware_report(policy: str, strategy: tf.distribute.Strategy) -> str:
         bf16 = "fast here (AMX)"
     elif kernels:
         bf16 = ("supported here (AVX-512 BF16, no AMX): from 0.6x to 1.8x float32 matmul speed depending on "
-                "the CPU (`python scripts/bench.py --workloads mlp` measures it)")
+                "the CPU (`python benchmarks/bench.py --workloads mlp` measures it)")
     else:
         bf16 = "emulated and slow here (no AVX-512 BF16/AMX)"
     fp16 = "avx512_fp16" in flags
@@ -248,7 +248,7 @@ def hardware_report(policy: str, strategy: tf.distribute.Strategy) -> str:
 def cpu_policy_advice(policy: str, kernels: str) -> str:
     """What to pick instead of `policy` on a CPU with these bfloat16 kernels (cpu_bfloat16_kernels), or ""
     when `policy` already fits. It follows the measurements in cpu_bfloat16_kernels' docstring."""
-    bench = "`python scripts/bench.py --workloads mlp` measures it"
+    bench = "`python benchmarks/bench.py --workloads mlp` measures it"
     if kernels in ("AMX", "AMD with AVX-512 BF16"):
         return "Consider precision=mixed_bfloat16 on this machine." if policy == "mixed_float16" else ""
     if kernels:  # Intel AVX-512 BF16 without AMX: bfloat16 measured 0.56x float32

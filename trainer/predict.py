@@ -21,9 +21,9 @@ from typing import Any, Iterable, Iterator, List, Optional
 import numpy as np
 
 from trainer.assemble import trainer_for
-from trainer.errors import EXIT_USER_ERROR, ServingError, report_error
+from trainer.errors import report_error
 from trainer.inference import DEFAULT_BATCH_SIZE, as_batched_dataset, in_batches, predict  # noqa: F401 - their home before
-from trainer.runs import load_run
+from trainer.runs import ServingError, load_run
 
 log = logging.getLogger(__name__)
 
@@ -146,15 +146,11 @@ def main(argv: List[str] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.out)
-    problem = None
-    if out.suffix not in (".csv", ".jsonl"):
-        problem = f"--out {out}: the file name must end in .csv or .jsonl (it picks the format)"
-    elif args.batch_size is not None and args.batch_size < 1:
-        problem = f"--batch-size {args.batch_size}: must be >= 1"
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return EXIT_USER_ERROR
     try:
+        if out.suffix not in (".csv", ".jsonl"):
+            raise ServingError(f"--out {out}: the file name must end in .csv or .jsonl (it picks the format)")
+        if args.batch_size is not None and args.batch_size < 1:
+            raise ServingError(f"--batch-size {args.batch_size}: must be >= 1")
         rows = predict_files(args.run, args.input, args.checkpoint, args.batch_size)
     except Exception as e:  # noqa: BLE001 - ours, or a recipe's reader failing on an input file; else a bug (traceback)
         code = report_error(e, bad_input=input_errors())

@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterator, Optional
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from trainer.errors import EXIT_USER_ERROR, UserError
+from trainer.errors import UserError, report_error
 
 LOCK_FILE = ".trainer.lock"
 _held: Dict[Path, int] = {}  # folder -> lock descriptor, for the folders this process holds
@@ -136,10 +136,9 @@ def is_chief_process(strategy_name: str, tf_config: Optional[str] = None) -> boo
     return kind in (None, "chief") or (kind == "worker" and index == 0 and "chief" not in config.get("cluster", {}))
 
 
-def _fail(e: Exception) -> None:
+def _fail(e: UserError) -> None:
     """Hydra's logging is not set up yet (that is the point): the message goes to stderr, exit 2."""
-    print(f"[trainer][ERROR] - {e}", file=sys.stderr)
-    sys.exit(getattr(e, "exit_code", EXIT_USER_ERROR))
+    sys.exit(report_error(e, prefix="[trainer][ERROR] - "))
 
 
 class RunFolderCallback(HydraCallback):

@@ -19,11 +19,15 @@ from typing import Any, List, Optional, Sequence, Tuple
 from omegaconf import OmegaConf
 
 from trainer.checkpoint import CheckpointError, list_checkpoints
-from trainer.errors import ServingError, UserError
+from trainer.errors import UserError
 
 log = logging.getLogger(__name__)
 
 OVERRIDABLE = ("data.", "trainer.")  # what a served run's config may change: the model stays the checkpoint's
+
+
+class ServingError(UserError, ValueError):
+    """A run, checkpoint, input or override cannot be used (evaluate, predict, export, convert)."""
 
 
 class RunNotFound(UserError, FileNotFoundError):
@@ -53,6 +57,12 @@ def config_path(run: Path) -> Path:
 
 def is_run_folder(path: Path) -> bool:
     return config_path(path).is_file()
+
+
+def not_a_run_folder(path, takes: str = "", fix: str = "give the folder a training run wrote (hydra.run.dir, e.g. "
+                     "runs/mnist/<date_time>)") -> RunNotFound:
+    """The one wording of "this path is no run folder" for every command; `takes`: what else it accepts."""
+    return RunNotFound(f"{path} is not a run folder (no .hydra/config.yaml){takes}. Fix: {fix}.")
 
 
 def checkpoint_name(prefix) -> str:
@@ -107,8 +117,7 @@ def find_run(source: Path) -> Tuple[Path, str]:
         for run in (source.parent.parent, source.parent.parent.parent):
             if is_run_folder(run):
                 return run, str(source)
-    raise RunNotFound(f"{source} is not a run folder (with .hydra/config.yaml), its checkpoints/ folder, a ckpt-N prefix, "
-                        "or a .keras file")
+    raise not_a_run_folder(source, takes=", nor its checkpoints/ folder, a ckpt-N prefix or a .keras file")
 
 
 def resolve_checkpoint(run: Path, which: str = "latest") -> Tuple[str, str]:
@@ -155,8 +164,7 @@ def load_run(run: str, which: str = "latest", overrides: Sequence[str] = ()) -> 
     """The run's config (with data.*/trainer.* `overrides`) and the checkpoint `which`."""
     folder = Path(run).expanduser()
     if not is_run_folder(folder):
-        raise ServingError(f"{folder} is not a run folder (no .hydra/config.yaml). Fix: give the folder a training "
-                           "run wrote (hydra.run.dir, e.g. runs/mnist/<date_time>).")
+        raise not_a_run_folder(folder)
     cfg = OmegaConf.load(config_path(folder))
     apply_overrides(cfg, overrides)
     prefix, name = resolve_checkpoint(folder, which)
@@ -212,7 +220,6 @@ def load_trained_model(source: str, policy: str = "float32", newest_if_gone: boo
     import tensorflow as tf
     from hydra.utils import instantiate
 
-    from trainer.load_weights import warm_start
     from trainer.ema import restore_averages
     from trainer.precision import set_policy
 
@@ -244,12 +251,19 @@ def load_trained_model(source: str, policy: str = "float32", newest_if_gone: boo
                               "Fix: in Python, rebuild them, restore the checkpoint and save the one you need "
                               "(trainer.models[name].save(...)).")
     model(sample, training=False)  # build
+    restore_weights(model, prefix)
+    restore_averages(model, cfg.get("optimizer"), prefix)  # a run with optimizer.use_ema=true: its averages
+    return model, sample
+
+
+def restore_weights(model, prefix: str) -> None:
+    """Restores a built model's weights from a run's checkpoint, read-only; a weight it lacks is a ServingError."""
+    from trainer.load_weights import warm_start
+
     report = warm_start(model, prefix, purpose="Loading weights")
     if report["missing"] or report["mismatched"]:
         raise ServingError(f"{prefix} does not hold all of this model's weights: {report}")
     log.info("Loaded %s from %s (%d variables)", model.name, prefix, len(report["restored"]))
-    restore_averages(model, cfg.get("optimizer"), prefix)  # a run with optimizer.use_ema=true: its averages
-    return model, sample
 
 
 def eval_dataset(cfg):

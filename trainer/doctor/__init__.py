@@ -108,11 +108,26 @@ def diagnose(model: Callable, data, loss, optimizer: Optional[Callable] = None, 
       sections: which of hardware, model, numerics, speed to measure.
       overrides: the user's config overrides, repeated in the recommended command.
     """
+    from trainer.assemble import Parts
+    from trainer.config import PrecisionConfig, TrainerConfig
+    from trainer.core import Trainer
+
+    parts = Parts(model=model, loss=loss, optimizer=optimizer, metrics=metrics,
+                  precision=PrecisionConfig(policy=precision) if isinstance(precision, str) else precision,
+                  config=trainer_config or TrainerConfig(), trainer_class=trainer_class or Trainer, seed=seed,
+                  clipnorm=clipnorm)
+    return diagnose_parts(parts, data, batch_size=batch_size, strategy=strategy, weights=weights, quick=quick,
+                          sections=sections, overrides=overrides, command=command, progress=progress)
+
+
+def diagnose_parts(parts, data, *, batch_size: Optional[int] = None, strategy=None, weights: Optional[list] = None,
+                   quick: bool = False, sections: Sequence[str] = SECTIONS, overrides: Sequence[str] = (),
+                   command: str = "", progress: Optional[Callable[[str], None]] = None) -> dict:
+    """diagnose() on the parts of a Trainer (trainer.assemble.Parts, as `python -m trainer` builds from a config):
+    each configuration the speed section times is `parts.build(...)` with its policy and XLA setting."""
     import keras
     import tensorflow as tf
 
-    from trainer.config import PrecisionConfig, TrainerConfig
-    from trainer.core import Trainer
     from trainer.doctor.hardware import device_section, hardware_section
     from trainer.doctor.model_table import model_section
     from trainer.doctor.numerics import numerics_section
@@ -121,8 +136,7 @@ def diagnose(model: Callable, data, loss, optimizer: Optional[Callable] = None, 
 
     start = time.perf_counter()
     progress = progress or _progress_to_stderr(start)
-    precision = PrecisionConfig(policy=precision) if isinstance(precision, str) else precision
-    trainer_config = trainer_config or TrainerConfig()
+    precision, trainer_config = parts.precision, parts.config
     strategy = strategy or tf.distribute.get_strategy()
     if batch_size is None and not isinstance(data, tf.data.Dataset):
         raise ValueError("trainer.doctor.diagnose: with data given as a function of the batch size, give batch_size too")
@@ -137,20 +151,20 @@ def diagnose(model: Callable, data, loss, optimizer: Optional[Callable] = None, 
     else:
         report["hardware"] = {**device, "matmul": []}
     x, _, _ = keras.utils.unpack_x_y_sample_weight(batches[0])
-    single = _single_model(model)
+    single = _single_model(parts.model)
     why_not = None if single else "the model builder returns several models: the table and numerics take one"
-    if loss is None and "numerics" in sections and single:
+    if parts.loss is None and "numerics" in sections and single:
         why_not = "numerics need a loss (Trainer(loss=...))"
     if "model" in sections and single:
         progress(f"model: the layer table under {candidate_policy(precision.policy, device['kind'])}")
         _section(report, "model", progress, lambda: model_section(
-            model, candidate_policy(precision.policy, device["kind"]), x, batch_size // strategy.num_replicas_in_sync,
+            parts.model, candidate_policy(precision.policy, device["kind"]), x, batch_size // strategy.num_replicas_in_sync,
             weights=weights, float32_layers=precision.float32_layers))
     elif "model" in sections:
         report["model_skipped"] = why_not
     if "numerics" in sections and why_not is None:
         _section(report, "numerics", progress, lambda: numerics_section(
-            model, per_example_loss(loss), batches, weights=weights, float32_layers=precision.float32_layers,
+            parts.model, per_example_loss(parts.loss), batches, weights=weights, float32_layers=precision.float32_layers,
             progress=progress))
     elif "numerics" in sections:
         report["numerics_skipped"] = why_not
@@ -158,11 +172,11 @@ def diagnose(model: Callable, data, loss, optimizer: Optional[Callable] = None, 
         configs, skipped = plan_grid(batch_size, quick, on_cpu=device["kind"] == "CPU")
 
         def make_trainer(policy: str, xla: bool):
-            return (trainer_class or Trainer)(
-                model=model, loss=loss, optimizer=optimizer, metrics=metrics, strategy=strategy, seed=seed,
-                clipnorm=clipnorm, precision=dataclasses.replace(precision, policy=policy),
+            return parts.replace(
+                precision=dataclasses.replace(precision, policy=policy),
                 config=dataclasses.replace(trainer_config, jit_compile=xla, progress_bar=False, verbose=False,
-                                           tensorboard=False, init_from=None))
+                                           tensorboard=False, init_from=None),
+            ).build(strategy=strategy)
 
         report["speed"] = speed_section(make_trainer, data_for_batch, configs, skipped, rounds=3 if quick else 5,
                                         call_seconds=0.1 if quick else 0.2, progress=progress)

@@ -49,7 +49,8 @@ def compose_config(overrides: List[str]):
     from omegaconf import open_dict
     from omegaconf.errors import OmegaConfBaseException
 
-    from trainer.config import check_config, register_configs
+    from trainer.assemble import register_configs
+    from trainer.config import check_config
     from trainer.sweep import register_resolver
 
     register_configs()
@@ -67,42 +68,31 @@ def compose_config(overrides: List[str]):
 
 def load_run(folder: str) -> Tuple[object, List[str], str, Path]:
     """(config, its overrides, the latest checkpoint, the run folder itself) of a run folder (or of a
-    folder or checkpoint inside it)."""
-    from omegaconf import OmegaConf
-
-    from trainer.runs import RunNotFound, config_path, find_run
+    folder or checkpoint inside it), read by trainer.runs as every command reads one."""
+    from trainer.runs import RunNotFound, checkpoint_of, not_a_run_folder
     from trainer.sweep import recorded_overrides
 
     try:
-        run, prefix = find_run(Path(folder).expanduser())
+        checkpoint = checkpoint_of(folder)
     except RunNotFound:  # its message offers a .keras file: the doctor needs the run's config
-        raise DoctorError(f"{folder} is not a run folder (with .hydra/config.yaml), its checkpoints/ folder or a "
-                          "ckpt-N prefix; the doctor needs the run's config (a .keras file has none: give "
-                          "its overrides instead of --run)") from None
-    overrides = recorded_overrides(run) or []
-    config = OmegaConf.load(config_path(run))
-    return config, [o for o in overrides if not o.startswith("hydra.")], prefix, run
-
-
-def trained_weights(model_builder, sample_x, prefix: str) -> list:
-    from trainer.load_weights import warm_start
-    from trainer.doctor.model_table import build_under
-
-    model = build_under(model_builder, "float32", sample_x)
-    report = warm_start(model, prefix, purpose="Loading weights")
-    if report["missing"] or report["mismatched"]:
-        raise DoctorError(f"{prefix} does not hold all of this model's weights: {report}")
-    return model.get_weights()
+        raise not_a_run_folder(folder, takes=", nor its checkpoints/ folder or a ckpt-N prefix",
+                               fix="give a run folder; the doctor needs the run's config (a .keras file has none: "
+                                   "give its overrides instead of --run)") from None
+    overrides = recorded_overrides(checkpoint.run) or []
+    return checkpoint.cfg, [o for o in overrides if not o.startswith("hydra.")], checkpoint.prefix, checkpoint.run
 
 
 def diagnose_config(cfg, overrides: List[str], quick: bool, prefix: Optional[str], command: str) -> dict:
-    """Instantiates what `python -m trainer` would (trainer/assemble.py) and runs trainer.doctor.diagnose."""
+    """The Trainer's parts `python -m trainer` would build (trainer.assemble.parts_of), measured by
+    trainer.doctor.diagnose_parts; with a run's checkpoint `prefix`, its weights (trainer.runs.restore_weights)."""
     import keras
     from hydra.utils import instantiate
 
     from trainer.assemble import parts_of, strategy_of
     from trainer.data import check_batch_size
-    from trainer.doctor import _first_batches, diagnose
+    from trainer.doctor import _first_batches, diagnose_parts
+    from trainer.doctor.model_table import build_under
+    from trainer.runs import restore_weights
 
     strategy = strategy_of(cfg)  # before TensorFlow initializes devices
     batch_size = cfg.data.get("batch_size", 1)
@@ -116,14 +106,13 @@ def diagnose_config(cfg, overrides: List[str], quick: bool, prefix: Optional[str
 
     parts = parts_of(cfg, total_steps=cfg.trainer.max_steps or 1000)
     weights = None
-    if prefix:
+    if prefix:  # the checkpoint's weights, not its EMA averages: the doctor measures training
         x, _, _ = keras.utils.unpack_x_y_sample_weight(_first_batches(data_for_batch(batch_size), 1)[0])
-        weights = trained_weights(parts.model, x, prefix)
-    return diagnose(
-        parts.model, data_for_batch, parts.loss, parts.optimizer, batch_size=batch_size, metrics=parts.metrics,
-        strategy=strategy, precision=parts.precision, trainer_config=parts.config, trainer_class=parts.trainer_class,
-        seed=parts.seed, clipnorm=parts.clipnorm, weights=weights, quick=quick, overrides=overrides, command=command,
-    )
+        model = build_under(parts.model, "float32", x)
+        restore_weights(model, prefix)
+        weights = model.get_weights()
+    return diagnose_parts(parts, data_for_batch, batch_size=batch_size, strategy=strategy, weights=weights,
+                          quick=quick, overrides=overrides, command=command)
 
 
 def _out_folder(args, run_folder: Optional[Path]) -> Path:

@@ -206,13 +206,13 @@ def _numerics_lines(num: dict) -> List[str]:
         lines.append(f"  loss scale: no scale keeps the largest gradient ({_g(f16['largest_gradient'])}) in range: "
                      f"float16 would overflow (underflow above is at scale 1)")
     e = f16["error_vs_float32"]
-    lines.append(f"  mixed_float16 run of the first batch at that scale: " + (
+    lines.append("  mixed_float16 run of the first batch at that scale: " + (
         f"loss error {e['loss']:.2g}, gradient error {e['gradients']:.2g} (relative to float32)" if e["finite"] else "inf/NaN"))
     if f16["float32_layers_override"]:
         lines.append(f"  would overflow float16: {', '.join(f16['overflowing_layers'])} -> {shlex.quote(f16['float32_layers_override'])}")
     lines.append(f"  mixed_float16: {'safe' if f16['safe'] else 'NOT safe: ' + '; '.join(f16['blockers'])}")
     e = bf16["error_vs_float32"]
-    lines.append(f"  mixed_bfloat16 run of the first batch: " + (
+    lines.append("  mixed_bfloat16 run of the first batch: " + (
         f"loss error {e['loss']:.2g}, gradient error {e['gradients']:.2g} (largest part: {e['worst_variable']['path']}, "
         f"{e['worst_variable']['share_of_error']:.0%} of it)" if e["finite"] else "inf/NaN"))
     lines.append(f"  mixed_bfloat16: {'safe' if bf16['safe'] else 'NOT safe: ' + '; '.join(bf16['blockers'])} "

@@ -53,9 +53,9 @@ see `make_dataset`): the numbers measure the training step, not an input pipelin
 about accuracy.
 
 Usage:
-  python scripts/bench.py                       # the default matrix (about 30 min on a 2-core CPU)
-  python scripts/bench.py --quick               # tiny shapes and steps: a smoke test (~1 min)
-  python scripts/bench.py --workloads mlp --precisions float32,mixed_bfloat16 --xla off,on \
+  python benchmarks/bench.py                       # the default matrix (about 30 min on a 2-core CPU)
+  python benchmarks/bench.py --quick               # tiny shapes and steps: a smoke test (~1 min)
+  python benchmarks/bench.py --workloads mlp --precisions float32,mixed_bfloat16 --xla off,on \
       --steps-per-loop 1,10 --steps auto --repeats 3 --out bench_results/
 """
 from __future__ import annotations

@@ -8,10 +8,10 @@ behind trainer/fused.py and the XLA layout in trainer/compile.py `plan_xla`, sid
                skip as a select (the default) or a tf.cond, vs forward/backward compiled and update outside
   overhead     a Trainer step vs the same model's forward and backward alone (no update, checks or
                metrics): what the Trainer adds around the model's own work
-  skip         the small Transformer of scripts/bench.py (float32, XLA off): updates wait for the finite
+  skip         the small Transformer of benchmarks/bench.py (float32, XLA off): updates wait for the finite
                check (precision.skip_nonfinite=true, the default) vs start when their gradient is ready
 
-Each pair is timed interleaved (A B A B ...), medians of --repeats. Usage: python scripts/bench_step.py
+Each pair is timed interleaved (A B A B ...), medians of --repeats. Usage: python benchmarks/bench_step.py
 """
 from __future__ import annotations
 
@@ -174,7 +174,7 @@ def overhead(repeats: int, n: int = 4) -> None:
 
 
 def skip_nonfinite(repeats: int) -> None:
-    from bench import make_dataset, make_loss, workloads  # scripts/bench.py: the same Transformer workload
+    from bench import make_dataset, make_loss, workloads  # benchmarks/bench.py: the same Transformer workload
 
     from trainer import PrecisionConfig
 

@@ -2,7 +2,7 @@
 """Is trainer.jit_compile=measure worth it over auto (trainer.jit_compile=null)? For each workload x
 precision, on this machine:
 
-  1. two Trainers, XLA on and XLA off (scripts/bench.py's models and synthetic data): each is compiled by a
+  1. two Trainers, XLA on and XLA off (benchmarks/bench.py's models and synthetic data): each is compiled by a
      one-step fit(), timed (compile_s), then both train `--steps` steps per call in interleaved rounds
      (trainer/timing.py): the median ms/step of each is the truth measure's choice is judged against.
   2. `--measure-runs` Trainers with trainer.jit_compile=measure train the measuring steps (40: 3 rounds of 5
@@ -11,7 +11,7 @@ precision, on this machine:
      measure's fit() seconds - (auto's compile_s + the same steps at auto's ms/step); the gain = auto's
      ms/step - the measured choice's; break-even = overhead / gain: the run length from which measuring pays.
 
-Usage: python scripts/bench_jit_measure.py [--workloads mlp,resnet] [--precisions float32,mixed_bfloat16]
+Usage: python benchmarks/bench_jit_measure.py [--workloads mlp,resnet] [--precisions float32,mixed_bfloat16]
        [--size small|bench] [--rounds 5] [--steps 10] [--measure-runs 2]
 mixed_float16 is not in the default list: on a CPU TensorFlow's float16 kernels are ~100x slower than XLA's
 (auto turns XLA on), so its off-cells take minutes and decide nothing.
@@ -36,7 +36,7 @@ from trainer.compile import decide_jit_compile  # noqa: E402
 from trainer.config import PrecisionConfig, TrainerConfig  # noqa: E402
 from trainer.timing import interleaved_seconds, median_seconds  # noqa: E402
 
-SIZES = {  # bench: scripts/bench.py's default shapes (the guide's 20M-parameter MLP: ~1 s/step on 2 cores)
+SIZES = {  # bench: benchmarks/bench.py's default shapes (the guide's 20M-parameter MLP: ~1 s/step on 2 cores)
     "small": {"mlp": lambda: bench.mlp_workload(units=1024, batch=128),
               "resnet": lambda: bench.resnet_workload(batch=32)},
     "bench": {"mlp": bench.mlp_workload, "resnet": bench.resnet_workload},

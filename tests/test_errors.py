@@ -1,0 +1,99 @@
+"""One classification of user errors (trainer/errors.py): every `python -m trainer.*` command says bad input in
+one line, exit 2, no traceback, through the same mapping; and the lowest layers import without TensorFlow."""
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def _main(module: str, *args: str, capsys) -> tuple:
+    """(exit code, stderr) of `python -m module args`, run by its main() in this process."""
+    code = importlib.import_module(module).main(list(args))
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module, extra", [
+    ("trainer.evaluate", ()),
+    ("trainer.predict", ("--input", "x.png", "--out", "p.csv")),
+    ("trainer.export", ("--out", "exported")),
+    ("trainer.convert", ("--policy", "mixed_float16", "--out", "converted")),
+])
+def test_every_command_says_not_a_run_folder_in_the_same_words(module, extra, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    code, err = _main(module, str(tmp_path / "empty"), *extra, capsys=capsys)
+    assert code == 2, err
+    assert f"{tmp_path / 'empty'} is not a run folder (no .hydra/config.yaml)" in err and "Fix:" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_doctor_says_not_a_run_folder_in_the_same_words(tmp_path, capsys):
+    from trainer.doctor.__main__ import main
+
+    assert main(["--run", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path} is not a run folder (no .hydra/config.yaml)" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("module, args, says", [
+    ("trainer.predict", ("run", "--input", "x", "--out", "p.txt"), "--out p.txt: the file name must end in .csv or .jsonl (it picks the format)"),
+    ("trainer.predict", ("run", "--input", "x", "--out", "p.csv", "--batch-size", "0"), "--batch-size 0: must be >= 1"),
+    ("trainer.export", ("run", "--out", "e", "--check-batches", "0"), "--check-batches 0: must be >= 1"),
+    ("trainer.convert", ("run", "--policy", "float32", "--out", "c", "--eval-steps", "0"), "--eval-steps 0: must be >= 1"),
+])
+def test_bad_arguments_are_user_errors_through_the_one_mapping(module, args, says, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = _main(module, *args, capsys=capsys)
+    assert code == 2 and err.strip() == f"error: {says}"
+
+
+def test_a_conversion_error_exits_2_with_its_message(tmp_path, capsys):
+    import keras
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.save(tmp_path / "m.keras")
+    code, err = _main("trainer.convert", str(tmp_path / "m.keras"), "--policy", "float64", "--out", str(tmp_path / "c"),
+                      capsys=capsys)
+    assert code == 2 and "--policy 'float64' is not one of" in err and "Traceback" not in err
+    assert not (tmp_path / "c").exists()
+
+
+def test_an_error_wrapped_by_a_builder_maps_through_its_class():
+    """A new error type needs no edit in any command: its base gives the exit code, found through the cause chain."""
+    from trainer.errors import NumericalFailure, UserError, exit_code_of
+
+    class RecipeError(UserError, ValueError):
+        pass
+
+    try:
+        try:
+            raise RecipeError("bad data.path")
+        except RecipeError as inner:
+            raise RuntimeError("hydra: error instantiating") from inner
+    except RuntimeError as wrapped:
+        code, cause = exit_code_of(wrapped)
+    assert code == 2 and str(cause) == "bad data.path"
+    assert exit_code_of(NumericalFailure("nan"))[0] == 3 and exit_code_of(KeyError("bug")) is None
+
+
+@pytest.mark.parametrize("module", ["trainer.errors", "trainer.config"])
+def test_the_lowest_layers_import_without_tensorflow(module):
+    code = f"import {module}, sys; assert 'tensorflow' not in sys.modules, 'tensorflow was imported'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_tensorflow_loads_quietly_whoever_loads_it_first():
+    """`import trainer` no longer loads TensorFlow, yet a trainer module or the user's own `import tensorflow`
+    after it still keeps TensorFlow's C++ start-up lines off stderr (TRAINER_TF_LOGS=1 shows them)."""
+    code = "import trainer.config, tensorflow as tf; tf.config.list_physical_devices('GPU'); print(tf.__loader__ is tf.__spec__.loader)"
+    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0 and quiet.stdout.strip() == "True", quiet.stderr[-2000:]
+    assert quiet.stderr.strip() == ""
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "TRAINER_TF_LOGS": "1", "TF_CPP_MIN_LOG_LEVEL": "0"})
+    assert shown.returncode == 0 and shown.stderr.strip() != ""  # the lines exist: the quiet run hid them
