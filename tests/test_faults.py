@@ -426,3 +426,24 @@ def test_a_label_the_step_meets_is_named():
     assert _label_out_of_range(ValueError(tf_text)).startswith(
         "a training batch holds label 9, but the model has 5 outputs (classes 0..4)")
     assert _label_out_of_range(ValueError("something else")) is None
+
+
+def test_a_resume_that_changes_the_precision_says_so_and_keeps_the_earlier_config(tmp_path):
+    """Resuming a float32 run with precision=mixed_bfloat16 changed its precision silently and overwrote
+    .hydra/config.yaml: the change is now a warning, and the config of the steps before it is kept."""
+    from omegaconf import OmegaConf
+
+    run_dir = tmp_path / "run"
+    assert run_cli(*TINY, "trainer.max_steps=20", f"hydra.run.dir={run_dir}").returncode == 0
+    resumed = run_cli(*TINY, "trainer.max_steps=40", "precision=mixed_bfloat16", f"hydra.run.dir={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    said = [line for line in (resumed.stdout + resumed.stderr).splitlines() if "with a changed config" in line]
+    assert len(said) == 1 and "WARNING" in said[0], said
+    assert "precision.policy: 'float32' -> 'mixed_bfloat16'" in said[0] and "steps 21- compute in mixed_bfloat16" in said[0]
+    kept = run_dir / ".hydra" / "history" / "config.until-step-20.yaml"
+    assert str(kept) in said[0]
+    assert OmegaConf.load(kept).precision.policy == "float32"
+    assert OmegaConf.load(run_dir / ".hydra" / "config.yaml").precision.policy == "mixed_bfloat16"
+    longer = run_cli(*TINY, "trainer.max_steps=50", "precision=mixed_bfloat16", f"hydra.run.dir={run_dir}")
+    said = [line for line in (longer.stdout + longer.stderr).splitlines() if "with a changed config" in line]
+    assert len(said) == 1 and "INFO" in said[0] and "trainer.max_steps: 40 -> 50" in said[0]  # a longer run: said, not warned

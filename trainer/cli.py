@@ -131,8 +131,9 @@ class _RunConfigWriter(Callback):
         self.hydra_cfg = HydraConfig.instance().cfg  # the hydra node, as Hydra writes it
 
     def on_train_begin(self, trainer) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.cfg, self.folder / "config.yaml")
+        from trainer.config_record import record_config
+
+        record_config(self.folder, self.cfg, int(trainer.step.numpy()))  # after the resume: keeps the config it replaces
         OmegaConf.save(self.hydra_cfg, self.folder / "hydra.yaml")
         OmegaConf.save(self.hydra_cfg.hydra.overrides.task, self.folder / "overrides.yaml")
 
