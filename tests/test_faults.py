@@ -136,7 +136,10 @@ def test_second_run_on_a_locked_folder_changes_nothing(tmp_path):
         result = run_cli(*TINY, f"hydra.run.dir={run_dir}", process=True)  # a lock is per process
     finally:
         release(fd)
-    assert_user_error(result, f"run folder {run_dir} is in use by another run (process {os.getpid()})")
+    import socket
+
+    assert_user_error(result, f"run folder {run_dir} is in use by another run (process {os.getpid()} on host "
+                      f"{socket.gethostname()}: ", f"Fix: wait for that run to end (or stop it: kill {os.getpid()})")
     assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_FILE], "no .hydra/, no trainer.log"
 
 
@@ -156,6 +159,31 @@ def test_a_killed_run_leaves_no_stale_lock(tmp_path):
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     release(acquire(tmp_path))  # the OS dropped the dead process's lock
+
+
+def test_a_lock_inherited_by_a_child_of_an_ended_run_names_the_holder(tmp_path):
+    """The lock file names the run that took the lock; when that run ended and a process it forked still
+    holds the lock, the message named the dead process. It now says so and names the holder."""
+    import socket
+
+    from trainer.runlock import RunFolderError, acquire
+
+    script = ("import os, sys, time; from trainer.runlock import acquire; acquire(sys.argv[1]); pid = os.fork()\n"
+              "if pid == 0: time.sleep(120); os._exit(0)\n"
+              "print(os.getpid(), pid, flush=True); os._exit(0)")
+    run = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    parent, child = map(int, run.stdout.readline().split())  # the child keeps the pipe open: no wait for its end
+    run.wait()
+    try:
+        with pytest.raises(RunFolderError) as refused:
+            acquire(tmp_path)
+    finally:
+        os.kill(child, signal.SIGKILL)
+        run.stdout.close()
+    message = str(refused.value)
+    assert (f"the lock file names process {parent} on host {socket.gethostname()}, which no longer runs; "
+            f"the lock is held by process {child}: ") in message, message
+    assert f"Fix: end that process (kill {child}), or pick another folder with hydra.run.dir=PATH." in message
 
 
 # -- 4. a full disk during a save --------------------------------------------------------------
