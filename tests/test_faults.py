@@ -223,6 +223,26 @@ def test_disk_full_during_a_save_keeps_the_last_checkpoint_and_resumes(tmp_path)
         assert "Resuming from" in again.stderr + again.stdout and (checkpoints / "ckpt-40.index").exists()
 
 
+def test_resuming_on_a_full_disk_says_the_log_file_fails_once(tmp_path):
+    """A resume on an already-full disk printed a `--- Logging error ---` traceback for every log line
+    before the exit-2 message: now one line names the log file, and the lines go on to the terminal."""
+    small = ["trainer.keep_best=0", "trainer.tensorboard=false", "model.hidden_units=[32]"]
+    with tmpfs(tmp_path / "disk", "size=16m") as disk:
+        run = [*TINY, *small, f"hydra.run.dir={disk / 'run'}"]
+        assert run_cli(*run, "trainer.max_steps=20").returncode == 0
+        log_file = disk / "run" / "trainer.log"
+        with log_file.open("a") as f:  # to a page boundary: the next line needs a page the full disk lacks
+            f.write("\n" * (-log_file.stat().st_size % 4096))
+        _fill(disk, leave=0)
+        full = run_cli(*run, "trainer.max_steps=40")
+        assert_user_error(full, "no space left on device")
+        assert "Logging error" not in full.stderr and "Traceback" not in full.stderr, full.stderr[-3000:]
+        said = [line for line in full.stderr.splitlines() if "cannot be written" in line]
+        assert len(said) == 1 and f"the log file {log_file} cannot be written" in said[0], full.stderr[-3000:]
+        assert "Resuming from" in full.stdout + full.stderr  # the lines after it still reach the terminal
+        assert (disk / "run" / ".hydra" / "config.yaml").exists()  # the run's record of its config stays
+
+
 # -- 5. a garbled state file, a deleted index --------------------------------------------------
 
 

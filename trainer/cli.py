@@ -35,6 +35,9 @@ def run(cfg: DictConfig) -> dict:
     """Builds everything the config names and trains; returns the final logs."""
     from pathlib import Path
 
+    from trainer.console import say_once_when_log_files_fail
+
+    say_once_when_log_files_fail()  # a full disk: one line, not a traceback per log line
     check_config(cfg, HydraConfig.get().runtime.choices)  # a single run's was checked before its folder existed
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     with _job_folder_lock(run_dir, cfg):

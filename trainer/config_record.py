@@ -45,24 +45,29 @@ def _history_path(folder: Path, step: int) -> Path:
 
 
 def record_config(folder: Path, cfg, step: int) -> None:
-    """Writes `cfg` to `folder/config.yaml`. When a resume at `step` changes it, first keeps the old file
-    under `folder/history/` and logs the changes (a warning unless only the run's length changed)."""
-    path = folder / "config.yaml"
-    if step > 0 and path.exists():
-        changes = config_changes(OmegaConf.load(path), cfg)
-        if changes:
-            kept = _history_path(folder, step)
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            path.replace(kept)
-            said = "; ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, a, b in changes)
-            precision = [b for k, _, b in changes if k == "precision.policy"]
-            note = (f" The checkpoint's weights and optimizer state are restored as saved; steps {step + 1}- "
-                    f"compute in {precision[0]}." if precision else "")
-            level = logging.INFO if {k for k, _, _ in changes} <= _CONTINUATION_KEYS else logging.WARNING
-            log.log(level, "Resuming at step %d with a changed config: %s.%s The config of steps 1-%d is kept in %s.",
-                    step, said, note, step, kept)
+    """Writes `cfg` to `folder/config.yaml`. When a resume at `step` changes it, the old file moves under
+    `folder/history/` and the changes are logged (a warning unless only the run's length changed). The new
+    file is written first, so a full disk leaves the folder's record as it was."""
+    path, new = folder / "config.yaml", folder / "config.yaml.new"
+    changes = config_changes(OmegaConf.load(path), cfg) if step > 0 and path.exists() else []
     folder.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, path)
+    try:
+        OmegaConf.save(cfg, new)
+    except OSError:
+        new.unlink(missing_ok=True)
+        raise
+    if changes:
+        kept = _history_path(folder, step)
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        path.replace(kept)
+        said = "; ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, a, b in changes)
+        precision = [b for k, _, b in changes if k == "precision.policy"]
+        note = (f" The checkpoint's weights and optimizer state are restored as saved; steps {step + 1}- "
+                f"compute in {precision[0]}." if precision else "")
+        level = logging.INFO if {k for k, _, _ in changes} <= _CONTINUATION_KEYS else logging.WARNING
+        log.log(level, "Resuming at step %d with a changed config: %s.%s The config of steps 1-%d is kept in %s.",
+                step, said, note, step, kept)
+    new.replace(path)
 
 
 def _show(value: Any) -> str:
