@@ -398,6 +398,33 @@ def test_tools_fall_back_from_a_corrupt_newest_checkpoint_and_name_when_none_is_
         assert_user_error(run_cli(*args, module=module), "none of the checkpoints in", "is readable")
 
 
+def test_evaluate_and_export_name_the_checkpoint_rotation_made_them_use(tmp_path, monkeypatch, capsys):
+    """The newest checkpoint a tool picked, rotated away by a run still training before it was loaded: the
+    newest left is used, and the JSON (its name, "checkpoint", "step") and export's line name that one."""
+    import json
+
+    import trainer.evaluate as evaluate
+    import trainer.export as export
+    from trainer.runs import RunCheckpoint, load_run
+
+    run = tmp_path / "run"
+    assert run_cli(*TINY, f"hydra.run.dir={run}").returncode == 0  # ckpt-20 and ckpt-40
+    gone = str(run / "checkpoints" / "ckpt-10")
+
+    def picked_then_rotated(*args, **kwargs):
+        real = load_run(str(run))
+        return RunCheckpoint(real.run, real.cfg, gone, "ckpt-10", latest=True)
+
+    monkeypatch.setattr(evaluate, "load_run", picked_then_rotated)
+    assert evaluate.main([str(run), "trainer.eval_steps=2"]) == 0
+    record = json.loads((run / "eval" / "ckpt-40.json").read_text())
+    assert record["checkpoint"] == str(run / "checkpoints" / "ckpt-40") and record["step"] == 40
+    assert not (run / "eval" / "ckpt-10.json").exists()
+    monkeypatch.setattr(export, "checkpoint_of", picked_then_rotated)
+    assert export.main([str(run), "--out", str(tmp_path / "exported")]) == 0
+    assert "(ckpt-40, step 40)" in capsys.readouterr().out
+
+
 def test_evaluate_on_a_read_only_run_folder_prints_the_figures(tmp_path):
     with tmpfs(tmp_path / "ro", "size=64m") as folder:
         run = folder / "run"

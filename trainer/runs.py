@@ -45,6 +45,14 @@ class RunCheckpoint:
     def step(self) -> int:
         return int(re.search(r"ckpt-(\d+)$", self.prefix).group(1))
 
+    def load_model(self, policy: str = "float32") -> Tuple[Any, Any]:
+        """(trained model under `policy`, sample inputs). When the newest picked was rotated away before loading
+        (a run still training), this then names the checkpoint loaded instead: a tool reports what it used."""
+        model, sample, prefix = _load_model(self.prefix, policy, self.latest)
+        if prefix != self.prefix:
+            self.prefix, self.name = prefix, checkpoint_name(prefix)
+        return model, sample
+
 
 def config_path(run: Path) -> Path:
     """Where a run keeps its composed config; its presence is what makes a folder a run folder."""
@@ -208,6 +216,11 @@ def load_trained_model(source: str, policy: str = "float32", newest_if_gone: boo
     """Returns (model, sample_inputs) for a run folder / checkpoint / .keras file, under `policy`.
     `newest_if_gone`: `source` was picked as the newest checkpoint, so if a run still training rotated it
     away since, the newest left is what was asked for; a checkpoint the user named is never replaced."""
+    return _load_model(source, policy, newest_if_gone)[:2]
+
+
+def _load_model(source: str, policy: str, newest_if_gone: bool) -> Tuple[Any, Any, str]:
+    """load_trained_model's (model, sample_inputs), and the prefix (or .keras file) actually loaded."""
     import keras
     import tensorflow as tf
     from hydra.utils import instantiate
@@ -219,7 +232,7 @@ def load_trained_model(source: str, policy: str = "float32", newest_if_gone: boo
     path = Path(source).expanduser()
     set_policy(policy)
     if path.suffix == ".keras":
-        return _load_keras_file(path)
+        return (*_load_keras_file(path), str(path))
     gone = re.fullmatch(r"ckpt-\d+", path.name) and path.parent.is_dir() and not Path(str(path) + ".index").exists()
     if gone and not newest_if_gone:
         have = [Path(p).name for _, p in list_checkpoints(path.parent)]
@@ -249,7 +262,7 @@ def load_trained_model(source: str, policy: str = "float32", newest_if_gone: boo
         raise ServingError(f"{prefix} does not hold all of this model's weights: {report}")
     log.info("Loaded %s from %s (%d variables)", model.name, prefix, len(report["restored"]))
     restore_averages(model, cfg.get("optimizer"), prefix)  # a run with optimizer.use_ema=true: its averages
-    return model, sample
+    return model, sample, prefix
 
 
 def eval_dataset(cfg):
