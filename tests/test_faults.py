@@ -398,6 +398,46 @@ def test_tools_fall_back_from_a_corrupt_newest_checkpoint_and_name_when_none_is_
         assert_user_error(run_cli(*args, module=module), "none of the checkpoints in", "is readable")
 
 
+def test_a_checkpoint_is_checked_from_its_index_without_reading_its_tensors(tmp_path):
+    """trainer.runs.unreadable read every tensor (a whole large checkpoint, before loading it again); it
+    now compares the data files with the extents the index gives, which finds a file short by one byte."""
+    import shutil
+
+    import keras
+    import tensorflow as tf
+
+    from trainer.checkpoint_index import data_extents
+    from trainer.runs import unreadable
+
+    prefix = tf.train.Checkpoint(w=tf.Variable(tf.ones((64, 32))), b=tf.Variable(tf.zeros(32)),
+                                 opt=keras.optimizers.Adam()).write(str(tmp_path / "ok" / "ckpt-1"))
+    ((data, end),) = data_extents(prefix).items()
+    assert end == Path(data).stat().st_size and unreadable(prefix) is None
+    cases = {"short": lambda d: Path(d).write_bytes(Path(d).read_bytes()[:-1]),
+             "no_data": lambda d: Path(d).unlink(),
+             "no_index": lambda d: Path(d.split(".data-")[0] + ".index").unlink(),
+             "bad_index": lambda d: Path(d.split(".data-")[0] + ".index").write_bytes(b"not an index" * 10)}
+    for name, damage in cases.items():
+        shutil.copytree(tmp_path / "ok", tmp_path / name)
+        damaged = str(tmp_path / name / "ckpt-1")
+        damage(damaged + Path(data).name[len("ckpt-1"):])
+        why = unreadable(damaged)
+        assert why is not None, name
+        if name == "short":
+            assert why == f"its data file {Path(data).name} holds {end - 1} bytes, its index needs {end} (cut short)"
+    zeroed = tmp_path / "zeroed"  # intact sizes, damaged bytes: found by the checksums when the weights load
+    shutil.copytree(tmp_path / "ok", zeroed)
+    (zeroed / Path(data).name).write_bytes(bytes(end))
+    assert unreadable(str(zeroed / "ckpt-1")) is None
+    run = tmp_path / "run"
+    assert run_cli(*TINY, f"hydra.run.dir={run}").returncode == 0  # ckpt-20 and ckpt-40
+    newest = next((run / "checkpoints").glob("ckpt-40.data-*"))
+    newest.write_bytes(bytes(newest.stat().st_size))
+    result = run_cli(str(run), "trainer.eval_steps=2", module="trainer.evaluate")
+    assert_user_error(result, f"{run / 'checkpoints' / 'ckpt-40'} is damaged (",
+                      "Fix: --checkpoint with an older one (['ckpt-20'])")
+
+
 def test_evaluate_and_export_name_the_checkpoint_rotation_made_them_use(tmp_path, monkeypatch, capsys):
     """The newest checkpoint a tool picked, rotated away by a run still training before it was loaded: the
     newest left is used, and the JSON (its name, "checkpoint", "step") and export's line name that one."""

@@ -70,17 +70,20 @@ def checkpoint_name(prefix) -> str:
 
 
 def unreadable(prefix: str) -> Optional[str]:
-    """Why the checkpoint cannot be read (a truncated or damaged .data file, a missing .index), else None.
-    Every tensor is read: a truncated file reads its index fine and fails only on the tensors past its end."""
+    """Why the checkpoint cannot be read (a missing .index, one TensorFlow cannot open, a data file cut short
+    or missing), else None. The sizes come from the index (trainer/checkpoint_index.py): a truncated file
+    reads its index fine and fails only on the tensors past its end, and reading every tensor to find
+    that cost as much as loading the checkpoint (gigabytes for a large model). A damaged byte inside a
+    complete file is found when the weights load (TensorFlow checks each tensor's checksum)."""
     import tensorflow as tf
 
+    from trainer.checkpoint_index import truncation
+
     try:
-        reader = tf.train.load_checkpoint(prefix)
-        for key in reader.get_variable_to_shape_map():
-            reader.get_tensor(key)
-    except Exception as e:  # noqa: BLE001 - TF raises several types (IndexError, DataLossError, NotFoundError)
+        tf.train.load_checkpoint(prefix)  # opens the index
+        return truncation(prefix)
+    except Exception as e:  # noqa: BLE001 - TF raises several types (DataLossError, NotFoundError, ...)
         return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
-    return None
 
 
 def newest_readable(found: List[Tuple[int, str]], folder: Path) -> str:
@@ -257,11 +260,16 @@ def _load_model(source: str, policy: str, newest_if_gone: bool) -> Tuple[Any, An
                               "Fix: in Python, rebuild them, restore the checkpoint and save the one you need "
                               "(trainer.models[name].save(...)).")
     model(sample, training=False)  # build
-    report = warm_start(model, prefix, purpose="Loading weights")
-    if report["missing"] or report["mismatched"]:
-        raise ServingError(f"{prefix} does not hold all of this model's weights: {report}")
+    try:
+        report = warm_start(model, prefix, purpose="Loading weights")
+        if report["missing"] or report["mismatched"]:
+            raise ServingError(f"{prefix} does not hold all of this model's weights: {report}")
+        restore_averages(model, cfg.get("optimizer"), prefix)  # a run with optimizer.use_ema=true: its averages
+    except tf.errors.OpError as e:  # a damaged byte in a complete file: a tensor's checksum (see unreadable)
+        others = [Path(p).name for _, p in list_checkpoints(Path(prefix).parent) if p != str(prefix)]
+        raise CheckpointError(f"{prefix} is damaged ({(str(e).strip().splitlines() or [''])[0][:200]}). Fix: "
+                              f"--checkpoint with an older one ({others or 'none left: train again'}).") from None
     log.info("Loaded %s from %s (%d variables)", model.name, prefix, len(report["restored"]))
-    restore_averages(model, cfg.get("optimizer"), prefix)  # a run with optimizer.use_ema=true: its averages
     return model, sample, prefix
 
 
