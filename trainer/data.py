@@ -44,7 +44,7 @@ def release_in_background(holder: list) -> None:
     With tf.data autotuning on (the default), destroying an iterator can block until its autotuning
     thread's next wake-up: 10 ms after the iterator was made, then at doubling periods up to 60 s, so up
     to the iterator's own age (scripts/iterator_teardown.py). The wait releases the GIL, so a thread
-    absorbs it while training goes on; the process waits for it at exit (_join_releases)."""
+    absorbs it while training goes on; the process waits for it at exit (_finish_releases_at_exit)."""
     if _exiting or sys.is_finalizing():  # a thread started now never runs, or outlives the join at exit
         holder.clear()
         return

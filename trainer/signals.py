@@ -126,7 +126,7 @@ class SignalCatcher:
             # the final save lets the run finish (a stop there would leave a complete run never evaluated).
             self._acknowledged = True
             log.warning("Received %s during the last loop of steps, the final evaluation, the final save or the summary: the "
-                        "run finished instead of stopping (its final checkpoint is saved; nothing to resume)",
+                        "run finished instead of stopping (it is complete: nothing to resume)",
                         signal.Signals(self.signum).name)
         return False
 
