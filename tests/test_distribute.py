@@ -362,3 +362,48 @@ def test_a_keras_loss_object_in_an_overridden_step_gives_the_update_of_its_funct
         np.testing.assert_allclose(run["loss"], reference["loss"], rtol=1e-5, err_msg=name)
         if run["eval"] is not None:
             np.testing.assert_allclose(run["eval"], reference["eval"], rtol=1e-5, err_msg=name)
+
+
+EXITS = """
+import time
+import keras, numpy as np, tensorflow as tf
+tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+from trainer import Trainer
+from trainer.data import release_in_background
+
+def main():
+    x = np.random.default_rng(0).normal(size=(256, 8)).astype("float32"); y = (x[:, 0] > 0).astype("int32")
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(32, drop_remainder=True)
+    s = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    made, old = time.monotonic(), []
+    for _ in range(6):  # distributed iterators as old as the run, of staggered ages
+        old.append(iter(s.experimental_distribute_dataset(ds.repeat())))
+        next(old[-1])
+        time.sleep(0.35)
+    t = Trainer(model=lambda: keras.Sequential([keras.Input((8,)), keras.layers.Dense(2)]), strategy=s,
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                optimizer=lambda: keras.optimizers.SGD(0.1), progress_bar=False)
+    print("FIT", t.fit(ds, steps=4)["step"], flush=True)
+    # tf.data's autotuner wakes at doubling periods (about 2.5 s, 5 s, 10 s after an iterator was made):
+    # an iterator dropped past one waits (the GIL released) for the next, so a release is still blocked
+    # as the script ends.
+    time.sleep(max(0.0, 6.0 - (time.monotonic() - made)))
+    release_in_background(old)
+
+main()  # returns: the Trainer and its kept train iterator are freed before the interpreter's exit
+"""
+
+
+@pytest.mark.slow
+def test_a_finished_script_exits_0_with_iterators_still_being_freed(tmp_path):
+    """A script that trained under MirroredStrategy aborted at interpreter exit ("FATAL: exception not
+    rethrown", exit -6) when a tf.data iterator was still being destroyed on a release thread; it must
+    exit 0 every time (the process waits for the releases)."""
+    script = tmp_path / "exits.py"
+    script.write_text(EXITS)
+    runs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(3)]
+    for run in runs:
+        out, err = run.communicate(timeout=600)
+        assert "FIT 4" in out
+        assert run.returncode == 0, err[-3000:]

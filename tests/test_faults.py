@@ -137,7 +137,10 @@ def test_second_run_on_a_locked_folder_changes_nothing(tmp_path):
         result = run_cli(*TINY, f"hydra.run.dir={run_dir}", process=True)  # a lock is per process
     finally:
         release(fd)
-    assert_user_error(result, f"run folder {run_dir} is in use by another run (process {os.getpid()})")
+    import socket
+
+    assert_user_error(result, f"run folder {run_dir} is in use by another run (process {os.getpid()} on host "
+                      f"{socket.gethostname()}: ", f"Fix: wait for that run to end (or stop it: kill {os.getpid()})")
     assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_FILE], "no .hydra/, no trainer.log"
 
 
@@ -157,6 +160,31 @@ def test_a_killed_run_leaves_no_stale_lock(tmp_path):
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     release(acquire(tmp_path))  # the OS dropped the dead process's lock
+
+
+def test_a_lock_inherited_by_a_child_of_an_ended_run_names_the_holder(tmp_path):
+    """The lock file names the run that took the lock; when that run ended and a process it forked still
+    holds the lock, the message named the dead process. It now says so and names the holder."""
+    import socket
+
+    from trainer.runlock import RunFolderError, acquire
+
+    script = ("import os, sys, time; from trainer.runlock import acquire; acquire(sys.argv[1]); pid = os.fork()\n"
+              "if pid == 0: time.sleep(120); os._exit(0)\n"
+              "print(os.getpid(), pid, flush=True); os._exit(0)")
+    run = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    parent, child = map(int, run.stdout.readline().split())  # the child keeps the pipe open: no wait for its end
+    run.wait()
+    try:
+        with pytest.raises(RunFolderError) as refused:
+            acquire(tmp_path)
+    finally:
+        os.kill(child, signal.SIGKILL)
+        run.stdout.close()
+    message = str(refused.value)
+    assert (f"the lock file names process {parent} on host {socket.gethostname()}, which no longer runs; "
+            f"the lock is held by process {child}: ") in message, message
+    assert f"Fix: end that process (kill {child}), or pick another folder with hydra.run.dir=PATH." in message
 
 
 # -- 4. a full disk during a save --------------------------------------------------------------
@@ -194,6 +222,26 @@ def test_disk_full_during_a_save_keeps_the_last_checkpoint_and_resumes(tmp_path)
         again = run_cli(*run, "trainer.max_steps=40")
         assert again.returncode == 0, again.stderr[-3000:]
         assert "Resuming from" in again.stderr + again.stdout and (checkpoints / "ckpt-40.index").exists()
+
+
+def test_resuming_on_a_full_disk_says_the_log_file_fails_once(tmp_path):
+    """A resume on an already-full disk printed a `--- Logging error ---` traceback for every log line
+    before the exit-2 message: now one line names the log file, and the lines go on to the terminal."""
+    small = ["trainer.keep_best=0", "trainer.tensorboard=false", "model.hidden_units=[32]"]
+    with tmpfs(tmp_path / "disk", "size=16m") as disk:
+        run = [*TINY, *small, f"hydra.run.dir={disk / 'run'}"]
+        assert run_cli(*run, "trainer.max_steps=20").returncode == 0
+        log_file = disk / "run" / "trainer.log"
+        with log_file.open("a") as f:  # to a page boundary: the next line needs a page the full disk lacks
+            f.write("\n" * (-log_file.stat().st_size % 4096))
+        _fill(disk, leave=0)
+        full = run_cli(*run, "trainer.max_steps=40")
+        assert_user_error(full, "no space left on device")
+        assert "Logging error" not in full.stderr and "Traceback" not in full.stderr, full.stderr[-3000:]
+        said = [line for line in full.stderr.splitlines() if "cannot be written" in line]
+        assert len(said) == 1 and f"the log file {log_file} cannot be written" in said[0], full.stderr[-3000:]
+        assert "Resuming from" in full.stdout + full.stderr  # the lines after it still reach the terminal
+        assert (disk / "run" / ".hydra" / "config.yaml").exists()  # the run's record of its config stays
 
 
 # -- 5. a garbled state file, a deleted index --------------------------------------------------
@@ -351,6 +399,73 @@ def test_tools_fall_back_from_a_corrupt_newest_checkpoint_and_name_when_none_is_
         assert_user_error(run_cli(*args, module=module), "none of the checkpoints in", "is readable")
 
 
+def test_a_checkpoint_is_checked_from_its_index_without_reading_its_tensors(tmp_path):
+    """trainer.runs.unreadable read every tensor (a whole large checkpoint, before loading it again); it
+    now compares the data files with the extents the index gives, which finds a file short by one byte."""
+    import shutil
+
+    import keras
+    import tensorflow as tf
+
+    from trainer.checkpoint_index import data_extents
+    from trainer.runs import unreadable
+
+    prefix = tf.train.Checkpoint(w=tf.Variable(tf.ones((64, 32))), b=tf.Variable(tf.zeros(32)),
+                                 opt=keras.optimizers.Adam()).write(str(tmp_path / "ok" / "ckpt-1"))
+    ((data, end),) = data_extents(prefix).items()
+    assert end == Path(data).stat().st_size and unreadable(prefix) is None
+    cases = {"short": lambda d: Path(d).write_bytes(Path(d).read_bytes()[:-1]),
+             "no_data": lambda d: Path(d).unlink(),
+             "no_index": lambda d: Path(d.split(".data-")[0] + ".index").unlink(),
+             "bad_index": lambda d: Path(d.split(".data-")[0] + ".index").write_bytes(b"not an index" * 10)}
+    for name, damage in cases.items():
+        shutil.copytree(tmp_path / "ok", tmp_path / name)
+        damaged = str(tmp_path / name / "ckpt-1")
+        damage(damaged + Path(data).name[len("ckpt-1"):])
+        why = unreadable(damaged)
+        assert why is not None, name
+        if name == "short":
+            assert why == f"its data file {Path(data).name} holds {end - 1} bytes, its index needs {end} (cut short)"
+    zeroed = tmp_path / "zeroed"  # intact sizes, damaged bytes: found by the checksums when the weights load
+    shutil.copytree(tmp_path / "ok", zeroed)
+    (zeroed / Path(data).name).write_bytes(bytes(end))
+    assert unreadable(str(zeroed / "ckpt-1")) is None
+    run = tmp_path / "run"
+    assert run_cli(*TINY, f"hydra.run.dir={run}").returncode == 0  # ckpt-20 and ckpt-40
+    newest = next((run / "checkpoints").glob("ckpt-40.data-*"))
+    newest.write_bytes(bytes(newest.stat().st_size))
+    result = run_cli(str(run), "trainer.eval_steps=2", module="trainer.evaluate")
+    assert_user_error(result, f"{run / 'checkpoints' / 'ckpt-40'} is damaged (",
+                      "Fix: --checkpoint with an older one (['ckpt-20'])")
+
+
+def test_evaluate_and_export_name_the_checkpoint_rotation_made_them_use(tmp_path, monkeypatch, capsys):
+    """The newest checkpoint a tool picked, rotated away by a run still training before it was loaded: the
+    newest left is used, and the JSON (its name, "checkpoint", "step") and export's line name that one."""
+    import json
+
+    import trainer.evaluate as evaluate
+    import trainer.export as export
+    from trainer.runs import RunCheckpoint, load_run
+
+    run = tmp_path / "run"
+    assert run_cli(*TINY, f"hydra.run.dir={run}").returncode == 0  # ckpt-20 and ckpt-40
+    gone = str(run / "checkpoints" / "ckpt-10")
+
+    def picked_then_rotated(*args, **kwargs):
+        real = load_run(str(run))
+        return RunCheckpoint(real.run, real.cfg, gone, "ckpt-10", latest=True)
+
+    monkeypatch.setattr(evaluate, "load_run", picked_then_rotated)
+    assert evaluate.main([str(run), "trainer.eval_steps=2"]) == 0
+    record = json.loads((run / "eval" / "ckpt-40.json").read_text())
+    assert record["checkpoint"] == str(run / "checkpoints" / "ckpt-40") and record["step"] == 40
+    assert not (run / "eval" / "ckpt-10.json").exists()
+    monkeypatch.setattr(export, "checkpoint_of", picked_then_rotated)
+    assert export.main([str(run), "--out", str(tmp_path / "exported")]) == 0
+    assert "(ckpt-40, step 40)" in capsys.readouterr().out
+
+
 def test_evaluate_on_a_read_only_run_folder_prints_the_figures(tmp_path):
     with tmpfs(tmp_path / "ro", "size=64m") as folder:
         run = folder / "run"
@@ -427,3 +542,24 @@ def test_a_label_the_step_meets_is_named():
     assert _label_out_of_range(ValueError(tf_text)).startswith(
         "a training batch holds label 9, but the model has 5 outputs (classes 0..4)")
     assert _label_out_of_range(ValueError("something else")) is None
+
+
+def test_a_resume_that_changes_the_precision_says_so_and_keeps_the_earlier_config(tmp_path):
+    """Resuming a float32 run with precision=mixed_bfloat16 changed its precision silently and overwrote
+    .hydra/config.yaml: the change is now a warning, and the config of the steps before it is kept."""
+    from omegaconf import OmegaConf
+
+    run_dir = tmp_path / "run"
+    assert run_cli(*TINY, "trainer.max_steps=20", f"hydra.run.dir={run_dir}").returncode == 0
+    resumed = run_cli(*TINY, "trainer.max_steps=40", "precision=mixed_bfloat16", f"hydra.run.dir={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    said = [line for line in (resumed.stdout + resumed.stderr).splitlines() if "with a changed config" in line]
+    assert len(said) == 1 and "WARNING" in said[0], said
+    assert "precision.policy: 'float32' -> 'mixed_bfloat16'" in said[0] and "steps 21- compute in mixed_bfloat16" in said[0]
+    kept = run_dir / ".hydra" / "history" / "config.until-step-20.yaml"
+    assert str(kept) in said[0]
+    assert OmegaConf.load(kept).precision.policy == "float32"
+    assert OmegaConf.load(run_dir / ".hydra" / "config.yaml").precision.policy == "mixed_bfloat16"
+    longer = run_cli(*TINY, "trainer.max_steps=50", "precision=mixed_bfloat16", f"hydra.run.dir={run_dir}")
+    said = [line for line in (longer.stdout + longer.stderr).splitlines() if "with a changed config" in line]
+    assert len(said) == 1 and "INFO" in said[0] and "trainer.max_steps: 40 -> 50" in said[0]  # a longer run: said, not warned

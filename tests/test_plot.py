@@ -145,3 +145,31 @@ def test_a_run_without_metrics_jsonl_is_plotted_from_its_csv_or_tensorboard_logs
             steps, losses = got.series(split, "loss")
             assert steps == expected.series(split, "loss")[0] and steps, (folder, split, steps)
             assert losses == pytest.approx(expected.series(split, "loss")[1], rel=1e-6)
+
+
+def test_histograms_images_and_text_in_the_tensorboard_files_are_skipped(tmp_path):
+    """A user's own tf.summary calls write histograms, images and text beside the scalars; reading the
+    TensorBoard files (a run without metrics.jsonl or metrics.csv) failed on them (float() of a tensor)."""
+    import numpy as np
+    import tensorflow as tf
+
+    from trainer.plot import load_runs
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("[]\n")
+    writer = tf.summary.create_file_writer(str(run / "tensorboard" / "train"))
+    with writer.as_default():
+        for step in (5, 10):
+            tf.summary.scalar("loss", 1.0 / step, step=step)
+            tf.summary.histogram("weights", np.arange(12.0), step=step)
+            tf.summary.image("inputs", np.zeros((1, 4, 4, 1), np.float32), step=step)
+            tf.summary.text("note", "a string", step=step)
+    writer.close()
+    with tf.compat.v1.Graph().as_default():  # a TF1 histogram: no simple_value, which read as 0.0
+        v1 = tf.compat.v1.summary.FileWriter(str(run / "tensorboard" / "train"))
+        v1.add_summary(tf.compat.v1.Summary(value=[tf.compat.v1.Summary.Value(tag="old_histo", histo=tf.compat.v1.HistogramProto(min=0.0, max=1.0))]), 5)
+        v1.close()
+    got = load_runs([str(run)])[0]
+    assert got.series("train", "loss") == ([5, 10], [pytest.approx(0.2), pytest.approx(0.1)])
+    assert all(set(row) <= {"step", "split", "loss"} for row in got.rows), got.rows

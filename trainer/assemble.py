@@ -125,12 +125,10 @@ def trainer_for(checkpoint, strategy=None, model=None, policy: str = None):
     trainer settings; it writes nothing (no run_dir) and trains nothing."""
     import keras
 
-    from trainer.runs import load_trained_model
-
     parts = parts_of(checkpoint.cfg)
     precision = parts.precision if policy is None else dataclasses.replace(parts.precision, policy=policy)
     return parts.replace(
-        model=model or (lambda: load_trained_model(checkpoint.prefix, precision.policy, checkpoint.latest)[0]),
+        model=model or (lambda: checkpoint.load_model(precision.policy)[0]),  # names the one loaded (rotation)
         optimizer=keras.optimizers.SGD,  # nothing trains: build() wants one to make its slots
         precision=precision,
         clipnorm=None,

@@ -35,6 +35,9 @@ def run(cfg: DictConfig) -> dict:
     """Builds everything the config names and trains; returns the final logs."""
     from pathlib import Path
 
+    from trainer.console import say_once_when_log_files_fail
+
+    say_once_when_log_files_fail()  # a full disk: one line, not a traceback per log line
     check_config(cfg, HydraConfig.get().runtime.choices)  # a single run's was checked before its folder existed
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     with _job_folder_lock(run_dir, cfg):
@@ -133,8 +136,9 @@ class _RunConfigWriter(Callback):
         self.hydra_cfg = HydraConfig.instance().cfg  # the hydra node, as Hydra writes it
 
     def on_train_begin(self, trainer) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.cfg, self.folder / "config.yaml")
+        from trainer.config_record import record_config
+
+        record_config(self.folder, self.cfg, int(trainer.step.numpy()))  # after the resume: keeps the config it replaces
         OmegaConf.save(self.hydra_cfg, self.folder / "hydra.yaml")
         OmegaConf.save(self.hydra_cfg.hydra.overrides.task, self.folder / "overrides.yaml")
 

@@ -42,3 +42,29 @@ def show_logs_unless_configured(verbose: bool) -> None:
     package.propagate = False
     if package.level == logging.NOTSET:
         package.setLevel(logging.INFO)
+
+
+def say_once_when_log_files_fail() -> None:
+    """A log file that cannot be written (a full disk) made Python's logging print a `--- Logging error ---`
+    traceback for every line. Each of the root logger's file handlers now says so in one line, then is
+    taken away; the lines still reach the terminal, and the error that follows (exit 2) says the fix."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and not getattr(handler, "_says_once", False):
+            handler._says_once = True
+            handler.handleError = _dropper(handler)
+
+
+def _dropper(handler: logging.FileHandler):
+    def handle_error(record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        why = getattr(error, "strerror", None) or error
+        root = logging.getLogger()  # a new list: the loop that called this goes on over the old one
+        root.handlers = [h for h in root.handlers if h is not handler]
+        print(f"[trainer][ERROR] - the log file {handler.baseFilename} cannot be written ({why}): log lines go to "
+              "the terminal only from here", file=sys.stderr, flush=True)
+        try:
+            handler.close()
+        except OSError:  # flushing the same full disk
+            pass
+
+    return handle_error

@@ -246,8 +246,7 @@ class Trainer(Step):
     def reset_step_functions(self) -> None:
         """Drops the traced step functions: the next loop traces again (after freezing/unfreezing
         layers or changing grad_multipliers, which are read at trace time)."""
-        self._train_function = None
-        self._eval_function = None
+        self._train_function = self._eval_function = None
 
     def checkpoint_objects(self) -> Dict[str, Any]:
         """Everything a checkpoint must hold to continue exactly: every model but the frozen, optimizer and loss scale."""
@@ -343,7 +342,8 @@ class Trainer(Step):
                 if averaged:  # what evaluation and export see
                     summary["ema_weights_sha256"] = self.weights_fingerprint()
         self._kept_iterator = KeptIterator(train_data, step, loop.iterator)
-        callbacks.on_train_end(self, summary)
+        with loop.interrupted:  # a signal during the summary (the loggers' ends) waits for it too
+            callbacks.on_train_end(self, summary)
         return eval_logs or train_logs
 
     def run_steps(self, num_steps: int) -> None:

@@ -35,6 +35,7 @@ DatasetFn = Callable[[tf.distribute.InputContext], tf.data.Dataset]
 
 
 _releasing: "set[threading.Thread]" = set()
+_exiting = False  # set at exit (_finish_releases_at_exit): a release started after it dies in place
 
 
 def release_in_background(holder: list) -> None:
@@ -43,8 +44,8 @@ def release_in_background(holder: list) -> None:
     With tf.data autotuning on (the default), destroying an iterator can block until its autotuning
     thread's next wake-up: 10 ms after the iterator was made, then at doubling periods up to 60 s, so up
     to the iterator's own age (scripts/iterator_teardown.py). The wait releases the GIL, so a thread
-    absorbs it while training goes on."""
-    if sys.is_finalizing():  # a thread started now never runs, and start() would wait for it forever
+    absorbs it while training goes on; the process waits for it at exit (_finish_releases_at_exit)."""
+    if _exiting or sys.is_finalizing():  # a thread started now never runs, or outlives the join at exit
         holder.clear()
         return
     thread = threading.Thread(target=_clear, args=(holder,), name="trainer-release-iterator", daemon=True)
@@ -57,13 +58,28 @@ def _clear(holder: list) -> None:
     _releasing.discard(threading.current_thread())
 
 
-@atexit.register
-def _join_releases(timeout: float = 2.0) -> None:
-    """At exit, gives pending releases up to `timeout` seconds in all, not the up to 60 s a wait can
-    last: a process that exited with a release still blocked ended cleanly (exit 0) in every trial."""
+def _join_releases(timeout: float = 120.0) -> None:
+    """Waits for the pending releases: the wait ends at the autotuner's next wake-up, its period at most
+    60 s; `timeout` only guards against a TensorFlow that never returns."""
     deadline = time.monotonic() + timeout
+    said = False
     for thread in list(_releasing):
+        thread.join(max(0.0, min(1.0, deadline - time.monotonic())))
+        if thread.is_alive() and not said:
+            said = True
+            log.info("Waiting for tf.data to free %d finished iterator(s) (until its autotuner's next wake-up, "
+                     "at most a minute)", len(_releasing))
         thread.join(max(0.0, deadline - time.monotonic()))
+
+
+@atexit.register  # after TensorFlow's import: it runs before TensorFlow's own exit hooks
+def _finish_releases_at_exit() -> None:
+    """A release thread still inside an iterator's destructor when the interpreter finalizes is ended by
+    pthread_exit through a noexcept C++ frame: a finished run aborted ("FATAL: exception not rethrown",
+    exit -6). So the process waits for them, and a release asked for later dies in place."""
+    global _exiting
+    _exiting = True
+    _join_releases()
 
 
 class DataError(UserError, ValueError):

@@ -56,7 +56,7 @@ def main(argv=None) -> int:
             raise export_formats.ExportError(f"--tolerance {tolerance}: must be >= 0 (0: outputs must match exactly)")
         export_formats.check_packages(args.format)  # before any work
         checkpoint = checkpoint_of(args.source, args.checkpoint)
-        model, sample = load_trained_model(checkpoint.prefix, newest_if_gone=checkpoint.latest)
+        model, sample = checkpoint.load_model()  # names the one loaded, if rotation replaced the newest
         trained = model  # what every export is compared with: the trained model in float32
         if args.policy != "float32":
             model, report = convert_model(model, args.policy, sample)

@@ -16,7 +16,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from trainer.callbacks.progress import HIDDEN
 from trainer.errors import UserError, report_error
@@ -109,9 +109,22 @@ def _tensorboard_rows(folder: Path) -> List[Dict[str, Any]]:
         for events in sorted((folder / split).glob("events.out.tfevents.*")):
             for event in tf.compat.v1.train.summary_iterator(str(events)):
                 for value in event.summary.value:
-                    number = float(tf.make_ndarray(value.tensor)) if value.HasField("tensor") else value.simple_value
-                    merged.setdefault((split, event.step), {"step": int(event.step), "split": split})[value.tag] = number
+                    number = _scalar(value)
+                    if number is not None:
+                        merged.setdefault((split, event.step), {"step": int(event.step), "split": split})[value.tag] = number
     return sorted(merged.values(), key=lambda r: (r["step"], r["split"] != "train"))
+
+
+def _scalar(value) -> Optional[float]:
+    """A summary value's number; None for what is not one scalar (a histogram, an image, a text), which
+    the user's own tf.summary calls may have written beside ours."""
+    import numpy as np
+    import tensorflow as tf
+
+    if value.HasField("tensor"):
+        array = tf.make_ndarray(value.tensor)
+        return float(array.reshape(())) if array.size == 1 and np.issubdtype(array.dtype, np.number) else None
+    return value.simple_value if value.HasField("simple_value") else None
 
 
 def load_runs(paths: Sequence[str]) -> List[Run]:

@@ -18,10 +18,11 @@ import fcntl
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf, read_write
@@ -73,20 +74,69 @@ def acquire(folder, hold: bool = True) -> Optional[int]:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        recorded = os.pread(fd, 300, 0).decode(errors="replace").split()
         os.close(fd)
-        raise RunFolderError(
-            f"run folder {folder} is in use by another run (process {holder}): nothing was changed. "
-            "Fix: wait for that run to end (or stop it), or pick another folder with hydra.run.dir=PATH."
-        ) from None
+        who, fix = _holder(folder / LOCK_FILE, recorded)
+        raise RunFolderError(f"run folder {folder} is in use by another run ({who}): nothing was changed. Fix: {fix}, "
+                             "or pick another folder with hydra.run.dir=PATH.") from None
     try:
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
     except OSError as e:
         os.close(fd)
         raise _cannot_write(folder, e) from None
     _held[folder] = fd
     return fd
+
+
+def _openers(lock: Path) -> List[int]:
+    """The other processes of this machine that have `lock` open (Linux' /proc; those we may read)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        if int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if any(os.readlink(fd) == str(lock) for fd in (entry / "fd").iterdir()):
+                found.append(int(entry.name))
+    return sorted(found)
+
+
+def _command_of(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        command = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        return f": {command[:120]}" if command else ""
+    return ""
+
+
+def _holder(lock: Path, recorded: List[str]) -> Tuple[str, str]:
+    """(who holds the lock, what to do). The file names the run that took it (process id and host); a
+    process that inherited the lock from it (one it forked) or another program can hold it after that run
+    ended, so the file's process is checked against the processes that have the file open."""
+    pid = int(recorded[0]) if recorded and recorded[0].isdigit() else None
+    host = recorded[1] if len(recorded) > 1 else None
+    named = f"process {pid} on host {host}" if host else f"process {pid}"
+    if host not in (None, socket.gethostname()):
+        return named, f"wait for that run to end (or stop it there: kill {pid} on {host})"
+    openers = _openers(lock)
+    if pid is not None and (pid in openers or (not openers and _alive(pid))):
+        return f"{named}{_command_of(pid)}", f"wait for that run to end (or stop it: kill {pid})"
+    said = f"the lock file names {named}, which no longer runs" if pid is not None else "the lock file names no process"
+    if openers:
+        holders = ", ".join(f"process {p}{_command_of(p)}" for p in openers)
+        return (f"{said}; the lock is held by {holders}, which inherited it from that run or took it",
+                f"end that process (kill {' '.join(map(str, openers))})")
+    return (f"{said}; a process it started (which inherited the lock) or another program holds it: "
+            f"`fuser -v {lock}` names it", "end that process")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def release(fd: Optional[int]) -> None:

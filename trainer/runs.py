@@ -49,6 +49,14 @@ class RunCheckpoint:
     def step(self) -> int:
         return int(re.search(r"ckpt-(\d+)$", self.prefix).group(1))
 
+    def load_model(self, policy: str = "float32") -> Tuple[Any, Any]:
+        """(trained model under `policy`, sample inputs). When the newest picked was rotated away before loading
+        (a run still training), this then names the checkpoint loaded instead: a tool reports what it used."""
+        model, sample, prefix = _load_model(self.prefix, policy, self.latest)
+        if prefix != self.prefix:
+            self.prefix, self.name = prefix, checkpoint_name(prefix)
+        return model, sample
+
 
 def config_path(run: Path) -> Path:
     """Where a run keeps its composed config; its presence is what makes a folder a run folder."""
@@ -72,17 +80,20 @@ def checkpoint_name(prefix) -> str:
 
 
 def unreadable(prefix: str) -> Optional[str]:
-    """Why the checkpoint cannot be read (a truncated or damaged .data file, a missing .index), else None.
-    Every tensor is read: a truncated file reads its index fine and fails only on the tensors past its end."""
+    """Why the checkpoint cannot be read (a missing .index, one TensorFlow cannot open, a data file cut short
+    or missing), else None. The sizes come from the index (trainer/checkpoint_index.py): a truncated file
+    reads its index fine and fails only on the tensors past its end, and reading every tensor to find
+    that cost as much as loading the checkpoint (gigabytes for a large model). A damaged byte inside a
+    complete file is found when the weights load (TensorFlow checks each tensor's checksum)."""
     import tensorflow as tf
 
+    from trainer.checkpoint_index import truncation
+
     try:
-        reader = tf.train.load_checkpoint(prefix)
-        for key in reader.get_variable_to_shape_map():
-            reader.get_tensor(key)
-    except Exception as e:  # noqa: BLE001 - TF raises several types (IndexError, DataLossError, NotFoundError)
+        tf.train.load_checkpoint(prefix)  # opens the index
+        return truncation(prefix)
+    except Exception as e:  # noqa: BLE001 - TF raises several types (DataLossError, NotFoundError, ...)
         return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
-    return None
 
 
 def newest_readable(found: List[Tuple[int, str]], folder: Path) -> str:
@@ -216,6 +227,11 @@ def load_trained_model(source: str, policy: str = "float32", newest_if_gone: boo
     """Returns (model, sample_inputs) for a run folder / checkpoint / .keras file, under `policy`.
     `newest_if_gone`: `source` was picked as the newest checkpoint, so if a run still training rotated it
     away since, the newest left is what was asked for; a checkpoint the user named is never replaced."""
+    return _load_model(source, policy, newest_if_gone)[:2]
+
+
+def _load_model(source: str, policy: str, newest_if_gone: bool) -> Tuple[Any, Any, str]:
+    """load_trained_model's (model, sample_inputs), and the prefix (or .keras file) actually loaded."""
     import keras
     import tensorflow as tf
     from hydra.utils import instantiate
@@ -226,7 +242,7 @@ def load_trained_model(source: str, policy: str = "float32", newest_if_gone: boo
     path = Path(source).expanduser()
     set_policy(policy)
     if path.suffix == ".keras":
-        return _load_keras_file(path)
+        return (*_load_keras_file(path), str(path))
     gone = re.fullmatch(r"ckpt-\d+", path.name) and path.parent.is_dir() and not Path(str(path) + ".index").exists()
     if gone and not newest_if_gone:
         have = [Path(p).name for _, p in list_checkpoints(path.parent)]
@@ -251,9 +267,14 @@ def load_trained_model(source: str, policy: str = "float32", newest_if_gone: boo
                               "Fix: in Python, rebuild them, restore the checkpoint and save the one you need "
                               "(trainer.models[name].save(...)).")
     model(sample, training=False)  # build
-    restore_weights(model, prefix)
-    restore_averages(model, cfg.get("optimizer"), prefix)  # a run with optimizer.use_ema=true: its averages
-    return model, sample
+    try:
+        restore_weights(model, prefix)
+        restore_averages(model, cfg.get("optimizer"), prefix)  # a run with optimizer.use_ema=true: its averages
+    except tf.errors.OpError as e:  # a damaged byte in a complete file: a tensor's checksum (see unreadable)
+        others = [Path(p).name for _, p in list_checkpoints(Path(prefix).parent) if p != str(prefix)]
+        raise CheckpointError(f"{prefix} is damaged ({(str(e).strip().splitlines() or [''])[0][:200]}). Fix: "
+                              f"--checkpoint with an older one ({others or 'none left: train again'}).") from None
+    return model, sample, prefix
 
 
 def restore_weights(model, prefix: str) -> None:

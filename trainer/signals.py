@@ -96,6 +96,7 @@ class SignalCatcher:
         self.signals = signals
         self.signum = None
         self._previous = {}
+        self._acknowledged = False
 
     def __enter__(self):
         if _on_main_thread():
@@ -111,14 +112,22 @@ class SignalCatcher:
         if self.signum is None:
             self.signum = signum
         elif signum == signal.SIGTERM:  # repeated by a supervisor: the first one's save goes on
-            log.warning("SIGTERM again: finishing the save the first %s asked for (SIGKILL stops at once)",
-                        signal.Signals(self.signum).name)
+            log.warning("SIGTERM again: finishing the save (or the run's end) the first %s asked for (SIGKILL "
+                        "stops at once)", signal.Signals(self.signum).name)
         else:  # a person's second Ctrl-C: stop now
             raise KeyboardInterrupt
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous = {}
+        if exc_type is None and self.signum is not None and not self._acknowledged:
+            # The loop stops early only before its last loop: a signal in that loop, the final evaluation or
+            # the final save lets the run finish (a stop there would leave a complete run never evaluated).
+            self._acknowledged = True
+            log.warning("Received %s during the last loop of steps, the final evaluation, the final save or the summary: the "
+                        "run finished instead of stopping (it is complete: nothing to resume)",
+                        signal.Signals(self.signum).name)
         return False
 
 

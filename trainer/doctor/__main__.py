@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shlex
 import sys
 import time
@@ -173,10 +172,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # The report is written. The grid's Trainers left tf.data iterators dying on release threads
-    # (trainer/data.py), each blocked up to a minute on tf.data's autotuner; under MirroredStrategy, ending
-    # the interpreter while one is blocked aborted the process (exit 134) after the report was complete.
-    os._exit(code)
+    sys.exit(main())  # at exit, trainer/data.py waits for the grid's iterators still being freed

@@ -1,0 +1,65 @@
+"""Signals at the end of a run (trainer/signals.py): during the final evaluation, the final save and the
+summary. The signals while training and at start-up are in test_checkpoint.py and test_faults.py."""
+import os
+import signal
+
+import keras
+
+from conftest import blobs, read_metrics
+from trainer import Callback, Trainer
+from trainer.checkpoint import list_checkpoints
+
+
+def _make(run_dir, callbacks=()):
+    return Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
+                                                   keras.layers.Dense(2, dtype="float32")]),
+                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                   optimizer=lambda: keras.optimizers.SGD(0.1), run_dir=run_dir, progress_bar=False,
+                   eval_every=10, steps_per_loop=5, checkpoint_every=10, callbacks=list(callbacks))
+
+
+class TermAt(Callback):
+    """Sends SIGTERM to this process at the final evaluation's start, the final save and the run's end."""
+
+    def __init__(self, hooks):
+        self.hooks = hooks
+
+    def _term(self, hook):
+        if hook in self.hooks:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_eval_begin(self, trainer, step):
+        if step == 20:
+            self._term("eval")
+
+    def on_save_point(self, trainer, step, reason):
+        if reason == "end":
+            self._term("save")
+
+    def on_train_end(self, trainer, logs):
+        self._term("end")
+
+
+def test_sigterm_during_the_final_evaluation_save_and_summary_is_said_and_the_run_completes(tmp_path, caplog):
+    """A SIGTERM during the final evaluation or save was absorbed without a word, and a further one during
+    the summary (the loggers' ends) killed the process: the run now finishes, says so, and none of them
+    reaches the handler outside fit(); the run folder holds the complete run."""
+    outside = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: outside.append(signum))
+    try:
+        with caplog.at_level("WARNING", logger="trainer"):
+            trainer = _make(tmp_path, [TermAt({"eval", "save", "end"})])
+            trainer.fit(blobs(), blobs(), steps=20)  # no TrainingInterrupted: the run is complete
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert outside == []
+    assert "Received SIGTERM during the last loop of steps, the final evaluation" in caplog.text
+    assert caplog.text.count("SIGTERM again: finishing the save (or the run's end)") == 2  # at the save, at the end
+    assert [r["step"] for r in read_metrics(tmp_path) if r["split"] == "eval"] == [10, 20]
+    assert list_checkpoints(tmp_path / "checkpoints")[0][0] == 20
+    again = _make(tmp_path)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="trainer"):
+        again.fit(blobs(), blobs(), steps=20)
+    assert "already at step 20" in caplog.text
+    assert again.weights_fingerprint() == trainer.weights_fingerprint()

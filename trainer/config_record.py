@@ -1,0 +1,74 @@
+"""The run folder's record of its config, `.hydra/config.yaml`, across resumes.
+
+A resume may change the config (a longer `trainer.max_steps`, another precision); the file then holds the
+newest one, so the config each earlier part of the run trained with is kept beside it, in
+`.hydra/history/config.until-step-N.yaml`, and the log names what changed.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+from omegaconf import OmegaConf
+
+log = logging.getLogger("trainer")
+
+# Changing these is how a run is continued (docs: "raise trainer.max_steps to continue it"): said, not warned.
+_CONTINUATION_KEYS = {"trainer.max_steps", "trainer.epochs"}
+
+
+def _flat(node: Any, prefix: str = "") -> Dict[str, Any]:
+    if isinstance(node, dict):
+        out: Dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out or {prefix[:-1]: {}}
+    return {prefix[:-1]: node}
+
+
+def config_changes(before, after) -> List[Tuple[str, Any, Any]]:
+    """(key, old value, new value) for each key whose value differs (interpolations compared as written)."""
+    old = _flat(OmegaConf.to_container(before, resolve=False))
+    new = _flat(OmegaConf.to_container(after, resolve=False))
+    missing = object()
+    return [(k, old.get(k, missing), new.get(k, missing)) for k in sorted(old.keys() | new.keys())
+            if old.get(k, missing) != new.get(k, missing)]
+
+
+def _history_path(folder: Path, step: int) -> Path:
+    path, n = folder / "history" / f"config.until-step-{step}.yaml", 1
+    while path.exists():  # resumed from the same step with another change before
+        n += 1
+        path = folder / "history" / f"config.until-step-{step}.{n}.yaml"
+    return path
+
+
+def record_config(folder: Path, cfg, step: int) -> None:
+    """Writes `cfg` to `folder/config.yaml`. When a resume at `step` changes it, the old file moves under
+    `folder/history/` and the changes are logged (a warning unless only the run's length changed). The new
+    file is written first, so a full disk leaves the folder's record as it was."""
+    path, new = folder / "config.yaml", folder / "config.yaml.new"
+    changes = config_changes(OmegaConf.load(path), cfg) if step > 0 and path.exists() else []
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        OmegaConf.save(cfg, new)
+    except OSError:
+        new.unlink(missing_ok=True)
+        raise
+    if changes:
+        kept = _history_path(folder, step)
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        path.replace(kept)
+        said = "; ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, a, b in changes)
+        precision = [b for k, _, b in changes if k == "precision.policy"]
+        note = (f" The checkpoint's weights and optimizer state are restored as saved; steps {step + 1}- "
+                f"compute in {precision[0]}." if precision else "")
+        level = logging.INFO if {k for k, _, _ in changes} <= _CONTINUATION_KEYS else logging.WARNING
+        log.log(level, "Resuming at step %d with a changed config: %s.%s The config of steps 1-%d is kept in %s.",
+                step, said, note, step, kept)
+    new.replace(path)
+
+
+def _show(value: Any) -> str:
+    return "(absent)" if not isinstance(value, (str, int, float, bool, list, dict, type(None))) else repr(value)
