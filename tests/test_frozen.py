@@ -151,3 +151,54 @@ def test_init_from_by_name_on_the_command_line(tmp_path):
     assert result.returncode == 2, output[-2000:]
     assert "trainer.init_from names ['teachr'], not models of this Trainer (models: ['model'])" in output
     assert "Traceback" not in output
+
+
+def test_a_frozen_model_loads_whole_or_not_at_all(tmp_path):
+    """A frozen model never trains: a variable missing from its checkpoint, or of another shape, would stay at its
+    initial value all run, so init_from refuses it, naming the variables (a trained model is only told, in the log)."""
+    teacher = train_teacher(tmp_path / "teacher")
+
+    def fit(teacher_model, init_from):
+        Distillation(models={"student": lambda: mlp(3), "teacher": teacher_model}, frozen={"teacher"},
+                     optimizer=keras.optimizers.Adam, init_from={"teacher": init_from}, verbose=False).fit(blobs(), steps=1)
+
+    with pytest.raises(CheckpointError, match=r"frozen model 'teacher' is only partly in .*ckpt-20 \(its model\).*"
+                                              r"other shapes \['.*kernel.* \[4, 7\] vs \[4, 8\]"):
+        fit(lambda: mlp(8), str(tmp_path / "teacher"))  # 1 of its 4 variables (the last bias) would load
+    deeper = lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(7, activation="relu"), keras.layers.Dense(2),
+                                       keras.layers.Dense(2)])
+    with pytest.raises(CheckpointError, match=r"only partly in .*\(its model\): missing \['model/.*/3/_kernel'"):
+        fit(deeper, str(tmp_path / "teacher"))
+    teacher.model.save_weights(tmp_path / "teacher.weights.h5")
+    with pytest.raises(CheckpointError, match=r"frozen model 'teacher' does not fit .*teacher.weights.h5"):
+        fit(lambda: mlp(8), str(tmp_path / "teacher.weights.h5"))
+    fit(lambda: mlp(7), str(tmp_path / "teacher.weights.h5"))  # the same shapes load
+
+
+def test_the_log_says_which_object_of_the_checkpoint_a_named_model_came_from(tmp_path, caplog):
+    """A one-model run holds its weights as `model`: init_from={"teacher": run} falls back to it (a teacher trained
+    alone), and the log says so, as it says models/<name> for a run of several models."""
+    train_teacher(tmp_path / "teacher")
+    TwoModels(models={"a": lambda: mlp(5), "teacher": lambda: mlp(7)}, optimizer=keras.optimizers.Adam,
+              run_dir=tmp_path / "two", verbose=False).fit(blobs(), steps=2)
+    for source, where in (("teacher", "its model, a one-model run's"), ("two", "its models/teacher")):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="trainer"):
+            distillation(None, tmp_path / source).fit(blobs(), steps=1)
+        assert any(f"Warm start of teacher from {tmp_path / source}" in r.message and f"({where}): restored 4" in r.message
+                   for r in caplog.records), [r.message for r in caplog.records]
+
+
+def test_init_from_takes_path_objects(tmp_path):
+    """pathlib.Path (any os.PathLike) as a model's path, or as the single path of a one-model Trainer."""
+    teacher = train_teacher(tmp_path / "teacher")
+    trainer = Distillation(models={"student": lambda: mlp(3), "teacher": lambda: mlp(7)}, frozen={"teacher"},
+                           optimizer=keras.optimizers.Adam, init_from={"teacher": tmp_path / "teacher"}, verbose=False)
+    trainer.fit(blobs(), steps=1)
+    for a, b in zip(trainer.models["teacher"].get_weights(), teacher.model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    single = Trainer(model=lambda: mlp(7), loss=SCCE, optimizer=lambda: keras.optimizers.SGD(0.0), verbose=False,
+                     init_from=tmp_path / "teacher")
+    single.fit(blobs(), steps=1)  # a rate of 0: the weights stay as the warm start left them
+    for a, b in zip(single.model.get_weights(), teacher.model.get_weights()):
+        np.testing.assert_array_equal(a, b)

@@ -59,7 +59,7 @@ class Checkpointing(Callback):
         cfg = trainer.config
         targets = init_from_targets(cfg.init_from, trainer.models)  # checked before anything is read
         if trainer.run_dir is None:
-            warm_start_models(trainer.models, targets)
+            warm_start_models(trainer.models, targets, trainer.frozen)
             self.prepared = True
             return
         checkpointer = Checkpointer(
@@ -73,7 +73,7 @@ class Checkpointing(Callback):
         resumed = checkpointer.prepare(resume=cfg.resume)
         # A warm start is a fresh run's; a frozen model is in no checkpoint, so it is warm-started on every run.
         warm_start_models(trainer.models, {name: path for name, path in targets.items()
-                                           if resumed is None or name in trainer.frozen})
+                                           if resumed is None or name in trainer.frozen}, trainer.frozen)
         self.checkpointer = trainer.checkpointer = checkpointer
         self.configured, self.prepared = configured, True
         if resumed is not None:
