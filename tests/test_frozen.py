@@ -202,3 +202,20 @@ def test_init_from_takes_path_objects(tmp_path):
     single.fit(blobs(), steps=1)  # a rate of 0: the weights stay as the warm start left them
     for a, b in zip(single.model.get_weights(), teacher.model.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_resume_against_another_frozen_teacher_is_refused(tmp_path):
+    """The teacher is in no checkpoint: each save records its weights' fingerprint, and a resume whose teacher loads
+    other weights (another init_from, another builder) is a CheckpointError naming it, before any step."""
+    train_teacher(tmp_path / "teacher")
+    other = Trainer(model=lambda: mlp(7), loss=SCCE, optimizer=keras.optimizers.Adam, run_dir=tmp_path / "other",
+                    verbose=False, seed=1)
+    other.fit(blobs(), steps=5)
+    distillation(tmp_path / "run", tmp_path / "teacher").fit(blobs(), steps=10)
+    with pytest.raises(CheckpointError, match=r"frozen models \['teacher'\] have other weights than when this run last "
+                                              r"saved .*configured.json.*Fix: give them the weights the run started with"):
+        distillation(tmp_path / "run", tmp_path / "other").fit(blobs(), steps=20)
+    assert tf.train.latest_checkpoint(str(tmp_path / "run" / "checkpoints")).endswith("ckpt-10")  # nothing trained
+    resumed = distillation(tmp_path / "run", tmp_path / "teacher")  # the same teacher: resumes
+    resumed.fit(blobs(), steps=20)
+    assert int(resumed.step.numpy()) == 20

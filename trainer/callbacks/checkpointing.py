@@ -18,6 +18,7 @@ from trainer.callbacks.numerics import check_weights_finite
 from trainer.checkpoint import NO_BEST, Checkpointer
 from trainer.load_weights import init_from_targets, warm_start_models
 from trainer.loop import due as loop_event_due
+from trainer.saved import check_frozen_unchanged, frozen_fingerprints
 
 log = logging.getLogger("trainer.core")
 
@@ -41,6 +42,7 @@ class Checkpointing(Callback):
         self.checkpointer: Optional[Checkpointer] = None
         self.prepared = False  # resumed, warm-started or started fresh by the first fit() call
         self.configured: Dict[str, Tuple[Optional[float], float]] = {}
+        self.frozen: Dict[str, str] = {}  # the frozen models' fingerprints, recorded at each save (trainer/saved.py)
         self.last_path: Optional[str] = None
         self.last_save_time = time.monotonic()
         self.last_point = 0  # the step of the last save point (or the run's start): a loop from it went past a due save?
@@ -74,6 +76,10 @@ class Checkpointing(Callback):
         # A warm start is a fresh run's; a frozen model is in no checkpoint, so it is warm-started on every run.
         warm_start_models(trainer.models, {name: path for name, path in targets.items()
                                            if resumed is None or name in trainer.frozen}, trainer.frozen)
+        frozen = frozen_fingerprints(trainer)  # once: a frozen model does not change during the run
+        if resumed is not None:
+            check_frozen_unchanged(self._record(trainer), frozen)
+        self.frozen = frozen
         self.checkpointer = trainer.checkpointer = checkpointer
         self.configured, self.prepared = configured, True
         if resumed is not None:
@@ -132,9 +138,12 @@ class Checkpointing(Callback):
         self.last_save_time = time.monotonic()
         self.last_path = path
         lrs = {name: lr for name, (lr, _) in self.configured.items() if lr is not None}
-        if path is not None and lrs:  # the chief's save
+        if path is not None and (lrs or self.frozen):  # the chief's save
             record = self._record(trainer)
             single = lrs.get(trainer.default_optimizer) if len(self.configured) == 1 else None
-            record.with_suffix(".tmp").write_text(json.dumps({"lr": single} if single is not None else {"lrs": lrs}))
+            written = {"lr": single} if single is not None else {"lrs": lrs}
+            if self.frozen:  # compared on resume: the frozen models are in no checkpoint
+                written["frozen"] = self.frozen
+            record.with_suffix(".tmp").write_text(json.dumps(written))
             os.replace(record.with_suffix(".tmp"), record)
         return path
