@@ -219,3 +219,22 @@ def test_a_resume_against_another_frozen_teacher_is_refused(tmp_path):
     resumed = distillation(tmp_path / "run", tmp_path / "teacher")  # the same teacher: resumes
     resumed.fit(blobs(), steps=20)
     assert int(resumed.step.numpy()) == 20
+
+
+def test_adding_or_dropping_frozen_on_a_run_folder_names_frozen_as_the_cause(tmp_path):
+    """Two models, both trained, save as models/<name>; with one frozen, the other saves as model/. The switch is
+    frozen='s doing, and the error says so (not "the config changed the model")."""
+    def trainer(run, **frozen):
+        optimizers = {"a": keras.optimizers.Adam()} if frozen else {"a": keras.optimizers.Adam(), "b": keras.optimizers.Adam()}
+        return TwoModels(models={"a": lambda: mlp(5), "b": lambda: mlp(6)}, optimizers=optimizers, run_dir=tmp_path / run,
+                         verbose=False, **frozen)
+
+    trainer("both").fit(blobs(), steps=2)
+    with pytest.raises(CheckpointError, match=r"holds several trained models \(\['a', 'b'\], as models/<name>\), and "
+                                              r"this Trainer trains one \(model/\): Trainer\(frozen=...\).*changed.*"
+                                              r"Fix: keep frozen= as the run started.*init_from=\{name: PATH\}"):
+        trainer("both", frozen={"b"}).fit(blobs(), steps=4)
+    trainer("one", frozen={"b"}).fit(blobs(), steps=2)
+    with pytest.raises(CheckpointError, match=r"holds one trained model \(model/\), and this Trainer trains several "
+                                              r"\(\['a', 'b'\]\): Trainer\(frozen=...\)"):
+        trainer("one").fit(blobs(), steps=4)
