@@ -238,3 +238,46 @@ def test_adding_or_dropping_frozen_on_a_run_folder_names_frozen_as_the_cause(tmp
     with pytest.raises(CheckpointError, match=r"holds one trained model \(model/\), and this Trainer trains several "
                                               r"\(\['a', 'b'\]\): Trainer\(frozen=...\)"):
         trainer("one").fit(blobs(), steps=4)
+
+
+class NoisyTeacher(Trainer):
+    """Distillation whose teacher is called with training=True: its Dropout stays active, its BatchNorm (frozen)
+    uses the moving statistics and does not update them."""
+
+    def train_step(self, data):
+        x, _ = data
+        soft_targets = tf.nn.softmax(self.models["teacher"](x, training=True))
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(keras.losses.categorical_crossentropy(
+                soft_targets, self.models["student"](x, training=True), from_logits=True))
+        self.update(loss, tape)
+        return {"distill_loss": loss}
+
+
+def test_a_frozen_teacher_with_batchnorm_and_dropout_called_in_training_mode(tmp_path):
+    def trainer(run):
+        teacher = lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(7), keras.layers.BatchNormalization(),
+                                            keras.layers.Dropout(0.5), keras.layers.Dense(2)])
+        return NoisyTeacher(models={"student": lambda: mlp(3), "teacher": teacher}, frozen={"teacher"},
+                            optimizer=lambda: keras.optimizers.Adam(1e-2), run_dir=tmp_path / run, verbose=False,
+                            checkpoint_every=10, deterministic=True)
+
+    whole = trainer("whole")
+    norm = whole.models["teacher"].layers[1]
+    norm.moving_mean.assign([0.5] * 7)  # not the initial values: an update would move them towards the batch's
+    moving = [v.numpy().copy() for v in (norm.moving_mean, norm.moving_variance)]
+    whole.fit(blobs(), steps=20)
+    for before, after in zip(moving, (norm.moving_mean, norm.moving_variance)):
+        np.testing.assert_array_equal(after.numpy(), before)
+    assert whole.models["teacher"].trainable_variables == []
+
+    def resumed_run():
+        stopped = trainer("resumed")
+        stopped.models["teacher"].layers[1].moving_mean.assign([0.5] * 7)  # the same teacher on every run
+        return stopped
+
+    resumed_run().fit(blobs(), steps=10)
+    resumed = resumed_run()
+    resumed.fit(blobs(), steps=20)  # the dropout masks drawn after step 10 are the whole run's (its RNG state is saved)
+    for a, b in zip(resumed.models["student"].get_weights(), whole.models["student"].get_weights()):
+        np.testing.assert_array_equal(a, b)

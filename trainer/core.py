@@ -59,7 +59,9 @@ class Trainer(Step):
         Each must have its variables (a keras.Input, or built in its builder).
       optimizers: name -> optimizer (or builder); each trains the model of the same name.
       frozen: names of models that do not train (a distillation's teacher): no optimizer, not in checkpoints or
-        the weights fingerprint; their weights come from their builder or init_from on every run.
+        the weights fingerprint; their weights come from their builder or init_from on every run. It sets
+        trainable=False on the user's model for good (BatchNorm then uses its moving statistics; Dropout stays
+        active under training=True).
       strategy: a tf.distribute.Strategy (default: TensorFlow's current/default strategy).
       precision: a policy name ("float32", "mixed_float16", "mixed_bfloat16") or a PrecisionConfig.
       run_dir: where metrics.jsonl, checkpoints/ and tensorboard/ go; None: nothing is written.
