@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import math
 from pathlib import Path
@@ -22,7 +21,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import debug, ema, objects, signals
+from trainer import debug, ema, objects, saved, signals
 from trainer import precision as precision_lib
 from trainer.callbacks import (Callback, CallbackList, Checkpointing, DivergenceGuard, NumericalError, XlaChoice,
                                callback_list)
@@ -250,17 +249,8 @@ class Trainer(Step):
         self._eval_function = None
 
     def checkpoint_objects(self) -> Dict[str, Any]:
-        """Everything a checkpoint must hold to continue exactly: every model but the frozen, optimizer and loss scale."""
-        saved = {name: m for name, m in self.models.items() if name not in self.frozen}
-        weights = {id(w) for m in self.models.values() for w in m.weights}
-        # Keras 3 layers keep their dropout RNG state (SeedGenerator) outside model.weights.
-        seed_states = [v.value for m in self.models.values() for v in m.variables if id(v) not in weights]
-        scales = {name: u.loss_scale for name, u in self.updaters.items()}
-        if len(saved) == 1 and len(self.optimizers) == 1:  # the layout of every one-model run
-            held = dict(model=next(iter(saved.values())), optimizer=self.optimizer, loss_scale=self.loss_scale)
-        else:
-            held = dict(models=saved, optimizers=dict(self.optimizers), loss_scales=scales)
-        return dict(held, step=self.step, rng=self.rng, best_metric=self.best, seed_states=seed_states)
+        """Everything a checkpoint must hold to continue exactly (trainer/saved.py)."""
+        return saved.checkpoint_objects(self)
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -406,8 +396,4 @@ class Trainer(Step):
 
     def weights_fingerprint(self) -> str:
         """SHA-256 of the weights of all models but the frozen: equal on every worker, and across bit-identical runs."""
-        digest = hashlib.sha256()
-        for model in (m for name, m in self.models.items() if name not in self.frozen):
-            for w in model.weights:
-                digest.update(keras.ops.convert_to_numpy(w).tobytes())
-        return digest.hexdigest()[:16]
+        return saved.fingerprint(m for name, m in self.models.items() if name not in self.frozen)

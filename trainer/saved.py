@@ -16,6 +16,20 @@ import keras
 from trainer.checkpoint import CheckpointError
 
 
+def checkpoint_objects(trainer) -> Dict[str, Any]:
+    """Everything a checkpoint must hold to continue exactly: every model but the frozen, optimizer and loss scale."""
+    saved = {name: m for name, m in trainer.models.items() if name not in trainer.frozen}
+    weights = {id(w) for m in trainer.models.values() for w in m.weights}
+    # Keras 3 layers keep their dropout RNG state (SeedGenerator) outside model.weights.
+    seed_states = [v.value for m in trainer.models.values() for v in m.variables if id(v) not in weights]
+    scales = {name: u.loss_scale for name, u in trainer.updaters.items()}
+    if len(saved) == 1 and len(trainer.optimizers) == 1:  # the layout of every one-model run
+        held = dict(model=next(iter(saved.values())), optimizer=trainer.optimizer, loss_scale=trainer.loss_scale)
+    else:
+        held = dict(models=saved, optimizers=dict(trainer.optimizers), loss_scales=scales)
+    return dict(held, step=trainer.step, rng=trainer.rng, best_metric=trainer.best, seed_states=seed_states)
+
+
 def fingerprint(models: Iterable[keras.Model]) -> str:
     """SHA-256 (16 hex digits) of the models' weights: equal on every worker, and across bit-identical runs."""
     digest = hashlib.sha256()
