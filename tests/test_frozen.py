@@ -109,6 +109,13 @@ def test_a_frozen_model_with_an_optimizer_or_an_unknown_name_is_refused():
     # A ready-made optimizer serves the one model that trains.
     trainer = Trainer(models=models, optimizer=keras.optimizers.Adam(), frozen={"teacher"})
     assert set(trainer.optimizers) == {"student"} and trainer.frozen == {"teacher"}
+    # Trainer.model (and predict, which uses it) stays refused with several models, pointing to the one that trains.
+    for use in (lambda: trainer.model, lambda: trainer.predict(np.zeros((2, 4), "float32"))):
+        with pytest.raises(AttributeError, match=r"several \(\['student', 'teacher'\]\); use trainer.models\['student'\] "
+                                                 r"\(the one model that trains\)"):
+            use()
+    with pytest.raises(AttributeError, match=r"use Trainer.models\[name\]"):  # none frozen: no one to point to
+        _ = Trainer(models=models, optimizer=keras.optimizers.Adam).model
 
 
 def test_init_from_by_name_loads_each_named_model_from_a_checkpoint_of_several(tmp_path):

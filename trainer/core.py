@@ -149,19 +149,14 @@ class Trainer(Step):
 
     # -- what the Trainer holds -------------------------------------------------------------------
 
-    def _only(self, what: str, mapping: Dict):
-        if len(mapping) != 1:
-            raise AttributeError(f"Trainer.{what}: this Trainer has several ({sorted(mapping)}); use Trainer.{what}s[name]")
-        return next(iter(mapping.values()))
-
     @property
     def model(self) -> keras.Model:
         """The model (with one); see `models`."""
-        return self._only("model", self.models)
+        return objects.only("model", self.models, self.frozen)
 
     @model.setter
     def model(self, value) -> None:
-        self._only("model", self.models)  # with one model only
+        objects.only("model", self.models, self.frozen)  # with one model only
         self.models[next(iter(self.models))] = value
 
     @property
@@ -177,11 +172,11 @@ class Trainer(Step):
 
     @property
     def optimizer(self) -> keras.optimizers.Optimizer:
-        return self._only("optimizer", self.optimizers)
+        return objects.only("optimizer", self.optimizers)
 
     @property
     def loss_scale(self) -> LossScale:
-        return self._only("loss_scale", {n: u.loss_scale for n, u in self.updaters.items()})
+        return objects.only("loss_scale", {n: u.loss_scale for n, u in self.updaters.items()})
 
     # -- building and compiling -------------------------------------------------------------------
 
