@@ -109,6 +109,13 @@ def test_a_frozen_model_with_an_optimizer_or_an_unknown_name_is_refused():
     # A ready-made optimizer serves the one model that trains.
     trainer = Trainer(models=models, optimizer=keras.optimizers.Adam(), frozen={"teacher"})
     assert set(trainer.optimizers) == {"student"} and trainer.frozen == {"teacher"}
+    # Trainer.model (and predict, which uses it) stays refused with several models, pointing to the one that trains.
+    for use in (lambda: trainer.model, lambda: trainer.predict(np.zeros((2, 4), "float32"))):
+        with pytest.raises(AttributeError, match=r"several \(\['student', 'teacher'\]\); use trainer.models\['student'\] "
+                                                 r"\(the one model that trains\)"):
+            use()
+    with pytest.raises(AttributeError, match=r"use Trainer.models\[name\]"):  # none frozen: no one to point to
+        _ = Trainer(models=models, optimizer=keras.optimizers.Adam).model
 
 
 def test_init_from_by_name_loads_each_named_model_from_a_checkpoint_of_several(tmp_path):
@@ -151,3 +158,133 @@ def test_init_from_by_name_on_the_command_line(tmp_path):
     assert result.returncode == 2, output[-2000:]
     assert "trainer.init_from names ['teachr'], not models of this Trainer (models: ['model'])" in output
     assert "Traceback" not in output
+
+
+def test_a_frozen_model_loads_whole_or_not_at_all(tmp_path):
+    """A frozen model never trains: a variable missing from its checkpoint, or of another shape, would stay at its
+    initial value all run, so init_from refuses it, naming the variables (a trained model is only told, in the log)."""
+    teacher = train_teacher(tmp_path / "teacher")
+
+    def fit(teacher_model, init_from):
+        Distillation(models={"student": lambda: mlp(3), "teacher": teacher_model}, frozen={"teacher"},
+                     optimizer=keras.optimizers.Adam, init_from={"teacher": init_from}, verbose=False).fit(blobs(), steps=1)
+
+    with pytest.raises(CheckpointError, match=r"frozen model 'teacher' is only partly in .*ckpt-20 \(its model\).*"
+                                              r"other shapes \['.*kernel.* \[4, 7\] vs \[4, 8\]"):
+        fit(lambda: mlp(8), str(tmp_path / "teacher"))  # 1 of its 4 variables (the last bias) would load
+    deeper = lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(7, activation="relu"), keras.layers.Dense(2),
+                                       keras.layers.Dense(2)])
+    with pytest.raises(CheckpointError, match=r"only partly in .*\(its model\): missing \['model/.*/3/_kernel'"):
+        fit(deeper, str(tmp_path / "teacher"))
+    teacher.model.save_weights(tmp_path / "teacher.weights.h5")
+    with pytest.raises(CheckpointError, match=r"frozen model 'teacher' does not fit .*teacher.weights.h5"):
+        fit(lambda: mlp(8), str(tmp_path / "teacher.weights.h5"))
+    fit(lambda: mlp(7), str(tmp_path / "teacher.weights.h5"))  # the same shapes load
+
+
+def test_the_log_says_which_object_of_the_checkpoint_a_named_model_came_from(tmp_path, caplog):
+    """A one-model run holds its weights as `model`: init_from={"teacher": run} falls back to it (a teacher trained
+    alone), and the log says so, as it says models/<name> for a run of several models."""
+    train_teacher(tmp_path / "teacher")
+    TwoModels(models={"a": lambda: mlp(5), "teacher": lambda: mlp(7)}, optimizer=keras.optimizers.Adam,
+              run_dir=tmp_path / "two", verbose=False).fit(blobs(), steps=2)
+    for source, where in (("teacher", "its model, a one-model run's"), ("two", "its models/teacher")):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="trainer"):
+            distillation(None, tmp_path / source).fit(blobs(), steps=1)
+        assert any(f"Warm start of teacher from {tmp_path / source}" in r.message and f"({where}): restored 4" in r.message
+                   for r in caplog.records), [r.message for r in caplog.records]
+
+
+def test_init_from_takes_path_objects(tmp_path):
+    """pathlib.Path (any os.PathLike) as a model's path, or as the single path of a one-model Trainer."""
+    teacher = train_teacher(tmp_path / "teacher")
+    trainer = Distillation(models={"student": lambda: mlp(3), "teacher": lambda: mlp(7)}, frozen={"teacher"},
+                           optimizer=keras.optimizers.Adam, init_from={"teacher": tmp_path / "teacher"}, verbose=False)
+    trainer.fit(blobs(), steps=1)
+    for a, b in zip(trainer.models["teacher"].get_weights(), teacher.model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    single = Trainer(model=lambda: mlp(7), loss=SCCE, optimizer=lambda: keras.optimizers.SGD(0.0), verbose=False,
+                     init_from=tmp_path / "teacher")
+    single.fit(blobs(), steps=1)  # a rate of 0: the weights stay as the warm start left them
+    for a, b in zip(single.model.get_weights(), teacher.model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_resume_against_another_frozen_teacher_is_refused(tmp_path):
+    """The teacher is in no checkpoint: each save records its weights' fingerprint, and a resume whose teacher loads
+    other weights (another init_from, another builder) is a CheckpointError naming it, before any step."""
+    train_teacher(tmp_path / "teacher")
+    other = Trainer(model=lambda: mlp(7), loss=SCCE, optimizer=keras.optimizers.Adam, run_dir=tmp_path / "other",
+                    verbose=False, seed=1)
+    other.fit(blobs(), steps=5)
+    distillation(tmp_path / "run", tmp_path / "teacher").fit(blobs(), steps=10)
+    with pytest.raises(CheckpointError, match=r"frozen models \['teacher'\] have other weights than when this run last "
+                                              r"saved .*configured.json.*Fix: give them the weights the run started with"):
+        distillation(tmp_path / "run", tmp_path / "other").fit(blobs(), steps=20)
+    assert tf.train.latest_checkpoint(str(tmp_path / "run" / "checkpoints")).endswith("ckpt-10")  # nothing trained
+    resumed = distillation(tmp_path / "run", tmp_path / "teacher")  # the same teacher: resumes
+    resumed.fit(blobs(), steps=20)
+    assert int(resumed.step.numpy()) == 20
+
+
+def test_adding_or_dropping_frozen_on_a_run_folder_names_frozen_as_the_cause(tmp_path):
+    """Two models, both trained, save as models/<name>; with one frozen, the other saves as model/. The switch is
+    frozen='s doing, and the error says so (not "the config changed the model")."""
+    def trainer(run, **frozen):
+        optimizers = {"a": keras.optimizers.Adam()} if frozen else {"a": keras.optimizers.Adam(), "b": keras.optimizers.Adam()}
+        return TwoModels(models={"a": lambda: mlp(5), "b": lambda: mlp(6)}, optimizers=optimizers, run_dir=tmp_path / run,
+                         verbose=False, **frozen)
+
+    trainer("both").fit(blobs(), steps=2)
+    with pytest.raises(CheckpointError, match=r"holds several trained models \(\['a', 'b'\], as models/<name>\), and "
+                                              r"this Trainer trains one \(model/\): Trainer\(frozen=...\).*changed.*"
+                                              r"Fix: keep frozen= as the run started.*init_from=\{name: PATH\}"):
+        trainer("both", frozen={"b"}).fit(blobs(), steps=4)
+    trainer("one", frozen={"b"}).fit(blobs(), steps=2)
+    with pytest.raises(CheckpointError, match=r"holds one trained model \(model/\), and this Trainer trains several "
+                                              r"\(\['a', 'b'\]\): Trainer\(frozen=...\)"):
+        trainer("one").fit(blobs(), steps=4)
+
+
+class NoisyTeacher(Trainer):
+    """Distillation whose teacher is called with training=True: its Dropout stays active, its BatchNorm (frozen)
+    uses the moving statistics and does not update them."""
+
+    def train_step(self, data):
+        x, _ = data
+        soft_targets = tf.nn.softmax(self.models["teacher"](x, training=True))
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(keras.losses.categorical_crossentropy(
+                soft_targets, self.models["student"](x, training=True), from_logits=True))
+        self.update(loss, tape)
+        return {"distill_loss": loss}
+
+
+def test_a_frozen_teacher_with_batchnorm_and_dropout_called_in_training_mode(tmp_path):
+    def trainer(run):
+        teacher = lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(7), keras.layers.BatchNormalization(),
+                                            keras.layers.Dropout(0.5), keras.layers.Dense(2)])
+        return NoisyTeacher(models={"student": lambda: mlp(3), "teacher": teacher}, frozen={"teacher"},
+                            optimizer=lambda: keras.optimizers.Adam(1e-2), run_dir=tmp_path / run, verbose=False,
+                            checkpoint_every=10, deterministic=True)
+
+    whole = trainer("whole")
+    norm = whole.models["teacher"].layers[1]
+    norm.moving_mean.assign([0.5] * 7)  # not the initial values: an update would move them towards the batch's
+    moving = [v.numpy().copy() for v in (norm.moving_mean, norm.moving_variance)]
+    whole.fit(blobs(), steps=20)
+    for before, after in zip(moving, (norm.moving_mean, norm.moving_variance)):
+        np.testing.assert_array_equal(after.numpy(), before)
+    assert whole.models["teacher"].trainable_variables == []
+
+    def resumed_run():
+        stopped = trainer("resumed")
+        stopped.models["teacher"].layers[1].moving_mean.assign([0.5] * 7)  # the same teacher on every run
+        return stopped
+
+    resumed_run().fit(blobs(), steps=10)
+    resumed = resumed_run()
+    resumed.fit(blobs(), steps=20)  # the dropout masks drawn after step 10 are the whole run's (its RNG state is saved)
+    for a, b in zip(resumed.models["student"].get_weights(), whole.models["student"].get_weights()):
+        np.testing.assert_array_equal(a, b)

@@ -84,8 +84,28 @@ def repair_state_file(directory: Path) -> None:
                 state, [step for step, _ in found])
 
 
+def _check_layout(objects: Dict, prefix: str) -> None:
+    """One trained model saves as `model/`, several as `models/<name>/`: a switch means Trainer(frozen=...) changed
+    (or the models), which the per-variable check below would blame on a changed config."""
+    expected = "models" if "models" in objects else "model"
+    if expected not in objects:
+        return
+    _, _, saved = match_variables(objects[expected], prefix, expected)  # by object path: a key may name another
+    held = {root for root in ("model", "models") if any(p.startswith(f"{root}/") for p in saved)}
+    if held and expected not in held:
+        names = sorted({p.split("/")[1] for p in saved if p.startswith("models/")})
+        saved = f"several trained models ({names}, as models/<name>)" if held == {"models"} else "one trained model (model/)"
+        now = (f"several ({sorted(objects['models'])})" if expected == "models" else "one (model/)")
+        raise CheckpointError(
+            f"{prefix} holds {saved}, and this Trainer trains {now}: Trainer(frozen=...) (or its models) changed "
+            "since the run started, a frozen model being in no checkpoint. Fix: keep frozen= as the run started, or "
+            "start a new run folder (hydra.run.dir=...) and load each model from this run with "
+            "init_from={name: PATH}.")
+
+
 def _check_compatible(objects: Dict, prefix: str) -> None:
     """A changed model or optimizer must be a clear error, not a partial restore or a 'corrupt file'."""
+    _check_layout(objects, prefix)
     optimizer = "the optimizer (its type, or options that add state such as amsgrad, momentum or optimizer.use_ema)"
     for name, what in (("model", "the model"), ("optimizer", optimizer), ("models", "the models"), ("optimizers", optimizer)):
         if name not in objects:

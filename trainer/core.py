@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import math
 from pathlib import Path
@@ -22,7 +21,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import debug, ema, objects, signals
+from trainer import debug, ema, objects, saved, signals
 from trainer import precision as precision_lib
 from trainer.callbacks import (Callback, CallbackList, Checkpointing, DivergenceGuard, NumericalError, XlaChoice,
                                callback_list)
@@ -59,7 +58,9 @@ class Trainer(Step):
         Each must have its variables (a keras.Input, or built in its builder).
       optimizers: name -> optimizer (or builder); each trains the model of the same name.
       frozen: names of models that do not train (a distillation's teacher): no optimizer, not in checkpoints or
-        the weights fingerprint; their weights come from their builder or init_from on every run.
+        the weights fingerprint; their weights come from their builder or init_from on every run. It sets
+        trainable=False on the user's model for good (BatchNorm then uses its moving statistics; Dropout stays
+        active under training=True).
       strategy: a tf.distribute.Strategy (default: TensorFlow's current/default strategy).
       precision: a policy name ("float32", "mixed_float16", "mixed_bfloat16") or a PrecisionConfig.
       run_dir: where metrics.jsonl, checkpoints/ and tensorboard/ go; None: nothing is written.
@@ -150,19 +151,14 @@ class Trainer(Step):
 
     # -- what the Trainer holds -------------------------------------------------------------------
 
-    def _only(self, what: str, mapping: Dict):
-        if len(mapping) != 1:
-            raise AttributeError(f"Trainer.{what}: this Trainer has several ({sorted(mapping)}); use Trainer.{what}s[name]")
-        return next(iter(mapping.values()))
-
     @property
     def model(self) -> keras.Model:
         """The model (with one); see `models`."""
-        return self._only("model", self.models)
+        return objects.only("model", self.models, self.frozen)
 
     @model.setter
     def model(self, value) -> None:
-        self._only("model", self.models)  # with one model only
+        objects.only("model", self.models, self.frozen)  # with one model only
         self.models[next(iter(self.models))] = value
 
     @property
@@ -178,11 +174,11 @@ class Trainer(Step):
 
     @property
     def optimizer(self) -> keras.optimizers.Optimizer:
-        return self._only("optimizer", self.optimizers)
+        return objects.only("optimizer", self.optimizers)
 
     @property
     def loss_scale(self) -> LossScale:
-        return self._only("loss_scale", {n: u.loss_scale for n, u in self.updaters.items()})
+        return objects.only("loss_scale", {n: u.loss_scale for n, u in self.updaters.items()})
 
     # -- building and compiling -------------------------------------------------------------------
 
@@ -249,17 +245,8 @@ class Trainer(Step):
         self._train_function = self._eval_function = None
 
     def checkpoint_objects(self) -> Dict[str, Any]:
-        """Everything a checkpoint must hold to continue exactly: every model but the frozen, optimizer and loss scale."""
-        saved = {name: m for name, m in self.models.items() if name not in self.frozen}
-        weights = {id(w) for m in self.models.values() for w in m.weights}
-        # Keras 3 layers keep their dropout RNG state (SeedGenerator) outside model.weights.
-        seed_states = [v.value for m in self.models.values() for v in m.variables if id(v) not in weights]
-        scales = {name: u.loss_scale for name, u in self.updaters.items()}
-        if len(saved) == 1 and len(self.optimizers) == 1:  # the layout of every one-model run
-            held = dict(model=next(iter(saved.values())), optimizer=self.optimizer, loss_scale=self.loss_scale)
-        else:
-            held = dict(models=saved, optimizers=dict(self.optimizers), loss_scales=scales)
-        return dict(held, step=self.step, rng=self.rng, best_metric=self.best, seed_states=seed_states)
+        """Everything a checkpoint must hold to continue exactly (trainer/saved.py)."""
+        return saved.checkpoint_objects(self)
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -405,8 +392,4 @@ class Trainer(Step):
 
     def weights_fingerprint(self) -> str:
         """SHA-256 of the weights of all models but the frozen: equal on every worker, and across bit-identical runs."""
-        digest = hashlib.sha256()
-        for model in (m for name, m in self.models.items() if name not in self.frozen):
-            for w in model.weights:
-                digest.update(keras.ops.convert_to_numpy(w).tobytes())
-        return digest.hexdigest()[:16]
+        return saved.fingerprint(m for name, m in self.models.items() if name not in self.frozen)

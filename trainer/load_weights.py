@@ -6,9 +6,10 @@ Below the Trainer, beside checkpoint.py (whose files it reads); it imports no co
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Union
 
 import keras
 
@@ -18,7 +19,7 @@ from trainer.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-InitFrom = Union[str, Mapping[str, str], None]
+InitFrom = Union[str, os.PathLike, Mapping[str, Union[str, os.PathLike]], None]
 
 
 def _setting(path: str, name: Optional[str]) -> str:
@@ -39,13 +40,39 @@ def _resolve_checkpoint(path: str, name: Optional[str] = None) -> str:
     raise CheckpointError(f"{_setting(path, name)} is not a checkpoint (folder, ckpt prefix), .keras or .weights.h5 file")
 
 
+def _keras_file(model, path: str, purpose: str, name: Optional[str], strict: bool) -> Dict[str, List[str]]:
+    """warm_start from a .keras or .weights.h5 file, through Keras' loader (strict: skipping nothing)."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{_setting(path, name)} does not exist")
+    try:
+        if path.endswith(".keras"):
+            source = keras.saving.load_model(path, compile=False)
+            with tempfile.TemporaryDirectory() as tmp:
+                source.save_weights(Path(tmp) / "w.weights.h5")
+                model.load_weights(Path(tmp) / "w.weights.h5", skip_mismatch=not strict)
+        else:
+            model.load_weights(path, skip_mismatch=not strict)
+    except ValueError as e:
+        if not strict:
+            raise
+        raise CheckpointError(f"{_setting(path, name)}: frozen model {name!r} does not fit {path} ({str(e).strip()[:300]}). "
+                              "A frozen model never trains, so every variable must load. Fix: name the file of this "
+                              "model's weights, or build the model as it was saved") from None
+    # Keras' loader does not say which layers it skipped (it warns about each); the report cannot either.
+    report = {"restored": [v.path for v in model.weights], "missing": [], "unexpected": [], "mismatched": []}
+    log.info("%s%s from %s: Keras loader, %s", purpose, "" if name is None else f" of {name}", path,
+             "every layer loaded" if strict else "layers of mismatched shapes skipped (see its warnings)")
+    return report
+
+
 def _held_models(saved) -> List[str]:
     """The models a checkpoint holds: `model` (a one-model run) and the names under `models/`."""
     held = {"model"} if any(p.startswith("model/") for p in saved) else set()
     return sorted(held | {p.split("/")[1] for p in saved if p.startswith("models/")})
 
 
-def warm_start(model, path: str, purpose: str = "Warm start", name: Optional[str] = None) -> Dict[str, List[str]]:
+def warm_start(model, path: Union[str, os.PathLike], purpose: str = "Warm start", name: Optional[str] = None,
+               strict: bool = False) -> Dict[str, List[str]]:
     """Loads model weights only (no optimizer, no step) and reports restored / missing / unexpected.
 
     `purpose` starts the log line: "Warm start" for trainer.init_from, "Loading weights" for export/doctor.
@@ -55,21 +82,12 @@ def warm_start(model, path: str, purpose: str = "Warm start", name: Optional[str
     TF checkpoints are matched by object structure, one variable at a time, so a new head of another
     shape is reported as mismatched and left at its initial value; .keras/.weights.h5 files go through
     Keras' own loader (matching by layer, skipping mismatched shapes).
+    `strict` (a frozen model, which never trains: a part left at its initial value would stay random all run):
+    any variable missing or of another shape is a CheckpointError, and Keras' loader skips nothing.
     """
+    path = os.fspath(path)
     if path.endswith(".keras") or path.endswith(".weights.h5"):
-        if not Path(path).is_file():
-            raise CheckpointError(f"{_setting(path, name)} does not exist")
-        if path.endswith(".keras"):
-            source = keras.saving.load_model(path, compile=False)
-            with tempfile.TemporaryDirectory() as tmp:
-                source.save_weights(Path(tmp) / "w.weights.h5")
-                model.load_weights(Path(tmp) / "w.weights.h5", skip_mismatch=True)
-        else:
-            model.load_weights(path, skip_mismatch=True)
-        # Keras' loader does not say which layers it skipped (it warns about each); the report cannot either.
-        report = {"restored": [v.path for v in model.weights], "missing": [], "unexpected": [], "mismatched": []}
-        log.info("%s from %s: Keras loader, layers of mismatched shapes skipped (see its warnings)", purpose, path)
-        return report
+        return _keras_file(model, path, purpose, name, strict)
     prefix = _resolve_checkpoint(path, name)
     where = "model" if name is None else f"models/{name}"
     reader, rows, saved = match_variables(model, prefix, where)
@@ -88,10 +106,18 @@ def warm_start(model, path: str, purpose: str = "Warm start", name: Optional[str
     ours = {path_in for path_in, *_ in rows}
     unexpected = sorted(p for p in saved if p.startswith(f"{where}/") and p not in ours)
     log.info(
-        "%s%s from %s: restored %d variables, missing %d %s, mismatched %d %s, unexpected %d %s",
-        purpose, "" if name is None else f" of {name}", prefix, len(restored), len(missing), missing[:5],
-        len(mismatched), mismatched[:5], len(unexpected), unexpected[:5],
+        "%s%s from %s (its %s): restored %d variables, missing %d %s, mismatched %d %s, unexpected %d %s",
+        purpose, "" if name is None else f" of {name}", prefix,
+        "model, a one-model run's" if where == "model" and name is not None else where,
+        len(restored), len(missing), missing[:5], len(mismatched), mismatched[:5], len(unexpected), unexpected[:5],
     )
+    if strict and restored and (missing or mismatched):
+        raise CheckpointError(
+            f"{_setting(path, name)}: frozen model {name!r} is only partly in {prefix} (its {where}): "
+            + "; ".join(f"{what} {found[:6]}" for what, found in (("missing", missing), ("of other shapes", mismatched)) if found)
+            + ". A frozen model never trains, so these would stay at "
+            "their initial values all run. Fix: name a checkpoint of this model (a one-model run's `model`, or a "
+            "run of several models that holds it under this name), or build the model as it was saved")
     if not restored:
         what = "this model" if name is None else f"model {name!r}"
         raise CheckpointError(f"{_setting(path, name)}: no variable of {what} is in {prefix} (it holds the models "
@@ -103,13 +129,15 @@ def warm_start(model, path: str, purpose: str = "Warm start", name: Optional[str
 def init_from_targets(init_from: InitFrom, models: Mapping[str, keras.Model]) -> Dict[str, Optional[str]]:
     """trainer.init_from as model name -> path, checked: one path for a Trainer of one model, else a mapping
     whose names are the Trainer's models. (The mapping's keys come back; the single form's is None.)"""
-    if not init_from:
+    if init_from is None or init_from == "" or isinstance(init_from, Mapping) and not init_from:
         return {}
-    if not isinstance(init_from, (str, Mapping)) or isinstance(init_from, Mapping) and not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in init_from.items()):
+    path_like = (str, os.PathLike)
+    if not isinstance(init_from, (*path_like, Mapping)) or isinstance(init_from, Mapping) and not all(
+            isinstance(k, str) and isinstance(v, path_like) for k, v in init_from.items()):
         raise ConfigError(f"trainer.init_from={init_from!r} is neither a path nor model name -> path. Fix: "
                           "trainer.init_from=PATH (one model) or trainer.init_from={teacher:PATH} (several)")
-    if isinstance(init_from, str):
+    if isinstance(init_from, path_like):
+        init_from = os.fspath(init_from)
         if len(models) > 1:
             raise ConfigError(f"trainer.init_from={init_from!r} is one path, and this Trainer has several models "
                               f"{sorted(models)}. Fix: say which model each checkpoint is for, e.g. "
@@ -119,10 +147,13 @@ def init_from_targets(init_from: InitFrom, models: Mapping[str, keras.Model]) ->
     unknown = sorted(set(init_from) - set(models))
     if unknown:
         raise ConfigError(f"trainer.init_from names {unknown}, not models of this Trainer (models: {sorted(models)})")
-    return dict(init_from)
+    return {name: os.fspath(path) for name, path in init_from.items()}
 
 
-def warm_start_models(models: Mapping[str, keras.Model], targets: Mapping[Optional[str], str]) -> None:
-    """Warm-starts each model of `targets` (init_from_targets' mapping) from its checkpoint."""
+def warm_start_models(models: Mapping[str, keras.Model], targets: Mapping[Optional[str], str],
+                      frozen: Iterable[str] = ()) -> None:
+    """Warm-starts each model of `targets` (init_from_targets' mapping) from its checkpoint; a frozen one strictly
+    (every variable, see warm_start)."""
     for name, path in targets.items():
-        warm_start(next(iter(models.values())) if name is None else models[name], path, name=name)
+        warm_start(next(iter(models.values())) if name is None else models[name], path, name=name,
+                   strict=name in frozen)

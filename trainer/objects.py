@@ -34,6 +34,17 @@ def per_example_loss(loss):
     return loss
 
 
+def only(what: str, mapping: Dict, frozen=()):
+    """The one entry of `mapping` (Trainer.model, .optimizer, .loss_scale); with several, an AttributeError naming
+    what to use instead: the one model that trains when the others are frozen (a distillation's student)."""
+    if len(mapping) != 1:
+        trained = [n for n in mapping if what == "model" and n not in frozen]
+        use = (f"trainer.models[{trained[0]!r}] (the one model that trains)" if len(trained) == 1
+               else f"Trainer.{what}s[name]")
+        raise AttributeError(f"Trainer.{what}: this Trainer has several ({sorted(mapping)}); use {use}")
+    return next(iter(mapping.values()))
+
+
 def make_models(model, models) -> Dict[str, keras.Model]:
     """{"model": model} for one model; name -> model for several (a dict, or a function returning one)."""
     if (model is None) == (models is None):

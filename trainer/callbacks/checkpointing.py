@@ -20,6 +20,7 @@ from trainer.checkpoint import NO_BEST, Checkpointer
 from trainer.inputs import batches_read_per_step
 from trainer.load_weights import init_from_targets, warm_start_models
 from trainer.loop import due as loop_event_due
+from trainer.saved import check_frozen_unchanged, frozen_fingerprints
 
 log = logging.getLogger("trainer.core")
 
@@ -43,6 +44,7 @@ class Checkpointing(Callback):
         self.checkpointer: Optional[Checkpointer] = None
         self.prepared = False  # resumed, warm-started or started fresh by the first fit() call
         self.configured: Dict[str, Tuple[Optional[float], float]] = {}
+        self.frozen: Dict[str, str] = {}  # the frozen models' fingerprints, recorded at each save (trainer/saved.py)
         self.last_path: Optional[str] = None
         self.last_save_time = time.monotonic()
         self.last_point = 0  # the step of the last save point (or the run's start): a loop from it went past a due save?
@@ -78,7 +80,7 @@ class Checkpointing(Callback):
         cfg = trainer.config
         targets = init_from_targets(cfg.init_from, trainer.models)  # checked before anything is read
         if trainer.run_dir is None:
-            warm_start_models(trainer.models, targets)
+            warm_start_models(trainer.models, targets, trainer.frozen)
             self.prepared = True
             return
         checkpointer = Checkpointer(
@@ -92,7 +94,11 @@ class Checkpointing(Callback):
         resumed = checkpointer.prepare(resume=cfg.resume)
         # A warm start is a fresh run's; a frozen model is in no checkpoint, so it is warm-started on every run.
         warm_start_models(trainer.models, {name: path for name, path in targets.items()
-                                           if resumed is None or name in trainer.frozen})
+                                           if resumed is None or name in trainer.frozen}, trainer.frozen)
+        frozen = frozen_fingerprints(trainer)  # once: a frozen model does not change during the run
+        if resumed is not None:
+            check_frozen_unchanged(self._record(trainer), frozen)
+        self.frozen = frozen
         self.checkpointer = trainer.checkpointer = checkpointer
         self.configured, self.prepared = configured, True
         if resumed is not None:
@@ -171,6 +177,8 @@ class Checkpointing(Callback):
             written = {"lr": single} if single is not None else ({"lrs": lrs} if lrs else {})
             written.update(step=step, batches_read=self._position(trainer, step),  # the data position
                            batches_read_per_step=batches_read_per_step(trainer.config))
+            if self.frozen:  # compared on resume: the frozen models are in no checkpoint
+                written["frozen"] = self.frozen
             record.with_suffix(".tmp").write_text(json.dumps(written))
             os.replace(record.with_suffix(".tmp"), record)
         return path
