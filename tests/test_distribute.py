@@ -378,6 +378,19 @@ for replicas, strategy in ((1, tf.distribute.OneDeviceStrategy("/cpu:0")), (2, m
         m.compile(keras.optimizers.SGD(0.5), bce)
     m.fit(ds, epochs=1, verbose=0)
     out[f"keras_fit/{replicas}"] = [w.tolist() for w in m.get_weights()]
+
+class KerasRandom(Trainer):  # unseeded keras.random in a replicated step: TensorFlow's UnliftableError names nothing
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            loss = forms["function"](y, self.model(x + keras.random.uniform(tf.shape(x)), training=True))
+        self.update(loss, tape)
+
+try:
+    KerasRandom(model=lambda: keras.Sequential([keras.Input((8,)), keras.layers.Dense(1)]), loss=None,
+                optimizer=lambda: keras.optimizers.SGD(0.5), strategy=ms, progress_bar=False).fit(ds, steps=1)
+except ValueError as error:
+    out["keras_random_error"] = str(error)
 print("RESULT", json.dumps(out))
 """
 
@@ -388,7 +401,7 @@ def test_a_keras_loss_object_in_an_overridden_step_gives_the_update_of_its_funct
     the same weights and logs on 1 and 2 replicas; an overridden compute_loss (of the class, a mixin or the
     instance) and the default step keep Keras' division (their loss is the replica's share of the global mean),
     and self.update / a returned log given that share take it as such. Keras' own fit and a bare Loss call in the
-    same process still divide."""
+    same process still divide. Unseeded keras.random in the step is an error naming the fix."""
     script = tmp_path / "loss_objects.py"
     script.write_text(LOSS_OBJECTS)
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
@@ -398,6 +411,8 @@ def test_a_keras_loss_object_in_an_overridden_step_gives_the_update_of_its_funct
     np.testing.assert_allclose(bare, np.log(2) / 2, rtol=1e-5)  # Keras' division, outside our steps
     for got, want in zip(keras_fit[1], keras_fit[0]):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    error = out.pop("keras_random_error", "no error")
+    assert "keras.random.* call without a seed in the step" in error and "Fix: draw from self.rng" in error
     assert len(out) == 14
     reference = out["function/1"]
     assert 0.5 < reference["loss"] < 0.9 and 0.5 < reference["eval"] < 0.9  # a mean binary cross-entropy, not halved
