@@ -8,6 +8,7 @@ takes the replica's batch mean and averages over replicas itself, so `keras.loss
 `train_step`/`test_step` runs (it runs only when traced), that division is left out: a `Loss` object gives
 what its function form gives (`tf.reduce_mean(keras.losses.x(y, p))`). `compute_loss` keeps Keras'
 convention: its contract is this replica's share of the global mean, which is what Keras' division gives.
+Its value is marked as that share (mark_replica_share), so `update` and a returned log take it as such.
 
 The switch is per thread (MirroredStrategy traces each replica in a thread of its own, entered inside the
 wrapper) and Keras' function is looked up when a loss reduces, so it acts inside our steps only: any other
