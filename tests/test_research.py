@@ -445,7 +445,39 @@ def test_random_state_no_checkpoint_holds_is_named_and_self_rng_resumes_exactly(
         keras_unseeded.fit(blobs(), steps=1)
         assert "keras.random.* without a seed (Keras' global SeedGenerator)" in caplog.text
         caplog.clear()
+        # a retrace (here after reset_step_functions) names what is new only: a fractional pooling, not the uniform again
+        retraced = NoisyInputs(model=mlp(), loss=None, optimizer=lambda: keras.optimizers.SGD(0.1), deterministic=True,
+                               progress_bar=False)
+        retraced.noise = lambda self, shape: tf.random.uniform(shape)
+        retraced.fit(blobs(), steps=1)
+        assert caplog.text.count("RandomUniform 'while/") == 1 and "FractionalMaxPool" not in caplog.text
+        caplog.clear()
+        pooled = lambda: tf.reduce_mean(tf.nn.fractional_max_pool(tf.ones((1, 4, 4, 1)), [1.0, 1.5, 1.5, 1.0], seed=1)[0])
+        retraced.noise = lambda self, shape: tf.random.uniform(shape) + 0.0 * pooled()
+        retraced.reset_step_functions()
+        retraced.fit(blobs(), steps=2)
+        assert "FractionalMaxPool 'while/" in caplog.text and "RandomUniform" not in caplog.text
+        caplog.clear()
         not_deterministic = NoisyInputs(model=mlp(), loss=None, optimizer=lambda: keras.optimizers.SGD(0.1), progress_bar=False)
         not_deterministic.noise = lambda self, shape: tf.random.uniform(shape)
         not_deterministic.fit(blobs(), steps=1)
     assert "draws random numbers" not in caplog.text  # not deterministic: resume is not promised bit-exact
+
+
+def test_keras_scale_function_replaced_by_a_patch_is_put_back_and_said_once(caplog):
+    """Something replacing Keras' scale_loss_for_distribution (a mock.patch, a reload) would silently bring back
+    Keras' division in an overridden step: the Trainer puts its own function back, and says so once."""
+    from unittest import mock
+
+    from keras.src.losses import loss as keras_loss
+
+    with mock.patch.object(keras_loss, "scale_loss_for_distribution", lambda value: value):
+        with caplog.at_level(logging.WARNING, logger="trainer"):
+            for _ in range(2):
+                t = NoisyInputs(model=mlp(), loss=None, optimizer=lambda: keras.optimizers.SGD(0.1), progress_bar=False)
+                t.noise = lambda self, shape: 0.0
+                t.fit(blobs(), steps=1)
+                assert getattr(keras_loss.scale_loss_for_distribution, "_trainer_loss_convention", False)
+                keras_loss.scale_loss_for_distribution = lambda value: value  # replaced again: put back, not said again
+    assert caplog.text.count("scale_loss_for_distribution was replaced") == 1
+    assert getattr(keras_loss.scale_loss_for_distribution, "_trainer_loss_convention", False)  # the patch's exit

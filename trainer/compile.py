@@ -17,11 +17,11 @@ import tensorflow as tf
 
 from trainer import precision as precision_lib
 from trainer.config import PrecisionConfig, TrainerConfig
-from trainer.loss_convention import per_replica_mean
+from trainer.loss_convention import is_replica_share, per_replica_mean
 from trainer.precision import PrecisionError
 from trainer.step import Step
 from trainer.timing import interleaved_seconds, median_seconds, rounds_won
-from trainer.tracing import warn_random_state_outside_checkpoint
+from trainer.tracing import keras_random_explained, warn_random_state_outside_checkpoint
 
 log = logging.getLogger("trainer.core")
 
@@ -133,7 +133,8 @@ def _log_names(trainer, step: Callable, iterator, what: str, batches: int = 1) -
     """The names of the logs an overridden step returns, from one throwaway trace (the trackers that
     average them must exist before the real trace)."""
     probe = tf.function(lambda it: trainer.strategy.run(step, args=(step_input(it, batches),)))
-    out = probe.get_concrete_function(iterator).structured_outputs
+    with keras_random_explained():  # an overridden step is traced here first
+        out = probe.get_concrete_function(iterator).structured_outputs
     if out is None or (isinstance(out, dict) and not out):
         return []
     local = lambda v: trainer.strategy.experimental_local_results(v)[0]  # noqa: E731
@@ -149,7 +150,7 @@ def logged_step(trainer, step: Callable, iterator, trackers: Dict[str, keras.met
     they average over examples, on any number of replicas: each replica adds to its own copy, read as
     their sum; a replica's empty last eval batch adds nothing). With several `batches` per step, by the
     first one's size."""
-    names = _log_names(trainer, step, iterator, what, batches)
+    names, replicas = _log_names(trainer, step, iterator, what, batches), trainer.strategy.num_replicas_in_sync
     if not names:
         return step
     with trainer.strategy.scope():
@@ -160,6 +161,7 @@ def logged_step(trainer, step: Callable, iterator, trackers: Dict[str, keras.met
     def run(data):
         examples = tf.cast(tf.shape(tf.nest.flatten(data)[0])[0], tf.float32)
         for name, value in step(data).items():
+            value = value * replicas if is_replica_share(value) else value  # compute_loss's: the batch mean
             value = tf.where(examples > 0, tf.cast(value, tf.float32), 0.0)  # reduce_mean([]) is NaN
             trackers[name].update_state(value, sample_weight=examples)
 
@@ -170,6 +172,7 @@ def make_train_function(trainer, iterator) -> Callable:
     """strategy.run(step) × num_steps inside one tf.function; XLA as plan_xla says. `iterator`: the
     distributed training iterator (an overridden step is traced on it once to learn its logs)."""
     accum, batches = trainer.config.grad_accum_steps, trainer.config.batches_per_step
+    trainer._wrap_own_compute_loss()  # t.compute_loss = f: as a class's (loss_convention.py)
     overridden = type(trainer).train_step is not Step.train_step
     if overridden and accum > 1:
         log.warning("The overridden train_step is not used with grad_accum_steps > 1 (accumulate_step and "
@@ -233,6 +236,7 @@ def warn_unused_optimizers(trainer) -> None:
 
 def make_eval_function(trainer, iterator) -> Callable:
     """Up to `max_batches` eval batches per call; returns how many there were (fewer at the end)."""
+    trainer._wrap_own_compute_loss()
     step = trainer.test_step
     if type(trainer).test_step is not Step.test_step:
         step = per_replica_mean(step, trainer.strategy.num_replicas_in_sync)

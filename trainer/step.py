@@ -15,7 +15,7 @@ import keras
 import tensorflow as tf
 
 from trainer.data import DataError
-from trainer.loss_convention import keras_convention
+from trainer.loss_convention import is_replica_share, keras_convention, mark_replica_share, note_replica_share
 from trainer.tracing import framework_code
 
 
@@ -25,8 +25,14 @@ class Step:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if "compute_loss" in cls.__dict__:  # Keras Loss objects in it keep Keras' division (loss_convention.py)
-            cls.compute_loss = keras_convention(cls.__dict__["compute_loss"])
+        if cls.compute_loss is not Step.compute_loss:  # also a mixin's: Keras Loss objects in it keep Keras' division
+            cls.compute_loss = keras_convention(cls.compute_loss)  # (loss_convention.py); no-op if already wrapped
+
+    @framework_code
+    def _wrap_own_compute_loss(self) -> None:
+        """A compute_loss assigned to the instance (t.compute_loss = f) gets what a class's gets."""
+        if "compute_loss" in vars(self):
+            self.compute_loss = keras_convention(vars(self)["compute_loss"])
 
     # -- the default step ------------------------------------------------------------------------
 
@@ -41,7 +47,7 @@ class Step:
                              "override train_step (calling self.update(loss, tape)) and test_step (or no eval data)")
         if self.model.losses:
             loss += tf.nn.scale_regularization_loss(tf.add_n([tf.cast(l, tf.float32) for l in self.model.losses]))
-        return loss
+        return mark_replica_share(loss)
 
     @framework_code
     def _global_mean(self, per_example, sample_weight):
@@ -144,9 +150,13 @@ class Step:
             raise TypeError(f"Trainer.update: the loss is {loss.dtype.name}, not float32. Compute it from float32 "
                             "outputs (tf.cast(outputs, 'float32') inside the tape), as a mixed policy needs.")
         replicas = self.strategy.num_replicas_in_sync
+        share = is_replica_share(loss)  # self.compute_loss's value, 1/replicas of the batch mean: divided already
+        if share:
+            note_replica_share(replicas)
         # d(scale * loss / replicas)/dw without recording the product on the tape: the backward pass
         # starts from scale / replicas instead of 1 (what scaling the loss inside the tape does).
-        seed = updater.loss_scale.scale / replicas if updater.loss_scale.enabled else (1.0 / replicas if replicas > 1 else None)
+        divide = 1 if share else replicas
+        seed = updater.loss_scale.scale / divide if updater.loss_scale.enabled else (1.0 / divide if divide > 1 else None)
         seed = None if seed is None else tf.convert_to_tensor(seed, tf.float32)
         scaled_grads = tape.gradient(loss, updater.variables(), output_gradients=seed)
         if scaled_grads and all(g is None for g in scaled_grads):  # Keras would say "No gradients provided for any variable"
@@ -155,7 +165,7 @@ class Step:
                              f"{name!r}, so optimizer {name!r} has nothing to apply. Likely cause: the model's forward "
                              "pass ran outside `with tf.GradientTape() as tape:` (or the loss comes from another model, "
                              "or through tf.stop_gradient). Fix: call the model and compute the loss inside the tape.")
-        updater.apply(updater.loss_scale.unscale(scaled_grads), loss / replicas)
+        updater.apply(updater.loss_scale.unscale(scaled_grads), loss / divide)
 
     # -- gradient accumulation: K micro-batches per optimizer update --------------------------------
 
