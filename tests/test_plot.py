@@ -173,3 +173,16 @@ def test_histograms_images_and_text_in_the_tensorboard_files_are_skipped(tmp_pat
     got = load_runs([str(run)])[0]
     assert got.series("train", "loss") == ([5, 10], [pytest.approx(0.2), pytest.approx(0.1)])
     assert all(set(row) <= {"step", "split", "loss"} for row in got.rows), got.rows
+
+
+def test_steps_logged_twice_after_a_resume_are_drawn_once_with_their_last_value(tmp_path):
+    """A run killed between a log and the next save logs the steps after that save again (docs/loggers.md):
+    the curve keeps one point per step, the rerun's, instead of drawing back to the resume step."""
+    from trainer.plot import load_runs
+
+    first = [{"step": s, "split": "train", "loss": 1.0 / s} for s in (10, 20, 30)]
+    rerun = [{"step": s, "split": "train", "loss": 2.0 / s} for s in (20, 30, 40)]
+    run = write_run(tmp_path / "run", first + rerun)
+    steps, losses = load_runs([str(run)])[0].series("train", "loss")
+    assert steps == [10, 20, 30, 40]
+    assert losses == pytest.approx([0.1, 0.1, 2.0 / 30, 0.05])

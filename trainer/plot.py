@@ -40,9 +40,10 @@ class Run:
     full_label: str = ""  # the whole label when `label` (the legend's) is cut short
 
     def series(self, split: str, key: str):
-        points = [(r["step"], r[key]) for r in self.rows
-                  if r.get("split") == split and isinstance(r.get(key), (int, float)) and "step" in r]
-        return [p[0] for p in points], [p[1] for p in points]
+        """(steps, values) in step order; a step logged twice (rerun after a resume) counts its last value."""
+        points = {r["step"]: r[key] for r in self.rows
+                  if r.get("split") == split and isinstance(r.get(key), (int, float)) and "step" in r}
+        return sorted(points), [points[step] for step in sorted(points)]
 
 
 def run_folders(paths: Sequence[str]) -> List[Path]:
