@@ -28,7 +28,7 @@ import tensorflow as tf
 from omegaconf import II, MISSING
 
 from trainer.config import ConfigError, ranged
-from trainer.data import DataBundle, DataError, load_mnist_format, per_replica_batch_size
+from trainer.data import DataBundle, DataError, check_labels, load_mnist_format, per_replica_batch_size
 
 log = logging.getLogger(__name__)
 
@@ -538,6 +538,9 @@ def _glob(pattern: str, what: str) -> List[str]:
     return files
 
 
+LABELS_CHECKED = 512  # records of the first file whose labels are checked before training
+
+
 def _check_tfrecord(path: str, features, label_key: str, label_offset: int, num_classes: int) -> None:
     """Reads the first record now, so a wrong file, key or label base fails before training starts."""
     try:
@@ -559,6 +562,12 @@ def _check_tfrecord(path: str, features, label_key: str, label_offset: int, num_
             f"{path}: first label {int(example[label_key])} + data.label_offset={label_offset} = {label} is outside "
             f"0..{num_classes - 1}. TF-slim/Inception ImageNet files store labels 1..1000: set data.label_offset=-1"
         )
+    # A streamed set is not read whole before training: its first records stand for it (the step names a label
+    # out of range it meets later; trainer/cli.py).
+    records = tf.data.TFRecordDataset(path).take(LABELS_CHECKED).batch(LABELS_CHECKED)
+    labels = tf.io.parse_example(next(iter(records)), {label_key: features[label_key]})[label_key]
+    check_labels(np.asarray(labels).reshape(-1) + label_offset, num_classes,
+                 f"{path} (its first {int(tf.size(labels))} records, with data.label_offset={label_offset})", "data.num_classes")
 
 
 def tfrecord(

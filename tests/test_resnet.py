@@ -234,6 +234,10 @@ def test_tfrecord_imagenet_layout(tmp_path, fashion):
         images.tfrecord(train_files=str(tmp_path / "train-*"), num_classes=3)
     with pytest.raises(DataError, match="matches no files"):
         images.tfrecord(train_files=str(tmp_path / "nothing-*"), num_classes=3)
+    # A label out of range after the first record (stored 1 then 3: 0 and 2 with the offset) is found before training.
+    write_tfrecords(tmp_path / "mixed.tfrecord", [encoded[1], encoded[0]])
+    with pytest.raises(DataError, match=r"first 2 records.*labels 0\.\.2 .*but data.num_classes=2"):
+        images.tfrecord(train_files=str(tmp_path / "mixed.tfrecord"), num_classes=2, label_offset=-1)
     (tmp_path / "bad.tfrecord").write_bytes(b"this is not a TFRecord file at all")
     with pytest.raises(DataError, match="not a readable TFRecord"):
         images.tfrecord(train_files=str(tmp_path / "bad.tfrecord"), num_classes=3)
