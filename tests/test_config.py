@@ -72,6 +72,10 @@ def test_bad_values_exit_2_naming_the_key_without_a_traceback(tmp_path, override
 @pytest.mark.parametrize("override, expected", [
     ("trainer.max_steps=1.5", "trainer.max_steps=1.5: trainer.max_steps takes an integer (or null), not 1.5. Fix: give trainer.max_steps an integer."),
     ("trainer.resume=maybe", "trainer.resume=maybe: trainer.resume takes true or false, not 'maybe'."),
+    # A recipe's sections: their schema depends on the groups chosen (the config is composed once to check).
+    ("optimizer.lr=abc", "optimizer.lr=abc: optimizer.lr takes a number, not 'abc'. Fix: give optimizer.lr a number."),
+    ("data.batch_size=1.5", "data.batch_size=1.5: data.batch_size takes an integer, not '1.5'."),
+    ("model.widht=3", "model.widht=3: Key 'widht' not in 'MnistModelConfig'. Fix: check the name"),
 ])
 def test_a_wrong_type_is_one_line_naming_key_value_and_type(tmp_path, override, expected):
     result = run_cli(override, f"hydra.run.dir={tmp_path / 'run'}")

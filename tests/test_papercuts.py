@@ -68,7 +68,7 @@ def test_overrides_hydra_rejects_without_a_fix_exit_2_with_one(given, expected, 
 def test_good_list_overrides_pass_the_check():
     from trainer.argv_check import problem_in
 
-    assert problem_in(["logger=[jsonl,csv]", "trainer.profile_steps=[1,2]", "trainer.profile_steps=null", "data.x=[1]"]) is None
+    assert problem_in(["logger=[jsonl,csv]", "trainer.profile_steps=[1,2]", "trainer.profile_steps=null", "model.hidden_units=[64,32]"]) is None
     assert "no logger named 'cvs'" in problem_in(["-m", "logger=[jsonl],[cvs]"])  # each choice of a sweep
 
 

@@ -1,7 +1,8 @@
 """Command-line overrides Hydra rejects without saying the fix, checked before Hydra composes the config.
 
 A value of the wrong type for a trainer/precision/strategy/finetune key (`trainer.max_steps=1.5`) exits 2 in
-one line naming key, value and type.
+one line naming key, value and type; for a key of a recipe's model/data/optimizer (`optimizer.lr=abc`), whose
+schema depends on the config groups chosen, the config is composed once first (`composition_problem`).
 
 `trainer.profile_steps=5` (Hydra: "int is not a ListConfig") and a misspelt name in a list-valued config
 group such as `logger=[jsonl,cvs]` (Hydra: "Could not load 'logger/cvs'", no options) exit 2 with the fix.
@@ -54,6 +55,47 @@ def _type_problem(key: str, value: Any, given: str) -> Optional[str]:
     return None
 
 
+WORDS = {"Integer": "an integer", "Float": "a number", "Bool": "true or false", "String": "a string"}
+
+
+def composition_problem(args: Sequence[str], sweep: bool) -> Optional[str]:
+    """A recipe section's key with a value of the wrong type or a name its schema lacks, as one line (Hydra
+    prints OmegaConf's five and exits 1). Composes the config as the run will, only when such a key is
+    overridden and no sweep is asked (each sweep job is checked as it starts)."""
+    import re
+
+    from hydra import compose, initialize_config_module
+    from hydra.errors import ConfigCompositionException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+    overrides = [a for a in args if "=" in a and not a.startswith(("-", "hydra.", "+hydra.", "~hydra."))]
+    section_keys = [a for a in overrides if "." in a.split("=")[0] and not a.lstrip("+~").startswith(TYPED_SECTIONS)]
+    if not section_keys or sweep or any(a.startswith(("-m", "--multirun")) for a in args):
+        return None
+    from trainer.assemble import register_configs
+
+    register_configs()  # the recipes' schemas (the CLI has stored them already; storing again replaces them)
+    try:
+        with initialize_config_module("trainer.conf", version_base="1.3"):
+            compose("config", overrides=overrides)
+    except ConfigCompositionException as e:
+        given = next((a for a in section_keys if f"override {a}" in str(e) or f"'{a.split('=')[0]}'" in str(e)), None)
+        if given is None or not isinstance(e.__cause__, (ValidationError, ConfigKeyError, ConfigAttributeError)):
+            return None  # Hydra's own message names it
+        key, _, value = given.lstrip("+~").partition("=")
+        if isinstance(e.__cause__, (ConfigKeyError, ConfigAttributeError)):
+            return (f"{given}: {str(e.__cause__).splitlines()[0]}. Fix: check the name "
+                    "(python -m trainer <your config groups> --cfg job lists the keys).")
+        kind = re.search(r"could not be converted to (\w+)", str(e.__cause__))
+        if not kind:
+            return f"{given}: {str(e.__cause__).splitlines()[0]}"
+        words = WORDS.get(kind.group(1), kind.group(1))
+        return f"{given}: {key} takes {words}, not {value!r}. Fix: give {key} {words}."
+    except Exception:  # noqa: BLE001 - anything else is the run's to report, as before
+        return None
+    return None
+
+
 def problem_in(args: Sequence[str]) -> Optional[str]:
     """The first override of `args` (the command line) that Hydra would reject without a fix, as a message."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -78,4 +120,4 @@ def problem_in(args: Sequence[str]) -> Optional[str]:
             if unknown:
                 return (f"{given}: no {key} named {', '.join(map(repr, unknown))}. "
                         f"Fix: choose from {', '.join(options)} (conf/{key}/*.yaml).")
-    return None
+    return composition_problem(args, sweep=any(o.is_sweep_override() for o in overrides))
