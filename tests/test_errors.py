@@ -142,3 +142,18 @@ def test_a_missing_run_is_still_a_serving_error(tmp_path):
     for caught in (ServingError, FileNotFoundError, RunNotFound):
         with pytest.raises(caught, match="is not a run folder"):
             load_run(str(tmp_path))
+
+
+def test_a_trainer_option_copied_from_the_old_default_still_composes(tmp_path):
+    """conf/trainer/*.yaml of users' own that name `base_trainer` (as the shipped default does, like
+    `base_precision` and `base_strategy`) compose, and their values apply."""
+    from hydra import compose, initialize_config_module
+
+    from trainer.assemble import register_configs
+
+    (tmp_path / "trainer").mkdir()
+    (tmp_path / "trainer" / "mine.yaml").write_text("defaults:\n  - base_trainer\n  - _self_\nkeep_checkpoints: 7\n")
+    register_configs()
+    with initialize_config_module("trainer.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra.searchpath=[file://{tmp_path}]", "trainer=mine"])
+    assert cfg.trainer.keep_checkpoints == 7
