@@ -75,13 +75,8 @@ def run_script(path, args=(), cwd=None, timeout: int = 900, env=None, process: b
 def _in_this_process(target: str, args, cwd: Optional[str], script: bool = False) -> subprocess.CompletedProcess:
     from hydra.core.global_hydra import GlobalHydra
 
-    import trainer
     from trainer import runlock
 
-    # The library stays loaded across commands, as one process has it: its public names load on first use
-    # (trainer/__init__.py), and a module first loaded during a command would be dropped with the user's below.
-    for name in trainer.__all__:
-        getattr(trainer, name)
     out, err = io.StringIO(), io.StringIO()
     root = logging.getLogger()
     saved = (sys.argv[:], os.getcwd(), root.handlers[:], root.level, set(sys.modules), sys.path[:], set(runlock._held))
@@ -148,6 +143,7 @@ def _pytest_log_handlers_kept_open():
 def _restore(argv, cwd, handlers, level, modules, path, locks, folder) -> None:
     """Puts back what a process would have taken away at its end: logging, the working directory, the
     user's modules loaded from the run's folder, run-folder locks, TensorFlow's process-wide settings."""
+    import trainer
     from trainer import runlock
 
     sys.argv, sys.path[:] = argv, path
@@ -158,9 +154,10 @@ def _restore(argv, cwd, handlers, level, modules, path, locks, folder) -> None:
             handler.close()
     root.handlers[:] = handlers
     root.setLevel(level)
+    library = os.path.dirname(os.path.realpath(trainer.__file__)) + os.sep  # stays loaded, as in one process
     for name in set(sys.modules) - modules:
-        origin = getattr(sys.modules[name], "__file__", None) or ""
-        if origin.startswith(folder + os.sep):
+        origin = os.path.realpath(getattr(sys.modules[name], "__file__", None) or "")
+        if origin.startswith(os.path.realpath(folder) + os.sep) and not origin.startswith(library):
             del sys.modules[name]
     for held in set(runlock._held) - locks:  # a lock the command's process would have dropped at exit
         runlock.release(runlock._held[held])

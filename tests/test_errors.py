@@ -97,3 +97,63 @@ def test_tensorflow_loads_quietly_whoever_loads_it_first():
     shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                            env={**os.environ, "TRAINER_TF_LOGS": "1", "TF_CPP_MIN_LOG_LEVEL": "0"})
     assert shown.returncode == 0 and shown.stderr.strip() != ""  # the lines exist: the quiet run hid them
+
+
+def test_a_probe_for_tensorflow_is_not_its_import_and_submodules_are_attributes():
+    """mlflow and etils probe with importlib.util.find_spec: the later real import is still quiet. And
+    `import trainer` alone gives `trainer.callbacks`, `trainer.config`, ... as attributes, as before."""
+    code = ("import trainer, importlib.util; importlib.util.find_spec('tensorflow'); import tensorflow; "
+            "print(' '.join(getattr(trainer, m).__name__ for m in ('callbacks', 'config', 'core', 'checkpoint', 'data')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["trainer.callbacks", "trainer.config", "trainer.core", "trainer.checkpoint", "trainer.data"]
+    assert result.stderr.strip() == ""
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        import trainer
+        trainer.no_such_name
+
+
+@pytest.mark.parametrize("imports", ["trainer, keras", "keras, trainer"])
+def test_a_keras_file_with_trainers_classes_loads_after_import_trainer(imports, tmp_path):
+    """A .keras file naming Float32Outputs and a Warmup schedule loads in a fresh process after a plain
+    `import trainer`, whichever of trainer and Keras is imported first."""
+    import keras
+
+    from trainer.optim import Warmup
+    from trainer.precision import Float32Outputs
+
+    inputs = keras.Input((3,))
+    model = Float32Outputs(keras.Model(inputs, keras.layers.Dense(2)(inputs)))
+    model.compile(optimizer=keras.optimizers.SGD(Warmup(0.1, 5)), loss="mse")
+    model(keras.ops.zeros((1, 3)))
+    model.save(tmp_path / "f32.keras")
+    code = (f"import {imports}; m = keras.saving.load_model({str(tmp_path / 'f32.keras')!r}); "
+            "print(type(m).__name__, type(m.optimizer._learning_rate).__name__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["Float32Outputs", "Warmup"]
+
+
+def test_a_missing_run_is_still_a_serving_error(tmp_path):
+    """load_run's missing-folder error is a RunNotFound, which `except ServingError` (as before) and
+    `except FileNotFoundError` both catch."""
+    from trainer.runs import RunNotFound, ServingError, load_run
+
+    for caught in (ServingError, FileNotFoundError, RunNotFound):
+        with pytest.raises(caught, match="is not a run folder"):
+            load_run(str(tmp_path))
+
+
+def test_a_trainer_option_copied_from_the_old_default_still_composes(tmp_path):
+    """conf/trainer/*.yaml of users' own that name `base_trainer` (as the shipped default does, like
+    `base_precision` and `base_strategy`) compose, and their values apply."""
+    from hydra import compose, initialize_config_module
+
+    from trainer.assemble import register_configs
+
+    (tmp_path / "trainer").mkdir()
+    (tmp_path / "trainer" / "mine.yaml").write_text("defaults:\n  - base_trainer\n  - _self_\nkeep_checkpoints: 7\n")
+    register_configs()
+    with initialize_config_module("trainer.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra.searchpath=[file://{tmp_path}]", "trainer=mine"])
+    assert cfg.trainer.keep_checkpoints == 7

@@ -8,11 +8,12 @@
 The names below load when first used (PEP 562), so `import trainer.config` or `trainer.errors` does not load
 TensorFlow; TensorFlow's C++ start-up lines are kept off the terminal whoever loads it (trainer/quiet.py).
 """
-import importlib
+from importlib import import_module as _import_module
+from typing import TYPE_CHECKING
 
-from trainer.quiet import quiet_when_loaded
+from trainer.quiet import quiet_when_loaded as _quiet_when_loaded, register_when_keras_loaded as _register_later
 
-quiet_when_loaded()
+_quiet_when_loaded()
 
 _HOME = {  # public name -> the module that defines it
     "CSVLogger": "trainer.callbacks",
@@ -33,17 +34,40 @@ _HOME = {  # public name -> the module that defines it
     "TrainingInterrupted": "trainer.core",
     "warm_start": "trainer.load_weights",
 }
-__all__ = list(_HOME)
+__all__ = [
+    "CSVLogger", "Callback", "CheckpointError", "DataBundle", "EarlyStopping", "LossScale", "MLflowLogger",
+    "MetricsWriter", "NumericalError", "PrecisionConfig", "ReduceLROnPlateau", "StrategyConfig",
+    "TensorBoardWriter", "Trainer", "TrainerConfig", "TrainingInterrupted", "warm_start",
+]
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # what IDEs and type checkers see; at run time these load on first use
+    from trainer.callbacks import (CSVLogger, Callback, EarlyStopping, MetricsWriter, MLflowLogger, ReduceLROnPlateau,
+                                   TensorBoardWriter)
+    from trainer.checkpoint import CheckpointError, warm_start
+    from trainer.config import PrecisionConfig, StrategyConfig, TrainerConfig
+    from trainer.core import NumericalError, Trainer, TrainingInterrupted
+    from trainer.data import DataBundle
+    from trainer.loss_scale import LossScale
 
 
 def __getattr__(name: str):
-    if name not in _HOME:
-        raise AttributeError(f"module 'trainer' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_HOME[name]), name)
-    globals()[name] = value  # the next lookup is a plain attribute
-    return value
+    """A public name from its module; else a submodule (`trainer.callbacks` after a plain `import trainer`)."""
+    if name in _HOME:
+        value = getattr(_import_module(_HOME[name]), name)
+        globals()[name] = value  # the next lookup is a plain attribute
+        return value
+    if not name.startswith("_"):
+        try:
+            return _import_module(f"{__name__}.{name}")  # the import sets it as an attribute too
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{name}":
+                raise  # the submodule exists but something it imports does not
+    raise AttributeError(f"module 'trainer' has no attribute {name!r}")
 
 
 def __dir__():
     return sorted(set(globals()) | set(_HOME))
+
+
+_register_later()  # last: it may import trainer.precision and trainer.optim (when Keras is already loaded)

@@ -362,6 +362,7 @@ def register_schemas(cs: ConfigStore) -> None:
     """Puts the framework's schemas in Hydra's ConfigStore; YAML files name them in their defaults lists.
     The recipes' own schemas come from the composition root (trainer.assemble.register_configs)."""
     cs.store(name="base_config", node=Config)
+    cs.store(group="trainer", name="base_trainer", node=TrainerConfig)  # as precision and strategy: each group's option names its schema
     cs.store(group="precision", name="base_precision", node=PrecisionConfig)
     cs.store(group="strategy", name="base_strategy", node=StrategyConfig)
     cs.store(group="optimizer", name="base_adam", node=AdamConfig)

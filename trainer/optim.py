@@ -5,6 +5,7 @@ import logging
 from typing import Any, Dict, Optional
 
 import keras
+import tensorflow as tf
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -42,6 +43,25 @@ class Warmup(keras.optimizers.schedules.LearningRateSchedule):
     def from_config(cls, config):
         after = config.get("after")
         return cls(config["peak"], config["warmup_steps"], keras.saving.deserialize_keras_object(after) if after else None)
+
+
+@keras.saving.register_keras_serializable(package="trainer")
+class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """`schedule(step) * scale`: the scale is a variable, so a rollback halves a scheduled learning rate
+    without retracing the step (the step reads the variable; a Python number would be baked into the trace)."""
+
+    def __init__(self, schedule, scale: tf.Variable):
+        self.schedule, self.scale = schedule, scale
+
+    def __call__(self, step):
+        return self.schedule(step) * keras.ops.cast(self.scale, "float32")
+
+    def get_config(self):
+        return {"schedule": keras.saving.serialize_keras_object(self.schedule), "scale": float(self.scale.numpy())}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(keras.saving.deserialize_keras_object(config["schedule"]), tf.Variable(config["scale"], trainable=False))
 
 
 def make_schedule(cfg: Dict[str, Any], total_steps: int):

@@ -1,19 +1,24 @@
-"""Keeps TensorFlow's C++ start-up noise (CUDA probing, oneDNN notes) off the terminal by default.
+"""Keeps TensorFlow's C++ start-up noise (CUDA probing, oneDNN notes) off the terminal by default, and
+registers trainer's Keras classes whenever Keras loads.
 
 Those lines are printed by C++ before Python can set any log level, so the only way to hide them is to
 point file descriptor 2 elsewhere while TensorFlow loads. Set TRAINER_TF_LOGS=1 to see them.
 
 `import trainer` does not load TensorFlow (so `trainer.config` and `trainer.errors` stay light): it calls
-`quiet_when_loaded()`, and whatever imports TensorFlow first in this process (a trainer module, the user's
-own `import tensorflow`) loads it quietly.
+`quiet_when_loaded()` and `register_when_keras_loaded()`, and whatever imports TensorFlow or Keras first in
+this process (a trainer module, the user's own `import keras`) loads it quietly, and a `.keras` file
+holding trainer's classes (Float32Outputs, Warmup, ScaledSchedule) loads after a plain `import trainer`.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.util
 import os
 import sys
 import tempfile
+
+_REGISTERING = ("trainer.precision", "trainer.optim")  # the modules whose classes Keras files name
 
 
 def quiet_tensorflow_import() -> None:
@@ -27,32 +32,84 @@ def quiet_when_loaded() -> None:
     if "tensorflow" in sys.modules or os.environ.get("TRAINER_TF_LOGS") == "1":
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # read by TensorFlow's C++ logging when it loads
-    if not any(isinstance(finder, _QuietFinder) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _QuietFinder())
+    _finder().watch("tensorflow", _QuietLoader)
 
 
-class _QuietFinder(importlib.abc.MetaPathFinder):
-    """Finds `tensorflow` through the other finders and wraps its loader; then steps aside."""
+def register_when_keras_loaded() -> None:
+    """Trainer's Keras serializables are registered once Keras is loaded (now, if it already is)."""
+    if "keras" in sys.modules:
+        _register()
+    else:
+        _finder().watch("keras", _RegisteringLoader)
+
+
+def _register() -> None:
+    for name in _REGISTERING:
+        importlib.import_module(name)  # a module mid-import (the one that imported keras) finishes on its own
+
+
+def _finder() -> "_LoadHooks":
+    for finder in sys.meta_path:
+        if isinstance(finder, _LoadHooks):
+            return finder
+    finder = _LoadHooks()
+    sys.meta_path.insert(0, finder)
+    return finder
+
+
+class _LoadHooks(importlib.abc.MetaPathFinder):
+    """Finds a watched module through the other finders and wraps its loader. It stays until that loader
+    runs: a probe (importlib.util.find_spec, as mlflow and etils do) is not the import."""
+
+    def __init__(self) -> None:
+        self.wrappers = {}  # module name -> loader wrapper class
+        self.busy = False  # inside our own find_spec call: let the other finders answer
+
+    def watch(self, name: str, wrapper) -> None:
+        self.wrappers[name] = wrapper
+
+    def loaded(self, name: str) -> None:
+        self.wrappers.pop(name, None)
+        if not self.wrappers and self in sys.meta_path:
+            sys.meta_path.remove(self)
 
     def find_spec(self, name, path=None, target=None):
-        if name != "tensorflow":
+        if self.busy or name not in self.wrappers:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
+        self.busy = True
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self.busy = False
         if spec is not None and spec.loader is not None:
-            spec.loader = _QuietLoader(spec.loader)
+            spec.loader = self.wrappers[name](spec.loader, self)
         return spec
 
 
-class _QuietLoader(importlib.abc.Loader):
-    def __init__(self, loader) -> None:
-        self.loader = loader
+class _WrappedLoader(importlib.abc.Loader):
+    def __init__(self, loader, hooks: _LoadHooks) -> None:
+        self.loader, self.hooks = loader, hooks
 
     def create_module(self, spec):
         return self.loader.create_module(spec)
 
     def exec_module(self, module) -> None:
-        module.__loader__ = module.__spec__.loader = self.loader  # what TensorFlow's own code sees
+        self.hooks.loaded(module.__name__)
+        module.__loader__ = module.__spec__.loader = self.loader  # what the module's own code sees
+        self.run(module)
+
+    def run(self, module) -> None:
+        self.loader.exec_module(module)
+
+
+class _RegisteringLoader(_WrappedLoader):
+    def run(self, module) -> None:
+        self.loader.exec_module(module)
+        _register()
+
+
+class _QuietLoader(_WrappedLoader):
+    def run(self, module) -> None:
         sys.stderr.flush()
         saved = os.dup(2)
         with tempfile.TemporaryFile() as captured:

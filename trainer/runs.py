@@ -30,9 +30,9 @@ class ServingError(UserError, ValueError):
     """A run, checkpoint, input or override cannot be used (evaluate, predict, export, convert)."""
 
 
-class RunNotFound(UserError, FileNotFoundError):
-    """The path names no run folder, checkpoints/ folder, ckpt-N prefix or .keras file (still a
-    FileNotFoundError, as before the hierarchy)."""
+class RunNotFound(ServingError, FileNotFoundError):
+    """The path names no run folder, checkpoints/ folder, ckpt-N prefix or .keras file (a ServingError, as
+    load_run raised before, and a FileNotFoundError: `except` clauses written for either still catch it)."""
 
 
 @dataclass

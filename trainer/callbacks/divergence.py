@@ -23,30 +23,12 @@ from trainer.callbacks.base import Callback
 from trainer.callbacks.numerics import NumericalError, stuck_steps
 from trainer.checkpoint import list_checkpoints
 from trainer.config import ConfigError
+from trainer.optim import ScaledSchedule
 
 log = logging.getLogger("trainer.core")
 
 CAUSES = ("Likely causes: a learning rate too high (optimizer.lr, or a schedule's peak and warmup_steps), or bad "
           "input data (unnormalised features or targets, wrong labels, NaN/inf).")
-
-
-@keras.saving.register_keras_serializable(package="trainer")
-class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """`schedule(step) * scale`: the scale is a variable, so a rollback halves a scheduled learning rate
-    without retracing the step (the step reads the variable; a Python number would be baked into the trace)."""
-
-    def __init__(self, schedule, scale: tf.Variable):
-        self.schedule, self.scale = schedule, scale
-
-    def __call__(self, step):
-        return self.schedule(step) * keras.ops.cast(self.scale, "float32")
-
-    def get_config(self):
-        return {"schedule": keras.saving.serialize_keras_object(self.schedule), "scale": float(self.scale.numpy())}
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(keras.saving.deserialize_keras_object(config["schedule"]), tf.Variable(config["scale"], trainable=False))
 
 
 def scale_schedule(trainer, name: str, optimizer, scale: float, why: str) -> Optional[tf.Variable]:
