@@ -92,10 +92,9 @@ class GAN(Trainer):
     `models["generator"]` to fool it: one update per optimizer per step. With trainer.batches_per_step=K,
     the discriminator is updated on each of the K batches, then the generator once (a WGAN's schedule)."""
 
-    takes_several_batches = True  # train_step takes the tuple of K batches trainer.batches_per_step=K > 1 gives
+    takes_several_batches = True  # train_step takes a tuple of trainer.batches_per_step=K batches (of one when K=1)
 
-    def train_step(self, data):
-        batches = data if self.config.batches_per_step > 1 else (data,)
+    def train_step(self, batches):
         generator, discriminator = self.models["generator"], self.models["discriminator"]
         # Losses as this replica's batch mean (update() sums the replicas): the function form, since a
         # Keras Loss object divides by the number of replicas itself under a distribution strategy.

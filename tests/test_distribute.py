@@ -336,6 +336,15 @@ class ShareUpdate(Trainer):  # self.update(self.compute_loss(...)): that share i
         self.update(loss, tape)
         return {"d_loss": loss}
 
+class ShareSum(Trainer):  # compute_loss (a share) x replicas + a penalty: the form docs/research.md recommends
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            penalty = 0.05 * tf.reduce_sum(tf.square(self.model.layers[0].kernel))
+            loss = self.compute_loss(x, y, self.model(x, training=True)) * self.strategy.num_replicas_in_sync + penalty
+        self.update(loss, tape)
+        return {"d_loss": loss}
+
 class GradStep(Trainer):
     def train_step(self, data):
         loss, grads = self.compute_gradients(data)
@@ -351,9 +360,9 @@ class MixinStep(LossMixin, GradStep):  # a compute_loss from a mixin keeps Keras
 
 out = {}
 for replicas, strategy in ((1, tf.distribute.OneDeviceStrategy("/cpu:0")), (2, tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))):
-    for name in ("object", "function", "compute_loss", "default", "share_update", "mixin", "instance"):
+    for name in ("object", "function", "compute_loss", "default", "share_update", "mixin", "instance", "share_sum"):
         cls = {"compute_loss": OwnComputeLoss, "default": Trainer, "share_update": ShareUpdate, "mixin": MixinStep,
-               "instance": GradStep}.get(name, OwnStep)
+               "instance": GradStep, "share_sum": ShareSum}.get(name, OwnStep)
         t = cls(model=lambda: keras.Sequential([keras.Input((8,)), keras.layers.Dense(4), keras.layers.Dense(1)]),
                 loss=bce if cls is not OwnStep else None, optimizer=lambda: keras.optimizers.SGD(0.5), strategy=strategy,
                 progress_bar=False, log_every=1)
@@ -400,7 +409,8 @@ def test_a_keras_loss_object_in_an_overridden_step_gives_the_update_of_its_funct
     them itself, so 2 replicas halved the update and the logged loss. Now the object and the function form give
     the same weights and logs on 1 and 2 replicas; an overridden compute_loss (of the class, a mixin or the
     instance) and the default step keep Keras' division (their loss is the replica's share of the global mean),
-    and self.update / a returned log given that share take it as such. Keras' own fit and a bare Loss call in the
+    and self.update / a returned log given that share take it as such; compute_loss x replicas + a penalty (the
+    recommended sum) gives the same weights and loss on 1 and 2 replicas. Keras' own fit and a bare Loss call in the
     same process still divide. Unseeded keras.random in the step is an error naming the fix."""
     script = tmp_path / "loss_objects.py"
     script.write_text(LOSS_OBJECTS)
@@ -413,6 +423,10 @@ def test_a_keras_loss_object_in_an_overridden_step_gives_the_update_of_its_funct
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     error = out.pop("keras_random_error", "no error")
     assert "keras.random.* call without a seed in the step" in error and "Fix: draw from self.rng" in error
+    share_sum = [out.pop(f"share_sum/{r}") for r in (1, 2)]  # its own loss (a penalty added): 2 replicas == 1
+    for got, want in zip(share_sum[1]["weights"], share_sum[0]["weights"]):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(share_sum[1]["loss"], share_sum[0]["loss"], rtol=1e-5)
     assert len(out) == 14
     reference = out["function/1"]
     assert 0.5 < reference["loss"] < 0.9 and 0.5 < reference["eval"] < 0.9  # a mean binary cross-entropy, not halved

@@ -160,9 +160,10 @@ def test_init_from_by_name_on_the_command_line(tmp_path):
     assert "Traceback" not in output
 
 
-def test_a_frozen_model_loads_whole_or_not_at_all(tmp_path):
+def test_a_frozen_model_loads_whole_or_not_at_all(tmp_path, caplog):
     """A frozen model never trains: a variable missing from its checkpoint, or of another shape, would stay at its
-    initial value all run, so init_from refuses it, naming the variables (a trained model is only told, in the log)."""
+    initial value all run, so init_from refuses it, naming the variables (a trained model is only told, in the log),
+    with no "restored" line before the error that would read like success."""
     teacher = train_teacher(tmp_path / "teacher")
 
     def fit(teacher_model, init_from):
@@ -171,7 +172,9 @@ def test_a_frozen_model_loads_whole_or_not_at_all(tmp_path):
 
     with pytest.raises(CheckpointError, match=r"frozen model 'teacher' is only partly in .*ckpt-20 \(its model\).*"
                                               r"other shapes \['.*kernel.* \[4, 7\] vs \[4, 8\]"):
-        fit(lambda: mlp(8), str(tmp_path / "teacher"))  # 1 of its 4 variables (the last bias) would load
+        with caplog.at_level("INFO", logger="trainer"):
+            fit(lambda: mlp(8), str(tmp_path / "teacher"))  # 1 of its 4 variables (the last bias) would load
+    assert not any("Warm start of teacher" in r.message or "restored" in r.message for r in caplog.records), caplog.text
     deeper = lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(7, activation="relu"), keras.layers.Dense(2),
                                        keras.layers.Dense(2)])
     with pytest.raises(CheckpointError, match=r"only partly in .*\(its model\): missing \['model/.*/3/_kernel'"):
@@ -288,3 +291,41 @@ def test_a_frozen_teacher_with_batchnorm_and_dropout_called_in_training_mode(tmp
     resumed.fit(blobs(), steps=20)  # the dropout masks drawn after step 10 are the whole run's (its RNG state is saved)
     for a, b in zip(resumed.models["student"].get_weights(), whole.models["student"].get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_frozen_model_whose_builder_draws_random_weights_is_said_loudly(tmp_path, caplog):
+    """frozen={"teacher"} with a builder that only builds, and no init_from for it: the student would train against a
+    random teacher. Its builder is called once more (two calls in all) and draws other weights: a warning naming the
+    model and the fix, at build and again at the end of fit(). A builder that loads its weights, an init_from entry,
+    or a ready-made teacher: no warning (and no extra build)."""
+    train_teacher(tmp_path / "teacher")
+    fixed = [np.full(w.shape, 0.1, "float32") for w in mlp(7).get_weights()]
+    calls = []
+
+    def random_teacher():
+        calls.append("random")
+        return mlp(7)
+
+    def loaded_teacher():
+        calls.append("loaded")
+        model = mlp(7)
+        model.set_weights(fixed)
+        return model
+
+    def fit(teacher, **options):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="trainer"):
+            Distillation(models={"student": lambda: mlp(3), "teacher": teacher}, frozen={"teacher"},
+                         optimizer=keras.optimizers.Adam, verbose=False, **options).fit(blobs(), steps=2)
+        return [r for r in caplog.records if "Frozen model 'teacher' has random weights" in r.message]
+
+    said = fit(random_teacher)
+    assert calls == ["random", "random"] and len(said) == 2, caplog.text  # at build, and at the end of fit()
+    assert all(r.levelname == "WARNING" for r in said)
+    assert "init_from={'teacher': PATH}" in said[0].message and "load its weights in its builder" in said[0].message
+    assert "(the whole run)" in said[1].message
+    for teacher, options, built in ((loaded_teacher, {}, ["loaded", "loaded"]),
+                                    (random_teacher, {"init_from": {"teacher": str(tmp_path / "teacher")}}, ["random"]),
+                                    (mlp(7), {}, [])):
+        calls.clear()
+        assert not fit(teacher, **options) and calls == built, caplog.text

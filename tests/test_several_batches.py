@@ -35,7 +35,7 @@ class WGAN(Trainer):
 
     def train_step(self, batches):
         critic, generator = self.models["critic"], self.models["generator"]
-        norms, batches = [], batches if isinstance(batches, tuple) else (batches,)
+        norms = []  # batches: a tuple, also of one (batches_per_step=1)
         for j, real in enumerate(batches):
             real = real / EXAMPLES
             if self.strategy.num_replicas_in_sync == 1:
@@ -237,16 +237,18 @@ def test_bad_settings_are_user_errors(tmp_path):
     assert "Data:" not in result.stdout + result.stderr  # before the data is loaded
 
 
-def test_the_gan_recipe_updates_its_discriminator_on_each_batch(tmp_path):
-    """recipe=gan trainer.batches_per_step=2 from the CLI: 4 steps are 8 discriminator and 4 generator updates."""
+@pytest.mark.parametrize("k", [1, 2])
+def test_the_gan_recipe_updates_its_discriminator_on_each_batch(tmp_path, k):
+    """recipe=gan trainer.batches_per_step=K from the CLI: 4 steps are 4K discriminator and 4 generator updates
+    (K=1: its step gets a tuple of one batch)."""
     result = run_cli("recipe=gan", "trainer.max_steps=4", "trainer.log_every=2", "trainer.eval_steps=1",
-                     "trainer.progress_bar=false", "data.batch_size=16", "trainer.batches_per_step=2",
+                     "trainer.progress_bar=false", "data.batch_size=16", f"trainer.batches_per_step={k}",
                      f"hydra.run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     reader = tf.train.load_checkpoint(str(tmp_path / "checkpoints" / "ckpt-4"))
     iterations = {k.split("/")[1]: int(reader.get_tensor(k)) for k in reader.get_variable_to_shape_map()
                   if k.startswith("optimizers/") and "iterations" in k}
-    assert iterations == {"discriminator": 8, "generator": 4}
+    assert iterations == {"discriminator": 4 * k, "generator": 4}
 
 
 def test_out_of_memory_with_several_batches_names_batches_per_step(tmp_path):
@@ -255,3 +257,44 @@ def test_out_of_memory_with_several_batches_names_batches_per_step(tmp_path):
                      "trainer.progress_bar=false", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Fix: lower data.batch_size or trainer.batches_per_step=2 (a step holds its 2 batches at once)" in result.stdout + result.stderr
+
+
+class Unpacks(Trainer):
+    """A step that unpacks its batches in a Python loop (`for real in batches:`), recording what it was given."""
+
+    takes_several_batches = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.given = []  # at trace time: the step input's length if a tuple, else None
+
+    def train_step(self, batches):
+        self.given.append(len(batches) if isinstance(batches, tuple) else None)
+        for real in batches:
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(self.model(real / EXAMPLES, training=True) - 1.0))
+            self.update(loss, tape)
+        return {"loss": loss}
+
+
+class OneBatch(Unpacks):
+    takes_several_batches = False
+
+    def train_step(self, batch):
+        self.given.append(len(batch) if isinstance(batch, tuple) else None)
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(self.model(batch / EXAMPLES, training=True) - 1.0))
+        self.update(loss, tape)
+        return {"loss": loss}
+
+
+def test_a_step_that_takes_several_batches_gets_a_tuple_also_with_one_per_step():
+    """batches_per_step=1 (the default): the opt-in class gets a 1-tuple and trains one update per step; a class
+    without the opt-in still gets the batch itself."""
+    for cls, given in ((Unpacks, 1), (OneBatch, None)):
+        trainer = cls(model=linear, optimizer=lambda: keras.optimizers.SGD(1e-2), progress_bar=False)
+        kernel = trainer.model.get_weights()[0].copy()
+        trainer.fit(integers(), steps=5)
+        assert int(trainer.optimizers["model"].iterations.numpy()) == 5
+        assert not np.array_equal(trainer.model.get_weights()[0], kernel)
+        assert trainer.given and set(trainer.given) == {given}, (cls.__name__, trainer.given)

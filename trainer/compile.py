@@ -121,18 +121,20 @@ def wrap_xla(fn: Callable, replicas: int) -> Callable:
     return per_replica
 
 
-def step_input(iterator, batches_per_step: int):
-    """What one train step is given: the next batch, or with trainer.batches_per_step=K > 1 a tuple of the
-    next K batches (each a fresh one from the iterator, read in order: resume skips K per step)."""
-    if batches_per_step == 1:
+def step_input(iterator, batches_per_step: int, several: bool = False):
+    """What one train step is given: the next batch, or a tuple of the next K=trainer.batches_per_step batches
+    (each a fresh one from the iterator, read in order: resume skips K per step) when K > 1 or the step's class
+    says `takes_several_batches = True` (`several`), which gets a tuple also when K=1, a 1-tuple, so its
+    `for batch in batches:` reads the same with any K."""
+    if batches_per_step == 1 and not several:
         return next(iterator)
     return tuple(next(iterator) for _ in range(batches_per_step))
 
 
-def _log_names(trainer, step: Callable, iterator, what: str, batches: int = 1) -> List[str]:
+def _log_names(trainer, step: Callable, iterator, what: str, batches: int = 1, several: bool = False) -> List[str]:
     """The names of the logs an overridden step returns, from one throwaway trace (the trackers that
     average them must exist before the real trace)."""
-    probe = tf.function(lambda it: trainer.strategy.run(step, args=(step_input(it, batches),)))
+    probe = tf.function(lambda it: trainer.strategy.run(step, args=(step_input(it, batches, several),)))
     with keras_random_explained():  # an overridden step is traced here first
         out = probe.get_concrete_function(iterator).structured_outputs
     if out is None or (isinstance(out, dict) and not out):
@@ -145,12 +147,12 @@ def _log_names(trainer, step: Callable, iterator, what: str, batches: int = 1) -
 
 
 def logged_step(trainer, step: Callable, iterator, trackers: Dict[str, keras.metrics.Metric], what: str,
-                batches: int = 1) -> Callable:
+                batches: int = 1, several: bool = False) -> Callable:
     """`step`, with the dict of logs it returns added to Mean trackers, weighted by the batch's size (so
     they average over examples, on any number of replicas: each replica adds to its own copy, read as
     their sum; a replica's empty last eval batch adds nothing). With several `batches` per step, by the
-    first one's size."""
-    names, replicas = _log_names(trainer, step, iterator, what, batches), trainer.strategy.num_replicas_in_sync
+    first one's size. `several`: see step_input."""
+    names, replicas = _log_names(trainer, step, iterator, what, batches, several), trainer.strategy.num_replicas_in_sync
     if not names:
         return step
     with trainer.strategy.scope():
@@ -174,6 +176,7 @@ def make_train_function(trainer, iterator) -> Callable:
     accum, batches = trainer.config.grad_accum_steps, trainer.config.batches_per_step
     trainer._wrap_own_compute_loss()  # t.compute_loss = f: as a class's (loss_convention.py)
     overridden = type(trainer).train_step is not Step.train_step
+    several = overridden and bool(getattr(type(trainer), "takes_several_batches", False))  # a tuple also when K=1
     if overridden and accum > 1:
         log.warning("The overridden train_step is not used with grad_accum_steps > 1 (accumulate_step and "
                     "apply_accumulated are)")
@@ -187,7 +190,7 @@ def make_train_function(trainer, iterator) -> Callable:
     step = trainer.train_step
     if overridden and accum == 1:
         step = per_replica_mean(step, replicas)  # a Keras Loss object's value: the replica's batch mean
-        step = logged_step(trainer, step, iterator, trainer.train_log_trackers, "train_step", batches)
+        step = logged_step(trainer, step, iterator, trainer.train_log_trackers, "train_step", batches, several)
     if plan.whole_step:
         log.info("XLA: the whole train step (forward, backward, update) is compiled (%s)", plan.reason)
         step = wrap_xla(step, replicas)
@@ -205,7 +208,7 @@ def make_train_function(trainer, iterator) -> Callable:
 
     def one_update(iterator):
         if accum == 1:
-            trainer.strategy.run(step, args=(step_input(iterator, batches),))
+            trainer.strategy.run(step, args=(step_input(iterator, batches, several),))
         else:
             for _ in tf.range(accum):
                 trainer.strategy.run(accumulate_step, args=(next(iterator),))

@@ -107,6 +107,7 @@ class Trainer(Step):
             if model is not None and self.models.get("model") is model:  # ready-made: built before the Trainer
                 objects.check_ready_made_model(model, self.precision.policy, self.strategy, strategy is not None)
             self.frozen = objects.freeze(frozen, self.models, optimizers)  # docs/research.md, Frozen models
+            self._frozen_builders, self.random_frozen = objects.frozen_builders(models, self.frozen), []
             trained = [n for n in self.models if n not in self.frozen]
             self.optimizers = objects.make_optimizers(optimizer, optimizers, trained, self.strategy)
             self.train_metrics, self.eval_metrics = objects.make_metrics(metrics, remake=strategy is not None)
@@ -207,6 +208,7 @@ class Trainer(Step):
                          f"{model.count_params():,}", f"{trainable:,}", self.precision.policy)
             if self.config.grad_accum_steps > 1:
                 self._make_accumulators()
+            self.random_frozen = objects.random_frozen(self._frozen_builders, self.models, self.config.init_from)
         self._built = True
 
     def _build_single_model(self, sample_batch) -> None:
@@ -331,6 +333,7 @@ class Trainer(Step):
         self._kept_iterator = KeptIterator(train_data, step, loop.iterator)
         with loop.interrupted:  # a signal during the summary (the loggers' ends) waits for it too
             callbacks.on_train_end(self, summary)
+        objects.say_random_frozen(self.random_frozen, " (the whole run)")
         return eval_logs or train_logs
 
     def run_steps(self, num_steps: int) -> None:

@@ -71,6 +71,22 @@ def _held_models(saved) -> List[str]:
     return sorted(held | {p.split("/")[1] for p in saved if p.startswith("models/")})
 
 
+def _refuse_incomplete(path, name, prefix, where, saved, restored, missing, mismatched, strict) -> None:
+    """A CheckpointError when nothing of the model loaded, or (strict: a frozen model) not all of it."""
+    if strict and restored and (missing or mismatched):
+        raise CheckpointError(
+            f"{_setting(path, name)}: frozen model {name!r} is only partly in {prefix} (its {where}): "
+            + "; ".join(f"{what} {found[:6]}" for what, found in (("missing", missing), ("of other shapes", mismatched)) if found)
+            + ". A frozen model never trains, so these would stay at "
+            "their initial values all run. Fix: name a checkpoint of this model (a one-model run's `model`, or a "
+            "run of several models that holds it under this name), or build the model as it was saved")
+    if not restored:
+        what = "this model" if name is None else f"model {name!r}"
+        raise CheckpointError(f"{_setting(path, name)}: no variable of {what} is in {prefix} (it holds the models "
+                              f"{_held_models(saved)}). Fix: name a checkpoint of this model"
+                              + ("" if name is None else ", or give it the name that checkpoint holds it under"))
+
+
 def warm_start(model, path: Union[str, os.PathLike], purpose: str = "Warm start", name: Optional[str] = None,
                strict: bool = False) -> Dict[str, List[str]]:
     """Loads model weights only (no optimizer, no step) and reports restored / missing / unexpected.
@@ -105,24 +121,15 @@ def warm_start(model, path: Union[str, os.PathLike], purpose: str = "Warm start"
             restored.append(path_in)
     ours = {path_in for path_in, *_ in rows}
     unexpected = sorted(p for p in saved if p.startswith(f"{where}/") and p not in ours)
+    if strict:  # a frozen model's error alone: the restored count before it would read like success
+        _refuse_incomplete(path, name, prefix, where, saved, restored, missing, mismatched, strict)
     log.info(
         "%s%s from %s (its %s): restored %d variables, missing %d %s, mismatched %d %s, unexpected %d %s",
         purpose, "" if name is None else f" of {name}", prefix,
         "model, a one-model run's" if where == "model" and name is not None else where,
         len(restored), len(missing), missing[:5], len(mismatched), mismatched[:5], len(unexpected), unexpected[:5],
     )
-    if strict and restored and (missing or mismatched):
-        raise CheckpointError(
-            f"{_setting(path, name)}: frozen model {name!r} is only partly in {prefix} (its {where}): "
-            + "; ".join(f"{what} {found[:6]}" for what, found in (("missing", missing), ("of other shapes", mismatched)) if found)
-            + ". A frozen model never trains, so these would stay at "
-            "their initial values all run. Fix: name a checkpoint of this model (a one-model run's `model`, or a "
-            "run of several models that holds it under this name), or build the model as it was saved")
-    if not restored:
-        what = "this model" if name is None else f"model {name!r}"
-        raise CheckpointError(f"{_setting(path, name)}: no variable of {what} is in {prefix} (it holds the models "
-                              f"{_held_models(saved)}). Fix: name a checkpoint of this model"
-                              + ("" if name is None else ", or give it the name that checkpoint holds it under"))
+    _refuse_incomplete(path, name, prefix, where, saved, restored, missing, mismatched, strict)
     return {"restored": restored, "missing": missing, "unexpected": unexpected, "mismatched": mismatched}
 
 

@@ -3,9 +3,10 @@ metrics, loss and loss scales. Called under the strategy scope (core.py), after 
 from __future__ import annotations
 
 import logging
-from typing import Dict, Mapping, Tuple
+from typing import Callable, Dict, List, Mapping, Tuple
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from trainer import precision as precision_lib
@@ -83,6 +84,43 @@ def freeze(frozen, models: Mapping[str, keras.Model], optimizers) -> frozenset:
                               f"({shared[:3]}); freezing it would freeze them too. Fix: give the frozen model its own copy")
         models[name].trainable = False  # as Keras freezes: no trainable variables, BatchNormalization in inference mode
     return names
+
+
+def frozen_builders(models, frozen) -> Dict[str, Callable]:
+    """The frozen models given as builders (models={name: builder}), which random_frozen may call once more;
+    a ready-made model (or a function returning the whole mapping) is not checked."""
+    if not isinstance(models, Mapping):
+        return {}
+    return {name: b for name, b in models.items()
+            if name in frozen and callable(b) and not isinstance(b, keras.layers.Layer)}
+
+
+def random_frozen(builders: Mapping[str, Callable], models: Mapping[str, keras.Model], init_from) -> List[str]:
+    """The frozen models that would stay at random weights all run: no init_from entry, and a builder that draws
+    other weights when called again (one extra build each, after the first; under the same scope and policy).
+    A builder that loads its weights builds the same ones twice. Each is said as a warning."""
+    loaded = set(init_from) if isinstance(init_from, Mapping) else set()
+    found = []
+    for name, builder in builders.items():
+        if name in loaded or not models[name].weights:
+            continue
+        again = builder().weights
+        first = models[name].weights
+        if len(again) != len(first) or any(a.shape != b.shape or not np.array_equal(a.numpy(), b.numpy())
+                                           for a, b in zip(again, first)):
+            found.append(name)
+        del again
+    say_random_frozen(found)
+    return found
+
+
+def say_random_frozen(names: List[str], when: str = "") -> None:
+    """The warning for random_frozen's models (said at build, and again at the end of each fit() call)."""
+    for name in names:
+        log.warning("Frozen model %r has random weights%s: its builder draws new ones each call (called twice, they "
+                    "differ) and no init_from names it, so the other models train against a random %s that never "
+                    "trains. Fix: init_from={%r: PATH} (a checkpoint, .keras or .weights.h5 of it), or load its "
+                    "weights in its builder.", name, when, name, name)
 
 
 def make_optimizers(optimizer, optimizers, model_names, strategy=None) -> Dict[str, keras.optimizers.Optimizer]:
