@@ -155,6 +155,9 @@ def make_metrics(metrics, remake: bool) -> Tuple[Dict[str, keras.metrics.Metric]
     variables belong to the strategy."""
     def metric(m):
         built = build(m)
+        if not isinstance(built, keras.metrics.Metric):  # Keras' compile takes "accuracy"; which one it means depends on the loss
+            raise ConfigError(f"Trainer(metrics=...): {m!r} is not a Keras metric. Fix: give metric objects or functions "
+                              "building them, e.g. metrics=[keras.metrics.SparseCategoricalAccuracy(name='accuracy')]")
         return type(built).from_config(built.get_config()) if built is m and remake else built
 
     if isinstance(metrics, Mapping):
