@@ -398,7 +398,7 @@ def test_tools_fall_back_from_a_corrupt_newest_checkpoint_and_name_when_none_is_
         assert_user_error(run_cli(*args, module=module), "none of the checkpoints in", "is readable")
 
 
-def test_a_checkpoint_is_checked_from_its_index_without_reading_its_tensors(tmp_path):
+def test_a_checkpoint_is_checked_from_its_index_without_reading_its_tensors(tmp_path, caplog):
     """trainer.runs.unreadable read every tensor (a whole large checkpoint, before loading it again); it
     now compares the data files with the extents the index gives, which finds a file short by one byte."""
     import shutil
@@ -433,7 +433,14 @@ def test_a_checkpoint_is_checked_from_its_index_without_reading_its_tensors(tmp_
     assert run_cli(*TINY, f"hydra.run.dir={run}").returncode == 0  # ckpt-20 and ckpt-40
     newest = next((run / "checkpoints").glob("ckpt-40.data-*"))
     newest.write_bytes(bytes(newest.stat().st_size))
+    # Picked as the newest (--checkpoint latest): the newest readable older one, said, as before the cheap check.
     result = run_cli(str(run), "trainer.eval_steps=2", module="trainer.evaluate")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert result.stdout.startswith("ckpt-20 (step 20)")
+    said = result.stderr + caplog.text  # in this process, the log line goes to pytest's capture
+    assert "ckpt-40 is damaged (" in said and "using ckpt-20, the newest readable one" in said
+    # Named by the user: never replaced; the fix names the older readable ones only.
+    result = run_cli(str(run), "--checkpoint", "ckpt-40", "trainer.eval_steps=2", module="trainer.evaluate")
     assert_user_error(result, f"{run / 'checkpoints' / 'ckpt-40'} is damaged (",
                       "Fix: --checkpoint with an older one (['ckpt-20'])")
 
