@@ -283,7 +283,14 @@ def main() -> None:
     if problem:
         print(f"[trainer][ERROR] - {problem}", file=sys.stderr)
         sys.exit(2)
-    _hydra_main()
+    try:
+        _hydra_main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) or e.code is None else 1
+        data = sys.modules.get("trainer.data")  # not imported: no iterator releases to wait for
+        if code and data is not None:  # 143/130 after a signal: no minute-long wait at exit (data.py)
+            data.exit_promptly(code)
+        raise
 
 
 if __name__ == "__main__":
