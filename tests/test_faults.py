@@ -243,6 +243,28 @@ def test_resuming_on_a_full_disk_says_the_log_file_fails_once(tmp_path):
         assert (disk / "run" / ".hydra" / "config.yaml").exists()  # the run's record of its config stays
 
 
+def test_a_bad_log_call_keeps_the_log_file(tmp_path, capsys):
+    """Only a log file that cannot be written (OSError) is taken away in one line; a callback's bad format
+    call is Python's usual report, and the file goes on taking the lines after it."""
+    import logging
+
+    from trainer.console import say_once_when_log_files_fail
+
+    root, handler = logging.getLogger(), logging.FileHandler(tmp_path / "trainer.log")
+    kept, root.handlers = root.handlers, [handler]  # pytest's own handlers raise on a bad call
+    try:
+        say_once_when_log_files_fail()
+        logging.getLogger("callback").warning("%d examples", "many")  # a TypeError while formatting
+        logging.getLogger("callback").warning("the next line")
+        assert handler in root.handlers
+    finally:
+        root.handlers = kept
+        handler.close()
+    err = capsys.readouterr().err
+    assert "--- Logging error ---" in err and "cannot be written" not in err
+    assert "the next line" in (tmp_path / "trainer.log").read_text()
+
+
 # -- 5. a garbled state file, a deleted index --------------------------------------------------
 
 
