@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import sys
 from typing import Optional
 
@@ -20,6 +21,7 @@ from trainer.assemble import parts_of, schema, strategy_of  # noqa: E402
 from trainer.callbacks import Callback  # noqa: E402
 from trainer.config import PrecisionConfig, TrainerConfig, check_config, register_configs  # noqa: E402
 from trainer.errors import EXIT_NUMERICAL, EXIT_USER_ERROR, exit_code_of, find_error  # noqa: E402
+from trainer.signals import take_signal_the_run_finished_despite  # noqa: E402
 from trainer.sweep import BASIC_SWEEPER, job_value, program, register_resolver, register_sweeper_configs  # noqa: E402
 
 log = logging.getLogger("trainer")
@@ -160,8 +162,10 @@ def _hydra_main(cfg: DictConfig) -> float:
     from trainer.loop import TrainingInterrupted
 
     failed = None  # (exit code, message): acted on after the except blocks, which hold the run's frames
+    take_signal_the_run_finished_despite()  # one a Python-API run in this process finished despite
     try:
         logs = run(cfg)
+        _stop_the_sweep_after_a_signal()
     except Exception as e:  # noqa: BLE001 - ours (trainer/errors.py, found through hydra's wrapping) or a fault below
         ours = exit_code_of(e)
         if ours is not None and isinstance(ours[1], TrainingInterrupted):
@@ -260,6 +264,16 @@ def _out_of_resources(error: BaseException, cfg: DictConfig) -> Optional[str]:
     return (f"out of memory: {where} (data.batch_size={batch}, trainer.grad_accum_steps={accum}; "
             f"TensorFlow: {first}). Fix: lower data.batch_size (with trainer.grad_accum_steps=K an update still "
             "sees K batches), or pick a smaller model or shorter inputs.")
+
+
+def _stop_the_sweep_after_a_signal() -> None:
+    """A signal in a job's last loop lets the job finish (it is complete); a multirun then stops with the
+    signal's exit code instead of starting the next job (a single run exits 0)."""
+    signum = take_signal_the_run_finished_despite()
+    if signum is not None and HydraConfig.get().mode == RunMode.MULTIRUN:
+        log.warning("Received %s during this job's last loop: job complete; sweep stopped (exit %d).",
+                    signal.Signals(signum).name, 128 + signum)
+        sys.exit(128 + signum)
 
 
 class JobFailed(RuntimeError):
