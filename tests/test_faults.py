@@ -572,6 +572,23 @@ def test_a_label_the_step_meets_is_named():
     assert _label_out_of_range(ValueError("something else")) is None
 
 
+def test_a_resume_past_an_unparseable_config_record_keeps_it_and_goes_on(tmp_path):
+    """An old .hydra/config.yaml that YAML cannot parse crashed the resume (ParserError): it is now said,
+    kept as history/config.unreadable-until-step-N.yaml, and the resume goes on with a new record."""
+    from omegaconf import OmegaConf
+
+    run_dir = tmp_path / "run"
+    assert run_cli(*TINY, "trainer.max_steps=20", f"hydra.run.dir={run_dir}").returncode == 0
+    (run_dir / ".hydra" / "config.yaml").write_text("trainer: {max_steps: [20\n")
+    resumed = run_cli(*TINY, "trainer.max_steps=40", f"hydra.run.dir={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    kept = run_dir / ".hydra" / "history" / "config.unreadable-until-step-20.yaml"
+    assert kept.read_text() == "trainer: {max_steps: [20\n"
+    assert "cannot be read" in resumed.stdout + resumed.stderr and str(kept) in resumed.stdout + resumed.stderr
+    assert OmegaConf.load(run_dir / ".hydra" / "config.yaml").trainer.max_steps == 40
+    assert not (run_dir / ".hydra" / "config.yaml.new").exists()
+
+
 def test_a_resume_that_changes_the_precision_says_so_and_keeps_the_earlier_config(tmp_path):
     """Resuming a float32 run with precision=mixed_bfloat16 changed its precision silently and overwrote
     .hydra/config.yaml: the change is now a warning, and the config of the steps before it is kept."""
