@@ -161,12 +161,20 @@ def test_a_killed_run_leaves_no_stale_lock(tmp_path):
     release(acquire(tmp_path))  # the OS dropped the dead process's lock
 
 
-def test_a_lock_inherited_by_a_child_of_an_ended_run_names_the_holder(tmp_path):
+@pytest.mark.parametrize("through_symlink", [False, True])
+def test_a_lock_inherited_by_a_child_of_an_ended_run_names_the_holder(tmp_path, through_symlink):
     """The lock file names the run that took the lock; when that run ended and a process it forked still
-    holds the lock, the message named the dead process. It now says so and names the holder."""
+    holds the lock, the message named the dead process. It now says so and names the holder, also when
+    the folder is reached through a symlink (the processes' open files are matched by inode, not path)."""
     import socket
 
     from trainer.runlock import RunFolderError, acquire
+
+    asked = tmp_path
+    if through_symlink:
+        (tmp_path / "real").mkdir()
+        (tmp_path / "link").symlink_to(tmp_path / "real")
+        tmp_path, asked = tmp_path / "real", tmp_path / "link"
 
     script = ("import os, sys, time; from trainer.runlock import acquire; acquire(sys.argv[1]); pid = os.fork()\n"
               "if pid == 0: time.sleep(120); os._exit(0)\n"
@@ -176,7 +184,7 @@ def test_a_lock_inherited_by_a_child_of_an_ended_run_names_the_holder(tmp_path):
     run.wait()
     try:
         with pytest.raises(RunFolderError) as refused:
-            acquire(tmp_path)
+            acquire(asked)
     finally:
         os.kill(child, signal.SIGKILL)
         run.stdout.close()
@@ -184,6 +192,37 @@ def test_a_lock_inherited_by_a_child_of_an_ended_run_names_the_holder(tmp_path):
     assert (f"the lock file names process {parent} on host {socket.gethostname()}, which no longer runs; "
             f"the lock is held by process {child}: ") in message, message
     assert f"Fix: end that process (kill {child}), or pick another folder with hydra.run.dir=PATH." in message
+
+
+def test_a_reused_process_id_in_the_lock_file_gets_no_kill_advice(tmp_path):
+    """The lock file's process id, now a process that started after the file was written (the system
+    reused the id), is not the run: the message says it no longer runs and names the real holder."""
+    import socket
+
+    from trainer.runlock import LOCK_FILE, RunFolderError, acquire
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from trainer.runlock import acquire; "
+                               "acquire(sys.argv[1]); print('locked', flush=True); time.sleep(60)", str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)
+    lock = tmp_path / LOCK_FILE
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        written = lock.stat().st_mtime
+        reused = subprocess.Popen(["sleep", "60"])  # the id the file will name, started after it was written
+        lock.write_text(f"{reused.pid} {socket.gethostname()}\n")
+        os.utime(lock, (written - 60, written - 60))
+        try:
+            with pytest.raises(RunFolderError) as refused:
+                acquire(tmp_path)
+        finally:
+            reused.kill()
+            reused.wait()
+    finally:
+        holder.kill()
+        holder.wait()
+    message = str(refused.value)
+    assert f"which no longer runs; the lock is held by process {holder.pid}" in message, message
+    assert f"kill {reused.pid}" not in message and f"Fix: end that process (kill {holder.pid})" in message
 
 
 # -- 4. a full disk during a save --------------------------------------------------------------
