@@ -150,11 +150,11 @@ def test_finished_iterators_are_destroyed_off_the_training_thread(monkeypatch):
 
     died_on = []
 
-    def watched_release(holder):
+    def watched_release(holder, replicas=1):
         for item in holder:
             weakref.finalize(item, lambda: died_on.append(threading.current_thread().name))
         del item  # else this frame, not the thread, would hold the last reference
-        data.release_in_background(holder)
+        data.release_in_background(holder, replicas)
 
     monkeypatch.setattr(loop, "release_in_background", watched_release)  # the eval iterator
     monkeypatch.setattr(inputs, "release_in_background", watched_release)  # sample and kept iterators

@@ -462,7 +462,7 @@ def main():
     # an iterator dropped past one waits (the GIL released) for the next, so a release is still blocked
     # as the script ends.
     time.sleep(max(0.0, 6.0 - (time.monotonic() - made)))
-    release_in_background(old)
+    release_in_background(old, replicas=2)
 
 main()  # returns: the Trainer and its kept train iterator are freed before the interpreter's exit
 """
@@ -481,3 +481,17 @@ def test_a_finished_script_exits_0_with_iterators_still_being_freed(tmp_path):
         out, err = run.communicate(timeout=600)
         assert "FIT 4" in out
         assert run.returncode == 0, err[-3000:]
+
+
+@pytest.mark.slow
+def test_a_command_that_exits_143_does_not_wait_for_the_iterators_being_freed(tmp_path):
+    """After a SIGTERM the command line exits 143 (trainer.cli hands the code to trainer.data.exit_promptly):
+    the wait for the releases (up to a minute) would outlast a 30 s grace period, so the process ends at
+    once, with its code and without the abort."""
+    script = tmp_path / "exits_143.py"
+    script.write_text("import logging, sys\nlogging.basicConfig(level=logging.INFO)\n" + EXITS + (
+        "from trainer.data import exit_promptly\nexit_promptly(143)\nsys.exit(143)\n"))
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert "FIT 4" in run.stdout
+    assert run.returncode == 143, run.stderr[-3000:]
+    assert "Waiting for tf.data" not in run.stderr and "FATAL" not in run.stderr

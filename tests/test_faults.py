@@ -162,12 +162,20 @@ def test_a_killed_run_leaves_no_stale_lock(tmp_path):
     release(acquire(tmp_path))  # the OS dropped the dead process's lock
 
 
-def test_a_lock_inherited_by_a_child_of_an_ended_run_names_the_holder(tmp_path):
+@pytest.mark.parametrize("through_symlink", [False, True])
+def test_a_lock_inherited_by_a_child_of_an_ended_run_names_the_holder(tmp_path, through_symlink):
     """The lock file names the run that took the lock; when that run ended and a process it forked still
-    holds the lock, the message named the dead process. It now says so and names the holder."""
+    holds the lock, the message named the dead process. It now says so and names the holder, also when
+    the folder is reached through a symlink (the processes' open files are matched by inode, not path)."""
     import socket
 
     from trainer.runlock import RunFolderError, acquire
+
+    asked = tmp_path
+    if through_symlink:
+        (tmp_path / "real").mkdir()
+        (tmp_path / "link").symlink_to(tmp_path / "real")
+        tmp_path, asked = tmp_path / "real", tmp_path / "link"
 
     script = ("import os, sys, time; from trainer.runlock import acquire; acquire(sys.argv[1]); pid = os.fork()\n"
               "if pid == 0: time.sleep(120); os._exit(0)\n"
@@ -177,7 +185,7 @@ def test_a_lock_inherited_by_a_child_of_an_ended_run_names_the_holder(tmp_path):
     run.wait()
     try:
         with pytest.raises(RunFolderError) as refused:
-            acquire(tmp_path)
+            acquire(asked)
     finally:
         os.kill(child, signal.SIGKILL)
         run.stdout.close()
@@ -185,6 +193,37 @@ def test_a_lock_inherited_by_a_child_of_an_ended_run_names_the_holder(tmp_path):
     assert (f"the lock file names process {parent} on host {socket.gethostname()}, which no longer runs; "
             f"the lock is held by process {child}: ") in message, message
     assert f"Fix: end that process (kill {child}), or pick another folder with hydra.run.dir=PATH." in message
+
+
+def test_a_reused_process_id_in_the_lock_file_gets_no_kill_advice(tmp_path):
+    """The lock file's process id, now a process that started after the file was written (the system
+    reused the id), is not the run: the message says it no longer runs and names the real holder."""
+    import socket
+
+    from trainer.runlock import LOCK_FILE, RunFolderError, acquire
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from trainer.runlock import acquire; "
+                               "acquire(sys.argv[1]); print('locked', flush=True); time.sleep(60)", str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)
+    lock = tmp_path / LOCK_FILE
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        written = lock.stat().st_mtime
+        reused = subprocess.Popen(["sleep", "60"])  # the id the file will name, started after it was written
+        lock.write_text(f"{reused.pid} {socket.gethostname()}\n")
+        os.utime(lock, (written - 60, written - 60))
+        try:
+            with pytest.raises(RunFolderError) as refused:
+                acquire(tmp_path)
+        finally:
+            reused.kill()
+            reused.wait()
+    finally:
+        holder.kill()
+        holder.wait()
+    message = str(refused.value)
+    assert f"which no longer runs; the lock is held by process {holder.pid}" in message, message
+    assert f"kill {reused.pid}" not in message and f"Fix: end that process (kill {holder.pid})" in message
 
 
 # -- 4. a full disk during a save --------------------------------------------------------------
@@ -242,6 +281,28 @@ def test_resuming_on_a_full_disk_says_the_log_file_fails_once(tmp_path):
         assert len(said) == 1 and f"the log file {log_file} cannot be written" in said[0], full.stderr[-3000:]
         assert "Resuming from" in full.stdout + full.stderr  # the lines after it still reach the terminal
         assert (disk / "run" / ".hydra" / "config.yaml").exists()  # the run's record of its config stays
+
+
+def test_a_bad_log_call_keeps_the_log_file(tmp_path, capsys):
+    """Only a log file that cannot be written (OSError) is taken away in one line; a callback's bad format
+    call is Python's usual report, and the file goes on taking the lines after it."""
+    import logging
+
+    from trainer.console import say_once_when_log_files_fail
+
+    root, handler = logging.getLogger(), logging.FileHandler(tmp_path / "trainer.log")
+    kept, root.handlers = root.handlers, [handler]  # pytest's own handlers raise on a bad call
+    try:
+        say_once_when_log_files_fail()
+        logging.getLogger("callback").warning("%d examples", "many")  # a TypeError while formatting
+        logging.getLogger("callback").warning("the next line")
+        assert handler in root.handlers
+    finally:
+        root.handlers = kept
+        handler.close()
+    err = capsys.readouterr().err
+    assert "--- Logging error ---" in err and "cannot be written" not in err
+    assert "the next line" in (tmp_path / "trainer.log").read_text()
 
 
 # -- 5. a garbled state file, a deleted index --------------------------------------------------
@@ -399,7 +460,7 @@ def test_tools_fall_back_from_a_corrupt_newest_checkpoint_and_name_when_none_is_
         assert_user_error(run_cli(*args, module=module), "none of the checkpoints in", "is readable")
 
 
-def test_a_checkpoint_is_checked_from_its_index_without_reading_its_tensors(tmp_path):
+def test_a_checkpoint_is_checked_from_its_index_without_reading_its_tensors(tmp_path, caplog):
     """trainer.runs.unreadable read every tensor (a whole large checkpoint, before loading it again); it
     now compares the data files with the extents the index gives, which finds a file short by one byte."""
     import shutil
@@ -434,7 +495,14 @@ def test_a_checkpoint_is_checked_from_its_index_without_reading_its_tensors(tmp_
     assert run_cli(*TINY, f"hydra.run.dir={run}").returncode == 0  # ckpt-20 and ckpt-40
     newest = next((run / "checkpoints").glob("ckpt-40.data-*"))
     newest.write_bytes(bytes(newest.stat().st_size))
+    # Picked as the newest (--checkpoint latest): the newest readable older one, said, as before the cheap check.
     result = run_cli(str(run), "trainer.eval_steps=2", module="trainer.evaluate")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert result.stdout.startswith("ckpt-20 (step 20)")
+    said = result.stderr + caplog.text  # in this process, the log line goes to pytest's capture
+    assert "ckpt-40 is damaged (" in said and "using ckpt-20, the newest readable one" in said
+    # Named by the user: never replaced; the fix names the older readable ones only.
+    result = run_cli(str(run), "--checkpoint", "ckpt-40", "trainer.eval_steps=2", module="trainer.evaluate")
     assert_user_error(result, f"{run / 'checkpoints' / 'ckpt-40'} is damaged (",
                       "Fix: --checkpoint with an older one (['ckpt-20'])")
 
@@ -542,6 +610,23 @@ def test_a_label_the_step_meets_is_named():
     assert _label_out_of_range(ValueError(tf_text)).startswith(
         "a training batch holds label 9, but the model has 5 outputs (classes 0..4)")
     assert _label_out_of_range(ValueError("something else")) is None
+
+
+def test_a_resume_past_an_unparseable_config_record_keeps_it_and_goes_on(tmp_path):
+    """An old .hydra/config.yaml that YAML cannot parse crashed the resume (ParserError): it is now said,
+    kept as history/config.unreadable-until-step-N.yaml, and the resume goes on with a new record."""
+    from omegaconf import OmegaConf
+
+    run_dir = tmp_path / "run"
+    assert run_cli(*TINY, "trainer.max_steps=20", f"hydra.run.dir={run_dir}").returncode == 0
+    (run_dir / ".hydra" / "config.yaml").write_text("trainer: {max_steps: [20\n")
+    resumed = run_cli(*TINY, "trainer.max_steps=40", f"hydra.run.dir={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    kept = run_dir / ".hydra" / "history" / "config.unreadable-until-step-20.yaml"
+    assert kept.read_text() == "trainer: {max_steps: [20\n"
+    assert "cannot be read" in resumed.stdout + resumed.stderr and str(kept) in resumed.stdout + resumed.stderr
+    assert OmegaConf.load(run_dir / ".hydra" / "config.yaml").trainer.max_steps == 40
+    assert not (run_dir / ".hydra" / "config.yaml.new").exists()
 
 
 def test_a_resume_that_changes_the_precision_says_so_and_keeps_the_earlier_config(tmp_path):

@@ -63,3 +63,16 @@ def test_sigterm_during_the_final_evaluation_save_and_summary_is_said_and_the_ru
         again.fit(blobs(), blobs(), steps=20)
     assert "already at step 20" in caplog.text
     assert again.weights_fingerprint() == trainer.weights_fingerprint()
+
+
+def test_a_sigterm_at_the_end_of_a_sweep_job_stops_the_sweep(tmp_path):
+    """A SIGTERM during a multirun job's summary let the job finish (it is complete), then Hydra started the
+    next job: the sweep now stops there with exit 143."""
+    from conftest import TINY, run_cli
+
+    result = run_cli("-m", *TINY, "trainer.max_steps=20,40", "+callbacks.term._target_=test_signals.TermAt",
+                     "+callbacks.term.hooks=[end]", f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 143, (result.stdout + result.stderr)[-3000:]
+    assert "job complete; sweep stopped (exit 143)" in result.stdout + result.stderr
+    (job,) = [p for p in tmp_path.iterdir() if p.is_dir()]  # the second job (max_steps=40) never started
+    assert job.name.startswith("0_") and list_checkpoints(job / "checkpoints")[0][0] == 20

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import sys
 from typing import Optional
 
@@ -20,6 +21,7 @@ from trainer.assemble import parts_of, register_configs, schema, strategy_of  # 
 from trainer.callbacks import Callback  # noqa: E402
 from trainer.config import ConfigError, PrecisionConfig, TrainerConfig, check_config  # noqa: E402
 from trainer.errors import EXIT_NUMERICAL, EXIT_USER_ERROR, exit_code_of, find_error, report_error  # noqa: E402
+from trainer.signals import take_signal_the_run_finished_despite  # noqa: E402
 from trainer.sweep import BASIC_SWEEPER, job_value, program, register_resolver, register_sweeper_configs  # noqa: E402
 
 log = logging.getLogger("trainer")
@@ -162,8 +164,10 @@ def _hydra_main(cfg: DictConfig) -> float:
     from trainer.loop import TrainingInterrupted
 
     failed = None  # (exit code, message): acted on after the except blocks, which hold the run's frames
+    take_signal_the_run_finished_despite()  # one a Python-API run in this process finished despite
     try:
         logs = run(cfg)
+        _stop_the_sweep_after_a_signal()
     except Exception as e:  # noqa: BLE001 - ours (trainer/errors.py, found through hydra's wrapping) or a fault below
         ours = exit_code_of(e)
         if ours is not None and isinstance(ours[1], TrainingInterrupted):
@@ -265,6 +269,16 @@ def _out_of_resources(error: BaseException, cfg: DictConfig) -> Optional[str]:
             "sees K batches), or pick a smaller model or shorter inputs.")
 
 
+def _stop_the_sweep_after_a_signal() -> None:
+    """A signal in a job's last loop lets the job finish (it is complete); a multirun then stops with the
+    signal's exit code instead of starting the next job (a single run exits 0)."""
+    signum = take_signal_the_run_finished_despite()
+    if signum is not None and HydraConfig.get().mode == RunMode.MULTIRUN:
+        log.warning("Received %s during this job's last loop: job complete; sweep stopped (exit %d).",
+                    signal.Signals(signum).name, 128 + signum)
+        sys.exit(128 + signum)
+
+
 class JobFailed(RuntimeError):
     """One job of a multirun sweep failed; the sweep goes on and Hydra exits non-zero at its end."""
 
@@ -285,7 +299,14 @@ def main() -> None:
     problem = problem_in(sys.argv[1:])  # what Hydra would reject without the fix (trainer/argv_check.py)
     if problem:
         sys.exit(report_error(ConfigError(problem), prefix="[trainer][ERROR] - "))
-    _hydra_main()
+    try:
+        _hydra_main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) or e.code is None else 1
+        data = sys.modules.get("trainer.data")  # not imported: no iterator releases to wait for
+        if code and data is not None:  # 143/130 after a signal: no minute-long wait at exit (data.py)
+            data.exit_promptly(code)
+        raise
 
 
 if __name__ == "__main__":

@@ -36,11 +36,14 @@ def config_changes(before, after) -> List[Tuple[str, Any, Any]]:
             if old.get(k, missing) != new.get(k, missing)]
 
 
-def _history_path(folder: Path, step: int) -> Path:
-    path, n = folder / "history" / f"config.until-step-{step}.yaml", 1
+_UNREADABLE = object()  # an old config.yaml that cannot be parsed (_old_config)
+
+
+def _history_path(folder: Path, step: int, kind: str = "") -> Path:
+    path, n = folder / "history" / f"config.{kind}until-step-{step}.yaml", 1
     while path.exists():  # resumed from the same step with another change before
         n += 1
-        path = folder / "history" / f"config.until-step-{step}.{n}.yaml"
+        path = folder / "history" / f"config.{kind}until-step-{step}.{n}.yaml"
     return path
 
 
@@ -49,25 +52,44 @@ def record_config(folder: Path, cfg, step: int) -> None:
     `folder/history/` and the changes are logged (a warning unless only the run's length changed). The new
     file is written first, so a full disk leaves the folder's record as it was."""
     path, new = folder / "config.yaml", folder / "config.yaml.new"
-    changes = config_changes(OmegaConf.load(path), cfg) if step > 0 and path.exists() else []
+    old = _old_config(path) if step > 0 and path.exists() else None
+    changes = config_changes(old, cfg) if old is not None and old is not _UNREADABLE else []
     folder.mkdir(parents=True, exist_ok=True)
     try:
         OmegaConf.save(cfg, new)
-    except OSError:
-        new.unlink(missing_ok=True)
-        raise
-    if changes:
-        kept = _history_path(folder, step)
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        path.replace(kept)
-        said = "; ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, a, b in changes)
-        precision = [b for k, _, b in changes if k == "precision.policy"]
-        note = (f" The checkpoint's weights and optimizer state are restored as saved; steps {step + 1}- "
-                f"compute in {precision[0]}." if precision else "")
-        level = logging.INFO if {k for k, _, _ in changes} <= _CONTINUATION_KEYS else logging.WARNING
-        log.log(level, "Resuming at step %d with a changed config: %s.%s The config of steps 1-%d is kept in %s.",
-                step, said, note, step, kept)
-    new.replace(path)
+        if changes or old is _UNREADABLE:
+            kept = _history_path(folder, step, "unreadable-" if old is _UNREADABLE else "")
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            path.replace(kept)
+            if changes:
+                _say(changes, step, kept)
+            else:
+                log.warning("The unreadable config record is kept as %s; %s holds this resume's config.", kept, path)
+        new.replace(path)
+    finally:
+        new.unlink(missing_ok=True)  # a failure above (a full disk, no history/ folder): the old record stays
+
+
+def _old_config(path: Path):
+    """The config `path` holds, or _UNREADABLE (said) when it cannot be parsed or read."""
+    import yaml
+
+    try:
+        return OmegaConf.load(path)
+    except (OSError, yaml.YAMLError) as e:
+        log.warning("%s cannot be read (%s): the config changes of this resume cannot be listed.", path,
+                    (str(e).strip().splitlines() or [""])[0][:200])
+        return _UNREADABLE
+
+
+def _say(changes, step: int, kept: Path) -> None:
+    said = "; ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, a, b in changes)
+    precision = [b for k, _, b in changes if k == "precision.policy"]
+    note = (f" The checkpoint's weights and optimizer state are restored as saved; steps {step + 1}- "
+            f"compute in {precision[0]}." if precision else "")
+    level = logging.INFO if {k for k, _, _ in changes} <= _CONTINUATION_KEYS else logging.WARNING
+    log.log(level, "Resuming at step %d with a changed config: %s.%s The config of steps 1-%d is kept in %s.",
+            step, said, note, step, kept)
 
 
 def _show(value: Any) -> str:

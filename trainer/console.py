@@ -57,6 +57,9 @@ def say_once_when_log_files_fail() -> None:
 def _dropper(handler: logging.FileHandler):
     def handle_error(record: logging.LogRecord) -> None:
         error = sys.exc_info()[1]
+        if not isinstance(error, OSError):  # a bad format call (a callback's): Python's report; the file stays
+            logging.FileHandler.handleError(handler, record)
+            return
         why = getattr(error, "strerror", None) or error
         root = logging.getLogger()  # a new list: the loop that called this goes on over the old one
         root.handlers = [h for h in root.handlers if h is not handler]

@@ -330,7 +330,7 @@ class Trainer(Step):
             with ema.averaged_weights(self) as averaged:
                 if averaged:  # what evaluation and export see
                     summary["ema_weights_sha256"] = self.weights_fingerprint()
-        self._kept_iterator = KeptIterator(train_data, step, loop.iterator)
+        self._kept_iterator = KeptIterator(train_data, step, loop.iterator, self.strategy.num_replicas_in_sync)
         with loop.interrupted:  # a signal during the summary (the loggers' ends) waits for it too
             callbacks.on_train_end(self, summary)
         objects.say_random_frozen(self.random_frozen, " (the whole run)")

@@ -36,25 +36,31 @@ DatasetFn = Callable[[tf.distribute.InputContext], tf.data.Dataset]
 
 _releasing: "set[threading.Thread]" = set()
 _exiting = False  # set at exit (_finish_releases_at_exit): a release started after it dies in place
+_distributed: "set[threading.Thread]" = set()  # those releasing iterators over several replicas (they aborted)
+_exit_code: Optional[int] = None  # a command line's non-zero exit (exit_promptly)
 
 
-def release_in_background(holder: list) -> None:
+def release_in_background(holder: list, replicas: int = 1) -> None:
     """Empties `holder`, whose items are the only references to tf.data iterators, on a daemon thread.
 
     With tf.data autotuning on (the default), destroying an iterator can block until its autotuning
     thread's next wake-up: 10 ms after the iterator was made, then at doubling periods up to 60 s, so up
     to the iterator's own age (scripts/iterator_teardown.py). The wait releases the GIL, so a thread
-    absorbs it while training goes on; the process waits for it at exit (_finish_releases_at_exit)."""
+    absorbs it while training goes on; at exit the process waits for it (_finish_releases_at_exit), long
+    only for iterators of a strategy with several `replicas`."""
     if _exiting or sys.is_finalizing():  # a thread started now never runs, or outlives the join at exit
         holder.clear()
         return
     thread = threading.Thread(target=_clear, args=(holder,), name="trainer-release-iterator", daemon=True)
     _releasing.add(thread)
+    if replicas > 1:
+        _distributed.add(thread)
     thread.start()
 
 
 def _clear(holder: list) -> None:
     holder.clear()
+    _distributed.discard(threading.current_thread())
     _releasing.discard(threading.current_thread())
 
 
@@ -65,21 +71,48 @@ def _join_releases(timeout: float = 120.0) -> None:
     said = False
     for thread in list(_releasing):
         thread.join(max(0.0, min(1.0, deadline - time.monotonic())))
-        if thread.is_alive() and not said:
+        if thread.is_alive() and not said and timeout > 2.0:
             said = True
             log.info("Waiting for tf.data to free %d finished iterator(s) (until its autotuner's next wake-up, "
                      "at most a minute)", len(_releasing))
         thread.join(max(0.0, deadline - time.monotonic()))
 
 
+def exit_promptly(code: int) -> None:
+    """A command line ends with the non-zero `code` (143 or 130 after a signal, 2, 3): the exit must not
+    wait up to a minute for the iterators' releases (a 30 s grace period's SIGKILL follows a SIGTERM)."""
+    global _exit_code
+    _exit_code = code
+
+
 @atexit.register  # after TensorFlow's import: it runs before TensorFlow's own exit hooks
 def _finish_releases_at_exit() -> None:
-    """A release thread still inside an iterator's destructor when the interpreter finalizes is ended by
-    pthread_exit through a noexcept C++ frame: a finished run aborted ("FATAL: exception not rethrown",
-    exit -6). So the process waits for them, and a release asked for later dies in place."""
+    """A release thread of a multi-replica iterator still inside its destructor when the interpreter
+    finalizes is ended by pthread_exit through a noexcept C++ frame: a finished run aborted ("FATAL:
+    exception not rethrown", exit -6). So the process waits for those; after a command line's non-zero
+    exit it ends at once instead (os._exit skips the finalizing, and the later exit hooks have run).
+    Single-replica releases get 2 s: exiting with one still blocked ended cleanly in every trial."""
     global _exiting
     _exiting = True
-    _join_releases()
+    try:
+        if not _distributed:
+            _join_releases(timeout=2.0)
+        elif _exit_code is not None:
+            _end_now(_exit_code)
+        else:
+            _join_releases()
+    except KeyboardInterrupt:  # Ctrl-C during the wait: the exit it asks for, without a traceback
+        _end_now(130)
+
+
+def _end_now(code: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):  # closed or replaced streams: nothing left to write
+            pass
+    logging.shutdown()
+    os._exit(code)
 
 
 class DataError(UserError, ValueError):

@@ -21,14 +21,14 @@ class KeptIterator:
     let go (fit() on other data, or the Trainer is freed), its iterator dies on the release thread: after a
     100 s run, destroying it in the calling thread took 45 s (tf.data's autotuner wait, see data.py)."""
 
-    def __init__(self, data: DataArg, step: int, iterator: Any):
-        self.data, self.step, self.iterator = data, step, iterator
+    def __init__(self, data: DataArg, step: int, iterator: Any, replicas: int = 1):
+        self.data, self.step, self.iterator, self.replicas = data, step, iterator, replicas
 
     def __del__(self):
         if self.iterator is not None:
             holder, self.iterator = [self.iterator], None
             try:
-                release_in_background(holder)
+                release_in_background(holder, self.replicas)
             except Exception:  # late in interpreter shutdown module globals may be gone: it dies here
                 holder.clear()
 
@@ -41,7 +41,7 @@ def sample_batch(data: DataArg, strategy: tf.distribute.Strategy):
         make = getattr(data, "unshuffled", data)
         probe = [iter(make(tf.distribute.InputContext(1, 0, strategy.num_replicas_in_sync)))]
     sample = next(probe[0])
-    release_in_background(probe)  # its age includes filling a shuffle buffer: see data.py
+    release_in_background(probe, strategy.num_replicas_in_sync)  # its age includes filling a shuffle buffer: see data.py
     replicas = strategy.num_replicas_in_sync
     batch_size = int(tf.nest.flatten(sample)[0].shape[0]) * (1 if isinstance(data, tf.data.Dataset) else replicas)
     if isinstance(data, tf.data.Dataset) and batch_size % replicas:

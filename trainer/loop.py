@@ -267,7 +267,7 @@ def evaluate(trainer, eval_data, *, steps: Optional[int], step: int, callbacks=N
             break
     if bar is not None:
         bar.close()
-    release_in_background(holder)  # destroying it can wait for tf.data's autotuner (see data.py)
+    release_in_background(holder, t.strategy.num_replicas_in_sync)  # its destruction can wait (see data.py)
     t.eval_batches = done  # what this evaluation read (python -m trainer.evaluate records it)
     logs: Dict[str, Any] = {"step": step, "split": "eval", **t.eval_window.logs()}
     if callbacks is not None:

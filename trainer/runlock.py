@@ -74,9 +74,9 @@ def acquire(folder, hold: bool = True) -> Optional[int]:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        recorded = os.pread(fd, 300, 0).decode(errors="replace").split()
+        recorded, lock_stat = os.pread(fd, 300, 0).decode(errors="replace").split(), os.fstat(fd)
         os.close(fd)
-        who, fix = _holder(folder / LOCK_FILE, recorded)
+        who, fix = _holder(folder / LOCK_FILE, lock_stat, recorded)
         raise RunFolderError(f"run folder {folder} is in use by another run ({who}): nothing was changed. Fix: {fix}, "
                              "or pick another folder with hydra.run.dir=PATH.") from None
     try:
@@ -89,16 +89,39 @@ def acquire(folder, hold: bool = True) -> Optional[int]:
     return fd
 
 
-def _openers(lock: Path) -> List[int]:
-    """The other processes of this machine that have `lock` open (Linux' /proc; those we may read)."""
-    found = []
+def _openers(lock_stat: os.stat_result) -> Tuple[List[int], bool]:
+    """(the other processes of this machine that have the lock file open, whether every process could be
+    looked at). Matched on the file's device and inode, not its path: a run folder reached through a
+    symlink has another path in /proc/PID/fd."""
+    found, complete = [], True
     for entry in Path("/proc").glob("[0-9]*"):
         if int(entry.name) == os.getpid():
             continue
-        with contextlib.suppress(OSError):
-            if any(os.readlink(fd) == str(lock) for fd in (entry / "fd").iterdir()):
-                found.append(int(entry.name))
-    return sorted(found)
+        try:
+            fds = list((entry / "fd").iterdir())
+        except FileNotFoundError:  # ended meanwhile
+            continue
+        except OSError:  # another user's process
+            complete = False
+            continue
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                st = os.stat(fd)
+                if (st.st_dev, st.st_ino) == (lock_stat.st_dev, lock_stat.st_ino):
+                    found.append(int(entry.name))
+                    break
+    return sorted(found), complete
+
+
+def _started_after(pid: int, when: float) -> bool:
+    """Whether process `pid` started after the time `when`: a PID the system reused since (/proc/PID/stat
+    field 22 is its start in clock ticks after boot, /proc/stat's btime the boot)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        ticks = int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK") > when + 1.0  # btime is whole seconds
+    return False
 
 
 def _command_of(pid: int) -> str:
@@ -108,19 +131,22 @@ def _command_of(pid: int) -> str:
     return ""
 
 
-def _holder(lock: Path, recorded: List[str]) -> Tuple[str, str]:
+def _holder(lock: Path, lock_stat: os.stat_result, recorded: List[str]) -> Tuple[str, str]:
     """(who holds the lock, what to do). The file names the run that took it (process id and host); a
     process that inherited the lock from it (one it forked) or another program can hold it after that run
-    ended, so the file's process is checked against the processes that have the file open."""
+    ended, so the file's process is checked against the processes that have the file open, and a process
+    with its id that started after the file was written is another program (a reused id): no kill advice."""
     pid = int(recorded[0]) if recorded and recorded[0].isdigit() else None
     host = recorded[1] if len(recorded) > 1 else None
     named = f"process {pid} on host {host}" if host else f"process {pid}"
     if host not in (None, socket.gethostname()):
         return named, f"wait for that run to end (or stop it there: kill {pid} on {host})"
-    openers = _openers(lock)
-    if pid is not None and (pid in openers or (not openers and _alive(pid))):
+    openers, complete = _openers(lock_stat)
+    running = pid is not None and _alive(pid) and not _started_after(pid, lock_stat.st_mtime)
+    if pid is not None and (pid in openers or (running and not openers and not complete)):
         return f"{named}{_command_of(pid)}", f"wait for that run to end (or stop it: kill {pid})"
-    said = f"the lock file names {named}, which no longer runs" if pid is not None else "the lock file names no process"
+    said = (f"the lock file names {named}, which " + ("no longer holds it" if running else "no longer runs")
+            if pid is not None else "the lock file names no process")
     if openers:
         holders = ", ".join(f"process {p}{_command_of(p)}" for p in openers)
         return (f"{said}; the lock is held by {holders}, which inherited it from that run or took it",

@@ -234,9 +234,7 @@ def _load_model(source: str, policy: str, newest_if_gone: bool) -> Tuple[Any, An
     """load_trained_model's (model, sample_inputs), and the prefix (or .keras file) actually loaded."""
     import keras
     import tensorflow as tf
-    from hydra.utils import instantiate
 
-    from trainer.ema import restore_averages
     from trainer.precision import set_policy
 
     path = Path(source).expanduser()
@@ -249,32 +247,67 @@ def _load_model(source: str, policy: str, newest_if_gone: bool) -> Tuple[Any, An
         raise CheckpointError(f"{path} does not exist (a run still training keeps only its newest checkpoints). "
                               f"Fix: one of {have or 'none: train first'}, or --checkpoint latest.")
     if gone:
-        # A run still training deleted it (keep_checkpoints rotation) since it was picked: the newest left.
-        newer = list_checkpoints(path.parent)
-        if not newer:
-            raise CheckpointError(f"{path} was deleted while it was being loaded, and {path.parent} holds no other "
-                                  "checkpoint. Fix: run the command again once the run has saved one.")
-        log.warning("%s was deleted while it was being loaded (the run is still training and keeps only its newest "
-                    "checkpoints): using %s, the newest left.", path.name, Path(newer[0][1]).name)
-        path = Path(newer[0][1])
+        path = Path(_newest_left(path))
     run, prefix = find_run(path)
+    picked = newest_if_gone or prefix != str(path)  # not a checkpoint the user named: an older one will do
     cfg = OmegaConf.load(config_path(run))
     x, _, _ = keras.utils.unpack_x_y_sample_weight(next(iter(eval_dataset(cfg))))
     sample = tf.nest.map_structure(lambda t: t[:8], x)
+    while True:
+        model = _build_model(cfg, run, sample)
+        try:
+            _restore(model, cfg, prefix)
+            break
+        except tf.errors.OpError as e:  # a damaged byte in a complete file: a tensor's checksum (see unreadable)
+            prefix = _after_failed_load(prefix, picked, e)
+    return model, sample, prefix
+
+
+def _newest_left(path: Path) -> str:
+    """The newest checkpoint next to `path`, which a run still training deleted (keep_checkpoints rotation)
+    since a tool picked it as the newest."""
+    newer = list_checkpoints(path.parent)
+    if not newer:
+        raise CheckpointError(f"{path} was deleted while it was being loaded, and {path.parent} holds no other "
+                              "checkpoint. Fix: run the command again once the run has saved one.")
+    log.warning("%s was deleted while it was being loaded (the run is still training and keeps only its newest "
+                "checkpoints): using %s, the newest left.", path.name, Path(newer[0][1]).name)
+    return newer[0][1]
+
+
+def _build_model(cfg, run: Path, sample):
+    """The run's model, built on `sample` (a fresh one for each checkpoint tried)."""
+    from hydra.utils import instantiate
+
     model = instantiate(cfg.model, _convert_="all")
     if isinstance(model, dict):
         raise CheckpointError(f"{run} trained several models ({sorted(model)}, e.g. recipe=gan): export takes one. "
                               "Fix: in Python, rebuild them, restore the checkpoint and save the one you need "
                               "(trainer.models[name].save(...)).")
     model(sample, training=False)  # build
-    try:
-        restore_weights(model, prefix)
-        restore_averages(model, cfg.get("optimizer"), prefix)  # a run with optimizer.use_ema=true: its averages
-    except tf.errors.OpError as e:  # a damaged byte in a complete file: a tensor's checksum (see unreadable)
-        others = [Path(p).name for _, p in list_checkpoints(Path(prefix).parent) if p != str(prefix)]
-        raise CheckpointError(f"{prefix} is damaged ({(str(e).strip().splitlines() or [''])[0][:200]}). Fix: "
-                              f"--checkpoint with an older one ({others or 'none left: train again'}).") from None
-    return model, sample, prefix
+    return model
+
+
+def _restore(model, cfg, prefix: str) -> None:
+    from trainer.ema import restore_averages
+
+    restore_weights(model, prefix)
+    restore_averages(model, cfg.get("optimizer"), prefix)  # a run with optimizer.use_ema=true: its averages
+
+
+def _after_failed_load(prefix: str, picked: bool, error) -> str:
+    """The checkpoint to try after `prefix` failed to load: the newest left if rotation deleted it meanwhile,
+    else (one picked as the newest) the newest readable older one, said; a named one is a CheckpointError."""
+    if picked and not Path(prefix + ".index").exists():
+        return _newest_left(Path(prefix))
+    why = (str(error).strip().splitlines() or [""])[0][:200]
+    step = int(re.search(r"ckpt-(\d+)$", prefix).group(1))
+    older = [p for s, p in list_checkpoints(Path(prefix).parent) if s < step and unreadable(p) is None]
+    if not picked or not older:
+        raise CheckpointError(f"{prefix} is damaged ({why}). Fix: --checkpoint with an older one "
+                              f"({[Path(p).name for p in older] or 'none readable: train again'}).") from None
+    log.warning("%s is damaged (%s): using %s, the newest readable one.", Path(prefix).name, why, Path(older[0]).name)
+    return older[0]
 
 
 def restore_weights(model, prefix: str) -> None:

@@ -125,10 +125,23 @@ class SignalCatcher:
             # The loop stops early only before its last loop: a signal in that loop, the final evaluation or
             # the final save lets the run finish (a stop there would leave a complete run never evaluated).
             self._acknowledged = True
+            global _finished_despite
+            _finished_despite = self.signum
             log.warning("Received %s during the last loop of steps, the final evaluation, the final save or the summary: the "
                         "run finished instead of stopping (it is complete: nothing to resume)",
                         signal.Signals(self.signum).name)
         return False
+
+
+_finished_despite = None  # the signal the last run finished despite (SignalCatcher.__exit__), until taken
+
+
+def take_signal_the_run_finished_despite():
+    """The signal (SIGTERM, SIGINT) absorbed in the last loop, the final evaluation, save or summary of the
+    run that just ended, else None; cleared. A multirun stops its sweep after that job (trainer.cli)."""
+    global _finished_despite
+    signum, _finished_despite = _finished_despite, None
+    return signum
 
 
 def hand_pending_sigterm_to_tensorflow() -> None:
