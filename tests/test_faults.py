@@ -636,6 +636,10 @@ def test_a_resume_that_changes_the_precision_says_so_and_keeps_the_earlier_confi
 
     run_dir = tmp_path / "run"
     assert run_cli(*TINY, "trainer.max_steps=20", f"hydra.run.dir={run_dir}").returncode == 0
+    # The run is complete at 20: another precision trains nothing, so the record stays the run's (no history file).
+    complete = run_cli(*TINY, "trainer.max_steps=20", "precision=mixed_bfloat16", f"hydra.run.dir={run_dir}")
+    assert complete.returncode == 0 and not (run_dir / ".hydra" / "history").exists()
+    assert OmegaConf.load(run_dir / ".hydra" / "config.yaml").precision.policy == "float32"
     resumed = run_cli(*TINY, "trainer.max_steps=40", "precision=mixed_bfloat16", f"hydra.run.dir={run_dir}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     said = [line for line in (resumed.stdout + resumed.stderr).splitlines() if "with a changed config" in line]

@@ -42,6 +42,13 @@ def _type_problem(key: str, value: Any, given: str) -> Optional[str]:
     schema = {"trainer": config.TrainerConfig, "precision": config.PrecisionConfig, "strategy": config.StrategyConfig,
               "finetune": config.FinetuneConfig}.get(section)
     fields = {f.name: f for f in config.dataclasses.fields(schema)} if schema else {}
+    if schema and name and "." not in name and name not in fields and not given.startswith(("+", "~")):
+        import difflib
+
+        close = difflib.get_close_matches(name, fields, n=3)
+        hint = f"did you mean {', '.join(f'{section}.{c}' for c in close)}? " if close else ""
+        return (f"{given}: {section} has no key {name!r}. Fix: {hint}"
+                f"(its keys: {', '.join(sorted(fields))})")
     if name not in fields or (isinstance(value, str) and "${" in value):
         return None
     try:

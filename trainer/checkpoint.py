@@ -326,9 +326,9 @@ class Checkpointer:
             except CheckpointError:
                 raise
             except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous one
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                log.warning("Checkpoint %s is unreadable (%s: %s); trying the previous one.", prefix, type(e).__name__, first[:200])
-                errors.append(f"{prefix}: {first[:200]}")
+                first = _readable_reason(e)
+                log.warning("Checkpoint %s is unreadable (%s: %s); trying the previous one.", prefix, type(e).__name__, first)
+                errors.append(f"{prefix}: {first}")
                 continue
             if errors:
                 log.warning("Resumed from an older checkpoint (step %d) because newer ones were unreadable.", step)
@@ -348,3 +348,10 @@ class Checkpointer:
                 tf.train.Checkpoint(**{name: trackable}).read(prefix).expect_partial()
             else:
                 log.info("%s holds no saved %s state (an older run): it starts fresh", prefix, name)
+
+
+def _readable_reason(error: Exception) -> str:
+    """An error's first line without TensorFlow's {{function_node ...}} prefix, cut at a word (a log line)."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    first = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", first)
+    return first if len(first) <= 200 else first[:200].rsplit(" ", 1)[0] + " ..."

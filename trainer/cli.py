@@ -127,7 +127,8 @@ def resume_command(run_dir) -> str:
 
 
 class _RunConfigWriter(Callback):
-    """Writes .hydra/{config,hydra,overrides}.yaml once training begins, i.e. after the checkpoints were
+    """Writes .hydra/{config,hydra,overrides}.yaml once training begins (a resume: once it has trained a
+    loop, so a run already complete keeps the record of the config it ran with), i.e. after the checkpoints were
     found to fit (conf/config.yaml turns Hydra's own early write off): a refused resume must leave the
     run's record of its config as it was (export rebuilds the model from it)."""
 
@@ -136,13 +137,24 @@ class _RunConfigWriter(Callback):
     def __init__(self, cfg: DictConfig, run_dir):
         self.cfg, self.folder = cfg, run_dir / ".hydra"
         self.hydra_cfg = HydraConfig.instance().cfg  # the hydra node, as Hydra writes it
+        self.start: Optional[int] = None  # the step training began at, until the config is recorded
 
     def on_train_begin(self, trainer) -> None:
+        self.start = int(trainer.step.numpy())
+        if self.start == 0:  # a fresh run: recorded at once; a resume once it trains (a finished run keeps its record)
+            self._record()
+
+    def on_loop_end(self, trainer, step: int) -> None:
+        if self.start is not None:
+            self._record()
+
+    def _record(self) -> None:
         from trainer.config_record import record_config
 
-        record_config(self.folder, self.cfg, int(trainer.step.numpy()))  # after the resume: keeps the config it replaces
+        record_config(self.folder, self.cfg, self.start)  # after the resume: keeps the config it replaces
         OmegaConf.save(self.hydra_cfg, self.folder / "hydra.yaml")
         OmegaConf.save(self.hydra_cfg.hydra.overrides.task, self.folder / "overrides.yaml")
+        self.start = None
 
 
 def _log_to_worker_file(run_dir, strategy) -> None:
