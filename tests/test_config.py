@@ -76,7 +76,7 @@ def test_bad_values_exit_2_naming_the_key_without_a_traceback(tmp_path, override
     ("optimizer.lr=abc", "optimizer.lr=abc: optimizer.lr takes a number, not 'abc'. Fix: give optimizer.lr a number."),
     ("data.batch_size=1.5", "data.batch_size=1.5: data.batch_size takes an integer, not '1.5'."),
     ("model.widht=3", "model.widht=3: Key 'widht' not in 'MnistModelConfig'. Fix: check the name"),
-    ("trainer.max_stepz=10", "trainer.max_stepz=10: trainer has no key 'max_stepz'. Fix: did you mean trainer.max_steps?"),
+    ("trainer.max_stepz=10", "trainer.max_stepz=10: trainer has no key 'max_stepz'. Fix: did you mean trainer.max_steps"),
 ])
 def test_a_wrong_type_is_one_line_naming_key_value_and_type(tmp_path, override, expected):
     result = run_cli(override, f"hydra.run.dir={tmp_path / 'run'}")
