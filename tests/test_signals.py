@@ -76,3 +76,30 @@ def test_a_sigterm_at_the_end_of_a_sweep_job_stops_the_sweep(tmp_path):
     assert "job complete; sweep stopped (exit 143)" in result.stdout + result.stderr
     (job,) = [p for p in tmp_path.iterdir() if p.is_dir()]  # the second job (max_steps=40) never started
     assert job.name.startswith("0_") and list_checkpoints(job / "checkpoints")[0][0] == 20
+
+
+class TermInSummary(Trainer):
+    """Sends SIGTERM to this process while fit() computes the summary's weights fingerprint (after the loop)."""
+
+    def weights_fingerprint(self) -> str:
+        if not getattr(self, "termed", False):
+            self.termed = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().weights_fingerprint()
+
+
+def test_a_sigterm_between_the_loop_and_the_summary_waits_for_the_run_end(tmp_path):
+    """Between the training loop and the loggers' ends (the weights fingerprint, 0.1-0.2 s per 20M parameters)
+    SIGTERM had the handler from outside fit() again (the default one kills the process before MLflow's run
+    end is written): it now waits for the summary, as one during the loggers' ends does."""
+    outside = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: outside.append(signum))
+    try:
+        trainer = TermInSummary(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]),
+                                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                                optimizer=lambda: keras.optimizers.SGD(0.1), run_dir=tmp_path, progress_bar=False)
+        trainer.fit(blobs(), steps=10)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert trainer.termed and outside == []
+    assert list_checkpoints(tmp_path / "checkpoints")[0][0] == 10
