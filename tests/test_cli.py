@@ -178,7 +178,7 @@ def test_without_the_progress_bar_the_log_has_a_line_per_event(tmp_path, tiny):
 @pytest.mark.parametrize(
     "overrides, code, says",
     [
-        (["trainer.nonexistent=1"], 1, "trainer.nonexistent"),  # Hydra's config error, before any work
+        (["trainer.nonexistent=1"], 2, "trainer.nonexistent"),  # an unknown key: one line, before any work
         (["trainer.max_steps=1.5"], 2, "trainer.max_steps=1.5: trainer.max_steps takes an integer (or null), not 1.5."),
         (["data.batch_size=0"], 2, "data.batch_size=0 is out of range"),  # a user error, named
         (["optimizer.lr=1e6"], 3, "trainer.divergence_factor=100"),  # training diverged

@@ -46,9 +46,8 @@ def _type_problem(key: str, value: Any, given: str) -> Optional[str]:
         import difflib
 
         close = difflib.get_close_matches(name, fields, n=3)
-        hint = f"did you mean {', '.join(f'{section}.{c}' for c in close)}? " if close else ""
-        return (f"{given}: {section} has no key {name!r}. Fix: {hint}"
-                f"(its keys: {', '.join(sorted(fields))})")
+        hint = f"did you mean {', '.join(f'{section}.{c}' for c in close)}?" if close else "use one of its keys:"
+        return f"{given}: {section} has no key {name!r}. Fix: {hint} ({', '.join(sorted(fields))})"
     if name not in fields or (isinstance(value, str) and "${" in value):
         return None
     try:
