@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 from omegaconf import II, MISSING
 
-from trainer.config import ConfigError, ranged
+from trainer.config import ConfigError, DataOptions, ranged
 from trainer.data import DataBundle, DataError, check_labels, load_mnist_format, per_replica_batch_size
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ _TORCH_MEAN, _TORCH_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @dataclass
-class ImageDataConfig:
+class ImageDataConfig(DataOptions):
     """Options every image source shares."""
 
     image_size: int = ranged(224, "[1, inf)")  # square side the model sees
@@ -108,7 +108,7 @@ class TFDSConfig(ImageDataConfig):
 
 
 @dataclass
-class SyntheticImagesConfig:
+class SyntheticImagesConfig(DataOptions):
     """Random pixels and labels, one batch repeated: step-time benchmarks only, nothing can be learned."""
 
     _target_: str = "trainer.recipes.images.synthetic"

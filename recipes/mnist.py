@@ -15,14 +15,14 @@ import keras
 import tensorflow as tf
 from omegaconf import II
 
-from trainer.config import Checked, ConfigError, chosen, ranged
+from trainer.config import Checked, ConfigError, DataOptions, chosen, ranged
 from trainer.data import DataBundle, DataError, check_labels, classification_pipeline, load_mnist_format
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class MnistDataConfig:
+class MnistDataConfig(DataOptions):
     _target_: str = "trainer.recipes.mnist.build_data"
     name: str = chosen("fashion_mnist", "mnist|fashion_mnist")  # mnist | fashion_mnist
     path: Optional[str] = None  # IDX files (gz or not) folder, or an mnist.npz file

@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from omegaconf import II, MISSING
 
-from trainer.config import ranged
+from trainer.config import DataOptions, ranged
 from trainer.data import DataBundle, DataError, DatasetFn, per_replica_batch_size
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ PADDING_MODES = ("bucket", "max_length")
 
 
 @dataclass
-class TextDataConfig:
+class TextDataConfig(DataOptions):
     """What every text source shares: the tokenizer's preset, lengths, batching, classes."""
 
     preset: str = II("model.preset")  # the tokenizer comes from the encoder's own preset

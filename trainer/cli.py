@@ -79,7 +79,7 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
     from trainer import debug
     from trainer.callbacks.loggers import flatten
     from trainer.core import Trainer
-    from trainer.data import check_batch_size
+    from trainer.data import build_data, check_batch_size
     from trainer.distribute import is_chief
     from trainer.inputs import batches_read_per_step, check_batches_per_step
     from trainer.precision import hardware_report
@@ -96,7 +96,7 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
 
     check_batch_size(cfg.data.get("batch_size", 1))  # before the division by it below
     check_batches_per_step(parts_of(cfg).trainer_class, trainer_cfg)  # before the data is loaded
-    data = instantiate(cfg.data, _convert_="all")
+    data = build_data(cfg.data)
     log.info("Data: %s", data.description)
     examples_per_step = data.batch_size * batches_read_per_step(trainer_cfg)  # an epoch: one pass over the data
     steps_per_epoch = debug.steps_per_epoch(trainer_cfg, data.train_examples // examples_per_step if data.train_examples else None)
@@ -111,7 +111,28 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
     )
     trainer.resume_command = resume_command(run_dir)
     trainer.hparams = flatten(OmegaConf.to_container(cfg, resolve=True))  # the loggers' params (MLflow)
-    return trainer.fit(data.train, data.eval, steps_per_epoch=steps_per_epoch, batch_size=data.batch_size)
+    class_weight = cfg.data.get("class_weight") or None  # config.DataOptions: {} (the default) weighs nothing
+    return trainer.fit(data.train, eval_data_of(cfg, data), steps_per_epoch=steps_per_epoch, batch_size=data.batch_size,
+                       class_weight=None if class_weight is None else OmegaConf.to_container(class_weight))
+
+
+def eval_data_of(cfg: DictConfig, data):
+    """The run's eval data: the recipe's eval split; with `eval_sets` (name -> the data.* keys that differ),
+    a dict of named sets, the recipe's own split first as "val" (trainer/evalsets.py)."""
+    from trainer.data import DataError, build_data
+
+    if not cfg.get("eval_sets"):
+        return data.eval
+    sets = {} if data.eval is None else {"val": data.eval}
+    for name, keys in cfg.eval_sets.items():
+        if name in sets:
+            raise DataError(f"eval_sets.{name}: 'val' is the recipe's own eval split. Fix: another name.")
+        other = build_data(cfg.data, OmegaConf.to_container(keys, resolve=True) if keys is not None else {})
+        if other.eval is None:
+            raise DataError(f"eval_sets.{name}: the data with {OmegaConf.to_container(keys)} has no eval split. Fix: "
+                            "the data.* keys that give one (an eval file, a path with a test split).")
+        sets[name] = other.eval
+    return sets
 
 
 def resume_command(run_dir) -> str:

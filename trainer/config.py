@@ -332,6 +332,14 @@ class FinetuneConfig(Checked):
 
 
 @dataclass
+class DataOptions:
+    """Keys of every labelled recipe's data config that the framework reads itself (the recipe's builder does
+    not see them: data.build_data)."""
+
+    class_weight: Any = None  # class -> weight of its training examples in the loss, as Keras' fit: data.class_weight={0:1.0,1:2.0}
+
+
+@dataclass
 class Config:
     """The whole run. `data` and `model` are typed by the schema their group option extends."""
 
@@ -351,6 +359,7 @@ class Config:
         default_factory=lambda: {"accuracy": {"_target_": "keras.metrics.SparseCategoricalAccuracy"}}
     )
     callbacks: Dict[str, Any] = field(default_factory=dict)  # name -> {_target_: ...}: extra Callbacks
+    eval_sets: Dict[str, Any] = field(default_factory=dict)  # more eval sets, name -> data.* keys that differ: +eval_sets.ood.path=ood.npz (docs/training-control.md)
     logger: Dict[str, Any] = field(default_factory=dict)  # the logger group's picks, name -> {_target_: ...}: logger=[jsonl,tensorboard,csv,mlflow] (docs/loggers.md)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

@@ -166,21 +166,24 @@ def classification_pipeline(
     training: bool,
     deterministic: bool = True,
     preprocess: Optional[Callable] = None,
+    sample_weight=None,
 ) -> DatasetFn:
     """In-memory arrays -> a DatasetFn: shard, cache, shuffle (seeded), map, batch, repeat, prefetch.
+    Batches are (features, labels), (features, labels, sample_weight), or features alone (labels None).
 
     Its `unshuffled` attribute makes the same batches in file order: a first batch of the right shapes
     without filling the full-size shuffle buffer (60,000 examples for Fashion-MNIST, ~0.6 CPU-s)."""
 
     def make(ctx: Optional[tf.distribute.InputContext] = None, shuffle: bool = training) -> tf.data.Dataset:
         batch = per_replica_batch_size(global_batch_size, ctx)
-        ds = tf.data.Dataset.from_tensor_slices((features, labels))
+        parts = tuple(p for p in (features, labels, sample_weight) if p is not None)
+        ds = tf.data.Dataset.from_tensor_slices(parts if len(parts) > 1 else features)
         if ctx is not None and ctx.num_input_pipelines > 1:
             ds = ds.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
         ds = ds.cache()
         if shuffle:
             # A full-size buffer: each epoch is a permutation; reshuffled each epoch from the seed.
-            ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+            ds = ds.shuffle(len(tf.nest.flatten(features)[0]), seed=seed, reshuffle_each_iteration=True)
         if preprocess is not None:
             ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         # Batch at the global size, then split it into per-replica batches: the examples of a step do
@@ -336,3 +339,17 @@ def load_mnist_format(name: str, path: Optional[str] = None):
 def _flatten(loaded):
     (x_train, y_train), (x_test, y_test) = loaded
     return x_train, y_train, x_test, y_test
+
+
+FRAMEWORK_KEYS = ("class_weight",)  # config.DataOptions: read by the framework, not given to the recipe's builder
+
+
+def build_data(data_cfg, overrides=None, **kwargs) -> "DataBundle":
+    """A recipe's DataBundle from its `data` config node (with `overrides`: data.* keys that differ, an eval set
+    of cfg.eval_sets), less the keys the framework reads itself (FRAMEWORK_KEYS)."""
+    from hydra.utils import instantiate
+    from omegaconf import DictConfig, OmegaConf
+
+    node = OmegaConf.to_container(data_cfg, resolve=True) if isinstance(data_cfg, DictConfig) else dict(data_cfg)
+    node.update(overrides or {})
+    return instantiate({k: v for k, v in node.items() if k not in FRAMEWORK_KEYS}, **kwargs, _convert_="all")

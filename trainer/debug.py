@@ -5,7 +5,7 @@ on, for how long, and on what to evaluate; evaluate() asks how many batches."""
 from __future__ import annotations
 
 import logging
-from typing import Optional, Tuple
+from typing import Mapping, Optional, Tuple
 
 import tensorflow as tf
 
@@ -61,7 +61,10 @@ def eval_set_batches(data: DataArg, strategy: tf.distribute.Strategy) -> Optiona
 
 def eval_batch_limit(config, eval_data: DataArg, strategy: tf.distribute.Strategy) -> Optional[int]:
     """How many batches an evaluation reads: fast_dev_run's few, or eval_steps / limit_eval_batches (a
-    number, or a fraction of the eval set: at least one batch); None: the whole set."""
+    number, or a fraction of the eval set: at least one batch); None: the whole set. Several named sets
+    (a dict): a dict of their limits."""
+    if isinstance(eval_data, Mapping):
+        return {name: eval_batch_limit(config, data, strategy) for name, data in eval_data.items()}
     limit = config.limit_eval_batches if config.limit_eval_batches is not None else config.eval_steps
     if config.fast_dev_run:
         return min(FAST_DEV_RUN_BATCHES, int(limit)) if limit is not None and limit >= 1 else FAST_DEV_RUN_BATCHES

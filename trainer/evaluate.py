@@ -42,11 +42,10 @@ def evaluate_run(checkpoint: RunCheckpoint, model=None, policy: str = None, step
 
 def evaluate_checkpoint(checkpoint: RunCheckpoint, model=None, policy: str = None, steps: int = None) -> Tuple[Dict[str, Any], int]:
     """evaluate_run's metrics, and the number of eval batches they were computed on."""
-    from hydra.utils import instantiate
-
+    from trainer.data import build_data
     from trainer.inputs import sample_batch
 
-    data = instantiate(checkpoint.cfg.data, _convert_="all")
+    data = build_data(checkpoint.cfg.data)
     if data.eval is None:
         raise ServingError(f"recipe {checkpoint.cfg.get('recipe')!r}'s data has no eval split (data.*: set one, e.g. "
                            "data.validation_split=0.1 for an image folder)")

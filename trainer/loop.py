@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional, Tuple
 import tensorflow as tf
 from tensorflow.python.util import deprecation as _tf_deprecation
 
-from trainer import signals
+from trainer import evalsets, signals
 from trainer.compile import make_eval_function, make_train_function, measure_in_run, measures_in_run
 from trainer.data import release_in_background
 from trainer.errors import EXIT_BUG, EXIT_SIGNAL, TrainerError
@@ -274,3 +274,20 @@ def evaluate(trainer, eval_data, *, steps: Optional[int], step: int, callbacks=N
         callbacks.on_eval_end(t, step, logs)
     return logs
 
+
+
+def evaluate_sets(trainer, eval_sets, *, steps, step: int, callbacks=None) -> Dict[str, Any]:
+    """Each named eval set in turn (`steps`: one limit for all, or name -> limit), as one eval event: one
+    on_eval_begin/on_eval_end around them, with the results merged as `<name>/<metric>` (evalsets.py)."""
+    t = trainer
+    if callbacks is not None:
+        callbacks.on_eval_begin(t, step)
+    results, read = {}, {}
+    for name, data in eval_sets.items():
+        results[name] = evaluate(t, data, steps=steps.get(name) if isinstance(steps, dict) else steps, step=step)
+        read[name] = t.eval_batches
+    t.eval_batches, t.eval_batches_by_set = sum(read.values()), read
+    logs = evalsets.merged(results, step)
+    if callbacks is not None:
+        callbacks.on_eval_end(t, step, logs)
+    return logs

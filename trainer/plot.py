@@ -3,7 +3,7 @@
     python -m trainer.plot RUN [RUN ...] --out runs.png
 
 A RUN is a run folder (runs/<recipe>/<time>) or a multirun folder, which stands for its jobs. One panel
-per loss or metric (train: solid line, eval: dots), then the loss scale (log axis) and the skipped steps
+per loss or metric (train: solid line, eval: dots; each named eval set its own markers), then the loss scale (log axis) and the skipped steps
 when a run has them (mixed_float16). Each run's lines are named by its overrides, less those all the
 plotted runs share (.hydra/overrides.yaml; the folder's name when the run has none), wrapped at 60
 characters below the panels; a name longer than 3 lines is cut to `#N: ...` and printed in full as a key.
@@ -44,6 +44,13 @@ class Run:
         points = {r["step"]: r[key] for r in self.rows
                   if r.get("split") == split and isinstance(r.get(key), (int, float)) and "step" in r}
         return sorted(points), [points[step] for step in sorted(points)]
+
+    def eval_series(self, key: str):
+        """[(label, steps, values)]: the eval set's `key`, or each named set's `<set>/key` (trainer/evalsets.py)."""
+        sets = sorted({k.split("/")[0] for r in self.rows if r.get("split") == "eval" for k in r
+                       if k.count("/") == 1 and k.endswith("/" + key)})
+        found = [("eval", *self.series("eval", key))] + [(f"eval {s}", *self.series("eval", f"{s}/{key}")) for s in sets]
+        return [(label, steps, values) for label, steps, values in found if steps]
 
 
 def run_folders(paths: Sequence[str]) -> List[Path]:
@@ -106,13 +113,14 @@ def _tensorboard_rows(folder: Path) -> List[Dict[str, Any]]:
     import tensorflow as tf
 
     merged: Dict[tuple, Dict[str, Any]] = {}
-    for split in ("train", "eval"):
-        for events in sorted((folder / split).glob("events.out.tfevents.*")):
+    for split, pattern in (("train", "events.out.tfevents.*"), ("eval", "events.out.tfevents.*"), ("eval", "*/events.out.tfevents.*")):
+        for events in sorted((folder / split).glob(pattern)):
+            prefix = "" if events.parent.name == split else f"{events.parent.name}/"  # eval/<set>: a named eval set
             for event in tf.compat.v1.train.summary_iterator(str(events)):
                 for value in event.summary.value:
                     number = _scalar(value)
                     if number is not None:
-                        merged.setdefault((split, event.step), {"step": int(event.step), "split": split})[value.tag] = number
+                        merged.setdefault((split, event.step), {"step": int(event.step), "split": split})[prefix + value.tag] = number
     return sorted(merged.values(), key=lambda r: (r["step"], r["split"] != "train"))
 
 
@@ -168,8 +176,9 @@ def _panels(runs: List[Run]) -> List[str]:
     """The loss first, then the metrics, in the order the runs logged them; then loss scaling's."""
     keys: Dict[str, None] = {}
     for run in runs:
-        for row in run.rows:
-            keys.update((k, None) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+        for row in run.rows:  # a named eval set's `val/loss` is drawn on the `loss` panel
+            keys.update((k.split("/")[-1] if row.get("split") == "eval" and k.count("/") == 1 else k, None)
+                        for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
     curves = [k for k in keys if k not in NOT_CURVES and not is_memory_field(k) and "/" not in k and not k.endswith(("loss_scale", "skipped_steps"))]
     curves.sort(key=lambda k: not k.endswith("loss"))  # stable: losses first
     scales = [k for k in keys if k.endswith("loss_scale")]
@@ -209,9 +218,8 @@ def draw_runs(runs: List[Run]):
             if steps:
                 few = {"marker": "o", "markersize": 4} if len(steps) < FEW_POINTS else {}
                 ax.plot(steps, values, color=color, label=f"{run.label} train", **few)
-            steps, values = run.series("eval", key)
-            if steps:
-                ax.plot(steps, values, color=color, linestyle="--", marker="o", markersize=4, label=f"{run.label} eval")
+            for (label, steps, values), marker in zip(run.eval_series(key), "osD^v<>"):
+                ax.plot(steps, values, color=color, linestyle="--", marker=marker, markersize=4, label=f"{run.label} {label}")
         ax.set_ylabel(key)
         if key.endswith("loss_scale"):
             ax.set_yscale("log", base=2)

@@ -323,9 +323,10 @@ def restore_weights(model, prefix: str) -> None:
 def eval_dataset(cfg):
     """The recipe's eval split (else its train split) as one input pipeline's dataset."""
     import tensorflow as tf
-    from hydra.utils import instantiate
 
-    data = instantiate(cfg.data, _convert_="all")
+    from trainer.data import build_data
+
+    data = build_data(cfg.data)
     return (data.eval or data.train)(tf.distribute.InputContext())
 
 

@@ -14,7 +14,9 @@ from typing import Dict, Optional, Tuple
 
 import keras
 
+from trainer import evalsets
 from trainer.callbacks.base import Callback, CallbackState
+from trainer.callbacks.control import log_names
 from trainer.callbacks.numerics import check_weights_finite
 from trainer.checkpoint import NO_BEST, Checkpointer
 from trainer.inputs import batches_read_per_step
@@ -58,6 +60,9 @@ class Checkpointing(Callback):
     def on_train_begin(self, trainer):
         first = not self.prepared
         self._prepare(trainer)
+        if self.checkpointer is not None and trainer.config.best_metric:  # `val/accuracy` with several eval sets
+            self.checkpointer.best_metric = evalsets.resolve(trainer.config.best_metric, trainer.eval_set_names,
+                                                             log_names(trainer, train=False), "trainer.best_metric")
         self.last_point = int(trainer.step.numpy())  # after a resume's restore
         if first and self.counted_step is None:  # not resumed from a record: a fresh run, or one from before it
             self.batches_read = self.last_point * batches_read_per_step(trainer.config)

@@ -1,8 +1,8 @@
 """Training control, as Keras' and Lightning's callbacks of the same names: stop when a monitored value
 stops improving (EarlyStopping), lower the learning rate on a plateau (ReduceLROnPlateau).
 
-Both watch one value: an eval result, named as `trainer.best_metric` names it (`loss`, `accuracy`), or a
-train log as `train/NAME` (`train/loss`). Each event (an evaluation, or a train log) is judged once, so
+Both watch one value: an eval result, named as `trainer.best_metric` names it (`loss`, `accuracy`; with
+several eval sets `val/accuracy`: trainer/evalsets.py), or a train log as `train/NAME` (`train/loss`). Each event (an evaluation, or a train log) is judged once, so
 the final evaluation at the step where the run stopped does not count twice. Their counts are in every
 checkpoint (state_dict): a resumed run goes on counting where it stopped. The counts belong to one Trainer:
 an object given to another Trainer starts fresh there (or from that Trainer's checkpoint), as Keras'
@@ -18,6 +18,7 @@ from typing import Dict, List, Optional
 
 import keras
 
+from trainer import evalsets
 from trainer.callbacks.base import Callback
 from trainer.callbacks.divergence import scale_schedule
 from trainer.config import ConfigError, EarlyStoppingConfig, ReduceLROnPlateauConfig
@@ -69,6 +70,7 @@ class Monitor(Callback):
         self.monitor = monitor[len("eval/"):] if monitor.startswith("eval/") else monitor
         self.mode = resolve_mode(mode, self.monitor, self.key)
         self.min_delta = min_delta
+        self.reads = self.monitor  # the eval record's key: `val/loss` for `loss` with several sets (check_monitor)
         self.owner = None  # a weak reference to the Trainer the counts belong to
         self.restored = False  # load_state_dict ran since the last on_train_begin: the counts are a checkpoint's
         self.fresh()
@@ -120,9 +122,12 @@ class Monitor(Callback):
         event, it may be the final evaluation, after the last checkpoint)."""
         train = self.monitor.startswith("train/")
         names = log_names(trainer, train)
-        name = self.monitor[len("train/"):] if train else self.monitor
+        sets = None if train else getattr(trainer, "eval_set_names", None)
+        self.reads = self.monitor if train else evalsets.resolve(self.monitor, sets, names, f"{self.key}.monitor")
+        name = self.monitor[len("train/"):] if train else self.reads.split("/", 1)[-1] if sets else self.reads
         if names is not None and name not in names:
-            self.refuse(name, names, "train logs" if train else "eval results")
+            self.refuse(self.reads if sets else name, [f"{s}/{n}" for s in sets for n in names] if sets else names,
+                        "train logs" if train else "eval results")
 
     def refuse(self, name: str, names: List[str], what: str) -> None:
         prefix = "train/" if what == "train logs" else ""
@@ -139,7 +144,7 @@ class Monitor(Callback):
 
     def on_eval_end(self, trainer, step, logs) -> None:
         if not self.monitor.startswith("train/"):
-            self._event(trainer, step, logs, self.monitor, "eval results")
+            self._event(trainer, step, logs, self.reads, "eval results")
 
     def _event(self, trainer, step: int, logs: Dict, name: str, what: str) -> None:
         if step <= self.last_step:  # the final evaluation of a step already judged (an early stop)

@@ -2,7 +2,8 @@
 (conf/logger/) or `Trainer(loggers=[...])`.
 
   MetricsWriter      run_dir/metrics.jsonl, one JSON object per event (on by default)
-  TensorBoardWriter  run_dir/tensorboard/{train,eval} scalars (on by default; trainer.tensorboard=false: off)
+  TensorBoardWriter  run_dir/tensorboard/{train,eval} scalars (on by default; trainer.tensorboard=false: off);
+                     several eval sets: tensorboard/eval/<name>, each with the plain names (loss, accuracy)
   CSVLogger          run_dir/metrics.csv, one row per event, columns kept across resume
   MLflowLogger       an MLflow run: params, metrics by step, the final checkpoint; continued on resume
 
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
+from trainer import evalsets
 from trainer.callbacks.base import Callback
 from trainer.config import ConfigError
 
@@ -88,14 +90,22 @@ class TensorBoardWriter(Logger):
         self.logdir = self.in_run_dir(trainer, self.logdir, "tensorboard")
 
     def record(self, trainer, split, step, logs):
+        sets = getattr(trainer, "eval_set_names", None) if split == "eval" else None
+        if sets:  # a run per eval set, eval/<name>: TensorBoard draws the sets' `loss` on one chart
+            for name, results in evalsets.split_by_set(logs, sets).items():
+                self._write(f"{split}/{name}", step, results)
+        else:
+            self._write(split, step, logs)
+
+    def _write(self, run: str, step: int, logs: Dict) -> None:
         import tensorflow as tf
 
-        if split not in self.writers:
-            self.writers[split] = tf.summary.create_file_writer(str(self.logdir / split))
-        with self.writers[split].as_default():
+        if run not in self.writers:
+            self.writers[run] = tf.summary.create_file_writer(str(self.logdir / run))
+        with self.writers[run].as_default():
             for name, value in scalars(logs).items():
                 tf.summary.scalar(name, value, step=step)
-        self.writers[split].flush()
+        self.writers[run].flush()
 
     def on_train_end(self, trainer, summary):
         for w in self.writers.values():

@@ -85,10 +85,9 @@ def diagnose_config(cfg, overrides: List[str], quick: bool, prefix: Optional[str
     """The Trainer's parts `python -m trainer` would build (trainer.assemble.parts_of), measured by
     trainer.doctor.diagnose_parts; with a run's checkpoint `prefix`, its weights (trainer.runs.restore_weights)."""
     import keras
-    from hydra.utils import instantiate
 
     from trainer.assemble import parts_of, strategy_of
-    from trainer.data import check_batch_size
+    from trainer.data import build_data, check_batch_size
     from trainer.doctor import _first_batches, diagnose_parts
     from trainer.doctor.model_table import build_under
     from trainer.runs import restore_weights
@@ -100,7 +99,7 @@ def diagnose_config(cfg, overrides: List[str], quick: bool, prefix: Optional[str
 
     def data_for_batch(size: int):
         if size not in bundles:
-            bundles[size] = instantiate(cfg.data, batch_size=size, _convert_="all")
+            bundles[size] = build_data(cfg.data, batch_size=size)
         return bundles[size].train
 
     parts = parts_of(cfg, total_steps=cfg.trainer.max_steps or 1000)

@@ -1,0 +1,75 @@
+"""Several evaluation sets: `fit(train, {"val": ds, "ood": ds2})`.
+
+Each set is evaluated in turn and its results are merged into one eval record, the set's name before each
+result (`val/loss`, `ood/accuracy`); every logger writes that record (`eval/val/loss` in MLflow, a
+tensorboard/eval/<name> run per set). One set given alone (not in a dict) keeps the plain names (`loss`,
+`accuracy`), so nothing that worked before changes. A monitored name (trainer.best_metric, early stopping,
+plateau) is `<set>/<metric>`; a bare metric name, with several sets, means the first set's (the log says so).
+"""
+from __future__ import annotations
+
+import difflib
+import logging
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+from trainer.errors import UserError
+
+log = logging.getLogger("trainer.core")
+
+RESERVED = ("train", "eval")  # `train/loss` is a train log; `eval/` is the prefix a monitor may carry
+
+
+class EvalSetError(UserError, ValueError):
+    """Eval sets whose names cannot be told apart in the logs, or a monitored name no set holds."""
+
+
+def names_of(eval_data: Any) -> Optional[List[str]]:
+    """The set names of several eval sets (a mapping), in the order given; None for one set (or none)."""
+    if not isinstance(eval_data, Mapping):
+        return None
+    names = list(eval_data)
+    if not names:
+        raise EvalSetError("fit(): the eval sets are an empty dict. Fix: give at least one name -> data set, or None.")
+    for name in names:
+        if not isinstance(name, str) or not name or "/" in name or name in RESERVED:
+            raise EvalSetError(f"fit(): eval set name {name!r} cannot name logs: a set's name is a non-empty string "
+                               f"without '/', not one of {list(RESERVED)}. Fix: rename it (e.g. 'val', 'ood').")
+    return names
+
+
+def merged(results: Mapping[str, Dict[str, Any]], step: int) -> Dict[str, Any]:
+    """One eval record from each set's results: `<set>/<name>` for every result."""
+    logs: Dict[str, Any] = {"step": step, "split": "eval"}
+    for name, result in results.items():
+        logs.update({f"{name}/{k}": v for k, v in result.items() if k not in ("step", "split")})
+    return logs
+
+
+def split_by_set(logs: Mapping[str, Any], names: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """The inverse of `merged`, for loggers that keep a series per set (TensorBoard's runs)."""
+    out: Dict[str, Dict[str, Any]] = {name: {} for name in names}
+    for key, value in logs.items():
+        head, _, tail = key.partition("/")
+        if head in out and tail:
+            out[head][tail] = value
+    return out
+
+
+def resolve(name: str, set_names: Optional[Sequence[str]], metric_names: Optional[Sequence[str]], setting: str) -> str:
+    """The eval record key a monitored `name` reads: `val/accuracy` as given; a bare `accuracy` with several
+    sets is the first set's (said in the log). An unknown set is an EvalSetError naming the available keys."""
+    name = name[len("eval/"):] if name.startswith("eval/") else name
+    if not set_names:
+        return name
+    head, _, tail = name.partition("/")
+    if tail and head in set_names:
+        return name
+    if tail:  # a set prefix no set has (`vall/accuracy`), or a metric of an overridden step with a '/'
+        keys = [f"{s}/{m}" for s in set_names for m in (metric_names or [tail])]
+        close = difflib.get_close_matches(name, keys, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise EvalSetError(f"{setting}={name!r}: no eval set is named {head!r}; the eval results are "
+                           f"{keys}{hint}. Fix: {setting}=<one of them> (<set>/<metric>).")
+    log.info("%s=%r with the eval sets %s: judged on the first, %r (set %s=<set>/%s for another).",
+             setting, name, list(set_names), f"{set_names[0]}/{name}", setting, name)
+    return f"{set_names[0]}/{name}"
