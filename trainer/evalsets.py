@@ -62,14 +62,15 @@ def resolve(name: str, set_names: Optional[Sequence[str]], metric_names: Optiona
     if not set_names:
         return name
     head, _, tail = name.partition("/")
-    if tail and head in set_names:
+    if tail and head in set_names and (metric_names is None or tail in metric_names):
         return name
-    if tail:  # a set prefix no set has (`vall/accuracy`), or a metric of an overridden step with a '/'
+    if tail:  # a set no set has (`vall/accuracy`), a metric its set lacks (`val/acc`)
         keys = [f"{s}/{m}" for s in set_names for m in (metric_names or [tail])]
         close = difflib.get_close_matches(name, keys, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise EvalSetError(f"{setting}={name!r}: no eval set is named {head!r}; the eval results are "
-                           f"{keys}{hint}. Fix: {setting}=<one of them> (<set>/<metric>).")
+        what = f"set {head!r} has no result {tail!r}" if head in set_names else f"no eval set is named {head!r}"
+        raise EvalSetError(f"{setting}={name!r}: {what}; the eval results are {keys}{hint}. "
+                           f"Fix: {setting}=<one of them> (<set>/<metric>).")
     log.info("%s=%r with the eval sets %s: judged on the first, %r (set %s=<set>/%s for another).",
              setting, name, list(set_names), f"{set_names[0]}/{name}", setting, name)
     return f"{set_names[0]}/{name}"
