@@ -239,6 +239,12 @@ class FitInputs:
     train_examples: Optional[int] = None
     batch_size: Optional[int] = None
 
+    def steps_per_epoch(self, given: Optional[int], batches_per_step: int) -> Optional[int]:
+        """fit()'s steps_per_epoch: as given, else arrays' examples // batch // batches a step reads (else None)."""
+        if given is not None or self.train_examples is None:
+            return given
+        return self.train_examples // self.batch_size // batches_per_step
+
 
 def _same(a, b) -> bool:
     return a is b or (isinstance(a, (int, float)) and not isinstance(a, bool) and type(a) is type(b) and a == b)

@@ -23,15 +23,15 @@ import tensorflow as tf
 
 from trainer import debug, ema, evalsets, objects, saved, signals
 from trainer import precision as precision_lib
+from trainer.arrays import fit_inputs
 from trainer.callbacks import (Callback, CallbackList, Checkpointing, DivergenceGuard, NumericalError, XlaChoice,
                                callback_list)
-from trainer.arrays import fit_inputs
 from trainer.checkpoint import NO_BEST, Checkpointer
 from trainer.compile import XlaMeasurement, XlaPlan, decide_jit_compile, plan_xla
 from trainer.config import ConfigError, PrecisionConfig, TrainerConfig, check_ranges
 from trainer.console import show_logs_unless_configured
 from trainer.inputs import DataArg, KeptIterator, batches_read_per_step, check_batches_per_step, sample_batch, steps_per_epoch_of, training_iterator
-from trainer.loop import Loop, TrainingInterrupted, evaluate, evaluate_sets
+from trainer.loop import Loop, TrainingInterrupted, evaluate
 from trainer.loss_scale import LossScale
 from trainer.memory import memory_logs
 from trainer.runlock import run_folder_lock
@@ -280,24 +280,20 @@ class Trainer(Step):
             sample_weight=None) -> Dict[str, float]:
         """Trains until `steps` (or `epochs`) and returns the final eval logs (or the last train logs).
 
-        `train_data`: a tf.data.Dataset or an InputContext -> Dataset function; or NumPy/array-like x, and then
-        the second argument is y, as in Keras' fit(x, y, batch_size=..., validation_data=(xv, yv) or
-        validation_split=0.2, class_weight=..., sample_weight=...) (trainer/arrays.py: shuffled with the seed).
-        `eval_data` (`validation_data`): one set, or a dict name -> set, logged as `<name>/<metric>`
-        (trainer/evalsets.py). `class_weight` also weighs a Dataset's batches. Resumes from
-        `run_dir/checkpoints` when it holds checkpoints and `config.resume` is true. `steps_per_epoch` counts
-        steps: by default, the data set's batches // the batches a step reads.
+        `train_data`: a tf.data.Dataset, an InputContext -> Dataset function, or arrays x: then the second argument
+        is y, as in Keras' fit(x, y, ...) (trainer/arrays.py). `eval_data` (`validation_data`): one set, or a dict
+        name -> set, logged as `<name>/<metric>` (evalsets.py). Resumes from `run_dir/checkpoints` when it holds
+        checkpoints and `config.resume` is true. `steps_per_epoch`: by default, batches // the batches a step reads.
         """
         check_ranges(TrainerConfig, {"max_steps": steps, "epochs": epochs}, "trainer")  # fit()'s own
         show_logs_unless_configured(self.config.verbose)
         self._fit_inputs = fit_inputs(self._fit_inputs, self.seed, train_data, eval_data, batch_size,
                                       validation_data=validation_data, validation_split=validation_split,
                                       class_weight=class_weight, sample_weight=sample_weight)
-        made = self._fit_inputs[1]
-        if made.train_examples is not None and steps_per_epoch is None:
-            steps_per_epoch = made.train_examples // made.batch_size // batches_read_per_step(self.config)
+        made, per_step = self._fit_inputs[1], batches_read_per_step(self.config)
         with run_folder_lock(self.run_dir, hold=self.is_chief) if self.run_dir is not None else contextlib.nullcontext():
-            return self._fit(made.train, made.eval, steps, epochs, steps_per_epoch, batch_size or made.batch_size)
+            return self._fit(made.train, made.eval, steps, epochs, made.steps_per_epoch(steps_per_epoch, per_step),
+                             batch_size or made.batch_size)
 
     def _fit(self, train_data, eval_data, steps, epochs, steps_per_epoch, batch_size) -> Dict[str, float]:
         cfg = self.config
@@ -382,9 +378,10 @@ class Trainer(Step):
 
     def evaluate(self, eval_data: DataArg, *, steps: Optional[int] = None, step: Optional[int] = None,
                  callbacks: Optional[CallbackList] = None) -> Dict[str, float]:
-        """Computes the loss and metrics (and an overridden test_step's logs) over the whole eval set, or each
-        of a dict name -> set (logged `<name>/<metric>`: evalsets.py) (or `steps` batches; else eval_steps / limit_eval_batches, fast_dev_run's few: trainer/debug.py); with an
-        optimizer's use_ema=True, of the averaged weights (see ema.py)."""
+        """Computes the loss and metrics (and an overridden test_step's logs) over the whole eval set, or each of a
+        dict name -> set (logged `<name>/<metric>`: evalsets.py); `steps` batches, else eval_steps /
+        limit_eval_batches, fast_dev_run's few (trainer/debug.py). With an optimizer's use_ema=True, of the
+        averaged weights (see ema.py)."""
         if not steps:
             resolved = self.fit_eval_limit  # fit()'s eval set: its limit, resolved once by debug.plan_fit
             if resolved is not None and resolved[0] is eval_data and resolved[1] is self.config:
@@ -394,9 +391,8 @@ class Trainer(Step):
         evaluating, self._evaluating = self._evaluating, True
         try:
             with ema.averaged_weights(self):
-                run = evaluate if evalsets.names_of(eval_data) is None else evaluate_sets  # one set, or a dict of them
-                return run(self, eval_data, steps=steps, step=int(self.step.numpy()) if step is None else step,
-                           callbacks=callbacks)
+                return evaluate(self, eval_data, steps=steps,
+                                step=int(self.step.numpy()) if step is None else step, callbacks=callbacks)
         finally:
             self._evaluating = evaluating
 

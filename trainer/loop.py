@@ -243,7 +243,10 @@ def how_to_resume(trainer) -> str:
 
 def evaluate(trainer, eval_data, *, steps: Optional[int], step: int, callbacks=None) -> Dict[str, Any]:
     """The loss and metrics (and an overridden test_step's logs) over the eval set, or `steps` batches of
-    it; with `callbacks` (the loop's evaluations), on_eval_begin and on_eval_end around it."""
+    it; with `callbacks` (the loop's evaluations), on_eval_begin and on_eval_end around it. Several named
+    sets (a dict): evaluate_sets."""
+    if evalsets.names_of(eval_data) is not None:
+        return evaluate_sets(trainer, eval_data, steps=steps, step=step, callbacks=callbacks)
     t = trainer
     t.eval_window.restart()
     if callbacks is not None:
