@@ -128,3 +128,18 @@ def test_eval_sets_from_the_cli(tmp_path, tiny):
                   f"hydra.run.dir={tmp_path / 'bad'}")
     assert bad.returncode == 2 and "did you mean 'ood/accuracy'" in bad.stdout + bad.stderr
 
+
+
+def test_a_sweep_may_rank_a_named_set():
+    """trainer.sweep_metric=ood/accuracy is checked against the names the eval sets log, before any job."""
+    from omegaconf import OmegaConf
+
+    from trainer.sweep import check_sweep_metric
+
+    def config(metric):
+        return OmegaConf.create({"trainer": {"sweep_metric": metric}, "metrics": {"accuracy": {}},
+                                 "eval_sets": {"ood": {"path": "ood.npz"}}})
+
+    check_sweep_metric(config("ood/accuracy"))
+    with pytest.raises(UserError, match="its eval logs hold val/loss, val/accuracy, ood/loss, ood/accuracy"):
+        check_sweep_metric(config("accuracy"))

@@ -66,8 +66,11 @@ def sweep_objective(trainer_cfg: Any) -> Tuple[str, str]:
 
 
 def logged_names(config: Any) -> List[str]:
-    """The names a run's final (eval) logs hold: the loss and the config's `metrics` keys."""
-    return ["loss", *(str(name) for name in (config.get("metrics") or {}))]
+    """The names a run's final (eval) logs hold: the loss and the config's `metrics` keys; with `eval_sets`,
+    each prefixed by its set, the recipe's own split named `val` (trainer/evalsets.py)."""
+    names = ["loss", *(str(name) for name in (config.get("metrics") or {}))]
+    sets = list(config.get("eval_sets") or {})
+    return [f"{s}/{n}" for s in ["val", *sets] for n in names] if sets else names
 
 
 def check_sweep_metric(config: Any) -> None:
