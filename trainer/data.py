@@ -350,6 +350,6 @@ def build_data(data_cfg, overrides=None, **kwargs) -> "DataBundle":
     from hydra.utils import instantiate
     from omegaconf import DictConfig, OmegaConf
 
-    node = OmegaConf.to_container(data_cfg, resolve=True) if isinstance(data_cfg, DictConfig) else dict(data_cfg)
+    node = OmegaConf.to_container(data_cfg, resolve=True, throw_on_missing=True) if isinstance(data_cfg, DictConfig) else dict(data_cfg)
     node.update(overrides or {})
     return instantiate({k: v for k, v in node.items() if k not in FRAMEWORK_KEYS}, **kwargs, _convert_="all")
