@@ -21,8 +21,8 @@ def blobs(n=400, seed=0):
 def make(**kwargs):
     return Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(2)]),
                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                   optimizer=lambda: keras.optimizers.Adam(1e-2), metrics={"accuracy": keras.metrics.SparseCategoricalAccuracy()},
-                   progress_bar=False, log_every=5, **kwargs)
+                   metrics={"accuracy": keras.metrics.SparseCategoricalAccuracy()},
+                   progress_bar=False, log_every=5, **{"optimizer": lambda: keras.optimizers.Adam(1e-2), **kwargs})
 
 
 def test_validation_split_holds_out_the_last_fraction_before_shuffling():
@@ -95,7 +95,12 @@ def test_class_weight_is_sample_weight_by_class_on_arrays_and_tf_data():
 @pytest.mark.parametrize("call, message", [
     (lambda t, x, y: t.fit(x, y[:-1]), "different numbers of examples: x 400, y 399"),
     (lambda t, x, y: t.fit(x, y, class_weight={0: 1.0, 1: 2.0}, sample_weight=np.ones(400)), "cannot be given together"),
-    (lambda t, x, y: t.fit(x, y, class_weight={0: 1.0, 2: 2.0}), "no weight for the classes [1]"),
+    (lambda t, x, y: t.fit(x, y, class_weight={0: -1.0}), "a finite weight >= 0"),
+    (lambda t, x, y: t.fit(x, {"val": (x, y), "ood": (x, y)}), "this one is a dict of eval sets"),
+    (lambda t, x, y: t.fit(x, y={"o": y}, class_weight={0: 2.0}), "class_weight is for a model with one output"),
+    (lambda t, x, y: t.fit(x, eval_data=(x, y)), "eval_data= would be read as labels"),
+    (lambda t, x, y: t.fit(x, y, initial_epoch=2), "initial_epoch (use Trainer(run_dir=...)"),
+    (lambda t, x, y: t.fit(x, y, shuffle="batch"), "give True or False"),
     (lambda t, x, y: t.fit(x, y, validation_split=0.2, validation_data=(x, y)), "not both"),
     (lambda t, x, y: t.fit(x, y, validation_split=1.5), "must be in (0, 1)"),
     (lambda t, x, y: t.fit(x, y, validation_data=(x, y[:3])), "validation_data x 400, validation_data y 3"),
@@ -110,19 +115,87 @@ def test_bad_array_input_is_a_user_error_that_says_the_fix(call, message):
     assert message in str(error.value)
 
 
+def test_class_weight_weighs_the_training_part_of_a_validation_split_only():
+    """As Keras: the split comes first. With the learning rate 0 the logged eval loss is the unweighted loss
+    of the last 80 examples; the training part is weighted as sample weights on the first 320 would be."""
+    x, y = blobs()
+    frozen = make(optimizer=lambda: keras.optimizers.SGD(0.0))
+    logs = frozen.fit(x, y, batch_size=32, epochs=1, validation_split=0.2, class_weight={0: 1.0, 1: 10.0})
+    held = frozen.evaluate(tf.data.Dataset.from_tensor_slices((x[320:].astype("float32"), y[320:])).batch(32))
+    assert logs["loss"] == pytest.approx(held["loss"], rel=1e-5) and logs["accuracy"] == pytest.approx(held["accuracy"])
+    by_class, by_sample = make(seed=2), make(seed=2)
+    by_class.fit(x, y, batch_size=32, steps=6, validation_split=0.2, class_weight={0: 1.0, 1: 10.0})
+    by_sample.fit(x[:320], y[:320], batch_size=32, steps=6, sample_weight=np.where(y[:320] == 1, 10.0, 1.0))
+    assert by_class.weights_fingerprint() == by_sample.weights_fingerprint()
+
+
+def test_a_class_the_dict_leaves_out_weighs_one_as_in_keras():
+    """{1: 3.0} is {0: 1.0, 1: 3.0}; {0: 2.0} leaves label 1 (above the largest key) at 1.0, on arrays and tf.data."""
+    x, y = blobs()
+    runs = {}
+    for name, kwargs in (("partial", {"class_weight": {1: 3.0}}), ("full", {"class_weight": {0: 1.0, 1: 3.0}}),
+                         ("above", {"class_weight": {0: 2.0}}), ("sample", {"sample_weight": np.where(y == 0, 2.0, 1.0)})):
+        trainer = make(seed=1)
+        trainer.fit(x, y, batch_size=32, steps=3, **kwargs)
+        runs[name] = trainer.weights_fingerprint()
+    assert runs["partial"] == runs["full"] and runs["above"] == runs["sample"] != runs["full"]
+    on_tf_data = make(seed=1)
+    on_tf_data.fit(tf.data.Dataset.from_tensor_slices((x.astype("float32"), y)).batch(32), steps=3, class_weight={0: 2.0})
+    assert on_tf_data.evaluate(tf.data.Dataset.from_tensor_slices((x.astype("float32"), y)).batch(32))["loss"] > 0
+
+
+def test_a_dataset_as_validation_data_and_keras_shuffle_and_validation_batch_size():
+    x, y = blobs()
+    val = tf.data.Dataset.from_tensor_slices((x[:64].astype("float32"), y[:64])).batch(16)
+    trainer = make()
+    logs = trainer.fit(x, y, batch_size=32, steps=3, validation_data=val)
+    assert logs["loss"] == pytest.approx(trainer.evaluate(val)["loss"], rel=1e-5)
+    in_order, from_ds = make(seed=1), make(seed=1)
+    in_order.fit(x, y, batch_size=32, steps=6, shuffle=False, validation_split=0.2, validation_batch_size=16)
+    assert in_order.eval_batches == 5  # the last 80 examples in batches of 16
+    from_ds.fit(tf.data.Dataset.from_tensor_slices((x.astype("float32"), y)).batch(32, drop_remainder=True), steps=6)
+    assert in_order.weights_fingerprint() == from_ds.weights_fingerprint()  # shuffle=False: file order
+
+
+class SquaredOutput(keras.layers.Layer):
+    def call(self, inputs):
+        self.add_loss(keras.ops.mean(keras.ops.square(inputs)))
+        return inputs
+
+
+def two_inputs(add_loss=False):
+    a, b = keras.Input((4,)), keras.Input((3,))
+    out = keras.layers.Dense(2)(keras.layers.Concatenate()([a, b]))
+    return keras.Model([a, b], SquaredOutput()(out) if add_loss else out)
+
+
+def test_several_inputs_as_a_list_or_a_tuple_and_unlabelled_arrays_as_in_keras():
+    """A list x is several inputs (not stacked into one tensor); a tuple x without y is features, not (x, y);
+    validation_split works without labels (a model with add_loss); x= and y= as keywords."""
+    x, y = blobs()
+    second = np.random.default_rng(1).normal(size=(400, 3))
+    labelled = Trainer(model=two_inputs, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                       optimizer=keras.optimizers.SGD, progress_bar=False)
+    assert labelled.fit([x, second], y, batch_size=32, steps=2, validation_split=0.2)["split"] == "eval"
+    assert labelled.fit(x=[x, second], y=y, batch_size=32, steps=4)["step"] == 4
+    unlabelled = Trainer(model=lambda: two_inputs(add_loss=True), optimizer=keras.optimizers.SGD, progress_bar=False)
+    logs = unlabelled.fit((x, second), batch_size=32, steps=2, validation_split=0.25)
+    assert logs["split"] == "eval" and logs["loss"] > 0 and unlabelled.eval_batches == 4
+
+
 def test_class_weight_from_the_cli(tmp_path, tiny):
     """data.class_weight weighs the training loss: all ones trains as no weights, a weighted class otherwise;
-    a class with no weight exits 2 with the fix."""
+    a negative weight exits 2 with the fix."""
     from conftest import run_cli
 
     ones = ",".join(f"{c}:1.0" for c in range(10))
     fingerprints = {}
     for name, extra in (("none", []), ("ones", [f"data.class_weight={{{ones}}}"]),
-                        ("weighted", [f"data.class_weight={{{ones[:-3]}5.0}}"]), ("missing", ["data.class_weight={0:1.0,2:1.0}"])):
+                        ("weighted", [f"data.class_weight={{{ones[:-3]}5.0}}"]), ("negative", ["data.class_weight={0:-1.0}"])):
         result = run_cli(*tiny, "trainer.max_steps=6", "trainer.log_every=3", *extra, f"hydra.run.dir={tmp_path / name}")
         output = result.stdout + result.stderr
-        if name == "missing":
-            assert result.returncode == 2 and "no weight for the classes [1]" in output
+        if name == "negative":
+            assert result.returncode == 2 and "a finite weight >= 0" in output
             continue
         assert result.returncode == 0, output[-3000:]
         fingerprints[name] = output.split("Weights fingerprint: ")[1].split()[0]

@@ -39,7 +39,15 @@ def _as_array(value: Any) -> np.ndarray:
 
 
 def as_arrays(data: Any) -> Any:
-    return tf.nest.map_structure(_as_array, data)
+    """Arrays of Keras' floatx. A list of arrays (or of dicts/tuples) is several inputs, as in Keras: made a
+    tuple, since tf.data would stack a list into one tensor; a list of numbers (or of lists) is one array."""
+    if isinstance(data, list) and any(isinstance(v, (dict, tuple)) or getattr(v, "ndim", 0) for v in data):
+        return tuple(as_arrays(v) for v in data)
+    if isinstance(data, dict):
+        return {k: as_arrays(v) for k, v in data.items()}
+    if isinstance(data, tuple):
+        return tuple(as_arrays(v) for v in data)
+    return _as_array(data)
 
 
 def length(parts: Mapping[str, Any]) -> int:
@@ -57,19 +65,15 @@ def length(parts: Mapping[str, Any]) -> int:
 
 
 def weight_table(class_weight: Mapping) -> np.ndarray:
-    """class -> weight as a vector over classes 0..max; a key missing in between is a DataError (as in Keras)."""
+    """class -> weight as a vector over classes 0..max; a class not in the dict weighs 1.0 (as in Keras)."""
     try:
         weights = {int(k): float(v) for k, v in class_weight.items()}
     except (TypeError, ValueError, AttributeError):
         raise DataError(f"class_weight={class_weight!r} is not a dict of class index -> weight. Fix: e.g. "
                         "class_weight={0: 1.0, 1: 2.0}.") from None
     if not weights or min(weights) < 0 or any(not math.isfinite(w) or w < 0 for w in weights.values()):
-        raise DataError(f"class_weight={class_weight!r}: give each class 0..N-1 a finite weight >= 0.")
-    missing = sorted(set(range(max(weights) + 1)) - set(weights))
-    if missing:
-        raise DataError(f"class_weight={class_weight!r} has no weight for the classes {missing}. Fix: give every class "
-                        f"0..{max(weights)} a weight (1.0 leaves one as it is).")
-    return np.array([weights[c] for c in range(max(weights) + 1)], np.float32)
+        raise DataError(f"class_weight={class_weight!r}: give classes (integers >= 0) a finite weight >= 0.")
+    return np.array([weights.get(c, 1.0) for c in range(max(weights) + 1)], np.float32)
 
 
 def _classes(y):
@@ -77,19 +81,18 @@ def _classes(y):
     if isinstance(y, (dict, list, tuple)):
         raise DataError("class_weight is for a model with one output; these labels are a structure. Fix: give "
                         "sample weights instead (the third element of each batch, or sample_weight=).")
+    y = tf.convert_to_tensor(y)
     if y.shape.rank is not None and y.shape.rank >= 2:
         return tf.argmax(y, axis=-1, output_type=tf.int32) if y.shape[-1] != 1 else tf.cast(tf.round(tf.squeeze(y, -1)), tf.int32)
     return tf.cast(tf.round(tf.cast(y, tf.float32)) if y.dtype.is_floating else y, tf.int32)
 
 
 def class_sample_weights(y, table: np.ndarray):
-    """Each example's weight, its class's; a label outside the table stops the step with a message."""
+    """Each example's weight, its class's; a label the dict does not name (above its largest key) weighs 1.0,
+    as in Keras."""
     classes = _classes(y)
-    checks = [tf.debugging.assert_less(classes, len(table), message=f"class_weight has weights for classes "
-                                       f"0..{len(table) - 1}, and a label is larger"),
-              tf.debugging.assert_non_negative(classes, message="class_weight: a label is negative")]
-    with tf.control_dependencies(checks):
-        return tf.gather(tf.constant(table), classes)
+    known = (classes >= 0) & (classes < len(table))
+    return tf.where(known, tf.gather(tf.constant(table), tf.where(known, classes, 0)), 1.0)
 
 
 def _weigh(table: np.ndarray):
@@ -146,45 +149,63 @@ def eval_pipeline(data: Any, batch_size: int, seed: int, what: str) -> DatasetFn
     return classification_pipeline(x, y, sample_weight=weight, global_batch_size=batch_size, seed=seed, training=False)
 
 
+def _labels(y) -> Any:
+    """fit(x, y)'s y as arrays; eval sets given in its place (a Dataset, a dict of (x, y) pairs) are refused."""
+    sets = isinstance(y, dict) and any(isinstance(v, (tuple, list, tf.data.Dataset)) or callable(v) for v in y.values())
+    if sets or not is_array_like(y):
+        raise DataError(f"fit(x, y): with arrays x the second argument is the labels y (as in Keras), and this one is "
+                        f"{'a dict of eval sets' if sets else 'a ' + type(y).__name__}. Fix: give eval data as "
+                        "validation_data=(x_val, y_val), a tf.data.Dataset, or validation_data={name: set, ...}.")
+    return as_arrays(y)
+
+
+def _split(x, y, weight, fraction: float, n: int):
+    """Keras' validation_split: the LAST `fraction` of the examples, unshuffled -> (head, tail) of (x, y, w)."""
+    if not 0 < fraction < 1:
+        raise DataError(f"fit(): validation_split={fraction} must be in (0, 1).")
+    at = int(math.floor(n * (1.0 - fraction)))
+    if at in (0, n):
+        raise DataError(f"fit(): validation_split={fraction} of {n} examples leaves an empty training or "
+                        "validation set. Fix: more examples, or another fraction.")
+    cut = lambda a, part: None if a is None else tf.nest.map_structure(lambda v: v[part], a)  # noqa: E731
+    return tuple(cut(a, slice(None, at)) for a in (x, y, weight)), tuple(cut(a, slice(at, None)) for a in (x, y, weight))
+
+
 def from_arrays(x, y=None, *, batch_size: Optional[int], seed: int, sample_weight=None, class_weight=None,
-                validation_data=None, validation_split: Optional[float] = None) -> ArrayInputs:
-    """Keras' fit(x, y, ...) arguments -> the train DatasetFn (and the eval one, from validation_data or split)."""
+                validation_data=None, validation_split: Optional[float] = None, shuffle: Optional[bool] = None,
+                validation_batch_size: Optional[int] = None) -> ArrayInputs:
+    """Keras' fit(x, y, ...) arguments -> the train DatasetFn (and the eval one, from validation_data or split).
+    As Keras, the split comes first and class weights weigh the training part only."""
     batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
     check_batch_size(batch_size)
-    if y is not None and not is_array_like(y):
-        raise DataError(f"fit(x, y): with arrays x the second argument is the labels y (as in Keras), and this one is a "
-                        f"{type(y).__name__}. Fix: give eval data as validation_data=(x_val, y_val) or a dict of sets.")
-    x, y = as_arrays(x), None if y is None else as_arrays(y)
+    if shuffle is not None and not isinstance(shuffle, (bool, np.bool_)):
+        raise DataError(f"fit(): shuffle={shuffle!r}; give True or False (Keras' 'batch' is not supported).")
+    eval_batch = batch_size if validation_batch_size is None else validation_batch_size
+    check_batch_size(eval_batch)
+    x, y = as_arrays(x), None if y is None else _labels(y)
     weight = None if sample_weight is None else as_arrays(sample_weight)
     n = length({"x": x, "y": y, "sample_weight": weight})
     if y is None and (weight is not None or class_weight):
         raise DataError("fit(): sample_weight and class_weight need the labels y.")
-    if class_weight:
-        if weight is not None:
-            raise DataError("fit(): class_weight and sample_weight cannot be given together (as in Keras). Fix: "
-                            "multiply the class weights into sample_weight, or give one of them.")
-        weight = class_sample_weights(tf.constant(y), weight_table(class_weight)).numpy()
+    if class_weight and weight is not None:
+        raise DataError("fit(): class_weight and sample_weight cannot be given together (as in Keras). Fix: "
+                        "multiply the class weights into sample_weight, or give one of them.")
     eval_fn = None
     if validation_split:
         if validation_data is not None:
             raise DataError("fit(): give validation_data or validation_split, not both (Keras would ignore the split).")
-        if not 0 < validation_split < 1:
-            raise DataError(f"fit(): validation_split={validation_split} must be in (0, 1).")
-        split_at = int(math.floor(n * (1.0 - validation_split)))  # Keras' rule: the last examples, unshuffled
-        if split_at in (0, n):
-            raise DataError(f"fit(): validation_split={validation_split} of {n} examples leaves an empty training or "
-                            "validation set. Fix: more examples, or another fraction.")
-        head = lambda a: None if a is None else tf.nest.map_structure(lambda v: v[:split_at], a)  # noqa: E731
-        tail = lambda a: None if a is None else tf.nest.map_structure(lambda v: v[split_at:], a)  # noqa: E731
-        held = tuple(part for part in (tail(x), tail(y), tail(weight)) if part is not None)
-        eval_fn = eval_pipeline(held, batch_size, seed, "validation_split")
-        x, y, weight, n = head(x), head(y), head(weight), split_at
+        (x, y, weight), (hx, hy, hw) = _split(x, y, weight, validation_split, n)
+        eval_fn = classification_pipeline(hx, hy, sample_weight=hw, global_batch_size=eval_batch, seed=seed, training=False)
+        n = len(tf.nest.flatten(x)[0])
     elif validation_data is not None:
-        eval_fn = eval_pipeline(validation_data, batch_size, seed, "validation_data")
+        eval_fn = eval_set(validation_data, eval_batch, seed, "validation_data")
+    if class_weight:
+        weight = class_sample_weights(y, weight_table(class_weight)).numpy()
     if n < batch_size:
         raise DataError(f"fit(): {n} training examples are fewer than one batch (batch_size={batch_size}), and "
                         "training drops a partial batch. Fix: a smaller batch_size, or more examples.")
-    train = classification_pipeline(x, y, sample_weight=weight, global_batch_size=batch_size, seed=seed, training=True)
+    train = classification_pipeline(x, y, sample_weight=weight, global_batch_size=batch_size, seed=seed, training=True,
+                                    shuffle=shuffle is not False)
     return ArrayInputs(train, eval_fn, n, batch_size)
 
 
@@ -204,16 +225,13 @@ def eval_sets(data: Any, batch_size: int, seed: int) -> Any:
     return eval_set(data, batch_size, seed, "the eval data")
 
 
-def named(eval_data: Any, validation: Optional[Any]) -> Any:
-    """fit()'s eval data and the validation set (from validation_data or _split) as one: the validation
-    set alone, or named "val" beside other named sets."""
+def named(eval_data: Optional[dict], validation: Optional[Any]) -> Any:
+    """fit()'s named eval sets (a dict) and the validation set (from validation_data or _split) as one: the
+    validation set alone, or named "val" beside the named sets."""
     if validation is None:
         return eval_data
     if eval_data is None:
         return validation
-    if not isinstance(eval_data, dict):
-        raise DataError("fit(): both eval data and validation_data/validation_split. Fix: give one, or the "
-                        "eval data as a dict of named sets (the validation set joins them as 'val').")
     if "val" in eval_data:
         raise DataError("fit(): the eval sets already have a 'val', and validation_data/validation_split makes one. "
                         "Fix: rename that set.")
@@ -227,6 +245,38 @@ def kwargs_for_arrays(**given: Dict[str, Any]) -> None:
         raise DataError(f"fit(): {', '.join(used)} apply to NumPy/array input only; the training data is a "
                         "tf.data.Dataset (or a function of an InputContext). Fix: put them in the data set "
                         "(batch it, hold out a split, add sample weights as the third element of each batch).")
+
+
+# Keras fit() keywords that the Trainer takes elsewhere: refused with where, not a TypeError.
+KERAS_ELSEWHERE = {"initial_epoch": "Trainer(run_dir=...) resumes at its newest checkpoint's step",
+                   "validation_steps": "Trainer(eval_steps=...)", "validation_freq": "Trainer(eval_every=...)",
+                   "callbacks": "Trainer(callbacks=[...])", "verbose": "Trainer(verbose=..., progress_bar=...)"}
+
+
+def fit_arguments(train_data, eval_data, keywords: Mapping[str, Any]) -> tuple:
+    """fit()'s (training data, second argument) with Keras' keywords x= and y=. eval_data= with arrays x
+    (where the second argument is y) and Keras' keywords the Trainer takes elsewhere: a UserError saying so."""
+    given = dict(keywords)
+    for name, positional in (("x", train_data), ("y", eval_data)):
+        if name in given and positional is not None:
+            raise TypeError(f"fit() got {name} twice: as an argument and as {name}=")
+    train_data, eval_data = given.pop("x", train_data), given.pop("y", eval_data)
+    if "eval_data" in given:
+        if is_array_like(train_data):
+            raise DataError("fit(x, eval_data=...): with arrays x the second argument is the labels y (as in Keras), "
+                            "so eval_data= would be read as labels. Fix: validation_data=(x_val, y_val), a "
+                            "tf.data.Dataset, or validation_data={name: set, ...}.")
+        if eval_data is not None:
+            raise TypeError("fit() got eval_data twice: as an argument and as eval_data=")
+        eval_data = given.pop("eval_data")
+    elsewhere = [f"{k} (use {KERAS_ELSEWHERE[k]})" for k in given if k in KERAS_ELSEWHERE]
+    if elsewhere:
+        raise DataError(f"fit(): Keras' {', '.join(elsewhere)}: the Trainer takes these elsewhere.")
+    if given:
+        raise TypeError(f"fit() got an unexpected keyword argument {next(iter(given))!r}")
+    if train_data is None:
+        raise TypeError("fit() missing the training data (x, a tf.data.Dataset or a function of an InputContext)")
+    return train_data, eval_data
 
 
 @dataclass
@@ -258,16 +308,17 @@ def fit_inputs(memo: Optional[tuple], seed: int, train_data, eval_data, batch_si
         return memo
     validation = keras_kwargs["validation_data"]
     several = validation if isinstance(validation, dict) else None
+    eval_batch = keras_kwargs["validation_batch_size"] or batch_size or DEFAULT_BATCH_SIZE
     if is_array_like(train_data):  # fit(x, y, ...): the second argument is y, as in Keras
         arrays = from_arrays(train_data, eval_data, batch_size=batch_size, seed=seed,
                              **{**keras_kwargs, "validation_data": None if several is not None else validation})
-        others = eval_sets(several, arrays.batch_size, seed)
+        others = eval_sets(several, eval_batch, seed)
         made = FitInputs(arrays.train, named(others, arrays.eval) if others is not None else arrays.eval,
                          arrays.train_examples, arrays.batch_size)
-    else:
+    else:  # Keras ignores shuffle for a Dataset, and so do we: its order is the Dataset's own
         kwargs_for_arrays(validation_split=keras_kwargs["validation_split"], sample_weight=keras_kwargs["sample_weight"])
         if validation is not None and eval_data is not None:
             raise DataError("fit(): eval data given twice (the second argument and validation_data). Fix: give one.")
         made = FitInputs(with_class_weight(train_data, keras_kwargs["class_weight"]),
-                         eval_sets(validation if eval_data is None else eval_data, batch_size or DEFAULT_BATCH_SIZE, seed))
+                         eval_sets(validation if eval_data is None else eval_data, eval_batch, seed))
     return key, made

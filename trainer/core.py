@@ -23,14 +23,15 @@ import tensorflow as tf
 
 from trainer import debug, ema, evalsets, objects, saved, signals
 from trainer import precision as precision_lib
-from trainer.arrays import fit_inputs
+from trainer.arrays import fit_arguments, fit_inputs
 from trainer.callbacks import (Callback, CallbackList, Checkpointing, DivergenceGuard, NumericalError, XlaChoice,
                                callback_list)
 from trainer.checkpoint import NO_BEST, Checkpointer
 from trainer.compile import XlaMeasurement, XlaPlan, decide_jit_compile, plan_xla
-from trainer.config import ConfigError, PrecisionConfig, TrainerConfig, check_ranges
+from trainer.config import PrecisionConfig, TrainerConfig, check_ranges
 from trainer.console import show_logs_unless_configured
-from trainer.inputs import DataArg, KeptIterator, batches_read_per_step, check_batches_per_step, sample_batch, steps_per_epoch_of, training_iterator
+from trainer.inputs import (DataArg, KeptIterator, batches_read_per_step, check_batches_per_step, sample_batch, steps_per_epoch_of,
+                            total_steps, training_iterator)
 from trainer.loop import Loop, TrainingInterrupted, evaluate
 from trainer.loss_scale import LossScale
 from trainer.memory import memory_logs
@@ -254,42 +255,28 @@ class Trainer(Step):
 
     # -- the loop ---------------------------------------------------------------------------------
 
-    @staticmethod
-    def total_steps(steps: Optional[int], epochs: Optional[float], steps_per_epoch: Optional[int]) -> int:
-        candidates = []
-        if steps:
-            candidates.append(int(steps))
-        if epochs:
-            if steps_per_epoch is None:
-                raise ConfigError("trainer.epochs needs a training set of known size; set trainer.max_steps")
-            if steps_per_epoch < 1:
-                raise ConfigError("trainer.epochs: an epoch of this training set is shorter than one step "
-                                  "(data.batch_size x trainer.grad_accum_steps or batches_per_step examples); lower them or set trainer.max_steps")
-            if epochs * steps_per_epoch < 1:  # Lightning's rule for a limit_train_batches fraction under one batch
-                raise ConfigError(f"trainer.epochs={epochs} is {epochs * steps_per_epoch:.3g} of a step (an epoch is "
-                                  f"{steps_per_epoch} steps). Fix: at least trainer.epochs={1 / steps_per_epoch:.3g} (one step), "
-                                  "or set trainer.max_steps.")
-            candidates.append(int(math.ceil(epochs * steps_per_epoch)))
-        if not candidates:
-            raise ConfigError("say how long to train: trainer.max_steps or trainer.epochs (fit(steps=...))")
-        return min(candidates)
+    total_steps = staticmethod(total_steps)  # inputs.total_steps: the CLI reads it before a Trainer exists
 
-    def fit(self, train_data: DataArg, eval_data: Optional[DataArg] = None, *, steps: Optional[int] = None,
+    def fit(self, train_data: Optional[DataArg] = None, eval_data: Optional[DataArg] = None, /, *, steps: Optional[int] = None,
             epochs: Optional[float] = None, steps_per_epoch: Optional[int] = None, batch_size: Optional[int] = None,
             validation_data=None, validation_split: Optional[float] = None, class_weight: Optional[Mapping] = None,
-            sample_weight=None) -> Dict[str, float]:
+            sample_weight=None, shuffle: Optional[bool] = None, validation_batch_size: Optional[int] = None,
+            **keywords) -> Dict[str, float]:
         """Trains until `steps` (or `epochs`) and returns the final eval logs (or the last train logs).
 
         `train_data`: a tf.data.Dataset, an InputContext -> Dataset function, or arrays x: then the second argument
-        is y, as in Keras' fit(x, y, ...) (trainer/arrays.py). `eval_data` (`validation_data`): one set, or a dict
-        name -> set, logged as `<name>/<metric>` (evalsets.py). Resumes from `run_dir/checkpoints` when it holds
-        checkpoints and `config.resume` is true. `steps_per_epoch`: by default, batches // the batches a step reads.
+        is y, as in Keras' fit(x, y, ...) (trainer/arrays.py; `x=`, `y=` and `eval_data=` as keywords too). `eval_data`
+        (`validation_data`): one set, or a dict name -> set, logged as `<name>/<metric>` (evalsets.py). Resumes from
+        `run_dir/checkpoints` when it holds checkpoints and `config.resume` is true. `steps_per_epoch`: by default,
+        batches // the batches a step reads.
         """
         check_ranges(TrainerConfig, {"max_steps": steps, "epochs": epochs}, "trainer")  # fit()'s own
         show_logs_unless_configured(self.config.verbose)
+        train_data, eval_data = fit_arguments(train_data, eval_data, keywords)
         self._fit_inputs = fit_inputs(self._fit_inputs, self.seed, train_data, eval_data, batch_size,
                                       validation_data=validation_data, validation_split=validation_split,
-                                      class_weight=class_weight, sample_weight=sample_weight)
+                                      class_weight=class_weight, sample_weight=sample_weight, shuffle=shuffle,
+                                      validation_batch_size=validation_batch_size)
         made, per_step = self._fit_inputs[1], batches_read_per_step(self.config)
         with run_folder_lock(self.run_dir, hold=self.is_chief) if self.run_dir is not None else contextlib.nullcontext():
             return self._fit(made.train, made.eval, steps, epochs, made.steps_per_epoch(steps_per_epoch, per_step),

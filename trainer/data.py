@@ -167,17 +167,21 @@ def classification_pipeline(
     deterministic: bool = True,
     preprocess: Optional[Callable] = None,
     sample_weight=None,
+    shuffle: bool = True,
 ) -> DatasetFn:
     """In-memory arrays -> a DatasetFn: shard, cache, shuffle (seeded), map, batch, repeat, prefetch.
     Batches are (features, labels), (features, labels, sample_weight), or features alone (labels None).
+    `shuffle=False`: training batches in file order (Keras' fit(shuffle=False)).
 
     Its `unshuffled` attribute makes the same batches in file order: a first batch of the right shapes
     without filling the full-size shuffle buffer (60,000 examples for Fashion-MNIST, ~0.6 CPU-s)."""
 
-    def make(ctx: Optional[tf.distribute.InputContext] = None, shuffle: bool = training) -> tf.data.Dataset:
+    def make(ctx: Optional[tf.distribute.InputContext] = None, shuffle: bool = training and shuffle) -> tf.data.Dataset:
         batch = per_replica_batch_size(global_batch_size, ctx)
         parts = tuple(p for p in (features, labels, sample_weight) if p is not None)
-        ds = tf.data.Dataset.from_tensor_slices(parts if len(parts) > 1 else features)
+        # Features alone that are a tuple (several inputs) go in a 1-tuple, as Keras packs them: else a batch
+        # (a, b) would read as (x, y).
+        ds = tf.data.Dataset.from_tensor_slices(parts if len(parts) > 1 or isinstance(features, tuple) else features)
         if ctx is not None and ctx.num_input_pipelines > 1:
             ds = ds.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
         ds = ds.cache()
