@@ -129,6 +129,15 @@ def test_eval_sets_from_the_cli(tmp_path, tiny):
     assert bad.returncode == 2 and "did you mean 'ood/accuracy'" in bad.stdout + bad.stderr
 
 
+@pytest.mark.parametrize("override, message", [
+    ("+eval_sets.ood.pth=ood.npz", "Key 'pth' not in"), ("+eval_sets.ood=foo", "eval_sets.ood=foo: an eval set is the data.* keys"),
+    ("+eval_sets.ood.batch_size=abc", "'abc' of type 'str'")])
+def test_a_bad_eval_set_exits_2_naming_the_data_keys_before_building(tmp_path, tiny, override, message):
+    result = run_cli(*tiny, override, f"hydra.run.dir={tmp_path}")
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and message in output and "with a key of data: name, path, batch_size" in output
+    assert "Traceback" not in output and "parameters (" not in output  # nothing built
+
 
 def test_a_sweep_may_rank_a_named_set():
     """trainer.sweep_metric=ood/accuracy is checked against the names the eval sets log, before any job."""
@@ -141,5 +150,19 @@ def test_a_sweep_may_rank_a_named_set():
                                  "eval_sets": {"ood": {"path": "ood.npz"}}})
 
     check_sweep_metric(config("ood/accuracy"))
-    with pytest.raises(UserError, match="its eval logs hold val/loss, val/accuracy, ood/loss, ood/accuracy"):
-        check_sweep_metric(config("accuracy"))
+    check_sweep_metric(config("accuracy"))  # the first set's, as trainer.best_metric reads it
+    with pytest.raises(UserError, match="its eval logs hold loss, accuracy, val/loss, val/accuracy, ood/loss, ood/accuracy"):
+        check_sweep_metric(config("ood/acc"))
+
+
+def test_a_bare_sweep_metric_ranks_the_first_set_the_run_logged(caplog):
+    """`val` is there only when the recipe has an eval split: the first set is whichever the logs hold first."""
+    from omegaconf import OmegaConf
+
+    from trainer.sweep import job_value
+
+    trainer_cfg = OmegaConf.create({"sweep_metric": "accuracy"})
+    with caplog.at_level(logging.INFO, logger="trainer.core"):
+        assert job_value({"step": 5, "val/accuracy": 0.7, "ood/accuracy": 0.2}, trainer_cfg) == (0.7, None)
+        assert job_value({"step": 5, "ood/accuracy": 0.2, "far/accuracy": 0.1}, trainer_cfg) == (0.2, None)
+    assert "judged on the first, 'ood/accuracy'" in caplog.text

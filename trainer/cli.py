@@ -41,6 +41,7 @@ def run(cfg: DictConfig) -> dict:
 
     say_once_when_log_files_fail()  # a full disk: one line, not a traceback per log line
     check_config(cfg, HydraConfig.get().runtime.choices)  # a single run's was checked before its folder existed
+    check_eval_sets(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     with _job_folder_lock(run_dir, cfg):
         return _run_in(run_dir, cfg)
@@ -111,9 +112,32 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
     )
     trainer.resume_command = resume_command(run_dir)
     trainer.hparams = flatten(OmegaConf.to_container(cfg, resolve=True))  # the loggers' params (MLflow)
-    class_weight = cfg.data.get("class_weight") or None  # config.DataOptions: {} (the default) weighs nothing
+    class_weight = cfg.data.get("class_weight") or None  # config.DataOptions: None (the default) weighs nothing
     return trainer.fit(data.train, eval_data_of(cfg, data), steps_per_epoch=steps_per_epoch, batch_size=data.batch_size,
                        class_weight=None if class_weight is None else OmegaConf.to_container(class_weight))
+
+
+def check_eval_sets(cfg: DictConfig) -> None:
+    """Each of `eval_sets` (name -> the data.* keys that differ) merged into cfg.data as its schema allows
+    (struct mode: no new key, each value of its type), before anything is built: a ConfigError naming the keys."""
+    import copy
+
+    from omegaconf.errors import OmegaConfBaseException
+
+    from trainer.data import FRAMEWORK_KEYS
+
+    for name, keys in (cfg.get("eval_sets") or {}).items():
+        valid = ", ".join(str(k) for k in cfg.data if k not in FRAMEWORK_KEYS and not str(k).startswith("_"))
+        fix = f"Fix: +eval_sets.{name}.<key>=<value> with a key of data: {valid}."
+        if keys is not None and not isinstance(keys, DictConfig):
+            raise ConfigError(f"eval_sets.{name}={keys}: an eval set is the data.* keys that differ, not a value. {fix}")
+        data = copy.deepcopy(cfg.data)  # a copy of the typed node, closed to new keys as cfg.data is
+        OmegaConf.set_struct(data, True)
+        try:
+            OmegaConf.merge(data, keys or {})
+        except OmegaConfBaseException as error:
+            why = str(error).splitlines()[0]
+            raise ConfigError(f"eval_sets.{name}: {why}. {fix}") from None
 
 
 def eval_data_of(cfg: DictConfig, data):

@@ -28,6 +28,8 @@ from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from trainer import evalsets
+
 log = logging.getLogger(__name__)
 CSV_NAME = "sweep_summary.csv"
 CSV_ONLY = ("folder", "command", "best")  # columns too wide for the printed table: the job number finds them
@@ -66,11 +68,12 @@ def sweep_objective(trainer_cfg: Any) -> Tuple[str, str]:
 
 
 def logged_names(config: Any) -> List[str]:
-    """The names a run's final (eval) logs hold: the loss and the config's `metrics` keys; with `eval_sets`,
-    each prefixed by its set, the recipe's own split named `val` (trainer/evalsets.py)."""
+    """The names a sweep may rank: the loss and the config's `metrics` keys; with `eval_sets`, each also
+    prefixed by its set, the recipe's own split named `val` (when it has one; the job's logs tell), a bare
+    name meaning the first set's, as trainer.best_metric reads it (trainer/evalsets.py)."""
     names = ["loss", *(str(name) for name in (config.get("metrics") or {}))]
     sets = list(config.get("eval_sets") or {})
-    return [f"{s}/{n}" for s in ["val", *sets] for n in names] if sets else names
+    return names + [f"{s}/{n}" for s in ["val", *sets] for n in names] if sets else names
 
 
 def check_sweep_metric(config: Any) -> None:
@@ -98,6 +101,9 @@ def sweep_direction(trainer_cfg: Any) -> str:
 def job_value(logs: Dict[str, Any], trainer_cfg: Any) -> Tuple[float, Optional[str]]:
     """The value a job returns to its sweeper, and the error when the final logs lack a finite one."""
     metric = _sweep_metric(trainer_cfg)
+    sets = list(dict.fromkeys(k.partition("/")[0] for k in logs if "/" in k))  # several eval sets, in order
+    if metric not in logs and "/" not in metric and sets and f"{sets[0]}/{metric}" in logs:
+        metric = evalsets.resolve(metric, sets, None, "trainer.sweep_metric")  # the first set's, said in the log
     value = logs.get(metric)
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value), None
