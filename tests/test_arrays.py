@@ -183,6 +183,23 @@ def test_several_inputs_as_a_list_or_a_tuple_and_unlabelled_arrays_as_in_keras()
     assert logs["split"] == "eval" and logs["loss"] > 0 and unlabelled.eval_batches == 4
 
 
+def test_overfit_batches_evaluates_each_named_set_on_the_unweighted_training_batches():
+    """overfit_batches=2 with named eval sets keeps their names (a monitor of `ood/loss` works) and evaluates
+    the first 2 training batches without the class weights (learning rate 0: as a run without them)."""
+    from trainer import EarlyStopping
+
+    x, y = blobs()
+    logs = {}
+    for name, kwargs in (("weighted", {"class_weight": {0: 1.0, 1: 10.0}}), ("plain", {})):
+        trainer = make(overfit_batches=2, seed=1, optimizer=lambda: keras.optimizers.SGD(0.0),
+                       callbacks=[EarlyStopping(monitor="ood/loss", patience=5)])
+        logs[name] = trainer.fit(x, y, batch_size=32, steps=2, validation_split=0.2, validation_data={"ood": blobs(64, 1)},
+                                 **kwargs)
+        assert trainer.eval_batches == 4  # 2 batches of each set
+    assert logs["weighted"]["ood/loss"] == pytest.approx(logs["plain"]["ood/loss"], rel=1e-6)
+    assert logs["weighted"]["val/loss"] == pytest.approx(logs["weighted"]["ood/loss"], rel=1e-6)  # the same batches
+
+
 def test_class_weight_from_the_cli(tmp_path, tiny):
     """data.class_weight weighs the training loss: all ones trains as no weights, a weighted class otherwise;
     a negative weight exits 2 with the fix."""

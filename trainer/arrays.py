@@ -9,6 +9,7 @@ the LAST fraction of the examples, before shuffling; `validation_data` is (x, y)
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional
@@ -116,7 +117,7 @@ def with_class_weight(data, class_weight: Optional[Mapping]):
         return data
     weigh = _weigh(weight_table(class_weight))
     if isinstance(data, tf.data.Dataset):
-        return data.map(weigh, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return unweighted_as(data.map(weigh, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True), data)
 
     def fn(ctx, **kwargs):
         return data(ctx, **kwargs).map(weigh, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -126,7 +127,19 @@ def with_class_weight(data, class_weight: Optional[Mapping]):
             setattr(fn, attribute, getattr(data, attribute))
     if hasattr(data, "unshuffled"):
         fn.unshuffled = with_class_weight(data.unshuffled, class_weight)
-    return fn
+    return unweighted_as(fn, data)
+
+
+def unweighted_as(weighted, unweighted):
+    """`weighted` (class-weighted training data) knowing its batches without the class weights, in the same
+    order: what overfit_batches evaluates on (debug.plan_fit), since class weights weigh training only."""
+    weighted.without_class_weight = unweighted
+    return weighted
+
+
+def without_class_weight(data):
+    """Training data as evaluation may read it: without the class weights fit() added (see unweighted_as)."""
+    return getattr(data, "without_class_weight", data)
 
 
 @dataclass
@@ -204,8 +217,9 @@ def from_arrays(x, y=None, *, batch_size: Optional[int], seed: int, sample_weigh
     if n < batch_size:
         raise DataError(f"fit(): {n} training examples are fewer than one batch (batch_size={batch_size}), and "
                         "training drops a partial batch. Fix: a smaller batch_size, or more examples.")
-    train = classification_pipeline(x, y, sample_weight=weight, global_batch_size=batch_size, seed=seed, training=True,
-                                    shuffle=shuffle is not False)
+    pipeline = functools.partial(classification_pipeline, x, y, global_batch_size=batch_size, seed=seed, training=True,
+                                 shuffle=shuffle is not False)
+    train = unweighted_as(pipeline(sample_weight=weight), pipeline()) if class_weight else pipeline(sample_weight=weight)
     return ArrayInputs(train, eval_fn, n, batch_size)
 
 

@@ -9,6 +9,7 @@ from typing import Mapping, Optional, Tuple
 
 import tensorflow as tf
 
+from trainer.arrays import without_class_weight
 from trainer.config import ConfigError
 from trainer.inputs import DataArg, batches_read_per_step
 
@@ -90,9 +91,11 @@ def plan_fit(trainer, train_data: DataArg, eval_data: Optional[DataArg], total: 
         raise ConfigError("trainer.profile_steps writes its trace under the run folder's tensorboard/: give "
                           "Trainer(run_dir=...) (the CLI always has one), or drop profile_steps.")
     if cfg.overfit_batches:
-        train_data = first_batches(train_data, cfg.overfit_batches)  # distribute() repeats it
+        source, train_data = train_data, first_batches(train_data, cfg.overfit_batches)  # distribute() repeats it
         if eval_data is not None:  # as Lightning first did: the loss there should go near 0 as well
-            eval_data = train_data
+            unweighted = without_class_weight(source)  # the same batches; class weights weigh training only
+            same = train_data if unweighted is source else first_batches(unweighted, cfg.overfit_batches)
+            eval_data = {name: same for name in eval_data} if isinstance(eval_data, dict) else same  # names kept
         log.info("overfit_batches=%d: training on the same %d training batches over and over%s; the loss should "
                  "go near 0 (if it does not, the model, loss or data pipeline has a bug); an epoch is these batches", cfg.overfit_batches,
                  cfg.overfit_batches, ", and evaluating on them" if eval_data is not None else "")

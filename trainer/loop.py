@@ -278,18 +278,17 @@ def evaluate(trainer, eval_data, *, steps: Optional[int], step: int, callbacks=N
     return logs
 
 
-
 def evaluate_sets(trainer, eval_sets, *, steps, step: int, callbacks=None) -> Dict[str, Any]:
     """Each named eval set in turn (`steps`: one limit for all, or name -> limit), as one eval event: one
     on_eval_begin/on_eval_end around them, with the results merged as `<name>/<metric>` (evalsets.py)."""
     t = trainer
     if callbacks is not None:
         callbacks.on_eval_begin(t, step)
-    results, read = {}, {}
+    results, read = {}, 0
     for name, data in eval_sets.items():
         results[name] = evaluate(t, data, steps=steps.get(name) if isinstance(steps, dict) else steps, step=step)
-        read[name] = t.eval_batches
-    t.eval_batches, t.eval_batches_by_set = sum(read.values()), read
+        read += t.eval_batches
+    t.eval_batches = read  # all sets' batches (python -m trainer.evaluate records it)
     logs = evalsets.merged(results, step)
     if callbacks is not None:
         callbacks.on_eval_end(t, step, logs)
