@@ -4,8 +4,9 @@ In-memory arrays become the same tf.data pipeline the recipes use (data.classifi
 full-size shuffle seeded by the Trainer's seed, reshuffled each epoch, the partial last batch dropped in
 training (equal batches on every replica) and kept in evaluation. The stream is a function of the seed,
 so a resumed run skips to the same batches as an uninterrupted one. As in Keras: `validation_split` takes
-the LAST fraction of the examples, before shuffling; `validation_data` is (x, y) or (x, y, sample_weight);
-`class_weight` and `sample_weight` are not given together; class weights weigh the training loss only.
+the LAST fraction of the examples, before shuffling and before class weights; `validation_data` is (x, y),
+(x, y, sample_weight) or a Dataset; `class_weight` and `sample_weight` are not given together; class weights
+weigh the training loss only, a class the dict leaves out weighing 1.0; a list of arrays is several inputs.
 """
 from __future__ import annotations
 
