@@ -249,3 +249,13 @@ def test_class_weights_under_two_replicas_give_keras_weighted_mean(tmp_path):
     for replicas in ("1", "2"):
         logged, expected = out[replicas]
         assert logged == pytest.approx(expected, rel=1e-5)
+
+
+def test_train_data_and_eval_data_still_work_as_keywords():
+    """fit(train_data=ds, eval_data=ds), as before fit took arrays."""
+    x, y = blobs(96)
+    data = tf.data.Dataset.from_tensor_slices((x.astype("float32"), y)).batch(32)
+    logs = make().fit(train_data=data.repeat(), eval_data=data, steps=2)
+    assert logs["step"] == 2 and logs["split"] == "eval"
+    with pytest.raises(TypeError, match="train_data twice"):
+        make().fit(data, train_data=data, steps=1)

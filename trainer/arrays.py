@@ -272,6 +272,10 @@ def fit_arguments(train_data, eval_data, keywords: Mapping[str, Any]) -> tuple:
     """fit()'s (training data, second argument) with Keras' keywords x= and y=. eval_data= with arrays x
     (where the second argument is y) and Keras' keywords the Trainer takes elsewhere: a UserError saying so."""
     given = dict(keywords)
+    if "train_data" in given:  # fit(train_data=ds), as before fit took arrays
+        if train_data is not None:
+            raise TypeError("fit() got train_data twice: as an argument and as train_data=")
+        train_data = given.pop("train_data")
     for name, positional in (("x", train_data), ("y", eval_data)):
         if name in given and positional is not None:
             raise TypeError(f"fit() got {name} twice: as an argument and as {name}=")
