@@ -27,9 +27,10 @@ from trainer import precision as precision_lib
 from trainer.callbacks import (Callback, CallbackList, Checkpointing, DivergenceGuard, NumericalError, XlaChoice,
                                callback_list)
 from trainer.checkpoint import NO_BEST, Checkpointer
-from trainer.config import ConfigError, PrecisionConfig, TrainerConfig, check_ranges
+from trainer.config import PrecisionConfig, TrainerConfig, check_ranges
 from trainer.console import show_logs_unless_configured
-from trainer.inputs import DataArg, KeptIterator, batches_read_per_step, check_batches_per_step, sample_batch, steps_per_epoch_of, training_iterator
+from trainer.inputs import (DataArg, KeptIterator, batches_read_per_step, check_batches_per_step, sample_batch, steps_per_epoch_of,
+                            total_steps, training_iterator)
 from trainer.loop import Loop, TrainingInterrupted, evaluate
 from trainer.loss_scale import LossScale
 from trainer.memory import memory_logs
@@ -137,7 +138,6 @@ class Trainer(Step):
             }
         self.default_optimizer = next(iter(self.optimizers)) if len(self.optimizers) == 1 else None
         self.loss = objects.per_example_loss(loss)
-        # which step functions exist and how they are compiled: trainer/compile.py's, changed only there
         self._step_functions = step_functions.StepFunctions(decide_jit_compile(
             self.config, self.precision, on_cpu=self._on_cpu(), replicas=self.strategy.num_replicas_in_sync))
         self.callbacks = CallbackList(list(callbacks))
@@ -181,8 +181,7 @@ class Trainer(Step):
 
     @property
     def jit_compile(self) -> bool:
-        """Whether the steps are compiled with XLA: trainer.jit_compile resolved at construction (auto's
-        answer for this hardware), or what measuring chose (trainer/compile.py keeps it)."""
+        """Whether the steps compile with XLA: auto resolved at construction, or measured (compile.py's)."""
         return self._step_functions.jit_compile
 
     @property
@@ -261,25 +260,7 @@ class Trainer(Step):
 
     # -- the loop ---------------------------------------------------------------------------------
 
-    @staticmethod
-    def total_steps(steps: Optional[int], epochs: Optional[float], steps_per_epoch: Optional[int]) -> int:
-        candidates = []
-        if steps:
-            candidates.append(int(steps))
-        if epochs:
-            if steps_per_epoch is None:
-                raise ConfigError("trainer.epochs needs a training set of known size; set trainer.max_steps")
-            if steps_per_epoch < 1:
-                raise ConfigError("trainer.epochs: an epoch of this training set is shorter than one step "
-                                  "(data.batch_size x trainer.grad_accum_steps or batches_per_step examples); lower them or set trainer.max_steps")
-            if epochs * steps_per_epoch < 1:  # Lightning's rule for a limit_train_batches fraction under one batch
-                raise ConfigError(f"trainer.epochs={epochs} is {epochs * steps_per_epoch:.3g} of a step (an epoch is "
-                                  f"{steps_per_epoch} steps). Fix: at least trainer.epochs={1 / steps_per_epoch:.3g} (one step), "
-                                  "or set trainer.max_steps.")
-            candidates.append(int(math.ceil(epochs * steps_per_epoch)))
-        if not candidates:
-            raise ConfigError("say how long to train: trainer.max_steps or trainer.epochs (fit(steps=...))")
-        return min(candidates)
+    total_steps = staticmethod(total_steps)  # how long a fit() call trains: trainer/inputs.py
 
     def fit(self, train_data: DataArg, eval_data: Optional[DataArg] = None, *, steps: Optional[int] = None,
             epochs: Optional[float] = None, steps_per_epoch: Optional[int] = None,

@@ -3,6 +3,7 @@ fit() call leaves for the next one on the same data."""
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Callable, Optional, Union
 
 import tensorflow as tf
@@ -118,3 +119,24 @@ def training_iterator(data: DataArg, strategy, start: int, batches_read: int, ke
         log.info("Data: skipping the %d batches the first %d steps trained on, to resume in the same order",
                  batches_read, start)
     return iter(distribute(data, strategy, skip_batches=batches_read))
+
+
+def total_steps(steps: Optional[int], epochs: Optional[float], steps_per_epoch: Optional[int]) -> int:
+    """How many steps a fit() call trains to: the shorter of `steps` and `epochs` x `steps_per_epoch`."""
+    candidates = []
+    if steps:
+        candidates.append(int(steps))
+    if epochs:
+        if steps_per_epoch is None:
+            raise ConfigError("trainer.epochs needs a training set of known size; set trainer.max_steps")
+        if steps_per_epoch < 1:
+            raise ConfigError("trainer.epochs: an epoch of this training set is shorter than one step "
+                              "(data.batch_size x trainer.grad_accum_steps or batches_per_step examples); lower them or set trainer.max_steps")
+        if epochs * steps_per_epoch < 1:  # Lightning's rule for a limit_train_batches fraction under one batch
+            raise ConfigError(f"trainer.epochs={epochs} is {epochs * steps_per_epoch:.3g} of a step (an epoch is "
+                              f"{steps_per_epoch} steps). Fix: at least trainer.epochs={1 / steps_per_epoch:.3g} (one step), "
+                              "or set trainer.max_steps.")
+        candidates.append(int(math.ceil(epochs * steps_per_epoch)))
+    if not candidates:
+        raise ConfigError("say how long to train: trainer.max_steps or trainer.epochs (fit(steps=...))")
+    return min(candidates)
