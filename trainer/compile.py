@@ -168,7 +168,7 @@ def make_train_function(trainer, iterator, jit_compile: Optional[bool] = None) -
     step = trainer.train_step
     if overridden and accum == 1:
         step = per_replica_mean(step, replicas)  # a Keras Loss object's value: the replica's batch mean
-        step = logged_step(trainer, step, iterator, trainer.train_log_trackers, "train_step", batches, several)
+        step = logged_step(trainer, step, iterator, trainer.train_window.step_logs, "train_step", batches, several)
     if plan.whole_step:
         log.info("XLA: the whole train step (forward, backward, update) is compiled (%s)", plan.reason)
         step = wrap_xla(step, replicas)
@@ -223,7 +223,7 @@ def make_eval_function(trainer, iterator) -> Callable:
     step = trainer.test_step
     if type(trainer).test_step is not Step.test_step:
         step = per_replica_mean(step, trainer.strategy.num_replicas_in_sync)
-        step = logged_step(trainer, step, iterator, trainer.eval_log_trackers, "test_step")
+        step = logged_step(trainer, step, iterator, trainer.eval_window.step_logs, "test_step")
     if of(trainer).jit_compile:
         step = wrap_xla(step, trainer.strategy.num_replicas_in_sync)
     traces = of(trainer).traces

@@ -110,16 +110,15 @@ class Trainer(Step):
             if model is not None and self.models.get("model") is model:  # ready-made: built before the Trainer
                 objects.check_ready_made_model(model, self.precision.policy, self.strategy, strategy is not None)
             self.frozen = objects.freeze(frozen, self.models, optimizers)  # docs/research.md, Frozen models
-            self._frozen_builders, self.random_frozen = objects.frozen_builders(models, self.frozen), []
+            self._frozen_builders, self._random_frozen = objects.frozen_builders(models, self.frozen), []
             trained = [n for n in self.models if n not in self.frozen]
             self.optimizers = objects.make_optimizers(optimizer, optimizers, trained, self.strategy)
             self.train_metrics, self.eval_metrics = objects.make_metrics(metrics, remake=strategy is not None)
             self.train_loss = keras.metrics.Mean(name="loss")
             self.eval_loss = keras.metrics.Mean(name="loss")
-            self.train_log_trackers: Dict[str, keras.metrics.Metric] = {}  # an overridden step's logs
-            self.eval_log_trackers: Dict[str, keras.metrics.Metric] = {}
-            self.train_window = Window(self.train_loss, self.train_metrics, self.train_log_trackers)
-            self.eval_window = Window(self.eval_loss, self.eval_metrics, self.eval_log_trackers)
+            # what a log window reports: the loss, the metrics and an overridden step's logs (its step_logs)
+            self.train_window = Window(self.train_loss, self.train_metrics, {})
+            self.eval_window = Window(self.eval_loss, self.eval_metrics, {})
             self._evaluating = False  # self.metrics is the eval metrics while evaluate() runs (and traces)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
             self.rng = tf.random.Generator.from_seed(seed)  # for recipes' augmentation seeds
@@ -220,7 +219,7 @@ class Trainer(Step):
                          f"{model.count_params():,}", f"{trainable:,}", self.precision.policy)
             if self.config.grad_accum_steps > 1:
                 self._make_accumulators()
-            self.random_frozen = objects.random_frozen(self._frozen_builders, self.models, self.config.init_from)
+            self._random_frozen = objects.random_frozen(self._frozen_builders, self.models, self.config.init_from)
         self._built = True
 
     def _build_single_model(self, sample_batch) -> None:
@@ -323,7 +322,7 @@ class Trainer(Step):
                         summary["ema_weights_sha256"] = self.weights_fingerprint()
             self._kept_iterator = KeptIterator(train_data, step, loop.iterator, self.strategy.num_replicas_in_sync)
             callbacks.on_train_end(self, summary)
-        objects.say_random_frozen(self.random_frozen, " (the whole run)")
+        objects.say_random_frozen(self._random_frozen, " (the whole run)")
         return eval_logs or train_logs
 
     def run_steps(self, num_steps: int) -> None:
