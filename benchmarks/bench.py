@@ -6,7 +6,7 @@ same synthetic data with the same global batch and the same optimizer (Adam):
 
   trainer  trainer.Trainer(...).fit(ds, steps=...), its defaults: Keras' Adam arithmetic in TF's fused
            ResourceApplyAdam kernel (trainer/fused.py), and with XLA the forward/backward compiled and
-           the update outside XLA (see trainer/compile.py `plan_xla`)
+           the update outside XLA (see trainer/xla_plan.py `plan_xla`)
   fit      model.compile(jit_compile=..., steps_per_execution=K); model.fit(ds, steps_per_epoch=n)
   hand     the custom training loop of the TensorFlow mixed-precision guide, in Keras 3 APIs:
            tf.function(+XLA) step with GradientTape; for float16 a keras LossScaleOptimizer

@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 
 import bench  # noqa: E402  (its workloads, synthetic data and loss)
 from trainer import Trainer  # noqa: E402
-from trainer.compile import decide_jit_compile  # noqa: E402
+from trainer.xla_plan import decide_jit_compile  # noqa: E402
 from trainer.config import PrecisionConfig, TrainerConfig  # noqa: E402
 from trainer.timing import interleaved_seconds, median_seconds  # noqa: E402
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Where the Trainer's step time goes, on the guide's MLP (784-4096-4096-10, batch 512): the figures
-behind trainer/fused.py and the XLA layout in trainer/compile.py `plan_xla`, side by side in one run.
+behind trainer/fused.py and the XLA layout in trainer/xla_plan.py `plan_xla`, side by side in one run.
 
   update       one Adam update of the MLP's 20M parameters: Keras' ops vs TF's fused kernel
   finite       finite check of the gradients: per-tensor is_finite + global norm vs the norm alone

@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from conftest import read_metrics, run_cli
 from trainer import Callback, NumericalError, PrecisionConfig, Trainer, TrainerConfig
-from trainer.compile import decide_jit_compile
+from trainer.xla_plan import decide_jit_compile
 from trainer.convert import convert_model
 from trainer.loss_scale import LossScale
 from trainer import precision as precision_lib

@@ -197,3 +197,42 @@ def test_step_schedule_boundaries_are_global_steps_with_or_without_warmup(warmup
     assert lr(100) == pytest.approx(0.1) and lr(101) == pytest.approx(0.01) and lr(151) == pytest.approx(0.001)
     if warmup:
         assert lr(0) == pytest.approx(0.1 / warmup) and lr(warmup - 1) == pytest.approx(0.1)
+
+
+def test_the_default_step_and_update_take_one_seam_and_the_step_functions_have_one_owner():
+    """The default step (compute_gradients) and self.update(loss, tape) reach the unscaled gradients the same way
+    (Updater.unscaled_gradients): under a loss scale of 1024 they train the same weights, and an overflowing
+    batch skips and halves the scale in both, read through LossScale.status(). jit_compile is read-only (a
+    Trainer's XLA choice changes only through trainer/compile.py); reset_step_functions() makes the next fit trace."""
+
+    class ViaUpdate(Trainer):
+        def train_step(self, data):
+            x, y = data
+            with tf.GradientTape() as tape:
+                logits = self.model(x, training=True)
+                loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
+            self.update(loss, tape)
+
+    x, y = data(n=128)
+    x[64] = 1e5  # the third batch of 32 overflows float16
+    batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(32, drop_remainder=True)
+    trained = {}
+    for cls in (Trainer, ViaUpdate):
+        t = cls(model=lambda: keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="tanh"),
+                                                keras.layers.Dense(2, dtype="float32")]),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), optimizer=lambda: keras.optimizers.SGD(0.1),
+                seed=0, progress_bar=False, precision=PrecisionConfig(policy="mixed_float16", initial_scale=1024.0),
+                jit_compile=False)
+        t.fit(batches, steps=4)
+        status = t.loss_scale.status()
+        assert (status.scale, status.skipped_steps, status.consecutive_skips) == (512.0, 1, 0), (cls, status)
+        trained[cls] = [w.numpy() for w in t.model.trainable_variables]
+    for a, b in zip(trained[Trainer], trained[ViaUpdate]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    with pytest.raises(AttributeError):
+        t.jit_compile = True
+    assert t.jit_compile is False and t.traces["train"] == 1
+    t.reset_step_functions()
+    t.fit(batches, steps=5)
+    assert t.traces["train"] == 2

@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from trainer.assemble import parts_of, register_configs, schema, strategy_of  # noqa: E402
 from trainer.callbacks import Callback  # noqa: E402
-from trainer.config import ConfigError, PrecisionConfig, TrainerConfig, check_config  # noqa: E402
+from trainer.config import ConfigError, PrecisionConfig, TrainerConfig  # noqa: E402
+from trainer.config_check import check_config  # noqa: E402
 from trainer.errors import EXIT_NUMERICAL, EXIT_USER_ERROR, exit_code_of, find_error, report_error  # noqa: E402
 from trainer.signals import take_signal_the_run_finished_despite  # noqa: E402
 from trainer.sweep import BASIC_SWEEPER, job_value, program, register_resolver, register_sweeper_configs  # noqa: E402

@@ -1,124 +1,102 @@
-"""Compiling the step: where XLA goes (pure decisions, with their reasons), and the train/eval functions.
+"""The step functions: the only place that wraps anything in `tf.function` or XLA, as Keras'
+`make_train_function` is, and their one owner. The step (step.py) stays plain Python that any subclass can
+override. The train function runs `strategy.run(step)` `num_steps` times inside one tf.function (num_steps is
+a tensor: no retrace for a shorter last loop).
 
-The only place that wraps anything in `tf.function` or XLA, as Keras' `make_train_function` is: the
-step (step.py) stays plain Python that any subclass can override. The train function runs
-`strategy.run(step)` `num_steps` times inside one tf.function (num_steps is a tensor: no retrace for a
-shorter last loop).
+A Trainer holds one `StepFunctions`; the functions below are the only code that changes it: which train and
+eval functions exist, the XLA choice they were compiled with (`Trainer.jit_compile`) and each updater's
+`skip_by_select` (from the XLA plan). The decisions themselves are xla_plan.py's; measuring the choice
+(trainer.jit_compile=measure) is xla_measure.py's, which keeps its result here (`keep`).
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 import keras
 import tensorflow as tf
 
-from trainer import precision as precision_lib
-from trainer.config import PrecisionConfig, TrainerConfig
 from trainer.loss_convention import is_replica_share, per_replica_mean
-from trainer.precision import PrecisionError
 from trainer.step import Step
-from trainer.timing import interleaved_seconds, median_seconds, rounds_won
 from trainer.tracing import keras_random_explained, warn_random_state_outside_checkpoint
+from trainer.xla_plan import XlaPlan, decide_jit_compile, plan_xla, wrap_xla  # noqa: F401 - their old home
 
 log = logging.getLogger("trainer.core")
 
 
-def decide_jit_compile(config: TrainerConfig, precision: PrecisionConfig, *, on_cpu: bool, replicas: int) -> bool:
-    """trainer.jit_compile, with None (auto) resolved for this hardware; logs the reason. With "measure",
-    auto's answer until the first loop measures (and for a run too short to measure)."""
-    if config.jit_compile == "measure":
-        if not precision.debug_numerics:
-            log.info("XLA: trainer.jit_compile=measure: the first loop times train steps with XLA on and off "
-                     "and keeps the faster")
-        config = dataclasses.replace(config, jit_compile=None)
-    if precision.debug_numerics:  # its checks (DebugNumericSummaryV2) are ops XLA cannot compile
-        if config.jit_compile:
-            raise PrecisionError("precision.debug_numerics=true cannot run inside XLA: add trainer.jit_compile=false")
-        if config.jit_compile is None:
-            log.info("XLA: off (precision.debug_numerics=true checks every op, which XLA cannot compile)")
-        return False
-    if config.jit_compile is not None:
-        if config.jit_compile and on_cpu and precision.policy == "mixed_bfloat16":
-            precision_lib.advise_xla_bfloat16_on_cpu()
-        return bool(config.jit_compile)
-    if precision.policy == "mixed_float16" and on_cpu:
-        log.info("XLA: on (trainer.jit_compile=null means auto): TensorFlow's float16 kernels are very slow "
-                 "on CPUs, XLA's are not. trainer.jit_compile=false turns it off.")
-        return True
-    if (precision.policy == "mixed_bfloat16" and on_cpu and replicas == 1
-            and precision_lib.xla_bfloat16_is_faster_here()):  # measured on one replica of a 2-core CPU
-        log.info(
-            "XLA: on (trainer.jit_compile=null means auto): on an Intel CPU with AVX-512 BF16 and no AMX, "
-            "TensorFlow's own bfloat16 matmuls are slow and XLA's are not (benchmarks/bench.py, trainer with XLA "
-            "over without: MLP 1.43-1.48x, ResNet 1.17-1.28x, Transformer 1.40-1.45x). "
-            "trainer.jit_compile=false turns it off."
-        )
-        return True
-    return False
-
-
-@dataclasses.dataclass(frozen=True)
-class XlaPlan:
-    """How the train step is compiled. `whole_step`: XLA compiles forward, backward and the update (a
-    non-finite update is undone by a select); otherwise, with `jit_compile`, XLA compiles forward and
-    backward and the all-reduce and update run outside it. `reason` says why, `warnings` what was ignored."""
+@dataclasses.dataclass
+class StepFunctions:
+    """Which step functions a Trainer has and how they were compiled. `jit_compile`: the XLA choice (made at
+    construction, or measured); `train`/`eval`: the traced functions (None until first needed, and after
+    `reset`); `traces`: how many times each was traced (a Python side effect of tracing)."""
 
     jit_compile: bool
-    whole_step: bool
-    reason: str
-    warnings: Tuple[str, ...] = ()
+    train: Optional[Callable] = None
+    eval: Optional[Callable] = None
+    traces: Dict[str, int] = dataclasses.field(default_factory=lambda: {"train": 0, "eval": 0})
 
 
-def plan_xla(config: TrainerConfig, *, jit_compile: bool, on_cpu: bool, replicas: int, custom_step: bool,
-             mean_variable_size: float) -> XlaPlan:
-    """Decides the layout from the settings alone (no state). Auto, measured on a 2-core CPU
-    (`python benchmarks/bench_step.py --only xla_layout`): inside XLA the step of the small ResNet and
-    Transformer is 2-13% faster (no op-by-op updates of dozens of small variables); outside it the
-    MLP's (20M parameters in 6 variables) is 4-10% faster (TF's fused kernels run multi-threaded,
-    XLA:CPU's loops do not keep up)."""
-    one_cluster = replicas == 1 and config.grad_accum_steps == 1  # the all-reduce's merge_call cannot join one
-    if not jit_compile:
-        return XlaPlan(False, False, "XLA off")
-    warnings = []
-    if config.xla_whole_step and not one_cluster:
-        warnings.append("trainer.xla_whole_step=true is ignored with several replicas or grad_accum_steps > 1")
-    if custom_step:
-        if not one_cluster:
-            return XlaPlan(False, False, "an overridden train_step with several replicas runs without XLA",
-                           tuple(warnings + ["XLA: an overridden train_step with several replicas runs without XLA"]))
-        if config.xla_whole_step is False:
-            warnings.append("trainer.xla_whole_step=false is ignored for an overridden train_step (it cannot be split)")
-        return XlaPlan(True, True, "overridden train_step", tuple(warnings))
-    if config.xla_whole_step is not None:
-        whole = bool(config.xla_whole_step) and one_cluster
-        why = "trainer.xla_whole_step" if whole else (
-            "trainer.xla_whole_step=false" if config.xla_whole_step is False else "several replicas or gradient accumulation")
-        return XlaPlan(True, whole, why, tuple(warnings))
-    if not one_cluster:
-        return XlaPlan(True, False, "several replicas or gradient accumulation", tuple(warnings))
-    if on_cpu and mean_variable_size >= 1_000_000:
-        return XlaPlan(True, False, f"auto: on a CPU, variables averaging {mean_variable_size:,.0f} parameters update "
-                       "faster with TF's fused kernels; trainer.xla_whole_step=true compiles the update too", tuple(warnings))
-    return XlaPlan(True, True, "trainer.xla_whole_step", tuple(warnings))
+def of(trainer) -> StepFunctions:
+    """The trainer's step functions (read them here; change them through this module's functions)."""
+    return trainer._step_functions
 
 
-def wrap_xla(fn: Callable, replicas: int) -> Callable:
-    """`fn` compiled with XLA. With several replicas, one compiled function per replica: an XLA
-    cluster lives on one device, and each replica's trace must capture its own variables."""
-    if replicas == 1:
-        return tf.function(fn, jit_compile=True, reduce_retracing=True)
-    compiled = {}
+def plan_of(trainer, jit_compile: Optional[bool] = None) -> XlaPlan:
+    """How the train step is (or would be, with `jit_compile`) compiled, and why: see xla_plan.plan_xla."""
+    sizes = [v.shape.num_elements() for m in trainer.models.values() for v in m.trainable_variables]
+    return plan_xla(trainer.config, jit_compile=of(trainer).jit_compile if jit_compile is None else jit_compile,
+                    on_cpu=trainer._on_cpu(), replicas=trainer.strategy.num_replicas_in_sync,
+                    custom_step=type(trainer).train_step is not Step.train_step and trainer.config.grad_accum_steps == 1,
+                    mean_variable_size=sum(sizes) / len(sizes) if sizes else 0.0)
 
-    def per_replica(*args):
-        replica = int(tf.get_static_value(tf.distribute.get_replica_context().replica_id_in_sync_group))
-        if replica not in compiled:
-            compiled[replica] = tf.function(fn, jit_compile=True, reduce_retracing=True)
-        return compiled[replica](*args)
 
-    return per_replica
+def reset(trainer) -> None:
+    """Drops the traced functions: the next loop (and evaluation) traces again."""
+    functions = of(trainer)
+    functions.train = functions.eval = None
+
+
+def choose(trainer, jit_compile: bool) -> None:
+    """Compiles with XLA on or off from now on (a restored measurement): the functions traced otherwise go."""
+    if of(trainer).jit_compile != jit_compile:
+        of(trainer).jit_compile = jit_compile
+        reset(trainer)
+
+
+def keep(trainer, train_function: Callable, jit_compile: bool) -> None:
+    """Keeps `train_function`, made by make_train_function(..., jit_compile) and traced, as the train function
+    (what measuring chose); the eval function is compiled as the choice says."""
+    functions = of(trainer)
+    functions.jit_compile, functions.train, functions.eval = jit_compile, train_function, None
+    _select_skips(trainer, plan_of(trainer).whole_step)  # as the kept function was traced with
+
+
+def _select_skips(trainer, whole_step: bool) -> None:
+    """With the whole step in XLA a non-finite update is undone by a select (update.py); read at trace time."""
+    for updater in trainer.updaters.values():
+        updater.skip_by_select = whole_step
+
+
+def has_train_function(trainer) -> bool:
+    return of(trainer).train is not None
+
+
+def run_train(trainer, iterator, num_steps: int) -> None:
+    """`num_steps` train steps on `iterator` (a distributed training iterator), tracing the train function first
+    when there is none."""
+    functions = of(trainer)
+    if functions.train is None:  # first loop, or reset by a callback
+        functions.train = make_train_function(trainer, iterator)
+    functions.train(iterator, tf.constant(num_steps, tf.int64))
+
+
+def run_eval(trainer, iterator, max_batches: int) -> int:
+    """Up to `max_batches` eval batches from `iterator`; how many there were (fewer at the end)."""
+    functions = of(trainer)
+    if functions.eval is None:
+        functions.eval = make_eval_function(trainer, iterator)
+    return int(functions.eval(iterator, tf.constant(max_batches, tf.int64)))
 
 
 def step_input(iterator, batches_per_step: int, several: bool = False):
@@ -170,9 +148,10 @@ def logged_step(trainer, step: Callable, iterator, trackers: Dict[str, keras.met
     return run
 
 
-def make_train_function(trainer, iterator) -> Callable:
-    """strategy.run(step) × num_steps inside one tf.function; XLA as plan_xla says. `iterator`: the
-    distributed training iterator (an overridden step is traced on it once to learn its logs)."""
+def make_train_function(trainer, iterator, jit_compile: Optional[bool] = None) -> Callable:
+    """strategy.run(step) × num_steps inside one tf.function; XLA as plan_xla says (with the trainer's
+    choice, or `jit_compile`). `iterator`: the distributed training iterator (an overridden step is traced on
+    it once to learn its logs)."""
     accum, batches = trainer.config.grad_accum_steps, trainer.config.batches_per_step
     trainer._wrap_own_compute_loss()  # t.compute_loss = f: as a class's (loss_convention.py)
     overridden = type(trainer).train_step is not Step.train_step
@@ -180,17 +159,16 @@ def make_train_function(trainer, iterator) -> Callable:
     if overridden and accum > 1:
         log.warning("The overridden train_step is not used with grad_accum_steps > 1 (accumulate_step and "
                     "apply_accumulated are)")
-    plan = trainer.plan_xla()
+    plan = plan_of(trainer, jit_compile)
     for warning in plan.warnings:
         log.warning(warning)
-    for updater in trainer.updaters.values():
-        updater.skip_by_select = plan.whole_step
+    _select_skips(trainer, plan.whole_step)
     replicas = trainer.strategy.num_replicas_in_sync
     compute_gradients, accumulate_step = trainer.compute_gradients, trainer.accumulate_step
     step = trainer.train_step
     if overridden and accum == 1:
         step = per_replica_mean(step, replicas)  # a Keras Loss object's value: the replica's batch mean
-        step = logged_step(trainer, step, iterator, trainer.train_log_trackers, "train_step", batches, several)
+        step = logged_step(trainer, step, iterator, trainer.train_window.step_logs, "train_step", batches, several)
     if plan.whole_step:
         log.info("XLA: the whole train step (forward, backward, update) is compiled (%s)", plan.reason)
         step = wrap_xla(step, replicas)
@@ -215,8 +193,10 @@ def make_train_function(trainer, iterator) -> Callable:
             trainer.strategy.run(trainer.apply_accumulated)
         trainer.step.assign_add(1)
 
+    traces = of(trainer).traces
+
     def train_loop(iterator, num_steps):
-        trainer.traces["train"] += 1  # Python side effect: runs once per trace
+        traces["train"] += 1  # Python side effect: runs once per trace
         for _ in tf.range(num_steps):
             one_update(iterator)
         warn_unused_optimizers(trainer)  # the step is traced by now: every update it makes has set in_step
@@ -243,12 +223,13 @@ def make_eval_function(trainer, iterator) -> Callable:
     step = trainer.test_step
     if type(trainer).test_step is not Step.test_step:
         step = per_replica_mean(step, trainer.strategy.num_replicas_in_sync)
-        step = logged_step(trainer, step, iterator, trainer.eval_log_trackers, "test_step")
-    if trainer.jit_compile:
+        step = logged_step(trainer, step, iterator, trainer.eval_window.step_logs, "test_step")
+    if of(trainer).jit_compile:
         step = wrap_xla(step, trainer.strategy.num_replicas_in_sync)
+    traces = of(trainer).traces
 
     def eval_loop(iterator, max_batches):
-        trainer.traces["eval"] += 1
+        traces["eval"] += 1
         n = tf.constant(0, tf.int64)
         while n < max_batches:
             batch = iterator.get_next_as_optional()
@@ -259,148 +240,3 @@ def make_eval_function(trainer, iterator) -> Callable:
         return n
 
     return tf.function(eval_loop)
-
-
-# ---------------------------------------------------------------------------------------------
-# trainer.jit_compile=measure: the run's first loop times its own train function both ways
-# ---------------------------------------------------------------------------------------------
-
-MEASURE_STEPS, MEASURE_ROUNDS, MEASURE_WARMUP = 5, 3, 1  # steps per timed call, timed calls and warm-up calls each way
-# Auto measures on a CPU from this run length: measuring cost 340-480 steps' worth of time when auto was right
-# and saved 17-90% of every step when it was wrong (benchmarks/bench_jit_measure.py, docs/benchmarks.md).
-AUTO_MEASURE_STEPS = 10_000
-
-
-@dataclasses.dataclass(frozen=True)
-class XlaMeasurement:
-    """What measuring found: the median seconds per train step with XLA on and off (each after its
-    compile and warm-up), over `rounds` interleaved rounds of `steps` steps; `on_wins`: the rounds in which
-    XLA on was the faster; `auto`: trainer.jit_compile=null's choice; `steps_taken`: the real train steps
-    run while measuring (warm-up included).
-
-    `jit_compile` leaves auto's choice only when every round says the other is faster: the two calls of a
-    round are adjacent in time, so a burst of load from another process rarely favours the same side in
-    all of them, while one median of a few rounds on a shared machine can (see docs/benchmarks.md)."""
-
-    on_seconds: float
-    off_seconds: float
-    rounds: int
-    steps: int
-    steps_taken: int
-    on_wins: float  # a mean over workers with several: all of them must agree
-    auto: bool
-
-    @property
-    def jit_compile(self) -> bool:
-        if self.on_wins >= self.rounds:
-            return True
-        return False if self.on_wins <= 0 else self.auto
-
-    def describe(self) -> str:
-        choice, verdict = "on" if self.jit_compile else "off", f"XLA on faster in {self.on_wins:g} of {self.rounds} rounds"
-        if 0 < self.on_wins < self.rounds:
-            verdict += ", so auto's choice is kept"
-        return (f"XLA on {1e3 * self.on_seconds:.2f} ms/step, off {1e3 * self.off_seconds:.2f} "
-                f"ms/step (median of {self.rounds} rounds of {self.steps} steps; {verdict}): {choice}")
-
-
-def why_not_measurable(trainer) -> Optional[str]:
-    """Why XLA on and off would not differ (or XLA cannot run) for this trainer; None when they can be timed."""
-    if trainer.precision.debug_numerics:
-        return "precision.debug_numerics=true checks every op, which XLA cannot compile"
-    chosen, trainer.jit_compile = trainer.jit_compile, True
-    try:
-        plan = trainer.plan_xla()
-    finally:
-        trainer.jit_compile = chosen
-    return None if plan.jit_compile else plan.reason
-
-
-def _agreed(strategy, figures: List[float]) -> List[float]:
-    """The figures averaged over the workers, so every worker keeps the same train function (their
-    collectives must match); the same numbers on one worker."""
-    if strategy.num_replicas_in_sync == 1:
-        return figures
-    local = tf.constant(figures, tf.float64)
-    mean = tf.function(lambda: strategy.reduce(tf.distribute.ReduceOp.MEAN, strategy.run(lambda: tf.identity(local)), axis=None))()
-    return [float(v) for v in mean.numpy()]
-
-
-def _run_and_wait(trainer, train_function, iterator, num_steps) -> None:
-    train_function(iterator, num_steps)
-    trainer.step.numpy()  # reading the counter waits for the steps: their time is counted
-
-
-def measure_jit(trainer, iterator, *, steps: int = MEASURE_STEPS, rounds: int = MEASURE_ROUNDS,
-                warmup: int = MEASURE_WARMUP) -> XlaMeasurement:
-    """Times the trainer's own train function with XLA on and off on `iterator` (a distributed training
-    iterator), in interleaved rounds (trainer/timing.py), and keeps the faster (XlaMeasurement.jit_compile)
-    as the trainer's train function and `trainer.jit_compile`; the trainer's `jit_compile` on entry is
-    taken as auto's choice. Every step is a real train step: `trainer.step` advances by
-    `steps_taken`, the iterator by as many steps' batches. ValueError when XLA cannot run here
-    (`why_not_measurable`)."""
-    why = why_not_measurable(trainer)
-    if why:
-        raise ValueError(f"nothing to measure: {why}")
-    auto = trainer.jit_compile  # before measuring: auto's choice (the Trainer made with jit_compile=measure or null)
-    num_steps, functions, calls = tf.constant(steps, tf.int64), {}, {}
-    for name, on in (("on", True), ("off", False)):
-        trainer.jit_compile = on
-        functions[name] = make_train_function(trainer, iterator)
-        calls[name] = functools.partial(_run_and_wait, trainer, functions[name], iterator, num_steps)
-        for _ in range(warmup):  # traced here, while make_train_function's settings (skip_by_select) hold
-            calls[name]()
-    seconds = interleaved_seconds(calls, rounds=rounds, warmup=0)
-    medians = median_seconds(seconds)
-    on_wins = rounds_won(seconds, "on", "off")
-    on, off, on_wins = _agreed(trainer.strategy, [medians["on"] / steps, medians["off"] / steps, float(on_wins)])
-    measured = XlaMeasurement(on, off, rounds, steps, 2 * (warmup + rounds) * steps, on_wins, bool(auto))
-    trainer.jit_compile = measured.jit_compile
-    trainer._train_function = functions["on" if measured.jit_compile else "off"]
-    for updater in trainer.updaters.values():  # as the kept function was traced with
-        updater.skip_by_select = trainer.plan_xla().whole_step
-    trainer._eval_function = None  # compiled as the choice says
-    return measured
-
-
-def measures_in_run(trainer, remaining_steps: int) -> bool:
-    """trainer.jit_compile=measure; or auto (null) for a run of AUTO_MEASURE_STEPS steps or more on a CPU,
-    where auto's float32 and bfloat16 answers are guesses by CPU model (mixed_float16's XLA is ~100x faster
-    there: not worth 20 slow steps). Not auto under trainer.deterministic: a choice made by timing could
-    differ between two runs, and so would their weights."""
-    setting, precision = trainer.config.jit_compile, trainer.precision
-    return setting == "measure" or (setting is None and remaining_steps >= AUTO_MEASURE_STEPS and trainer._on_cpu()
-                                    and precision.policy != "mixed_float16" and not precision.debug_numerics
-                                    and not trainer.config.deterministic)
-
-
-def profiled_while_measuring(trainer, steps_taken: int) -> Optional[str]:
-    """Why not to measure: trainer.profile_steps=[N, M] with N among the steps measuring would take. Its
-    one loop cannot stop at step N-1, and a trace of both compiles and 40 steps is not the one asked for;
-    the profile is kept as asked and the measuring is left out."""
-    profiled, start = trainer.config.profile_steps, int(trainer.step.numpy())
-    if not profiled or trainer.run_dir is None or not start < profiled[0] <= start + steps_taken:
-        return None
-    first, last = profiled
-    return (f"trainer.profile_steps=[{first}, {last}] starts within the {steps_taken} steps measuring takes "
-            f"(steps {start + 1}..{start + steps_taken}), and the trace must hold exactly steps {first}..{last}: not "
-            f"measured. Fix: profile steps after {start + steps_taken} (e.g. trainer.profile_steps="
-            f"[{start + steps_taken + 1},{start + steps_taken + 1 + last - first}]) to measure and trace the choice")
-
-
-def measure_in_run(trainer, iterator, remaining_steps: int) -> Optional[XlaMeasurement]:
-    """The first loop of a run that measures (measures_in_run): measure_jit with calls short enough to fit
-    the run (None, keeping auto's choice, when it cannot measure or is too short)."""
-    why_measure = ("trainer.jit_compile=measure" if trainer.config.jit_compile == "measure" else
-                   f"trainer.jit_compile=null (auto) measures runs of {AUTO_MEASURE_STEPS:,}+ steps on a CPU")
-    calls = 2 * (MEASURE_WARMUP + MEASURE_ROUNDS)
-    steps = min(MEASURE_STEPS, remaining_steps // calls)
-    why = why_not_measurable(trainer) or (None if steps >= 1 else
-                                          f"the run has {remaining_steps} steps left, fewer than the {calls} it takes")
-    why = why or profiled_while_measuring(trainer, calls * steps)
-    if why:
-        log.warning("XLA: %s, but %s; XLA %s (auto)", why_measure, why, "on" if trainer.jit_compile else "off")
-        return None
-    measured = measure_jit(trainer, iterator, steps=steps)
-    log.info("XLA: %s: %s (%d train steps)", why_measure, measured.describe(), measured.steps_taken)
-    return measured

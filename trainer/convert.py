@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from trainer.errors import UserError, report_error
+from trainer.errors import UserError, reports_errors
 
 # Relative error allowed between the float32 model and the converted one, per target compute dtype:
 # float16 keeps 10 mantissa bits, bfloat16 7, so a deep net's outputs drift by about that much.
@@ -185,6 +185,7 @@ def random_inputs(model, batch: int = 8, seed: int = 0):
     return tf.nest.map_structure(one, model.inputs if len(model.inputs) > 1 else model.inputs[0])
 
 
+@reports_errors()
 def main(argv=None) -> int:
     from trainer.quiet import quiet_tensorflow_import
 
@@ -203,26 +204,20 @@ def main(argv=None) -> int:
     from trainer.runs import checkpoint_of, load_trained_model
 
     out = Path(args.out)
-    try:
-        if args.eval_steps is not None and args.eval_steps < 1:
-            raise ConversionError(f"--eval-steps {args.eval_steps}: must be >= 1")
-        model, sample = load_trained_model(args.source)
-        from_run = Path(args.source).suffix != ".keras"
-        if not from_run:
-            sample = random_inputs(model)
-        converted, report = convert_model(model, args.policy, sample, tolerance=args.tolerance)
-        if from_run:  # the recipe's metrics on its eval set, before and after
-            checkpoint = checkpoint_of(args.source)
-            report.inputs = "a batch of the recipe's eval split"
-            report.eval_before = evaluate_run(checkpoint, model=model, policy="float32", steps=args.eval_steps)
-            report.eval_after = evaluate_run(checkpoint, model=converted, policy=args.policy, steps=args.eval_steps)
-        else:
-            report.inputs = "8 seeded random inputs (floats uniform in [0, 1), integers in {0, 1})"
-    except Exception as e:  # noqa: BLE001 - ours (no run, checkpoint, a conversion beyond tolerance), else a bug
-        code = report_error(e)
-        if code is None:
-            raise
-        return code
+    if args.eval_steps is not None and args.eval_steps < 1:
+        raise ConversionError(f"--eval-steps {args.eval_steps}: must be >= 1")
+    model, sample = load_trained_model(args.source)
+    from_run = Path(args.source).suffix != ".keras"
+    if not from_run:
+        sample = random_inputs(model)
+    converted, report = convert_model(model, args.policy, sample, tolerance=args.tolerance)
+    if from_run:  # the recipe's metrics on its eval set, before and after
+        checkpoint = checkpoint_of(args.source)
+        report.inputs = "a batch of the recipe's eval split"
+        report.eval_before = evaluate_run(checkpoint, model=model, policy="float32", steps=args.eval_steps)
+        report.eval_after = evaluate_run(checkpoint, model=converted, policy=args.policy, steps=args.eval_steps)
+    else:
+        report.inputs = "8 seeded random inputs (floats uniform in [0, 1), integers in {0, 1})"
     out.mkdir(parents=True, exist_ok=True)
     converted.save(out / "model.keras")
     (out / "conversion.json").write_text(json.dumps(asdict(report), indent=1))

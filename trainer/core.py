@@ -21,13 +21,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from trainer import compile as step_functions
 from trainer import debug, ema, evalsets, objects, saved, signals
 from trainer import precision as precision_lib
 from trainer.arrays import fit_arguments, fit_inputs
 from trainer.callbacks import (Callback, CallbackList, Checkpointing, DivergenceGuard, NumericalError, XlaChoice,
                                callback_list)
 from trainer.checkpoint import NO_BEST, Checkpointer
-from trainer.compile import XlaMeasurement, XlaPlan, decide_jit_compile, plan_xla
 from trainer.config import PrecisionConfig, TrainerConfig, check_ranges
 from trainer.console import show_logs_unless_configured
 from trainer.inputs import (DataArg, KeptIterator, batches_read_per_step, check_batches_per_step, sample_batch, steps_per_epoch_of,
@@ -39,6 +39,8 @@ from trainer.runlock import run_folder_lock
 from trainer.step import Step
 from trainer.tracking import Window
 from trainer.update import Updater
+from trainer.xla_measure import XlaMeasurement
+from trainer.xla_plan import XlaPlan, decide_jit_compile
 
 log = logging.getLogger(__name__)
 
@@ -109,16 +111,15 @@ class Trainer(Step):
             if model is not None and self.models.get("model") is model:  # ready-made: built before the Trainer
                 objects.check_ready_made_model(model, self.precision.policy, self.strategy, strategy is not None)
             self.frozen = objects.freeze(frozen, self.models, optimizers)  # docs/research.md, Frozen models
-            self._frozen_builders, self.random_frozen = objects.frozen_builders(models, self.frozen), []
+            self._frozen_builders, self._random_frozen = objects.frozen_builders(models, self.frozen), []
             trained = [n for n in self.models if n not in self.frozen]
             self.optimizers = objects.make_optimizers(optimizer, optimizers, trained, self.strategy)
             self.train_metrics, self.eval_metrics = objects.make_metrics(metrics, remake=strategy is not None)
             self.train_loss = keras.metrics.Mean(name="loss")
             self.eval_loss = keras.metrics.Mean(name="loss")
-            self.train_log_trackers: Dict[str, keras.metrics.Metric] = {}  # an overridden step's logs
-            self.eval_log_trackers: Dict[str, keras.metrics.Metric] = {}
-            self.train_window = Window(self.train_loss, self.train_metrics, self.train_log_trackers)
-            self.eval_window = Window(self.eval_loss, self.eval_metrics, self.eval_log_trackers)
+            # what a log window reports: the loss, the metrics and an overridden step's logs (its step_logs)
+            self.train_window = Window(self.train_loss, self.train_metrics, {})
+            self.eval_window = Window(self.eval_loss, self.eval_metrics, {})
             self._evaluating = False  # self.metrics is the eval metrics while evaluate() runs (and traces)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
             self.rng = tf.random.Generator.from_seed(seed)  # for recipes' augmentation seeds
@@ -137,19 +138,18 @@ class Trainer(Step):
             }
         self.default_optimizer = next(iter(self.optimizers)) if len(self.optimizers) == 1 else None
         self.loss = objects.per_example_loss(loss)
-        self.jit_compile = decide_jit_compile(self.config, self.precision, on_cpu=self._on_cpu(),
-                                              replicas=self.strategy.num_replicas_in_sync)
+        self._step_functions = step_functions.StepFunctions(decide_jit_compile(
+            self.config, self.precision, on_cpu=self._on_cpu(), replicas=self.strategy.num_replicas_in_sync))
         self.callbacks = CallbackList(list(callbacks))
         self.checkpointing = Checkpointing()
         self.divergence = DivergenceGuard()  # the run's reference loss and rollbacks, across fit() calls
         self.xla_choice = XlaChoice()  # trainer.jit_compile=measure's figures and choice, across fit() calls
         self.checkpointer: Optional[Checkpointer] = None  # made by the first fit() with a run_dir
         self.callback_list = CallbackList([])  # the current fit() call's, with the built-ins
-        self.traces: Dict[str, int] = {"train": 0, "eval": 0}
-        self._built, self._train_function, self._eval_function = False, None, None
+        self._built = False
         self._accumulators = None
         self._kept_iterator: Optional[KeptIterator] = None
-        self.fit_eval_limit = None  # (eval data, config, batches or None): set by debug.plan_fit
+        self._fit_eval_limit = None  # (eval data, config, batches or None): from debug.plan_fit
         self._fit_inputs, self.eval_set_names = None, None  # fit()'s last arguments made ready; named eval sets
         self.eval_batches: Optional[int] = None  # global batches the last evaluation read
 
@@ -179,6 +179,16 @@ class Trainer(Step):
     @property
     def optimizer(self) -> keras.optimizers.Optimizer:
         return objects.only("optimizer", self.optimizers)
+
+    @property
+    def jit_compile(self) -> bool:
+        """Whether the steps compile with XLA: auto resolved at construction, or measured (compile.py's)."""
+        return self._step_functions.jit_compile
+
+    @property
+    def traces(self) -> Dict[str, int]:
+        """How many times the train and eval functions were traced (a retrace shows here)."""
+        return self._step_functions.traces
 
     @property
     def loss_scale(self) -> LossScale:
@@ -211,7 +221,7 @@ class Trainer(Step):
                          f"{model.count_params():,}", f"{trainable:,}", self.precision.policy)
             if self.config.grad_accum_steps > 1:
                 self._make_accumulators()
-            self.random_frozen = objects.random_frozen(self._frozen_builders, self.models, self.config.init_from)
+            self._random_frozen = objects.random_frozen(self._frozen_builders, self.models, self.config.init_from)
         self._built = True
 
     def _build_single_model(self, sample_batch) -> None:
@@ -237,17 +247,13 @@ class Trainer(Step):
         return self.xla_choice.measurement
 
     def plan_xla(self) -> XlaPlan:
-        """How the train step is (or will be) compiled, and why: see compile.plan_xla."""
-        sizes = [v.shape.num_elements() for m in self.models.values() for v in m.trainable_variables]
-        return plan_xla(self.config, jit_compile=self.jit_compile, on_cpu=self._on_cpu(),
-                        replicas=self.strategy.num_replicas_in_sync,
-                        custom_step=type(self).train_step is not Step.train_step and self.config.grad_accum_steps == 1,
-                        mean_variable_size=sum(sizes) / len(sizes) if sizes else 0.0)
+        """How the train step is (or will be) compiled, and why: see xla_plan.plan_xla."""
+        return step_functions.plan_of(self)
 
     def reset_step_functions(self) -> None:
         """Drops the traced step functions: the next loop traces again (after freezing/unfreezing
         layers or changing grad_multipliers, which are read at trace time)."""
-        self._train_function = self._eval_function = None
+        step_functions.reset(self)
 
     def checkpoint_objects(self) -> Dict[str, Any]:
         """Everything a checkpoint must hold to continue exactly (trainer/saved.py)."""
@@ -255,7 +261,7 @@ class Trainer(Step):
 
     # -- the loop ---------------------------------------------------------------------------------
 
-    total_steps = staticmethod(total_steps)  # inputs.total_steps: the CLI reads it before a Trainer exists
+    total_steps = staticmethod(total_steps)  # how long a fit() call trains: trainer/inputs.py
 
     def fit(self, train_data: Optional[DataArg] = None, eval_data: Optional[DataArg] = None, /, *, steps: Optional[int] = None,
             epochs: Optional[float] = None, steps_per_epoch: Optional[int] = None, batch_size: Optional[int] = None,
@@ -290,7 +296,7 @@ class Trainer(Step):
         self.total = 0 if cfg.fast_dev_run else self.total_steps(  # fast_dev_run: debug.plan_fit says how long
             steps if steps is not None else cfg.max_steps, epochs if epochs is not None else cfg.epochs, steps_per_epoch)
         self.steps_per_epoch = steps_per_epoch
-        train_data, eval_data, self.total = debug.plan_fit(self, train_data, eval_data, self.total)
+        train_data, eval_data, self.total, self._fit_eval_limit = debug.plan_fit(self, train_data, eval_data, self.total)
         kept, self._kept_iterator = self._kept_iterator, None  # kept again only if this call ends normally
         if kept is None or kept.data is not train_data:  # build every variable before restoring and tracing
             sample, self.batch_size = sample_batch(train_data, self.strategy)
@@ -331,7 +337,7 @@ class Trainer(Step):
                         summary["ema_weights_sha256"] = self.weights_fingerprint()
             self._kept_iterator = KeptIterator(train_data, step, loop.iterator, self.strategy.num_replicas_in_sync)
             callbacks.on_train_end(self, summary)
-        objects.say_random_frozen(self.random_frozen, " (the whole run)")
+        objects.say_random_frozen(self._random_frozen, " (the whole run)")
         return eval_logs or train_logs
 
     def run_steps(self, num_steps: int) -> None:
@@ -339,9 +345,9 @@ class Trainer(Step):
         (no logs, evaluation, checkpoints or callbacks): the compiled loop alone, as Orbit's
         `train(num_steps)`. For benchmarks; a later fit() on the same data continues after them."""
         kept = self._kept_iterator
-        if kept is None or kept.iterator is None or self._train_function is None:
+        if kept is None or kept.iterator is None or not step_functions.has_train_function(self):
             raise RuntimeError("Trainer.run_steps continues a fit() call: call fit() first")
-        self._train_function(kept.iterator, tf.constant(num_steps, tf.int64))
+        step_functions.run_train(self, kept.iterator, num_steps)
         kept.step += num_steps
 
     def _reset_train_trackers(self) -> None:
@@ -370,7 +376,7 @@ class Trainer(Step):
         limit_eval_batches, fast_dev_run's few (trainer/debug.py). With an optimizer's use_ema=True, of the
         averaged weights (see ema.py)."""
         if not steps:
-            resolved = self.fit_eval_limit  # fit()'s eval set: its limit, resolved once by debug.plan_fit
+            resolved = self._fit_eval_limit  # fit()'s eval set: its limit, resolved once by debug.plan_fit
             if resolved is not None and resolved[0] is eval_data and resolved[1] is self.config:
                 steps = resolved[2]
             else:
@@ -378,8 +384,9 @@ class Trainer(Step):
         evaluating, self._evaluating = self._evaluating, True
         try:
             with ema.averaged_weights(self):
-                return evaluate(self, eval_data, steps=steps,
-                                step=int(self.step.numpy()) if step is None else step, callbacks=callbacks)
+                logs, self.eval_batches = evaluate(self, eval_data, steps=steps,
+                                                   step=int(self.step.numpy()) if step is None else step, callbacks=callbacks)
+                return logs
         finally:
             self._evaluating = evaluating
 

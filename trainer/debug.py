@@ -84,8 +84,10 @@ def steps_per_epoch(config, steps: Optional[int]) -> Optional[int]:
     return config.overfit_batches // batches_read_per_step(config) if config.overfit_batches else steps
 
 
-def plan_fit(trainer, train_data: DataArg, eval_data: Optional[DataArg], total: int) -> Tuple[DataArg, Optional[DataArg], int]:
-    """What this fit() call trains on, evaluates on and trains to, with the debug modes applied (and said)."""
+def plan_fit(trainer, train_data: DataArg, eval_data: Optional[DataArg],
+             total: int) -> Tuple[DataArg, Optional[DataArg], int, Optional[tuple]]:
+    """What this fit() call trains on, evaluates on and trains to, with the debug modes applied (and said),
+    and its eval limit: (eval data, config, batches or None), None without eval data."""
     cfg, start = trainer.config, int(trainer.step.numpy())
     if cfg.profile_steps and trainer.run_dir is None and not cfg.fast_dev_run:
         raise ConfigError("trainer.profile_steps writes its trace under the run folder's tensorboard/: give "
@@ -101,11 +103,11 @@ def plan_fit(trainer, train_data: DataArg, eval_data: Optional[DataArg], total: 
                  cfg.overfit_batches, ", and evaluating on them" if eval_data is not None else "")
     # The eval limit, resolved once: a fraction of a set tf.data cannot count fails here, before any step,
     # not at the first (with eval_every=0: the final) evaluation; every evaluation of this fit reuses it.
-    trainer.fit_eval_limit = None if eval_data is None else (eval_data, trainer.config, eval_batch_limit(cfg, eval_data, trainer.strategy))
+    eval_limit = None if eval_data is None else (eval_data, trainer.config, eval_batch_limit(cfg, eval_data, trainer.strategy))
     if cfg.fast_dev_run:
         total = start + FAST_DEV_RUN_BATCHES
         evaluated = f" and {FAST_DEV_RUN_BATCHES} eval batches" if eval_data is not None else ""
         log.info("fast_dev_run: %d train steps%s from %s weights, then stop. Nothing is kept: no checkpoints, "
                  "metrics.jsonl, TensorBoard files or profile; no run folder is read or written.", FAST_DEV_RUN_BATCHES,
                  evaluated, "freshly initialized" if start == 0 else "the current")
-    return train_data, eval_data, total
+    return train_data, eval_data, total, eval_limit

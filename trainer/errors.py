@@ -9,8 +9,9 @@ The lowest layer: it imports nothing of the trainer and not TensorFlow.
 """
 from __future__ import annotations
 
+import functools
 import sys
-from typing import Optional, Tuple, Type
+from typing import Callable, Optional, Tuple, Type, Union
 
 EXIT_BUG = 1  # Python's own exit code for an uncaught exception
 EXIT_USER_ERROR = 2
@@ -70,3 +71,25 @@ def report_error(error: BaseException, bad_input: Tuple[Type[BaseException], ...
     code, cause = found
     print(f"{prefix}{cause}", file=sys.stderr)
     return code
+
+
+def reports_errors(bad_input: Union[Tuple[Type[BaseException], ...], Callable[[], tuple]] = (), prefix: str = "error: ",
+                   exits: bool = False) -> Callable:
+    """Decorates a command's `main`: an error of ours (or of `bad_input`: a tuple, or a function giving one
+    when an error is being reported, so a command need not import TensorFlow to name its errors) anywhere in
+    it prints its one line (`report_error`) and `main` returns its exit code, or with `exits` raises
+    SystemExit with it; anything else is a bug and keeps its traceback."""
+    def decorate(main: Callable) -> Callable:
+        @functools.wraps(main)
+        def run(*args, **kwargs):
+            try:
+                return main(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - ours exit with their code and message; a bug is raised again
+                code = report_error(e, bad_input() if callable(bad_input) else bad_input, prefix)
+                if code is None:
+                    raise
+                if exits:
+                    sys.exit(code)
+                return code
+        return run
+    return decorate

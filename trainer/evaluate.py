@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 from trainer.assemble import trainer_for
-from trainer.errors import EXIT_USER_ERROR, report_error  # noqa: F401 - EXIT_USER_ERROR: importable here before
+from trainer.errors import EXIT_USER_ERROR, report_error, reports_errors  # noqa: F401 - EXIT_USER_ERROR: importable here before
 from trainer.runs import (OVERRIDABLE, RunCheckpoint, ServingError, apply_overrides, checkpoint_of, eval_inputs, load_run,
                           resolve_checkpoint)
 
@@ -56,6 +56,7 @@ def evaluate_checkpoint(checkpoint: RunCheckpoint, model=None, policy: str = Non
     return {k: v for k, v in logs.items() if k not in ("step", "split")}, trainer.eval_batches
 
 
+@reports_errors()
 def main(argv: List[str] = None) -> int:
     from trainer.quiet import quiet_tensorflow_import
 
@@ -67,14 +68,8 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument("overrides", nargs="*", help="data.*/trainer.* key=value, e.g. trainer.eval_steps=5")
     args = parser.parse_intermixed_args(argv)  # overrides before or after the options
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        checkpoint = load_run(args.run, args.checkpoint, args.overrides)
-        metrics, batches = evaluate_checkpoint(checkpoint)
-    except Exception as e:  # noqa: BLE001 - ours, or a user error a builder raised (hydra wraps them)
-        code = report_error(e)
-        if code is None:
-            raise
-        return code
+    checkpoint = load_run(args.run, args.checkpoint, args.overrides)
+    metrics, batches = evaluate_checkpoint(checkpoint)
     out = Path(args.out) if args.out else checkpoint.run / "eval" / f"{checkpoint.name}.json"
     record = {"run": str(checkpoint.run), "checkpoint": checkpoint.prefix, "step": checkpoint.step,
               "overrides": list(args.overrides), "eval_steps": batches, "metrics": metrics}

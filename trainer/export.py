@@ -19,12 +19,13 @@ import logging
 import sys
 from pathlib import Path
 
-from trainer.errors import EXIT_NUMERICAL, report_error
+from trainer.errors import EXIT_NUMERICAL, reports_errors
 from trainer.runs import checkpoint_of, eval_inputs, find_run, load_trained_model  # noqa: F401 - find_run: its home before
 
 EXIT_MISMATCH = EXIT_NUMERICAL  # written, but its outputs differ beyond --tolerance (ExportMismatch)
 
 
+@reports_errors()
 def main(argv=None) -> int:
     from trainer.quiet import quiet_tensorflow_import
 
@@ -47,29 +48,23 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     tolerance = args.tolerance
-    try:
-        if (out.is_dir() and any(out.iterdir())) or out.is_file():
-            raise export_formats.ExportError(f"{out} exists and is not empty; choose another --out (nothing was written)")
-        if args.check_batches < 1:
-            raise export_formats.ExportError(f"--check-batches {args.check_batches}: must be >= 1")
-        if tolerance is not None and not tolerance >= 0:  # also NaN
-            raise export_formats.ExportError(f"--tolerance {tolerance}: must be >= 0 (0: outputs must match exactly)")
-        export_formats.check_packages(args.format)  # before any work
-        checkpoint = checkpoint_of(args.source, args.checkpoint)
-        model, sample = checkpoint.load_model()  # names the one loaded, if rotation replaced the newest
-        trained = model  # what every export is compared with: the trained model in float32
-        if args.policy != "float32":
-            model, report = convert_model(model, args.policy, sample)
-            tolerance = tolerance if tolerance is not None else report.tolerance
-            print(f"converted to {args.policy}: relative output error {report.relative_error:.3g}")
-        batches = eval_inputs(checkpoint.cfg, args.check_batches)
-        path = export_formats.write(model, args.format, out)
-        result = export_formats.check(trained, args.format, path, batches, tolerance if tolerance is not None else export_formats.TOLERANCE)
-    except Exception as e:  # noqa: BLE001 - ours: a user error (2) or ExportMismatch (3); else a bug, with its traceback
-        code = report_error(e)
-        if code is None:
-            raise
-        return code
+    if (out.is_dir() and any(out.iterdir())) or out.is_file():
+        raise export_formats.ExportError(f"{out} exists and is not empty; choose another --out (nothing was written)")
+    if args.check_batches < 1:
+        raise export_formats.ExportError(f"--check-batches {args.check_batches}: must be >= 1")
+    if tolerance is not None and not tolerance >= 0:  # also NaN
+        raise export_formats.ExportError(f"--tolerance {tolerance}: must be >= 0 (0: outputs must match exactly)")
+    export_formats.check_packages(args.format)  # before any work
+    checkpoint = checkpoint_of(args.source, args.checkpoint)
+    model, sample = checkpoint.load_model()  # names the one loaded, if rotation replaced the newest
+    trained = model  # what every export is compared with: the trained model in float32
+    if args.policy != "float32":
+        model, report = convert_model(model, args.policy, sample)
+        tolerance = tolerance if tolerance is not None else report.tolerance
+        print(f"converted to {args.policy}: relative output error {report.relative_error:.3g}")
+    batches = eval_inputs(checkpoint.cfg, args.check_batches)
+    path = export_formats.write(model, args.format, out)
+    result = export_formats.check(trained, args.format, path, batches, tolerance if tolerance is not None else export_formats.TOLERANCE)
     print(f"wrote {args.format} {path} ({checkpoint.name}, step {checkpoint.step})")
     print(f"checked: loaded back, {result.examples} eval examples, max abs error {result.max_abs_error:.3g}, "
           f"relative {result.relative_error:.3g} (tolerance {result.tolerance:g})")

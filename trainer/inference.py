@@ -46,7 +46,7 @@ def predict(trainer, data: Any, batch_size: Optional[int] = None):
     import keras
     import tensorflow as tf
 
-    from trainer.compile import wrap_xla
+    from trainer.xla_plan import wrap_xla
     from trainer.data import release_in_background
 
     model, strategy = trainer.model, trainer.strategy

@@ -12,11 +12,12 @@ from typing import Any, Dict, Optional, Tuple
 import tensorflow as tf
 from tensorflow.python.util import deprecation as _tf_deprecation
 
+from trainer import compile as step_functions
 from trainer import evalsets, signals
-from trainer.compile import make_eval_function, make_train_function, measure_in_run, measures_in_run
 from trainer.data import release_in_background
 from trainer.errors import EXIT_BUG, EXIT_SIGNAL, TrainerError
 from trainer.inputs import batches_read_per_step, distribute
+from trainer.xla_measure import measure_first_loop
 
 log = logging.getLogger("trainer.core")
 
@@ -170,17 +171,12 @@ class Loop:
 
     def _train_loop(self, k: int) -> int:
         """Runs k train steps; returns how many ran. The first loop of a run with trainer.jit_compile=measure
-        (or auto, for a long run on a CPU) measures instead (compile.measure_in_run): its steps are real ones, and events (logs, evaluation,
-        checkpoints) that fall inside it wait for its end."""
-        t = self.trainer
-        if t._train_function is None and t.xla_measurement is None and measures_in_run(t, self.total - self.step):
-            measured = measure_in_run(t, self.iterator, self.total - self.step)
-            if measured is not None:
-                t.xla_choice.measured(measured)
-                return measured.steps_taken
-        if t._train_function is None:  # first loop, or reset by a callback
-            t._train_function = make_train_function(t, self.iterator)
-        t._train_function(self.iterator, tf.constant(k, tf.int64))
+        (or auto, for a long run on a CPU) measures instead (xla_measure.py): its steps are real ones, and events
+        (logs, evaluation, checkpoints) that fall inside it wait for its end."""
+        measured = measure_first_loop(self.trainer, self.iterator, self.total - self.step)
+        if measured is not None:
+            return measured
+        step_functions.run_train(self.trainer, self.iterator, k)
         return k
 
     def _finish(self) -> None:
@@ -241,10 +237,10 @@ def how_to_resume(trainer) -> str:
             "(Trainer(run_dir=...) resumes from the newest checkpoint in the folder)")
 
 
-def evaluate(trainer, eval_data, *, steps: Optional[int], step: int, callbacks=None) -> Dict[str, Any]:
+def evaluate(trainer, eval_data, *, steps: Optional[int], step: int, callbacks=None) -> Tuple[Dict[str, Any], int]:
     """The loss and metrics (and an overridden test_step's logs) over the eval set, or `steps` batches of
-    it; with `callbacks` (the loop's evaluations), on_eval_begin and on_eval_end around it. Several named
-    sets (a dict): evaluate_sets."""
+    it, and the global batches read; with `callbacks` (the loop's evaluations), on_eval_begin and on_eval_end
+    around it. Several named sets (a dict): evaluate_sets."""
     if evalsets.names_of(eval_data) is not None:
         return evaluate_sets(trainer, eval_data, steps=steps, step=step, callbacks=callbacks)
     t = trainer
@@ -252,8 +248,6 @@ def evaluate(trainer, eval_data, *, steps: Optional[int], step: int, callbacks=N
     if callbacks is not None:
         callbacks.on_eval_begin(t, step)
     holder = [iter(distribute(eval_data, t.strategy, training=False))]  # its only reference: see the end
-    if t._eval_function is None:
-        t._eval_function = make_eval_function(t, holder[0])
     bar = None
     if t.config.verbose and t.config.progress_bar:  # verbose=False: nothing on the terminal
         from tqdm.auto import tqdm
@@ -262,7 +256,7 @@ def evaluate(trainer, eval_data, *, steps: Optional[int], step: int, callbacks=N
     done, chunk = 0, 25  # batches per call: the bar moves while the loop stays in the graph
     while steps is None or done < steps:
         want = chunk if steps is None else min(chunk, steps - done)
-        n = int(t._eval_function(holder[0], tf.constant(want, tf.int64)))
+        n = step_functions.run_eval(t, holder[0], want)
         done += n
         if bar is not None:
             bar.update(n)
@@ -271,25 +265,24 @@ def evaluate(trainer, eval_data, *, steps: Optional[int], step: int, callbacks=N
     if bar is not None:
         bar.close()
     release_in_background(holder, t.strategy.num_replicas_in_sync)  # its destruction can wait (see data.py)
-    t.eval_batches = done  # what this evaluation read (python -m trainer.evaluate records it)
     logs: Dict[str, Any] = {"step": step, "split": "eval", **t.eval_window.logs()}
     if callbacks is not None:
         callbacks.on_eval_end(t, step, logs)
-    return logs
+    return logs, done  # done: what this evaluation read (python -m trainer.evaluate records it)
 
 
-def evaluate_sets(trainer, eval_sets, *, steps, step: int, callbacks=None) -> Dict[str, Any]:
+def evaluate_sets(trainer, eval_sets, *, steps, step: int, callbacks=None) -> Tuple[Dict[str, Any], int]:
     """Each named eval set in turn (`steps`: one limit for all, or name -> limit), as one eval event: one
-    on_eval_begin/on_eval_end around them, with the results merged as `<name>/<metric>` (evalsets.py)."""
+    on_eval_begin/on_eval_end around them, with the results merged as `<name>/<metric>` (evalsets.py), and
+    all sets' batches read."""
     t = trainer
     if callbacks is not None:
         callbacks.on_eval_begin(t, step)
     results, read = {}, 0
     for name, data in eval_sets.items():
-        results[name] = evaluate(t, data, steps=steps.get(name) if isinstance(steps, dict) else steps, step=step)
-        read += t.eval_batches
-    t.eval_batches = read  # all sets' batches (python -m trainer.evaluate records it)
+        results[name], done = evaluate(t, data, steps=steps.get(name) if isinstance(steps, dict) else steps, step=step)
+        read += done
     logs = evalsets.merged(results, step)
     if callbacks is not None:
         callbacks.on_eval_end(t, step, logs)
-    return logs
+    return logs, read

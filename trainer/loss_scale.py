@@ -8,12 +8,28 @@ never below 1.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import tensorflow as tf
 
 from trainer.config import ConfigError
 from trainer.tracing import framework_code
 
 _FIRST = tf.VariableAggregation.ONLY_FIRST_REPLICA  # every replica computes the same value
+
+
+@dataclasses.dataclass(frozen=True)
+class LossScaleStatus:
+    """A loss scale's state, read once in Python (`LossScale.status()`): what logs, guards and checkpoint
+    restores read instead of its variables. `skipped_steps`: non-finite updates in all; `consecutive_skips`:
+    in a row; `skips_at_floor`: in a row with a dynamic scale already at 1."""
+
+    enabled: bool
+    mode: str
+    scale: float
+    skipped_steps: int
+    consecutive_skips: int
+    skips_at_floor: int
 
 
 class LossScale(tf.Module):
@@ -49,6 +65,15 @@ class LossScale(tf.Module):
     @property
     def enabled(self) -> bool:
         return self.mode != "none"
+
+    def status(self) -> LossScaleStatus:
+        """The scale and the skip counters now (eager: reads the variables)."""
+        return LossScaleStatus(self.enabled, self.mode, float(self.scale.numpy()), int(self.skipped_steps.numpy()),
+                               int(self.consecutive_skips.numpy()), int(self.skips_at_floor.numpy()))
+
+    def set_scale(self, value: float) -> None:
+        """Sets the scale (the configuration's, over a checkpoint's: callbacks/checkpointing.py)."""
+        self.scale.assign(value)
 
     @framework_code
     def scale_loss(self, loss: tf.Tensor) -> tf.Tensor:

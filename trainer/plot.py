@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from trainer.callbacks.progress import HIDDEN
-from trainer.errors import UserError, report_error
+from trainer.errors import UserError, reports_errors
 from trainer.memory import is_memory_field
 from trainer.sweep import differing, recorded_overrides
 
@@ -241,19 +240,14 @@ def save(fig, out: str) -> None:
         raise PlotError(f"cannot write {out}: {e}. Fix: give --out a .png path.") from None
 
 
+@reports_errors(prefix="trainer.plot: ", exits=True)
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m trainer.plot", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders, or multirun folders (their jobs)")
     parser.add_argument("--out", default="runs.png", help="the PNG to write (default: runs.png)")
     args = parser.parse_args(argv)
-    try:
-        runs = load_runs(args.runs)
-        save(draw_runs(runs), args.out)
-    except Exception as e:  # noqa: BLE001 - ours exit with their code and message; a bug keeps its traceback
-        code = report_error(e, prefix="trainer.plot: ")
-        if code is None:
-            raise
-        sys.exit(code)
+    runs = load_runs(args.runs)
+    save(draw_runs(runs), args.out)
     print(f"Wrote {args.out}")
     for line in label_key(runs):
         print(line)

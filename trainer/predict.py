@@ -21,7 +21,7 @@ from typing import Any, Iterable, Iterator, List, Optional
 import numpy as np
 
 from trainer.assemble import trainer_for
-from trainer.errors import report_error
+from trainer.errors import reports_errors
 from trainer.inference import DEFAULT_BATCH_SIZE, as_batched_dataset, in_batches, predict  # noqa: F401 - their home before
 from trainer.runs import ServingError, load_run
 
@@ -133,6 +133,7 @@ def predict_files(run: str, inputs: str, checkpoint: str = "latest", batch_size:
     return list(class_rows(names, outputs, from_logits, labels))
 
 
+@reports_errors(bad_input=lambda: input_errors())  # defined below; read when an error is reported
 def main(argv: List[str] = None) -> int:
     from trainer.quiet import quiet_tensorflow_import
 
@@ -146,17 +147,11 @@ def main(argv: List[str] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.out)
-    try:
-        if out.suffix not in (".csv", ".jsonl"):
-            raise ServingError(f"--out {out}: the file name must end in .csv or .jsonl (it picks the format)")
-        if args.batch_size is not None and args.batch_size < 1:
-            raise ServingError(f"--batch-size {args.batch_size}: must be >= 1")
-        rows = predict_files(args.run, args.input, args.checkpoint, args.batch_size)
-    except Exception as e:  # noqa: BLE001 - ours, or a recipe's reader failing on an input file; else a bug (traceback)
-        code = report_error(e, bad_input=input_errors())
-        if code is None:
-            raise
-        return code
+    if out.suffix not in (".csv", ".jsonl"):
+        raise ServingError(f"--out {out}: the file name must end in .csv or .jsonl (it picks the format)")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ServingError(f"--batch-size {args.batch_size}: must be >= 1")
+    rows = predict_files(args.run, args.input, args.checkpoint, args.batch_size)
     write_rows(rows, out)
     print(f"wrote {len(rows)} predictions to {out}")
     return 0

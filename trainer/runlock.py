@@ -227,7 +227,7 @@ class RunFolderCallback(HydraCallback):
         self.scratch: Optional[str] = None
 
     def _take(self, config: DictConfig, folder: str) -> None:
-        from trainer.config import check_config
+        from trainer.config_check import check_config
 
         try:
             check_config(config, config.hydra.runtime.choices)

@@ -76,15 +76,12 @@ class Step:
         return x, y, sample_weight
 
     def compute_gradients(self, data):
-        """Forward, loss (float32), scaled loss, gradients of the scaled loss, unscaled gradients."""
+        """Forward, loss (float32), unscaled gradients (through the loss scale: Updater.unscaled_gradients)."""
         x, y, sample_weight = self._unpack(data)
-        loss_scale = self.updater().loss_scale
         with tf.GradientTape() as tape:
             y_pred = self.model(x, training=True)
             loss = self.compute_loss(x, y, y_pred, sample_weight)
-            scaled_loss = loss_scale.scale_loss(loss)
-        scaled_grads = tape.gradient(scaled_loss, self.model.trainable_variables)
-        unscaled_grads = loss_scale.unscale(scaled_grads)
+        unscaled_grads = self.updater().unscaled_gradients(tape, loss, self.model.trainable_variables)
         self._update_metrics(self.train_metrics, self.train_loss, loss, y, y_pred, sample_weight)
         return loss, unscaled_grads
 
@@ -153,19 +150,15 @@ class Step:
         share = is_replica_share(loss)  # self.compute_loss's value, 1/replicas of the batch mean: divided already
         if share:
             note_replica_share(replicas)
-        # d(scale * loss / replicas)/dw without recording the product on the tape: the backward pass
-        # starts from scale / replicas instead of 1 (what scaling the loss inside the tape does).
-        divide = 1 if share else replicas
-        seed = updater.loss_scale.scale / divide if updater.loss_scale.enabled else (1.0 / divide if divide > 1 else None)
-        seed = None if seed is None else tf.convert_to_tensor(seed, tf.float32)
-        scaled_grads = tape.gradient(loss, updater.variables(), output_gradients=seed)
-        if scaled_grads and all(g is None for g in scaled_grads):  # Keras would say "No gradients provided for any variable"
+        divide = 1 if share else replicas  # d(loss / replicas)/dw: the gradients of the replica's share
+        unscaled_grads = updater.unscaled_gradients(tape, loss, updater.variables(), divide)
+        if unscaled_grads and all(g is None for g in unscaled_grads):  # Keras would say "No gradients provided for any variable"
             name = updater.name
             raise ValueError(f"Trainer.update(loss, tape, {name!r}): the loss has no gradient for any variable of model "
                              f"{name!r}, so optimizer {name!r} has nothing to apply. Likely cause: the model's forward "
                              "pass ran outside `with tf.GradientTape() as tape:` (or the loss comes from another model, "
                              "or through tf.stop_gradient). Fix: call the model and compute the loss inside the tape.")
-        updater.apply(updater.loss_scale.unscale(scaled_grads), loss / divide)
+        updater.apply(unscaled_grads, loss / divide)
 
     # -- gradient accumulation: K micro-batches per optimizer update --------------------------------
 

@@ -54,6 +54,21 @@ class Updater:
         self.optimizer.build(self.variables())
 
     @framework_code
+    def unscaled_gradients(self, tape: tf.GradientTape, loss, variables, divide: int = 1):
+        """The float32 gradients of `loss` / `divide` with respect to `variables`, from `tape`: the one way
+        from a loss to the gradients an update applies (the default step, `Trainer.update` and gradient
+        accumulation all take it). The backward pass starts from scale / divide instead of 1, which is what
+        multiplying the loss by the loss scale inside the tape does, without recording the product; the
+        gradients are then unscaled once."""
+        loss_scale = self.loss_scale
+        if loss_scale.enabled:
+            seed = loss_scale.scale if divide == 1 else loss_scale.scale / divide
+        else:
+            seed = 1.0 / divide if divide > 1 else None
+        seed = None if seed is None else tf.convert_to_tensor(seed, tf.float32)
+        return loss_scale.unscale(tape.gradient(loss, variables, output_gradients=seed))
+
+    @framework_code
     def apply(self, unscaled_grads, loss=None) -> None:
         """All-reduce, finite check, clip, apply (or skip), update the loss scale. `loss` is this
         replica's share of the global loss; a non-finite loss also skips the update."""
@@ -129,7 +144,8 @@ class Updater:
         if self.in_step:  # not for an optimizer the step does not use
             logs[f"{prefix}grad_norm"] = float(self.grad_norm.result())
         logs[f"{prefix}lr"] = float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
-        if self.loss_scale.enabled:
-            logs[f"{prefix}loss_scale"] = float(self.loss_scale.scale.numpy())
-        logs[f"{prefix}skipped_steps"] = int(self.loss_scale.skipped_steps.numpy())
+        status = self.loss_scale.status()
+        if status.enabled:
+            logs[f"{prefix}loss_scale"] = status.scale
+        logs[f"{prefix}skipped_steps"] = status.skipped_steps
         return logs

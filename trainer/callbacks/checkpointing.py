@@ -34,7 +34,7 @@ def _configured_settings(trainer) -> Dict[str, Tuple[Optional[float], float]]:
     for name, updater in trainer.updaters.items():
         lr = updater.optimizer._learning_rate
         constant = float(keras.ops.convert_to_numpy(lr)) if isinstance(lr, keras.Variable) else None
-        settings[name] = (constant, float(updater.loss_scale.scale.numpy()))
+        settings[name] = (constant, updater.loss_scale.status().scale)
     return settings
 
 
@@ -133,10 +133,10 @@ class Checkpointing(Callback):
                 if restored != constant_lr:
                     updater.optimizer.learning_rate = constant_lr
                     log.info("Learning rate %g from the configuration (the checkpoint had %g)", constant_lr, restored)
-            restored = float(updater.loss_scale.scale.numpy())
-            if restored != scale and (updater.loss_scale.mode != "dynamic" or restored <= 1.0):
-                updater.loss_scale.scale.assign(scale)
-                log.info("Loss scale %g from the configuration (the checkpoint had %g)", scale, restored)
+            checkpointed = updater.loss_scale.status()
+            if checkpointed.scale != scale and (checkpointed.mode != "dynamic" or checkpointed.scale <= 1.0):
+                updater.loss_scale.set_scale(scale)
+                log.info("Loss scale %g from the configuration (the checkpoint had %g)", scale, checkpointed.scale)
         return recorded
 
     def _resume_data_position(self, trainer, recorded) -> None:

@@ -38,7 +38,7 @@ class NumericsGuard(Callback):
 
     @staticmethod
     def _skipped(trainer) -> int:
-        return sum(int(u.loss_scale.skipped_steps.numpy()) for u in trainer.updaters.values())
+        return sum(u.loss_scale.status().skipped_steps for u in trainer.updaters.values())
 
     def on_loop_end(self, trainer, step):
         skipped = self._skipped(trainer)
@@ -73,8 +73,8 @@ def stuck_steps(trainer) -> Optional[str]:
     limit = trainer.precision.max_consecutive_skips
     several = len(trainer.updaters) > 1
     for name, updater in trainer.updaters.items():
-        ls = updater.loss_scale
-        consecutive, at_floor = int(ls.consecutive_skips.numpy()), int(ls.skips_at_floor.numpy())
+        status = updater.loss_scale.status()
+        consecutive, at_floor = status.consecutive_skips, status.skips_at_floor
         if consecutive < limit and at_floor < 5:
             continue
         why = (
@@ -83,5 +83,5 @@ def stuck_steps(trainer) -> Optional[str]:
             else f"{consecutive} consecutive steps had non-finite loss or gradients (limit: "
                  f"precision.max_consecutive_skips={limit})"
         )
-        return f"{why}{f' (optimizer {name!r})' if several else ''}; {int(ls.skipped_steps.numpy())} steps skipped in all"
+        return f"{why}{f' (optimizer {name!r})' if several else ''}; {status.skipped_steps} steps skipped in all"
     return None

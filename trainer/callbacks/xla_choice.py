@@ -8,8 +8,9 @@ import dataclasses
 import logging
 from typing import Dict, Optional
 
+from trainer import compile as step_functions
 from trainer.callbacks.base import Callback
-from trainer.compile import XlaMeasurement
+from trainer.xla_measure import XlaMeasurement
 
 log = logging.getLogger("trainer.core")
 
@@ -31,8 +32,7 @@ class XlaChoice(Callback):
         m = self.measurement
         if m is not None and trainer.config.jit_compile in ("measure", None) and trainer.jit_compile != m.jit_compile:
             log.info("XLA: %s, as measured before this run was resumed", "on" if m.jit_compile else "off")
-            trainer.jit_compile = m.jit_compile
-            trainer.reset_step_functions()
+            step_functions.choose(trainer, m.jit_compile)
 
     def on_log(self, trainer, step, logs):
         if self.unlogged and self.measurement is not None:

@@ -55,7 +55,7 @@ def baseline_xla(trainer_config, strategy) -> bool:
     """What trainer.jit_compile resolves to for float32 here (the baseline of the speed-ups)."""
     import tensorflow as tf
 
-    from trainer.compile import decide_jit_compile
+    from trainer.xla_plan import decide_jit_compile
     from trainer.config import PrecisionConfig
 
     if isinstance(trainer_config.jit_compile, bool):

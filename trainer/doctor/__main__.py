@@ -19,7 +19,7 @@ from trainer.quiet import quiet_tensorflow_import
 
 quiet_tensorflow_import()
 
-from trainer.errors import EXIT_USER_ERROR, UserError, report_error  # noqa: E402,F401 - EXIT_USER_ERROR: its name here before
+from trainer.errors import EXIT_USER_ERROR, UserError, reports_errors  # noqa: E402,F401 - EXIT_USER_ERROR: its name here before
 
 
 class DoctorError(UserError, ValueError):
@@ -49,7 +49,7 @@ def compose_config(overrides: List[str]):
     from omegaconf.errors import OmegaConfBaseException
 
     from trainer.assemble import register_configs
-    from trainer.config import check_config
+    from trainer.config_check import check_config
     from trainer.sweep import register_resolver
 
     register_configs()
@@ -134,6 +134,7 @@ def _prepare_out_folder(out: Path) -> None:
         raise DoctorError(f"--out {out} cannot be written ({e.strerror or e}); give a folder you can write to") from None
 
 
+@reports_errors()
 def main(argv=None) -> int:
     from trainer.doctor.plot import plot_report
     from trainer.doctor.report import render_text, write_json
@@ -145,20 +146,14 @@ def main(argv=None) -> int:
     tf.get_logger().propagate = False  # it has its own handler: through the root's too, each line came twice
     argv = sys.argv[1:] if argv is None else argv
     command = " ".join(["python -m trainer.doctor", *map(shlex.quote, argv)])
-    try:
-        args = parse_args(argv)
-        if args.run:
-            cfg, overrides, prefix, run_folder = load_run(args.run)
-        else:
-            cfg, overrides, prefix, run_folder = compose_config(args.overrides), args.overrides, None, None
-        out = _out_folder(args, run_folder)
-        _prepare_out_folder(out)
-        report = diagnose_config(cfg, overrides, args.quick, prefix, command)
-    except Exception as e:  # noqa: BLE001 - ours exit with their code and message; a bug keeps its traceback
-        code = report_error(e)
-        if code is None:
-            raise
-        return code
+    args = parse_args(argv)
+    if args.run:
+        cfg, overrides, prefix, run_folder = load_run(args.run)
+    else:
+        cfg, overrides, prefix, run_folder = compose_config(args.overrides), args.overrides, None, None
+    out = _out_folder(args, run_folder)
+    _prepare_out_folder(out)
+    report = diagnose_config(cfg, overrides, args.quick, prefix, command)
     text = render_text(report)
     print(text, flush=True)  # first: the report is on screen even if writing the files fails
     write_json(report, out / "doctor.json")

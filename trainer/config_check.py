@@ -1,0 +1,115 @@
+"""The composed config, checked before any work (trainer/runlock.py and trainer/cli.py call it): keys a
+typed section does not have, values out of their schema's range, no run length, and a model option of
+another recipe (read from this package's conf/ files). Below the commands, above the schemas (config.py)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, List, Mapping, Optional
+
+from trainer.config import Checked, Config, ConfigError, check_ranges
+
+
+def check_config(cfg, choices: Optional[Mapping[str, str]] = None) -> None:
+    """Raises ConfigError for a model option foreign to the recipe, a key added to a typed section
+    (`+trainer.foo=1`), a numeric option out of its range (every section whose schema declares ranges), or
+    no run length. A missing or unresolvable value is left to the code that uses
+    it, whose message can say more (the classes a data set was found to have).
+
+    `choices` is Hydra's `runtime.choices` (group -> option picked), e.g. {"recipe": "mnist", "model": "resnet50"}.
+    """
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if choices:
+        check_recipe_model(choices.get("recipe"), choices.get("model"))
+    sections = [("", cfg, Config)]  # the top level: seed
+    sections += [(str(k), cfg.get(k), None) for k in cfg if k != "hydra" and isinstance(cfg.get(k), DictConfig)]
+    callbacks = cfg.get("callbacks")  # name -> a callback's options: typed by their schema (conf/callbacks/)
+    if isinstance(callbacks, DictConfig):
+        sections += [(f"callbacks.{k}", callbacks.get(k), None) for k in callbacks if isinstance(callbacks.get(k), DictConfig)]
+    for key, node, schema in sections:
+        schema = schema or OmegaConf.get_type(node)
+        if not (schema and dataclasses.is_dataclass(schema)):
+            continue
+        if key:
+            _check_known_keys(schema, node, key)
+        values = {}
+        for f in dataclasses.fields(schema):
+            if ("range" in f.metadata or "choices" in f.metadata) and f.name in node:
+                try:
+                    value = node[f.name]
+                except OmegaConfBaseException:
+                    continue
+                values[f.name] = OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
+        check_ranges(schema, values, key)
+        if issubclass(schema, Checked):
+            schema.check_combined(values, key)
+    trainer = cfg.get("trainer")
+    if trainer is not None and _unset(trainer, "max_steps") and _unset(trainer, "epochs"):
+        raise ConfigError("no run length: trainer.max_steps and trainer.epochs are both null. Fix: set one of them "
+                          "(e.g. trainer.max_steps=1000 or trainer.epochs=3); with both, the shorter wins.")
+
+
+def _unset(node, name: str) -> bool:
+    """The key is null; one that does not resolve yet (`${oc.env:...}`) is not judged here."""
+    try:
+        return node.get(name) is None
+    except Exception:  # noqa: BLE001 - OmegaConf's interpolation errors: composition reports them itself
+        return False
+
+
+def _check_known_keys(schema, node, key: str) -> None:
+    """A key the schema lacks, added with Hydra's `+` (`+trainer.foo=1`), reached the dataclass as an unexpected
+    argument; Hydra's own special keys (`_partial_`, `_convert_`) are left to it."""
+    known = [f.name for f in dataclasses.fields(schema)]
+    unknown = [k for k in node if k not in known and not str(k).startswith("_")]
+    if unknown:
+        shown = ", ".join(k for k in known if not k.startswith("_"))
+        raise ConfigError(f"{key}.{unknown[0]} is not a key of {key} (its schema {schema.__name__} has: {shown}). "
+                          f"Fix: drop {key}.{unknown[0]}, or correct its spelling to one of those keys.")
+
+
+def _conf_dir():
+    import trainer.conf
+    from pathlib import Path
+
+    return Path(list(trainer.conf.__path__)[0])
+
+
+def _defaults(path) -> List[Any]:
+    from omegaconf import OmegaConf
+
+    return list(OmegaConf.load(path).get("defaults", [])) if path.is_file() else []
+
+
+def _recipe_model(recipe: str) -> Optional[str]:
+    """The model option conf/recipe/<recipe>.yaml picks, following the recipes it extends."""
+    picked = None
+    for entry in _defaults(_conf_dir() / "recipe" / f"{recipe}.yaml"):
+        if isinstance(entry, str) and entry != "_self_":
+            picked = _recipe_model(entry) or picked
+        elif not isinstance(entry, str):
+            picked = entry.get("/model", entry.get("model", picked))
+    return picked
+
+
+def _model_schema(model: str) -> Optional[str]:
+    """The schema (base_*) that conf/model/<model>.yaml extends."""
+    return next((e for e in _defaults(_conf_dir() / "model" / f"{model}.yaml") if isinstance(e, str) and e.startswith("base_")), None)
+
+
+def check_recipe_model(recipe: Optional[str], model: Optional[str]) -> None:
+    """A model option of another recipe (model=resnet50 recipe=mnist) is a ConfigError listing the
+    recipe's models. Options outside this package's conf/ (a user's search path) are not judged."""
+    default = _recipe_model(recipe) if recipe else None
+    if not (default and model) or model == default:
+        return
+    schema, wanted = _model_schema(model), _model_schema(default)
+    if schema is None or wanted is None or schema == wanted:
+        return
+    models = sorted(p.stem for p in (_conf_dir() / "model").glob("*.yaml") if _model_schema(p.stem) == wanted)
+    takers = sorted(p.stem for p in (_conf_dir() / "recipe").glob("*.yaml") if _model_schema(_recipe_model(p.stem) or "") == schema)
+    raise ConfigError(
+        f"model={model} is not a model of recipe={recipe}; its models are {models}. Fix: pick one of them"
+        + (f", or a recipe that takes {model}: {takers}." if takers else ".")
+    )
