@@ -1,0 +1,120 @@
+"""`python -m trainer.launch --workers N [--max-restarts R] -- OVERRIDES`: a torchrun for the trainer.
+
+Starts the workers of a `strategy=multi_worker` run in one run folder (one host: N processes on loopback;
+SLURM: this task's worker; TF_CONFIG set: the worker it names), prefixes their output by worker, and when a
+worker fails starts the group again, which resumes from the newest complete checkpoint, at most R times.
+Exits with the chief's code (docs/concepts/distribution.md#the-launcher).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from typing import List, Optional
+
+from trainer.errors import EXIT_NUMERICAL, EXIT_USER_ERROR, report_error
+from trainer.launch.cluster import LaunchError, Placement, placement
+from trainer.launch.group import Group, how_it_ended, say
+
+NOT_RESTARTED = (EXIT_USER_ERROR, EXIT_NUMERICAL)  # bad input, non-finite training: the same again on a restart
+FORBIDDEN = ("-m", "--multirun", "hydra.mode=", "hydra/launcher=", "strategy=")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own exit 2 prints the usage too: one line, as every command's errors
+        raise LaunchError(f"{message} (python -m trainer.launch --help)")
+
+
+def parse(argv: List[str]) -> argparse.Namespace:
+    parser = _Parser(prog="python -m trainer.launch", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, help="workers on this host (under SLURM or with TF_CONFIG: the cluster's, if given)")
+    parser.add_argument("--max-restarts", type=int, default=3, help="starts of the group again after a failure (default 3)")
+    parser.add_argument("--port", type=int, help="first port (one host: default free ones; SLURM: 8888)")
+    parser.add_argument("--grace-period", type=float, default=60.0,
+                        help="seconds the other workers get to end after a failure, before SIGKILL (default 60)")
+    parser.add_argument("overrides", nargs="*", help="python -m trainer's overrides (after --)")
+    args = parser.parse_args(argv)
+    if args.workers is not None and args.workers <= 0:
+        raise LaunchError(f"--workers {args.workers}: a group has at least 1 worker")
+    if args.max_restarts < 0:
+        raise LaunchError(f"--max-restarts {args.max_restarts}: 0 or more")
+    if args.port is not None and not 0 < args.port < 65536:
+        raise LaunchError(f"--port {args.port}: not a port (1..65535)")
+    for o in args.overrides:
+        if o.startswith(FORBIDDEN) and o != "strategy=multi_worker":
+            raise LaunchError(f"{o}: the launcher runs one strategy=multi_worker run (no sweep, no other strategy). "
+                              "Fix: drop it (a sweep: python -m trainer -m ... runs its jobs one after another).")
+    return args
+
+
+def worker_envs(where: Placement) -> List[dict]:
+    run_time = where.run_time or time.strftime("%Y-%m-%d_%H-%M-%S")
+    base = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    base.setdefault("TRAINER_RUN_TIME", run_time)  # conf/config.yaml: the default run folder's name, the same for all
+    return [{**base, "TF_CONFIG": config} for config in where.tf_configs]
+
+
+def _handle_signals(current: dict) -> None:
+    def on_signal(signum, frame):
+        current["signal"] = current.get("signal") or signum
+        if current.get("group") is not None:
+            current["group"].on_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The group's starts; the exit code (the chief's, or the failed worker's once no restart is left)."""
+    where = placement(os.environ, args.workers, args.port)
+    command = [sys.executable, "-m", "trainer", *args.overrides, "strategy=multi_worker"]
+    current: dict = {}
+    _handle_signals(current)
+    say(f"{where.size} worker(s), {where.where}; this launcher starts {', '.join(f'worker {i}' for i in where.indices)}; "
+        f"at most {args.max_restarts} restart(s)")
+    envs = worker_envs(where)
+    for start in range(args.max_restarts + 1):
+        if start:  # one host: new ports (the old ones may linger); a cluster keeps its addresses
+            if where.where == "one host" and args.port is None:
+                where = placement(os.environ, args.workers, None)
+                envs = [{**env, "TF_CONFIG": config} for env, config in zip(envs, where.tf_configs)]
+        if current.get("signal"):
+            return 128 + current["signal"]
+        current["group"] = group = Group(command, envs, where.indices)
+        if current.get("signal"):  # arrived while the workers were being started
+            group.on_signal(current["signal"])
+        ending = group.wait(args.grace_period)
+        current["group"] = None
+        if ending.signal is not None or ending.failed is None:
+            return ending.codes[0]  # the chief's (one host: worker 0; a cluster: this task's)
+        failed = ending.failed
+        code = ending.codes[group.workers.index(failed)]
+        if code in NOT_RESTARTED or start == args.max_restarts:
+            return _give_up(failed, code, start, args.max_restarts)
+        say(f"{failed.name} {how_it_ended(failed.process.returncode)}: starting the group again "
+            f"(restart {start + 1} of {args.max_restarts}); it resumes from the newest complete checkpoint")
+    raise AssertionError("unreachable")
+
+
+def _give_up(failed, code: int, start: int, max_restarts: int) -> int:
+    why = ("not restarted: the same input fails the same way" if code in NOT_RESTARTED
+           else f"after {start} restart(s) of at most {max_restarts}")
+    lines = "\n".join(f"  {line}" for line in failed.last) or "  (no output)"
+    say(f"{failed.name} {how_it_ended(failed.process.returncode)}, {why}; exit {code}. Its last lines:\n{lines}")
+    return code
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    try:
+        code = run(parse(sys.argv[1:] if argv is None else argv))
+    except Exception as e:  # noqa: BLE001 - ours are one line, exit 2 (trainer/errors.py); others are bugs
+        code = report_error(e, prefix="[launch] error: ")
+        if code is None:
+            raise
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""One start of the workers this launcher owns: processes, their output prefixed by worker, how the group ended.
+
+Each worker is a `python -m trainer ... strategy=multi_worker` process in a session of its own, so a signal
+sent to the launcher's process group (a terminal's Ctrl-C, `kill -- -PGID`) reaches a worker only through
+the launcher, once. Linux also ends a worker when the launcher dies (PR_SET_PDEATHSIG): no orphan keeps the
+run folder's lock or its port.
+"""
+from __future__ import annotations
+
+import collections
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Deque, List, Optional
+
+from trainer.launch.cluster import LaunchError
+
+LAST_LINES = 12  # of a failed worker's output, in the launcher's last message
+POLL_S = 0.1
+_print_lock = threading.Lock()
+
+
+def exit_code(returncode: int) -> int:
+    """A shell's exit code for a process's return code (killed by signal N: 128 + N)."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def how_it_ended(returncode: int) -> str:
+    if returncode < 0:
+        return f"was killed by {signal.Signals(-returncode).name}"
+    return f"exited {returncode}"
+
+
+def say(message: str) -> None:
+    """The launcher's own lines, among the workers' prefixed ones."""
+    with _print_lock:
+        print(f"[launch] {message}", file=sys.stderr, flush=True)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the launcher dies (Linux; elsewhere nothing)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+@dataclass
+class Worker:
+    index: int
+    process: subprocess.Popen
+    last: Deque[str]
+
+    @property
+    def name(self) -> str:
+        return f"worker {self.index}"
+
+
+def _relay(stream, out, prefix: str, last: Deque[str]) -> None:
+    for line in iter(stream.readline, ""):
+        last.append(line.rstrip("\n"))
+        with _print_lock:
+            out.write(f"{prefix}{line}")
+            out.flush()
+    stream.close()
+
+
+@dataclass
+class Ending:
+    """How a group ended: `failed` is the first worker that ended abnormally (None: none did)."""
+
+    codes: List[int]  # each worker's exit code, in the launcher's order
+    failed: Optional[Worker] = None
+    signal: Optional[int] = None  # the signal the launcher received and passed on
+
+
+class Group:
+    """The workers of one start. `start` runs them; `wait` follows them to their end."""
+
+    def __init__(self, command: List[str], envs: List[dict], indices: List[int]):
+        self.workers: List[Worker] = []
+        self.relays: List[threading.Thread] = []
+        self.received: Optional[int] = None
+        self.sent_sigterm = False
+        for env, index in zip(envs, indices):
+            try:
+                process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                           bufsize=1, start_new_session=True, preexec_fn=_die_with_parent)
+            except OSError as e:
+                self.stop(signal.SIGKILL)
+                raise LaunchError(f"worker {index} could not start: {command[0]}: {e.strerror or e}. Fix: run the "
+                                  "launcher with a Python that has the trainer installed.") from None
+            worker = Worker(index, process, collections.deque(maxlen=LAST_LINES))
+            self.workers.append(worker)
+            say(f"{worker.name}: process {process.pid}")
+            for stream, out in ((process.stdout, sys.stdout), (process.stderr, sys.stderr)):
+                relay = threading.Thread(target=_relay, args=(stream, out, f"[w{index}] ", worker.last), daemon=True)
+                relay.start()
+                self.relays.append(relay)
+
+    def signal_all(self, signum: int) -> None:
+        for w in self.workers:
+            if w.process.poll() is None:
+                try:
+                    w.process.send_signal(signum)
+                except ProcessLookupError:
+                    pass
+
+    def on_signal(self, signum: int) -> None:
+        """The launcher's SIGTERM or SIGINT: passed on to every worker (a SIGTERM once: each saves)."""
+        if signum == signal.SIGTERM and self.sent_sigterm:
+            return
+        self.received = self.received or signum
+        self.sent_sigterm = self.sent_sigterm or signum == signal.SIGTERM
+        self.signal_all(signum)
+
+    def stop(self, signum: int = signal.SIGTERM) -> None:
+        if signum == signal.SIGTERM:
+            if self.sent_sigterm:
+                return
+            self.sent_sigterm = True
+        self.signal_all(signum)
+
+    def wait(self, grace_s: float) -> Ending:
+        """Until every worker ended. The first that ends abnormally (not 0, not a save on a signal: 143/130)
+        makes the launcher stop the others with SIGTERM, and SIGKILL those still running after `grace_s`:
+        with a peer gone, the survivors' collectives fail or wait, and a save needs every worker."""
+        failed, deadline = None, None
+        while any(w.process.poll() is None for w in self.workers):
+            for w in self.workers:
+                code = w.process.poll()
+                if failed is None and code is not None and code not in (0, 130, 143) and self.received is None:
+                    failed, deadline = w, time.monotonic() + grace_s
+                    say(f"{w.name} {how_it_ended(code)}: stopping the others (SIGTERM)")
+                    self.stop()
+            if deadline is not None and time.monotonic() > deadline:
+                say(f"the others still run {grace_s:.0f} s after the SIGTERM: SIGKILL")
+                self.stop(signal.SIGKILL)
+                deadline = None
+            time.sleep(POLL_S)
+        for relay in self.relays:
+            relay.join(timeout=5)
+        codes = [w.process.returncode for w in self.workers]
+        if failed is None:  # a worker that failed as the others ended
+            failed = next((w for w in self.workers if w.process.returncode not in (0, 130, 143)), None)
+        return Ending([exit_code(c) for c in codes], failed, self.received)
