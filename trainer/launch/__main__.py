@@ -56,22 +56,31 @@ def worker_envs(where: Placement) -> List[dict]:
     return [{**base, "TF_CONFIG": config} for config in where.tf_configs]
 
 
-def _handle_signals(current: dict) -> None:
+def _handle_signals(current: dict) -> dict:
+    """SIGTERM and SIGINT go to the group running now (or end the launcher before the next start); returns
+    the handlers they replace."""
     def on_signal(signum, frame):
         current["signal"] = current.get("signal") or signum
         if current.get("group") is not None:
             current["group"].on_signal(signum)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
+    return {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
 
 
 def run(args: argparse.Namespace) -> int:
     """The group's starts; the exit code (the chief's, or the failed worker's once no restart is left)."""
     where = placement(os.environ, args.workers, args.port)
-    command = [sys.executable, "-m", "trainer", *args.overrides, "strategy=multi_worker"]
     current: dict = {}
-    _handle_signals(current)
+    before = _handle_signals(current)
+    try:
+        return _starts(args, where, current)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def _starts(args: argparse.Namespace, where: Placement, current: dict) -> int:
+    command = [sys.executable, "-m", "trainer", *args.overrides, "strategy=multi_worker"]
     say(f"{where.size} worker(s), {where.where}; this launcher starts {', '.join(f'worker {i}' for i in where.indices)}; "
         f"at most {args.max_restarts} restart(s)")
     envs = worker_envs(where)
