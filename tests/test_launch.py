@@ -88,6 +88,13 @@ def test_cluster_descriptions_that_do_not_fit_are_errors(env, workers, expected)
         placement(env, workers, free_ports(1)[0])
 
 
+def test_a_tf_config_set_by_the_platform_needs_a_shared_run_folder(monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["w0:2222", "w1:2222"]}, "task": {"type": "worker", "index": 1}}))
+    monkeypatch.delenv("TRAINER_RUN_TIME", raising=False)
+    result = launch("--", "trainer.max_steps=1")
+    assert result.returncode == 2 and "every worker must name the same run folder" in result.stderr, result.stderr
+
+
 def test_a_tf_config_set_by_the_platform_is_used_as_it_is():
     text = json.dumps({"cluster": {"worker": ["w0:2222", "w1:2222"]}, "task": {"type": "worker", "index": 1}})
     found = placement({"TF_CONFIG": text, "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "3"}, 2, None)

@@ -3,7 +3,7 @@
 Starts the workers of a `strategy=multi_worker` run in one run folder (one host: N processes on loopback;
 SLURM: this task's worker; TF_CONFIG set: the worker it names), prefixes their output by worker, and when a
 worker fails starts the group again, which resumes from the newest complete checkpoint, at most R times.
-Exits with the chief's code (docs/concepts/distribution.md#the-launcher).
+Exits with the chief's code (docs/concepts/distribution.md#the-launcher-python-m-trainerlaunch).
 """
 from __future__ import annotations
 
@@ -70,6 +70,10 @@ def _handle_signals(current: dict) -> dict:
 def run(args: argparse.Namespace) -> int:
     """The group's starts; the exit code (the chief's, or the failed worker's once no restart is left)."""
     where = placement(os.environ, args.workers, args.port)
+    named = any(o.startswith("hydra.run.dir=") for o in args.overrides) or "TRAINER_RUN_TIME" in os.environ
+    if where.where == "TF_CONFIG" and not named:  # each pod's launcher would stamp its own time: one folder each
+        raise LaunchError("TF_CONFIG is set (a cluster of launchers, one per worker): every worker must name the same "
+                          "run folder. Fix: add hydra.run.dir=PATH on storage all workers share.")
     current: dict = {}
     before = _handle_signals(current)
     try:

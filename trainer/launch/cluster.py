@@ -12,7 +12,7 @@ import json
 import re
 import socket
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional
+from typing import List, Mapping, Optional
 
 from trainer.errors import UserError
 
@@ -144,6 +144,8 @@ def given(text: str) -> Placement:
     if kind != "worker" or "chief" in config["cluster"] or "ps" in config["cluster"]:
         raise LaunchError(f"TF_CONFIG: task type {kind!r} in a cluster of {sorted(config['cluster'])}: strategy=multi_worker "
                           "takes workers only (worker 0 is the chief). Fix: give the TFJob Worker replicas only.")
+    if not 0 <= index < len(workers):
+        raise LaunchError(f"TF_CONFIG: task index {index}, but the cluster has {len(workers)} workers")
     return Placement("TF_CONFIG", [text], [index])
 
 
@@ -162,6 +164,3 @@ def placement(env: Mapping[str, str], workers: Optional[int], port: Optional[int
                           "Fix: leave --workers out, or make them agree.")
     return found
 
-
-def describe(p: Placement) -> Dict[str, object]:
-    return {"where": p.where, "workers": p.size, "here": p.indices}
