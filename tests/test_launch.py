@@ -59,6 +59,16 @@ def test_a_worker_that_cannot_start_is_named(monkeypatch, tmp_path):
     assert signal.getsignal(signal.SIGTERM) is not None  # the launcher put its handlers back
 
 
+def test_bad_input_in_a_worker_is_not_restarted(monkeypatch, tmp_path):
+    """Exit 2 (a config error) would repeat at every restart: the launcher stops there, naming the worker."""
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    result = launch("--workers", "2", "--max-restarts", "3", "--", "trainer.max_steps=-1", f"hydra.run.dir={tmp_path / 'r'}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert re.search(r"\[launch\] worker [01] exited 2, not restarted: the same input fails the same way; exit 2\. "
+                     r"Its last lines:\n.*trainer.max_steps", result.stderr), result.stderr[-2000:]
+    assert "starting the group again" not in result.stderr and "[w0] " in result.stderr + result.stdout
+
+
 SLURM = {"SLURM_JOB_ID": "77", "SLURM_STEP_NUM_TASKS": "5", "SLURM_STEP_NODELIST": "node[09-10],gpu1",
          "SLURM_STEP_TASKS_PER_NODE": "2(x2),1"}
 
