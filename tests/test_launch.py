@@ -208,22 +208,34 @@ def test_sigterm_to_the_launcher_makes_every_worker_save_once(tmp_path):
 
 
 @pytest.mark.slow
-def test_slurm_tasks_simulated_on_one_host(tmp_path):
-    """Two launchers, as srun starts one per task: each starts its task's worker from the SLURM variables,
-    and both name the same run folder (the job's id) without hydra.run.dir."""
+def test_slurm_tasks_simulated_on_one_host_restart_their_own_workers(whole_run, tmp_path):
+    """Two launchers, as srun starts one per task: each starts its task's worker from the SLURM variables, both
+    name the same run folder (the job's id) without hydra.run.dir. Worker 1 SIGKILLed: its launcher restarts
+    it, worker 0 fails on the lost connection and its launcher restarts it; the group re-forms, resumes and
+    ends with the uninterrupted run's weights."""
     port = next(p for p in free_ports(4) if _free(p + 1))
     procs, outs = [], []
     for rank in (0, 1):
         env = {**_without_cluster(), "SLURM_JOB_ID": "4242", "SLURM_PROCID": str(rank), "SLURM_STEP_NUM_TASKS": "2",
                "SLURM_STEP_NODELIST": "localhost", "SLURM_STEP_TASKS_PER_NODE": "2"}
         outs.append(tmp_path / f"task{rank}.out")
-        procs.append(_start(outs[-1], "--port", str(port), "--", *COMMON[:-1], "trainer.max_steps=20", cwd=tmp_path, env=env))
-    codes = [p.wait(timeout=1200) for p in procs]
+        procs.append(_start(outs[-1], "--port", str(port), "--", *COMMON, cwd=tmp_path, env=env))
+    run = tmp_path / "runs/mnist/slurm-4242"
+    try:
+        pid = _worker_pid(outs[1], 1, procs[1])
+        wait_until(lambda: (run / "checkpoints/ckpt-20.index").exists(), procs[0], "the first checkpoint")
+        subprocess.run(["kill", "-KILL", str(pid)], check=True)
+        codes = [p.wait(timeout=1200) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
     texts = [o.read_text() for o in outs]
     assert codes == [0, 0], [t[-2000:] for t in texts]
     assert "[launch] 2 worker(s), SLURM; this launcher starts worker 1" in texts[1]
-    assert _fingerprints(texts[0])["w0"] == _fingerprints(texts[1])["w1"]
-    assert (tmp_path / "runs/mnist/slurm-4242/checkpoints/ckpt-20.index").exists()
+    assert "worker 1 was killed by SIGKILL: starting the group again (restart 1 of 3)" in texts[1]
+    assert "worker 0 exited 1: starting the group again (restart 1 of 3)" in texts[0]
+    assert {**_fingerprints(texts[0]), **_fingerprints(texts[1])} == _fingerprints(whole_run[1])
+    assert (run / f"checkpoints/ckpt-{STEPS}.index").exists()
 
 
 def _free(port: int) -> bool:

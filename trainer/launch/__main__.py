@@ -89,10 +89,9 @@ def _starts(args: argparse.Namespace, where: Placement, current: dict) -> int:
         f"at most {args.max_restarts} restart(s)")
     envs = worker_envs(where)
     for start in range(args.max_restarts + 1):
-        if start:  # one host: new ports (the old ones may linger); a cluster keeps its addresses
-            if where.where == "one host" and args.port is None:
-                where = placement(os.environ, args.workers, None)
-                envs = [{**env, "TF_CONFIG": config} for env, config in zip(envs, where.tf_configs)]
+        if start and where.where == "one host" and args.port is None:  # new free ports: the old may linger
+            where = placement(os.environ, args.workers, None)
+            envs = [{**env, "TF_CONFIG": config} for env, config in zip(envs, where.tf_configs)]
         if current.get("signal"):
             return 128 + current["signal"]
         current["group"] = group = Group(command, envs, where.indices)

@@ -21,6 +21,7 @@ from trainer.launch.cluster import LaunchError
 
 LAST_LINES = 12  # of a failed worker's output, in the launcher's last message
 POLL_S = 0.1
+STOPPED = (0, 130, 143)  # exit codes of a worker that finished, or saved and stopped on a signal (SIGINT, SIGTERM)
 _print_lock = threading.Lock()
 
 
@@ -112,9 +113,9 @@ class Group:
 
     def on_signal(self, signum: int) -> None:
         """The launcher's SIGTERM or SIGINT: passed on to every worker (a SIGTERM once: each saves)."""
-        if signum == signal.SIGTERM and self.sent_sigterm:
-            return
         self.received = self.received or signum
+        if signum == signal.SIGTERM and self.sent_sigterm:  # already sent (a second one, or the stop after a failure)
+            return
         self.sent_sigterm = self.sent_sigterm or signum == signal.SIGTERM
         self.signal_all(signum)
 
@@ -133,9 +134,10 @@ class Group:
         while any(w.process.poll() is None for w in self.workers):
             for w in self.workers:
                 code = w.process.poll()
-                if failed is None and code is not None and code not in (0, 130, 143) and self.received is None:
+                if failed is None and code is not None and exit_code(code) not in STOPPED and self.received is None:
                     failed, deadline = w, time.monotonic() + grace_s
-                    say(f"{w.name} {how_it_ended(code)}: stopping the others (SIGTERM)")
+                    if len(self.workers) > 1:
+                        say(f"{w.name} {how_it_ended(code)}: stopping the others (SIGTERM)")
                     self.stop()
             if deadline is not None and time.monotonic() > deadline:
                 say(f"the others still run {grace_s:.0f} s after the SIGTERM: SIGKILL")
@@ -146,5 +148,5 @@ class Group:
             relay.join(timeout=5)
         codes = [w.process.returncode for w in self.workers]
         if failed is None:  # a worker that failed as the others ended
-            failed = next((w for w in self.workers if w.process.returncode not in (0, 130, 143)), None)
+            failed = next((w for w in self.workers if exit_code(w.process.returncode) not in STOPPED), None)
         return Ending([exit_code(c) for c in codes], failed, self.received)
