@@ -69,6 +69,13 @@ def test_bad_input_in_a_worker_is_not_restarted(monkeypatch, tmp_path):
     assert "starting the group again" not in result.stderr and "[w0] " in result.stderr + result.stdout
 
 
+def test_the_launcher_loads_no_tensorflow():
+    """It runs beside its workers for the whole run: TensorFlow would cost seconds and hundreds of MB there."""
+    code = "import sys, trainer.launch.__main__; assert 'tensorflow' not in sys.modules, 'tensorflow loaded'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
 SLURM = {"SLURM_JOB_ID": "77", "SLURM_STEP_NUM_TASKS": "5", "SLURM_STEP_NODELIST": "node[09-10],gpu1",
          "SLURM_STEP_TASKS_PER_NODE": "2(x2),1"}
 

@@ -29,10 +29,10 @@ class _Parser(argparse.ArgumentParser):
 
 def parse(argv: List[str]) -> argparse.Namespace:
     parser = _Parser(prog="python -m trainer.launch", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workers", type=int, help="workers on this host (under SLURM or with TF_CONFIG: the cluster's, if given)")
-    parser.add_argument("--max-restarts", type=int, default=3, help="starts of the group again after a failure (default 3)")
-    parser.add_argument("--port", type=int, help="first port (one host: default free ones; SLURM: 8888)")
-    parser.add_argument("--grace-period", type=float, default=60.0,
+    parser.add_argument("--workers", type=int, metavar="N", help="workers on this host (under SLURM or with TF_CONFIG: the cluster's, if given)")
+    parser.add_argument("--max-restarts", type=int, metavar="R", default=3, help="starts of the group again after a failure (default 3)")
+    parser.add_argument("--port", type=int, metavar="P", help="first port (one host: default free ones; SLURM: 8888)")
+    parser.add_argument("--grace-period", type=float, metavar="S", default=60.0,
                         help="seconds the other workers get to end after a failure, before SIGKILL (default 60)")
     parser.add_argument("overrides", nargs="*", help="python -m trainer's overrides (after --)")
     args = parser.parse_args(argv)
