@@ -8,6 +8,7 @@ Exits with the chief's code (docs/concepts/distribution.md#the-launcher-python-m
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -16,9 +17,10 @@ from typing import List, Optional
 
 from trainer.errors import EXIT_NUMERICAL, EXIT_USER_ERROR, report_error
 from trainer.launch.cluster import LaunchError, Placement, placement
-from trainer.launch.group import Group, how_it_ended, say
+from trainer.launch.group import Group, Worker, names, say
 
 NOT_RESTARTED = (EXIT_USER_ERROR, EXIT_NUMERICAL)  # bad input, non-finite training: the same again on a restart
+BACKOFF_S, BACKOFF_MAX_S = 1.0, 30.0  # before restart k (from 0): BACKOFF_S * 2**k, at most BACKOFF_MAX_S
 FORBIDDEN = ("-m", "--multirun", "hydra.mode=", "hydra/launcher=", "strategy=")
 
 
@@ -40,6 +42,8 @@ def parse(argv: List[str]) -> argparse.Namespace:
         raise LaunchError(f"--workers {args.workers}: a group has at least 1 worker")
     if args.max_restarts < 0:
         raise LaunchError(f"--max-restarts {args.max_restarts}: 0 or more")
+    if not math.isfinite(args.grace_period) or args.grace_period < 0:
+        raise LaunchError(f"--grace-period {args.grace_period}: seconds, 0 or more")
     if args.port is not None and not 0 < args.port < 65536:
         raise LaunchError(f"--port {args.port}: not a port (1..65535)")
     for o in args.overrides:
@@ -50,41 +54,70 @@ def parse(argv: List[str]) -> argparse.Namespace:
 
 
 def worker_envs(where: Placement) -> List[dict]:
-    run_time = where.run_time or time.strftime("%Y-%m-%d_%H-%M-%S")
     base = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    base.setdefault("TRAINER_RUN_TIME", run_time)  # conf/config.yaml: the default run folder's name, the same for all
     return [{**base, "TF_CONFIG": config} for config in where.tf_configs]
 
 
-def _handle_signals(current: dict) -> dict:
-    """SIGTERM and SIGINT go to the group running now (or end the launcher before the next start); returns
-    the handlers they replace."""
-    def on_signal(signum, frame):
-        current["signal"] = current.get("signal") or signum
-        if current.get("group") is not None:
-            current["group"].on_signal(signum)
+def worker_command(overrides: List[str], where: Placement) -> List[str]:
+    """`python -m trainer OVERRIDES strategy=multi_worker`, in one run folder for every worker: the user's
+    hydra.run.dir, else runs/<recipe>/<one time> (SLURM: the job's and step's ids), as conf/config.yaml's default."""
+    if not any(o.startswith("hydra.run.dir=") for o in overrides):
+        stamp = where.run_time or time.strftime("%Y-%m-%d_%H-%M-%S")
+        overrides = [*overrides, f"hydra.run.dir=runs/${{recipe}}/{stamp}"]
+    return [sys.executable, "-m", "trainer", *overrides, "strategy=multi_worker"]
 
-    return {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+class Signals:
+    """SIGTERM and SIGINT while the launcher runs: passed to the group running now, or kept, so the launcher
+    starts no group after one."""
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self.group: Optional[Group] = None
+        self.before = {}
+
+    def install(self) -> None:
+        self.before = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self) -> None:
+        for sig, handler in self.before.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.received = self.received or signum
+        if self.group is not None:
+            self.group.on_signal(signum)
+
+    def follow(self, group: Optional[Group]) -> None:
+        """The group signals go to now (None: between starts); one that arrived as it started reaches it."""
+        self.group = group
+        if group is not None and self.received:
+            group.on_signal(self.received)
+
+    def pause(self, seconds: float) -> None:
+        """Sleeps, ending early on a signal."""
+        end = time.monotonic() + seconds
+        while not self.received and time.monotonic() < end:
+            time.sleep(min(0.1, max(0.0, end - time.monotonic())))
 
 
 def run(args: argparse.Namespace) -> int:
     """The group's starts; the exit code (the chief's, or the failed worker's once no restart is left)."""
     where = placement(os.environ, args.workers, args.port)
-    named = any(o.startswith("hydra.run.dir=") for o in args.overrides) or "TRAINER_RUN_TIME" in os.environ
+    named = any(o.startswith("hydra.run.dir=") for o in args.overrides)
     if where.where == "TF_CONFIG" and not named:  # each pod's launcher would stamp its own time: one folder each
         raise LaunchError("TF_CONFIG is set (a cluster of launchers, one per worker): every worker must name the same "
                           "run folder. Fix: add hydra.run.dir=PATH on storage all workers share.")
-    current: dict = {}
-    before = _handle_signals(current)
+    signals = Signals()
+    signals.install()
     try:
-        return _starts(args, where, current)
+        return _starts(args, where, signals)
     finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
+        signals.restore()
 
 
-def _starts(args: argparse.Namespace, where: Placement, current: dict) -> int:
-    command = [sys.executable, "-m", "trainer", *args.overrides, "strategy=multi_worker"]
+def _starts(args: argparse.Namespace, where: Placement, signals: Signals) -> int:
+    command = worker_command(args.overrides, where)
     say(f"{where.size} worker(s), {where.where}; this launcher starts {', '.join(f'worker {i}' for i in where.indices)}; "
         f"at most {args.max_restarts} restart(s)")
     envs = worker_envs(where)
@@ -92,29 +125,36 @@ def _starts(args: argparse.Namespace, where: Placement, current: dict) -> int:
         if start and where.where == "one host" and args.port is None:  # new free ports: the old may linger
             where = placement(os.environ, args.workers, None)
             envs = [{**env, "TF_CONFIG": config} for env, config in zip(envs, where.tf_configs)]
-        if current.get("signal"):
-            return 128 + current["signal"]
-        current["group"] = group = Group(command, envs, where.indices)
-        if current.get("signal"):  # arrived while the workers were being started
-            group.on_signal(current["signal"])
+        if signals.received:
+            return 128 + signals.received
+        group = Group(command, envs, where.indices)
+        signals.follow(group)
         ending = group.wait(args.grace_period)
-        current["group"] = None
-        if ending.signal is not None or ending.failed is None:
+        signals.follow(None)
+        if ending.late:
+            say(f"{names(ending.late)} after the chief (worker 0) finished with exit 0: the run is complete, "
+                "not restarted (check that worker's output above)")
+        if ending.signal is not None or not ending.failed:
             return ending.codes[0]  # the chief's (one host: worker 0; a cluster: this task's)
-        failed = ending.failed
+        failed = ending.failed[0]
         code = ending.codes[group.workers.index(failed)]
         if code in NOT_RESTARTED or start == args.max_restarts:
-            return _give_up(failed, code, start, args.max_restarts)
-        say(f"{failed.name} {how_it_ended(failed.process.returncode)}: starting the group again "
-            f"(restart {start + 1} of {args.max_restarts}); it resumes from the newest complete checkpoint")
+            return _give_up(ending.failed, code, start, args.max_restarts)
+        pause = min(BACKOFF_S * 2 ** start, BACKOFF_MAX_S)
+        say(f"{names(ending.failed)}: starting the group again in {pause:g} s (restart {start + 1} of "
+            f"{args.max_restarts}); it resumes from the newest complete checkpoint")
+        signals.pause(pause)
     raise AssertionError("unreachable")
 
 
-def _give_up(failed, code: int, start: int, max_restarts: int) -> int:
+def _give_up(failed: List[Worker], code: int, start: int, max_restarts: int) -> int:
     why = ("not restarted: the same input fails the same way" if code in NOT_RESTARTED
            else f"after {start} restart(s) of at most {max_restarts}")
-    lines = "\n".join(f"  {line}" for line in failed.last) or "  (no output)"
-    say(f"{failed.name} {how_it_ended(failed.process.returncode)}, {why}; exit {code}. Its last lines:\n{lines}")
+    said = [f"{names(failed)}, {why}; exit {code}."]
+    for w in failed:
+        lines = "\n".join(f"  {line}" for line in w.last) or "  (no output)"
+        said.append(f"{'Its' if len(failed) == 1 else w.name + chr(39) + 's'} last lines:\n{lines}")
+    say(" ".join(said))
     return code
 
 

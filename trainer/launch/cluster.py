@@ -1,10 +1,10 @@
 """Where the launcher runs, and each worker's TF_CONFIG: one host (loopback ports), SLURM or a TF_CONFIG set
 by the platform (Kubernetes' training operator).
 
-SLURM's task list follows TensorFlow's `tf.distribute.cluster_resolver.SlurmClusterResolver` (rank =
-SLURM_PROCID; hosts of SLURM_STEP_NODELIST sorted, each with its SLURM_STEP_TASKS_PER_NODE tasks on ports
-port, port+1, ...), rewritten here so the launcher, which runs all along beside its workers, does not load
-TensorFlow (seconds and hundreds of MB).
+SLURM's task list: rank = SLURM_PROCID; the hosts of SLURM_STEP_NODELIST in the list's order (the order in
+which SLURM hands out ranks, node by node; TensorFlow's SlurmClusterResolver sorts them, which breaks for
+node[9-10]), each with its SLURM_STEP_TASKS_PER_NODE tasks on ports port, port+1, ... Written here so the
+launcher, which runs all along beside its workers, does not load TensorFlow (seconds and hundreds of MB).
 """
 from __future__ import annotations
 
@@ -71,8 +71,16 @@ def check_ports_free(ports: List[int], option: str) -> None:
                 ) from None
 
 
+def check_port_range(port: int, count: int, what: str) -> None:
+    """Ports port..port+count-1 must all exist (an int past 65535 would fail deep in socket code)."""
+    if port + count - 1 > 65535:
+        raise LaunchError(f"{what}: ports {port}..{port + count - 1} go past 65535. Fix: a --port of at most {65536 - count}.")
+
+
 def one_host(workers: int, port: Optional[int]) -> Placement:
     """N workers on this host, on loopback: ports port..port+N-1, or N free ones."""
+    if port:
+        check_port_range(port, workers, f"--port {port} with --workers {workers}")
     ports = list(range(port, port + workers)) if port else free_ports(workers)
     if port:
         check_ports_free(ports, f"--port {port}")
@@ -116,21 +124,27 @@ def slurm(env: Mapping[str, str], port: Optional[int]) -> Placement:
         rank, total = int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"])
         hosts = expand_hostlist(env["SLURM_STEP_NODELIST"])
         per_node = expand_tasks_per_node(env["SLURM_STEP_TASKS_PER_NODE"])
+        job, step = env["SLURM_JOB_ID"], env["SLURM_STEP_ID"]
     except KeyError as e:
-        raise LaunchError(f"SLURM: {e.args[0]} is not set (SLURM_PROCID and SLURM_STEP_NUM_TASKS are). Fix: start the "
-                          "launcher with srun, one task per worker (docs/concepts/distribution.md#slurm).") from None
+        raise LaunchError(f"SLURM: {e.args[0]} is not set (SLURM_PROCID is). Fix: start the launcher with srun, one "
+                          "task per worker (docs/concepts/distribution.md#slurm).") from None
     except ValueError as e:
         raise LaunchError(f"SLURM: {e}") from None
     if len(per_node) != len(hosts):
         raise LaunchError(f"SLURM: SLURM_STEP_TASKS_PER_NODE gives {len(per_node)} nodes, SLURM_STEP_NODELIST {len(hosts)}")
-    by_host = dict(zip(hosts, per_node))
-    workers = [f"{host}:{port + k}" for host in sorted(by_host) for k in range(by_host[host])]
+    check_port_range(port, max(per_node), f"SLURM, port {port} with up to {max(per_node)} tasks per node")
+    workers = [f"{host}:{port + k}" for host, tasks in zip(hosts, per_node) for k in range(tasks)]
     if len(workers) != total or not 0 <= rank < total:
         raise LaunchError(f"SLURM: task {rank} of {total}, but the node list holds {len(workers)} tasks")
-    own_port = int(workers[rank].rsplit(":", 1)[1])
-    check_ports_free([own_port], f"SLURM task {rank}")
-    # Every task names the same run folder: the job's id, the same again when SLURM requeues the job.
-    return Placement("SLURM", [tf_config(workers, rank)], [rank], run_time=f"slurm-{env.get('SLURM_JOB_ID', 'job')}")
+    host, own_port = workers[rank].rsplit(":", 1)
+    node = env.get("SLURMD_NODENAME")
+    if node and node != host:  # not SLURM's default block distribution: the cluster would not agree on addresses
+        raise LaunchError(f"SLURM: task {rank} runs on {node}, but the node list puts task {rank} on {host}. Fix: srun "
+                          "--distribution=block (the default), so ranks follow the node list.")
+    check_ports_free([int(own_port)], f"SLURM task {rank}")
+    # Every task of this step names the same run folder; a requeued job (same id, steps counted from 0 again)
+    # names it again and resumes; another srun step of the job gets its own.
+    return Placement("SLURM", [tf_config(workers, rank)], [rank], run_time=f"slurm-{job}-{step}")
 
 
 def given(text: str) -> Placement:
@@ -149,11 +163,21 @@ def given(text: str) -> Placement:
     return Placement("TF_CONFIG", [text], [index])
 
 
+def _slurm_tasks(env: Mapping[str, str]) -> int:
+    text = env.get("SLURM_STEP_NUM_TASKS", "1") or "1"
+    try:
+        return int(text)
+    except ValueError:
+        raise LaunchError(f"SLURM: SLURM_STEP_NUM_TASKS={text!r} is not a number of tasks") from None
+
+
 def placement(env: Mapping[str, str], workers: Optional[int], port: Optional[int]) -> Placement:
     """Where to start which workers: TF_CONFIG set (Kubernetes) > a SLURM step of several tasks > one host."""
     if env.get("TF_CONFIG"):
+        if port is not None:
+            raise LaunchError(f"--port {port}: TF_CONFIG is set and names every worker's address. Fix: drop --port.")
         found = given(env["TF_CONFIG"])
-    elif "SLURM_PROCID" in env and int(env.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1:
+    elif "SLURM_PROCID" in env and _slurm_tasks(env) > 1:
         found = slurm(env, port)
     else:
         if workers is None:

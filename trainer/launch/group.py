@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Deque, List, Optional
 
 from trainer.launch.cluster import LaunchError
@@ -72,15 +72,23 @@ def _relay(stream, out, prefix: str, last: Deque[str]) -> None:
 
 @dataclass
 class Ending:
-    """How a group ended: `failed` is the first worker that ended abnormally (None: none did)."""
+    """How a group ended: `failed` are the workers that first ended abnormally (empty: none did; several:
+    they ended within one poll, which came first is not known); `late` those that failed after the chief
+    finished (exit 0): the run is complete, nothing to restart."""
 
     codes: List[int]  # each worker's exit code, in the launcher's order
-    failed: Optional[Worker] = None
+    failed: List[Worker] = field(default_factory=list)
     signal: Optional[int] = None  # the signal the launcher received and passed on
+    late: List[Worker] = field(default_factory=list)
+
+
+def names(workers: List[Worker]) -> str:
+    """'worker 1 was killed by SIGKILL' or, for several, each with how it ended."""
+    return " and ".join(f"{w.name} {how_it_ended(w.process.returncode)}" for w in workers)
 
 
 class Group:
-    """The workers of one start. `start` runs them; `wait` follows them to their end."""
+    """The workers of one start: the constructor starts them; `wait` follows them to their end."""
 
     def __init__(self, command: List[str], envs: List[dict], indices: List[int]):
         self.workers: List[Worker] = []
@@ -88,18 +96,19 @@ class Group:
         self.received: Optional[int] = None
         self.sent_sigterm = False
         for env, index in zip(envs, indices):
-            try:
+            try:  # utf-8 with replacement: one undecodable byte must not end the relay (the worker would block on a full pipe)
                 process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                           bufsize=1, start_new_session=True, preexec_fn=_die_with_parent)
+                                           encoding="utf-8", errors="replace", bufsize=1, start_new_session=True,
+                                           preexec_fn=_die_with_parent)
             except OSError as e:
                 self.stop(signal.SIGKILL)
                 raise LaunchError(f"worker {index} could not start: {command[0]}: {e.strerror or e}. Fix: run the "
                                   "launcher with a Python that has the trainer installed.") from None
-            worker = Worker(index, process, collections.deque(maxlen=LAST_LINES))
-            self.workers.append(worker)
-            say(f"{worker.name}: process {process.pid}")
-            for stream, out in ((process.stdout, sys.stdout), (process.stderr, sys.stderr)):
-                relay = threading.Thread(target=_relay, args=(stream, out, f"[w{index}] ", worker.last), daemon=True)
+            self.workers.append(Worker(index, process, collections.deque(maxlen=LAST_LINES)))
+            say(f"worker {index}: process {process.pid}")
+        for worker in self.workers:  # threads only once every fork is done (preexec_fn in a threaded process)
+            for stream, out in ((worker.process.stdout, sys.stdout), (worker.process.stderr, sys.stderr)):
+                relay = threading.Thread(target=_relay, args=(stream, out, f"[w{worker.index}] ", worker.last), daemon=True)
                 relay.start()
                 self.relays.append(relay)
 
@@ -126,27 +135,40 @@ class Group:
             self.sent_sigterm = True
         self.signal_all(signum)
 
+    def _chief_finished(self) -> bool:
+        chief = next((w for w in self.workers if w.index == 0), None)
+        return chief is not None and chief.process.returncode == 0
+
     def wait(self, grace_s: float) -> Ending:
         """Until every worker ended. The first that ends abnormally (not 0, not a save on a signal: 143/130)
-        makes the launcher stop the others with SIGTERM, and SIGKILL those still running after `grace_s`:
-        with a peer gone, the survivors' collectives fail or wait, and a save needs every worker."""
-        failed, deadline = None, None
-        while any(w.process.poll() is None for w in self.workers):
-            for w in self.workers:
-                code = w.process.poll()
-                if failed is None and code is not None and exit_code(code) not in STOPPED and self.received is None:
-                    failed, deadline = w, time.monotonic() + grace_s
-                    if len(self.workers) > 1:
-                        say(f"{w.name} {how_it_ended(code)}: stopping the others (SIGTERM)")
+        makes the launcher stop the others with SIGTERM; after that, or after a signal it passed on, those
+        still running after `grace_s` get SIGKILL: with a peer gone, the survivors' collectives fail or wait,
+        and a save needs every worker. A failure after the chief's exit 0 stops nothing: the run is complete."""
+        ended: set = set()
+        failed: List[Worker] = []
+        late: List[Worker] = []
+        deadline, killed = None, False
+        while True:
+            newly = [w for w in self.workers if w.index not in ended and w.process.poll() is not None]
+            ended.update(w.index for w in newly)
+            abnormal = [w for w in newly if exit_code(w.process.returncode) not in STOPPED]
+            if abnormal and not failed and self.received is None:
+                if self._chief_finished():
+                    late += abnormal
+                else:
+                    failed = abnormal
+                    if len(self.workers) > len(ended):
+                        say(f"{names(failed)}: stopping the others (SIGTERM)")
                     self.stop()
+            if deadline is None and not killed and (failed or self.received is not None):
+                deadline = time.monotonic() + grace_s
+            if len(ended) == len(self.workers):
+                break
             if deadline is not None and time.monotonic() > deadline:
-                say(f"the others still run {grace_s:.0f} s after the SIGTERM: SIGKILL")
+                say(f"worker(s) still running {grace_s:g} s after the stop (--grace-period): SIGKILL")
                 self.stop(signal.SIGKILL)
-                deadline = None
+                deadline, killed = None, True
             time.sleep(POLL_S)
         for relay in self.relays:
             relay.join(timeout=5)
-        codes = [w.process.returncode for w in self.workers]
-        if failed is None:  # a worker that failed as the others ended
-            failed = next((w for w in self.workers if exit_code(w.process.returncode) not in STOPPED), None)
-        return Ending([exit_code(c) for c in codes], failed, self.received)
+        return Ending([exit_code(w.process.returncode) for w in self.workers], failed, self.received, late)
