@@ -153,7 +153,8 @@ def _give_up(failed: List[Worker], code: int, start: int, max_restarts: int) -> 
     said = [f"{names(failed)}, {why}; exit {code}."]
     for w in failed:
         lines = "\n".join(f"  {line}" for line in w.last) or "  (no output)"
-        said.append(f"{'Its' if len(failed) == 1 else w.name + chr(39) + 's'} last lines:\n{lines}")
+        whose = "Its" if len(failed) == 1 else f"{w.name}'s"
+        said.append(f"{whose} last lines:\n{lines}")
     say(" ".join(said))
     return code
 

@@ -2,8 +2,8 @@
 
 Each worker is a `python -m trainer ... strategy=multi_worker` process in a session of its own, so a signal
 sent to the launcher's process group (a terminal's Ctrl-C, `kill -- -PGID`) reaches a worker only through
-the launcher, once. Linux also ends a worker when the launcher dies (PR_SET_PDEATHSIG): no orphan keeps the
-run folder's lock or its port.
+the launcher, once. On Linux a worker also gets a SIGTERM when the launcher dies (PR_SET_PDEATHSIG), so it
+saves and ends rather than keep the run folder's lock and its port; one that hangs then is not killed.
 """
 from __future__ import annotations
 
