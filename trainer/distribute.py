@@ -84,8 +84,9 @@ def make_strategy(cfg: StrategyConfig) -> tf.distribute.Strategy:
     elif name == "multi_worker":
         if "TF_CONFIG" not in os.environ:
             raise StrategyError(
-                "strategy=multi_worker needs TF_CONFIG (cluster and this worker's task) in the environment; "
-                "see the README's 'Scaling out' section"
+                "strategy=multi_worker needs TF_CONFIG (cluster and this worker's task) in the environment. Fix: "
+                "start the workers with python -m trainer.launch --workers N -- OVERRIDES (it writes TF_CONFIG; "
+                "docs/concepts/distribution.md#the-launcher-python-m-trainerlaunch)"
             )
         impl = {
             "auto": tf.distribute.experimental.CommunicationImplementation.AUTO,

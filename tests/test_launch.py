@@ -1,0 +1,410 @@
+"""`python -m trainer.launch`: its own errors and where it reads the cluster from (in this process, cheap), and
+2-worker groups on loopback (the slow stage): a plain run, a SIGKILLed worker restarted to the same weights,
+no restart left, a SIGTERM to the launcher, SLURM's variables simulated on one host."""
+from __future__ import annotations
+
+import json
+import os
+import time
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli, wait_until
+import trainer.launch.__main__ as launch_main
+from trainer.launch.__main__ import worker_command
+from trainer.launch.cluster import LaunchError, expand_hostlist, expand_tasks_per_node, free_ports, placement
+from trainer.launch.group import Group, names
+
+
+def launch(*args, **kwargs):
+    return run_cli(*args, module="trainer.launch", **kwargs)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--workers", "0"], "--workers 0: a group has at least 1 worker"),
+    (["--workers", "-2"], "--workers -2"),
+    ([], "--workers N is needed on one host"),
+    (["--workers", "two"], "argument --workers: invalid int value: 'two'"),
+    (["--workers", "2", "--", "strategy=mirrored"], "strategy=mirrored: the launcher runs one strategy=multi_worker run"),
+    (["--workers", "2", "--", "-m", "optimizer.lr=1e-3,1e-2"], "-m: the launcher runs one strategy=multi_worker run"),
+    (["--workers", "2", "--port", "65535"], "--port 65535 with --workers 2: ports 65535..65536 go past 65535"),
+    (["--workers", "2", "--grace-period", "nan"], "--grace-period nan: seconds, 0 or more"),
+    (["--workers", "2", "--grace-period", "-1"], "--grace-period -1.0: seconds, 0 or more"),
+])
+def test_bad_arguments_are_one_line_and_exit_2(args, expected, monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    monkeypatch.delenv("SLURM_PROCID", raising=False)
+    result = launch(*args)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().count("\n") == 0 and expected in result.stderr, result.stderr
+    assert result.stderr.startswith("[launch] error: ")
+
+
+FAKE_PRELUDE = "import json, os, signal, sys, time\nindex = json.loads(os.environ['TF_CONFIG'])['task']['index']\n"
+
+
+def fake_command(body: str):
+    """A fake worker: Python `body` with `index` (its TF_CONFIG's) set; cheap where the group logic is tested."""
+    return [sys.executable, "-c", FAKE_PRELUDE + textwrap.dedent(body)]
+
+
+def fake_launch(monkeypatch, capsys, body: str, *args):
+    """`python -m trainer.launch ARGS` in this process with fake workers: (exit code, stderr)."""
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    monkeypatch.delenv("SLURM_PROCID", raising=False)
+    monkeypatch.setattr(launch_main, "worker_command", lambda overrides, where: fake_command(body))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as ended:
+        launch_main.main(list(args))
+    return ended.value.code, capsys.readouterr().err
+
+
+def test_a_port_in_use_is_named(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = launch("--workers", "2", "--port", str(port - 1))
+    assert result.returncode == 2
+    assert f"port {port} is in use" in result.stderr and "leave --port out" in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+
+
+def test_a_worker_that_cannot_start_is_named(monkeypatch, tmp_path):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python"))
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    result = launch("--workers", "2", "--", "trainer.max_steps=1")
+    assert result.returncode == 2
+    assert "error: worker 0 could not start:" in result.stderr and "no-python" in result.stderr
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # the launcher put them back
+
+
+def test_bad_input_in_a_worker_is_not_restarted(monkeypatch, capsys):
+    """Exit 2 (a config error) would repeat at every restart: the launcher stops there, naming the worker."""
+    code, err = fake_launch(monkeypatch, capsys, """
+        if index == 1:
+            print("error: trainer.max_steps=-1: must be positive", file=sys.stderr)
+            sys.exit(2)
+        time.sleep(600)
+    """, "--workers", "2", "--max-restarts", "3")
+    assert code == 2, err
+    assert re.search(r"\[launch\] worker 1 exited 2, not restarted: the same input fails the same way; exit 2\. "
+                     r"Its last lines:\n.*trainer.max_steps", err), err
+    assert "starting the group again" not in err and "[w1] error: trainer.max_steps" in err
+
+
+def _group(body: str, n: int = 1):
+    envs = [{**os.environ, "TF_CONFIG": json.dumps({"task": {"index": i}})} for i in range(n)]
+    return Group(fake_command(body), envs, list(range(n)))
+
+
+def test_an_undecodable_byte_in_a_workers_output_does_not_block_it(capsys):
+    """The relay goes on past it (replaced), so a worker writing a lot after it is not blocked on a full pipe."""
+    group = _group("""
+        sys.stdout.buffer.write(b"bad \\xff\\n" + b"x" * 99 + b"\\n")
+        sys.stdout.buffer.write((b"y" * 99 + b"\\n") * 2000)
+        print("done")
+    """)
+    ending = group.wait(grace_s=60)
+    out = capsys.readouterr().out
+    assert ending.codes == [0] and not ending.failed and list(group.workers[0].last)[-1] == "done"
+    assert "[w0] bad \ufffd\n" in out and out.count("[w0] " + "y" * 99 + "\n") == 2000
+
+
+def _ended(group: Group) -> None:
+    """Until every worker's process has ended (a zombie not yet reaped), without reaping it."""
+    for w in group.workers:
+        while os.waitid(os.P_PID, w.process.pid, os.WEXITED | os.WNOWAIT) is None:
+            pass
+
+
+def test_workers_that_fail_within_one_poll_are_all_named():
+    group = _group("sys.exit(1 if index == 0 else 3)", n=2)
+    _ended(group)
+    ending = group.wait(grace_s=60)
+    assert [w.index for w in ending.failed] == [0, 1] and ending.codes == [1, 3]
+    assert names(ending.failed) == "worker 0 exited 1 and worker 1 exited 3"
+
+
+def test_a_worker_ignoring_the_passed_on_sigterm_is_killed_after_the_grace_period(capsys):
+    """After a SIGTERM the launcher passed on, a worker that does not end gets SIGKILL after --grace-period."""
+    group = _group("""
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("ready", flush=True)
+        time.sleep(600)
+    """)
+    while "ready" not in group.workers[0].last:
+        assert group.workers[0].process.poll() is None
+        time.sleep(0.05)
+    group.on_signal(signal.SIGTERM)
+    ending = group.wait(grace_s=0.5)
+    assert ending.codes == [137] and ending.signal == signal.SIGTERM
+    assert "still running 0.5 s after the stop (--grace-period): SIGKILL" in capsys.readouterr().err
+
+
+def test_a_worker_failing_after_the_chief_finished_restarts_nothing(monkeypatch, capsys, tmp_path):
+    """The chief's exit 0 means the run is complete (final checkpoint saved): a worker's later crash is said
+    loudly, but the launcher exits 0 and starts nothing again."""
+    code, err = fake_launch(monkeypatch, capsys, f"""
+        if index == 0:
+            open({str(tmp_path / "chief")!r}, "w").write(str(os.getpid()))
+            sys.exit(0)
+        while not os.path.exists({str(tmp_path / "chief")!r}):
+            time.sleep(0.01)
+        pid = open({str(tmp_path / "chief")!r}).read()
+        while os.path.exists(f"/proc/{{pid}}") and open(f"/proc/{{pid}}/stat").read().split()[2] != "Z":
+            time.sleep(0.01)
+        sys.exit(1)
+    """, "--workers", "2", "--max-restarts", "3")
+    assert code == 0, err
+    assert ("worker 1 exited 1 after the chief (worker 0) finished with exit 0: the run is complete, not restarted"
+            in err), err
+    assert "starting the group again" not in err and err.count(": process ") == 2
+
+
+def test_restarts_wait_longer_each_time(monkeypatch, capsys):
+    """A worker that fails at start-up does not use up the restarts in seconds: 1 s, 2 s, ... (capped)."""
+    monkeypatch.setattr(launch_main, "BACKOFF_S", 0.01)
+    monkeypatch.setattr(launch_main, "BACKOFF_MAX_S", 0.03)
+    code, err = fake_launch(monkeypatch, capsys, """
+        if index == 1:
+            sys.exit(1)
+        time.sleep(600)
+    """, "--workers", "2", "--max-restarts", "3")
+    assert code == 1, err
+    waits = re.findall(r"worker 1 exited 1: starting the group again in ([\d.]+) s \(restart (\d) of 3\)", err)
+    assert waits == [("0.01", "1"), ("0.02", "2"), ("0.03", "3")], err
+    assert "worker 1 exited 1, after 3 restart(s) of at most 3; exit 1." in err
+
+
+def test_the_launcher_loads_no_tensorflow():
+    """It runs beside its workers for the whole run: TensorFlow would cost seconds and hundreds of MB there."""
+    code = "import sys, trainer.launch.__main__; assert 'tensorflow' not in sys.modules, 'tensorflow loaded'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+SLURM = {"SLURM_JOB_ID": "77", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "7",
+         "SLURM_STEP_NODELIST": "node[9-10],gpu1", "SLURM_STEP_TASKS_PER_NODE": "2(x2),3"}
+
+
+@pytest.mark.parametrize("rank, node, address", [(0, "node9", "node9:P"), (3, "node10", "node10:P+1"), (6, "gpu1", "gpu1:P+2")])
+def test_slurm_tasks_become_workers_in_slurms_rank_order(rank, node, address):
+    """SLURM hands out ranks node by node in the node list's order (node9 before node10: not sorted), each
+    node's tasks on port, port+1, ...; a task's index is its SLURM_PROCID. The run folder is the job's step's."""
+    port = free_ports(1)[0]
+    found = placement({**SLURM, "SLURM_PROCID": str(rank), "SLURMD_NODENAME": node}, None, port)
+    config = json.loads(found.tf_configs[0])
+    hosts = ["node9"] * 2 + ["node10"] * 2 + ["gpu1"] * 3
+    assert config["cluster"]["worker"] == [f"{h}:{port + k}" for h, k in zip(hosts, [0, 1, 0, 1, 0, 1, 2])]
+    assert config["task"] == {"type": "worker", "index": rank}
+    assert config["cluster"]["worker"][rank] == address.replace("P", str(port)).replace(f"{port}+1", str(port + 1)).replace(
+        f"{port}+2", str(port + 2))
+    assert found.indices == [rank] and found.run_time == "slurm-77-0" and found.size == 7
+    assert expand_hostlist("n[1-2],m5,o[3-4,6,7-9]") == ["n1", "n2", "m5", "o3", "o4", "o6", "o7", "o8", "o9"]
+    assert expand_hostlist("n[9-10]") == ["n9", "n10"] and expand_tasks_per_node("2(x3),1") == [2, 2, 2, 1]
+
+
+def test_the_launcher_names_one_run_folder_for_all_its_workers():
+    """conf/config.yaml's default (a time per process) is left alone: the launcher names the folder itself."""
+    port = free_ports(1)[0]
+    where = placement({**SLURM, "SLURM_PROCID": "0", "SLURM_STEP_ID": "3"}, None, port)
+    command = worker_command(["trainer.max_steps=5"], where)
+    assert command[-3:] == ["trainer.max_steps=5", "hydra.run.dir=runs/${recipe}/slurm-77-3", "strategy=multi_worker"]
+    mine = worker_command(["hydra.run.dir=/shared/r"], where)
+    assert [o for o in mine if o.startswith("hydra.run.dir=")] == ["hydra.run.dir=/shared/r"]
+    one = placement({}, 2, None)
+    stamped = [o for o in worker_command([], one) if o.startswith("hydra.run.dir=runs/${recipe}/")]
+    assert len(stamped) == 1 and "TRAINER_RUN_TIME" not in (Path(__file__).parents[1] / "conf/config.yaml").read_text()
+
+
+@pytest.mark.parametrize("env, workers, expected", [
+    ({**SLURM, "SLURM_PROCID": "0"}, 4, "--workers 4, but SLURM describes a cluster of 7 workers"),
+    ({**SLURM, "SLURM_PROCID": "0", "SLURM_STEP_TASKS_PER_NODE": "2"}, None, "gives 1 nodes, SLURM_STEP_NODELIST 3"),
+    ({**SLURM, "SLURM_PROCID": "0", "SLURMD_NODENAME": "node10"}, None, "task 0 runs on node10, but the node list puts task 0 on node9"),
+    ({**SLURM, "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "two"}, None, "SLURM_STEP_NUM_TASKS='two' is not a number"),
+    ({k: v for k, v in SLURM.items() if k != "SLURM_JOB_ID"} | {"SLURM_PROCID": "0"}, None, "SLURM_JOB_ID is not set"),
+    ({**SLURM, "SLURM_PROCID": "0", "PORT": 65534}, None, "ports 65534..65536 go past 65535"),
+    ({**SLURM, "SLURM_PROCID": "0", "SLURM_STEP_NODELIST": "n[1-"}, None, "not a SLURM host list"),
+    ({"TF_CONFIG": json.dumps({"cluster": {"chief": ["a:1"], "worker": ["b:1"]}, "task": {"type": "chief", "index": 0}})},
+     None, "strategy=multi_worker takes workers only"),
+    ({"TF_CONFIG": "{not json"}, None, "TF_CONFIG is set but is not a cluster"),
+])
+def test_cluster_descriptions_that_do_not_fit_are_errors(env, workers, expected):
+    env = dict(env)
+    with pytest.raises(LaunchError, match=re.escape(expected)):
+        placement(env, workers, env.pop("PORT", None) or (None if "TF_CONFIG" in env else free_ports(1)[0]))
+
+
+def test_a_tf_config_set_by_the_platform_needs_a_shared_run_folder(monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["w0:2222", "w1:2222"]}, "task": {"type": "worker", "index": 1}}))
+    result = launch("--", "trainer.max_steps=1")
+    assert result.returncode == 2 and "every worker must name the same run folder" in result.stderr, result.stderr
+
+
+def test_port_is_refused_when_tf_config_names_the_addresses():
+    text = json.dumps({"cluster": {"worker": ["w0:2222", "w1:2222"]}, "task": {"type": "worker", "index": 1}})
+    with pytest.raises(LaunchError, match="--port 3000: TF_CONFIG is set and names every worker's address"):
+        placement({"TF_CONFIG": text}, None, 3000)
+
+
+def test_a_tf_config_set_by_the_platform_is_used_as_it_is():
+    text = json.dumps({"cluster": {"worker": ["w0:2222", "w1:2222"]}, "task": {"type": "worker", "index": 1}})
+    found = placement({"TF_CONFIG": text, "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "3"}, 2, None)
+    assert found.tf_configs == [text] and found.indices == [1] and found.where == "TF_CONFIG"
+
+
+# The slow stage: real 2-worker groups. Deterministic, so an interrupted run can be compared with a whole one.
+STEPS = 200
+COMMON = [f"trainer.max_steps={STEPS}", "trainer.log_every=20", "trainer.checkpoint_every=20", "trainer.eval_every=0",
+          "trainer.eval_steps=2", "trainer.progress_bar=false", "data.batch_size=64", "trainer.deterministic=true"]
+
+
+def _start(out: Path, *args, cwd=None, env=None):
+    with open(out, "w") as f:
+        return subprocess.Popen([sys.executable, "-m", "trainer.launch", *args], stdout=f, stderr=subprocess.STDOUT,
+                                text=True, cwd=cwd, env=env)
+
+
+def _fingerprints(text: str) -> dict:
+    return dict(re.findall(r"^\[(w\d)\]\s+Weights fingerprint: (\w+)", text, re.M))
+
+
+def _worker_pid(out: Path, index: int, proc) -> int:
+    wait_until(lambda: f"worker {index}: process" in out.read_text(), proc, f"worker {index} started")
+    return int(re.search(rf"worker {index}: process (\d+)", out.read_text()).group(1))
+
+
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory):
+    """An uninterrupted 2-worker run: (exit code, output, run folder)."""
+    folder = tmp_path_factory.mktemp("whole")
+    out = folder / "launch.out"
+    proc = _start(out, "--workers", "2", "--", *COMMON, f"hydra.run.dir={folder / 'run'}")
+    return proc.wait(timeout=1200), out.read_text(), folder / "run"
+
+
+@pytest.mark.slow
+def test_two_workers_on_one_host_share_one_run_folder(whole_run):
+    code, text, run = whole_run
+    assert code == 0, text[-3000:]
+    prints = _fingerprints(text)
+    assert set(prints) == {"w0", "w1"} and prints["w0"] == prints["w1"], text[-3000:]
+    assert "[w1] " in text and "task worker/1, 2 replicas in sync" in text
+    assert (run / "trainer.worker1.log").exists() and (run / f"checkpoints/ckpt-{STEPS}.index").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_restarted_and_ends_with_the_whole_runs_weights(whole_run, tmp_path):
+    """SIGKILL to worker 1 once a checkpoint exists: the launcher stops worker 0, starts both again, they
+    resume from the newest complete checkpoint and end with the uninterrupted run's fingerprint."""
+    out, run = tmp_path / "launch.out", tmp_path / "run"
+    proc = _start(out, "--workers", "2", "--max-restarts", "1", "--", *COMMON, f"hydra.run.dir={run}")
+    try:
+        pid = _worker_pid(out, 1, proc)
+        wait_until(lambda: (run / "checkpoints/ckpt-20.index").exists(), proc, "the first checkpoint")
+        subprocess.run(["kill", "-KILL", str(pid)], check=True)
+        code = proc.wait(timeout=1200)
+    finally:
+        proc.kill()
+    text = out.read_text()
+    assert code == 0, text[-3000:]
+    assert "worker 1 was killed by SIGKILL: starting the group again in 1 s (restart 1 of 1)" in text
+    resumed = re.findall(r"^\[(w\d)\].*Resuming from .*\(step (\d+)\)", text, re.M)
+    assert sorted(w for w, _ in resumed) == ["w0", "w1"] and 20 <= int(resumed[0][1]) < STEPS
+    assert _fingerprints(text) == _fingerprints(whole_run[1]), text[-3000:]
+
+
+@pytest.mark.slow
+def test_no_restart_left_names_the_worker_and_its_last_lines(tmp_path):
+    out = tmp_path / "launch.out"
+    proc = _start(out, "--workers", "2", "--max-restarts", "0", "--", *COMMON, f"hydra.run.dir={tmp_path / 'run'}")
+    try:
+        pid = _worker_pid(out, 1, proc)
+        wait_until(lambda: "[w1] " in out.read_text() and "First loop" in out.read_text(), proc, "training")
+        subprocess.run(["kill", "-KILL", str(pid)], check=True)
+        code = proc.wait(timeout=1200)
+    finally:
+        proc.kill()
+    text = out.read_text()
+    assert code == 137, text[-3000:]
+    assert "worker 1 was killed by SIGKILL, after 0 restart(s) of at most 0; exit 137. Its last lines:" in text
+    assert "restart 1" not in text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("to_workers_too", [False, True])
+def test_sigterm_to_the_launcher_makes_every_worker_save_once(tmp_path, to_workers_too):
+    """`to_workers_too`: as SLURM signals every process of a step, each worker also gets the SIGTERM directly
+    (so twice): still one save, at one step."""
+    out, run = tmp_path / "launch.out", tmp_path / "run"
+    proc = _start(out, "--workers", "2", "--", *COMMON, f"hydra.run.dir={run}")
+    try:
+        wait_until(lambda: len(re.findall(r"^\[w\d\].*First loop", out.read_text(), re.M)) == 2, proc, "both training")
+        if to_workers_too:
+            for index in (0, 1):
+                subprocess.run(["kill", "-TERM", str(_worker_pid(out, index, proc))], check=True)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=1200)
+    finally:
+        proc.kill()
+    text = out.read_text()
+    assert code == 143, text[-3000:]
+    saved = re.findall(r"^\[(w\d)\].*every worker saved step (\d+)", text, re.M)
+    assert sorted(w for w, _ in saved) == ["w0", "w1"] and saved[0][1] == saved[1][1], text[-3000:]
+    assert "starting the group again" not in text
+    assert (run / f"checkpoints/ckpt-{saved[0][1]}.index").exists()
+
+
+@pytest.mark.slow
+def test_slurm_tasks_simulated_on_one_host_restart_their_own_workers(whole_run, tmp_path):
+    """Two launchers, as srun starts one per task: each starts its task's worker from the SLURM variables, both
+    name the same run folder (the job's and step's ids) without hydra.run.dir. Worker 1 SIGKILLed: its launcher restarts
+    it, worker 0 fails on the lost connection and its launcher restarts it; the group re-forms, resumes and
+    ends with the uninterrupted run's weights."""
+    port = next(p for p in free_ports(4) if _free(p + 1))
+    procs, outs = [], []
+    for rank in (0, 1):
+        env = {**_without_cluster(), "SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURMD_NODENAME": "localhost",
+               "SLURM_PROCID": str(rank), "SLURM_STEP_NUM_TASKS": "2",
+               "SLURM_STEP_NODELIST": "localhost", "SLURM_STEP_TASKS_PER_NODE": "2"}
+        outs.append(tmp_path / f"task{rank}.out")
+        procs.append(_start(outs[-1], "--port", str(port), "--", *COMMON, cwd=tmp_path, env=env))
+    run = tmp_path / "runs/mnist/slurm-4242-0"
+    try:
+        pid = _worker_pid(outs[1], 1, procs[1])
+        wait_until(lambda: (run / "checkpoints/ckpt-20.index").exists(), procs[0], "the first checkpoint")
+        subprocess.run(["kill", "-KILL", str(pid)], check=True)
+        codes = [p.wait(timeout=1200) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    texts = [o.read_text() for o in outs]
+    assert codes == [0, 0], [t[-2000:] for t in texts]
+    assert "[launch] 2 worker(s), SLURM; this launcher starts worker 1" in texts[1]
+    assert "worker 1 was killed by SIGKILL: starting the group again in 1 s (restart 1 of 3)" in texts[1]
+    assert "worker 0 exited 1: starting the group again in 1 s (restart 1 of 3)" in texts[0]
+    assert {**_fingerprints(texts[0]), **_fingerprints(texts[1])} == _fingerprints(whole_run[1])
+    assert (run / f"checkpoints/ckpt-{STEPS}.index").exists()
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def _without_cluster() -> dict:
+    return {k: v for k, v in os.environ.items() if k != "TF_CONFIG" and not k.startswith("SLURM_")}
