@@ -150,7 +150,7 @@ def _own_apply_averages(keras_sum: Callable) -> Callable:
         replicas = own_step_replicas()
         if replicas <= 1:
             return grads_and_vars
-        grads, variables = zip(*keras_sum(grads_and_vars))
-        return list(zip(divided(grads, replicas), variables))
+        summed = list(keras_sum(grads_and_vars))  # Keras' SUM all-reduce (None gradients kept)
+        return list(zip(divided([g for g, _ in summed], replicas), [v for _, v in summed]))
 
     return all_reduce
