@@ -89,7 +89,8 @@ def _uses_keras_global_seed_generator(graph) -> bool:
 def _variable(v):
     """A variable as the checkpoint holds it: a replica's copy is its distributed variable's."""
     container = getattr(v, "_distributed_container", None)
-    return (container() if callable(container) else None) or v
+    distributed = container() if callable(container) else None
+    return v if distributed is None else distributed
 
 
 def _generators_outside_checkpoint(graph, trainer) -> List[str]:
