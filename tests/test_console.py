@@ -70,3 +70,43 @@ def test_each_line_once_after_a_checkpoint_save_and_with_two_trainers(tmp_path):
         assert sum(said in line for line in lines) in (2, 4), result.stderr[-3000:]  # once per Trainer (per save)
     assert sum("step 4/4: loss=" in line for line in lines) == 2
     assert not any(line.startswith("INFO:trainer") for line in lines), result.stderr[-3000:]
+
+
+USER_HANDLER = """
+import io, json, logging, sys, keras
+from trainer import Trainer
+sys.path.insert(0, {tests!r})
+from conftest import blobs
+
+def fit(run):
+    Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), optimizer=lambda: keras.optimizers.SGD(0.1),
+            run_dir=run, log_every=2, checkpoint_every=2, progress_bar=False).fit(blobs(), steps=4)
+
+fit("first")  # nothing configured: the lines on stderr, once each (absl's bare root handler appears at its first save)
+package, mine = logging.getLogger("trainer"), io.StringIO()
+package.propagate = False  # the user's choice, kept
+handler = logging.StreamHandler(mine)
+handler.setFormatter(logging.Formatter("MINE %(message)s"))
+package.addHandler(handler)
+fit("second")
+print("RESULT", json.dumps(dict(propagate=package.propagate, mine=mine.getvalue().splitlines())))
+"""
+
+
+def test_a_user_handler_on_the_trainer_logger_gets_each_line_once_and_propagate_stays_theirs(tmp_path):
+    """A user who sets logging.getLogger("trainer").propagate = False and adds a handler (after a first Trainer
+    added ours) gets each line once, in that handler only; fit() no longer sets propagate back to True."""
+    from pathlib import Path
+
+    script = USER_HANDLER.format(tests=str(Path(__file__).parent))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = __import__("json").loads(next(l for l in result.stdout.splitlines() if l.startswith("RESULT"))[len("RESULT "):])
+    assert out["propagate"] is False
+    mine, stderr = out["mine"], result.stderr.splitlines()
+    for said in ("step 4/4: loss=", "Done: 4 steps"):
+        assert sum(said in line for line in mine) == 1, mine  # the second Trainer's, in the user's handler once
+        assert sum(said in line for line in stderr) == 1, result.stderr[-3000:]  # the first Trainer's only
+    assert sum("Saved checkpoint" in line for line in mine) == sum("Saved checkpoint" in line for line in stderr) > 0
+    assert not any(line.startswith("INFO:trainer") for line in stderr), result.stderr[-3000:]

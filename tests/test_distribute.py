@@ -319,16 +319,16 @@ class OwnStep(Trainer):
     def test_step(self, data):
         return {"d_loss": self.form(data[1], self.model(data[0], training=False))}
 
-class OwnComputeLoss(Trainer):  # compute_loss returns this replica's share of the global mean: Keras' division
+class OwnComputeLoss(Trainer):  # its body returns this replica's share of the global mean: Keras' division
     def compute_loss(self, x, y, y_pred, sample_weight=None):
         return bce(y, y_pred)
 
     def train_step(self, data):
-        loss, grads = self.compute_gradients(data)
+        loss, grads = self.compute_gradients(data)  # in an overridden step: of the replica's batch mean
         self.apply_gradients(grads, loss)
-        return {"d_loss": loss * self.strategy.num_replicas_in_sync}
+        return {"d_loss": loss}
 
-class ShareUpdate(Trainer):  # self.update(self.compute_loss(...)): that share is taken as such, and logged x replicas
+class BatchMeanUpdate(Trainer):  # self.update(self.compute_loss(...)): the replica's batch mean
     def train_step(self, data):
         x, y = data
         with tf.GradientTape() as tape:
@@ -336,12 +336,29 @@ class ShareUpdate(Trainer):  # self.update(self.compute_loss(...)): that share i
         self.update(loss, tape)
         return {"d_loss": loss}
 
-class ShareSum(Trainer):  # compute_loss (a share) x replicas + a penalty: the form docs/research.md recommends
+class ApplyGradients(Trainer):  # tape.gradient(self.compute_loss(...)) then self.apply_gradients: averaged
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            loss = self.compute_loss(x, y, self.model(x, training=True))
+        self.apply_gradients(tape.gradient(loss, self.model.trainable_variables), loss)
+        return {"d_loss": loss}
+
+class OptimizerApply(Trainer):  # Keras' habit, the optimizer's own apply_gradients (warned): averaged too
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            loss = self.compute_loss(x, y, self.model(x, training=True))
+        self.optimizer.apply_gradients(zip(tape.gradient(loss, self.model.trainable_variables), self.model.trainable_variables))
+        return {"d_loss": loss}
+
+class PenaltySum(Trainer):  # a loss plus a penalty: compute_loss's and the function form's give one update
     def train_step(self, data):
         x, y = data
         with tf.GradientTape() as tape:
             penalty = 0.05 * tf.reduce_sum(tf.square(self.model.layers[0].kernel))
-            loss = self.compute_loss(x, y, self.model(x, training=True)) * self.strategy.num_replicas_in_sync + penalty
+            y_pred = self.model(x, training=True)
+            loss = (self.compute_loss(x, y, y_pred) if self.form is None else self.form(y, y_pred)) + penalty
         self.update(loss, tape)
         return {"d_loss": loss}
 
@@ -360,13 +377,15 @@ class MixinStep(LossMixin, GradStep):  # a compute_loss from a mixin keeps Keras
 
 out = {}
 for replicas, strategy in ((1, tf.distribute.OneDeviceStrategy("/cpu:0")), (2, tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))):
-    for name in ("object", "function", "compute_loss", "default", "share_update", "mixin", "instance", "share_sum"):
-        cls = {"compute_loss": OwnComputeLoss, "default": Trainer, "share_update": ShareUpdate, "mixin": MixinStep,
-               "instance": GradStep, "share_sum": ShareSum}.get(name, OwnStep)
+    for name in ("object", "function", "compute_loss", "default", "batch_mean_update", "mixin", "instance",
+                 "apply_gradients", "optimizer_apply", "compute_loss_sum", "function_sum"):
+        cls = {"compute_loss": OwnComputeLoss, "default": Trainer, "batch_mean_update": BatchMeanUpdate, "mixin": MixinStep,
+               "instance": GradStep, "apply_gradients": ApplyGradients, "optimizer_apply": OptimizerApply,
+               "compute_loss_sum": PenaltySum, "function_sum": PenaltySum}.get(name, OwnStep)
         t = cls(model=lambda: keras.Sequential([keras.Input((8,)), keras.layers.Dense(4), keras.layers.Dense(1)]),
                 loss=bce if cls is not OwnStep else None, optimizer=lambda: keras.optimizers.SGD(0.5), strategy=strategy,
                 progress_bar=False, log_every=1)
-        t.form = forms.get(name)
+        t.form = forms.get(name.replace("_sum", ""))
         if name == "instance":  # a compute_loss assigned to the Trainer: as a class's
             t.compute_loss = lambda x, y, y_pred, sample_weight=None: bce(y, y_pred)
         logs = t.fit(ds, steps=3)
@@ -407,11 +426,13 @@ print("RESULT", json.dumps(out))
 def test_a_keras_loss_object_in_an_overridden_step_gives_the_update_of_its_function_form_on_two_replicas(tmp_path):
     """Keras divides a Loss object's value by the replicas (its trainer sums gradients); self.update averages
     them itself, so 2 replicas halved the update and the logged loss. Now the object and the function form give
-    the same weights and logs on 1 and 2 replicas; an overridden compute_loss (of the class, a mixin or the
-    instance) and the default step keep Keras' division (their loss is the replica's share of the global mean),
-    and self.update / a returned log given that share take it as such; compute_loss x replicas + a penalty (the
-    recommended sum) gives the same weights and loss on 1 and 2 replicas. Keras' own fit and a bare Loss call in the
-    same process still divide. Unseeded keras.random in the step is an error naming the fix."""
+    the same weights and logs on 1 and 2 replicas. In an overridden step self.compute_loss (the Step's, or one of the
+    class, a mixin or the instance) returns the replica's batch mean, so self.compute_loss(...) + a penalty gives the
+    update of the function form + the penalty on 1 and 2 replicas (it gave 1/replicas of the loss part, silently);
+    compute_gradients, self.apply_gradients and the optimizer's own apply_gradients there average over replicas
+    (the last left each replica's copy of the weights on its own); the default step still gives the mean's update.
+    Keras' own fit and a bare Loss call in the same process still divide. Unseeded keras.random in the step is an
+    error naming the fix."""
     script = tmp_path / "loss_objects.py"
     script.write_text(LOSS_OBJECTS)
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
@@ -423,11 +444,13 @@ def test_a_keras_loss_object_in_an_overridden_step_gives_the_update_of_its_funct
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     error = out.pop("keras_random_error", "no error")
     assert "keras.random.* call without a seed in the step" in error and "Fix: draw from self.rng" in error
-    share_sum = [out.pop(f"share_sum/{r}") for r in (1, 2)]  # its own loss (a penalty added): 2 replicas == 1
-    for got, want in zip(share_sum[1]["weights"], share_sum[0]["weights"]):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(share_sum[1]["loss"], share_sum[0]["loss"], rtol=1e-5)
-    assert len(out) == 14
+    sums = {key: out.pop(key) for key in [f"{form}_sum/{r}" for form in ("compute_loss", "function") for r in (1, 2)]}
+    for name, run in sums.items():  # its own loss (a penalty added): compute_loss's == the function form's, 2 replicas == 1
+        for got, want in zip(run["weights"], sums["function_sum/1"]["weights"]):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=name)
+        np.testing.assert_allclose(run["loss"], sums["function_sum/1"]["loss"], rtol=1e-5, err_msg=name)
+    assert sums["function_sum/1"]["weights"] != out["function/1"]["weights"]  # the penalty counts
+    assert len(out) == 18
     reference = out["function/1"]
     assert 0.5 < reference["loss"] < 0.9 and 0.5 < reference["eval"] < 0.9  # a mean binary cross-entropy, not halved
     for name, run in out.items():

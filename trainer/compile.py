@@ -212,8 +212,9 @@ def warn_unused_optimizers(trainer) -> None:
     unused = [name for name, updater in trainer.updaters.items() if not updater.in_step]
     if unused:
         log.warning("The train step never calls self.update(loss, tape, name) for optimizer(s) %s (this Trainer's: %s): "
-                    "their models are not trained by the Trainer (an optimizer.apply of your own gets no loss scaling, "
-                    "all-reduce over replicas or finite check). Fix: call self.update(loss, tape, %r) in train_step.",
+                    "their models are not trained by the Trainer (an optimizer.apply_gradients of your own gets no loss "
+                    "scaling, finite check, clipping or grad_norm; on several replicas its gradients are averaged over "
+                    "them). Fix: call self.update(loss, tape, %r) in train_step.",
                     unused, sorted(trainer.updaters), unused[0])
 
 

@@ -11,35 +11,63 @@ import sys
 
 
 class _StderrHandler(logging.StreamHandler):
-    """Ours: recognised (and taken away once the user configures logging, so no line is doubled)."""
+    """Ours: prints a `trainer` line unless a handler of the user's on its way up shows it (one of the
+    `trainer` loggers', or a configured root's), and keeps the bare root handler of `logging.basicConfig()`
+    from printing it a second time. It decides per line and never sets `propagate`: that is the user's."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        handlers = _handlers_reached(record.name)
+        if any(h is not self and not _bare(h) for h in handlers):
+            return  # the user's handler shows it
+        record.trainer_shown = True  # the bare root handlers drop it (_DropShown)
+        for handler in handlers:
+            if _bare(handler) and not any(isinstance(f, _DropShown) for f in handler.filters):
+                handler.addFilter(_DropShown())
+        super().emit(record)
+
+
+class _DropShown(logging.Filter):
+    """On the bare root handler (absl adds it at TensorFlow's first checkpoint save): a line ours printed is
+    not printed again; everything else passes as before."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "trainer_shown", False)
+
+
+def _bare(handler: logging.Handler) -> bool:
+    """The handler a plain `logging.basicConfig()` adds to the root logger (absl's call, too)."""
+    return type(handler) is logging.StreamHandler and getattr(handler.formatter, "_fmt", None) == logging.BASIC_FORMAT
+
+
+def _handlers_reached(name: str):
+    """The handlers a record of logger `name` reaches, as Logger.callHandlers walks them (propagate as set)."""
+    logger, reached = logging.getLogger(name), []
+    while logger:
+        reached.extend(logger.handlers)
+        logger = logger.parent if logger.propagate else None
+    return reached
 
 
 def _user_configured(root: logging.Logger) -> bool:
     """A root handler of the user's (Hydra's, pytest's, logging.basicConfig(format=...)), not the bare one
-    `logging.basicConfig()` makes: TensorFlow's checkpoint saver logs through absl, which adds that one
-    mid-run, and the `trainer` lines then came twice (ours, and propagated to it)."""
-    return any(not (type(h) is logging.StreamHandler and getattr(h.formatter, "_fmt", None) == logging.BASIC_FORMAT)
-               for h in root.handlers)
+    `logging.basicConfig()` makes: TensorFlow's checkpoint saver logs through absl, which adds that one mid-run."""
+    return any(not _bare(h) for h in root.handlers)
 
 
 def show_logs_unless_configured(verbose: bool) -> None:
     """Logs the `trainer` logger's INFO lines to stderr, once each, when neither it nor the root logger has a
-    handler of the user's (the CLI's Hydra and pytest configure the root one). While ours is there the
-    `trainer` logger does not propagate, so a bare root handler added later (absl's) does not print them
-    again. Called by every fit(); idempotent."""
+    handler of the user's (the CLI's Hydra and pytest configure the root one). Called by every fit(); idempotent."""
     package, root = logging.getLogger("trainer"), logging.getLogger()
     ours = [h for h in package.handlers if isinstance(h, _StderrHandler)]
-    if ours and (_user_configured(root) or not verbose):  # configured since, or quiet asked for
-        for handler in ours:
+    if ours and (_user_configured(root) or not verbose or len(ours) < len(package.handlers)):
+        for handler in ours:  # configured since, or quiet asked for
             package.removeHandler(handler)
-        package.propagate = True
         return
     if ours or not verbose or package.handlers or _user_configured(root):
         return
     handler = _StderrHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[%(name)s][%(levelname)s] - %(message)s"))  # as the CLI's
     package.addHandler(handler)
-    package.propagate = False
     if package.level == logging.NOTSET:
         package.setLevel(logging.INFO)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from typing import Any, Callable, Optional, Union
 
 import tensorflow as tf
@@ -15,6 +16,7 @@ from trainer.step import Step
 log = logging.getLogger("trainer.core")
 
 DataArg = Union[tf.data.Dataset, Callable[[tf.distribute.InputContext], tf.data.Dataset]]
+_trained_from: "weakref.WeakSet" = weakref.WeakSet()  # data set objects a training iterator was made of (any Trainer)
 
 
 class KeptIterator:
@@ -118,6 +120,7 @@ def training_iterator(data: DataArg, strategy, start: int, batches_read: int, ke
     if batches_read:  # tf.data produces the skipped batches (reads, decodes) and drops them: it takes time
         log.info("Data: skipping the %d batches the first %d steps trained on, to resume in the same order",
                  batches_read, start)
+    warn_if_reshuffled_again(data, start)
     return iter(distribute(data, strategy, skip_batches=batches_read))
 
 
@@ -141,3 +144,40 @@ def total_steps(steps: Optional[int], epochs: Optional[float], steps_per_epoch: 
     if not candidates:
         raise ConfigError("say how long to train: trainer.max_steps or trainer.epochs (fit(steps=...))")
     return min(candidates)
+
+
+def _reshuffles(data: tf.data.Dataset) -> bool:
+    """Whether a shuffle (or Dataset.random) in the pipeline draws a new order for each iterator made of it."""
+    stack, seen = [data], set()
+    while stack:
+        ds = stack.pop()
+        if id(ds) in seen:
+            continue
+        seen.add(id(ds))
+        if getattr(ds, "_reshuffle_each_iteration", False) or getattr(ds, "_rerandomize", False):
+            return True
+        try:
+            stack.extend(ds._inputs())  # tf.data's own walk over a pipeline's inputs
+        except (AttributeError, NotImplementedError, TypeError):
+            pass
+    return False
+
+
+def warn_if_reshuffled_again(data: DataArg, start: int) -> None:
+    """A seeded shuffle gives each new iterator of one data set object the next order of its sequence: the
+    training iterator of a second Trainer (or fit) on the object goes over other batches than a new process
+    would, so skipping the batches trained on (a resume) is inexact, silently. tf.data keeps that sequence in the
+    object, out of the Trainer's reach: said, with the fix."""
+    if not isinstance(data, tf.data.Dataset):
+        return  # a function of an InputContext builds its pipeline afresh each time
+    try:
+        again = data in _trained_from
+        _trained_from.add(data)
+    except TypeError:  # not weakly referable: not tracked
+        return
+    if again and _reshuffles(data):
+        log.warning("The training data set object was iterated for training before in this process (by another Trainer "
+                    "or fit()), and it shuffles anew for each iterator (Dataset.shuffle's reshuffle_each_iteration): this "
+                    "run, at step %d, reads its batches in another order than a new process would, so a resume does "
+                    "not go on with the batches an uninterrupted run reads. Fix: build the data set again for each "
+                    "Trainer (a function that returns it), or give the data through the data config (data=...).", start)

@@ -6,9 +6,14 @@ then SUMS the gradients over replicas (and multiplies the logged loss back). `Tr
 takes the replica's batch mean and averages over replicas itself, so `keras.losses.X()(y, p)` in a
 `train_step` on 2 replicas gave half the update and half the logged loss. While an overridden
 `train_step`/`test_step` runs (it runs only when traced), that division is left out: a `Loss` object gives
-what its function form gives (`tf.reduce_mean(keras.losses.x(y, p))`). `compute_loss` keeps Keras'
-convention: its contract is this replica's share of the global mean, which is what Keras' division gives.
-Its value is marked as that share (mark_replica_share), so `update` and a returned log take it as such.
+what its function form gives (`tf.reduce_mean(keras.losses.x(y, p))`).
+
+In such a step every value is the replica's batch mean, so any arithmetic on it is right: `self.compute_loss`
+returns its body's value (this replica's share of the global mean, Keras' convention, which the default step
+sums over replicas) times the replicas, `compute_gradients` gives the gradients of that, `apply_gradients`
+and a Trainer optimizer's own `apply_gradients` average them over replicas. Outside it (the default step,
+gradient accumulation) `compute_loss`'s value is that share, marked (mark_replica_share) so that the loss
+tracker and a returned log take it as such.
 
 The switch is per thread (MirroredStrategy traces each replica in a thread of its own, entered inside the
 wrapper) and Keras' function is looked up when a loss reduces, so it acts inside our steps only: any other
@@ -21,11 +26,12 @@ import functools
 import logging
 import threading
 
+import tensorflow as tf
 from keras.src.losses import loss as keras_loss
 
 log = logging.getLogger("trainer.core")
 
-_keras_divides = threading.local()
+_state = threading.local()  # .divides: Keras' division on; .own_step: the replicas inside an overridden step
 _warned = set()  # warnings said once per process
 
 
@@ -47,16 +53,28 @@ _HOOKED = "scale_loss_for_distribution" in keras_loss.reduce_values.__code__.co_
 
 
 def _divides() -> bool:
-    return getattr(_keras_divides, "on", True)
+    return getattr(_state, "divides", True)
+
+
+def own_step_replicas() -> int:
+    """The replicas while an overridden train_step/test_step runs (is traced) in this thread, else 0: there
+    every loss and gradient is the replica's batch mean (see the module's docstring)."""
+    return getattr(_state, "own_step", 0)
 
 
 @contextlib.contextmanager
-def _keras_division(on: bool):
-    before, _keras_divides.on = _divides(), on
+def _convention(divides: bool, own_step: int):
+    before = _divides(), own_step_replicas()
+    _state.divides, _state.own_step = divides, own_step
     try:
         yield
     finally:
-        _keras_divides.on = before
+        _state.divides, _state.own_step = before
+
+
+def outside_own_step():
+    """The framework's own apply (Updater.apply): Keras' convention, as outside an overridden step."""
+    return _convention(True, 0)
 
 
 @functools.wraps(_keras_scale)
@@ -112,13 +130,14 @@ def is_replica_share(loss) -> bool:
     return getattr(loss, "_trainer_replica_share", False)
 
 
-def note_replica_share(replicas: int) -> None:
-    """Said once: self.update was given compute_loss's value, already divided by the replicas."""
-    if "share" not in _warned and replicas > 1:
-        _warned.add("share")
-        log.info("self.update got the value of self.compute_loss, this replica's share of the global mean (1/%d of "
-                 "its batch mean): the Trainer takes it as such, so the update is that of the batch mean (its gradients are not "
-                 "divided by the %d replicas again).", replicas, replicas)
+def divided(grads, replicas: int):
+    """Gradients of a replica's batch mean (an overridden step's) made that replica's share of the mean's
+    gradient, which the all-reduce sums; IndexedSlices (an embedding's) stay sparse."""
+    if replicas <= 1:
+        return grads
+    part = lambda g: g if g is None else (  # noqa: E731
+        tf.IndexedSlices(g.values / replicas, g.indices, g.dense_shape) if isinstance(g, tf.IndexedSlices) else g / replicas)
+    return [part(g) for g in grads]
 
 
 def per_replica_mean(step, replicas: int):
@@ -126,23 +145,26 @@ def per_replica_mean(step, replicas: int):
     giving the replica's batch mean while it runs (is traced)."""
     def run(*args, **kwargs):  # not framework_code: autograph converts the step it calls
         _ensure_hooked(replicas)
-        with _keras_division(False):
+        with _convention(False, replicas):
             return step(*args, **kwargs)
 
     return run
 
 
 def keras_convention(compute_loss):
-    """An overridden `compute_loss` (a function of the class, or one assigned to an instance; it returns this
-    replica's share of the global mean): Keras Loss objects inside it divide by the replicas, as Keras does,
-    also when an overridden step calls it; its value is marked as that share (mark_replica_share)."""
+    """`compute_loss` (the Step's, an override of the class, or one assigned to an instance), whose body returns
+    this replica's share of the global mean: Keras Loss objects inside it divide by the replicas, as Keras does.
+    In an overridden step its value × the replicas is returned (the batch mean, so `compute_loss(...) + term`
+    is right); elsewhere the share, marked as such (mark_replica_share)."""
     if _ours(compute_loss):
         return compute_loss
 
     @functools.wraps(compute_loss)
     def with_keras_division(*args, **kwargs):
-        with _keras_division(True):
-            return mark_replica_share(compute_loss(*args, **kwargs))
+        replicas = own_step_replicas()
+        with _convention(True, 0):  # a super().compute_loss inside returns the share too
+            share = compute_loss(*args, **kwargs)
+        return mark_replica_share(share) if not replicas or share is None else share * replicas
 
     with_keras_division._trainer_loss_convention = True
     return with_keras_division

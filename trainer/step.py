@@ -15,7 +15,7 @@ import keras
 import tensorflow as tf
 
 from trainer.data import DataError
-from trainer.loss_convention import is_replica_share, keras_convention, mark_replica_share, note_replica_share
+from trainer.loss_convention import divided, is_replica_share, keras_convention, own_step_replicas
 from trainer.tracing import framework_code
 
 
@@ -36,9 +36,12 @@ class Step:
 
     # -- the default step ------------------------------------------------------------------------
 
+    @keras_convention  # called in an overridden step, it returns the replica's batch mean (loss_convention.py)
     def compute_loss(self, x, y, y_pred, sample_weight=None) -> tf.Tensor:
         """Per-example loss averaged over the *global* batch, plus this replica's share of the
-        regularization and `add_loss` losses; summing it over replicas gives the mean loss."""
+        regularization and `add_loss` losses; summing it over replicas gives the mean loss. An override
+        returns the same; in an overridden train_step/test_step, `self.compute_loss` returns that × the
+        replicas: the replica's batch mean, as on one device."""
         loss = tf.constant(0.0)
         if self.loss is not None:
             loss = self._global_mean(tf.cast(self.loss(y, y_pred), tf.float32), sample_weight)
@@ -47,7 +50,7 @@ class Step:
                              "override train_step (calling self.update(loss, tape)) and test_step (or no eval data)")
         if self.model.losses:
             loss += tf.nn.scale_regularization_loss(tf.add_n([tf.cast(l, tf.float32) for l in self.model.losses]))
-        return mark_replica_share(loss)
+        return loss
 
     @framework_code
     def _global_mean(self, per_example, sample_weight):
@@ -86,7 +89,11 @@ class Step:
         return loss, unscaled_grads
 
     def apply_gradients(self, unscaled_grads, loss=None, optimizer: Optional[str] = None) -> None:
-        """All-reduce, finite check, clip, apply (or skip), update the loss scale (update.py)."""
+        """All-reduce, finite check, clip, apply (or skip), update the loss scale (update.py). In an overridden
+        step the gradients are of the replica's batch mean (compute_gradients' there too): averaged over replicas."""
+        replicas = own_step_replicas()
+        if replicas > 1:
+            unscaled_grads, loss = divided(unscaled_grads, replicas), None if loss is None else loss / replicas
         self.updater(optimizer).apply(unscaled_grads, loss)
 
     def train_step(self, data) -> Optional[Dict[str, tf.Tensor]]:
@@ -104,8 +111,10 @@ class Step:
     def _update_metrics(self, metrics, loss_tracker, loss, y, y_pred, sample_weight):
         if loss is not None:
             batch = tf.cast(tf.shape(tf.nest.flatten(y_pred)[0])[0], tf.float32)
-            # `loss` is this replica's share of the global mean; × replicas gives its own batch mean.
-            loss_tracker.update_state(loss * self.strategy.num_replicas_in_sync, sample_weight=batch)
+            # compute_loss's share of the global mean × replicas is this replica's batch mean (in an overridden
+            # step, calling super().train_step, compute_loss gave that mean already)
+            loss = loss * self.strategy.num_replicas_in_sync if is_replica_share(loss) else loss
+            loss_tracker.update_state(loss, sample_weight=batch)
         if y is None:
             return  # unlabelled data: metrics compare predictions with labels
         for metric in metrics.values():
@@ -146,11 +155,8 @@ class Step:
         if loss.dtype != tf.float32:
             raise TypeError(f"Trainer.update: the loss is {loss.dtype.name}, not float32. Compute it from float32 "
                             "outputs (tf.cast(outputs, 'float32') inside the tape), as a mixed policy needs.")
-        replicas = self.strategy.num_replicas_in_sync
-        share = is_replica_share(loss)  # self.compute_loss's value, 1/replicas of the batch mean: divided already
-        if share:
-            note_replica_share(replicas)
-        divide = 1 if share else replicas  # d(loss / replicas)/dw: the gradients of the replica's share
+        # compute_loss's value outside an overridden step (1/replicas of the batch mean) is divided already.
+        divide = 1 if is_replica_share(loss) else self.strategy.num_replicas_in_sync
         unscaled_grads = updater.unscaled_gradients(tape, loss, updater.variables(), divide)
         if unscaled_grads and all(g is None for g in unscaled_grads):  # Keras would say "No gradients provided for any variable"
             name = updater.name

@@ -8,11 +8,14 @@ functions. What users write or override (train_step, test_step, compute_gradient
 function, a metric) stays converted.
 
 With trainer.deterministic, each trace of the train step is searched for randomness whose state no
-checkpoint holds (`warn_random_state_outside_checkpoint`): a resumed run would draw other numbers. A retrace
-(another input shape) names only what no earlier trace of that Trainer named.
+checkpoint holds (`warn_random_state_outside_checkpoint`): a resumed run would draw other numbers. That is
+a stateful random op, Keras' global SeedGenerator, or the state variable of a tf.random.Generator that the
+checkpoint does not hold (the user's own). A retrace (another input shape) names only what no earlier trace
+of that Trainer named.
 """
 import contextlib
 import logging
+import sys
 import weakref
 from typing import List, Tuple
 
@@ -83,16 +86,48 @@ def _uses_keras_global_seed_generator(graph) -> bool:
     return any(external is h for external, _ in graph.captures for h in handles if h is not None)
 
 
+def _variable(v):
+    """A variable as the checkpoint holds it: a replica's copy is its distributed variable's."""
+    container = getattr(v, "_distributed_container", None)
+    distributed = container() if callable(container) else None
+    return v if distributed is None else distributed
+
+
+def _generators_outside_checkpoint(graph, trainer) -> List[str]:
+    """The tf.random.Generators whose state variable the traced step read but no checkpoint object holds,
+    named where found (an attribute of the Trainer, a global of the step's module or of __main__)."""
+    read = [_variable(v) for v in getattr(graph, "_watched_variables", ())  # every variable the trace read
+            if v.name.split(":")[0].rsplit("/", 1)[-1] == "StateVar"]  # tf.random.Generator's (its fixed name)
+    read = [v for v in read if v is not _variable(trainer.rng.state)]
+    if not read:
+        return []
+    with tf.init_scope():  # the checkpoint's object graph, walked eagerly
+        checkpoint = tf.train.Checkpoint(**trainer.checkpoint_objects())  # held: the view keeps a weak reference
+        held = {id(_variable(thing.state if isinstance(thing, tf.random.Generator) else thing))
+                for thing in tf.train.TrackableView(checkpoint).descendants()}
+    outside = [v for v in read if id(v) not in held]
+    if not outside:
+        return []
+    places = [("self.", vars(trainer))] + [(f"{m}.", vars(sys.modules[m])) for m in {type(trainer).__module__, "__main__"}
+                                            if m in sys.modules]
+    names = {id(_variable(g.state)): prefix + key for prefix, space in places for key, g in list(space.items())
+             if isinstance(g, tf.random.Generator)}
+    return [f"a tf.random.Generator of your own ({names.get(id(v), 'state variable ' + repr(v.name))}), which no "
+            "checkpoint holds" for v in outside]
+
+
 @framework_code
 def warn_random_state_outside_checkpoint(trainer) -> None:
     """With trainer.deterministic, at each trace of the train step (call it at the end of the traced
-    function): names the random ops whose state a checkpoint does not hold, and the fix; each once per Trainer."""
+    function): names the random ops and generators whose state a checkpoint (trainer.checkpoint_objects())
+    does not hold, and the fix; each once per Trainer."""
     if not trainer.config.deterministic:
         return
     graph = tf.compat.v1.get_default_graph()
     found = [f"{op} {name!r}" for op, name in stateful_random_ops(graph)]
     if _uses_keras_global_seed_generator(graph):
         found.append("keras.random.* without a seed (Keras' global SeedGenerator)")
+    found += _generators_outside_checkpoint(graph, trainer)
     named = _named.setdefault(trainer, set())  # what an earlier trace of this Trainer named already
     found = [f for f in found if f not in named]
     named.update(found)
@@ -102,6 +137,6 @@ def warn_random_state_outside_checkpoint(trainer) -> None:
     log.warning(
         "trainer.deterministic=true, but the train step draws random numbers whose state is in no checkpoint, so a "
         "resumed run draws other numbers than an uninterrupted one and ends with other weights: %s. Fix: draw from "
-        "self.rng, the Trainer's checkpointed tf.random.Generator (self.rng.uniform(shape), self.rng.normal(shape), or "
+        "self.rng, the Trainer's checkpointed tf.random.Generator, in place of tf.random.* or a generator of your own (self.rng.uniform(shape), self.rng.normal(shape), or "
         "tf.random.stateless_*(shape, seed=self.rng.make_seeds(1)[:, 0])), give keras.random a SeedGenerator kept on a "
         "model (seed=model.seed_generator), or put the randomness in the data pipeline (see docs/research.md).", shown)

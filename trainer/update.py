@@ -13,6 +13,7 @@ import keras
 import tensorflow as tf
 
 from trainer.fused import fuse
+from trainer.loss_convention import divided, outside_own_step, own_step_replicas
 from trainer.loss_scale import LossScale
 from trainer.tracing import framework_code
 
@@ -41,9 +42,10 @@ class Updater:
         self.in_step = False  # set when a traced step calls apply(): only then has it a grad_norm to log
         with strategy.scope():
             self.grad_norm = keras.metrics.Mean(name="grad_norm")
-        # The step all-reduces the gradients itself (clipping and the finite check need the global
-        # gradient), so the Keras optimizer's own all-reduce must not sum them a second time.
-        optimizer._all_reduce_sum_gradients = lambda grads_and_vars: grads_and_vars
+        # apply() all-reduces the gradients itself (clipping and the finite check need the global gradient), so
+        # the Keras optimizer's own all-reduce must not sum them a second time; an optimizer.apply_gradients of
+        # the user's in an overridden step gets the mean over replicas (its gradients are of batch means).
+        optimizer._all_reduce_sum_gradients = _own_apply_averages(optimizer._all_reduce_sum_gradients)
         if fused and fuse(optimizer):
             log.info("Optimizer %s: %s with TensorFlow's fused update kernels (trainer.fused_optimizer=false: "
                      "Keras' ops)", name, type(optimizer).__name__)
@@ -72,6 +74,11 @@ class Updater:
     def apply(self, unscaled_grads, loss=None) -> None:
         """All-reduce, finite check, clip, apply (or skip), update the loss scale. `loss` is this
         replica's share of the global loss; a non-finite loss also skips the update."""
+        with outside_own_step():  # the optimizer's own all-reduce: none (_own_apply_averages)
+            self._apply(unscaled_grads, loss)
+
+    @framework_code
+    def _apply(self, unscaled_grads, loss) -> None:
         self.in_step = True
         replica_context = tf.distribute.get_replica_context()
         if self.strategy.num_replicas_in_sync > 1:
@@ -149,3 +156,17 @@ class Updater:
             logs[f"{prefix}loss_scale"] = status.scale
         logs[f"{prefix}skipped_steps"] = status.skipped_steps
         return logs
+
+
+def _own_apply_averages(keras_sum: Callable) -> Callable:
+    """A Trainer optimizer's all-reduce: none in Updater.apply (done before); the mean over the replicas when
+    the user's own step calls optimizer.apply_gradients (Keras' sum would give replicas × the gradient of the
+    batch-mean loss, and no all-reduce let each replica's copy of the variables drift apart)."""
+    def all_reduce(grads_and_vars):
+        replicas = own_step_replicas()
+        if replicas <= 1:
+            return grads_and_vars
+        summed = list(keras_sum(grads_and_vars))  # Keras' SUM all-reduce (None gradients kept)
+        return list(zip(divided([g for g, _ in summed], replicas), [v for _, v in summed]))
+
+    return all_reduce
