@@ -172,7 +172,7 @@ def test_without_the_progress_bar_the_log_has_a_line_per_event(tmp_path, tiny):
     # Hydra configures logging for the CLI: fit() adds no handler of its own (trainer/console.py), no line twice
     assert text.count("Done: 40 steps") == 1 and (result.stdout + result.stderr).count("Done: 40 steps") == 1
     for step in (20, 40):
-        assert re.search(rf"eval @ step {step}: loss=\d+\.\d{{4}}, accuracy=\d+\.\d{{4}}", text), text[-3000:]
+        assert re.search(rf"eval @ step {step} \(10 batches\): loss=\d+\.\d{{4}}, accuracy=\d+\.\d{{4}}", text), text[-3000:]
 
 
 @pytest.mark.parametrize(
