@@ -12,6 +12,7 @@ from typing import Callable, Dict, List, Optional
 import keras
 import tensorflow as tf
 
+from trainer.ema import warm_up_decay
 from trainer.fused import fuse
 from trainer.loss_scale import LossScale
 from trainer.tracing import framework_code
@@ -44,6 +45,7 @@ class Updater:
         # The step all-reduces the gradients itself (clipping and the finite check need the global
         # gradient), so the Keras optimizer's own all-reduce must not sum them a second time.
         optimizer._all_reduce_sum_gradients = lambda grads_and_vars: grads_and_vars
+        warm_up_decay(optimizer)  # use_ema: the average's decay warms up (ema.py)
         if fused and fuse(optimizer):
             log.info("Optimizer %s: %s with TensorFlow's fused update kernels (trainer.fused_optimizer=false: "
                      "Keras' ops)", name, type(optimizer).__name__)
