@@ -138,6 +138,7 @@ class TrainerConfig(Checked):
     sweep_metric: Optional[str] = None  # the final eval metric a multirun sweeper (Optuna) optimizes: `accuracy`, `loss`; None: best_metric, or the loss without one
     sweep_mode: Optional[str] = chosen(None, "max|min")  # whether a larger or a smaller sweep_metric is better; None: best_mode for best_metric, min for a name ending in loss
     resume: bool = True  # resume from the run folder's checkpoints when there are any
+    resume_from: Optional[str] = None  # resume from this checkpoint, not the newest: ckpt-N | best | best/ckpt-N | a checkpoint's path; what came after is set aside in checkpoints/set-aside-after-N/ (docs/concepts/checkpoints.md)
     init_from: Any = None  # warm start, model weights only (a checkpoint, .keras, .weights.h5); several models: {name:PATH}
     # Divergence (docs/faults.md). 100x the first loss is far beyond a healthy run's noise (a spike of a
     # few x), yet a diverging run passes it within a log window or two (lr=1e6 on MNIST: 2.4 at step 1,
