@@ -6,6 +6,7 @@ import math
 import shlex
 import time
 
+from trainer import model_summary
 from trainer.callbacks.base import Callback
 from trainer.callbacks.loggers import scalars
 from trainer.memory import is_memory_field, memory_logs, memory_text
@@ -82,6 +83,8 @@ class Summary(Callback):
         self.start = time.perf_counter()
         self.start_step = int(trainer.step.numpy())
         self.examples_per_sec = []
+        if trainer.run_dir is not None and trainer.is_chief:  # after the resume's checks: a refused one writes nothing
+            model_summary.write(trainer.run_dir / model_summary.FILE, trainer.models, trainer.frozen)
 
     def on_log(self, trainer, step, logs):
         if math.isfinite(logs.get("examples_per_sec", math.nan)):
