@@ -93,6 +93,17 @@ def test_limit_eval_batches_counts_and_fraction():
     assert TrainerConfig(limit_eval_batches=5, eval_steps=5).eval_steps == 5  # the same value twice is fine
 
 
+def test_a_limited_evaluation_says_how_many_batches_it_read(caplog):
+    """The eval line names the batches read when a limit applies (and when the set ended first); a whole
+    eval set keeps the plain line."""
+    for limit, said in ((3, "eval @ step 2 (3 batches): loss="), (40, "eval @ step 2 (16 batches of the 40 asked: the eval set ended): loss="),
+                        (None, "eval @ step 2: loss=")):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="trainer"):
+            _trainer(max_steps=2, limit_eval_batches=limit).fit(blobs(), blobs())
+        assert said in caplog.text, caplog.text[-2000:]
+
+
 def test_fast_dev_run_trains_two_steps_from_scratch_and_writes_nothing(tmp_path, caplog):
     """Pointed at an existing run: it neither resumes from its checkpoints nor changes a byte of its folder;
     a new run folder is not even created. 2 train steps, 2 eval batches."""

@@ -10,12 +10,14 @@ import pytest
 from trainer.plot import main, plot_runs
 
 
-def write_run(folder, rows, overrides=None):
+def write_run(folder, rows, overrides=None, config=None):
     folder.mkdir(parents=True)
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if overrides is not None:
         (folder / ".hydra").mkdir()
         (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    if config is not None:  # as trainer/cli.py records the composed config
+        (folder / ".hydra" / "config.yaml").write_text(json.dumps(config))
     return folder
 
 
@@ -186,3 +188,24 @@ def test_steps_logged_twice_after_a_resume_are_drawn_once_with_their_last_value(
     steps, losses = load_runs([str(run)])[0].series("train", "loss")
     assert steps == [10, 20, 30, 40]
     assert losses == pytest.approx([0.1, 0.1, 2.0 / 30, 0.05])
+
+
+def test_a_changing_learning_rate_has_a_panel_and_names_say_what_differs_shortest_first(tmp_path):
+    """A plateau's reduction (1e-3 -> 1e-4 at step 30) is drawn on a log-scale lr panel; each run is named by
+    the config values that differ (not by every override it was given: the shared trainer.log_every, the
+    progress bar that changes nothing), the shortest first."""
+    reduced = rows_of(False)
+    for row in reduced:
+        if row["split"] == "train" and row["step"] == 30:
+            row["lr"] = 1e-4
+    base = {"optimizer": {"lr": 0.001}, "trainer": {"max_steps": 30, "log_every": 10, "progress_bar": True}}
+    a = write_run(tmp_path / "a", reduced, ["model.hidden_units=[64,64]", "trainer.log_every=10", "trainer.progress_bar=false"],
+                  {**base, "trainer": {**base["trainer"], "progress_bar": False}, "model": {"hidden_units": [64, 64], "dropout": True}})
+    b = write_run(tmp_path / "b", rows_of(False), ["trainer.log_every=10", "optimizer.lr=0.01"],
+                  {**base, "optimizer": {"lr": 0.01}, "model": {"hidden_units": [128], "dropout": True}})
+    fig = plot_runs([str(a), str(b)])
+    panels = lines_by_panel(fig)
+    assert list(panels) == ["loss", "accuracy", "lr"]
+    assert panels["lr"] == ["optimizer.lr=0.001,model.hidden_units=[64,64] train", "optimizer.lr=0.01,model.hidden_units=[128] train"]
+    lr_axis = fig.get_axes()[2]
+    assert lr_axis.get_yscale() == "log" and list(lr_axis.get_lines()[0].get_ydata()) == [1e-3, 1e-3, 1e-4]

@@ -85,6 +85,63 @@ def test_clipping_acts_on_unscaled_gradients():
     assert results[1] == pytest.approx(0.01, rel=2e-2)
 
 
+def _clipvalue_step(precision, strategy=None):
+    """One step of SGD(1.0, clipvalue=0.05) on a fixed batch: (weights before, after, the hand-computed
+    gradient of the whole batch at the weights before)."""
+    x, y = data()
+    ds = tf.data.Dataset.from_tensor_slices((x * 5, y)).batch(32, drop_remainder=True)
+    trainer = Trainer(
+        model=lambda: keras.Sequential([keras.Input((8,)), keras.layers.Dense(2, dtype="float32")]),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        optimizer=lambda: keras.optimizers.SGD(1.0, clipvalue=0.05), strategy=strategy,
+        precision=precision, progress_bar=False, seed=0, jit_compile=False,
+    )
+    batch = next(iter(ds))
+    trainer.build(batch)
+    start = [w.numpy().copy() for w in trainer.model.trainable_variables]
+    with tf.GradientTape() as tape:
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(batch[1], trainer.model(batch[0]))
+    grads = [g.numpy() for g in tape.gradient(loss, trainer.model.trainable_variables)]
+    trainer.fit(ds, steps=1)
+    return start, [w.numpy() for w in trainer.model.trainable_variables], grads
+
+
+@pytest.mark.parametrize("precision", ["float32", PrecisionConfig(policy="mixed_float16", loss_scale=2.0**15)])
+def test_clipvalue_bounds_each_unscaled_gradient_value(precision):
+    """optimizer clipvalue (Keras' option) clips each value of the unscaled gradient: SGD(1.0) moves each
+    weight by exactly -clip(g, -0.05, 0.05) of the hand-computed gradient; some values are under the bound
+    (so a clip of the 2**15-scaled gradients, which would move every weight by 0.05, is ruled out)."""
+    start, end, grads = _clipvalue_step(precision)
+    for s, e, g in zip(start, end, grads):
+        assert np.abs(s - e).max() <= 0.05 * (1 + 1e-6)
+        np.testing.assert_allclose(s - e, np.clip(g, -0.05, 0.05), rtol=2e-2 if precision != "float32" else 1e-5, atol=1e-6)
+    clipped = np.concatenate([np.abs(g).ravel() for g in grads])
+    assert (clipped > 0.05).any() and (clipped < 0.04).any(), clipped  # both kinds of value in the test
+
+
+def test_clipvalue_with_two_replicas_clips_the_all_reduced_gradient(tmp_path):
+    """On 2 logical CPUs (MirroredStrategy) the update is that of one device: clipped after the all-reduce."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "two.py"
+    script.write_text(
+        "import sys; sys.path.insert(0, %r)\n" % str(Path(__file__).parent)
+        + "import tensorflow as tf\n"
+        "cpu = tf.config.list_physical_devices('CPU')[0]\n"
+        "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n"
+        "import numpy as np\n"
+        "from test_step import _clipvalue_step\n"
+        "strategy = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])\n"
+        "start, end, grads = _clipvalue_step('float32', strategy)\n"
+        "for s, e, g in zip(start, end, grads):\n"
+        "    np.testing.assert_allclose(s - e, np.clip(g, -0.05, 0.05), rtol=1e-5, atol=1e-6)\n"
+        "print('replicas', strategy.num_replicas_in_sync)\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "replicas 2" in result.stdout, result.stderr[-3000:]
+
+
 def test_grad_multipliers_scale_one_variable_group():
     x, y = data()
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(32, drop_remainder=True)

@@ -10,6 +10,24 @@ def test_job_folder_names_are_unique_flat_and_bounded():
     assert len(job_folder(12, "k=" + "v" * 500)) <= 203
 
 
+def test_job_folder_names_hold_the_swept_keys_only(tmp_path, monkeypatch):
+    """A sweep's recorded swept keys (several values on the command line, or the sweeper's params) name the
+    folder; without a record for this sweep folder, every override does (Hydra's override_dirname)."""
+    from omegaconf import OmegaConf
+
+    from trainer.sweep import SWEPT_KEYS_ENV, record_swept_keys
+
+    monkeypatch.delenv(SWEPT_KEYS_ENV, raising=False)
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}, "sweeper": {"params": {"seed": "range(0,2)"}},
+                                         "overrides": {"task": ["model.hidden_units=[64]", "optimizer.lr=1e-3,1e-2",
+                                                                "trainer.log_every=50", "+optimizer.clipvalue=0.1,0.5"]}}})
+    assert record_swept_keys(config) == ["optimizer.clipvalue", "optimizer.lr", "seed"]
+    task = ["model.hidden_units=[64]", "optimizer.lr=0.01", "trainer.log_every=50", "+optimizer.clipvalue=0.5", "seed=1"]
+    every = "+optimizer.clipvalue=0.5,model.hidden_units=[64],optimizer.lr=0.01,seed=1,trainer.log_every=50"
+    assert job_folder(1, every, task, str(tmp_path)) == "1_+optimizer.clipvalue=0.5,optimizer.lr=0.01,seed=1"
+    assert job_folder(1, every, task, str(tmp_path / "other")) == "1_" + every  # another sweep's record
+
+
 def test_table_reads_each_job_and_keeps_the_overrides_that_differ(tmp_path):
     rows = [{"step": 10, "split": "train", "loss": 1.0}, {"step": 10, "split": "eval", "loss": 0.7},
             {"step": 20, "split": "eval", "loss": 0.9}]

@@ -91,7 +91,7 @@ def test_an_optuna_sweep_maximizes_the_recipes_metric_and_ends_with_its_trials(t
     assert shlex.split(plot_command)[3] == str(job)
     plot_main([str(sweep), "--out", str(tmp_path / "sweep.png")])
     image = matplotlib.image.imread(tmp_path / "sweep.png")
-    assert image.shape[:2] == (540, 800) and image[..., :3].std() > 0.05  # loss and accuracy panels
+    assert image.shape[:2] == (780, 800) and image[..., :3].std() > 0.05  # loss, accuracy and lr (the trials differ in it) panels
 
 
 def test_a_diverging_trial_fails_alone_and_a_loss_is_minimized(tmp_path, tiny):

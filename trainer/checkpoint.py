@@ -72,6 +72,15 @@ def repair_state_file(directory: Path) -> None:
         readable = False
     if readable:
         return
+    found = write_state_file(directory)
+    log.warning("The checkpoint state file %s was unreadable; rebuilt it from the checkpoint files (steps %s).",
+                state, found)
+
+
+def write_state_file(directory: Path) -> List[int]:
+    """Writes the `checkpoint` state file from the ckpt-N.index files (after a repair, or after
+    trainer.resume_from set later checkpoints aside); returns their steps, oldest first."""
+    state = Path(directory) / "checkpoint"
     found = sorted(list_checkpoints(directory))  # oldest first, as TF lists them
     lines = [f'model_checkpoint_path: "{Path(found[-1][1]).name}"'] if found else []
     lines += [f'all_model_checkpoint_paths: "{Path(prefix).name}"' for _, prefix in found]
@@ -80,8 +89,7 @@ def repair_state_file(directory: Path) -> None:
     tmp = state.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, state)
-    log.warning("The checkpoint state file %s was unreadable; rebuilt it from the checkpoint files (steps %s).",
-                state, [step for step, _ in found])
+    return [step for step, _ in found]
 
 
 def _check_layout(objects: Dict, prefix: str) -> None:
@@ -319,10 +327,7 @@ class Checkpointer:
                 errors.append(f"{prefix}: no .index file")
         for step, prefix in found:
             try:
-                _check_compatible(self.objects, prefix)
-                status = self._restorable.restore(prefix)
-                status.assert_existing_objects_matched()
-                status.expect_partial()  # the extra state is read below, on its own
+                self._restore(prefix)
             except CheckpointError:
                 raise
             except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous one
@@ -340,6 +345,23 @@ class Checkpointer:
             "changed. Fix: restore the files from a backup, or start a new run folder (hydra.run.dir=...)."
         )
 
+    def restore_from(self, prefix: str, named_as: str) -> None:
+        """Restores the checkpoint the user named (trainer.resume_from): no fallback to another one; a
+        checkpoint that does not fit or cannot be read is a CheckpointError naming it, nothing changed."""
+        try:
+            self._restore(prefix)
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - TF raises several types for an unreadable checkpoint
+            raise CheckpointError(f"trainer.resume_from={named_as}: {prefix} is unreadable ({_readable_reason(e)}). "
+                                  "Nothing was changed. Fix: name another checkpoint.") from None
+        self._restore_extra(prefix)
+
+    def _restore(self, prefix: str) -> None:
+        _check_compatible(self.objects, prefix)
+        status = self._restorable.restore(prefix)
+        status.assert_existing_objects_matched()
+        status.expect_partial()  # the extra state is read by _restore_extra, on its own
 
     def _restore_extra(self, prefix: str) -> None:
         saved = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()

@@ -138,6 +138,7 @@ class TrainerConfig(Checked):
     sweep_metric: Optional[str] = None  # the final eval metric a multirun sweeper (Optuna) optimizes: `accuracy`, `loss`; None: best_metric, or the loss without one
     sweep_mode: Optional[str] = chosen(None, "max|min")  # whether a larger or a smaller sweep_metric is better; None: best_mode for best_metric, min for a name ending in loss
     resume: bool = True  # resume from the run folder's checkpoints when there are any
+    resume_from: Optional[str] = None  # resume from this checkpoint, not the newest: ckpt-N | best | best/ckpt-N | a checkpoint's path; what came after is set aside in checkpoints/set-aside-after-N/ (docs/concepts/checkpoints.md)
     init_from: Any = None  # warm start, model weights only (a checkpoint, .keras, .weights.h5); several models: {name:PATH}
     # Divergence (docs/faults.md). 100x the first loss is far beyond a healthy run's noise (a spike of a
     # few x), yet a diverging run passes it within a log window or two (lr=1e6 on MNIST: 2.4 at step 1,
@@ -250,6 +251,7 @@ class OptimizerConfig(Checked):
     _target_: str = "keras.optimizers.Adam"
     lr: float = ranged(1e-3, "(0, inf)")
     clipnorm: Optional[float] = ranged(None, "(0, inf)")  # global-norm clip of the *unscaled* gradients, in the train step
+    clipvalue: Optional[float] = ranged(None, "(0, inf)")  # each gradient value clipped to [-v, v]: Keras' option, on the unscaled, all-reduced gradients (after clipnorm)
     schedule: Optional[str] = chosen(None, "constant|cosine|linear|step")  # None: constant (see trainer/optim.py)
     warmup_steps: int = ranged(0, "[0, inf)")
     decay_steps: Optional[int] = ranged(None, "[1, inf)")  # None: the run's steps after the warmup
@@ -258,6 +260,7 @@ class OptimizerConfig(Checked):
     decay_rate: float = ranged(0.1, "(0, inf)")
     use_ema: bool = False  # keep an exponential moving average of the weights: evaluation, best/, the summary and export use it (docs/training-control.md)
     ema_momentum: float = ranged(0.99, "[0, 1]")  # use_ema: average = momentum x average + (1 - momentum) x weights, after every applied update
+    ema_warmup: bool = True  # use_ema: the momentum warms up, min(ema_momentum, (1 + n) / (10 + n)) at update n (TF's num_updates, timm's ModelEmaV3); false: ema_momentum from the first update (Keras')
     ema_overwrite_frequency: Optional[int] = ranged(None, "[1, inf)")  # use_ema: every N updates the weights themselves are replaced by the average (Keras'); None: never
 
 

@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from trainer import compile as step_functions
-from trainer import debug, ema, evalsets, objects, saved, signals
+from trainer import debug, ema, evalsets, model_summary, objects, saved, signals
 from trainer import precision as precision_lib
 from trainer.arrays import fit_arguments, fit_inputs
 from trainer.callbacks import (Callback, CallbackList, Checkpointing, DivergenceGuard, NumericalError, XlaChoice,
@@ -215,10 +214,9 @@ class Trainer(Step):
                     precision_lib.check_variables_float32(model)
             for updater in self.updaters.values():
                 updater.build()
-            for name, model in self.models.items():
-                trainable = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
-                log.info("Model %s: %s parameters (%s trainable), compute dtype %s", model.name,
-                         f"{model.count_params():,}", f"{trainable:,}", self.precision.policy)
+            for name, model in self.models.items():  # the per-layer table: model_summary.txt (callbacks/progress.py)
+                log.info("Model %s: %s%s", model.name, model_summary.total_line(model),
+                         f"; per layer: {self.run_dir / model_summary.FILE}" if self.run_dir is not None else "")
             if self.config.grad_accum_steps > 1:
                 self._make_accumulators()
             self._random_frozen = objects.random_frozen(self._frozen_builders, self.models, self.config.init_from)

@@ -14,7 +14,7 @@ from trainer.config import ConfigError
 log = logging.getLogger(__name__)
 
 # Keys of OptimizerConfig that the trainer consumes; everything else goes to the Keras optimizer.
-_OURS = ("lr", "clipnorm", "schedule", "warmup_steps", "decay_steps", "alpha", "boundaries", "decay_rate")
+_OURS = ("lr", "clipnorm", "ema_warmup", "schedule", "warmup_steps", "decay_steps", "alpha", "boundaries", "decay_rate")
 
 
 @keras.saving.register_keras_serializable(package="trainer")
@@ -100,4 +100,5 @@ def build_optimizer(cfg: DictConfig | Dict[str, Any], total_steps: int) -> keras
     optimizer = instantiate(kwargs, learning_rate=schedule, _convert_="all")
     if excluded:
         optimizer.exclude_from_weight_decay(var_names=list(excluded))
+    optimizer.ema_warmup = bool(as_dict.get("ema_warmup", True))  # read by the Trainer's Updater (trainer/ema.py)
     return optimizer

@@ -3,10 +3,12 @@
     python -m trainer.plot RUN [RUN ...] --out runs.png
 
 A RUN is a run folder (runs/<recipe>/<time>) or a multirun folder, which stands for its jobs. One panel
-per loss or metric (train: solid line, eval: dots; each named eval set its own markers), then the loss scale (log axis) and the skipped steps
-when a run has them (mixed_float16). Each run's lines are named by its overrides, less those all the
-plotted runs share (.hydra/overrides.yaml; the folder's name when the run has none), wrapped at 60
-characters below the panels; a name longer than 3 lines is cut to `#N: ...` and printed in full as a key.
+per loss or metric (train: solid line, eval: dots; each named eval set its own markers), then the learning rate (log axis) when it changes during a
+run or differs between runs (a schedule, a plateau's reduction), then the loss scale (log axis) and the
+skipped steps when a run has them (mixed_float16). Each run's lines are named by the config values that
+differ between the plotted runs, shortest first (.hydra/config.yaml; else its overrides less those all
+share; the folder's name when the run has neither), wrapped at 60 characters below the panels; a name
+longer than 3 lines is cut to `#N: ...` and printed in full as a key.
 """
 from __future__ import annotations
 
@@ -135,10 +137,48 @@ def _scalar(value) -> Optional[float]:
     return value.simple_value if value.HasField("simple_value") else None
 
 
+# Keys that do not change what a run computes (conf/config.yaml leaves them out of job folder names too).
+NOT_IN_LABELS = ("trainer.progress_bar", "trainer.verbose", "trainer.tensorboard", "logger", "hydra")
+
+
+def _config_items(folder: Path) -> Optional[Dict[str, str]]:
+    """The run's composed config (.hydra/config.yaml) as `key -> value as the command line spells it`."""
+    from omegaconf import OmegaConf
+
+    from trainer.callbacks.loggers import flatten
+
+    path = folder / ".hydra" / "config.yaml"
+    try:
+        config = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception:  # noqa: BLE001 - no record (a run from Python), or one that cannot be read: the overrides name it
+        return None
+    return {k: _spelled(v) for k, v in flatten(config).items() if not any(k == x or k.startswith(f"{x}.") for x in NOT_IN_LABELS)}
+
+
+def _spelled(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(map(_spelled, value)) + "]"
+    return str(value)
+
+
+def run_labels(folders: Sequence[Path]) -> List[str]:
+    """What tells each run apart, shortest first: the config values that differ between the runs (from their
+    .hydra/config.yaml), else their overrides less those all share; the folder's name when nothing does."""
+    configs = [_config_items(f) for f in folders]
+    if len(folders) > 1 and all(c is not None for c in configs):
+        keys = sorted({k for c in configs for k in c})
+        differ = [k for k in keys if len({c.get(k) for c in configs}) > 1]
+        kept = [[f"{k}={c[k]}" for k in differ if k in c] for c in configs]
+    else:
+        kept = differing([recorded_overrides(f) or [] for f in folders])
+    return [",".join(sorted(items, key=len)) or f.name for f, items in zip(folders, kept)]
+
+
 def load_runs(paths: Sequence[str]) -> List[Run]:
     folders = run_folders(paths)
-    overrides = [recorded_overrides(f) or [] for f in folders]
-    labels = [",".join(kept) or f.name for f, kept in zip(folders, differing(overrides))]
+    labels = run_labels(folders)
     if len(set(labels)) < len(labels):  # runs with the same overrides: their folders tell them apart
         labels = [f"{label} ({f.name})" if label != f.name else label for label, f in zip(labels, folders)]
     runs = [Run(_legend_label(label, number), _read_rows(f), label) for number, (label, f) in enumerate(zip(labels, folders), 1)]
@@ -180,11 +220,18 @@ def _panels(runs: List[Run]) -> List[str]:
                         for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
     curves = [k for k in keys if k not in NOT_CURVES and not is_memory_field(k) and "/" not in k and not k.endswith(("loss_scale", "skipped_steps"))]
     curves.sort(key=lambda k: not k.endswith("loss"))  # stable: losses first
+    rates = [k for k in keys if (k == "lr" or k.endswith("/lr")) and _changes(runs, k)]
     scales = [k for k in keys if k.endswith("loss_scale")]
     skipped = [k for k in keys if k.endswith("skipped_steps")]
     if not scales and not any(r.get(k) for k in skipped for run in runs for r in run.rows):
         skipped = []  # logged as 0 by every run without loss scaling: nothing to see
-    return curves + scales + skipped
+    return curves + rates + scales + skipped
+
+
+def _changes(runs: List[Run], key: str) -> bool:
+    """A learning rate that changes during a run (a schedule, a plateau's reduction) or differs between runs:
+    worth a panel; one constant shared by every run is not."""
+    return len({value for run in runs for value in run.series("train", key)[1]}) > 1
 
 
 def plot_runs(paths: Sequence[str]):
@@ -222,6 +269,8 @@ def draw_runs(runs: List[Run]):
         ax.set_ylabel(key)
         if key.endswith("loss_scale"):
             ax.set_yscale("log", base=2)
+        elif (key == "lr" or key.endswith("/lr")) and all(v > 0 for run in runs for v in run.series("train", key)[1]):
+            ax.set_yscale("log")  # a reduction by 10x is a step of the same height at any rate
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("step")
     handles, names = axes[0].get_legend_handles_labels()

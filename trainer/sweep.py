@@ -1,8 +1,8 @@
 """Multirun sweeps: job folders named by their overrides, the value a sweeper optimizes, and a table of
 the jobs at the sweep's end.
 
-conf/config.yaml names each job's folder `<job number>_<its overrides>` (Hydra's
-hydra.job.override_dirname, through the `job_folder` resolver below) and registers SweepSummary, which
+conf/config.yaml names each job's folder `<job number>_<its swept overrides>` (the `job_folder` resolver
+below: the keys given several values, or the sweeper's params) and registers SweepSummary, which
 reads every job's metrics.jsonl and trainer.log and writes sweep_summary.csv in the sweep folder after
 each job; at the end of the sweep it prints the table and the best job's command.
 
@@ -38,11 +38,55 @@ BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"  # run
 SWEEP_EXTRA = "pip install -e '.[sweep]'"  # the Optuna sweeper and the joblib launcher (pyproject.toml)
 
 
-def job_folder(num: Any, override_dirname: str) -> str:
+SWEPT_KEYS_ENV = "TRAINER_SWEPT_KEYS"  # {"sweep_dir": ..., "keys": [...]}: set at a sweep's start, read by each job
+
+
+def job_folder(num: Any, override_dirname: str, task: Any = None, sweep_dir: Any = None) -> str:
     """`0_optimizer.lr=1e-3`, or `0` without overrides: the number keeps names unique and in job order; a
-    `/` in a value (a path) would make nested folders, and a long name would exceed the file system's."""
+    `/` in a value (a path) would make nested folders, and a long name would exceed the file system's.
+
+    With the job's overrides (`task`) and a sweep whose swept keys SweepSummary recorded, only the swept keys
+    name the folder (`0_optimizer.lr=0.001`, not every shrinking override given once); else Hydra's
+    override_dirname (every override)."""
+    swept = swept_keys(sweep_dir) if task is not None else None
+    if swept is not None:
+        override_dirname = ",".join(sorted(line for line in map(str, task) if _key_of(line) in swept))
     name = str(override_dirname).replace("/", "_")[:200]
     return f"{num}_{name}" if name else str(num)
+
+
+def _key_of(line: str) -> Optional[str]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_override(line).key_or_group
+    except Exception:  # noqa: BLE001 - Hydra parsed it once already; an unparsable line names no key
+        return None
+
+
+def record_swept_keys(config: DictConfig) -> List[str]:
+    """The keys a sweep varies: command-line overrides with several values (`optimizer.lr=1e-3,1e-2`,
+    Optuna's `interval(...)`) and the sweeper's `params`; kept in the environment for the jobs (the joblib
+    launcher's workers inherit it)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides([str(o) for o in OmegaConf.select(config, "hydra.overrides.task", default=[])])
+    keys = {o.key_or_group for o in parsed if o.is_sweep_override()}
+    keys |= {str(k) for k in (OmegaConf.select(config, "hydra.sweeper.params", default=None) or {})}
+    sweep_dir = str(OmegaConf.select(config, "hydra.sweep.dir", default=""))
+    os.environ[SWEPT_KEYS_ENV] = json.dumps({"sweep_dir": sweep_dir, "keys": sorted(keys)})
+    return sorted(keys)
+
+
+def swept_keys(sweep_dir: Any) -> Optional[set]:
+    """The keys recorded for this sweep folder; None when none were (a job of another sweep, or run alone)."""
+    try:
+        recorded = json.loads(os.environ.get(SWEPT_KEYS_ENV, ""))
+    except ValueError:
+        return None
+    if not isinstance(recorded, dict) or recorded.get("sweep_dir") != str(sweep_dir):
+        return None
+    return set(recorded.get("keys", []))
 
 
 def _sweep_metric(trainer_cfg: Any) -> str:
@@ -277,6 +321,7 @@ class SweepSummary(HydraCallback):
             metric, mode = _objective(config)
         except ConfigError as e:
             _fail(e)  # exit 2 before the sweeper is made
+        record_swept_keys(config)  # job folders are named by these keys (job_folder)
         if OmegaConf.select(config, "hydra.sweeper._target_") != BASIC_SWEEPER:
             log.info("Sweep objective: the final %s, %s (trainer.sweep_metric)", metric, "maximized" if mode == "max" else "minimized")
 
@@ -299,6 +344,7 @@ class SweepSummary(HydraCallback):
             self._rows(config)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        os.environ.pop(SWEPT_KEYS_ENV, None)
         rows, sweep_dir, best = self._rows(config)
         if rows:  # printed: the process's logging belongs to the last job (its trainer.log) by now
             lines = [f"Sweep of {len(rows)} jobs ({sweep_dir / CSV_NAME}):", format_table(rows)]

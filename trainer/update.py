@@ -12,6 +12,7 @@ from typing import Callable, Dict, List, Optional
 import keras
 import tensorflow as tf
 
+from trainer.ema import warm_up_decay
 from trainer.fused import fuse
 from trainer.loss_convention import divided, outside_own_step, own_step_replicas
 from trainer.loss_scale import LossScale
@@ -46,6 +47,7 @@ class Updater:
         # the Keras optimizer's own all-reduce must not sum them a second time; an optimizer.apply_gradients of
         # the user's in an overridden step gets the mean over replicas (its gradients are of batch means).
         optimizer._all_reduce_sum_gradients = _own_apply_averages(optimizer._all_reduce_sum_gradients)
+        warm_up_decay(optimizer)  # use_ema: the average's decay warms up (ema.py)
         if fused and fuse(optimizer):
             log.info("Optimizer %s: %s with TensorFlow's fused update kernels (trainer.fused_optimizer=false: "
                      "Keras' ops)", name, type(optimizer).__name__)

@@ -18,7 +18,9 @@ from trainer import evalsets
 from trainer.callbacks.base import Callback, CallbackState
 from trainer.callbacks.control import log_names
 from trainer.callbacks.numerics import check_weights_finite
+from trainer import resume_from
 from trainer.checkpoint import NO_BEST, Checkpointer
+from trainer.config import ConfigError
 from trainer.inputs import batches_read_per_step
 from trainer.load_weights import init_from_targets, warm_start_models
 from trainer.loop import due as loop_event_due
@@ -85,6 +87,9 @@ class Checkpointing(Callback):
         cfg = trainer.config
         targets = init_from_targets(cfg.init_from, trainer.models)  # checked before anything is read
         if trainer.run_dir is None:
+            if cfg.resume_from is not None:
+                raise ConfigError(f"trainer.resume_from={cfg.resume_from} needs the run folder it names a checkpoint of: "
+                                  "give Trainer(run_dir=...) (trainer.fast_dev_run reads no run folder). Fix: drop one of them.")
             warm_start_models(trainer.models, targets, trainer.frozen)
             self.prepared = True
             return
@@ -96,7 +101,7 @@ class Checkpointing(Callback):
         configured = _configured_settings(trainer)
         # Prepared only once this succeeds: a refused resume refuses again on the next fit() call, instead
         # of that call training from scratch over the run's checkpoints.
-        resumed = checkpointer.prepare(resume=cfg.resume)
+        resumed = self._resume(trainer, checkpointer)
         # A warm start is a fresh run's; a frozen model is in no checkpoint, so it is warm-started on every run.
         warm_start_models(trainer.models, {name: path for name, path in targets.items()
                                            if resumed is None or name in trainer.frozen}, trainer.frozen)
@@ -111,6 +116,38 @@ class Checkpointing(Callback):
             self._resume_data_position(trainer, recorded)
             if math.isnan(float(trainer.best.numpy())):  # saved before NO_BEST existed
                 trainer.best.assign(NO_BEST.get(cfg.best_mode, math.nan))
+
+    @staticmethod
+    def _resume(trainer, checkpointer: Checkpointer) -> Optional[int]:
+        """The newest checkpoint's step (or None: a fresh start), or with trainer.resume_from the step of the
+        checkpoint it names, what came after set aside (trainer/resume_from.py); once per rewind."""
+        cfg, directory = trainer.config, trainer.run_dir / "checkpoints"
+        value = cfg.resume_from
+        if value is not None and not cfg.resume:
+            raise ConfigError(f"trainer.resume_from={value} and trainer.resume=false: one resumes from a checkpoint, "
+                              "the other refuses to. Fix: drop trainer.resume=false.")
+        earlier = resume_from.applied_before(directory, value) if value is not None else None
+        if value is None or earlier is not None:
+            if earlier is not None:
+                log.info("trainer.resume_from=%s took this run back to step %s before (set aside: %s): resuming from the "
+                         "newest checkpoint, as the same command does. To go back to it again, name it by its path.",
+                         value, earlier.get("step"), earlier.get("set_aside"))
+            elif trainer.is_chief:
+                resume_from.forget(directory)
+            return checkpointer.prepare(resume=cfg.resume)
+        prefix = resume_from.resolve(directory, value)
+        checkpointer.restore_from(prefix, str(value))  # nothing is moved unless this succeeded
+        step = int(trainer.step.numpy())
+        log.info("Resuming from %s (step %d), as trainer.resume_from=%s asks", prefix, step, value)
+        if trainer.is_chief:
+            folder, moved = resume_from.set_aside(trainer.run_dir, step)
+            resume_from.remember(directory, str(value), step, folder)
+            if moved:
+                log.warning("What the run did after step %d is set aside, not deleted, in %s: %s. TensorBoard and MLflow keep "
+                            "those steps (docs/concepts/checkpoints.md).", step, folder, ", ".join(moved))
+            else:
+                log.info("The run has nothing after step %d to set aside.", step)
+        return step
 
     def _keep_configured_settings(self, trainer) -> None:
         """After a resume, a learning rate changed in the configuration (since the newest checkpoint's run,

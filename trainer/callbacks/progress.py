@@ -6,6 +6,7 @@ import math
 import shlex
 import time
 
+from trainer import model_summary
 from trainer.callbacks.base import Callback
 from trainer.callbacks.loggers import scalars
 from trainer.memory import is_memory_field, memory_logs, memory_text
@@ -22,8 +23,15 @@ def shown(logs) -> dict:
     return {k: v for k, v in scalars(logs).items() if k not in HIDDEN and "/" not in k and not is_memory_field(k)}
 
 
-def eval_line(step: int, logs) -> str:
-    return f"eval @ step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in scalars(logs).items())
+def eval_line(step: int, logs, trainer=None) -> str:
+    """`eval @ step N: loss=...`; an evaluation limited to some batches (trainer.eval_steps,
+    limit_eval_batches, fast_dev_run) says how many it read: `eval @ step N (10 batches): ...`."""
+    limit = trainer.fit_eval_limit[2] if trainer is not None and trainer.fit_eval_limit else None
+    read = ""
+    if limit is not None and trainer.eval_batches is not None:
+        short = f" of the {limit} asked: the eval set ended" if trainer.eval_batches < limit else ""
+        read = f" ({trainer.eval_batches} batches{short})"
+    return f"eval @ step {step}{read}: " + ", ".join(f"{k}={v:.4f}" for k, v in scalars(logs).items())
 
 
 class ProgressBar(Callback):
@@ -47,7 +55,7 @@ class ProgressBar(Callback):
         self.bar.set_postfix(postfix)
 
     def on_eval_end(self, trainer, step, logs):
-        self.bar.write(eval_line(step, logs))
+        self.bar.write(eval_line(step, logs, trainer))
 
     def on_train_end(self, trainer, summary):
         self.bar.close()
@@ -65,7 +73,7 @@ class LogLines(Callback):
                  f" | {memory}" if memory else "")
 
     def on_eval_end(self, trainer, step, logs):
-        log.info("%s", eval_line(step, logs))
+        log.info("%s", eval_line(step, logs, trainer))
 
 
 class Summary(Callback):
@@ -75,6 +83,8 @@ class Summary(Callback):
         self.start = time.perf_counter()
         self.start_step = int(trainer.step.numpy())
         self.examples_per_sec = []
+        if trainer.run_dir is not None and trainer.is_chief:  # after the resume's checks: a refused one writes nothing
+            model_summary.write(trainer.run_dir / model_summary.FILE, trainer.models, trainer.frozen)
 
     def on_log(self, trainer, step, logs):
         if math.isfinite(logs.get("examples_per_sec", math.nan)):

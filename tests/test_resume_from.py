@@ -1,0 +1,121 @@
+"""trainer.resume_from: continue from a chosen checkpoint (ckpt-N, best, a path), what came after set aside."""
+import csv
+import json
+import logging
+import re
+
+import pytest
+
+from conftest import TINY, blobs, read_metrics, run_cli
+
+
+def make(run_dir, **options):
+    import keras
+
+    from trainer import Trainer
+    from trainer.callbacks.loggers import CSVLogger, MetricsWriter
+
+    defaults = dict(deterministic=True, log_every=5, eval_every=5, checkpoint_every=5, keep_checkpoints=5, keep_best=3,
+                    best_metric="loss", best_mode="min", progress_bar=False, tensorboard=False, seed=0)
+    return Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(2)]),
+                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                   optimizer=lambda: keras.optimizers.Adam(1e-2), run_dir=run_dir,
+                   loggers=[MetricsWriter(), CSVLogger()], **{**defaults, **options})
+
+
+def steps_of(rows):
+    return [(r["split"], int(r["step"])) for r in rows]
+
+
+def test_resume_from_ckpt_n_equals_a_run_stopped_there_and_keeps_the_rest_aside(tmp_path, caplog):
+    """Back to ckpt-10 of a 20-step run, then on to 20: the weights equal the run's own (deterministic), the
+    checkpoints and log rows after 10 are in checkpoints/set-aside-after-10/ (none lost), and the log says so.
+    The same command again resumes from the newest; a bad name is one line listing the checkpoints."""
+    from trainer.checkpoint import CheckpointError, list_checkpoints
+
+    run, data = tmp_path / "run", blobs(n=320, batch=16)
+    first = make(run)
+    first.fit(data, data.take(2), steps=20)
+    whole = first.weights_fingerprint()
+    rows_before = read_metrics(run)
+    with open(run / "metrics.csv", newline="") as f:
+        csv_before = list(csv.DictReader(f))
+
+    with pytest.raises(CheckpointError, match=r"^trainer.resume_from=ckpt-12 is not a checkpoint of .*Fix: one of "
+                                              r"ckpt-20, ckpt-15, ckpt-10, ckpt-5, best \(step \d+\)"):
+        make(run, resume_from="ckpt-12").fit(data, data.take(2), steps=20)
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [20, 15, 10, 5]  # nothing moved
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        again = make(run, resume_from="ckpt-10")
+        again.fit(data, data.take(2), steps=20)
+    assert again.weights_fingerprint() == whole
+    aside = run / "checkpoints" / "set-aside-after-10"
+    assert f"Resuming from {run / 'checkpoints' / 'ckpt-10'} (step 10), as trainer.resume_from=ckpt-10 asks" in caplog.text
+    assert re.search(rf"after step 10 is set aside, not deleted, in {re.escape(str(aside))}: ckpt-20, ckpt-15, .*rows of metrics.jsonl", caplog.text)
+    assert sorted(p.name for p in aside.glob("ckpt-*.index")) == ["ckpt-15.index", "ckpt-20.index"]
+    moved = [json.loads(line) for line in (aside / "metrics.jsonl").read_text().splitlines()]
+    assert moved == [r for r in rows_before if r["step"] > 10]  # the old rows after 10, kept
+    rows = read_metrics(run)
+    assert steps_of(rows) == steps_of(rows_before)  # each step once: the rewound part logged anew
+    with open(aside / "metrics.csv", newline="") as f:
+        assert list(csv.DictReader(f)) == [r for r in csv_before if int(r["step"]) > 10]
+    with open(run / "metrics.csv", newline="") as f:
+        assert steps_of(csv.DictReader(f)) == steps_of(csv_before)
+    best = json.loads((run / "checkpoints" / "best" / "best.json").read_text())
+    assert all((run / "checkpoints" / "best" / f"ckpt-{e['step']}.index").exists() for e in best)
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="trainer"):  # the same command again: no second rewind
+        make(run, resume_from="ckpt-10").fit(data, data.take(2), steps=20)
+    assert "took this run back to step 10 before" in caplog.text and "Resuming from" in caplog.text
+    assert sorted(p.name for p in aside.glob("ckpt-*.index")) == ["ckpt-15.index", "ckpt-20.index"]
+    assert not (run / "checkpoints" / "set-aside-after-10-2").exists()
+
+
+def test_resume_from_best_and_from_a_path(tmp_path, caplog):
+    """best: the top of best.json (a copy in best/), later steps set aside there too; a path to a checkpoint
+    of another run starts this folder from it; a folder, or no run folder, is one line."""
+    from trainer.checkpoint import CheckpointError
+    from trainer.config import ConfigError
+
+    run, data = tmp_path / "run", blobs(n=320, batch=16)
+    make(run).fit(data, data.take(2), steps=20)
+    best = json.loads((run / "checkpoints" / "best" / "best.json").read_text())
+    top = best[0]["step"]
+    resumed = make(run, resume_from="best")
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        resumed.fit(data, data.take(2), steps=top)  # back to the best step, trains nothing more
+    assert int(resumed.step.numpy()) == top
+    assert f"Resuming from {run / 'checkpoints' / 'best' / f'ckpt-{top}'} (step {top})" in caplog.text
+    kept = json.loads((run / "checkpoints" / "best" / "best.json").read_text())
+    assert [e["step"] for e in kept] == [e["step"] for e in best if e["step"] <= top]
+
+    fork = make(tmp_path / "fork", resume_from=str(run / "checkpoints" / "ckpt-10.index"))
+    fork.fit(data, steps=12)
+    assert int(fork.step.numpy()) == 12
+    with pytest.raises(CheckpointError, match="is a folder; it takes one checkpoint"):
+        make(tmp_path / "other", resume_from=str(run)).fit(data, steps=12)
+    with pytest.raises(ConfigError, match="needs the run folder"):
+        make(None, resume_from="ckpt-10").fit(data, steps=12)
+
+
+def test_cli_resume_from(tmp_path):
+    """From the command line: a bad name exits 2 with one line listing the checkpoints; ckpt-20 then training
+    to 40 ends with the weights of the run's own 40 steps (trainer.deterministic=true)."""
+    run = tmp_path / "run"
+    args = [*TINY, "trainer.deterministic=true", f"hydra.run.dir={run}"]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    whole = re.search(r"Weights fingerprint: (\w+)", result.stdout + result.stderr).group(1)
+    bad = run_cli(*args, "trainer.resume_from=ckpt-30")
+    output = bad.stdout + bad.stderr
+    lines = [line for line in output.splitlines() if "trainer.resume_from" in line]
+    assert bad.returncode == 2 and len(lines) == 1 and "Fix: one of ckpt-40, ckpt-20, best (step " in lines[0], output[-2000:]
+    assert "Traceback" not in output
+    again = run_cli(*args, "trainer.resume_from=ckpt-20")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert re.search(r"Weights fingerprint: (\w+)", again.stdout + again.stderr).group(1) == whole
+    assert (run / "checkpoints" / "set-aside-after-20" / "ckpt-40.index").exists()
+    assert [r["step"] for r in read_metrics(run) if r["split"] == "train"] == [10, 20, 30, 40]
