@@ -269,7 +269,7 @@ def test_readme_commands_are_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert "bash scripts/setup.sh" in ci and "python -m pytest -q -n 2" in ci
     assert ci.index("ruff check trainer tests scripts benchmarks examples recipes") < ci.index("python -m pytest -q -n 2")
-    assert 'pip install -q -e ".[text,test,bench,docs,mlflow,export,sweep,profile]"' in (ROOT / "scripts" / "setup.sh").read_text()
+    assert 'pip install -q -e ".[text,test,bench,docs,mlflow,wandb,export,sweep,profile]"' in (ROOT / "scripts" / "setup.sh").read_text()
 
 
 def test_the_code_passes_the_linter_ci_runs():

@@ -351,7 +351,7 @@ class Config:
         default_factory=lambda: {"accuracy": {"_target_": "keras.metrics.SparseCategoricalAccuracy"}}
     )
     callbacks: Dict[str, Any] = field(default_factory=dict)  # name -> {_target_: ...}: extra Callbacks
-    logger: Dict[str, Any] = field(default_factory=dict)  # the logger group's picks, name -> {_target_: ...}: logger=[jsonl,tensorboard,csv,mlflow] (docs/loggers.md)
+    logger: Dict[str, Any] = field(default_factory=dict)  # the logger group's picks, name -> {_target_: ...}: logger=[jsonl,tensorboard,csv,mlflow,wandb] (docs/loggers.md)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
