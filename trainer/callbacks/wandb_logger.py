@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import netrc
 import os
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 from urllib.parse import urlparse
 
