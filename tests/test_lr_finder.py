@@ -56,7 +56,7 @@ def test_lr_find_suggests_the_steepest_descent_and_leaves_the_trainer_as_it_was(
     assert int(trainer.step.numpy()) == 4
 
 
-def test_lr_find_stops_when_the_loss_diverges():
+def test_lr_find_stops_when_the_loss_diverges(tmp_path):
     import keras
 
     from trainer import Trainer
@@ -69,6 +69,12 @@ def test_lr_find_stops_when_the_loss_diverges():
     assert result.stopped == "diverged" and len(result.losses) < 60
     last = result.smoothed[-1]
     assert not math.isfinite(last) or last > 4 * min(result.smoothed[:-1])
+
+    def refuse(name):
+        raise AssertionError(f"{name} in lr_find.json: not JSON")
+
+    written = json.loads(result.to_json(tmp_path / "lr_find.json").read_text(), parse_constant=refuse)
+    assert written["stopped"] == "diverged" and len(written["smoothed_loss"]) == len(result.losses)
 
 
 def test_cli_lr_find_writes_json_and_plot_and_no_run_folder(tmp_path):

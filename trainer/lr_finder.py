@@ -48,9 +48,12 @@ class LRFinderResult:
         """A small json: the suggestion, the settings, and the curve."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        clean = [None if not math.isfinite(v) else v for v in self.losses]
-        path.write_text(json.dumps({"suggestion": self.suggestion, "stopped": self.stopped, **self.settings,
-                                    "lr": self.lrs, "loss": clean, "smoothed_loss": self.smoothed}, indent=1) + "\n")
+
+        def clean(values):  # JSON has no NaN or infinity: a diverged step's loss is null
+            return [v if math.isfinite(v) else None for v in values]
+
+        path.write_text(json.dumps({"suggestion": self.suggestion, "stopped": self.stopped, **self.settings, "lr": self.lrs,
+                                    "loss": clean(self.losses), "smoothed_loss": clean(self.smoothed)}, indent=1) + "\n")
         return path
 
     def plot(self, path) -> Path:
