@@ -55,6 +55,7 @@ class ResNetModelConfig:
     dropout: float = ranged(0.0, "[0, 1)")  # before the new head
     base_filters: int = ranged(16, "[1, inf)")  # CIFAR ResNets: width of the first stage (16 in the paper)
     preprocessing: str = "tf"  # what the data pipeline applies: caffe (ResNet v1 weights) | tf (v2) | torch | none
+    recompute: bool = False  # CIFAR ResNets: recompute each residual block's activations in the backward pass (less memory, more compute; docs/recipes/resnet.md)
 
 
 def register_configs(cs) -> None:
@@ -75,9 +76,13 @@ def _conv_bn(x, filters: int, kernel: int, stride: int, name: str, relu: bool = 
     return keras.layers.ReLU(name=f"{name}_relu")(x) if relu else x
 
 
-def cifar_resnet_backbone(depth_n: int, image_size: int, base_filters: int = 16) -> keras.Model:
+def cifar_resnet_backbone(depth_n: int, image_size: int, base_filters: int = 16, recompute: bool = False) -> keras.Model:
     """ResNet v1 for small images: a 3x3 stem, 3 stages of `depth_n` basic blocks (stride 2 at the start
-    of stages 2 and 3), 1x1 projection shortcuts where the shape changes, global average pooling."""
+    of stages 2 and 3), 1x1 projection shortcuts where the shape changes, global average pooling.
+    `recompute`: each block is a nested model whose activations are recomputed in the backward pass
+    (trainer.recompute); the same layers and names, grouped one level deeper."""
+    from trainer.recompute import recompute as recomputed
+
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = _conv_bn(inputs, base_filters, 3, 1, "stem")
     for stage in range(3):
@@ -85,15 +90,23 @@ def cifar_resnet_backbone(depth_n: int, image_size: int, base_filters: int = 16)
         for block in range(depth_n):
             stride = 2 if stage > 0 and block == 0 else 1
             name = f"stage{stage + 1}_block{block + 1}"
-            y = _conv_bn(x, filters, 3, stride, f"{name}_1")
-            y = _conv_bn(y, filters, 3, 1, f"{name}_2", relu=False)
-            shortcut = x
-            if stride != 1 or x.shape[-1] != filters:
-                shortcut = _conv_bn(x, filters, 1, stride, f"{name}_shortcut", relu=False)
-            x = keras.layers.Add(name=f"{name}_add")([shortcut, y])
-            x = keras.layers.ReLU(name=f"{name}_out")(x)
+            if recompute:
+                block_input = keras.Input(x.shape[1:], name=f"{name}_input")
+                x = recomputed(keras.Model(block_input, _basic_block(block_input, filters, stride, name), name=name))(x)
+            else:
+                x = _basic_block(x, filters, stride, name)
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     return keras.Model(inputs, x, name=BACKBONE)
+
+
+def _basic_block(x, filters: int, stride: int, name: str):
+    y = _conv_bn(x, filters, 3, stride, f"{name}_1")
+    y = _conv_bn(y, filters, 3, 1, f"{name}_2", relu=False)
+    shortcut = x
+    if stride != 1 or x.shape[-1] != filters:
+        shortcut = _conv_bn(x, filters, 1, stride, f"{name}_shortcut", relu=False)
+    x = keras.layers.Add(name=f"{name}_add")([shortcut, y])
+    return keras.layers.ReLU(name=f"{name}_out")(x)
 
 
 def _keras_home() -> Path:
@@ -143,7 +156,8 @@ def _weights_arg(weights: Optional[str]) -> Optional[str]:
     return str(path)
 
 
-def build_backbone(name: str, weights: Optional[str], image_size: int, base_filters: int = 16, preprocessing: Optional[str] = None) -> keras.Model:
+def build_backbone(name: str, weights: Optional[str], image_size: int, base_filters: int = 16, preprocessing: Optional[str] = None,
+                   recompute: bool = False) -> keras.Model:
     """The feature extractor (pooled features), named `backbone`, with its weights loaded."""
     weights = _weights_arg(weights)
     if name in CIFAR_RESNETS:
@@ -152,12 +166,16 @@ def build_backbone(name: str, weights: Optional[str], image_size: int, base_filt
                 f"model.weights=imagenet: there are no ImageNet weights for {name} (a CIFAR-style ResNet); "
                 f"use model=resnet50 (or another of {list(KERAS_RESNETS)}), or model.weights=none|PATH"
             )
-        backbone = cifar_resnet_backbone(CIFAR_RESNETS[name], image_size, base_filters)
+        backbone = cifar_resnet_backbone(CIFAR_RESNETS[name], image_size, base_filters, recompute)
         if weights:
             _load_backbone_weights(backbone, weights)
         return backbone
     if name not in KERAS_RESNETS:
         raise ConfigError(f"model.name={name!r} is not a known ResNet; choose one of {MODEL_NAMES}")
+    if recompute:
+        raise ConfigError(f"model.recompute=true applies to the CIFAR ResNets ({', '.join(CIFAR_RESNETS)}); {name} is "
+                          "keras.applications' single graph, with no blocks to recompute. Fix: model.recompute=false, or "
+                          "wrap blocks of your own model with trainer.recompute.recompute (docs/research.md)")
     builder, _, expected = KERAS_RESNETS[name]
     if weights == "imagenet":
         if preprocessing is not None and preprocessing != expected:
@@ -198,11 +216,12 @@ def build_model(
     dropout: float = 0.0,
     base_filters: int = 16,
     preprocessing: Optional[str] = None,
+    recompute: bool = False,
 ) -> keras.Model:
     """backbone -> [dropout] -> Dense(num_classes) logits in float32 (the mixed-precision rule)."""
     if name not in CIFAR_RESNETS and name not in KERAS_RESNETS:
         raise ConfigError(f"model.name={name!r} is not a known ResNet; choose one of {MODEL_NAMES}")
-    backbone = build_backbone(name, weights, image_size, base_filters, preprocessing)
+    backbone = build_backbone(name, weights, image_size, base_filters, preprocessing, recompute)
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = backbone(inputs)
     if dropout:

@@ -64,6 +64,7 @@ class TransformerModelConfig:
     num_classes: int = ranged(II("data.num_classes"), "[2, inf)")  # size of the float32 classification layer (follows the data)
     pooling: str = "cls"  # cls: BERT's pooled [CLS] (tanh dense) | mean: mean of the unpadded tokens
     dropout: float = ranged(0.1, "[0, 1)")  # before the classification layer
+    recompute: bool = False  # recompute each encoder layer's activations in the backward pass (less memory, more compute; docs/recipes/transformer.md)
 
 
 def register_configs(cs) -> None:
@@ -245,6 +246,7 @@ def build_model(
     num_classes: int = 2,
     pooling: str = "cls",
     dropout: float = 0.1,
+    recompute: bool = False,
 ):
     """Encoder + dropout + a float32 Dense: keras-hub's BertTextClassifier without its preprocessor
     (tokenization happens in tf.data) and with float32 logits under a mixed policy (its own logits
@@ -252,6 +254,7 @@ def build_model(
 
     Inputs are the backbone's: {token_ids, padding_mask, segment_ids}, each (batch, length) int32,
     with any length up to the preset's max_sequence_length. The encoder is the layer named "backbone".
+    `recompute`: each encoder layer recomputes its activations in the backward pass (trainer.recompute).
     """
     import keras
 
@@ -260,6 +263,11 @@ def build_model(
     if pooling not in ("cls", "mean"):
         raise ConfigError(f"model.pooling={pooling!r} is not one of ['cls', 'mean']")
     backbone = build_backbone(preset, pretrained)
+    if recompute:
+        from trainer.recompute import recompute as recomputed
+
+        for layer in backbone.transformer_layers:
+            recomputed(layer)
     inputs = backbone.input
     outputs = backbone(inputs)
     if pooling == "cls":

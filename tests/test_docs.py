@@ -7,7 +7,7 @@ How blocks run (see docs/getting-started.md#tests for the reader's view):
   or in a new one where that is not faithful (an `export`ed variable, devices set up, distribution).
 - ```bash blocks run line by line in a fresh folder (relative paths such as runs/a are shared by the
   lines of one block). `python -m trainer ...` gets the shrinking overrides of conftest.TINY appended (a
-  key the line sets and TINY also sets takes TINY's value); `python -m trainer.export|convert|evaluate|predict|plot|doctor` and
+  key the line sets and TINY also sets takes TINY's value); `python -m trainer.export|convert|evaluate|predict|plot|doctor|lr_find` and
   `python <repo script>` run as written; `export NAME=VALUE` sets the environment of the later lines. A
   line's comment `(exit N)` is the exit code it must end with (else 0).
 - ```text blocks are output or listings, not code.
@@ -152,7 +152,7 @@ def resolve(command: Command) -> List[str]:
     if command.trainer_overrides is not None:
         return ["python", "-m", "trainer", *with_tiny(command)]
     if argv[1:2] == ["-m"] and argv[2] in ("trainer.export", "trainer.convert", "trainer.evaluate", "trainer.predict", "trainer.plot",
-                                           "trainer.doctor"):
+                                           "trainer.doctor", "trainer.lr_find"):
         return list(argv)
     if len(argv) > 1 and (ROOT / argv[1]).is_file():
         return ["python", str(ROOT / argv[1]), *argv[2:]]
@@ -269,7 +269,7 @@ def test_readme_commands_are_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert "bash scripts/setup.sh" in ci and "python -m pytest -q -n 2" in ci
     assert ci.index("ruff check trainer tests scripts benchmarks examples recipes") < ci.index("python -m pytest -q -n 2")
-    assert 'pip install -q -e ".[text,test,bench,docs,mlflow,export,sweep,profile]"' in (ROOT / "scripts" / "setup.sh").read_text()
+    assert 'pip install -q -e ".[text,test,bench,docs,mlflow,wandb,export,sweep,profile]"' in (ROOT / "scripts" / "setup.sh").read_text()
 
 
 def test_the_code_passes_the_linter_ci_runs():

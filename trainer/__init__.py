@@ -32,18 +32,19 @@ _HOME = {  # public name -> the module that defines it
     "Trainer": "trainer.core",
     "TrainerConfig": "trainer.config",
     "TrainingInterrupted": "trainer.core",
+    "WandbLogger": "trainer.callbacks",
     "warm_start": "trainer.load_weights",
 }
 __all__ = [
     "CSVLogger", "Callback", "CheckpointError", "DataBundle", "EarlyStopping", "LossScale", "MLflowLogger",
     "MetricsWriter", "NumericalError", "PrecisionConfig", "ReduceLROnPlateau", "StrategyConfig",
-    "TensorBoardWriter", "Trainer", "TrainerConfig", "TrainingInterrupted", "warm_start",
+    "TensorBoardWriter", "Trainer", "TrainerConfig", "TrainingInterrupted", "WandbLogger", "warm_start",
 ]
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # what IDEs and type checkers see; at run time these load on first use
     from trainer.callbacks import (CSVLogger, Callback, EarlyStopping, MetricsWriter, MLflowLogger, ReduceLROnPlateau,
-                                   TensorBoardWriter)
+                                   TensorBoardWriter, WandbLogger)
     from trainer.checkpoint import CheckpointError, warm_start
     from trainer.config import PrecisionConfig, StrategyConfig, TrainerConfig
     from trainer.core import NumericalError, Trainer, TrainingInterrupted

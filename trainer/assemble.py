@@ -49,6 +49,31 @@ def register_configs() -> None:
             module.register_configs(cs)
 
 
+def compose_config(overrides, error: type = ConfigError) -> DictConfig:
+    """The config `python -m trainer OVERRIDES` would run, checked the same way, without Hydra's own node
+    (for the commands that take a run's overrides: the doctor, lr_find). Overrides that do not compose
+    raise `error`."""
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf import open_dict
+    from omegaconf.errors import OmegaConfBaseException
+
+    from trainer.config_check import check_config
+    from trainer.sweep import register_resolver
+
+    register_configs()
+    register_resolver()
+    try:
+        with initialize_config_module("trainer.conf", version_base="1.3"):
+            cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise error(f"the overrides do not compose: {e}") from None
+    check_config(cfg, cfg.hydra.runtime.choices)
+    with open_dict(cfg):
+        del cfg["hydra"]  # Hydra's own settings: not the run's
+    return cfg
+
+
 def schema(cls, node: DictConfig):
     """The typed config `cls` (TrainerConfig, PrecisionConfig, ...) of a config node, resolved."""
     return cls(**OmegaConf.to_container(node, resolve=True))

@@ -363,7 +363,7 @@ class Config:
     )
     callbacks: Dict[str, Any] = field(default_factory=dict)  # name -> {_target_: ...}: extra Callbacks
     eval_sets: Dict[str, Any] = field(default_factory=dict)  # more eval sets, name -> data.* keys that differ: +eval_sets.ood.path=ood.npz (docs/training-control.md)
-    logger: Dict[str, Any] = field(default_factory=dict)  # the logger group's picks, name -> {_target_: ...}: logger=[jsonl,tensorboard,csv,mlflow] (docs/loggers.md)
+    logger: Dict[str, Any] = field(default_factory=dict)  # the logger group's picks, name -> {_target_: ...}: logger=[jsonl,tensorboard,csv,mlflow,wandb] (docs/loggers.md)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)

@@ -13,11 +13,12 @@ from trainer.callbacks.numerics import NumericalError, NumericsGuard
 from trainer.callbacks.profiler import Profiler
 from trainer.callbacks.progress import LogLines, ProgressBar, Summary
 from trainer.callbacks.loggers import CSVLogger, Logger, MetricsWriter, MLflowLogger, TensorBoardWriter, default_loggers
+from trainer.callbacks.wandb_logger import WandbLogger
 from trainer.callbacks.xla_choice import XlaChoice
 
 __all__ = ["HOOKS", "CSVLogger", "Callback", "CallbackList", "Checkpointing", "DivergenceGuard", "EarlyStopping",
            "LogLines", "Logger", "MLflowLogger", "MetricsWriter", "NumericalError", "NumericsGuard", "Profiler",
-           "ProgressBar", "ReduceLROnPlateau", "Summary", "TensorBoardWriter", "XlaChoice", "callback_list"]
+           "ProgressBar", "ReduceLROnPlateau", "Summary", "TensorBoardWriter", "WandbLogger", "XlaChoice", "callback_list"]
 
 
 def callback_list(trainer, user_callbacks: List[Callback]) -> CallbackList:

@@ -42,27 +42,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def compose_config(overrides: List[str]):
-    """The config `python -m trainer OVERRIDES` would run, checked the same way."""
-    from hydra import compose, initialize_config_module
-    from hydra.errors import HydraException
-    from omegaconf import open_dict
-    from omegaconf.errors import OmegaConfBaseException
+    """The config `python -m trainer OVERRIDES` would run, checked the same way (trainer.assemble.compose_config)."""
+    from trainer.assemble import compose_config
 
-    from trainer.assemble import register_configs
-    from trainer.config_check import check_config
-    from trainer.sweep import register_resolver
-
-    register_configs()
-    register_resolver()
-    try:
-        with initialize_config_module("trainer.conf", version_base="1.3"):
-            cfg = compose("config", overrides=overrides, return_hydra_config=True)
-    except (HydraException, OmegaConfBaseException) as e:
-        raise DoctorError(f"the overrides do not compose: {e}") from None
-    check_config(cfg, cfg.hydra.runtime.choices)
-    with open_dict(cfg):
-        del cfg["hydra"]  # Hydra's own settings: not the run's
-    return cfg
+    return compose_config(overrides, error=DoctorError)
 
 
 def load_run(folder: str) -> Tuple[object, List[str], str, Path]:

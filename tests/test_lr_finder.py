@@ -1,0 +1,97 @@
+"""The learning-rate range test (trainer/lr_finder.py, `python -m trainer.lr_find`): the suggestion is the
+steepest descent of the recorded smoothed loss, the Trainer it ran on is left as it was, nothing is
+written into a run folder."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from conftest import blobs, run_cli
+
+
+def steepest(result, skip_begin=10):
+    """The index where the recorded smoothed loss falls fastest against log10(lr), computed afresh."""
+    lrs, smoothed = np.array(result.lrs), np.array(result.smoothed)
+    kept = [i for i in range(skip_begin, len(smoothed) - 1) if math.isfinite(smoothed[i])]
+    slopes = np.gradient(smoothed[kept], np.log10(lrs[kept]))
+    return kept[int(np.argmin(slopes))]
+
+
+@pytest.mark.parametrize("schedule", [False, True], ids=["constant_lr", "schedule"])
+def test_lr_find_suggests_the_steepest_descent_and_leaves_the_trainer_as_it_was(tmp_path, schedule):
+    import keras
+
+    from trainer import Trainer
+    from trainer.lr_finder import lr_find
+
+    rate = keras.optimizers.schedules.CosineDecay(1e-2, 100) if schedule else 1e-2
+    trainer = Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
+                                                      keras.layers.Dense(2)]),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      optimizer=lambda: keras.optimizers.Adam(rate), run_dir=tmp_path, verbose=False, log_every=2)
+    data = blobs(n=512, batch=16, shuffle=True).repeat()
+    trainer.fit(data, steps=2)
+    files = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    optimizer = trainer.optimizer
+    before = (trainer.weights_fingerprint(), [v.numpy().copy() for v in optimizer.variables], int(trainer.step.numpy()),
+              optimizer._learning_rate)
+
+    result = lr_find(trainer, data, steps=50, min_lr=1e-4, max_lr=10.0)
+
+    assert len(result.lrs) == len(result.losses) == len(result.smoothed) <= 50
+    assert result.lrs[0] == pytest.approx(1e-4) and all(b > a for a, b in zip(result.lrs, result.lrs[1:]))
+    assert result.suggestion_index == steepest(result) and result.suggestion == result.lrs[result.suggestion_index]
+    i = result.suggestion_index
+    assert result.smoothed[i + 1] < result.smoothed[i - 1]  # the curve falls there
+    assert 1e-3 < result.suggestion < 10.0  # for a 2-layer MLP with Adam: between the flat start and the blow-up
+    # the Trainer as it was: weights, optimizer slots and iterations, learning rate (or schedule), step; no new file
+    assert trainer.weights_fingerprint() == before[0]
+    assert all(np.array_equal(v.numpy(), old) for v, old in zip(optimizer.variables, before[1]))
+    assert int(trainer.step.numpy()) == before[2] and optimizer._learning_rate is before[3]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()) == files
+    trainer.fit(data, steps=4)  # and it trains on from there
+    assert int(trainer.step.numpy()) == 4
+
+
+def test_lr_find_stops_when_the_loss_diverges(tmp_path):
+    import keras
+
+    from trainer import Trainer
+    from trainer.lr_finder import lr_find
+
+    trainer = Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      optimizer=lambda: keras.optimizers.SGD(0.1), verbose=False)
+    result = lr_find(trainer, blobs(n=512).repeat(), steps=60, min_lr=1e-3, max_lr=1e6)
+    assert result.stopped == "diverged" and len(result.losses) < 60
+    last = result.smoothed[-1]
+    assert not math.isfinite(last) or last > 4 * min(result.smoothed[:-1])
+
+    def refuse(name):
+        raise AssertionError(f"{name} in lr_find.json: not JSON")
+
+    written = json.loads(result.to_json(tmp_path / "lr_find.json").read_text(), parse_constant=refuse)
+    assert written["stopped"] == "diverged" and len(written["smoothed_loss"]) == len(result.losses)
+
+
+def test_cli_lr_find_writes_json_and_plot_and_no_run_folder(tmp_path):
+    out = tmp_path / "lr"
+    result = run_cli("--steps", "30", "--min", "1e-5", "--max", "10", "--out", str(out), "recipe=mnist",
+                     "model.hidden_units=[16]", "data.batch_size=32", module="trainer.lr_find", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads((out / "lr_find.json").read_text())
+    assert (out / "lr_find.png").stat().st_size > 0
+    assert found["steps"] == 30 and len(found["lr"]) == len(found["smoothed_loss"]) <= 30
+    assert found["suggestion"] in found["lr"] and 1e-5 < found["suggestion"] < 10
+    assert f"Suggested learning rate: {found['suggestion']:.3g}" in result.stdout
+    assert f"optimizer.lr={found['suggestion']:.3g}" in result.stdout
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["lr", "lr_find.json", "lr_find.png"]  # no checkpoint, no runs/
+
+
+def test_cli_lr_find_bad_input_exits_2(tmp_path):
+    result = run_cli("--min", "1", "--max", "0.1", "recipe=mnist", module="trainer.lr_find", cwd=tmp_path)
+    assert result.returncode == 2 and "0 < min_lr < max_lr" in result.stderr + result.stdout
+    assert not (tmp_path / "runs").exists()

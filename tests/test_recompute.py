@@ -1,0 +1,154 @@
+"""Recomputation for memory (trainer/recompute.py, `model.recompute=true` on the ResNet and Transformer
+recipes): the gradients equal those without it (dropout masks and BatchNormalization included), the moving
+statistics are updated once per step, and inference is unchanged."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import read_metrics, run_cli
+from trainer.config import ConfigError
+from trainer.recompute import is_recomputed, recompute
+
+
+def block_model(recomputed: bool) -> keras.Model:
+    keras.utils.set_random_seed(1)
+    block_input = keras.Input((8,))
+    h = keras.layers.Dense(16, activation="relu", name="hidden")(block_input)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    h = keras.layers.Dropout(0.3, name="dropout")(h)
+    block = keras.Model(block_input, keras.layers.Dense(8, name="out")(h), name="block")
+    if recomputed:
+        recompute(block)
+    inputs = keras.Input((8,))
+    return keras.Model(inputs, keras.layers.Dense(2, name="head")(block(inputs)))
+
+
+def gradients_and_state(model, inputs, graph: bool):
+    def step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(model(inputs, training=True) ** 2)
+        return dict(zip([v.path for v in model.trainable_variables], tape.gradient(loss, model.trainable_variables)))
+
+    grads = (tf.function(step) if graph else step)()
+    named = {"/".join(path.split("/")[-2:]): g.numpy() for path, g in grads.items()}
+    return named, [v.numpy() for v in model.non_trainable_variables]  # moving mean, variance, dropout seed state
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "tf.function"])
+def test_gradients_and_statistics_equal_with_dropout_and_batchnorm(graph):
+    x = tf.constant(np.random.default_rng(0).normal(size=(4, 8)).astype("float32"))
+    plain = gradients_and_state(block_model(False), x, graph)
+    again = gradients_and_state(block_model(True), x, graph)
+    assert plain[0].keys() == again[0].keys() and len(plain[0]) == 8
+    for name in plain[0]:
+        np.testing.assert_allclose(again[0][name], plain[0][name], rtol=1e-5, atol=1e-7, err_msg=name)
+    assert len(plain[1]) == len(again[1]) == 3
+    for before, after in zip(plain[1], again[1]):  # moving statistics updated once (not twice), the seed advanced once
+        np.testing.assert_allclose(after, before, rtol=1e-6)
+
+
+def test_resnet_recompute_gradients_equal_and_inference_unchanged():
+    from trainer.recipes.resnet import build_model
+
+    images = tf.constant(np.random.default_rng(0).uniform(size=(2, 16, 16, 3)).astype("float32"))
+    labels = tf.constant([1, 3])
+    results = []
+    for flag in (False, True):
+        keras.utils.set_random_seed(0)
+        model = build_model("resnet8", num_classes=4, image_size=16, base_filters=4, recompute=flag)
+
+        @tf.function
+        def step():
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(labels, model(images, training=True), from_logits=True))
+            return tape.gradient(loss, model.trainable_variables)
+
+        grads = {"/".join(v.path.split("/")[-2:]): g.numpy() for v, g in zip(model.trainable_variables, step())}
+        results.append((grads, model(images, training=False).numpy(), model))
+    (plain, plain_out, _), (again, again_out, recomputed_model) = results
+    assert plain.keys() == again.keys()
+    for name in plain:
+        np.testing.assert_allclose(again[name], plain[name], rtol=1e-4, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(again_out, plain_out, rtol=1e-5, atol=1e-6)
+    backbone = recomputed_model.get_layer("backbone")
+    assert [layer.name for layer in backbone.layers if is_recomputed(layer)] == [
+        f"stage{s}_block1" for s in (1, 2, 3)]  # resnet8: one block per stage
+
+
+def test_keras_applications_resnet_refuses_recompute():
+    from trainer.recipes.resnet import build_model
+
+    with pytest.raises(ConfigError, match="model.recompute=true applies to the CIFAR ResNets"):
+        build_model("resnet50", num_classes=4, image_size=32, recompute=True)
+
+
+def test_transformer_recompute_gradients_equal(tmp_path):
+    """A 2-layer BERT (MiniLM's vocabulary, random weights, dropout 0.1 inside each encoder layer)."""
+    pytest.importorskip("keras_hub")
+    from trainer.recipes import transformer
+
+    minilm = transformer.packaged_preset_dir(transformer.DEFAULT_PRESET)
+    folder = tmp_path / "tiny_bert"
+    folder.mkdir()
+    for name in ("vocab.txt", "tokenizer_config.json"):
+        shutil.copy(minilm / name, folder / name)
+    config = json.loads((minilm / "config.json").read_text())
+    config.update(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    (folder / "config.json").write_text(json.dumps(config))
+
+    ids = np.random.default_rng(0).integers(1, 1000, size=(2, 12)).astype("int32")
+    inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids), "segment_ids": np.zeros_like(ids)}
+    inputs["padding_mask"][1, 8:] = 0
+    results = []
+    for flag in (False, True):
+        keras.utils.set_random_seed(0)
+        model = transformer.build_model(str(folder), pretrained=False, num_classes=2, recompute=flag)
+
+        @tf.function
+        def step():
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(model(inputs, training=True) ** 2)
+            return tape.gradient(loss, model.trainable_variables)
+
+        results.append({v.path: tf.convert_to_tensor(g).numpy() for v, g in zip(model.trainable_variables, step())})
+    assert results[0].keys() == results[1].keys()  # the same variables, the same names: checkpoints unchanged
+    for name in results[0]:
+        np.testing.assert_allclose(results[1][name], results[0][name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_cli_resnet_recompute_trains(tmp_path):
+    run = tmp_path / "run"
+    result = run_cli("recipe=resnet", "model.name=resnet8", "model.base_filters=4", "model.recompute=true",
+                     "data.image_size=16", "data.batch_size=16", "trainer.max_steps=6", "trainer.log_every=3",
+                     "trainer.eval_every=0", "trainer.eval_steps=1", "trainer.progress_bar=false", f"hydra.run.dir={run}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows if r["split"] == "train"] == [3, 6]
+    assert all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_resnet_run_keeps_its_recompute_setting_on_resume(tmp_path):
+    """With recompute the blocks are nested models: a resume without it does not fit the checkpoint."""
+    from trainer import Trainer
+    from trainer.checkpoint import CheckpointError
+    from trainer.recipes.resnet import build_model
+
+    images = np.random.default_rng(0).uniform(size=(8, 16, 16, 3)).astype("float32")
+    data = tf.data.Dataset.from_tensor_slices((images, np.arange(8) % 4)).batch(4).repeat()
+
+    def fit(recompute_blocks, steps):
+        trainer = Trainer(model=lambda: build_model("resnet8", num_classes=4, image_size=16, base_filters=4,
+                                                    recompute=recompute_blocks),
+                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                          optimizer=lambda: keras.optimizers.SGD(0.1), run_dir=tmp_path, verbose=False)
+        return trainer.fit(data, steps=steps)
+
+    fit(True, 2)
+    with pytest.raises(CheckpointError):
+        fit(False, 4)

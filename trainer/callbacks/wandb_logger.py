@@ -1,0 +1,106 @@
+"""WandbLogger: a run's logs in Weights & Biases, with W&B's own client (`logger=[...,wandb]`).
+
+Offline unless there is a login: with no WANDB_MODE, no WANDB_API_KEY and no W&B entry in ~/.netrc, the
+run is written under <run>/wandb/offline-run-*/ for `wandb sync` later, and the log says so (a run must
+not stop, nor hang, on a missing account or network).
+"""
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+from typing import Any, Dict, List, Optional
+from urllib.parse import urlparse
+
+from trainer.callbacks.loggers import Logger, scalars
+from trainer.config import ConfigError
+
+log = logging.getLogger("trainer.callbacks")
+
+WANDB_INSTALL = 'pip install -e ".[wandb]"'
+
+
+def has_wandb_login() -> bool:
+    """An API key in the environment, or a netrc entry for W&B's host (what `wandb login` writes)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+class WandbLogger(Logger):
+    """Logs the run to W&B: the config, metrics by step (`train/loss`, `eval/accuracy`), how it ended
+    (summary `end`: finished | interrupted | failed; W&B's exit code 0, else 1; an interrupted run is also
+    marked preempting, W&B's state for a run that will resume). A
+    resumed run continues the same W&B run: its id is kept in the run folder (wandb_run_id) and given to
+    `wandb.init(id=..., resume="allow")`.
+
+    Args:
+      project: the W&B project; the CLI's default is the recipe.
+      entity: the W&B user or team; None: the login's default.
+      name: the W&B run's display name; None: the run folder's name.
+      mode: "online", "offline" or "disabled"; None: WANDB_MODE if set, else online with a login (an API key
+        or `wandb login`), else offline.
+      tags: the run's tags.
+      params: logged in the W&B config beside `trainer.hparams` (the CLI sets those: the composed config).
+    """
+
+    RUN_ID_FILE = "wandb_run_id"
+
+    def __init__(self, project: str = "trainer", entity: Optional[str] = None, name: Optional[str] = None,
+                 mode: Optional[str] = None, tags: Optional[List[str]] = None, params: Optional[Dict[str, Any]] = None):
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"logger=wandb needs the Weights & Biases client, which is not installed. Fix: {WANDB_INSTALL} "
+                              "(or drop wandb from logger=[...])") from None
+        if mode not in (None, "online", "offline", "disabled"):
+            raise ConfigError(f"logger.wandb.mode={mode!r} is not one of online|offline|disabled (or null: offline "
+                              "without a W&B login)")
+        self.project, self.entity, self.name, self.mode = project, entity, name, mode
+        self.tags, self.params = list(tags or []), dict(params or {})
+        self.run = None
+
+    def chosen_mode(self) -> Optional[str]:
+        """The mode wandb.init gets: ours, else WANDB_MODE's (None: wandb reads it), else by the login."""
+        if self.mode is not None or os.environ.get("WANDB_MODE"):
+            return self.mode
+        if has_wandb_login():
+            return "online"
+        log.info("W&B: no login (WANDB_API_KEY or `wandb login`), so the run is logged offline under the run folder's "
+                 "wandb/; upload it with `wandb sync <run>/wandb/offline-run-*`")
+        return "offline"
+
+    def on_train_begin(self, trainer):
+        import wandb
+
+        folder = self.in_run_dir(trainer, None, "wandb").parent  # wandb.init(dir=...) writes its own wandb/ there
+        kept = folder / self.RUN_ID_FILE
+        run_id = kept.read_text().strip() if kept.exists() else None
+        self.run = wandb.init(project=self.project, entity=self.entity, name=self.name or folder.name, tags=self.tags,
+                              id=run_id, resume="allow", dir=str(folder), mode=self.chosen_mode(),
+                              reinit="create_new", settings=wandb.Settings(console="off"))
+        self.run.config.update({**getattr(trainer, "hparams", {}), **self.params}, allow_val_change=True)
+        if run_id is None:
+            kept.write_text(self.run.id + "\n")
+            log.info("W&B run %s in project %r (%s)", self.run.id, self.project, self.run.settings.mode)
+        else:
+            log.info("W&B run %s continued (%s)", run_id, self.run.settings.mode)
+
+    def record(self, trainer, split, step, logs):
+        values = {f"{split}/{name}": float(value) for name, value in scalars(logs).items()}
+        if values and self.run is not None:
+            self.run.log(values, step=step)
+
+    def on_train_end(self, trainer, summary):
+        if self.run is None:
+            return
+        end = "failed" if summary.get("failed") else "interrupted" if summary.get("interrupted") else "finished"
+        self.run.summary["end"] = end
+        if end == "interrupted":
+            self.run.mark_preempting()  # W&B's mark of a run that stopped to be resumed
+        self.run.finish(exit_code=0 if end == "finished" else 1)
+        self.run = None

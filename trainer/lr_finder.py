@@ -1,0 +1,218 @@
+"""The learning-rate range test (Lightning's `lr_find`, after Smith 2015 and fastai): train N steps with a
+learning rate growing exponentially from `min_lr` to `max_lr`, record the smoothed loss, stop when it
+diverges, suggest the rate where it fell fastest. `python -m trainer.lr_find` runs it on a config.
+
+The Trainer it runs on is left as it was: its variables (weights, optimizer slots and step counter, loss
+scale, step, RNG) are written to a temporary checkpoint outside the run folder and read back afterwards,
+each optimizer gets its own learning rate (or schedule) back, and the traced steps are dropped. Nothing
+is written into the run folder: no checkpoint, no log.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from trainer.config import ConfigError
+from trainer.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+class LRFinderError(UserError, RuntimeError):
+    """The range test cannot do what was asked (a package missing for its plot): the message says the fix."""
+
+
+@dataclass
+class LRFinderResult:
+    """What a range test recorded: the rate of each step, its loss, the smoothed loss, and the suggestion
+    (None when too few finite points remained to judge)."""
+
+    lrs: List[float]
+    losses: List[float]
+    smoothed: List[float]
+    suggestion: Optional[float]
+    suggestion_index: Optional[int]
+    stopped: str  # why it ended: "steps" (all of them ran) or "diverged"
+    settings: Dict[str, float] = field(default_factory=dict)
+
+    def to_json(self, path) -> Path:
+        """A small json: the suggestion, the settings, and the curve."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+        def clean(values):  # JSON has no NaN or infinity: a diverged step's loss is null
+            return [v if math.isfinite(v) else None for v in values]
+
+        path.write_text(json.dumps({"suggestion": self.suggestion, "stopped": self.stopped, **self.settings, "lr": self.lrs,
+                                    "loss": clean(self.losses), "smoothed_loss": clean(self.smoothed)}, indent=1) + "\n")
+        return path
+
+    def plot(self, path) -> Path:
+        """The smoothed loss against the learning rate (log axis), the suggestion marked; a png."""
+        try:
+            from matplotlib.figure import Figure
+        except ImportError:
+            raise LRFinderError("trainer.lr_find's plot needs matplotlib, which is not installed. Fix: "
+                            "pip install -e '.[bench]'") from None
+        figure = Figure(figsize=(6, 4))
+        ax = figure.add_subplot()
+        ax.plot(self.lrs, self.losses, color="0.75", linewidth=0.8, label="loss")
+        ax.plot(self.lrs, self.smoothed, color="C0", label="smoothed loss")
+        if self.suggestion_index is not None:
+            i = self.suggestion_index
+            ax.plot([self.lrs[i]], [self.smoothed[i]], "o", color="C3", label=f"suggestion {self.suggestion:.3g}")
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("train loss")
+        finite = [v for v in self.smoothed if math.isfinite(v)]
+        if finite:  # the divergence's last points would flatten the curve
+            ax.set_ylim(min(finite) - 0.05 * abs(min(finite)), max(finite[0], min(finite)) * 1.5 + 1e-12)
+        ax.legend()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=100, bbox_inches="tight")
+        return path
+
+
+class _Rate(keras.optimizers.schedules.LearningRateSchedule):
+    """The range test's rate: a variable the loop assigns before each step (the traced step reads it)."""
+
+    def __init__(self, variable: tf.Variable):
+        self.variable = variable
+
+    def __call__(self, step):
+        return keras.ops.cast(self.variable, "float32")
+
+    def get_config(self):
+        return {}
+
+
+def exponential_rates(min_lr: float, max_lr: float, steps: int) -> np.ndarray:
+    """`steps` rates from min_lr to max_lr, evenly spaced on a log scale (Lightning's "exponential" mode)."""
+    return min_lr * (max_lr / min_lr) ** (np.arange(steps) / max(steps - 1, 1))
+
+
+def smooth(losses: List[float], beta: float) -> List[float]:
+    """The bias-corrected exponential moving average of the losses (Lightning's and fastai's)."""
+    average, out = 0.0, []
+    for i, loss in enumerate(losses):
+        average = beta * average + (1 - beta) * loss
+        out.append(average / (1 - beta ** (i + 1)))
+    return out
+
+
+def suggest(lrs: List[float], smoothed: List[float], skip_begin: int = 10, skip_end: int = 1) -> Optional[int]:
+    """The index of the steepest descent of the smoothed loss against log(lr), leaving out the first
+    `skip_begin` points (the average still settling) and the last `skip_end` (the divergence); None when
+    fewer than two finite points remain (np.gradient needs two)."""
+    end = len(smoothed) - skip_end
+    kept = [i for i in range(skip_begin, end) if math.isfinite(smoothed[i])]
+    if len(kept) < 2:
+        return None
+    slopes = np.gradient(np.array([smoothed[i] for i in kept]), np.log10([lrs[i] for i in kept]))
+    return kept[int(np.argmin(slopes))]
+
+
+def _check(steps: int, min_lr: float, max_lr: float, beta: float, divergence: float) -> None:
+    if steps < 2:
+        raise ConfigError(f"lr_find: steps={steps} is too few for a range test; give at least 2 (Lightning uses 100)")
+    if not 0 < min_lr < max_lr:
+        raise ConfigError(f"lr_find: the rates must satisfy 0 < min_lr < max_lr (got min_lr={min_lr:g}, max_lr={max_lr:g})")
+    if not 0 <= beta < 1:
+        raise ConfigError(f"lr_find: smoothing={beta} must be in [0, 1) (0.98: Lightning's)")
+    if divergence is not None and divergence <= 1:
+        raise ConfigError(f"lr_find: divergence={divergence} must be above 1 (the smoothed loss over its best; Lightning's 4)")
+
+
+def lr_find(trainer, train_data, *, steps: int = 100, min_lr: float = 1e-7, max_lr: float = 1.0,
+            smoothing: float = 0.98, divergence: Optional[float] = 4.0, monitor: str = "loss") -> LRFinderResult:
+    """Runs the range test on `trainer` with `train_data` (what fit() takes) and returns its result.
+
+    Each step trains at the next rate of `exponential_rates(min_lr, max_lr, steps)` (every optimizer gets
+    it); the loss (the step's `monitor` log) is smoothed with `smoothing`; the test stops early once the
+    smoothed loss exceeds `divergence` x its lowest value (None: never) or is not finite. The Trainer's
+    state is restored afterwards, so a fit() after it trains from where it was.
+
+    Raises:
+      ConfigError: bad settings, or a step that logs no `monitor`.
+    """
+    from trainer.data import release_in_background
+    from trainer.inputs import sample_batch, training_iterator
+
+    _check(steps, min_lr, max_lr, smoothing, divergence)
+    sample, _ = sample_batch(train_data, trainer.strategy)
+    trainer.build(sample)
+    rates = exponential_rates(min_lr, max_lr, steps)
+    with tempfile.TemporaryDirectory(prefix="lr_find-") as folder:  # outside the run folder, removed at the end
+        snapshot = tf.train.Checkpoint(**trainer.checkpoint_objects())
+        saved = snapshot.write(str(Path(folder) / "before"))
+        schedules = {name: opt._learning_rate for name, opt in trainer.optimizers.items()
+                     if not isinstance(opt._learning_rate, keras.Variable)}  # a constant rate is a variable (in `saved`)
+        iterator = [training_iterator(train_data, trainer.strategy, 0, 0, None)]
+        try:
+            rates_in_use = _rate_variables(trainer, schedules)
+            trainer.reset_step_functions()
+            losses, stopped = _run(trainer, iterator[0], rates, rates_in_use, smoothing, divergence, monitor)
+        finally:
+            for name, schedule in schedules.items():
+                trainer.optimizers[name].learning_rate = schedule
+            snapshot.read(saved).assert_existing_objects_matched()
+            trainer.reset_step_functions()
+            trainer.train_window.restart()
+            release_in_background(iterator, trainer.strategy.num_replicas_in_sync)
+    lrs = [float(r) for r in rates[:len(losses)]]
+    smoothed = smooth(losses, smoothing)
+    index = suggest(lrs, smoothed)
+    if index is None:
+        log.warning("lr_find: only %d steps ran before the loss diverged: too few to suggest a rate. Fix: a lower "
+                    "--min (min_lr), or more steps", len(losses))
+    settings = {"min_lr": min_lr, "max_lr": max_lr, "steps": steps, "smoothing": smoothing, "divergence": divergence}
+    return LRFinderResult(lrs, losses, smoothed, lrs[index] if index is not None else None, index, stopped, settings)
+
+
+def _rate_variables(trainer, schedules) -> List[tf.Variable]:
+    """What to assign each step's rate to: a constant rate's own variable; for a schedule, a variable that a
+    `_Rate` put in its place reads (Keras' setter takes a schedule; the schedule is put back after)."""
+    variables = []
+    for name, opt in trainer.optimizers.items():
+        if name in schedules:
+            with trainer.strategy.scope():
+                variables.append(tf.Variable(0.0, dtype=tf.float32, trainable=False, name=f"lr_find_{name}"))
+            opt.learning_rate = _Rate(variables[-1])
+        else:
+            variables.append(opt._learning_rate)
+    return variables
+
+
+def _run(trainer, iterator, rates, variables, beta: float, divergence: Optional[float], monitor: str):
+    """One step per rate; (the losses, why it stopped)."""
+    from trainer.compile import make_train_function
+
+    train = make_train_function(trainer, iterator)
+    losses, best = [], math.inf
+    one = tf.constant(1, tf.int64)
+    for i, value in enumerate(rates):
+        for variable in variables:
+            variable.assign(float(value))
+        trainer.train_window.restart()
+        train(iterator, one)
+        logs = trainer.train_window.logs()
+        if monitor not in logs:
+            raise ConfigError(f"lr_find: the train step logs no {monitor!r} (it logs {', '.join(sorted(logs)) or 'nothing'}); "
+                              "give monitor= one of those")
+        losses.append(logs[monitor])
+        smoothed = smooth(losses, beta)[-1]
+        if not math.isfinite(smoothed) or (divergence is not None and i > 0 and smoothed > divergence * best):
+            log.info("lr_find: the loss diverged at lr %.3g (step %d of %d): stopping", value, i + 1, len(rates))
+            return losses, "diverged"
+        best = min(best, smoothed)
+    return losses, "steps"

@@ -1,0 +1,67 @@
+"""Recomputation for memory (gradient checkpointing): `recompute(block)` makes a Keras layer or model keep
+only its inputs for the backward pass and run its forward again there (`tf.recompute_grad`), trading
+compute for the memory of its inner activations. Inference and evaluation (training=False) are unchanged.
+
+What tf.recompute_grad alone gets wrong with Keras layers, and what this does about it:
+  * a second forward draws new dropout masks (Keras 3 advances a SeedGenerator variable on each draw), so
+    the gradients would belong to another network: the block's non-trainable variables (the seed states,
+    BatchNormalization's moving statistics) are read before the forward pass, set back to those values for
+    the recomputation, and set to their values after the forward pass again once it is done. The
+    recomputation thus draws the same masks, and the moving statistics are updated once per step, not twice.
+  * keyword arguments (a padding mask, `training`) cannot cross `tf.custom_gradient` in a graph: they are
+    closed over; only the positional tensors are the block's differentiated inputs.
+The block's variables and their checkpoint names do not change: `recompute` replaces the instance's `call`.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import keras
+import tensorflow as tf
+
+
+def recompute(block: keras.layers.Layer) -> keras.layers.Layer:
+    """Wraps `block.call` so that, when training, its activations are recomputed in the backward pass.
+    Returns the block (the same object)."""
+    if getattr(block, "_trainer_recompute", False):
+        return block
+    forward = block.call
+
+    def call(*args, **kwargs):
+        if not kwargs.get("training") or not all(isinstance(a, (tf.Tensor, tf.Variable)) for a in args):
+            return forward(*args, **kwargs)  # inference, or Keras tracing the model's shapes
+        return _recomputed(block, forward, args, kwargs)
+
+    block.call = call
+    block._trainer_recompute = True
+    return block
+
+
+def is_recomputed(block: keras.layers.Layer) -> bool:
+    return bool(getattr(block, "_trainer_recompute", False))
+
+
+def _state(block) -> List:
+    """The variables a forward pass changes: the seed generators' states and the moving statistics."""
+    return [v for v in block.variables if not v.trainable]
+
+
+def _recomputed(block, forward, args, kwargs):
+    state = _state(block)
+    before = [tf.identity(keras.ops.convert_to_tensor(v)) for v in state]
+    passes = []
+
+    def run(*tensors):
+        if not passes:  # the forward pass
+            passes.append("forward")
+            return forward(*tensors, **kwargs)
+        after = [tf.identity(keras.ops.convert_to_tensor(v)) for v in state]
+        for variable, value in zip(state, before):  # the same masks, and no second statistics update
+            variable.assign(value)
+        outputs = forward(*tensors, **kwargs)
+        with tf.control_dependencies(tf.nest.flatten(outputs)):
+            for variable, value in zip(state, after):
+                variable.assign(value)
+        return tf.nest.map_structure(tf.identity, outputs)
+
+    return tf.recompute_grad(run)(*args)
