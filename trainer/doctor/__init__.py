@@ -51,8 +51,8 @@ def candidate_policy(policy: str, device_kind: str) -> str:
     return "mixed_float16" if device_kind == "GPU" else "mixed_bfloat16"
 
 
-def baseline_xla(trainer_config, strategy) -> bool:
-    """What trainer.jit_compile resolves to for float32 here (the baseline of the speed-ups)."""
+def baseline_xla(trainer_config, strategy, precision=None) -> bool:
+    """What trainer.jit_compile resolves to for the user's precision here (the baseline of the speed-ups)."""
     import tensorflow as tf
 
     from trainer.compile import decide_jit_compile
@@ -62,7 +62,7 @@ def baseline_xla(trainer_config, strategy) -> bool:
         return trainer_config.jit_compile
     on_cpu = not tf.config.list_physical_devices("GPU") and not isinstance(strategy, tf.distribute.TPUStrategy)
     try:
-        return bool(decide_jit_compile(trainer_config, PrecisionConfig(), on_cpu=on_cpu,
+        return bool(decide_jit_compile(trainer_config, precision or PrecisionConfig(), on_cpu=on_cpu,
                                        replicas=strategy.num_replicas_in_sync))
     except Exception:  # noqa: BLE001 - a mode the decision does not take here (e.g. measure): off
         return False
@@ -178,9 +178,10 @@ def diagnose_parts(parts, data, *, batch_size: Optional[int] = None, strategy=No
                                            tensorboard=False, init_from=None),
             ).build(strategy=strategy)
 
-        report["speed"] = speed_section(make_trainer, data_for_batch, configs, skipped, rounds=3 if quick else 5,
-                                        call_seconds=0.1 if quick else 0.2, progress=progress)
-        report["recommendation"] = recommend(report, overrides, baseline_xla(trainer_config, strategy), batch_size)
+        report["speed"] = speed_section(make_trainer, data_for_batch, configs, skipped, rounds=5 if quick else 7,
+                                        call_seconds=0.2, progress=progress)
+        report["recommendation"] = recommend(report, overrides, baseline_xla(trainer_config, strategy, precision),
+                                             batch_size, policy=precision.policy)
     keras.mixed_precision.set_dtype_policy("float32")
     report["meta"]["wall_seconds"] = time.perf_counter() - start
     return report

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import statistics
 import time
 import warnings
 from typing import Callable, Dict, List, Tuple
@@ -26,7 +27,6 @@ from typing import Callable, Dict, List, Tuple
 from trainer.inputs import batches_read_per_step
 from trainer.memory import PeakMemory
 from trainer.precision import POLICIES
-from trainer.timing import interleaved_seconds, median_seconds
 
 SHORT = {"float32": "float32", "mixed_float16": "mixed_float16", "mixed_bfloat16": "mixed_bfloat16"}
 FLOAT16_ON_CPU_WITHOUT_XLA = ("not timed: TensorFlow's float16 kernels on a CPU are ~100x slower than XLA's "
@@ -77,11 +77,28 @@ def _finish(trainer) -> None:
     next(iter(trainer.models.values())).trainable_variables[0].numpy()
 
 
+def run_as_trained(trainer, steps: int) -> None:
+    """`steps` train steps in calls of trainer.steps_per_loop, as the Trainer's loop makes them (one
+    step per call by default: a timing of 500-step calls would hide the per-call cost the run pays)."""
+    per_call = max(1, int(trainer.config.steps_per_loop))
+    done = 0
+    while done < steps:
+        trainer.run_steps(min(per_call, steps - done))
+        done += per_call
+    _finish(trainer)
+
+
 def _timed_call(trainer, steps: int) -> float:
     start = time.perf_counter()
-    trainer.run_steps(steps)
-    _finish(trainer)
+    run_as_trained(trainer, steps)
     return time.perf_counter() - start
+
+
+def resized(steps: int, seconds: float, call_seconds: float) -> int:
+    """The steps of the next call, from the last call's `steps` and `seconds`: about `call_seconds` at
+    the rate just measured (re-sized every round, so one burst of load cannot leave a configuration
+    timed with calls a tenth of the target for the whole run)."""
+    return max(1, min(MOST_STEPS_PER_CALL, round(steps * call_seconds / max(seconds, 1e-6))))
 
 
 def size_call(trainer, call_seconds: float) -> int:
@@ -93,7 +110,23 @@ def size_call(trainer, call_seconds: float) -> int:
         if seconds >= call_seconds / 2 or steps >= MOST_STEPS_PER_CALL:
             break
         steps = min(MOST_STEPS_PER_CALL, steps * min(8, max(2, int(call_seconds / 2 / max(seconds, 1e-6)))))
-    return max(1, min(MOST_STEPS_PER_CALL, round(steps * call_seconds / max(seconds, 1e-6))))
+    return resized(steps, seconds, call_seconds)
+
+
+def timed_rounds(trainers: Dict[str, object], steps: Dict[str, int], rounds: int, call_seconds: float,
+                 timed_call: Callable[[object, int], float] = _timed_call) -> Dict[str, List[Tuple[int, float]]]:
+    """(steps, seconds) of each configuration's call in each of `rounds` interleaved rounds (A B C, A B
+    C, ...), after one untimed round; each call is re-sized (resized) from the configuration's last one."""
+    steps = dict(steps)
+    for name, trainer in trainers.items():  # the untimed round: caches, the first re-size
+        steps[name] = resized(steps[name], timed_call(trainer, steps[name]), call_seconds)
+    calls: Dict[str, List[Tuple[int, float]]] = {name: [] for name in trainers}
+    for _ in range(rounds):
+        for name, trainer in trainers.items():
+            seconds = timed_call(trainer, steps[name])
+            calls[name].append((steps[name], seconds))
+            steps[name] = resized(steps[name], seconds, call_seconds)
+    return calls
 
 
 def _prepare(config: GridConfig, make_trainer, data_for_batch, call_seconds: float) -> dict:
@@ -150,23 +183,23 @@ def speed_section(make_trainer: Callable[[str, bool], object], data_for_batch: C
                 row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
                 progress(f"speed: {config.name} failed: {row['error']}")
             rows.append(row)
-        calls = {name: (lambda p=p: (p["trainer"].run_steps(p["steps_per_call"]), _finish(p["trainer"])))
-                 for name, p in prepared.items()}
-        progress(f"speed: timing {len(calls)} configurations, {rounds} interleaved rounds of about "
-                 f"{call_seconds:g} s per configuration")
-        seconds = interleaved_seconds(calls, rounds=rounds, warmup=1) if calls else {}
-    medians = median_seconds(seconds)
+        progress(f"speed: timing {len(prepared)} configurations, {rounds} interleaved rounds of about "
+                 f"{call_seconds:g} s per configuration (re-sized every round)")
+        calls = timed_rounds({name: p["trainer"] for name, p in prepared.items()},
+                             {name: p["steps_per_call"] for name, p in prepared.items()}, rounds, call_seconds)
     for row in rows:
         p = prepared.pop(row["name"], None)
         if p is None:
             continue
-        steps_per_sec = p["steps_per_call"] / medians[row["name"]]
         per_step = row["batch"] * batches_read_per_step(p["trainer"].config)  # grad_accum_steps x batches_per_step batches
+        step_seconds = [seconds / steps for steps, seconds in calls[row["name"]]]
+        steps_per_sec = 1 / statistics.median(step_seconds)
         row.update({k: v for k, v in p.items() if k != "trainer"}, steps_per_sec=steps_per_sec,
                    examples_per_sec=steps_per_sec * per_step,
-                   seconds_per_call=seconds[row["name"]],
-                   seconds_per_example=[t / (p["steps_per_call"] * per_step) for t in seconds[row["name"]]],
-                   spread=max(seconds[row["name"]]) / min(seconds[row["name"]]))
+                   steps_per_call=[steps for steps, _ in calls[row["name"]]],
+                   seconds_per_call=[seconds for _, seconds in calls[row["name"]]],
+                   seconds_per_example=[t / per_step for t in step_seconds],
+                   spread=max(step_seconds) / min(step_seconds))
     calls.clear()
     prepared.clear()
     gc.collect()  # the Trainers (cycles) die now, their tf.data iterators on release threads, not at exit (data.py)
