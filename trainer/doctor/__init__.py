@@ -136,8 +136,10 @@ def diagnose_parts(parts, data, *, batch_size: Optional[int] = None, strategy=No
 
     start = time.perf_counter()
     progress = progress or _progress_to_stderr(start)
-    precision, trainer_config = parts.precision, parts.config
+    from trainer.auto_precision import resolve
+
     strategy = strategy or tf.distribute.get_strategy()
+    precision, trainer_config = resolve(parts.precision, strategy), parts.config  # auto: what the run would use
     if batch_size is None and not isinstance(data, tf.data.Dataset):
         raise ValueError("trainer.doctor.diagnose: with data given as a function of the batch size, give batch_size too")
     data_for_batch = _data_for_batch(data)
