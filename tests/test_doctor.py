@@ -393,3 +393,40 @@ def test_quick_under_mirrored_on_two_logical_cpus(tmp_path):
     assert "strategy=mirrored" in command and "strategy.logical_cpus=2" in command
     assert "warm-up (not measured)" in done.stderr and "WARNING tensorflow:" not in done.stderr
     assert (out / "doctor.txt").read_text().strip() in done.stdout
+
+
+def test_verify_withdraws_a_recommendation_that_does_not_train_faster():
+    from trainer.doctor import recommend
+    from trainer.doctor.verify import verify_outcome
+
+    baseline = _row("float32", 32, [1.0] * 5)
+    fast = _row("mixed_bfloat16", 32, [0.5, 0.52, 0.49, 0.51, 0.5])
+    rec = recommend(_report(baseline, fast), ["model.hidden_units=[8]"], baseline_xla=False, batch=32)
+    assert rec["changed"] and "precision=mixed_bfloat16" in rec["command"]
+    kept = verify_outcome(rec, [0.6, 0.61, 0.59, 0.6, 0.62], [1.0, 1.02, 0.99, 1.0, 1.01])
+    assert kept["config"] == fast["name"] and not kept["verify"]["withdrawn"]
+    assert kept["verify"]["speedup"] == pytest.approx(1.66, abs=0.02) and "stands" in kept["notes"][0]
+    withdrawn = verify_outcome(rec, [1.0, 0.98, 1.03, 1.01, 0.99], [1.0, 1.0, 1.0, 1.0, 1.0])  # no faster in training
+    assert withdrawn["verify"]["withdrawn"] and withdrawn["config"] == baseline["name"]
+    assert withdrawn["command"] == rec["current_command"] and "precision=float32" in withdrawn["command"]
+    assert withdrawn["policy"] == "float32" and "withdrawn" in withdrawn["notes"][0]
+    assert "model.hidden_units=[8]" in withdrawn["command"]
+
+
+@pytest.mark.slow
+def test_quick_verify_through_the_cli_on_a_tiny_config(tmp_path):
+    """One real run: --quick --verify on a tiny MLP writes the verify result (a measured ratio, and a
+    withdrawal exactly when the measured verdict is not a win), or says there was nothing to compare."""
+    out = tmp_path / "doctor"
+    done = run_cli("--quick", "model.hidden_units=[8]", "data.batch_size=16", "--out", str(out), "--verify", "10",
+                   module="trainer.doctor")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rec = json.loads((out / "doctor.json").read_text())["recommendation"]
+    verified = rec["verify"]
+    if "skipped" in verified:
+        assert rec["changed"] is False and "verify:" not in done.stderr
+    else:
+        assert verified["rounds"] == 5 and verified["speedup"] > 0
+        assert verified["withdrawn"] == (verified["verdict"] != "faster" and rec.get("withdrawn_config") is not None)
+        assert "--verify:" in done.stdout and ("withdrawn" in done.stdout) == verified["withdrawn"]
+    assert "load average" in done.stdout

@@ -122,9 +122,11 @@ def diagnose(model: Callable, data, loss, optimizer: Optional[Callable] = None, 
 
 def diagnose_parts(parts, data, *, batch_size: Optional[int] = None, strategy=None, weights: Optional[list] = None,
                    quick: bool = False, sections: Sequence[str] = SECTIONS, overrides: Sequence[str] = (),
-                   command: str = "", progress: Optional[Callable[[str], None]] = None) -> dict:
+                   command: str = "", progress: Optional[Callable[[str], None]] = None,
+                   verify_steps: Optional[int] = None) -> dict:
     """diagnose() on the parts of a Trainer (trainer.assemble.Parts, as `python -m trainer` builds from a config):
-    each configuration the speed section times is `parts.build(...)` with its policy and XLA setting."""
+    each configuration the speed section times is `parts.build(...)` with its policy and XLA setting;
+    `verify_steps`: train the recommended and the current configuration that many steps each (verify.py)."""
     import keras
     import tensorflow as tf
 
@@ -184,6 +186,11 @@ def diagnose_parts(parts, data, *, batch_size: Optional[int] = None, strategy=No
                                         call_seconds=0.2, progress=progress)
         report["recommendation"] = recommend(report, overrides, baseline_xla(trainer_config, strategy, precision),
                                              batch_size, policy=precision.policy)
+        if verify_steps and report["recommendation"]:
+            from trainer.doctor.verify import verify
+
+            report["recommendation"] = verify(make_trainer, data_for_batch, report["recommendation"],
+                                              report["speed"]["configs"], verify_steps, progress)
     keras.mixed_precision.set_dtype_policy("float32")
     report["meta"]["wall_seconds"] = time.perf_counter() - start
     return report

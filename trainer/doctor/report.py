@@ -86,6 +86,15 @@ def _verdict_note(verdict: dict, rec_name: str, baseline_name: str) -> str:
             f"won {verdict['wins']} of {verdict['rounds']} rounds (sign test p={verdict['sign_test_p']:.3f})")
 
 
+def _command(program: str, kept: List[str], row: dict, scale: Optional[float]) -> str:
+    """The command line that trains `row`'s configuration with the user's other overrides."""
+    chosen = [f"precision={row['policy']}", f"trainer.jit_compile={'true' if row['xla'] else 'false'}",
+              f"data.batch_size={row['batch']}"]
+    if row["policy"] == "mixed_float16" and scale and scale != DEFAULT_INITIAL_SCALE:
+        chosen.append(f"precision.initial_scale={scale:g}")
+    return " ".join([program, *map(shlex.quote, kept + chosen)])
+
+
 def recommend(report: dict, overrides: Sequence[str], baseline_xla: bool, batch: int,
               program: str = "python -m trainer", policy: str = "float32") -> Optional[dict]:
     """The configuration to train with (decide.choose), against what the user runs now: `policy` with
@@ -111,11 +120,8 @@ def recommend(report: dict, overrides: Sequence[str], baseline_xla: bool, batch:
     if others:
         notes.append(f"as fast within the noise: {', '.join(others)} (the simplest of them is chosen)")
     kept = [o for o in overrides if _key(o) not in REPLACED_KEYS]
-    chosen = [f"precision={best['policy']}", f"trainer.jit_compile={'true' if best['xla'] else 'false'}",
-              f"data.batch_size={best['batch']}"]
     scale = ((report.get("numerics") or {}).get("float16") or {}).get("loss_scale")
     if best["policy"] == "mixed_float16" and scale and scale != DEFAULT_INITIAL_SCALE:
-        chosen.append(f"precision.initial_scale={scale:g}")
         notes.append(f"dynamic loss scaling starts at the measured safe scale {scale:g} instead of 2^15")
     noisiest = max(best.get("spread", 1.0), baseline.get("spread", 1.0))
     if noisiest > NOISY_SPREAD:
@@ -141,7 +147,8 @@ def recommend(report: dict, overrides: Sequence[str], baseline_xla: bool, batch:
             "memory_saving_mb": memory, "memory_difference_measurable": memory_measurable,
             "memory_mb": {"recommended": best.get("memory_mb"), "baseline": baseline.get("memory_mb"),
                           "means": (report.get("speed") or {}).get("memory_means")},
-            "command": " ".join([program, *map(shlex.quote, kept + chosen)]), "blocked": blocked,
+            "command": _command(program, kept, best, scale), "current_command": _command(program, kept, baseline, scale),
+            "policy": best["policy"], "current_policy": baseline["policy"], "blocked": blocked,
             "model_changes": model_changes(report), "notes": notes,
             "rule": f"against what you run now ({baseline['name']}), per interleaved round: a configuration whose "
                     f"precision passed the numerics checks is faster if the {CONFIDENCE:.0%} bootstrap interval of "
@@ -220,8 +227,27 @@ def _numerics_lines(num: dict) -> List[str]:
     return lines
 
 
+def _phase_lines(rows: List[dict]) -> List[str]:
+    """Where a step's time goes, per timed configuration: why a matmul speed-up shrinks in the step."""
+    timed = [r for r in rows if r.get("phases")]
+    if not timed:
+        return []
+    names = list(timed[0]["phases"]["seconds"])
+    lines = ["  where a step's time goes (ms per step, share of the step; XLA off, the given batch):"]
+    lines += _table(["configuration", "step", *names],
+                    [[r["name"], f"{r['phases']['step_seconds'] * 1e3:.2f}",
+                      *(f"{r['phases']['seconds'][n] * 1e3:.2f} ({r['phases']['share'][n]:.0%})" for n in names)]
+                     for r in timed])
+    lines.append(f"  ({timed[0]['phases']['how']}). A faster matmul shortens only the matmuls inside forward and "
+                 "backward; the update, elementwise work, the loop and input keep their time.")
+    lines += [f"  {r['name']}: phases not timed ({r['phases_error']})" for r in rows if r.get("phases_error")]
+    return lines
+
+
 def _speed_lines(speed: dict) -> List[str]:
-    lines = [f"4. SPEED AND MEMORY ({speed['rounds']} interleaved rounds; memory: {speed['memory_means']})"]
+    lines = [f"4. SPEED AND MEMORY ({speed['rounds']} interleaved rounds, calls of ~{speed.get('call_seconds', 0.2):g} s "
+             f"re-sized every round, {speed.get('steps_per_loop', 1)} step(s) per call as the run trains; memory: "
+             f"{speed['memory_means']})"]
     rows = []
     for r in speed["configs"]:
         if "error" in r:
@@ -230,7 +256,8 @@ def _speed_lines(speed: dict) -> List[str]:
             rows.append([r["name"], _g(r["steps_per_sec"], ".1f"), _g(r["examples_per_sec"], ".0f"),
                          f"{r['spread']:.2f}x", _g(r["memory_mb"], ".0f"), _g(r["first_call_seconds"], ".1f"), r["xla_layout"]])
     lines += _table(["configuration", "steps/s", "examples/s", "spread", "memory MiB", "first call s", "XLA layout"], rows)
-    lines.append("  spread: slowest / fastest timed call of a configuration (the machine's noise; medians are compared)")
+    lines.append("  spread: slowest / fastest per-step time over the rounds (the machine's noise; rounds are compared in pairs)")
+    lines += _phase_lines(speed["configs"])
     lines += [f"  {s['name']}: {s['reason']}" for s in speed["skipped"]]
     return lines
 

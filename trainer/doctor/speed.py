@@ -1,9 +1,9 @@
-"""Section 4, speed and memory: steps/s and memory of each precision x XLA x batch size, measured with the
-Trainer's own compiled loop (`Trainer.run_steps`), in interleaved rounds (trainer/timing.py) so that a burst
-of load from another process hits every configuration alike. A configuration's timed call runs about
-`call_seconds` of steps, sized from timed calls after its warm-up (a single step's time would include the
-per-call overhead and size the calls too short).
-
+"""Section 4, speed and memory: steps/s and memory of each precision x XLA x batch size, timed as the
+recommended command will train: the Trainer's own compiled step on the run's input pipeline, in calls of
+`steps_per_loop` steps (`Trainer.run_steps`, as its loop makes them), in interleaved rounds (A B C, A B C)
+so that a burst of load from another process hits every configuration alike and the rounds can be compared
+in pairs (decide.py). A configuration's timed call runs about `call_seconds` of steps, sized after its
+warm-up and re-sized every round from its last call, so one burst cannot leave it timed with short calls.
 Memory (trainer/memory.py's PeakMemory): on a GPU the allocator's peak while a configuration is built
 and runs its first steps, minus what was allocated before (the other configurations' memory); on the
 CPU the process RSS, sampled over the same span, minus the RSS before it. The RSS high-water mark cannot
@@ -25,6 +25,7 @@ import warnings
 from typing import Callable, Dict, List, Tuple
 
 from trainer.inputs import batches_read_per_step
+from trainer.doctor.phases import phase_breakdown
 from trainer.memory import PeakMemory
 from trainer.precision import POLICIES
 
@@ -163,6 +164,15 @@ def _warm_up(configs: List[GridConfig], make_trainer, data_for_batch, progress) 
         gc.collect()
 
 
+def _add_phases(row: dict, trainer, data, progress: Callable[[str], None]) -> None:
+    """row["phases"]: where its step's time goes (phases.py); a model the pieces cannot time gets why not."""
+    progress(f"speed: timing the phases of a step of {row['name']}")
+    try:
+        row["phases"] = phase_breakdown(trainer, data, row["xla"], 1 / row["steps_per_sec"])
+    except Exception as e:  # noqa: BLE001 - several models, a custom step: the breakdown is left out, said why
+        row["phases_error"] = f"{type(e).__name__}: {str(e).strip()[:200]}"
+
+
 def speed_section(make_trainer: Callable[[str, bool], object], data_for_batch: Callable[[int], object],
                   configs: List[GridConfig], skipped: List[dict], *, rounds: int, call_seconds: float,
                   progress: Callable[[str], None]) -> dict:
@@ -185,6 +195,7 @@ def speed_section(make_trainer: Callable[[str, bool], object], data_for_batch: C
             rows.append(row)
         progress(f"speed: timing {len(prepared)} configurations, {rounds} interleaved rounds of about "
                  f"{call_seconds:g} s per configuration (re-sized every round)")
+        steps_per_loop = next((int(p["trainer"].config.steps_per_loop) for p in prepared.values()), 1)
         calls = timed_rounds({name: p["trainer"] for name, p in prepared.items()},
                              {name: p["steps_per_call"] for name, p in prepared.items()}, rounds, call_seconds)
     for row in rows:
@@ -200,10 +211,13 @@ def speed_section(make_trainer: Callable[[str, bool], object], data_for_batch: C
                    seconds_per_call=[seconds for _, seconds in calls[row["name"]]],
                    seconds_per_example=[t / per_step for t in step_seconds],
                    spread=max(step_seconds) / min(step_seconds))
+        if not row["xla"] and row["batch"] == configs[0].batch:  # the given batch, as TensorFlow runs it
+            _add_phases(row, p["trainer"], data_for_batch(row["batch"]), progress)
     calls.clear()
     prepared.clear()
     gc.collect()  # the Trainers (cycles) die now, their tf.data iterators on release threads, not at exit (data.py)
-    return {"rounds": rounds, "configs": rows, "skipped": skipped,
+    return {"rounds": rounds, "call_seconds": call_seconds, "steps_per_loop": steps_per_loop, "configs": rows,
+            "skipped": skipped,
             "memory_means": ("device allocator peak minus the memory in use before (MiB)" if rows and any(
                 r.get("memory_kind") == "gpu_allocator_peak" for r in rows) else
                 "growth of this process's RSS (MiB) while the configuration was built and ran its first steps, "
