@@ -430,3 +430,30 @@ def test_quick_verify_through_the_cli_on_a_tiny_config(tmp_path):
         assert verified["withdrawn"] == (verified["verdict"] != "faster" and rec.get("withdrawn_config") is not None)
         assert "--verify:" in done.stdout and ("withdrawn" in done.stdout) == verified["withdrawn"]
     assert "load average" in done.stdout
+
+
+def test_picture_marks_the_recommended_configuration_with_a_legend_and_the_rounds(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from trainer.doctor import recommend
+    from trainer.doctor.plot import _speed_panel, plot_report
+
+    baseline = _row("float32", 32, [1.0, 1.1, 0.9, 1.0, 1.05])
+    fast = _row("mixed_bfloat16", 32, [0.5, 0.52, 0.49, 0.51, 0.5])
+    report = _report(baseline, fast)
+    report["recommendation"] = rec = recommend(report, [], baseline_xla=False, batch=32)
+    fig, ax = plt.subplots()
+    _speed_panel(ax, [baseline, fast], ["f32", "bf16"], rec)
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "recommended (faster)" in labels and "what you run now" in labels and "each round" in labels
+    bars = ax.patches
+    assert bars[1].get_edgecolor()[:3] == matplotlib.colors.to_rgb("red") and bars[0].get_hatch() == "//"
+    dots = [line for line in ax.get_lines() if line.get_marker() == "."]
+    assert sum(len(line.get_ydata()) for line in dots) == 10  # every round of both configurations
+    plt.close(fig)
+    del report["numerics"]  # injected verdicts only: the float16 panel needs the full section
+    assert plot_report(report, tmp_path / "doctor.png") is None and (tmp_path / "doctor.png").stat().st_size > 0
