@@ -410,6 +410,10 @@ def test_verify_withdraws_a_recommendation_that_does_not_train_faster():
     assert withdrawn["verify"]["withdrawn"] and withdrawn["config"] == baseline["name"]
     assert withdrawn["command"] == rec["current_command"] and "precision=float32" in withdrawn["command"]
     assert withdrawn["policy"] == "float32" and "withdrawn" in withdrawn["notes"][0]
+    from trainer.doctor.report import _recommendation_lines
+
+    head = _recommendation_lines(withdrawn)[1]
+    assert head.startswith(f"  {baseline['name']} (what you run now): keep it") and "not confirmed by --verify" in head
     assert "model.hidden_units=[8]" in withdrawn["command"]
 
 

@@ -6,7 +6,7 @@ answer is "no significant difference" and the simpler configuration stays."""
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 
@@ -91,7 +91,3 @@ def baseline_row(rows: List[dict], policy: str, xla: bool, batch: int) -> Option
             return found[0]
     return None
 
-
-def summarize_rounds(seconds: Dict[str, List[float]]) -> Dict[str, float]:
-    """Each configuration's spread: slowest over fastest call (1.0: a quiet machine)."""
-    return {name: max(values) / min(values) for name, values in seconds.items() if values and min(values) > 0}

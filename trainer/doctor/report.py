@@ -279,6 +279,9 @@ def _recommendation_lines(rec: Optional[dict]) -> List[str]:
     low, high = rec.get("interval", [rec["speedup"], rec["speedup"]])
     head = (f"{rec['config']}: {rec['speedup']:.2f}x the examples/s of {rec['baseline']} (what you run now; 95% "
             f"interval {low:.2f}-{high:.2f}x, {rec.get('verdict', SAME)})")
+    if rec.get("withdrawn_config"):
+        head = (f"{rec['config']} (what you run now): keep it; the timed grid's {rec['withdrawn_config']} "
+                f"({rec['speedup']:.2f}x, interval {low:.2f}-{high:.2f}x) was not confirmed by --verify")
     load = rec.get("load_average")
     spread = rec.get("spread") or {}
     noise = (f"  machine: load average {'/'.join(f'{x:g}' for x in load) if load else 'unknown'} (1/5/15 min); "
