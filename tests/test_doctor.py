@@ -461,3 +461,26 @@ def test_picture_marks_the_recommended_configuration_with_a_legend_and_the_round
     plt.close(fig)
     del report["numerics"]  # injected verdicts only: the float16 panel needs the full section
     assert plot_report(report, tmp_path / "doctor.png") is None and (tmp_path / "doctor.png").stat().st_size > 0
+
+
+def test_phase_breakdown_of_a_real_tiny_trainer_adds_up_to_its_step():
+    """The pieces of a real Trainer's step (tiny MLP): every phase is a non-negative share, forward +
+    backward + update add up to the step, and the input is timed on the given pipeline."""
+    import keras
+
+    from trainer import Trainer, TrainerConfig
+    from trainer.doctor.phases import phase_breakdown
+    from trainer.doctor.speed import run_as_trained
+
+    def build():
+        return keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(2)])
+
+    data = blobs(n=64)
+    trainer = Trainer(build, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      optimizer=lambda: keras.optimizers.Adam(1e-3),
+                      config=TrainerConfig(progress_bar=False, verbose=False, tensorboard=False))
+    trainer.fit(data, steps=1)
+    phases = phase_breakdown(trainer, data, lambda n: run_as_trained(trainer, n))
+    seconds = phases["seconds"]
+    assert all(v >= 0 for v in seconds.values()) and seconds["input (pipeline alone)"] > 0
+    assert seconds["forward"] + seconds["backward"] + seconds["update and the rest"] == pytest.approx(phases["step_seconds"])

@@ -5,65 +5,94 @@ speed-up (bfloat16 on AMX: 3.4x) gives a small model little: only the matmuls in
 faster, while the update (float32 variables under every policy), elementwise work and input do not."""
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Callable, Dict
 
 import keras
 import tensorflow as tf
 
-PIECE_SECONDS = 0.2  # each piece is timed over calls that last about this long
+PIECE_SECONDS = 0.2  # each piece's timed call lasts about this long
+ROUNDS = 3  # the pieces are timed in interleaved rounds, as the configurations are
+MOST_REPEATS = 4096
 
 
-def _per_call(call: Callable[[], object], seconds: float = PIECE_SECONDS) -> float:
-    """Seconds per call of `call` (its first call, tracing, not timed), over enough calls to last `seconds`."""
-    call()
-    calls, spent = 1, 0.0
-    while True:
-        start = time.perf_counter()
-        for _ in range(calls):
-            call()
-        spent = time.perf_counter() - start
-        if spent >= seconds or calls >= 4096:
-            return spent / calls
-        calls = min(4096, calls * max(2, int(seconds / max(spent, 1e-6))))
-
-
-def _pieces(trainer, batch, xla: bool):
-    """The forward (with loss) and forward-plus-gradients functions of the trainer's model."""
-    model = trainer.model
-    loss = trainer.loss
+def _pieces(trainer, batch, iterator) -> Dict[str, Callable[[tf.Tensor], object]]:
+    """Each piece as a function of a repeat count n that runs it n times inside one tf.function (no
+    per-call Python cost in the pieces: that is the loop's, counted in "update and the rest")."""
+    model, loss = trainer.model, trainer.loss
     x, y, _ = keras.utils.unpack_x_y_sample_weight(batch)
 
     def loss_of(outputs):
         value = loss(y, outputs) if callable(loss) else tf.nest.flatten(outputs)[0]
         return tf.reduce_mean(tf.cast(value, tf.float32))
 
-    forward = tf.function(lambda: loss_of(model(x, training=True)), jit_compile=xla, autograph=False)
+    @tf.function
+    def forward(n):
+        total = tf.constant(0.0)
+        for _ in tf.range(n):
+            total += loss_of(model(x, training=True))
+        return total
 
-    def gradients():
-        with tf.GradientTape() as tape:
-            value = loss_of(model(x, training=True))
-        return [g for g in tape.gradient(value, model.trainable_variables) if g is not None]
+    @tf.function
+    def forward_backward(n):
+        total = tf.constant(0.0)
+        for _ in tf.range(n):
+            with tf.GradientTape() as tape:
+                value = loss_of(model(x, training=True))
+            grads = [g for g in tape.gradient(value, model.trainable_variables) if g is not None]
+            total += tf.add_n([tf.reduce_sum(tf.cast(g, tf.float32)) for g in grads])  # keeps every gradient
+        return total
 
-    backward = tf.function(gradients, jit_compile=xla, autograph=False)
-    return (lambda: forward().numpy()), (lambda: [g.numpy() for g in backward()[:1]])
+    @tf.function
+    def pull(n):
+        count = tf.constant(0)
+        for _ in tf.range(n):
+            count += tf.shape(tf.nest.flatten(next(iterator))[0])[0]
+        return count
+
+    return {"forward": forward, "forward_backward": forward_backward, "input": pull}
 
 
-def phase_breakdown(trainer, data, xla: bool, step_seconds: float) -> Dict[str, object]:
-    """Seconds per step of each phase for one configuration: `step_seconds` is its measured step time
-    (the speed section's median), `data` the run's input pipeline for its batch."""
+def _timed(run: Callable[[int], object], n: int) -> float:
+    start = time.perf_counter()
+    out = run(n)
+    if hasattr(out, "numpy"):
+        out.numpy()
+    return time.perf_counter() - start
+
+
+def _size(run: Callable[[int], object]) -> int:
+    """Repeats of `run` that last about PIECE_SECONDS (its first call, tracing, not counted)."""
+    n = 1
+    _timed(run, n)
+    while True:
+        seconds = _timed(run, n)
+        if seconds >= PIECE_SECONDS / 2 or n >= MOST_REPEATS:
+            return max(1, min(MOST_REPEATS, round(n * PIECE_SECONDS / max(seconds, 1e-6))))
+        n = min(MOST_REPEATS, n * max(2, min(8, int(PIECE_SECONDS / 2 / max(seconds, 1e-6)))))
+
+
+def phase_breakdown(trainer, data, run_steps: Callable[[int], None]) -> Dict[str, object]:
+    """Milliseconds per step of each phase for one configuration: `run_steps(n)` trains n steps as the
+    run does (the step's own time), `data` is the run's input pipeline for its batch. The pieces and the
+    step are timed in interleaved rounds (a burst of load hits them alike); each is its median."""
     dataset = data if isinstance(data, tf.data.Dataset) else data(tf.distribute.InputContext())
     iterator = iter(dataset.repeat())
-    batch = next(iterator)
-    input_seconds = _per_call(lambda: next(iterator))
-    forward_call, backward_call = _pieces(trainer, batch, xla)
-    forward = _per_call(forward_call)
-    forward_backward = max(_per_call(backward_call), forward)
-    update = max(step_seconds - forward_backward, 0.0)
-    phases = {"forward": forward, "backward": forward_backward - forward, "update and the rest": update,
-              "input (pipeline alone)": input_seconds}
-    return {"step_seconds": step_seconds, "seconds": phases,
-            "share": {k: v / step_seconds for k, v in phases.items()},
+    pieces = {"step": run_steps, **_pieces(trainer, next(iterator), iterator)}
+    repeats = {name: _size(run) for name, run in pieces.items()}
+    per_repeat = {name: [] for name in pieces}
+    for _ in range(ROUNDS):
+        for name, run in pieces.items():
+            per_repeat[name].append(_timed(run, repeats[name]) / repeats[name])
+    median = {name: statistics.median(values) for name, values in per_repeat.items()}
+    step = median["step"]
+    forward = min(median["forward"], step)
+    forward_backward = min(max(median["forward_backward"], forward), step)
+    phases = {"forward": forward, "backward": forward_backward - forward, "update and the rest": step - forward_backward,
+              "input (pipeline alone)": median["input"]}
+    return {"step_seconds": step, "seconds": phases, "share": {k: v / step for k, v in phases.items()},
             "how": "forward: model and loss; backward: forward with gradients minus forward; update and the rest: "
-                   "the measured step minus forward with gradients (optimizer, loss scaling, finite checks, metrics, "
-                   "the loop); input: the pipeline pulled alone (overlaps the step when prefetched)"}
+                   "the step minus forward with gradients (optimizer, loss scaling, finite checks, metrics, the "
+                   "loop's per-call cost); input: the pipeline pulled alone, inside a tf.function (it overlaps the "
+                   f"step when prefetched); medians of {ROUNDS} interleaved rounds"}

@@ -86,6 +86,18 @@ def _verdict_note(verdict: dict, rec_name: str, baseline_name: str) -> str:
             f"won {verdict['wins']} of {verdict['rounds']} rounds (sign test p={verdict['sign_test_p']:.3f})")
 
 
+def _comparison(decision: dict, best: dict, baseline: dict) -> str:
+    """The paired verdict of the recommendation against the current configuration; when they are the
+    same, of the fastest other configuration (what came closest to a change)."""
+    if best is not baseline:
+        return _verdict_note(decision["verdict"], best["name"], baseline["name"])
+    others = {n: v for n, v in decision["versus"].items() if n != baseline["name"]}
+    if not others:
+        return ""
+    closest = max(others, key=lambda n: others[n]["speedup"])
+    return "closest: " + _verdict_note(others[closest], closest, baseline["name"])
+
+
 def _command(program: str, kept: List[str], row: dict, scale: Optional[float]) -> str:
     """The command line that trains `row`'s configuration with the user's other overrides."""
     chosen = [f"precision={row['policy']}", f"trainer.jit_compile={'true' if row['xla'] else 'false'}",
@@ -141,7 +153,7 @@ def recommend(report: dict, overrides: Sequence[str], baseline_xla: bool, batch:
             "verdict": verdict["verdict"] if best is not baseline else SAME,
             "speedup": verdict["speedup"], "interval": verdict["interval"], "rounds_won": verdict["wins"],
             "rounds": verdict["rounds"], "sign_test_p": verdict["sign_test_p"],
-            "comparison": _verdict_note(verdict, best["name"], baseline["name"]),
+            "comparison": _comparison(decision, best, baseline),
             "versus_baseline": decision["versus"], "load_average": _load_average(),
             "spread": {"recommended": best.get("spread"), "baseline": baseline.get("spread")},
             "memory_saving_mb": memory, "memory_difference_measurable": memory_measurable,
@@ -279,6 +291,9 @@ def _recommendation_lines(rec: Optional[dict]) -> List[str]:
     low, high = rec.get("interval", [rec["speedup"], rec["speedup"]])
     head = (f"{rec['config']}: {rec['speedup']:.2f}x the examples/s of {rec['baseline']} (what you run now; 95% "
             f"interval {low:.2f}-{high:.2f}x, {rec.get('verdict', SAME)})")
+    if not rec.get("changed", True) and not rec.get("withdrawn_config"):
+        head = (f"{rec['config']} (what you run now): keep it; no significant difference: no safe configuration "
+                "was significantly faster")
     if rec.get("withdrawn_config"):
         head = (f"{rec['config']} (what you run now): keep it; the timed grid's {rec['withdrawn_config']} "
                 f"({rec['speedup']:.2f}x, interval {low:.2f}-{high:.2f}x) was not confirmed by --verify")

@@ -168,7 +168,7 @@ def _add_phases(row: dict, trainer, data, progress: Callable[[str], None]) -> No
     """row["phases"]: where its step's time goes (phases.py); a model the pieces cannot time gets why not."""
     progress(f"speed: timing the phases of a step of {row['name']}")
     try:
-        row["phases"] = phase_breakdown(trainer, data, row["xla"], 1 / row["steps_per_sec"])
+        row["phases"] = phase_breakdown(trainer, data, lambda n: run_as_trained(trainer, n))
     except Exception as e:  # noqa: BLE001 - several models, a custom step: the breakdown is left out, said why
         row["phases_error"] = f"{type(e).__name__}: {str(e).strip()[:200]}"
 
