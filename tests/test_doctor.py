@@ -469,7 +469,7 @@ def test_phase_breakdown_of_a_real_tiny_trainer_adds_up_to_its_step():
     import keras
 
     from trainer import Trainer, TrainerConfig
-    from trainer.doctor.phases import phase_breakdown
+    from trainer.doctor.phases import phase_breakdowns, phase_pieces
     from trainer.doctor.speed import run_as_trained
 
     def build():
@@ -480,7 +480,7 @@ def test_phase_breakdown_of_a_real_tiny_trainer_adds_up_to_its_step():
                       optimizer=lambda: keras.optimizers.Adam(1e-3),
                       config=TrainerConfig(progress_bar=False, verbose=False, tensorboard=False))
     trainer.fit(data, steps=1)
-    phases = phase_breakdown(trainer, data, lambda n: run_as_trained(trainer, n))
+    phases = phase_breakdowns({"tiny": phase_pieces(trainer, data, lambda n: run_as_trained(trainer, n))})["tiny"]
     seconds = phases["seconds"]
     assert all(v >= 0 for v in seconds.values()) and seconds["input (pipeline alone)"] > 0
     assert seconds["forward"] + seconds["backward"] + seconds["update and the rest"] == pytest.approx(phases["step_seconds"])

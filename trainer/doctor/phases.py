@@ -73,19 +73,28 @@ def _size(run: Callable[[int], object]) -> int:
         n = min(MOST_REPEATS, n * max(2, min(8, int(PIECE_SECONDS / 2 / max(seconds, 1e-6)))))
 
 
-def phase_breakdown(trainer, data, run_steps: Callable[[int], None]) -> Dict[str, object]:
-    """Milliseconds per step of each phase for one configuration: `run_steps(n)` trains n steps as the
-    run does (the step's own time), `data` is the run's input pipeline for its batch. The pieces and the
-    step are timed in interleaved rounds (a burst of load hits them alike); each is its median."""
+def phase_pieces(trainer, data, run_steps: Callable[[int], None]) -> Dict[str, Callable[[int], object]]:
+    """One configuration's timed pieces: `run_steps(n)` trains n steps as the run does (the step's own
+    time), `data` is the run's input pipeline for its batch."""
     dataset = data if isinstance(data, tf.data.Dataset) else data(tf.distribute.InputContext())
     iterator = iter(dataset.repeat())
-    pieces = {"step": run_steps, **_pieces(trainer, next(iterator), iterator)}
-    repeats = {name: _size(run) for name, run in pieces.items()}
-    per_repeat = {name: [] for name in pieces}
+    return {"step": run_steps, **_pieces(trainer, next(iterator), iterator)}
+
+
+def phase_breakdowns(pieces: Dict[str, Dict[str, Callable[[int], object]]]) -> Dict[str, dict]:
+    """Milliseconds per step of each phase, per configuration: every piece of every configuration is
+    timed in the same interleaved rounds (a burst of load hits them alike); each is its median."""
+    runs = {(config, name): run for config, named in pieces.items() for name, run in named.items()}
+    repeats = {key: _size(run) for key, run in runs.items()}
+    per_repeat = {key: [] for key in runs}
     for _ in range(ROUNDS):
-        for name, run in pieces.items():
-            per_repeat[name].append(_timed(run, repeats[name]) / repeats[name])
-    median = {name: statistics.median(values) for name, values in per_repeat.items()}
+        for key, run in runs.items():
+            per_repeat[key].append(_timed(run, repeats[key]) / repeats[key])
+    median = {key: statistics.median(values) for key, values in per_repeat.items()}
+    return {config: _breakdown({name: median[(config, name)] for name in named}) for config, named in pieces.items()}
+
+
+def _breakdown(median: Dict[str, float]) -> dict:
     step = median["step"]
     forward = min(median["forward"], step)
     forward_backward = min(max(median["forward_backward"], forward), step)
@@ -95,4 +104,4 @@ def phase_breakdown(trainer, data, run_steps: Callable[[int], None]) -> Dict[str
             "how": "forward: model and loss; backward: forward with gradients minus forward; update and the rest: "
                    "the step minus forward with gradients (optimizer, loss scaling, finite checks, metrics, the "
                    "loop's per-call cost); input: the pipeline pulled alone, inside a tf.function (it overlaps the "
-                   f"step when prefetched); medians of {ROUNDS} interleaved rounds"}
+                   f"step when prefetched); medians of {ROUNDS} rounds interleaved across the configurations"}

@@ -25,7 +25,7 @@ import warnings
 from typing import Callable, Dict, List, Tuple
 
 from trainer.inputs import batches_read_per_step
-from trainer.doctor.phases import phase_breakdown
+from trainer.doctor.phases import phase_breakdowns, phase_pieces
 from trainer.memory import PeakMemory
 from trainer.precision import POLICIES
 
@@ -164,13 +164,23 @@ def _warm_up(configs: List[GridConfig], make_trainer, data_for_batch, progress) 
         gc.collect()
 
 
-def _add_phases(row: dict, trainer, data, progress: Callable[[str], None]) -> None:
-    """row["phases"]: where its step's time goes (phases.py); a model the pieces cannot time gets why not."""
-    progress(f"speed: timing the phases of a step of {row['name']}")
+def _add_phases(rows: List[dict], prepared: Dict[str, dict], data_for_batch, batch: int,
+                progress: Callable[[str], None]) -> None:
+    """row["phases"] of each configuration without XLA at the given batch: where its step's time goes
+    (phases.py), all timed in the same rounds; a model the pieces cannot time gets why not."""
+    eligible = [r for r in rows if r["name"] in prepared and not r["xla"] and r["batch"] == batch]
+    if not eligible:
+        return
+    progress(f"speed: timing the phases of a step of {', '.join(r['name'] for r in eligible)}")
     try:
-        row["phases"] = phase_breakdown(trainer, data, lambda n: run_as_trained(trainer, n))
+        pieces = {r["name"]: phase_pieces(prepared[r["name"]]["trainer"], data_for_batch(r["batch"]),
+                                          lambda n, t=prepared[r["name"]]["trainer"]: run_as_trained(t, n))
+                  for r in eligible}
+        for name, breakdown in phase_breakdowns(pieces).items():
+            next(r for r in eligible if r["name"] == name)["phases"] = breakdown
     except Exception as e:  # noqa: BLE001 - several models, a custom step: the breakdown is left out, said why
-        row["phases_error"] = f"{type(e).__name__}: {str(e).strip()[:200]}"
+        for r in eligible:
+            r["phases_error"] = f"{type(e).__name__}: {str(e).strip()[:200]}"
 
 
 def speed_section(make_trainer: Callable[[str, bool], object], data_for_batch: Callable[[int], object],
@@ -199,7 +209,7 @@ def speed_section(make_trainer: Callable[[str, bool], object], data_for_batch: C
         calls = timed_rounds({name: p["trainer"] for name, p in prepared.items()},
                              {name: p["steps_per_call"] for name, p in prepared.items()}, rounds, call_seconds)
     for row in rows:
-        p = prepared.pop(row["name"], None)
+        p = prepared.get(row["name"])
         if p is None:
             continue
         per_step = row["batch"] * batches_read_per_step(p["trainer"].config)  # grad_accum_steps x batches_per_step batches
@@ -211,8 +221,8 @@ def speed_section(make_trainer: Callable[[str, bool], object], data_for_batch: C
                    seconds_per_call=[seconds for _, seconds in calls[row["name"]]],
                    seconds_per_example=[t / per_step for t in step_seconds],
                    spread=max(step_seconds) / min(step_seconds))
-        if not row["xla"] and row["batch"] == configs[0].batch:  # the given batch, as TensorFlow runs it
-            _add_phases(row, p["trainer"], data_for_batch(row["batch"]), progress)
+    if configs:
+        _add_phases(rows, prepared, data_for_batch, configs[0].batch, progress)
     calls.clear()
     prepared.clear()
     gc.collect()  # the Trainers (cycles) die now, their tf.data iterators on release threads, not at exit (data.py)
