@@ -51,7 +51,9 @@ def _pieces(trainer, batch, iterator) -> Dict[str, Callable[[tf.Tensor], object]
             count += tf.shape(tf.nest.flatten(next(iterator))[0])[0]
         return count
 
-    return {"forward": forward, "forward_backward": forward_backward, "input": pull}
+    # a tensor count: a Python int would retrace (and time the tracing) for every new count
+    return {name: (lambda n, fn=fn: fn(tf.constant(n, tf.int32)))
+            for name, fn in (("forward", forward), ("forward_backward", forward_backward), ("input", pull))}
 
 
 def _timed(run: Callable[[int], object], n: int) -> float:
