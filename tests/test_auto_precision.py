@@ -88,3 +88,15 @@ def test_cli_logs_the_choice_and_records_the_chosen_policy(monkeypatch, tmp_path
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"precision=auto chose {expected}" in done.stdout + done.stderr
     assert OmegaConf.load(run / ".hydra" / "config.yaml").precision.policy == expected
+
+
+def test_doctor_set_auto_stores_the_recommended_policy(monkeypatch, capsys):
+    """`python -m trainer.doctor --set-auto`: the recommendation's policy is what precision=auto then picks."""
+    from trainer.doctor.__main__ import _set_auto
+
+    _cpu(monkeypatch, set())  # a plain CPU: auto alone would pick float32
+    _set_auto({"policy": "mixed_bfloat16", "command": "python -m trainer precision=mixed_bfloat16",
+               "speedup": 1.4, "changed": True})
+    assert "precision=auto now chooses mixed_bfloat16" in capsys.readouterr().out
+    policy, why = auto_precision.decide(measure=_probe(0.5, []))
+    assert policy == "mixed_bfloat16" and "1.40x" in why
