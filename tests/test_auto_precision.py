@@ -52,10 +52,15 @@ def test_plain_cpu_picks_float32_without_a_probe(monkeypatch):
 
 
 def test_cpu_whose_bfloat16_is_not_fast_picks_float32(monkeypatch):
-    """AVX-512 BF16 without AMX: the flag proposes bfloat16, the measured 0.56x turns it down."""
+    """AVX-512 BF16 without AMX (this machine, an AMD EPYC): float32, no probe. An AMX flag whose probe
+    measures 0.56x: the measurement turns the candidate down."""
     _cpu(monkeypatch, {"avx512_bf16"})
-    policy, why = auto_precision.decide(measure=_probe(0.56, []))
-    assert policy == "float32" and "0.56x" in why and "under the 2x" in why
+    calls = []
+    policy, why = auto_precision.decide(measure=_probe(3.0, calls))
+    assert policy == "float32" and "no AMX" in why and calls == []
+    _cpu(monkeypatch, {"amx_bf16", "avx512_bf16", "avx2", "sse4_2"})  # another machine key: not the cache above
+    policy, why = auto_precision.decide(measure=_probe(0.56, calls))
+    assert policy == "float32" and "0.56x" in why and "under the 2x" in why and calls == ["mixed_bfloat16"]
 
 
 @pytest.mark.parametrize("cc, expected", [((7, 0), "mixed_float16"), ((8, 0), "mixed_bfloat16"), ((6, 1), "float32")])

@@ -1,10 +1,10 @@
 """`precision=auto`: the dtype policy this machine runs fast, without a doctor run.
 
 The hardware proposes a candidate (bfloat16 on TPUs, GPUs of compute capability >= 8.0 and CPUs with
-AMX or AVX-512 BF16; float16 on GPUs of 7.x; float32 elsewhere), and a short matmul probe (the
+AMX; float16 on GPUs of 7.x; float32 elsewhere, CPUs with AVX-512 BF16 but no AMX included: their
+bfloat16 matmuls measured 0.56x-2x float32 and no faster step), and a short matmul probe (the
 candidate's dtype against float32, interleaved rounds) must confirm it: a flag says an instruction
-exists, not that TensorFlow's kernels use it well (an Intel CPU with AVX-512 BF16 and no AMX measured
-bfloat16 matmuls at 0.56x float32). The probe's answer is cached per machine (CPU model and flags,
+exists, not that TensorFlow's kernels use it well. The probe's answer is cached per machine (CPU model and flags,
 devices, TensorFlow version) in ~/.cache/trainer/precision_auto.json ($TRAINER_CACHE_DIR overrides the
 folder), so it is paid once. `python -m trainer.doctor --set-auto` stores the doctor's measured answer
 there instead, which auto then follows; an explicit precision=... always wins over both.
@@ -81,8 +81,10 @@ def candidate(hardware: dict) -> Tuple[str, str]:
     flags = set(hardware.get("flags", ()))
     if "amx_bf16" in flags:
         return "mixed_bfloat16", "a CPU with AMX (amx_bf16)"
-    if "avx512_bf16" in flags:
-        return "mixed_bfloat16", "a CPU with AVX-512 BF16 and no AMX (fast on some CPUs, slow on others)"
+    if "avx512_bf16" in flags:  # no step gain measured on one (the doctor, docs/doctor.md): no candidate
+        return "float32", ("a CPU with AVX-512 BF16 but no AMX: its bfloat16 matmuls measured 0.56x (Intel) to about "
+                           "2x (AMD EPYC) float32, and the doctor measured no faster training step from them "
+                           "(python -m trainer.doctor --set-auto measures your model and stores its answer)")
     return "float32", "a CPU without AVX-512 BF16 or AMX: bfloat16 is emulated, float16 is slow"
 
 
