@@ -380,6 +380,27 @@ def test_convert_cli_on_a_trained_run(tmp_path, tiny):
     assert bad.returncode == 2 and "not a run folder" in bad.stderr
 
 
+def test_convert_warns_with_measured_numbers_when_inference_gets_slower(monkeypatch, caplog):
+    """Issue 30: mixed_float16 on a CPU made inference 16x slower, silently. The timings are injected
+    (the measured ones, 4.8 and 78.5 ms): the warning names both, the ratio and the fix; a converted model
+    as fast as the source gets no warning."""
+    from trainer import convert
+
+    model = mlp()()
+    x = tf.random.normal((4, 8))
+    monkeypatch.setattr(convert, "_time_predicts", lambda before, after, inputs: (0.0048, 0.0785))
+    with caplog.at_level(logging.WARNING, logger="trainer.convert"):
+        _, report = convert_model(model, "mixed_float16", x)
+    assert report.seconds_per_batch_after == 0.0785
+    assert "16.4x slower" in caplog.text and "78.5 vs 4.8 ms per batch" in caplog.text
+    assert "keep float32 for inference here" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(convert, "_time_predicts", lambda before, after, inputs: (0.0048, 0.005))
+    with caplog.at_level(logging.WARNING, logger="trainer.convert"):
+        convert_model(model, "mixed_bfloat16", x)
+    assert "slower" not in caplog.text
+
+
 def test_debug_numerics_names_the_first_bad_op(tmp_path):
     # A healthy run passes the checks: saves, evaluation, and float16 (auto XLA is off: XLA cannot compile them).
     healthy = run_cli("precision=mixed_float16", "precision.debug_numerics=true", "trainer.max_steps=6",

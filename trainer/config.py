@@ -213,7 +213,7 @@ class PrecisionConfig(Checked):
 
     config_key: ClassVar[str] = "precision"
 
-    policy: str = chosen("float32", "float32|mixed_float16|mixed_bfloat16")  # the Keras dtype policy
+    policy: str = chosen("float32", "float32|mixed_float16|mixed_bfloat16|auto")  # the Keras dtype policy; auto: trainer/auto_precision.py
     loss_scale: Optional[float] = ranged(None, "(0, inf)")  # a number: fixed scale; None: dynamic (float16) or none
     initial_scale: float = ranged(2.0**15, "(0, inf)")
     growth_interval: int = ranged(2000, "[1, inf)")

@@ -16,16 +16,17 @@ import argparse
 import json
 import logging
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 from trainer.errors import UserError, reports_errors
 
 # Relative error allowed between the float32 model and the converted one, per target compute dtype:
 # float16 keeps 10 mantissa bits, bfloat16 7, so a deep net's outputs drift by about that much.
 TOLERANCE = {"float32": 1e-5, "mixed_float16": 2e-2, "mixed_bfloat16": 8e-2}
+SLOWER_INFERENCE = 1.2  # a converted model this much slower at inference than the source is warned about
+log = logging.getLogger(__name__)
 
 
 class ConversionError(UserError, ValueError):
@@ -59,15 +60,34 @@ def _variable_bytes(model) -> int:
     return int(sum(np.prod(v.shape) * np.dtype(v.dtype).itemsize for v in model.weights))
 
 
-def _time_predict(model, x, repeats: int = 5) -> float:
+def _time_predicts(before, after, x, rounds: int = 5) -> Tuple[float, float]:
+    """Seconds per batch of each model's inference: the median of `rounds` interleaved calls (a burst of
+    load on a shared machine hits both), after a traced, untimed one."""
     import tensorflow as tf
 
-    fn = tf.function(lambda inputs: model(inputs, training=False))
-    fn(x)  # trace
-    start = time.perf_counter()
-    for _ in range(repeats):
-        tf.nest.map_structure(lambda t: t.numpy(), fn(x))
-    return (time.perf_counter() - start) / repeats
+    from trainer.timing import interleaved_seconds, median_seconds
+
+    def call_of(model):
+        fn = tf.function(lambda inputs: model(inputs, training=False))
+        return lambda: tf.nest.map_structure(lambda t: t.numpy(), fn(x))
+
+    medians = median_seconds(interleaved_seconds({"before": call_of(before), "after": call_of(after)},
+                                                 rounds=rounds, warmup=1))
+    return medians["before"], medians["after"]
+
+
+def slowdown_warning(report: "ConversionReport", device: str) -> Optional[str]:
+    """The warning for a converted model measured more than SLOWER_INFERENCE times slower, else None
+    (issue 30: mixed_float16 on a CPU ran inference 16x slower, silently)."""
+    before, after = report.seconds_per_batch_before, report.seconds_per_batch_after
+    if not before or not after or after <= before * SLOWER_INFERENCE:
+        return None
+    return (f"the {report.target_policy} model's inference measured {after / before:.1f}x slower than the "
+            f"{report.source_policy} one on this {device} ({after * 1e3:.1f} vs {before * 1e3:.1f} ms per batch, "
+            f"median of 5 interleaved calls). {report.target_policy} pays on hardware with fast "
+            f"{ {'mixed_float16': 'float16', 'mixed_bfloat16': 'bfloat16'}.get(report.target_policy, 'float32')} "
+            "matmuls (GPUs with Tensor Cores, AMX CPUs; python -m trainer.doctor measures yours): keep float32 "
+            "for inference here, or convert on the machine that serves the model")
 
 
 def rebuild_under_policy(model, policy: str):
@@ -157,9 +177,14 @@ def convert_model(model, policy: str, sample_inputs: Any, tolerance: Optional[fl
         variable_bytes_before=_variable_bytes(model),
         variable_bytes_after=_variable_bytes(converted),
         output_dtypes=sorted({t.dtype.name for t in tf.nest.flatten(outputs)}),
-        seconds_per_batch_before=_time_predict(model, sample_inputs) if measure_time else None,
-        seconds_per_batch_after=_time_predict(converted, sample_inputs) if measure_time else None,
+        seconds_per_batch_before=None,
+        seconds_per_batch_after=None,
     )
+    if measure_time:
+        report.seconds_per_batch_before, report.seconds_per_batch_after = _time_predicts(model, converted, sample_inputs)
+        warning = slowdown_warning(report, "GPU" if tf.config.list_physical_devices("GPU") else "CPU")
+        if warning:
+            log.warning("%s", warning)
     if not relative <= tolerance:
         raise ConversionError(
             f"converted outputs differ from the original by {relative:.3g} (relative), more than the "

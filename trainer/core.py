@@ -21,7 +21,7 @@ import keras
 import tensorflow as tf
 
 from trainer import compile as step_functions
-from trainer import debug, ema, evalsets, model_summary, objects, saved, signals
+from trainer import auto_precision, debug, ema, evalsets, model_summary, objects, saved, signals
 from trainer import precision as precision_lib
 from trainer.arrays import fit_arguments, fit_inputs
 from trainer.callbacks import (Callback, CallbackList, Checkpointing, DivergenceGuard, NumericalError, XlaChoice,
@@ -88,6 +88,7 @@ class Trainer(Step):
         check_batches_per_step(type(self), self.config)  # before any data or model is built
         self.precision = PrecisionConfig(policy=precision) if isinstance(precision, str) else precision
         self.strategy = strategy or tf.distribute.get_strategy()
+        self.precision = auto_precision.resolve(self.precision, self.strategy)  # policy=auto: this machine's
         if isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
             signals.reclaim_sigterm_from_tensorflow()  # its coordination service's handler swallows SIGTERM
         # fast_dev_run writes nothing and reads no checkpoint: as if there were no run folder (trainer/debug.py)

@@ -51,8 +51,8 @@ def candidate_policy(policy: str, device_kind: str) -> str:
     return "mixed_float16" if device_kind == "GPU" else "mixed_bfloat16"
 
 
-def baseline_xla(trainer_config, strategy) -> bool:
-    """What trainer.jit_compile resolves to for float32 here (the baseline of the speed-ups)."""
+def baseline_xla(trainer_config, strategy, precision=None) -> bool:
+    """What trainer.jit_compile resolves to for the user's precision here (the baseline of the speed-ups)."""
     import tensorflow as tf
 
     from trainer.xla_plan import decide_jit_compile
@@ -62,7 +62,7 @@ def baseline_xla(trainer_config, strategy) -> bool:
         return trainer_config.jit_compile
     on_cpu = not tf.config.list_physical_devices("GPU") and not isinstance(strategy, tf.distribute.TPUStrategy)
     try:
-        return bool(decide_jit_compile(trainer_config, PrecisionConfig(), on_cpu=on_cpu,
+        return bool(decide_jit_compile(trainer_config, precision or PrecisionConfig(), on_cpu=on_cpu,
                                        replicas=strategy.num_replicas_in_sync))
     except Exception:  # noqa: BLE001 - a mode the decision does not take here (e.g. measure): off
         return False
@@ -122,9 +122,11 @@ def diagnose(model: Callable, data, loss, optimizer: Optional[Callable] = None, 
 
 def diagnose_parts(parts, data, *, batch_size: Optional[int] = None, strategy=None, weights: Optional[list] = None,
                    quick: bool = False, sections: Sequence[str] = SECTIONS, overrides: Sequence[str] = (),
-                   command: str = "", progress: Optional[Callable[[str], None]] = None) -> dict:
+                   command: str = "", progress: Optional[Callable[[str], None]] = None,
+                   verify_steps: Optional[int] = None) -> dict:
     """diagnose() on the parts of a Trainer (trainer.assemble.Parts, as `python -m trainer` builds from a config):
-    each configuration the speed section times is `parts.build(...)` with its policy and XLA setting."""
+    each configuration the speed section times is `parts.build(...)` with its policy and XLA setting;
+    `verify_steps`: train the recommended and the current configuration that many steps each (verify.py)."""
     import keras
     import tensorflow as tf
 
@@ -136,8 +138,10 @@ def diagnose_parts(parts, data, *, batch_size: Optional[int] = None, strategy=No
 
     start = time.perf_counter()
     progress = progress or _progress_to_stderr(start)
-    precision, trainer_config = parts.precision, parts.config
+    from trainer.auto_precision import resolve
+
     strategy = strategy or tf.distribute.get_strategy()
+    precision, trainer_config = resolve(parts.precision, strategy), parts.config  # auto: what the run would use
     if batch_size is None and not isinstance(data, tf.data.Dataset):
         raise ValueError("trainer.doctor.diagnose: with data given as a function of the batch size, give batch_size too")
     data_for_batch = _data_for_batch(data)
@@ -178,9 +182,15 @@ def diagnose_parts(parts, data, *, batch_size: Optional[int] = None, strategy=No
                                            tensorboard=False, init_from=None),
             ).build(strategy=strategy)
 
-        report["speed"] = speed_section(make_trainer, data_for_batch, configs, skipped, rounds=3 if quick else 5,
-                                        call_seconds=0.1 if quick else 0.2, progress=progress)
-        report["recommendation"] = recommend(report, overrides, baseline_xla(trainer_config, strategy), batch_size)
+        report["speed"] = speed_section(make_trainer, data_for_batch, configs, skipped, rounds=5 if quick else 7,
+                                        call_seconds=0.2, progress=progress)
+        report["recommendation"] = recommend(report, overrides, baseline_xla(trainer_config, strategy, precision),
+                                             batch_size, policy=precision.policy)
+        if verify_steps and report["recommendation"]:
+            from trainer.doctor.verify import verify
+
+            report["recommendation"] = verify(make_trainer, data_for_batch, report["recommendation"],
+                                              report["speed"]["configs"], verify_steps, progress)
     keras.mixed_precision.set_dtype_policy("float32")
     report["meta"]["wall_seconds"] = time.perf_counter() - start
     return report

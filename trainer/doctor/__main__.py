@@ -1,4 +1,4 @@
-"""python -m trainer.doctor [--quick] [--out DIR] [OVERRIDES...] | --run RUN_DIR
+"""python -m trainer.doctor [--quick] [--verify [N]] [--set-auto] [--out DIR] [OVERRIDES...] | --run RUN_DIR
 
 Measures the model of a config (the same overrides as `python -m trainer`) or of a trained run (its
 .hydra/config.yaml and its latest checkpoint's weights) on this hardware, and says which precision, XLA
@@ -31,11 +31,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="config overrides, as for python -m trainer (recipe=resnet ...)")
     parser.add_argument("--run", help="a run folder: its config and its latest checkpoint's weights")
     parser.add_argument("--quick", action="store_true", help="the given batch size only, fewer rounds, one numerics batch")
+    parser.add_argument("--verify", nargs="?", type=int, const=100, metavar="N",
+                        help="train the recommended and the current configuration N steps each (default 100), "
+                             "interleaved; the recommendation is withdrawn unless it is faster")
+    parser.add_argument("--set-auto", action="store_true",
+                        help="store the recommended precision for precision=auto on this machine")
     parser.add_argument("--out", help="folder for doctor.json / doctor.png (default: runs/doctor/<date_time>, or the run folder)")
     args = parser.parse_intermixed_args(argv)  # options may come between overrides
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
-        raise DoctorError(f"{bad[0]!r} is not a config override (key=value) or an option (--run, --quick, --out)")
+        raise DoctorError(f"{bad[0]!r} is not a config override (key=value) or an option (--run, --quick, --verify, --set-auto, --out)")
+    if args.verify is not None and args.verify < 5:
+        raise DoctorError(f"--verify {args.verify}: give at least 5 steps (one per interleaved round)")
     if args.run and args.overrides:
         raise DoctorError("--run takes the run's own config: give either --run RUN_DIR or overrides, not both")
     return args
@@ -64,7 +71,8 @@ def load_run(folder: str) -> Tuple[object, List[str], str, Path]:
     return checkpoint.cfg, [o for o in overrides if not o.startswith("hydra.")], checkpoint.prefix, checkpoint.run
 
 
-def diagnose_config(cfg, overrides: List[str], quick: bool, prefix: Optional[str], command: str) -> dict:
+def diagnose_config(cfg, overrides: List[str], quick: bool, prefix: Optional[str], command: str,
+                    verify_steps: Optional[int] = None) -> dict:
     """The Trainer's parts `python -m trainer` would build (trainer.assemble.parts_of), measured by
     trainer.doctor.diagnose_parts; with a run's checkpoint `prefix`, its weights (trainer.runs.restore_weights)."""
     import keras
@@ -93,7 +101,7 @@ def diagnose_config(cfg, overrides: List[str], quick: bool, prefix: Optional[str
         restore_weights(model, prefix)
         weights = model.get_weights()
     return diagnose_parts(parts, data_for_batch, batch_size=batch_size, strategy=strategy, weights=weights,
-                          quick=quick, overrides=overrides, command=command)
+                          quick=quick, overrides=overrides, command=command, verify_steps=verify_steps)
 
 
 def _out_folder(args, run_folder: Optional[Path]) -> Path:
@@ -117,6 +125,18 @@ def _prepare_out_folder(out: Path) -> None:
         raise DoctorError(f"--out {out} cannot be written ({e.strerror or e}); give a folder you can write to") from None
 
 
+def _set_auto(rec: Optional[dict]) -> None:
+    """--set-auto: precision=auto follows the doctor's measured answer on this machine from now on."""
+    from trainer.auto_precision import save_doctor_answer
+
+    if rec is None:
+        print("--set-auto: nothing stored (no configuration was measured)")
+        return
+    path = save_doctor_answer(rec["policy"], rec["command"], rec["speedup"] if rec["changed"] else 1.0)
+    print(f"--set-auto: precision=auto now chooses {rec['policy']} on this machine (stored in {path}; delete it to "
+          "go back to the probe)")
+
+
 @reports_errors()
 def main(argv=None) -> int:
     from trainer.doctor.plot import plot_report
@@ -136,11 +156,13 @@ def main(argv=None) -> int:
         cfg, overrides, prefix, run_folder = compose_config(args.overrides), args.overrides, None, None
     out = _out_folder(args, run_folder)
     _prepare_out_folder(out)
-    report = diagnose_config(cfg, overrides, args.quick, prefix, command)
+    report = diagnose_config(cfg, overrides, args.quick, prefix, command, args.verify)
     text = render_text(report)
     print(text, flush=True)  # first: the report is on screen even if writing the files fails
     write_json(report, out / "doctor.json")
     (out / "doctor.txt").write_text(text + "\n")
+    if args.set_auto:
+        _set_auto(report.get("recommendation"))
     missing_plot = plot_report(report, out / "doctor.png")
     print(missing_plot or f"wrote {out / 'doctor.json'}, {out / 'doctor.png'} and {out / 'doctor.txt'}")
     if missing_plot:

@@ -7,6 +7,32 @@ from typing import Optional
 INSTALL = "pip install 'trainer[bench]' (matplotlib==3.11.2)"
 
 
+SHORT = {"float32": "f32", "mixed_float16": "f16", "mixed_bfloat16": "bf16"}
+COLORS = {"float32": "tab:gray", "mixed_float16": "tab:orange", "mixed_bfloat16": "tab:green"}
+
+
+def _speed_panel(ax, rows: list, names: list, rec: dict) -> None:
+    """Median examples/s per configuration (bars), every round's examples/s (dots: the spread), the
+    current configuration hatched and the recommended one outlined in red, with a legend."""
+    from matplotlib.patches import Patch
+
+    bars = ax.bar(names, [r["examples_per_sec"] for r in rows], color=[COLORS[r["policy"]] for r in rows])
+    for i, r in enumerate(rows):
+        per_round = [1 / s for s in r.get("seconds_per_example", []) if s > 0]
+        ax.plot([i] * len(per_round), per_round, "k.", markersize=4, label="each round" if i == 0 else None)
+        if r["name"] == rec.get("baseline"):
+            bars[i].set_hatch("//")
+        if r["name"] == rec.get("config"):
+            bars[i].set_edgecolor("red")
+            bars[i].set_linewidth(2.5)
+    handles = [Patch(color=COLORS[p], label=p) for p in COLORS if any(r["policy"] == p for r in rows)]
+    handles += [Patch(facecolor="white", edgecolor="red", linewidth=2.5, label=f"recommended ({rec.get('verdict', '-')})"),
+                Patch(facecolor="white", edgecolor="black", hatch="//", label="what you run now")]
+    dots = ax.get_legend_handles_labels()[0]
+    ax.legend(handles=handles + dots, fontsize=7, loc="lower right")
+    ax.set_title("training examples/s: median (bar) and each interleaved round (dots)")
+
+
 def plot_report(report: dict, path: Path) -> Optional[str]:
     """Writes doctor.png; returns None, or the line saying why not (matplotlib missing: how to install)."""
     try:
@@ -26,12 +52,9 @@ def plot_report(report: dict, path: Path) -> Optional[str]:
         ax.set_title(f"matmul GFLOP/s on this {hw['kind']}")
     speed = [r for r in (report.get("speed") or {}).get("configs", []) if "examples_per_sec" in r]
     if speed:
-        short = {"float32": "f32", "mixed_float16": "f16", "mixed_bfloat16": "bf16"}
-        names = [f"{short[r['policy']]}\nXLA {'on' if r['xla'] else 'off'}\nb{r['batch']}" for r in speed]
-        colors = {"float32": "tab:gray", "mixed_float16": "tab:orange", "mixed_bfloat16": "tab:green"}
-        axes[0][1].bar(names, [r["examples_per_sec"] for r in speed], color=[colors[r["policy"]] for r in speed])
-        axes[0][1].set_title("training examples/s (median of interleaved rounds)")
-        axes[1][0].bar(names, [r["memory_mb"] for r in speed], color=[colors[r["policy"]] for r in speed])
+        names = [f"{SHORT[r['policy']]}\nXLA {'on' if r['xla'] else 'off'}\nb{r['batch']}" for r in speed]
+        _speed_panel(axes[0][1], speed, names, report.get("recommendation") or {})
+        axes[1][0].bar(names, [r["memory_mb"] for r in speed], color=[COLORS[r["policy"]] for r in speed])
         cpu = speed[0].get("memory_kind") == "process_rss"
         axes[1][0].set_title("memory MiB: " + ("process RSS growth over build + first steps" if cpu else "device peak"))
         for ax in (axes[0][1], axes[1][0]):

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from trainer.timing import rounds_won
+from trainer.doctor.decide import CONFIDENCE, FASTER, LEAST_SPEEDUP, SAME, baseline_row, choose
 
-SPEEDUP_OVER_NOISE = 1.05  # a configuration must be 5% faster than float32 to be worth recommending
 # Memory readings closer than this are noise: on a CPU, RSS growth depends on what earlier configurations
 # freed (reused by later ones); a GPU allocator's peak is exact to its block size.
 MEMORY_NOISE_MB = {"gpu_allocator_peak": 4.0}
@@ -69,64 +69,76 @@ def model_changes(report: dict) -> List[str]:
     return changes
 
 
-def beats(candidate: dict, baseline: dict) -> bool:
-    """The verdict of `trainer.jit_compile=measure` (trainer/timing.py rounds_won): faster per example in
-    every interleaved round (the two calls of a round are adjacent in time, so a burst of load rarely
-    favours one side in all of them), and by SPEEDUP_OVER_NOISE on the medians."""
-    if candidate["examples_per_sec"] < baseline["examples_per_sec"] * SPEEDUP_OVER_NOISE:
-        return False
-    per_example = {"candidate": candidate.get("seconds_per_example"), "baseline": baseline.get("seconds_per_example")}
-    if not per_example["candidate"] or not per_example["baseline"]:
-        return True  # a report without per-round times: the medians alone
-    return rounds_won(per_example, "candidate", "baseline") == min(map(len, per_example.values()))
-
-
-def _complexity(row: dict, batch: int) -> tuple:
-    """What a configuration changes from a float32 run of the given batch: fewer is simpler."""
-    return (row["policy"] != "float32") + row["xla"] + (row["batch"] != batch), row["batch"]
-
-
 def memory_noise_mb(kind: Optional[str], baseline_mb: float) -> float:
     return MEMORY_NOISE_MB.get(kind, max(RSS_MEMORY_NOISE_MB, RSS_MEMORY_NOISE_FRACTION * abs(baseline_mb)))
 
 
+def _load_average() -> Optional[List[float]]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):  # not on every platform
+        return None
+
+
+def _verdict_note(verdict: dict, rec_name: str, baseline_name: str) -> str:
+    low, high = verdict["interval"]
+    return (f"{rec_name} vs {baseline_name}: {verdict['speedup']:.2f}x (95% interval {low:.2f}-{high:.2f}x), "
+            f"won {verdict['wins']} of {verdict['rounds']} rounds (sign test p={verdict['sign_test_p']:.3f})")
+
+
+def _comparison(decision: dict, best: dict, baseline: dict) -> str:
+    """The paired verdict of the recommendation against the current configuration; when they are the
+    same, of the fastest other configuration (what came closest to a change)."""
+    if best is not baseline:
+        return _verdict_note(decision["verdict"], best["name"], baseline["name"])
+    others = {n: v for n, v in decision["versus"].items() if n != baseline["name"]}
+    if not others:
+        return ""
+    closest = max(others, key=lambda n: others[n]["speedup"])
+    return "closest: " + _verdict_note(others[closest], closest, baseline["name"])
+
+
+def _command(program: str, kept: List[str], row: dict, scale: Optional[float]) -> str:
+    """The command line that trains `row`'s configuration with the user's other overrides."""
+    chosen = [f"precision={row['policy']}", f"trainer.jit_compile={'true' if row['xla'] else 'false'}",
+              f"data.batch_size={row['batch']}"]
+    if row["policy"] == "mixed_float16" and scale and scale != DEFAULT_INITIAL_SCALE:
+        chosen.append(f"precision.initial_scale={scale:g}")
+    return " ".join([program, *map(shlex.quote, kept + chosen)])
+
+
 def recommend(report: dict, overrides: Sequence[str], baseline_xla: bool, batch: int,
-              program: str = "python -m trainer") -> Optional[dict]:
-    """The fastest safe measured configuration against float32 at the given batch and XLA setting."""
+              program: str = "python -m trainer", policy: str = "float32") -> Optional[dict]:
+    """The configuration to train with (decide.choose), against what the user runs now: `policy` with
+    `baseline_xla` at `batch`. Only configurations whose precision passed the numerics checks compete."""
     rows = [r for r in (report.get("speed") or {}).get("configs", []) if "examples_per_sec" in r]
     if not rows:
         return None
+    for r in rows:  # a report without per-round times (older doctor.json): its median as one round
+        r.setdefault("seconds_per_example", [1 / r["examples_per_sec"]])
     safety = _safety(report)
-    baseline = next((r for r in rows if r["policy"] == "float32" and r["batch"] == batch and r["xla"] == baseline_xla),
-                    next((r for r in rows if r["policy"] == "float32"), rows[0]))
-    safe_rows = [r for r in rows if safety[r["policy"]][0]] or [baseline]
-    winners = [r for r in safe_rows if r is not baseline and beats(r, baseline)]
-    best = max(winners, key=lambda r: r["examples_per_sec"]) if winners else baseline
-    for simpler in sorted(winners, key=lambda r: _complexity(r, batch)):  # a tie goes to the simpler one
-        if _complexity(simpler, batch) < _complexity(best, batch) and not beats(best, simpler):
-            best = simpler
-            break
+    baseline = baseline_row(rows, policy, baseline_xla, batch)
+    safe_rows = [r for r in rows if safety[r["policy"]][0] or r is baseline]
+    decision = choose(safe_rows, baseline, batch)
+    best, verdict = decision["choice"], decision["verdict"]
     notes = []
-    unbeaten = [r for r in safe_rows if r is not baseline and r is not best and not beats(best, r)
-                and _complexity(r, batch) < _complexity(best, batch)]
-    if unbeaten:  # simpler, not beaten by best, yet no winner over the baseline itself: the noise decides
-        closest = max(unbeaten, key=lambda r: r["examples_per_sec"])
-        notes.append(f"it did not beat the simpler {closest['name']} ({closest['examples_per_sec']:.0f} examples/s) "
-                     f"in every round and by {SPEEDUP_OVER_NOISE - 1:.0%}: the noise could rank those two either way")
-    if not winners:
-        notes.append(f"no safe configuration was faster than {baseline['name']} in every round and by "
-                     f"{SPEEDUP_OVER_NOISE - 1:.0%} or more: keep it")
+    if best is baseline:
+        notes.append(f"no significant difference: no safe configuration was significantly faster than what you run "
+                     f"now ({baseline['name']}): keep it")
+    elif verdict["verdict"] != FASTER:
+        notes.append(f"no significant difference in speed: {best['name']} is simpler than {baseline['name']} "
+                     "and not significantly slower")
+    others = [n for n in decision["top"] if n != best["name"]]
+    if others:
+        notes.append(f"as fast within the noise: {', '.join(others)} (the simplest of them is chosen)")
     kept = [o for o in overrides if _key(o) not in REPLACED_KEYS]
-    chosen = [f"precision={best['policy']}", f"trainer.jit_compile={'true' if best['xla'] else 'false'}",
-              f"data.batch_size={best['batch']}"]
     scale = ((report.get("numerics") or {}).get("float16") or {}).get("loss_scale")
     if best["policy"] == "mixed_float16" and scale and scale != DEFAULT_INITIAL_SCALE:
-        chosen.append(f"precision.initial_scale={scale:g}")
         notes.append(f"dynamic loss scaling starts at the measured safe scale {scale:g} instead of 2^15")
     noisiest = max(best.get("spread", 1.0), baseline.get("spread", 1.0))
     if noisiest > NOISY_SPREAD:
         notes.append(f"the machine was noisy (a configuration's slowest call took {noisiest:.1f}x its fastest): "
-                     "the speed-ups are uncertain; rerun when the machine is quieter")
+                     "the interval is wide; rerun when the machine is quieter for a sharper answer")
     if best["batch"] != batch:
         notes.append(f"data.batch_size={best['batch']} is {best['batch'] / batch:g}x the given batch: it changes the "
                      "optimization (fewer updates per epoch); raise optimizer.lr about as much (linear scaling rule) "
@@ -136,18 +148,25 @@ def recommend(report: dict, overrides: Sequence[str], baseline_xla: bool, batch:
     if baseline.get("memory_mb") is not None and best.get("memory_mb") is not None:
         memory = baseline["memory_mb"] - best["memory_mb"]
         memory_measurable = abs(memory) > memory_noise_mb(baseline.get("memory_kind"), baseline["memory_mb"])
-    blocked = {policy: reasons for policy, (ok, reasons) in safety.items() if not ok}
-    return {"config": best["name"], "baseline": baseline["name"],
-            "speedup": best["examples_per_sec"] / baseline["examples_per_sec"], "memory_saving_mb": memory,
-            "memory_difference_measurable": memory_measurable,
+    blocked = {p: reasons for p, (ok, reasons) in safety.items() if not ok}
+    return {"config": best["name"], "baseline": baseline["name"], "changed": best is not baseline,
+            "verdict": verdict["verdict"] if best is not baseline else SAME,
+            "speedup": verdict["speedup"], "interval": verdict["interval"], "rounds_won": verdict["wins"],
+            "rounds": verdict["rounds"], "sign_test_p": verdict["sign_test_p"],
+            "comparison": _comparison(decision, best, baseline),
+            "versus_baseline": decision["versus"], "load_average": _load_average(),
+            "spread": {"recommended": best.get("spread"), "baseline": baseline.get("spread")},
+            "memory_saving_mb": memory, "memory_difference_measurable": memory_measurable,
             "memory_mb": {"recommended": best.get("memory_mb"), "baseline": baseline.get("memory_mb"),
                           "means": (report.get("speed") or {}).get("memory_means")},
-            "command": " ".join([program, *map(shlex.quote, kept + chosen)]), "blocked": blocked,
+            "command": _command(program, kept, best, scale), "current_command": _command(program, kept, baseline, scale),
+            "policy": best["policy"], "current_policy": baseline["policy"], "blocked": blocked,
             "model_changes": model_changes(report), "notes": notes,
-            "rule": f"the fastest measured configuration (examples/s) whose precision passed the numerics checks, "
-                    f"if faster per example than float32 at the given batch in every interleaved round and by "
-                    f"{SPEEDUP_OVER_NOISE - 1:.0%} or more on the medians; a simpler one (float32, XLA off, the "
-                    f"given batch) it did not beat so is kept instead"}
+            "rule": f"against what you run now ({baseline['name']}), per interleaved round: a configuration whose "
+                    f"precision passed the numerics checks is faster if the {CONFIDENCE:.0%} bootstrap interval of "
+                    f"its speed-up lies above 1 and the speed-up is {LEAST_SPEEDUP:g}x or more; of those (and of "
+                    "simpler ones not significantly slower), the ones no other beats significantly are as fast, "
+                    "and the simplest of them is recommended"}
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence]) -> List[str]:
@@ -220,8 +239,27 @@ def _numerics_lines(num: dict) -> List[str]:
     return lines
 
 
+def _phase_lines(rows: List[dict]) -> List[str]:
+    """Where a step's time goes, per timed configuration: why a matmul speed-up shrinks in the step."""
+    timed = [r for r in rows if r.get("phases")]
+    if not timed:
+        return []
+    names = list(timed[0]["phases"]["seconds"])
+    lines = ["  where a step's time goes (ms per step, share of the step; XLA off, the given batch):"]
+    lines += _table(["configuration", "step", *names],
+                    [[r["name"], f"{r['phases']['step_seconds'] * 1e3:.2f}",
+                      *(f"{r['phases']['seconds'][n] * 1e3:.2f} ({r['phases']['share'][n]:.0%})" for n in names)]
+                     for r in timed])
+    lines.append(f"  ({timed[0]['phases']['how']}). A faster matmul shortens only the matmuls inside forward and "
+                 "backward; the update, elementwise work, the loop and input keep their time.")
+    lines += [f"  {r['name']}: phases not timed ({r['phases_error']})" for r in rows if r.get("phases_error")]
+    return lines
+
+
 def _speed_lines(speed: dict) -> List[str]:
-    lines = [f"4. SPEED AND MEMORY ({speed['rounds']} interleaved rounds; memory: {speed['memory_means']})"]
+    lines = [f"4. SPEED AND MEMORY ({speed['rounds']} interleaved rounds, calls of ~{speed.get('call_seconds', 0.2):g} s "
+             f"re-sized every round, {speed.get('steps_per_loop', 1)} step(s) per call as the run trains; memory: "
+             f"{speed['memory_means']})"]
     rows = []
     for r in speed["configs"]:
         if "error" in r:
@@ -230,7 +268,8 @@ def _speed_lines(speed: dict) -> List[str]:
             rows.append([r["name"], _g(r["steps_per_sec"], ".1f"), _g(r["examples_per_sec"], ".0f"),
                          f"{r['spread']:.2f}x", _g(r["memory_mb"], ".0f"), _g(r["first_call_seconds"], ".1f"), r["xla_layout"]])
     lines += _table(["configuration", "steps/s", "examples/s", "spread", "memory MiB", "first call s", "XLA layout"], rows)
-    lines.append("  spread: slowest / fastest timed call of a configuration (the machine's noise; medians are compared)")
+    lines.append("  spread: slowest / fastest per-step time over the rounds (the machine's noise; rounds are compared in pairs)")
+    lines += _phase_lines(speed["configs"])
     lines += [f"  {s['name']}: {s['reason']}" for s in speed["skipped"]]
     return lines
 
@@ -249,7 +288,21 @@ def _recommendation_lines(rec: Optional[dict]) -> List[str]:
     else:
         saving = (f"memory {abs(rec['memory_saving_mb']):.0f} MiB {'less' if rec['memory_saving_mb'] >= 0 else 'more'} "
                   f"({mem['recommended']:.0f} vs {mem['baseline']:.0f} MiB: {mem['means']})")
-    lines = ["5. RECOMMENDATION", f"  {rec['config']}: {rec['speedup']:.2f}x the examples/s of {rec['baseline']}; {saving}",
+    low, high = rec.get("interval", [rec["speedup"], rec["speedup"]])
+    head = (f"{rec['config']}: {rec['speedup']:.2f}x the examples/s of {rec['baseline']} (what you run now; 95% "
+            f"interval {low:.2f}-{high:.2f}x, {rec.get('verdict', SAME)})")
+    if not rec.get("changed", True) and not rec.get("withdrawn_config"):
+        head = (f"{rec['config']} (what you run now): keep it; no significant difference: no safe configuration "
+                "was significantly faster")
+    if rec.get("withdrawn_config"):
+        head = (f"{rec['config']} (what you run now): keep it; the timed grid's {rec['withdrawn_config']} "
+                f"({rec['speedup']:.2f}x, interval {low:.2f}-{high:.2f}x) was not confirmed by --verify")
+    load = rec.get("load_average")
+    spread = rec.get("spread") or {}
+    noise = (f"  machine: load average {'/'.join(f'{x:g}' for x in load) if load else 'unknown'} (1/5/15 min); "
+             f"spread of the rounds {_g(spread.get('recommended'), '.2f')}x (recommended), "
+             f"{_g(spread.get('baseline'), '.2f')}x (current)")
+    lines = ["5. RECOMMENDATION", f"  {head}; {saving}", noise, f"  {rec.get('comparison', '')}".rstrip(),
              f"  train with:  {rec['command']}"]
     lines += [f"  note: {n}" for n in rec["notes"]]
     lines += [f"  {policy} blocked: {'; '.join(reasons)}" for policy, reasons in rec["blocked"].items()]

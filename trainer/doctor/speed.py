@@ -1,9 +1,9 @@
-"""Section 4, speed and memory: steps/s and memory of each precision x XLA x batch size, measured with the
-Trainer's own compiled loop (`Trainer.run_steps`), in interleaved rounds (trainer/timing.py) so that a burst
-of load from another process hits every configuration alike. A configuration's timed call runs about
-`call_seconds` of steps, sized from timed calls after its warm-up (a single step's time would include the
-per-call overhead and size the calls too short).
-
+"""Section 4, speed and memory: steps/s and memory of each precision x XLA x batch size, timed as the
+recommended command will train: the Trainer's own compiled step on the run's input pipeline, in calls of
+`steps_per_loop` steps (`Trainer.run_steps`, as its loop makes them), in interleaved rounds (A B C, A B C)
+so that a burst of load from another process hits every configuration alike and the rounds can be compared
+in pairs (decide.py). A configuration's timed call runs about `call_seconds` of steps, sized after its
+warm-up and re-sized every round from its last call, so one burst cannot leave it timed with short calls.
 Memory (trainer/memory.py's PeakMemory): on a GPU the allocator's peak while a configuration is built
 and runs its first steps, minus what was allocated before (the other configurations' memory); on the
 CPU the process RSS, sampled over the same span, minus the RSS before it. The RSS high-water mark cannot
@@ -19,14 +19,15 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import statistics
 import time
 import warnings
 from typing import Callable, Dict, List, Tuple
 
 from trainer.inputs import batches_read_per_step
+from trainer.doctor.phases import phase_breakdowns, phase_pieces
 from trainer.memory import PeakMemory
 from trainer.precision import POLICIES
-from trainer.timing import interleaved_seconds, median_seconds
 
 SHORT = {"float32": "float32", "mixed_float16": "mixed_float16", "mixed_bfloat16": "mixed_bfloat16"}
 FLOAT16_ON_CPU_WITHOUT_XLA = ("not timed: TensorFlow's float16 kernels on a CPU are ~100x slower than XLA's "
@@ -77,11 +78,28 @@ def _finish(trainer) -> None:
     next(iter(trainer.models.values())).trainable_variables[0].numpy()
 
 
+def run_as_trained(trainer, steps: int) -> None:
+    """`steps` train steps in calls of trainer.steps_per_loop, as the Trainer's loop makes them (one
+    step per call by default: a timing of 500-step calls would hide the per-call cost the run pays)."""
+    per_call = max(1, int(trainer.config.steps_per_loop))
+    done = 0
+    while done < steps:
+        trainer.run_steps(min(per_call, steps - done))
+        done += per_call
+    _finish(trainer)
+
+
 def _timed_call(trainer, steps: int) -> float:
     start = time.perf_counter()
-    trainer.run_steps(steps)
-    _finish(trainer)
+    run_as_trained(trainer, steps)
     return time.perf_counter() - start
+
+
+def resized(steps: int, seconds: float, call_seconds: float) -> int:
+    """The steps of the next call, from the last call's `steps` and `seconds`: about `call_seconds` at
+    the rate just measured (re-sized every round, so one burst of load cannot leave a configuration
+    timed with calls a tenth of the target for the whole run)."""
+    return max(1, min(MOST_STEPS_PER_CALL, round(steps * call_seconds / max(seconds, 1e-6))))
 
 
 def size_call(trainer, call_seconds: float) -> int:
@@ -93,7 +111,23 @@ def size_call(trainer, call_seconds: float) -> int:
         if seconds >= call_seconds / 2 or steps >= MOST_STEPS_PER_CALL:
             break
         steps = min(MOST_STEPS_PER_CALL, steps * min(8, max(2, int(call_seconds / 2 / max(seconds, 1e-6)))))
-    return max(1, min(MOST_STEPS_PER_CALL, round(steps * call_seconds / max(seconds, 1e-6))))
+    return resized(steps, seconds, call_seconds)
+
+
+def timed_rounds(trainers: Dict[str, object], steps: Dict[str, int], rounds: int, call_seconds: float,
+                 timed_call: Callable[[object, int], float] = _timed_call) -> Dict[str, List[Tuple[int, float]]]:
+    """(steps, seconds) of each configuration's call in each of `rounds` interleaved rounds (A B C, A B
+    C, ...), after one untimed round; each call is re-sized (resized) from the configuration's last one."""
+    steps = dict(steps)
+    for name, trainer in trainers.items():  # the untimed round: caches, the first re-size
+        steps[name] = resized(steps[name], timed_call(trainer, steps[name]), call_seconds)
+    calls: Dict[str, List[Tuple[int, float]]] = {name: [] for name in trainers}
+    for _ in range(rounds):
+        for name, trainer in trainers.items():
+            seconds = timed_call(trainer, steps[name])
+            calls[name].append((steps[name], seconds))
+            steps[name] = resized(steps[name], seconds, call_seconds)
+    return calls
 
 
 def _prepare(config: GridConfig, make_trainer, data_for_batch, call_seconds: float) -> dict:
@@ -130,6 +164,25 @@ def _warm_up(configs: List[GridConfig], make_trainer, data_for_batch, progress) 
         gc.collect()
 
 
+def _add_phases(rows: List[dict], prepared: Dict[str, dict], data_for_batch, batch: int,
+                progress: Callable[[str], None]) -> None:
+    """row["phases"] of each configuration without XLA at the given batch: where its step's time goes
+    (phases.py), all timed in the same rounds; a model the pieces cannot time gets why not."""
+    eligible = [r for r in rows if r["name"] in prepared and not r["xla"] and r["batch"] == batch]
+    if not eligible:
+        return
+    progress(f"speed: timing the phases of a step of {', '.join(r['name'] for r in eligible)}")
+    try:
+        pieces = {r["name"]: phase_pieces(prepared[r["name"]]["trainer"], data_for_batch(r["batch"]),
+                                          lambda n, t=prepared[r["name"]]["trainer"]: run_as_trained(t, n))
+                  for r in eligible}
+        for name, breakdown in phase_breakdowns(pieces).items():
+            next(r for r in eligible if r["name"] == name)["phases"] = breakdown
+    except Exception as e:  # noqa: BLE001 - several models, a custom step: the breakdown is left out, said why
+        for r in eligible:
+            r["phases_error"] = f"{type(e).__name__}: {str(e).strip()[:200]}"
+
+
 def speed_section(make_trainer: Callable[[str, bool], object], data_for_batch: Callable[[int], object],
                   configs: List[GridConfig], skipped: List[dict], *, rounds: int, call_seconds: float,
                   progress: Callable[[str], None]) -> dict:
@@ -150,27 +203,31 @@ def speed_section(make_trainer: Callable[[str, bool], object], data_for_batch: C
                 row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
                 progress(f"speed: {config.name} failed: {row['error']}")
             rows.append(row)
-        calls = {name: (lambda p=p: (p["trainer"].run_steps(p["steps_per_call"]), _finish(p["trainer"])))
-                 for name, p in prepared.items()}
-        progress(f"speed: timing {len(calls)} configurations, {rounds} interleaved rounds of about "
-                 f"{call_seconds:g} s per configuration")
-        seconds = interleaved_seconds(calls, rounds=rounds, warmup=1) if calls else {}
-    medians = median_seconds(seconds)
+        progress(f"speed: timing {len(prepared)} configurations, {rounds} interleaved rounds of about "
+                 f"{call_seconds:g} s per configuration (re-sized every round)")
+        steps_per_loop = next((int(p["trainer"].config.steps_per_loop) for p in prepared.values()), 1)
+        calls = timed_rounds({name: p["trainer"] for name, p in prepared.items()},
+                             {name: p["steps_per_call"] for name, p in prepared.items()}, rounds, call_seconds)
     for row in rows:
-        p = prepared.pop(row["name"], None)
+        p = prepared.get(row["name"])
         if p is None:
             continue
-        steps_per_sec = p["steps_per_call"] / medians[row["name"]]
         per_step = row["batch"] * batches_read_per_step(p["trainer"].config)  # grad_accum_steps x batches_per_step batches
+        step_seconds = [seconds / steps for steps, seconds in calls[row["name"]]]
+        steps_per_sec = 1 / statistics.median(step_seconds)
         row.update({k: v for k, v in p.items() if k != "trainer"}, steps_per_sec=steps_per_sec,
                    examples_per_sec=steps_per_sec * per_step,
-                   seconds_per_call=seconds[row["name"]],
-                   seconds_per_example=[t / (p["steps_per_call"] * per_step) for t in seconds[row["name"]]],
-                   spread=max(seconds[row["name"]]) / min(seconds[row["name"]]))
+                   steps_per_call=[steps for steps, _ in calls[row["name"]]],
+                   seconds_per_call=[seconds for _, seconds in calls[row["name"]]],
+                   seconds_per_example=[t / per_step for t in step_seconds],
+                   spread=max(step_seconds) / min(step_seconds))
+    if configs:
+        _add_phases(rows, prepared, data_for_batch, configs[0].batch, progress)
     calls.clear()
     prepared.clear()
     gc.collect()  # the Trainers (cycles) die now, their tf.data iterators on release threads, not at exit (data.py)
-    return {"rounds": rounds, "configs": rows, "skipped": skipped,
+    return {"rounds": rounds, "call_seconds": call_seconds, "steps_per_loop": steps_per_loop, "configs": rows,
+            "skipped": skipped,
             "memory_means": ("device allocator peak minus the memory in use before (MiB)" if rows and any(
                 r.get("memory_kind") == "gpu_allocator_peak" for r in rows) else
                 "growth of this process's RSS (MiB) while the configuration was built and ran its first steps, "

@@ -1,0 +1,107 @@
+"""precision=auto on mocked hardware: an AMX CPU, a plain CPU, a CPU whose bfloat16 probe is slow, GPUs of
+compute capability 7.0 and 8.0; the probe is cached per machine, the doctor's stored answer wins, and the
+CLI logs the choice and records the chosen policy."""
+from __future__ import annotations
+
+import logging
+
+import keras
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import run_cli
+from trainer import auto_precision
+from trainer.config import PrecisionConfig
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRAINER_CACHE_DIR", str(tmp_path / "cache"))
+    yield
+    keras.mixed_precision.set_dtype_policy("float32")
+
+
+def _probe(speedup, calls):
+    def measure(policy):
+        calls.append(policy)
+        return {"speedup": speedup, "rounds": 5, "side": 1024, "float32_gflops": 80.0,
+                "reduced_gflops": 80.0 * speedup, "when": "now"}
+    return measure
+
+
+def _cpu(monkeypatch, flags):
+    monkeypatch.setattr(auto_precision, "_gpu_capabilities", lambda: [])
+    monkeypatch.setattr(auto_precision, "cpu_flags", lambda: set(flags) | {"avx2"})
+    monkeypatch.setattr(auto_precision, "cpu_model", lambda: "Mocked CPU")
+
+
+def test_amx_cpu_picks_bfloat16_when_the_probe_confirms_and_caches_it(monkeypatch):
+    _cpu(monkeypatch, {"amx_bf16", "avx512_bf16"})
+    calls = []
+    policy, why = auto_precision.decide(measure=_probe(3.5, calls))
+    assert policy == "mixed_bfloat16" and "AMX" in why and "3.50x" in why and calls == ["mixed_bfloat16"]
+    policy, why = auto_precision.decide(measure=_probe(0.1, calls))  # cached: not probed again
+    assert policy == "mixed_bfloat16" and "cached" in why and calls == ["mixed_bfloat16"]
+
+
+def test_plain_cpu_picks_float32_without_a_probe(monkeypatch):
+    _cpu(monkeypatch, set())
+    calls = []
+    policy, why = auto_precision.decide(measure=_probe(5.0, calls))
+    assert policy == "float32" and "without AVX-512 BF16 or AMX" in why and calls == []
+
+
+def test_cpu_whose_bfloat16_is_not_fast_picks_float32(monkeypatch):
+    """AVX-512 BF16 without AMX (this machine, an AMD EPYC): float32, no probe. An AMX flag whose probe
+    measures 0.56x: the measurement turns the candidate down."""
+    _cpu(monkeypatch, {"avx512_bf16"})
+    calls = []
+    policy, why = auto_precision.decide(measure=_probe(3.0, calls))
+    assert policy == "float32" and "no AMX" in why and calls == []
+    _cpu(monkeypatch, {"amx_bf16", "avx512_bf16", "avx2", "sse4_2"})  # another machine key: not the cache above
+    policy, why = auto_precision.decide(measure=_probe(0.56, calls))
+    assert policy == "float32" and "0.56x" in why and "under the 2x" in why and calls == ["mixed_bfloat16"]
+
+
+@pytest.mark.parametrize("cc, expected", [((7, 0), "mixed_float16"), ((8, 0), "mixed_bfloat16"), ((6, 1), "float32")])
+def test_gpus_by_compute_capability(monkeypatch, cc, expected):
+    monkeypatch.setattr(auto_precision, "_gpu_capabilities", lambda: [cc])
+    calls = []
+    policy, why = auto_precision.decide(measure=_probe(4.0, calls))
+    assert policy == expected and f"{cc[0]}.{cc[1]}" in why
+    assert calls == ([] if expected == "float32" else [expected])  # a reduced policy is measured before it is chosen
+
+
+def test_doctor_answer_overrides_the_probe_and_resolve_logs(monkeypatch, caplog):
+    _cpu(monkeypatch, {"amx_bf16"})
+    auto_precision.save_doctor_answer("float32", "python -m trainer precision=float32", 1.0)
+    with caplog.at_level(logging.INFO, logger="trainer.auto_precision"):
+        resolved = auto_precision.resolve(PrecisionConfig(policy="auto"), measure=_probe(3.5, []))
+    assert resolved.policy == "float32"
+    assert "precision=auto chose float32" in caplog.text and "--set-auto" in caplog.text
+    assert auto_precision.resolve(PrecisionConfig(policy="mixed_float16")).policy == "mixed_float16"  # explicit wins
+
+
+@pytest.mark.parametrize("flags, expected", [({"amx_bf16"}, "mixed_bfloat16"), (set(), "float32")])
+def test_cli_logs_the_choice_and_records_the_chosen_policy(monkeypatch, tmp_path, flags, expected):
+    _cpu(monkeypatch, flags)
+    monkeypatch.setattr(auto_precision, "measure_speedup", _probe(3.5, []))
+    run = tmp_path / "run"
+    done = run_cli("precision=auto", "model.hidden_units=[8]", "data.batch_size=16", "trainer.max_steps=2",
+                   "trainer.eval_every=0", "trainer.checkpoint_every=0", "trainer.progress_bar=false",
+                   "trainer.log_every=1", f"hydra.run.dir={run}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"precision=auto chose {expected}" in done.stdout + done.stderr
+    assert OmegaConf.load(run / ".hydra" / "config.yaml").precision.policy == expected
+
+
+def test_doctor_set_auto_stores_the_recommended_policy(monkeypatch, capsys):
+    """`python -m trainer.doctor --set-auto`: the recommendation's policy is what precision=auto then picks."""
+    from trainer.doctor.__main__ import _set_auto
+
+    _cpu(monkeypatch, set())  # a plain CPU: auto alone would pick float32
+    _set_auto({"policy": "mixed_bfloat16", "command": "python -m trainer precision=mixed_bfloat16",
+               "speedup": 1.4, "changed": True})
+    assert "precision=auto now chooses mixed_bfloat16" in capsys.readouterr().out
+    policy, why = auto_precision.decide(measure=_probe(0.5, []))
+    assert policy == "mixed_bfloat16" and "1.40x" in why

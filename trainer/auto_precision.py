@@ -1,0 +1,171 @@
+"""`precision=auto`: the dtype policy this machine runs fast, without a doctor run.
+
+The hardware proposes a candidate (bfloat16 on TPUs, GPUs of compute capability >= 8.0 and CPUs with
+AMX; float16 on GPUs of 7.x; float32 elsewhere, CPUs with AVX-512 BF16 but no AMX included: their
+bfloat16 matmuls measured 0.56x-2x float32 and no faster step), and a short matmul probe (the
+candidate's dtype against float32, interleaved rounds) must confirm it: a flag says an instruction
+exists, not that TensorFlow's kernels use it well. The probe's answer is cached per machine (CPU model and flags,
+devices, TensorFlow version) in ~/.cache/trainer/precision_auto.json ($TRAINER_CACHE_DIR overrides the
+folder), so it is paid once. `python -m trainer.doctor --set-auto` stores the doctor's measured answer
+there instead, which auto then follows; an explicit precision=... always wins over both.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional, Tuple
+
+import tensorflow as tf
+
+from trainer.precision import cpu_flags, cpu_model
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+# A matmul speed-up the step can use: a step is matmuls plus elementwise work, the update and input, so a
+# small matmul gain is lost (issue 31: 3.4x matmuls gave the recipes 1.1x).
+LEAST_MATMUL_SPEEDUP = 2.0
+PROBE_SIDE, PROBE_ROUNDS = 1024, 5
+CACHE_FILE = "precision_auto.json"
+DTYPE_OF = {"mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}
+
+
+def cache_path() -> Path:
+    return Path(os.environ.get("TRAINER_CACHE_DIR") or Path.home() / ".cache" / "trainer") / CACHE_FILE
+
+
+def _gpu_capabilities() -> list:
+    caps = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        cc = tf.config.experimental.get_device_details(gpu).get("compute_capability")
+        caps.append(tuple(cc) if cc else None)
+    return caps
+
+
+def machine(strategy=None) -> dict:
+    """What decides the candidate: the device kind, GPU compute capabilities, the CPU's model and flags."""
+    if isinstance(strategy, tf.distribute.TPUStrategy):
+        return {"kind": "TPU"}
+    caps = _gpu_capabilities()
+    if caps:
+        return {"kind": "GPU", "compute_capabilities": caps}
+    return {"kind": "CPU", "cpu": cpu_model(), "flags": sorted(cpu_flags() & {"amx_bf16", "avx512_bf16", "avx512_fp16"})}
+
+
+def machine_key(hardware: dict) -> str:
+    """The cache key: the hardware description (all CPU flags, not just the bf16 ones) and TensorFlow's version."""
+    described = {**hardware, "all_flags": sorted(cpu_flags()), "tensorflow": tf.__version__}
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def candidate(hardware: dict) -> Tuple[str, str]:
+    """(policy, why) from the hardware alone: what the probe then confirms or turns down."""
+    if hardware["kind"] == "TPU":
+        return "mixed_bfloat16", "a TPU: bfloat16 is its native matmul type"
+    if hardware["kind"] == "GPU":
+        caps = hardware["compute_capabilities"]
+        if any(cc is None for cc in caps):
+            return "float32", "a GPU of unknown compute capability"
+        low = min(caps)
+        text = f"GPU compute capability {low[0]}.{low[1]}"
+        if low >= (8, 0):
+            return "mixed_bfloat16", f"{text} (>= 8.0: bfloat16 Tensor Cores, no loss scaling)"
+        if low >= (7, 0):
+            return "mixed_float16", f"{text} (7.x: float16 Tensor Cores, no fast bfloat16)"
+        return "float32", f"{text} (< 7.0: no Tensor Cores)"
+    flags = set(hardware.get("flags", ()))
+    if "amx_bf16" in flags:
+        return "mixed_bfloat16", "a CPU with AMX (amx_bf16)"
+    if "avx512_bf16" in flags:  # no step gain measured on one (the doctor, docs/doctor.md): no candidate
+        return "float32", ("a CPU with AVX-512 BF16 but no AMX: its bfloat16 matmuls measured 0.56x (Intel) to about "
+                           "2x (AMD EPYC) float32, and the doctor measured no faster training step from them "
+                           "(python -m trainer.doctor --set-auto measures your model and stores its answer)")
+    return "float32", "a CPU without AVX-512 BF16 or AMX: bfloat16 is emulated, float16 is slow"
+
+
+def measure_speedup(policy: str, rounds: int = PROBE_ROUNDS, side: int = PROBE_SIDE) -> dict:
+    """The candidate's matmul speed over float32's: median of `rounds` interleaved rounds of one
+    side x side matmul each, XLA off (as the Trainer runs by default)."""
+    from trainer.timing import interleaved_seconds, median_seconds
+
+    def call_of(dtype: str) -> Callable[[], None]:
+        a = tf.cast(tf.random.stateless_normal((side, side), seed=(1, 2)), dtype)
+        b = tf.cast(tf.random.stateless_normal((side, side), seed=(3, 4)), dtype)
+        matmul = tf.function(lambda: tf.matmul(a, b)[0, 0], autograph=False)
+        return lambda: matmul().numpy()
+
+    seconds = interleaved_seconds({"float32": call_of("float32"), "reduced": call_of(DTYPE_OF[policy])},
+                                  rounds=rounds, warmup=1)
+    ratios = sorted(f / r for f, r in zip(seconds["float32"], seconds["reduced"]))
+    medians = median_seconds(seconds)
+    return {"speedup": ratios[len(ratios) // 2], "rounds": rounds, "side": side,
+            "float32_gflops": 2 * side**3 / medians["float32"] / 1e9,
+            "reduced_gflops": 2 * side**3 / medians["reduced"] / 1e9, "when": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def _read_cache() -> dict:
+    try:
+        return json.loads(cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(key: str, entry: dict) -> None:
+    """Best effort: an unwritable cache costs a probe per run, not the run."""
+    cache = _read_cache()
+    cache[key] = {**cache.get(key, {}), **entry}
+    try:
+        cache_path().parent.mkdir(parents=True, exist_ok=True)
+        cache_path().write_text(json.dumps(cache, indent=1))
+    except OSError as e:
+        log.warning("precision=auto: could not write its cache %s (%s); the probe runs again next time",
+                    cache_path(), e.strerror or e)
+
+
+def save_doctor_answer(policy: str, command: str, speedup: float, strategy=None) -> Path:
+    """What `python -m trainer.doctor --set-auto` stores: precision=auto follows it on this machine."""
+    hardware = machine(strategy)
+    _write_cache(machine_key(hardware), {"doctor": {"policy": policy, "command": command, "speedup": speedup,
+                                                    "when": time.strftime("%Y-%m-%d %H:%M")}})
+    return cache_path()
+
+
+def decide(strategy=None, measure: Optional[Callable[[str], dict]] = None) -> Tuple[str, str]:
+    """(policy, why) for precision=auto on this machine (see the module docstring)."""
+    hardware = machine(strategy)
+    policy, why = candidate(hardware)
+    key = machine_key(hardware)
+    entry = _read_cache().get(key, {})
+    doctor = entry.get("doctor")
+    if doctor:
+        return doctor["policy"], (f"python -m trainer.doctor --set-auto measured it on this machine ({doctor['when']}: "
+                                  f"{doctor['command']}, {doctor['speedup']:.2f}x); delete {cache_path()} to forget it")
+    if policy == "float32":
+        return policy, why
+    probe = entry.get("probe", {}).get(policy)
+    cached = probe is not None
+    if not cached:
+        probe = (measure or measure_speedup)(policy)
+        _write_cache(key, {"probe": {**entry.get("probe", {}), policy: probe}})
+    measured = (f"{DTYPE_OF[policy]} matmuls measured {probe['speedup']:.2f}x float32 ({probe['reduced_gflops']:.0f} vs "
+                f"{probe['float32_gflops']:.0f} GFLOP/s, {probe['side']}x{probe['side']}, {probe['when']}"
+                f"{', cached in ' + str(cache_path()) if cached else ''})")
+    if probe["speedup"] >= LEAST_MATMUL_SPEEDUP:
+        return policy, f"{why}; {measured}, at least the {LEAST_MATMUL_SPEEDUP:g}x a step needs to gain"
+    return "float32", f"{why}, but {measured}, under the {LEAST_MATMUL_SPEEDUP:g}x a step needs to gain"
+
+
+def resolve(precision, strategy=None, measure: Optional[Callable[[str], dict]] = None):
+    """`precision` (a PrecisionConfig) with policy auto replaced by decide()'s answer, logged with its
+    reason; any other policy is returned as it is."""
+    if precision.policy != AUTO:
+        return precision
+    policy, why = decide(strategy, measure)
+    log.info("precision=auto chose %s: %s. python -m trainer.doctor measures it on your model; "
+             "precision=%s (or another) overrides it.", policy, why, policy)
+    return dataclasses.replace(precision, policy=policy)

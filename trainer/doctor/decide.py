@@ -1,0 +1,93 @@
+"""The doctor's verdicts, from timings alone (pure functions: tests inject timings). Two configurations are
+compared round by round: the calls of a round were timed next to each other (trainer/timing.py), so a
+burst of load from another process hits both and their ratio keeps the signal. A change is recommended
+only when its speed-up over what the user runs now is significant on those paired ratios; otherwise the
+answer is "no significant difference" and the simpler configuration stays."""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+CONFIDENCE = 0.95  # the bootstrap interval's coverage
+LEAST_SPEEDUP = 1.05  # a significant win smaller than 5% is not worth a change of configuration
+BOOTSTRAP_SAMPLES = 4000
+SAME, FASTER, SLOWER = "no significant difference", "faster", "slower"
+
+
+def sign_test_p(wins: int, rounds: int) -> float:
+    """One-sided sign test: the chance of `wins` or more rounds won out of `rounds` if neither side were
+    faster (each round a fair coin). Five of five rounds: 1/32 = 0.031."""
+    return sum(math.comb(rounds, k) for k in range(wins, rounds + 1)) / 2.0**rounds
+
+
+def paired_verdict(candidate: Sequence[float], baseline: Sequence[float]) -> dict:
+    """Is `candidate` faster than `baseline`? Each is the seconds per example of one call per round, in
+    the same order of rounds. The speed-up is the geometric mean of the rounds' ratios (baseline /
+    candidate); its interval is a bootstrap over rounds (CONFIDENCE, a fixed seed: the same timings give
+    the same verdict). FASTER when the interval lies above 1 and the speed-up reaches LEAST_SPEEDUP,
+    SLOWER when it lies below 1 (and below 1 / LEAST_SPEEDUP), else SAME. The sign test's p-value is given
+    beside it, as a second reading."""
+    pairs = [(c, b) for c, b in zip(candidate, baseline) if c > 0 and b > 0]
+    if not pairs:
+        return {"verdict": SAME, "speedup": 1.0, "interval": [1.0, 1.0], "rounds": 0, "wins": 0, "sign_test_p": 1.0}
+    logs = np.log([b / c for c, b in pairs])
+    rng = np.random.default_rng(0)
+    means = logs[rng.integers(0, len(logs), size=(BOOTSTRAP_SAMPLES, len(logs)))].mean(axis=1)
+    tail = (1 - CONFIDENCE) / 2
+    low, high = (float(math.exp(q)) for q in np.quantile(means, [tail, 1 - tail]))
+    speedup = float(math.exp(logs.mean()))
+    wins = int((logs > 0).sum())
+    if low > 1 and speedup >= LEAST_SPEEDUP:
+        verdict = FASTER
+    elif high < 1 and speedup <= 1 / LEAST_SPEEDUP:
+        verdict = SLOWER
+    else:
+        verdict = SAME
+    return {"verdict": verdict, "speedup": speedup, "interval": [low, high], "rounds": len(pairs), "wins": wins,
+            "sign_test_p": sign_test_p(wins, len(pairs))}
+
+
+def complexity(row: dict, batch: int) -> tuple:
+    """What a configuration changes from a float32, XLA off run of the given batch: fewer is simpler."""
+    return (row["policy"] != "float32") + bool(row["xla"]) + (row["batch"] != batch), row["batch"]
+
+
+def choose(rows: List[dict], baseline: dict, batch: int) -> dict:
+    """The configuration to recommend among `rows` (each with "name", "policy", "xla", "batch" and
+    "seconds_per_example": one time per round), against `baseline` (what the user runs now).
+
+    Contenders are the baseline, the rows significantly faster than it, and the rows simpler than it and
+    not significantly slower. Among them, those no other contender beats significantly are the top group
+    (so a simpler configuration is never chosen over a winner that beats it); the simplest of the top
+    group is chosen, the fastest of equally simple ones. Returns {"choice", "verdict" (of the choice
+    against the baseline), "versus" (every row's verdict against the baseline), "top" (the top group's
+    names)}."""
+    versus = {r["name"]: paired_verdict(r["seconds_per_example"], baseline["seconds_per_example"])
+              for r in rows if r is not baseline}
+    versus[baseline["name"]] = paired_verdict(baseline["seconds_per_example"], baseline["seconds_per_example"])
+    base_complexity = complexity(baseline, batch)
+    contenders = [baseline] + [
+        r for r in rows if r is not baseline and (versus[r["name"]]["verdict"] == FASTER or (
+            versus[r["name"]]["verdict"] == SAME and complexity(r, batch) < base_complexity))]
+    top = [r for r in contenders if not any(
+        other is not r and paired_verdict(other["seconds_per_example"], r["seconds_per_example"])["verdict"] == FASTER
+        for other in contenders)]
+    top = top or [baseline]
+    choice = min(top, key=lambda r: (complexity(r, batch), -versus[r["name"]]["speedup"]))
+    return {"choice": choice, "verdict": versus[choice["name"]], "versus": versus, "top": [r["name"] for r in top]}
+
+
+def baseline_row(rows: List[dict], policy: str, xla: bool, batch: int) -> Optional[dict]:
+    """The row of what the user runs now: their policy, XLA setting and batch (the closest measured
+    one when that exact configuration was not timed: float32 at their batch first)."""
+    for match in (lambda r: (r["policy"], bool(r["xla"]), r["batch"]) == (policy, xla, batch),
+                  lambda r: (r["policy"], r["batch"]) == (policy, batch),
+                  lambda r: (r["policy"], bool(r["xla"]), r["batch"]) == ("float32", xla, batch),
+                  lambda r: r["policy"] == "float32", lambda r: True):
+        found = [r for r in rows if match(r)]
+        if found:
+            return found[0]
+    return None
+

@@ -1,0 +1,114 @@
+"""Where a train step's time goes: input, forward, backward and the optimizer update, each timed as a
+piece of its own (the forward pass with the loss; forward and gradients; the whole compiled step, from
+which the other two are subtracted; the input pipeline pulled alone). It explains why a large matmul
+speed-up (bfloat16 on AMX: 3.4x) gives a small model little: only the matmuls in forward and backward get
+faster, while the update (float32 variables under every policy), elementwise work and input do not."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Dict
+
+import keras
+import tensorflow as tf
+
+PIECE_SECONDS = 0.2  # each piece's timed call lasts about this long
+ROUNDS = 3  # the pieces are timed in interleaved rounds, as the configurations are
+MOST_REPEATS = 4096
+
+
+def _pieces(trainer, batch, iterator) -> Dict[str, Callable[[tf.Tensor], object]]:
+    """Each piece as a function of a repeat count n that runs it n times inside one tf.function (no
+    per-call Python cost in the pieces: that is the loop's, counted in "update and the rest")."""
+    model, loss = trainer.model, trainer.loss
+    x, y, _ = keras.utils.unpack_x_y_sample_weight(batch)
+
+    def loss_of(outputs):
+        value = loss(y, outputs) if callable(loss) else tf.nest.flatten(outputs)[0]
+        return tf.reduce_mean(tf.cast(value, tf.float32))
+
+    def varied(total):
+        # Each repeat's input depends on the last one's loss (x times 1 + 1e-30 * loss, numerically x):
+        # Grappler's loop optimizer would otherwise hoist the loop-invariant matmuls out of the loop.
+        return tf.nest.map_structure(lambda t: t * tf.cast(1.0 + 1e-30 * total, t.dtype) if t.dtype.is_floating else t, x)
+
+    @tf.function
+    def forward(n):
+        total = tf.constant(0.0)
+        for _ in tf.range(n):
+            total += loss_of(model(varied(total), training=True))
+        return total
+
+    @tf.function
+    def forward_backward(n):
+        total = tf.constant(0.0)
+        for _ in tf.range(n):
+            with tf.GradientTape() as tape:
+                value = loss_of(model(varied(total), training=True))
+            grads = [g for g in tape.gradient(value, model.trainable_variables) if g is not None]
+            total += tf.add_n([tf.reduce_sum(tf.cast(g, tf.float32)) for g in grads])  # keeps every gradient
+        return total
+
+    @tf.function
+    def pull(n):
+        count = tf.constant(0)
+        for _ in tf.range(n):
+            count += tf.shape(tf.nest.flatten(next(iterator))[0])[0]
+        return count
+
+    # a tensor count: a Python int would retrace (and time the tracing) for every new count
+    return {name: (lambda n, fn=fn: fn(tf.constant(n, tf.int32)))
+            for name, fn in (("forward", forward), ("forward_backward", forward_backward), ("input", pull))}
+
+
+def _timed(run: Callable[[int], object], n: int) -> float:
+    start = time.perf_counter()
+    out = run(n)
+    if hasattr(out, "numpy"):
+        out.numpy()
+    return time.perf_counter() - start
+
+
+def _size(run: Callable[[int], object]) -> int:
+    """Repeats of `run` that last about PIECE_SECONDS (its first call, tracing, not counted)."""
+    n = 1
+    _timed(run, n)
+    while True:
+        seconds = _timed(run, n)
+        if seconds >= PIECE_SECONDS / 2 or n >= MOST_REPEATS:
+            return max(1, min(MOST_REPEATS, round(n * PIECE_SECONDS / max(seconds, 1e-6))))
+        n = min(MOST_REPEATS, n * max(2, min(8, int(PIECE_SECONDS / 2 / max(seconds, 1e-6)))))
+
+
+def phase_pieces(trainer, data, run_steps: Callable[[int], None]) -> Dict[str, Callable[[int], object]]:
+    """One configuration's timed pieces: `run_steps(n)` trains n steps as the run does (the step's own
+    time), `data` is the run's input pipeline for its batch."""
+    dataset = data if isinstance(data, tf.data.Dataset) else data(tf.distribute.InputContext())
+    iterator = iter(dataset.repeat())
+    return {"step": run_steps, **_pieces(trainer, next(iterator), iterator)}
+
+
+def phase_breakdowns(pieces: Dict[str, Dict[str, Callable[[int], object]]]) -> Dict[str, dict]:
+    """Milliseconds per step of each phase, per configuration: every piece of every configuration is
+    timed in the same interleaved rounds (a burst of load hits them alike); each is its median."""
+    runs = {(config, name): run for config, named in pieces.items() for name, run in named.items()}
+    repeats = {key: _size(run) for key, run in runs.items()}
+    per_repeat = {key: [] for key in runs}
+    for _ in range(ROUNDS):
+        for key, run in runs.items():
+            per_repeat[key].append(_timed(run, repeats[key]) / repeats[key])
+    median = {key: statistics.median(values) for key, values in per_repeat.items()}
+    return {config: _breakdown({name: median[(config, name)] for name in named}) for config, named in pieces.items()}
+
+
+def _breakdown(median: Dict[str, float]) -> dict:
+    step = median["step"]
+    forward = min(median["forward"], step)
+    forward_backward = min(max(median["forward_backward"], forward), step)
+    phases = {"forward": forward, "backward": forward_backward - forward, "update and the rest": step - forward_backward,
+              "input (pipeline alone)": median["input"]}
+    return {"step_seconds": step, "seconds": phases, "share": {k: v / step for k, v in phases.items()},
+            "how": "forward: model and loss; backward: forward with gradients minus forward; update and the rest: "
+                   "the step minus forward with gradients (optimizer, loss scaling, finite checks, metrics, the "
+                   "loop's per-call cost); input: the pipeline pulled alone, inside a tf.function (it overlaps the "
+                   f"step when prefetched); medians of {ROUNDS} rounds interleaved across the configurations"}

@@ -1,0 +1,63 @@
+"""`python -m trainer.doctor --verify [N]`: the recommendation checked the way it will be used. The
+recommended configuration and the current one each train N more steps with the Trainer's fit() (its
+loop, callbacks and the run's input pipeline), in interleaved rounds of N / rounds steps; the paired
+verdict (decide.paired_verdict) on those rounds confirms the recommendation or withdraws it."""
+from __future__ import annotations
+
+import gc
+import time
+from typing import Callable, Dict, List
+
+from trainer.doctor.decide import FASTER, SLOWER, paired_verdict
+from trainer.inputs import batches_read_per_step
+
+VERIFY_ROUNDS = 5
+
+
+def verify_outcome(rec: dict, recommended: List[float], current: List[float]) -> dict:
+    """`rec` with its "verify" entry: the measured speed-up of the recommended configuration over the
+    current one from the rounds' seconds per example. A change claimed faster that is not measured
+    significantly faster, or a simpler one measured slower, is withdrawn: the command becomes the
+    current configuration's, and a note says why."""
+    verdict = paired_verdict(recommended, current)
+    low, high = verdict["interval"]
+    withdrawn = (rec["verdict"] == FASTER and verdict["verdict"] != FASTER) or verdict["verdict"] == SLOWER
+    rec = {**rec, "verify": {**verdict, "recommended_seconds_per_example": list(recommended),
+                             "current_seconds_per_example": list(current), "withdrawn": withdrawn}}
+    said = (f"--verify: {rec['config']} trained at {verdict['speedup']:.2f}x {rec['baseline']} (95% interval "
+            f"{low:.2f}-{high:.2f}x, won {verdict['wins']} of {verdict['rounds']} rounds): {verdict['verdict']}")
+    if withdrawn:
+        rec.update(config=rec["baseline"], command=rec["current_command"], policy=rec["current_policy"], changed=False,
+                   withdrawn_config=rec["config"], verdict="withdrawn by --verify")
+        said += "; the recommendation is withdrawn: keep what you run now"
+    else:
+        said += "; the recommendation stands"
+    rec["notes"] = [said, *rec["notes"]]
+    return rec
+
+
+def verify(make_trainer: Callable[[str, bool], object], data_for_batch: Callable[[int], object], rec: dict,
+           rows: List[dict], steps: int, progress: Callable[[str], None]) -> dict:
+    """Trains the recommended and the current configuration `steps` steps each (interleaved rounds) and
+    returns verify_outcome's answer; with nothing changed, says so and trains nothing."""
+    if not rec.get("changed"):
+        return {**rec, "verify": {"skipped": "the recommendation is what you run now: nothing to compare"}}
+    by_name = {r["name"]: r for r in rows}
+    configs = {"recommended": by_name[rec["config"]], "current": by_name[rec["baseline"]]}
+    per_round = max(1, steps // VERIFY_ROUNDS)
+    trainers: Dict[str, object] = {}
+    for key, row in configs.items():
+        progress(f"verify: building {row['name']} ({key}) and training its first step")
+        trainers[key] = (make_trainer(row["policy"], row["xla"]), data_for_batch(row["batch"]))
+        trainers[key][0].fit(trainers[key][1], steps=1)  # compiles: not timed
+    seconds: Dict[str, List[float]] = {key: [] for key in configs}
+    progress(f"verify: {VERIFY_ROUNDS} interleaved rounds of {per_round} steps each, through Trainer.fit")
+    for round_ in range(1, VERIFY_ROUNDS + 1):
+        for key, (trainer, data) in trainers.items():
+            start = time.perf_counter()
+            trainer.fit(data, steps=1 + round_ * per_round)
+            examples = per_round * configs[key]["batch"] * batches_read_per_step(trainer.config)
+            seconds[key].append((time.perf_counter() - start) / examples)
+    trainers.clear()
+    gc.collect()
+    return verify_outcome(rec, seconds["recommended"], seconds["current"])
