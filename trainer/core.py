@@ -186,6 +186,12 @@ class Trainer(Step):
         return self._step_functions.jit_compile
 
     @property
+    def eval_limit(self) -> Optional[int]:
+        """The batches each evaluation of the current fit() reads (eval_steps, limit_eval_batches, fast_dev_run);
+        None: the whole eval set."""
+        return self._fit_eval_limit[2] if self._fit_eval_limit else None
+
+    @property
     def traces(self) -> Dict[str, int]:
         """How many times the train and eval functions were traced (a retrace shows here)."""
         return self._step_functions.traces
