@@ -42,17 +42,20 @@ def parse_args(argv) -> argparse.Namespace:
 
 def find(cfg, steps: int, min_lr: float, max_lr: float):
     """The range test on the Trainer `python -m trainer` would build from `cfg` (no run folder, no loggers)."""
-    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
 
+    from trainer.arrays import with_class_weight
     from trainer.assemble import parts_of, strategy_of
-    from trainer.data import check_batch_size
+    from trainer.data import build_data, check_batch_size
     from trainer.lr_finder import lr_find
 
     strategy = strategy_of(cfg)  # before TensorFlow initializes devices
     check_batch_size(cfg.data.get("batch_size", 1))
-    data = instantiate(cfg.data, _convert_="all")
+    data = build_data(cfg.data)
+    class_weight = cfg.data.get("class_weight") or None  # weighs the range test as it weighs training
+    train = with_class_weight(data.train, None if class_weight is None else OmegaConf.to_container(class_weight))
     trainer = parts_of(cfg, total_steps=steps).build(strategy=strategy)
-    return lr_find(trainer, data.train, steps=steps, min_lr=min_lr, max_lr=max_lr)
+    return lr_find(trainer, train, steps=steps, min_lr=min_lr, max_lr=max_lr)
 
 
 def main(argv=None) -> int:

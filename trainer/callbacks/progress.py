@@ -27,6 +27,7 @@ def eval_line(step: int, logs, trainer=None) -> str:
     """`eval @ step N: loss=...`; an evaluation limited to some batches (trainer.eval_steps,
     limit_eval_batches, fast_dev_run) says how many it read: `eval @ step N (10 batches): ...`."""
     limit = trainer.eval_limit if trainer is not None else None
+    limit = limit if isinstance(limit, int) else None  # several named sets: each its own limit, not said
     read = ""
     if limit is not None and trainer.eval_batches is not None:
         short = f" of the {limit} asked: the eval set ended" if trainer.eval_batches < limit else ""
