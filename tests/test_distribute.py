@@ -533,11 +533,9 @@ with ms.scope():
     model.compile(optimizer=optimizer, loss=bce)
 model.fit(ds.take(1), epochs=1, verbose=0)
 out["keras_fit"], out["keras_fit/apart"] = weights(model), copies_apart(model)
-for replicas, strategy in ((1, tf.distribute.OneDeviceStrategy("/cpu:0")), (2, ms)):  # last: sets the global policy
-    model = fit(Trainer, lambda: keras.Sequential([keras.Input((8,)), keras.layers.Dense(1, kernel_initializer="ones")]),
-                lambda: keras.optimizers.SGD(0.5), strategy, precision="mixed_float16")
-    out[f"mixed/{replicas}"] = weights(model)
-out["mixed/2/apart"] = copies_apart(model)
+model = fit(Trainer, lambda: keras.Sequential([keras.Input((8,)), keras.layers.Dense(1, kernel_initializer="ones")]),
+            lambda: keras.optimizers.SGD(0.5), ms, precision="mixed_float16")  # last: sets the global policy
+out["mixed"], out["mixed/apart"] = weights(model), copies_apart(model)
 print("RESULT", json.dumps(out))
 """
 
@@ -555,9 +553,10 @@ def test_an_optimizers_own_apply_gradients_averages_in_an_own_step_and_sums_else
     for name in [k for k in out if k.endswith("/apart")]:
         assert out.pop(name) == 0.0, name
     for name, want in (("shared/1", "default"), ("shared/2", "default"), ("own_apply", "default"),
-                       ("keras_fit", "default"), ("mixed/2", "mixed/1")):
-        for got, expected in zip(out[name], out[want]):
-            np.testing.assert_allclose(got, expected, rtol=1e-3 if want == "mixed/1" else 1e-5, atol=1e-6, err_msg=name)
+                       ("keras_fit", "default"), ("mixed", "default")):
+        tolerance = dict(rtol=1e-3, atol=1e-4) if name == "mixed" else dict(rtol=1e-5, atol=1e-6)  # float16's rounding
+        for got, expected in zip(out[name], out[want]):  # (a doubled update is off by the update, 0.01-0.14)
+            np.testing.assert_allclose(got, expected, err_msg=name, **tolerance)
     assert out["default"] != out["init"]  # one update
 
 
