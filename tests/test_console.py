@@ -110,3 +110,39 @@ def test_a_user_handler_on_the_trainer_logger_gets_each_line_once_and_propagate_
         assert sum(said in line for line in stderr) == 1, result.stderr[-3000:]  # the first Trainer's only
     assert sum("Saved checkpoint" in line for line in mine) == sum("Saved checkpoint" in line for line in stderr) > 0
     assert not any(line.startswith("INFO:trainer") for line in stderr), result.stderr[-3000:]
+
+
+WARNING_HANDLER = """
+import io, logging, sys, keras
+from trainer import Trainer
+from trainer.callbacks.base import Callback
+sys.path.insert(0, {tests!r})
+from conftest import blobs
+mine = io.StringIO()
+
+class AddsWarningHandler(Callback):  # a library that configures warnings only, mid-fit
+    def on_log(self, trainer, step, logs):
+        if step == 5:
+            handler = logging.StreamHandler(mine)
+            handler.setLevel(logging.WARNING)
+            logging.getLogger().addHandler(handler)
+
+Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), optimizer=lambda: keras.optimizers.SGD(0.1),
+        log_every=5, progress_bar=False, callbacks=[AddsWarningHandler()]).fit(blobs(), steps=10)
+logging.getLogger("trainer.core").warning("a warning")
+print("MINE", repr(mine.getvalue()))
+"""
+
+
+def test_a_warning_level_handler_of_the_users_does_not_silence_the_info_lines(tmp_path):
+    """A root handler that shows WARNING and above, added mid-fit, does not show an INFO progress line: ours still
+    prints it (it took any handler of the user's as showing every line); a warning goes to the user's handler."""
+    from pathlib import Path
+
+    script = WARNING_HANDLER.format(tests=str(Path(__file__).parent))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "step 10/10: loss=" in result.stderr and "Done: 10 steps" in result.stderr, result.stderr[-3000:]
+    assert "MINE 'a warning\\n'" in result.stdout
+    assert "a warning" not in result.stderr  # shown by the user's handler, not ours too

@@ -81,3 +81,24 @@ def test_a_shuffled_data_set_object_iterated_again_is_named_with_the_fix(tmp_pat
     assert resumed.weights_fingerprint() != straight.weights_fingerprint()  # what the warning says
     assert caplog.text.count("The training data set object was iterated for training before") == 1
     assert "this run, at step 4," in caplog.text and "Fix: build the data set again for each Trainer" in caplog.text
+
+
+def test_a_shared_shuffled_data_set_is_not_named_when_no_resume_can_go_wrong(tmp_path, caplog):
+    """The reuse is named only for a run a resume should repeat (a run_dir, and a resume or trainer.deterministic)
+    of a seeded shuffle: a teacher then a student on one data set object, without a run_dir or without
+    determinism from step 0, or with an unseeded shuffle (a new order in every process anyway), says nothing."""
+    def trainer(run_dir=None, deterministic=False):
+        return Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]),
+                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), progress_bar=False,
+                       optimizer=lambda: keras.optimizers.SGD(1e-2), run_dir=run_dir, deterministic=deterministic)
+
+    shared = blobs(shuffle=True)
+    tf.random.set_seed(None)  # no global seed: an unseeded shuffle draws its seed in each process
+    x, y = next(iter(blobs(batch=256)))
+    unseeded = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(128).batch(16)
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        for data, kwargs in ((shared, {}), (shared, {"run_dir": tmp_path / "a"}),
+                             (unseeded, {"run_dir": tmp_path / "b", "deterministic": True})):
+            trainer().fit(data, steps=1)  # the teacher
+            trainer(**kwargs).fit(data, steps=1)  # the student, on the same object
+    assert "iterated for training before" not in caplog.text

@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from trainer.loss_convention import is_replica_share, per_replica_mean
 from trainer.step import Step
-from trainer.tracing import keras_random_explained, warn_random_state_outside_checkpoint
+from trainer.tracing import keras_random_explained, warn_random_state_outside_checkpoint, warn_unused_optimizers
 from trainer.xla_plan import XlaPlan, decide_jit_compile, plan_xla, wrap_xla  # noqa: F401 - their old home
 
 log = logging.getLogger("trainer.core")
@@ -203,19 +203,6 @@ def make_train_function(trainer, iterator, jit_compile: Optional[bool] = None) -
         warn_random_state_outside_checkpoint(trainer)  # trainer.deterministic: randomness a resume cannot repeat
 
     return tf.function(train_loop)
-
-
-def warn_unused_optimizers(trainer) -> None:
-    """Names each optimizer the traced train step never updated through self.update: an old-style step that
-    calls optimizer.apply itself gets no loss scaling, all-reduce or finite check, and a model left out
-    trains not at all, with exit 0 either way."""
-    unused = [name for name, updater in trainer.updaters.items() if not updater.in_step]
-    if unused:
-        log.warning("The train step never calls self.update(loss, tape, name) for optimizer(s) %s (this Trainer's: %s): "
-                    "their models are not trained by the Trainer (an optimizer.apply_gradients of your own gets no loss "
-                    "scaling, finite check, clipping or grad_norm; on several replicas its gradients are averaged over "
-                    "them). Fix: call self.update(loss, tape, %r) in train_step.",
-                    unused, sorted(trainer.updaters), unused[0])
 
 
 def make_eval_function(trainer, iterator) -> Callable:

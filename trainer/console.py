@@ -16,7 +16,7 @@ class _StderrHandler(logging.StreamHandler):
     from printing it a second time. It decides per line and never sets `propagate`: that is the user's."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        handlers = _handlers_reached(record.name)
+        handlers = _handlers_reached(record)
         if any(h is not self and not _bare(h) for h in handlers):
             return  # the user's handler shows it
         record.trainer_shown = True  # the bare root handlers drop it (_DropShown)
@@ -39,11 +39,12 @@ def _bare(handler: logging.Handler) -> bool:
     return type(handler) is logging.StreamHandler and getattr(handler.formatter, "_fmt", None) == logging.BASIC_FORMAT
 
 
-def _handlers_reached(name: str):
-    """The handlers a record of logger `name` reaches, as Logger.callHandlers walks them (propagate as set)."""
-    logger, reached = logging.getLogger(name), []
+def _handlers_reached(record: logging.LogRecord):
+    """The handlers that show `record`, as Logger.callHandlers walks them (propagate as set): a handler whose
+    level is above the record's (a WARNING-level one of the user's) does not show an INFO line."""
+    logger, reached = logging.getLogger(record.name), []
     while logger:
-        reached.extend(logger.handlers)
+        reached.extend(h for h in logger.handlers if record.levelno >= h.level)
         logger = logger.parent if logger.propagate else None
     return reached
 

@@ -323,7 +323,8 @@ class Trainer(Step):
         held, kept = [kept], None  # one not reused dies on the release thread once the loop made its own
 
         def make_iterator():
-            return training_iterator(train_data, self.strategy, start, self.checkpointing.data_position(), held.pop())
+            return training_iterator(train_data, self.strategy, start, self.checkpointing.data_position(), held.pop(),
+                                     self.run_dir is not None and (start > 0 or self.config.deterministic))
 
         loop = Loop(self, callbacks, make_iterator, eval_data, self.total)
         train_logs, eval_logs, step = loop.run()

@@ -111,16 +111,18 @@ def distribute(data: DataArg, strategy: tf.distribute.Strategy, skip_batches: in
     return strategy.distribute_datasets_from_function(fn)
 
 
-def training_iterator(data: DataArg, strategy, start: int, batches_read: int, kept: Optional[KeptIterator]):
+def training_iterator(data: DataArg, strategy, start: int, batches_read: int, kept: Optional[KeptIterator],
+                      exact_resume: bool = False):
     """The iterator a fit() call trains from: the one the last call left, when it ended at step `start` on
-    the same data; else a new one that skips the `batches_read` batches the run trained on so far."""
+    the same data; else a new one that skips the `batches_read` batches the run trained on so far.
+    `exact_resume`: this run is one a resume should repeat (a run_dir, and a resume or trainer.deterministic)."""
     if kept is not None and kept.data is data and kept.step == start:
         iterator, kept.iterator = kept.iterator, None
         return iterator
     if batches_read:  # tf.data produces the skipped batches (reads, decodes) and drops them: it takes time
         log.info("Data: skipping the %d batches the first %d steps trained on, to resume in the same order",
                  batches_read, start)
-    warn_if_reshuffled_again(data, start)
+    warn_if_reshuffled_again(data, start, exact_resume)
     return iter(distribute(data, strategy, skip_batches=batches_read))
 
 
@@ -146,15 +148,23 @@ def total_steps(steps: Optional[int], epochs: Optional[float], steps_per_epoch: 
     return min(candidates)
 
 
+def _seeded(ds) -> bool:
+    """A shuffle's seeds (tf.data's: 0 and 0 when neither the op nor TensorFlow's global seed was set)."""
+    seeds = [getattr(ds, name, None) for name in ("_seed", "_seed2")]
+    return any(s is not None and tf.get_static_value(s) not in (None, 0) for s in seeds)
+
+
 def _reshuffles(data: tf.data.Dataset) -> bool:
-    """Whether a shuffle (or Dataset.random) in the pipeline draws a new order for each iterator made of it."""
+    """Whether a seeded shuffle (or Dataset.random) in the pipeline draws the next order of its sequence for
+    each iterator made of it (an unseeded one draws a new order in each process anyway). Only the pipeline's
+    own inputs are walked: a shuffle inside a function of interleave/flat_map is not seen."""
     stack, seen = [data], set()
     while stack:
         ds = stack.pop()
         if id(ds) in seen:
             continue
         seen.add(id(ds))
-        if getattr(ds, "_reshuffle_each_iteration", False) or getattr(ds, "_rerandomize", False):
+        if (getattr(ds, "_reshuffle_each_iteration", False) or getattr(ds, "_rerandomize", False)) and _seeded(ds):
             return True
         try:
             stack.extend(ds._inputs())  # tf.data's own walk over a pipeline's inputs
@@ -163,11 +173,11 @@ def _reshuffles(data: tf.data.Dataset) -> bool:
     return False
 
 
-def warn_if_reshuffled_again(data: DataArg, start: int) -> None:
+def warn_if_reshuffled_again(data: DataArg, start: int, exact_resume: bool) -> None:
     """A seeded shuffle gives each new iterator of one data set object the next order of its sequence: the
     training iterator of a second Trainer (or fit) on the object goes over other batches than a new process
     would, so skipping the batches trained on (a resume) is inexact, silently. tf.data keeps that sequence in the
-    object, out of the Trainer's reach: said, with the fix."""
+    object, out of the Trainer's reach: said, with the fix, for a run a resume should repeat (`exact_resume`)."""
     if not isinstance(data, tf.data.Dataset):
         return  # a function of an InputContext builds its pipeline afresh each time
     try:
@@ -175,7 +185,7 @@ def warn_if_reshuffled_again(data: DataArg, start: int) -> None:
         _trained_from.add(data)
     except TypeError:  # not weakly referable: not tracked
         return
-    if again and _reshuffles(data):
+    if again and exact_resume and _reshuffles(data):
         log.warning("The training data set object was iterated for training before in this process (by another Trainer "
                     "or fit()), and it shuffles anew for each iterator (Dataset.shuffle's reshuffle_each_iteration): this "
                     "run, at step %d, reads its batches in another order than a new process would, so a resume does "

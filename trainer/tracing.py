@@ -11,7 +11,7 @@ With trainer.deterministic, each trace of the train step is searched for randomn
 checkpoint holds (`warn_random_state_outside_checkpoint`): a resumed run would draw other numbers. That is
 a stateful random op, Keras' global SeedGenerator, or the state variable of a tf.random.Generator that the
 checkpoint does not hold (the user's own). A retrace (another input shape) names only what no earlier trace
-of that Trainer named.
+of that Trainer named. `warn_unused_optimizers` names the optimizers a traced train step never updated.
 """
 import contextlib
 import logging
@@ -98,6 +98,8 @@ def _generators_outside_checkpoint(graph, trainer) -> List[str]:
     named where found (an attribute of the Trainer, a global of the step's module or of __main__)."""
     read = [_variable(v) for v in getattr(graph, "_watched_variables", ())  # every variable the trace read
             if v.name.split(":")[0].rsplit("/", 1)[-1] == "StateVar"]  # tf.random.Generator's (its fixed name)
+    # Found by that name, which TensorFlow gives a Generator's variable (stateful_random_ops.py): a TensorFlow
+    # that renamed it would find no generator here (no warning, not a false one).
     read = [v for v in read if v is not _variable(trainer.rng.state)]
     if not read:
         return []
@@ -137,6 +139,20 @@ def warn_random_state_outside_checkpoint(trainer) -> None:
     log.warning(
         "trainer.deterministic=true, but the train step draws random numbers whose state is in no checkpoint, so a "
         "resumed run draws other numbers than an uninterrupted one and ends with other weights: %s. Fix: draw from "
-        "self.rng, the Trainer's checkpointed tf.random.Generator, in place of tf.random.* or a generator of your own (self.rng.uniform(shape), self.rng.normal(shape), or "
+        "self.rng, the Trainer's checkpointed tf.random.Generator, in place of tf.random.* or a generator of your own "
+        "(self.rng.uniform(shape), self.rng.normal(shape), or "
         "tf.random.stateless_*(shape, seed=self.rng.make_seeds(1)[:, 0])), give keras.random a SeedGenerator kept on a "
         "model (seed=model.seed_generator), or put the randomness in the data pipeline (see docs/research.md).", shown)
+
+
+def warn_unused_optimizers(trainer) -> None:
+    """Names each optimizer the traced train step never updated through self.update: an old-style step that
+    calls optimizer.apply itself gets no loss scaling, all-reduce or finite check, and a model left out
+    trains not at all, with exit 0 either way."""
+    unused = [name for name, updater in trainer.updaters.items() if not updater.in_step]
+    if unused:
+        log.warning("The train step never calls self.update(loss, tape, name) for optimizer(s) %s (this Trainer's: %s): "
+                    "their models are not trained by the Trainer (an optimizer.apply_gradients of your own gets no loss "
+                    "scaling, finite check, clipping or grad_norm; on several replicas it applies the gradient of the "
+                    "global batch mean: averaged in an overridden train_step, the shares summed elsewhere). Fix: call "
+                    "self.update(loss, tape, %r) in train_step.", unused, sorted(trainer.updaters), unused[0])

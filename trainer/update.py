@@ -6,7 +6,9 @@ of the unscaled gradients, the fused update kernels, and its `grad_norm` in the 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from typing import Callable, Dict, List, Optional
 
 import keras
@@ -19,6 +21,7 @@ from trainer.loss_scale import LossScale
 from trainer.tracing import framework_code
 
 log = logging.getLogger(__name__)
+_state = threading.local()  # .in_apply: this thread runs Updater.apply, which has all-reduced the gradients
 
 
 class Updater:
@@ -45,8 +48,11 @@ class Updater:
             self.grad_norm = keras.metrics.Mean(name="grad_norm")
         # apply() all-reduces the gradients itself (clipping and the finite check need the global gradient), so
         # the Keras optimizer's own all-reduce must not sum them a second time; an optimizer.apply_gradients of
-        # the user's in an overridden step gets the mean over replicas (its gradients are of batch means).
-        optimizer._all_reduce_sum_gradients = _own_apply_averages(optimizer._all_reduce_sum_gradients)
+        # the user's in an overridden step gets the mean over replicas (its gradients are of batch means), and
+        # anywhere else Keras' sum. Keras' method is kept once on the optimizer: a second Trainer (or Updater) of
+        # the same optimizer wraps it, not the first one's wrapper (which would divide twice).
+        keras_sum = optimizer.__dict__.setdefault("_trainer_keras_sum", optimizer._all_reduce_sum_gradients)
+        optimizer._all_reduce_sum_gradients = _own_apply_averages(keras_sum)
         warm_up_decay(optimizer)  # use_ema: the average's decay warms up (ema.py)
         if fused and fuse(optimizer):
             log.info("Optimizer %s: %s with TensorFlow's fused update kernels (trainer.fused_optimizer=false: "
@@ -76,7 +82,7 @@ class Updater:
     def apply(self, unscaled_grads, loss=None) -> None:
         """All-reduce, finite check, clip, apply (or skip), update the loss scale. `loss` is this
         replica's share of the global loss; a non-finite loss also skips the update."""
-        with outside_own_step():  # the optimizer's own all-reduce: none (_own_apply_averages)
+        with outside_own_step(), _in_apply():  # the optimizer's own all-reduce: none (_own_apply_averages)
             self._apply(unscaled_grads, loss)
 
     @framework_code
@@ -123,7 +129,7 @@ class Updater:
                 tf.cond(
                     finite,
                     lambda: strategy.extended.call_for_each_replica(
-                        lambda g: self.optimizer.apply(g, variables), args=(grads,)
+                        lambda g: _reduced_apply(self.optimizer, g, variables), args=(grads,)
                     ),
                     self._skip,
                 )
@@ -160,14 +166,34 @@ class Updater:
         return logs
 
 
+@contextlib.contextmanager
+def _in_apply():
+    before = getattr(_state, "in_apply", False)
+    _state.in_apply = True
+    try:
+        yield
+    finally:
+        _state.in_apply = before
+
+
+def _reduced_apply(optimizer, grads, variables) -> None:
+    """optimizer.apply of all-reduced gradients in a thread of its own (call_for_each_replica starts one per
+    replica, where apply()'s thread-local state is not set)."""
+    with _in_apply():
+        optimizer.apply(grads, variables)
+
+
 def _own_apply_averages(keras_sum: Callable) -> Callable:
     """A Trainer optimizer's all-reduce: none in Updater.apply (done before); the mean over the replicas when
     the user's own step calls optimizer.apply_gradients (Keras' sum would give replicas × the gradient of the
-    batch-mean loss, and no all-reduce let each replica's copy of the variables drift apart)."""
+    batch-mean loss, and no all-reduce let each replica's copy of the variables drift apart); anywhere else
+    (an apply_gradients override called by the default step, Keras' own fit) Keras' sum, as Keras does."""
     def all_reduce(grads_and_vars):
+        if getattr(_state, "in_apply", False):
+            return grads_and_vars
         replicas = own_step_replicas()
         if replicas <= 1:
-            return grads_and_vars
+            return keras_sum(grads_and_vars)
         summed = list(keras_sum(grads_and_vars))  # Keras' SUM all-reduce (None gradients kept)
         return list(zip(divided([g for g, _ in summed], replicas), [v for _, v in summed]))
 
