@@ -107,20 +107,28 @@ def forget(directory: Path) -> None:
     (Path(directory) / RECORD).unlink(missing_ok=True)
 
 
-def set_aside(run_dir: Path, step: int) -> Tuple[Optional[Path], List[str]]:
+def is_own_regular(run_dir: Path, prefix: str) -> bool:
+    """Whether `prefix` is this run folder's own checkpoints/ckpt-N (else: a best/ copy or another run's)."""
+    return Path(prefix).parent.resolve() == (Path(run_dir) / "checkpoints").resolve() and _step_of(prefix) is not None
+
+
+def set_aside(run_dir: Path, step: int, own: bool = True) -> Tuple[Optional[Path], List[str]]:
     """Moves what the run wrote after `step` into checkpoints/set-aside-after-<step>/ (a new folder each
-    time: -2, -3, ...): later ckpt-M files, later best/ copies, later log rows. Returns (the folder, or None
+    time: -2, -3, ...): later ckpt-M files, later best/ copies, later log rows. Not `own` (the restored
+    checkpoint is not this folder's checkpoints/ckpt-<step>): a regular ckpt-<step> goes too, as the caller
+    saves the restored state there (so "resume from the newest" lands on it). Returns (the folder, or None
     when there was nothing to move; what was moved). Each file moves with os.replace (same folder tree, so
     atomic); a crash midway leaves every checkpoint either in place or set aside, and the same command
     finishes the job (the record is written after)."""
     directory = Path(run_dir) / "checkpoints"
     folder = _new_folder(directory, step)
     moved: List[str] = []
+    first = step + 1 if own else step  # the first regular step set aside
     for later, prefix in list_checkpoints(directory):
-        if later > step:
+        if later >= first:
             _move_checkpoint(Path(prefix), folder)
             moved.append(Path(prefix).name)
-    for later in sorted({s for p in directory.glob("ckpt-*.data-*") if (s := _step_of(p.name.split(".")[0])) and s > step}):
+    for later in sorted({s for p in directory.glob("ckpt-*.data-*") if (s := _step_of(p.name.split(".")[0])) is not None and s >= first}):
         _move_checkpoint(directory / f"ckpt-{later}", folder)  # data files left by an earlier, cut-short set-aside
     moved += _set_aside_best(directory / "best", step, folder / "best")
     if moved:

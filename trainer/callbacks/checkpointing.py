@@ -96,7 +96,7 @@ class Checkpointing(Callback):
         configured = _configured_settings(trainer)
         # Prepared only once this succeeds: a refused resume refuses again on the next fit() call, instead
         # of that call training from scratch over the run's checkpoints.
-        resumed = self._resume(trainer, checkpointer)
+        resumed, rewind = self._resume(trainer, checkpointer)
         # A warm start is a fresh run's; a frozen model is in no checkpoint, so it is warm-started on every run.
         warm_start_models(trainer.models, {name: path for name, path in targets.items()
                                            if resumed is None or name in trainer.frozen}, trainer.frozen)
@@ -107,15 +107,18 @@ class Checkpointing(Callback):
         self.checkpointer = trainer.checkpointer = checkpointer
         self.configured, self.prepared = configured, True
         if resumed is not None:
-            recorded = self._keep_configured_settings(trainer)
+            recorded = self._keep_configured_settings(trainer, rewound=rewind is not None)
             self._resume_data_position(trainer, recorded)
             if math.isnan(float(trainer.best.numpy())):  # saved before NO_BEST existed
                 trainer.best.assign(NO_BEST.get(cfg.best_mode, math.nan))
+        if rewind is not None:
+            self._finish_rewind(trainer, resumed, *rewind)
 
     @staticmethod
-    def _resume(trainer, checkpointer: Checkpointer) -> Optional[int]:
-        """The newest checkpoint's step (or None: a fresh start), or with trainer.resume_from the step of the
-        checkpoint it names, what came after set aside (trainer/resume_from.py); once per rewind."""
+    def _resume(trainer, checkpointer: Checkpointer) -> Tuple[Optional[int], Optional[tuple]]:
+        """(The newest checkpoint's step, or None: a fresh start; None), or with trainer.resume_from (the step
+        of the checkpoint it names, what came after set aside (trainer/resume_from.py); (prefix, whether it is
+        this folder's checkpoints/ckpt-N, the set-aside folder) for _finish_rewind); once per rewind."""
         cfg, directory = trainer.config, trainer.run_dir / "checkpoints"
         value = cfg.resume_from
         if value is not None and not cfg.resume:
@@ -129,25 +132,38 @@ class Checkpointing(Callback):
                          value, earlier.get("step"), earlier.get("set_aside"))
             elif trainer.is_chief:
                 resume_from.forget(directory)
-            return checkpointer.prepare(resume=cfg.resume)
+            return checkpointer.prepare(resume=cfg.resume), None
         prefix = resume_from.resolve(directory, value)
         checkpointer.restore_from(prefix, str(value))  # nothing is moved unless this succeeded
         step = int(trainer.step.numpy())
         log.info("Resuming from %s (step %d), as trainer.resume_from=%s asks", prefix, step, value)
+        own, folder = resume_from.is_own_regular(trainer.run_dir, prefix), None
         if trainer.is_chief:
-            folder, moved = resume_from.set_aside(trainer.run_dir, step)
-            resume_from.remember(directory, str(value), step, folder)
+            folder, moved = resume_from.set_aside(trainer.run_dir, step, own=own)
             if moved:
                 log.warning("What the run did after step %d is set aside, not deleted, in %s: %s. TensorBoard and MLflow keep "
                             "those steps (docs/concepts/checkpoints.md).", step, folder, ", ".join(moved))
             else:
                 log.info("The run has nothing after step %d to set aside.", step)
-        return step
+        return step, (prefix, own, folder)
 
-    def _keep_configured_settings(self, trainer) -> None:
+    def _finish_rewind(self, trainer, step: int, prefix: str, own: bool, folder) -> None:
+        """A checkpoint other than this folder's checkpoints/ckpt-N is saved there at once (every worker: a
+        save is collective), so the run folder always has a regular checkpoint and a start that resumes
+        from the newest lands on N; then the record (trainer/resume_from.py), so a crash before redoes it."""
+        if not own:
+            if self.counted_step is None:  # no data-position record: step x batches per step, as on_train_begin
+                self.batches_read, self.counted_step = step * batches_read_per_step(trainer.config), step
+            self.save(trainer, step)
+        if trainer.is_chief:
+            resume_from.remember(trainer.run_dir / "checkpoints", str(trainer.config.resume_from), step, folder)
+
+    def _keep_configured_settings(self, trainer, rewound: bool = False) -> None:
         """After a resume, a learning rate changed in the configuration (since the newest checkpoint's run,
         per checkpoints/configured.json) and a fixed scale win over the checkpoint's values; a rate that a
-        callback changed during the run is kept (a schedule is code and follows the config anyway). A
+        callback changed during the run is kept (a schedule is code and follows the config anyway). After a
+        rewind (`rewound`) the record describes the newest run, not the restored checkpoint's: the
+        configuration's rate wins. A
         dynamic scale's value is state and is kept, unless it is 1: the value of a run without loss
         scaling (float32 resumed as float16) or at the floor; it restarts at its initial value then.
         Returns the record."""
@@ -160,7 +176,7 @@ class Checkpointing(Callback):
         for name, (constant_lr, scale) in self.configured.items():
             updater = trainer.updaters[name]
             old = recorded.get("lr") if name == trainer.default_optimizer else recorded.get("lrs", {}).get(name)
-            if constant_lr is not None and old != constant_lr:
+            if constant_lr is not None and (rewound or old != constant_lr):
                 restored = float(keras.ops.convert_to_numpy(updater.optimizer.learning_rate))
                 if restored != constant_lr:
                     updater.optimizer.learning_rate = constant_lr
