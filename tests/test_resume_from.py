@@ -67,9 +67,11 @@ def test_resume_from_ckpt_n_equals_a_run_stopped_there_and_keeps_the_rest_aside(
     assert all((run / "checkpoints" / "best" / f"ckpt-{e['step']}.index").exists() for e in best)
 
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="trainer"):  # the same command again: no second rewind
-        make(run, resume_from="ckpt-10").fit(data, data.take(2), steps=20)
-    assert "took this run back to step 10 before" in caplog.text and "Resuming from" in caplog.text
+    with caplog.at_level(logging.INFO, logger="trainer"):  # the same checkpoint again, however spelled: no second rewind
+        make(run, resume_from="10").fit(data, data.take(2), steps=20)
+    assert ("Resumed from the newest checkpoint (step 20), not from step 10 that trainer.resume_from=10 names: this run "
+            "went back to that checkpoint before") in caplog.text
+    assert [r.levelname for r in caplog.records if "Resumed from the newest" in r.message] == ["WARNING"]
     assert sorted(p.name for p in aside.glob("ckpt-*.index")) == ["ckpt-15.index", "ckpt-20.index"]
     assert not (run / "checkpoints" / "set-aside-after-10-2").exists()
 

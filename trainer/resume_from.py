@@ -7,9 +7,10 @@ rows of `metrics.jsonl` and `metrics.csv` after step N. So the run folder reads 
 at N and resumed, and so does training from there: the same weights, to the bit, under
 trainer.deterministic (tests/test_checkpoint.py).
 
-A rewind is done once: `checkpoints/resumed_from.json` records it, and a start with the same
-trainer.resume_from (the same command run again, after a SIGTERM say) resumes from the newest checkpoint,
-as every resume does; a start without resume_from forgets the record.
+A rewind is done once: `checkpoints/resumed_from.json` records the checkpoint it went back to, and a start
+whose trainer.resume_from names that same checkpoint (the same command run again, after a SIGTERM say)
+resumes from the newest checkpoint, as every resume does, with a warning; a start without resume_from
+forgets the record.
 """
 from __future__ import annotations
 
@@ -86,18 +87,36 @@ def resolve(directory: Path, value: str) -> str:
 
 
 def applied_before(directory: Path, value: str) -> Optional[dict]:
-    """The record of an earlier start with this same trainer.resume_from (then: resume from the newest)."""
+    """The record of an earlier start that went back to the checkpoint `value` names now (then: resume from
+    the newest). Compared on the checkpoint, not the spelling: 20, ckpt-20 and its path are one; `best`
+    after a new best is another. A name that no longer resolves (rotated out since) matches by its spelling."""
     try:
         record = json.loads((Path(directory) / RECORD).read_text())
     except (OSError, ValueError):
         return None
-    return record if isinstance(record, dict) and record.get("resume_from") == str(value) else None
+    if not isinstance(record, dict):
+        return None
+    if "prefix" not in record:  # a record from before it held the checkpoint
+        return record if record.get("resume_from") == str(value) else None
+    try:
+        prefix = resolve(directory, value)
+    except CheckpointError:
+        return record if record.get("resume_from") == str(value) else None
+    same = record.get("step") == _step_of(prefix) and _origin(directory, record.get("prefix")) == _origin(directory, prefix)
+    return record if same else None
 
 
-def remember(directory: Path, value: str, step: int, folder: Optional[Path]) -> None:
+def _origin(directory: Path, prefix) -> Optional[str]:
+    """Where a checkpoint comes from: this run's checkpoints/ or best/ (either copy of a step holds that
+    step's state) or elsewhere, a set-aside folder included (its path)."""
+    here, path = Path(directory).resolve(), Path(prefix).resolve()
+    return "here" if path.parent in (here, here / "best") else str(path)
+
+
+def remember(directory: Path, value: str, prefix: str, step: int, folder: Optional[Path]) -> None:
     path = Path(directory) / RECORD
     path.parent.mkdir(parents=True, exist_ok=True)  # a run folder started from another run's checkpoint
-    path.with_suffix(".tmp").write_text(json.dumps({"resume_from": str(value), "step": step,
+    path.with_suffix(".tmp").write_text(json.dumps({"resume_from": str(value), "prefix": str(prefix), "step": step,
                                                      "set_aside": str(folder) if folder else None}))
     os.replace(path.with_suffix(".tmp"), path)
 

@@ -126,13 +126,15 @@ class Checkpointing(Callback):
                               "the other refuses to. Fix: drop trainer.resume=false.")
         earlier = resume_from.applied_before(directory, value) if value is not None else None
         if value is None or earlier is not None:
-            if earlier is not None:
-                log.info("trainer.resume_from=%s took this run back to step %s before (set aside: %s): resuming from the "
-                         "newest checkpoint, as the same command does. To go back to it again, name it by its path.",
-                         value, earlier.get("step"), earlier.get("set_aside"))
-            elif trainer.is_chief:
+            if earlier is None and trainer.is_chief:
                 resume_from.forget(directory)
-            return checkpointer.prepare(resume=cfg.resume), None
+            step = checkpointer.prepare(resume=cfg.resume)
+            if earlier is not None:
+                log.warning("Resumed from the newest checkpoint (step %s), not from step %s that trainer.resume_from=%s names: "
+                            "this run went back to that checkpoint before (set aside: %s), so this start is taken for the same "
+                            "command run again. To go back to step %s again: delete %s and rerun.", step, earlier.get("step"),
+                            value, earlier.get("set_aside"), earlier.get("step"), directory / resume_from.RECORD)
+            return step, None
         prefix = resume_from.resolve(directory, value)
         checkpointer.restore_from(prefix, str(value))  # nothing is moved unless this succeeded
         step = int(trainer.step.numpy())
@@ -156,7 +158,7 @@ class Checkpointing(Callback):
                 self.batches_read, self.counted_step = step * batches_read_per_step(trainer.config), step
             self.save(trainer, step)
         if trainer.is_chief:
-            resume_from.remember(trainer.run_dir / "checkpoints", str(trainer.config.resume_from), step, folder)
+            resume_from.remember(trainer.run_dir / "checkpoints", str(trainer.config.resume_from), prefix, step, folder)
 
     def _keep_configured_settings(self, trainer, rewound: bool = False) -> None:
         """After a resume, a learning rate changed in the configuration (since the newest checkpoint's run,
