@@ -197,3 +197,47 @@ def test_resume_from_uses_the_configured_learning_rate(tmp_path, caplog):
     later = make(run, optimizer=lambda: keras.optimizers.Adam(1e-1))
     later.fit(data, steps=14)
     assert float(keras.ops.convert_to_numpy(later.updaters[later.default_optimizer].optimizer.learning_rate)) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("moves", [1, 3, 5])
+def test_a_rewind_cut_short_is_finished_by_the_next_start(tmp_path, monkeypatch, moves):
+    """A crash after `moves` file moves of a rewind to a best copy (os.replace raising): the next start, plain
+    or the same command, finishes it from checkpoints/set-aside.json: one regular checkpoint, ckpt-N, a state
+    file naming only it, every later checkpoint and best copy in the one set-aside folder, best.json naming
+    only copies there; another resume_from first is refused."""
+    import os
+
+    from trainer.checkpoint import list_checkpoints
+    from trainer.config import ConfigError
+
+    run, data = tmp_path / "run", blobs(n=320, batch=16)
+    make(run, keep_checkpoints=2).fit(data, data.take(2), steps=20)
+    directory = run / "checkpoints"
+    n = min(e["step"] for e in json.loads((directory / "best" / "best.json").read_text()))
+    later_best = sorted(s for s, _ in list_checkpoints(directory / "best") if s > n)
+    real, calls = os.replace, []
+
+    def cut(src, dst):
+        if "set-aside-after" in str(dst) and len(calls) >= moves:
+            raise OSError("killed")
+        calls.append(dst)
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", cut)
+    with pytest.raises(OSError, match="killed"):
+        make(run, keep_checkpoints=2, resume_from=f"best/ckpt-{n}").fit(data, data.take(2), steps=20)
+    monkeypatch.setattr(os, "replace", real)
+    assert (directory / "set-aside.json").exists()
+    with pytest.raises(ConfigError, match=rf"cut short while taking this run back to step {n}"):
+        make(run, keep_checkpoints=2, resume_from="ckpt-20").fit(data, data.take(2), steps=20)
+    finished = make(run, keep_checkpoints=2, **({"resume_from": f"best/ckpt-{n}"} if moves == 3 else {}))
+    finished.fit(data, data.take(2), steps=n)
+    assert int(finished.step.numpy()) == n
+    assert [s for s, _ in list_checkpoints(directory)] == [n]
+    assert (directory / "checkpoint").read_text().count("all_model_checkpoint_paths") == 1
+    aside = directory / f"set-aside-after-{n}"
+    assert [s for s, _ in list_checkpoints(aside)] == [20, 15] and not (directory / f"set-aside-after-{n}-2").exists()
+    assert sorted(s for s, _ in list_checkpoints(aside / "best")) == later_best
+    best = json.loads((directory / "best" / "best.json").read_text())
+    assert [s for s, _ in list_checkpoints(directory / "best")] == [n] == [e["step"] for e in best]
+    assert not (directory / "set-aside.json").exists()

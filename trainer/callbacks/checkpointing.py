@@ -124,10 +124,15 @@ class Checkpointing(Callback):
         if value is not None and not cfg.resume:
             raise ConfigError(f"trainer.resume_from={value} and trainer.resume=false: one resumes from a checkpoint, "
                               "the other refuses to. Fix: drop trainer.resume=false.")
+        journal = resume_from.unfinished(directory) if trainer.is_chief else None
+        if journal is not None:
+            value = Checkpointing._finish_cut_short(journal, value)
         earlier = resume_from.applied_before(directory, value) if value is not None else None
         if value is None or earlier is not None:
             if earlier is None and trainer.is_chief:
                 resume_from.forget(directory)
+            if journal is not None:  # recorded before the cut: nothing left to do
+                resume_from.done(directory)
             step = checkpointer.prepare(resume=cfg.resume)
             if earlier is not None:
                 log.warning("Resumed from the newest checkpoint (step %s), not from step %s that trainer.resume_from=%s names: "
@@ -141,15 +146,28 @@ class Checkpointing(Callback):
         log.info("Resuming from %s (step %d), as trainer.resume_from=%s asks", prefix, step, value)
         own, folder = resume_from.is_own_regular(trainer.run_dir, prefix), None
         if trainer.is_chief:
-            folder, moved = resume_from.set_aside(trainer.run_dir, step, own=own)
+            folder, moved = resume_from.set_aside(trainer.run_dir, step, own=own, journal={"resume_from": str(value)})
             if moved:
                 log.warning("What the run did after step %d is set aside, not deleted, in %s: %s. TensorBoard and MLflow keep "
                             "those steps (docs/concepts/checkpoints.md).", step, folder, ", ".join(moved))
             else:
                 log.info("The run has nothing after step %d to set aside.", step)
-        return step, (prefix, own, folder)
+        return step, (prefix, own, folder, str(value))
 
-    def _finish_rewind(self, trainer, step: int, prefix: str, own: bool, folder) -> None:
+    @staticmethod
+    def _finish_cut_short(journal: dict, value):
+        """A rewind a crash cut short (checkpoints/set-aside.json): this start finishes it, with or without
+        the same trainer.resume_from; another one is refused (the run folder would mix two rewinds)."""
+        named = journal.get("resume_from")
+        if value is not None and str(value) != named:
+            raise ConfigError(f"trainer.resume_from={value}: a start with trainer.resume_from={named} was cut short while "
+                              f"taking this run back to step {journal['step']}. Fix: run once with trainer.resume_from={named} "
+                              "(it finishes that), then with the checkpoint you want.")
+        log.warning("A start with trainer.resume_from=%s was cut short while taking this run back to step %s: finishing "
+                    "it (set aside in %s).", named, journal["step"], journal.get("folder"))
+        return named
+
+    def _finish_rewind(self, trainer, step: int, prefix: str, own: bool, folder, value: str) -> None:
         """A checkpoint other than this folder's checkpoints/ckpt-N is saved there at once (every worker: a
         save is collective), so the run folder always has a regular checkpoint and a start that resumes
         from the newest lands on N; then the record (trainer/resume_from.py), so a crash before redoes it."""
@@ -158,7 +176,8 @@ class Checkpointing(Callback):
                 self.batches_read, self.counted_step = step * batches_read_per_step(trainer.config), step
             self.save(trainer, step)
         if trainer.is_chief:
-            resume_from.remember(trainer.run_dir / "checkpoints", str(trainer.config.resume_from), prefix, step, folder)
+            resume_from.remember(trainer.run_dir / "checkpoints", value, prefix, step, folder)
+            resume_from.done(trainer.run_dir / "checkpoints")
 
     def _keep_configured_settings(self, trainer, rewound: bool = False) -> None:
         """After a resume, a learning rate changed in the configuration (since the newest checkpoint's run,
