@@ -213,8 +213,8 @@ def test_ema_evaluation_uses_the_hand_computed_average(jit_compile):
 @pytest.mark.parametrize("warmup", [True, False])
 def test_ema_decay_warms_up_then_equals_the_plain_formula(warmup):
     """optimizer.ema_warmup (on by default): early on the average follows the weights (momentum
-    (1 + n) / (10 + n)), so an early evaluation of it is close to the raw weights'; from update 8 on
-    (momentum 0.5 here) it is the plain formula. Off: Keras' fixed momentum from the first update."""
+    (1 + n) / (10 + n), n the optimizer's iterations, skipped updates counted), so an early evaluation of it is
+    close to the raw weights'; from iteration 8 on (momentum 0.5 here) it is the plain formula. Off: Keras' fixed momentum from the first update."""
     from trainer import Trainer
     from trainer.optim import build_optimizer
 

@@ -26,6 +26,8 @@ def test_job_folder_names_hold_the_swept_keys_only(tmp_path, monkeypatch):
     every = "+optimizer.clipvalue=0.5,model.hidden_units=[64],optimizer.lr=0.01,seed=1,trainer.log_every=50"
     assert job_folder(1, every, task, str(tmp_path)) == "1_+optimizer.clipvalue=0.5,optimizer.lr=0.01,seed=1"
     assert job_folder(1, every, task, str(tmp_path / "other")) == "1_" + every  # another sweep's record
+    excluded = ["seed", "trainer.progress_bar"]  # hydra.job.config.override_dirname.exclude_keys: still honoured
+    assert job_folder(1, every, task, str(tmp_path), excluded) == "1_+optimizer.clipvalue=0.5,optimizer.lr=0.01"
 
 
 def test_table_reads_each_job_and_keeps_the_overrides_that_differ(tmp_path):

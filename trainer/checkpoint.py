@@ -77,11 +77,16 @@ def repair_state_file(directory: Path) -> None:
                 state, found)
 
 
-def write_state_file(directory: Path) -> List[int]:
+def write_state_file(directory: Path, before: Optional[int] = None) -> List[int]:
     """Writes the `checkpoint` state file from the ckpt-N.index files (after a repair, or after
-    trainer.resume_from set later checkpoints aside); returns their steps, oldest first."""
+    trainer.resume_from set later checkpoints aside: only those `before` a step, written before they move);
+    returns their steps, oldest first. With none left the
+    file is deleted: TF reads an empty one as invalid (a ValueError on the next save)."""
     state = Path(directory) / "checkpoint"
-    found = sorted(list_checkpoints(directory))  # oldest first, as TF lists them
+    found = sorted((s, p) for s, p in list_checkpoints(directory) if before is None or s < before)  # oldest first, as TF
+    if not found:
+        state.unlink(missing_ok=True)
+        return []
     lines = [f'model_checkpoint_path: "{Path(found[-1][1]).name}"'] if found else []
     lines += [f'all_model_checkpoint_paths: "{Path(prefix).name}"' for _, prefix in found]
     # The manager only deletes checkpoints whose timestamp is after its last_preserved_timestamp (0 here).

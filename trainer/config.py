@@ -260,7 +260,7 @@ class OptimizerConfig(Checked):
     decay_rate: float = ranged(0.1, "(0, inf)")
     use_ema: bool = False  # keep an exponential moving average of the weights: evaluation, best/, the summary and export use it (docs/training-control.md)
     ema_momentum: float = ranged(0.99, "[0, 1]")  # use_ema: average = momentum x average + (1 - momentum) x weights, after every applied update
-    ema_warmup: bool = True  # use_ema: the momentum warms up, min(ema_momentum, (1 + n) / (10 + n)) at update n (TF's num_updates, timm's ModelEmaV3); false: ema_momentum from the first update (Keras')
+    ema_warmup: bool = True  # use_ema: the momentum warms up, min(ema_momentum, (1 + n) / (10 + n)), n = optimizer iterations, skipped updates counted (TF's num_updates, timm's ModelEmaV3); false: ema_momentum from the first update (Keras')
     ema_overwrite_frequency: Optional[int] = ranged(None, "[1, inf)")  # use_ema: every N updates the weights themselves are replaced by the average (Keras'); None: never
 
 

@@ -10,8 +10,9 @@ would end a run that is meant to go on, so here evaluation swaps them in and bac
 continues from the raw weights.
 
 The decay warms up (`optimizer.ema_warmup`, on by default), as tf.train.ExponentialMovingAverage's
-`num_updates` and timm's ModelEmaV3 do: momentum_n = min(ema_momentum, (1 + n) / (10 + n)) at the
-optimizer's n-th update (n from 0). Keras' fixed momentum makes the average of a short run mostly its
+`num_updates` and timm's ModelEmaV3 do: momentum_n = min(ema_momentum, (1 + n) / (10 + n)), n being the
+optimizer's `iterations` before the update: the steps so far, updates skipped for a non-finite gradient or a
+loss-scale overflow (mixed_float16) included, as TF counts its global step. Keras' fixed momentum makes the average of a short run mostly its
 starting weights: at 0.99, 37% of the weight is still on the start after 100 updates.
 """
 from __future__ import annotations
@@ -41,7 +42,7 @@ def warm_up_decay(optimizer) -> bool:
     """Gives an optimizer with use_ema=True the decay warm-up (unless its `ema_warmup` attribute is False:
     `optimizer.ema_warmup=false` in the config, or set on the optimizer before the Trainer is made). Keras
     calls `_update_model_variables_moving_average` after each applied update, with `iterations` still
-    counting the updates before it; this replaces it on the instance only."""
+    counting the steps before it (skipped ones included); this replaces it on the instance only."""
     if not getattr(optimizer, "use_ema", False) or not getattr(optimizer, "ema_warmup", True):
         return False
 

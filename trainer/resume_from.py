@@ -7,9 +7,10 @@ rows of `metrics.jsonl` and `metrics.csv` after step N. So the run folder reads 
 at N and resumed, and so does training from there: the same weights, to the bit, under
 trainer.deterministic (tests/test_checkpoint.py).
 
-A rewind is done once: `checkpoints/resumed_from.json` records it, and a start with the same
-trainer.resume_from (the same command run again, after a SIGTERM say) resumes from the newest checkpoint,
-as every resume does; a start without resume_from forgets the record.
+A rewind is done once: `checkpoints/resumed_from.json` records the checkpoint it went back to, and a start
+whose trainer.resume_from names that same checkpoint (the same command run again, after a SIGTERM say)
+resumes from the newest checkpoint, as every resume does, with a warning; a start without resume_from
+forgets the record.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from trainer.checkpoint import CheckpointError, list_checkpoints, write_state_fi
 log = logging.getLogger("trainer.core")
 
 RECORD = "resumed_from.json"
+JOURNAL = "set-aside.json"  # a rewind under way: removed once set aside, saved and recorded
 LOG_FILES = ("metrics.jsonl", "metrics.csv")  # the default loggers' files in the run folder
 
 
@@ -86,18 +88,36 @@ def resolve(directory: Path, value: str) -> str:
 
 
 def applied_before(directory: Path, value: str) -> Optional[dict]:
-    """The record of an earlier start with this same trainer.resume_from (then: resume from the newest)."""
+    """The record of an earlier start that went back to the checkpoint `value` names now (then: resume from
+    the newest). Compared on the checkpoint, not the spelling: 20, ckpt-20 and its path are one; `best`
+    after a new best is another. A name that no longer resolves (rotated out since) matches by its spelling."""
     try:
         record = json.loads((Path(directory) / RECORD).read_text())
     except (OSError, ValueError):
         return None
-    return record if isinstance(record, dict) and record.get("resume_from") == str(value) else None
+    if not isinstance(record, dict):
+        return None
+    if "prefix" not in record:  # a record from before it held the checkpoint
+        return record if record.get("resume_from") == str(value) else None
+    try:
+        prefix = resolve(directory, value)
+    except CheckpointError:
+        return record if record.get("resume_from") == str(value) else None
+    same = record.get("step") == _step_of(prefix) and _origin(directory, record.get("prefix")) == _origin(directory, prefix)
+    return record if same else None
 
 
-def remember(directory: Path, value: str, step: int, folder: Optional[Path]) -> None:
+def _origin(directory: Path, prefix) -> Optional[str]:
+    """Where a checkpoint comes from: this run's checkpoints/ or best/ (either copy of a step holds that
+    step's state) or elsewhere, a set-aside folder included (its path)."""
+    here, path = Path(directory).resolve(), Path(prefix).resolve()
+    return "here" if path.parent in (here, here / "best") else str(path)
+
+
+def remember(directory: Path, value: str, prefix: str, step: int, folder: Optional[Path]) -> None:
     path = Path(directory) / RECORD
     path.parent.mkdir(parents=True, exist_ok=True)  # a run folder started from another run's checkpoint
-    path.with_suffix(".tmp").write_text(json.dumps({"resume_from": str(value), "step": step,
+    path.with_suffix(".tmp").write_text(json.dumps({"resume_from": str(value), "prefix": str(prefix), "step": step,
                                                      "set_aside": str(folder) if folder else None}))
     os.replace(path.with_suffix(".tmp"), path)
 
@@ -107,29 +127,56 @@ def forget(directory: Path) -> None:
     (Path(directory) / RECORD).unlink(missing_ok=True)
 
 
-def set_aside(run_dir: Path, step: int) -> Tuple[Optional[Path], List[str]]:
+def is_own_regular(run_dir: Path, prefix: str) -> bool:
+    """Whether `prefix` is this run folder's own checkpoints/ckpt-N (else: a best/ copy or another run's)."""
+    return Path(prefix).parent.resolve() == (Path(run_dir) / "checkpoints").resolve() and _step_of(prefix) is not None
+
+
+def set_aside(run_dir: Path, step: int, own: bool = True, journal: Optional[dict] = None) -> Tuple[Optional[Path], List[str]]:
     """Moves what the run wrote after `step` into checkpoints/set-aside-after-<step>/ (a new folder each
-    time: -2, -3, ...): later ckpt-M files, later best/ copies, later log rows. Returns (the folder, or None
-    when there was nothing to move; what was moved). Each file moves with os.replace (same folder tree, so
-    atomic); a crash midway leaves every checkpoint either in place or set aside, and the same command
-    finishes the job (the record is written after)."""
+    time: -2, -3, ...): later ckpt-M files, later best/ copies, later log rows. Not `own` (the restored
+    checkpoint is not this folder's checkpoints/ckpt-<step>): a regular ckpt-<step> goes too, as the caller
+    saves the restored state there (so "resume from the newest" lands on it). Returns (the folder, or None
+    when there was nothing to move; what was moved).
+
+    Crash-safe: `journal` (what to record in checkpoints/set-aside.json, written first; its folder reused when
+    an unfinished one is there) lets the next start finish the job (unfinished(), done()); the state file
+    and best.json stop naming a checkpoint before it moves, so TF's manager never counts (and deletes
+    older real ones for) a moved one; each file moves with os.replace (same folder tree, so atomic)."""
     directory = Path(run_dir) / "checkpoints"
-    folder = _new_folder(directory, step)
+    earlier = unfinished(directory)
+    folder = Path(earlier["folder"]) if earlier and earlier.get("step") == step else _new_folder(directory, step)
+    first = step + 1 if own else step  # the first regular step set aside
+    _write(directory / JOURNAL, json.dumps({**(journal or {}), "step": step, "own": own, "folder": str(folder)}))
     moved: List[str] = []
+    if any(later >= first for later, _ in list_checkpoints(directory)):
+        write_state_file(directory, before=first)  # the manager must not list (or delete) what moves
     for later, prefix in list_checkpoints(directory):
-        if later > step:
+        if later >= first:
             _move_checkpoint(Path(prefix), folder)
             moved.append(Path(prefix).name)
-    for later in sorted({s for p in directory.glob("ckpt-*.data-*") if (s := _step_of(p.name.split(".")[0])) and s > step}):
+    for later in sorted({s for p in directory.glob("ckpt-*.data-*") if (s := _step_of(p.name.split(".")[0])) is not None and s >= first}):
         _move_checkpoint(directory / f"ckpt-{later}", folder)  # data files left by an earlier, cut-short set-aside
     moved += _set_aside_best(directory / "best", step, folder / "best")
-    if moved:
-        write_state_file(directory)  # the manager must not list (or delete) what moved
     for name in LOG_FILES:
         rows = _set_aside_rows(Path(run_dir) / name, step, folder / name)
         if rows:
             moved.append(f"{rows} rows of {name}")
     return (folder if folder.exists() else None), moved
+
+
+def unfinished(directory: Path) -> Optional[dict]:
+    """The journal of a rewind a crash cut short (set aside, saved and recorded only in part), or None."""
+    try:
+        journal = json.loads((Path(directory) / JOURNAL).read_text())
+    except (OSError, ValueError):
+        return None
+    return journal if isinstance(journal, dict) and isinstance(journal.get("step"), int) else None
+
+
+def done(directory: Path) -> None:
+    """The rewind is complete (set aside, saved, recorded): its journal goes."""
+    (Path(directory) / JOURNAL).unlink(missing_ok=True)
 
 
 def _new_folder(directory: Path, step: int) -> Path:
@@ -157,7 +204,8 @@ def _set_aside_best(best: Path, step: int, folder: Path) -> List[str]:
     index = best / "best.json"
     if index.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "best.json").write_text(index.read_text())  # the ranking as it was, beside the copies
+        if not (folder / "best.json").exists():  # the ranking as it was, beside the copies (once: a finished job keeps it)
+            _write(folder / "best.json", index.read_text())
         kept = [e for e in json.loads(index.read_text()) if isinstance(e, dict) and e.get("step", 0) <= step]
         index.with_suffix(".tmp").write_text(json.dumps(kept, indent=1))
         os.replace(index.with_suffix(".tmp"), index)

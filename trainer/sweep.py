@@ -41,15 +41,17 @@ SWEEP_EXTRA = "pip install -e '.[sweep]'"  # the Optuna sweeper and the joblib l
 SWEPT_KEYS_ENV = "TRAINER_SWEPT_KEYS"  # {"sweep_dir": ..., "keys": [...]}: set at a sweep's start, read by each job
 
 
-def job_folder(num: Any, override_dirname: str, task: Any = None, sweep_dir: Any = None) -> str:
+def job_folder(num: Any, override_dirname: str, task: Any = None, sweep_dir: Any = None, exclude: Any = None) -> str:
     """`0_optimizer.lr=1e-3`, or `0` without overrides: the number keeps names unique and in job order; a
     `/` in a value (a path) would make nested folders, and a long name would exceed the file system's.
 
     With the job's overrides (`task`) and a sweep whose swept keys SweepSummary recorded, only the swept keys
     name the folder (`0_optimizer.lr=0.001`, not every shrinking override given once); else Hydra's
-    override_dirname (every override)."""
+    override_dirname (every override). Either way without hydra.job.config.override_dirname.exclude_keys
+    (`exclude`: what does not change the result)."""
     swept = swept_keys(sweep_dir) if task is not None else None
     if swept is not None:
+        swept = swept - {str(k) for k in (exclude or [])}
         override_dirname = ",".join(sorted(line for line in map(str, task) if _key_of(line) in swept))
     name = str(override_dirname).replace("/", "_")[:200]
     return f"{num}_{name}" if name else str(num)
@@ -312,6 +314,8 @@ class SweepSummary(HydraCallback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from trainer.config import ConfigError
         from trainer.runlock import _fail
+
+        os.environ.pop(SWEPT_KEYS_ENV, None)  # an earlier sweep in this process that failed left its keys
 
         try:
             problem = _missing_sweeper(config)

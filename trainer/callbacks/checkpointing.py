@@ -101,7 +101,7 @@ class Checkpointing(Callback):
         configured = _configured_settings(trainer)
         # Prepared only once this succeeds: a refused resume refuses again on the next fit() call, instead
         # of that call training from scratch over the run's checkpoints.
-        resumed = self._resume(trainer, checkpointer)
+        resumed, rewind = self._resume(trainer, checkpointer)
         # A warm start is a fresh run's; a frozen model is in no checkpoint, so it is warm-started on every run.
         warm_start_models(trainer.models, {name: path for name, path in targets.items()
                                            if resumed is None or name in trainer.frozen}, trainer.frozen)
@@ -112,47 +112,84 @@ class Checkpointing(Callback):
         self.checkpointer = trainer.checkpointer = checkpointer
         self.configured, self.prepared = configured, True
         if resumed is not None:
-            recorded = self._keep_configured_settings(trainer)
+            recorded = self._keep_configured_settings(trainer, rewound=rewind is not None)
             self._resume_data_position(trainer, recorded)
             if math.isnan(float(trainer.best.numpy())):  # saved before NO_BEST existed
                 trainer.best.assign(NO_BEST.get(cfg.best_mode, math.nan))
+        if rewind is not None:
+            self._finish_rewind(trainer, resumed, *rewind)
 
     @staticmethod
-    def _resume(trainer, checkpointer: Checkpointer) -> Optional[int]:
-        """The newest checkpoint's step (or None: a fresh start), or with trainer.resume_from the step of the
-        checkpoint it names, what came after set aside (trainer/resume_from.py); once per rewind."""
+    def _resume(trainer, checkpointer: Checkpointer) -> Tuple[Optional[int], Optional[tuple]]:
+        """(The newest checkpoint's step, or None: a fresh start; None), or with trainer.resume_from (the step
+        of the checkpoint it names, what came after set aside (trainer/resume_from.py); (prefix, whether it is
+        this folder's checkpoints/ckpt-N, the set-aside folder) for _finish_rewind); once per rewind."""
         cfg, directory = trainer.config, trainer.run_dir / "checkpoints"
         value = cfg.resume_from
         if value is not None and not cfg.resume:
             raise ConfigError(f"trainer.resume_from={value} and trainer.resume=false: one resumes from a checkpoint, "
                               "the other refuses to. Fix: drop trainer.resume=false.")
+        journal = resume_from.unfinished(directory) if trainer.is_chief else None
+        if journal is not None:
+            value = Checkpointing._finish_cut_short(journal, value)
         earlier = resume_from.applied_before(directory, value) if value is not None else None
         if value is None or earlier is not None:
-            if earlier is not None:
-                log.info("trainer.resume_from=%s took this run back to step %s before (set aside: %s): resuming from the "
-                         "newest checkpoint, as the same command does. To go back to it again, name it by its path.",
-                         value, earlier.get("step"), earlier.get("set_aside"))
-            elif trainer.is_chief:
+            if earlier is None and trainer.is_chief:
                 resume_from.forget(directory)
-            return checkpointer.prepare(resume=cfg.resume)
+            if journal is not None:  # recorded before the cut: nothing left to do
+                resume_from.done(directory)
+            step = checkpointer.prepare(resume=cfg.resume)
+            if earlier is not None:
+                log.warning("Resumed from the newest checkpoint (step %s), not from step %s that trainer.resume_from=%s names: "
+                            "this run went back to that checkpoint before (set aside: %s), so this start is taken for the same "
+                            "command run again. To go back to step %s again: delete %s and rerun.", step, earlier.get("step"),
+                            value, earlier.get("set_aside"), earlier.get("step"), directory / resume_from.RECORD)
+            return step, None
         prefix = resume_from.resolve(directory, value)
         checkpointer.restore_from(prefix, str(value))  # nothing is moved unless this succeeded
         step = int(trainer.step.numpy())
         log.info("Resuming from %s (step %d), as trainer.resume_from=%s asks", prefix, step, value)
+        own, folder = resume_from.is_own_regular(trainer.run_dir, prefix), None
         if trainer.is_chief:
-            folder, moved = resume_from.set_aside(trainer.run_dir, step)
-            resume_from.remember(directory, str(value), step, folder)
+            folder, moved = resume_from.set_aside(trainer.run_dir, step, own=own, journal={"resume_from": str(value)})
             if moved:
                 log.warning("What the run did after step %d is set aside, not deleted, in %s: %s. TensorBoard and MLflow keep "
                             "those steps (docs/concepts/checkpoints.md).", step, folder, ", ".join(moved))
             else:
                 log.info("The run has nothing after step %d to set aside.", step)
-        return step
+        return step, (prefix, own, folder, str(value))
 
-    def _keep_configured_settings(self, trainer) -> None:
+    @staticmethod
+    def _finish_cut_short(journal: dict, value):
+        """A rewind a crash cut short (checkpoints/set-aside.json): this start finishes it, with or without
+        the same trainer.resume_from; another one is refused (the run folder would mix two rewinds)."""
+        named = journal.get("resume_from")
+        if value is not None and str(value) != named:
+            raise ConfigError(f"trainer.resume_from={value}: a start with trainer.resume_from={named} was cut short while "
+                              f"taking this run back to step {journal['step']}. Fix: run once with trainer.resume_from={named} "
+                              "(it finishes that), then with the checkpoint you want.")
+        log.warning("A start with trainer.resume_from=%s was cut short while taking this run back to step %s: finishing "
+                    "it (set aside in %s).", named, journal["step"], journal.get("folder"))
+        return named
+
+    def _finish_rewind(self, trainer, step: int, prefix: str, own: bool, folder, value: str) -> None:
+        """A checkpoint other than this folder's checkpoints/ckpt-N is saved there at once (every worker: a
+        save is collective), so the run folder always has a regular checkpoint and a start that resumes
+        from the newest lands on N; then the record (trainer/resume_from.py), so a crash before redoes it."""
+        if not own:
+            if self.counted_step is None:  # no data-position record: step x batches per step, as on_train_begin
+                self.batches_read, self.counted_step = step * batches_read_per_step(trainer.config), step
+            self.save(trainer, step)
+        if trainer.is_chief:
+            resume_from.remember(trainer.run_dir / "checkpoints", value, prefix, step, folder)
+            resume_from.done(trainer.run_dir / "checkpoints")
+
+    def _keep_configured_settings(self, trainer, rewound: bool = False) -> None:
         """After a resume, a learning rate changed in the configuration (since the newest checkpoint's run,
         per checkpoints/configured.json) and a fixed scale win over the checkpoint's values; a rate that a
-        callback changed during the run is kept (a schedule is code and follows the config anyway). A
+        callback changed during the run is kept (a schedule is code and follows the config anyway). After a
+        rewind (`rewound`) the record describes the newest run, not the restored checkpoint's: the
+        configuration's rate wins. A
         dynamic scale's value is state and is kept, unless it is 1: the value of a run without loss
         scaling (float32 resumed as float16) or at the floor; it restarts at its initial value then.
         Returns the record."""
@@ -165,7 +202,7 @@ class Checkpointing(Callback):
         for name, (constant_lr, scale) in self.configured.items():
             updater = trainer.updaters[name]
             old = recorded.get("lr") if name == trainer.default_optimizer else recorded.get("lrs", {}).get(name)
-            if constant_lr is not None and old != constant_lr:
+            if constant_lr is not None and (rewound or old != constant_lr):
                 restored = float(keras.ops.convert_to_numpy(updater.optimizer.learning_rate))
                 if restored != constant_lr:
                     updater.optimizer.learning_rate = constant_lr
