@@ -93,6 +93,24 @@ def test_limit_eval_batches_counts_and_fraction():
     assert TrainerConfig(limit_eval_batches=5, eval_steps=5).eval_steps == 5  # the same value twice is fine
 
 
+def test_on_eval_end_sees_this_evaluations_eval_batches():
+    """trainer.eval_batches is set before on_eval_end: a callback reads this evaluation's count, not the
+    previous evaluation's (5 batches here) nor None."""
+    from trainer.callbacks import Callback
+
+    class Seen(Callback):
+        seen = []
+
+        def on_eval_end(self, trainer, step, logs):
+            self.seen.append(trainer.eval_batches)
+
+    t = _trainer(max_steps=2, limit_eval_batches=3, callbacks=[Seen()])
+    t.evaluate(blobs(), steps=5)
+    assert t.eval_batches == 5
+    t.fit(blobs(), blobs())
+    assert Seen.seen == [3] and t.eval_batches == 3
+
+
 def test_fast_dev_run_trains_two_steps_from_scratch_and_writes_nothing(tmp_path, caplog):
     """Pointed at an existing run: it neither resumes from its checkpoints nor changes a byte of its folder;
     a new run folder is not even created. 2 train steps, 2 eval batches."""

@@ -237,10 +237,10 @@ def how_to_resume(trainer) -> str:
             "(Trainer(run_dir=...) resumes from the newest checkpoint in the folder)")
 
 
-def evaluate(trainer, eval_data, *, steps: Optional[int], step: int, callbacks=None) -> Tuple[Dict[str, Any], int]:
+def evaluate(trainer, eval_data, *, steps: Optional[int], step: int, callbacks=None) -> Dict[str, Any]:
     """The loss and metrics (and an overridden test_step's logs) over the eval set, or `steps` batches of
-    it, and the global batches read; with `callbacks` (the loop's evaluations), on_eval_begin and on_eval_end
-    around it."""
+    it; with `callbacks` (the loop's evaluations), on_eval_begin and on_eval_end around it. Sets
+    trainer.eval_batches before on_eval_end, so a callback reads this evaluation's count."""
     t = trainer
     t.eval_window.restart()
     if callbacks is not None:
@@ -263,8 +263,9 @@ def evaluate(trainer, eval_data, *, steps: Optional[int], step: int, callbacks=N
     if bar is not None:
         bar.close()
     release_in_background(holder, t.strategy.num_replicas_in_sync)  # its destruction can wait (see data.py)
+    t.eval_batches = done  # what this evaluation read (python -m trainer.evaluate records it)
     logs: Dict[str, Any] = {"step": step, "split": "eval", **t.eval_window.logs()}
     if callbacks is not None:
         callbacks.on_eval_end(t, step, logs)
-    return logs, done  # done: what this evaluation read (python -m trainer.evaluate records it)
+    return logs
 
