@@ -104,6 +104,24 @@ def test_a_limited_evaluation_says_how_many_batches_it_read(caplog):
         assert said in caplog.text, caplog.text[-2000:]
 
 
+def test_on_eval_end_sees_this_evaluations_eval_batches():
+    """trainer.eval_batches is set before on_eval_end: a callback reads this evaluation's count, not the
+    previous evaluation's (5 batches here) nor None."""
+    from trainer.callbacks import Callback
+
+    class Seen(Callback):
+        seen = []
+
+        def on_eval_end(self, trainer, step, logs):
+            self.seen.append(trainer.eval_batches)
+
+    t = _trainer(max_steps=2, limit_eval_batches=3, callbacks=[Seen()])
+    t.evaluate(blobs(), steps=5)
+    assert t.eval_batches == 5
+    t.fit(blobs(), blobs())
+    assert Seen.seen == [3] and t.eval_batches == 3
+
+
 def test_fast_dev_run_trains_two_steps_from_scratch_and_writes_nothing(tmp_path, caplog):
     """Pointed at an existing run: it neither resumes from its checkpoints nor changes a byte of its folder;
     a new run folder is not even created. 2 train steps, 2 eval batches."""
@@ -169,8 +187,7 @@ def test_bad_profile_steps_is_a_config_error(value, expected):
     from hydra import compose, initialize_config_module
 
     from trainer.assemble import register_configs
-    from trainer.config import ConfigError
-    from trainer.config_check import check_config
+    from trainer.config import ConfigError, check_config
 
     register_configs()
     with initialize_config_module("trainer.conf", version_base="1.3"):

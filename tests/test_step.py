@@ -293,3 +293,29 @@ def test_the_default_step_and_update_take_one_seam_and_the_step_functions_have_o
     t.reset_step_functions()
     t.fit(batches, steps=5)
     assert t.traces["train"] == 2
+
+
+def test_a_per_example_loss_under_loss_scaling_trains_as_its_sum():
+    """With gradient accumulation compute_loss may return one loss per example: the backward pass starts
+    from the loss scale at each element (as multiplying the loss by the scale did), so it trains exactly as
+    the summed loss."""
+
+    def trainer(reduce):
+        class PerExample(Trainer):
+            def compute_loss(self, x, y, y_pred, sample_weight=None):
+                error = tf.cast(y_pred, tf.float32) - tf.one_hot(y, 2)
+                return reduce(tf.reduce_sum(tf.square(error), axis=1) / 64.0)  # per example: shape (16,)
+
+        return PerExample(model=lambda: keras.Sequential([keras.Input((8,)), keras.layers.Dense(2, dtype="float32")]),
+                          loss=None, optimizer=lambda: keras.optimizers.SGD(0.1), seed=0, progress_bar=False,
+                          grad_accum_steps=2, jit_compile=False,
+                          precision=PrecisionConfig(policy="mixed_float16", initial_scale=1024.0))
+
+    x, y = data(n=128)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(16, drop_remainder=True)
+    per_example, summed = trainer(lambda losses: losses), trainer(tf.reduce_sum)
+    per_example.fit(ds, steps=3)
+    summed.fit(ds, steps=3)
+    for a, b in zip(per_example.model.weights, summed.model.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert int(per_example.loss_scale.skipped_steps.numpy()) == 0

@@ -10,6 +10,7 @@ eval functions exist, the XLA choice they were compiled with (`Trainer.jit_compi
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from typing import Callable, Dict, List, Optional
@@ -64,12 +65,25 @@ def choose(trainer, jit_compile: bool) -> None:
         reset(trainer)
 
 
+@contextlib.contextmanager
+def trying(trainer, jit_compile: Optional[bool]):
+    """While measuring one side: `trainer.jit_compile` (so an overridden Trainer.plan_xla too) reads
+    `jit_compile` (None: the choice); the choice is back afterwards."""
+    functions = of(trainer)
+    chosen = functions.jit_compile
+    functions.jit_compile = chosen if jit_compile is None else jit_compile
+    try:
+        yield
+    finally:
+        functions.jit_compile = chosen
+
+
 def keep(trainer, train_function: Callable, jit_compile: bool) -> None:
     """Keeps `train_function`, made by make_train_function(..., jit_compile) and traced, as the train function
     (what measuring chose); the eval function is compiled as the choice says."""
     functions = of(trainer)
     functions.jit_compile, functions.train, functions.eval = jit_compile, train_function, None
-    _select_skips(trainer, plan_of(trainer).whole_step)  # as the kept function was traced with
+    _select_skips(trainer, trainer.plan_xla().whole_step)  # as the kept function was traced with
 
 
 def _select_skips(trainer, whole_step: bool) -> None:
@@ -159,7 +173,8 @@ def make_train_function(trainer, iterator, jit_compile: Optional[bool] = None) -
     if overridden and accum > 1:
         log.warning("The overridden train_step is not used with grad_accum_steps > 1 (accumulate_step and "
                     "apply_accumulated are)")
-    plan = plan_of(trainer, jit_compile)
+    with trying(trainer, jit_compile):
+        plan = trainer.plan_xla()  # a subclass may override it
     for warning in plan.warnings:
         log.warning(warning)
     _select_skips(trainer, plan.whole_step)
@@ -228,3 +243,18 @@ def make_eval_function(trainer, iterator) -> Callable:
         return n
 
     return tf.function(eval_loop)
+
+
+_MOVED_TO_XLA_MEASURE = ("AUTO_MEASURE_STEPS", "MEASURE_STEPS", "MEASURE_ROUNDS", "MEASURE_WARMUP", "XlaMeasurement",
+                         "measure_jit", "measures_in_run", "measure_in_run", "profiled_while_measuring",
+                         "why_not_measurable")
+
+
+def __getattr__(name: str):
+    """Measuring moved to xla_measure.py (which imports this module): the old names still work from here,
+    imported on first use."""
+    if name in _MOVED_TO_XLA_MEASURE:
+        from trainer import xla_measure  # at first use: xla_measure imports this module at import time
+
+        return getattr(xla_measure, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -390,9 +390,8 @@ class Trainer(Step):
         evaluating, self._evaluating = self._evaluating, True
         try:
             with ema.averaged_weights(self):
-                logs, self.eval_batches = evaluate(self, eval_data, steps=steps,
-                                                   step=int(self.step.numpy()) if step is None else step, callbacks=callbacks)
-                return logs
+                return evaluate(self, eval_data, steps=steps,
+                                step=int(self.step.numpy()) if step is None else step, callbacks=callbacks)
         finally:
             self._evaluating = evaluating
 

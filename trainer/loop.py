@@ -237,10 +237,11 @@ def how_to_resume(trainer) -> str:
             "(Trainer(run_dir=...) resumes from the newest checkpoint in the folder)")
 
 
-def evaluate(trainer, eval_data, *, steps: Optional[int], step: int, callbacks=None) -> Tuple[Dict[str, Any], int]:
+def evaluate(trainer, eval_data, *, steps: Optional[int], step: int, callbacks=None) -> Dict[str, Any]:
     """The loss and metrics (and an overridden test_step's logs) over the eval set, or `steps` batches of
-    it, and the global batches read; with `callbacks` (the loop's evaluations), on_eval_begin and on_eval_end
-    around it. Several named sets (a dict): evaluate_sets."""
+    it; with `callbacks` (the loop's evaluations), on_eval_begin and on_eval_end around it. Sets
+    trainer.eval_batches before on_eval_end, so a callback reads this evaluation's count. Several named sets
+    (a dict): evaluate_sets."""
     if evalsets.names_of(eval_data) is not None:
         return evaluate_sets(trainer, eval_data, steps=steps, step=step, callbacks=callbacks)
     t = trainer
@@ -265,24 +266,26 @@ def evaluate(trainer, eval_data, *, steps: Optional[int], step: int, callbacks=N
     if bar is not None:
         bar.close()
     release_in_background(holder, t.strategy.num_replicas_in_sync)  # its destruction can wait (see data.py)
+    t.eval_batches = done  # what this evaluation read (python -m trainer.evaluate records it)
     logs: Dict[str, Any] = {"step": step, "split": "eval", **t.eval_window.logs()}
     if callbacks is not None:
         callbacks.on_eval_end(t, step, logs)
-    return logs, done  # done: what this evaluation read (python -m trainer.evaluate records it)
+    return logs
 
 
-def evaluate_sets(trainer, eval_sets, *, steps, step: int, callbacks=None) -> Tuple[Dict[str, Any], int]:
+def evaluate_sets(trainer, eval_sets, *, steps, step: int, callbacks=None) -> Dict[str, Any]:
     """Each named eval set in turn (`steps`: one limit for all, or name -> limit), as one eval event: one
-    on_eval_begin/on_eval_end around them, with the results merged as `<name>/<metric>` (evalsets.py), and
-    all sets' batches read."""
+    on_eval_begin/on_eval_end around them, with the results merged as `<name>/<metric>` (evalsets.py);
+    trainer.eval_batches: all sets' batches."""
     t = trainer
     if callbacks is not None:
         callbacks.on_eval_begin(t, step)
     results, read = {}, 0
     for name, data in eval_sets.items():
-        results[name], done = evaluate(t, data, steps=steps.get(name) if isinstance(steps, dict) else steps, step=step)
-        read += done
+        results[name] = evaluate(t, data, steps=steps.get(name) if isinstance(steps, dict) else steps, step=step)
+        read += t.eval_batches
+    t.eval_batches = read
     logs = evalsets.merged(results, step)
     if callbacks is not None:
         callbacks.on_eval_end(t, step, logs)
-    return logs, read
+    return logs

@@ -76,11 +76,6 @@ class LossScale(tf.Module):
         self.scale.assign(value)
 
     @framework_code
-    def scale_loss(self, loss: tf.Tensor) -> tf.Tensor:
-        """loss × scale (the loss is float32, so the product cannot overflow float32 in practice)."""
-        return loss * self.scale if self.enabled else loss
-
-    @framework_code
     def unscale(self, grads):
         """Gradients of the scaled loss → float32 gradients of the loss (÷ scale), exactly once."""
         if not self.enabled:

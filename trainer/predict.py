@@ -133,8 +133,21 @@ def predict_files(run: str, inputs: str, checkpoint: str = "latest", batch_size:
     return list(class_rows(names, outputs, from_logits, labels))
 
 
-@reports_errors(bad_input=lambda: input_errors())  # defined below; read when an error is reported
 def main(argv: List[str] = None) -> int:
+    predicted = _predictions(argv)
+    return predicted if isinstance(predicted, int) else _write(*predicted)
+
+
+@reports_errors(bad_input=(OSError,))  # --out cannot be written (exit 2); anything else here is a bug: its traceback
+def _write(rows: List[dict], out: Path) -> int:
+    write_rows(rows, out)
+    print(f"wrote {len(rows)} predictions to {out}")
+    return 0
+
+
+@reports_errors(bad_input=lambda: input_errors())  # defined below; read when an error is reported
+def _predictions(argv: Optional[List[str]]):
+    """The rows to write and where, from the command line (or an exit code: a bad input, said)."""
     from trainer.quiet import quiet_tensorflow_import
 
     quiet_tensorflow_import()
@@ -151,10 +164,7 @@ def main(argv: List[str] = None) -> int:
         raise ServingError(f"--out {out}: the file name must end in .csv or .jsonl (it picks the format)")
     if args.batch_size is not None and args.batch_size < 1:
         raise ServingError(f"--batch-size {args.batch_size}: must be >= 1")
-    rows = predict_files(args.run, args.input, args.checkpoint, args.batch_size)
-    write_rows(rows, out)
-    print(f"wrote {len(rows)} predictions to {out}")
-    return 0
+    return predict_files(args.run, args.input, args.checkpoint, args.batch_size), out
 
 
 def input_errors() -> tuple:

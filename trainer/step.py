@@ -2,8 +2,8 @@
 
   * `train_step(data)`: forward, loss, gradients, update; may return a dict of scalar logs.
   * `update(loss, tape, optimizer=None)`: what research code calls per update (a GAN once per optimizer, a
-    WGAN's critic once per batch of trainer.batches_per_step): scaled loss → unscaled gradients → that
-    optimizer's Updater (all-reduce, finite check, clip, apply, loss scale; see update.py).
+    WGAN's critic once per batch of trainer.batches_per_step): gradients seeded with the loss scale →
+    unscaled → that optimizer's Updater (all-reduce, finite check, clip, apply, loss scale; see update.py).
   * `compute_loss`, `compute_gradients`, `apply_gradients`: the pieces of the default step.
   * `test_step(data)`: forward and metrics; may return a dict of scalar logs.
 """

@@ -75,7 +75,8 @@ class Updater:
             seed = loss_scale.scale if divide == 1 else loss_scale.scale / divide
         else:
             seed = 1.0 / divide if divide > 1 else None
-        seed = None if seed is None else tf.convert_to_tensor(seed, tf.float32)
+        if seed is not None:  # one value per element of `loss`: a per-example loss is summed, as loss * scale was
+            seed = tf.fill(tf.shape(loss), tf.convert_to_tensor(seed, tf.float32))
         return loss_scale.unscale(tape.gradient(loss, variables, output_gradients=seed))
 
     @framework_code

@@ -91,10 +91,11 @@ def measure_jit(trainer, iterator, *, steps: int = MEASURE_STEPS, rounds: int = 
     auto = step_functions.of(trainer).jit_compile  # before measuring: auto's choice (the Trainer made with jit_compile=measure or null)
     num_steps, functions, calls = tf.constant(steps, tf.int64), {}, {}
     for name, on in (("on", True), ("off", False)):
-        functions[name] = step_functions.make_train_function(trainer, iterator, jit_compile=on)
-        calls[name] = functools.partial(_run_and_wait, trainer, functions[name], iterator, num_steps)
-        for _ in range(warmup):  # traced here, while make_train_function's settings (skip_by_select) hold
-            calls[name]()
+        with step_functions.trying(trainer, on):  # trainer.jit_compile reads this side while it is made and traced
+            functions[name] = step_functions.make_train_function(trainer, iterator, jit_compile=on)
+            calls[name] = functools.partial(_run_and_wait, trainer, functions[name], iterator, num_steps)
+            for _ in range(warmup):  # traced here, while make_train_function's settings (skip_by_select) hold
+                calls[name]()
     seconds = interleaved_seconds(calls, rounds=rounds, warmup=0)
     medians = median_seconds(seconds)
     on_wins = rounds_won(seconds, "on", "off")
