@@ -187,7 +187,8 @@ def test_bad_profile_steps_is_a_config_error(value, expected):
     from hydra import compose, initialize_config_module
 
     from trainer.assemble import register_configs
-    from trainer.config import ConfigError, check_config
+    from trainer.config import ConfigError
+    from trainer.config_check import check_config
 
     register_configs()
     with initialize_config_module("trainer.conf", version_base="1.3"):

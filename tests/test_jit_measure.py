@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from trainer import Trainer
 from trainer.callbacks.profiler import Profiler
-from trainer.compile import AUTO_MEASURE_STEPS, measures_in_run
+from trainer.xla_measure import AUTO_MEASURE_STEPS, measures_in_run
 from trainer.config import ConfigError
 
 FIGURES = re.compile(r"XLA on ([\d.]+) ms/step, off ([\d.]+) ms/step \(median of 3 rounds of (\d+) steps; "

@@ -243,18 +243,3 @@ def make_eval_function(trainer, iterator) -> Callable:
         return n
 
     return tf.function(eval_loop)
-
-
-_MOVED_TO_XLA_MEASURE = ("AUTO_MEASURE_STEPS", "MEASURE_STEPS", "MEASURE_ROUNDS", "MEASURE_WARMUP", "XlaMeasurement",
-                         "measure_jit", "measures_in_run", "measure_in_run", "profiled_while_measuring",
-                         "why_not_measurable")
-
-
-def __getattr__(name: str):
-    """Measuring moved to xla_measure.py (which imports this module): the old names still work from here,
-    imported on first use."""
-    if name in _MOVED_TO_XLA_MEASURE:
-        from trainer import xla_measure  # at first use: xla_measure imports this module at import time
-
-        return getattr(xla_measure, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

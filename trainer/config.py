@@ -382,13 +382,3 @@ def register_schemas(cs: ConfigStore) -> None:
     cs.store(group="optimizer", name="base_sgd", node=SGDConfig)
     cs.store(group="callbacks", name="base_early_stopping", node=EarlyStoppingConfig)
     cs.store(group="callbacks", name="base_reduce_lr_on_plateau", node=ReduceLROnPlateauConfig)
-
-
-def __getattr__(name: str):
-    """check_config and check_recipe_model moved to config_check.py (which imports this module): their old
-    home still gives them, imported on first use, so `import trainer.config` stays light."""
-    if name in ("check_config", "check_recipe_model"):
-        from trainer import config_check  # at first use: config_check imports this module at import time
-
-        return getattr(config_check, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
