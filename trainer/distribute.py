@@ -125,8 +125,9 @@ def say_strategy_once(strategy: tf.distribute.Strategy) -> None:
         devices = list(strategy.extended.worker_devices)
     except (AttributeError, NotImplementedError, RuntimeError, ValueError):
         devices = []
-    log.info("Strategy: %s over %s (%d replicas)", type(strategy).__name__.lstrip("_"), devices or "its devices",
-             strategy.num_replicas_in_sync)
+    replicas = strategy.num_replicas_in_sync
+    log.info("Strategy: %s over %s (%d replica%s)", type(strategy).__name__.lstrip("_"), devices or "the default device",
+             replicas, "" if replicas == 1 else "s")
 
 
 TPU_CONNECT_TIMEOUT_S = 120
