@@ -32,6 +32,7 @@ def test_fit_shows_the_summary_on_stderr_by_default_and_not_when_quiet(tmp_path)
     assert shown.returncode == 0, shown.stderr[-2000:]
     assert shown.stderr.count("[trainer.callbacks][INFO] - Done: 10 steps") == 2, shown.stderr[-3000:]  # once per fit()
     assert "Final eval: loss=" in shown.stderr and "step 5/10: loss=" in shown.stderr
+    assert shown.stderr.count("[trainer.distribute][INFO] - Strategy: DefaultDistributionStrategy over") == 1  # as the CLI's
     quiet = _fit(tmp_path, verbose=False)
     assert quiet.returncode == 0, quiet.stderr[-2000:]
     assert "Done:" not in quiet.stderr and "Final eval" not in quiet.stderr and "step 5/10" not in quiet.stderr
@@ -44,6 +45,21 @@ def test_configured_logging_gets_each_line_once(tmp_path):
     assert result.stderr.count("Done: 10 steps") == 2, result.stderr[-3000:]
     assert "[trainer.callbacks][INFO]" not in result.stderr
 
+
+
+def test_basic_config_with_no_level_shows_each_info_line_once(tmp_path):
+    """`logging.basicConfig()` with no level leaves the root logger at WARNING: the trainer's INFO lines still show,
+    once each, through the user's root handler; a root handler at WARNING gets them from ours instead."""
+    plain = _fit(tmp_path, configure="logging.basicConfig(format='ROOT| %(name)s: %(message)s')")
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    assert plain.stderr.count("Done: 10 steps") == 2 and plain.stderr.count("ROOT| trainer.callbacks: Done") == 2, \
+        plain.stderr[-3000:]
+    assert plain.stderr.count("step 5/10: loss=") == 1 and "[trainer.callbacks][INFO]" not in plain.stderr
+    warning = _fit(tmp_path, configure="logging.basicConfig(format='ROOT| %(message)s'); "
+                                       "logging.getLogger().handlers[0].setLevel(logging.WARNING)")
+    assert warning.returncode == 0, warning.stderr[-2000:]
+    assert warning.stderr.count("[trainer.callbacks][INFO] - Done: 10 steps") == 2, warning.stderr[-3000:]
+    assert warning.stderr.count("Done: 10 steps") == 2 and "ROOT| Done" not in warning.stderr
 
 TWO_TRAINERS = """
 import sys, keras

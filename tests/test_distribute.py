@@ -306,7 +306,10 @@ from trainer import Trainer
 x = np.random.default_rng(0).normal(size=(128, 8)).astype("float32"); y = (x[:, :1] > 0).astype("float32")
 ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(32, drop_remainder=True)
 bce = keras.losses.BinaryCrossentropy(from_logits=True)
-forms = {"object": bce, "function": lambda y, p: tf.reduce_mean(keras.losses.binary_crossentropy(y, p, from_logits=True))}
+forms = {"object": bce, "function": lambda y, p: tf.reduce_mean(keras.losses.binary_crossentropy(y, p, from_logits=True)),
+         # TensorFlow's distributed tutorial: the replica's share of the global mean, with or without the global batch
+         "cal": lambda y, p: tf.nn.compute_average_loss(keras.losses.binary_crossentropy(y, p, from_logits=True), global_batch_size=32),
+         "cal_auto": lambda y, p: tf.nn.compute_average_loss(keras.losses.binary_crossentropy(y, p, from_logits=True))}
 
 class OwnStep(Trainer):
     def train_step(self, data):
@@ -378,12 +381,12 @@ class MixinStep(LossMixin, GradStep):  # a compute_loss from a mixin keeps Keras
 out = {}
 strategies = {1: tf.distribute.OneDeviceStrategy("/cpu:0"), 2: tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])}
 NAMES = ("object", "function", "compute_loss", "default", "batch_mean_update", "mixin", "instance",
-         "apply_gradients", "optimizer_apply", "compute_loss_sum", "function_sum")
+         "apply_gradients", "optimizer_apply", "compute_loss_sum", "function_sum", "cal", "cal_auto")
 if sys.argv[1] == "full":
     runs = [(replicas, name) for replicas in (1, 2) for name in NAMES]
 else:  # the 2-replica runs of the steps the loss convention changes, against the 1-replica references
     runs = [(1, "function"), (1, "function_sum")] + [(2, name) for name in (
-        "object", "default", "compute_loss_sum", "apply_gradients", "optimizer_apply", "instance")]
+        "object", "default", "compute_loss_sum", "apply_gradients", "optimizer_apply", "instance", "cal", "cal_auto")]
 for replicas, name in runs:
     strategy = strategies[replicas]
     cls = {"compute_loss": OwnComputeLoss, "default": Trainer, "batch_mean_update": BatchMeanUpdate, "mixin": MixinStep,
@@ -443,7 +446,8 @@ def test_every_loss_form_and_step_gives_one_update_on_one_and_two_replicas(tmp_p
 def check_loss_objects(tmp_path, runs: str):
     """Keras divides a Loss object's value by the replicas (its trainer sums gradients); self.update averages
     them itself, so 2 replicas halved the update and the logged loss. Now the object and the function form give
-    the same weights and logs on 1 and 2 replicas. In an overridden step self.compute_loss (the Step's, or one of the
+    the same weights and logs on 1 and 2 replicas; so does tf.nn.compute_average_loss (TensorFlow's tutorial,
+    which divides by the replicas too). In an overridden step self.compute_loss (the Step's, or one of the
     class, a mixin or the instance) returns the replica's batch mean, so self.compute_loss(...) + a penalty gives the
     update of the function form + the penalty on 1 and 2 replicas (it gave 1/replicas of the loss part, silently);
     compute_gradients, self.apply_gradients and the optimizer's own apply_gradients there average over replicas
@@ -455,6 +459,7 @@ def check_loss_objects(tmp_path, runs: str):
     result = subprocess.run([sys.executable, str(script), runs], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(next(l for l in result.stdout.splitlines() if l.startswith("RESULT"))[len("RESULT "):])
+    assert "Strategy: MirroredStrategy over" in result.stderr and "(2 replicas)" in result.stderr  # the Python API's line
     bare = out.pop("bare_loss_call/2")
     np.testing.assert_allclose(bare, np.log(2) / 2, rtol=1e-5)  # Keras' division, outside our steps
     if runs == "full":
@@ -469,7 +474,7 @@ def check_loss_objects(tmp_path, runs: str):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=name)
         np.testing.assert_allclose(run["loss"], sums["function_sum/1"]["loss"], rtol=1e-5, err_msg=name)
     assert sums["function_sum/1"]["weights"] != out["function/1"]["weights"]  # the penalty counts
-    assert len(out) == (18 if runs == "full" else 6)
+    assert len(out) == (22 if runs == "full" else 8)
     reference = out["function/1"]
     assert 0.5 < reference["loss"] < 0.9 and 0.5 < reference["eval"] < 0.9  # a mean binary cross-entropy, not halved
     for name, run in out.items():

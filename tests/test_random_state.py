@@ -3,6 +3,7 @@ iterated again in one process."""
 import logging
 
 import keras
+import pytest
 import tensorflow as tf
 
 from conftest import blobs
@@ -58,8 +59,34 @@ def test_a_generator_of_the_users_in_the_step_is_named_with_the_fix(tmp_path, ca
     assert "draws random numbers" not in caplog.text
 
 
+def test_a_generator_in_a_dict_or_helper_is_named_and_the_global_generator_explained(tmp_path, caplog, monkeypatch):
+    """A generator one level into an attribute (a dict, a helper object, a closure) is named by its path, not only by
+    its state variable; tf.random.get_global_generator() under determinism (TensorFlow's bare "call
+    set_global_generator first") is an error naming the fix, self.rng."""
+    class Helper:
+        def __init__(self):
+            self.gen = tf.random.Generator.from_seed(5)
+
+    gen = tf.random.Generator.from_seed(6)
+    for attribute, value, draw, named in (
+            ("rngs", {"noise": tf.random.Generator.from_seed(4)}, lambda self: self.rngs["noise"], "self.rngs['noise']"),
+            ("helper", Helper(), lambda self: self.helper.gen, "self.helper.gen"),
+            ("draw", lambda shape: gen.normal(shape), None, "self.draw (its closure's gen)")):
+        t = make(tmp_path / attribute, (lambda self, shape: self.draw(shape)) if draw is None else
+                 (lambda self, shape, draw=draw: draw(self).uniform(shape)))
+        setattr(t, attribute, value)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="trainer"):
+            t.fit(blobs(), steps=1)
+        assert f"a tf.random.Generator of your own ({named}), which no checkpoint holds" in caplog.text, caplog.text
+
+    from tensorflow.python.ops import stateful_random_ops
+    monkeypatch.setattr(stateful_random_ops, "global_generator", None)  # as in a new process
+    with pytest.raises(RuntimeError, match=r"tf.random.get_global_generator\(\) in the step.*Fix: draw from self.rng"):
+        make(tmp_path / "global", lambda self, shape: tf.random.get_global_generator().normal(shape)).fit(blobs(), steps=1)
+
 def test_a_shuffled_data_set_object_iterated_again_is_named_with_the_fix(tmp_path, caplog):
-    """One seeded, shuffled tf.data object reused by a second Trainer gives it the next order of the shuffle's
+    """One seeded, shuffled tf.data object reused by a second Trainer (itself or a new .map of it) gives it the next order of the shuffle's
     sequence (tf.data keeps it in the object), so the in-process resume is not exact: said with the fix. A data
     set built again for each Trainer resumes exactly, and nothing is said."""
     fresh = lambda: blobs(shuffle=True)  # noqa: E731
@@ -72,15 +99,16 @@ def test_a_shuffled_data_set_object_iterated_again_is_named_with_the_fix(tmp_pat
     assert rebuilt.weights_fingerprint() == straight.weights_fingerprint()
     assert "iterated for training before" not in caplog.text
 
-    shared = fresh()
+    shared = fresh()  # a new .map of one shuffled object each time shares its shuffle: said too
     with caplog.at_level(logging.WARNING, logger="trainer"):
-        make(tmp_path / "shared").fit(shared, steps=4)
+        make(tmp_path / "shared").fit(shared.map(lambda x, y: (x, y)), steps=4)
         assert "iterated for training before" not in caplog.text  # its first training iterator
         resumed = make(tmp_path / "shared")
-        resumed.fit(shared, steps=8)
+        resumed.fit(shared.map(lambda x, y: (x, y)), steps=8)
     assert resumed.weights_fingerprint() != straight.weights_fingerprint()  # what the warning says
-    assert caplog.text.count("The training data set object was iterated for training before") == 1
-    assert "this run, at step 4," in caplog.text and "Fix: build the data set again for each Trainer" in caplog.text
+    assert caplog.text.count("The training data set's shuffle was iterated for training before") == 1
+    assert "this run, at step 4," in caplog.text
+    assert "Fix: build the pipeline from its source each time, including the shuffle" in caplog.text
 
 
 def test_a_shared_shuffled_data_set_is_not_named_when_no_resume_can_go_wrong(tmp_path, caplog):

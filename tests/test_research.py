@@ -380,6 +380,8 @@ def test_an_optimizer_the_step_never_updates_is_named_and_a_typo_is_an_error(cap
         trainer("a").fit(blobs(), steps=2)
     assert "never calls self.update(loss, tape, name) for optimizer(s) ['b']" in caplog.text
     assert "self.update(loss, tape, 'b')" in caplog.text
+    assert "their models train, with the gradients averaged over replicas" in caplog.text  # not "not trained"
+    assert "without the Trainer's loss scaling, finite check" in caplog.text and "grad_norm/skipped_steps" in caplog.text
     with pytest.raises(ValueError, match=r"No optimizer 'c': this Trainer's optimizers are \['a', 'b'\]"):
         trainer("c").fit(blobs(), steps=1)
 

@@ -2,7 +2,8 @@
 
 The CLI gets its log output from Hydra, which configures the root logger. A Python user who configured
 nothing would see none of the INFO lines (Python's last-resort handler shows WARNING and above), so
-fit() adds one stderr handler to the `trainer` logger, and only while no logging is configured.
+fit() sets the `trainer` logger's level to INFO (unless set) and adds one stderr handler to it, which prints a line
+only when no handler of the user's shows it (so each line once, with or without a logging set-up).
 """
 from __future__ import annotations
 
@@ -49,28 +50,23 @@ def _handlers_reached(record: logging.LogRecord):
     return reached
 
 
-def _user_configured(root: logging.Logger) -> bool:
-    """A root handler of the user's (Hydra's, pytest's, logging.basicConfig(format=...)), not the bare one
-    `logging.basicConfig()` makes: TensorFlow's checkpoint saver logs through absl, which adds that one mid-run."""
-    return any(not _bare(h) for h in root.handlers)
-
-
 def show_logs_unless_configured(verbose: bool) -> None:
-    """Logs the `trainer` logger's INFO lines to stderr, once each, when neither it nor the root logger has a
-    handler of the user's (the CLI's Hydra and pytest configure the root one). Called by every fit(); idempotent."""
-    package, root = logging.getLogger("trainer"), logging.getLogger()
+    """Logs the `trainer` logger's INFO lines: its level is INFO (unless set), and ours prints each line no handler
+    of the user's shows (none, or a root handler at WARNING as `logging.basicConfig()` with no level leaves the
+    root logger: it silenced every INFO line). Called by every fit(); idempotent; quiet (verbose=False) adds none."""
+    package = logging.getLogger("trainer")
     ours = [h for h in package.handlers if isinstance(h, _StderrHandler)]
-    if ours and (_user_configured(root) or not verbose or len(ours) < len(package.handlers)):
-        for handler in ours:  # configured since, or quiet asked for
+    if ours and (not verbose or len(ours) < len(package.handlers)):
+        for handler in ours:  # a handler of the user's on the trainer logger since, or quiet asked for
             package.removeHandler(handler)
         return
-    if ours or not verbose or package.handlers or _user_configured(root):
+    if ours or not verbose or package.handlers:
         return
+    if package.level == logging.NOTSET:  # else the root logger's WARNING (basicConfig's default) drops INFO lines
+        package.setLevel(logging.INFO)
     handler = _StderrHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[%(name)s][%(levelname)s] - %(message)s"))  # as the CLI's
     package.addHandler(handler)
-    if package.level == logging.NOTSET:
-        package.setLevel(logging.INFO)
 
 
 def say_once_when_log_files_fail() -> None:

@@ -29,6 +29,7 @@ from trainer.callbacks import (Callback, CallbackList, Checkpointing, Divergence
 from trainer.checkpoint import NO_BEST, Checkpointer
 from trainer.config import PrecisionConfig, TrainerConfig, check_ranges
 from trainer.console import show_logs_unless_configured
+from trainer.distribute import say_strategy_once
 from trainer.inputs import (DataArg, KeptIterator, batches_read_per_step, check_batches_per_step, sample_batch, steps_per_epoch_of,
                             total_steps, training_iterator)
 from trainer.loop import Loop, TrainingInterrupted, evaluate
@@ -283,6 +284,7 @@ class Trainer(Step):
         """
         check_ranges(TrainerConfig, {"max_steps": steps, "epochs": epochs}, "trainer")  # fit()'s own
         show_logs_unless_configured(self.config.verbose)
+        say_strategy_once(self.strategy)
         train_data, eval_data = fit_arguments(train_data, eval_data, keywords)
         self._fit_inputs = fit_inputs(self._fit_inputs, self.seed, train_data, eval_data, batch_size,
                                       validation_data=validation_data, validation_split=validation_split,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import weakref
 
 import tensorflow as tf
 
@@ -13,6 +14,7 @@ from trainer.errors import UserError
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
+_said: "weakref.WeakSet" = weakref.WeakSet()  # strategies whose `Strategy: ...` line was logged
 
 
 class StrategyError(UserError, RuntimeError):
@@ -110,7 +112,23 @@ def make_strategy(cfg: StrategyConfig) -> tf.distribute.Strategy:
         strategy = _tpu_strategy(cfg.tpu)
     else:
         raise StrategyError(f"strategy.name={name!r} is not one of {list(STRATEGIES)}")
+    _said.add(strategy)
     return strategy
+
+
+def say_strategy_once(strategy: tf.distribute.Strategy) -> None:
+    """The `Strategy: ...` line for a strategy given from Python (make_strategy logs the CLI's): the log then says
+    how many replicas trained. Once per strategy object."""
+    if strategy in _said:
+        return
+    _said.add(strategy)
+    try:
+        devices = list(strategy.extended.worker_devices)
+    except (AttributeError, NotImplementedError, RuntimeError, ValueError):
+        devices = []
+    replicas = strategy.num_replicas_in_sync
+    log.info("Strategy: %s over %s (%d replica%s)", type(strategy).__name__.lstrip("_"), devices or "the default device",
+             replicas, "" if replicas == 1 else "s")
 
 
 TPU_CONNECT_TIMEOUT_S = 120

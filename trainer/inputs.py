@@ -16,7 +16,7 @@ from trainer.step import Step
 log = logging.getLogger("trainer.core")
 
 DataArg = Union[tf.data.Dataset, Callable[[tf.distribute.InputContext], tf.data.Dataset]]
-_trained_from: "weakref.WeakSet" = weakref.WeakSet()  # data set objects a training iterator was made of (any Trainer)
+_trained_from: "weakref.WeakSet" = weakref.WeakSet()  # seeded shuffles a training iterator was made of (any Trainer)
 
 
 class KeptIterator:
@@ -154,23 +154,23 @@ def _seeded(ds) -> bool:
     return any(s is not None and tf.get_static_value(s) not in (None, 0) for s in seeds)
 
 
-def _reshuffles(data: tf.data.Dataset) -> bool:
-    """Whether a seeded shuffle (or Dataset.random) in the pipeline draws the next order of its sequence for
-    each iterator made of it (an unseeded one draws a new order in each process anyway). Only the pipeline's
+def _reshuffling(data: tf.data.Dataset) -> list:
+    """The seeded shuffles (and Dataset.random) in the pipeline that draw the next order of their sequence for
+    each iterator made of them (an unseeded one draws a new order in each process anyway). Only the pipeline's
     own inputs are walked: a shuffle inside a function of interleave/flat_map is not seen."""
-    stack, seen = [data], set()
+    found, stack, seen = [], [data], set()
     while stack:
         ds = stack.pop()
         if id(ds) in seen:
             continue
         seen.add(id(ds))
         if (getattr(ds, "_reshuffle_each_iteration", False) or getattr(ds, "_rerandomize", False)) and _seeded(ds):
-            return True
+            found.append(ds)
         try:
             stack.extend(ds._inputs())  # tf.data's own walk over a pipeline's inputs
         except (AttributeError, NotImplementedError, TypeError):
             pass
-    return False
+    return found
 
 
 def warn_if_reshuffled_again(data: DataArg, start: int, exact_resume: bool) -> None:
@@ -180,14 +180,17 @@ def warn_if_reshuffled_again(data: DataArg, start: int, exact_resume: bool) -> N
     object, out of the Trainer's reach: said, with the fix, for a run a resume should repeat (`exact_resume`)."""
     if not isinstance(data, tf.data.Dataset):
         return  # a function of an InputContext builds its pipeline afresh each time
+    shuffles = _reshuffling(data)  # the shuffle nodes, not the outer object: ds.map(f) made anew shares ds's shuffle
     try:
-        again = data in _trained_from
-        _trained_from.add(data)
+        again = any(shuffle in _trained_from for shuffle in shuffles)
+        _trained_from.update(shuffles)
     except TypeError:  # not weakly referable: not tracked
         return
-    if again and exact_resume and _reshuffles(data):
-        log.warning("The training data set object was iterated for training before in this process (by another Trainer "
-                    "or fit()), and it shuffles anew for each iterator (Dataset.shuffle's reshuffle_each_iteration): this "
-                    "run, at step %d, reads its batches in another order than a new process would, so a resume does "
-                    "not go on with the batches an uninterrupted run reads. Fix: build the data set again for each "
-                    "Trainer (a function that returns it), or give the data through the data config (data=...).", start)
+    if again and exact_resume:
+        log.warning("The training data set's shuffle was iterated for training before in this process (by another "
+                    "Trainer or fit(), maybe through another .map/.take/.batch of the same shuffled data set), and it "
+                    "shuffles anew for each iterator (Dataset.shuffle's reshuffle_each_iteration): this run, at step %d, "
+                    "reads its batches in another order than a new process would, so a resume does not go on with the "
+                    "batches an uninterrupted run reads. Fix: build the pipeline from its source each time, including "
+                    "the shuffle (a function that builds it all), or give the data through the data config (data=...).",
+                    start)

@@ -17,13 +17,16 @@ tracker and a returned log take it as such.
 
 The switch is per thread (MirroredStrategy traces each replica in a thread of its own, entered inside the
 wrapper) and Keras' function is looked up when a loss reduces, so it acts inside our steps only: any other
-code, in this thread or another, gets Keras' division as before.
+code, in this thread or another, gets Keras' division as before. `tf.nn.compute_average_loss` (with or without
+global_batch_size) and `tf.nn.scale_regularization_loss`, TensorFlow's tutorial habit, divide by the replicas too:
+inside an overridden step they are multiplied back (tf.nn's module names are replaced, as Keras' is).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import logging
+import sys
 import threading
 
 import tensorflow as tf
@@ -88,6 +91,29 @@ if _HOOKED:
     keras_loss.scale_loss_for_distribution = _scale_loss_for_distribution
 
 
+def _times_replicas(tf_function):
+    """tf.nn.compute_average_loss / scale_regularization_loss (the TF distributed tutorial's habit) give the
+    replica's share of the global mean (÷ the replicas); inside an overridden step, the replica's batch mean."""
+    @functools.wraps(tf_function)
+    def batch_mean(*args, **kwargs):
+        share, replicas = tf_function(*args, **kwargs), own_step_replicas()
+        return share * tf.cast(replicas, share.dtype) if replicas > 1 else share
+
+    batch_mean._trainer_loss_convention = True
+    return batch_mean
+
+
+def _hook_tf_nn() -> None:
+    for module in {sys.modules.get(name) for name in ("tensorflow._api.v2.nn", "tensorflow._api.v2.compat.v2.nn")}:
+        for name in ("compute_average_loss", "scale_regularization_loss"):
+            function = getattr(module, name, None)
+            if function is not None and not _ours(function):
+                setattr(module, name, _times_replicas(function))
+
+
+_hook_tf_nn()
+
+
 def _warn_once(key: str, message: str, *args) -> None:
     if key not in _warned:
         _warned.add(key)
@@ -98,6 +124,7 @@ def _ensure_hooked(replicas: int) -> None:
     """Keras' module still holds our function (a mock.patch or a reload may have replaced it); if not, it is
     put back, and that said once."""
     global _keras_scale
+    _hook_tf_nn()
     if not _HOOKED:
         if replicas > 1:
             _warn_once("not hooked", "This Keras version divides a Keras Loss object's value by the replicas in a way the "

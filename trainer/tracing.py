@@ -16,6 +16,7 @@ of that Trainer named. `warn_unused_optimizers` names the optimizers a traced tr
 import contextlib
 import logging
 import sys
+import types
 import weakref
 from typing import List, Tuple
 
@@ -53,6 +54,12 @@ def keras_random_explained():
     try:
         yield
     except Exception as error:
+        if isinstance(error, RuntimeError) and '"get_global_generator" cannot be called if determinism' in str(error):
+            raise RuntimeError(
+                "tf.random.get_global_generator() in the step: TensorFlow refuses it under op determinism "
+                "(trainer.deterministic=true), and the global generator is in no checkpoint anyway (a resume would draw "
+                "other numbers). Fix: draw from self.rng, the Trainer's checkpointed generator (self.rng.normal(shape)); "
+                "see docs/research.md, Randomness.") from error
         if type(error).__name__ != "UnliftableError" or "seed_generator" not in str(error):
             raise
         raise ValueError(
@@ -112,10 +119,32 @@ def _generators_outside_checkpoint(graph, trainer) -> List[str]:
         return []
     places = [("self.", vars(trainer))] + [(f"{m}.", vars(sys.modules[m])) for m in {type(trainer).__module__, "__main__"}
                                             if m in sys.modules]
-    names = {id(_variable(g.state)): prefix + key for prefix, space in places for key, g in list(space.items())
-             if isinstance(g, tf.random.Generator)}
+    names = {}
+    for prefix, space in places:
+        for key, value in list(space.items()):
+            for path, g in _one_level_in(value):
+                if isinstance(g, tf.random.Generator):
+                    names.setdefault(id(_variable(g.state)), prefix + key + path)
     return [f"a tf.random.Generator of your own ({names.get(id(v), 'state variable ' + repr(v.name))}), which no "
             "checkpoint holds" for v in outside]
+
+
+def _one_level_in(value):
+    """`value` and what it holds one level in (a dict's values, a list's items, an object's attributes, a function's
+    closure variables), with the path to each: a generator in self.rngs["noise"] or a helper is named too."""
+    yield "", value
+    try:
+        if isinstance(value, dict):
+            yield from [(f"[{k!r}]", v) for k, v in list(value.items())]
+        elif isinstance(value, (list, tuple)):
+            yield from [(f"[{i}]", v) for i, v in enumerate(value)]
+        elif isinstance(value, types.FunctionType) and value.__closure__:
+            cells = zip(value.__code__.co_freevars, value.__closure__)
+            yield from [(f" (its closure's {name})", cell.cell_contents) for name, cell in cells]
+        elif hasattr(value, "__dict__") and not isinstance(value, (type, types.ModuleType, tf.random.Generator)):
+            yield from [(f".{k}", v) for k, v in list(vars(value).items())]
+    except (TypeError, ValueError, AttributeError):  # an object that hides its attributes, an empty cell
+        return
 
 
 @framework_code
@@ -151,8 +180,10 @@ def warn_unused_optimizers(trainer) -> None:
     trains not at all, with exit 0 either way."""
     unused = [name for name, updater in trainer.updaters.items() if not updater.in_step]
     if unused:
-        log.warning("The train step never calls self.update(loss, tape, name) for optimizer(s) %s (this Trainer's: %s): "
-                    "their models are not trained by the Trainer (an optimizer.apply_gradients of your own gets no loss "
-                    "scaling, finite check, clipping or grad_norm; on several replicas it applies the gradient of the "
-                    "global batch mean: averaged in an overridden train_step, the shares summed elsewhere). Fix: call "
-                    "self.update(loss, tape, %r) in train_step.", unused, sorted(trainer.updaters), unused[0])
+        log.warning("The train step never calls self.update(loss, tape, name) for optimizer(s) %s (this Trainer's: %s). "
+                    "If the step applies their gradients itself (optimizer.apply_gradients), their models train, with "
+                    "the gradients averaged over replicas in an overridden train_step (summed, as Keras does, "
+                    "elsewhere), but without the Trainer's loss scaling, finite check (a step with inf/NaN gradients "
+                    "is applied, not skipped), clipping, and grad_norm/skipped_steps logs; if nothing applies them (a "
+                    "misspelt name), those models do not train. Fix: call self.update(loss, tape, %r) in train_step.",
+                    unused, sorted(trainer.updaters), unused[0])
