@@ -173,7 +173,8 @@ def test_an_unreachable_wandb_server_is_a_one_line_error_naming_offline(tmp_path
 
 
 def test_fit_leaves_no_wandb_service_behind(tmp_path, no_login):
-    """After fit(), wandb's service process is stopped and its environment variable gone."""
+    """After fit(), wandb's service process is stopped, its environment variable gone and sys.exit and
+    sys.excepthook are this process's own again."""
     import os
     from pathlib import Path
 
@@ -195,12 +196,13 @@ def test_fit_leaves_no_wandb_service_behind(tmp_path, no_login):
                 found[stat.parent.name] = name
         return found
 
-    before = children()
+    before, hooks = children(), (sys.exit, sys.excepthook)
     trainer = Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       optimizer=lambda: keras.optimizers.Adam(1e-2), run_dir=tmp_path, loggers=[WandbLogger()],
                       progress_bar=False, verbose=False, log_every=2)
     trainer.fit(blobs(n=64), steps=2)
     assert "WANDB_SERVICE" not in os.environ
+    assert (sys.exit, sys.excepthook) == hooks  # wandb's wrappers of them undone
     names = [name for pid, name in children().items() if pid not in before]
     assert not [n for n in names if "wandb" in n], names

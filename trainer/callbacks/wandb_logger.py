@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any, Dict, List, Optional
 
 from trainer.callbacks.loggers import Logger, scalars
@@ -96,6 +97,7 @@ class WandbLogger(Logger):
         kept = folder / self.RUN_ID_FILE
         run_id = kept.read_text().strip() if kept.exists() else None
         self.started_service = not os.environ.get("WANDB_SERVICE")  # else another user of wandb in this process owns it
+        self.process_hooks = (sys.exit, sys.excepthook)  # wandb.init wraps them (its ExitHooks); put back at teardown
         try:
             self.run = wandb.init(project=self.project, entity=self.entity, name=self.name or folder.name, tags=self.tags,
                                   id=run_id, resume="allow", dir=str(folder), mode=self.chosen_mode(),
@@ -130,10 +132,16 @@ class WandbLogger(Logger):
         self.teardown()
 
     def teardown(self):
-        """Stops the wandb-core process this logger started and undoes wandb's hooks in this process
-        (WANDB_SERVICE, sys.excepthook), so fit() leaves the process as it found it."""
+        """Stops the wandb-core process this logger started and undoes what wandb.init left in this process
+        (WANDB_SERVICE, its wrappers of sys.exit and sys.excepthook), so fit() leaves the process as it found it."""
         import wandb
 
         if getattr(self, "started_service", False) and hasattr(wandb, "teardown"):
             wandb.teardown()
             os.environ.pop("WANDB_SERVICE", None)
+            from wandb.sdk.lib.exit_hooks import ExitHooks
+
+            if isinstance(getattr(sys.exit, "__self__", None), ExitHooks):
+                sys.exit = self.process_hooks[0]
+            if isinstance(getattr(sys.excepthook, "__self__", None), ExitHooks):
+                sys.excepthook = self.process_hooks[1]
