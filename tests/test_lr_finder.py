@@ -95,3 +95,57 @@ def test_cli_lr_find_bad_input_exits_2(tmp_path):
     result = run_cli("--min", "1", "--max", "0.1", "recipe=mnist", module="trainer.lr_find", cwd=tmp_path)
     assert result.returncode == 2 and "0 < min_lr < max_lr" in result.stderr + result.stdout
     assert not (tmp_path / "runs").exists()
+
+
+def test_suggest_gives_nothing_where_the_loss_never_falls():
+    """A rising or flat smoothed loss has no descent: no suggestion (the steepest slope is not negative)."""
+    from trainer.lr_finder import exponential_rates, no_suggestion_reason, suggest
+
+    lrs = list(exponential_rates(1e-5, 1.0, 30))
+    rising, flat, falling = [1 + 0.1 * i for i in range(30)], [1.0] * 30, [1 - 0.01 * i for i in range(30)]
+    assert suggest(lrs, rising) is None and suggest(lrs, flat) is None
+    assert suggest(lrs, falling) is not None
+    reason = no_suggestion_reason(lrs, rising, rising, "steps")
+    assert reason.startswith(f"the loss never decreased between lr {lrs[10]:.3g} and {lrs[28]:.3g}")
+
+
+def _tiny_trainer(loss=None):
+    import keras
+
+    from trainer import Trainer
+
+    return Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]),
+                   loss=loss or keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                   optimizer=lambda: keras.optimizers.SGD(0.1), verbose=False)
+
+
+def test_lr_find_on_a_flat_loss_says_it_never_decreased():
+    from trainer.lr_finder import lr_find
+
+    flat = _tiny_trainer(loss=lambda y, p: 0.0 * p[:, 0] + 1.0)  # the same loss whatever the rate
+    result = lr_find(flat, blobs(n=256).repeat(), steps=20, min_lr=1e-4, max_lr=1.0)
+    assert result.stopped == "steps" and len(result.losses) == 20
+    assert result.suggestion is None and result.suggestion_index is None
+    assert result.no_suggestion.startswith("the loss never decreased between lr")
+
+
+def test_lr_find_with_a_non_finite_first_loss_blames_the_data_not_the_rate():
+    import numpy as np
+    import tensorflow as tf
+
+    from trainer.lr_finder import lr_find
+
+    x = np.full((64, 4), np.nan, "float32")
+    data = tf.data.Dataset.from_tensor_slices((x, np.zeros(64, "int32"))).batch(16).repeat()
+    result = lr_find(_tiny_trainer(), data, steps=20, min_lr=1e-4, max_lr=1.0)
+    assert result.stopped == "diverged" and result.suggestion is None
+    assert "first step's loss is not finite" in result.no_suggestion and "the data or model, not the rate" in result.no_suggestion
+
+
+@pytest.mark.parametrize("args, message", [(["--steps", "5"], "steps=5 is too few"),
+                                           (["--min", "nan"], "0 < min_lr < max_lr")], ids=["steps", "nan"])
+def test_cli_lr_find_refuses_settings_before_building_anything(tmp_path, args, message):
+    result = run_cli(*args, "recipe=mnist", "data.batch_size=0", module="trainer.lr_find", cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and message in output, output[-2000:]
+    assert "batch_size" not in output  # refused before the config's data (a bad batch size) is looked at

@@ -16,6 +16,26 @@ from trainer.config import ConfigError
 from trainer.recompute import is_recomputed, recompute
 
 
+@pytest.fixture
+def recomputations(monkeypatch):
+    """Counts what tf.recompute_grad does under trainer.recompute: blocks wrapped in a step, and how often
+    their forward ran (once forward, once again in the backward pass)."""
+    counts = {"blocks": 0, "runs": 0}
+    original = tf.recompute_grad
+
+    def counting(f):
+        counts["blocks"] += 1
+
+        def counted(*args):
+            counts["runs"] += 1
+            return f(*args)
+
+        return original(counted)
+
+    monkeypatch.setattr(tf, "recompute_grad", counting)
+    return counts
+
+
 def block_model(recomputed: bool) -> keras.Model:
     keras.utils.set_random_seed(1)
     block_input = keras.Input((8,))
@@ -53,7 +73,7 @@ def test_gradients_and_statistics_equal_with_dropout_and_batchnorm(graph):
         np.testing.assert_allclose(after, before, rtol=1e-6)
 
 
-def test_resnet_recompute_gradients_equal_and_inference_unchanged():
+def test_resnet_recompute_gradients_equal_and_inference_unchanged(recomputations):
     from trainer.recipes.resnet import build_model
 
     images = tf.constant(np.random.default_rng(0).uniform(size=(2, 16, 16, 3)).astype("float32"))
@@ -71,6 +91,7 @@ def test_resnet_recompute_gradients_equal_and_inference_unchanged():
 
         grads = {"/".join(v.path.split("/")[-2:]): g.numpy() for v, g in zip(model.trainable_variables, step())}
         results.append((grads, model(images, training=False).numpy(), model))
+        assert recomputations == ({"blocks": 3, "runs": 6} if flag else {"blocks": 0, "runs": 0})  # 3 blocks, each run twice
     (plain, plain_out, _), (again, again_out, recomputed_model) = results
     assert plain.keys() == again.keys()
     for name in plain:
@@ -88,7 +109,7 @@ def test_keras_applications_resnet_refuses_recompute():
         build_model("resnet50", num_classes=4, image_size=32, recompute=True)
 
 
-def test_transformer_recompute_gradients_equal(tmp_path):
+def test_transformer_recompute_gradients_equal(tmp_path, recomputations):
     """A 2-layer BERT (MiniLM's vocabulary, random weights, dropout 0.1 inside each encoder layer)."""
     pytest.importorskip("keras_hub")
     from trainer.recipes import transformer
@@ -117,6 +138,7 @@ def test_transformer_recompute_gradients_equal(tmp_path):
             return tape.gradient(loss, model.trainable_variables)
 
         results.append({v.path: tf.convert_to_tensor(g).numpy() for v, g in zip(model.trainable_variables, step())})
+        assert recomputations == ({"blocks": 2, "runs": 4} if flag else {"blocks": 0, "runs": 0})  # 2 encoder layers
     assert results[0].keys() == results[1].keys()  # the same variables, the same names: checkpoints unchanged
     for name in results[0]:
         np.testing.assert_allclose(results[1][name], results[0][name], rtol=1e-4, atol=1e-6, err_msg=name)
@@ -150,5 +172,55 @@ def test_resnet_run_keeps_its_recompute_setting_on_resume(tmp_path):
         return trainer.fit(data, steps=steps)
 
     fit(True, 2)
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="model.recompute") as refused:
         fit(False, 4)
+    assert "init_from" not in str(refused.value)  # it reads the same layout: no way to load these weights
+
+
+class PairBlock(keras.layers.Layer):
+    """A block whose input is a list (or a dict) of two tensors, with dropout inside."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(8)
+        self.dropout = keras.layers.Dropout(0.3)
+
+    def call(self, inputs, training=None):
+        a, b = (inputs["a"], inputs["b"]) if isinstance(inputs, dict) else inputs
+        return self.dropout(self.dense(a) * b, training=training)
+
+
+@pytest.mark.parametrize("nested", ["list", "dict"])
+def test_a_block_with_a_list_or_dict_input_is_recomputed(nested, recomputations):
+    x = tf.constant(np.random.default_rng(0).normal(size=(4, 8)).astype("float32"))
+    grads = []
+    for flag in (False, True):
+        keras.utils.set_random_seed(2)
+        block = PairBlock()
+        block([x, x] if nested == "list" else {"a": x, "b": x})  # built (its variables made) outside the tf.function
+        if flag:
+            recompute(block)
+
+        @tf.function
+        def step():
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                inputs = [x, x + 1] if nested == "list" else {"a": x, "b": x + 1}
+                loss = tf.reduce_sum(block(inputs, training=True) ** 2)
+            return tape.gradient(loss, [x, *block.trainable_variables])
+
+        grads.append([g.numpy() for g in step()])
+    assert recomputations == {"blocks": 1, "runs": 2}  # engaged: not silently run without recomputation
+    for plain, again in zip(*grads):
+        np.testing.assert_allclose(again, plain, rtol=1e-5, atol=1e-7)
+
+
+def test_frozen_weights_are_not_copied_as_state():
+    """Only what a forward pass changes (moving statistics, seed states) is set back for the recomputation;
+    a frozen layer's weights are not copied each step."""
+    from trainer.recompute import _state
+
+    model = block_model(False)
+    block = model.get_layer("block")
+    block.get_layer("hidden").trainable = False
+    assert sorted(v.path.split("/")[-1] for v in _state(block)) == ["moving_mean", "moving_variance", "seed_generator_state"]

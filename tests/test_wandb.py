@@ -57,7 +57,7 @@ def history(run_dir):
 def no_login(monkeypatch, tmp_path):
     """As on a machine with no W&B account: no API key, no netrc entry, no WANDB_MODE."""
     pytest.importorskip("wandb")
-    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_SERVICE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -139,3 +139,70 @@ def test_missing_wandb_exits_2_naming_the_extra(tmp_path):
     assert result.returncode == 2, output[-3000:]
     assert "logger=wandb needs the Weights & Biases client" in output and 'pip install -e ".[wandb]"' in output
     assert "Traceback" not in output and not (run / "checkpoints").exists()
+
+
+def test_a_netrc_login_for_wandbs_default_host_logs_online(tmp_path, no_login):
+    """`wandb login` writes its key under the client's default host (api.forge.coreweave.com in wandb 0.31,
+    not api.wandb.ai): that login is found, so the run is online; without it, offline."""
+    import wandb
+
+    from trainer import WandbLogger
+
+    host = wandb.Settings().base_url.split("//")[-1]
+    (tmp_path / "no-netrc").write_text(f"machine {host}\n  login user\n  password {'a1' * 20}\n")
+    assert WandbLogger().chosen_mode() == "online"
+    (tmp_path / "no-netrc").write_text(f"machine api.example.org\n  login user\n  password {'a1' * 20}\n")
+    assert WandbLogger().chosen_mode() == "offline"
+
+
+def test_an_unreachable_wandb_server_is_a_one_line_error_naming_offline(tmp_path, no_login, monkeypatch):
+    """With a login but no network, wandb.init fails (W&B's CommError): exit 2, one line naming the offline
+    mode; and no wandb-core process or WANDB_SERVICE is left behind in this process."""
+    import os
+
+    monkeypatch.setenv("WANDB_API_KEY", "a1" * 20)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # the discard port: connection refused
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "20")
+    run = tmp_path / "run"
+    result = run_cli(*SMALL, "trainer.max_steps=5", "logger=[jsonl,wandb]", f"hydra.run.dir={run}")
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert "logger.wandb.mode=offline" in output and "WANDB_MODE=offline" in output
+    assert "Traceback" not in output
+    assert "WANDB_SERVICE" not in os.environ
+
+
+def test_fit_leaves_no_wandb_service_behind(tmp_path, no_login):
+    """After fit(), wandb's service process is stopped, its environment variable gone and sys.exit and
+    sys.excepthook are this process's own again."""
+    import os
+    from pathlib import Path
+
+    import keras
+
+    from conftest import blobs
+    from trainer import Trainer, WandbLogger
+
+    def children():
+        """{pid: command name} of this process's live children (from /proc: ppid and state)."""
+        found = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                name = stat.read_text().split("(", 1)[1].rsplit(")", 1)[0]
+            except OSError:
+                continue
+            if int(fields[1]) == os.getpid() and fields[0] != "Z":
+                found[stat.parent.name] = name
+        return found
+
+    before, hooks = children(), (sys.exit, sys.excepthook)
+    trainer = Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      optimizer=lambda: keras.optimizers.Adam(1e-2), run_dir=tmp_path, loggers=[WandbLogger()],
+                      progress_bar=False, verbose=False, log_every=2)
+    trainer.fit(blobs(n=64), steps=2)
+    assert "WANDB_SERVICE" not in os.environ
+    assert (sys.exit, sys.excepthook) == hooks  # wandb's wrappers of them undone
+    names = [name for pid, name in children().items() if pid not in before]
+    assert not [n for n in names if "wandb" in n], names

@@ -123,22 +123,35 @@ def _check_compatible(objects: Dict, prefix: str) -> None:
     for name, what in (("model", "the model"), ("optimizer", optimizer), ("models", "the models"), ("optimizers", optimizer)):
         if name not in objects:
             continue
-        _, rows, _ = match_variables(objects[name], prefix, name)
+        reader, rows, saved = match_variables(objects[name], prefix, name)
         problems = [
             f"{path}: checkpoint {shape} vs now {list(var.shape)}" if key else f"not in checkpoint: {path}"
             for path, var, key, shape in rows
             if key is None or list(shape) != list(var.shape)
         ]
+        fix = ("run with the config the run was started with (see .hydra/config.yaml), or start a new run folder "
+               "(hydra.run.dir=...) and use trainer.init_from=PATH to warm start (weights only)")
         if problems and all(p.endswith("/_learning_rate") for p in problems):
             what = ("the learning rate from a schedule to a constant (a constant rate is a variable of the "
                     "checkpoint, a schedule is not): keep optimizer.schedule as it was")
+        elif problems and name in ("model", "models") and _regrouped(rows, saved, reader, name):
+            what = ("how the model's layers are nested, not its weights (the same variables, grouped otherwise: "
+                    "for the ResNet recipe, model.recompute, which makes each block a nested model)")
+            fix = ("keep model.recompute (and the model) as the run was started with (see .hydra/config.yaml), or start "
+                   "a new run folder (hydra.run.dir=...)")  # init_from reads the same layout: it cannot load these either
         if problems:
             raise CheckpointError(
                 f"{prefix} does not fit this {name} ({'; '.join(problems[:6])}). The config changed {what} "
-                "since this run saved it. Fix: run with the config the run was started with (see "
-                ".hydra/config.yaml), or start a new run folder (hydra.run.dir=...) and use "
-                "trainer.init_from=PATH to warm start (weights only)."
+                f"since this run saved it. Fix: {fix}."
             )
+
+
+def _regrouped(rows, saved: Dict[str, str], reader, name: str) -> bool:
+    """The checkpoint holds the same weights (the same shapes, as many) under other object paths: the
+    layers were nested otherwise (a model.recompute switch on the ResNet recipe), not changed."""
+    shapes = reader.get_variable_to_shape_map()
+    held = sorted(tuple(shapes[key]) for path, key in saved.items() if path.startswith(f"{name}/") and key in shapes)
+    return bool(held) and held == sorted(tuple(var.shape) for _, var, _, _ in rows)
 
 
 def is_disk_full(e: BaseException) -> bool:

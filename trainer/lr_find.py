@@ -60,12 +60,15 @@ def find(cfg, steps: int, min_lr: float, max_lr: float):
 
 def main(argv=None) -> int:
     from trainer.assemble import compose_config
+    from trainer.lr_finder import check_settings
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)  # not its INFO lines (a "Reduce to" per variable when mirrored)
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = parse_args(argv)
+        check_settings(args.steps, args.min_lr, args.max_lr)  # before the config, data and model are built
         cfg = compose_config(args.overrides, error=LRFindArgumentError)
         out = Path(args.out) if args.out else Path("runs") / "lr_find" / time.strftime("%Y-%m-%d_%H-%M-%S")
         result = find(cfg, args.steps, args.min_lr, args.max_lr)
@@ -79,7 +82,7 @@ def main(argv=None) -> int:
     ran = f"{len(result.lrs)} steps, lr {result.lrs[0]:.3g} to {result.lrs[-1]:.3g}"
     ran += ", stopped where the loss diverged" if result.stopped == "diverged" else ""
     if result.suggestion is None:
-        print(f"No suggestion: {ran}; too few points before the loss diverged. Try a lower --min or more --steps.")
+        print(f"No suggestion ({ran}): {result.no_suggestion}.")
     else:
         rest = " ".join(shlex.quote(o) for o in args.overrides if not o.startswith("optimizer.lr="))
         print(f"Suggested learning rate: {result.suggestion:.3g} (steepest descent of the smoothed loss; {ran})")

@@ -34,7 +34,7 @@ class LRFinderError(UserError, RuntimeError):
 @dataclass
 class LRFinderResult:
     """What a range test recorded: the rate of each step, its loss, the smoothed loss, and the suggestion
-    (None when too few finite points remained to judge)."""
+    (None when too few finite points remained to judge, or the loss never fell: `no_suggestion` says which)."""
 
     lrs: List[float]
     losses: List[float]
@@ -43,6 +43,7 @@ class LRFinderResult:
     suggestion_index: Optional[int]
     stopped: str  # why it ended: "steps" (all of them ran) or "diverged"
     settings: Dict[str, float] = field(default_factory=dict)
+    no_suggestion: Optional[str] = None  # when suggestion is None: why, and the fix
 
     def to_json(self, path) -> Path:
         """A small json: the suggestion, the settings, and the curve."""
@@ -52,7 +53,8 @@ class LRFinderResult:
         def clean(values):  # JSON has no NaN or infinity: a diverged step's loss is null
             return [v if math.isfinite(v) else None for v in values]
 
-        path.write_text(json.dumps({"suggestion": self.suggestion, "stopped": self.stopped, **self.settings, "lr": self.lrs,
+        path.write_text(json.dumps({"suggestion": self.suggestion, "stopped": self.stopped,
+                                    **({"no_suggestion": self.no_suggestion} if self.no_suggestion else {}), **self.settings, "lr": self.lrs,
                                     "loss": clean(self.losses), "smoothed_loss": clean(self.smoothed)}, indent=1) + "\n")
         return path
 
@@ -110,22 +112,50 @@ def smooth(losses: List[float], beta: float) -> List[float]:
     return out
 
 
-def suggest(lrs: List[float], smoothed: List[float], skip_begin: int = 10, skip_end: int = 1) -> Optional[int]:
+SKIP_BEGIN, SKIP_END = 10, 1  # the smoothed average settling; the divergence
+MIN_STEPS = SKIP_BEGIN + SKIP_END + 2  # two points to judge a slope on
+FLAT = 1e-6  # a slope under this fraction of the loss per decade of rate is flat
+
+
+def suggest(lrs: List[float], smoothed: List[float], skip_begin: int = SKIP_BEGIN, skip_end: int = SKIP_END) -> Optional[int]:
     """The index of the steepest descent of the smoothed loss against log(lr), leaving out the first
     `skip_begin` points (the average still settling) and the last `skip_end` (the divergence); None when
-    fewer than two finite points remain (np.gradient needs two)."""
-    end = len(smoothed) - skip_end
-    kept = [i for i in range(skip_begin, end) if math.isfinite(smoothed[i])]
+    fewer than two finite points remain (np.gradient needs two) or the loss falls nowhere (a rising or flat
+    curve has no descent to suggest)."""
+    kept = _judged(smoothed, skip_begin, skip_end)
     if len(kept) < 2:
         return None
     slopes = np.gradient(np.array([smoothed[i] for i in kept]), np.log10([lrs[i] for i in kept]))
-    return kept[int(np.argmin(slopes))]
+    steepest = int(np.argmin(slopes))
+    flat = FLAT * max(abs(smoothed[i]) for i in kept)  # a "fall" of float rounding is no descent
+    return kept[steepest] if slopes[steepest] < -flat else None
 
 
-def _check(steps: int, min_lr: float, max_lr: float, beta: float, divergence: float) -> None:
-    if steps < 2:
-        raise ConfigError(f"lr_find: steps={steps} is too few for a range test; give at least 2 (Lightning uses 100)")
-    if not 0 < min_lr < max_lr:
+def _judged(smoothed: List[float], skip_begin: int = SKIP_BEGIN, skip_end: int = SKIP_END) -> List[int]:
+    return [i for i in range(skip_begin, len(smoothed) - skip_end) if math.isfinite(smoothed[i])]
+
+
+def no_suggestion_reason(lrs: List[float], losses: List[float], smoothed: List[float], stopped: str) -> str:
+    """Why `suggest` found nothing, and the fix, for the log and the CLI."""
+    if not losses or not math.isfinite(losses[0]):
+        return (f"the first step's loss is not finite (at lr {lrs[0]:.3g}): that is the data or model, not the rate. "
+                "Fix: check that `python -m trainer` trains on this config at a small rate")
+    kept = _judged(smoothed)
+    if len(kept) < 2 and stopped == "diverged":
+        return (f"the loss diverged after {len(losses)} steps (at lr {lrs[-1]:.3g}), too few to judge a descent (at least "
+                f"{MIN_STEPS} are needed). Fix: a lower --min or --max (the rates grow more slowly), or more steps")
+    if len(kept) < 2:
+        return f"{len(losses)} steps are too few to judge a descent. Fix: at least {MIN_STEPS} steps"
+    return (f"the loss never decreased between lr {lrs[kept[0]]:.3g} and {lrs[kept[-1]]:.3g}. Fix: a wider range "
+            "(a lower --min, a higher --max), or check that the model learns at all")
+
+
+def check_settings(steps: int, min_lr: float, max_lr: float, beta: float = 0.98, divergence: Optional[float] = 4.0) -> None:
+    """Raises ConfigError for settings a range test cannot judge (before any data or model is built)."""
+    if steps < MIN_STEPS:
+        raise ConfigError(f"lr_find: steps={steps} is too few for a range test: the first {SKIP_BEGIN} smoothed losses "
+                          f"are settling, so at least {MIN_STEPS} are needed (Lightning uses 100)")
+    if not (math.isfinite(min_lr) and math.isfinite(max_lr) and 0 < min_lr < max_lr):
         raise ConfigError(f"lr_find: the rates must satisfy 0 < min_lr < max_lr (got min_lr={min_lr:g}, max_lr={max_lr:g})")
     if not 0 <= beta < 1:
         raise ConfigError(f"lr_find: smoothing={beta} must be in [0, 1) (0.98: Lightning's)")
@@ -148,7 +178,7 @@ def lr_find(trainer, train_data, *, steps: int = 100, min_lr: float = 1e-7, max_
     from trainer.data import release_in_background
     from trainer.inputs import sample_batch, training_iterator
 
-    _check(steps, min_lr, max_lr, smoothing, divergence)
+    check_settings(steps, min_lr, max_lr, smoothing, divergence)
     sample, _ = sample_batch(train_data, trainer.strategy)
     trainer.build(sample)
     rates = exponential_rates(min_lr, max_lr, steps)
@@ -172,11 +202,12 @@ def lr_find(trainer, train_data, *, steps: int = 100, min_lr: float = 1e-7, max_
     lrs = [float(r) for r in rates[:len(losses)]]
     smoothed = smooth(losses, smoothing)
     index = suggest(lrs, smoothed)
-    if index is None:
-        log.warning("lr_find: only %d steps ran before the loss diverged: too few to suggest a rate. Fix: a lower "
-                    "--min (min_lr), or more steps", len(losses))
+    reason = None if index is not None else no_suggestion_reason(lrs, losses, smoothed, stopped)
+    if reason:
+        log.warning("lr_find: no suggestion: %s", reason)
     settings = {"min_lr": min_lr, "max_lr": max_lr, "steps": steps, "smoothing": smoothing, "divergence": divergence}
-    return LRFinderResult(lrs, losses, smoothed, lrs[index] if index is not None else None, index, stopped, settings)
+    return LRFinderResult(lrs, losses, smoothed, lrs[index] if index is not None else None, index, stopped, settings,
+                          reason)
 
 
 def _rate_variables(trainer, schedules) -> List[tf.Variable]:

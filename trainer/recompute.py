@@ -9,7 +9,8 @@ What tf.recompute_grad alone gets wrong with Keras layers, and what this does ab
     the recomputation, and set to their values after the forward pass again once it is done. The
     recomputation thus draws the same masks, and the moving statistics are updated once per step, not twice.
   * keyword arguments (a padding mask, `training`) cannot cross `tf.custom_gradient` in a graph: they are
-    closed over; only the positional tensors are the block's differentiated inputs.
+    closed over; only the positional tensors are the block's differentiated inputs. A positional list or
+    dict of tensors is flattened for tf.recompute_grad (which takes tensors only) and packed again.
 The block's variables and their checkpoint names do not change: `recompute` replaces the instance's `call`.
 """
 from __future__ import annotations
@@ -28,7 +29,8 @@ def recompute(block: keras.layers.Layer) -> keras.layers.Layer:
     forward = block.call
 
     def call(*args, **kwargs):
-        if not kwargs.get("training") or not all(isinstance(a, (tf.Tensor, tf.Variable)) for a in args):
+        leaves = tf.nest.flatten(args)
+        if not kwargs.get("training") or any(isinstance(a, keras.KerasTensor) for a in leaves):
             return forward(*args, **kwargs)  # inference, or Keras tracing the model's shapes
         return _recomputed(block, forward, args, kwargs)
 
@@ -42,26 +44,35 @@ def is_recomputed(block: keras.layers.Layer) -> bool:
 
 
 def _state(block) -> List:
-    """The variables a forward pass changes: the seed generators' states and the moving statistics."""
-    return [v for v in block.variables if not v.trainable]
+    """The variables a forward pass changes: the seed generators' states and the moving statistics, i.e. the
+    non-trainable variables other than frozen weights (a frozen layer's weights stay in its Keras 3
+    `_trainable_variables`; copying them each step would only cost memory)."""
+    frozen = {id(v) for layer in block._flatten_layers() for v in getattr(layer, "_trainable_variables", [])}
+    return [v for v in block.variables if not v.trainable and id(v) not in frozen]
 
 
 def _recomputed(block, forward, args, kwargs):
+    try:  # nested inputs (a list, a dict of tensors) are flattened for tf.recompute_grad and packed again
+        flat = [tf.convert_to_tensor(a) if not isinstance(a, (tf.Tensor, tf.Variable)) else a for a in tf.nest.flatten(args)]
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"recompute: {block.name} got an input that is not a tensor while training ({e}); pass its "
+                        "inputs as tensors (nested lists or dicts of tensors are fine), or do not recompute it") from None
     state = _state(block)
     before = [tf.identity(keras.ops.convert_to_tensor(v)) for v in state]
     passes = []
 
     def run(*tensors):
+        inputs = tf.nest.pack_sequence_as(args, list(tensors))
         if not passes:  # the forward pass
             passes.append("forward")
-            return forward(*tensors, **kwargs)
+            return forward(*inputs, **kwargs)
         after = [tf.identity(keras.ops.convert_to_tensor(v)) for v in state]
         for variable, value in zip(state, before):  # the same masks, and no second statistics update
             variable.assign(value)
-        outputs = forward(*tensors, **kwargs)
+        outputs = forward(*inputs, **kwargs)
         with tf.control_dependencies(tf.nest.flatten(outputs)):
             for variable, value in zip(state, after):
                 variable.assign(value)
         return tf.nest.map_structure(tf.identity, outputs)
 
-    return tf.recompute_grad(run)(*args)
+    return tf.recompute_grad(run)(*flat)

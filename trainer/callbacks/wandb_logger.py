@@ -7,28 +7,43 @@ not stop, nor hang, on a missing account or network).
 from __future__ import annotations
 
 import logging
-import netrc
 import os
+import sys
 from typing import Any, Dict, List, Optional
-from urllib.parse import urlparse
 
 from trainer.callbacks.loggers import Logger, scalars
 from trainer.config import ConfigError
+from trainer.errors import UserError
 
 log = logging.getLogger("trainer.callbacks")
 
 WANDB_INSTALL = 'pip install -e ".[wandb]"'
 
 
+def wandb_host() -> str:
+    """The W&B server wandb.init talks to: WANDB_BASE_URL, else the client's default (it changes between
+    versions: https://api.forge.coreweave.com in wandb 0.31, not api.wandb.ai)."""
+    import wandb
+
+    return os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url
+
+
 def has_wandb_login() -> bool:
-    """An API key in the environment, or a netrc entry for W&B's host (what `wandb login` writes)."""
+    """An API key in the environment, or a netrc entry for W&B's host (what `wandb login` writes), found by
+    wandb's own netrc lookup (its host aliases included)."""
     if os.environ.get("WANDB_API_KEY"):
         return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    from wandb.sdk.lib.wbauth import read_netrc_auth
+
     try:
-        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
+        return read_netrc_auth(host=wandb_host()) is not None
+    except Exception as e:  # noqa: BLE001 - a malformed key: wandb.init would refuse it too; say so and go offline
+        log.warning("W&B: the netrc entry for %s is not usable (%s); logging offline", wandb_host(), e)
         return False
+
+
+class WandbUnavailable(UserError, RuntimeError):
+    """wandb.init failed (no network, a refused login): the message names the offline mode (exit 2)."""
 
 
 class WandbLogger(Logger):
@@ -63,6 +78,7 @@ class WandbLogger(Logger):
         self.project, self.entity, self.name, self.mode = project, entity, name, mode
         self.tags, self.params = list(tags or []), dict(params or {})
         self.run = None
+        self.started_service = False
 
     def chosen_mode(self) -> Optional[str]:
         """The mode wandb.init gets: ours, else WANDB_MODE's (None: wandb reads it), else by the login."""
@@ -80,9 +96,18 @@ class WandbLogger(Logger):
         folder = self.in_run_dir(trainer, None, "wandb").parent  # wandb.init(dir=...) writes its own wandb/ there
         kept = folder / self.RUN_ID_FILE
         run_id = kept.read_text().strip() if kept.exists() else None
-        self.run = wandb.init(project=self.project, entity=self.entity, name=self.name or folder.name, tags=self.tags,
-                              id=run_id, resume="allow", dir=str(folder), mode=self.chosen_mode(),
-                              reinit="create_new", settings=wandb.Settings(console="off"))
+        self.started_service = not os.environ.get("WANDB_SERVICE")  # else another user of wandb in this process owns it
+        self.process_hooks = (sys.exit, sys.excepthook)  # wandb.init wraps them (its ExitHooks); put back at teardown
+        try:
+            self.run = wandb.init(project=self.project, entity=self.entity, name=self.name or folder.name, tags=self.tags,
+                                  id=run_id, resume="allow", dir=str(folder), mode=self.chosen_mode(),
+                                  reinit="create_new", settings=wandb.Settings(console="off"))
+        except wandb.errors.Error as e:  # no network, a refused key: W&B's own error, not a bug of the run
+            self.teardown()
+            reason = " ".join(str(e).split())[:300]
+            raise WandbUnavailable(f"W&B could not start its run ({type(e).__name__}: {reason}). Fix: log offline with "
+                                   "logger.wandb.mode=offline (or WANDB_MODE=offline) and `wandb sync` later, or check "
+                                   "the network and the login") from None
         self.run.config.update({**getattr(trainer, "hparams", {}), **self.params}, allow_val_change=True)
         if run_id is None:
             kept.write_text(self.run.id + "\n")
@@ -104,3 +129,19 @@ class WandbLogger(Logger):
             self.run.mark_preempting()  # W&B's mark of a run that stopped to be resumed
         self.run.finish(exit_code=0 if end == "finished" else 1)
         self.run = None
+        self.teardown()
+
+    def teardown(self):
+        """Stops the wandb-core process this logger started and undoes what wandb.init left in this process
+        (WANDB_SERVICE, its wrappers of sys.exit and sys.excepthook), so fit() leaves the process as it found it."""
+        import wandb
+
+        if getattr(self, "started_service", False) and hasattr(wandb, "teardown"):
+            wandb.teardown()
+            os.environ.pop("WANDB_SERVICE", None)
+            from wandb.sdk.lib.exit_hooks import ExitHooks
+
+            if isinstance(getattr(sys.exit, "__self__", None), ExitHooks):
+                sys.exit = self.process_hooks[0]
+            if isinstance(getattr(sys.excepthook, "__self__", None), ExitHooks):
+                sys.excepthook = self.process_hooks[1]
