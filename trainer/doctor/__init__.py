@@ -182,7 +182,7 @@ def diagnose_parts(parts, data, *, batch_size: Optional[int] = None, strategy=No
                                            tensorboard=False, init_from=None),
             ).build(strategy=strategy)
 
-        report["speed"] = speed_section(make_trainer, data_for_batch, configs, skipped, rounds=5 if quick else 7,
+        report["speed"] = speed_section(make_trainer, data_for_batch, configs, skipped, rounds=10 if quick else 12,
                                         call_seconds=0.2, progress=progress)
         report["recommendation"] = recommend(report, overrides, baseline_xla(trainer_config, strategy, precision),
                                              batch_size, policy=precision.policy)
