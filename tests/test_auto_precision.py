@@ -100,8 +100,14 @@ def test_doctor_set_auto_stores_the_recommended_policy(monkeypatch, capsys):
     from trainer.doctor.__main__ import _set_auto
 
     _cpu(monkeypatch, set())  # a plain CPU: auto alone would pick float32
-    _set_auto({"policy": "mixed_bfloat16", "command": "python -m trainer precision=mixed_bfloat16",
-               "speedup": 1.4, "changed": True})
+    rec = {"policy": "mixed_bfloat16", "command": "python -m trainer precision=mixed_bfloat16", "speedup": 1.4,
+           "changed": True, "verdict": "faster"}
+    _set_auto({**rec, "unverified": True})  # the grid alone: a candidate, not stored
+    assert "nothing stored (the change is not verified faster" in capsys.readouterr().out
+    _set_auto({**rec, "changed": False, "verdict": "no significant difference"})  # nothing to store
+    assert "nothing stored (no significant change" in capsys.readouterr().out
+    assert auto_precision.decide(measure=_probe(0.5, []))[0] == "float32"
+    _set_auto({**rec, "verify": {"verdict": "faster"}})
     assert "precision=auto now chooses mixed_bfloat16" in capsys.readouterr().out
     policy, why = auto_precision.decide(measure=_probe(0.5, []))
     assert policy == "mixed_bfloat16" and "1.40x" in why
@@ -153,3 +159,18 @@ def test_python_api_resume_keeps_the_policy_the_run_trained_in(monkeypatch, tmp_
     assert "precision=auto kept mixed_bfloat16" in caplog.text
     fresh = Trainer(model=model, loss="mse", optimizer=keras.optimizers.SGD(), precision="auto", run_dir=tmp_path / "x")
     assert fresh.precision.policy == "float32"  # no checkpoints there: this machine's current answer
+
+
+@pytest.mark.parametrize("content", ["[]", '{"k": 1}', '{"k": {"doctor": {"policy": "float32"}}}', "{not json"])
+def test_a_cache_of_the_wrong_shape_is_ignored_with_a_warning(monkeypatch, caplog, content):
+    """Valid JSON of another shape (or no JSON) is no cache: said, then replaced by the next answer (atomically)."""
+    _cpu(monkeypatch, {"amx_bf16"})
+    auto_precision.cache_path().parent.mkdir(parents=True, exist_ok=True)
+    auto_precision.cache_path().write_text(content)
+    calls = []
+    with caplog.at_level(logging.WARNING, logger="trainer.auto_precision"):
+        policy, _ = auto_precision.decide(measure=_probe(3.5, calls))
+    assert policy == "mixed_bfloat16" and len(calls) == 1 and "ignoring it" in caplog.text
+    auto_precision.decide(measure=_probe(3.5, calls))
+    assert len(calls) == 1  # the replaced cache is read back
+    assert not list(auto_precision.cache_path().parent.glob(".*.tmp"))

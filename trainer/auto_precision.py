@@ -113,20 +113,48 @@ def measure_speedup(policy: str, rounds: int = PROBE_ROUNDS, side: int = PROBE_S
             "reduced_gflops": 2 * side**3 / medians["reduced"] / 1e9, "when": time.strftime("%Y-%m-%d %H:%M")}
 
 
+_DOCTOR_KEYS, _PROBE_KEYS = {"policy", "command", "speedup", "when"}, {"speedup", "side", "float32_gflops",
+                                                                         "reduced_gflops", "when"}
+
+
+def _well_formed(cache) -> bool:
+    """Every entry as _write_cache writes it: a hand-edited or foreign file must not crash a run."""
+    if not isinstance(cache, dict):
+        return False
+    for entry in cache.values():
+        if not isinstance(entry, dict):
+            return False
+        doctor, probes = entry.get("doctor"), entry.get("probe", {})
+        if doctor is not None and not (isinstance(doctor, dict) and _DOCTOR_KEYS <= doctor.keys()):
+            return False
+        if not isinstance(probes, dict) or not all(isinstance(p, dict) and _PROBE_KEYS <= p.keys()
+                                                   for p in probes.values()):
+            return False
+    return True
+
+
 def _read_cache() -> dict:
     try:
-        return json.loads(cache_path().read_text())
-    except (OSError, ValueError):
+        cache = json.loads(cache_path().read_text())
+    except FileNotFoundError:
         return {}
+    except (OSError, ValueError) as e:
+        log.warning("precision=auto: its cache %s cannot be read (%s); ignoring it", cache_path(), e)
+        return {}
+    if not _well_formed(cache):
+        log.warning("precision=auto: its cache %s is not in the expected shape (edited by hand?); ignoring it, "
+                    "and the next answer replaces it", cache_path())
+        return {}
+    return cache
 
 
 def _write_cache(key: str, entry: dict) -> None:
-    """Best effort: an unwritable cache costs a probe per run, not the run."""
+    """Best effort: an unwritable cache costs a probe per run, not the run. Atomic: a reader in another
+    process never sees half a file."""
     cache = _read_cache()
     cache[key] = {**cache.get(key, {}), **entry}
     try:
-        cache_path().parent.mkdir(parents=True, exist_ok=True)
-        cache_path().write_text(json.dumps(cache, indent=1))
+        write_json_atomically(cache_path(), cache)
     except OSError as e:
         log.warning("precision=auto: could not write its cache %s (%s); the probe runs again next time",
                     cache_path(), e.strerror or e)
