@@ -231,6 +231,16 @@ def test_the_baseline_is_what_the_user_runs_now():
     f32_slow = _row("float32", 32, [1.0, 1.1, 0.9, 1.0, 1.05])
     rec = recommend(_report(f32_slow, bf16), [], baseline_xla=False, batch=32, policy="mixed_bfloat16")
     assert rec["config"] == bf16["name"] and rec["changed"] is False
+    assert rec["current"]["timed"] and "not timed" not in " ".join(rec["notes"])
+    # the user's configuration (XLA on) was not timed: the closest row is labelled as such, not as theirs,
+    # and the current command (what --verify trains) is the user's own
+    from trainer.doctor.report import _recommendation_lines
+
+    rec = recommend(_report(f32_slow, bf16), [], baseline_xla=True, batch=32, policy="mixed_bfloat16")
+    assert not rec["current"]["timed"] and rec["baseline"] == bf16["name"]
+    assert "mixed_bfloat16 XLA on batch 32) was not timed" in rec["notes"][0]
+    assert "trainer.jit_compile=true" in rec["current_command"] and rec["current"]["xla"] is True
+    assert "closest timed to what you run now" in _recommendation_lines(rec)[1]
 
 
 def _noisy_rounds(rng, true_seconds, rounds=12):
@@ -444,6 +454,12 @@ def test_verify_withdraws_a_recommendation_that_does_not_train_faster():
     head = _recommendation_lines(withdrawn)[1]
     assert head.startswith(f"  {baseline['name']} (what you run now): keep it") and "not confirmed by --verify" in head
     assert "model.hidden_units=[8]" in withdrawn["command"]
+    from trainer.doctor.verify import mark_unverified
+
+    candidate = mark_unverified(rec)  # no --verify: the grid's winner is a candidate, said so
+    assert candidate["unverified"] and "run_steps" in candidate["notes"][0] and "--verify N" in candidate["notes"][0]
+    assert _recommendation_lines(candidate)[1].startswith("  candidate, not yet verified: ")
+    assert mark_unverified(withdrawn) == withdrawn  # nothing changed: nothing to verify
 
 
 @pytest.mark.slow
