@@ -100,8 +100,77 @@ def test_doctor_set_auto_stores_the_recommended_policy(monkeypatch, capsys):
     from trainer.doctor.__main__ import _set_auto
 
     _cpu(monkeypatch, set())  # a plain CPU: auto alone would pick float32
-    _set_auto({"policy": "mixed_bfloat16", "command": "python -m trainer precision=mixed_bfloat16",
-               "speedup": 1.4, "changed": True})
+    rec = {"policy": "mixed_bfloat16", "command": "python -m trainer precision=mixed_bfloat16", "speedup": 1.4,
+           "changed": True, "verdict": "faster"}
+    _set_auto({**rec, "unverified": True})  # the grid alone: a candidate, not stored
+    assert "nothing stored (the change is not verified faster" in capsys.readouterr().out
+    _set_auto({**rec, "changed": False, "verdict": "no significant difference"})  # nothing to store
+    assert "nothing stored (no significant change" in capsys.readouterr().out
+    assert auto_precision.decide(measure=_probe(0.5, []))[0] == "float32"
+    _set_auto({**rec, "verify": {"verdict": "faster"}})
     assert "precision=auto now chooses mixed_bfloat16" in capsys.readouterr().out
     policy, why = auto_precision.decide(measure=_probe(0.5, []))
     assert policy == "mixed_bfloat16" and "1.40x" in why
+
+
+def test_cli_resume_keeps_the_policy_the_run_trained_in(monkeypatch, tmp_path):
+    """A resume on precision=auto computes in the run's recorded policy, not this machine's new answer
+    (the cache changed between the runs), says so, and the run's config record keeps it."""
+    _cpu(monkeypatch, set())
+    run = tmp_path / "run"
+    common = ("precision=auto", "model.hidden_units=[8]", "data.batch_size=16", "trainer.eval_every=0",
+              "trainer.checkpoint_every=1", "trainer.progress_bar=false", f"hydra.run.dir={run}")
+    auto_precision.save_doctor_answer("mixed_bfloat16", "python -m trainer precision=mixed_bfloat16", 1.5)
+    done = run_cli(*common, "trainer.max_steps=2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "precision=auto chose mixed_bfloat16" in done.stdout + done.stderr
+    auto_precision.save_doctor_answer("float32", "python -m trainer precision=float32", 1.0)
+    done = run_cli(*common, "trainer.max_steps=4")
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout + done.stderr
+    assert "precision=auto kept mixed_bfloat16" in out and "precision=auto chose" not in out
+    assert OmegaConf.load(run / ".hydra" / "config.yaml").precision.policy == "mixed_bfloat16"
+
+
+def test_python_api_resume_keeps_the_policy_the_run_trained_in(monkeypatch, tmp_path, caplog):
+    import numpy as np
+    import tensorflow as tf
+
+    from trainer import Trainer
+
+    _cpu(monkeypatch, set())
+    data = tf.data.Dataset.from_tensor_slices((np.zeros((32, 4), "float32"), np.zeros(32, "int64"))).batch(8)
+
+    def model():
+        return keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+
+    def trainer():
+        return Trainer(model=model, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                       optimizer=keras.optimizers.SGD(0.1), precision="auto", run_dir=tmp_path, progress_bar=False,
+                       checkpoint_every=1, tensorboard=False, max_steps=2)
+
+    auto_precision.save_doctor_answer("mixed_bfloat16", "x", 1.5)
+    first = trainer()
+    assert first.precision.policy == "mixed_bfloat16"
+    first.fit(data)
+    auto_precision.save_doctor_answer("float32", "y", 1.0)
+    with caplog.at_level(logging.INFO, logger="trainer.auto_precision"):
+        assert trainer().precision.policy == "mixed_bfloat16"
+    assert "precision=auto kept mixed_bfloat16" in caplog.text
+    fresh = Trainer(model=model, loss="mse", optimizer=keras.optimizers.SGD(), precision="auto", run_dir=tmp_path / "x")
+    assert fresh.precision.policy == "float32"  # no checkpoints there: this machine's current answer
+
+
+@pytest.mark.parametrize("content", ["[]", '{"k": 1}', '{"k": {"doctor": {"policy": "float32"}}}', "{not json"])
+def test_a_cache_of_the_wrong_shape_is_ignored_with_a_warning(monkeypatch, caplog, content):
+    """Valid JSON of another shape (or no JSON) is no cache: said, then replaced by the next answer (atomically)."""
+    _cpu(monkeypatch, {"amx_bf16"})
+    auto_precision.cache_path().parent.mkdir(parents=True, exist_ok=True)
+    auto_precision.cache_path().write_text(content)
+    calls = []
+    with caplog.at_level(logging.WARNING, logger="trainer.auto_precision"):
+        policy, _ = auto_precision.decide(measure=_probe(3.5, calls))
+    assert policy == "mixed_bfloat16" and len(calls) == 1 and "ignoring it" in caplog.text
+    auto_precision.decide(measure=_probe(3.5, calls))
+    assert len(calls) == 1  # the replaced cache is read back
+    assert not list(auto_precision.cache_path().parent.glob(".*.tmp"))

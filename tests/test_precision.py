@@ -393,7 +393,12 @@ def test_convert_warns_with_measured_numbers_when_inference_gets_slower(monkeypa
         _, report = convert_model(model, "mixed_float16", x)
     assert report.seconds_per_batch_after == 0.0785
     assert "16.4x slower" in caplog.text and "78.5 vs 4.8 ms per batch" in caplog.text
-    assert "keep float32 for inference here" in caplog.text
+    assert "keep float32 for inference here" in caplog.text and "median of 5 interleaved calls" in caplog.text
+    from types import SimpleNamespace  # back to float32: no claim about fast float32 matmuls
+
+    to_float32 = convert.slowdown_warning(SimpleNamespace(seconds_per_batch_before=0.001, seconds_per_batch_after=0.01,
+                                                          source_policy="mixed_bfloat16", target_policy="float32"), "CPU")
+    assert "mixed_bfloat16 measured faster on this CPU" in to_float32 and "matmuls" not in to_float32
     caplog.clear()
     monkeypatch.setattr(convert, "_time_predicts", lambda before, after, inputs: (0.0048, 0.005))
     with caplog.at_level(logging.WARNING, logger="trainer.convert"):

@@ -8,6 +8,10 @@ exists, not that TensorFlow's kernels use it well. The probe's answer is cached 
 devices, TensorFlow version) in ~/.cache/trainer/precision_auto.json ($TRAINER_CACHE_DIR overrides the
 folder), so it is paid once. `python -m trainer.doctor --set-auto` stores the doctor's measured answer
 there instead, which auto then follows; an explicit precision=... always wins over both.
+
+A run keeps what auto chose for it: the choice is recorded in its run folder (precision_auto.json), and a
+resume (checkpoints present) computes in the recorded policy, whatever the cache says now; the weights
+and optimizer state of those checkpoints were trained in it.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ AUTO = "auto"
 LEAST_MATMUL_SPEEDUP = 2.0
 PROBE_SIDE, PROBE_ROUNDS = 1024, 5
 CACHE_FILE = "precision_auto.json"
+RUN_RECORD = "precision_auto.json"  # in a run folder: the policy auto chose for that run
 DTYPE_OF = {"mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}
 
 
@@ -108,20 +113,48 @@ def measure_speedup(policy: str, rounds: int = PROBE_ROUNDS, side: int = PROBE_S
             "reduced_gflops": 2 * side**3 / medians["reduced"] / 1e9, "when": time.strftime("%Y-%m-%d %H:%M")}
 
 
+_DOCTOR_KEYS, _PROBE_KEYS = {"policy", "command", "speedup", "when"}, {"speedup", "side", "float32_gflops",
+                                                                         "reduced_gflops", "when"}
+
+
+def _well_formed(cache) -> bool:
+    """Every entry as _write_cache writes it: a hand-edited or foreign file must not crash a run."""
+    if not isinstance(cache, dict):
+        return False
+    for entry in cache.values():
+        if not isinstance(entry, dict):
+            return False
+        doctor, probes = entry.get("doctor"), entry.get("probe", {})
+        if doctor is not None and not (isinstance(doctor, dict) and _DOCTOR_KEYS <= doctor.keys()):
+            return False
+        if not isinstance(probes, dict) or not all(isinstance(p, dict) and _PROBE_KEYS <= p.keys()
+                                                   for p in probes.values()):
+            return False
+    return True
+
+
 def _read_cache() -> dict:
     try:
-        return json.loads(cache_path().read_text())
-    except (OSError, ValueError):
+        cache = json.loads(cache_path().read_text())
+    except FileNotFoundError:
         return {}
+    except (OSError, ValueError) as e:
+        log.warning("precision=auto: its cache %s cannot be read (%s); ignoring it", cache_path(), e)
+        return {}
+    if not _well_formed(cache):
+        log.warning("precision=auto: its cache %s is not in the expected shape (edited by hand?); ignoring it, "
+                    "and the next answer replaces it", cache_path())
+        return {}
+    return cache
 
 
 def _write_cache(key: str, entry: dict) -> None:
-    """Best effort: an unwritable cache costs a probe per run, not the run."""
+    """Best effort: an unwritable cache costs a probe per run, not the run. Atomic: a reader in another
+    process never sees half a file."""
     cache = _read_cache()
     cache[key] = {**cache.get(key, {}), **entry}
     try:
-        cache_path().parent.mkdir(parents=True, exist_ok=True)
-        cache_path().write_text(json.dumps(cache, indent=1))
+        write_json_atomically(cache_path(), cache)
     except OSError as e:
         log.warning("precision=auto: could not write its cache %s (%s); the probe runs again next time",
                     cache_path(), e.strerror or e)
@@ -160,12 +193,56 @@ def decide(strategy=None, measure: Optional[Callable[[str], dict]] = None) -> Tu
     return "float32", f"{why}, but {measured}, under the {LEAST_MATMUL_SPEEDUP:g}x a step needs to gain"
 
 
-def resolve(precision, strategy=None, measure: Optional[Callable[[str], dict]] = None):
+def write_json_atomically(path: Path, value) -> None:
+    """A temporary file beside `path`, then os.replace: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(json.dumps(value, indent=1))
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _recorded_policy(run_dir) -> Optional[str]:
+    """The policy auto chose for the run in `run_dir` when that run has checkpoints to resume, else None."""
+    from trainer.checkpoint import list_checkpoints
+
+    if run_dir is None or not list_checkpoints(Path(run_dir) / "checkpoints"):
+        return None
+    record = Path(run_dir) / RUN_RECORD
+    try:
+        policy = json.loads(record.read_text()).get("policy")
+    except (OSError, ValueError, AttributeError):
+        policy = None
+    if policy not in DTYPE_OF and policy != "float32":
+        log.warning("precision=auto: %s holds checkpoints but no readable record of the policy auto chose for it "
+                    "(%s); deciding again. If the run trained in another policy, pass it: precision=<policy>.",
+                    run_dir, record)
+        return None
+    return policy
+
+
+def resolve(precision, strategy=None, measure: Optional[Callable[[str], dict]] = None, run_dir=None):
     """`precision` (a PrecisionConfig) with policy auto replaced by decide()'s answer, logged with its
-    reason; any other policy is returned as it is."""
+    reason; any other policy is returned as it is. With a `run_dir` that holds checkpoints, auto keeps
+    the policy recorded for that run (a resume must compute in what trained); else the choice is
+    recorded there."""
     if precision.policy != AUTO:
         return precision
+    kept = _recorded_policy(run_dir)
+    if kept is not None:
+        log.info("precision=auto kept %s: the run in %s trained in it (recorded in %s) and resumes from its "
+                 "checkpoints; this machine's current answer is not asked. precision=<policy> changes it.",
+                 kept, run_dir, Path(run_dir) / RUN_RECORD)
+        return dataclasses.replace(precision, policy=kept)
     policy, why = decide(strategy, measure)
     log.info("precision=auto chose %s: %s. python -m trainer.doctor measures it on your model; "
              "precision=%s (or another) overrides it.", policy, why, policy)
+    if run_dir is not None:
+        try:
+            write_json_atomically(Path(run_dir) / RUN_RECORD, {"policy": policy, "why": why})
+        except OSError as e:
+            log.warning("precision=auto: could not record its choice in %s (%s): a resume will decide again",
+                        run_dir, e.strerror or e)
     return dataclasses.replace(precision, policy=policy)

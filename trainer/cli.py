@@ -70,19 +70,20 @@ def _run_in(run_dir, cfg: DictConfig) -> dict:
 
     loggers = [instantiate(node, _convert_="all") for node in cfg.logger.values()]  # a missing package: exit 2 now
     strategy = strategy_of(cfg)  # before TF initializes devices
-    precision = _resolve_auto_precision(cfg, precision, strategy)
+    precision = _resolve_auto_precision(cfg, precision, strategy, run_dir)
     with sigterm_deferred_until_training():  # until the loop begins (trainer/signals.py)
         return _build_and_fit(cfg, strategy, run_dir, trainer_cfg, precision, loggers)
 
 
-def _resolve_auto_precision(cfg: DictConfig, precision: PrecisionConfig, strategy) -> PrecisionConfig:
-    """precision=auto becomes this machine's policy (logged with why) before anything is built; the run's
-    recorded config holds the chosen one, so a resume or an export computes in what trained."""
+def _resolve_auto_precision(cfg: DictConfig, precision: PrecisionConfig, strategy, run_dir) -> PrecisionConfig:
+    """precision=auto becomes this machine's policy (logged with why) before anything is built, or on a
+    resume the policy the run trained in; the run's recorded config holds it, so an export computes in
+    what trained."""
     from omegaconf import open_dict
 
     from trainer.auto_precision import resolve
 
-    resolved = resolve(precision, strategy)
+    resolved = resolve(precision, strategy, run_dir=run_dir)
     if resolved.policy != precision.policy:
         with open_dict(cfg):
             cfg.precision.policy = resolved.policy

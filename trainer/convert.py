@@ -60,7 +60,10 @@ def _variable_bytes(model) -> int:
     return int(sum(np.prod(v.shape) * np.dtype(v.dtype).itemsize for v in model.weights))
 
 
-def _time_predicts(before, after, x, rounds: int = 5) -> Tuple[float, float]:
+TIMED_ROUNDS = 5  # interleaved inference calls of each model (the warning says how many)
+
+
+def _time_predicts(before, after, x, rounds: int = TIMED_ROUNDS) -> Tuple[float, float]:
     """Seconds per batch of each model's inference: the median of `rounds` interleaved calls (a burst of
     load on a shared machine hits both), after a traced, untimed one."""
     import tensorflow as tf
@@ -82,12 +85,14 @@ def slowdown_warning(report: "ConversionReport", device: str) -> Optional[str]:
     before, after = report.seconds_per_batch_before, report.seconds_per_batch_after
     if not before or not after or after <= before * SLOWER_INFERENCE:
         return None
+    reduced = {"mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}.get(report.target_policy)
+    why = (f"{report.target_policy} pays on hardware with fast {reduced} matmuls (GPUs with Tensor Cores, AMX "
+           "CPUs; python -m trainer.doctor measures yours)" if reduced else
+           f"{report.source_policy} measured faster on this {device}")
     return (f"the {report.target_policy} model's inference measured {after / before:.1f}x slower than the "
             f"{report.source_policy} one on this {device} ({after * 1e3:.1f} vs {before * 1e3:.1f} ms per batch, "
-            f"median of 5 interleaved calls). {report.target_policy} pays on hardware with fast "
-            f"{ {'mixed_float16': 'float16', 'mixed_bfloat16': 'bfloat16'}.get(report.target_policy, 'float32')} "
-            "matmuls (GPUs with Tensor Cores, AMX CPUs; python -m trainer.doctor measures yours): keep float32 "
-            "for inference here, or convert on the machine that serves the model")
+            f"median of {TIMED_ROUNDS} interleaved calls). {why}: keep {report.source_policy} for inference here, "
+            "or convert on the machine that serves the model")
 
 
 def rebuild_under_policy(model, policy: str):

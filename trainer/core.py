@@ -89,11 +89,12 @@ class Trainer(Step):
         check_batches_per_step(type(self), self.config)  # before any data or model is built
         self.precision = PrecisionConfig(policy=precision) if isinstance(precision, str) else precision
         self.strategy = strategy or tf.distribute.get_strategy()
-        self.precision = auto_precision.resolve(self.precision, self.strategy)  # policy=auto: this machine's
-        if isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
-            signals.reclaim_sigterm_from_tensorflow()  # its coordination service's handler swallows SIGTERM
         # fast_dev_run writes nothing and reads no checkpoint: as if there were no run folder (trainer/debug.py)
         self.run_dir = Path(run_dir) if run_dir is not None and not self.config.fast_dev_run else None
+        # policy=auto: this machine's answer, or on a resume the policy the run trained in
+        self.precision = auto_precision.resolve(self.precision, self.strategy, run_dir=self.run_dir)
+        if isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            signals.reclaim_sigterm_from_tensorflow()  # its coordination service's handler swallows SIGTERM
         self.is_chief, self.seed, self.clipnorm = is_chief, seed, clipnorm
         self.stop_training = False  # a callback may set it; the loop stops after the current loop
         self.resume_command: Optional[str] = None  # the CLI sets it: the command line that resumes this run

@@ -132,7 +132,13 @@ def _set_auto(rec: Optional[dict]) -> None:
     if rec is None:
         print("--set-auto: nothing stored (no configuration was measured)")
         return
-    path = save_doctor_answer(rec["policy"], rec["command"], rec["speedup"] if rec["changed"] else 1.0)
+    verified = rec.get("verify", {}).get("verdict") == "faster"
+    if not rec.get("changed") or rec.get("verdict") != "faster" or not verified:
+        why = ("no significant change from what you run now" if not rec.get("changed") or rec.get("verdict") != "faster"
+               else "the change is not verified faster: run with --verify N")
+        print(f"--set-auto: nothing stored ({why}); precision=auto keeps its own choice")
+        return
+    path = save_doctor_answer(rec["policy"], rec["command"], rec["speedup"])
     print(f"--set-auto: precision=auto now chooses {rec['policy']} on this machine (stored in {path}; delete it to "
           "go back to the probe)")
 

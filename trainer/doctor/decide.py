@@ -12,6 +12,7 @@ import numpy as np
 
 CONFIDENCE = 0.95  # the bootstrap interval's coverage
 LEAST_SPEEDUP = 1.05  # a significant win smaller than 5% is not worth a change of configuration
+ALPHA = 0.05  # the sign test's level for the whole family of candidates (Bonferroni: ALPHA / candidates each)
 BOOTSTRAP_SAMPLES = 4000
 SAME, FASTER, SLOWER = "no significant difference", "faster", "slower"
 
@@ -22,13 +23,15 @@ def sign_test_p(wins: int, rounds: int) -> float:
     return sum(math.comb(rounds, k) for k in range(wins, rounds + 1)) / 2.0**rounds
 
 
-def paired_verdict(candidate: Sequence[float], baseline: Sequence[float]) -> dict:
+def paired_verdict(candidate: Sequence[float], baseline: Sequence[float], alpha: float = ALPHA) -> dict:
     """Is `candidate` faster than `baseline`? Each is the seconds per example of one call per round, in
     the same order of rounds. The speed-up is the geometric mean of the rounds' ratios (baseline /
     candidate); its interval is a bootstrap over rounds (CONFIDENCE, a fixed seed: the same timings give
     the same verdict). FASTER when the interval lies above 1 and the speed-up reaches LEAST_SPEEDUP,
-    SLOWER when it lies below 1 (and below 1 / LEAST_SPEEDUP), else SAME. The sign test's p-value is given
-    beside it, as a second reading."""
+    SLOWER when it lies below 1 (and below 1 / LEAST_SPEEDUP), else SAME. A bootstrap over a handful of
+    rounds is too ready to exclude 1 (4 of 5 rounds won passed it), so FASTER (and SLOWER) also need the
+    one-sided sign test below `alpha`: ALPHA divided by the number of candidates when several are compared
+    (choose()), so that nine equal configurations rarely yield a false "faster"."""
     pairs = [(c, b) for c, b in zip(candidate, baseline) if c > 0 and b > 0]
     if not pairs:
         return {"verdict": SAME, "speedup": 1.0, "interval": [1.0, 1.0], "rounds": 0, "wins": 0, "sign_test_p": 1.0}
@@ -38,10 +41,10 @@ def paired_verdict(candidate: Sequence[float], baseline: Sequence[float]) -> dic
     tail = (1 - CONFIDENCE) / 2
     low, high = (float(math.exp(q)) for q in np.quantile(means, [tail, 1 - tail]))
     speedup = float(math.exp(logs.mean()))
-    wins = int((logs > 0).sum())
-    if low > 1 and speedup >= LEAST_SPEEDUP:
+    wins, losses = int((logs > 0).sum()), int((logs < 0).sum())
+    if low > 1 and speedup >= LEAST_SPEEDUP and sign_test_p(wins, len(pairs)) < alpha:
         verdict = FASTER
-    elif high < 1 and speedup <= 1 / LEAST_SPEEDUP:
+    elif high < 1 and speedup <= 1 / LEAST_SPEEDUP and sign_test_p(losses, len(pairs)) < alpha:
         verdict = SLOWER
     else:
         verdict = SAME
@@ -63,8 +66,10 @@ def choose(rows: List[dict], baseline: dict, batch: int) -> dict:
     (so a simpler configuration is never chosen over a winner that beats it); the simplest of the top
     group is chosen, the fastest of equally simple ones. Returns {"choice", "verdict" (of the choice
     against the baseline), "versus" (every row's verdict against the baseline), "top" (the top group's
-    names)}."""
-    versus = {r["name"]: paired_verdict(r["seconds_per_example"], baseline["seconds_per_example"])
+    names)}. Every comparison uses the sign test at ALPHA / (number of rows compared), Bonferroni's
+    correction: with 9 candidates and 12 rounds a winner must win 11 of them."""
+    alpha = ALPHA / max(1, len(rows) - 1)
+    versus = {r["name"]: paired_verdict(r["seconds_per_example"], baseline["seconds_per_example"], alpha)
               for r in rows if r is not baseline}
     versus[baseline["name"]] = paired_verdict(baseline["seconds_per_example"], baseline["seconds_per_example"])
     base_complexity = complexity(baseline, batch)
@@ -72,7 +77,7 @@ def choose(rows: List[dict], baseline: dict, batch: int) -> dict:
         r for r in rows if r is not baseline and (versus[r["name"]]["verdict"] == FASTER or (
             versus[r["name"]]["verdict"] == SAME and complexity(r, batch) < base_complexity))]
     top = [r for r in contenders if not any(
-        other is not r and paired_verdict(other["seconds_per_example"], r["seconds_per_example"])["verdict"] == FASTER
+        other is not r and paired_verdict(other["seconds_per_example"], r["seconds_per_example"], alpha)["verdict"] == FASTER
         for other in contenders)]
     top = top or [baseline]
     choice = min(top, key=lambda r: (complexity(r, batch), -versus[r["name"]]["speedup"]))

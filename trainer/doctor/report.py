@@ -118,10 +118,15 @@ def recommend(report: dict, overrides: Sequence[str], baseline_xla: bool, batch:
         r.setdefault("seconds_per_example", [1 / r["examples_per_sec"]])
     safety = _safety(report)
     baseline = baseline_row(rows, policy, baseline_xla, batch)
+    current = {"name": f"{policy} XLA {'on' if baseline_xla else 'off'} batch {batch}", "policy": policy,
+               "xla": baseline_xla, "batch": batch}
+    current["timed"] = baseline["name"] == current["name"]
     safe_rows = [r for r in rows if safety[r["policy"]][0] or r is baseline]
     decision = choose(safe_rows, baseline, batch)
     best, verdict = decision["choice"], decision["verdict"]
-    notes = []
+    notes = [] if current["timed"] else [
+        f"what you run now ({current['name']}) was not timed (not in the grid, or it failed): the comparison is "
+        f"against the closest timed configuration, {baseline['name']}; --verify trains your own configuration"]
     if best is baseline:
         notes.append(f"no significant difference: no safe configuration was significantly faster than what you run "
                      f"now ({baseline['name']}): keep it")
@@ -159,12 +164,13 @@ def recommend(report: dict, overrides: Sequence[str], baseline_xla: bool, batch:
             "memory_saving_mb": memory, "memory_difference_measurable": memory_measurable,
             "memory_mb": {"recommended": best.get("memory_mb"), "baseline": baseline.get("memory_mb"),
                           "means": (report.get("speed") or {}).get("memory_means")},
-            "command": _command(program, kept, best, scale), "current_command": _command(program, kept, baseline, scale),
-            "policy": best["policy"], "current_policy": baseline["policy"], "blocked": blocked,
+            "command": _command(program, kept, best, scale), "current_command": _command(program, kept, current, scale),
+            "policy": best["policy"], "current_policy": policy, "current": current, "blocked": blocked,
             "model_changes": model_changes(report), "notes": notes,
             "rule": f"against what you run now ({baseline['name']}), per interleaved round: a configuration whose "
                     f"precision passed the numerics checks is faster if the {CONFIDENCE:.0%} bootstrap interval of "
-                    f"its speed-up lies above 1 and the speed-up is {LEAST_SPEEDUP:g}x or more; of those (and of "
+                    f"its speed-up lies above 1, the speed-up is {LEAST_SPEEDUP:g}x or more and the sign test on "
+                    "the rounds won passes at 0.05 / the number of candidates (Bonferroni); of those (and of "
                     "simpler ones not significantly slower), the ones no other beats significantly are as fast, "
                     "and the simplest of them is recommended"}
 
@@ -289,11 +295,14 @@ def _recommendation_lines(rec: Optional[dict]) -> List[str]:
         saving = (f"memory {abs(rec['memory_saving_mb']):.0f} MiB {'less' if rec['memory_saving_mb'] >= 0 else 'more'} "
                   f"({mem['recommended']:.0f} vs {mem['baseline']:.0f} MiB: {mem['means']})")
     low, high = rec.get("interval", [rec["speedup"], rec["speedup"]])
-    head = (f"{rec['config']}: {rec['speedup']:.2f}x the examples/s of {rec['baseline']} (what you run now; 95% "
+    now = "what you run now" if rec.get("current", {}).get("timed", True) else "the closest timed to what you run now"
+    head = (f"{rec['config']}: {rec['speedup']:.2f}x the examples/s of {rec['baseline']} ({now}; 95% "
             f"interval {low:.2f}-{high:.2f}x, {rec.get('verdict', SAME)})")
     if not rec.get("changed", True) and not rec.get("withdrawn_config"):
-        head = (f"{rec['config']} (what you run now): keep it; no significant difference: no safe configuration "
+        head = (f"{rec['config']} ({now}): keep it; no significant difference: no safe configuration "
                 "was significantly faster")
+    if rec.get("unverified"):
+        head = f"candidate, not yet verified: {head}; run with --verify N before switching"
     if rec.get("withdrawn_config"):
         head = (f"{rec['config']} (what you run now): keep it; the timed grid's {rec['withdrawn_config']} "
                 f"({rec['speedup']:.2f}x, interval {low:.2f}-{high:.2f}x) was not confirmed by --verify")

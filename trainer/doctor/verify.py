@@ -12,6 +12,19 @@ from trainer.doctor.decide import FASTER, SLOWER, paired_verdict
 from trainer.inputs import batches_read_per_step
 
 VERIFY_ROUNDS = 5
+# Why a change the grid found is only a candidate until --verify confirms it (diagnose adds it as a note).
+UNVERIFIED = ("not verified: the timed grid runs the compiled steps (Trainer.run_steps) without the loop's "
+              "per-loop host work (checkpoint and numerics/divergence checks, reading the step back, log "
+              "collection, the preemption check); through fit() that work measured XLA off 13-33% slower per step "
+              "and XLA on unchanged, so the grid can overstate an XLA-off configuration's lead. Run with "
+              "--verify N: it trains both through fit() and confirms or withdraws this")
+
+
+def mark_unverified(rec: dict) -> dict:
+    """A changed recommendation without --verify: a candidate, said so (and --set-auto does not store it)."""
+    if not rec.get("changed"):
+        return rec
+    return {**rec, "unverified": True, "notes": [UNVERIFIED, *rec["notes"]]}
 
 
 def verify_outcome(rec: dict, recommended: List[float], current: List[float]) -> dict:
@@ -43,8 +56,11 @@ def verify(make_trainer: Callable[[str, bool], object], data_for_batch: Callable
     if not rec.get("changed"):
         return {**rec, "verify": {"skipped": "the recommendation is what you run now: nothing to compare"}}
     by_name = {r["name"]: r for r in rows}
-    configs = {"recommended": by_name[rec["config"]], "current": by_name[rec["baseline"]]}
-    per_round = max(1, steps // VERIFY_ROUNDS)
+    # what the user runs now, also when the grid timed only a configuration close to it (decide.baseline_row)
+    current = rec.get("current") or by_name[rec["baseline"]]
+    configs = {"recommended": by_name[rec["config"]], "current": by_name.get(current["name"], current)}
+    # rounds at least as long as the grid's calls: shorter ones would weigh the per-call costs more
+    per_round = max(1, steps // VERIFY_ROUNDS, *(max(r.get("steps_per_call") or [1]) for r in configs.values()))
     trainers: Dict[str, object] = {}
     for key, row in configs.items():
         progress(f"verify: building {row['name']} ({key}) and training its first step")
