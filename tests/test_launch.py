@@ -37,6 +37,8 @@ def launch(*args, **kwargs):
     (["--workers", "2", "--port", "65535"], "--port 65535 with --workers 2: ports 65535..65536 go past 65535"),
     (["--workers", "2", "--grace-period", "nan"], "--grace-period nan: seconds, 0 or more"),
     (["--workers", "2", "--grace-period", "-1"], "--grace-period -1.0: seconds, 0 or more"),
+    (["--worker", "2", "trainer.max_steps=5"], "--worker: not an option of the launcher (nor an override of python -m trainer). Fix: --workers."),
+    (["--workers", "2", "--", "trainer.max_steps=5", "--max-restart=1"], "--max-restart=1: not an option of the launcher"),
 ])
 def test_bad_arguments_are_one_line_and_exit_2(args, expected, monkeypatch):
     monkeypatch.delenv("TF_CONFIG", raising=False)
@@ -148,7 +150,38 @@ def test_a_worker_ignoring_the_passed_on_sigterm_is_killed_after_the_grace_perio
     group.on_signal(signal.SIGTERM)
     ending = group.wait(grace_s=0.5)
     assert ending.codes == [137] and ending.signal == signal.SIGTERM
-    assert "still running 0.5 s after the stop (--grace-period): SIGKILL" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "still running 0.5 s after the stop (--grace-period): SIGKILL" in err
+    assert err.count("[launch] received SIGTERM: passed it on to 1 worker(s)\n") == 1
+
+
+def test_a_worker_killed_mid_progress_bar_leaves_clean_launcher_lines(monkeypatch, capsys, tmp_path):
+    """The launcher's line was glued to the killed worker's unfinished progress-bar line, its last lines were
+    mostly bars, and the survivor's traceback from the lost peer looked like a second fault."""
+    ready = str(tmp_path / "ready")
+    code, err = fake_launch(monkeypatch, capsys, f"""
+        if index == 0:
+            def lost_peer(signum, frame):
+                print("UnavailableError: the following tasks are unhealthy", file=sys.stderr, flush=True)
+                sys.exit(1)
+            signal.signal(signal.SIGTERM, lost_peer)
+            open({ready!r}, "w").close()
+            time.sleep(600)
+        while not os.path.exists({ready!r}):
+            time.sleep(0.01)
+        print("loading the data", file=sys.stderr)
+        for i in range(1, 25):
+            sys.stderr.write(f"\\rtrain: {{i}}%|##  | {{i}}/100 [00:05<00:12,  5.66step/s]")
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    """, "--workers", "2", "--max-restarts", "0")
+    assert code == 137, err
+    assert re.search(r"^\[launch\] worker 1 was killed by SIGKILL: stopping the others", err, re.M), err
+    assert "[w1] train: 24%|##  | 24/100 [00:05<00:12,  5.66step/s]\n" in err
+    last = err.split("Its last lines:\n")[1]
+    assert last.startswith("  loading the data") and "step/s" not in last, err
+    assert ("[launch] worker 0 (exited 1): its traceback above (UnavailableError, 'tasks have crashed', collective "
+            "aborted) is the lost peer (worker 1), not a second fault") in err
 
 
 def test_a_worker_failing_after_the_chief_finished_restarts_nothing(monkeypatch, capsys, tmp_path):

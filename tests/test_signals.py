@@ -103,3 +103,31 @@ def test_a_sigterm_between_the_loop_and_the_summary_waits_for_the_run_end(tmp_pa
         signal.signal(signal.SIGTERM, before)
     assert trainer.termed and outside == []
     assert list_checkpoints(tmp_path / "checkpoints")[0][0] == 10
+
+
+class FailFinalEval(Callback):
+    """Ends the run during its final evaluation, as a peer lost there did (the trained steps are saved first)."""
+
+    def on_eval_begin(self, trainer, step):
+        if step == 20:
+            raise RuntimeError("peer lost during the final evaluation")
+
+
+def test_a_run_stopped_during_its_final_evaluation_logs_it_when_started_again(tmp_path, caplog):
+    """Stopped during the final evaluation (after the save of its last step), the run started again said
+    "nothing to train" and printed a final eval that metrics.jsonl never got: it now logs it, once."""
+    try:
+        _make(tmp_path, [FailFinalEval()]).fit(blobs(), blobs(), steps=20)
+    except RuntimeError:
+        pass
+    assert list_checkpoints(tmp_path / "checkpoints")[0][0] == 20
+    assert [r["step"] for r in read_metrics(tmp_path) if r["split"] == "eval"] == [10]
+    with caplog.at_level("INFO", logger="trainer"):
+        _make(tmp_path).fit(blobs(), blobs(), steps=20)
+    assert "already at step 20" in caplog.text and "evaluating and logging it now" in caplog.text
+    assert [r["step"] for r in read_metrics(tmp_path) if r["split"] == "eval"] == [10, 20]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="trainer"):
+        _make(tmp_path).fit(blobs(), blobs(), steps=20)  # the row is there now: not logged again
+    assert "already at step 20" in caplog.text and "evaluating and logging it now" not in caplog.text
+    assert [r["step"] for r in read_metrics(tmp_path) if r["split"] == "eval"] == [10, 20]

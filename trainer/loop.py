@@ -188,8 +188,12 @@ class Loop:
             else:  # a run that early stopping ended, say (the callback said why)
                 log.info("Stopped at step %d before training a step (a callback set trainer.stop_training at the "
                          "start): nothing trained, no new evaluation row, nothing saved.", self.step)
-            if self.eval_data is not None:
-                self.eval_logs = t.evaluate(self.eval_data, step=self.step)
+            if self.eval_data is not None:  # logged only if missing: a run stopped during its final evaluation
+                missing = self.start >= self.total and self.callbacks.eval_missing(self.step)
+                if missing:
+                    log.info("The evaluation at step %d is missing from the run's record (the run was stopped "
+                             "during it): evaluating and logging it now.", self.step)
+                self.eval_logs = t.evaluate(self.eval_data, step=self.step, callbacks=self.callbacks if missing else None)
             return
         if self.eval_data is not None and self.eval_logs.get("step") != self.step:  # not again after an early stop
             try:

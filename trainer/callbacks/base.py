@@ -65,6 +65,10 @@ class CallbackList(Callback):
         for cb in self.callbacks:
             getattr(cb, hook)(*args)
 
+    def eval_missing(self, step: int) -> bool:
+        """True when a logger's record lacks the evaluation at `step` (see Logger.has_eval)."""
+        return any(getattr(cb, "has_eval", lambda s: None)(step) is False for cb in self.callbacks)
+
     def _keys(self):
         seen: Dict[str, int] = {}
         for cb in self.callbacks:

@@ -51,6 +51,11 @@ class Logger(Callback):
     def on_eval_end(self, trainer, step, logs):
         self.record(trainer, "eval", step, logs)
 
+    def has_eval(self, step: int) -> Optional[bool]:
+        """Whether the record holds an evaluation at `step`; None: cannot tell. A finished run started
+        again logs its final evaluation only where it is missing (a run stopped during it)."""
+        return None
+
     @staticmethod
     def in_run_dir(trainer, path: Optional[Union[str, Path]], default: str) -> Path:
         """`path`, or `default` inside the Trainer's run folder; a logger without either cannot write."""
@@ -77,6 +82,18 @@ class MetricsWriter(Logger):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def has_eval(self, step):
+        if self.path is None or not self.path.is_file():
+            return False
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:  # a line cut by a kill
+                continue
+            if isinstance(row, dict) and row.get("split") == "eval" and row.get("step") == step:
+                return True
+        return False
 
 
 class TensorBoardWriter(Logger):

@@ -8,6 +8,7 @@ Exits with the chief's code (docs/concepts/distribution.md#the-launcher-python-m
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import os
 import signal
@@ -17,7 +18,7 @@ from typing import List, Optional
 
 from trainer.errors import EXIT_NUMERICAL, EXIT_USER_ERROR, report_error
 from trainer.launch.cluster import LaunchError, Placement, placement
-from trainer.launch.group import Group, Worker, names, say
+from trainer.launch.group import STOPPED, Group, Worker, exit_code, how_it_ended, names, say
 
 NOT_RESTARTED = (EXIT_USER_ERROR, EXIT_NUMERICAL)  # bad input, non-finite training: the same again on a restart
 BACKOFF_S, BACKOFF_MAX_S = 1.0, 30.0  # before restart k (from 0): BACKOFF_S * 2**k, at most BACKOFF_MAX_S
@@ -30,13 +31,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse(argv: List[str]) -> argparse.Namespace:
-    parser = _Parser(prog="python -m trainer.launch", description=__doc__.split("\n\n")[0])
+    parser = _Parser(allow_abbrev=False, prog="python -m trainer.launch", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, metavar="N", help="workers on this host (under SLURM or with TF_CONFIG: the cluster's, if given)")
     parser.add_argument("--max-restarts", type=int, metavar="R", default=3, help="starts of the group again after a failure (default 3)")
     parser.add_argument("--port", type=int, metavar="P", help="first port (one host: default free ones; SLURM: 8888)")
     parser.add_argument("--grace-period", type=float, metavar="S", default=60.0,
                         help="seconds the other workers get to end after a failure, before SIGKILL (default 60)")
     parser.add_argument("overrides", nargs="*", help="python -m trainer's overrides (after --)")
+    _check_option_typos(argv, [o for a in parser._actions for o in a.option_strings if o.startswith("--")])
     args = parser.parse_args(argv)
     if args.workers is not None and args.workers <= 0:
         raise LaunchError(f"--workers {args.workers}: a group has at least 1 worker")
@@ -51,6 +53,17 @@ def parse(argv: List[str]) -> argparse.Namespace:
             raise LaunchError(f"{o}: the launcher runs one strategy=multi_worker run (no sweep, no other strategy). "
                               "Fix: drop it (a sweep: python -m trainer -m ... runs its jobs one after another).")
     return args
+
+
+def _check_option_typos(argv: List[str], options: List[str]) -> None:
+    """`--worker 2` (before or after `--`) would be an override of python -m trainer or, abbreviated, taken
+    for --workers unsaid: a word close to a launcher option is an error naming it."""
+    for word in argv:
+        name = word.split("=", 1)[0]
+        close = difflib.get_close_matches(name, options, 1, 0.75) if name.startswith("--") and name not in options else []
+        if close:
+            raise LaunchError(f"{word}: not an option of the launcher (nor an override of python -m trainer). "
+                              f"Fix: {close[0]}.")
 
 
 def worker_envs(where: Placement) -> List[dict]:
@@ -136,6 +149,7 @@ def _starts(args: argparse.Namespace, where: Placement, signals: Signals) -> int
                 "not restarted (check that worker's output above)")
         if ending.signal is not None or not ending.failed:
             return ending.codes[0]  # the chief's (one host: worker 0; a cluster: this task's)
+        _lost_peer_note(group, ending.failed)
         failed = ending.failed[0]
         code = ending.codes[group.workers.index(failed)]
         if code in NOT_RESTARTED or start == args.max_restarts:
@@ -145,6 +159,16 @@ def _starts(args: argparse.Namespace, where: Placement, signals: Signals) -> int
             f"{args.max_restarts}); it resumes from the newest complete checkpoint")
         signals.pause(pause)
     raise AssertionError("unreachable")
+
+
+def _lost_peer_note(group: Group, failed: List[Worker]) -> None:
+    """A peer's loss fails the others' collectives with long UnavailableError tracebacks: said to be its echo."""
+    echoes = [w for w in group.workers if w not in failed and exit_code(w.process.returncode) not in STOPPED]
+    if echoes:
+        lost = " and ".join(w.name for w in failed)
+        say(" and ".join(f"{w.name} ({how_it_ended(w.process.returncode)})" for w in echoes) +
+            f": its traceback above (UnavailableError, 'tasks have crashed', collective aborted) is the lost peer "
+            f"({lost}), not a second fault")
 
 
 def _give_up(failed: List[Worker], code: int, start: int, max_restarts: int) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import re
 import signal
 import subprocess
 import sys
@@ -61,11 +62,25 @@ class Worker:
         return f"worker {self.index}"
 
 
+ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+PROGRESS = re.compile(r"\[\d+:\d\d(:\d\d)?(<[\d:?]+)?,\s+[^\]]*/s")  # tqdm's "[00:05<00:12, 5.66step/s"
+
+
+def is_progress(line: str) -> bool:
+    """A progress bar's redraw (a carriage-return segment of tqdm's) or what is left of one: no last line."""
+    text = ESCAPE.sub("", line).strip()
+    return not text or bool(PROGRESS.search(text))
+
+
 def _relay(stream, out, prefix: str, last: Deque[str]) -> None:
+    """Each line (the text stream splits tqdm's carriage returns too) prefixed, and ended with a newline even
+    when the worker died in the middle of one, so the launcher's next line starts on a line of its own."""
     for line in iter(stream.readline, ""):
-        last.append(line.rstrip("\n"))
+        line = line.rstrip("\n")
+        if not is_progress(line):
+            last.append(line)
         with _print_lock:
-            out.write(f"{prefix}{line}")
+            out.write(f"{prefix}{line}\n")
             out.flush()
     stream.close()
 
@@ -94,6 +109,7 @@ class Group:
         self.workers: List[Worker] = []
         self.relays: List[threading.Thread] = []
         self.received: Optional[int] = None
+        self.passed_on: Optional[str] = None  # said once by wait(), not in the signal handler (it may hold the print lock)
         self.sent_sigterm = False
         for env, index in zip(envs, indices):
             try:  # utf-8 with replacement: one undecodable byte must not end the relay (the worker would block on a full pipe)
@@ -112,13 +128,17 @@ class Group:
                 relay.start()
                 self.relays.append(relay)
 
-    def signal_all(self, signum: int) -> None:
+    def signal_all(self, signum: int) -> int:
+        """Sends `signum` to the workers still running; returns how many."""
+        sent = 0
         for w in self.workers:
             if w.process.poll() is None:
                 try:
                     w.process.send_signal(signum)
+                    sent += 1
                 except ProcessLookupError:
                     pass
+        return sent
 
     def on_signal(self, signum: int) -> None:
         """The launcher's SIGTERM or SIGINT: passed on to every worker (a SIGTERM once: each saves)."""
@@ -126,7 +146,8 @@ class Group:
         if signum == signal.SIGTERM and self.sent_sigterm:  # already sent (a second one, or the stop after a failure)
             return
         self.sent_sigterm = self.sent_sigterm or signum == signal.SIGTERM
-        self.signal_all(signum)
+        sent = self.signal_all(signum)
+        self.passed_on = self.passed_on or f"received {signal.Signals(signum).name}: passed it on to {sent} worker(s)"
 
     def stop(self, signum: int = signal.SIGTERM) -> None:
         if signum == signal.SIGTERM:
@@ -148,7 +169,11 @@ class Group:
         failed: List[Worker] = []
         late: List[Worker] = []
         deadline, killed = None, False
+        said_signal = False
         while True:
+            if self.passed_on and not said_signal:
+                say(self.passed_on)
+                said_signal = True
             newly = [w for w in self.workers if w.index not in ended and w.process.poll() is not None]
             ended.update(w.index for w in newly)
             abnormal = [w for w in newly if exit_code(w.process.returncode) not in STOPPED]
