@@ -151,6 +151,7 @@ class Trainer(Step):
         self._kept_iterator: Optional[KeptIterator] = None
         self.fit_eval_limit = None  # (eval data, config, batches or None): set by debug.plan_fit
         self._fit_inputs, self.eval_set_names = None, None  # fit()'s last arguments made ready; named eval sets
+        self.last_train_logs: Dict[str, Any] = {}  # what a later fit() with nothing to train returns (without eval data)
         self.eval_batches: Optional[int] = None  # global batches the last evaluation read
 
     # -- what the Trainer holds -------------------------------------------------------------------
@@ -278,6 +279,8 @@ class Trainer(Step):
                                       class_weight=class_weight, sample_weight=sample_weight, shuffle=shuffle,
                                       validation_batch_size=validation_batch_size)
         made, per_step = self._fit_inputs[1], batches_read_per_step(self.config)
+        if made.train_examples and steps is None and epochs is None and not (self.config.max_steps or self.config.epochs):
+            epochs = 1  # Keras' default, for arrays (their size is known)
         with run_folder_lock(self.run_dir, hold=self.is_chief) if self.run_dir is not None else contextlib.nullcontext():
             return self._fit(made.train, made.eval, steps, epochs, made.steps_per_epoch(steps_per_epoch, per_step),
                              batch_size or made.batch_size)
@@ -314,7 +317,7 @@ class Trainer(Step):
         def make_iterator():
             return training_iterator(train_data, self.strategy, start, self.checkpointing.data_position(), held.pop())
 
-        loop = Loop(self, callbacks, make_iterator, eval_data, self.total)
+        loop = Loop(self, callbacks, make_iterator, eval_data, self.total, request=(steps, epochs))
         train_logs, eval_logs, step = loop.run()
         with loop.interrupted:  # a signal from here to the summary's end (the loggers' ends) waits for it too
             summary = {**train_logs, **{f"eval_{k}": v for k, v in eval_logs.items() if k not in ("step", "split")}}
@@ -361,6 +364,7 @@ class Trainer(Step):
             logs.update(updater.logs("" if len(self.updaters) == 1 else f"{name}/"))
         logs.update(memory_logs())
         self._reset_train_trackers()
+        self.last_train_logs = logs
         return logs
 
     def evaluate(self, eval_data: DataArg, *, steps: Optional[int] = None, step: Optional[int] = None,
