@@ -263,7 +263,7 @@ class Trainer(Step):
             validation_data=None, validation_split: Optional[float] = None, class_weight: Optional[Mapping] = None,
             sample_weight=None, shuffle: Optional[bool] = None, validation_batch_size: Optional[int] = None,
             **keywords) -> Dict[str, float]:
-        """Trains until `steps` (or `epochs`) and returns the final eval logs (or the last train logs).
+        """Trains until `steps` (or `epochs`: totals, unlike Keras) and returns the final eval logs (or train logs).
 
         `train_data`: a tf.data.Dataset, an InputContext -> Dataset function, or arrays x: then the second argument
         is y, as in Keras' fit(x, y, ...) (trainer/arrays.py; `x=`, `y=` and `eval_data=` as keywords too). `eval_data`
