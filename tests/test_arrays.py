@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import Trainer
+from trainer import EarlyStopping, Trainer
 from trainer.errors import UserError
 
 
@@ -71,6 +71,44 @@ def test_a_second_fit_on_the_same_arrays_goes_on_with_its_iterator(caplog):
     with caplog.at_level("INFO", logger="trainer"):
         assert trainer.fit(x, y, batch_size=32, steps=8)["step"] == 8
     assert "skipping" not in caplog.text
+
+
+def test_epochs_is_a_total_so_a_second_fit_says_it_trains_nothing_and_returns_the_last_logs(caplog, tmp_path):
+    """Unlike Keras, fit(epochs=1) twice trains one epoch in all (epochs and steps are totals, as a resume needs):
+    the second call says so, with the fix, and returns the logs the first one did. Arrays alone: one epoch."""
+    x, y = blobs()
+    trainer = make()
+    first = trainer.fit(x, y, batch_size=32)  # neither steps nor epochs: one epoch, as Keras
+    assert first["step"] == 12 and "loss" in first
+    with caplog.at_level("WARNING", logger="trainer"):
+        assert trainer.fit(x, y, batch_size=32, epochs=1) == first
+    assert ("fit(epochs=1) trains until epoch 1 in total (a total, unlike Keras' epochs) and this run is already at "
+            "step 12 of 12: nothing to train (epoch 1). Fix: fit(epochs=2)") in caplog.text
+    assert trainer.fit(x, y, batch_size=32, epochs=2)["step"] == 24
+    validated = make(run_dir=tmp_path)
+    logs = validated.fit(x, y, batch_size=32, steps=3, validation_split=0.25)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="trainer"):
+        again = make(run_dir=tmp_path).fit(x, y, batch_size=32, steps=3, validation_split=0.25)  # resumed, done
+        assert again["split"] == "eval" and again["loss"] == pytest.approx(logs["loss"])
+        fresh = make(run_dir=tmp_path).fit(x, y, batch_size=32, steps=3)  # no eval data, no logs yet: not measured
+    assert "fit(steps=3) trains until step 3 in total" in caplog.text and "Fix: fit(steps=6)" in caplog.text
+    assert fresh["step"] == 3 and np.isnan(fresh["loss"]) and np.isnan(fresh["accuracy"])
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda t, ds: t.fit(ds), "say how long to train: fit(epochs=...) or fit(steps=...), or Trainer(max_steps=...)"),
+    (lambda t, ds: t.fit(ds, epochs=2), "epochs needs a training set of known size. Fix: fit(steps=...) or "
+                                        "Trainer(max_steps=...) (trainer.max_steps=... from the CLI)"),
+    (lambda t, ds: t.fit(ds, ds.take(2), steps=2), "Fix: EarlyStopping(monitor=<one of them>) "
+                                                    "(callbacks.early_stopping.monitor=... from the CLI)"),
+])
+def test_errors_from_python_name_the_python_form(call, message):
+    x, y = blobs()
+    ds = tf.data.Dataset.from_tensor_slices((x.astype("float32"), y)).batch(32).repeat()
+    with pytest.raises(UserError) as error:
+        call(make(callbacks=[EarlyStopping(monitor="accuracyy")]), ds)
+    assert message in str(error.value)
 
 
 def test_class_weight_is_sample_weight_by_class_on_arrays_and_tf_data():
@@ -222,7 +260,7 @@ def test_class_weight_from_the_cli(tmp_path, tiny):
 DISTRIBUTED_WEIGHTS = """
 import json, keras, numpy as np, tensorflow as tf
 tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
-from trainer import Trainer
+from trainer import EarlyStopping, Trainer
 rng = np.random.default_rng(0)
 y = rng.integers(0, 3, 256); x = rng.normal(size=(256, 4)).astype("float32")
 out = {}

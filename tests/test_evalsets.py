@@ -69,6 +69,42 @@ def test_one_set_keeps_the_plain_names(tmp_path):
     assert (tmp_path / "tensorboard" / "eval").is_dir() and not any(p.is_dir() for p in (tmp_path / "tensorboard" / "eval").iterdir())
 
 
+def test_val_names_the_one_set_as_it_does_beside_a_second(tmp_path):
+    """The docs call the recipe's split (fit's validation data) `val`, and a second set names it so: with one set,
+    `val/accuracy`, `eval/val/loss` and Keras' `val_loss` read its plain `accuracy` and `loss`."""
+    stopper, plateau = EarlyStopping(monitor="val/accuracy", patience=100), ReduceLROnPlateau(monitor="eval/val/loss", patience=100)
+    keras_name = EarlyStopping(monitor="val_loss", patience=100)
+    x, y = TRAIN
+    make(run_dir=tmp_path, best_metric="val/accuracy", callbacks=[stopper, plateau, keras_name]).fit(
+        x, y, batch_size=32, steps=10, validation_split=0.25)
+    assert (stopper.reads, plateau.reads, keras_name.reads) == ("accuracy", "loss", "loss")
+    assert stopper.best_step is not None and keras_name.best_step is not None
+    assert "accuracy" in json.loads((tmp_path / "checkpoints" / "best" / "best.json").read_text())[0]
+    beside = EarlyStopping(monitor="val_accuracy", patience=100)
+    make(callbacks=[beside]).fit(x, y, batch_size=32, steps=5, validation_split=0.25, validation_data={"ood": OOD})
+    assert beside.reads == "val/accuracy"
+    with pytest.raises(UserError, match=r"monitor='val/acc' is not among the eval results \['accuracy', 'loss'\]"):
+        make(callbacks=[EarlyStopping(monitor="val/acc")]).fit(x, y, batch_size=32, steps=5, validation_split=0.25)
+
+
+def test_val_names_the_recipes_one_split_from_the_cli_and_in_a_sweep(tmp_path, tiny):
+    from omegaconf import OmegaConf
+
+    from trainer.sweep import check_sweep_metric, job_value
+
+    run = tmp_path / "run"
+    result = run_cli(*tiny, "trainer.max_steps=20", "trainer.eval_every=10", "trainer.eval_steps=2", "callbacks=[early_stopping]",
+                     "callbacks.early_stopping.monitor=val_accuracy", "trainer.best_metric=eval/val/accuracy", f"hydra.run.dir={run}")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "accuracy" in json.loads((run / "checkpoints" / "best" / "best.json").read_text())[0]
+    for metric in ("val/accuracy", "val_accuracy"):
+        config = OmegaConf.create({"trainer": {"sweep_metric": metric}, "metrics": {"accuracy": {}}})
+        check_sweep_metric(config)
+        assert job_value({"step": 5, "loss": 0.3, "accuracy": 0.7}, config.trainer) == (0.7, None)
+    with pytest.raises(UserError, match="the run logs no 'val/acc'"):
+        check_sweep_metric(OmegaConf.create({"trainer": {"sweep_metric": "val/acc"}, "metrics": {"accuracy": {}}}))
+
+
 def test_early_stopping_and_plateau_monitor_a_named_set(caplog):
     stopper, plateau = EarlyStopping(monitor="val/accuracy", patience=100), ReduceLROnPlateau(monitor="eval/ood/loss", patience=100)
     default = EarlyStopping(monitor="loss", patience=100)  # a bare name: the first set's, said in the log

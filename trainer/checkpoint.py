@@ -273,7 +273,8 @@ class Checkpointer:
             self._warned_no_best = True
             names = sorted(k for k in eval_logs if k not in ("step", "split"))
             log.warning("trainer.best_metric=%r is not among the eval results %s: no best checkpoint is tracked. "
-                        "Fix: trainer.best_metric=<one of them> (a metric's name is its `name=`).", self.best_metric, names)
+                        "Fix: trainer.best_metric=<one of them> (Trainer(best_metric=...) from Python; a metric's name is its "
+                        "`name=`).", self.best_metric, names)
         if not self.best_metric or self.best_metric not in eval_logs or not self.weights_finite():
             return False
         value = float(eval_logs[self.best_metric])

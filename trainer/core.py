@@ -153,6 +153,7 @@ class Trainer(Step):
         self._kept_iterator: Optional[KeptIterator] = None
         self._fit_eval_limit = None  # (eval data, config, batches or None): from debug.plan_fit
         self._fit_inputs, self.eval_set_names = None, None  # fit()'s last arguments made ready; named eval sets
+        self.last_train_logs: Dict[str, Any] = {}  # what a later fit() with nothing to train returns (without eval data)
         self.eval_batches: Optional[int] = None  # global batches the last evaluation read
 
     # -- what the Trainer holds -------------------------------------------------------------------
@@ -275,7 +276,7 @@ class Trainer(Step):
             validation_data=None, validation_split: Optional[float] = None, class_weight: Optional[Mapping] = None,
             sample_weight=None, shuffle: Optional[bool] = None, validation_batch_size: Optional[int] = None,
             **keywords) -> Dict[str, float]:
-        """Trains until `steps` (or `epochs`) and returns the final eval logs (or the last train logs).
+        """Trains until `steps` (or `epochs`: totals, unlike Keras) and returns the final eval logs (or train logs).
 
         `train_data`: a tf.data.Dataset, an InputContext -> Dataset function, or arrays x: then the second argument
         is y, as in Keras' fit(x, y, ...) (trainer/arrays.py; `x=`, `y=` and `eval_data=` as keywords too). `eval_data`
@@ -292,6 +293,8 @@ class Trainer(Step):
                                       class_weight=class_weight, sample_weight=sample_weight, shuffle=shuffle,
                                       validation_batch_size=validation_batch_size)
         made, per_step = self._fit_inputs[1], batches_read_per_step(self.config)
+        if made.train_examples and steps is None and epochs is None and not (self.config.max_steps or self.config.epochs):
+            epochs = 1  # Keras' default, for arrays (their size is known)
         with run_folder_lock(self.run_dir, hold=self.is_chief) if self.run_dir is not None else contextlib.nullcontext():
             return self._fit(made.train, made.eval, steps, epochs, made.steps_per_epoch(steps_per_epoch, per_step),
                              batch_size or made.batch_size)
@@ -329,7 +332,7 @@ class Trainer(Step):
             return training_iterator(train_data, self.strategy, start, self.checkpointing.data_position(), held.pop(),
                                      self.run_dir is not None and (start > 0 or self.config.deterministic))
 
-        loop = Loop(self, callbacks, make_iterator, eval_data, self.total)
+        loop = Loop(self, callbacks, make_iterator, eval_data, self.total, request=(steps, epochs))
         train_logs, eval_logs, step = loop.run()
         with loop.interrupted:  # a signal from here to the summary's end (the loggers' ends) waits for it too
             summary = {**train_logs, **{f"eval_{k}": v for k, v in eval_logs.items() if k not in ("step", "split")}}
@@ -376,6 +379,7 @@ class Trainer(Step):
             logs.update(updater.logs("" if len(self.updaters) == 1 else f"{name}/"))
         logs.update(memory_logs())
         self._reset_train_trackers()
+        self.last_train_logs = logs
         return logs
 
     def evaluate(self, eval_data: DataArg, *, steps: Optional[int] = None, step: Optional[int] = None,

@@ -55,12 +55,30 @@ def split_by_set(logs: Mapping[str, Any], names: Sequence[str]) -> Dict[str, Dic
     return out
 
 
-def resolve(name: str, set_names: Optional[Sequence[str]], metric_names: Optional[Sequence[str]], setting: str) -> str:
+def single_set(name: str, metric_names: Optional[Sequence[str]], setting: str) -> str:
+    """With one eval set (the recipe's split, fit's validation data) its results keep plain names, yet it is
+    the set the docs call `val`, and named so beside a second one: `val/accuracy` and Keras' `val_accuracy`
+    read its `accuracy`, so a monitor need not change when a set is added."""
+    name = name[len("eval/"):] if name.startswith("eval/") else name
+    if metric_names is not None and name in metric_names:  # a step's own log named so
+        return name
+    for prefix in ("val/", "val_"):
+        if name.startswith(prefix) and len(name) > len(prefix):
+            log.info("%s=%r: the one eval set's %r (its results keep plain names).", setting, name, name[len(prefix):])
+            return name[len(prefix):]
+    return name
+
+
+def resolve(name: str, set_names: Optional[Sequence[str]], metric_names: Optional[Sequence[str]], setting: str,
+            python: str = "") -> str:
     """The eval record key a monitored `name` reads: `val/accuracy` as given; a bare `accuracy` with several
-    sets is the first set's (said in the log). An unknown set is an EvalSetError naming the available keys."""
+    sets is the first set's (said in the log); Keras' `val_accuracy` is `val/accuracy`. `python`: the setting's
+    Python form, which an error names too. An unknown set is an EvalSetError naming the available keys."""
     name = name[len("eval/"):] if name.startswith("eval/") else name
     if not set_names:
-        return name
+        return single_set(name, metric_names, setting)
+    if name.startswith("val_") and "val" in set_names and (metric_names is None or name not in metric_names):
+        name = "val/" + name[len("val_"):]  # Keras' val_accuracy
     head, _, tail = name.partition("/")
     if tail and head in set_names and (metric_names is None or tail in metric_names):
         return name
@@ -70,7 +88,7 @@ def resolve(name: str, set_names: Optional[Sequence[str]], metric_names: Optiona
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         what = f"set {head!r} has no result {tail!r}" if head in set_names else f"no eval set is named {head!r}"
         raise EvalSetError(f"{setting}={name!r}: {what}; the eval results are {keys}{hint}. "
-                           f"Fix: {setting}=<one of them> (<set>/<metric>).")
+                           f"Fix: {setting}=<one of them> (<set>/<metric>){f'; from Python, {python}' if python else ''}.")
     log.info("%s=%r with the eval sets %s: judged on the first, %r (set %s=<set>/%s for another).",
              setting, name, list(set_names), f"{set_names[0]}/{name}", setting, name)
     return f"{set_names[0]}/{name}"

@@ -134,17 +134,20 @@ def total_steps(steps: Optional[int], epochs: Optional[float], steps_per_epoch: 
         candidates.append(int(steps))
     if epochs:
         if steps_per_epoch is None:
-            raise ConfigError("trainer.epochs needs a training set of known size; set trainer.max_steps")
+            raise ConfigError("epochs needs a training set of known size. Fix: fit(steps=...) or Trainer(max_steps=...) "
+                              "(trainer.max_steps=... from the CLI)")
         if steps_per_epoch < 1:
-            raise ConfigError("trainer.epochs: an epoch of this training set is shorter than one step "
-                              "(data.batch_size x trainer.grad_accum_steps or batches_per_step examples); lower them or set trainer.max_steps")
+            raise ConfigError("epochs (trainer.epochs): an epoch of this training set is shorter than one step "
+                              "(data.batch_size x trainer.grad_accum_steps or batches_per_step examples); lower them or "
+                              "give the steps: fit(steps=...), Trainer(max_steps=...) or trainer.max_steps=...")
         if epochs * steps_per_epoch < 1:  # Lightning's rule for a limit_train_batches fraction under one batch
             raise ConfigError(f"trainer.epochs={epochs} is {epochs * steps_per_epoch:.3g} of a step (an epoch is "
-                              f"{steps_per_epoch} steps). Fix: at least trainer.epochs={1 / steps_per_epoch:.3g} (one step), "
-                              "or set trainer.max_steps.")
+                              f"{steps_per_epoch} steps). Fix: at least trainer.epochs={1 / steps_per_epoch:.3g} (one step), or set "
+                              f"trainer.max_steps; from Python, fit(epochs={1 / steps_per_epoch:.3g}) or fit(steps=...).")
         candidates.append(int(math.ceil(epochs * steps_per_epoch)))
     if not candidates:
-        raise ConfigError("say how long to train: trainer.max_steps or trainer.epochs (fit(steps=...))")
+        raise ConfigError("say how long to train: fit(epochs=...) or fit(steps=...), or Trainer(max_steps=...) / "
+                          "Trainer(epochs=...); from the CLI, trainer.max_steps=... or trainer.epochs=...")
     return min(candidates)
 
 
@@ -194,3 +197,22 @@ def warn_if_reshuffled_again(data: DataArg, start: int, exact_resume: bool) -> N
                     "batches an uninterrupted run reads. Fix: build the pipeline from its source each time, including "
                     "the shuffle (a function that builds it all), or give the data through the data config (data=...).",
                     start)
+
+
+def nothing_to_train(step: int, total: int, fit_steps: Optional[int], fit_epochs: Optional[float], config,
+                     steps_per_epoch: Optional[int], cli: bool) -> str:
+    """Why a fit() call trains nothing: its steps and epochs are totals (as trainer.max_steps; a resume relies
+    on it), unlike Keras' fit, which trains `epochs` more. Names the form the limit came in and the fix."""
+    epochs = fit_epochs if fit_epochs is not None else config.epochs  # as Trainer._fit reads them
+    by_epochs = bool(epochs) and bool(steps_per_epoch) and math.ceil(epochs * steps_per_epoch) == total
+    key, value = ("epochs", epochs) if by_epochs else ("max_steps", fit_steps if fit_steps is not None else config.max_steps)
+    value = total if value is None else value  # a limit debug.plan_fit set (overfit_batches)
+    given_to_fit = fit_epochs is not None if by_epochs else fit_steps is not None
+    arg = "epochs" if by_epochs else "steps" if given_to_fit else "max_steps"
+    form = f"trainer.{key}={value:g}" if cli else f"{'fit' if given_to_fit else 'Trainer'}({arg}={value:g})"
+    at = f" (epoch {step / steps_per_epoch:g})" if steps_per_epoch else ""  # after the CLI's old wording
+    more = step / steps_per_epoch + epochs if by_epochs else step + value
+    fix = (f"trainer.{key}={more:g} (a total) to train as much again" if cli else
+           f"fit({'epochs' if by_epochs else 'steps'}={more:g}) to train as much again, or fit(steps=...)")
+    return (f"{form} trains until {'epoch' if by_epochs else 'step'} {value:g} in total (a total, unlike Keras' "
+            f"epochs) and this run is already at step {step} of {total}: nothing to train{at}. Fix: {fix}.")

@@ -16,7 +16,7 @@ from trainer import compile as step_functions
 from trainer import evalsets, signals
 from trainer.data import release_in_background
 from trainer.errors import EXIT_BUG, EXIT_SIGNAL, TrainerError
-from trainer.inputs import batches_read_per_step, distribute
+from trainer.inputs import batches_read_per_step, distribute, nothing_to_train
 from trainer.xla_measure import measure_first_loop
 
 log = logging.getLogger("trainer.core")
@@ -84,8 +84,9 @@ def preemption_handler(trainer):
 class Loop:
     """Runs one fit() call from `trainer.step` to `total`; returns (train_logs, eval_logs, step)."""
 
-    def __init__(self, trainer, callbacks, make_iterator, eval_data, total: int):
+    def __init__(self, trainer, callbacks, make_iterator, eval_data, total: int, request=(None, None)):
         self.trainer, self.callbacks, self.eval_data, self.total = trainer, callbacks, eval_data, total
+        self.request = request  # fit()'s (steps, epochs): what a call with nothing to train names
         self.make_iterator, self.iterator = make_iterator, None
         self.start = self.step = int(trainer.step.numpy())
         self.train_logs: Dict = {}
@@ -182,9 +183,11 @@ class Loop:
     def _finish(self) -> None:
         t = self.trainer
         if self.step == self.start and (self.start >= self.total or t.stop_training):  # no new rows, no new save
-            if self.start >= self.total:  # a finished run started again
-                log.info("The run is already at step %d of %d: nothing to train (raise trainer.max_steps to "
-                         "continue it).", self.step, self.total)
+            if self.start >= self.total:  # a finished run started again, or fit(epochs=1) twice (a total)
+                log.warning("%s", nothing_to_train(self.step, self.total, *self.request, t.config, t.steps_per_epoch,
+                                                   cli=bool(t.resume_command)))
+                self.train_logs = dict(t.last_train_logs) or {  # this Trainer's last, else the keys unmeasured
+                    "step": self.step, "split": "train", "loss": float("nan"), **{m: float("nan") for m in t.metrics}}
             else:  # a run that early stopping ended, say (the callback said why)
                 log.info("Stopped at step %d before training a step (a callback set trainer.stop_training at the "
                          "start): nothing trained, no new evaluation row, nothing saved.", self.step)

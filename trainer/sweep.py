@@ -128,8 +128,9 @@ def check_sweep_metric(config: Any) -> None:
     from trainer.config import ConfigError
 
     metric, names = getattr(config.trainer, "sweep_metric", None), logged_names(config)
-    if not metric or metric in names:
-        return
+    if not metric or metric in names or (not config.get("eval_sets")
+                                         and evalsets.single_set(metric, names, "trainer.sweep_metric") in names):
+        return  # one eval set: `val/accuracy` (and Keras' `val_accuracy`) is its `accuracy`
     problem = (f"trainer.sweep_metric={metric}: the run logs no {metric!r}; its eval logs hold "
                f"{', '.join(names)}. Fix: set trainer.sweep_metric to one of them")
     trainer_class = str(config.get("trainer_class") or "trainer.Trainer")
@@ -150,6 +151,8 @@ def job_value(logs: Dict[str, Any], trainer_cfg: Any) -> Tuple[float, Optional[s
     sets = list(dict.fromkeys(k.partition("/")[0] for k in logs if "/" in k))  # several eval sets, in order
     if metric not in logs and "/" not in metric and sets and f"{sets[0]}/{metric}" in logs:
         metric = evalsets.resolve(metric, sets, None, "trainer.sweep_metric")  # the first set's, said in the log
+    elif metric not in logs and not sets:  # one eval set: `val/accuracy` is its `accuracy`
+        metric = evalsets.single_set(metric, None, "trainer.sweep_metric")
     value = logs.get(metric)
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value), None

@@ -64,7 +64,8 @@ class Checkpointing(Callback):
         self._prepare(trainer)
         if self.checkpointer is not None and trainer.config.best_metric:  # `val/accuracy` with several eval sets
             self.checkpointer.best_metric = evalsets.resolve(trainer.config.best_metric, trainer.eval_set_names,
-                                                             log_names(trainer, train=False), "trainer.best_metric")
+                                                             log_names(trainer, train=False), "trainer.best_metric",
+                                                             "Trainer(best_metric=...)")
         self.last_point = int(trainer.step.numpy())  # after a resume's restore
         if first and self.counted_step is None:  # not resumed from a record: a fresh run, or one from before it
             self.batches_read = self.last_point * batches_read_per_step(trainer.config)

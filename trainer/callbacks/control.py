@@ -123,7 +123,8 @@ class Monitor(Callback):
         train = self.monitor.startswith("train/")
         names = log_names(trainer, train)
         sets = None if train else getattr(trainer, "eval_set_names", None)
-        self.reads = self.monitor if train else evalsets.resolve(self.monitor, sets, names, f"{self.key}.monitor")
+        self.reads = self.monitor if train else evalsets.resolve(self.monitor, sets, names, f"{self.key}.monitor",
+                                                                  f"{type(self).__name__}(monitor=...)")
         name = self.monitor[len("train/"):] if train else self.reads.split("/", 1)[-1] if sets else self.reads
         if names is not None and name not in names:
             self.refuse(self.reads if sets else name, [f"{s}/{n}" for s in sets for n in names] if sets else names,
@@ -135,8 +136,8 @@ class Monitor(Callback):
         hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
         raise ConfigError(
             f"{type(self).__name__}: monitor={self.monitor!r} is not among the {what} {[prefix + n for n in names]}"
-            f"{hint}. Fix: {self.key}.monitor=<one of them> (an eval result as trainer.best_metric names it, or a "
-            "train log as train/NAME).")
+            f"{hint}. Fix: {type(self).__name__}(monitor=<one of them>) ({self.key}.monitor=... from the CLI): an eval "
+            "result as trainer.best_metric names it, or a train log as train/NAME.")
 
     def on_log(self, trainer, step, logs) -> None:
         if self.monitor.startswith("train/"):
