@@ -28,7 +28,7 @@ import tensorflow as tf
 from omegaconf import II, MISSING
 
 from trainer.config import ConfigError, DataOptions, ranged
-from trainer.data import DataBundle, DataError, check_labels, load_mnist_format, per_replica_batch_size
+from trainer.data import DataBundle, DataError, check_labels, load_mnist_format, per_replica_batch_size, pipeline_seed
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +286,7 @@ def image_pipeline(
             buffer = shuffle_buffer or int(ds.cardinality())
             if buffer <= 0:
                 raise DataError("cannot size the shuffle buffer of an unbounded source: set data.shuffle_buffer")
-            ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat().enumerate()
+            ds = ds.shuffle(buffer, seed=pipeline_seed(seed, ctx), reshuffle_each_iteration=True).repeat().enumerate()
             if skip_steps:  # resume: drop the records of the steps already trained, before decoding them
                 ds = ds.skip(skip_steps * (global_batch_size // (ctx.num_input_pipelines if ctx is not None else 1)))
             base_key = tf.constant([seed, pipeline_id], tf.int64)
@@ -612,7 +612,7 @@ def tfrecord(
             if by_file:  # each worker reads whole files of its own
                 ds = ds.shard(n, ctx.input_pipeline_id)
             if training:
-                ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+                ds = ds.shuffle(len(files), seed=pipeline_seed(seed, ctx) if by_file else seed, reshuffle_each_iteration=True)
             ds = ds.interleave(
                 tf.data.TFRecordDataset,
                 cycle_length=min(cycle_length, len(files)),

@@ -30,7 +30,7 @@ import numpy as np
 from omegaconf import II, MISSING
 
 from trainer.config import DataOptions, ranged
-from trainer.data import DataBundle, DataError, DatasetFn, per_replica_batch_size
+from trainer.data import DataBundle, DataError, DatasetFn, per_replica_batch_size, pipeline_seed
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ def text_pipeline(
         ds = ds.batch(512).map(tokenize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
         ds = ds.map(pack, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).cache()
         if training:
-            ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True).repeat()
+            ds = ds.shuffle(len(labels), seed=pipeline_seed(seed, ctx), reshuffle_each_iteration=True).repeat()
         if padding == "bucket":
             ds = ds.bucket_by_sequence_length(
                 element_length_func=lambda x, y: tf.shape(x["token_ids"])[0],

@@ -58,3 +58,21 @@ def test_real_fashion_mnist_is_available_offline():
     (x_train, y_train, x_test, y_test), where = load_mnist_format("fashion_mnist")
     assert x_train.shape == (60000, 28, 28) and x_test.shape == (10000, 28, 28)
     assert set(np.unique(y_train)) == set(range(10))
+
+
+def test_each_worker_shuffles_its_shard_with_its_own_seed():
+    """Two input pipelines (two workers): worker 0 keeps the run's order of its shard, worker 1's is permuted
+    by another seed, so a global batch is not file-order neighbours (2k and 2k+1) as with one seed for all."""
+    import tensorflow as tf
+
+    from trainer.data import classification_pipeline, pipeline_seed
+
+    x = np.arange(64, dtype=np.float32)[:, None]
+    make = classification_pipeline(x, np.arange(64) % 2, global_batch_size=8, seed=7, training=True)
+    firsts = []
+    for worker in (0, 1):
+        ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=worker, num_replicas_in_sync=2)
+        firsts.append(next(iter(make(ctx)))[0].numpy()[:, 0].astype(int))
+    assert all(v % 2 == w for w, first in enumerate(firsts) for v in first)  # each its own shard
+    assert [v // 2 for v in firsts[0]] != [v // 2 for v in firsts[1]]  # not neighbours, pair by pair
+    assert pipeline_seed(7, None) == 7 and pipeline_seed(7, ctx) != 7

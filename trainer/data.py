@@ -143,6 +143,15 @@ def check_batch_size(global_batch_size: int) -> None:
         raise DataError(f"data.batch_size={global_batch_size} must be a positive integer (the global batch)")
 
 
+def pipeline_seed(seed: int, ctx: Optional[tf.distribute.InputContext]) -> int:
+    """The shuffle seed of this input pipeline: the run's seed for the first (one device, mirrored: unchanged),
+    another for each other worker's. With one seed for all, every worker's shard was permuted alike, so a
+    global batch held file-order neighbours (examples 2k and 2k+1 on two workers)."""
+    if ctx is None or ctx.num_input_pipelines <= 1:
+        return seed
+    return seed + 1_000_003 * ctx.input_pipeline_id
+
+
 def per_replica_batch_size(global_batch_size: int, ctx: Optional[tf.distribute.InputContext]) -> int:
     """The global batch split over replicas; an error when it does not divide evenly."""
     check_batch_size(global_batch_size)
@@ -187,7 +196,7 @@ def classification_pipeline(
         ds = ds.cache()
         if shuffle:
             # A full-size buffer: each epoch is a permutation; reshuffled each epoch from the seed.
-            ds = ds.shuffle(len(tf.nest.flatten(features)[0]), seed=seed, reshuffle_each_iteration=True)
+            ds = ds.shuffle(len(tf.nest.flatten(features)[0]), seed=pipeline_seed(seed, ctx), reshuffle_each_iteration=True)
         if preprocess is not None:
             ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         # Batch at the global size, then split it into per-replica batches: the examples of a step do
