@@ -38,7 +38,6 @@ from trainer.memory import memory_logs
 from trainer.runlock import run_folder_lock
 from trainer.step import Step
 from trainer.tracking import Window
-from trainer.update import Updater
 from trainer.xla_measure import XlaMeasurement
 from trainer.xla_plan import XlaPlan, decide_jit_compile
 
@@ -127,17 +126,10 @@ class Trainer(Step):
             self.rng = tf.random.Generator.from_seed(seed)  # for recipes' augmentation seeds
             # No best yet: the worst finite value (NaN would trip precision.debug_numerics on every read).
             self.best = tf.Variable(NO_BEST.get(self.config.best_mode, math.nan), dtype=tf.float32, trainable=False, name="best_metric")
-            # Variable path -> factor applied to its unscaled gradient (e.g. a lower backbone rate when
-            # fine-tuning; with SGD this equals a per-variable learning rate). Call
-            # reset_step_functions() after changing it, or after freezing/unfreezing layers.
+            # Variable path -> factor applied to its unscaled gradient (a lower backbone rate when fine-tuning).
+            # Call reset_step_functions() after changing it, or after freezing/unfreezing layers.
             self.grad_multipliers: Dict[Any, float] = {}
-            self.updaters = {
-                name: Updater(name, opt, lambda name=name: self.models[name].trainable_variables,
-                              objects.make_loss_scale(self.precision, say_ignored=i == 0), strategy=self.strategy,
-                              clipnorm=clipnorm, skip_nonfinite=self.precision.skip_nonfinite,
-                              fused=self.config.fused_optimizer, grad_multipliers=lambda: self.grad_multipliers)
-                for i, (name, opt) in enumerate(self.optimizers.items())
-            }
+            self.updaters = objects.make_updaters(self, clipnorm)
         self.default_optimizer = next(iter(self.optimizers)) if len(self.optimizers) == 1 else None
         self.loss = objects.per_example_loss(loss)
         self._step_functions = step_functions.StepFunctions(decide_jit_compile(

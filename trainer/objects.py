@@ -14,6 +14,7 @@ from trainer.config import ConfigError, PrecisionConfig
 from trainer.distribute import StrategyError
 from trainer.loss_scale import LossScale
 from trainer.precision import PrecisionError
+from trainer.update import Updater
 
 log = logging.getLogger("trainer.core")
 
@@ -197,3 +198,14 @@ def check_ready_made_model(model: keras.Model, policy: str, strategy: tf.distrib
             "across its replicas. Fix: pass a function that builds the model (model=lambda: build_model()), "
             "or build it under strategy.scope()."
         )
+
+
+def make_updaters(trainer, clipnorm) -> Dict[str, Updater]:
+    """One update pipeline (trainer/update.py) per optimizer of `trainer`, each with its own loss scale."""
+    return {
+        name: Updater(name, opt, lambda name=name: trainer.models[name].trainable_variables,
+                      make_loss_scale(trainer.precision, say_ignored=i == 0), strategy=trainer.strategy,
+                      clipnorm=clipnorm, skip_nonfinite=trainer.precision.skip_nonfinite,
+                      fused=trainer.config.fused_optimizer, grad_multipliers=lambda: trainer.grad_multipliers)
+        for i, (name, opt) in enumerate(trainer.optimizers.items())
+    }
