@@ -61,6 +61,15 @@ def test_basic_config_with_no_level_shows_each_info_line_once(tmp_path):
     assert warning.stderr.count("[trainer.callbacks][INFO] - Done: 10 steps") == 2, warning.stderr[-3000:]
     assert warning.stderr.count("Done: 10 steps") == 2 and "ROOT| Done" not in warning.stderr
 
+def test_a_root_level_the_user_chose_is_kept(tmp_path):
+    """basicConfig(level=logging.ERROR): the user asked for errors only; the trainer's INFO lines stay out (the
+    trainer logger is set to INFO only over Python's default WARNING root)."""
+    errors_only = _fit(tmp_path, configure="logging.basicConfig(level=logging.ERROR, format='ROOT| %(message)s')")
+    assert errors_only.returncode == 0, errors_only.stderr[-2000:]
+    assert "Done: 10 steps" not in errors_only.stderr and "step 5/10: loss=" not in errors_only.stderr, \
+        errors_only.stderr[-3000:]
+
+
 TWO_TRAINERS = """
 import sys, keras
 from trainer import Trainer

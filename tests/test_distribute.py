@@ -509,6 +509,14 @@ class OptimizerApply(Trainer):  # an overridden step calling the optimizer's own
             loss = self.compute_loss(x, y, self.model(x, training=True))
         self.optimizer.apply_gradients(zip(tape.gradient(loss, self.model.trainable_variables), self.model.trainable_variables))
 
+class ForeignOptimizer(Trainer):  # an optimizer of the step's own (not the Trainer's), the TF tutorial's loss
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            per_example = keras.losses.binary_crossentropy(y, self.model(x, training=True), from_logits=True)
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=32)
+        self.own.apply_gradients(zip(tape.gradient(loss, self.model.trainable_variables), self.model.trainable_variables))
+
 class OwnApply(Trainer):  # the default step, apply_gradients overridden to call the optimizer's own
     def apply_gradients(self, unscaled_grads, loss=None, optimizer=None):
         self.optimizer.apply_gradients(zip(unscaled_grads, self.model.trainable_variables))
@@ -532,6 +540,13 @@ for name, cls in (("default", Trainer), ("own_apply", OwnApply)):
     fit(cls, model, optimizer)
     out[name], out[f"{name}/apart"] = weights(model), copies_apart(model)
 out["init"] = weights(build(ms)[0])
+model, optimizer = build(ms)  # the Trainer holds `optimizer`; the step applies `own`, made apart from it
+with ms.scope():
+    own = keras.optimizers.SGD(0.5)
+t = ForeignOptimizer(model=model, loss=bce, optimizer=optimizer, strategy=ms, progress_bar=False)
+t.own = own
+t.fit(ds, steps=1)
+out["foreign"], out["foreign/apart"] = weights(model), copies_apart(model)
 model, optimizer = build(ms)  # Keras' own fit with a Trainer's optimizer: Keras' sum
 Trainer(model=model, loss=bce, optimizer=optimizer, strategy=ms, progress_bar=False)
 with ms.scope():
@@ -549,7 +564,9 @@ def test_an_optimizers_own_apply_gradients_averages_in_an_own_step_and_sums_else
     """A Trainer optimizer's own apply_gradients: the mean over replicas in an overridden step, Keras' sum
     elsewhere (an apply_gradients override under the default step, Keras' own fit with the Trainer's optimizer),
     none in the Trainer's update (also in its skip path, a fresh thread per replica under mixed_float16); a second
-    Trainer of the same optimizer gives the same update (it halved it). Every replica's copy of a weight is the same."""
+    Trainer of the same optimizer gives the same update (it halved it); an optimizer the Trainer does not hold, applied
+    in an own step to tf.nn.compute_average_loss, averages too (it gave replicas x the update). Every replica's copy of
+    a weight is the same."""
     script = tmp_path / "own_apply.py"
     script.write_text(OWN_APPLY)
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
@@ -558,7 +575,7 @@ def test_an_optimizers_own_apply_gradients_averages_in_an_own_step_and_sums_else
     for name in [k for k in out if k.endswith("/apart")]:
         assert out.pop(name) == 0.0, name
     for name, want in (("shared/1", "default"), ("shared/2", "default"), ("own_apply", "default"),
-                       ("keras_fit", "default"), ("mixed", "default")):
+                       ("keras_fit", "default"), ("mixed", "default"), ("foreign", "default")):
         tolerance = dict(rtol=1e-3, atol=1e-4) if name == "mixed" else dict(rtol=1e-5, atol=1e-6)  # float16's rounding
         for got, expected in zip(out[name], out[want]):  # (a doubled update is off by the update, 0.01-0.14)
             np.testing.assert_allclose(got, expected, err_msg=name, **tolerance)

@@ -1,5 +1,6 @@
 """Signals at the end of a run (trainer/signals.py): during the final evaluation, the final save and the
 summary. The signals while training and at start-up are in test_checkpoint.py and test_faults.py."""
+import json
 import os
 import signal
 
@@ -131,3 +132,25 @@ def test_a_run_stopped_during_its_final_evaluation_logs_it_when_started_again(tm
         _make(tmp_path).fit(blobs(), blobs(), steps=20)  # the row is there now: not logged again
     assert "already at step 20" in caplog.text and "evaluating and logging it now" not in caplog.text
     assert [r["step"] for r in read_metrics(tmp_path) if r["split"] == "eval"] == [10, 20]
+
+
+def test_the_final_evaluation_logged_by_a_restart_is_judged_for_best(tmp_path):
+    """The evaluation a restart logs (its record lacked it) has no save point after it: it is judged for best/ at
+    once (the weights are that step's), and never later against other weights."""
+    def make(callbacks=()):
+        return Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]),
+                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                       optimizer=lambda: keras.optimizers.SGD(0.1), run_dir=tmp_path, progress_bar=False, eval_every=10,
+                       checkpoint_every=10, best_metric="loss", best_mode="min", keep_best=5, callbacks=list(callbacks))
+    try:
+        make([FailFinalEval()]).fit(blobs(), blobs(), steps=20)
+    except RuntimeError:
+        pass
+    best = tmp_path / "checkpoints" / "best" / "best.json"
+    assert [e["step"] for e in json.loads(best.read_text())] == [10]
+    again = make()
+    again.fit(blobs(), blobs(), steps=20)
+    assert sorted(e["step"] for e in json.loads(best.read_text())) == [10, 20]
+    again.fit(blobs(), blobs(), steps=30)  # a later fit of the same Trainer: step 20's logs are not judged again
+    steps = [e["step"] for e in json.loads(best.read_text())]
+    assert sorted(steps) == sorted(set(steps)) and 30 in steps

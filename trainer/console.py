@@ -56,14 +56,20 @@ def show_logs_unless_configured(verbose: bool) -> None:
     root logger: it silenced every INFO line). Called by every fit(); idempotent; quiet (verbose=False) adds none."""
     package = logging.getLogger("trainer")
     ours = [h for h in package.handlers if isinstance(h, _StderrHandler)]
+    if not verbose and getattr(package, "_trainer_set_level", False):  # quiet: the level we set is undone
+        package.setLevel(logging.NOTSET)
+        package._trainer_set_level = False
     if ours and (not verbose or len(ours) < len(package.handlers)):
         for handler in ours:  # a handler of the user's on the trainer logger since, or quiet asked for
             package.removeHandler(handler)
         return
     if ours or not verbose or package.handlers:
         return
-    if package.level == logging.NOTSET:  # else the root logger's WARNING (basicConfig's default) drops INFO lines
+    # The root logger's WARNING (Python's default, and basicConfig's without a level) would drop the INFO lines;
+    # a level the user chose (basicConfig(level=logging.ERROR), or one on the trainer logger) is theirs.
+    if package.level == logging.NOTSET and logging.getLogger().level == logging.WARNING:
         package.setLevel(logging.INFO)
+        package._trainer_set_level = True
     handler = _StderrHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[%(name)s][%(levelname)s] - %(message)s"))  # as the CLI's
     package.addHandler(handler)

@@ -197,6 +197,8 @@ class Loop:
                     log.info("The evaluation at step %d is missing from the run's record (the run was stopped "
                              "during it): evaluating and logging it now.", self.step)
                 self.eval_logs = t.evaluate(self.eval_data, step=self.step, callbacks=self.callbacks if missing else None)
+                if missing:
+                    t.checkpointing.judge_pending()  # no save point follows: best/ judges it now
             return
         if self.eval_data is not None and self.eval_logs.get("step") != self.step:  # not again after an early stop
             try:

@@ -7,6 +7,7 @@ of the unscaled gradients, the fused update kernels, and its `grad_norm` in the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 from typing import Callable, Dict, List, Optional
@@ -199,3 +200,38 @@ def _own_apply_averages(keras_sum: Callable) -> Callable:
         return list(zip(divided([g for g, _ in summed], replicas), [v for _, v in summed]))
 
     return all_reduce
+
+
+def _optimizers_of_your_own_average() -> None:
+    """An optimizer the Trainer does not hold (made in the user's own step code), applied in an overridden
+    step: there every loss is the replica's batch mean, so Keras' SUM all-reduce would give replicas × the
+    update; it averages instead. Such an optimizer is in no checkpoint either: said once, with the fix."""
+    from keras.src.backend.tensorflow.optimizer import TFOptimizer
+
+    keras_sum = TFOptimizer._all_reduce_sum_gradients
+    if getattr(keras_sum, "_trainer_average", False):
+        return
+
+    @functools.wraps(keras_sum)
+    def all_reduce(self, grads_and_vars):
+        replicas = own_step_replicas()
+        if not replicas or "_trainer_keras_sum" in self.__dict__:  # not in an own step, or a Trainer optimizer
+            return keras_sum(self, grads_and_vars)
+        if id(self) not in _told_of:
+            _told_of.add(id(self))
+            log.warning("Optimizer %r is applied in an overridden step but is not one of the Trainer's: it is in no "
+                        "checkpoint (a resume restarts its state), and gets no loss scaling, finite check or clipping; "
+                        "its gradients are averaged over the replicas (the step's losses are batch means). Fix: give "
+                        "it to the Trainer (Trainer(optimizers={name: optimizer})) and call self.update(loss, tape, name).",
+                        getattr(self, "name", type(self).__name__))
+        summed = list(keras_sum(self, grads_and_vars))
+        if replicas <= 1:
+            return summed
+        return list(zip(divided([g for g, _ in summed], replicas), [v for _, v in summed]))
+
+    all_reduce._trainer_average = True
+    TFOptimizer._all_reduce_sum_gradients = all_reduce
+
+
+_told_of: set = set()
+_optimizers_of_your_own_average()

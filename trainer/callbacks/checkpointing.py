@@ -61,6 +61,7 @@ class Checkpointing(Callback):
 
     def on_train_begin(self, trainer):
         first = not self.prepared
+        self.evaluated = None  # an evaluation of an earlier fit() call is never judged against later weights
         self._prepare(trainer)
         if self.checkpointer is not None and trainer.config.best_metric:  # `val/accuracy` with several eval sets
             self.checkpointer.best_metric = evalsets.resolve(trainer.config.best_metric, trainer.eval_set_names,
@@ -226,6 +227,13 @@ class Checkpointing(Callback):
 
     def on_eval_end(self, trainer, step, logs):
         self.evaluated = (step, logs)  # judged at the save point, after every callback saw the results
+
+    def judge_pending(self) -> None:
+        """Judges for best/ the evaluation no save point follows: a finished run's restart that logged its missing
+        final evaluation (the weights are that step's, restored)."""
+        evaluated, self.evaluated = getattr(self, "evaluated", None), None
+        if evaluated is not None and self.checkpointer is not None:
+            self.checkpointer.update_best(*evaluated)
 
     def on_save_point(self, trainer, step, reason):
         self.counted_step = step  # a rollback moved the step back; the data goes on
