@@ -251,15 +251,15 @@ def test_evaluate_records_the_batches_a_fraction_limit_used(run_dir, tmp_path, c
     """trainer.limit_eval_batches=0.5: the JSON's eval_steps is the number of batches evaluated (half the
     eval set's), not null."""
     import tensorflow as tf
-    from hydra.utils import instantiate
 
+    from trainer.data import build_data
     from trainer.evaluate import load_run
 
     out = tmp_path / "half.json"
     code, _, stderr = in_process("trainer.evaluate", str(run_dir), "trainer.eval_steps=null",
                                  "trainer.limit_eval_batches=0.5", "--out", str(out), capsys=capsys)
     assert code == 0, stderr
-    data = instantiate(load_run(str(run_dir)).cfg.data, _convert_="all")
+    data = build_data(load_run(str(run_dir)).cfg.data)
     batches = int(data.eval(tf.distribute.InputContext()).cardinality())
     assert batches > 2 and json.loads(out.read_text())["eval_steps"] == int(0.5 * batches)
 
