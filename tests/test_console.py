@@ -2,6 +2,8 @@
 import subprocess
 import sys
 
+import pytest
+
 
 SCRIPT = """
 import logging, sys
@@ -61,6 +63,7 @@ def test_basic_config_with_no_level_shows_each_info_line_once(tmp_path):
     assert warning.stderr.count("[trainer.callbacks][INFO] - Done: 10 steps") == 2, warning.stderr[-3000:]
     assert warning.stderr.count("Done: 10 steps") == 2 and "ROOT| Done" not in warning.stderr
 
+@pytest.mark.slow
 def test_a_root_level_the_user_chose_is_kept(tmp_path):
     """basicConfig(level=logging.ERROR): the user asked for errors only; the trainer's INFO lines stay out (the
     trainer logger is set to INFO only over Python's default WARNING root)."""

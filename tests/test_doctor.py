@@ -114,6 +114,7 @@ def test_doctor_on_a_trained_run_and_its_recommended_command_trains(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_examples_per_sec_counts_every_batch_a_step_reads(tmp_path):
     """A run with trainer.grad_accum_steps=2 reads 2 batches per step: its examples/s is steps/s x 2 x the batch."""
     run = tmp_path / "run"

@@ -155,6 +155,7 @@ def test_a_netrc_login_for_wandbs_default_host_logs_online(tmp_path, no_login):
     assert WandbLogger().chosen_mode() == "offline"
 
 
+@pytest.mark.slow
 def test_an_unreachable_wandb_server_is_a_one_line_error_naming_offline(tmp_path, no_login, monkeypatch):
     """With a login but no network, wandb.init fails (W&B's CommError): exit 2, one line naming the offline
     mode; and no wandb-core process or WANDB_SERVICE is left behind in this process."""
