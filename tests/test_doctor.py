@@ -427,7 +427,7 @@ def test_quick_under_mirrored_on_two_logical_cpus(tmp_path):
     report = json.loads((out / "doctor.json").read_text())
     assert report["hardware"]["replicas"] == 2
     timed = [r for r in report["speed"]["configs"] if "steps_per_sec" in r]
-    assert timed and all(len(r["steps_per_call"]) == len(r["seconds_per_example"]) == 5 for r in timed)
+    assert timed and all(len(r["steps_per_call"]) == len(r["seconds_per_example"]) >= 5 for r in timed)  # rounds: --quick runs 10
     assert all(steps >= 1 for r in timed for steps in r["steps_per_call"])  # re-sized every round
     command = shlex.split(report["recommendation"]["command"])
     assert "strategy=mirrored" in command and "strategy.logical_cpus=2" in command
