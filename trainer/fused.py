@@ -9,6 +9,11 @@ kernels compile too (XLA would fuse Keras' ops on its own).
 
 Only the exact Keras classes are fused (a subclass may have its own update_step), only dense
 gradients and only options the kernels express (no amsgrad); anything else keeps Keras' update.
+Sparse gradients (an embedding's IndexedSlices) keep Keras' update too: Keras squares each gathered
+row before summing repeated rows, which no TensorFlow kernel does.
+
+Decoupled weight decay (AdamW, or any of them with `weight_decay`) is one multiply per variable,
+`w * (1 - wd * lr)`, where Keras makes three passes (`w - w * wd * lr`): same value up to rounding.
 """
 from __future__ import annotations
 
@@ -71,6 +76,28 @@ def _install(optimizer, kernel) -> None:
     optimizer.update_step = update_step
 
 
+def _install_weight_decay(optimizer) -> None:
+    """Keras' _apply_weight_decay (TensorFlow backend) with the arithmetic in one pass."""
+
+    def decay_all(distribution, variables):
+        def decay(variable):
+            if optimizer._use_weight_decay(variable):
+                factor = tf.cast(optimizer.weight_decay, variable.dtype) * tf.cast(optimizer.learning_rate, variable.dtype)
+                variable.assign(variable * (1 - factor))
+
+        for variable in variables:
+            if isinstance(variable, keras.Variable):
+                variable = variable.value
+            distribution.extended.update(variable, decay, group=False)
+
+    def apply_weight_decay(variables):
+        if optimizer.weight_decay is None:
+            return
+        tf.__internal__.distribute.interim.maybe_merge_call(decay_all, optimizer._distribution_strategy, variables)
+
+    optimizer._apply_weight_decay = apply_weight_decay
+
+
 def fuse(optimizer) -> bool:
     """Gives `optimizer` a fused update_step when the kernels express it exactly; True if it did."""
     kind = type(optimizer)
@@ -80,4 +107,6 @@ def fuse(optimizer) -> bool:
         _install(optimizer, _momentum_kernel)
     else:
         return False
+    if optimizer.weight_decay:
+        _install_weight_decay(optimizer)
     return True
