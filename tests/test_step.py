@@ -192,7 +192,8 @@ def adamw_sparing_biases():
 
 def test_fused_updates_of_an_embeddings_sparse_gradient_and_weight_decay_equal_keras():
     """An embedding's gradient is IndexedSlices with repeated rows (token 3 appears twice per sequence):
-    it keeps Keras' update, the dense layers get the kernels, and AdamW's decay (all but biases) is one pass."""
+    Keras' Adam squares each gathered row before summing, the fused kernel (one per variable, the
+    embedding's too) gives the same; AdamW's decay (all but biases) is one pass."""
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 20, size=(64, 6)).astype("int32")
     tokens[:, :2] = 3
@@ -211,6 +212,28 @@ def test_fused_updates_of_an_embeddings_sparse_gradient_and_weight_decay_equal_k
         trained[fused] = [w.numpy() for w in trainer.model.weights] + [v.numpy() for v in trainer.optimizer.variables]
     for a, b in zip(trained[True], trained[False]):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # Adam carries rounding; the decay moves w by 5e-3 w a step
+
+
+def test_a_sparse_gradient_with_repeated_rows_is_one_adam_kernel_with_keras_values():
+    from trainer.fused import fuse
+
+    rng = np.random.default_rng(0)
+    start = rng.normal(size=(6, 3)).astype("float32")
+    gradients = [tf.IndexedSlices(tf.constant(rng.normal(size=(4, 3)).astype("float32")), tf.constant([1, 4, 1, 1]),
+                                  tf.constant([6, 3])) for _ in range(3)]
+    tables = {}
+    for fused in (True, False):
+        table, adam = keras.Variable(start), keras.optimizers.Adam(0.1)
+        assert fuse(adam) if fused else True
+        adam.build([table])
+        apply = tf.function(lambda g: adam.apply([g], [table]))
+        for gradient in gradients:
+            apply(gradient)
+        if fused:
+            assert [op.type for op in apply.get_concrete_function(gradients[0]).graph.get_operations()].count("ResourceApplyAdam") == 1
+        tables[fused] = [table.numpy(), *(v.numpy() for v in adam.variables[1:])]
+    for a, b in zip(tables[True], tables[False]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_fused_update_is_one_kernel_per_variable_and_skips_what_it_cannot_express():
