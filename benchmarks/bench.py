@@ -87,6 +87,7 @@ from tensorflow.python.framework import ops as tf_ops  # noqa: E402  (see Forget
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import trainer as trainer_pkg  # noqa: E402
 from trainer import Trainer  # noqa: E402
+from trainer.layers import BatchNormalization  # noqa: E402
 from trainer.memory import PeakMemory  # noqa: E402
 
 RUNNERS = ("trainer", "fit", "hand")  # plus the optional diagnostic "trainer_step"
@@ -151,14 +152,14 @@ def mlp_workload(units=4096, batch=512, in_dim=784, classes=10) -> Workload:
 
 def resnet_workload(widths=(16, 32, 64), hw=32, batch=128, classes=10) -> Workload:
     """A small CIFAR-style ResNet: 3x3 stem, one basic block per stage (stride 2 after the first),
-    1x1 projection shortcuts, BatchNorm, global average pooling."""
+    1x1 projection shortcuts, BatchNorm (the recipes' fused one, trainer.layers), global average pooling."""
 
     def build():
         inputs = keras.Input((hw, hw, 3), name="images")
 
         def conv_bn(x, filters, kernel, stride):
             x = keras.layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False)(x)
-            return keras.layers.BatchNormalization()(x)
+            return BatchNormalization()(x)
 
         x = keras.layers.ReLU()(conv_bn(inputs, widths[0], 3, 1))
         for i, w in enumerate(widths):

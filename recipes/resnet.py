@@ -26,6 +26,7 @@ from omegaconf import II
 
 from trainer.callbacks import Callback
 from trainer.config import ConfigError, ranged
+from trainer.layers import BatchNormalization
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,9 @@ def _conv_bn(x, filters: int, kernel: int, stride: int, name: str, relu: bool = 
     x = keras.layers.Conv2D(
         filters, kernel, strides=stride, padding="same", use_bias=False, kernel_initializer="he_normal", name=f"{name}_conv"
     )(x)
-    # momentum 0.9 (not Keras' 0.99): moving statistics settle within a short run.
-    x = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=f"{name}_bn")(x)
+    # momentum 0.9 (not Keras' 0.99): moving statistics settle within a short run. Fused: Keras' own
+    # BatchNormalization is a chain of float32 elementwise ops that costs more than the convolutions (trainer.layers).
+    x = BatchNormalization(momentum=0.9, epsilon=1e-5, name=f"{name}_bn")(x)
     return keras.layers.ReLU(name=f"{name}_relu")(x) if relu else x
 
 

@@ -7,8 +7,15 @@ pass. Measured on this 2-core CPU for the 20M-parameter MLP: 59 ms per Adam upda
 20 ms fused (benchmarks/bench_step.py). The formulas are Keras' (checked in tests/test_step.py); with XLA the
 kernels compile too (XLA would fuse Keras' ops on its own).
 
-Only the exact Keras classes are fused (a subclass may have its own update_step), only dense
-gradients and only options the kernels express (no amsgrad); anything else keeps Keras' update.
+Only the exact Keras classes are fused (a subclass may have its own update_step) and only options the
+kernels express (no amsgrad); anything else keeps Keras' update. An embedding's sparse gradient
+(IndexedSlices) is fused for Adam: Keras' update of it is dense anyway (every row's m and v decay), but
+Keras moves v towards the sum of each gathered row's square, not the square of the summed rows as the
+kernel does; `_sparse_to_dense` shifts v on the touched rows so that the kernel lands on Keras' value.
+SGD keeps Keras' update for sparse gradients.
+
+Decoupled weight decay (AdamW, or any of them with `weight_decay`) is one multiply per variable,
+`w * (1 - wd * lr)`, where Keras makes three passes (`w - w * wd * lr`): same value up to rounding.
 """
 from __future__ import annotations
 
@@ -23,14 +30,30 @@ def _handle(variable):
     return variable.handle
 
 
-def _dense_float(gradient, variable) -> bool:
-    return not isinstance(gradient, tf.IndexedSlices) and variable.dtype in (tf.float32, tf.float64, tf.bfloat16, tf.float16)
+FLOAT_DTYPES = (tf.float32, tf.float64, tf.bfloat16, tf.float16)
+
+
+def _sparse_to_dense(optimizer: keras.optimizers.Adam, gradient: tf.IndexedSlices, variable, velocity):
+    """The dense gradient ResourceApplyAdam takes, after adding (s - g^2) (1 - b2) / b2 to v on the touched
+    rows (s: the sum of the squares of a row's gathered gradients, g: their sum); the kernel's
+    v <- b2 v + (1 - b2) g^2 then gives Keras' b2 v + (1 - b2) s."""
+    dtype = variable.dtype
+    rows, position = tf.unique(gradient.indices)
+    values = tf.cast(gradient.values, dtype)
+    summed = tf.math.unsorted_segment_sum(values, position, tf.size(rows))
+    squares = tf.math.unsorted_segment_sum(tf.square(values), position, tf.size(rows))
+    beta_2 = tf.cast(optimizer.beta_2, dtype)
+    shift = (squares - tf.square(summed)) * ((1 - beta_2) / beta_2)
+    tf.raw_ops.ResourceScatterAdd(resource=_handle(velocity), indices=rows, updates=shift)
+    return tf.scatter_nd(tf.expand_dims(rows, 1), summed, tf.shape(variable, out_type=rows.dtype))
 
 
 def _adam_kernel(optimizer: keras.optimizers.Adam, gradient, variable, learning_rate) -> None:
     dtype = variable.dtype
     local_step = tf.cast(optimizer.iterations + 1, dtype)
     index = optimizer._get_variable_index(variable)
+    if isinstance(gradient, tf.IndexedSlices):
+        gradient = _sparse_to_dense(optimizer, gradient, variable, optimizer._velocities[index])
     tf.raw_ops.ResourceApplyAdam(
         var=_handle(variable),
         m=_handle(optimizer._momentums[index]),
@@ -60,24 +83,49 @@ def _momentum_kernel(optimizer: keras.optimizers.SGD, gradient, variable, learni
     )
 
 
-def _install(optimizer, kernel) -> None:
-    keras_update = optimizer.update_step  # sparse gradients and other dtypes keep Keras' update
+def _install(optimizer, kernel, takes_sparse: bool) -> None:
+    keras_update = optimizer.update_step  # what the kernel does not take keeps Keras' update
 
     def update_step(gradient, variable, learning_rate):
-        if not _dense_float(gradient, variable):
+        sparse = isinstance(gradient, tf.IndexedSlices)
+        if variable.dtype not in FLOAT_DTYPES or (sparse and not takes_sparse):
             return keras_update(gradient, variable, learning_rate)
         kernel(optimizer, gradient, variable, learning_rate)
 
     optimizer.update_step = update_step
 
 
+def _install_weight_decay(optimizer) -> None:
+    """Keras' _apply_weight_decay (TensorFlow backend) with the arithmetic in one pass."""
+
+    def decay_all(distribution, variables):
+        def decay(variable):
+            if optimizer._use_weight_decay(variable):
+                factor = tf.cast(optimizer.weight_decay, variable.dtype) * tf.cast(optimizer.learning_rate, variable.dtype)
+                variable.assign(variable * (1 - factor))
+
+        for variable in variables:
+            if isinstance(variable, keras.Variable):
+                variable = variable.value
+            distribution.extended.update(variable, decay, group=False)
+
+    def apply_weight_decay(variables):
+        if optimizer.weight_decay is None:
+            return
+        tf.__internal__.distribute.interim.maybe_merge_call(decay_all, optimizer._distribution_strategy, variables)
+
+    optimizer._apply_weight_decay = apply_weight_decay
+
+
 def fuse(optimizer) -> bool:
     """Gives `optimizer` a fused update_step when the kernels express it exactly; True if it did."""
     kind = type(optimizer)
     if kind in (keras.optimizers.Adam, keras.optimizers.AdamW) and not optimizer.amsgrad:
-        _install(optimizer, _adam_kernel)
+        _install(optimizer, _adam_kernel, takes_sparse=optimizer.beta_2 > 0)
     elif kind is keras.optimizers.SGD and optimizer.momentum != 0:
-        _install(optimizer, _momentum_kernel)
+        _install(optimizer, _momentum_kernel, takes_sparse=False)
     else:
         return False
+    if optimizer.weight_decay:
+        _install_weight_decay(optimizer)
     return True
