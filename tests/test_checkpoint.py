@@ -53,6 +53,7 @@ def check_exactly_once(rows, total):
         assert sorted(seen) == list(range(96)), f"epoch {epoch}: ids not seen exactly once"
 
 
+@pytest.mark.slow
 def test_exactly_once_data_across_kill_resume_cycles(tmp_path):
     """Several SIGKILLs at chosen steps: every id is still seen exactly once per epoch."""
     log = tmp_path / "ids.log"
@@ -146,7 +147,8 @@ def test_sigkill_resume_is_bit_identical_in_deterministic_mode(tmp_path):
     assert (fa["loss"], fa["accuracy"]) == (fb["loss"], fb["accuracy"])
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("signum, code", [pytest.param(signal.SIGTERM, 143, id="SIGTERM"),
+                                          pytest.param(signal.SIGINT, 130, id="SIGINT", marks=pytest.mark.slow)])
 def test_a_signal_saves_and_exits_143_or_130_then_resumes(tmp_path, signum, code):
     """The real process: a signal while training saves a checkpoint, exits 143 (SIGTERM) or 130 (SIGINT)."""
     run_dir = tmp_path / "run"

@@ -49,6 +49,7 @@ def test_configured_logging_gets_each_line_once(tmp_path):
 
 
 
+@pytest.mark.slow
 def test_basic_config_with_no_level_shows_each_info_line_once(tmp_path):
     """`logging.basicConfig()` with no level leaves the root logger at WARNING: the trainer's INFO lines still show,
     once each, through the user's root handler; a root handler at WARNING gets them from ours instead."""

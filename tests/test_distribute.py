@@ -57,6 +57,7 @@ def test_mirrored_two_replicas_match_one_device(tmp_path):
             np.testing.assert_allclose(losses[name], losses["default"], rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_batch_must_divide_over_replicas(tmp_path):
     result = run_cli(*COMMON, "strategy=mirrored", "strategy.logical_cpus=2", "data.batch_size=63", f"hydra.run.dir={tmp_path / 'r'}")
     assert result.returncode == 2
@@ -157,6 +158,7 @@ def test_multi_worker_sigterm_to_one_worker_saves_on_all_and_resumes(tmp_path, w
     )
 
 
+@pytest.mark.slow
 def test_multi_worker_needs_tf_config(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
     result = subprocess.run(
@@ -166,6 +168,7 @@ def test_multi_worker_needs_tf_config(tmp_path):
     assert result.returncode == 2 and "TF_CONFIG" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_tpu_without_a_tpu_fails_fast(tmp_path):
     for extra in ([], ["strategy.tpu=grpc://127.0.0.1:1"]):
         result = run_cli("strategy=tpu", *extra, f"hydra.run.dir={tmp_path / 'r'}", timeout=120)

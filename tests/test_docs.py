@@ -187,7 +187,17 @@ def run_command(argv: List[str], cwd: Path, env: Dict[str, str]):
     return run_script(argv[1], argv[2:], cwd=cwd, env=env or None)
 
 
-@pytest.mark.parametrize("block", RUN, ids=[b.id for b in RUN])
+# Blocks that train and time many configurations run in the slow stage; tests/test_doctor.py covers the
+# doctor in the default one.
+SLOW_BLOCK_COMMANDS = ("python -m trainer.doctor --quick",)
+
+
+def _staged(block: Block):
+    slow = any(command in block.code for command in SLOW_BLOCK_COMMANDS)
+    return pytest.param(block, id=block.id, marks=[pytest.mark.slow] if slow else [])
+
+
+@pytest.mark.parametrize("block", [_staged(b) for b in RUN])
 def test_doc_block_runs(block: Block, tmp_path):
     if block.lang == "python":
         script = tmp_path / "block.py"

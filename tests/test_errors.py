@@ -87,6 +87,7 @@ def test_the_lowest_layers_import_without_tensorflow(module):
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_tensorflow_loads_quietly_whoever_loads_it_first():
     """`import trainer` no longer loads TensorFlow, yet a trainer module or the user's own `import tensorflow`
     after it still keeps TensorFlow's C++ start-up lines off stderr (TRAINER_TF_LOGS=1 shows them)."""

@@ -128,6 +128,7 @@ def test_read_only_run_folder_is_named(tmp_path):
 # -- 7. one run per run folder -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_second_run_on_a_locked_folder_changes_nothing(tmp_path):
     from trainer.runlock import LOCK_FILE, acquire, release
 
@@ -350,7 +351,8 @@ def test_nan_pixels_in_an_npz_are_a_data_error_naming_the_file(tmp_path):
 @pytest.mark.parametrize(
     "override, expected",
     [  # Each allocation fails at once (31 GB for the batch, 314 GB for the layer): nothing is really allocated.
-        ("data.batch_size=10000000", "out of memory: the batch does not fit in memory (data.batch_size=10000000"),
+        pytest.param("data.batch_size=10000000", "out of memory: the batch does not fit in memory (data.batch_size=10000000",
+                     marks=pytest.mark.slow),
         ("model.hidden_units=[100000000]", "out of memory: the model or a training step does not fit in memory"),
     ],
 )
@@ -377,7 +379,7 @@ def test_run_folder_lock_nests_in_one_process_and_only_the_chief_holds_it(tmp_pa
     assert is_chief_process("mirrored", "{}")
 
 
-@pytest.mark.parametrize("gap", [0.0, 0.05, 0.3])
+@pytest.mark.parametrize("gap", [pytest.param(0.0, marks=pytest.mark.slow), 0.05, pytest.param(0.3, marks=pytest.mark.slow)])
 def test_repeated_sigterms_during_training_still_save(tmp_path, gap):
     """A supervisor and a process group both signalling (timeout, Kubernetes, Slurm): the second SIGTERM,
     before or during the first one's save, waits for it; the run exits 143 with the step saved."""
@@ -629,6 +631,7 @@ def test_a_resume_past_an_unparseable_config_record_keeps_it_and_goes_on(tmp_pat
     assert not (run_dir / ".hydra" / "config.yaml.new").exists()
 
 
+@pytest.mark.slow
 def test_a_resume_that_changes_the_precision_says_so_and_keeps_the_earlier_config(tmp_path):
     """Resuming a float32 run with precision=mixed_bfloat16 changed its precision silently and overwrote
     .hydra/config.yaml: the change is now a warning, and the config of the steps before it is kept."""

@@ -82,6 +82,7 @@ def test_too_short_to_measure_keeps_auto_and_bad_values_name_the_choices(caplog)
         make(jit_compile="maybe")
 
 
+@pytest.mark.slow
 def test_cli_measures_on_two_replicas_and_rejects_a_bad_value(tmp_path):
     common = ["trainer.max_steps=16", "trainer.log_every=8", "trainer.checkpoint_every=0", "trainer.eval_every=0",
               "trainer.eval_steps=2", "trainer.progress_bar=false", "data.batch_size=32", "model.hidden_units=[16]"]
