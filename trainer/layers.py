@@ -13,7 +13,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-# What the fused kernel takes as its input and output dtype on every device TensorFlow builds for.
+# The input and output dtypes the fused kernel takes (float32 and bfloat16 are tested on CPUs; bfloat16 on
+# GPUs is TensorFlow's cuDNN kernel, not tried here).
 _FUSED_DTYPES = (tf.float32, tf.bfloat16, tf.float16)
 
 
@@ -23,10 +24,10 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
     Same weights (names, shapes, order), config and rules as Keras' layer: the moving statistics move by
     `momentum` towards the batch's mean and (biased) variance, training mode only when the layer is
-    trainable, so checkpoints of either load into the other. Keras' own computation is used for what the
-    fused kernel does not take: masks, batch renormalization, `synchronized=True`, inputs that are not
-    4-D with the channels last, and float64. The fused kernel adds at least 1.001e-5 to the variance (as
-    Keras 2 did): a smaller `epsilon` is raised to that."""
+    trainable, so checkpoints of either load into the other (a `.keras` file names this class: load it
+    after `import trainer.layers`). Keras' own computation is used for what the fused kernel does not
+    take: masks, batch renormalization, `synchronized=True`, inputs that are not 4-D with the channels
+    last, and float64."""
 
     def call(self, inputs, training=None, mask=None):
         if not self._fusable(inputs, mask):
@@ -70,7 +71,6 @@ class BatchNormalization(keras.layers.BatchNormalization):
         count = tf.cast(shape[0] * shape[1] * shape[2], tf.float32)
         variance = unbiased_variance * tf.maximum(count - 1.0, 0.0) / count
         momentum = self.momentum
-        self.moving_mean.assign(self.moving_mean * momentum + tf.cast(mean, self.moving_mean.dtype) * (1.0 - momentum))
-        self.moving_variance.assign(
-            self.moving_variance * momentum + tf.cast(variance, self.moving_variance.dtype) * (1.0 - momentum)
-        )
+        for moving, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):  # in float32, as Keras
+            moved = tf.cast(moving, tf.float32) * momentum + tf.cast(batch, tf.float32) * (1.0 - momentum)
+            moving.assign(tf.cast(moved, moving.dtype))
