@@ -78,7 +78,8 @@ def test_a_frozen_layer_normalizes_with_its_moving_statistics():
     [({"axis": 1}, SHAPE), ({}, (8, 6)), ({"renorm": True}, SHAPE), ({"center": False, "scale": False}, SHAPE)],
     ids=["channels-first", "2-d", "renorm", "no-center-no-scale"],
 )
-def test_what_the_fused_kernel_does_not_take_is_computed_as_keras_does(kwargs, shape):
+def test_what_the_fused_kernel_does_not_take_is_computed_as_keras_does(kwargs, shape, caplog):
+    caplog.set_level("INFO", logger="trainer.layers")
     x = _inputs(shape)
     keras_bn, fused_bn = keras.layers.BatchNormalization(**kwargs), BatchNormalization(**kwargs)
     for training in (True, False):
@@ -86,6 +87,9 @@ def test_what_the_fused_kernel_does_not_take_is_computed_as_keras_does(kwargs, s
     np.testing.assert_allclose(fused_bn.moving_variance, keras_bn.moving_variance, rtol=1e-6)
     fused = "FusedBatchNormV3" in _graph_ops(fused_bn, x, training=True)
     assert fused == (kwargs == {"center": False, "scale": False})  # only the last is still fused (with 1 and 0)
+    said = [r.getMessage() for r in caplog.records if "not fused" in r.getMessage()]
+    assert len(said) == (0 if fused else 1), said  # once per layer, naming the cause
+    assert fused or any(word in said[0] for word in ("axis=1", "2-D", "renorm"))
 
 
 def test_a_mask_is_computed_as_keras_does():

@@ -10,8 +10,12 @@ does not.
 
 from __future__ import annotations
 
+import logging
+
 import keras
 import tensorflow as tf
+
+log = logging.getLogger(__name__)
 
 # The input and output dtypes the fused kernel takes (float32 and bfloat16 are tested on CPUs; bfloat16 on
 # GPUs is TensorFlow's cuDNN kernel, not tried here).
@@ -31,6 +35,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
     def call(self, inputs, training=None, mask=None):
         if not self._fusable(inputs, mask):
+            self._say_once_why_not_fused(inputs, mask)
             return super().call(inputs, training=training, mask=mask)
         inputs = tf.convert_to_tensor(inputs)
         ones = tf.ones(tf.shape(self.moving_mean), tf.float32)
@@ -64,6 +69,19 @@ class BatchNormalization(keras.layers.BatchNormalization):
             and self.axis % rank == 3
             and tf.as_dtype(inputs.dtype) in _FUSED_DTYPES
         )
+
+    def _say_once_why_not_fused(self, inputs, mask) -> None:
+        """A user who swapped the layer in for speed learns that this one got none (logged once per layer)."""
+        if getattr(self, "_said_why_not_fused", False):
+            return
+        self._said_why_not_fused = True
+        reasons = [why for why, applies in (
+            ("a mask", mask is not None), ("renorm=True", self.renorm), ("synchronized=True", self.synchronized),
+            (f"a {len(inputs.shape)}-D input", len(inputs.shape) != 4),
+            (f"axis={self.axis} (the fused kernel takes channels last)", len(inputs.shape) == 4 and self.axis % 4 != 3),
+            (f"{tf.as_dtype(inputs.dtype).name} inputs", tf.as_dtype(inputs.dtype) not in _FUSED_DTYPES),
+        ) if applies]
+        log.info("BatchNormalization %r computes as Keras' layer, not fused, because of %s", self.name, ", ".join(reasons))
 
     def _update_moving_statistics(self, inputs, mean, unbiased_variance) -> None:
         """Keras' rule, on the batch's biased variance: the kernel returns the unbiased one (n / (n - 1))."""
