@@ -8,6 +8,10 @@ because the machine is shared and noisy.
 
     python benchmarks/bench_recipes.py --recipes resnet,transformer --rounds 3
     python benchmarks/bench_recipes.py --recipes resnet --baseline /path/to/other/checkout   # before/after
+
+Each checkout runs with PYTHONPATH set to it. Its configs come from `trainer/conf` there: a `git worktree`
+of this project needs the links `trainer/conf -> ../conf` and `trainer/recipes -> ../recipes` (an
+installed checkout maps them itself), or the installed checkout's configs are used.
 """
 
 from __future__ import annotations

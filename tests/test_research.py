@@ -29,6 +29,7 @@ def tensors(prefix):
             if k.startswith(("models/", "optimizers/")) and "iterations" not in k}
 
 
+@pytest.mark.slow
 def test_gan_two_optimizers_on_two_replicas_equal_one_device(tmp_path):
     """recipe=gan: two models, two optimizers, one step; mirrored on 2 logical CPUs == the default strategy."""
     runs = {"default": [], "mirrored": ["strategy=mirrored", "strategy.logical_cpus=2"]}
@@ -185,6 +186,7 @@ def test_a_callbacks_state_is_checkpointed_and_resumed(tmp_path):
     assert json.loads(saved)["CountLogs"] == {"count": 7}  # beside the built-ins' (DivergenceGuard's)
 
 
+@pytest.mark.slow
 def test_examples_run(tmp_path):
     """The classifier and the VAE of examples/ (the GAN runs in the kill/resume test above)."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}

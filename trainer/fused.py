@@ -14,8 +14,8 @@ Keras moves v towards the sum of each gathered row's square, not the square of t
 kernel does; `_sparse_to_dense` shifts v on the touched rows so that the kernel lands on Keras' value.
 SGD keeps Keras' update for sparse gradients.
 
-Decoupled weight decay (AdamW, or any of them with `weight_decay`) is one multiply per variable,
-`w * (1 - wd * lr)`, where Keras makes three passes (`w - w * wd * lr`): same value up to rounding.
+Decoupled weight decay (AdamW, or any of them with `weight_decay`) is `w - w * (wd * lr)`: one full-size
+multiply per variable where Keras makes two (`w * wd * lr`), with Keras' rounding of the decay.
 """
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def _install_weight_decay(optimizer) -> None:
         def decay(variable):
             if optimizer._use_weight_decay(variable):
                 factor = tf.cast(optimizer.weight_decay, variable.dtype) * tf.cast(optimizer.learning_rate, variable.dtype)
-                variable.assign(variable * (1 - factor))
+                variable.assign_sub(variable * factor)
 
         for variable in variables:
             if isinstance(variable, keras.Variable):
@@ -118,10 +118,10 @@ def _install_weight_decay(optimizer) -> None:
 
 
 def fuse(optimizer) -> bool:
-    """Gives `optimizer` a fused update_step when the kernels express it exactly; True if it did."""
+    """Gives `optimizer` a fused update_step (and weight decay) when the kernels express it exactly; True if it did."""
     kind = type(optimizer)
     if kind in (keras.optimizers.Adam, keras.optimizers.AdamW) and not optimizer.amsgrad:
-        _install(optimizer, _adam_kernel, takes_sparse=optimizer.beta_2 > 0)
+        _install(optimizer, _adam_kernel, takes_sparse=optimizer.beta_2 > 0)  # the shift divides by beta_2
     elif kind is keras.optimizers.SGD and optimizer.momentum != 0:
         _install(optimizer, _momentum_kernel, takes_sparse=False)
     else:

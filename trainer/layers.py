@@ -10,10 +10,15 @@ does not.
 
 from __future__ import annotations
 
+import logging
+
 import keras
 import tensorflow as tf
 
-# What the fused kernel takes as its input and output dtype on every device TensorFlow builds for.
+log = logging.getLogger(__name__)
+
+# The input and output dtypes the fused kernel takes (float32 and bfloat16 are tested on CPUs; bfloat16 on
+# GPUs is TensorFlow's cuDNN kernel, not tried here).
 _FUSED_DTYPES = (tf.float32, tf.bfloat16, tf.float16)
 
 
@@ -23,13 +28,14 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
     Same weights (names, shapes, order), config and rules as Keras' layer: the moving statistics move by
     `momentum` towards the batch's mean and (biased) variance, training mode only when the layer is
-    trainable, so checkpoints of either load into the other. Keras' own computation is used for what the
-    fused kernel does not take: masks, batch renormalization, `synchronized=True`, inputs that are not
-    4-D with the channels last, and float64. The fused kernel adds at least 1.001e-5 to the variance (as
-    Keras 2 did): a smaller `epsilon` is raised to that."""
+    trainable, so checkpoints of either load into the other (a `.keras` file names this class: load it
+    after `import trainer.layers`). Keras' own computation is used for what the fused kernel does not
+    take: masks, batch renormalization, `synchronized=True`, inputs that are not 4-D with the channels
+    last, and float64."""
 
     def call(self, inputs, training=None, mask=None):
         if not self._fusable(inputs, mask):
+            self._say_once_why_not_fused(inputs, mask)
             return super().call(inputs, training=training, mask=mask)
         inputs = tf.convert_to_tensor(inputs)
         ones = tf.ones(tf.shape(self.moving_mean), tf.float32)
@@ -64,13 +70,25 @@ class BatchNormalization(keras.layers.BatchNormalization):
             and tf.as_dtype(inputs.dtype) in _FUSED_DTYPES
         )
 
+    def _say_once_why_not_fused(self, inputs, mask) -> None:
+        """A user who swapped the layer in for speed learns that this one got none (logged once per layer)."""
+        if getattr(self, "_said_why_not_fused", False):
+            return
+        self._said_why_not_fused = True
+        reasons = [why for why, applies in (
+            ("a mask", mask is not None), ("renorm=True", self.renorm), ("synchronized=True", self.synchronized),
+            (f"a {len(inputs.shape)}-D input", len(inputs.shape) != 4),
+            (f"axis={self.axis} (the fused kernel takes channels last)", len(inputs.shape) == 4 and self.axis % 4 != 3),
+            (f"{tf.as_dtype(inputs.dtype).name} inputs", tf.as_dtype(inputs.dtype) not in _FUSED_DTYPES),
+        ) if applies]
+        log.info("BatchNormalization %r computes as Keras' layer, not fused, because of %s", self.name, ", ".join(reasons))
+
     def _update_moving_statistics(self, inputs, mean, unbiased_variance) -> None:
         """Keras' rule, on the batch's biased variance: the kernel returns the unbiased one (n / (n - 1))."""
         shape = tf.shape(inputs)
         count = tf.cast(shape[0] * shape[1] * shape[2], tf.float32)
         variance = unbiased_variance * tf.maximum(count - 1.0, 0.0) / count
         momentum = self.momentum
-        self.moving_mean.assign(self.moving_mean * momentum + tf.cast(mean, self.moving_mean.dtype) * (1.0 - momentum))
-        self.moving_variance.assign(
-            self.moving_variance * momentum + tf.cast(variance, self.moving_variance.dtype) * (1.0 - momentum)
-        )
+        for moving, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):  # in float32, as Keras
+            moved = tf.cast(moving, tf.float32) * momentum + tf.cast(batch, tf.float32) * (1.0 - momentum)
+            moving.assign(tf.cast(moved, moving.dtype))

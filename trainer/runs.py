@@ -335,11 +335,13 @@ def _load_keras_file(path: Path) -> Tuple[Any, Any]:
     import keras
     import tensorflow as tf
 
+    import trainer.layers  # noqa: F401  (registers trainer>BatchNormalization, which the recipes' models hold)
+
     if not path.is_file():
         raise RunNotFound(f"{path} does not exist")
     try:
         model = keras.saving.load_model(path, compile=False)
-    except (ValueError, OSError) as e:  # not a .keras archive, or one Keras cannot read
+    except (ValueError, OSError, TypeError) as e:  # not a .keras archive, one Keras cannot read, an unknown layer
         raise ServingError(f"{path} cannot be loaded as a Keras model ({e}). Fix: give a file model.save() wrote, "
                            "or the run folder.") from e
     sample = tf.nest.map_structure(
