@@ -311,10 +311,11 @@ def test_paired_verdict_and_the_sign_test():
 
 def test_calls_are_resized_every_round_and_timed_as_the_loop_trains():
     """A burst that makes one call 10x slower shrinks the next call only, and the one after grows back;
-    the calls run steps_per_loop steps each, as the Trainer's loop does."""
+    a call is a whole number of the loop's windows (steps_per_loop) and goes through the loop's path."""
     from trainer.doctor.speed import resized, run_as_trained, timed_rounds
 
     assert resized(100, 0.2, 0.2) == 100 and resized(100, 0.02, 0.2) == 500 and resized(100, 2.0, 0.2) == 10
+    assert resized(7, 0.2, 0.2, multiple=4) == 8 and resized(1, 1.0, 0.2, multiple=4) == 4
     load = iter([1, 1, 10, 1, 1, 1, 1, 1])  # the third call hits a burst
 
     def timed_call(trainer, steps):
@@ -325,21 +326,77 @@ def test_calls_are_resized_every_round_and_timed_as_the_loop_trains():
     assert [s for s, _ in calls["a"]] == [100, 10, 100]  # re-sized from the burst, and back
     assert all(seconds / steps == pytest.approx(0.002) or seconds / steps == pytest.approx(0.02)
                for s in calls.values() for steps, seconds in s)
+    failed = {}
+
+    def b_fails_in_round_2(trainer, steps, count=iter(range(100))):
+        if trainer == "b" and next(count) == 2:
+            raise RuntimeError("stopping at step 9: non-finite")
+        return 0.2
+
+    calls = timed_rounds({"a": "a", "b": "b"}, {"a": 10, "b": 10}, rounds=3, call_seconds=0.2,
+                         timed_call=b_fails_in_round_2, failed=failed)
+    assert len(calls["a"]) == 3 and len(calls["b"]) == 1 and "non-finite" in failed["b"]  # left the rounds
 
     class FakeTrainer:
-        class config:
-            steps_per_loop = 4
-
         def __init__(self):
             self.calls = []
             self.models = {"model": type("M", (), {"trainable_variables": [type("V", (), {"numpy": lambda self: 0})()]})()}
 
-        def run_steps(self, n):
-            self.calls.append(n)
+        def run_steps(self, n, loop=False):
+            self.calls.append((n, loop))
 
     fake = FakeTrainer()
     run_as_trained(fake, 10)
-    assert fake.calls == [4, 4, 2]
+    assert fake.calls == [(10, True)]  # through the loop's windows, not the compiled steps alone
+
+
+def test_the_grid_times_the_loops_per_window_function(monkeypatch):
+    """Injected clock: every window of the Trainer's loop (loop.Loop.window, counted by a spy) takes 10 ms
+    and nothing else does. The grid's timed calls are exactly those windows: with steps_per_loop=2 a call
+    of 0.1 s is 10 windows of 2 steps, each followed by the loop's host work (the numerics guard's
+    on_loop_end) and, every log_every=4 steps, the train logs."""
+    import types
+
+    import keras
+
+    from trainer import Trainer, TrainerConfig
+    from trainer.callbacks.numerics import NumericsGuard
+    from trainer.doctor import speed
+    from trainer.loop import Loop
+
+    clock, windows, guarded, logged = [0.0], [], [], []
+    window, on_loop_end, collect = Loop.window, NumericsGuard.on_loop_end, Trainer.collect_train_logs
+
+    def spy_window(self, *args):
+        before = self.step
+        window(self, *args)
+        windows.append(self.step - before)
+        clock[0] += 0.01
+
+    monkeypatch.setattr(Loop, "window", spy_window)
+    monkeypatch.setattr(NumericsGuard, "on_loop_end", lambda self, t, step: (guarded.append(step), on_loop_end(self, t, step)))
+    monkeypatch.setattr(Trainer, "collect_train_logs", lambda self, *a: (logged.append(a[0]), collect(self, *a))[1])
+    monkeypatch.setattr(speed, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(speed, "_add_phases", lambda *args: None)  # real clocks; tested on their own
+
+    def make_trainer(policy, xla):
+        return Trainer(lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(8), keras.layers.Dense(2)]),
+                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                       optimizer=lambda: keras.optimizers.SGD(0.01), precision=policy,
+                       config=TrainerConfig(jit_compile=xla, steps_per_loop=2, log_every=4, progress_bar=False,
+                                            verbose=False, tensorboard=False))
+
+    section = speed.speed_section(make_trainer, lambda batch: blobs(n=64, batch=batch).repeat(),
+                                  [speed.GridConfig("float32", False, 16)], [], rounds=3, call_seconds=0.1,
+                                  progress=lambda message: None)
+    row = section["configs"][0]
+    assert "error" not in row, row
+    assert row["steps_per_call"] == [20, 20, 20] and row["seconds_per_call"] == pytest.approx([0.1] * 3)
+    assert row["steps_per_sec"] == pytest.approx(200.0) and section["steps_per_loop"] == 2
+    timed = windows[-30:]  # the three timed calls: 10 windows each, of steps_per_loop steps
+    assert timed == [2] * 30 and len(guarded) == len(windows)  # every window ran the loop's host work
+    after_fit = [step for step in logged if step > 1]  # fit(steps=1) ends its run with a log at step 1
+    assert after_fit and all(step % 4 == 0 for step in after_fit)  # train logs when log_every is due, as a run
 
 
 def test_tensorflow_warnings_are_printed_once():
@@ -458,7 +515,7 @@ def test_verify_withdraws_a_recommendation_that_does_not_train_faster():
     from trainer.doctor.verify import mark_unverified
 
     candidate = mark_unverified(rec)  # no --verify: the grid's winner is a candidate, said so
-    assert candidate["unverified"] and "run_steps" in candidate["notes"][0] and "--verify N" in candidate["notes"][0]
+    assert candidate["unverified"] and "per-window path" in candidate["notes"][0] and "--verify N" in candidate["notes"][0]
     assert _recommendation_lines(candidate)[1].startswith("  candidate, not yet verified: ")
     assert mark_unverified(withdrawn) == withdrawn  # nothing changed: nothing to verify
 

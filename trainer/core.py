@@ -32,7 +32,7 @@ from trainer.console import show_logs_unless_configured
 from trainer.distribute import say_strategy_once
 from trainer.inputs import (DataArg, KeptIterator, batches_read_per_step, check_batches_per_step, sample_batch, steps_per_epoch_of,
                             total_steps, training_iterator)
-from trainer.loop import Loop, TrainingInterrupted, evaluate
+from trainer.loop import Loop, TrainingInterrupted, evaluate, run_windows
 from trainer.loss_scale import LossScale
 from trainer.memory import memory_logs
 from trainer.runlock import run_folder_lock
@@ -344,13 +344,21 @@ class Trainer(Step):
         objects.say_random_frozen(self._random_frozen, " (the whole run)")
         return eval_logs or train_logs
 
-    def run_steps(self, num_steps: int) -> None:
+    def run_steps(self, num_steps: int, *, loop: bool = False) -> None:
         """Runs `num_steps` more train steps on the data of the last fit() call, with nothing around them
         (no logs, evaluation, checkpoints or callbacks): the compiled loop alone, as Orbit's
-        `train(num_steps)`. For benchmarks; a later fit() on the same data continues after them."""
+        `train(num_steps)`. `loop=True`: through the loop's per-window path instead (loop.run_windows: the
+        guards, the step read back, train logs when due), for a Trainer without a run folder. For
+        benchmarks; a later fit() on the same data continues after them."""
         kept = self._kept_iterator
         if kept is None or kept.iterator is None or not step_functions.has_train_function(self):
             raise RuntimeError("Trainer.run_steps continues a fit() call: call fit() first")
+        if loop and self.run_dir is not None:
+            raise RuntimeError("Trainer.run_steps(loop=True) is for a Trainer without a run folder: the loop's "
+                               "loggers and checkpoints closed at the end of fit()")
+        if loop:
+            kept.step += run_windows(self, kept.iterator, num_steps)
+            return
         step_functions.run_train(self, kept.iterator, num_steps)
         kept.step += num_steps
 

@@ -92,6 +92,8 @@ class Loop:
         self.train_logs: Dict = {}
         self.eval_logs: Dict = {}
         self.first_loop_seconds = None
+        self.window_start, self.window_step = time.perf_counter(), self.step  # the log window's start
+        self.ends_run = True  # reaching `total` ends the run (its last train logs); run_windows: it does not
 
     def run(self) -> Tuple[Dict, Dict, int]:
         t = self.trainer
@@ -140,35 +142,42 @@ class Loop:
         return self.train_logs, self.eval_logs, self.step
 
     def _train(self, preemption) -> None:
+        self.window_start, self.window_step = time.perf_counter(), self.step
+        while self.step < self.total and not self.trainer.stop_training:
+            self.window(preemption)
+
+    def window(self, preemption=None) -> None:
+        """One window of the loop: the steps to the next event in one call of the train function, then the
+        host work after it (the callbacks' on_loop_end: the data position, the divergence and numerics
+        guards; the step read back; the preemption check; the train logs when due; evaluation when due; the
+        save point; the signal check). The doctor times its configurations through this (run_windows)."""
         t, cfg, callbacks = self.trainer, self.trainer.config, self.callbacks
-        window_start, window_step = time.perf_counter(), self.step
-        while self.step < self.total and not t.stop_training:
-            before, k = self.step, steps_to_next_event(cfg, self.step, self.total)
-            t0 = time.perf_counter()
-            done = self._train_loop(k)
-            self.step += done
-            if self.first_loop_seconds is None:
-                self.first_loop_seconds = time.perf_counter() - t0
-                log.info("First loop (trace/compile + %d steps): %.2fs", done, self.first_loop_seconds)
-                window_start, window_step = time.perf_counter(), self.step
-            callbacks.on_loop_end(t, self.step)  # the numerics guard last: never save (and exit on) bad weights
-            self.step = int(t.step.numpy())  # a rollback (callbacks/divergence.py) moves it back
-            if preemption is not None and self.step < self.total:  # at the end, the run finishes instead
-                with _tf_deprecation.silence():  # TF calls its own deprecated total_run_calls
-                    preemption.save_checkpoint_if_preempted(self.step)
-            if due(cfg.log_every, before, self.step) or self.step == self.total:
-                examples = (self.step - window_step) * t.batch_size * batches_read_per_step(cfg)
-                self.train_logs = t.collect_train_logs(self.step, examples, time.perf_counter() - window_start)
-                callbacks.on_log(t, self.step, self.train_logs)
-                self.step = int(t.step.numpy())  # likewise
-                window_start, window_step = time.perf_counter(), self.step
-            paused = time.perf_counter()  # evaluation and saving do not count as training time
-            if self.eval_data is not None and due(cfg.eval_every, before, self.step) and self.step < self.total:
-                self.eval_logs = t.evaluate(self.eval_data, step=self.step, callbacks=callbacks)
-            callbacks.on_save_point(t, self.step, "loop")
-            window_start += time.perf_counter() - paused
-            if self.interrupted.signum is not None and self.step < self.total:
-                raise TrainingInterrupted(signal.Signals(self.interrupted.signum).name)
+        before, k = self.step, steps_to_next_event(cfg, self.step, self.total)
+        t0 = time.perf_counter()
+        done = self._train_loop(k)
+        self.step += done
+        if self.first_loop_seconds is None:
+            self.first_loop_seconds = time.perf_counter() - t0
+            log.info("First loop (trace/compile + %d steps): %.2fs", done, self.first_loop_seconds)
+            self.window_start, self.window_step = time.perf_counter(), self.step
+        callbacks.on_loop_end(t, self.step)  # the numerics guard last: never save (and exit on) bad weights
+        self.step = int(t.step.numpy())  # a rollback (callbacks/divergence.py) moves it back
+        if preemption is not None and self.step < self.total:  # at the end, the run finishes instead
+            with _tf_deprecation.silence():  # TF calls its own deprecated total_run_calls
+                preemption.save_checkpoint_if_preempted(self.step)
+        if due(cfg.log_every, before, self.step) or (self.step == self.total and self.ends_run):
+            examples = (self.step - self.window_step) * t.batch_size * batches_read_per_step(cfg)
+            self.train_logs = t.collect_train_logs(self.step, examples, time.perf_counter() - self.window_start)
+            callbacks.on_log(t, self.step, self.train_logs)
+            self.step = int(t.step.numpy())  # likewise
+            self.window_start, self.window_step = time.perf_counter(), self.step
+        paused = time.perf_counter()  # evaluation and saving do not count as training time
+        if self.eval_data is not None and due(cfg.eval_every, before, self.step) and self.step < self.total:
+            self.eval_logs = t.evaluate(self.eval_data, step=self.step, callbacks=callbacks)
+        callbacks.on_save_point(t, self.step, "loop")
+        self.window_start += time.perf_counter() - paused
+        if self.interrupted.signum is not None and self.step < self.total:
+            raise TrainingInterrupted(signal.Signals(self.interrupted.signum).name)
 
     def _train_loop(self, k: int) -> int:
         """Runs k train steps; returns how many ran. The first loop of a run with trainer.jit_compile=measure
@@ -236,6 +245,22 @@ class Loop:
         else:
             log.warning("Received %s at step %d: stopping (no run folder, nothing saved).", e, self.step)
         self.callbacks.on_train_end(t, {"step": self.step, "interrupted": True})
+
+
+def run_windows(trainer, iterator, steps: int) -> int:
+    """`steps` more train steps on `iterator` through the loop's per-window path (Loop.window, with the
+    callbacks of the trainer's last fit() call), without fit()'s start and end (on_train_begin/end, making
+    the iterator, signal handlers) and without an end of run at the last step (no final logs, evaluation
+    or save); returns the steps trained. What the doctor times: the host work a run pays between windows
+    is in the time, not only the compiled steps. For a Trainer without a run folder (its loggers and
+    checkpoints closed at fit()'s end; the doctor's write nothing)."""
+    start = int(trainer.step.numpy())
+    loop = Loop(trainer, trainer.callback_list, lambda: iterator, None, start + steps)
+    loop.iterator, loop.first_loop_seconds, loop.ends_run = iterator, 0.0, False  # traced by fit(): no first loop
+    loop.interrupted = signals.SignalCatcher()  # not entered: the caller's handlers stay
+    while loop.step < loop.total and not trainer.stop_training:
+        loop.window()
+    return loop.step - start
 
 
 def how_to_resume(trainer) -> str:

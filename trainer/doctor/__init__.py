@@ -123,10 +123,11 @@ def diagnose(model: Callable, data, loss, optimizer: Optional[Callable] = None, 
 def diagnose_parts(parts, data, *, batch_size: Optional[int] = None, strategy=None, weights: Optional[list] = None,
                    quick: bool = False, sections: Sequence[str] = SECTIONS, overrides: Sequence[str] = (),
                    command: str = "", progress: Optional[Callable[[str], None]] = None,
-                   verify_steps: Optional[int] = None) -> dict:
+                   verify_steps: Optional[int] = None, model_identity: Optional[dict] = None) -> dict:
     """diagnose() on the parts of a Trainer (trainer.assemble.Parts, as `python -m trainer` builds from a config):
     each configuration the speed section times is `parts.build(...)` with its policy and XLA setting;
-    `verify_steps`: train the recommended and the current configuration that many steps each (verify.py)."""
+    `verify_steps`: train the recommended and the current configuration that many steps each (verify.py);
+    `model_identity` (auto_precision.model_identity): what precision=auto resolves as, for this model."""
     import keras
     import tensorflow as tf
 
@@ -138,10 +139,13 @@ def diagnose_parts(parts, data, *, batch_size: Optional[int] = None, strategy=No
 
     start = time.perf_counter()
     progress = progress or _progress_to_stderr(start)
-    from trainer.auto_precision import resolve
+    from trainer.auto_precision import resolve_run, xla_applies
 
     strategy = strategy or tf.distribute.get_strategy()
-    precision, trainer_config = resolve(parts.precision, strategy), parts.config  # auto: what the run would use
+    precision, xla = resolve_run(parts.precision, strategy, model=model_identity)  # auto: what the run would use
+    trainer_config = parts.config
+    if xla is not None and xla_applies(trainer_config.jit_compile, overrides):
+        trainer_config = dataclasses.replace(trainer_config, jit_compile=xla)
     if batch_size is None and not isinstance(data, tf.data.Dataset):
         raise ValueError("trainer.doctor.diagnose: with data given as a function of the batch size, give batch_size too")
     data_for_batch = _data_for_batch(data)

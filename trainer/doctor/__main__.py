@@ -35,7 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="train the recommended and the current configuration N steps each (default 100), "
                              "interleaved; the recommendation is withdrawn unless it is faster")
     parser.add_argument("--set-auto", action="store_true",
-                        help="store the recommended precision for precision=auto on this machine")
+                        help="store the verified recommendation (precision, XLA) for precision=auto on this machine, "
+                             "for runs of this recipe and model config")
     parser.add_argument("--out", help="folder for doctor.json / doctor.png (default: runs/doctor/<date_time>, or the run folder)")
     args = parser.parse_intermixed_args(argv)  # options may come between overrides
     bad = [o for o in args.overrides if "=" not in o]
@@ -78,6 +79,7 @@ def diagnose_config(cfg, overrides: List[str], quick: bool, prefix: Optional[str
     import keras
 
     from trainer.assemble import parts_of, strategy_of
+    from trainer.auto_precision import model_identity_of
     from trainer.data import build_data, check_batch_size
     from trainer.doctor import _first_batches, diagnose_parts
     from trainer.doctor.model_table import build_under
@@ -101,7 +103,8 @@ def diagnose_config(cfg, overrides: List[str], quick: bool, prefix: Optional[str
         restore_weights(model, prefix)
         weights = model.get_weights()
     return diagnose_parts(parts, data_for_batch, batch_size=batch_size, strategy=strategy, weights=weights,
-                          quick=quick, overrides=overrides, command=command, verify_steps=verify_steps)
+                          quick=quick, overrides=overrides, command=command, verify_steps=verify_steps,
+                          model_identity=model_identity_of(cfg))
 
 
 def _out_folder(args, run_folder: Optional[Path]) -> Path:
@@ -125,8 +128,9 @@ def _prepare_out_folder(out: Path) -> None:
         raise DoctorError(f"--out {out} cannot be written ({e.strerror or e}); give a folder you can write to") from None
 
 
-def _set_auto(rec: Optional[dict]) -> None:
-    """--set-auto: precision=auto follows the doctor's measured answer on this machine from now on."""
+def _set_auto(rec: Optional[dict], model: dict) -> None:
+    """--set-auto: precision=auto follows the doctor's verified answer on this machine, for runs of this
+    recipe and model config (`model`: auto_precision.model_identity), its XLA setting included."""
     from trainer.auto_precision import save_doctor_answer
 
     if rec is None:
@@ -138,9 +142,12 @@ def _set_auto(rec: Optional[dict]) -> None:
                else "the change is not verified faster: run with --verify N")
         print(f"--set-auto: nothing stored ({why}); precision=auto keeps its own choice")
         return
-    path = save_doctor_answer(rec["policy"], rec["command"], rec["speedup"])
-    print(f"--set-auto: precision=auto now chooses {rec['policy']} on this machine (stored in {path}; delete it to "
-          "go back to the probe)")
+    xla = rec.get("xla")  # the verified configuration's XLA setting (a doctor.json of before: none)
+    measured = rec["verify"].get("speedup", rec["speedup"])  # as trained through fit()
+    path = save_doctor_answer(rec["policy"], rec["command"], measured, model=model, jit_compile=xla)
+    with_xla = "" if xla is None else f" with XLA {'on' if xla else 'off'} (where trainer.jit_compile is left at its default)"
+    print(f"--set-auto: precision=auto now chooses {rec['policy']}{with_xla} on this machine for {model['label']} "
+          f"(stored in {path}; other models keep the probe's rule; delete it to go back to the probe)")
 
 
 @reports_errors()
@@ -168,7 +175,9 @@ def main(argv=None) -> int:
     write_json(report, out / "doctor.json")
     (out / "doctor.txt").write_text(text + "\n")
     if args.set_auto:
-        _set_auto(report.get("recommendation"))
+        from trainer.auto_precision import model_identity_of
+
+        _set_auto(report.get("recommendation"), model_identity_of(cfg))
     missing_plot = plot_report(report, out / "doctor.png")
     print(missing_plot or f"wrote {out / 'doctor.json'}, {out / 'doctor.png'} and {out / 'doctor.txt'}")
     if missing_plot:

@@ -165,7 +165,8 @@ def recommend(report: dict, overrides: Sequence[str], baseline_xla: bool, batch:
             "memory_mb": {"recommended": best.get("memory_mb"), "baseline": baseline.get("memory_mb"),
                           "means": (report.get("speed") or {}).get("memory_means")},
             "command": _command(program, kept, best, scale), "current_command": _command(program, kept, current, scale),
-            "policy": best["policy"], "current_policy": policy, "current": current, "blocked": blocked,
+            "policy": best["policy"], "xla": bool(best["xla"]), "current_policy": policy, "current": current,
+            "blocked": blocked,
             "model_changes": model_changes(report), "notes": notes,
             "rule": f"against what you run now ({baseline['name']}), per interleaved round: a configuration whose "
                     f"precision passed the numerics checks is faster if the {CONFIDENCE:.0%} bootstrap interval of "
@@ -264,7 +265,8 @@ def _phase_lines(rows: List[dict]) -> List[str]:
 
 def _speed_lines(speed: dict) -> List[str]:
     lines = [f"4. SPEED AND MEMORY ({speed['rounds']} interleaved rounds, calls of ~{speed.get('call_seconds', 0.2):g} s "
-             f"re-sized every round, {speed.get('steps_per_loop', 1)} step(s) per call as the run trains; memory: "
+             f"re-sized every round, through the loop's windows of {speed.get('steps_per_loop', 1)} step(s) as the run "
+             f"trains; memory: "
              f"{speed['memory_means']})"]
     rows = []
     for r in speed["configs"]:

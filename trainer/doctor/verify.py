@@ -13,11 +13,10 @@ from trainer.inputs import batches_read_per_step
 
 VERIFY_ROUNDS = 5
 # Why a change the grid found is only a candidate until --verify confirms it (diagnose adds it as a note).
-UNVERIFIED = ("not verified: the timed grid runs the compiled steps (Trainer.run_steps) without the loop's "
-              "per-loop host work (checkpoint and numerics/divergence checks, reading the step back, log "
-              "collection, the preemption check); through fit() that work measured XLA off 13-33% slower per step "
-              "and XLA on unchanged, so the grid can overstate an XLA-off configuration's lead. Run with "
-              "--verify N: it trains both through fit() and confirms or withdraws this")
+UNVERIFIED = ("not verified: the grid times each configuration through the loop's per-window path (the compiled "
+              "steps and the host work after each window: guards, the step read back, train logs), but not what "
+              "a run does once or writes (fit()'s start and end, checkpoints, metrics files, the progress bar, "
+              "evaluation). Run with --verify N: it trains both through fit() and confirms or withdraws this")
 
 
 def mark_unverified(rec: dict) -> dict:
@@ -41,6 +40,7 @@ def verify_outcome(rec: dict, recommended: List[float], current: List[float]) ->
             f"{low:.2f}-{high:.2f}x, won {verdict['wins']} of {verdict['rounds']} rounds): {verdict['verdict']}")
     if withdrawn:
         rec.update(config=rec["baseline"], command=rec["current_command"], policy=rec["current_policy"], changed=False,
+                   xla=bool(rec.get("current", {}).get("xla")),
                    withdrawn_config=rec["config"], verdict="withdrawn by --verify")
         said += "; the recommendation is withdrawn: keep what you run now"
     else:

@@ -1,0 +1,138 @@
+"""`python -m trainer.doctor --set-auto` keys its answer by machine AND recipe/model config, and keeps the
+verified configuration's XLA setting: precision=auto follows it for runs of that model only (another
+model, or a Trainer from Python, gets the probe's rule and the start-up log says why), and applies the
+XLA part only where trainer.jit_compile was left at its default. Timings are injected (the doctor's
+measuring is replaced by a report built from given per-round times)."""
+from __future__ import annotations
+
+import json
+import logging
+
+import keras
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import run_cli
+from trainer import auto_precision
+
+RUN = ("model.hidden_units=[8]", "data.batch_size=16", "trainer.max_steps=1", "trainer.eval_every=0",
+       "trainer.checkpoint_every=0", "trainer.progress_bar=false", "trainer.log_every=1")
+
+
+@pytest.fixture(autouse=True)
+def mocked_plain_cpu(tmp_path, monkeypatch):
+    """A CPU without fast bfloat16 (auto alone: float32, no probe) and a private cache."""
+    monkeypatch.setenv("TRAINER_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(auto_precision, "_gpu_capabilities", lambda: [])
+    monkeypatch.setattr(auto_precision, "cpu_flags", lambda: {"avx2"})
+    monkeypatch.setattr(auto_precision, "cpu_model", lambda: "Mocked CPU")
+    yield
+    keras.mixed_precision.set_dtype_policy("float32")
+
+
+def _no_probe(policy):
+    raise AssertionError("a plain CPU is not probed")
+
+
+def test_the_answer_is_followed_for_its_model_only_and_keeps_its_xla_part():
+    mlp8 = auto_precision.model_identity("mnist", {"kind": "mlp", "hidden_units": [8]})
+    mlp16 = auto_precision.model_identity("mnist", {"kind": "mlp", "hidden_units": [16]})
+    assert mlp8["key"] != mlp16["key"] and "recipe=mnist" in mlp8["label"] and "hidden_units=[8]" in mlp8["label"]
+    auto_precision.save_doctor_answer("mixed_bfloat16", "python -m trainer precision=mixed_bfloat16", 1.6,
+                                      model=mlp8, jit_compile=True)
+    choice = auto_precision.choose(measure=_no_probe, model=mlp8)
+    assert (choice.policy, choice.jit_compile) == ("mixed_bfloat16", True) and "XLA on" in choice.why
+    other = auto_precision.choose(measure=_no_probe, model=mlp16)
+    assert (other.policy, other.jit_compile) == ("float32", None)
+    assert "for other models" in other.why and mlp8["label"] in other.why and mlp16["label"] in other.why
+    python = auto_precision.choose(measure=_no_probe)  # a Trainer from Python: no recipe, no stored answer
+    assert python.policy == "float32" and "names no recipe" in python.why
+    auto_precision.save_doctor_answer("float32", "python -m trainer precision=float32", 1.1, model=mlp16)
+    assert auto_precision.choose(model=mlp8).policy == "mixed_bfloat16"  # two models, two answers
+
+
+def test_an_answer_stored_per_machine_only_is_not_followed_and_said():
+    key = auto_precision.machine_key(auto_precision.machine())
+    auto_precision.write_json_atomically(auto_precision.cache_path(), {key: {"doctor": {
+        "policy": "mixed_bfloat16", "command": "x", "speedup": 1.5, "when": "2025-01-01 00:00"}}})
+    model = auto_precision.model_identity("mnist", {"hidden_units": [8]})
+    policy, why = auto_precision.decide(measure=_no_probe, model=model)
+    assert policy == "float32" and "stored before answers were kept per model" in why
+
+
+def test_the_xla_part_applies_only_where_jit_compile_was_left_at_its_default():
+    assert auto_precision.xla_applies(None, ["precision=auto", "model.hidden_units=[8]"])
+    assert not auto_precision.xla_applies(False, [])  # a recipe's or a Python config's own setting
+    assert not auto_precision.xla_applies("measure", [])
+    assert not auto_precision.xla_applies(None, ["trainer.jit_compile=null"])  # given, even as the default
+
+
+def _injected_report(overrides):
+    """What diagnose_parts returns, from injected per-round times: mixed_bfloat16 with XLA on won every
+    grid round and --verify's rounds over float32 XLA off (what the run uses now)."""
+    from trainer.doctor import recommend
+    from trainer.doctor.verify import verify_outcome
+
+    def row(policy, xla, per_example):
+        return {"name": f"{policy} XLA {'on' if xla else 'off'} batch 16", "policy": policy, "xla": xla, "batch": 16,
+                "examples_per_sec": 1 / per_example[0], "steps_per_sec": 1 / per_example[0] / 16,
+                "seconds_per_example": per_example, "memory_mb": 100.0, "memory_kind": "process_rss", "spread": 1.05,
+                "steps_per_call": [40] * len(per_example), "first_call_seconds": 1.0, "xla_layout": "-"}
+
+    current, fast = row("float32", False, [1.0] * 10), row("mixed_bfloat16", True, [0.5 + 0.01 * i for i in range(10)])
+    report = {"meta": {"command": "python -m trainer.doctor", "wall_seconds": 1.0},
+              "numerics": {"float16": {"safe": True, "blockers": []}, "bfloat16": {"safe": True, "blockers": []}},
+              "speed": {"rounds": 10, "configs": [current, fast], "skipped": [], "memory_means": "RSS growth"}}
+    rec = recommend(report, overrides, baseline_xla=False, batch=16)
+    report["recommendation"] = verify_outcome(rec, [0.6, 0.61, 0.62, 0.6, 0.59], [1.0] * 5)
+    del report["numerics"]  # the picture's float16 panel needs the full section
+    return report
+
+
+def test_set_auto_through_the_cli_then_auto_runs_of_that_model_and_of_another(monkeypatch, tmp_path):
+    import trainer.doctor
+
+    # the doctor's measuring, replaced: python -m trainer.doctor's main composes the config and renders,
+    # writes and stores (--set-auto) this report as it would a measured one
+    monkeypatch.setattr(trainer.doctor, "diagnose_parts", lambda parts, data, **kw: _injected_report(kw["overrides"]))
+    done = run_cli("--set-auto", *RUN[:2], "--out", str(tmp_path / "doctor"), module="trainer.doctor")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "precision=auto now chooses mixed_bfloat16 with XLA on" in done.stdout and "hidden_units=[8]" in done.stdout
+    stored = next(iter(json.loads(auto_precision.cache_path().read_text()).values()))["doctor_by_model"]
+    assert [a["jit_compile"] for a in stored.values()] == [True]
+
+    same = tmp_path / "same"
+    done = run_cli("precision=auto", *RUN, f"hydra.run.dir={same}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout + done.stderr
+    assert "precision=auto chose mixed_bfloat16" in out and "trainer.jit_compile=true with it" in out
+    recorded = OmegaConf.load(same / ".hydra" / "config.yaml")
+    assert recorded.precision.policy == "mixed_bfloat16" and recorded.trainer.jit_compile is True
+
+    other = tmp_path / "other"  # another width: another model, the probe's rule (float32 on this CPU)
+    done = run_cli("precision=auto", "model.hidden_units=[16]", *RUN[1:], f"hydra.run.dir={other}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout + done.stderr
+    assert "precision=auto chose float32" in out and "stored answers on this machine are for other models" in out
+    recorded = OmegaConf.load(other / ".hydra" / "config.yaml")
+    assert recorded.precision.policy == "float32" and recorded.trainer.jit_compile is None
+
+    given = tmp_path / "given"  # trainer.jit_compile given: the answer's policy, the user's XLA setting
+    done = run_cli("precision=auto", *RUN, "trainer.jit_compile=false", f"hydra.run.dir={given}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "trainer.jit_compile=False, as set, is kept" in done.stdout + done.stderr
+    recorded = OmegaConf.load(given / ".hydra" / "config.yaml")
+    assert recorded.precision.policy == "mixed_bfloat16" and recorded.trainer.jit_compile is False
+
+
+def test_a_resume_keeps_the_recorded_xla_part(tmp_path, caplog):
+    from trainer.config import PrecisionConfig
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    auto_precision.write_json_atomically(run / auto_precision.RUN_RECORD,
+                                         {"policy": "mixed_bfloat16", "why": "x", "jit_compile": True})
+    (run / "checkpoints" / "ckpt-1.index").write_text("")  # what list_checkpoints reads: a checkpoint to resume
+    with caplog.at_level(logging.INFO, logger="trainer.auto_precision"):
+        precision, xla = auto_precision.resolve_run(PrecisionConfig(policy="auto"), run_dir=run, measure=_no_probe)
+    assert (precision.policy, xla) == ("mixed_bfloat16", True) and "precision=auto kept mixed_bfloat16" in caplog.text
