@@ -52,12 +52,43 @@ def test_the_answer_is_followed_for_its_model_only_and_keeps_its_xla_part():
 
 
 def test_an_answer_stored_per_machine_only_is_not_followed_and_said():
+    """...until --set-auto is run again, as the log advises: storing an answer drops the old one."""
     key = auto_precision.machine_key(auto_precision.machine())
     auto_precision.write_json_atomically(auto_precision.cache_path(), {key: {"doctor": {
         "policy": "mixed_bfloat16", "command": "x", "speedup": 1.5, "when": "2025-01-01 00:00"}}})
     model = auto_precision.model_identity("mnist", {"hidden_units": [8]})
     policy, why = auto_precision.decide(measure=_no_probe, model=model)
     assert policy == "float32" and "stored before answers were kept per model" in why
+    auto_precision.save_doctor_answer("mixed_bfloat16", "python -m trainer precision=mixed_bfloat16", 1.5, model=model)
+    assert "doctor" not in json.loads(auto_precision.cache_path().read_text())[key]
+    other = auto_precision.model_identity("mnist", {"hidden_units": [16]})
+    policy, why = auto_precision.decide(measure=_no_probe, model=other)
+    assert policy == "float32" and "stored before" not in why and model["label"] in why
+
+
+def test_malformed_answers_are_ignored_with_one_warning(caplog):
+    """A hand-edited answer whose values choose() cannot use (a speed-up that is text, an XLA setting that is
+    no boolean, a policy that is none of the three, a missing key) is left out, with one warning; a good
+    answer beside them is still followed."""
+    key = auto_precision.machine_key(auto_precision.machine())
+    good = {"policy": "mixed_bfloat16", "command": "x", "speedup": 1.5, "when": "2025-01-01 00:00", "model": "good"}
+    bad = {"a": {**good, "speedup": "fast", "model": "a"}, "b": {**good, "jit_compile": "yes", "model": "b"},
+           "c": {**good, "policy": "float64", "model": "c"}, "d": {k: v for k, v in good.items() if k != "speedup"}}
+    model = auto_precision.model_identity("mnist", {"hidden_units": [8]})
+    answers = {**{k: {**v, "model": f"model {k}"} if k == "d" else v for k, v in bad.items()}, model["key"]: good}
+    auto_precision.write_json_atomically(auto_precision.cache_path(), {key: {
+        "doctor": {**good, "jit_compile": "yes"}, auto_precision.BY_MODEL: answers}})
+    for k in bad:  # each bad answer, as the only one for its model: the probe's rule, no crash
+        with caplog.at_level(logging.WARNING, logger="trainer.auto_precision"):
+            caplog.clear()
+            choice = auto_precision.choose(measure=_no_probe, model={"key": k, "label": f"recipe=x ({k})"})
+        assert (choice.policy, choice.jit_compile) == ("float32", None)
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "not in the expected form" in warnings[0].getMessage()
+        said = warnings[0].getMessage()
+        assert "'fast' is not a number" in said and "'yes' is not true, false or null" in said
+        assert "'float64' is not one of" in said and "missing speedup" in said and "stored before" in said
+    assert auto_precision.choose(measure=_no_probe, model=model).policy == "mixed_bfloat16"
 
 
 def test_the_xla_part_applies_only_where_jit_compile_was_left_at_its_default():
@@ -89,7 +120,7 @@ def _injected_report(overrides):
     return report
 
 
-def test_set_auto_through_the_cli_then_auto_runs_of_that_model_and_of_another(monkeypatch, tmp_path):
+def test_set_auto_through_the_cli_then_an_auto_run_of_that_model(monkeypatch, tmp_path):
     import trainer.doctor
 
     # the doctor's measuring, replaced: python -m trainer.doctor's main composes the config and renders,
@@ -99,7 +130,7 @@ def test_set_auto_through_the_cli_then_auto_runs_of_that_model_and_of_another(mo
     assert done.returncode == 0, done.stderr[-2000:]
     assert "precision=auto now chooses mixed_bfloat16 with XLA on" in done.stdout and "hidden_units=[8]" in done.stdout
     stored = next(iter(json.loads(auto_precision.cache_path().read_text()).values()))["doctor_by_model"]
-    assert [a["jit_compile"] for a in stored.values()] == [True]
+    assert [(a["jit_compile"], a["batch"]) for a in stored.values()] == [(True, 16)]
 
     same = tmp_path / "same"
     done = run_cli("precision=auto", *RUN, f"hydra.run.dir={same}")
@@ -108,21 +139,65 @@ def test_set_auto_through_the_cli_then_auto_runs_of_that_model_and_of_another(mo
     assert "precision=auto chose mixed_bfloat16" in out and "trainer.jit_compile=true with it" in out
     recorded = OmegaConf.load(same / ".hydra" / "config.yaml")
     assert recorded.precision.policy == "mixed_bfloat16" and recorded.trainer.jit_compile is True
+    assert json.loads((same / auto_precision.RUN_RECORD).read_text())["jit_compile"] is True
 
-    other = tmp_path / "other"  # another width: another model, the probe's rule (float32 on this CPU)
-    done = run_cli("precision=auto", "model.hidden_units=[16]", *RUN[1:], f"hydra.run.dir={other}")
-    assert done.returncode == 0, done.stderr[-2000:]
-    out = done.stdout + done.stderr
-    assert "precision=auto chose float32" in out and "stored answers on this machine are for other models" in out
-    recorded = OmegaConf.load(other / ".hydra" / "config.yaml")
-    assert recorded.precision.policy == "float32" and recorded.trainer.jit_compile is None
 
-    given = tmp_path / "given"  # trainer.jit_compile given: the answer's policy, the user's XLA setting
-    done = run_cli("precision=auto", *RUN, "trainer.jit_compile=false", f"hydra.run.dir={given}")
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "trainer.jit_compile=False, as set, is kept" in done.stdout + done.stderr
-    recorded = OmegaConf.load(given / ".hydra" / "config.yaml")
-    assert recorded.precision.policy == "mixed_bfloat16" and recorded.trainer.jit_compile is False
+def _cli_model(*overrides):
+    from trainer.assemble import compose_config
+
+    return auto_precision.model_identity_of(compose_config(list(overrides)))
+
+
+def test_another_model_and_a_given_jit_compile_at_unit_level(tmp_path, caplog):
+    """What `python -m trainer` resolves for another width (the probe's rule), and with trainer.jit_compile
+    given (the answer's policy, the user's XLA setting, recorded as not applied: a resume without the
+    override does not turn XLA on)."""
+    from trainer.config import PrecisionConfig
+
+    ours, wider = _cli_model(*RUN[:2]), _cli_model("model.hidden_units=[16]", *RUN[1:2])
+    auto_precision.save_doctor_answer("mixed_bfloat16", "python -m trainer precision=mixed_bfloat16", 1.6,
+                                      model=ours, jit_compile=True, batch=16)
+    auto = PrecisionConfig(policy="auto")
+    with caplog.at_level(logging.INFO, logger="trainer.auto_precision"):
+        precision, xla = auto_precision.resolve_run(auto, measure=_no_probe, model=wider, overrides=[])
+    assert (precision.policy, xla) == ("float32", None) and "stored answers on this machine are for other models" in caplog.text
+    run = tmp_path / "given"
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="trainer.auto_precision"):
+        precision, xla = auto_precision.resolve_run(auto, measure=_no_probe, model=ours, run_dir=run, jit_compile=False,
+                                                    overrides=["trainer.jit_compile=false"])
+    assert (precision.policy, xla) == ("mixed_bfloat16", None)
+    assert "trainer.jit_compile=false, as set, is kept" in caplog.text and "batch 16" in caplog.text
+    assert json.loads((run / auto_precision.RUN_RECORD).read_text())["jit_compile"] is None  # not applied
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "ckpt-1.index").write_text("")
+    precision, xla = auto_precision.resolve_run(auto, measure=_no_probe, model=ours, run_dir=run, overrides=[])
+    assert (precision.policy, xla) == ("mixed_bfloat16", None)  # the resume keeps what ran: XLA as it was
+
+
+def test_set_auto_stores_no_gain_and_a_changed_xla_setting(capsys, caplog):
+    """The measured answer "keep what you run" (no significant gain, or --verify withdrew the change) is
+    stored too: auto follows it for that model instead of the probe's rule. An XLA setting is stored only
+    where it differs from the run's."""
+    from trainer.config import PrecisionConfig
+    from trainer.doctor.__main__ import _set_auto
+    from trainer.doctor.verify import verify_outcome
+
+    model = auto_precision.model_identity("mnist", {"hidden_units": [8]})
+    rec = _injected_report([])["recommendation"]
+    withdrawn = verify_outcome({**rec, "notes": []}, [1.0] * 5, [1.0] * 5)  # not faster through fit(): withdrawn
+    assert not withdrawn["changed"] and withdrawn["batch"] == 16
+    _set_auto(withdrawn, model)
+    assert "no significant gain over float32" in capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="trainer.auto_precision"):
+        precision, xla = auto_precision.resolve_run(PrecisionConfig(policy="auto"), measure=_no_probe, model=model)
+    assert (precision.policy, xla) == ("float32", None)
+    assert "the doctor measured no significant gain for this model: float32" in caplog.text
+    _set_auto(rec, model)  # mixed_bfloat16 XLA on, over float32 XLA off: both stored
+    choice = auto_precision.choose(model=model)
+    assert (choice.policy, choice.jit_compile) == ("mixed_bfloat16", True) and "no significant gain" not in choice.why
+    _set_auto({**rec, "current": {**rec["current"], "xla": True}}, model)  # XLA as the run has it: not stored
+    assert auto_precision.choose(model=model).jit_compile is None
 
 
 def test_a_resume_keeps_the_recorded_xla_part(tmp_path, caplog):

@@ -106,21 +106,29 @@ def test_cli_logs_the_choice_and_records_the_chosen_policy(monkeypatch, tmp_path
 
 
 def test_doctor_set_auto_stores_the_recommended_policy(monkeypatch, capsys):
-    """`python -m trainer.doctor --set-auto`: the recommendation's policy is what precision=auto then picks."""
+    """`python -m trainer.doctor --set-auto`: a verified change of policy at the run's batch is what
+    precision=auto then picks; an unverified one, a simpler one not faster, or one at another batch is not."""
     from trainer.doctor.__main__ import _set_auto
 
     _cpu(monkeypatch, set())  # a plain CPU: auto alone would pick float32
     rec = {"policy": "mixed_bfloat16", "command": "python -m trainer precision=mixed_bfloat16", "speedup": 1.4,
-           "changed": True, "verdict": "faster"}
+           "changed": True, "verdict": "faster", "xla": False, "batch": 16, "current_policy": "float32",
+           "current": {"policy": "float32", "xla": False, "batch": 16, "timed": True},
+           "current_command": "python -m trainer precision=float32"}
     _set_auto({**rec, "unverified": True}, MODEL)  # the grid alone: a candidate, not stored
     assert "nothing stored (the change is not verified faster" in capsys.readouterr().out
-    _set_auto({**rec, "changed": False, "verdict": "no significant difference"}, MODEL)  # nothing to store
-    assert "nothing stored (no significant change" in capsys.readouterr().out
+    verified = {**rec, "verify": {"verdict": "faster", "speedup": 1.3}}
+    _set_auto({**verified, "verdict": "no significant difference"}, MODEL)  # simpler, not faster
+    assert "nothing stored (the change is simpler" in capsys.readouterr().out
+    _set_auto({**verified, "batch": 32}, MODEL)  # its gain was measured at another batch
+    assert "nothing stored (the recommendation changes the batch size, 16 -> 32" in capsys.readouterr().out
     assert auto_precision.decide(measure=_probe(0.5, []), model=MODEL)[0] == "float32"
-    _set_auto({**rec, "verify": {"verdict": "faster", "speedup": 1.3}}, MODEL)
-    assert "precision=auto now chooses mixed_bfloat16" in capsys.readouterr().out
+    assert not auto_precision.cache_path().exists()
+    _set_auto(verified, MODEL)
+    assert "precision=auto now chooses mixed_bfloat16 on this machine" in capsys.readouterr().out  # XLA as now: not stored
     policy, why = auto_precision.decide(measure=_probe(0.5, []), model=MODEL)
-    assert policy == "mixed_bfloat16" and "1.30x" in why  # the speed-up --verify measured through fit()
+    assert policy == "mixed_bfloat16" and "1.30x" in why and "batch 16" in why  # --verify's speed-up, the batch
+    assert auto_precision.choose(model=MODEL).jit_compile is None
 
 
 def test_cli_resume_keeps_the_policy_the_run_trained_in(monkeypatch, tmp_path):

@@ -316,10 +316,11 @@ def test_calls_are_resized_every_round_and_timed_as_the_loop_trains():
 
     assert resized(100, 0.2, 0.2) == 100 and resized(100, 0.02, 0.2) == 500 and resized(100, 2.0, 0.2) == 10
     assert resized(7, 0.2, 0.2, multiple=4) == 8 and resized(1, 1.0, 0.2, multiple=4) == 4
+    assert resized(500, 0.01, 0.2, multiple=3) == 498  # at most MOST_STEPS_PER_CALL, whole windows
     load = iter([1, 1, 10, 1, 1, 1, 1, 1])  # the third call hits a burst
 
     def timed_call(trainer, steps):
-        return steps * 0.002 * next(load)  # 2 ms a step
+        return steps, steps * 0.002 * next(load)  # 2 ms a step
 
     calls = timed_rounds({"a": None, "b": None}, {"a": 100, "b": 100}, rounds=3, call_seconds=0.2,
                          timed_call=timed_call)
@@ -331,7 +332,7 @@ def test_calls_are_resized_every_round_and_timed_as_the_loop_trains():
     def b_fails_in_round_2(trainer, steps, count=iter(range(100))):
         if trainer == "b" and next(count) == 2:
             raise RuntimeError("stopping at step 9: non-finite")
-        return 0.2
+        return steps, 0.2
 
     calls = timed_rounds({"a": "a", "b": "b"}, {"a": 10, "b": 10}, rounds=3, call_seconds=0.2,
                          timed_call=b_fails_in_round_2, failed=failed)
@@ -344,10 +345,14 @@ def test_calls_are_resized_every_round_and_timed_as_the_loop_trains():
 
         def run_steps(self, n, loop=False):
             self.calls.append((n, loop))
+            return min(n, 4)  # a guard stopped it after 4 steps
 
     fake = FakeTrainer()
-    run_as_trained(fake, 10)
+    assert run_as_trained(fake, 10) == 4
     assert fake.calls == [(10, True)]  # through the loop's windows, not the compiled steps alone
+    calls = timed_rounds({"a": fake}, {"a": 10}, rounds=1, call_seconds=0.2,
+                         timed_call=lambda t, n: (t.run_steps(n, loop=True), 0.008))
+    assert calls["a"] == [(4, 0.008)]  # the steps trained, not the steps asked, divide the time
 
 
 def test_the_grid_times_the_loops_per_window_function(monkeypatch):

@@ -11,7 +11,9 @@ there too, for that machine AND that recipe and model config (model_identity): a
 of the same model only (a step's gain from bfloat16 depends on the model: 1.1x for a small MLP, 2.35x
 for a wide one); a run of another model, or a Trainer built from Python (no recipe), gets the probe's
 rule, and the start-up log says why. The stored answer's XLA setting (what --verify trained) applies
-where trainer.jit_compile was left at its default (xla_applies). An explicit precision=... always wins.
+where trainer.jit_compile was left at its default (xla_applies, decided in resolve_run, which records the
+setting it applied). An explicit precision=... always wins. A --set-auto that measured no significant
+gain over the run's policy stores that too: auto then follows the measurement (that policy) for that model.
 
 A run keeps what auto chose for it: the choice is recorded in its run folder (precision_auto.json), and a
 resume (checkpoints present) computes in the recorded policy (and XLA setting, if the choice had one),
@@ -144,25 +146,63 @@ def measure_speedup(policy: str, rounds: int = PROBE_ROUNDS, side: int = PROBE_S
 _DOCTOR_KEYS, _PROBE_KEYS = {"policy", "command", "speedup", "when"}, {"speedup", "side", "float32_gflops",
                                                                          "reduced_gflops", "when"}
 BY_MODEL = "doctor_by_model"  # machine -> model key -> the doctor's answer ("doctor": one per machine, before)
+POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
+NO_GAIN = "no significant difference"  # an answer's verdict: the doctor measured no gain over what ran
 
 
 def _well_formed(cache) -> bool:
-    """Every entry as _write_cache writes it: a hand-edited or foreign file must not crash a run."""
+    """The file's shape as _write_cache writes it: a hand-edited or foreign file must not crash a run
+    (the doctor's answers inside are checked one by one: _drop_malformed_answers)."""
     if not isinstance(cache, dict):
         return False
     for entry in cache.values():
         if not isinstance(entry, dict):
             return False
-        doctor, probes, by_model = entry.get("doctor"), entry.get("probe", {}), entry.get(BY_MODEL, {})
-        if doctor is not None and not (isinstance(doctor, dict) and _DOCTOR_KEYS <= doctor.keys()):
-            return False
-        if not isinstance(by_model, dict) or not all(isinstance(a, dict) and _DOCTOR_KEYS <= a.keys()
-                                                     for a in by_model.values()):
+        probes, by_model = entry.get("probe", {}), entry.get(BY_MODEL, {})
+        if not isinstance(by_model, dict):
             return False
         if not isinstance(probes, dict) or not all(isinstance(p, dict) and _PROBE_KEYS <= p.keys()
                                                    for p in probes.values()):
             return False
     return True
+
+
+def _answer_problem(answer) -> Optional[str]:
+    """What is wrong with a stored doctor answer, or None: its keys and their values, as choose() uses them."""
+    if not isinstance(answer, dict):
+        return "not a mapping"
+    if not _DOCTOR_KEYS <= answer.keys():
+        return f"missing {', '.join(sorted(_DOCTOR_KEYS - answer.keys()))}"
+    speedup, xla = answer["speedup"], answer.get("jit_compile")
+    if answer["policy"] not in POLICIES:
+        return f"policy {answer['policy']!r} is not one of {', '.join(POLICIES)}"
+    if isinstance(speedup, bool) or not isinstance(speedup, (int, float)) or speedup != speedup:
+        return f"speedup {speedup!r} is not a number"
+    if not isinstance(xla, (bool, type(None))):
+        return f"jit_compile {xla!r} is not true, false or null"
+    batch = answer.get("batch")
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int)):
+        return f"batch {batch!r} is not a whole number"
+    return None
+
+
+def _drop_malformed_answers(cache: dict) -> None:
+    """Leaves out (in place) the doctor answers choose() cannot follow, with one warning for all."""
+    dropped = []
+    for entry in cache.values():
+        if "doctor" in entry and _answer_problem(entry["doctor"]):
+            dropped.append(f"the one stored before answers were kept per model ({_answer_problem(entry['doctor'])})")
+            del entry["doctor"]
+        answers = entry.get(BY_MODEL, {})
+        for key in list(answers):
+            problem = _answer_problem(answers[key])
+            if problem:
+                label = answers[key].get("model", key) if isinstance(answers[key], dict) else key
+                dropped.append(f"{label} ({problem})")
+                del answers[key]
+    if dropped:
+        log.warning("precision=auto: a doctor answer in its cache %s is not in the expected form (edited by hand?): "
+                    "%s; ignoring it (python -m trainer.doctor --set-auto stores it again)", cache_path(), "; ".join(dropped))
 
 
 def _read_cache() -> dict:
@@ -177,14 +217,15 @@ def _read_cache() -> dict:
         log.warning("precision=auto: its cache %s is not in the expected shape (edited by hand?); ignoring it, "
                     "and the next answer replaces it", cache_path())
         return {}
+    _drop_malformed_answers(cache)
     return cache
 
 
-def _write_cache(key: str, entry: dict) -> None:
+def _write_cache(key: str, entry: dict, cache: Optional[dict] = None, drop: Sequence[str] = ()) -> None:
     """Best effort: an unwritable cache costs a probe per run, not the run. Atomic: a reader in another
-    process never sees half a file."""
-    cache = _read_cache()
-    cache[key] = {**cache.get(key, {}), **entry}
+    process never sees half a file. `cache`: as read already; `drop`: keys of the machine's entry to remove."""
+    cache = _read_cache() if cache is None else cache
+    cache[key] = {k: v for k, v in {**cache.get(key, {}), **entry}.items() if k not in drop}
     try:
         write_json_atomically(cache_path(), cache)
     except OSError as e:
@@ -193,16 +234,21 @@ def _write_cache(key: str, entry: dict) -> None:
 
 
 def save_doctor_answer(policy: str, command: str, speedup: float, strategy=None, *, model: dict,
-                       jit_compile: Optional[bool] = None) -> Path:
+                       jit_compile: Optional[bool] = None, batch: Optional[int] = None,
+                       verdict: str = "faster") -> Path:
     """What `python -m trainer.doctor --set-auto` stores: precision=auto follows it on this machine for
-    runs of `model` (model_identity), with `jit_compile` (the verified configuration's XLA setting, None:
-    none) where trainer.jit_compile was left at its default."""
+    runs of `model` (model_identity), with `jit_compile` (the verified configuration's XLA setting where
+    it differs from the run's, None: none) where trainer.jit_compile was left at its default. `batch`: the
+    batch size it was measured at; `verdict` NO_GAIN: the doctor measured no significant gain over `policy`,
+    what the run used. The answer of before answers were kept per model is dropped."""
     hardware = machine(strategy)
     key = machine_key(hardware)
-    answers = {**_read_cache().get(key, {}).get(BY_MODEL, {})}
+    cache = _read_cache()
+    answers = {**cache.get(key, {}).get(BY_MODEL, {})}
     answers[model["key"]] = {"policy": policy, "command": command, "speedup": speedup, "jit_compile": jit_compile,
-                             "model": model["label"], "when": time.strftime("%Y-%m-%d %H:%M")}
-    _write_cache(key, {BY_MODEL: answers})
+                             "batch": batch, "verdict": verdict, "model": model["label"],
+                             "when": time.strftime("%Y-%m-%d %H:%M")}
+    _write_cache(key, {BY_MODEL: answers}, cache, drop=("doctor",))
     return cache_path()
 
 
@@ -229,6 +275,20 @@ def _doctor_answer(entry: dict, model: Optional[dict]) -> Tuple[Optional[dict], 
                   f"this one ({this}): the probe's rule decides. ")
 
 
+def _followed(doctor: dict) -> Choice:
+    """The Choice of a stored doctor answer for this model, and why (what was measured, when, at which batch)."""
+    xla, batch = doctor.get("jit_compile"), doctor.get("batch")
+    at = f"{doctor['when']}{'' if batch is None else f', batch {batch}'}"
+    forget = f"delete {cache_path()} to forget it"
+    if doctor.get("verdict") == NO_GAIN:
+        return Choice(doctor["policy"], f"the doctor measured no significant gain for this model: {doctor['policy']} "
+                                        f"(python -m trainer.doctor --set-auto on this machine, {at}); {forget}", xla)
+    return Choice(doctor["policy"], (
+        f"python -m trainer.doctor --set-auto measured it on this machine for this model ({at}: "
+        f"{doctor['command']}, {doctor['speedup']:.2f}x{'' if xla is None else ', XLA ' + ('on' if xla else 'off')}); "
+        f"{forget}"), xla)
+
+
 def choose(strategy=None, measure: Optional[Callable[[str], dict]] = None, model: Optional[dict] = None) -> Choice:
     """precision=auto's Choice on this machine for `model` (model_identity; see the module docstring)."""
     hardware = machine(strategy)
@@ -237,11 +297,7 @@ def choose(strategy=None, measure: Optional[Callable[[str], dict]] = None, model
     entry = _read_cache().get(key, {})
     doctor, not_ours = _doctor_answer(entry, model)
     if doctor:
-        xla = doctor.get("jit_compile")
-        return Choice(doctor["policy"], (
-            f"python -m trainer.doctor --set-auto measured it on this machine for this model ({doctor['when']}: "
-            f"{doctor['command']}, {doctor['speedup']:.2f}x"
-            f"{'' if xla is None else ', XLA ' + ('on' if xla else 'off')}); delete {cache_path()} to forget it"), xla)
+        return _followed(doctor)
     if policy == "float32":
         return Choice(policy, not_ours + why)
     probe = entry.get("probe", {}).get(policy)
@@ -294,12 +350,28 @@ def _recorded_choice(run_dir) -> Optional[Choice]:
     return Choice(policy, f"recorded in {record}", xla if isinstance(xla, bool) else None)
 
 
+def _applied_xla(xla: Optional[bool], jit_compile, overrides: Optional[Sequence[str]], source: str) -> Optional[bool]:
+    """The XLA setting that comes with auto's policy and applies to this run (xla_applies), logged either way;
+    `overrides` None: the caller applies none (a Trainer from Python: its config says)."""
+    if xla is None or overrides is None:
+        return None
+    if xla_applies(jit_compile, overrides):
+        log.info("precision=auto: trainer.jit_compile=%s with it (%s; trainer.jit_compile was left at its default)",
+                 json.dumps(xla), source)
+        return xla
+    log.info("precision=auto: %s has XLA %s; trainer.jit_compile=%s, as set, is kept", source, "on" if xla else "off",
+             json.dumps(jit_compile))
+    return None
+
+
 def resolve_run(precision, strategy=None, measure: Optional[Callable[[str], dict]] = None, run_dir=None,
-                model: Optional[dict] = None):
+                model: Optional[dict] = None, jit_compile=None, overrides: Optional[Sequence[str]] = ()):
     """(`precision` with policy auto replaced by choose()'s answer for `model`, logged with its reason;
-    the XLA setting that came with it, or None). Any other policy is returned as it is, with None. With a
-    `run_dir` that holds checkpoints, auto keeps what was recorded for that run (a resume must compute in
-    what trained); else the choice is recorded there. The caller applies the XLA setting (xla_applies)."""
+    the XLA setting to apply with it, or None). `jit_compile` and `overrides`: the run's configured
+    trainer.jit_compile and its command-line overrides; a stored answer's XLA setting applies only where
+    it was left at its default (xla_applies): the one place that decides, and records in `run_dir` what
+    it applied. Any other policy is returned as it is, with None. With a `run_dir` that holds
+    checkpoints, auto keeps what was recorded for that run (a resume must compute in what trained)."""
     if precision.policy != AUTO:
         return precision, None
     kept = _recorded_choice(run_dir)
@@ -307,21 +379,24 @@ def resolve_run(precision, strategy=None, measure: Optional[Callable[[str], dict
         log.info("precision=auto kept %s: the run in %s trained in it (recorded in %s) and resumes from its "
                  "checkpoints; this machine's current answer is not asked. precision=<policy> changes it.",
                  kept.policy, run_dir, Path(run_dir) / RUN_RECORD)
-        return dataclasses.replace(precision, policy=kept.policy), kept.jit_compile
+        xla = _applied_xla(kept.jit_compile, jit_compile, overrides, f"the run's record {Path(run_dir) / RUN_RECORD}")
+        return dataclasses.replace(precision, policy=kept.policy), xla
     choice = choose(strategy, measure, model)
     log.info("precision=auto chose %s: %s. python -m trainer.doctor measures it on your model; "
              "precision=%s (or another) overrides it.", choice.policy, choice.why, choice.policy)
+    xla = _applied_xla(choice.jit_compile, jit_compile, overrides, "the doctor's verified answer")
     if run_dir is not None:
         try:
             write_json_atomically(Path(run_dir) / RUN_RECORD, {"policy": choice.policy, "why": choice.why,
-                                                                "jit_compile": choice.jit_compile})
+                                                                "jit_compile": xla})
         except OSError as e:
             log.warning("precision=auto: could not record its choice in %s (%s): a resume will decide again",
                         run_dir, e.strerror or e)
-    return dataclasses.replace(precision, policy=choice.policy), choice.jit_compile
+    return dataclasses.replace(precision, policy=choice.policy), xla
 
 
 def resolve(precision, strategy=None, measure: Optional[Callable[[str], dict]] = None, run_dir=None):
     """resolve_run's precision, for a run that names no model (a Trainer from Python): a doctor answer,
-    stored per recipe and model, does not apply; the probe's rule decides."""
-    return resolve_run(precision, strategy, measure, run_dir)[0]
+    stored per recipe and model, does not apply; the probe's rule decides. (A resume's recorded XLA
+    setting is the CLI's: a Trainer's config says its own, and none is applied or recorded.)"""
+    return resolve_run(precision, strategy, measure, run_dir, overrides=None)[0]

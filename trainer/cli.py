@@ -84,19 +84,15 @@ def _resolve_auto_precision(cfg: DictConfig, precision: PrecisionConfig, trainer
     export computes in what trained."""
     from omegaconf import open_dict
 
-    from trainer.auto_precision import model_identity_of, resolve_run, xla_applies
+    from trainer.auto_precision import model_identity_of, resolve_run
 
-    resolved, xla = resolve_run(precision, strategy, run_dir=run_dir, model=model_identity_of(cfg))
+    resolved, xla = resolve_run(precision, strategy, run_dir=run_dir, model=model_identity_of(cfg),
+                                jit_compile=trainer_cfg.jit_compile, overrides=HydraConfig.get().overrides.task)
     with open_dict(cfg):
         cfg.precision.policy = resolved.policy
-        if xla is not None and xla_applies(trainer_cfg.jit_compile, HydraConfig.get().overrides.task):
-            log.info("precision=auto: trainer.jit_compile=%s with it (the doctor's verified answer; trainer.jit_compile "
-                     "was left at its default)", str(xla).lower())
+        if xla is not None:  # resolve_run decided it applies (and logged and recorded it)
             cfg.trainer.jit_compile = xla
             trainer_cfg = dataclasses.replace(trainer_cfg, jit_compile=xla)
-        elif xla is not None:
-            log.info("precision=auto: the doctor's answer trained with XLA %s; trainer.jit_compile=%s, as set, is kept",
-                     "on" if xla else "off", trainer_cfg.jit_compile)
     return resolved, trainer_cfg
 
 

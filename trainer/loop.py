@@ -84,16 +84,19 @@ def preemption_handler(trainer):
 class Loop:
     """Runs one fit() call from `trainer.step` to `total`; returns (train_logs, eval_logs, step)."""
 
-    def __init__(self, trainer, callbacks, make_iterator, eval_data, total: int, request=(None, None)):
+    def __init__(self, trainer, callbacks, make_iterator, eval_data, total: int, request=(None, None), *,
+                 iterator=None, ends_run: bool = True):
         self.trainer, self.callbacks, self.eval_data, self.total = trainer, callbacks, eval_data, total
         self.request = request  # fit()'s (steps, epochs): what a call with nothing to train names
-        self.make_iterator, self.iterator = make_iterator, None
+        self.make_iterator, self.iterator = make_iterator, iterator
         self.start = self.step = int(trainer.step.numpy())
         self.train_logs: Dict = {}
         self.eval_logs: Dict = {}
-        self.first_loop_seconds = None
+        # an iterator given: a fit() traced the train function already, no first loop to time (run_windows)
+        self.first_loop_seconds = None if iterator is None else 0.0
         self.window_start, self.window_step = time.perf_counter(), self.step  # the log window's start
-        self.ends_run = True  # reaching `total` ends the run (its last train logs); run_windows: it does not
+        self.ends_run = ends_run  # reaching `total` ends the run (its last train logs); run_windows: it does not
+        self.interrupted = signals.SignalCatcher()  # run() makes the one it enters; not entered, it catches nothing
 
     def run(self) -> Tuple[Dict, Dict, int]:
         t = self.trainer
@@ -247,20 +250,39 @@ class Loop:
         self.callbacks.on_train_end(t, {"step": self.step, "interrupted": True})
 
 
-def run_windows(trainer, iterator, steps: int) -> int:
-    """`steps` more train steps on `iterator` through the loop's per-window path (Loop.window, with the
-    callbacks of the trainer's last fit() call), without fit()'s start and end (on_train_begin/end, making
-    the iterator, signal handlers) and without an end of run at the last step (no final logs, evaluation
-    or save); returns the steps trained. What the doctor times: the host work a run pays between windows
-    is in the time, not only the compiled steps. For a Trainer without a run folder (its loggers and
-    checkpoints closed at fit()'s end; the doctor's write nothing)."""
+def run_windows(trainer, iterator, steps: int, callbacks) -> int:
+    """`steps` more train steps on `iterator` through the loop's per-window path (Loop.window, with
+    `callbacks`: the loop's host work, callbacks.loop_host_callbacks), without fit()'s start and end (on_train_begin/end,
+    making the iterator, signal handlers) and without an end of run at the last step (no final logs,
+    evaluation or save); returns the steps trained (fewer when a guard stopped training). What the doctor
+    times: the host work a run pays between windows is in the time, not only the compiled steps."""
     start = int(trainer.step.numpy())
-    loop = Loop(trainer, trainer.callback_list, lambda: iterator, None, start + steps)
-    loop.iterator, loop.first_loop_seconds, loop.ends_run = iterator, 0.0, False  # traced by fit(): no first loop
-    loop.interrupted = signals.SignalCatcher()  # not entered: the caller's handlers stay
+    loop = Loop(trainer, callbacks, None, None, start + steps, iterator=iterator, ends_run=False)
     while loop.step < loop.total and not trainer.stop_training:
         loop.window()
     return loop.step - start
+
+
+def run_steps(trainer, num_steps: int, host_work=None) -> int:
+    """Trainer.run_steps: `num_steps` more steps on the last fit() call's iterator, through the loop's
+    windows with `host_work` (a CallbackList) when given, else the compiled loop alone; returns the
+    steps trained."""
+    loop = host_work is not None
+    kept = trainer._kept_iterator
+    if kept is None or kept.iterator is None or not step_functions.has_train_function(trainer):
+        raise RuntimeError("Trainer.run_steps continues a fit() call: call fit() first")
+    if loop and trainer.run_dir is not None:
+        raise RuntimeError("Trainer.run_steps(loop=True) is for a Trainer without a run folder: the loop's "
+                           "loggers and checkpoints closed at the end of fit()")
+    trainer.stop_training = False  # a stop of the last fit() call ended that call, not these steps
+    if loop:
+        done = run_windows(trainer, kept.iterator, num_steps, host_work)
+    else:
+        step_functions.run_train(trainer, kept.iterator, num_steps)
+        done = num_steps
+        trainer.checkpointing.count_steps(trainer, int(trainer.step.numpy()))  # the data position goes on
+    kept.step += done
+    return done
 
 
 def how_to_resume(trainer) -> str:

@@ -139,13 +139,12 @@ def diagnose_parts(parts, data, *, batch_size: Optional[int] = None, strategy=No
 
     start = time.perf_counter()
     progress = progress or _progress_to_stderr(start)
-    from trainer.auto_precision import resolve_run, xla_applies
+    from trainer.auto_precision import resolve_run
 
     strategy = strategy or tf.distribute.get_strategy()
-    precision, xla = resolve_run(parts.precision, strategy, model=model_identity)  # auto: what the run would use
-    trainer_config = parts.config
-    if xla is not None and xla_applies(trainer_config.jit_compile, overrides):
-        trainer_config = dataclasses.replace(trainer_config, jit_compile=xla)
+    precision, xla = resolve_run(parts.precision, strategy, model=model_identity,  # auto: what the run would use
+                                 jit_compile=parts.config.jit_compile, overrides=overrides)
+    trainer_config = parts.config if xla is None else dataclasses.replace(parts.config, jit_compile=xla)
     if batch_size is None and not isinstance(data, tf.data.Dataset):
         raise ValueError("trainer.doctor.diagnose: with data given as a function of the batch size, give batch_size too")
     data_for_batch = _data_for_batch(data)

@@ -130,24 +130,47 @@ def _prepare_out_folder(out: Path) -> None:
 
 def _set_auto(rec: Optional[dict], model: dict) -> None:
     """--set-auto: precision=auto follows the doctor's verified answer on this machine, for runs of this
-    recipe and model config (`model`: auto_precision.model_identity), its XLA setting included."""
-    from trainer.auto_precision import save_doctor_answer
+    recipe and model config (`model`: auto_precision.model_identity): a change of policy or XLA setting at
+    the run's batch size, verified faster; or, when the measured answer is to keep what the run uses (no
+    significant gain, or --verify withdrew the change), that policy."""
+    from trainer.auto_precision import NO_GAIN, save_doctor_answer
 
     if rec is None:
         print("--set-auto: nothing stored (no configuration was measured)")
         return
-    verified = rec.get("verify", {}).get("verdict") == "faster"
-    if not rec.get("changed") or rec.get("verdict") != "faster" or not verified:
-        why = ("no significant change from what you run now" if not rec.get("changed") or rec.get("verdict") != "faster"
+    current = rec.get("current") or {}
+    batch, current_policy = current.get("batch"), rec.get("current_policy")
+    if not rec.get("changed"):
+        measured = current.get("timed", True) or "speedup" in rec.get("verify", {})
+        if current_policy is None or not measured:
+            print("--set-auto: nothing stored (what you run now was not measured: not in the grid; --verify N "
+                  "trains it); precision=auto keeps its own choice")
+            return
+        path = save_doctor_answer(current_policy, rec.get("current_command", rec["command"]), 1.0, model=model,
+                                  batch=batch, verdict=NO_GAIN)
+        print(f"--set-auto: the doctor measured no significant gain over {current_policy} for {model['label']} "
+              f"(batch {batch}): precision=auto now chooses {current_policy} for it on this machine (stored in "
+              f"{path}; other models keep the probe's rule; delete it to go back to the probe)")
+        return
+    if rec.get("verdict") != "faster" or rec.get("verify", {}).get("verdict") != "faster":
+        why = ("the change is simpler, not significantly faster" if rec.get("verdict") != "faster"
                else "the change is not verified faster: run with --verify N")
         print(f"--set-auto: nothing stored ({why}); precision=auto keeps its own choice")
         return
-    xla = rec.get("xla")  # the verified configuration's XLA setting (a doctor.json of before: none)
+    if batch is not None and rec.get("batch", batch) != batch:
+        print(f"--set-auto: nothing stored (the recommendation changes the batch size, {batch} -> {rec['batch']}, "
+              "which precision=auto does not set: its gain was measured at the other batch. Run the doctor with "
+              f"data.batch_size={rec['batch']} --verify N --set-auto to store an answer for runs at that batch)")
+        return
+    xla = rec.get("xla")  # the verified configuration's XLA setting, stored where it differs from the run's
+    if xla is not None and "xla" in current and bool(current["xla"]) == bool(xla):
+        xla = None
     measured = rec["verify"].get("speedup", rec["speedup"])  # as trained through fit()
-    path = save_doctor_answer(rec["policy"], rec["command"], measured, model=model, jit_compile=xla)
+    path = save_doctor_answer(rec["policy"], rec["command"], measured, model=model, jit_compile=xla, batch=batch)
     with_xla = "" if xla is None else f" with XLA {'on' if xla else 'off'} (where trainer.jit_compile is left at its default)"
     print(f"--set-auto: precision=auto now chooses {rec['policy']}{with_xla} on this machine for {model['label']} "
-          f"(stored in {path}; other models keep the probe's rule; delete it to go back to the probe)")
+          f"(measured at batch {batch}; stored in {path}; other models keep the probe's rule; delete it to go "
+          "back to the probe)")
 
 
 @reports_errors()

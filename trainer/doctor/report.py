@@ -165,7 +165,8 @@ def recommend(report: dict, overrides: Sequence[str], baseline_xla: bool, batch:
             "memory_mb": {"recommended": best.get("memory_mb"), "baseline": baseline.get("memory_mb"),
                           "means": (report.get("speed") or {}).get("memory_means")},
             "command": _command(program, kept, best, scale), "current_command": _command(program, kept, current, scale),
-            "policy": best["policy"], "xla": bool(best["xla"]), "current_policy": policy, "current": current,
+            "policy": best["policy"], "xla": bool(best["xla"]), "batch": best["batch"], "current_policy": policy,
+            "current": current,
             "blocked": blocked,
             "model_changes": model_changes(report), "notes": notes,
             "rule": f"against what you run now ({baseline['name']}), per interleaved round: a configuration whose "

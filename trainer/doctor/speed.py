@@ -89,18 +89,23 @@ def steps_per_loop(trainer) -> int:
     return max(1, int(getattr(getattr(trainer, "config", None), "steps_per_loop", 1)))
 
 
-def run_as_trained(trainer, steps: int) -> None:
+def run_as_trained(trainer, steps: int) -> int:
     """`steps` train steps through the Trainer's loop, window by window, with the host work a run pays
     after each window (Trainer.run_steps(loop=True): loop.Loop.window); a timing of the compiled steps
-    alone left that work out and overstated XLA off's lead by 13-33% on a CPU."""
-    trainer.run_steps(steps, loop=True)
+    alone left that work out and overstated XLA off's lead by 13-33% on a CPU. Returns the steps trained:
+    fewer when a guard stopped training; none is an error (nothing to time)."""
+    trained = trainer.run_steps(steps, loop=True)
     _finish(trainer)
+    if not trained:
+        raise RuntimeError(f"trained no step of the {steps} asked: a guard of the loop stopped training")
+    return trained
 
 
-def _timed_call(trainer, steps: int) -> float:
+def _timed_call(trainer, steps: int) -> Tuple[int, float]:
+    """(the steps trained, the seconds they took): a call a guard cut short counts the steps it ran."""
     start = time.perf_counter()
-    run_as_trained(trainer, steps)
-    return time.perf_counter() - start
+    trained = run_as_trained(trainer, steps)
+    return trained, time.perf_counter() - start
 
 
 def resized(steps: int, seconds: float, call_seconds: float, multiple: int = 1) -> int:
@@ -109,7 +114,7 @@ def resized(steps: int, seconds: float, call_seconds: float, multiple: int = 1) 
     timed with calls a tenth of the target for the whole run), a whole number of `multiple` (the loop's
     windows: steps_per_loop)."""
     wanted = min(MOST_STEPS_PER_CALL, round(steps * call_seconds / max(seconds, 1e-6)))
-    return max(multiple, multiple * round(wanted / multiple))
+    return multiple * max(1, min(MOST_STEPS_PER_CALL // multiple, round(wanted / multiple)))
 
 
 def size_call(trainer, call_seconds: float) -> int:
@@ -118,7 +123,7 @@ def size_call(trainer, call_seconds: float) -> int:
     multiple = steps_per_loop(trainer)
     steps = multiple
     while True:
-        seconds = _timed_call(trainer, steps)
+        steps, seconds = _timed_call(trainer, steps)
         if seconds >= call_seconds / 2 or steps >= MOST_STEPS_PER_CALL:
             break
         steps = min(MOST_STEPS_PER_CALL, steps * min(8, max(2, int(call_seconds / 2 / max(seconds, 1e-6)))))
@@ -126,10 +131,11 @@ def size_call(trainer, call_seconds: float) -> int:
 
 
 def timed_rounds(trainers: Dict[str, object], steps: Dict[str, int], rounds: int, call_seconds: float,
-                 timed_call: Callable[[object, int], float] = _timed_call,
+                 timed_call: Callable[[object, int], Tuple[int, float]] = _timed_call,
                  failed: Optional[Dict[str, str]] = None) -> Dict[str, List[Tuple[int, float]]]:
     """(steps, seconds) of each configuration's call in each of `rounds` interleaved rounds (A B C, A B
     C, ...), after one untimed round; each call is re-sized (resized) from the configuration's last one.
+    `timed_call(trainer, steps)` returns (the steps it trained, seconds).
     A configuration whose call fails (the loop's numerics guard stops a float16 run that keeps
     overflowing, say) leaves the rounds; its error goes into `failed`."""
     steps, live, failed = dict(steps), dict(trainers), {} if failed is None else failed
@@ -137,14 +143,14 @@ def timed_rounds(trainers: Dict[str, object], steps: Dict[str, int], rounds: int
     for round_ in range(rounds + 1):  # round 0, untimed: caches, the first re-size
         for name, trainer in list(live.items()):
             try:
-                seconds = timed_call(trainer, steps[name])
+                trained, seconds = timed_call(trainer, steps[name])
             except Exception as e:  # noqa: BLE001 - one configuration's failure is a finding, not the end
                 failed[name] = f"{type(e).__name__}: {str(e).strip()[:300]}"
                 del live[name]
                 continue
             if round_:
-                calls[name].append((steps[name], seconds))
-            steps[name] = resized(steps[name], seconds, call_seconds, steps_per_loop(trainer))
+                calls[name].append((trained, seconds))
+            steps[name] = resized(trained, seconds, call_seconds, steps_per_loop(trainer))
     return calls
 
 

@@ -40,7 +40,7 @@ def verify_outcome(rec: dict, recommended: List[float], current: List[float]) ->
             f"{low:.2f}-{high:.2f}x, won {verdict['wins']} of {verdict['rounds']} rounds): {verdict['verdict']}")
     if withdrawn:
         rec.update(config=rec["baseline"], command=rec["current_command"], policy=rec["current_policy"], changed=False,
-                   xla=bool(rec.get("current", {}).get("xla")),
+                   xla=bool(rec.get("current", {}).get("xla")), batch=rec.get("current", {}).get("batch", rec.get("batch")),
                    withdrawn_config=rec["config"], verdict="withdrawn by --verify")
         said += "; the recommendation is withdrawn: keep what you run now"
     else:
