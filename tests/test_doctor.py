@@ -312,6 +312,8 @@ def test_paired_verdict_and_the_sign_test():
 def test_calls_are_resized_every_round_and_timed_as_the_loop_trains():
     """A burst that makes one call 10x slower shrinks the next call only, and the one after grows back;
     a call is a whole number of the loop's windows (steps_per_loop) and goes through the loop's path."""
+    import types
+
     from trainer.doctor.speed import resized, run_as_trained, timed_rounds
 
     assert resized(100, 0.2, 0.2) == 100 and resized(100, 0.02, 0.2) == 500 and resized(100, 2.0, 0.2) == 10
@@ -322,7 +324,10 @@ def test_calls_are_resized_every_round_and_timed_as_the_loop_trains():
     def timed_call(trainer, steps):
         return steps, steps * 0.002 * next(load)  # 2 ms a step
 
-    calls = timed_rounds({"a": None, "b": None}, {"a": 100, "b": 100}, rounds=3, call_seconds=0.2,
+    def trainer(name):  # what timed_rounds reads of a Trainer: its steps_per_loop
+        return types.SimpleNamespace(name=name, config=types.SimpleNamespace(steps_per_loop=1))
+
+    calls = timed_rounds({"a": trainer("a"), "b": trainer("b")}, {"a": 100, "b": 100}, rounds=3, call_seconds=0.2,
                          timed_call=timed_call)
     assert [s for s, _ in calls["a"]] == [100, 10, 100]  # re-sized from the burst, and back
     assert all(seconds / steps == pytest.approx(0.002) or seconds / steps == pytest.approx(0.02)
@@ -330,17 +335,17 @@ def test_calls_are_resized_every_round_and_timed_as_the_loop_trains():
     failed = {}
 
     def b_fails_in_round_2(trainer, steps, count=iter(range(100))):
-        if trainer == "b" and next(count) == 2:
+        if trainer.name == "b" and next(count) == 2:
             raise RuntimeError("stopping at step 9: non-finite")
         return steps, 0.2
 
-    calls = timed_rounds({"a": "a", "b": "b"}, {"a": 10, "b": 10}, rounds=3, call_seconds=0.2,
+    calls = timed_rounds({"a": trainer("a"), "b": trainer("b")}, {"a": 10, "b": 10}, rounds=3, call_seconds=0.2,
                          timed_call=b_fails_in_round_2, failed=failed)
     assert len(calls["a"]) == 3 and len(calls["b"]) == 1 and "non-finite" in failed["b"]  # left the rounds
 
     class FakeTrainer:
         def __init__(self):
-            self.calls = []
+            self.calls, self.config = [], types.SimpleNamespace(steps_per_loop=1)
             self.models = {"model": type("M", (), {"trainable_variables": [type("V", (), {"numpy": lambda self: 0})()]})()}
 
         def run_steps(self, n, loop=False):

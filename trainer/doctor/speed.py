@@ -86,7 +86,7 @@ def _finish(trainer) -> None:
 
 def steps_per_loop(trainer) -> int:
     """The steps of one window of the trainer's loop (a timed call runs a whole number of them)."""
-    return max(1, int(getattr(getattr(trainer, "config", None), "steps_per_loop", 1)))
+    return trainer.config.steps_per_loop
 
 
 def run_as_trained(trainer, steps: int) -> int:
