@@ -1,6 +1,6 @@
 """Peak host memory and step time of a train step with and without recomputation (model.recompute).
 
-Usage: python scripts/recompute_memory.py [--model resnet20|minilm] [--batch N] [--steps N]
+Usage: python benchmarks/recompute_memory.py [--model resnet20|minilm] [--batch N] [--steps N]
 
 Each configuration runs in its own process: it builds the recipe's model (random weights), traces and runs
 the train step once (forward, backward, SGD update, in one tf.function), then resets TensorFlow's CPU
@@ -49,7 +49,8 @@ def child(model_name: str, recompute: bool, batch: int, steps: int) -> dict:
     @tf.function
     def step():
         with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, model(x, training=True), from_logits=True))
+            logits = model(x, training=True)
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
         optimizer.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
         return loss
 
