@@ -83,7 +83,6 @@ import keras  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.peak import measure_matmul_peak, measure_mlp_ceiling  # noqa: E402
 from benchmarks.report import add_ratios_and_mfu, cell_name, check_goals, machine, plot, print_table, provenance  # noqa: E402
-from benchmarks.report import sign_test  # noqa: E402,F401 - bench.sign_test, as before the split (tests/test_bench.py)
 from benchmarks.runners import RUNNERS, ForgetCustomGradients, plan_cells, run_cell  # noqa: E402
 from benchmarks.workloads import COMPUTE_DTYPE, PRECISIONS, workloads  # noqa: E402
 

@@ -139,8 +139,6 @@ def xla_layout(repeats: int, precision: str) -> None:
     """The XLA layouts of one device (trainer.xla_whole_step=true with select or tf.cond skip, false) on
     the guide's MLP (20M parameters) and bench.py's small ResNet and Transformer; auto picks the first
     for the ResNet and Transformer, the last for the MLP."""
-    from bench import make_dataset, make_loss, workloads
-
     for name, workload in workloads(False).items():
         arrays = workload.make_data(np.random.default_rng(0))
 
