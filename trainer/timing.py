@@ -46,8 +46,14 @@ def repeats_lasting(timed: Callable[[int], float], seconds: float, most: int) ->
     while True:
         took = timed(n)
         if took >= seconds / 2 or n >= most:
-            return max(1, min(most, round(n * seconds / max(took, 1e-6))))
+            return resized(n, took, seconds, most)
         n = min(most, n * min(8, max(2, int(seconds / 2 / max(took, 1e-6)))))
+
+
+def resized(n: int, took: float, seconds: float, most: int) -> int:
+    """The repeat count that lasts about `seconds` at the rate of the last call (`n` repeats took
+    `took` seconds), from 1 to `most`."""
+    return max(1, min(most, round(n * seconds / max(took, 1e-6))))
 
 
 def median_seconds(seconds: Mapping[str, List[float]]) -> Dict[str, float]:

@@ -27,6 +27,7 @@ from trainer.inputs import batches_read_per_step
 from trainer.doctor.phases import phase_breakdowns, phase_pieces
 from trainer.memory import PeakMemory
 from trainer.precision import POLICIES
+from trainer import timing
 from trainer.timing import repeats_lasting, seconds_of
 
 SHORT = {"float32": "float32", "mixed_float16": "mixed_float16", "mixed_bfloat16": "mixed_bfloat16"}
@@ -97,7 +98,7 @@ def resized(steps: int, seconds: float, call_seconds: float) -> int:
     """The steps of the next call, from the last call's `steps` and `seconds`: about `call_seconds` at
     the rate just measured (re-sized every round, so one burst of load cannot leave a configuration
     timed with calls a tenth of the target for the whole run)."""
-    return max(1, min(MOST_STEPS_PER_CALL, round(steps * call_seconds / max(seconds, 1e-6))))
+    return timing.resized(steps, seconds, call_seconds, MOST_STEPS_PER_CALL)
 
 
 def size_call(trainer, call_seconds: float) -> int:
@@ -109,7 +110,8 @@ def size_call(trainer, call_seconds: float) -> int:
 def timed_rounds(trainers: Dict[str, object], steps: Dict[str, int], rounds: int, call_seconds: float,
                  timed_call: Callable[[object, int], float] = _timed_call) -> Dict[str, List[Tuple[int, float]]]:
     """(steps, seconds) of each configuration's call in each of `rounds` interleaved rounds (A B C, A B
-    C, ...), after one untimed round; each call is re-sized (resized) from the configuration's last one."""
+    C, ...), after one untimed round; each call is re-sized (resized) from the configuration's last one.
+    Its own loop, not timing.interleaved_seconds: that one repeats a fixed call, these change size."""
     steps = dict(steps)
     for name, trainer in trainers.items():  # the untimed round: caches, the first re-size
         steps[name] = resized(steps[name], timed_call(trainer, steps[name]), call_seconds)
