@@ -20,10 +20,10 @@ How each runner is measured (identically):
   3. once every runner of the cell is built: two warmup calls each (not in the throughput): the first
      absorbs TF's re-instantiation of functions after new traces (0.4-0.8 s), the second, timed, picks
      the number of measured steps n (about --target-seconds per call).
-  4. repeats, interleaved A B C, B C A, C A B, ... (rotated, so no runner always follows the same one): each
-     runner trains n more steps in ONE call of its own API
-     (one `Trainer.fit`, one `model.fit`, one Python loop over the step function), timed wall-clock
-     until a weight is read back. examples/s = n * batch / seconds; the median over repeats is reported.
+  4. repeats, interleaved A B C, B C A, C A B, ... (rotated, so no runner always follows the same one):
+     each runner trains n more steps in ONE call of its own API (one `Trainer.fit`, one `model.fit`, one
+     Python loop over the step function), timed wall-clock until a weight is read back.
+     examples/s = n * batch / seconds; the median over repeats is reported.
   5. trainer vs hand/fit: besides the ratio of medians, the ratio of each round's two calls (seconds
      apart), and a one-sided sign test over the rounds: "faster"/"slower" at p < 0.05, else "tie". On a
      shared, noisy machine this tells a real gap from noise (5 repeats: all 5 rounds must agree; 9: 8).
@@ -45,13 +45,13 @@ Memory: on CPU the process RSS is sampled (psutil, every 5 ms) over a runner's s
 `mem_delta_mb` that peak minus the RSS just before the runner's setup (after `malloc_trim`). On GPU
 tf.config.experimental.get_memory_info("GPU:0")["peak"] is used instead.
 
-On CPU, mixed_float16 runs only with XLA on and K=1 unless --include-slow (see `plan_cells`); skipped
-cells are listed in the output. `--runners ...,trainer_step` adds a diagnostic runner that calls the
-Trainer's compiled loop directly, to separate fit()'s per-call cost from its per-step cost.
+On CPU, mixed_float16 runs only with XLA on and K=1 unless --include-slow (see `runners.plan_cells`);
+skipped cells are listed in the output. `--runners ...,trainer_step` adds a diagnostic runner that calls
+the Trainer's compiled loop directly, to separate fit()'s per-call cost from its per-step cost.
 
 Data are SYNTHETIC (random tensors, cached in memory, repeated, prefetched; tf.data autotuning off,
-see `make_dataset`): the numbers measure the training step, not an input pipeline, and say nothing
-about accuracy.
+see `workloads.make_dataset`): the numbers measure the training step, not an input pipeline, and say
+nothing about accuracy.
 
 Usage:
   python benchmarks/bench.py                       # the default matrix (about 30 min on a 2-core CPU)

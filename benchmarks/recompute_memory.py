@@ -17,7 +17,6 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 
 
 def child(model_name: str, recompute: bool, batch: int, steps: int) -> dict:
@@ -27,6 +26,7 @@ def child(model_name: str, recompute: bool, batch: int, steps: int) -> dict:
     import tensorflow as tf
 
     from trainer.memory import host_peak_rss_mb
+    from trainer.timing import seconds_of
 
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
@@ -56,11 +56,7 @@ def child(model_name: str, recompute: bool, batch: int, steps: int) -> dict:
 
     step()  # traced
     tf.config.experimental.reset_memory_stats("CPU:0")
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        float(step())
-        times.append(time.perf_counter() - start)
+    times = [seconds_of(lambda: float(step())) for _ in range(steps)]
     return {"step_peak_mb": tf.config.experimental.get_memory_info("CPU:0")["peak"] / 2**20,
             "rss_peak_mb": host_peak_rss_mb(), "step_s": statistics.median(times)}
 

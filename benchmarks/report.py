@@ -7,15 +7,17 @@ import os
 import platform
 import statistics
 from pathlib import Path
-from typing import Dict, List
+from typing import TYPE_CHECKING, Dict, List
 
 import numpy as np
 import tensorflow as tf
 
 import trainer as trainer_pkg
-from benchmarks.runners import Cell
 from benchmarks.workloads import COMPUTE_DTYPE, SHORT
 from trainer.timing import sign_test_p
+
+if TYPE_CHECKING:  # Cell as a type only: at run time the report needs nothing of the runners
+    from benchmarks.runners import Cell
 
 
 def _fmt(x, spec, none="-"):
@@ -226,10 +228,11 @@ def provenance() -> dict:
 
     root = Path(__file__).resolve().parents[1]
     info = {"trainer_package": str(Path(trainer_pkg.__file__).parent)}
-    try:
-        def git(*args):
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
 
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+
+    try:
         commit = git("rev-parse", "HEAD")
         dirty = git("status", "--porcelain", "--", "trainer")
         info["git_commit"] = commit + ("+dirty trainer/" if dirty else "")

@@ -259,7 +259,6 @@ def choose_steps(args, k: int, seconds_per_step: float) -> int:
     return int(math.ceil(n / k) * k)
 
 
-
 def _build(cell: Cell, wl: Workload, args, arrays) -> tuple:
     """Each runner's setup and first call (trace + compile + K steps: the activation peak is in there
     too), one runner after another, memory sampled over both; the runners and their records."""

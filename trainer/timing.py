@@ -1,7 +1,8 @@
 """Fair timing on a noisy, shared machine: candidates run in interleaved rounds (A B C, A B C, ...), so
 a burst of load from another process hits every candidate alike, and each is judged by its median.
 `trainer.jit_compile=measure`, `python -m trainer.doctor`, `precision=auto`'s probe, `trainer.convert`'s
-inference check and the scripts in benchmarks/ all time with it: one home for how this project times."""
+inference check and the scripts in benchmarks/ that time in-process (bench_recipes.py reads the CLI
+runs' own throughput lines) take their timings from here: one home for how this project times."""
 from __future__ import annotations
 
 import math
@@ -56,18 +57,18 @@ def resized(n: int, took: float, seconds: float, most: int) -> int:
     return max(1, min(most, round(n * seconds / max(took, 1e-6))))
 
 
-def median_seconds(seconds: Mapping[str, List[float]]) -> Dict[str, float]:
+def median_seconds(seconds: Mapping[Hashable, List[float]]) -> Dict[Hashable, float]:
     return {name: statistics.median(values) for name, values in seconds.items()}
 
 
-def rounds_won(seconds: Mapping[str, List[float]], candidate: str, other: str) -> int:
+def rounds_won(seconds: Mapping[Hashable, List[float]], candidate: Hashable, other: Hashable) -> int:
     """The rounds in which `candidate` was faster than `other`. The two calls of a round are adjacent in
     time, so a burst of load rarely favours the same side in every round: "won all rounds" is a sturdier
     verdict than the medians' order on a shared machine (docs/benchmarks.md)."""
     return sum(a < b for a, b in zip(seconds[candidate], seconds[other]))
 
 
-def fastest(seconds: Mapping[str, List[float]]) -> str:
+def fastest(seconds: Mapping[Hashable, List[float]]) -> Hashable:
     """The candidate with the smallest median time."""
     medians = median_seconds(seconds)
     return min(medians, key=medians.get)
