@@ -20,7 +20,6 @@ import dataclasses
 import gc
 import logging
 import statistics
-import time
 import warnings
 from typing import Callable, Dict, List, Tuple
 
@@ -28,6 +27,8 @@ from trainer.inputs import batches_read_per_step
 from trainer.doctor.phases import phase_breakdowns, phase_pieces
 from trainer.memory import PeakMemory
 from trainer.precision import POLICIES
+from trainer import timing
+from trainer.timing import repeats_lasting, seconds_of
 
 SHORT = {"float32": "float32", "mixed_float16": "mixed_float16", "mixed_bfloat16": "mixed_bfloat16"}
 FLOAT16_ON_CPU_WITHOUT_XLA = ("not timed: TensorFlow's float16 kernels on a CPU are ~100x slower than XLA's "
@@ -90,34 +91,27 @@ def run_as_trained(trainer, steps: int) -> None:
 
 
 def _timed_call(trainer, steps: int) -> float:
-    start = time.perf_counter()
-    run_as_trained(trainer, steps)
-    return time.perf_counter() - start
+    return seconds_of(lambda: run_as_trained(trainer, steps))
 
 
 def resized(steps: int, seconds: float, call_seconds: float) -> int:
     """The steps of the next call, from the last call's `steps` and `seconds`: about `call_seconds` at
     the rate just measured (re-sized every round, so one burst of load cannot leave a configuration
     timed with calls a tenth of the target for the whole run)."""
-    return max(1, min(MOST_STEPS_PER_CALL, round(steps * call_seconds / max(seconds, 1e-6))))
+    return timing.resized(steps, seconds, call_seconds, MOST_STEPS_PER_CALL)
 
 
 def size_call(trainer, call_seconds: float) -> int:
     """The number of steps a call of about `call_seconds` runs: calls of growing length are timed until
     one lasts half of it, so the per-call overhead is spread over many steps before the rate is taken."""
-    steps = 1
-    while True:
-        seconds = _timed_call(trainer, steps)
-        if seconds >= call_seconds / 2 or steps >= MOST_STEPS_PER_CALL:
-            break
-        steps = min(MOST_STEPS_PER_CALL, steps * min(8, max(2, int(call_seconds / 2 / max(seconds, 1e-6)))))
-    return resized(steps, seconds, call_seconds)
+    return repeats_lasting(lambda steps: _timed_call(trainer, steps), call_seconds, MOST_STEPS_PER_CALL)
 
 
 def timed_rounds(trainers: Dict[str, object], steps: Dict[str, int], rounds: int, call_seconds: float,
                  timed_call: Callable[[object, int], float] = _timed_call) -> Dict[str, List[Tuple[int, float]]]:
     """(steps, seconds) of each configuration's call in each of `rounds` interleaved rounds (A B C, A B
-    C, ...), after one untimed round; each call is re-sized (resized) from the configuration's last one."""
+    C, ...), after one untimed round; each call is re-sized (resized) from the configuration's last one.
+    Its own loop, not timing.interleaved_seconds: that one repeats a fixed call, these change size."""
     steps = dict(steps)
     for name, trainer in trainers.items():  # the untimed round: caches, the first re-size
         steps[name] = resized(steps[name], timed_call(trainer, steps[name]), call_seconds)
@@ -136,9 +130,7 @@ def _prepare(config: GridConfig, make_trainer, data_for_batch, call_seconds: flo
     data = data_for_batch(config.batch)
     with PeakMemory() as memory:
         trainer = make_trainer(config.policy, config.xla)
-        start = time.perf_counter()
-        trainer.fit(data, steps=1)
-        first_call = time.perf_counter() - start
+        first_call = seconds_of(lambda: trainer.fit(data, steps=1))
         trainer.run_steps(1)
         _finish(trainer)
     steps = size_call(trainer, call_seconds)
