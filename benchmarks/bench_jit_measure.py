@@ -21,39 +21,36 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-import bench  # noqa: E402  (its workloads, synthetic data and loss)
+from benchmarks.workloads import (LEARNING_RATE, make_dataset, make_loss, mlp_workload,  # noqa: E402
+                                  resnet_workload)
+from benchmarks.report import machine  # noqa: E402
 from trainer import Trainer  # noqa: E402
 from trainer.xla_plan import decide_jit_compile  # noqa: E402
 from trainer.config import PrecisionConfig, TrainerConfig  # noqa: E402
-from trainer.timing import interleaved_seconds, median_seconds  # noqa: E402
+from trainer.timing import interleaved_seconds, median_seconds, seconds_of  # noqa: E402
 
 SIZES = {  # bench: benchmarks/bench.py's default shapes (the guide's 20M-parameter MLP: ~1 s/step on 2 cores)
-    "small": {"mlp": lambda: bench.mlp_workload(units=1024, batch=128),
-              "resnet": lambda: bench.resnet_workload(batch=32)},
-    "bench": {"mlp": bench.mlp_workload, "resnet": bench.resnet_workload},
+    "small": {"mlp": lambda: mlp_workload(units=1024, batch=128),
+              "resnet": lambda: resnet_workload(batch=32)},
+    "bench": {"mlp": mlp_workload, "resnet": resnet_workload},
 }
 
 
 def make_trainer(wl, precision: str, jit_compile) -> Trainer:
-    return Trainer(model=wl.build, loss=bench.make_loss(), optimizer=lambda: keras.optimizers.Adam(bench.LEARNING_RATE),
+    return Trainer(model=wl.build, loss=make_loss(), optimizer=lambda: keras.optimizers.Adam(LEARNING_RATE),
                    precision=precision, seed=0, jit_compile=jit_compile, log_every=10**9, checkpoint_every=0,
                    progress_bar=False, tensorboard=False, verbose=False)
 
 
 def timed_fit(trainer: Trainer, data, steps: int) -> float:
-    start = time.perf_counter()
-    trainer.fit(data, steps=steps)
-    trainer.step.numpy()
-    return time.perf_counter() - start
+    return seconds_of(lambda: (trainer.fit(data, steps=steps), trainer.step.numpy()))
 
 
 def per_step_ms(trainers, steps: int, rounds: int):
@@ -67,13 +64,14 @@ def per_step_ms(trainers, steps: int, rounds: int):
 def cell(wl, precision: str, args) -> dict:
     arrays = wl.make_data(np.random.default_rng(0))
     fixed = {"on": make_trainer(wl, precision, True), "off": make_trainer(wl, precision, False)}
-    compile_s = {name: timed_fit(t, bench.make_dataset(arrays), 1) for name, t in fixed.items()}
+    compile_s = {name: timed_fit(t, make_dataset(arrays), 1) for name, t in fixed.items()}
     ms = per_step_ms(fixed, args.steps, args.rounds)
-    auto = "on" if decide_jit_compile(TrainerConfig(), PrecisionConfig(policy=precision), on_cpu=True, replicas=1) else "off"
+    auto = decide_jit_compile(TrainerConfig(), PrecisionConfig(policy=precision), on_cpu=True, replicas=1)
+    auto = "on" if auto else "off"
     runs = []
     for _ in range(args.measure_runs):
         t = make_trainer(wl, precision, "measure")
-        seconds = timed_fit(t, bench.make_dataset(arrays), 40)
+        seconds = timed_fit(t, make_dataset(arrays), 40)
         m = t.xla_measurement
         runs.append(dict(seconds=seconds, choice="on" if m.jit_compile else "off", on=1e3 * m.on_seconds,
                          off=1e3 * m.off_seconds, wins=m.on_wins))
@@ -103,7 +101,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="steps per timed call of the reference")
     parser.add_argument("--measure-runs", type=int, default=2, help="jit_compile=measure runs per cell")
     args = parser.parse_args()
-    print(f"Machine: {bench.machine()}; {args.size} shapes; reference: median of {args.rounds} interleaved rounds "
+    print(f"Machine: {machine()}; {args.size} shapes; reference: median of {args.rounds} interleaved rounds "
           f"of {args.steps} steps; {args.measure_runs} measure runs per cell", flush=True)
     header = ("| workload | precision | on ms/step | off ms/step | faster | compile s on / off | auto | measure chose "
               "(its on/off ms, rounds XLA on won) | overhead s | gain ms/step | break-even steps |")

@@ -46,7 +46,8 @@ def run_once(checkout: Path, recipe: str, precision: str, steps: int, extra: lis
         shutil.rmtree(folder, ignore_errors=True)
     found = THROUGHPUT.search(result.stdout + result.stderr)
     if result.returncode != 0 or not found:
-        raise SystemExit(f"{' '.join(command)} failed ({result.returncode}):\n{(result.stdout + result.stderr)[-2000:]}")
+        output = (result.stdout + result.stderr)[-2000:]
+        raise SystemExit(f"{' '.join(command)} failed ({result.returncode}):\n{output}")
     accuracy = ACCURACY.search(result.stdout + result.stderr)
     return {"ex_per_s": float(found.group(1)), "accuracy": float(accuracy.group(1)) if accuracy else None}
 
@@ -89,7 +90,8 @@ def main(argv=None) -> int:
 
 def report(rows: list[dict], checkouts: dict) -> None:
     def cell(recipe, name, precision, round_index):
-        return next(r["ex_per_s"] for r in rows if (r["recipe"], r["checkout"], r["precision"], r["round"]) == (recipe, name, precision, round_index))
+        wanted = (recipe, name, precision, round_index)
+        return next(r["ex_per_s"] for r in rows if (r["recipe"], r["checkout"], r["precision"], r["round"]) == wanted)
 
     for recipe in dict.fromkeys(r["recipe"] for r in rows):
         rounds = sorted({r["round"] for r in rows if r["recipe"] == recipe})

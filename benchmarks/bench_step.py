@@ -18,19 +18,19 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from trainer import Trainer  # noqa: E402
-from trainer.update import Updater  # noqa: E402
+from benchmarks.workloads import make_dataset, make_loss, workloads  # noqa: E402  (bench.py's models)
+from trainer import PrecisionConfig, Trainer  # noqa: E402
 from trainer.fused import fuse  # noqa: E402
+from trainer.timing import interleaved_seconds  # noqa: E402
+from trainer.update import Updater  # noqa: E402
 
 SHAPES = [(784, 4096), (4096,), (4096, 4096), (4096,), (4096, 10), (10,)]
 
@@ -39,14 +39,16 @@ def interleaved(fns: dict, calls: int, repeats: int) -> dict:
     """Median milliseconds per call of each function, timed A B A B ... after one warm call each."""
     for fn in fns.values():
         fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
+
+    def repeated(fn):
+        def call():
             for _ in range(calls):
                 fn()
-            times[name].append((time.perf_counter() - start) / calls * 1000)
-    return {name: statistics.median(t) for name, t in times.items()}
+
+        return call
+
+    seconds = interleaved_seconds({name: repeated(fn) for name, fn in fns.items()}, rounds=repeats, warmup=0)
+    return {name: statistics.median(s / calls * 1000 for s in t) for name, t in seconds.items()}
 
 
 def update_and_finite(repeats: int) -> None:
@@ -76,9 +78,11 @@ def update_and_finite(repeats: int) -> None:
         return tf.math.is_finite(norm), norm
 
     ms = interleaved({"keras_ops": adam(False), "fused": adam(True)}, calls=10, repeats=repeats)
-    print(f"update      Adam on 20M float32 parameters: Keras ops {ms['keras_ops']:.1f} ms, fused kernel {ms['fused']:.1f} ms "
+    print(f"update      Adam on 20M float32 parameters: Keras ops {ms['keras_ops']:.1f} ms, "
+          f"fused kernel {ms['fused']:.1f} ms "
           f"({ms['keras_ops'] / ms['fused']:.2f}x)")
-    ms = interleaved({"per_tensor": lambda: per_tensor()[0].numpy(), "norm": lambda: norm_only()[0].numpy()}, calls=10, repeats=repeats)
+    ms = interleaved({"per_tensor": lambda: per_tensor()[0].numpy(), "norm": lambda: norm_only()[0].numpy()},
+                     calls=10, repeats=repeats)
     print(f"finite      per-tensor is_finite + norm {ms['per_tensor']:.1f} ms, norm only {ms['norm']:.1f} ms")
 
 
@@ -126,7 +130,8 @@ def mlp_data() -> tf.data.Dataset:
 
 
 def mlp_trainer(cls=Trainer, **kwargs) -> Trainer:
-    return cls(model=mlp, loss=keras.losses.SparseCategoricalCrossentropy(), optimizer=lambda: keras.optimizers.Adam(1e-4),
+    return cls(model=mlp, loss=keras.losses.SparseCategoricalCrossentropy(),
+               optimizer=lambda: keras.optimizers.Adam(1e-4),
                log_every=10**9, checkpoint_every=0, progress_bar=False, tensorboard=False, **kwargs)
 
 
@@ -134,8 +139,6 @@ def xla_layout(repeats: int, precision: str) -> None:
     """The XLA layouts of one device (trainer.xla_whole_step=true with select or tf.cond skip, false) on
     the guide's MLP (20M parameters) and bench.py's small ResNet and Transformer; auto picks the first
     for the ResNet and Transformer, the last for the MLP."""
-    from bench import make_dataset, make_loss, workloads
-
     for name, workload in workloads(False).items():
         arrays = workload.make_data(np.random.default_rng(0))
 
@@ -145,7 +148,8 @@ def xla_layout(repeats: int, precision: str) -> None:
                           checkpoint_every=0, progress_bar=False, tensorboard=False)
             return compiled_steps(trainer, make_dataset(arrays), 1 if name == "mlp" else 4)
 
-        runners = {"select": runner(Trainer, True), "cond": runner(CondSkipTrainer, True), "split": runner(Trainer, False)}
+        runners = {"select": runner(Trainer, True), "cond": runner(CondSkipTrainer, True),
+                   "split": runner(Trainer, False)}
         ms = interleaved(runners, calls=4, repeats=repeats)
         print(f"xla_layout  {name} {precision}, ms per call: whole step with select skip {ms['select']:.1f}, "
               f"with tf.cond skip {ms['cond']:.1f} ({ms['cond'] / ms['select']:.2f}x), update outside XLA "
@@ -174,11 +178,7 @@ def overhead(repeats: int, n: int = 4) -> None:
 
 
 def skip_nonfinite(repeats: int) -> None:
-    from bench import make_dataset, make_loss, workloads  # benchmarks/bench.py: the same Transformer workload
-
-    from trainer import PrecisionConfig
-
-    workload = workloads(False)["transformer"]
+    workload = workloads(False)["transformer"]  # benchmarks/bench.py's Transformer
     arrays = workload.make_data(np.random.default_rng(0))
 
     def runner(skip: bool):
@@ -188,7 +188,8 @@ def skip_nonfinite(repeats: int) -> None:
         return compiled_steps(trainer, make_dataset(arrays), 5)
 
     ms = interleaved({"skip": runner(True), "apply": runner(False)}, calls=2, repeats=repeats)
-    print(f"skip        Transformer step (float32, XLA off), 5 steps: skip_nonfinite=true {ms['skip'] / 5:.1f} ms/step, "
+    print(f"skip        Transformer step (float32, XLA off), 5 steps: "
+          f"skip_nonfinite=true {ms['skip'] / 5:.1f} ms/step, "
           f"false {ms['apply'] / 5:.1f} ms/step ({ms['skip'] / ms['apply']:.3f}x)")
 
 

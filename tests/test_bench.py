@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -54,8 +56,8 @@ def test_bench_quick_one_cell(tmp_path):
 
 
 def test_sign_test_tells_a_real_gap_from_noise():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench import sign_test
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.report import sign_test
 
     assert sign_test([1.02, 1.01, 1.05, 1.03, 1.01]) == ("faster", 1 / 32)  # every round of 5
     assert sign_test([0.97, 0.99, 0.98, 0.9, 0.99])[0] == "slower"
@@ -66,10 +68,24 @@ def test_sign_test_tells_a_real_gap_from_noise():
 
 def test_plot_without_matplotlib_says_so_and_writes_nothing(tmp_path, capsys, monkeypatch):
     """matplotlib is optional (the `bench` extra): without it the figures stand and only the picture is skipped."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench import plot
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.report import plot
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     plot([], tmp_path / "bench.png")
     assert "matplotlib is not installed" in capsys.readouterr().out
     assert not (tmp_path / "bench.png").exists()
+
+
+@pytest.mark.slow  # nine XLA compilations: about 90 s on two busy cores
+def test_bench_step_xla_layout_runs_on_the_quick_workloads(monkeypatch, capsys):
+    """benchmarks/bench_step.py's xla_layout section end to end on bench.py's tiny shapes: it imports and
+    reports its three layouts for every workload (what it prints, not how fast)."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import bench_step, workloads
+
+    monkeypatch.setattr(bench_step, "workloads", lambda quick: workloads.workloads(True))
+    bench_step.main(["--only", "xla_layout", "--repeats", "1"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("xla_layout")]
+    assert [line.split()[1] for line in lines] == ["mlp", "resnet", "transformer"]
+    assert all("select skip" in line and "tf.cond skip" in line for line in lines)

@@ -530,6 +530,29 @@ def test_verify_withdraws_a_recommendation_that_does_not_train_faster():
     assert mark_unverified(withdrawn) == withdrawn  # nothing changed: nothing to verify
 
 
+def test_verify_trains_both_in_interleaved_rounds_of_the_next_steps():
+    """--verify's rounds on fake trainers: the recommended and the current configuration each train one
+    untimed step, then take turns, each fit() asking for its run's next N / 5 steps."""
+    from types import SimpleNamespace
+
+    from trainer.doctor import recommend
+    from trainer.doctor.verify import verify
+
+    baseline = _row("float32", 32, [1.0] * 5)
+    fast = _row("mixed_bfloat16", 32, [0.5, 0.52, 0.49, 0.51, 0.5])
+    rec = recommend(_report(baseline, fast), [], baseline_xla=False, batch=32)
+    fits = []
+
+    def make_trainer(policy, xla):
+        config = SimpleNamespace(grad_accum_steps=1, batches_per_step=1)
+        return SimpleNamespace(config=config, fit=lambda data, steps: fits.append((policy, steps)))
+
+    checked = verify(make_trainer, lambda batch: None, rec, [baseline, fast], steps=10, progress=lambda _: None)
+    assert fits == [("mixed_bfloat16", 1), ("float32", 1)] + [
+        (policy, 1 + r * 2) for r in range(1, 6) for policy in ("mixed_bfloat16", "float32")]
+    assert checked["verify"]["rounds"] == 5 and len(checked["verify"]["current_seconds_per_example"]) == 5
+
+
 @pytest.mark.slow
 def test_quick_verify_through_the_cli_on_a_tiny_config(tmp_path):
     """One real run: --quick --verify on a tiny MLP writes the verify result (a measured ratio, and a

@@ -520,3 +520,18 @@ def test_xla_whole_step_skips_by_select_on_one_replica(strategy):
     assert trainer.plan_xla().whole_step and all(u.skip_by_select for u in trainer.updaters.values())
     assert all(np.array_equal(a, b) for a, b in zip(before, weights(trainer)))
     assert int(trainer.loss_scale.skipped_steps.numpy()) == 1
+
+
+@pytest.mark.parametrize("mode, scale", [("fixed", 1024.0), ("none", 1.0)])
+def test_unscaled_gradients_are_the_gradients_of_the_loss_divided(mode, scale):
+    """LossScale.unscaled_gradients: gradients of loss * scale / divide, then / scale (what scaling the
+    loss inside the tape gives), for a per-example loss and with the scale off too."""
+    w = tf.Variable([[0.5, -1.0], [2.0, 0.25]])
+    x = tf.constant([[1.0, 2.0], [3.0, -1.0], [0.5, 0.5]])
+    with tf.GradientTape(persistent=True) as tape:
+        loss = tf.reduce_sum(tf.square(x @ w), axis=1)  # one value per example
+        scaled = loss * scale / 2
+    got = LossScale(mode, 1024).unscaled_gradients(tape, loss, [w], divide=2)
+    want = tape.gradient(scaled, [w])[0] / scale
+    np.testing.assert_allclose(got[0].numpy(), want.numpy(), rtol=1e-6)
+    assert got[0].dtype == tf.float32

@@ -45,9 +45,9 @@ def release_in_background(holder: list, replicas: int = 1) -> None:
 
     With tf.data autotuning on (the default), destroying an iterator can block until its autotuning
     thread's next wake-up: 10 ms after the iterator was made, then at doubling periods up to 60 s, so up
-    to the iterator's own age (scripts/iterator_teardown.py). The wait releases the GIL, so a thread
-    absorbs it while training goes on; at exit the process waits for it (_finish_releases_at_exit), long
-    only for iterators of a strategy with several `replicas`."""
+    to the iterator's own age (docs/internals.md, "tf.data iterator teardown"). The wait releases the
+    GIL, so a thread absorbs it while training goes on; at exit the process waits for it
+    (_finish_releases_at_exit), long only for iterators of a strategy with several `replicas`."""
     if _exiting or sys.is_finalizing():  # a thread started now never runs, or outlives the join at exit
         holder.clear()
         return

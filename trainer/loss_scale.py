@@ -76,6 +76,21 @@ class LossScale(tf.Module):
         self.scale.assign(value)
 
     @framework_code
+    def unscaled_gradients(self, tape: tf.GradientTape, loss, variables, divide: int = 1):
+        """The float32 gradients of `loss` / `divide` with respect to `variables`, from `tape`. The backward
+        pass starts from scale / divide instead of 1, which is what multiplying the loss by the scale inside
+        the tape does, without recording the product; the gradients are then unscaled once. The one way
+        from a loss to unscaled gradients: `Updater.unscaled_gradients` (the default step, `Trainer.update`,
+        gradient accumulation) and the doctor's numerics pass take it."""
+        if self.enabled:
+            seed = self.scale if divide == 1 else self.scale / divide
+        else:
+            seed = 1.0 / divide if divide > 1 else None
+        if seed is not None:  # one value per element of `loss`: a per-example loss is summed, as loss * scale was
+            seed = tf.fill(tf.shape(loss), tf.convert_to_tensor(seed, tf.float32))
+        return self.unscale(tape.gradient(loss, variables, output_gradients=seed))
+
+    @framework_code
     def unscale(self, grads):
         """Gradients of the scaled loss → float32 gradients of the loss (÷ scale), exactly once."""
         if not self.enabled:

@@ -66,19 +66,10 @@ class Updater:
 
     @framework_code
     def unscaled_gradients(self, tape: tf.GradientTape, loss, variables, divide: int = 1):
-        """The float32 gradients of `loss` / `divide` with respect to `variables`, from `tape`: the one way
-        from a loss to the gradients an update applies (the default step, `Trainer.update` and gradient
-        accumulation all take it). The backward pass starts from scale / divide instead of 1, which is what
-        multiplying the loss by the loss scale inside the tape does, without recording the product; the
-        gradients are then unscaled once."""
-        loss_scale = self.loss_scale
-        if loss_scale.enabled:
-            seed = loss_scale.scale if divide == 1 else loss_scale.scale / divide
-        else:
-            seed = 1.0 / divide if divide > 1 else None
-        if seed is not None:  # one value per element of `loss`: a per-example loss is summed, as loss * scale was
-            seed = tf.fill(tf.shape(loss), tf.convert_to_tensor(seed, tf.float32))
-        return loss_scale.unscale(tape.gradient(loss, variables, output_gradients=seed))
+        """The float32 gradients of `loss` / `divide` with respect to `variables`, through this optimizer's
+        loss scale (`LossScale.unscaled_gradients`): the one way from a loss to the gradients an update
+        applies (the default step, `Trainer.update` and gradient accumulation all take it)."""
+        return self.loss_scale.unscaled_gradients(tape, loss, variables, divide)
 
     @framework_code
     def apply(self, unscaled_grads, loss=None) -> None:

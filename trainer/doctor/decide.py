@@ -10,17 +10,13 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from trainer.timing import sign_test_p
+
 CONFIDENCE = 0.95  # the bootstrap interval's coverage
 LEAST_SPEEDUP = 1.05  # a significant win smaller than 5% is not worth a change of configuration
 ALPHA = 0.05  # the sign test's level for the whole family of candidates (Bonferroni: ALPHA / candidates each)
 BOOTSTRAP_SAMPLES = 4000
 SAME, FASTER, SLOWER = "no significant difference", "faster", "slower"
-
-
-def sign_test_p(wins: int, rounds: int) -> float:
-    """One-sided sign test: the chance of `wins` or more rounds won out of `rounds` if neither side were
-    faster (each round a fair coin). Five of five rounds: 1/32 = 0.031."""
-    return sum(math.comb(rounds, k) for k in range(wins, rounds + 1)) / 2.0**rounds
 
 
 def paired_verdict(candidate: Sequence[float], baseline: Sequence[float], alpha: float = ALPHA) -> dict:

@@ -6,13 +6,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import platform
-import time
 from typing import Callable, Dict, Tuple
 
 import tensorflow as tf
 
 from trainer.precision import cpu_bfloat16_kernels, cpu_flags, cpu_model, hardware_report
-from trainer.timing import interleaved_seconds, median_seconds
+from trainer.timing import interleaved_seconds, median_seconds, seconds_of
 
 MATMUL_DTYPES = ("float32", "bfloat16", "float16")
 # One matmul side for every dtype, chosen so that a float32 call takes at least 10 ms (well above Python's
@@ -55,18 +54,12 @@ def _matmul_call(dtype: str, side: int, xla: bool) -> Callable[[], None]:
     return call
 
 
-def _seconds_of(call: Callable[[], None]) -> float:
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
-
-
 def _float32_side() -> int:
     side = 128
     while side < LARGEST_SIDE:
         call = _matmul_call("float32", side, False)
         call()
-        if _seconds_of(call) >= SHORTEST_CALL:
+        if seconds_of(call) >= SHORTEST_CALL:
             break
         side *= 2
     return side
@@ -77,7 +70,7 @@ def _sized_call(dtype: str, xla: bool, side: int) -> Tuple[Callable[[], None], i
     while True:
         call = _matmul_call(dtype, side, xla)
         call()  # trace / compile
-        if side <= 128 or _seconds_of(call) <= SLOWEST_CALL:
+        if side <= 128 or seconds_of(call) <= SLOWEST_CALL:
             return call, side
         side //= 2
 

@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from trainer.doctor.model_table import build_under
 from trainer.doctor.probe import LayerProbe, layer_names, model_layers
+from trainer.loss_scale import LossScale
 
 FLOAT16_MAX = 65504.0
 FLOAT16_TINIEST = 2.0**-24  # float16's smallest subnormal: a smaller magnitude is (at best) rounded to 0
@@ -124,21 +125,24 @@ def _without_dropout(model: keras.Model) -> None:
 
 def compare_pass(builder: Callable[[], keras.Model], policy: str, weights: list, batch, loss_fn,
                  float32_layers: Sequence[str], scale: float) -> dict:
-    """The loss and unscaled gradients of one batch under `policy`, in training mode (BatchNormalization on
-    the batch's statistics, as in training) with dropout off, so every policy computes the same function;
-    eagerly, float16 with XLA where it compiles (TensorFlow's float16 CPU kernels are very slow)."""
+    """The loss and unscaled gradients of one batch under `policy` at a fixed loss `scale` (1: none), in
+    training mode (BatchNormalization on the batch's statistics, as in training) with dropout off, so every
+    policy computes the same function; eagerly, float16 with XLA where it compiles (TensorFlow's float16 CPU
+    kernels are very slow). The gradients come the way the Trainer's step takes them
+    (`LossScale.unscaled_gradients`)."""
     x, _, _ = keras.utils.unpack_x_y_sample_weight(batch)
     with warnings.catch_warnings():  # an overflowing float16 batch is what this pass looks for
         warnings.simplefilter("ignore", RuntimeWarning)
         model = build_under(builder, policy, x, weights=weights, float32_layers=float32_layers)
         _without_dropout(model)
 
+        loss_scale = LossScale("fixed", initial_scale=scale)  # the Trainer's way to unscaled gradients
+
         def loss_and_grads(batch):
             with tf.GradientTape() as tape:
                 loss = _mean_loss(loss_fn, batch, model, training=True)
-                scaled = loss * scale
-            grads = tape.gradient(scaled, model.trainable_variables)
-            return loss, [tf.zeros_like(v) if g is None else tf.cast(tf.convert_to_tensor(g), tf.float32) / scale
+            grads = loss_scale.unscaled_gradients(tape, loss, model.trainable_variables)
+            return loss, [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
                           for g, v in zip(grads, model.trainable_variables)]
 
         loss, grads = None, None

@@ -6,11 +6,12 @@ faster, while the update (float32 variables under every policy), elementwise wor
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Callable, Dict
 
 import keras
 import tensorflow as tf
+
+from trainer.timing import interleaved_seconds, repeats_lasting, seconds_of
 
 PIECE_SECONDS = 0.2  # each piece's timed call lasts about this long
 ROUNDS = 3  # the pieces are timed in interleaved rounds, as the configurations are
@@ -61,23 +62,20 @@ def _pieces(trainer, batch, iterator) -> Dict[str, Callable[[tf.Tensor], object]
             for name, fn in (("forward", forward), ("forward_backward", forward_backward), ("input", pull))}
 
 
-def _timed(run: Callable[[int], object], n: int) -> float:
-    start = time.perf_counter()
-    out = run(n)
-    if hasattr(out, "numpy"):
-        out.numpy()
-    return time.perf_counter() - start
+def _call(run: Callable[[int], object], n: int) -> Callable[[], None]:
+    """`run(n)`, finished when it returns: a tensor result is read back."""
+    def call():
+        out = run(n)
+        if hasattr(out, "numpy"):
+            out.numpy()
+
+    return call
 
 
 def _size(run: Callable[[int], object]) -> int:
     """Repeats of `run` that last about PIECE_SECONDS (its first call, tracing, not counted)."""
-    n = 1
-    _timed(run, n)
-    while True:
-        seconds = _timed(run, n)
-        if seconds >= PIECE_SECONDS / 2 or n >= MOST_REPEATS:
-            return max(1, min(MOST_REPEATS, round(n * PIECE_SECONDS / max(seconds, 1e-6))))
-        n = min(MOST_REPEATS, n * max(2, min(8, int(PIECE_SECONDS / 2 / max(seconds, 1e-6)))))
+    seconds_of(_call(run, 1))
+    return repeats_lasting(lambda n: seconds_of(_call(run, n)), PIECE_SECONDS, MOST_REPEATS)
 
 
 def phase_pieces(trainer, data, run_steps: Callable[[int], None]) -> Dict[str, Callable[[int], object]]:
@@ -93,11 +91,8 @@ def phase_breakdowns(pieces: Dict[str, Dict[str, Callable[[int], object]]]) -> D
     timed in the same interleaved rounds (a burst of load hits them alike); each is its median."""
     runs = {(config, name): run for config, named in pieces.items() for name, run in named.items()}
     repeats = {key: _size(run) for key, run in runs.items()}
-    per_repeat = {key: [] for key in runs}
-    for _ in range(ROUNDS):
-        for key, run in runs.items():
-            per_repeat[key].append(_timed(run, repeats[key]) / repeats[key])
-    median = {key: statistics.median(values) for key, values in per_repeat.items()}
+    seconds = interleaved_seconds({key: _call(run, repeats[key]) for key, run in runs.items()}, rounds=ROUNDS, warmup=0)
+    median = {key: statistics.median(s / repeats[key] for s in values) for key, values in seconds.items()}
     return {config: _breakdown({name: median[(config, name)] for name in named}) for config, named in pieces.items()}
 
 

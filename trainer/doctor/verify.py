@@ -5,11 +5,11 @@ verdict (decide.paired_verdict) on those rounds confirms the recommendation or w
 from __future__ import annotations
 
 import gc
-import time
 from typing import Callable, Dict, List
 
 from trainer.doctor.decide import FASTER, SLOWER, paired_verdict
 from trainer.inputs import batches_read_per_step
+from trainer.timing import interleaved_seconds
 
 VERIFY_ROUNDS = 5
 # Why a change the grid found is only a candidate until --verify confirms it (diagnose adds it as a note).
@@ -49,6 +49,17 @@ def verify_outcome(rec: dict, recommended: List[float], current: List[float]) ->
     return rec
 
 
+def _next_round(trainer, data, per_round: int) -> Callable[[], None]:
+    """A call that trains the next `per_round` steps: fit(steps=...) counts the run's steps, so round r
+    of a trainer asks for 1 (its untimed first step) + r * per_round."""
+    rounds = [0]
+
+    def call() -> None:
+        rounds[0] += 1
+        trainer.fit(data, steps=1 + rounds[0] * per_round)
+    return call
+
+
 def verify(make_trainer: Callable[[str, bool], object], data_for_batch: Callable[[int], object], rec: dict,
            rows: List[dict], steps: int, progress: Callable[[str], None]) -> dict:
     """Trains the recommended and the current configuration `steps` steps each (interleaved rounds) and
@@ -66,14 +77,12 @@ def verify(make_trainer: Callable[[str, bool], object], data_for_batch: Callable
         progress(f"verify: building {row['name']} ({key}) and training its first step")
         trainers[key] = (make_trainer(row["policy"], row["xla"]), data_for_batch(row["batch"]))
         trainers[key][0].fit(trainers[key][1], steps=1)  # compiles: not timed
-    seconds: Dict[str, List[float]] = {key: [] for key in configs}
     progress(f"verify: {VERIFY_ROUNDS} interleaved rounds of {per_round} steps each, through Trainer.fit")
-    for round_ in range(1, VERIFY_ROUNDS + 1):
-        for key, (trainer, data) in trainers.items():
-            start = time.perf_counter()
-            trainer.fit(data, steps=1 + round_ * per_round)
-            examples = per_round * configs[key]["batch"] * batches_read_per_step(trainer.config)
-            seconds[key].append((time.perf_counter() - start) / examples)
+    seconds = interleaved_seconds({key: _next_round(trainer, data, per_round)
+                                   for key, (trainer, data) in trainers.items()}, rounds=VERIFY_ROUNDS, warmup=0)
+    for key, (trainer, _) in trainers.items():
+        examples = per_round * configs[key]["batch"] * batches_read_per_step(trainer.config)
+        seconds[key] = [s / examples for s in seconds[key]]
     trainers.clear()
     gc.collect()
     return verify_outcome(rec, seconds["recommended"], seconds["current"])

@@ -11,7 +11,7 @@ Both at two data sizes and several seeds; then fine-tuning with lower backbone r
 Every run is the real CLI (`python -m trainer ...`); the commands are printed, and each run folder keeps
 its metrics.jsonl. Eval accuracy is on the full Fashion-MNIST test images of the classes concerned.
 
-Run: python scripts/transfer_demo.py [--out runs/transfer_demo] [--regimes 100:50 500:100] [--seeds 0 1]
+Run: python examples/transfer_demo.py [--out runs/transfer_demo] [--regimes 100:50 500:100] [--seeds 0 1]
 (about 20-25 minutes on 2 busy CPU cores; finished runs are re-used when run again with the same --out)
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Peak host memory and step time of a train step with and without recomputation (model.recompute).
 
-Usage: python scripts/recompute_memory.py [--model resnet20|minilm] [--batch N] [--steps N]
+Usage: python benchmarks/recompute_memory.py [--model resnet20|minilm] [--batch N] [--steps N]
 
 Each configuration runs in its own process: it builds the recipe's model (random weights), traces and runs
 the train step once (forward, backward, SGD update, in one tf.function), then resets TensorFlow's CPU
@@ -17,7 +17,6 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 
 
 def child(model_name: str, recompute: bool, batch: int, steps: int) -> dict:
@@ -27,6 +26,7 @@ def child(model_name: str, recompute: bool, batch: int, steps: int) -> dict:
     import tensorflow as tf
 
     from trainer.memory import host_peak_rss_mb
+    from trainer.timing import seconds_of
 
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
@@ -49,17 +49,14 @@ def child(model_name: str, recompute: bool, batch: int, steps: int) -> dict:
     @tf.function
     def step():
         with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, model(x, training=True), from_logits=True))
+            logits = model(x, training=True)
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
         optimizer.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
         return loss
 
     step()  # traced
     tf.config.experimental.reset_memory_stats("CPU:0")
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        float(step())
-        times.append(time.perf_counter() - start)
+    times = [seconds_of(lambda: float(step())) for _ in range(steps)]
     return {"step_peak_mb": tf.config.experimental.get_memory_info("CPU:0")["peak"] / 2**20,
             "rss_peak_mb": host_peak_rss_mb(), "step_s": statistics.median(times)}
 

@@ -1,6 +1,6 @@
 """Writes the first N images of the real Fashion-MNIST test set as PNG files, to try `trainer.predict` on.
 
-    python scripts/fashion_mnist_pngs.py --out images --count 4
+    python examples/fashion_mnist_pngs.py --out images --count 4
 
 Reads the IDX files where the mnist recipe finds them (Debian's dataset-fashion-mnist, the Keras cache);
 each file is named <index>_<true class>.png, so the predictions can be checked by eye.
