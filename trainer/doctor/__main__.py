@@ -20,6 +20,7 @@ from trainer.quiet import quiet_tensorflow_import
 quiet_tensorflow_import()
 
 from trainer.errors import EXIT_USER_ERROR, UserError, reports_errors  # noqa: E402,F401 - EXIT_USER_ERROR: its name here before
+from trainer.doctor.verify import VERIFY_ROUNDS  # noqa: E402
 
 
 class DoctorError(UserError, ValueError):
@@ -42,8 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         raise DoctorError(f"{bad[0]!r} is not a config override (key=value) or an option (--run, --quick, --verify, --set-auto, --out)")
-    if args.verify is not None and args.verify < 5:
-        raise DoctorError(f"--verify {args.verify}: give at least 5 steps (one per interleaved round)")
+    if args.verify is not None and args.verify < VERIFY_ROUNDS:
+        raise DoctorError(f"--verify {args.verify}: give at least {VERIFY_ROUNDS} steps (one per interleaved round)")
     if args.run and args.overrides:
         raise DoctorError("--run takes the run's own config: give either --run RUN_DIR or overrides, not both")
     return args
