@@ -188,7 +188,10 @@ def test_set_auto_stores_no_gain_and_a_changed_xla_setting(capsys, caplog):
     withdrawn = verify_outcome({**rec, "notes": []}, [1.0] * 5, [1.0] * 5)  # not faster through fit(): withdrawn
     assert not withdrawn["changed"] and withdrawn["batch"] == 16
     _set_auto(withdrawn, model)
-    assert "no significant gain over float32" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "--verify did not confirm mixed_bfloat16 XLA on batch 16 (1.00x, won 0 of 5 rounds)" in said
+    assert "no significant gain over float32" in said and "stored that answer, with float32" in said
+    assert "nothing stored" not in said
     with caplog.at_level(logging.INFO, logger="trainer.auto_precision"):
         precision, xla = auto_precision.resolve_run(PrecisionConfig(policy="auto"), measure=_no_probe, model=model)
     assert (precision.policy, xla) == ("float32", None)

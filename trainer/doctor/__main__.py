@@ -149,8 +149,13 @@ def _set_auto(rec: Optional[dict], model: dict) -> None:
             return
         path = save_doctor_answer(current_policy, rec.get("current_command", rec["command"]), 1.0, model=model,
                                   batch=batch, verdict=NO_GAIN)
-        print(f"--set-auto: the doctor measured no significant gain over {current_policy} for {model['label']} "
-              f"(batch {batch}): precision=auto now chooses {current_policy} for it on this machine (stored in "
+        checked = rec.get("verify", {})
+        why = (f"--verify did not confirm {rec['withdrawn_config']} ({checked['speedup']:.2f}x, won {checked['wins']} "
+               f"of {checked['rounds']} rounds), so the measured answer is no significant gain over {current_policy}"
+               if rec.get("withdrawn_config") and "speedup" in checked
+               else f"the doctor measured no significant gain over {current_policy}")
+        print(f"--set-auto: {why} for {model['label']} (batch {batch}): stored that answer, with {current_policy} "
+              f"(what you run now): precision=auto now chooses {current_policy} for it on this machine (stored in "
               f"{path}; other models keep the probe's rule; delete it to go back to the probe)")
         return
     if rec.get("verdict") != "faster" or rec.get("verify", {}).get("verdict") != "faster":
