@@ -126,7 +126,7 @@ def test_set_auto_through_the_cli_then_an_auto_run_of_that_model(monkeypatch, tm
     # the doctor's measuring, replaced: python -m trainer.doctor's main composes the config and renders,
     # writes and stores (--set-auto) this report as it would a measured one
     monkeypatch.setattr(trainer.doctor, "diagnose_parts", lambda parts, data, **kw: _injected_report(kw["overrides"]))
-    done = run_cli("--set-auto", *RUN[:2], "--out", str(tmp_path / "doctor"), module="trainer.doctor")
+    done = run_cli("--set-auto", "--verify", "20", *RUN[:2], "--out", str(tmp_path / "doctor"), module="trainer.doctor")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "precision=auto now chooses mixed_bfloat16 with XLA on" in done.stdout and "hidden_units=[8]" in done.stdout
     stored = next(iter(json.loads(auto_precision.cache_path().read_text()).values()))["doctor_by_model"]

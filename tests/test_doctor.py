@@ -89,6 +89,9 @@ def test_bad_arguments_exit_2_without_traceback(capsys):
     assert "do not compose" in capsys.readouterr().err
     assert main(["--verify", "5"]) == 2
     assert "give at least 9 steps (one per interleaved round)" in capsys.readouterr().err
+    assert main(["--set-auto", "model.hidden_units=[8]"]) == 2  # refused before anything is measured
+    err = capsys.readouterr().err
+    assert "--set-auto stores what --verify measured: add --verify [N]" in err and "[doctor" not in err
 
 
 @pytest.mark.slow

@@ -119,7 +119,7 @@ def candidate(hardware: dict) -> Tuple[str, str]:
     if "avx512_bf16" in flags:  # no step gain measured on one (the doctor, docs/doctor.md): no candidate
         return "float32", ("a CPU with AVX-512 BF16 but no AMX: its bfloat16 matmuls measured 0.56x (Intel) to about "
                            "2x (AMD EPYC) float32, and the doctor measured no faster training step from them "
-                           "(python -m trainer.doctor --set-auto measures your model and stores its answer)")
+                           "(python -m trainer.doctor --verify --set-auto measures your model and stores its answer)")
     return "float32", "a CPU without AVX-512 BF16 or AMX: bfloat16 is emulated, float16 is slow"
 
 
@@ -202,7 +202,7 @@ def _drop_malformed_answers(cache: dict) -> None:
                 del answers[key]
     if dropped:
         log.warning("precision=auto: a doctor answer in its cache %s is not in the expected form (edited by hand?): "
-                    "%s; ignoring it (python -m trainer.doctor --set-auto stores it again)", cache_path(), "; ".join(dropped))
+                    "%s; ignoring it (python -m trainer.doctor --verify --set-auto stores it again)", cache_path(), "; ".join(dropped))
 
 
 def _read_cache() -> dict:
@@ -267,7 +267,7 @@ def _doctor_answer(entry: dict, model: Optional[dict]) -> Tuple[Optional[dict], 
         return answers[model["key"]], ""
     others = sorted({a.get("model", "?") for a in answers.values()})
     if entry.get("doctor"):
-        others.append("one stored before answers were kept per model (run the doctor with --set-auto again)")
+        others.append("one stored before answers were kept per model (run the doctor with --verify --set-auto again)")
     if not others:
         return None, ""
     this = model["label"] if model is not None else "a Trainer built from Python names no recipe"

@@ -37,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "interleaved; the recommendation is withdrawn unless it is faster")
     parser.add_argument("--set-auto", action="store_true",
                         help="store the verified recommendation (precision, XLA) for precision=auto on this machine, "
-                             "for runs of this recipe and model config")
+                             "for runs of this recipe and model config (needs --verify)")
     parser.add_argument("--out", help="folder for doctor.json / doctor.png (default: runs/doctor/<date_time>, or the run folder)")
     args = parser.parse_intermixed_args(argv)  # options may come between overrides
     bad = [o for o in args.overrides if "=" not in o]
@@ -45,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise DoctorError(f"{bad[0]!r} is not a config override (key=value) or an option (--run, --quick, --verify, --set-auto, --out)")
     if args.verify is not None and args.verify < VERIFY_ROUNDS:
         raise DoctorError(f"--verify {args.verify}: give at least {VERIFY_ROUNDS} steps (one per interleaved round)")
+    if args.set_auto and args.verify is None:  # refused before minutes of measuring that would store nothing
+        raise DoctorError("--set-auto stores what --verify measured: add --verify [N]")
     if args.run and args.overrides:
         raise DoctorError("--run takes the run's own config: give either --run RUN_DIR or overrides, not both")
     return args
