@@ -558,6 +558,26 @@ def test_verify_trains_both_in_interleaved_rounds_of_the_next_steps():
     assert checked["verify"]["rounds"] == 9 and len(checked["verify"]["current_seconds_per_example"]) == 9
 
 
+def test_verify_with_nothing_to_compare_says_so_in_the_text_report():
+    from trainer.doctor import recommend, render_text
+    from trainer.doctor.verify import verify
+
+    baseline = _row("float32", 32, [1.0] * 5)
+    report = _report(baseline, _row("mixed_bfloat16", 32, [1.0, 0.99, 1.01, 1.0, 1.02]))
+    rec = recommend(report, [], baseline_xla=False, batch=32)
+    assert not rec["changed"]
+    del report["numerics"]  # the text's numerics section needs the full one
+
+    def make_trainer(policy, xla):
+        raise AssertionError("nothing to compare: nothing is built")
+
+    report["recommendation"] = verify(make_trainer, lambda batch: None, rec, report["speed"]["configs"], steps=20,
+                                      progress=lambda _: None)
+    assert "  --verify: nothing to compare: the recommendation is what you run now" in render_text(report).splitlines()
+    report["recommendation"] = rec  # no --verify asked: no such line
+    assert "--verify: nothing to compare" not in render_text(report)
+
+
 def test_verify_confirms_a_gain_that_lost_one_round_of_nine():
     """On a noisy machine a real gain loses a round now and then: 8 of 9 rounds won with the interval
     above 1 confirms it (5 rounds needed 5 of 5); 7 of 9 does not, and the note says what is needed."""

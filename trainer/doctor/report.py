@@ -316,6 +316,8 @@ def _recommendation_lines(rec: Optional[dict]) -> List[str]:
              f"{_g(spread.get('baseline'), '.2f')}x (current)")
     lines = ["5. RECOMMENDATION", f"  {head}; {saving}", noise, f"  {rec.get('comparison', '')}".rstrip(),
              f"  train with:  {rec['command']}"]
+    if (rec.get("verify") or {}).get("skipped"):  # --verify was asked for, and had nothing to train
+        lines.append("  --verify: nothing to compare: the recommendation is what you run now")
     lines += [f"  note: {n}" for n in rec["notes"]]
     lines += [f"  {policy} blocked: {'; '.join(reasons)}" for policy, reasons in rec["blocked"].items()]
     lines += [f"  change: {c}" for c in rec["model_changes"]]
