@@ -426,6 +426,45 @@ def test_tensorflow_warnings_are_printed_once():
     assert done.stderr.count("retracing, say") == 1, done.stderr[-2000:]
 
 
+def test_the_grid_drops_tensorflows_retracing_warning_and_only_that(monkeypatch):
+    """Each configuration of the grid is a new Trainer whose train loop traces again: TensorFlow's
+    "triggered tf.function retracing" warning is expected there and dropped; other warnings still show,
+    and after the doctor the retracing warning shows again."""
+    import logging
+
+    import keras
+    import tensorflow as tf
+
+    import trainer.doctor
+    from trainer.doctor import speed
+
+    retracing = ("5 out of the last 11 calls to <function make_train_function.<locals>.train_loop at 0x1> "
+                 "triggered tf.function retracing. Tracing is expensive")
+
+    def grid(*args, **kwargs):
+        tf.get_logger().warning(retracing)
+        tf.get_logger().warning("something else")
+        return {"configs": [_row("float32", 16, [1.0] * 3)], "skipped": [], "rounds": 3, "memory_means": "RSS growth"}
+
+    monkeypatch.setattr(speed, "speed_section", grid)
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("tensorflow")
+    logger.addHandler(handler)
+    try:
+        report = trainer.doctor.diagnose(
+            lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]), blobs(n=32, batch=16),
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True), lambda: keras.optimizers.SGD(0.01),
+            sections=("speed",), progress=lambda _: None)
+        assert report["recommendation"]["config"] == "float32 XLA off batch 16"
+        assert seen == ["something else"]
+        tf.get_logger().warning(retracing)
+        assert seen == ["something else", retracing]
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_no_fitting_loss_scale_blocks_float16_and_weightless_layers_get_their_gradient():
     """A loss scaled by 1e5 makes the largest gradient too big for any scale (>= 1) with 8x headroom:
     said so, and a blocker. A Rescaling of the inputs has no weights upstream: its output gradient is

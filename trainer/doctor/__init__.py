@@ -185,17 +185,19 @@ def diagnose_parts(parts, data, *, batch_size: Optional[int] = None, strategy=No
                                            tensorboard=False, init_from=None),
             ).build(strategy=strategy)
 
-        report["speed"] = speed_section(make_trainer, data_for_batch, configs, skipped, rounds=10 if quick else 12,
-                                        call_seconds=0.2, progress=progress)
-        report["recommendation"] = recommend(report, overrides, baseline_xla(trainer_config, strategy, precision),
-                                             batch_size, policy=precision.policy)
         from trainer.doctor.verify import mark_unverified, verify
+        from trainer.quiet import no_retracing_warnings
 
-        if verify_steps and report["recommendation"]:
-            report["recommendation"] = verify(make_trainer, data_for_batch, report["recommendation"],
-                                              report["speed"]["configs"], verify_steps, progress)
-        elif report["recommendation"]:
-            report["recommendation"] = mark_unverified(report["recommendation"])
+        with no_retracing_warnings():  # every configuration is a new Trainer: its train loop traces again
+            report["speed"] = speed_section(make_trainer, data_for_batch, configs, skipped, rounds=10 if quick else 12,
+                                            call_seconds=0.2, progress=progress)
+            report["recommendation"] = recommend(report, overrides, baseline_xla(trainer_config, strategy, precision),
+                                                 batch_size, policy=precision.policy)
+            if verify_steps and report["recommendation"]:
+                report["recommendation"] = verify(make_trainer, data_for_batch, report["recommendation"],
+                                                  report["speed"]["configs"], verify_steps, progress)
+            elif report["recommendation"]:
+                report["recommendation"] = mark_unverified(report["recommendation"])
     keras.mixed_precision.set_dtype_policy("float32")
     report["meta"]["wall_seconds"] = time.perf_counter() - start
     return report

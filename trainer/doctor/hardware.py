@@ -3,14 +3,13 @@ and measured square-matmul throughput per dtype with XLA off and on, so "bfloat1
 is a number. Timed in interleaved rounds (trainer/timing.py), as the speed grid is."""
 from __future__ import annotations
 
-import contextlib
-import logging
 import platform
 from typing import Callable, Dict, Tuple
 
 import tensorflow as tf
 
 from trainer.precision import cpu_bfloat16_kernels, cpu_flags, cpu_model, hardware_report
+from trainer.quiet import no_retracing_warnings
 from trainer.timing import interleaved_seconds, median_seconds, seconds_of
 
 MATMUL_DTYPES = ("float32", "bfloat16", "float16")
@@ -75,23 +74,10 @@ def _sized_call(dtype: str, xla: bool, side: int) -> Tuple[Callable[[], None], i
         side //= 2
 
 
-@contextlib.contextmanager
-def _no_retracing_warnings():
-    """One trace per dtype, side and XLA setting is the point here: TensorFlow's "triggered tf.function
-    retracing" warning (it counts the traces of one lambda's code) would only be noise in the report."""
-    logger = tf.get_logger()
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def measure_matmul(rounds: int, progress: Callable[[str], None]) -> dict:
     """GFLOP/s of an n x n @ n x n matmul per dtype and XLA setting (n per dtype: see _sized_call), the
     median over `rounds` interleaved rounds, and each dtype's ratio to float32 at the same XLA setting."""
-    with _no_retracing_warnings():
+    with no_retracing_warnings():  # one trace per dtype, side and XLA setting is the point here
         return _measure_matmul(rounds, progress)
 
 
