@@ -414,6 +414,23 @@ def test_the_grid_times_the_loops_per_window_function(monkeypatch):
     assert after_fit and all(step % 4 == 0 for step in after_fit)  # train logs when log_every is due, as a run
 
 
+def test_help_and_bad_arguments_answer_before_tensorflow_loads():
+    """The doctor parses its own arguments first: -h, a bad --verify and --set-auto without --verify
+    answer without the seconds TensorFlow takes to load."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom trainer.doctor.__main__ import main\n"
+              "codes = [main(['--set-auto']), main(['--verify', '3'])]\n"
+              "for argv in (['--verify', 'abc'], ['-h']):\n"
+              "    try:\n        main(argv)\n    except SystemExit as e:\n        codes.append(e.code)\n"
+              "print(codes, 'tensorflow' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip().splitlines()[-1] == "[2, 2, 2, 0] False", done.stdout[-2000:] + done.stderr[-2000:]
+    assert "add --verify [N]" in done.stderr and "invalid int value: 'abc'" in done.stderr
+    assert "--set-auto" in done.stdout  # the help
+
+
 def test_tensorflow_warnings_are_printed_once():
     """main() configures logging; TensorFlow's logger has its own handler and must not also reach the root's."""
     import subprocess

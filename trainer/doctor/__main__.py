@@ -15,12 +15,11 @@ import time
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from trainer.quiet import quiet_tensorflow_import
+from trainer.doctor.verify import VERIFY_ROUNDS
+from trainer.errors import EXIT_USER_ERROR, UserError, reports_errors  # noqa: F401 - EXIT_USER_ERROR: its name here before
+from trainer.quiet import quiet_tensorflow_import, quiet_when_loaded
 
-quiet_tensorflow_import()
-
-from trainer.errors import EXIT_USER_ERROR, UserError, reports_errors  # noqa: E402,F401 - EXIT_USER_ERROR: its name here before
-from trainer.doctor.verify import VERIFY_ROUNDS  # noqa: E402
+quiet_when_loaded()  # TensorFlow loads (quietly) only once the arguments are parsed: -h and bad ones answer at once
 
 
 class DoctorError(UserError, ValueError):
@@ -183,17 +182,18 @@ def _set_auto(rec: Optional[dict], model: dict) -> None:
 
 @reports_errors()
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = " ".join(["python -m trainer.doctor", *map(shlex.quote, argv)])
+    args = parse_args(argv)  # before TensorFlow loads (11-21 s): -h and bad arguments answer at once
+    quiet_tensorflow_import()  # before basicConfig: TensorFlow gives its logger its own handler only then
+    import tensorflow as tf
+
     from trainer.doctor.plot import plot_report
     from trainer.doctor.report import render_text, write_json
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)
-    import tensorflow as tf
-
     tf.get_logger().propagate = False  # it has its own handler: through the root's too, each line came twice
-    argv = sys.argv[1:] if argv is None else argv
-    command = " ".join(["python -m trainer.doctor", *map(shlex.quote, argv)])
-    args = parse_args(argv)
     if args.run:
         cfg, overrides, prefix, run_folder = load_run(args.run)
     else:
