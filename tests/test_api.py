@@ -223,6 +223,48 @@ def test_a_later_fit_continues_as_one_longer_call(tmp_path):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
 
 
+def test_run_steps_continue_a_fit_as_one_longer_call_with_the_loops_host_work_only(tmp_path):
+    """Trainer.run_steps(n, loop=True) after a fit() a callback stopped: it trains its n steps (the stop
+    ended that fit() call), through the loop's host work only (the user's callbacks see none of it), and a
+    later fit() gives the weights of one uninterrupted call."""
+    class StopAt4(Callback):
+        def __init__(self):
+            self.fired, self.hooks = False, []
+
+        def on_loop_end(self, trainer, step):
+            self.hooks.append(("loop_end", step))
+            if step == 4 and not self.fired:
+                self.fired, trainer.stop_training = True, True
+
+        def on_log(self, trainer, step, logs):
+            self.hooks.append(("log", step))
+
+    one = make_trainer()
+    one.fit(datasets()[0], steps=20)
+    stop = StopAt4()
+    two, train = make_trainer(callbacks=[stop], steps_per_loop=2), datasets()[0]
+    two.fit(train, steps=10)
+    assert int(two.step.numpy()) == 4
+    seen = list(stop.hooks)
+    assert two.run_steps(6, loop=True) == 6 and int(two.step.numpy()) == 10
+    assert stop.hooks == seen  # not the run's callbacks: nothing logged or judged twice
+    two.fit(train, steps=20)
+    assert int(two.step.numpy()) == 20 and one.weights_fingerprint() == two.weights_fingerprint()
+
+
+def test_run_steps_count_their_batches_and_refuse_the_loop_with_a_run_folder(tmp_path):
+    """run_steps(n) outside the loop still moves the data position a resume skips to (fit(4) + run_steps(6)
+    + fit(20): 20 steps' batches read, not 14); run_steps(loop=True) is for a Trainer without a run folder."""
+    trainer, train = make_trainer(run_dir=tmp_path / "run"), datasets()[0]
+    trainer.fit(train, steps=4)
+    with pytest.raises(RuntimeError, match="without a run folder"):
+        trainer.run_steps(2, loop=True)
+    assert trainer.run_steps(6) == 6
+    trainer.fit(train, steps=20)
+    record = json.loads((tmp_path / "run" / "checkpoints" / "configured.json").read_text())
+    assert (record["step"], record["batches_read"]) == (20, 20)
+
+
 def test_throughput_windows_leave_out_compile_eval_and_save_time(tmp_path):
     """The first window (only the untimed first loop) logs nan, not 0; a slow evaluation does not
     count against the training steps of the window after it."""

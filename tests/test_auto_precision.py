@@ -1,6 +1,7 @@
 """precision=auto on mocked hardware: an AMX CPU, a plain CPU, a CPU whose bfloat16 probe is slow, GPUs of
-compute capability 7.0 and 8.0; the probe is cached per machine, the doctor's stored answer wins, and the
-CLI logs the choice and records the chosen policy."""
+compute capability 7.0 and 8.0; the probe is cached per machine, the doctor's stored answer wins for the
+model it was measured on (tests/test_auto_doctor_answer.py: per model, its XLA part), and the CLI logs the
+choice and records the chosen policy."""
 from __future__ import annotations
 
 import logging
@@ -12,6 +13,15 @@ from omegaconf import OmegaConf
 from conftest import run_cli
 from trainer import auto_precision
 from trainer.config import PrecisionConfig
+
+MODEL = auto_precision.model_identity("mnist", {"kind": "mlp", "hidden_units": [8]})
+
+
+def _cli_model(*overrides):
+    """The model identity `python -m trainer OVERRIDES` resolves precision=auto for."""
+    from trainer.assemble import compose_config
+
+    return auto_precision.model_identity_of(compose_config(list(overrides)))
 
 
 @pytest.fixture(autouse=True)
@@ -74,10 +84,10 @@ def test_gpus_by_compute_capability(monkeypatch, cc, expected):
 
 def test_doctor_answer_overrides_the_probe_and_resolve_logs(monkeypatch, caplog):
     _cpu(monkeypatch, {"amx_bf16"})
-    auto_precision.save_doctor_answer("float32", "python -m trainer precision=float32", 1.0)
+    auto_precision.save_doctor_answer("float32", "python -m trainer precision=float32", 1.0, model=MODEL)
     with caplog.at_level(logging.INFO, logger="trainer.auto_precision"):
-        resolved = auto_precision.resolve(PrecisionConfig(policy="auto"), measure=_probe(3.5, []))
-    assert resolved.policy == "float32"
+        resolved, xla = auto_precision.resolve_run(PrecisionConfig(policy="auto"), measure=_probe(3.5, []), model=MODEL)
+    assert resolved.policy == "float32" and xla is None
     assert "precision=auto chose float32" in caplog.text and "--set-auto" in caplog.text
     assert auto_precision.resolve(PrecisionConfig(policy="mixed_float16")).policy == "mixed_float16"  # explicit wins
 
@@ -96,21 +106,29 @@ def test_cli_logs_the_choice_and_records_the_chosen_policy(monkeypatch, tmp_path
 
 
 def test_doctor_set_auto_stores_the_recommended_policy(monkeypatch, capsys):
-    """`python -m trainer.doctor --set-auto`: the recommendation's policy is what precision=auto then picks."""
+    """`python -m trainer.doctor --set-auto`: a verified change of policy at the run's batch is what
+    precision=auto then picks; an unverified one, a simpler one not faster, or one at another batch is not."""
     from trainer.doctor.__main__ import _set_auto
 
     _cpu(monkeypatch, set())  # a plain CPU: auto alone would pick float32
     rec = {"policy": "mixed_bfloat16", "command": "python -m trainer precision=mixed_bfloat16", "speedup": 1.4,
-           "changed": True, "verdict": "faster"}
-    _set_auto({**rec, "unverified": True})  # the grid alone: a candidate, not stored
+           "changed": True, "verdict": "faster", "xla": False, "batch": 16, "current_policy": "float32",
+           "current": {"policy": "float32", "xla": False, "batch": 16, "timed": True},
+           "current_command": "python -m trainer precision=float32"}
+    _set_auto({**rec, "unverified": True}, MODEL)  # the grid alone: a candidate, not stored
     assert "nothing stored (the change is not verified faster" in capsys.readouterr().out
-    _set_auto({**rec, "changed": False, "verdict": "no significant difference"})  # nothing to store
-    assert "nothing stored (no significant change" in capsys.readouterr().out
-    assert auto_precision.decide(measure=_probe(0.5, []))[0] == "float32"
-    _set_auto({**rec, "verify": {"verdict": "faster"}})
-    assert "precision=auto now chooses mixed_bfloat16" in capsys.readouterr().out
-    policy, why = auto_precision.decide(measure=_probe(0.5, []))
-    assert policy == "mixed_bfloat16" and "1.40x" in why
+    verified = {**rec, "verify": {"verdict": "faster", "speedup": 1.3}}
+    _set_auto({**verified, "verdict": "no significant difference"}, MODEL)  # simpler, not faster
+    assert "nothing stored (the change is simpler" in capsys.readouterr().out
+    _set_auto({**verified, "batch": 32}, MODEL)  # its gain was measured at another batch
+    assert "nothing stored (the recommendation changes the batch size, 16 -> 32" in capsys.readouterr().out
+    assert auto_precision.decide(measure=_probe(0.5, []), model=MODEL)[0] == "float32"
+    assert not auto_precision.cache_path().exists()
+    _set_auto(verified, MODEL)
+    assert "precision=auto now chooses mixed_bfloat16 on this machine" in capsys.readouterr().out  # XLA as now: not stored
+    policy, why = auto_precision.decide(measure=_probe(0.5, []), model=MODEL)
+    assert policy == "mixed_bfloat16" and "1.30x" in why and "batch 16" in why  # --verify's speed-up, the batch
+    assert auto_precision.choose(model=MODEL).jit_compile is None
 
 
 def test_cli_resume_keeps_the_policy_the_run_trained_in(monkeypatch, tmp_path):
@@ -120,11 +138,12 @@ def test_cli_resume_keeps_the_policy_the_run_trained_in(monkeypatch, tmp_path):
     run = tmp_path / "run"
     common = ("precision=auto", "model.hidden_units=[8]", "data.batch_size=16", "trainer.eval_every=0",
               "trainer.checkpoint_every=1", "trainer.progress_bar=false", f"hydra.run.dir={run}")
-    auto_precision.save_doctor_answer("mixed_bfloat16", "python -m trainer precision=mixed_bfloat16", 1.5)
+    model = _cli_model(*common[:3])
+    auto_precision.save_doctor_answer("mixed_bfloat16", "python -m trainer precision=mixed_bfloat16", 1.5, model=model)
     done = run_cli(*common, "trainer.max_steps=2")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "precision=auto chose mixed_bfloat16" in done.stdout + done.stderr
-    auto_precision.save_doctor_answer("float32", "python -m trainer precision=float32", 1.0)
+    auto_precision.save_doctor_answer("float32", "python -m trainer precision=float32", 1.0, model=model)
     done = run_cli(*common, "trainer.max_steps=4")
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout + done.stderr
@@ -138,7 +157,8 @@ def test_python_api_resume_keeps_the_policy_the_run_trained_in(monkeypatch, tmp_
 
     from trainer import Trainer
 
-    _cpu(monkeypatch, set())
+    _cpu(monkeypatch, {"amx_bf16"})
+    monkeypatch.setattr(auto_precision, "measure_speedup", _probe(3.5, []))
     data = tf.data.Dataset.from_tensor_slices((np.zeros((32, 4), "float32"), np.zeros(32, "int64"))).batch(8)
 
     def model():
@@ -149,11 +169,10 @@ def test_python_api_resume_keeps_the_policy_the_run_trained_in(monkeypatch, tmp_
                        optimizer=keras.optimizers.SGD(0.1), precision="auto", run_dir=tmp_path, progress_bar=False,
                        checkpoint_every=1, tensorboard=False, max_steps=2)
 
-    auto_precision.save_doctor_answer("mixed_bfloat16", "x", 1.5)
     first = trainer()
     assert first.precision.policy == "mixed_bfloat16"
     first.fit(data)
-    auto_precision.save_doctor_answer("float32", "y", 1.0)
+    _cpu(monkeypatch, set())  # this machine's answer is now float32
     with caplog.at_level(logging.INFO, logger="trainer.auto_precision"):
         assert trainer().precision.policy == "mixed_bfloat16"
     assert "precision=auto kept mixed_bfloat16" in caplog.text

@@ -7,11 +7,17 @@ candidate's dtype against float32, interleaved rounds) must confirm it: a flag s
 exists, not that TensorFlow's kernels use it well. The probe's answer is cached per machine (CPU model and flags,
 devices, TensorFlow version) in ~/.cache/trainer/precision_auto.json ($TRAINER_CACHE_DIR overrides the
 folder), so it is paid once. `python -m trainer.doctor --set-auto` stores the doctor's measured answer
-there instead, which auto then follows; an explicit precision=... always wins over both.
+there too, for that machine AND that recipe and model config (model_identity): auto follows it for runs
+of the same model only (a step's gain from bfloat16 depends on the model: 1.1x for a small MLP, 2.35x
+for a wide one); a run of another model, or a Trainer built from Python (no recipe), gets the probe's
+rule, and the start-up log says why. The stored answer's XLA setting (what --verify trained) applies
+where trainer.jit_compile was left at its default (xla_applies, decided in resolve_run, which records the
+setting it applied). An explicit precision=... always wins. A --set-auto that measured no significant
+gain over the run's policy stores that too: auto then follows the measurement (that policy) for that model.
 
 A run keeps what auto chose for it: the choice is recorded in its run folder (precision_auto.json), and a
-resume (checkpoints present) computes in the recorded policy, whatever the cache says now; the weights
-and optimizer state of those checkpoints were trained in it.
+resume (checkpoints present) computes in the recorded policy (and XLA setting, if the choice had one),
+whatever the cache says now; the weights and optimizer state of those checkpoints were trained in it.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Callable, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
@@ -68,6 +74,30 @@ def machine_key(hardware: dict) -> str:
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def model_identity(recipe: Optional[str], model: Mapping) -> dict:
+    """What a stored doctor answer is for: the recipe and its model config (every key: another width or
+    depth is another model). {"key": a hash of both, "label": what the log shows}."""
+    described = json.dumps({"recipe": recipe, "model": dict(model)}, sort_keys=True, default=str)
+    shown = " ".join(f"{k}={v}" for k, v in model.items() if not str(k).startswith("_"))
+    label = f"recipe={recipe}" + (f" ({shown[:100]}{'...' if len(shown) > 100 else ''})" if shown else "")
+    return {"key": hashlib.sha256(described.encode()).hexdigest()[:16], "label": label}
+
+
+def model_identity_of(cfg) -> dict:
+    """model_identity of a composed config (`python -m trainer`'s, the doctor's, a run's recorded one)."""
+    from omegaconf import OmegaConf
+
+    model = cfg.get("model")
+    return model_identity(cfg.get("recipe"), OmegaConf.to_container(model, resolve=True) if model is not None else {})
+
+
+def xla_applies(jit_compile, overrides: Sequence[str] = ()) -> bool:
+    """A stored answer's XLA setting applies where trainer.jit_compile was left at its default: null (auto,
+    the schema's default, which conf/trainer/default.yaml and the recipes keep) and not given as an override."""
+    given = any(o.split("=", 1)[0].lstrip("+~") == "trainer.jit_compile" for o in overrides)
+    return jit_compile is None and not given
+
+
 def candidate(hardware: dict) -> Tuple[str, str]:
     """(policy, why) from the hardware alone: what the probe then confirms or turns down."""
     if hardware["kind"] == "TPU":
@@ -89,7 +119,7 @@ def candidate(hardware: dict) -> Tuple[str, str]:
     if "avx512_bf16" in flags:  # no step gain measured on one (the doctor, docs/doctor.md): no candidate
         return "float32", ("a CPU with AVX-512 BF16 but no AMX: its bfloat16 matmuls measured 0.56x (Intel) to about "
                            "2x (AMD EPYC) float32, and the doctor measured no faster training step from them "
-                           "(python -m trainer.doctor --set-auto measures your model and stores its answer)")
+                           "(python -m trainer.doctor --verify --set-auto measures your model and stores its answer)")
     return "float32", "a CPU without AVX-512 BF16 or AMX: bfloat16 is emulated, float16 is slow"
 
 
@@ -115,22 +145,64 @@ def measure_speedup(policy: str, rounds: int = PROBE_ROUNDS, side: int = PROBE_S
 
 _DOCTOR_KEYS, _PROBE_KEYS = {"policy", "command", "speedup", "when"}, {"speedup", "side", "float32_gflops",
                                                                          "reduced_gflops", "when"}
+BY_MODEL = "doctor_by_model"  # machine -> model key -> the doctor's answer ("doctor": one per machine, before)
+POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
+NO_GAIN = "no significant difference"  # an answer's verdict: the doctor measured no gain over what ran
 
 
 def _well_formed(cache) -> bool:
-    """Every entry as _write_cache writes it: a hand-edited or foreign file must not crash a run."""
+    """The file's shape as _write_cache writes it: a hand-edited or foreign file must not crash a run
+    (the doctor's answers inside are checked one by one: _drop_malformed_answers)."""
     if not isinstance(cache, dict):
         return False
     for entry in cache.values():
         if not isinstance(entry, dict):
             return False
-        doctor, probes = entry.get("doctor"), entry.get("probe", {})
-        if doctor is not None and not (isinstance(doctor, dict) and _DOCTOR_KEYS <= doctor.keys()):
+        probes, by_model = entry.get("probe", {}), entry.get(BY_MODEL, {})
+        if not isinstance(by_model, dict):
             return False
         if not isinstance(probes, dict) or not all(isinstance(p, dict) and _PROBE_KEYS <= p.keys()
                                                    for p in probes.values()):
             return False
     return True
+
+
+def _answer_problem(answer) -> Optional[str]:
+    """What is wrong with a stored doctor answer, or None: its keys and their values, as choose() uses them."""
+    if not isinstance(answer, dict):
+        return "not a mapping"
+    if not _DOCTOR_KEYS <= answer.keys():
+        return f"missing {', '.join(sorted(_DOCTOR_KEYS - answer.keys()))}"
+    speedup, xla = answer["speedup"], answer.get("jit_compile")
+    if answer["policy"] not in POLICIES:
+        return f"policy {answer['policy']!r} is not one of {', '.join(POLICIES)}"
+    if isinstance(speedup, bool) or not isinstance(speedup, (int, float)) or speedup != speedup:
+        return f"speedup {speedup!r} is not a number"
+    if not isinstance(xla, (bool, type(None))):
+        return f"jit_compile {xla!r} is not true, false or null"
+    batch = answer.get("batch")
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int)):
+        return f"batch {batch!r} is not a whole number"
+    return None
+
+
+def _drop_malformed_answers(cache: dict) -> None:
+    """Leaves out (in place) the doctor answers choose() cannot follow, with one warning for all."""
+    dropped = []
+    for entry in cache.values():
+        if "doctor" in entry and _answer_problem(entry["doctor"]):
+            dropped.append(f"the one stored before answers were kept per model ({_answer_problem(entry['doctor'])})")
+            del entry["doctor"]
+        answers = entry.get(BY_MODEL, {})
+        for key in list(answers):
+            problem = _answer_problem(answers[key])
+            if problem:
+                label = answers[key].get("model", key) if isinstance(answers[key], dict) else key
+                dropped.append(f"{label} ({problem})")
+                del answers[key]
+    if dropped:
+        log.warning("precision=auto: a doctor answer in its cache %s is not in the expected form (edited by hand?): "
+                    "%s; ignoring it (python -m trainer.doctor --verify --set-auto stores it again)", cache_path(), "; ".join(dropped))
 
 
 def _read_cache() -> dict:
@@ -145,14 +217,15 @@ def _read_cache() -> dict:
         log.warning("precision=auto: its cache %s is not in the expected shape (edited by hand?); ignoring it, "
                     "and the next answer replaces it", cache_path())
         return {}
+    _drop_malformed_answers(cache)
     return cache
 
 
-def _write_cache(key: str, entry: dict) -> None:
+def _write_cache(key: str, entry: dict, cache: Optional[dict] = None, drop: Sequence[str] = ()) -> None:
     """Best effort: an unwritable cache costs a probe per run, not the run. Atomic: a reader in another
-    process never sees half a file."""
-    cache = _read_cache()
-    cache[key] = {**cache.get(key, {}), **entry}
+    process never sees half a file. `cache`: as read already; `drop`: keys of the machine's entry to remove."""
+    cache = _read_cache() if cache is None else cache
+    cache[key] = {k: v for k, v in {**cache.get(key, {}), **entry}.items() if k not in drop}
     try:
         write_json_atomically(cache_path(), cache)
     except OSError as e:
@@ -160,26 +233,73 @@ def _write_cache(key: str, entry: dict) -> None:
                     cache_path(), e.strerror or e)
 
 
-def save_doctor_answer(policy: str, command: str, speedup: float, strategy=None) -> Path:
-    """What `python -m trainer.doctor --set-auto` stores: precision=auto follows it on this machine."""
+def save_doctor_answer(policy: str, command: str, speedup: float, strategy=None, *, model: dict,
+                       jit_compile: Optional[bool] = None, batch: Optional[int] = None,
+                       verdict: str = "faster") -> Path:
+    """What `python -m trainer.doctor --set-auto` stores: precision=auto follows it on this machine for
+    runs of `model` (model_identity), with `jit_compile` (the verified configuration's XLA setting where
+    it differs from the run's, None: none) where trainer.jit_compile was left at its default. `batch`: the
+    batch size it was measured at; `verdict` NO_GAIN: the doctor measured no significant gain over `policy`,
+    what the run used. The answer of before answers were kept per model is dropped."""
     hardware = machine(strategy)
-    _write_cache(machine_key(hardware), {"doctor": {"policy": policy, "command": command, "speedup": speedup,
-                                                    "when": time.strftime("%Y-%m-%d %H:%M")}})
+    key = machine_key(hardware)
+    cache = _read_cache()
+    answers = {**cache.get(key, {}).get(BY_MODEL, {})}
+    answers[model["key"]] = {"policy": policy, "command": command, "speedup": speedup, "jit_compile": jit_compile,
+                             "batch": batch, "verdict": verdict, "model": model["label"],
+                             "when": time.strftime("%Y-%m-%d %H:%M")}
+    _write_cache(key, {BY_MODEL: answers}, cache, drop=("doctor",))
     return cache_path()
 
 
-def decide(strategy=None, measure: Optional[Callable[[str], dict]] = None) -> Tuple[str, str]:
-    """(policy, why) for precision=auto on this machine (see the module docstring)."""
+class Choice(NamedTuple):
+    """precision=auto's answer: the policy, why, and the XLA setting of a stored doctor answer (None: none)."""
+
+    policy: str
+    why: str
+    jit_compile: Optional[bool] = None
+
+
+def _doctor_answer(entry: dict, model: Optional[dict]) -> Tuple[Optional[dict], str]:
+    """(this model's stored doctor answer or None, why the others do not apply: '' when there are none)."""
+    answers = entry.get(BY_MODEL, {})
+    if model is not None and model["key"] in answers:
+        return answers[model["key"]], ""
+    others = sorted({a.get("model", "?") for a in answers.values()})
+    if entry.get("doctor"):
+        others.append("one stored before answers were kept per model (run the doctor with --verify --set-auto again)")
+    if not others:
+        return None, ""
+    this = model["label"] if model is not None else "a Trainer built from Python names no recipe"
+    return None, (f"the doctor's stored answers on this machine are for other models ({'; '.join(others)}), not "
+                  f"this one ({this}): the probe's rule decides. ")
+
+
+def _followed(doctor: dict) -> Choice:
+    """The Choice of a stored doctor answer for this model, and why (what was measured, when, at which batch)."""
+    xla, batch = doctor.get("jit_compile"), doctor.get("batch")
+    at = f"{doctor['when']}{'' if batch is None else f', batch {batch}'}"
+    forget = f"delete {cache_path()} to forget it"
+    if doctor.get("verdict") == NO_GAIN:
+        return Choice(doctor["policy"], f"the doctor measured no significant gain for this model: {doctor['policy']} "
+                                        f"(python -m trainer.doctor --set-auto on this machine, {at}); {forget}", xla)
+    return Choice(doctor["policy"], (
+        f"python -m trainer.doctor --set-auto measured it on this machine for this model ({at}: "
+        f"{doctor['command']}, {doctor['speedup']:.2f}x{'' if xla is None else ', XLA ' + ('on' if xla else 'off')}); "
+        f"{forget}"), xla)
+
+
+def choose(strategy=None, measure: Optional[Callable[[str], dict]] = None, model: Optional[dict] = None) -> Choice:
+    """precision=auto's Choice on this machine for `model` (model_identity; see the module docstring)."""
     hardware = machine(strategy)
     policy, why = candidate(hardware)
     key = machine_key(hardware)
     entry = _read_cache().get(key, {})
-    doctor = entry.get("doctor")
+    doctor, not_ours = _doctor_answer(entry, model)
     if doctor:
-        return doctor["policy"], (f"python -m trainer.doctor --set-auto measured it on this machine ({doctor['when']}: "
-                                  f"{doctor['command']}, {doctor['speedup']:.2f}x); delete {cache_path()} to forget it")
+        return _followed(doctor)
     if policy == "float32":
-        return policy, why
+        return Choice(policy, not_ours + why)
     probe = entry.get("probe", {}).get(policy)
     cached = probe is not None
     if not cached:
@@ -189,8 +309,13 @@ def decide(strategy=None, measure: Optional[Callable[[str], dict]] = None) -> Tu
                 f"{probe['float32_gflops']:.0f} GFLOP/s, {probe['side']}x{probe['side']}, {probe['when']}"
                 f"{', cached in ' + str(cache_path()) if cached else ''})")
     if probe["speedup"] >= LEAST_MATMUL_SPEEDUP:
-        return policy, f"{why}; {measured}, at least the {LEAST_MATMUL_SPEEDUP:g}x a step needs to gain"
-    return "float32", f"{why}, but {measured}, under the {LEAST_MATMUL_SPEEDUP:g}x a step needs to gain"
+        return Choice(policy, f"{not_ours}{why}; {measured}, at least the {LEAST_MATMUL_SPEEDUP:g}x a step needs to gain")
+    return Choice("float32", f"{not_ours}{why}, but {measured}, under the {LEAST_MATMUL_SPEEDUP:g}x a step needs to gain")
+
+
+def decide(strategy=None, measure: Optional[Callable[[str], dict]] = None, model: Optional[dict] = None) -> Tuple[str, str]:
+    """(policy, why) for precision=auto on this machine (choose() without the XLA part)."""
+    return tuple(choose(strategy, measure, model)[:2])
 
 
 def write_json_atomically(path: Path, value) -> None:
@@ -204,45 +329,74 @@ def write_json_atomically(path: Path, value) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def _recorded_policy(run_dir) -> Optional[str]:
-    """The policy auto chose for the run in `run_dir` when that run has checkpoints to resume, else None."""
+def _recorded_choice(run_dir) -> Optional[Choice]:
+    """What auto chose for the run in `run_dir` (its policy, and its XLA setting if it had one) when that
+    run has checkpoints to resume, else None."""
     from trainer.checkpoint import list_checkpoints
 
     if run_dir is None or not list_checkpoints(Path(run_dir) / "checkpoints"):
         return None
     record = Path(run_dir) / RUN_RECORD
     try:
-        policy = json.loads(record.read_text()).get("policy")
+        recorded = json.loads(record.read_text())
+        policy, xla = recorded.get("policy"), recorded.get("jit_compile")
     except (OSError, ValueError, AttributeError):
-        policy = None
+        policy = xla = None
     if policy not in DTYPE_OF and policy != "float32":
         log.warning("precision=auto: %s holds checkpoints but no readable record of the policy auto chose for it "
                     "(%s); deciding again. If the run trained in another policy, pass it: precision=<policy>.",
                     run_dir, record)
         return None
-    return policy
+    return Choice(policy, f"recorded in {record}", xla if isinstance(xla, bool) else None)
 
 
-def resolve(precision, strategy=None, measure: Optional[Callable[[str], dict]] = None, run_dir=None):
-    """`precision` (a PrecisionConfig) with policy auto replaced by decide()'s answer, logged with its
-    reason; any other policy is returned as it is. With a `run_dir` that holds checkpoints, auto keeps
-    the policy recorded for that run (a resume must compute in what trained); else the choice is
-    recorded there."""
+def _applied_xla(xla: Optional[bool], jit_compile, overrides: Optional[Sequence[str]], source: str) -> Optional[bool]:
+    """The XLA setting that comes with auto's policy and applies to this run (xla_applies), logged either way;
+    `overrides` None: the caller applies none (a Trainer from Python: its config says)."""
+    if xla is None or overrides is None:
+        return None
+    if xla_applies(jit_compile, overrides):
+        log.info("precision=auto: trainer.jit_compile=%s with it (%s; trainer.jit_compile was left at its default)",
+                 json.dumps(xla), source)
+        return xla
+    log.info("precision=auto: %s has XLA %s; trainer.jit_compile=%s, as set, is kept", source, "on" if xla else "off",
+             json.dumps(jit_compile))
+    return None
+
+
+def resolve_run(precision, strategy=None, measure: Optional[Callable[[str], dict]] = None, run_dir=None,
+                model: Optional[dict] = None, jit_compile=None, overrides: Optional[Sequence[str]] = ()):
+    """(`precision` with policy auto replaced by choose()'s answer for `model`, logged with its reason;
+    the XLA setting to apply with it, or None). `jit_compile` and `overrides`: the run's configured
+    trainer.jit_compile and its command-line overrides; a stored answer's XLA setting applies only where
+    it was left at its default (xla_applies): the one place that decides, and records in `run_dir` what
+    it applied. Any other policy is returned as it is, with None. With a `run_dir` that holds
+    checkpoints, auto keeps what was recorded for that run (a resume must compute in what trained)."""
     if precision.policy != AUTO:
-        return precision
-    kept = _recorded_policy(run_dir)
+        return precision, None
+    kept = _recorded_choice(run_dir)
     if kept is not None:
         log.info("precision=auto kept %s: the run in %s trained in it (recorded in %s) and resumes from its "
                  "checkpoints; this machine's current answer is not asked. precision=<policy> changes it.",
-                 kept, run_dir, Path(run_dir) / RUN_RECORD)
-        return dataclasses.replace(precision, policy=kept)
-    policy, why = decide(strategy, measure)
+                 kept.policy, run_dir, Path(run_dir) / RUN_RECORD)
+        xla = _applied_xla(kept.jit_compile, jit_compile, overrides, f"the run's record {Path(run_dir) / RUN_RECORD}")
+        return dataclasses.replace(precision, policy=kept.policy), xla
+    choice = choose(strategy, measure, model)
     log.info("precision=auto chose %s: %s. python -m trainer.doctor measures it on your model; "
-             "precision=%s (or another) overrides it.", policy, why, policy)
+             "precision=%s (or another) overrides it.", choice.policy, choice.why, choice.policy)
+    xla = _applied_xla(choice.jit_compile, jit_compile, overrides, "the doctor's verified answer")
     if run_dir is not None:
         try:
-            write_json_atomically(Path(run_dir) / RUN_RECORD, {"policy": policy, "why": why})
+            write_json_atomically(Path(run_dir) / RUN_RECORD, {"policy": choice.policy, "why": choice.why,
+                                                                "jit_compile": xla})
         except OSError as e:
             log.warning("precision=auto: could not record its choice in %s (%s): a resume will decide again",
                         run_dir, e.strerror or e)
-    return dataclasses.replace(precision, policy=policy)
+    return dataclasses.replace(precision, policy=choice.policy), xla
+
+
+def resolve(precision, strategy=None, measure: Optional[Callable[[str], dict]] = None, run_dir=None):
+    """resolve_run's precision, for a run that names no model (a Trainer from Python): a doctor answer,
+    stored per recipe and model, does not apply; the probe's rule decides. (A resume's recorded XLA
+    setting is the CLI's: a Trainer's config says its own, and none is applied or recorded.)"""
+    return resolve_run(precision, strategy, measure, run_dir, overrides=None)[0]

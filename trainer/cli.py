@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import signal
 import sys
-from typing import Optional
+from typing import Optional, Tuple
 
 from trainer.quiet import quiet_tensorflow_import
 
@@ -70,24 +71,29 @@ def _run_in(run_dir, cfg: DictConfig) -> dict:
 
     loggers = [instantiate(node, _convert_="all") for node in cfg.logger.values()]  # a missing package: exit 2 now
     strategy = strategy_of(cfg)  # before TF initializes devices
-    precision = _resolve_auto_precision(cfg, precision, strategy, run_dir)
+    precision, trainer_cfg = _resolve_auto_precision(cfg, precision, trainer_cfg, strategy, run_dir)
     with sigterm_deferred_until_training():  # until the loop begins (trainer/signals.py)
         return _build_and_fit(cfg, strategy, run_dir, trainer_cfg, precision, loggers)
 
 
-def _resolve_auto_precision(cfg: DictConfig, precision: PrecisionConfig, strategy, run_dir) -> PrecisionConfig:
-    """precision=auto becomes this machine's policy (logged with why) before anything is built, or on a
-    resume the policy the run trained in; the run's recorded config holds it, so an export computes in
-    what trained."""
+def _resolve_auto_precision(cfg: DictConfig, precision: PrecisionConfig, trainer_cfg: TrainerConfig, strategy,
+                            run_dir) -> Tuple[PrecisionConfig, TrainerConfig]:
+    """precision=auto becomes this machine's policy for this recipe and model (logged with why) before
+    anything is built, or on a resume the policy the run trained in; a stored doctor answer's XLA setting
+    too, where trainer.jit_compile was left at its default. The run's recorded config holds them, so an
+    export computes in what trained."""
     from omegaconf import open_dict
 
-    from trainer.auto_precision import resolve
+    from trainer.auto_precision import model_identity_of, resolve_run
 
-    resolved = resolve(precision, strategy, run_dir=run_dir)
-    if resolved.policy != precision.policy:
-        with open_dict(cfg):
-            cfg.precision.policy = resolved.policy
-    return resolved
+    resolved, xla = resolve_run(precision, strategy, run_dir=run_dir, model=model_identity_of(cfg),
+                                jit_compile=trainer_cfg.jit_compile, overrides=HydraConfig.get().overrides.task)
+    with open_dict(cfg):
+        cfg.precision.policy = resolved.policy
+        if xla is not None:  # resolve_run decided it applies (and logged and recorded it)
+            cfg.trainer.jit_compile = xla
+            trainer_cfg = dataclasses.replace(trainer_cfg, jit_compile=xla)
+    return resolved, trainer_cfg
 
 
 def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfig, precision: PrecisionConfig,

@@ -22,10 +22,11 @@ import tensorflow as tf
 
 from trainer import compile as step_functions
 from trainer import auto_precision, debug, ema, evalsets, model_summary, objects, saved, signals
+from trainer import loop as loop_lib
 from trainer import precision as precision_lib
 from trainer.arrays import fit_arguments, fit_inputs
 from trainer.callbacks import (Callback, CallbackList, Checkpointing, DivergenceGuard, NumericalError, XlaChoice,
-                               callback_list)
+                               callback_list, loop_host_callbacks)
 from trainer.checkpoint import NO_BEST, Checkpointer
 from trainer.config import PrecisionConfig, TrainerConfig, check_ranges
 from trainer.console import show_logs_unless_configured
@@ -344,15 +345,12 @@ class Trainer(Step):
         objects.say_random_frozen(self._random_frozen, " (the whole run)")
         return eval_logs or train_logs
 
-    def run_steps(self, num_steps: int) -> None:
-        """Runs `num_steps` more train steps on the data of the last fit() call, with nothing around them
-        (no logs, evaluation, checkpoints or callbacks): the compiled loop alone, as Orbit's
-        `train(num_steps)`. For benchmarks; a later fit() on the same data continues after them."""
-        kept = self._kept_iterator
-        if kept is None or kept.iterator is None or not step_functions.has_train_function(self):
-            raise RuntimeError("Trainer.run_steps continues a fit() call: call fit() first")
-        step_functions.run_train(self, kept.iterator, num_steps)
-        kept.step += num_steps
+    def run_steps(self, num_steps: int, *, loop: bool = False) -> int:
+        """`num_steps` more train steps on the last fit() call's data, for benchmarks; returns how many ran. loop=False:
+        the compiled loop alone (Orbit's train(n); the data position counts them). loop=True, without a run folder:
+        the loop's windows with its host work only (guards, train logs when due; not loggers or your callbacks; a
+        guard may stop early), what the doctor times. A later fit() on the same data continues after them."""
+        return loop_lib.run_steps(self, num_steps, loop_host_callbacks(self) if loop else None)
 
     def _reset_train_trackers(self) -> None:
         self.train_window.restart()

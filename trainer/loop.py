@@ -84,14 +84,19 @@ def preemption_handler(trainer):
 class Loop:
     """Runs one fit() call from `trainer.step` to `total`; returns (train_logs, eval_logs, step)."""
 
-    def __init__(self, trainer, callbacks, make_iterator, eval_data, total: int, request=(None, None)):
+    def __init__(self, trainer, callbacks, make_iterator, eval_data, total: int, request=(None, None), *,
+                 iterator=None, ends_run: bool = True):
         self.trainer, self.callbacks, self.eval_data, self.total = trainer, callbacks, eval_data, total
         self.request = request  # fit()'s (steps, epochs): what a call with nothing to train names
-        self.make_iterator, self.iterator = make_iterator, None
+        self.make_iterator, self.iterator = make_iterator, iterator
         self.start = self.step = int(trainer.step.numpy())
         self.train_logs: Dict = {}
         self.eval_logs: Dict = {}
-        self.first_loop_seconds = None
+        # an iterator given: a fit() traced the train function already, no first loop to time (run_windows)
+        self.first_loop_seconds = None if iterator is None else 0.0
+        self.window_start, self.window_step = time.perf_counter(), self.step  # the log window's start
+        self.ends_run = ends_run  # reaching `total` ends the run (its last train logs); run_windows: it does not
+        self.interrupted = signals.SignalCatcher()  # run() makes the one it enters; not entered, it catches nothing
 
     def run(self) -> Tuple[Dict, Dict, int]:
         t = self.trainer
@@ -140,35 +145,42 @@ class Loop:
         return self.train_logs, self.eval_logs, self.step
 
     def _train(self, preemption) -> None:
+        self.window_start, self.window_step = time.perf_counter(), self.step
+        while self.step < self.total and not self.trainer.stop_training:
+            self.window(preemption)
+
+    def window(self, preemption=None) -> None:
+        """One window of the loop: the steps to the next event in one call of the train function, then the
+        host work after it (the callbacks' on_loop_end: the data position, the divergence and numerics
+        guards; the step read back; the preemption check; the train logs when due; evaluation when due; the
+        save point; the signal check). The doctor times its configurations through this (run_windows)."""
         t, cfg, callbacks = self.trainer, self.trainer.config, self.callbacks
-        window_start, window_step = time.perf_counter(), self.step
-        while self.step < self.total and not t.stop_training:
-            before, k = self.step, steps_to_next_event(cfg, self.step, self.total)
-            t0 = time.perf_counter()
-            done = self._train_loop(k)
-            self.step += done
-            if self.first_loop_seconds is None:
-                self.first_loop_seconds = time.perf_counter() - t0
-                log.info("First loop (trace/compile + %d steps): %.2fs", done, self.first_loop_seconds)
-                window_start, window_step = time.perf_counter(), self.step
-            callbacks.on_loop_end(t, self.step)  # the numerics guard last: never save (and exit on) bad weights
-            self.step = int(t.step.numpy())  # a rollback (callbacks/divergence.py) moves it back
-            if preemption is not None and self.step < self.total:  # at the end, the run finishes instead
-                with _tf_deprecation.silence():  # TF calls its own deprecated total_run_calls
-                    preemption.save_checkpoint_if_preempted(self.step)
-            if due(cfg.log_every, before, self.step) or self.step == self.total:
-                examples = (self.step - window_step) * t.batch_size * batches_read_per_step(cfg)
-                self.train_logs = t.collect_train_logs(self.step, examples, time.perf_counter() - window_start)
-                callbacks.on_log(t, self.step, self.train_logs)
-                self.step = int(t.step.numpy())  # likewise
-                window_start, window_step = time.perf_counter(), self.step
-            paused = time.perf_counter()  # evaluation and saving do not count as training time
-            if self.eval_data is not None and due(cfg.eval_every, before, self.step) and self.step < self.total:
-                self.eval_logs = t.evaluate(self.eval_data, step=self.step, callbacks=callbacks)
-            callbacks.on_save_point(t, self.step, "loop")
-            window_start += time.perf_counter() - paused
-            if self.interrupted.signum is not None and self.step < self.total:
-                raise TrainingInterrupted(signal.Signals(self.interrupted.signum).name)
+        before, k = self.step, steps_to_next_event(cfg, self.step, self.total)
+        t0 = time.perf_counter()
+        done = self._train_loop(k)
+        self.step += done
+        if self.first_loop_seconds is None:
+            self.first_loop_seconds = time.perf_counter() - t0
+            log.info("First loop (trace/compile + %d steps): %.2fs", done, self.first_loop_seconds)
+            self.window_start, self.window_step = time.perf_counter(), self.step
+        callbacks.on_loop_end(t, self.step)  # the numerics guard last: never save (and exit on) bad weights
+        self.step = int(t.step.numpy())  # a rollback (callbacks/divergence.py) moves it back
+        if preemption is not None and self.step < self.total:  # at the end, the run finishes instead
+            with _tf_deprecation.silence():  # TF calls its own deprecated total_run_calls
+                preemption.save_checkpoint_if_preempted(self.step)
+        if due(cfg.log_every, before, self.step) or (self.step == self.total and self.ends_run):
+            examples = (self.step - self.window_step) * t.batch_size * batches_read_per_step(cfg)
+            self.train_logs = t.collect_train_logs(self.step, examples, time.perf_counter() - self.window_start)
+            callbacks.on_log(t, self.step, self.train_logs)
+            self.step = int(t.step.numpy())  # likewise
+            self.window_start, self.window_step = time.perf_counter(), self.step
+        paused = time.perf_counter()  # evaluation and saving do not count as training time
+        if self.eval_data is not None and due(cfg.eval_every, before, self.step) and self.step < self.total:
+            self.eval_logs = t.evaluate(self.eval_data, step=self.step, callbacks=callbacks)
+        callbacks.on_save_point(t, self.step, "loop")
+        self.window_start += time.perf_counter() - paused
+        if self.interrupted.signum is not None and self.step < self.total:
+            raise TrainingInterrupted(signal.Signals(self.interrupted.signum).name)
 
     def _train_loop(self, k: int) -> int:
         """Runs k train steps; returns how many ran. The first loop of a run with trainer.jit_compile=measure
@@ -236,6 +248,41 @@ class Loop:
         else:
             log.warning("Received %s at step %d: stopping (no run folder, nothing saved).", e, self.step)
         self.callbacks.on_train_end(t, {"step": self.step, "interrupted": True})
+
+
+def run_windows(trainer, iterator, steps: int, callbacks) -> int:
+    """`steps` more train steps on `iterator` through the loop's per-window path (Loop.window, with
+    `callbacks`: the loop's host work, callbacks.loop_host_callbacks), without fit()'s start and end (on_train_begin/end,
+    making the iterator, signal handlers) and without an end of run at the last step (no final logs,
+    evaluation or save); returns the steps trained (fewer when a guard stopped training). What the doctor
+    times: the host work a run pays between windows is in the time, not only the compiled steps."""
+    start = int(trainer.step.numpy())
+    loop = Loop(trainer, callbacks, None, None, start + steps, iterator=iterator, ends_run=False)
+    while loop.step < loop.total and not trainer.stop_training:
+        loop.window()
+    return loop.step - start
+
+
+def run_steps(trainer, num_steps: int, host_work=None) -> int:
+    """Trainer.run_steps: `num_steps` more steps on the last fit() call's iterator, through the loop's
+    windows with `host_work` (a CallbackList) when given, else the compiled loop alone; returns the
+    steps trained."""
+    loop = host_work is not None
+    kept = trainer._kept_iterator
+    if kept is None or kept.iterator is None or not step_functions.has_train_function(trainer):
+        raise RuntimeError("Trainer.run_steps continues a fit() call: call fit() first")
+    if loop and trainer.run_dir is not None:
+        raise RuntimeError("Trainer.run_steps(loop=True) is for a Trainer without a run folder: the loop's "
+                           "loggers and checkpoints closed at the end of fit()")
+    trainer.stop_training = False  # a stop of the last fit() call ended that call, not these steps
+    if loop:
+        done = run_windows(trainer, kept.iterator, num_steps, host_work)
+    else:
+        step_functions.run_train(trainer, kept.iterator, num_steps)
+        done = num_steps
+        trainer.checkpointing.count_steps(trainer, int(trainer.step.numpy()))  # the data position goes on
+    kept.step += done
+    return done
 
 
 def how_to_resume(trainer) -> str:

@@ -11,8 +11,10 @@ holding trainer's classes (Float32Outputs, Warmup, ScaledSchedule) loads after a
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.abc
+import logging
 import importlib.util
 import os
 import sys
@@ -33,6 +35,26 @@ def quiet_when_loaded() -> None:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # read by TensorFlow's C++ logging when it loads
     _finder().watch("tensorflow", _QuietLoader)
+
+
+RETRACING = "triggered tf.function retracing"  # TensorFlow's warning when one function's code traces again
+
+
+def _not_retracing(record: logging.LogRecord) -> bool:
+    return RETRACING not in record.getMessage()
+
+
+@contextlib.contextmanager
+def no_retracing_warnings():
+    """Within it, TensorFlow's "N out of the last M calls to <function ...> triggered tf.function retracing"
+    warning is dropped (the doctor builds one Trainer, or one matmul, per configuration on purpose: the
+    warning counts the traces of the same code and would only be noise); every other message still shows."""
+    logger = logging.getLogger("tensorflow")  # tf.get_logger()'s: no TensorFlow import needed
+    logger.addFilter(_not_retracing)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_not_retracing)
 
 
 def register_when_keras_loaded() -> None:

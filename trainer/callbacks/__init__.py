@@ -18,7 +18,8 @@ from trainer.callbacks.xla_choice import XlaChoice
 
 __all__ = ["HOOKS", "CSVLogger", "Callback", "CallbackList", "Checkpointing", "DivergenceGuard", "EarlyStopping",
            "LogLines", "Logger", "MLflowLogger", "MetricsWriter", "NumericalError", "NumericsGuard", "Profiler",
-           "ProgressBar", "ReduceLROnPlateau", "Summary", "TensorBoardWriter", "WandbLogger", "XlaChoice", "callback_list"]
+           "ProgressBar", "ReduceLROnPlateau", "Summary", "TensorBoardWriter", "WandbLogger", "XlaChoice", "callback_list",
+           "loop_host_callbacks"]
 
 
 def callback_list(trainer, user_callbacks: List[Callback]) -> CallbackList:
@@ -37,3 +38,11 @@ def callback_list(trainer, user_callbacks: List[Callback]) -> CallbackList:
     if trainer.config.profile_steps and trainer.run_dir is not None:  # after the others: it starts once they saved
         cbs.append(Profiler(*trainer.config.profile_steps, logdir=trainer.run_dir / "tensorboard"))
     return CallbackList(cbs + [trainer.divergence, NumericsGuard()], is_chief=trainer.is_chief)
+
+
+def loop_host_callbacks(trainer) -> CallbackList:
+    """The loop's host work between windows without the run's other callbacks (loggers, progress, early
+    stopping, the user's), for Trainer.run_steps(loop=True): the data position (checkpointing), the
+    divergence guard and the last fit() call's numerics guard."""
+    numerics = [cb for cb in trainer.callback_list.callbacks if isinstance(cb, NumericsGuard)][-1:]
+    return CallbackList([trainer.checkpointing, trainer.divergence, *numerics], is_chief=trainer.is_chief)

@@ -80,6 +80,11 @@ class Checkpointing(Callback):
         return self.batches_read + (step - self.counted_step) * batches_read_per_step(trainer.config)
 
     def on_loop_end(self, trainer, step):
+        self.count_steps(trainer, step)
+
+    def count_steps(self, trainer, step: int) -> None:
+        """The data position at `step`: the steps trained since the last count read their batches (a
+        loop's, or Trainer.run_steps' outside the loop), so a resume does not read them again."""
         self.batches_read, self.counted_step = self._position(trainer, step), step
 
     def _prepare(self, trainer):

@@ -123,10 +123,11 @@ def diagnose(model: Callable, data, loss, optimizer: Optional[Callable] = None, 
 def diagnose_parts(parts, data, *, batch_size: Optional[int] = None, strategy=None, weights: Optional[list] = None,
                    quick: bool = False, sections: Sequence[str] = SECTIONS, overrides: Sequence[str] = (),
                    command: str = "", progress: Optional[Callable[[str], None]] = None,
-                   verify_steps: Optional[int] = None) -> dict:
+                   verify_steps: Optional[int] = None, model_identity: Optional[dict] = None) -> dict:
     """diagnose() on the parts of a Trainer (trainer.assemble.Parts, as `python -m trainer` builds from a config):
     each configuration the speed section times is `parts.build(...)` with its policy and XLA setting;
-    `verify_steps`: train the recommended and the current configuration that many steps each (verify.py)."""
+    `verify_steps`: train the recommended and the current configuration that many steps each (verify.py);
+    `model_identity` (auto_precision.model_identity): what precision=auto resolves as, for this model."""
     import keras
     import tensorflow as tf
 
@@ -138,10 +139,12 @@ def diagnose_parts(parts, data, *, batch_size: Optional[int] = None, strategy=No
 
     start = time.perf_counter()
     progress = progress or _progress_to_stderr(start)
-    from trainer.auto_precision import resolve
+    from trainer.auto_precision import resolve_run
 
     strategy = strategy or tf.distribute.get_strategy()
-    precision, trainer_config = resolve(parts.precision, strategy), parts.config  # auto: what the run would use
+    precision, xla = resolve_run(parts.precision, strategy, model=model_identity,  # auto: what the run would use
+                                 jit_compile=parts.config.jit_compile, overrides=overrides)
+    trainer_config = parts.config if xla is None else dataclasses.replace(parts.config, jit_compile=xla)
     if batch_size is None and not isinstance(data, tf.data.Dataset):
         raise ValueError("trainer.doctor.diagnose: with data given as a function of the batch size, give batch_size too")
     data_for_batch = _data_for_batch(data)
@@ -182,17 +185,19 @@ def diagnose_parts(parts, data, *, batch_size: Optional[int] = None, strategy=No
                                            tensorboard=False, init_from=None),
             ).build(strategy=strategy)
 
-        report["speed"] = speed_section(make_trainer, data_for_batch, configs, skipped, rounds=10 if quick else 12,
-                                        call_seconds=0.2, progress=progress)
-        report["recommendation"] = recommend(report, overrides, baseline_xla(trainer_config, strategy, precision),
-                                             batch_size, policy=precision.policy)
         from trainer.doctor.verify import mark_unverified, verify
+        from trainer.quiet import no_retracing_warnings
 
-        if verify_steps and report["recommendation"]:
-            report["recommendation"] = verify(make_trainer, data_for_batch, report["recommendation"],
-                                              report["speed"]["configs"], verify_steps, progress)
-        elif report["recommendation"]:
-            report["recommendation"] = mark_unverified(report["recommendation"])
+        with no_retracing_warnings():  # every configuration is a new Trainer: its train loop traces again
+            report["speed"] = speed_section(make_trainer, data_for_batch, configs, skipped, rounds=10 if quick else 12,
+                                            call_seconds=0.2, progress=progress)
+            report["recommendation"] = recommend(report, overrides, baseline_xla(trainer_config, strategy, precision),
+                                                 batch_size, policy=precision.policy)
+            if verify_steps and report["recommendation"]:
+                report["recommendation"] = verify(make_trainer, data_for_batch, report["recommendation"],
+                                                  report["speed"]["configs"], verify_steps, progress)
+            elif report["recommendation"]:
+                report["recommendation"] = mark_unverified(report["recommendation"])
     keras.mixed_precision.set_dtype_policy("float32")
     report["meta"]["wall_seconds"] = time.perf_counter() - start
     return report

@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from trainer.quiet import quiet_tensorflow_import
+from trainer.doctor.verify import VERIFY_ROUNDS
+from trainer.errors import EXIT_USER_ERROR, UserError, reports_errors  # noqa: F401 - EXIT_USER_ERROR: its name here before
+from trainer.quiet import quiet_tensorflow_import, quiet_when_loaded
 
-quiet_tensorflow_import()
-
-from trainer.errors import EXIT_USER_ERROR, UserError, reports_errors  # noqa: E402,F401 - EXIT_USER_ERROR: its name here before
+quiet_when_loaded()  # TensorFlow loads (quietly) only once the arguments are parsed: -h and bad ones answer at once
 
 
 class DoctorError(UserError, ValueError):
@@ -35,14 +35,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="train the recommended and the current configuration N steps each (default 100), "
                              "interleaved; the recommendation is withdrawn unless it is faster")
     parser.add_argument("--set-auto", action="store_true",
-                        help="store the recommended precision for precision=auto on this machine")
+                        help="store the verified recommendation (precision, XLA) for precision=auto on this machine, "
+                             "for runs of this recipe and model config (needs --verify)")
     parser.add_argument("--out", help="folder for doctor.json / doctor.png (default: runs/doctor/<date_time>, or the run folder)")
     args = parser.parse_intermixed_args(argv)  # options may come between overrides
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         raise DoctorError(f"{bad[0]!r} is not a config override (key=value) or an option (--run, --quick, --verify, --set-auto, --out)")
-    if args.verify is not None and args.verify < 5:
-        raise DoctorError(f"--verify {args.verify}: give at least 5 steps (one per interleaved round)")
+    if args.verify is not None and args.verify < VERIFY_ROUNDS:
+        raise DoctorError(f"--verify {args.verify}: give at least {VERIFY_ROUNDS} steps (one per interleaved round)")
+    if args.set_auto and args.verify is None:  # refused before minutes of measuring that would store nothing
+        raise DoctorError("--set-auto stores what --verify measured: add --verify [N]")
     if args.run and args.overrides:
         raise DoctorError("--run takes the run's own config: give either --run RUN_DIR or overrides, not both")
     return args
@@ -78,6 +81,7 @@ def diagnose_config(cfg, overrides: List[str], quick: bool, prefix: Optional[str
     import keras
 
     from trainer.assemble import parts_of, strategy_of
+    from trainer.auto_precision import model_identity_of
     from trainer.data import build_data, check_batch_size
     from trainer.doctor import _first_batches, diagnose_parts
     from trainer.doctor.model_table import build_under
@@ -101,7 +105,8 @@ def diagnose_config(cfg, overrides: List[str], quick: bool, prefix: Optional[str
         restore_weights(model, prefix)
         weights = model.get_weights()
     return diagnose_parts(parts, data_for_batch, batch_size=batch_size, strategy=strategy, weights=weights,
-                          quick=quick, overrides=overrides, command=command, verify_steps=verify_steps)
+                          quick=quick, overrides=overrides, command=command, verify_steps=verify_steps,
+                          model_identity=model_identity_of(cfg))
 
 
 def _out_folder(args, run_folder: Optional[Path]) -> Path:
@@ -125,37 +130,70 @@ def _prepare_out_folder(out: Path) -> None:
         raise DoctorError(f"--out {out} cannot be written ({e.strerror or e}); give a folder you can write to") from None
 
 
-def _set_auto(rec: Optional[dict]) -> None:
-    """--set-auto: precision=auto follows the doctor's measured answer on this machine from now on."""
-    from trainer.auto_precision import save_doctor_answer
+def _set_auto(rec: Optional[dict], model: dict) -> None:
+    """--set-auto: precision=auto follows the doctor's verified answer on this machine, for runs of this
+    recipe and model config (`model`: auto_precision.model_identity): a change of policy or XLA setting at
+    the run's batch size, verified faster; or, when the measured answer is to keep what the run uses (no
+    significant gain, or --verify withdrew the change), that policy."""
+    from trainer.auto_precision import NO_GAIN, save_doctor_answer
 
     if rec is None:
         print("--set-auto: nothing stored (no configuration was measured)")
         return
-    verified = rec.get("verify", {}).get("verdict") == "faster"
-    if not rec.get("changed") or rec.get("verdict") != "faster" or not verified:
-        why = ("no significant change from what you run now" if not rec.get("changed") or rec.get("verdict") != "faster"
+    current = rec.get("current") or {}
+    batch, current_policy = current.get("batch"), rec.get("current_policy")
+    if not rec.get("changed"):
+        measured = current.get("timed", True) or "speedup" in rec.get("verify", {})
+        if current_policy is None or not measured:
+            print("--set-auto: nothing stored (what you run now was not measured: not in the grid; --verify N "
+                  "trains it); precision=auto keeps its own choice")
+            return
+        path = save_doctor_answer(current_policy, rec.get("current_command", rec["command"]), 1.0, model=model,
+                                  batch=batch, verdict=NO_GAIN)
+        checked = rec.get("verify", {})
+        why = (f"--verify did not confirm {rec['withdrawn_config']} ({checked['speedup']:.2f}x, won {checked['wins']} "
+               f"of {checked['rounds']} rounds), so the measured answer is no significant gain over {current_policy}"
+               if rec.get("withdrawn_config") and "speedup" in checked
+               else f"the doctor measured no significant gain over {current_policy}")
+        print(f"--set-auto: {why} for {model['label']} (batch {batch}): stored that answer, with {current_policy} "
+              f"(what you run now): precision=auto now chooses {current_policy} for it on this machine (stored in "
+              f"{path}; other models keep the probe's rule; delete it to go back to the probe)")
+        return
+    if rec.get("verdict") != "faster" or rec.get("verify", {}).get("verdict") != "faster":
+        why = ("the change is simpler, not significantly faster" if rec.get("verdict") != "faster"
                else "the change is not verified faster: run with --verify N")
         print(f"--set-auto: nothing stored ({why}); precision=auto keeps its own choice")
         return
-    path = save_doctor_answer(rec["policy"], rec["command"], rec["speedup"])
-    print(f"--set-auto: precision=auto now chooses {rec['policy']} on this machine (stored in {path}; delete it to "
-          "go back to the probe)")
+    if batch is not None and rec.get("batch", batch) != batch:
+        print(f"--set-auto: nothing stored (the recommendation changes the batch size, {batch} -> {rec['batch']}, "
+              "which precision=auto does not set: its gain was measured at the other batch. Run the doctor with "
+              f"data.batch_size={rec['batch']} --verify N --set-auto to store an answer for runs at that batch)")
+        return
+    xla = rec.get("xla")  # the verified configuration's XLA setting, stored where it differs from the run's
+    if xla is not None and "xla" in current and bool(current["xla"]) == bool(xla):
+        xla = None
+    measured = rec["verify"].get("speedup", rec["speedup"])  # as trained through fit()
+    path = save_doctor_answer(rec["policy"], rec["command"], measured, model=model, jit_compile=xla, batch=batch)
+    with_xla = "" if xla is None else f" with XLA {'on' if xla else 'off'} (where trainer.jit_compile is left at its default)"
+    print(f"--set-auto: precision=auto now chooses {rec['policy']}{with_xla} on this machine for {model['label']} "
+          f"(measured at batch {batch}; stored in {path}; other models keep the probe's rule; delete it to go "
+          "back to the probe)")
 
 
 @reports_errors()
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = " ".join(["python -m trainer.doctor", *map(shlex.quote, argv)])
+    args = parse_args(argv)  # before TensorFlow loads (11-21 s): -h and bad arguments answer at once
+    quiet_tensorflow_import()  # before basicConfig: TensorFlow gives its logger its own handler only then
+    import tensorflow as tf
+
     from trainer.doctor.plot import plot_report
     from trainer.doctor.report import render_text, write_json
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)
-    import tensorflow as tf
-
     tf.get_logger().propagate = False  # it has its own handler: through the root's too, each line came twice
-    argv = sys.argv[1:] if argv is None else argv
-    command = " ".join(["python -m trainer.doctor", *map(shlex.quote, argv)])
-    args = parse_args(argv)
     if args.run:
         cfg, overrides, prefix, run_folder = load_run(args.run)
     else:
@@ -168,7 +206,9 @@ def main(argv=None) -> int:
     write_json(report, out / "doctor.json")
     (out / "doctor.txt").write_text(text + "\n")
     if args.set_auto:
-        _set_auto(report.get("recommendation"))
+        from trainer.auto_precision import model_identity_of
+
+        _set_auto(report.get("recommendation"), model_identity_of(cfg))
     missing_plot = plot_report(report, out / "doctor.png")
     print(missing_plot or f"wrote {out / 'doctor.json'}, {out / 'doctor.png'} and {out / 'doctor.txt'}")
     if missing_plot:

@@ -48,6 +48,12 @@ def paired_verdict(candidate: Sequence[float], baseline: Sequence[float], alpha:
             "sign_test_p": sign_test_p(wins, len(pairs))}
 
 
+def wins_needed(rounds: int, alpha: float = ALPHA) -> int:
+    """The fewest rounds of `rounds` a candidate must win for the sign test to pass below `alpha` (more
+    than `rounds` when none can: 4 rounds never pass 0.05). With 9 rounds: 8 (p = 0.020; 7 gives 0.090)."""
+    return next((k for k in range(rounds + 1) if sign_test_p(k, rounds) < alpha), rounds + 1)
+
+
 def complexity(row: dict, batch: int) -> tuple:
     """What a configuration changes from a float32, XLA off run of the given batch: fewer is simpler."""
     return (row["policy"] != "float32") + bool(row["xla"]) + (row["batch"] != batch), row["batch"]

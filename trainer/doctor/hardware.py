@@ -9,6 +9,7 @@ from typing import Callable, Dict, Tuple
 import tensorflow as tf
 
 from trainer.precision import cpu_bfloat16_kernels, cpu_flags, cpu_model, hardware_report
+from trainer.quiet import no_retracing_warnings
 from trainer.timing import interleaved_seconds, median_seconds, seconds_of
 
 MATMUL_DTYPES = ("float32", "bfloat16", "float16")
@@ -76,6 +77,11 @@ def _sized_call(dtype: str, xla: bool, side: int) -> Tuple[Callable[[], None], i
 def measure_matmul(rounds: int, progress: Callable[[str], None]) -> dict:
     """GFLOP/s of an n x n @ n x n matmul per dtype and XLA setting (n per dtype: see _sized_call), the
     median over `rounds` interleaved rounds, and each dtype's ratio to float32 at the same XLA setting."""
+    with no_retracing_warnings():  # one trace per dtype, side and XLA setting is the point here
+        return _measure_matmul(rounds, progress)
+
+
+def _measure_matmul(rounds: int, progress: Callable[[str], None]) -> dict:
     calls: Dict[str, Callable[[], None]] = {}
     sides: Dict[str, int] = {}
     side = _float32_side()

@@ -105,5 +105,5 @@ def _breakdown(median: Dict[str, float]) -> dict:
     return {"step_seconds": step, "seconds": phases, "share": {k: v / step for k, v in phases.items()},
             "how": "forward: model and loss; backward: forward with gradients minus forward; update and the rest: "
                    "the step minus forward with gradients (optimizer, loss scaling, finite checks, metrics, the "
-                   "loop's per-call cost); input: the pipeline pulled alone, inside a tf.function (it overlaps the "
+                   "loop's per-window host work); input: the pipeline pulled alone, inside a tf.function (it overlaps the "
                    f"step when prefetched); medians of {ROUNDS} rounds interleaved across the configurations"}

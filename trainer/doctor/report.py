@@ -165,7 +165,9 @@ def recommend(report: dict, overrides: Sequence[str], baseline_xla: bool, batch:
             "memory_mb": {"recommended": best.get("memory_mb"), "baseline": baseline.get("memory_mb"),
                           "means": (report.get("speed") or {}).get("memory_means")},
             "command": _command(program, kept, best, scale), "current_command": _command(program, kept, current, scale),
-            "policy": best["policy"], "current_policy": policy, "current": current, "blocked": blocked,
+            "policy": best["policy"], "xla": bool(best["xla"]), "batch": best["batch"], "current_policy": policy,
+            "current": current,
+            "blocked": blocked,
             "model_changes": model_changes(report), "notes": notes,
             "rule": f"against what you run now ({baseline['name']}), per interleaved round: a configuration whose "
                     f"precision passed the numerics checks is faster if the {CONFIDENCE:.0%} bootstrap interval of "
@@ -264,7 +266,8 @@ def _phase_lines(rows: List[dict]) -> List[str]:
 
 def _speed_lines(speed: dict) -> List[str]:
     lines = [f"4. SPEED AND MEMORY ({speed['rounds']} interleaved rounds, calls of ~{speed.get('call_seconds', 0.2):g} s "
-             f"re-sized every round, {speed.get('steps_per_loop', 1)} step(s) per call as the run trains; memory: "
+             f"re-sized every round, through the loop's windows of {speed.get('steps_per_loop', 1)} step(s) as the run "
+             f"trains; memory: "
              f"{speed['memory_means']})"]
     rows = []
     for r in speed["configs"]:
@@ -313,6 +316,8 @@ def _recommendation_lines(rec: Optional[dict]) -> List[str]:
              f"{_g(spread.get('baseline'), '.2f')}x (current)")
     lines = ["5. RECOMMENDATION", f"  {head}; {saving}", noise, f"  {rec.get('comparison', '')}".rstrip(),
              f"  train with:  {rec['command']}"]
+    if (rec.get("verify") or {}).get("skipped"):  # --verify was asked for, and had nothing to train
+        lines.append("  --verify: nothing to compare: the recommendation is what you run now")
     lines += [f"  note: {n}" for n in rec["notes"]]
     lines += [f"  {policy} blocked: {'; '.join(reasons)}" for policy, reasons in rec["blocked"].items()]
     lines += [f"  change: {c}" for c in rec["model_changes"]]

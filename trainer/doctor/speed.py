@@ -1,9 +1,15 @@
 """Section 4, speed and memory: steps/s and memory of each precision x XLA x batch size, timed as the
-recommended command will train: the Trainer's own compiled step on the run's input pipeline, in calls of
-`steps_per_loop` steps (`Trainer.run_steps`, as its loop makes them), in interleaved rounds (A B C, A B C)
-so that a burst of load from another process hits every configuration alike and the rounds can be compared
-in pairs (decide.py). A configuration's timed call runs about `call_seconds` of steps, sized after its
-warm-up and re-sized every round from its last call, so one burst cannot leave it timed with short calls.
+recommended command will train: through the Trainer's own loop, window by window (`Trainer.run_steps(n,
+loop=True)`: loop.Loop.window, the path fit() takes between events: a call of the compiled train function
+of `steps_per_loop` steps, cut at the run's log/eval/checkpoint steps, then the host work after it: the
+callbacks' on_loop_end with the divergence and numerics guards, the step read back, the train logs when
+`log_every` is due, the save point's check), on the run's input pipeline, in interleaved rounds (A B C,
+A B C) so that a burst of load from another process hits every configuration alike and the rounds can be
+compared in pairs (decide.py). Not in the time: what fit() does once per call (callbacks' start and end,
+making the iterator), what a run writes (the Trainers here have no run folder: no checkpoints, metrics
+files or TensorBoard events), the progress bar and evaluation. A configuration's timed call runs about
+`call_seconds` of steps (a whole number of windows), sized after its warm-up and re-sized every round
+from its last call, so one burst cannot leave it timed with short calls.
 Memory (trainer/memory.py's PeakMemory): on a GPU the allocator's peak while a configuration is built
 and runs its first steps, minus what was allocated before (the other configurations' memory); on the
 CPU the process RSS, sampled over the same span, minus the RSS before it. The RSS high-water mark cannot
@@ -20,15 +26,14 @@ import dataclasses
 import gc
 import logging
 import statistics
+import time
 import warnings
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from trainer.inputs import batches_read_per_step
 from trainer.doctor.phases import phase_breakdowns, phase_pieces
 from trainer.memory import PeakMemory
 from trainer.precision import POLICIES
-from trainer import timing
-from trainer.timing import repeats_lasting, seconds_of
 
 SHORT = {"float32": "float32", "mixed_float16": "mixed_float16", "mixed_bfloat16": "mixed_bfloat16"}
 FLOAT16_ON_CPU_WITHOUT_XLA = ("not timed: TensorFlow's float16 kernels on a CPU are ~100x slower than XLA's "
@@ -79,48 +84,73 @@ def _finish(trainer) -> None:
     next(iter(trainer.models.values())).trainable_variables[0].numpy()
 
 
-def run_as_trained(trainer, steps: int) -> None:
-    """`steps` train steps in calls of trainer.steps_per_loop, as the Trainer's loop makes them (one
-    step per call by default: a timing of 500-step calls would hide the per-call cost the run pays)."""
-    per_call = max(1, int(trainer.config.steps_per_loop))
-    done = 0
-    while done < steps:
-        trainer.run_steps(min(per_call, steps - done))
-        done += per_call
+def steps_per_loop(trainer) -> int:
+    """The steps of one window of the trainer's loop (a timed call runs a whole number of them)."""
+    return trainer.config.steps_per_loop
+
+
+def run_as_trained(trainer, steps: int) -> int:
+    """`steps` train steps through the Trainer's loop, window by window, with the host work a run pays
+    after each window (Trainer.run_steps(loop=True): loop.Loop.window); a timing of the compiled steps
+    alone left that work out and overstated XLA off's lead by 13-33% on a CPU. Returns the steps trained:
+    fewer when a guard stopped training; none is an error (nothing to time)."""
+    trained = trainer.run_steps(steps, loop=True)
     _finish(trainer)
+    if not trained:
+        raise RuntimeError(f"trained no step of the {steps} asked: a guard of the loop stopped training")
+    return trained
 
 
-def _timed_call(trainer, steps: int) -> float:
-    return seconds_of(lambda: run_as_trained(trainer, steps))
+def _timed_call(trainer, steps: int) -> Tuple[int, float]:
+    """(the steps trained, the seconds they took): a call a guard cut short counts the steps it ran."""
+    start = time.perf_counter()
+    trained = run_as_trained(trainer, steps)
+    return trained, time.perf_counter() - start
 
 
-def resized(steps: int, seconds: float, call_seconds: float) -> int:
+def resized(steps: int, seconds: float, call_seconds: float, multiple: int = 1) -> int:
     """The steps of the next call, from the last call's `steps` and `seconds`: about `call_seconds` at
     the rate just measured (re-sized every round, so one burst of load cannot leave a configuration
-    timed with calls a tenth of the target for the whole run)."""
-    return timing.resized(steps, seconds, call_seconds, MOST_STEPS_PER_CALL)
+    timed with calls a tenth of the target for the whole run), a whole number of `multiple` (the loop's
+    windows: steps_per_loop)."""
+    wanted = min(MOST_STEPS_PER_CALL, round(steps * call_seconds / max(seconds, 1e-6)))
+    return multiple * max(1, min(MOST_STEPS_PER_CALL // multiple, round(wanted / multiple)))
 
 
 def size_call(trainer, call_seconds: float) -> int:
     """The number of steps a call of about `call_seconds` runs: calls of growing length are timed until
     one lasts half of it, so the per-call overhead is spread over many steps before the rate is taken."""
-    return repeats_lasting(lambda steps: _timed_call(trainer, steps), call_seconds, MOST_STEPS_PER_CALL)
+    multiple = steps_per_loop(trainer)
+    steps = multiple
+    while True:
+        steps, seconds = _timed_call(trainer, steps)
+        if seconds >= call_seconds / 2 or steps >= MOST_STEPS_PER_CALL:
+            break
+        steps = min(MOST_STEPS_PER_CALL, steps * min(8, max(2, int(call_seconds / 2 / max(seconds, 1e-6)))))
+    return resized(steps, seconds, call_seconds, multiple)
 
 
 def timed_rounds(trainers: Dict[str, object], steps: Dict[str, int], rounds: int, call_seconds: float,
-                 timed_call: Callable[[object, int], float] = _timed_call) -> Dict[str, List[Tuple[int, float]]]:
+                 timed_call: Callable[[object, int], Tuple[int, float]] = _timed_call,
+                 failed: Optional[Dict[str, str]] = None) -> Dict[str, List[Tuple[int, float]]]:
     """(steps, seconds) of each configuration's call in each of `rounds` interleaved rounds (A B C, A B
     C, ...), after one untimed round; each call is re-sized (resized) from the configuration's last one.
-    Its own loop, not timing.interleaved_seconds: that one repeats a fixed call, these change size."""
-    steps = dict(steps)
-    for name, trainer in trainers.items():  # the untimed round: caches, the first re-size
-        steps[name] = resized(steps[name], timed_call(trainer, steps[name]), call_seconds)
+    `timed_call(trainer, steps)` returns (the steps it trained, seconds).
+    A configuration whose call fails (the loop's numerics guard stops a float16 run that keeps
+    overflowing, say) leaves the rounds; its error goes into `failed`."""
+    steps, live, failed = dict(steps), dict(trainers), {} if failed is None else failed
     calls: Dict[str, List[Tuple[int, float]]] = {name: [] for name in trainers}
-    for _ in range(rounds):
-        for name, trainer in trainers.items():
-            seconds = timed_call(trainer, steps[name])
-            calls[name].append((steps[name], seconds))
-            steps[name] = resized(steps[name], seconds, call_seconds)
+    for round_ in range(rounds + 1):  # round 0, untimed: caches, the first re-size
+        for name, trainer in list(live.items()):
+            try:
+                trained, seconds = timed_call(trainer, steps[name])
+            except Exception as e:  # noqa: BLE001 - one configuration's failure is a finding, not the end
+                failed[name] = f"{type(e).__name__}: {str(e).strip()[:300]}"
+                del live[name]
+                continue
+            if round_:
+                calls[name].append((trained, seconds))
+            steps[name] = resized(trained, seconds, call_seconds, steps_per_loop(trainer))
     return calls
 
 
@@ -130,8 +160,10 @@ def _prepare(config: GridConfig, make_trainer, data_for_batch, call_seconds: flo
     data = data_for_batch(config.batch)
     with PeakMemory() as memory:
         trainer = make_trainer(config.policy, config.xla)
-        first_call = seconds_of(lambda: trainer.fit(data, steps=1))
-        trainer.run_steps(1)
+        start = time.perf_counter()
+        trainer.fit(data, steps=1)
+        first_call = time.perf_counter() - start
+        trainer.run_steps(1, loop=True)
         _finish(trainer)
     steps = size_call(trainer, call_seconds)
     return {"trainer": trainer, "steps_per_call": steps, "first_call_seconds": first_call,
@@ -148,7 +180,7 @@ def _warm_up(configs: List[GridConfig], make_trainer, data_for_batch, progress) 
         try:
             trainer = make_trainer(config.policy, config.xla)
             trainer.fit(data_for_batch(config.batch), steps=1)
-            trainer.run_steps(1)
+            trainer.run_steps(1, loop=True)
             _finish(trainer)
         except Exception:  # noqa: BLE001 - reported by the measured configuration
             pass
@@ -197,9 +229,15 @@ def speed_section(make_trainer: Callable[[str, bool], object], data_for_batch: C
             rows.append(row)
         progress(f"speed: timing {len(prepared)} configurations, {rounds} interleaved rounds of about "
                  f"{call_seconds:g} s per configuration (re-sized every round)")
-        steps_per_loop = next((int(p["trainer"].config.steps_per_loop) for p in prepared.values()), 1)
+        per_loop = next((steps_per_loop(p["trainer"]) for p in prepared.values()), 1)
+        failed: Dict[str, str] = {}
         calls = timed_rounds({name: p["trainer"] for name, p in prepared.items()},
-                             {name: p["steps_per_call"] for name, p in prepared.items()}, rounds, call_seconds)
+                             {name: p["steps_per_call"] for name, p in prepared.items()}, rounds, call_seconds,
+                             failed=failed)
+    for name, error in failed.items():
+        progress(f"speed: {name} failed while timed: {error}")
+        next(r for r in rows if r["name"] == name)["error"] = error
+        prepared.pop(name)
     for row in rows:
         p = prepared.get(row["name"])
         if p is None:
@@ -218,7 +256,7 @@ def speed_section(make_trainer: Callable[[str, bool], object], data_for_batch: C
     calls.clear()
     prepared.clear()
     gc.collect()  # the Trainers (cycles) die now, their tf.data iterators on release threads, not at exit (data.py)
-    return {"rounds": rounds, "call_seconds": call_seconds, "steps_per_loop": steps_per_loop, "configs": rows,
+    return {"rounds": rounds, "call_seconds": call_seconds, "steps_per_loop": per_loop, "configs": rows,
             "skipped": skipped,
             "memory_means": ("device allocator peak minus the memory in use before (MiB)" if rows and any(
                 r.get("memory_kind") == "gpu_allocator_peak" for r in rows) else

@@ -7,17 +7,17 @@ from __future__ import annotations
 import gc
 from typing import Callable, Dict, List
 
-from trainer.doctor.decide import FASTER, SLOWER, paired_verdict
-from trainer.inputs import batches_read_per_step
+from trainer.doctor.decide import FASTER, LEAST_SPEEDUP, SLOWER, paired_verdict, wins_needed
 from trainer.timing import interleaved_seconds
 
-VERIFY_ROUNDS = 5
+# 9 rounds: a change is confirmed when it wins 8 or 9 of them (sign test p < 0.05) and its interval lies
+# above 1. With 5 rounds only 5 of 5 passed, so one round lost to a burst of load withdrew a real gain.
+VERIFY_ROUNDS = 9
 # Why a change the grid found is only a candidate until --verify confirms it (diagnose adds it as a note).
-UNVERIFIED = ("not verified: the timed grid runs the compiled steps (Trainer.run_steps) without the loop's "
-              "per-loop host work (checkpoint and numerics/divergence checks, reading the step back, log "
-              "collection, the preemption check); through fit() that work measured XLA off 13-33% slower per step "
-              "and XLA on unchanged, so the grid can overstate an XLA-off configuration's lead. Run with "
-              "--verify N: it trains both through fit() and confirms or withdraws this")
+UNVERIFIED = ("not verified: the grid times each configuration through the loop's per-window path (the compiled "
+              "steps and the host work after each window: guards, the step read back, train logs), but not what "
+              "a run does once or writes (fit()'s start and end, checkpoints, metrics files, the progress bar, "
+              "evaluation). Run with --verify N: it trains both through fit() and confirms or withdraws this")
 
 
 def mark_unverified(rec: dict) -> dict:
@@ -41,12 +41,19 @@ def verify_outcome(rec: dict, recommended: List[float], current: List[float]) ->
             f"{low:.2f}-{high:.2f}x, won {verdict['wins']} of {verdict['rounds']} rounds): {verdict['verdict']}")
     if withdrawn:
         rec.update(config=rec["baseline"], command=rec["current_command"], policy=rec["current_policy"], changed=False,
+                   xla=bool(rec.get("current", {}).get("xla")), batch=rec.get("current", {}).get("batch", rec.get("batch")),
                    withdrawn_config=rec["config"], verdict="withdrawn by --verify")
-        said += "; the recommendation is withdrawn: keep what you run now"
+        said += (f"; the recommendation is withdrawn: keep what you run now (confirming needs {confirms(verdict['rounds'])})")
     else:
         said += "; the recommendation stands"
     rec["notes"] = [said, *rec["notes"]]
     return rec
+
+
+def confirms(rounds: int = VERIFY_ROUNDS) -> str:
+    """What --verify needs to confirm a change, in words (paired_verdict's FASTER over `rounds` rounds)."""
+    return (f"at least {wins_needed(rounds)} of {rounds} rounds won, the 95% interval of the speed-up above 1 "
+            f"and a speed-up of {LEAST_SPEEDUP:g}x or more")
 
 
 def _next_round(trainer, data, per_round: int) -> Callable[[], None]:
@@ -64,6 +71,8 @@ def verify(make_trainer: Callable[[str, bool], object], data_for_batch: Callable
            rows: List[dict], steps: int, progress: Callable[[str], None]) -> dict:
     """Trains the recommended and the current configuration `steps` steps each (interleaved rounds) and
     returns verify_outcome's answer; with nothing changed, says so and trains nothing."""
+    from trainer.inputs import batches_read_per_step  # loads TensorFlow: not when the CLI only parses arguments
+
     if not rec.get("changed"):
         return {**rec, "verify": {"skipped": "the recommendation is what you run now: nothing to compare"}}
     by_name = {r["name"]: r for r in rows}

@@ -1,0 +1,216 @@
+"""`python -m trainer.doctor --set-auto` keys its answer by machine AND recipe/model config, and keeps the
+verified configuration's XLA setting: precision=auto follows it for runs of that model only (another
+model, or a Trainer from Python, gets the probe's rule and the start-up log says why), and applies the
+XLA part only where trainer.jit_compile was left at its default. Timings are injected (the doctor's
+measuring is replaced by a report built from given per-round times)."""
+from __future__ import annotations
+
+import json
+import logging
+
+import keras
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import run_cli
+from trainer import auto_precision
+
+RUN = ("model.hidden_units=[8]", "data.batch_size=16", "trainer.max_steps=1", "trainer.eval_every=0",
+       "trainer.checkpoint_every=0", "trainer.progress_bar=false", "trainer.log_every=1")
+
+
+@pytest.fixture(autouse=True)
+def mocked_plain_cpu(tmp_path, monkeypatch):
+    """A CPU without fast bfloat16 (auto alone: float32, no probe) and a private cache."""
+    monkeypatch.setenv("TRAINER_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(auto_precision, "_gpu_capabilities", lambda: [])
+    monkeypatch.setattr(auto_precision, "cpu_flags", lambda: {"avx2"})
+    monkeypatch.setattr(auto_precision, "cpu_model", lambda: "Mocked CPU")
+    yield
+    keras.mixed_precision.set_dtype_policy("float32")
+
+
+def _no_probe(policy):
+    raise AssertionError("a plain CPU is not probed")
+
+
+def test_the_answer_is_followed_for_its_model_only_and_keeps_its_xla_part():
+    mlp8 = auto_precision.model_identity("mnist", {"kind": "mlp", "hidden_units": [8]})
+    mlp16 = auto_precision.model_identity("mnist", {"kind": "mlp", "hidden_units": [16]})
+    assert mlp8["key"] != mlp16["key"] and "recipe=mnist" in mlp8["label"] and "hidden_units=[8]" in mlp8["label"]
+    auto_precision.save_doctor_answer("mixed_bfloat16", "python -m trainer precision=mixed_bfloat16", 1.6,
+                                      model=mlp8, jit_compile=True)
+    choice = auto_precision.choose(measure=_no_probe, model=mlp8)
+    assert (choice.policy, choice.jit_compile) == ("mixed_bfloat16", True) and "XLA on" in choice.why
+    other = auto_precision.choose(measure=_no_probe, model=mlp16)
+    assert (other.policy, other.jit_compile) == ("float32", None)
+    assert "for other models" in other.why and mlp8["label"] in other.why and mlp16["label"] in other.why
+    python = auto_precision.choose(measure=_no_probe)  # a Trainer from Python: no recipe, no stored answer
+    assert python.policy == "float32" and "names no recipe" in python.why
+    auto_precision.save_doctor_answer("float32", "python -m trainer precision=float32", 1.1, model=mlp16)
+    assert auto_precision.choose(model=mlp8).policy == "mixed_bfloat16"  # two models, two answers
+
+
+def test_an_answer_stored_per_machine_only_is_not_followed_and_said():
+    """...until --set-auto is run again, as the log advises: storing an answer drops the old one."""
+    key = auto_precision.machine_key(auto_precision.machine())
+    auto_precision.write_json_atomically(auto_precision.cache_path(), {key: {"doctor": {
+        "policy": "mixed_bfloat16", "command": "x", "speedup": 1.5, "when": "2025-01-01 00:00"}}})
+    model = auto_precision.model_identity("mnist", {"hidden_units": [8]})
+    policy, why = auto_precision.decide(measure=_no_probe, model=model)
+    assert policy == "float32" and "stored before answers were kept per model" in why
+    auto_precision.save_doctor_answer("mixed_bfloat16", "python -m trainer precision=mixed_bfloat16", 1.5, model=model)
+    assert "doctor" not in json.loads(auto_precision.cache_path().read_text())[key]
+    other = auto_precision.model_identity("mnist", {"hidden_units": [16]})
+    policy, why = auto_precision.decide(measure=_no_probe, model=other)
+    assert policy == "float32" and "stored before" not in why and model["label"] in why
+
+
+def test_malformed_answers_are_ignored_with_one_warning(caplog):
+    """A hand-edited answer whose values choose() cannot use (a speed-up that is text, an XLA setting that is
+    no boolean, a policy that is none of the three, a missing key) is left out, with one warning; a good
+    answer beside them is still followed."""
+    key = auto_precision.machine_key(auto_precision.machine())
+    good = {"policy": "mixed_bfloat16", "command": "x", "speedup": 1.5, "when": "2025-01-01 00:00", "model": "good"}
+    bad = {"a": {**good, "speedup": "fast", "model": "a"}, "b": {**good, "jit_compile": "yes", "model": "b"},
+           "c": {**good, "policy": "float64", "model": "c"}, "d": {k: v for k, v in good.items() if k != "speedup"}}
+    model = auto_precision.model_identity("mnist", {"hidden_units": [8]})
+    answers = {**{k: {**v, "model": f"model {k}"} if k == "d" else v for k, v in bad.items()}, model["key"]: good}
+    auto_precision.write_json_atomically(auto_precision.cache_path(), {key: {
+        "doctor": {**good, "jit_compile": "yes"}, auto_precision.BY_MODEL: answers}})
+    for k in bad:  # each bad answer, as the only one for its model: the probe's rule, no crash
+        with caplog.at_level(logging.WARNING, logger="trainer.auto_precision"):
+            caplog.clear()
+            choice = auto_precision.choose(measure=_no_probe, model={"key": k, "label": f"recipe=x ({k})"})
+        assert (choice.policy, choice.jit_compile) == ("float32", None)
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "not in the expected form" in warnings[0].getMessage()
+        said = warnings[0].getMessage()
+        assert "'fast' is not a number" in said and "'yes' is not true, false or null" in said
+        assert "'float64' is not one of" in said and "missing speedup" in said and "stored before" in said
+    assert auto_precision.choose(measure=_no_probe, model=model).policy == "mixed_bfloat16"
+
+
+def test_the_xla_part_applies_only_where_jit_compile_was_left_at_its_default():
+    assert auto_precision.xla_applies(None, ["precision=auto", "model.hidden_units=[8]"])
+    assert not auto_precision.xla_applies(False, [])  # a recipe's or a Python config's own setting
+    assert not auto_precision.xla_applies("measure", [])
+    assert not auto_precision.xla_applies(None, ["trainer.jit_compile=null"])  # given, even as the default
+
+
+def _injected_report(overrides):
+    """What diagnose_parts returns, from injected per-round times: mixed_bfloat16 with XLA on won every
+    grid round and --verify's rounds over float32 XLA off (what the run uses now)."""
+    from trainer.doctor import recommend
+    from trainer.doctor.verify import verify_outcome
+
+    def row(policy, xla, per_example):
+        return {"name": f"{policy} XLA {'on' if xla else 'off'} batch 16", "policy": policy, "xla": xla, "batch": 16,
+                "examples_per_sec": 1 / per_example[0], "steps_per_sec": 1 / per_example[0] / 16,
+                "seconds_per_example": per_example, "memory_mb": 100.0, "memory_kind": "process_rss", "spread": 1.05,
+                "steps_per_call": [40] * len(per_example), "first_call_seconds": 1.0, "xla_layout": "-"}
+
+    current, fast = row("float32", False, [1.0] * 10), row("mixed_bfloat16", True, [0.5 + 0.01 * i for i in range(10)])
+    report = {"meta": {"command": "python -m trainer.doctor", "wall_seconds": 1.0},
+              "numerics": {"float16": {"safe": True, "blockers": []}, "bfloat16": {"safe": True, "blockers": []}},
+              "speed": {"rounds": 10, "configs": [current, fast], "skipped": [], "memory_means": "RSS growth"}}
+    rec = recommend(report, overrides, baseline_xla=False, batch=16)
+    report["recommendation"] = verify_outcome(rec, [0.6, 0.61, 0.62, 0.6, 0.59], [1.0] * 5)
+    del report["numerics"]  # the picture's float16 panel needs the full section
+    return report
+
+
+def test_set_auto_through_the_cli_then_an_auto_run_of_that_model(monkeypatch, tmp_path):
+    import trainer.doctor
+
+    # the doctor's measuring, replaced: python -m trainer.doctor's main composes the config and renders,
+    # writes and stores (--set-auto) this report as it would a measured one
+    monkeypatch.setattr(trainer.doctor, "diagnose_parts", lambda parts, data, **kw: _injected_report(kw["overrides"]))
+    done = run_cli("--set-auto", "--verify", "20", *RUN[:2], "--out", str(tmp_path / "doctor"), module="trainer.doctor")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "precision=auto now chooses mixed_bfloat16 with XLA on" in done.stdout and "hidden_units=[8]" in done.stdout
+    stored = next(iter(json.loads(auto_precision.cache_path().read_text()).values()))["doctor_by_model"]
+    assert [(a["jit_compile"], a["batch"]) for a in stored.values()] == [(True, 16)]
+
+    same = tmp_path / "same"
+    done = run_cli("precision=auto", *RUN, f"hydra.run.dir={same}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout + done.stderr
+    assert "precision=auto chose mixed_bfloat16" in out and "trainer.jit_compile=true with it" in out
+    recorded = OmegaConf.load(same / ".hydra" / "config.yaml")
+    assert recorded.precision.policy == "mixed_bfloat16" and recorded.trainer.jit_compile is True
+    assert json.loads((same / auto_precision.RUN_RECORD).read_text())["jit_compile"] is True
+
+
+def _cli_model(*overrides):
+    from trainer.assemble import compose_config
+
+    return auto_precision.model_identity_of(compose_config(list(overrides)))
+
+
+def test_another_model_and_a_given_jit_compile_at_unit_level(tmp_path, caplog):
+    """What `python -m trainer` resolves for another width (the probe's rule), and with trainer.jit_compile
+    given (the answer's policy, the user's XLA setting, recorded as not applied: a resume without the
+    override does not turn XLA on)."""
+    from trainer.config import PrecisionConfig
+
+    ours, wider = _cli_model(*RUN[:2]), _cli_model("model.hidden_units=[16]", *RUN[1:2])
+    auto_precision.save_doctor_answer("mixed_bfloat16", "python -m trainer precision=mixed_bfloat16", 1.6,
+                                      model=ours, jit_compile=True, batch=16)
+    auto = PrecisionConfig(policy="auto")
+    with caplog.at_level(logging.INFO, logger="trainer.auto_precision"):
+        precision, xla = auto_precision.resolve_run(auto, measure=_no_probe, model=wider, overrides=[])
+    assert (precision.policy, xla) == ("float32", None) and "stored answers on this machine are for other models" in caplog.text
+    run = tmp_path / "given"
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="trainer.auto_precision"):
+        precision, xla = auto_precision.resolve_run(auto, measure=_no_probe, model=ours, run_dir=run, jit_compile=False,
+                                                    overrides=["trainer.jit_compile=false"])
+    assert (precision.policy, xla) == ("mixed_bfloat16", None)
+    assert "trainer.jit_compile=false, as set, is kept" in caplog.text and "batch 16" in caplog.text
+    assert json.loads((run / auto_precision.RUN_RECORD).read_text())["jit_compile"] is None  # not applied
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "ckpt-1.index").write_text("")
+    precision, xla = auto_precision.resolve_run(auto, measure=_no_probe, model=ours, run_dir=run, overrides=[])
+    assert (precision.policy, xla) == ("mixed_bfloat16", None)  # the resume keeps what ran: XLA as it was
+
+
+def test_set_auto_stores_no_gain_and_a_changed_xla_setting(capsys, caplog):
+    """The measured answer "keep what you run" (no significant gain, or --verify withdrew the change) is
+    stored too: auto follows it for that model instead of the probe's rule. An XLA setting is stored only
+    where it differs from the run's."""
+    from trainer.config import PrecisionConfig
+    from trainer.doctor.__main__ import _set_auto
+    from trainer.doctor.verify import verify_outcome
+
+    model = auto_precision.model_identity("mnist", {"hidden_units": [8]})
+    rec = _injected_report([])["recommendation"]
+    withdrawn = verify_outcome({**rec, "notes": []}, [1.0] * 5, [1.0] * 5)  # not faster through fit(): withdrawn
+    assert not withdrawn["changed"] and withdrawn["batch"] == 16
+    _set_auto(withdrawn, model)
+    said = capsys.readouterr().out
+    assert "--verify did not confirm mixed_bfloat16 XLA on batch 16 (1.00x, won 0 of 5 rounds)" in said
+    assert "no significant gain over float32" in said and "stored that answer, with float32" in said
+    assert "nothing stored" not in said
+    with caplog.at_level(logging.INFO, logger="trainer.auto_precision"):
+        precision, xla = auto_precision.resolve_run(PrecisionConfig(policy="auto"), measure=_no_probe, model=model)
+    assert (precision.policy, xla) == ("float32", None)
+    assert "the doctor measured no significant gain for this model: float32" in caplog.text
+    _set_auto(rec, model)  # mixed_bfloat16 XLA on, over float32 XLA off: both stored
+    choice = auto_precision.choose(model=model)
+    assert (choice.policy, choice.jit_compile) == ("mixed_bfloat16", True) and "no significant gain" not in choice.why
+    _set_auto({**rec, "current": {**rec["current"], "xla": True}}, model)  # XLA as the run has it: not stored
+    assert auto_precision.choose(model=model).jit_compile is None
+
+
+def test_a_resume_keeps_the_recorded_xla_part(tmp_path, caplog):
+    from trainer.config import PrecisionConfig
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    auto_precision.write_json_atomically(run / auto_precision.RUN_RECORD,
+                                         {"policy": "mixed_bfloat16", "why": "x", "jit_compile": True})
+    (run / "checkpoints" / "ckpt-1.index").write_text("")  # what list_checkpoints reads: a checkpoint to resume
+    with caplog.at_level(logging.INFO, logger="trainer.auto_precision"):
+        precision, xla = auto_precision.resolve_run(PrecisionConfig(policy="auto"), run_dir=run, measure=_no_probe)
+    assert (precision.policy, xla) == ("mixed_bfloat16", True) and "precision=auto kept mixed_bfloat16" in caplog.text
