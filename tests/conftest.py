@@ -10,6 +10,7 @@ import pytest
 from cli_runner import run_module
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # MLflow's usage reports: none from tests or their processes
 
 # Shrinking overrides for the real config: a few steps, small batches, no progress bar.
 TINY = [
@@ -70,6 +71,25 @@ def read_metrics(run_dir: Path):
 @pytest.fixture
 def tiny():
     return list(TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A Hugging Face-format BERT folder with the packaged MiniLM's vocabulary and a tiny architecture (2
+    layers of 32 units, no weights: pretrained=False); read only, so one per worker serves every test."""
+    import shutil
+
+    pytest.importorskip("keras_hub")
+    from trainer.recipes import transformer
+
+    minilm = transformer.packaged_preset_dir(transformer.DEFAULT_PRESET)
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    for name in ("vocab.txt", "tokenizer_config.json"):
+        shutil.copy(minilm / name, folder / name)
+    config = json.loads((minilm / "config.json").read_text())
+    config.update(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
 
 
 @pytest.fixture(autouse=True)

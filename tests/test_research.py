@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from cli_runner import run_script
 from conftest import read_metrics, run_cli, wait_until
 from trainer import Callback, Trainer
 from trainer.config import ConfigError
@@ -187,10 +188,8 @@ def test_a_callbacks_state_is_checkpointed_and_resumed(tmp_path):
 
 def test_examples_run(tmp_path):
     """The classifier and the VAE of examples/ (the GAN runs in the kill/resume test above)."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     for script, says in (("classifier.py", "eval accuracy"), ("vae.py", "reconstruction")):
-        proc = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--steps", "20"],
-                              capture_output=True, text=True, timeout=600, env=env)
+        proc = run_script(ROOT / "examples" / script, ["--steps", "20"], cwd=tmp_path)  # in this process: no start-up to test
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert says in proc.stdout
 
