@@ -30,6 +30,7 @@ def tensors(prefix):
             if k.startswith(("models/", "optimizers/")) and "iterations" not in k}
 
 
+@pytest.mark.slow  # the default stage: tests/test_several_batches.py's two-optimizer WGAN, 2 replicas == 1 device
 def test_gan_two_optimizers_on_two_replicas_equal_one_device(tmp_path):
     """recipe=gan: two models, two optimizers, one step; mirrored on 2 logical CPUs == the default strategy."""
     runs = {"default": [], "mirrored": ["strategy=mirrored", "strategy.logical_cpus=2"]}
