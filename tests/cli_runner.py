@@ -79,7 +79,8 @@ def _in_this_process(target: str, args, cwd: Optional[str], script: bool = False
 
     out, err = io.StringIO(), io.StringIO()
     root = logging.getLogger()
-    saved = (sys.argv[:], os.getcwd(), root.handlers[:], root.level, set(sys.modules), sys.path[:], set(runlock._held))
+    saved = (sys.argv[:], os.getcwd(), root.handlers[:], root.level, _logger_states(), set(sys.modules), sys.path[:],
+             set(runlock._held))
     folder = os.path.abspath(cwd or os.getcwd())
     sys.argv = [target if script else _main_file(target), *args]
     # python -m puts the working directory first (a user's step module), python FILE the file's folder
@@ -140,9 +141,15 @@ def _pytest_log_handlers_kept_open():
         yield
 
 
-def _restore(argv, cwd, handlers, level, modules, path, locks, folder) -> None:
-    """Puts back what a process would have taken away at its end: logging, the working directory, the
-    user's modules loaded from the run's folder, run-folder locks, TensorFlow's process-wide settings."""
+def _logger_states() -> dict:
+    """Each named logger's level and disabled flag: a script may set them (benchmarks/bench.py quiets `trainer`)."""
+    return {name: (logger.level, logger.disabled) for name, logger in logging.Logger.manager.loggerDict.items()
+            if isinstance(logger, logging.Logger)}
+
+
+def _restore(argv, cwd, handlers, level, loggers, modules, path, locks, folder) -> None:
+    """Puts back what a process would have taken away at its end: logging (handlers, levels), the working
+    directory, the user's modules loaded from the run's folder, run-folder locks, TensorFlow's process-wide settings."""
     import trainer
     from trainer import runlock
 
@@ -154,6 +161,10 @@ def _restore(argv, cwd, handlers, level, modules, path, locks, folder) -> None:
             handler.close()
     root.handlers[:] = handlers
     root.setLevel(level)
+    for name, (logger_level, disabled) in loggers.items():
+        logger = logging.getLogger(name)
+        logger.setLevel(logger_level)
+        logger.disabled = disabled
     library = os.path.dirname(os.path.realpath(trainer.__file__)) + os.sep  # stays loaded, as in one process
     for name in set(sys.modules) - modules:
         origin = os.path.realpath(getattr(sys.modules[name], "__file__", None) or "")
