@@ -101,8 +101,11 @@ def _slow_tests_keep_real_processes(request):
     cli_runner.ALWAYS_PROCESS["on"] = False
 
 
+_frozen_in = {"module": None}  # the test module whose tests' survivors gc.freeze() last set aside
+
+
 @pytest.fixture(autouse=True)
-def _fresh_keras_session():
+def _fresh_keras_session(request):
     """Each test starts from a fresh Keras/TF graph state, the float32 policy and TensorFlow's process-wide
     switches off: without this, graphs and names pile up over the suite (a model conversion took 37 s after
     20 tests instead of 4 s alone), and a deterministic=True test made later tests' numbers differ."""
@@ -111,11 +114,16 @@ def _fresh_keras_session():
 
     from cli_runner import reset_process_state  # here, not at the top: TF_CPP_MIN_LOG_LEVEL must be set before TensorFlow loads
 
+    # What survives the full collection below (TensorFlow's and the other libraries' half a million module
+    # objects, caches, fixtures) is set aside (gc.freeze): the next test's collections scan only the objects
+    # made since, milliseconds instead of 0.2-0.7 s a test. A frozen object is still freed when its last
+    # reference goes, but a cycle of frozen objects is never collected: so the first test of each module
+    # unfreezes first, and the previous module's fixtures (Keras models are cycles) are collected then.
+    # A test's own objects are never frozen during it: gc.collect() in a test collects them as before.
+    if _frozen_in["module"] is not request.module:
+        gc.unfreeze()
+        _frozen_in["module"] = request.module
     reset_process_state(free_memory=True)
-    # What survived that full collection (TensorFlow's and the other libraries' half a million module objects,
-    # caches, fixtures) is set aside: the next test's collection scans only the objects made since, a few
-    # milliseconds instead of 0.2-0.7 s a test (a minute or two of the stage). The cost: a cycle among
-    # those survivors that becomes garbage later (a module fixture's value) is not collected.
     gc.freeze()
 
 

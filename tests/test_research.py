@@ -187,7 +187,7 @@ def test_a_callbacks_state_is_checkpointed_and_resumed(tmp_path):
     assert json.loads(saved)["CountLogs"] == {"count": 7}  # beside the built-ins' (DivergenceGuard's)
 
 
-@pytest.mark.slow  # the default stage: the research tests above train the same recipes in this process
+@pytest.mark.slow  # real processes (slow stage); the default stage: test_api.py's examples/custom_model.py, the steps above
 def test_examples_run(tmp_path):
     """The classifier and the VAE of examples/ (the GAN runs in the kill/resume test above)."""
     for script, says in (("classifier.py", "eval accuracy"), ("vae.py", "reconstruction")):
