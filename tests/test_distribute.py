@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import blobs, read_metrics, run_cli, wait_until
+from conftest import SKIP_TEARDOWN, blobs, read_metrics, run_cli, wait_until
 from trainer import Trainer
 
 COMMON = [
@@ -292,7 +292,7 @@ def test_ready_made_metrics_models_and_strategies(tmp_path):
     model that cannot honour the precision or the strategy, or a tf.data batch that does not split over
     the replicas, is a clear error, not a silent float32, unmirrored or misweighted run."""
     script = tmp_path / "ready_made.py"
-    script.write_text(READY_MADE)
+    script.write_text(READY_MADE + SKIP_TEARDOWN)
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith(("FIT", "ERROR"))]
@@ -458,7 +458,7 @@ def check_loss_objects(tmp_path, runs: str):
     Keras' own fit and a bare Loss call in the same process still divide. Unseeded keras.random in the step is an
     error naming the fix."""
     script = tmp_path / "loss_objects.py"
-    script.write_text(LOSS_OBJECTS)
+    script.write_text(LOSS_OBJECTS + SKIP_TEARDOWN)
     result = subprocess.run([sys.executable, str(script), runs], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(next(l for l in result.stdout.splitlines() if l.startswith("RESULT"))[len("RESULT "):])
@@ -571,7 +571,7 @@ def test_an_optimizers_own_apply_gradients_averages_in_an_own_step_and_sums_else
     in an own step to tf.nn.compute_average_loss, averages too (it gave replicas x the update). Every replica's copy of
     a weight is the same."""
     script = tmp_path / "own_apply.py"
-    script.write_text(OWN_APPLY)
+    script.write_text(OWN_APPLY + SKIP_TEARDOWN)
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(next(l for l in result.stdout.splitlines() if l.startswith("RESULT"))[len("RESULT "):])
