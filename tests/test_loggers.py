@@ -22,7 +22,7 @@ def read_csv(path):
     return rows[0], [dict(zip(rows[0], r)) for r in rows[1:]]
 
 
-@pytest.mark.slow  # the default stage: the Python API's CSV and MLflow test below, README's logger=[...] block
+@pytest.mark.slow  # the default stage: the Python API's CSV and MLflow test below, docs/loggers.md's logger=[jsonl,csv,mlflow] block
 def test_cli_csv_and_mlflow_across_a_resume(tmp_path):
     mlflow = pytest.importorskip("mlflow")
     run = tmp_path / "run"

@@ -324,7 +324,10 @@ def test_tfds_missing_says_how_to_install(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+# mixed_float16 (XLA compiles the whole BERT step: 20-25 s) runs in the slow stage; the default stage keeps its
+# parts: bfloat16 here (the BERT under a mixed policy with accumulation), tests/test_step.py's accumulation
+# with float16 loss scaling, tests/test_resnet.py's mixed_float16 recipe model with auto XLA.
+@pytest.mark.parametrize("policy", [pytest.param("mixed_float16", marks=pytest.mark.slow), "mixed_bfloat16"])
 def test_mixed_precision_steps_with_loss_scaling_and_accumulation(policy, tiny_bert_dir, tokenizer, float32_policy):
     from trainer import Trainer
 
