@@ -178,10 +178,10 @@ def test_without_the_progress_bar_the_log_has_a_line_per_event(tmp_path, tiny):
 @pytest.mark.parametrize(
     "overrides, code, says",
     [
-        # an unknown key: one line, before Hydra (trainer/argv_check.py; a wrong type such as trainer.max_steps=1.5
-        # leaves the same way: tests/test_config.py checks those messages in process)
-        (["trainer.nonexistent=1"], 2, "trainer.nonexistent"),
-        (["data.batch_size=0"], 2, "data.batch_size=0 is out of range"),  # a user error, named
+        # A user error, named: sys.exit(2) from Hydra's run-start callback (trainer/runlock.py). An unknown key or a
+        # wrong type (trainer.nonexistent=1, trainer.max_steps=1.5) ends by sys.exit(2) too, before Hydra
+        # (trainer/argv_check.py): tests/test_config.py checks their messages and exit codes in process.
+        (["data.batch_size=0"], 2, "data.batch_size=0 is out of range"),
         (["optimizer.lr=1e6"], 3, "trainer.divergence_factor=100"),  # training diverged
     ],
 )
