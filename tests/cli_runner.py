@@ -67,7 +67,7 @@ def _main_file(module: str) -> str:
 def run_script(path, args=(), cwd=None, timeout: int = 900, env=None, process: bool = False):
     """`python PATH *args`, in this process unless it needs its own (see the module docstring)."""
     args = [str(a) for a in args]
-    if process or env:
+    if process or env or ALWAYS_PROCESS["on"]:
         return run_process([sys.executable, str(path), *args], cwd=cwd, timeout=timeout, env=env)
     return _in_this_process(str(path), args, cwd, script=True)
 
@@ -79,7 +79,8 @@ def _in_this_process(target: str, args, cwd: Optional[str], script: bool = False
 
     out, err = io.StringIO(), io.StringIO()
     root = logging.getLogger()
-    saved = (sys.argv[:], os.getcwd(), root.handlers[:], root.level, set(sys.modules), sys.path[:], set(runlock._held))
+    saved = (sys.argv[:], os.getcwd(), root.handlers[:], root.level, _logger_states(), set(sys.modules), sys.path[:],
+             set(runlock._held))
     folder = os.path.abspath(cwd or os.getcwd())
     sys.argv = [target if script else _main_file(target), *args]
     # python -m puts the working directory first (a user's step module), python FILE the file's folder
@@ -140,9 +141,38 @@ def _pytest_log_handlers_kept_open():
         yield
 
 
-def _restore(argv, cwd, handlers, level, modules, path, locks, folder) -> None:
-    """Puts back what a process would have taken away at its end: logging, the working directory, the
-    user's modules loaded from the run's folder, run-folder locks, TensorFlow's process-wide settings."""
+def _logger_states() -> dict:
+    """Each named logger's level, disabled and propagate flags and handlers: a script may change them
+    (benchmarks/bench.py quiets `trainer`, the doctor stops `tensorflow` propagating); and Keras' interactive
+    logging (bench.py turns it off: Keras' progress bars and summaries then go to absl's log instead)."""
+    import keras
+
+    states = {name: (logger.level, logger.disabled, logger.propagate, logger.handlers[:])
+              for name, logger in logging.Logger.manager.loggerDict.items() if isinstance(logger, logging.Logger)}
+    return {"loggers": states, "keras_interactive": keras.config.is_interactive_logging_enabled()}
+
+
+def _restore_loggers(saved: dict) -> None:
+    """The loggers that were there before the command get their state back (handlers it added are closed);
+    one a library made on its first import keeps the setting that import gave it, as the module stays loaded."""
+    import keras
+
+    for name, (level, disabled, propagate, handlers) in saved["loggers"].items():
+        logger = logging.getLogger(name)
+        for handler in logger.handlers:
+            if handler not in handlers:
+                handler.close()
+        logger.setLevel(level)
+        logger.disabled, logger.propagate, logger.handlers[:] = disabled, propagate, handlers
+    if saved["keras_interactive"]:
+        keras.config.enable_interactive_logging()
+    else:
+        keras.config.disable_interactive_logging()
+
+
+def _restore(argv, cwd, handlers, level, loggers, modules, path, locks, folder) -> None:
+    """Puts back what a process would have taken away at its end: logging (handlers, levels), the working
+    directory, the user's modules loaded from the run's folder, run-folder locks, TensorFlow's process-wide settings."""
     import trainer
     from trainer import runlock
 
@@ -154,6 +184,7 @@ def _restore(argv, cwd, handlers, level, modules, path, locks, folder) -> None:
             handler.close()
     root.handlers[:] = handlers
     root.setLevel(level)
+    _restore_loggers(loggers)
     library = os.path.dirname(os.path.realpath(trainer.__file__)) + os.sep  # stays loaded, as in one process
     for name in set(sys.modules) - modules:
         origin = os.path.realpath(getattr(sys.modules[name], "__file__", None) or "")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import SKIP_TEARDOWN
 from trainer import EarlyStopping, Trainer
 from trainer.errors import UserError
 
@@ -280,7 +281,7 @@ def test_class_weights_under_two_replicas_give_keras_weighted_mean(tmp_path):
     """With the learning rate 0, an epoch's logged loss is the mean over examples of weight x loss (Keras'
     sum_over_batch_size: not divided by the weights' sum), on one replica and on two."""
     script = tmp_path / "weights.py"
-    script.write_text(DISTRIBUTED_WEIGHTS)
+    script.write_text(DISTRIBUTED_WEIGHTS + SKIP_TEARDOWN)
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("RESULT"))[len("RESULT "):])

@@ -2,25 +2,21 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from cli_runner import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_quick_one_cell(tmp_path):
     out = tmp_path / "bench"
-    proc = subprocess.run(
-        [
-            sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--quick",
-            "--workloads", "mlp", "--precisions", "float32", "--xla", "off", "--steps-per-loop", "2",
-            "--out", str(out),
-        ],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    proc = run_script(  # in this process (tests/cli_runner.py): the report is tested, not the start-up
+        ROOT / "benchmarks" / "bench.py",
+        ["--quick", "--workloads", "mlp", "--precisions", "float32", "--xla", "off", "--steps-per-loop", "2", "--out", out],
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Goals (issue #4)" in proc.stdout and "Synthetic data" in proc.stdout

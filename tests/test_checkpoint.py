@@ -147,8 +147,10 @@ def test_sigkill_resume_is_bit_identical_in_deterministic_mode(tmp_path):
     assert (fa["loss"], fa["accuracy"]) == (fb["loss"], fb["accuracy"])
 
 
+@pytest.mark.slow  # the default stage: tests/test_cli.py's SIGTERM to a real process (exit 143, saved, the printed
+# command resumes it); in process, test_sigterm_in_the_last_loop_finishes_the_run and the SIGTERM tests below
 @pytest.mark.parametrize("signum, code", [pytest.param(signal.SIGTERM, 143, id="SIGTERM"),
-                                          pytest.param(signal.SIGINT, 130, id="SIGINT", marks=pytest.mark.slow)])
+                                          pytest.param(signal.SIGINT, 130, id="SIGINT")])
 def test_a_signal_saves_and_exits_143_or_130_then_resumes(tmp_path, signum, code):
     """The real process: a signal while training saves a checkpoint, exits 143 (SIGTERM) or 130 (SIGINT)."""
     run_dir = tmp_path / "run"
@@ -204,6 +206,8 @@ def test_sigterm_from_python_names_the_folder_that_resumes(tmp_path, caplog):
     assert make([]).fit(blobs(), steps=20) is not None and read_metrics(tmp_path)[-1]["step"] == 20
 
 
+@pytest.mark.slow  # the default stage: the next test (a SIGTERM deferred until training is honoured by the loop
+# before any step, a second one ends a real process) and test_cli.py's SIGTERM to a real CLI run
 def test_sigterm_during_start_up_stops_before_the_first_step(tmp_path):
     """The CLI remembers a SIGTERM that arrives between the strategy and the loop (here: while it loads
     data and builds the model): the run stops before its first step, exit 143, nothing written."""

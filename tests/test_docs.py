@@ -13,8 +13,9 @@ How blocks run (see docs/getting-started.md#tests for the reader's view):
 - ```text blocks are output or listings, not code.
 - `<!-- no-test: REASON -->` on the line before a block marks it as not run (hardware, data, time); its
   `python -m trainer` commands are still composed against the config schema in-process, which is fast.
-- A block that appeared earlier, or a stateless `python -m trainer` line (no run folder named) that did,
-  runs once.
+- A block that appeared earlier, a bash block whose lines begin an earlier block's (same commands, same order,
+  comments aside: docs/concepts/checkpoints.md's first block is README's run-folder block), or a stateless
+  `python -m trainer` line (no run folder named) that appeared earlier, runs once.
 """
 from __future__ import annotations
 
@@ -109,12 +110,20 @@ def _stateless(command: Command) -> bool:
     return overrides is not None and not any("runs/" in o or o.startswith("hydra.run.dir=") for o in overrides)
 
 
+def _steps(commands: List[Command]) -> List[tuple]:
+    """What a bash block runs, comments aside: each line's argv, environment and expected exit code."""
+    return [(tuple(c.argv), tuple(sorted(c.env.items())), c.exit_code) for c in commands]
+
+
 def all_blocks() -> List[Block]:
-    blocks, seen = [], set()
+    blocks, seen, ran = [], set(), []  # ran: the steps of each bash block that runs
     for path in DOC_FILES:
         for block in read_blocks(path):
             if block.skip is None and block.lang in ("bash", "python") and block.code in seen:
                 block.skip = "duplicate"  # the same block ran earlier
+            elif block.skip is None and block.lang == "bash" and any(
+                    earlier[:len(block.commands())] == _steps(block.commands()) for earlier in ran):
+                block.skip = "duplicate"  # an earlier block ran these lines in this order, from a fresh folder as here
             elif block.skip is None and block.lang == "bash":
                 commands = block.commands()
                 for command in commands:
@@ -126,6 +135,8 @@ def all_blocks() -> List[Block]:
                     block.skip = "duplicate"  # every line ran earlier
             if block.skip is None:
                 seen.add(block.code)
+                if block.lang == "bash":
+                    ran.append(_steps(block.commands()))
             blocks.append(block)
     return blocks
 
@@ -248,7 +259,7 @@ def test_documented_commands_compose_against_the_schema():
     from trainer.assemble import register_configs
 
     register_configs()
-    checked, problems = 0, []
+    checked, problems, seen = 0, [], {}  # seen: a job's composition error (None: composed), each job composed once
     with initialize_config_module("trainer.conf", version_base="1.3"):
         for block in BLOCKS:
             if block.lang != "bash":
@@ -257,11 +268,14 @@ def test_documented_commands_compose_against_the_schema():
                 if command.trainer_overrides is None:
                     continue
                 for job in _compose_args(command.trainer_overrides):
-                    try:
-                        OmegaConf.to_container(compose("config", overrides=job), resolve=True)
-                        composed = True
-                    except Exception as e:  # noqa: BLE001 - any composition error is the finding
-                        composed, error = False, e
+                    if tuple(job) not in seen:
+                        try:
+                            OmegaConf.to_container(compose("config", overrides=job), resolve=True)
+                            seen[tuple(job)] = None
+                        except Exception as e:  # noqa: BLE001 - any composition error is the finding
+                            seen[tuple(job)] = e
+                    error = seen[tuple(job)]
+                    composed = error is None
                     checked += 1
                     if composed and command.exit_code == 1:
                         problems.append(f"{block.id}: {command.line.strip()}: documented as a config error, but it composes")

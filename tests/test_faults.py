@@ -379,7 +379,9 @@ def test_run_folder_lock_nests_in_one_process_and_only_the_chief_holds_it(tmp_pa
     assert is_chief_process("mirrored", "{}")
 
 
-@pytest.mark.parametrize("gap", [pytest.param(0.0, marks=pytest.mark.slow), 0.05, pytest.param(0.3, marks=pytest.mark.slow)])
+@pytest.mark.slow  # a real process signalled twice; the default stage: test_cli.py's SIGTERM to a real process (exit
+# 143, saved, resumed) and, in process, test_signals.py's second SIGTERM during the save ("SIGTERM again")
+@pytest.mark.parametrize("gap", [0.0, 0.05, 0.3])
 def test_repeated_sigterms_during_training_still_save(tmp_path, gap):
     """A supervisor and a process group both signalling (timeout, Kubernetes, Slurm): the second SIGTERM,
     before or during the first one's save, waits for it; the run exits 143 with the step saved."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import signal
+import sys
 
 import pytest
 
@@ -15,24 +16,21 @@ SMALL = ["recipe=mnist", "trainer.log_every=10", "trainer.eval_every=10", "train
          "trainer.checkpoint_every=20", "trainer.progress_bar=false", "data.batch_size=32", "model.hidden_units=[16]"]
 
 
-NO_TELEMETRY = {"MLFLOW_DISABLE_TELEMETRY": "true"}  # MLflow's usage reports: none from tests
-
-
 def read_csv(path):
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
     return rows[0], [dict(zip(rows[0], r)) for r in rows[1:]]
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # the default stage: the Python API's CSV and MLflow test below, docs/loggers.md's logger=[jsonl,csv,mlflow] block
 def test_cli_csv_and_mlflow_across_a_resume(tmp_path):
     mlflow = pytest.importorskip("mlflow")
     run = tmp_path / "run"
-    first = run_cli(*SMALL, "trainer.max_steps=20", "logger=[jsonl,csv,mlflow]", f"hydra.run.dir={run}", env=NO_TELEMETRY)
+    first = run_cli(*SMALL, "trainer.max_steps=20", "logger=[jsonl,csv,mlflow]", f"hydra.run.dir={run}")
     assert first.returncode == 0, first.stderr[-3000:]
     run_id = (run / "mlflow_run_id").read_text().strip()
     header_before, _ = read_csv(run / "metrics.csv")
-    second = run_cli(*SMALL, "trainer.max_steps=40", "logger=[jsonl,csv,mlflow]", f"hydra.run.dir={run}", env=NO_TELEMETRY)
+    second = run_cli(*SMALL, "trainer.max_steps=40", "logger=[jsonl,csv,mlflow]", f"hydra.run.dir={run}")
     assert second.returncode == 0, second.stderr[-3000:]
 
     # metrics.csv: one row per event, train and eval, appended by the resumed run under the same columns
@@ -68,8 +66,6 @@ def test_python_api_csv_logger_new_columns_and_mlflow_status(tmp_path, monkeypat
     fit() continues the same MLflow run, FINISHED at the end."""
     mlflow = pytest.importorskip("mlflow")
     import keras
-
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
 
     from trainer import Callback, CSVLogger, MLflowLogger, Trainer, TrainingInterrupted
 
@@ -127,15 +123,12 @@ def test_python_api_logger_without_a_folder_says_what_to_give():
         trainer.fit(blobs(n=32), steps=1)
 
 
-def test_missing_mlflow_exits_2_naming_the_extra(tmp_path):
-    """Without the mlflow package (hidden by a sitecustomize shim: `import mlflow` then raises ImportError,
-    as when it is not installed), logger=[mlflow] exits 2 before training, naming the install command."""
-    shim = tmp_path / "shim"
-    shim.mkdir()
-    (shim / "sitecustomize.py").write_text("import sys\nsys.modules['mlflow'] = None\n")
-    env = {"PYTHONPATH": os.pathsep.join([str(shim), *filter(None, [os.environ.get("PYTHONPATH")])])}
+def test_missing_mlflow_exits_2_naming_the_extra(tmp_path, monkeypatch):
+    """Without the mlflow package (hidden: `import mlflow` then raises ImportError, as when it is not
+    installed), logger=[mlflow] exits 2 before training, naming the install command."""
+    monkeypatch.setitem(sys.modules, "mlflow", None)
     run = tmp_path / "run"
-    result = run_cli(*SMALL, "trainer.max_steps=20", "logger=[csv,mlflow]", f"hydra.run.dir={run}", env=env)
+    result = run_cli(*SMALL, "trainer.max_steps=20", "logger=[csv,mlflow]", f"hydra.run.dir={run}")
     output = result.stdout + result.stderr
     assert result.returncode == 2, output[-3000:]
     assert 'logger=mlflow needs the MLflow client' in output and 'pip install -e ".[mlflow]"' in output

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from cli_runner import run_script
 from conftest import read_metrics, run_cli, wait_until
 from trainer import Callback, Trainer
 from trainer.config import ConfigError
@@ -29,7 +30,7 @@ def tensors(prefix):
             if k.startswith(("models/", "optimizers/")) and "iterations" not in k}
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # the default stage: tests/test_several_batches.py's two-optimizer WGAN, 2 replicas == 1 device
 def test_gan_two_optimizers_on_two_replicas_equal_one_device(tmp_path):
     """recipe=gan: two models, two optimizers, one step; mirrored on 2 logical CPUs == the default strategy."""
     runs = {"default": [], "mirrored": ["strategy=mirrored", "strategy.logical_cpus=2"]}
@@ -186,13 +187,11 @@ def test_a_callbacks_state_is_checkpointed_and_resumed(tmp_path):
     assert json.loads(saved)["CountLogs"] == {"count": 7}  # beside the built-ins' (DivergenceGuard's)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # real processes (slow stage); the default stage: test_api.py's examples/custom_model.py, the steps above
 def test_examples_run(tmp_path):
     """The classifier and the VAE of examples/ (the GAN runs in the kill/resume test above)."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     for script, says in (("classifier.py", "eval accuracy"), ("vae.py", "reconstruction")):
-        proc = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--steps", "20"],
-                              capture_output=True, text=True, timeout=600, env=env)
+        proc = run_script(ROOT / "examples" / script, ["--steps", "20"], cwd=tmp_path)  # in this process: no start-up to test
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert says in proc.stdout
 

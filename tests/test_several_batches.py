@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import run_cli
+from conftest import SKIP_TEARDOWN, run_cli
 from trainer import Trainer
 from trainer.config import ConfigError
 
@@ -190,7 +190,7 @@ def test_two_replicas_equal_one_device(tmp_path):
     """2 logical CPUs: each replica gets its half of each of the K batches; the weights equal one device's. A
     ready-made optimizer made outside the strategy's scope is refused (its iterations would count per replica)."""
     script = tmp_path / "mirrored.py"
-    script.write_text(MIRRORED)
+    script.write_text(MIRRORED + SKIP_TEARDOWN)
     result = subprocess.run([sys.executable, str(script), str(Path(__file__).parent)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

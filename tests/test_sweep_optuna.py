@@ -5,7 +5,6 @@ import csv
 import math
 import re
 import shlex
-import subprocess
 import sys
 
 import pytest
@@ -94,6 +93,8 @@ def test_an_optuna_sweep_maximizes_the_recipes_metric_and_ends_with_its_trials(t
     assert image.shape[:2] == (780, 800) and image[..., :3].std() > 0.05  # loss, accuracy and lr (the trials differ in it) panels
 
 
+@pytest.mark.slow  # the default stage: the Optuna sweep above (the plugin's wiring, the table, the best job),
+# test_cli.py's multirun whose failed job fails alone, the objective's min/max test at the top
 def test_a_diverging_trial_fails_alone_and_a_loss_is_minimized(tmp_path, tiny):
     result, sweep, study = optuna_sweep(tmp_path, tiny, "optimizer.lr=choice(0.001,10000000.0)", "trainer.sweep_metric=loss",
                                         "hydra.sweeper.n_trials=2")
@@ -109,12 +110,11 @@ def test_a_diverging_trial_fails_alone_and_a_loss_is_minimized(tmp_path, tiny):
     assert best_line(result.stdout)[0] == done.number
 
 
-def test_without_the_plugin_hydra_sweeper_optuna_says_how_to_install_it(tmp_path):
-    hide = "import sys; sys.modules['hydra_plugins.hydra_optuna_sweeper'] = None; sys.argv[0] = 'trainer'; "
+def test_without_the_plugin_hydra_sweeper_optuna_says_how_to_install_it(tmp_path, monkeypatch):
+    """Without the plugin (hidden: importing it raises ImportError, as when it is not installed)."""
+    monkeypatch.setitem(sys.modules, "hydra_plugins.hydra_optuna_sweeper", None)
     sweep = tmp_path / "sweep"
-    result = subprocess.run([sys.executable, "-c", hide + "from trainer.cli import main; main()", "-m", "hydra/sweeper=optuna",
-                             "optimizer.lr=tag(log,interval(1e-5,1e-2))", f"hydra.sweep.dir={sweep}"],
-                            capture_output=True, text=True, timeout=300)
+    result = run_cli("-m", "hydra/sweeper=optuna", "optimizer.lr=tag(log,interval(1e-5,1e-2))", f"hydra.sweep.dir={sweep}")
     assert result.returncode == 2, result.stderr[-3000:]
     assert "hydra/sweeper=optuna needs the Hydra plugin hydra_plugins.hydra_optuna_sweeper, which is not installed. " \
            "Fix: pip install -e '.[sweep]'" in result.stderr

@@ -63,6 +63,8 @@ def no_login(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_SILENT", "true")
 
 
+@pytest.mark.slow  # the default stage: the Python API's interrupted-then-resumed W&B run below (same run id, offline
+# without a login) and logger=[csv,wandb] from the CLI in the missing-wandb test
 def test_cli_wandb_offline_without_login_continued_across_a_resume(tmp_path, no_login):
     run = tmp_path / "run"
     first = run_cli(*SMALL, "trainer.max_steps=5", "logger=[jsonl,wandb]", f"hydra.run.dir={run}")
