@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parents[1]
 PRECISIONS = ("float32", "mixed_bfloat16")
 THROUGHPUT = re.compile(r"Throughput: ([0-9.]+) examples/s")
 ACCURACY = re.compile(r"Final eval: .*accuracy=([0-9.]+)")
-DEFAULT_STEPS = {"resnet": 80, "transformer": 60}
+DEFAULT_STEPS = {"resnet": 80, "transformer": 50}
 
 
 def run_once(checkout: Path, recipe: str, precision: str, steps: int, extra: list[str]) -> dict:
