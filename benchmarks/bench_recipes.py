@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipes", default="resnet,transformer")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=0, help="trainer.max_steps (default: resnet 80, transformer 60)")
+    parser.add_argument("--steps", type=int, default=0, help="trainer.max_steps (default: resnet 80, transformer 50)")
     parser.add_argument("--baseline", type=Path, help="another checkout of the project, run in the same rounds")
     parser.add_argument("--out", type=Path, default=Path("bench_results/bench_recipes.json"))
     parser.add_argument("overrides", nargs="*", help="more CLI overrides for every run (default: trainer.eval_every=0)")
