@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parents[1]
 PRECISIONS = ("float32", "mixed_bfloat16")
 THROUGHPUT = re.compile(r"Throughput: ([0-9.]+) examples/s")
 ACCURACY = re.compile(r"Final eval: .*accuracy=([0-9.]+)")
-DEFAULT_STEPS = {"resnet": 80, "transformer": 60}
+DEFAULT_STEPS = {"resnet": 80, "transformer": 50}
 
 
 def run_once(checkout: Path, recipe: str, precision: str, steps: int, extra: list[str]) -> dict:
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipes", default="resnet,transformer")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=0, help="trainer.max_steps (default: resnet 80, transformer 60)")
+    parser.add_argument("--steps", type=int, default=0, help="trainer.max_steps (default: resnet 80, transformer 50)")
     parser.add_argument("--baseline", type=Path, help="another checkout of the project, run in the same rounds")
     parser.add_argument("--out", type=Path, default=Path("bench_results/bench_recipes.json"))
     parser.add_argument("overrides", nargs="*", help="more CLI overrides for every run (default: trainer.eval_every=0)")

@@ -382,6 +382,7 @@ TINY_RUN = [
     "trainer.checkpoint_every=0",
     "trainer.progress_bar=false",
     "optimizer.warmup_steps=10",
+    "optimizer.lr=1e-4",  # the small batch's rate (the recipe's 2e-4 is for 128)
 ]
 
 
