@@ -190,8 +190,9 @@ def _drop_malformed_answers(cache: dict) -> None:
     """Leaves out (in place) the doctor answers choose() cannot follow, with one warning for all."""
     dropped = []
     for entry in cache.values():
-        if "doctor" in entry and _answer_problem(entry["doctor"]):
-            dropped.append(f"the one stored before answers were kept per model ({_answer_problem(entry['doctor'])})")
+        problem = _answer_problem(entry["doctor"]) if "doctor" in entry else None
+        if problem:
+            dropped.append(f"the one stored before answers were kept per model ({problem})")
             del entry["doctor"]
         answers = entry.get(BY_MODEL, {})
         for key in list(answers):

@@ -350,7 +350,7 @@ class Trainer(Step):
         the compiled loop alone (Orbit's train(n); the data position counts them). loop=True, without a run folder:
         the loop's windows with its host work only (guards, train logs when due; not loggers or your callbacks; a
         guard may stop early), what the doctor times. A later fit() on the same data continues after them."""
-        return loop_lib.run_steps(self, num_steps, loop_host_callbacks(self) if loop else None)
+        return loop_lib.run_steps(self, self._kept_iterator, num_steps, loop_host_callbacks(self) if loop else None)
 
     def _reset_train_trackers(self) -> None:
         self.train_window.restart()

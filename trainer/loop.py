@@ -263,12 +263,11 @@ def run_windows(trainer, iterator, steps: int, callbacks) -> int:
     return loop.step - start
 
 
-def run_steps(trainer, num_steps: int, host_work=None) -> int:
-    """Trainer.run_steps: `num_steps` more steps on the last fit() call's iterator, through the loop's
-    windows with `host_work` (a CallbackList) when given, else the compiled loop alone; returns the
-    steps trained."""
+def run_steps(trainer, kept, num_steps: int, host_work=None) -> int:
+    """Trainer.run_steps: `num_steps` more steps on `kept`, the last fit() call's kept iterator (its
+    position moves on), through the loop's windows with `host_work` (a CallbackList) when given, else the
+    compiled loop alone; returns the steps trained."""
     loop = host_work is not None
-    kept = trainer._kept_iterator
     if kept is None or kept.iterator is None or not step_functions.has_train_function(trainer):
         raise RuntimeError("Trainer.run_steps continues a fit() call: call fit() first")
     if loop and trainer.run_dir is not None:

@@ -30,6 +30,7 @@ import time
 import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
+from trainer import timing
 from trainer.inputs import batches_read_per_step
 from trainer.doctor.phases import phase_breakdowns, phase_pieces
 from trainer.memory import PeakMemory
@@ -113,7 +114,7 @@ def resized(steps: int, seconds: float, call_seconds: float, multiple: int = 1) 
     the rate just measured (re-sized every round, so one burst of load cannot leave a configuration
     timed with calls a tenth of the target for the whole run), a whole number of `multiple` (the loop's
     windows: steps_per_loop)."""
-    wanted = min(MOST_STEPS_PER_CALL, round(steps * call_seconds / max(seconds, 1e-6)))
+    wanted = timing.resized(steps, seconds, call_seconds, MOST_STEPS_PER_CALL)
     return multiple * max(1, min(MOST_STEPS_PER_CALL // multiple, round(wanted / multiple)))
 
 
