@@ -17,7 +17,7 @@ import tensorflow as tf
 from omegaconf import II
 
 from trainer.config import ConfigError, ranged
-from trainer.core import Trainer
+from trainer.trainer import Trainer
 from trainer.data import DataBundle, classification_pipeline, load_mnist_format
 
 

@@ -322,7 +322,7 @@ def test_the_default_step_and_update_take_one_seam_and_the_step_functions_have_o
     """The default step (compute_gradients) and self.update(loss, tape) reach the unscaled gradients the same way
     (Updater.unscaled_gradients): under a loss scale of 1024 they train the same weights, and an overflowing
     batch skips and halves the scale in both, read through LossScale.status(). jit_compile is read-only (a
-    Trainer's XLA choice changes only through trainer/compile.py); reset_step_functions() makes the next fit trace."""
+    Trainer's XLA choice changes only through trainer/step_functions.py); reset_step_functions() makes the next fit trace."""
 
     class ViaUpdate(Trainer):
         def train_step(self, data):

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer.config import ConfigError, PrecisionConfig, StrategyConfig, TrainerConfig, register_schemas
 
-DEFAULT_TRAINER_CLASS = "trainer.core.Trainer"
+DEFAULT_TRAINER_CLASS = "trainer.trainer.Trainer"
 log = logging.getLogger(__name__)
 
 
@@ -27,7 +27,7 @@ def register_configs() -> None:
 
     The recipe contract: a module of trainer.recipes (recipes/*.py) may define `register_configs(cs)`, which
     stores the schemas of its data and model options (`cs.store(group="data", name="base_mnist", node=...)`)
-    for its YAML files under conf/ to extend. Loading a recipe may load TensorFlow and the core: that is why
+    for its YAML files under conf/ to extend. Loading a recipe may load TensorFlow and the Trainer: that is why
     this lives here, above them, and not in trainer.config."""
     import importlib
     import pkgutil
@@ -84,7 +84,7 @@ def trainer_class(path: str, base: Optional[type] = None) -> type:
     from hydra.utils import get_class
 
     if base is None:
-        from trainer.core import Trainer as base
+        from trainer.trainer import Trainer as base
     try:
         cls = get_class(path)
     except Exception as e:  # noqa: BLE001 - hydra raises ImportError or ValueError, wrapped

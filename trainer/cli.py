@@ -102,7 +102,7 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
 
     from trainer import debug
     from trainer.callbacks.loggers import flatten
-    from trainer.core import Trainer
+    from trainer.trainer import Trainer
     from trainer.data import build_data, check_batch_size
     from trainer.distribute import is_chief
     from trainer.inputs import batches_read_per_step, check_batches_per_step

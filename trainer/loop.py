@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional, Tuple
 import tensorflow as tf
 from tensorflow.python.util import deprecation as _tf_deprecation
 
-from trainer import compile as step_functions
+from trainer import step_functions
 from trainer import evalsets, signals
 from trainer.data import release_in_background
 from trainer.errors import EXIT_BUG, EXIT_SIGNAL, TrainerError

@@ -226,7 +226,7 @@ def _rate_variables(trainer, schedules) -> List[tf.Variable]:
 
 def _run(trainer, iterator, rates, variables, beta: float, divergence: Optional[float], monitor: str):
     """One step per rate; (the losses, why it stopped)."""
-    from trainer.compile import make_train_function
+    from trainer.step_functions import make_train_function
 
     train = make_train_function(trainer, iterator)
     losses, best = [], math.inf

@@ -2,7 +2,7 @@
 fingerprints of its frozen models, which are in no checkpoint, so a resume compares them instead
 (docs/research.md, Frozen models).
 
-Below the Trainer (it reads the Trainer's models, optimizers and state; it imports neither core.py nor callbacks).
+Below the Trainer (it reads the Trainer's models, optimizers and state; it imports neither trainer.py nor callbacks).
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from trainer.tracing import framework_code
 
 class Step:
     """Mixed into Trainer. Expects: models, model, loss, updaters, train_metrics, eval_metrics, train_loss,
-    eval_loss, strategy, config (see core.py)."""
+    eval_loss, strategy, config (see trainer.py)."""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

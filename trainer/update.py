@@ -33,7 +33,7 @@ class Updater:
       variables: returns the variables it updates (read at trace time: after freezing layers, call
         `Trainer.reset_step_functions()`).
 
-    `skip_by_select` is set by compile.py from the XLA plan: when XLA compiles the update with the rest
+    `skip_by_select` is set by step_functions.py from the XLA plan: when XLA compiles the update with the rest
     of the step, a non-finite update is undone by a select instead of skipped by a branch.
     """
 
@@ -147,7 +147,7 @@ class Updater:
 
     def logs(self, prefix: str = "") -> Dict[str, float]:
         """lr, grad_norm (mean over the window's finite updates), loss_scale, skipped_steps. The Trainer
-        restarts grad_norm with its other window trackers (core.py _reset_train_trackers)."""
+        restarts grad_norm with its other window trackers (trainer.py _reset_train_trackers)."""
         logs = {}
         if self.in_step:  # not for an optimizer the step does not use
             logs[f"{prefix}grad_norm"] = float(self.grad_norm.result())

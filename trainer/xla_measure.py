@@ -1,6 +1,6 @@
 """trainer.jit_compile=measure: the run's first loop times its own train function with XLA on and off and
 keeps the faster (also auto's, for a long run on a CPU). A component the loop calls before its first loop
-(`measure_first_loop`); the functions it makes and the choice it keeps go through compile.py, their owner."""
+(`measure_first_loop`); the functions it makes and the choice it keeps go through step_functions.py, their owner."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import tensorflow as tf
 
-from trainer import compile as step_functions
+from trainer import step_functions
 from trainer.timing import interleaved_seconds, median_seconds, rounds_won
 
 log = logging.getLogger("trainer.core")

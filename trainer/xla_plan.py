@@ -1,6 +1,6 @@
 """Where XLA goes: pure decisions from the settings and the hardware, each with its reason (no state,
 no Trainer): whether to compile at all (`decide_jit_compile`), how much of the train step
-(`plan_xla`), and the one wrapper that compiles (`wrap_xla`). trainer/compile.py applies them."""
+(`plan_xla`), and the one wrapper that compiles (`wrap_xla`). trainer/step_functions.py applies them."""
 from __future__ import annotations
 
 import dataclasses

@@ -110,7 +110,7 @@ def diagnose(model: Callable, data, loss, optimizer: Optional[Callable] = None, 
     """
     from trainer.assemble import Parts
     from trainer.config import PrecisionConfig, TrainerConfig
-    from trainer.core import Trainer
+    from trainer.trainer import Trainer
 
     parts = Parts(model=model, loss=loss, optimizer=optimizer, metrics=metrics,
                   precision=PrecisionConfig(policy=precision) if isinstance(precision, str) else precision,
@@ -135,7 +135,7 @@ def diagnose_parts(parts, data, *, batch_size: Optional[int] = None, strategy=No
     from trainer.doctor.model_table import model_section
     from trainer.doctor.numerics import numerics_section
     from trainer.doctor.speed import plan_grid, speed_section
-    from trainer.objects import per_example_loss
+    from trainer.components import per_example_loss
 
     start = time.perf_counter()
     progress = progress or _progress_to_stderr(start)

@@ -1,5 +1,5 @@
 """What a Trainer holds, made from what the user gave: models, optimizers (one per model, by name),
-metrics, loss and loss scales. Called under the strategy scope (core.py), after the dtype policy is set."""
+metrics, loss and loss scales. Called under the strategy scope (trainer.py), after the dtype policy is set."""
 from __future__ import annotations
 
 import logging

@@ -1,10 +1,10 @@
 """The Trainer: a facade over the step (step.py), the update per optimizer (update.py), compiling
-(compile.py), input (inputs.py), the outer loop (loop.py) and callbacks (callbacks/).
+(step_functions.py), input (inputs.py), the outer loop (loop.py) and callbacks (callbacks/).
 
 Three layers, as in Orbit and Keras' own trainer:
   * `train_step(data)` / `test_step(data)`: one replica's work. Override them, or `compute_loss`, in a
     subclass; research code with several models and optimizers calls `self.update(loss, tape, name)`.
-  * compile.py wraps the step in `strategy.run`, loops it `steps_per_loop` times inside one
+  * step_functions.py wraps the step in `strategy.run`, loops it `steps_per_loop` times inside one
     `tf.function`, and applies XLA: the only place that compiles anything.
   * `fit`: input, callbacks, and loop.py's loop (logging, evaluation, checkpoints, signals).
 """
@@ -20,8 +20,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
 import keras
 import tensorflow as tf
 
-from trainer import compile as step_functions
-from trainer import auto_precision, debug, ema, evalsets, model_summary, objects, saved, signals
+from trainer import auto_precision, components, debug, ema, evalsets, model_summary, saved, signals, step_functions
 from trainer import loop as loop_lib
 from trainer import precision as precision_lib
 from trainer.arrays import fit_arguments, fit_inputs
@@ -42,7 +41,7 @@ from trainer.tracking import Window
 from trainer.xla_measure import XlaMeasurement
 from trainer.xla_plan import XlaPlan, decide_jit_compile
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("trainer.core")  # its old module name: the log channel README and docs show
 
 __all__ = ["NumericalError", "Trainer", "TrainingInterrupted"]
 
@@ -109,14 +108,14 @@ class Trainer(Step):
             tf.debugging.enable_check_numerics()
 
         with self.strategy.scope():
-            self.models: Dict[str, keras.Model] = objects.make_models(model, models)
+            self.models: Dict[str, keras.Model] = components.make_models(model, models)
             if model is not None and self.models.get("model") is model:  # ready-made: built before the Trainer
-                objects.check_ready_made_model(model, self.precision.policy, self.strategy, strategy is not None)
-            self.frozen = objects.freeze(frozen, self.models, optimizers)  # docs/research.md, Frozen models
-            self._frozen_builders, self._random_frozen = objects.frozen_builders(models, self.frozen), []
+                components.check_ready_made_model(model, self.precision.policy, self.strategy, strategy is not None)
+            self.frozen = components.freeze(frozen, self.models, optimizers)  # docs/research.md, Frozen models
+            self._frozen_builders, self._random_frozen = components.frozen_builders(models, self.frozen), []
             trained = [n for n in self.models if n not in self.frozen]
-            self.optimizers = objects.make_optimizers(optimizer, optimizers, trained, self.strategy)
-            self.train_metrics, self.eval_metrics = objects.make_metrics(metrics, remake=strategy is not None)
+            self.optimizers = components.make_optimizers(optimizer, optimizers, trained, self.strategy)
+            self.train_metrics, self.eval_metrics = components.make_metrics(metrics, remake=strategy is not None)
             self.train_loss = keras.metrics.Mean(name="loss")
             self.eval_loss = keras.metrics.Mean(name="loss")
             # what a log window reports: the loss, the metrics and an overridden step's logs (its step_logs)
@@ -130,9 +129,9 @@ class Trainer(Step):
             # Variable path -> factor applied to its unscaled gradient (a lower backbone rate when fine-tuning).
             # Call reset_step_functions() after changing it, or after freezing/unfreezing layers.
             self.grad_multipliers: Dict[Any, float] = {}
-            self.updaters = objects.make_updaters(self, clipnorm)
+            self.updaters = components.make_updaters(self, clipnorm)
         self.default_optimizer = next(iter(self.optimizers)) if len(self.optimizers) == 1 else None
-        self.loss = objects.per_example_loss(loss)
+        self.loss = components.per_example_loss(loss)
         self._step_functions = step_functions.StepFunctions(decide_jit_compile(
             self.config, self.precision, on_cpu=self._on_cpu(), replicas=self.strategy.num_replicas_in_sync))
         self.callbacks = CallbackList(list(callbacks))
@@ -154,11 +153,11 @@ class Trainer(Step):
     @property
     def model(self) -> keras.Model:
         """The model (with one); see `models`."""
-        return objects.only("model", self.models, self.frozen)
+        return components.only("model", self.models, self.frozen)
 
     @model.setter
     def model(self, value) -> None:
-        objects.only("model", self.models, self.frozen)  # with one model only
+        components.only("model", self.models, self.frozen)  # with one model only
         self.models[next(iter(self.models))] = value
 
     @property
@@ -174,11 +173,11 @@ class Trainer(Step):
 
     @property
     def optimizer(self) -> keras.optimizers.Optimizer:
-        return objects.only("optimizer", self.optimizers)
+        return components.only("optimizer", self.optimizers)
 
     @property
     def jit_compile(self) -> bool:
-        """Whether the steps compile with XLA: auto resolved at construction, or measured (compile.py's)."""
+        """Whether the steps compile with XLA: auto resolved at construction, or measured (step_functions.py's)."""
         return self._step_functions.jit_compile
 
     @property
@@ -194,7 +193,7 @@ class Trainer(Step):
 
     @property
     def loss_scale(self) -> LossScale:
-        return objects.only("loss_scale", {n: u.loss_scale for n, u in self.updaters.items()})
+        return components.only("loss_scale", {n: u.loss_scale for n, u in self.updaters.items()})
 
     # -- building and compiling -------------------------------------------------------------------
 
@@ -222,7 +221,7 @@ class Trainer(Step):
                          f"; per layer: {self.run_dir / model_summary.FILE}" if self.run_dir is not None else "")
             if self.config.grad_accum_steps > 1:
                 self._make_accumulators()
-            self._random_frozen = objects.random_frozen(self._frozen_builders, self.models, self.config.init_from)
+            self._random_frozen = components.random_frozen(self._frozen_builders, self.models, self.config.init_from)
         self._built = True
 
     def _build_single_model(self, sample_batch) -> None:
@@ -342,7 +341,7 @@ class Trainer(Step):
                         summary["ema_weights_sha256"] = self.weights_fingerprint()
             self._kept_iterator = KeptIterator(train_data, step, loop.iterator, self.strategy.num_replicas_in_sync)
             callbacks.on_train_end(self, summary)
-        objects.say_random_frozen(self._random_frozen, " (the whole run)")
+        components.say_random_frozen(self._random_frozen, " (the whole run)")
         return eval_logs or train_logs
 
     def run_steps(self, num_steps: int, *, loop: bool = False) -> int:
