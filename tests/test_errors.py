@@ -114,6 +114,24 @@ def test_a_probe_for_tensorflow_is_not_its_import_and_submodules_are_attributes(
         trainer.no_such_name
 
 
+def test_the_old_module_names_still_import_their_public_names():
+    """trainer.core and trainer.compile were renamed trainer.trainer and trainer.step_functions: a user's
+    `from trainer.core import Trainer` gets the same class, and the log channel keeps its name."""
+    import logging
+
+    import trainer
+    from trainer import step_functions, xla_plan
+    from trainer.compile import XlaPlan, decide_jit_compile, make_eval_function, make_train_function, plan_xla
+    from trainer.core import NumericalError, Trainer, TrainingInterrupted
+
+    assert (Trainer, NumericalError, TrainingInterrupted) == (trainer.Trainer, trainer.NumericalError,
+                                                                trainer.TrainingInterrupted)
+    assert (make_train_function, make_eval_function) == (step_functions.make_train_function,
+                                                         step_functions.make_eval_function)
+    assert (XlaPlan, decide_jit_compile, plan_xla) == (xla_plan.XlaPlan, xla_plan.decide_jit_compile, xla_plan.plan_xla)
+    assert sys.modules["trainer.trainer"].log is logging.getLogger("trainer.core")
+
+
 @pytest.mark.parametrize("imports", ["trainer, keras", "keras, trainer"])
 def test_a_keras_file_with_trainers_classes_loads_after_import_trainer(imports, tmp_path):
     """A .keras file naming Float32Outputs and a Warmup schedule loads in a fresh process after a plain
