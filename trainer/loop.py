@@ -12,8 +12,7 @@ from typing import Any, Dict, Optional, Tuple
 import tensorflow as tf
 from tensorflow.python.util import deprecation as _tf_deprecation
 
-from trainer import step_functions
-from trainer import evalsets, signals
+from trainer import ema, evalsets, signals, step_functions
 from trainer.data import release_in_background
 from trainer.errors import EXIT_BUG, EXIT_SIGNAL, TrainerError
 from trainer.inputs import batches_read_per_step, distribute, nothing_to_train
@@ -143,6 +142,24 @@ class Loop:
             if tf_owns_sigterm:  # TF's handler must not outlive this fit() (it would swallow later SIGTERMs)
                 signals.restore_sigterm(sigterm_before)
         return self.train_logs, self.eval_logs, self.step
+
+    def summary(self) -> Dict[str, Any]:
+        """What on_train_end gets after a run: the last train logs and the final evaluation's (`eval_*`), the step,
+        the traces, the first loop's time, trainer.jit_compile=measure's figures and the weights' fingerprints."""
+        t = self.trainer
+        summary = {**self.train_logs, **{f"eval_{k}": v for k, v in self.eval_logs.items() if k not in ("step", "split")}}
+        summary.update(step=self.step, traces=dict(t.traces))
+        if self.first_loop_seconds is not None:
+            summary["first_loop_seconds"] = self.first_loop_seconds
+        if t.xla_measurement is not None:
+            summary["xla_measurement"] = t.xla_measurement.describe()
+        if t.run_dir is not None or t.strategy.extended._in_multi_worker_mode():
+            # 0.1-0.2 s per 20M parameters: for runs that write a summary, not for every fit() call.
+            summary["weights_sha256"] = t.weights_fingerprint()
+            with ema.averaged_weights(t) as averaged:
+                if averaged:  # what evaluation and export see
+                    summary["ema_weights_sha256"] = t.weights_fingerprint()
+        return summary
 
     def _train(self, preemption) -> None:
         self.window_start, self.window_step = time.perf_counter(), self.step

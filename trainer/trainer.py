@@ -327,18 +327,7 @@ class Trainer(Step):
         loop = Loop(self, callbacks, make_iterator, eval_data, self.total, request=(steps, epochs))
         train_logs, eval_logs, step = loop.run()
         with loop.interrupted:  # a signal from here to the summary's end (the loggers' ends) waits for it too
-            summary = {**train_logs, **{f"eval_{k}": v for k, v in eval_logs.items() if k not in ("step", "split")}}
-            summary.update(step=step, traces=dict(self.traces))
-            if loop.first_loop_seconds is not None:
-                summary["first_loop_seconds"] = loop.first_loop_seconds
-            if self.xla_measurement is not None:
-                summary["xla_measurement"] = self.xla_measurement.describe()
-            if self.run_dir is not None or self.strategy.extended._in_multi_worker_mode():
-                # 0.1-0.2 s per 20M parameters: for runs that write a summary, not for every fit() call.
-                summary["weights_sha256"] = self.weights_fingerprint()
-                with ema.averaged_weights(self) as averaged:
-                    if averaged:  # what evaluation and export see
-                        summary["ema_weights_sha256"] = self.weights_fingerprint()
+            summary = loop.summary()
             self._kept_iterator = KeptIterator(train_data, step, loop.iterator, self.strategy.num_replicas_in_sync)
             callbacks.on_train_end(self, summary)
         components.say_random_frozen(self._random_frozen, " (the whole run)")
