@@ -2,7 +2,8 @@
 
     from trainer import Trainer
     trainer = Trainer(model=build_model, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                      optimizer=lambda: keras.optimizers.Adam(1e-3), metrics=[keras.metrics.SparseCategoricalAccuracy()])
+                      optimizer=lambda: keras.optimizers.Adam(1e-3),
+                      metrics=[keras.metrics.SparseCategoricalAccuracy()])
     trainer.fit(train_ds, eval_ds, steps=1000)
 
 The names below load when first used (PEP 562), so `import trainer.config` or `trainer.errors` does not load

@@ -61,7 +61,8 @@ def machine(strategy=None) -> dict:
     caps = _gpu_capabilities()
     if caps:
         return {"kind": "GPU", "compute_capabilities": caps}
-    return {"kind": "CPU", "cpu": cpu_model(), "flags": sorted(cpu_flags() & {"amx_bf16", "avx512_bf16", "avx512_fp16"})}
+    return {"kind": "CPU", "cpu": cpu_model(),
+            "flags": sorted(cpu_flags() & {"amx_bf16", "avx512_bf16", "avx512_fp16"})}
 
 
 def machine_key(hardware: dict) -> str:
@@ -211,15 +212,18 @@ def choose(strategy=None, measure: Optional[Callable[[str], dict]] = None, model
     if not cached:
         probe = (measure or measure_speedup)(policy)
         write_cache(key, {"probe": {**entry.get("probe", {}), policy: probe}})
-    measured = (f"{DTYPE_OF[policy]} matmuls measured {probe['speedup']:.2f}x float32 ({probe['reduced_gflops']:.0f} vs "
-                f"{probe['float32_gflops']:.0f} GFLOP/s, {probe['side']}x{probe['side']}, {probe['when']}"
-                f"{', cached in ' + str(cache_path()) if cached else ''})")
+    measured = (f"{DTYPE_OF[policy]} matmuls measured {probe['speedup']:.2f}x float32 ({probe['reduced_gflops']:.0f} "
+                f"vs {probe['float32_gflops']:.0f} GFLOP/s, {probe['side']}x{probe['side']}, "
+                f"{probe['when']}{', cached in ' + str(cache_path()) if cached else ''})")
     if probe["speedup"] >= LEAST_MATMUL_SPEEDUP:
-        return Choice(policy, f"{not_ours}{why}; {measured}, at least the {LEAST_MATMUL_SPEEDUP:g}x a step needs to gain")
-    return Choice("float32", f"{not_ours}{why}, but {measured}, under the {LEAST_MATMUL_SPEEDUP:g}x a step needs to gain")
+        return Choice(policy, f"{not_ours}{why}; {measured}, at least the "
+                              f"{LEAST_MATMUL_SPEEDUP:g}x a step needs to gain")
+    return Choice("float32", f"{not_ours}{why}, but {measured}, under the "
+                             f"{LEAST_MATMUL_SPEEDUP:g}x a step needs to gain")
 
 
-def decide(strategy=None, measure: Optional[Callable[[str], dict]] = None, model: Optional[dict] = None) -> Tuple[str, str]:
+def decide(strategy=None, measure: Optional[Callable[[str], dict]] = None,
+           model: Optional[dict] = None) -> Tuple[str, str]:
     """(policy, why) for precision=auto on this machine (choose() without the XLA part)."""
     return tuple(choose(strategy, measure, model)[:2])
 
@@ -227,7 +231,7 @@ def decide(strategy=None, measure: Optional[Callable[[str], dict]] = None, model
 def _recorded_choice(run_dir) -> Optional[Choice]:
     """What auto chose for the run in `run_dir` (its policy, and its XLA setting if it had one) when that
     run has checkpoints to resume, else None."""
-    from trainer.checkpoint import list_checkpoints
+    from trainer.checkpoint_files import list_checkpoints
 
     if run_dir is None or not list_checkpoints(Path(run_dir) / "checkpoints"):
         return None

@@ -44,7 +44,8 @@ def _well_formed(cache) -> bool:
 
 
 def _answer_problem(answer) -> Optional[str]:
-    """What is wrong with a stored doctor answer, or None: its keys and their values, as auto_precision.choose() uses them."""
+    """What is wrong with a stored doctor answer, or None: its keys and their values, as
+    auto_precision.choose() uses them."""
     if not isinstance(answer, dict):
         return "not a mapping"
     if not _DOCTOR_KEYS <= answer.keys():
@@ -79,7 +80,8 @@ def _drop_malformed_answers(cache: dict) -> None:
                 del answers[key]
     if dropped:
         log.warning("precision=auto: a doctor answer in its cache %s is not in the expected form (edited by hand?): "
-                    "%s; ignoring it (python -m trainer.doctor --verify --set-auto stores it again)", cache_path(), "; ".join(dropped))
+                    "%s; ignoring it (python -m trainer.doctor --verify --set-auto stores it again)", cache_path(),
+                    "; ".join(dropped))
 
 
 def read_cache() -> dict:

@@ -52,7 +52,8 @@ def check_frozen_unchanged(record: Path, now: Dict[str, str]) -> None:
         recorded = json.loads(record.read_text()).get("frozen")
     except (OSError, ValueError, AttributeError):  # none, unreadable, or not a dict
         return
-    changed = sorted(name for name, value in now.items() if isinstance(recorded, dict) and recorded.get(name, value) != value)
+    changed = sorted(name for name, value in now.items()
+                     if isinstance(recorded, dict) and recorded.get(name, value) != value)
     if changed:
         raise CheckpointError(
             f"The frozen models {changed} have other weights than when this run last saved (fingerprint "

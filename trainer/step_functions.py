@@ -48,7 +48,8 @@ def plan_of(trainer, jit_compile: Optional[bool] = None) -> XlaPlan:
     sizes = [v.shape.num_elements() for m in trainer.models.values() for v in m.trainable_variables]
     return plan_xla(trainer.config, jit_compile=of(trainer).jit_compile if jit_compile is None else jit_compile,
                     on_cpu=trainer._on_cpu(), replicas=trainer.strategy.num_replicas_in_sync,
-                    custom_step=type(trainer).train_step is not Step.train_step and trainer.config.grad_accum_steps == 1,
+                    custom_step=(type(trainer).train_step is not Step.train_step
+                                 and trainer.config.grad_accum_steps == 1),
                     mean_variable_size=sum(sizes) / len(sizes) if sizes else 0.0)
 
 

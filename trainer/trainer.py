@@ -30,8 +30,8 @@ from trainer.checkpoint import NO_BEST, Checkpointer
 from trainer.config import PrecisionConfig, TrainerConfig, check_ranges
 from trainer.console import show_logs_unless_configured
 from trainer.distribute import say_strategy_once
-from trainer.inputs import (DataArg, KeptIterator, batches_read_per_step, check_batches_per_step, sample_batch, steps_per_epoch_of,
-                            total_steps, training_iterator)
+from trainer.inputs import (DataArg, KeptIterator, batches_read_per_step, check_batches_per_step, sample_batch,
+                            steps_per_epoch_of, total_steps, training_iterator)
 from trainer.loop import Loop, TrainingInterrupted, evaluate
 from trainer.loss_scale import LossScale
 from trainer.memory import memory_logs
@@ -125,7 +125,8 @@ class Trainer(Step):
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
             self.rng = tf.random.Generator.from_seed(seed)  # for recipes' augmentation seeds
             # No best yet: the worst finite value (NaN would trip precision.debug_numerics on every read).
-            self.best = tf.Variable(NO_BEST.get(self.config.best_mode, math.nan), dtype=tf.float32, trainable=False, name="best_metric")
+            self.best = tf.Variable(NO_BEST.get(self.config.best_mode, math.nan), dtype=tf.float32, trainable=False,
+                                    name="best_metric")
             # Variable path -> factor applied to its unscaled gradient (a lower backbone rate when fine-tuning).
             # Call reset_step_functions() after changing it, or after freezing/unfreezing layers.
             self.grad_multipliers: Dict[Any, float] = {}
@@ -145,7 +146,7 @@ class Trainer(Step):
         self._kept_iterator: Optional[KeptIterator] = None
         self._fit_eval_limit = None  # (eval data, config, batches or None): from debug.plan_fit
         self._fit_inputs, self.eval_set_names = None, None  # fit()'s last arguments made ready; named eval sets
-        self.last_train_logs: Dict[str, Any] = {}  # what a later fit() with nothing to train returns (without eval data)
+        self.last_train_logs: Dict[str, Any] = {}  # what a later fit() with nothing to train returns (no eval data)
         self.eval_batches: Optional[int] = None  # global batches the last evaluation read
 
     # -- what the Trainer holds -------------------------------------------------------------------
@@ -211,7 +212,8 @@ class Trainer(Step):
             for name, model in self.models.items():
                 if not model.weights:
                     raise ValueError(f"Trainer: model {name!r} has no variables yet: give it a keras.Input, or call "
-                                     "model.build(input_shape) in its builder, so its optimizer can be built before tracing")
+                                     "model.build(input_shape) in its builder, so its optimizer "
+                                     "can be built before tracing")
                 if self.precision.policy != "float32":
                     precision_lib.check_variables_float32(model)
             for updater in self.updaters.values():
@@ -263,11 +265,11 @@ class Trainer(Step):
 
     total_steps = staticmethod(total_steps)  # how long a fit() call trains: trainer/inputs.py
 
-    def fit(self, train_data: Optional[DataArg] = None, eval_data: Optional[DataArg] = None, /, *, steps: Optional[int] = None,
-            epochs: Optional[float] = None, steps_per_epoch: Optional[int] = None, batch_size: Optional[int] = None,
-            validation_data=None, validation_split: Optional[float] = None, class_weight: Optional[Mapping] = None,
-            sample_weight=None, shuffle: Optional[bool] = None, validation_batch_size: Optional[int] = None,
-            **keywords) -> Dict[str, float]:
+    def fit(self, train_data: Optional[DataArg] = None, eval_data: Optional[DataArg] = None, /, *,
+            steps: Optional[int] = None, epochs: Optional[float] = None, steps_per_epoch: Optional[int] = None,
+            batch_size: Optional[int] = None, validation_data=None, validation_split: Optional[float] = None,
+            class_weight: Optional[Mapping] = None, sample_weight=None, shuffle: Optional[bool] = None,
+            validation_batch_size: Optional[int] = None, **keywords) -> Dict[str, float]:
         """Trains until `steps` (or `epochs`: totals, unlike Keras) and returns the final eval logs (or train logs).
 
         `train_data`: a tf.data.Dataset, an InputContext -> Dataset function, or arrays x: then the second argument
@@ -285,9 +287,11 @@ class Trainer(Step):
                                       class_weight=class_weight, sample_weight=sample_weight, shuffle=shuffle,
                                       validation_batch_size=validation_batch_size)
         made, per_step = self._fit_inputs[1], batches_read_per_step(self.config)
-        if made.train_examples and steps is None and epochs is None and not (self.config.max_steps or self.config.epochs):
+        if (made.train_examples and steps is None and epochs is None
+                and not (self.config.max_steps or self.config.epochs)):
             epochs = 1  # Keras' default, for arrays (their size is known)
-        with run_folder_lock(self.run_dir, hold=self.is_chief) if self.run_dir is not None else contextlib.nullcontext():
+        with (run_folder_lock(self.run_dir, hold=self.is_chief) if self.run_dir is not None
+              else contextlib.nullcontext()):
             return self._fit(made.train, made.eval, steps, epochs, made.steps_per_epoch(steps_per_epoch, per_step),
                              batch_size or made.batch_size)
 
@@ -297,9 +301,11 @@ class Trainer(Step):
             steps_per_epoch = steps_per_epoch_of(train_data, batches_read_per_step(cfg))
         steps_per_epoch = debug.steps_per_epoch(cfg, steps_per_epoch)  # overfit_batches: an epoch is those batches
         self.total = 0 if cfg.fast_dev_run else self.total_steps(  # fast_dev_run: debug.plan_fit says how long
-            steps if steps is not None else cfg.max_steps, epochs if epochs is not None else cfg.epochs, steps_per_epoch)
+            steps if steps is not None else cfg.max_steps, epochs if epochs is not None else cfg.epochs,
+            steps_per_epoch)
         self.steps_per_epoch = steps_per_epoch
-        train_data, eval_data, self.total, self._fit_eval_limit = debug.plan_fit(self, train_data, eval_data, self.total)
+        train_data, eval_data, self.total, self._fit_eval_limit = debug.plan_fit(self, train_data, eval_data,
+                                                                                 self.total)
         kept, self._kept_iterator = self._kept_iterator, None  # kept again only if this call ends normally
         if kept is None or kept.data is not train_data:  # build every variable before restoring and tracing
             sample, self.batch_size = sample_batch(train_data, self.strategy)
@@ -308,8 +314,9 @@ class Trainer(Step):
             self.batch_size = batch_size
         if eval_data is not None and type(self).test_step is Step.test_step and (
                 len(self.models) > 1 or (self.loss is None and not self.model.losses)):
-            raise TypeError("Trainer: evaluation with the default test_step needs one model and a loss (Trainer(loss=...) "
-                            "or add_loss); override test_step, returning a dict of logs, or give no eval data")
+            raise TypeError("Trainer: evaluation with the default test_step needs one model and a loss "
+                            "(Trainer(loss=...) or add_loss); override test_step, returning a dict of "
+                            "logs, or give no eval data")
         self.stop_training = False  # a callback's stop ends one fit() call, not the later ones
         self.eval_set_names = evalsets.names_of(eval_data)  # None: one set, plain names (monitors read them)
         self.callback_list = callbacks = callback_list(self, self.callbacks.callbacks)
@@ -367,11 +374,7 @@ class Trainer(Step):
         limit_eval_batches, fast_dev_run's few (trainer/debug.py). With an optimizer's use_ema=True, of the
         averaged weights (see ema.py)."""
         if not steps:
-            resolved = self._fit_eval_limit  # fit()'s eval set: its limit, resolved once by debug.plan_fit
-            if resolved is not None and resolved[0] is eval_data and resolved[1] is self.config:
-                steps = resolved[2]
-            else:
-                steps = debug.eval_batch_limit(self.config, eval_data, self.strategy)
+            steps = debug.eval_limit_of(eval_data, self.config, self.strategy, self._fit_eval_limit)
         evaluating, self._evaluating = self._evaluating, True
         try:
             with ema.averaged_weights(self):

@@ -213,8 +213,8 @@ def _optimizers_of_your_own_average() -> None:
             log.warning("Optimizer %r is applied in an overridden step but is not one of the Trainer's: it is in no "
                         "checkpoint (a resume restarts its state), and gets no loss scaling, finite check or clipping; "
                         "its gradients are averaged over the replicas (the step's losses are batch means). Fix: give "
-                        "it to the Trainer (Trainer(optimizers={name: optimizer})) and call self.update(loss, tape, name).",
-                        getattr(self, "name", type(self).__name__))
+                        "it to the Trainer (Trainer(optimizers={name: optimizer})) and call "
+                        "self.update(loss, tape, name).", getattr(self, "name", type(self).__name__))
         summed = list(keras_sum(self, grads_and_vars))
         if replicas <= 1:
             return summed
