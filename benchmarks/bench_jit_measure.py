@@ -7,7 +7,7 @@ precision, on this machine:
      (trainer/timing.py): the median ms/step of each is the truth measure's choice is judged against.
   2. `--measure-runs` Trainers with trainer.jit_compile=measure train the measuring steps (40: 3 rounds of 5
      each way after a warm-up call each); their choice and the seconds that fit() took.
-  3. auto's choice (compile.decide_jit_compile, no measuring); the overhead of measuring over auto =
+  3. auto's choice (xla_plan.decide_jit_compile, no measuring); the overhead of measuring over auto =
      measure's fit() seconds - (auto's compile_s + the same steps at auto's ms/step); the gain = auto's
      ms/step - the measured choice's; break-even = overhead / gain: the run length from which measuring pays.
 

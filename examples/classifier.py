@@ -19,7 +19,8 @@ args = parser.parse_args()
 
 (x_train, y_train, x_test, y_test), where = load_mnist_format("fashion_mnist")  # real data, offline
 flat = lambda x, y: (tf.reshape(tf.cast(x, tf.float32) / 255.0, (-1, 784)), tf.cast(y, tf.int32))
-train = tf.data.Dataset.from_tensor_slices((x_train, y_train)).shuffle(60000, seed=0).batch(64, drop_remainder=True).map(flat)
+train = (tf.data.Dataset.from_tensor_slices((x_train, y_train)).shuffle(60000, seed=0).batch(64, drop_remainder=True)
+         .map(flat))
 test = tf.data.Dataset.from_tensor_slices((x_test, y_test)).batch(256).map(flat)
 
 
@@ -31,7 +32,9 @@ def build_model():  # the guide's model: 784 -> 64 -> 64 -> 10 logits (float32 u
 
 
 trainer = Trainer(model=build_model, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  optimizer=lambda: keras.optimizers.SGD(1e-3 * 100), metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-                  precision=args.precision, run_dir=args.run_dir, log_every=max(args.steps // 10, 1), progress_bar=False)
+                  optimizer=lambda: keras.optimizers.SGD(1e-3 * 100),
+                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+                  precision=args.precision, run_dir=args.run_dir, log_every=max(args.steps // 10, 1),
+                  progress_bar=False)
 logs = trainer.fit(train, test, steps=args.steps)
 print(f"eval accuracy {logs['accuracy']:.4f}, loss {logs['loss']:.4f} on {where}")

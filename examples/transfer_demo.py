@@ -55,7 +55,8 @@ def main() -> None:
     parser.add_argument("--regimes", nargs="+", default=["100:50", "500:100"],
                         help="IMAGES:STEPS: classes-5-9 training images used, and fine-tune / from-scratch steps")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--backbone-lr-mult", type=float, default=1.0, help="fine-tuning's backbone rate (x the head's)")
+    parser.add_argument("--backbone-lr-mult", type=float, default=1.0,
+                        help="fine-tuning's backbone rate (x the head's)")
     parser.add_argument("--compare-mults", type=float, nargs="*", default=[0.1, 0.3],
                         help="also fine-tune with these backbone rates (first regime, first seed)")
     opts = parser.parse_args()
@@ -75,7 +76,8 @@ def main() -> None:
 
     def finetune(images, steps, seed, mult):
         args = ["recipe=resnet_finetune", f"trainer.init_from={pretrain_dir}", f"finetune.backbone_lr_mult={mult}"]
-        return run(args + target_args(images, steps, seed), opts.out / f"finetune_{images}img_{steps}steps_mult{mult:g}_seed{seed}")
+        return run(args + target_args(images, steps, seed),
+                   opts.out / f"finetune_{images}img_{steps}steps_mult{mult:g}_seed{seed}")
 
     table = []
     for regime in opts.regimes:
@@ -84,12 +86,14 @@ def main() -> None:
         for seed in opts.seeds:
             print(f"\nClasses {target}: {images} training images, {steps} steps, seed {seed}", flush=True)
             tuned.append(finetune(images, steps, seed, opts.backbone_lr_mult))
-            scratch.append(run(["recipe=resnet", *target_args(images, steps, seed)], opts.out / f"scratch_{images}img_{steps}steps_seed{seed}"))
+            scratch.append(run(["recipe=resnet", *target_args(images, steps, seed)],
+                               opts.out / f"scratch_{images}img_{steps}steps_seed{seed}"))
         table.append((images, steps, tuned, scratch))
     first_images, first_steps = (int(v) for v in opts.regimes[0].split(":"))
     others = {}
     for mult in opts.compare_mults:
-        print(f"\nBackbone rate x{mult:g} ({first_images} images, {first_steps} steps, seed {opts.seeds[0]})", flush=True)
+        print(f"\nBackbone rate x{mult:g} ({first_images} images, {first_steps} steps, seed {opts.seeds[0]})",
+              flush=True)
         others[mult] = finetune(first_images, first_steps, opts.seeds[0], mult)
 
     print(f"\nPretrained on classes 0-4 ({opts.pretrain_steps} steps): eval accuracy {pretrain['accuracy']:.4f}")
@@ -98,7 +102,8 @@ def main() -> None:
     print(f"  {'train images':>12s} {'steps':>5s} | {'from scratch':>24s} | {'fine-tuned':>24s} | {'gain':>7s}")
     for images, steps, tuned, scratch in table:
         fmt = lambda rows: f"{_mean(rows):.4f} (" + ", ".join(f"{r['accuracy']:.4f}" for r in rows) + ")"
-        print(f"  {images:12d} {steps:5d} | {fmt(scratch):>24s} | {fmt(tuned):>24s} | {_mean(tuned) - _mean(scratch):+7.4f}")
+        print(f"  {images:12d} {steps:5d} | {fmt(scratch):>24s} | {fmt(tuned):>24s} | "
+              f"{_mean(tuned) - _mean(scratch):+7.4f}")
     if others:
         row = {opts.backbone_lr_mult: table[0][2][0], **others}
         print(f"Backbone rate ({first_images} images, {first_steps} steps, seed {opts.seeds[0]}): "

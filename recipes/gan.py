@@ -17,7 +17,7 @@ import tensorflow as tf
 from omegaconf import II
 
 from trainer.config import ConfigError, ranged
-from trainer.core import Trainer
+from trainer.trainer import Trainer
 from trainer.data import DataBundle, classification_pipeline, load_mnist_format
 
 
@@ -25,7 +25,8 @@ from trainer.data import DataBundle, classification_pipeline, load_mnist_format
 class GanModelConfig:
     _target_: str = "trainer.recipes.gan.build_models"
     latent_dim: int = ranged(32, "[1, inf)")  # size of the generator's noise input
-    hidden_units: List[int] = ranged(interval="[1, inf)", factory=lambda: [128])  # units per Dense layer, in both models
+    # units per Dense layer, in both models
+    hidden_units: List[int] = ranged(interval="[1, inf)", factory=lambda: [128])
 
 
 @dataclass
@@ -34,7 +35,8 @@ class GanDataConfig:
     name: str = "fashion_mnist"  # mnist | fashion_mnist
     path: Optional[str] = None  # IDX files (gz or not) folder, or an mnist.npz file
     batch_size: int = ranged(128, "[1, inf)")  # global batch, split across replicas
-    latent_dim: int = ranged(II("model.latent_dim"), "[1, inf)")  # the noise that comes with each image (follows model.latent_dim)
+    # the noise that comes with each image (follows model.latent_dim)
+    latent_dim: int = ranged(II("model.latent_dim"), "[1, inf)")
     seed: int = ranged(II("seed"), "[0, 4294967295]")  # seeds the order and the noise (follows the run's seed)
 
 
@@ -103,7 +105,8 @@ class GAN(Trainer):
             with tf.GradientTape() as tape:
                 fake = generator(noise, training=True)
                 logits = discriminator(tf.concat([fake, real], 0), training=True)
-                labels = tf.concat([tf.zeros_like(logits[: tf.shape(real)[0]]), tf.ones_like(logits[: tf.shape(real)[0]])], 0)
+                labels = tf.concat([tf.zeros_like(logits[: tf.shape(real)[0]]),
+                                    tf.ones_like(logits[: tf.shape(real)[0]])], 0)
                 d_loss = bce(labels, logits)
             self.update(d_loss, tape, "discriminator")
         with tf.GradientTape() as tape:

@@ -91,7 +91,8 @@ class TFRecordConfig(ImageDataConfig):
     image_key: str = "image/encoded"  # tf.train.Example feature holding the encoded image
     label_key: str = "image/class/label"  # tf.train.Example feature holding the integer label
     label_offset: int = 0  # added to stored labels; -1 for TF-slim/Inception ImageNet files (labels 1..1000)
-    train_examples: Optional[int] = ranged(None, "[1, inf)")  # records in the training files (needed for trainer.epochs)
+    # records in the training files (needed for trainer.epochs)
+    train_examples: Optional[int] = ranged(None, "[1, inf)")
     shuffle_buffer: Optional[int] = ranged(10000, "[1, inf)")
     cycle_length: int = ranged(16, "[1, inf)")  # files read in parallel
 
@@ -335,7 +336,8 @@ def predict_inputs(paths: Sequence[Path], data_cfg, batch_size: int):
     decoded one batch at a time as trainer.predict consumes them (a folder larger than memory works)."""
     from trainer.inference import in_batches
 
-    transform = _transform(data_cfg["image_size"], "none", data_cfg.get("eval_crop", 1.0), data_cfg.get("preprocessing", "none"))
+    transform = _transform(data_cfg["image_size"], "none", data_cfg.get("eval_crop", 1.0),
+                           data_cfg.get("preprocessing", "none"))
     images = (transform.eval(tf.io.read_file(str(p))).numpy() for p in paths)
     return [p.name for p in paths], in_batches(images, batch_size)
 
@@ -352,14 +354,16 @@ def class_names(data_cfg) -> Optional[List[str]]:
 
 
 def _bundle(train, eval_, batch_size, train_examples, description) -> DataBundle:
-    return DataBundle(train=train, eval=eval_, batch_size=batch_size, train_examples=train_examples, description=description)
+    return DataBundle(train=train, eval=eval_, batch_size=batch_size, train_examples=train_examples,
+                      description=description)
 
 
 # ---------------------------------------------------------------------------------------------
 # fashion_mnist: real images available offline
 # ---------------------------------------------------------------------------------------------
 
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
 
 
 def _select_classes(x, y, classes: Optional[Sequence[int]]):
@@ -408,7 +412,8 @@ def fashion_mnist(
     x_test, y_test = _select_classes(x_test, y_test.astype(np.int64), classes)
     wanted = len(classes) if classes is not None else 10
     if num_classes != wanted:
-        raise DataError(f"data.num_classes={num_classes} but the data has {wanted} classes: set data.num_classes={wanted}")
+        raise DataError(f"data.num_classes={num_classes} but the data has {wanted} classes: set "
+                        f"data.num_classes={wanted}")
     if train_limit is not None:
         x_train, y_train = x_train[:train_limit], y_train[:train_limit]
     x_train, x_test = _resize_uint8(x_train, image_size), _resize_uint8(x_test, image_size)
@@ -427,7 +432,8 @@ def fashion_mnist(
         f"augment={augment}, preprocessing={preprocessing}"
     )
     return _bundle(
-        image_pipeline(source((x_train, y_train)), _as_pair, transform, training=True, shuffle_buffer=shuffle_buffer, **common),
+        image_pipeline(source((x_train, y_train)), _as_pair, transform, training=True, shuffle_buffer=shuffle_buffer,
+                       **common),
         image_pipeline(source((x_test, y_test)), _as_pair, transform, training=False, **common),
         batch_size,
         len(y_train),
@@ -444,7 +450,8 @@ def index_image_folder(directory: str) -> Tuple[List[str], List[str], np.ndarray
     """(class names, file paths, labels) of a class-per-folder tree; classes in sorted order, files too."""
     root = Path(directory).expanduser()
     if not root.is_dir():
-        raise DataError(f"image folder {str(root)!r} does not exist; set data.train_dir (and data.eval_dir) to a folder with one sub-folder per class")
+        raise DataError(f"image folder {str(root)!r} does not exist; set data.train_dir (and data.eval_dir) to a "
+                        "folder with one sub-folder per class")
     class_names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_names:
         raise DataError(f"{root} has no class sub-folders; expected {root}/<class name>/<image files>")
@@ -456,7 +463,8 @@ def index_image_folder(directory: str) -> Tuple[List[str], List[str], np.ndarray
         paths += files
         labels += [label] * len(files)
     if not paths:
-        raise DataError(f"{root} has class folders {class_names[:5]} but no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        raise DataError(f"{root} has class folders {class_names[:5]} but no image files "
+                        f"({', '.join(IMAGE_EXTENSIONS)})")
     return class_names, paths, np.asarray(labels, np.int32)
 
 
@@ -497,13 +505,15 @@ def image_folder(
     if len(class_names) != num_classes:
         raise DataError(
             f"{train_dir} has {len(class_names)} class folders ({', '.join(class_names[:8])}"
-            f"{', ...' if len(class_names) > 8 else ''}) but data.num_classes={num_classes}: set data.num_classes={len(class_names)}"
+            f"{', ...' if len(class_names) > 8 else ''}) but data.num_classes={num_classes}: set "
+            f"data.num_classes={len(class_names)}"
         )
     eval_part = None
     if eval_dir:
         eval_names, eval_paths, eval_labels = index_image_folder(eval_dir)
         if eval_names != class_names:
-            raise DataError(f"{eval_dir} and {train_dir} have different class folders: {eval_names[:5]} vs {class_names[:5]}")
+            raise DataError(f"{eval_dir} and {train_dir} have different class folders: "
+                            f"{eval_names[:5]} vs {class_names[:5]}")
         eval_part = (eval_paths, eval_labels)
     elif validation_split > 0:
         if not validation_split < 1:
@@ -515,13 +525,16 @@ def image_folder(
         return lambda ctx: _shard(tf.data.Dataset.from_tensor_slices({"path": list(files), "y": file_labels}), ctx)
 
     common = dict(global_batch_size=batch_size, seed=seed, deterministic=deterministic, cache=cache)
-    train = image_pipeline(source(paths, labels), _read_file, transform, training=True, shuffle_buffer=shuffle_buffer, **common)
+    train = image_pipeline(source(paths, labels), _read_file, transform, training=True, shuffle_buffer=shuffle_buffer,
+                           **common)
     evals = image_pipeline(source(*eval_part), _read_file, transform, training=False, **common) if eval_part else None
-    where_eval = f"{eval_dir}" if eval_dir else (f"{validation_split:.0%} of each class held out" if eval_part else "no eval set")
+    where_eval = f"{eval_dir}" if eval_dir else (f"{validation_split:.0%} of each class held out" if eval_part
+                                                 else "no eval set")
     description = (
-        f"image folder {train_dir}: {len(paths)} train images / {len(eval_part[0]) if eval_part else 0} eval ({where_eval}), "
-        f"{len(class_names)} classes ({', '.join(class_names[:5])}{', ...' if len(class_names) > 5 else ''}), "
-        f"resized to {image_size}x{image_size}, augment={augment}, preprocessing={preprocessing}"
+        f"image folder {train_dir}: {len(paths)} train images / {len(eval_part[0]) if eval_part else 0} eval "
+        f"({where_eval}), {len(class_names)} classes "
+        f"({', '.join(class_names[:5])}{', ...' if len(class_names) > 5 else ''}), resized to "
+        f"{image_size}x{image_size}, augment={augment}, preprocessing={preprocessing}"
     )
     return _bundle(train, evals, batch_size, len(paths), description)
 
@@ -534,7 +547,8 @@ def image_folder(
 def _glob(pattern: str, what: str) -> List[str]:
     files = sorted(glob.glob(os.path.expanduser(pattern)))
     if not files:
-        raise DataError(f"data.{what}={pattern!r} matches no files; point it at TFRecord files (a glob such as /data/imagenet/train-*)")
+        raise DataError(f"data.{what}={pattern!r} matches no files; point it at TFRecord files (a glob such "
+                        "as /data/imagenet/train-*)")
     return files
 
 
@@ -546,7 +560,8 @@ def _check_tfrecord(path: str, features, label_key: str, label_offset: int, num_
     try:
         first = next(iter(tf.data.TFRecordDataset(path).take(1)), None)
     except tf.errors.OpError as e:
-        raise DataError(f"{path} is not a readable TFRecord file ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise DataError(f"{path} is not a readable TFRecord file "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if first is None:
         raise DataError(f"{path} holds no records")
     try:
@@ -567,7 +582,8 @@ def _check_tfrecord(path: str, features, label_key: str, label_offset: int, num_
     records = tf.data.TFRecordDataset(path).take(LABELS_CHECKED).batch(LABELS_CHECKED)
     labels = tf.io.parse_example(next(iter(records)), {label_key: features[label_key]})[label_key]
     check_labels(np.asarray(labels).reshape(-1) + label_offset, num_classes,
-                 f"{path} (its first {int(tf.size(labels))} records, with data.label_offset={label_offset})", "data.num_classes")
+                 f"{path} (its first {int(tf.size(labels))} records, with data.label_offset={label_offset})",
+                 "data.num_classes")
 
 
 def tfrecord(
@@ -612,7 +628,8 @@ def tfrecord(
             if by_file:  # each worker reads whole files of its own
                 ds = ds.shard(n, ctx.input_pipeline_id)
             if training:
-                ds = ds.shuffle(len(files), seed=pipeline_seed(seed, ctx) if by_file else seed, reshuffle_each_iteration=True)
+                ds = ds.shuffle(len(files), seed=pipeline_seed(seed, ctx) if by_file else seed,
+                                reshuffle_each_iteration=True)
             ds = ds.interleave(
                 tf.data.TFRecordDataset,
                 cycle_length=min(cycle_length, len(files)),
@@ -627,9 +644,11 @@ def tfrecord(
 
     transform = _transform(image_size, augment, eval_crop, preprocessing)
     common = dict(global_batch_size=batch_size, seed=seed, deterministic=deterministic, cache=cache)
-    train = image_pipeline(source(train_list, True), parse, transform, training=True, shuffle_buffer=shuffle_buffer or 10000, **common)
+    train = image_pipeline(source(train_list, True), parse, transform, training=True,
+                           shuffle_buffer=shuffle_buffer or 10000, **common)
     evals = image_pipeline(source(eval_list, False), parse, transform, training=False, **common) if eval_list else None
-    size = f"{train_examples} train records" if train_examples else "train size unknown (set data.train_examples for trainer.epochs)"
+    size = (f"{train_examples} train records" if train_examples
+            else "train size unknown (set data.train_examples for trainer.epochs)")
     description = (
         f"TFRecords {train_files} ({len(train_list)} files, {size}); eval: {eval_files or 'none'} "
         f"({len(eval_list) if eval_list else 0} files); {num_classes} classes; keys {image_key}, {label_key}"
@@ -693,17 +712,20 @@ def tfds(
             f"(tfds build {name} --data_dir DIR, on a machine with the internet), or set data.download=true"
         ) from None
     if not splits[train_split]:
-        raise DataError(f"TFDS {name!r} split {train_split!r} is empty or not prepared in {builder.data_dir}; prepare it (tfds build {name})")
+        raise DataError(f"TFDS {name!r} split {train_split!r} is empty or not prepared in {builder.data_dir}; "
+                        f"prepare it (tfds build {name})")
     found_classes = info.features[label_key].num_classes
     if found_classes != num_classes:
-        raise DataError(f"TFDS {name!r} has {found_classes} classes but data.num_classes={num_classes}: set data.num_classes={found_classes}")
+        raise DataError(f"TFDS {name!r} has {found_classes} classes but data.num_classes={num_classes}: set "
+                        f"data.num_classes={found_classes}")
 
     def source(split, training):
         def make(ctx):
             n = ctx.num_input_pipelines if ctx is not None else 1
             # TFDS shards by file and refuses when there are fewer files than input pipelines.
             by_file = n > 1 and info.splits[split].num_shards >= n
-            read_config = tfds_lib.ReadConfig(shuffle_seed=seed, input_context=ctx if by_file else None, try_autocache=False)
+            read_config = tfds_lib.ReadConfig(shuffle_seed=seed, input_context=ctx if by_file else None,
+                                              try_autocache=False)
             ds = builder.as_dataset(
                 split=split,
                 shuffle_files=training,
@@ -718,8 +740,10 @@ def tfds(
 
     transform = _transform(image_size, augment, eval_crop, preprocessing)
     common = dict(global_batch_size=batch_size, seed=seed, deterministic=deterministic, cache=cache)
-    train = image_pipeline(source(train_split, True), _as_pair, transform, training=True, shuffle_buffer=shuffle_buffer or 10000, **common)
-    evals = image_pipeline(source(eval_split, False), _as_pair, transform, training=False, **common) if eval_split else None
+    train = image_pipeline(source(train_split, True), _as_pair, transform, training=True,
+                           shuffle_buffer=shuffle_buffer or 10000, **common)
+    evals = (image_pipeline(source(eval_split, False), _as_pair, transform, training=False, **common) if eval_split
+             else None)
     description = (
         f"TFDS {name} from {builder.data_dir}: {train_split}={splits[train_split]} examples"
         f"{f', {eval_split}={splits[eval_split]}' if eval_split else ''}; {num_classes} classes; "
@@ -746,7 +770,8 @@ def synthetic(
     def batches(ctx, count=None):
         batch = per_replica_batch_size(batch_size, ctx)
         pid = ctx.input_pipeline_id if ctx is not None else 0
-        images = tf.random.stateless_uniform([batch, image_size, image_size, 3], seed=[seed, pid], minval=-1.0, maxval=1.0)
+        images = tf.random.stateless_uniform([batch, image_size, image_size, 3], seed=[seed, pid], minval=-1.0,
+                                             maxval=1.0)
         labels = tf.random.stateless_uniform([batch], seed=[seed, pid + 1000], maxval=num_classes, dtype=tf.int32)
         ds = tf.data.Dataset.from_tensors((images, labels))
         return ds.repeat(count) if count else ds.repeat()

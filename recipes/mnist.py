@@ -29,7 +29,8 @@ class MnistDataConfig(DataOptions):
     batch_size: int = ranged(128, "[1, inf)")  # global batch, split across replicas
     seed: int = ranged(II("seed"), "[0, 4294967295]")  # shuffling seed (follows the run's seed)
     deterministic: bool = II("trainer.deterministic")  # follows trainer.deterministic (the order is seeded either way)
-    num_classes: Optional[int] = ranged(II("model.num_classes"), "[2, inf)")  # labels must lie in 0..num_classes-1 (follows model.num_classes)
+    # labels must lie in 0..num_classes-1 (follows model.num_classes)
+    num_classes: Optional[int] = ranged(II("model.num_classes"), "[2, inf)")
 
 
 @dataclass
@@ -38,7 +39,8 @@ class MnistModelConfig(Checked):
 
     _target_: str = "trainer.recipes.mnist.build_model"
     kind: str = chosen("mlp", "mlp|cnn")  # mlp | cnn
-    hidden_units: List[int] = ranged(interval="[1, inf)", factory=lambda: [256, 256])  # Dense ReLU layers before the logits
+    # Dense ReLU layers before the logits
+    hidden_units: List[int] = ranged(interval="[1, inf)", factory=lambda: [256, 256])
     filters: List[int] = ranged(interval="[1, inf)", factory=lambda: [32, 64])  # cnn: 3x3 conv + 2x2 max-pool stages
     dropout: float = ranged(0.1, "[0, 1)")  # after each hidden Dense layer; 0: none
     num_classes: int = ranged(10, "[2, inf)")  # size of the float32 logits layer

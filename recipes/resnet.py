@@ -31,7 +31,8 @@ from trainer.layers import BatchNormalization
 log = logging.getLogger(__name__)
 
 # CIFAR ResNets (He et al. 2016, section 4.2): 6n+2 weighted layers, three stages of 16/32/64 filters.
-CIFAR_RESNETS = {"resnet8": 1, "resnet14": 2, "resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9, "resnet110": 18}
+CIFAR_RESNETS = {"resnet8": 1, "resnet14": 2, "resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9,
+                 "resnet110": 18}
 # keras.applications builders, the weight file stem Keras uses, and the preprocessing their weights expect.
 KERAS_RESNETS = {
     "resnet50": ("ResNet50", "resnet50", "caffe"),
@@ -51,12 +52,15 @@ class ResNetModelConfig:
     _target_: str = "trainer.recipes.resnet.build_model"
     name: str = "resnet20"  # resnet8|14|20|32|44|56|110 (CIFAR style) | resnet50|101|152[v2] (keras.applications)
     weights: Optional[str] = "none"  # none | imagenet | PATH to a backbone weights file
-    num_classes: int = ranged(II("data.num_classes"), "[2, inf)")  # size of the new float32 logits head (follows the data)
+    # size of the new float32 logits head (follows the data)
+    num_classes: int = ranged(II("data.num_classes"), "[2, inf)")
     image_size: int = ranged(II("data.image_size"), "[1, inf)")  # input side (follows the data)
     dropout: float = ranged(0.0, "[0, 1)")  # before the new head
     base_filters: int = ranged(16, "[1, inf)")  # CIFAR ResNets: width of the first stage (16 in the paper)
     preprocessing: str = "tf"  # what the data pipeline applies: caffe (ResNet v1 weights) | tf (v2) | torch | none
-    recompute: bool = False  # CIFAR ResNets: recompute each residual block's activations in the backward pass (less memory, more compute; docs/recipes/resnet.md)
+    # CIFAR ResNets: recompute each residual block's activations in the
+    # backward pass (less memory, more compute; docs/recipes/resnet.md)
+    recompute: bool = False
 
 
 def register_configs(cs) -> None:
@@ -70,7 +74,8 @@ def register_configs(cs) -> None:
 
 def _conv_bn(x, filters: int, kernel: int, stride: int, name: str, relu: bool = True):
     x = keras.layers.Conv2D(
-        filters, kernel, strides=stride, padding="same", use_bias=False, kernel_initializer="he_normal", name=f"{name}_conv"
+        filters, kernel, strides=stride, padding="same", use_bias=False, kernel_initializer="he_normal",
+        name=f"{name}_conv"
     )(x)
     # momentum 0.9 (not Keras' 0.99): moving statistics settle within a short run. Fused: Keras' own
     # BatchNormalization is a chain of float32 elementwise ops that costs more than the convolutions (trainer.layers).
@@ -78,7 +83,8 @@ def _conv_bn(x, filters: int, kernel: int, stride: int, name: str, relu: bool = 
     return keras.layers.ReLU(name=f"{name}_relu")(x) if relu else x
 
 
-def cifar_resnet_backbone(depth_n: int, image_size: int, base_filters: int = 16, recompute: bool = False) -> keras.Model:
+def cifar_resnet_backbone(depth_n: int, image_size: int, base_filters: int = 16,
+                          recompute: bool = False) -> keras.Model:
     """ResNet v1 for small images: a 3x3 stem, 3 stages of `depth_n` basic blocks (stride 2 at the start
     of stages 2 and 3), 1x1 projection shortcuts where the shape changes, global average pooling.
     `recompute`: each block is a nested model whose activations are recomputed in the backward pass
@@ -134,7 +140,8 @@ def imagenet_weights_file(name: str, download_timeout: float = 60.0) -> str:
     socket.setdefaulttimeout(download_timeout)  # urllib in get_file has no timeout of its own
     try:
         log.info("ImageNet weights for %s are not in %s: downloading %s", name, cached.parent, origin)
-        return keras.utils.get_file(file_name, origin, cache_subdir="models", file_hash=file_hash, cache_dir=str(_keras_home()))
+        return keras.utils.get_file(file_name, origin, cache_subdir="models", file_hash=file_hash,
+                                    cache_dir=str(_keras_home()))
     except Exception as e:
         raise ConfigError(
             f"model.weights=imagenet: the ImageNet weights of {name} are not in the Keras cache ({cached}) and "
@@ -158,8 +165,8 @@ def _weights_arg(weights: Optional[str]) -> Optional[str]:
     return str(path)
 
 
-def build_backbone(name: str, weights: Optional[str], image_size: int, base_filters: int = 16, preprocessing: Optional[str] = None,
-                   recompute: bool = False) -> keras.Model:
+def build_backbone(name: str, weights: Optional[str], image_size: int, base_filters: int = 16,
+                   preprocessing: Optional[str] = None, recompute: bool = False) -> keras.Model:
     """The feature extractor (pooled features), named `backbone`, with its weights loaded."""
     weights = _weights_arg(weights)
     if name in CIFAR_RESNETS:
@@ -176,14 +183,15 @@ def build_backbone(name: str, weights: Optional[str], image_size: int, base_filt
         raise ConfigError(f"model.name={name!r} is not a known ResNet; choose one of {MODEL_NAMES}")
     if recompute:
         raise ConfigError(f"model.recompute=true applies to the CIFAR ResNets ({', '.join(CIFAR_RESNETS)}); {name} is "
-                          "keras.applications' single graph, with no blocks to recompute. Fix: model.recompute=false, or "
-                          "wrap blocks of your own model with trainer.recompute.recompute (docs/research.md)")
+                          "keras.applications' single graph, with no blocks to recompute. Fix: model.recompute=false, "
+                          "or wrap blocks of your own model with trainer.recompute.recompute (docs/research.md)")
     builder, _, expected = KERAS_RESNETS[name]
     if weights == "imagenet":
         if preprocessing is not None and preprocessing != expected:
             raise ConfigError(
-                f"{name}'s ImageNet weights expect '{expected}' preprocessing but model.preprocessing={preprocessing!r}: "
-                f"set model.preprocessing={expected} (the data pipeline follows it)"
+                f"{name}'s ImageNet weights expect '{expected}' preprocessing but "
+                f"model.preprocessing={preprocessing!r}: set model.preprocessing={expected} (the "
+                "data pipeline follows it)"
             )
         weights = imagenet_weights_file(name)
     if image_size < 32:
@@ -242,7 +250,8 @@ class SparseCrossentropyWithSmoothing(keras.losses.Loss):
     """Sparse categorical cross-entropy with label smoothing (Keras' sparse loss has none): integer
     labels become one-hot with 1 - eps on the true class and eps / num_classes spread over all."""
 
-    def __init__(self, from_logits=True, label_smoothing=0.0, reduction="sum_over_batch_size", name="sparse_crossentropy", dtype=None):
+    def __init__(self, from_logits=True, label_smoothing=0.0, reduction="sum_over_batch_size",
+                 name="sparse_crossentropy", dtype=None):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"loss.label_smoothing={label_smoothing} must be in [0, 1)")
@@ -272,13 +281,15 @@ def find_layer(model: keras.Model, name: str) -> keras.layers.Layer:
     for layer in model._flatten_layers(include_self=True, recursive=True):
         if layer.name == name:
             return layer
-    raise ConfigError(f"model {model.name!r} has no layer named {name!r}; FineTune needs the backbone as one nested layer")
+    raise ConfigError(f"model {model.name!r} has no layer named {name!r}; FineTune needs the "
+                      "backbone as one nested layer")
 
 
 def head_layers(model: keras.Model, backbone: keras.layers.Layer) -> List[keras.layers.Layer]:
     """Layers with weights that are not part of the backbone."""
     inside = {id(l) for l in backbone._flatten_layers(include_self=True, recursive=True)}
-    return [l for l in model._flatten_layers(include_self=False, recursive=True) if id(l) not in inside and l.weights and not l._layers]
+    return [l for l in model._flatten_layers(include_self=False, recursive=True)
+            if id(l) not in inside and l.weights and not l._layers]
 
 
 class FineTune(Callback):
@@ -299,9 +310,11 @@ class FineTune(Callback):
       backbone: the name of the nested backbone layer.
     """
 
-    def __init__(self, freeze_steps: int = 0, backbone_lr_mult: float = 1.0, new_head: bool = False, backbone: str = BACKBONE):
+    def __init__(self, freeze_steps: int = 0, backbone_lr_mult: float = 1.0, new_head: bool = False,
+                 backbone: str = BACKBONE):
         if freeze_steps < 0 or backbone_lr_mult < 0:
-            raise ConfigError(f"FineTune: freeze_steps={freeze_steps} and backbone_lr_mult={backbone_lr_mult} must be >= 0")
+            raise ConfigError(f"FineTune: freeze_steps={freeze_steps} and "
+                              f"backbone_lr_mult={backbone_lr_mult} must be >= 0")
         self.freeze_steps = int(freeze_steps)
         self.backbone_lr_mult = float(backbone_lr_mult)
         self.new_head = new_head
@@ -334,7 +347,8 @@ class FineTune(Callback):
         trainer.reset_step_functions()
         self.frozen = True
         log.info(
-            "FineTune: backbone frozen until step %d (BatchNorm in inference mode); training %d of %d weights (the head)",
+            "FineTune: backbone frozen until step %d (BatchNorm in inference mode); training %d "
+            "of %d weights (the head)",
             self.freeze_steps, len(trainer.model.trainable_variables), len(trainer.model.weights),
         )
 
@@ -343,7 +357,8 @@ class FineTune(Callback):
         variables = self.backbone.trainable_variables
         paths = [v.path for v in trainer.model.trainable_variables]
         if len(set(paths)) != len(paths):
-            raise RuntimeError("FineTune: variable paths are not unique in this model; grad_multipliers cannot address them")
+            raise RuntimeError("FineTune: variable paths are not unique in this model; "
+                               "grad_multipliers cannot address them")
         if self.backbone_lr_mult != 1.0:
             trainer.grad_multipliers.update({v.path: self.backbone_lr_mult for v in variables})
         trainer.reset_step_functions()
@@ -361,7 +376,8 @@ class FineTune(Callback):
             for var in layer.trainable_weights:
                 initializer = getattr(layer, f"{var.name}_initializer", None)
                 if initializer is None:
-                    raise ConfigError(f"FineTune(new_head=True): cannot re-initialize {var.path} (no {var.name}_initializer)")
+                    raise ConfigError(f"FineTune(new_head=True): cannot re-initialize {var.path} "
+                                      f"(no {var.name}_initializer)")
                 var.assign(initializer(var.shape, var.dtype))
                 names.append(var.path)
         log.info("FineTune: new head, re-initialized %s", ", ".join(names))

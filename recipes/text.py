@@ -47,7 +47,8 @@ class TextDataConfig(DataOptions):
     """What every text source shares: the tokenizer's preset, lengths, batching, classes."""
 
     preset: str = II("model.preset")  # the tokenizer comes from the encoder's own preset
-    max_length: int = ranged(128, "[3, inf)")  # tokens per example including [CLS] and [SEP]; longer texts are truncated
+    # tokens per example including [CLS] and [SEP]; longer texts are truncated
+    max_length: int = ranged(128, "[3, inf)")
     batch_size: int = ranged(32, "[1, inf)")  # global batch, split across replicas
     padding: str = "bucket"  # bucket: pad to the bucket's length | max_length: every batch to max_length
     bucket_width: int = ranged(8, "[1, inf)")  # bucket lengths are multiples of this (and max_length)
@@ -58,12 +59,15 @@ class TextDataConfig(DataOptions):
 @dataclass
 class WordlistDataConfig(TextDataConfig):
     _target_: str = "trainer.recipes.text.build_wordlist_data"
-    languages: List[str] = field(default_factory=lambda: ["en", "fr", "de", "es", "it"])  # one class per language, in this order
+    # one class per language, in this order
+    languages: List[str] = field(default_factory=lambda: ["en", "fr", "de", "es", "it"])
     dict_dir: str = "/usr/share/dict"  # where the Debian word lists (wamerican, wfrench, ...) are
     train_per_class: int = ranged(4000, "[1, inf)")  # training words per language
     eval_per_class: int = ranged(500, "[1, inf)")  # evaluation words per language (disjoint from the training words)
-    words_per_example: int = ranged(1, "[1, inf)")  # >1: each example is that many words of one language, space-separated
-    split_seed: int = ranged(0, "[0, 4294967295]")  # which words go to train and eval: fixed, whatever the training seed
+    # >1: each example is that many words of one language, space-separated
+    words_per_example: int = ranged(1, "[1, inf)")
+    # which words go to train and eval: fixed, whatever the training seed
+    split_seed: int = ranged(0, "[0, 4294967295]")
     max_length: int = ranged(16, "[3, inf)")
     num_classes: Optional[int] = ranged(5, "[2, inf)")
 
@@ -78,7 +82,8 @@ class FileDataConfig(TextDataConfig):
     text_column: str = "text"  # column (or JSON key) holding the text
     label_column: str = "label"  # column (or JSON key) holding the label: an integer 0..N-1 or a string
     label_names: Optional[List[str]] = None  # string labels in class-id order; None: integers, or sorted
-    split_seed: int = ranged(0, "[0, 4294967295]")  # which rows eval_fraction holds out: fixed, whatever the training seed
+    # which rows eval_fraction holds out: fixed, whatever the training seed
+    split_seed: int = ranged(0, "[0, 4294967295]")
 
 
 @dataclass
@@ -164,7 +169,8 @@ def text_pipeline(
         return features, label
 
     padding_values = (
-        {"token_ids": tf.constant(pad_id, tf.int32), "padding_mask": tf.constant(0, tf.int32), "segment_ids": tf.constant(0, tf.int32)},
+        {"token_ids": tf.constant(pad_id, tf.int32), "padding_mask": tf.constant(0, tf.int32),
+         "segment_ids": tf.constant(0, tf.int32)},
         tf.constant(0, tf.int32),
     )
 
@@ -267,7 +273,8 @@ def _bundle(
     tokenizer = load_tokenizer(preset)
     positions = preset_max_length(preset)
     if positions is not None and max_length > positions:
-        raise DataError(f"data.max_length={max_length} exceeds the {positions} positions of model.preset={preset!r}; set data.max_length<={positions}")
+        raise DataError(f"data.max_length={max_length} exceeds the {positions} positions of model.preset={preset!r}; "
+                        f"set data.max_length<={positions}")
     common = dict(
         tokenizer=tokenizer, max_length=max_length, global_batch_size=batch_size, seed=seed,
         padding=padding, bucket_width=bucket_width,
@@ -327,7 +334,8 @@ def read_wordlist(path: Path) -> List[str]:
 
 
 def language_id_words(
-    languages: Sequence[str], dict_dir: str, train_per_class: int, eval_per_class: int, words_per_example: int, split_seed: int
+    languages: Sequence[str], dict_dir: str, train_per_class: int, eval_per_class: int, words_per_example: int,
+    split_seed: int
 ):
     """Returns (train_texts, train_labels), (eval_texts, eval_labels); label i is languages[i].
 
@@ -347,7 +355,8 @@ def language_id_words(
         name, package = WORDLISTS[lang]
         path = folder / name
         if not path.is_file():
-            raise DataError(f"no word list for {lang!r} at {path}. Fix: apt-get install {package} (or set data.dict_dir)")
+            raise DataError(f"no word list for {lang!r} at {path}. Fix: apt-get install "
+                            f"{package} (or set data.dict_dir)")
         by_form.append(uncased_forms(path))
     counts: Dict[str, int] = {}
     for forms in by_form:
@@ -389,15 +398,18 @@ def build_wordlist_data(
     """Language identification of words from Debian's word lists: real text, on the machine, offline."""
     languages = list(languages)
     if num_classes != len(languages):
-        raise DataError(f"data.num_classes={num_classes} but data.languages has {len(languages)} entries: set data.num_classes={len(languages)}")
-    train, evaluation = language_id_words(languages, dict_dir, train_per_class, eval_per_class, words_per_example, split_seed)
+        raise DataError(f"data.num_classes={num_classes} but data.languages has {len(languages)} entries: set "
+                        f"data.num_classes={len(languages)}")
+    train, evaluation = language_id_words(languages, dict_dir, train_per_class, eval_per_class, words_per_example,
+                                          split_seed)
     unit = "words" if words_per_example == 1 else f"{words_per_example}-word phrases"
     return _bundle(
         train, evaluation, preset=preset, max_length=max_length, batch_size=batch_size, padding=padding,
         bucket_width=bucket_width, seed=seed,
         description=(
             f"language ID of {unit} from Debian word lists in {dict_dir} ({', '.join(languages)}): "
-            f"{len(train[1])} train / {len(evaluation[1])} eval, {len(languages)} classes (chance {1 / len(languages):.0%})"
+            f"{len(train[1])} train / {len(evaluation[1])} eval, {len(languages)} classes (chance "
+            f"{1 / len(languages):.0%})"
         ),
     )
 
@@ -417,7 +429,8 @@ def _file_format(path: Path, fmt: str) -> str:
         return fmt
     found = _SUFFIX_FORMATS.get(path.suffix.lower())
     if found is None:
-        raise DataError(f"cannot tell the format of {path} from its suffix; set data.format to one of {list(FILE_FORMATS)}")
+        raise DataError(f"cannot tell the format of {path} from its suffix; set data.format to "
+                        f"one of {list(FILE_FORMATS)}")
     return found
 
 
@@ -425,7 +438,8 @@ def read_records(path: str, fmt: str = "auto") -> List[dict]:
     """Rows of a CSV/TSV file (with a header) or objects of a JSON Lines file."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise DataError(f"data file {path!r} does not exist; set data.train_path / data.eval_path to a CSV, TSV or JSONL file")
+        raise DataError(f"data file {path!r} does not exist; set data.train_path / data.eval_path to "
+                        "a CSV, TSV or JSONL file")
     fmt = _file_format(p, fmt)
     with open(p, encoding="utf-8", newline="") as f:
         if fmt in ("csv", "tsv"):
@@ -437,7 +451,8 @@ def read_records(path: str, fmt: str = "auto") -> List[dict]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{p}:{number} is not valid JSON ({e.msg}); each line must be one JSON object") from None
+                raise DataError(f"{p}:{number} is not valid JSON ({e.msg}); each line must be one "
+                                "JSON object") from None
             if not isinstance(record, dict):
                 raise DataError(f"{p}:{number} is a JSON {type(record).__name__}, not an object with named fields")
             records.append(record)
@@ -471,7 +486,8 @@ def _as_int(value) -> Optional[int]:
     return None
 
 
-def encode_labels(train: list, evaluation: list, label_names: Optional[Sequence[str]]) -> Tuple[np.ndarray, np.ndarray, List[str]]:
+def encode_labels(train: list, evaluation: list,
+                  label_names: Optional[Sequence[str]]) -> Tuple[np.ndarray, np.ndarray, List[str]]:
     """Raw labels -> class ids. `label_names` fixes the order of string labels; without it, integer
     labels are used as they are and string labels are numbered in sorted order of the training set."""
     if label_names:
@@ -523,7 +539,8 @@ def build_file_data(
         order = np.random.default_rng(split_seed).permutation(len(train_texts))
         n_eval = max(1, int(round(eval_fraction * len(order))))
         if n_eval >= len(order):
-            raise DataError(f"{train_path} has {len(order)} rows: too few to hold out an eval fraction; set data.eval_path")
+            raise DataError(f"{train_path} has {len(order)} rows: too few to hold out an eval "
+                            "fraction; set data.eval_path")
         eval_idx, train_idx = order[:n_eval], order[n_eval:]
         eval_texts, eval_raw = [train_texts[i] for i in eval_idx], [train_raw[i] for i in eval_idx]
         train_texts, train_raw = [train_texts[i] for i in train_idx], [train_raw[i] for i in train_idx]
@@ -535,8 +552,10 @@ def build_file_data(
     log.info("Classes: %s", ", ".join(f"{i}={n}" for i, n in enumerate(names)))
     return _bundle(
         (train_texts, train_labels), (eval_texts, eval_labels) if eval_texts else None,
-        preset=preset, max_length=max_length, batch_size=batch_size, padding=padding, bucket_width=bucket_width, seed=seed,
-        description=f"text classification from {where}: {len(train_labels)} train / {len(eval_labels)} eval, {num_classes} classes",
+        preset=preset, max_length=max_length, batch_size=batch_size, padding=padding, bucket_width=bucket_width,
+        seed=seed,
+        description=f"text classification from {where}: {len(train_labels)} train / {len(eval_labels)} "
+                    f"eval, {num_classes} classes",
     )
 
 
@@ -615,7 +634,8 @@ def build_tfds_data(
     try:
         train = _load_tfds_split(tfds, builder, train_split, text_column, label_column, max_train_examples)
         evaluation = (
-            _load_tfds_split(tfds, builder, eval_split, text_column, label_column, max_eval_examples) if eval_split else None
+            _load_tfds_split(tfds, builder, eval_split, text_column, label_column, max_eval_examples) if eval_split
+            else None
         )
     except DataError:
         raise

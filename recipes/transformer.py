@@ -61,10 +61,13 @@ class TransformerModelConfig:
     _target_: str = "trainer.recipes.transformer.build_model"
     preset: str = DEFAULT_PRESET  # the packaged MiniLM, a local keras-hub or Hugging Face BERT folder, or a preset name
     pretrained: bool = True  # false: the preset's architecture with random weights (the baseline)
-    num_classes: int = ranged(II("data.num_classes"), "[2, inf)")  # size of the float32 classification layer (follows the data)
+    # size of the float32 classification layer (follows the data)
+    num_classes: int = ranged(II("data.num_classes"), "[2, inf)")
     pooling: str = "cls"  # cls: BERT's pooled [CLS] (tanh dense) | mean: mean of the unpadded tokens
     dropout: float = ranged(0.1, "[0, 1)")  # before the classification layer
-    recompute: bool = False  # recompute each encoder layer's activations in the backward pass (less memory, more compute; docs/recipes/transformer.md)
+    # recompute each encoder layer's activations in the backward
+    # pass (less memory, more compute; docs/recipes/transformer.md)
+    recompute: bool = False
 
 
 def register_configs(cs) -> None:
@@ -101,7 +104,8 @@ def packaged_preset_dir(name: str) -> Path:
         )
     path = Path(spec.origin).parent / folder
     if not (path / "config.json").is_file():
-        raise PresetError(f"the package {name!r} is installed but {path} has no config.json; reinstall it: {PACKAGED_INSTALL_HINT}")
+        raise PresetError(f"the package {name!r} is installed but {path} has no config.json; reinstall "
+                          f"it: {PACKAGED_INSTALL_HINT}")
     return path
 
 
@@ -126,17 +130,20 @@ def resolve_preset(preset: str) -> ResolvedPreset:
     if _looks_like_path(preset):
         folder = Path(preset).expanduser()
         if not folder.is_dir():
-            raise PresetError(f"model.preset={preset!r}: no such folder. Give a keras-hub preset folder, a Hugging Face BERT folder, or {DEFAULT_PRESET!r}.")
+            raise PresetError(f"model.preset={preset!r}: no such folder. Give a keras-hub preset folder, a Hugging "
+                              f"Face BERT folder, or {DEFAULT_PRESET!r}.")
         config_path = folder / "config.json"
         if not config_path.is_file():
-            raise PresetError(f"model.preset={preset!r} has no config.json: it is neither a keras-hub preset nor a Hugging Face checkpoint folder.")
+            raise PresetError(f"model.preset={preset!r} has no config.json: it is neither a keras-hub preset nor a "
+                              "Hugging Face checkpoint folder.")
         config = json.loads(config_path.read_text())
         if "registered_name" in config:
             return ResolvedPreset(preset, str(folder), "keras")
         if config.get("model_type") == "bert":
             missing = [f for f in ("vocab.txt", "tokenizer_config.json") if not (folder / f).is_file()]
             if missing:
-                raise PresetError(f"model.preset={preset!r} is a Hugging Face BERT folder without {missing}; copy the tokenizer files next to config.json.")
+                raise PresetError(f"model.preset={preset!r} is a Hugging Face BERT folder without {missing}; copy the "
+                                  "tokenizer files next to config.json.")
             return ResolvedPreset(preset, str(folder), "huggingface")
         raise PresetError(
             f"model.preset={preset!r}: config.json is neither a keras-hub preset nor a Hugging Face BERT "
@@ -210,7 +217,8 @@ def build_backbone(preset: str, pretrained: bool = True):
     resolved = resolve_preset(preset)
     if resolved.kind == "huggingface" and pretrained:
         if not any(Path(resolved.handle).glob("*.safetensors")):
-            raise PresetError(f"model.preset={preset!r} has no *.safetensors weights; convert the checkpoint, or set model.pretrained=false")
+            raise PresetError(f"model.preset={preset!r} has no *.safetensors weights; convert the checkpoint, or "
+                              "set model.pretrained=false")
     try:
         # The global policy (set by the Trainer before the model is built) decides the compute dtype;
         # a keras-hub preset would otherwise keep the dtype it was saved with.
@@ -285,7 +293,8 @@ def build_model(
     model = keras.Model(inputs, logits, name=name)
     log.info(
         "Encoder %s (%s weights): %d layers, hidden %d, %s pooling, %d classes",
-        preset, "pretrained" if pretrained else "random", backbone.num_layers, backbone.hidden_dim, pooling, num_classes,
+        preset, "pretrained" if pretrained else "random", backbone.num_layers, backbone.hidden_dim, pooling,
+        num_classes,
     )
     return model
 

@@ -34,9 +34,11 @@ OUT = ROOT / "docs" / "reference" / "config.md"
 # (the Trainer split), so these live here for now; once a comment is added in config.py, the entry
 # here must go (the test says which).
 FALLBACK: Dict[str, str] = {
-    "TrainerConfig.checkpoint_every_secs": "seconds between checkpoints (as well as, or instead of, checkpoint_every); None: off",
+    "TrainerConfig.checkpoint_every_secs": "seconds between checkpoints (as well as, or instead of, "
+                                           "checkpoint_every); None: off",
     "TrainerConfig.keep_checkpoints": "how many of the newest checkpoints are kept in checkpoints/",
-    "TrainerConfig.keep_best": "how many of the best checkpoints (by best_metric) are kept in checkpoints/best/; 0: none",
+    "TrainerConfig.keep_best": "how many of the best checkpoints (by best_metric) are kept in "
+                               "checkpoints/best/; 0: none",
     "TrainerConfig.tensorboard": "write TensorBoard scalars to the run folder's tensorboard/",
     "OptimizerConfig.lr": "learning rate (Keras' learning_rate), or a schedule's peak",
     "PrecisionConfig.initial_scale": "dynamic loss scaling: the scale a run starts from",
@@ -48,7 +50,8 @@ FALLBACK: Dict[str, str] = {
     "AdamConfig.epsilon": "Keras Adam's epsilon, added to the denominator",
     "AdamWConfig.weight_decay": "decoupled weight decay (Keras AdamW)",
     "AdamWConfig.epsilon": "Keras AdamW's epsilon, added to the denominator",
-    "AdamWConfig.exclude_from_weight_decay": "variable-name substrings exempt from weight decay (applied through Keras' exclude_from_weight_decay)",
+    "AdamWConfig.exclude_from_weight_decay": "variable-name substrings exempt from weight decay (applied through "
+                                             "Keras' exclude_from_weight_decay)",
     "SGDConfig.lr": "learning rate (SGD's default is larger than Adam's)",
     "SGDConfig.momentum": "Keras SGD momentum",
     "SGDConfig.nesterov": "Nesterov momentum",
@@ -69,7 +72,8 @@ TARGET = "what hydra.utils.instantiate calls to build it"
 SECTIONS = [("trainer", "TrainerConfig"), ("precision", "PrecisionConfig"), ("strategy", "StrategyConfig"),
             ("finetune", "FinetuneConfig")]
 GROUPS = ["optimizer", "data", "model", "callbacks"]
-CHOOSE = {"callbacks": "Choose several with `callbacks=[OPTION,...]` (docs/training-control.md); each option's keys sit under `callbacks.OPTION.`."}
+CHOOSE = {"callbacks": "Choose several with `callbacks=[OPTION,...]` (docs/training-control.md); each option's keys "
+                       "sit under `callbacks.OPTION.`."}
 
 
 def registered_schemas() -> List[Tuple[Optional[str], str, type]]:
@@ -233,7 +237,8 @@ def render() -> Tuple[str, List[str]]:
         lines += ["", f"## {name}", "", doc + f" Defined in `trainer/config.py` ({cls_name}).", "", *rows]
     for group in GROUPS:
         options = group_options(group)
-        choose = CHOOSE.get(group, f"Choose one with `{group}=OPTION`; each option's YAML file sets the defaults its recipe needs.")
+        choose = CHOOSE.get(group, f"Choose one with `{group}=OPTION`; each option's YAML file sets the "
+                                   "defaults its recipe needs.")
         lines += ["", f"## {group}", "", choose, ""]
         for g, schema_name, cls in stored:
             if g != group:
@@ -243,8 +248,10 @@ def render() -> Tuple[str, List[str]]:
             if doc.startswith(cls.__name__ + "("):  # dataclass' generated signature, not a docstring
                 doc = ""
             where = cls.__module__.replace("trainer.recipes.", "recipes.").replace(".", "/") + ".py"
-            lines += [f"### {cls.__name__}", "", f"Options: {opts}. Defined in `{where}`." + (f" {doc}" if doc else ""), ""]
-            rows, miss = table(cls, f"{group}." + "".join(f"{o}." for o in options.get(schema_name, [])[:1] if group in CHOOSE))
+            lines += [f"### {cls.__name__}", "",
+                      f"Options: {opts}. Defined in `{where}`." + (f" {doc}" if doc else ""), ""]
+            chosen = "".join(f"{o}." for o in options.get(schema_name, [])[:1] if group in CHOOSE)
+            rows, miss = table(cls, f"{group}.{chosen}")
             missing += miss
             lines += rows + [""]
     return "\n".join(lines).rstrip() + "\n", sorted(set(missing))

@@ -92,7 +92,8 @@ def _in_this_process(target: str, args, cwd: Optional[str], script: bool = False
                 _pytest_log_handlers_kept_open(), _os_exit_ends_the_command():
             warnings.simplefilter("default")  # a fresh process shows each warning once
             warnings.filterwarnings("ignore", category=DeprecationWarning)
-            warnings.filterwarnings("ignore", "'trainer.*' found in sys.modules", RuntimeWarning)  # runpy's, of this way
+            # runpy's, of this way
+            warnings.filterwarnings("ignore", "'trainer.*' found in sys.modules", RuntimeWarning)
             try:
                 if script:
                     runpy.run_path(target, run_name="__main__")

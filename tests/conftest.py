@@ -97,7 +97,8 @@ def tiny_bert_dir(tmp_path_factory):
     for name in ("vocab.txt", "tokenizer_config.json"):
         shutil.copy(minilm / name, folder / name)
     config = json.loads((minilm / "config.json").read_text())
-    config.update(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    config.update(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                  max_position_embeddings=64)
     (folder / "config.json").write_text(json.dumps(config))
     return folder
 
@@ -122,7 +123,8 @@ def _fresh_keras_session(request):
     yield
     import gc
 
-    from cli_runner import reset_process_state  # here, not at the top: TF_CPP_MIN_LOG_LEVEL must be set before TensorFlow loads
+    # here, not at the top: TF_CPP_MIN_LOG_LEVEL must be set before TensorFlow loads
+    from cli_runner import reset_process_state
 
     # What survives the full collection below (TensorFlow's and the other libraries' half a million module
     # objects, caches, fixtures) is set aside (gc.freeze): the next test's collections scan only the objects

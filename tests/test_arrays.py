@@ -20,7 +20,8 @@ def blobs(n=400, seed=0):
 
 
 def make(**kwargs):
-    return Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(2)]),
+    return Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
+                                                   keras.layers.Dense(2)]),
                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                    metrics={"accuracy": keras.metrics.SparseCategoricalAccuracy()},
                    progress_bar=False, log_every=5, **{"optimizer": lambda: keras.optimizers.Adam(1e-2), **kwargs})
@@ -34,7 +35,8 @@ def test_validation_split_holds_out_the_last_fraction_before_shuffling():
     assert logs["step"] == 20 and trainer.steps_per_epoch == 10
     held = tf.data.Dataset.from_tensor_slices((x[320:].astype("float32"), y[320:])).batch(32)
     again = trainer.evaluate(held)
-    assert again["loss"] == pytest.approx(logs["loss"], rel=1e-5) and again["accuracy"] == pytest.approx(logs["accuracy"])
+    assert (again["loss"] == pytest.approx(logs["loss"], rel=1e-5)
+            and again["accuracy"] == pytest.approx(logs["accuracy"]))
     assert trainer.eval_batches == 3  # 80 examples, the partial last batch kept
 
 
@@ -44,7 +46,8 @@ def test_validation_data_with_sample_weights_and_no_eval_set_without_it():
     trainer = make()
     weighted = trainer.fit(x, y, batch_size=32, steps=5, validation_data=(xv, yv, np.where(yv == 1, 2.0, 0.0)))
     plain = trainer.evaluate(tf.data.Dataset.from_tensor_slices((xv.astype("float32"), yv)).batch(32))
-    per_example = keras.losses.sparse_categorical_crossentropy(yv, trainer.model(xv.astype("float32")), from_logits=True).numpy()
+    per_example = keras.losses.sparse_categorical_crossentropy(yv, trainer.model(xv.astype("float32")),
+                                                               from_logits=True).numpy()
     assert weighted["loss"] == pytest.approx(float(np.mean(per_example * np.where(yv == 1, 2.0, 0.0))), rel=1e-4)
     assert plain["loss"] == pytest.approx(float(np.mean(per_example)), rel=1e-4)
     assert make().fit(x, y, steps=3)["split"] == "train"  # no validation: the last train logs
@@ -56,7 +59,8 @@ def test_an_interrupted_run_resumes_on_the_same_batches(tmp_path):
     x, y = blobs()
     straight = make(run_dir=tmp_path / "straight", seed=3)
     straight.fit(x, y, batch_size=32, steps=12, validation_split=0.2)
-    make(run_dir=tmp_path / "resumed", seed=3, checkpoint_every=7).fit(x, y, batch_size=32, steps=7, validation_split=0.2)
+    make(run_dir=tmp_path / "resumed", seed=3, checkpoint_every=7).fit(x, y, batch_size=32, steps=7,
+                                                                       validation_split=0.2)
     resumed = make(run_dir=tmp_path / "resumed", seed=3)
     resumed.fit(x, y, batch_size=32, steps=12, validation_split=0.2)
     assert resumed.weights_fingerprint() == straight.weights_fingerprint()
@@ -124,7 +128,8 @@ def test_class_weight_is_sample_weight_by_class_on_arrays_and_tf_data():
         runs[name] = trainer.weights_fingerprint()
     assert runs["class_weight"] == runs["sample_weight"] != runs["none"]
     ds = tf.data.Dataset.from_tensor_slices((x.astype("float32"), y)).batch(32, drop_remainder=True)
-    weighted_ds = tf.data.Dataset.from_tensor_slices((x.astype("float32"), y, np.where(y == 1, 3.0, 1.0).astype("float32")))
+    weighted_ds = tf.data.Dataset.from_tensor_slices((x.astype("float32"), y,
+                                                      np.where(y == 1, 3.0, 1.0).astype("float32")))
     by_class, by_sample = make(seed=1), make(seed=1)
     by_class.fit(ds, steps=6, class_weight=weights)
     by_sample.fit(weighted_ds.batch(32, drop_remainder=True), steps=6)
@@ -133,7 +138,8 @@ def test_class_weight_is_sample_weight_by_class_on_arrays_and_tf_data():
 
 @pytest.mark.parametrize("call, message", [
     (lambda t, x, y: t.fit(x, y[:-1]), "different numbers of examples: x 400, y 399"),
-    (lambda t, x, y: t.fit(x, y, class_weight={0: 1.0, 1: 2.0}, sample_weight=np.ones(400)), "cannot be given together"),
+    (lambda t, x, y: t.fit(x, y, class_weight={0: 1.0, 1: 2.0}, sample_weight=np.ones(400)),
+     "cannot be given together"),
     (lambda t, x, y: t.fit(x, y, class_weight={0: -1.0}), "a finite weight >= 0"),
     (lambda t, x, y: t.fit(x, {"val": (x, y), "ood": (x, y)}), "this one is a dict of eval sets"),
     (lambda t, x, y: t.fit(x, y={"o": y}, class_weight={0: 2.0}), "class_weight is for a model with one output"),
@@ -144,7 +150,8 @@ def test_class_weight_is_sample_weight_by_class_on_arrays_and_tf_data():
     (lambda t, x, y: t.fit(x, y, validation_split=1.5), "must be in (0, 1)"),
     (lambda t, x, y: t.fit(x, y, validation_data=(x, y[:3])), "validation_data x 400, validation_data y 3"),
     (lambda t, x, y: t.fit(x, y, batch_size=500), "fewer than one batch"),
-    (lambda t, x, y: t.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(8), validation_split=0.1), "array input only"),
+    (lambda t, x, y: t.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(8), validation_split=0.1),
+     "array input only"),
     (lambda t, x, y: t.fit(x, tf.data.Dataset.from_tensor_slices((x, y))), "the second argument is the labels y"),
 ])
 def test_bad_array_input_is_a_user_error_that_says_the_fix(call, message):
@@ -173,13 +180,15 @@ def test_a_class_the_dict_leaves_out_weighs_one_as_in_keras():
     x, y = blobs()
     runs = {}
     for name, kwargs in (("partial", {"class_weight": {1: 3.0}}), ("full", {"class_weight": {0: 1.0, 1: 3.0}}),
-                         ("above", {"class_weight": {0: 2.0}}), ("sample", {"sample_weight": np.where(y == 0, 2.0, 1.0)})):
+                         ("above", {"class_weight": {0: 2.0}}),
+                         ("sample", {"sample_weight": np.where(y == 0, 2.0, 1.0)})):
         trainer = make(seed=1)
         trainer.fit(x, y, batch_size=32, steps=3, **kwargs)
         runs[name] = trainer.weights_fingerprint()
     assert runs["partial"] == runs["full"] and runs["above"] == runs["sample"] != runs["full"]
     on_tf_data = make(seed=1)
-    on_tf_data.fit(tf.data.Dataset.from_tensor_slices((x.astype("float32"), y)).batch(32), steps=3, class_weight={0: 2.0})
+    on_tf_data.fit(tf.data.Dataset.from_tensor_slices((x.astype("float32"), y)).batch(32), steps=3,
+                   class_weight={0: 2.0})
     assert on_tf_data.evaluate(tf.data.Dataset.from_tensor_slices((x.astype("float32"), y)).batch(32))["loss"] > 0
 
 
@@ -232,8 +241,8 @@ def test_overfit_batches_evaluates_each_named_set_on_the_unweighted_training_bat
     for name, kwargs in (("weighted", {"class_weight": {0: 1.0, 1: 10.0}}), ("plain", {})):
         trainer = make(overfit_batches=2, seed=1, optimizer=lambda: keras.optimizers.SGD(0.0),
                        callbacks=[EarlyStopping(monitor="ood/loss", patience=5)])
-        logs[name] = trainer.fit(x, y, batch_size=32, steps=2, validation_split=0.2, validation_data={"ood": blobs(64, 1)},
-                                 **kwargs)
+        logs[name] = trainer.fit(x, y, batch_size=32, steps=2, validation_split=0.2,
+                                 validation_data={"ood": blobs(64, 1)}, **kwargs)
         assert trainer.eval_batches == 4  # 2 batches of each set
     assert logs["weighted"]["ood/loss"] == pytest.approx(logs["plain"]["ood/loss"], rel=1e-6)
     assert logs["weighted"]["val/loss"] == pytest.approx(logs["weighted"]["ood/loss"], rel=1e-6)  # the same batches
@@ -247,8 +256,10 @@ def test_class_weight_from_the_cli(tmp_path, tiny):
     ones = ",".join(f"{c}:1.0" for c in range(10))
     fingerprints = {}
     for name, extra in (("none", []), ("ones", [f"data.class_weight={{{ones}}}"]),
-                        ("weighted", [f"data.class_weight={{{ones[:-3]}5.0}}"]), ("negative", ["data.class_weight={0:-1.0}"])):
-        result = run_cli(*tiny, "trainer.max_steps=6", "trainer.log_every=3", *extra, f"hydra.run.dir={tmp_path / name}")
+                        ("weighted", [f"data.class_weight={{{ones[:-3]}5.0}}"]),
+                        ("negative", ["data.class_weight={0:-1.0}"])):
+        result = run_cli(*tiny, "trainer.max_steps=6", "trainer.log_every=3", *extra,
+                         f"hydra.run.dir={tmp_path / name}")
         output = result.stdout + result.stderr
         if name == "negative":
             assert result.returncode == 2 and "a finite weight >= 0" in output
@@ -260,15 +271,17 @@ def test_class_weight_from_the_cli(tmp_path, tiny):
 
 DISTRIBUTED_WEIGHTS = """
 import json, keras, numpy as np, tensorflow as tf
-tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
+                                           [tf.config.LogicalDeviceConfiguration()] * 2)
 from trainer import EarlyStopping, Trainer
 rng = np.random.default_rng(0)
 y = rng.integers(0, 3, 256); x = rng.normal(size=(256, 4)).astype("float32")
 out = {}
-for replicas, strategy in ((1, tf.distribute.OneDeviceStrategy("/cpu:0")), (2, tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))):
+for replicas, strategy in ((1, tf.distribute.OneDeviceStrategy("/cpu:0")),
+                           (2, tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))):
     t = Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]), strategy=strategy,
-                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), optimizer=lambda: keras.optimizers.SGD(0.0),
-                progress_bar=False, log_every=8, seed=0)
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                optimizer=lambda: keras.optimizers.SGD(0.0), progress_bar=False, log_every=8, seed=0)
     logs = t.fit(x, y, batch_size=32, epochs=1, class_weight={0: 0.5, 1: 1.0, 2: 4.0})
     per_example = keras.losses.sparse_categorical_crossentropy(y, t.model(x), from_logits=True).numpy()
     out[replicas] = [logs["loss"], float(np.mean(per_example * np.array([0.5, 1.0, 4.0])[y]))]

@@ -160,7 +160,8 @@ def test_another_model_and_a_given_jit_compile_at_unit_level(tmp_path, caplog):
     auto = PrecisionConfig(policy="auto")
     with caplog.at_level(logging.INFO, logger="trainer.auto_precision"):
         precision, xla = auto_precision.resolve_run(auto, measure=_no_probe, model=wider, overrides=[])
-    assert (precision.policy, xla) == ("float32", None) and "stored answers on this machine are for other models" in caplog.text
+    assert ((precision.policy, xla) == ("float32", None)
+            and "stored answers on this machine are for other models" in caplog.text)
     run = tmp_path / "given"
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="trainer.auto_precision"):

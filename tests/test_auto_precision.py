@@ -125,7 +125,8 @@ def test_doctor_set_auto_stores_the_recommended_policy(monkeypatch, capsys):
     assert auto_precision.decide(measure=_probe(0.5, []), model=MODEL)[0] == "float32"
     assert not auto_precision.cache_path().exists()
     _set_auto(verified, MODEL)
-    assert "precision=auto now chooses mixed_bfloat16 on this machine" in capsys.readouterr().out  # XLA as now: not stored
+    # XLA as now: not stored
+    assert "precision=auto now chooses mixed_bfloat16 on this machine" in capsys.readouterr().out
     policy, why = auto_precision.decide(measure=_probe(0.5, []), model=MODEL)
     assert policy == "mixed_bfloat16" and "1.30x" in why and "batch 16" in why  # --verify's speed-up, the batch
     assert auto_precision.choose(model=MODEL).jit_compile is None

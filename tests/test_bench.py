@@ -16,7 +16,8 @@ def test_bench_quick_one_cell(tmp_path):
     out = tmp_path / "bench"
     proc = run_script(  # in this process (tests/cli_runner.py): the report is tested, not the start-up
         ROOT / "benchmarks" / "bench.py",
-        ["--quick", "--workloads", "mlp", "--precisions", "float32", "--xla", "off", "--steps-per-loop", "2", "--out", out],
+        ["--quick", "--workloads", "mlp", "--precisions", "float32", "--xla", "off", "--steps-per-loop", "2", "--out",
+         out],
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Goals (issue #4)" in proc.stdout and "Synthetic data" in proc.stdout

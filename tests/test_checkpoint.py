@@ -119,7 +119,8 @@ def _kill_when(proc, path_glob: str, folder: Path):
 
 def _checkpoint_tensors(prefix):
     reader = tf.train.load_checkpoint(prefix)
-    return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map() if k != "_CHECKPOINTABLE_OBJECT_GRAPH" and "save_counter" not in k}
+    return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
+            if k != "_CHECKPOINTABLE_OBJECT_GRAPH" and "save_counter" not in k}
 
 
 @pytest.mark.slow
@@ -132,13 +133,15 @@ def test_sigkill_resume_is_bit_identical_in_deterministic_mode(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert run_cli(*args, f"hydra.run.dir={straight}").returncode == 0
 
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", *args, f"hydra.run.dir={resumed}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", *args, f"hydra.run.dir={resumed}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _kill_when(proc, "ckpt-80.index", resumed / "checkpoints")
     again = run_cli(*args, f"hydra.run.dir={resumed}")
     assert again.returncode == 0, again.stderr[-2000:]
     assert "Resuming from" in again.stdout + again.stderr
 
-    a, b = _checkpoint_tensors(str(straight / "checkpoints" / "ckpt-240")), _checkpoint_tensors(str(resumed / "checkpoints" / "ckpt-240"))
+    a, b = (_checkpoint_tensors(str(straight / "checkpoints" / "ckpt-240")),
+            _checkpoint_tensors(str(resumed / "checkpoints" / "ckpt-240")))
     assert a.keys() == b.keys()
     for key in a:
         assert np.array_equal(a[key], b[key]), f"{key} differs"
@@ -154,8 +157,10 @@ def test_sigkill_resume_is_bit_identical_in_deterministic_mode(tmp_path):
 def test_a_signal_saves_and_exits_143_or_130_then_resumes(tmp_path, signum, code):
     """The real process: a signal while training saves a checkpoint, exits 143 (SIGTERM) or 130 (SIGINT)."""
     run_dir = tmp_path / "run"
-    args = ["trainer.max_steps=100000", "trainer.checkpoint_every=100000", "trainer.progress_bar=false", "data.batch_size=32", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = ["trainer.max_steps=100000", "trainer.checkpoint_every=100000", "trainer.progress_bar=false",
+            "data.batch_size=32", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     wait_until(lambda: (run_dir / "metrics.jsonl").exists(), proc, "training started (first log at step 100)")
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=WAIT_LIMIT_S)
@@ -163,7 +168,8 @@ def test_a_signal_saves_and_exits_143_or_130_then_resumes(tmp_path, signum, code
     assert f"Received {signal.Signals(signum).name}" in out + err
     found = list_checkpoints(run_dir / "checkpoints")
     assert found and found[0][0] >= 100
-    resumed = run_cli(*[a if not a.startswith("trainer.max_steps") else f"trainer.max_steps={found[0][0] + 10}" for a in args])
+    resumed = run_cli(*[a if not a.startswith("trainer.max_steps") else f"trainer.max_steps={found[0][0] + 10}"
+                        for a in args])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"step {found[0][0]})" in resumed.stdout + resumed.stderr
 
@@ -179,7 +185,8 @@ def test_sigterm_in_the_last_loop_finishes_the_run(tmp_path):
                 os.kill(os.getpid(), signal.SIGTERM)
 
     trainer = Trainer(model=_net(), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                      optimizer=lambda: keras.optimizers.SGD(0.1), metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+                      optimizer=lambda: keras.optimizers.SGD(0.1),
+                      metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
                       run_dir=tmp_path, progress_bar=False, eval_every=10, steps_per_loop=5, checkpoint_every=10,
                       callbacks=[TermAtTheEnd()])
     trainer.fit(blobs(), blobs(), steps=20)  # no TrainingInterrupted
@@ -212,10 +219,13 @@ def test_sigterm_during_start_up_stops_before_the_first_step(tmp_path):
     """The CLI remembers a SIGTERM that arrives between the strategy and the loop (here: while it loads
     data and builds the model): the run stops before its first step, exit 143, nothing written."""
     run_dir = tmp_path / "run"
-    args = ["trainer.max_steps=100000", "trainer.checkpoint_every=100000", "trainer.progress_bar=false", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = ["trainer.max_steps=100000", "trainer.checkpoint_every=100000", "trainer.progress_bar=false",
+            f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     log = run_dir / "trainer.log"
-    wait_until(lambda: log.exists() and "Hardware:" in log.read_text(), proc, "the deferral is on (Hardware: logged)", poll=0.02)
+    wait_until(lambda: log.exists() and "Hardware:" in log.read_text(), proc, "the deferral is on (Hardware: logged)",
+               poll=0.02)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
@@ -229,7 +239,8 @@ def test_sigterm_before_fit_is_honoured_by_the_loop_and_a_second_stops_at_once(t
     from trainer import TrainingInterrupted
 
     trainer = Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), optimizer=lambda: keras.optimizers.SGD(0.1),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      optimizer=lambda: keras.optimizers.SGD(0.1),
                       run_dir=tmp_path / "run", progress_bar=False, steps_per_loop=3, tensorboard=False)
     trainer.fit(blobs(), steps=3)  # ckpt-3
     before = signal.getsignal(signal.SIGTERM)
@@ -288,14 +299,17 @@ def test_changed_model_is_a_clear_error(tmp_path):
 
 
 def _net(classes=2):
-    return lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(classes, dtype="float32")])
+    return lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
+                                     keras.layers.Dense(classes, dtype="float32")])
 
 
 def test_keep_last_n_and_best_k(tmp_path):
     trainer = Trainer(
-        model=_net(), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), optimizer=lambda: keras.optimizers.SGD(0.1),
+        model=_net(), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        optimizer=lambda: keras.optimizers.SGD(0.1),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")], run_dir=tmp_path, progress_bar=False,
-        checkpoint_every=5, keep_checkpoints=2, eval_every=5, keep_best=2, best_metric="loss", best_mode="min", log_every=5,
+        checkpoint_every=5, keep_checkpoints=2, eval_every=5, keep_best=2, best_metric="loss", best_mode="min",
+        log_every=5,
     )
     trainer.fit(blobs(), blobs(), steps=30)
     assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [30, 25]
@@ -303,7 +317,8 @@ def test_keep_last_n_and_best_k(tmp_path):
     best_two = sorted(evals, key=lambda r: r["loss"])[:2]
     index = json.loads((tmp_path / "checkpoints" / "best" / "best.json").read_text())
     assert [e["step"] for e in index] == [r["step"] for r in best_two]
-    assert sorted(p.name for p in (tmp_path / "checkpoints" / "best").glob("*.index")) == sorted(f"ckpt-{r['step']}.index" for r in best_two)
+    assert (sorted(p.name for p in (tmp_path / "checkpoints" / "best").glob("*.index"))
+            == sorted(f"ckpt-{r['step']}.index" for r in best_two))
     assert float(trainer.best.numpy()) == pytest.approx(best_two[0]["loss"])
 
 

@@ -113,7 +113,8 @@ def test_wheel_ships_configs_and_runs_from_anywhere(tmp_path):
     import sys
 
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(repo)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"),
+         str(repo)],
         capture_output=True,
         text=True,
     )
@@ -172,7 +173,8 @@ def test_without_the_progress_bar_the_log_has_a_line_per_event(tmp_path, tiny):
     # Hydra configures logging for the CLI: fit() adds no handler of its own (trainer/console.py), no line twice
     assert text.count("Done: 40 steps") == 1 and (result.stdout + result.stderr).count("Done: 40 steps") == 1
     for step in (20, 40):
-        assert re.search(rf"eval @ step {step} \(10 batches\): loss=\d+\.\d{{4}}, accuracy=\d+\.\d{{4}}", text), text[-3000:]
+        assert re.search(rf"eval @ step {step} \(10 batches\): loss=\d+\.\d{{4}}, accuracy=\d+\.\d{{4}}",
+                         text), text[-3000:]
 
 
 @pytest.mark.parametrize(

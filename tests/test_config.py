@@ -28,7 +28,8 @@ def test_failed_run_leaves_existing_checkpoints_untouched(tmp_path, tiny):
     run_dir = tmp_path / "run"
     ok = run_cli(*tiny, f"hydra.run.dir={run_dir}")
     assert ok.returncode == 0, ok.stderr[-2000:]
-    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (run_dir / "checkpoints").iterdir() if p.is_file()}
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (run_dir / "checkpoints").iterdir()
+              if p.is_file()}
     assert any(name.endswith(".index") for name in before)
 
     bad = run_cli(*tiny, f"hydra.run.dir={run_dir}", "trainer.nonexistent=1")
@@ -37,7 +38,8 @@ def test_failed_run_leaves_existing_checkpoints_untouched(tmp_path, tiny):
     assert refused.returncode != 0
     assert "refusing to overwrite" in refused.stderr + refused.stdout
 
-    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (run_dir / "checkpoints").iterdir() if p.is_file()}
+    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (run_dir / "checkpoints").iterdir()
+             if p.is_file()}
     assert after == before
 
 
@@ -70,13 +72,15 @@ def test_bad_values_exit_2_naming_the_key_without_a_traceback(tmp_path, override
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("trainer.max_steps=1.5", "trainer.max_steps=1.5: trainer.max_steps takes an integer (or null), not 1.5. Fix: give trainer.max_steps an integer."),
+    ("trainer.max_steps=1.5", "trainer.max_steps=1.5: trainer.max_steps takes an integer (or null), not 1.5. Fix: give "
+                              "trainer.max_steps an integer."),
     ("trainer.resume=maybe", "trainer.resume=maybe: trainer.resume takes true or false, not 'maybe'."),
     # A recipe's sections: their schema depends on the groups chosen (the config is composed once to check).
     ("optimizer.lr=abc", "optimizer.lr=abc: optimizer.lr takes a number, not 'abc'. Fix: give optimizer.lr a number."),
     ("data.batch_size=1.5", "data.batch_size=1.5: data.batch_size takes an integer, not '1.5'."),
     ("model.widht=3", "model.widht=3: Key 'widht' not in 'MnistModelConfig'. Fix: check the name"),
-    ("trainer.max_stepz=10", "trainer.max_stepz=10: trainer has no key 'max_stepz'. Fix: did you mean trainer.max_steps"),
+    ("trainer.max_stepz=10", "trainer.max_stepz=10: trainer has no key 'max_stepz'. Fix: did "
+                             "you mean trainer.max_steps"),
 ])
 def test_a_wrong_type_is_one_line_naming_key_value_and_type(tmp_path, override, expected):
     result = run_cli(override, f"hydra.run.dir={tmp_path / 'run'}")
@@ -91,7 +95,8 @@ def test_adamw_excludes_names_from_weight_decay():
     from trainer.optim import build_optimizer
 
     opt = build_optimizer(
-        {"_target_": "keras.optimizers.AdamW", "lr": 1e-3, "weight_decay": 0.1, "exclude_from_weight_decay": ["bias"]}, 100
+        {"_target_": "keras.optimizers.AdamW", "lr": 1e-3, "weight_decay": 0.1, "exclude_from_weight_decay": ["bias"]},
+        100
     )
     kernel, bias = keras.Variable([[1.0]], name="kernel"), keras.Variable([1.0], name="bias")
     opt.build([kernel, bias])
@@ -115,4 +120,5 @@ def test_numpy_integers_are_whole_numbers():
 
     from trainer.config import TrainerConfig
 
-    assert TrainerConfig(grad_accum_steps=np.int64(2), max_steps=np.int32(5), profile_steps=[1, 2]).grad_accum_steps == 2
+    config = TrainerConfig(grad_accum_steps=np.int64(2), max_steps=np.int32(5), profile_steps=[1, 2])
+    assert config.grad_accum_steps == 2

@@ -27,8 +27,8 @@ trainer.fit(blobs(), blobs(), steps=20)
 THEN_QUIET = """
 print("--- quiet from here ---", file=sys.stderr, flush=True)
 quiet = Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]),
-                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), optimizer=lambda: keras.optimizers.SGD(0.1),
-                log_every=5, progress_bar=False, verbose=False)
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                optimizer=lambda: keras.optimizers.SGD(0.1), log_every=5, progress_bar=False, verbose=False)
 quiet.fit(blobs(), blobs(), steps=10)
 quiet.fit(blobs(), blobs(), steps=20)
 """
@@ -93,8 +93,9 @@ from conftest import blobs
 
 def fit(run):
     Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), optimizer=lambda: keras.optimizers.SGD(0.1),
-            run_dir=run, log_every=2, checkpoint_every=2, progress_bar=False).fit(blobs(), steps=4)
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            optimizer=lambda: keras.optimizers.SGD(0.1), run_dir=run, log_every=2, checkpoint_every=2,
+            progress_bar=False).fit(blobs(), steps=4)
 
 fit("teacher")  # nothing configured; two Trainers in one process, as distillation trains a teacher first
 fit("student")
@@ -145,7 +146,8 @@ def test_a_user_handler_on_the_trainer_logger_gets_each_line_once_and_propagate_
         assert not any(said in line for line in after), "\n".join(after[-40:])  # in the user's handler only
     for said in ("step 4/4: loss=", "Done: 4 steps"):
         assert sum(said in line for line in mine) == 1, mine  # the third Trainer's, in the user's handler once
-    assert 2 * sum("Saved checkpoint" in line for line in mine) == sum("Saved checkpoint" in line for line in before) > 0
+    assert (2 * sum("Saved checkpoint" in line for line in mine)
+            == sum("Saved checkpoint" in line for line in before) > 0)
     assert not any(line.startswith("INFO:trainer") for line in after), "\n".join(after[-40:])
 
 

@@ -214,7 +214,8 @@ def test_ema_evaluation_uses_the_hand_computed_average(jit_compile):
 def test_ema_decay_warms_up_then_equals_the_plain_formula(warmup):
     """optimizer.ema_warmup (on by default): early on the average follows the weights (momentum
     (1 + n) / (10 + n), n the optimizer's iterations, skipped updates counted), so an early evaluation of it is
-    close to the raw weights'; from iteration 8 on (momentum 0.5 here) it is the plain formula. Off: Keras' fixed momentum from the first update."""
+    close to the raw weights'; from iteration 8 on (momentum 0.5 here) it is the plain formula. Off: Keras' fixed
+    momentum from the first update."""
     from trainer import Trainer
     from trainer.optim import build_optimizer
 
@@ -304,8 +305,8 @@ def test_cli_callbacks_group_and_ema_export(tmp_path):
                      "callbacks.early_stopping.monitor=train/loss", "callbacks.early_stopping.mode=max",
                      "callbacks.early_stopping.patience=2", "callbacks.reduce_lr_on_plateau.monitor=train/loss",
                      "callbacks.reduce_lr_on_plateau.mode=max", "callbacks.reduce_lr_on_plateau.patience=1",
-                     "callbacks.reduce_lr_on_plateau.factor=0.5", "optimizer.use_ema=true", "optimizer.ema_momentum=0.9",
-                     f"hydra.run.dir={run_dir}")
+                     "callbacks.reduce_lr_on_plateau.factor=0.5", "optimizer.use_ema=true",
+                     "optimizer.ema_momentum=0.9", f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [r for r in read_metrics(run_dir) if r["split"] == "train"]
     losses = [r["loss"] for r in rows]

@@ -34,7 +34,8 @@ def test_idx_folder_roundtrip(tmp_path, gz):
 
 def test_npz(tmp_path):
     path = tmp_path / "mnist.npz"
-    np.savez(path, x_train=np.zeros((3, 28, 28), np.uint8), y_train=np.arange(3), x_test=np.ones((2, 28, 28), np.uint8), y_test=np.arange(2))
+    np.savez(path, x_train=np.zeros((3, 28, 28), np.uint8), y_train=np.arange(3), x_test=np.ones((2, 28, 28), np.uint8),
+             y_test=np.arange(2))
     (x_train, _, x_test, _), _ = load_mnist_format("mnist", str(path))
     assert x_train.shape == (3, 28, 28) and x_test.sum() == 2 * 28 * 28
 

@@ -41,7 +41,8 @@ def _trainer(**options):
     from trainer import Trainer
 
     options = {"log_every": 20, "progress_bar": False, "best_metric": None, **options}
-    return Trainer(_model, keras.losses.SparseCategoricalCrossentropy(from_logits=True), lambda: keras.optimizers.Adam(1e-2),
+    return Trainer(_model, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                   lambda: keras.optimizers.Adam(1e-2),
                    metrics={"accuracy": keras.metrics.SparseCategoricalAccuracy(), "seen": _examples_seen}, **options)
 
 
@@ -54,7 +55,8 @@ def _tensorboard_tags(folder: Path) -> set:
     import tensorflow as tf
     from tensorflow.core.util import event_pb2
 
-    events = (event_pb2.Event.FromString(r.numpy()) for f in folder.glob("events.out.tfevents.*") for r in tf.data.TFRecordDataset(str(f)))
+    events = (event_pb2.Event.FromString(r.numpy()) for f in folder.glob("events.out.tfevents.*")
+              for r in tf.data.TFRecordDataset(str(f)))
     return {value.tag for event in events for value in event.summary.value}
 
 
@@ -96,7 +98,8 @@ def test_limit_eval_batches_counts_and_fraction():
 def test_a_limited_evaluation_says_how_many_batches_it_read(caplog):
     """The eval line names the batches read when a limit applies (and when the set ended first); a whole
     eval set keeps the plain line."""
-    for limit, said in ((3, "eval @ step 2 (3 batches): loss="), (40, "eval @ step 2 (16 batches of the 40 asked: the eval set ended): loss="),
+    for limit, said in ((3, "eval @ step 2 (3 batches): loss="),
+                        (40, "eval @ step 2 (16 batches of the 40 asked: the eval set ended): loss="),
                         (None, "eval @ step 2: loss=")):
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="trainer"):

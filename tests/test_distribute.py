@@ -43,7 +43,8 @@ def test_mirrored_two_replicas_match_one_device(tmp_path):
         tensors[name] = model_tensors(run_dir / "checkpoints" / "ckpt-20")
         losses[name] = [r["loss"] for r in read_metrics(run_dir) if r["split"] == "train"]
     # Stopped at step 10 and resumed: the data must go on at step 10's batches on each replica.
-    run_dir, first_half = tmp_path / "mirrored_resumed", [a if a != "trainer.max_steps=20" else "trainer.max_steps=10" for a in COMMON]
+    run_dir, first_half = tmp_path / "mirrored_resumed", [a if a != "trainer.max_steps=20" else "trainer.max_steps=10"
+                                                          for a in COMMON]
     for args in (first_half, COMMON):
         result = run_cli(*args, *mirrored, f"hydra.run.dir={run_dir}")
         assert result.returncode == 0, result.stderr[-3000:]
@@ -59,7 +60,8 @@ def test_mirrored_two_replicas_match_one_device(tmp_path):
 
 @pytest.mark.slow
 def test_batch_must_divide_over_replicas(tmp_path):
-    result = run_cli(*COMMON, "strategy=mirrored", "strategy.logical_cpus=2", "data.batch_size=63", f"hydra.run.dir={tmp_path / 'r'}")
+    result = run_cli(*COMMON, "strategy=mirrored", "strategy.logical_cpus=2", "data.batch_size=63",
+                     f"hydra.run.dir={tmp_path / 'r'}")
     assert result.returncode == 2
     assert "not divisible by the 2 replicas" in result.stdout + result.stderr
 
@@ -142,7 +144,8 @@ def test_multi_worker_sigterm_to_one_worker_saves_on_all_and_resumes(tmp_path, w
     assert saved[0] == saved[1] < 600
     step = saved[0]
     if when == "start-up":
-        assert "SIGTERM during start-up" in outputs[1] and "First loop" not in outputs[1].split("SIGTERM during start-up")[0]
+        assert ("SIGTERM during start-up" in outputs[1]
+                and "First loop" not in outputs[1].split("SIGTERM during start-up")[0])
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("ckpt-*.index")) == [f"ckpt-{step}.index"]
 
     procs, logs = _launch_two_workers(run_dir, tmp_path, common)
@@ -176,15 +179,18 @@ def test_tpu_without_a_tpu_fails_fast(tmp_path):
         assert "strategy=tpu" in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("jit_compile, steps_per_loop, whole_step", [(True, 1, None), (False, 5, None), (True, 7, False)])
+@pytest.mark.parametrize("jit_compile, steps_per_loop, whole_step",
+                         [(True, 1, None), (False, 5, None), (True, 7, False)])
 def test_xla_and_steps_per_loop_give_the_same_losses(jit_compile, steps_per_loop, whole_step):
     """Against the reference (no XLA, one step per call): same logged losses and weights, with the
     update compiled into the XLA step (auto for this small model) or run outside it."""
 
     def train(jit, k, whole_step=None):
         trainer = Trainer(
-            model=lambda: keras.Sequential([keras.Input((16,)), keras.layers.Dense(32, activation="relu"), keras.layers.Dense(2, dtype="float32")]),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), optimizer=lambda: keras.optimizers.Adam(1e-2),
+            model=lambda: keras.Sequential([keras.Input((16,)), keras.layers.Dense(32, activation="relu"),
+                                            keras.layers.Dense(2, dtype="float32")]),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            optimizer=lambda: keras.optimizers.Adam(1e-2),
             progress_bar=False, log_every=10, jit_compile=jit, steps_per_loop=k, seed=1, xla_whole_step=whole_step,
         )
         losses = []
@@ -236,8 +242,9 @@ import keras, numpy as np, tensorflow as tf
 from trainer import Trainer
 strategy = tf.distribute.MultiWorkerMirroredStrategy()  # its coordination service installs a SIGTERM handler
 trainer = Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), optimizer=lambda: keras.optimizers.SGD(0.1),
-                  strategy=strategy, run_dir=sys.argv[2], progress_bar=False, tensorboard=False)
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  optimizer=lambda: keras.optimizers.SGD(0.1), strategy=strategy, run_dir=sys.argv[2],
+                  progress_bar=False, tensorboard=False)
 if sys.argv[1] == "after_fit":
     before = signal.getsignal(signal.SIGTERM)
     x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
@@ -264,7 +271,8 @@ def test_sigterm_is_not_swallowed_around_a_multi_worker_fit(tmp_path, when):
 
 READY_MADE = """
 import keras, numpy as np, tensorflow as tf
-tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
+                                           [tf.config.LogicalDeviceConfiguration()] * 2)
 from trainer import Trainer
 x = np.random.default_rng(0).normal(size=(256, 8)).astype("float32"); y = (x[:, 0] > 0).astype("int32")
 ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(32, drop_remainder=True)
@@ -297,21 +305,26 @@ def test_ready_made_metrics_models_and_strategies(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith(("FIT", "ERROR"))]
     assert lines[0] == "FIT 4"
-    assert lines[1].startswith("ERROR DataError The training batches (33 examples) do not split evenly over the 2 replicas")
-    assert lines[2].startswith("ERROR PrecisionError The model was built before the Trainer set precision 'mixed_bfloat16'")
+    assert lines[1].startswith("ERROR DataError The training batches (33 examples) do not split "
+                               "evenly over the 2 replicas")
+    assert lines[2].startswith("ERROR PrecisionError The model was built before the Trainer set "
+                               "precision 'mixed_bfloat16'")
     assert lines[3].startswith("ERROR StrategyError The model's variables were created outside the strategy's scope")
 
 
 LOSS_OBJECTS = """
 import json, sys, keras, numpy as np, tensorflow as tf
-tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
+                                           [tf.config.LogicalDeviceConfiguration()] * 2)
 from trainer import Trainer
 x = np.random.default_rng(0).normal(size=(128, 8)).astype("float32"); y = (x[:, :1] > 0).astype("float32")
 ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(32, drop_remainder=True)
 bce = keras.losses.BinaryCrossentropy(from_logits=True)
-forms = {"object": bce, "function": lambda y, p: tf.reduce_mean(keras.losses.binary_crossentropy(y, p, from_logits=True)),
+forms = {"object": bce,
+         "function": lambda y, p: tf.reduce_mean(keras.losses.binary_crossentropy(y, p, from_logits=True)),
          # TensorFlow's distributed tutorial: the replica's share of the global mean, with or without the global batch
-         "cal": lambda y, p: tf.nn.compute_average_loss(keras.losses.binary_crossentropy(y, p, from_logits=True), global_batch_size=32),
+         "cal": lambda y, p: tf.nn.compute_average_loss(keras.losses.binary_crossentropy(y, p, from_logits=True),
+                                                        global_batch_size=32),
          "cal_auto": lambda y, p: tf.nn.compute_average_loss(keras.losses.binary_crossentropy(y, p, from_logits=True))}
 
 class OwnStep(Trainer):
@@ -355,7 +368,8 @@ class OptimizerApply(Trainer):  # Keras' habit, the optimizer's own apply_gradie
         x, y = data
         with tf.GradientTape() as tape:
             loss = self.compute_loss(x, y, self.model(x, training=True))
-        self.optimizer.apply_gradients(zip(tape.gradient(loss, self.model.trainable_variables), self.model.trainable_variables))
+        self.optimizer.apply_gradients(zip(tape.gradient(loss, self.model.trainable_variables),
+                                           self.model.trainable_variables))
         return {"d_loss": loss}
 
 class PenaltySum(Trainer):  # a loss plus a penalty: compute_loss's and the function form's give one update
@@ -463,7 +477,8 @@ def check_loss_objects(tmp_path, runs: str):
     result = subprocess.run([sys.executable, str(script), runs], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(next(l for l in result.stdout.splitlines() if l.startswith("RESULT"))[len("RESULT "):])
-    assert "Strategy: MirroredStrategy over" in result.stderr and "(2 replicas)" in result.stderr  # the Python API's line
+    # the Python API's line
+    assert "Strategy: MirroredStrategy over" in result.stderr and "(2 replicas)" in result.stderr
     bare = out.pop("bare_loss_call/2")
     np.testing.assert_allclose(bare, np.log(2) / 2, rtol=1e-5)  # Keras' division, outside our steps
     if runs == "full":
@@ -473,7 +488,8 @@ def check_loss_objects(tmp_path, runs: str):
     error = out.pop("keras_random_error", "no error")
     assert "keras.random.* call without a seed in the step" in error and "Fix: draw from self.rng" in error
     sums = {key: out.pop(key) for key in list(out) if "_sum/" in key}
-    for name, run in sums.items():  # its own loss (a penalty added): compute_loss's == the function form's, 2 replicas == 1
+    # its own loss (a penalty added): compute_loss's == the function form's, 2 replicas == 1
+    for name, run in sums.items():
         for got, want in zip(run["weights"], sums["function_sum/1"]["weights"]):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=name)
         np.testing.assert_allclose(run["loss"], sums["function_sum/1"]["loss"], rtol=1e-5, err_msg=name)
@@ -491,7 +507,8 @@ def check_loss_objects(tmp_path, runs: str):
 
 OWN_APPLY = """
 import json, keras, numpy as np, tensorflow as tf
-tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
+                                           [tf.config.LogicalDeviceConfiguration()] * 2)
 from trainer import Trainer
 x = np.random.default_rng(0).normal(size=(64, 8)).astype("float32"); y = (x[:, :1] > 0).astype("float32")
 ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(32, drop_remainder=True)
@@ -504,14 +521,16 @@ def copies_apart(model):  # the largest difference between the 2 replicas' copie
 
 def build(strategy):
     with strategy.scope():
-        return keras.Sequential([keras.Input((8,)), keras.layers.Dense(1, kernel_initializer="ones")]), keras.optimizers.SGD(0.5)
+        return (keras.Sequential([keras.Input((8,)), keras.layers.Dense(1, kernel_initializer="ones")]),
+                keras.optimizers.SGD(0.5))
 
 class OptimizerApply(Trainer):  # an overridden step calling the optimizer's own apply_gradients
     def train_step(self, data):
         x, y = data
         with tf.GradientTape() as tape:
             loss = self.compute_loss(x, y, self.model(x, training=True))
-        self.optimizer.apply_gradients(zip(tape.gradient(loss, self.model.trainable_variables), self.model.trainable_variables))
+        self.optimizer.apply_gradients(zip(tape.gradient(loss, self.model.trainable_variables),
+                                           self.model.trainable_variables))
 
 class ForeignOptimizer(Trainer):  # an optimizer of the step's own (not the Trainer's), the TF tutorial's loss
     def train_step(self, data):
@@ -519,7 +538,8 @@ class ForeignOptimizer(Trainer):  # an optimizer of the step's own (not the Trai
         with tf.GradientTape() as tape:
             per_example = keras.losses.binary_crossentropy(y, self.model(x, training=True), from_logits=True)
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=32)
-        self.own.apply_gradients(zip(tape.gradient(loss, self.model.trainable_variables), self.model.trainable_variables))
+        self.own.apply_gradients(zip(tape.gradient(loss, self.model.trainable_variables),
+                                     self.model.trainable_variables))
 
 class OwnApply(Trainer):  # the default step, apply_gradients overridden to call the optimizer's own
     def apply_gradients(self, unscaled_grads, loss=None, optimizer=None):
@@ -589,7 +609,8 @@ def test_an_optimizers_own_apply_gradients_averages_in_an_own_step_and_sums_else
 EXITS = """
 import time
 import keras, numpy as np, tensorflow as tf
-tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
+                                           [tf.config.LogicalDeviceConfiguration()] * 2)
 from trainer import Trainer
 from trainer.data import release_in_background
 

@@ -104,7 +104,8 @@ def test_rollback_halves_a_scheduled_learning_rate(tmp_path):
     trainer = make(cosine(UNSTABLE), tmp_path, on_divergence="rollback")
     logs = trainer.fit(regression(), steps=80)
     assert trainer.divergence.rollbacks == 1
-    assert lr_of(trainer) == pytest.approx(UNSTABLE / 2, rel=1e-3) and logs["lr"] == pytest.approx(UNSTABLE / 2, rel=1e-3)
+    assert (lr_of(trainer) == pytest.approx(UNSTABLE / 2, rel=1e-3)
+            and logs["lr"] == pytest.approx(UNSTABLE / 2, rel=1e-3))
     assert math.isfinite(logs["loss"]) and logs["loss"] < trainer.divergence.reference
 
 
@@ -184,7 +185,8 @@ def classes(learnable: bool, n: int = 1024, batch: int = 32):
 
 
 def not_learning_warnings(caplog):
-    return [r.getMessage() for r in caplog.records if "not learning" in r.getMessage() or "did not learn" in r.getMessage()]
+    return [r.getMessage() for r in caplog.records
+            if "not learning" in r.getMessage() or "did not learn" in r.getMessage()]
 
 
 def test_a_run_that_does_not_learn_is_said_loudly(caplog):
@@ -207,7 +209,9 @@ def test_not_learning_as_divergence_stops_under_on_divergence_stop():
     from trainer.callbacks.numerics import NumericalError
 
     trainer = classifier(1e-7, not_learning="divergence")
-    with pytest.raises(NumericalError, match=r"Stopping at step 200: the train loss .* \(83% of the run\) is not below its early level"):
+    with pytest.raises(NumericalError,
+                       match=r"Stopping at step 200: the train loss .* \(83% of the run\) is "
+                             r"not below its early level"):
         trainer.fit(classes(learnable=False), steps=240)
     warned = classifier(1e-7, not_learning="divergence", on_divergence="warn")  # warn: a warning, and on
     assert warned.fit(classes(learnable=False), steps=240)["step"] == 240
@@ -220,7 +224,8 @@ def test_the_window_the_reference_came_from_is_not_judged(caplog):
 
     from trainer import Trainer
 
-    trainer = Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]),  # no accuracy to go by
+    # no accuracy to go by
+    trainer = Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       optimizer=lambda: keras.optimizers.SGD(0.1), log_every=200, steps_per_loop=200,
                       checkpoint_every=0, progress_bar=False, tensorboard=False, best_metric=None)

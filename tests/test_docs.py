@@ -7,8 +7,9 @@ How blocks run (see docs/getting-started.md#tests for the reader's view):
   or in a new one where that is not faithful (an `export`ed variable, devices set up, distribution).
 - ```bash blocks run line by line in a fresh folder (relative paths such as runs/a are shared by the
   lines of one block). `python -m trainer ...` gets the shrinking overrides of conftest.TINY appended (a
-  key the line sets and TINY also sets takes TINY's value); `python -m trainer.export|convert|evaluate|predict|plot|doctor|lr_find` and
-  `python <repo script>` run as written; `export NAME=VALUE` sets the environment of the later lines. A
+  key the line sets and TINY also sets takes TINY's value);
+  `python -m trainer.export|convert|evaluate|predict|plot|doctor|lr_find` and `python <repo script>` run as
+  written; `export NAME=VALUE` sets the environment of the later lines. A
   line's comment `(exit N)` is the exit code it must end with (else 0).
 - ```text blocks are output or listings, not code.
 - `<!-- no-test: REASON -->` on the line before a block marks it as not run (hardware, data, time); its
@@ -100,7 +101,8 @@ def read_blocks(path: Path) -> List[Block]:
         end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
         before = next((lines[j].strip() for j in range(i - 1, -1, -1) if lines[j].strip()), "")
         marker = MARKER.match(before)
-        found.append(Block(path, i + 1, m["lang"], "\n".join(lines[i + 1:end]) + "\n", marker["reason"] if marker else None))
+        found.append(Block(path, i + 1, m["lang"], "\n".join(lines[i + 1:end]) + "\n",
+                           marker["reason"] if marker else None))
         i = end + 1
     return found
 
@@ -159,15 +161,17 @@ def resolve(command: Command) -> List[str]:
     """The argv to run for a documented command, or a failure naming why it cannot run."""
     argv = command.argv
     if argv[0] != "python":
-        pytest.fail(f"{command.line!r}: the test runs only python commands; mark the block with <!-- no-test: REASON -->")
+        pytest.fail(f"{command.line!r}: the test runs only python commands; mark the block with "
+                    "<!-- no-test: REASON -->")
     if command.trainer_overrides is not None:
         return ["python", "-m", "trainer", *with_tiny(command)]
-    if argv[1:2] == ["-m"] and argv[2] in ("trainer.export", "trainer.convert", "trainer.evaluate", "trainer.predict", "trainer.plot",
-                                           "trainer.doctor", "trainer.lr_find"):
+    if argv[1:2] == ["-m"] and argv[2] in ("trainer.export", "trainer.convert", "trainer.evaluate", "trainer.predict",
+                                           "trainer.plot", "trainer.doctor", "trainer.lr_find"):
         return list(argv)
     if len(argv) > 1 and (ROOT / argv[1]).is_file():
         return ["python", str(ROOT / argv[1]), *argv[2:]]
-    pytest.fail(f"{command.line!r}: not a command this test knows how to run; mark the block with <!-- no-test: REASON -->")
+    pytest.fail(f"{command.line!r}: not a command this test knows how to run; mark the block with "
+                "<!-- no-test: REASON -->")
 
 
 def test_every_block_is_runnable_or_says_why_not():
@@ -278,8 +282,10 @@ def test_documented_commands_compose_against_the_schema():
                     composed = error is None
                     checked += 1
                     if composed and command.exit_code == 1:
-                        problems.append(f"{block.id}: {command.line.strip()}: documented as a config error, but it composes")
-                    caught_first = command.exit_code == 2 and problem_in(job)  # a wrong type, said before Hydra composes
+                        problems.append(f"{block.id}: {command.line.strip()}: documented as a "
+                                        "config error, but it composes")
+                    # a wrong type, said before Hydra composes
+                    caught_first = command.exit_code == 2 and problem_in(job)
                     if not composed and command.exit_code != 1 and not caught_first:
                         problems.append(f"{block.id}: {command.line.strip()}: {type(error).__name__}: {error}")
     assert not problems, "\n".join(problems)
@@ -292,8 +298,10 @@ def test_readme_commands_are_what_ci_runs():
         assert f"```bash\n{command}\n```" in readme, command
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert "bash scripts/setup.sh" in ci and "python -m pytest -q -n 2" in ci
-    assert ci.index("ruff check trainer tests scripts benchmarks examples recipes") < ci.index("python -m pytest -q -n 2")
-    assert 'pip install -q -e ".[text,test,bench,docs,mlflow,wandb,export,sweep,profile]"' in (ROOT / "scripts" / "setup.sh").read_text()
+    assert (ci.index("ruff check trainer tests scripts benchmarks examples recipes")
+            < ci.index("python -m pytest -q -n 2"))
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    assert 'pip install -q -e ".[text,test,bench,docs,mlflow,wandb,export,sweep,profile]"' in setup
 
 
 def test_the_code_passes_the_linter_ci_runs():
@@ -302,7 +310,8 @@ def test_the_code_passes_the_linter_ci_runs():
 
     pins = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
     assert "ruff==0.14.0" in pins
-    result = subprocess.run([sys.executable, "-m", "ruff", "check", "trainer", "tests", "scripts", "benchmarks", "examples", "recipes"],
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "trainer", "tests", "scripts", "benchmarks",
+                             "examples", "recipes"],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-1000:]
 
@@ -342,7 +351,8 @@ def test_config_reference_is_complete_and_up_to_date():
     text, missing = ref.render()
     assert missing == [], f"config fields without a description (add a # comment): {missing}"
     assert ref.stale_fallbacks() == [], "FALLBACK entries to remove from scripts/config_reference.py"
-    assert ref.OUT.read_text() == text, "docs/reference/config.md is out of date: run python scripts/config_reference.py"
+    assert ref.OUT.read_text() == text, ("docs/reference/config.md is out of date: run python "
+                                         "scripts/config_reference.py")
 
 
 def test_config_reference_reads_comments_and_reports_undescribed_fields(tmp_path, monkeypatch):

@@ -39,7 +39,8 @@ def test_overflow_is_flagged_by_layer_name_and_x8_fix_is_given():
     f16 = report["numerics"]["float16"]
     assert "amplifier" in f16["overflowing_layers"]
     assert "wide" not in f16["overflowing_layers"]  # its activations are small: only the layers after the Lambda
-    assert f16["float32_layers_override"].startswith("precision.float32_layers=[") and "Lambda" in f16["float32_layers_override"]
+    assert (f16["float32_layers_override"].startswith("precision.float32_layers=[")
+            and "Lambda" in f16["float32_layers_override"])
     assert not f16["safe"] and any("amplifier" in b for b in f16["blockers"])
     amplifier = next(r for r in report["numerics"]["layers"] if r["layer"] == "amplifier")
     assert amplifier["max_activation"] > 65504 and amplifier["headroom"] < 1
@@ -139,7 +140,8 @@ def test_unwritable_out_exits_2_before_measuring_and_options_may_come_between_ov
 
     regular_file = tmp_path / "a_file"
     regular_file.write_text("")
-    argv = ["recipe=mnist", "--quick", "data.batch_size=32", "--out", str(regular_file / "sub"), "model.hidden_units=[16]"]
+    argv = ["recipe=mnist", "--quick", "data.batch_size=32", "--out", str(regular_file / "sub"),
+            "model.hidden_units=[16]"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "cannot be written" in err and str(regular_file / "sub") in err and "Traceback" not in err
@@ -197,7 +199,8 @@ def test_recommendation_needs_a_significant_paired_win_and_claims_no_memory_with
     bigger = _row("float32", 64, [0.8, 0.9, 0.85, 0.82] * 2, 130.0)  # won every round; 20 MiB apart is RSS noise
     report["speed"]["configs"].append(bigger)
     rec = recommend(report, [], baseline_xla=False, batch=32)
-    assert rec["config"] == bigger["name"] and rec["verdict"] == "faster" and rec["memory_difference_measurable"] is False
+    assert (rec["config"] == bigger["name"] and rec["verdict"] == "faster"
+            and rec["memory_difference_measurable"] is False)
     low, high = rec["interval"]
     assert 1 < low <= rec["speedup"] <= high
     report["recommendation"] = rec
@@ -351,7 +354,8 @@ def test_calls_are_resized_every_round_and_timed_as_the_loop_trains():
     class FakeTrainer:
         def __init__(self):
             self.calls, self.config = [], types.SimpleNamespace(steps_per_loop=1)
-            self.models = {"model": type("M", (), {"trainable_variables": [type("V", (), {"numpy": lambda self: 0})()]})()}
+            variable = type("V", (), {"numpy": lambda self: 0})()
+            self.models = {"model": type("M", (), {"trainable_variables": [variable]})()}
 
         def run_steps(self, n, loop=False):
             self.calls.append((n, loop))
@@ -389,7 +393,8 @@ def test_the_grid_times_the_loops_per_window_function(monkeypatch):
         clock[0] += 0.01
 
     monkeypatch.setattr(Loop, "window", spy_window)
-    monkeypatch.setattr(NumericsGuard, "on_loop_end", lambda self, t, step: (guarded.append(step), on_loop_end(self, t, step)))
+    monkeypatch.setattr(NumericsGuard, "on_loop_end",
+                        lambda self, t, step: (guarded.append(step), on_loop_end(self, t, step)))
     monkeypatch.setattr(Trainer, "collect_train_logs", lambda self, *a: (logged.append(a[0]), collect(self, *a))[1])
     monkeypatch.setattr(speed, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     monkeypatch.setattr(speed, "_add_phases", lambda *args: None)  # real clocks; tested on their own
@@ -555,7 +560,8 @@ def test_quick_under_mirrored_on_two_logical_cpus(tmp_path):
     report = json.loads((out / "doctor.json").read_text())
     assert report["hardware"]["replicas"] == 2
     timed = [r for r in report["speed"]["configs"] if "steps_per_sec" in r]
-    assert timed and all(len(r["steps_per_call"]) == len(r["seconds_per_example"]) >= 5 for r in timed)  # rounds: --quick runs 10
+    # rounds: --quick runs 10
+    assert timed and all(len(r["steps_per_call"]) == len(r["seconds_per_example"]) >= 5 for r in timed)
     assert all(steps >= 1 for r in timed for steps in r["steps_per_call"])  # re-sized every round
     command = shlex.split(report["recommendation"]["command"])
     assert "strategy=mirrored" in command and "strategy.logical_cpus=2" in command
@@ -586,7 +592,8 @@ def test_verify_withdraws_a_recommendation_that_does_not_train_faster():
     from trainer.doctor.verify import mark_unverified
 
     candidate = mark_unverified(rec)  # no --verify: the grid's winner is a candidate, said so
-    assert candidate["unverified"] and "per-window path" in candidate["notes"][0] and "--verify N" in candidate["notes"][0]
+    assert (candidate["unverified"] and "per-window path" in candidate["notes"][0]
+            and "--verify N" in candidate["notes"][0])
     assert _recommendation_lines(candidate)[1].startswith("  candidate, not yet verified: ")
     assert mark_unverified(withdrawn) == withdrawn  # nothing changed: nothing to verify
 
@@ -720,4 +727,5 @@ def test_phase_breakdown_of_a_real_tiny_trainer_adds_up_to_its_step():
     phases = phase_breakdowns({"tiny": phase_pieces(trainer, data, lambda n: run_as_trained(trainer, n))})["tiny"]
     seconds = phases["seconds"]
     assert all(v >= 0 for v in seconds.values()) and seconds["input (pipeline alone)"] > 0
-    assert seconds["forward"] + seconds["backward"] + seconds["update and the rest"] == pytest.approx(phases["step_seconds"])
+    assert (seconds["forward"] + seconds["backward"] + seconds["update and the rest"]
+            == pytest.approx(phases["step_seconds"]))

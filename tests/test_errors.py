@@ -40,10 +40,12 @@ def test_the_doctor_says_not_a_run_folder_in_the_same_words(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("module, args, says", [
-    ("trainer.predict", ("run", "--input", "x", "--out", "p.txt"), "--out p.txt: the file name must end in .csv or .jsonl (it picks the format)"),
+    ("trainer.predict", ("run", "--input", "x", "--out", "p.txt"),
+     "--out p.txt: the file name must end in .csv or .jsonl (it picks the format)"),
     ("trainer.predict", ("run", "--input", "x", "--out", "p.csv", "--batch-size", "0"), "--batch-size 0: must be >= 1"),
     ("trainer.export", ("run", "--out", "e", "--check-batches", "0"), "--check-batches 0: must be >= 1"),
-    ("trainer.convert", ("run", "--policy", "float32", "--out", "c", "--eval-steps", "0"), "--eval-steps 0: must be >= 1"),
+    ("trainer.convert", ("run", "--policy", "float32", "--out", "c", "--eval-steps", "0"),
+     "--eval-steps 0: must be >= 1"),
 ])
 def test_bad_arguments_are_user_errors_through_the_one_mapping(module, args, says, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -91,7 +93,8 @@ def test_the_lowest_layers_import_without_tensorflow(module):
 def test_tensorflow_loads_quietly_whoever_loads_it_first():
     """`import trainer` no longer loads TensorFlow, yet a trainer module or the user's own `import tensorflow`
     after it still keeps TensorFlow's C++ start-up lines off stderr (TRAINER_TF_LOGS=1 shows them)."""
-    code = "import trainer.config, tensorflow as tf; tf.config.list_physical_devices('GPU'); print(tf.__loader__ is tf.__spec__.loader)"
+    code = ("import trainer.config, tensorflow as tf; tf.config.list_physical_devices('GPU'); "
+            "print(tf.__loader__ is tf.__spec__.loader)")
     quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert quiet.returncode == 0 and quiet.stdout.strip() == "True", quiet.stderr[-2000:]
     assert quiet.stderr.strip() == ""
@@ -104,14 +107,34 @@ def test_a_probe_for_tensorflow_is_not_its_import_and_submodules_are_attributes(
     """mlflow and etils probe with importlib.util.find_spec: the later real import is still quiet. And
     `import trainer` alone gives `trainer.callbacks`, `trainer.config`, ... as attributes, as before."""
     code = ("import trainer, importlib.util; importlib.util.find_spec('tensorflow'); import tensorflow; "
-            "print(' '.join(getattr(trainer, m).__name__ for m in ('callbacks', 'config', 'core', 'checkpoint', 'data')))")
+            "print(' '.join(getattr(trainer, m).__name__ for m in ('callbacks', 'config', "
+            "'core', 'checkpoint', 'data')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == ["trainer.callbacks", "trainer.config", "trainer.core", "trainer.checkpoint", "trainer.data"]
+    assert result.stdout.split() == ["trainer.callbacks", "trainer.config", "trainer.core", "trainer.checkpoint",
+                                     "trainer.data"]
     assert result.stderr.strip() == ""
     with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
         import trainer
         trainer.no_such_name
+
+
+def test_the_old_module_names_still_import_their_public_names():
+    """trainer.core and trainer.compile were renamed trainer.trainer and trainer.step_functions: a user's
+    `from trainer.core import Trainer` gets the same class, and the log channel keeps its name."""
+    import logging
+
+    import trainer
+    from trainer import step_functions, xla_plan
+    from trainer.compile import XlaPlan, decide_jit_compile, make_eval_function, make_train_function, plan_xla
+    from trainer.core import NumericalError, Trainer, TrainingInterrupted
+
+    assert (Trainer, NumericalError, TrainingInterrupted) == (trainer.Trainer, trainer.NumericalError,
+                                                                trainer.TrainingInterrupted)
+    assert (make_train_function, make_eval_function) == (step_functions.make_train_function,
+                                                         step_functions.make_eval_function)
+    assert (XlaPlan, decide_jit_compile, plan_xla) == (xla_plan.XlaPlan, xla_plan.decide_jit_compile, xla_plan.plan_xla)
+    assert sys.modules["trainer.trainer"].log is logging.getLogger("trainer.core")
 
 
 @pytest.mark.parametrize("imports", ["trainer, keras", "keras, trainer"])

@@ -3,6 +3,7 @@ traceback, and nothing existing damaged."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import signal
@@ -29,7 +30,8 @@ def tmpfs(folder: Path, options: str):
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
     folder.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True,
+                             text=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
@@ -50,7 +52,8 @@ def tmpfs(folder: Path, options: str):
         ("model.dropout=1.5", "model.dropout=1.5 is out of range: must be in [0, 1)"),
         # issue 29: each was accepted (or a traceback) before
         ("optimizer.lr=inf", "optimizer.lr=inf is not a finite number: must be finite and > 0"),
-        ("trainer.max_steps=99999999999999999999", "trainer.max_steps=99999999999999999999 is out of range: must be in [1, 9223372036854775807]"),
+        ("trainer.max_steps=99999999999999999999",
+         "trainer.max_steps=99999999999999999999 is out of range: must be in [1, 9223372036854775807]"),
         ("+trainer.foo=1", "trainer.foo is not a key of trainer (its schema TrainerConfig has: max_steps, epochs,"),
         ("model=mnist_cnn model.filters=[]", "model.filters=[] leaves the cnn without a convolution"),
         ("model.kind=foo", "model.kind='foo' is not one of mlp|cnn"),
@@ -73,7 +76,8 @@ def test_every_numeric_field_of_every_schema_has_a_range():
     from trainer.assemble import register_configs
 
     register_configs()
-    schemas = {config.Config, config.FinetuneConfig, config.TrainerConfig, config.PrecisionConfig, config.StrategyConfig}
+    schemas = {config.Config, config.FinetuneConfig, config.TrainerConfig, config.PrecisionConfig,
+               config.StrategyConfig}
     for group in ConfigStore.instance().repo.values():
         for item in group.values() if isinstance(group, dict) else ():
             if hasattr(item, "node"):
@@ -83,7 +87,7 @@ def test_every_numeric_field_of_every_schema_has_a_range():
     missing = [
         f"{schema.__name__}.{f.name}"
         for schema in schemas
-        for f in config.dataclasses.fields(schema)
+        for f in dataclasses.fields(schema)
         if re.search(r"\b(int|float)\b", str(f.type)) and "range" not in f.metadata and f.name not in exempt
     ]
     assert not missing, missing
@@ -311,7 +315,8 @@ def test_a_bad_log_call_keeps_the_log_file(tmp_path, capsys):
 
 def test_garbled_state_file_and_deleted_index_are_repaired_and_named(tmp_path):
     run_dir = tmp_path / "run"
-    run = [*TINY, "trainer.keep_checkpoints=3", "trainer.keep_best=0", "model.hidden_units=[32]", f"hydra.run.dir={run_dir}"]
+    run = [*TINY, "trainer.keep_checkpoints=3", "trainer.keep_best=0", "model.hidden_units=[32]",
+           f"hydra.run.dir={run_dir}"]
     first = run_cli(*run, "trainer.max_steps=60")
     assert first.returncode == 0, first.stderr[-3000:]
     checkpoints = run_dir / "checkpoints"
@@ -351,7 +356,8 @@ def test_nan_pixels_in_an_npz_are_a_data_error_naming_the_file(tmp_path):
 @pytest.mark.parametrize(
     "override, expected",
     [  # Each allocation fails at once (31 GB for the batch, 314 GB for the layer): nothing is really allocated.
-        pytest.param("data.batch_size=10000000", "out of memory: the batch does not fit in memory (data.batch_size=10000000",
+        pytest.param("data.batch_size=10000000",
+                     "out of memory: the batch does not fit in memory (data.batch_size=10000000",
                      marks=pytest.mark.slow),
         ("model.hidden_units=[100000000]", "out of memory: the model or a training step does not fit in memory"),
     ],
@@ -369,13 +375,17 @@ def test_run_folder_lock_nests_in_one_process_and_only_the_chief_holds_it(tmp_pa
     with run_folder_lock(tmp_path):  # the CLI's lock, then Trainer.fit's, in one process
         with run_folder_lock(tmp_path):
             pass
-        probe = subprocess.run([sys.executable, "-c", "import sys; from trainer.runlock import acquire; acquire(sys.argv[1])", str(tmp_path)],
+        probe = subprocess.run([sys.executable, "-c",
+                                "import sys; from trainer.runlock import acquire; acquire(sys.argv[1])", str(tmp_path)],
                                capture_output=True, text=True)
         assert "is in use by another run" in probe.stderr, "the outer lock still holds after the inner one ended"
     cluster = {"worker": ["a:1", "b:2"]}
     assert is_chief_process("multi_worker", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}}))
-    assert not is_chief_process("multi_worker", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 1}}))
-    assert not is_chief_process("multi_worker", json.dumps({"cluster": {**cluster, "chief": ["c:3"]}, "task": {"type": "worker", "index": 0}}))
+    assert not is_chief_process("multi_worker",
+                                json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 1}}))
+    assert not is_chief_process("multi_worker",
+                                json.dumps({"cluster": {**cluster, "chief": ["c:3"]},
+                                            "task": {"type": "worker", "index": 0}}))
     assert is_chief_process("mirrored", "{}")
 
 
@@ -395,9 +405,11 @@ def test_repeated_sigterms_during_training_still_save(tmp_path, gap):
     run_dir = tmp_path / "run"
     args = ["trainer.max_steps=100000", "trainer.checkpoint_every=100000", "trainer.log_every=1",
             "trainer.progress_bar=false", "data.batch_size=32", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     metrics = run_dir / "metrics.jsonl"
-    wait_until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 20, proc, "20 steps trained, none saved")
+    wait_until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 20, proc,
+               "20 steps trained, none saved")
     proc.send_signal(signal.SIGTERM)
     time.sleep(gap)
     proc.send_signal(signal.SIGTERM)
@@ -410,7 +422,8 @@ def test_repeated_sigterms_during_training_still_save(tmp_path, gap):
     assert "Received SIGTERM at step" in (run_dir / "trainer.log").read_text()
     found = list_checkpoints(run_dir / "checkpoints")
     assert found and found[0][0] >= 20
-    resumed = run_cli(*[a if not a.startswith("trainer.max_steps") else f"trainer.max_steps={found[0][0] + 2}" for a in args])
+    resumed = run_cli(*[a if not a.startswith("trainer.max_steps") else f"trainer.max_steps={found[0][0] + 2}"
+                        for a in args])
     assert resumed.returncode == 0 and f"step {found[0][0]})" in resumed.stdout + resumed.stderr, resumed.stderr[-2000:]
 
 
@@ -458,7 +471,8 @@ def test_tools_fall_back_from_a_corrupt_newest_checkpoint_and_name_when_none_is_
     assert "Using ckpt-20, the newest readable checkpoint: ckpt-40 is unreadable" in said
     assert result.stdout.startswith("ckpt-20 (step 20)")
     _truncate(run / "checkpoints" / "ckpt-20")
-    for module, args in [("trainer.evaluate", [str(run)]), ("trainer.export", [str(run), "--out", str(tmp_path / "out")]),
+    for module, args in [("trainer.evaluate", [str(run)]),
+                         ("trainer.export", [str(run), "--out", str(tmp_path / "out")]),
                          ("trainer.predict", [str(run), "--input", str(run), "--out", str(tmp_path / "p.csv")]),
                          ("trainer.doctor", ["--run", str(run)])]:
         assert_user_error(run_cli(*args, module=module), "none of the checkpoints in", "is readable")
@@ -546,7 +560,8 @@ def test_evaluate_on_a_read_only_run_folder_prints_the_figures(tmp_path):
         result = run_cli(str(run), "trainer.eval_steps=2", module="trainer.evaluate")
         assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
         assert result.stdout.startswith("ckpt-40 (step 40): loss=")
-        assert f"not written: {run / 'eval' / 'ckpt-40.json'} cannot be written (Read-only file system)" in result.stdout
+        written = run / "eval" / "ckpt-40.json"
+        assert f"not written: {written} cannot be written (Read-only file system)" in result.stdout
         assert "Traceback" not in result.stderr
 
 
@@ -569,7 +584,8 @@ def test_a_warmup_longer_than_the_run_is_named(tmp_path):
     result = run_cli(*TINY, "trainer.max_steps=4", "optimizer.warmup_steps=10", f"hydra.run.dir={tmp_path / 'run'}")
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
-    assert "optimizer.warmup_steps=10 is not shorter than the run (4 steps): the learning rate never reaches optimizer.lr=0.001 (it ends at 0.0004)" in out
+    assert ("optimizer.warmup_steps=10 is not shorter than the run (4 steps): the learning rate never reaches "
+            "optimizer.lr=0.001 (it ends at 0.0004)" in out)
 
 
 @pytest.mark.parametrize("override", ["trainer.init_from=/nonexistent/ckpt-5", "data.path=/nonexistent/mnist.npz"])
@@ -649,11 +665,13 @@ def test_a_resume_that_changes_the_precision_says_so_and_keeps_the_earlier_confi
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     said = [line for line in (resumed.stdout + resumed.stderr).splitlines() if "with a changed config" in line]
     assert len(said) == 1 and "WARNING" in said[0], said
-    assert "precision.policy: 'float32' -> 'mixed_bfloat16'" in said[0] and "steps 21- compute in mixed_bfloat16" in said[0]
+    assert ("precision.policy: 'float32' -> 'mixed_bfloat16'" in said[0]
+            and "steps 21- compute in mixed_bfloat16" in said[0])
     kept = run_dir / ".hydra" / "history" / "config.until-step-20.yaml"
     assert str(kept) in said[0]
     assert OmegaConf.load(kept).precision.policy == "float32"
     assert OmegaConf.load(run_dir / ".hydra" / "config.yaml").precision.policy == "mixed_bfloat16"
     longer = run_cli(*TINY, "trainer.max_steps=50", "precision=mixed_bfloat16", f"hydra.run.dir={run_dir}")
     said = [line for line in (longer.stdout + longer.stderr).splitlines() if "with a changed config" in line]
-    assert len(said) == 1 and "INFO" in said[0] and "trainer.max_steps: 40 -> 50" in said[0]  # a longer run: said, not warned
+    # a longer run: said, not warned
+    assert len(said) == 1 and "INFO" in said[0] and "trainer.max_steps: 40 -> 50" in said[0]

@@ -36,7 +36,8 @@ class TwoModels(Trainer):
         x, y = data
         for name in self.optimizers:
             with tf.GradientTape() as tape:
-                loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, self.models[name](x, training=True), from_logits=True))
+                logits = self.models[name](x, training=True)
+                loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
             self.update(loss, tape, name)
         return {"loss": loss}
 
@@ -105,14 +106,16 @@ def test_a_frozen_model_with_an_optimizer_or_an_unknown_name_is_refused():
     shared = keras.layers.Dense(2)
     with pytest.raises(ConfigError, match="shares variables with a trained model"):
         Trainer(models={"student": keras.Sequential([keras.Input((4,)), shared]),
-                        "teacher": keras.Sequential([keras.Input((4,)), shared])}, optimizer=keras.optimizers.Adam, frozen={"teacher"})
+                        "teacher": keras.Sequential([keras.Input((4,)), shared])}, optimizer=keras.optimizers.Adam,
+                frozen={"teacher"})
     # A ready-made optimizer serves the one model that trains.
     trainer = Trainer(models=models, optimizer=keras.optimizers.Adam(), frozen={"teacher"})
     assert set(trainer.optimizers) == {"student"} and trainer.frozen == {"teacher"}
     # Trainer.model (and predict, which uses it) stays refused with several models, pointing to the one that trains.
     for use in (lambda: trainer.model, lambda: trainer.predict(np.zeros((2, 4), "float32"))):
-        with pytest.raises(AttributeError, match=r"several \(\['student', 'teacher'\]\); use trainer.models\['student'\] "
-                                                 r"\(the one model that trains\)"):
+        with pytest.raises(AttributeError,
+                           match=r"several \(\['student', 'teacher'\]\); use trainer.models\['student'\] "
+                                 r"\(the one model that trains\)"):
             use()
     with pytest.raises(AttributeError, match=r"use Trainer.models\[name\]"):  # none frozen: no one to point to
         _ = Trainer(models=models, optimizer=keras.optimizers.Adam).model
@@ -136,13 +139,15 @@ def test_init_from_errors_name_the_model_the_path_and_what_the_checkpoint_holds(
 
     def fit(init_from, models=None):
         models = models or {"a": lambda: mlp(5), "c": lambda: mlp(6)}
-        TwoModels(models=models, optimizer=keras.optimizers.Adam, verbose=False, init_from=init_from).fit(blobs(), steps=1)
+        TwoModels(models=models, optimizer=keras.optimizers.Adam, verbose=False,
+                  init_from=init_from).fit(blobs(), steps=1)
 
     with pytest.raises(ConfigError, match=r"names \['x'\], not models of this Trainer \(models: \['a', 'c'\]\)"):
         fit({"x": str(tmp_path / "source")})
     with pytest.raises(CheckpointError, match=r"init_from=\{c: '.*nowhere'\} is not a checkpoint"):
         fit({"c": str(tmp_path / "nowhere")})
-    with pytest.raises(CheckpointError, match=r"no variable of model 'c' is in .*ckpt-2 \(it holds the models \['a', 'b'\]\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"no variable of model 'c' is in .*ckpt-2 \(it holds the models \['a', 'b'\]\)"):
         fit({"c": str(tmp_path / "source")})
     with pytest.raises(ConfigError, match=r"one path, and this Trainer has several models.*init_from=\{'a': PATH\}"):
         fit(str(tmp_path / "source"))
@@ -168,15 +173,16 @@ def test_a_frozen_model_loads_whole_or_not_at_all(tmp_path, caplog):
 
     def fit(teacher_model, init_from):
         Distillation(models={"student": lambda: mlp(3), "teacher": teacher_model}, frozen={"teacher"},
-                     optimizer=keras.optimizers.Adam, init_from={"teacher": init_from}, verbose=False).fit(blobs(), steps=1)
+                     optimizer=keras.optimizers.Adam, init_from={"teacher": init_from},
+                     verbose=False).fit(blobs(), steps=1)
 
     with pytest.raises(CheckpointError, match=r"frozen model 'teacher' is only partly in .*ckpt-20 \(its model\).*"
                                               r"other shapes \['.*kernel.* \[4, 7\] vs \[4, 8\]"):
         with caplog.at_level("INFO", logger="trainer"):
             fit(lambda: mlp(8), str(tmp_path / "teacher"))  # 1 of its 4 variables (the last bias) would load
     assert not any("Warm start of teacher" in r.message or "restored" in r.message for r in caplog.records), caplog.text
-    deeper = lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(7, activation="relu"), keras.layers.Dense(2),
-                                       keras.layers.Dense(2)])
+    deeper = lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(7, activation="relu"),
+                                       keras.layers.Dense(2), keras.layers.Dense(2)])
     with pytest.raises(CheckpointError, match=r"only partly in .*\(its model\): missing \['model/.*/3/_kernel'"):
         fit(deeper, str(tmp_path / "teacher"))
     teacher.model.save_weights(tmp_path / "teacher.weights.h5")
@@ -195,7 +201,8 @@ def test_the_log_says_which_object_of_the_checkpoint_a_named_model_came_from(tmp
         caplog.clear()
         with caplog.at_level("INFO", logger="trainer"):
             distillation(None, tmp_path / source).fit(blobs(), steps=1)
-        assert any(f"Warm start of teacher from {tmp_path / source}" in r.message and f"({where}): restored 4" in r.message
+        assert any(f"Warm start of teacher from {tmp_path / source}" in r.message
+                   and f"({where}): restored 4" in r.message
                    for r in caplog.records), [r.message for r in caplog.records]
 
 
@@ -223,7 +230,8 @@ def test_a_resume_against_another_frozen_teacher_is_refused(tmp_path):
     other.fit(blobs(), steps=5)
     distillation(tmp_path / "run", tmp_path / "teacher").fit(blobs(), steps=10)
     with pytest.raises(CheckpointError, match=r"frozen models \['teacher'\] have other weights than when this run last "
-                                              r"saved .*configured.json.*Fix: give them the weights the run started with"):
+                                              r"saved .*configured.json.*Fix: give them the "
+                                              r"weights the run started with"):
         distillation(tmp_path / "run", tmp_path / "other").fit(blobs(), steps=20)
     assert tf.train.latest_checkpoint(str(tmp_path / "run" / "checkpoints")).endswith("ckpt-10")  # nothing trained
     resumed = distillation(tmp_path / "run", tmp_path / "teacher")  # the same teacher: resumes
@@ -235,9 +243,10 @@ def test_adding_or_dropping_frozen_on_a_run_folder_names_frozen_as_the_cause(tmp
     """Two models, both trained, save as models/<name>; with one frozen, the other saves as model/. The switch is
     frozen='s doing, and the error says so (not "the config changed the model")."""
     def trainer(run, **frozen):
-        optimizers = {"a": keras.optimizers.Adam()} if frozen else {"a": keras.optimizers.Adam(), "b": keras.optimizers.Adam()}
-        return TwoModels(models={"a": lambda: mlp(5), "b": lambda: mlp(6)}, optimizers=optimizers, run_dir=tmp_path / run,
-                         verbose=False, **frozen)
+        optimizers = {"a": keras.optimizers.Adam()} if frozen else {"a": keras.optimizers.Adam(),
+                                                                    "b": keras.optimizers.Adam()}
+        return TwoModels(models={"a": lambda: mlp(5), "b": lambda: mlp(6)}, optimizers=optimizers,
+                         run_dir=tmp_path / run, verbose=False, **frozen)
 
     trainer("both").fit(blobs(), steps=2)
     with pytest.raises(CheckpointError, match=r"holds several trained models \(\['a', 'b'\], as models/<name>\), and "

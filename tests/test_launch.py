@@ -38,13 +38,16 @@ def no_cluster(monkeypatch):
     (["--workers", "-2"], "--workers -2"),
     ([], "--workers N is needed on one host"),
     (["--workers", "two"], "argument --workers: invalid int value: 'two'"),
-    (["--workers", "2", "--", "strategy=mirrored"], "strategy=mirrored: the launcher runs one strategy=multi_worker run"),
+    (["--workers", "2", "--", "strategy=mirrored"],
+     "strategy=mirrored: the launcher runs one strategy=multi_worker run"),
     (["--workers", "2", "--", "-m", "optimizer.lr=1e-3,1e-2"], "-m: the launcher runs one strategy=multi_worker run"),
     (["--workers", "2", "--port", "65535"], "--port 65535 with --workers 2: ports 65535..65536 go past 65535"),
     (["--workers", "2", "--grace-period", "nan"], "--grace-period nan: seconds, 0 or more"),
     (["--workers", "2", "--grace-period", "-1"], "--grace-period -1.0: seconds, 0 or more"),
-    (["--worker", "2", "trainer.max_steps=5"], "--worker: not an option of the launcher (nor an override of python -m trainer). Fix: --workers."),
-    (["--workers", "2", "--", "trainer.max_steps=5", "--max-restart=1"], "--max-restart=1: not an option of the launcher"),
+    (["--worker", "2", "trainer.max_steps=5"],
+     "--worker: not an option of the launcher (nor an override of python -m trainer). Fix: --workers."),
+    (["--workers", "2", "--", "trainer.max_steps=5", "--max-restart=1"],
+     "--max-restart=1: not an option of the launcher"),
 ])
 def test_bad_arguments_are_one_line_and_exit_2(args, expected, no_cluster):
     result = launch(*args)
@@ -232,7 +235,8 @@ SLURM = {"SLURM_JOB_ID": "77", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "7"
          "SLURM_STEP_NODELIST": "node[9-10],gpu1", "SLURM_STEP_TASKS_PER_NODE": "2(x2),3"}
 
 
-@pytest.mark.parametrize("rank, node, address", [(0, "node9", "node9:P"), (3, "node10", "node10:P+1"), (6, "gpu1", "gpu1:P+2")])
+@pytest.mark.parametrize("rank, node, address",
+                         [(0, "node9", "node9:P"), (3, "node10", "node10:P+1"), (6, "gpu1", "gpu1:P+2")])
 def test_slurm_tasks_become_workers_in_slurms_rank_order(rank, node, address):
     """SLURM hands out ranks node by node in the node list's order (node9 before node10: not sorted), each
     node's tasks on port, port+1, ...; a task's index is its SLURM_PROCID. The run folder is the job's step's."""
@@ -242,8 +246,8 @@ def test_slurm_tasks_become_workers_in_slurms_rank_order(rank, node, address):
     hosts = ["node9"] * 2 + ["node10"] * 2 + ["gpu1"] * 3
     assert config["cluster"]["worker"] == [f"{h}:{port + k}" for h, k in zip(hosts, [0, 1, 0, 1, 0, 1, 2])]
     assert config["task"] == {"type": "worker", "index": rank}
-    assert config["cluster"]["worker"][rank] == address.replace("P", str(port)).replace(f"{port}+1", str(port + 1)).replace(
-        f"{port}+2", str(port + 2))
+    assert config["cluster"]["worker"][rank] == (address.replace("P", str(port)).replace(f"{port}+1", str(port + 1))
+                                                 .replace(f"{port}+2", str(port + 2)))
     assert found.indices == [rank] and found.run_time == "slurm-77-0" and found.size == 7
     assert expand_hostlist("n[1-2],m5,o[3-4,6,7-9]") == ["n1", "n2", "m5", "o3", "o4", "o6", "o7", "o8", "o9"]
     assert expand_hostlist("n[9-10]") == ["n9", "n10"] and expand_tasks_per_node("2(x3),1") == [2, 2, 2, 1]
@@ -265,12 +269,14 @@ def test_the_launcher_names_one_run_folder_for_all_its_workers():
 @pytest.mark.parametrize("env, workers, expected", [
     ({**SLURM, "SLURM_PROCID": "0"}, 4, "--workers 4, but SLURM describes a cluster of 7 workers"),
     ({**SLURM, "SLURM_PROCID": "0", "SLURM_STEP_TASKS_PER_NODE": "2"}, None, "gives 1 nodes, SLURM_STEP_NODELIST 3"),
-    ({**SLURM, "SLURM_PROCID": "0", "SLURMD_NODENAME": "node10"}, None, "task 0 runs on node10, but the node list puts task 0 on node9"),
+    ({**SLURM, "SLURM_PROCID": "0", "SLURMD_NODENAME": "node10"}, None,
+     "task 0 runs on node10, but the node list puts task 0 on node9"),
     ({**SLURM, "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "two"}, None, "SLURM_STEP_NUM_TASKS='two' is not a number"),
     ({k: v for k, v in SLURM.items() if k != "SLURM_JOB_ID"} | {"SLURM_PROCID": "0"}, None, "SLURM_JOB_ID is not set"),
     ({**SLURM, "SLURM_PROCID": "0", "PORT": 65534}, None, "ports 65534..65536 go past 65535"),
     ({**SLURM, "SLURM_PROCID": "0", "SLURM_STEP_NODELIST": "n[1-"}, None, "not a SLURM host list"),
-    ({"TF_CONFIG": json.dumps({"cluster": {"chief": ["a:1"], "worker": ["b:1"]}, "task": {"type": "chief", "index": 0}})},
+    ({"TF_CONFIG": json.dumps({"cluster": {"chief": ["a:1"], "worker": ["b:1"]},
+                               "task": {"type": "chief", "index": 0}})},
      None, "strategy=multi_worker takes workers only"),
     ({"TF_CONFIG": "{not json"}, None, "TF_CONFIG is set but is not a cluster"),
 ])
@@ -281,7 +287,9 @@ def test_cluster_descriptions_that_do_not_fit_are_errors(env, workers, expected)
 
 
 def test_a_tf_config_set_by_the_platform_needs_a_shared_run_folder(monkeypatch):
-    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["w0:2222", "w1:2222"]}, "task": {"type": "worker", "index": 1}}))
+    monkeypatch.setenv("TF_CONFIG",
+                       json.dumps({"cluster": {"worker": ["w0:2222", "w1:2222"]},
+                                   "task": {"type": "worker", "index": 1}}))
     result = launch("--", "trainer.max_steps=1")
     assert result.returncode == 2 and "every worker must name the same run folder" in result.stderr, result.stderr
 

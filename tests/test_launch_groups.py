@@ -88,8 +88,8 @@ def test_a_killed_worker_is_restarted_and_ends_with_the_whole_runs_weights(whole
 def test_no_restart_left_names_the_worker_and_its_last_lines(tmp_path):
     out = tmp_path / "launch.out"
     proc = _start(out, "--workers", "2", "--max-restarts", "0", "--", *COMMON, f"hydra.run.dir={tmp_path / 'run'}")
-    [code], [text] = _kill_worker_1([out], [proc], lambda: "[w1] " in out.read_text() and "First loop" in out.read_text(),
-                                    "training")
+    [code], [text] = _kill_worker_1([out], [proc],
+                                    lambda: "[w1] " in out.read_text() and "First loop" in out.read_text(), "training")
     assert code == 137, text[-3000:]
     assert "worker 1 was killed by SIGKILL, after 0 restart(s) of at most 0; exit 137. Its last lines:" in text
     assert "restart 1" not in text

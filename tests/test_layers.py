@@ -29,7 +29,8 @@ def _pair(**kwargs):
     for layer in (keras_bn, fused_bn):
         layer.build(SHAPE)
     rng = np.random.default_rng(1)
-    weights = [w.astype("float32") for w in (rng.normal(size=6), rng.normal(size=6), rng.normal(size=6), rng.uniform(0.5, 2, 6))]
+    weights = [w.astype("float32")
+               for w in (rng.normal(size=6), rng.normal(size=6), rng.normal(size=6), rng.uniform(0.5, 2, 6))]
     keras_bn.set_weights(weights)
     fused_bn.set_weights(weights)
     return keras_bn, fused_bn
@@ -50,17 +51,20 @@ def _train_calls(layer, x, calls=3):
 
 
 def _graph_ops(layer, x, training):
-    return {op.type for op in tf.function(lambda t: layer(t, training=training)).get_concrete_function(x).graph.get_operations()}
+    graph = tf.function(lambda t: layer(t, training=training)).get_concrete_function(x).graph
+    return {op.type for op in graph.get_operations()}
 
 
-@pytest.mark.parametrize("policy, rtol", [("float32", 1e-5), ("mixed_bfloat16", 2e-2), ("mixed_float16", 5e-3)], indirect=["policy"])
+@pytest.mark.parametrize("policy, rtol", [("float32", 1e-5), ("mixed_bfloat16", 2e-2), ("mixed_float16", 5e-3)],
+                         indirect=["policy"])
 def test_fused_layer_equals_keras_batch_normalization(policy, rtol):
     keras_bn, fused_bn = _pair(momentum=0.9, epsilon=1e-3)
     x = _inputs()
     for ours, theirs in zip(_train_calls(fused_bn, x), _train_calls(keras_bn, x)):
         scale = np.max(np.abs(theirs))
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=rtol * scale)
-    assert fused_bn(x, training=True).dtype == keras_bn(x, training=True).dtype == keras.mixed_precision.global_policy().compute_dtype
+    assert (fused_bn(x, training=True).dtype == keras_bn(x, training=True).dtype
+            == keras.mixed_precision.global_policy().compute_dtype)
     assert "FusedBatchNormV3" in _graph_ops(fused_bn, x, training=True)
     assert "FusedBatchNormV3" in _graph_ops(fused_bn, x, training=False)
 
@@ -95,7 +99,8 @@ def test_what_the_fused_kernel_does_not_take_is_computed_as_keras_does(kwargs, s
 def test_a_mask_is_computed_as_keras_does():
     x, mask = _inputs(), tf.constant(np.random.default_rng(3).uniform(size=SHAPE[:3]) > 0.3)
     keras_bn, fused_bn = _pair()
-    np.testing.assert_allclose(fused_bn(x, training=True, mask=mask), keras_bn(x, training=True, mask=mask), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fused_bn(x, training=True, mask=mask), keras_bn(x, training=True, mask=mask), rtol=1e-5,
+                               atol=1e-5)
     np.testing.assert_allclose(fused_bn.moving_mean, keras_bn.moving_mean, rtol=1e-6)
 
 
@@ -148,7 +153,8 @@ def test_xla_compiles_the_fused_training_step(policy, rtol):
         return tape.gradient(loss, model.trainable_variables)
 
     compiled = tf.function(gradients, jit_compile=True)
-    ours, theirs = ([np.asarray(tf.cast(g, tf.float32)) for g in grads] for grads in (compiled(fused_model), gradients(keras_model)))
+    ours, theirs = ([np.asarray(tf.cast(g, tf.float32)) for g in grads]
+                    for grads in (compiled(fused_model), gradients(keras_model)))
     for a, b in zip(ours, theirs):
         np.testing.assert_allclose(a, b, rtol=0, atol=rtol * np.max(np.abs(b)))
     for name in ("moving_mean", "moving_variance"):

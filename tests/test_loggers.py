@@ -22,7 +22,8 @@ def read_csv(path):
     return rows[0], [dict(zip(rows[0], r)) for r in rows[1:]]
 
 
-@pytest.mark.slow  # the default stage: the Python API's CSV and MLflow test below, docs/loggers.md's logger=[jsonl,csv,mlflow] block
+# the default stage: the Python API's CSV and MLflow test below, docs/loggers.md's logger=[jsonl,csv,mlflow] block
+@pytest.mark.slow
 def test_cli_csv_and_mlflow_across_a_resume(tmp_path):
     mlflow = pytest.importorskip("mlflow")
     run = tmp_path / "run"
@@ -37,7 +38,8 @@ def test_cli_csv_and_mlflow_across_a_resume(tmp_path):
     header, rows = read_csv(run / "metrics.csv")
     assert header == header_before and header[:3] == ["step", "split", "time"]
     assert {"loss", "accuracy", "lr", "examples_per_sec"} <= set(header)
-    assert [(r["step"], r["split"]) for r in rows] == [(str(s), split) for s in (10, 20, 30, 40) for split in ("train", "eval")]
+    assert [(r["step"], r["split"]) for r in rows] == [(str(s), split) for s in (10, 20, 30, 40)
+                                                       for split in ("train", "eval")]
     assert all(r["lr"] == "" for r in rows if r["split"] == "eval")  # a train-only column stays empty
     jsonl = read_metrics(run)
     assert [float(r["loss"]) for r in rows] == pytest.approx([r["loss"] for r in jsonl])
@@ -102,7 +104,8 @@ def test_python_api_csv_logger_new_columns_and_mlflow_status(tmp_path, monkeypat
     assert header[-1] == "top1" and header.index("top1") > header.index("accuracy")  # the new column at the end
     assert [(r["step"], r["split"]) for r in rows] == [("2", "train"), ("4", "train"), ("6", "train"), ("6", "eval")]
     assert rows[0]["top1"] == "" and float(rows[2]["top1"]) == pytest.approx(float(rows[2]["accuracy"]))
-    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "tensorboard").exists()  # loggers= replaces the defaults
+    # loggers= replaces the defaults
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "tensorboard").exists()
 
     (run,) = client.search_runs([client.get_experiment_by_name("blobs").experiment_id])
     assert run.info.run_id == run_id and run.info.status == "FINISHED"  # the same run, continued

@@ -88,7 +88,8 @@ def test_cli_lr_find_writes_json_and_plot_and_no_run_folder(tmp_path):
     assert found["suggestion"] in found["lr"] and 1e-5 < found["suggestion"] < 10
     assert f"Suggested learning rate: {found['suggestion']:.3g}" in result.stdout
     assert f"optimizer.lr={found['suggestion']:.3g}" in result.stdout
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["lr", "lr_find.json", "lr_find.png"]  # no checkpoint, no runs/
+    # no checkpoint, no runs/
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["lr", "lr_find.json", "lr_find.png"]
 
 
 def test_cli_lr_find_bad_input_exits_2(tmp_path):
@@ -139,7 +140,8 @@ def test_lr_find_with_a_non_finite_first_loss_blames_the_data_not_the_rate():
     data = tf.data.Dataset.from_tensor_slices((x, np.zeros(64, "int32"))).batch(16).repeat()
     result = lr_find(_tiny_trainer(), data, steps=20, min_lr=1e-4, max_lr=1.0)
     assert result.stopped == "diverged" and result.suggestion is None
-    assert "first step's loss is not finite" in result.no_suggestion and "the data or model, not the rate" in result.no_suggestion
+    assert ("first step's loss is not finite" in result.no_suggestion
+            and "the data or model, not the rate" in result.no_suggestion)
 
 
 @pytest.mark.parametrize("args, message", [(["--steps", "5"], "steps=5 is too few"),

@@ -46,7 +46,8 @@ class Distillation(Trainer):
         x, _ = data
         soft = tf.nn.softmax(self.models["teacher"](x, training=False))
         with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(keras.losses.categorical_crossentropy(soft, self.models["student"](x, training=True), from_logits=True))
+            loss = tf.reduce_mean(keras.losses.categorical_crossentropy(soft, self.models["student"](x, training=True),
+                                                                        from_logits=True))
         self.update(loss, tape)
         return {"distill_loss": loss}
 

@@ -30,7 +30,8 @@ def test_a_sweep_metric_the_run_does_not_log_fails_before_the_first_job(tmp_path
 
     sweep = tmp_path / "sweep"
     result = run_cli("-m", "hydra/sweeper=optuna", "recipe=mnist", "trainer.sweep_metric=val_acc",
-                     "hydra.sweeper.n_trials=2", "optimizer.lr=interval(1e-3,1e-2)", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+                     "hydra.sweeper.n_trials=2", "optimizer.lr=interval(1e-3,1e-2)", f"hydra.sweep.dir={sweep}",
+                     cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "trainer.sweep_metric=val_acc" in result.stderr and "loss, accuracy" in result.stderr, result.stderr[-3000:]
     assert "sweep_mode" not in result.stderr and "Traceback" not in result.stderr
@@ -43,7 +44,8 @@ def test_a_recipe_step_may_log_other_names_so_only_a_warning(caplog):
     from trainer.config import ConfigError
     from trainer.sweep import check_sweep_metric
 
-    cfg = OmegaConf.create({"trainer": {"sweep_metric": "d_loss"}, "metrics": {}, "trainer_class": "recipes.gan.GanTrainer"})
+    cfg = OmegaConf.create({"trainer": {"sweep_metric": "d_loss"}, "metrics": {},
+                            "trainer_class": "recipes.gan.GanTrainer"})
     check_sweep_metric(cfg)  # the GAN's step logs d_loss: a warning only
     assert "d_loss" in caplog.text and "trainer_class=recipes.gan.GanTrainer" in caplog.text
     check_sweep_metric(OmegaConf.create({"trainer": {"sweep_metric": "accuracy"}, "metrics": {"accuracy": {}}}))
@@ -68,7 +70,8 @@ def test_overrides_hydra_rejects_without_a_fix_exit_2_with_one(given, expected, 
 def test_good_list_overrides_pass_the_check():
     from trainer.argv_check import problem_in
 
-    assert problem_in(["logger=[jsonl,csv]", "trainer.profile_steps=[1,2]", "trainer.profile_steps=null", "model.hidden_units=[64,32]"]) is None
+    assert problem_in(["logger=[jsonl,csv]", "trainer.profile_steps=[1,2]", "trainer.profile_steps=null",
+                       "model.hidden_units=[64,32]"]) is None
     assert "no logger named 'cvs'" in problem_in(["-m", "logger=[jsonl],[cvs]"])  # each choice of a sweep
 
 
@@ -81,7 +84,8 @@ def test_resuming_with_another_use_ema_names_it_and_export_loading_is_no_warm_st
     run = tmp_path / "run"
     first = _trainer(verbose=False, run_dir=run, checkpoint_every=2)
     first.fit(blobs(), steps=2)
-    averaged = Trainer(model=lambda: keras.Sequential([keras.layers.Dense(8, activation="relu"), keras.layers.Dense(2)]),
+    averaged = Trainer(model=lambda: keras.Sequential([keras.layers.Dense(8, activation="relu"),
+                                                       keras.layers.Dense(2)]),
                        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                        optimizer=lambda: keras.optimizers.Adam(1e-2, use_ema=True), run_dir=run, verbose=False)
     with pytest.raises(CheckpointError, match="optimizer.use_ema"):

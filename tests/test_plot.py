@@ -25,7 +25,8 @@ def rows_of(loss_scaling: bool):
     rows = []
     for step in (10, 20, 30):
         row = {"step": step, "split": "train", "loss": 2.0 / step, "accuracy": step / 40, "examples_per_sec": 900.0,
-               "grad_norm": 1.0, "lr": 1e-3, "skipped_steps": (1 if step > 10 else 0) if loss_scaling else 0, "time": 1.0 * step}
+               "grad_norm": 1.0, "lr": 1e-3, "skipped_steps": (1 if step > 10 else 0) if loss_scaling else 0,
+               "time": 1.0 * step}
         if loss_scaling:
             row["loss_scale"] = 2.0 ** (15 - step // 10)
         rows.append(row)
@@ -45,7 +46,8 @@ def test_runs_are_drawn_train_and_eval_by_their_overrides_with_loss_scaling_pane
     b = write_run(tmp_path / "b", rows_of(True), ["precision=mixed_float16", "trainer.max_steps=30"])
     panels = lines_by_panel(plot_runs([str(a), str(b)]))
     assert list(panels) == ["loss", "accuracy", "loss_scale", "skipped_steps"]  # speed, lr, grad_norm are not curves
-    both = ["precision=float32 train", "precision=float32 eval", "precision=mixed_float16 train", "precision=mixed_float16 eval"]
+    both = ["precision=float32 train", "precision=float32 eval", "precision=mixed_float16 train",
+            "precision=mixed_float16 eval"]
     assert panels["loss"] == both and panels["accuracy"] == both  # the shared override is left out of the names
     assert panels["loss_scale"] == ["precision=mixed_float16 train"]
     assert panels["skipped_steps"] == ["precision=float32 train", "precision=mixed_float16 train"]
@@ -84,7 +86,8 @@ def test_bad_input_exits_2_with_the_fix_and_writes_nothing(tmp_path, capsys, mon
         return capsys.readouterr().err
 
     assert "is not a folder. Fix: give a run folder" in fails(str(tmp_path / "nowhere"))
-    assert "has no metrics.jsonl (nor metrics.csv or tensorboard/), nor subfolders with one" in fails(str(tmp_path / "empty"))
+    empty = fails(str(tmp_path / "empty"))
+    assert "has no metrics.jsonl (nor metrics.csv or tensorboard/), nor subfolders with one" in empty
     assert "hold no logs yet" in fails(str(tmp_path / "fresh"))
     run = write_run(tmp_path / "run", rows_of(False))
     with pytest.raises(SystemExit) as exit_:
@@ -134,7 +137,8 @@ def test_a_run_without_metrics_jsonl_is_plotted_from_its_csv_or_tensorboard_logs
 
     run = tmp_path / "run"
     Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), optimizer=lambda: keras.optimizers.SGD(0.1),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            optimizer=lambda: keras.optimizers.SGD(0.1),
             run_dir=run, log_every=5, eval_every=10, eval_steps=2, progress_bar=False, best_metric=None,
             loggers=[MetricsWriter(), CSVLogger(), TensorBoardWriter()]).fit(blobs(), blobs(), steps=20)
     expected = load_runs([str(run)])[0]
@@ -170,7 +174,8 @@ def test_histograms_images_and_text_in_the_tensorboard_files_are_skipped(tmp_pat
     writer.close()
     with tf.compat.v1.Graph().as_default():  # a TF1 histogram: no simple_value, which read as 0.0
         v1 = tf.compat.v1.summary.FileWriter(str(run / "tensorboard" / "train"))
-        v1.add_summary(tf.compat.v1.Summary(value=[tf.compat.v1.Summary.Value(tag="old_histo", histo=tf.compat.v1.HistogramProto(min=0.0, max=1.0))]), 5)
+        histogram = tf.compat.v1.HistogramProto(min=0.0, max=1.0)
+        v1.add_summary(tf.compat.v1.Summary(value=[tf.compat.v1.Summary.Value(tag="old_histo", histo=histogram)]), 5)
         v1.close()
     got = load_runs([str(run)])[0]
     assert got.series("train", "loss") == ([5, 10], [pytest.approx(0.2), pytest.approx(0.1)])
@@ -199,13 +204,16 @@ def test_a_changing_learning_rate_has_a_panel_and_names_say_what_differs_shortes
         if row["split"] == "train" and row["step"] == 30:
             row["lr"] = 1e-4
     base = {"optimizer": {"lr": 0.001}, "trainer": {"max_steps": 30, "log_every": 10, "progress_bar": True}}
-    a = write_run(tmp_path / "a", reduced, ["model.hidden_units=[64,64]", "trainer.log_every=10", "trainer.progress_bar=false"],
-                  {**base, "trainer": {**base["trainer"], "progress_bar": False}, "model": {"hidden_units": [64, 64], "dropout": True}})
+    a = write_run(tmp_path / "a", reduced,
+                  ["model.hidden_units=[64,64]", "trainer.log_every=10", "trainer.progress_bar=false"],
+                  {**base, "trainer": {**base["trainer"], "progress_bar": False},
+                   "model": {"hidden_units": [64, 64], "dropout": True}})
     b = write_run(tmp_path / "b", rows_of(False), ["trainer.log_every=10", "optimizer.lr=0.01"],
                   {**base, "optimizer": {"lr": 0.01}, "model": {"hidden_units": [128], "dropout": True}})
     fig = plot_runs([str(a), str(b)])
     panels = lines_by_panel(fig)
     assert list(panels) == ["loss", "accuracy", "lr"]
-    assert panels["lr"] == ["optimizer.lr=0.001,model.hidden_units=[64,64] train", "optimizer.lr=0.01,model.hidden_units=[128] train"]
+    assert panels["lr"] == ["optimizer.lr=0.001,model.hidden_units=[64,64] train",
+                            "optimizer.lr=0.01,model.hidden_units=[128] train"]
     lr_axis = fig.get_axes()[2]
     assert lr_axis.get_yscale() == "log" and list(lr_axis.get_lines()[0].get_ydata()) == [1e-3, 1e-3, 1e-4]

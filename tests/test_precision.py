@@ -77,8 +77,10 @@ def test_underflowing_gradient_is_recovered_by_scaling():
     results = {}
     for name, scale in (("unscaled", 1.0), ("scaled", 2.0**15)):
         trainer = TinyLoss(
-            model=mlp(out_dtype=None), loss=keras.losses.MeanSquaredError(), optimizer=lambda: keras.optimizers.SGD(0.0),
-            precision=PrecisionConfig(policy="mixed_float16", loss_scale=scale, strict_outputs=False), progress_bar=False,
+            model=mlp(out_dtype=None), loss=keras.losses.MeanSquaredError(),
+            optimizer=lambda: keras.optimizers.SGD(0.0),
+            precision=PrecisionConfig(policy="mixed_float16", loss_scale=scale, strict_outputs=False),
+            progress_bar=False,
         )
         batch = next(iter(batches()))
         trainer.build(batch)
@@ -88,14 +90,16 @@ def test_underflowing_gradient_is_recovered_by_scaling():
     assert np.count_nonzero(results["scaled"]) > 0
 
 
-@pytest.mark.parametrize("jit_compile", [False, True])  # XLA skips by select, not tf.cond (trainer/update.py Updater._apply_selected)
+# XLA skips by select, not tf.cond (trainer/update.py Updater._apply_selected)
+@pytest.mark.parametrize("jit_compile", [False, True])
 def test_overflow_skips_exactly_that_update_and_halves_scale(jit_compile):
     """(b) An injected overflow (x = 1e5 > float16 max) skips its update only; training continues."""
     ds = batches(poison={2: 1e5})
     trainer = make(PrecisionConfig(policy="mixed_float16", initial_scale=1024.0), jit_compile=jit_compile,
                    optimizer=lambda: keras.optimizers.Adam(1e-3))
     trainer.fit(ds, steps=2)
-    state = lambda: weights(trainer) + [v.numpy() for v in trainer.optimizer.variables if v is not trainer.optimizer.iterations]
+    state = lambda: weights(trainer) + [v.numpy() for v in trainer.optimizer.variables
+                                        if v is not trainer.optimizer.iterations]
     before = state()
     trainer.fit(ds, steps=3)  # batch 2: non-finite
     after_skip = state()
@@ -162,7 +166,8 @@ def test_scale_trajectory_matches_keras_loss_scale_optimizer():
     """(d) Same finite/non-finite sequence -> same scale sequence as Keras 3's LossScaleOptimizer."""
     sequence = [True] * 5 + [False] + [True] * 7 + [False, False] + [True] * 9 + [False] + [True] * 4
     var = keras.Variable(np.zeros(3, "float32"))
-    keras_opt = keras.mixed_precision.LossScaleOptimizer(keras.optimizers.SGD(0.0), initial_scale=64.0, dynamic_growth_steps=4)
+    keras_opt = keras.mixed_precision.LossScaleOptimizer(keras.optimizers.SGD(0.0), initial_scale=64.0,
+                                                         dynamic_growth_steps=4)
     keras_opt.build([var])
     ours = LossScale("dynamic", initial_scale=64.0, growth_interval=4)
     keras_scales, our_scales = [], []
@@ -182,11 +187,13 @@ def test_checkpoint_round_trip_restores_scale(tmp_path):
     precision = PrecisionConfig(policy="mixed_float16", initial_scale=256.0, growth_interval=2)
     first = make(precision, run_dir=tmp_path)
     first.fit(ds, steps=6)
-    saved = (float(first.loss_scale.scale.numpy()), int(first.loss_scale.good_steps.numpy()), int(first.loss_scale.skipped_steps.numpy()))
+    saved = (float(first.loss_scale.scale.numpy()), int(first.loss_scale.good_steps.numpy()),
+             int(first.loss_scale.skipped_steps.numpy()))
     assert saved[0] != 256.0 and saved[2] == 1
     second = make(precision, run_dir=tmp_path)
     second.fit(ds, steps=6)  # resumes at step 6: nothing left to train
-    restored = (float(second.loss_scale.scale.numpy()), int(second.loss_scale.good_steps.numpy()), int(second.loss_scale.skipped_steps.numpy()))
+    restored = (float(second.loss_scale.scale.numpy()), int(second.loss_scale.good_steps.numpy()),
+                int(second.loss_scale.skipped_steps.numpy()))
     assert restored == saved
 
 
@@ -279,7 +286,8 @@ def test_float16_outputs_are_wrapped_or_rejected(caplog):
 def test_multiple_of_8_warning_and_float32_layers(caplog):
     def model():
         return keras.Sequential(
-            [keras.Input((8,)), keras.layers.Dense(12), keras.layers.LayerNormalization(), keras.layers.Dense(2, dtype="float32")]
+            [keras.Input((8,)), keras.layers.Dense(12), keras.layers.LayerNormalization(),
+             keras.layers.Dense(2, dtype="float32")]
         )
 
     with caplog.at_level(logging.INFO):
@@ -347,7 +355,8 @@ def test_precisions_reach_the_same_accuracy(tmp_path):
 
 
 def test_conversion_of_keras_applications_and_keras_hub_models():
-    app = keras.applications.MobileNetV3Small(input_shape=(32, 32, 3), weights=None, classes=4, include_preprocessing=False)
+    app = keras.applications.MobileNetV3Small(input_shape=(32, 32, 3), weights=None, classes=4,
+                                              include_preprocessing=False)
     images = tf.random.uniform((2, 32, 32, 3), seed=3)
     converted, report = convert_model(app, "mixed_bfloat16", images, measure_time=False)
     assert report.relative_error <= report.tolerance and report.output_dtypes == ["float32"]
@@ -376,7 +385,8 @@ def test_convert_cli_on_a_trained_run(tmp_path, tiny):
     reloaded = keras.saving.load_model(out / "model.keras")
     dtypes = {layer.name: layer.compute_dtype for layer in reloaded.layers}
     assert dtypes["dense"] == "bfloat16" and dtypes["logits"] == "float32", dtypes
-    bad = run_cli(str(tmp_path / "nothing"), "--policy", "mixed_float16", "--out", str(tmp_path / "x"), module="trainer.convert")
+    bad = run_cli(str(tmp_path / "nothing"), "--policy", "mixed_float16", "--out", str(tmp_path / "x"),
+                  module="trainer.convert")
     assert bad.returncode == 2 and "not a run folder" in bad.stderr
 
 
@@ -397,7 +407,8 @@ def test_convert_warns_with_measured_numbers_when_inference_gets_slower(monkeypa
     from types import SimpleNamespace  # back to float32: no claim about fast float32 matmuls
 
     to_float32 = convert.slowdown_warning(SimpleNamespace(seconds_per_batch_before=0.001, seconds_per_batch_after=0.01,
-                                                          source_policy="mixed_bfloat16", target_policy="float32"), "CPU")
+                                                          source_policy="mixed_bfloat16", target_policy="float32"),
+                                          "CPU")
     assert "mixed_bfloat16 measured faster on this CPU" in to_float32 and "matmuls" not in to_float32
     caplog.clear()
     monkeypatch.setattr(convert, "_time_predicts", lambda before, after, inputs: (0.0048, 0.005))
@@ -432,7 +443,8 @@ def test_xla_auto_setting_and_cpu_bfloat16_advice(caplog, monkeypatch):
     assert make("mixed_float16").jit_compile is True
     assert make("float32").jit_compile is False
     assert make("mixed_float16", jit_compile=False).jit_compile is False
-    for flags, vendor, auto in [({"amx_bf16", "avx512_bf16"}, "GenuineIntel", False), ({"avx512_bf16"}, "AuthenticAMD", False),
+    for flags, vendor, auto in [({"amx_bf16", "avx512_bf16"}, "GenuineIntel", False),
+                                ({"avx512_bf16"}, "AuthenticAMD", False),
                                 ({"avx512_bf16"}, "GenuineIntel", True), ({"avx512_bf16"}, "HygonGenuine", False),
                                 ({"avx2"}, "GenuineIntel", False)]:
         monkeypatch.setattr(precision_lib, "cpu_flags", lambda: flags)
@@ -456,7 +468,8 @@ def test_xla_auto_setting_and_cpu_bfloat16_advice(caplog, monkeypatch):
         caplog.clear()
         with caplog.at_level(logging.INFO):
             assert make("mixed_bfloat16", jit_compile=True).jit_compile is True
-        warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "XLA with mixed_bfloat16" in r.message]
+        warnings = [r for r in caplog.records
+                    if r.levelno == logging.WARNING and "XLA with mixed_bfloat16" in r.message]
         assert bool(warnings) is warned, (flags, vendor, caplog.text)
         if warned:
             assert "trainer.jit_compile=false is likely faster" in warnings[0].message

@@ -24,7 +24,8 @@ class NoisyInputs(Trainer):
 
 
 def make(run_dir, noise=None):
-    t = (NoisyInputs if noise else Trainer)(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]), loss=None if noise else
+    t = (NoisyInputs if noise else Trainer)(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]),
+                                            loss=None if noise else
             keras.losses.SparseCategoricalCrossentropy(from_logits=True), optimizer=lambda: keras.optimizers.Adam(1e-2),
             run_dir=run_dir, seed=1, deterministic=True, log_every=2, checkpoint_every=2, progress_bar=False)
     t.noise = noise
@@ -69,7 +70,8 @@ def test_a_generator_in_a_dict_or_helper_is_named_and_the_global_generator_expla
 
     gen = tf.random.Generator.from_seed(6)
     for attribute, value, draw, named in (
-            ("rngs", {"noise": tf.random.Generator.from_seed(4)}, lambda self: self.rngs["noise"], "self.rngs['noise']"),
+            ("rngs", {"noise": tf.random.Generator.from_seed(4)}, lambda self: self.rngs["noise"],
+             "self.rngs['noise']"),
             ("helper", Helper(), lambda self: self.helper.gen, "self.helper.gen"),
             ("draw", lambda shape: gen.normal(shape), None, "self.draw (its closure's gen)")):
         t = make(tmp_path / attribute, (lambda self, shape: self.draw(shape)) if draw is None else
@@ -83,11 +85,13 @@ def test_a_generator_in_a_dict_or_helper_is_named_and_the_global_generator_expla
     from tensorflow.python.ops import stateful_random_ops
     monkeypatch.setattr(stateful_random_ops, "global_generator", None)  # as in a new process
     with pytest.raises(RuntimeError, match=r"tf.random.get_global_generator\(\) in the step.*Fix: draw from self.rng"):
-        make(tmp_path / "global", lambda self, shape: tf.random.get_global_generator().normal(shape)).fit(blobs(), steps=1)
+        make(tmp_path / "global",
+             lambda self, shape: tf.random.get_global_generator().normal(shape)).fit(blobs(), steps=1)
 
 def test_a_shuffled_data_set_object_iterated_again_is_named_with_the_fix(tmp_path, caplog):
-    """One seeded, shuffled tf.data object reused by a second Trainer (itself or a new .map of it) gives it the next order of the shuffle's
-    sequence (tf.data keeps it in the object), so the in-process resume is not exact: said with the fix. A data
+    """One seeded, shuffled tf.data object reused by a second Trainer (itself or a new .map of it) gives it the
+    next order of the shuffle's sequence (tf.data keeps it in the object), so the in-process resume is not exact:
+    said with the fix. A data
     set built again for each Trainer resumes exactly, and nothing is said."""
     fresh = lambda: blobs(shuffle=True)  # noqa: E731
     straight = make(tmp_path / "straight")

@@ -84,12 +84,14 @@ def test_resnet_recompute_gradients_equal_and_inference_unchanged(recomputations
         @tf.function
         def step():
             with tf.GradientTape() as tape:
-                loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(labels, model(images, training=True), from_logits=True))
+                loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(labels, model(images, training=True),
+                                                                                   from_logits=True))
             return tape.gradient(loss, model.trainable_variables)
 
         grads = {"/".join(v.path.split("/")[-2:]): g.numpy() for v, g in zip(model.trainable_variables, step())}
         results.append((grads, model(images, training=False).numpy(), model))
-        assert recomputations == ({"blocks": 3, "runs": 6} if flag else {"blocks": 0, "runs": 0})  # 3 blocks, each run twice
+        # 3 blocks, each run twice
+        assert recomputations == ({"blocks": 3, "runs": 6} if flag else {"blocks": 0, "runs": 0})
     (plain, plain_out, _), (again, again_out, recomputed_model) = results
     assert plain.keys() == again.keys()
     for name in plain:
@@ -138,7 +140,8 @@ def test_cli_resnet_recompute_trains(tmp_path):
     run = tmp_path / "run"
     result = run_cli("recipe=resnet", "model.name=resnet8", "model.base_filters=4", "model.recompute=true",
                      "data.image_size=16", "data.batch_size=16", "trainer.max_steps=6", "trainer.log_every=3",
-                     "trainer.eval_every=0", "trainer.eval_steps=1", "trainer.progress_bar=false", f"hydra.run.dir={run}")
+                     "trainer.eval_every=0", "trainer.eval_steps=1", "trainer.progress_bar=false",
+                     f"hydra.run.dir={run}")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_metrics(run)
     assert [r["step"] for r in rows if r["split"] == "train"] == [3, 6]
@@ -213,4 +216,5 @@ def test_frozen_weights_are_not_copied_as_state():
     model = block_model(False)
     block = model.get_layer("block")
     block.get_layer("hidden").trainable = False
-    assert sorted(v.path.split("/")[-1] for v in _state(block)) == ["moving_mean", "moving_variance", "seed_generator_state"]
+    assert sorted(v.path.split("/")[-1] for v in _state(block)) == ["moving_mean", "moving_variance",
+                                                                    "seed_generator_state"]

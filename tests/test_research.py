@@ -89,7 +89,8 @@ def blobs(n=256, unlabelled=False):
 
 
 def mlp(out=2):
-    return lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(out)])
+    return lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
+                                     keras.layers.Dense(out)])
 
 
 class Autoencoder(Trainer):
@@ -183,15 +184,18 @@ def test_a_callbacks_state_is_checkpointed_and_resumed(tmp_path):
     resumed = CountLogs()
     trainer(resumed).fit(blobs(), steps=7)
     assert resumed.count == 7  # 4 restored from ckpt-4, then 3 more
-    saved = tf.train.load_checkpoint(str(tmp_path / "checkpoints" / "ckpt-7")).get_tensor("callbacks/.ATTRIBUTES/py_state")
+    saved = (tf.train.load_checkpoint(str(tmp_path / "checkpoints" / "ckpt-7"))
+             .get_tensor("callbacks/.ATTRIBUTES/py_state"))
     assert json.loads(saved)["CountLogs"] == {"count": 7}  # beside the built-ins' (DivergenceGuard's)
 
 
-@pytest.mark.slow  # real processes (slow stage); the default stage: test_api.py's examples/custom_model.py, the steps above
+# real processes (slow stage); the default stage: test_api.py's examples/custom_model.py, the steps above
+@pytest.mark.slow
 def test_examples_run(tmp_path):
     """The classifier and the VAE of examples/ (the GAN runs in the kill/resume test above)."""
     for script, says in (("classifier.py", "eval accuracy"), ("vae.py", "reconstruction")):
-        proc = run_script(ROOT / "examples" / script, ["--steps", "20"], cwd=tmp_path)  # in this process: no start-up to test
+        # in this process: no start-up to test
+        proc = run_script(ROOT / "examples" / script, ["--steps", "20"], cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert says in proc.stdout
 
@@ -280,9 +284,11 @@ def test_a_refused_resume_refuses_again_on_the_next_fit(tmp_path):
     from trainer import CheckpointError
 
     def trainer(units):
-        return Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(units), keras.layers.Dense(2)]),
+        return Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(units),
+                                                       keras.layers.Dense(2)]),
                        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                       optimizer=lambda: keras.optimizers.SGD(0.1), run_dir=tmp_path, checkpoint_every=2, progress_bar=False)
+                       optimizer=lambda: keras.optimizers.SGD(0.1), run_dir=tmp_path, checkpoint_every=2,
+                       progress_bar=False)
 
     trainer(8).fit(blobs(), steps=4)
     before = (tmp_path / "checkpoints" / "ckpt-4.index").read_bytes()
@@ -306,7 +312,8 @@ def test_a_step_returning_a_tensor_is_told_to_return_a_dict():
         def train_step(self, data):
             x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
             with tf.GradientTape() as tape:
-                loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, self.model(x, training=True), from_logits=True))
+                loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, self.model(x, training=True),
+                                                                                   from_logits=True))
             self.update(loss, tape)
             return loss
 
@@ -338,7 +345,8 @@ def test_metrics_updated_in_an_overridden_step_are_reported(tmp_path):
     def trainer(run_dir=None):
         return SelfMetered(model=mlp(), optimizer=lambda: keras.optimizers.SGD(0.1), run_dir=run_dir, log_every=5,
                            eval_every=5, progress_bar=False, tensorboard=False,
-                           metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")])
+                           metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+                                    keras.metrics.AUC(name="auc")])
 
     metered = trainer(tmp_path)
     returned = metered.fit(blobs(), blobs(), steps=10)
@@ -382,7 +390,8 @@ def test_an_optimizer_the_step_never_updates_is_named_and_a_typo_is_an_error(cap
     assert "never calls self.update(loss, tape, name) for optimizer(s) ['b']" in caplog.text
     assert "self.update(loss, tape, 'b')" in caplog.text
     assert "their models train, with the gradients averaged over replicas" in caplog.text  # not "not trained"
-    assert "without the Trainer's loss scaling, finite check" in caplog.text and "grad_norm/skipped_steps" in caplog.text
+    assert ("without the Trainer's loss scaling, finite check" in caplog.text
+            and "grad_norm/skipped_steps" in caplog.text)
     with pytest.raises(ValueError, match=r"No optimizer 'c': this Trainer's optimizers are \['a', 'b'\]"):
         trainer("c").fit(blobs(), steps=1)
 
@@ -396,7 +405,8 @@ def test_a_forward_pass_outside_the_tape_names_the_optimizer_and_the_cause():
                 loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
             self.update(loss, tape)
 
-    with pytest.raises(ValueError, match=r"no gradient for any variable of model 'model'.*outside `with tf.GradientTape"):
+    with pytest.raises(ValueError,
+                       match=r"no gradient for any variable of model 'model'.*outside `with tf.GradientTape"):
         Outside(model=mlp(), optimizer=lambda: keras.optimizers.SGD(0.1), progress_bar=False).fit(blobs(), steps=1)
 
 
@@ -448,20 +458,23 @@ def test_random_state_no_checkpoint_holds_is_named_and_self_rng_resumes_exactly(
         keras_unseeded.fit(blobs(), steps=1)
         assert "keras.random.* without a seed (Keras' global SeedGenerator)" in caplog.text
         caplog.clear()
-        # a retrace (here after reset_step_functions) names what is new only: a fractional pooling, not the uniform again
+        # a retrace (here after reset_step_functions) names what
+        # is new only: a fractional pooling, not the uniform again
         retraced = NoisyInputs(model=mlp(), loss=None, optimizer=lambda: keras.optimizers.SGD(0.1), deterministic=True,
                                progress_bar=False)
         retraced.noise = lambda self, shape: tf.random.uniform(shape)
         retraced.fit(blobs(), steps=1)
         assert caplog.text.count("RandomUniform 'while/") == 1 and "FractionalMaxPool" not in caplog.text
         caplog.clear()
-        pooled = lambda: tf.reduce_mean(tf.nn.fractional_max_pool(tf.ones((1, 4, 4, 1)), [1.0, 1.5, 1.5, 1.0], seed=1)[0])
+        pooled = lambda: tf.reduce_mean(tf.nn.fractional_max_pool(tf.ones((1, 4, 4, 1)), [1.0, 1.5, 1.5, 1.0],
+                                                                  seed=1)[0])
         retraced.noise = lambda self, shape: tf.random.uniform(shape) + 0.0 * pooled()
         retraced.reset_step_functions()
         retraced.fit(blobs(), steps=2)
         assert "FractionalMaxPool 'while/" in caplog.text and "RandomUniform" not in caplog.text
         caplog.clear()
-        not_deterministic = NoisyInputs(model=mlp(), loss=None, optimizer=lambda: keras.optimizers.SGD(0.1), progress_bar=False)
+        not_deterministic = NoisyInputs(model=mlp(), loss=None, optimizer=lambda: keras.optimizers.SGD(0.1),
+                                        progress_bar=False)
         not_deterministic.noise = lambda self, shape: tf.random.uniform(shape)
         not_deterministic.fit(blobs(), steps=1)
     assert "draws random numbers" not in caplog.text  # not deterministic: resume is not promised bit-exact

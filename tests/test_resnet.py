@@ -98,7 +98,8 @@ def test_fashion_mnist_subset_labels_images_and_determinism(fashion):
     ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=1, num_replicas_in_sync=4)
     per_replica = batches(bundle.train, 6, ctx)  # 2 replicas per pipeline: a step takes 2 batches
     np.testing.assert_array_equal(next(iter(bundle.train(ctx, skip_steps=2)))[0].numpy(), per_replica[4][0])
-    other_seed = images.fashion_mnist(image_size=16, batch_size=32, classes=[5, 7, 9], num_classes=3, train_limit=300, seed=2)
+    other_seed = images.fashion_mnist(image_size=16, batch_size=32, classes=[5, 7, 9], num_classes=3, train_limit=300,
+                                      seed=2)
     assert not np.array_equal(batches(other_seed.train, 1)[0][1], first[0][1])
 
     with pytest.raises(DataError, match="data.num_classes=3"):
@@ -110,8 +111,10 @@ def test_a_resumed_image_stream_trains_as_the_uninterrupted_one(tmp_path):
     bundle = images.fashion_mnist(image_size=16, batch_size=32, classes=[5, 7, 9], num_classes=3, train_limit=300)
 
     def trainer(run_dir):
-        return Trainer(model=lambda: keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Flatten(), keras.layers.Dense(3)]),
-                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), optimizer=lambda: keras.optimizers.SGD(0.1),
+        return Trainer(model=lambda: keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Flatten(),
+                                                       keras.layers.Dense(3)]),
+                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                       optimizer=lambda: keras.optimizers.SGD(0.1),
                        run_dir=run_dir, progress_bar=False, checkpoint_every=0)
 
     full = trainer(tmp_path / "full")
@@ -132,7 +135,8 @@ def test_fashion_mnist_shards_are_disjoint_per_input_pipeline():
         shards.append(all_batches(bundle.eval, ctx)[0].reshape(-1, 16 * 16 * 3))
     everything = all_batches(bundle.eval)[0].reshape(-1, 16 * 16 * 3)
     assert len(shards[0]) + len(shards[1]) == len(everything) == 2000
-    np.testing.assert_array_equal(np.concatenate([shards[0], shards[1]])[np.lexsort(np.concatenate(shards).T)], everything[np.lexsort(everything.T)])
+    np.testing.assert_array_equal(np.concatenate([shards[0], shards[1]])[np.lexsort(np.concatenate(shards).T)],
+                                  everything[np.lexsort(everything.T)])
 
 
 def test_augmentation_is_stateless_and_label_preserving(fashion):
@@ -211,13 +215,14 @@ def test_tfrecord_imagenet_layout(tmp_path, fashion):
     # Three real classes stored with ImageNet's 1-based labels (3, 1, 2), JPEG-encoded, in two shards.
     stored = {9: 3, 1: 1, 7: 2}
     chosen = [(x_train[y_train == c][i], stored[c]) for i in range(4) for c in stored]
-    encoded = [(tf.io.encode_jpeg(np.repeat(img[..., None], 3, -1), quality=95).numpy(), label) for img, label in chosen]
+    encoded = [(tf.io.encode_jpeg(np.repeat(img[..., None], 3, -1), quality=95).numpy(), label)
+               for img, label in chosen]
     write_tfrecords(tmp_path / "train-00000-of-00002", encoded[:6])
     write_tfrecords(tmp_path / "train-00001-of-00002", encoded[6:])
     write_tfrecords(tmp_path / "validation-00000-of-00001", encoded)
     bundle = images.tfrecord(
-        train_files=str(tmp_path / "train-*"), eval_files=str(tmp_path / "validation-*"), num_classes=3, label_offset=-1,
-        image_size=16, batch_size=4, eval_crop=1.0, preprocessing="caffe", train_examples=12,
+        train_files=str(tmp_path / "train-*"), eval_files=str(tmp_path / "validation-*"), num_classes=3,
+        label_offset=-1, image_size=16, batch_size=4, eval_crop=1.0, preprocessing="caffe", train_examples=12,
     )
     assert "2 files, 12 train records" in bundle.description
     x_eval, y_eval = all_batches(bundle.eval)
@@ -246,7 +251,8 @@ def test_tfrecord_imagenet_layout(tmp_path, fashion):
         images.tfrecord(train_files=str(tmp_path / "other.tfrecord"), num_classes=3, label_offset=-1)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorflow_datasets") is not None, reason="tensorflow-datasets is installed")
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow_datasets") is not None,
+                    reason="tensorflow-datasets is installed")
 def test_tfds_without_the_package_says_how_to_install():
     with pytest.raises(DataError, match="pip install tensorflow-datasets"):
         images.tfds(name="cifar10", num_classes=10)
@@ -329,7 +335,9 @@ def test_label_smoothing_loss():
     logits = tf.constant([[2.0, -1.0, 0.5], [0.0, 3.0, -2.0]])
     labels = tf.constant([0, 2])
     plain = resnet.SparseCrossentropyWithSmoothing(label_smoothing=0.0, reduction=None)
-    np.testing.assert_allclose(plain(labels, logits), keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True), rtol=1e-6)
+    np.testing.assert_allclose(plain(labels, logits),
+                               keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True),
+                               rtol=1e-6)
     smooth = resnet.SparseCrossentropyWithSmoothing(label_smoothing=0.3)
     per_example = type(smooth).from_config({**smooth.get_config(), "reduction": None})  # what the trainer does
     targets = np.eye(3)[[0, 2]] * 0.7 + 0.1
@@ -431,7 +439,8 @@ def test_resumed_past_freeze_steps_starts_unfrozen():
     assert all(trainer.grad_multipliers[v.path] == 0.1 for v in backbone.trainable_variables)
     trainer.step.assign(3)  # before freeze_steps: frozen, no multipliers
     finetune.on_train_begin(trainer)
-    assert not backbone.trainable and [v.path for v in trainer.model.trainable_variables] == ["logits/kernel", "logits/bias"]
+    assert (not backbone.trainable
+            and [v.path for v in trainer.model.trainable_variables] == ["logits/kernel", "logits/bias"])
     assert not trainer.grad_multipliers
 
 
@@ -452,7 +461,8 @@ def test_init_from_restores_backbone_and_gives_a_new_head(tmp_path):
     # Same head shape: new_head=True re-initializes it instead of keeping the old task's classifier.
     for new_head in (False, True):
         snaps = Snapshots()
-        same = make_trainer([resnet.FineTune(new_head=new_head), snaps], num_classes=5, init_from=str(tmp_path / "pretrain"))
+        same = make_trainer([resnet.FineTune(new_head=new_head), snaps], num_classes=5,
+                            init_from=str(tmp_path / "pretrain"))
         same.fit(small_data(classes=[5, 6, 7, 8, 9]).train, steps=1)
         for p in backbone:
             np.testing.assert_array_equal(snaps.at[0][p], pretrained[p])
@@ -480,7 +490,8 @@ def test_mixed_precision_steps_have_float32_outputs(policy, compute):
 
 
 def test_cli_resnet_then_finetune_from_that_run(tmp_path):
-    common = ["trainer.log_every=10", "trainer.eval_steps=10", "trainer.progress_bar=false", "data.image_size=16", "data.batch_size=32"]
+    common = ["trainer.log_every=10", "trainer.eval_steps=10", "trainer.progress_bar=false", "data.image_size=16",
+              "data.batch_size=32"]
     pretrain = tmp_path / "pretrain"
     result = run_cli(
         "recipe=resnet", "trainer.max_steps=40", "trainer.eval_every=0", "optimizer.warmup_steps=5",

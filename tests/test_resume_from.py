@@ -17,7 +17,8 @@ def make(run_dir, **options):
 
     defaults = dict(deterministic=True, log_every=5, eval_every=5, checkpoint_every=5, keep_checkpoints=5, keep_best=3,
                     best_metric="loss", best_mode="min", progress_bar=False, tensorboard=False, seed=0)
-    return Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(2)]),
+    return Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
+                                                   keras.layers.Dense(2)]),
                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                    run_dir=run_dir, loggers=[MetricsWriter(), CSVLogger()],
                    **{**defaults, "optimizer": lambda: keras.optimizers.Adam(1e-2), **options})
@@ -52,8 +53,10 @@ def test_resume_from_ckpt_n_equals_a_run_stopped_there_and_keeps_the_rest_aside(
         again.fit(data, data.take(2), steps=20)
     assert again.weights_fingerprint() == whole
     aside = run / "checkpoints" / "set-aside-after-10"
-    assert f"Resuming from {run / 'checkpoints' / 'ckpt-10'} (step 10), as trainer.resume_from=ckpt-10 asks" in caplog.text
-    assert re.search(rf"after step 10 is set aside, not deleted, in {re.escape(str(aside))}: ckpt-20, ckpt-15, .*rows of metrics.jsonl", caplog.text)
+    assert (f"Resuming from {run / 'checkpoints' / 'ckpt-10'} (step 10), as "
+            "trainer.resume_from=ckpt-10 asks" in caplog.text)
+    assert re.search(rf"after step 10 is set aside, not deleted, in {re.escape(str(aside))}: ckpt-20, ckpt-15, .*rows "
+                     r"of metrics.jsonl", caplog.text)
     assert sorted(p.name for p in aside.glob("ckpt-*.index")) == ["ckpt-15.index", "ckpt-20.index"]
     moved = [json.loads(line) for line in (aside / "metrics.jsonl").read_text().splitlines()]
     assert moved == [r for r in rows_before if r["step"] > 10]  # the old rows after 10, kept
@@ -67,10 +70,11 @@ def test_resume_from_ckpt_n_equals_a_run_stopped_there_and_keeps_the_rest_aside(
     assert all((run / "checkpoints" / "best" / f"ckpt-{e['step']}.index").exists() for e in best)
 
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="trainer"):  # the same checkpoint again, however spelled: no second rewind
+    # the same checkpoint again, however spelled: no second rewind
+    with caplog.at_level(logging.INFO, logger="trainer"):
         make(run, resume_from="10").fit(data, data.take(2), steps=20)
-    assert ("Resumed from the newest checkpoint (step 20), not from step 10 that trainer.resume_from=10 names: this run "
-            "went back to that checkpoint before") in caplog.text
+    assert ("Resumed from the newest checkpoint (step 20), not from step 10 that trainer.resume_from=10 names: this "
+            "run went back to that checkpoint before") in caplog.text
     assert [r.levelname for r in caplog.records if "Resumed from the newest" in r.message] == ["WARNING"]
     assert sorted(p.name for p in aside.glob("ckpt-*.index")) == ["ckpt-15.index", "ckpt-20.index"]
     assert not (run / "checkpoints" / "set-aside-after-10-2").exists()
@@ -114,7 +118,8 @@ def test_cli_resume_from(tmp_path):
     bad = run_cli(*args, "trainer.resume_from=ckpt-30")
     output = bad.stdout + bad.stderr
     lines = [line for line in output.splitlines() if "trainer.resume_from" in line]
-    assert bad.returncode == 2 and len(lines) == 1 and "Fix: one of ckpt-40, ckpt-20, best (step " in lines[0], output[-2000:]
+    assert (bad.returncode == 2 and len(lines) == 1
+            and "Fix: one of ckpt-40, ckpt-20, best (step " in lines[0]), output[-2000:]
     assert "Traceback" not in output
     again = run_cli(*args, "trainer.resume_from=ckpt-20")
     assert again.returncode == 0, again.stderr[-3000:]
@@ -196,7 +201,8 @@ def test_resume_from_uses_the_configured_learning_rate(tmp_path, caplog):
     assert "Learning rate 0.1 from the configuration (the checkpoint had 0.001)" in caplog.text
     later = make(run, optimizer=lambda: keras.optimizers.Adam(1e-1))
     later.fit(data, steps=14)
-    assert float(keras.ops.convert_to_numpy(later.updaters[later.default_optimizer].optimizer.learning_rate)) == pytest.approx(0.1)
+    rate = later.updaters[later.default_optimizer].optimizer.learning_rate
+    assert float(keras.ops.convert_to_numpy(rate)) == pytest.approx(0.1)
 
 
 @pytest.mark.parametrize("moves", [1, 3, 5])

@@ -75,9 +75,11 @@ def test_evaluate_reproduces_trainings_eval_of_each_checkpoint_and_touches_nothi
     latest = run_cli(str(run_dir), module="trainer.evaluate")
     assert latest.returncode == 0, latest.stderr[-2000:]
     out = tmp_path / "ckpt20.json"
-    code, stdout, stderr = in_process("trainer.evaluate", str(run_dir), "--checkpoint", "ckpt-20", "--out", str(out), capsys=capsys)
+    code, stdout, stderr = in_process("trainer.evaluate", str(run_dir), "--checkpoint", "ckpt-20", "--out", str(out),
+                                      capsys=capsys)
     assert code == 0, stderr
-    for record, step in ((json.loads((run_dir / "eval" / "ckpt-40.json").read_text()), 40), (json.loads(out.read_text()), 20)):
+    for record, step in ((json.loads((run_dir / "eval" / "ckpt-40.json").read_text()), 40),
+                         (json.loads(out.read_text()), 20)):
         logged = _eval_logged(run_dir, step)
         assert record["step"] == step
         assert record["metrics"]["accuracy"] == pytest.approx(logged["accuracy"], abs=1e-6)
@@ -92,7 +94,8 @@ def test_evaluate_reproduces_trainings_eval_of_each_checkpoint_and_touches_nothi
     assert code == 0, stderr
     record = json.loads((run_dir / "eval" / "best-ckpt-40.json").read_text())
     assert record["overrides"] == ["trainer.eval_steps=2", "data.batch_size=32"] and record["eval_steps"] == 2
-    assert record["metrics"]["accuracy"] != pytest.approx(_eval_logged(run_dir, 40)["accuracy"], abs=1e-9)  # 64 examples, not 640
+    # 64 examples, not 640
+    assert record["metrics"]["accuracy"] != pytest.approx(_eval_logged(run_dir, 40)["accuracy"], abs=1e-9)
 
 
 def test_evaluate_user_errors_say_the_fix(run_dir, tmp_path):
@@ -124,10 +127,12 @@ def test_predict_cli_on_real_fashion_mnist_images_equals_trainer_predict(run_dir
         Image.fromarray(image).save(inputs / f"item{i}.png")
     np.save(inputs / "stack.npy", images[:3])
     out = tmp_path / "predictions.csv"
-    result = run_cli(str(run_dir), "--input", str(inputs), "--out", str(out), "--batch-size", "4", module="trainer.predict")
+    result = run_cli(str(run_dir), "--input", str(inputs), "--out", str(out), "--batch-size", "4",
+                     module="trainer.predict")
     assert result.returncode == 0, result.stderr[-2000:]
     rows = list(csv.DictReader(out.open()))
-    assert [r["input"] for r in rows] == [f"item{i}.png" for i in range(5)] + ["stack.npy[0]", "stack.npy[1]", "stack.npy[2]"]
+    assert [r["input"] for r in rows] == ([f"item{i}.png" for i in range(5)]
+                                          + ["stack.npy[0]", "stack.npy[1]", "stack.npy[2]"])
 
     trainer = trainer_for(load_run(str(run_dir)))
     logits = trainer.predict(images.astype("float32") / 255.0, batch_size=2)  # the recipe's scaling
@@ -139,7 +144,8 @@ def test_predict_cli_on_real_fashion_mnist_images_equals_trainer_predict(run_dir
         np.testing.assert_allclose(got, p, rtol=1e-4, atol=1e-6)
 
     jsonl = tmp_path / "p.jsonl"
-    assert in_process("trainer.predict", str(run_dir), "--input", str(inputs / "item0.png"), "--out", str(jsonl), capsys=capsys)[0] == 0
+    assert in_process("trainer.predict", str(run_dir), "--input", str(inputs / "item0.png"), "--out", str(jsonl),
+                      capsys=capsys)[0] == 0
     (line,) = [json.loads(x) for x in jsonl.read_text().splitlines()]
     assert line["input"] == "item0.png" and sum(line["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     from trainer.evaluate import ServingError
@@ -168,14 +174,17 @@ def test_export_without_its_packages_exits_2_with_the_pip_command(run_dir, tmp_p
 
     # As if onnxruntime were not installed: a module name that no environment has.
     monkeypatch.setitem(export_formats.NEEDS, "onnx", [("onnxruntime_is_not_installed", "onnxruntime==1.31.1")])
-    code, _, stderr = in_process("trainer.export", str(run_dir), "--format", "onnx", "--out", str(tmp_path / "x"), capsys=capsys)
+    code, _, stderr = in_process("trainer.export", str(run_dir), "--format", "onnx", "--out", str(tmp_path / "x"),
+                                 capsys=capsys)
     assert code == 2 and 'pip install -e ".[export]"' in stderr and "pip install onnxruntime==1.31.1" in stderr
     assert not (tmp_path / "x").exists()
     import tomllib
 
-    extra = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]["export"]
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    extra = project["optional-dependencies"]["export"]
     monkeypatch.undo()
-    assert {pin for needs in export_formats.NEEDS.values() for _, pin in needs} <= set(extra)  # the pins the message gives
+    # the pins the message gives
+    assert {pin for needs in export_formats.NEEDS.values() for _, pin in needs} <= set(extra)
 
 
 def test_export_beyond_tolerance_exits_3(run_dir, tmp_path):
@@ -187,7 +196,8 @@ def test_export_beyond_tolerance_exits_3(run_dir, tmp_path):
 
 def test_convert_reports_the_recipes_metrics_before_and_after_on_eval_data(run_dir, tmp_path, capsys):
     out = tmp_path / "converted"
-    result = run_cli(str(run_dir), "--policy", "mixed_bfloat16", "--eval-steps", "5", "--out", str(out), module="trainer.convert")
+    result = run_cli(str(run_dir), "--policy", "mixed_bfloat16", "--eval-steps", "5", "--out", str(out),
+                     module="trainer.convert")
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((out / "conversion.json").read_text())
     assert report["inputs"] == "a batch of the recipe's eval split"
@@ -297,5 +307,6 @@ def test_predict_inputs_are_read_batch_by_batch_and_a_bad_file_is_a_user_error(r
         next(batches)  # c.png, only now
 
     out = tmp_path / "p.csv"
-    code, _, stderr = in_process("trainer.predict", str(run_dir), "--input", str(inputs), "--out", str(out), capsys=capsys)
+    code, _, stderr = in_process("trainer.predict", str(run_dir), "--input", str(inputs), "--out", str(out),
+                                 capsys=capsys)
     assert code == 2 and stderr.startswith("error: ") and "Traceback" not in stderr and not out.exists(), stderr

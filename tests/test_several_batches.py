@@ -40,7 +40,8 @@ class WGAN(Trainer):
             real = real / EXAMPLES
             if self.strategy.num_replicas_in_sync == 1:
                 index = self.step * len(batches) + j
-                self.seen.assign(tf.tensor_scatter_nd_update(self.seen, [[index]], [tf.cast(real[0, 0] * EXAMPLES, tf.int64)]))
+                self.seen.assign(tf.tensor_scatter_nd_update(self.seen, [[index]],
+                                                             [tf.cast(real[0, 0] * EXAMPLES, tf.int64)]))
             with tf.GradientTape() as tape:
                 fake = generator(1.0 - real, training=True)
                 d_loss = tf.reduce_mean(critic(fake, training=True)) - tf.reduce_mean(critic(real, training=True))
@@ -110,7 +111,8 @@ def test_the_batches_an_epoch_leaves_over_start_the_next():
 
 
 def test_resume_goes_on_at_the_same_batches_and_ends_with_the_same_weights(tmp_path, caplog):
-    """8 steps straight (steps_per_loop=4, evaluated) == 4 steps, then a new Trainer resuming to 8 (steps_per_loop=1)."""
+    """8 steps straight (steps_per_loop=4, evaluated) == 4 steps, then a new Trainer resuming to 8
+    (steps_per_loop=1)."""
     straight = wgan(run_dir=tmp_path / "straight", steps_per_loop=4, log_every=4)
     eval_logs = straight.fit(integers(), integers(), steps=8)  # the eval step gets one batch at a time
     assert straight.eval_batches == EXAMPLES // BATCH and np.isfinite(eval_logs["critic_mean"])
@@ -160,21 +162,24 @@ def test_with_xla_the_whole_step_is_compiled_and_gives_the_same_weights():
 MIRRORED = """
 import sys
 import numpy as np, tensorflow as tf
-tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
+                                           [tf.config.LogicalDeviceConfiguration()] * 2)
 sys.path.insert(0, sys.argv[1])
 from test_several_batches import integers, wgan
 one = wgan()
 one.fit(integers(), steps=6)
 two = wgan(strategy=tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
 two.fit(integers(), steps=6)
-print("ITERATIONS", int(two.optimizers["critic"].iterations.numpy()), int(two.optimizers["generator"].iterations.numpy()))
+print("ITERATIONS", int(two.optimizers["critic"].iterations.numpy()),
+      int(two.optimizers["generator"].iterations.numpy()))
 for a, b in zip(one.models["critic"].weights + one.models["generator"].weights,
                 two.models["critic"].weights + two.models["generator"].weights):
     np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5)
 print("SAME WEIGHTS")
 import keras
 try:  # made outside the scope: its iterations would count once per replica (2 per update)
-    wgan(strategy=two.strategy, optimizers={"critic": keras.optimizers.SGD(0.1), "generator": lambda: keras.optimizers.SGD(0.1)})
+    wgan(strategy=two.strategy,
+         optimizers={"critic": keras.optimizers.SGD(0.1), "generator": lambda: keras.optimizers.SGD(0.1)})
 except Exception as e:
     print("ERROR", type(e).__name__, e)
 outside = keras.optimizers.SGD(0.1)
@@ -217,19 +222,22 @@ def test_bad_settings_are_user_errors(tmp_path):
         Trainer(model=linear, loss="mse", optimizer=keras.optimizers.SGD, batches_per_step=2, grad_accum_steps=2)
     built = []  # said at Trainer(), before any model is built
     with pytest.raises(ConfigError, match="the default train_step trains on one"):
-        Trainer(model=lambda: built.append(1) or linear(), loss="mse", optimizer=keras.optimizers.SGD, batches_per_step=2)
+        Trainer(model=lambda: built.append(1) or linear(), loss="mse", optimizer=keras.optimizers.SGD,
+                batches_per_step=2)
     assert not built
 
     class OneBatch(WGAN):  # a step written for one batch would mis-unpack the tuple: it must say it takes several
         takes_several_batches = False
-    with pytest.raises(ConfigError, match="OneBatch.train_step does not say it takes them.*takes_several_batches = True"):
+    with pytest.raises(ConfigError,
+                       match="OneBatch.train_step does not say it takes them.*takes_several_batches = True"):
         OneBatch(models={"critic": linear, "generator": linear}, optimizers={"critic": keras.optimizers.SGD,
                  "generator": keras.optimizers.SGD}, batches_per_step=2)
     with pytest.raises(ConfigError, match="overfit_batches=4 .* a multiple of 3"):
         wgan(overfit_batches=4)
     assert wgan(overfit_batches=6).fit(integers(), steps=4)["step"] == 4
     for value in ("0", "1.5"):
-        result = run_cli("trainer.max_steps=1", f"trainer.batches_per_step={value}", f"hydra.run.dir={tmp_path / value}")
+        result = run_cli("trainer.max_steps=1", f"trainer.batches_per_step={value}",
+                         f"hydra.run.dir={tmp_path / value}")
         assert result.returncode == 2, result.stderr[-2000:]
         assert "batches_per_step" in result.stdout + result.stderr and "Traceback" not in result.stderr
     result = run_cli("trainer.max_steps=1", "trainer.batches_per_step=2", f"hydra.run.dir={tmp_path / 'default'}")
@@ -253,10 +261,11 @@ def test_the_gan_recipe_updates_its_discriminator_on_each_batch(tmp_path, k):
 
 def test_out_of_memory_with_several_batches_names_batches_per_step(tmp_path):
     """The out-of-memory hint says that a step holds its K batches at once (the allocation fails at once)."""
-    result = run_cli("recipe=gan", "trainer.max_steps=1", "trainer.batches_per_step=2", "model.hidden_units=[1000000000]",
-                     "trainer.progress_bar=false", f"hydra.run.dir={tmp_path}")
+    result = run_cli("recipe=gan", "trainer.max_steps=1", "trainer.batches_per_step=2",
+                     "model.hidden_units=[1000000000]", "trainer.progress_bar=false", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 2, result.stderr[-3000:]
-    assert "Fix: lower data.batch_size or trainer.batches_per_step=2 (a step holds its 2 batches at once)" in result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert "Fix: lower data.batch_size or trainer.batches_per_step=2 (a step holds its 2 batches at once)" in output
 
 
 class Unpacks(Trainer):

@@ -24,7 +24,8 @@ def data(n=320, seed=0):
 def make(**options):
     options.setdefault("progress_bar", False)
     return Trainer(
-        model=lambda: keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(2, dtype="float32")]),
+        model=lambda: keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="tanh"),
+                                        keras.layers.Dense(2, dtype="float32")]),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         optimizer=options.pop("optimizer", lambda: keras.optimizers.SGD(0.1, momentum=0.9)),
         seed=0,
@@ -55,7 +56,8 @@ def test_accumulation_composes_with_loss_scaling():
     x, y = data()
     x[16 * 5] = 1e5  # micro-batch 5 = second micro-batch of update 1 (float16 overflow)
     micro = tf.data.Dataset.from_tensor_slices((x, y)).batch(16, drop_remainder=True)
-    trainer = make(grad_accum_steps=4, precision=PrecisionConfig(policy="mixed_float16", initial_scale=1024.0), jit_compile=False)
+    trainer = make(grad_accum_steps=4, precision=PrecisionConfig(policy="mixed_float16", initial_scale=1024.0),
+                   jit_compile=False)
     trainer.fit(micro, steps=1)
     before = [w.numpy().copy() for w in trainer.model.trainable_variables]
     trainer.fit(micro, steps=2)
@@ -74,7 +76,8 @@ def test_clipping_acts_on_unscaled_gradients():
     for precision in ("float32", PrecisionConfig(policy="mixed_float16", loss_scale=2.0**15)):
         trainer = Trainer(
             model=lambda: keras.Sequential([keras.Input((8,)), keras.layers.Dense(2, dtype="float32")]),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), optimizer=lambda: keras.optimizers.SGD(1.0),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            optimizer=lambda: keras.optimizers.SGD(1.0),
             precision=precision, clipnorm=0.01, progress_bar=False, seed=0, jit_compile=False,
         )
         trainer.build(next(iter(ds)))
@@ -115,7 +118,8 @@ def test_clipvalue_bounds_each_unscaled_gradient_value(precision):
     start, end, grads = _clipvalue_step(precision)
     for s, e, g in zip(start, end, grads):
         assert np.abs(s - e).max() <= 0.05 * (1 + 1e-6)
-        np.testing.assert_allclose(s - e, np.clip(g, -0.05, 0.05), rtol=2e-2 if precision != "float32" else 1e-5, atol=1e-6)
+        np.testing.assert_allclose(s - e, np.clip(g, -0.05, 0.05), rtol=2e-2 if precision != "float32" else 1e-5,
+                                   atol=1e-6)
     clipped = np.concatenate([np.abs(g).ravel() for g in grads])
     assert (clipped > 0.05).any() and (clipped < 0.04).any(), clipped  # both kinds of value in the test
 
@@ -177,7 +181,8 @@ def test_fused_optimizer_updates_equal_keras_updates(name):
             trainer = make(fused_optimizer=fused, optimizer=OPTIMIZERS[name])
             trainer.fit(ds, steps=steps)
             assert ("update_step" in vars(trainer.optimizer)) == fused  # fused: an instance-level update_step
-            trained[fused] = [w.numpy() for w in trainer.model.weights] + [v.numpy() for v in trainer.optimizer.variables]
+            trained[fused] = ([w.numpy() for w in trainer.model.weights]
+                              + [v.numpy() for v in trainer.optimizer.variables])
         for a, b in zip(trained[True], trained[False]):
             if name == "sgd_nesterov":
                 np.testing.assert_array_equal(a, b)
@@ -212,7 +217,8 @@ def test_fused_updates_of_an_embeddings_sparse_gradient_and_weight_decay_equal_k
         trainer.fit(ds.repeat(), steps=8)
         trained[fused] = [w.numpy() for w in trainer.model.weights] + [v.numpy() for v in trainer.optimizer.variables]
     for a, b in zip(trained[True], trained[False]):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # Adam carries rounding; the decay moves w by 5e-3 w a step
+        # Adam carries rounding; the decay moves w by 5e-3 w a step
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_a_sparse_gradient_with_repeated_rows_is_one_adam_kernel_with_keras_values():
@@ -232,7 +238,8 @@ def test_a_sparse_gradient_with_repeated_rows_is_one_adam_kernel_with_keras_valu
         for gradient in gradients:
             apply(gradient)
         if fused:
-            assert [op.type for op in apply.get_concrete_function(gradients[0]).graph.get_operations()].count("ResourceApplyAdam") == 1
+            graph = apply.get_concrete_function(gradients[0]).graph
+            assert [op.type for op in graph.get_operations()].count("ResourceApplyAdam") == 1
         tables[fused] = [table.numpy(), *(v.numpy() for v in adam.variables[1:])]
     for a, b in zip(tables[True], tables[False]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -247,7 +254,8 @@ def test_fused_update_is_one_kernel_per_variable_and_skips_what_it_cannot_expres
     def op_types(optimizer, full_size_only=False):
         optimizer.build(variables)
         graph = tf.function(lambda: optimizer.apply(grads, variables)).get_concrete_function().graph
-        return [op.type for op in graph.get_operations() if not full_size_only or op.outputs and op.outputs[0].shape.rank]
+        return [op.type for op in graph.get_operations()
+                if not full_size_only or op.outputs and op.outputs[0].shape.rank]
 
     adam = keras.optimizers.Adam()
     assert fuse(adam)
@@ -260,7 +268,8 @@ def test_fused_update_is_one_kernel_per_variable_and_skips_what_it_cannot_expres
     assert op_types(adamw).count("ResourceApplyAdam") == 2
     # The decay: one full-size multiply per variable (Keras: two, w * wd * lr).
     assert op_types(adamw, full_size_only=True).count("Mul") == 2
-    keras_decay = op_types(keras_adamw, full_size_only=True).count("Mul") - op_types(keras.optimizers.Adam(), full_size_only=True).count("Mul")
+    keras_decay = (op_types(keras_adamw, full_size_only=True).count("Mul")
+                   - op_types(keras.optimizers.Adam(), full_size_only=True).count("Mul"))
     assert keras_decay == 4
     assert not fuse(keras.optimizers.Adam(amsgrad=True))  # no kernel for it: Keras' update stays
     assert not fuse(keras.optimizers.RMSprop())  # TF's kernel puts epsilon inside the sqrt: not Keras' formula
@@ -294,8 +303,8 @@ def test_sample_weights_per_example_or_per_timestep_weigh_the_loss_as_keras_does
     logits = tf.constant(rng.normal(size=(6, 5, 3)).astype("float32"))
     weight = (rng.random(weight_shape) > 0.3).astype("float32")
     trainer = Trainer(model=lambda: keras.Sequential([keras.Input((5, 3)), keras.layers.Dense(3)]),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), optimizer=lambda: keras.optimizers.SGD(0.1),
-                      progress_bar=False)
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      optimizer=lambda: keras.optimizers.SGD(0.1), progress_bar=False)
     ours = trainer.compute_loss(None, y, logits, weight)
     if weight.ndim == 1:  # per-example weights of a rank unknown when traced (from a generator, say)
         unknown = tf.function(lambda w: trainer.compute_loss(None, y, logits, w), input_signature=[tf.TensorSpec(None)])
@@ -322,7 +331,8 @@ def test_the_default_step_and_update_take_one_seam_and_the_step_functions_have_o
     """The default step (compute_gradients) and self.update(loss, tape) reach the unscaled gradients the same way
     (Updater.unscaled_gradients): under a loss scale of 1024 they train the same weights, and an overflowing
     batch skips and halves the scale in both, read through LossScale.status(). jit_compile is read-only (a
-    Trainer's XLA choice changes only through trainer/compile.py); reset_step_functions() makes the next fit trace."""
+    Trainer's XLA choice changes only through trainer/step_functions.py); reset_step_functions() makes the next
+    fit trace."""
 
     class ViaUpdate(Trainer):
         def train_step(self, data):
@@ -339,7 +349,8 @@ def test_the_default_step_and_update_take_one_seam_and_the_step_functions_have_o
     for cls in (Trainer, ViaUpdate):
         t = cls(model=lambda: keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="tanh"),
                                                 keras.layers.Dense(2, dtype="float32")]),
-                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), optimizer=lambda: keras.optimizers.SGD(0.1),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                optimizer=lambda: keras.optimizers.SGD(0.1),
                 seed=0, progress_bar=False, precision=PrecisionConfig(policy="mixed_float16", initial_scale=1024.0),
                 jit_compile=False)
         t.fit(batches, steps=4)

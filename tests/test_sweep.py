@@ -20,9 +20,11 @@ def test_job_folder_names_hold_the_swept_keys_only(tmp_path, monkeypatch):
     monkeypatch.delenv(SWEPT_KEYS_ENV, raising=False)
     config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}, "sweeper": {"params": {"seed": "range(0,2)"}},
                                          "overrides": {"task": ["model.hidden_units=[64]", "optimizer.lr=1e-3,1e-2",
-                                                                "trainer.log_every=50", "+optimizer.clipvalue=0.1,0.5"]}}})
+                                                                "trainer.log_every=50",
+                                                                "+optimizer.clipvalue=0.1,0.5"]}}})
     assert record_swept_keys(config) == ["optimizer.clipvalue", "optimizer.lr", "seed"]
-    task = ["model.hidden_units=[64]", "optimizer.lr=0.01", "trainer.log_every=50", "+optimizer.clipvalue=0.5", "seed=1"]
+    task = ["model.hidden_units=[64]", "optimizer.lr=0.01", "trainer.log_every=50", "+optimizer.clipvalue=0.5",
+            "seed=1"]
     every = "+optimizer.clipvalue=0.5,model.hidden_units=[64],optimizer.lr=0.01,seed=1,trainer.log_every=50"
     assert job_folder(1, every, task, str(tmp_path)) == "1_+optimizer.clipvalue=0.5,optimizer.lr=0.01,seed=1"
     assert job_folder(1, every, task, str(tmp_path / "other")) == "1_" + every  # another sweep's record

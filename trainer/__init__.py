@@ -2,7 +2,8 @@
 
     from trainer import Trainer
     trainer = Trainer(model=build_model, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                      optimizer=lambda: keras.optimizers.Adam(1e-3), metrics=[keras.metrics.SparseCategoricalAccuracy()])
+                      optimizer=lambda: keras.optimizers.Adam(1e-3),
+                      metrics=[keras.metrics.SparseCategoricalAccuracy()])
     trainer.fit(train_ds, eval_ds, steps=1000)
 
 The names below load when first used (PEP 562), so `import trainer.config` or `trainer.errors` does not load
@@ -24,14 +25,14 @@ _HOME = {  # public name -> the module that defines it
     "LossScale": "trainer.loss_scale",
     "MLflowLogger": "trainer.callbacks",
     "MetricsWriter": "trainer.callbacks",
-    "NumericalError": "trainer.core",
+    "NumericalError": "trainer.trainer",
     "PrecisionConfig": "trainer.config",
     "ReduceLROnPlateau": "trainer.callbacks",
     "StrategyConfig": "trainer.config",
     "TensorBoardWriter": "trainer.callbacks",
-    "Trainer": "trainer.core",
+    "Trainer": "trainer.trainer",
     "TrainerConfig": "trainer.config",
-    "TrainingInterrupted": "trainer.core",
+    "TrainingInterrupted": "trainer.trainer",
     "WandbLogger": "trainer.callbacks",
     "warm_start": "trainer.load_weights",
 }
@@ -47,7 +48,7 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time these load on 
                                    TensorBoardWriter, WandbLogger)
     from trainer.checkpoint import CheckpointError, warm_start
     from trainer.config import PrecisionConfig, StrategyConfig, TrainerConfig
-    from trainer.core import NumericalError, Trainer, TrainingInterrupted
+    from trainer.trainer import NumericalError, Trainer, TrainingInterrupted
     from trainer.data import DataBundle
     from trainer.loss_scale import LossScale
 

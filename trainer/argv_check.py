@@ -9,10 +9,12 @@ group such as `logger=[jsonl,cvs]` (Hydra: "Could not load 'logger/cvs'", no opt
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 from typing import Any, List, Optional, Sequence
 
-LIST_FIELDS = {"trainer.profile_steps": "trainer.profile_steps takes two steps: trainer.profile_steps=[N,M] (e.g. [10,20])"}
+LIST_FIELDS = {"trainer.profile_steps": "trainer.profile_steps takes two steps: "
+                                        "trainer.profile_steps=[N,M] (e.g. [10,20])"}
 
 
 def _options(group: str) -> Optional[List[str]]:
@@ -41,7 +43,7 @@ def _type_problem(key: str, value: Any, given: str) -> Optional[str]:
     section, _, name = key.partition(".")
     schema = {"trainer": config.TrainerConfig, "precision": config.PrecisionConfig, "strategy": config.StrategyConfig,
               "finetune": config.FinetuneConfig}.get(section)
-    fields = {f.name: f for f in config.dataclasses.fields(schema)} if schema else {}
+    fields = {f.name: f for f in dataclasses.fields(schema)} if schema else {}
     if schema and name and "." not in name and name not in fields and not given.startswith(("+", "~")):
         import difflib
 
@@ -57,7 +59,8 @@ def _type_problem(key: str, value: Any, given: str) -> Optional[str]:
         optional = kind.startswith("Optional[")
         kind = kind[len("Optional["):-1] if optional else kind
         words = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}.get(kind, kind)
-        return f"{given}: {key} takes {words}{' (or null)' if optional else ''}, not {value!r}. Fix: give {key} {words}."
+        return (f"{given}: {key} takes {words}{' (or null)' if optional else ''}, not {value!r}. "
+                f"Fix: give {key} {words}.")
     return None
 
 
@@ -119,7 +122,8 @@ def problem_in(args: Sequence[str]) -> Optional[str]:
         for value in _choices(override.value()):
             if key in LIST_FIELDS and value is not None and not isinstance(value, list):
                 return f"{given}: {LIST_FIELDS[key]}."
-            wrong_type = _type_problem(key, value, given) if key.startswith(TYPED_SECTIONS) and not override.is_delete() else None
+            wrong_type = (_type_problem(key, value, given)
+                          if key.startswith(TYPED_SECTIONS) and not override.is_delete() else None)
             if wrong_type:
                 return wrong_type
             unknown = [v for v in value if v not in options] if options and isinstance(value, list) else []

@@ -85,7 +85,8 @@ def _classes(y):
                         "sample weights instead (the third element of each batch, or sample_weight=).")
     y = tf.convert_to_tensor(y)
     if y.shape.rank is not None and y.shape.rank >= 2:
-        return tf.argmax(y, axis=-1, output_type=tf.int32) if y.shape[-1] != 1 else tf.cast(tf.round(tf.squeeze(y, -1)), tf.int32)
+        return (tf.argmax(y, axis=-1, output_type=tf.int32) if y.shape[-1] != 1
+                else tf.cast(tf.round(tf.squeeze(y, -1)), tf.int32))
     return tf.cast(tf.round(tf.cast(y, tf.float32)) if y.dtype.is_floating else y, tf.int32)
 
 
@@ -182,7 +183,8 @@ def _split(x, y, weight, fraction: float, n: int):
         raise DataError(f"fit(): validation_split={fraction} of {n} examples leaves an empty training or "
                         "validation set. Fix: more examples, or another fraction.")
     cut = lambda a, part: None if a is None else tf.nest.map_structure(lambda v: v[part], a)  # noqa: E731
-    return tuple(cut(a, slice(None, at)) for a in (x, y, weight)), tuple(cut(a, slice(at, None)) for a in (x, y, weight))
+    return (tuple(cut(a, slice(None, at)) for a in (x, y, weight)),
+            tuple(cut(a, slice(at, None)) for a in (x, y, weight)))
 
 
 def from_arrays(x, y=None, *, batch_size: Optional[int], seed: int, sample_weight=None, class_weight=None,
@@ -209,7 +211,8 @@ def from_arrays(x, y=None, *, batch_size: Optional[int], seed: int, sample_weigh
         if validation_data is not None:
             raise DataError("fit(): give validation_data or validation_split, not both (Keras would ignore the split).")
         (x, y, weight), (hx, hy, hw) = _split(x, y, weight, validation_split, n)
-        eval_fn = classification_pipeline(hx, hy, sample_weight=hw, global_batch_size=eval_batch, seed=seed, training=False)
+        eval_fn = classification_pipeline(hx, hy, sample_weight=hw, global_batch_size=eval_batch, seed=seed,
+                                          training=False)
         n = len(tf.nest.flatten(x)[0])
     elif validation_data is not None:
         eval_fn = eval_set(validation_data, eval_batch, seed, "validation_data")
@@ -220,7 +223,8 @@ def from_arrays(x, y=None, *, batch_size: Optional[int], seed: int, sample_weigh
                         "training drops a partial batch. Fix: a smaller batch_size, or more examples.")
     pipeline = functools.partial(classification_pipeline, x, y, global_batch_size=batch_size, seed=seed, training=True,
                                  shuffle=shuffle is not False)
-    train = unweighted_as(pipeline(sample_weight=weight), pipeline()) if class_weight else pipeline(sample_weight=weight)
+    train = (unweighted_as(pipeline(sample_weight=weight), pipeline()) if class_weight
+             else pipeline(sample_weight=weight))
     return ArrayInputs(train, eval_fn, n, batch_size)
 
 
@@ -319,7 +323,8 @@ def _same(a, b) -> bool:
     return a is b or (isinstance(a, (int, float)) and not isinstance(a, bool) and type(a) is type(b) and a == b)
 
 
-def fit_inputs(memo: Optional[tuple], seed: int, train_data, eval_data, batch_size: Optional[int], **keras_kwargs) -> tuple:
+def fit_inputs(memo: Optional[tuple], seed: int, train_data, eval_data, batch_size: Optional[int],
+               **keras_kwargs) -> tuple:
     """(memo, FitInputs) for fit()'s arguments. `memo` is the last call's: the same arguments give the same
     data objects, so a later fit() call goes on with the iterator the last one left (inputs.KeptIterator)."""
     key = (train_data, eval_data, batch_size, *keras_kwargs.values())
@@ -335,7 +340,8 @@ def fit_inputs(memo: Optional[tuple], seed: int, train_data, eval_data, batch_si
         made = FitInputs(arrays.train, named(others, arrays.eval) if others is not None else arrays.eval,
                          arrays.train_examples, arrays.batch_size)
     else:  # Keras ignores shuffle for a Dataset, and so do we: its order is the Dataset's own
-        kwargs_for_arrays(validation_split=keras_kwargs["validation_split"], sample_weight=keras_kwargs["sample_weight"])
+        kwargs_for_arrays(validation_split=keras_kwargs["validation_split"],
+                          sample_weight=keras_kwargs["sample_weight"])
         if validation is not None and eval_data is not None:
             raise DataError("fit(): eval data given twice (the second argument and validation_data). Fix: give one.")
         made = FitInputs(with_class_weight(train_data, keras_kwargs["class_weight"]),

@@ -3,7 +3,9 @@
 `python -m trainer` (trainer/cli.py) trains with them, the doctor measures them at several batch sizes and
 precisions, evaluate and predict hold a run's trained model in them. Each takes `parts_of(cfg)` and
 changes what it needs (a restored model, no optimizer state), so a new Trainer argument is wired once.
-Below the commands, above the library: it imports no command module.
+The run's eval data comes from the config here too: the recipe's split and the named `eval_sets`
+(`check_eval_sets` before anything is built, `eval_data_of`). Below the commands, above the library: it
+imports no command module.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer.config import ConfigError, PrecisionConfig, StrategyConfig, TrainerConfig, register_schemas
 
-DEFAULT_TRAINER_CLASS = "trainer.core.Trainer"
+DEFAULT_TRAINER_CLASS = "trainer.trainer.Trainer"
 log = logging.getLogger(__name__)
 
 
@@ -27,7 +29,7 @@ def register_configs() -> None:
 
     The recipe contract: a module of trainer.recipes (recipes/*.py) may define `register_configs(cs)`, which
     stores the schemas of its data and model options (`cs.store(group="data", name="base_mnist", node=...)`)
-    for its YAML files under conf/ to extend. Loading a recipe may load TensorFlow and the core: that is why
+    for its YAML files under conf/ to extend. Loading a recipe may load TensorFlow and the Trainer: that is why
     this lives here, above them, and not in trainer.config."""
     import importlib
     import pkgutil
@@ -42,8 +44,8 @@ def register_configs() -> None:
         try:
             module = importlib.import_module(f"trainer.recipes.{info.name}")
         except Exception as e:  # noqa: BLE001 - one broken recipe must not take the others down
-            log.warning("recipe module trainer.recipes.%s failed to import (%s: %s); its config options are unavailable",
-                        info.name, type(e).__name__, e)
+            log.warning("recipe module trainer.recipes.%s failed to import (%s: %s); its "
+                        "config options are unavailable", info.name, type(e).__name__, e)
             continue
         if hasattr(module, "register_configs"):
             module.register_configs(cs)
@@ -84,11 +86,12 @@ def trainer_class(path: str, base: Optional[type] = None) -> type:
     from hydra.utils import get_class
 
     if base is None:
-        from trainer.core import Trainer as base
+        from trainer.trainer import Trainer as base
     try:
         cls = get_class(path)
     except Exception as e:  # noqa: BLE001 - hydra raises ImportError or ValueError, wrapped
-        raise ConfigError(f"trainer_class={path!r} cannot be imported ({e}); give module.Class of a Trainer subclass") from None
+        raise ConfigError(f"trainer_class={path!r} cannot be imported ({e}); give module.Class of a "
+                          "Trainer subclass") from None
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise ConfigError(f"trainer_class={path!r} is not a subclass of trainer.Trainer")
     return cls
@@ -158,3 +161,46 @@ def trainer_for(checkpoint, strategy=None, model=None, policy: str = None):
         precision=precision,
         clipnorm=None,
     ).build(strategy=strategy)
+
+
+def check_eval_sets(cfg: DictConfig) -> None:
+    """Each of `eval_sets` (name -> the data.* keys that differ) merged into cfg.data as its schema allows
+    (struct mode: no new key, each value of its type), before anything is built: a ConfigError naming the keys."""
+    import copy
+
+    from omegaconf.errors import OmegaConfBaseException
+
+    from trainer.data import FRAMEWORK_KEYS
+
+    for name, keys in (cfg.get("eval_sets") or {}).items():
+        valid = ", ".join(str(k) for k in cfg.data if k not in FRAMEWORK_KEYS and not str(k).startswith("_"))
+        fix = f"Fix: +eval_sets.{name}.<key>=<value> with a key of data: {valid}."
+        if keys is not None and not isinstance(keys, DictConfig):
+            raise ConfigError(f"eval_sets.{name}={keys}: an eval set is the data.* keys that differ, not a "
+                              f"value. {fix}")
+        data = copy.deepcopy(cfg.data)  # a copy of the typed node, closed to new keys as cfg.data is
+        OmegaConf.set_struct(data, True)
+        try:
+            OmegaConf.merge(data, keys or {})
+        except OmegaConfBaseException as error:
+            why = str(error).splitlines()[0]
+            raise ConfigError(f"eval_sets.{name}: {why}. {fix}") from None
+
+
+def eval_data_of(cfg: DictConfig, data):
+    """The run's eval data: the recipe's eval split; with `eval_sets` (name -> the data.* keys that differ),
+    a dict of named sets, the recipe's own split first as "val" (trainer/evalsets.py)."""
+    from trainer.data import DataError, build_data
+
+    if not cfg.get("eval_sets"):
+        return data.eval
+    sets = {} if data.eval is None else {"val": data.eval}
+    for name, keys in cfg.eval_sets.items():
+        if name in sets:
+            raise DataError(f"eval_sets.{name}: 'val' is the recipe's own eval split. Fix: another name.")
+        other = build_data(cfg.data, OmegaConf.to_container(keys, resolve=True) if keys is not None else {})
+        if other.eval is None:
+            raise DataError(f"eval_sets.{name}: the data with {OmegaConf.to_container(keys)} has no eval split. Fix: "
+                            "the data.* keys that give one (an eval file, a path with a test split).")
+        sets[name] = other.eval
+    return sets

@@ -6,10 +6,10 @@ bfloat16 matmuls measured 0.56x-2x float32 and no faster step), and a short matm
 candidate's dtype against float32, interleaved rounds) must confirm it: a flag says an instruction
 exists, not that TensorFlow's kernels use it well. The probe's answer is cached per machine (CPU model and flags,
 devices, TensorFlow version) in ~/.cache/trainer/precision_auto.json ($TRAINER_CACHE_DIR overrides the
-folder), so it is paid once. `python -m trainer.doctor --set-auto` stores the doctor's measured answer
-there too, for that machine AND that recipe and model config (model_identity): auto follows it for runs
-of the same model only (a step's gain from bfloat16 depends on the model: 1.1x for a small MLP, 2.35x
-for a wide one); a run of another model, or a Trainer built from Python (no recipe), gets the probe's
+folder; trainer/precision_cache.py), so it is paid once. `python -m trainer.doctor --set-auto` stores the
+doctor's measured answer there too, for that machine AND that recipe and model config (model_identity): auto
+follows it for runs of the same model only (a step's gain from bfloat16 depends on the model: 1.1x for a
+small MLP, 2.35x for a wide one); a run of another model, or a Trainer built from Python (no recipe), gets the probe's
 rule, and the start-up log says why. The stored answer's XLA setting (what --verify trained) applies
 where trainer.jit_compile was left at its default (xla_applies, decided in resolve_run, which records the
 setting it applied). An explicit precision=... always wins. A --set-auto that measured no significant
@@ -25,7 +25,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Callable, Mapping, NamedTuple, Optional, Sequence, Tuple
@@ -33,6 +32,7 @@ from typing import Callable, Mapping, NamedTuple, Optional, Sequence, Tuple
 import tensorflow as tf
 
 from trainer.precision import cpu_flags, cpu_model
+from trainer.precision_cache import BY_MODEL, cache_path, read_cache, write_cache, write_json_atomically
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +41,9 @@ AUTO = "auto"
 # small matmul gain is lost (issue 31: 3.4x matmuls gave the recipes 1.1x).
 LEAST_MATMUL_SPEEDUP = 2.0
 PROBE_SIDE, PROBE_ROUNDS = 1024, 5
-CACHE_FILE = "precision_auto.json"
 RUN_RECORD = "precision_auto.json"  # in a run folder: the policy auto chose for that run
 DTYPE_OF = {"mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}
-
-
-def cache_path() -> Path:
-    return Path(os.environ.get("TRAINER_CACHE_DIR") or Path.home() / ".cache" / "trainer") / CACHE_FILE
+NO_GAIN = "no significant difference"  # an answer's verdict: the doctor measured no gain over what ran
 
 
 def _gpu_capabilities() -> list:
@@ -65,7 +61,8 @@ def machine(strategy=None) -> dict:
     caps = _gpu_capabilities()
     if caps:
         return {"kind": "GPU", "compute_capabilities": caps}
-    return {"kind": "CPU", "cpu": cpu_model(), "flags": sorted(cpu_flags() & {"amx_bf16", "avx512_bf16", "avx512_fp16"})}
+    return {"kind": "CPU", "cpu": cpu_model(),
+            "flags": sorted(cpu_flags() & {"amx_bf16", "avx512_bf16", "avx512_fp16"})}
 
 
 def machine_key(hardware: dict) -> str:
@@ -143,97 +140,6 @@ def measure_speedup(policy: str, rounds: int = PROBE_ROUNDS, side: int = PROBE_S
             "reduced_gflops": 2 * side**3 / medians["reduced"] / 1e9, "when": time.strftime("%Y-%m-%d %H:%M")}
 
 
-_DOCTOR_KEYS, _PROBE_KEYS = {"policy", "command", "speedup", "when"}, {"speedup", "side", "float32_gflops",
-                                                                         "reduced_gflops", "when"}
-BY_MODEL = "doctor_by_model"  # machine -> model key -> the doctor's answer ("doctor": one per machine, before)
-POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
-NO_GAIN = "no significant difference"  # an answer's verdict: the doctor measured no gain over what ran
-
-
-def _well_formed(cache) -> bool:
-    """The file's shape as _write_cache writes it: a hand-edited or foreign file must not crash a run
-    (the doctor's answers inside are checked one by one: _drop_malformed_answers)."""
-    if not isinstance(cache, dict):
-        return False
-    for entry in cache.values():
-        if not isinstance(entry, dict):
-            return False
-        probes, by_model = entry.get("probe", {}), entry.get(BY_MODEL, {})
-        if not isinstance(by_model, dict):
-            return False
-        if not isinstance(probes, dict) or not all(isinstance(p, dict) and _PROBE_KEYS <= p.keys()
-                                                   for p in probes.values()):
-            return False
-    return True
-
-
-def _answer_problem(answer) -> Optional[str]:
-    """What is wrong with a stored doctor answer, or None: its keys and their values, as choose() uses them."""
-    if not isinstance(answer, dict):
-        return "not a mapping"
-    if not _DOCTOR_KEYS <= answer.keys():
-        return f"missing {', '.join(sorted(_DOCTOR_KEYS - answer.keys()))}"
-    speedup, xla = answer["speedup"], answer.get("jit_compile")
-    if answer["policy"] not in POLICIES:
-        return f"policy {answer['policy']!r} is not one of {', '.join(POLICIES)}"
-    if isinstance(speedup, bool) or not isinstance(speedup, (int, float)) or speedup != speedup:
-        return f"speedup {speedup!r} is not a number"
-    if not isinstance(xla, (bool, type(None))):
-        return f"jit_compile {xla!r} is not true, false or null"
-    batch = answer.get("batch")
-    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int)):
-        return f"batch {batch!r} is not a whole number"
-    return None
-
-
-def _drop_malformed_answers(cache: dict) -> None:
-    """Leaves out (in place) the doctor answers choose() cannot follow, with one warning for all."""
-    dropped = []
-    for entry in cache.values():
-        problem = _answer_problem(entry["doctor"]) if "doctor" in entry else None
-        if problem:
-            dropped.append(f"the one stored before answers were kept per model ({problem})")
-            del entry["doctor"]
-        answers = entry.get(BY_MODEL, {})
-        for key in list(answers):
-            problem = _answer_problem(answers[key])
-            if problem:
-                label = answers[key].get("model", key) if isinstance(answers[key], dict) else key
-                dropped.append(f"{label} ({problem})")
-                del answers[key]
-    if dropped:
-        log.warning("precision=auto: a doctor answer in its cache %s is not in the expected form (edited by hand?): "
-                    "%s; ignoring it (python -m trainer.doctor --verify --set-auto stores it again)", cache_path(), "; ".join(dropped))
-
-
-def _read_cache() -> dict:
-    try:
-        cache = json.loads(cache_path().read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        log.warning("precision=auto: its cache %s cannot be read (%s); ignoring it", cache_path(), e)
-        return {}
-    if not _well_formed(cache):
-        log.warning("precision=auto: its cache %s is not in the expected shape (edited by hand?); ignoring it, "
-                    "and the next answer replaces it", cache_path())
-        return {}
-    _drop_malformed_answers(cache)
-    return cache
-
-
-def _write_cache(key: str, entry: dict, cache: Optional[dict] = None, drop: Sequence[str] = ()) -> None:
-    """Best effort: an unwritable cache costs a probe per run, not the run. Atomic: a reader in another
-    process never sees half a file. `cache`: as read already; `drop`: keys of the machine's entry to remove."""
-    cache = _read_cache() if cache is None else cache
-    cache[key] = {k: v for k, v in {**cache.get(key, {}), **entry}.items() if k not in drop}
-    try:
-        write_json_atomically(cache_path(), cache)
-    except OSError as e:
-        log.warning("precision=auto: could not write its cache %s (%s); the probe runs again next time",
-                    cache_path(), e.strerror or e)
-
-
 def save_doctor_answer(policy: str, command: str, speedup: float, strategy=None, *, model: dict,
                        jit_compile: Optional[bool] = None, batch: Optional[int] = None,
                        verdict: str = "faster") -> Path:
@@ -244,12 +150,12 @@ def save_doctor_answer(policy: str, command: str, speedup: float, strategy=None,
     what the run used. The answer of before answers were kept per model is dropped."""
     hardware = machine(strategy)
     key = machine_key(hardware)
-    cache = _read_cache()
+    cache = read_cache()
     answers = {**cache.get(key, {}).get(BY_MODEL, {})}
     answers[model["key"]] = {"policy": policy, "command": command, "speedup": speedup, "jit_compile": jit_compile,
                              "batch": batch, "verdict": verdict, "model": model["label"],
                              "when": time.strftime("%Y-%m-%d %H:%M")}
-    _write_cache(key, {BY_MODEL: answers}, cache, drop=("doctor",))
+    write_cache(key, {BY_MODEL: answers}, cache, drop=("doctor",))
     return cache_path()
 
 
@@ -295,7 +201,7 @@ def choose(strategy=None, measure: Optional[Callable[[str], dict]] = None, model
     hardware = machine(strategy)
     policy, why = candidate(hardware)
     key = machine_key(hardware)
-    entry = _read_cache().get(key, {})
+    entry = read_cache().get(key, {})
     doctor, not_ours = _doctor_answer(entry, model)
     if doctor:
         return _followed(doctor)
@@ -305,35 +211,27 @@ def choose(strategy=None, measure: Optional[Callable[[str], dict]] = None, model
     cached = probe is not None
     if not cached:
         probe = (measure or measure_speedup)(policy)
-        _write_cache(key, {"probe": {**entry.get("probe", {}), policy: probe}})
-    measured = (f"{DTYPE_OF[policy]} matmuls measured {probe['speedup']:.2f}x float32 ({probe['reduced_gflops']:.0f} vs "
-                f"{probe['float32_gflops']:.0f} GFLOP/s, {probe['side']}x{probe['side']}, {probe['when']}"
-                f"{', cached in ' + str(cache_path()) if cached else ''})")
+        write_cache(key, {"probe": {**entry.get("probe", {}), policy: probe}})
+    measured = (f"{DTYPE_OF[policy]} matmuls measured {probe['speedup']:.2f}x float32 ({probe['reduced_gflops']:.0f} "
+                f"vs {probe['float32_gflops']:.0f} GFLOP/s, {probe['side']}x{probe['side']}, "
+                f"{probe['when']}{', cached in ' + str(cache_path()) if cached else ''})")
     if probe["speedup"] >= LEAST_MATMUL_SPEEDUP:
-        return Choice(policy, f"{not_ours}{why}; {measured}, at least the {LEAST_MATMUL_SPEEDUP:g}x a step needs to gain")
-    return Choice("float32", f"{not_ours}{why}, but {measured}, under the {LEAST_MATMUL_SPEEDUP:g}x a step needs to gain")
+        return Choice(policy, f"{not_ours}{why}; {measured}, at least the "
+                              f"{LEAST_MATMUL_SPEEDUP:g}x a step needs to gain")
+    return Choice("float32", f"{not_ours}{why}, but {measured}, under the "
+                             f"{LEAST_MATMUL_SPEEDUP:g}x a step needs to gain")
 
 
-def decide(strategy=None, measure: Optional[Callable[[str], dict]] = None, model: Optional[dict] = None) -> Tuple[str, str]:
+def decide(strategy=None, measure: Optional[Callable[[str], dict]] = None,
+           model: Optional[dict] = None) -> Tuple[str, str]:
     """(policy, why) for precision=auto on this machine (choose() without the XLA part)."""
     return tuple(choose(strategy, measure, model)[:2])
-
-
-def write_json_atomically(path: Path, value) -> None:
-    """A temporary file beside `path`, then os.replace: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text(json.dumps(value, indent=1))
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def _recorded_choice(run_dir) -> Optional[Choice]:
     """What auto chose for the run in `run_dir` (its policy, and its XLA setting if it had one) when that
     run has checkpoints to resume, else None."""
-    from trainer.checkpoint import list_checkpoints
+    from trainer.checkpoint_files import list_checkpoints
 
     if run_dir is None or not list_checkpoints(Path(run_dir) / "checkpoints"):
         return None

@@ -16,85 +16,23 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from trainer.checkpoint_files import incomplete_checkpoints, list_checkpoints, repair_state_file
 from trainer.checkpoint_graph import match_variables
 from trainer.config import ConfigError
 from trainer.errors import UserError
 
 log = logging.getLogger(__name__)
 
-_CKPT = re.compile(r"^ckpt-(\d+)\.index$")
-_DATA = re.compile(r"^ckpt-(\d+)\.data-\d+-of-\d+$")
 
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be used; the message says why and what to do."""
-
-
-def list_checkpoints(directory: Path) -> List[Tuple[int, str]]:
-    """(step, prefix) of every checkpoint with an index file, newest first (does not trust the state file)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    found = []
-    for p in directory.iterdir():
-        m = _CKPT.match(p.name)
-        if m:
-            found.append((int(m.group(1)), str(directory / f"ckpt-{m.group(1)}")))
-    return sorted(found, reverse=True)
-
-
-def incomplete_checkpoints(directory: Path) -> List[Tuple[int, str]]:
-    """(step, prefix) of every checkpoint with data files but no index file (deleted, or a save cut short
-    by a crash before TF wrote it), newest first: never restorable."""
-    directory = Path(directory)
-    indexed = {step for step, _ in list_checkpoints(directory)}
-    steps = {int(m.group(1)) for p in directory.glob("ckpt-*.data-*") if (m := _DATA.match(p.name))} if directory.is_dir() else set()
-    return [(step, str(directory / f"ckpt-{step}")) for step in sorted(steps - indexed, reverse=True)]
-
-
-def repair_state_file(directory: Path) -> None:
-    """Rewrites the `checkpoint` state file from the ckpt-N.index files when TF cannot read it.
-
-    tf.train.CheckpointManager takes its list of earlier checkpoints from that file; an unreadable one
-    is read as "no checkpoints" (with a warning), so keep-N would never delete the older ones."""
-    state = Path(directory) / "checkpoint"
-    if not state.exists():
-        return
-    try:
-        readable = tf.train.get_checkpoint_state(str(directory)) is not None
-    except Exception:  # noqa: BLE001 - TF raises ValueError for some contents, returns None for others
-        readable = False
-    if readable:
-        return
-    found = write_state_file(directory)
-    log.warning("The checkpoint state file %s was unreadable; rebuilt it from the checkpoint files (steps %s).",
-                state, found)
-
-
-def write_state_file(directory: Path, before: Optional[int] = None) -> List[int]:
-    """Writes the `checkpoint` state file from the ckpt-N.index files (after a repair, or after
-    trainer.resume_from set later checkpoints aside: only those `before` a step, written before they move);
-    returns their steps, oldest first. With none left the
-    file is deleted: TF reads an empty one as invalid (a ValueError on the next save)."""
-    state = Path(directory) / "checkpoint"
-    found = sorted((s, p) for s, p in list_checkpoints(directory) if before is None or s < before)  # oldest first, as TF
-    if not found:
-        state.unlink(missing_ok=True)
-        return []
-    lines = [f'model_checkpoint_path: "{Path(found[-1][1]).name}"'] if found else []
-    lines += [f'all_model_checkpoint_paths: "{Path(prefix).name}"' for _, prefix in found]
-    # The manager only deletes checkpoints whose timestamp is after its last_preserved_timestamp (0 here).
-    lines += [f"all_model_checkpoint_timestamps: {Path(prefix + '.index').stat().st_mtime}" for _, prefix in found]
-    tmp = state.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, state)
-    return [step for step, _ in found]
 
 
 def _check_layout(objects: Dict, prefix: str) -> None:
@@ -107,7 +45,8 @@ def _check_layout(objects: Dict, prefix: str) -> None:
     held = {root for root in ("model", "models") if any(p.startswith(f"{root}/") for p in saved)}
     if held and expected not in held:
         names = sorted({p.split("/")[1] for p in saved if p.startswith("models/")})
-        saved = f"several trained models ({names}, as models/<name>)" if held == {"models"} else "one trained model (model/)"
+        saved = (f"several trained models ({names}, as models/<name>)" if held == {"models"}
+                 else "one trained model (model/)")
         now = (f"several ({sorted(objects['models'])})" if expected == "models" else "one (model/)")
         raise CheckpointError(
             f"{prefix} holds {saved}, and this Trainer trains {now}: Trainer(frozen=...) (or its models) changed "
@@ -120,7 +59,8 @@ def _check_compatible(objects: Dict, prefix: str) -> None:
     """A changed model or optimizer must be a clear error, not a partial restore or a 'corrupt file'."""
     _check_layout(objects, prefix)
     optimizer = "the optimizer (its type, or options that add state such as amsgrad, momentum or optimizer.use_ema)"
-    for name, what in (("model", "the model"), ("optimizer", optimizer), ("models", "the models"), ("optimizers", optimizer)):
+    for name, what in (("model", "the model"), ("optimizer", optimizer), ("models", "the models"),
+                       ("optimizers", optimizer)):
         if name not in objects:
             continue
         reader, rows, saved = match_variables(objects[name], prefix, name)
@@ -137,8 +77,9 @@ def _check_compatible(objects: Dict, prefix: str) -> None:
         elif problems and name in ("model", "models") and _regrouped(rows, saved, reader, name):
             what = ("how the model's layers are nested, not its weights (the same variables, grouped otherwise: "
                     "for the ResNet recipe, model.recompute, which makes each block a nested model)")
-            fix = ("keep model.recompute (and the model) as the run was started with (see .hydra/config.yaml), or start "
-                   "a new run folder (hydra.run.dir=...)")  # init_from reads the same layout: it cannot load these either
+            # init_from reads the same layout: it cannot load these either
+            fix = ("keep model.recompute (and the model) as the run was started with (see .hydra/config.yaml), or "
+                   "start a new run folder (hydra.run.dir=...)")
         if problems:
             raise CheckpointError(
                 f"{prefix} does not fit this {name} ({'; '.join(problems[:6])}). The config changed {what} "
@@ -179,7 +120,8 @@ def _no_space_is_checkpoint_error(folder: Path, what: str, last_complete):
             else:
                 leftover.unlink(missing_ok=True)
         last = last_complete()
-        kept = f"the last complete checkpoint is step {last}" if last is not None else "there is no complete checkpoint yet"
+        kept = (f"the last complete checkpoint is step {last}" if last is not None
+                else "there is no complete checkpoint yet")
         raise CheckpointError(
             f"no space left on device in {folder} while {what}; {kept}. Fix: free space on that disk (or "
             "move the run folder to a larger one) and run the same command again: it resumes from there."
@@ -273,8 +215,8 @@ class Checkpointer:
             self._warned_no_best = True
             names = sorted(k for k in eval_logs if k not in ("step", "split"))
             log.warning("trainer.best_metric=%r is not among the eval results %s: no best checkpoint is tracked. "
-                        "Fix: trainer.best_metric=<one of them> (Trainer(best_metric=...) from Python; a metric's name is its "
-                        "`name=`).", self.best_metric, names)
+                        "Fix: trainer.best_metric=<one of them> (Trainer(best_metric=...) from Python; a metric's name "
+                        "is its `name=`).", self.best_metric, names)
         if not self.best_metric or self.best_metric not in eval_logs or not self.weights_finite():
             return False
         value = float(eval_logs[self.best_metric])
@@ -287,7 +229,8 @@ class Checkpointer:
             return False
         directory = self._write_dir()
         (directory / "best").mkdir(parents=True, exist_ok=True)
-        with _no_space_is_checkpoint_error(directory / "best", f"saving the best checkpoint of step {step}", self._last_complete):
+        with _no_space_is_checkpoint_error(directory / "best", f"saving the best checkpoint of step {step}",
+                                           self._last_complete):
             kept = self._keep_best(directory, step, value)
         if not self.is_chief:
             shutil.rmtree(directory, ignore_errors=True)
@@ -342,7 +285,8 @@ class Checkpointer:
         errors = []
         for step, prefix in incomplete:
             if not found or step > found[0][0]:  # an older one is shadowed by a newer complete one anyway
-                log.warning("Checkpoint %s is unreadable (its .index file is missing); trying the previous one.", prefix)
+                log.warning("Checkpoint %s is unreadable (its .index file is missing); trying the previous one.",
+                            prefix)
                 errors.append(f"{prefix}: no .index file")
         for step, prefix in found:
             try:
@@ -351,7 +295,8 @@ class Checkpointer:
                 raise
             except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous one
                 first = _readable_reason(e)
-                log.warning("Checkpoint %s is unreadable (%s: %s); trying the previous one.", prefix, type(e).__name__, first)
+                log.warning("Checkpoint %s is unreadable (%s: %s); trying the previous one.", prefix, type(e).__name__,
+                            first)
                 errors.append(f"{prefix}: {first}")
                 continue
             if errors:

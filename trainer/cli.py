@@ -18,7 +18,8 @@ from hydra.types import RunMode  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from trainer.assemble import parts_of, register_configs, schema, strategy_of  # noqa: E402
+from trainer.assemble import (check_eval_sets, eval_data_of, parts_of, register_configs, schema,  # noqa: E402
+                              strategy_of)
 from trainer.callbacks import Callback  # noqa: E402
 from trainer.config import ConfigError, PrecisionConfig, TrainerConfig  # noqa: E402
 from trainer.config_check import check_config  # noqa: E402
@@ -64,7 +65,8 @@ def _run_in(run_dir, cfg: DictConfig) -> dict:
 
     trainer_cfg = schema(TrainerConfig, cfg.trainer)
     precision = schema(PrecisionConfig, cfg.precision)
-    log.info("Recipe: %s | precision: %s | strategy: %s | run folder: %s", cfg.recipe, precision.policy, cfg.strategy.name, run_dir)
+    log.info("Recipe: %s | precision: %s | strategy: %s | run folder: %s", cfg.recipe, precision.policy,
+             cfg.strategy.name, run_dir)
     if trainer_cfg.fast_dev_run and HydraConfig.get().mode != RunMode.MULTIRUN:
         log.info("fast_dev_run: the run folder above is a temporary one, deleted at the end; the configured "
                  "hydra.run.dir is neither read nor written")
@@ -102,7 +104,7 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
 
     from trainer import debug
     from trainer.callbacks.loggers import flatten
-    from trainer.core import Trainer
+    from trainer.trainer import Trainer
     from trainer.data import build_data, check_batch_size
     from trainer.distribute import is_chief
     from trainer.inputs import batches_read_per_step, check_batches_per_step
@@ -123,7 +125,8 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
     data = build_data(cfg.data)
     log.info("Data: %s", data.description)
     examples_per_step = data.batch_size * batches_read_per_step(trainer_cfg)  # an epoch: one pass over the data
-    steps_per_epoch = debug.steps_per_epoch(trainer_cfg, data.train_examples // examples_per_step if data.train_examples else None)
+    steps_per_epoch = debug.steps_per_epoch(trainer_cfg,
+                                            data.train_examples // examples_per_step if data.train_examples else None)
     total = Trainer.total_steps(trainer_cfg.max_steps, trainer_cfg.epochs, steps_per_epoch)
     trainer = parts_of(cfg, total).build(
         strategy=strategy,
@@ -138,48 +141,6 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
     class_weight = cfg.data.get("class_weight") or None  # config.DataOptions: None (the default) weighs nothing
     return trainer.fit(data.train, eval_data_of(cfg, data), steps_per_epoch=steps_per_epoch, batch_size=data.batch_size,
                        class_weight=None if class_weight is None else OmegaConf.to_container(class_weight))
-
-
-def check_eval_sets(cfg: DictConfig) -> None:
-    """Each of `eval_sets` (name -> the data.* keys that differ) merged into cfg.data as its schema allows
-    (struct mode: no new key, each value of its type), before anything is built: a ConfigError naming the keys."""
-    import copy
-
-    from omegaconf.errors import OmegaConfBaseException
-
-    from trainer.data import FRAMEWORK_KEYS
-
-    for name, keys in (cfg.get("eval_sets") or {}).items():
-        valid = ", ".join(str(k) for k in cfg.data if k not in FRAMEWORK_KEYS and not str(k).startswith("_"))
-        fix = f"Fix: +eval_sets.{name}.<key>=<value> with a key of data: {valid}."
-        if keys is not None and not isinstance(keys, DictConfig):
-            raise ConfigError(f"eval_sets.{name}={keys}: an eval set is the data.* keys that differ, not a value. {fix}")
-        data = copy.deepcopy(cfg.data)  # a copy of the typed node, closed to new keys as cfg.data is
-        OmegaConf.set_struct(data, True)
-        try:
-            OmegaConf.merge(data, keys or {})
-        except OmegaConfBaseException as error:
-            why = str(error).splitlines()[0]
-            raise ConfigError(f"eval_sets.{name}: {why}. {fix}") from None
-
-
-def eval_data_of(cfg: DictConfig, data):
-    """The run's eval data: the recipe's eval split; with `eval_sets` (name -> the data.* keys that differ),
-    a dict of named sets, the recipe's own split first as "val" (trainer/evalsets.py)."""
-    from trainer.data import DataError, build_data
-
-    if not cfg.get("eval_sets"):
-        return data.eval
-    sets = {} if data.eval is None else {"val": data.eval}
-    for name, keys in cfg.eval_sets.items():
-        if name in sets:
-            raise DataError(f"eval_sets.{name}: 'val' is the recipe's own eval split. Fix: another name.")
-        other = build_data(cfg.data, OmegaConf.to_container(keys, resolve=True) if keys is not None else {})
-        if other.eval is None:
-            raise DataError(f"eval_sets.{name}: the data with {OmegaConf.to_container(keys)} has no eval split. Fix: "
-                            "the data.* keys that give one (an eval file, a path with a test split).")
-        sets[name] = other.eval
-    return sets
 
 
 def resume_command(run_dir) -> str:
@@ -262,7 +223,8 @@ def _hydra_main(cfg: DictConfig) -> float:
             tf.debugging.disable_check_numerics()
     if failed is None:
         value, problem = job_value(logs, cfg.trainer)  # what a multirun sweeper optimizes
-        if problem and HydraConfig.get().mode == RunMode.MULTIRUN and HydraConfig.get().sweeper._target_ != BASIC_SWEEPER:
+        if problem and (HydraConfig.get().mode == RunMode.MULTIRUN
+                        and HydraConfig.get().sweeper._target_ != BASIC_SWEEPER):
             log.error("%s", problem)
             failed = (EXIT_USER_ERROR, f"ConfigError: {problem}")  # a failed trial, not a NaN it would rank
     if failed is not None:
@@ -313,9 +275,10 @@ def _label_out_of_range(error: BaseException) -> Optional[str]:
     if found is None:
         return None
     label, classes = found.groups()
-    return (f"a training batch holds label {label}, but the model has {classes} outputs (classes 0..{int(classes) - 1}). "
-            "Fix: set the model's number of classes (model.num_classes, or data.num_classes where the model follows "
-            "it) to cover every label, or repair the labels (data.label_offset for files that count from 1).")
+    return (f"a training batch holds label {label}, but the model has {classes} outputs (classes "
+            f"0..{int(classes) - 1}). Fix: set the model's number of classes (model.num_classes, or data.num_classes "
+            "where the model follows it) to cover every label, or repair the labels (data.label_offset for "
+            "files that count from 1).")
 
 
 def _out_of_resources(error: BaseException, cfg: DictConfig) -> Optional[str]:
@@ -335,15 +298,18 @@ def _out_of_resources(error: BaseException, cfg: DictConfig) -> Optional[str]:
     first = str(seen).strip().splitlines()[0][:300] if str(seen).strip() else type(seen).__name__
     if is_disk_full(seen):
         return (f"no space left on device under the run folder {HydraConfig.get().runtime.output_dir} ({first}). "
-                f"Fix: free space there and resume from the last checkpoint with: {resume_command(HydraConfig.get().runtime.output_dir)}")
+                "Fix: free space there and resume from the last checkpoint with: "
+                f"{resume_command(HydraConfig.get().runtime.output_dir)}")
     if not isinstance(seen, tf.errors.ResourceExhaustedError):
         return None
     op = re.search(r"\[Op:(\w+)\]", str(seen))
     # IteratorGetNext: tf.data allocating a batch; any other op: a variable of the model, or the step.
-    where = "the batch does not fit in memory" if op and op.group(1) == "IteratorGetNext" else "the model or a training step does not fit in memory"
+    where = ("the batch does not fit in memory" if op and op.group(1) == "IteratorGetNext"
+             else "the model or a training step does not fit in memory")
     batch = cfg.data.get("batch_size")
     accum, k = cfg.trainer.grad_accum_steps, cfg.trainer.get("batches_per_step", 1)
-    lower = f"data.batch_size or trainer.batches_per_step={k} (a step holds its {k} batches at once)" if k > 1 else "data.batch_size"
+    lower = (f"data.batch_size or trainer.batches_per_step={k} (a step holds its {k} batches at once)" if k > 1
+             else "data.batch_size")
     return (f"out of memory: {where} (data.batch_size={batch}, trainer.grad_accum_steps={accum}; "
             f"TensorFlow: {first}). Fix: lower {lower} (with trainer.grad_accum_steps=K an update still "
             "sees K batches), or pick a smaller model or shorter inputs.")

@@ -5,117 +5,14 @@ missing group option is an error at composition time, before any work starts.
 """
 from __future__ import annotations
 
-import dataclasses
-import math
-import numbers
-import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, List, Mapping, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from trainer.errors import UserError
-
-
-class ConfigError(UserError, ValueError):
-    """A config value that cannot work (a model, optimizer or data option); the message names the key and
-    the fix. The CLI exits 2 on it, without a traceback."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Ranges: every numeric option declares its interval with `ranged(default, "[1, inf)")`; one function
-# checks them, for the CLI (check_config, before any work) and for the dataclasses themselves
-# (`Checked.__post_init__`, so `Trainer(max_steps=-5)` fails as `trainer.max_steps=-5` does).
-# OmegaConf ignores a field's metadata and never calls __post_init__ while composing (it reads the
-# fields' defaults), so the CLI checks the composed values itself.
-# ---------------------------------------------------------------------------------------------
-
-MAX_STEPS = 2**63 - 1  # the step counter is an int64 (in every checkpoint): no run is longer
-_INTERVAL = re.compile(r"^([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])$")
-_WHOLE = re.compile(r"(typing\.)?(Optional\[)?(List\[)?int\]*|<class 'int'>")  # an int field's (or int list's) type
-
-
-def ranged(default: Any = MISSING, interval: str = "", *, factory=None) -> Any:
-    """A dataclass field whose value (or each element, for a list) must lie in `interval`, written as
-    in mathematics: "[1, inf)", "(0, inf)", "[0, 1)". None (an unset Optional) is always allowed."""
-    if not _INTERVAL.match(interval):
-        raise ValueError(f"not an interval: {interval!r}")
-    if factory is not None:
-        return field(default_factory=factory, metadata={"range": interval})
-    return field(default=default, metadata={"range": interval})
-
-
-def chosen(default: Any, choices: str) -> Any:
-    """A string field whose value must be one of `choices`, written "a|b|c"; checked with the ranges.
-    On an `Any` field, "true|false" among the choices admit the booleans (OmegaConf has no Union type)."""
-    return field(default=default, metadata={"choices": tuple(choices.split("|"))})
-
-
-def _as_choice(value: Any) -> Any:
-    """A boolean as the CLI spells it ("true"/"false"), to compare with a field's choices."""
-    return str(value).lower() if isinstance(value, bool) else value
-
-
-def _bound(text: str):
-    """An interval's bound, exactly: int64's limit as a float would round up and let 2**63 in."""
-    return int(text) if re.fullmatch(r"-?\d+", text) else float(text)
-
-
-def _inside(value: float, interval: str) -> bool:
-    opening, lo, hi, closing = _INTERVAL.match(interval).groups()
-    lo, hi = _bound(lo), _bound(hi)
-    return (lo <= value if opening == "[" else lo < value) and (value <= hi if closing == "]" else value < hi)
-
-
-def _describe(interval: str) -> str:
-    opening, lo, hi, closing = _INTERVAL.match(interval).groups()
-    if hi == "inf":
-        return f"{'>=' if opening == '[' else '>'} {lo}"
-    return f"in {interval}"
-
-
-def check_ranges(schema, values: Mapping[str, Any], prefix: str) -> None:
-    """Raises ConfigError naming `prefix.key`, its value and its range for the first value out of range
-    (or, for a `chosen` field, its choices for a value that is none of them; for an int field, not whole).
-
-    Strings are skipped: an unresolved `???` (reported by OmegaConf when it is used) or a wrong type
-    (OmegaConf rejects those while composing); not in an int field (from Python: `Trainer(max_steps="5")`)."""
-    for f in dataclasses.fields(schema):
-        interval, choices = f.metadata.get("range"), f.metadata.get("choices")
-        value = values.get(f.name)
-        key = f"{prefix}.{f.name}" if prefix else f.name
-        items = value if isinstance(value, (list, tuple)) else [value]
-        if value not in (None, MISSING) and _WHOLE.fullmatch(str(f.type)) and not all(
-                isinstance(item, numbers.Integral) and not isinstance(item, bool) for item in items):
-            raise ConfigError(f"{key}={value!r} is not a whole number. Fix: set {key} to whole numbers.")
-        if choices is not None and value is not None and _as_choice(value) not in choices:
-            raise ConfigError(f"{key}={value!r} is not one of {'|'.join(choices)}. Fix: set {key} to one of them.")
-        if interval is None or value is None:
-            continue
-        for item in items:
-            each = "each element " if isinstance(value, (list, tuple)) else ""
-            if isinstance(item, float) and not math.isfinite(item):  # inf passes "(0, inf)"'s > 0; nan fails every test
-                raise ConfigError(f"{key}={value} is not a finite number: {each}must be finite and {_describe(interval)}. "
-                                  f"Fix: set {key} to {'finite values' if each else 'a finite value'} {_describe(interval)}.")
-            if isinstance(item, (int, float)) and not isinstance(item, bool) and not _inside(item, interval):
-                raise ConfigError(f"{key}={value} is out of range: {each}must be {_describe(interval)}. "
-                                  f"Fix: set {key} to {'values' if each else 'a value'} {_describe(interval)}.")
-
-
-class Checked:
-    """Mixin for a schema dataclass: its ranges are checked on construction (see check_ranges).
-    `config_key` is where the schema sits in the whole config, for messages."""
-
-    config_key: ClassVar[str] = ""
-
-    def __post_init__(self) -> None:
-        check_ranges(type(self), vars(self), self.config_key)
-        self.check_combined(vars(self), self.config_key)
-
-    @staticmethod
-    def check_combined(values: Mapping[str, Any], prefix: str) -> None:
-        """Rules across fields (a schema's own): raise ConfigError naming the keys and the fix."""
+# The range machinery and ConfigError live in config_ranges; check_ranges is importable here too, as before.
+from trainer.config_ranges import MAX_STEPS, Checked, ConfigError, check_ranges, chosen, ranged  # noqa: F401
 
 
 @dataclass
@@ -124,37 +21,55 @@ class TrainerConfig(Checked):
 
     config_key: ClassVar[str] = "trainer"
 
-    max_steps: Optional[int] = ranged(None, f"[1, {MAX_STEPS}]")  # total train steps; with `epochs` too, the smaller wins
-    epochs: Optional[float] = ranged(None, "(0, inf)")  # needs a data set of known size; an epoch is ⌊batches / (grad_accum_steps × batches_per_step)⌋ steps, the batches left over start the next epoch
-    log_every: int = ranged(100, "[1, inf)")  # steps between train log events (metrics.jsonl, TensorBoard, progress bar)
+    # total train steps; with `epochs` too, the smaller wins
+    max_steps: Optional[int] = ranged(None, f"[1, {MAX_STEPS}]")
+    # needs a data set of known size; an epoch is ⌊batches / (grad_accum_steps × batches_per_step)⌋ steps,
+    # the batches left over start the next epoch
+    epochs: Optional[float] = ranged(None, "(0, inf)")
+    # steps between train log events (metrics.jsonl, TensorBoard, progress bar)
+    log_every: int = ranged(100, "[1, inf)")
     eval_every: int = ranged(0, "[0, inf)")  # steps between evaluations; 0: evaluate at the end only
-    eval_steps: Optional[int] = ranged(None, "[1, inf)")  # eval batches per evaluation; None: the whole eval set (or limit_eval_batches)
+    # eval batches per evaluation; None: the whole eval set (or limit_eval_batches)
+    eval_steps: Optional[int] = ranged(None, "[1, inf)")
     checkpoint_every: int = ranged(500, "[0, inf)")  # steps between checkpoints (and one at the end); 0: end only
     checkpoint_every_secs: Optional[float] = ranged(None, "(0, inf)")
     keep_checkpoints: int = ranged(3, "[1, inf)")
     keep_best: int = ranged(1, "[0, inf)")
     best_metric: Optional[str] = "accuracy"  # an eval metric name; None: no best-checkpoint tracking
     best_mode: str = chosen("max", "max|min")  # whether a larger or a smaller best_metric is better
-    sweep_metric: Optional[str] = None  # the final eval metric a multirun sweeper (Optuna) optimizes: `accuracy`, `loss`; None: best_metric, or the loss without one
-    sweep_mode: Optional[str] = chosen(None, "max|min")  # whether a larger or a smaller sweep_metric is better; None: best_mode for best_metric, min for a name ending in loss
+    # the final eval metric a multirun sweeper (Optuna) optimizes:
+    # `accuracy`, `loss`; None: best_metric, or the loss without one
+    sweep_metric: Optional[str] = None
+    # whether a larger or a smaller sweep_metric is better; None:
+    # best_mode for best_metric, min for a name ending in loss
+    sweep_mode: Optional[str] = chosen(None, "max|min")
     resume: bool = True  # resume from the run folder's checkpoints when there are any
-    resume_from: Optional[str] = None  # resume from this checkpoint, not the newest: ckpt-N | best | best/ckpt-N | a checkpoint's path; what came after is set aside in checkpoints/set-aside-after-N/ (docs/concepts/checkpoints.md)
-    init_from: Any = None  # warm start, model weights only (a checkpoint, .keras, .weights.h5); several models: {name:PATH}
+    # resume from this checkpoint, not the newest: ckpt-N | best | best/ckpt-N | a checkpoint's path;
+    # what came after is set aside in checkpoints/set-aside-after-N/ (docs/concepts/checkpoints.md)
+    resume_from: Optional[str] = None
+    # warm start, model weights only (a checkpoint, .keras, .weights.h5); several models: {name:PATH}
+    init_from: Any = None
     # Divergence (docs/faults.md). 100x the first loss is far beyond a healthy run's noise (a spike of a
     # few x), yet a diverging run passes it within a log window or two (lr=1e6 on MNIST: 2.4 at step 1,
     # then a mean of 7e22 over the first 10 steps).
-    divergence_factor: Optional[float] = ranged(100.0, "(1, inf)")  # a train loss above this x the run's first is a divergence; None: off
-    on_divergence: str = chosen("stop", "stop|rollback|warn")  # stop (exit 3) | rollback (last good checkpoint, half the lr; also on precision.max_consecutive_skips) | warn
+
+    # a train loss above this x the run's first is a divergence; None: off
+    divergence_factor: Optional[float] = ranged(100.0, "(1, inf)")
+    # stop (exit 3) | rollback (last good checkpoint, half the lr; also on precision.max_consecutive_skips) | warn
+    on_divergence: str = chosen("stop", "stop|rollback|warn")
     max_rollbacks: int = ranged(3, "[1, inf)")  # on_divergence=rollback: rollbacks per run before it stops (exit 3)
     # A run that does not learn (docs/faults.md): a train loss still >= 95% of the run's first at
     # not_learning_at of the run (not before step 200), with no accuracy above chance.
-    not_learning: str = chosen("warn", "warn|divergence|off")  # warn | divergence (as trainer.on_divergence says: stop exits 3) | off
-    not_learning_at: float = ranged(0.25, "(0, 1]")  # the part of the run after which the loss must be below its start (judged once, not before step 200)
+
+    # warn | divergence (as trainer.on_divergence says: stop exits 3) | off
+    not_learning: str = chosen("warn", "warn|divergence|off")
+    # the part of the run after which the loss must be below its start (judged once, not before step 200)
+    not_learning_at: float = ranged(0.25, "(0, 1]")
     # Compile the steps with XLA: true | false | null (auto) | measure. measure: the first loop times a few
     # real train steps each way and keeps the faster (docs/concepts/distribution.md); a resumed run keeps
-    # that choice. Auto: on a CPU, a run of 10,000+ steps measures (float32, bfloat16; not with deterministic); otherwise XLA is on
-    # only without a GPU for mixed_float16 (TensorFlow's float16 CPU kernels are ~100x slower than XLA's)
-    # and for mixed_bfloat16 on an Intel CPU with AVX-512 BF16 and no AMX.
+    # that choice. Auto: on a CPU, a run of 10,000+ steps measures (float32, bfloat16; not with deterministic);
+    # otherwise XLA is on only without a GPU for mixed_float16 (TensorFlow's float16 CPU kernels are ~100x slower than
+    # XLA's) and for mixed_bfloat16 on an Intel CPU with AVX-512 BF16 and no AMX.
     jit_compile: Any = chosen(None, "true|false|null|measure")
     xla_auto_cluster: bool = False  # TF's XLA auto-clustering (global)
     # With XLA on one replica: compile the optimizer update into the step's XLA cluster (true) or run it
@@ -163,7 +78,9 @@ class TrainerConfig(Checked):
     xla_whole_step: Optional[bool] = None
     steps_per_loop: int = ranged(1, "[1, inf)")  # train steps per tf.function call
     grad_accum_steps: int = ranged(1, "[1, inf)")  # micro-batches accumulated per optimizer update
-    batches_per_step: int = ranged(1, "[1, inf)")  # K > 1: a train_step whose class sets takes_several_batches = True gets a tuple of K fresh batches (a WGAN's critic updates); an epoch stays one pass over the data
+    # K > 1: a train_step whose class sets takes_several_batches = True gets a tuple of
+    # K fresh batches (a WGAN's critic updates); an epoch stays one pass over the data
+    batches_per_step: int = ranged(1, "[1, inf)")
     # Keras Adam/AdamW/SGD(momentum) updates in one TensorFlow kernel per variable (same arithmetic;
     # see trainer/fused.py); false: Keras' own ops.
     fused_optimizer: bool = True
@@ -174,9 +91,14 @@ class TrainerConfig(Checked):
     verbose: bool = True
     tensorboard: bool = True
     # Seeing where time goes, and debug modes (docs/debugging.md).
-    profile_steps: Optional[List[int]] = ranged(None, "[1, inf)")  # [N, M]: a TensorBoard profiler trace of train steps N..M, under the run folder's tensorboard/
-    fast_dev_run: bool = False  # a dry run: 2 train steps and 2 eval batches from fresh weights; no checkpoints, metrics or TensorBoard files; the run folder is neither read nor written
-    overfit_batches: int = ranged(0, "[0, inf)")  # N > 0: train, and evaluate, on the same first N training batches over and over (the loss should go near 0); 0: off
+
+    # [N, M]: a TensorBoard profiler trace of train steps N..M, under the run folder's tensorboard/
+    profile_steps: Optional[List[int]] = ranged(None, "[1, inf)")
+    # a dry run: 2 train steps and 2 eval batches from fresh weights; no checkpoints,
+    # metrics or TensorBoard files; the run folder is neither read nor written
+    fast_dev_run: bool = False
+    # N > 0: train, and evaluate, on the same first N training batches over and over (the loss should go near 0); 0: off
+    overfit_batches: int = ranged(0, "[0, inf)")
     # Lightning's name: N >= 1 evaluates N batches (as eval_steps), a fraction in (0, 1) that share of the
     # eval set (of known size). Set this or eval_steps: both, to different values, is an error.
     limit_eval_batches: Optional[float] = ranged(None, "(0, inf)")
@@ -186,16 +108,18 @@ class TrainerConfig(Checked):
         """The rules across fields: batches_per_step not with grad_accum_steps; profile_steps is [N, M] with
         N <= M; limit_eval_batches above 1 is a whole number, and agrees with eval_steps."""
         if (per_step := values.get("batches_per_step", 1)) > 1 and values.get("grad_accum_steps", 1) > 1:
-            raise ConfigError(f"{prefix}.batches_per_step={per_step} and {prefix}.grad_accum_steps={values['grad_accum_steps']}: "
-                              "the overridden step that takes several batches is not accumulated. Fix: set only one of them.")
+            raise ConfigError(f"{prefix}.batches_per_step={per_step} and "
+                              f"{prefix}.grad_accum_steps={values['grad_accum_steps']}: the overridden step that takes "
+                              "several batches is not accumulated. Fix: set only one of them.")
         steps = values.get("profile_steps")
         if steps is not None and (len(steps) != 2 or steps[0] > steps[1]):
             raise ConfigError(f"{prefix}.profile_steps={list(steps)} must be two steps [N, M] with 1 <= N <= M. "
                               f"Fix: e.g. {prefix}.profile_steps=[10,20] (a trace of steps 10 to 20).")
         limit, eval_steps = values.get("limit_eval_batches"), values.get("eval_steps")
         if limit is not None and limit > 1 and limit != int(limit):
-            raise ConfigError(f"{prefix}.limit_eval_batches={limit} is neither a whole number of batches nor a fraction "
-                              f"in (0, 1) of the eval set. Fix: e.g. {prefix}.limit_eval_batches={int(limit)} or =0.25.")
+            raise ConfigError(f"{prefix}.limit_eval_batches={limit} is neither a whole number of batches nor a "
+                              "fraction in (0, 1) of the eval set. Fix: e.g. "
+                              f"{prefix}.limit_eval_batches={int(limit)} or =0.25.")
         if limit is not None and eval_steps is not None and limit != eval_steps:
             raise ConfigError(f"{prefix}.limit_eval_batches={limit} and {prefix}.eval_steps={eval_steps} both limit "
                               f"evaluation, to different sizes. Fix: set only one of them ({prefix}.limit_eval_batches "
@@ -213,7 +137,8 @@ class PrecisionConfig(Checked):
 
     config_key: ClassVar[str] = "precision"
 
-    policy: str = chosen("float32", "float32|mixed_float16|mixed_bfloat16|auto")  # the Keras dtype policy; auto: trainer/auto_precision.py
+    # the Keras dtype policy; auto: trainer/auto_precision.py
+    policy: str = chosen("float32", "float32|mixed_float16|mixed_bfloat16|auto")
     loss_scale: Optional[float] = ranged(None, "(0, inf)")  # a number: fixed scale; None: dynamic (float16) or none
     initial_scale: float = ranged(2.0**15, "(0, inf)")
     growth_interval: int = ranged(2000, "[1, inf)")
@@ -237,7 +162,8 @@ class StrategyConfig(Checked):
     name: str = chosen("default", "default|one_device|mirrored|multi_worker|tpu")  # the tf.distribute strategy
     device: Optional[str] = None  # one_device: e.g. /gpu:0 (default: first GPU, else CPU)
     devices: Optional[List[str]] = None  # mirrored: explicit devices (default: all GPUs)
-    logical_cpus: Optional[int] = ranged(None, "[1, inf)")  # mirrored on CPU: split the CPU into N logical devices; None: no split
+    # mirrored on CPU: split the CPU into N logical devices; None: no split
+    logical_cpus: Optional[int] = ranged(None, "[1, inf)")
     communication: str = chosen("auto", "auto|ring|nccl")  # multi_worker: the collective implementation
     tpu: Optional[str] = None  # tpu: name or grpc address ("" or local for a TPU VM)
 
@@ -250,18 +176,27 @@ class OptimizerConfig(Checked):
 
     _target_: str = "keras.optimizers.Adam"
     lr: float = ranged(1e-3, "(0, inf)")
-    clipnorm: Optional[float] = ranged(None, "(0, inf)")  # global-norm clip of the *unscaled* gradients, in the train step
-    clipvalue: Optional[float] = ranged(None, "(0, inf)")  # each gradient value clipped to [-v, v]: Keras' option, on the unscaled, all-reduced gradients (after clipnorm)
+    # global-norm clip of the *unscaled* gradients, in the train step
+    clipnorm: Optional[float] = ranged(None, "(0, inf)")
+    # each gradient value clipped to [-v, v]: Keras' option, on the unscaled, all-reduced gradients (after clipnorm)
+    clipvalue: Optional[float] = ranged(None, "(0, inf)")
     schedule: Optional[str] = chosen(None, "constant|cosine|linear|step")  # None: constant (see trainer/optim.py)
     warmup_steps: int = ranged(0, "[0, inf)")
     decay_steps: Optional[int] = ranged(None, "[1, inf)")  # None: the run's steps after the warmup
     alpha: float = ranged(0.0, "[0, 1]")  # cosine: final lr as a fraction of lr
-    boundaries: List[int] = ranged(interval="[1, inf)", factory=list)  # step: global steps after which lr is multiplied by `decay_rate`
+    # step: global steps after which lr is multiplied by `decay_rate`
+    boundaries: List[int] = ranged(interval="[1, inf)", factory=list)
     decay_rate: float = ranged(0.1, "(0, inf)")
-    use_ema: bool = False  # keep an exponential moving average of the weights: evaluation, best/, the summary and export use it (docs/training-control.md)
-    ema_momentum: float = ranged(0.99, "[0, 1]")  # use_ema: average = momentum x average + (1 - momentum) x weights, after every applied update
-    ema_warmup: bool = True  # use_ema: the momentum warms up, min(ema_momentum, (1 + n) / (10 + n)), n = optimizer iterations, skipped updates counted (TF's num_updates, timm's ModelEmaV3); false: ema_momentum from the first update (Keras')
-    ema_overwrite_frequency: Optional[int] = ranged(None, "[1, inf)")  # use_ema: every N updates the weights themselves are replaced by the average (Keras'); None: never
+    # keep an exponential moving average of the weights: evaluation,
+    # best/, the summary and export use it (docs/training-control.md)
+    use_ema: bool = False
+    # use_ema: average = momentum x average + (1 - momentum) x weights, after every applied update
+    ema_momentum: float = ranged(0.99, "[0, 1]")
+    # use_ema: the momentum warms up, min(ema_momentum, (1 + n) / (10 + n)), n = optimizer iterations, skipped
+    # updates counted (TF's num_updates, timm's ModelEmaV3); false: ema_momentum from the first update (Keras')
+    ema_warmup: bool = True
+    # use_ema: every N updates the weights themselves are replaced by the average (Keras'); None: never
+    ema_overwrite_frequency: Optional[int] = ranged(None, "[1, inf)")
 
 
 @dataclass
@@ -293,9 +228,12 @@ class SGDConfig(OptimizerConfig):
 class MonitorConfig(Checked):
     """What a training-control callback watches, and when it acts (trainer/callbacks/control.py)."""
 
-    monitor: str = "loss"  # an eval result as trainer.best_metric names it (loss, accuracy), or a train log as train/NAME
-    mode: str = chosen("auto", "auto|min|max")  # min: lower is better, max: higher; auto: max for accuracy-like names, min for losses
-    patience: int = ranged(3, "[0, inf)")  # monitored events (evaluations, or train logs) without improvement before it acts
+    # an eval result as trainer.best_metric names it (loss, accuracy), or a train log as train/NAME
+    monitor: str = "loss"
+    # min: lower is better, max: higher; auto: max for accuracy-like names, min for losses
+    mode: str = chosen("auto", "auto|min|max")
+    # monitored events (evaluations, or train logs) without improvement before it acts
+    patience: int = ranged(3, "[0, inf)")
     min_delta: float = ranged(0.0, "[0, inf)")  # a change smaller than this is no improvement
 
 
@@ -306,7 +244,8 @@ class EarlyStoppingConfig(MonitorConfig):
     config_key: ClassVar[str] = "callbacks.early_stopping"
 
     _target_: str = "trainer.callbacks.EarlyStopping"
-    baseline: Optional[float] = ranged(None, "(-inf, inf)")  # stop when the value has not beaten this within `patience` events; None: off
+    # stop when the value has not beaten this within `patience` events; None: off
+    baseline: Optional[float] = ranged(None, "(-inf, inf)")
     start_from_step: int = ranged(0, "[0, inf)")  # warm-up: events before this step are not judged
 
 
@@ -329,8 +268,10 @@ class FinetuneConfig(Checked):
 
     config_key: ClassVar[str] = "finetune"
 
-    freeze_steps: int = ranged(0, "[0, inf)")  # the backbone is frozen (BatchNorm in inference mode) for these first steps
-    backbone_lr_mult: float = ranged(1.0, "[0, inf)")  # then its gradients are scaled by this (an SGD learning-rate multiplier)
+    # the backbone is frozen (BatchNorm in inference mode) for these first steps
+    freeze_steps: int = ranged(0, "[0, inf)")
+    # then its gradients are scaled by this (an SGD learning-rate multiplier)
+    backbone_lr_mult: float = ranged(1.0, "[0, inf)")
     new_head: bool = False  # re-initialize the head after trainer.init_from (a new task)
 
 
@@ -339,7 +280,8 @@ class DataOptions:
     """Keys of every labelled recipe's data config that the framework reads itself (the recipe's builder does
     not see them: data.build_data)."""
 
-    class_weight: Any = None  # class -> weight of its training examples in the loss, as Keras' fit: data.class_weight={0:1.0,1:2.0}
+    # class -> weight of its training examples in the loss, as Keras' fit: data.class_weight={0:1.0,1:2.0}
+    class_weight: Any = None
 
 
 @dataclass
@@ -362,8 +304,10 @@ class Config:
         default_factory=lambda: {"accuracy": {"_target_": "keras.metrics.SparseCategoricalAccuracy"}}
     )
     callbacks: Dict[str, Any] = field(default_factory=dict)  # name -> {_target_: ...}: extra Callbacks
-    eval_sets: Dict[str, Any] = field(default_factory=dict)  # more eval sets, name -> data.* keys that differ: +eval_sets.ood.path=ood.npz (docs/training-control.md)
-    logger: Dict[str, Any] = field(default_factory=dict)  # the logger group's picks, name -> {_target_: ...}: logger=[jsonl,tensorboard,csv,mlflow,wandb] (docs/loggers.md)
+    # more eval sets, name -> data.* keys that differ: +eval_sets.ood.path=ood.npz (docs/training-control.md)
+    eval_sets: Dict[str, Any] = field(default_factory=dict)
+    # the logger group's picks, name -> {_target_: ...}: logger=[jsonl,tensorboard,csv,mlflow,wandb] (docs/loggers.md)
+    logger: Dict[str, Any] = field(default_factory=dict)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
@@ -374,7 +318,8 @@ def register_schemas(cs: ConfigStore) -> None:
     """Puts the framework's schemas in Hydra's ConfigStore; YAML files name them in their defaults lists.
     The recipes' own schemas come from the composition root (trainer.assemble.register_configs)."""
     cs.store(name="base_config", node=Config)
-    cs.store(group="trainer", name="base_trainer", node=TrainerConfig)  # as precision and strategy: each group's option names its schema
+    # as precision and strategy: each group's option names its schema
+    cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
     cs.store(group="precision", name="base_precision", node=PrecisionConfig)
     cs.store(group="strategy", name="base_strategy", node=StrategyConfig)
     cs.store(group="optimizer", name="base_adam", node=AdamConfig)

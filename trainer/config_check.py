@@ -26,7 +26,8 @@ def check_config(cfg, choices: Optional[Mapping[str, str]] = None) -> None:
     sections += [(str(k), cfg.get(k), None) for k in cfg if k != "hydra" and isinstance(cfg.get(k), DictConfig)]
     callbacks = cfg.get("callbacks")  # name -> a callback's options: typed by their schema (conf/callbacks/)
     if isinstance(callbacks, DictConfig):
-        sections += [(f"callbacks.{k}", callbacks.get(k), None) for k in callbacks if isinstance(callbacks.get(k), DictConfig)]
+        sections += [(f"callbacks.{k}", callbacks.get(k), None) for k in callbacks
+                     if isinstance(callbacks.get(k), DictConfig)]
     for key, node, schema in sections:
         schema = schema or OmegaConf.get_type(node)
         if not (schema and dataclasses.is_dataclass(schema)):
@@ -95,7 +96,8 @@ def _recipe_model(recipe: str) -> Optional[str]:
 
 def _model_schema(model: str) -> Optional[str]:
     """The schema (base_*) that conf/model/<model>.yaml extends."""
-    return next((e for e in _defaults(_conf_dir() / "model" / f"{model}.yaml") if isinstance(e, str) and e.startswith("base_")), None)
+    return next((e for e in _defaults(_conf_dir() / "model" / f"{model}.yaml")
+                 if isinstance(e, str) and e.startswith("base_")), None)
 
 
 def check_recipe_model(recipe: Optional[str], model: Optional[str]) -> None:
@@ -108,7 +110,8 @@ def check_recipe_model(recipe: Optional[str], model: Optional[str]) -> None:
     if schema is None or wanted is None or schema == wanted:
         return
     models = sorted(p.stem for p in (_conf_dir() / "model").glob("*.yaml") if _model_schema(p.stem) == wanted)
-    takers = sorted(p.stem for p in (_conf_dir() / "recipe").glob("*.yaml") if _model_schema(_recipe_model(p.stem) or "") == schema)
+    takers = sorted(p.stem for p in (_conf_dir() / "recipe").glob("*.yaml")
+                    if _model_schema(_recipe_model(p.stem) or "") == schema)
     raise ConfigError(
         f"model={model} is not a model of recipe={recipe}; its models are {models}. Fix: pick one of them"
         + (f", or a recipe that takes {model}: {takers}." if takers else ".")

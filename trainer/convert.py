@@ -186,7 +186,8 @@ def convert_model(model, policy: str, sample_inputs: Any, tolerance: Optional[fl
         seconds_per_batch_after=None,
     )
     if measure_time:
-        report.seconds_per_batch_before, report.seconds_per_batch_after = _time_predicts(model, converted, sample_inputs)
+        before, after = _time_predicts(model, converted, sample_inputs)
+        report.seconds_per_batch_before, report.seconds_per_batch_after = before, after
         warning = slowdown_warning(report, "GPU" if tf.config.list_physical_devices("GPU") else "CPU")
         if warning:
             log.warning("%s", warning)

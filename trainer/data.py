@@ -196,7 +196,8 @@ def classification_pipeline(
         ds = ds.cache()
         if shuffle:
             # A full-size buffer: each epoch is a permutation; reshuffled each epoch from the seed.
-            ds = ds.shuffle(len(tf.nest.flatten(features)[0]), seed=pipeline_seed(seed, ctx), reshuffle_each_iteration=True)
+            ds = ds.shuffle(len(tf.nest.flatten(features)[0]), seed=pipeline_seed(seed, ctx),
+                            reshuffle_each_iteration=True)
         if preprocess is not None:
             ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         # Batch at the global size, then split it into per-replica batches: the examples of a step do
@@ -363,6 +364,7 @@ def build_data(data_cfg, overrides=None, **kwargs) -> "DataBundle":
     from hydra.utils import instantiate
     from omegaconf import DictConfig, OmegaConf
 
-    node = OmegaConf.to_container(data_cfg, resolve=True, throw_on_missing=True) if isinstance(data_cfg, DictConfig) else dict(data_cfg)
+    node = (OmegaConf.to_container(data_cfg, resolve=True, throw_on_missing=True) if isinstance(data_cfg, DictConfig)
+            else dict(data_cfg))
     node.update(overrides or {})
     return instantiate({k: v for k, v in node.items() if k not in FRAMEWORK_KEYS}, **kwargs, _convert_="all")

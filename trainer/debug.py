@@ -74,8 +74,17 @@ def eval_batch_limit(config, eval_data: DataArg, strategy: tf.distribute.Strateg
     batches = eval_set_batches(eval_data, strategy)
     if batches is None:
         raise ConfigError(f"trainer.limit_eval_batches={limit}: a fraction needs an eval set of known size, and "
-                          "tf.data cannot count this one. Fix: give a number of batches, e.g. trainer.limit_eval_batches=50.")
+                          "tf.data cannot count this one. Fix: give a number of batches, e.g. "
+                          "trainer.limit_eval_batches=50.")
     return max(1, int(limit * batches))
+
+
+def eval_limit_of(eval_data: DataArg, config, strategy: tf.distribute.Strategy, planned) -> Optional[int]:
+    """eval_batch_limit of `eval_data`; fit()'s own eval set takes the limit plan_fit resolved once (`planned`:
+    its (eval data, config, limit), or None)."""
+    if planned is not None and planned[0] is eval_data and planned[1] is config:
+        return planned[2]
+    return eval_batch_limit(config, eval_data, strategy)
 
 
 def steps_per_epoch(config, steps: Optional[int]) -> Optional[int]:
@@ -99,11 +108,12 @@ def plan_fit(trainer, train_data: DataArg, eval_data: Optional[DataArg],
             same = train_data if unweighted is source else first_batches(unweighted, cfg.overfit_batches)
             eval_data = {name: same for name in eval_data} if isinstance(eval_data, dict) else same  # names kept
         log.info("overfit_batches=%d: training on the same %d training batches over and over%s; the loss should "
-                 "go near 0 (if it does not, the model, loss or data pipeline has a bug); an epoch is these batches", cfg.overfit_batches,
-                 cfg.overfit_batches, ", and evaluating on them" if eval_data is not None else "")
+                 "go near 0 (if it does not, the model, loss or data pipeline has a bug); an epoch is these batches",
+                 cfg.overfit_batches, cfg.overfit_batches, ", and evaluating on them" if eval_data is not None else "")
     # The eval limit, resolved once: a fraction of a set tf.data cannot count fails here, before any step,
     # not at the first (with eval_every=0: the final) evaluation; every evaluation of this fit reuses it.
-    eval_limit = None if eval_data is None else (eval_data, trainer.config, eval_batch_limit(cfg, eval_data, trainer.strategy))
+    eval_limit = None if eval_data is None else (eval_data, trainer.config,
+                                                 eval_batch_limit(cfg, eval_data, trainer.strategy))
     if cfg.fast_dev_run:
         total = start + FAST_DEV_RUN_BATCHES
         evaluated = f" and {FAST_DEV_RUN_BATCHES} eval batches" if eval_data is not None else ""

@@ -127,8 +127,8 @@ def say_strategy_once(strategy: tf.distribute.Strategy) -> None:
     except (AttributeError, NotImplementedError, RuntimeError, ValueError):
         devices = []
     replicas = strategy.num_replicas_in_sync
-    log.info("Strategy: %s over %s (%d replica%s)", type(strategy).__name__.lstrip("_"), devices or "the default device",
-             replicas, "" if replicas == 1 else "s")
+    log.info("Strategy: %s over %s (%d replica%s)", type(strategy).__name__.lstrip("_"),
+             devices or "the default device", replicas, "" if replicas == 1 else "s")
 
 
 TPU_CONNECT_TIMEOUT_S = 120

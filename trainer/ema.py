@@ -12,8 +12,9 @@ continues from the raw weights.
 The decay warms up (`optimizer.ema_warmup`, on by default), as tf.train.ExponentialMovingAverage's
 `num_updates` and timm's ModelEmaV3 do: momentum_n = min(ema_momentum, (1 + n) / (10 + n)), n being the
 optimizer's `iterations` before the update: the steps so far, updates skipped for a non-finite gradient or a
-loss-scale overflow (mixed_float16) included, as TF counts its global step. Keras' fixed momentum makes the average of a short run mostly its
-starting weights: at 0.99, 37% of the weight is still on the start after 100 updates.
+loss-scale overflow (mixed_float16) included, as TF counts its global step. Keras' fixed momentum makes the
+average of a short run mostly its starting weights: at 0.99, 37% of the weight is still on the start after
+100 updates.
 """
 from __future__ import annotations
 

@@ -52,7 +52,8 @@ def find_error(error: BaseException, types: Tuple[Type[BaseException], ...] = (T
     return seen
 
 
-def exit_code_of(error: BaseException, bad_input: Tuple[Type[BaseException], ...] = ()) -> Optional[Tuple[int, BaseException]]:
+def exit_code_of(error: BaseException,
+                 bad_input: Tuple[Type[BaseException], ...] = ()) -> Optional[Tuple[int, BaseException]]:
     """(exit code, the error whose message says why) for an error of ours in `error`'s chain, else None (a
     bug). `bad_input`: errors not of ours that a command knows to mean bad input for it (exit 2)."""
     ours = find_error(error)
@@ -62,7 +63,8 @@ def exit_code_of(error: BaseException, bad_input: Tuple[Type[BaseException], ...
     return None if foreign is None else (EXIT_USER_ERROR, foreign)
 
 
-def report_error(error: BaseException, bad_input: Tuple[Type[BaseException], ...] = (), prefix: str = "error: ") -> Optional[int]:
+def report_error(error: BaseException, bad_input: Tuple[Type[BaseException], ...] = (),
+                 prefix: str = "error: ") -> Optional[int]:
     """Prints the message of the error of ours in `error`'s chain to stderr and returns its exit code; None
     for a bug, which the caller raises again (`if code is None: raise`) to keep its traceback."""
     found = exit_code_of(error, bad_input)

@@ -88,7 +88,8 @@ def resolve(name: str, set_names: Optional[Sequence[str]], metric_names: Optiona
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         what = f"set {head!r} has no result {tail!r}" if head in set_names else f"no eval set is named {head!r}"
         raise EvalSetError(f"{setting}={name!r}: {what}; the eval results are {keys}{hint}. "
-                           f"Fix: {setting}=<one of them> (<set>/<metric>){f'; from Python, {python}' if python else ''}.")
+                           f"Fix: {setting}=<one of them> "
+                           f"(<set>/<metric>){f'; from Python, {python}' if python else ''}.")
     log.info("%s=%r with the eval sets %s: judged on the first, %r (set %s=<set>/%s for another).",
              setting, name, list(set_names), f"{set_names[0]}/{name}", setting, name)
     return f"{set_names[0]}/{name}"

@@ -1,6 +1,7 @@
 """Evaluate any checkpoint of a run, touching nothing of its training state.
 
-    python -m trainer.evaluate RUN [--checkpoint latest|best|ckpt-N] [--out FILE] [data.batch_size=32 trainer.eval_steps=5 ...]
+    python -m trainer.evaluate RUN [--checkpoint latest|best|ckpt-N] [--out FILE]
+        [data.batch_size=32 trainer.eval_steps=5 ...]
 
 The model is rebuilt from the run's own config (.hydra/config.yaml) under the run's precision, the chosen
 checkpoint's weights are restored read-only (trainer.runs.load_trained_model), and the recipe's loss and
@@ -24,14 +25,15 @@ from typing import Any, Dict, List, Tuple
 
 from trainer.assemble import trainer_for
 from trainer.errors import EXIT_USER_ERROR, report_error, reports_errors  # noqa: F401 - EXIT_USER_ERROR: importable here before
-from trainer.runs import (OVERRIDABLE, RunCheckpoint, ServingError, apply_overrides, checkpoint_of, eval_inputs, load_run,
-                          resolve_checkpoint)
+from trainer.runs import (OVERRIDABLE, RunCheckpoint, ServingError, apply_overrides, checkpoint_of, eval_inputs,
+                          load_run, resolve_checkpoint)
 
 log = logging.getLogger(__name__)
 
 # Where these lived before trainer.runs and trainer.assemble: `from trainer.evaluate import load_run` works.
 __all__ = ["EXIT_USER_ERROR", "OVERRIDABLE", "RunCheckpoint", "ServingError", "apply_overrides", "checkpoint_of",
-           "eval_inputs", "evaluate_checkpoint", "evaluate_run", "load_run", "main", "resolve_checkpoint", "trainer_for"]
+           "eval_inputs", "evaluate_checkpoint", "evaluate_run", "load_run", "main", "resolve_checkpoint",
+           "trainer_for"]
 
 
 def evaluate_run(checkpoint: RunCheckpoint, model=None, policy: str = None, steps: int = None) -> Dict[str, Any]:
@@ -40,7 +42,8 @@ def evaluate_run(checkpoint: RunCheckpoint, model=None, policy: str = None, step
     return evaluate_checkpoint(checkpoint, model, policy, steps)[0]
 
 
-def evaluate_checkpoint(checkpoint: RunCheckpoint, model=None, policy: str = None, steps: int = None) -> Tuple[Dict[str, Any], int]:
+def evaluate_checkpoint(checkpoint: RunCheckpoint, model=None, policy: str = None,
+                        steps: int = None) -> Tuple[Dict[str, Any], int]:
     """evaluate_run's metrics, and the number of eval batches they were computed on."""
     from trainer.data import build_data
     from trainer.inputs import sample_batch
@@ -79,7 +82,8 @@ def main(argv: List[str] = None) -> int:
         out.write_text(json.dumps(record, indent=1))
     except OSError as e:  # a read-only or full run folder: the figures above are the result
         if args.out:
-            return report_error(ServingError(f"--out {out} cannot be written ({e.strerror or e}). Fix: give a file you can write to."))
+            return report_error(ServingError(f"--out {out} cannot be written ({e.strerror or e}). Fix: give "
+                                             "a file you can write to."))
         print(f"not written: {out} cannot be written ({e.strerror or e}); the figures above are the result. "
               "To keep them as JSON: --out FILE (a place you can write to).")
         return 0

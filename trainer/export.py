@@ -1,6 +1,7 @@
 """Export a trained model: a SavedModel, a .keras file, ONNX or TFLite (LiteRT), each checked.
 
-    python -m trainer.export RUN_DIR --format saved_model|keras|onnx|tflite --out PATH [--checkpoint latest|best|ckpt-N] [--policy float32]
+    python -m trainer.export RUN_DIR --format saved_model|keras|onnx|tflite --out PATH
+        [--checkpoint latest|best|ckpt-N] [--policy float32]
 
 RUN_DIR may also be its checkpoints/ folder or one ckpt-N prefix. The model is rebuilt from the run's
 own config (.hydra/config.yaml) under float32 (mixed policies keep float32 variables, so this is the
@@ -38,7 +39,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="a new folder (onnx/tflite: or a .onnx/.tflite file)")
     parser.add_argument("--checkpoint", default="latest", help="with a run folder: latest (default) | best | ckpt-N")
     parser.add_argument("--policy", default="float32", help="float32 (default) | mixed_float16 | mixed_bfloat16")
-    parser.add_argument("--check-batches", type=int, default=2, help="eval batches the export is checked on (default 2)")
+    parser.add_argument("--check-batches", type=int, default=2,
+                        help="eval batches the export is checked on (default 2)")
     parser.add_argument("--tolerance", type=float, default=None, help="max relative output error (default: 1e-4, "
                         "or the conversion's with --policy)")
     args = parser.parse_args(argv)
@@ -64,7 +66,8 @@ def main(argv=None) -> int:
         print(f"converted to {args.policy}: relative output error {report.relative_error:.3g}")
     batches = eval_inputs(checkpoint.cfg, args.check_batches)
     path = export_formats.write(model, args.format, out)
-    result = export_formats.check(trained, args.format, path, batches, tolerance if tolerance is not None else export_formats.TOLERANCE)
+    result = export_formats.check(trained, args.format, path, batches,
+                                  tolerance if tolerance is not None else export_formats.TOLERANCE)
     print(f"wrote {args.format} {path} ({checkpoint.name}, step {checkpoint.step})")
     print(f"checked: loaded back, {result.examples} eval examples, max abs error {result.max_abs_error:.3g}, "
           f"relative {result.relative_error:.3g} (tolerance {result.tolerance:g})")

@@ -101,7 +101,8 @@ def _install_weight_decay(optimizer) -> None:
     def decay_all(distribution, variables):
         def decay(variable):
             if optimizer._use_weight_decay(variable):
-                factor = tf.cast(optimizer.weight_decay, variable.dtype) * tf.cast(optimizer.learning_rate, variable.dtype)
+                factor = (tf.cast(optimizer.weight_decay, variable.dtype)
+                          * tf.cast(optimizer.learning_rate, variable.dtype))
                 variable.assign_sub(variable * factor)
 
         for variable in variables:

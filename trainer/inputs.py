@@ -44,7 +44,8 @@ def sample_batch(data: DataArg, strategy: tf.distribute.Strategy):
         make = getattr(data, "unshuffled", data)
         probe = [iter(make(tf.distribute.InputContext(1, 0, strategy.num_replicas_in_sync)))]
     sample = next(probe[0])
-    release_in_background(probe, strategy.num_replicas_in_sync)  # its age includes filling a shuffle buffer: see data.py
+    # its age includes filling a shuffle buffer: see data.py
+    release_in_background(probe, strategy.num_replicas_in_sync)
     replicas = strategy.num_replicas_in_sync
     batch_size = int(tf.nest.flatten(sample)[0].shape[0]) * (1 if isinstance(data, tf.data.Dataset) else replicas)
     if isinstance(data, tf.data.Dataset) and batch_size % replicas:
@@ -134,16 +135,17 @@ def total_steps(steps: Optional[int], epochs: Optional[float], steps_per_epoch: 
         candidates.append(int(steps))
     if epochs:
         if steps_per_epoch is None:
-            raise ConfigError("epochs needs a training set of known size. Fix: fit(steps=...) or Trainer(max_steps=...) "
-                              "(trainer.max_steps=... from the CLI)")
+            raise ConfigError("epochs needs a training set of known size. Fix: fit(steps=...) or "
+                              "Trainer(max_steps=...) (trainer.max_steps=... from the CLI)")
         if steps_per_epoch < 1:
             raise ConfigError("epochs (trainer.epochs): an epoch of this training set is shorter than one step "
-                              "(data.batch_size x trainer.grad_accum_steps or batches_per_step examples); lower them or "
-                              "give the steps: fit(steps=...), Trainer(max_steps=...) or trainer.max_steps=...")
+                              "(data.batch_size x trainer.grad_accum_steps or batches_per_step examples); lower them "
+                              "or give the steps: fit(steps=...), Trainer(max_steps=...) or trainer.max_steps=...")
         if epochs * steps_per_epoch < 1:  # Lightning's rule for a limit_train_batches fraction under one batch
             raise ConfigError(f"trainer.epochs={epochs} is {epochs * steps_per_epoch:.3g} of a step (an epoch is "
-                              f"{steps_per_epoch} steps). Fix: at least trainer.epochs={1 / steps_per_epoch:.3g} (one step), or set "
-                              f"trainer.max_steps; from Python, fit(epochs={1 / steps_per_epoch:.3g}) or fit(steps=...).")
+                              f"{steps_per_epoch} steps). Fix: at least trainer.epochs={1 / steps_per_epoch:.3g} (one "
+                              "step), or set trainer.max_steps; from Python, "
+                              f"fit(epochs={1 / steps_per_epoch:.3g}) or fit(steps=...).")
         candidates.append(int(math.ceil(epochs * steps_per_epoch)))
     if not candidates:
         raise ConfigError("say how long to train: fit(epochs=...) or fit(steps=...), or Trainer(max_steps=...) / "
@@ -192,11 +194,11 @@ def warn_if_reshuffled_again(data: DataArg, start: int, exact_resume: bool) -> N
     if again and exact_resume:
         log.warning("The training data set's shuffle was iterated for training before in this process (by another "
                     "Trainer or fit(), maybe through another .map/.take/.batch of the same shuffled data set), and it "
-                    "shuffles anew for each iterator (Dataset.shuffle's reshuffle_each_iteration): this run, at step %d, "
-                    "reads its batches in another order than a new process would, so a resume does not go on with the "
-                    "batches an uninterrupted run reads. Fix: build the pipeline from its source each time, including "
-                    "the shuffle (a function that builds it all), or give the data through the data config (data=...).",
-                    start)
+                    "shuffles anew for each iterator (Dataset.shuffle's reshuffle_each_iteration): this run, at step "
+                    "%d, reads its batches in another order than a new process would, so a resume does not go on with "
+                    "the batches an uninterrupted run reads. Fix: build the pipeline from its source each time, "
+                    "including the shuffle (a function that builds it all), or give the data through "
+                    "the data config (data=...).", start)
 
 
 def nothing_to_train(step: int, total: int, fit_steps: Optional[int], fit_epochs: Optional[float], config,
@@ -205,7 +207,8 @@ def nothing_to_train(step: int, total: int, fit_steps: Optional[int], fit_epochs
     on it), unlike Keras' fit, which trains `epochs` more. Names the form the limit came in and the fix."""
     epochs = fit_epochs if fit_epochs is not None else config.epochs  # as Trainer._fit reads them
     by_epochs = bool(epochs) and bool(steps_per_epoch) and math.ceil(epochs * steps_per_epoch) == total
-    key, value = ("epochs", epochs) if by_epochs else ("max_steps", fit_steps if fit_steps is not None else config.max_steps)
+    key, value = (("epochs", epochs) if by_epochs
+                  else ("max_steps", fit_steps if fit_steps is not None else config.max_steps))
     value = total if value is None else value  # a limit debug.plan_fit set (overfit_batches)
     given_to_fit = fit_epochs is not None if by_epochs else fit_steps is not None
     arg = "epochs" if by_epochs else "steps" if given_to_fit else "max_steps"

@@ -81,7 +81,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
             (f"axis={self.axis} (the fused kernel takes channels last)", len(inputs.shape) == 4 and self.axis % 4 != 3),
             (f"{tf.as_dtype(inputs.dtype).name} inputs", tf.as_dtype(inputs.dtype) not in _FUSED_DTYPES),
         ) if applies]
-        log.info("BatchNormalization %r computes as Keras' layer, not fused, because of %s", self.name, ", ".join(reasons))
+        log.info("BatchNormalization %r computes as Keras' layer, not fused, because of %s", self.name,
+                 ", ".join(reasons))
 
     def _update_moving_statistics(self, inputs, mean, unbiased_variance) -> None:
         """Keras' rule, on the batch's biased variance: the kernel returns the unbiased one (n / (n - 1))."""

@@ -13,7 +13,8 @@ from typing import Dict, Iterable, List, Mapping, Optional, Union
 
 import keras
 
-from trainer.checkpoint import CheckpointError, list_checkpoints
+from trainer.checkpoint import CheckpointError
+from trainer.checkpoint_files import list_checkpoints
 from trainer.checkpoint_graph import match_variables
 from trainer.config import ConfigError
 
@@ -37,7 +38,8 @@ def _resolve_checkpoint(path: str, name: Optional[str] = None) -> str:
         raise CheckpointError(f"{_setting(path, name)}: no ckpt-N.index in it or in its checkpoints/")
     if Path(str(p) + ".index").exists():
         return str(p)
-    raise CheckpointError(f"{_setting(path, name)} is not a checkpoint (folder, ckpt prefix), .keras or .weights.h5 file")
+    raise CheckpointError(f"{_setting(path, name)} is not a checkpoint (folder, ckpt prefix), "
+                          ".keras or .weights.h5 file")
 
 
 def _keras_file(model, path: str, purpose: str, name: Optional[str], strict: bool) -> Dict[str, List[str]]:
@@ -55,9 +57,10 @@ def _keras_file(model, path: str, purpose: str, name: Optional[str], strict: boo
     except ValueError as e:
         if not strict:
             raise
-        raise CheckpointError(f"{_setting(path, name)}: frozen model {name!r} does not fit {path} ({str(e).strip()[:300]}). "
-                              "A frozen model never trains, so every variable must load. Fix: name the file of this "
-                              "model's weights, or build the model as it was saved") from None
+        raise CheckpointError(f"{_setting(path, name)}: frozen model {name!r} does not fit {path} "
+                              f"({str(e).strip()[:300]}). A frozen model never trains, so every variable must load. "
+                              "Fix: name the file of this model's weights, or build the model "
+                              "as it was saved") from None
     # Keras' loader does not say which layers it skipped (it warns about each); the report cannot either.
     report = {"restored": [v.path for v in model.weights], "missing": [], "unexpected": [], "mismatched": []}
     log.info("%s%s from %s: Keras loader, %s", purpose, "" if name is None else f" of {name}", path,
@@ -76,7 +79,8 @@ def _refuse_incomplete(path, name, prefix, where, saved, restored, missing, mism
     if strict and restored and (missing or mismatched):
         raise CheckpointError(
             f"{_setting(path, name)}: frozen model {name!r} is only partly in {prefix} (its {where}): "
-            + "; ".join(f"{what} {found[:6]}" for what, found in (("missing", missing), ("of other shapes", mismatched)) if found)
+            + "; ".join(f"{what} {found[:6]}" for what, found in (("missing", missing), ("of other shapes", mismatched))
+                        if found)
             + ". A frozen model never trains, so these would stay at "
             "their initial values all run. Fix: name a checkpoint of this model (a one-model run's `model`, or a "
             "run of several models that holds it under this name), or build the model as it was saved")

@@ -12,8 +12,7 @@ from typing import Any, Dict, Optional, Tuple
 import tensorflow as tf
 from tensorflow.python.util import deprecation as _tf_deprecation
 
-from trainer import compile as step_functions
-from trainer import evalsets, signals
+from trainer import ema, evalsets, signals, step_functions
 from trainer.data import release_in_background
 from trainer.errors import EXIT_BUG, EXIT_SIGNAL, TrainerError
 from trainer.inputs import batches_read_per_step, distribute, nothing_to_train
@@ -127,13 +126,15 @@ class Loop:
                     raise
         except PreemptedAndSaved as e:
             log.warning("Preemption notice at step %d (%s or the platform's maintenance notice to a worker of this "
-                        "run): every worker saved step %d; run the same commands again to resume.", self.step, e, self.step)
+                        "run): every worker saved step %d; run the same commands again to resume.", self.step, e,
+                        self.step)
             self.callbacks.on_train_end(t, {"step": self.step, "interrupted": True})
             raise
         except TrainingInterrupted:  # saved, and said so, above
             raise
         except BaseException as e:  # writers and the progress bar are closed; the error goes on unchanged
-            for hook, args in (("on_exception", (e,)), ("on_train_end", ({"step": self.step, "failed": f"{type(e).__name__}: {e}"[:500]},))):
+            for hook, args in (("on_exception", (e,)),
+                               ("on_train_end", ({"step": self.step, "failed": f"{type(e).__name__}: {e}"[:500]},))):
                 try:
                     getattr(self.callbacks, hook)(t, *args)
                 except Exception:  # noqa: BLE001 - never hide the error that ended the run
@@ -143,6 +144,25 @@ class Loop:
             if tf_owns_sigterm:  # TF's handler must not outlive this fit() (it would swallow later SIGTERMs)
                 signals.restore_sigterm(sigterm_before)
         return self.train_logs, self.eval_logs, self.step
+
+    def summary(self) -> Dict[str, Any]:
+        """What on_train_end gets after a run: the last train logs and the final evaluation's (`eval_*`), the step,
+        the traces, the first loop's time, trainer.jit_compile=measure's figures and the weights' fingerprints."""
+        t = self.trainer
+        summary = {**self.train_logs,
+                   **{f"eval_{k}": v for k, v in self.eval_logs.items() if k not in ("step", "split")}}
+        summary.update(step=self.step, traces=dict(t.traces))
+        if self.first_loop_seconds is not None:
+            summary["first_loop_seconds"] = self.first_loop_seconds
+        if t.xla_measurement is not None:
+            summary["xla_measurement"] = t.xla_measurement.describe()
+        if t.run_dir is not None or t.strategy.extended._in_multi_worker_mode():
+            # 0.1-0.2 s per 20M parameters: for runs that write a summary, not for every fit() call.
+            summary["weights_sha256"] = t.weights_fingerprint()
+            with ema.averaged_weights(t) as averaged:
+                if averaged:  # what evaluation and export see
+                    summary["ema_weights_sha256"] = t.weights_fingerprint()
+        return summary
 
     def _train(self, preemption) -> None:
         self.window_start, self.window_step = time.perf_counter(), self.step
@@ -208,7 +228,8 @@ class Loop:
                 if missing:
                     log.info("The evaluation at step %d is missing from the run's record (the run was stopped "
                              "during it): evaluating and logging it now.", self.step)
-                self.eval_logs = t.evaluate(self.eval_data, step=self.step, callbacks=self.callbacks if missing else None)
+                self.eval_logs = t.evaluate(self.eval_data, step=self.step,
+                                            callbacks=self.callbacks if missing else None)
                 if missing:
                     t.checkpointing.judge_pending()  # no save point follows: best/ judges it now
             return
@@ -244,7 +265,8 @@ class Loop:
                         e, self.step, how_to_resume(t) if self.start else "run the same command again to start")
         elif t.checkpointer:
             self.callbacks.on_save_point(t, self.step, "signal")
-            log.warning("Received %s at step %d: saved %s; %s", e, self.step, t.checkpointing.last_path, how_to_resume(t))
+            log.warning("Received %s at step %d: saved %s; %s", e, self.step, t.checkpointing.last_path,
+                        how_to_resume(t))
         else:
             log.warning("Received %s at step %d: stopping (no run folder, nothing saved).", e, self.step)
         self.callbacks.on_train_end(t, {"step": self.step, "interrupted": True})
@@ -252,9 +274,9 @@ class Loop:
 
 def run_windows(trainer, iterator, steps: int, callbacks) -> int:
     """`steps` more train steps on `iterator` through the loop's per-window path (Loop.window, with
-    `callbacks`: the loop's host work, callbacks.loop_host_callbacks), without fit()'s start and end (on_train_begin/end,
-    making the iterator, signal handlers) and without an end of run at the last step (no final logs,
-    evaluation or save); returns the steps trained (fewer when a guard stopped training). What the doctor
+    `callbacks`: the loop's host work, callbacks.loop_host_callbacks), without fit()'s start and end
+    (on_train_begin/end, making the iterator, signal handlers) and without an end of run at the last step (no
+    final logs, evaluation or save); returns the steps trained (fewer when a guard stopped training). What the doctor
     times: the host work a run pays between windows is in the time, not only the compiled steps."""
     start = int(trainer.step.numpy())
     loop = Loop(trainer, callbacks, None, None, start + steps, iterator=iterator, ends_run=False)

@@ -127,10 +127,11 @@ def _ensure_hooked(replicas: int) -> None:
     _hook_tf_nn()
     if not _HOOKED:
         if replicas > 1:
-            _warn_once("not hooked", "This Keras version divides a Keras Loss object's value by the replicas in a way the "
-                       "Trainer cannot undo: in an overridden step, a loss given to self.update or returned as a log "
-                       "would be 1/replicas of its value. Fix: the function form, tf.reduce_mean("
-                       "keras.losses.binary_crossentropy(y, p)), or Loss(reduction=None) and tf.reduce_mean.")
+            _warn_once("not hooked", "This Keras version divides a Keras Loss object's value by the replicas in a way "
+                       "the Trainer cannot undo: in an overridden step, a loss given to self.update or returned as a "
+                       "log would be 1/replicas of its value. Fix: the function form, "
+                       "tf.reduce_mean(keras.losses.binary_crossentropy(y, p)), or "
+                       "Loss(reduction=None) and tf.reduce_mean.")
         return
     current = keras_loss.scale_loss_for_distribution
     if _ours(current):
@@ -163,7 +164,8 @@ def divided(grads, replicas: int):
     if replicas <= 1:
         return grads
     part = lambda g: g if g is None else (  # noqa: E731
-        tf.IndexedSlices(g.values / replicas, g.indices, g.dense_shape) if isinstance(g, tf.IndexedSlices) else g / replicas)
+        tf.IndexedSlices(g.values / replicas, g.indices, g.dense_shape) if isinstance(g, tf.IndexedSlices)
+        else g / replicas)
     return [part(g) for g in grads]
 
 

@@ -27,7 +27,8 @@ class LRFindArgumentError(UserError, ValueError):
 
 
 def parse_args(argv) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m trainer.lr_find", description=__doc__.split("\n\n")[1].replace("\n", " "))
+    parser = argparse.ArgumentParser(prog="python -m trainer.lr_find",
+                                     description=__doc__.split("\n\n")[1].replace("\n", " "))
     parser.add_argument("overrides", nargs="*", help="config overrides, as for python -m trainer (recipe=resnet ...)")
     parser.add_argument("--steps", type=int, default=100, help="steps of the test (default 100, Lightning's)")
     parser.add_argument("--min", type=float, default=1e-7, dest="min_lr", help="the first learning rate (default 1e-7)")
@@ -36,7 +37,8 @@ def parse_args(argv) -> argparse.Namespace:
     args = parser.parse_intermixed_args(argv)  # options may come between overrides
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
-        raise LRFindArgumentError(f"{bad[0]!r} is not a config override (key=value) or an option (--steps, --min, --max, --out)")
+        raise LRFindArgumentError(f"{bad[0]!r} is not a config override (key=value) or an option "
+                                  "(--steps, --min, --max, --out)")
     return args
 
 
@@ -64,7 +66,8 @@ def main(argv=None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)
-    logging.getLogger("tensorflow").setLevel(logging.WARNING)  # not its INFO lines (a "Reduce to" per variable when mirrored)
+    # not its INFO lines (a "Reduce to" per variable when mirrored)
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = parse_args(argv)

@@ -54,8 +54,10 @@ class LRFinderResult:
             return [v if math.isfinite(v) else None for v in values]
 
         path.write_text(json.dumps({"suggestion": self.suggestion, "stopped": self.stopped,
-                                    **({"no_suggestion": self.no_suggestion} if self.no_suggestion else {}), **self.settings, "lr": self.lrs,
-                                    "loss": clean(self.losses), "smoothed_loss": clean(self.smoothed)}, indent=1) + "\n")
+                                    **({"no_suggestion": self.no_suggestion} if self.no_suggestion else {}),
+                                    **self.settings, "lr": self.lrs,
+                                    "loss": clean(self.losses), "smoothed_loss": clean(self.smoothed)},
+                                   indent=1) + "\n")
         return path
 
     def plot(self, path) -> Path:
@@ -117,7 +119,8 @@ MIN_STEPS = SKIP_BEGIN + SKIP_END + 2  # two points to judge a slope on
 FLAT = 1e-6  # a slope under this fraction of the loss per decade of rate is flat
 
 
-def suggest(lrs: List[float], smoothed: List[float], skip_begin: int = SKIP_BEGIN, skip_end: int = SKIP_END) -> Optional[int]:
+def suggest(lrs: List[float], smoothed: List[float], skip_begin: int = SKIP_BEGIN,
+            skip_end: int = SKIP_END) -> Optional[int]:
     """The index of the steepest descent of the smoothed loss against log(lr), leaving out the first
     `skip_begin` points (the average still settling) and the last `skip_end` (the divergence); None when
     fewer than two finite points remain (np.gradient needs two) or the loss falls nowhere (a rising or flat
@@ -142,25 +145,29 @@ def no_suggestion_reason(lrs: List[float], losses: List[float], smoothed: List[f
                 "Fix: check that `python -m trainer` trains on this config at a small rate")
     kept = _judged(smoothed)
     if len(kept) < 2 and stopped == "diverged":
-        return (f"the loss diverged after {len(losses)} steps (at lr {lrs[-1]:.3g}), too few to judge a descent (at least "
-                f"{MIN_STEPS} are needed). Fix: a lower --min or --max (the rates grow more slowly), or more steps")
+        return (f"the loss diverged after {len(losses)} steps (at lr {lrs[-1]:.3g}), too few to judge a descent (at "
+                f"least {MIN_STEPS} are needed). Fix: a lower --min or --max (the rates grow "
+                "more slowly), or more steps")
     if len(kept) < 2:
         return f"{len(losses)} steps are too few to judge a descent. Fix: at least {MIN_STEPS} steps"
     return (f"the loss never decreased between lr {lrs[kept[0]]:.3g} and {lrs[kept[-1]]:.3g}. Fix: a wider range "
             "(a lower --min, a higher --max), or check that the model learns at all")
 
 
-def check_settings(steps: int, min_lr: float, max_lr: float, beta: float = 0.98, divergence: Optional[float] = 4.0) -> None:
+def check_settings(steps: int, min_lr: float, max_lr: float, beta: float = 0.98,
+                   divergence: Optional[float] = 4.0) -> None:
     """Raises ConfigError for settings a range test cannot judge (before any data or model is built)."""
     if steps < MIN_STEPS:
         raise ConfigError(f"lr_find: steps={steps} is too few for a range test: the first {SKIP_BEGIN} smoothed losses "
                           f"are settling, so at least {MIN_STEPS} are needed (Lightning uses 100)")
     if not (math.isfinite(min_lr) and math.isfinite(max_lr) and 0 < min_lr < max_lr):
-        raise ConfigError(f"lr_find: the rates must satisfy 0 < min_lr < max_lr (got min_lr={min_lr:g}, max_lr={max_lr:g})")
+        raise ConfigError("lr_find: the rates must satisfy 0 < min_lr < max_lr (got "
+                          f"min_lr={min_lr:g}, max_lr={max_lr:g})")
     if not 0 <= beta < 1:
         raise ConfigError(f"lr_find: smoothing={beta} must be in [0, 1) (0.98: Lightning's)")
     if divergence is not None and divergence <= 1:
-        raise ConfigError(f"lr_find: divergence={divergence} must be above 1 (the smoothed loss over its best; Lightning's 4)")
+        raise ConfigError(f"lr_find: divergence={divergence} must be above 1 (the smoothed loss over "
+                          "its best; Lightning's 4)")
 
 
 def lr_find(trainer, train_data, *, steps: int = 100, min_lr: float = 1e-7, max_lr: float = 1.0,
@@ -185,8 +192,9 @@ def lr_find(trainer, train_data, *, steps: int = 100, min_lr: float = 1e-7, max_
     with tempfile.TemporaryDirectory(prefix="lr_find-") as folder:  # outside the run folder, removed at the end
         snapshot = tf.train.Checkpoint(**trainer.checkpoint_objects())
         saved = snapshot.write(str(Path(folder) / "before"))
+        # a constant rate is a variable (in `saved`)
         schedules = {name: opt._learning_rate for name, opt in trainer.optimizers.items()
-                     if not isinstance(opt._learning_rate, keras.Variable)}  # a constant rate is a variable (in `saved`)
+                     if not isinstance(opt._learning_rate, keras.Variable)}
         iterator = [training_iterator(train_data, trainer.strategy, 0, 0, None)]
         try:
             rates_in_use = _rate_variables(trainer, schedules)
@@ -226,7 +234,7 @@ def _rate_variables(trainer, schedules) -> List[tf.Variable]:
 
 def _run(trainer, iterator, rates, variables, beta: float, divergence: Optional[float], monitor: str):
     """One step per rate; (the losses, why it stopped)."""
-    from trainer.compile import make_train_function
+    from trainer.step_functions import make_train_function
 
     train = make_train_function(trainer, iterator)
     losses, best = [], math.inf
@@ -238,8 +246,8 @@ def _run(trainer, iterator, rates, variables, beta: float, divergence: Optional[
         train(iterator, one)
         logs = trainer.train_window.logs()
         if monitor not in logs:
-            raise ConfigError(f"lr_find: the train step logs no {monitor!r} (it logs {', '.join(sorted(logs)) or 'nothing'}); "
-                              "give monitor= one of those")
+            raise ConfigError(f"lr_find: the train step logs no {monitor!r} (it logs "
+                              f"{', '.join(sorted(logs)) or 'nothing'}); give monitor= one of those")
         losses.append(logs[monitor])
         smoothed = smooth(losses, beta)[-1]
         if not math.isfinite(smoothed) or (divergence is not None and i > 0 and smoothed > divergence * best):

@@ -65,7 +65,8 @@ def is_memory_field(name: str) -> bool:
 def memory_text(logs: Dict[str, float]) -> str:
     """The short form for a log line: `mem 612 MiB` (host RSS now) and each GPU's peak, `gpu0 1843 MiB peak`."""
     parts = [f"mem {logs['host_rss_mb']:.0f} MiB"] if "host_rss_mb" in logs else []
-    parts += [f"{k[:-len('_peak_mb')]} {v:.0f} MiB peak" for k, v in logs.items() if k.startswith("gpu") and is_memory_field(k)]
+    parts += [f"{k[:-len('_peak_mb')]} {v:.0f} MiB peak" for k, v in logs.items()
+              if k.startswith("gpu") and is_memory_field(k)]
     return ", ".join(parts)
 
 

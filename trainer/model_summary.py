@@ -60,7 +60,8 @@ def table(model) -> str:
 def total_line(model) -> str:
     """`269,322 parameters (269,322 trainable), computes in float16, variables float32`: the log's line."""
     trainable = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
-    computes = sorted({str(layer.dtype_policy.compute_dtype) for layer in _leaves(model)}) or [str(model.dtype_policy.compute_dtype)]
+    computes = (sorted({str(layer.dtype_policy.compute_dtype) for layer in _leaves(model)})
+                or [str(model.dtype_policy.compute_dtype)])
     variables = sorted({str(keras.backend.standardize_dtype(w.dtype)) for w in model.weights}) or ["-"]
     return (f"{model.count_params():,} parameters ({trainable:,} trainable), computes in {', '.join(computes)}, "
             f"variables {', '.join(variables)}")
@@ -78,7 +79,8 @@ def write(path: Path, models: Mapping[str, keras.Model], frozen: Sequence[str] =
     """Writes every model's table to `path` (a section per model; a frozen model is marked)."""
     sections = []
     for name, model in models.items():
-        title = f"Model {name!r} ({model.name})" + (" - frozen: not trained, not checkpointed" if name in frozen else "")
+        frozen_note = " - frozen: not trained, not checkpointed" if name in frozen else ""
+        title = f"Model {name!r} ({model.name})" + frozen_note
         sections.append(f"{title}\n\n{table(model)}\n")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(path).with_name(Path(path).name + ".tmp")

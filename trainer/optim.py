@@ -21,7 +21,8 @@ _OURS = ("lr", "clipnorm", "ema_warmup", "schedule", "warmup_steps", "decay_step
 class Warmup(keras.optimizers.schedules.LearningRateSchedule):
     """Linear warmup from 0 to the schedule's value at `warmup_steps`, then `after` (shifted)."""
 
-    def __init__(self, peak: float, warmup_steps: int, after: Optional[keras.optimizers.schedules.LearningRateSchedule] = None):
+    def __init__(self, peak: float, warmup_steps: int,
+                 after: Optional[keras.optimizers.schedules.LearningRateSchedule] = None):
         self.peak = peak
         self.warmup_steps = warmup_steps
         self.after = after
@@ -42,7 +43,8 @@ class Warmup(keras.optimizers.schedules.LearningRateSchedule):
     @classmethod
     def from_config(cls, config):
         after = config.get("after")
-        return cls(config["peak"], config["warmup_steps"], keras.saving.deserialize_keras_object(after) if after else None)
+        return cls(config["peak"], config["warmup_steps"],
+                   keras.saving.deserialize_keras_object(after) if after else None)
 
 
 @keras.saving.register_keras_serializable(package="trainer")
@@ -61,7 +63,8 @@ class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
     @classmethod
     def from_config(cls, config):
-        return cls(keras.saving.deserialize_keras_object(config["schedule"]), tf.Variable(config["scale"], trainable=False))
+        return cls(keras.saving.deserialize_keras_object(config["schedule"]),
+                   tf.Variable(config["scale"], trainable=False))
 
 
 def make_schedule(cfg: Dict[str, Any], total_steps: int):
@@ -77,12 +80,15 @@ def make_schedule(cfg: Dict[str, Any], total_steps: int):
     elif name == "cosine":
         after = keras.optimizers.schedules.CosineDecay(lr, decay_steps, alpha=float(cfg.get("alpha", 0.0)))
     elif name == "linear":
-        after = keras.optimizers.schedules.PolynomialDecay(lr, decay_steps, end_learning_rate=lr * float(cfg.get("alpha", 0.0)), power=1.0)
+        after = keras.optimizers.schedules.PolynomialDecay(lr, decay_steps,
+                                                           end_learning_rate=lr * float(cfg.get("alpha", 0.0)),
+                                                           power=1.0)
     elif name == "step":
         # Boundaries are global steps; the schedule after a warmup counts from the warmup's end.
         bounds = [int(b) - warmup for b in cfg.get("boundaries") or []]
         rate = float(cfg.get("decay_rate", 0.1))
-        after = keras.optimizers.schedules.PiecewiseConstantDecay(bounds, [lr * rate**i for i in range(len(bounds) + 1)])
+        after = keras.optimizers.schedules.PiecewiseConstantDecay(bounds,
+                                                                  [lr * rate**i for i in range(len(bounds) + 1)])
     else:
         raise ConfigError(f"optimizer.schedule={name!r} is not one of constant|cosine|linear|step")
     if warmup:

@@ -1,14 +1,15 @@
-"""Loss and metric curves of one or several runs, from their metrics.jsonl (else metrics.csv, else tensorboard/), as one PNG.
+"""Loss and metric curves of one or several runs, from their metrics.jsonl (else metrics.csv, else
+tensorboard/), as one PNG.
 
     python -m trainer.plot RUN [RUN ...] --out runs.png
 
 A RUN is a run folder (runs/<recipe>/<time>) or a multirun folder, which stands for its jobs. One panel
-per loss or metric (train: solid line, eval: dots; each named eval set its own markers), then the learning rate (log axis) when it changes during a
-run or differs between runs (a schedule, a plateau's reduction), then the loss scale (log axis) and the
-skipped steps when a run has them (mixed_float16). Each run's lines are named by the config values that
-differ between the plotted runs, shortest first (.hydra/config.yaml; else its overrides less those all
-share; the folder's name when the run has neither), wrapped at 60 characters below the panels; a name
-longer than 3 lines is cut to `#N: ...` and printed in full as a key.
+per loss or metric (train: solid line, eval: dots; each named eval set its own markers), then the learning
+rate (log axis) when it changes during a run or differs between runs (a schedule, a plateau's reduction),
+then the loss scale (log axis) and the skipped steps when a run has them (mixed_float16). Each run's lines
+are named by the config values that differ between the plotted runs, shortest first (.hydra/config.yaml;
+else its overrides less those all share; the folder's name when the run has neither), wrapped at 60
+characters below the panels; a name longer than 3 lines is cut to `#N: ...` and printed in full as a key.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from trainer.errors import UserError, reports_errors
 from trainer.memory import is_memory_field
 from trainer.sweep import differing, recorded_overrides
 
-NOT_CURVES = HIDDEN | {"step", "split", "time"}  # speed and optimizer state; loss scale has its own panels; memory is no curve
+# speed and optimizer state; loss scale has its own panels; memory is no curve
+NOT_CURVES = HIDDEN | {"step", "split", "time"}
 LABEL_WIDTH, LABEL_LINES = 60, 3  # a legend entry's characters per line, and lines before it is cut to #N
 FEW_POINTS = 5  # a train series with fewer points gets markers (one point draws no line)
 INSTALL_MATPLOTLIB = "pip install -e '.[bench]' (or pip install matplotlib==3.11.2)"
@@ -50,7 +52,8 @@ class Run:
         """[(label, steps, values)]: the eval set's `key`, or each named set's `<set>/key` (trainer/evalsets.py)."""
         sets = sorted({k.split("/")[0] for r in self.rows if r.get("split") == "eval" for k in r
                        if k.count("/") == 1 and k.endswith("/" + key)})
-        found = [("eval", *self.series("eval", key))] + [(f"eval {s}", *self.series("eval", f"{s}/{key}")) for s in sets]
+        found = [("eval", *self.series("eval", key))] + [(f"eval {s}", *self.series("eval", f"{s}/{key}"))
+                                                         for s in sets]
         return [(label, steps, values) for label, steps, values in found if steps]
 
 
@@ -60,14 +63,16 @@ def run_folders(paths: Sequence[str]) -> List[Path]:
     for given in paths:
         path = Path(given).expanduser()
         if not path.is_dir():
-            raise PlotError(f"{given} is not a folder. Fix: give a run folder (runs/<recipe>/<time>) or a multirun folder.")
+            raise PlotError(f"{given} is not a folder. Fix: give a run folder "
+                            "(runs/<recipe>/<time>) or a multirun folder.")
         if has_metrics(path):
             found.append(path)
             continue
         jobs = sorted((p for p in path.iterdir() if p.is_dir() and has_metrics(p)), key=_job_order)
         if not jobs:
-            raise PlotError(f"{given} has no metrics.jsonl (nor metrics.csv or tensorboard/), nor subfolders with one. Fix: give a run folder "
-                            "(runs/<recipe>/<time>) or a multirun folder; a run writes metrics.jsonl at its first log.")
+            raise PlotError(f"{given} has no metrics.jsonl (nor metrics.csv or tensorboard/), nor subfolders with one. "
+                            "Fix: give a run folder (runs/<recipe>/<time>) or a multirun folder; a run writes "
+                            "metrics.jsonl at its first log.")
         found.extend(jobs)
     return found
 
@@ -79,13 +84,15 @@ def _job_order(folder: Path):
 
 def has_metrics(folder: Path) -> bool:
     """Whether a run folder holds logs of any logger that plots: jsonl, csv or tensorboard."""
-    return (folder / "metrics.jsonl").is_file() or (folder / "metrics.csv").is_file() or (folder / "tensorboard").is_dir()
+    return ((folder / "metrics.jsonl").is_file() or (folder / "metrics.csv").is_file()
+            or (folder / "tensorboard").is_dir())
 
 
 def _read_rows(folder: Path) -> List[Dict[str, Any]]:
     """The run's log rows from metrics.jsonl, else metrics.csv (logger=[csv]), else tensorboard/ events."""
     if not (folder / "metrics.jsonl").is_file():
-        return _csv_rows(folder / "metrics.csv") if (folder / "metrics.csv").is_file() else _tensorboard_rows(folder / "tensorboard")
+        return (_csv_rows(folder / "metrics.csv") if (folder / "metrics.csv").is_file()
+                else _tensorboard_rows(folder / "tensorboard"))
     rows = []
     for line in (folder / "metrics.jsonl").read_text(errors="replace").splitlines():
         try:
@@ -114,14 +121,16 @@ def _tensorboard_rows(folder: Path) -> List[Dict[str, Any]]:
     import tensorflow as tf
 
     merged: Dict[tuple, Dict[str, Any]] = {}
-    for split, pattern in (("train", "events.out.tfevents.*"), ("eval", "events.out.tfevents.*"), ("eval", "*/events.out.tfevents.*")):
+    for split, pattern in (("train", "events.out.tfevents.*"), ("eval", "events.out.tfevents.*"),
+                           ("eval", "*/events.out.tfevents.*")):
         for events in sorted((folder / split).glob(pattern)):
             prefix = "" if events.parent.name == split else f"{events.parent.name}/"  # eval/<set>: a named eval set
             for event in tf.compat.v1.train.summary_iterator(str(events)):
                 for value in event.summary.value:
                     number = _scalar(value)
                     if number is not None:
-                        merged.setdefault((split, event.step), {"step": int(event.step), "split": split})[prefix + value.tag] = number
+                        row = merged.setdefault((split, event.step), {"step": int(event.step), "split": split})
+                        row[prefix + value.tag] = number
     return sorted(merged.values(), key=lambda r: (r["step"], r["split"] != "train"))
 
 
@@ -152,7 +161,8 @@ def _config_items(folder: Path) -> Optional[Dict[str, str]]:
         config = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     except Exception:  # noqa: BLE001 - no record (a run from Python), or one that cannot be read: the overrides name it
         return None
-    return {k: _spelled(v) for k, v in flatten(config).items() if not any(k == x or k.startswith(f"{x}.") for x in NOT_IN_LABELS)}
+    return {k: _spelled(v) for k, v in flatten(config).items()
+            if not any(k == x or k.startswith(f"{x}.") for x in NOT_IN_LABELS)}
 
 
 def _spelled(value: Any) -> str:
@@ -181,9 +191,11 @@ def load_runs(paths: Sequence[str]) -> List[Run]:
     labels = run_labels(folders)
     if len(set(labels)) < len(labels):  # runs with the same overrides: their folders tell them apart
         labels = [f"{label} ({f.name})" if label != f.name else label for label, f in zip(labels, folders)]
-    runs = [Run(_legend_label(label, number), _read_rows(f), label) for number, (label, f) in enumerate(zip(labels, folders), 1)]
+    runs = [Run(_legend_label(label, number), _read_rows(f), label)
+            for number, (label, f) in enumerate(zip(labels, folders), 1)]
     if not any(run.rows for run in runs):
-        raise PlotError(f"the metrics.jsonl of {', '.join(map(str, folders))} hold no logs yet. Fix: plot once the run has logged.")
+        raise PlotError(f"the metrics.jsonl of {', '.join(map(str, folders))} hold no logs yet. Fix: plot "
+                        "once the run has logged.")
     return runs
 
 
@@ -208,7 +220,8 @@ def _legend_label(label: str, number: int) -> str:
 
 def label_key(runs: List[Run]) -> List[str]:
     """`#N: the whole label` for each run whose legend entry is cut short."""
-    return [f"{run.label.split(':')[0]}: {run.full_label}" for run in runs if run.label != "\n".join(_wrapped(run.full_label))]
+    return [f"{run.label.split(':')[0]}: {run.full_label}" for run in runs
+            if run.label != "\n".join(_wrapped(run.full_label))]
 
 
 def _panels(runs: List[Run]) -> List[str]:
@@ -218,7 +231,8 @@ def _panels(runs: List[Run]) -> List[str]:
         for row in run.rows:  # a named eval set's `val/loss` is drawn on the `loss` panel
             keys.update((k.split("/")[-1] if row.get("split") == "eval" and k.count("/") == 1 else k, None)
                         for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
-    curves = [k for k in keys if k not in NOT_CURVES and not is_memory_field(k) and "/" not in k and not k.endswith(("loss_scale", "skipped_steps"))]
+    curves = [k for k in keys if k not in NOT_CURVES and not is_memory_field(k) and "/" not in k
+              and not k.endswith(("loss_scale", "skipped_steps"))]
     curves.sort(key=lambda k: not k.endswith("loss"))  # stable: losses first
     rates = [k for k in keys if (k == "lr" or k.endswith("/lr")) and _changes(runs, k)]
     scales = [k for k in keys if k.endswith("loss_scale")]
@@ -265,7 +279,8 @@ def draw_runs(runs: List[Run]):
                 few = {"marker": "o", "markersize": 4} if len(steps) < FEW_POINTS else {}
                 ax.plot(steps, values, color=color, label=f"{run.label} train", **few)
             for (label, steps, values), marker in zip(run.eval_series(key), "osD^v<>"):
-                ax.plot(steps, values, color=color, linestyle="--", marker=marker, markersize=4, label=f"{run.label} {label}")
+                ax.plot(steps, values, color=color, linestyle="--", marker=marker, markersize=4,
+                        label=f"{run.label} {label}")
         ax.set_ylabel(key)
         if key.endswith("loss_scale"):
             ax.set_yscale("log", base=2)

@@ -1,6 +1,7 @@
 """`python -m trainer.predict`: a run's model on files (`Trainer.predict(data)` itself: trainer/inference.py).
 
-    python -m trainer.predict RUN --input FILE|DIR --out FILE.csv|FILE.jsonl [--checkpoint latest|best|ckpt-N] [--batch-size N]
+    python -m trainer.predict RUN --input FILE|DIR --out FILE.csv|FILE.jsonl
+        [--checkpoint latest|best|ckpt-N] [--batch-size N]
 
 The CLI rebuilds the run's model and restores a checkpoint as trainer.evaluate does, reads the inputs with
 the recipe's own preprocessing (its `predict_inputs(paths, data_cfg)`; see trainer/predict_inputs.py for
@@ -48,8 +49,9 @@ def input_files(source: str) -> List[Path]:
         return [path]
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else []
     if not files:
-        raise ServingError(f"--input {source}: {'no files in that folder' if path.is_dir() else 'no such file or folder'}. "
-                           "Fix: give an input file or a folder of them.")
+        raise ServingError(f"--input {source}: "
+                           f"{'no files in that folder' if path.is_dir() else 'no such file or folder'}. Fix: give an "
+                           "input file or a folder of them.")
     return files
 
 
@@ -83,7 +85,8 @@ def write_rows(rows: List[dict], out: Path) -> None:
         writer = csv.writer(f)
         writer.writerow(["input", "class", "class_index", *[f"p_{c}" for c in rows[0]["probabilities"]]])
         for r in rows:
-            writer.writerow([r["input"], r["class"], r["class_index"], *[f"{v:.6g}" for v in r["probabilities"].values()]])
+            writer.writerow([r["input"], r["class"], r["class_index"],
+                             *[f"{v:.6g}" for v in r["probabilities"].values()]])
 
 
 
@@ -153,7 +156,8 @@ def _predictions(argv: Optional[List[str]]):
     quiet_tensorflow_import()
     parser = argparse.ArgumentParser(prog="python -m trainer.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="a run folder (with .hydra/config.yaml and checkpoints/)")
-    parser.add_argument("--input", required=True, help="a file, or a folder of files (images; .npy for mnist; text lines)")
+    parser.add_argument("--input", required=True,
+                        help="a file, or a folder of files (images; .npy for mnist; text lines)")
     parser.add_argument("--out", required=True, help="FILE.csv or FILE.jsonl")
     parser.add_argument("--checkpoint", default="latest", help="latest (default) | best | ckpt-N | best/ckpt-N")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the run's data.batch_size")

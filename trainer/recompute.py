@@ -53,10 +53,12 @@ def _state(block) -> List:
 
 def _recomputed(block, forward, args, kwargs):
     try:  # nested inputs (a list, a dict of tensors) are flattened for tf.recompute_grad and packed again
-        flat = [tf.convert_to_tensor(a) if not isinstance(a, (tf.Tensor, tf.Variable)) else a for a in tf.nest.flatten(args)]
+        flat = [tf.convert_to_tensor(a) if not isinstance(a, (tf.Tensor, tf.Variable)) else a
+                for a in tf.nest.flatten(args)]
     except (TypeError, ValueError) as e:
         raise TypeError(f"recompute: {block.name} got an input that is not a tensor while training ({e}); pass its "
-                        "inputs as tensors (nested lists or dicts of tensors are fine), or do not recompute it") from None
+                        "inputs as tensors (nested lists or dicts of tensors are fine), or do "
+                        "not recompute it") from None
     state = _state(block)
     before = [tf.identity(keras.ops.convert_to_tensor(v)) for v in state]
     passes = []

@@ -23,7 +23,8 @@ import re
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from trainer.checkpoint import CheckpointError, list_checkpoints, write_state_file
+from trainer.checkpoint import CheckpointError
+from trainer.checkpoint_files import list_checkpoints, write_state_file
 
 log = logging.getLogger("trainer.core")
 
@@ -49,7 +50,8 @@ def _best_prefixes(directory: Path) -> List[str]:
         ranked = json.loads(index.read_text()) if index.exists() else []
     except (OSError, ValueError):
         ranked = []
-    prefixes = [str(Path(directory) / "best" / f"ckpt-{e['step']}") for e in ranked if isinstance(e, dict) and "step" in e]
+    prefixes = [str(Path(directory) / "best" / f"ckpt-{e['step']}") for e in ranked
+                if isinstance(e, dict) and "step" in e]
     return [p for p in prefixes if Path(p + ".index").exists()]
 
 
@@ -77,7 +79,8 @@ def resolve(directory: Path, value: str) -> str:
         if Path(f"{path}.index").exists():
             return str(path)
         if path.is_dir():
-            found = list_checkpoints(path if path.name == "checkpoints" or not (path / "checkpoints").is_dir() else path / "checkpoints")
+            found = list_checkpoints(path if path.name == "checkpoints" or not (path / "checkpoints").is_dir()
+                                     else path / "checkpoints")
             example = found[0][1] if found else f"{path}/checkpoints/ckpt-N"
             raise CheckpointError(f"trainer.resume_from={text} is a folder; it takes one checkpoint. Fix: name one, "
                                   f"e.g. trainer.resume_from={example}.")
@@ -103,7 +106,8 @@ def applied_before(directory: Path, value: str) -> Optional[dict]:
         prefix = resolve(directory, value)
     except CheckpointError:
         return record if record.get("resume_from") == str(value) else None
-    same = record.get("step") == _step_of(prefix) and _origin(directory, record.get("prefix")) == _origin(directory, prefix)
+    same = (record.get("step") == _step_of(prefix)
+            and _origin(directory, record.get("prefix")) == _origin(directory, prefix))
     return record if same else None
 
 
@@ -132,7 +136,8 @@ def is_own_regular(run_dir: Path, prefix: str) -> bool:
     return Path(prefix).parent.resolve() == (Path(run_dir) / "checkpoints").resolve() and _step_of(prefix) is not None
 
 
-def set_aside(run_dir: Path, step: int, own: bool = True, journal: Optional[dict] = None) -> Tuple[Optional[Path], List[str]]:
+def set_aside(run_dir: Path, step: int, own: bool = True,
+              journal: Optional[dict] = None) -> Tuple[Optional[Path], List[str]]:
     """Moves what the run wrote after `step` into checkpoints/set-aside-after-<step>/ (a new folder each
     time: -2, -3, ...): later ckpt-M files, later best/ copies, later log rows. Not `own` (the restored
     checkpoint is not this folder's checkpoints/ckpt-<step>): a regular ckpt-<step> goes too, as the caller
@@ -155,7 +160,8 @@ def set_aside(run_dir: Path, step: int, own: bool = True, journal: Optional[dict
         if later >= first:
             _move_checkpoint(Path(prefix), folder)
             moved.append(Path(prefix).name)
-    for later in sorted({s for p in directory.glob("ckpt-*.data-*") if (s := _step_of(p.name.split(".")[0])) is not None and s >= first}):
+    for later in sorted({s for p in directory.glob("ckpt-*.data-*")
+                         if (s := _step_of(p.name.split(".")[0])) is not None and s >= first}):
         _move_checkpoint(directory / f"ckpt-{later}", folder)  # data files left by an earlier, cut-short set-aside
     moved += _set_aside_best(directory / "best", step, folder / "best")
     for name in LOG_FILES:
@@ -204,7 +210,8 @@ def _set_aside_best(best: Path, step: int, folder: Path) -> List[str]:
     index = best / "best.json"
     if index.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        if not (folder / "best.json").exists():  # the ranking as it was, beside the copies (once: a finished job keeps it)
+        # the ranking as it was, beside the copies (once: a finished job keeps it)
+        if not (folder / "best.json").exists():
             _write(folder / "best.json", index.read_text())
         kept = [e for e in json.loads(index.read_text()) if isinstance(e, dict) and e.get("step", 0) <= step]
         index.with_suffix(".tmp").write_text(json.dumps(kept, indent=1))

@@ -126,7 +126,8 @@ def _started_after(pid: int, when: float) -> bool:
 
 def _command_of(pid: int) -> str:
     with contextlib.suppress(OSError):
-        command = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        raw = (Path("/proc") / str(pid) / "cmdline").read_bytes()
+        command = raw.replace(b"\0", b" ").decode(errors="replace").strip()
         return f": {command[:120]}" if command else ""
     return ""
 
@@ -179,7 +180,8 @@ def remove_if_unused(folder) -> bool:
     import logging
 
     folder = Path(os.path.abspath(folder))
-    if folder not in _made or not folder.is_dir() or any(p.name not in (LOCK_FILE, "trainer.log") for p in folder.iterdir()):
+    if (folder not in _made or not folder.is_dir()
+            or any(p.name not in (LOCK_FILE, "trainer.log") for p in folder.iterdir())):
         return False
     for handler in logging.getLogger().handlers[:]:  # Hydra's file handler writes trainer.log there
         if Path(getattr(handler, "baseFilename", "/")).parent == folder:

@@ -18,7 +18,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 from omegaconf import OmegaConf
 
-from trainer.checkpoint import CheckpointError, list_checkpoints
+from trainer.checkpoint import CheckpointError
+from trainer.checkpoint_files import list_checkpoints
 from trainer.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,8 @@ def resolve_checkpoint(run: Path, which: str = "latest") -> Tuple[str, str]:
     have = [Path(p).name for _, p in regular] + [f"best/{Path(p).name}" for _, p in best]
     if which == "latest":
         if not regular:
-            raise ServingError(f"{folder} has no ckpt-N checkpoints. Fix: train the run first, or pick another run folder.")
+            raise ServingError(f"{folder} has no ckpt-N checkpoints. Fix: train the run first, or "
+                               "pick another run folder.")
         prefix = newest_readable(regular, folder)
         return prefix, Path(prefix).name
     if which == "best":
@@ -156,12 +158,14 @@ def resolve_checkpoint(run: Path, which: str = "latest") -> Tuple[str, str]:
     if m:
         where = folder / "best" if m.group(1) else folder
         prefix = where / f"ckpt-{m.group(2)}"
-        if not Path(str(prefix) + ".index").exists() and not m.group(1) and (folder / "best" / f"ckpt-{m.group(2)}.index").exists():
+        if (not Path(str(prefix) + ".index").exists() and not m.group(1)
+                and (folder / "best" / f"ckpt-{m.group(2)}.index").exists()):
             prefix = folder / "best" / f"ckpt-{m.group(2)}"  # kept only as a best copy
         if Path(str(prefix) + ".index").exists():
             _check_readable(str(prefix))
             return str(prefix), checkpoint_name(prefix)
-    raise ServingError(f"--checkpoint {which!r} is not in {folder}. Fix: latest, best, or one of {have or 'none: train first'}.")
+    raise ServingError(f"--checkpoint {which!r} is not in {folder}. Fix: latest, best, or one of "
+                       f"{have or 'none: train first'}.")
 
 
 def _check_readable(prefix: str) -> None:
@@ -200,11 +204,12 @@ def apply_overrides(cfg, overrides: Sequence[str]) -> None:
     for item in overrides:
         key, eq, _ = item.partition("=")
         if not eq or not key.startswith(OVERRIDABLE):
-            raise ServingError(f"{item!r}: overrides are key=value of data.* or trainer.* keys (the model must stay the "
-                               "one the checkpoint holds), e.g. data.batch_size=32 trainer.eval_steps=5")
+            raise ServingError(f"{item!r}: overrides are key=value of data.* or trainer.* keys (the model must stay "
+                               "the one the checkpoint holds), e.g. data.batch_size=32 trainer.eval_steps=5")
         if OmegaConf.select(cfg, key, default="<missing>", throw_on_missing=False) == "<missing>":
             section = cfg.get(key.split(".")[0]) or {}
-            raise ServingError(f"{key} is not a key of this run's config. Fix: one of {sorted(section)} under {key.split('.')[0]}.")
+            raise ServingError(f"{key} is not a key of this run's config. Fix: one of {sorted(section)} "
+                               f"under {key.split('.')[0]}.")
         try:
             cfg.merge_with(OmegaConf.from_dotlist([item]))
             trainer = OmegaConf.merge(OmegaConf.structured(TrainerConfig), cfg.trainer)

@@ -2,7 +2,7 @@
 fingerprints of its frozen models, which are in no checkpoint, so a resume compares them instead
 (docs/research.md, Frozen models).
 
-Below the Trainer (it reads the Trainer's models, optimizers and state; it imports neither core.py nor callbacks).
+Below the Trainer (it reads the Trainer's models, optimizers and state; it imports neither trainer.py nor callbacks).
 """
 from __future__ import annotations
 
@@ -52,7 +52,8 @@ def check_frozen_unchanged(record: Path, now: Dict[str, str]) -> None:
         recorded = json.loads(record.read_text()).get("frozen")
     except (OSError, ValueError, AttributeError):  # none, unreadable, or not a dict
         return
-    changed = sorted(name for name, value in now.items() if isinstance(recorded, dict) and recorded.get(name, value) != value)
+    changed = sorted(name for name, value in now.items()
+                     if isinstance(recorded, dict) and recorded.get(name, value) != value)
     if changed:
         raise CheckpointError(
             f"The frozen models {changed} have other weights than when this run last saved (fingerprint "

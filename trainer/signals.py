@@ -127,8 +127,8 @@ class SignalCatcher:
             self._acknowledged = True
             global _finished_despite
             _finished_despite = self.signum
-            log.warning("Received %s during the last loop of steps, the final evaluation, the final save or the summary: the "
-                        "run finished instead of stopping (it is complete: nothing to resume)",
+            log.warning("Received %s during the last loop of steps, the final evaluation, the final save or the "
+                        "summary: the run finished instead of stopping (it is complete: nothing to resume)",
                         signal.Signals(self.signum).name)
         return False
 

@@ -21,7 +21,7 @@ from trainer.tracing import framework_code
 
 class Step:
     """Mixed into Trainer. Expects: models, model, loss, updaters, train_metrics, eval_metrics, train_loss,
-    eval_loss, strategy, config (see core.py)."""
+    eval_loss, strategy, config (see trainer.py)."""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -158,12 +158,14 @@ class Step:
         # compute_loss's value outside an overridden step (1/replicas of the batch mean) is divided already.
         divide = 1 if is_replica_share(loss) else self.strategy.num_replicas_in_sync
         unscaled_grads = updater.unscaled_gradients(tape, loss, updater.variables(), divide)
-        if unscaled_grads and all(g is None for g in unscaled_grads):  # Keras would say "No gradients provided for any variable"
+        # Keras would say "No gradients provided for any variable"
+        if unscaled_grads and all(g is None for g in unscaled_grads):
             name = updater.name
-            raise ValueError(f"Trainer.update(loss, tape, {name!r}): the loss has no gradient for any variable of model "
-                             f"{name!r}, so optimizer {name!r} has nothing to apply. Likely cause: the model's forward "
-                             "pass ran outside `with tf.GradientTape() as tape:` (or the loss comes from another model, "
-                             "or through tf.stop_gradient). Fix: call the model and compute the loss inside the tape.")
+            raise ValueError(f"Trainer.update(loss, tape, {name!r}): the loss has no gradient for any variable of "
+                             f"model {name!r}, so optimizer {name!r} has nothing to apply. Likely cause: the model's "
+                             "forward pass ran outside `with tf.GradientTape() as tape:` (or the loss comes from "
+                             "another model, or through tf.stop_gradient). Fix: call the model and compute "
+                             "the loss inside the tape.")
         updater.apply(unscaled_grads, loss / divide)
 
     # -- gradient accumulation: K micro-batches per optimizer update --------------------------------

@@ -72,7 +72,8 @@ def record_swept_keys(config: DictConfig) -> List[str]:
     launcher's workers inherit it)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parsed = OverridesParser.create().parse_overrides([str(o) for o in OmegaConf.select(config, "hydra.overrides.task", default=[])])
+    task = OmegaConf.select(config, "hydra.overrides.task", default=[])
+    parsed = OverridesParser.create().parse_overrides([str(o) for o in task])
     keys = {o.key_or_group for o in parsed if o.is_sweep_override()}
     keys |= {str(k) for k in (OmegaConf.select(config, "hydra.sweeper.params", default=None) or {})}
     sweep_dir = str(OmegaConf.select(config, "hydra.sweep.dir", default=""))
@@ -330,7 +331,8 @@ class SweepSummary(HydraCallback):
             _fail(e)  # exit 2 before the sweeper is made
         record_swept_keys(config)  # job folders are named by these keys (job_folder)
         if OmegaConf.select(config, "hydra.sweeper._target_") != BASIC_SWEEPER:
-            log.info("Sweep objective: the final %s, %s (trainer.sweep_metric)", metric, "maximized" if mode == "max" else "minimized")
+            log.info("Sweep objective: the final %s, %s (trainer.sweep_metric)", metric,
+                     "maximized" if mode == "max" else "minimized")
 
     def _rows(self, config: DictConfig):
         sweep_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir")))
@@ -357,5 +359,6 @@ class SweepSummary(HydraCallback):
             lines = [f"Sweep of {len(rows)} jobs ({sweep_dir / CSV_NAME}):", format_table(rows)]
             if best is not None:
                 metric, mode = _objective(config)
-                lines.append(f"Best: job {best['job']}, final {metric}={_cell(best[f'final_{metric}'])} ({mode}): {best['command']}")
+                lines.append(f"Best: job {best['job']}, final {metric}={_cell(best[f'final_{metric}'])} "
+                             f"({mode}): {best['command']}")
             print("\n".join(lines), flush=True)

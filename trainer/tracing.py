@@ -57,9 +57,9 @@ def keras_random_explained():
         if isinstance(error, RuntimeError) and '"get_global_generator" cannot be called if determinism' in str(error):
             raise RuntimeError(
                 "tf.random.get_global_generator() in the step: TensorFlow refuses it under op determinism "
-                "(trainer.deterministic=true), and the global generator is in no checkpoint anyway (a resume would draw "
-                "other numbers). Fix: draw from self.rng, the Trainer's checkpointed generator (self.rng.normal(shape)); "
-                "see docs/research.md, Randomness.") from error
+                "(trainer.deterministic=true), and the global generator is in no checkpoint anyway (a resume would "
+                "draw other numbers). Fix: draw from self.rng, the Trainer's checkpointed generator "
+                "(self.rng.normal(shape)); see docs/research.md, Randomness.") from error
         if type(error).__name__ != "UnliftableError" or "seed_generator" not in str(error):
             raise
         raise ValueError(
@@ -117,8 +117,8 @@ def _generators_outside_checkpoint(graph, trainer) -> List[str]:
     outside = [v for v in read if id(v) not in held]
     if not outside:
         return []
-    places = [("self.", vars(trainer))] + [(f"{m}.", vars(sys.modules[m])) for m in {type(trainer).__module__, "__main__"}
-                                            if m in sys.modules]
+    places = [("self.", vars(trainer))] + [(f"{m}.", vars(sys.modules[m]))
+                                           for m in {type(trainer).__module__, "__main__"} if m in sys.modules]
     names = {}
     for prefix, space in places:
         for key, value in list(space.items()):
@@ -180,9 +180,9 @@ def warn_unused_optimizers(trainer) -> None:
     trains not at all, with exit 0 either way."""
     unused = [name for name, updater in trainer.updaters.items() if not updater.in_step]
     if unused:
-        log.warning("The train step never calls self.update(loss, tape, name) for optimizer(s) %s (this Trainer's: %s). "
-                    "If the step applies their gradients itself (optimizer.apply_gradients), their models train, with "
-                    "the gradients averaged over replicas in an overridden train_step (summed, as Keras does, "
+        log.warning("The train step never calls self.update(loss, tape, name) for optimizer(s) %s (this Trainer's: "
+                    "%s). If the step applies their gradients itself (optimizer.apply_gradients), their models train, "
+                    "with the gradients averaged over replicas in an overridden train_step (summed, as Keras does, "
                     "elsewhere), but without the Trainer's loss scaling, finite check (a step with inf/NaN gradients "
                     "is applied, not skipped), clipping, and grad_norm/skipped_steps logs; if nothing applies them (a "
                     "misspelt name), those models do not train. Fix: call self.update(loss, tape, %r) in train_step.",

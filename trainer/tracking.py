@@ -29,7 +29,7 @@ class Window:
     Args:
       loss: the default step's loss tracker (it counts only when the default step ran).
       metrics: name -> the Trainer's metrics of this kind.
-      step_logs: name -> the Mean trackers of an overridden step's returned logs (compile.logged_step
+      step_logs: name -> the Mean trackers of an overridden step's returned logs (step_functions.logged_step
         adds to this dict when it traces the step).
     """
 

@@ -33,7 +33,7 @@ class Updater:
       variables: returns the variables it updates (read at trace time: after freezing layers, call
         `Trainer.reset_step_functions()`).
 
-    `skip_by_select` is set by compile.py from the XLA plan: when XLA compiles the update with the rest
+    `skip_by_select` is set by step_functions.py from the XLA plan: when XLA compiles the update with the rest
     of the step, a non-finite update is undone by a select instead of skipped by a branch.
     """
 
@@ -147,7 +147,7 @@ class Updater:
 
     def logs(self, prefix: str = "") -> Dict[str, float]:
         """lr, grad_norm (mean over the window's finite updates), loss_scale, skipped_steps. The Trainer
-        restarts grad_norm with its other window trackers (core.py _reset_train_trackers)."""
+        restarts grad_norm with its other window trackers (trainer.py _reset_train_trackers)."""
         logs = {}
         if self.in_step:  # not for an optimizer the step does not use
             logs[f"{prefix}grad_norm"] = float(self.grad_norm.result())
@@ -213,8 +213,8 @@ def _optimizers_of_your_own_average() -> None:
             log.warning("Optimizer %r is applied in an overridden step but is not one of the Trainer's: it is in no "
                         "checkpoint (a resume restarts its state), and gets no loss scaling, finite check or clipping; "
                         "its gradients are averaged over the replicas (the step's losses are batch means). Fix: give "
-                        "it to the Trainer (Trainer(optimizers={name: optimizer})) and call self.update(loss, tape, name).",
-                        getattr(self, "name", type(self).__name__))
+                        "it to the Trainer (Trainer(optimizers={name: optimizer})) and call "
+                        "self.update(loss, tape, name).", getattr(self, "name", type(self).__name__))
         summed = list(keras_sum(self, grads_and_vars))
         if replicas <= 1:
             return summed

@@ -1,6 +1,6 @@
 """trainer.jit_compile=measure: the run's first loop times its own train function with XLA on and off and
 keeps the faster (also auto's, for a long run on a CPU). A component the loop calls before its first loop
-(`measure_first_loop`); the functions it makes and the choice it keeps go through compile.py, their owner."""
+(`measure_first_loop`); the functions it makes and the choice it keeps go through step_functions.py, their owner."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import tensorflow as tf
 
-from trainer import compile as step_functions
+from trainer import step_functions
 from trainer.timing import interleaved_seconds, median_seconds, rounds_won
 
 log = logging.getLogger("trainer.core")
@@ -47,7 +47,8 @@ class XlaMeasurement:
         return False if self.on_wins <= 0 else self.auto
 
     def describe(self) -> str:
-        choice, verdict = "on" if self.jit_compile else "off", f"XLA on faster in {self.on_wins:g} of {self.rounds} rounds"
+        choice, verdict = ("on" if self.jit_compile else "off",
+                           f"XLA on faster in {self.on_wins:g} of {self.rounds} rounds")
         if 0 < self.on_wins < self.rounds:
             verdict += ", so auto's choice is kept"
         return (f"XLA on {1e3 * self.on_seconds:.2f} ms/step, off {1e3 * self.off_seconds:.2f} "
@@ -68,7 +69,8 @@ def _agreed(strategy, figures: List[float]) -> List[float]:
     if strategy.num_replicas_in_sync == 1:
         return figures
     local = tf.constant(figures, tf.float64)
-    mean = tf.function(lambda: strategy.reduce(tf.distribute.ReduceOp.MEAN, strategy.run(lambda: tf.identity(local)), axis=None))()
+    mean = tf.function(lambda: strategy.reduce(tf.distribute.ReduceOp.MEAN, strategy.run(lambda: tf.identity(local)),
+                                               axis=None))()
     return [float(v) for v in mean.numpy()]
 
 
@@ -88,7 +90,8 @@ def measure_jit(trainer, iterator, *, steps: int = MEASURE_STEPS, rounds: int = 
     why = why_not_measurable(trainer)
     if why:
         raise ValueError(f"nothing to measure: {why}")
-    auto = step_functions.of(trainer).jit_compile  # before measuring: auto's choice (the Trainer made with jit_compile=measure or null)
+    # before measuring: auto's choice (the Trainer made with jit_compile=measure or null)
+    auto = step_functions.of(trainer).jit_compile
     num_steps, functions, calls = tf.constant(steps, tf.int64), {}, {}
     for name, on in (("on", True), ("off", False)):
         with step_functions.trying(trainer, on):  # trainer.jit_compile reads this side while it is made and traced
@@ -141,7 +144,8 @@ def measure_in_run(trainer, iterator, remaining_steps: int) -> Optional[XlaMeasu
                                           f"the run has {remaining_steps} steps left, fewer than the {calls} it takes")
     why = why or profiled_while_measuring(trainer, calls * steps)
     if why:
-        log.warning("XLA: %s, but %s; XLA %s (auto)", why_measure, why, "on" if step_functions.of(trainer).jit_compile else "off")
+        log.warning("XLA: %s, but %s; XLA %s (auto)", why_measure, why,
+                    "on" if step_functions.of(trainer).jit_compile else "off")
         return None
     measured = measure_jit(trainer, iterator, steps=steps)
     log.info("XLA: %s: %s (%d train steps)", why_measure, measured.describe(), measured.steps_taken)

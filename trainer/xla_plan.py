@@ -1,6 +1,6 @@
 """Where XLA goes: pure decisions from the settings and the hardware, each with its reason (no state,
 no Trainer): whether to compile at all (`decide_jit_compile`), how much of the train step
-(`plan_xla`), and the one wrapper that compiles (`wrap_xla`). trainer/compile.py applies them."""
+(`plan_xla`), and the one wrapper that compiles (`wrap_xla`). trainer/step_functions.py applies them."""
 from __future__ import annotations
 
 import dataclasses
@@ -85,13 +85,15 @@ def plan_xla(config: TrainerConfig, *, jit_compile: bool, on_cpu: bool, replicas
     if config.xla_whole_step is not None:
         whole = bool(config.xla_whole_step) and one_cluster
         why = "trainer.xla_whole_step" if whole else (
-            "trainer.xla_whole_step=false" if config.xla_whole_step is False else "several replicas or gradient accumulation")
+            "trainer.xla_whole_step=false" if config.xla_whole_step is False
+            else "several replicas or gradient accumulation")
         return XlaPlan(True, whole, why, tuple(warnings))
     if not one_cluster:
         return XlaPlan(True, False, "several replicas or gradient accumulation", tuple(warnings))
     if on_cpu and mean_variable_size >= 1_000_000:
         return XlaPlan(True, False, f"auto: on a CPU, variables averaging {mean_variable_size:,.0f} parameters update "
-                       "faster with TF's fused kernels; trainer.xla_whole_step=true compiles the update too", tuple(warnings))
+                       "faster with TF's fused kernels; trainer.xla_whole_step=true compiles the update too",
+                       tuple(warnings))
     return XlaPlan(True, True, "trainer.xla_whole_step", tuple(warnings))
 
 

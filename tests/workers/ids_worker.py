@@ -18,7 +18,8 @@ N_IDS, BATCH = 96, 8  # 12 steps per epoch
 def data(ctx=None):
     ids = tf.data.Dataset.range(N_IDS)
     ds = ids.shuffle(N_IDS, seed=7, reshuffle_each_iteration=True)
-    ds = ds.map(lambda i: ({"id": i, "x": tf.stack([tf.cast(i, tf.float32) / N_IDS, tf.cast(i % 7, tf.float32)])}, i % 2))
+    ds = ds.map(lambda i: ({"id": i, "x": tf.stack([tf.cast(i, tf.float32) / N_IDS, tf.cast(i % 7, tf.float32)])},
+                           i % 2))
     return ds.batch(BATCH, drop_remainder=True).repeat().prefetch(2)
 
 

@@ -18,8 +18,8 @@ from trainer.callbacks.xla_choice import XlaChoice
 
 __all__ = ["HOOKS", "CSVLogger", "Callback", "CallbackList", "Checkpointing", "DivergenceGuard", "EarlyStopping",
            "LogLines", "Logger", "MLflowLogger", "MetricsWriter", "NumericalError", "NumericsGuard", "Profiler",
-           "ProgressBar", "ReduceLROnPlateau", "Summary", "TensorBoardWriter", "WandbLogger", "XlaChoice", "callback_list",
-           "loop_host_callbacks"]
+           "ProgressBar", "ReduceLROnPlateau", "Summary", "TensorBoardWriter", "WandbLogger", "XlaChoice",
+           "callback_list", "loop_host_callbacks"]
 
 
 def callback_list(trainer, user_callbacks: List[Callback]) -> CallbackList:

@@ -51,7 +51,8 @@ class Checkpointing(Callback):
         self.frozen: Dict[str, str] = {}  # the frozen models' fingerprints, recorded at each save (trainer/saved.py)
         self.last_path: Optional[str] = None
         self.last_save_time = time.monotonic()
-        self.last_point = 0  # the step of the last save point (or the run's start): a loop from it went past a due save?
+        # the step of the last save point (or the run's start): a loop from it went past a due save?
+        self.last_point = 0
         # The data position: the training batches read up to step `counted_step`. Counted, not step x batches
         # per step: a resume with other batches per step (or after a rollback) goes on where the data was.
         self.batches_read, self.counted_step = 0, None
@@ -95,8 +96,9 @@ class Checkpointing(Callback):
         targets = init_from_targets(cfg.init_from, trainer.models)  # checked before anything is read
         if trainer.run_dir is None:
             if cfg.resume_from is not None:
-                raise ConfigError(f"trainer.resume_from={cfg.resume_from} needs the run folder it names a checkpoint of: "
-                                  "give Trainer(run_dir=...) (trainer.fast_dev_run reads no run folder). Fix: drop one of them.")
+                raise ConfigError(f"trainer.resume_from={cfg.resume_from} needs the run folder it names a checkpoint "
+                                  "of: give Trainer(run_dir=...) (trainer.fast_dev_run reads no run "
+                                  "folder). Fix: drop one of them.")
             warm_start_models(trainer.models, targets, trainer.frozen)
             self.prepared = True
             return
@@ -147,9 +149,10 @@ class Checkpointing(Callback):
                 resume_from.done(directory)
             step = checkpointer.prepare(resume=cfg.resume)
             if earlier is not None:
-                log.warning("Resumed from the newest checkpoint (step %s), not from step %s that trainer.resume_from=%s names: "
-                            "this run went back to that checkpoint before (set aside: %s), so this start is taken for the same "
-                            "command run again. To go back to step %s again: delete %s and rerun.", step, earlier.get("step"),
+                log.warning("Resumed from the newest checkpoint (step %s), not from step %s that "
+                            "trainer.resume_from=%s names: this run went back to that checkpoint before (set aside: "
+                            "%s), so this start is taken for the same command run again. To go back to step %s again: "
+                            "delete %s and rerun.", step, earlier.get("step"),
                             value, earlier.get("set_aside"), earlier.get("step"), directory / resume_from.RECORD)
             return step, None
         prefix = resume_from.resolve(directory, value)
@@ -160,8 +163,8 @@ class Checkpointing(Callback):
         if trainer.is_chief:
             folder, moved = resume_from.set_aside(trainer.run_dir, step, own=own, journal={"resume_from": str(value)})
             if moved:
-                log.warning("What the run did after step %d is set aside, not deleted, in %s: %s. TensorBoard and MLflow keep "
-                            "those steps (docs/concepts/checkpoints.md).", step, folder, ", ".join(moved))
+                log.warning("What the run did after step %d is set aside, not deleted, in %s: %s. TensorBoard and "
+                            "MLflow keep those steps (docs/concepts/checkpoints.md).", step, folder, ", ".join(moved))
             else:
                 log.info("The run has nothing after step %d to set aside.", step)
         return step, (prefix, own, folder, str(value))
@@ -172,11 +175,11 @@ class Checkpointing(Callback):
         the same trainer.resume_from; another one is refused (the run folder would mix two rewinds)."""
         named = journal.get("resume_from")
         if value is not None and str(value) != named:
-            raise ConfigError(f"trainer.resume_from={value}: a start with trainer.resume_from={named} was cut short while "
-                              f"taking this run back to step {journal['step']}. Fix: run once with trainer.resume_from={named} "
-                              "(it finishes that), then with the checkpoint you want.")
-        log.warning("A start with trainer.resume_from=%s was cut short while taking this run back to step %s: finishing "
-                    "it (set aside in %s).", named, journal["step"], journal.get("folder"))
+            raise ConfigError(f"trainer.resume_from={value}: a start with trainer.resume_from={named} was cut short "
+                              f"while taking this run back to step {journal['step']}. Fix: run once with "
+                              f"trainer.resume_from={named} (it finishes that), then with the checkpoint you want.")
+        log.warning("A start with trainer.resume_from=%s was cut short while taking this run back to step %s: "
+                    "finishing it (set aside in %s).", named, journal["step"], journal.get("folder"))
         return named
 
     def _finish_rewind(self, trainer, step: int, prefix: str, own: bool, folder, value: str) -> None:

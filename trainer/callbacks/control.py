@@ -2,8 +2,9 @@
 stops improving (EarlyStopping), lower the learning rate on a plateau (ReduceLROnPlateau).
 
 Both watch one value: an eval result, named as `trainer.best_metric` names it (`loss`, `accuracy`; with
-several eval sets `val/accuracy`: trainer/evalsets.py), or a train log as `train/NAME` (`train/loss`). Each event (an evaluation, or a train log) is judged once, so
-the final evaluation at the step where the run stopped does not count twice. Their counts are in every
+several eval sets `val/accuracy`: trainer/evalsets.py), or a train log as `train/NAME` (`train/loss`). Each
+event (an evaluation, or a train log) is judged once, so the final evaluation at the step where the run
+stopped does not count twice. Their counts are in every
 checkpoint (state_dict): a resumed run goes on counting where it stopped. The counts belong to one Trainer:
 an object given to another Trainer starts fresh there (or from that Trainer's checkpoint), as Keras'
 callbacks reset in on_train_begin.
@@ -214,8 +215,8 @@ class EarlyStopping(Monitor):
             self.stopped_step = step
             trainer.stop_training = True
             log.info("Early stopping at step %d: %s=%.6g has not improved on %.6g (step %s, mode=%s, min_delta=%g) "
-                     "for %d events (patience=%d).", step, self.monitor, value, self.best_or_nan, self.best_step, self.mode,
-                     self.min_delta, self.wait, self.patience)
+                     "for %d events (patience=%d).", step, self.monitor, value, self.best_or_nan, self.best_step,
+                     self.mode, self.min_delta, self.wait, self.patience)
 
 
 class ReduceLROnPlateau(Monitor):

@@ -21,7 +21,7 @@ import tensorflow as tf
 from trainer.callbacks import learning
 from trainer.callbacks.base import Callback
 from trainer.callbacks.numerics import NumericalError, stuck_steps
-from trainer.checkpoint import list_checkpoints
+from trainer.checkpoint_files import list_checkpoints
 from trainer.config import ConfigError
 from trainer.optim import ScaledSchedule
 
@@ -152,7 +152,8 @@ class DivergenceGuard(Callback):
                 "optimizer.clipnorm=1.0), check the data; trainer.on_divergence=rollback restores the last good "
                 "checkpoint and halves the learning rate, trainer.on_divergence=warn only warns, "
                 "trainer.divergence_factor=null turns this check off. Step "
-                f"{self.last_good_step}'s loss was still under the threshold: checkpoints up to it predate the divergence."
+                f"{self.last_good_step}'s loss was still under the threshold: checkpoints up to "
+                "it predate the divergence."
             )
 
     @staticmethod
@@ -194,7 +195,8 @@ class DivergenceGuard(Callback):
                 f"Stopping at step {step}: {why}, and there is no checkpoint to roll back to (none at or before step "
                 f"{self.last_good_step}, the last step judged good; trainer.checkpoint_every={cfg.checkpoint_every}). "
                 f"{CAUSES} Fix: lower optimizer.lr, or save earlier (a smaller trainer.checkpoint_every).")
-        diverged = {name: float(keras.ops.convert_to_numpy(u.optimizer.learning_rate)) for name, u in trainer.updaters.items()}
+        diverged = {name: float(keras.ops.convert_to_numpy(u.optimizer.learning_rate))
+                    for name, u in trainer.updaters.items()}
         kept = self.state_dict()  # the run's, not the checkpoint's: the restore below reads the callbacks' state too
         restored = trainer.checkpointer.restore_latest(found, [])
         self.load_state_dict(kept)

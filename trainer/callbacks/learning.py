@@ -44,7 +44,8 @@ def chance_accuracy(trainer) -> Optional[float]:
     return 1.0 / classes if classes >= 2 else None
 
 
-def not_learning(trainer, step: int, logs: Dict, reference: Optional[float], reference_step: Optional[int]) -> Optional[str]:
+def not_learning(trainer, step: int, logs: Dict, reference: Optional[float],
+                 reference_step: Optional[int]) -> Optional[str]:
     """Why the run is not learning at this log (a sentence naming the numbers), or None when it is (or
     cannot be judged: no loss, no positive finite reference)."""
     loss = logs.get("loss")
@@ -52,9 +53,11 @@ def not_learning(trainer, step: int, logs: Dict, reference: Optional[float], ref
         return None
     accuracy = next((float(v) for k, v in logs.items() if k.endswith("accuracy") and isinstance(v, (int, float))), None)
     chance = chance_accuracy(trainer)
-    if accuracy is not None and chance is not None and accuracy > min(ABOVE_CHANCE * chance, (1 + chance) / 2):  # 2 classes: 0.75, not 1.0
+    # 2 classes: 0.75, not 1.0
+    if accuracy is not None and chance is not None and accuracy > min(ABOVE_CHANCE * chance, (1 + chance) / 2):
         return None
-    at_chance = (f", and the train accuracy {accuracy:.4f} is at chance level (1/{round(1 / chance)} classes = {chance:.3g})"
+    at_chance = (f", and the train accuracy {accuracy:.4f} is at chance level "
+                 f"(1/{round(1 / chance)} classes = {chance:.3g})"
                  if accuracy is not None and chance is not None else "")
     return (f"the train loss {loss:.4g} at step {step} ({step / trainer.total:.0%} of the run) is not below its "
             f"early level, the run's first train loss {reference:.4g} (step {reference_step}){at_chance}: "

@@ -157,7 +157,8 @@ class CSVLogger(Logger):
         row = {"step": step, "split": split, "time": f"{time.time():.3f}", **scalars(logs)}
         new = [name for name in row if name not in self.columns]
         if new:
-            self._rewrite_header([*self.columns, *new] if self.columns else [*self.FIXED, *(n for n in new if n not in self.FIXED)])
+            self._rewrite_header([*self.columns, *new] if self.columns
+                                 else [*self.FIXED, *(n for n in new if n not in self.FIXED)])
         with self.path.open("a", newline="") as f:
             csv.DictWriter(f, self.columns, restval="").writerow(row)
 
@@ -215,7 +216,8 @@ class MLflowLogger(Logger):
             raise ConfigError(f"logger=mlflow needs the MLflow client, which is not installed. Fix: {MLFLOW_INSTALL} "
                               "(or drop mlflow from logger=[...])") from None
         self.tracking_uri, self.experiment, self.run_name = tracking_uri, experiment, run_name
-        self.params, self.log_checkpoints, self.artifact_location = dict(params or {}), log_checkpoints, artifact_location
+        self.params, self.log_checkpoints, self.artifact_location = (dict(params or {}), log_checkpoints,
+                                                                     artifact_location)
         self.client, self.run_id = None, None
 
     def on_train_begin(self, trainer):
@@ -223,7 +225,8 @@ class MLflowLogger(Logger):
 
         run_dir = trainer.run_dir
         uri, artifacts = self.tracking_uri, self.artifact_location
-        if uri is None:  # SQLite: MLflow 3.17's file store (file:<dir>) refuses to start unless MLFLOW_ALLOW_FILE_STORE=true
+        # SQLite: MLflow 3.17's file store (file:<dir>) refuses to start unless MLFLOW_ALLOW_FILE_STORE=true
+        if uri is None:
             database = self.in_run_dir(trainer, None, "mlflow.db").resolve()
             uri, artifacts = f"sqlite:///{database}", artifacts or (database.parent / "mlartifacts").as_uri()
         self.client = MlflowClient(uri)

@@ -7,7 +7,7 @@ package: `pip install -e ".[profile]"`). The loop ends a loop at step N-1 and at
 (loop.steps_to_next_event), so the trace holds exactly steps N..M whatever steps_per_loop is; it starts
 after step N-1's logs, evaluation and checkpoint, and stops as soon as step M's loop returns. A loop that
 went past step N-1 (trainer.jit_compile=measure's first loop does not stop at the cuts: it does not measure
-when its steps would cover step N, compile.measure_in_run) gets a warning and no trace, never a wrong one.
+when its steps would cover step N, xla_measure.measure_in_run) gets a warning and no trace, never a wrong one.
 """
 from __future__ import annotations
 

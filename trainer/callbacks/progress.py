@@ -41,7 +41,8 @@ class ProgressBar(Callback):
     def on_train_begin(self, trainer):
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=trainer.total, initial=int(trainer.step.numpy()), desc="train", unit="step", dynamic_ncols=True)
+        self.bar = tqdm(total=trainer.total, initial=int(trainer.step.numpy()), desc="train", unit="step",
+                        dynamic_ncols=True)
         self.last = int(trainer.step.numpy())
 
     def on_loop_end(self, trainer, step):
@@ -64,14 +65,15 @@ class ProgressBar(Callback):
 
 class LogLines(Callback):
     """Without the progress bar (trainer.progress_bar=false): a line per log and eval event in the log, as
-    Keras' fit(verbose=2) prints one per epoch: `step 500/1500: loss=0.4300, accuracy=0.8400 (7170 ex/s) | mem 612 MiB`."""
+    Keras' fit(verbose=2) prints one per epoch:
+    `step 500/1500: loss=0.4300, accuracy=0.8400 (7170 ex/s) | mem 612 MiB`."""
 
     def on_log(self, trainer, step, logs):
         values = ", ".join(f"{k}={v:.4f}" for k, v in shown(logs).items())
         speed = logs.get("examples_per_sec", math.nan)
         memory = memory_text(logs)
-        log.info("step %d/%d: %s%s%s", step, trainer.total, values, f" ({speed:.0f} ex/s)" if math.isfinite(speed) else "",
-                 f" | {memory}" if memory else "")
+        log.info("step %d/%d: %s%s%s", step, trainer.total, values,
+                 f" ({speed:.0f} ex/s)" if math.isfinite(speed) else "", f" | {memory}" if memory else "")
 
     def on_eval_end(self, trainer, step, logs):
         log.info("%s", eval_line(step, logs, trainer))
@@ -107,7 +109,8 @@ class Summary(Callback):
             lines.append(f"Throughput: {ordered[len(ordered) // 2]:.0f} examples/s (median of log windows)")
         lines.append(peak_memory_line(memory_logs()))
         if summary.get("traces"):
-            lines.append(f"Traced: {summary['traces']} (first loop incl. compile: {summary.get('first_loop_seconds', 0):.2f}s)")
+            lines.append(f"Traced: {summary['traces']} (first loop incl. compile: "
+                         f"{summary.get('first_loop_seconds', 0):.2f}s)")
             expected = {"train": 2} if trainer.xla_choice.traced_both else {}  # measuring traces XLA on and off
             retraced = {k: v for k, v in summary["traces"].items() if v > expected.get(k, 1)}
             if retraced:
@@ -122,7 +125,8 @@ class Summary(Callback):
         if summary.get("weights_sha256"):
             lines.append(f"Weights fingerprint: {summary['weights_sha256']}")
         if summary.get("ema_weights_sha256"):
-            lines.append(f"Averaged weights (optimizer.use_ema; used by evaluation, best/ and export): {summary['ema_weights_sha256']}")
+            lines.append("Averaged weights (optimizer.use_ema; used by evaluation, best/ and export): "
+                         f"{summary['ema_weights_sha256']}")
         if trainer.run_dir is not None:
             lines.append(f"Run folder: {trainer.run_dir}")
             lines.append(f"Plot: python -m trainer.plot {shlex.quote(str(trainer.run_dir))} --out runs.png")
@@ -132,4 +136,5 @@ class Summary(Callback):
 def peak_memory_line(memory) -> str:
     """`Peak memory: host RSS 812 MiB (now 640 MiB), GPU:0 1843 MiB`: peaks since the process started."""
     gpus = [f"GPU:{k[len('gpu'):-len('_peak_mb')]} {v:.0f} MiB" for k, v in memory.items() if k.startswith("gpu")]
-    return ", ".join([f"Peak memory: host RSS {memory['host_peak_rss_mb']:.0f} MiB (now {memory['host_rss_mb']:.0f} MiB)", *gpus])
+    return ", ".join([f"Peak memory: host RSS {memory['host_peak_rss_mb']:.0f} MiB (now "
+                      f"{memory['host_rss_mb']:.0f} MiB)", *gpus])

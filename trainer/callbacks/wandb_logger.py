@@ -70,8 +70,8 @@ class WandbLogger(Logger):
         try:
             import wandb  # noqa: F401
         except ImportError:
-            raise ConfigError(f"logger=wandb needs the Weights & Biases client, which is not installed. Fix: {WANDB_INSTALL} "
-                              "(or drop wandb from logger=[...])") from None
+            raise ConfigError("logger=wandb needs the Weights & Biases client, which is not installed. Fix: "
+                              f"{WANDB_INSTALL} (or drop wandb from logger=[...])") from None
         if mode not in (None, "online", "offline", "disabled"):
             raise ConfigError(f"logger.wandb.mode={mode!r} is not one of online|offline|disabled (or null: offline "
                               "without a W&B login)")
@@ -99,8 +99,8 @@ class WandbLogger(Logger):
         self.started_service = not os.environ.get("WANDB_SERVICE")  # else another user of wandb in this process owns it
         self.process_hooks = (sys.exit, sys.excepthook)  # wandb.init wraps them (its ExitHooks); put back at teardown
         try:
-            self.run = wandb.init(project=self.project, entity=self.entity, name=self.name or folder.name, tags=self.tags,
-                                  id=run_id, resume="allow", dir=str(folder), mode=self.chosen_mode(),
+            self.run = wandb.init(project=self.project, entity=self.entity, name=self.name or folder.name,
+                                  tags=self.tags, id=run_id, resume="allow", dir=str(folder), mode=self.chosen_mode(),
                                   reinit="create_new", settings=wandb.Settings(console="off"))
         except wandb.errors.Error as e:  # no network, a refused key: W&B's own error, not a bug of the run
             self.teardown()

@@ -8,7 +8,7 @@ import dataclasses
 import logging
 from typing import Dict, Optional
 
-from trainer import compile as step_functions
+from trainer import step_functions
 from trainer.callbacks.base import Callback
 from trainer.xla_measure import XlaMeasurement
 

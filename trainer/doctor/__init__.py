@@ -110,7 +110,7 @@ def diagnose(model: Callable, data, loss, optimizer: Optional[Callable] = None, 
     """
     from trainer.assemble import Parts
     from trainer.config import PrecisionConfig, TrainerConfig
-    from trainer.core import Trainer
+    from trainer.trainer import Trainer
 
     parts = Parts(model=model, loss=loss, optimizer=optimizer, metrics=metrics,
                   precision=PrecisionConfig(policy=precision) if isinstance(precision, str) else precision,
@@ -135,7 +135,7 @@ def diagnose_parts(parts, data, *, batch_size: Optional[int] = None, strategy=No
     from trainer.doctor.model_table import model_section
     from trainer.doctor.numerics import numerics_section
     from trainer.doctor.speed import plan_grid, speed_section
-    from trainer.objects import per_example_loss
+    from trainer.components import per_example_loss
 
     start = time.perf_counter()
     progress = progress or _progress_to_stderr(start)
@@ -146,7 +146,8 @@ def diagnose_parts(parts, data, *, batch_size: Optional[int] = None, strategy=No
                                  jit_compile=parts.config.jit_compile, overrides=overrides)
     trainer_config = parts.config if xla is None else dataclasses.replace(parts.config, jit_compile=xla)
     if batch_size is None and not isinstance(data, tf.data.Dataset):
-        raise ValueError("trainer.doctor.diagnose: with data given as a function of the batch size, give batch_size too")
+        raise ValueError("trainer.doctor.diagnose: with data given as a function of the batch "
+                         "size, give batch_size too")
     data_for_batch = _data_for_batch(data)
     batches = _first_batches(data_for_batch(batch_size) if batch_size else data, 1 if quick else 2)
     if batch_size is None:
@@ -165,14 +166,14 @@ def diagnose_parts(parts, data, *, batch_size: Optional[int] = None, strategy=No
     if "model" in sections and single:
         progress(f"model: the layer table under {candidate_policy(precision.policy, device['kind'])}")
         _section(report, "model", progress, lambda: model_section(
-            parts.model, candidate_policy(precision.policy, device["kind"]), x, batch_size // strategy.num_replicas_in_sync,
-            weights=weights, float32_layers=precision.float32_layers))
+            parts.model, candidate_policy(precision.policy, device["kind"]), x,
+            batch_size // strategy.num_replicas_in_sync, weights=weights, float32_layers=precision.float32_layers))
     elif "model" in sections:
         report["model_skipped"] = why_not
     if "numerics" in sections and why_not is None:
         _section(report, "numerics", progress, lambda: numerics_section(
-            parts.model, per_example_loss(parts.loss), batches, weights=weights, float32_layers=precision.float32_layers,
-            progress=progress))
+            parts.model, per_example_loss(parts.loss), batches, weights=weights,
+            float32_layers=precision.float32_layers, progress=progress))
     elif "numerics" in sections:
         report["numerics_skipped"] = why_not
     if "speed" in sections:

@@ -27,21 +27,25 @@ class DoctorError(UserError, ValueError):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m trainer.doctor", description=__doc__.split("\n\n")[1].replace("\n", " "))
+    parser = argparse.ArgumentParser(prog="python -m trainer.doctor",
+                                     description=__doc__.split("\n\n")[1].replace("\n", " "))
     parser.add_argument("overrides", nargs="*", help="config overrides, as for python -m trainer (recipe=resnet ...)")
     parser.add_argument("--run", help="a run folder: its config and its latest checkpoint's weights")
-    parser.add_argument("--quick", action="store_true", help="the given batch size only, fewer rounds, one numerics batch")
+    parser.add_argument("--quick", action="store_true",
+                        help="the given batch size only, fewer rounds, one numerics batch")
     parser.add_argument("--verify", nargs="?", type=int, const=100, metavar="N",
                         help="train the recommended and the current configuration N steps each (default 100), "
                              "interleaved; the recommendation is withdrawn unless it is faster")
     parser.add_argument("--set-auto", action="store_true",
                         help="store the verified recommendation (precision, XLA) for precision=auto on this machine, "
                              "for runs of this recipe and model config (needs --verify)")
-    parser.add_argument("--out", help="folder for doctor.json / doctor.png (default: runs/doctor/<date_time>, or the run folder)")
+    parser.add_argument("--out", help="folder for doctor.json / doctor.png (default: "
+                                      "runs/doctor/<date_time>, or the run folder)")
     args = parser.parse_intermixed_args(argv)  # options may come between overrides
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
-        raise DoctorError(f"{bad[0]!r} is not a config override (key=value) or an option (--run, --quick, --verify, --set-auto, --out)")
+        raise DoctorError(f"{bad[0]!r} is not a config override (key=value) or an option (--run, --quick, "
+                          "--verify, --set-auto, --out)")
     if args.verify is not None and args.verify < VERIFY_ROUNDS:
         raise DoctorError(f"--verify {args.verify}: give at least {VERIFY_ROUNDS} steps (one per interleaved round)")
     if args.set_auto and args.verify is None:  # refused before minutes of measuring that would store nothing
@@ -127,7 +131,8 @@ def _prepare_out_folder(out: Path) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise DoctorError(f"--out {out} cannot be written ({e.strerror or e}); give a folder you can write to") from None
+        raise DoctorError(f"--out {out} cannot be written ({e.strerror or e}); give a folder you "
+                          "can write to") from None
 
 
 def _set_auto(rec: Optional[dict], model: dict) -> None:
@@ -174,7 +179,8 @@ def _set_auto(rec: Optional[dict], model: dict) -> None:
         xla = None
     measured = rec["verify"].get("speedup", rec["speedup"])  # as trained through fit()
     path = save_doctor_answer(rec["policy"], rec["command"], measured, model=model, jit_compile=xla, batch=batch)
-    with_xla = "" if xla is None else f" with XLA {'on' if xla else 'off'} (where trainer.jit_compile is left at its default)"
+    with_xla = ("" if xla is None
+                else f" with XLA {'on' if xla else 'off'} (where trainer.jit_compile is left at its default)")
     print(f"--set-auto: precision=auto now chooses {rec['policy']}{with_xla} on this machine for {model['label']} "
           f"(measured at batch {batch}; stored in {path}; other models keep the probe's rule; delete it to go "
           "back to the probe)")

@@ -79,7 +79,8 @@ def choose(rows: List[dict], baseline: dict, batch: int) -> dict:
         r for r in rows if r is not baseline and (versus[r["name"]]["verdict"] == FASTER or (
             versus[r["name"]]["verdict"] == SAME and complexity(r, batch) < base_complexity))]
     top = [r for r in contenders if not any(
-        other is not r and paired_verdict(other["seconds_per_example"], r["seconds_per_example"], alpha)["verdict"] == FASTER
+        other is not r
+        and paired_verdict(other["seconds_per_example"], r["seconds_per_example"], alpha)["verdict"] == FASTER
         for other in contenders)]
     top = top or [baseline]
     choice = min(top, key=lambda r: (complexity(r, batch), -versus[r["name"]]["speedup"]))

@@ -101,7 +101,8 @@ def _measure_matmul(rounds: int, progress: Callable[[str], None]) -> dict:
     for r in rows:
         r["vs_float32"] = r["gflops"] / by_key[("float32", r["xla"])]["gflops"]
     return {"rounds": rounds, "what": "square matmul n x n @ n x n, 2n^3 FLOP per call, median of interleaved "
-                                      "rounds; n: a float32 call takes >= 10 ms, smaller for a dtype slower than 0.3 s per call", "matmul": rows}
+                                      "rounds; n: a float32 call takes >= 10 ms, smaller for a dtype slower than 0.3 s "
+                                      "per call", "matmul": rows}
 
 
 def hardware_section(strategy: tf.distribute.Strategy, policy: str, rounds: int,

@@ -84,7 +84,8 @@ def _float32_reason(layer, name: str, policy: str, float32_layers: Sequence[str]
 
 def _advice(layer, policy: str) -> str:
     reduced = policy != "float32" and layer.compute_dtype != "float32"
-    if reduced and (getattr(layer, "activation", None) is keras.activations.softmax or type(layer).__name__ == "Softmax"):
+    if reduced and (getattr(layer, "activation", None) is keras.activations.softmax
+                    or type(layer).__name__ == "Softmax"):
         return f"softmax computed in {layer.compute_dtype}"
     return ""
 

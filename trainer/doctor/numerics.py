@@ -179,7 +179,8 @@ def relative_errors(reference: dict, other: dict) -> dict:
 def _float16_verdict(layers: List[dict], reference: dict, scale: float, errors: dict, kept_float32: set) -> dict:
     weight_grads, activation_grads = reference["weight_grads"], reference["activation_grads"]
     overflowing = [r for r in layers if r["max_activation"] >= FLOAT16_MAX and r["layer"] not in kept_float32]
-    scaled_overflow = [r for r in layers if (r["max_gradient"] or 0.0) * scale >= FLOAT16_MAX and r["layer"] not in kept_float32]
+    scaled_overflow = [r for r in layers
+                       if (r["max_gradient"] or 0.0) * scale >= FLOAT16_MAX and r["layer"] not in kept_float32]
     underflow = max(weight_grads.flushed(scale), activation_grads.flushed(scale))
     largest = max(weight_grads.largest, activation_grads.largest)
     blockers = []
@@ -187,14 +188,17 @@ def _float16_verdict(layers: List[dict], reference: dict, scale: float, errors: 
         blockers.append(f"no loss scale keeps the largest gradient ({largest:.3g}) in range ({HEADROOM:g}x below "
                         f"{FLOAT16_MAX:g}): float16 would overflow")
     if overflowing:
-        blockers.append("activations overflow float16 in " + ", ".join(f"{r['layer']} ({r['class']}, max {r['max_activation']:.3g})"
-                                                                      for r in overflowing))
+        blockers.append("activations overflow float16 in "
+                        + ", ".join(f"{r['layer']} ({r['class']}, max {r['max_activation']:.3g})"
+                                    for r in overflowing))
     if scaled_overflow:
-        blockers.append(f"gradients overflow float16 at scale {scale:g} in " + ", ".join(r["layer"] for r in scaled_overflow))
+        blockers.append(f"gradients overflow float16 at scale {scale:g} in "
+                        + ", ".join(r["layer"] for r in scaled_overflow))
     if weight_grads.largest * scale >= FLOAT16_MAX:
         blockers.append(f"weight gradients overflow float16 at scale {scale:g} (largest {weight_grads.largest:.3g})")
     if underflow > UNDERFLOW_LIMIT:
-        blockers.append(f"{underflow:.1%} of the gradient values flush to zero at scale {scale:g} (limit {UNDERFLOW_LIMIT:.0%})")
+        blockers.append(f"{underflow:.1%} of the gradient values flush to zero at scale {scale:g} "
+                        f"(limit {UNDERFLOW_LIMIT:.0%})")
     if not errors["finite"]:
         blockers.append(f"the batch under mixed_float16 at scale {scale:g} gave inf/NaN")
     elif errors["gradients"] > ERROR_LIMITS["gradients"] or errors["loss"] > ERROR_LIMITS["loss"]:
@@ -203,7 +207,8 @@ def _float16_verdict(layers: List[dict], reference: dict, scale: float, errors: 
     classes = sorted({r["class"] for r in overflowing})
     return {
         "loss_scale": scale, "scale_fits": scale_fits(largest, scale),
-        "underflow": {"weight_gradients": {"unscaled": weight_grads.flushed(1.0), "at_scale": weight_grads.flushed(scale)},
+        "underflow": {"weight_gradients": {"unscaled": weight_grads.flushed(1.0),
+                                           "at_scale": weight_grads.flushed(scale)},
                       "activation_gradients": {"unscaled": activation_grads.flushed(1.0),
                                                "at_scale": activation_grads.flushed(scale)}},
         "underflow_by_scale": [{"scale": s, "weight_gradients": weight_grads.flushed(s),
@@ -236,9 +241,11 @@ def numerics_section(builder: Callable[[], keras.Model], loss_fn, batches: Seque
     kept = {name for name, dtype in half["compute_dtypes"].items() if dtype == "float32"}
     bf16_errors = relative_errors(base, brain)
     bf16_blockers = [] if bf16_errors["finite"] else ["the batch under mixed_bfloat16 gave inf/NaN"]
-    if bf16_errors["finite"] and (bf16_errors["loss"] > ERROR_LIMITS["loss"] or bf16_errors["gradients"] > ERROR_LIMITS["gradients"]):
+    if bf16_errors["finite"] and (bf16_errors["loss"] > ERROR_LIMITS["loss"]
+                                  or bf16_errors["gradients"] > ERROR_LIMITS["gradients"]):
         bf16_blockers.append(f"error against float32: loss {bf16_errors['loss']:.2g}, gradients "
-                             f"{bf16_errors['gradients']:.2g} (limits {ERROR_LIMITS['loss']}, {ERROR_LIMITS['gradients']})")
+                             f"{bf16_errors['gradients']:.2g} (limits {ERROR_LIMITS['loss']}, "
+                             f"{ERROR_LIMITS['gradients']})")
     return {
         "batches": len(batches), "float16_max": FLOAT16_MAX, "float16_smallest_subnormal": FLOAT16_TINIEST,
         "limits": {"underflow": UNDERFLOW_LIMIT, "headroom_of_chosen_scale": HEADROOM, **ERROR_LIMITS},

@@ -31,7 +31,8 @@ def _pieces(trainer, batch, iterator) -> Dict[str, Callable[[tf.Tensor], object]
     def varied(total):
         # Each repeat's input depends on the last one's loss (x times 1 + 1e-30 * loss, numerically x):
         # Grappler's loop optimizer would otherwise hoist the loop-invariant matmuls out of the loop.
-        return tf.nest.map_structure(lambda t: t * tf.cast(1.0 + 1e-30 * total, t.dtype) if t.dtype.is_floating else t, x)
+        return tf.nest.map_structure(lambda t: t * tf.cast(1.0 + 1e-30 * total, t.dtype) if t.dtype.is_floating else t,
+                                     x)
 
     @tf.function
     def forward(n):
@@ -100,10 +101,10 @@ def _breakdown(median: Dict[str, float]) -> dict:
     step = median["step"]
     forward = min(median["forward"], step)
     forward_backward = min(max(median["forward_backward"], forward), step)
-    phases = {"forward": forward, "backward": forward_backward - forward, "update and the rest": step - forward_backward,
-              "input (pipeline alone)": median["input"]}
+    phases = {"forward": forward, "backward": forward_backward - forward,
+              "update and the rest": step - forward_backward, "input (pipeline alone)": median["input"]}
     return {"step_seconds": step, "seconds": phases, "share": {k: v / step for k, v in phases.items()},
             "how": "forward: model and loss; backward: forward with gradients minus forward; update and the rest: "
                    "the step minus forward with gradients (optimizer, loss scaling, finite checks, metrics, the "
-                   "loop's per-window host work); input: the pipeline pulled alone, inside a tf.function (it overlaps the "
-                   f"step when prefetched); medians of {ROUNDS} rounds interleaved across the configurations"}
+                   "loop's per-window host work); input: the pipeline pulled alone, inside a tf.function (it overlaps "
+                   f"the step when prefetched); medians of {ROUNDS} rounds interleaved across the configurations"}

@@ -26,7 +26,8 @@ def _speed_panel(ax, rows: list, names: list, rec: dict) -> None:
             bars[i].set_edgecolor("red")
             bars[i].set_linewidth(2.5)
     handles = [Patch(color=COLORS[p], label=p) for p in COLORS if any(r["policy"] == p for r in rows)]
-    handles += [Patch(facecolor="white", edgecolor="red", linewidth=2.5, label=f"recommended ({rec.get('verdict', '-')})"),
+    handles += [Patch(facecolor="white", edgecolor="red", linewidth=2.5,
+                      label=f"recommended ({rec.get('verdict', '-')})"),
                 Patch(facecolor="white", edgecolor="black", hatch="//", label="what you run now")]
     dots = ax.get_legend_handles_labels()[0]
     ax.legend(handles=handles + dots, fontsize=7, loc="lower right")
@@ -63,8 +64,10 @@ def plot_report(report: dict, path: Path) -> Optional[str]:
     if f16:
         ax = axes[1][1]
         curve = f16["underflow_by_scale"]
-        ax.semilogx([c["scale"] for c in curve], [c["weight_gradients"] for c in curve], base=2, label="weight gradients")
-        ax.semilogx([c["scale"] for c in curve], [c["activation_gradients"] for c in curve], base=2, label="layer-output gradients")
+        ax.semilogx([c["scale"] for c in curve], [c["weight_gradients"] for c in curve], base=2,
+                    label="weight gradients")
+        ax.semilogx([c["scale"] for c in curve], [c["activation_gradients"] for c in curve], base=2,
+                    label="layer-output gradients")
         ax.axvline(f16["loss_scale"], color="tab:red", linestyle="--", label=f"chosen scale {f16['loss_scale']:g}")
         ax.set_xlabel("loss scale")
         ax.set_title("float16: fraction of nonzero gradients flushed to zero")

@@ -188,7 +188,8 @@ def _g(x, spec=".3g") -> str:
 
 
 def _hardware_lines(hw: dict) -> List[str]:
-    lines = ["1. HARDWARE", f"  device: {hw['kind']} ({hw['cpu'] if hw['kind'] == 'CPU' else ', '.join(hw['gpus']) or hw['kind']}), "
+    lines = ["1. HARDWARE",
+             f"  device: {hw['kind']} ({hw['cpu'] if hw['kind'] == 'CPU' else ', '.join(hw['gpus']) or hw['kind']}), "
              f"{hw['replicas']} replica(s) ({hw['strategy']})", f"  {hw['support']}"]
     if hw.get("absent"):
         lines.append(f"  {hw['absent']}")
@@ -205,7 +206,8 @@ def _model_lines(model: dict) -> List[str]:
     lines += _table(["layer", "class", "compute", "variables", "output", "kept in float32 because", "not x8 -> fix"],
                     [[r["name"], r["class"], r["compute_dtype"], r["variable_dtype"], r["output_dtype"],
                       r["float32_reason"] or "-", "; ".join(r["not_multiple_of_8"]) or "-"] for r in model["layers"]])
-    lines.append(f"  outputs: {', '.join(model['outputs_dtype'])}" + ("" if model["outputs_float32"] else f" ({model['outputs_note']})"))
+    lines.append(f"  outputs: {', '.join(model['outputs_dtype'])}"
+                 + ("" if model["outputs_float32"] else f" ({model['outputs_note']})"))
     if model.get("batch_fix"):
         lines.append(f"  per-replica batch {model['batch_fix']['per_replica_batch']} is not a multiple of 8 "
                      f"(-> {model['batch_fix']['fix']})")
@@ -215,33 +217,39 @@ def _model_lines(model: dict) -> List[str]:
 def _numerics_lines(num: dict) -> List[str]:
     f16, bf16 = num["float16"], num["bfloat16"]
     lines = [f"3. NUMERICS ({num['batches']} real batch(es), float32 reference, loss {num['reference_loss']:.4g})"]
-    lines += _table(["layer", "class", "max |activation|", "float16 headroom", "max |gradient|", "float16 run computes in"],
+    lines += _table(["layer", "class", "max |activation|", "float16 headroom", "max |gradient|",
+                     "float16 run computes in"],
                     [[r["layer"], r["class"], _g(r["max_activation"]), f"{_g(r['headroom'])}x", _g(r["max_gradient"]),
                       r["float16_compute"]] for r in num["layers"]])
     u = f16["underflow"]
     lines += [
-        f"  float16: values below its smallest subnormal 2^-24 = {num['float16_smallest_subnormal']:.3g} flush to zero; "
-        f"max {num['float16_max']:g}",
+        f"  float16: values below its smallest subnormal 2^-24 = {num['float16_smallest_subnormal']:.3g} flush to "
+        f"zero; max {num['float16_max']:g}",
         f"  underflow (fraction of nonzero gradient values): weights {u['weight_gradients']['unscaled']:.2%} unscaled, "
         f"{u['weight_gradients']['at_scale']:.2%} at scale {f16['loss_scale']:g}; layer outputs "
-        f"{u['activation_gradients']['unscaled']:.2%} unscaled, {u['activation_gradients']['at_scale']:.2%} at scale {f16['loss_scale']:g}",
+        f"{u['activation_gradients']['unscaled']:.2%} unscaled, {u['activation_gradients']['at_scale']:.2%} at "
+        f"scale {f16['loss_scale']:g}",
     ]
     if f16.get("scale_fits", True):
-        lines.append(f"  loss scale that keeps both in range: {f16['loss_scale']:g} (largest gradient {_g(f16['largest_gradient'])} "
-                     f"x scale x {num['limits']['headroom_of_chosen_scale']:g} <= {num['float16_max']:g})")
+        lines.append(f"  loss scale that keeps both in range: {f16['loss_scale']:g} (largest gradient "
+                     f"{_g(f16['largest_gradient'])} x scale x {num['limits']['headroom_of_chosen_scale']:g} "
+                     f"<= {num['float16_max']:g})")
     else:
         lines.append(f"  loss scale: no scale keeps the largest gradient ({_g(f16['largest_gradient'])}) in range: "
                      f"float16 would overflow (underflow above is at scale 1)")
     e = f16["error_vs_float32"]
     lines.append("  mixed_float16 run of the first batch at that scale: " + (
-        f"loss error {e['loss']:.2g}, gradient error {e['gradients']:.2g} (relative to float32)" if e["finite"] else "inf/NaN"))
+        f"loss error {e['loss']:.2g}, gradient error {e['gradients']:.2g} (relative to float32)" if e["finite"]
+        else "inf/NaN"))
     if f16["float32_layers_override"]:
-        lines.append(f"  would overflow float16: {', '.join(f16['overflowing_layers'])} -> {shlex.quote(f16['float32_layers_override'])}")
+        lines.append(f"  would overflow float16: {', '.join(f16['overflowing_layers'])} -> "
+                     f"{shlex.quote(f16['float32_layers_override'])}")
     lines.append(f"  mixed_float16: {'safe' if f16['safe'] else 'NOT safe: ' + '; '.join(f16['blockers'])}")
     e = bf16["error_vs_float32"]
     lines.append("  mixed_bfloat16 run of the first batch: " + (
-        f"loss error {e['loss']:.2g}, gradient error {e['gradients']:.2g} (largest part: {e['worst_variable']['path']}, "
-        f"{e['worst_variable']['share_of_error']:.0%} of it)" if e["finite"] else "inf/NaN"))
+        f"loss error {e['loss']:.2g}, gradient error {e['gradients']:.2g} (largest part: "
+        f"{e['worst_variable']['path']}, {e['worst_variable']['share_of_error']:.0%} of it)"
+        if e["finite"] else "inf/NaN"))
     lines.append(f"  mixed_bfloat16: {'safe' if bf16['safe'] else 'NOT safe: ' + '; '.join(bf16['blockers'])} "
                  f"(limits: loss {num['limits']['loss']}, gradients {num['limits']['gradients']})")
     return lines
@@ -265,19 +273,21 @@ def _phase_lines(rows: List[dict]) -> List[str]:
 
 
 def _speed_lines(speed: dict) -> List[str]:
-    lines = [f"4. SPEED AND MEMORY ({speed['rounds']} interleaved rounds, calls of ~{speed.get('call_seconds', 0.2):g} s "
-             f"re-sized every round, through the loop's windows of {speed.get('steps_per_loop', 1)} step(s) as the run "
-             f"trains; memory: "
-             f"{speed['memory_means']})"]
+    lines = [f"4. SPEED AND MEMORY ({speed['rounds']} interleaved rounds, calls of ~{speed.get('call_seconds', 0.2):g} "
+             f"s re-sized every round, through the loop's windows of {speed.get('steps_per_loop', 1)} step(s) as the "
+             f"run trains; memory: {speed['memory_means']})"]
     rows = []
     for r in speed["configs"]:
         if "error" in r:
             rows.append([r["name"], "-", "-", "-", "-", "-", r["error"]])
         else:
             rows.append([r["name"], _g(r["steps_per_sec"], ".1f"), _g(r["examples_per_sec"], ".0f"),
-                         f"{r['spread']:.2f}x", _g(r["memory_mb"], ".0f"), _g(r["first_call_seconds"], ".1f"), r["xla_layout"]])
-    lines += _table(["configuration", "steps/s", "examples/s", "spread", "memory MiB", "first call s", "XLA layout"], rows)
-    lines.append("  spread: slowest / fastest per-step time over the rounds (the machine's noise; rounds are compared in pairs)")
+                         f"{r['spread']:.2f}x", _g(r["memory_mb"], ".0f"), _g(r["first_call_seconds"], ".1f"),
+                         r["xla_layout"]])
+    lines += _table(["configuration", "steps/s", "examples/s", "spread", "memory MiB", "first call s", "XLA layout"],
+                    rows)
+    lines.append("  spread: slowest / fastest per-step time over the rounds (the machine's noise; "
+                 "rounds are compared in pairs)")
     lines += _phase_lines(speed["configs"])
     lines += [f"  {s['name']}: {s['reason']}" for s in speed["skipped"]]
     return lines

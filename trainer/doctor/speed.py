@@ -61,7 +61,8 @@ def plan_grid(batch: int, quick: bool, on_cpu: bool) -> Tuple[List[GridConfig], 
             for xla in (False, True):
                 config = GridConfig(policy, xla, size)
                 if on_cpu and policy == "mixed_float16" and not xla:
-                    skipped.append({**dataclasses.asdict(config), "name": config.name, "reason": FLOAT16_ON_CPU_WITHOUT_XLA})
+                    skipped.append({**dataclasses.asdict(config), "name": config.name,
+                                    "reason": FLOAT16_ON_CPU_WITHOUT_XLA})
                 else:
                     configs.append(config)
     return configs, skipped
@@ -243,7 +244,8 @@ def speed_section(make_trainer: Callable[[str, bool], object], data_for_batch: C
         p = prepared.get(row["name"])
         if p is None:
             continue
-        per_step = row["batch"] * batches_read_per_step(p["trainer"].config)  # grad_accum_steps x batches_per_step batches
+        # grad_accum_steps x batches_per_step batches
+        per_step = row["batch"] * batches_read_per_step(p["trainer"].config)
         step_seconds = [seconds / steps for steps, seconds in calls[row["name"]]]
         steps_per_sec = 1 / statistics.median(step_seconds)
         row.update({k: v for k, v in p.items() if k != "trainer"}, steps_per_sec=steps_per_sec,

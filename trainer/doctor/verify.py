@@ -41,9 +41,11 @@ def verify_outcome(rec: dict, recommended: List[float], current: List[float]) ->
             f"{low:.2f}-{high:.2f}x, won {verdict['wins']} of {verdict['rounds']} rounds): {verdict['verdict']}")
     if withdrawn:
         rec.update(config=rec["baseline"], command=rec["current_command"], policy=rec["current_policy"], changed=False,
-                   xla=bool(rec.get("current", {}).get("xla")), batch=rec.get("current", {}).get("batch", rec.get("batch")),
+                   xla=bool(rec.get("current", {}).get("xla")),
+                   batch=rec.get("current", {}).get("batch", rec.get("batch")),
                    withdrawn_config=rec["config"], verdict="withdrawn by --verify")
-        said += (f"; the recommendation is withdrawn: keep what you run now (confirming needs {confirms(verdict['rounds'])})")
+        said += ("; the recommendation is withdrawn: keep what you run now (confirming needs "
+                 f"{confirms(verdict['rounds'])})")
     else:
         said += "; the recommendation stands"
     rec["notes"] = [said, *rec["notes"]]

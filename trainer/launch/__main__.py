@@ -32,8 +32,10 @@ class _Parser(argparse.ArgumentParser):
 
 def parse(argv: List[str]) -> argparse.Namespace:
     parser = _Parser(allow_abbrev=False, prog="python -m trainer.launch", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workers", type=int, metavar="N", help="workers on this host (under SLURM or with TF_CONFIG: the cluster's, if given)")
-    parser.add_argument("--max-restarts", type=int, metavar="R", default=3, help="starts of the group again after a failure (default 3)")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="workers on this host (under SLURM or with TF_CONFIG: the cluster's, if given)")
+    parser.add_argument("--max-restarts", type=int, metavar="R", default=3,
+                        help="starts of the group again after a failure (default 3)")
     parser.add_argument("--port", type=int, metavar="P", help="first port (one host: default free ones; SLURM: 8888)")
     parser.add_argument("--grace-period", type=float, metavar="S", default=60.0,
                         help="seconds the other workers get to end after a failure, before SIGKILL (default 60)")
@@ -60,7 +62,8 @@ def _check_option_typos(argv: List[str], options: List[str]) -> None:
     for --workers unsaid: a word close to a launcher option is an error naming it."""
     for word in argv:
         name = word.split("=", 1)[0]
-        close = difflib.get_close_matches(name, options, 1, 0.75) if name.startswith("--") and name not in options else []
+        close = (difflib.get_close_matches(name, options, 1, 0.75) if name.startswith("--") and name not in options
+                 else [])
         if close:
             raise LaunchError(f"{word}: not an option of the launcher (nor an override of python -m trainer). "
                               f"Fix: {close[0]}.")
@@ -131,8 +134,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _starts(args: argparse.Namespace, where: Placement, signals: Signals) -> int:
     command = worker_command(args.overrides, where)
-    say(f"{where.size} worker(s), {where.where}; this launcher starts {', '.join(f'worker {i}' for i in where.indices)}; "
-        f"at most {args.max_restarts} restart(s)")
+    say(f"{where.size} worker(s), {where.where}; this launcher starts "
+        f"{', '.join(f'worker {i}' for i in where.indices)}; at most {args.max_restarts} restart(s)")
     envs = worker_envs(where)
     for start in range(args.max_restarts + 1):
         if start and where.where == "one host" and args.port is None:  # new free ports: the old may linger

@@ -74,7 +74,8 @@ def check_ports_free(ports: List[int], option: str) -> None:
 def check_port_range(port: int, count: int, what: str) -> None:
     """Ports port..port+count-1 must all exist (an int past 65535 would fail deep in socket code)."""
     if port + count - 1 > 65535:
-        raise LaunchError(f"{what}: ports {port}..{port + count - 1} go past 65535. Fix: a --port of at most {65536 - count}.")
+        raise LaunchError(f"{what}: ports {port}..{port + count - 1} go past 65535. Fix: a --port of "
+                          f"at most {65536 - count}.")
 
 
 def one_host(workers: int, port: Optional[int]) -> Placement:
@@ -131,7 +132,8 @@ def slurm(env: Mapping[str, str], port: Optional[int]) -> Placement:
     except ValueError as e:
         raise LaunchError(f"SLURM: {e}") from None
     if len(per_node) != len(hosts):
-        raise LaunchError(f"SLURM: SLURM_STEP_TASKS_PER_NODE gives {len(per_node)} nodes, SLURM_STEP_NODELIST {len(hosts)}")
+        raise LaunchError(f"SLURM: SLURM_STEP_TASKS_PER_NODE gives {len(per_node)} nodes, "
+                          f"SLURM_STEP_NODELIST {len(hosts)}")
     check_port_range(port, max(per_node), f"SLURM, port {port} with up to {max(per_node)} tasks per node")
     workers = [f"{host}:{port + k}" for host, tasks in zip(hosts, per_node) for k in range(tasks)]
     if len(workers) != total or not 0 <= rank < total:
@@ -154,10 +156,12 @@ def given(text: str) -> Placement:
         kind, index = config["task"]["type"], int(config["task"]["index"])
         workers = config["cluster"]["worker"]
     except (ValueError, KeyError, TypeError) as e:
-        raise LaunchError(f"TF_CONFIG is set but is not a cluster with a worker task ({type(e).__name__}: {e}): {text[:200]}") from None
+        raise LaunchError(f"TF_CONFIG is set but is not a cluster with a worker task ({type(e).__name__}: {e}): "
+                          f"{text[:200]}") from None
     if kind != "worker" or "chief" in config["cluster"] or "ps" in config["cluster"]:
-        raise LaunchError(f"TF_CONFIG: task type {kind!r} in a cluster of {sorted(config['cluster'])}: strategy=multi_worker "
-                          "takes workers only (worker 0 is the chief). Fix: give the TFJob Worker replicas only.")
+        raise LaunchError(f"TF_CONFIG: task type {kind!r} in a cluster of {sorted(config['cluster'])}: "
+                          "strategy=multi_worker takes workers only (worker 0 is the chief). Fix: give the "
+                          "TFJob Worker replicas only.")
     if not 0 <= index < len(workers):
         raise LaunchError(f"TF_CONFIG: task index {index}, but the cluster has {len(workers)} workers")
     return Placement("TF_CONFIG", [text], [index])
@@ -181,7 +185,8 @@ def placement(env: Mapping[str, str], workers: Optional[int], port: Optional[int
         found = slurm(env, port)
     else:
         if workers is None:
-            raise LaunchError("--workers N is needed on one host (under SLURM or with TF_CONFIG set the cluster says how many)")
+            raise LaunchError("--workers N is needed on one host (under SLURM or with TF_CONFIG set "
+                              "the cluster says how many)")
         return one_host(workers, port)
     if workers is not None and workers != found.size:
         raise LaunchError(f"--workers {workers}, but {found.where} describes a cluster of {found.size} workers. "

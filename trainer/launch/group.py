@@ -109,10 +109,13 @@ class Group:
         self.workers: List[Worker] = []
         self.relays: List[threading.Thread] = []
         self.received: Optional[int] = None
-        self.passed_on: Optional[str] = None  # said once by wait(), not in the signal handler (it may hold the print lock)
+        # said once by wait(), not in the signal handler (it may hold the print lock)
+        self.passed_on: Optional[str] = None
         self.sent_sigterm = False
         for env, index in zip(envs, indices):
-            try:  # utf-8 with replacement: one undecodable byte must not end the relay (the worker would block on a full pipe)
+            # utf-8 with replacement: one undecodable byte must not
+            # end the relay (the worker would block on a full pipe)
+            try:
                 process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                            encoding="utf-8", errors="replace", bufsize=1, start_new_session=True,
                                            preexec_fn=_die_with_parent)
@@ -124,7 +127,8 @@ class Group:
             say(f"worker {index}: process {process.pid}")
         for worker in self.workers:  # threads only once every fork is done (preexec_fn in a threaded process)
             for stream, out in ((worker.process.stdout, sys.stdout), (worker.process.stderr, sys.stderr)):
-                relay = threading.Thread(target=_relay, args=(stream, out, f"[w{worker.index}] ", worker.last), daemon=True)
+                relay = threading.Thread(target=_relay, args=(stream, out, f"[w{worker.index}] ", worker.last),
+                                         daemon=True)
                 relay.start()
                 self.relays.append(relay)
 

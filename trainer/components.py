@@ -1,5 +1,5 @@
 """What a Trainer holds, made from what the user gave: models, optimizers (one per model, by name),
-metrics, loss and loss scales. Called under the strategy scope (core.py), after the dtype policy is set."""
+metrics, loss and loss scales. Called under the strategy scope (trainer.py), after the dtype policy is set."""
 from __future__ import annotations
 
 import logging
@@ -55,7 +55,8 @@ def make_models(model, models) -> Dict[str, keras.Model]:
     if isinstance(built, Mapping):
         return {name: build(m) for name, m in built.items()}
     if model is None and not isinstance(built, keras.Model):
-        raise TypeError(f"Trainer(models=...) takes name -> model, or a function returning that; got {type(built).__name__}")
+        raise TypeError("Trainer(models=...) takes name -> model, or a function returning that; "
+                        f"got {type(built).__name__}")
     return {"model": built}
 
 
@@ -74,15 +75,16 @@ def freeze(frozen, models: Mapping[str, keras.Model], optimizers) -> frozenset:
                           "only the models loaded from elsewhere (a distillation's teacher)")
     updated = sorted(names & set(optimizers or ()))
     if updated:
-        raise ConfigError(f"Trainer(frozen=...): the frozen models {updated} have optimizers, but a frozen model is in no "
-                          "checkpoint, so a resumed run would lose what they learned. Fix: drop optimizers[name] of a "
-                          "frozen model, or do not freeze a model that trains")
+        raise ConfigError(f"Trainer(frozen=...): the frozen models {updated} have optimizers, but a frozen model is in "
+                          "no checkpoint, so a resumed run would lose what they learned. Fix: drop optimizers[name] "
+                          "of a frozen model, or do not freeze a model that trains")
     trained = {id(v) for name, m in models.items() if name not in names for v in m.weights}
     for name in sorted(names):
         shared = [v.path for v in models[name].weights if id(v) in trained]
         if shared:
             raise ConfigError(f"Trainer(frozen=...): frozen model {name!r} shares variables with a trained model "
-                              f"({shared[:3]}); freezing it would freeze them too. Fix: give the frozen model its own copy")
+                              f"({shared[:3]}); freezing it would freeze them too. Fix: give the "
+                              "frozen model its own copy")
         models[name].trainable = False  # as Keras freezes: no trainable variables, BatchNormalization in inference mode
     return names
 
@@ -156,9 +158,11 @@ def make_metrics(metrics, remake: bool) -> Tuple[Dict[str, keras.metrics.Metric]
     variables belong to the strategy."""
     def metric(m):
         built = build(m)
-        if not isinstance(built, keras.metrics.Metric):  # Keras' compile takes "accuracy"; which one it means depends on the loss
-            raise ConfigError(f"Trainer(metrics=...): {m!r} is not a Keras metric. Fix: give metric objects or functions "
-                              "building them, e.g. metrics=[keras.metrics.SparseCategoricalAccuracy(name='accuracy')]")
+        # Keras' compile takes "accuracy"; which one it means depends on the loss
+        if not isinstance(built, keras.metrics.Metric):
+            raise ConfigError(f"Trainer(metrics=...): {m!r} is not a Keras metric. Fix: give metric objects or "
+                              "functions building them, e.g. "
+                              "metrics=[keras.metrics.SparseCategoricalAccuracy(name='accuracy')]")
         return type(built).from_config(built.get_config()) if built is m and remake else built
 
     if isinstance(metrics, Mapping):

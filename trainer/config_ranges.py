@@ -1,0 +1,113 @@
+"""What a config value may be: every numeric option declares its interval with `ranged(default, "[1, inf)")`,
+a string option its choices with `chosen`, and one function checks them (`check_ranges`), for the CLI
+(config_check.check_config, before any work) and for the schema dataclasses themselves
+(`Checked.__post_init__`, so `Trainer(max_steps=-5)` fails as `trainer.max_steps=-5` does). OmegaConf ignores
+a field's metadata and never calls __post_init__ while composing (it reads the fields' defaults), so the CLI
+checks the composed values itself. ConfigError, what a value that cannot work raises, lives here with the
+check; trainer.config (the schemas) re-exports all of these.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import re
+from dataclasses import field
+from typing import Any, ClassVar, Mapping
+
+from omegaconf import MISSING
+
+from trainer.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A config value that cannot work (a model, optimizer or data option); the message names the key and
+    the fix. The CLI exits 2 on it, without a traceback."""
+
+
+MAX_STEPS = 2**63 - 1  # the step counter is an int64 (in every checkpoint): no run is longer
+_INTERVAL = re.compile(r"^([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])$")
+_WHOLE = re.compile(r"(typing\.)?(Optional\[)?(List\[)?int\]*|<class 'int'>")  # an int field's (or int list's) type
+
+
+def ranged(default: Any = MISSING, interval: str = "", *, factory=None) -> Any:
+    """A dataclass field whose value (or each element, for a list) must lie in `interval`, written as
+    in mathematics: "[1, inf)", "(0, inf)", "[0, 1)". None (an unset Optional) is always allowed."""
+    if not _INTERVAL.match(interval):
+        raise ValueError(f"not an interval: {interval!r}")
+    if factory is not None:
+        return field(default_factory=factory, metadata={"range": interval})
+    return field(default=default, metadata={"range": interval})
+
+
+def chosen(default: Any, choices: str) -> Any:
+    """A string field whose value must be one of `choices`, written "a|b|c"; checked with the ranges.
+    On an `Any` field, "true|false" among the choices admit the booleans (OmegaConf has no Union type)."""
+    return field(default=default, metadata={"choices": tuple(choices.split("|"))})
+
+
+def _as_choice(value: Any) -> Any:
+    """A boolean as the CLI spells it ("true"/"false"), to compare with a field's choices."""
+    return str(value).lower() if isinstance(value, bool) else value
+
+
+def _bound(text: str):
+    """An interval's bound, exactly: int64's limit as a float would round up and let 2**63 in."""
+    return int(text) if re.fullmatch(r"-?\d+", text) else float(text)
+
+
+def _inside(value: float, interval: str) -> bool:
+    opening, lo, hi, closing = _INTERVAL.match(interval).groups()
+    lo, hi = _bound(lo), _bound(hi)
+    return (lo <= value if opening == "[" else lo < value) and (value <= hi if closing == "]" else value < hi)
+
+
+def _describe(interval: str) -> str:
+    opening, lo, hi, closing = _INTERVAL.match(interval).groups()
+    if hi == "inf":
+        return f"{'>=' if opening == '[' else '>'} {lo}"
+    return f"in {interval}"
+
+
+def check_ranges(schema, values: Mapping[str, Any], prefix: str) -> None:
+    """Raises ConfigError naming `prefix.key`, its value and its range for the first value out of range
+    (or, for a `chosen` field, its choices for a value that is none of them; for an int field, not whole).
+
+    Strings are skipped: an unresolved `???` (reported by OmegaConf when it is used) or a wrong type
+    (OmegaConf rejects those while composing); not in an int field (from Python: `Trainer(max_steps="5")`)."""
+    for f in dataclasses.fields(schema):
+        interval, choices = f.metadata.get("range"), f.metadata.get("choices")
+        value = values.get(f.name)
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if value not in (None, MISSING) and _WHOLE.fullmatch(str(f.type)) and not all(
+                isinstance(item, numbers.Integral) and not isinstance(item, bool) for item in items):
+            raise ConfigError(f"{key}={value!r} is not a whole number. Fix: set {key} to whole numbers.")
+        if choices is not None and value is not None and _as_choice(value) not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {'|'.join(choices)}. Fix: set {key} to one of them.")
+        if interval is None or value is None:
+            continue
+        for item in items:
+            each = "each element " if isinstance(value, (list, tuple)) else ""
+            if isinstance(item, float) and not math.isfinite(item):  # inf passes "(0, inf)"'s > 0; nan fails every test
+                raise ConfigError(f"{key}={value} is not a finite number: {each}must be finite and "
+                                  f"{_describe(interval)}. Fix: set {key} to "
+                                  f"{'finite values' if each else 'a finite value'} {_describe(interval)}.")
+            if isinstance(item, (int, float)) and not isinstance(item, bool) and not _inside(item, interval):
+                raise ConfigError(f"{key}={value} is out of range: {each}must be {_describe(interval)}. "
+                                  f"Fix: set {key} to {'values' if each else 'a value'} {_describe(interval)}.")
+
+
+class Checked:
+    """Mixin for a schema dataclass: its ranges are checked on construction (see check_ranges).
+    `config_key` is where the schema sits in the whole config, for messages."""
+
+    config_key: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        check_ranges(type(self), vars(self), self.config_key)
+        self.check_combined(vars(self), self.config_key)
+
+    @staticmethod
+    def check_combined(values: Mapping[str, Any], prefix: str) -> None:
+        """Rules across fields (a schema's own): raise ConfigError naming the keys and the fix."""

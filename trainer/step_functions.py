@@ -1,0 +1,246 @@
+"""The step functions: the only place that wraps anything in `tf.function` or XLA, as Keras'
+`make_train_function` is, and their one owner. The step (step.py) stays plain Python that any subclass can
+override. The train function runs `strategy.run(step)` `num_steps` times inside one tf.function (num_steps is
+a tensor: no retrace for a shorter last loop).
+
+A Trainer holds one `StepFunctions`; the functions below are the only code that changes it: which train and
+eval functions exist, the XLA choice they were compiled with (`Trainer.jit_compile`) and each updater's
+`skip_by_select` (from the XLA plan). The decisions themselves are xla_plan.py's; measuring the choice
+(trainer.jit_compile=measure) is xla_measure.py's, which keeps its result here (`keep`).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from typing import Callable, Dict, List, Optional
+
+import keras
+import tensorflow as tf
+
+from trainer.loss_convention import is_replica_share, per_replica_mean
+from trainer.step import Step
+from trainer.tracing import keras_random_explained, warn_random_state_outside_checkpoint, warn_unused_optimizers
+from trainer.xla_plan import XlaPlan, decide_jit_compile, plan_xla, wrap_xla  # noqa: F401 - their old home
+
+log = logging.getLogger("trainer.core")
+
+
+@dataclasses.dataclass
+class StepFunctions:
+    """Which step functions a Trainer has and how they were compiled. `jit_compile`: the XLA choice (made at
+    construction, or measured); `train`/`eval`: the traced functions (None until first needed, and after
+    `reset`); `traces`: how many times each was traced (a Python side effect of tracing)."""
+
+    jit_compile: bool
+    train: Optional[Callable] = None
+    eval: Optional[Callable] = None
+    traces: Dict[str, int] = dataclasses.field(default_factory=lambda: {"train": 0, "eval": 0})
+
+
+def of(trainer) -> StepFunctions:
+    """The trainer's step functions (read them here; change them through this module's functions)."""
+    return trainer._step_functions
+
+
+def plan_of(trainer, jit_compile: Optional[bool] = None) -> XlaPlan:
+    """How the train step is (or would be, with `jit_compile`) compiled, and why: see xla_plan.plan_xla."""
+    sizes = [v.shape.num_elements() for m in trainer.models.values() for v in m.trainable_variables]
+    return plan_xla(trainer.config, jit_compile=of(trainer).jit_compile if jit_compile is None else jit_compile,
+                    on_cpu=trainer._on_cpu(), replicas=trainer.strategy.num_replicas_in_sync,
+                    custom_step=(type(trainer).train_step is not Step.train_step
+                                 and trainer.config.grad_accum_steps == 1),
+                    mean_variable_size=sum(sizes) / len(sizes) if sizes else 0.0)
+
+
+def reset(trainer) -> None:
+    """Drops the traced functions: the next loop (and evaluation) traces again."""
+    functions = of(trainer)
+    functions.train = functions.eval = None
+
+
+def choose(trainer, jit_compile: bool) -> None:
+    """Compiles with XLA on or off from now on (a restored measurement): the functions traced otherwise go."""
+    if of(trainer).jit_compile != jit_compile:
+        of(trainer).jit_compile = jit_compile
+        reset(trainer)
+
+
+@contextlib.contextmanager
+def trying(trainer, jit_compile: Optional[bool]):
+    """While measuring one side: `trainer.jit_compile` (so an overridden Trainer.plan_xla too) reads
+    `jit_compile` (None: the choice); the choice is back afterwards."""
+    functions = of(trainer)
+    chosen = functions.jit_compile
+    functions.jit_compile = chosen if jit_compile is None else jit_compile
+    try:
+        yield
+    finally:
+        functions.jit_compile = chosen
+
+
+def keep(trainer, train_function: Callable, jit_compile: bool) -> None:
+    """Keeps `train_function`, made by make_train_function(..., jit_compile) and traced, as the train function
+    (what measuring chose); the eval function is compiled as the choice says."""
+    functions = of(trainer)
+    functions.jit_compile, functions.train, functions.eval = jit_compile, train_function, None
+    _select_skips(trainer, trainer.plan_xla().whole_step)  # as the kept function was traced with
+
+
+def _select_skips(trainer, whole_step: bool) -> None:
+    """With the whole step in XLA a non-finite update is undone by a select (update.py); read at trace time."""
+    for updater in trainer.updaters.values():
+        updater.skip_by_select = whole_step
+
+
+def has_train_function(trainer) -> bool:
+    return of(trainer).train is not None
+
+
+def run_train(trainer, iterator, num_steps: int) -> None:
+    """`num_steps` train steps on `iterator` (a distributed training iterator), tracing the train function first
+    when there is none."""
+    functions = of(trainer)
+    if functions.train is None:  # first loop, or reset by a callback
+        functions.train = make_train_function(trainer, iterator)
+    functions.train(iterator, tf.constant(num_steps, tf.int64))
+
+
+def run_eval(trainer, iterator, max_batches: int) -> int:
+    """Up to `max_batches` eval batches from `iterator`; how many there were (fewer at the end)."""
+    functions = of(trainer)
+    if functions.eval is None:
+        functions.eval = make_eval_function(trainer, iterator)
+    return int(functions.eval(iterator, tf.constant(max_batches, tf.int64)))
+
+
+def step_input(iterator, batches_per_step: int, several: bool = False):
+    """What one train step is given: the next batch, or a tuple of the next K=trainer.batches_per_step batches
+    (each a fresh one from the iterator, read in order: resume skips K per step) when K > 1 or the step's class
+    says `takes_several_batches = True` (`several`), which gets a tuple also when K=1, a 1-tuple, so its
+    `for batch in batches:` reads the same with any K."""
+    if batches_per_step == 1 and not several:
+        return next(iterator)
+    return tuple(next(iterator) for _ in range(batches_per_step))
+
+
+def _log_names(trainer, step: Callable, iterator, what: str, batches: int = 1, several: bool = False) -> List[str]:
+    """The names of the logs an overridden step returns, from one throwaway trace (the trackers that
+    average them must exist before the real trace)."""
+    probe = tf.function(lambda it: trainer.strategy.run(step, args=(step_input(it, batches, several),)))
+    with keras_random_explained():  # an overridden step is traced here first
+        out = probe.get_concrete_function(iterator).structured_outputs
+    if out is None or (isinstance(out, dict) and not out):
+        return []
+    local = lambda v: trainer.strategy.experimental_local_results(v)[0]  # noqa: E731
+    scalar = lambda v: getattr(local(v), "shape", None) is not None and local(v).shape.rank == 0  # noqa: E731
+    if not isinstance(out, dict) or any(not isinstance(k, str) or not scalar(v) for k, v in out.items()):
+        raise TypeError(f"{what} must return None or a dict of scalar tensors (name -> value), got {out!r}")
+    return list(out)
+
+
+def logged_step(trainer, step: Callable, iterator, trackers: Dict[str, keras.metrics.Metric], what: str,
+                batches: int = 1, several: bool = False) -> Callable:
+    """`step`, with the dict of logs it returns added to Mean trackers, weighted by the batch's size (so
+    they average over examples, on any number of replicas: each replica adds to its own copy, read as
+    their sum; a replica's empty last eval batch adds nothing). With several `batches` per step, by the
+    first one's size. `several`: see step_input."""
+    names, replicas = _log_names(trainer, step, iterator, what, batches, several), trainer.strategy.num_replicas_in_sync
+    if not names:
+        return step
+    with trainer.strategy.scope():
+        for name in names:
+            if name not in trackers:
+                trackers[name] = keras.metrics.Mean(name=name)
+
+    def run(data):
+        examples = tf.cast(tf.shape(tf.nest.flatten(data)[0])[0], tf.float32)
+        for name, value in step(data).items():
+            value = value * replicas if is_replica_share(value) else value  # compute_loss's: the batch mean
+            value = tf.where(examples > 0, tf.cast(value, tf.float32), 0.0)  # reduce_mean([]) is NaN
+            trackers[name].update_state(value, sample_weight=examples)
+
+    return run
+
+
+def make_train_function(trainer, iterator, jit_compile: Optional[bool] = None) -> Callable:
+    """strategy.run(step) × num_steps inside one tf.function; XLA as plan_xla says (with the trainer's
+    choice, or `jit_compile`). `iterator`: the distributed training iterator (an overridden step is traced on
+    it once to learn its logs)."""
+    accum, batches = trainer.config.grad_accum_steps, trainer.config.batches_per_step
+    trainer._wrap_own_compute_loss()  # t.compute_loss = f: as a class's (loss_convention.py)
+    overridden = type(trainer).train_step is not Step.train_step
+    several = overridden and bool(getattr(type(trainer), "takes_several_batches", False))  # a tuple also when K=1
+    if overridden and accum > 1:
+        log.warning("The overridden train_step is not used with grad_accum_steps > 1 (accumulate_step and "
+                    "apply_accumulated are)")
+    with trying(trainer, jit_compile):
+        plan = trainer.plan_xla()  # a subclass may override it
+    for warning in plan.warnings:
+        log.warning(warning)
+    _select_skips(trainer, plan.whole_step)
+    replicas = trainer.strategy.num_replicas_in_sync
+    compute_gradients, accumulate_step = trainer.compute_gradients, trainer.accumulate_step
+    step = trainer.train_step
+    if overridden and accum == 1:
+        step = per_replica_mean(step, replicas)  # a Keras Loss object's value: the replica's batch mean
+        step = logged_step(trainer, step, iterator, trainer.train_window.step_logs, "train_step", batches, several)
+    if plan.whole_step:
+        log.info("XLA: the whole train step (forward, backward, update) is compiled (%s)", plan.reason)
+        step = wrap_xla(step, replicas)
+    elif plan.jit_compile:
+        log.info("XLA: forward and backward are compiled; all-reduce and the update run outside XLA (%s)", plan.reason)
+        compute_gradients = wrap_xla(trainer.compute_gradients, replicas)
+
+        def step(data):
+            loss, grads = compute_gradients(data)
+            trainer.apply_gradients(grads, loss)
+
+        def accumulate_step(data):
+            _, grads = compute_gradients(data)
+            trainer._accumulate(grads)
+
+    def one_update(iterator):
+        if accum == 1:
+            trainer.strategy.run(step, args=(step_input(iterator, batches, several),))
+        else:
+            for _ in tf.range(accum):
+                trainer.strategy.run(accumulate_step, args=(next(iterator),))
+            trainer.strategy.run(trainer.apply_accumulated)
+        trainer.step.assign_add(1)
+
+    traces = of(trainer).traces
+
+    def train_loop(iterator, num_steps):
+        traces["train"] += 1  # Python side effect: runs once per trace
+        for _ in tf.range(num_steps):
+            one_update(iterator)
+        warn_unused_optimizers(trainer)  # the step is traced by now: every update it makes has set in_step
+        warn_random_state_outside_checkpoint(trainer)  # trainer.deterministic: randomness a resume cannot repeat
+
+    return tf.function(train_loop)
+
+
+def make_eval_function(trainer, iterator) -> Callable:
+    """Up to `max_batches` eval batches per call; returns how many there were (fewer at the end)."""
+    trainer._wrap_own_compute_loss()
+    step = trainer.test_step
+    if type(trainer).test_step is not Step.test_step:
+        step = per_replica_mean(step, trainer.strategy.num_replicas_in_sync)
+        step = logged_step(trainer, step, iterator, trainer.eval_window.step_logs, "test_step")
+    if of(trainer).jit_compile:
+        step = wrap_xla(step, trainer.strategy.num_replicas_in_sync)
+    traces = of(trainer).traces
+
+    def eval_loop(iterator, max_batches):
+        traces["eval"] += 1
+        n = tf.constant(0, tf.int64)
+        while n < max_batches:
+            batch = iterator.get_next_as_optional()
+            if not batch.has_value():
+                break
+            trainer.strategy.run(step, args=(batch.get_value(),))
+            n += 1
+        return n
+
+    return tf.function(eval_loop)

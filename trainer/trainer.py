@@ -1,0 +1,397 @@
+"""The Trainer: a facade over the step (step.py), the update per optimizer (update.py), compiling
+(step_functions.py), input (inputs.py), the outer loop (loop.py) and callbacks (callbacks/).
+
+Three layers, as in Orbit and Keras' own trainer:
+  * `train_step(data)` / `test_step(data)`: one replica's work. Override them, or `compute_loss`, in a
+    subclass; research code with several models and optimizers calls `self.update(loss, tape, name)`.
+  * step_functions.py wraps the step in `strategy.run`, loops it `steps_per_loop` times inside one
+    `tf.function`, and applies XLA: the only place that compiles anything.
+  * `fit`: input, callbacks, and loop.py's loop (logging, evaluation, checkpoints, signals).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+from pathlib import Path
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
+
+import keras
+import tensorflow as tf
+
+from trainer import auto_precision, components, debug, ema, evalsets, model_summary, saved, signals, step_functions
+from trainer import loop as loop_lib
+from trainer import precision as precision_lib
+from trainer.arrays import fit_arguments, fit_inputs
+from trainer.callbacks import (Callback, CallbackList, Checkpointing, DivergenceGuard, NumericalError, XlaChoice,
+                               callback_list, loop_host_callbacks)
+from trainer.checkpoint import NO_BEST, Checkpointer
+from trainer.config import PrecisionConfig, TrainerConfig, check_ranges
+from trainer.console import show_logs_unless_configured
+from trainer.distribute import say_strategy_once
+from trainer.inputs import (DataArg, KeptIterator, batches_read_per_step, check_batches_per_step, sample_batch,
+                            steps_per_epoch_of, total_steps, training_iterator)
+from trainer.loop import Loop, TrainingInterrupted, evaluate
+from trainer.loss_scale import LossScale
+from trainer.memory import memory_logs
+from trainer.runlock import run_folder_lock
+from trainer.step import Step
+from trainer.tracking import Window
+from trainer.xla_measure import XlaMeasurement
+from trainer.xla_plan import XlaPlan, decide_jit_compile
+
+log = logging.getLogger("trainer.core")  # its old module name: the log channel README and docs show
+
+__all__ = ["NumericalError", "Trainer", "TrainingInterrupted"]
+
+
+class Trainer(Step):
+    """Trains Keras models with tf.function steps, mixed precision and a tf.distribute strategy.
+
+    Args:
+      model: a keras.Model, or a zero-argument function that builds one (preferred: it is then built
+        under the strategy scope and after the dtype policy is set).
+      loss: a Keras loss (its reduction is replaced by per-example), a function (y, y_pred) ->
+        per-example, or None (only the model's `add_loss` losses, or an overridden train_step's).
+      optimizer: a Keras optimizer or a zero-argument function that builds one; with several models, a
+        function, called once per model.
+      metrics: Keras metrics (or builders), or a mapping name -> metric; computed on train and eval.
+      models: instead of `model`, several: name -> model (or builder), or a function returning that dict.
+        Each must have its variables (a keras.Input, or built in its builder).
+      optimizers: name -> optimizer (or builder); each trains the model of the same name.
+      frozen: names of models that do not train (a distillation's teacher): no optimizer, not in checkpoints or
+        the weights fingerprint; their weights come from their builder or init_from on every run. It sets
+        trainable=False on the user's model for good (BatchNorm then uses its moving statistics; Dropout stays
+        active under training=True).
+      strategy: a tf.distribute.Strategy (default: TensorFlow's current/default strategy).
+      precision: a policy name ("float32", "mixed_float16", "mixed_bfloat16") or a PrecisionConfig.
+      run_dir: where metrics.jsonl, checkpoints/ and tensorboard/ go; None: nothing is written.
+      callbacks: extra Callback objects (the progress bar is added from `config`).
+      loggers: where each train log and evaluation is recorded (trainer.callbacks.loggers: MetricsWriter,
+        TensorBoardWriter, CSVLogger, MLflowLogger); None: metrics.jsonl and TensorBoard in `run_dir`
+        (config.tensorboard=False: without TensorBoard). Only the chief worker's loggers write.
+      config: loop settings (TrainerConfig); keyword `options` override single fields of it.
+      seed: seeds Python, NumPy, TensorFlow and Keras, the data order and the step RNG.
+      clipnorm: clip each optimizer's unscaled gradients to this global norm before applying them.
+    """
+
+    def __init__(self, model=None, loss=None, optimizer=None,
+                 metrics: Union[Sequence[Any], Mapping[str, Any], None] = None, *,
+                 models=None, optimizers: Optional[Mapping[str, Any]] = None, frozen: Iterable[str] = (),
+                 strategy: Optional[tf.distribute.Strategy] = None, precision: Union[str, PrecisionConfig] = "float32",
+                 run_dir: Union[str, Path, None] = None, callbacks: Iterable[Callback] = (),
+                 loggers: Optional[Iterable[Callback]] = None,
+                 config: Optional[TrainerConfig] = None, seed: int = 0, clipnorm: Optional[float] = None,
+                 is_chief: bool = True, **options):
+        self.config = dataclasses.replace(config or TrainerConfig(), **options)
+        check_batches_per_step(type(self), self.config)  # before any data or model is built
+        self.precision = PrecisionConfig(policy=precision) if isinstance(precision, str) else precision
+        self.strategy = strategy or tf.distribute.get_strategy()
+        # fast_dev_run writes nothing and reads no checkpoint: as if there were no run folder (trainer/debug.py)
+        self.run_dir = Path(run_dir) if run_dir is not None and not self.config.fast_dev_run else None
+        # policy=auto: this machine's answer, or on a resume the policy the run trained in
+        self.precision = auto_precision.resolve(self.precision, self.strategy, run_dir=self.run_dir)
+        if isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            signals.reclaim_sigterm_from_tensorflow()  # its coordination service's handler swallows SIGTERM
+        self.is_chief, self.seed, self.clipnorm = is_chief, seed, clipnorm
+        self.stop_training = False  # a callback may set it; the loop stops after the current loop
+        self.resume_command: Optional[str] = None  # the CLI sets it: the command line that resumes this run
+        self.hparams: Dict[str, Any] = {}  # the CLI sets it: the composed config, flattened (MLflow's params)
+        self.loggers = list(loggers) if loggers is not None else None
+
+        if self.config.deterministic:
+            tf.config.experimental.enable_op_determinism()
+        keras.utils.set_random_seed(seed)
+        precision_lib.set_policy(self.precision.policy)  # before any layer exists
+        if self.precision.debug_numerics:
+            tf.debugging.enable_check_numerics()
+
+        with self.strategy.scope():
+            self.models: Dict[str, keras.Model] = components.make_models(model, models)
+            if model is not None and self.models.get("model") is model:  # ready-made: built before the Trainer
+                components.check_ready_made_model(model, self.precision.policy, self.strategy, strategy is not None)
+            self.frozen = components.freeze(frozen, self.models, optimizers)  # docs/research.md, Frozen models
+            self._frozen_builders, self._random_frozen = components.frozen_builders(models, self.frozen), []
+            trained = [n for n in self.models if n not in self.frozen]
+            self.optimizers = components.make_optimizers(optimizer, optimizers, trained, self.strategy)
+            self.train_metrics, self.eval_metrics = components.make_metrics(metrics, remake=strategy is not None)
+            self.train_loss = keras.metrics.Mean(name="loss")
+            self.eval_loss = keras.metrics.Mean(name="loss")
+            # what a log window reports: the loss, the metrics and an overridden step's logs (its step_logs)
+            self.train_window = Window(self.train_loss, self.train_metrics, {})
+            self.eval_window = Window(self.eval_loss, self.eval_metrics, {})
+            self._evaluating = False  # self.metrics is the eval metrics while evaluate() runs (and traces)
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+            self.rng = tf.random.Generator.from_seed(seed)  # for recipes' augmentation seeds
+            # No best yet: the worst finite value (NaN would trip precision.debug_numerics on every read).
+            self.best = tf.Variable(NO_BEST.get(self.config.best_mode, math.nan), dtype=tf.float32, trainable=False,
+                                    name="best_metric")
+            # Variable path -> factor applied to its unscaled gradient (a lower backbone rate when fine-tuning).
+            # Call reset_step_functions() after changing it, or after freezing/unfreezing layers.
+            self.grad_multipliers: Dict[Any, float] = {}
+            self.updaters = components.make_updaters(self, clipnorm)
+        self.default_optimizer = next(iter(self.optimizers)) if len(self.optimizers) == 1 else None
+        self.loss = components.per_example_loss(loss)
+        self._step_functions = step_functions.StepFunctions(decide_jit_compile(
+            self.config, self.precision, on_cpu=self._on_cpu(), replicas=self.strategy.num_replicas_in_sync))
+        self.callbacks = CallbackList(list(callbacks))
+        self.checkpointing = Checkpointing()
+        self.divergence = DivergenceGuard()  # the run's reference loss and rollbacks, across fit() calls
+        self.xla_choice = XlaChoice()  # trainer.jit_compile=measure's figures and choice, across fit() calls
+        self.checkpointer: Optional[Checkpointer] = None  # made by the first fit() with a run_dir
+        self.callback_list = CallbackList([])  # the current fit() call's, with the built-ins
+        self._built = False
+        self._accumulators = None
+        self._kept_iterator: Optional[KeptIterator] = None
+        self._fit_eval_limit = None  # (eval data, config, batches or None): from debug.plan_fit
+        self._fit_inputs, self.eval_set_names = None, None  # fit()'s last arguments made ready; named eval sets
+        self.last_train_logs: Dict[str, Any] = {}  # what a later fit() with nothing to train returns (no eval data)
+        self.eval_batches: Optional[int] = None  # global batches the last evaluation read
+
+    # -- what the Trainer holds -------------------------------------------------------------------
+
+    @property
+    def model(self) -> keras.Model:
+        """The model (with one); see `models`."""
+        return components.only("model", self.models, self.frozen)
+
+    @model.setter
+    def model(self, value) -> None:
+        components.only("model", self.models, self.frozen)  # with one model only
+        self.models[next(iter(self.models))] = value
+
+    @property
+    def metrics(self) -> Dict[str, keras.metrics.Metric]:
+        """The metrics a step updates, by name: the train metrics, and while evaluating the eval metrics (copies
+        of the same metrics, reset per evaluation), so a test_step may update `self.metrics` as in Keras."""
+        return self.eval_metrics if self._evaluating else self.train_metrics
+
+    @metrics.setter
+    def metrics(self, value) -> None:
+        raise AttributeError("Trainer.metrics is the metrics the current step updates (train or eval copies); give "
+                             "them as Trainer(metrics={...}), or read/extend Trainer.train_metrics before fit()")
+
+    @property
+    def optimizer(self) -> keras.optimizers.Optimizer:
+        return components.only("optimizer", self.optimizers)
+
+    @property
+    def jit_compile(self) -> bool:
+        """Whether the steps compile with XLA: auto resolved at construction, or measured (step_functions.py's)."""
+        return self._step_functions.jit_compile
+
+    @property
+    def eval_limit(self) -> Optional[int]:
+        """The batches each evaluation of the current fit() reads (eval_steps, limit_eval_batches, fast_dev_run);
+        None: the whole eval set."""
+        return self._fit_eval_limit[2] if self._fit_eval_limit else None
+
+    @property
+    def traces(self) -> Dict[str, int]:
+        """How many times the train and eval functions were traced (a retrace shows here)."""
+        return self._step_functions.traces
+
+    @property
+    def loss_scale(self) -> LossScale:
+        return components.only("loss_scale", {n: u.loss_scale for n, u in self.updaters.items()})
+
+    # -- building and compiling -------------------------------------------------------------------
+
+    def build(self, sample_batch) -> None:
+        """Creates every variable before any step is traced: the model (on a sample batch), the
+        float32-output check, every optimizer's slots and the accumulators."""
+        if self._built:
+            return
+        if len(self.models) > 1 and type(self).train_step is Step.train_step:
+            raise TypeError(f"Trainer: the default train_step trains one model; with several {sorted(self.models)}, "
+                            "override train_step and call self.update(loss, tape, name) (see docs/research.md)")
+        with self.strategy.scope():
+            if len(self.models) == 1:
+                self._build_single_model(sample_batch)
+            for name, model in self.models.items():
+                if not model.weights:
+                    raise ValueError(f"Trainer: model {name!r} has no variables yet: give it a keras.Input, or call "
+                                     "model.build(input_shape) in its builder, so its optimizer "
+                                     "can be built before tracing")
+                if self.precision.policy != "float32":
+                    precision_lib.check_variables_float32(model)
+            for updater in self.updaters.values():
+                updater.build()
+            for name, model in self.models.items():  # the per-layer table: model_summary.txt (callbacks/progress.py)
+                log.info("Model %s: %s%s", model.name, model_summary.total_line(model),
+                         f"; per layer: {self.run_dir / model_summary.FILE}" if self.run_dir is not None else "")
+            if self.config.grad_accum_steps > 1:
+                self._make_accumulators()
+            self._random_frozen = components.random_frozen(self._frozen_builders, self.models, self.config.init_from)
+        self._built = True
+
+    def _build_single_model(self, sample_batch) -> None:
+        if type(self).train_step is Step.train_step:
+            self._unpack(sample_batch)  # unlabelled data for a loss that needs labels: say so before tracing
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(sample_batch)
+        first_two = tf.nest.map_structure(lambda t: t[:2], x)  # 2 examples suffice
+        outputs = self.model(first_two, training=False)
+        precision_lib.keep_layers_in_float32(self.model, self.precision.float32_layers)
+        wrapped = precision_lib.ensure_float32_outputs(self.model, outputs, self.precision.strict_outputs)
+        if wrapped is not self.model:
+            wrapped(first_two, training=False)  # build the wrapper
+            self.model = wrapped
+        if self.precision.policy != "float32":
+            precision_lib.warn_not_multiple_of_8(self.model, tf.nest.flatten(x)[0].shape[0])
+
+    def _on_cpu(self) -> bool:
+        return not tf.config.list_physical_devices("GPU") and not isinstance(self.strategy, tf.distribute.TPUStrategy)
+
+    @property
+    def xla_measurement(self) -> Optional[XlaMeasurement]:
+        """What trainer.jit_compile=measure found (also when restored from a checkpoint); None before."""
+        return self.xla_choice.measurement
+
+    def plan_xla(self) -> XlaPlan:
+        """How the train step is (or will be) compiled, and why: see xla_plan.plan_xla."""
+        return step_functions.plan_of(self)
+
+    def reset_step_functions(self) -> None:
+        """Drops the traced step functions: the next loop traces again (after freezing/unfreezing
+        layers or changing grad_multipliers, which are read at trace time)."""
+        step_functions.reset(self)
+
+    def checkpoint_objects(self) -> Dict[str, Any]:
+        """Everything a checkpoint must hold to continue exactly (trainer/saved.py)."""
+        return saved.checkpoint_objects(self)
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    total_steps = staticmethod(total_steps)  # how long a fit() call trains: trainer/inputs.py
+
+    def fit(self, train_data: Optional[DataArg] = None, eval_data: Optional[DataArg] = None, /, *,
+            steps: Optional[int] = None, epochs: Optional[float] = None, steps_per_epoch: Optional[int] = None,
+            batch_size: Optional[int] = None, validation_data=None, validation_split: Optional[float] = None,
+            class_weight: Optional[Mapping] = None, sample_weight=None, shuffle: Optional[bool] = None,
+            validation_batch_size: Optional[int] = None, **keywords) -> Dict[str, float]:
+        """Trains until `steps` (or `epochs`: totals, unlike Keras) and returns the final eval logs (or train logs).
+
+        `train_data`: a tf.data.Dataset, an InputContext -> Dataset function, or arrays x: then the second argument
+        is y, as in Keras' fit(x, y, ...) (trainer/arrays.py; `x=`, `y=` and `eval_data=` as keywords too). `eval_data`
+        (`validation_data`): one set, or a dict name -> set, logged as `<name>/<metric>` (evalsets.py). Resumes from
+        `run_dir/checkpoints` when it holds checkpoints and `config.resume` is true. `steps_per_epoch`: by default,
+        batches // the batches a step reads.
+        """
+        check_ranges(TrainerConfig, {"max_steps": steps, "epochs": epochs}, "trainer")  # fit()'s own
+        show_logs_unless_configured(self.config.verbose)
+        say_strategy_once(self.strategy)
+        train_data, eval_data = fit_arguments(train_data, eval_data, keywords)
+        self._fit_inputs = fit_inputs(self._fit_inputs, self.seed, train_data, eval_data, batch_size,
+                                      validation_data=validation_data, validation_split=validation_split,
+                                      class_weight=class_weight, sample_weight=sample_weight, shuffle=shuffle,
+                                      validation_batch_size=validation_batch_size)
+        made, per_step = self._fit_inputs[1], batches_read_per_step(self.config)
+        if (made.train_examples and steps is None and epochs is None
+                and not (self.config.max_steps or self.config.epochs)):
+            epochs = 1  # Keras' default, for arrays (their size is known)
+        with (run_folder_lock(self.run_dir, hold=self.is_chief) if self.run_dir is not None
+              else contextlib.nullcontext()):
+            return self._fit(made.train, made.eval, steps, epochs, made.steps_per_epoch(steps_per_epoch, per_step),
+                             batch_size or made.batch_size)
+
+    def _fit(self, train_data, eval_data, steps, epochs, steps_per_epoch, batch_size) -> Dict[str, float]:
+        cfg = self.config
+        if steps_per_epoch is None:
+            steps_per_epoch = steps_per_epoch_of(train_data, batches_read_per_step(cfg))
+        steps_per_epoch = debug.steps_per_epoch(cfg, steps_per_epoch)  # overfit_batches: an epoch is those batches
+        self.total = 0 if cfg.fast_dev_run else self.total_steps(  # fast_dev_run: debug.plan_fit says how long
+            steps if steps is not None else cfg.max_steps, epochs if epochs is not None else cfg.epochs,
+            steps_per_epoch)
+        self.steps_per_epoch = steps_per_epoch
+        train_data, eval_data, self.total, self._fit_eval_limit = debug.plan_fit(self, train_data, eval_data,
+                                                                                 self.total)
+        kept, self._kept_iterator = self._kept_iterator, None  # kept again only if this call ends normally
+        if kept is None or kept.data is not train_data:  # build every variable before restoring and tracing
+            sample, self.batch_size = sample_batch(train_data, self.strategy)
+            self.build(sample)
+        if batch_size:
+            self.batch_size = batch_size
+        if eval_data is not None and type(self).test_step is Step.test_step and (
+                len(self.models) > 1 or (self.loss is None and not self.model.losses)):
+            raise TypeError("Trainer: evaluation with the default test_step needs one model and a loss "
+                            "(Trainer(loss=...) or add_loss); override test_step, returning a dict of "
+                            "logs, or give no eval data")
+        self.stop_training = False  # a callback's stop ends one fit() call, not the later ones
+        self.eval_set_names = evalsets.names_of(eval_data)  # None: one set, plain names (monitors read them)
+        self.callback_list = callbacks = callback_list(self, self.callbacks.callbacks)
+        callbacks.check_state()
+        callbacks.on_train_begin(self)  # Checkpointing first: resume or warm start
+        ema.start_averages(self)  # after a warm start; a resume keeps the checkpoint's averages
+        start = int(self.step.numpy())
+        self._reset_train_trackers()
+        held, kept = [kept], None  # one not reused dies on the release thread once the loop made its own
+
+        def make_iterator():
+            return training_iterator(train_data, self.strategy, start, self.checkpointing.data_position(), held.pop(),
+                                     self.run_dir is not None and (start > 0 or self.config.deterministic))
+
+        loop = Loop(self, callbacks, make_iterator, eval_data, self.total, request=(steps, epochs))
+        train_logs, eval_logs, step = loop.run()
+        with loop.interrupted:  # a signal from here to the summary's end (the loggers' ends) waits for it too
+            summary = loop.summary()
+            self._kept_iterator = KeptIterator(train_data, step, loop.iterator, self.strategy.num_replicas_in_sync)
+            callbacks.on_train_end(self, summary)
+        components.say_random_frozen(self._random_frozen, " (the whole run)")
+        return eval_logs or train_logs
+
+    def run_steps(self, num_steps: int, *, loop: bool = False) -> int:
+        """`num_steps` more train steps on the last fit() call's data, for benchmarks; returns how many ran. loop=False:
+        the compiled loop alone (Orbit's train(n); the data position counts them). loop=True, without a run folder:
+        the loop's windows with its host work only (guards, train logs when due; not loggers or your callbacks; a
+        guard may stop early), what the doctor times. A later fit() on the same data continues after them."""
+        return loop_lib.run_steps(self, self._kept_iterator, num_steps, loop_host_callbacks(self) if loop else None)
+
+    def _reset_train_trackers(self) -> None:
+        self.train_window.restart()
+        for updater in self.updaters.values():
+            updater.grad_norm.reset_state()
+
+    def collect_train_logs(self, step: int, examples: int, seconds: float) -> Dict[str, float]:
+        """The train logs of the window that ends at `step` (then its trackers restart): the loss and
+        metrics (the default step's), the logs an overridden step returned, examples/s, per optimizer
+        lr, grad_norm, loss_scale and skipped_steps (prefixed `name/` when there are several), and the
+        memory readings (trainer/memory.py: host RSS now and its peak, each GPU's peak)."""
+        logs: Dict[str, Any] = {"step": step, "split": "train", **self.train_window.logs()}
+        # nan when no step was timed in this window (the first loop, with its compile time, is not timed)
+        logs["examples_per_sec"] = examples / seconds if examples > 0 and seconds > 0 else float("nan")
+        for name, updater in self.updaters.items():
+            logs.update(updater.logs("" if len(self.updaters) == 1 else f"{name}/"))
+        logs.update(memory_logs())
+        self._reset_train_trackers()
+        self.last_train_logs = logs
+        return logs
+
+    def evaluate(self, eval_data: DataArg, *, steps: Optional[int] = None, step: Optional[int] = None,
+                 callbacks: Optional[CallbackList] = None) -> Dict[str, float]:
+        """Computes the loss and metrics (and an overridden test_step's logs) over the whole eval set, or each of a
+        dict name -> set (logged `<name>/<metric>`: evalsets.py); `steps` batches, else eval_steps /
+        limit_eval_batches, fast_dev_run's few (trainer/debug.py). With an optimizer's use_ema=True, of the
+        averaged weights (see ema.py)."""
+        if not steps:
+            steps = debug.eval_limit_of(eval_data, self.config, self.strategy, self._fit_eval_limit)
+        evaluating, self._evaluating = self._evaluating, True
+        try:
+            with ema.averaged_weights(self):
+                return evaluate(self, eval_data, steps=steps,
+                                step=int(self.step.numpy()) if step is None else step, callbacks=callbacks)
+        finally:
+            self._evaluating = evaluating
+
+    def predict(self, data: Any, batch_size: Optional[int] = None):
+        """The model's outputs on `data` (a Dataset of batches, an array, a dict/tuple of arrays, an
+        iterable of batches) as NumPy, in inference mode, under the strategy: see trainer/inference.py. With
+        an optimizer's use_ema=True, of the averaged weights (as evaluate and export)."""
+        from trainer.inference import predict
+
+        with ema.averaged_weights(self):  # as evaluate, best/, export and python -m trainer.predict see it
+            return predict(self, data, batch_size)
+
+    def weights_fingerprint(self) -> str:
+        """SHA-256 of the weights of all models but the frozen: equal on every worker, and across bit-identical runs."""
+        return saved.fingerprint(m for name, m in self.models.items() if name not in self.frozen)
