@@ -65,7 +65,7 @@ class TransformerModelConfig:
     pooling: str = "cls"  # cls: BERT's pooled [CLS] (tanh dense) | mean: mean of the unpadded tokens
     dropout: float = ranged(0.1, "[0, 1)")  # before the classification layer
     recompute: bool = False  # recompute each encoder layer's activations in the backward pass (less memory, more compute; docs/recipes/transformer.md)
-    fused_elementwise: bool = True  # GELU and LayerNormalization as one XLA kernel each way (trainer.fused_elementwise); false: Keras' ops
+    fused_elementwise: bool = True  # GELU and LayerNormalization as one XLA kernel each way in training; false: Keras' ops
 
 
 def register_configs(cs) -> None:
@@ -272,8 +272,8 @@ def build_model(
         from trainer.fused_elementwise import fuse_elementwise
 
         swapped = fuse_elementwise(backbone)
-        log.info("Encoder: %d LayerNormalization layers and %d GELU activations fused (model.fused_elementwise=false: Keras' ops)",
-                 swapped["LayerNormalization"], swapped["gelu"])
+        log.info("Encoder: %d LayerNormalization layers and %d GELU activations fused "
+                 "(model.fused_elementwise=false: Keras' ops)", swapped["LayerNormalization"], swapped["gelu"])
     if recompute:
         from trainer.recompute import recompute as recomputed
 

@@ -198,7 +198,8 @@ def test_fuse_elementwise_swaps_a_keras_hub_encoder_keeping_outputs_and_config(t
     assert fuse_elementwise(swapped_later) == {"LayerNormalization": 5, "gelu": 2}
     assert fuse_elementwise(swapped_later) == {"LayerNormalization": 0, "gelu": 0}  # nothing left to swap
     assert unfused.get_config() == fused.get_config()  # the encoder's config still names keras-hub's gelu
-    modules = {type(layer).__module__ for layer in fused._flatten_layers() if type(layer).__name__ == "LayerNormalization"}
+    norms = [layer for layer in fused._flatten_layers() if type(layer).__name__ == "LayerNormalization"]
+    modules = {type(layer).__module__ for layer in norms}
     assert modules == {"trainer.fused_elementwise"}
     batch = {"token_ids": tf.constant([[2, 5, 9, 3, 0, 0]] * 2), "padding_mask": tf.constant([[1] * 4 + [0] * 2] * 2),
              "segment_ids": tf.zeros((2, 6), tf.int32)}
@@ -216,7 +217,8 @@ def _with_gradients(model, batch):
     with tf.GradientTape() as tape:
         logits = model(batch, training=False)
         loss = tf.reduce_sum(logits * tf.constant([[1.0, -2.0, 0.5]]))
-    return [logits.numpy()] + [np.asarray(tf.convert_to_tensor(g)) for g in tape.gradient(loss, model.trainable_weights)]
+    gradients = tape.gradient(loss, model.trainable_weights)
+    return [logits.numpy()] + [np.asarray(tf.convert_to_tensor(g)) for g in gradients]
 
 
 def test_a_recomputed_block_runs_the_fused_kernels_in_its_forward_pass_and_its_recomputation():
@@ -231,7 +233,8 @@ def test_a_recomputed_block_runs_the_fused_kernels_in_its_forward_pass_and_its_r
     # forward (2) + recomputation (2) + backward (2): the first forward runs with recording paused.
     assert _xla_calls(lambda t: block(t, training=True), x) == 6
     expected = _value_and_input_gradient(lambda t: block(t, training=False), x)  # not recomputed
-    np.testing.assert_allclose(_value_and_input_gradient(lambda t: block(t, training=True), x)[1], expected[1], atol=1e-5)
+    recomputed = _value_and_input_gradient(lambda t: block(t, training=True), x)
+    np.testing.assert_allclose(recomputed[1], expected[1], atol=1e-5)
 
 
 def test_a_keras_file_of_a_fused_model_loads_in_a_fresh_process_after_import_trainer(tmp_path):
@@ -246,7 +249,8 @@ def test_a_keras_file_of_a_fused_model_loads_in_a_fresh_process_after_import_tra
     model.save(tmp_path / "model.keras")
     code = ("import trainer, keras, numpy as np; "
             f"m = keras.saving.load_model({str(tmp_path / 'model.keras')!r}); "
-            "print(sorted({type(l).__module__ for l in m.layers}), m.layers[-1].activation.__name__, m(np.ones((2, 6, 8))).shape)")
+            "print(sorted({type(l).__module__ for l in m.layers}), m.layers[-1].activation.__name__, "
+            "m(np.ones((2, 6, 8))).shape)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "'trainer.fused_elementwise'" in result.stdout and "gelu (2, 6, 4)" in result.stdout

@@ -75,7 +75,8 @@ def _gelu_kernels(approximate: bool):
             t = tf.tanh(_TANH_SCALE * (xf + _CUBIC * xf * xf * xf))
             slope = 0.5 * (1.0 + t) + 0.5 * xf * (1.0 - t * t) * _TANH_SCALE * (1.0 + 3.0 * _CUBIC * xf * xf)
         else:
-            slope = 0.5 * (1.0 + tf.math.erf(xf * math.sqrt(0.5))) + xf * tf.exp(-0.5 * xf * xf) / math.sqrt(2 * math.pi)
+            density = tf.exp(-0.5 * xf * xf) / math.sqrt(2 * math.pi)
+            slope = 0.5 * (1.0 + tf.math.erf(xf * math.sqrt(0.5))) + xf * density
         return tf.cast(dyf * slope, x.dtype)
 
     @tf.custom_gradient
@@ -156,7 +157,8 @@ class LayerNormalization(keras.layers.LayerNormalization):
         """Over the last axis only (of a known size), without rms_scaling."""
         rank = len(inputs.shape)
         axes = [self.axis] if isinstance(self.axis, int) else list(self.axis)
-        return rank >= 2 and [a % rank for a in axes] == [rank - 1] and inputs.shape[-1] is not None and not self.rms_scaling
+        last_only = rank >= 2 and [a % rank for a in axes] == [rank - 1]
+        return last_only and inputs.shape[-1] is not None and not self.rms_scaling
 
 
 def _may_fuse(layer) -> bool:
