@@ -65,7 +65,7 @@ class TransformerModelConfig:
     pooling: str = "cls"  # cls: BERT's pooled [CLS] (tanh dense) | mean: mean of the unpadded tokens
     dropout: float = ranged(0.1, "[0, 1)")  # before the classification layer
     recompute: bool = False  # recompute each encoder layer's activations in the backward pass (less memory, more compute; docs/recipes/transformer.md)
-    fused_elementwise: bool = True  # GELU and LayerNormalization as one XLA kernel each way in training; false: Keras' ops
+    fused_elementwise: bool = True  # train GELU and LayerNormalization as one XLA kernel each way; false: Keras' ops
 
 
 def register_configs(cs) -> None:
