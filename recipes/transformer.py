@@ -68,6 +68,7 @@ class TransformerModelConfig:
     # recompute each encoder layer's activations in the backward
     # pass (less memory, more compute; docs/recipes/transformer.md)
     recompute: bool = False
+    fused_elementwise: bool = True  # train GELU and LayerNormalization as one XLA kernel each way; false: Keras' ops
 
 
 def register_configs(cs) -> None:
@@ -255,6 +256,7 @@ def build_model(
     pooling: str = "cls",
     dropout: float = 0.1,
     recompute: bool = False,
+    fused_elementwise: bool = True,
 ):
     """Encoder + dropout + a float32 Dense: keras-hub's BertTextClassifier without its preprocessor
     (tokenization happens in tf.data) and with float32 logits under a mixed policy (its own logits
@@ -263,6 +265,9 @@ def build_model(
     Inputs are the backbone's: {token_ids, padding_mask, segment_ids}, each (batch, length) int32,
     with any length up to the preset's max_sequence_length. The encoder is the layer named "backbone".
     `recompute`: each encoder layer recomputes its activations in the backward pass (trainer.recompute).
+    `fused_elementwise`: the encoder's GELU and LayerNormalization run as one XLA kernel each way, same
+    results (trainer.fused_elementwise): under mixed_bfloat16 on an AMX CPU these chains of elementwise ops
+    took longer than the matmuls.
     """
     import keras
 
@@ -271,6 +276,12 @@ def build_model(
     if pooling not in ("cls", "mean"):
         raise ConfigError(f"model.pooling={pooling!r} is not one of ['cls', 'mean']")
     backbone = build_backbone(preset, pretrained)
+    if fused_elementwise:
+        from trainer.fused_elementwise import fuse_elementwise
+
+        swapped = fuse_elementwise(backbone)
+        log.info("Encoder: %d LayerNormalization layers and %d GELU activations fused "
+                 "(model.fused_elementwise=false: Keras' ops)", swapped["LayerNormalization"], swapped["gelu"])
     if recompute:
         from trainer.recompute import recompute as recomputed
 

@@ -30,7 +30,6 @@ from trainer.errors import UserError
 log = logging.getLogger(__name__)
 
 
-
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be used; the message says why and what to do."""
 

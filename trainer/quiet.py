@@ -20,7 +20,8 @@ import os
 import sys
 import tempfile
 
-_REGISTERING = ("trainer.precision", "trainer.optim")  # the modules whose classes Keras files name
+# The modules whose classes Keras files name.
+_REGISTERING = ("trainer.precision", "trainer.optim", "trainer.layers", "trainer.fused_elementwise")
 
 
 def quiet_tensorflow_import() -> None:

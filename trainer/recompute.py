@@ -20,6 +20,8 @@ from typing import List
 import keras
 import tensorflow as tf
 
+from trainer.fused_elementwise import backward_follows
+
 
 def recompute(block: keras.layers.Layer) -> keras.layers.Layer:
     """Wraps `block.call` so that, when training, its activations are recomputed in the backward pass.
@@ -65,9 +67,10 @@ def _recomputed(block, forward, args, kwargs):
 
     def run(*tensors):
         inputs = tf.nest.pack_sequence_as(args, list(tensors))
-        if not passes:  # the forward pass
+        if not passes:  # the forward pass (run with recording paused; fused kernels as in the recomputation)
             passes.append("forward")
-            return forward(*inputs, **kwargs)
+            with backward_follows():
+                return forward(*inputs, **kwargs)
         after = [tf.identity(keras.ops.convert_to_tensor(v)) for v in state]
         for variable, value in zip(state, before):  # the same masks, and no second statistics update
             variable.assign(value)

@@ -340,6 +340,7 @@ def _load_keras_file(path: Path) -> Tuple[Any, Any]:
     import keras
     import tensorflow as tf
 
+    import trainer.fused_elementwise  # noqa: F401  (registers trainer>LayerNormalization and trainer>gelu)
     import trainer.layers  # noqa: F401  (registers trainer>BatchNormalization, which the recipes' models hold)
 
     if not path.is_file():

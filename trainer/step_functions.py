@@ -21,7 +21,7 @@ import tensorflow as tf
 from trainer.loss_convention import is_replica_share, per_replica_mean
 from trainer.step import Step
 from trainer.tracing import keras_random_explained, warn_random_state_outside_checkpoint, warn_unused_optimizers
-from trainer.xla_plan import XlaPlan, decide_jit_compile, plan_xla, wrap_xla  # noqa: F401 - their old home
+from trainer.xla_plan import XlaPlan, plan_xla, wrap_xla
 
 log = logging.getLogger("trainer.core")
 
