@@ -254,3 +254,32 @@ def test_a_keras_file_of_a_fused_model_loads_in_a_fresh_process_after_import_tra
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "'trainer.fused_elementwise'" in result.stdout and "gelu (2, 6, 4)" in result.stdout
+
+
+def test_one_fused_layer_normalization_on_inputs_of_several_ranks_trains(caplog):
+    """A model that normalizes a sequence and then its pooled vector, and layers of other ranks in one
+    process: each rank gets its own kernels (a shape relaxed to unknown rank broke the backward pass)."""
+    inputs = keras.Input((6, 16))
+    x = keras.layers.Dense(16, activation="gelu")(keras.layers.LayerNormalization()(inputs))
+    pooled = keras.layers.LayerNormalization()(keras.layers.GlobalAveragePooling1D()(x))
+    model = keras.Model(inputs, keras.layers.Dense(3)(pooled))
+    assert fuse_elementwise(model) == {"LayerNormalization": 2, "gelu": 1}
+    for shape in ((4, 6, 16), (2, 6, 16)):
+        x = _normal(shape)
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(model(x, training=True) ** 2)
+        assert all(g is not None and np.isfinite(g.numpy()).all() for g in tape.gradient(loss, model.trainable_weights))
+    for shape in ((5, 48), (2, 3, 4, 48), (48,)):
+        _, layer = _layer_pair()
+        _value_and_input_gradient(layer, _normal(shape))
+    with caplog.at_level("INFO", logger="trainer.fused_elementwise"):
+        theirs, ours = _layer_pair(axis=1)
+        _value_and_input_gradient(ours, _normal())
+        _value_and_input_gradient(ours, _normal())
+    said = [r.getMessage() for r in caplog.records if "not fused" in r.getMessage()]
+    assert len(said) == 1 and "axis=[1], not only the last axis of a 3-D input" in said[0]
+
+
+def test_fuse_elementwise_of_something_else_says_what_it_takes():
+    with pytest.raises(TypeError, match="takes a Keras model or layer, got function"):
+        fuse_elementwise(lambda: None)

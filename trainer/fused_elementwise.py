@@ -12,7 +12,8 @@ Only where a gradient tape records (a train step; also the first forward pass of
 trainer.recompute recomputes, which runs with recording paused): without one (evaluation, predict, export)
 Keras' own ops run, so inference results are Keras' exactly and exported graphs hold no XLA call (tf2onnx
 cannot convert one). The choice is made when a function is traced: a `tf.function` first traced under a tape
-keeps the fused graph. Each kernel compiles once per input shape (the Transformer recipe's bucket lengths).
+keeps the fused graph. Each kernel is traced and compiled once per input shape (the Transformer recipe's
+bucket lengths).
 
 `fuse_elementwise(model)` swaps them into a built model in place, keeping its weights and config (a
 keras-hub encoder builds its sublayers itself: this is how such a model gets them).
@@ -21,6 +22,7 @@ keras-hub encoder builds its sublayers itself: this is how such a model gets the
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import sys
 import threading
@@ -28,6 +30,8 @@ import threading
 import keras
 import tensorflow as tf
 from tensorflow.python.eager import record  # TensorFlow's own "does a tape record?" (no public API has it)
+
+log = logging.getLogger(__name__)
 
 _TANH_SCALE = math.sqrt(2.0 / math.pi)  # the tanh approximation's sqrt(2 / pi)
 _CUBIC = 0.044715
@@ -59,7 +63,7 @@ def _fused_input(x) -> bool:
 def _gelu_kernels(approximate: bool):
     """Forward and backward GELU, each one XLA kernel computing in float32."""
 
-    @tf.function(jit_compile=True, autograph=False, reduce_retracing=True)
+    @tf.function(jit_compile=True, autograph=False)
     def forward(x):
         xf = tf.cast(x, tf.float32)
         if approximate:
@@ -68,7 +72,7 @@ def _gelu_kernels(approximate: bool):
             y = 0.5 * xf * (1.0 + tf.math.erf(xf * math.sqrt(0.5)))
         return tf.cast(y, x.dtype)
 
-    @tf.function(jit_compile=True, autograph=False, reduce_retracing=True)
+    @tf.function(jit_compile=True, autograph=False)
     def backward(x, dy):
         xf, dyf = tf.cast(x, tf.float32), tf.cast(dy, tf.float32)
         if approximate:
@@ -103,7 +107,7 @@ def gelu_approximate(x):
     return gelu(x, approximate=True)
 
 
-@tf.function(jit_compile=True, autograph=False, reduce_retracing=True)
+@tf.function(jit_compile=True, autograph=False)
 def _layer_norm_forward(x, gamma, beta, epsilon):
     xf = tf.cast(x, tf.float32)
     mean, variance = tf.nn.moments(xf, axes=[-1], keepdims=True)
@@ -111,7 +115,7 @@ def _layer_norm_forward(x, gamma, beta, epsilon):
     return tf.cast(xf * inv + (beta - mean * inv), x.dtype)
 
 
-@tf.function(jit_compile=True, autograph=False, reduce_retracing=True)
+@tf.function(jit_compile=True, autograph=False)
 def _layer_norm_backward(x, gamma, dy, epsilon):
     xf, dyf = tf.cast(x, tf.float32), tf.cast(dy, tf.float32)
     mean, variance = tf.nn.moments(xf, axes=[-1], keepdims=True)
@@ -123,8 +127,9 @@ def _layer_norm_backward(x, gamma, dy, epsilon):
         - tf.reduce_mean(scaled, axis=-1, keepdims=True)
         - normalized * tf.reduce_mean(scaled * normalized, axis=-1, keepdims=True)
     )
-    batch_axes = list(range(len(x.shape) - 1))
-    return tf.cast(dx, x.dtype), tf.reduce_sum(dyf * normalized, batch_axes), tf.reduce_sum(dyf, batch_axes)
+    rows = [-1, tf.shape(x)[-1]]  # sums over every axis but the last, whatever the rank
+    dgamma = tf.reduce_sum(tf.reshape(dyf * normalized, rows), 0)
+    return tf.cast(dx, x.dtype), dgamma, tf.reduce_sum(tf.reshape(dyf, rows), 0)
 
 
 @tf.custom_gradient
@@ -145,7 +150,10 @@ class LayerNormalization(keras.layers.LayerNormalization):
     recording tape, for other axes, `rms_scaling`, and float64."""
 
     def call(self, inputs):
-        if not (_fused_input(inputs) and self._fusable(inputs)):
+        if not _fused_input(inputs):
+            return super().call(inputs)
+        if not self._fusable(inputs):
+            self._say_once_why_not_fused(inputs)
             return super().call(inputs)
         width = inputs.shape[-1]
         gamma = tf.cast(self.gamma, tf.float32) if self.scale else tf.ones([width], tf.float32)
@@ -159,6 +167,19 @@ class LayerNormalization(keras.layers.LayerNormalization):
         axes = [self.axis] if isinstance(self.axis, int) else list(self.axis)
         last_only = rank >= 2 and [a % rank for a in axes] == [rank - 1]
         return last_only and inputs.shape[-1] is not None and not self.rms_scaling
+
+
+    def _say_once_why_not_fused(self, inputs) -> None:
+        """A user who fused the layer for speed learns that this one got none (logged once per layer)."""
+        if getattr(self, "_said_why_not_fused", False):
+            return
+        self._said_why_not_fused = True
+        rank = len(inputs.shape)
+        why = ("rms_scaling=True" if self.rms_scaling else
+               f"a {rank}-D input" if rank < 2 else
+               f"an input of unknown width {inputs.shape}" if inputs.shape[-1] is None else
+               f"axis={self.axis}, not only the last axis of a {rank}-D input")
+        log.info("LayerNormalization %r computes as Keras' layer, not fused, because of %s", self.name, why)
 
 
 def _may_fuse(layer) -> bool:
@@ -188,6 +209,9 @@ def fuse_elementwise(model) -> dict:
     whose `activation` is Keras' `gelu` or keras-hub's `gelu_approximate` gets the fused one (a layer that
     only passes its activation on to the sublayers it builds, as keras-hub's TransformerEncoder does, keeps
     it: its config stays Keras'). Subclasses of LayerNormalization and other activations are left alone."""
+    if not isinstance(model, keras.layers.Layer):
+        raise TypeError(f"fuse_elementwise takes a Keras model or layer, got {type(model).__name__}: call it on the "
+                        "model your builder returns, before the first train step")
     swapped = {"LayerNormalization": 0, "gelu": 0}
     for layer in model._flatten_layers(include_self=True, recursive=True):
         if _may_fuse(layer):
