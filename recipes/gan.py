@@ -11,14 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
-import keras
-import numpy as np
-import tensorflow as tf
 from omegaconf import II
 
 from trainer.config import ConfigError, ranged
-from trainer.trainer import Trainer
 from trainer.data import DataBundle, classification_pipeline, load_mnist_format
+from trainer.lazy import lazy_module
+
+keras = lazy_module("keras")  # loaded when a run builds the models: register_configs needs none of them
+np = lazy_module("numpy")
+tf = lazy_module("tensorflow")
 
 
 @dataclass
@@ -89,37 +90,11 @@ def build_models(latent_dim: int = 32, hidden_units: Sequence[int] = (128,)) -> 
     return {"generator": generator, "discriminator": discriminator}
 
 
-class GAN(Trainer):
-    """Trains `models["discriminator"]` to tell real images from generated ones, then
-    `models["generator"]` to fool it: one update per optimizer per step. With trainer.batches_per_step=K,
-    the discriminator is updated on each of the K batches, then the generator once (a WGAN's schedule)."""
+def __getattr__(name: str):
+    """GAN, the Trainer subclass (`trainer_class: trainer.recipes.gan.GAN`), lives in recipes/_gan_trainer.py:
+    defining it loads TensorFlow, which this module, imported at every CLI start, does not."""
+    if name == "GAN":
+        from trainer.recipes._gan_trainer import GAN
 
-    takes_several_batches = True  # train_step takes a tuple of trainer.batches_per_step=K batches (of one when K=1)
-
-    def train_step(self, batches):
-        generator, discriminator = self.models["generator"], self.models["discriminator"]
-        # Losses as this replica's batch mean (update() sums the replicas): the function form, since a
-        # Keras Loss object divides by the number of replicas itself under a distribution strategy.
-        bce = lambda labels, logits: tf.reduce_mean(keras.losses.binary_crossentropy(labels, logits, from_logits=True))  # noqa: E731
-        for real, noise in batches:  # images and the noise that came with them (build_data)
-            with tf.GradientTape() as tape:
-                fake = generator(noise, training=True)
-                logits = discriminator(tf.concat([fake, real], 0), training=True)
-                labels = tf.concat([tf.zeros_like(logits[: tf.shape(real)[0]]),
-                                    tf.ones_like(logits[: tf.shape(real)[0]])], 0)
-                d_loss = bce(labels, logits)
-            self.update(d_loss, tape, "discriminator")
-        with tf.GradientTape() as tape:
-            fooled = discriminator(generator(noise, training=True), training=True)  # the last batch's noise
-            g_loss = bce(tf.ones_like(fooled), fooled)  # "these are real"
-        self.update(g_loss, tape, "generator")
-        return {"d_loss": d_loss, "g_loss": g_loss}
-
-    def test_step(self, data):
-        """How well the discriminator tells held-out real images from fakes."""
-        real, noise = data
-        generator, discriminator = self.models["generator"], self.models["discriminator"]
-        real_logits = discriminator(real, training=False)
-        fake_logits = discriminator(generator(noise, training=False), training=False)
-        correct = tf.concat([tf.cast(real_logits > 0, tf.float32), tf.cast(fake_logits <= 0, tf.float32)], 0)
-        return {"d_accuracy": tf.reduce_mean(correct)}
+        return GAN
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

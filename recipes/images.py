@@ -23,16 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
-import tensorflow as tf
 from omegaconf import II, MISSING
 
 from trainer.config import ConfigError, DataOptions, ranged
 from trainer.data import DataBundle, DataError, check_labels, load_mnist_format, per_replica_batch_size, pipeline_seed
+from trainer.lazy import lazy_module
 
+np = lazy_module("numpy")  # loaded when data is built: register_configs needs neither
+tf = lazy_module("tensorflow")
 log = logging.getLogger(__name__)
 
-AUTOTUNE = tf.data.AUTOTUNE
 AUGMENTATIONS = ("none", "flip", "pad_crop", "resized_crop")
 # keras.applications' preprocessing modes: caffe (ResNet v1: BGR, ImageNet mean subtracted),
 # tf (ResNet v2: scaled to [-1, 1]), torch (ImageNet mean/std), none (float pixels in [0, 255]).
@@ -250,8 +250,8 @@ class ImageTransform:
 # The shared pipeline
 # ---------------------------------------------------------------------------------------------
 
-Source = Callable[[Optional[tf.distribute.InputContext]], tf.data.Dataset]
-Parse = Callable[[Dict[str, tf.Tensor]], Tuple[tf.Tensor, tf.Tensor]]
+Source = Callable[[Optional["tf.distribute.InputContext"]], "tf.data.Dataset"]
+Parse = Callable[[Dict[str, "tf.Tensor"]], Tuple["tf.Tensor", "tf.Tensor"]]
 
 
 def image_pipeline(
@@ -281,7 +281,7 @@ def image_pipeline(
         ds = source(ctx)
         read = parse
         if cache:  # cache what parse produced (raw bytes / images), never the random crops
-            ds = ds.map(parse, num_parallel_calls=AUTOTUNE).cache()
+            ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE).cache()
             read = None
         if training:
             buffer = shuffle_buffer or int(ds.cardinality())
@@ -297,20 +297,20 @@ def image_pipeline(
                 key = tf.random.experimental.stateless_fold_in(base_key, index)
                 return transform.train(x, key), y
 
-            ds = ds.map(train_example, num_parallel_calls=AUTOTUNE)
+            ds = ds.map(train_example, num_parallel_calls=tf.data.AUTOTUNE)
         else:
 
             def eval_example(record):
                 x, y = read(record) if read else record
                 return transform.eval(x), y
 
-            ds = ds.map(eval_example, num_parallel_calls=AUTOTUNE)
+            ds = ds.map(eval_example, num_parallel_calls=tf.data.AUTOTUNE)
         # Training drops the partial last batch (equal per-replica batches); evaluation keeps it.
         ds = ds.batch(batch, drop_remainder=training)
         options = tf.data.Options()
         options.deterministic = deterministic
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-        return ds.with_options(options).prefetch(AUTOTUNE)
+        return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
     make.skips_itself = training  # trainer/data.py: DatasetFn
     return make
@@ -633,7 +633,7 @@ def tfrecord(
             ds = ds.interleave(
                 tf.data.TFRecordDataset,
                 cycle_length=min(cycle_length, len(files)),
-                num_parallel_calls=AUTOTUNE,
+                num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=True,
             )
             if n > 1 and not by_file:

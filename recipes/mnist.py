@@ -11,13 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, List, Optional, Sequence
 
-import keras
-import tensorflow as tf
 from omegaconf import II
 
 from trainer.config import Checked, ConfigError, DataOptions, chosen, ranged
 from trainer.data import DataBundle, DataError, check_labels, classification_pipeline, load_mnist_format
+from trainer.lazy import lazy_module
 
+keras = lazy_module("keras")  # loaded when a run builds the model: register_configs needs neither
+tf = lazy_module("tensorflow")
 log = logging.getLogger(__name__)
 
 

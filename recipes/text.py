@@ -26,11 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 from omegaconf import II, MISSING
 
 from trainer.config import DataOptions, ranged
 from trainer.data import DataBundle, DataError, DatasetFn, per_replica_batch_size, pipeline_seed
+from trainer.lazy import lazy_module
+
+np = lazy_module("numpy")  # loaded when data is built: register_configs needs none
 
 log = logging.getLogger(__name__)
 

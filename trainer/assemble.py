@@ -29,8 +29,12 @@ def register_configs() -> None:
 
     The recipe contract: a module of trainer.recipes (recipes/*.py) may define `register_configs(cs)`, which
     stores the schemas of its data and model options (`cs.store(group="data", name="base_mnist", node=...)`)
-    for its YAML files under conf/ to extend. Loading a recipe may load TensorFlow and the Trainer: that is why
-    this lives here, above them, and not in trainer.config."""
+    for its YAML files under conf/ to extend. Every CLI start imports each recipe module, a config error and
+    `--cfg job` included, so a recipe module loads no TensorFlow or Keras when imported: it binds them with
+    trainer.lazy.lazy_module, and a class whose base needs them (a Trainer subclass, a Callback, a Keras
+    loss) lives in a module whose name starts with `_` (not a recipe: skipped here), named through the recipe
+    module's `__getattr__` (recipes/gan.py). A recipe that does load TensorFlow still works, only slower to
+    answer. This lives here, above the recipes, and not in trainer.config."""
     import importlib
     import pkgutil
 
@@ -41,6 +45,8 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     register_schemas(cs)
     for info in pkgutil.iter_modules(trainer.recipes.__path__):
+        if info.name.startswith("_"):  # a recipe's private part (recipes/_gan_trainer.py), imported by a run
+            continue
         try:
             module = importlib.import_module(f"trainer.recipes.{info.name}")
         except Exception as e:  # noqa: BLE001 - one broken recipe must not take the others down

@@ -1,4 +1,9 @@
-"""`python -m trainer`: compose the config, log it, instantiate, fit. A short, flat sequence."""
+"""`python -m trainer`: compose the config, log it, instantiate, fit. A short, flat sequence.
+
+Composing and checking the config loads no TensorFlow or Keras (tested): a config error, `--cfg job` and
+`--help` answer in half a second instead of five. They load once a run starts, quietly (trainer/quiet.py,
+hooked by `import trainer`), so this module imports the Trainer's modules inside the functions of the run.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -8,27 +13,20 @@ import signal
 import sys
 from typing import Optional, Tuple
 
-from trainer.quiet import quiet_tensorflow_import
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
-quiet_tensorflow_import()
-
-import hydra  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from hydra.types import RunMode  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-
-from trainer.assemble import (check_eval_sets, eval_data_of, parts_of, register_configs, schema,  # noqa: E402
-                              strategy_of)
-from trainer.callbacks import Callback  # noqa: E402
-from trainer.config import ConfigError, PrecisionConfig, TrainerConfig  # noqa: E402
-from trainer.config_check import check_config  # noqa: E402
-from trainer.errors import EXIT_NUMERICAL, EXIT_USER_ERROR, exit_code_of, find_error, report_error  # noqa: E402
-from trainer.signals import take_signal_the_run_finished_despite  # noqa: E402
-from trainer.sweep import BASIC_SWEEPER, job_value, program, register_resolver, register_sweeper_configs  # noqa: E402
+from trainer.assemble import check_eval_sets, eval_data_of, parts_of, register_configs, schema, strategy_of
+from trainer.config import ConfigError, PrecisionConfig, TrainerConfig
+from trainer.config_check import check_config
+from trainer.errors import EXIT_NUMERICAL, EXIT_USER_ERROR, exit_code_of, find_error, report_error
+from trainer.signals import take_signal_the_run_finished_despite
+from trainer.sweep import BASIC_SWEEPER, job_value, program, register_resolver, register_sweeper_configs
 
 log = logging.getLogger("trainer")
-logging.getLogger("absl").setLevel(logging.WARNING)  # tf.train.Checkpoint logs sharding timings at INFO
 logging.getLogger("tensorflow").setLevel(logging.WARNING)  # collective all-reduce chatter at INFO
 
 register_configs()
@@ -43,11 +41,20 @@ def run(cfg: DictConfig) -> dict:
     from trainer.console import say_once_when_log_files_fail
 
     say_once_when_log_files_fail()  # a full disk: one line, not a traceback per log line
+    _quiet_absl()
     check_config(cfg, HydraConfig.get().runtime.choices)  # a single run's was checked before its folder existed
     check_eval_sets(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     with _job_folder_lock(run_dir, cfg):
         return _run_in(run_dir, cfg)
+
+
+def _quiet_absl() -> None:
+    """tf.train.Checkpoint logs sharding timings at INFO through absl. absl.logging is imported first: it
+    makes the "absl" logger of its own class only when nobody made that logger before it."""
+    import absl.logging  # noqa: F401
+
+    logging.getLogger("absl").setLevel(logging.WARNING)
 
 
 def _job_folder_lock(run_dir, cfg: DictConfig):
@@ -104,6 +111,7 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
 
     from trainer import debug
     from trainer.callbacks.loggers import flatten
+    from trainer.config_record import RunConfigWriter
     from trainer.trainer import Trainer
     from trainer.data import build_data, check_batch_size
     from trainer.distribute import is_chief
@@ -133,7 +141,7 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
         run_dir=run_dir,
         is_chief=chief,
         callbacks=[instantiate(c, _convert_="all") for c in cfg.callbacks.values()]
-        + ([] if trainer_cfg.fast_dev_run else [_RunConfigWriter(cfg, run_dir)]),
+        + ([] if trainer_cfg.fast_dev_run else [RunConfigWriter(cfg, run_dir, HydraConfig.instance().cfg)]),
         loggers=loggers,
     )
     trainer.resume_command = resume_command(run_dir)
@@ -153,37 +161,6 @@ def resume_command(run_dir) -> str:
     ours = ("hydra.mode=", "hydra.run.dir=", "hydra.sweep.")
     kept = [o for o in overrides.hydra if not o.startswith(ours)] + list(overrides.task)
     return " ".join([program(), *map(shlex.quote, [*kept, f"hydra.run.dir={run_dir}"])])
-
-
-class _RunConfigWriter(Callback):
-    """Writes .hydra/{config,hydra,overrides}.yaml once training begins (a resume: once it has trained a
-    loop, so a run already complete keeps the record of the config it ran with), i.e. after the checkpoints were
-    found to fit (conf/config.yaml turns Hydra's own early write off): a refused resume must leave the
-    run's record of its config as it was (export rebuilds the model from it)."""
-
-    chief_only = True
-
-    def __init__(self, cfg: DictConfig, run_dir):
-        self.cfg, self.folder = cfg, run_dir / ".hydra"
-        self.hydra_cfg = HydraConfig.instance().cfg  # the hydra node, as Hydra writes it
-        self.start: Optional[int] = None  # the step training began at, until the config is recorded
-
-    def on_train_begin(self, trainer) -> None:
-        self.start = int(trainer.step.numpy())
-        if self.start == 0:  # a fresh run: recorded at once; a resume once it trains (a finished run keeps its record)
-            self._record()
-
-    def on_loop_end(self, trainer, step: int) -> None:
-        if self.start is not None:
-            self._record()
-
-    def _record(self) -> None:
-        from trainer.config_record import record_config
-
-        record_config(self.folder, self.cfg, self.start)  # after the resume: keeps the config it replaces
-        OmegaConf.save(self.hydra_cfg, self.folder / "hydra.yaml")
-        OmegaConf.save(self.hydra_cfg.hydra.overrides.task, self.folder / "overrides.yaml")
-        self.start = None
 
 
 def _log_to_worker_file(run_dir, strategy) -> None:

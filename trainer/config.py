@@ -264,7 +264,7 @@ class ReduceLROnPlateauConfig(MonitorConfig):
 
 @dataclass
 class FinetuneConfig(Checked):
-    """Fine-tuning knobs a recipe's fine-tune callback reads (see recipes/resnet.py FineTune)."""
+    """Fine-tuning knobs a recipe's fine-tune callback reads (see trainer.recipes.resnet.FineTune)."""
 
     config_key: ClassVar[str] = "finetune"
 

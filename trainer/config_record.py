@@ -2,15 +2,18 @@
 
 A resume may change the config (a longer `trainer.max_steps`, another precision); the file then holds the
 newest one, so the config each earlier part of the run trained with is kept beside it, in
-`.hydra/history/config.until-step-N.yaml`, and the log names what changed.
+`.hydra/history/config.until-step-N.yaml`, and the log names what changed. `python -m trainer` writes it
+with RunConfigWriter, a callback: this module is imported by a run only (it loads TensorFlow).
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import OmegaConf
+
+from trainer.callbacks import Callback
 
 log = logging.getLogger("trainer")
 
@@ -94,3 +97,32 @@ def _say(changes, step: int, kept: Path) -> None:
 
 def _show(value: Any) -> str:
     return "(absent)" if not isinstance(value, (str, int, float, bool, list, dict, type(None))) else repr(value)
+
+
+class RunConfigWriter(Callback):
+    """Writes .hydra/{config,hydra,overrides}.yaml once training begins (a resume: once it has trained a
+    loop, so a run already complete keeps the record of the config it ran with), i.e. after the checkpoints were
+    found to fit (conf/config.yaml turns Hydra's own early write off): a refused resume must leave the
+    run's record of its config as it was (export rebuilds the model from it). `hydra_cfg`: the hydra node,
+    as Hydra writes it (HydraConfig.instance().cfg)."""
+
+    chief_only = True
+
+    def __init__(self, cfg, run_dir: Path, hydra_cfg):
+        self.cfg, self.folder, self.hydra_cfg = cfg, run_dir / ".hydra", hydra_cfg
+        self.start: Optional[int] = None  # the step training began at, until the config is recorded
+
+    def on_train_begin(self, trainer) -> None:
+        self.start = int(trainer.step.numpy())
+        if self.start == 0:  # a fresh run: recorded at once; a resume once it trains (a finished run keeps its record)
+            self._record()
+
+    def on_loop_end(self, trainer, step: int) -> None:
+        if self.start is not None:
+            self._record()
+
+    def _record(self) -> None:
+        record_config(self.folder, self.cfg, self.start)  # after the resume: keeps the config it replaces
+        OmegaConf.save(self.hydra_cfg, self.folder / "hydra.yaml")
+        OmegaConf.save(self.hydra_cfg.hydra.overrides.task, self.folder / "overrides.yaml")
+        self.start = None

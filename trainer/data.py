@@ -19,14 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
-import tensorflow as tf
-
 from trainer.errors import UserError
+from trainer.lazy import lazy_module
+from trainer.quiet import when_loaded
 
+np = lazy_module("numpy")  # loaded by the first function that uses it: every CLI start imports this module
+tf = lazy_module("tensorflow")
 log = logging.getLogger(__name__)
 
-DatasetFn = Callable[[tf.distribute.InputContext], tf.data.Dataset]
+DatasetFn = Callable[["tf.distribute.InputContext"], "tf.data.Dataset"]
 # A DatasetFn whose `skips_itself` attribute is true also takes `skip_steps=N` (global batches already
 # trained on) and starts there more cheaply than the Trainer's `.skip(N)` on its output, which runs the
 # whole pipeline (reads, decodes, augments) for every skipped batch. The stream must be the same.
@@ -85,7 +86,6 @@ def exit_promptly(code: int) -> None:
     _exit_code = code
 
 
-@atexit.register  # after TensorFlow's import: it runs before TensorFlow's own exit hooks
 def _finish_releases_at_exit() -> None:
     """A release thread of a multi-replica iterator still inside its destructor when the interpreter
     finalizes is ended by pthread_exit through a noexcept C++ frame: a finished run aborted ("FATAL:
@@ -103,6 +103,11 @@ def _finish_releases_at_exit() -> None:
             _join_releases()
     except KeyboardInterrupt:  # Ctrl-C during the wait: the exit it asks for, without a traceback
         _end_now(130)
+
+
+# Registered once TensorFlow has loaded (this module loads it lazily): the hook runs before TensorFlow's own
+# exit hooks (its import registers seven), and after the ones registered later (a run's).
+when_loaded("tensorflow", lambda: atexit.register(_finish_releases_at_exit))
 
 
 def _end_now(code: int) -> None:

@@ -1,5 +1,6 @@
 """Keeps TensorFlow's C++ start-up noise (CUDA probing, oneDNN notes) off the terminal by default, and
-registers trainer's Keras classes whenever Keras loads.
+registers trainer's Keras classes whenever Keras loads (and calls what `when_loaded` was given once its
+module has loaded).
 
 Those lines are printed by C++ before Python can set any log level, so the only way to hide them is to
 point file descriptor 2 elsewhere while TensorFlow loads. Set TRAINER_TF_LOGS=1 to see them.
@@ -66,6 +67,15 @@ def register_when_keras_loaded() -> None:
         _finder().watch("keras", _RegisteringLoader)
 
 
+def when_loaded(name: str, call) -> None:
+    """`call()` once the module `name` has loaded: now if it has, else right after its import, whoever imports
+    it (trainer.data registers its exit hook after TensorFlow's own that way)."""
+    if name in sys.modules:
+        call()
+    else:
+        _finder().calls.setdefault(name, []).append(call)
+
+
 def _register() -> None:
     for name in _REGISTERING:
         importlib.import_module(name)  # a module mid-import (the one that imported keras) finishes on its own
@@ -86,18 +96,22 @@ class _LoadHooks(importlib.abc.MetaPathFinder):
 
     def __init__(self) -> None:
         self.wrappers = {}  # module name -> loader wrapper class
+        self.calls = {}  # module name -> what to call once it has loaded (when_loaded)
         self.busy = False  # inside our own find_spec call: let the other finders answer
 
     def watch(self, name: str, wrapper) -> None:
         self.wrappers[name] = wrapper
 
-    def loaded(self, name: str) -> None:
+    def loaded(self, name: str) -> list:
+        """Forgets `name` (its loader runs now); returns the calls due once it has run."""
         self.wrappers.pop(name, None)
-        if not self.wrappers and self in sys.meta_path:
+        calls = self.calls.pop(name, [])
+        if not self.wrappers and not self.calls and self in sys.meta_path:
             sys.meta_path.remove(self)
+        return calls
 
     def find_spec(self, name, path=None, target=None):
-        if self.busy or name not in self.wrappers:
+        if self.busy or (name not in self.wrappers and name not in self.calls):
             return None
         self.busy = True
         try:
@@ -105,7 +119,7 @@ class _LoadHooks(importlib.abc.MetaPathFinder):
         finally:
             self.busy = False
         if spec is not None and spec.loader is not None:
-            spec.loader = self.wrappers[name](spec.loader, self)
+            spec.loader = self.wrappers.get(name, _WrappedLoader)(spec.loader, self)
         return spec
 
 
@@ -117,9 +131,11 @@ class _WrappedLoader(importlib.abc.Loader):
         return self.loader.create_module(spec)
 
     def exec_module(self, module) -> None:
-        self.hooks.loaded(module.__name__)
+        calls = self.hooks.loaded(module.__name__)
         module.__loader__ = module.__spec__.loader = self.loader  # what the module's own code sees
         self.run(module)
+        for call in calls:
+            call()
 
     def run(self, module) -> None:
         self.loader.exec_module(module)
