@@ -28,6 +28,7 @@ def check_config(cfg, choices: Optional[Mapping[str, str]] = None) -> None:
     if isinstance(callbacks, DictConfig):
         sections += [(f"callbacks.{k}", callbacks.get(k), None) for k in callbacks
                      if isinstance(callbacks.get(k), DictConfig)]
+    _check_top_level_keys(cfg)
     for key, node, schema in sections:
         schema = schema or OmegaConf.get_type(node)
         if not (schema and dataclasses.is_dataclass(schema)):
@@ -68,6 +69,24 @@ def _check_known_keys(schema, node, key: str) -> None:
         shown = ", ".join(k for k in known if not k.startswith("_"))
         raise ConfigError(f"{key}.{unknown[0]} is not a key of {key} (its schema {schema.__name__} has: {shown}). "
                           f"Fix: drop {key}.{unknown[0]}, or correct its spelling to one of those keys.")
+
+
+def _check_top_level_keys(cfg) -> None:
+    """A top-level key the run does not have (`+max_steps=5`, as Hydra's own error suggests for `max_steps=5`)
+    would be ignored by every part of the run: refused, naming the section that has it."""
+    from omegaconf import DictConfig
+
+    known = {f.name for f in dataclasses.fields(Config)} | {"hydra"}
+    unknown = [k for k in cfg if k not in known and not str(k).startswith("_")]
+    if not unknown:
+        return
+    name = unknown[0]
+    sections = [section for section in cfg if isinstance(cfg.get(section), DictConfig)]
+    homes = [f"{section}.{name}" for section in sections if name in cfg.get(section)]
+    hint = (f"did you mean {' or '.join(homes)}?" if homes
+            else "drop it, or put it under its section (trainer., data., ...)")
+    raise ConfigError(f"{name} is not a key of the run's config, so nothing would read it (its keys: "
+                      f"{', '.join(sorted(known - {'hydra'}))}). Fix: {hint}")
 
 
 def _conf_dir():
