@@ -140,14 +140,14 @@ def test_wheel_ships_configs_and_runs_from_anywhere(tmp_path):
 
 def test_a_config_error_and_cfg_job_answer_before_tensorflow_loads(tmp_path):
     """Composing and checking the config (every recipe's schema, check_config) loads neither TensorFlow nor
-    Keras: a config error and --cfg job answer in half a second, not after the 4 s TensorFlow takes to load.
-    One interpreter runs both through trainer.cli.main; a run still loads them (the other tests)."""
+    Keras nor NumPy: a config error, --cfg job, --help and --info answer in half a second, not after the 4 s
+    TensorFlow takes to load. One interpreter runs them through trainer.cli.main; a run still loads them."""
     script = textwrap.dedent("""
         import importlib.util, sys
         from hydra.core.global_hydra import GlobalHydra
         from trainer.cli import main
         codes = []
-        for argv in (["trainer.max_steps=-5"], ["--cfg", "job"]):
+        for argv in (["trainer.max_steps=-5"], ["--cfg", "job"], ["--help"], ["--info"]):
             sys.argv = [importlib.util.find_spec("trainer.__main__").origin, *argv]  # as python -m trainer has it
             try:
                 main()
@@ -155,10 +155,11 @@ def test_a_config_error_and_cfg_job_answer_before_tensorflow_loads(tmp_path):
             except SystemExit as e:
                 codes.append(e.code)
             GlobalHydra.instance().clear()
-        print(codes, [name for name in ("tensorflow", "keras") if name in sys.modules])
+        print(codes, [name for name in ("tensorflow", "keras", "numpy") if name in sys.modules])
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert done.stdout.strip().splitlines()[-1] == "[2, 0] []", done.stdout[-2000:] + done.stderr[-2000:]
+    last_line = done.stdout.strip().splitlines()[-1]
+    assert last_line == "[2, 0, 0, 0] []", done.stdout[-2000:] + done.stderr[-2000:]
     assert "trainer.max_steps=-5 is out of range: must be in [1, 9223372036854775807]" in done.stderr, done.stderr
     assert "_target_: trainer.recipes.mnist.build_model" in done.stdout and "max_steps:" in done.stdout
     assert not (tmp_path / "runs").exists()  # neither made a run folder

@@ -230,9 +230,14 @@ class RunFolderCallback(HydraCallback):
 
     def _take(self, config: DictConfig, folder: str) -> None:
         from trainer.config_check import check_config
+        from trainer.quiet import quiet_tensorflow_import
 
         try:
             check_config(config, config.hydra.runtime.choices)
+            # The config is good, so a run starts: TensorFlow loads now, before the folder exists (an interrupt
+            # while it loads leaves none) and before fast_dev_run's scratch removal is registered (exit hooks
+            # run last-registered first: the removal must come before TensorFlow's and trainer.data's own).
+            quiet_tensorflow_import()
             if OmegaConf.select(config, "trainer.fast_dev_run"):
                 folder = self._scratch_folder(config)
             self.fd = acquire(folder, hold=is_chief_process(str(OmegaConf.select(config, "strategy.name"))))
