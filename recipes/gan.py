@@ -94,7 +94,13 @@ def __getattr__(name: str):
     """GAN, the Trainer subclass (`trainer_class: trainer.recipes.gan.GAN`), lives in recipes/_gan_trainer.py:
     defining it loads TensorFlow, which this module, imported at every CLI start, does not."""
     if name == "GAN":
-        from trainer.recipes._gan_trainer import GAN
-
+        try:
+            from trainer.recipes._gan_trainer import GAN
+        except AttributeError as e:  # Hydra's locate would read it as "no such name" and hide the cause
+            raise ImportError(f"trainer.recipes._gan_trainer failed to import: {e}") from e
         return GAN
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), "GAN"])

@@ -247,7 +247,13 @@ def __getattr__(name: str):
     recipes/_resnet_training.py: their classes subclass Keras' and trainer's, which load TensorFlow, and this
     module is imported at every CLI start (its config schema), a config error included."""
     if name in _TRAINING:
-        from trainer.recipes import _resnet_training
-
+        try:
+            from trainer.recipes import _resnet_training
+        except AttributeError as e:  # Hydra's locate would read it as "no such name" and hide the cause
+            raise ImportError(f"trainer.recipes._resnet_training failed to import: {e}") from e
         return getattr(_resnet_training, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_TRAINING])
