@@ -14,7 +14,7 @@ from conftest import blobs
 {configure}
 trainer = Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  optimizer=lambda: keras.optimizers.SGD(0.1),
+                  optimizer=lambda: keras.optimizers.SGD(0.1, momentum=0.5),
                   metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
                   log_every=5, progress_bar=False)
 trainer.fit(blobs(), blobs(), steps=10)
@@ -48,6 +48,8 @@ def test_fit_shows_the_summary_on_stderr_by_default_and_not_when_quiet(tmp_path)
     assert shown.count("[trainer.callbacks][INFO] - Done: 10 steps") == 2, shown[-3000:]  # once per fit()
     assert "Final eval: loss=" in shown and "step 5/10: loss=" in shown
     assert shown.count("[trainer.distribute][INFO] - Strategy: DefaultDistributionStrategy over") == 1  # as the CLI's
+    # logged while the first Trainer is built, before any fit(): shown as in the CLI (it was dropped)
+    assert shown.count("[trainer.update][INFO] - Optimizer model: SGD") == 1, shown[:2000]
     assert "Done:" not in quiet and "Final eval" not in quiet and "step 5/10" not in quiet, quiet[-3000:]
 
 

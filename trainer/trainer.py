@@ -86,6 +86,7 @@ class Trainer(Step):
                  is_chief: bool = True, **options):
         self.config = dataclasses.replace(config or TrainerConfig(), **options)
         check_batches_per_step(type(self), self.config)  # before any data or model is built
+        show_logs_unless_configured(self.config.verbose)  # construction logs (the optimizer's kernels) show too
         self.precision = PrecisionConfig(policy=precision) if isinstance(precision, str) else precision
         self.strategy = strategy or tf.distribute.get_strategy()
         # fast_dev_run writes nothing and reads no checkpoint: as if there were no run folder (trainer/debug.py)
