@@ -78,6 +78,9 @@ def test_bad_values_exit_2_naming_the_key_without_a_traceback(tmp_path, override
     # A recipe's sections: their schema depends on the groups chosen (the config is composed once to check).
     ("optimizer.lr=abc", "optimizer.lr=abc: optimizer.lr takes a number, not 'abc'. Fix: give optimizer.lr a number."),
     ("data.batch_size=1.5", "data.batch_size=1.5: data.batch_size takes an integer, not '1.5'."),
+    ("model.hidden_units=[64,abc]", "model.hidden_units=[64,abc]: model.hidden_units takes a list, and its "
+                                    "element 'abc' is not an integer. Fix: make every element of "
+                                    "model.hidden_units an integer."),
     ("model.widht=3", "model.widht=3: Key 'widht' not in 'MnistModelConfig'. Fix: check the name"),
     ("trainer.max_stepz=10", "trainer.max_stepz=10: trainer has no key 'max_stepz'. Fix: did "
                              "you mean trainer.max_steps"),

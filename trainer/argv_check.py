@@ -99,6 +99,10 @@ def composition_problem(args: Sequence[str], sweep: bool) -> Optional[str]:
         if not kind:
             return f"{given}: {str(e.__cause__).splitlines()[0]}"
         words = WORDS.get(kind.group(1), kind.group(1))
+        bad = re.search(r"Value '(.*?)' (?:of type \S+ )?could not be converted", str(e.__cause__))
+        if value.strip().startswith("[") and bad:  # a list key (model.hidden_units=[64,abc]): one element is wrong
+            return (f"{given}: {key} takes a list, and its element {bad.group(1)!r} is not {words}. "
+                    f"Fix: make every element of {key} {words}.")
         return f"{given}: {key} takes {words}, not {value!r}. Fix: give {key} {words}."
     except Exception:  # noqa: BLE001 - anything else is the run's to report, as before
         return None
