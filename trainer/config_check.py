@@ -62,9 +62,9 @@ def _unset(node, name: str) -> bool:
 
 def _check_known_keys(schema, node, key: str) -> None:
     """A key the schema lacks, added with Hydra's `+` (`+trainer.foo=1`), reached the dataclass as an unexpected
-    argument; Hydra's own special keys (`_partial_`, `_convert_`) are left to it."""
+    argument."""
     known = [f.name for f in dataclasses.fields(schema)]
-    unknown = [k for k in node if k not in known and not str(k).startswith("_")]
+    unknown = _unknown_keys(node, known)
     if unknown:
         shown = ", ".join(k for k in known if not k.startswith("_"))
         raise ConfigError(f"{key}.{unknown[0]} is not a key of {key} (its schema {schema.__name__} has: {shown}). "
@@ -77,7 +77,7 @@ def _check_top_level_keys(cfg) -> None:
     from omegaconf import DictConfig
 
     known = {f.name for f in dataclasses.fields(Config)} | {"hydra"}
-    unknown = [k for k in cfg if k not in known and not str(k).startswith("_")]
+    unknown = _unknown_keys(cfg, known)
     if not unknown:
         return
     name = unknown[0]
@@ -87,6 +87,11 @@ def _check_top_level_keys(cfg) -> None:
             else "drop it, or put it under its section (trainer., data., ...)")
     raise ConfigError(f"{name} is not a key of the run's config, so nothing would read it (its keys: "
                       f"{', '.join(sorted(known - {'hydra'}))}). Fix: {hint}")
+
+
+def _unknown_keys(node, known) -> List[str]:
+    """The node's keys its schema lacks; Hydra's own special keys (`_partial_`, `_convert_`) are left to it."""
+    return [k for k in node if k not in known and not str(k).startswith("_")]
 
 
 def _conf_dir():

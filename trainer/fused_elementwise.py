@@ -164,7 +164,7 @@ class LayerNormalization(keras.layers.LayerNormalization):
     def _fusable(self, inputs) -> bool:
         """Over the last axis only (of a known size), without rms_scaling."""
         rank = len(inputs.shape)
-        axes = [self.axis] if isinstance(self.axis, int) else list(self.axis)
+        axes = _axes(self)
         last_only = rank >= 2 and [a % rank for a in axes] == [rank - 1]
         return last_only and inputs.shape[-1] is not None and not self.rms_scaling
 
@@ -182,11 +182,16 @@ class LayerNormalization(keras.layers.LayerNormalization):
         log.info("LayerNormalization %r computes as Keras' layer, not fused, because of %s", self.name, why)
 
 
+def _axes(layer) -> list:
+    """The layer's axes as a list: Keras keeps an int until the layer is built, a list after."""
+    return [layer.axis] if isinstance(layer.axis, int) else list(layer.axis)
+
+
 def _may_fuse(layer) -> bool:
     """An exact Keras LayerNormalization over one axis, without rms_scaling (the rank is checked per call)."""
     if type(layer) is not keras.layers.LayerNormalization:
         return False
-    axes = [layer.axis] if isinstance(layer.axis, int) else list(layer.axis)
+    axes = _axes(layer)
     return len(axes) == 1 and not layer.rms_scaling
 
 
