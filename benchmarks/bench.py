@@ -47,7 +47,9 @@ tf.config.experimental.get_memory_info("GPU:0")["peak"] is used instead.
 
 On CPU, mixed_float16 runs only with XLA on and K=1 unless --include-slow (see `runners.plan_cells`);
 skipped cells are listed in the output. `--runners ...,trainer_step` adds a diagnostic runner that calls
-the Trainer's compiled loop directly, to separate fit()'s per-call cost from its per-step cost.
+the Trainer's compiled loop directly, to separate fit()'s per-call cost from its per-step cost;
+`trainer_noskip` adds the Trainer with precision.skip_nonfinite=false (updates do not wait for the check that
+every gradient is finite), to measure what that check costs.
 
 Data are SYNTHETIC (random tensors, cached in memory, repeated, prefetched; tf.data autotuning off,
 see `workloads.make_dataset`): the numbers measure the training step, not an input pipeline, and say
@@ -114,8 +116,9 @@ def parse_args(argv=None):
     p.add_argument("--precisions", type=_list(PRECISIONS), default=None, help=f"default {','.join(PRECISIONS)}")
     p.add_argument("--xla", type=_xla, default=None, help="off,on (the default)")
     p.add_argument("--steps-per-loop", type=_list(cast=int), default=None, help="K values; default 1,10")
-    p.add_argument("--runners", type=_list(RUNNERS + ("trainer_step",)), default=list(RUNNERS),
-                   help="trainer,fit,hand; add trainer_step to separate fit()'s per-call overhead")
+    p.add_argument("--runners", type=_list(RUNNERS + ("trainer_step", "trainer_noskip")), default=list(RUNNERS),
+                   help="trainer,fit,hand; add trainer_step to separate fit()'s per-call overhead, trainer_noskip "
+                        "to measure the non-finite check (precision.skip_nonfinite=false)")
     p.add_argument("--steps", default="auto", help="measured steps per repeat, or 'auto' (about --target-seconds)")
     p.add_argument("--target-seconds", type=float, default=1.5, help="auto steps: seconds per measured call")
     p.add_argument("--min-steps", type=int, default=1)

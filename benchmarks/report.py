@@ -140,7 +140,7 @@ def print_table(results: List[dict], skipped: List[Cell], peak: Dict[str, dict],
         print("MLP's training matmuls alone (best sample, GFLOP/s): " + ", ".join(
             f"{dt} " + " / ".join(f"{g:.0f} ({c})" for c, g in v["by_xla_gflops"].items())
             + f" = {v['gflops'] / peak[dt]['gflops']:.0%} of the peak" for dt, v in ceiling.items()))
-    header = (f"{'workload':<11} {'prec':<4} {'xla':<3} {'K':>3} {'runner':<12} {'ex/s':>9} {'spread':>6} "
+    header = (f"{'workload':<11} {'prec':<4} {'xla':<3} {'K':>3} {'runner':<14} {'ex/s':>9} {'spread':>6} "
               f"{'xhand':>6} {'xfit':>6} {'GFLOP/s':>8} {'MFU':>5} {'1st step s':>10} {'compile s':>9} "
               f"{'peak MB':>8} {'dMB':>6} {'steps':>5}")
     print(header)
@@ -152,7 +152,7 @@ def print_table(results: List[dict], skipped: List[Cell], peak: Dict[str, dict],
             print()
         last = cell
         xla = ("on" if r["xla"] else "off") + ("" if r["xla_effective"] == r["xla"] else "!")
-        print(f"{r['workload']:<11} {SHORT[r['precision']]:<4} {xla:<3} {r['steps_per_loop']:>3} {r['runner']:<12} "
+        print(f"{r['workload']:<11} {SHORT[r['precision']]:<4} {xla:<3} {r['steps_per_loop']:>3} {r['runner']:<14} "
               f"{r['examples_per_sec_median']:>9.0f} {spread(r):>6.0%} {_fmt(r['vs_hand'], '6.2f'):>6} "
               f"{_fmt(r['vs_fit'], '6.2f'):>6} {r['achieved_gflops']:>8.1f} "
               f"{_fmt(r['mfu'] and 100 * r['mfu'], '4.0f'):>4}% "

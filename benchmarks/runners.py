@@ -14,11 +14,11 @@ import tensorflow as tf
 from tensorflow.python.framework import ops as tf_ops  # see ForgetCustomGradients
 
 from benchmarks.workloads import LEARNING_RATE, Workload, make_dataset, make_loss, make_metrics
-from trainer import Trainer
+from trainer import PrecisionConfig, Trainer
 from trainer.memory import PeakMemory
 from trainer.timing import interleaved_seconds, seconds_of
 
-RUNNERS = ("trainer", "fit", "hand")  # plus the optional diagnostic "trainer_step"
+RUNNERS = ("trainer", "fit", "hand")  # plus the optional diagnostics "trainer_step" and "trainer_noskip"
 
 
 def _sync(model: keras.Model) -> None:
@@ -60,6 +60,7 @@ class TrainerRunner(Runner):
     """Our Trainer; each run(n) is one `fit` call that trains to the current step + n."""
 
     name = "trainer"
+    skip_nonfinite = True  # the Trainer's default
 
     def setup(self):
         self.trainer = Trainer(
@@ -67,7 +68,7 @@ class TrainerRunner(Runner):
             loss=make_loss(),
             optimizer=lambda: keras.optimizers.Adam(LEARNING_RATE),
             metrics=make_metrics(self.metric_names),
-            precision=self.precision,
+            precision=PrecisionConfig(policy=self.precision, skip_nonfinite=self.skip_nonfinite),
             run_dir=None,
             seed=0,
             jit_compile=self.xla,
@@ -189,7 +190,18 @@ class TrainerStepRunner(TrainerRunner):
         _sync(t.model)
 
 
-RUNNER_CLASSES = {"trainer": TrainerRunner, "fit": FitRunner, "hand": HandRunner, "trainer_step": TrainerStepRunner}
+class TrainerNoSkipRunner(TrainerRunner):
+    """Diagnostic, not in the default set: the Trainer with precision.skip_nonfinite=false. By default each
+    update waits until every gradient is known finite (a non-finite step is skipped, not applied); fit and the
+    hand loop start a variable's update as soon as its own gradient is ready. `trainer` over `trainer_noskip`
+    is what that check costs in a cell."""
+
+    name = "trainer_noskip"
+    skip_nonfinite = False
+
+
+RUNNER_CLASSES = {"trainer": TrainerRunner, "fit": FitRunner, "hand": HandRunner, "trainer_step": TrainerStepRunner,
+                  "trainer_noskip": TrainerNoSkipRunner}
 
 
 class ForgetCustomGradients:
