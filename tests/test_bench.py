@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cli_runner import run_script
@@ -86,3 +87,22 @@ def test_bench_step_xla_layout_runs_on_the_quick_workloads(monkeypatch, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("xla_layout")]
     assert [line.split()[1] for line in lines] == ["mlp", "resnet", "transformer"]
     assert all("select skip" in line and "tf.cond skip" in line for line in lines)
+
+
+def test_trainer_noskip_runner_turns_only_the_finite_check_off(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.runners import RUNNER_CLASSES
+    from benchmarks.workloads import workloads
+
+    wl = workloads(quick=True)["mlp"]
+    arrays = wl.make_data(np.random.default_rng(0))
+    made = {}
+    for name in ("trainer", "trainer_noskip"):
+        runner = RUNNER_CLASSES[name](wl, "float32", False, 1, arrays, [])
+        runner.setup()
+        runner.run(2)
+        made[name] = runner.trainer
+    assert made["trainer"].precision.skip_nonfinite is True  # the Trainer's default
+    assert made["trainer_noskip"].precision.skip_nonfinite is False
+    assert made["trainer_noskip"].precision.policy == made["trainer"].precision.policy == "float32"
+    assert int(made["trainer_noskip"].step.numpy()) == 2
