@@ -290,4 +290,8 @@ def test_throughput_windows_leave_out_compile_eval_and_save_time(tmp_path):
     trainer.fit(train, evaluation, steps=60)
     rates = {row["step"]: row["examples_per_sec"] for row in logs}
     assert sorted(rates) == [10, 20, 30, 40, 50, 60] and np.isnan(rates[10])
-    assert min(rates[30], rates[50]) > 0.2 * max(rates[20], rates[40])  # the windows after each eval
+    # The windows after each eval (steps 21-30 and 41-50): their 10 steps of 32 examples are timed without the
+    # evaluation's 2 s (with it, 320 examples would take > 2 s however fast the steps are). Not a speed check:
+    # only which time a window counts, so a loaded machine cannot fail it.
+    for step in (30, 50):
+        assert 10 * 32 / rates[step] < 2.0, (step, rates)
