@@ -57,7 +57,10 @@ class ProgressBar(Callback):
         self.bar.set_postfix(postfix)
 
     def on_eval_end(self, trainer, step, logs):
-        self.bar.write(eval_line(step, logs, trainer))
+        """Logged like every other line (trainer.log, a notebook's handler: tqdm.write printed it on stdout only),
+        with the bar cleared around it and drawn again after, as tqdm.write does."""
+        with type(self.bar).external_write_mode():
+            log.info("%s", eval_line(step, logs, trainer))
 
     def on_train_end(self, trainer, summary):
         self.bar.close()
