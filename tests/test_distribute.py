@@ -665,7 +665,7 @@ trainer = Trainer(model=lambda: keras.Sequential([keras.Input((8,)), keras.layer
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   optimizer=lambda: keras.optimizers.SGD(0.1))
 trainer.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(16, drop_remainder=True), steps=2)
-kept = trainer._kept_iterator
+kept = trainer._kept_iterator  # private on purpose: no public API holds the iterator, and the test must watch it die
 # a plain weak reference: weakref.finalize's callbacks are off once its own exit hook (before ours) has run
 freed = weakref.ref(kept.iterator, lambda _: print("FREED ON", threading.current_thread().name, flush=True))
 
@@ -680,6 +680,7 @@ print("END", flush=True)
 """
 
 
+@pytest.mark.slow  # a TensorFlow process of its own under MirroredStrategy: 12-28 s, like its siblings here
 def test_a_trainer_alive_at_exit_has_its_iterator_freed_by_the_exit_hook_and_the_wait_said(tmp_path):
     """A Trainer under MirroredStrategy in a module-level global: the interpreter's teardown destroyed its kept
     iterator in place, and the process idled 10-60 s there without a word. The exit hook frees it (on the release
