@@ -31,12 +31,13 @@ def run_cli(*args: str, module: str = "trainer", cwd: Path | None = None, timeou
     return run_module(module, args, cwd=cwd, timeout=timeout, env=env, process=process)
 
 
-# Appended to a test's script that trained under MirroredStrategy, after it printed what the test reads: the
-# interpreter's teardown frees the script's tf.data iterators, and each waits for its autotuner's next wake-up,
-# up to the iterator's age (trainer/data.py), one after another. The own-apply script of test_distribute.py
+# Appended to a test's script that trained under MirroredStrategy, after it printed what the test reads: the exit
+# frees the script's tf.data iterators (trainer/data.py's exit hook), and each waits for its autotuner's next
+# wake-up, up to the iterator's age, one after another. The own-apply script of test_distribute.py
 # (11 s of CPU) idled 10-40 s there in trials, and the test took 160 s in a CI run. That exit path is tested where
 # it is the point:
-# test_api.py::test_process_exits_when_a_freed_trainer_is_collected_at_shutdown, and
+# test_api.py::test_process_exits_when_a_freed_trainer_is_collected_at_shutdown,
+# test_distribute.py::test_a_trainer_alive_at_exit_has_its_iterator_freed_by_the_exit_hook_and_the_wait_said, and
 # test_distribute.py::test_a_finished_script_exits_0_with_iterators_still_being_freed (slow stage).
 SKIP_TEARDOWN = "\nimport os as _os, sys as _sys\n_sys.stdout.flush(); _sys.stderr.flush()\n_os._exit(0)\n"
 

@@ -1,8 +1,12 @@
-"""fit() from Python shows what the CLI shows (the end summary) without any logging set-up; quiet on request."""
+"""fit() from Python shows what the CLI shows (the end summary) without any logging set-up; quiet on request. The
+eval line under the progress bar is a log line as the others are (trainer.log, the user's handlers), shown once."""
+import re
 import subprocess
 import sys
 
 import pytest
+
+from conftest import run_cli
 
 
 SCRIPT = """
@@ -34,17 +38,29 @@ quiet.fit(blobs(), blobs(), steps=20)
 """
 
 
-def _fit(tmp_path, configure="", then=""):
+def _fit(tmp_path, configure="", then="", merged=False):
+    """The script's CompletedProcess; merged: stderr into stdout, as `2>&1` has them."""
     from pathlib import Path
 
     script = SCRIPT.format(tests=str(Path(__file__).parent), configure=configure, then=then)
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    streams = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT) if merged else dict(capture_output=True)
+    return subprocess.run([sys.executable, "-c", script], text=True, cwd=tmp_path, timeout=300, **streams)
+
+
+# With the progress bar (the default), the eval line is a log line as the others are (it was tqdm.write's, on stdout).
+THEN_BAR = """
+Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        optimizer=lambda: keras.optimizers.Adam(0.01), log_every=5).fit(blobs(), blobs(), steps=7)
+"""
 
 
 def test_fit_shows_the_summary_on_stderr_by_default_and_not_when_quiet(tmp_path):
-    result = _fit(tmp_path, then=THEN_QUIET)  # one process: the start-up is most of the cost
+    result = _fit(tmp_path, then=THEN_BAR + THEN_QUIET)  # one process: the start-up is most of the cost
     assert result.returncode == 0, result.stderr[-2000:]
     shown, quiet = result.stderr.split("--- quiet from here ---\n")
+    assert shown.count("[trainer.callbacks][INFO] - eval @ step 7: loss=") == 1, shown[-3000:]  # under the bar
+    assert "eval @" not in result.stdout
     assert shown.count("[trainer.callbacks][INFO] - Done: 10 steps") == 2, shown[-3000:]  # once per fit()
     assert "Final eval: loss=" in shown and "step 5/10: loss=" in shown
     assert shown.count("[trainer.distribute][INFO] - Strategy: DefaultDistributionStrategy over") == 1  # as the CLI's
@@ -108,6 +124,9 @@ handler = logging.StreamHandler(mine)
 handler.setFormatter(logging.Formatter("MINE %(message)s"))
 package.addHandler(handler)
 fit("third")
+Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]),  # the progress bar: on
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        optimizer=lambda: keras.optimizers.SGD(0.1)).fit(blobs(), blobs(), steps=3)
 print("RESULT", json.dumps(dict(propagate=package.propagate, mine=mine.getvalue().splitlines())))
 """
 
@@ -140,7 +159,8 @@ def test_each_line_once_after_a_checkpoint_save_and_with_two_trainers(users_hand
 
 def test_a_user_handler_on_the_trainer_logger_gets_each_line_once_and_propagate_stays_theirs(users_handler_later):
     """A user who sets logging.getLogger("trainer").propagate = False and adds a handler (after Trainers before
-    added ours) gets each line once, in that handler only; fit() no longer sets propagate back to True."""
+    added ours) gets each line once, in that handler only, the eval line under the progress bar too (a notebook's
+    handler); fit() no longer sets propagate back to True."""
     before, after, out = users_handler_later
     assert out["propagate"] is False
     mine = out["mine"]
@@ -151,6 +171,9 @@ def test_a_user_handler_on_the_trainer_logger_gets_each_line_once_and_propagate_
     assert (2 * sum("Saved checkpoint" in line for line in mine)
             == sum("Saved checkpoint" in line for line in before) > 0)
     assert not any(line.startswith("INFO:trainer") for line in after), "\n".join(after[-40:])
+    # under the progress bar too: the eval line (tqdm.write printed it on stdout only, past every handler)
+    assert sum("eval @ step 3: loss=" in line for line in mine) == 1, mine
+    assert not any("eval @" in line for line in after), "\n".join(after[-40:])
 
 
 WARNING_HANDLER = """
@@ -187,3 +210,79 @@ def test_a_warning_level_handler_of_the_users_does_not_silence_the_info_lines(tm
     assert "step 10/10: loss=" in result.stderr and "Done: 10 steps" in result.stderr, result.stderr[-3000:]
     assert "MINE 'a warning\\n'" in result.stdout
     assert "a warning" not in result.stderr  # shown by the user's handler, not ours too
+
+
+def test_the_eval_line_under_the_progress_bar_is_in_trainer_log_and_printed_once(tmp_path, tiny):
+    """The CLI with its progress bar (the default): `eval @ step N` is a line of the run folder's trainer.log, as
+    the other lines are (it went to stdout only), and the terminal shows it once."""
+    run_dir = tmp_path / "run"
+    with_bar = [o for o in tiny if not o.startswith("trainer.progress_bar=")]
+    result = run_cli(*with_bar, "trainer.eval_every=20", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    text, shown = (run_dir / "trainer.log").read_text(), result.stdout + result.stderr
+    for step in (20, 40):
+        assert text.count(f"[trainer.callbacks][INFO] - eval @ step {step} (10 batches): loss=") == 1, text[-3000:]
+        assert shown.count(f"eval @ step {step} ") == 1, shown[-3000:]
+    assert "train:" in result.stderr  # the bar was there
+
+
+def _screen(text: str) -> list[str]:
+    """The rows a terminal shows for `text`: '\\r' goes back to the row's start, '\\n' down a row, tqdm's
+    '\\x1b[A' (a second bar's) up one, and a character overwrites the one under the cursor."""
+    rows, row, col = [[]], 0, 0
+    for ch in text.replace("\x1b[A", "\x00"):
+        if ch == "\n":
+            row, col = row + 1, 0
+            rows.extend([] for _ in range(row + 1 - len(rows)))
+        elif ch == "\r":
+            col = 0
+        elif ch == "\x00":
+            row = max(row - 1, 0)
+        else:
+            cells = rows[row]
+            cells.extend(" " for _ in range(col + 1 - len(cells)))
+            cells[col], col = ch, col + 1
+    return ["".join(cells).rstrip() for cells in rows]
+
+
+def assert_log_lines_start_their_rows(text: str, expected: tuple) -> None:
+    """Each log record the terminal shows starts its row, with no bar text before or after it (the bar was
+    cleared for it and drawn again after), and the lines `expected` are among them."""
+    rows = _screen(text)
+    logged = [row for row in rows if "[trainer." in row]
+    for row in logged:
+        assert re.match(r"(\[[-\d :,]+\])?\[trainer[.\w]*\]\[[A-Z]+\] - ", row), f"glued onto a bar: {row!r}"
+        assert "%|" not in row and "it/s]" not in row and "step/s]" not in row, f"bar text on a log row: {row!r}"
+    for line in expected:
+        assert sum(line in row for row in logged) == 1, (line, "\n".join(rows[-60:]))
+    assert any(row.startswith("train:") and "%|" in row for row in rows), text[-2000:]  # the bar was drawn
+
+
+def test_log_lines_clear_the_bar_and_train_lines_go_to_trainer_log_only(tmp_path, tiny):
+    """The CLI with its bar (the default), stdout and stderr in one stream as `2>&1 | tee` has them: every log line
+    (the first loop's, each checkpoint's, the eval's) starts its own row; the train lines (the bar shows them)
+    are in trainer.log, with the memory, and not on the terminal."""
+    run_dir = tmp_path / "run"
+    with_bar = [o for o in tiny if not o.startswith("trainer.progress_bar=")]
+    result = subprocess.run([sys.executable, "-m", "trainer", *with_bar, "trainer.eval_every=20",
+                             f"hydra.run.dir={run_dir}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert_log_lines_start_their_rows(result.stdout, (
+        "First loop (trace/compile", "checkpoints/ckpt-20", "checkpoints/ckpt-40",
+        "eval @ step 20 (10 batches)", "Done: 40 steps"))
+    text = (run_dir / "trainer.log").read_text()
+    for step in (10, 20, 30, 40):
+        assert text.count(f"[trainer.callbacks][INFO] - step {step}/40: loss=") == 1, text[-3000:]
+    assert re.search(r"step 40/40: loss=.* \| mem \d+ MiB", text), text[-3000:]
+    assert "step 10/40:" not in result.stdout, result.stdout[-3000:]  # the bar shows it
+
+
+def test_from_python_log_lines_clear_the_bar_and_the_bar_alone_shows_the_train_lines(tmp_path):
+    """fit() from Python with the bar (the default), stderr and stdout in one stream: the first loop's line, the
+    eval line and the summary each start their own row (the first loop's was glued onto the bar); no train line."""
+    result = _fit(tmp_path, then=THEN_BAR, merged=True)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert_log_lines_start_their_rows(result.stdout, ("eval @ step 7: loss=", "Done: 7 steps"))
+    assert result.stdout.count("First loop (trace/compile") == 3, result.stdout[-3000:]  # one per fit()
+    assert "step 5/7:" not in result.stdout, result.stdout[-3000:]  # the bar shows it

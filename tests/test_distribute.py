@@ -652,6 +652,49 @@ def test_a_finished_script_exits_0_with_iterators_still_being_freed(tmp_path):
         assert run.returncode == 0, err[-3000:]
 
 
+HELD_AT_EXIT = """
+import threading, time, weakref
+import keras, numpy as np, tensorflow as tf
+tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
+                                           [tf.config.LogicalDeviceConfiguration()] * 2)
+from trainer import Trainer
+
+x = np.random.default_rng(0).normal(size=(64, 8)).astype("float32"); y = (x[:, 0] > 0).astype("int32")
+trainer = Trainer(model=lambda: keras.Sequential([keras.Input((8,)), keras.layers.Dense(2)]),
+                  strategy=tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), verbose=False,
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  optimizer=lambda: keras.optimizers.SGD(0.1))
+trainer.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(16, drop_remainder=True), steps=2)
+kept = trainer._kept_iterator  # private on purpose: no public API holds the iterator, and the test must watch it die
+# a plain weak reference: weakref.finalize's callbacks are off once its own exit hook (before ours) has run
+freed = weakref.ref(kept.iterator, lambda _: print("FREED ON", threading.current_thread().name, flush=True))
+
+
+class SlowToFree:  # as an iterator hours old: freeing it waits for its autotuner's next wake-up
+    def __del__(self):
+        time.sleep(1.5)
+
+
+kept.iterator = [kept.iterator, SlowToFree()]
+print("END", flush=True)
+"""
+
+
+@pytest.mark.slow  # a TensorFlow process of its own under MirroredStrategy: 12-28 s, like its siblings here
+def test_a_trainer_alive_at_exit_has_its_iterator_freed_by_the_exit_hook_and_the_wait_said(tmp_path):
+    """A Trainer under MirroredStrategy in a module-level global: the interpreter's teardown destroyed its kept
+    iterator in place, and the process idled 10-60 s there without a word. The exit hook frees it (on the release
+    thread, waited for) and says what it waits for and how to avoid it, even with verbose=False."""
+    script = tmp_path / "held_at_exit.py"
+    script.write_text(HELD_AT_EXIT)
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "END" in run.stdout and "FREED ON trainer-release-iterator" in run.stdout, run.stdout[-2000:]
+    said = "Waiting for tf.data to free the training iterator of 1 Trainer(s) still alive at exit"
+    assert run.stderr.count(said) == 1, run.stderr[-3000:]
+    assert "`del trainer`" in run.stderr and "FATAL" not in run.stderr
+
+
 @pytest.mark.slow
 def test_a_command_that_exits_143_does_not_wait_for_the_iterators_being_freed(tmp_path):
     """After a SIGTERM the command line exits 143 (trainer.cli hands the code to trainer.data.exit_promptly):

@@ -3,12 +3,15 @@
 The CLI gets its log output from Hydra, which configures the root logger. A Python user who configured
 nothing would see none of the INFO lines (Python's last-resort handler shows WARNING and above), so
 fit() sets the `trainer` logger's level to INFO (unless set) and adds one stderr handler to it, which prints a line
-only when no handler of the user's shows it (so each line once, with or without a logging set-up).
+only when no handler of the user's shows it (so each line once, with or without a logging set-up). While the
+progress bar is drawn, the console handlers write with the bar cleared and drawn again (while_a_bar_is_shown).
 """
 from __future__ import annotations
 
 import logging
 import sys
+
+BAR_SHOWS = "trainer_bar_shows"  # a record's attribute: the progress bar shows its line (the train lines)
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -73,6 +76,35 @@ def show_logs_unless_configured(verbose: bool) -> None:
     handler = _StderrHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[%(name)s][%(levelname)s] - %(message)s"))  # as the CLI's
     package.addHandler(handler)
+
+
+def while_a_bar_is_shown(bar_class):
+    """While a tqdm bar is drawn, each console handler (a StreamHandler on stdout or stderr, as tqdm's
+    logging_redirect_tqdm reads it: Hydra's, ours, the user's) of the root and `trainer` loggers writes inside
+    `bar_class.external_write_mode`: the bars cleared, then drawn again, as tqdm.write does; a line written under
+    the bar was glued onto its line. Lines the bar shows (BAR_SHOWS) go to the log files only. Handlers stay
+    in place, so the decisions above (who prints a line) stand. Returns the undo, for the bar's close."""
+    loggers = [logging.getLogger()] + [logger for name, logger in logging.Logger.manager.loggerDict.items()
+                                       if name.split(".")[0] == "trainer" and isinstance(logger, logging.Logger)]
+    handlers = {id(h): h for logger in loggers for h in logger.handlers if _console(h) and "emit" not in vars(h)}
+    for handler in handlers.values():
+        handler.emit = _beside_bars(handler, handler.emit, bar_class)
+    return lambda: [vars(handler).pop("emit", None) for handler in handlers.values()]
+
+
+def _console(handler: logging.Handler) -> bool:
+    std = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+    return isinstance(handler, logging.StreamHandler) and any(handler.stream is s for s in std)
+
+
+def _beside_bars(handler: logging.StreamHandler, emit, bar_class):
+    def emit_beside_bars(record: logging.LogRecord) -> None:
+        if getattr(record, BAR_SHOWS, False):
+            return
+        with bar_class.external_write_mode(file=handler.stream):
+            emit(record)
+
+    return emit_beside_bars
 
 
 def say_once_when_log_files_fail() -> None:

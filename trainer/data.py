@@ -15,6 +15,7 @@ import struct
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -39,6 +40,7 @@ _releasing: "set[threading.Thread]" = set()
 _exiting = False  # set at exit (_finish_releases_at_exit): a release started after it dies in place
 _distributed: "set[threading.Thread]" = set()  # those releasing iterators over several replicas (they aborted)
 _exit_code: Optional[int] = None  # a command line's non-zero exit (exit_promptly)
+_kept: "weakref.WeakSet" = weakref.WeakSet()  # holders of an iterator kept between calls (hold_until_exit)
 
 
 def release_in_background(holder: list, replicas: int = 1) -> None:
@@ -65,18 +67,43 @@ def _clear(holder: list) -> None:
     _releasing.discard(threading.current_thread())
 
 
-def _join_releases(timeout: float = 120.0) -> None:
+def hold_until_exit(holder) -> None:
+    """`holder` (inputs.KeptIterator) keeps an iterator between calls. Still held at exit (a Trainer in a global), it
+    is let go by the exit hook: the teardown destroyed it in place, a multi-replica one idling 10-60 s unsaid."""
+    _kept.add(holder)
+
+
+def _let_go_of_kept() -> int:
+    """Starts the releases of the iterators still held; returns how many are over several replicas (waited for)."""
+    held = [h for h in list(_kept) if h.iterator is not None]
+    for holder in held:
+        holder.let_go()
+    return sum(h.replicas > 1 for h in held)
+
+
+def _join_releases(timeout: float = 120.0, held_at_exit: int = 0) -> None:
     """Waits for the pending releases: the wait ends at the autotuner's next wake-up, its period at most
-    60 s; `timeout` only guards against a TensorFlow that never returns."""
+    60 s; `timeout` only guards against a TensorFlow that never returns. Past a second it is said: a warning
+    with the way out when Trainers still held iterators at exit (`held_at_exit`), else a line."""
     deadline = time.monotonic() + timeout
     said = False
     for thread in list(_releasing):
         thread.join(max(0.0, min(1.0, deadline - time.monotonic())))
         if thread.is_alive() and not said and timeout > 2.0:
             said = True
-            log.info("Waiting for tf.data to free %d finished iterator(s) (until its autotuner's next wake-up, "
-                     "at most a minute)", len(_releasing))
+            if held_at_exit:
+                log.warning(HELD_AT_EXIT, held_at_exit)
+            else:
+                log.info("Waiting for tf.data to free %d finished iterator(s) (until its autotuner's next wake-up, "
+                         "at most a minute)", len(_releasing))
         thread.join(max(0.0, deadline - time.monotonic()))
+
+
+HELD_AT_EXIT = (  # the warning of _join_releases when Trainers held iterators at exit
+    "Waiting for tf.data to free the training iterator of %d Trainer(s) still alive at exit (a Trainer in a global "
+    "variable): an iterator over several replicas waits for its autotuner's next wake-up, up to a minute. To exit "
+    "without it, free the Trainer once done with it (`del trainer`, or build it inside a function that returns): its "
+    "iterator is then freed in the background while the script goes on (docs/faults.md, 'A script waits at exit')")
 
 
 def exit_promptly(code: int) -> None:
@@ -93,6 +120,7 @@ def _finish_releases_at_exit() -> None:
     exit it ends at once instead (os._exit skips the finalizing, and the later exit hooks have run).
     Single-replica releases get 2 s: exiting with one still blocked ended cleanly in every trial."""
     global _exiting
+    held = _let_go_of_kept()  # before _exiting: their releases start on threads
     _exiting = True
     try:
         if not _distributed:
@@ -100,7 +128,7 @@ def _finish_releases_at_exit() -> None:
         elif _exit_code is not None:
             _end_now(_exit_code)
         else:
-            _join_releases()
+            _join_releases(held_at_exit=held)
     except KeyboardInterrupt:  # Ctrl-C during the wait: the exit it asks for, without a traceback
         _end_now(130)
 

@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional, Union
 import tensorflow as tf
 
 from trainer.config import ConfigError
-from trainer.data import DataError, release_in_background
+from trainer.data import DataError, hold_until_exit, release_in_background
 from trainer.step import Step
 
 log = logging.getLogger("trainer.core")
@@ -22,12 +22,17 @@ _trained_from: "weakref.WeakSet" = weakref.WeakSet()  # seeded shuffles a traini
 class KeptIterator:
     """What a fit() call that ended normally leaves for the next call on the same data set. When it is
     let go (fit() on other data, or the Trainer is freed), its iterator dies on the release thread: after a
-    100 s run, destroying it in the calling thread took 45 s (tf.data's autotuner wait, see data.py)."""
+    100 s run, destroying it in the calling thread took 45 s (tf.data's autotuner wait, see data.py). One
+    still held at exit is let go by data.py's exit hook (hold_until_exit)."""
 
     def __init__(self, data: DataArg, step: int, iterator: Any, replicas: int = 1):
         self.data, self.step, self.iterator, self.replicas = data, step, iterator, replicas
+        hold_until_exit(self)
 
     def __del__(self):
+        self.let_go()
+
+    def let_go(self) -> None:
         if self.iterator is not None:
             holder, self.iterator = [self.iterator], None
             try:
@@ -117,7 +122,7 @@ def training_iterator(data: DataArg, strategy, start: int, batches_read: int, ke
     """The iterator a fit() call trains from: the one the last call left, when it ended at step `start` on
     the same data; else a new one that skips the `batches_read` batches the run trained on so far.
     `exact_resume`: this run is one a resume should repeat (a run_dir, and a resume or trainer.deterministic)."""
-    if kept is not None and kept.data is data and kept.step == start:
+    if kept is not None and kept.iterator is not None and kept.data is data and kept.step == start:
         iterator, kept.iterator = kept.iterator, None
         return iterator
     if batches_read:  # tf.data produces the skipped batches (reads, decodes) and drops them: it takes time

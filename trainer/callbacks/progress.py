@@ -7,6 +7,7 @@ import shlex
 import time
 
 from trainer import model_summary
+from trainer.console import BAR_SHOWS, while_a_bar_is_shown
 from trainer.callbacks.base import Callback
 from trainer.callbacks.loggers import scalars
 from trainer.memory import is_memory_field, memory_logs, memory_text
@@ -35,8 +36,31 @@ def eval_line(step: int, logs, trainer=None) -> str:
     return f"eval @ step {step}{read}: " + ", ".join(f"{k}={v:.4f}" for k, v in scalars(logs).items())
 
 
-class ProgressBar(Callback):
-    """tqdm bar over training steps (the loss, or a custom step's first logs, and examples/s)."""
+def train_line(step: int, logs, trainer) -> str:
+    """`step 500/1500: loss=0.4300, accuracy=0.8400 (7170 ex/s) | mem 612 MiB`."""
+    values = ", ".join(f"{k}={v:.4f}" for k, v in shown(logs).items())
+    speed = logs.get("examples_per_sec", math.nan)
+    memory = memory_text(logs)
+    return (f"step {step}/{trainer.total}: {values}" + (f" ({speed:.0f} ex/s)" if math.isfinite(speed) else "")
+            + (f" | {memory}" if memory else ""))
+
+
+class LogLines(Callback):
+    """Without the progress bar (trainer.progress_bar=false): a line per log and eval event in the log, as
+    Keras' fit(verbose=2) prints one per epoch:
+    `step 500/1500: loss=0.4300, accuracy=0.8400 (7170 ex/s) | mem 612 MiB`."""
+
+    def on_log(self, trainer, step, logs):
+        log.info("%s", train_line(step, logs, trainer))
+
+    def on_eval_end(self, trainer, step, logs):
+        log.info("%s", eval_line(step, logs, trainer))
+
+
+class ProgressBar(LogLines):
+    """tqdm bar over training steps (the loss, or a custom step's first logs, and examples/s). The lines
+    LogLines logs are logged too: the train lines to the log files only (the bar shows them), and every line
+    on the terminal clears the bar and draws it again after (console.while_a_bar_is_shown)."""
 
     def on_train_begin(self, trainer):
         from tqdm.auto import tqdm
@@ -44,6 +68,7 @@ class ProgressBar(Callback):
         self.bar = tqdm(total=trainer.total, initial=int(trainer.step.numpy()), desc="train", unit="step",
                         dynamic_ncols=True)
         self.last = int(trainer.step.numpy())
+        self.undo = while_a_bar_is_shown(type(self.bar))
 
     def on_loop_end(self, trainer, step):
         self.bar.update(step - self.last)
@@ -55,28 +80,11 @@ class ProgressBar(Callback):
         if "host_rss_mb" in logs:
             postfix["mem"] = f"{logs['host_rss_mb']:.0f}MiB"
         self.bar.set_postfix(postfix)
-
-    def on_eval_end(self, trainer, step, logs):
-        self.bar.write(eval_line(step, logs, trainer))
+        log.info("%s", train_line(step, logs, trainer), extra={BAR_SHOWS: True})  # trainer.log's loss over time
 
     def on_train_end(self, trainer, summary):
         self.bar.close()
-
-
-class LogLines(Callback):
-    """Without the progress bar (trainer.progress_bar=false): a line per log and eval event in the log, as
-    Keras' fit(verbose=2) prints one per epoch:
-    `step 500/1500: loss=0.4300, accuracy=0.8400 (7170 ex/s) | mem 612 MiB`."""
-
-    def on_log(self, trainer, step, logs):
-        values = ", ".join(f"{k}={v:.4f}" for k, v in shown(logs).items())
-        speed = logs.get("examples_per_sec", math.nan)
-        memory = memory_text(logs)
-        log.info("step %d/%d: %s%s%s", step, trainer.total, values,
-                 f" ({speed:.0f} ex/s)" if math.isfinite(speed) else "", f" | {memory}" if memory else "")
-
-    def on_eval_end(self, trainer, step, logs):
-        log.info("%s", eval_line(step, logs, trainer))
+        self.undo()
 
 
 class Summary(Callback):
