@@ -128,7 +128,10 @@ def _xla_calls(fn, x, with_tape=True) -> int:
             loss = tf.reduce_sum(tf.cast(tf.nest.flatten(fn(t))[0], tf.float32))
         return tape.gradient(loss, t)
 
-    graph = tf.function(body).get_concrete_function(x).graph
+    return _xla_calls_in(tf.function(body).get_concrete_function(x).graph)
+
+
+def _xla_calls_in(graph) -> int:
     return sum(op.type.endswith("PartitionedCall") and _must_compile(op) for op in graph.get_operations())
 
 
@@ -219,6 +222,44 @@ def _with_gradients(model, batch):
         loss = tf.reduce_sum(logits * tf.constant([[1.0, -2.0, 0.5]]))
     gradients = tape.gradient(loss, model.trainable_weights)
     return [logits.numpy()] + [np.asarray(tf.convert_to_tensor(g)) for g in gradients]
+
+
+def test_fuse_elementwise_between_two_fit_calls_is_what_the_next_fit_trains_with(caplog, float32_policy):
+    """A new user's order: fit, fuse the Trainer's model, fit again. The Trainer traces its step again (a kept
+    trace would go on running Keras' ops, silently), without the retrace warning, and keeps that trace after."""
+    from trainer import Trainer
+
+    class Counting(Trainer):
+        """Records, at each trace of the train step, the XLA calls its forward and backward hold."""
+
+        def compute_gradients(self, data):
+            loss, grads = super().compute_gradients(data)
+            self.xla_calls.append(_xla_calls_in(tf.compat.v1.get_default_graph()))
+            return loss, grads
+
+    def build():
+        inputs = keras.Input((6, 16))
+        x = keras.layers.Dense(16, activation="gelu", name="ffn")(keras.layers.LayerNormalization(name="ln")(inputs))
+        return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling1D()(x)))
+
+    rng = np.random.default_rng(0)
+    data = tf.data.Dataset.from_tensor_slices((rng.normal(size=(64, 6, 16)).astype("float32"),
+                                               rng.integers(0, 3, 64))).batch(16, drop_remainder=True)
+    trainer = Counting(model=build, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                       optimizer=lambda: keras.optimizers.SGD(0.1), progress_bar=False, jit_compile=False)
+    trainer.xla_calls = []
+    trainer.fit(data, steps=2)
+    assert trainer.xla_calls == [0]
+    caplog.set_level("INFO", logger="trainer")
+    assert fuse_elementwise(trainer.model) == {"LayerNormalization": 1, "gelu": 1}
+    trainer.fit(data, steps=4)
+    # 1 LayerNormalization and 1 GELU, forward and backward each
+    assert trainer.xla_calls == [0, 4] and trainer.traces["train"] == 2
+    assert ("fuse_elementwise changed layers of the Trainer's models after its step functions were traced "
+            "('ln', 'ffn'): they are traced again") in caplog.text
+    assert "traced more than once" not in caplog.text
+    trainer.fit(data, steps=6)
+    assert trainer.xla_calls == [0, 4] and int(trainer.step.numpy()) == 6  # nothing changed since: kept
 
 
 def test_a_recomputed_block_runs_the_fused_kernels_in_its_forward_pass_and_its_recomputation():

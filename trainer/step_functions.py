@@ -6,7 +6,13 @@ a tensor: no retrace for a shorter last loop).
 A Trainer holds one `StepFunctions`; the functions below are the only code that changes it: which train and
 eval functions exist, the XLA choice they were compiled with (`Trainer.jit_compile`) and each updater's
 `skip_by_select` (from the XLA plan). The decisions themselves are xla_plan.py's; measuring the choice
-(trainer.jit_compile=measure) is xla_measure.py's, which keeps its result here (`keep`).
+(trainer.jit_compile=measure) is xla_measure.py's, which keeps its result here (`keep`). A layer of the
+Trainer's models changed in place after its functions were traced (fuse_elementwise, recompute: model_edits.py)
+makes them traced again before the next step.
+
+Traces are counted per function: a function made anew (after `reset`: freezing layers, a scaled schedule, a
+changed layer) traced once is no retrace; TensorFlow tracing the same function again (batches of another
+shape, variables created inside the step) is, and the run's summary warns about it (callbacks/progress.py).
 """
 from __future__ import annotations
 
@@ -18,9 +24,11 @@ from typing import Callable, Dict, List, Optional
 import keras
 import tensorflow as tf
 
+from trainer import model_edits
 from trainer.loss_convention import is_replica_share, per_replica_mean
 from trainer.step import Step
-from trainer.tracing import keras_random_explained, warn_random_state_outside_checkpoint, warn_unused_optimizers
+from trainer.tracing import (framework_code, keras_random_explained, warn_random_state_outside_checkpoint,
+                             warn_unused_optimizers)
 from trainer.xla_plan import XlaPlan, plan_xla, wrap_xla
 
 log = logging.getLogger("trainer.core")
@@ -30,12 +38,16 @@ log = logging.getLogger("trainer.core")
 class StepFunctions:
     """Which step functions a Trainer has and how they were compiled. `jit_compile`: the XLA choice (made at
     construction, or measured); `train`/`eval`: the traced functions (None until first needed, and after
-    `reset`); `traces`: how many times each was traced (a Python side effect of tracing)."""
+    `reset`); `traces`: how many times each kind was traced (a Python side effect of tracing); `retraces`: the
+    traces of a function traced before (see the module's docstring); `edits_seen`: model_edits.count() when
+    the functions that exist were checked against the models' changes."""
 
     jit_compile: bool
     train: Optional[Callable] = None
     eval: Optional[Callable] = None
     traces: Dict[str, int] = dataclasses.field(default_factory=lambda: {"train": 0, "eval": 0})
+    retraces: Dict[str, int] = dataclasses.field(default_factory=lambda: {"train": 0, "eval": 0})
+    edits_seen: int = dataclasses.field(default_factory=model_edits.count)
 
 
 def of(trainer) -> StepFunctions:
@@ -84,6 +96,7 @@ def keep(trainer, train_function: Callable, jit_compile: bool) -> None:
     (what measuring chose); the eval function is compiled as the choice says."""
     functions = of(trainer)
     functions.jit_compile, functions.train, functions.eval = jit_compile, train_function, None
+    functions.edits_seen = model_edits.count()  # traced just now, with the models as they are
     _select_skips(trainer, trainer.plan_xla().whole_step)  # as the kept function was traced with
 
 
@@ -97,9 +110,25 @@ def has_train_function(trainer) -> bool:
     return of(trainer).train is not None
 
 
+def _trace_again_if_models_changed(trainer) -> None:
+    """A layer of the trainer's models changed in place since its functions were traced (model_edits.py): they
+    go, so the next steps run the changed layers (a traced function keeps the ones it traced)."""
+    functions, now = of(trainer), model_edits.count()
+    if functions.edits_seen == now:
+        return
+    changed = model_edits.changed_since(trainer.models.values(), functions.edits_seen)
+    functions.edits_seen = now
+    if changed and (functions.train is not None or functions.eval is not None):
+        log.info("%s changed layers of the Trainer's models after its step functions were traced (%s): they are "
+                 "traced again, so the next steps use the changed layers", " and ".join(changed),
+                 "; ".join(", ".join(repr(n) for n in names) for names in changed.values()))
+        reset(trainer)
+
+
 def run_train(trainer, iterator, num_steps: int) -> None:
     """`num_steps` train steps on `iterator` (a distributed training iterator), tracing the train function first
     when there is none."""
+    _trace_again_if_models_changed(trainer)
     functions = of(trainer)
     if functions.train is None:  # first loop, or reset by a callback
         functions.train = make_train_function(trainer, iterator)
@@ -108,6 +137,7 @@ def run_train(trainer, iterator, num_steps: int) -> None:
 
 def run_eval(trainer, iterator, max_batches: int) -> int:
     """Up to `max_batches` eval batches from `iterator`; how many there were (fewer at the end)."""
+    _trace_again_if_models_changed(trainer)
     functions = of(trainer)
     if functions.eval is None:
         functions.eval = make_eval_function(trainer, iterator)
@@ -163,6 +193,21 @@ def logged_step(trainer, step: Callable, iterator, trackers: Dict[str, keras.met
     return run
 
 
+def _trace_counter(trainer, kind: str) -> Callable[[], None]:
+    """What one new function calls at each of its traces: each counts in `traces`, each after its first in
+    `retraces` too (TensorFlow traced this same function again)."""
+    functions, traced = of(trainer), []
+
+    @framework_code
+    def count() -> None:
+        functions.traces[kind] += 1
+        if traced:
+            functions.retraces[kind] += 1
+        traced.append(kind)
+
+    return count
+
+
 def make_train_function(trainer, iterator, jit_compile: Optional[bool] = None) -> Callable:
     """strategy.run(step) × num_steps inside one tf.function; XLA as plan_xla says (with the trainer's
     choice, or `jit_compile`). `iterator`: the distributed training iterator (an overridden step is traced on
@@ -209,10 +254,10 @@ def make_train_function(trainer, iterator, jit_compile: Optional[bool] = None) -
             trainer.strategy.run(trainer.apply_accumulated)
         trainer.step.assign_add(1)
 
-    traces = of(trainer).traces
+    count_trace = _trace_counter(trainer, "train")
 
     def train_loop(iterator, num_steps):
-        traces["train"] += 1  # Python side effect: runs once per trace
+        count_trace()  # Python side effect: runs once per trace
         for _ in tf.range(num_steps):
             one_update(iterator)
         warn_unused_optimizers(trainer)  # the step is traced by now: every update it makes has set in_step
@@ -230,10 +275,10 @@ def make_eval_function(trainer, iterator) -> Callable:
         step = logged_step(trainer, step, iterator, trainer.eval_window.step_logs, "test_step")
     if of(trainer).jit_compile:
         step = wrap_xla(step, trainer.strategy.num_replicas_in_sync)
-    traces = of(trainer).traces
+    count_trace = _trace_counter(trainer, "eval")
 
     def eval_loop(iterator, max_batches):
-        traces["eval"] += 1
+        count_trace()
         n = tf.constant(0, tf.int64)
         while n < max_batches:
             batch = iterator.get_next_as_optional()

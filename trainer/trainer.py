@@ -190,7 +190,8 @@ class Trainer(Step):
 
     @property
     def traces(self) -> Dict[str, int]:
-        """How many times the train and eval functions were traced (a retrace shows here)."""
+        """How many times the train and eval functions were traced: every trace, a function made anew after a reset
+        too (the run summary's `retraces` counts only a function traced again: step_functions.py)."""
         return self._step_functions.traces
 
     @property
