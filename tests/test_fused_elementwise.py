@@ -255,8 +255,8 @@ def test_fuse_elementwise_between_two_fit_calls_is_what_the_next_fit_trains_with
     trainer.fit(data, steps=4)
     # 1 LayerNormalization and 1 GELU, forward and backward each
     assert trainer.xla_calls == [0, 4] and trainer.traces["train"] == 2
-    assert ("fuse_elementwise changed layers of the Trainer's models after its step functions were traced "
-            "('ln', 'ffn'): they are traced again") in caplog.text
+    assert ("fuse_elementwise changed layers of the Trainer's models after its train step was traced "
+            "('ln', 'ffn'): it is traced again") in caplog.text
     assert "traced more than once" not in caplog.text
     trainer.fit(data, steps=6)
     assert trainer.xla_calls == [0, 4] and int(trainer.step.numpy()) == 6  # nothing changed since: kept
@@ -324,3 +324,17 @@ def test_one_fused_layer_normalization_on_inputs_of_several_ranks_trains(caplog)
 def test_fuse_elementwise_of_something_else_says_what_it_takes():
     with pytest.raises(TypeError, match="takes a Keras model or layer, got function"):
         fuse_elementwise(lambda: None)
+
+
+def test_fuse_elementwise_after_keras_model_fit_makes_keras_trace_its_train_step_again(float32_policy):
+    """Keras' model.fit keeps its own train function: a kept one would go on running Keras' ops, silently."""
+    inputs = keras.Input((6, 16))
+    x = keras.layers.Dense(16, activation="gelu")(keras.layers.LayerNormalization()(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling1D()(x)))
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = np.random.default_rng(0).normal(size=(32, 6, 16)).astype("float32"), np.zeros(32, "int32")
+    model.fit(x, y, epochs=1, verbose=0)
+    before = model.train_function
+    fuse_elementwise(model)
+    assert model.train_function is not before  # made again: traced with the fused layers at the next fit
+    model.fit(x, y, epochs=1, verbose=0)

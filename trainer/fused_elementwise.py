@@ -212,8 +212,8 @@ def fuse_elementwise(model) -> dict:
     """Swaps the fused LayerNormalization and GELU into a built model, in place; returns what it swapped.
 
     Best before the first train step. A Trainer that traced its step already traces it again before its next
-    step (model_edits.py); a `tf.function` of your own (or Keras' `model.fit`'s) traced before keeps Keras'
-    ops until it is traced again. Every layer that is exactly
+    step (model_edits.py); Keras' `model.fit` on this model too (its train function is made again); a
+    `tf.function` of your own traced before keeps Keras' ops until it is traced again. Every layer that is exactly
     `keras.layers.LayerNormalization` over one axis without rms_scaling becomes this module's (same object,
     same weights; an axis other than the last computes as Keras does); every Dense and EinsumDense layer
     whose `activation` is Keras' `gelu` or keras-hub's `gelu_approximate` gets the fused one (a layer that
@@ -235,4 +235,8 @@ def fuse_elementwise(model) -> dict:
             swapped["gelu"] += 1
             changed.append(layer)
     model_edits.record(changed, by="fuse_elementwise")  # a Trainer that traced its step traces it again
+    if changed and getattr(model, "train_function", None) is not None:  # Keras' model.fit ran: it keeps its own
+        model.make_train_function(force=True)  # Keras' way to trace again (its docs, after changing `trainable`)
+        log.info("fuse_elementwise: Keras' model.fit train function of %r is made again, with the fused layers",
+                 model.name)
     return swapped

@@ -89,7 +89,6 @@ class Loop:
         self.request = request  # fit()'s (steps, epochs): what a call with nothing to train names
         self.make_iterator, self.iterator = make_iterator, iterator
         self.start = self.step = int(trainer.step.numpy())
-        self.retraces_before = dict(step_functions.of(trainer).retraces)  # the summary counts this call's
         self.train_logs: Dict = {}
         self.eval_logs: Dict = {}
         # an iterator given: a fit() traced the train function already, no first loop to time (run_windows)
@@ -148,14 +147,13 @@ class Loop:
 
     def summary(self) -> Dict[str, Any]:
         """What on_train_end gets after a run: the last train logs and the final evaluation's (`eval_*`), the step,
-        the traces (all so far) and this call's retraces (of a function traced before: step_functions.py), the first
-        loop's time, trainer.jit_compile=measure's figures and the weights' fingerprints."""
+        the traces, retraces (of a function traced before) and functions made anew since the last summary
+        (step_functions.since_summary: this call's, and a standalone evaluate()'s before it), the first loop's
+        time, trainer.jit_compile=measure's figures and the weights' fingerprints."""
         t = self.trainer
         summary = {**self.train_logs,
                    **{f"eval_{k}": v for k, v in self.eval_logs.items() if k not in ("step", "split")}}
-        retraces = step_functions.of(t).retraces
-        summary.update(step=self.step, traces=dict(t.traces),
-                       retraces={k: v - self.retraces_before.get(k, 0) for k, v in retraces.items()})
+        summary.update(step=self.step, **step_functions.since_summary(t))
         if self.first_loop_seconds is not None:
             summary["first_loop_seconds"] = self.first_loop_seconds
         if t.xla_measurement is not None:

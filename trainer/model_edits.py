@@ -6,9 +6,11 @@ changed since it traced, and traces again if so. Imports nothing of the trainer.
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Dict, Iterable, List
 
+_lock = threading.Lock()  # edits from several threads: each its own number, and count() never goes back
 _count = 0  # the changes recorded so far in this process
 _changed: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # layer -> (its last change's number, by what)
 
@@ -19,9 +21,10 @@ def record(layers: Iterable, by: str) -> None:
     layers = list(layers)
     if not layers:
         return
-    _count += 1
-    for layer in layers:
-        _changed[layer] = (_count, by)
+    with _lock:
+        _count += 1
+        for layer in layers:
+            _changed[layer] = (_count, by)
 
 
 def count() -> int:

@@ -8,11 +8,14 @@ eval functions exist, the XLA choice they were compiled with (`Trainer.jit_compi
 `skip_by_select` (from the XLA plan). The decisions themselves are xla_plan.py's; measuring the choice
 (trainer.jit_compile=measure) is xla_measure.py's, which keeps its result here (`keep`). A layer of the
 Trainer's models changed in place after its functions were traced (fuse_elementwise, recompute: model_edits.py)
-makes them traced again before the next step.
+makes them traced again before the next step; so does a change of what the train step read in Python
+(`trainable`, `grad_multipliers`: trace_inputs.py), checked before every loop.
 
 Traces are counted per function: a function made anew (after `reset`: freezing layers, a scaled schedule, a
 changed layer) traced once is no retrace; TensorFlow tracing the same function again (batches of another
-shape, variables created inside the step) is, and the run's summary warns about it (callbacks/progress.py).
+shape, variables created inside the step) is, and the run's summary warns about it (callbacks/progress.py),
+as it does about functions made anew many times in one call (a reset in every loop). The summary counts what
+happened since the last summary (`since_summary`), so a retrace in a standalone evaluate() is reported too.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from typing import Callable, Dict, List, Optional
 import keras
 import tensorflow as tf
 
-from trainer import model_edits
+from trainer import model_edits, trace_inputs
 from trainer.loss_convention import is_replica_share, per_replica_mean
 from trainer.step import Step
 from trainer.tracing import (framework_code, keras_random_explained, warn_random_state_outside_checkpoint,
@@ -40,7 +43,9 @@ class StepFunctions:
     construction, or measured); `train`/`eval`: the traced functions (None until first needed, and after
     `reset`); `traces`: how many times each kind was traced (a Python side effect of tracing); `retraces`: the
     traces of a function traced before (see the module's docstring); `edits_seen`: model_edits.count() when
-    the functions that exist were checked against the models' changes."""
+    the functions that exist were checked against the models' changes; `made`: the functions made anew by the
+    loops (not xla_measure's pair); `seen`: what the train function read in Python when it was made;
+    `marks`: the counts the last summary was made at."""
 
     jit_compile: bool
     train: Optional[Callable] = None
@@ -48,6 +53,9 @@ class StepFunctions:
     traces: Dict[str, int] = dataclasses.field(default_factory=lambda: {"train": 0, "eval": 0})
     retraces: Dict[str, int] = dataclasses.field(default_factory=lambda: {"train": 0, "eval": 0})
     edits_seen: int = dataclasses.field(default_factory=model_edits.count)
+    made: Dict[str, int] = dataclasses.field(default_factory=lambda: {"train": 0, "eval": 0})
+    seen: Optional[trace_inputs.Seen] = None
+    marks: Dict[str, Dict[str, int]] = dataclasses.field(default_factory=dict)
 
 
 def of(trainer) -> StepFunctions:
@@ -97,6 +105,7 @@ def keep(trainer, train_function: Callable, jit_compile: bool) -> None:
     functions = of(trainer)
     functions.jit_compile, functions.train, functions.eval = jit_compile, train_function, None
     functions.edits_seen = model_edits.count()  # traced just now, with the models as they are
+    functions.seen = trace_inputs.Seen.now(trainer.models.values(), trainer.grad_multipliers)
     _select_skips(trainer, trainer.plan_xla().whole_step)  # as the kept function was traced with
 
 
@@ -111,27 +120,53 @@ def has_train_function(trainer) -> bool:
 
 
 def _trace_again_if_models_changed(trainer) -> None:
-    """A layer of the trainer's models changed in place since its functions were traced (model_edits.py): they
-    go, so the next steps run the changed layers (a traced function keeps the ones it traced)."""
+    """A layer of the trainer's models changed in place since its functions were traced (model_edits.py): the
+    train function goes, so the next steps run the changed layers (a traced function keeps the ones it traced)."""
     functions, now = of(trainer), model_edits.count()
     if functions.edits_seen == now:
         return
     changed = model_edits.changed_since(trainer.models.values(), functions.edits_seen)
     functions.edits_seen = now
-    if changed and (functions.train is not None or functions.eval is not None):
-        log.info("%s changed layers of the Trainer's models after its step functions were traced (%s): they are "
-                 "traced again, so the next steps use the changed layers", " and ".join(changed),
+    if changed and functions.train is not None:
+        log.info("%s changed layers of the Trainer's models after its train step was traced (%s): it is traced "
+                 "again, so the next steps use the changed layers", " and ".join(changed),
                  "; ".join(", ".join(repr(n) for n in names) for names in changed.values()))
-        reset(trainer)
+        # The eval function stays: fused kernels and recomputation act only where a gradient tape records
+        # (fused_elementwise.py, recompute.py), so an evaluation computes as it was traced to.
+        functions.train = None
+
+
+def _trace_again_if_inputs_changed(trainer) -> None:
+    """Which variables are trainable, or grad_multipliers, changed since the train function was made (a callback
+    unfroze layers without reset_step_functions()): it goes, or the change would be silently ignored."""
+    functions = of(trainer)
+    if functions.train is None or functions.seen is None:
+        return
+    changed = trace_inputs.changes(functions.seen, trainer.grad_multipliers)
+    if changed:
+        log.info("The train step is traced again: %s since it was traced (read at trace time)", changed)
+        functions.train = None  # the eval step reads neither
+
+
+def since_summary(trainer) -> Dict[str, Dict[str, int]]:
+    """traces, retraces and functions made anew since the last summary (a fit() call's, with a standalone
+    evaluate() before it); the next summary counts from now."""
+    functions = of(trainer)
+    now = {"traces": dict(functions.traces), "retraces": dict(functions.retraces), "made": dict(functions.made)}
+    marks, functions.marks = functions.marks, now
+    return {what: {k: v - marks.get(what, {}).get(k, 0) for k, v in counts.items()} for what, counts in now.items()}
 
 
 def run_train(trainer, iterator, num_steps: int) -> None:
     """`num_steps` train steps on `iterator` (a distributed training iterator), tracing the train function first
     when there is none."""
     _trace_again_if_models_changed(trainer)
+    _trace_again_if_inputs_changed(trainer)
     functions = of(trainer)
     if functions.train is None:  # first loop, or reset by a callback
+        functions.seen = trace_inputs.Seen.now(trainer.models.values(), trainer.grad_multipliers)
         functions.train = make_train_function(trainer, iterator)
+        functions.made["train"] += 1
     functions.train(iterator, tf.constant(num_steps, tf.int64))
 
 
@@ -141,6 +176,7 @@ def run_eval(trainer, iterator, max_batches: int) -> int:
     functions = of(trainer)
     if functions.eval is None:
         functions.eval = make_eval_function(trainer, iterator)
+        functions.made["eval"] += 1
     return int(functions.eval(iterator, tf.constant(max_batches, tf.int64)))
 
 
