@@ -3,6 +3,7 @@ TensorFlow tracing the same step function again (batches of another shape), and 
 function is made anew on purpose (reset_step_functions after unfreezing layers, as fine-tuning does), which
 would otherwise teach users to ignore it."""
 import keras
+import tensorflow as tf
 import pytest
 
 from conftest import blobs
@@ -180,3 +181,62 @@ def test_a_model_that_is_no_keras_model_is_refused_naming_the_fix():
 
     with pytest.raises(TypeError, match=r"fuse_elementwise\(model\); Trainer\(model=model\)"):
         make(model=fuse_elementwise(build()))
+
+
+def build_first_layer_frozen():
+    model = build()
+    model.layers[0].trainable = False  # in the builder: the optimizer is built without this layer
+    return model
+
+
+class UnfreezeAt(Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_loop_end(self, trainer, step):
+        if step == self.step:
+            trainer.model.layers[0].trainable = True
+
+
+@pytest.mark.parametrize("grad_accum_steps", [1, 2])
+def test_unfreezing_a_layer_frozen_in_the_builder_is_refused_naming_the_fix(grad_accum_steps, tmp_path):
+    from trainer.errors import UserError
+
+    run = str(tmp_path / "run")
+    trainer = make([UnfreezeAt(step=2)], model=build_first_layer_frozen, run_dir=run,
+                   grad_accum_steps=grad_accum_steps)
+    with pytest.raises(UserError, match=r"frozen when the Trainer built its optimizers.*on_train_begin") as e:
+        trainer.fit(blobs(), steps=4)
+    assert "sequential" in str(e.value) and "kernel" in str(e.value)
+    assert int(trainer.step.numpy()) == 2  # refused before the next step
+    resumed = make(model=build_first_layer_frozen, run_dir=run, grad_accum_steps=grad_accum_steps)
+    resumed.fit(blobs(), steps=4)  # the run folder still resumes, the layer frozen as it was built
+    assert int(resumed.step.numpy()) == 4
+
+
+class GanStep(Trainer):
+    """A Keras 2 habit: the step itself makes the discriminator trainable for its update, then frozen."""
+
+    def train_step(self, data):
+        x, _ = data
+        g, d = self.models["g"], self.models["d"]
+        d.trainable = True
+        with tf.GradientTape() as tape:
+            d_loss = tf.reduce_mean(tf.square(d(g(x, training=True), training=True)))
+        self.update(d_loss, tape, "d")
+        d.trainable = False
+        with tf.GradientTape() as tape:
+            g_loss = -tf.reduce_mean(d(g(x, training=True), training=True))
+        self.update(g_loss, tape, "g")
+        return {"d_loss": d_loss, "g_loss": g_loss}
+
+
+def test_a_step_that_sets_trainable_itself_is_traced_once(caplog):
+    caplog.set_level("INFO", logger="trainer")
+    dense = lambda units: lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(units)])  # noqa: E731
+    trainer = GanStep(models={"g": dense(4), "d": dense(1)}, best_metric=None, progress_bar=False, log_every=2,
+                      optimizers={"g": keras.optimizers.Adam(1e-3), "d": keras.optimizers.Adam(1e-3)},
+                      jit_compile=False)
+    trainer.fit(blobs(), steps=8)
+    assert trainer.traces["train"] == 1
+    assert not [r for r in caplog.records if "traced again" in r.getMessage()]

@@ -28,6 +28,7 @@ import keras
 import tensorflow as tf
 
 from trainer import model_edits, trace_inputs
+from trainer.errors import UserError
 from trainer.loss_convention import is_replica_share, per_replica_mean
 from trainer.step import Step
 from trainer.tracing import (framework_code, keras_random_explained, warn_random_state_outside_checkpoint,
@@ -44,7 +45,7 @@ class StepFunctions:
     `reset`); `traces`: how many times each kind was traced (a Python side effect of tracing); `retraces`: the
     traces of a function traced before (see the module's docstring); `edits_seen`: model_edits.count() when
     the functions that exist were checked against the models' changes; `made`: the functions made anew by the
-    loops (not xla_measure's pair); `seen`: what the train function read in Python when it was made;
+    loops (not xla_measure's pair); `seen`: what the train function read in Python, as its last trace ended;
     `marks`: the counts the last summary was made at."""
 
     jit_compile: bool
@@ -148,6 +149,35 @@ def _trace_again_if_inputs_changed(trainer) -> None:
         functions.train = None  # the eval step reads neither
 
 
+class UnbuiltVariableError(UserError, RuntimeError):
+    """Variables that became trainable after the Trainer built its optimizers (and accumulators) for the
+    trainable ones: no optimizer slots exist for them, so no step could update them."""
+
+
+def _refuse_variables_not_built_for(trainer) -> None:
+    """Before a train function is traced: every variable it would update has its optimizer slots (and
+    gradient accumulator); else Keras fails inside the trace with 'Unknown variable ... recreate a new optimizer
+    instance' (or a KeyError), which hides the cause: layers frozen in the builder, unfrozen later."""
+    missing = []
+    for updater in trainer.updaters.values():
+        optimizer = updater.optimizer
+        known = getattr(optimizer, "_trainable_variables_indices", None)  # Keras': what build(variables) was given
+        if optimizer.built and known is not None:
+            missing += [v.path for v in updater.variables() if optimizer._var_key(v) not in known]
+    if trainer.config.grad_accum_steps > 1 and trainer._accumulators is not None and len(trainer.models) == 1:
+        missing += [v.path for v in trainer.model.trainable_variables if v.path not in trainer._accumulators]
+    if missing:
+        missing = list(dict.fromkeys(missing))
+        raise UnbuiltVariableError(
+            f"{len(missing)} variables are trainable now but were frozen when the Trainer built its optimizers "
+            f"({trace_inputs.named(missing)}): the optimizers have no slots for them, so they cannot train. "
+            "Usual cause: layers frozen (trainable = False) in the model's builder, unfrozen later by a callback. "
+            "Fix: build the model with every layer that will ever train trainable, and freeze it in a callback's "
+            "on_train_begin (it runs after the optimizers are built), then unfreeze it when you like; "
+            "a model that never trains goes in Trainer(frozen=...). Raised before the next step, so the weights "
+            "(and any checkpoint) are as the last step left them.")
+
+
 def since_summary(trainer) -> Dict[str, Dict[str, int]]:
     """traces, retraces and functions made anew since the last summary (a fit() call's, with a standalone
     evaluate() before it); the next summary counts from now."""
@@ -164,7 +194,6 @@ def run_train(trainer, iterator, num_steps: int) -> None:
     _trace_again_if_inputs_changed(trainer)
     functions = of(trainer)
     if functions.train is None:  # first loop, or reset by a callback
-        functions.seen = trace_inputs.Seen.now(trainer.models.values(), trainer.grad_multipliers)
         functions.train = make_train_function(trainer, iterator)
         functions.made["train"] += 1
     functions.train(iterator, tf.constant(num_steps, tf.int64))
@@ -248,6 +277,7 @@ def make_train_function(trainer, iterator, jit_compile: Optional[bool] = None) -
     """strategy.run(step) × num_steps inside one tf.function; XLA as plan_xla says (with the trainer's
     choice, or `jit_compile`). `iterator`: the distributed training iterator (an overridden step is traced on
     it once to learn its logs)."""
+    _refuse_variables_not_built_for(trainer)
     accum, batches = trainer.config.grad_accum_steps, trainer.config.batches_per_step
     trainer._wrap_own_compute_loss()  # t.compute_loss = f: as a class's (loss_convention.py)
     overridden = type(trainer).train_step is not Step.train_step
@@ -298,6 +328,9 @@ def make_train_function(trainer, iterator, jit_compile: Optional[bool] = None) -
             one_update(iterator)
         warn_unused_optimizers(trainer)  # the step is traced by now: every update it makes has set in_step
         warn_random_state_outside_checkpoint(trainer)  # trainer.deterministic: randomness a resume cannot repeat
+        # What the step read, as it is when the trace ends: a step that sets `trainable` itself (a Keras 2 GAN's
+        # d.trainable = True ... False) leaves it so, and the check before the next loop compares with that.
+        of(trainer).seen = trace_inputs.Seen.now(trainer.models.values(), trainer.grad_multipliers)
 
     return tf.function(train_loop)
 

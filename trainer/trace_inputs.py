@@ -1,7 +1,7 @@
 """What a traced train step read in Python that a user may change afterwards: which variables of the models are
 trainable (`layer.trainable = False`) and `Trainer.grad_multipliers`. A `tf.function` keeps what it read at trace
 time, so such a change made without `reset_step_functions()` would be silently ignored (an unfreeze that never
-trains the backbone). `Seen` records them when the train function is made; step_functions.py asks `changes`
+trains the backbone). `Seen` records them as the train function's trace ends; step_functions.py asks `changes`
 before every loop and traces again when something changed. Imports nothing of the trainer.
 
 The check runs once per loop, so it reads only the `trainable` flags of the models and of their variables
@@ -44,7 +44,7 @@ class Seen:
         return cls(models, variables, _flags(models, variables), _trainable(models), dict(multipliers))
 
 
-def _named(paths: List[str]) -> str:
+def named(paths: List[str]) -> str:
     shown = ", ".join(repr(p) for p in paths[:3])
     return shown + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
 
@@ -61,7 +61,7 @@ def changes(seen: Seen, multipliers: Dict) -> Optional[str]:
         unfrozen = [p for i, p in seen.trainable.items() if i not in before]
         frozen = [p for i, p in before.items() if i not in seen.trainable]
         if unfrozen:
-            said.append(f"{len(unfrozen)} variables became trainable ({_named(unfrozen)})")
+            said.append(f"{len(unfrozen)} variables became trainable ({named(unfrozen)})")
         if frozen:
-            said.append(f"{len(frozen)} variables were frozen ({_named(frozen)})")
+            said.append(f"{len(frozen)} variables were frozen ({named(frozen)})")
     return "; ".join(said) or None
