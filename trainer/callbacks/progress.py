@@ -111,8 +111,9 @@ class Summary(Callback):
             lines.append(f"Throughput: {ordered[len(ordered) // 2]:.0f} examples/s (median of log windows)")
         lines.append(peak_memory_line(memory_logs()))
         if any(summary.get("traces", {}).values()):
-            lines.append(f"Traced: {summary['traces']} in this call (first loop incl. compile: "
-                         f"{summary.get('first_loop_seconds', 0):.2f}s)")
+            first = summary.get("first_loop_seconds")
+            lines.append(f"Traced: {summary['traces']} in this call"
+                         + (f" (first loop incl. compile: {first:.2f}s)" if first is not None else ""))
             warn_retraces(summary)
         if summary.get("xla_measurement"):
             lines.append(f"XLA, measured: {summary['xla_measurement']}")
@@ -147,9 +148,12 @@ def warn_retraces(summary: Dict) -> None:
             "inside an overridden step: pass them to the Trainer.", retraced)
     remade = {k: v for k, v in summary.get("made", {}).items() if v > MADE_ANEW_OK}
     if remade:
+        first = summary.get("first_loop_seconds")
+        cost = f" (the first loop, one of them included, took {first:.2f}s)" if first else ""
         log.warning(
-            "Step functions were made anew (and traced) %s times in this call, each a trace and XLA compile "
-            "(about the first loop's %.2fs). Usual cause: reset_step_functions() (or a change of `trainable` or "
-            "grad_multipliers) in every loop: change what the step reads only when needed, or keep it in a "
-            "tf.Variable.", remade, summary.get("first_loop_seconds", 0))
-
+            "Step functions were made anew (and traced) %s times in this call: each costs a trace and XLA "
+            "compile%s. Expected when what the step reads changes in stages on purpose (gradual unfreezing, "
+            "grad_multipliers changed a few times). If not, something changes it in every loop: "
+            "reset_step_functions(), or a change of `trainable` or grad_multipliers. A Python value of yours the "
+            "step reads can live in a tf.Variable instead (assign to it: no trace); grad_multipliers' factors "
+            "stay Python numbers.", remade, cost)
