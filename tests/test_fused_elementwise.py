@@ -128,7 +128,10 @@ def _xla_calls(fn, x, with_tape=True) -> int:
             loss = tf.reduce_sum(tf.cast(tf.nest.flatten(fn(t))[0], tf.float32))
         return tape.gradient(loss, t)
 
-    graph = tf.function(body).get_concrete_function(x).graph
+    return _xla_calls_in(tf.function(body).get_concrete_function(x).graph)
+
+
+def _xla_calls_in(graph) -> int:
     return sum(op.type.endswith("PartitionedCall") and _must_compile(op) for op in graph.get_operations())
 
 
@@ -221,6 +224,44 @@ def _with_gradients(model, batch):
     return [logits.numpy()] + [np.asarray(tf.convert_to_tensor(g)) for g in gradients]
 
 
+def test_fuse_elementwise_between_two_fit_calls_is_what_the_next_fit_trains_with(caplog, float32_policy):
+    """A new user's order: fit, fuse the Trainer's model, fit again. The Trainer traces its step again (a kept
+    trace would go on running Keras' ops, silently), without the retrace warning, and keeps that trace after."""
+    from trainer import Trainer
+
+    class Counting(Trainer):
+        """Records, at each trace of the train step, the XLA calls its forward and backward hold."""
+
+        def compute_gradients(self, data):
+            loss, grads = super().compute_gradients(data)
+            self.xla_calls.append(_xla_calls_in(tf.compat.v1.get_default_graph()))
+            return loss, grads
+
+    def build():
+        inputs = keras.Input((6, 16))
+        x = keras.layers.Dense(16, activation="gelu", name="ffn")(keras.layers.LayerNormalization(name="ln")(inputs))
+        return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling1D()(x)))
+
+    rng = np.random.default_rng(0)
+    data = tf.data.Dataset.from_tensor_slices((rng.normal(size=(64, 6, 16)).astype("float32"),
+                                               rng.integers(0, 3, 64))).batch(16, drop_remainder=True)
+    trainer = Counting(model=build, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                       optimizer=lambda: keras.optimizers.SGD(0.1), progress_bar=False, jit_compile=False)
+    trainer.xla_calls = []
+    trainer.fit(data, steps=2)
+    assert trainer.xla_calls == [0]
+    caplog.set_level("INFO", logger="trainer")
+    assert fuse_elementwise(trainer.model) == {"LayerNormalization": 1, "gelu": 1}
+    trainer.fit(data, steps=4)
+    # 1 LayerNormalization and 1 GELU, forward and backward each
+    assert trainer.xla_calls == [0, 4] and trainer.traces["train"] == 2
+    assert ("fuse_elementwise changed layers of the Trainer's models after its train step was traced "
+            "('ln', 'ffn'): it is traced again") in caplog.text
+    assert "traced more than once" not in caplog.text
+    trainer.fit(data, steps=6)
+    assert trainer.xla_calls == [0, 4] and int(trainer.step.numpy()) == 6  # nothing changed since: kept
+
+
 def test_a_recomputed_block_runs_the_fused_kernels_in_its_forward_pass_and_its_recomputation():
     from trainer.recompute import recompute
 
@@ -283,3 +324,17 @@ def test_one_fused_layer_normalization_on_inputs_of_several_ranks_trains(caplog)
 def test_fuse_elementwise_of_something_else_says_what_it_takes():
     with pytest.raises(TypeError, match="takes a Keras model or layer, got function"):
         fuse_elementwise(lambda: None)
+
+
+def test_fuse_elementwise_after_keras_model_fit_makes_keras_trace_its_train_step_again(float32_policy):
+    """Keras' model.fit keeps its own train function: a kept one would go on running Keras' ops, silently."""
+    inputs = keras.Input((6, 16))
+    x = keras.layers.Dense(16, activation="gelu")(keras.layers.LayerNormalization()(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling1D()(x)))
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = np.random.default_rng(0).normal(size=(32, 6, 16)).astype("float32"), np.zeros(32, "int32")
+    model.fit(x, y, epochs=1, verbose=0)
+    before = model.train_function
+    fuse_elementwise(model)
+    assert model.train_function is not before  # made again: traced with the fused layers at the next fit
+    model.fit(x, y, epochs=1, verbose=0)

@@ -218,3 +218,20 @@ def test_frozen_weights_are_not_copied_as_state():
     block.get_layer("hidden").trainable = False
     assert sorted(v.path.split("/")[-1] for v in _state(block)) == ["moving_mean", "moving_variance",
                                                                     "seed_generator_state"]
+
+
+def test_a_block_recomputed_between_two_fit_calls_is_recomputed_by_the_next_fit(recomputations):
+    """recompute() on a Trainer's model after the Trainer traced its step: the Trainer traces again, so the
+    next steps recompute the block (a kept trace would silently hold all its activations)."""
+    from trainer import Trainer
+
+    rng = np.random.default_rng(0)
+    data = tf.data.Dataset.from_tensor_slices((rng.normal(size=(64, 8)).astype("float32"),
+                                               rng.normal(size=(64, 2)).astype("float32"))).batch(16)
+    trainer = Trainer(model=lambda: block_model(recomputed=False), loss=keras.losses.MeanSquaredError(),
+                      optimizer=lambda: keras.optimizers.SGD(0.01), progress_bar=False, jit_compile=False)
+    trainer.fit(data, steps=2)
+    assert recomputations["blocks"] == 0
+    recompute(trainer.model.get_layer("block"))
+    trainer.fit(data, steps=4)
+    assert recomputations["blocks"] == 1 and trainer.traces["train"] == 2

@@ -390,7 +390,7 @@ def _changed(before, after, paths):
     return {p for p in paths if not np.array_equal(before[p], after[p])}
 
 
-def test_freeze_then_unfreeze_with_lower_backbone_rate():
+def test_freeze_then_unfreeze_with_lower_backbone_rate(caplog):
     data = small_data()
     runs = {}
     for mult in (1.0, 0.25):
@@ -410,6 +410,7 @@ def test_freeze_then_unfreeze_with_lower_backbone_rate():
     assert _changed(at[2], at[4], backbone) == backbone
     assert moving and _changed(at[2], at[4], moving) == moving
     assert trainer.traces["train"] == 2  # re-traced once, when the trainable set changed
+    assert "traced more than once" not in caplog.text  # that retrace is FineTune's own: no warning about it
     assert {trainer.grad_multipliers[v.path] for v in trainer.model.get_layer("backbone").trainable_variables} == {0.25}
 
     # The first unfrozen step (3) starts from the same state in both runs: the backbone moves 0.25x as
@@ -516,4 +517,5 @@ def test_cli_resnet_then_finetune_from_that_run(tmp_path):
     out = result.stdout + result.stderr
     assert "Warm start from" in out and "FineTune: new head" in out
     assert "backbone frozen until step 10" in out and "backbone trainable at step 10" in out
+    assert "traced more than once" not in out  # the step traced again on unfreezing is no accidental retrace
     assert read_metrics(finetune)[-1]["step"] == 20

@@ -53,11 +53,22 @@ def make_models(model, models) -> Dict[str, keras.Model]:
         raise TypeError("Trainer: give model= (one model) or models= (several), not both or neither")
     built = build(model if model is not None else models)
     if isinstance(built, Mapping):
-        return {name: build(m) for name, m in built.items()}
+        return _checked({name: build(m) for name, m in built.items()}, "model" if models is None else "models")
     if model is None and not isinstance(built, keras.Model):
         raise TypeError("Trainer(models=...) takes name -> model, or a function returning that; "
                         f"got {type(built).__name__}")
-    return {"model": built}
+    return _checked({"model": built}, "model")
+
+
+def _checked(models: Dict, given: str) -> Dict:
+    """A thing that is no Keras model is refused here, naming the usual slip, not deep inside the first step."""
+    for name, m in models.items():
+        if not isinstance(m, keras.layers.Layer):
+            raise TypeError(
+                f"Trainer({given}=...): {name!r} is a {type(m).__name__} ({m!r}), not a Keras model. Functions that "
+                "change a model in place return something else (fuse_elementwise returns what it swapped): call them "
+                "on the model, then pass the model: `model = build(); fuse_elementwise(model); Trainer(model=model)`")
+    return models
 
 
 def freeze(frozen, models: Mapping[str, keras.Model], optimizers) -> frozenset:

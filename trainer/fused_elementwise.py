@@ -16,7 +16,8 @@ keeps the fused graph. Each kernel is traced and compiled once per input shape (
 bucket lengths).
 
 `fuse_elementwise(model)` swaps them into a built model in place, keeping its weights and config (a
-keras-hub encoder builds its sublayers itself: this is how such a model gets them).
+keras-hub encoder builds its sublayers itself: this is how such a model gets them). Called on a Trainer's
+model after the Trainer traced its step, the Trainer traces again before its next step (model_edits.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import threading
 import keras
 import tensorflow as tf
 from tensorflow.python.eager import record  # TensorFlow's own "does a tape record?" (no public API has it)
+
+from trainer import model_edits
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +211,9 @@ def _fused_activation(activation):
 def fuse_elementwise(model) -> dict:
     """Swaps the fused LayerNormalization and GELU into a built model, in place; returns what it swapped.
 
-    Call it before the first train step (a traced step keeps what it traced). Every layer that is exactly
+    Best before the first train step. A Trainer that traced its step already traces it again before its next
+    step (model_edits.py); Keras' `model.fit` on this model too (its train function is made again); a
+    `tf.function` of your own traced before keeps Keras' ops until it is traced again. Every layer that is exactly
     `keras.layers.LayerNormalization` over one axis without rms_scaling becomes this module's (same object,
     same weights; an axis other than the last computes as Keras does); every Dense and EinsumDense layer
     whose `activation` is Keras' `gelu` or keras-hub's `gelu_approximate` gets the fused one (a layer that
@@ -217,14 +222,21 @@ def fuse_elementwise(model) -> dict:
     if not isinstance(model, keras.layers.Layer):
         raise TypeError(f"fuse_elementwise takes a Keras model or layer, got {type(model).__name__}: call it on the "
                         "model your builder returns, before the first train step")
-    swapped = {"LayerNormalization": 0, "gelu": 0}
+    swapped, changed = {"LayerNormalization": 0, "gelu": 0}, []
     for layer in model._flatten_layers(include_self=True, recursive=True):
         if _may_fuse(layer):
             layer.__class__ = LayerNormalization
             swapped["LayerNormalization"] += 1
+            changed.append(layer)
         applies_activation = isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense))
         fused = _fused_activation(layer.activation) if applies_activation else None
         if fused is not None:
             layer.activation = fused
             swapped["gelu"] += 1
+            changed.append(layer)
+    model_edits.record(changed, by="fuse_elementwise")  # a Trainer that traced its step traces it again
+    if changed and getattr(model, "train_function", None) is not None:  # Keras' model.fit ran: it keeps its own
+        model.make_train_function(force=True)  # Keras' way to trace again (its docs, after changing `trainable`)
+        log.info("fuse_elementwise: Keras' model.fit train function of %r is made again, with the fused layers",
+                 model.name)
     return swapped

@@ -147,11 +147,13 @@ class Loop:
 
     def summary(self) -> Dict[str, Any]:
         """What on_train_end gets after a run: the last train logs and the final evaluation's (`eval_*`), the step,
-        the traces, the first loop's time, trainer.jit_compile=measure's figures and the weights' fingerprints."""
+        the traces, retraces (of a function traced before) and functions made anew since the last summary
+        (step_functions.since_summary: this call's, and a standalone evaluate()'s before it), the first loop's
+        time, trainer.jit_compile=measure's figures and the weights' fingerprints."""
         t = self.trainer
         summary = {**self.train_logs,
                    **{f"eval_{k}": v for k, v in self.eval_logs.items() if k not in ("step", "split")}}
-        summary.update(step=self.step, traces=dict(t.traces))
+        summary.update(step=self.step, **step_functions.since_summary(t))
         if self.first_loop_seconds is not None:
             summary["first_loop_seconds"] = self.first_loop_seconds
         if t.xla_measurement is not None:

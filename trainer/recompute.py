@@ -11,7 +11,9 @@ What tf.recompute_grad alone gets wrong with Keras layers, and what this does ab
   * keyword arguments (a padding mask, `training`) cannot cross `tf.custom_gradient` in a graph: they are
     closed over; only the positional tensors are the block's differentiated inputs. A positional list or
     dict of tensors is flattened for tf.recompute_grad (which takes tensors only) and packed again.
-The block's variables and their checkpoint names do not change: `recompute` replaces the instance's `call`.
+The block's variables and their checkpoint names do not change: `recompute` replaces the instance's `call`
+(on a Trainer's model after the Trainer traced its step, the Trainer traces again before its next step:
+model_edits.py).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from typing import List
 import keras
 import tensorflow as tf
 
+from trainer import model_edits
 from trainer.fused_elementwise import backward_follows
 
 
@@ -38,6 +41,7 @@ def recompute(block: keras.layers.Layer) -> keras.layers.Layer:
 
     block.call = call
     block._trainer_recompute = True
+    model_edits.record([block], by="recompute")
     return block
 
 

@@ -6,7 +6,16 @@ a tensor: no retrace for a shorter last loop).
 A Trainer holds one `StepFunctions`; the functions below are the only code that changes it: which train and
 eval functions exist, the XLA choice they were compiled with (`Trainer.jit_compile`) and each updater's
 `skip_by_select` (from the XLA plan). The decisions themselves are xla_plan.py's; measuring the choice
-(trainer.jit_compile=measure) is xla_measure.py's, which keeps its result here (`keep`).
+(trainer.jit_compile=measure) is xla_measure.py's, which keeps its result here (`keep`). A layer of the
+Trainer's models changed in place after its functions were traced (fuse_elementwise, recompute: model_edits.py)
+makes them traced again before the next step; so does a change of what the train step read in Python
+(`trainable`, `grad_multipliers`: trace_inputs.py), checked before every loop.
+
+Traces are counted per function: a function made anew (after `reset`: freezing layers, a scaled schedule, a
+changed layer) traced once is no retrace; TensorFlow tracing the same function again (batches of another
+shape, variables created inside the step) is, and the run's summary warns about it (callbacks/progress.py),
+as it does about functions made anew many times in one call (a reset in every loop). The summary counts what
+happened since the last summary (`since_summary`), so a retrace in a standalone evaluate() is reported too.
 """
 from __future__ import annotations
 
@@ -18,9 +27,12 @@ from typing import Callable, Dict, List, Optional
 import keras
 import tensorflow as tf
 
+from trainer import model_edits, trace_inputs
+from trainer.errors import UserError
 from trainer.loss_convention import is_replica_share, per_replica_mean
 from trainer.step import Step
-from trainer.tracing import keras_random_explained, warn_random_state_outside_checkpoint, warn_unused_optimizers
+from trainer.tracing import (framework_code, keras_random_explained, warn_random_state_outside_checkpoint,
+                             warn_unused_optimizers)
 from trainer.xla_plan import XlaPlan, plan_xla, wrap_xla
 
 log = logging.getLogger("trainer.core")
@@ -30,12 +42,21 @@ log = logging.getLogger("trainer.core")
 class StepFunctions:
     """Which step functions a Trainer has and how they were compiled. `jit_compile`: the XLA choice (made at
     construction, or measured); `train`/`eval`: the traced functions (None until first needed, and after
-    `reset`); `traces`: how many times each was traced (a Python side effect of tracing)."""
+    `reset`); `traces`: how many times each kind was traced (a Python side effect of tracing); `retraces`: the
+    traces of a function traced before (see the module's docstring); `edits_seen`: model_edits.count() when
+    the functions that exist were checked against the models' changes; `made`: the functions made anew by the
+    loops (not xla_measure's pair); `seen`: what the train function read in Python, as its last trace ended;
+    `marks`: the counts the last summary was made at."""
 
     jit_compile: bool
     train: Optional[Callable] = None
     eval: Optional[Callable] = None
     traces: Dict[str, int] = dataclasses.field(default_factory=lambda: {"train": 0, "eval": 0})
+    retraces: Dict[str, int] = dataclasses.field(default_factory=lambda: {"train": 0, "eval": 0})
+    edits_seen: int = dataclasses.field(default_factory=model_edits.count)
+    made: Dict[str, int] = dataclasses.field(default_factory=lambda: {"train": 0, "eval": 0})
+    seen: Optional[trace_inputs.Seen] = None
+    marks: Dict[str, Dict[str, int]] = dataclasses.field(default_factory=dict)
 
 
 def of(trainer) -> StepFunctions:
@@ -84,6 +105,8 @@ def keep(trainer, train_function: Callable, jit_compile: bool) -> None:
     (what measuring chose); the eval function is compiled as the choice says."""
     functions = of(trainer)
     functions.jit_compile, functions.train, functions.eval = jit_compile, train_function, None
+    functions.edits_seen = model_edits.count()  # traced just now, with the models as they are
+    functions.seen = trace_inputs.Seen.now(trainer.models.values(), trainer.grad_multipliers)
     _select_skips(trainer, trainer.plan_xla().whole_step)  # as the kept function was traced with
 
 
@@ -97,20 +120,92 @@ def has_train_function(trainer) -> bool:
     return of(trainer).train is not None
 
 
+def _trace_again_if_models_changed(trainer) -> None:
+    """A layer of the trainer's models changed in place since its functions were traced (model_edits.py): the
+    train function goes, so the next steps run the changed layers (a traced function keeps the ones it traced)."""
+    functions, now = of(trainer), model_edits.count()
+    if functions.edits_seen == now:
+        return
+    changed = model_edits.changed_since(trainer.models.values(), functions.edits_seen)
+    functions.edits_seen = now
+    if changed and functions.train is not None:
+        log.info("%s changed layers of the Trainer's models after its train step was traced (%s): it is traced "
+                 "again, so the next steps use the changed layers", " and ".join(changed),
+                 "; ".join(", ".join(repr(n) for n in names) for names in changed.values()))
+        # The eval function stays: fused kernels and recomputation act only where a gradient tape records
+        # (fused_elementwise.py, recompute.py), so an evaluation computes as it was traced to.
+        functions.train = None
+
+
+def _trace_again_if_inputs_changed(trainer) -> None:
+    """Which variables are trainable, or grad_multipliers, changed since the train function was made (a callback
+    unfroze layers without reset_step_functions()): it goes, or the change would be silently ignored."""
+    functions = of(trainer)
+    if functions.train is None or functions.seen is None:
+        return
+    changed = trace_inputs.changes(functions.seen, trainer.grad_multipliers)
+    if changed:
+        log.info("The train step is traced again: %s since it was traced (read at trace time)", changed)
+        functions.train = None  # the eval step reads neither
+
+
+class UnbuiltVariableError(UserError, RuntimeError):
+    """Variables that became trainable after the Trainer built its optimizers (and accumulators) for the
+    trainable ones: no optimizer slots exist for them, so no step could update them."""
+
+
+def _refuse_variables_not_built_for(trainer) -> None:
+    """Before a train function is traced: every variable it would update has its optimizer slots (and
+    gradient accumulator); else Keras fails inside the trace with 'Unknown variable ... recreate a new optimizer
+    instance' (or a KeyError), which hides the cause: layers frozen in the builder, unfrozen later."""
+    missing = []
+    for updater in trainer.updaters.values():
+        optimizer = updater.optimizer
+        known = getattr(optimizer, "_trainable_variables_indices", None)  # Keras': what build(variables) was given
+        if optimizer.built and known is not None:
+            missing += [v.path for v in updater.variables() if optimizer._var_key(v) not in known]
+    if trainer.config.grad_accum_steps > 1 and trainer._accumulators is not None and len(trainer.models) == 1:
+        missing += [v.path for v in trainer.model.trainable_variables if v.path not in trainer._accumulators]
+    if missing:
+        missing = list(dict.fromkeys(missing))
+        raise UnbuiltVariableError(
+            f"{len(missing)} variables are trainable now but were frozen when the Trainer built its optimizers "
+            f"({trace_inputs.named(missing)}): the optimizers have no slots for them, so they cannot train. "
+            "Usual cause: layers frozen (trainable = False) in the model's builder, unfrozen later by a callback. "
+            "Fix: build the model with every layer that will ever train trainable, and freeze it in a callback's "
+            "on_train_begin (it runs after the optimizers are built), then unfreeze it when you like; "
+            "a model that never trains goes in Trainer(frozen=...). Raised before the next step, so the weights "
+            "(and any checkpoint) are as the last step left them.")
+
+
+def since_summary(trainer) -> Dict[str, Dict[str, int]]:
+    """traces, retraces and functions made anew since the last summary (a fit() call's, with a standalone
+    evaluate() before it); the next summary counts from now."""
+    functions = of(trainer)
+    now = {"traces": dict(functions.traces), "retraces": dict(functions.retraces), "made": dict(functions.made)}
+    marks, functions.marks = functions.marks, now
+    return {what: {k: v - marks.get(what, {}).get(k, 0) for k, v in counts.items()} for what, counts in now.items()}
+
+
 def run_train(trainer, iterator, num_steps: int) -> None:
     """`num_steps` train steps on `iterator` (a distributed training iterator), tracing the train function first
     when there is none."""
+    _trace_again_if_models_changed(trainer)
+    _trace_again_if_inputs_changed(trainer)
     functions = of(trainer)
     if functions.train is None:  # first loop, or reset by a callback
         functions.train = make_train_function(trainer, iterator)
+        functions.made["train"] += 1
     functions.train(iterator, tf.constant(num_steps, tf.int64))
 
 
 def run_eval(trainer, iterator, max_batches: int) -> int:
     """Up to `max_batches` eval batches from `iterator`; how many there were (fewer at the end)."""
+    _trace_again_if_models_changed(trainer)
     functions = of(trainer)
     if functions.eval is None:
         functions.eval = make_eval_function(trainer, iterator)
+        functions.made["eval"] += 1
     return int(functions.eval(iterator, tf.constant(max_batches, tf.int64)))
 
 
@@ -163,10 +258,26 @@ def logged_step(trainer, step: Callable, iterator, trackers: Dict[str, keras.met
     return run
 
 
+def _trace_counter(trainer, kind: str) -> Callable[[], None]:
+    """What one new function calls at each of its traces: each counts in `traces`, each after its first in
+    `retraces` too (TensorFlow traced this same function again)."""
+    functions, traced = of(trainer), []
+
+    @framework_code
+    def count() -> None:
+        functions.traces[kind] += 1
+        if traced:
+            functions.retraces[kind] += 1
+        traced.append(kind)
+
+    return count
+
+
 def make_train_function(trainer, iterator, jit_compile: Optional[bool] = None) -> Callable:
     """strategy.run(step) × num_steps inside one tf.function; XLA as plan_xla says (with the trainer's
     choice, or `jit_compile`). `iterator`: the distributed training iterator (an overridden step is traced on
     it once to learn its logs)."""
+    _refuse_variables_not_built_for(trainer)
     accum, batches = trainer.config.grad_accum_steps, trainer.config.batches_per_step
     trainer._wrap_own_compute_loss()  # t.compute_loss = f: as a class's (loss_convention.py)
     overridden = type(trainer).train_step is not Step.train_step
@@ -209,14 +320,17 @@ def make_train_function(trainer, iterator, jit_compile: Optional[bool] = None) -
             trainer.strategy.run(trainer.apply_accumulated)
         trainer.step.assign_add(1)
 
-    traces = of(trainer).traces
+    count_trace = _trace_counter(trainer, "train")
 
     def train_loop(iterator, num_steps):
-        traces["train"] += 1  # Python side effect: runs once per trace
+        count_trace()  # Python side effect: runs once per trace
         for _ in tf.range(num_steps):
             one_update(iterator)
         warn_unused_optimizers(trainer)  # the step is traced by now: every update it makes has set in_step
         warn_random_state_outside_checkpoint(trainer)  # trainer.deterministic: randomness a resume cannot repeat
+        # What the step read, as it is when the trace ends: a step that sets `trainable` itself (a Keras 2 GAN's
+        # d.trainable = True ... False) leaves it so, and the check before the next loop compares with that.
+        of(trainer).seen = trace_inputs.Seen.now(trainer.models.values(), trainer.grad_multipliers)
 
     return tf.function(train_loop)
 
@@ -230,10 +344,10 @@ def make_eval_function(trainer, iterator) -> Callable:
         step = logged_step(trainer, step, iterator, trainer.eval_window.step_logs, "test_step")
     if of(trainer).jit_compile:
         step = wrap_xla(step, trainer.strategy.num_replicas_in_sync)
-    traces = of(trainer).traces
+    count_trace = _trace_counter(trainer, "eval")
 
     def eval_loop(iterator, max_batches):
-        traces["eval"] += 1
+        count_trace()
         n = tf.constant(0, tf.int64)
         while n < max_batches:
             batch = iterator.get_next_as_optional()

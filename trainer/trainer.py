@@ -129,7 +129,8 @@ class Trainer(Step):
             self.best = tf.Variable(NO_BEST.get(self.config.best_mode, math.nan), dtype=tf.float32, trainable=False,
                                     name="best_metric")
             # Variable path -> factor applied to its unscaled gradient (a lower backbone rate when fine-tuning).
-            # Call reset_step_functions() after changing it, or after freezing/unfreezing layers.
+            # Read at trace time; a change (or a change of `trainable`) is noticed before the next loop, which
+            # traces the train step again (step_functions.py, trace_inputs.py).
             self.grad_multipliers: Dict[Any, float] = {}
             self.updaters = components.make_updaters(self, clipnorm)
         self.default_optimizer = next(iter(self.optimizers)) if len(self.optimizers) == 1 else None
@@ -190,7 +191,8 @@ class Trainer(Step):
 
     @property
     def traces(self) -> Dict[str, int]:
-        """How many times the train and eval functions were traced (a retrace shows here)."""
+        """How many times the train and eval functions were traced: every trace, a function made anew after a reset
+        too (the run summary's `retraces` counts only a function traced again: step_functions.py)."""
         return self._step_functions.traces
 
     @property
@@ -254,8 +256,8 @@ class Trainer(Step):
         return step_functions.plan_of(self)
 
     def reset_step_functions(self) -> None:
-        """Drops the traced step functions: the next loop traces again (after freezing/unfreezing
-        layers or changing grad_multipliers, which are read at trace time)."""
+        """Drops the traced step functions: the next loop traces again (after changing a Python value the step
+        reads at trace time; `trainable` and grad_multipliers are noticed without it)."""
         step_functions.reset(self)
 
     def checkpoint_objects(self) -> Dict[str, Any]:

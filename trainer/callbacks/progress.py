@@ -5,6 +5,7 @@ import logging
 import math
 import shlex
 import time
+from typing import Dict
 
 from trainer import model_summary
 from trainer.console import BAR_SHOWS, while_a_bar_is_shown
@@ -12,6 +13,7 @@ from trainer.callbacks.base import Callback
 from trainer.callbacks.loggers import scalars
 from trainer.memory import is_memory_field, memory_logs, memory_text
 
+MADE_ANEW_OK = 2  # functions made anew in one call without a warning: fine-tuning's freeze, then unfreeze
 log = logging.getLogger("trainer.callbacks")
 
 
@@ -116,18 +118,11 @@ class Summary(Callback):
             ordered = sorted(self.examples_per_sec)
             lines.append(f"Throughput: {ordered[len(ordered) // 2]:.0f} examples/s (median of log windows)")
         lines.append(peak_memory_line(memory_logs()))
-        if summary.get("traces"):
-            lines.append(f"Traced: {summary['traces']} (first loop incl. compile: "
-                         f"{summary.get('first_loop_seconds', 0):.2f}s)")
-            expected = {"train": 2} if trainer.xla_choice.traced_both else {}  # measuring traces XLA on and off
-            retraced = {k: v for k, v in summary["traces"].items() if v > expected.get(k, 1)}
-            if retraced:
-                log.warning(
-                    "Step functions were traced more than once %s: each trace (and XLA compile) costs time. "
-                    "Usual causes: batches of changing shape (pad or bucket them), resets after freezing layers, or "
-                    "variables (an optimizer, a metric) created inside an overridden step: pass them to the Trainer.",
-                    retraced,
-                )
+        if any(summary.get("traces", {}).values()):
+            first = summary.get("first_loop_seconds")
+            lines.append(f"Traced: {summary['traces']} in this call"
+                         + (f" (first loop incl. compile: {first:.2f}s)" if first is not None else ""))
+            warn_retraces(summary)
         if summary.get("xla_measurement"):
             lines.append(f"XLA, measured: {summary['xla_measurement']}")
         if summary.get("weights_sha256"):
@@ -146,3 +141,27 @@ def peak_memory_line(memory) -> str:
     gpus = [f"GPU:{k[len('gpu'):-len('_peak_mb')]} {v:.0f} MiB" for k, v in memory.items() if k.startswith("gpu")]
     return ", ".join([f"Peak memory: host RSS {memory['host_peak_rss_mb']:.0f} MiB (now "
                       f"{memory['host_rss_mb']:.0f} MiB)", *gpus])
+
+
+def warn_retraces(summary: Dict) -> None:
+    """Traces that cost time for nothing: TensorFlow tracing the same function again, or functions made anew in
+    many loops. A function made anew on purpose (freezing layers, XLA measured on and off, fuse_elementwise)
+    and traced once is neither (step_functions.py); fine-tuning's one unfreeze makes two."""
+    retraced = {k: v for k, v in summary.get("retraces", {}).items() if v}
+    if retraced:
+        log.warning(
+            "Step functions were traced more than once: TensorFlow traced the same function again %s, and "
+            "each trace (and XLA compile) costs time. Usual causes: batches of changing shape (pad or bucket "
+            "them; the same shapes in every fit() call), or variables (an optimizer, a metric) created "
+            "inside an overridden step: pass them to the Trainer.", retraced)
+    remade = {k: v for k, v in summary.get("made", {}).items() if v > MADE_ANEW_OK}
+    if remade:
+        first = summary.get("first_loop_seconds")
+        cost = f" (the first loop, one of them included, took {first:.2f}s)" if first else ""
+        log.warning(
+            "Step functions were made anew (and traced) %s times in this call: each costs a trace and XLA "
+            "compile%s. Expected when what the step reads changes in stages on purpose (gradual unfreezing, "
+            "grad_multipliers changed a few times). If not, something changes it in every loop: "
+            "reset_step_functions(), or a change of `trainable` or grad_multipliers. A Python value of yours the "
+            "step reads can live in a tf.Variable instead (assign to it: no trace); grad_multipliers' factors "
+            "stay Python numbers.", remade, cost)

@@ -23,10 +23,9 @@ class XlaChoice(Callback):
     def __init__(self):
         self.measurement: Optional[XlaMeasurement] = None
         self.unlogged = False
-        self.traced_both = False  # measured in this process: the train loop was traced with XLA on and off
 
     def measured(self, measurement: XlaMeasurement) -> None:
-        self.measurement, self.unlogged, self.traced_both = measurement, True, True
+        self.measurement, self.unlogged = measurement, True
 
     def on_train_begin(self, trainer):
         m = self.measurement
