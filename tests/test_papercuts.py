@@ -55,7 +55,8 @@ def test_a_recipe_step_may_log_other_names_so_only_a_warning(caplog):
 
 @pytest.mark.parametrize("given, expected", [
     ("trainer.profile_steps=5", "trainer.profile_steps takes two steps: trainer.profile_steps=[N,M]"),
-    ("logger=[jsonl,cvs]", "no logger named 'cvs'. Fix: choose from csv, jsonl, mlflow, tensorboard, wandb"),
+    ("logger=[jsonl,cvs]", "no logger named 'cvs'. Fix: did you mean logger=[jsonl,csv]? Or choose from csv, jsonl, "
+                           "mlflow, tensorboard, wandb"),
 ])
 def test_overrides_hydra_rejects_without_a_fix_exit_2_with_one(given, expected, monkeypatch, capsys):
     """Hydra's "int is not a ListConfig" / "Could not load 'logger/cvs'" (exit 1, no options) become exit 2."""

@@ -318,10 +318,15 @@ def _job_failed(code: int, message: str) -> None:
 
 def main() -> None:
     from trainer.argv_check import problem_in
+    from trainer.cli_help import help_text
 
     problem = problem_in(sys.argv[1:])  # what Hydra would reject without the fix (trainer/argv_check.py)
     if problem:
         sys.exit(report_error(ConfigError(problem), prefix="[trainer][ERROR] - "))
+    text = help_text(sys.argv[1:])  # Hydra's --help without its slow listing of the groups (trainer/cli_help.py)
+    if text is not None:
+        print(text)
+        sys.exit(0)  # as Hydra's --help
     try:
         _hydra_main()
     except SystemExit as e:
