@@ -102,9 +102,10 @@ def test_a_wrong_type_is_one_line_naming_key_value_and_type(tmp_path, override, 
                           "from adam, adamw, sgd (conf/optimizer/*.yaml)."),
     (["strategy=ddp"], "Fix: did you mean strategy=mirrored?"),  # Lightning's name
     # A section's key at the top: Hydra said to add it with +, which nothing would read.
-    (["max_steps=5"], "max_steps is not a top-level key; did you mean trainer.max_steps=5?"),
-    (["recipe=resnet", "batch_size=64"], "batch_size is not a top-level key; did you mean data.batch_size=64?"),
-    (["trainr.max_steps=5"], "trainr is not a top-level key; did you mean trainer.max_steps=5?"),
+    (["max_steps=5"], "max_steps=5: max_steps is not a top-level key. Fix: did you mean trainer.max_steps=5?"),
+    (["recipe=resnet", "batch_size=64"], "batch_size=64: batch_size is not a top-level key. Fix: did you mean "
+                                         "data.batch_size=64?"),
+    (["trainr.max_steps=5"], "trainr is not a top-level key. Fix: did you mean trainer.max_steps=5?"),
     # Keras' and Lightning's names for this config's keys.
     (["optimizer.learning_rate=1e-3"], "optimizer.learning_rate=1e-3: optimizer has no key 'learning_rate'. Fix: did "
                                        "you mean optimizer.lr=1e-3? (lr, clipnorm,"),
@@ -116,7 +117,12 @@ def test_a_wrong_type_is_one_line_naming_key_value_and_type(tmp_path, override, 
                                               "it in the same command: callbacks=[early_stopping]"),
     # A sweep: each choice of a group; the first job of a sweep of keys.
     (["-m", "precision=float32,bf16"], "Fix: did you mean precision=float32,mixed_bfloat16?"),
-    (["-m", "max_steps=5,10"], "max_steps is not a top-level key; did you mean trainer.max_steps=5,10?"),
+    (["-m", "max_steps=5,10"], "max_steps is not a top-level key. Fix: did you mean trainer.max_steps=5,10?"),
+    # Each value of a sweep of keys is checked before the first job (job 1 failed with a traceback).
+    (["-m", "trainer.max_steps=2,-1"], "trainer.max_steps=2,-1: the job with trainer.max_steps=-1: "),
+    (["-m", "data.batch_size=32,abc"], "data.batch_size=32,abc: data.batch_size takes an integer, not 'abc'."),
+    (["precision=null"], "precision=null: precision takes one of its options, not null. Fix: choose from auto,"),
+    (["seed=abc"], "seed=abc: seed takes an integer, not 'abc'. Fix: give seed an integer."),
     (["-m", "optimizer.learning_rate=1e-3,1e-4"], "optimizer.learning_rate=1e-3,1e-4: optimizer has no key "
                                                   "'learning_rate'. Fix: did you mean optimizer.lr=1e-3,1e-4?"),
 ])
@@ -127,6 +133,65 @@ def test_config_mistakes_hydra_reported_are_one_line_naming_the_fix(tmp_path, ar
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
     assert "base_" not in result.stderr and not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize("args, expected", [
+    # A key's override is blamed, not the group choice before it (the longest key matching the error's path).
+    ("optimizer=sgd optimizer.learning_rate=0.1", "optimizer.learning_rate=0.1: optimizer has no key 'learning_rate'. "
+                                                  "Fix: did you mean optimizer.lr=0.1?"),
+    ("optimizer=sgd optimizer.lr=abc", "optimizer.lr=abc: optimizer.lr takes a number, not 'abc'."),
+    ("model=mnist_cnn model.widht=3", "model.widht=3: model has no key 'widht'."),
+    ("data=synthetic data.batch_size=abc", "data.batch_size=abc: data.batch_size takes an integer, not 'abc'."),
+    ("callbacks=[early_stopping] callbacks.early_stopping.patiense=5",
+     "callbacks.early_stopping.patiense=5: callbacks.early_stopping has no key 'patiense'. Fix: did you mean "
+     "callbacks.early_stopping.patience=5?"),
+    ("-m optimizer=adam,sgd optimizer.learning_rate=0.1", "optimizer.learning_rate=0.1: optimizer has no key "
+                                                          "'learning_rate'. Fix: did you mean optimizer.lr=0.1?"),
+    # A key of another option of the group: that option, not a similar name that silently does nothing.
+    ("optimizer.momentum=0.9", "optimizer.momentum=0.9: optimizer.momentum is a key of optimizer=sgd, not of the "
+                               "optimizer chosen. Fix: did you mean optimizer=sgd optimizer.momentum=0.9?"),
+    ("optimizer.weight_decay=0.1", "Fix: did you mean optimizer=adamw optimizer.weight_decay=0.1?"),
+    ("optimizer.name=sgd", "optimizer.name=sgd: optimizer has no key 'name'. Fix: did you mean optimizer=sgd?"),
+    ("trainer.ckpt_path=x", "Fix: did you mean trainer.resume_from=x?"),  # Lightning's fit(ckpt_path=)
+    ("trainer.precision=bf16-mixed", "Fix: did you mean precision=mixed_bfloat16?"),  # the value translated too
+    # Spellings only in the key's own section: no data.path for model.depth.
+    ("recipe=resnet model.depth=20", "model.depth=20: model has no key 'depth'. Fix: use one of its keys:"),
+    ("model.arch=x", "model.arch=x: model has no key 'arch'. Fix: use one of its keys:"),
+    # A callback not chosen: the callbacks chosen (none here; resnet's finetune is the recipe's, not the group's).
+    ("recipe=resnet callbacks.early_stopping.patience=5", "Fix: choose it in the same command: "
+                                                          "callbacks=[early_stopping] callbacks.early_stopping.patience=5"),
+    ("callbacks=[reduce_lr_on_plateau] callbacks.early_stopping.patience=5",
+     "Fix: choose it in the same command: callbacks=[reduce_lr_on_plateau,early_stopping] "
+     "callbacks.early_stopping.patience=5"),
+    ("callbacks.early_stoping.patience=5", "callbacks.early_stoping.patience=5: callbacks has no entry 'early_stoping'. "
+                                           "Fix: did you mean callbacks=[early_stopping] "
+                                           "callbacks.early_stopping.patience=5?"),
+    # A free-form section: a new entry takes + (docs/training-control.md).
+    ("eval_sets.ood.path=x", "eval_sets.ood.path=x: eval_sets.ood is a new entry of eval_sets. Fix: add it with +: "
+                             "+eval_sets.ood.path=x"),
+])
+def test_a_mistake_is_blamed_on_its_override_with_the_fix_meant(args, expected):
+    import shlex
+
+    from trainer.argv_check import problem_in
+
+    problem = problem_in(shlex.split(args))
+    assert problem is not None and expected in problem and len(problem.splitlines()) == 1, problem
+    assert expected.startswith("Fix") or problem.startswith(expected), problem  # the override blamed comes first
+    assert "data.path" not in problem and "ema_momentum=" not in problem
+
+
+@pytest.mark.parametrize("args", [["-sc", "install=bash"], ["-sc", "query=trainer.max"],
+                                  ["--shell-completion", "install=bash"]])
+def test_hydra_shell_completion_is_not_checked_as_overrides(args):
+    from trainer.argv_check import problem_in
+
+    assert problem_in(args) is None
+
+
+def test_shell_completion_installs(tmp_path):
+    result = run_cli("-sc", "install=bash")
+    assert result.returncode == 0 and "complete" in result.stdout, result.stderr[-2000:]
 
 
 def test_options_from_another_config_dir_are_left_to_hydra(tmp_path):

@@ -18,6 +18,7 @@ sweeper, and each job is checked as it starts. A command line that points Hydra 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.resources
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -36,6 +37,9 @@ OPTION_SYNONYMS = {
     "strategy": {"ddp": "mirrored", "mirroredstrategy": "mirrored", "multiworkermirroredstrategy": "multi_worker",
                  "onedevicestrategy": "one_device", "tpustrategy": "tpu"},
 }
+LIST_GROUPS = ("logger", "callbacks")  # several options at once (conf/config.yaml's defaults)
+# Hydra's shell completion (`-sc install=bash`): its argument is no override.
+SHELL_COMPLETION = ("-sc", "--shell-completion")
 WORDS = {"Integer": "an integer", "Float": "a number", "Bool": "true or false", "String": "a string"}
 
 
@@ -87,11 +91,15 @@ def _group_problem(override, options: List[str]) -> Optional[str]:
     """`recipe=nonexistent`, `precision=bf16`, `logger=[jsonl,cvs]`, any choice of a sweep: the names the group
     lacks, its options and, when every such name has one close, the override with the names meant."""
     group, choices = override.key_or_group, _choices(override.value())
+    shown = [option for option in options if not option.startswith("base_")]  # schemas, not options
+    if None in choices:  # precision=null: Hydra's ValueError and traceback
+        none = f", or none: {group}=[]" if group in LIST_GROUPS else ""
+        return (f"{override.input_line}: {group} takes one of its options, not null. Fix: choose from "
+                f"{', '.join(shown)} (conf/{group}/*.yaml){none}.")
     names = [n for c in choices for n in (c if isinstance(c, list) else [c]) if isinstance(n, (str, int, float))]
     unknown = list(dict.fromkeys(str(n) for n in names if str(n) not in options))
     if not unknown:
         return None
-    shown = [option for option in options if not option.startswith("base_")]  # schemas, not options
     meant = {name: _meant(group, name, shown) for name in unknown}
     fix = f"choose from {', '.join(shown)} (conf/{group}/*.yaml)."
     if all(meant.values()):
@@ -171,36 +179,108 @@ def compose_overrides(overrides: List[str], with_hydra: bool = False):
         return compose("config", overrides=overrides, return_hydra_config=with_hydra)
 
 
-def _keys(overrides) -> Dict[str, List[str]]:
-    """Section -> its keys ('' the top level) of the config the command's group choices compose (a sweep's
-    first job), the recipe's sections included; without them, when that fails, the typed sections'."""
+def _group_lines(overrides) -> tuple:
+    """The command's group choices as its run (a sweep: the first job) makes them."""
+    groups = [_first_job(o) for o in overrides if group_options(o.key_or_group) is not None and not o.is_delete()]
+    return tuple(line for line in groups if line)
+
+
+@functools.lru_cache(maxsize=32)
+def _composed(lines: tuple):
+    """The config (Hydra's node with its runtime.choices included) `lines` compose; None when they do not."""
+    try:
+        return compose_overrides(list(lines), with_hydra=True)
+    except Exception:  # noqa: BLE001 - the hint only: Hydra reports what does not compose when the run starts
+        return None
+
+
+def _keys(cfg) -> Dict[str, List[str]]:
+    """Section -> its keys ('' the top level) of `cfg`, the recipe's sections included; without it (the groups
+    chosen do not compose), the typed sections'."""
     from trainer.config import Config
     from trainer.config_check import keys_by_section
 
-    groups = [_first_job(o) for o in overrides if group_options(o.key_or_group) is not None and not o.is_delete()]
-    try:
-        return keys_by_section(compose_overrides([line for line in groups if line]))
-    except Exception:  # noqa: BLE001 - the hint only: Hydra reports what does not compose when the run starts
-        keys = {section: [f.name for f in dataclasses.fields(_typed_schema(section))] for section in TYPED_SECTIONS}
-        return {"": [f.name for f in dataclasses.fields(Config)], **keys}
+    if cfg is not None:
+        return keys_by_section(cfg)
+    keys = {section: [f.name for f in dataclasses.fields(_typed_schema(section))] for section in TYPED_SECTIONS}
+    return {"": [f.name for f in dataclasses.fields(Config)], **keys}
+
+
+def _in_other_option(section: str, name: str, overrides) -> Optional[str]:
+    """The option of group `section`, not the one chosen, whose section has key `name` (optimizer.momentum:
+    sgd's), the option nearest the chosen one's name first (adam: adamw before sgd); None for none."""
+    import difflib
+
+    chosen = (_composed(_group_lines(overrides)) or {}).get("hydra", {}).get("runtime", {}).get("choices", {})
+    current = chosen.get(section)
+    shown = [o for o in group_options(section) or [] if not o.startswith("base_") and o != current]
+    if current is None:
+        return None
+    for option in sorted(shown, key=lambda o: -difflib.SequenceMatcher(None, current, o).ratio()):
+        cfg = _composed((*(line for line in _group_lines(overrides) if not line.startswith(f"{section}=")),
+                         f"{section}={option}"))
+        if cfg is not None and name in _keys(cfg).get(section, ()):
+            return f"{section}={option}"
+    return None
+
+
+def _as_group_choice(key: str, value: str) -> Optional[str]:
+    """`precision=bf16-mixed` as the override meant when `key` is a config group: its value translated to the
+    option (`precision=mixed_bfloat16`); None when no option is meant."""
+    options = group_options(key)
+    if options is None:
+        return f"{key}={value}"
+    shown = [o for o in options if not o.startswith("base_")]
+    meant = value if value in shown else _meant(key, value, shown)
+    return f"{key}={meant}" if meant else None
+
+
+def _entry_problem(given: str, section: str, name: str, overrides, keys) -> Optional[str]:
+    """`callbacks.early_stopping.patience=5` with early_stopping not chosen, or misspelt (early_stoping): the
+    group's options are its entries, chosen on the command line (`callbacks=[...]`)."""
+    shown = [o for o in group_options(section) or [] if not o.startswith("base_")]
+    entry = name if name in shown else _meant(section, name, shown)
+    if entry is None or section not in keys:
+        return None
+    chosen = next((c for o in overrides if o.key_or_group == section and not o.is_delete()
+                   for c in _choices(o.value())[:1]), [])
+    chosen = [str(c) for c in (chosen if isinstance(chosen, list) else [chosen]) if c is not None]
+    fixed = f"{section}.{entry}{given.lstrip('+')[len(section) + 1 + len(name):]}"
+    if entry not in chosen:
+        fixed = f"{section}=[{','.join([*chosen, entry])}] {fixed}"
+    if entry == name:
+        return (f"{given}: {section}={name} is not chosen, so {section}.{name} has no options to set. Fix: choose "
+                f"it in the same command: {fixed}")
+    return f"{given}: {section} has no entry {name!r}. Fix: did you mean {fixed}?"
 
 
 def _unknown_key(given: str, key: str, overrides) -> str:
     """The message for the override `given`, whose `key` (itself, or the part of it that exists not) the config
     lacks: the keys most likely meant (config_check.close_keys), as overrides of the same value."""
-    from trainer.config_check import close_keys
+    from trainer.config_check import KEY_SYNONYMS, close_keys, free_form_sections
 
-    keys = _keys(overrides)
+    cfg = _composed(_group_lines(overrides))
+    keys, free = _keys(cfg), (free_form_sections(cfg) if cfg is not None else [])
     section, _, name = key.rpartition(".")
     path, _, value = given.lstrip("+~").partition("=")
     below = path[len(key):] if path.startswith(key) else ""  # `trainr.max_steps=5`: trainr lacks, .max_steps below
-    meant = " or ".join(f"{k}{below}={value}" for k in close_keys(name, section, keys) if not below or k in keys)
-    if name in (group_options(section) or []) and section in keys:  # callbacks.early_stopping.patience=5, not chosen
-        chosen = ",".join([*keys[section], name])
-        return (f"{given}: {section}={name} is not chosen, so {key} has no options to set. Fix: choose it in the "
-                f"same command: {section}=[{chosen}]")
+    options = group_options(section) or []
+    if options and (section in free or section not in keys):  # callbacks: its entries are the group's options
+        entry = _entry_problem(given, section, name, overrides, keys)
+        if entry:
+            return entry
+    if section in free:  # eval_sets.ood.path=x: a new entry of a free-form section
+        return f"{given}: {section}.{name} is a new entry of {section}. Fix: add it with +: +{given.lstrip('+~')}"
+    if options and value in options and not below:  # optimizer.name=sgd
+        return f"{given}: {section} has no key {name!r}. Fix: did you mean {section}={value}?"
+    other = _in_other_option(section, name, overrides) if options and name.lower() not in KEY_SYNONYMS else None
+    if other:
+        return f"{given}: {key} is a key of {other}, not of the {section} chosen. Fix: did you mean {other} {given}?"
+    meant = [_as_group_choice(f"{k}{below}", value) for k in close_keys(name, section, keys, free)
+             if not below or k in keys]
+    meant = " or ".join(m for m in meant if m)
     if not section:
-        return (f"{name} is not a top-level key; did you mean {meant}?" if meant else
+        return (f"{given}: {name} is not a top-level key. Fix: did you mean {meant}?" if meant else
                 f"{given}: {name} is not a key of the run's config (its keys: {', '.join(keys[''])}). Fix: put it "
                 "under its section (trainer., data., ...): python -m trainer <your config groups> --cfg job lists "
                 "them.")
@@ -211,28 +291,33 @@ def _unknown_key(given: str, key: str, overrides) -> str:
     return f"{given}: {section} has no key {name!r}. Fix: {fix} ({', '.join(keys[section])})"
 
 
-def composition_problem(overrides) -> Optional[str]:
-    """A recipe section's key with a value of the wrong type or a name its schema lacks, as one line (Hydra
-    prints OmegaConf's five and exits 1). Composes the config as the run (a sweep: its first job) will, only
-    when such a key is overridden. `overrides`: the command line's, parsed."""
+def _blamed(where: str, jobs) -> Optional[str]:
+    """The override (a line of `jobs`) an error at config path `where` is about: a key's override before a
+    group's (`optimizer=sgd optimizer.lr=abc`: the second), the longest key first."""
+    def about(key: str) -> bool:
+        return where == key or where.startswith((f"{key}.", f"{key}[")) or key.startswith(f"{where}.")
+
+    found = [(group_options(o.key_or_group) is not None, -len(o.key_or_group), line)
+             for line, o in jobs.items() if about(o.key_or_group)]
+    return min(found)[2] if found else None
+
+
+def _composition_error(lines: List[str], jobs, overrides) -> Optional[str]:
+    """What is wrong in the config `lines` compose, as one line naming the override of `jobs` (line -> parsed)
+    it is about; None when they compose or Hydra's own message names it."""
     import re
 
     from hydra.errors import ConfigCompositionException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
-    jobs = {line: o for o in overrides if not o.is_hydra_override() and (line := _first_job(o))}
-    if not any("." in o.key_or_group and o.key_or_group.partition(".")[0] not in TYPED_SECTIONS for o in jobs.values()):
-        return None
     try:
-        compose_overrides(list(jobs))
+        compose_overrides(lines)
     except ConfigCompositionException as e:
         cause = e.__cause__
         if not isinstance(cause, (ValidationError, ConfigKeyError, ConfigAttributeError)):
             return None  # Hydra's own message names it
         where = str(cause.full_key)
-        given = next((line for line, o in jobs.items()
-                      if where == o.key_or_group or where.startswith((f"{o.key_or_group}.", f"{o.key_or_group}["))
-                      or o.key_or_group.startswith(f"{where}.")), None)
+        given = _blamed(where, jobs)
         if given is None:
             return None
         key, _, value = given.lstrip("+~").partition("=")
@@ -250,6 +335,41 @@ def composition_problem(overrides) -> Optional[str]:
     except Exception:  # noqa: BLE001 - anything else is the run's to report, as before
         return None
     return None
+
+
+def _sweep_problem(jobs, overrides) -> Optional[str]:
+    """Each value of a sweep of keys (`-m trainer.max_steps=2,-1`), in the config of the first job with that
+    value swapped in, checked as a job would be (type and range): before the first job, not at the failing one."""
+    from trainer.config import ConfigError
+    from trainer.config_check import check_config
+
+    for line, o in jobs.items():
+        if not (o.is_sweep_override() and o.is_choice_sweep()) or group_options(o.key_or_group) is not None:
+            continue
+        for value in o.sweep_string_iterator():
+            job = f"{o.get_key_element()}={value}"
+            lines = [job if other == line else other for other in jobs]
+            problem = _composition_error(lines, {**{k: v for k, v in jobs.items() if k != line}, job: o}, overrides)
+            if problem:
+                return problem.replace(job, o.input_line, 1) if problem.startswith(job) else problem
+            cfg = _composed(tuple(lines))
+            try:
+                check_config(cfg, cfg.hydra.runtime.choices) if cfg is not None else None
+            except ConfigError as e:
+                return f"{o.input_line}: the job with {job}: {e}"
+    return None
+
+
+def composition_problem(overrides) -> Optional[str]:
+    """A key of a recipe section or the top level with a value of the wrong type or a name its schema lacks, or
+    a sweep value out of range, as one line (Hydra prints OmegaConf's five and exits 1). Composes the config as
+    the run (a sweep: its first job, then each value of a sweep of keys) will, only when such a key is
+    overridden. `overrides`: the command line's, parsed."""
+    jobs = {line: o for o in overrides if not o.is_hydra_override() and (line := _first_job(o))}
+    if not any(o.key_or_group.partition(".")[0] not in TYPED_SECTIONS and group_options(o.key_or_group) is None
+               for o in jobs.values()) and not any(o.is_sweep_override() for o in jobs.values()):
+        return None
+    return _composition_error(list(jobs), jobs, overrides) or _sweep_problem(jobs, overrides)
 
 
 def _problem(override, overrides, ours: bool) -> Optional[str]:
@@ -275,6 +395,8 @@ def problem_in(args: Sequence[str]) -> Optional[str]:
     """The first override of `args` (the command line) that Hydra would reject without a fix, as a message."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    if any(a.split("=")[0] in SHELL_COMPLETION for a in args):
+        return None
     try:
         overrides = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
     except Exception:  # noqa: BLE001 - a syntax error: Hydra's own message names it

@@ -92,14 +92,16 @@ KEY_SYNONYMS = {
     "max_to_keep": "trainer.keep_checkpoints",  # tf.train.CheckpointManager
     "seed_everything": "seed",  # LightningCLI
     "dtype_policy": "precision.policy",  # Keras 3
+    "ckpt_path": "trainer.resume_from",  # Lightning's fit(ckpt_path=): resumes the whole training state
 }
 
 
-def close_keys(name: str, section: str, keys: Mapping[str, List[str]]) -> List[str]:
+def close_keys(name: str, section: str, keys: Mapping[str, List[str]], free_form=()) -> List[str]:
     """The keys a user most likely meant by `section.name` (section '': a top-level key), which the config lacks,
     best first: the key Keras or Lightning users know by that name (KEY_SYNONYMS), else the same name in
-    other sections (`max_steps` -> trainer.max_steps), else close spellings (in `section` first); [] for none.
-    `keys`: keys_by_section of the config."""
+    other sections (`max_steps` -> trainer.max_steps) but the free-form ones (`free_form`: eval_sets, whose
+    keys are the user's names), else close spellings in `section` (another section's would be a guess: model.arch
+    is no data.cache); [] for none. `keys`: keys_by_section of the config."""
     import difflib
 
     def full(home: str, key: str) -> str:
@@ -108,14 +110,20 @@ def close_keys(name: str, section: str, keys: Mapping[str, List[str]]) -> List[s
     home, _, key = KEY_SYNONYMS.get(name.lower(), "").rpartition(".")
     if key and key in keys.get(home, ()):
         return [full(home, key)]
-    elsewhere = [full(other, name) for other in keys if other != section and name in keys[other]]
+    elsewhere = [full(other, name) for other in keys
+                 if other != section and other not in free_form and name in keys[other]]
     if elsewhere:
         return elsewhere[:3]
-    own = difflib.get_close_matches(name, [k for k in keys.get(section, []) if k != name], n=3)
-    if own:
-        return [full(section, k) for k in own]
-    spelt = difflib.get_close_matches(name, {k for found in keys.values() for k in found if k != name}, n=3)
-    return [full(other, k) for k in spelt for other in keys if k in keys[other]][:3]
+    own = difflib.get_close_matches(name, [k for k in keys.get(section, []) if k != name], n=3, cutoff=0.75)
+    return [full(section, k) for k in own]
+
+
+def free_form_sections(cfg) -> List[str]:
+    """The sections without a schema, whose keys are names the user picks (eval_sets.<name>, logger, loss)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    return [str(k) for k in cfg if k != "hydra" and isinstance(cfg.get(k), DictConfig)
+            and not dataclasses.is_dataclass(OmegaConf.get_type(cfg.get(k)))]
 
 
 def _check_known_keys(schema, node, key: str, cfg) -> None:
@@ -125,7 +133,7 @@ def _check_known_keys(schema, node, key: str, cfg) -> None:
     unknown = _unknown_keys(node, known)
     if unknown:
         shown = ", ".join(k for k in known if not k.startswith("_"))
-        meant = close_keys(unknown[0], key, keys_by_section(cfg))
+        meant = close_keys(unknown[0], key, keys_by_section(cfg), free_form_sections(cfg))
         fix = (f"did you mean {' or '.join(meant)}? Else drop {key}.{unknown[0]}." if meant
                else f"drop {key}.{unknown[0]}, or correct its spelling to one of those keys.")
         raise ConfigError(f"{key}.{unknown[0]} is not a key of {key} (its schema {schema.__name__} has: {shown}). "
@@ -140,7 +148,7 @@ def _check_top_level_keys(cfg) -> None:
     if not unknown:
         return
     name = unknown[0]
-    meant = close_keys(name, "", keys_by_section(cfg))
+    meant = close_keys(name, "", keys_by_section(cfg), free_form_sections(cfg))
     hint = (f"did you mean {' or '.join(meant)}?" if meant
             else "drop it, or put it under its section (trainer., data., ...)")
     raise ConfigError(f"{name} is not a key of the run's config, so nothing would read it (its keys: "
