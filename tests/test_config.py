@@ -158,14 +158,14 @@ def test_config_mistakes_hydra_reported_are_one_line_naming_the_fix(tmp_path, ar
     ("recipe=resnet model.depth=20", "model.depth=20: model has no key 'depth'. Fix: use one of its keys:"),
     ("model.arch=x", "model.arch=x: model has no key 'arch'. Fix: use one of its keys:"),
     # A callback not chosen: the callbacks chosen (none here; resnet's finetune is the recipe's, not the group's).
-    ("recipe=resnet callbacks.early_stopping.patience=5", "Fix: choose it in the same command: "
-                                                          "callbacks=[early_stopping] callbacks.early_stopping.patience=5"),
+    ("recipe=resnet callbacks.early_stopping.patience=5",
+     "Fix: choose it in the same command: callbacks=[early_stopping] callbacks.early_stopping.patience=5"),
     ("callbacks=[reduce_lr_on_plateau] callbacks.early_stopping.patience=5",
      "Fix: choose it in the same command: callbacks=[reduce_lr_on_plateau,early_stopping] "
      "callbacks.early_stopping.patience=5"),
-    ("callbacks.early_stoping.patience=5", "callbacks.early_stoping.patience=5: callbacks has no entry 'early_stoping'. "
-                                           "Fix: did you mean callbacks=[early_stopping] "
-                                           "callbacks.early_stopping.patience=5?"),
+    ("callbacks.early_stoping.patience=5",
+     "callbacks.early_stoping.patience=5: callbacks has no entry 'early_stoping'. Fix: did you mean "
+     "callbacks=[early_stopping] callbacks.early_stopping.patience=5?"),
     # A free-form section: a new entry takes + (docs/training-control.md).
     ("eval_sets.ood.path=x", "eval_sets.ood.path=x: eval_sets.ood is a new entry of eval_sets. Fix: add it with +: "
                              "+eval_sets.ood.path=x"),
