@@ -76,6 +76,17 @@ def test_good_list_overrides_pass_the_check():
     assert "no logger named 'cvs'" in problem_in(["-m", "logger=[jsonl],[cvs]"])  # each choice of a sweep
 
 
+@pytest.mark.parametrize("command", ["trainer.doctor.__main__", "trainer.lr_find"])
+def test_the_commands_taking_a_runs_overrides_say_a_mistake_as_the_run_does(command, capsys):
+    """The doctor and lr_find printed Hydra's text after loading TensorFlow; now python -m trainer's line."""
+    import importlib
+
+    main = importlib.import_module(command).main
+    assert main(["optimizer=sgd", "optimizer.learning_rate=0.1"]) == 2
+    assert "optimizer.learning_rate=0.1: optimizer has no key 'learning_rate'. Fix: did you mean optimizer.lr=0.1?" \
+        in capsys.readouterr().err
+
+
 def test_resuming_with_another_use_ema_names_it_and_export_loading_is_no_warm_start(tmp_path, caplog):
     import logging
 

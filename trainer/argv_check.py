@@ -168,17 +168,6 @@ def _first_job(override) -> Optional[str]:
     return f"{override.get_key_element()}={next(iter(override.sweep_string_iterator()))}"
 
 
-def compose_overrides(overrides: List[str], with_hydra: bool = False):
-    """The config `python -m trainer OVERRIDES` composes; `with_hydra`: with Hydra's node (its overrides applied)."""
-    from hydra import compose, initialize_config_module
-
-    from trainer.assemble import register_configs
-
-    register_configs()  # the recipes' schemas (the CLI has stored them already; storing again replaces them)
-    with initialize_config_module("trainer.conf", version_base="1.3"):
-        return compose("config", overrides=overrides, return_hydra_config=with_hydra)
-
-
 def _group_lines(overrides) -> tuple:
     """The command's group choices as its run (a sweep: the first job) makes them."""
     groups = [_first_job(o) for o in overrides if group_options(o.key_or_group) is not None and not o.is_delete()]
@@ -188,8 +177,10 @@ def _group_lines(overrides) -> tuple:
 @functools.lru_cache(maxsize=32)
 def _composed(lines: tuple):
     """The config (Hydra's node with its runtime.choices included) `lines` compose; None when they do not."""
+    from trainer.assemble import compose
+
     try:
-        return compose_overrides(list(lines), with_hydra=True)
+        return compose(lines, with_hydra=True)
     except Exception:  # noqa: BLE001 - the hint only: Hydra reports what does not compose when the run starts
         return None
 
@@ -310,8 +301,10 @@ def _composition_error(lines: List[str], jobs, overrides) -> Optional[str]:
     from hydra.errors import ConfigCompositionException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
+    from trainer.assemble import compose
+
     try:
-        compose_overrides(lines)
+        compose(lines)
     except ConfigCompositionException as e:
         cause = e.__cause__
         if not isinstance(cause, (ValidationError, ConfigKeyError, ConfigAttributeError)):

@@ -19,7 +19,8 @@ def help_text(args: Sequence[str]) -> Optional[str]:
     in a way left to Hydra."""
     from omegaconf import OmegaConf, open_dict
 
-    from trainer.argv_check import OTHER_CONFIGS, compose_overrides, config_groups, group_options
+    from trainer.argv_check import OTHER_CONFIGS, config_groups, group_options
+    from trainer.assemble import compose
 
     flags = [a for a in args if a.startswith("-")]
     if not {"--help", "-h"} & set(flags) or not set(flags) <= FLAGS or any(a.startswith(OTHER_CONFIGS) for a in args):
@@ -27,7 +28,7 @@ def help_text(args: Sequence[str]) -> Optional[str]:
     if any("=" not in a for a in args if a not in flags):
         return None
     try:
-        cfg = compose_overrides([a for a in args if a not in flags], with_hydra=True)
+        cfg = compose([a for a in args if a not in flags], with_hydra=True)
         template = cfg.hydra.help.template
     except Exception:  # noqa: BLE001 - what does not compose: Hydra's own message says it
         return None
