@@ -181,6 +181,20 @@ def test_a_mistake_is_blamed_on_its_override_with_the_fix_meant(args, expected):
     assert "data.path" not in problem and "ema_momentum=" not in problem
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["--max_steps", "5"], "--max_steps 5: Hydra overrides have no dashes. Fix: did you mean trainer.max_steps=5?"),
+    (["--trainer.max_steps=5"], "--trainer.max_steps=5: Hydra overrides have no dashes. Fix: did you mean "
+                                "trainer.max_steps=5?"),
+    (["--fast_dev_run"], "Fix: did you mean trainer.fast_dev_run=true?"),
+])
+def test_argparse_style_flags_name_the_override_meant(args, expected):
+    """Hydra answered them with 8 lines of argparse usage naming __main__.py."""
+    from trainer.argv_check import problem_in
+
+    assert expected in problem_in(args)
+    assert problem_in(["--cfg", "job", "-m", "trainer.max_steps=5"]) is None  # Hydra's own flags
+
+
 @pytest.mark.parametrize("args", [["-sc", "install=bash"], ["-sc", "query=trainer.max"],
                                   ["--shell-completion", "install=bash"]])
 def test_hydra_shell_completion_is_not_checked_as_overrides(args):

@@ -18,9 +18,9 @@ sweeper, and each job is checked as it starts. A command line that points Hydra 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import importlib.resources
 from typing import Any, Dict, List, Optional, Sequence
+
+from trainer.groups import LIST_GROUPS, as_group_choice, composed, group_options, meant_option, option_with_key
 
 LIST_FIELDS = {"trainer.profile_steps": "trainer.profile_steps takes two steps: "
                                         "trainer.profile_steps=[N,M] (e.g. [10,20])"}
@@ -28,63 +28,14 @@ TYPED_SECTIONS = ("trainer", "precision", "strategy", "finetune")  # their schem
 # Flags and overrides that make Hydra read configs besides this package's conf/.
 OTHER_CONFIGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "hydra.searchpath",
                  "+hydra.searchpath", "++hydra.searchpath")
-# Other tools' names for options of a config group (lower case): Lightning's Trainer(precision=...,
-# strategy="ddp"), Keras' dtype policies (the half-precision options here are the mixed ones), tf.distribute's classes.
-OPTION_SYNONYMS = {
-    "precision": {"bf16": "mixed_bfloat16", "bf16-mixed": "mixed_bfloat16", "bfloat16": "mixed_bfloat16",
-                  "16": "mixed_float16", "16-mixed": "mixed_float16", "fp16": "mixed_float16",
-                  "float16": "mixed_float16", "32": "float32", "32-true": "float32", "fp32": "float32"},
-    "strategy": {"ddp": "mirrored", "mirroredstrategy": "mirrored", "multiworkermirroredstrategy": "multi_worker",
-                 "onedevicestrategy": "one_device", "tpustrategy": "tpu"},
-}
-LIST_GROUPS = ("logger", "callbacks")  # several options at once (conf/config.yaml's defaults)
 # Hydra's shell completion (`-sc install=bash`): its argument is no override.
 SHELL_COMPLETION = ("-sc", "--shell-completion")
 WORDS = {"Integer": "an integer", "Float": "a number", "Bool": "true or false", "String": "a string"}
 
 
-def group_options(group: str) -> Optional[List[str]]:
-    """The options of config group `group` as Hydra finds them here: conf/<group>/*.yaml and the schemas stored
-    in its ConfigStore (trainer.config's and the recipes' base_*); None when `group` is no config group."""
-    from hydra.core.config_store import ConfigStore
-    from hydra.core.object_type import ObjectType
-
-    if not group or "/" in group or "." in group or group == "hydra":
-        return None
-    folder = importlib.resources.files("trainer.conf") / group
-    names = {p.name[:-len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml")} if folder.is_dir() else set()
-    store = ConfigStore.instance()
-    if store.get_type(group) == ObjectType.GROUP:
-        names.update(name[:-len(".yaml")] if name.endswith(".yaml") else name for name in store.list(group))
-    return sorted(names) if names or folder.is_dir() else None
-
-
-def config_groups() -> List[str]:
-    """The config groups (conf/'s folders, the ConfigStore's groups), Hydra's own (hydra/...) left out."""
-    from hydra.core.config_store import ConfigStore
-
-    folders = [p.name for p in importlib.resources.files("trainer.conf").iterdir() if p.is_dir()]
-    names = {*folders, *ConfigStore.instance().list("")} - {"hydra"}
-    return sorted(name for name in names if not name.startswith("_") and group_options(name) is not None)
-
-
 def _choices(value: Any) -> List[Any]:
     """A sweep's choices (logger=jsonl,csv), or the value itself."""
     return list(value.list) if hasattr(value, "list") else [value]
-
-
-def _meant(group: str, name: str, options: Sequence[str]) -> Optional[str]:
-    """The option a user most likely meant by `name`: itself in another case (`optimizer=Adam`), another tool's
-    name for it (OPTION_SYNONYMS), else the closest spelling; None when none is close."""
-    import difflib
-
-    by_lower = {option.lower(): option for option in options}
-    name = name.lower()
-    synonym = OPTION_SYNONYMS.get(group, {}).get(name)
-    close = difflib.get_close_matches(name, list(by_lower), n=1)
-    if name in by_lower:
-        return by_lower[name]
-    return synonym if synonym in options else (by_lower[close[0]] if close else None)
 
 
 def _group_problem(override, options: List[str]) -> Optional[str]:
@@ -100,7 +51,7 @@ def _group_problem(override, options: List[str]) -> Optional[str]:
     unknown = list(dict.fromkeys(str(n) for n in names if str(n) not in options))
     if not unknown:
         return None
-    meant = {name: _meant(group, name, shown) for name in unknown}
+    meant = {name: meant_option(group, name, shown) for name in unknown}
     fix = f"choose from {', '.join(shown)} (conf/{group}/*.yaml)."
     if all(meant.values()):
         def text(value: Any) -> str:
@@ -174,17 +125,6 @@ def _group_lines(overrides) -> tuple:
     return tuple(line for line in groups if line)
 
 
-@functools.lru_cache(maxsize=32)
-def _composed(lines: tuple):
-    """The config (Hydra's node with its runtime.choices included) `lines` compose; None when they do not."""
-    from trainer.assemble import compose
-
-    try:
-        return compose(lines, with_hydra=True)
-    except Exception:  # noqa: BLE001 - the hint only: Hydra reports what does not compose when the run starts
-        return None
-
-
 def _keys(cfg) -> Dict[str, List[str]]:
     """Section -> its keys ('' the top level) of `cfg`, the recipe's sections included; without it (the groups
     chosen do not compose), the typed sections'."""
@@ -197,40 +137,11 @@ def _keys(cfg) -> Dict[str, List[str]]:
     return {"": [f.name for f in dataclasses.fields(Config)], **keys}
 
 
-def _in_other_option(section: str, name: str, overrides) -> Optional[str]:
-    """The option of group `section`, not the one chosen, whose section has key `name` (optimizer.momentum:
-    sgd's), the option nearest the chosen one's name first (adam: adamw before sgd); None for none."""
-    import difflib
-
-    chosen = (_composed(_group_lines(overrides)) or {}).get("hydra", {}).get("runtime", {}).get("choices", {})
-    current = chosen.get(section)
-    shown = [o for o in group_options(section) or [] if not o.startswith("base_") and o != current]
-    if current is None:
-        return None
-    for option in sorted(shown, key=lambda o: -difflib.SequenceMatcher(None, current, o).ratio()):
-        cfg = _composed((*(line for line in _group_lines(overrides) if not line.startswith(f"{section}=")),
-                         f"{section}={option}"))
-        if cfg is not None and name in _keys(cfg).get(section, ()):
-            return f"{section}={option}"
-    return None
-
-
-def _as_group_choice(key: str, value: str) -> Optional[str]:
-    """`precision=bf16-mixed` as the override meant when `key` is a config group: its value translated to the
-    option (`precision=mixed_bfloat16`); None when no option is meant."""
-    options = group_options(key)
-    if options is None:
-        return f"{key}={value}"
-    shown = [o for o in options if not o.startswith("base_")]
-    meant = value if value in shown else _meant(key, value, shown)
-    return f"{key}={meant}" if meant else None
-
-
 def _entry_problem(given: str, section: str, name: str, overrides, keys) -> Optional[str]:
     """`callbacks.early_stopping.patience=5` with early_stopping not chosen, or misspelt (early_stoping): the
     group's options are its entries, chosen on the command line (`callbacks=[...]`)."""
     shown = [o for o in group_options(section) or [] if not o.startswith("base_")]
-    entry = name if name in shown else _meant(section, name, shown)
+    entry = name if name in shown else meant_option(section, name, shown)
     if entry is None or section not in keys:
         return None
     chosen = next((c for o in overrides if o.key_or_group == section and not o.is_delete()
@@ -250,7 +161,7 @@ def _unknown_key(given: str, key: str, overrides) -> str:
     lacks: the keys most likely meant (config_check.close_keys), as overrides of the same value."""
     from trainer.config_check import KEY_SYNONYMS, close_keys, free_form_sections
 
-    cfg = _composed(_group_lines(overrides))
+    cfg = composed(_group_lines(overrides))
     keys, free = _keys(cfg), (free_form_sections(cfg) if cfg is not None else [])
     section, _, name = key.rpartition(".")
     path, _, value = given.lstrip("+~").partition("=")
@@ -264,10 +175,11 @@ def _unknown_key(given: str, key: str, overrides) -> str:
         return f"{given}: {section}.{name} is a new entry of {section}. Fix: add it with +: +{given.lstrip('+~')}"
     if options and value in options and not below:  # optimizer.name=sgd
         return f"{given}: {section} has no key {name!r}. Fix: did you mean {section}={value}?"
-    other = _in_other_option(section, name, overrides) if options and name.lower() not in KEY_SYNONYMS else None
+    other = (option_with_key(section, name, _group_lines(overrides))
+             if options and name.lower() not in KEY_SYNONYMS else None)
     if other:
         return f"{given}: {key} is a key of {other}, not of the {section} chosen. Fix: did you mean {other} {given}?"
-    meant = [_as_group_choice(f"{k}{below}", value) for k in close_keys(name, section, keys, free)
+    meant = [as_group_choice(f"{k}{below}", value) for k in close_keys(name, section, keys, free)
              if not below or k in keys]
     meant = " or ".join(m for m in meant if m)
     if not section:
@@ -345,7 +257,7 @@ def _sweep_problem(jobs, overrides) -> Optional[str]:
             problem = _composition_error(lines, {**{k: v for k, v in jobs.items() if k != line}, job: o}, overrides)
             if problem:
                 return problem.replace(job, o.input_line, 1) if problem.startswith(job) else problem
-            cfg = _composed(tuple(lines))
+            cfg = composed(tuple(lines))
             try:
                 check_config(cfg, cfg.hydra.runtime.choices) if cfg is not None else None
             except ConfigError as e:
@@ -384,12 +296,38 @@ def _problem(override, overrides, ours: bool) -> Optional[str]:
     return None
 
 
+def _dashed(args: Sequence[str]) -> Optional[str]:
+    """`--max_steps 5`, `--trainer.max_steps=5`: an argparse habit Hydra answers with 8 lines of usage. The
+    override meant, the key corrected as problem_in would (`max_steps=5`: trainer.max_steps=5)."""
+    import re
+
+    from hydra._internal.utils import get_args_parser
+
+    flags = get_args_parser()._option_string_actions  # Hydra's own: --cfg, --multirun, ...
+    for i, arg in enumerate(args):
+        if not arg.startswith("--") or arg.partition("=")[0] in flags or len(arg) == 2:
+            continue
+        key, eq, value = arg[2:].partition("=")
+        given = arg
+        following = args[i + 1] if i + 1 < len(args) else None
+        if not eq and following is not None and not following.startswith("-") and "=" not in following:
+            value, given = following, f"{arg} {following}"
+        override = f"{key}={value if eq or value else 'true'}"  # a bare flag: argparse's store_true
+        meant = re.search(r"did you mean (\S+?=\S*?)\?", problem_in([override]) or "")
+        return (f"{given}: Hydra overrides have no dashes. Fix: did you mean "
+                f"{meant.group(1) if meant else override}?")
+    return None
+
+
 def problem_in(args: Sequence[str]) -> Optional[str]:
     """The first override of `args` (the command line) that Hydra would reject without a fix, as a message."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     if any(a.split("=")[0] in SHELL_COMPLETION for a in args):
         return None
+    dashed = _dashed(args)
+    if dashed:
+        return dashed
     try:
         overrides = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
     except Exception:  # noqa: BLE001 - a syntax error: Hydra's own message names it

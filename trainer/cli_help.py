@@ -19,7 +19,8 @@ def help_text(args: Sequence[str]) -> Optional[str]:
     in a way left to Hydra."""
     from omegaconf import OmegaConf, open_dict
 
-    from trainer.argv_check import OTHER_CONFIGS, config_groups, group_options
+    from trainer.argv_check import OTHER_CONFIGS
+    from trainer.groups import config_groups, group_options
     from trainer.assemble import compose
 
     flags = [a for a in args if a.startswith("-")]
