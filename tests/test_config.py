@@ -118,6 +118,14 @@ def test_a_wrong_type_is_one_line_naming_key_value_and_type(tmp_path, override, 
     # A sweep: each choice of a group; the first job of a sweep of keys.
     (["-m", "precision=float32,bf16"], "Fix: did you mean precision=float32,mixed_bfloat16?"),
     (["-m", "max_steps=5,10"], "max_steps is not a top-level key. Fix: did you mean trainer.max_steps=5,10?"),
+    # Hydra's grammar, a list group deleted, a recipe's keys the option chosen lacks: exit 1 in Hydra's words.
+    (["trainer.max_steps"], "trainer.max_steps: an override is key=value. Fix: give it a value: "
+                            "trainer.max_steps=VALUE."),
+    (["logger=[jsonl"], "logger=[jsonl: Hydra cannot read it (no viable alternative at input '[jsonl'). Fix: "
+                        "key=value,"),
+    (["~logger"], "~logger: logger is a list of options, which Hydra cannot delete. Fix: logger=[] (none of them)."),
+    (["recipe=resnet", "optimizer=adam"], "optimizer=adam: recipe/resnet sets optimizer.momentum, a key optimizer=adam "
+                                          "lacks (AdamConfig). Fix: keep the recipe's optimizer=sgd,"),
     # Each value of a sweep of keys is checked before the first job (job 1 failed with a traceback).
     (["-m", "trainer.max_steps=2,-1"], "trainer.max_steps=2,-1: the job with trainer.max_steps=-1: "),
     (["-m", "data.batch_size=32,abc"], "data.batch_size=32,abc: data.batch_size takes an integer, not 'abc'."),

@@ -220,7 +220,7 @@ def _composition_error(lines: List[str], jobs, overrides) -> Optional[str]:
     except ConfigCompositionException as e:
         cause = e.__cause__
         if not isinstance(cause, (ValidationError, ConfigKeyError, ConfigAttributeError)):
-            return None  # Hydra's own message names it
+            return _recipe_conflict(str(e), jobs)
         where = str(cause.full_key)
         given = _blamed(where, jobs)
         if given is None:
@@ -240,6 +240,26 @@ def _composition_error(lines: List[str], jobs, overrides) -> Optional[str]:
     except Exception:  # noqa: BLE001 - anything else is the run's to report, as before
         return None
     return None
+
+
+def _recipe_conflict(error: str, jobs) -> Optional[str]:
+    """`recipe=resnet optimizer=adam`: the recipe sets a key of its own option (momentum, SGD's) that the option
+    chosen lacks; Hydra prints OmegaConf's five lines and exits 1. None for any other error."""
+    import re
+
+    found = re.search(r"In '([\w/]+)': ConfigKeyError .*\nKey '(\w+)' not in '(\w+)'\n\s+full_key: (\S+)", error)
+    if not found:
+        return None
+    where, section = found.group(1), found.group(4).partition(".")[0]
+    given = next((line for line, o in jobs.items() if o.key_or_group == section), None)
+    if given is None:
+        return None
+    cfg = composed(tuple(line for line, o in jobs.items()
+                         if group_options(o.key_or_group) is not None and o.key_or_group != section))
+    default = cfg.hydra.runtime.choices.get(section) if cfg is not None else None
+    keep = f"keep the recipe's {section}={default}" if default else f"keep the recipe's {section}"
+    return (f"{given}: {where} sets {found.group(4)}, a key {given} lacks ({found.group(3)}). Fix: {keep}, or "
+            f"set that recipe's keys for {given} in a recipe of your own (--config-dir).")
 
 
 def _sweep_problem(jobs, overrides) -> Optional[str]:
@@ -271,8 +291,11 @@ def composition_problem(overrides) -> Optional[str]:
     the run (a sweep: its first job, then each value of a sweep of keys) will, only when such a key is
     overridden. `overrides`: the command line's, parsed."""
     jobs = {line: o for o in overrides if not o.is_hydra_override() and (line := _first_job(o))}
-    if not any(o.key_or_group.partition(".")[0] not in TYPED_SECTIONS and group_options(o.key_or_group) is None
-               for o in jobs.values()) and not any(o.is_sweep_override() for o in jobs.values()):
+    keys = any(o.key_or_group.partition(".")[0] not in TYPED_SECTIONS and group_options(o.key_or_group) is None
+               for o in jobs.values())
+    recipe_parts = any(o.key_or_group not in (*TYPED_SECTIONS, *LIST_GROUPS, "recipe")
+                       and group_options(o.key_or_group) is not None for o in jobs.values())  # optimizer=adam
+    if not (keys or recipe_parts or any(o.is_sweep_override() for o in jobs.values())):
         return None
     return _composition_error(list(jobs), jobs, overrides) or _sweep_problem(jobs, overrides)
 
@@ -282,6 +305,8 @@ def _problem(override, overrides, ours: bool) -> Optional[str]:
     key, given = override.key_or_group, override.input_line
     options = group_options(key) if ours and not override.is_hydra_override() else None
     if options is not None:
+        if override.is_delete() and key in LIST_GROUPS:  # Hydra: "Could not delete 'logger'", exit 1
+            return f"{given}: {key} is a list of options, which Hydra cannot delete. Fix: {key}=[] (none of them)."
         return None if override.is_delete() else _group_problem(override, options)
     if _lacks_key(override, ours):
         return _unknown_key(given, key, overrides)
@@ -319,6 +344,32 @@ def _dashed(args: Sequence[str]) -> Optional[str]:
     return None
 
 
+def _positionals(args: Sequence[str]) -> List[str]:
+    """The overrides of `args` as Hydra's argument parser finds them (not a flag's argument: --cfg job)."""
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        return list(get_args_parser().parse_known_args(list(args))[0].overrides)
+    except SystemExit:  # a flag without its argument: Hydra's parser says which
+        return [a for a in args if "=" in a and not a.startswith("-")]
+
+
+def _syntax_problem(lines: Sequence[str]) -> Optional[str]:
+    """The first override Hydra's grammar rejects (it exits 1 pointing at the grammar's docs), as one line."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for line in lines:
+        try:
+            OverridesParser.create().parse_overrides([line])
+        except Exception as e:  # noqa: BLE001 - OverrideParseException, and anything the grammar raises
+            if "=" not in line:
+                return f"{line}: an override is key=value. Fix: give it a value: {line}=VALUE."
+            reason = str(e).strip().splitlines()[0]
+            return (f"{line}: Hydra cannot read it ({reason}). Fix: key=value, a list as key=[a,b] with its "
+                    "brackets closed, quoted for the shell: 'key=[a,b]'.")
+    return None
+
+
 def problem_in(args: Sequence[str]) -> Optional[str]:
     """The first override of `args` (the command line) that Hydra would reject without a fix, as a message."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -328,10 +379,11 @@ def problem_in(args: Sequence[str]) -> Optional[str]:
     dashed = _dashed(args)
     if dashed:
         return dashed
+    lines = _positionals(args)
     try:
-        overrides = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
-    except Exception:  # noqa: BLE001 - a syntax error: Hydra's own message names it
-        return None
+        overrides = OverridesParser.create().parse_overrides(lines)
+    except Exception:  # noqa: BLE001 - a syntax error: named below, one override at a time
+        return _syntax_problem(lines)
     ours = not any(a.startswith(OTHER_CONFIGS) for a in args)  # only this package's conf/: its groups and keys
     for override in overrides:
         problem = _problem(override, overrides, ours)
