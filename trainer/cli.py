@@ -15,6 +15,7 @@ from typing import Optional, Tuple
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -302,8 +303,9 @@ def _stop_the_sweep_after_a_signal() -> None:
         sys.exit(128 + signum)
 
 
-class JobFailed(RuntimeError):
-    """One job of a multirun sweep failed; the sweep goes on and Hydra exits non-zero at its end."""
+class JobFailed(CompactHydraException, RuntimeError):
+    """One job of a multirun sweep failed; the sweep goes on and Hydra exits non-zero at its end. Compact:
+    Hydra prints its message, not a traceback of this module (the job's error was logged in full)."""
 
 
 def _job_failed(code: int, message: str) -> None:
