@@ -1,19 +1,24 @@
 """Command-line overrides Hydra rejects without saying the fix, checked before Hydra composes the config: each
-exits 2 in one line naming the override and the fix, where Hydra prints several and exits 1.
+exits 2 in one line naming the override and the fix, where Hydra prints several and exits 1. python -m trainer,
+the doctor and lr_find call `problem_in`.
 
-- A name its config group lacks (`recipe=nonexistent`, `precision=bf16`, `logger=[jsonl,cvs]`): the group's
-  options (not the base_* schemas stored beside them) and the one meant, when one is close or is another tool's
-  name for it (Lightning's `bf16` is mixed_bfloat16 here).
+- Not an override: Hydra's grammar rejects it (`trainer.max_steps`, `logger=[jsonl`), an argparse flag
+  (`--max_steps 5`: "Hydra overrides have no dashes"), `~logger` (a list group: `logger=[]`).
+- A name its config group lacks (`recipe=nonexistent`, `precision=bf16`, `logger=[jsonl,cvs]`, `precision=null`):
+  the group's options (not the base_* schemas stored beside them) and the one meant (trainer/groups.py).
 - A key the config lacks: `max_steps=5` ("did you mean trainer.max_steps=5?", where Hydra says to add it with
-  `+`, which nothing would read), `optimizer.learning_rate=1e-3` (optimizer.lr): config_check.close_keys.
+  `+`, which nothing would read), `optimizer.learning_rate=1e-3` (optimizer.lr: config_check.close_keys), a key of
+  another option of its group (`optimizer.momentum`: optimizer=sgd), a callback not chosen, a new entry of a
+  free-form section without `+`.
 - A value of the wrong type for a trainer/precision/strategy/finetune key (`trainer.max_steps=1.5`), one value for
   a list key (`trainer.profile_steps=5`).
-- A key of a recipe's model/data/optimizer section, whose schema depends on the config groups chosen: the config
-  is composed once, as the run (a sweep: its first job) will have it (`composition_problem`).
+- A key of a recipe's section or the top level (`data.batch_size=abc`, `seed=abc`), or an option the recipe's
+  keys do not fit (`recipe=resnet optimizer=adam`): the config is composed as the run will have it, and for a
+  sweep of keys each value's job is composed and checked as a job would be (`composition_problem`).
 
-Each choice of a sweep (`-m recipe=mnist,resnt`) is checked; ranges and intervals are expanded by Hydra or the
-sweeper, and each job is checked as it starts. A command line that points Hydra at other configs (`--config-dir`,
-`hydra.searchpath`) has its groups and top-level keys judged by Hydra alone.
+Ranges and intervals of a sweep are expanded by Hydra or the sweeper, and each job is checked as it starts. A
+command line that points Hydra at other configs (`--config-dir`, `hydra.searchpath`) has its groups and keys
+judged by Hydra alone; Hydra's shell completion (`-sc`) is left to Hydra.
 """
 from __future__ import annotations
 
