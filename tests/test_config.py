@@ -262,3 +262,62 @@ def test_numpy_integers_are_whole_numbers():
 
     config = TrainerConfig(grad_accum_steps=np.int64(2), max_steps=np.int32(5), profile_steps=[1, 2])
     assert config.grad_accum_steps == 2
+
+
+@pytest.mark.parametrize("args", [
+    '+foo=1',
+    '++seed=3',
+    '~trainer.init_from',
+    'trainer.max_steps=null trainer.epochs=2',
+    "recipe=resnet_finetune trainer.init_from=runs/pretrain 'data.classes=[5,6,7,8,9]' data.num_classes=5",
+    "'hydra.run.dir=runs/a b'",
+    '\'hydra.run.dir="runs/a,b=c"\'',
+    "'model.hidden_units=[64,32]' '+data.extra={a: 1, b: 2}'",
+    "'seed=${oc.env:SEED,1}'",
+    'hydra.job.chdir=true',
+    'hydra/launcher=joblib',
+    "hydra/sweeper=optuna 'hydra.sweeper.params={optimizer.lr:interval(1e-4,1e-2)}' -m",
+    "-m 'seed=range(1,3)'",
+    "-m 'optimizer.lr=choice(1e-3,1e-4)'",
+    "-m 'optimizer=glob(ad*)'",
+    "-m 'optimizer.lr=interval(1e-4,1e-2)' hydra/sweeper=optuna",
+    '--cfg job',
+    '--info',
+    '-cn config trainer.max_steps=5',
+    '--config-dir /tmp/elsewhere foo.bar=1',
+    '-sc query=trainer.max',
+    'recipe=resnet precision=mixed_bfloat16',
+    "'callbacks=[early_stopping]' callbacks.early_stopping.patience=5",
+    "callbacks.early_stopping.patience=5 'callbacks=[early_stopping]'",
+    'logger=[]',
+    "'logger=[jsonl,csv]'",
+    'optimizer=sgd optimizer.momentum=0.9',
+    'optimizer=adamw optimizer.weight_decay=0.01',
+    '--multi seed=1,2',
+    '--reso --cfg job',
+    '--pack trainer --cfg job',
+    '--config-n config --cfg job',
+    '--hydra-h',
+    '--vers',
+])
+def test_valid_commands_pass_the_check(args):
+    """What Hydra runs (flags abbreviated as argparse allows, +/++/~, quoted values, sweeps, other configs) is
+    not refused before it runs."""
+    import shlex
+
+    from trainer.argv_check import problem_in
+
+    assert problem_in(shlex.split(args)) is None
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["logger=[null]"], "logger=[null]: logger takes one of its options, not null. Fix: choose from"),
+    (["-m", "logger=[jsonl],[null]"], "or none: logger=[]."),
+    (["seed=null"], "seed=null: seed takes an integer, not null. Fix: give seed an integer: seed=0."),
+    (["--config-d", "/x", "--max_steps", "5"], "--max_steps 5: Hydra overrides have no dashes."),
+])
+def test_nulls_and_abbreviated_flags_are_named(args, expected):
+    """Hydra's TypeError traceback for a null in a list; OmegaConf's "is not Optional" without a fix."""
+    from trainer.argv_check import problem_in
+
+    assert expected in problem_in(args)

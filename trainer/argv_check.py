@@ -25,14 +25,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, List, Optional, Sequence
 
+from trainer.hydra_flags import hydra_args, other_configs, positionals
 from trainer.groups import LIST_GROUPS, as_group_choice, composed, group_options, meant_option, option_with_key
 
 LIST_FIELDS = {"trainer.profile_steps": "trainer.profile_steps takes two steps: "
                                         "trainer.profile_steps=[N,M] (e.g. [10,20])"}
 TYPED_SECTIONS = ("trainer", "precision", "strategy", "finetune")  # their schemas are the same in every recipe
-# Flags and overrides that make Hydra read configs besides this package's conf/.
-OTHER_CONFIGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "hydra.searchpath",
-                 "+hydra.searchpath", "++hydra.searchpath")
 # Hydra's shell completion (`-sc install=bash`): its argument is no override.
 SHELL_COMPLETION = ("-sc", "--shell-completion")
 WORDS = {"Integer": "an integer", "Float": "a number", "Bool": "true or false", "String": "a string"}
@@ -48,7 +46,7 @@ def _group_problem(override, options: List[str]) -> Optional[str]:
     lacks, its options and, when every such name has one close, the override with the names meant."""
     group, choices = override.key_or_group, _choices(override.value())
     shown = [option for option in options if not option.startswith("base_")]  # schemas, not options
-    if None in choices:  # precision=null: Hydra's ValueError and traceback
+    if any(c is None or (isinstance(c, list) and None in c) for c in choices):  # precision=null, logger=[null]
         none = f", or none: {group}=[]" if group in LIST_GROUPS else ""
         return (f"{override.input_line}: {group} takes one of its options, not null. Fix: choose from "
                 f"{', '.join(shown)} (conf/{group}/*.yaml){none}.")
@@ -233,6 +231,8 @@ def _composition_error(lines: List[str], jobs, overrides) -> Optional[str]:
         key, _, value = given.lstrip("+~").partition("=")
         if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):  # wrong in every job: the sweep named
             return _unknown_key(jobs[given].input_line, where, overrides)
+        if "is not Optional" in str(cause):
+            return _not_optional(given, key, cause)
         kind = re.search(r"could not be converted to (\w+)", str(cause))
         if not kind:
             return f"{given}: {str(cause).splitlines()[0]}"
@@ -245,6 +245,19 @@ def _composition_error(lines: List[str], jobs, overrides) -> Optional[str]:
     except Exception:  # noqa: BLE001 - anything else is the run's to report, as before
         return None
     return None
+
+
+def _not_optional(given: str, key: str, cause) -> str:
+    """`seed=null`: a key that takes no null, its type and default named (OmegaConf says "is not Optional")."""
+    fields = {f.name: f for f in dataclasses.fields(cause.object_type)} if dataclasses.is_dataclass(
+        cause.object_type) else {}
+    field = fields.get(str(cause.key))
+    kind = str(field.type).replace("typing.", "").replace("<class '", "").replace("'>", "") if field else ""
+    words = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}.get(kind)
+    default = field.default if field is not None else dataclasses.MISSING
+    example = (f": {key}={str(default).lower() if isinstance(default, bool) else default}"
+               if default is not dataclasses.MISSING and default is not None else "")
+    return f"{given}: {key} takes {words or 'a value'}, not null. Fix: give {key} {words or 'a value'}{example}."
 
 
 def _recipe_conflict(error: str, jobs) -> Optional[str]:
@@ -328,14 +341,14 @@ def _problem(override, overrides, ours: bool) -> Optional[str]:
 
 def _dashed(args: Sequence[str]) -> Optional[str]:
     """`--max_steps 5`, `--trainer.max_steps=5`: an argparse habit Hydra answers with 8 lines of usage. The
-    override meant, the key corrected as problem_in would (`max_steps=5`: trainer.max_steps=5)."""
+    override meant, the key corrected as problem_in would (`max_steps=5`: trainer.max_steps=5). Only what
+    Hydra's parser leaves is looked at: `--multi` (--multirun abbreviated) is Hydra's."""
     import re
 
-    from hydra._internal.utils import get_args_parser
-
-    flags = get_args_parser()._option_string_actions  # Hydra's own: --cfg, --multirun, ...
+    parsed = hydra_args(args)
+    unknown = set(parsed[1]) if parsed else set()
     for i, arg in enumerate(args):
-        if not arg.startswith("--") or arg.partition("=")[0] in flags or len(arg) == 2:
+        if arg not in unknown or not arg.startswith("--") or len(arg) == 2:
             continue
         key, eq, value = arg[2:].partition("=")
         given = arg
@@ -347,16 +360,6 @@ def _dashed(args: Sequence[str]) -> Optional[str]:
         return (f"{given}: Hydra overrides have no dashes. Fix: did you mean "
                 f"{meant.group(1) if meant else override}?")
     return None
-
-
-def _positionals(args: Sequence[str]) -> List[str]:
-    """The overrides of `args` as Hydra's argument parser finds them (not a flag's argument: --cfg job)."""
-    from hydra._internal.utils import get_args_parser
-
-    try:
-        return list(get_args_parser().parse_known_args(list(args))[0].overrides)
-    except SystemExit:  # a flag without its argument: Hydra's parser says which
-        return [a for a in args if "=" in a and not a.startswith("-")]
 
 
 def _syntax_problem(lines: Sequence[str]) -> Optional[str]:
@@ -384,12 +387,12 @@ def problem_in(args: Sequence[str]) -> Optional[str]:
     dashed = _dashed(args)
     if dashed:
         return dashed
-    lines = _positionals(args)
+    lines = positionals(args)
     try:
         overrides = OverridesParser.create().parse_overrides(lines)
     except Exception:  # noqa: BLE001 - a syntax error: named below, one override at a time
         return _syntax_problem(lines)
-    ours = not any(a.startswith(OTHER_CONFIGS) for a in args)  # only this package's conf/: its groups and keys
+    ours = not other_configs(args)  # only this package's conf/: its groups and keys
     for override in overrides:
         problem = _problem(override, overrides, ours)
         if problem:

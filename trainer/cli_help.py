@@ -19,12 +19,12 @@ def help_text(args: Sequence[str]) -> Optional[str]:
     in a way left to Hydra."""
     from omegaconf import OmegaConf, open_dict
 
-    from trainer.argv_check import OTHER_CONFIGS
+    from trainer.hydra_flags import other_configs
     from trainer.groups import config_groups, group_options
     from trainer.assemble import compose
 
     flags = [a for a in args if a.startswith("-")]
-    if not {"--help", "-h"} & set(flags) or not set(flags) <= FLAGS or any(a.startswith(OTHER_CONFIGS) for a in args):
+    if not {"--help", "-h"} & set(flags) or not set(flags) <= FLAGS or other_configs(args):
         return None
     if any("=" not in a for a in args if a not in flags):
         return None
