@@ -26,7 +26,7 @@ import dataclasses
 from typing import Any, Dict, List, Optional, Sequence
 
 from trainer.hydra_flags import hydra_args, other_configs, positionals
-from trainer.groups import LIST_GROUPS, as_group_choice, composed, group_options, meant_option, option_with_key
+from trainer.groups import LIST_GROUPS, as_group_choice, attempt, composed, group_options, meant_option, option_with_key
 
 LIST_FIELDS = {"trainer.profile_steps": "trainer.profile_steps takes two steps: "
                                         "trainer.profile_steps=[N,M] (e.g. [10,20])"}
@@ -216,10 +216,10 @@ def _composition_error(lines: List[str], jobs, overrides) -> Optional[str]:
     from hydra.errors import ConfigCompositionException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
-    from trainer.assemble import compose
-
+    error = attempt(tuple(lines))[1]
     try:
-        compose(lines)
+        if error is not None:
+            raise error
     except ConfigCompositionException as e:
         cause = e.__cause__
         if not isinstance(cause, (ValidationError, ConfigKeyError, ConfigAttributeError)):

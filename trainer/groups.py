@@ -61,21 +61,56 @@ def meant_option(group: str, name: str, options: Sequence[str]) -> Optional[str]
 
 
 @functools.lru_cache(maxsize=32)
-def composed(lines: tuple):
-    """The config (Hydra's node with its runtime.choices included) `lines` compose; None when they do not."""
+def attempt(lines: tuple) -> tuple:
+    """(the config `lines` compose with Hydra's node and its runtime.choices, None) or (None, the error):
+    composed once for every check of the same lines (a sweep's jobs, the hints)."""
     from trainer.assemble import compose
 
     try:
-        return compose(lines, with_hydra=True)
-    except Exception:  # noqa: BLE001 - the hint only: Hydra reports what does not compose when the run starts
-        return None
+        return compose(lines, with_hydra=True), None
+    except Exception as e:  # noqa: BLE001 - the caller says what it makes of it
+        return None, e
 
+
+def composed(lines: tuple):
+    """The config `lines` compose; None when they do not (Hydra reports it when the run starts)."""
+    return attempt(tuple(lines))[0]
+
+
+def _option_keys(group: str, option: str, depth: int = 0) -> Optional[set]:
+    """The keys option `option` of `group` gives its section, read from conf/<group>/<option>.yaml and the
+    schemas its defaults list names (ConfigStore), without composing; None when they cannot be told so."""
+    import yaml
+    from hydra.core.config_store import ConfigStore
+
+    path = importlib.resources.files("trainer.conf") / group / f"{option}.yaml"
+    if path.is_file():
+        text = path.read_text()
+        if depth > 4 or "@package" in text:
+            return None
+        node = yaml.safe_load(text) or {}
+        if not isinstance(node, dict):
+            return None
+        keys = set(node) - {"defaults"}
+        for entry in node.get("defaults", []):
+            if entry == "_self_":
+                continue
+            more = _option_keys(group, entry, depth + 1) if isinstance(entry, str) and "/" not in entry else None
+            if more is None:
+                return None
+            keys |= more
+        return keys
+    try:
+        return set(ConfigStore.instance().load(f"{group}/{option}.yaml").node)
+    except Exception:  # noqa: BLE001 - neither a yaml nor a stored schema: composing tells
+        return None
 
 
 def option_with_key(section: str, name: str, lines: Sequence[str]) -> Optional[str]:
     """`group=option` for the option of group `section`, not the one `lines` (group choices) choose, whose
     section has key `name` (optimizer.momentum: sgd's), the option nearest the chosen one's name first (adam:
-    adamw before sgd); None for none."""
+    adamw before sgd); None for none. An option's yaml and schemas are read first: only one that may have the
+    key is composed to be sure."""
     import difflib
 
     cfg = composed(tuple(lines))
@@ -85,6 +120,9 @@ def option_with_key(section: str, name: str, lines: Sequence[str]) -> Optional[s
     shown = [o for o in group_options(section) or [] if not o.startswith("base_") and o != current]
     others = tuple(line for line in lines if not line.startswith(f"{section}="))
     for option in sorted(shown, key=lambda o: -difflib.SequenceMatcher(None, current, o).ratio()):
+        keys = _option_keys(section, option)
+        if keys is not None and name not in keys:
+            continue
         cfg = composed((*others, f"{section}={option}"))
         if cfg is not None and name in cfg.get(section, {}):
             return f"{section}={option}"
