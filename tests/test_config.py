@@ -200,7 +200,7 @@ def test_argparse_style_flags_name_the_override_meant(args, expected):
     from trainer.argv_check import problem_in
 
     assert expected in problem_in(args)
-    assert problem_in(["--cfg", "job", "-m", "trainer.max_steps=5"]) is None  # Hydra's own flags
+    assert problem_in(["--cfg", "job", "--resolve", "trainer.max_steps=5"]) is None  # Hydra's own flags
 
 
 @pytest.mark.parametrize("args", [["-sc", "install=bash"], ["-sc", "query=trainer.max"],
@@ -315,9 +315,12 @@ def test_valid_commands_pass_the_check(args):
     (["-m", "logger=[jsonl],[null]"], "or none: logger=[]."),
     (["seed=null"], "seed=null: seed takes an integer, not null. Fix: give seed an integer: seed=0."),
     (["--config-d", "/x", "--max_steps", "5"], "--max_steps 5: Hydra overrides have no dashes."),
+    (["--multi", "seed=1,2", "--cfg", "job"], "--multirun --cfg: Hydra does one of --run, --multirun (-m), --cfg, "
+                                              "--info and --shell-completion at a time. Fix: keep one of them"),
 ])
 def test_nulls_and_abbreviated_flags_are_named(args, expected):
-    """Hydra's TypeError traceback for a null in a list; OmegaConf's "is not Optional" without a fix."""
+    """Hydra's TypeError traceback for a null in a list, its ValueError for two commands; OmegaConf's "is not
+    Optional" without a fix."""
     from trainer.argv_check import problem_in
 
     assert expected in problem_in(args)

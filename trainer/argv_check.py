@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, List, Optional, Sequence
 
-from trainer.hydra_flags import hydra_args, other_configs, positionals
+from trainer.hydra_flags import commands_problem, hydra_args, other_configs, positionals
 from trainer.groups import LIST_GROUPS, as_group_choice, attempt, composed, group_options, meant_option, option_with_key
 
 LIST_FIELDS = {"trainer.profile_steps": "trainer.profile_steps takes two steps: "
@@ -384,7 +384,7 @@ def problem_in(args: Sequence[str]) -> Optional[str]:
 
     if any(a.split("=")[0] in SHELL_COMPLETION for a in args):
         return None
-    dashed = _dashed(args)
+    dashed = _dashed(args) or commands_problem(args)
     if dashed:
         return dashed
     lines = positionals(args)

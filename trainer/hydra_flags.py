@@ -2,7 +2,7 @@
 `--multi`, `--config-d`), for trainer/argv_check.py and trainer/cli_help.py before Hydra runs."""
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 
 def hydra_args(args: Sequence[str]):
@@ -37,3 +37,19 @@ def positionals(args: Sequence[str]) -> List[str]:
     if parsed is None:  # a flag without its argument: Hydra's parser says which
         return [a for a in args if "=" in a and not a.startswith("-")]
     return list(parsed[0].overrides)
+
+
+def commands_problem(args: Sequence[str]) -> Optional[str]:
+    """`-m ... --cfg job`: two of Hydra's commands at once, which Hydra refuses with a ValueError traceback."""
+    parsed = hydra_args(args)
+    if parsed is None or parsed[0].help or parsed[0].hydra_help:  # Hydra answers these first
+        return None
+    ns = parsed[0]
+    given = [name for name, on in (("--run", ns.run), ("--multirun", ns.multirun), ("--cfg", ns.cfg is not None),
+                                   ("--info", ns.info is not None), ("--shell-completion", ns.shell_completion))
+             if on]
+    if len(given) < 2:
+        return None
+    hint = " (--cfg job prints one run's config, its values of a sweep the first)" if "--cfg" in given else ""
+    return (f"{' '.join(given)}: Hydra does one of --run, --multirun (-m), --cfg, --info and --shell-completion "
+            f"at a time. Fix: keep one of them{hint}.")
