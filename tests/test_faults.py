@@ -55,9 +55,10 @@ def tmpfs(folder: Path, options: str):
         ("trainer.max_steps=99999999999999999999",
          "trainer.max_steps=99999999999999999999 is out of range: must be in [1, 9223372036854775807]"),
         ("+trainer.foo=1", "trainer.foo is not a key of trainer (its schema TrainerConfig has: max_steps, epochs,"),
-        # Hydra's own error for `max_steps=5` suggests `+max_steps=5`, which no part of the run read (a full run)
+        # `max_steps=5` is refused before Hydra runs (test_config.py); `+max_steps=5` composes, and nothing reads it
         ("+max_steps=5", "max_steps is not a key of the run's config, so nothing would read it"),
         ("+max_steps=5", "Fix: did you mean trainer.max_steps?"),
+        ("+optimizer.learning_rate=1e-3", "Fix: did you mean optimizer.lr? Else drop optimizer.learning_rate."),
         ("model=mnist_cnn model.filters=[]", "model.filters=[] leaves the cnn without a convolution"),
         ("model.kind=foo", "model.kind='foo' is not one of mlp|cnn"),
         ("data.name=foo", "data.name='foo' is not one of mnist|fashion_mnist"),

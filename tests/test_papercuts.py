@@ -55,7 +55,8 @@ def test_a_recipe_step_may_log_other_names_so_only_a_warning(caplog):
 
 @pytest.mark.parametrize("given, expected", [
     ("trainer.profile_steps=5", "trainer.profile_steps takes two steps: trainer.profile_steps=[N,M]"),
-    ("logger=[jsonl,cvs]", "no logger named 'cvs'. Fix: choose from csv, jsonl, mlflow, tensorboard, wandb"),
+    ("logger=[jsonl,cvs]", "no logger named 'cvs'. Fix: did you mean logger=[jsonl,csv]? Or choose from csv, jsonl, "
+                           "mlflow, tensorboard, wandb"),
 ])
 def test_overrides_hydra_rejects_without_a_fix_exit_2_with_one(given, expected, monkeypatch, capsys):
     """Hydra's "int is not a ListConfig" / "Could not load 'logger/cvs'" (exit 1, no options) become exit 2."""
@@ -73,6 +74,17 @@ def test_good_list_overrides_pass_the_check():
     assert problem_in(["logger=[jsonl,csv]", "trainer.profile_steps=[1,2]", "trainer.profile_steps=null",
                        "model.hidden_units=[64,32]"]) is None
     assert "no logger named 'cvs'" in problem_in(["-m", "logger=[jsonl],[cvs]"])  # each choice of a sweep
+
+
+@pytest.mark.parametrize("command", ["trainer.doctor.__main__", "trainer.lr_find"])
+def test_the_commands_taking_a_runs_overrides_say_a_mistake_as_the_run_does(command, capsys):
+    """The doctor and lr_find printed Hydra's text after loading TensorFlow; now python -m trainer's line."""
+    import importlib
+
+    main = importlib.import_module(command).main
+    assert main(["optimizer=sgd", "optimizer.learning_rate=0.1"]) == 2
+    assert "optimizer.learning_rate=0.1: optimizer has no key 'learning_rate'. Fix: did you mean optimizer.lr=0.1?" \
+        in capsys.readouterr().err
 
 
 def test_resuming_with_another_use_ema_names_it_and_export_loading_is_no_warm_start(tmp_path, caplog):

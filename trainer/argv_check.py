@@ -1,28 +1,39 @@
-"""Command-line overrides Hydra rejects without saying the fix, checked before Hydra composes the config.
+"""Command-line overrides Hydra rejects without saying the fix, checked before Hydra composes the config: each
+exits 2 in one line naming the override and the fix, where Hydra prints several and exits 1. python -m trainer,
+the doctor and lr_find call `problem_in`.
 
-A value of the wrong type for a trainer/precision/strategy/finetune key (`trainer.max_steps=1.5`) exits 2 in
-one line naming key, value and type; for a key of a recipe's model/data/optimizer (`optimizer.lr=abc`), whose
-schema depends on the config groups chosen, the config is composed once first (`composition_problem`).
+- Not an override: Hydra's grammar rejects it (`trainer.max_steps`, `logger=[jsonl`), an argparse flag
+  (`--max_steps 5`: "Hydra overrides have no dashes"), `~logger` (a list group: `logger=[]`).
+- A name its config group lacks (`recipe=nonexistent`, `precision=bf16`, `logger=[jsonl,cvs]`, `precision=null`):
+  the group's options (not the base_* schemas stored beside them) and the one meant (trainer/groups.py).
+- A key the config lacks: `max_steps=5` ("did you mean trainer.max_steps=5?", where Hydra says to add it with
+  `+`, which nothing would read), `optimizer.learning_rate=1e-3` (optimizer.lr: config_check.close_keys), a key of
+  another option of its group (`optimizer.momentum`: optimizer=sgd), a callback not chosen, a new entry of a
+  free-form section without `+`.
+- A value of the wrong type for a trainer/precision/strategy/finetune key (`trainer.max_steps=1.5`), one value for
+  a list key (`trainer.profile_steps=5`).
+- A key of a recipe's section or the top level (`data.batch_size=abc`, `seed=abc`), or an option the recipe's
+  keys do not fit (`recipe=resnet optimizer=adam`): the config is composed as the run will have it, and for a
+  sweep of keys each value's job is composed and checked as a job would be (`composition_problem`).
 
-`trainer.profile_steps=5` (Hydra: "int is not a ListConfig") and a misspelt name in a list-valued config
-group such as `logger=[jsonl,cvs]` (Hydra: "Could not load 'logger/cvs'", no options) exit 2 with the fix.
+Ranges and intervals of a sweep are expanded by Hydra or the sweeper, and each job is checked as it starts. A
+command line that points Hydra at other configs (`--config-dir`, `hydra.searchpath`) has its groups and keys
+judged by Hydra alone; Hydra's shell completion (`-sc`) is left to Hydra.
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib.resources
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
+
+from trainer.hydra_flags import commands_problem, hydra_args, other_configs, positionals
+from trainer.groups import LIST_GROUPS, as_group_choice, attempt, composed, group_options, meant_option, option_with_key
 
 LIST_FIELDS = {"trainer.profile_steps": "trainer.profile_steps takes two steps: "
                                         "trainer.profile_steps=[N,M] (e.g. [10,20])"}
-
-
-def _options(group: str) -> Optional[List[str]]:
-    """The names conf/<group>/*.yaml offers, or None when `group` is no config group of ours."""
-    folder = importlib.resources.files("trainer.conf") / group
-    if "/" in group or "." in group or not folder.is_dir():
-        return None
-    return sorted(p.name[:-len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+TYPED_SECTIONS = ("trainer", "precision", "strategy", "finetune")  # their schemas are the same in every recipe
+# Hydra's shell completion (`-sc install=bash`): its argument is no override.
+SHELL_COMPLETION = ("-sc", "--shell-completion")
+WORDS = {"Integer": "an integer", "Float": "a number", "Bool": "true or false", "String": "a string"}
 
 
 def _choices(value: Any) -> List[Any]:
@@ -30,7 +41,51 @@ def _choices(value: Any) -> List[Any]:
     return list(value.list) if hasattr(value, "list") else [value]
 
 
-TYPED_SECTIONS = ("trainer", "precision", "strategy", "finetune")  # their schemas are the same in every recipe
+def _group_problem(override, options: List[str]) -> Optional[str]:
+    """`recipe=nonexistent`, `precision=bf16`, `logger=[jsonl,cvs]`, any choice of a sweep: the names the group
+    lacks, its options and, when every such name has one close, the override with the names meant."""
+    group, choices = override.key_or_group, _choices(override.value())
+    shown = [option for option in options if not option.startswith("base_")]  # schemas, not options
+    if any(c is None or (isinstance(c, list) and None in c) for c in choices):  # precision=null, logger=[null]
+        none = f", or none: {group}=[]" if group in LIST_GROUPS else ""
+        return (f"{override.input_line}: {group} takes one of its options, not null. Fix: choose from "
+                f"{', '.join(shown)} (conf/{group}/*.yaml){none}.")
+    names = [n for c in choices for n in (c if isinstance(c, list) else [c]) if isinstance(n, (str, int, float))]
+    unknown = list(dict.fromkeys(str(n) for n in names if str(n) not in options))
+    if not unknown:
+        return None
+    meant = {name: meant_option(group, name, shown) for name in unknown}
+    fix = f"choose from {', '.join(shown)} (conf/{group}/*.yaml)."
+    if all(meant.values()):
+        def text(value: Any) -> str:
+            if isinstance(value, list):
+                return f"[{','.join(map(text, value))}]"
+            return "null" if value is None else meant.get(str(value), str(value))
+
+        fix = f"did you mean {override.get_key_element()}={','.join(map(text, choices))}? Or {fix}"
+    return f"{override.input_line}: no {group} named {', '.join(map(repr, unknown))}. Fix: {fix}"
+
+
+def _typed_schema(section: str) -> Optional[type]:
+    from trainer import config
+
+    return {"trainer": config.TrainerConfig, "precision": config.PrecisionConfig, "strategy": config.StrategyConfig,
+            "finetune": config.FinetuneConfig}.get(section)
+
+
+def _lacks_key(override, ours: bool) -> bool:
+    """A plain override (no +, ++ or ~) of a key the config lacks whatever the groups chosen: a top-level key
+    neither the config's nor a group's (`max_steps=5`), or a key a trainer/precision/strategy/finetune schema lacks."""
+    from trainer.config import Config
+
+    if override.is_add() or override.is_force_add() or override.is_delete() or override.is_hydra_override():
+        return False
+    section, _, name = override.key_or_group.partition(".")
+    if not name:
+        top = {f.name for f in dataclasses.fields(Config)} | {"hydra"}
+        return ours and section not in top and group_options(section) is None
+    schema = _typed_schema(section)
+    return schema is not None and "." not in name and name not in {f.name for f in dataclasses.fields(schema)}
 
 
 def _type_problem(key: str, value: Any, given: str) -> Optional[str]:
@@ -38,18 +93,9 @@ def _type_problem(key: str, value: Any, given: str) -> Optional[str]:
     from omegaconf import OmegaConf
     from omegaconf.errors import ValidationError
 
-    from trainer import config
-
     section, _, name = key.partition(".")
-    schema = {"trainer": config.TrainerConfig, "precision": config.PrecisionConfig, "strategy": config.StrategyConfig,
-              "finetune": config.FinetuneConfig}.get(section)
+    schema = _typed_schema(section)
     fields = {f.name: f for f in dataclasses.fields(schema)} if schema else {}
-    if schema and name and "." not in name and name not in fields and not given.startswith(("+", "~")):
-        import difflib
-
-        close = difflib.get_close_matches(name, fields, n=3)
-        hint = f"did you mean {', '.join(f'{section}.{c}' for c in close)}?" if close else "use one of its keys:"
-        return f"{given}: {section} has no key {name!r}. Fix: {hint} ({', '.join(sorted(fields))})"
     if name not in fields or (isinstance(value, str) and "${" in value):
         return None
     try:
@@ -64,42 +110,134 @@ def _type_problem(key: str, value: Any, given: str) -> Optional[str]:
     return None
 
 
-WORDS = {"Integer": "an integer", "Float": "a number", "Bool": "true or false", "String": "a string"}
+def _first_job(override) -> Optional[str]:
+    """The override as a sweep's first job has it (`optimizer.lr=1e-3,1e-4`: `optimizer.lr=1e-3`); None for an
+    interval or a glob, which only the sweeper expands."""
+    from hydra.core.override_parser.types import Glob
+
+    if not override.is_sweep_override():
+        return override.input_line
+    if override.is_interval_sweep() or isinstance(override.value(), Glob):
+        return None
+    return f"{override.get_key_element()}={next(iter(override.sweep_string_iterator()))}"
 
 
-def composition_problem(args: Sequence[str], sweep: bool) -> Optional[str]:
-    """A recipe section's key with a value of the wrong type or a name its schema lacks, as one line (Hydra
-    prints OmegaConf's five and exits 1). Composes the config as the run will, only when such a key is
-    overridden and no sweep is asked (each sweep job is checked as it starts)."""
+def _group_lines(overrides) -> tuple:
+    """The command's group choices as its run (a sweep: the first job) makes them."""
+    groups = [_first_job(o) for o in overrides if group_options(o.key_or_group) is not None and not o.is_delete()]
+    return tuple(line for line in groups if line)
+
+
+def _keys(cfg) -> Dict[str, List[str]]:
+    """Section -> its keys ('' the top level) of `cfg`, the recipe's sections included; without it (the groups
+    chosen do not compose), the typed sections'."""
+    from trainer.config import Config
+    from trainer.config_check import keys_by_section
+
+    if cfg is not None:
+        return keys_by_section(cfg)
+    keys = {section: [f.name for f in dataclasses.fields(_typed_schema(section))] for section in TYPED_SECTIONS}
+    return {"": [f.name for f in dataclasses.fields(Config)], **keys}
+
+
+def _entry_problem(given: str, section: str, name: str, overrides, keys) -> Optional[str]:
+    """`callbacks.early_stopping.patience=5` with early_stopping not chosen, or misspelt (early_stoping): the
+    group's options are its entries, chosen on the command line (`callbacks=[...]`)."""
+    shown = [o for o in group_options(section) or [] if not o.startswith("base_")]
+    entry = name if name in shown else meant_option(section, name, shown)
+    if entry is None or section not in keys:
+        return None
+    chosen = next((c for o in overrides if o.key_or_group == section and not o.is_delete()
+                   for c in _choices(o.value())[:1]), [])
+    chosen = [str(c) for c in (chosen if isinstance(chosen, list) else [chosen]) if c is not None]
+    fixed = f"{section}.{entry}{given.lstrip('+')[len(section) + 1 + len(name):]}"
+    if entry not in chosen:
+        fixed = f"{section}=[{','.join([*chosen, entry])}] {fixed}"
+    if entry == name:
+        return (f"{given}: {section}={name} is not chosen, so {section}.{name} has no options to set. Fix: choose "
+                f"it in the same command: {fixed}")
+    return f"{given}: {section} has no entry {name!r}. Fix: did you mean {fixed}?"
+
+
+def _unknown_key(given: str, key: str, overrides) -> str:
+    """The message for the override `given`, whose `key` (itself, or the part of it that exists not) the config
+    lacks: the keys most likely meant (config_check.close_keys), as overrides of the same value."""
+    from trainer.config_check import KEY_SYNONYMS, close_keys, free_form_sections
+
+    cfg = composed(_group_lines(overrides))
+    keys, free = _keys(cfg), (free_form_sections(cfg) if cfg is not None else [])
+    section, _, name = key.rpartition(".")
+    path, _, value = given.lstrip("+~").partition("=")
+    below = path[len(key):] if path.startswith(key) else ""  # `trainr.max_steps=5`: trainr lacks, .max_steps below
+    options = group_options(section) or []
+    if options and (section in free or section not in keys):  # callbacks: its entries are the group's options
+        entry = _entry_problem(given, section, name, overrides, keys)
+        if entry:
+            return entry
+    if section in free:  # eval_sets.ood.path=x: a new entry of a free-form section
+        return f"{given}: {section}.{name} is a new entry of {section}. Fix: add it with +: +{given.lstrip('+~')}"
+    if options and value in options and not below:  # optimizer.name=sgd
+        return f"{given}: {section} has no key {name!r}. Fix: did you mean {section}={value}?"
+    other = (option_with_key(section, name, _group_lines(overrides))
+             if options and name.lower() not in KEY_SYNONYMS else None)
+    if other:
+        return f"{given}: {key} is a key of {other}, not of the {section} chosen. Fix: did you mean {other} {given}?"
+    meant = [as_group_choice(f"{k}{below}", value) for k in close_keys(name, section, keys, free)
+             if not below or k in keys]
+    meant = " or ".join(m for m in meant if m)
+    if not section:
+        return (f"{given}: {name} is not a top-level key. Fix: did you mean {meant}?" if meant else
+                f"{given}: {name} is not a key of the run's config (its keys: {', '.join(keys[''])}). Fix: put it "
+                "under its section (trainer., data., ...): python -m trainer <your config groups> --cfg job lists "
+                "them.")
+    if section not in keys:
+        return (f"{given}: {key} is not a key of the run's config. Fix: check the name (python -m trainer "
+                "<your config groups> --cfg job lists the keys).")
+    fix = f"did you mean {meant}?" if meant else "use one of its keys:"
+    return f"{given}: {section} has no key {name!r}. Fix: {fix} ({', '.join(keys[section])})"
+
+
+def _blamed(where: str, jobs) -> Optional[str]:
+    """The override (a line of `jobs`) an error at config path `where` is about: a key's override before a
+    group's (`optimizer=sgd optimizer.lr=abc`: the second), the longest key first."""
+    def about(key: str) -> bool:
+        return where == key or where.startswith((f"{key}.", f"{key}[")) or key.startswith(f"{where}.")
+
+    found = [(group_options(o.key_or_group) is not None, -len(o.key_or_group), line)
+             for line, o in jobs.items() if about(o.key_or_group)]
+    return min(found)[2] if found else None
+
+
+def _composition_error(lines: List[str], jobs, overrides) -> Optional[str]:
+    """What is wrong in the config `lines` compose, as one line naming the override of `jobs` (line -> parsed)
+    it is about; None when they compose or Hydra's own message names it."""
     import re
 
-    from hydra import compose, initialize_config_module
     from hydra.errors import ConfigCompositionException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
-    overrides = [a for a in args if "=" in a and not a.startswith(("-", "hydra.", "+hydra.", "~hydra."))]
-    section_keys = [a for a in overrides if "." in a.split("=")[0] and not a.lstrip("+~").startswith(TYPED_SECTIONS)]
-    if not section_keys or sweep or any(a.startswith(("-m", "--multirun")) for a in args):
-        return None
-    from trainer.assemble import register_configs
-
-    register_configs()  # the recipes' schemas (the CLI has stored them already; storing again replaces them)
+    error = attempt(tuple(lines))[1]
     try:
-        with initialize_config_module("trainer.conf", version_base="1.3"):
-            compose("config", overrides=overrides)
+        if error is not None:
+            raise error
     except ConfigCompositionException as e:
-        given = next((a for a in section_keys if f"override {a}" in str(e) or f"'{a.split('=')[0]}'" in str(e)), None)
-        if given is None or not isinstance(e.__cause__, (ValidationError, ConfigKeyError, ConfigAttributeError)):
-            return None  # Hydra's own message names it
+        cause = e.__cause__
+        if not isinstance(cause, (ValidationError, ConfigKeyError, ConfigAttributeError)):
+            return _recipe_conflict(str(e), jobs)
+        where = str(cause.full_key)
+        given = _blamed(where, jobs)
+        if given is None:
+            return None
         key, _, value = given.lstrip("+~").partition("=")
-        if isinstance(e.__cause__, (ConfigKeyError, ConfigAttributeError)):
-            return (f"{given}: {str(e.__cause__).splitlines()[0]}. Fix: check the name "
-                    "(python -m trainer <your config groups> --cfg job lists the keys).")
-        kind = re.search(r"could not be converted to (\w+)", str(e.__cause__))
+        if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):  # wrong in every job: the sweep named
+            return _unknown_key(jobs[given].input_line, where, overrides)
+        if "is not Optional" in str(cause):
+            return _not_optional(given, key, cause)
+        kind = re.search(r"could not be converted to (\w+)", str(cause))
         if not kind:
-            return f"{given}: {str(e.__cause__).splitlines()[0]}"
+            return f"{given}: {str(cause).splitlines()[0]}"
         words = WORDS.get(kind.group(1), kind.group(1))
-        bad = re.search(r"Value '(.*?)' (?:of type \S+ )?could not be converted", str(e.__cause__))
+        bad = re.search(r"Value '(.*?)' (?:of type \S+ )?could not be converted", str(cause))
         if value.strip().startswith("[") and bad:  # a list key (model.hidden_units=[64,abc]): one element is wrong
             return (f"{given}: {key} takes a list, and its element {bad.group(1)!r} is not {words}. "
                     f"Fix: make every element of {key} {words}.")
@@ -109,29 +247,154 @@ def composition_problem(args: Sequence[str], sweep: bool) -> Optional[str]:
     return None
 
 
+def _not_optional(given: str, key: str, cause) -> str:
+    """`seed=null`: a key that takes no null, its type and default named (OmegaConf says "is not Optional")."""
+    fields = {f.name: f for f in dataclasses.fields(cause.object_type)} if dataclasses.is_dataclass(
+        cause.object_type) else {}
+    field = fields.get(str(cause.key))
+    kind = str(field.type).replace("typing.", "").replace("<class '", "").replace("'>", "") if field else ""
+    words = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}.get(kind)
+    default = field.default if field is not None else dataclasses.MISSING
+    example = (f": {key}={str(default).lower() if isinstance(default, bool) else default}"
+               if default is not dataclasses.MISSING and default is not None else "")
+    return f"{given}: {key} takes {words or 'a value'}, not null. Fix: give {key} {words or 'a value'}{example}."
+
+
+def _recipe_conflict(error: str, jobs) -> Optional[str]:
+    """`recipe=resnet optimizer=adam`: the recipe sets a key of its own option (momentum, SGD's) that the option
+    chosen lacks; Hydra prints OmegaConf's five lines and exits 1. None for any other error."""
+    import re
+
+    found = re.search(r"In '([\w/]+)': ConfigKeyError .*\nKey '(\w+)' not in '(\w+)'\n\s+full_key: (\S+)", error)
+    if not found:
+        return None
+    where, section = found.group(1), found.group(4).partition(".")[0]
+    given = next((line for line, o in jobs.items() if o.key_or_group == section), None)
+    if given is None:
+        return None
+    cfg = composed(tuple(line for line, o in jobs.items()
+                         if group_options(o.key_or_group) is not None and o.key_or_group != section))
+    default = cfg.hydra.runtime.choices.get(section) if cfg is not None else None
+    keep = f"keep the recipe's {section}={default}" if default else f"keep the recipe's {section}"
+    return (f"{given}: {where} sets {found.group(4)}, a key {given} lacks ({found.group(3)}). Fix: {keep}, or "
+            f"set that recipe's keys for {given} in a recipe of your own (--config-dir).")
+
+
+def _sweep_problem(jobs, overrides) -> Optional[str]:
+    """Each value of a sweep of keys (`-m trainer.max_steps=2,-1`), in the config of the first job with that
+    value swapped in, checked as a job would be (type and range): before the first job, not at the failing one."""
+    from trainer.config import ConfigError
+    from trainer.config_check import check_config
+
+    for line, o in jobs.items():
+        if not (o.is_sweep_override() and o.is_choice_sweep()) or group_options(o.key_or_group) is not None:
+            continue
+        for value in o.sweep_string_iterator():
+            job = f"{o.get_key_element()}={value}"
+            lines = [job if other == line else other for other in jobs]
+            problem = _composition_error(lines, {**{k: v for k, v in jobs.items() if k != line}, job: o}, overrides)
+            if problem:
+                return problem.replace(job, o.input_line, 1) if problem.startswith(job) else problem
+            cfg = composed(tuple(lines))
+            try:
+                check_config(cfg, cfg.hydra.runtime.choices) if cfg is not None else None
+            except ConfigError as e:
+                return f"{o.input_line}: the job with {job}: {e}"
+    return None
+
+
+def composition_problem(overrides) -> Optional[str]:
+    """A key of a recipe section or the top level with a value of the wrong type or a name its schema lacks, or
+    a sweep value out of range, as one line (Hydra prints OmegaConf's five and exits 1). Composes the config as
+    the run (a sweep: its first job, then each value of a sweep of keys) will, only when such a key is
+    overridden. `overrides`: the command line's, parsed."""
+    jobs = {line: o for o in overrides if not o.is_hydra_override() and (line := _first_job(o))}
+    keys = any(o.key_or_group.partition(".")[0] not in TYPED_SECTIONS and group_options(o.key_or_group) is None
+               for o in jobs.values())
+    recipe_parts = any(o.key_or_group not in (*TYPED_SECTIONS, *LIST_GROUPS, "recipe")
+                       and group_options(o.key_or_group) is not None for o in jobs.values())  # optimizer=adam
+    if not (keys or recipe_parts or any(o.is_sweep_override() for o in jobs.values())):
+        return None
+    return _composition_error(list(jobs), jobs, overrides) or _sweep_problem(jobs, overrides)
+
+
+def _problem(override, overrides, ours: bool) -> Optional[str]:
+    """What is wrong with one override of the command line, found without composing the config."""
+    key, given = override.key_or_group, override.input_line
+    options = group_options(key) if ours and not override.is_hydra_override() else None
+    if options is not None:
+        if override.is_delete() and key in LIST_GROUPS:  # Hydra: "Could not delete 'logger'", exit 1
+            return f"{given}: {key} is a list of options, which Hydra cannot delete. Fix: {key}=[] (none of them)."
+        return None if override.is_delete() else _group_problem(override, options)
+    if _lacks_key(override, ours):
+        return _unknown_key(given, key, overrides)
+    if override.is_sweep_override() and not override.is_choice_sweep():
+        return None  # range(...)/interval(...): Hydra and the sweeper expand them; each job is checked then
+    for value in _choices(override.value()):
+        if key in LIST_FIELDS and value is not None and not isinstance(value, list):
+            return f"{given}: {LIST_FIELDS[key]}."
+        wrong_type = _type_problem(key, value, given) if not override.is_delete() else None
+        if wrong_type:
+            return wrong_type
+    return None
+
+
+def _dashed(args: Sequence[str]) -> Optional[str]:
+    """`--max_steps 5`, `--trainer.max_steps=5`: an argparse habit Hydra answers with 8 lines of usage. The
+    override meant, the key corrected as problem_in would (`max_steps=5`: trainer.max_steps=5). Only what
+    Hydra's parser leaves is looked at: `--multi` (--multirun abbreviated) is Hydra's."""
+    import re
+
+    parsed = hydra_args(args)
+    unknown = set(parsed[1]) if parsed else set()
+    for i, arg in enumerate(args):
+        if arg not in unknown or not arg.startswith("--") or len(arg) == 2:
+            continue
+        key, eq, value = arg[2:].partition("=")
+        given = arg
+        following = args[i + 1] if i + 1 < len(args) else None
+        if not eq and following is not None and not following.startswith("-") and "=" not in following:
+            value, given = following, f"{arg} {following}"
+        override = f"{key}={value if eq or value else 'true'}"  # a bare flag: argparse's store_true
+        meant = re.search(r"did you mean (\S+?=\S*?)\?", problem_in([override]) or "")
+        return (f"{given}: Hydra overrides have no dashes. Fix: did you mean "
+                f"{meant.group(1) if meant else override}?")
+    return None
+
+
+def _syntax_problem(lines: Sequence[str]) -> Optional[str]:
+    """The first override Hydra's grammar rejects (it exits 1 pointing at the grammar's docs), as one line."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for line in lines:
+        try:
+            OverridesParser.create().parse_overrides([line])
+        except Exception as e:  # noqa: BLE001 - OverrideParseException, and anything the grammar raises
+            if "=" not in line:
+                return f"{line}: an override is key=value. Fix: give it a value: {line}=VALUE."
+            reason = str(e).strip().splitlines()[0]
+            return (f"{line}: Hydra cannot read it ({reason}). Fix: key=value, a list as key=[a,b] with its "
+                    "brackets closed, quoted for the shell: 'key=[a,b]'.")
+    return None
+
+
 def problem_in(args: Sequence[str]) -> Optional[str]:
     """The first override of `args` (the command line) that Hydra would reject without a fix, as a message."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    overrides_given = [a for a in args if "=" in a and not a.startswith("-")]
-    try:
-        overrides = OverridesParser.create().parse_overrides(overrides_given)
-    except Exception:  # a syntax error: Hydra's own message names it
+    if any(a.split("=")[0] in SHELL_COMPLETION for a in args):
         return None
+    dashed = _dashed(args) or commands_problem(args)
+    if dashed:
+        return dashed
+    lines = positionals(args)
+    try:
+        overrides = OverridesParser.create().parse_overrides(lines)
+    except Exception:  # noqa: BLE001 - a syntax error: named below, one override at a time
+        return _syntax_problem(lines)
+    ours = not other_configs(args)  # only this package's conf/: its groups and keys
     for override in overrides:
-        key, given = override.key_or_group, override.input_line
-        options = _options(key)
-        if override.is_sweep_override() and not override.is_choice_sweep():
-            continue  # range(...)/interval(...): Hydra and the sweeper expand them; each job is checked then
-        for value in _choices(override.value()):
-            if key in LIST_FIELDS and value is not None and not isinstance(value, list):
-                return f"{given}: {LIST_FIELDS[key]}."
-            wrong_type = (_type_problem(key, value, given)
-                          if key.startswith(TYPED_SECTIONS) and not override.is_delete() else None)
-            if wrong_type:
-                return wrong_type
-            unknown = [v for v in value if v not in options] if options and isinstance(value, list) else []
-            if unknown:
-                return (f"{given}: no {key} named {', '.join(map(repr, unknown))}. "
-                        f"Fix: choose from {', '.join(options)} (conf/{key}/*.yaml).")
-    return composition_problem(args, sweep=any(o.is_sweep_override() for o in overrides))
+        problem = _problem(override, overrides, ours)
+        if problem:
+            return problem
+    return composition_problem(overrides) if ours else None

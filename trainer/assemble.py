@@ -57,11 +57,20 @@ def register_configs() -> None:
             module.register_configs(cs)
 
 
+def compose(overrides, with_hydra: bool = False) -> DictConfig:
+    """The config `python -m trainer OVERRIDES` composes, unchecked; `with_hydra`: with Hydra's node (its
+    runtime.choices: the options the groups got). Hydra's and OmegaConf's errors pass through."""
+    from hydra import compose as hydra_compose, initialize_config_module
+
+    register_configs()  # the recipes' schemas (the CLI has stored them already; storing again replaces them)
+    with initialize_config_module("trainer.conf", version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides), return_hydra_config=with_hydra)
+
+
 def compose_config(overrides, error: type = ConfigError) -> DictConfig:
     """The config `python -m trainer OVERRIDES` would run, checked the same way, without Hydra's own node
     (for the commands that take a run's overrides: the doctor, lr_find). Overrides that do not compose
     raise `error`."""
-    from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
     from omegaconf import open_dict
     from omegaconf.errors import OmegaConfBaseException
@@ -69,11 +78,9 @@ def compose_config(overrides, error: type = ConfigError) -> DictConfig:
     from trainer.config_check import check_config
     from trainer.sweep import register_resolver
 
-    register_configs()
     register_resolver()
     try:
-        with initialize_config_module("trainer.conf", version_base="1.3"):
-            cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+        cfg = compose(overrides, with_hydra=True)
     except (HydraException, OmegaConfBaseException) as e:
         raise error(f"the overrides do not compose: {e}") from None
     check_config(cfg, cfg.hydra.runtime.choices)

@@ -15,6 +15,7 @@ from typing import Optional, Tuple
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -302,8 +303,9 @@ def _stop_the_sweep_after_a_signal() -> None:
         sys.exit(128 + signum)
 
 
-class JobFailed(RuntimeError):
-    """One job of a multirun sweep failed; the sweep goes on and Hydra exits non-zero at its end."""
+class JobFailed(CompactHydraException, RuntimeError):
+    """One job of a multirun sweep failed; the sweep goes on and Hydra exits non-zero at its end. Compact:
+    Hydra prints its message, not a traceback of this module (the job's error was logged in full)."""
 
 
 def _job_failed(code: int, message: str) -> None:
@@ -318,10 +320,15 @@ def _job_failed(code: int, message: str) -> None:
 
 def main() -> None:
     from trainer.argv_check import problem_in
+    from trainer.cli_help import help_text
 
     problem = problem_in(sys.argv[1:])  # what Hydra would reject without the fix (trainer/argv_check.py)
     if problem:
         sys.exit(report_error(ConfigError(problem), prefix="[trainer][ERROR] - "))
+    text = help_text(sys.argv[1:])  # Hydra's --help without its slow listing of the groups (trainer/cli_help.py)
+    if text is not None:
+        print(text)
+        sys.exit(0)  # as Hydra's --help
     try:
         _hydra_main()
     except SystemExit as e:

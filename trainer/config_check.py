@@ -1,10 +1,11 @@
 """The composed config, checked before any work (trainer/runlock.py and trainer/cli.py call it): keys a
-typed section does not have, values out of their schema's range, no run length, and a model option of
-another recipe (read from this package's conf/ files). Below the commands, above the schemas (config.py)."""
+typed section does not have (naming the key meant: `close_keys`, which trainer/argv_check.py shares), values
+out of their schema's range, no run length, and a model option of another recipe (read from this package's
+conf/ files). Below the commands, above the schemas (config.py)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from trainer.config import Checked, Config, ConfigError, check_ranges
 
@@ -17,24 +18,18 @@ def check_config(cfg, choices: Optional[Mapping[str, str]] = None) -> None:
 
     `choices` is Hydra's `runtime.choices` (group -> option picked), e.g. {"recipe": "mnist", "model": "resnet50"}.
     """
-    from omegaconf import DictConfig, ListConfig, OmegaConf
+    from omegaconf import ListConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     if choices:
         check_recipe_model(choices.get("recipe"), choices.get("model"))
-    sections = [("", cfg, Config)]  # the top level: seed
-    sections += [(str(k), cfg.get(k), None) for k in cfg if k != "hydra" and isinstance(cfg.get(k), DictConfig)]
-    callbacks = cfg.get("callbacks")  # name -> a callback's options: typed by their schema (conf/callbacks/)
-    if isinstance(callbacks, DictConfig):
-        sections += [(f"callbacks.{k}", callbacks.get(k), None) for k in callbacks
-                     if isinstance(callbacks.get(k), DictConfig)]
     _check_top_level_keys(cfg)
-    for key, node, schema in sections:
-        schema = schema or OmegaConf.get_type(node)
+    for key, node in _sections(cfg):
+        schema = OmegaConf.get_type(node) if key else Config  # the top level: seed
         if not (schema and dataclasses.is_dataclass(schema)):
             continue
         if key:
-            _check_known_keys(schema, node, key)
+            _check_known_keys(schema, node, key, cfg)
         values = {}
         for f in dataclasses.fields(schema):
             if ("range" in f.metadata or "choices" in f.metadata) and f.name in node:
@@ -60,30 +55,101 @@ def _unset(node, name: str) -> bool:
         return False
 
 
-def _check_known_keys(schema, node, key: str) -> None:
+def _sections(cfg) -> List[Tuple[str, Any]]:
+    """('', the config), each section (`trainer`, `data`, ...) and each chosen callback (`callbacks.early_stopping`,
+    typed by its schema in conf/callbacks/): the nodes whose keys a schema fixes."""
+    from omegaconf import DictConfig
+
+    sections = [("", cfg)]
+    sections += [(str(k), cfg.get(k)) for k in cfg if k != "hydra" and isinstance(cfg.get(k), DictConfig)]
+    callbacks = cfg.get("callbacks")
+    if isinstance(callbacks, DictConfig):
+        sections += [(f"callbacks.{k}", callbacks.get(k)) for k in callbacks
+                     if isinstance(callbacks.get(k), DictConfig)]
+    return sections
+
+
+def keys_by_section(cfg) -> Dict[str, List[str]]:
+    """'' -> the top-level keys of a composed config, each section (`trainer`, `callbacks.early_stopping`) -> its
+    keys; Hydra's node and special keys (`_target_`) left out."""
+    return {key: [str(k) for k in node if k != "hydra" and not str(k).startswith("_")] for key, node in _sections(cfg)}
+
+
+# What users of Keras, Lightning and tf.train call keys of this config: name -> the key meant ('' section: top level).
+KEY_SYNONYMS = {
+    "learning_rate": "optimizer.lr",  # Keras' optimizers
+    "global_clipnorm": "optimizer.clipnorm",  # Keras: optimizer.clipnorm clips the global norm
+    "gradient_clip_val": "optimizer.clipnorm",  # Lightning's Trainer (its default algorithm: the norm)
+    "eps": "optimizer.epsilon",  # PyTorch's optimizers, in Lightning modules
+    "gradient_accumulation_steps": "trainer.grad_accum_steps",  # Keras' optimizers
+    "accumulate_grad_batches": "trainer.grad_accum_steps",  # Lightning's Trainer
+    "max_epochs": "trainer.epochs",  # Lightning's Trainer
+    "log_every_n_steps": "trainer.log_every",  # Lightning's Trainer
+    "val_check_interval": "trainer.eval_every",  # Lightning's Trainer (a whole number: training batches)
+    "limit_val_batches": "trainer.limit_eval_batches",  # Lightning's Trainer
+    "validation_steps": "trainer.eval_steps",  # Keras' fit
+    "steps_per_execution": "trainer.steps_per_loop",  # Keras' compile
+    "max_to_keep": "trainer.keep_checkpoints",  # tf.train.CheckpointManager
+    "seed_everything": "seed",  # LightningCLI
+    "dtype_policy": "precision.policy",  # Keras 3
+    "ckpt_path": "trainer.resume_from",  # Lightning's fit(ckpt_path=): resumes the whole training state
+}
+
+
+def close_keys(name: str, section: str, keys: Mapping[str, List[str]], free_form=()) -> List[str]:
+    """The keys a user most likely meant by `section.name` (section '': a top-level key), which the config lacks,
+    best first: the key Keras or Lightning users know by that name (KEY_SYNONYMS), else the same name in
+    other sections (`max_steps` -> trainer.max_steps) but the free-form ones (`free_form`: eval_sets, whose
+    keys are the user's names), else close spellings in `section` (another section's would be a guess: model.arch
+    is no data.cache); [] for none. `keys`: keys_by_section of the config."""
+    import difflib
+
+    def full(home: str, key: str) -> str:
+        return f"{home}.{key}" if home else key
+
+    home, _, key = KEY_SYNONYMS.get(name.lower(), "").rpartition(".")
+    if key and key in keys.get(home, ()):
+        return [full(home, key)]
+    elsewhere = [full(other, name) for other in keys
+                 if other != section and other not in free_form and name in keys[other]]
+    if elsewhere:
+        return elsewhere[:3]
+    own = difflib.get_close_matches(name, [k for k in keys.get(section, []) if k != name], n=3, cutoff=0.75)
+    return [full(section, k) for k in own]
+
+
+def free_form_sections(cfg) -> List[str]:
+    """The sections without a schema, whose keys are names the user picks (eval_sets.<name>, logger, loss)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    return [str(k) for k in cfg if k != "hydra" and isinstance(cfg.get(k), DictConfig)
+            and not dataclasses.is_dataclass(OmegaConf.get_type(cfg.get(k)))]
+
+
+def _check_known_keys(schema, node, key: str, cfg) -> None:
     """A key the schema lacks, added with Hydra's `+` (`+trainer.foo=1`), reached the dataclass as an unexpected
     argument."""
     known = [f.name for f in dataclasses.fields(schema)]
     unknown = _unknown_keys(node, known)
     if unknown:
         shown = ", ".join(k for k in known if not k.startswith("_"))
+        meant = close_keys(unknown[0], key, keys_by_section(cfg), free_form_sections(cfg))
+        fix = (f"did you mean {' or '.join(meant)}? Else drop {key}.{unknown[0]}." if meant
+               else f"drop {key}.{unknown[0]}, or correct its spelling to one of those keys.")
         raise ConfigError(f"{key}.{unknown[0]} is not a key of {key} (its schema {schema.__name__} has: {shown}). "
-                          f"Fix: drop {key}.{unknown[0]}, or correct its spelling to one of those keys.")
+                          f"Fix: {fix}")
 
 
 def _check_top_level_keys(cfg) -> None:
-    """A top-level key the run does not have (`+max_steps=5`, as Hydra's own error suggests for `max_steps=5`)
-    would be ignored by every part of the run: refused, naming the section that has it."""
-    from omegaconf import DictConfig
-
+    """A top-level key the run does not have (`+max_steps=5`; `max_steps=5` is refused before Hydra runs,
+    trainer/argv_check.py) would be ignored by every part of the run: refused, naming the key meant."""
     known = {f.name for f in dataclasses.fields(Config)} | {"hydra"}
     unknown = _unknown_keys(cfg, known)
     if not unknown:
         return
     name = unknown[0]
-    sections = [section for section in cfg if isinstance(cfg.get(section), DictConfig)]
-    homes = [f"{section}.{name}" for section in sections if name in cfg.get(section)]
-    hint = (f"did you mean {' or '.join(homes)}?" if homes
+    meant = close_keys(name, "", keys_by_section(cfg), free_form_sections(cfg))
+    hint = (f"did you mean {' or '.join(meant)}?" if meant
             else "drop it, or put it under its section (trainer., data., ...)")
     raise ConfigError(f"{name} is not a key of the run's config, so nothing would read it (its keys: "
                       f"{', '.join(sorted(known - {'hydra'}))}). Fix: {hint}")

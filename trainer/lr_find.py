@@ -15,11 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-from trainer.quiet import quiet_tensorflow_import
+from trainer.errors import UserError, report_error
+from trainer.quiet import quiet_tensorflow_import, quiet_when_loaded
 
-quiet_tensorflow_import()
-
-from trainer.errors import UserError, report_error  # noqa: E402
+quiet_when_loaded()  # TensorFlow loads (quietly) once the arguments are checked: a mistake answers at once
 
 
 class LRFindArgumentError(UserError, ValueError):
@@ -60,17 +59,27 @@ def find(cfg, steps: int, min_lr: float, max_lr: float):
     return lr_find(trainer, train, steps=steps, min_lr=min_lr, max_lr=max_lr)
 
 
-def main(argv=None) -> int:
-    from trainer.assemble import compose_config
-    from trainer.lr_finder import check_settings
-
+def _load_tensorflow() -> None:
+    quiet_tensorflow_import()  # before basicConfig: TensorFlow gives its logger its own handler only then
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)
     # not its INFO lines (a "Reduce to" per variable when mirrored)
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
+
+
+def main(argv=None) -> int:
+    from trainer.argv_check import problem_in
+    from trainer.assemble import compose_config
+
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = parse_args(argv)
+        problem = problem_in(args.overrides)  # as python -m trainer says it (trainer/argv_check.py), at once
+        if problem:
+            raise LRFindArgumentError(problem)
+        _load_tensorflow()
+        from trainer.lr_finder import check_settings  # Keras
+
         check_settings(args.steps, args.min_lr, args.max_lr)  # before the config, data and model are built
         cfg = compose_config(args.overrides, error=LRFindArgumentError)
         out = Path(args.out) if args.out else Path("runs") / "lr_find" / time.strftime("%Y-%m-%d_%H-%M-%S")

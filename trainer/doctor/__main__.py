@@ -55,6 +55,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _check_overrides(overrides: List[str]) -> None:
+    """A config mistake, said as python -m trainer says it (trainer/argv_check.py), before TensorFlow loads."""
+    from trainer.argv_check import problem_in
+
+    problem = problem_in(overrides)
+    if problem:
+        raise DoctorError(problem)
+
+
 def compose_config(overrides: List[str]):
     """The config `python -m trainer OVERRIDES` would run, checked the same way (trainer.assemble.compose_config)."""
     from trainer.assemble import compose_config
@@ -191,6 +200,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = " ".join(["python -m trainer.doctor", *map(shlex.quote, argv)])
     args = parse_args(argv)  # before TensorFlow loads (11-21 s): -h and bad arguments answer at once
+    _check_overrides(args.overrides)
     quiet_tensorflow_import()  # before basicConfig: TensorFlow gives its logger its own handler only then
     import tensorflow as tf
 
