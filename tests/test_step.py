@@ -1,4 +1,6 @@
 """The train step itself: gradient accumulation, clipping on unscaled gradients, grad multipliers."""
+import logging
+
 import keras
 import numpy as np
 import pytest
@@ -188,6 +190,27 @@ def test_fused_optimizer_updates_equal_keras_updates(name):
                 np.testing.assert_array_equal(a, b)
             else:
                 np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
+
+
+def test_a_step_xla_compiles_whole_takes_keras_update_ops(caplog):
+    """Inside XLA the fused kernels' lowering is slower than Keras' ops, which XLA fuses itself: a Trainer
+    whose whole step XLA compiles trains bit for bit as with fused_optimizer=false, and says so; outside XLA
+    (xla_whole_step=false: the update runs after the compiled forward and backward) the kernels stay."""
+    x, y = data()
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(32, drop_remainder=True)
+    trained = {}
+    for fused, whole_step in ((True, True), (False, True), (True, False), (False, False)):
+        with caplog.at_level(logging.INFO, logger="trainer.core"):
+            trainer = make(fused_optimizer=fused, optimizer=OPTIMIZERS["adamw"], jit_compile=True,
+                           xla_whole_step=whole_step)
+            trainer.fit(ds, steps=6)
+        trained[fused, whole_step] = [w.numpy() for w in trainer.model.weights + trainer.optimizer.variables]
+        said = "the update is Keras' ops, which XLA fuses" in caplog.text
+        assert said == (fused and whole_step)
+        caplog.clear()
+    for a, b in zip(trained[True, True], trained[False, True]):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(trained[True, False], trained[False, False]))
 
 
 def adamw_sparing_biases():

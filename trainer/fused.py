@@ -4,8 +4,10 @@ Why: Keras 3 writes each update as separate ops (Adam: about ten, each a full pa
 and its slots), and without XLA TensorFlow runs them one by one. TensorFlow's own training kernels
 (ResourceApplyAdam, ResourceApplyKerasMomentum; the ones Keras 2 used) do the same arithmetic in one
 pass. Measured on this 2-core CPU for the 20M-parameter MLP: 59 ms per Adam update with Keras' ops,
-20 ms fused (benchmarks/bench_step.py). The formulas are Keras' (checked in tests/test_step.py); with XLA the
-kernels compile too (XLA would fuse Keras' ops on its own).
+20 ms fused (benchmarks/bench_step.py). The formulas are Keras' (checked in tests/test_step.py). A step XLA
+compiles whole takes Keras' ops instead (`FusedUpdate.in_use`, set per trace): XLA fuses them on its own, and
+the kernels' XLA lowering is slower there (an embedding's sparse gradient goes through a sort-based unique; the
+measurements are in docs/benchmarks.md).
 
 Only the exact Keras classes are fused (a subclass may have its own update_step) and only options the
 kernels express (no amsgrad); anything else keeps Keras' update. An embedding's sparse gradient
@@ -18,6 +20,8 @@ Decoupled weight decay (AdamW, or any of them with `weight_decay`) is `w - w * (
 multiply per variable where Keras makes two (`w * wd * lr`), with Keras' rounding of the decay.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import keras
 import tensorflow as tf
@@ -83,20 +87,31 @@ def _momentum_kernel(optimizer: keras.optimizers.SGD, gradient, variable, learni
     )
 
 
-def _install(optimizer, kernel, takes_sparse: bool) -> None:
+class FusedUpdate:
+    """The fused update of one optimizer. `in_use` is read when a step is traced: false while a step that XLA
+    compiles whole (forward, backward and update) is traced, which then gets Keras' ops."""
+
+    def __init__(self):
+        self.in_use = True
+
+
+def _install(optimizer, kernel, takes_sparse: bool) -> FusedUpdate:
     keras_update = optimizer.update_step  # what the kernel does not take keeps Keras' update
+    fused = FusedUpdate()
 
     def update_step(gradient, variable, learning_rate):
         sparse = isinstance(gradient, tf.IndexedSlices)
-        if variable.dtype not in FLOAT_DTYPES or (sparse and not takes_sparse):
+        if not fused.in_use or variable.dtype not in FLOAT_DTYPES or (sparse and not takes_sparse):
             return keras_update(gradient, variable, learning_rate)
         kernel(optimizer, gradient, variable, learning_rate)
 
     optimizer.update_step = update_step
+    return fused
 
 
-def _install_weight_decay(optimizer) -> None:
+def _install_weight_decay(optimizer, fused: FusedUpdate) -> None:
     """Keras' _apply_weight_decay (TensorFlow backend) with the arithmetic in one pass."""
+    keras_decay = optimizer._apply_weight_decay
 
     def decay_all(distribution, variables):
         def decay(variable):
@@ -111,6 +126,8 @@ def _install_weight_decay(optimizer) -> None:
             distribution.extended.update(variable, decay, group=False)
 
     def apply_weight_decay(variables):
+        if not fused.in_use:
+            return keras_decay(variables)
         if optimizer.weight_decay is None:
             return
         tf.__internal__.distribute.interim.maybe_merge_call(decay_all, optimizer._distribution_strategy, variables)
@@ -118,15 +135,16 @@ def _install_weight_decay(optimizer) -> None:
     optimizer._apply_weight_decay = apply_weight_decay
 
 
-def fuse(optimizer) -> bool:
-    """Gives `optimizer` a fused update_step (and weight decay) when the kernels express it exactly; True if it did."""
+def fuse(optimizer) -> Optional[FusedUpdate]:
+    """Gives `optimizer` a fused update_step (and weight decay) when the kernels express it exactly; None if
+    it did not."""
     kind = type(optimizer)
     if kind in (keras.optimizers.Adam, keras.optimizers.AdamW) and not optimizer.amsgrad:
-        _install(optimizer, _adam_kernel, takes_sparse=optimizer.beta_2 > 0)  # the shift divides by beta_2
+        fused = _install(optimizer, _adam_kernel, takes_sparse=optimizer.beta_2 > 0)  # the shift divides by beta_2
     elif kind is keras.optimizers.SGD and optimizer.momentum != 0:
-        _install(optimizer, _momentum_kernel, takes_sparse=False)
+        fused = _install(optimizer, _momentum_kernel, takes_sparse=False)
     else:
-        return False
+        return None
     if optimizer.weight_decay:
-        _install_weight_decay(optimizer)
-    return True
+        _install_weight_decay(optimizer, fused)
+    return fused

@@ -4,12 +4,12 @@ override. The train function runs `strategy.run(step)` `num_steps` times inside 
 a tensor: no retrace for a shorter last loop).
 
 A Trainer holds one `StepFunctions`; the functions below are the only code that changes it: which train and
-eval functions exist, the XLA choice they were compiled with (`Trainer.jit_compile`) and each updater's
-`skip_by_select` (from the XLA plan). The decisions themselves are xla_plan.py's; measuring the choice
-(trainer.jit_compile=measure) is xla_measure.py's, which keeps its result here (`keep`). A layer of the
-Trainer's models changed in place after its functions were traced (fuse_elementwise, recompute: model_edits.py)
-makes them traced again before the next step; so does a change of what the train step read in Python
-(`trainable`, `grad_multipliers`: trace_inputs.py), checked before every loop.
+eval functions exist, the XLA choice they were compiled with (`Trainer.jit_compile`) and how each updater's
+update is traced (`Updater.compile_in_xla`, from the XLA plan). The decisions themselves are xla_plan.py's;
+measuring the choice (trainer.jit_compile=measure) is xla_measure.py's, which keeps its result here (`keep`).
+A layer of the Trainer's models changed in place after its functions were traced (fuse_elementwise,
+recompute: model_edits.py) makes them traced again before the next step; so does a change of what the train
+step read in Python (`trainable`, `grad_multipliers`: trace_inputs.py), checked before every loop.
 
 Traces are counted per function: a function made anew (after `reset`: freezing layers, a scaled schedule, a
 changed layer) traced once is no retrace; TensorFlow tracing the same function again (batches of another
@@ -111,9 +111,14 @@ def keep(trainer, train_function: Callable, jit_compile: bool) -> None:
 
 
 def _select_skips(trainer, whole_step: bool) -> None:
-    """With the whole step in XLA a non-finite update is undone by a select (update.py); read at trace time."""
+    """With the whole step in XLA a non-finite update is undone by a select and the update is Keras' ops
+    (update.py); read at trace time."""
     for updater in trainer.updaters.values():
-        updater.skip_by_select = whole_step
+        updater.compile_in_xla(whole_step)
+
+
+def _fused_kernels_chosen(trainer) -> bool:
+    return any(updater.fused_update is not None for updater in trainer.updaters.values())
 
 
 def has_train_function(trainer) -> bool:
@@ -297,7 +302,8 @@ def make_train_function(trainer, iterator, jit_compile: Optional[bool] = None) -
         step = per_replica_mean(step, replicas)  # a Keras Loss object's value: the replica's batch mean
         step = logged_step(trainer, step, iterator, trainer.train_window.step_logs, "train_step", batches, several)
     if plan.whole_step:
-        log.info("XLA: the whole train step (forward, backward, update) is compiled (%s)", plan.reason)
+        log.info("XLA: the whole train step (forward, backward, update) is compiled (%s)%s", plan.reason,
+                 "; the update is Keras' ops, which XLA fuses" if _fused_kernels_chosen(trainer) else "")
         step = wrap_xla(step, replicas)
     elif plan.jit_compile:
         log.info("XLA: forward and backward are compiled; all-reduce and the update run outside XLA (%s)", plan.reason)

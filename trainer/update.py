@@ -33,8 +33,9 @@ class Updater:
       variables: returns the variables it updates (read at trace time: after freezing layers, call
         `Trainer.reset_step_functions()`).
 
-    `skip_by_select` is set by step_functions.py from the XLA plan: when XLA compiles the update with the rest
-    of the step, a non-finite update is undone by a select instead of skipped by a branch.
+    `compile_in_xla` is called by step_functions.py from the XLA plan: when XLA compiles the update with the
+    rest of the step, a non-finite update is undone by a select instead of skipped by a branch, and the update
+    is Keras' ops (fused.py's kernels are for updates outside XLA).
     """
 
     def __init__(self, name: str, optimizer: keras.optimizers.Optimizer, variables: Callable[[], List],
@@ -55,9 +56,17 @@ class Updater:
         keras_sum = optimizer.__dict__.setdefault("_trainer_keras_sum", optimizer._all_reduce_sum_gradients)
         optimizer._all_reduce_sum_gradients = _own_apply_averages(keras_sum)
         warm_up_decay(optimizer)  # use_ema: the average's decay warms up (ema.py)
-        if fused and fuse(optimizer):
+        self.fused_update = fuse(optimizer) if fused else None
+        if self.fused_update is not None:
             log.info("Optimizer %s: %s with TensorFlow's fused update kernels (trainer.fused_optimizer=false: "
                      "Keras' ops)", name, type(optimizer).__name__)
+
+    def compile_in_xla(self, whole_step: bool) -> None:
+        """Read when a step is traced: with the whole step in XLA (step_functions.py, from the XLA plan) a
+        non-finite update is undone by a select, and the update is Keras' ops, which XLA fuses itself."""
+        self.skip_by_select = whole_step
+        if self.fused_update is not None:
+            self.fused_update.in_use = not whole_step
 
     def build(self) -> None:
         """Creates the optimizer's slots now: Keras builds them lazily, which fails inside a tf.function

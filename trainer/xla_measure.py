@@ -97,7 +97,7 @@ def measure_jit(trainer, iterator, *, steps: int = MEASURE_STEPS, rounds: int = 
         with step_functions.trying(trainer, on):  # trainer.jit_compile reads this side while it is made and traced
             functions[name] = step_functions.make_train_function(trainer, iterator, jit_compile=on)
             calls[name] = functools.partial(_run_and_wait, trainer, functions[name], iterator, num_steps)
-            for _ in range(warmup):  # traced here, while make_train_function's settings (skip_by_select) hold
+            for _ in range(warmup):  # traced here, while make_train_function's settings (Updater.compile_in_xla) hold
                 calls[name]()
     seconds = interleaved_seconds(calls, rounds=rounds, warmup=0)
     medians = median_seconds(seconds)

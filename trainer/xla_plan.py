@@ -94,7 +94,8 @@ def plan_xla(config: TrainerConfig, *, jit_compile: bool, on_cpu: bool, replicas
         return XlaPlan(True, False, f"auto: on a CPU, variables averaging {mean_variable_size:,.0f} parameters update "
                        "faster with TF's fused kernels; trainer.xla_whole_step=true compiles the update too",
                        tuple(warnings))
-    return XlaPlan(True, True, "trainer.xla_whole_step", tuple(warnings))
+    sizes = f", variables averaging {mean_variable_size:,.0f} parameters" if on_cpu else ""
+    return XlaPlan(True, True, f"auto: one replica{sizes}", tuple(warnings))
 
 
 def wrap_xla(fn: Callable, replicas: int) -> Callable:
