@@ -71,6 +71,10 @@ class LossScale(tf.Module):
         return LossScaleStatus(self.enabled, self.mode, float(self.scale.numpy()), int(self.skipped_steps.numpy()),
                                int(self.consecutive_skips.numpy()), int(self.skips_at_floor.numpy()))
 
+    def skipped_count(self) -> int:
+        """The non-finite steps skipped so far (one variable read: the numerics guard asks after every loop)."""
+        return int(self.skipped_steps.numpy())
+
     def set_scale(self, value: float) -> None:
         """Sets the scale (the configuration's, over a checkpoint's: callbacks/checkpointing.py)."""
         self.scale.assign(value)

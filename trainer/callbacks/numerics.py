@@ -38,10 +38,12 @@ class NumericsGuard(Callback):
 
     @staticmethod
     def _skipped(trainer) -> int:
-        return sum(u.loss_scale.status().skipped_steps for u in trainer.updaters.values())
+        return sum(u.loss_scale.skipped_count() for u in trainer.updaters.values())
 
     def on_loop_end(self, trainer, step):
         skipped = self._skipped(trainer)
+        if skipped == self.skips_checked:  # no step skipped since the last check: no count below has grown
+            return
         applying = [u for u in trainer.updaters.values() if not u.loss_scale.enabled]
         if applying and not trainer.precision.skip_nonfinite and skipped > self.skipped_at_start:
             raise NumericalError(
