@@ -82,7 +82,7 @@ class TrainerConfig(Checked):
     # K fresh batches (a WGAN's critic updates); an epoch stays one pass over the data
     batches_per_step: int = ranged(1, "[1, inf)")
     # Keras Adam/AdamW/SGD(momentum) updates in one TensorFlow kernel per variable (same arithmetic;
-    # see trainer/fused.py); false: Keras' own ops.
+    # see trainer/fused.py; a step XLA compiles whole keeps Keras' ops, which XLA fuses); false: Keras' own ops.
     fused_optimizer: bool = True
     deterministic: bool = False  # op determinism + seeded everything: bit-identical reruns on CPU
     progress_bar: bool = True  # a progress bar on the terminal; false: a log line per log and eval event
