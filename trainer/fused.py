@@ -88,11 +88,17 @@ def _momentum_kernel(optimizer: keras.optimizers.SGD, gradient, variable, learni
 
 
 class FusedUpdate:
-    """The fused update of one optimizer. `in_use` is read when a step is traced: false while a step that XLA
-    compiles whole (forward, backward and update) is traced, which then gets Keras' ops."""
+    """The fused update of one optimizer (one per optimizer, however many Trainers share it). `in_use` is
+    read when a step is traced: false while a step that XLA compiles whole (forward, backward and update) is
+    traced, which then gets Keras' ops, and for a Trainer that asked for Keras' ops."""
 
     def __init__(self):
         self.in_use = True
+
+
+def fused_update_of(optimizer) -> Optional[FusedUpdate]:
+    """The fused update installed on `optimizer` (by a Trainer before), or None."""
+    return optimizer.__dict__.get("_trainer_fused_update")
 
 
 def _install(optimizer, kernel, takes_sparse: bool) -> FusedUpdate:
@@ -106,6 +112,7 @@ def _install(optimizer, kernel, takes_sparse: bool) -> FusedUpdate:
         kernel(optimizer, gradient, variable, learning_rate)
 
     optimizer.update_step = update_step
+    optimizer._trainer_fused_update = fused
     return fused
 
 
@@ -137,7 +144,9 @@ def _install_weight_decay(optimizer, fused: FusedUpdate) -> None:
 
 def fuse(optimizer) -> Optional[FusedUpdate]:
     """Gives `optimizer` a fused update_step (and weight decay) when the kernels express it exactly; None if
-    it did not."""
+    it did not. An optimizer fused before (a second Trainer of it) keeps its one FusedUpdate."""
+    if fused_update_of(optimizer) is not None:
+        return fused_update_of(optimizer)
     kind = type(optimizer)
     if kind in (keras.optimizers.Adam, keras.optimizers.AdamW) and not optimizer.amsgrad:
         fused = _install(optimizer, _adam_kernel, takes_sparse=optimizer.beta_2 > 0)  # the shift divides by beta_2

@@ -118,7 +118,7 @@ def _select_skips(trainer, whole_step: bool) -> None:
 
 
 def _fused_kernels_chosen(trainer) -> bool:
-    return any(updater.fused_update is not None for updater in trainer.updaters.values())
+    return any(updater.fused for updater in trainer.updaters.values())
 
 
 def has_train_function(trainer) -> bool:

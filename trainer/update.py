@@ -16,7 +16,7 @@ import keras
 import tensorflow as tf
 
 from trainer.ema import warm_up_decay
-from trainer.fused import fuse
+from trainer.fused import fuse, fused_update_of
 from trainer.loss_convention import divided, outside_own_step, own_step_replicas
 from trainer.loss_scale import LossScale
 from trainer.tracing import framework_code
@@ -56,8 +56,11 @@ class Updater:
         keras_sum = optimizer.__dict__.setdefault("_trainer_keras_sum", optimizer._all_reduce_sum_gradients)
         optimizer._all_reduce_sum_gradients = _own_apply_averages(keras_sum)
         warm_up_decay(optimizer)  # use_ema: the average's decay warms up (ema.py)
-        self.fused_update = fuse(optimizer) if fused else None
+        self.fused = fused and fuse(optimizer) is not None  # an optimizer a Trainer fused before stays so:
+        self.fused_update = fused_update_of(optimizer)  # with fused=False its kernels are switched off
         if self.fused_update is not None:
+            self.fused_update.in_use = self.fused
+        if self.fused:
             log.info("Optimizer %s: %s with TensorFlow's fused update kernels (trainer.fused_optimizer=false: "
                      "Keras' ops)", name, type(optimizer).__name__)
 
@@ -66,7 +69,7 @@ class Updater:
         non-finite update is undone by a select, and the update is Keras' ops, which XLA fuses itself."""
         self.skip_by_select = whole_step
         if self.fused_update is not None:
-            self.fused_update.in_use = not whole_step
+            self.fused_update.in_use = self.fused and not whole_step
 
     def build(self) -> None:
         """Creates the optimizer's slots now: Keras builds them lazily, which fails inside a tf.function

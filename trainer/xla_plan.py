@@ -68,7 +68,8 @@ def plan_xla(config: TrainerConfig, *, jit_compile: bool, on_cpu: bool, replicas
     (`python benchmarks/bench_step.py --only xla_layout`): inside XLA the step of the small ResNet and
     Transformer is 2-13% faster (no op-by-op updates of dozens of small variables); outside it the
     MLP's (20M parameters in 6 variables) is 4-10% faster (TF's fused kernels run multi-threaded,
-    XLA:CPU's loops do not keep up)."""
+    XLA:CPU's loops do not keep up). Measured when the update inside XLA was TF's fused kernels; Keras' ops,
+    which it is now, were as fast or faster there (docs/benchmarks.md)."""
     one_cluster = replicas == 1 and config.grad_accum_steps == 1  # the all-reduce's merge_call cannot join one
     if not jit_compile:
         return XlaPlan(False, False, "XLA off")

@@ -44,6 +44,9 @@ class NumericsGuard(Callback):
         skipped = self._skipped(trainer)
         if skipped == self.skips_checked:  # no step skipped since the last check: no count below has grown
             return
+        if skipped < self.skips_checked:  # a rollback restored a checkpoint's count: later skips are new again
+            self.skips_checked = skipped
+            self.skipped_at_start = min(self.skipped_at_start, skipped)
         applying = [u for u in trainer.updaters.values() if not u.loss_scale.enabled]
         if applying and not trainer.precision.skip_nonfinite and skipped > self.skipped_at_start:
             raise NumericalError(
