@@ -9,7 +9,7 @@ Run: python -m trainer recipe=resnet                        (ResNet-20 on real F
 Every model is `backbone` (a nested keras.Model that ends in global average pooling) + a new `logits`
 Dense head in float32, so fine-tuning can freeze exactly the backbone (FineTune, in _resnet_training.py) and
 `trainer.init_from` can restore it while a head of another shape stays at its initial value.
-The data pipeline (recipes/images.py) applies the preprocessing the model declares
+The data pipeline (recipes/_image_pipeline.py) applies the preprocessing the model declares
 (`model.preprocessing`, copied into `data.preprocessing`): ImageNet weights only work with theirs.
 """
 from __future__ import annotations

@@ -11,32 +11,31 @@ Sources (conf/data/*.yaml), each read into memory as (texts, integer labels):
   * text_tfds: a TensorFlow Datasets text data set (glue/sst2, imdb_reviews, ...) already prepared in
     `data_dir`; needs `pip install tensorflow-datasets`.
 
-`text_pipeline` then builds the per-replica DatasetFn: WordPiece-tokenize once (the preset's vocabulary,
-in tf.data) and cache, shuffle (seeded), then batch examples of similar length together and pad each
-batch only to its bucket's length (a multiple of `bucket_width`), not to `max_length`.
+`text_pipeline` (recipes/_text_pipeline.py) then builds the per-replica DatasetFn: WordPiece-tokenize once
+(the preset's vocabulary, in tf.data) and cache, shuffle (seeded), then batch examples of similar length
+together and pad each batch only to its bucket's length (a multiple of `bucket_width`), not to `max_length`.
+The sources' readers are in recipes/_text_sources.py; their builders are here, the `_target_`s of
+conf/data/*.yaml, beside the `predict_inputs` and `class_names` that trainer.predict finds in that module.
 """
 from __future__ import annotations
 
-import csv
-import functools
-import json
 import logging
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from omegaconf import II, MISSING
 
 from trainer.config import DataOptions, ranged
-from trainer.data import DataBundle, DataError, DatasetFn, per_replica_batch_size, pipeline_seed
+from trainer.data import DataBundle, DataError
 from trainer.lazy import lazy_module
+from trainer.recipes._text_pipeline import text_pipeline
+from trainer.recipes._text_sources import (KNOWN_TFDS, encode_labels, language_id_words, load_tfds_split,
+                                           read_columns, read_records)
 
 np = lazy_module("numpy")  # loaded when data is built: register_configs needs none
 
 log = logging.getLogger(__name__)
-
-PADDING_MODES = ("bucket", "max_length")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,118 +109,8 @@ def register_configs(cs) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Tokenization and batching in tf.data
+# trainer.predict's inputs, and what every builder shares
 # ---------------------------------------------------------------------------------------------
-
-
-def bucket_lengths(max_length: int, bucket_width: int) -> List[int]:
-    """The padded lengths a batch can have: multiples of `bucket_width` below max_length, and max_length."""
-    if bucket_width < 1:
-        raise DataError(f"data.bucket_width={bucket_width}: must be >= 1")
-    return list(range(bucket_width, max_length, bucket_width)) + [max_length]
-
-
-def text_pipeline(
-    texts: Sequence[str],
-    labels: Sequence[int],
-    tokenizer,
-    *,
-    max_length: int,
-    global_batch_size: int,
-    seed: int,
-    training: bool,
-    padding: str = "bucket",
-    bucket_width: int = 8,
-) -> DatasetFn:
-    """(texts, labels) -> InputContext -> per-replica batches ({token_ids, padding_mask, segment_ids}, label).
-
-    Order of work: shard, tokenize (in batches of 512, WordPiece from the preset) and pack as
-    [CLS] tokens[:max_length - 2] [SEP], cache, shuffle (seeded; reshuffled each epoch from the seed),
-    repeat (training), group by length, split into per-replica batches.
-
-    Length grouping: consecutive examples of the same bucket form one group of
-    per-replica batch × local replicas, padded to the bucket's length, then split into exactly
-    `local replicas` per-replica batches; so the replicas of one step get the same shape, and a batch
-    wastes fewer than `bucket_width` positions per example. Training drops nothing (the groups are
-    formed after repeat); evaluation flushes partial groups at the end, so every eval example is seen
-    once. The order depends only on the data and the seed, always (tokenization runs once, before the
-    cache, so determinism costs nothing): the trainer's resume-by-skip relies on that.
-    """
-    import tensorflow as tf
-
-    if padding not in PADDING_MODES:
-        raise DataError(f"data.padding={padding!r} is not one of {list(PADDING_MODES)}")
-    if max_length < 3:
-        raise DataError(f"data.max_length={max_length}: need room for [CLS], one token and [SEP] (>= 3)")
-    cls_id, sep_id, pad_id = (int(tokenizer.cls_token_id), int(tokenizer.sep_token_id), int(tokenizer.pad_token_id))
-    texts = np.asarray(list(texts), dtype=object).astype(str)
-    labels = np.asarray(labels, dtype=np.int32)
-    lengths = bucket_lengths(max_length, bucket_width)
-
-    def tokenize(text_batch, label_batch):
-        return tokenizer(text_batch), label_batch
-
-    def pack(token_ids, label):
-        token_ids = tf.concat([[cls_id], token_ids[: max_length - 2], [sep_id]], axis=0)
-        features = {
-            "token_ids": token_ids,
-            "padding_mask": tf.ones_like(token_ids),
-            "segment_ids": tf.zeros_like(token_ids),
-        }
-        return features, label
-
-    padding_values = (
-        {"token_ids": tf.constant(pad_id, tf.int32), "padding_mask": tf.constant(0, tf.int32),
-         "segment_ids": tf.constant(0, tf.int32)},
-        tf.constant(0, tf.int32),
-    )
-
-    def make(ctx: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
-        per_replica = per_replica_batch_size(global_batch_size, ctx)
-        local_replicas = ctx.num_replicas_in_sync // ctx.num_input_pipelines if ctx is not None else 1
-        group = per_replica * local_replicas
-
-        def split_group(x, y):
-            """One group -> exactly `local_replicas` per-replica batches of one length. The last eval
-            group may be short: its trailing parts are then empty (0, length) batches, rather than the
-            (0, 0) placeholders tf.distribute would give a replica that gets nothing, which the
-            encoder's [CLS] slice cannot take."""
-            size = tf.shape(y)[0]
-
-            def part(i):
-                start = tf.minimum(tf.cast(i, tf.int32) * per_replica, size)
-                end = tf.minimum(start + per_replica, size)
-                return tf.nest.map_structure(lambda t: t[start:end], (x, y))
-
-            return tf.data.Dataset.range(local_replicas).map(part)
-
-        ds = tf.data.Dataset.from_tensor_slices((texts, labels))
-        if ctx is not None and ctx.num_input_pipelines > 1:
-            ds = ds.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
-        ds = ds.batch(512).map(tokenize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
-        ds = ds.map(pack, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).cache()
-        if training:
-            ds = ds.shuffle(len(labels), seed=pipeline_seed(seed, ctx), reshuffle_each_iteration=True).repeat()
-        if padding == "bucket":
-            ds = ds.bucket_by_sequence_length(
-                element_length_func=lambda x, y: tf.shape(x["token_ids"])[0],
-                bucket_boundaries=[n + 1 for n in lengths],  # bucket i holds lengths <= lengths[i]
-                bucket_batch_sizes=[group] * (len(lengths) + 1),
-                padding_values=padding_values,
-                pad_to_bucket_boundary=True,  # pads to boundary - 1 = lengths[i]
-                drop_remainder=training,
-            )
-        else:
-            shapes = ({"token_ids": [max_length], "padding_mask": [max_length], "segment_ids": [max_length]}, [])
-            ds = ds.padded_batch(group, padded_shapes=shapes, padding_values=padding_values, drop_remainder=training)
-        if local_replicas > 1:
-            ds = ds.flat_map(split_group)
-        options = tf.data.Options()
-        options.deterministic = True
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-        return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
-
-    return make
 
 
 def predict_inputs(paths: Sequence[Path], data_cfg, batch_size: int):
@@ -292,94 +181,8 @@ def _bundle(
 
 
 # ---------------------------------------------------------------------------------------------
-# Word-list language identification (the offline default)
+# The builders (the data= options' `_target_`s)
 # ---------------------------------------------------------------------------------------------
-
-# Language code -> (file under dict_dir, the Debian package that installs it).
-WORDLISTS: Dict[str, Tuple[str, str]] = {
-    "en": ("american-english", "wamerican"),
-    "en_GB": ("british-english", "wbritish"),
-    "fr": ("french", "wfrench"),
-    "de": ("ngerman", "wngerman"),
-    "es": ("spanish", "wspanish"),
-    "it": ("italian", "witalian"),
-    "pt": ("portuguese", "wportuguese"),
-    "nl": ("dutch", "wdutch"),
-    "sv": ("swedish", "wswedish"),
-    "da": ("danish", "wdanish"),
-    "pl": ("polish", "wpolish"),
-    "ca": ("catalan", "wcatalan"),
-}
-
-
-def uncased_form(word: str) -> str:
-    """What an uncased BERT tokenizer sees: lowercased, accents stripped (NFD, combining marks removed)."""
-    decomposed = unicodedata.normalize("NFD", word.lower())
-    return "".join(c for c in decomposed if unicodedata.category(c) != "Mn")
-
-
-@functools.lru_cache(maxsize=16)
-def uncased_forms(path: Path) -> Dict[str, str]:
-    """A word list's words keyed by their uncased form (the first spelling of each form wins).
-    Cached: reading and normalizing a list of ~350k words takes seconds. Treat it as read-only."""
-    forms: Dict[str, str] = {}
-    for word in read_wordlist(path):
-        forms.setdefault(uncased_form(word), word)
-    return forms
-
-
-def read_wordlist(path: Path) -> List[str]:
-    """Single alphabetic words: drops possessives (Aaron's), elisions (dell'asola), compounds
-    (bec-d'âne): those punctuation patterns would give the language away without reading the word."""
-    with open(path, encoding="utf-8") as f:
-        return [w for w in (line.strip() for line in f) if w.isalpha()]
-
-
-def language_id_words(
-    languages: Sequence[str], dict_dir: str, train_per_class: int, eval_per_class: int, words_per_example: int,
-    split_seed: int
-):
-    """Returns (train_texts, train_labels), (eval_texts, eval_labels); label i is languages[i].
-
-    Words whose uncased form is in more than one list are dropped (their label would be a guess); each
-    language's remaining words are permuted with `split_seed`, and eval and train take disjoint slices.
-    """
-    unknown = [lang for lang in languages if lang not in WORDLISTS]
-    if unknown:
-        raise DataError(f"data.languages has {unknown}, which have no known word list; choose from {sorted(WORDLISTS)}")
-    if len(set(languages)) != len(languages) or len(languages) < 2:
-        raise DataError(f"data.languages={list(languages)}: need at least two distinct languages")
-    if words_per_example < 1:
-        raise DataError(f"data.words_per_example={words_per_example}: must be >= 1")
-    folder = Path(dict_dir)
-    by_form: List[Dict[str, str]] = []
-    for lang in languages:
-        name, package = WORDLISTS[lang]
-        path = folder / name
-        if not path.is_file():
-            raise DataError(f"no word list for {lang!r} at {path}. Fix: apt-get install "
-                            f"{package} (or set data.dict_dir)")
-        by_form.append(uncased_forms(path))
-    counts: Dict[str, int] = {}
-    for forms in by_form:
-        for form in forms:
-            counts[form] = counts.get(form, 0) + 1
-    rng = np.random.default_rng(split_seed)
-    need = (train_per_class + eval_per_class) * words_per_example
-    splits = {"train": ([], []), "eval": ([], [])}
-    for label, (lang, forms) in enumerate(zip(languages, by_form)):
-        words = sorted(word for form, word in forms.items() if counts[form] == 1)
-        if len(words) < need:
-            raise DataError(
-                f"the {lang} word list has {len(words)} usable words, fewer than the {need} needed; lower "
-                "data.train_per_class / data.eval_per_class / data.words_per_example"
-            )
-        words = [words[i] for i in rng.permutation(len(words))[:need]]
-        examples = [" ".join(words[i : i + words_per_example]) for i in range(0, need, words_per_example)]
-        for split, chunk in (("eval", examples[:eval_per_class]), ("train", examples[eval_per_class:])):
-            splits[split][0].extend(chunk)
-            splits[split][1].extend([label] * len(chunk))
-    return tuple((texts, np.asarray(labels, np.int32)) for texts, labels in (splits["train"], splits["eval"]))
 
 
 def build_wordlist_data(
@@ -416,103 +219,6 @@ def build_wordlist_data(
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# CSV / TSV / JSON Lines files
-# ---------------------------------------------------------------------------------------------
-
-FILE_FORMATS = ("csv", "tsv", "jsonl")
-_SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
-
-
-def _file_format(path: Path, fmt: str) -> str:
-    if fmt != "auto":
-        if fmt not in FILE_FORMATS:
-            raise DataError(f"data.format={fmt!r} is not one of {['auto', *FILE_FORMATS]}")
-        return fmt
-    found = _SUFFIX_FORMATS.get(path.suffix.lower())
-    if found is None:
-        raise DataError(f"cannot tell the format of {path} from its suffix; set data.format to "
-                        f"one of {list(FILE_FORMATS)}")
-    return found
-
-
-def read_records(path: str, fmt: str = "auto") -> List[dict]:
-    """Rows of a CSV/TSV file (with a header) or objects of a JSON Lines file."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise DataError(f"data file {path!r} does not exist; set data.train_path / data.eval_path to "
-                        "a CSV, TSV or JSONL file")
-    fmt = _file_format(p, fmt)
-    with open(p, encoding="utf-8", newline="") as f:
-        if fmt in ("csv", "tsv"):
-            return list(csv.DictReader(f, delimiter="," if fmt == "csv" else "\t"))
-        records = []
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p}:{number} is not valid JSON ({e.msg}); each line must be one "
-                                "JSON object") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{p}:{number} is a JSON {type(record).__name__}, not an object with named fields")
-            records.append(record)
-        return records
-
-
-def _columns(records: List[dict], path: str, text_column: str, label_column: str) -> Tuple[List[str], list]:
-    if not records:
-        raise DataError(f"{path} has no rows")
-    texts, labels = [], []
-    for number, record in enumerate(records, 1):
-        for column, key in ((text_column, "text_column"), (label_column, "label_column")):
-            if column not in record:
-                raise DataError(
-                    f"{path}: row {number} has no column {column!r} (data.{key}); its columns are {sorted(record)}"
-                )
-        if record[label_column] in (None, ""):
-            raise DataError(f"{path}: row {number} has an empty {label_column!r}")
-        texts.append("" if record[text_column] is None else str(record[text_column]))
-        labels.append(record[label_column])
-    return texts, labels
-
-
-def _as_int(value) -> Optional[int]:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
-    return None
-
-
-def encode_labels(train: list, evaluation: list,
-                  label_names: Optional[Sequence[str]]) -> Tuple[np.ndarray, np.ndarray, List[str]]:
-    """Raw labels -> class ids. `label_names` fixes the order of string labels; without it, integer
-    labels are used as they are and string labels are numbered in sorted order of the training set."""
-    if label_names:
-        index = {str(name): i for i, name in enumerate(label_names)}
-    elif all(_as_int(v) is not None for v in train + evaluation):
-        ids = [np.asarray([_as_int(v) for v in values], np.int32) for values in (train, evaluation)]
-        if min(int(a.min()) for a in ids if a.size) < 0:
-            raise DataError("integer labels must be >= 0 (a negative label usually marks an unlabelled row)")
-        top = max(int(a.max()) for a in ids if a.size)
-        return ids[0], ids[1], [str(i) for i in range(top + 1)]
-    else:
-        index = {name: i for i, name in enumerate(sorted({str(v) for v in train}))}
-    encoded = []
-    for values, split in ((train, "training"), (evaluation, "eval")):
-        unknown = sorted({str(v) for v in values} - index.keys())
-        if unknown:
-            hint = "add them to data.label_names" if label_names else "they do not occur in the training data"
-            raise DataError(f"{split} labels {unknown[:10]} are not known classes {sorted(index)[:20]}: {hint}")
-        encoded.append(np.asarray([index[str(v)] for v in values], np.int32))
-    names = [name for name, _ in sorted(index.items(), key=lambda item: item[1])]
-    return encoded[0], encoded[1], names
-
-
 def build_file_data(
     preset: str,
     train_path: str,
@@ -531,9 +237,9 @@ def build_file_data(
     seed: int = 0,
 ) -> DataBundle:
     """Labelled text from CSV/TSV/JSONL files; eval from `eval_path` or a seeded held-out fraction."""
-    train_texts, train_raw = _columns(read_records(train_path, format), train_path, text_column, label_column)
+    train_texts, train_raw = read_columns(read_records(train_path, format), train_path, text_column, label_column)
     if eval_path:
-        eval_texts, eval_raw = _columns(read_records(eval_path, format), eval_path, text_column, label_column)
+        eval_texts, eval_raw = read_columns(read_records(eval_path, format), eval_path, text_column, label_column)
         where = f"{train_path} (train) and {eval_path} (eval)"
     elif eval_fraction > 0:
         if not 0 < eval_fraction < 1:
@@ -559,29 +265,6 @@ def build_file_data(
         description=f"text classification from {where}: {len(train_labels)} train / {len(eval_labels)} "
                     f"eval, {num_classes} classes",
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# TensorFlow Datasets
-# ---------------------------------------------------------------------------------------------
-
-# name -> (text column, labelled eval split)
-KNOWN_TFDS = {"glue/sst2": ("sentence", "validation"), "imdb_reviews": ("text", "test")}
-
-
-def _load_tfds_split(tfds, builder, split: str, text_column: str, label_column: str, limit: Optional[int]):
-    ds = builder.as_dataset(split=split, shuffle_files=False)
-    if limit:
-        ds = ds.take(limit)
-    texts, labels = [], []
-    for example in tfds.as_numpy(ds):
-        text = example[text_column]
-        texts.append(text.decode("utf-8") if isinstance(text, bytes) else str(text))
-        labels.append(int(example[label_column]))
-    labels = np.asarray(labels, np.int32)
-    if labels.size and labels.min() < 0:
-        raise DataError(f"tfds {builder.name} split {split!r} has unlabelled examples (label -1); use a labelled split")
-    return texts, labels
 
 
 def build_tfds_data(
@@ -634,9 +317,9 @@ def build_tfds_data(
     if text_column not in features or label_column not in features:
         raise DataError(f"tfds {name!r} has features {sorted(features)}; set data.text_column / data.label_column")
     try:
-        train = _load_tfds_split(tfds, builder, train_split, text_column, label_column, max_train_examples)
+        train = load_tfds_split(tfds, builder, train_split, text_column, label_column, max_train_examples)
         evaluation = (
-            _load_tfds_split(tfds, builder, eval_split, text_column, label_column, max_eval_examples) if eval_split
+            load_tfds_split(tfds, builder, eval_split, text_column, label_column, max_eval_examples) if eval_split
             else None
         )
     except DataError:

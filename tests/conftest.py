@@ -32,7 +32,7 @@ def run_cli(*args: str, module: str = "trainer", cwd: Path | None = None, timeou
 
 
 # Appended to a test's script that trained under MirroredStrategy, after it printed what the test reads: the exit
-# frees the script's tf.data iterators (trainer/data.py's exit hook), and each waits for its autotuner's next
+# frees the script's tf.data iterators (trainer/iterator_release.py's exit hook), each waiting for its autotuner's next
 # wake-up, up to the iterator's age, one after another. The own-apply script of test_distribute.py
 # (11 s of CPU) idled 10-40 s there in trials, and the test took 160 s in a CI run. That exit path is tested where
 # it is the point:

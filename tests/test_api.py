@@ -145,8 +145,8 @@ def test_finished_iterators_are_destroyed_off_the_training_thread(monkeypatch):
     import threading
     import weakref
 
-    import trainer.data as data
     import trainer.inputs as inputs
+    import trainer.iterator_release as iterator_release
     import trainer.loop as loop
 
     died_on = []
@@ -155,7 +155,7 @@ def test_finished_iterators_are_destroyed_off_the_training_thread(monkeypatch):
         for item in holder:
             weakref.finalize(item, lambda: died_on.append(threading.current_thread().name))
         del item  # else this frame, not the thread, would hold the last reference
-        data.release_in_background(holder, replicas)
+        iterator_release.release_in_background(holder, replicas)
 
     monkeypatch.setattr(loop, "release_in_background", watched_release)  # the eval iterator
     monkeypatch.setattr(inputs, "release_in_background", watched_release)  # sample and kept iterators
@@ -170,10 +170,10 @@ def test_finished_iterators_are_destroyed_off_the_training_thread(monkeypatch):
     t.fit(train.map(lambda x, y: (x * 2.0, y)), steps=8)  # other data: the kept iterator is let go
     del t
     gc.collect()
-    data._join_releases(timeout=120)
+    iterator_release._join_releases(timeout=120)
     # The sample iterators of the two data sets, the eval iterator, the replaced one, the freed one.
     assert died_on == ["trainer-release-iterator"] * 5
-    assert not data._releasing
+    assert not iterator_release._releasing
 
 
 def test_process_exits_when_a_freed_trainer_is_collected_at_shutdown():

@@ -612,7 +612,7 @@ import keras, numpy as np, tensorflow as tf
 tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
                                            [tf.config.LogicalDeviceConfiguration()] * 2)
 from trainer import Trainer
-from trainer.data import release_in_background
+from trainer.iterator_release import release_in_background
 
 def main():
     x = np.random.default_rng(0).normal(size=(256, 8)).astype("float32"); y = (x[:, 0] > 0).astype("int32")
@@ -697,12 +697,12 @@ def test_a_trainer_alive_at_exit_has_its_iterator_freed_by_the_exit_hook_and_the
 
 @pytest.mark.slow
 def test_a_command_that_exits_143_does_not_wait_for_the_iterators_being_freed(tmp_path):
-    """After a SIGTERM the command line exits 143 (trainer.cli hands the code to trainer.data.exit_promptly):
+    """After a SIGTERM the command line exits 143 (trainer.cli hands the code to iterator_release.exit_promptly):
     the wait for the releases (up to a minute) would outlast a 30 s grace period, so the process ends at
     once, with its code and without the abort."""
     script = tmp_path / "exits_143.py"
     script.write_text("import logging, sys\nlogging.basicConfig(level=logging.INFO)\n" + EXITS + (
-        "from trainer.data import exit_promptly\nexit_promptly(143)\nsys.exit(143)\n"))
+        "from trainer.iterator_release import exit_promptly\nexit_promptly(143)\nsys.exit(143)\n"))
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert "FIT 4" in run.stdout
     assert run.returncode == 143, run.stderr[-3000:]

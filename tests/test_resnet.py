@@ -17,6 +17,7 @@ from conftest import read_metrics, run_cli
 from trainer import Callback, Trainer
 from trainer.data import DataError, load_mnist_format
 from trainer.recipes import images, resnet
+from trainer.recipes._image_pipeline import ImageTransform, preprocess
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +63,9 @@ def test_preprocessing_matches_keras_applications():
         "torch": imagenet_utils.preprocess_input(pixels.copy(), mode="torch"),
     }
     for mode, want in expected.items():
-        np.testing.assert_allclose(images.preprocess(tf.constant(pixels), mode).numpy(), want, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(preprocess(tf.constant(pixels), mode).numpy(), want, rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="data.preprocessing"):
-        images.preprocess(tf.constant(pixels), "bgr")
+        preprocess(tf.constant(pixels), "bgr")
 
 
 def test_fashion_mnist_subset_labels_images_and_determinism(fashion):
@@ -142,19 +143,19 @@ def test_fashion_mnist_shards_are_disjoint_per_input_pipeline():
 def test_augmentation_is_stateless_and_label_preserving(fashion):
     image = tf.constant(np.repeat(fashion[0][0][..., None], 3, axis=-1))  # a real 28x28 RGB image
     for augment in ("flip", "pad_crop", "resized_crop"):
-        transform = images.ImageTransform(image_size=28, augment=augment, preprocessing="none")
+        transform = ImageTransform(image_size=28, augment=augment, preprocessing="none")
         key = tf.constant([3, 4], tf.int64)
         np.testing.assert_array_equal(transform.train(image, key).numpy(), transform.train(image, key).numpy())
         outputs = [transform.train(image, tf.constant([3, k], tf.int64)).numpy() for k in range(12)]
         assert all(o.shape == (28, 28, 3) for o in outputs)
         assert len({o.tobytes() for o in outputs}) > 1, augment  # the key changes the crop / flip
-    flip = images.ImageTransform(image_size=28, augment="flip", preprocessing="none")
+    flip = ImageTransform(image_size=28, augment="flip", preprocessing="none")
     original, mirrored = image.numpy().astype("float32"), image.numpy()[:, ::-1].astype("float32")
     seen = {("orig" if np.array_equal(o, original) else "mirror" if np.array_equal(o, mirrored) else "other")
             for o in (flip.train(image, tf.constant([0, k], tf.int64)).numpy() for k in range(16))}
     assert seen == {"orig", "mirror"}
     with pytest.raises(ValueError, match="data.augment"):
-        images.ImageTransform(image_size=28, augment="mixup")
+        ImageTransform(image_size=28, augment="mixup")
 
 
 def write_image_folder(root: Path, fashion, per_class=6):
@@ -228,7 +229,7 @@ def test_tfrecord_imagenet_layout(tmp_path, fashion):
     x_eval, y_eval = all_batches(bundle.eval)
     np.testing.assert_array_equal(y_eval, [label - 1 for _, label in chosen])
     for image, (original, _) in zip(x_eval, chosen):
-        want = images.preprocess(tf.constant(resized(original, 16)), "caffe").numpy()
+        want = preprocess(tf.constant(resized(original, 16)), "caffe").numpy()
         assert np.abs(image - want).mean() < 3.0
     first = batches(bundle.train, 3)
     assert first[0][0].shape == (4, 16, 16, 3) and set(np.concatenate([y for _, y in first])) <= {0, 1, 2}

@@ -16,6 +16,7 @@ import tensorflow as tf
 from conftest import read_metrics, run_cli
 from trainer.data import DataError
 from trainer.recipes import text, transformer
+from trainer.recipes._text_sources import uncased_form
 from trainer.recipes.transformer import PresetError
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "KAGGLEHUB_OFFLINE": "1"}
@@ -243,7 +244,7 @@ def test_wordlist_language_id_is_real_balanced_and_unambiguous(tmp_path):
     (train_x, train_y), (eval_x, eval_y) = text.language_id_words(langs, "/usr/share/dict", 200, 50, 1, split_seed=0)
     assert np.bincount(train_y).tolist() == [200] * 5 and np.bincount(eval_y).tolist() == [50] * 5
     assert not set(train_x) & set(eval_x)
-    forms = [text.uncased_form(w) for w in train_x + eval_x]
+    forms = [uncased_form(w) for w in train_x + eval_x]
     assert len(set(forms)) == len(forms)  # no uncased spelling twice, so none in two languages
     assert all(w.isalpha() for w in train_x)
     english = set(Path("/usr/share/dict/american-english").read_text().split())

@@ -20,6 +20,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from trainer import iterator_release  # at start: its exit hook is registered as TensorFlow loads, before a run's
 from trainer.assemble import check_eval_sets, eval_data_of, parts_of, register_configs, schema, strategy_of
 from trainer.config import ConfigError, PrecisionConfig, TrainerConfig
 from trainer.config_check import check_config
@@ -333,9 +334,8 @@ def main() -> None:
         _hydra_main()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) or e.code is None else 1
-        data = sys.modules.get("trainer.data")  # not imported: no iterator releases to wait for
-        if code and data is not None:  # 143/130 after a signal: no minute-long wait at exit (data.py)
-            data.exit_promptly(code)
+        if code:  # 143/130 after a signal: no minute-long wait at exit for the iterators being freed
+            iterator_release.exit_promptly(code)
         raise
 
 

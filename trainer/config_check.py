@@ -5,6 +5,7 @@ conf/ files). Below the commands, above the schemas (config.py)."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from trainer.config import Checked, Config, ConfigError, check_ranges
@@ -160,9 +161,9 @@ def _unknown_keys(node, known) -> List[str]:
     return [k for k in node if k not in known and not str(k).startswith("_")]
 
 
-def _conf_dir():
+def conf_dir() -> Path:
+    """The package's conf/ folder, where its config groups' yaml files are (trainer.groups reads it too)."""
     import trainer.conf
-    from pathlib import Path
 
     return Path(list(trainer.conf.__path__)[0])
 
@@ -176,7 +177,7 @@ def _defaults(path) -> List[Any]:
 def _recipe_model(recipe: str) -> Optional[str]:
     """The model option conf/recipe/<recipe>.yaml picks, following the recipes it extends."""
     picked = None
-    for entry in _defaults(_conf_dir() / "recipe" / f"{recipe}.yaml"):
+    for entry in _defaults(conf_dir() / "recipe" / f"{recipe}.yaml"):
         if isinstance(entry, str) and entry != "_self_":
             picked = _recipe_model(entry) or picked
         elif not isinstance(entry, str):
@@ -186,7 +187,7 @@ def _recipe_model(recipe: str) -> Optional[str]:
 
 def _model_schema(model: str) -> Optional[str]:
     """The schema (base_*) that conf/model/<model>.yaml extends."""
-    return next((e for e in _defaults(_conf_dir() / "model" / f"{model}.yaml")
+    return next((e for e in _defaults(conf_dir() / "model" / f"{model}.yaml")
                  if isinstance(e, str) and e.startswith("base_")), None)
 
 
@@ -199,8 +200,8 @@ def check_recipe_model(recipe: Optional[str], model: Optional[str]) -> None:
     schema, wanted = _model_schema(model), _model_schema(default)
     if schema is None or wanted is None or schema == wanted:
         return
-    models = sorted(p.stem for p in (_conf_dir() / "model").glob("*.yaml") if _model_schema(p.stem) == wanted)
-    takers = sorted(p.stem for p in (_conf_dir() / "recipe").glob("*.yaml")
+    models = sorted(p.stem for p in (conf_dir() / "model").glob("*.yaml") if _model_schema(p.stem) == wanted)
+    takers = sorted(p.stem for p in (conf_dir() / "recipe").glob("*.yaml")
                     if _model_schema(_recipe_model(p.stem) or "") == schema)
     raise ConfigError(
         f"model={model} is not a model of recipe={recipe}; its models are {models}. Fix: pick one of them"

@@ -4,8 +4,9 @@ read them before Hydra runs; composing goes through trainer.assemble.compose."""
 from __future__ import annotations
 
 import functools
-import importlib.resources
 from typing import List, Optional, Sequence
+
+from trainer.config_check import conf_dir
 
 # Other tools' names for options of a config group (lower case): Lightning's Trainer(precision=...,
 # strategy="ddp"), Keras' dtype policies (the half-precision options here are the mixed ones), tf.distribute's classes.
@@ -19,6 +20,7 @@ OPTION_SYNONYMS = {
 
 LIST_GROUPS = ("logger", "callbacks")  # several options at once (conf/config.yaml's defaults)
 
+
 def group_options(group: str) -> Optional[List[str]]:
     """The options of config group `group` as Hydra finds them here: conf/<group>/*.yaml and the schemas stored
     in its ConfigStore (trainer.config's and the recipes' base_*); None when `group` is no config group."""
@@ -27,7 +29,7 @@ def group_options(group: str) -> Optional[List[str]]:
 
     if not group or "/" in group or "." in group or group == "hydra":
         return None
-    folder = importlib.resources.files("trainer.conf") / group
+    folder = conf_dir() / group
     names = {p.name[:-len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml")} if folder.is_dir() else set()
     store = ConfigStore.instance()
     if store.get_type(group) == ObjectType.GROUP:
@@ -39,10 +41,9 @@ def config_groups() -> List[str]:
     """The config groups (conf/'s folders, the ConfigStore's groups), Hydra's own (hydra/...) left out."""
     from hydra.core.config_store import ConfigStore
 
-    folders = [p.name for p in importlib.resources.files("trainer.conf").iterdir() if p.is_dir()]
+    folders = [p.name for p in conf_dir().iterdir() if p.is_dir()]
     names = {*folders, *ConfigStore.instance().list("")} - {"hydra"}
     return sorted(name for name in names if not name.startswith("_") and group_options(name) is not None)
-
 
 
 def meant_option(group: str, name: str, options: Sequence[str]) -> Optional[str]:
@@ -57,7 +58,6 @@ def meant_option(group: str, name: str, options: Sequence[str]) -> Optional[str]
     if name in by_lower:
         return by_lower[name]
     return synonym if synonym in options else (by_lower[close[0]] if close else None)
-
 
 
 @functools.lru_cache(maxsize=32)
@@ -83,7 +83,7 @@ def _option_keys(group: str, option: str, depth: int = 0) -> Optional[set]:
     import yaml
     from hydra.core.config_store import ConfigStore
 
-    path = importlib.resources.files("trainer.conf") / group / f"{option}.yaml"
+    path = conf_dir() / group / f"{option}.yaml"
     if path.is_file():
         text = path.read_text()
         if depth > 4 or "@package" in text:

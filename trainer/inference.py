@@ -47,7 +47,7 @@ def predict(trainer, data: Any, batch_size: Optional[int] = None):
     import tensorflow as tf
 
     from trainer.xla_plan import wrap_xla
-    from trainer.data import release_in_background
+    from trainer.iterator_release import release_in_background
 
     model, strategy = trainer.model, trainer.strategy
     dataset = as_batched_dataset(data, batch_size).map(lambda *b: keras.utils.unpack_x_y_sample_weight(
@@ -73,7 +73,7 @@ def predict(trainer, data: Any, batch_size: Optional[int] = None):
         local = [strategy.experimental_local_results(t) for t in tf.nest.flatten(outputs)]
         for replica in range(len(local[0])):
             pieces.append(tf.nest.pack_sequence_as(outputs, [np.asarray(t[replica]) for t in local]))
-    release_in_background([iterator], strategy.num_replicas_in_sync)  # its destruction can wait (see data.py)
+    release_in_background([iterator], strategy.num_replicas_in_sync)  # its destruction can wait (iterator_release.py)
     if not pieces:
         raise ValueError("Trainer.predict: the data has no examples")
     return tf.nest.map_structure(lambda *parts: np.concatenate(parts, axis=0), *pieces)

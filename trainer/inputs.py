@@ -10,7 +10,8 @@ from typing import Any, Callable, Optional, Union
 import tensorflow as tf
 
 from trainer.config import ConfigError
-from trainer.data import DataError, hold_until_exit, release_in_background
+from trainer.data import DataError
+from trainer.iterator_release import hold_until_exit, release_in_background
 from trainer.step import Step
 
 log = logging.getLogger("trainer.core")
@@ -22,8 +23,8 @@ _trained_from: "weakref.WeakSet" = weakref.WeakSet()  # seeded shuffles a traini
 class KeptIterator:
     """What a fit() call that ended normally leaves for the next call on the same data set. When it is
     let go (fit() on other data, or the Trainer is freed), its iterator dies on the release thread: after a
-    100 s run, destroying it in the calling thread took 45 s (tf.data's autotuner wait, see data.py). One
-    still held at exit is let go by data.py's exit hook (hold_until_exit)."""
+    100 s run, destroying it in the calling thread took 45 s (tf.data's autotuner wait, see iterator_release.py). One
+    still held at exit is let go by iterator_release.py's exit hook (hold_until_exit)."""
 
     def __init__(self, data: DataArg, step: int, iterator: Any, replicas: int = 1):
         self.data, self.step, self.iterator, self.replicas = data, step, iterator, replicas
@@ -49,7 +50,7 @@ def sample_batch(data: DataArg, strategy: tf.distribute.Strategy):
         make = getattr(data, "unshuffled", data)
         probe = [iter(make(tf.distribute.InputContext(1, 0, strategy.num_replicas_in_sync)))]
     sample = next(probe[0])
-    # its age includes filling a shuffle buffer: see data.py
+    # its age includes filling a shuffle buffer: see iterator_release.py
     release_in_background(probe, strategy.num_replicas_in_sync)
     replicas = strategy.num_replicas_in_sync
     batch_size = int(tf.nest.flatten(sample)[0].shape[0]) * (1 if isinstance(data, tf.data.Dataset) else replicas)

@@ -13,7 +13,7 @@ import tensorflow as tf
 from tensorflow.python.util import deprecation as _tf_deprecation
 
 from trainer import ema, evalsets, signals, step_functions
-from trainer.data import release_in_background
+from trainer.iterator_release import release_in_background
 from trainer.errors import EXIT_BUG, EXIT_SIGNAL, TrainerError
 from trainer.inputs import batches_read_per_step, distribute, nothing_to_train
 from trainer.xla_measure import measure_first_loop
@@ -344,7 +344,7 @@ def evaluate(trainer, eval_data, *, steps: Optional[int], step: int, callbacks=N
             break
     if bar is not None:
         bar.close()
-    release_in_background(holder, t.strategy.num_replicas_in_sync)  # its destruction can wait (see data.py)
+    release_in_background(holder, t.strategy.num_replicas_in_sync)  # its destruction can wait (iterator_release.py)
     t.eval_batches = done  # what this evaluation read (python -m trainer.evaluate records it)
     logs: Dict[str, Any] = {"step": step, "split": "eval", **t.eval_window.logs()}
     if callbacks is not None:

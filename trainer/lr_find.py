@@ -59,14 +59,6 @@ def find(cfg, steps: int, min_lr: float, max_lr: float):
     return lr_find(trainer, train, steps=steps, min_lr=min_lr, max_lr=max_lr)
 
 
-def _load_tensorflow() -> None:
-    quiet_tensorflow_import()  # before basicConfig: TensorFlow gives its logger its own handler only then
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    # not its INFO lines (a "Reduce to" per variable when mirrored)
-    logging.getLogger("tensorflow").setLevel(logging.WARNING)
-
-
 def main(argv=None) -> int:
     from trainer.argv_check import problem_in
     from trainer.assemble import compose_config
@@ -77,7 +69,11 @@ def main(argv=None) -> int:
         problem = problem_in(args.overrides)  # as python -m trainer says it (trainer/argv_check.py), at once
         if problem:
             raise LRFindArgumentError(problem)
-        _load_tensorflow()
+        quiet_tensorflow_import()  # before basicConfig: TensorFlow gives its logger its own handler only then
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("absl").setLevel(logging.ERROR)
+        # not its INFO lines (a "Reduce to" per variable when mirrored)
+        logging.getLogger("tensorflow").setLevel(logging.WARNING)
         from trainer.lr_finder import check_settings  # Keras
 
         check_settings(args.steps, args.min_lr, args.max_lr)  # before the config, data and model are built

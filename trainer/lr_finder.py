@@ -182,7 +182,7 @@ def lr_find(trainer, train_data, *, steps: int = 100, min_lr: float = 1e-7, max_
     Raises:
       ConfigError: bad settings, or a step that logs no `monitor`.
     """
-    from trainer.data import release_in_background
+    from trainer.iterator_release import release_in_background
     from trainer.inputs import sample_batch, training_iterator
 
     check_settings(steps, min_lr, max_lr, smoothing, divergence)

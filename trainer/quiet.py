@@ -69,7 +69,7 @@ def register_when_keras_loaded() -> None:
 
 def when_loaded(name: str, call) -> None:
     """`call()` once the module `name` has loaded: now if it has, else right after its import, whoever imports
-    it (trainer.data registers its exit hook after TensorFlow's own that way)."""
+    it (trainer.iterator_release registers its exit hook after TensorFlow's own that way)."""
     if name in sys.modules:
         call()
     else:

@@ -236,7 +236,7 @@ class RunFolderCallback(HydraCallback):
             check_config(config, config.hydra.runtime.choices)
             # The config is good, so a run starts: TensorFlow loads now, before the folder exists (an interrupt
             # while it loads leaves none) and before fast_dev_run's scratch removal is registered (exit hooks
-            # run last-registered first: the removal must come before TensorFlow's and trainer.data's own).
+            # run last-registered first: the removal must come before TensorFlow's and trainer.iterator_release's own).
             quiet_tensorflow_import()
             if OmegaConf.select(config, "trainer.fast_dev_run"):
                 folder = self._scratch_folder(config)

@@ -102,11 +102,11 @@ def trying(trainer, jit_compile: Optional[bool]):
 
 def keep(trainer, train_function: Callable, jit_compile: bool) -> None:
     """Keeps `train_function`, made by make_train_function(..., jit_compile) and traced, as the train function
-    (what measuring chose); the eval function is compiled as the choice says."""
+    (what measuring chose); the eval function is compiled as the choice says. What the train step read in
+    Python (`seen`) was recorded as its trace ended (make_train_function)."""
     functions = of(trainer)
     functions.jit_compile, functions.train, functions.eval = jit_compile, train_function, None
     functions.edits_seen = model_edits.count()  # traced just now, with the models as they are
-    functions.seen = trace_inputs.Seen.now(trainer.models.values(), trainer.grad_multipliers)
     _select_skips(trainer, trainer.plan_xla().whole_step)  # as the kept function was traced with
 
 

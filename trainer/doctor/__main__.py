@@ -233,4 +233,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())  # at exit, trainer/data.py waits for the grid's iterators still being freed
+    sys.exit(main())  # at exit, trainer/iterator_release.py waits for the grid's iterators still being freed

@@ -258,7 +258,7 @@ def speed_section(make_trainer: Callable[[str, bool], object], data_for_batch: C
         _add_phases(rows, prepared, data_for_batch, configs[0].batch, progress)
     calls.clear()
     prepared.clear()
-    gc.collect()  # the Trainers (cycles) die now, their tf.data iterators on release threads, not at exit (data.py)
+    gc.collect()  # the Trainers (cycles) die now, their iterators on release threads, not at exit (iterator_release.py)
     return {"rounds": rounds, "call_seconds": call_seconds, "steps_per_loop": per_loop, "configs": rows,
             "skipped": skipped,
             "memory_means": ("device allocator peak minus the memory in use before (MiB)" if rows and any(
