@@ -86,7 +86,9 @@ class TrainerConfig(Checked):
     # see trainer/fused.py); false: Keras' own ops.
     fused_optimizer: bool = True
     deterministic: bool = False  # op determinism + seeded everything: bit-identical reruns on CPU
-    progress_bar: bool = True  # a progress bar on the terminal; false: a log line per log and eval event
+    # a progress bar: None (auto) when stderr is a terminal (or a notebook), as tqdm's disable=None, so a log
+    # (`2>log`, a batch job) gets log lines, not bar frames; true: always; false: a log line per log and eval event
+    progress_bar: Optional[bool] = None
     # fit() from Python: its log lines and end summary on stderr, where no logging is configured (the CLI
     # configures it); false: quiet, no log lines and no progress bar.
     verbose: bool = True

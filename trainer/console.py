@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Optional
 
 BAR_SHOWS = "trainer_bar_shows"  # a record's attribute: the progress bar shows its line (the train lines)
 
@@ -51,6 +52,21 @@ def _handlers_reached(record: logging.LogRecord):
         reached.extend(h for h in logger.handlers if record.levelno >= h.level)
         logger = logger.parent if logger.propagate else None
     return reached
+
+
+def bar_shown(progress_bar: Optional[bool]) -> bool:
+    """trainer.progress_bar as set; None (auto) draws the bar where someone watches it, as tqdm's disable=None:
+    stderr (where tqdm draws) a terminal, or a Jupyter kernel (tqdm.auto's widget). A log file (`2>log`, a
+    batch job's output) gets the log lines instead of every frame of the bar."""
+    if progress_bar is not None:
+        return bool(progress_bar)
+    try:
+        if sys.stderr.isatty():
+            return True
+    except (AttributeError, ValueError):  # replaced by an object without isatty, or closed
+        pass
+    shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
 
 
 def show_logs_unless_configured(verbose: bool) -> None:
