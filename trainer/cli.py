@@ -212,14 +212,12 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 
 def _remove_unused_run_folder(code: int) -> None:
-    """Bad input found once data or model were built (a data.path, trainer.init_from, labels, a monitor or
-    best_metric no result has) leaves no run folder, as a config error found before it does: what this start
-    added goes, and a folder it made with it (trainer/runlock.py: never an existing run's files, nor a
-    checkpoint this start saved)."""
-    from trainer.runlock import undo_failed_start
+    """Bad input found once data or model were built (a data.path, trainer.init_from, labels) leaves no run folder,
+    as a config error found before it does: a folder this run made, holding only its lock and log, goes."""
+    from trainer.runlock import remove_if_unused
 
     folder = HydraConfig.get().runtime.output_dir
-    if code == EXIT_USER_ERROR and HydraConfig.get().mode != RunMode.MULTIRUN and undo_failed_start(folder):
+    if code == EXIT_USER_ERROR and HydraConfig.get().mode != RunMode.MULTIRUN and remove_if_unused(folder):
         log.info("Removed the run folder %s this run had made: nothing was trained in it", folder)
 
 

@@ -16,7 +16,6 @@ import contextlib
 import errno
 import fcntl
 import json
-import logging
 import os
 import shutil
 import socket
@@ -32,8 +31,7 @@ from trainer.errors import UserError, report_error
 
 LOCK_FILE = ".trainer.lock"
 _held: Dict[Path, int] = {}  # folder -> lock descriptor, for the folders this process holds
-_made: set = set()  # the run folders this process created (undo_failed_start may delete only those whole)
-_before: Dict[Path, set] = {}  # folder -> its paths when this process took it (what undo_failed_start keeps)
+_made: set = set()  # the run folders this process created (remove_if_unused may delete only those)
 
 
 class RunFolderError(UserError, RuntimeError):
@@ -67,8 +65,6 @@ def acquire(folder, hold: bool = True) -> Optional[int]:
         if not folder.exists():
             _made.add(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        if hold:  # this start's baseline: a failed start removes only what it added (undo_failed_start)
-            _before[folder] = set() if folder in _made else _paths(folder)
         fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise _cannot_write(folder, e) from None
@@ -174,60 +170,16 @@ def release(fd: Optional[int]) -> None:
     if fd is not None:
         for folder in [f for f, held in _held.items() if held == fd]:
             del _held[folder]
-            _before.pop(folder, None)
         os.close(fd)  # closing the descriptor drops the flock
 
 
-# The run's own folders, listed whole (what a start adds inside them: a checkpoint, an event file); elsewhere only
-# the top level is listed, so a run_dir given from Python that holds a large tree costs no walk of it.
-_RUN_SUBFOLDERS = ("checkpoints", "tensorboard", ".hydra")
+def remove_if_unused(folder) -> bool:
+    """Removes `folder` when this process created it and it holds nothing but its lock and trainer.log: a run
+    that failed on bad input before training (data, model, init_from), so it leaves no run folder, as a
+    config error caught earlier does. A folder that existed before (a previous run's) is never touched."""
+    import logging
 
-
-def _paths(folder: Path) -> set:
-    """The entries of `folder`, and everything under its run subfolders, relative to it (symlinks not followed)."""
-    found = set()
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            found.add(entry.name)
-            if entry.name in _RUN_SUBFOLDERS and entry.is_dir(follow_symlinks=False):
-                for root, dirs, files in os.walk(entry.path):
-                    found.update(os.path.relpath(os.path.join(root, name), folder) for name in dirs + files)
-    return found
-
-
-def undo_failed_start(folder) -> bool:
-    """After a start that failed on bad input (a config error found once the model was built, a data.path, an
-    init_from): what it added to the run folder goes, so nothing that looks like a run is left (a
-    model_summary.txt, tensorboard/, metrics.jsonl of a run that never trained), and a folder it created goes
-    whole, as a config error caught before the folder existed leaves none. What was there before (a resumed
-    run's checkpoints and logs) is never touched, nor anything once the start wrote under checkpoints/ (a
-    save: it trained, so it is kept to resume; or a resume_from's set-aside). Returns whether the folder went."""
     folder = Path(os.path.abspath(folder))
-    before = _before.pop(folder, None)
-    if before is None or not folder.is_dir():
-        return False
-    added = _paths(folder) - before
-    if any(Path(p).parts[0] == "checkpoints" and (folder / p).is_file() for p in added):
-        return False
-    removed = sorted(added - {LOCK_FILE, "trainer.log"})
-    for path in reversed(removed):  # a folder's files before the folder
-        full = folder / path
-        if full.is_dir() and not full.is_symlink():
-            shutil.rmtree(full, ignore_errors=True)  # new, so all it holds is new
-        else:
-            with contextlib.suppress(OSError):
-                full.unlink()
-    if _remove_if_unused(folder):
-        return True
-    if removed:
-        logging.getLogger("trainer").info("Removed what this failed start had added to the run folder %s: %s",
-                                          folder, ", ".join(p for p in removed if os.path.dirname(p) not in added))
-    return False
-
-
-def _remove_if_unused(folder: Path) -> bool:
-    """Removes `folder` when this process created it and it holds nothing but its lock and trainer.log. A folder
-    that existed before (a previous run's) is never removed."""
     if (folder not in _made or not folder.is_dir()
             or any(p.name not in (LOCK_FILE, "trainer.log") for p in folder.iterdir())):
         return False
@@ -241,17 +193,12 @@ def _remove_if_unused(folder: Path) -> bool:
 
 
 @contextlib.contextmanager
-def run_folder_lock(folder, hold: bool = True, undo: bool = False) -> Iterator[None]:
+def run_folder_lock(folder, hold: bool = True) -> Iterator[None]:
     """Holds `folder`'s lock for the block (see `acquire`); `hold=False` (a non-chief worker) only
-    checks that the folder is writable. `undo`: a UserError out of the block undoes what the block added
-    to the folder (undo_failed_start), when this call took the lock."""
+    checks that the folder is writable."""
     fd = acquire(folder, hold)
     try:
         yield
-    except UserError:
-        if undo and fd is not None:
-            undo_failed_start(folder)
-        raise
     finally:
         release(fd)
 
