@@ -5,7 +5,6 @@ decides when."""
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import logging
 import math
@@ -21,7 +20,7 @@ from trainer.callbacks.base import Callback, CallbackState
 from trainer.callbacks.control import log_names
 from trainer.callbacks.numerics import check_weights_finite
 from trainer import resume_from
-from trainer.checkpoint import NO_BEST, Checkpointer
+from trainer.checkpoint import NO_BEST, Checkpointer, close_hint
 from trainer.config import ConfigError, TrainerConfig
 from trainer.inputs import batches_read_per_step
 from trainer.load_weights import init_from_targets, warm_start_models
@@ -45,18 +44,18 @@ def _configured_settings(trainer) -> Dict[str, Tuple[Optional[float], float]]:
 
 def check_best_metric(trainer, key: Optional[str], names: List[str]) -> None:
     """trainer.best_metric (`key`: the eval record's key it reads) must name an eval result: one no result has
-    is a ConfigError naming them and the closest spelling, before the first step when the names are known
-    (the default test_step's), else at the first evaluation, not a warning after an evaluation that with
-    eval_every=0 is the run's end. The default, `accuracy`, on a model without that metric was not asked for:
-    it stays the warning of Checkpointer.update_best (no best checkpoint is kept)."""
+    is a ConfigError naming them and the closest spelling before the first step, when the names are known
+    (the default test_step's), not a warning after an evaluation that with eval_every=0 is the run's end. An
+    overridden test_step's names are known at its first evaluation, where stopping would lose the steps since
+    the last checkpoint: Checkpointer.update_best warns there, with the same hint. The default, `accuracy`, on a
+    model without that metric was not asked for: it stays that warning."""
     given = trainer.config.best_metric
     if not key or key in names or given == _DEFAULT_BEST_METRIC:
         return
-    close = difflib.get_close_matches(key, names, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ConfigError(f"trainer.best_metric={given!r} is not among the eval results {names}{hint}: no best "
-                      "checkpoint could be kept. Fix: trainer.best_metric=<one of them> (Trainer(best_metric=...) "
-                      "from Python; a metric's name is its `name=`), or trainer.best_metric=null to keep none.")
+    raise ConfigError(f"trainer.best_metric={given!r} is not among the eval results {names}{close_hint(key, names)}: "
+                      "no best checkpoint could be kept. Fix: trainer.best_metric=<one of them> "
+                      "(Trainer(best_metric=...) from Python; a metric's name is its `name=`), or "
+                      "trainer.best_metric=null to keep none.")
 
 
 class Checkpointing(Callback):
@@ -75,7 +74,6 @@ class Checkpointing(Callback):
         # The data position: the training batches read up to step `counted_step`. Counted, not step x batches
         # per step: a resume with other batches per step (or after a rollback) goes on where the data was.
         self.batches_read, self.counted_step = 0, None
-        self.best_checked = True  # trainer.best_metric checked against the eval results (check_best_metric)
 
     def _record(self, trainer) -> Path:
         return trainer.run_dir / "checkpoints" / "configured.json"
@@ -95,14 +93,12 @@ class Checkpointing(Callback):
     def _best_metric_key(self, trainer) -> Optional[str]:
         """The eval record key trainer.best_metric reads (`val/accuracy` with several eval sets), checked against
         the eval results when they are known now; None: no best checkpoint is tracked (no run folder)."""
-        self.best_checked = True
         if trainer.run_dir is None or not trainer.config.best_metric:
             return None
         names, sets = log_names(trainer, train=False), trainer.eval_set_names
         key = evalsets.resolve(trainer.config.best_metric, sets, names, "trainer.best_metric",
                                "Trainer(best_metric=...)")
-        self.best_checked = names is not None  # else at the first evaluation (an overridden test_step's names)
-        if names is not None:
+        if names is not None:  # else Checkpointer.update_best warns at the first evaluation (a test_step's own)
             check_best_metric(trainer, key, [f"{s}/{n}" for s in sets for n in names] if sets else names)
         return key
 
@@ -267,10 +263,6 @@ class Checkpointing(Callback):
         self.counted_step = step
 
     def on_eval_end(self, trainer, step, logs):
-        if not self.best_checked and self.checkpointer is not None:
-            self.best_checked = True
-            check_best_metric(trainer, self.checkpointer.best_metric,
-                              sorted(k for k in logs if k not in ("step", "split")))
         self.evaluated = (step, logs)  # judged at the save point, after every callback saw the results
 
     def judge_pending(self) -> None:
