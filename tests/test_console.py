@@ -309,3 +309,26 @@ def test_the_bar_is_drawn_on_a_terminal_only_unless_forced(tmp_path, tiny):
         assert bar_shown(None) and not bar_shown(False)
     with mock.patch.object(sys, "stderr", mock.Mock(isatty=lambda: False)):
         assert not bar_shown(None) and bar_shown(True)
+
+
+def test_the_auto_progress_bar_needs_a_terminal_with_columns(monkeypatch):
+    """progress_bar=null draws the bar on a terminal; one that reports 0 columns (a fresh pty, `docker exec -t`)
+    would show nothing at all, so it gets the log lines; a file gets them too."""
+    import fcntl
+    import os
+    import struct
+    import termios
+
+    from trainer.console import bar_shown
+
+    master, slave = os.openpty()
+    with os.fdopen(slave, "w") as terminal:
+        monkeypatch.setattr(sys, "stderr", terminal)
+        assert bar_shown(None) is False  # a new pty is 0 x 0
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+        assert bar_shown(None) is True
+        assert bar_shown(False) is False
+    os.close(master)
+    with open(os.devnull, "w") as file:
+        monkeypatch.setattr(sys, "stderr", file)
+        assert bar_shown(None) is False and bar_shown(True) is True
