@@ -1,4 +1,5 @@
 """Never lose work: resume, crash safety, exactly-once data, bit-identical resume, retention, warm start, export."""
+import logging
 import json
 import random
 import signal
@@ -421,6 +422,7 @@ def test_export_saved_model_and_keras_predict_like_the_trained_model(tmp_path):
 
 
 def test_a_best_metric_the_eval_does_not_report_is_a_warning(tmp_path, caplog):
+    """The default, `accuracy`, on a model whose metric has another name: not asked for, so a warning (once)."""
     trainer = Trainer(model=_net(), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       optimizer=lambda: keras.optimizers.SGD(0.1), metrics=[keras.metrics.SparseCategoricalAccuracy()],
                       run_dir=tmp_path, progress_bar=False, eval_every=5, best_metric="accuracy")
@@ -429,3 +431,48 @@ def test_a_best_metric_the_eval_does_not_report_is_a_warning(tmp_path, caplog):
     warnings = [r.getMessage() for r in caplog.records if "best_metric" in r.getMessage()]
     assert len(warnings) == 1 and "sparse_categorical_accuracy" in warnings[0]  # once, naming what there is
     assert not (tmp_path / "checkpoints" / "best").exists()
+
+
+def test_a_misspelt_best_metric_is_an_error_before_training_not_a_warning_after(tmp_path, caplog):
+    """A best_metric no eval result has (a typo) stops the run before the first step, naming the results and the
+    close spelling (it was a warning after the first evaluation: with eval_every=0, the run's end). An
+    overridden test_step's names are known once it runs: at its first evaluation a warning with the same fix
+    (stopping there would lose the steps since the last checkpoint). The CLI exits 2."""
+    from trainer.config import ConfigError
+
+    def make(run_dir, **options):
+        return Trainer(model=_net(), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                       optimizer=lambda: keras.optimizers.SGD(0.1),
+                       metrics={"accuracy": keras.metrics.SparseCategoricalAccuracy()}, run_dir=run_dir,
+                       progress_bar=False, eval_every=0, checkpoint_every=5, **options)
+
+    trainer = make(tmp_path / "py", best_metric="acuracy")
+    with pytest.raises(ConfigError, match=r"trainer.best_metric='acuracy' is not among the eval results "
+                                          r"\['accuracy', 'loss'\] \(did you mean 'accuracy'\?\)"):
+        trainer.fit(blobs(), blobs(), steps=10)
+    assert int(trainer.step.numpy()) == 0 and not list_checkpoints(tmp_path / "py" / "checkpoints")
+    with pytest.raises(ConfigError, match=r"\['val/accuracy', 'val/loss', 'ood/accuracy', 'ood/loss'\] "
+                                          r"\(did you mean 'val/accuracy'\?\)"):
+        make(tmp_path / "sets", best_metric="acuracy").fit(blobs(), {"val": blobs(), "ood": blobs()}, steps=10)
+
+    class Scored(Trainer):
+        def test_step(self, data):
+            x, y = data
+            predicted = tf.argmax(self.model(x, training=False), axis=-1, output_type=tf.int32)
+            return {"score": tf.reduce_mean(tf.cast(predicted == y, tf.float32))}
+
+    scored = Scored(model=_net(), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                    optimizer=lambda: keras.optimizers.SGD(0.1), run_dir=tmp_path / "scored", progress_bar=False,
+                    eval_every=4, checkpoint_every=100, best_metric="scor")
+    with caplog.at_level(logging.WARNING, logger="trainer.core"):
+        scored.fit(blobs(), blobs(), steps=10)
+    assert int(scored.step.numpy()) == 10  # trained on
+    warned = [r.getMessage() for r in caplog.records if "best_metric='scor'" in r.getMessage()]
+    assert len(warned) == 1 and "not among the eval results ['score'] (did you mean 'score'?)" in warned[0], warned
+
+    run_dir = tmp_path / "cli"
+    result = run_cli(*TINY, "trainer.best_metric=acuracy", f"hydra.run.dir={run_dir}")
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert "did you mean 'accuracy'" in output and "Traceback" not in output
+    assert not run_dir.exists()  # a failed start leaves no run folder (nothing was trained)

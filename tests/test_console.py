@@ -47,11 +47,12 @@ def _fit(tmp_path, configure="", then="", merged=False):
     return subprocess.run([sys.executable, "-c", script], text=True, cwd=tmp_path, timeout=300, **streams)
 
 
-# With the progress bar (the default), the eval line is a log line as the others are (it was tqdm.write's, on stdout).
+# With the progress bar (forced: a pipe is no terminal), the eval line is a log line as the others are (it was
+# tqdm.write's, on stdout).
 THEN_BAR = """
 Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        optimizer=lambda: keras.optimizers.Adam(0.01), log_every=5).fit(blobs(), blobs(), steps=7)
+        optimizer=lambda: keras.optimizers.Adam(0.01), log_every=5, progress_bar=True).fit(blobs(), blobs(), steps=7)
 """
 
 
@@ -213,10 +214,10 @@ def test_a_warning_level_handler_of_the_users_does_not_silence_the_info_lines(tm
 
 
 def test_the_eval_line_under_the_progress_bar_is_in_trainer_log_and_printed_once(tmp_path, tiny):
-    """The CLI with its progress bar (the default): `eval @ step N` is a line of the run folder's trainer.log, as
-    the other lines are (it went to stdout only), and the terminal shows it once."""
+    """The CLI with its progress bar (forced: the test's stderr is no terminal): `eval @ step N` is a line of the
+    run folder's trainer.log, as the other lines are (it went to stdout only), and the terminal shows it once."""
     run_dir = tmp_path / "run"
-    with_bar = [o for o in tiny if not o.startswith("trainer.progress_bar=")]
+    with_bar = [o for o in tiny if not o.startswith("trainer.progress_bar=")] + ["trainer.progress_bar=true"]
     result = run_cli(*with_bar, "trainer.eval_every=20", f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     text, shown = (run_dir / "trainer.log").read_text(), result.stdout + result.stderr
@@ -259,11 +260,11 @@ def assert_log_lines_start_their_rows(text: str, expected: tuple) -> None:
 
 
 def test_log_lines_clear_the_bar_and_train_lines_go_to_trainer_log_only(tmp_path, tiny):
-    """The CLI with its bar (the default), stdout and stderr in one stream as `2>&1 | tee` has them: every log line
-    (the first loop's, each checkpoint's, the eval's) starts its own row; the train lines (the bar shows them)
-    are in trainer.log, with the memory, and not on the terminal."""
+    """The CLI with its bar (forced: a pipe is no terminal), stdout and stderr in one stream as `2>&1 | tee` has
+    them: every log line (the first loop's, each checkpoint's, the eval's) starts its own row; the train lines (the
+    bar shows them) are in trainer.log, with the memory, and not on the terminal."""
     run_dir = tmp_path / "run"
-    with_bar = [o for o in tiny if not o.startswith("trainer.progress_bar=")]
+    with_bar = [o for o in tiny if not o.startswith("trainer.progress_bar=")] + ["trainer.progress_bar=true"]
     result = subprocess.run([sys.executable, "-m", "trainer", *with_bar, "trainer.eval_every=20",
                              f"hydra.run.dir={run_dir}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, cwd=tmp_path, timeout=600)
@@ -279,10 +280,55 @@ def test_log_lines_clear_the_bar_and_train_lines_go_to_trainer_log_only(tmp_path
 
 
 def test_from_python_log_lines_clear_the_bar_and_the_bar_alone_shows_the_train_lines(tmp_path):
-    """fit() from Python with the bar (the default), stderr and stdout in one stream: the first loop's line, the
+    """fit() from Python with the bar (forced), stderr and stdout in one stream: the first loop's line, the
     eval line and the summary each start their own row (the first loop's was glued onto the bar); no train line."""
     result = _fit(tmp_path, then=THEN_BAR, merged=True)
     assert result.returncode == 0, result.stdout[-3000:]
     assert_log_lines_start_their_rows(result.stdout, ("eval @ step 7: loss=", "Done: 7 steps"))
     assert result.stdout.count("First loop (trace/compile") == 3, result.stdout[-3000:]  # one per fit()
     assert "step 5/7:" not in result.stdout, result.stdout[-3000:]  # the bar shows it
+
+
+def test_the_bar_is_drawn_on_a_terminal_only_unless_forced(tmp_path, tiny):
+    """trainer.progress_bar's default decides as tqdm's disable=None: stderr to a file or a pipe (`2>log`, here
+    the test's capture) gets the log lines, not bar frames; stderr a terminal, or progress_bar=true, the bar."""
+    import sys
+    from unittest import mock
+
+    from trainer.console import bar_shown
+
+    args = [o for o in tiny if not o.startswith("trainer.progress_bar=")]
+    piped = run_cli(*args, f"hydra.run.dir={tmp_path / 'piped'}")
+    output = piped.stdout + piped.stderr
+    assert piped.returncode == 0, output[-3000:]
+    assert "%|" not in output and "step/s" not in output, output[-3000:]  # no frame of the bar
+    assert re.search(r"step 40/40: loss=\d+\.\d{4}", output), output[-3000:]  # the lines the bar would show
+    forced = run_cli(*args, "trainer.progress_bar=true", f"hydra.run.dir={tmp_path / 'forced'}")
+    assert forced.returncode == 0 and re.search(r"train: +\d+%\|", forced.stderr), forced.stderr[-3000:]
+    with mock.patch.object(sys, "stderr", mock.Mock(isatty=lambda: True)):
+        assert bar_shown(None) and not bar_shown(False)
+    with mock.patch.object(sys, "stderr", mock.Mock(isatty=lambda: False)):
+        assert not bar_shown(None) and bar_shown(True)
+
+
+def test_the_auto_progress_bar_needs_a_terminal_with_columns(monkeypatch):
+    """progress_bar=null draws the bar on a terminal; one that reports 0 columns (a fresh pty, `docker exec -t`)
+    would show nothing at all, so it gets the log lines; a file gets them too."""
+    import fcntl
+    import os
+    import struct
+    import termios
+
+    from trainer.console import bar_shown
+
+    master, slave = os.openpty()
+    with os.fdopen(slave, "w") as terminal:
+        monkeypatch.setattr(sys, "stderr", terminal)
+        assert bar_shown(None) is False  # a new pty is 0 x 0
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+        assert bar_shown(None) is True
+        assert bar_shown(False) is False
+    os.close(master)
+    with open(os.devnull, "w") as file:
+        monkeypatch.setattr(sys, "stderr", file)
+        assert bar_shown(None) is False and bar_shown(True) is True

@@ -101,8 +101,9 @@ def test_bad_values_are_refused(tmp_path):
         EarlyStopping(patience=-1)
     with pytest.raises(ConfigError, match=r"callbacks\.reduce_lr_on_plateau\.factor=1\.5 is out of range"):
         ReduceLROnPlateau(factor=1.5)
-    with pytest.raises(ConfigError, match=r"mode=auto cannot tell whether a larger 'throughput' is better"):
-        EarlyStopping(monitor="throughput")
+    stopper = EarlyStopping(monitor="train/examples_per_sec")  # a log mode=auto cannot judge: refused at fit()
+    with pytest.raises(ConfigError, match=r"mode=auto cannot tell whether a larger 'train/examples_per_sec' is better"):
+        classifier(None, [stopper]).fit(blobs(), steps=10)
     run_dir = tmp_path / "run"
     result = run_cli(*TINY, "callbacks=[early_stopping,reduce_lr_on_plateau]", "callbacks.reduce_lr_on_plateau.mode=up",
                      f"hydra.run.dir={run_dir}")
@@ -350,6 +351,25 @@ def test_a_misspelt_monitor_is_refused_before_training_also_with_eval_every_0(tm
     assert result.returncode == 2, output[-2000:]
     assert "did you mean 'accuracy'" in output and "Traceback" not in output
     assert checkpoint_steps(run_dir) == []
+
+
+def test_a_misspelt_monitor_without_a_mode_is_named_as_misspelt_not_as_a_mode_to_set(tmp_path):
+    """`acuracy` is a name mode=auto cannot judge: its error came first, asking to set the mode, where the fix is
+    the name. The close name is offered (and no mode); a good name mode=auto cannot judge still asks for a mode."""
+    from trainer import EarlyStopping
+    from trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"monitor='acuracy' is not among the eval results .*did you mean "
+                                          r"'accuracy'") as raised:
+        classifier(None, [EarlyStopping(monitor="acuracy")]).fit(blobs(), blobs(64), steps=10)
+    assert "mode" not in str(raised.value).split("Fix:")[0]
+
+    run_dir = tmp_path / "cli"
+    result = run_cli(*TINY, "callbacks=[early_stopping]", "callbacks.early_stopping.monitor=acuracy",
+                     f"hydra.run.dir={run_dir}")
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-2000:]
+    assert "did you mean 'accuracy'" in output and "mode=min" not in output and "Traceback" not in output
 
 
 def test_a_monitor_an_overridden_test_step_lacks_fails_after_the_end_save(tmp_path):

@@ -288,3 +288,31 @@ def test_overfit_batches_an_epoch_is_those_batches():
     t = _trainer(overfit_batches=2)
     t.fit(blobs(), epochs=3)
     assert int(t.step.numpy()) == 6
+
+
+def test_fast_dev_run_takes_lightnings_number_of_batches(tmp_path, caplog):
+    """fast_dev_run=N (Lightning's whole number) trains N steps and evaluates N batches, where it used to be
+    taken for true (2 steps, silently); a value neither true/false nor a whole number >= 0 is a ConfigError
+    naming the fix, from Python and from the CLI (exit 2, no traceback, no run folder)."""
+    from trainer.config import ConfigError
+
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        dry = _trainer(max_steps=100, run_dir=tmp_path / "py", fast_dev_run=5)
+        logs = dry.fit(blobs(), blobs())
+    assert int(dry.step.numpy()) == 5 and logs["seen"] == 5 * 16
+    assert "fast_dev_run: 5 train steps and 5 eval batches" in caplog.text and not (tmp_path / "py").exists()
+    for bad in (2.5, -1, "yes", None):
+        with pytest.raises(ConfigError, match=r"trainer\.fast_dev_run=.*Fix: "):
+            _trainer(fast_dev_run=bad)
+
+    tiny = [o for o in TINY if not o.startswith("trainer.eval_steps")]
+    dry = run_cli(*tiny, "trainer.fast_dev_run=3", f"hydra.run.dir={tmp_path / 'cli'}")
+    out = dry.stdout + dry.stderr
+    assert dry.returncode == 0, out[-3000:]
+    assert "fast_dev_run: 3 train steps and 3 eval batches" in out and "step 3/3" in out, out[-3000:]
+    assert not (tmp_path / "cli").exists()
+    bad = run_cli(*TINY, "trainer.fast_dev_run=2.5", f"hydra.run.dir={tmp_path / 'bad'}")
+    out = bad.stdout + bad.stderr
+    assert bad.returncode == 2, out[-3000:]
+    assert "trainer.fast_dev_run=2.5 is neither true/false nor a whole number of batches" in out
+    assert "Traceback" not in out and not (tmp_path / "bad").exists()

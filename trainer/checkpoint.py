@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import difflib
 import json
 import logging
 import math
@@ -136,6 +137,12 @@ def non_finite_weights(model) -> List[str]:
 NO_BEST = {"max": -3.4028235e38, "min": 3.4028235e38}
 
 
+def close_hint(name: str, names: List[str]) -> str:
+    """" (did you mean 'x'?)" for the closest of `names` to a misspelt `name`, else ""."""
+    close = difflib.get_close_matches(name, names, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 class Checkpointer:
     """Saves and restores the trainer's state in `directory`.
 
@@ -213,9 +220,9 @@ class Checkpointer:
         if self.best_metric and self.best_metric not in eval_logs and not self._warned_no_best:
             self._warned_no_best = True
             names = sorted(k for k in eval_logs if k not in ("step", "split"))
-            log.warning("trainer.best_metric=%r is not among the eval results %s: no best checkpoint is tracked. "
+            log.warning("trainer.best_metric=%r is not among the eval results %s%s: no best checkpoint is tracked. "
                         "Fix: trainer.best_metric=<one of them> (Trainer(best_metric=...) from Python; a metric's name "
-                        "is its `name=`).", self.best_metric, names)
+                        "is its `name=`).", self.best_metric, names, close_hint(self.best_metric, names))
         if not self.best_metric or self.best_metric not in eval_logs or not self.weights_finite():
             return False
         value = float(eval_logs[self.best_metric])

@@ -5,6 +5,7 @@ missing group option is an error at composition time, before any work starts.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, List, Mapping, Optional
 
@@ -85,7 +86,9 @@ class TrainerConfig(Checked):
     # see trainer/fused.py; a step XLA compiles whole keeps Keras' ops, which XLA fuses); false: Keras' own ops.
     fused_optimizer: bool = True
     deterministic: bool = False  # op determinism + seeded everything: bit-identical reruns on CPU
-    progress_bar: bool = True  # a progress bar on the terminal; false: a log line per log and eval event
+    # a progress bar: None (auto) when stderr is a terminal (or a notebook), as tqdm's disable=None, so a log
+    # (`2>log`, a batch job) gets log lines, not bar frames; true: always; false: a log line per log and eval event
+    progress_bar: Optional[bool] = None
     # fit() from Python: its log lines and end summary on stderr, where no logging is configured (the CLI
     # configures it); false: quiet, no log lines and no progress bar.
     verbose: bool = True
@@ -94,9 +97,9 @@ class TrainerConfig(Checked):
 
     # [N, M]: a TensorBoard profiler trace of train steps N..M, under the run folder's tensorboard/
     profile_steps: Optional[List[int]] = ranged(None, "[1, inf)")
-    # a dry run: 2 train steps and 2 eval batches from fresh weights; no checkpoints,
-    # metrics or TensorBoard files; the run folder is neither read nor written
-    fast_dev_run: bool = False
+    # a dry run from fresh weights: true, 2 train steps and 2 eval batches; N (Lightning's whole number),
+    # N of each; 0/false: off. No checkpoints, metrics or TensorBoard files; the run folder is neither read nor written
+    fast_dev_run: Any = ranged(False, "[0, inf)")
     # N > 0: train, and evaluate, on the same first N training batches over and over (the loss should go near 0); 0: off
     overfit_batches: int = ranged(0, "[0, inf)")
     # Lightning's name: N >= 1 evaluates N batches (as eval_steps), a fraction in (0, 1) that share of the
@@ -106,7 +109,8 @@ class TrainerConfig(Checked):
     @staticmethod
     def check_combined(values: Mapping[str, Any], prefix: str) -> None:
         """The rules across fields: batches_per_step not with grad_accum_steps; profile_steps is [N, M] with
-        N <= M; limit_eval_batches above 1 is a whole number, and agrees with eval_steps."""
+        N <= M; fast_dev_run is a bool or a whole number; limit_eval_batches above 1 is a whole number, and
+        agrees with eval_steps."""
         if (per_step := values.get("batches_per_step", 1)) > 1 and values.get("grad_accum_steps", 1) > 1:
             raise ConfigError(f"{prefix}.batches_per_step={per_step} and "
                               f"{prefix}.grad_accum_steps={values['grad_accum_steps']}: the overridden step that takes "
@@ -115,6 +119,11 @@ class TrainerConfig(Checked):
         if steps is not None and (len(steps) != 2 or steps[0] > steps[1]):
             raise ConfigError(f"{prefix}.profile_steps={list(steps)} must be two steps [N, M] with 1 <= N <= M. "
                               f"Fix: e.g. {prefix}.profile_steps=[10,20] (a trace of steps 10 to 20).")
+        dev = values.get("fast_dev_run", False)
+        if not isinstance(dev, (bool, numbers.Integral)):  # an Any field: OmegaConf lets 2.5, "yes" and null in
+            raise ConfigError(f"{prefix}.fast_dev_run={dev!r} is neither true/false nor a whole number of batches. "
+                              f"Fix: {prefix}.fast_dev_run=true (2 train steps and 2 eval batches) or a number N "
+                              f"(N of each, as Lightning's fast_dev_run=N), e.g. {prefix}.fast_dev_run=5.")
         limit, eval_steps = values.get("limit_eval_batches"), values.get("eval_steps")
         if limit is not None and limit > 1 and limit != int(limit):
             raise ConfigError(f"{prefix}.limit_eval_batches={limit} is neither a whole number of batches nor a "

@@ -17,8 +17,10 @@ from trainer.callbacks import Callback
 
 log = logging.getLogger("trainer")
 
-# Changing these is how a run is continued (docs: "raise trainer.max_steps to continue it"): said, not warned.
-_CONTINUATION_KEYS = {"trainer.max_steps", "trainer.epochs"}
+# Changing these is how a run is continued (docs: "raise trainer.max_steps to continue it"), or changes only what
+# the terminal shows (progress_bar's default became null, auto, so every earlier run's record has true): said,
+# not warned.
+_CONTINUATION_KEYS = {"trainer.max_steps", "trainer.epochs", "trainer.progress_bar", "trainer.verbose"}
 
 
 def _flat(node: Any, prefix: str = "") -> Dict[str, Any]:

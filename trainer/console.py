@@ -9,7 +9,9 @@ progress bar is drawn, the console handlers write with the bar cleared and drawn
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from typing import Optional
 
 BAR_SHOWS = "trainer_bar_shows"  # a record's attribute: the progress bar shows its line (the train lines)
 
@@ -51,6 +53,22 @@ def _handlers_reached(record: logging.LogRecord):
         reached.extend(h for h in logger.handlers if record.levelno >= h.level)
         logger = logger.parent if logger.propagate else None
     return reached
+
+
+def bar_shown(progress_bar: Optional[bool]) -> bool:
+    """trainer.progress_bar as set; None (auto) draws the bar where someone watches it, as tqdm's disable=None:
+    stderr (where tqdm draws) a terminal of some width, or a Jupyter kernel (tqdm.auto's widget). A log file
+    (`2>log`, a batch job's output) gets the log lines instead of every frame of the bar, and so does a terminal
+    that reports 0 columns (`docker exec -t`, some CI runners), where tqdm would draw nothing at all."""
+    if progress_bar is not None:
+        return bool(progress_bar)
+    try:
+        if sys.stderr.isatty():
+            return os.get_terminal_size(sys.stderr.fileno()).columns > 0
+    except (AttributeError, ValueError, OSError):  # replaced by an object without isatty or a file, or closed
+        pass
+    shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
 
 
 def show_logs_unless_configured(verbose: bool) -> None:

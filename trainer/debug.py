@@ -15,9 +15,16 @@ from trainer.inputs import DataArg, batches_read_per_step
 
 log = logging.getLogger("trainer.core")
 
-# Train steps and eval batches of a fast_dev_run (Lightning runs 1 of each): the second step calls the
-# traced loop again, so a retrace or a variable created on the first call shows up too.
+# Train steps and eval batches of fast_dev_run=true (Lightning's True runs 1 of each): the second step calls
+# the traced loop again, so a retrace or a variable created on the first call shows up too.
 FAST_DEV_RUN_BATCHES = 2
+
+
+def fast_dev_run_batches(config) -> int:
+    """The train steps, and eval batches, of a fast_dev_run: true's FAST_DEV_RUN_BATCHES, or N for a whole
+    number N (Lightning's fast_dev_run=N); 0 when off."""
+    value = config.fast_dev_run
+    return FAST_DEV_RUN_BATCHES if value is True else int(value or 0)
 
 
 def _read_once(ds: tf.data.Dataset, n: int, asked: int) -> tf.data.Dataset:
@@ -68,7 +75,8 @@ def eval_batch_limit(config, eval_data: DataArg, strategy: tf.distribute.Strateg
         return {name: eval_batch_limit(config, data, strategy) for name, data in eval_data.items()}
     limit = config.limit_eval_batches if config.limit_eval_batches is not None else config.eval_steps
     if config.fast_dev_run:
-        return min(FAST_DEV_RUN_BATCHES, int(limit)) if limit is not None and limit >= 1 else FAST_DEV_RUN_BATCHES
+        batches = fast_dev_run_batches(config)
+        return min(batches, int(limit)) if limit is not None and limit >= 1 else batches
     if limit is None or limit >= 1:
         return None if limit is None else int(limit)
     batches = eval_set_batches(eval_data, strategy)
@@ -115,9 +123,11 @@ def plan_fit(trainer, train_data: DataArg, eval_data: Optional[DataArg],
     eval_limit = None if eval_data is None else (eval_data, trainer.config,
                                                  eval_batch_limit(cfg, eval_data, trainer.strategy))
     if cfg.fast_dev_run:
-        total = start + FAST_DEV_RUN_BATCHES
-        evaluated = f" and {FAST_DEV_RUN_BATCHES} eval batches" if eval_data is not None else ""
+        batches = fast_dev_run_batches(cfg)
+        total = start + batches
+        per_set = eval_limit[2] if eval_limit is not None and isinstance(eval_limit[2], int) else batches
+        evaluated = f" and {per_set} eval batches" if eval_data is not None else ""
         log.info("fast_dev_run: %d train steps%s from %s weights, then stop. Nothing is kept: no checkpoints, "
-                 "metrics.jsonl, TensorBoard files or profile; no run folder is read or written.", FAST_DEV_RUN_BATCHES,
+                 "metrics.jsonl, TensorBoard files or profile; no run folder is read or written.", batches,
                  evaluated, "freshly initialized" if start == 0 else "the current")
     return train_data, eval_data, total, eval_limit

@@ -13,6 +13,7 @@ import tensorflow as tf
 from tensorflow.python.util import deprecation as _tf_deprecation
 
 from trainer import ema, evalsets, signals, step_functions
+from trainer.console import bar_shown
 from trainer.iterator_release import release_in_background
 from trainer.errors import EXIT_BUG, EXIT_SIGNAL, TrainerError
 from trainer.inputs import batches_read_per_step, distribute, nothing_to_train
@@ -329,7 +330,7 @@ def evaluate(trainer, eval_data, *, steps: Optional[int], step: int, callbacks=N
         callbacks.on_eval_begin(t, step)
     holder = [iter(distribute(eval_data, t.strategy, training=False))]  # its only reference: see the end
     bar = None
-    if t.config.verbose and t.config.progress_bar:  # verbose=False: nothing on the terminal
+    if t.config.verbose and bar_shown(t.config.progress_bar):  # verbose=False: nothing on the terminal
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, desc="eval", unit="batch", leave=False, dynamic_ncols=True)

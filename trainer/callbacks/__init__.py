@@ -15,6 +15,7 @@ from trainer.callbacks.progress import LogLines, ProgressBar, Summary
 from trainer.callbacks.loggers import CSVLogger, Logger, MetricsWriter, MLflowLogger, TensorBoardWriter, default_loggers
 from trainer.callbacks.wandb_logger import WandbLogger
 from trainer.callbacks.xla_choice import XlaChoice
+from trainer.console import bar_shown
 
 __all__ = ["HOOKS", "CSVLogger", "Callback", "CallbackList", "Checkpointing", "DivergenceGuard", "EarlyStopping",
            "LogLines", "Logger", "MLflowLogger", "MetricsWriter", "NumericalError", "NumericsGuard", "Profiler",
@@ -28,7 +29,8 @@ def callback_list(trainer, user_callbacks: List[Callback]) -> CallbackList:
     before it (with on_divergence=rollback it rolls back on non-finite steps before the guard would stop)."""
     cbs: List[Callback] = [trainer.checkpointing, trainer.xla_choice]  # a restored XLA choice applies before the loop
     if trainer.config.verbose:
-        cbs.append(ProgressBar() if trainer.config.progress_bar else LogLines())  # the bar shows what LogLines logs
+        # the bar shows what LogLines logs; auto: a bar on a terminal only (console.bar_shown)
+        cbs.append(ProgressBar() if bar_shown(trainer.config.progress_bar) else LogLines())
     loggers = default_loggers(trainer) if trainer.loggers is None else trainer.loggers
     if trainer.config.fast_dev_run:  # writes nothing (trainer/debug.py)
         loggers = []

@@ -4,13 +4,14 @@ training iterator read). The files and their guarantees are checkpoint.py's Chec
 decides when."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
 import time
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import keras
 
@@ -19,14 +20,15 @@ from trainer.callbacks.base import Callback, CallbackState
 from trainer.callbacks.control import log_names
 from trainer.callbacks.numerics import check_weights_finite
 from trainer import resume_from
-from trainer.checkpoint import NO_BEST, Checkpointer
-from trainer.config import ConfigError
+from trainer.checkpoint import NO_BEST, Checkpointer, close_hint
+from trainer.config import ConfigError, TrainerConfig
 from trainer.inputs import batches_read_per_step
 from trainer.load_weights import init_from_targets, warm_start_models
 from trainer.loop import due as loop_event_due
 from trainer.saved import check_frozen_unchanged, frozen_fingerprints
 
 log = logging.getLogger("trainer.core")
+_DEFAULT_BEST_METRIC = next(f.default for f in dataclasses.fields(TrainerConfig) if f.name == "best_metric")
 
 
 def _configured_settings(trainer) -> Dict[str, Tuple[Optional[float], float]]:
@@ -38,6 +40,22 @@ def _configured_settings(trainer) -> Dict[str, Tuple[Optional[float], float]]:
         constant = float(keras.ops.convert_to_numpy(lr)) if isinstance(lr, keras.Variable) else None
         settings[name] = (constant, updater.loss_scale.status().scale)
     return settings
+
+
+def check_best_metric(trainer, key: Optional[str], names: List[str]) -> None:
+    """trainer.best_metric (`key`: the eval record's key it reads) must name an eval result: one no result has
+    is a ConfigError naming them and the closest spelling before the first step, when the names are known
+    (the default test_step's), not a warning after an evaluation that with eval_every=0 is the run's end. An
+    overridden test_step's names are known at its first evaluation, where stopping would lose the steps since
+    the last checkpoint: Checkpointer.update_best warns there, with the same hint. The default, `accuracy`, on a
+    model without that metric was not asked for: it stays that warning."""
+    given = trainer.config.best_metric
+    if not key or key in names or given == _DEFAULT_BEST_METRIC:
+        return
+    raise ConfigError(f"trainer.best_metric={given!r} is not among the eval results {names}{close_hint(key, names)}: "
+                      "no best checkpoint could be kept. Fix: trainer.best_metric=<one of them> "
+                      "(Trainer(best_metric=...) from Python; a metric's name is its `name=`), or "
+                      "trainer.best_metric=null to keep none.")
 
 
 class Checkpointing(Callback):
@@ -63,15 +81,26 @@ class Checkpointing(Callback):
     def on_train_begin(self, trainer):
         first = not self.prepared
         self.evaluated = None  # an evaluation of an earlier fit() call is never judged against later weights
+        best = self._best_metric_key(trainer)  # checked before a resume reads anything
         self._prepare(trainer)
-        if self.checkpointer is not None and trainer.config.best_metric:  # `val/accuracy` with several eval sets
-            self.checkpointer.best_metric = evalsets.resolve(trainer.config.best_metric, trainer.eval_set_names,
-                                                             log_names(trainer, train=False), "trainer.best_metric",
-                                                             "Trainer(best_metric=...)")
+        if self.checkpointer is not None and best:
+            self.checkpointer.best_metric = best
         self.last_point = int(trainer.step.numpy())  # after a resume's restore
         if first and self.counted_step is None:  # not resumed from a record: a fresh run, or one from before it
             self.batches_read = self.last_point * batches_read_per_step(trainer.config)
         self.counted_step = self.last_point
+
+    def _best_metric_key(self, trainer) -> Optional[str]:
+        """The eval record key trainer.best_metric reads (`val/accuracy` with several eval sets), checked against
+        the eval results when they are known now; None: no best checkpoint is tracked (no run folder)."""
+        if trainer.run_dir is None or not trainer.config.best_metric:
+            return None
+        names, sets = log_names(trainer, train=False), trainer.eval_set_names
+        key = evalsets.resolve(trainer.config.best_metric, sets, names, "trainer.best_metric",
+                               "Trainer(best_metric=...)")
+        if names is not None:  # else Checkpointer.update_best warns at the first evaluation (a test_step's own)
+            check_best_metric(trainer, key, [f"{s}/{n}" for s in sets for n in names] if sets else names)
+        return key
 
     def data_position(self) -> int:
         """The training batches read so far: the next fit() call's iterator skips them."""

@@ -32,8 +32,8 @@ LARGER_IS_BETTER = ("acc", "auc", "precision", "recall", "f1", "iou", "score")
 SMALLER_IS_BETTER = ("loss", "error", "mse", "mae", "perplexity")
 
 
-def resolve_mode(mode: str, monitor: str, key: str) -> str:
-    """min or max; "auto" decides from the name, as Keras does, and refuses a name it cannot judge."""
+def guess_mode(mode: str, monitor: str) -> Optional[str]:
+    """min or max; "auto" decides from the name, as Keras does; None: it cannot tell (resolve_mode)."""
     if mode != "auto":
         return mode
     name = monitor.split("/")[-1].lower()
@@ -41,6 +41,14 @@ def resolve_mode(mode: str, monitor: str, key: str) -> str:
         return "min"
     if any(word in name for word in LARGER_IS_BETTER):
         return "max"
+    return None
+
+
+def resolve_mode(mode: str, monitor: str, key: str) -> str:
+    """guess_mode, refusing a name it cannot judge (after check_monitor: a misspelt name is said as such)."""
+    guessed = guess_mode(mode, monitor)
+    if guessed is not None:
+        return guessed
     raise ConfigError(f"{key}.mode=auto cannot tell whether a larger {monitor!r} is better. Fix: set {key}.mode=min "
                       "or max.")
 
@@ -69,7 +77,9 @@ class Monitor(Callback):
 
     def __init__(self, monitor: str, mode: str, min_delta: float):
         self.monitor = monitor[len("eval/"):] if monitor.startswith("eval/") else monitor
-        self.mode = resolve_mode(mode, self.monitor, self.key)
+        # None: auto cannot tell from the name. Refused in check_monitor, after the name is checked: "set mode"
+        # would be the wrong fix for a misspelt monitor (`acuracy`), whose close name comes first.
+        self.mode = guess_mode(mode, self.monitor)
         self.min_delta = min_delta
         self.reads = self.monitor  # the eval record's key: `val/loss` for `loss` with several sets (check_monitor)
         self.owner = None  # a weak reference to the Trainer the counts belong to
@@ -120,7 +130,8 @@ class Monitor(Callback):
 
     def check_monitor(self, trainer) -> None:
         """A monitor name that no log of this trainer can hold is refused before the first step (at the first
-        event, it may be the final evaluation, after the last checkpoint)."""
+        event, it may be the final evaluation, after the last checkpoint); then a mode=auto that cannot tell
+        from a good name."""
         train = self.monitor.startswith("train/")
         names = log_names(trainer, train)
         sets = None if train else getattr(trainer, "eval_set_names", None)
@@ -130,6 +141,7 @@ class Monitor(Callback):
         if names is not None and name not in names:
             self.refuse(self.reads if sets else name, [f"{s}/{n}" for s in sets for n in names] if sets else names,
                         "train logs" if train else "eval results")
+        self.mode = resolve_mode(self.mode or "auto", self.monitor, self.key)
 
     def refuse(self, name: str, names: List[str], what: str) -> None:
         prefix = "train/" if what == "train logs" else ""

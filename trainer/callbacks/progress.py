@@ -48,7 +48,8 @@ def train_line(step: int, logs, trainer) -> str:
 
 
 class LogLines(Callback):
-    """Without the progress bar (trainer.progress_bar=false): a line per log and eval event in the log, as
+    """Without the progress bar (trainer.progress_bar=false, or left unset with stderr no terminal: a log file, a
+    pipe): a line per log and eval event in the log, as
     Keras' fit(verbose=2) prints one per epoch:
     `step 500/1500: loss=0.4300, accuracy=0.8400 (7170 ex/s) | mem 612 MiB`."""
 
