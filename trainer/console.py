@@ -55,6 +55,14 @@ def _handlers_reached(record: logging.LogRecord):
     return reached
 
 
+def _columns(terminal) -> Optional[int]:
+    """The terminal's width; None when it cannot be measured (a stand-in object without a real descriptor)."""
+    try:
+        return os.get_terminal_size(terminal.fileno()).columns
+    except (AttributeError, ValueError, OSError, TypeError):
+        return None
+
+
 def bar_shown(progress_bar: Optional[bool]) -> bool:
     """trainer.progress_bar as set; None (auto) draws the bar where someone watches it, as tqdm's disable=None:
     stderr (where tqdm draws) a terminal of some width, or a Jupyter kernel (tqdm.auto's widget). A log file
@@ -64,8 +72,8 @@ def bar_shown(progress_bar: Optional[bool]) -> bool:
         return bool(progress_bar)
     try:
         if sys.stderr.isatty():
-            return os.get_terminal_size(sys.stderr.fileno()).columns > 0
-    except (AttributeError, ValueError, OSError):  # replaced by an object without isatty or a file, or closed
+            return _columns(sys.stderr) != 0
+    except (AttributeError, ValueError):  # replaced by an object without isatty, or closed
         pass
     shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
     return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
