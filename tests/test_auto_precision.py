@@ -5,9 +5,11 @@ choice and records the chosen policy."""
 from __future__ import annotations
 
 import logging
+import re
 
 import keras
 import pytest
+import tensorflow as tf
 from omegaconf import OmegaConf
 
 from conftest import run_cli
@@ -68,6 +70,10 @@ def test_cpu_whose_bfloat16_is_not_fast_picks_float32(monkeypatch):
     calls = []
     policy, why = auto_precision.decide(measure=_probe(3.0, calls))
     assert policy == "float32" and "no AMX" in why and calls == []
+    # true for both vendors (slower on an Intel Xeon, faster for the ResNet recipe on a Zen 4): no claim of a
+    # measured step, no figures
+    assert "depends on the CPU and the model" in why and "without a measurement of this model" in why
+    assert "measured no faster" not in why and not re.search(r"\d\.?\d*x", why)
     _cpu(monkeypatch, {"amx_bf16", "avx512_bf16", "avx2", "sse4_2"})  # another machine key: not the cache above
     policy, why = auto_precision.decide(measure=_probe(0.56, calls))
     assert policy == "float32" and "0.56x" in why and "under the 2x" in why and calls == ["mixed_bfloat16"]
@@ -194,3 +200,34 @@ def test_a_cache_of_the_wrong_shape_is_ignored_with_a_warning(monkeypatch, caplo
     auto_precision.decide(measure=_probe(3.5, calls))
     assert len(calls) == 1  # the replaced cache is read back
     assert not list(auto_precision.cache_path().parent.glob(".*.tmp"))
+
+
+def test_the_start_up_line_names_the_doctor_command_of_this_run_and_no_figures(monkeypatch, caplog):
+    """AVX-512 BF16 without AMX: the log says how to measure this model (the doctor with the run's overrides,
+    --verify --set-auto); once the doctor's answer is stored, it says it follows that answer, without
+    the advice to measure again; from Python (no overrides), how to measure there."""
+    from trainer import precision as precision_lib
+
+    _cpu(monkeypatch, {"avx512_bf16"})
+    auto = PrecisionConfig(policy="auto")
+    overrides = ["recipe=resnet", "precision=auto", "model.hidden_units=[8]"]
+    with caplog.at_level(logging.INFO, logger="trainer.auto_precision"):
+        auto_precision.resolve_run(auto, measure=_probe(3.0, []), model=MODEL, overrides=overrides)
+    said = caplog.text
+    assert ("`python -m trainer.doctor recipe=resnet precision=auto 'model.hidden_units=[8]' --verify --set-auto` "
+            "measures this model" in said) and "precision=float32 (or another) overrides it" in said
+    assert not re.search(r"\d\.?\d*x", said)
+    monkeypatch.setattr(precision_lib, "cpu_flags", lambda: {"avx512_bf16", "avx2"})
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
+    hardware = precision_lib.hardware_report("float32", tf.distribute.get_strategy())
+    assert "depends on the CPU and the model" in hardware and not re.search(r"\d\.?\d*x float32", hardware)
+    auto_precision.save_doctor_answer("mixed_bfloat16", "python -m trainer precision=mixed_bfloat16", 1.6, model=MODEL)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="trainer.auto_precision"):
+        auto_precision.resolve_run(auto, model=MODEL, overrides=overrides)
+    assert "--set-auto measured it on this machine for this model" in caplog.text
+    assert "measures this model" not in caplog.text and "precision=mixed_bfloat16 (or another)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="trainer.auto_precision"):
+        assert auto_precision.resolve(auto).policy == "float32"  # a Trainer from Python: no stored answer applies
+    assert "trainer.doctor.diagnose(...) measures this model" in caplog.text and "--set-auto`" not in caplog.text

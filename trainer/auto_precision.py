@@ -1,19 +1,21 @@
 """`precision=auto`: the dtype policy this machine runs fast, without a doctor run.
 
-The hardware proposes a candidate (bfloat16 on TPUs, GPUs of compute capability >= 8.0 and CPUs with
-AMX; float16 on GPUs of 7.x; float32 elsewhere, CPUs with AVX-512 BF16 but no AMX included: their
-bfloat16 matmuls measured 0.56x-2x float32 and no faster step), and a short matmul probe (the
-candidate's dtype against float32, interleaved rounds) must confirm it: a flag says an instruction
-exists, not that TensorFlow's kernels use it well. The probe's answer is cached per machine (CPU model and flags,
-devices, TensorFlow version) in ~/.cache/trainer/precision_auto.json ($TRAINER_CACHE_DIR overrides the
-folder; trainer/precision_cache.py), so it is paid once. `python -m trainer.doctor --set-auto` stores the
-doctor's measured answer there too, for that machine AND that recipe and model config (model_identity): auto
-follows it for runs of the same model only (a step's gain from bfloat16 depends on the model: 1.1x for a
-small MLP, 2.35x for a wide one); a run of another model, or a Trainer built from Python (no recipe), gets the probe's
-rule, and the start-up log says why. The stored answer's XLA setting (what --verify trained) applies
-where trainer.jit_compile was left at its default (xla_applies, decided in resolve_run, which records the
-setting it applied). An explicit precision=... always wins. A --set-auto that measured no significant
-gain over the run's policy stores that too: auto then follows the measurement (that policy) for that model.
+The hardware proposes a candidate (bfloat16 on TPUs, GPUs of compute capability >= 8.0 and CPUs with AMX;
+float16 on GPUs of 7.x; float32 elsewhere, CPUs with AVX-512 BF16 but no AMX included: what bfloat16 gains on
+those depends on the CPU and the model, and their matmul speed-up lies around the probe's threshold, so a
+probe would flip between runs; docs/concepts/precision.md has the figures), and a short matmul probe (the
+candidate's dtype against float32, interleaved rounds) must confirm it: a flag says an instruction exists, not
+that TensorFlow's kernels use it well. The start-up log names the doctor command (with the run's overrides)
+that measures the model itself. The probe's answer is cached per machine (CPU model and flags, devices,
+TensorFlow version) in ~/.cache/trainer/precision_auto.json ($TRAINER_CACHE_DIR overrides the folder;
+trainer/precision_cache.py), so it is paid once. `python -m trainer.doctor --set-auto` stores the doctor's
+measured answer there too, for that machine AND that recipe and model config (model_identity): auto follows it
+for runs of the same model only (a step's gain from bfloat16 depends on the model: 1.1x for a small MLP, 2.35x
+for a wide one); a run of another model, or a Trainer built from Python (no recipe), gets the probe's rule,
+and the start-up log says why. The stored answer's XLA setting (what --verify trained) applies where
+trainer.jit_compile was left at its default (xla_applies, decided in resolve_run, which records the setting it
+applied). An explicit precision=... always wins. A --set-auto that measured no significant gain over the run's
+policy stores that too: auto then follows the measurement (that policy) for that model.
 
 A run keeps what auto chose for it: the choice is recorded in its run folder (precision_auto.json), and a
 resume (checkpoints present) computes in the recorded policy (and XLA setting, if the choice had one),
@@ -25,6 +27,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import shlex
 import time
 from pathlib import Path
 from typing import Callable, Mapping, NamedTuple, Optional, Sequence, Tuple
@@ -113,10 +116,10 @@ def candidate(hardware: dict) -> Tuple[str, str]:
     flags = set(hardware.get("flags", ()))
     if "amx_bf16" in flags:
         return "mixed_bfloat16", "a CPU with AMX (amx_bf16)"
-    if "avx512_bf16" in flags:  # no step gain measured on one (the doctor, docs/doctor.md): no candidate
-        return "float32", ("a CPU with AVX-512 BF16 but no AMX: its bfloat16 matmuls measured 0.56x (Intel) to about "
-                           "2x (AMD EPYC) float32, and the doctor measured no faster training step from them "
-                           "(python -m trainer.doctor --verify --set-auto measures your model and stores its answer)")
+    if "avx512_bf16" in flags:  # faster on some CPUs and models, slower on others (docs/concepts/precision.md)
+        return "float32", ("a CPU with AVX-512 BF16 but no AMX: whether bfloat16 trains faster than float32 on such "
+                           "CPUs depends on the CPU and the model, so auto does not choose it without a measurement "
+                           "of this model")
     return "float32", "a CPU without AVX-512 BF16 or AMX: bfloat16 is emulated, float16 is slow"
 
 
@@ -160,11 +163,13 @@ def save_doctor_answer(policy: str, command: str, speedup: float, strategy=None,
 
 
 class Choice(NamedTuple):
-    """precision=auto's answer: the policy, why, and the XLA setting of a stored doctor answer (None: none)."""
+    """precision=auto's answer: the policy, why, the XLA setting of a stored doctor answer (None: none), and
+    whether it is the doctor's measured answer for this model (else the hardware rule and the probe's)."""
 
     policy: str
     why: str
     jit_compile: Optional[bool] = None
+    measured: bool = False
 
 
 def _doctor_answer(entry: dict, model: Optional[dict]) -> Tuple[Optional[dict], str]:
@@ -189,11 +194,12 @@ def _followed(doctor: dict) -> Choice:
     forget = f"delete {cache_path()} to forget it"
     if doctor.get("verdict") == NO_GAIN:
         return Choice(doctor["policy"], f"the doctor measured no significant gain for this model: {doctor['policy']} "
-                                        f"(python -m trainer.doctor --set-auto on this machine, {at}); {forget}", xla)
+                                        f"(python -m trainer.doctor --set-auto on this machine, {at}); {forget}", xla,
+                      measured=True)
     return Choice(doctor["policy"], (
         f"python -m trainer.doctor --set-auto measured it on this machine for this model ({at}: "
         f"{doctor['command']}, {doctor['speedup']:.2f}x{'' if xla is None else ', XLA ' + ('on' if xla else 'off')}); "
-        f"{forget}"), xla)
+        f"{forget}"), xla, measured=True)
 
 
 def choose(strategy=None, measure: Optional[Callable[[str], dict]] = None, model: Optional[dict] = None) -> Choice:
@@ -263,6 +269,26 @@ def _applied_xla(xla: Optional[bool], jit_compile, overrides: Optional[Sequence[
     return None
 
 
+def doctor_command(overrides: Sequence[str]) -> str:
+    """The doctor command that measures the model of a run with these overrides and stores its answer for
+    precision=auto (`python -m trainer.doctor <overrides> --verify --set-auto`)."""
+    return " ".join(["python -m trainer.doctor", *map(shlex.quote, overrides), "--verify", "--set-auto"])
+
+
+def next_step(choice: Choice, overrides: Optional[Sequence[str]]) -> str:
+    """What the start-up log adds after auto's reason: how to measure this model (the doctor command with the
+    run's `overrides`; None: a Trainer from Python, which follows no stored answer), unless the choice is
+    already the doctor's measurement; and how to override it."""
+    override = f"precision={choice.policy} (or another) overrides it."
+    if choice.measured:
+        return override
+    if overrides is None:
+        return ("From Python, trainer.doctor.diagnose(...) measures this model (docs/doctor.md); give the policy it "
+                f"finds as Trainer(precision=...). {override}")
+    return (f"`{doctor_command(overrides)}` measures this model on this machine and stores the answer, which "
+            f"precision=auto then follows for it; {override}")
+
+
 def resolve_run(precision, strategy=None, measure: Optional[Callable[[str], dict]] = None, run_dir=None,
                 model: Optional[dict] = None, jit_compile=None, overrides: Optional[Sequence[str]] = ()):
     """(`precision` with policy auto replaced by choose()'s answer for `model`, logged with its reason;
@@ -281,8 +307,7 @@ def resolve_run(precision, strategy=None, measure: Optional[Callable[[str], dict
         xla = _applied_xla(kept.jit_compile, jit_compile, overrides, f"the run's record {Path(run_dir) / RUN_RECORD}")
         return dataclasses.replace(precision, policy=kept.policy), xla
     choice = choose(strategy, measure, model)
-    log.info("precision=auto chose %s: %s. python -m trainer.doctor measures it on your model; "
-             "precision=%s (or another) overrides it.", choice.policy, choice.why, choice.policy)
+    log.info("precision=auto chose %s: %s. %s", choice.policy, choice.why, next_step(choice, overrides))
     xla = _applied_xla(choice.jit_compile, jit_compile, overrides, "the doctor's verified answer")
     if run_dir is not None:
         try:

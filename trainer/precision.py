@@ -170,8 +170,9 @@ def cpu_model() -> str:
 
 
 def cpu_bfloat16_kernels(flags: set) -> str:
-    """Which bfloat16 matmul hardware this CPU gives oneDNN: "AMX", "AMD with AVX-512 BF16" (fast on a
-    Zen 4: 1.8x float32), "AVX-512 BF16" (Intel without AMX: 0.56x float32, measured), or "" (none)."""
+    """Which bfloat16 matmul hardware this CPU gives oneDNN: "AMX", "AMD with AVX-512 BF16" (a Zen 4: faster
+    than float32), "AVX-512 BF16" (Intel without AMX: slower, measured), or "" (none); the figures, and where
+    they were measured: docs/concepts/precision.md."""
     if "amx_bf16" in flags:
         return "AMX"
     if "avx512_bf16" in flags:
@@ -230,8 +231,8 @@ def hardware_report(policy: str, strategy: tf.distribute.Strategy) -> str:
     if kernels == "AMX":
         bf16 = "fast here (AMX)"
     elif kernels:
-        bf16 = ("supported here (AVX-512 BF16, no AMX): from 0.6x to 1.8x float32 matmul speed depending on "
-                "the CPU (`python benchmarks/bench.py --workloads mlp` measures it)")
+        bf16 = ("supported here (AVX-512 BF16, no AMX), and whether it trains faster than float32 depends on the "
+                "CPU and the model (`python -m trainer.doctor` measures your model)")
     else:
         bf16 = "emulated and slow here (no AVX-512 BF16/AMX)"
     fp16 = "avx512_fp16" in flags
