@@ -14,8 +14,9 @@ for runs of the same model only (a step's gain from bfloat16 depends on the mode
 for a wide one); a run of another model, or a Trainer built from Python (no recipe), gets the probe's rule,
 and the start-up log says why. The stored answer's XLA setting (what --verify trained) applies where
 trainer.jit_compile was left at its default (xla_applies, decided in resolve_run, which records the setting it
-applied). An explicit precision=... always wins. A --set-auto that measured no significant gain over the run's
-policy stores that too: auto then follows the measurement (that policy) for that model.
+applied). An explicit precision=... always wins. A --set-auto whose measurement ruled out a gain over the run's
+policy stores that too: auto then follows the measurement (that policy) for that model; an inconclusive
+one stores nothing.
 
 A run keeps what auto chose for it: the choice is recorded in its run folder (precision_auto.json), and a
 resume (checkpoints present) computes in the recorded policy (and XLA setting, if the choice had one),
@@ -46,7 +47,10 @@ LEAST_MATMUL_SPEEDUP = 2.0
 PROBE_SIDE, PROBE_ROUNDS = 1024, 5
 RUN_RECORD = "precision_auto.json"  # in a run folder: the policy auto chose for that run
 DTYPE_OF = {"mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}
-NO_GAIN = "no significant difference"  # an answer's verdict: the doctor measured no gain over what ran
+NO_GAIN = "no gain"  # an answer's verdict: the doctor's interval excluded a gain over what ran (decide.excludes_gain)
+# what an older doctor stored for "no significant difference", inconclusive measurements (an interval too wide
+# to tell) included: followed, with the advice to measure again
+OLD_NO_GAIN = "no significant difference"
 
 
 def _gpu_capabilities() -> list:
@@ -145,18 +149,20 @@ def measure_speedup(policy: str, rounds: int = PROBE_ROUNDS, side: int = PROBE_S
 
 def save_doctor_answer(policy: str, command: str, speedup: float, strategy=None, *, model: dict,
                        jit_compile: Optional[bool] = None, batch: Optional[int] = None,
-                       verdict: str = "faster") -> Path:
+                       verdict: str = "faster", interval: Optional[Sequence[float]] = None) -> Path:
     """What `python -m trainer.doctor --set-auto` stores: precision=auto follows it on this machine for
     runs of `model` (model_identity), with `jit_compile` (the verified configuration's XLA setting where
     it differs from the run's, None: none) where trainer.jit_compile was left at its default. `batch`: the
-    batch size it was measured at; `verdict` NO_GAIN: the doctor measured no significant gain over `policy`,
-    what the run used. The answer of before answers were kept per model is dropped."""
+    batch size it was measured at; `verdict` NO_GAIN: the doctor's interval excluded a gain over `policy`,
+    what the run used; `interval`: the speed-up's 95% interval. The answer of before answers were kept per
+    model is dropped."""
     hardware = machine(strategy)
     key = machine_key(hardware)
     cache = read_cache()
     answers = {**cache.get(key, {}).get(BY_MODEL, {})}
     answers[model["key"]] = {"policy": policy, "command": command, "speedup": speedup, "jit_compile": jit_compile,
                              "batch": batch, "verdict": verdict, "model": model["label"],
+                             "interval": None if interval is None else [float(x) for x in interval],
                              "when": time.strftime("%Y-%m-%d %H:%M")}
     write_cache(key, {BY_MODEL: answers}, cache, drop=("doctor",))
     return cache_path()
@@ -170,6 +176,11 @@ class Choice(NamedTuple):
     why: str
     jit_compile: Optional[bool] = None
     measured: bool = False
+
+
+def stored_answer(model: dict, strategy=None) -> Optional[dict]:
+    """The doctor's answer stored on this machine for `model` (model_identity), or None."""
+    return read_cache().get(machine_key(machine(strategy)), {}).get(BY_MODEL, {}).get(model["key"])
 
 
 def _doctor_answer(entry: dict, model: Optional[dict]) -> Tuple[Optional[dict], str]:
@@ -193,9 +204,14 @@ def _followed(doctor: dict) -> Choice:
     at = f"{doctor['when']}{'' if batch is None else f', batch {batch}'}"
     forget = f"delete {cache_path()} to forget it"
     if doctor.get("verdict") == NO_GAIN:
-        return Choice(doctor["policy"], f"the doctor measured no significant gain for this model: {doctor['policy']} "
+        return Choice(doctor["policy"], f"the doctor measured no gain for this model over {doctor['policy']} "
                                         f"(python -m trainer.doctor --set-auto on this machine, {at}); {forget}", xla,
                       measured=True)
+    if doctor.get("verdict") == OLD_NO_GAIN:  # maybe an inconclusive measurement: followed, not called measured
+        return Choice(doctor["policy"], (
+            f"an earlier doctor stored \"no significant gain\" for this model over {doctor['policy']} (python -m "
+            f"trainer.doctor --set-auto on this machine, {at}), which that doctor also stored for a measurement too "
+            f"wide to tell; {forget}"), xla)
     return Choice(doctor["policy"], (
         f"python -m trainer.doctor --set-auto measured it on this machine for this model ({at}: "
         f"{doctor['command']}, {doctor['speedup']:.2f}x{'' if xla is None else ', XLA ' + ('on' if xla else 'off')}); "

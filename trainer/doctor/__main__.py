@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+from trainer.doctor.decide import LEAST_SPEEDUP
 from trainer.doctor.verify import VERIFY_ROUNDS
 from trainer.errors import EXIT_USER_ERROR, UserError, reports_errors  # noqa: F401 - EXIT_USER_ERROR: its name here before
 from trainer.quiet import quiet_tensorflow_import, quiet_when_loaded
@@ -144,35 +145,88 @@ def _prepare_out_folder(out: Path) -> None:
                           "can write to") from None
 
 
+def _replaced(model: dict, policy: str, xla: Optional[bool]) -> str:
+    """' It replaces ...': the answer stored before for this model, when this one differs from it ('' when
+    there was none, or the same)."""
+    from trainer.auto_precision import stored_answer
+
+    old = stored_answer(model)
+    if old is None or (old["policy"], old.get("jit_compile")) == (policy, xla):
+        return ""
+    xla_part = "" if old.get("jit_compile") is None else f" with XLA {'on' if old['jit_compile'] else 'off'}"
+    return (f" It replaces the answer stored for this model on {old.get('when', '?')}: {old['policy']}{xla_part} "
+            f"({old.get('verdict', 'faster')}, {old['speedup']:.2f}x).")
+
+
+def _inconclusive(rec: dict, unsettled: list, model: dict) -> str:
+    """--set-auto's refusal when the measurement cannot tell a gain from none: what was measured, why it is
+    inconclusive, and the fix."""
+    def ranged(u: dict) -> str:
+        return "" if not u.get("range") else f"; its rounds' speed-ups ranged {u['range'][0]:.2f}-{u['range'][1]:.2f}x"
+
+    from trainer.auto_precision import stored_answer
+
+    measured = "; ".join(
+        f"{u['by']} measured {u['name']} at {u['speedup']:.2f}x {rec['baseline']} (95% interval "
+        f"{u['interval'][0]:.2f}-{u['interval'][1]:.2f}x, won {u['wins']} of {u['rounds']} rounds{ranged(u)})"
+        for u in unsettled)
+    fix = ("rerun with a larger --verify N (longer rounds average more of the noise out) or when the machine is "
+           "quieter" if any(u["by"] == "--verify" for u in unsettled)
+           else "rerun when the machine is quieter (--verify trains only a configuration the grid found faster)")
+    old = stored_answer(model)
+    kept = (f"it keeps following the answer stored for this model on {old.get('when', '?')} ({old['policy']})"
+            if old else "it keeps its own rule")
+    return (f"--set-auto: NOTHING STORED: the measurement is inconclusive. {measured}: the interval holds both no "
+            f"gain and a gain of {LEAST_SPEEDUP:g}x or more, so it cannot tell whether {rec['current_policy']} is the "
+            f"faster choice, and storing \"no gain\" would have precision=auto keep it for this model on a guess. "
+            f"Fix: {fix}. Nothing changed for precision=auto: {kept}.")
+
+
+def _store_kept(rec: dict, model: dict) -> None:
+    """--set-auto when the answer is to keep what the run uses: stored as a measured no gain only when no
+    configuration precision=auto could choose may be faster by a gain worth a change (every interval lies
+    below decide.LEAST_SPEEDUP: decide.excludes_gain); else nothing is stored, and said why (_inconclusive)."""
+    from trainer.auto_precision import NO_GAIN, save_doctor_answer
+
+    current = rec.get("current") or {}
+    batch, current_policy = current.get("batch"), rec.get("current_policy")
+    measured = current.get("timed", True) or "speedup" in rec.get("verify", {})
+    if current_policy is None or not measured:
+        print("--set-auto: nothing stored (what you run now was not measured: not in the grid; --verify N "
+              "trains it); precision=auto keeps its own choice")
+        return
+    if rec.get("gain_unsettled"):
+        print(_inconclusive(rec, rec["gain_unsettled"], model))
+        return
+    replaced = _replaced(model, current_policy, None)
+    checked = rec.get("verify", {})
+    path = save_doctor_answer(current_policy, rec.get("current_command", rec["command"]), 1.0, model=model,
+                              batch=batch, verdict=NO_GAIN,
+                              interval=checked["interval"] if rec.get("withdrawn_config") else None)
+    why = (f"--verify did not confirm {rec['withdrawn_config']} ({checked['speedup']:.2f}x, won {checked['wins']} "
+           f"of {checked['rounds']} rounds, 95% interval below {LEAST_SPEEDUP:g}x), so the measured answer is no "
+           f"gain over {current_policy}" if rec.get("withdrawn_config") and "speedup" in checked
+           else f"the doctor measured no gain over {current_policy} (every interval below {LEAST_SPEEDUP:g}x)")
+    print(f"--set-auto: {why} for {model['label']} (batch {batch}): stored that answer, with {current_policy} "
+          f"(what you run now): precision=auto now chooses {current_policy} for it on this machine (stored in "
+          f"{path}; other models keep the probe's rule; delete it to go back to the probe).{replaced}")
+
+
 def _set_auto(rec: Optional[dict], model: dict) -> None:
     """--set-auto: precision=auto follows the doctor's verified answer on this machine, for runs of this
     recipe and model config (`model`: auto_precision.model_identity): a change of policy or XLA setting at
-    the run's batch size, verified faster; or, when the measured answer is to keep what the run uses (no
-    significant gain, or --verify withdrew the change), that policy."""
-    from trainer.auto_precision import NO_GAIN, save_doctor_answer
+    the run's batch size, verified faster; or, when the measured answer is to keep what the run uses (every
+    interval excludes a gain, --verify's for a withdrawn change), that policy. An inconclusive measurement
+    stores nothing, and says so with the fix."""
+    from trainer.auto_precision import save_doctor_answer
 
     if rec is None:
         print("--set-auto: nothing stored (no configuration was measured)")
         return
-    current = rec.get("current") or {}
-    batch, current_policy = current.get("batch"), rec.get("current_policy")
     if not rec.get("changed"):
-        measured = current.get("timed", True) or "speedup" in rec.get("verify", {})
-        if current_policy is None or not measured:
-            print("--set-auto: nothing stored (what you run now was not measured: not in the grid; --verify N "
-                  "trains it); precision=auto keeps its own choice")
-            return
-        path = save_doctor_answer(current_policy, rec.get("current_command", rec["command"]), 1.0, model=model,
-                                  batch=batch, verdict=NO_GAIN)
-        checked = rec.get("verify", {})
-        why = (f"--verify did not confirm {rec['withdrawn_config']} ({checked['speedup']:.2f}x, won {checked['wins']} "
-               f"of {checked['rounds']} rounds), so the measured answer is no significant gain over {current_policy}"
-               if rec.get("withdrawn_config") and "speedup" in checked
-               else f"the doctor measured no significant gain over {current_policy}")
-        print(f"--set-auto: {why} for {model['label']} (batch {batch}): stored that answer, with {current_policy} "
-              f"(what you run now): precision=auto now chooses {current_policy} for it on this machine (stored in "
-              f"{path}; other models keep the probe's rule; delete it to go back to the probe)")
+        _store_kept(rec, model)
         return
+    batch = (rec.get("current") or {}).get("batch")
     if rec.get("verdict") != "faster" or rec.get("verify", {}).get("verdict") != "faster":
         why = ("the change is simpler, not significantly faster" if rec.get("verdict") != "faster"
                else "the change is not verified faster: run with --verify N")
@@ -184,15 +238,18 @@ def _set_auto(rec: Optional[dict], model: dict) -> None:
               f"data.batch_size={rec['batch']} --verify N --set-auto to store an answer for runs at that batch)")
         return
     xla = rec.get("xla")  # the verified configuration's XLA setting, stored where it differs from the run's
+    current = rec.get("current") or {}
     if xla is not None and "xla" in current and bool(current["xla"]) == bool(xla):
         xla = None
     measured = rec["verify"].get("speedup", rec["speedup"])  # as trained through fit()
-    path = save_doctor_answer(rec["policy"], rec["command"], measured, model=model, jit_compile=xla, batch=batch)
+    replaced = _replaced(model, rec["policy"], xla)
+    path = save_doctor_answer(rec["policy"], rec["command"], measured, model=model, jit_compile=xla, batch=batch,
+                              interval=rec["verify"].get("interval"))
     with_xla = ("" if xla is None
                 else f" with XLA {'on' if xla else 'off'} (where trainer.jit_compile is left at its default)")
     print(f"--set-auto: precision=auto now chooses {rec['policy']}{with_xla} on this machine for {model['label']} "
           f"(measured at batch {batch}; stored in {path}; other models keep the probe's rule; delete it to go "
-          "back to the probe)")
+          f"back to the probe).{replaced}")
 
 
 @reports_errors()

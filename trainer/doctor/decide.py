@@ -30,7 +30,8 @@ def paired_verdict(candidate: Sequence[float], baseline: Sequence[float], alpha:
     (choose()), so that nine equal configurations rarely yield a false "faster"."""
     pairs = [(c, b) for c, b in zip(candidate, baseline) if c > 0 and b > 0]
     if not pairs:
-        return {"verdict": SAME, "speedup": 1.0, "interval": [1.0, 1.0], "rounds": 0, "wins": 0, "sign_test_p": 1.0}
+        return {"verdict": SAME, "speedup": 1.0, "interval": [1.0, 1.0], "rounds": 0, "wins": 0, "sign_test_p": 1.0,
+                "range": [1.0, 1.0]}
     logs = np.log([b / c for c, b in pairs])
     rng = np.random.default_rng(0)
     means = logs[rng.integers(0, len(logs), size=(BOOTSTRAP_SAMPLES, len(logs)))].mean(axis=1)
@@ -45,7 +46,24 @@ def paired_verdict(candidate: Sequence[float], baseline: Sequence[float], alpha:
     else:
         verdict = SAME
     return {"verdict": verdict, "speedup": speedup, "interval": [low, high], "rounds": len(pairs), "wins": wins,
-            "sign_test_p": sign_test_p(wins, len(pairs))}
+            "sign_test_p": sign_test_p(wins, len(pairs)),
+            "range": [float(math.exp(logs.min())), float(math.exp(logs.max()))]}  # the rounds' speed-ups
+
+
+def excludes_gain(verdict: dict) -> bool:
+    """The speed-up's interval lies below LEAST_SPEEDUP: no gain worth a change (a measured "no gain"). An
+    interval that is not FASTER and reaches LEAST_SPEEDUP is inconclusive: too wide to tell."""
+    return verdict["interval"][1] < LEAST_SPEEDUP
+
+
+def outcome(verdict: dict) -> str:
+    """paired_verdict's answer in words, with "no difference" split into a measured no gain and an
+    inconclusive interval (excludes_gain)."""
+    if verdict["verdict"] in (FASTER, SLOWER):
+        return verdict["verdict"]
+    if excludes_gain(verdict):
+        return f"no gain (the interval lies below {LEAST_SPEEDUP:g}x)"
+    return f"inconclusive (the interval holds both no gain and a gain of {LEAST_SPEEDUP:g}x or more)"
 
 
 def wins_needed(rounds: int, alpha: float = ALPHA) -> int:

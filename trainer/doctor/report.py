@@ -10,7 +10,7 @@ import shlex
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from trainer.doctor.decide import CONFIDENCE, FASTER, LEAST_SPEEDUP, SAME, baseline_row, choose
+from trainer.doctor.decide import CONFIDENCE, FASTER, LEAST_SPEEDUP, SAME, baseline_row, choose, excludes_gain
 
 # Memory readings closer than this are noise: on a CPU, RSS growth depends on what earlier configurations
 # freed (reused by later ones); a GPU allocator's peak is exact to its block size.
@@ -98,6 +98,19 @@ def _comparison(decision: dict, best: dict, baseline: dict) -> str:
     return "closest: " + _verdict_note(others[closest], closest, baseline["name"])
 
 
+def evidence(name: str, verdict: dict, by: str) -> dict:
+    """What was measured of a configuration against the baseline, as --set-auto reports it."""
+    return {"name": name, "by": by, **{k: verdict.get(k) for k in ("speedup", "interval", "wins", "rounds", "range")}}
+
+
+def unsettled(versus: dict, rows: List[dict], baseline: dict) -> List[dict]:
+    """The configurations at the baseline's batch (what precision=auto could choose) that were not measured
+    faster but whose interval does not exclude a gain either (decide.excludes_gain): too wide to tell."""
+    return [evidence(r["name"], versus[r["name"]], "the grid") for r in rows
+            if r is not baseline and r["name"] in versus and r["batch"] == baseline["batch"]
+            and versus[r["name"]]["verdict"] != FASTER and not excludes_gain(versus[r["name"]])]
+
+
 def _command(program: str, kept: List[str], row: dict, scale: Optional[float]) -> str:
     """The command line that trains `row`'s configuration with the user's other overrides."""
     chosen = [f"precision={row['policy']}", f"trainer.jit_compile={'true' if row['xla'] else 'false'}",
@@ -160,6 +173,7 @@ def recommend(report: dict, overrides: Sequence[str], baseline_xla: bool, batch:
             "rounds": verdict["rounds"], "sign_test_p": verdict["sign_test_p"],
             "comparison": _comparison(decision, best, baseline),
             "versus_baseline": decision["versus"], "load_average": _load_average(),
+            "gain_unsettled": unsettled(decision["versus"], safe_rows, baseline),
             "spread": {"recommended": best.get("spread"), "baseline": baseline.get("spread")},
             "memory_saving_mb": memory, "memory_difference_measurable": memory_measurable,
             "memory_mb": {"recommended": best.get("memory_mb"), "baseline": baseline.get("memory_mb"),
@@ -311,14 +325,18 @@ def _recommendation_lines(rec: Optional[dict]) -> List[str]:
     now = "what you run now" if rec.get("current", {}).get("timed", True) else "the closest timed to what you run now"
     head = (f"{rec['config']}: {rec['speedup']:.2f}x the examples/s of {rec['baseline']} ({now}; 95% "
             f"interval {low:.2f}-{high:.2f}x, {rec.get('verdict', SAME)})")
+    wide = [u["name"] for u in rec.get("gain_unsettled", [])]
     if not rec.get("changed", True) and not rec.get("withdrawn_config"):
         head = (f"{rec['config']} ({now}): keep it; no significant difference: no safe configuration "
-                "was significantly faster")
+                "was significantly faster" + (f" (inconclusive for {', '.join(wide)}: an interval too wide to "
+                                              "tell a gain from none)" if wide else ""))
     if rec.get("unverified"):
         head = f"candidate, not yet verified: {head}; run with --verify N before switching"
     if rec.get("withdrawn_config"):
         head = (f"{rec['config']} (what you run now): keep it; the timed grid's {rec['withdrawn_config']} "
-                f"({rec['speedup']:.2f}x, interval {low:.2f}-{high:.2f}x) was not confirmed by --verify")
+                f"({rec['speedup']:.2f}x, interval {low:.2f}-{high:.2f}x) was not confirmed by --verify"
+                + (" (inconclusive: --verify's interval is too wide to tell a gain from none)"
+                   if rec["withdrawn_config"] in wide else ""))
     load = rec.get("load_average")
     spread = rec.get("spread") or {}
     noise = (f"  machine: load average {'/'.join(f'{x:g}' for x in load) if load else 'unknown'} (1/5/15 min); "

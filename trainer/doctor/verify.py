@@ -7,7 +7,8 @@ from __future__ import annotations
 import gc
 from typing import Callable, Dict, List
 
-from trainer.doctor.decide import FASTER, LEAST_SPEEDUP, SLOWER, paired_verdict, wins_needed
+from trainer.doctor.decide import FASTER, LEAST_SPEEDUP, SLOWER, excludes_gain, outcome, paired_verdict, wins_needed
+from trainer.doctor.report import evidence
 from trainer.timing import interleaved_seconds
 
 # 9 rounds: a change is confirmed when it wins 8 or 9 of them (sign test p < 0.05) and its interval lies
@@ -38,12 +39,16 @@ def verify_outcome(rec: dict, recommended: List[float], current: List[float]) ->
     rec = {**rec, "verify": {**verdict, "recommended_seconds_per_example": list(recommended),
                              "current_seconds_per_example": list(current), "withdrawn": withdrawn}}
     said = (f"--verify: {rec['config']} trained at {verdict['speedup']:.2f}x {rec['baseline']} (95% interval "
-            f"{low:.2f}-{high:.2f}x, won {verdict['wins']} of {verdict['rounds']} rounds): {verdict['verdict']}")
+            f"{low:.2f}-{high:.2f}x, won {verdict['wins']} of {verdict['rounds']} rounds): {outcome(verdict)}")
     if withdrawn:
+        # what --verify measured replaces the grid's figures for it: an interval too wide to tell is unsettled
+        others = [u for u in rec.get("gain_unsettled", []) if u["name"] != rec["config"]]
         rec.update(config=rec["baseline"], command=rec["current_command"], policy=rec["current_policy"], changed=False,
                    xla=bool(rec.get("current", {}).get("xla")),
                    batch=rec.get("current", {}).get("batch", rec.get("batch")),
-                   withdrawn_config=rec["config"], verdict="withdrawn by --verify")
+                   withdrawn_config=rec["config"], verdict="withdrawn by --verify",
+                   gain_unsettled=others + ([] if excludes_gain(verdict) or verdict["verdict"] == SLOWER
+                                            else [evidence(rec["config"], verdict, "--verify")]))
         said += ("; the recommendation is withdrawn: keep what you run now (confirming needs "
                  f"{confirms(verdict['rounds'])})")
     else:
