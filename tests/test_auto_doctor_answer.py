@@ -229,7 +229,7 @@ def test_an_inconclusive_verify_stores_nothing_and_says_so(capsys):
     inconclusive: nothing is stored (a stored answer stays), and the message says what was measured, why it
     cannot tell and the fix. A real no gain (every interval below 1.05x) is stored."""
     from trainer.doctor.__main__ import _set_auto
-    from trainer.doctor.report import render_text
+    from trainer.doctor.render import render_text
     from trainer.doctor.verify import verify_outcome
 
     model = auto_precision.model_identity("resnet", {"name": "resnet20"})

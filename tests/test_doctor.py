@@ -187,7 +187,7 @@ def test_recommendation_needs_a_significant_paired_win_and_claims_no_memory_with
     """A faster median that lost a round by a lot is not significant; a memory difference within the RSS
     noise is not called a saving; the printed report gives the ratio, its interval and the load."""
     from trainer.doctor import recommend
-    from trainer.doctor.report import render_text
+    from trainer.doctor.render import render_text
 
     baseline = _row("float32", 32, [1.0] * 8, 150.0)
     lucky = _row("mixed_bfloat16", 32, [0.5, 0.6, 1.1] * 2 + [0.5, 0.6], 40.0)  # much faster median, lost 2 rounds
@@ -243,7 +243,7 @@ def test_the_baseline_is_what_the_user_runs_now():
     assert rec["current"]["timed"] and "not timed" not in " ".join(rec["notes"])
     # the user's configuration (XLA on) was not timed: the closest row is labelled as such, not as theirs,
     # and the current command (what --verify trains) is the user's own
-    from trainer.doctor.report import _recommendation_lines
+    from trainer.doctor.render import _recommendation_lines
 
     rec = recommend(_report(f32_slow, bf16), [], baseline_xla=True, batch=32, policy="mixed_bfloat16")
     assert not rec["current"]["timed"] and rec["baseline"] == bf16["name"]
@@ -495,7 +495,7 @@ def test_no_fitting_loss_scale_blocks_float16_and_weightless_layers_get_their_gr
     import tensorflow as tf
 
     from trainer.doctor.numerics import numerics_section
-    from trainer.doctor.report import _numerics_lines
+    from trainer.doctor.render import _numerics_lines
 
     def build():
         inputs = keras.Input((4,))
@@ -584,7 +584,7 @@ def test_verify_withdraws_a_recommendation_that_does_not_train_faster():
     assert withdrawn["verify"]["withdrawn"] and withdrawn["config"] == baseline["name"]
     assert withdrawn["command"] == rec["current_command"] and "precision=float32" in withdrawn["command"]
     assert withdrawn["policy"] == "float32" and "withdrawn" in withdrawn["notes"][0]
-    from trainer.doctor.report import _recommendation_lines
+    from trainer.doctor.render import _recommendation_lines
 
     head = _recommendation_lines(withdrawn)[1]
     assert head.startswith(f"  {baseline['name']} (what you run now): keep it") and "not confirmed by --verify" in head

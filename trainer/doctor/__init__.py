@@ -13,7 +13,8 @@ import dataclasses
 import time
 from typing import Callable, Optional, Sequence
 
-from trainer.doctor.report import recommend, render_text, write_json  # noqa: F401  (the public API)
+from trainer.doctor.render import render_text  # noqa: F401  (the public API)
+from trainer.doctor.report import recommend, write_json  # noqa: F401  (the public API)
 
 SECTIONS = ("hardware", "model", "numerics", "speed")
 

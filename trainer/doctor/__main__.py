@@ -262,7 +262,8 @@ def main(argv=None) -> int:
     import tensorflow as tf
 
     from trainer.doctor.plot import plot_report
-    from trainer.doctor.report import render_text, write_json
+    from trainer.doctor.render import render_text
+    from trainer.doctor.report import write_json
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)
