@@ -86,8 +86,9 @@ def choose(rows: List[dict], baseline: dict, batch: int) -> dict:
     (so a simpler configuration is never chosen over a winner that beats it); the simplest of the top
     group is chosen, the fastest of equally simple ones. Returns {"choice", "verdict" (of the choice
     against the baseline), "versus" (every row's verdict against the baseline), "top" (the top group's
-    names)}. Every comparison uses the sign test at ALPHA / (number of rows compared), Bonferroni's
-    correction: with 9 candidates and 12 rounds a winner must win 11 of them."""
+    names), "alpha" (the sign test's level of each comparison)}. Every comparison uses the sign test at
+    ALPHA / (number of rows compared), Bonferroni's correction: with 9 candidates and 12 rounds a winner
+    must win 11 of them."""
     alpha = ALPHA / max(1, len(rows) - 1)
     versus = {r["name"]: paired_verdict(r["seconds_per_example"], baseline["seconds_per_example"], alpha)
               for r in rows if r is not baseline}
@@ -102,7 +103,8 @@ def choose(rows: List[dict], baseline: dict, batch: int) -> dict:
         for other in contenders)]
     top = top or [baseline]
     choice = min(top, key=lambda r: (complexity(r, batch), -versus[r["name"]]["speedup"]))
-    return {"choice": choice, "verdict": versus[choice["name"]], "versus": versus, "top": [r["name"] for r in top]}
+    return {"choice": choice, "verdict": versus[choice["name"]], "versus": versus, "top": [r["name"] for r in top],
+            "alpha": alpha}
 
 
 def baseline_row(rows: List[dict], policy: str, xla: bool, batch: int) -> Optional[dict]:

@@ -27,7 +27,8 @@ def _speed_panel(ax, rows: list, names: list, rec: dict) -> None:
             bars[i].set_linewidth(2.5)
     handles = [Patch(color=COLORS[p], label=p) for p in COLORS if any(r["policy"] == p for r in rows)]
     handles += [Patch(facecolor="white", edgecolor="red", linewidth=2.5,
-                      label=f"recommended ({rec.get('verdict', '-')})"),
+                      label="lead to verify" if rec.get("lead") and rec.get("unverified")
+                      else f"recommended ({rec.get('verdict', '-')})"),
                 Patch(facecolor="white", edgecolor="black", hatch="//", label="what you run now")]
     dots = ax.get_legend_handles_labels()[0]
     ax.legend(handles=handles + dots, fontsize=7, loc="lower right")

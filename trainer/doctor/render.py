@@ -147,7 +147,12 @@ def _recommendation_lines(rec: Optional[dict]) -> List[str]:
         head = (f"{rec['config']} ({now}): keep it; no significant difference: no safe configuration "
                 "was significantly faster" + (f" (inconclusive for {', '.join(wide)}: an interval too wide to "
                                               "tell a gain from none)" if wide else ""))
-    if rec.get("unverified"):
+    is_lead = rec.get("lead") and rec.get("unverified")  # a narrow pass on a noisy machine (noise.py)
+    if is_lead:
+        head = (f"lead to verify, not called faster: {rec['config']}: {rec['speedup']:.2f}x the examples/s of "
+                f"{rec['baseline']} ({now}; 95% interval {low:.2f}-{high:.2f}x), a narrow pass on a noisy machine "
+                "(see the note); keep what you run now until --verify N confirms it")
+    elif rec.get("unverified"):
         head = f"candidate, not yet verified: {head}; run with --verify N before switching"
     if rec.get("withdrawn_config"):
         head = (f"{rec['config']} (what you run now): keep it; the timed grid's {rec['withdrawn_config']} "
@@ -160,7 +165,9 @@ def _recommendation_lines(rec: Optional[dict]) -> List[str]:
              f"spread of the rounds {_g(spread.get('recommended'), '.2f')}x (recommended), "
              f"{_g(spread.get('baseline'), '.2f')}x (current)")
     lines = ["5. RECOMMENDATION", f"  {head}; {saving}", noise, f"  {rec.get('comparison', '')}".rstrip(),
-             f"  train with:  {rec['command']}"]
+             f"  train with:  {rec['current_command'] if is_lead else rec['command']}"]
+    if is_lead:
+        lines.append(f"  the lead:    {rec['command']}")
     if (rec.get("verify") or {}).get("skipped"):  # --verify was asked for, and had nothing to train
         lines.append("  --verify: nothing to compare: the recommendation is what you run now")
     lines += [f"  note: {n}" for n in rec["notes"]]

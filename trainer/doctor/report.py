@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from trainer.doctor.decide import CONFIDENCE, FASTER, LEAST_SPEEDUP, SAME, baseline_row, choose, excludes_gain
+from trainer.doctor.noise import lead, noise_note
 
 # Memory readings closer than this are noise: on a CPU, RSS growth depends on what earlier configurations
 # freed (reused by later ones); a GPU allocator's peak is exact to its block size.
@@ -18,7 +19,6 @@ MEMORY_NOISE_MB = {"gpu_allocator_peak": 4.0}
 RSS_MEMORY_NOISE_MB, RSS_MEMORY_NOISE_FRACTION = 32.0, 0.2
 REPLACED_KEYS = ("precision", "precision.policy", "trainer.jit_compile", "data.batch_size", "precision.initial_scale")
 DEFAULT_INITIAL_SCALE = 2.0**15
-NOISY_SPREAD = 1.5  # slowest / fastest call of a configuration above which its speed is called uncertain
 
 
 def _key(override: str) -> str:
@@ -86,16 +86,16 @@ def _verdict_note(verdict: dict, rec_name: str, baseline_name: str) -> str:
             f"won {verdict['wins']} of {verdict['rounds']} rounds (sign test p={verdict['sign_test_p']:.3f})")
 
 
-def _comparison(decision: dict, best: dict, baseline: dict) -> str:
-    """The paired verdict of the recommendation against the current configuration; when they are the
-    same, of the fastest other configuration (what came closest to a change)."""
+def _shown(decision: dict, best: dict, baseline: dict) -> tuple:
+    """(name, verdict against the baseline) of the recommendation; when it is the baseline itself, of the
+    fastest other configuration (what came closest to a change); (None, None) when there is none."""
     if best is not baseline:
-        return _verdict_note(decision["verdict"], best["name"], baseline["name"])
+        return best["name"], decision["verdict"]
     others = {n: v for n, v in decision["versus"].items() if n != baseline["name"]}
     if not others:
-        return ""
+        return None, None
     closest = max(others, key=lambda n: others[n]["speedup"])
-    return "closest: " + _verdict_note(others[closest], closest, baseline["name"])
+    return closest, others[closest]
 
 
 def evidence(name: str, verdict: dict, by: str) -> dict:
@@ -153,10 +153,17 @@ def recommend(report: dict, overrides: Sequence[str], baseline_xla: bool, batch:
     scale = ((report.get("numerics") or {}).get("float16") or {}).get("loss_scale")
     if best["policy"] == "mixed_float16" and scale and scale != DEFAULT_INITIAL_SCALE:
         notes.append(f"dynamic loss scaling starts at the measured safe scale {scale:g} instead of 2^15")
-    noisiest = max(best.get("spread", 1.0), baseline.get("spread", 1.0))
-    if noisiest > NOISY_SPREAD:
-        notes.append(f"the machine was noisy (a configuration's slowest call took {noisiest:.1f}x its fastest): "
-                     "the interval is wide; rerun when the machine is quieter for a sharper answer")
+    shown, shown_verdict = _shown(decision, best, baseline)
+    wide = unsettled(decision["versus"], safe_rows, baseline)
+    # the noise note speaks of the recommendation, else of the widest interval that cannot tell, else the closest
+    told = shown if best is not baseline or not wide else max(wide, key=lambda u: u["interval"][1])["name"]
+    noisiest = max(best.get("spread", 1.0), baseline.get("spread", 1.0),
+                   *([] if told is None else [next(r for r in rows if r["name"] == told).get("spread", 1.0)]))
+    is_lead = lead(verdict, decision["alpha"], noisiest) if best is not baseline else None
+    note = noise_note(noisiest, told, baseline["name"], None if told is None else decision["versus"][told], is_lead)
+    notes += [note] if note else []
+    comparison = "" if shown is None else _verdict_note(shown_verdict, shown, baseline["name"])
+    comparison = f"closest: {comparison}" if comparison and best is baseline else comparison
     if best["batch"] != batch:
         notes.append(f"data.batch_size={best['batch']} is {best['batch'] / batch:g}x the given batch: it changes the "
                      "optimization (fewer updates per epoch); raise optimizer.lr about as much (linear scaling rule) "
@@ -171,9 +178,10 @@ def recommend(report: dict, overrides: Sequence[str], baseline_xla: bool, batch:
             "verdict": verdict["verdict"] if best is not baseline else SAME,
             "speedup": verdict["speedup"], "interval": verdict["interval"], "rounds_won": verdict["wins"],
             "rounds": verdict["rounds"], "sign_test_p": verdict["sign_test_p"],
-            "comparison": _comparison(decision, best, baseline),
+            "comparison": comparison,
+            "lead": is_lead,
             "versus_baseline": decision["versus"], "load_average": _load_average(),
-            "gain_unsettled": unsettled(decision["versus"], safe_rows, baseline),
+            "gain_unsettled": wide,
             "spread": {"recommended": best.get("spread"), "baseline": baseline.get("spread")},
             "memory_saving_mb": memory, "memory_difference_measurable": memory_measurable,
             "memory_mb": {"recommended": best.get("memory_mb"), "baseline": baseline.get("memory_mb"),
