@@ -548,3 +548,29 @@ def test_unscaled_gradients_are_the_gradients_of_the_loss_divided(mode, scale):
     want = tape.gradient(scaled, [w])[0] / scale
     np.testing.assert_allclose(got[0].numpy(), want.numpy(), rtol=1e-6)
     assert got[0].dtype == tf.float32
+
+
+def test_the_precision_argument_takes_a_keras_policy_and_a_dict_and_names_what_was_meant():
+    """Trainer(precision=...) from Python: another tool's name is a ConfigError naming the policy meant as the
+    CLI does, in the Python form; a Keras dtype policy (by its name) and a dict of PrecisionConfig's fields are
+    taken; anything else is a TypeError naming what it takes (it was an AttributeError from deep inside)."""
+    from trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"did you mean mixed_bfloat16\? From Python: "
+                                          r"Trainer\(precision=\"mixed_bfloat16\"\)"):
+        make("bf16")
+    with pytest.raises(ConfigError, match=r"did you mean mixed_float16\?"):
+        PrecisionConfig(policy="fp16")
+    assert make(keras.mixed_precision.Policy("mixed_bfloat16")).precision.policy == "mixed_bfloat16"
+    taken = make({"policy": "mixed_float16", "loss_scale": 1024.0}).precision
+    assert (taken.policy, taken.loss_scale) == ("mixed_float16", 1024.0)
+    with pytest.raises(ConfigError, match=r"the dict's key 'loss_scal' is no field of PrecisionConfig. Fix: did you "
+                                          r"mean 'loss_scale'\?"):
+        make({"policy": "float32", "loss_scal": 8.0})
+    with pytest.raises(ConfigError, match=r"did you mean mixed_bfloat16\?"):  # Keras' pure bfloat16 policy
+        make(keras.mixed_precision.Policy("bfloat16"))
+    for wrong in (None, 16, ["mixed_bfloat16"]):
+        with pytest.raises(TypeError, match=r"Trainer\(precision=\.\.\.\) got .*it takes a policy name \(float32, "
+                                            r"mixed_float16, mixed_bfloat16 or auto\), a trainer.PrecisionConfig, a "
+                                            r"dict of PrecisionConfig's fields or a Keras dtype policy"):
+            make(wrong)

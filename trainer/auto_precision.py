@@ -35,7 +35,7 @@ from typing import Callable, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
-from trainer.precision import cpu_flags, cpu_model
+from trainer.precision import cpu_flags, cpu_model, precision_config
 from trainer.precision_cache import BY_MODEL, cache_path, read_cache, write_cache, write_json_atomically
 
 log = logging.getLogger(__name__)
@@ -336,7 +336,8 @@ def resolve_run(precision, strategy=None, measure: Optional[Callable[[str], dict
 
 
 def resolve(precision, strategy=None, measure: Optional[Callable[[str], dict]] = None, run_dir=None):
-    """resolve_run's precision, for a run that names no model (a Trainer from Python): a doctor answer,
-    stored per recipe and model, does not apply; the probe's rule decides. (A resume's recorded XLA
-    setting is the CLI's: a Trainer's config says its own, and none is applied or recorded.)"""
-    return resolve_run(precision, strategy, measure, run_dir, overrides=None)[0]
+    """resolve_run's precision, for a run that names no model (a Trainer from Python, whose `precision`
+    argument may be any form precision.precision_config takes: a Keras dtype policy, a dict...): a doctor
+    answer, stored per recipe and model, does not apply; the probe's rule decides. (A resume's recorded
+    XLA setting is the CLI's: a Trainer's config says its own, and none is applied or recorded.)"""
+    return resolve_run(precision_config(precision), strategy, measure, run_dir, overrides=None)[0]

@@ -13,7 +13,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 # The range machinery and ConfigError live in config_ranges; check_ranges is importable here too, as before.
-from trainer.config_ranges import MAX_STEPS, Checked, ConfigError, check_ranges, chosen, ranged  # noqa: F401
+from trainer.config_ranges import MAX_STEPS, Checked, ConfigError, check_ranges, chosen, meant_option, ranged  # noqa: F401
 
 
 @dataclass
@@ -160,6 +160,16 @@ class PrecisionConfig(Checked):
     skip_nonfinite: bool = True
     float32_layers: List[str] = field(default_factory=list)  # layer class names kept in float32
     debug_numerics: bool = False  # tf.debugging.enable_check_numerics: names the first bad op
+
+    def __post_init__(self) -> None:
+        policies = self.__dataclass_fields__["policy"].metadata["choices"]
+        if self.policy not in policies:  # from Python (the CLI checks its overrides first): the policy meant
+            meant = meant_option("precision", self.policy, policies) if isinstance(self.policy, str) else None
+            fix = (f"did you mean {meant}? From Python: Trainer(precision=\"{meant}\") (or "
+                   f"PrecisionConfig(policy=\"{meant}\"))" if meant
+                   else 'give one of them, e.g. Trainer(precision="mixed_bfloat16")')
+            raise ConfigError(f"precision.policy={self.policy!r} is not one of {'|'.join(policies)}. Fix: {fix}.")
+        super().__post_init__()
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """What a config value may be: every numeric option declares its interval with `ranged(default, "[1, inf)")`,
-a string option its choices with `chosen`, and one function checks them (`check_ranges`), for the CLI
+a string option its choices with `chosen` (`meant_option`: the choice a user meant by another tool's name or a
+close spelling), and one function checks them (`check_ranges`), for the CLI
 (config_check.check_config, before any work) and for the schema dataclasses themselves
 (`Checked.__post_init__`, so `Trainer(max_steps=-5)` fails as `trainer.max_steps=-5` does). OmegaConf ignores
 a field's metadata and never calls __post_init__ while composing (it reads the fields' defaults), so the CLI
@@ -13,7 +14,7 @@ import math
 import numbers
 import re
 from dataclasses import field
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 from omegaconf import MISSING
 
@@ -28,6 +29,31 @@ class ConfigError(UserError, ValueError):
 MAX_STEPS = 2**63 - 1  # the step counter is an int64 (in every checkpoint): no run is longer
 _INTERVAL = re.compile(r"^([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])$")
 _WHOLE = re.compile(r"(typing\.)?(Optional\[)?(List\[)?int\]*|<class 'int'>")  # an int field's (or int list's) type
+
+
+# Other tools' names for options of a config group (lower case): Lightning's Trainer(precision=...,
+# strategy="ddp"), Keras' dtype policies (the half-precision options here are the mixed ones), tf.distribute's classes.
+OPTION_SYNONYMS = {
+    "precision": {"bf16": "mixed_bfloat16", "bf16-mixed": "mixed_bfloat16", "bfloat16": "mixed_bfloat16",
+                  "16": "mixed_float16", "16-mixed": "mixed_float16", "fp16": "mixed_float16",
+                  "float16": "mixed_float16", "32": "float32", "32-true": "float32", "fp32": "float32"},
+    "strategy": {"ddp": "mirrored", "mirroredstrategy": "mirrored", "multiworkermirroredstrategy": "multi_worker",
+                 "onedevicestrategy": "one_device", "tpustrategy": "tpu"},
+}
+
+
+def meant_option(group: str, name: str, options: Sequence[str]) -> Optional[str]:
+    """The option a user most likely meant by `name`: itself in another case (`optimizer=Adam`), another tool's
+    name for it (OPTION_SYNONYMS), else the closest spelling; None when none is close."""
+    import difflib
+
+    by_lower = {option.lower(): option for option in options}
+    name = name.lower()
+    synonym = OPTION_SYNONYMS.get(group, {}).get(name)
+    close = difflib.get_close_matches(name, list(by_lower), n=1)
+    if name in by_lower:
+        return by_lower[name]
+    return synonym if synonym in options else (by_lower[close[0]] if close else None)
 
 
 def ranged(default: Any = MISSING, interval: str = "", *, factory=None) -> Any:

@@ -7,16 +7,8 @@ import functools
 from typing import List, Optional, Sequence
 
 from trainer.config_check import conf_dir
-
-# Other tools' names for options of a config group (lower case): Lightning's Trainer(precision=...,
-# strategy="ddp"), Keras' dtype policies (the half-precision options here are the mixed ones), tf.distribute's classes.
-OPTION_SYNONYMS = {
-    "precision": {"bf16": "mixed_bfloat16", "bf16-mixed": "mixed_bfloat16", "bfloat16": "mixed_bfloat16",
-                  "16": "mixed_float16", "16-mixed": "mixed_float16", "fp16": "mixed_float16",
-                  "float16": "mixed_float16", "32": "float32", "32-true": "float32", "fp32": "float32"},
-    "strategy": {"ddp": "mirrored", "mirroredstrategy": "mirrored", "multiworkermirroredstrategy": "multi_worker",
-                 "onedevicestrategy": "one_device", "tpustrategy": "tpu"},
-}
+# defined beside the choices they check (PrecisionConfig's check names the option meant too); argv_check reads them here
+from trainer.config_ranges import OPTION_SYNONYMS, meant_option  # noqa: F401
 
 LIST_GROUPS = ("logger", "callbacks")  # several options at once (conf/config.yaml's defaults)
 
@@ -44,20 +36,6 @@ def config_groups() -> List[str]:
     folders = [p.name for p in conf_dir().iterdir() if p.is_dir()]
     names = {*folders, *ConfigStore.instance().list("")} - {"hydra"}
     return sorted(name for name in names if not name.startswith("_") and group_options(name) is not None)
-
-
-def meant_option(group: str, name: str, options: Sequence[str]) -> Optional[str]:
-    """The option a user most likely meant by `name`: itself in another case (`optimizer=Adam`), another tool's
-    name for it (OPTION_SYNONYMS), else the closest spelling; None when none is close."""
-    import difflib
-
-    by_lower = {option.lower(): option for option in options}
-    name = name.lower()
-    synonym = OPTION_SYNONYMS.get(group, {}).get(name)
-    close = difflib.get_close_matches(name, list(by_lower), n=1)
-    if name in by_lower:
-        return by_lower[name]
-    return synonym if synonym in options else (by_lower[close[0]] if close else None)
 
 
 @functools.lru_cache(maxsize=32)

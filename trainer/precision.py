@@ -1,13 +1,16 @@
 """Dtype policies and the checks that go with them: float32 outputs, hardware advice, multiples of 8."""
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import logging
 from pathlib import Path
-from typing import Iterable, List, Tuple
+from typing import Iterable, List, Mapping, Tuple
 
 import keras
 import tensorflow as tf
 
+from trainer.config import ConfigError, PrecisionConfig
 from trainer.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -17,6 +20,29 @@ POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 
 class PrecisionError(UserError, ValueError):
     """A model or setting that mixed precision cannot run correctly."""
+
+
+def precision_config(value, where: str = "Trainer(precision=...)") -> PrecisionConfig:
+    """A precision argument from Python (`where` names it) as a PrecisionConfig: a policy name, a
+    PrecisionConfig, a dict of its fields, or a Keras dtype policy (keras.mixed_precision.Policy, by its name);
+    a wrong name or field is a ConfigError naming the one meant, any other type a TypeError."""
+    if isinstance(value, PrecisionConfig):
+        return value
+    if isinstance(value, str):
+        return PrecisionConfig(policy=value)
+    if isinstance(value, keras.DTypePolicy):
+        return PrecisionConfig(policy=value.name)
+    if isinstance(value, Mapping):
+        fields = [f.name for f in dataclasses.fields(PrecisionConfig)]
+        unknown = [key for key in value if key not in fields]
+        if unknown:
+            close = difflib.get_close_matches(str(unknown[0]), fields, n=1)
+            raise ConfigError(f"{where}: the dict's key {unknown[0]!r} is no field of PrecisionConfig. Fix: "
+                              + (f"did you mean {close[0]!r}? " if close else "") + f"Its fields: {', '.join(fields)}.")
+        return PrecisionConfig(**value)
+    raise TypeError(f"{where} got {value!r} ({type(value).__name__}): it takes a policy name ({', '.join(POLICIES)} or "
+                    "auto), a trainer.PrecisionConfig, a dict of PrecisionConfig's fields or a Keras dtype policy "
+                    "(keras.mixed_precision.Policy). Fix: e.g. Trainer(precision=\"mixed_bfloat16\").")
 
 
 def set_policy(policy: str) -> None:

@@ -110,11 +110,12 @@ def diagnose(model: Callable, data, loss, optimizer: Optional[Callable] = None, 
       overrides: the user's config overrides, repeated in the recommended command.
     """
     from trainer.assemble import Parts
-    from trainer.config import PrecisionConfig, TrainerConfig
+    from trainer.config import TrainerConfig
+    from trainer.precision import precision_config
     from trainer.trainer import Trainer
 
     parts = Parts(model=model, loss=loss, optimizer=optimizer, metrics=metrics,
-                  precision=PrecisionConfig(policy=precision) if isinstance(precision, str) else precision,
+                  precision=precision_config(precision, "diagnose(precision=...)"),
                   config=trainer_config or TrainerConfig(), trainer_class=trainer_class or Trainer, seed=seed,
                   clipnorm=clipnorm)
     return diagnose_parts(parts, data, batch_size=batch_size, strategy=strategy, weights=weights, quick=quick,
