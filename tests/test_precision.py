@@ -574,3 +574,23 @@ def test_the_precision_argument_takes_a_keras_policy_and_a_dict_and_names_what_w
                                             r"mixed_float16, mixed_bfloat16 or auto\), a trainer.PrecisionConfig, a "
                                             r"dict of PrecisionConfig's fields or a Keras dtype policy"):
             make(wrong)
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "float32"])
+def test_a_loss_scale_without_loss_scaling_is_warned_about_once(policy, caplog):
+    """precision.loss_scale=1024 under a policy that scales nothing was ignored with an INFO line only."""
+    config = PrecisionConfig(policy=policy, loss_scale=1024.0)
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        trainer = make(config, jit_compile=False)
+        trainer.fit(batches(n_batches=2), steps=2)
+    records = [r for r in caplog.records if "precision.loss_scale" in r.getMessage()]
+    said = [r.getMessage() for r in records]
+    assert len(said) == 1 and records[0].levelno == logging.WARNING
+    assert said[0].startswith(f"precision.loss_scale=1024 is ignored under precision={policy}: loss scaling applies "
+                              "only to mixed_float16")
+    assert "Fix: drop precision.loss_scale, or use precision=mixed_float16." in said[0]
+    assert not trainer.loss_scale.enabled
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        make(PrecisionConfig(policy="mixed_float16", loss_scale=1024.0))
+    assert "precision.loss_scale" not in caplog.text

@@ -187,8 +187,10 @@ def make_loss_scale(p: PrecisionConfig, say_ignored: bool) -> LossScale:
     """Dynamic for float16 (or bfloat16 with scale_bfloat16), fixed with precision.loss_scale, else none."""
     scaled = p.policy == "mixed_float16" or (p.policy == "mixed_bfloat16" and p.scale_bfloat16)
     if not scaled:
-        if p.loss_scale is not None and say_ignored:
-            log.info("precision.loss_scale is ignored for %s (no loss scaling)", p.policy)
+        if p.loss_scale is not None and say_ignored:  # a setting that does nothing is said, with the fix
+            log.warning("precision.loss_scale=%g is ignored under precision=%s: loss scaling applies only to "
+                        "mixed_float16 (and to mixed_bfloat16 with precision.scale_bfloat16=true). Fix: drop "
+                        "precision.loss_scale, or use precision=mixed_float16.", p.loss_scale, p.policy)
         return LossScale("none")
     if p.loss_scale is not None:
         return LossScale("fixed", initial_scale=p.loss_scale, growth_interval=p.growth_interval)
