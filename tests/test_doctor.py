@@ -432,7 +432,7 @@ def test_help_and_bad_arguments_answer_before_tensorflow_loads():
               "print(codes, 'tensorflow' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.stdout.strip().splitlines()[-1] == "[2, 2, 2, 0] False", done.stdout[-2000:] + done.stderr[-2000:]
-    assert "add --verify [N]" in done.stderr and "invalid int value: 'abc'" in done.stderr
+    assert "add --verify [N]" in done.stderr and "'abc' is not a number of steps" in done.stderr
     assert "--set-auto" in done.stdout  # the help
 
 
@@ -795,3 +795,19 @@ def test_the_noise_note_tells_a_no_gain_that_held_from_an_interval_too_wide():
     note = next(n for n in rec["notes"] if n.startswith("the machine was noisy"))
     assert not rec["changed"] and "too wide to tell a gain from none; rerun when the machine is quieter" in note
     assert "mixed_float16 XLA on batch 32 ran at 0.60-1.60x float32 XLA off batch 32" in note
+
+
+def test_an_override_after_a_bare_verify_is_an_override(capsys):
+    """`python -m trainer.doctor --verify precision=auto` failed in argparse ("invalid int value:
+    'precision=auto'"): --verify is given without N (100 steps) and the override is one; a word that is
+    neither says how to write --verify."""
+    from trainer.doctor.__main__ import parse_args
+
+    args = parse_args(["--verify", "precision=auto", "--set-auto"])
+    assert (args.verify, args.overrides, args.set_auto) == (100, ["precision=auto"], True)
+    assert parse_args(["--verify", "18", "model.hidden_units=[8]"]).verify == 18
+    with pytest.raises(SystemExit) as stopped:
+        parse_args(["--verify", "many"])
+    assert stopped.value.code == 2
+    assert "'many' is not a number of steps: give --verify N (e.g. --verify 100), or --verify alone" in \
+        capsys.readouterr().err

@@ -27,6 +27,24 @@ class DoctorError(UserError, ValueError):
     """Bad arguments: the message says what and how to fix it (exit 2)."""
 
 
+VERIFY_STEPS = 100  # --verify without N
+
+
+def _steps(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of steps: give --verify N (e.g. --verify "
+                                         f"{VERIFY_STEPS}), or --verify alone for {VERIFY_STEPS}") from None
+
+
+def _bare_verify(argv: List[str]) -> List[str]:
+    """`--verify precision=auto`: argparse would take the override for --verify's N. A config override
+    (key=value) after --verify is an override, and --verify is given without N."""
+    return [f"--verify={VERIFY_STEPS}" if token == "--verify" and i + 1 < len(argv) and "=" in argv[i + 1]
+            and not argv[i + 1].startswith("-") else token for i, token in enumerate(argv)]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m trainer.doctor",
                                      description=__doc__.split("\n\n")[1].replace("\n", " "))
@@ -34,15 +52,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--run", help="a run folder: its config and its latest checkpoint's weights")
     parser.add_argument("--quick", action="store_true",
                         help="the given batch size only, fewer rounds, one numerics batch")
-    parser.add_argument("--verify", nargs="?", type=int, const=100, metavar="N",
-                        help="train the recommended and the current configuration N steps each (default 100), "
-                             "interleaved; the recommendation is withdrawn unless it is faster")
+    parser.add_argument("--verify", nargs="?", type=_steps, const=VERIFY_STEPS, metavar="N",
+                        help=f"train the recommended and the current configuration N steps each (default "
+                             f"{VERIFY_STEPS}), interleaved; the recommendation is withdrawn unless it is faster")
     parser.add_argument("--set-auto", action="store_true",
                         help="store the verified recommendation (precision, XLA) for precision=auto on this machine, "
                              "for runs of this recipe and model config (needs --verify)")
     parser.add_argument("--out", help="folder for doctor.json / doctor.png (default: "
                                       "runs/doctor/<date_time>, or the run folder)")
-    args = parser.parse_intermixed_args(argv)  # options may come between overrides
+    # options may come between overrides
+    args = parser.parse_intermixed_args(_bare_verify(sys.argv[1:] if argv is None else list(argv)))
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         raise DoctorError(f"{bad[0]!r} is not a config override (key=value) or an option (--run, --quick, "
