@@ -231,3 +231,29 @@ def test_the_start_up_line_names_the_doctor_command_of_this_run_and_no_figures(m
     with caplog.at_level(logging.INFO, logger="trainer.auto_precision"):
         assert auto_precision.resolve(auto).policy == "float32"  # a Trainer from Python: no stored answer applies
     assert "trainer.doctor.diagnose(...) measures this model" in caplog.text and "--set-auto`" not in caplog.text
+
+
+def test_the_doctor_says_what_auto_resolves_to_and_compares_against_it(monkeypatch):
+    """The doctor with precision=auto: the report names the policy auto resolves to on this machine for this
+    model, why, and that it is the baseline ("what you run now"); it used to be float32 without a word."""
+    import numpy as np
+    import tensorflow as tf
+
+    from trainer.doctor import diagnose, render_text
+
+    _cpu(monkeypatch, {"avx512_bf16"})
+    data = tf.data.Dataset.from_tensor_slices((np.zeros((32, 4), "float32"), np.zeros(32, "int64"))).batch(8)
+
+    def model():
+        return keras.Sequential([keras.Input((4,)), keras.layers.Dense(8), keras.layers.Dense(2, dtype="float32")])
+
+    report = diagnose(model, data, keras.losses.SparseCategoricalCrossentropy(from_logits=True), precision="auto",
+                      sections=("model",), quick=True, progress=lambda _: None)
+    assert report["meta"]["auto"]["policy"] == "float32" and "no AMX" in report["meta"]["auto"]["why"]
+    line = render_text(report).splitlines()[1]
+    assert line.startswith("precision=auto resolves to float32 on this machine for this model (a CPU with AVX-512 "
+                           "BF16 but no AMX")
+    assert line.endswith("the report compares every configuration against it, as what you run now")
+    plain = diagnose(model, data, keras.losses.SparseCategoricalCrossentropy(from_logits=True), sections=("model",),
+                     quick=True, progress=lambda _: None)
+    assert "auto" not in plain["meta"] and "precision=auto" not in render_text(plain)

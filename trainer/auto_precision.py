@@ -313,15 +313,22 @@ def resolve_run(precision, strategy=None, measure: Optional[Callable[[str], dict
     it was left at its default (xla_applies): the one place that decides, and records in `run_dir` what
     it applied. Any other policy is returned as it is, with None. With a `run_dir` that holds
     checkpoints, auto keeps what was recorded for that run (a resume must compute in what trained)."""
+    return resolve_run_with_reason(precision, strategy, measure, run_dir, model, jit_compile, overrides)[:2]
+
+
+def resolve_run_with_reason(precision, strategy=None, measure: Optional[Callable[[str], dict]] = None, run_dir=None,
+                            model: Optional[dict] = None, jit_compile=None, overrides: Optional[Sequence[str]] = ()):
+    """resolve_run's (precision, XLA setting) and why auto chose that policy ("" for any other policy): the
+    doctor says it in its report."""
     if precision.policy != AUTO:
-        return precision, None
+        return precision, None, ""
     kept = _recorded_choice(run_dir)
     if kept is not None:
         log.info("precision=auto kept %s: the run in %s trained in it (recorded in %s) and resumes from its "
                  "checkpoints; this machine's current answer is not asked. precision=<policy> changes it.",
                  kept.policy, run_dir, Path(run_dir) / RUN_RECORD)
         xla = _applied_xla(kept.jit_compile, jit_compile, overrides, f"the run's record {Path(run_dir) / RUN_RECORD}")
-        return dataclasses.replace(precision, policy=kept.policy), xla
+        return dataclasses.replace(precision, policy=kept.policy), xla, f"the run in {run_dir} trained in it"
     choice = choose(strategy, measure, model)
     log.info("precision=auto chose %s: %s. %s", choice.policy, choice.why, next_step(choice, overrides))
     xla = _applied_xla(choice.jit_compile, jit_compile, overrides, "the doctor's verified answer")
@@ -332,7 +339,7 @@ def resolve_run(precision, strategy=None, measure: Optional[Callable[[str], dict
         except OSError as e:
             log.warning("precision=auto: could not record its choice in %s (%s): a resume will decide again",
                         run_dir, e.strerror or e)
-    return dataclasses.replace(precision, policy=choice.policy), xla
+    return dataclasses.replace(precision, policy=choice.policy), xla, choice.why
 
 
 def resolve(precision, strategy=None, measure: Optional[Callable[[str], dict]] = None, run_dir=None):

@@ -141,11 +141,12 @@ def diagnose_parts(parts, data, *, batch_size: Optional[int] = None, strategy=No
 
     start = time.perf_counter()
     progress = progress or _progress_to_stderr(start)
-    from trainer.auto_precision import resolve_run
+    from trainer.auto_precision import AUTO, resolve_run_with_reason
 
     strategy = strategy or tf.distribute.get_strategy()
-    precision, xla = resolve_run(parts.precision, strategy, model=model_identity,  # auto: what the run would use
-                                 jit_compile=parts.config.jit_compile, overrides=overrides)
+    # precision=auto: what the run would use (and why; the report says it), the baseline of the comparisons
+    precision, xla, why = resolve_run_with_reason(parts.precision, strategy, model=model_identity,
+                                                  jit_compile=parts.config.jit_compile, overrides=overrides)
     trainer_config = parts.config if xla is None else dataclasses.replace(parts.config, jit_compile=xla)
     if batch_size is None and not isinstance(data, tf.data.Dataset):
         raise ValueError("trainer.doctor.diagnose: with data given as a function of the batch "
@@ -156,6 +157,8 @@ def diagnose_parts(parts, data, *, batch_size: Optional[int] = None, strategy=No
         batch_size = int(tf.nest.flatten(batches[0])[0].shape[0])
     device = device_section(strategy, precision.policy)
     report = {"meta": {"command": command, "batch_size": batch_size, "quick": quick, "overrides": list(overrides)}}
+    if parts.precision.policy == AUTO:  # what it resolves to is the baseline: said in the report
+        report["meta"]["auto"] = {"policy": precision.policy, "jit_compile": xla, "why": why}
     if "hardware" in sections:
         report["hardware"] = hardware_section(strategy, precision.policy, 2 if quick else 3, progress)
     else:

@@ -180,6 +180,11 @@ def _recommendation_lines(rec: Optional[dict]) -> List[str]:
 def render_text(report: dict) -> str:
     command = report["meta"].get("command")
     lines = ["python -m trainer.doctor report" + (f" ({command})" if command else ""), ""]
+    auto = report["meta"].get("auto")
+    if auto:  # what you run now is what auto resolves to here: the baseline of every comparison
+        xla = "" if auto.get("jit_compile") is None else f" with trainer.jit_compile={str(auto['jit_compile']).lower()}"
+        lines[1:1] = [f"precision=auto resolves to {auto['policy']}{xla} on this machine for this model "
+                      f"({auto['why']}); the report compares every configuration against it, as what you run now"]
     for key, render in (("hardware", _hardware_lines), ("model", _model_lines), ("numerics", _numerics_lines),
                         ("speed", _speed_lines)):
         if report.get(key):
