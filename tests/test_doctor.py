@@ -811,3 +811,34 @@ def test_an_override_after_a_bare_verify_is_an_override(capsys):
     assert stopped.value.code == 2
     assert "'many' is not a number of steps: give --verify N (e.g. --verify 100), or --verify alone" in \
         capsys.readouterr().err
+
+
+def test_a_phase_below_the_measurements_noise_is_said_so_not_a_clamped_zero(monkeypatch):
+    """float32 ResNet's "update and the rest" read 0.00 (0%) in one run (the step minus forward with gradients
+    was negative, clamped) and 9.65 ms in the next. A difference of two timed pieces smaller than their spread
+    over the rounds is shown as "< noise (±x ms)"; one above it keeps its time. Timings are injected."""
+    from trainer.doctor import phases
+    from trainer.doctor.render import _phase_lines
+
+    ms = {("f32", "step"): [6.2, 6.0, 6.4], ("f32", "forward"): [0.12, 0.1, 0.13],
+          ("f32", "forward_backward"): [6.3, 5.9, 6.6], ("f32", "input"): [1.5, 1.4, 1.6],
+          ("bf16", "step"): [10.0, 10.2, 9.8], ("bf16", "forward"): [1.0, 1.1, 0.9],
+          ("bf16", "forward_backward"): [2.0, 2.1, 1.9], ("bf16", "input"): [1.0, 1.0, 1.0]}
+    monkeypatch.setattr(phases, "seconds_of", lambda call: 0.0)
+    monkeypatch.setattr(phases, "repeats_lasting", lambda timed, seconds, most: 1)
+    monkeypatch.setattr(phases, "interleaved_seconds",
+                        lambda calls, rounds, warmup: {key: [t / 1e3 for t in ms[key]] for key in calls})
+    pieces = {config: {name: (lambda n: None) for name in ("step", "forward", "forward_backward", "input")}
+              for config in ("f32", "bf16")}
+    breakdown = phases.phase_breakdowns(pieces)
+    assert breakdown["f32"]["below_noise"] == ["update and the rest"]
+    assert breakdown["f32"]["noise_seconds"]["update and the rest"] == pytest.approx(0.55e-3)
+    assert breakdown["bf16"]["below_noise"] == []
+    rows = [{"name": "float32 XLA off batch 128", "phases": breakdown["f32"]},
+            {"name": "mixed_bfloat16 XLA off batch 128", "phases": breakdown["bf16"]}]
+    lines = _phase_lines(rows)
+    f32 = next(line for line in lines if line.startswith("  float32"))
+    bf16 = next(line for line in lines if line.startswith("  mixed_bfloat16"))
+    assert "< noise (±0.55 ms)" in f32 and "0.00 (0%)" not in f32
+    assert "8.00 (80%)" in bf16 and "noise" not in bf16
+    assert '"< noise (±x ms)": a difference of two timed pieces smaller than their spread' in lines[-1]

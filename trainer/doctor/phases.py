@@ -93,17 +93,29 @@ def phase_breakdowns(pieces: Dict[str, Dict[str, Callable[[int], object]]]) -> D
     runs = {(config, name): run for config, named in pieces.items() for name, run in named.items()}
     repeats = {key: _size(run) for key, run in runs.items()}
     seconds = interleaved_seconds({key: _call(run, repeats[key]) for key, run in runs.items()}, rounds=ROUNDS, warmup=0)
-    median = {key: statistics.median(s / repeats[key] for s in values) for key, values in seconds.items()}
-    return {config: _breakdown({name: median[(config, name)] for name in named}) for config, named in pieces.items()}
+    per_step = {key: [s / repeats[key] for s in values] for key, values in seconds.items()}
+    median = {key: statistics.median(values) for key, values in per_step.items()}
+    noise = {key: (max(values) - min(values)) / 2 for key, values in per_step.items()}
+    return {config: _breakdown({name: median[(config, name)] for name in named},
+                               {name: noise[(config, name)] for name in named}) for config, named in pieces.items()}
 
 
-def _breakdown(median: Dict[str, float]) -> dict:
+def _breakdown(median: Dict[str, float], noise: Dict[str, float]) -> dict:
+    """The phases from the pieces' medians. A phase that is a difference of two pieces (backward, update and
+    the rest) has their noise (each piece's half-range over the rounds, added): one below it is noise, not a
+    time (a clamped 0 read as "nothing", and the next run measured 9.65 ms), and is listed in below_noise."""
     step = median["step"]
     forward = min(median["forward"], step)
     forward_backward = min(max(median["forward_backward"], forward), step)
     phases = {"forward": forward, "backward": forward_backward - forward,
               "update and the rest": step - forward_backward, "input (pipeline alone)": median["input"]}
+    differences = {"backward": (median["forward_backward"] - median["forward"],
+                                noise["forward_backward"] + noise["forward"]),
+                   "update and the rest": (step - median["forward_backward"],
+                                           noise["step"] + noise["forward_backward"])}
     return {"step_seconds": step, "seconds": phases, "share": {k: v / step for k, v in phases.items()},
+            "noise_seconds": {k: n for k, (_, n) in differences.items()},
+            "below_noise": [k for k, (difference, n) in differences.items() if difference < n],
             "how": "forward: model and loss; backward: forward with gradients minus forward; update and the rest: "
                    "the step minus forward with gradients (optimizer, loss scaling, finite checks, metrics, the "
                    "loop's per-window host work); input: the pipeline pulled alone, inside a tf.function (it overlaps "

@@ -86,6 +86,13 @@ def _numerics_lines(num: dict) -> List[str]:
     return lines
 
 
+def _phase_cell(phases: dict, name: str) -> str:
+    """A phase's ms and share of the step; a difference of two timed pieces below their noise says so."""
+    if name in phases.get("below_noise", ()):
+        return f"< noise (±{phases['noise_seconds'][name] * 1e3:.2f} ms)"
+    return f"{phases['seconds'][name] * 1e3:.2f} ({phases['share'][name]:.0%})"
+
+
 def _phase_lines(rows: List[dict]) -> List[str]:
     """Where a step's time goes, per timed configuration: why a matmul speed-up shrinks in the step."""
     timed = [r for r in rows if r.get("phases")]
@@ -95,10 +102,10 @@ def _phase_lines(rows: List[dict]) -> List[str]:
     lines = ["  where a step's time goes (ms per step, share of the step; XLA off, the given batch):"]
     lines += _table(["configuration", "step", *names],
                     [[r["name"], f"{r['phases']['step_seconds'] * 1e3:.2f}",
-                      *(f"{r['phases']['seconds'][n] * 1e3:.2f} ({r['phases']['share'][n]:.0%})" for n in names)]
-                     for r in timed])
-    lines.append(f"  ({timed[0]['phases']['how']}). A faster matmul shortens only the matmuls inside forward and "
-                 "backward; the update, elementwise work, the loop and input keep their time.")
+                      *(_phase_cell(r["phases"], n) for n in names)] for r in timed])
+    lines.append(f"  ({timed[0]['phases']['how']}; \"< noise (±x ms)\": a difference of two timed pieces smaller "
+                 "than their spread over the rounds, not a time). A faster matmul shortens only the matmuls inside "
+                 "forward and backward; the update, elementwise work, the loop and input keep their time.")
     lines += [f"  {r['name']}: phases not timed ({r['phases_error']})" for r in rows if r.get("phases_error")]
     return lines
 
