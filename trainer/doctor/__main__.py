@@ -180,10 +180,10 @@ def _replaced(model: dict, policy: str, xla: Optional[bool]) -> str:
 def _inconclusive(rec: dict, unsettled: list, model: dict) -> str:
     """--set-auto's refusal when the measurement cannot tell a gain from none: what was measured, why it is
     inconclusive, and the fix."""
+    from trainer.auto_precision import stored_answer
+
     def ranged(u: dict) -> str:
         return "" if not u.get("range") else f"; its rounds' speed-ups ranged {u['range'][0]:.2f}-{u['range'][1]:.2f}x"
-
-    from trainer.auto_precision import stored_answer
 
     measured = "; ".join(
         f"{u['by']} measured {u['name']} at {u['speedup']:.2f}x {rec['baseline']} (95% interval "

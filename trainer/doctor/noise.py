@@ -48,8 +48,8 @@ def noise_note(spread: float, name: Optional[str], baseline: str, verdict: Optio
     first, last = verdict.get("range") or (verdict["speedup"], verdict["speedup"])
     paired = f"paired by round, {name} ran at {first:.2f}-{last:.2f}x {baseline}"
     if is_lead:
-        return (f"{how}; {paired}, and passed only narrowly ({is_lead}): a lead to verify, not a finding; --verify N "
-                "trains both through fit() and confirms or withdraws it")
+        return (f"{how}; {paired}, and passed only narrowly ({is_lead}): a lead, not a finding by itself; "
+                "--verify N settles it, training both through fit()")
     if verdict["verdict"] == FASTER:
         return (f"{how}; {paired} and won {verdict['wins']} of {verdict['rounds']} rounds: its gain held through the "
                 f"noise (95% interval {low:.2f}-{high:.2f}x)")
