@@ -240,13 +240,13 @@ def test_an_inconclusive_verify_stores_nothing_and_says_so(capsys):
         {**report["recommendation"], "notes": []},
         _trial_rounds([1.9, 1.7, 1.3, 1.1, 0.35, 1.6, 1.8, 1.2, 1.15]), [1.0] * 9)
     assert rec["verify"]["withdrawn"] and rec["verify"]["interval"][1] > 1.05
-    assert "inconclusive (the interval holds both no gain and a gain of 1.05x or more)" in rec["notes"][0]
-    assert "(inconclusive: --verify's interval is too wide" in render_text(report)
+    assert "inconclusive (not measured faster, and its interval does not rule out a gain of 1.05x" in rec["notes"][0]
+    assert "(inconclusive: --verify's interval does not rule out a gain" in render_text(report)
     _set_auto(rec, model)
     said = capsys.readouterr().out
     assert said.startswith("--set-auto: NOTHING STORED: the measurement is inconclusive.")
     assert "--verify measured mixed_bfloat16 XLA on batch 16 at " in said and "won 8 of 9 rounds" in said
-    assert "holds both no gain and a gain of 1.05x or more" in said and "larger --verify N" in said
+    assert "no such interval rules out a gain of 1.05x or more" in said and "larger --verify N" in said
     assert "it keeps following the answer stored for this model on " in said
     assert auto_precision.choose(model=model).policy == "mixed_bfloat16"  # the answer stored before stays
 

@@ -195,9 +195,10 @@ def _inconclusive(rec: dict, unsettled: list, model: dict) -> str:
     old = stored_answer(model)
     kept = (f"it keeps following the answer stored for this model on {old.get('when', '?')} ({old['policy']})"
             if old else "it keeps its own rule")
-    return (f"--set-auto: NOTHING STORED: the measurement is inconclusive. {measured}: the interval holds both no "
-            f"gain and a gain of {LEAST_SPEEDUP:g}x or more, so it cannot tell whether {rec['current_policy']} is the "
-            f"faster choice, and storing \"no gain\" would have precision=auto keep it for this model on a guess. "
+    return (f"--set-auto: NOTHING STORED: the measurement is inconclusive. {measured}: not measured faster, yet "
+            f"no such interval rules out a gain of {LEAST_SPEEDUP:g}x or more, so it cannot tell whether "
+            f"{rec['current_policy']} is the faster choice, and storing \"no gain\" would have precision=auto keep it "
+            "for this model on a guess. "
             f"Fix: {fix}. Nothing changed for precision=auto: {kept}.")
 
 

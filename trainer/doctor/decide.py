@@ -63,7 +63,8 @@ def outcome(verdict: dict) -> str:
         return verdict["verdict"]
     if excludes_gain(verdict):
         return f"no gain (the interval lies below {LEAST_SPEEDUP:g}x)"
-    return f"inconclusive (the interval holds both no gain and a gain of {LEAST_SPEEDUP:g}x or more)"
+    return (f"inconclusive (not measured faster, and its interval does not rule out a gain of {LEAST_SPEEDUP:g}x or "
+            "more)")
 
 
 def wins_needed(rounds: int, alpha: float = ALPHA) -> int:

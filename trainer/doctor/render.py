@@ -5,7 +5,7 @@ import math
 import shlex
 from typing import List, Optional, Sequence
 
-from trainer.doctor.decide import SAME
+from trainer.doctor.decide import LEAST_SPEEDUP, SAME
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence]) -> List[str]:
@@ -152,8 +152,8 @@ def _recommendation_lines(rec: Optional[dict]) -> List[str]:
     wide = [u["name"] for u in rec.get("gain_unsettled", [])]
     if not rec.get("changed", True) and not rec.get("withdrawn_config"):
         head = (f"{rec['config']} ({now}): keep it; no significant difference: no safe configuration "
-                "was significantly faster" + (f" (inconclusive for {', '.join(wide)}: an interval too wide to "
-                                              "tell a gain from none)" if wide else ""))
+                "was significantly faster" + (f" (inconclusive for {', '.join(wide)}: their intervals do not rule "
+                                              f"out a gain of {LEAST_SPEEDUP:g}x or more)" if wide else ""))
     is_lead = rec.get("lead") and rec.get("unverified")  # a narrow pass on a noisy machine (noise.py)
     if is_lead:
         head = (f"lead to verify, not called faster: {rec['config']}: {rec['speedup']:.2f}x the examples/s of "
@@ -164,7 +164,7 @@ def _recommendation_lines(rec: Optional[dict]) -> List[str]:
     if rec.get("withdrawn_config"):
         head = (f"{rec['config']} (what you run now): keep it; the timed grid's {rec['withdrawn_config']} "
                 f"({rec['speedup']:.2f}x, interval {low:.2f}-{high:.2f}x) was not confirmed by --verify"
-                + (" (inconclusive: --verify's interval is too wide to tell a gain from none)"
+                + (f" (inconclusive: --verify's interval does not rule out a gain of {LEAST_SPEEDUP:g}x or more)"
                    if rec["withdrawn_config"] in wide else ""))
     load = rec.get("load_average")
     spread = rec.get("spread") or {}
