@@ -731,16 +731,17 @@ def test_phase_breakdown_of_a_real_tiny_trainer_adds_up_to_its_step():
             == pytest.approx(phases["step_seconds"]))
 
 
-def _quick_grid(candidate_ratios, bursts=(1.0, 2.2, 1.1, 1.6, 1.0, 2.4, 1.3, 1.0, 1.8, 1.2)):
-    """A --quick grid on a CPU (a float32 XLA-off baseline and four candidates) timed on a loaded machine:
-    every call of a round slowed alike by that round's burst (a spread of 2.4x), the first candidate at the
-    given per-round speed-ups, the other three as fast as the baseline."""
+def _quick_grid(candidate_ratios, bursts=(1.0, 2.2, 1.1, 1.6, 1.0, 2.4, 1.3, 1.0, 1.8, 1.2), batch_64=False):
+    """A --quick grid on a CPU (a float32 XLA-off baseline and four candidates, five with `batch_64`: a float32
+    batch 64 row) timed on a loaded machine: every call of a round slowed alike by that round's burst (a spread
+    of 2.4x), the first candidate at the given per-round speed-ups, the others as fast as the baseline."""
     base = list(bursts)
     first = [b / r for b, r in zip(base, candidate_ratios)]
     rows = [_row("float32", 32, base)]
-    rows += [_row(p, 32, first if i == 0 else [b * (1.02 if j % 2 else 0.98) for j, b in enumerate(base)], xla=x)
-             for i, (p, x) in enumerate([("mixed_float16", True), ("float32", True), ("mixed_bfloat16", False),
-                                         ("mixed_bfloat16", True)])]
+    configs = [("mixed_float16", True, 32), ("float32", True, 32), ("mixed_bfloat16", False, 32),
+               ("mixed_bfloat16", True, 32)] + ([("float32", False, 64)] if batch_64 else [])
+    rows += [_row(p, n, first if i == 0 else [b * (1.02 if j % 2 else 0.98) for j, b in enumerate(base)], xla=x)
+             for i, (p, x, n) in enumerate(configs)]
     return rows
 
 
@@ -751,6 +752,7 @@ def test_a_narrow_pass_on_a_noisy_machine_is_a_lead_and_a_clear_win_stays_a_cand
     (its verdict is still the test's). A 1.6x win in 10 of 10 rounds on the same machine stays a candidate, and
     the noise note says how noisy and what it means in each case."""
     from trainer.doctor import recommend
+    from trainer.doctor.decide import wins_needed
     from trainer.doctor.render import _recommendation_lines
     from trainer.doctor.verify import mark_unverified
 
@@ -776,6 +778,11 @@ def test_a_narrow_pass_on_a_noisy_machine_is_a_lead_and_a_clear_win_stays_a_cand
     assert _recommendation_lines(rec)[1].startswith("  candidate, not yet verified: mixed_float16 XLA on batch 32")
     note = next(n for n in rec["notes"] if n.startswith("the machine was noisy"))
     assert "ran at 1.50-1.70x" in note and "won 10 of 10 rounds: its gain held through the noise" in note
+
+    # six rows compared: alpha 0.05 / 5 = 0.01, which only 10 of 10 rounds pass; a sweep is still not narrow
+    rec = mark_unverified(recommend(_report(*_quick_grid(clear, batch_64=True)), [], baseline_xla=False, batch=32))
+    assert wins_needed(10, 0.05 / 5) == 10 and len(rec["versus_baseline"]) == 6
+    assert rec["verdict"] == "faster" and rec["lead"] is None
 
     quiet = _quick_grid(narrow, bursts=[1.0] * 10)  # the same narrow pass on a quiet machine: a candidate, no note
     rec = recommend(_report(*quiet), [], baseline_xla=False, batch=32)
