@@ -189,17 +189,31 @@ def _inconclusive(rec: dict, unsettled: list, model: dict) -> str:
         f"{u['by']} measured {u['name']} at {u['speedup']:.2f}x {rec['baseline']} (95% interval "
         f"{u['interval'][0]:.2f}-{u['interval'][1]:.2f}x, won {u['wins']} of {u['rounds']} rounds{ranged(u)})"
         for u in unsettled)
-    fix = ("rerun with a larger --verify N (longer rounds average more of the noise out) or when the machine is "
-           "quieter" if any(u["by"] == "--verify" for u in unsettled)
-           else "rerun when the machine is quieter (--verify trains only a configuration the grid found faster)")
+    measured = measured[:1].upper() + measured[1:]  # "The grid measured ...", after a full stop
     old = stored_answer(model)
     kept = (f"it keeps following the answer stored for this model on {old.get('when', '?')} ({old['policy']})"
             if old else "it keeps its own rule")
     return (f"--set-auto: NOTHING STORED: the measurement is inconclusive. {measured}: not measured faster, yet "
             f"no such interval rules out a gain of {LEAST_SPEEDUP:g}x or more, so it cannot tell whether "
             f"{rec['current_policy']} is the faster choice, and storing \"no gain\" would have precision=auto keep it "
-            "for this model on a guess. "
-            f"Fix: {fix}. Nothing changed for precision=auto: {kept}.")
+            f"for this model on a guess. Meanwhile, train with precision={rec['current_policy']} (what you run now). "
+            f"Fix: {_inconclusive_fix(rec)}. Nothing changed for precision=auto: {kept}.")
+
+
+def _inconclusive_fix(rec: dict) -> str:
+    """How to settle an inconclusive measurement, by whether the machine was measured noisy (the grid's
+    largest spread, or --verify's when it trained): on a quiet one, waiting does not help, longer rounds do."""
+    from trainer.doctor.noise import NOISY_SPREAD
+
+    trained = rec.get("verify") or {}
+    spread = trained.get("spread") if "spread" in trained else (rec.get("spread") or {}).get("largest")
+    longer = ("rerun with a larger --verify N: it trains the configuration whose interval reaches highest against "
+              "what you run now through fit(), and longer rounds average more of the noise out")
+    if spread is not None and spread <= NOISY_SPREAD:
+        return f"{longer} (the machine was quiet: its rounds varied up to {spread:.2f}x)"
+    if spread is None:
+        return f"{longer}, or rerun when the machine is quieter"
+    return f"rerun when the machine is quieter (its rounds varied up to {spread:.1f}x), or {longer}"
 
 
 def _store_kept(rec: dict, model: dict) -> None:

@@ -58,4 +58,5 @@ def noise_note(spread: float, name: Optional[str], baseline: str, verdict: Optio
         return (f"{how}; {paired}, and its 95% interval, {low:.2f}-{high:.2f}x, still rules out a gain of "
                 f"{LEAST_SPEEDUP:g}x or more: the answer holds")
     return (f"{how}; {paired}: not measured faster, yet its 95% interval, {low:.2f}-{high:.2f}x, does not rule out "
-            f"a gain of {LEAST_SPEEDUP:g}x or more: too noisy to tell; rerun when the machine is quieter for an answer")
+            f"a gain of {LEAST_SPEEDUP:g}x or more: too noisy to tell; rerun when the machine is quieter, or with "
+            "--verify N, which trains it against what you run now through fit()")

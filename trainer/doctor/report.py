@@ -182,7 +182,7 @@ def recommend(report: dict, overrides: Sequence[str], baseline_xla: bool, batch:
             "lead": is_lead,
             "versus_baseline": decision["versus"], "load_average": _load_average(),
             "gain_unsettled": wide,
-            "spread": {"recommended": best.get("spread"), "baseline": baseline.get("spread")},
+            "spread": {"recommended": best.get("spread"), "baseline": baseline.get("spread"), "largest": noisiest},
             "memory_saving_mb": memory, "memory_difference_measurable": memory_measurable,
             "memory_mb": {"recommended": best.get("memory_mb"), "baseline": baseline.get("memory_mb"),
                           "means": (report.get("speed") or {}).get("memory_means")},

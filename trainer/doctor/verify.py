@@ -1,7 +1,10 @@
 """`python -m trainer.doctor --verify [N]`: the recommendation checked the way it will be used. The
 recommended configuration and the current one each train N more steps with the Trainer's fit() (its
 loop, callbacks and the run's input pipeline), in interleaved rounds of N / rounds steps; the paired
-verdict (decide.paired_verdict) on those rounds confirms the recommendation or withdraws it."""
+verdict (decide.paired_verdict) on those rounds confirms the recommendation or withdraws it. When the grid
+keeps what you run now but left a configuration unsettled (an interval reaching the gain a change needs),
+--verify trains the one whose interval reaches highest instead, so a no gain can be settled (a true 1.03x is
+never "faster" and, on the grid's short calls, rarely "no gain")."""
 from __future__ import annotations
 
 import gc
@@ -37,7 +40,8 @@ def verify_outcome(rec: dict, recommended: List[float], current: List[float]) ->
     low, high = verdict["interval"]
     withdrawn = (rec["verdict"] == FASTER and verdict["verdict"] != FASTER) or verdict["verdict"] == SLOWER
     rec = {**rec, "verify": {**verdict, "recommended_seconds_per_example": list(recommended),
-                             "current_seconds_per_example": list(current), "withdrawn": withdrawn}}
+                             "current_seconds_per_example": list(current), "withdrawn": withdrawn,
+                             "spread": _spread(recommended, current)}}
     said = (f"--verify: {rec['config']} trained at {verdict['speedup']:.2f}x {rec['baseline']} (95% interval "
             f"{low:.2f}-{high:.2f}x, won {verdict['wins']} of {verdict['rounds']} rounds): {outcome(verdict)}")
     if withdrawn:
@@ -47,12 +51,43 @@ def verify_outcome(rec: dict, recommended: List[float], current: List[float]) ->
                    xla=bool(rec.get("current", {}).get("xla")),
                    batch=rec.get("current", {}).get("batch", rec.get("batch")),
                    withdrawn_config=rec["config"], verdict="withdrawn by --verify",
-                   gain_unsettled=others + ([] if excludes_gain(verdict) or verdict["verdict"] == SLOWER
+                   gain_unsettled=others + ([] if excludes_gain(verdict)
                                             else [evidence(rec["config"], verdict, "--verify")]))
         said += ("; the recommendation is withdrawn: keep what you run now (confirming needs "
                  f"{confirms(verdict['rounds'])})")
     else:
         said += "; the recommendation stands"
+    rec["notes"] = [said, *rec["notes"]]
+    return rec
+
+
+def _spread(*timings: List[float]) -> float:
+    """The largest slowest-over-fastest round among `timings` (noise.NOISY_SPREAD tells a noisy machine)."""
+    return max((max(t) / min(t) for t in timings if t and min(t) > 0), default=1.0)
+
+
+def settle_outcome(rec: dict, name: str, candidate: List[float], current: List[float]) -> dict:
+    """`rec` (what you run now is kept) with --verify's measure of `name`, a configuration the grid left
+    unsettled: what --verify measured replaces the grid's figures for it in "gain_unsettled" (a no gain
+    settles it, so --set-auto can store the answer). The recommendation stays what you run now: a change is
+    only what the grid found faster and --verify confirmed."""
+    verdict = paired_verdict(candidate, current)
+    low, high = verdict["interval"]
+    others = [u for u in rec.get("gain_unsettled", []) if u["name"] != name]
+    rec = {**rec, "gain_unsettled": others + ([] if excludes_gain(verdict) else [evidence(name, verdict, "--verify")]),
+           "verify": {**verdict, "config": name, "recommended_seconds_per_example": list(candidate),
+                      "current_seconds_per_example": list(current), "withdrawn": False,
+                      "spread": _spread(candidate, current)}}
+    said = (f"--verify: {name}, the configuration whose interval reached highest, trained at {verdict['speedup']:.2f}x "
+            f"{rec['baseline']} (95% interval {low:.2f}-{high:.2f}x, won {verdict['wins']} of {verdict['rounds']} "
+            f"rounds): {outcome(verdict)}")
+    if excludes_gain(verdict):
+        said += "; settled: keep what you run now"
+    elif verdict["verdict"] == FASTER:
+        said += ("; the grid did not find it faster, so it is not recommended on this one measurement: rerun the "
+                 "doctor to see whether it holds")
+    else:
+        said += "; still unsettled: a larger --verify N (longer rounds) narrows the interval"
     rec["notes"] = [said, *rec["notes"]]
     return rec
 
@@ -74,18 +109,12 @@ def _next_round(trainer, data, per_round: int) -> Callable[[], None]:
     return call
 
 
-def verify(make_trainer: Callable[[str, bool], object], data_for_batch: Callable[[int], object], rec: dict,
-           rows: List[dict], steps: int, progress: Callable[[str], None]) -> dict:
-    """Trains the recommended and the current configuration `steps` steps each (interleaved rounds) and
-    returns verify_outcome's answer; with nothing changed, says so and trains nothing."""
+def _train_pair(make_trainer: Callable[[str, bool], object], data_for_batch: Callable[[int], object],
+                configs: Dict[str, dict], steps: int, progress: Callable[[str], None]) -> Dict[str, List[float]]:
+    """Seconds per example of each of `configs` (key -> grid row) over VERIFY_ROUNDS interleaved rounds of
+    training through fit(), `steps` steps each in all."""
     from trainer.inputs import batches_read_per_step  # loads TensorFlow: not when the CLI only parses arguments
 
-    if not rec.get("changed"):
-        return {**rec, "verify": {"skipped": "the recommendation is what you run now: nothing to compare"}}
-    by_name = {r["name"]: r for r in rows}
-    # what the user runs now, also when the grid timed only a configuration close to it (decide.baseline_row)
-    current = rec.get("current") or by_name[rec["baseline"]]
-    configs = {"recommended": by_name[rec["config"]], "current": by_name.get(current["name"], current)}
     # rounds at least as long as the grid's calls: shorter ones would weigh the per-call costs more
     per_round = max(1, steps // VERIFY_ROUNDS, *(max(r.get("steps_per_call") or [1]) for r in configs.values()))
     trainers: Dict[str, object] = {}
@@ -101,4 +130,27 @@ def verify(make_trainer: Callable[[str, bool], object], data_for_batch: Callable
         seconds[key] = [s / examples for s in seconds[key]]
     trainers.clear()
     gc.collect()
-    return verify_outcome(rec, seconds["recommended"], seconds["current"])
+    return seconds
+
+
+def verify(make_trainer: Callable[[str, bool], object], data_for_batch: Callable[[int], object], rec: dict,
+           rows: List[dict], steps: int, progress: Callable[[str], None]) -> dict:
+    """Trains the recommended and the current configuration `steps` steps each (interleaved rounds) and
+    returns verify_outcome's answer. With nothing changed, trains the unsettled configuration whose interval
+    reaches highest against the current one (settle_outcome); with nothing unsettled either, says so and
+    trains nothing."""
+    by_name = {r["name"]: r for r in rows}
+    # what the user runs now, also when the grid timed only a configuration close to it (decide.baseline_row)
+    current = rec.get("current") or by_name[rec["baseline"]]
+    current = by_name.get(current["name"], current)
+    if rec.get("changed"):
+        seconds = _train_pair(make_trainer, data_for_batch, {"recommended": by_name[rec["config"]],
+                                                             "current": current}, steps, progress)
+        return verify_outcome(rec, seconds["recommended"], seconds["current"])
+    wide = [u for u in rec.get("gain_unsettled", []) if u["name"] in by_name]
+    if not wide:
+        return {**rec, "verify": {"skipped": "the recommendation is what you run now: nothing to compare"}}
+    widest = max(wide, key=lambda u: u["interval"][1])["name"]
+    seconds = _train_pair(make_trainer, data_for_batch, {"unsettled": by_name[widest], "current": current}, steps,
+                          progress)
+    return settle_outcome(rec, widest, seconds["unsettled"], seconds["current"])
