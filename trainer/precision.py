@@ -274,7 +274,7 @@ def hardware_report(policy: str, strategy: tf.distribute.Strategy) -> str:
 
 def cpu_policy_advice(policy: str, kernels: str) -> str:
     """What to pick instead of `policy` on a CPU with these bfloat16 kernels (cpu_bfloat16_kernels), or ""
-    when `policy` already fits. It follows the measurements in cpu_bfloat16_kernels' docstring."""
+    when `policy` already fits. It follows the measurements in docs/concepts/precision.md (where measured)."""
     bench = "`python benchmarks/bench.py --workloads mlp` measures it"
     if kernels in ("AMX", "AMD with AVX-512 BF16"):
         return "Consider precision=mixed_bfloat16 on this machine." if policy == "mixed_float16" else ""

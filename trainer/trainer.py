@@ -65,7 +65,8 @@ class Trainer(Step):
         trainable=False on the user's model for good (BatchNorm then uses its moving statistics; Dropout stays
         active under training=True).
       strategy: a tf.distribute.Strategy (default: TensorFlow's current/default strategy).
-      precision: a policy name ("float32", "mixed_float16", "mixed_bfloat16") or a PrecisionConfig.
+      precision: a policy name ("float32", "mixed_float16", "mixed_bfloat16", "auto"), a PrecisionConfig, a
+        dict of its fields, or a Keras dtype policy (keras.mixed_precision.Policy: by its name).
       run_dir: where metrics.jsonl, checkpoints/ and tensorboard/ go; None: nothing is written.
       callbacks: extra Callback objects (the progress bar is added from `config`).
       loggers: where each train log and evaluation is recorded (trainer.callbacks.loggers: MetricsWriter,
@@ -79,7 +80,8 @@ class Trainer(Step):
     def __init__(self, model=None, loss=None, optimizer=None,
                  metrics: Union[Sequence[Any], Mapping[str, Any], None] = None, *,
                  models=None, optimizers: Optional[Mapping[str, Any]] = None, frozen: Iterable[str] = (),
-                 strategy: Optional[tf.distribute.Strategy] = None, precision: Union[str, PrecisionConfig] = "float32",
+                 strategy: Optional[tf.distribute.Strategy] = None,
+                 precision: Union[str, PrecisionConfig, Mapping[str, Any], keras.DTypePolicy] = "float32",
                  run_dir: Union[str, Path, None] = None, callbacks: Iterable[Callback] = (),
                  loggers: Optional[Iterable[Callback]] = None,
                  config: Optional[TrainerConfig] = None, seed: int = 0, clipnorm: Optional[float] = None,
