@@ -9,11 +9,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from trainer import model_summary
 from trainer import precision as precision_lib
 from trainer.config import ConfigError, PrecisionConfig
 from trainer.distribute import StrategyError
 from trainer.loss_scale import LossScale
 from trainer.precision import PrecisionError
+from trainer.step import Step
 from trainer.update import Updater
 
 log = logging.getLogger("trainer.core")
@@ -224,3 +226,46 @@ def make_updaters(trainer, clipnorm) -> Dict[str, Updater]:
                       fused=trainer.config.fused_optimizer, grad_multipliers=lambda: trainer.grad_multipliers)
         for i, (name, opt) in enumerate(trainer.optimizers.items())
     }
+
+
+def build_variables(trainer, sample_batch) -> None:
+    """Creates every variable of `trainer` before any step is traced: the model (on a sample batch), the
+    float32-output check, every optimizer's slots and the accumulators. Tracing a step that creates variables
+    would fail under tf.function, and a restore needs them all to exist."""
+    if len(trainer.models) > 1 and type(trainer).train_step is Step.train_step:
+        raise TypeError(f"Trainer: the default train_step trains one model; with several {sorted(trainer.models)}, "
+                        "override train_step and call self.update(loss, tape, name) (see docs/research.md)")
+    with trainer.strategy.scope():
+        if len(trainer.models) == 1:
+            _build_single_model(trainer, sample_batch)
+        for name, model in trainer.models.items():
+            if not model.weights:
+                raise ValueError(f"Trainer: model {name!r} has no variables yet: give it a keras.Input, or call "
+                                 "model.build(input_shape) in its builder, so its optimizer "
+                                 "can be built before tracing")
+            if trainer.precision.policy != "float32":
+                precision_lib.check_variables_float32(model)
+        for updater in trainer.updaters.values():
+            updater.build()
+        for name, model in trainer.models.items():  # the per-layer table: model_summary.txt (callbacks/progress.py)
+            log.info("Model %s: %s%s", model.name, model_summary.total_line(model),
+                     f"; per layer: {trainer.run_dir / model_summary.FILE}" if trainer.run_dir is not None else "")
+        if trainer.config.grad_accum_steps > 1:
+            trainer._make_accumulators()
+        trainer._random_frozen = random_frozen(trainer._frozen_builders, trainer.models, trainer.config.init_from)
+
+
+def _build_single_model(trainer, sample_batch) -> None:
+    """The one model called on two examples of `sample_batch`; its outputs made float32 (a wrapper) if needed."""
+    if type(trainer).train_step is Step.train_step:
+        trainer._unpack(sample_batch)  # unlabelled data for a loss that needs labels: say so before tracing
+    x, _, _ = keras.utils.unpack_x_y_sample_weight(sample_batch)
+    first_two = tf.nest.map_structure(lambda t: t[:2], x)  # 2 examples suffice
+    outputs = trainer.model(first_two, training=False)
+    precision_lib.keep_layers_in_float32(trainer.model, trainer.precision.float32_layers)
+    wrapped = precision_lib.ensure_float32_outputs(trainer.model, outputs, trainer.precision.strict_outputs)
+    if wrapped is not trainer.model:
+        wrapped(first_two, training=False)  # build the wrapper
+        trainer.model = wrapped
+    if trainer.precision.policy != "float32":
+        precision_lib.warn_not_multiple_of_8(trainer.model, tf.nest.flatten(x)[0].shape[0])

@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
 import keras
 import tensorflow as tf
 
-from trainer import auto_precision, components, debug, ema, evalsets, model_summary, saved, signals, step_functions
+from trainer import auto_precision, components, debug, ema, evalsets, saved, signals, step_functions
 from trainer import loop as loop_lib
 from trainer import precision as precision_lib
 from trainer.arrays import fit_arguments, fit_inputs
@@ -203,45 +203,10 @@ class Trainer(Step):
 
     def build(self, sample_batch) -> None:
         """Creates every variable before any step is traced: the model (on a sample batch), the
-        float32-output check, every optimizer's slots and the accumulators."""
-        if self._built:
-            return
-        if len(self.models) > 1 and type(self).train_step is Step.train_step:
-            raise TypeError(f"Trainer: the default train_step trains one model; with several {sorted(self.models)}, "
-                            "override train_step and call self.update(loss, tape, name) (see docs/research.md)")
-        with self.strategy.scope():
-            if len(self.models) == 1:
-                self._build_single_model(sample_batch)
-            for name, model in self.models.items():
-                if not model.weights:
-                    raise ValueError(f"Trainer: model {name!r} has no variables yet: give it a keras.Input, or call "
-                                     "model.build(input_shape) in its builder, so its optimizer "
-                                     "can be built before tracing")
-                if self.precision.policy != "float32":
-                    precision_lib.check_variables_float32(model)
-            for updater in self.updaters.values():
-                updater.build()
-            for name, model in self.models.items():  # the per-layer table: model_summary.txt (callbacks/progress.py)
-                log.info("Model %s: %s%s", model.name, model_summary.total_line(model),
-                         f"; per layer: {self.run_dir / model_summary.FILE}" if self.run_dir is not None else "")
-            if self.config.grad_accum_steps > 1:
-                self._make_accumulators()
-            self._random_frozen = components.random_frozen(self._frozen_builders, self.models, self.config.init_from)
-        self._built = True
-
-    def _build_single_model(self, sample_batch) -> None:
-        if type(self).train_step is Step.train_step:
-            self._unpack(sample_batch)  # unlabelled data for a loss that needs labels: say so before tracing
-        x, _, _ = keras.utils.unpack_x_y_sample_weight(sample_batch)
-        first_two = tf.nest.map_structure(lambda t: t[:2], x)  # 2 examples suffice
-        outputs = self.model(first_two, training=False)
-        precision_lib.keep_layers_in_float32(self.model, self.precision.float32_layers)
-        wrapped = precision_lib.ensure_float32_outputs(self.model, outputs, self.precision.strict_outputs)
-        if wrapped is not self.model:
-            wrapped(first_two, training=False)  # build the wrapper
-            self.model = wrapped
-        if self.precision.policy != "float32":
-            precision_lib.warn_not_multiple_of_8(self.model, tf.nest.flatten(x)[0].shape[0])
+        float32-output check, every optimizer's slots and the accumulators (components.build_variables)."""
+        if not self._built:
+            components.build_variables(self, sample_batch)
+            self._built = True
 
     def _on_cpu(self) -> bool:
         return not tf.config.list_physical_devices("GPU") and not isinstance(self.strategy, tf.distribute.TPUStrategy)
