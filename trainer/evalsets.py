@@ -58,14 +58,17 @@ def split_by_set(logs: Mapping[str, Any], names: Sequence[str]) -> Dict[str, Dic
 def single_set(name: str, metric_names: Optional[Sequence[str]], setting: str) -> str:
     """With one eval set (the recipe's split, fit's validation data) its results keep plain names, yet it is
     the set the docs call `val`, and named so beside a second one: `val/accuracy` and Keras' `val_accuracy`
-    read its `accuracy`, so a monitor need not change when a set is added."""
+    read its `accuracy`, so a monitor need not change when a set is added. That is said in the log unless
+    `metric_names` (None: not known yet) lacks the name: a misspelt one (`val_acuracy`) is its caller's error."""
     name = name[len("eval/"):] if name.startswith("eval/") else name
     if metric_names is not None and name in metric_names:  # a step's own log named so
         return name
     for prefix in ("val/", "val_"):
         if name.startswith(prefix) and len(name) > len(prefix):
-            log.info("%s=%r: the one eval set's %r (its results keep plain names).", setting, name, name[len(prefix):])
-            return name[len(prefix):]
+            plain = name[len(prefix):]
+            if metric_names is None or plain in metric_names:
+                log.info("%s=%r: the one eval set's %r (its results keep plain names).", setting, name, plain)
+            return plain
     return name
 
 
@@ -90,6 +93,7 @@ def resolve(name: str, set_names: Optional[Sequence[str]], metric_names: Optiona
         raise EvalSetError(f"{setting}={name!r}: {what}; the eval results are {keys}{hint}. "
                            f"Fix: {setting}=<one of them> "
                            f"(<set>/<metric>){f'; from Python, {python}' if python else ''}.")
-    log.info("%s=%r with the eval sets %s: judged on the first, %r (set %s=<set>/%s for another).",
-             setting, name, list(set_names), f"{set_names[0]}/{name}", setting, name)
+    if metric_names is None or name in metric_names:  # a misspelt name: the caller's error says so, not this
+        log.info("%s=%r with the eval sets %s: judged on the first, %r (set %s=<set>/%s for another).",
+                 setting, name, list(set_names), f"{set_names[0]}/{name}", setting, name)
     return f"{set_names[0]}/{name}"
