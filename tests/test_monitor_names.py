@@ -65,3 +65,39 @@ def test_cli_a_misspelt_val_monitor_is_one_error_line(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 2, output[-3000:]
     assert "did you mean" in output and "the one eval set's" not in output and "Traceback" not in output
+
+
+@pytest.mark.parametrize("where, name, meant", [
+    ("early_stopping", "acc", "accuracy"),  # Keras 2's names
+    ("early_stopping", "val_acc", "val_accuracy"),
+    ("best_metric", "val_acc", "val_accuracy"),
+    ("best_metric", "sparse_categorical_accuracy", "accuracy"),  # Keras' name for a metric made without name=
+    ("early_stopping", "acuracy", "accuracy"),  # a close spelling, as before
+    ("plateau", "train/learning_rate", "train/lr"),
+    ("sets", "acc", "val/accuracy"),
+    ("sets", "ood/acc", "ood/accuracy"),
+])
+def test_a_wrong_name_is_told_the_result_it_means_by_another_tools_name_too(tmp_path, where, name, meant):
+    from trainer import EarlyStopping, ReduceLROnPlateau
+    from trainer.errors import UserError
+
+    eval_data = {"val": blobs(64), "ood": blobs(64, shuffle=True)} if where == "sets" else blobs(64)
+    if where == "best_metric":
+        trainer = classifier(run_dir=tmp_path, best_metric=name)
+    else:
+        callback = ReduceLROnPlateau(monitor=name, mode="min") if where == "plateau" else EarlyStopping(monitor=name)
+        trainer = classifier([callback])
+    with pytest.raises(UserError) as raised:
+        trainer.fit(blobs(), eval_data, steps=5)
+    assert f"did you mean {meant!r}?" in str(raised.value), str(raised.value)
+    assert int(trainer.step.numpy()) == 0
+
+
+def test_a_sweep_metric_by_keras_2s_name_is_told_the_name_meant():
+    from omegaconf import OmegaConf
+
+    from trainer.config import ConfigError
+    from trainer.sweep import check_sweep_metric
+
+    with pytest.raises(ConfigError, match="did you mean 'val_accuracy'"):
+        check_sweep_metric(OmegaConf.create({"trainer": {"sweep_metric": "val_acc"}, "metrics": {"accuracy": {}}}))

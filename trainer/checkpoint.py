@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import difflib
 import json
 import logging
 import math
@@ -27,6 +26,7 @@ from trainer.checkpoint_files import incomplete_checkpoints, list_checkpoints, r
 from trainer.checkpoint_graph import match_variables
 from trainer.config import ConfigError
 from trainer.errors import UserError
+from trainer.evalsets import close_hint
 
 log = logging.getLogger(__name__)
 
@@ -135,12 +135,6 @@ def non_finite_weights(model) -> List[str]:
 
 # The best metric's value before any evaluation: the worst finite float32 for its mode.
 NO_BEST = {"max": -3.4028235e38, "min": 3.4028235e38}
-
-
-def close_hint(name: str, names: List[str]) -> str:
-    """" (did you mean 'x'?)" for the closest of `names` to a misspelt `name`, else ""."""
-    close = difflib.get_close_matches(name, names, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 class Checkpointer:

@@ -10,13 +10,27 @@ from __future__ import annotations
 
 import difflib
 import logging
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from trainer.errors import UserError
 
 log = logging.getLogger("trainer.core")
 
 RESERVED = ("train", "eval")  # `train/loss` is a train log; `eval/` is the prefix a monitor may carry
+
+# Other names users give a result (lower case), one group a result: Keras 2's `acc`, the names Keras gives a metric
+# made from a string or class without `name=`, and short forms. A wrong name of a group is told the group's name
+# the results hold (`acc`: did you mean 'accuracy'?), which a spelling match alone misses.
+SYNONYMS = (
+    ("accuracy", "acc", "sparse_categorical_accuracy", "categorical_accuracy", "binary_accuracy"),
+    ("loss", "sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy", "crossentropy",
+     "xent"),
+    ("mean_squared_error", "mse"),
+    ("mean_absolute_error", "mae"),
+    ("root_mean_squared_error", "rmse"),
+    ("perplexity", "ppl"),
+    ("lr", "learning_rate"),
+)
 
 
 class EvalSetError(UserError, ValueError):
@@ -55,6 +69,38 @@ def split_by_set(logs: Mapping[str, Any], names: Sequence[str]) -> Dict[str, Dic
     return out
 
 
+def _prefixed(name: str) -> Tuple[str, str]:
+    """(prefix, result): `val/acc` and `train/acc` -> ('val/', 'acc'); Keras' `val_acc` -> ('val_', 'acc')."""
+    if "/" in name:
+        head, _, tail = name.rpartition("/")
+        return head + "/", tail
+    if name.startswith("val_") and len(name) > len("val_"):
+        return "val_", name[len("val_"):]
+    return "", name
+
+
+def meant(name: str, names: Sequence[str]) -> Optional[str]:
+    """The one of `names` (the results or logs) a wrong `name` most likely means, as the user would write it: the
+    same result by another name (SYNONYMS: `acc` -> 'accuracy', `val_acc` -> 'val_accuracy'), else the closest
+    spelling. A prefix the names lack (`val_` before one eval set's plain results) is kept. None: nothing close."""
+    head, tail = _prefixed(name)
+    plain = bool(head) and not any(n.startswith(head) for n in names)
+    written = [head + n if plain else n for n in names]
+    for group in SYNONYMS:
+        if tail.lower() in group:
+            found = next((head + other for other in group if head + other in written), None)
+            if found:
+                return found
+    close = difflib.get_close_matches(name, written, n=1)
+    return close[0] if close else None
+
+
+def close_hint(name: str, names: Sequence[str]) -> str:
+    """" (did you mean 'x'?)" for the name `meant`, else ""."""
+    found = meant(name, names)
+    return f" (did you mean {found!r}?)" if found else ""
+
+
 def single_set(name: str, metric_names: Optional[Sequence[str]], setting: str) -> str:
     """With one eval set (the recipe's split, fit's validation data) its results keep plain names, yet it is
     the set the docs call `val`, and named so beside a second one: `val/accuracy` and Keras' `val_accuracy`
@@ -87,10 +133,8 @@ def resolve(name: str, set_names: Optional[Sequence[str]], metric_names: Optiona
         return name
     if tail:  # a set no set has (`vall/accuracy`), a metric its set lacks (`val/acc`)
         keys = [f"{s}/{m}" for s in set_names for m in (metric_names or [tail])]
-        close = difflib.get_close_matches(name, keys, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
         what = f"set {head!r} has no result {tail!r}" if head in set_names else f"no eval set is named {head!r}"
-        raise EvalSetError(f"{setting}={name!r}: {what}; the eval results are {keys}{hint}. "
+        raise EvalSetError(f"{setting}={name!r}: {what}; the eval results are {keys}{close_hint(name, keys)}. "
                            f"Fix: {setting}=<one of them> "
                            f"(<set>/<metric>){f'; from Python, {python}' if python else ''}.")
     if metric_names is None or name in metric_names:  # a misspelt name: the caller's error says so, not this

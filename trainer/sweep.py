@@ -133,7 +133,7 @@ def check_sweep_metric(config: Any) -> None:
                                          and evalsets.single_set(metric, names, "trainer.sweep_metric") in names):
         return  # one eval set: `val/accuracy` (and Keras' `val_accuracy`) is its `accuracy`
     problem = (f"trainer.sweep_metric={metric}: the run logs no {metric!r}; its eval logs hold "
-               f"{', '.join(names)}. Fix: set trainer.sweep_metric to one of them")
+               f"{', '.join(names)}{evalsets.close_hint(metric, names)}. Fix: set trainer.sweep_metric to one of them")
     trainer_class = str(config.get("trainer_class") or "trainer.Trainer")
     if trainer_class != "trainer.Trainer":
         log.warning("%s, unless trainer_class=%s's step logs %r.", problem, trainer_class, metric)

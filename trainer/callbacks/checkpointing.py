@@ -20,7 +20,7 @@ from trainer.callbacks.base import Callback, CallbackState
 from trainer.callbacks.control import log_names
 from trainer.callbacks.numerics import check_weights_finite
 from trainer import resume_from
-from trainer.checkpoint import NO_BEST, Checkpointer, close_hint
+from trainer.checkpoint import NO_BEST, Checkpointer
 from trainer.config import ConfigError, TrainerConfig
 from trainer.inputs import batches_read_per_step
 from trainer.load_weights import init_from_targets, warm_start_models
@@ -52,7 +52,9 @@ def check_best_metric(trainer, key: Optional[str], names: List[str]) -> None:
     given = trainer.config.best_metric
     if not key or key in names or given == _DEFAULT_BEST_METRIC:
         return
-    raise ConfigError(f"trainer.best_metric={given!r} is not among the eval results {names}{close_hint(key, names)}: "
+    asked = key if trainer.eval_set_names else given[len("eval/"):] if given.startswith("eval/") else given
+    raise ConfigError(f"trainer.best_metric={given!r} is not among the eval results {names}"
+                      f"{evalsets.close_hint(asked, names)}: "
                       "no best checkpoint could be kept. Fix: trainer.best_metric=<one of them> "
                       "(Trainer(best_metric=...) from Python; a metric's name is its `name=`), or "
                       "trainer.best_metric=null to keep none.")

@@ -11,7 +11,6 @@ callbacks reset in on_train_begin.
 """
 from __future__ import annotations
 
-import difflib
 import logging
 import math
 import weakref
@@ -82,6 +81,7 @@ class Monitor(Callback):
         self.mode = guess_mode(mode, self.monitor)
         self.min_delta = min_delta
         self.reads = self.monitor  # the eval record's key: `val/loss` for `loss` with several sets (check_monitor)
+        self.asked = self.reads  # the name a wrong one is matched by, for the name meant (check_monitor)
         self.owner = None  # a weak reference to the Trainer the counts belong to
         self.restored = False  # load_state_dict ran since the last on_train_begin: the counts are a checkpoint's
         self.fresh()
@@ -138,6 +138,8 @@ class Monitor(Callback):
         self.reads = self.monitor if train else evalsets.resolve(self.monitor, sets, names, f"{self.key}.monitor",
                                                                   f"{type(self).__name__}(monitor=...)")
         name = self.monitor[len("train/"):] if train else self.reads.split("/", 1)[-1] if sets else self.reads
+        # the name as the user wrote it, for the name meant: one set's `val_acc` is told 'val_accuracy'
+        self.asked = name if train else self.reads if sets else self.monitor
         if names is not None and name not in names:
             self.refuse(self.reads if sets else name, [f"{s}/{n}" for s in sets for n in names] if sets else names,
                         "train logs" if train else "eval results")
@@ -145,8 +147,8 @@ class Monitor(Callback):
 
     def refuse(self, name: str, names: List[str], what: str) -> None:
         prefix = "train/" if what == "train logs" else ""
-        close = difflib.get_close_matches(name, names, n=1)
-        hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
+        close = evalsets.meant(self.asked, names)
+        hint = f" (did you mean {prefix + close!r}?)" if close else ""
         raise ConfigError(
             f"{type(self).__name__}: monitor={self.monitor!r} is not among the {what} {[prefix + n for n in names]}"
             f"{hint}. Fix: {type(self).__name__}(monitor=<one of them>) ({self.key}.monitor=... from the CLI): an eval "
