@@ -190,6 +190,11 @@ class Trainer(Step):
         return self._fit_eval_limit[2] if self._fit_eval_limit else None
 
     @property
+    def evaluates(self) -> bool:
+        """Whether the current fit() call has eval data: it evaluates every eval_every steps and at its end."""
+        return self._fit_eval_limit is not None
+
+    @property
     def traces(self) -> Dict[str, int]:
         """How many times the train and eval functions were traced: every trace, a function made anew after a reset
         too (the run summary's `retraces` counts only a function traced again: step_functions.py)."""

@@ -73,6 +73,7 @@ class Monitor(Callback):
     Subclasses implement `judge(trainer, step, value)`."""
 
     key = ""  # the callback's place in the config, for messages
+    acts = ""  # what it does when it acts, for messages
 
     def __init__(self, monitor: str, mode: str, min_delta: float):
         self.monitor = monitor[len("eval/"):] if monitor.startswith("eval/") else monitor
@@ -84,6 +85,7 @@ class Monitor(Callback):
         self.asked = self.reads  # the name a wrong one is matched by, for the name meant (check_monitor)
         self.owner = None  # a weak reference to the Trainer the counts belong to
         self.restored = False  # load_state_dict ran since the last on_train_begin: the counts are a checkpoint's
+        self.said_idle = self.idle_now = False  # warn_if_idle warned: with this Trainer (adopt), in this fit() call
         self.fresh()
 
     def fresh(self) -> None:
@@ -116,10 +118,40 @@ class Monitor(Callback):
         self.restored = False
         self.check_monitor(trainer)
         self.events, self.start_step = 0, int(trainer.step.numpy())  # events judged in this fit() call, from where
-        if not self.monitor.startswith("train/") and not trainer.config.eval_every:
-            log.warning("%s watches the eval result %r, and trainer.eval_every=0 evaluates at the end only: it cannot "
-                        "act during training. Fix: set trainer.eval_every, or monitor a train log (train/loss).",
-                        type(self).__name__, self.monitor)
+        # once per Trainer (not at each fit() call of a loop of them); a dry run's 2 steps act on nothing anyway
+        self.idle_now = not trainer.config.fast_dev_run and not self.said_idle and self.warn_if_idle(trainer)
+        self.said_idle = self.said_idle or self.idle_now
+
+    def events_to_act(self) -> int:
+        """The fewest events after which it can act: a first that sets the best (unless a resume restored one),
+        then `patience` without improvement (at least one)."""
+        return max(self.patience - self.wait, 1) + (self.best is None)
+
+    def warn_if_idle(self, trainer) -> bool:
+        """Loudly, before the first step, when this fit() call has fewer events before its last step than the
+        callback needs to act (the final evaluation judges weights whose training is over: a stop or a lower rate
+        there changes nothing): eval_every above the steps to train silently never stopped a run. As Keras and
+        Lightning warn of a monitored value that never comes. True when it warned."""
+        name, train = type(self).__name__, self.monitor.startswith("train/")
+        if not train and not trainer.evaluates:
+            log.warning("%s watches the eval result %r, and this fit() call has no eval data: it cannot act. Fix: "
+                        "give fit() eval data (validation_data=...), or monitor a train log (train/loss).",
+                        name, self.monitor)
+            return True
+        key = "log_every" if train else "eval_every"
+        every, start, end = getattr(trainer.config, key), int(trainer.step.numpy()), trainer.total
+        first = max(start, getattr(self, "start_from_step", 0) - 1)  # EarlyStopping judges no event before it
+        events, needed = ((end - 1) // every - first // every if every else 0), self.events_to_act()
+        if events >= needed or start >= end:
+            return False
+        what = "train logs" if train else "evaluations"
+        have = f"{events} before it" if events else f"none before it{'' if train else ', only the final evaluation'}"
+        lower = (end - 1 - first) // needed  # the largest interval that gives `needed` events
+        fix = f"set trainer.{key}={lower} (or less)" if lower >= 1 else "train longer"
+        log.warning("%s(monitor=%r, patience=%d) cannot %s: it needs %d %s before the last step (step %d) and this "
+                    "fit() call has %s (trainer.%s=%d). Fix: %s, or a smaller patience.", name, self.monitor,
+                    self.patience, self.acts, needed, what, end, have, key, every, fix)
+        return True
 
     def adopt(self, trainer) -> None:
         """This object's first fit() call with `trainer` (a first run, or it is reused by another Trainer): the
@@ -127,6 +159,7 @@ class Monitor(Callback):
         if not self.restored:
             self.fresh()
         self.owner = weakref.ref(trainer)
+        self.said_idle = False
 
     def check_monitor(self, trainer) -> None:
         """A monitor name that no log of this trainer can hold is refused before the first step (at the first
@@ -173,7 +206,8 @@ class Monitor(Callback):
     def on_train_end(self, trainer, summary) -> None:
         self.restored = False  # a rollback's restore, in this fit() call: not a resume of a later Trainer
         trained = summary.get("step", self.start_step) > self.start_step
-        if trained and not self.events and not summary.get("failed") and not summary.get("interrupted"):
+        if (trained and not self.events and not summary.get("failed") and not summary.get("interrupted")
+                and not self.idle_now):  # warned at the start already
             log.warning("%s judged nothing in this fit() call: no %s reached it. Fix: give fit() eval data and set "
                         "trainer.eval_every, or monitor a train log (train/loss).", type(self).__name__,
                         "train log" if self.monitor.startswith("train/") else "evaluation")
@@ -188,6 +222,7 @@ class EarlyStopping(Monitor):
     that also beat it. `start_from_step`: events before it are not judged (a warm-up)."""
 
     key = "callbacks.early_stopping"
+    acts = "stop training early"
 
     def __init__(self, monitor: str = "loss", mode: str = "auto", patience: int = 3, min_delta: float = 0.0,
                  baseline: Optional[float] = None, start_from_step: int = 0):
@@ -240,6 +275,7 @@ class ReduceLROnPlateau(Monitor):
     the divergence guard's rollback scales it; its scale is in this callback's state)."""
 
     key = "callbacks.reduce_lr_on_plateau"
+    acts = "lower the learning rate"
 
     def __init__(self, monitor: str = "loss", mode: str = "auto", patience: int = 3, factor: float = 0.1,
                  min_delta: float = 1e-4, cooldown: int = 0, min_lr: float = 0.0):

@@ -1,5 +1,6 @@
-"""Monitored names (trainer.best_metric, early stopping, ReduceLROnPlateau): a wrong name is one error with the
-name meant, no log line first that takes it for a good one. Tiny models through the public API."""
+"""What the monitors watch (trainer.best_metric, early stopping, ReduceLROnPlateau): a wrong name is one error with
+the name meant, no log line first that takes it for a good one; a monitor that cannot act in the run (too few
+evaluations before its last step) says so at the start. Tiny models through the public API."""
 from __future__ import annotations
 
 import logging
@@ -101,3 +102,63 @@ def test_a_sweep_metric_by_keras_2s_name_is_told_the_name_meant():
 
     with pytest.raises(ConfigError, match="did you mean 'val_accuracy'"):
         check_sweep_metric(OmegaConf.create({"trainer": {"sweep_metric": "val_acc"}, "metrics": {"accuracy": {}}}))
+
+
+def idle_warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "cannot" in r.getMessage()]
+
+
+def test_early_stopping_that_no_evaluation_before_the_end_can_trigger_warns_at_the_start_naming_the_fix(caplog):
+    """eval_every above the steps to train: the only evaluation is the final one, after the last step, so early
+    stopping silently never acted. Warned before the first step, once per Trainer, with an eval_every that works."""
+    import re
+
+    from trainer import EarlyStopping
+
+    stopper = EarlyStopping(patience=3)
+    trainer = classifier([stopper], eval_every=500)
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        trainer.fit(blobs(), blobs(64), steps=20)
+    warned = idle_warnings(caplog)
+    assert len(warned) == 1, warned
+    assert ("EarlyStopping(monitor='loss', patience=3) cannot stop training early: it needs 4 evaluations before "
+            "the last step (step 20)") in warned[0] and "only the final evaluation" in warned[0]
+    assert "trainer.eval_every=500" in warned[0]
+    assert caplog.text.index("cannot stop training early") < caplog.text.index("First loop")  # at the start
+    assert int(trainer.step.numpy()) == 20 and stopper.events == 1  # the final evaluation alone was judged
+    assert "judged nothing" not in caplog.text  # not said twice
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        trainer.fit(blobs(), blobs(64), steps=40)  # a later fit() call of the same Trainer: said once
+    assert not idle_warnings(caplog)
+
+    every = int(re.search(r"eval_every=(\d+) \(or less\)", warned[0]).group(1))  # the fix it names works
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        classifier([EarlyStopping(patience=3)], eval_every=every).fit(blobs(), blobs(64), steps=20)
+    assert not idle_warnings(caplog)
+
+
+def test_a_plateau_on_a_train_log_and_a_monitor_without_eval_data_warn_too(caplog):
+    from trainer import EarlyStopping, ReduceLROnPlateau
+
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        classifier([ReduceLROnPlateau(monitor="train/loss", patience=2)], log_every=100).fit(blobs(), steps=20)
+    warned = idle_warnings(caplog)
+    assert len(warned) == 1 and "cannot lower the learning rate" in warned[0] and "trainer.log_every=" in warned[0]
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        classifier([EarlyStopping()]).fit(blobs(), steps=20)
+    warned = idle_warnings(caplog)
+    assert len(warned) == 1 and "has no eval data" in warned[0], warned
+
+
+def test_cli_early_stopping_with_eval_every_above_max_steps_warns(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli(*TINY, "trainer.eval_every=500", "callbacks=[early_stopping]", f"hydra.run.dir={run_dir}")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "EarlyStopping(monitor='loss', patience=3) cannot stop training early" in output
+    assert "trainer.eval_every=500" in output
