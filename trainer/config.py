@@ -13,7 +13,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 # The range machinery and ConfigError live in config_ranges; check_ranges is importable here too, as before.
-from trainer.config_ranges import MAX_STEPS, Checked, ConfigError, check_ranges, chosen, ranged  # noqa: F401
+from trainer.config_ranges import MAX_STEPS, Checked, ConfigError, check_ranges, chosen, combined, ranged  # noqa: F401
 
 
 @dataclass
@@ -99,7 +99,7 @@ class TrainerConfig(Checked):
     profile_steps: Optional[List[int]] = ranged(None, "[1, inf)")
     # a dry run from fresh weights: true, 2 train steps and 2 eval batches; N (Lightning's whole number),
     # N of each; 0/false: off. No checkpoints, metrics or TensorBoard files; the run folder is neither read nor written
-    fast_dev_run: Any = ranged(False, "[0, inf)")
+    fast_dev_run: Any = combined(False)
     # N > 0: train, and evaluate, on the same first N training batches over and over (the loss should go near 0); 0: off
     overfit_batches: int = ranged(0, "[0, inf)")
     # Lightning's name: N >= 1 evaluates N batches (as eval_steps), a fraction in (0, 1) that share of the
@@ -120,10 +120,12 @@ class TrainerConfig(Checked):
             raise ConfigError(f"{prefix}.profile_steps={list(steps)} must be two steps [N, M] with 1 <= N <= M. "
                               f"Fix: e.g. {prefix}.profile_steps=[10,20] (a trace of steps 10 to 20).")
         dev = values.get("fast_dev_run", False)
-        if not isinstance(dev, (bool, numbers.Integral)):  # an Any field: OmegaConf lets 2.5, "yes" and null in
-            raise ConfigError(f"{prefix}.fast_dev_run={dev!r} is neither true/false nor a whole number of batches. "
-                              f"Fix: {prefix}.fast_dev_run=true (2 train steps and 2 eval batches) or a number N "
-                              f"(N of each, as Lightning's fast_dev_run=N), e.g. {prefix}.fast_dev_run=5.")
+        # an Any field (OmegaConf lets 2.5, "yes" and null in), judged here alone: a range said -1 as "must be >= 0"
+        if not isinstance(dev, (bool, numbers.Integral)) or (not isinstance(dev, bool) and dev < 0):
+            raise ConfigError(f"{prefix}.fast_dev_run={dev!r} is neither true/false nor a whole number of batches "
+                              f"(>= 0). Fix: {prefix}.fast_dev_run=true (2 train steps and 2 eval batches) or a "
+                              f"number N (N of each, as Lightning's fast_dev_run=N), e.g. {prefix}.fast_dev_run=5; "
+                              "false or 0: off.")
         limit, eval_steps = values.get("limit_eval_batches"), values.get("eval_steps")
         if limit is not None and limit > 1 and limit != int(limit):
             raise ConfigError(f"{prefix}.limit_eval_batches={limit} is neither a whole number of batches nor a "

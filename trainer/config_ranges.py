@@ -46,6 +46,12 @@ def chosen(default: Any, choices: str) -> Any:
     return field(default=default, metadata={"choices": tuple(choices.split("|"))})
 
 
+def combined(default: Any) -> Any:
+    """A field whose values a schema's `check_combined` judges alone (neither a range nor choices fit it: an `Any`
+    field that takes a bool or a whole number); the CLI's check hands it to check_combined too."""
+    return field(default=default, metadata={"combined": True})
+
+
 def _as_choice(value: Any) -> Any:
     """A boolean as the CLI spells it ("true"/"false"), to compare with a field's choices."""
     return str(value).lower() if isinstance(value, bool) else value
