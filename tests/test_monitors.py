@@ -133,7 +133,7 @@ def test_early_stopping_that_no_evaluation_before_the_end_can_trigger_warns_at_t
         trainer.fit(blobs(), blobs(64), steps=40)  # a later fit() call of the same Trainer: said once
     assert not idle_warnings(caplog)
 
-    every = int(re.search(r"eval_every=(\d+) \(or less\)", warned[0]).group(1))  # the fix it names works
+    every = int(re.search(r"Trainer\(eval_every=(\d+)\) \(or less\)", warned[0]).group(1))  # its fix works
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="trainer"):
         classifier([EarlyStopping(patience=3)], eval_every=every).fit(blobs(), blobs(64), steps=20)

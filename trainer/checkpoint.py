@@ -171,6 +171,9 @@ class Checkpointer:
         self.keep = keep
         self.keep_best = keep_best
         self.best_metric = best_metric
+        # said when no eval result is best_metric; its user's form is set by callbacks/checkpointing.py
+        self.best_metric_fix = ("trainer.best_metric=<one of them> (Trainer(best_metric=...) from Python; a metric's "
+                                "name is its `name=`)")
         self.best_mode = best_mode
         self._manager = None
         self._warned_no_best = False
@@ -215,8 +218,7 @@ class Checkpointer:
             self._warned_no_best = True
             names = sorted(k for k in eval_logs if k not in ("step", "split"))
             log.warning("trainer.best_metric=%r is not among the eval results %s%s: no best checkpoint is tracked. "
-                        "Fix: trainer.best_metric=<one of them> (Trainer(best_metric=...) from Python; a metric's name "
-                        "is its `name=`).", self.best_metric, names, close_hint(self.best_metric, names))
+                        "Fix: %s.", self.best_metric, names, close_hint(self.best_metric, names), self.best_metric_fix)
         if not self.best_metric or self.best_metric not in eval_logs or not self.weights_finite():
             return False
         value = float(eval_logs[self.best_metric])

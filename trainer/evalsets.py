@@ -12,6 +12,7 @@ import difflib
 import logging
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from trainer.config_ranges import written
 from trainer.errors import UserError
 
 log = logging.getLogger("trainer.core")
@@ -119,10 +120,11 @@ def single_set(name: str, metric_names: Optional[Sequence[str]], setting: str) -
 
 
 def resolve(name: str, set_names: Optional[Sequence[str]], metric_names: Optional[Sequence[str]], setting: str,
-            python: str = "") -> str:
+            python: str = "", cli: bool = True) -> str:
     """The eval record key a monitored `name` reads: `val/accuracy` as given; a bare `accuracy` with several
     sets is the first set's (said in the log); Keras' `val_accuracy` is `val/accuracy`. `python`: the setting's
-    Python form, which an error names too. An unknown set is an EvalSetError naming the available keys."""
+    Python form (`Trainer(best_metric=...)`), which an error's fix names when the user came from Python (`cli`
+    false). An unknown set is an EvalSetError naming the available keys."""
     name = name[len("eval/"):] if name.startswith("eval/") else name
     if not set_names:
         return single_set(name, metric_names, setting)
@@ -135,8 +137,7 @@ def resolve(name: str, set_names: Optional[Sequence[str]], metric_names: Optiona
         keys = [f"{s}/{m}" for s in set_names for m in (metric_names or [tail])]
         what = f"set {head!r} has no result {tail!r}" if head in set_names else f"no eval set is named {head!r}"
         raise EvalSetError(f"{setting}={name!r}: {what}; the eval results are {keys}{close_hint(name, keys)}. "
-                           f"Fix: {setting}=<one of them> "
-                           f"(<set>/<metric>){f'; from Python, {python}' if python else ''}.")
+                           f"Fix: {written(setting, '<one of them>', python, cli)} (<set>/<metric>).")
     if metric_names is None or name in metric_names:  # a misspelt name: the caller's error says so, not this
         log.info("%s=%r with the eval sets %s: judged on the first, %r (set %s=<set>/%s for another).",
                  setting, name, list(set_names), f"{set_names[0]}/{name}", setting, name)

@@ -220,7 +220,7 @@ class Loop:
         if self.step == self.start and (self.start >= self.total or t.stop_training):  # no new rows, no new save
             if self.start >= self.total:  # a finished run started again, or fit(epochs=1) twice (a total)
                 log.warning("%s", nothing_to_train(self.step, self.total, *self.request, t.config, t.steps_per_epoch,
-                                                   cli=bool(t.resume_command)))
+                                                   cli=t.from_cli))
                 self.train_logs = dict(t.last_train_logs) or {  # this Trainer's last, else the keys unmeasured
                     "step": self.step, "split": "train", "loss": float("nan"), **{m: float("nan") for m in t.metrics}}
             else:  # a run that early stopping ended, say (the callback said why)

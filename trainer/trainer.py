@@ -190,6 +190,12 @@ class Trainer(Step):
         return self._fit_eval_limit[2] if self._fit_eval_limit else None
 
     @property
+    def from_cli(self) -> bool:
+        """Whether `python -m trainer` built this Trainer (it sets resume_command): an error's fix names the CLI
+        override (trainer.best_metric=...), else the Python argument (Trainer(best_metric=...))."""
+        return bool(self.resume_command)
+
+    @property
     def evaluates(self) -> bool:
         """Whether the current fit() call has eval data: it evaluates every eval_every steps and at its end."""
         return self._fit_eval_limit is not None
@@ -251,7 +257,8 @@ class Trainer(Step):
         `run_dir/checkpoints` when it holds checkpoints and `config.resume` is true. `steps_per_epoch`: by default,
         batches // the batches a step reads.
         """
-        check_ranges(TrainerConfig, {"max_steps": steps, "epochs": epochs}, "trainer")  # fit()'s own
+        check_ranges(TrainerConfig, {"max_steps": steps, "epochs": epochs}, "trainer",  # fit()'s own
+                     {"max_steps": "fit(steps=...)", "epochs": "fit(epochs=...)"})
         show_logs_unless_configured(self.config.verbose)
         say_strategy_once(self.strategy)
         train_data, eval_data = fit_arguments(train_data, eval_data, keywords)
@@ -275,7 +282,7 @@ class Trainer(Step):
         steps_per_epoch = debug.steps_per_epoch(cfg, steps_per_epoch)  # overfit_batches: an epoch is those batches
         self.total = 0 if cfg.fast_dev_run else self.total_steps(  # fast_dev_run: debug.plan_fit says how long
             steps if steps is not None else cfg.max_steps, epochs if epochs is not None else cfg.epochs,
-            steps_per_epoch)
+            steps_per_epoch, cli=self.from_cli)
         self.steps_per_epoch = steps_per_epoch
         train_data, eval_data, self.total, self._fit_eval_limit = debug.plan_fit(self, train_data, eval_data,
                                                                                  self.total)

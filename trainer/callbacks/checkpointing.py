@@ -21,7 +21,7 @@ from trainer.callbacks.control import log_names
 from trainer.callbacks.numerics import check_weights_finite
 from trainer import resume_from
 from trainer.checkpoint import NO_BEST, Checkpointer
-from trainer.config import ConfigError, TrainerConfig
+from trainer.config import ConfigError, TrainerConfig, written
 from trainer.inputs import batches_read_per_step
 from trainer.load_weights import init_from_targets, warm_start_models
 from trainer.loop import due as loop_event_due
@@ -54,10 +54,16 @@ def check_best_metric(trainer, key: Optional[str], names: List[str]) -> None:
         return
     asked = key if trainer.eval_set_names else given[len("eval/"):] if given.startswith("eval/") else given
     raise ConfigError(f"trainer.best_metric={given!r} is not among the eval results {names}"
-                      f"{evalsets.close_hint(asked, names)}: "
-                      "no best checkpoint could be kept. Fix: trainer.best_metric=<one of them> "
-                      "(Trainer(best_metric=...) from Python; a metric's name is its `name=`), or "
-                      "trainer.best_metric=null to keep none.")
+                      f"{evalsets.close_hint(asked, names)}: no best checkpoint could be kept. "
+                      f"Fix: {best_metric_fix(trainer)}.")
+
+
+def best_metric_fix(trainer) -> str:
+    """The fix for a best_metric no eval result has, in the form the user set it (CLI override or argument)."""
+    def fix(value) -> str:
+        return written("trainer.best_metric", value, "Trainer(best_metric=...)", trainer.from_cli)
+
+    return f"{fix('<one of them>')} (a metric's name is its `name=`), or {fix(None)} to keep none"
 
 
 class Checkpointing(Callback):
@@ -86,7 +92,7 @@ class Checkpointing(Callback):
         best = self._best_metric_key(trainer)  # checked before a resume reads anything
         self._prepare(trainer)
         if self.checkpointer is not None and best:
-            self.checkpointer.best_metric = best
+            self.checkpointer.best_metric, self.checkpointer.best_metric_fix = best, best_metric_fix(trainer)
         self.last_point = int(trainer.step.numpy())  # after a resume's restore
         if first and self.counted_step is None:  # not resumed from a record: a fresh run, or one from before it
             self.batches_read = self.last_point * batches_read_per_step(trainer.config)
@@ -99,7 +105,7 @@ class Checkpointing(Callback):
             return None
         names, sets = log_names(trainer, train=False), trainer.eval_set_names
         key = evalsets.resolve(trainer.config.best_metric, sets, names, "trainer.best_metric",
-                               "Trainer(best_metric=...)")
+                               "Trainer(best_metric=...)", trainer.from_cli)
         if names is not None:  # else Checkpointer.update_best warns at the first evaluation (a test_step's own)
             check_best_metric(trainer, key, [f"{s}/{n}" for s in sets for n in names] if sets else names)
         return key
@@ -167,8 +173,9 @@ class Checkpointing(Callback):
         cfg, directory = trainer.config, trainer.run_dir / "checkpoints"
         value = cfg.resume_from
         if value is not None and not cfg.resume:
+            resume = written("trainer.resume", False, "Trainer(resume=...)", trainer.from_cli)
             raise ConfigError(f"trainer.resume_from={value} and trainer.resume=false: one resumes from a checkpoint, "
-                              "the other refuses to. Fix: drop trainer.resume=false.")
+                              f"the other refuses to. Fix: drop {resume}.")
         journal = resume_from.unfinished(directory) if trainer.is_chief else None
         if journal is not None:
             value = Checkpointing._finish_cut_short(journal, value)

@@ -21,7 +21,7 @@ import keras
 from trainer import evalsets
 from trainer.callbacks.base import Callback
 from trainer.callbacks.divergence import scale_schedule
-from trainer.config import ConfigError, EarlyStoppingConfig, ReduceLROnPlateauConfig
+from trainer.config import ConfigError, EarlyStoppingConfig, ReduceLROnPlateauConfig, written
 from trainer.memory import memory_logs
 from trainer.step import Step
 
@@ -43,13 +43,15 @@ def guess_mode(mode: str, monitor: str) -> Optional[str]:
     return None
 
 
-def resolve_mode(mode: str, monitor: str, key: str) -> str:
-    """guess_mode, refusing a name it cannot judge (after check_monitor: a misspelt name is said as such)."""
+def resolve_mode(mode: str, monitor: str, key: str, python: str = "", cli: bool = True) -> str:
+    """guess_mode, refusing a name it cannot judge (after check_monitor: a misspelt name is said as such). `python`:
+    the callback's call (`EarlyStopping`), which the fix names when the user came from Python (`cli` false)."""
     guessed = guess_mode(mode, monitor)
     if guessed is not None:
         return guessed
-    raise ConfigError(f"{key}.mode=auto cannot tell whether a larger {monitor!r} is better. Fix: set {key}.mode=min "
-                      "or max.")
+    form = f"{python}(mode=...)" if python else ""
+    raise ConfigError(f"{key}.mode=auto cannot tell whether a larger {monitor!r} is better. Fix: "
+                      f"{written(f'{key}.mode', 'min', form, cli)} or {written(f'{key}.mode', 'max', form, cli)}.")
 
 
 def log_names(trainer, train: bool) -> Optional[List[str]]:
@@ -83,6 +85,7 @@ class Monitor(Callback):
         self.min_delta = min_delta
         self.reads = self.monitor  # the eval record's key: `val/loss` for `loss` with several sets (check_monitor)
         self.asked = self.reads  # the name a wrong one is matched by, for the name meant (check_monitor)
+        self.cli = False  # the user came from the CLI: fixes name its overrides (check_monitor)
         self.owner = None  # a weak reference to the Trainer the counts belong to
         self.restored = False  # load_state_dict ran since the last on_train_begin: the counts are a checkpoint's
         self.said_idle = self.idle_now = False  # warn_if_idle warned: with this Trainer (adopt), in this fit() call
@@ -147,7 +150,7 @@ class Monitor(Callback):
         what = "train logs" if train else "evaluations"
         have = f"{events} before it" if events else f"none before it{'' if train else ', only the final evaluation'}"
         lower = (end - 1 - first) // needed  # the largest interval that gives `needed` events
-        fix = f"set trainer.{key}={lower} (or less)" if lower >= 1 else "train longer"
+        fix = f"{self.fix(f'trainer.{key}', lower)} (or less)" if lower >= 1 else "train longer"
         log.warning("%s(monitor=%r, patience=%d) cannot %s: it needs %d %s before the last step (step %d) and this "
                     "fit() call has %s (trainer.%s=%d). Fix: %s, or a smaller patience.", name, self.monitor,
                     self.patience, self.acts, needed, what, end, have, key, every, fix)
@@ -168,15 +171,22 @@ class Monitor(Callback):
         train = self.monitor.startswith("train/")
         names = log_names(trainer, train)
         sets = None if train else getattr(trainer, "eval_set_names", None)
+        self.cli = trainer.from_cli and bool(self.key)  # a fix names the CLI override, else the Python argument
         self.reads = self.monitor if train else evalsets.resolve(self.monitor, sets, names, f"{self.key}.monitor",
-                                                                  f"{type(self).__name__}(monitor=...)")
+                                                                  f"{type(self).__name__}(monitor=...)", self.cli)
         name = self.monitor[len("train/"):] if train else self.reads.split("/", 1)[-1] if sets else self.reads
         # the name as the user wrote it, for the name meant: one set's `val_acc` is told 'val_accuracy'
         self.asked = name if train else self.reads if sets else self.monitor
         if names is not None and name not in names:
             self.refuse(self.reads if sets else name, [f"{s}/{n}" for s in sets for n in names] if sets else names,
                         "train logs" if train else "eval results")
-        self.mode = resolve_mode(self.mode or "auto", self.monitor, self.key)
+        self.mode = resolve_mode(self.mode or "auto", self.monitor, self.key, type(self).__name__, self.cli)
+
+    def fix(self, name: str, value) -> str:
+        """Setting `name` (the callback's own, or trainer.NAME) to `value` as the user does: override or argument."""
+        if name.startswith("trainer."):
+            return written(name, value, f"Trainer({name[len('trainer.'):]}=...)", self.cli)
+        return written(f"{self.key}.{name}", value, f"{type(self).__name__}({name}=...)", self.cli)
 
     def refuse(self, name: str, names: List[str], what: str) -> None:
         prefix = "train/" if what == "train logs" else ""
@@ -184,8 +194,8 @@ class Monitor(Callback):
         hint = f" (did you mean {prefix + close!r}?)" if close else ""
         raise ConfigError(
             f"{type(self).__name__}: monitor={self.monitor!r} is not among the {what} {[prefix + n for n in names]}"
-            f"{hint}. Fix: {type(self).__name__}(monitor=<one of them>) ({self.key}.monitor=... from the CLI): an eval "
-            "result as trainer.best_metric names it, or a train log as train/NAME.")
+            f"{hint}. Fix: {self.fix('monitor', '<one of them>')}: an eval result as best_metric names it, or a "
+            "train log as train/NAME.")
 
     def on_log(self, trainer, step, logs) -> None:
         if self.monitor.startswith("train/"):
@@ -209,8 +219,9 @@ class Monitor(Callback):
         if (trained and not self.events and not summary.get("failed") and not summary.get("interrupted")
                 and not self.idle_now):  # warned at the start already
             log.warning("%s judged nothing in this fit() call: no %s reached it. Fix: give fit() eval data and set "
-                        "trainer.eval_every, or monitor a train log (train/loss).", type(self).__name__,
-                        "train log" if self.monitor.startswith("train/") else "evaluation")
+                        "%s, or monitor a train log (train/loss).", type(self).__name__,
+                        "train log" if self.monitor.startswith("train/") else "evaluation",
+                        self.fix("trainer.eval_every", "<steps>"))
 
     def judge(self, trainer, step: int, value: float) -> None:
         raise NotImplementedError
@@ -247,8 +258,8 @@ class EarlyStopping(Monitor):
         step = int(trainer.step.numpy())
         if self.stopped_step == step and self.wait >= self.patience:  # resumed from the checkpoint of the stop
             log.info("Early stopping ended this run at step %d (%s: no improvement for %d events, best %.6g at step "
-                     "%s): nothing to train. To train on, raise %s.patience.", step, self.monitor, self.wait,
-                     self.best_or_nan, self.best_step, self.key)
+                     "%s): nothing to train. To train on, raise its patience: %s.", step, self.monitor, self.wait,
+                     self.best_or_nan, self.best_step, self.fix("patience", "<a larger value>"))
             trainer.stop_training = True
 
     def judge(self, trainer, step, value) -> None:
