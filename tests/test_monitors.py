@@ -121,9 +121,9 @@ def test_early_stopping_that_no_evaluation_before_the_end_can_trigger_warns_at_t
         trainer.fit(blobs(), blobs(64), steps=20)
     warned = idle_warnings(caplog)
     assert len(warned) == 1, warned
-    assert ("EarlyStopping(monitor='loss', patience=3) cannot stop training early: it needs 4 evaluations before "
-            "the last step (step 20)") in warned[0] and "only the final evaluation" in warned[0]
-    assert "trainer.eval_every=500" in warned[0]
+    assert ("EarlyStopping(monitor='loss', patience=3) cannot stop training early in this fit() call: it needs 4 "
+            "evaluations before the last step (step 20)") in warned[0] and "only the final evaluation" in warned[0]
+    assert "(Trainer(eval_every=500))" in warned[0] and "trainer.eval_every" not in warned[0]  # the user's form
     assert caplog.text.index("cannot stop training early") < caplog.text.index("First loop")  # at the start
     assert int(trainer.step.numpy()) == 20 and stopper.events == 1  # the final evaluation alone was judged
     assert "judged nothing" not in caplog.text  # not said twice
@@ -146,13 +146,15 @@ def test_a_plateau_on_a_train_log_and_a_monitor_without_eval_data_warn_too(caplo
     with caplog.at_level(logging.WARNING, logger="trainer"):
         classifier([ReduceLROnPlateau(monitor="train/loss", patience=2)], log_every=100).fit(blobs(), steps=20)
     warned = idle_warnings(caplog)
-    assert len(warned) == 1 and "cannot lower the learning rate" in warned[0] and "trainer.log_every=" in warned[0]
+    assert len(warned) == 1 and "cannot lower the learning rate" in warned[0], warned
+    assert "(Trainer(log_every=100))" in warned[0] and "trainer.log_every" not in warned[0]
 
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="trainer"):
         classifier([EarlyStopping()]).fit(blobs(), steps=20)
     warned = idle_warnings(caplog)
     assert len(warned) == 1 and "has no eval data" in warned[0], warned
+    assert "Fix: give fit() eval data" in warned[0] and "EarlyStopping(monitor='train/loss')" in warned[0], warned
 
 
 def test_cli_early_stopping_with_eval_every_above_max_steps_warns(tmp_path):
@@ -162,3 +164,75 @@ def test_cli_early_stopping_with_eval_every_above_max_steps_warns(tmp_path):
     assert result.returncode == 0, output[-3000:]
     assert "EarlyStopping(monitor='loss', patience=3) cannot stop training early" in output
     assert "trainer.eval_every=500" in output
+
+
+def test_early_stopping_in_a_loop_of_fit_calls_warns_only_of_the_call_and_a_pending_stop_not_at_all(tmp_path, caplog):
+    """The verdict of a call's final evaluation carries over to the next call (here: the stop at step 20's final
+    evaluation ends the next call at once). The warning speaks of the call it is given in, and says that; a later
+    Trainer resumed from that stop, which acts at once, is not told it cannot act."""
+    from trainer import EarlyStopping
+
+    stop = EarlyStopping(monitor="accuracy", patience=1, min_delta=0.5)
+    trainer = classifier([stop], eval_every=10, run_dir=tmp_path)
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        for i in range(1, 4):
+            trainer.fit(blobs().repeat(), blobs(64), steps=10 * i)
+    warned = idle_warnings(caplog)
+    assert len(warned) == 1, warned  # once per Trainer, at its first call
+    assert "cannot stop training early in this fit() call" in warned[0], warned
+    assert "a verdict at its final evaluation acts only in a later fit() call" in warned[0], warned
+    assert int(trainer.step.numpy()) == 20 and stop.stopped_step == 20
+    assert said(caplog, "Early stopping at step 20") and said(caplog, "Early stopping ended this run at step 20")
+    assert said(caplog, "for 1 event (patience=1)"), caplog.text  # not "1 events"
+
+    caplog.clear()
+    again = EarlyStopping(monitor="accuracy", patience=1, min_delta=0.5)
+    resumed = classifier([again], eval_every=100, run_dir=tmp_path)  # one evaluation, the final, before step 50
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        resumed.fit(blobs().repeat(), blobs(64), steps=50)
+    assert not idle_warnings(caplog), caplog.text
+    assert said(caplog, "Early stopping ended this run at step 20") and int(resumed.step.numpy()) == 20
+
+
+def test_early_stopping_with_a_baseline_counts_the_first_evaluation_and_names_the_baseline_at_the_stop(caplog):
+    """With a baseline never beaten, the first evaluation counts too: patience=3 stops after 3 evaluations (not
+    4), so eval_every=10 over 40 steps is enough (it was warned of as "needs 4"); the stop names the baseline."""
+    from trainer import EarlyStopping
+
+    trainer = classifier([EarlyStopping(monitor="accuracy", patience=3, baseline=0.999)], eval_every=10)
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        trainer.fit(blobs().repeat(), blobs(64), steps=40)
+    assert not idle_warnings(caplog), caplog.text
+    assert int(trainer.step.numpy()) == 30
+    stopped = said(caplog, "Early stopping at step 30")
+    assert len(stopped) == 1 and "has not beaten baseline=0.999" in stopped[0], stopped
+    assert "has not improved on" not in stopped[0]
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trainer"):  # two evaluations before the last step: too few
+        classifier([EarlyStopping(monitor="accuracy", patience=3, baseline=0.999)], eval_every=10).fit(
+            blobs().repeat(), blobs(64), steps=30)
+    warned = idle_warnings(caplog)
+    assert len(warned) == 1 and "it needs 3 evaluations before the last step (step 30)" in warned[0], warned
+
+
+def test_an_epochs_run_warns_too_and_its_fix_works(caplog):
+    """The last step comes from fit(epochs=...) (16 batches an epoch): the warning names it, and its eval_every."""
+    import re
+
+    from trainer import EarlyStopping
+
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        classifier([EarlyStopping(patience=0)], eval_every=100).fit(blobs(), blobs(64), epochs=2)
+    warned = idle_warnings(caplog)
+    assert len(warned) == 1 and "it needs 2 evaluations before the last step (step 32)" in warned[0], warned
+    assert "smaller patience" not in warned[0]  # patience is 0 already
+    every = int(re.search(r"Fix: Trainer\(eval_every=(\d+)\) \(or less\)\.", warned[0]).group(1))
+
+    caplog.clear()
+    stop = EarlyStopping(patience=0, min_delta=10.0)  # no evaluation improves by 10: it stops at the second
+    trainer = classifier([stop], eval_every=every)
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        trainer.fit(blobs(), blobs(64), epochs=2)
+    assert not idle_warnings(caplog)
+    assert stop.stopped_step == 2 * every < 32 and int(trainer.step.numpy()) == 2 * every
