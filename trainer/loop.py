@@ -184,7 +184,8 @@ class Loop:
         self.step += done
         if self.first_loop_seconds is None:
             self.first_loop_seconds = time.perf_counter() - t0
-            log.info("First loop (trace/compile + %d steps): %.2fs", done, self.first_loop_seconds)
+            log.info("First loop (trace/compile + %d step%s): %.2fs", done, "" if done == 1 else "s",
+                     self.first_loop_seconds)
             self.window_start, self.window_step = time.perf_counter(), self.step
         callbacks.on_loop_end(t, self.step)  # the numerics guard last: never save (and exit on) bad weights
         self.step = int(t.step.numpy())  # a rollback (callbacks/divergence.py) moves it back

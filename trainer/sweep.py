@@ -33,7 +33,7 @@ from trainer import evalsets
 log = logging.getLogger(__name__)
 CSV_NAME = "sweep_summary.csv"
 CSV_ONLY = ("folder", "command", "best")  # columns too wide for the printed table: the job number finds them
-_DONE = re.compile(r"\b(Done|Interrupted): (\d+) steps in ([\d.]+)s")
+_DONE = re.compile(r"\b(Done|Interrupted): (\d+) steps? in ([\d.]+)s")
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"  # runs every job; uses no value
 SWEEP_EXTRA = "pip install -e '.[sweep]'"  # the Optuna sweeper and the joblib launcher (pyproject.toml)
 
