@@ -12,7 +12,7 @@ import difflib
 import logging
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from trainer.config_ranges import written
+from trainer.config_ranges import ConfigError, written
 from trainer.errors import UserError
 
 log = logging.getLogger("trainer.core")
@@ -32,6 +32,12 @@ SYNONYMS = (
     ("perplexity", "ppl"),
     ("lr", "learning_rate"),
 )
+
+
+# How mode=auto tells whether a larger value is better, from a word in the name, as Keras' EarlyStopping does (the
+# callbacks' mode and trainer.best_mode): a loss-like word first (`val_loss`, `error_rate`), then an accuracy-like.
+LARGER_IS_BETTER = ("acc", "auc", "precision", "recall", "f1", "iou", "score")
+SMALLER_IS_BETTER = ("loss", "error", "mse", "mae", "perplexity")
 
 
 class EvalSetError(UserError, ValueError):
@@ -86,13 +92,13 @@ def meant(name: str, names: Sequence[str]) -> Optional[str]:
     spelling. A prefix the names lack (`val_` before one eval set's plain results) is kept. None: nothing close."""
     head, tail = _prefixed(name)
     plain = bool(head) and not any(n.startswith(head) for n in names)
-    written = [head + n if plain else n for n in names]
+    spelt = [head + n if plain else n for n in names]  # the names as the user would write them
     for group in SYNONYMS:
         if tail.lower() in group:
-            found = next((head + other for other in group if head + other in written), None)
+            found = next((head + other for other in group if head + other in spelt), None)
             if found:
                 return found
-    close = difflib.get_close_matches(name, written, n=1)
+    close = difflib.get_close_matches(name, spelt, n=1)
     return close[0] if close else None
 
 
@@ -139,6 +145,30 @@ def resolve(name: str, set_names: Optional[Sequence[str]], metric_names: Optiona
         raise EvalSetError(f"{setting}={name!r}: {what}; the eval results are {keys}{close_hint(name, keys)}. "
                            f"Fix: {written(setting, '<one of them>', python, cli)} (<set>/<metric>).")
     if metric_names is None or name in metric_names:  # a misspelt name: the caller's error says so, not this
-        log.info("%s=%r with the eval sets %s: judged on the first, %r (set %s=<set>/%s for another).",
-                 setting, name, list(set_names), f"{set_names[0]}/{name}", setting, name)
+        log.info("%s=%r with the eval sets %s: judged on the first, %r (%s for another).", setting, name,
+                 list(set_names), f"{set_names[0]}/{name}", written(setting, f"<set>/{name}", python, cli))
     return f"{set_names[0]}/{name}"
+
+
+def guess_mode(mode: str, name: str) -> Optional[str]:
+    """min or max for a monitored `name`; "auto" decides from the name (its last `/` part); None: it cannot tell
+    (resolve_mode refuses it)."""
+    if mode != "auto":
+        return mode
+    last = name.split("/")[-1].lower()
+    if any(word in last for word in SMALLER_IS_BETTER):
+        return "min"
+    if any(word in last for word in LARGER_IS_BETTER):
+        return "max"
+    return None
+
+
+def resolve_mode(mode: str, name: str, setting: str, python: str = "", cli: bool = True) -> str:
+    """guess_mode, refusing a name it cannot judge (call it after the name is checked: a misspelt name is said as
+    such, not as a mode to set). `setting`: the mode's key (`trainer.best_mode`), `python` its Python form
+    (`Trainer(best_mode=...)`), which the fix names when the user came from Python (`cli` false)."""
+    guessed = guess_mode(mode, name)
+    if guessed is not None:
+        return guessed
+    raise ConfigError(f"{written(setting, 'auto', python, cli)} cannot tell whether a larger {name!r} is better. "
+                      f"Fix: {written(setting, 'min', python, cli)} or {written(setting, 'max', python, cli)}.")

@@ -27,33 +27,6 @@ from trainer.step import Step
 
 log = logging.getLogger("trainer.callbacks")
 
-LARGER_IS_BETTER = ("acc", "auc", "precision", "recall", "f1", "iou", "score")
-SMALLER_IS_BETTER = ("loss", "error", "mse", "mae", "perplexity")
-
-
-def guess_mode(mode: str, monitor: str) -> Optional[str]:
-    """min or max; "auto" decides from the name, as Keras does; None: it cannot tell (resolve_mode)."""
-    if mode != "auto":
-        return mode
-    name = monitor.split("/")[-1].lower()
-    if any(word in name for word in SMALLER_IS_BETTER):
-        return "min"
-    if any(word in name for word in LARGER_IS_BETTER):
-        return "max"
-    return None
-
-
-def resolve_mode(mode: str, monitor: str, key: str, python: str = "", cli: bool = True) -> str:
-    """guess_mode, refusing a name it cannot judge (after check_monitor: a misspelt name is said as such). `python`:
-    the callback's call (`EarlyStopping`), which the fix names when the user came from Python (`cli` false)."""
-    guessed = guess_mode(mode, monitor)
-    if guessed is not None:
-        return guessed
-    form = f"{python}(mode=...)" if python else ""
-    raise ConfigError(f"{key}.mode=auto cannot tell whether a larger {monitor!r} is better. Fix: "
-                      f"{written(f'{key}.mode', 'min', form, cli)} or {written(f'{key}.mode', 'max', form, cli)}.")
-
-
 def counted(n: int, noun: str) -> str:
     """`n` and the noun, plural unless one: "1 event", "3 events"."""
     return f"{n} {noun}{'' if n == 1 else 's'}"
@@ -86,7 +59,7 @@ class Monitor(Callback):
         self.monitor = monitor[len("eval/"):] if monitor.startswith("eval/") else monitor
         # None: auto cannot tell from the name. Refused in check_monitor, after the name is checked: "set mode"
         # would be the wrong fix for a misspelt monitor (`acuracy`), whose close name comes first.
-        self.mode = guess_mode(mode, self.monitor)
+        self.mode = evalsets.guess_mode(mode, self.monitor)
         self.min_delta, self.patience = min_delta, patience
         self.reads = self.monitor  # the eval record's key: `val/loss` for `loss` with several sets (check_monitor)
         self.asked = self.reads  # the name a wrong one is matched by, for the name meant (check_monitor)
@@ -191,7 +164,8 @@ class Monitor(Callback):
         if names is not None and name not in names:
             self.refuse(self.reads if sets else name, [f"{s}/{n}" for s in sets for n in names] if sets else names,
                         "train logs" if train else "eval results")
-        self.mode = resolve_mode(self.mode or "auto", self.monitor, self.key, type(self).__name__, self.cli)
+        self.mode = evalsets.resolve_mode(self.mode or "auto", self.monitor, f"{self.key}.mode",
+                                          f"{type(self).__name__}(mode=...)", self.cli)
 
     def fix(self, name: str, value) -> str:
         """Setting `name` (the callback's own, or trainer.NAME) to `value` as the user does: override or argument."""
