@@ -236,3 +236,25 @@ def test_an_epochs_run_warns_too_and_its_fix_works(caplog):
         trainer.fit(blobs(), blobs(64), epochs=2)
     assert not idle_warnings(caplog)
     assert stop.stopped_step == 2 * every < 32 and int(trainer.step.numpy()) == 2 * every
+
+
+def test_a_plateau_whose_min_lr_is_not_below_the_learning_rate_warns_that_it_cannot_act(caplog):
+    """ReduceLROnPlateau(min_lr=1e-2) with a rate of 1e-3: a reduction stops at min_lr, so it never acted, silently."""
+    from trainer import ReduceLROnPlateau
+
+    plateau = ReduceLROnPlateau(monitor="train/loss", patience=1, min_lr=1e-2, min_delta=10.0)
+    trainer = classifier([plateau], log_every=2)  # SGD(0.05): raised to 1e-3 below
+    trainer.optimizer.learning_rate = 1e-3
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        trainer.fit(blobs(), steps=10)
+    warned = idle_warnings(caplog)
+    assert len(warned) == 1, warned
+    assert "ReduceLROnPlateau(min_lr=0.01) cannot lower the learning rate: it is 0.001, not above min_lr" in warned[0]
+    assert "Fix: ReduceLROnPlateau(min_lr=<below 0.001>) (0: no floor)" in warned[0], warned
+    assert not said(caplog, "learning rate lowered") and trainer.optimizer.learning_rate.numpy() == pytest.approx(1e-3)
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="trainer"):  # a floor below the rate: no warning, and it acts
+        classifier([ReduceLROnPlateau(monitor="train/loss", patience=1, min_lr=1e-4, min_delta=10.0)],
+                   log_every=2).fit(blobs(), steps=10)
+    assert not idle_warnings(caplog) and said(caplog, "learning rate lowered"), caplog.text

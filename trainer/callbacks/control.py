@@ -330,6 +330,25 @@ class ReduceLROnPlateau(Monitor):
         """As Monitor's, after the cooldown left: its last event is the first counted again."""
         return super().events_to_act() + max(self.cooling - 1, 0)
 
+    def warn_if_idle(self, trainer) -> bool:
+        """Monitor's, after a constant learning rate already at or below min_lr, which no reduction lowers
+        (it silently never acted); said before anything was judged only: a resumed run's rate may have reached
+        min_lr by this callback's own reductions. A schedule's rate changes: not judged here."""
+        floor = {}
+        for name, updater in trainer.updaters.items():
+            rate = float(keras.ops.convert_to_numpy(updater.optimizer.learning_rate))
+            if isinstance(updater.optimizer._learning_rate, keras.Variable) and rate <= self.min_lr:
+                floor[name] = rate
+        if floor and self.best is None:
+            rates = ", ".join(f"{name}'s {rate:.4g}" if len(trainer.updaters) > 1 else f"{rate:.4g}"
+                              for name, rate in floor.items())
+            log.warning("%s(min_lr=%g) cannot lower the learning rate: it is %s, not above min_lr, where a reduction "
+                        "stops. Fix: %s (0: no floor), or a learning rate above %g.", type(self).__name__,
+                        self.min_lr, rates, self.fix("min_lr", f"<below {min(floor.values()):.4g}>"), self.min_lr)
+            if len(floor) == len(trainer.updaters):
+                return True
+        return super().warn_if_idle(trainer)
+
     def on_train_begin(self, trainer) -> None:
         super().on_train_begin(trainer)
         for name, updater in trainer.updaters.items():
