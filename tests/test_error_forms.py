@@ -79,3 +79,16 @@ def test_from_the_cli_the_fix_names_the_override(tmp_path, overrides, fix, pytho
     output = result.stdout + result.stderr
     assert result.returncode == 2, output[-3000:]
     assert fix in output and python not in output and "Traceback" not in output, output[-3000:]
+
+
+def test_the_command_lines_trainers_are_from_the_cli_and_pythons_are_not():
+    """`from_cli` is set by the command line's entry points (their Trainers come from assemble.parts_of: python -m
+    trainer, the doctor, lr_find, evaluate, predict), not inferred; a Trainer built in Python, or from parts given
+    in Python (the doctor's diagnose), is not."""
+    from trainer.assemble import compose_config, parts_of
+
+    cfg = compose_config(["recipe=mnist", "data=synthetic"])
+    parts = parts_of(cfg, total_steps=10)
+    assert parts.from_cli and parts.build().from_cli
+    assert not parts.replace(from_cli=False).build().from_cli
+    assert not classifier().from_cli

@@ -98,6 +98,9 @@ class Trainer(Step):
         self.is_chief, self.seed, self.clipnorm = is_chief, seed, clipnorm
         self.stop_training = False  # a callback may set it; the loop stops after the current loop
         self.resume_command: Optional[str] = None  # the CLI sets it: the command line that resumes this run
+        # the command line's entry points set it (assemble.Parts.build): an error's fix then names the override
+        # (trainer.best_metric=...), else the Python argument (Trainer(best_metric=...))
+        self.from_cli = False
         self.hparams: Dict[str, Any] = {}  # the CLI sets it: the composed config, flattened (MLflow's params)
         self.loggers = list(loggers) if loggers is not None else None
 
@@ -188,12 +191,6 @@ class Trainer(Step):
         """The batches each evaluation of the current fit() reads (eval_steps, limit_eval_batches, fast_dev_run);
         None: the whole eval set."""
         return self._fit_eval_limit[2] if self._fit_eval_limit else None
-
-    @property
-    def from_cli(self) -> bool:
-        """Whether `python -m trainer` built this Trainer (it sets resume_command): an error's fix names the CLI
-        override (trainer.best_metric=...), else the Python argument (Trainer(best_metric=...))."""
-        return bool(self.resume_command)
 
     @property
     def evaluates(self) -> bool:
