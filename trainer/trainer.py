@@ -211,10 +211,19 @@ class Trainer(Step):
 
     def build(self, sample_batch) -> None:
         """Creates every variable before any step is traced: the model (on a sample batch), the
-        float32-output check, every optimizer's slots and the accumulators (components.build_variables)."""
-        if not self._built:
-            components.build_variables(self, sample_batch)
-            self._built = True
+        float32-output check, every optimizer's slots (components.build_variables) and the accumulators."""
+        if self._built:
+            return
+        if len(self.models) == 1 and type(self).train_step is Step.train_step:
+            self._unpack(sample_batch)  # unlabelled data for a loss that needs labels: say so before tracing
+        wrapped = components.build_variables(self, sample_batch)
+        if wrapped is not None:
+            self.model = wrapped
+        with self.strategy.scope():
+            if self.config.grad_accum_steps > 1:
+                self._make_accumulators()
+            self._random_frozen = components.random_frozen(self._frozen_builders, self.models, self.config.init_from)
+        self._built = True
 
     def _on_cpu(self) -> bool:
         return not tf.config.list_physical_devices("GPU") and not isinstance(self.strategy, tf.distribute.TPUStrategy)
