@@ -39,12 +39,14 @@ class TrainerConfig(Checked):
     keep_checkpoints: int = ranged(3, "[1, inf)")
     keep_best: int = ranged(1, "[0, inf)")
     best_metric: Optional[str] = "accuracy"  # an eval metric name; None: no best-checkpoint tracking
-    best_mode: str = chosen("max", "max|min")  # whether a larger or a smaller best_metric is better
+    # whether a larger or a smaller best_metric is better; auto: from its name, as EarlyStopping's mode=auto
+    # (loss-like min, accuracy-like max); a resumed run keeps the mode it began with
+    best_mode: str = chosen("auto", "auto|max|min")
     # the final eval metric a multirun sweeper (Optuna) optimizes:
     # `accuracy`, `loss`; None: best_metric, or the loss without one
     sweep_metric: Optional[str] = None
     # whether a larger or a smaller sweep_metric is better; None:
-    # best_mode for best_metric, min for a name ending in loss
+    # best_mode for best_metric (auto: from its name), min for a name ending in loss
     sweep_mode: Optional[str] = chosen(None, "max|min")
     resume: bool = True  # resume from the run folder's checkpoints when there are any
     # resume from this checkpoint, not the newest: ckpt-N | best | best/ckpt-N | a checkpoint's path;

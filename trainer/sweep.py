@@ -99,13 +99,14 @@ def _sweep_metric(trainer_cfg: Any) -> str:
 def sweep_objective(trainer_cfg: Any) -> Tuple[str, str]:
     """(metric, "max" or "min"): what a sweep optimizes. trainer.sweep_metric, else the best_metric the
     recipe keeps its best checkpoint by, else the loss; the mode is sweep_mode, else best_mode for the
-    best_metric, min for a loss. Raises ConfigError for any other metric without a sweep_mode."""
+    best_metric (auto decided as the run's best checkpoint decides it), min for a loss. Raises ConfigError for
+    any other metric without a sweep_mode, and for a best_metric auto cannot judge."""
     from trainer.config import ConfigError
 
-    best_metric, best_mode = getattr(trainer_cfg, "best_metric", None), getattr(trainer_cfg, "best_mode", "max")
+    best_metric, best_mode = getattr(trainer_cfg, "best_metric", None), getattr(trainer_cfg, "best_mode", "auto")
     metric, mode = _sweep_metric(trainer_cfg), getattr(trainer_cfg, "sweep_mode", None)
     if mode is None and metric == best_metric:
-        mode = best_mode
+        mode = evalsets.resolve_mode(best_mode, best_metric, "trainer.best_mode")
     elif mode is None and metric.endswith("loss"):
         mode = "min"
     elif mode is None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
 
@@ -128,9 +127,10 @@ class Trainer(Step):
             self._evaluating = False  # self.metrics is the eval metrics while evaluate() runs (and traces)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
             self.rng = tf.random.Generator.from_seed(seed)  # for recipes' augmentation seeds
-            # No best yet: the worst finite value (NaN would trip precision.debug_numerics on every read).
-            self.best = tf.Variable(NO_BEST.get(self.config.best_mode, math.nan), dtype=tf.float32, trainable=False,
-                                    name="best_metric")
+            # No best yet: the worst finite value (NaN would trip precision.debug_numerics on every read); for
+            # best_mode=auto set when fit() decides the mode (callbacks/checkpointing.py)
+            self.best = tf.Variable(NO_BEST.get(self.config.best_mode, NO_BEST["max"]), dtype=tf.float32,
+                                    trainable=False, name="best_metric")
             # Variable path -> factor applied to its unscaled gradient (a lower backbone rate when fine-tuning).
             # Read at trace time; a change (or a change of `trainable`) is noticed before the next loop, which
             # traces the train step again (step_functions.py, trace_inputs.py).

@@ -29,6 +29,8 @@ from trainer.saved import check_frozen_unchanged, frozen_fingerprints
 
 log = logging.getLogger("trainer.core")
 _DEFAULT_BEST_METRIC = next(f.default for f in dataclasses.fields(TrainerConfig) if f.name == "best_metric")
+_UNRECORDED = ("(unrecorded)", None)  # a checkpoint saved before the best mode was recorded in it (see best_mode_of)
+_EXTREME = {"min": "smallest", "max": "largest"}
 
 
 def _configured_settings(trainer) -> Dict[str, Tuple[Optional[float], float]]:
@@ -66,6 +68,33 @@ def best_metric_fix(trainer) -> str:
     return f"{fix('<one of them>')} (a metric's name is its `name=`), or {fix(None)} to keep none"
 
 
+def best_mode_of(trainer, recorded: Optional[Tuple[Optional[str], Optional[str]]]) -> Optional[str]:
+    """trainer.best_mode for this run; None without a best_metric. `auto` is decided as EarlyStopping's mode=auto
+    decides (evalsets.resolve_mode: `loss`, `val_loss` min, `accuracy` max; a name it cannot judge is a ConfigError
+    naming max|min), at the first fit() call, once the name is checked. A resumed run (`recorded`: what its
+    checkpoint holds, _UNRECORDED for one saved before that record) keeps the mode its best/ is ranked by: one
+    from before best_mode=auto kept max, then the default; said loudly when the name says the other is better."""
+    metric, mode = trainer.config.best_metric, trainer.config.best_mode
+    if not metric or mode != "auto":
+        return mode if metric else None
+    kept = "max" if recorded == _UNRECORDED else recorded[1] if recorded and recorded[0] == metric else None
+    if kept is None:  # a fresh run, or one that kept no best (or another best_metric) until now
+        mode = evalsets.resolve_mode("auto", metric, "trainer.best_mode", "Trainer(best_mode=...)", trainer.from_cli)
+        log.info("Best checkpoints: the %s %s (trainer.best_mode=auto: %s).", _EXTREME[mode], metric, mode)
+        return mode
+    guessed = evalsets.guess_mode("auto", metric)
+    if guessed not in (None, kept):
+        def fix(value):
+            return written("trainer.best_mode", value, "Trainer(best_mode=...)", trainer.from_cli)
+
+        began = " (the default before best_mode=auto)" if recorded == _UNRECORDED else ""
+        log.warning("trainer.best_metric=%r: this run began with best_mode=%s%s, so its best checkpoints are kept by "
+                    "the %s %s, as best/ is ranked, though the %s is better. Fix: %s keeps the %s from here (best/ is "
+                    "ranked again), or %s keeps them as they are, without this warning.", metric, kept, began,
+                    _EXTREME[kept], metric, _EXTREME[guessed], fix(guessed), _EXTREME[guessed], fix(kept))
+    return kept
+
+
 class Checkpointing(Callback):
     """One per Trainer (it carries the Checkpointer across fit() calls); first in the callback list, so
     every other callback starts from the restored state."""
@@ -82,6 +111,16 @@ class Checkpointing(Callback):
         # The data position: the training batches read up to step `counted_step`. Counted, not step x batches
         # per step: a resume with other batches per step (or after a rollback) goes on where the data was.
         self.batches_read, self.counted_step = 0, None
+        # (best_metric, best_mode) as decided at the first fit() call (best_mode_of), in every checkpoint; and as
+        # the checkpoint a resume restored recorded them
+        self.best: Tuple[Optional[str], Optional[str]] = (None, None)
+        self.recorded: Tuple[Optional[str], Optional[str]] = _UNRECORDED
+
+    def state_dict(self) -> Dict:
+        return {"best_metric": self.best[0], "best_mode": self.best[1]}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.recorded = (state.get("best_metric"), state.get("best_mode"))
 
     def _record(self, trainer) -> Path:
         return trainer.run_dir / "checkpoints" / "configured.json"
@@ -139,15 +178,18 @@ class Checkpointing(Callback):
             warm_start_models(trainer.models, targets, trainer.frozen)
             self.prepared = True
             return
-        checkpointer = Checkpointer(
+        checkpointer = Checkpointer(  # its best_mode is decided below, after a resume (auto: "max" until then)
             trainer.run_dir / "checkpoints", trainer.checkpoint_objects(), keep=cfg.keep_checkpoints,
-            keep_best=cfg.keep_best, best_metric=cfg.best_metric, best_mode=cfg.best_mode,
-            is_chief=trainer.is_chief, extra={"callbacks": CallbackState(trainer)},
+            keep_best=cfg.keep_best, best_metric=cfg.best_metric, best_mode="max" if cfg.best_mode == "auto"
+            else cfg.best_mode, is_chief=trainer.is_chief, extra={"callbacks": CallbackState(trainer)},
         )
         configured = _configured_settings(trainer)
         # Prepared only once this succeeds: a refused resume refuses again on the next fit() call, instead
         # of that call training from scratch over the run's checkpoints.
+        self.recorded = _UNRECORDED
         resumed, rewind = self._resume(trainer, checkpointer)
+        self.best = (cfg.best_metric, best_mode_of(trainer, self.recorded if resumed is not None else None))
+        checkpointer.best_mode = self.best[1] or "max"
         # A warm start is a fresh run's; a frozen model is in no checkpoint, so it is warm-started on every run.
         warm_start_models(trainer.models, {name: path for name, path in targets.items()
                                            if resumed is None or name in trainer.frozen}, trainer.frozen)
@@ -160,8 +202,8 @@ class Checkpointing(Callback):
         if resumed is not None:
             recorded = self._keep_configured_settings(trainer, rewound=rewind is not None)
             self._resume_data_position(trainer, recorded)
-            if math.isnan(float(trainer.best.numpy())):  # saved before NO_BEST existed
-                trainer.best.assign(NO_BEST.get(cfg.best_mode, math.nan))
+        if self.best[1] and (resumed is None or math.isnan(float(trainer.best.numpy()))):  # NaN: saved before NO_BEST
+            trainer.best.assign(NO_BEST[self.best[1]])  # no best yet: the worst value for the mode decided
         if rewind is not None:
             self._finish_rewind(trainer, resumed, *rewind)
 
