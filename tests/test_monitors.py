@@ -156,6 +156,13 @@ def test_a_plateau_on_a_train_log_and_a_monitor_without_eval_data_warn_too(caplo
     assert len(warned) == 1 and "has no eval data" in warned[0], warned
     assert "Fix: give fit() eval data" in warned[0] and "EarlyStopping(monitor='train/loss')" in warned[0], warned
 
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trainer"):  # a dry run is not warned at the start: at its end
+        classifier([EarlyStopping()], fast_dev_run=True).fit(blobs())
+    assert said(caplog, "EarlyStopping judged nothing in this fit() call: no evaluation reached it. Fix: give fit() "
+                        "eval data, with Trainer(eval_every=<steps>), or EarlyStopping(monitor='train/loss')."), \
+        caplog.text
+
 
 def test_cli_early_stopping_with_eval_every_above_max_steps_warns(tmp_path):
     run_dir = tmp_path / "run"
