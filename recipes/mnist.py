@@ -13,7 +13,7 @@ from typing import ClassVar, List, Optional, Sequence
 
 from omegaconf import II
 
-from trainer.config import Checked, ConfigError, DataOptions, chosen, ranged
+from trainer.config import Checked, ConfigError, DataOptions, chosen, ranged, written
 from trainer.data import DataBundle, DataError, check_labels, classification_pipeline, load_mnist_format
 from trainer.lazy import lazy_module
 
@@ -47,10 +47,14 @@ class MnistModelConfig(Checked):
     num_classes: int = ranged(10, "[2, inf)")  # size of the float32 logits layer
 
     @staticmethod
-    def check_combined(values, prefix: str) -> None:
+    def check_combined(values, prefix: str, python=None) -> None:
+        def fix(name, value):
+            return written(f"{prefix}.{name}", value, (python or {}).get(name, ""), cli=not python)
+
         if values.get("kind") == "cnn" and values.get("filters") == []:
             raise ConfigError(f"{prefix}.filters=[] leaves the cnn without a convolution (an MLP under another name). "
-                              f"Fix: give it conv stages, e.g. {prefix}.filters=[32,64], or pick {prefix}.kind=mlp.")
+                              f"Fix: give it conv stages, e.g. {fix('filters', [32, 64])}, or pick "
+                              f"{fix('kind', 'mlp')}.")
 
 
 def register_configs(cs) -> None:

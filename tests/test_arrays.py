@@ -104,16 +104,15 @@ def test_epochs_is_a_total_so_a_second_fit_says_it_trains_nothing_and_returns_th
 @pytest.mark.parametrize("call, message", [
     (lambda t, ds: t.fit(ds), "say how long to train: fit(epochs=...) or fit(steps=...), or Trainer(max_steps=...)"),
     (lambda t, ds: t.fit(ds, epochs=2), "epochs needs a training set of known size. Fix: fit(steps=...) or "
-                                        "Trainer(max_steps=...) (trainer.max_steps=... from the CLI)"),
-    (lambda t, ds: t.fit(ds, ds.take(2), steps=2), "Fix: EarlyStopping(monitor=<one of them>) "
-                                                    "(callbacks.early_stopping.monitor=... from the CLI)"),
+                                        "Trainer(max_steps=...)"),
+    (lambda t, ds: t.fit(ds, ds.take(2), steps=2), "Fix: EarlyStopping(monitor=<one of them>):"),
 ])
 def test_errors_from_python_name_the_python_form(call, message):
     x, y = blobs()
     ds = tf.data.Dataset.from_tensor_slices((x.astype("float32"), y)).batch(32).repeat()
     with pytest.raises(UserError) as error:
         call(make(callbacks=[EarlyStopping(monitor="accuracyy")]), ds)
-    assert message in str(error.value)
+    assert message in str(error.value) and "from the CLI" not in str(error.value)  # only the form the user wrote
 
 
 def test_class_weight_is_sample_weight_by_class_on_arrays_and_tf_data():

@@ -463,7 +463,7 @@ def test_a_misspelt_best_metric_is_an_error_before_training_not_a_warning_after(
 
     scored = Scored(model=_net(), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                     optimizer=lambda: keras.optimizers.SGD(0.1), run_dir=tmp_path / "scored", progress_bar=False,
-                    eval_every=4, checkpoint_every=100, best_metric="scor")
+                    eval_every=4, checkpoint_every=100, best_metric="scor", best_mode="max")  # auto: cannot judge
     with caplog.at_level(logging.WARNING, logger="trainer.core"):
         scored.fit(blobs(), blobs(), steps=10)
     assert int(scored.step.numpy()) == 10  # trained on
@@ -476,3 +476,82 @@ def test_a_misspelt_best_metric_is_an_error_before_training_not_a_warning_after(
     assert result.returncode == 2, output[-3000:]
     assert "did you mean 'accuracy'" in output and "Traceback" not in output
     assert not run_dir.exists()  # a failed start leaves no run folder (nothing was trained)
+
+
+def _best_of(run_dir):
+    return json.loads((Path(run_dir) / "checkpoints" / "best" / "best.json").read_text())[0]
+
+
+def _evals(run_dir):
+    return [r for r in read_metrics(run_dir) if r["split"] == "eval"]
+
+
+def _ranked(run_dir, **options):
+    trainer = Trainer(model=_net(), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      optimizer=lambda: keras.optimizers.SGD(0.1),
+                      metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")], run_dir=run_dir,
+                      progress_bar=False, tensorboard=False, verbose=False, eval_every=5, log_every=5,
+                      checkpoint_every=5, keep_best=1, **options)
+    return trainer
+
+
+@pytest.mark.parametrize("name", ["loss", "val_loss", "accuracy"])
+def test_best_mode_auto_keeps_the_lowest_loss_and_the_highest_accuracy(tmp_path, name, caplog):
+    """best_mode's default was max: trainer.best_metric=loss kept the worst checkpoint (the first evaluation's).
+    auto decides from the name as EarlyStopping's mode=auto does: a loss is kept by its smallest value."""
+    trainer = _ranked(tmp_path, best_metric=name)
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        trainer.fit(blobs().repeat(), blobs(64), steps=30)
+    evals, key = _evals(tmp_path), name.replace("val_", "")  # best.json names the eval record's key
+    best = (min if "loss" in name else max)(r[key] for r in evals)
+    kept = _best_of(tmp_path)
+    assert kept[key] == pytest.approx(best) and float(trainer.best.numpy()) == pytest.approx(best)
+    if "loss" in name:
+        assert kept["step"] != 5 and evals[0]["loss"] > kept[key]  # not the worst, as before
+    assert f"the {'smallest' if 'loss' in name else 'largest'} {name} (trainer.best_mode=auto" in caplog.text
+
+
+def test_best_mode_max_and_min_given_are_kept(tmp_path):
+    _ranked(tmp_path, best_metric="loss", best_mode="max").fit(blobs().repeat(), blobs(64), steps=20)
+    assert _best_of(tmp_path)["loss"] == pytest.approx(max(r["loss"] for r in _evals(tmp_path)))
+
+
+def test_best_mode_auto_refuses_a_name_it_cannot_judge_before_training(tmp_path):
+    from trainer.config import ConfigError
+
+    trainer = Trainer(model=_net(), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      optimizer=lambda: keras.optimizers.SGD(0.1),
+                      metrics={"dice": keras.metrics.SparseCategoricalAccuracy()}, run_dir=tmp_path,
+                      progress_bar=False, verbose=False, best_metric="dice")
+    with pytest.raises(ConfigError) as raised:
+        trainer.fit(blobs(), blobs(64), steps=5)
+    assert ("Trainer(best_mode='auto') cannot tell whether a larger 'dice' is better. Fix: Trainer(best_mode='min') or "
+            "Trainer(best_mode='max').") in str(raised.value)
+    assert int(trainer.step.numpy()) == 0 and not list_checkpoints(tmp_path / "checkpoints")
+    trainer.config = trainer.config.__class__(**{**vars(trainer.config), "best_mode": "max"})  # the fix works
+    trainer.fit(blobs(), blobs(64), steps=5)
+    assert _best_of(tmp_path)["step"] == 5
+
+
+@pytest.mark.parametrize("recorded", ["max", "before auto"])
+def test_a_resumed_run_keeps_the_best_mode_it_began_with_and_says_so(tmp_path, recorded, caplog):
+    """A run that kept its best by max (given, or max as the default before auto: a checkpoint without the
+    record) goes on so when resumed with auto: best/ is ranked so; the warning names the fix."""
+    from trainer.callbacks import Checkpointing
+
+    first = _ranked(tmp_path, best_metric="loss", best_mode="max")
+    if recorded == "before auto":  # a checkpoint saved before the record existed: no Checkpointing state
+        first.checkpointing.state_dict = lambda: {}
+    first.fit(blobs().repeat(), blobs(64), steps=10)
+    assert isinstance(first.checkpointing, Checkpointing)
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        _ranked(tmp_path, best_metric="loss").fit(blobs().repeat(), blobs(64), steps=20)
+    assert _best_of(tmp_path)["loss"] == pytest.approx(max(r["loss"] for r in _evals(tmp_path)))
+    said = [r.getMessage() for r in caplog.records if "began with best_mode=max" in r.getMessage()]
+    assert len(said) == 1 and "Fix: Trainer(best_mode='min') keeps the smallest from here" in said[0], caplog.text
+    assert ("(the default before best_mode=auto)" in said[0]) == (recorded == "before auto")
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trainer"):  # the fix: min from here, best/ ranked again
+        _ranked(tmp_path, best_metric="loss", best_mode="min").fit(blobs().repeat(), blobs(64), steps=25)
+    assert _best_of(tmp_path)["step"] == 25 and "began with" not in caplog.text

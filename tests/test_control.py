@@ -102,7 +102,8 @@ def test_bad_values_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"callbacks\.reduce_lr_on_plateau\.factor=1\.5 is out of range"):
         ReduceLROnPlateau(factor=1.5)
     stopper = EarlyStopping(monitor="train/examples_per_sec")  # a log mode=auto cannot judge: refused at fit()
-    with pytest.raises(ConfigError, match=r"mode=auto cannot tell whether a larger 'train/examples_per_sec' is better"):
+    with pytest.raises(ConfigError, match=r"EarlyStopping\(mode='auto'\) cannot tell whether a larger "
+                                          r"'train/examples_per_sec' is better"):
         classifier(None, [stopper]).fit(blobs(), steps=10)
     run_dir = tmp_path / "run"
     result = run_cli(*TINY, "callbacks=[early_stopping,reduce_lr_on_plateau]", "callbacks.reduce_lr_on_plateau.mode=up",

@@ -316,3 +316,20 @@ def test_fast_dev_run_takes_lightnings_number_of_batches(tmp_path, caplog):
     assert bad.returncode == 2, out[-3000:]
     assert "trainer.fast_dev_run=2.5 is neither true/false nor a whole number of batches" in out
     assert "Traceback" not in out and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("bad", ["-1", "-0.5", "1.5"])
+def test_a_negative_fast_dev_run_is_the_same_clear_one_line_error_as_other_bad_values(tmp_path, bad):
+    """fast_dev_run=-1 was "out of range: must be >= 0. Fix: set trainer.fast_dev_run to a value >= 0", where 1.5
+    got what the setting takes: now every bad value gets that line (exit 2, no traceback, no run folder)."""
+    from trainer.config import ConfigError
+
+    result = run_cli(*TINY, f"trainer.fast_dev_run={bad}", f"hydra.run.dir={tmp_path / 'run'}")
+    out = result.stdout + result.stderr
+    assert result.returncode == 2, out[-3000:]
+    said = [line for line in out.splitlines() if "fast_dev_run" in line]
+    assert len(said) == 1 and f"trainer.fast_dev_run={bad} is neither true/false nor a whole number" in said[0], out
+    assert "e.g. trainer.fast_dev_run=5" in said[0] and "out of range" not in out
+    assert "Traceback" not in out and not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="is neither true/false nor a whole number of batches"):
+        _trainer(fast_dev_run=float(bad) if "." in bad else int(bad))

@@ -47,3 +47,27 @@ def test_table_reads_each_job_and_keeps_the_overrides_that_differ(tmp_path):
     assert table[0]["best_loss"] == 0.7 and table[0]["final_loss"] == 0.9
     text = format_table(table)
     assert text.splitlines()[0].split() == ["job", "overrides", "status", "steps", "seconds", "best_loss", "final_loss"]
+
+
+def test_the_sweeps_best_job_follows_best_mode_auto_as_the_best_checkpoint_does(tmp_path):
+    """trainer.best_metric=loss with best_mode's default: the sweep ranked jobs by the largest final loss (max, the
+    default before auto), printing the worse job as `Best:`. auto decides as the run's best checkpoint does."""
+    import pytest
+
+    from trainer.config import ConfigError, TrainerConfig
+    from trainer.sweep import best_job, sweep_objective
+
+    assert sweep_objective(TrainerConfig(best_metric="loss")) == ("loss", "min")
+    assert sweep_objective(TrainerConfig(best_metric="val/accuracy")) == ("val/accuracy", "max")
+    assert sweep_objective(TrainerConfig(best_metric="loss", best_mode="max")) == ("loss", "max")  # as given
+    with pytest.raises(ConfigError, match=r"trainer.best_mode=auto cannot tell whether a larger 'dice' is better. "
+                                          r"Fix: trainer.best_mode=min or trainer.best_mode=max."):
+        sweep_objective(TrainerConfig(best_metric="dice"))
+
+    for job, final in enumerate([0.9, 0.4]):
+        folder = tmp_path / f"{job}_optimizer.lr={job}"
+        folder.mkdir()
+        (folder / "metrics.jsonl").write_text(json.dumps({"step": 20, "split": "eval", "loss": final}) + "\n")
+        (folder / "trainer.log").write_text("[trainer.callbacks][INFO] - Done: 20 steps in 1.5s (to step 20).\n")
+    metric, mode = sweep_objective(TrainerConfig(best_metric="loss"))
+    assert best_job(summarize(tmp_path, metric, mode), metric, mode)["job"] == 1

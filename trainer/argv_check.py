@@ -9,7 +9,7 @@ the doctor and lr_find call `problem_in`.
 - A key the config lacks: `max_steps=5` ("did you mean trainer.max_steps=5?", where Hydra says to add it with
   `+`, which nothing would read), `optimizer.learning_rate=1e-3` (optimizer.lr: config_check.close_keys), a key of
   another option of its group (`optimizer.momentum`: optimizer=sgd), a callback not chosen, a new entry of a
-  free-form section without `+`.
+  free-form section without `+` (trainer/argv_keys.py).
 - A value of the wrong type for a trainer/precision/strategy/finetune key (`trainer.max_steps=1.5`), one value for
   a list key (`trainer.profile_steps=5`).
 - A key of a recipe's section or the top level (`data.batch_size=abc`, `seed=abc`), or an option the recipe's
@@ -23,28 +23,23 @@ judged by Hydra alone; Hydra's shell completion (`-sc`) is left to Hydra.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
+from trainer.argv_keys import TYPED_SECTIONS, choices_of, first_job, lacks_key, typed_schema, unknown_key
 from trainer.hydra_flags import commands_problem, hydra_args, other_configs, positionals
-from trainer.groups import LIST_GROUPS, as_group_choice, attempt, composed, group_options, meant_option, option_with_key
+from trainer.groups import LIST_GROUPS, attempt, composed, group_options, meant_option
 
 LIST_FIELDS = {"trainer.profile_steps": "trainer.profile_steps takes two steps: "
                                         "trainer.profile_steps=[N,M] (e.g. [10,20])"}
-TYPED_SECTIONS = ("trainer", "precision", "strategy", "finetune")  # their schemas are the same in every recipe
 # Hydra's shell completion (`-sc install=bash`): its argument is no override.
 SHELL_COMPLETION = ("-sc", "--shell-completion")
 WORDS = {"Integer": "an integer", "Float": "a number", "Bool": "true or false", "String": "a string"}
 
 
-def _choices(value: Any) -> List[Any]:
-    """A sweep's choices (logger=jsonl,csv), or the value itself."""
-    return list(value.list) if hasattr(value, "list") else [value]
-
-
 def _group_problem(override, options: List[str]) -> Optional[str]:
     """`recipe=nonexistent`, `precision=bf16`, `logger=[jsonl,cvs]`, any choice of a sweep: the names the group
     lacks, its options and, when every such name has one close, the override with the names meant."""
-    group, choices = override.key_or_group, _choices(override.value())
+    group, choices = override.key_or_group, choices_of(override.value())
     shown = [option for option in options if not option.startswith("base_")]  # schemas, not options
     if any(c is None or (isinstance(c, list) and None in c) for c in choices):  # precision=null, logger=[null]
         none = f", or none: {group}=[]" if group in LIST_GROUPS else ""
@@ -66,35 +61,13 @@ def _group_problem(override, options: List[str]) -> Optional[str]:
     return f"{override.input_line}: no {group} named {', '.join(map(repr, unknown))}. Fix: {fix}"
 
 
-def _typed_schema(section: str) -> Optional[type]:
-    from trainer import config
-
-    return {"trainer": config.TrainerConfig, "precision": config.PrecisionConfig, "strategy": config.StrategyConfig,
-            "finetune": config.FinetuneConfig}.get(section)
-
-
-def _lacks_key(override, ours: bool) -> bool:
-    """A plain override (no +, ++ or ~) of a key the config lacks whatever the groups chosen: a top-level key
-    neither the config's nor a group's (`max_steps=5`), or a key a trainer/precision/strategy/finetune schema lacks."""
-    from trainer.config import Config
-
-    if override.is_add() or override.is_force_add() or override.is_delete() or override.is_hydra_override():
-        return False
-    section, _, name = override.key_or_group.partition(".")
-    if not name:
-        top = {f.name for f in dataclasses.fields(Config)} | {"hydra"}
-        return ours and section not in top and group_options(section) is None
-    schema = _typed_schema(section)
-    return schema is not None and "." not in name and name not in {f.name for f in dataclasses.fields(schema)}
-
-
 def _type_problem(key: str, value: Any, given: str) -> Optional[str]:
     """`trainer.max_steps=1.5` as one line naming key, value and type (OmegaConf's text spans five lines)."""
     from omegaconf import OmegaConf
     from omegaconf.errors import ValidationError
 
     section, _, name = key.partition(".")
-    schema = _typed_schema(section)
+    schema = typed_schema(section)
     fields = {f.name: f for f in dataclasses.fields(schema)} if schema else {}
     if name not in fields or (isinstance(value, str) and "${" in value):
         return None
@@ -108,93 +81,6 @@ def _type_problem(key: str, value: Any, given: str) -> Optional[str]:
         return (f"{given}: {key} takes {words}{' (or null)' if optional else ''}, not {value!r}. "
                 f"Fix: give {key} {words}.")
     return None
-
-
-def _first_job(override) -> Optional[str]:
-    """The override as a sweep's first job has it (`optimizer.lr=1e-3,1e-4`: `optimizer.lr=1e-3`); None for an
-    interval or a glob, which only the sweeper expands."""
-    from hydra.core.override_parser.types import Glob
-
-    if not override.is_sweep_override():
-        return override.input_line
-    if override.is_interval_sweep() or isinstance(override.value(), Glob):
-        return None
-    return f"{override.get_key_element()}={next(iter(override.sweep_string_iterator()))}"
-
-
-def _group_lines(overrides) -> tuple:
-    """The command's group choices as its run (a sweep: the first job) makes them."""
-    groups = [_first_job(o) for o in overrides if group_options(o.key_or_group) is not None and not o.is_delete()]
-    return tuple(line for line in groups if line)
-
-
-def _keys(cfg) -> Dict[str, List[str]]:
-    """Section -> its keys ('' the top level) of `cfg`, the recipe's sections included; without it (the groups
-    chosen do not compose), the typed sections'."""
-    from trainer.config import Config
-    from trainer.config_check import keys_by_section
-
-    if cfg is not None:
-        return keys_by_section(cfg)
-    keys = {section: [f.name for f in dataclasses.fields(_typed_schema(section))] for section in TYPED_SECTIONS}
-    return {"": [f.name for f in dataclasses.fields(Config)], **keys}
-
-
-def _entry_problem(given: str, section: str, name: str, overrides, keys) -> Optional[str]:
-    """`callbacks.early_stopping.patience=5` with early_stopping not chosen, or misspelt (early_stoping): the
-    group's options are its entries, chosen on the command line (`callbacks=[...]`)."""
-    shown = [o for o in group_options(section) or [] if not o.startswith("base_")]
-    entry = name if name in shown else meant_option(section, name, shown)
-    if entry is None or section not in keys:
-        return None
-    chosen = next((c for o in overrides if o.key_or_group == section and not o.is_delete()
-                   for c in _choices(o.value())[:1]), [])
-    chosen = [str(c) for c in (chosen if isinstance(chosen, list) else [chosen]) if c is not None]
-    fixed = f"{section}.{entry}{given.lstrip('+')[len(section) + 1 + len(name):]}"
-    if entry not in chosen:
-        fixed = f"{section}=[{','.join([*chosen, entry])}] {fixed}"
-    if entry == name:
-        return (f"{given}: {section}={name} is not chosen, so {section}.{name} has no options to set. Fix: choose "
-                f"it in the same command: {fixed}")
-    return f"{given}: {section} has no entry {name!r}. Fix: did you mean {fixed}?"
-
-
-def _unknown_key(given: str, key: str, overrides) -> str:
-    """The message for the override `given`, whose `key` (itself, or the part of it that exists not) the config
-    lacks: the keys most likely meant (config_check.close_keys), as overrides of the same value."""
-    from trainer.config_check import KEY_SYNONYMS, close_keys, free_form_sections
-
-    cfg = composed(_group_lines(overrides))
-    keys, free = _keys(cfg), (free_form_sections(cfg) if cfg is not None else [])
-    section, _, name = key.rpartition(".")
-    path, _, value = given.lstrip("+~").partition("=")
-    below = path[len(key):] if path.startswith(key) else ""  # `trainr.max_steps=5`: trainr lacks, .max_steps below
-    options = group_options(section) or []
-    if options and (section in free or section not in keys):  # callbacks: its entries are the group's options
-        entry = _entry_problem(given, section, name, overrides, keys)
-        if entry:
-            return entry
-    if section in free:  # eval_sets.ood.path=x: a new entry of a free-form section
-        return f"{given}: {section}.{name} is a new entry of {section}. Fix: add it with +: +{given.lstrip('+~')}"
-    if options and value in options and not below:  # optimizer.name=sgd
-        return f"{given}: {section} has no key {name!r}. Fix: did you mean {section}={value}?"
-    other = (option_with_key(section, name, _group_lines(overrides))
-             if options and name.lower() not in KEY_SYNONYMS else None)
-    if other:
-        return f"{given}: {key} is a key of {other}, not of the {section} chosen. Fix: did you mean {other} {given}?"
-    meant = [as_group_choice(f"{k}{below}", value) for k in close_keys(name, section, keys, free)
-             if not below or k in keys]
-    meant = " or ".join(m for m in meant if m)
-    if not section:
-        return (f"{given}: {name} is not a top-level key. Fix: did you mean {meant}?" if meant else
-                f"{given}: {name} is not a key of the run's config (its keys: {', '.join(keys[''])}). Fix: put it "
-                "under its section (trainer., data., ...): python -m trainer <your config groups> --cfg job lists "
-                "them.")
-    if section not in keys:
-        return (f"{given}: {key} is not a key of the run's config. Fix: check the name (python -m trainer "
-                "<your config groups> --cfg job lists the keys).")
-    fix = f"did you mean {meant}?" if meant else "use one of its keys:"
-    return f"{given}: {section} has no key {name!r}. Fix: {fix} ({', '.join(keys[section])})"
 
 
 def _blamed(where: str, jobs) -> Optional[str]:
@@ -230,7 +116,7 @@ def _composition_error(lines: List[str], jobs, overrides) -> Optional[str]:
             return None
         key, _, value = given.lstrip("+~").partition("=")
         if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):  # wrong in every job: the sweep named
-            return _unknown_key(jobs[given].input_line, where, overrides)
+            return unknown_key(jobs[given].input_line, where, overrides)
         if "is not Optional" in str(cause):
             return _not_optional(given, key, cause)
         kind = re.search(r"could not be converted to (\w+)", str(cause))
@@ -308,7 +194,7 @@ def composition_problem(overrides) -> Optional[str]:
     a sweep value out of range, as one line (Hydra prints OmegaConf's five and exits 1). Composes the config as
     the run (a sweep: its first job, then each value of a sweep of keys) will, only when such a key is
     overridden. `overrides`: the command line's, parsed."""
-    jobs = {line: o for o in overrides if not o.is_hydra_override() and (line := _first_job(o))}
+    jobs = {line: o for o in overrides if not o.is_hydra_override() and (line := first_job(o))}
     keys = any(o.key_or_group.partition(".")[0] not in TYPED_SECTIONS and group_options(o.key_or_group) is None
                for o in jobs.values())
     recipe_parts = any(o.key_or_group not in (*TYPED_SECTIONS, *LIST_GROUPS, "recipe")
@@ -326,11 +212,11 @@ def _problem(override, overrides, ours: bool) -> Optional[str]:
         if override.is_delete() and key in LIST_GROUPS:  # Hydra: "Could not delete 'logger'", exit 1
             return f"{given}: {key} is a list of options, which Hydra cannot delete. Fix: {key}=[] (none of them)."
         return None if override.is_delete() else _group_problem(override, options)
-    if _lacks_key(override, ours):
-        return _unknown_key(given, key, overrides)
+    if lacks_key(override, ours):
+        return unknown_key(given, key, overrides)
     if override.is_sweep_override() and not override.is_choice_sweep():
         return None  # range(...)/interval(...): Hydra and the sweeper expand them; each job is checked then
-    for value in _choices(override.value()):
+    for value in choices_of(override.value()):
         if key in LIST_FIELDS and value is not None and not isinstance(value, list):
             return f"{given}: {LIST_FIELDS[key]}."
         wrong_type = _type_problem(key, value, given) if not override.is_delete() else None

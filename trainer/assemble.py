@@ -124,20 +124,24 @@ class Parts:
     trainer_class: type
     seed: int
     clipnorm: Optional[float]
+    from_cli: bool = False  # from a command line's config (parts_of): the Trainer's errors name its overrides
 
     def build(self, **rest):
         """The Trainer of these parts; `rest`: strategy, run_dir, callbacks, loggers, is_chief."""
-        return self.trainer_class(model=self.model, loss=self.loss, optimizer=self.optimizer, metrics=self.metrics,
-                                  precision=self.precision, config=self.config, seed=self.seed, clipnorm=self.clipnorm,
-                                  **rest)
+        trainer = self.trainer_class(model=self.model, loss=self.loss, optimizer=self.optimizer, metrics=self.metrics,
+                                     precision=self.precision, config=self.config, seed=self.seed,
+                                     clipnorm=self.clipnorm, **rest)
+        trainer.from_cli = self.from_cli
+        return trainer
 
     def replace(self, **changes) -> "Parts":
         return dataclasses.replace(self, **changes)
 
 
 def parts_of(cfg: DictConfig, total_steps: Optional[int] = None) -> Parts:
-    """The Trainer's parts a composed config (or a run's .hydra/config.yaml) names. `total_steps`: the
-    optimizer's schedule length (its decay ends there)."""
+    """The Trainer's parts a composed config (or a run's .hydra/config.yaml) names, for the command line's entry
+    points (python -m trainer, the doctor, lr_find, evaluate, predict): its Trainer is `from_cli`. `total_steps`:
+    the optimizer's schedule length (its decay ends there)."""
     from trainer.optim import build_optimizer
 
     return Parts(
@@ -150,6 +154,7 @@ def parts_of(cfg: DictConfig, total_steps: Optional[int] = None) -> Parts:
         trainer_class=trainer_class(cfg.get("trainer_class", DEFAULT_TRAINER_CLASS)),
         seed=cfg.seed,
         clipnorm=cfg.optimizer.get("clipnorm"),
+        from_cli=True,
     )
 
 

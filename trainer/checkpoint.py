@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import difflib
 import json
 import logging
 import math
@@ -27,6 +26,7 @@ from trainer.checkpoint_files import incomplete_checkpoints, list_checkpoints, r
 from trainer.checkpoint_graph import match_variables
 from trainer.config import ConfigError
 from trainer.errors import UserError
+from trainer.evalsets import close_hint
 
 log = logging.getLogger(__name__)
 
@@ -137,12 +137,6 @@ def non_finite_weights(model) -> List[str]:
 NO_BEST = {"max": -3.4028235e38, "min": 3.4028235e38}
 
 
-def close_hint(name: str, names: List[str]) -> str:
-    """" (did you mean 'x'?)" for the closest of `names` to a misspelt `name`, else ""."""
-    close = difflib.get_close_matches(name, names, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 class Checkpointer:
     """Saves and restores the trainer's state in `directory`.
 
@@ -177,6 +171,9 @@ class Checkpointer:
         self.keep = keep
         self.keep_best = keep_best
         self.best_metric = best_metric
+        # said when no eval result is best_metric; its user's form is set by callbacks/checkpointing.py
+        self.best_metric_fix = ("trainer.best_metric=<one of them> (Trainer(best_metric=...) from Python; a metric's "
+                                "name is its `name=`)")
         self.best_mode = best_mode
         self._manager = None
         self._warned_no_best = False
@@ -221,8 +218,7 @@ class Checkpointer:
             self._warned_no_best = True
             names = sorted(k for k in eval_logs if k not in ("step", "split"))
             log.warning("trainer.best_metric=%r is not among the eval results %s%s: no best checkpoint is tracked. "
-                        "Fix: trainer.best_metric=<one of them> (Trainer(best_metric=...) from Python; a metric's name "
-                        "is its `name=`).", self.best_metric, names, close_hint(self.best_metric, names))
+                        "Fix: %s.", self.best_metric, names, close_hint(self.best_metric, names), self.best_metric_fix)
         if not self.best_metric or self.best_metric not in eval_logs or not self.weights_finite():
             return False
         value = float(eval_logs[self.best_metric])

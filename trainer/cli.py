@@ -137,7 +137,7 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
     examples_per_step = data.batch_size * batches_read_per_step(trainer_cfg)  # an epoch: one pass over the data
     steps_per_epoch = debug.steps_per_epoch(trainer_cfg,
                                             data.train_examples // examples_per_step if data.train_examples else None)
-    total = Trainer.total_steps(trainer_cfg.max_steps, trainer_cfg.epochs, steps_per_epoch)
+    total = Trainer.total_steps(trainer_cfg.max_steps, trainer_cfg.epochs, steps_per_epoch, cli=True)
     trainer = parts_of(cfg, total).build(
         strategy=strategy,
         run_dir=run_dir,

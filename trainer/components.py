@@ -3,17 +3,19 @@ metrics, loss and loss scales. Called under the strategy scope (trainer.py), aft
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, List, Mapping, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from trainer import model_summary
 from trainer import precision as precision_lib
 from trainer.config import ConfigError, PrecisionConfig
 from trainer.distribute import StrategyError
 from trainer.loss_scale import LossScale
 from trainer.precision import PrecisionError
+from trainer.step import Step
 from trainer.update import Updater
 
 log = logging.getLogger("trainer.core")
@@ -226,3 +228,46 @@ def make_updaters(trainer, clipnorm) -> Dict[str, Updater]:
                       fused=trainer.config.fused_optimizer, grad_multipliers=lambda: trainer.grad_multipliers)
         for i, (name, opt) in enumerate(trainer.optimizers.items())
     }
+
+
+def build_variables(trainer, sample_batch) -> Optional[keras.Model]:
+    """Creates the variables of `trainer`'s models and optimizers before any step is traced: the model (on a sample
+    batch), the float32-output check, every optimizer's slots. Tracing a step that creates variables would fail
+    under tf.function, and a restore needs them all to exist. It reads the Trainer and sets none of its state:
+    returns the one model's float32-output wrapper, which Trainer.build puts in its place, or None."""
+    if len(trainer.models) > 1 and type(trainer).train_step is Step.train_step:
+        raise TypeError(f"Trainer: the default train_step trains one model; with several {sorted(trainer.models)}, "
+                        "override train_step and call self.update(loss, tape, name) (see docs/research.md)")
+    with trainer.strategy.scope():
+        wrapped = None
+        if len(trainer.models) == 1:
+            wrapped = _build_single_model(trainer.model, trainer.precision, sample_batch)
+        # the models as the Trainer will hold them (the wrapper in the one model's place)
+        models = {name: model if wrapped is None else wrapped for name, model in trainer.models.items()}
+        for name, model in models.items():
+            if not model.weights:
+                raise ValueError(f"Trainer: model {name!r} has no variables yet: give it a keras.Input, or call "
+                                 "model.build(input_shape) in its builder, so its optimizer "
+                                 "can be built before tracing")
+            if trainer.precision.policy != "float32":
+                precision_lib.check_variables_float32(model)
+        for updater in trainer.updaters.values():  # a wrapper holds the model's variables: the same slots
+            updater.build()
+        for name, model in models.items():  # the per-layer table: model_summary.txt (callbacks/progress.py)
+            log.info("Model %s: %s%s", model.name, model_summary.total_line(model),
+                     f"; per layer: {trainer.run_dir / model_summary.FILE}" if trainer.run_dir is not None else "")
+    return wrapped
+
+
+def _build_single_model(model: keras.Model, precision: PrecisionConfig, sample_batch) -> Optional[keras.Model]:
+    """`model` called on two examples of `sample_batch`; its float32-output wrapper when it needs one, else None."""
+    x, _, _ = keras.utils.unpack_x_y_sample_weight(sample_batch)
+    first_two = tf.nest.map_structure(lambda t: t[:2], x)  # 2 examples suffice
+    outputs = model(first_two, training=False)
+    precision_lib.keep_layers_in_float32(model, precision.float32_layers)
+    wrapped = precision_lib.ensure_float32_outputs(model, outputs, precision.strict_outputs)
+    if wrapped is not model:
+        wrapped(first_two, training=False)  # build the wrapper
+    if precision.policy != "float32":
+        precision_lib.warn_not_multiple_of_8(wrapped, tf.nest.flatten(x)[0].shape[0])
+    return wrapped if wrapped is not model else None

@@ -13,7 +13,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 # The range machinery and ConfigError live in config_ranges; check_ranges is importable here too, as before.
-from trainer.config_ranges import MAX_STEPS, Checked, ConfigError, check_ranges, chosen, meant_option, ranged  # noqa: F401
+from trainer.config_ranges import (MAX_STEPS, Checked, ConfigError, check_ranges, chosen, combined,  # noqa: F401
+                                   meant_option, ranged, written)
 
 
 @dataclass
@@ -21,6 +22,7 @@ class TrainerConfig(Checked):
     """The training loop: how long, how often to log/evaluate/checkpoint, how steps are compiled."""
 
     config_key: ClassVar[str] = "trainer"
+    python_call: ClassVar[str] = "Trainer"  # its keyword options are these fields
 
     # total train steps; with `epochs` too, the smaller wins
     max_steps: Optional[int] = ranged(None, f"[1, {MAX_STEPS}]")
@@ -37,12 +39,14 @@ class TrainerConfig(Checked):
     keep_checkpoints: int = ranged(3, "[1, inf)")
     keep_best: int = ranged(1, "[0, inf)")
     best_metric: Optional[str] = "accuracy"  # an eval metric name; None: no best-checkpoint tracking
-    best_mode: str = chosen("max", "max|min")  # whether a larger or a smaller best_metric is better
+    # whether a larger or a smaller best_metric is better; auto: from its name, as EarlyStopping's mode=auto
+    # (loss-like min, accuracy-like max); a resumed run keeps the mode it began with
+    best_mode: str = chosen("auto", "auto|max|min")
     # the final eval metric a multirun sweeper (Optuna) optimizes:
     # `accuracy`, `loss`; None: best_metric, or the loss without one
     sweep_metric: Optional[str] = None
     # whether a larger or a smaller sweep_metric is better; None:
-    # best_mode for best_metric, min for a name ending in loss
+    # best_mode for best_metric (auto: from its name), min for a name ending in loss
     sweep_mode: Optional[str] = chosen(None, "max|min")
     resume: bool = True  # resume from the run folder's checkpoints when there are any
     # resume from this checkpoint, not the newest: ckpt-N | best | best/ckpt-N | a checkpoint's path;
@@ -99,7 +103,7 @@ class TrainerConfig(Checked):
     profile_steps: Optional[List[int]] = ranged(None, "[1, inf)")
     # a dry run from fresh weights: true, 2 train steps and 2 eval batches; N (Lightning's whole number),
     # N of each; 0/false: off. No checkpoints, metrics or TensorBoard files; the run folder is neither read nor written
-    fast_dev_run: Any = ranged(False, "[0, inf)")
+    fast_dev_run: Any = combined(False)
     # N > 0: train, and evaluate, on the same first N training batches over and over (the loss should go near 0); 0: off
     overfit_batches: int = ranged(0, "[0, inf)")
     # Lightning's name: N >= 1 evaluates N batches (as eval_steps), a fraction in (0, 1) that share of the
@@ -107,10 +111,13 @@ class TrainerConfig(Checked):
     limit_eval_batches: Optional[float] = ranged(None, "(0, inf)")
 
     @staticmethod
-    def check_combined(values: Mapping[str, Any], prefix: str) -> None:
+    def check_combined(values: Mapping[str, Any], prefix: str, python: Optional[Mapping[str, str]] = None) -> None:
         """The rules across fields: batches_per_step not with grad_accum_steps; profile_steps is [N, M] with
-        N <= M; fast_dev_run is a bool or a whole number; limit_eval_batches above 1 is a whole number, and
-        agrees with eval_steps."""
+        N <= M; fast_dev_run is a bool or a whole number >= 0; limit_eval_batches above 1 is a whole number, and
+        agrees with eval_steps. `python`: as in check_ranges, the fixes name the Python argument."""
+        def fix(name: str, value: Any) -> str:
+            return written(f"{prefix}.{name}", value, (python or {}).get(name, ""), cli=not python)
+
         if (per_step := values.get("batches_per_step", 1)) > 1 and values.get("grad_accum_steps", 1) > 1:
             raise ConfigError(f"{prefix}.batches_per_step={per_step} and "
                               f"{prefix}.grad_accum_steps={values['grad_accum_steps']}: the overridden step that takes "
@@ -118,20 +125,22 @@ class TrainerConfig(Checked):
         steps = values.get("profile_steps")
         if steps is not None and (len(steps) != 2 or steps[0] > steps[1]):
             raise ConfigError(f"{prefix}.profile_steps={list(steps)} must be two steps [N, M] with 1 <= N <= M. "
-                              f"Fix: e.g. {prefix}.profile_steps=[10,20] (a trace of steps 10 to 20).")
+                              f"Fix: e.g. {fix('profile_steps', [10, 20])} (a trace of steps 10 to 20).")
         dev = values.get("fast_dev_run", False)
-        if not isinstance(dev, (bool, numbers.Integral)):  # an Any field: OmegaConf lets 2.5, "yes" and null in
-            raise ConfigError(f"{prefix}.fast_dev_run={dev!r} is neither true/false nor a whole number of batches. "
-                              f"Fix: {prefix}.fast_dev_run=true (2 train steps and 2 eval batches) or a number N "
-                              f"(N of each, as Lightning's fast_dev_run=N), e.g. {prefix}.fast_dev_run=5.")
+        # an Any field (OmegaConf lets 2.5, "yes" and null in), judged here alone: a range said -1 as "must be >= 0"
+        if not isinstance(dev, (bool, numbers.Integral)) or (not isinstance(dev, bool) and dev < 0):
+            raise ConfigError(f"{prefix}.fast_dev_run={dev!r} is neither true/false nor a whole number of batches "
+                              f"(>= 0). Fix: {fix('fast_dev_run', True)} (2 train steps and 2 eval batches) or a "
+                              f"number N (N of each, as Lightning's fast_dev_run=N), e.g. {fix('fast_dev_run', 5)}; "
+                              f"{'false' if not python else 'False'} or 0: off.")
         limit, eval_steps = values.get("limit_eval_batches"), values.get("eval_steps")
         if limit is not None and limit > 1 and limit != int(limit):
             raise ConfigError(f"{prefix}.limit_eval_batches={limit} is neither a whole number of batches nor a "
-                              "fraction in (0, 1) of the eval set. Fix: e.g. "
-                              f"{prefix}.limit_eval_batches={int(limit)} or =0.25.")
+                              f"fraction in (0, 1) of the eval set. Fix: e.g. {fix('limit_eval_batches', int(limit))} "
+                              f"or {fix('limit_eval_batches', 0.25)}.")
         if limit is not None and eval_steps is not None and limit != eval_steps:
             raise ConfigError(f"{prefix}.limit_eval_batches={limit} and {prefix}.eval_steps={eval_steps} both limit "
-                              f"evaluation, to different sizes. Fix: set only one of them ({prefix}.limit_eval_batches "
+                              f"evaluation, to different sizes. Fix: set only one of them (limit_eval_batches "
                               "is Lightning's name; it also takes a fraction of the eval set).")
 
     def __post_init__(self) -> None:
@@ -261,6 +270,7 @@ class EarlyStoppingConfig(MonitorConfig):
     """callbacks=[early_stopping]: stop when the monitored value stops improving."""
 
     config_key: ClassVar[str] = "callbacks.early_stopping"
+    python_call: ClassVar[str] = "EarlyStopping"
 
     _target_: str = "trainer.callbacks.EarlyStopping"
     # stop when the value has not beaten this within `patience` events; None: off
@@ -273,6 +283,7 @@ class ReduceLROnPlateauConfig(MonitorConfig):
     """callbacks=[reduce_lr_on_plateau]: multiply every learning rate (or schedule) by `factor` on a plateau."""
 
     config_key: ClassVar[str] = "callbacks.reduce_lr_on_plateau"
+    python_call: ClassVar[str] = "ReduceLROnPlateau"
 
     _target_: str = "trainer.callbacks.ReduceLROnPlateau"
     min_delta: float = ranged(1e-4, "[0, inf)")  # a change smaller than this is no improvement (Keras' default)

@@ -33,7 +33,7 @@ def check_config(cfg, choices: Optional[Mapping[str, str]] = None) -> None:
             _check_known_keys(schema, node, key, cfg)
         values = {}
         for f in dataclasses.fields(schema):
-            if ("range" in f.metadata or "choices" in f.metadata) and f.name in node:
+            if ("range" in f.metadata or "choices" in f.metadata or "combined" in f.metadata) and f.name in node:
                 try:
                     value = node[f.name]
                 except OmegaConfBaseException:

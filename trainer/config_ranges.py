@@ -10,11 +10,12 @@ check; trainer.config (the schemas) re-exports all of these.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import numbers
 import re
 from dataclasses import field
-from typing import Any, ClassVar, Mapping, Optional, Sequence
+from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence
 
 from omegaconf import MISSING
 
@@ -72,6 +73,35 @@ def chosen(default: Any, choices: str) -> Any:
     return field(default=default, metadata={"choices": tuple(choices.split("|"))})
 
 
+def combined(default: Any) -> Any:
+    """A field whose values a schema's `check_combined` judges alone (neither a range nor choices fit it: an `Any`
+    field that takes a bool or a whole number); the CLI's check hands it to check_combined too."""
+    return field(default=default, metadata={"combined": True})
+
+
+def written(key: str, value: Any, python: str = "", cli: bool = True) -> str:
+    """Setting `key` to `value` as its user writes it, so an error's fix is in the form they came from: the CLI
+    override (`trainer.fast_dev_run=true`), or from Python (`cli` false) the argument (`python`: its form with
+    `...` for the value, `Trainer(fast_dev_run=...)` -> `Trainer(fast_dev_run=True)`). A string in <angle brackets>
+    is a placeholder, written as is (`Trainer(best_metric=<one of them>)`)."""
+    placeholder = isinstance(value, str) and value.startswith("<") and value.endswith(">")
+    if python and not cli:
+        return python.replace("...", value if placeholder else repr(value))
+    return f"{key}={value if isinstance(value, str) else _cli_literal(value)}"
+
+
+def _cli_literal(value: Any) -> str:
+    """A value as an override types it: true, null, [10,20]."""
+    if isinstance(value, (list, tuple)):
+        return f"[{','.join(map(_cli_literal, value))}]"
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def python_forms(schema, call: str) -> Dict[str, str]:
+    """Field name -> how Python sets it (`Trainer(max_steps=...)`) for every field of `schema`, set through `call`."""
+    return {f.name: f"{call}({f.name}=...)" for f in dataclasses.fields(schema)}
+
+
 def _as_choice(value: Any) -> Any:
     """A boolean as the CLI spells it ("true"/"false"), to compare with a field's choices."""
     return str(value).lower() if isinstance(value, bool) else value
@@ -95,9 +125,11 @@ def _describe(interval: str) -> str:
     return f"in {interval}"
 
 
-def check_ranges(schema, values: Mapping[str, Any], prefix: str) -> None:
+def check_ranges(schema, values: Mapping[str, Any], prefix: str, python: Optional[Mapping[str, str]] = None) -> None:
     """Raises ConfigError naming `prefix.key`, its value and its range for the first value out of range
-    (or, for a `chosen` field, its choices for a value that is none of them; for an int field, not whole).
+    (or, for a `chosen` field, its choices for a value that is none of them; for an int field, not whole). The
+    fix names the CLI override, or with `python` (field name -> its Python form, `Trainer(max_steps=...)`: the
+    values came from Python) the argument to give.
 
     Strings are skipped: an unresolved `???` (reported by OmegaConf when it is used) or a wrong type
     (OmegaConf rejects those while composing); not in an int field (from Python: `Trainer(max_steps="5")`)."""
@@ -105,35 +137,45 @@ def check_ranges(schema, values: Mapping[str, Any], prefix: str) -> None:
         interval, choices = f.metadata.get("range"), f.metadata.get("choices")
         value = values.get(f.name)
         key = f"{prefix}.{f.name}" if prefix else f.name
+        form = (python or {}).get(f.name)
+        fix = f"give {form}" if form else f"set {key} to"  # `give Trainer(max_steps=...) a value >= 1`
         items = value if isinstance(value, (list, tuple)) else [value]
         if value not in (None, MISSING) and _WHOLE.fullmatch(str(f.type)) and not all(
                 isinstance(item, numbers.Integral) and not isinstance(item, bool) for item in items):
-            raise ConfigError(f"{key}={value!r} is not a whole number. Fix: set {key} to whole numbers.")
+            raise ConfigError(f"{key}={value!r} is not a whole number. Fix: {fix} whole numbers.")
         if choices is not None and value is not None and _as_choice(value) not in choices:
-            raise ConfigError(f"{key}={value!r} is not one of {'|'.join(choices)}. Fix: set {key} to one of them.")
+            raise ConfigError(f"{key}={value!r} is not one of {'|'.join(choices)}. Fix: {fix} one of them.")
         if interval is None or value is None:
             continue
         for item in items:
             each = "each element " if isinstance(value, (list, tuple)) else ""
             if isinstance(item, float) and not math.isfinite(item):  # inf passes "(0, inf)"'s > 0; nan fails every test
                 raise ConfigError(f"{key}={value} is not a finite number: {each}must be finite and "
-                                  f"{_describe(interval)}. Fix: set {key} to "
+                                  f"{_describe(interval)}. Fix: {fix} "
                                   f"{'finite values' if each else 'a finite value'} {_describe(interval)}.")
             if isinstance(item, (int, float)) and not isinstance(item, bool) and not _inside(item, interval):
                 raise ConfigError(f"{key}={value} is out of range: {each}must be {_describe(interval)}. "
-                                  f"Fix: set {key} to {'values' if each else 'a value'} {_describe(interval)}.")
+                                  f"Fix: {fix} {'values' if each else 'a value'} {_describe(interval)}.")
 
 
 class Checked:
-    """Mixin for a schema dataclass: its ranges are checked on construction (see check_ranges).
-    `config_key` is where the schema sits in the whole config, for messages."""
+    """Mixin for a schema dataclass: its ranges are checked on construction (see check_ranges), that is from
+    Python (the CLI checks the composed values itself, config_check), so the fixes name the Python argument.
+    `config_key` is where the schema sits in the whole config, for messages; `python_call` what Python users
+    set its fields through (TrainerConfig's: `Trainer(max_steps=...)`), the class itself by default."""
 
     config_key: ClassVar[str] = ""
+    python_call: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
-        check_ranges(type(self), vars(self), self.config_key)
-        self.check_combined(vars(self), self.config_key)
+        python = python_forms(type(self), self.python_call or type(self).__name__)
+        check_ranges(type(self), vars(self), self.config_key, python)
+        if "python" in inspect.signature(self.check_combined).parameters:
+            self.check_combined(vars(self), self.config_key, python)
+        else:  # a schema of its own written before `python` (values, prefix)
+            self.check_combined(vars(self), self.config_key)
 
     @staticmethod
-    def check_combined(values: Mapping[str, Any], prefix: str) -> None:
-        """Rules across fields (a schema's own): raise ConfigError naming the keys and the fix."""
+    def check_combined(values: Mapping[str, Any], prefix: str, python: Optional[Mapping[str, str]] = None) -> None:
+        """Rules across fields (a schema's own): raise ConfigError naming the keys and the fix (`python`: as in
+        check_ranges; write a fix with `written`)."""

@@ -126,8 +126,8 @@ def plan_fit(trainer, train_data: DataArg, eval_data: Optional[DataArg],
         batches = fast_dev_run_batches(cfg)
         total = start + batches
         per_set = eval_limit[2] if eval_limit is not None and isinstance(eval_limit[2], int) else batches
-        evaluated = f" and {per_set} eval batches" if eval_data is not None else ""
-        log.info("fast_dev_run: %d train steps%s from %s weights, then stop. Nothing is kept: no checkpoints, "
+        evaluated = f" and {per_set} eval batch{'' if per_set == 1 else 'es'}" if eval_data is not None else ""
+        log.info("fast_dev_run: %d train step%s%s from %s weights, then stop. Nothing is kept: no checkpoints, "
                  "metrics.jsonl, TensorBoard files or profile; no run folder is read or written.", batches,
-                 evaluated, "freshly initialized" if start == 0 else "the current")
+                 "" if batches == 1 else "s", evaluated, "freshly initialized" if start == 0 else "the current")
     return train_data, eval_data, total, eval_limit

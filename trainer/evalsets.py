@@ -10,13 +10,34 @@ from __future__ import annotations
 
 import difflib
 import logging
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from trainer.config_ranges import ConfigError, written
 from trainer.errors import UserError
 
 log = logging.getLogger("trainer.core")
 
 RESERVED = ("train", "eval")  # `train/loss` is a train log; `eval/` is the prefix a monitor may carry
+
+# Other names users give a result (lower case), one group a result: Keras 2's `acc`, the names Keras gives a metric
+# made from a string or class without `name=`, and short forms. A wrong name of a group is told the group's name
+# the results hold (`acc`: did you mean 'accuracy'?), which a spelling match alone misses.
+SYNONYMS = (
+    ("accuracy", "acc", "sparse_categorical_accuracy", "categorical_accuracy", "binary_accuracy"),
+    ("loss", "sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy", "crossentropy",
+     "xent"),
+    ("mean_squared_error", "mse"),
+    ("mean_absolute_error", "mae"),
+    ("root_mean_squared_error", "rmse"),
+    ("perplexity", "ppl"),
+    ("lr", "learning_rate"),
+)
+
+
+# How mode=auto tells whether a larger value is better, from a word in the name, as Keras' EarlyStopping does (the
+# callbacks' mode and trainer.best_mode): a loss-like word first (`val_loss`, `error_rate`), then an accuracy-like.
+LARGER_IS_BETTER = ("acc", "auc", "precision", "recall", "f1", "iou", "score")
+SMALLER_IS_BETTER = ("loss", "error", "mse", "mae", "perplexity")
 
 
 class EvalSetError(UserError, ValueError):
@@ -55,25 +76,61 @@ def split_by_set(logs: Mapping[str, Any], names: Sequence[str]) -> Dict[str, Dic
     return out
 
 
+def _prefixed(name: str) -> Tuple[str, str]:
+    """(prefix, result): `val/acc` and `train/acc` -> ('val/', 'acc'); Keras' `val_acc` -> ('val_', 'acc')."""
+    if "/" in name:
+        head, _, tail = name.rpartition("/")
+        return head + "/", tail
+    if name.startswith("val_") and len(name) > len("val_"):
+        return "val_", name[len("val_"):]
+    return "", name
+
+
+def meant(name: str, names: Sequence[str]) -> Optional[str]:
+    """The one of `names` (the results or logs) a wrong `name` most likely means, as the user would write it: the
+    same result by another name (SYNONYMS: `acc` -> 'accuracy', `val_acc` -> 'val_accuracy'), else the closest
+    spelling. A prefix the names lack (`val_` before one eval set's plain results) is kept. None: nothing close."""
+    head, tail = _prefixed(name)
+    plain = bool(head) and not any(n.startswith(head) for n in names)
+    spelt = [head + n if plain else n for n in names]  # the names as the user would write them
+    for group in SYNONYMS:
+        if tail.lower() in group:
+            found = next((head + other for other in group if head + other in spelt), None)
+            if found:
+                return found
+    close = difflib.get_close_matches(name, spelt, n=1)
+    return close[0] if close else None
+
+
+def close_hint(name: str, names: Sequence[str]) -> str:
+    """" (did you mean 'x'?)" for the name `meant`, else ""."""
+    found = meant(name, names)
+    return f" (did you mean {found!r}?)" if found else ""
+
+
 def single_set(name: str, metric_names: Optional[Sequence[str]], setting: str) -> str:
     """With one eval set (the recipe's split, fit's validation data) its results keep plain names, yet it is
     the set the docs call `val`, and named so beside a second one: `val/accuracy` and Keras' `val_accuracy`
-    read its `accuracy`, so a monitor need not change when a set is added."""
+    read its `accuracy`, so a monitor need not change when a set is added. That is said in the log unless
+    `metric_names` (None: not known yet) lacks the name: a misspelt one (`val_acuracy`) is its caller's error."""
     name = name[len("eval/"):] if name.startswith("eval/") else name
     if metric_names is not None and name in metric_names:  # a step's own log named so
         return name
     for prefix in ("val/", "val_"):
         if name.startswith(prefix) and len(name) > len(prefix):
-            log.info("%s=%r: the one eval set's %r (its results keep plain names).", setting, name, name[len(prefix):])
-            return name[len(prefix):]
+            plain = name[len(prefix):]
+            if metric_names is None or plain in metric_names:
+                log.info("%s=%r: the one eval set's %r (its results keep plain names).", setting, name, plain)
+            return plain
     return name
 
 
 def resolve(name: str, set_names: Optional[Sequence[str]], metric_names: Optional[Sequence[str]], setting: str,
-            python: str = "") -> str:
+            python: str = "", cli: bool = True) -> str:
     """The eval record key a monitored `name` reads: `val/accuracy` as given; a bare `accuracy` with several
     sets is the first set's (said in the log); Keras' `val_accuracy` is `val/accuracy`. `python`: the setting's
-    Python form, which an error names too. An unknown set is an EvalSetError naming the available keys."""
+    Python form (`Trainer(best_metric=...)`), which an error's fix names when the user came from Python (`cli`
+    false). An unknown set is an EvalSetError naming the available keys."""
     name = name[len("eval/"):] if name.startswith("eval/") else name
     if not set_names:
         return single_set(name, metric_names, setting)
@@ -84,12 +141,34 @@ def resolve(name: str, set_names: Optional[Sequence[str]], metric_names: Optiona
         return name
     if tail:  # a set no set has (`vall/accuracy`), a metric its set lacks (`val/acc`)
         keys = [f"{s}/{m}" for s in set_names for m in (metric_names or [tail])]
-        close = difflib.get_close_matches(name, keys, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
         what = f"set {head!r} has no result {tail!r}" if head in set_names else f"no eval set is named {head!r}"
-        raise EvalSetError(f"{setting}={name!r}: {what}; the eval results are {keys}{hint}. "
-                           f"Fix: {setting}=<one of them> "
-                           f"(<set>/<metric>){f'; from Python, {python}' if python else ''}.")
-    log.info("%s=%r with the eval sets %s: judged on the first, %r (set %s=<set>/%s for another).",
-             setting, name, list(set_names), f"{set_names[0]}/{name}", setting, name)
+        raise EvalSetError(f"{setting}={name!r}: {what}; the eval results are {keys}{close_hint(name, keys)}. "
+                           f"Fix: {written(setting, '<one of them>', python, cli)} (<set>/<metric>).")
+    if metric_names is None or name in metric_names:  # a misspelt name: the caller's error says so, not this
+        log.info("%s=%r with the eval sets %s: judged on the first, %r (%s for another).", setting, name,
+                 list(set_names), f"{set_names[0]}/{name}", written(setting, f"<set>/{name}", python, cli))
     return f"{set_names[0]}/{name}"
+
+
+def guess_mode(mode: str, name: str) -> Optional[str]:
+    """min or max for a monitored `name`; "auto" decides from the name (its last `/` part); None: it cannot tell
+    (resolve_mode refuses it)."""
+    if mode != "auto":
+        return mode
+    last = name.split("/")[-1].lower()
+    if any(word in last for word in SMALLER_IS_BETTER):
+        return "min"
+    if any(word in last for word in LARGER_IS_BETTER):
+        return "max"
+    return None
+
+
+def resolve_mode(mode: str, name: str, setting: str, python: str = "", cli: bool = True) -> str:
+    """guess_mode, refusing a name it cannot judge (call it after the name is checked: a misspelt name is said as
+    such, not as a mode to set). `setting`: the mode's key (`trainer.best_mode`), `python` its Python form
+    (`Trainer(best_mode=...)`), which the fix names when the user came from Python (`cli` false)."""
+    guessed = guess_mode(mode, name)
+    if guessed is not None:
+        return guessed
+    raise ConfigError(f"{written(setting, 'auto', python, cli)} cannot tell whether a larger {name!r} is better. "
+                      f"Fix: {written(setting, 'min', python, cli)} or {written(setting, 'max', python, cli)}.")

@@ -133,29 +133,38 @@ def training_iterator(data: DataArg, strategy, start: int, batches_read: int, ke
     return iter(distribute(data, strategy, skip_batches=batches_read))
 
 
-def total_steps(steps: Optional[int], epochs: Optional[float], steps_per_epoch: Optional[int]) -> int:
+def total_steps(steps: Optional[int], epochs: Optional[float], steps_per_epoch: Optional[int],
+                cli: Optional[bool] = None) -> int:
     """The step a fit ends at: the smaller of `steps` and `epochs` x `steps_per_epoch` (ceil); a ConfigError
-    when neither says it."""
+    when neither says it, its fix in the user's form: the CLI's overrides (`cli`), fit()'s and the Trainer's
+    arguments (`cli` false), or both (None: not known)."""
+    def fix(python: str, command: str) -> str:
+        both = f"{python}; from the CLI, {command}"
+        return both if cli is None else command if cli else python
+
     candidates = []
     if steps:
         candidates.append(int(steps))
     if epochs:
         if steps_per_epoch is None:
-            raise ConfigError("epochs needs a training set of known size. Fix: fit(steps=...) or "
-                              "Trainer(max_steps=...) (trainer.max_steps=... from the CLI)")
+            raise ConfigError("epochs needs a training set of known size. Fix: "
+                              + fix("fit(steps=...) or Trainer(max_steps=...)", "trainer.max_steps=..."))
         if steps_per_epoch < 1:
             raise ConfigError("epochs (trainer.epochs): an epoch of this training set is shorter than one step "
                               "(data.batch_size x trainer.grad_accum_steps or batches_per_step examples); lower them "
-                              "or give the steps: fit(steps=...), Trainer(max_steps=...) or trainer.max_steps=...")
+                              "or give the steps: " + fix("fit(steps=...) or Trainer(max_steps=...)",
+                                                          "trainer.max_steps=..."))
         if epochs * steps_per_epoch < 1:  # Lightning's rule for a limit_train_batches fraction under one batch
+            least = f"{1 / steps_per_epoch:.3g}"
             raise ConfigError(f"trainer.epochs={epochs} is {epochs * steps_per_epoch:.3g} of a step (an epoch is "
-                              f"{steps_per_epoch} steps). Fix: at least trainer.epochs={1 / steps_per_epoch:.3g} (one "
-                              "step), or set trainer.max_steps; from Python, "
-                              f"fit(epochs={1 / steps_per_epoch:.3g}) or fit(steps=...).")
+                              f"{steps_per_epoch} steps). Fix: at least "
+                              + fix(f"fit(epochs={least}) (one step), or fit(steps=...)",
+                                    f"trainer.epochs={least} (one step), or set trainer.max_steps") + ".")
         candidates.append(int(math.ceil(epochs * steps_per_epoch)))
     if not candidates:
-        raise ConfigError("say how long to train: fit(epochs=...) or fit(steps=...), or Trainer(max_steps=...) / "
-                          "Trainer(epochs=...); from the CLI, trainer.max_steps=... or trainer.epochs=...")
+        raise ConfigError("say how long to train: " + fix("fit(epochs=...) or fit(steps=...), or Trainer(max_steps=...)"
+                                                          " / Trainer(epochs=...)",
+                                                          "trainer.max_steps=... or trainer.epochs=..."))
     return min(candidates)
 
 

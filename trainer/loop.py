@@ -184,7 +184,8 @@ class Loop:
         self.step += done
         if self.first_loop_seconds is None:
             self.first_loop_seconds = time.perf_counter() - t0
-            log.info("First loop (trace/compile + %d steps): %.2fs", done, self.first_loop_seconds)
+            log.info("First loop (trace/compile + %d step%s): %.2fs", done, "" if done == 1 else "s",
+                     self.first_loop_seconds)
             self.window_start, self.window_step = time.perf_counter(), self.step
         callbacks.on_loop_end(t, self.step)  # the numerics guard last: never save (and exit on) bad weights
         self.step = int(t.step.numpy())  # a rollback (callbacks/divergence.py) moves it back
@@ -220,7 +221,7 @@ class Loop:
         if self.step == self.start and (self.start >= self.total or t.stop_training):  # no new rows, no new save
             if self.start >= self.total:  # a finished run started again, or fit(epochs=1) twice (a total)
                 log.warning("%s", nothing_to_train(self.step, self.total, *self.request, t.config, t.steps_per_epoch,
-                                                   cli=bool(t.resume_command)))
+                                                   cli=t.from_cli))
                 self.train_logs = dict(t.last_train_logs) or {  # this Trainer's last, else the keys unmeasured
                     "step": self.step, "split": "train", "loss": float("nan"), **{m: float("nan") for m in t.metrics}}
             else:  # a run that early stopping ended, say (the callback said why)

@@ -33,7 +33,7 @@ from trainer import evalsets
 log = logging.getLogger(__name__)
 CSV_NAME = "sweep_summary.csv"
 CSV_ONLY = ("folder", "command", "best")  # columns too wide for the printed table: the job number finds them
-_DONE = re.compile(r"\b(Done|Interrupted): (\d+) steps in ([\d.]+)s")
+_DONE = re.compile(r"\b(Done|Interrupted): (\d+) steps? in ([\d.]+)s")
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"  # runs every job; uses no value
 SWEEP_EXTRA = "pip install -e '.[sweep]'"  # the Optuna sweeper and the joblib launcher (pyproject.toml)
 
@@ -99,13 +99,14 @@ def _sweep_metric(trainer_cfg: Any) -> str:
 def sweep_objective(trainer_cfg: Any) -> Tuple[str, str]:
     """(metric, "max" or "min"): what a sweep optimizes. trainer.sweep_metric, else the best_metric the
     recipe keeps its best checkpoint by, else the loss; the mode is sweep_mode, else best_mode for the
-    best_metric, min for a loss. Raises ConfigError for any other metric without a sweep_mode."""
+    best_metric (auto decided as the run's best checkpoint decides it), min for a loss. Raises ConfigError for
+    any other metric without a sweep_mode, and for a best_metric auto cannot judge."""
     from trainer.config import ConfigError
 
-    best_metric, best_mode = getattr(trainer_cfg, "best_metric", None), getattr(trainer_cfg, "best_mode", "max")
+    best_metric, best_mode = getattr(trainer_cfg, "best_metric", None), getattr(trainer_cfg, "best_mode", "auto")
     metric, mode = _sweep_metric(trainer_cfg), getattr(trainer_cfg, "sweep_mode", None)
     if mode is None and metric == best_metric:
-        mode = best_mode
+        mode = evalsets.resolve_mode(best_mode, best_metric, "trainer.best_mode")
     elif mode is None and metric.endswith("loss"):
         mode = "min"
     elif mode is None:
@@ -133,7 +134,7 @@ def check_sweep_metric(config: Any) -> None:
                                          and evalsets.single_set(metric, names, "trainer.sweep_metric") in names):
         return  # one eval set: `val/accuracy` (and Keras' `val_accuracy`) is its `accuracy`
     problem = (f"trainer.sweep_metric={metric}: the run logs no {metric!r}; its eval logs hold "
-               f"{', '.join(names)}. Fix: set trainer.sweep_metric to one of them")
+               f"{', '.join(names)}{evalsets.close_hint(metric, names)}. Fix: set trainer.sweep_metric to one of them")
     trainer_class = str(config.get("trainer_class") or "trainer.Trainer")
     if trainer_class != "trainer.Trainer":
         log.warning("%s, unless trainer_class=%s's step logs %r.", problem, trainer_class, metric)

@@ -13,14 +13,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
 
 import keras
 import tensorflow as tf
 
-from trainer import auto_precision, components, debug, ema, evalsets, model_summary, saved, signals, step_functions
+from trainer import auto_precision, components, debug, ema, evalsets, saved, signals, step_functions
 from trainer import loop as loop_lib
 from trainer import precision as precision_lib
 from trainer.arrays import fit_arguments, fit_inputs
@@ -100,6 +99,9 @@ class Trainer(Step):
         self.is_chief, self.seed, self.clipnorm = is_chief, seed, clipnorm
         self.stop_training = False  # a callback may set it; the loop stops after the current loop
         self.resume_command: Optional[str] = None  # the CLI sets it: the command line that resumes this run
+        # the command line's entry points set it (assemble.Parts.build): an error's fix then names the override
+        # (trainer.best_metric=...), else the Python argument (Trainer(best_metric=...))
+        self.from_cli = False
         self.hparams: Dict[str, Any] = {}  # the CLI sets it: the composed config, flattened (MLflow's params)
         self.loggers = list(loggers) if loggers is not None else None
 
@@ -127,9 +129,10 @@ class Trainer(Step):
             self._evaluating = False  # self.metrics is the eval metrics while evaluate() runs (and traces)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
             self.rng = tf.random.Generator.from_seed(seed)  # for recipes' augmentation seeds
-            # No best yet: the worst finite value (NaN would trip precision.debug_numerics on every read).
-            self.best = tf.Variable(NO_BEST.get(self.config.best_mode, math.nan), dtype=tf.float32, trainable=False,
-                                    name="best_metric")
+            # No best yet: the worst finite value (NaN would trip precision.debug_numerics on every read); for
+            # best_mode=auto set when fit() decides the mode (callbacks/checkpointing.py)
+            self.best = tf.Variable(NO_BEST.get(self.config.best_mode, NO_BEST["max"]), dtype=tf.float32,
+                                    trainable=False, name="best_metric")
             # Variable path -> factor applied to its unscaled gradient (a lower backbone rate when fine-tuning).
             # Read at trace time; a change (or a change of `trainable`) is noticed before the next loop, which
             # traces the train step again (step_functions.py, trace_inputs.py).
@@ -192,6 +195,11 @@ class Trainer(Step):
         return self._fit_eval_limit[2] if self._fit_eval_limit else None
 
     @property
+    def evaluates(self) -> bool:
+        """Whether the current fit() call has eval data: it evaluates every eval_every steps and at its end."""
+        return self._fit_eval_limit is not None
+
+    @property
     def traces(self) -> Dict[str, int]:
         """How many times the train and eval functions were traced: every trace, a function made anew after a reset
         too (the run summary's `retraces` counts only a function traced again: step_functions.py)."""
@@ -205,45 +213,19 @@ class Trainer(Step):
 
     def build(self, sample_batch) -> None:
         """Creates every variable before any step is traced: the model (on a sample batch), the
-        float32-output check, every optimizer's slots and the accumulators."""
+        float32-output check, every optimizer's slots (components.build_variables) and the accumulators."""
         if self._built:
             return
-        if len(self.models) > 1 and type(self).train_step is Step.train_step:
-            raise TypeError(f"Trainer: the default train_step trains one model; with several {sorted(self.models)}, "
-                            "override train_step and call self.update(loss, tape, name) (see docs/research.md)")
+        if len(self.models) == 1 and type(self).train_step is Step.train_step:
+            self._unpack(sample_batch)  # unlabelled data for a loss that needs labels: say so before tracing
+        wrapped = components.build_variables(self, sample_batch)
+        if wrapped is not None:
+            self.model = wrapped
         with self.strategy.scope():
-            if len(self.models) == 1:
-                self._build_single_model(sample_batch)
-            for name, model in self.models.items():
-                if not model.weights:
-                    raise ValueError(f"Trainer: model {name!r} has no variables yet: give it a keras.Input, or call "
-                                     "model.build(input_shape) in its builder, so its optimizer "
-                                     "can be built before tracing")
-                if self.precision.policy != "float32":
-                    precision_lib.check_variables_float32(model)
-            for updater in self.updaters.values():
-                updater.build()
-            for name, model in self.models.items():  # the per-layer table: model_summary.txt (callbacks/progress.py)
-                log.info("Model %s: %s%s", model.name, model_summary.total_line(model),
-                         f"; per layer: {self.run_dir / model_summary.FILE}" if self.run_dir is not None else "")
             if self.config.grad_accum_steps > 1:
                 self._make_accumulators()
             self._random_frozen = components.random_frozen(self._frozen_builders, self.models, self.config.init_from)
         self._built = True
-
-    def _build_single_model(self, sample_batch) -> None:
-        if type(self).train_step is Step.train_step:
-            self._unpack(sample_batch)  # unlabelled data for a loss that needs labels: say so before tracing
-        x, _, _ = keras.utils.unpack_x_y_sample_weight(sample_batch)
-        first_two = tf.nest.map_structure(lambda t: t[:2], x)  # 2 examples suffice
-        outputs = self.model(first_two, training=False)
-        precision_lib.keep_layers_in_float32(self.model, self.precision.float32_layers)
-        wrapped = precision_lib.ensure_float32_outputs(self.model, outputs, self.precision.strict_outputs)
-        if wrapped is not self.model:
-            wrapped(first_two, training=False)  # build the wrapper
-            self.model = wrapped
-        if self.precision.policy != "float32":
-            precision_lib.warn_not_multiple_of_8(self.model, tf.nest.flatten(x)[0].shape[0])
 
     def _on_cpu(self) -> bool:
         return not tf.config.list_physical_devices("GPU") and not isinstance(self.strategy, tf.distribute.TPUStrategy)
@@ -283,7 +265,8 @@ class Trainer(Step):
         `run_dir/checkpoints` when it holds checkpoints and `config.resume` is true. `steps_per_epoch`: by default,
         batches // the batches a step reads.
         """
-        check_ranges(TrainerConfig, {"max_steps": steps, "epochs": epochs}, "trainer")  # fit()'s own
+        check_ranges(TrainerConfig, {"max_steps": steps, "epochs": epochs}, "trainer",  # fit()'s own
+                     {"max_steps": "fit(steps=...)", "epochs": "fit(epochs=...)"})
         show_logs_unless_configured(self.config.verbose)
         say_strategy_once(self.strategy)
         train_data, eval_data = fit_arguments(train_data, eval_data, keywords)
@@ -307,7 +290,7 @@ class Trainer(Step):
         steps_per_epoch = debug.steps_per_epoch(cfg, steps_per_epoch)  # overfit_batches: an epoch is those batches
         self.total = 0 if cfg.fast_dev_run else self.total_steps(  # fast_dev_run: debug.plan_fit says how long
             steps if steps is not None else cfg.max_steps, epochs if epochs is not None else cfg.epochs,
-            steps_per_epoch)
+            steps_per_epoch, cli=self.from_cli)
         self.steps_per_epoch = steps_per_epoch
         train_data, eval_data, self.total, self._fit_eval_limit = debug.plan_fit(self, train_data, eval_data,
                                                                                  self.total)

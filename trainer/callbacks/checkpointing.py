@@ -20,8 +20,8 @@ from trainer.callbacks.base import Callback, CallbackState
 from trainer.callbacks.control import log_names
 from trainer.callbacks.numerics import check_weights_finite
 from trainer import resume_from
-from trainer.checkpoint import NO_BEST, Checkpointer, close_hint
-from trainer.config import ConfigError, TrainerConfig
+from trainer.checkpoint import NO_BEST, Checkpointer
+from trainer.config import ConfigError, TrainerConfig, written
 from trainer.inputs import batches_read_per_step
 from trainer.load_weights import init_from_targets, warm_start_models
 from trainer.loop import due as loop_event_due
@@ -29,6 +29,8 @@ from trainer.saved import check_frozen_unchanged, frozen_fingerprints
 
 log = logging.getLogger("trainer.core")
 _DEFAULT_BEST_METRIC = next(f.default for f in dataclasses.fields(TrainerConfig) if f.name == "best_metric")
+_UNRECORDED = ("(unrecorded)", None)  # a checkpoint saved before the best mode was recorded in it (see best_mode_of)
+_EXTREME = {"min": "smallest", "max": "largest"}
 
 
 def _configured_settings(trainer) -> Dict[str, Tuple[Optional[float], float]]:
@@ -52,10 +54,45 @@ def check_best_metric(trainer, key: Optional[str], names: List[str]) -> None:
     given = trainer.config.best_metric
     if not key or key in names or given == _DEFAULT_BEST_METRIC:
         return
-    raise ConfigError(f"trainer.best_metric={given!r} is not among the eval results {names}{close_hint(key, names)}: "
-                      "no best checkpoint could be kept. Fix: trainer.best_metric=<one of them> "
-                      "(Trainer(best_metric=...) from Python; a metric's name is its `name=`), or "
-                      "trainer.best_metric=null to keep none.")
+    asked = key if trainer.eval_set_names else given[len("eval/"):] if given.startswith("eval/") else given
+    raise ConfigError(f"trainer.best_metric={given!r} is not among the eval results {names}"
+                      f"{evalsets.close_hint(asked, names)}: no best checkpoint could be kept. "
+                      f"Fix: {best_metric_fix(trainer)}.")
+
+
+def best_metric_fix(trainer) -> str:
+    """The fix for a best_metric no eval result has, in the form the user set it (CLI override or argument)."""
+    def fix(value) -> str:
+        return written("trainer.best_metric", value, "Trainer(best_metric=...)", trainer.from_cli)
+
+    return f"{fix('<one of them>')} (a metric's name is its `name=`), or {fix(None)} to keep none"
+
+
+def best_mode_of(trainer, recorded: Optional[Tuple[Optional[str], Optional[str]]]) -> Optional[str]:
+    """trainer.best_mode for this run; None without a best_metric. `auto` is decided as EarlyStopping's mode=auto
+    decides (evalsets.resolve_mode: `loss`, `val_loss` min, `accuracy` max; a name it cannot judge is a ConfigError
+    naming max|min), at the first fit() call, once the name is checked. A resumed run (`recorded`: what its
+    checkpoint holds, _UNRECORDED for one saved before that record) keeps the mode its best/ is ranked by: one
+    from before best_mode=auto kept max, then the default; said loudly when the name says the other is better."""
+    metric, mode = trainer.config.best_metric, trainer.config.best_mode
+    if not metric or mode != "auto":
+        return mode if metric else None
+    kept = "max" if recorded == _UNRECORDED else recorded[1] if recorded and recorded[0] == metric else None
+    if kept is None:  # a fresh run, or one that kept no best (or another best_metric) until now
+        mode = evalsets.resolve_mode("auto", metric, "trainer.best_mode", "Trainer(best_mode=...)", trainer.from_cli)
+        log.info("Best checkpoints: the %s %s (trainer.best_mode=auto: %s).", _EXTREME[mode], metric, mode)
+        return mode
+    guessed = evalsets.guess_mode("auto", metric)
+    if guessed not in (None, kept):
+        def fix(value):
+            return written("trainer.best_mode", value, "Trainer(best_mode=...)", trainer.from_cli)
+
+        began = " (the default before best_mode=auto)" if recorded == _UNRECORDED else ""
+        log.warning("trainer.best_metric=%r: this run began with best_mode=%s%s, so its best checkpoints are kept by "
+                    "the %s %s, as best/ is ranked, though the %s is better. Fix: %s keeps the %s from here (best/ is "
+                    "ranked again), or %s keeps them as they are, without this warning.", metric, kept, began,
+                    _EXTREME[kept], metric, _EXTREME[guessed], fix(guessed), _EXTREME[guessed], fix(kept))
+    return kept
 
 
 class Checkpointing(Callback):
@@ -74,6 +111,16 @@ class Checkpointing(Callback):
         # The data position: the training batches read up to step `counted_step`. Counted, not step x batches
         # per step: a resume with other batches per step (or after a rollback) goes on where the data was.
         self.batches_read, self.counted_step = 0, None
+        # (best_metric, best_mode) as decided at the first fit() call (best_mode_of), in every checkpoint; and as
+        # the checkpoint a resume restored recorded them
+        self.best: Tuple[Optional[str], Optional[str]] = (None, None)
+        self.recorded: Tuple[Optional[str], Optional[str]] = _UNRECORDED
+
+    def state_dict(self) -> Dict:
+        return {"best_metric": self.best[0], "best_mode": self.best[1]}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.recorded = (state.get("best_metric"), state.get("best_mode"))
 
     def _record(self, trainer) -> Path:
         return trainer.run_dir / "checkpoints" / "configured.json"
@@ -84,7 +131,7 @@ class Checkpointing(Callback):
         best = self._best_metric_key(trainer)  # checked before a resume reads anything
         self._prepare(trainer)
         if self.checkpointer is not None and best:
-            self.checkpointer.best_metric = best
+            self.checkpointer.best_metric, self.checkpointer.best_metric_fix = best, best_metric_fix(trainer)
         self.last_point = int(trainer.step.numpy())  # after a resume's restore
         if first and self.counted_step is None:  # not resumed from a record: a fresh run, or one from before it
             self.batches_read = self.last_point * batches_read_per_step(trainer.config)
@@ -97,7 +144,7 @@ class Checkpointing(Callback):
             return None
         names, sets = log_names(trainer, train=False), trainer.eval_set_names
         key = evalsets.resolve(trainer.config.best_metric, sets, names, "trainer.best_metric",
-                               "Trainer(best_metric=...)")
+                               "Trainer(best_metric=...)", trainer.from_cli)
         if names is not None:  # else Checkpointer.update_best warns at the first evaluation (a test_step's own)
             check_best_metric(trainer, key, [f"{s}/{n}" for s in sets for n in names] if sets else names)
         return key
@@ -131,15 +178,18 @@ class Checkpointing(Callback):
             warm_start_models(trainer.models, targets, trainer.frozen)
             self.prepared = True
             return
-        checkpointer = Checkpointer(
+        checkpointer = Checkpointer(  # its best_mode is decided below, after a resume (auto: "max" until then)
             trainer.run_dir / "checkpoints", trainer.checkpoint_objects(), keep=cfg.keep_checkpoints,
-            keep_best=cfg.keep_best, best_metric=cfg.best_metric, best_mode=cfg.best_mode,
-            is_chief=trainer.is_chief, extra={"callbacks": CallbackState(trainer)},
+            keep_best=cfg.keep_best, best_metric=cfg.best_metric, best_mode="max" if cfg.best_mode == "auto"
+            else cfg.best_mode, is_chief=trainer.is_chief, extra={"callbacks": CallbackState(trainer)},
         )
         configured = _configured_settings(trainer)
         # Prepared only once this succeeds: a refused resume refuses again on the next fit() call, instead
         # of that call training from scratch over the run's checkpoints.
+        self.recorded = _UNRECORDED
         resumed, rewind = self._resume(trainer, checkpointer)
+        self.best = (cfg.best_metric, best_mode_of(trainer, self.recorded if resumed is not None else None))
+        checkpointer.best_mode = self.best[1] or "max"
         # A warm start is a fresh run's; a frozen model is in no checkpoint, so it is warm-started on every run.
         warm_start_models(trainer.models, {name: path for name, path in targets.items()
                                            if resumed is None or name in trainer.frozen}, trainer.frozen)
@@ -152,8 +202,8 @@ class Checkpointing(Callback):
         if resumed is not None:
             recorded = self._keep_configured_settings(trainer, rewound=rewind is not None)
             self._resume_data_position(trainer, recorded)
-            if math.isnan(float(trainer.best.numpy())):  # saved before NO_BEST existed
-                trainer.best.assign(NO_BEST.get(cfg.best_mode, math.nan))
+        if self.best[1] and (resumed is None or math.isnan(float(trainer.best.numpy()))):  # NaN: saved before NO_BEST
+            trainer.best.assign(NO_BEST[self.best[1]])  # no best yet: the worst value for the mode decided
         if rewind is not None:
             self._finish_rewind(trainer, resumed, *rewind)
 
@@ -165,8 +215,9 @@ class Checkpointing(Callback):
         cfg, directory = trainer.config, trainer.run_dir / "checkpoints"
         value = cfg.resume_from
         if value is not None and not cfg.resume:
+            resume = written("trainer.resume", False, "Trainer(resume=...)", trainer.from_cli)
             raise ConfigError(f"trainer.resume_from={value} and trainer.resume=false: one resumes from a checkpoint, "
-                              "the other refuses to. Fix: drop trainer.resume=false.")
+                              f"the other refuses to. Fix: drop {resume}.")
         journal = resume_from.unfinished(directory) if trainer.is_chief else None
         if journal is not None:
             value = Checkpointing._finish_cut_short(journal, value)

@@ -11,7 +11,6 @@ callbacks reset in on_train_begin.
 """
 from __future__ import annotations
 
-import difflib
 import logging
 import math
 import weakref
@@ -22,35 +21,15 @@ import keras
 from trainer import evalsets
 from trainer.callbacks.base import Callback
 from trainer.callbacks.divergence import scale_schedule
-from trainer.config import ConfigError, EarlyStoppingConfig, ReduceLROnPlateauConfig
+from trainer.config import ConfigError, EarlyStoppingConfig, ReduceLROnPlateauConfig, written
 from trainer.memory import memory_logs
 from trainer.step import Step
 
 log = logging.getLogger("trainer.callbacks")
 
-LARGER_IS_BETTER = ("acc", "auc", "precision", "recall", "f1", "iou", "score")
-SMALLER_IS_BETTER = ("loss", "error", "mse", "mae", "perplexity")
-
-
-def guess_mode(mode: str, monitor: str) -> Optional[str]:
-    """min or max; "auto" decides from the name, as Keras does; None: it cannot tell (resolve_mode)."""
-    if mode != "auto":
-        return mode
-    name = monitor.split("/")[-1].lower()
-    if any(word in name for word in SMALLER_IS_BETTER):
-        return "min"
-    if any(word in name for word in LARGER_IS_BETTER):
-        return "max"
-    return None
-
-
-def resolve_mode(mode: str, monitor: str, key: str) -> str:
-    """guess_mode, refusing a name it cannot judge (after check_monitor: a misspelt name is said as such)."""
-    guessed = guess_mode(mode, monitor)
-    if guessed is not None:
-        return guessed
-    raise ConfigError(f"{key}.mode=auto cannot tell whether a larger {monitor!r} is better. Fix: set {key}.mode=min "
-                      "or max.")
+def counted(n: int, noun: str) -> str:
+    """`n` and the noun, plural unless one: "1 event", "3 events"."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def log_names(trainer, train: bool) -> Optional[List[str]]:
@@ -74,16 +53,21 @@ class Monitor(Callback):
     Subclasses implement `judge(trainer, step, value)`."""
 
     key = ""  # the callback's place in the config, for messages
+    acts = ""  # what it does when it acts, for messages
 
-    def __init__(self, monitor: str, mode: str, min_delta: float):
+    def __init__(self, monitor: str, mode: str, min_delta: float, patience: int):
         self.monitor = monitor[len("eval/"):] if monitor.startswith("eval/") else monitor
         # None: auto cannot tell from the name. Refused in check_monitor, after the name is checked: "set mode"
         # would be the wrong fix for a misspelt monitor (`acuracy`), whose close name comes first.
-        self.mode = guess_mode(mode, self.monitor)
-        self.min_delta = min_delta
+        self.mode = evalsets.guess_mode(mode, self.monitor)
+        self.min_delta, self.patience = min_delta, patience
         self.reads = self.monitor  # the eval record's key: `val/loss` for `loss` with several sets (check_monitor)
+        self.asked = self.reads  # the name a wrong one is matched by, for the name meant (check_monitor)
+        self.cli = False  # the user came from the CLI: fixes name its overrides (check_monitor)
         self.owner = None  # a weak reference to the Trainer the counts belong to
         self.restored = False  # load_state_dict ran since the last on_train_begin: the counts are a checkpoint's
+        self.said_idle = self.idle_now = False  # warn_if_idle warned: with this Trainer (adopt), in this fit() call
+        self.events, self.start_step = 0, 0  # events judged in the current fit() call, and the step it began at
         self.fresh()
 
     def fresh(self) -> None:
@@ -115,11 +99,46 @@ class Monitor(Callback):
             self.adopt(trainer)
         self.restored = False
         self.check_monitor(trainer)
-        self.events, self.start_step = 0, int(trainer.step.numpy())  # events judged in this fit() call, from where
-        if not self.monitor.startswith("train/") and not trainer.config.eval_every:
-            log.warning("%s watches the eval result %r, and trainer.eval_every=0 evaluates at the end only: it cannot "
-                        "act during training. Fix: set trainer.eval_every, or monitor a train log (train/loss).",
-                        type(self).__name__, self.monitor)
+        self.events, self.start_step = 0, int(trainer.step.numpy())
+        # once per Trainer (not at each fit() call of a loop of them); a dry run's 2 steps act on nothing anyway
+        self.idle_now = not trainer.config.fast_dev_run and not self.said_idle and self.warn_if_idle(trainer)
+        self.said_idle = self.said_idle or self.idle_now
+
+    def events_to_act(self) -> int:
+        """The fewest events after which it can act, counted with the state carried over from an earlier fit()
+        call or a checkpoint: a first that sets the best (unless there is one), then `patience` without
+        improvement (at least one)."""
+        return max(self.patience - self.wait, 1) + (self.best is None)
+
+    def warn_if_idle(self, trainer) -> bool:
+        """Loudly, before the first step, when this fit() call has fewer events before its last step than the
+        callback needs to act (the final evaluation judges weights whose training is over: a stop or a lower rate
+        there acts only in a later fit() call, if any): eval_every above the steps to train silently never
+        stopped a run. As Keras and Lightning warn of a monitored value that never comes. True when it warned."""
+        name, train = type(self).__name__, self.monitor.startswith("train/")
+        if not train and not trainer.evaluates:
+            data = ("give the data an eval split (data.*: e.g. data.validation_split=0.1 for an image folder)"
+                    if self.cli else "give fit() eval data (fit(train, eval_data), or validation_data=...)")
+            log.warning("%s watches the eval result %r, and this fit() call has no eval data: it cannot act. Fix: "
+                        "%s, or monitor a train log: %s.", name, self.monitor, data, self.fix("monitor", "train/loss"))
+            return True
+        key = "log_every" if train else "eval_every"
+        every, start, end = getattr(trainer.config, key), int(trainer.step.numpy()), trainer.total
+        first = max(start, getattr(self, "start_from_step", 0) - 1)  # EarlyStopping judges no event before it
+        events, needed = ((end - 1) // every - first // every if every else 0), self.events_to_act()
+        if events >= needed or start >= end:
+            return False
+        what = "train log" if train else "evaluation"
+        have = f"{events} before it" if events else f"none before it{'' if train else ', only the final evaluation'}"
+        lower = (end - 1 - first) // needed  # the largest interval that gives `needed` events
+        fixes = [f"{self.fix(f'trainer.{key}', lower)} (or less)" if lower >= 1 else "train longer"]
+        if self.patience > 0:
+            fixes.append("a smaller patience")
+        log.warning("%s(monitor=%r, patience=%d) cannot %s in this fit() call: it needs %s before the last step "
+                    "(step %d) and this call has %s (%s); a verdict at its final %s acts only in a later fit() "
+                    "call. Fix: %s.", name, self.monitor, self.patience, self.acts, counted(needed, what), end, have,
+                    self.fix(f"trainer.{key}", every), what, ", or ".join(fixes))
+        return True
 
     def adopt(self, trainer) -> None:
         """This object's first fit() call with `trainer` (a first run, or it is reused by another Trainer): the
@@ -127,6 +146,7 @@ class Monitor(Callback):
         if not self.restored:
             self.fresh()
         self.owner = weakref.ref(trainer)
+        self.said_idle = False
 
     def check_monitor(self, trainer) -> None:
         """A monitor name that no log of this trainer can hold is refused before the first step (at the first
@@ -135,22 +155,32 @@ class Monitor(Callback):
         train = self.monitor.startswith("train/")
         names = log_names(trainer, train)
         sets = None if train else getattr(trainer, "eval_set_names", None)
+        self.cli = trainer.from_cli and bool(self.key)  # a fix names the CLI override, else the Python argument
         self.reads = self.monitor if train else evalsets.resolve(self.monitor, sets, names, f"{self.key}.monitor",
-                                                                  f"{type(self).__name__}(monitor=...)")
+                                                                  f"{type(self).__name__}(monitor=...)", self.cli)
         name = self.monitor[len("train/"):] if train else self.reads.split("/", 1)[-1] if sets else self.reads
+        # the name as the user wrote it, for the name meant: one set's `val_acc` is told 'val_accuracy'
+        self.asked = name if train else self.reads if sets else self.monitor
         if names is not None and name not in names:
             self.refuse(self.reads if sets else name, [f"{s}/{n}" for s in sets for n in names] if sets else names,
                         "train logs" if train else "eval results")
-        self.mode = resolve_mode(self.mode or "auto", self.monitor, self.key)
+        self.mode = evalsets.resolve_mode(self.mode or "auto", self.monitor, f"{self.key}.mode",
+                                          f"{type(self).__name__}(mode=...)", self.cli)
+
+    def fix(self, name: str, value) -> str:
+        """Setting `name` (the callback's own, or trainer.NAME) to `value` as the user does: override or argument."""
+        if name.startswith("trainer."):
+            return written(name, value, f"Trainer({name[len('trainer.'):]}=...)", self.cli)
+        return written(f"{self.key}.{name}", value, f"{type(self).__name__}({name}=...)", self.cli)
 
     def refuse(self, name: str, names: List[str], what: str) -> None:
         prefix = "train/" if what == "train logs" else ""
-        close = difflib.get_close_matches(name, names, n=1)
-        hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
+        close = evalsets.meant(self.asked, names)
+        hint = f" (did you mean {prefix + close!r}?)" if close else ""
         raise ConfigError(
             f"{type(self).__name__}: monitor={self.monitor!r} is not among the {what} {[prefix + n for n in names]}"
-            f"{hint}. Fix: {type(self).__name__}(monitor=<one of them>) ({self.key}.monitor=... from the CLI): an eval "
-            "result as trainer.best_metric names it, or a train log as train/NAME.")
+            f"{hint}. Fix: {self.fix('monitor', '<one of them>')}: an eval result as best_metric names it, or a "
+            "train log as train/NAME.")
 
     def on_log(self, trainer, step, logs) -> None:
         if self.monitor.startswith("train/"):
@@ -171,10 +201,16 @@ class Monitor(Callback):
     def on_train_end(self, trainer, summary) -> None:
         self.restored = False  # a rollback's restore, in this fit() call: not a resume of a later Trainer
         trained = summary.get("step", self.start_step) > self.start_step
-        if trained and not self.events and not summary.get("failed") and not summary.get("interrupted"):
-            log.warning("%s judged nothing in this fit() call: no %s reached it. Fix: give fit() eval data and set "
-                        "trainer.eval_every, or monitor a train log (train/loss).", type(self).__name__,
-                        "train log" if self.monitor.startswith("train/") else "evaluation")
+        if (trained and not self.events and not summary.get("failed") and not summary.get("interrupted")
+                and not self.idle_now):  # warned at the start already
+            if self.monitor.startswith("train/"):
+                what, fix = "train log", self.fix("trainer.log_every", "<steps>")
+            else:
+                what, data = "evaluation", "give the data an eval split" if self.cli else "give fit() eval data"
+                every, train_log = self.fix("trainer.eval_every", "<steps>"), self.fix("monitor", "train/loss")
+                fix = f"{data}, with {every}, or {train_log}"
+            log.warning("%s judged nothing in this fit() call: no %s reached it. Fix: %s.", type(self).__name__,
+                        what, fix)
 
     def judge(self, trainer, step: int, value: float) -> None:
         raise NotImplementedError
@@ -186,13 +222,14 @@ class EarlyStopping(Monitor):
     that also beat it. `start_from_step`: events before it are not judged (a warm-up)."""
 
     key = "callbacks.early_stopping"
+    acts = "stop training early"
 
     def __init__(self, monitor: str = "loss", mode: str = "auto", patience: int = 3, min_delta: float = 0.0,
                  baseline: Optional[float] = None, start_from_step: int = 0):
         EarlyStoppingConfig(monitor=monitor, mode=mode, patience=patience, min_delta=min_delta,
                             baseline=baseline, start_from_step=start_from_step)  # checks the ranges
-        super().__init__(monitor, mode, min_delta)
-        self.patience, self.baseline, self.start_from_step = patience, baseline, start_from_step
+        super().__init__(monitor, mode, min_delta, patience)
+        self.baseline, self.start_from_step = baseline, start_from_step
 
     def fresh(self) -> None:
         super().fresh()
@@ -205,13 +242,25 @@ class EarlyStopping(Monitor):
         super().load_state_dict(state)
         self.stopped_step = state.get("stopped_step")
 
+    def stop_pending(self) -> bool:
+        """The run stopped at the step this fit() call starts from: the final evaluation of an earlier call (or of
+        the run resumed) decided it, and this call trains nothing."""
+        return self.stopped_step == self.start_step and self.wait >= self.patience
+
+    def events_to_act(self) -> int:
+        """As Monitor's; with a `baseline`, every event counts (the first too) until one beats it; none when a stop
+        is pending."""
+        if self.stop_pending():
+            return 0
+        return max(self.patience - self.wait, 1) if self.baseline is not None else super().events_to_act()
+
     def on_train_begin(self, trainer) -> None:
         super().on_train_begin(trainer)
-        step = int(trainer.step.numpy())
-        if self.stopped_step == step and self.wait >= self.patience:  # resumed from the checkpoint of the stop
-            log.info("Early stopping ended this run at step %d (%s: no improvement for %d events, best %.6g at step "
-                     "%s): nothing to train. To train on, raise %s.patience.", step, self.monitor, self.wait,
-                     self.best_or_nan, self.best_step, self.key)
+        if self.stop_pending():  # resumed from the checkpoint of the stop, or a later fit() call after it
+            log.info("Early stopping ended this run at step %d (%s: no improvement for %s, best %.6g at step "
+                     "%s): nothing to train. To train on, raise its patience: %s.", self.start_step, self.monitor,
+                     counted(self.wait, "event"), self.best_or_nan, self.best_step,
+                     self.fix("patience", "<a larger value>"))
             trainer.stop_training = True
 
     def judge(self, trainer, step, value) -> None:
@@ -226,9 +275,15 @@ class EarlyStopping(Monitor):
         if self.wait >= self.patience:
             self.stopped_step = step
             trainer.stop_training = True
+            events = counted(self.wait, "event")
+            if self.baseline is not None and not self.improved(self.best, self.baseline):  # the count never restarted
+                log.info("Early stopping at step %d: %s has not beaten baseline=%g (mode=%s, min_delta=%g) in %s "
+                         "(patience=%d); its best, %.6g at step %s, is short of it.", step, self.monitor, self.baseline,
+                         self.mode, self.min_delta, events, self.patience, self.best, self.best_step)
+                return
             log.info("Early stopping at step %d: %s=%.6g has not improved on %.6g (step %s, mode=%s, min_delta=%g) "
-                     "for %d events (patience=%d).", step, self.monitor, value, self.best_or_nan, self.best_step,
-                     self.mode, self.min_delta, self.wait, self.patience)
+                     "for %s (patience=%d).", step, self.monitor, value, self.best_or_nan, self.best_step,
+                     self.mode, self.min_delta, events, self.patience)
 
 
 class ReduceLROnPlateau(Monitor):
@@ -238,13 +293,14 @@ class ReduceLROnPlateau(Monitor):
     the divergence guard's rollback scales it; its scale is in this callback's state)."""
 
     key = "callbacks.reduce_lr_on_plateau"
+    acts = "lower the learning rate"
 
     def __init__(self, monitor: str = "loss", mode: str = "auto", patience: int = 3, factor: float = 0.1,
                  min_delta: float = 1e-4, cooldown: int = 0, min_lr: float = 0.0):
         ReduceLROnPlateauConfig(monitor=monitor, mode=mode, patience=patience, factor=factor, min_delta=min_delta,
                                 cooldown=cooldown, min_lr=min_lr)  # checks the ranges
-        super().__init__(monitor, mode, min_delta)
-        self.patience, self.factor, self.cooldown, self.min_lr = patience, factor, cooldown, min_lr
+        super().__init__(monitor, mode, min_delta, patience)
+        self.factor, self.cooldown, self.min_lr = factor, cooldown, min_lr
         self.scales: Dict[str, object] = {}  # optimizer name -> the ScaledSchedule's variable (of `owner`'s optimizers)
 
     def fresh(self) -> None:
@@ -269,6 +325,29 @@ class ReduceLROnPlateau(Monitor):
         super().adopt(trainer)
         self.scales = {}  # another Trainer's variables, if any: this one's schedules are wrapped below
         self.scale = dict(self.restored_scale) if restored else {}
+
+    def events_to_act(self) -> int:
+        """As Monitor's, after the cooldown left: its last event is the first counted again."""
+        return super().events_to_act() + max(self.cooling - 1, 0)
+
+    def warn_if_idle(self, trainer) -> bool:
+        """Monitor's, after a constant learning rate already at or below min_lr, which no reduction lowers
+        (it silently never acted); said before anything was judged only: a resumed run's rate may have reached
+        min_lr by this callback's own reductions. A schedule's rate changes: not judged here."""
+        floor = {}
+        for name, updater in trainer.updaters.items():
+            rate = float(keras.ops.convert_to_numpy(updater.optimizer.learning_rate))
+            if isinstance(updater.optimizer._learning_rate, keras.Variable) and rate <= self.min_lr:
+                floor[name] = rate
+        if floor and self.best is None:
+            rates = ", ".join(f"{name}'s {rate:.4g}" if len(trainer.updaters) > 1 else f"{rate:.4g}"
+                              for name, rate in floor.items())
+            log.warning("%s(min_lr=%g) cannot lower the learning rate: it is %s, not above min_lr, where a reduction "
+                        "stops. Fix: %s (0: no floor), or a learning rate above %g.", type(self).__name__,
+                        self.min_lr, rates, self.fix("min_lr", f"<below {min(floor.values()):.4g}>"), self.min_lr)
+            if len(floor) == len(trainer.updaters):
+                return True
+        return super().warn_if_idle(trainer)
 
     def on_train_begin(self, trainer) -> None:
         super().on_train_begin(trainer)
@@ -308,6 +387,6 @@ class ReduceLROnPlateau(Monitor):
                 optimizer.learning_rate = new
             changes.append(f"{name} {old:.4g} -> {new:.4g}" if len(trainer.updaters) > 1 else f"{old:.4g} -> {new:.4g}")
         if changes:
-            log.info("Step %d: %s=%.6g has not improved on %.6g (step %s) for %d events (patience=%d): learning "
-                     "rate lowered: %s.", step, self.monitor, value, self.best_or_nan, self.best_step, self.wait,
-                     self.patience, ", ".join(changes))
+            log.info("Step %d: %s=%.6g has not improved on %.6g (step %s) for %s (patience=%d): learning "
+                     "rate lowered: %s.", step, self.monitor, value, self.best_or_nan, self.best_step,
+                     counted(self.wait, "event"), self.patience, ", ".join(changes))

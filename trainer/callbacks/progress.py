@@ -109,10 +109,11 @@ class Summary(Callback):
         steps = summary.get("step", 0) - self.start_step
         evals = {k[5:]: v for k, v in summary.items() if k.startswith("eval_")}
         if summary.get("failed"):
-            log.info("Stopped by an error at step %s, after %d steps in %.1fs.", summary.get("step"), steps, seconds)
+            log.info("Stopped by an error at step %s, after %d step%s in %.1fs.", summary.get("step"), steps,
+                     "" if steps == 1 else "s", seconds)
             return
         ended = "Interrupted" if summary.get("interrupted") else "Done"
-        lines = [f"{ended}: {steps} steps in {seconds:.1f}s (to step {summary.get('step')})."]
+        lines = [f"{ended}: {steps} step{'' if steps == 1 else 's'} in {seconds:.1f}s (to step {summary.get('step')})."]
         if evals:
             lines.append("Final eval: " + ", ".join(f"{k}={v:.4f}" for k, v in evals.items()))
         if self.examples_per_sec:

@@ -1,0 +1,94 @@
+"""An error's fix is in the form its user came from: the Python argument (`Trainer(best_metric=...)`) for a
+Trainer built in Python, the override (`trainer.best_metric=...`) from `python -m trainer`; not the other's, nor
+both. Tiny models through the public API; two CLI runs in process."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import TINY, blobs, run_cli
+
+
+def classifier(callbacks=(), **options):
+    import keras
+
+    from trainer import Trainer
+
+    defaults = dict(log_every=5, eval_every=5, checkpoint_every=5, progress_bar=False, tensorboard=False, verbose=False)
+    return Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]),
+                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                   optimizer=lambda: keras.optimizers.SGD(0.05),
+                   metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+                   callbacks=list(callbacks), **{**defaults, **options})
+
+
+def fit(trainer, steps=5, eval_data=True):
+    return trainer.fit(blobs(), blobs(64) if eval_data else None, steps=steps)
+
+
+def early_stopping(**options):
+    from trainer import EarlyStopping
+
+    return EarlyStopping(**options)
+
+
+PYTHON_CASES = [
+    (lambda tmp: classifier(max_steps=-1), "Fix: give Trainer(max_steps=...) a value in [1, "),
+    (lambda tmp: classifier(on_divergence="retry"), "Fix: give Trainer(on_divergence=...) one of them."),
+    (lambda tmp: classifier(fast_dev_run=-1), "Fix: Trainer(fast_dev_run=True) (2 train steps and 2 eval batches)"),
+    (lambda tmp: classifier(profile_steps=[5, 2]), "Fix: e.g. Trainer(profile_steps=[10, 20])"),
+    (lambda tmp: early_stopping(patience=-1), "Fix: give EarlyStopping(patience=...) a value >= 0."),
+    (lambda tmp: fit(classifier(), steps=-3), "Fix: give fit(steps=...) a value in [1, "),
+    (lambda tmp: fit(classifier(run_dir=tmp, best_metric="acc")),
+     "Fix: Trainer(best_metric=<one of them>) (a metric's name is its `name=`), or Trainer(best_metric=None) to keep"),
+    (lambda tmp: fit(classifier([early_stopping(monitor="acc")])), "Fix: EarlyStopping(monitor=<one of them>): "),
+    (lambda tmp: fit(classifier([early_stopping(monitor="train/examples_per_sec")])),
+     "Fix: EarlyStopping(mode='min') or EarlyStopping(mode='max')."),
+    (lambda tmp: fit(classifier(run_dir=tmp, resume_from="ckpt-5", resume=False)), "Fix: drop Trainer(resume=False)."),
+    (lambda tmp: classifier().fit(blobs(), epochs=0.001), "Fix: at least fit(epochs="),
+]
+
+
+@pytest.mark.parametrize("case", range(len(PYTHON_CASES)))
+def test_from_python_the_fix_names_the_python_argument(tmp_path, case):
+    from trainer.errors import UserError
+
+    make, fix = PYTHON_CASES[case]
+    with pytest.raises(UserError) as raised:
+        make(tmp_path / "run")
+    said = str(raised.value)
+    assert fix in said, said
+    after = said.split("Fix:", 1)[1]
+    assert "set trainer." not in after and "from the CLI" not in after and "=null" not in after, said
+
+
+def test_from_python_the_warning_that_early_stopping_cannot_act_names_the_argument(caplog):
+    with caplog.at_level("WARNING", logger="trainer"):
+        fit(classifier([early_stopping()], eval_every=500), steps=20)
+    assert "Fix: Trainer(eval_every=4) (or less), or a smaller patience." in caplog.text, caplog.text
+
+
+@pytest.mark.parametrize("overrides, fix, python", [
+    (["trainer.best_metric=acc"],
+     "Fix: trainer.best_metric=<one of them> (a metric's name is its `name=`), or trainer.best_metric=null to keep",
+     "Trainer(best_metric"),
+    (["callbacks=[early_stopping]", "callbacks.early_stopping.monitor=train/examples_per_sec"],
+     "Fix: callbacks.early_stopping.mode=min or callbacks.early_stopping.mode=max.", "EarlyStopping(mode"),
+])
+def test_from_the_cli_the_fix_names_the_override(tmp_path, overrides, fix, python):
+    result = run_cli(*TINY, *overrides, f"hydra.run.dir={tmp_path / 'run'}")
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert fix in output and python not in output and "Traceback" not in output, output[-3000:]
+
+
+def test_the_command_lines_trainers_are_from_the_cli_and_pythons_are_not():
+    """`from_cli` is set by the command line's entry points (their Trainers come from assemble.parts_of: python -m
+    trainer, the doctor, lr_find, evaluate, predict), not inferred; a Trainer built in Python, or from parts given
+    in Python (the doctor's diagnose), is not."""
+    from trainer.assemble import compose_config, parts_of
+
+    cfg = compose_config(["recipe=mnist", "data=synthetic"])
+    parts = parts_of(cfg, total_steps=10)
+    assert parts.from_cli and parts.build().from_cli
+    assert not parts.replace(from_cli=False).build().from_cli
+    assert not classifier().from_cli
