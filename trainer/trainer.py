@@ -31,7 +31,7 @@ from trainer.config import PrecisionConfig, TrainerConfig, check_ranges
 from trainer.console import show_logs_unless_configured
 from trainer.distribute import say_strategy_once
 from trainer.inputs import (DataArg, KeptIterator, batches_read_per_step, check_batches_per_step, sample_batch,
-                            steps_per_epoch_of, total_steps, training_iterator)
+                            steps_per_epoch_of, total_steps, training_iterator, warn_if_epochs_cut)
 from trainer.loop import Loop, TrainingInterrupted, evaluate
 from trainer.loss_scale import LossScale
 from trainer.memory import memory_logs
@@ -280,9 +280,11 @@ class Trainer(Step):
         if steps_per_epoch is None:
             steps_per_epoch = steps_per_epoch_of(train_data, batches_read_per_step(cfg))
         steps_per_epoch = debug.steps_per_epoch(cfg, steps_per_epoch)  # overfit_batches: an epoch is those batches
+        limits = (steps if steps is not None else cfg.max_steps, epochs if epochs is not None else cfg.epochs)
         self.total = 0 if cfg.fast_dev_run else self.total_steps(  # fast_dev_run: debug.plan_fit says how long
-            steps if steps is not None else cfg.max_steps, epochs if epochs is not None else cfg.epochs,
-            steps_per_epoch, cli=self.from_cli)
+            *limits, steps_per_epoch, cli=self.from_cli)
+        if not cfg.fast_dev_run:
+            warn_if_epochs_cut(*limits, steps_per_epoch, steps, epochs, cli=self.from_cli)
         self.steps_per_epoch = steps_per_epoch
         train_data, eval_data, self.total, self._fit_eval_limit = debug.plan_fit(self, train_data, eval_data,
                                                                                  self.total)
