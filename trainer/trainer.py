@@ -35,6 +35,7 @@ from trainer.inputs import (DataArg, KeptIterator, batches_read_per_step, check_
 from trainer.loop import Loop, TrainingInterrupted, evaluate
 from trainer.loss_scale import LossScale
 from trainer.memory import memory_logs
+from trainer.other_tools import callback_objects, check_trainer_options
 from trainer.runlock import run_folder_lock
 from trainer.step import Step
 from trainer.tracking import Window
@@ -67,7 +68,8 @@ class Trainer(Step):
       strategy: a tf.distribute.Strategy (default: TensorFlow's current/default strategy).
       precision: a policy name ("float32", "mixed_float16", "mixed_bfloat16") or a PrecisionConfig.
       run_dir: where metrics.jsonl, checkpoints/ and tensorboard/ go; None: nothing is written.
-      callbacks: extra Callback objects (the progress bar is added from `config`).
+      callbacks: extra Callback objects, or one (the progress bar is added from `config`); Keras' callbacks are
+        refused, naming the Trainer's way (trainer/other_tools.py).
       loggers: where each train log and evaluation is recorded (trainer.callbacks.loggers: MetricsWriter,
         TensorBoardWriter, CSVLogger, MLflowLogger); None: metrics.jsonl and TensorBoard in `run_dir`
         (config.tensorboard=False: without TensorBoard). Only the chief worker's loggers write.
@@ -80,10 +82,13 @@ class Trainer(Step):
                  metrics: Union[Sequence[Any], Mapping[str, Any], None] = None, *,
                  models=None, optimizers: Optional[Mapping[str, Any]] = None, frozen: Iterable[str] = (),
                  strategy: Optional[tf.distribute.Strategy] = None, precision: Union[str, PrecisionConfig] = "float32",
-                 run_dir: Union[str, Path, None] = None, callbacks: Iterable[Callback] = (),
-                 loggers: Optional[Iterable[Callback]] = None,
+                 run_dir: Union[str, Path, None] = None, callbacks: Union[Callback, Iterable[Callback], None] = (),
+                 loggers: Union[Callback, Iterable[Callback], None] = None,
                  config: Optional[TrainerConfig] = None, seed: int = 0, clipnorm: Optional[float] = None,
                  is_chief: bool = True, **options):
+        check_trainer_options(type(self), options)  # max_step, max_epochs: the one meant, not the dataclass's error
+        callbacks = callback_objects(callbacks, "callbacks")  # one alone too; a Keras callback is refused
+        self.loggers = callback_objects(loggers, "loggers") if loggers is not None else None
         self.config = dataclasses.replace(config or TrainerConfig(), **options)
         check_batches_per_step(type(self), self.config)  # before any data or model is built
         show_logs_unless_configured(self.config.verbose)  # construction logs (the optimizer's kernels) show too
@@ -99,7 +104,6 @@ class Trainer(Step):
         self.stop_training = False  # a callback may set it; the loop stops after the current loop
         self.resume_command: Optional[str] = None  # the CLI sets it: the command line that resumes this run
         self.hparams: Dict[str, Any] = {}  # the CLI sets it: the composed config, flattened (MLflow's params)
-        self.loggers = list(loggers) if loggers is not None else None
 
         if self.config.deterministic:
             tf.config.experimental.enable_op_determinism()
@@ -137,7 +141,7 @@ class Trainer(Step):
         self.loss = components.per_example_loss(loss)
         self._step_functions = step_functions.StepFunctions(decide_jit_compile(
             self.config, self.precision, on_cpu=self._on_cpu(), replicas=self.strategy.num_replicas_in_sync))
-        self.callbacks = CallbackList(list(callbacks))
+        self.callbacks = CallbackList(callbacks)
         self.checkpointing = Checkpointing()
         self.divergence = DivergenceGuard()  # the run's reference loss and rollbacks, across fit() calls
         self.xla_choice = XlaChoice()  # trainer.jit_compile=measure's figures and choice, across fit() calls

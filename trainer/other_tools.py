@@ -1,0 +1,141 @@
+"""What Keras and Lightning users write that the Trainer does another way, refused with the Trainer's way named:
+a keyword of Trainer() (`max_step`, `max_epochs`, `learning_rate`), a Keras callback among its callbacks (Keras'
+hooks are not the loop's), a Keras callback's argument given to the Trainer's EarlyStopping or ReduceLROnPlateau
+(`restore_best_weights`). The other tools' names for config keys are the CLI's table, config_check.KEY_SYNONYMS:
+read here for their Python forms, not repeated. Loads no TensorFlow or Keras (the CLI's key check reads it too).
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Any, Iterable, List, Mapping, Optional
+
+from trainer.config_check import KEY_SYNONYMS
+from trainer.errors import UserError
+
+
+class ArgumentError(UserError, TypeError):
+    """A Python argument the Trainer does not take (or not in that form): the message names the one meant."""
+
+
+# A KEY_SYNONYMS target outside trainer.*, as a Python user sets it.
+PYTHON_FORMS = {
+    "optimizer.lr": "the optimizer's: Trainer(optimizer=lambda: keras.optimizers.Adam(learning_rate=...))",
+    "optimizer.clipnorm": "Trainer(clipnorm=...)",
+    "optimizer.epsilon": "the optimizer's: Trainer(optimizer=lambda: keras.optimizers.Adam(epsilon=...))",
+    "seed": "Trainer(seed=...)",
+    "precision.policy": "Trainer(precision=...)",
+}
+
+CUSTOM_CALLBACK = ("write your own: subclass trainer.Callback and implement the hooks it needs: "
+                   "on_train_begin(trainer), on_log(trainer, step, logs), on_eval_end(trainer, step, logs), "
+                   "on_train_end(trainer, summary), ... (set trainer.stop_training = True to stop; "
+                   "docs/concepts/step.md)")
+
+# Keras' callbacks (keras.callbacks.NAME) -> what does their work in the Trainer.
+KERAS_CALLBACKS = {
+    "EarlyStopping": "the Trainer's own: {call} (from trainer import EarlyStopping), with Keras' arguments; its "
+                     "patience counts evaluations: set Trainer(eval_every=...)",
+    "ReduceLROnPlateau": "the Trainer's own: {call} (from trainer import ReduceLROnPlateau), with Keras' arguments; "
+                         "its patience counts evaluations: set Trainer(eval_every=...)",
+    "ModelCheckpoint": "checkpoints are built in: Trainer(run_dir=..., checkpoint_every=...), and the best ones by "
+                       "Trainer(best_metric=..., best_mode=..., keep_best=...) in run_dir/checkpoints/best/ "
+                       "(docs/concepts/checkpoints.md)",
+    "BackupAndRestore": "built in: Trainer(run_dir=...) resumes from its newest checkpoint "
+                        "(docs/concepts/checkpoints.md)",
+    "TensorBoard": "built in: Trainer(run_dir=...) writes TensorBoard files to run_dir/tensorboard/ (elsewhere: "
+                   "Trainer(loggers=[TensorBoardWriter(logdir)]), from trainer; docs/loggers.md)",
+    "CSVLogger": "Trainer(loggers=[MetricsWriter(), CSVLogger(path)]), from trainer (the default loggers write "
+                 "run_dir/metrics.jsonl and TensorBoard; docs/loggers.md)",
+    "TerminateOnNaN": "built in: non-finite steps stop the run with NumericalError (docs/faults.md)",
+    "ProgbarLogger": "built in: Trainer(progress_bar=..., verbose=...)",
+    "History": "fit() returns the final logs, and run_dir/metrics.jsonl holds every log",
+    "LearningRateScheduler": "a keras.optimizers.schedules.LearningRateSchedule as the optimizer's learning_rate",
+    "SwapEMAWeights": "an optimizer with use_ema=True: evaluation and export use the averaged weights "
+                      "(docs/training-control.md)",
+    "RemoteMonitor": "a logger: Trainer(loggers=[...]) with a trainer.callbacks.Logger of your own (docs/loggers.md)",
+}
+
+
+def _close(name: str, names: Iterable[str]) -> Optional[str]:
+    found = difflib.get_close_matches(name, list(names), n=1, cutoff=0.75)
+    return found[0] if found else None
+
+
+def _sentence(text: str) -> str:
+    return text if text.endswith(("?", ".")) else text + "."
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else "..."
+
+
+def check_trainer_options(trainer_class: type, options: Mapping[str, Any]) -> None:
+    """Trainer(**options): each must be a field of TrainerConfig; one that is not is an ArgumentError naming the one
+    meant: another tool's name for a setting (KEY_SYNONYMS: max_epochs -> epochs, learning_rate -> the optimizer's),
+    an argument of fit(), a close spelling of a field or of Trainer()'s own arguments (max_step -> max_steps). The
+    dataclass said only "TrainerConfig.__init__() got an unexpected keyword argument"."""
+    import dataclasses
+    import inspect
+
+    from trainer.config import TrainerConfig
+
+    fields = [f.name for f in dataclasses.fields(TrainerConfig)]
+    arguments = [p for p in inspect.signature(trainer_class.__init__).parameters if p not in ("self", "options")]
+    fit_arguments = [p for p in inspect.signature(trainer_class.fit).parameters if p not in ("self", "keywords")]
+    for name, value in options.items():
+        if name in fields:
+            continue
+        home, _, key = KEY_SYNONYMS.get(name.lower(), "").rpartition(".")
+        close = _close(name, [*fields, *arguments])
+        if name in fit_arguments:
+            fix = f"{name} is an argument of fit(): trainer.fit(..., {name}={_shown(value)})"
+            if home == "trainer" and key in fields:
+                fix += f", or the run's total: Trainer({key}={_shown(value)})"
+        elif home == "trainer" and key in fields:
+            fix = f"did you mean Trainer({key}={_shown(value)})? ({name} is another tool's name for it)"
+        elif KEY_SYNONYMS.get(name.lower()) in PYTHON_FORMS:
+            fix = f"{name} is {PYTHON_FORMS[KEY_SYNONYMS[name.lower()]]}"
+        elif close:
+            fix = f"did you mean Trainer({close}={_shown(value)})?"
+        else:
+            fix = ("Trainer() takes its own arguments and the fields of TrainerConfig (the trainer.* keys of "
+                   "docs/reference/config.md)")
+        raise ArgumentError(f"Trainer() got an unexpected keyword argument {name!r}. Fix: {_sentence(fix)}")
+
+
+def _keras_callback(obj: Any) -> bool:
+    """An instance of Keras' (or tf_keras') callback base, without importing Keras."""
+    return any(c.__name__ == "Callback" and c.__module__.split(".")[0] in ("keras", "tf_keras")
+               for c in type(obj).__mro__)
+
+
+def callback_objects(given: Any, argument: str) -> List[Any]:
+    """Trainer(callbacks=...) or (loggers=...) as a list: a list or any iterable of them, one alone (as Lightning
+    takes it) or None. A Keras callback is an ArgumentError naming the Trainer's way (it was taken, and fit() then
+    failed on its missing `state_dict`); so is anything else that is not one of the Trainer's callbacks."""
+    from trainer.callbacks.base import HOOKS, Callback
+
+    if given is None:
+        return []
+    if isinstance(given, (Callback, str)) or _keras_callback(given) or not hasattr(given, "__iter__"):
+        given = [given]
+    found = list(given)
+    for cb in found:
+        name = type(cb).__name__
+        if _keras_callback(cb):
+            monitor = getattr(cb, "monitor", None)
+            call = f"{name}(monitor={monitor!r}, ...)" if isinstance(monitor, str) else f"{name}(...)"
+            fix = KERAS_CALLBACKS.get(name, CUSTOM_CALLBACK).format(call=call)
+            raise ArgumentError(f"Trainer({argument}=...): keras.callbacks.{name} is a Keras callback, which the "
+                                "Trainer's loop does not call (it has hooks of its own: trainer.Callback). "
+                                f"Fix: {fix}.")
+        if isinstance(cb, type) and issubclass(cb, Callback):
+            raise ArgumentError(f"Trainer({argument}=...): {cb.__name__} is a class. Fix: give an instance: "
+                                f"{cb.__name__}(...).")
+        missing = [hook for hook in (*HOOKS, "state_dict", "load_state_dict") if not callable(getattr(cb, hook, None))]
+        if missing:
+            raise ArgumentError(f"Trainer({argument}=...) takes the Trainer's callbacks (trainer.Callback, a list of "
+                                f"them or one), not {_shown(cb)} ({name}: no {', '.join(missing[:3])}). Fix: "
+                                f"{CUSTOM_CALLBACK}.")
+    return found
