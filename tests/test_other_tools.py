@@ -4,11 +4,13 @@ refused at once, a TypeError (and a UserError: exit 2 from the CLI) naming the T
 from dataclasses.py or from fit()'s middle. Tiny models through the public API."""
 from __future__ import annotations
 
+import json
+
 import keras
 import pytest
 
 from conftest import blobs
-from trainer import EarlyStopping, Trainer
+from trainer import EarlyStopping, ReduceLROnPlateau, Trainer, warm_start
 from trainer.errors import UserError
 
 
@@ -85,7 +87,47 @@ def test_one_callback_alone_is_taken_as_a_list_of_one_and_what_is_no_callback_is
                                                         "them or one), not 'early_stopping'")
 
 
+@pytest.mark.parametrize("call, said", [
+    (lambda: EarlyStopping(monitor=5), "EarlyStopping(monitor=5): monitor names a value as a string"),
+    (lambda: EarlyStopping(monitor="val_loss", restore_best_weights=True),
+     "Trainer(run_dir=..., best_metric='val_loss', best_mode='min') keeps them in run_dir/checkpoints/best/; after "
+     "fit(), warm_start(trainer.model, '<run_dir>/checkpoints/best')"),
+    (lambda: EarlyStopping(monitor="val_accuracy", restore_best_weights=True), "best_mode='max'"),
+    (lambda: EarlyStopping(verbose=1), "EarlyStopping logs when it stops, always"),
+    (lambda: ReduceLROnPlateau(verbose=1), "ReduceLROnPlateau logs each time it lowers the learning rate, always"),
+    (lambda: EarlyStopping(start_from_epoch=2), "Fix: did you mean EarlyStopping(start_from_step=<a step>)? It "
+                                                "counts steps"),
+    (lambda: EarlyStopping(patiense=2), "Fix: did you mean EarlyStopping(patience=2)?"),
+    (lambda: ReduceLROnPlateau(epsilon=1e-3), "Fix: did you mean ReduceLROnPlateau(min_delta=0.001)?"),
+    (lambda: EarlyStopping(foo=1), "Fix: give EarlyStopping() its own arguments: monitor, mode, patience"),
+])
+def test_keras_arguments_of_the_monitors_name_the_trainers_way(call, said):
+    refused(call, said)
+
+
+def test_the_way_restore_best_weights_names_loads_the_best_weights(tmp_path):
+    """What the error says to do instead does it: the best checkpoint's weights, put into the model by warm_start,
+    evaluate to best.json's value."""
+    trainer = make(run_dir=tmp_path, best_metric="val_loss", best_mode="min", eval_every=5, log_every=5)
+    eval_data = blobs(64)
+    trainer.fit(blobs(), eval_data, steps=30)
+    best = json.loads((tmp_path / "checkpoints" / "best" / "best.json").read_text())[0]
+    warm_start(trainer.model, tmp_path / "checkpoints" / "best")
+    assert trainer.evaluate(eval_data)["loss"] == pytest.approx(best["loss"], rel=1e-5)
+
+
 @pytest.mark.parametrize("args, said", [
+    (["callbacks=[early_stopping]", "callbacks.early_stopping.monitor=val_loss",
+      "callbacks.early_stopping.restore_best_weights=true"],
+     "callbacks.early_stopping has no key 'restore_best_weights'. Fix: the best weights are kept as a checkpoint: "
+     "trainer.best_metric=val_loss trainer.best_mode=min (max if a larger val_loss is better) keeps them"),
+    (["callbacks=[early_stopping]", "callbacks.early_stopping.mode=max",
+      "callbacks.early_stopping.restore_best_weights=true"], "trainer.best_metric=loss trainer.best_mode=max keeps"),
+    (["callbacks=[early_stopping]", "callbacks.early_stopping.verbose=1"], "trainer.verbose=false quiets the console"),
+    (["callbacks=[early_stopping]", "callbacks.early_stopping.start_from_epoch=2"],
+     "Fix: did you mean callbacks.early_stopping.start_from_step=<a step>?"),
+    (["callbacks=[reduce_lr_on_plateau]", "callbacks.reduce_lr_on_plateau.epsilon=0.01"],
+     "Fix: did you mean callbacks.reduce_lr_on_plateau.min_delta=0.01?"),
     (["trainer.eval_freq=5"], "Fix: did you mean trainer.eval_every=5?"),
     (["trainer.steps=5"], "Fix: did you mean trainer.max_steps=5?"),
 ])

@@ -7,7 +7,7 @@ read here for their Python forms, not repeated. Loads no TensorFlow or Keras (th
 from __future__ import annotations
 
 import difflib
-from typing import Any, Iterable, List, Mapping, Optional
+from typing import Any, Iterable, List, Mapping, Optional, Sequence
 
 from trainer.config_check import KEY_SYNONYMS
 from trainer.errors import UserError
@@ -139,3 +139,64 @@ def callback_objects(given: Any, argument: str) -> List[Any]:
                                 f"them or one), not {_shown(cb)} ({name}: no {', '.join(missing[:3])}). Fix: "
                                 f"{CUSTOM_CALLBACK}.")
     return found
+
+
+def _restore_best_weights(monitor: Any, mode: Optional[str], cli: bool) -> str:
+    """Keras keeps the best weights in memory and puts them back at the end; the Trainer keeps them as a checkpoint.
+    `mode`: the monitor's, None when it is auto and not known here."""
+    if cli:
+        best_mode = (f"trainer.best_mode={mode}" if mode
+                     else f"trainer.best_mode=min (max if a larger {monitor} is better)")
+        return (f"the best weights are kept as a checkpoint: trainer.best_metric={monitor} {best_mode} keeps them in "
+                "the run folder's checkpoints/best/; python -m trainer.evaluate RUN --checkpoint best (or export, "
+                "predict) uses them, trainer.resume_from=best trains on from them (docs/concepts/checkpoints.md)")
+    return (f"the Trainer keeps the best weights as a checkpoint: Trainer(run_dir=..., best_metric={monitor!r}, "
+            f"best_mode={mode or 'min'!r}) keeps them in run_dir/checkpoints/best/; after fit(), "
+            "warm_start(trainer.model, '<run_dir>/checkpoints/best') (from trainer import warm_start) puts them into "
+            "the model (docs/concepts/checkpoints.md)")
+
+
+def keras_argument_fix(call: str, key: str, name: str, value: Any, monitor: Any, mode: Optional[str],
+                       cli: bool = False) -> Optional[str]:
+    """The Trainer's way for Keras' argument `name` of its callback `call` (EarlyStopping, ReduceLROnPlateau; `key`:
+    its place in the config), as the override (`cli`) or the Python argument; None for a name Keras' callback lacks
+    too."""
+    from trainer.config_ranges import written
+
+    def setting(argument: str, to: Any) -> str:
+        return written(f"{key}.{argument}", to, f"{call}({argument}=...)", cli)
+
+    if name == "restore_best_weights" and call == "EarlyStopping":
+        return _restore_best_weights(monitor, mode, cli)
+    if name == "verbose":
+        acts = "when it stops" if call == "EarlyStopping" else "each time it lowers the learning rate"
+        quiet = written("trainer.verbose", False, "Trainer(verbose=...)", cli)
+        return f"{call} logs {acts}, always (to the console and trainer.log; {quiet} quiets the console): drop verbose"
+    if name == "start_from_epoch" and call == "EarlyStopping":
+        return (f"did you mean {setting('start_from_step', '<a step>')}? It counts steps: {value} epochs are {value} x "
+                "the steps of an epoch")
+    if name == "epsilon" and call == "ReduceLROnPlateau":
+        return f"did you mean {setting('min_delta', value)}? (Keras 2's name for it)"
+    return None
+
+
+def refuse_keras_arguments(call: str, key: str, given: Mapping[str, Any], arguments: Sequence[str], monitor: Any,
+                           mode: Optional[str]) -> None:
+    """`given`: the keywords `call` (EarlyStopping, ReduceLROnPlateau) does not take; the first is an ArgumentError
+    naming the Trainer's way for a Keras argument (keras_argument_fix), else a close spelling of `arguments`."""
+    for name, value in given.items():
+        fix = keras_argument_fix(call, key, name, value, monitor, mode)
+        close = _close(name, arguments)
+        if fix is None:
+            fix = (f"did you mean {call}({close}={_shown(value)})?" if close
+                   else f"give {call}() its own arguments: {', '.join(arguments)}")
+        raise ArgumentError(f"{call}() got an unexpected keyword argument {name!r}. Fix: {_sentence(fix)}")
+
+
+def check_monitor_name(call: str, monitor: Any) -> None:
+    """A monitor that is not a name (`EarlyStopping(monitor=5)` failed on `'int' object has no attribute
+    'startswith'`)."""
+    if not isinstance(monitor, str) or not monitor:
+        raise ArgumentError(f"{call}(monitor={monitor!r}): monitor names a value as a string: an eval result as "
+                            "best_metric names it ('loss', 'val_accuracy') or a train log ('train/loss'). Fix: "
+                            f"{call}(monitor='val_loss').")

@@ -11,6 +11,7 @@ callbacks reset in on_train_begin.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import weakref
@@ -23,6 +24,7 @@ from trainer.callbacks.base import Callback
 from trainer.callbacks.divergence import scale_schedule
 from trainer.config import ConfigError, EarlyStoppingConfig, ReduceLROnPlateauConfig, written
 from trainer.memory import memory_logs
+from trainer.other_tools import check_monitor_name, refuse_keras_arguments
 from trainer.step import Step
 
 log = logging.getLogger("trainer.callbacks")
@@ -68,6 +70,19 @@ def log_names(trainer, train: bool) -> Optional[List[str]]:
             fields = ["lr", "grad_norm", "skipped_steps"] + (["loss_scale"] if updater.loss_scale.enabled else [])
             names += [prefix + field for field in fields]
     return sorted(set(names))
+
+
+def refuse_other_arguments(callback, given: Dict, monitor, mode) -> None:
+    """A monitor that is no name, and keywords the callback lacks (Keras' restore_best_weights, verbose, a misspelt
+    one): an ArgumentError naming the Trainer's way (trainer/other_tools.py), where Python said "unexpected
+    keyword argument" and `monitor=5` failed on `'int' object has no attribute 'startswith'`."""
+    call = type(callback).__name__
+    check_monitor_name(call, monitor)
+    if given:
+        names = [p for p in inspect.signature(type(callback).__init__).parameters
+                 if p not in ("self", "keras_arguments")]
+        refuse_keras_arguments(call, callback.key, given, names, monitor,
+                               guess_mode(mode, monitor) if isinstance(mode, str) else None)
 
 
 class Monitor(Callback):
@@ -236,7 +251,8 @@ class EarlyStopping(Monitor):
     acts = "stop training early"
 
     def __init__(self, monitor: str = "loss", mode: str = "auto", patience: int = 3, min_delta: float = 0.0,
-                 baseline: Optional[float] = None, start_from_step: int = 0):
+                 baseline: Optional[float] = None, start_from_step: int = 0, **keras_arguments):
+        refuse_other_arguments(self, keras_arguments, monitor, mode)  # restore_best_weights, verbose: the Trainer's way
         EarlyStoppingConfig(monitor=monitor, mode=mode, patience=patience, min_delta=min_delta,
                             baseline=baseline, start_from_step=start_from_step)  # checks the ranges
         super().__init__(monitor, mode, min_delta)
@@ -289,7 +305,8 @@ class ReduceLROnPlateau(Monitor):
     acts = "lower the learning rate"
 
     def __init__(self, monitor: str = "loss", mode: str = "auto", patience: int = 3, factor: float = 0.1,
-                 min_delta: float = 1e-4, cooldown: int = 0, min_lr: float = 0.0):
+                 min_delta: float = 1e-4, cooldown: int = 0, min_lr: float = 0.0, **keras_arguments):
+        refuse_other_arguments(self, keras_arguments, monitor, mode)  # Keras' verbose, epsilon: the Trainer's way
         ReduceLROnPlateauConfig(monitor=monitor, mode=mode, patience=patience, factor=factor, min_delta=min_delta,
                                 cooldown=cooldown, min_lr=min_lr)  # checks the ranges
         super().__init__(monitor, mode, min_delta)
