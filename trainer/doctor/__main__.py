@@ -26,7 +26,12 @@ class DoctorError(UserError, ValueError):
     """Bad arguments: the message says what and how to fix it (exit 2)."""
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+# A flag that works only with another: python -m trainer's hint for a doctor flag given to it (argv_check) adds it.
+NEEDS = {"--set-auto": "--verify"}
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The doctor's arguments; python -m trainer reads its flags from here too (trainer/argv_check.py)."""
     parser = argparse.ArgumentParser(prog="python -m trainer.doctor",
                                      description=__doc__.split("\n\n")[1].replace("\n", " "))
     parser.add_argument("overrides", nargs="*", help="config overrides, as for python -m trainer (recipe=resnet ...)")
@@ -41,7 +46,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "for runs of this recipe and model config (needs --verify)")
     parser.add_argument("--out", help="folder for doctor.json / doctor.png (default: "
                                       "runs/doctor/<date_time>, or the run folder)")
-    args = parser.parse_intermixed_args(argv)  # options may come between overrides
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    args = make_parser().parse_intermixed_args(argv)  # options may come between overrides
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         raise DoctorError(f"{bad[0]!r} is not a config override (key=value) or an option (--run, --quick, "
