@@ -203,6 +203,46 @@ def test_argparse_style_flags_name_the_override_meant(args, expected):
     assert problem_in(["--cfg", "job", "--resolve", "trainer.max_steps=5"]) is None  # Hydra's own flags
 
 
+@pytest.mark.parametrize("args, fix", [
+    (["recipe=mnist", "--set-auto"], "python -m trainer.doctor recipe=mnist --verify --set-auto"),  # --verify needed
+    (["--verify", "50", "recipe=mnist", "model.hidden_units=[8]", "--quick"],
+     "python -m trainer.doctor recipe=mnist 'model.hidden_units=[8]' --verify 50 --quick"),
+    (["recipe=mnist", "--min", "1e-5", "--max=1"], "python -m trainer.lr_find recipe=mnist --min 1e-5 --max=1"),
+])
+def test_a_flag_of_the_doctor_or_lr_find_names_that_commands_line_which_works(args, fix):
+    """It said "did you mean set-auto=true?", and that said "set-auto is not a key". The flags are read from the
+    commands' own parsers; the command line given parses there."""
+    import shlex
+
+    from trainer import lr_find
+    from trainer.argv_check import problem_in
+    from trainer.doctor import __main__ as doctor
+
+    problem = problem_in(args)
+    said = f", not of python -m trainer (its arguments are Hydra overrides, key=value). Fix: {fix}."
+    assert problem.endswith(said), problem
+    assert "=true" not in problem
+    words = shlex.split(fix)
+    parsed = (doctor if words[2] == "trainer.doctor" else lr_find).parse_args(words[3:])
+    assert parsed.overrides == [a for a in args if "=" in a and not a.startswith("-")]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--steps", "5"], "--steps 5: a flag of python -m trainer.lr_find, not of python -m trainer (its arguments are "
+                       "Hydra overrides, key=value). Fix: did you mean trainer.max_steps=5? Or python -m "
+                       "trainer.lr_find --steps 5."),
+    (["--out", "x"], "Fix: hydra.run.dir=x (this command's run folder), or python -m trainer.doctor --out x, or "
+                     "python -m trainer.lr_find --out x."),
+    (["--foo", "3"], "--foo 3: Hydra overrides have no dashes, and as one, foo=3: foo is not a key of the run's "
+                     "config"),
+])
+def test_a_dashed_word_that_is_no_key_is_not_told_to_become_one(args, expected):
+    from trainer.argv_check import problem_in
+
+    problem = problem_in(args)
+    assert expected in problem and "did you mean foo=3" not in problem, problem
+
+
 @pytest.mark.parametrize("args", [["-sc", "install=bash"], ["-sc", "query=trainer.max"],
                                   ["--shell-completion", "install=bash"]])
 def test_hydra_shell_completion_is_not_checked_as_overrides(args):

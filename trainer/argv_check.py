@@ -3,7 +3,8 @@ exits 2 in one line naming the override and the fix, where Hydra prints several 
 the doctor and lr_find call `problem_in`.
 
 - Not an override: Hydra's grammar rejects it (`trainer.max_steps`, `logger=[jsonl`), an argparse flag
-  (`--max_steps 5`: "Hydra overrides have no dashes"), `~logger` (a list group: `logger=[]`).
+  (`--max_steps 5`: "Hydra overrides have no dashes"; a flag of the doctor or lr_find, `--set-auto`: that
+  command's line, its flags read from its parser), `~logger` (a list group: `logger=[]`).
 - A name its config group lacks (`recipe=nonexistent`, `precision=bf16`, `logger=[jsonl,cvs]`, `precision=null`):
   the group's options (not the base_* schemas stored beside them) and the one meant (trainer/groups.py).
 - A key the config lacks: `max_steps=5` ("did you mean trainer.max_steps=5?", where Hydra says to add it with
@@ -23,7 +24,7 @@ judged by Hydra alone; Hydra's shell completion (`-sc`) is left to Hydra.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from trainer.argv_keys import TYPED_SECTIONS, choices_of, first_job, lacks_key, typed_schema, unknown_key
 from trainer.hydra_flags import commands_problem, hydra_args, other_configs, positionals
@@ -225,10 +226,72 @@ def _problem(override, overrides, ours: bool) -> Optional[str]:
     return None
 
 
+# The commands that take python -m trainer's overrides and flags of their own (each module's make_parser()).
+OTHER_COMMANDS = {"python -m trainer.doctor": "trainer.doctor.__main__", "python -m trainer.lr_find": "trainer.lr_find"}
+# Another command's flag whose work python -m trainer does with a key of its own: the key, and what it is here.
+OWN_WAY = {"--out": ("hydra.run.dir", "this command's run folder")}
+
+
+def other_commands_flags() -> Dict[str, Dict[str, Any]]:
+    """Command -> {flag: its argparse action} for OTHER_COMMANDS, read from their parsers (their import loads no
+    TensorFlow: ~0.1 s, paid only for a dashed argument Hydra does not know)."""
+    import importlib
+
+    return {command: {flag: action for action in importlib.import_module(module).make_parser()._actions
+                      for flag in action.option_strings if flag.startswith("--") and flag != "--help"}
+            for command, module in OTHER_COMMANDS.items()}
+
+
+def _command_line(command: str, own: Dict[str, Any], args: Sequence[str], unknown: set) -> str:
+    """`command` with the overrides of `args` and the flags of `own` given there (with their values), plus the
+    flags those need (the command module's NEEDS: the doctor's --set-auto needs --verify)."""
+    import importlib
+    import shlex
+
+    words, taken = [], []
+    for i, arg in enumerate(args):
+        if arg not in unknown or arg.split("=", 1)[0] not in own:
+            continue
+        value = args[i + 1] if i + 1 < len(args) else None
+        takes = own[arg.split("=", 1)[0]].nargs != 0 and "=" not in arg
+        if takes and value is not None and not value.startswith("-") and "=" not in value:
+            words, taken = [*words, arg, value], [*taken, value]
+        else:
+            words.append(arg)
+    for name, need in getattr(importlib.import_module(OTHER_COMMANDS[command]), "NEEDS", {}).items():
+        if name in words and need not in words:
+            words.insert(words.index(name), need)
+    overrides = list(positionals(args))
+    for value in taken:  # a flag's value, not an override
+        if value in overrides:
+            overrides.remove(value)
+    return " ".join([command, *map(shlex.quote, [*overrides, *words])])
+
+
+def _other_command(flag: str, given: str, args: Sequence[str], unknown: set, meant: Optional[str]) -> Optional[str]:
+    """`--set-auto` given to python -m trainer: a flag of the doctor (or lr_find), whose command line is the fix;
+    first the override meant, when the flag is also a key here (`--steps 5`: trainer.max_steps=5)."""
+    flags = other_commands_flags()
+    commands = [command for command, own in flags.items() if flag in own]
+    if not commands:
+        return None
+    fixes = [_command_line(command, flags[command], args, unknown) for command in commands]
+    if meant:
+        fixes.insert(0, f"did you mean {meant}?")
+    elif flag in OWN_WAY:
+        fixes.insert(0, f"{OWN_WAY[flag][0]}={given.split('=', 1)[-1].split(' ', 1)[-1]} ({OWN_WAY[flag][1]})")
+    fix = fixes[0]
+    for later in fixes[1:]:
+        fix += f" Or {later}" if fix.endswith("?") else f", or {later}"
+    return (f"{given}: a flag of {' and '.join(commands)}, not of python -m trainer (its arguments are Hydra "
+            f"overrides, key=value). Fix: {fix}.")
+
+
 def _dashed(args: Sequence[str]) -> Optional[str]:
     """`--max_steps 5`, `--trainer.max_steps=5`: an argparse habit Hydra answers with 8 lines of usage. The
-    override meant, the key corrected as problem_in would (`max_steps=5`: trainer.max_steps=5). Only what
-    Hydra's parser leaves is looked at: `--multi` (--multirun abbreviated) is Hydra's."""
+    override meant, the key corrected as problem_in would (`max_steps=5`: trainer.max_steps=5); a flag of the
+    doctor or lr_find (`--set-auto`), that command's line. Only what Hydra's parser leaves is looked at:
+    `--multi` (--multirun abbreviated) is Hydra's."""
     import re
 
     parsed = hydra_args(args)
@@ -242,7 +305,13 @@ def _dashed(args: Sequence[str]) -> Optional[str]:
         if not eq and following is not None and not following.startswith("-") and "=" not in following:
             value, given = following, f"{arg} {following}"
         override = f"{key}={value if eq or value else 'true'}"  # a bare flag: argparse's store_true
-        meant = re.search(r"did you mean (\S+?=\S*?)\?", problem_in([override]) or "")
+        problem = problem_in([override])
+        meant = re.search(r"did you mean (\S+?=\S*?)\?", problem or "")
+        other = _other_command(f"--{key}", given, args, unknown, meant.group(1) if meant else None)
+        if other:
+            return other
+        if problem and not meant:  # `--foo 5`: foo=5 is no override either (was: "did you mean foo=5?")
+            return f"{given}: Hydra overrides have no dashes, and as one, {problem}"
         return (f"{given}: Hydra overrides have no dashes. Fix: did you mean "
                 f"{meant.group(1) if meant else override}?")
     return None

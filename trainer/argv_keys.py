@@ -106,6 +106,9 @@ def unknown_key(given: str, key: str, overrides) -> str:
             return entry
     if section in free:  # eval_sets.ood.path=x: a new entry of a free-form section
         return f"{given}: {section}.{name} is a new entry of {section}. Fix: add it with +: +{given.lstrip('+~')}"
+    keras_way = _keras_argument(cfg, overrides, section, name, value) if not below else None
+    if keras_way:  # callbacks.early_stopping.restore_best_weights=true: the Trainer's way
+        return f"{given}: {section} has no key {name!r}. Fix: {keras_way}."
     if options and value in options and not below:  # optimizer.name=sgd
         return f"{given}: {section} has no key {name!r}. Fix: did you mean {section}={value}?"
     other = (option_with_key(section, name, group_lines(overrides))
@@ -125,3 +128,21 @@ def unknown_key(given: str, key: str, overrides) -> str:
                 "<your config groups> --cfg job lists the keys).")
     fix = f"did you mean {meant}?" if meant else "use one of its keys:"
     return f"{given}: {section} has no key {name!r}. Fix: {fix} ({', '.join(keys[section])})"
+
+
+def _keras_argument(cfg, overrides, section: str, name: str, value: str) -> Optional[str]:
+    """The Trainer's way for an argument of Keras' callback of the same name (EarlyStopping's restore_best_weights,
+    verbose, start_from_epoch; ReduceLROnPlateau's epsilon) under a chosen callback of the group; None else. Its
+    monitor and mode as the command line (else the config) sets them."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from trainer.other_tools import keras_argument_fix
+
+    node = OmegaConf.select(cfg, section) if cfg is not None and section.startswith("callbacks.") else None
+    call = getattr(OmegaConf.get_type(node), "python_call", "") if isinstance(node, DictConfig) else ""
+    if not call:
+        return None
+    given = {o.key_or_group: o.value() for o in overrides if not o.is_delete() and not o.is_sweep_override()}
+    monitor = given.get(f"{section}.monitor", node.get("monitor", "loss"))
+    mode = given.get(f"{section}.mode", node.get("mode", "auto"))
+    return keras_argument_fix(call, section, name, value, monitor, None if mode == "auto" else mode, cli=True)

@@ -94,6 +94,29 @@ def schema(cls, node: DictConfig):
     return cls(**OmegaConf.to_container(node, resolve=True))
 
 
+def run_length_of_command_line(cfg: DictConfig, overrides) -> Optional[str]:
+    """The command line's run length replaces the recipe's: `trainer.epochs=4` given without trainer.max_steps
+    sets the recipe's max_steps (1500 for mnist) to null, where it would have cut the 4 epochs (1872 steps)
+    silently, and `trainer.max_steps` alone drops a recipe's epochs; as Lightning's max_epochs runs its epochs
+    with max_steps left at its default (unlimited). Both given on the command line, or both in the config
+    files: they stand, and the smaller wins (a warning says so when it cuts epochs: inputs.warn_if_epochs_cut).
+    Changes `cfg` (the run's record then holds what ran); returns the line that says so, or None.
+    `overrides`: the command line's (Hydra's overrides.task)."""
+    from omegaconf import open_dict
+
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
+    for kept, dropped in (("epochs", "max_steps"), ("max_steps", "epochs")):
+        value = cfg.trainer.get(dropped)
+        if f"trainer.{kept}" in given and f"trainer.{dropped}" not in given and cfg.trainer.get(kept) is not None \
+                and value is not None:
+            with open_dict(cfg):
+                cfg.trainer[dropped] = None
+            return (f"Run length: trainer.{kept}={cfg.trainer[kept]} from the command line replaces the config's "
+                    f"trainer.{dropped}={value} (now null). To stop at whichever comes first, give "
+                    f"trainer.{dropped} on the command line too.")
+    return None
+
+
 def trainer_class(path: str, base: Optional[type] = None) -> type:
     """trainer_class=module.Class: the Trainer subclass whose step a recipe brings (recipe=gan)."""
     from hydra.utils import get_class

@@ -21,7 +21,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from trainer import iterator_release  # at start: its exit hook is registered as TensorFlow loads, before a run's
-from trainer.assemble import check_eval_sets, eval_data_of, parts_of, register_configs, schema, strategy_of
+from trainer.assemble import (check_eval_sets, eval_data_of, parts_of, register_configs, run_length_of_command_line,
+                              schema, strategy_of)
 from trainer.config import ConfigError, PrecisionConfig, TrainerConfig
 from trainer.config_check import check_config
 from trainer.errors import EXIT_NUMERICAL, EXIT_USER_ERROR, exit_code_of, find_error, report_error
@@ -72,10 +73,13 @@ def _job_folder_lock(run_dir, cfg: DictConfig):
 def _run_in(run_dir, cfg: DictConfig) -> dict:
     from trainer.signals import sigterm_deferred_until_training
 
+    run_length = run_length_of_command_line(cfg, HydraConfig.get().overrides.task)  # replaces the recipe's
     trainer_cfg = schema(TrainerConfig, cfg.trainer)
     precision = schema(PrecisionConfig, cfg.precision)
     log.info("Recipe: %s | precision: %s | strategy: %s | run folder: %s", cfg.recipe, precision.policy,
              cfg.strategy.name, run_dir)
+    if run_length:
+        log.info(run_length)
     if trainer_cfg.fast_dev_run and HydraConfig.get().mode != RunMode.MULTIRUN:
         log.info("fast_dev_run: the run folder above is a temporary one, deleted at the end; the configured "
                  "hydra.run.dir is neither read nor written")

@@ -24,7 +24,8 @@ class TrainerConfig(Checked):
     config_key: ClassVar[str] = "trainer"
     python_call: ClassVar[str] = "Trainer"  # its keyword options are these fields
 
-    # total train steps; with `epochs` too, the smaller wins
+    # total train steps; with `epochs` too, the smaller wins (a warning says so when it cuts the epochs); from the
+    # command line, trainer.epochs alone replaces the config's max_steps (docs/getting-started.md#run-length)
     max_steps: Optional[int] = ranged(None, f"[1, {MAX_STEPS}]")
     # needs a data set of known size; an epoch is ⌊batches / (grad_accum_steps × batches_per_step)⌋ steps,
     # the batches left over start the next epoch

@@ -94,6 +94,14 @@ KEY_SYNONYMS = {
     "seed_everything": "seed",  # LightningCLI
     "dtype_policy": "precision.policy",  # Keras 3
     "ckpt_path": "trainer.resume_from",  # Lightning's fit(ckpt_path=): resumes the whole training state
+    "validation_freq": "trainer.eval_every",  # Keras' fit (epochs there, steps here)
+    "eval_freq": "trainer.eval_every",  # research code's (Stable-Baselines3's EvalCallback)
+    "steps": "trainer.max_steps",  # the Trainer's own fit(steps=)
+    "train_steps": "trainer.max_steps",  # TF Model Garden's trainer config, as the four below
+    "validation_interval": "trainer.eval_every",
+    "summary_interval": "trainer.log_every",
+    "checkpoint_interval": "trainer.checkpoint_every",
+    "best_checkpoint_eval_metric": "trainer.best_metric",
 }
 
 

@@ -168,6 +168,27 @@ def total_steps(steps: Optional[int], epochs: Optional[float], steps_per_epoch: 
     return min(candidates)
 
 
+def warn_if_epochs_cut(steps: Optional[int], epochs: Optional[float], steps_per_epoch: Optional[int],
+                       fit_steps: Optional[int], fit_epochs: Optional[float], cli: bool) -> None:
+    """Loudly, at the start, when `steps` (max_steps) ends the run before `epochs` does: the smaller wins, and a
+    `Done: 1500 steps` after asking for 4 epochs said nothing of why. Names both settings as the user gave them
+    (`fit_steps`/`fit_epochs`: fit()'s arguments, else the Trainer's; `cli`: the overrides) and the fix."""
+    if not (steps and epochs and steps_per_epoch) or math.ceil(epochs * steps_per_epoch) <= steps:
+        return
+    wanted = int(math.ceil(epochs * steps_per_epoch))
+    if cli:
+        asked, cap = f"trainer.epochs={epochs:g}", f"trainer.max_steps={steps}"
+        fix = f"trainer.max_steps=null, or trainer.max_steps={wanted} or more"
+    else:
+        asked = f"{'fit' if fit_epochs is not None else 'Trainer'}(epochs={epochs:g})"
+        cap = f"fit(steps={steps})" if fit_steps is not None else f"Trainer(max_steps={steps})"
+        fix = (f"leave out fit(steps=...), or fit(steps={wanted}) or more" if fit_steps is not None
+               else f"Trainer(max_steps=None), or Trainer(max_steps={wanted}) or more")
+    log.warning("%s is %d steps (%d per epoch), but %s ends the run first, at step %d (epoch %.3g): with both set, "
+                "the smaller wins. Fix: %s, to train all %g epochs.", asked, wanted, steps_per_epoch,
+                cap, steps, steps / steps_per_epoch, fix, epochs)
+
+
 def _seeded(ds) -> bool:
     """A shuffle's seeds (tf.data's: 0 and 0 when neither the op nor TensorFlow's global seed was set)."""
     seeds = [getattr(ds, name, None) for name in ("_seed", "_seed2")]

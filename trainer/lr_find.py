@@ -25,7 +25,8 @@ class LRFindArgumentError(UserError, ValueError):
     """Bad arguments: the message says what and how to fix it (exit 2)."""
 
 
-def parse_args(argv) -> argparse.Namespace:
+def make_parser() -> argparse.ArgumentParser:
+    """lr_find's arguments; python -m trainer reads its flags from here too (trainer/argv_check.py)."""
     parser = argparse.ArgumentParser(prog="python -m trainer.lr_find",
                                      description=__doc__.split("\n\n")[1].replace("\n", " "))
     parser.add_argument("overrides", nargs="*", help="config overrides, as for python -m trainer (recipe=resnet ...)")
@@ -33,7 +34,11 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--min", type=float, default=1e-7, dest="min_lr", help="the first learning rate (default 1e-7)")
     parser.add_argument("--max", type=float, default=1.0, dest="max_lr", help="the last learning rate (default 1)")
     parser.add_argument("--out", help="folder for lr_find.json and lr_find.png (default: runs/lr_find/<date_time>)")
-    args = parser.parse_intermixed_args(argv)  # options may come between overrides
+    return parser
+
+
+def parse_args(argv) -> argparse.Namespace:
+    args = make_parser().parse_intermixed_args(argv)  # options may come between overrides
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         raise LRFindArgumentError(f"{bad[0]!r} is not a config override (key=value) or an option "

@@ -30,10 +30,11 @@ from trainer.config import PrecisionConfig, TrainerConfig, check_ranges
 from trainer.console import show_logs_unless_configured
 from trainer.distribute import say_strategy_once
 from trainer.inputs import (DataArg, KeptIterator, batches_read_per_step, check_batches_per_step, sample_batch,
-                            steps_per_epoch_of, total_steps, training_iterator)
+                            steps_per_epoch_of, total_steps, training_iterator, warn_if_epochs_cut)
 from trainer.loop import Loop, TrainingInterrupted, evaluate
 from trainer.loss_scale import LossScale
 from trainer.memory import memory_logs
+from trainer.other_tools import callback_objects, check_trainer_options
 from trainer.runlock import run_folder_lock
 from trainer.step import Step
 from trainer.tracking import Window
@@ -67,7 +68,8 @@ class Trainer(Step):
       precision: a policy name ("float32", "mixed_float16", "mixed_bfloat16", "auto"), a PrecisionConfig, a
         dict of its fields, or a Keras dtype policy (keras.mixed_precision.Policy: by its name).
       run_dir: where metrics.jsonl, checkpoints/ and tensorboard/ go; None: nothing is written.
-      callbacks: extra Callback objects (the progress bar is added from `config`).
+      callbacks: extra Callback objects, or one (the progress bar is added from `config`); Keras' callbacks are
+        refused, naming the Trainer's way (trainer/other_tools.py).
       loggers: where each train log and evaluation is recorded (trainer.callbacks.loggers: MetricsWriter,
         TensorBoardWriter, CSVLogger, MLflowLogger); None: metrics.jsonl and TensorBoard in `run_dir`
         (config.tensorboard=False: without TensorBoard). Only the chief worker's loggers write.
@@ -81,10 +83,13 @@ class Trainer(Step):
                  models=None, optimizers: Optional[Mapping[str, Any]] = None, frozen: Iterable[str] = (),
                  strategy: Optional[tf.distribute.Strategy] = None,
                  precision: Union[str, PrecisionConfig, Mapping[str, Any], keras.DTypePolicy] = "float32",
-                 run_dir: Union[str, Path, None] = None, callbacks: Iterable[Callback] = (),
-                 loggers: Optional[Iterable[Callback]] = None,
+                 run_dir: Union[str, Path, None] = None, callbacks: Union[Callback, Iterable[Callback], None] = (),
+                 loggers: Union[Callback, Iterable[Callback], None] = None,
                  config: Optional[TrainerConfig] = None, seed: int = 0, clipnorm: Optional[float] = None,
                  is_chief: bool = True, **options):
+        check_trainer_options(type(self), options)  # max_step, max_epochs: the one meant, not the dataclass's error
+        callbacks = callback_objects(callbacks, "callbacks")  # one alone too; a Keras callback is refused
+        self.loggers = callback_objects(loggers, "loggers") if loggers is not None else None
         self.config = dataclasses.replace(config or TrainerConfig(), **options)
         check_batches_per_step(type(self), self.config)  # before any data or model is built
         show_logs_unless_configured(self.config.verbose)  # construction logs (the optimizer's kernels) show too
@@ -103,7 +108,6 @@ class Trainer(Step):
         # (trainer.best_metric=...), else the Python argument (Trainer(best_metric=...))
         self.from_cli = False
         self.hparams: Dict[str, Any] = {}  # the CLI sets it: the composed config, flattened (MLflow's params)
-        self.loggers = list(loggers) if loggers is not None else None
 
         if self.config.deterministic:
             tf.config.experimental.enable_op_determinism()
@@ -142,7 +146,7 @@ class Trainer(Step):
         self.loss = components.per_example_loss(loss)
         self._step_functions = step_functions.StepFunctions(decide_jit_compile(
             self.config, self.precision, on_cpu=self._on_cpu(), replicas=self.strategy.num_replicas_in_sync))
-        self.callbacks = CallbackList(list(callbacks))
+        self.callbacks = CallbackList(callbacks)
         self.checkpointing = Checkpointing()
         self.divergence = DivergenceGuard()  # the run's reference loss and rollbacks, across fit() calls
         self.xla_choice = XlaChoice()  # trainer.jit_compile=measure's figures and choice, across fit() calls
@@ -288,9 +292,11 @@ class Trainer(Step):
         if steps_per_epoch is None:
             steps_per_epoch = steps_per_epoch_of(train_data, batches_read_per_step(cfg))
         steps_per_epoch = debug.steps_per_epoch(cfg, steps_per_epoch)  # overfit_batches: an epoch is those batches
+        limits = (steps if steps is not None else cfg.max_steps, epochs if epochs is not None else cfg.epochs)
         self.total = 0 if cfg.fast_dev_run else self.total_steps(  # fast_dev_run: debug.plan_fit says how long
-            steps if steps is not None else cfg.max_steps, epochs if epochs is not None else cfg.epochs,
-            steps_per_epoch, cli=self.from_cli)
+            *limits, steps_per_epoch, cli=self.from_cli)
+        if not cfg.fast_dev_run:
+            warn_if_epochs_cut(*limits, steps_per_epoch, steps, epochs, cli=self.from_cli)
         self.steps_per_epoch = steps_per_epoch
         train_data, eval_data, self.total, self._fit_eval_limit = debug.plan_fit(self, train_data, eval_data,
                                                                                  self.total)

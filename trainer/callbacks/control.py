@@ -23,6 +23,7 @@ from trainer.callbacks.base import Callback
 from trainer.callbacks.divergence import scale_schedule
 from trainer.config import ConfigError, EarlyStoppingConfig, ReduceLROnPlateauConfig, written
 from trainer.memory import memory_logs
+from trainer.other_tools import refuse_other_arguments
 from trainer.step import Step
 
 log = logging.getLogger("trainer.callbacks")
@@ -225,7 +226,8 @@ class EarlyStopping(Monitor):
     acts = "stop training early"
 
     def __init__(self, monitor: str = "loss", mode: str = "auto", patience: int = 3, min_delta: float = 0.0,
-                 baseline: Optional[float] = None, start_from_step: int = 0):
+                 baseline: Optional[float] = None, start_from_step: int = 0, **keras_arguments):
+        refuse_other_arguments(self, keras_arguments, monitor, mode)  # restore_best_weights, verbose: the Trainer's way
         EarlyStoppingConfig(monitor=monitor, mode=mode, patience=patience, min_delta=min_delta,
                             baseline=baseline, start_from_step=start_from_step)  # checks the ranges
         super().__init__(monitor, mode, min_delta, patience)
@@ -296,7 +298,8 @@ class ReduceLROnPlateau(Monitor):
     acts = "lower the learning rate"
 
     def __init__(self, monitor: str = "loss", mode: str = "auto", patience: int = 3, factor: float = 0.1,
-                 min_delta: float = 1e-4, cooldown: int = 0, min_lr: float = 0.0):
+                 min_delta: float = 1e-4, cooldown: int = 0, min_lr: float = 0.0, **keras_arguments):
+        refuse_other_arguments(self, keras_arguments, monitor, mode)  # Keras' verbose, epsilon: the Trainer's way
         ReduceLROnPlateauConfig(monitor=monitor, mode=mode, patience=patience, factor=factor, min_delta=min_delta,
                                 cooldown=cooldown, min_lr=min_lr)  # checks the ranges
         super().__init__(monitor, mode, min_delta, patience)

@@ -45,7 +45,12 @@ def _bare_verify(argv: List[str]) -> List[str]:
             and not argv[i + 1].startswith("-") else token for i, token in enumerate(argv)]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+# A flag that works only with another: python -m trainer's hint for a doctor flag given to it (argv_check) adds it.
+NEEDS = {"--set-auto": "--verify"}
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The doctor's arguments; python -m trainer reads its flags from here too (trainer/argv_check.py)."""
     parser = argparse.ArgumentParser(prog="python -m trainer.doctor",
                                      description=__doc__.split("\n\n")[1].replace("\n", " "))
     parser.add_argument("overrides", nargs="*", help="config overrides, as for python -m trainer (recipe=resnet ...)")
@@ -60,8 +65,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "for runs of this recipe and model config (needs --verify)")
     parser.add_argument("--out", help="folder for doctor.json / doctor.png (default: "
                                       "runs/doctor/<date_time>, or the run folder)")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     # options may come between overrides
-    args = parser.parse_intermixed_args(_bare_verify(sys.argv[1:] if argv is None else list(argv)))
+    args = make_parser().parse_intermixed_args(_bare_verify(sys.argv[1:] if argv is None else list(argv)))
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         raise DoctorError(f"{bad[0]!r} is not a config override (key=value) or an option (--run, --quick, "
