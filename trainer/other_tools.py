@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence
 
 from trainer.config_check import KEY_SYNONYMS
 from trainer.errors import UserError
@@ -67,7 +67,7 @@ def _sentence(text: str) -> str:
     return text if text.endswith(("?", ".")) else text + "."
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else "..."
 
@@ -91,56 +91,19 @@ def check_trainer_options(trainer_class: type, options: Mapping[str, Any]) -> No
         home, _, key = KEY_SYNONYMS.get(name.lower(), "").rpartition(".")
         close = _close(name, [*fields, *arguments])
         if name in fit_arguments:
-            fix = f"{name} is an argument of fit(): trainer.fit(..., {name}={_shown(value)})"
+            fix = f"{name} is an argument of fit(): trainer.fit(..., {name}={shown(value)})"
             if home == "trainer" and key in fields:
-                fix += f", or the run's total: Trainer({key}={_shown(value)})"
+                fix += f", or the run's total: Trainer({key}={shown(value)})"
         elif home == "trainer" and key in fields:
-            fix = f"did you mean Trainer({key}={_shown(value)})? ({name} is another tool's name for it)"
+            fix = f"did you mean Trainer({key}={shown(value)})? ({name} is another tool's name for it)"
         elif KEY_SYNONYMS.get(name.lower()) in PYTHON_FORMS:
             fix = f"{name} is {PYTHON_FORMS[KEY_SYNONYMS[name.lower()]]}"
         elif close:
-            fix = f"did you mean Trainer({close}={_shown(value)})?"
+            fix = f"did you mean Trainer({close}={shown(value)})?"
         else:
             fix = ("Trainer() takes its own arguments and the fields of TrainerConfig (the trainer.* keys of "
                    "docs/reference/config.md)")
         raise ArgumentError(f"Trainer() got an unexpected keyword argument {name!r}. Fix: {_sentence(fix)}")
-
-
-def _keras_callback(obj: Any) -> bool:
-    """An instance of Keras' (or tf_keras') callback base, without importing Keras."""
-    return any(c.__name__ == "Callback" and c.__module__.split(".")[0] in ("keras", "tf_keras")
-               for c in type(obj).__mro__)
-
-
-def callback_objects(given: Any, argument: str) -> List[Any]:
-    """Trainer(callbacks=...) or (loggers=...) as a list: a list or any iterable of them, one alone (as Lightning
-    takes it) or None. A Keras callback is an ArgumentError naming the Trainer's way (it was taken, and fit() then
-    failed on its missing `state_dict`); so is anything else that is not one of the Trainer's callbacks."""
-    from trainer.callbacks.base import HOOKS, Callback
-
-    if given is None:
-        return []
-    if isinstance(given, (Callback, str)) or _keras_callback(given) or not hasattr(given, "__iter__"):
-        given = [given]
-    found = list(given)
-    for cb in found:
-        name = type(cb).__name__
-        if _keras_callback(cb):
-            monitor = getattr(cb, "monitor", None)
-            call = f"{name}(monitor={monitor!r}, ...)" if isinstance(monitor, str) else f"{name}(...)"
-            fix = KERAS_CALLBACKS.get(name, CUSTOM_CALLBACK).format(call=call)
-            raise ArgumentError(f"Trainer({argument}=...): keras.callbacks.{name} is a Keras callback, which the "
-                                "Trainer's loop does not call (it has hooks of its own: trainer.Callback). "
-                                f"Fix: {fix}.")
-        if isinstance(cb, type) and issubclass(cb, Callback):
-            raise ArgumentError(f"Trainer({argument}=...): {cb.__name__} is a class. Fix: give an instance: "
-                                f"{cb.__name__}(...).")
-        missing = [hook for hook in (*HOOKS, "state_dict", "load_state_dict") if not callable(getattr(cb, hook, None))]
-        if missing:
-            raise ArgumentError(f"Trainer({argument}=...) takes the Trainer's callbacks (trainer.Callback, a list of "
-                                f"them or one), not {_shown(cb)} ({name}: no {', '.join(missing[:3])}). Fix: "
-                                f"{CUSTOM_CALLBACK}.")
-    return found
 
 
 def _restore_best_weights(monitor: Any, mode: Optional[str], cli: bool) -> str:
@@ -190,7 +153,7 @@ def refuse_keras_arguments(call: str, key: str, given: Mapping[str, Any], argume
         fix = keras_argument_fix(call, key, name, value, monitor, mode)
         close = _close(name, arguments)
         if fix is None:
-            fix = (f"did you mean {call}({close}={_shown(value)})?" if close
+            fix = (f"did you mean {call}({close}={shown(value)})?" if close
                    else f"give {call}() its own arguments: {', '.join(arguments)}")
         raise ArgumentError(f"{call}() got an unexpected keyword argument {name!r}. Fix: {_sentence(fix)}")
 

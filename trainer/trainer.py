@@ -25,6 +25,7 @@ from trainer import precision as precision_lib
 from trainer.arrays import fit_arguments, fit_inputs
 from trainer.callbacks import (Callback, CallbackList, Checkpointing, DivergenceGuard, NumericalError, XlaChoice,
                                callback_list, loop_host_callbacks)
+from trainer.callbacks.base import callback_objects
 from trainer.checkpoint import NO_BEST, Checkpointer
 from trainer.config import PrecisionConfig, TrainerConfig, check_ranges
 from trainer.console import show_logs_unless_configured
@@ -34,7 +35,7 @@ from trainer.inputs import (DataArg, KeptIterator, batches_read_per_step, check_
 from trainer.loop import Loop, TrainingInterrupted, evaluate
 from trainer.loss_scale import LossScale
 from trainer.memory import memory_logs
-from trainer.other_tools import callback_objects, check_trainer_options
+from trainer.other_tools import check_trainer_options
 from trainer.runlock import run_folder_lock
 from trainer.step import Step
 from trainer.tracking import Window

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Dict, List
+from typing import Any, Dict, List
 
 import tensorflow as tf
+
+from trainer.other_tools import CUSTOM_CALLBACK, KERAS_CALLBACKS, ArgumentError, shown
 
 log = logging.getLogger(__name__)
 
@@ -116,3 +118,38 @@ class CallbackState(tf.train.experimental.PythonState):
     def deserialize(self, string_value) -> None:
         text = string_value.decode() if isinstance(string_value, bytes) else str(string_value)
         self.trainer.callback_list.load_state_dict(json.loads(text or "{}"))
+
+
+def _keras_callback(obj: Any) -> bool:
+    """An instance of Keras' (or tf_keras') callback base, without importing Keras."""
+    return any(c.__name__ == "Callback" and c.__module__.split(".")[0] in ("keras", "tf_keras")
+               for c in type(obj).__mro__)
+
+
+def callback_objects(given: Any, argument: str) -> List[Any]:
+    """Trainer(callbacks=...) or (loggers=...) as a list: a list or any iterable of them, one alone (as Lightning
+    takes it) or None. A Keras callback is an ArgumentError naming the Trainer's way (it was taken, and fit() then
+    failed on its missing `state_dict`); so is anything else that is not one of the Trainer's callbacks."""
+    if given is None:
+        return []
+    if isinstance(given, (Callback, str)) or _keras_callback(given) or not hasattr(given, "__iter__"):
+        given = [given]
+    found = list(given)
+    for cb in found:
+        name = type(cb).__name__
+        if _keras_callback(cb):
+            monitor = getattr(cb, "monitor", None)
+            call = f"{name}(monitor={monitor!r}, ...)" if isinstance(monitor, str) else f"{name}(...)"
+            fix = KERAS_CALLBACKS.get(name, CUSTOM_CALLBACK).format(call=call)
+            raise ArgumentError(f"Trainer({argument}=...): keras.callbacks.{name} is a Keras callback, which the "
+                                "Trainer's loop does not call (it has hooks of its own: trainer.Callback). "
+                                f"Fix: {fix}.")
+        if isinstance(cb, type) and issubclass(cb, Callback):
+            raise ArgumentError(f"Trainer({argument}=...): {cb.__name__} is a class. Fix: give an instance: "
+                                f"{cb.__name__}(...).")
+        missing = [hook for hook in (*HOOKS, "state_dict", "load_state_dict") if not callable(getattr(cb, hook, None))]
+        if missing:
+            raise ArgumentError(f"Trainer({argument}=...) takes the Trainer's callbacks (trainer.Callback, a list of "
+                                f"them or one), not {shown(cb)} ({name}: no {', '.join(missing[:3])}). Fix: "
+                                f"{CUSTOM_CALLBACK}.")
+    return found
