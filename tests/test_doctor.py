@@ -850,3 +850,28 @@ def test_a_phase_below_the_measurements_noise_is_said_so_not_a_clamped_zero(monk
     assert "< noise (±0.55 ms)" in f32 and "0.00 (0%)" not in f32
     assert "8.00 (80%)" in bf16 and "noise" not in bf16
     assert '"< noise (±x ms)": a difference of two timed pieces smaller than their spread' in lines[-1]
+
+
+@pytest.mark.slow  # a real doctor run, signalled once its speed grid is being built
+def test_sigterm_during_the_speed_grid_stops_the_doctor_with_143_and_no_report(tmp_path):
+    """SIGTERM while the grid's Trainers compiled (inside their fit()) was taken by them and the doctor ran on
+    for a minute to a normal report and exit 0: it now stops there, says so in one line, writes no report."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import wait_until
+
+    out, err_file = tmp_path / "doctor", tmp_path / "stderr.txt"
+    with open(err_file, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "trainer.doctor", "--quick", "model.hidden_units=[8]",
+                                 "data.batch_size=16", "--out", str(out)], stdout=subprocess.PIPE, stderr=err,
+                                text=True)
+        wait_until(lambda: "speed: [1/" in err_file.read_text(), proc, "the speed grid started")
+        proc.send_signal(signal.SIGTERM)
+        stdout, _ = proc.communicate(timeout=60)
+    stderr = err_file.read_text()
+    assert proc.returncode == 143, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith("stopped by SIGTERM: the doctor wrote no report")
+    assert "Traceback" not in stderr and "RECOMMENDATION" not in stdout
+    assert not (out / "doctor.json").exists() and not (out / "doctor.txt").exists()

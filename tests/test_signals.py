@@ -5,6 +5,7 @@ import os
 import signal
 
 import keras
+import pytest
 
 from conftest import blobs, read_metrics
 from trainer import Callback, Trainer
@@ -154,3 +155,43 @@ def test_the_final_evaluation_logged_by_a_restart_is_judged_for_best(tmp_path):
     again.fit(blobs(), blobs(), steps=30)  # a later fit of the same Trainer: step 20's logs are not judged again
     steps = [e["step"] for e in json.loads(best.read_text())]
     assert sorted(steps) == sorted(set(steps)) and 30 in steps
+
+
+class SignalAtTheEnd(Callback):
+    """Sends `signum` to this process at the run's final save point (a fit() of one loop: its last one)."""
+
+    def __init__(self, signum):
+        self.signum = signum
+
+    def on_save_point(self, trainer, step, reason):
+        if reason == "end":
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_command_that_saves_nothing_stops_on_a_signal_its_trainers_fit_received(signum, capsys):
+    """The doctor's Trainers took a signal for theirs: their fit(steps=1) finished "despite" it, and the doctor
+    ran on to a normal report and exit 0. A command decorated with stops_on_signals now stops once that fit()
+    returns: one line naming the signal, exit 143 / 130, nothing after it runs."""
+    from trainer.signals import stops_on_signals
+
+    reached = []
+
+    @stops_on_signals("nothing written")
+    def command():
+        _make(None, [SignalAtTheEnd(signum)]).fit(blobs(), steps=1)
+        reached.append("after fit")
+        return 0
+
+    before = {s: signal.signal(s, h) for s, h in ((signal.SIGTERM, signal.SIG_DFL),
+                                                  (signal.SIGINT, signal.default_int_handler))}
+    try:
+        assert command() == 128 + signum
+        after = {s: signal.getsignal(s) for s in before}
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+    assert reached == []
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line == f"stopped by {signal.Signals(signum).name}: nothing written"
+    assert after == {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from trainer.errors import UserError, report_error
 from trainer.quiet import quiet_tensorflow_import, quiet_when_loaded
+from trainer.signals import stops_on_signals
 
 quiet_when_loaded()  # TensorFlow loads (quietly) once the arguments are checked: a mistake answers at once
 
@@ -64,6 +65,7 @@ def find(cfg, steps: int, min_lr: float, max_lr: float):
     return lr_find(trainer, train, steps=steps, min_lr=min_lr, max_lr=max_lr)
 
 
+@stops_on_signals("the range test wrote nothing; run it again")
 def main(argv=None) -> int:
     from trainer.argv_check import problem_in
     from trainer.assemble import compose_config

@@ -10,10 +10,13 @@ reaches TF's preemption handler, and every worker saves and exits together.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
+import sys
 import threading
+from typing import Callable
 
 log = logging.getLogger("trainer")
 
@@ -120,7 +123,11 @@ class SignalCatcher:
     def __exit__(self, exc_type, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        passed_on = self.signum is not None and self._previous.get(self.signum) is _stop_command
         self._previous = {}
+        if passed_on:  # a command with nothing to save (stops_on_signals) stops: not "finished despite"
+            self._acknowledged = True
+            signal.raise_signal(self.signum)
         if exc_type is None and self.signum is not None and not self._acknowledged:
             # The loop stops early only before its last loop: a signal in that loop, the final evaluation or
             # the final save lets the run finish (a stop there would leave a complete run never evaluated).
@@ -151,3 +158,54 @@ def hand_pending_sigterm_to_tensorflow() -> None:
     if _on_main_thread() and take_pending_sigterm():
         log.warning("Passing the start-up SIGTERM to TensorFlow's preemption handler: every worker saves, then exits")
         signal.raise_signal(signal.SIGTERM)
+
+
+class CommandStopped(BaseException):
+    """SIGTERM/SIGINT to a command that saves nothing (the doctor, lr_find): raised where the signal lands (a
+    fit() of theirs finishes its loop first, SignalCatcher.__exit__). A BaseException, as KeyboardInterrupt: an
+    `except Exception` that keeps measuring after one configuration fails does not take it for a failure."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum  # as a shell reports the signal: 143, 130
+
+
+_stopping = False  # a CommandStopped is on its way: a repeated signal while it unwinds is ignored
+
+
+def _stop_command(signum, frame) -> None:
+    global _stopping
+    if not _stopping:
+        _stopping = True
+        raise CommandStopped(signum)
+
+
+def stops_on_signals(nothing_kept: str) -> Callable:
+    """Decorates a command's `main`: SIGTERM and SIGINT (one not ignored at start) stop it at once, also
+    while TensorFlow loads; it prints one line, `stopped by SIGTERM: <nothing_kept>`, with no traceback,
+    and `main` returns 143 / 130. Before, the doctor's Trainers took a signal for theirs and let their
+    fit() finish, so the doctor ran on to a normal report and exit 0."""
+    def decorate(main: Callable) -> Callable:
+        @functools.wraps(main)
+        def run(*args, **kwargs):
+            global _stopping
+            if not _on_main_thread():
+                return main(*args, **kwargs)
+            previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+            for sig, handler in previous.items():
+                if handler is not signal.SIG_IGN:  # `nohup` or `&` in a script: left ignored
+                    signal.signal(sig, _stop_command)
+            try:
+                return main(*args, **kwargs)
+            except CommandStopped as e:
+                print(f"stopped by {e}: {nothing_kept}", file=sys.stderr, flush=True)
+                from trainer.iterator_release import exit_promptly
+
+                exit_promptly(e.exit_code)  # not the wait for the iterators' releases
+                return e.exit_code
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+                _stopping = False
+        return run
+    return decorate

@@ -19,6 +19,7 @@ from trainer.doctor.decide import LEAST_SPEEDUP
 from trainer.doctor.verify import VERIFY_ROUNDS
 from trainer.errors import EXIT_USER_ERROR, UserError, reports_errors  # noqa: F401 - EXIT_USER_ERROR: its name here before
 from trainer.quiet import quiet_tensorflow_import, quiet_when_loaded
+from trainer.signals import stops_on_signals
 
 quiet_when_loaded()  # TensorFlow loads (quietly) only once the arguments are parsed: -h and bad ones answer at once
 
@@ -295,6 +296,7 @@ def _set_auto(rec: Optional[dict], model: dict) -> None:
           f"back to the probe).{replaced}")
 
 
+@stops_on_signals("the doctor wrote no report (a partial measurement would mislead); run it again")
 @reports_errors()
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
