@@ -215,7 +215,7 @@ def test_the_start_up_line_names_the_doctor_command_of_this_run_and_no_figures(m
         auto_precision.resolve_run(auto, measure=_probe(3.0, []), model=MODEL, overrides=overrides)
     said = caplog.text
     assert ("`python -m trainer.doctor recipe=resnet precision=auto 'model.hidden_units=[8]' --verify --set-auto` "
-            "measures this model" in said) and "precision=float32 (or another) overrides it" in said
+            "measures this model" in said) and "an explicit precision=... overrides it" in said
     assert not re.search(r"\d\.?\d*x", said)
     monkeypatch.setattr(precision_lib, "cpu_flags", lambda: {"avx512_bf16", "avx2"})
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])

@@ -195,7 +195,7 @@ def _doctor_answer(entry: dict, model: Optional[dict]) -> Tuple[Optional[dict], 
         return None, ""
     this = model["label"] if model is not None else "a Trainer built from Python names no recipe"
     return None, (f"the doctor's stored answers on this machine are for other models ({'; '.join(others)}), not "
-                  f"this one ({this}): the probe's rule decides. ")
+                  f"this one ({this}): the hardware rule decides; ")
 
 
 def _followed(doctor: dict) -> Choice:
@@ -204,7 +204,7 @@ def _followed(doctor: dict) -> Choice:
     at = f"{doctor['when']}{'' if batch is None else f', batch {batch}'}"
     forget = f"delete {cache_path()} to forget it"
     if doctor.get("verdict") == NO_GAIN:
-        return Choice(doctor["policy"], f"the doctor measured no gain for this model over {doctor['policy']} "
+        return Choice(doctor["policy"], f"the doctor measured no faster alternative to {doctor['policy']} for this model "
                                         f"(python -m trainer.doctor --set-auto on this machine, {at}); {forget}", xla,
                       measured=True)
     if doctor.get("verdict") == OLD_NO_GAIN:  # maybe an inconclusive measurement: followed, not called measured
@@ -295,7 +295,7 @@ def next_step(choice: Choice, overrides: Optional[Sequence[str]]) -> str:
     """What the start-up log adds after auto's reason: how to measure this model (the doctor command with the
     run's `overrides`; None: a Trainer from Python, which follows no stored answer), unless the choice is
     already the doctor's measurement; and how to override it."""
-    override = f"precision={choice.policy} (or another) overrides it."
+    override = "an explicit precision=... overrides it."
     if choice.measured:
         return override
     if overrides is None:
