@@ -370,8 +370,8 @@ def _kept_bfloat16(per_example_float32):
 
     report = {"meta": {"command": "python -m trainer.doctor", "wall_seconds": 1.0},
               "numerics": {"float16": {"safe": True, "blockers": []}, "bfloat16": {"safe": True, "blockers": []}},
-              "speed": {"rounds": 10, "configs": [row("mixed_bfloat16", [1.0] * 10), row("float32", per_example_float32)],
-                        "skipped": [], "memory_means": "RSS growth"}}
+              "speed": {"rounds": 10, "skipped": [], "memory_means": "RSS growth",
+                        "configs": [row("mixed_bfloat16", [1.0] * 10), row("float32", per_example_float32)]}}
     report["recommendation"] = recommend(report, [], baseline_xla=False, batch=16, policy="mixed_bfloat16")
     del report["numerics"]
     return report

@@ -204,9 +204,9 @@ def _followed(doctor: dict) -> Choice:
     at = f"{doctor['when']}{'' if batch is None else f', batch {batch}'}"
     forget = f"delete {cache_path()} to forget it"
     if doctor.get("verdict") == NO_GAIN:
-        return Choice(doctor["policy"], f"the doctor measured no faster alternative to {doctor['policy']} for this model "
-                                        f"(python -m trainer.doctor --set-auto on this machine, {at}); {forget}", xla,
-                      measured=True)
+        return Choice(doctor["policy"], (
+            f"the doctor measured no faster alternative to {doctor['policy']} for this model (python -m "
+            f"trainer.doctor --set-auto on this machine, {at}); {forget}"), xla, measured=True)
     if doctor.get("verdict") == OLD_NO_GAIN:  # maybe an inconclusive measurement: followed, not called measured
         return Choice(doctor["policy"], (
             f"an earlier doctor stored \"no significant gain\" for this model over {doctor['policy']} (python -m "
@@ -285,10 +285,22 @@ def _applied_xla(xla: Optional[bool], jit_compile, overrides: Optional[Sequence[
     return None
 
 
+# a run's length, logging and output: they do not change what the doctor measures (it trains its own count of
+# steps), and copied into its command they only mislead (a max_steps=10 warmup warning while it trains 99 steps)
+RUN_ONLY_KEYS = {"trainer.max_steps", "trainer.epochs", "trainer.eval_every", "trainer.log_every",
+                 "trainer.checkpoint_every", "trainer.checkpoint_every_secs", "trainer.progress_bar", "trainer.resume"}
+
+
+def _run_only(override: str) -> bool:
+    key = override.lstrip("+~").split("=", 1)[0]
+    return key in RUN_ONLY_KEYS or key.startswith("hydra.")
+
+
 def doctor_command(overrides: Sequence[str]) -> str:
     """The doctor command that measures the model of a run with these overrides and stores its answer for
-    precision=auto (`python -m trainer.doctor <overrides> --verify --set-auto`)."""
-    return " ".join(["python -m trainer.doctor", *map(shlex.quote, overrides), "--verify", "--set-auto"])
+    precision=auto (`python -m trainer.doctor <overrides> --verify --set-auto`), without the run-only keys."""
+    kept = [o for o in overrides if not _run_only(o)]
+    return " ".join(["python -m trainer.doctor", *map(shlex.quote, kept), "--verify", "--set-auto"])
 
 
 def next_step(choice: Choice, overrides: Optional[Sequence[str]]) -> str:

@@ -139,7 +139,7 @@ def diagnose_config(cfg, overrides: List[str], quick: bool, prefix: Optional[str
             bundles[size] = build_data(cfg.data, batch_size=size)
         return bundles[size].train
 
-    parts = parts_of(cfg, total_steps=cfg.trainer.max_steps or 1000)
+    parts = parts_of(cfg, total_steps=schedule_steps(cfg))
     weights = None
     if prefix:  # the checkpoint's weights, not its EMA averages: the doctor measures training
         x, _, _ = keras.utils.unpack_x_y_sample_weight(_first_batches(data_for_batch(batch_size), 1)[0])
@@ -149,6 +149,14 @@ def diagnose_config(cfg, overrides: List[str], quick: bool, prefix: Optional[str
     return diagnose_parts(parts, data_for_batch, batch_size=batch_size, strategy=strategy, weights=weights,
                           quick=quick, overrides=overrides, command=command, verify_steps=verify_steps,
                           model_identity=model_identity_of(cfg))
+
+
+def schedule_steps(cfg) -> int:
+    """The step count the doctor's optimizers schedule their learning rate over: it trains its own count of
+    steps (the grid's calls, --verify N), not the run's trainer.max_steps, so a short run's max_steps (or
+    a warmup longer than it) must not warn that the warmup outlasts a run the doctor does not train."""
+    warmup = int(cfg.get("optimizer", {}).get("warmup_steps") or 0)
+    return max(cfg.trainer.get("max_steps") or 1000, 1000, warmup + 1)
 
 
 def _out_folder(args, run_folder: Optional[Path]) -> Path:
