@@ -196,7 +196,7 @@ def test_set_auto_stores_no_gain_and_a_changed_xla_setting(capsys, caplog):
     with caplog.at_level(logging.INFO, logger="trainer.auto_precision"):
         precision, xla = auto_precision.resolve_run(PrecisionConfig(policy="auto"), measure=_no_probe, model=model)
     assert (precision.policy, xla) == ("float32", None)
-    assert "the doctor measured no gain for this model over float32" in caplog.text
+    assert "the doctor measured no faster alternative to float32 for this model" in caplog.text
     _set_auto(rec, model)  # mixed_bfloat16 XLA on, over float32 XLA off: both stored
     choice = auto_precision.choose(model=model)
     assert (choice.policy, choice.jit_compile) == ("mixed_bfloat16", True) and "no gain" not in choice.why
@@ -355,3 +355,55 @@ def test_an_answer_an_older_doctor_stored_as_no_gain_is_followed_with_the_advice
     assert precision.policy == "float32"
     assert "an earlier doctor stored \"no significant gain\"" in caplog.text and "too wide to tell" in caplog.text
     assert "`python -m trainer.doctor 'model.hidden_units=[8]' --verify --set-auto`" in caplog.text
+
+
+def _kept_bfloat16(per_example_float32):
+    """The recommendation when the run used mixed_bfloat16 (precision=auto's stored answer) and float32 took
+    `per_example_float32` per example in its rounds (mixed_bfloat16: 1.0)."""
+    from trainer.doctor import recommend
+
+    def row(policy, per_example):
+        return {"name": f"{policy} XLA off batch 16", "policy": policy, "xla": False, "batch": 16,
+                "examples_per_sec": 1 / per_example[0], "steps_per_sec": 1 / per_example[0] / 16,
+                "seconds_per_example": per_example, "memory_mb": 100.0, "memory_kind": "process_rss", "spread": 1.05,
+                "first_call_seconds": 1.0, "xla_layout": "-"}
+
+    report = {"meta": {"command": "python -m trainer.doctor", "wall_seconds": 1.0},
+              "numerics": {"float16": {"safe": True, "blockers": []}, "bfloat16": {"safe": True, "blockers": []}},
+              "speed": {"rounds": 10, "skipped": [], "memory_means": "RSS growth",
+                        "configs": [row("mixed_bfloat16", [1.0] * 10), row("float32", per_example_float32)]}}
+    report["recommendation"] = recommend(report, [], baseline_xla=False, batch=16, policy="mixed_bfloat16")
+    del report["numerics"]
+    return report
+
+
+def test_a_confirmed_stored_answer_is_kept_and_every_slower_alternative_is_said(capsys, caplog):
+    """The run used precision=auto's stored "faster" answer and every alternative measured slower: the report
+    says so (not "no significant difference"), and --set-auto keeps the stored answer instead of overwriting
+    it with "no gain"; a "no gain" answer is logged as no faster alternative, and a replaced answer is said,
+    also when only its verdict and speed-up change."""
+    from trainer.config import PrecisionConfig
+    from trainer.doctor.__main__ import _set_auto
+    from trainer.doctor.render import render_text
+
+    model = auto_precision.model_identity("mnist", {"hidden_units": [8]})
+    auto_precision.save_doctor_answer("mixed_bfloat16", "python -m trainer precision=mixed_bfloat16", 1.31,
+                                      model=model, batch=16)
+    report = _kept_bfloat16([1.45 + 0.01 * i for i in range(10)])  # float32: ~0.68x, lost every round
+    rec = report["recommendation"]
+    text = render_text(report)
+    assert "keep it: every alternative measured slower" in text and "no significant difference" not in text
+    _set_auto(rec, model)
+    said = capsys.readouterr().out
+    assert "confirmed the answer stored for" in said and "every alternative measured slower" in said
+    kept = auto_precision.stored_answer(model)
+    assert (kept["policy"], kept["verdict"], kept["speedup"]) == ("mixed_bfloat16", "faster", 1.31)
+
+    auto_precision.save_doctor_answer("mixed_bfloat16", "python -m trainer", 1.31, model=model, batch=32)
+    _set_auto(rec, model)  # stored at another batch: measured anew at this one, and the replacement said
+    said = capsys.readouterr().out
+    assert "stored that answer" in said and "It replaces the answer stored for this model on " in said
+    assert "mixed_bfloat16 (faster, 1.31x)" in said
+    with caplog.at_level(logging.INFO, logger="trainer.auto_precision"):
+        auto_precision.resolve_run(PrecisionConfig(policy="auto"), measure=_no_probe, model=model)
+    assert "the doctor measured no faster alternative to mixed_bfloat16 for this model" in caplog.text

@@ -210,12 +210,13 @@ def test_the_start_up_line_names_the_doctor_command_of_this_run_and_no_figures(m
 
     _cpu(monkeypatch, {"avx512_bf16"})
     auto = PrecisionConfig(policy="auto")
-    overrides = ["recipe=resnet", "precision=auto", "model.hidden_units=[8]"]
+    overrides = ["recipe=resnet", "trainer.max_steps=10", "precision=auto", "trainer.eval_every=1000",
+                 "model.hidden_units=[8]", "hydra.run.dir=/tmp/x"]  # the run's length and folder: not the doctor's
     with caplog.at_level(logging.INFO, logger="trainer.auto_precision"):
         auto_precision.resolve_run(auto, measure=_probe(3.0, []), model=MODEL, overrides=overrides)
     said = caplog.text
     assert ("`python -m trainer.doctor recipe=resnet precision=auto 'model.hidden_units=[8]' --verify --set-auto` "
-            "measures this model" in said) and "precision=float32 (or another) overrides it" in said
+            "measures this model" in said) and "an explicit precision=... overrides it" in said
     assert not re.search(r"\d\.?\d*x", said)
     monkeypatch.setattr(precision_lib, "cpu_flags", lambda: {"avx512_bf16", "avx2"})
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
@@ -226,7 +227,7 @@ def test_the_start_up_line_names_the_doctor_command_of_this_run_and_no_figures(m
     with caplog.at_level(logging.INFO, logger="trainer.auto_precision"):
         auto_precision.resolve_run(auto, model=MODEL, overrides=overrides)
     assert "--set-auto measured it on this machine for this model" in caplog.text
-    assert "measures this model" not in caplog.text and "precision=mixed_bfloat16 (or another)" in caplog.text
+    assert "measures this model" not in caplog.text and "an explicit precision=... overrides" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="trainer.auto_precision"):
         assert auto_precision.resolve(auto).policy == "float32"  # a Trainer from Python: no stored answer applies
@@ -257,3 +258,20 @@ def test_the_doctor_says_what_auto_resolves_to_and_compares_against_it(monkeypat
     plain = diagnose(model, data, keras.losses.SparseCategoricalCrossentropy(from_logits=True), sections=("model",),
                      quick=True, progress=lambda _: None)
     assert "auto" not in plain["meta"] and "precision=auto" not in render_text(plain)
+
+
+def test_the_doctor_schedules_its_own_steps_not_the_runs_max_steps(caplog):
+    """The doctor trains its own count of steps: a short run's trainer.max_steps (shorter than its warmup)
+    does not make the doctor's optimizers warn that the warmup outlasts the run."""
+    from omegaconf import OmegaConf
+
+    from trainer.doctor.__main__ import schedule_steps
+    from trainer.optim import build_optimizer
+
+    cfg = OmegaConf.create({"trainer": {"max_steps": 10}, "optimizer": {"warmup_steps": 40}})
+    assert schedule_steps(cfg) >= 1000
+    with caplog.at_level(logging.WARNING, logger="trainer.optim"):
+        build_optimizer({"_target_": "keras.optimizers.SGD", "lr": 0.1, "warmup_steps": 40}, schedule_steps(cfg))
+    assert "not shorter than the run" not in caplog.text
+    cfg = OmegaConf.create({"trainer": {"max_steps": None}, "optimizer": {"warmup_steps": 5000}})
+    assert schedule_steps(cfg) == 5001

@@ -195,7 +195,7 @@ def _doctor_answer(entry: dict, model: Optional[dict]) -> Tuple[Optional[dict], 
         return None, ""
     this = model["label"] if model is not None else "a Trainer built from Python names no recipe"
     return None, (f"the doctor's stored answers on this machine are for other models ({'; '.join(others)}), not "
-                  f"this one ({this}): the probe's rule decides. ")
+                  f"this one ({this}): the hardware rule decides; ")
 
 
 def _followed(doctor: dict) -> Choice:
@@ -204,9 +204,9 @@ def _followed(doctor: dict) -> Choice:
     at = f"{doctor['when']}{'' if batch is None else f', batch {batch}'}"
     forget = f"delete {cache_path()} to forget it"
     if doctor.get("verdict") == NO_GAIN:
-        return Choice(doctor["policy"], f"the doctor measured no gain for this model over {doctor['policy']} "
-                                        f"(python -m trainer.doctor --set-auto on this machine, {at}); {forget}", xla,
-                      measured=True)
+        return Choice(doctor["policy"], (
+            f"the doctor measured no faster alternative to {doctor['policy']} for this model (python -m "
+            f"trainer.doctor --set-auto on this machine, {at}); {forget}"), xla, measured=True)
     if doctor.get("verdict") == OLD_NO_GAIN:  # maybe an inconclusive measurement: followed, not called measured
         return Choice(doctor["policy"], (
             f"an earlier doctor stored \"no significant gain\" for this model over {doctor['policy']} (python -m "
@@ -285,17 +285,29 @@ def _applied_xla(xla: Optional[bool], jit_compile, overrides: Optional[Sequence[
     return None
 
 
+# a run's length, logging and output: they do not change what the doctor measures (it trains its own count of
+# steps), and copied into its command they only mislead (a max_steps=10 warmup warning while it trains 99 steps)
+RUN_ONLY_KEYS = {"trainer.max_steps", "trainer.epochs", "trainer.eval_every", "trainer.log_every",
+                 "trainer.checkpoint_every", "trainer.checkpoint_every_secs", "trainer.progress_bar", "trainer.resume"}
+
+
+def _run_only(override: str) -> bool:
+    key = override.lstrip("+~").split("=", 1)[0]
+    return key in RUN_ONLY_KEYS or key.startswith("hydra.")
+
+
 def doctor_command(overrides: Sequence[str]) -> str:
     """The doctor command that measures the model of a run with these overrides and stores its answer for
-    precision=auto (`python -m trainer.doctor <overrides> --verify --set-auto`)."""
-    return " ".join(["python -m trainer.doctor", *map(shlex.quote, overrides), "--verify", "--set-auto"])
+    precision=auto (`python -m trainer.doctor <overrides> --verify --set-auto`), without the run-only keys."""
+    kept = [o for o in overrides if not _run_only(o)]
+    return " ".join(["python -m trainer.doctor", *map(shlex.quote, kept), "--verify", "--set-auto"])
 
 
 def next_step(choice: Choice, overrides: Optional[Sequence[str]]) -> str:
     """What the start-up log adds after auto's reason: how to measure this model (the doctor command with the
     run's `overrides`; None: a Trainer from Python, which follows no stored answer), unless the choice is
     already the doctor's measurement; and how to override it."""
-    override = f"precision={choice.policy} (or another) overrides it."
+    override = "an explicit precision=... overrides it."
     if choice.measured:
         return override
     if overrides is None:

@@ -140,7 +140,7 @@ def diagnose_config(cfg, overrides: List[str], quick: bool, prefix: Optional[str
             bundles[size] = build_data(cfg.data, batch_size=size)
         return bundles[size].train
 
-    parts = parts_of(cfg, total_steps=cfg.trainer.max_steps or 1000)
+    parts = parts_of(cfg, total_steps=schedule_steps(cfg))
     weights = None
     if prefix:  # the checkpoint's weights, not its EMA averages: the doctor measures training
         x, _, _ = keras.utils.unpack_x_y_sample_weight(_first_batches(data_for_batch(batch_size), 1)[0])
@@ -150,6 +150,14 @@ def diagnose_config(cfg, overrides: List[str], quick: bool, prefix: Optional[str
     return diagnose_parts(parts, data_for_batch, batch_size=batch_size, strategy=strategy, weights=weights,
                           quick=quick, overrides=overrides, command=command, verify_steps=verify_steps,
                           model_identity=model_identity_of(cfg))
+
+
+def schedule_steps(cfg) -> int:
+    """The step count the doctor's optimizers schedule their learning rate over: it trains its own count of
+    steps (the grid's calls, --verify N), not the run's trainer.max_steps, so a short run's max_steps (or
+    a warmup longer than it) must not warn that the warmup outlasts a run the doctor does not train."""
+    warmup = int(cfg.get("optimizer", {}).get("warmup_steps") or 0)
+    return max(cfg.trainer.get("max_steps") or 1000, 1000, warmup + 1)
 
 
 def _out_folder(args, run_folder: Optional[Path]) -> Path:
@@ -174,13 +182,16 @@ def _prepare_out_folder(out: Path) -> None:
                           "can write to") from None
 
 
-def _replaced(model: dict, policy: str, xla: Optional[bool]) -> str:
-    """' It replaces ...': the answer stored before for this model, when this one differs from it ('' when
-    there was none, or the same)."""
+def _replaced(model: dict, policy: str, xla: Optional[bool], verdict: str = "faster",
+              speedup: Optional[float] = None) -> str:
+    """' It replaces ...': the answer stored before for this model, when this one differs from it in policy,
+    XLA setting, verdict or speed-up ('' when there was none, or the same)."""
     from trainer.auto_precision import stored_answer
 
     old = stored_answer(model)
-    if old is None or (old["policy"], old.get("jit_compile")) == (policy, xla):
+    same_speedup = speedup is None or round(old["speedup"], 2) == round(speedup, 2) if old else True
+    if old is None or ((old["policy"], old.get("jit_compile"), old.get("verdict", "faster")) == (policy, xla, verdict)
+                       and same_speedup):
         return ""
     xla_part = "" if old.get("jit_compile") is None else f" with XLA {'on' if old['jit_compile'] else 'off'}"
     return (f" It replaces the answer stored for this model on {old.get('when', '?')}: {old['policy']}{xla_part} "
@@ -226,6 +237,28 @@ def _inconclusive_fix(rec: dict) -> str:
     return f"rerun when the machine is quieter (its rounds varied up to {spread:.1f}x), or {longer}"
 
 
+def _confirmed(rec: dict, model: dict) -> bool:
+    """--set-auto when what the run uses is precision=auto's stored "faster" answer for this model, at its
+    batch, and the doctor found nothing faster: the stored answer is confirmed (kept, its date renewed), not
+    replaced by a "no gain" that would read as if that policy gained nothing. Said; False when it does not apply."""
+    from trainer.auto_precision import save_doctor_answer, stored_answer
+
+    old, current = stored_answer(model), rec.get("current") or {}
+    if (old is None or old.get("verdict", "faster") != "faster" or old["policy"] != rec.get("current_policy")
+            or old.get("batch") != current.get("batch")
+            or (old.get("jit_compile") is not None and old["jit_compile"] != current.get("xla"))):
+        return False
+    found = ("every alternative measured slower" if rec.get("all_slower")
+             else f"no alternative measured faster (every interval below {LEAST_SPEEDUP:g}x)")
+    path = save_doctor_answer(old["policy"], old["command"], old["speedup"], model=model,
+                              jit_compile=old.get("jit_compile"), batch=old.get("batch"), verdict="faster",
+                              interval=old.get("interval"))
+    print(f"--set-auto: confirmed the answer stored for {model['label']} on {old.get('when', '?')}: "
+          f"{old['policy']} ({old['speedup']:.2f}x, batch {old.get('batch')}), which this run used through "
+          f"precision=auto: {found}. Kept it, dated today (in {path}).")
+    return True
+
+
 def _store_kept(rec: dict, model: dict) -> None:
     """--set-auto when the answer is to keep what the run uses: stored as a measured no gain only when no
     configuration precision=auto could choose may be faster by a gain worth a change (every interval lies
@@ -242,7 +275,9 @@ def _store_kept(rec: dict, model: dict) -> None:
     if rec.get("gain_unsettled"):
         print(_inconclusive(rec, rec["gain_unsettled"], model))
         return
-    replaced = _replaced(model, current_policy, None)
+    if _confirmed(rec, model):
+        return
+    replaced = _replaced(model, current_policy, None, NO_GAIN, 1.0)
     checked = rec.get("verify", {})
     path = save_doctor_answer(current_policy, rec.get("current_command", rec["command"]), 1.0, model=model,
                               batch=batch, verdict=NO_GAIN,
@@ -286,7 +321,7 @@ def _set_auto(rec: Optional[dict], model: dict) -> None:
     if xla is not None and "xla" in current and bool(current["xla"]) == bool(xla):
         xla = None
     measured = rec["verify"].get("speedup", rec["speedup"])  # as trained through fit()
-    replaced = _replaced(model, rec["policy"], xla)
+    replaced = _replaced(model, rec["policy"], xla, "faster", measured)
     path = save_doctor_answer(rec["policy"], rec["command"], measured, model=model, jit_compile=xla, batch=batch,
                               interval=rec["verify"].get("interval"))
     with_xla = ("" if xla is None

@@ -150,7 +150,9 @@ def _recommendation_lines(rec: Optional[dict]) -> List[str]:
     head = (f"{rec['config']}: {rec['speedup']:.2f}x the examples/s of {rec['baseline']} ({now}; 95% "
             f"interval {low:.2f}-{high:.2f}x, {rec.get('verdict', SAME)})")
     wide = [u["name"] for u in rec.get("gain_unsettled", [])]
-    if not rec.get("changed", True) and not rec.get("withdrawn_config"):
+    if rec.get("all_slower") and not rec.get("changed", True) and not rec.get("withdrawn_config"):
+        head = f"{rec['config']} ({now}): keep it: every alternative measured slower"
+    elif not rec.get("changed", True) and not rec.get("withdrawn_config"):
         head = (f"{rec['config']} ({now}): keep it; no significant difference: no safe configuration "
                 "was significantly faster" + (f" (inconclusive for {', '.join(wide)}: their intervals do not rule "
                                               f"out a gain of {LEAST_SPEEDUP:g}x or more)" if wide else ""))

@@ -10,7 +10,7 @@ import shlex
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from trainer.doctor.decide import CONFIDENCE, FASTER, LEAST_SPEEDUP, SAME, baseline_row, choose, excludes_gain
+from trainer.doctor.decide import CONFIDENCE, FASTER, LEAST_SPEEDUP, SAME, SLOWER, baseline_row, choose, excludes_gain
 from trainer.doctor.noise import lead, noise_note
 
 # Memory readings closer than this are noise: on a CPU, RSS growth depends on what earlier configurations
@@ -140,7 +140,11 @@ def recommend(report: dict, overrides: Sequence[str], baseline_xla: bool, batch:
     notes = [] if current["timed"] else [
         f"what you run now ({current['name']}) was not timed (not in the grid, or it failed): the comparison is "
         f"against the closest timed configuration, {baseline['name']}; --verify trains your own configuration"]
-    if best is baseline:
+    alternatives = [v for n, v in decision["versus"].items() if n != baseline["name"]]
+    all_slower = best is baseline and bool(alternatives) and all(v["verdict"] == SLOWER for v in alternatives)
+    if all_slower:
+        notes.append(f"every alternative measured slower than what you run now ({baseline['name']}): keep it")
+    elif best is baseline:
         notes.append(f"no significant difference: no safe configuration was significantly faster than what you run "
                      f"now ({baseline['name']}): keep it")
     elif verdict["verdict"] != FASTER:
@@ -175,7 +179,7 @@ def recommend(report: dict, overrides: Sequence[str], baseline_xla: bool, batch:
         memory_measurable = abs(memory) > memory_noise_mb(baseline.get("memory_kind"), baseline["memory_mb"])
     blocked = {p: reasons for p, (ok, reasons) in safety.items() if not ok}
     return {"config": best["name"], "baseline": baseline["name"], "changed": best is not baseline,
-            "verdict": verdict["verdict"] if best is not baseline else SAME,
+            "verdict": verdict["verdict"] if best is not baseline else SAME, "all_slower": all_slower,
             "speedup": verdict["speedup"], "interval": verdict["interval"], "rounds_won": verdict["wins"],
             "rounds": verdict["rounds"], "sign_test_p": verdict["sign_test_p"],
             "comparison": comparison,
