@@ -407,3 +407,20 @@ def test_a_confirmed_stored_answer_is_kept_and_every_slower_alternative_is_said(
     with caplog.at_level(logging.INFO, logger="trainer.auto_precision"):
         auto_precision.resolve_run(PrecisionConfig(policy="auto"), measure=_no_probe, model=model)
     assert "the doctor measured no faster alternative to mixed_bfloat16 for this model" in caplog.text
+
+
+def test_an_answer_measured_at_another_batch_is_followed_and_the_batch_said():
+    """The gain of bfloat16 depends on the batch (the doctor measured ResNet's at one size): a run of another
+    batch follows the stored answer (same model) and is told it was measured at the stored batch."""
+    cfg = OmegaConf.create({"recipe": "mnist", "model": {"hidden_units": [8]}, "data": {"batch_size": 32}})
+    at_32 = auto_precision.model_identity_of(cfg)
+    cfg.data.batch_size = 128
+    at_128 = auto_precision.model_identity_of(cfg)
+    assert at_32["key"] == at_128["key"] and (at_32["batch"], at_128["batch"]) == (32, 128)
+    auto_precision.save_doctor_answer("mixed_bfloat16", "python -m trainer precision=mixed_bfloat16", 1.31,
+                                      model=at_128, batch=128)
+    same = auto_precision.choose(measure=_no_probe, model=at_128)
+    other = auto_precision.choose(measure=_no_probe, model=at_32)
+    assert same.policy == other.policy == "mixed_bfloat16"
+    assert "this run's batch" not in same.why
+    assert "measured at batch 128; this run's batch is 32" in other.why and "data.batch_size=32" in other.why

@@ -92,7 +92,10 @@ def model_identity_of(cfg) -> dict:
     from omegaconf import OmegaConf
 
     model = cfg.get("model")
-    return model_identity(cfg.get("recipe"), OmegaConf.to_container(model, resolve=True) if model is not None else {})
+    described = OmegaConf.to_container(model, resolve=True) if model is not None else {}
+    identity = model_identity(cfg.get("recipe"), described)
+    batch = (cfg.get("data") or {}).get("batch_size")
+    return {**identity, "batch": batch} if isinstance(batch, int) else identity  # not in the key: said if it differs
 
 
 def xla_applies(jit_compile, overrides: Sequence[str] = ()) -> bool:
@@ -198,11 +201,17 @@ def _doctor_answer(entry: dict, model: Optional[dict]) -> Tuple[Optional[dict], 
                   f"this one ({this}): the hardware rule decides; ")
 
 
-def _followed(doctor: dict) -> Choice:
-    """The Choice of a stored doctor answer for this model, and why (what was measured, when, at which batch)."""
+def _followed(doctor: dict, model: Optional[dict] = None) -> Choice:
+    """The Choice of a stored doctor answer for this model, and why (what was measured, when, at which batch;
+    a run of another batch size is told the gain was measured at the stored one)."""
     xla, batch = doctor.get("jit_compile"), doctor.get("batch")
     at = f"{doctor['when']}{'' if batch is None else f', batch {batch}'}"
     forget = f"delete {cache_path()} to forget it"
+    ours = (model or {}).get("batch")
+    if batch is not None and ours is not None and ours != batch:
+        forget += (f". It was measured at batch {batch}; this run's batch is {ours}, where the gain may differ: "
+                   f"the doctor with this run's overrides (data.batch_size={ours}) and --verify --set-auto "
+                   "measures it there")
     if doctor.get("verdict") == NO_GAIN:
         return Choice(doctor["policy"], (
             f"the doctor measured no faster alternative to {doctor['policy']} for this model (python -m "
@@ -226,7 +235,7 @@ def choose(strategy=None, measure: Optional[Callable[[str], dict]] = None, model
     entry = read_cache().get(key, {})
     doctor, not_ours = _doctor_answer(entry, model)
     if doctor:
-        return _followed(doctor)
+        return _followed(doctor, model)
     if policy == "float32":
         return Choice(policy, not_ours + why)
     probe = entry.get("probe", {}).get(policy)
