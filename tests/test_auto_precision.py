@@ -211,11 +211,13 @@ def test_the_start_up_line_names_the_doctor_command_of_this_run_and_no_figures(m
     _cpu(monkeypatch, {"avx512_bf16"})
     auto = PrecisionConfig(policy="auto")
     overrides = ["recipe=resnet", "trainer.max_steps=10", "precision=auto", "trainer.eval_every=1000",
-                 "model.hidden_units=[8]", "hydra.run.dir=/tmp/x"]  # the run's length and folder: not the doctor's
+                 "model.hidden_units=[8]", "hydra.run.dir=/tmp/x"]  # the run's length and folder: not the doctor's;
+    # its events are (the doctor's timed windows end at them)
     with caplog.at_level(logging.INFO, logger="trainer.auto_precision"):
         auto_precision.resolve_run(auto, measure=_probe(3.0, []), model=MODEL, overrides=overrides)
     said = caplog.text
-    assert ("`python -m trainer.doctor recipe=resnet precision=auto 'model.hidden_units=[8]' --verify --set-auto` "
+    assert ("`python -m trainer.doctor recipe=resnet precision=auto trainer.eval_every=1000 'model.hidden_units=[8]' "
+            "--verify --set-auto` "
             "measures this model" in said) and "an explicit precision=... overrides it" in said
     assert not re.search(r"\d\.?\d*x", said)
     monkeypatch.setattr(precision_lib, "cpu_flags", lambda: {"avx512_bf16", "avx2"})

@@ -3,6 +3,7 @@ summary. The signals while training and at start-up are in test_checkpoint.py an
 import json
 import os
 import signal
+import time
 
 import keras
 import pytest
@@ -169,12 +170,14 @@ class SignalAtTheEnd(Callback):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_command_that_saves_nothing_stops_on_a_signal_its_trainers_fit_received(signum, capsys):
+def test_a_command_that_saves_nothing_stops_on_a_signal_its_trainers_fit_received(signum, capsys, monkeypatch):
     """The doctor's Trainers took a signal for theirs: their fit(steps=1) finished "despite" it, and the doctor
     ran on to a normal report and exit 0. A command decorated with stops_on_signals now stops once that fit()
     returns: one line naming the signal, exit 143 / 130, nothing after it runs."""
+    from trainer import iterator_release
     from trainer.signals import stops_on_signals
 
+    monkeypatch.setattr(iterator_release, "_exit_code", None)  # the command's exit code: not this test process's
     reached = []
 
     @stops_on_signals("nothing written")
@@ -195,3 +198,29 @@ def test_a_command_that_saves_nothing_stops_on_a_signal_its_trainers_fit_receive
     last_line = capsys.readouterr().err.strip().splitlines()[-1]
     assert last_line == f"stopped by {signal.Signals(signum).name}: nothing written"
     assert after == {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
+
+
+def test_a_signal_after_a_command_wrote_its_results_says_what_was_written(capsys, monkeypatch):
+    """The doctor's report (or lr_find's json) on disk, a signal during what follows (--set-auto, the plot) says
+    that, not "wrote no report"; the next command starts from its own message again."""
+    from trainer import iterator_release
+    from trainer.signals import now_kept, stops_on_signals
+
+    monkeypatch.setattr(iterator_release, "_exit_code", None)
+
+    @stops_on_signals("nothing written")
+    def command(written: bool):
+        if written:
+            now_kept("the report was written")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises in the main thread at once
+        return 0
+
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        assert command(True) == 143
+        assert capsys.readouterr().err.strip().splitlines()[-1] == "stopped by SIGTERM: the report was written"
+        assert command(False) == 143
+        assert capsys.readouterr().err.strip().splitlines()[-1] == "stopped by SIGTERM: nothing written"
+    finally:
+        signal.signal(signal.SIGTERM, before)

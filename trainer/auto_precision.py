@@ -294,10 +294,10 @@ def _applied_xla(xla: Optional[bool], jit_compile, overrides: Optional[Sequence[
     return None
 
 
-# a run's length, logging and output: they do not change what the doctor measures (it trains its own count of
-# steps), and copied into its command they only mislead (a max_steps=10 warmup warning while it trains 99 steps)
-RUN_ONLY_KEYS = {"trainer.max_steps", "trainer.epochs", "trainer.eval_every", "trainer.log_every",
-                 "trainer.checkpoint_every", "trainer.checkpoint_every_secs", "trainer.progress_bar", "trainer.resume"}
+# a run's length and output: the doctor trains its own count of steps, and a max_steps copied into its command
+# only misleads (a max_steps=10 warmup warning while it trains 99 steps). eval_every, log_every and checkpoint_every
+# stay: the doctor's timed windows end at those events (loop.steps_to_next_event), as the run's do.
+RUN_ONLY_KEYS = {"trainer.max_steps", "trainer.epochs", "trainer.progress_bar", "trainer.resume"}
 
 
 def _run_only(override: str) -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from trainer.errors import UserError, report_error
 from trainer.quiet import quiet_tensorflow_import, quiet_when_loaded
-from trainer.signals import stops_on_signals
+from trainer.signals import now_kept, stops_on_signals
 
 quiet_when_loaded()  # TensorFlow loads (quietly) once the arguments are checked: a mistake answers at once
 
@@ -88,6 +88,7 @@ def main(argv=None) -> int:
         out = Path(args.out) if args.out else Path("runs") / "lr_find" / time.strftime("%Y-%m-%d_%H-%M-%S")
         result = find(cfg, args.steps, args.min_lr, args.max_lr)
         result.to_json(out / "lr_find.json")
+        now_kept(f"{out / 'lr_find.json'} was written; the plot and the suggestion may be missing: its json has them")
         result.plot(out / "lr_find.png")
     except Exception as e:  # noqa: BLE001 - ours exit with their code and message; a bug keeps its traceback
         code = report_error(e)

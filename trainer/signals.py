@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Callable
+from typing import Callable, Optional
 
 log = logging.getLogger("trainer")
 
@@ -180,6 +180,16 @@ def _stop_command(signum, frame) -> None:
         raise CommandStopped(signum)
 
 
+_kept_message: Optional[str] = None  # what a command under stops_on_signals has written so far (now_kept)
+
+
+def now_kept(message: str) -> None:
+    """A command under stops_on_signals has written its results: a signal from now on says `message` instead of
+    its `nothing_kept` (the doctor's report is on disk; what follows it, --set-auto and the plot, may not be)."""
+    global _kept_message
+    _kept_message = message
+
+
 def stops_on_signals(nothing_kept: str) -> Callable:
     """Decorates a command's `main`: SIGTERM and SIGINT (one not ignored at start) stop it at once, also
     while TensorFlow loads; it prints one line, `stopped by SIGTERM: <nothing_kept>`, with no traceback,
@@ -188,7 +198,7 @@ def stops_on_signals(nothing_kept: str) -> Callable:
     def decorate(main: Callable) -> Callable:
         @functools.wraps(main)
         def run(*args, **kwargs):
-            global _stopping
+            global _stopping, _kept_message
             if not _on_main_thread():
                 return main(*args, **kwargs)
             previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -198,7 +208,7 @@ def stops_on_signals(nothing_kept: str) -> Callable:
             try:
                 return main(*args, **kwargs)
             except CommandStopped as e:
-                print(f"stopped by {e}: {nothing_kept}", file=sys.stderr, flush=True)
+                print(f"stopped by {e}: {_kept_message or nothing_kept}", file=sys.stderr, flush=True)
                 from trainer.iterator_release import exit_promptly
 
                 exit_promptly(e.exit_code)  # not the wait for the iterators' releases
@@ -206,6 +216,6 @@ def stops_on_signals(nothing_kept: str) -> Callable:
             finally:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
-                _stopping = False
+                _stopping, _kept_message = False, None
         return run
     return decorate

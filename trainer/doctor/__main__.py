@@ -19,7 +19,7 @@ from trainer.doctor.decide import LEAST_SPEEDUP
 from trainer.doctor.verify import VERIFY_ROUNDS
 from trainer.errors import EXIT_USER_ERROR, UserError, reports_errors  # noqa: F401 - EXIT_USER_ERROR: its name here before
 from trainer.quiet import quiet_tensorflow_import, quiet_when_loaded
-from trainer.signals import stops_on_signals
+from trainer.signals import now_kept, stops_on_signals
 
 quiet_when_loaded()  # TensorFlow loads (quietly) only once the arguments are parsed: -h and bad ones answer at once
 
@@ -254,8 +254,8 @@ def _confirmed(rec: dict, model: dict) -> bool:
                               jit_compile=old.get("jit_compile"), batch=old.get("batch"), verdict="faster",
                               interval=old.get("interval"))
     print(f"--set-auto: confirmed the answer stored for {model['label']} on {old.get('when', '?')}: "
-          f"{old['policy']} ({old['speedup']:.2f}x, batch {old.get('batch')}), which this run used through "
-          f"precision=auto: {found}. Kept it, dated today (in {path}).")
+          f"{old['policy']} ({old['speedup']:.2f}x, batch {old.get('batch')}), which this run measured as what "
+          f"you run now: {found}. Kept it, dated today (in {path}).")
     return True
 
 
@@ -359,6 +359,8 @@ def main(argv=None) -> int:
     print(text, flush=True)  # first: the report is on screen even if writing the files fails
     write_json(report, out / "doctor.json")
     (out / "doctor.txt").write_text(text + "\n")
+    now_kept(f"the report was written ({out / 'doctor.json'}, doctor.txt); what follows it (--set-auto's answer, "
+             "the plot) may be missing: run the doctor again for them")
     if args.set_auto:
         from trainer.auto_precision import model_identity_of
 
