@@ -75,6 +75,21 @@ def blobs(n: int = 256, features: int = 4, batch: int = 16, shuffle: bool = Fals
     return ds.batch(batch, drop_remainder=True)
 
 
+def tiny_classifier(callbacks=(), optimizer=None, **options):
+    """A Trainer of a 4-feature, 2-class Dense model on `blobs()`, evaluating, logging and saving every 5 steps, quiet;
+    `options` override those (run_dir, eval_every, best_metric, ...)."""
+    import keras
+
+    from trainer import Trainer
+
+    defaults = dict(log_every=5, eval_every=5, checkpoint_every=5, progress_bar=False, tensorboard=False, verbose=False)
+    return Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]),
+                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                   optimizer=optimizer or (lambda: keras.optimizers.SGD(0.05)),
+                   metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+                   callbacks=list(callbacks), **{**defaults, **options})
+
+
 def read_metrics(run_dir: Path):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 

@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import TINY, blobs, read_metrics, run_cli
+from conftest import TINY, blobs, read_metrics, run_cli, tiny_classifier
 
 
 def regression(n: int = 512, batch: int = 16, nan_batches=()):
@@ -26,16 +26,7 @@ def regression(n: int = 512, batch: int = 16, nan_batches=()):
 
 
 def classifier(run_dir, callbacks=(), optimizer=None, **options):
-    import keras
-
-    from trainer import Trainer
-
-    defaults = dict(log_every=5, eval_every=5, checkpoint_every=5, progress_bar=False, tensorboard=False, verbose=False)
-    return Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]),
-                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                   optimizer=optimizer or (lambda: keras.optimizers.SGD(0.05)),
-                   metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-                   run_dir=run_dir, callbacks=list(callbacks), **{**defaults, **options})
+    return tiny_classifier(callbacks, optimizer, run_dir=run_dir, **options)
 
 
 def keras_early_stop(values, patience):

@@ -8,19 +8,7 @@ import logging
 import pytest
 
 from conftest import TINY, blobs, run_cli
-
-
-def classifier(callbacks=(), **options):
-    import keras
-
-    from trainer import Trainer
-
-    defaults = dict(log_every=5, eval_every=5, checkpoint_every=5, progress_bar=False, tensorboard=False, verbose=False)
-    return Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]),
-                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                   optimizer=lambda: keras.optimizers.SGD(0.05),
-                   metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-                   callbacks=list(callbacks), **{**defaults, **options})
+from conftest import tiny_classifier as classifier
 
 
 def said(caplog, text: str):
