@@ -283,19 +283,105 @@ def test_float16_outputs_are_wrapped_or_rejected(caplog):
         strict.fit(batches(), steps=1)
 
 
-def test_multiple_of_8_warning_and_float32_layers(caplog):
+def test_multiple_of_8_warning_only_on_gpus_and_never_for_the_output_layer(caplog, monkeypatch):
+    """The Tensor Core tip names hidden sizes and the batch on GPUs; on a CPU it is not given, and an output
+    layer computing in float16 (10 classes, built from Python) is never named: its size is the task's."""
     def model():
-        return keras.Sequential(
-            [keras.Input((8,)), keras.layers.Dense(12), keras.layers.LayerNormalization(),
-             keras.layers.Dense(2, dtype="float32")]
-        )
+        return keras.Sequential([keras.Input((8,)), keras.layers.Dense(12), keras.layers.LayerNormalization(),
+                                 keras.layers.Dense(10), keras.layers.Activation("linear")])
 
+    precision = PrecisionConfig(policy="mixed_float16", float32_layers=["LayerNormalization"])
     with caplog.at_level(logging.INFO):
-        trainer = make(PrecisionConfig(policy="mixed_float16", float32_layers=["LayerNormalization"]), model=model)
+        make(precision, model=model).fit(batches(batch=12), steps=1)
+    assert not tf.config.list_physical_devices("GPU") and "multiples of 8" not in caplog.text  # a CPU
+    caplog.clear()
+    monkeypatch.setattr(precision_lib, "tensor_cores_in_use", lambda strategy: True)
+    with caplog.at_level(logging.INFO):
+        trainer = make(precision, model=model)
         trainer.fit(batches(batch=12), steps=1)
-    assert "units=12" in caplog.text and "per-replica batch size=12" in caplog.text
-    assert trainer.model.layers[1].compute_dtype == "float32"
-    assert trainer.model.layers[0].compute_dtype == "float16"
+    said = [r.getMessage() for r in caplog.records if "multiples of 8" in r.getMessage()]
+    assert len(said) == 1 and "units=12" in said[0] and "per-replica batch size=12" in said[0], said
+    assert "units=10" not in said[0]
+    assert trainer.model.inner.layers[1].compute_dtype == "float32"
+    assert trainer.model.inner.layers[0].compute_dtype == "float16"
+
+
+def test_output_layers_of_functional_nested_and_subclassed_models():
+    """The layer whose size is the task's: through sizeless layers and nested models; by size, for a subclassed one."""
+    keras.mixed_precision.set_dtype_policy("mixed_float16")
+    try:
+        inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(12, name="hidden"),
+                                  keras.layers.Dense(10, name="head"), keras.layers.Activation("softmax")])
+        outer = keras.Sequential([keras.Input((4,)), inner, keras.layers.Dropout(0.1)])
+        x = keras.Input((4,))
+        two = keras.Model(x, {"a": keras.layers.Dense(3, name="a")(x), "b": keras.layers.Conv1D(5, 1, name="b")(
+            keras.layers.Reshape((4, 1))(x))})
+
+        class Net(keras.Model):
+            def __init__(self):
+                super().__init__()
+                self.hidden, self.head = keras.layers.Dense(10, name="net_hidden"), keras.layers.Dense(10, name="out")
+
+            def call(self, x):
+                return self.head(self.hidden(x))
+
+        net = Net()
+        net_outputs = net(tf.ones((2, 4)))
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+
+    def names(model, outputs=None):
+        return sorted(layer.name for layer in model._flatten_layers()
+                      if id(layer) in precision_lib.output_layers(model, outputs))
+
+    assert names(outer) == ["head"] and names(precision_lib.Float32Outputs(outer)) == ["head"]
+    assert names(two) == ["a", "b"]
+    assert names(net, net_outputs) == ["out"]
+
+
+def test_cli_model_gets_the_same_multiple_of_8_tip(tmp_path, monkeypatch):
+    """The command line's model (a float32 logits layer of 10 classes): nothing said on a CPU; on GPUs the tip
+    names the hidden layer only, as for a model built from Python."""
+    args = ["recipe=mnist", "precision=mixed_float16", "model.hidden_units=[12]", "trainer.max_steps=1",
+            "trainer.eval_every=0", "trainer.eval_steps=1", "trainer.checkpoint_every=0", "trainer.progress_bar=false",
+            "data.batch_size=64"]
+    on_cpu = run_cli(*args, f"hydra.run.dir={tmp_path / 'cpu'}")
+    assert on_cpu.returncode == 0, on_cpu.stderr[-2000:]
+    said = on_cpu.stdout + on_cpu.stderr
+    assert "multiples of 8" not in said and "precision=mixed_float16 on a CPU" in said
+    monkeypatch.setattr(precision_lib, "tensor_cores_in_use", lambda strategy: True)
+    on_gpus = run_cli(*args, f"hydra.run.dir={tmp_path / 'gpus'}")
+    assert on_gpus.returncode == 0, on_gpus.stderr[-2000:]
+    said = [line for line in (on_gpus.stdout + on_gpus.stderr).splitlines() if "multiples of 8" in line]
+    assert len(said) == 1 and ".units=12" in said[0] and "units=10" not in said[0], said
+
+
+def test_float16_on_a_cpu_is_said_before_tensorflows_dt_half_line():
+    """TensorFlow prints an error-level `oneDNN supports DT_HALF only on platforms with AVX-512` line at the first
+    float16 op on a CPU without float16 kernels; the Trainer's warning comes first and names it as harmless."""
+    import re
+    import subprocess
+    import sys
+
+    script = (
+        "import numpy as np, keras, tensorflow as tf\n"
+        "from trainer import Trainer\n"
+        "x = np.random.rand(64, 8).astype('float32'); y = np.random.randint(0, 2, 64).astype('int32')\n"
+        "t = Trainer(model=lambda: keras.Sequential([keras.Input((8,)), keras.layers.Dense(2)]),\n"
+        "            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),\n"
+        "            optimizer=lambda: keras.optimizers.SGD(0.1), precision='mixed_float16', progress_bar=False)\n"
+        "t.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), steps=1)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ours = done.stderr.find("precision=mixed_float16 on a CPU")
+    assert ours >= 0, done.stderr[-2000:]
+    if precision_lib.onednn_lacks_float16():  # this CPU: TensorFlow prints it
+        theirs = re.search(r"^E\d{4} .*util\.cc:\d+\] oneDNN supports DT_HALF only", done.stderr, re.MULTILINE)
+        assert theirs and ours < theirs.start(), done.stderr[-2000:]
+        assert "oneDNN supports DT_HALF" in done.stderr[ours:theirs.start()] and "harmless" in done.stderr[ours:]
+    else:
+        assert "DT_HALF" not in done.stderr
 
 
 def test_conversion_round_trip_preserves_predictions():

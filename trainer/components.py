@@ -241,7 +241,8 @@ def build_variables(trainer, sample_batch) -> Optional[keras.Model]:
     with trainer.strategy.scope():
         wrapped = None
         if len(trainer.models) == 1:
-            wrapped = _build_single_model(trainer.model, trainer.precision, sample_batch)
+            wrapped = _build_single_model(trainer.model, trainer.precision, sample_batch,
+                                          precision_lib.tensor_cores_in_use(trainer.strategy))
         # the models as the Trainer will hold them (the wrapper in the one model's place)
         models = {name: model if wrapped is None else wrapped for name, model in trainer.models.items()}
         for name, model in models.items():
@@ -259,8 +260,10 @@ def build_variables(trainer, sample_batch) -> Optional[keras.Model]:
     return wrapped
 
 
-def _build_single_model(model: keras.Model, precision: PrecisionConfig, sample_batch) -> Optional[keras.Model]:
-    """`model` called on two examples of `sample_batch`; its float32-output wrapper when it needs one, else None."""
+def _build_single_model(model: keras.Model, precision: PrecisionConfig, sample_batch,
+                        tensor_cores: bool) -> Optional[keras.Model]:
+    """`model` called on two examples of `sample_batch`; its float32-output wrapper when it needs one, else None.
+    `tensor_cores`: on GPUs, where the multiples-of-8 tip applies."""
     x, _, _ = keras.utils.unpack_x_y_sample_weight(sample_batch)
     first_two = tf.nest.map_structure(lambda t: t[:2], x)  # 2 examples suffice
     outputs = model(first_two, training=False)
@@ -268,6 +271,6 @@ def _build_single_model(model: keras.Model, precision: PrecisionConfig, sample_b
     wrapped = precision_lib.ensure_float32_outputs(model, outputs, precision.strict_outputs)
     if wrapped is not model:
         wrapped(first_two, training=False)  # build the wrapper
-    if precision.policy != "float32":
-        precision_lib.warn_not_multiple_of_8(wrapped, tf.nest.flatten(x)[0].shape[0])
+    if precision.policy != "float32" and tensor_cores:
+        precision_lib.warn_not_multiple_of_8(wrapped, outputs, tf.nest.flatten(x)[0].shape[0])
     return wrapped if wrapped is not model else None

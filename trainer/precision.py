@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import os
 from pathlib import Path
 from typing import Iterable, List, Mapping, Tuple
 
@@ -144,6 +145,9 @@ def check_variables_float32(model: keras.Model) -> None:
         raise PrecisionError(f"trainable variables must be float32 under mixed precision, found {bad[:5]}")
 
 
+SIZE_ATTRIBUTES = ("units", "filters", "key_dim", "num_heads_times_key_dim")  # the sizes Tensor Cores tile
+
+
 def dims_not_multiple_of_8(model: keras.Model) -> List[Tuple[keras.layers.Layer, str, int]]:
     """(layer, attribute, value) of each Dense units / conv filters / attention key_dim that is not a
     multiple of 8, in layers computing in reduced precision (a float32 head or kept-float32 layer does not
@@ -152,16 +156,64 @@ def dims_not_multiple_of_8(model: keras.Model) -> List[Tuple[keras.layers.Layer,
     for layer in _layers(model):
         if layer.compute_dtype == "float32":
             continue
-        for attr in ("units", "filters", "key_dim", "num_heads_times_key_dim"):
+        for attr in SIZE_ATTRIBUTES:
             value = getattr(layer, attr, None)
             if isinstance(value, int) and value % 8:
                 found.append((layer, attr, value))
     return found
 
 
-def warn_not_multiple_of_8(model: keras.Model, per_replica_batch: int | None) -> List[str]:
-    """The guide's tip: Tensor Cores want Dense units, conv filters and batch sizes in multiples of 8."""
-    offenders = [f"{layer.name}.{attr}={value}" for layer, attr, value in dims_not_multiple_of_8(model)]
+def _sized(layer) -> bool:
+    return any(isinstance(getattr(layer, attr, None), int) for attr in SIZE_ATTRIBUTES)
+
+
+def _sized_layers_behind(tensor, found: set, seen: set) -> None:
+    """Adds the last sized layer (Dense, conv, attention) on the path to a functional model's symbolic `tensor`,
+    through sized-less layers (an Activation, Dropout, Reshape) and into nested models."""
+    history = getattr(tensor, "_keras_history", None)
+    if history is None or id(tensor) in seen:
+        return
+    seen.add(id(tensor))
+    operation = history.operation
+    if isinstance(getattr(operation, "outputs", None), list):  # a nested functional model: its own output
+        _sized_layers_behind(operation.outputs[history.tensor_index], found, seen)
+    elif _sized(operation):
+        found.add(id(operation))
+    elif not isinstance(operation, keras.Model):  # a nested subclassed model: its inside is not symbolic
+        for upstream in operation._inbound_nodes[history.node_index].input_tensors:
+            _sized_layers_behind(upstream, found, seen)
+
+
+def output_layers(model: keras.Model, outputs) -> set:
+    """The ids of the layers whose size is the outputs' size (the task's: 10 classes): for a functional or
+    Sequential model the last sized layer before each output; for a subclassed one, the last sized layer (in
+    attribute order) whose size is an output's last dimension (`outputs`: the model's outputs on a batch)."""
+    inner = model.inner if isinstance(model, Float32Outputs) else model
+    found: set = set()
+    symbolic = getattr(inner, "outputs", None)
+    if isinstance(symbolic, list):
+        seen: set = set()
+        for tensor in symbolic:
+            _sized_layers_behind(tensor, found, seen)
+        return found
+    widths = {t.shape[-1] for t in tf.nest.flatten(outputs) if getattr(t, "shape", None) is not None and t.shape.rank}
+    last = [layer for layer in _layers(inner) if any(isinstance(getattr(layer, a, None), int)
+                                                      and getattr(layer, a) in widths for a in SIZE_ATTRIBUTES)]
+    return {id(last[-1])} if last else set()
+
+
+def tensor_cores_in_use(strategy: tf.distribute.Strategy) -> bool:
+    """Whether the run is on GPUs, whose Tensor Cores tile matmuls in multiples of 8 (a CPU or TPU does not)."""
+    return bool(tf.config.list_physical_devices("GPU")) and not isinstance(strategy, tf.distribute.TPUStrategy)
+
+
+def warn_not_multiple_of_8(model: keras.Model, outputs, per_replica_batch: int | None) -> List[str]:
+    """The guide's tip: Tensor Cores want Dense units, conv filters and batch sizes in multiples of 8. An output
+    layer is left out (its size is the task's, 10 classes say), as the float32 head of the CLI's models is; the
+    caller gives the tip only on GPUs (tensor_cores_in_use)."""
+    outputs_size = output_layers(model, outputs)
+    offenders = [f"{layer.name}.{attr}={value}" for layer, attr, value in dims_not_multiple_of_8(model)
+                 if id(layer) not in outputs_size]
     if per_replica_batch and per_replica_batch % 8:
         offenders.append(f"per-replica batch size={per_replica_batch}")
     if offenders:
@@ -231,6 +283,34 @@ def advise_xla_bfloat16_on_cpu() -> None:
             "XLA with mixed_bfloat16 on a CPU without AMX: on an Intel Xeon with AVX-512 BF16 and no AMX, XLA's "
             "bfloat16 matmuls measured ~1.5x TensorFlow's own (oneDNN's are slow there); %s.", measure,
         )
+
+
+def onednn_lacks_float16() -> bool:
+    """Whether TensorFlow prints `E... util.cc:131] oneDNN supports DT_HALF only on platforms with AVX-512` at its
+    first float16 op: oneDNN's custom ops are on (TF_ENABLE_ONEDNN_OPTS, read when TensorFlow loads) and the CPU
+    lacks what TF 2.21 asks for float16 (tensorflow/core/util/util.cc, IsDataTypeSupportedByOneDNNOnThisCPU:
+    AVX-512 BW with AVX-512 FP16, AMX-FP16 or AVX-NE-CONVERT). Eigen's kernels then run float16, through float32."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+        onednn = _pywrap_util_port.IsMklEnabled()
+    except (ImportError, AttributeError):  # TensorFlow moved it: the switch's own default (on, on Linux x86)
+        onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1") not in ("0", "false", "False")
+    flags = cpu_flags()
+    return bool(onednn) and not ("avx512bw" in flags and flags & {"avx512_fp16", "amx_fp16", "avx_ne_convert"})
+
+
+DT_HALF_LINE = "E0000 ... util.cc:131] oneDNN supports DT_HALF only on platforms with AVX-512 ..."  # TF 2.21's
+
+
+def warn_float16_on_cpu() -> None:
+    """mixed_float16 on a CPU: slow, and TensorFlow's error-level line about it reads like a failure; said (with
+    the policy this CPU wants) before the first float16 op, so that it comes first."""
+    fallback = (f"TensorFlow's line `{DT_HALF_LINE}` (once, at the first float16 op) is harmless, not a failure: "
+                "float16 is emulated on this CPU, in float32 (Eigen's kernels, or XLA's). ") \
+        if onednn_lacks_float16() else ""
+    advice = cpu_policy_advice("mixed_float16", cpu_bfloat16_kernels(cpu_flags()))
+    log.warning("precision=mixed_float16 on a CPU: float16 is slow on CPUs (mixed_float16 is for GPUs with Tensor "
+                "Cores). %s%s", fallback, advice)
 
 
 def hardware_report(policy: str, strategy: tf.distribute.Strategy) -> str:

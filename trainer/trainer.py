@@ -114,6 +114,8 @@ class Trainer(Step):
             tf.config.experimental.enable_op_determinism()
         keras.utils.set_random_seed(seed)
         precision_lib.set_policy(self.precision.policy)  # before any layer exists
+        if self.precision.policy == "mixed_float16" and self._on_cpu():  # before TensorFlow's line at the first op
+            precision_lib.warn_float16_on_cpu()
         if self.precision.debug_numerics:
             tf.debugging.enable_check_numerics()
 
