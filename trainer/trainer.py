@@ -235,7 +235,7 @@ class Trainer(Step):
         self._built = True
 
     def _on_cpu(self) -> bool:
-        return not tf.config.list_physical_devices("GPU") and not isinstance(self.strategy, tf.distribute.TPUStrategy)
+        return precision_lib.device_kind(self.strategy) == "CPU"
 
     @property
     def xla_measurement(self) -> Optional[XlaMeasurement]:

@@ -55,7 +55,7 @@ def model_changes(report: dict) -> List[str]:
     model = report.get("model") or {}
     for fix in model.get("multiple_of_8_fixes", []):
         changes.append(f"{fix['layer']} ({fix['class']}): {fix['attribute']}={fix['value']} -> {fix['fix']} "
-                       "(a multiple of 8: Tensor Core tiles)")
+                       f"(a multiple of 8: Tensor Core tiles{'; ' + fix['note'] if fix.get('note') else ''})")
     if model.get("batch_fix"):
         b = model["batch_fix"]
         changes.append(f"per-replica batch {b['per_replica_batch']} -> {b['fix']} (a multiple of 8)")
