@@ -49,11 +49,11 @@ def test_the_options_are_checked():
     from trainer import TrainerConfig
     from trainer.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"trainer\.on_divergence='retry' is not one of stop\|rollback\|warn"):
+    with pytest.raises(ConfigError, match=r"Trainer\(on_divergence='retry'\) is not one of stop\|rollback\|warn"):
         TrainerConfig(on_divergence="retry")
-    with pytest.raises(ConfigError, match=r"trainer\.divergence_factor=0\.5 is out of range"):
+    with pytest.raises(ConfigError, match=r"Trainer\(divergence_factor=0\.5\) is out of range"):
         TrainerConfig(divergence_factor=0.5)
-    with pytest.raises(ConfigError, match=r"trainer\.max_rollbacks=0 is out of range"):
+    with pytest.raises(ConfigError, match=r"Trainer\(max_rollbacks=0\) is out of range"):
         TrainerConfig(max_rollbacks=0)
     with pytest.raises(ConfigError, match="no run folder"):
         make(STABLE, on_divergence="rollback").fit(regression(), steps=5)

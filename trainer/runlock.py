@@ -195,10 +195,16 @@ def remove_if_unused(folder) -> bool:
 @contextlib.contextmanager
 def run_folder_lock(folder, hold: bool = True) -> Iterator[None]:
     """Holds `folder`'s lock for the block (see `acquire`); `hold=False` (a non-chief worker) only
-    checks that the folder is writable."""
+    checks that the folder is writable. A block that this lock began ends on bad input (a UserError) before
+    anything was written removes the folder it made (remove_if_unused), as the CLI does; under the CLI's
+    own lock (or a non-chief's check) the folder is the CLI's to judge."""
     fd = acquire(folder, hold)
     try:
         yield
+    except UserError:
+        if fd is not None:
+            remove_if_unused(folder)
+        raise
     finally:
         release(fd)
 

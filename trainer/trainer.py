@@ -295,7 +295,7 @@ class Trainer(Step):
         steps_per_epoch = debug.steps_per_epoch(cfg, steps_per_epoch)  # overfit_batches: an epoch is those batches
         limits = (steps if steps is not None else cfg.max_steps, epochs if epochs is not None else cfg.epochs)
         self.total = 0 if cfg.fast_dev_run else self.total_steps(  # fast_dev_run: debug.plan_fit says how long
-            *limits, steps_per_epoch, cli=self.from_cli)
+            *limits, steps_per_epoch, cli=self.from_cli, epochs_from="fit" if epochs is not None else "Trainer")
         if not cfg.fast_dev_run:
             warn_if_epochs_cut(*limits, steps_per_epoch, steps, epochs, cli=self.from_cli)
         self.steps_per_epoch = steps_per_epoch
@@ -316,6 +316,7 @@ class Trainer(Step):
         self.eval_set_names = evalsets.names_of(eval_data)  # None: one set, plain names (monitors read them)
         self.callback_list = callbacks = callback_list(self, self.callbacks.callbacks)
         callbacks.check_state()
+        callbacks.check_monitors(self)  # before any callback writes into the run folder
         callbacks.on_train_begin(self)  # Checkpointing first: resume or warm start
         ema.start_averages(self)  # after a warm start; a resume keeps the checkpoint's averages
         start = int(self.step.numpy())

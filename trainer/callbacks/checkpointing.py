@@ -21,7 +21,7 @@ from trainer.callbacks.control import log_names
 from trainer.callbacks.numerics import check_weights_finite
 from trainer import resume_from
 from trainer.checkpoint import NO_BEST, Checkpointer
-from trainer.config import ConfigError, TrainerConfig, written
+from trainer.config import ConfigError, TrainerConfig, as_given, written
 from trainer.inputs import batches_read_per_step
 from trainer.load_weights import init_from_targets, warm_start_models
 from trainer.loop import due as loop_event_due
@@ -55,7 +55,8 @@ def check_best_metric(trainer, key: Optional[str], names: List[str]) -> None:
     if not key or key in names or given == _DEFAULT_BEST_METRIC:
         return
     asked = key if trainer.eval_set_names else given[len("eval/"):] if given.startswith("eval/") else given
-    raise ConfigError(f"trainer.best_metric={given!r} is not among the eval results {names}"
+    setting = as_given("trainer.best_metric", given, "Trainer(best_metric=...)", trainer.from_cli)
+    raise ConfigError(f"{setting} is not among the eval results {names}"
                       f"{evalsets.close_hint(asked, names)}: no best checkpoint could be kept. "
                       f"Fix: {best_metric_fix(trainer)}.")
 
@@ -216,8 +217,9 @@ class Checkpointing(Callback):
         value = cfg.resume_from
         if value is not None and not cfg.resume:
             resume = written("trainer.resume", False, "Trainer(resume=...)", trainer.from_cli)
-            raise ConfigError(f"trainer.resume_from={value} and trainer.resume=false: one resumes from a checkpoint, "
-                              f"the other refuses to. Fix: drop {resume}.")
+            asked = as_given("trainer.resume_from", value, "Trainer(resume_from=...)", trainer.from_cli, str(value))
+            raise ConfigError(f"{asked} and {resume}: one resumes from a checkpoint, the other refuses to. "
+                              f"Fix: drop {resume}.")
         journal = resume_from.unfinished(directory) if trainer.is_chief else None
         if journal is not None:
             value = Checkpointing._finish_cut_short(journal, value)

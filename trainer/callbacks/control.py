@@ -65,6 +65,7 @@ class Monitor(Callback):
         self.reads = self.monitor  # the eval record's key: `val/loss` for `loss` with several sets (check_monitor)
         self.asked = self.reads  # the name a wrong one is matched by, for the name meant (check_monitor)
         self.cli = False  # the user came from the CLI: fixes name its overrides (check_monitor)
+        self.checked = False  # check_monitor ran for the coming on_train_begin (CallbackList.check_monitors)
         self.owner = None  # a weak reference to the Trainer the counts belong to
         self.restored = False  # load_state_dict ran since the last on_train_begin: the counts are a checkpoint's
         self.said_idle = self.idle_now = False  # warn_if_idle warned: with this Trainer (adopt), in this fit() call
@@ -99,7 +100,9 @@ class Monitor(Callback):
         if self.owner is None or self.owner() is not trainer:
             self.adopt(trainer)
         self.restored = False
-        self.check_monitor(trainer)
+        if not self.checked:  # a callback list that did not check it first
+            self.check_monitor(trainer)
+        self.checked = False  # the next fit() call checks again
         self.events, self.start_step = 0, int(trainer.step.numpy())
         # once per Trainer (not at each fit() call of a loop of them); a dry run's 2 steps act on nothing anyway
         self.idle_now = not trainer.config.fast_dev_run and not self.said_idle and self.warn_if_idle(trainer)
@@ -167,6 +170,7 @@ class Monitor(Callback):
                         "train logs" if train else "eval results")
         self.mode = evalsets.resolve_mode(self.mode or "auto", self.monitor, f"{self.key}.mode",
                                           f"{type(self).__name__}(mode=...)", self.cli)
+        self.checked = True
 
     def fix(self, name: str, value) -> str:
         """Setting `name` (the callback's own, or trainer.NAME) to `value` as the user does: override or argument."""
@@ -178,8 +182,10 @@ class Monitor(Callback):
         prefix = "train/" if what == "train logs" else ""
         close = evalsets.meant(self.asked, names)
         hint = f" (did you mean {prefix + close!r}?)" if close else ""
+        call = type(self).__name__  # from Python, the argument as given: EarlyStopping(monitor='acc')
+        monitor = f"{call}: monitor={self.monitor!r}" if self.cli else f"{call}(monitor={self.monitor!r})"
         raise ConfigError(
-            f"{type(self).__name__}: monitor={self.monitor!r} is not among the {what} {[prefix + n for n in names]}"
+            f"{monitor} is not among the {what} {[prefix + n for n in names]}"
             f"{hint}. Fix: {self.fix('monitor', '<one of them>')}: an eval result as best_metric names it, or a "
             "train log as train/NAME.")
 
