@@ -70,6 +70,10 @@ def test_from_python_the_warning_that_early_stopping_cannot_act_names_the_argume
     (["precision.policy=bf16"], "precision.policy='bf16' is not one of float32|mixed_float16|mixed_bfloat16|auto. "
      "Fix: did you mean precision.policy=mixed_bfloat16? Else set precision.policy to one of them.",
      "Trainer(precision"),
+    # a dry run has no run folder: the two settings, not Trainer(run_dir=...), which a command cannot give
+    (["trainer.fast_dev_run=true", "trainer.resume_from=ckpt-2"], "trainer.resume_from=ckpt-2 and "
+     "trainer.fast_dev_run=true: a dry run reads no run folder, and resume_from names a checkpoint of one. Fix: drop "
+     "one of them.", "Trainer(run_dir"),
 ])
 def test_from_the_cli_the_fix_names_the_override(tmp_path, overrides, fix, python):
     result = run_cli(*TINY, *overrides, f"hydra.run.dir={tmp_path / 'run'}")
@@ -91,6 +95,27 @@ def test_from_python_a_value_out_of_its_choices_is_told_the_one_meant_in_the_pyt
     with pytest.raises(ConfigError, match=r"^precision policy 'bf16' is not one of .*Fix: did you mean "
                                           r"mixed_bfloat16\? From Python: Trainer\(precision=\"mixed_bfloat16\"\)"):
         classifier(precision="bf16")
+
+
+def test_from_python_resume_from_without_a_run_folder_is_named_in_the_python_form(tmp_path):
+    from trainer.config import ConfigError
+
+    with pytest.raises(ConfigError) as raised:
+        classifier(run_dir=tmp_path / "run", fast_dev_run=True, resume_from="ckpt-2").fit(blobs(), steps=5)
+    assert str(raised.value) == ("Trainer(resume_from='ckpt-2') and Trainer(fast_dev_run=True): a dry run reads no "
+                                 "run folder, and resume_from names a checkpoint of one. Fix: drop one of them.")
+
+
+@pytest.mark.parametrize("typed, meant", [("ture", "True"), ("flase", "False"), ("nul", "None"),
+                                          ("mesure", "'measure'")])
+def test_from_python_a_choice_spelt_true_false_or_null_is_meant_as_the_python_literal(typed, meant):
+    """jit_compile's choices true|false|null are the CLI's spellings: from Python the value meant is the literal
+    (True), not the string 'true'."""
+    from trainer.config import ConfigError
+
+    with pytest.raises(ConfigError) as raised:
+        classifier(jit_compile=typed)
+    assert f"Fix: did you mean Trainer(jit_compile={meant})? Else" in str(raised.value), str(raised.value)
 
 
 def test_the_command_lines_trainers_are_from_the_cli_and_pythons_are_not():

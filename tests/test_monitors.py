@@ -309,3 +309,28 @@ def test_from_python_a_misnamed_monitor_leaves_no_run_folder_and_an_existing_one
     with pytest.raises(ConfigError, match=r"\(did you mean 'accuracy'\?\)"):
         fit(tmp_path / "old", "acc")
     assert files_of(tmp_path / "old") == before and "checkpoints/ckpt-5.index" in before
+
+
+def test_from_python_a_new_run_folder_holding_the_users_own_trainer_log_is_kept_on_bad_input(tmp_path):
+    """fit() removes a run folder it made and stopped in on bad input only when it holds nothing but the lock: a
+    Python run writes no trainer.log, so one there is the user's (here their log file of trainer.core, opened in
+    the folder once fit() made it) and the folder stays, with it."""
+    from trainer import EarlyStopping, ReduceLROnPlateau
+    from trainer.config import ConfigError
+
+    run_dir = tmp_path / "new"
+    users_log = logging.FileHandler(run_dir / "trainer.log", delay=True)  # opened at its first line
+    core = logging.getLogger("trainer.core")
+    level = core.level
+    core.addHandler(users_log)
+    core.setLevel(logging.INFO)
+    try:  # the first monitor's name is said in trainer.core's log (in the folder), the second one is misspelt
+        with pytest.raises(ConfigError, match=r"ReduceLROnPlateau\(monitor='acc'\) is not among"):
+            classifier([EarlyStopping(monitor="accuracy"), ReduceLROnPlateau(monitor="acc")], run_dir=run_dir).fit(
+                blobs(), {"a": blobs(64), "b": blobs(32)}, steps=5)
+    finally:
+        core.removeHandler(users_log)
+        core.setLevel(level)
+        users_log.close()
+    assert sorted(p.name for p in run_dir.iterdir()) == [".trainer.lock", "trainer.log"]
+    assert "judged on the first, 'a/accuracy'" in (run_dir / "trainer.log").read_text()

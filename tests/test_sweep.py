@@ -81,6 +81,12 @@ def test_the_sweeps_best_job_follows_best_mode_auto_as_the_best_checkpoint_does(
     ("eval/loss", [{"loss": 0.9}, {"loss": 0.4}], "final eval/loss=0.4000 (min)"),
     ("accuracy", [{"val/accuracy": 0.9, "ood/accuracy": 0.1}, {"val/accuracy": 0.4, "ood/accuracy": 0.8}],
      "final accuracy=0.9000 (max)"),  # several sets: the first set's
+    # several sets, as the best checkpoint reads them (evalsets.resolve): Keras' val_loss is val/loss, eval/accuracy
+    # the first set's accuracy
+    ("val_loss", [{"ood/loss": 0.1, "val/loss": 0.9}, {"ood/loss": 0.8, "val/loss": 0.4}],
+     "final val_loss=0.4000 (min)"),
+    ("eval/accuracy", [{"val/accuracy": 0.9, "ood/accuracy": 0.1}, {"val/accuracy": 0.4, "ood/accuracy": 0.8}],
+     "final eval/accuracy=0.9000 (max)"),
 ])
 def test_the_sweeps_table_ranks_the_value_each_job_returned_to_the_sweeper(tmp_path, capsys, best_metric, finals,
                                                                            said):

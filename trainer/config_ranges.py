@@ -112,6 +112,9 @@ def python_forms(schema, call: str) -> Dict[str, str]:
     return {f.name: f"{call}({f.name}=...)" for f in dataclasses.fields(schema)}
 
 
+_PYTHON_LITERALS = {"true": True, "false": False, "null": None}  # choices the CLI spells so (an `Any` field's)
+
+
 def _as_choice(value: Any) -> Any:
     """A boolean as the CLI spells it ("true"/"false"), to compare with a field's choices."""
     return str(value).lower() if isinstance(value, bool) else value
@@ -156,7 +159,9 @@ def check_ranges(schema, values: Mapping[str, Any], prefix: str, python: Optiona
             raise ConfigError(f"{setting} is not a whole number. Fix: {fix} whole numbers.")
         if choices is not None and value is not None and _as_choice(value) not in choices:
             meant = meant_option(prefix, value, choices) if isinstance(value, str) else None
-            guess = f"did you mean {written(key, meant, form or '', cli=not form)}? Else " if meant else ""
+            # from Python, true/false/null are the literals: Trainer(jit_compile=True), not 'true'
+            given = _PYTHON_LITERALS.get(meant, meant) if form else meant
+            guess = f"did you mean {written(key, given, form or '', cli=not form)}? Else " if meant else ""
             raise ConfigError(f"{setting} is not one of {'|'.join(choices)}. Fix: {guess}{fix} one of them.")
         if interval is None or value is None:
             continue

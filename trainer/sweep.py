@@ -149,15 +149,20 @@ def sweep_direction(trainer_cfg: Any) -> str:
 
 def logged_key(metric: str, keys: Sequence[str], say: bool = True) -> str:
     """The key of a job's eval record (`keys`) that holds the sweep's `metric`: the one the job returns to its
-    sweeper (job_value) and the table ranks the jobs by (summarize). A bare name with several eval sets is the
-    first set's; with one set, `val/accuracy`, Keras' `val_accuracy` and `eval/accuracy` are its `accuracy`.
-    `say`: the job's log says which (the table reads the records quietly)."""
+    sweeper (job_value) and the table ranks the jobs by (summarize), read as the best checkpoint reads
+    trainer.best_metric (evalsets.resolve): with several eval sets a bare name (or `eval/NAME`) is the first set's
+    and Keras' `val_loss` is `val/loss`; with one set, `val/accuracy`, `val_accuracy` and `eval/accuracy` are its
+    `accuracy`. A name it cannot place comes back as given (the caller says it is missing). `say`: the job's log
+    says which (the table reads the records quietly)."""
+    if metric in keys:
+        return metric
     sets = list(dict.fromkeys(k.partition("/")[0] for k in keys if "/" in k))  # several eval sets, in order
-    if metric not in keys and "/" not in metric and sets and f"{sets[0]}/{metric}" in keys:
-        return evalsets.resolve(metric, sets, None, "trainer.sweep_metric", say=say)  # the first set's
-    if metric not in keys and not sets:  # one eval set: `val/accuracy` is its `accuracy`
-        return evalsets.single_set(metric, None, "trainer.sweep_metric", say)
-    return metric
+    names = (sorted({k.partition("/")[2] for k in keys if "/" in k}) if sets
+             else [k for k in keys if k not in ("step", "split")])
+    try:
+        return evalsets.resolve(metric, sets or None, names, "trainer.sweep_metric", say=say)
+    except evalsets.EvalSetError:  # a set no record has: job_value names the keys there are
+        return metric
 
 
 def job_value(logs: Dict[str, Any], trainer_cfg: Any) -> Tuple[float, Optional[str]]:

@@ -283,7 +283,7 @@ class Trainer(Step):
         if (made.train_examples and steps is None and epochs is None
                 and not (self.config.max_steps or self.config.epochs)):
             epochs = 1  # Keras' default, for arrays (their size is known)
-        with (run_folder_lock(self.run_dir, hold=self.is_chief) if self.run_dir is not None
+        with (run_folder_lock(self.run_dir, hold=self.is_chief, remove_unused=True) if self.run_dir is not None
               else contextlib.nullcontext()):
             return self._fit(made.train, made.eval, steps, epochs, made.steps_per_epoch(steps_per_epoch, per_step),
                              batch_size or made.batch_size)
