@@ -12,7 +12,7 @@ import difflib
 import logging
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from trainer.config_ranges import ConfigError, written
+from trainer.config_ranges import ConfigError, as_given, written
 from trainer.errors import UserError
 
 log = logging.getLogger("trainer.core")
@@ -108,32 +108,33 @@ def close_hint(name: str, names: Sequence[str]) -> str:
     return f" (did you mean {found!r}?)" if found else ""
 
 
-def single_set(name: str, metric_names: Optional[Sequence[str]], setting: str) -> str:
+def single_set(name: str, metric_names: Optional[Sequence[str]], setting: str, say: bool = True) -> str:
     """With one eval set (the recipe's split, fit's validation data) its results keep plain names, yet it is
     the set the docs call `val`, and named so beside a second one: `val/accuracy` and Keras' `val_accuracy`
     read its `accuracy`, so a monitor need not change when a set is added. That is said in the log unless
-    `metric_names` (None: not known yet) lacks the name: a misspelt one (`val_acuracy`) is its caller's error."""
+    `metric_names` (None: not known yet) lacks the name: a misspelt one (`val_acuracy`) is its caller's error, or
+    `say` is false (a sweep's table reading the jobs' records)."""
     name = name[len("eval/"):] if name.startswith("eval/") else name
     if metric_names is not None and name in metric_names:  # a step's own log named so
         return name
     for prefix in ("val/", "val_"):
         if name.startswith(prefix) and len(name) > len(prefix):
             plain = name[len(prefix):]
-            if metric_names is None or plain in metric_names:
+            if say and (metric_names is None or plain in metric_names):
                 log.info("%s=%r: the one eval set's %r (its results keep plain names).", setting, name, plain)
             return plain
     return name
 
 
 def resolve(name: str, set_names: Optional[Sequence[str]], metric_names: Optional[Sequence[str]], setting: str,
-            python: str = "", cli: bool = True) -> str:
+            python: str = "", cli: bool = True, say: bool = True) -> str:
     """The eval record key a monitored `name` reads: `val/accuracy` as given; a bare `accuracy` with several
     sets is the first set's (said in the log); Keras' `val_accuracy` is `val/accuracy`. `python`: the setting's
     Python form (`Trainer(best_metric=...)`), which an error's fix names when the user came from Python (`cli`
-    false). An unknown set is an EvalSetError naming the available keys."""
+    false). An unknown set is an EvalSetError naming the available keys. `say`: as single_set's."""
     name = name[len("eval/"):] if name.startswith("eval/") else name
     if not set_names:
-        return single_set(name, metric_names, setting)
+        return single_set(name, metric_names, setting, say)
     if name.startswith("val_") and "val" in set_names and (metric_names is None or name not in metric_names):
         name = "val/" + name[len("val_"):]  # Keras' val_accuracy
     head, _, tail = name.partition("/")
@@ -142,9 +143,10 @@ def resolve(name: str, set_names: Optional[Sequence[str]], metric_names: Optiona
     if tail:  # a set no set has (`vall/accuracy`), a metric its set lacks (`val/acc`)
         keys = [f"{s}/{m}" for s in set_names for m in (metric_names or [tail])]
         what = f"set {head!r} has no result {tail!r}" if head in set_names else f"no eval set is named {head!r}"
-        raise EvalSetError(f"{setting}={name!r}: {what}; the eval results are {keys}{close_hint(name, keys)}. "
-                           f"Fix: {written(setting, '<one of them>', python, cli)} (<set>/<metric>).")
-    if metric_names is None or name in metric_names:  # a misspelt name: the caller's error says so, not this
+        raise EvalSetError(f"{as_given(setting, name, python, cli)}: {what}; the eval results are {keys}"
+                           f"{close_hint(name, keys)}. Fix: {written(setting, '<one of them>', python, cli)} "
+                           "(<set>/<metric>).")
+    if say and (metric_names is None or name in metric_names):  # a misspelt name: the caller's error says so
         log.info("%s=%r with the eval sets %s: judged on the first, %r (%s for another).", setting, name,
                  list(set_names), f"{set_names[0]}/{name}", written(setting, f"<set>/{name}", python, cli))
     return f"{set_names[0]}/{name}"

@@ -17,11 +17,11 @@ import keras
 
 from trainer import evalsets
 from trainer.callbacks.base import Callback, CallbackState
-from trainer.callbacks.control import log_names
+from trainer.callbacks.monitor import log_names
 from trainer.callbacks.numerics import check_weights_finite
 from trainer import resume_from
 from trainer.checkpoint import NO_BEST, Checkpointer
-from trainer.config import ConfigError, TrainerConfig, written
+from trainer.config import ConfigError, TrainerConfig, as_given, written
 from trainer.inputs import batches_read_per_step
 from trainer.load_weights import init_from_targets, warm_start_models
 from trainer.loop import due as loop_event_due
@@ -55,7 +55,8 @@ def check_best_metric(trainer, key: Optional[str], names: List[str]) -> None:
     if not key or key in names or given == _DEFAULT_BEST_METRIC:
         return
     asked = key if trainer.eval_set_names else given[len("eval/"):] if given.startswith("eval/") else given
-    raise ConfigError(f"trainer.best_metric={given!r} is not among the eval results {names}"
+    setting = as_given("trainer.best_metric", given, "Trainer(best_metric=...)", trainer.from_cli)
+    raise ConfigError(f"{setting} is not among the eval results {names}"
                       f"{evalsets.close_hint(asked, names)}: no best checkpoint could be kept. "
                       f"Fix: {best_metric_fix(trainer)}.")
 
@@ -137,6 +138,20 @@ class Checkpointing(Callback):
             self.batches_read = self.last_point * batches_read_per_step(trainer.config)
         self.counted_step = self.last_point
 
+    @staticmethod
+    def _refuse_resume_without_folder(trainer) -> None:
+        """trainer.resume_from with no run folder: a dry run (fast_dev_run, from the CLI too) reads none, and a
+        Trainer from Python may have been given none."""
+        cfg, cli = trainer.config, trainer.from_cli
+        asked = as_given("trainer.resume_from", cfg.resume_from, "Trainer(resume_from=...)", cli, str(cfg.resume_from))
+        if cfg.fast_dev_run:
+            dev = cfg.fast_dev_run
+            dry = as_given("trainer.fast_dev_run", dev, "Trainer(fast_dev_run=...)", cli, str(dev).lower())
+            raise ConfigError(f"{asked} and {dry}: a dry run reads no run folder, and resume_from names a checkpoint "
+                              "of one. Fix: drop one of them.")
+        raise ConfigError(f"{asked} needs the run folder it names a checkpoint of, and this Trainer has none. "
+                          "Fix: give Trainer(run_dir=...) too, or drop resume_from.")
+
     def _best_metric_key(self, trainer) -> Optional[str]:
         """The eval record key trainer.best_metric reads (`val/accuracy` with several eval sets), checked against
         the eval results when they are known now; None: no best checkpoint is tracked (no run folder)."""
@@ -169,12 +184,10 @@ class Checkpointing(Callback):
         if self.prepared:  # a later fit() call: the model and optimizer in memory are the newest
             return
         cfg = trainer.config
-        targets = init_from_targets(cfg.init_from, trainer.models)  # checked before anything is read
+        targets = init_from_targets(cfg.init_from, trainer.models, trainer.from_cli)  # checked before any read
         if trainer.run_dir is None:
             if cfg.resume_from is not None:
-                raise ConfigError(f"trainer.resume_from={cfg.resume_from} needs the run folder it names a checkpoint "
-                                  "of: give Trainer(run_dir=...) (trainer.fast_dev_run reads no run "
-                                  "folder). Fix: drop one of them.")
+                Checkpointing._refuse_resume_without_folder(trainer)
             warm_start_models(trainer.models, targets, trainer.frozen)
             self.prepared = True
             return
@@ -216,8 +229,9 @@ class Checkpointing(Callback):
         value = cfg.resume_from
         if value is not None and not cfg.resume:
             resume = written("trainer.resume", False, "Trainer(resume=...)", trainer.from_cli)
-            raise ConfigError(f"trainer.resume_from={value} and trainer.resume=false: one resumes from a checkpoint, "
-                              f"the other refuses to. Fix: drop {resume}.")
+            asked = as_given("trainer.resume_from", value, "Trainer(resume_from=...)", trainer.from_cli, str(value))
+            raise ConfigError(f"{asked} and {resume}: one resumes from a checkpoint, the other refuses to. "
+                              f"Fix: drop {resume}.")
         journal = resume_from.unfinished(directory) if trainer.is_chief else None
         if journal is not None:
             value = Checkpointing._finish_cut_short(journal, value)
