@@ -403,6 +403,15 @@ def test_once_verify_trained_its_noise_replaces_the_grids_in_the_report_json_and
     assert "NOTHING STORED" in done.stdout and f"rerun when the machine is quieter (its rounds varied up to " \
         f"{spread:.1f}x)" in done.stdout
 
+    out = tmp_path / "faster_by_verify_only"  # the grid did not find it faster; --verify, noisy, did
+    _noisy_grid_then_verify(monkeypatch, [c / 1.4 for c in current], current)
+    done = run_cli("--verify", "20", *RUN[:2], "--out", str(out), module="trainer.doctor")
+    assert done.returncode == 0, done.stderr[-2000:]
+    rec = json.loads((out / "doctor.json").read_text())["recommendation"]
+    assert rec["noise_note"].endswith("measured faster by --verify only (the grid did not find it faster): rerun "
+                                      "the doctor, on a quieter machine if you can")
+    assert "held through the noise" not in (out / "doctor.txt").read_text()
+
 
 def test_an_answer_an_older_doctor_stored_as_no_gain_is_followed_with_the_advice_to_measure(caplog):
     """Before, an inconclusive measurement was stored as "no significant difference" too: auto still follows

@@ -87,7 +87,8 @@ def compose_config(overrides, error: type = ConfigError) -> DictConfig:
     check_config(cfg, cfg.hydra.runtime.choices)
     with open_dict(cfg):
         del cfg["hydra"]  # Hydra's own settings: not the run's
-    run_length_of_command_line(cfg, overrides)  # what trainer/cli.py does to the run's config (it logs the line)
+    # as trainer/cli.py does to the run's config; its line is not logged: the doctor and lr_find train their own steps
+    run_length_of_command_line(cfg, overrides)
     return cfg
 
 

@@ -78,7 +78,8 @@ def _noise_measured_by_verify(rec: dict, name: str, verdict: dict, trained: List
     you run now)."""
     spread = {"recommended": _spread(trained if recommendation_trained else current), "baseline": _spread(current),
               "largest": _spread(trained, current), "by": "--verify", "config": name, "config_spread": _spread(trained)}
-    note = noise_note(spread["largest"], name, rec["baseline"], verdict, None, by_verify=True)
+    note = noise_note(spread["largest"], name, rec["baseline"], verdict, None, by_verify=True,
+                      grid_disagrees=not recommendation_trained)
     grid_note = rec.get("noise_note")
     notes = [n for n in rec["notes"] if n != grid_note]
     return {**rec, "spread": spread, "noise_note": note, "notes": notes + ([note] if note else [])}
