@@ -17,7 +17,7 @@ import keras
 
 from trainer import evalsets
 from trainer.callbacks.base import Callback, CallbackState
-from trainer.callbacks.control import log_names
+from trainer.callbacks.control import default_log_names, log_names
 from trainer.callbacks.numerics import check_weights_finite
 from trainer import resume_from
 from trainer.checkpoint import NO_BEST, Checkpointer
@@ -48,9 +48,9 @@ def check_best_metric(trainer, key: Optional[str], names: List[str]) -> None:
     """trainer.best_metric (`key`: the eval record's key it reads) must name an eval result: one no result has
     is a ConfigError naming them and the closest spelling before the first step, when the names are known
     (the default test_step's), not a warning after an evaluation that with eval_every=0 is the run's end. An
-    overridden test_step's names are known at its first evaluation, where stopping would lose the steps since
-    the last checkpoint: Checkpointer.update_best warns there, with the same hint. The default, `accuracy`, on a
-    model without that metric was not asked for: it stays that warning."""
+    overridden test_step's names are known at its first evaluation: the same error there, once that step is
+    saved (Checkpointing.refuse_missing_best). The default, `accuracy`, on a model without that metric was not
+    asked for: Checkpointer.update_best warns."""
     given = trainer.config.best_metric
     if not key or key in names or given == _DEFAULT_BEST_METRIC:
         return
@@ -58,6 +58,26 @@ def check_best_metric(trainer, key: Optional[str], names: List[str]) -> None:
     raise ConfigError(f"trainer.best_metric={given!r} is not among the eval results {names}"
                       f"{evalsets.close_hint(asked, names)}: no best checkpoint could be kept. "
                       f"Fix: {best_metric_fix(trainer)}.")
+
+
+def check_probable_typo(trainer, key: str) -> None:
+    """With an overridden test_step, whose result names are known only at its first evaluation: a best_metric
+    close to a name the default step reports (`acuracy`, `val_los`) is said as most likely misspelt
+    (evalsets.check_typo_before_run), not as a best_mode to set."""
+    given, sets = trainer.config.best_metric, trainer.eval_set_names
+    if given == _DEFAULT_BEST_METRIC:
+        return
+    default = default_log_names(trainer, train=False)
+    asked = key if sets else given[len("eval/"):] if given.startswith("eval/") else given
+    auto_fails = trainer.config.best_mode == "auto" and evalsets.guess_mode("auto", given) is None
+
+    def fix(what, value):
+        setting = "best_metric" if what == "name" else "best_mode"
+        return written(f"trainer.{setting}", value, f"Trainer({setting}=...)", trainer.from_cli)
+
+    evalsets.check_typo_before_run("trainer.best_metric", given, asked, key,
+                                   [f"{s}/{n}" for s in sets for n in default] if sets else default, "test_step",
+                                   "best_mode" if auto_fails else "", fix)
 
 
 def best_metric_fix(trainer) -> str:
@@ -105,6 +125,7 @@ class Checkpointing(Callback):
         self.configured: Dict[str, Tuple[Optional[float], float]] = {}
         self.frozen: Dict[str, str] = {}  # the frozen models' fingerprints, recorded at each save (trainer/saved.py)
         self.last_path: Optional[str] = None
+        self.saved_step: Optional[int] = None  # the step of this process's last save
         self.last_save_time = time.monotonic()
         # the step of the last save point (or the run's start): a loop from it went past a due save?
         self.last_point = 0
@@ -144,10 +165,27 @@ class Checkpointing(Callback):
             return None
         names, sets = log_names(trainer, train=False), trainer.eval_set_names
         key = evalsets.resolve(trainer.config.best_metric, sets, names, "trainer.best_metric",
-                               "Trainer(best_metric=...)", trainer.from_cli)
-        if names is not None:  # else Checkpointer.update_best warns at the first evaluation (a test_step's own)
+                               "Trainer(best_metric=...)", trainer.from_cli, known=default_log_names(trainer, False))
+        if names is not None:
             check_best_metric(trainer, key, [f"{s}/{n}" for s in sets for n in names] if sets else names)
+        else:  # a test_step's own results: checked at its first evaluation (refuse_missing_best)
+            check_probable_typo(trainer, key)
         return key
+
+    def refuse_missing_best(self, trainer, step: int, eval_logs: Dict) -> None:
+        """At an evaluation (the first that lacks it: an overridden test_step's results are known only there), a
+        best_metric the results lack is a ConfigError, after this step is saved (nothing trained is lost; the
+        same command resumes from it once the name is fixed). The default, `accuracy`, was not asked for:
+        Checkpointer.update_best warns instead."""
+        key = self.checkpointer.best_metric
+        if not key or key in eval_logs or trainer.config.best_metric == _DEFAULT_BEST_METRIC:
+            return
+        if self.saved_step != step:  # every worker alike: a save is collective
+            self.save(trainer, step)
+        try:
+            check_best_metric(trainer, key, sorted(k for k in eval_logs if k not in ("step", "split")))
+        except ConfigError as e:
+            raise ConfigError(f"{e} Step {step} is saved: with the name fixed, the run resumes from it.") from None
 
     def data_position(self) -> int:
         """The training batches read so far: the next fit() call's iterator skips them."""
@@ -329,6 +367,7 @@ class Checkpointing(Callback):
             return
         evaluated, self.evaluated = getattr(self, "evaluated", None), None
         if evaluated is not None:
+            self.refuse_missing_best(trainer, *evaluated)
             self.checkpointer.update_best(*evaluated)
         cfg, last_point, self.last_point = trainer.config, self.last_point, step
         if reason == "loop":
@@ -344,7 +383,7 @@ class Checkpointing(Callback):
         a checkpoint holds that run's state, and after every worker has read the old record at its start."""
         check_weights_finite(trainer, step)
         path = self.checkpointer.save(step)
-        self.last_save_time = time.monotonic()
+        self.last_save_time, self.saved_step = time.monotonic(), step
         self.last_path = path
         lrs = {name: lr for name, (lr, _) in self.configured.items() if lr is not None}
         if path is not None:  # the chief's save
