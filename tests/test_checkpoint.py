@@ -447,7 +447,7 @@ def test_a_misspelt_best_metric_is_an_error_before_training_not_a_warning_after(
                        progress_bar=False, eval_every=0, checkpoint_every=5, **options)
 
     trainer = make(tmp_path / "py", best_metric="acuracy")
-    with pytest.raises(ConfigError, match=r"trainer.best_metric='acuracy' is not among the eval results "
+    with pytest.raises(ConfigError, match=r"Trainer\(best_metric='acuracy'\) is not among the eval results "
                                           r"\['accuracy', 'loss'\] \(did you mean 'accuracy'\?\)"):
         trainer.fit(blobs(), blobs(), steps=10)
     assert int(trainer.step.numpy()) == 0 and not list_checkpoints(tmp_path / "py" / "checkpoints")

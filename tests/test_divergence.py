@@ -50,13 +50,15 @@ def test_the_options_are_checked():
     from trainer import TrainerConfig
     from trainer.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"trainer\.on_divergence='retry' is not one of stop\|rollback\|warn"):
+    with pytest.raises(ConfigError, match=r"Trainer\(on_divergence='retry'\) is not one of stop\|rollback\|warn"):
         TrainerConfig(on_divergence="retry")
-    with pytest.raises(ConfigError, match=r"trainer\.divergence_factor=0\.5 is out of range"):
+    with pytest.raises(ConfigError, match=r"Trainer\(divergence_factor=0\.5\) is out of range"):
         TrainerConfig(divergence_factor=0.5)
-    with pytest.raises(ConfigError, match=r"trainer\.max_rollbacks=0 is out of range"):
+    with pytest.raises(ConfigError, match=r"Trainer\(max_rollbacks=0\) is out of range"):
         TrainerConfig(max_rollbacks=0)
-    with pytest.raises(ConfigError, match="no run folder"):
+    with pytest.raises(ConfigError, match=r"^Trainer\(on_divergence='rollback'\) restores .* no run folder .*Fix: "
+                                          r"give it Trainer\(run_dir=\.\.\.\) too, or use "
+                                          r"Trainer\(on_divergence='stop'\)"):  # from Python: the argument's form
         make(STABLE, on_divergence="rollback").fit(regression(), steps=5)
 
 

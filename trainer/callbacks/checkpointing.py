@@ -4,33 +4,31 @@ training iterator read). The files and their guarantees are checkpoint.py's Chec
 decides when."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import os
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import keras
 
 from trainer import evalsets
 from trainer.callbacks.base import Callback, CallbackState
-from trainer.callbacks.control import default_log_names, log_names
+from trainer.callbacks.best_metric import (DEFAULT_BEST_METRIC, UNRECORDED, best_metric_fix, best_mode_of,
+                                         check_best_metric, check_probable_typo)
+from trainer.callbacks.monitor import default_log_names, log_names
 from trainer.callbacks.numerics import check_weights_finite
 from trainer import resume_from
 from trainer.checkpoint import NO_BEST, Checkpointer
-from trainer.config import ConfigError, TrainerConfig, written
+from trainer.config import ConfigError, as_given, written
 from trainer.inputs import batches_read_per_step
 from trainer.load_weights import init_from_targets, warm_start_models
 from trainer.loop import due as loop_event_due
 from trainer.saved import check_frozen_unchanged, frozen_fingerprints
 
 log = logging.getLogger("trainer.core")
-_DEFAULT_BEST_METRIC = next(f.default for f in dataclasses.fields(TrainerConfig) if f.name == "best_metric")
-_UNRECORDED = ("(unrecorded)", None)  # a checkpoint saved before the best mode was recorded in it (see best_mode_of)
-_EXTREME = {"min": "smallest", "max": "largest"}
 
 
 def _configured_settings(trainer) -> Dict[str, Tuple[Optional[float], float]]:
@@ -42,77 +40,6 @@ def _configured_settings(trainer) -> Dict[str, Tuple[Optional[float], float]]:
         constant = float(keras.ops.convert_to_numpy(lr)) if isinstance(lr, keras.Variable) else None
         settings[name] = (constant, updater.loss_scale.status().scale)
     return settings
-
-
-def check_best_metric(trainer, key: Optional[str], names: List[str]) -> None:
-    """trainer.best_metric (`key`: the eval record's key it reads) must name an eval result: one no result has
-    is a ConfigError naming them and the closest spelling before the first step, when the names are known
-    (the default test_step's), not a warning after an evaluation that with eval_every=0 is the run's end. An
-    overridden test_step's names are known at its first evaluation: the same error there, once that step is
-    saved (Checkpointing.refuse_missing_best). The default, `accuracy`, on a model without that metric was not
-    asked for: Checkpointer.update_best warns."""
-    given = trainer.config.best_metric
-    if not key or key in names or given == _DEFAULT_BEST_METRIC:
-        return
-    asked = key if trainer.eval_set_names else given[len("eval/"):] if given.startswith("eval/") else given
-    raise ConfigError(f"trainer.best_metric={given!r} is not among the eval results {names}"
-                      f"{evalsets.close_hint(asked, names)}: no best checkpoint could be kept. "
-                      f"Fix: {best_metric_fix(trainer)}.")
-
-
-def check_probable_typo(trainer, key: str) -> None:
-    """With an overridden test_step, whose result names are known only at its first evaluation: a best_metric
-    close to a name the default step reports (`acuracy`, `val_los`) is said as most likely misspelt
-    (evalsets.check_typo_before_run), not as a best_mode to set."""
-    given, sets = trainer.config.best_metric, trainer.eval_set_names
-    if given == _DEFAULT_BEST_METRIC:
-        return
-    default = default_log_names(trainer, train=False)
-    asked = key if sets else given[len("eval/"):] if given.startswith("eval/") else given
-    auto_fails = trainer.config.best_mode == "auto" and evalsets.guess_mode("auto", given) is None
-
-    def fix(what, value):
-        setting = "best_metric" if what == "name" else "best_mode"
-        return written(f"trainer.{setting}", value, f"Trainer({setting}=...)", trainer.from_cli)
-
-    evalsets.check_typo_before_run("trainer.best_metric", given, asked, key,
-                                   [f"{s}/{n}" for s in sets for n in default] if sets else default, "test_step",
-                                   "best_mode" if auto_fails else "", fix)
-
-
-def best_metric_fix(trainer) -> str:
-    """The fix for a best_metric no eval result has, in the form the user set it (CLI override or argument)."""
-    def fix(value) -> str:
-        return written("trainer.best_metric", value, "Trainer(best_metric=...)", trainer.from_cli)
-
-    return f"{fix('<one of them>')} (a metric's name is its `name=`), or {fix(None)} to keep none"
-
-
-def best_mode_of(trainer, recorded: Optional[Tuple[Optional[str], Optional[str]]]) -> Optional[str]:
-    """trainer.best_mode for this run; None without a best_metric. `auto` is decided as EarlyStopping's mode=auto
-    decides (evalsets.resolve_mode: `loss`, `val_loss` min, `accuracy` max; a name it cannot judge is a ConfigError
-    naming max|min), at the first fit() call, once the name is checked. A resumed run (`recorded`: what its
-    checkpoint holds, _UNRECORDED for one saved before that record) keeps the mode its best/ is ranked by: one
-    from before best_mode=auto kept max, then the default; said loudly when the name says the other is better."""
-    metric, mode = trainer.config.best_metric, trainer.config.best_mode
-    if not metric or mode != "auto":
-        return mode if metric else None
-    kept = "max" if recorded == _UNRECORDED else recorded[1] if recorded and recorded[0] == metric else None
-    if kept is None:  # a fresh run, or one that kept no best (or another best_metric) until now
-        mode = evalsets.resolve_mode("auto", metric, "trainer.best_mode", "Trainer(best_mode=...)", trainer.from_cli)
-        log.info("Best checkpoints: the %s %s (trainer.best_mode=auto: %s).", _EXTREME[mode], metric, mode)
-        return mode
-    guessed = evalsets.guess_mode("auto", metric)
-    if guessed not in (None, kept):
-        def fix(value):
-            return written("trainer.best_mode", value, "Trainer(best_mode=...)", trainer.from_cli)
-
-        began = " (the default before best_mode=auto)" if recorded == _UNRECORDED else ""
-        log.warning("trainer.best_metric=%r: this run began with best_mode=%s%s, so its best checkpoints are kept by "
-                    "the %s %s, as best/ is ranked, though the %s is better. Fix: %s keeps the %s from here (best/ is "
-                    "ranked again), or %s keeps them as they are, without this warning.", metric, kept, began,
-                    _EXTREME[kept], metric, _EXTREME[guessed], fix(guessed), _EXTREME[guessed], fix(kept))
-    return kept
 
 
 class Checkpointing(Callback):
@@ -135,7 +62,7 @@ class Checkpointing(Callback):
         # (best_metric, best_mode) as decided at the first fit() call (best_mode_of), in every checkpoint; and as
         # the checkpoint a resume restored recorded them
         self.best: Tuple[Optional[str], Optional[str]] = (None, None)
-        self.recorded: Tuple[Optional[str], Optional[str]] = _UNRECORDED
+        self.recorded: Tuple[Optional[str], Optional[str]] = UNRECORDED
 
     def state_dict(self) -> Dict:
         return {"best_metric": self.best[0], "best_mode": self.best[1]}
@@ -158,6 +85,20 @@ class Checkpointing(Callback):
             self.batches_read = self.last_point * batches_read_per_step(trainer.config)
         self.counted_step = self.last_point
 
+    @staticmethod
+    def _refuse_resume_without_folder(trainer) -> None:
+        """trainer.resume_from with no run folder: a dry run (fast_dev_run, from the CLI too) reads none, and a
+        Trainer from Python may have been given none."""
+        cfg, cli = trainer.config, trainer.from_cli
+        asked = as_given("trainer.resume_from", cfg.resume_from, "Trainer(resume_from=...)", cli, str(cfg.resume_from))
+        if cfg.fast_dev_run:
+            dev = cfg.fast_dev_run
+            dry = as_given("trainer.fast_dev_run", dev, "Trainer(fast_dev_run=...)", cli, str(dev).lower())
+            raise ConfigError(f"{asked} and {dry}: a dry run reads no run folder, and resume_from names a checkpoint "
+                              "of one. Fix: drop one of them.")
+        raise ConfigError(f"{asked} needs the run folder it names a checkpoint of, and this Trainer has none. "
+                          "Fix: give Trainer(run_dir=...) too, or drop resume_from.")
+
     def _best_metric_key(self, trainer) -> Optional[str]:
         """The eval record key trainer.best_metric reads (`val/accuracy` with several eval sets), checked against
         the eval results when they are known now; None: no best checkpoint is tracked (no run folder)."""
@@ -178,7 +119,7 @@ class Checkpointing(Callback):
         same command resumes from it once the name is fixed). The default, `accuracy`, was not asked for:
         Checkpointer.update_best warns instead."""
         key = self.checkpointer.best_metric
-        if not key or key in eval_logs or trainer.config.best_metric == _DEFAULT_BEST_METRIC:
+        if not key or key in eval_logs or trainer.config.best_metric == DEFAULT_BEST_METRIC:
             return
         if self.saved_step != step:  # every worker alike: a save is collective
             self.save(trainer, step)
@@ -207,12 +148,10 @@ class Checkpointing(Callback):
         if self.prepared:  # a later fit() call: the model and optimizer in memory are the newest
             return
         cfg = trainer.config
-        targets = init_from_targets(cfg.init_from, trainer.models)  # checked before anything is read
+        targets = init_from_targets(cfg.init_from, trainer.models, trainer.from_cli)  # checked before any read
         if trainer.run_dir is None:
             if cfg.resume_from is not None:
-                raise ConfigError(f"trainer.resume_from={cfg.resume_from} needs the run folder it names a checkpoint "
-                                  "of: give Trainer(run_dir=...) (trainer.fast_dev_run reads no run "
-                                  "folder). Fix: drop one of them.")
+                Checkpointing._refuse_resume_without_folder(trainer)
             warm_start_models(trainer.models, targets, trainer.frozen)
             self.prepared = True
             return
@@ -224,7 +163,7 @@ class Checkpointing(Callback):
         configured = _configured_settings(trainer)
         # Prepared only once this succeeds: a refused resume refuses again on the next fit() call, instead
         # of that call training from scratch over the run's checkpoints.
-        self.recorded = _UNRECORDED
+        self.recorded = UNRECORDED
         resumed, rewind = self._resume(trainer, checkpointer)
         self.best = (cfg.best_metric, best_mode_of(trainer, self.recorded if resumed is not None else None))
         checkpointer.best_mode = self.best[1] or "max"
@@ -254,8 +193,9 @@ class Checkpointing(Callback):
         value = cfg.resume_from
         if value is not None and not cfg.resume:
             resume = written("trainer.resume", False, "Trainer(resume=...)", trainer.from_cli)
-            raise ConfigError(f"trainer.resume_from={value} and trainer.resume=false: one resumes from a checkpoint, "
-                              f"the other refuses to. Fix: drop {resume}.")
+            asked = as_given("trainer.resume_from", value, "Trainer(resume_from=...)", trainer.from_cli, str(value))
+            raise ConfigError(f"{asked} and {resume}: one resumes from a checkpoint, the other refuses to. "
+                              f"Fix: drop {resume}.")
         journal = resume_from.unfinished(directory) if trainer.is_chief else None
         if journal is not None:
             value = Checkpointing._finish_cut_short(journal, value)

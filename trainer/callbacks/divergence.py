@@ -22,7 +22,7 @@ from trainer.callbacks import learning
 from trainer.callbacks.base import Callback
 from trainer.callbacks.numerics import NumericalError, stuck_steps
 from trainer.checkpoint_files import list_checkpoints
-from trainer.config import ConfigError
+from trainer.config import ConfigError, as_given, written
 from trainer.optim import ScaledSchedule
 
 log = logging.getLogger("trainer.core")
@@ -95,9 +95,12 @@ class DivergenceGuard(Callback):
                      "for this run.")
             return
         if trainer.run_dir is None:
-            raise ConfigError("trainer.on_divergence=rollback restores the last good checkpoint, and this Trainer has "
-                              "no run folder to keep checkpoints in. Fix: give it run_dir=..., or use "
-                              "on_divergence=stop or warn.")
+            cli = trainer.from_cli  # from the CLI a run always has a folder (but a dry run, above): not met there
+            raise ConfigError(f"{as_given('trainer.on_divergence', 'rollback', 'Trainer(on_divergence=...)', cli)} "
+                              "restores the last good checkpoint, and this Trainer has no run folder to keep "
+                              "checkpoints in. Fix: give it Trainer(run_dir=...) too, or use "
+                              f"{written('trainer.on_divergence', 'stop', 'Trainer(on_divergence=...)', cli)} "
+                              "(or 'warn').")
         why = "trainer.on_divergence=rollback halves the learning rate (or use on_divergence=stop or warn)"
         for name, updater in trainer.updaters.items():
             if name not in self.scales:  # wrapped once per run: an earlier fit() call's wrapping is kept
