@@ -464,8 +464,8 @@ def test_a_misspelt_best_metric_is_an_error_before_training_not_a_warning_after(
     scored = Scored(model=_net(), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                     optimizer=lambda: keras.optimizers.SGD(0.1), run_dir=tmp_path / "scored", progress_bar=False,
                     eval_every=4, checkpoint_every=100, best_metric="scor", best_mode="max")  # auto: cannot judge
-    with pytest.raises(ConfigError, match=r"'scor' is not among the eval results \['score'\] \(did you mean "
-                                          r"'score'\?\).* Step 4 is saved"):
+    with pytest.raises(ConfigError, match=r"^Trainer\(best_metric='scor'\) is not among the eval results "
+                                          r"\['score'\] \(did you mean 'score'\?\).* Step 4 is saved"):
         scored.fit(blobs(), blobs(), steps=10)
     assert [s for s, _ in list_checkpoints(tmp_path / "scored" / "checkpoints")] == [4]  # saved, then stopped
 

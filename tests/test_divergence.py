@@ -278,6 +278,81 @@ def test_shuffled_labels_are_flagged_by_the_final_evaluation(caplog, tmp_path):
     assert not_learning_warnings(caplog) == []
 
 
+def noisy_two_classes(n: int, seed: int, flipped: float, weight: float = 1.0):
+    """two_classes's rule with a share `flipped` of the labels flipped; each example weighted `weight`."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 4)).astype("float32")
+    y = (x.sum(axis=1) > 0).astype("int32")
+    y = np.where(rng.random(n) < flipped, 1 - y, y).astype("int32")
+    return tf.data.Dataset.from_tensor_slices((x, y, np.full(n, weight, "float32")))
+
+
+@pytest.mark.parametrize("weight, said", [
+    (1.0, "its 20 examples cannot tell chance (1/2 classes) from a model that learned (it takes 256)"),
+    (100.0, "its accuracy weighs its 20 examples (weights summing to 2000)")], ids=["small", "weighted"])
+def test_a_small_or_weighted_eval_set_does_not_flag_a_model_that_learned(caplog, weight, said):
+    """20 noisy eval examples: a model at 0.85 on 2000 clean ones scored 0.45 there (eval loss 0.83), within
+    chance's noise for 20 (up to 0.72), and was flagged. Too few examples to tell chance from learning are not
+    judged (said at INFO); nor are weighted ones (the accuracy's count is the weights' sum, not the examples)."""
+    trainer = memoriser(seed=0)
+    with caplog.at_level(logging.INFO, logger="trainer.core"):
+        trainer.fit(noisy_two_classes(256, 100, 0.3).repeat().batch(32),
+                    noisy_two_classes(20, 200, 0.3, weight).batch(20), steps=240)
+    assert not_learning_warnings(caplog) == []
+    assert any(said in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert trainer.evaluate(noisy_two_classes(2000, 7, 0.0).batch(500))["accuracy"] > 0.75  # it did learn
+
+
+def test_a_run_stopped_after_its_last_evaluation_is_judged_once(caplog):
+    """A callback that stops the run after an evaluation's callbacks ran (at its save point): that evaluation is
+    the final one, and judged (the guard judged only when the stop was set before its own on_eval_end)."""
+    from trainer import Callback
+
+    class StopAt(Callback):
+        def on_save_point(self, trainer, step, reason):
+            if step == 280:
+                trainer.stop_training = True
+
+    trainer = memoriser(eval_every=40, callbacks=[StopAt()])
+    with caplog.at_level(logging.WARNING, logger="trainer.core"):
+        summary = trainer.fit(two_classes(True, 128, 0).repeat().batch(32), two_classes(True, 1024, 1).batch(256),
+                              steps=400)
+    assert summary["step"] == 280
+    said = not_learning_warnings(caplog)
+    assert len(said) == 1 and "the final eval accuracy" in said[0] and "on 1024 examples" in said[0], said
+
+
+def test_one_optimizer_at_lr_0_is_named_beside_the_general_fix(caplog):
+    """lr=0 was named as the cause when any optimizer's rate was ~0: with another one training, it is named
+    beside the fix for a rate that is wrong."""
+    import keras
+    import tensorflow as tf
+
+    from trainer import Trainer
+
+    class Two(Trainer):
+        def train_step(self, data):
+            x, y = data
+            with tf.GradientTape(persistent=True) as tape:
+                logits = self.models["a"](x, training=True) + self.models["b"](x, training=True)
+                loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
+            self.update(loss, tape, "a")
+            self.update(loss, tape, "b")
+            return {"loss": loss}
+
+    dense = lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])  # noqa: E731
+    trainer = Two(models={"a": dense, "b": dense}, best_metric=None, log_every=20, checkpoint_every=0,
+                  progress_bar=False, tensorboard=False,
+                  optimizers={"a": keras.optimizers.SGD(0.0), "b": keras.optimizers.SGD(1e-7)})
+    with caplog.at_level(logging.WARNING, logger="trainer.core"):
+        trainer.fit(classes(learnable=True, batch=256), steps=240)  # 4 batches: each log the same mean
+    said = not_learning_warnings(caplog)
+    assert said and "check the learning rate (the train log's a/lr=0, b/lr=1e-07)" in said[0], said
+    assert "a/lr=0 trains nothing" in said[0] and "the learning rate is 0" not in said[0], said[0]
+
+
 @pytest.mark.parametrize("lr, steps, data", [(0.1, 240, True), (1e-7, 40, True)], ids=["learns", "short-run"])
 def test_a_run_that_learns_or_is_short_is_not_judged(caplog, lr, steps, data):
     with caplog.at_level(logging.WARNING, logger="trainer.core"):

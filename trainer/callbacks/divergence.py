@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import keras
 import tensorflow as tf
@@ -68,7 +68,7 @@ class DivergenceGuard(Callback):
         self.not_learning: Optional[str] = None  # why this run is not learning, once judged so (said again at the end)
         self.not_learning_fix = ""  # its fix (learning.fix: from the learning rates logged then)
         self.train_loss: Optional[float] = None  # the last logged train loss, for the final evaluation's judgement
-        self.eval_verdict: Optional[str] = None  # why the final evaluation shows nothing learned (learning.py)
+        self.last_eval: Tuple[Optional[int], Dict] = (None, {})  # the newest evaluation's step and results
 
     def state_dict(self):
         return {"reference": self.reference, "reference_step": self.reference_step, "rollbacks": self.rollbacks,
@@ -84,7 +84,7 @@ class DivergenceGuard(Callback):
     def on_train_begin(self, trainer):
         self.last_good_step = int(trainer.step.numpy())  # where this fit() starts: a checkpoint, or step 0
         self.looked_at_first_loop = False
-        self.not_learning, self.eval_verdict, self.train_loss = None, None, None
+        self.not_learning, self.last_eval, self.train_loss = None, (None, {}), None
         self.learning_from = learning.check_step(trainer)
         self.mode = trainer.config.on_divergence  # this fit() call's: fast_dev_run cannot roll back
         if self.mode != "rollback":
@@ -188,18 +188,21 @@ class DivergenceGuard(Callback):
         return trainer.config.not_learning == "divergence" and self.mode != "warn"
 
     def on_eval_end(self, trainer, step, logs):
-        """The final evaluation of a run judged by the learning check (not_learning on, long enough, not already
-        judged not learning): is the eval accuracy at chance while the train loss fell? Acted on at the end's
-        save point, once the run's last checkpoint is saved."""
-        final = step >= trainer.total or trainer.stop_training
-        if (final and self.learning_from is not None and step >= self.learning_from and not self.not_learning
-                and self.eval_verdict is None):
-            self.eval_verdict = learning.eval_at_chance(trainer, logs, self.train_loss, self.reference)
+        self.last_eval = (step, logs)  # judged at the end's save point, if it is the final evaluation
 
     def on_save_point(self, trainer, step, reason):
-        if reason != "end" or not self.eval_verdict or self.not_learning:
+        """At the run's end (after every callback's on_eval_end: an early stop is set there), the final evaluation
+        of a run judged by the learning check (not_learning on, long enough, not already judged not learning): is
+        the eval accuracy at chance while the train loss fell? Acted on once the run's last checkpoint is saved
+        (this guard's save point follows Checkpointing's)."""
+        evaluated, logs = self.last_eval
+        if (reason != "end" or evaluated != step or self.learning_from is None or step < self.learning_from
+                or self.not_learning):
             return
-        self.not_learning, self.not_learning_fix = self.eval_verdict, f"{learning.EVAL_CAUSES} {learning.EVAL_FIX}"
+        verdict = learning.eval_at_chance(trainer, logs, self.train_loss, self.reference)
+        if not verdict:
+            return
+        self.not_learning, self.not_learning_fix = verdict, f"{learning.EVAL_CAUSES} {learning.EVAL_FIX}"
         if self.stops_when_not_learning(trainer):  # the run is over (and saved): exit 3, as the train check does
             saved = " (its checkpoint is saved)" if trainer.checkpointer is not None else ""
             raise NumericalError(f"The run ended at step {step}{saved} without learning: {self.not_learning}. "

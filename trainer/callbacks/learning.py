@@ -13,10 +13,13 @@ too (eval_at_chance). `trainer.not_learning` says what then: warn (the default),
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Dict, Optional
 
 import keras
+
+log = logging.getLogger("trainer.core")
 
 MIN_STEPS = 200  # runs shorter than this are not judged (tests, smoke runs: their loss has barely moved)
 LEARNED = 0.95  # a train loss below 95% of the run's first has moved: the run learns
@@ -91,38 +94,57 @@ def learning_rates(logs: Dict) -> Dict[str, float]:
 
 
 def fix(logs: Dict) -> str:
-    """The fix for a run that is not learning, from the learning rates this log shows: a rate of 0 (or ~0) is
-    said as such; else both ways a rate can be wrong, with the rate logged."""
+    """The fix for a run that is not learning, from the learning rates this log shows: every rate 0 (or ~0) is
+    said as the cause; else both ways a rate can be wrong, with the rates logged (and those at ~0 named: an
+    optimizer whose rate is 0 trains nothing, yet the others' rates may be the cause)."""
     rates = learning_rates(logs)
     zero = {k: v for k, v in rates.items() if abs(v) <= ZERO_LR}
-    if zero:
-        named = ", ".join(f"{k}={v:g}" for k, v in zero.items())
+    named = ", ".join(f"{k}={v:g}" for k, v in zero.items())
+    if zero and len(zero) == len(rates):
         return (f"Fix: the learning rate is {'0' if not any(zero.values()) else '~0'} ({named} in the train log): "
                 "the weights do not move. Set optimizer.lr above 0, or, with a schedule, check its value at this "
                 "step (a warmup that has not started, a decay to 0). " + SWITCHES)
     logged = f" (the train log's {', '.join(f'{k}={v:.3g}' for k, v in rates.items())})" if rates else ""
+    idle = (f" {named} trains nothing: if that optimizer's models should learn, set its rate above 0 (or check its "
+            "schedule at this step)." if zero else "")
     return (f"Fix: check the learning rate{logged}: if the loss rose first and then settled (a collapse), lower "
-            "optimizer.lr (e.g. 10x); if it hardly moved from the start, raise it; check the data and labels. "
+            f"optimizer.lr (e.g. 10x); if it hardly moved from the start, raise it; check the data and labels.{idle} "
             + SWITCHES)
 
 
 def eval_examples(trainer, name: str) -> Optional[float]:
-    """The examples the last evaluation's metric `name` counted (its `count`: Keras' accuracies have one), or
-    None: unknown (a step's own log, a metric without a count)."""
-    count = getattr(trainer.eval_metrics.get(name), "count", None)
-    if count is None:
+    """The examples the last evaluation counted, or None: unknown (a step's own loss), or weighted (said). The eval
+    loss's count is the examples (the default test_step weighs each batch's mean loss by its size); the accuracy's
+    `count` is the sum of its sample weights: when the two differ, the binomial noise of a count does not apply."""
+    def count(metric) -> Optional[float]:
+        try:
+            return float(keras.ops.convert_to_numpy(metric.count))
+        except Exception:  # noqa: BLE001 - no metric, or a `count` that is no variable: unknown
+            return None
+
+    examples, weights = count(getattr(trainer, "eval_loss", None)), count(trainer.eval_metrics.get(name))
+    if not examples or weights is None:
         return None
-    try:
-        return float(keras.ops.convert_to_numpy(count))
-    except Exception:  # noqa: BLE001 - a `count` that is no variable: unknown
+    if abs(weights - examples) > 1e-6 * examples:
+        log.info("The final evaluation is not judged for learning: its %s weighs its %d examples (weights summing "
+                 "to %.4g), and chance's binomial noise is that of unweighted ones.", name, examples, weights)
         return None
+    return examples
+
+
+def judged_examples(chance: float) -> int:
+    """The fewest eval examples on which chance's noise (NOISE standard deviations) stays within a quarter of the
+    way from chance to the learning bar (above_chance): a model halfway to that bar is then told from chance
+    (NOISE of its own standard deviations apart). 256 for 2 classes, 576 for 10."""
+    return math.ceil(chance * (1 - chance) * (4 * NOISE / (above_chance(chance) - chance)) ** 2 - 1e-9)
 
 
 def eval_at_chance(trainer, eval_logs: Dict, train_loss: Optional[float], reference: Optional[float]) -> Optional[str]:
-    """Called as the final evaluation ends: why a run whose train loss fell (below LEARNED x its first) learned
-    nothing that evaluation sees (one eval set, with an accuracy metric that counts its examples), or None.
-    Judged so when the eval accuracy is at chance, within NOISE binomial standard deviations for its examples,
-    and the eval loss is not below LEARNED x the loss of predicting every class alike (ln of the classes)."""
+    """Called after the final evaluation: why a run whose train loss fell (below LEARNED x its first) learned
+    nothing that evaluation sees (one eval set, with an accuracy metric, of unweighted examples enough to tell
+    chance from learning: judged_examples), or None. Judged so when the eval accuracy is at chance, within NOISE
+    binomial standard deviations for its examples, and the eval loss is not below LEARNED x the loss of
+    predicting every class alike (ln of the classes)."""
     chance = chance_accuracy(trainer)
     if (chance is None or train_loss is None or reference is None or reference <= 0
             or not math.isfinite(train_loss) or train_loss >= LEARNED * reference):
@@ -131,7 +153,11 @@ def eval_at_chance(trainer, eval_logs: Dict, train_loss: Optional[float], refere
     loss, examples = eval_logs.get("loss"), eval_examples(trainer, name) if name else None
     if not examples or not isinstance(loss, (int, float)) or not math.isfinite(loss):
         return None
-    accuracy, classes = float(eval_logs[name]), round(1 / chance)
+    accuracy, classes, needed = float(eval_logs[name]), round(1 / chance), judged_examples(chance)
+    if examples < needed:
+        log.info("The final evaluation is not judged for learning: its %d examples cannot tell chance (1/%d classes) "
+                 "from a model that learned (it takes %d).", examples, classes, needed)
+        return None
     bound = chance + NOISE * math.sqrt(chance * (1 - chance) / examples)
     chance_loss = math.log(classes)
     if accuracy > bound or loss < LEARNED * chance_loss:
