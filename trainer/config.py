@@ -65,7 +65,8 @@ class TrainerConfig(Checked):
     on_divergence: str = chosen("stop", "stop|rollback|warn")
     max_rollbacks: int = ranged(3, "[1, inf)")  # on_divergence=rollback: rollbacks per run before it stops (exit 3)
     # A run that does not learn (docs/faults.md): a train loss still >= 95% of the run's first at
-    # not_learning_at of the run (not before step 200), with no accuracy above chance.
+    # not_learning_at of the run (not before step 200), with no accuracy clearly above chance; or, at the end, a
+    # train loss that fell with the final eval accuracy at chance.
 
     # warn | divergence (as trainer.on_divergence says: stop exits 3) | off
     not_learning: str = chosen("warn", "warn|divergence|off")

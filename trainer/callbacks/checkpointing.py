@@ -4,33 +4,31 @@ training iterator read). The files and their guarantees are checkpoint.py's Chec
 decides when."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import os
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import keras
 
 from trainer import evalsets
 from trainer.callbacks.base import Callback, CallbackState
-from trainer.callbacks.monitor import log_names
+from trainer.callbacks.best_metric import (DEFAULT_BEST_METRIC, UNRECORDED, best_metric_fix, best_mode_of,
+                                         check_best_metric, check_probable_typo)
+from trainer.callbacks.monitor import default_log_names, log_names
 from trainer.callbacks.numerics import check_weights_finite
 from trainer import resume_from
 from trainer.checkpoint import NO_BEST, Checkpointer
-from trainer.config import ConfigError, TrainerConfig, as_given, written
+from trainer.config import ConfigError, as_given, written
 from trainer.inputs import batches_read_per_step
 from trainer.load_weights import init_from_targets, warm_start_models
 from trainer.loop import due as loop_event_due
 from trainer.saved import check_frozen_unchanged, frozen_fingerprints
 
 log = logging.getLogger("trainer.core")
-_DEFAULT_BEST_METRIC = next(f.default for f in dataclasses.fields(TrainerConfig) if f.name == "best_metric")
-_UNRECORDED = ("(unrecorded)", None)  # a checkpoint saved before the best mode was recorded in it (see best_mode_of)
-_EXTREME = {"min": "smallest", "max": "largest"}
 
 
 def _configured_settings(trainer) -> Dict[str, Tuple[Optional[float], float]]:
@@ -44,58 +42,6 @@ def _configured_settings(trainer) -> Dict[str, Tuple[Optional[float], float]]:
     return settings
 
 
-def check_best_metric(trainer, key: Optional[str], names: List[str]) -> None:
-    """trainer.best_metric (`key`: the eval record's key it reads) must name an eval result: one no result has
-    is a ConfigError naming them and the closest spelling before the first step, when the names are known
-    (the default test_step's), not a warning after an evaluation that with eval_every=0 is the run's end. An
-    overridden test_step's names are known at its first evaluation, where stopping would lose the steps since
-    the last checkpoint: Checkpointer.update_best warns there, with the same hint. The default, `accuracy`, on a
-    model without that metric was not asked for: it stays that warning."""
-    given = trainer.config.best_metric
-    if not key or key in names or given == _DEFAULT_BEST_METRIC:
-        return
-    asked = key if trainer.eval_set_names else given[len("eval/"):] if given.startswith("eval/") else given
-    setting = as_given("trainer.best_metric", given, "Trainer(best_metric=...)", trainer.from_cli)
-    raise ConfigError(f"{setting} is not among the eval results {names}"
-                      f"{evalsets.close_hint(asked, names)}: no best checkpoint could be kept. "
-                      f"Fix: {best_metric_fix(trainer)}.")
-
-
-def best_metric_fix(trainer) -> str:
-    """The fix for a best_metric no eval result has, in the form the user set it (CLI override or argument)."""
-    def fix(value) -> str:
-        return written("trainer.best_metric", value, "Trainer(best_metric=...)", trainer.from_cli)
-
-    return f"{fix('<one of them>')} (a metric's name is its `name=`), or {fix(None)} to keep none"
-
-
-def best_mode_of(trainer, recorded: Optional[Tuple[Optional[str], Optional[str]]]) -> Optional[str]:
-    """trainer.best_mode for this run; None without a best_metric. `auto` is decided as EarlyStopping's mode=auto
-    decides (evalsets.resolve_mode: `loss`, `val_loss` min, `accuracy` max; a name it cannot judge is a ConfigError
-    naming max|min), at the first fit() call, once the name is checked. A resumed run (`recorded`: what its
-    checkpoint holds, _UNRECORDED for one saved before that record) keeps the mode its best/ is ranked by: one
-    from before best_mode=auto kept max, then the default; said loudly when the name says the other is better."""
-    metric, mode = trainer.config.best_metric, trainer.config.best_mode
-    if not metric or mode != "auto":
-        return mode if metric else None
-    kept = "max" if recorded == _UNRECORDED else recorded[1] if recorded and recorded[0] == metric else None
-    if kept is None:  # a fresh run, or one that kept no best (or another best_metric) until now
-        mode = evalsets.resolve_mode("auto", metric, "trainer.best_mode", "Trainer(best_mode=...)", trainer.from_cli)
-        log.info("Best checkpoints: the %s %s (trainer.best_mode=auto: %s).", _EXTREME[mode], metric, mode)
-        return mode
-    guessed = evalsets.guess_mode("auto", metric)
-    if guessed not in (None, kept):
-        def fix(value):
-            return written("trainer.best_mode", value, "Trainer(best_mode=...)", trainer.from_cli)
-
-        began = " (the default before best_mode=auto)" if recorded == _UNRECORDED else ""
-        log.warning("trainer.best_metric=%r: this run began with best_mode=%s%s, so its best checkpoints are kept by "
-                    "the %s %s, as best/ is ranked, though the %s is better. Fix: %s keeps the %s from here (best/ is "
-                    "ranked again), or %s keeps them as they are, without this warning.", metric, kept, began,
-                    _EXTREME[kept], metric, _EXTREME[guessed], fix(guessed), _EXTREME[guessed], fix(kept))
-    return kept
-
-
 class Checkpointing(Callback):
     """One per Trainer (it carries the Checkpointer across fit() calls); first in the callback list, so
     every other callback starts from the restored state."""
@@ -106,6 +52,7 @@ class Checkpointing(Callback):
         self.configured: Dict[str, Tuple[Optional[float], float]] = {}
         self.frozen: Dict[str, str] = {}  # the frozen models' fingerprints, recorded at each save (trainer/saved.py)
         self.last_path: Optional[str] = None
+        self.saved_step: Optional[int] = None  # the step of this process's last save
         self.last_save_time = time.monotonic()
         # the step of the last save point (or the run's start): a loop from it went past a due save?
         self.last_point = 0
@@ -115,7 +62,7 @@ class Checkpointing(Callback):
         # (best_metric, best_mode) as decided at the first fit() call (best_mode_of), in every checkpoint; and as
         # the checkpoint a resume restored recorded them
         self.best: Tuple[Optional[str], Optional[str]] = (None, None)
-        self.recorded: Tuple[Optional[str], Optional[str]] = _UNRECORDED
+        self.recorded: Tuple[Optional[str], Optional[str]] = UNRECORDED
 
     def state_dict(self) -> Dict:
         return {"best_metric": self.best[0], "best_mode": self.best[1]}
@@ -159,10 +106,27 @@ class Checkpointing(Callback):
             return None
         names, sets = log_names(trainer, train=False), trainer.eval_set_names
         key = evalsets.resolve(trainer.config.best_metric, sets, names, "trainer.best_metric",
-                               "Trainer(best_metric=...)", trainer.from_cli)
-        if names is not None:  # else Checkpointer.update_best warns at the first evaluation (a test_step's own)
+                               "Trainer(best_metric=...)", trainer.from_cli, known=default_log_names(trainer, False))
+        if names is not None:
             check_best_metric(trainer, key, [f"{s}/{n}" for s in sets for n in names] if sets else names)
+        else:  # a test_step's own results: checked at its first evaluation (refuse_missing_best)
+            check_probable_typo(trainer, key)
         return key
+
+    def refuse_missing_best(self, trainer, step: int, eval_logs: Dict) -> None:
+        """At an evaluation (the first that lacks it: an overridden test_step's results are known only there), a
+        best_metric the results lack is a ConfigError, after this step is saved (nothing trained is lost; the
+        same command resumes from it once the name is fixed). The default, `accuracy`, was not asked for:
+        Checkpointer.update_best warns instead."""
+        key = self.checkpointer.best_metric
+        if not key or key in eval_logs or trainer.config.best_metric == DEFAULT_BEST_METRIC:
+            return
+        if self.saved_step != step:  # every worker alike: a save is collective
+            self.save(trainer, step)
+        try:
+            check_best_metric(trainer, key, sorted(k for k in eval_logs if k not in ("step", "split")))
+        except ConfigError as e:
+            raise ConfigError(f"{e} Step {step} is saved: with the name fixed, the run resumes from it.") from None
 
     def data_position(self) -> int:
         """The training batches read so far: the next fit() call's iterator skips them."""
@@ -199,7 +163,7 @@ class Checkpointing(Callback):
         configured = _configured_settings(trainer)
         # Prepared only once this succeeds: a refused resume refuses again on the next fit() call, instead
         # of that call training from scratch over the run's checkpoints.
-        self.recorded = _UNRECORDED
+        self.recorded = UNRECORDED
         resumed, rewind = self._resume(trainer, checkpointer)
         self.best = (cfg.best_metric, best_mode_of(trainer, self.recorded if resumed is not None else None))
         checkpointer.best_mode = self.best[1] or "max"
@@ -343,6 +307,7 @@ class Checkpointing(Callback):
             return
         evaluated, self.evaluated = getattr(self, "evaluated", None), None
         if evaluated is not None:
+            self.refuse_missing_best(trainer, *evaluated)
             self.checkpointer.update_best(*evaluated)
         cfg, last_point, self.last_point = trainer.config, self.last_point, step
         if reason == "loop":
@@ -358,7 +323,7 @@ class Checkpointing(Callback):
         a checkpoint holds that run's state, and after every worker has read the old record at its start."""
         check_weights_finite(trainer, step)
         path = self.checkpointer.save(step)
-        self.last_save_time = time.monotonic()
+        self.last_save_time, self.saved_step = time.monotonic(), step
         self.last_path = path
         lrs = {name: lr for name, (lr, _) in self.configured.items() if lr is not None}
         if path is not None:  # the chief's save

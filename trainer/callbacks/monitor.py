@@ -34,6 +34,12 @@ def log_names(trainer, train: bool) -> Optional[List[str]]:
     step = "train_step" if train else "test_step"
     if getattr(type(trainer), step) is not getattr(Step, step):
         return None
+    return default_log_names(trainer, train)
+
+
+def default_log_names(trainer, train: bool) -> List[str]:
+    """The names the default train_step/test_step would log: with an overridden one, the names a monitored name
+    is most likely meant to be before its own are known (`acuracy`: 'accuracy', `val_los`: 'val_loss')."""
     names = ["loss", *(trainer.metrics if train else trainer.eval_metrics)]
     if train:
         names += ["examples_per_sec", *memory_logs()]
@@ -155,14 +161,22 @@ class Monitor(Callback):
         names = log_names(trainer, train)
         sets = None if train else getattr(trainer, "eval_set_names", None)
         self.cli = trainer.from_cli and bool(self.key)  # a fix names the CLI override, else the Python argument
+        default = default_log_names(trainer, train)
         self.reads = self.monitor if train else evalsets.resolve(self.monitor, sets, names, f"{self.key}.monitor",
-                                                                  f"{type(self).__name__}(monitor=...)", self.cli)
+                                                                  f"{type(self).__name__}(monitor=...)", self.cli,
+                                                                  known=default)
         name = self.monitor[len("train/"):] if train else self.reads.split("/", 1)[-1] if sets else self.reads
         # the name as the user wrote it, for the name meant: one set's `val_acc` is told 'val_accuracy'
         self.asked = name if train else self.reads if sets else self.monitor
         if names is not None and name not in names:
             self.refuse(self.reads if sets else name, [f"{s}/{n}" for s in sets for n in names] if sets else names,
                         "train logs" if train else "eval results")
+        if names is None:  # an overridden step's: a name close to the default step's is most likely misspelt
+            asked, key = (self.monitor, self.monitor) if train else (self.asked, self.reads)
+            evalsets.check_typo_before_run(
+                self.given(), self.monitor, asked, key, default, sets, "train_step" if train else "test_step",
+                "mode" if self.mode is None else "",
+                lambda what, value: self.fix("monitor" if what == "name" else "mode", value))
         self.mode = evalsets.resolve_mode(self.mode or "auto", self.monitor, f"{self.key}.mode",
                                           f"{type(self).__name__}(mode=...)", self.cli)
         self.checked = True
@@ -173,14 +187,18 @@ class Monitor(Callback):
             return written(name, value, f"Trainer({name[len('trainer.'):]}=...)", self.cli)
         return written(f"{self.key}.{name}", value, f"{type(self).__name__}({name}=...)", self.cli)
 
+    def given(self) -> str:
+        """The monitor as the user gave it, for a message's lead-in: from Python, the argument (EarlyStopping(
+        monitor='acc')), from the CLI the class and setting (EarlyStopping: monitor='acc')."""
+        call = type(self).__name__
+        return f"{call}: monitor={self.monitor!r}" if self.cli else f"{call}(monitor={self.monitor!r})"
+
     def refuse(self, name: str, names: List[str], what: str) -> None:
         prefix = "train/" if what == "train logs" else ""
         close = evalsets.meant(self.asked, names)
         hint = f" (did you mean {prefix + close!r}?)" if close else ""
-        call = type(self).__name__  # from Python, the argument as given: EarlyStopping(monitor='acc')
-        monitor = f"{call}: monitor={self.monitor!r}" if self.cli else f"{call}(monitor={self.monitor!r})"
         raise ConfigError(
-            f"{monitor} is not among the {what} {[prefix + n for n in names]}"
+            f"{self.given()} is not among the {what} {[prefix + n for n in names]}"
             f"{hint}. Fix: {self.fix('monitor', '<one of them>')}: an eval result as best_metric names it, or a "
             "train log as train/NAME.")
 
