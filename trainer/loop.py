@@ -17,6 +17,7 @@ from trainer.console import bar_shown
 from trainer.iterator_release import release_in_background
 from trainer.errors import EXIT_BUG, EXIT_SIGNAL, TrainerError
 from trainer.inputs import batches_read_per_step, distribute, nothing_to_train
+from trainer.tracking import kept_aside
 from trainer.xla_measure import measure_first_loop
 
 log = logging.getLogger("trainer.core")
@@ -325,6 +326,15 @@ def evaluate(trainer, eval_data, *, steps: Optional[int], step: int, callbacks=N
     (a dict): evaluate_sets."""
     if evalsets.names_of(eval_data) is not None:
         return evaluate_sets(trainer, eval_data, steps=steps, step=step, callbacks=callbacks)
+    with kept_aside(trainer.eval_window.adopted.values()):  # a train window's state in them goes on after
+        logs = _evaluated(trainer, eval_data, steps=steps, step=step, callbacks=callbacks)
+    if callbacks is not None:
+        callbacks.on_eval_end(trainer, step, logs)
+    return logs
+
+
+def _evaluated(trainer, eval_data, *, steps: Optional[int], step: int, callbacks) -> Dict[str, Any]:
+    """evaluate's logs (one set), on_eval_begin called."""
     t = trainer
     t.eval_window.restart()
     if callbacks is not None:
@@ -348,10 +358,7 @@ def evaluate(trainer, eval_data, *, steps: Optional[int], step: int, callbacks=N
         bar.close()
     release_in_background(holder, t.strategy.num_replicas_in_sync)  # its destruction can wait (iterator_release.py)
     t.eval_batches = done  # what this evaluation read (python -m trainer.evaluate records it)
-    logs: Dict[str, Any] = {"step": step, "split": "eval", **t.eval_window.logs()}
-    if callbacks is not None:
-        callbacks.on_eval_end(t, step, logs)
-    return logs
+    return {"step": step, "split": "eval", **t.eval_window.logs()}
 
 
 def evaluate_sets(trainer, eval_sets, *, steps, step: int, callbacks=None) -> Dict[str, Any]:
