@@ -255,8 +255,13 @@ def test_a_train_step_that_returns_no_logs_is_said_to_turn_the_checks_off(caplog
                 loss = tf.reduce_mean(tf.square(self.model(x, training=True) - y))
             self.update(loss, tape)
 
-    def silent(**options):
-        return Silent(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)]),
+    class Empty(Silent):
+        def train_step(self, data):
+            super().train_step(data)
+            return {}
+
+    def silent(kind=Silent, **options):
+        return kind(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)]),
                       optimizer=lambda: keras.optimizers.SGD(UNSTABLE), log_every=5, progress_bar=False,
                       tensorboard=False, best_metric=None, **options)
 
@@ -264,9 +269,10 @@ def test_a_train_step_that_returns_no_logs_is_said_to_turn_the_checks_off(caplog
         trainer = silent()
         trainer.fit(regression(), steps=10)
         trainer.fit(regression(), steps=20)  # said once per Trainer
+        silent(Empty).fit(regression(), steps=5)  # an empty dict: the same words
     said = [r.getMessage() for r in caplog.records if "The train logs have no loss" in r.getMessage()]
-    assert len(said) == 1, said
-    assert "returned no logs (None)" in said[0] and 'return {"loss": loss}' in said[0]
+    assert len(said) == 2 and said[0] == said[1], said
+    assert "returned no logs (None or an empty dict)" in said[0] and 'return {"loss": loss}' in said[0]
     assert "the divergence check (trainer.divergence_factor) and the not-learning check (trainer.not_learning) are " \
            "off" in said[0]
     caplog.clear()

@@ -326,10 +326,11 @@ def evaluate(trainer, eval_data, *, steps: Optional[int], step: int, callbacks=N
     (a dict): evaluate_sets."""
     if evalsets.names_of(eval_data) is not None:
         return evaluate_sets(trainer, eval_data, steps=steps, step=step, callbacks=callbacks)
-    with kept_aside(trainer.eval_window.adopted.values()):  # a train window's state in them goes on after
+    # a train window's state in the adopted metrics goes on after; on_eval_end reads the evaluation's
+    with kept_aside(trainer.eval_window.adopted.values()):
         logs = _evaluated(trainer, eval_data, steps=steps, step=step, callbacks=callbacks)
-    if callbacks is not None:
-        callbacks.on_eval_end(trainer, step, logs)
+        if callbacks is not None:
+            callbacks.on_eval_end(trainer, step, logs)
     return logs
 
 
@@ -369,11 +370,13 @@ def evaluate_sets(trainer, eval_sets, *, steps, step: int, callbacks=None) -> Di
     if callbacks is not None:
         callbacks.on_eval_begin(t, step)
     results, read = {}, 0
-    for name, data in eval_sets.items():
-        results[name] = evaluate(t, data, steps=steps.get(name) if isinstance(steps, dict) else steps, step=step)
-        read += t.eval_batches
-    t.eval_batches = read
-    logs = evalsets.merged(results, step)
-    if callbacks is not None:
-        callbacks.on_eval_end(t, step, logs)
+    with kept_aside(t.eval_window.adopted.values()):  # on_eval_end reads the adopted metrics at the last set's end
+        for name, data in eval_sets.items():
+            results[name] = _evaluated(t, data, steps=steps.get(name) if isinstance(steps, dict) else steps,
+                                       step=step, callbacks=None)
+            read += t.eval_batches
+        t.eval_batches = read
+        logs = evalsets.merged(results, step)
+        if callbacks is not None:
+            callbacks.on_eval_end(t, step, logs)
     return logs

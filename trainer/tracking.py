@@ -20,12 +20,12 @@ import numpy as np
 import tensorflow as tf
 
 
-def _state(metric: keras.metrics.Metric) -> List[np.ndarray]:
+def metric_state(metric: keras.metrics.Metric) -> List[np.ndarray]:
     """The metric's variables, read (summed over replicas under a strategy, as `result()` reads them)."""
     return [np.array(keras.ops.convert_to_numpy(v)) for v in metric.variables]
 
 
-def _same(a: List[np.ndarray], b: List[np.ndarray]) -> bool:
+def same_state(a: List[np.ndarray], b: List[np.ndarray]) -> bool:
     return len(a) == len(b) and all(x.shape == y.shape and np.array_equal(x, y) for x, y in zip(a, b))
 
 
@@ -52,11 +52,11 @@ class Window:
     def restart(self) -> None:
         for m in [self.loss, *self.metrics.values(), *self.step_logs.values(), *self.adopted.values()]:
             m.reset_state()
-        self._at_restart = {name: _state(m) for name, m in self.metrics.items()}
+        self._at_restart = {name: metric_state(m) for name, m in self.metrics.items()}
 
     def moved(self, name: str) -> bool:
         """Whether metric `name`'s state changed since the restart (some step updated it)."""
-        return not _same(self._at_restart.get(name, []), _state(self.metrics[name]))
+        return not same_state(self._at_restart.get(name, []), metric_state(self.metrics[name]))
 
     def logs(self) -> Dict[str, float]:
         """The window's logs as floats: the loss (when the default step ran), every metric the default

@@ -357,6 +357,7 @@ class Trainer(Step):
         lr, grad_norm, loss_scale and skipped_steps (prefixed `name/` when there are several), and the
         memory readings (trainer/memory.py: host RSS now and its peak, each GPU's peak)."""
         logs: Dict[str, Any] = {"step": step, "split": "train", **self.train_window.logs()}
+        metric_attributes.warn_replaced_updated(self)  # a metric replaced under the scope, updated elsewhere
         # nan when no step was timed in this window (the first loop, with its compile time, is not timed)
         logs["examples_per_sec"] = examples / seconds if examples > 0 and seconds > 0 else float("nan")
         for name, updater in self.updaters.items():

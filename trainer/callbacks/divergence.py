@@ -160,15 +160,15 @@ class DivergenceGuard(Callback):
             )
 
     def _say_no_logs(self, cfg) -> None:
-        """Once per Trainer: a train_step of one's own that returns nothing turns the checks off."""
+        """Once per Trainer: a train_step of one's own that returns nothing (None, {}) turns the checks off."""
         if self.said_no_logs:
             return
         self.said_no_logs = True
         checks = [name for name, on in (("divergence check (trainer.divergence_factor)", cfg.divergence_factor),
                                         ("not-learning check (trainer.not_learning)", cfg.not_learning != "off")) if on]
-        log.warning("The train logs have no loss: the overridden train_step returned no logs (None), so the %s %s "
-                    "off for this run. Fix: return a dict with the loss from train_step, e.g. `return {\"loss\": "
-                    "loss}` (any other scalars too: they are logged).", " and the ".join(checks),
+        log.warning("The train logs have no loss: the overridden train_step returned no logs (None or an empty "
+                    "dict), so the %s %s off for this run. Fix: return a dict with the loss from train_step, e.g. "
+                    "`return {\"loss\": loss}` (any other scalars too: they are logged).", " and the ".join(checks),
                     "is" if len(checks) == 1 else "are")
 
     @staticmethod
