@@ -394,3 +394,44 @@ def test_sweeps_of_typed_keys_are_left_to_hydra():
 
     assert problem_in(["trainer.max_steps=range(100,300,100)", "trainer.divergence_factor=interval(10,100)"]) is None
     assert "takes an integer" in problem_in(["trainer.max_steps=1.5"])
+
+
+def test_a_train_step_that_returns_no_logs_is_said_to_turn_the_checks_off(caplog):
+    """The checks read the logged train loss: a step of one's own returning None leaves them nothing to judge."""
+    import keras
+    import tensorflow as tf
+
+    from trainer import Trainer
+
+    class Silent(Trainer):
+        def train_step(self, data):
+            x, y = data
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(self.model(x, training=True) - y))
+            self.update(loss, tape)
+
+    class Empty(Silent):
+        def train_step(self, data):
+            super().train_step(data)
+            return {}
+
+    def silent(kind=Silent, **options):
+        return kind(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)]),
+                      optimizer=lambda: keras.optimizers.SGD(UNSTABLE), log_every=5, progress_bar=False,
+                      tensorboard=False, best_metric=None, **options)
+
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        trainer = silent()
+        trainer.fit(regression(), steps=10)
+        trainer.fit(regression(), steps=20)  # said once per Trainer
+        silent(Empty).fit(regression(), steps=5)  # an empty dict: the same words
+    said = [r.getMessage() for r in caplog.records if "The train logs have no loss" in r.getMessage()]
+    assert len(said) == 2 and said[0] == said[1], said
+    assert "returned no logs (None or an empty dict)" in said[0] and 'return {"loss": loss}' in said[0]
+    assert "the divergence check (trainer.divergence_factor) and the not-learning check (trainer.not_learning) are " \
+           "off" in said[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        silent(divergence_factor=None, not_learning="off").fit(regression(), steps=10)  # both off already: nothing
+        make(STABLE).fit(regression(), steps=10)  # the default step logs its loss
+    assert "The train logs have no loss" not in caplog.text

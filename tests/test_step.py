@@ -27,7 +27,7 @@ def make(**options):
     return Trainer(
         model=lambda: keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="tanh"),
                                         keras.layers.Dense(2, dtype="float32")]),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        loss=options.pop("loss", keras.losses.SparseCategoricalCrossentropy(from_logits=True)),
         optimizer=options.pop("optimizer", lambda: keras.optimizers.SGD(0.1, momentum=0.9)),
         seed=0,
         log_every=1,
@@ -279,3 +279,25 @@ def test_a_per_example_loss_under_loss_scaling_trains_as_its_sum():
     for a, b in zip(per_example.model.weights, summed.model.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert int(per_example.loss_scale.skipped_steps.numpy()) == 0
+
+
+def test_a_loss_reduction_the_trainer_replaces_is_said_once_naming_the_fix(caplog):
+    """The Trainer averages per-example losses over the global batch (right on any number of replicas): a
+    reduction giving another value is replaced, said once per loss object; Keras' default and 'mean' are that mean."""
+    import logging
+
+    x, y = data()
+    summed = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum")
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        logs = make(loss=summed).fit(x, y, batch_size=32, steps=3)
+        make(loss=summed)
+        make(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="mean"))
+        make(loss=keras.losses.MeanSquaredError(reduction="mean_with_sample_weight"))
+    said = [r.getMessage() for r in caplog.records if "the reduction is not used" in r.getMessage()]
+    assert len(said) == 2, said
+    assert said[0].startswith("Trainer(loss=SparseCategoricalCrossentropy(reduction='sum')): the reduction is not used")
+    for part in ("averages them over the global batch", "the same on any number of replicas",
+                 "the sum over the batch is replaced by that mean", "Fix: drop reduction='sum'"):
+        assert part in said[0], said[0]
+    assert "MeanSquaredError(reduction='mean_with_sample_weight')" in said[1] and "sum of the sample weights" in said[1]
+    assert logs["loss"] == pytest.approx(make().fit(x, y, batch_size=32, steps=3)["loss"], rel=1e-6)  # the mean

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import keras
@@ -31,13 +32,38 @@ def build(obj_or_builder):
     return obj_or_builder
 
 
+# Reductions whose value differs from the Trainer's mean over the global batch (Keras' default,
+# sum_over_batch_size, and "mean" give that mean): what each gives, and the fix
+_OTHER_REDUCTIONS = {
+    "sum": ("the sum over the batch", "Fix: drop reduction='sum'; for the scale of a sum's gradients, multiply the "
+            "learning rate by the global batch size."),
+    "mean_with_sample_weight": ("the weighted sum divided by the sum of the sample weights, not by the examples",
+                                "Fix: drop reduction='mean_with_sample_weight', and give sample weights whose "
+                                "mean is 1 for that division."),
+}
+_said_reduction: "weakref.WeakSet" = weakref.WeakSet()  # losses whose reduction was said to be replaced
+
+
 def per_example_loss(loss):
-    """Keras losses reduce by default; the step needs per-example values to average over the global batch."""
+    """Keras losses reduce by default; the step needs per-example values to average over the global batch. A
+    reduction asked for that gives another value is replaced too, said once per loss object."""
     if isinstance(loss, keras.losses.Loss) and loss.reduction is not None:
+        _say_reduction_replaced(loss)
         config = loss.get_config()
         config["reduction"] = None
         return type(loss).from_config(config)
     return loss
+
+
+def _say_reduction_replaced(loss: keras.losses.Loss) -> None:
+    if loss.reduction not in _OTHER_REDUCTIONS or loss in _said_reduction:
+        return
+    _said_reduction.add(loss)
+    what, fix = _OTHER_REDUCTIONS[loss.reduction]
+    log.warning("Trainer(loss=%s(reduction=%r)): the reduction is not used. The Trainer takes the per-example "
+                "losses and averages them over the global batch (Keras' default reduction, 'sum_over_batch_size'), "
+                "so the loss, its gradients and the logged value are the same on any number of replicas; %s is "
+                "replaced by that mean. %s", type(loss).__name__, loss.reduction, what, fix)
 
 
 def only(what: str, mapping: Dict, frozen=()):

@@ -17,6 +17,7 @@ from trainer.console import bar_shown
 from trainer.iterator_release import release_in_background
 from trainer.errors import EXIT_BUG, EXIT_SIGNAL, TrainerError
 from trainer.inputs import batches_read_per_step, distribute, nothing_to_train
+from trainer.tracking import kept_aside
 from trainer.xla_measure import measure_first_loop
 
 log = logging.getLogger("trainer.core")
@@ -334,6 +335,16 @@ def evaluate(trainer, eval_data, *, steps: Optional[int], step: int, callbacks=N
     (a dict): evaluate_sets."""
     if evalsets.names_of(eval_data) is not None:
         return evaluate_sets(trainer, eval_data, steps=steps, step=step, callbacks=callbacks)
+    # a train window's state in the adopted metrics goes on after; on_eval_end reads the evaluation's
+    with kept_aside(trainer.eval_window.adopted.values()):
+        logs = _evaluated(trainer, eval_data, steps=steps, step=step, callbacks=callbacks)
+        if callbacks is not None:
+            callbacks.on_eval_end(trainer, step, logs)
+    return logs
+
+
+def _evaluated(trainer, eval_data, *, steps: Optional[int], step: int, callbacks) -> Dict[str, Any]:
+    """evaluate's logs (one set), on_eval_begin called."""
     t = trainer
     t.eval_window.restart()
     if callbacks is not None:
@@ -357,10 +368,7 @@ def evaluate(trainer, eval_data, *, steps: Optional[int], step: int, callbacks=N
         bar.close()
     release_in_background(holder, t.strategy.num_replicas_in_sync)  # its destruction can wait (iterator_release.py)
     t.eval_batches = done  # what this evaluation read (python -m trainer.evaluate records it)
-    logs: Dict[str, Any] = {"step": step, "split": "eval", **t.eval_window.logs()}
-    if callbacks is not None:
-        callbacks.on_eval_end(t, step, logs)
-    return logs
+    return {"step": step, "split": "eval", **t.eval_window.logs()}
 
 
 def evaluate_sets(trainer, eval_sets, *, steps, step: int, callbacks=None) -> Dict[str, Any]:
@@ -371,11 +379,13 @@ def evaluate_sets(trainer, eval_sets, *, steps, step: int, callbacks=None) -> Di
     if callbacks is not None:
         callbacks.on_eval_begin(t, step)
     results, read = {}, 0
-    for name, data in eval_sets.items():
-        results[name] = evaluate(t, data, steps=steps.get(name) if isinstance(steps, dict) else steps, step=step)
-        read += t.eval_batches
-    t.eval_batches = read
-    logs = evalsets.merged(results, step)
-    if callbacks is not None:
-        callbacks.on_eval_end(t, step, logs)
+    with kept_aside(t.eval_window.adopted.values()):  # on_eval_end reads the adopted metrics at the last set's end
+        for name, data in eval_sets.items():
+            results[name] = _evaluated(t, data, steps=steps.get(name) if isinstance(steps, dict) else steps,
+                                       step=step, callbacks=None)
+            read += t.eval_batches
+        t.eval_batches = read
+        logs = evalsets.merged(results, step)
+        if callbacks is not None:
+            callbacks.on_eval_end(t, step, logs)
     return logs

@@ -27,10 +27,11 @@ from typing import Callable, Dict, List, Optional
 import keras
 import tensorflow as tf
 
-from trainer import model_edits, trace_inputs
+from trainer import metric_attributes, model_edits, trace_inputs
 from trainer.errors import UserError
 from trainer.loss_convention import is_replica_share, per_replica_mean
 from trainer.step import Step
+from trainer.tracking import Window
 from trainer.tracing import (framework_code, keras_random_explained, warn_random_state_outside_checkpoint,
                              warn_unused_optimizers)
 from trainer.xla_plan import XlaPlan, plan_xla, wrap_xla
@@ -239,23 +240,33 @@ def _log_names(trainer, step: Callable, iterator, what: str, batches: int = 1, s
     return list(out)
 
 
-def logged_step(trainer, step: Callable, iterator, trackers: Dict[str, keras.metrics.Metric], what: str,
-                batches: int = 1, several: bool = False) -> Callable:
-    """`step`, with the dict of logs it returns added to Mean trackers, weighted by the batch's size (so
-    they average over examples, on any number of replicas: each replica adds to its own copy, read as
+def logged_step(trainer, step: Callable, iterator, window: Window, what: str, batches: int = 1,
+                several: bool = False) -> Callable:
+    """`step`, with the dict of logs it returns added to the window's Mean trackers, weighted by the batch's
+    size (so they average over examples, on any number of replicas: each replica adds to its own copy, read as
     their sum; a replica's empty last eval batch adds nothing). With several `batches` per step, by the
-    first one's size. `several`: see step_input."""
+    first one's size. `several`: see step_input. A log that is a metric's `result()` (a Trainer metric's, or one
+    the Trainer's attributes hold) is not averaged: the window reports the metric's value at its end."""
     names, replicas = _log_names(trainer, step, iterator, what, batches, several), trainer.strategy.num_replicas_in_sync
+    trackers = window.step_logs
     if not names:
         return step
     with trainer.strategy.scope():
         for name in names:
             if name not in trackers:
                 trackers[name] = keras.metrics.Mean(name=name)
+    metrics = [*window.adopted.values(), *trainer.train_metrics.values(), *trainer.eval_metrics.values()]
 
     def run(data):
         examples = tf.cast(tf.shape(tf.nest.flatten(data)[0])[0], tf.float32)
-        for name, value in step(data).items():
+        with metric_attributes.recording_results(metrics) as metric_of:
+            logs = step(data)
+            from_metrics = {name: metric_of(value) for name, value in logs.items()}
+        for name, value in logs.items():
+            if from_metrics[name] is not None:
+                window.from_metrics[name] = from_metrics[name]
+                continue
+            window.from_metrics.pop(name, None)
             value = value * replicas if is_replica_share(value) else value  # compute_loss's: the batch mean
             value = tf.where(examples > 0, tf.cast(value, tf.float32), 0.0)  # reduce_mean([]) is NaN
             trackers[name].update_state(value, sample_weight=examples)
@@ -283,6 +294,7 @@ def make_train_function(trainer, iterator, jit_compile: Optional[bool] = None) -
     choice, or `jit_compile`). `iterator`: the distributed training iterator (an overridden step is traced on
     it once to learn its logs)."""
     _refuse_variables_not_built_for(trainer)
+    metric_attributes.adopt(trainer)  # metrics the Trainer's attributes hold: before anything is traced
     accum, batches = trainer.config.grad_accum_steps, trainer.config.batches_per_step
     trainer._wrap_own_compute_loss()  # t.compute_loss = f: as a class's (loss_convention.py)
     overridden = type(trainer).train_step is not Step.train_step
@@ -300,7 +312,7 @@ def make_train_function(trainer, iterator, jit_compile: Optional[bool] = None) -
     step = trainer.train_step
     if overridden and accum == 1:
         step = per_replica_mean(step, replicas)  # a Keras Loss object's value: the replica's batch mean
-        step = logged_step(trainer, step, iterator, trainer.train_window.step_logs, "train_step", batches, several)
+        step = logged_step(trainer, step, iterator, trainer.train_window, "train_step", batches, several)
     if plan.whole_step:
         log.info("XLA: the whole train step (forward, backward, update) is compiled (%s)%s", plan.reason,
                  "; the update is Keras' ops, which XLA fuses" if _fused_kernels_chosen(trainer) else "")
@@ -343,11 +355,12 @@ def make_train_function(trainer, iterator, jit_compile: Optional[bool] = None) -
 
 def make_eval_function(trainer, iterator) -> Callable:
     """Up to `max_batches` eval batches per call; returns how many there were (fewer at the end)."""
+    metric_attributes.adopt(trainer)  # metrics the Trainer's attributes hold: before anything is traced
     trainer._wrap_own_compute_loss()
     step = trainer.test_step
     if type(trainer).test_step is not Step.test_step:
         step = per_replica_mean(step, trainer.strategy.num_replicas_in_sync)
-        step = logged_step(trainer, step, iterator, trainer.eval_window.step_logs, "test_step")
+        step = logged_step(trainer, step, iterator, trainer.eval_window, "test_step")
     if of(trainer).jit_compile:
         step = wrap_xla(step, trainer.strategy.num_replicas_in_sync)
     count_trace = _trace_counter(trainer, "eval")

@@ -19,7 +19,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
 import keras
 import tensorflow as tf
 
-from trainer import auto_precision, components, debug, ema, evalsets, saved, signals, step_functions
+from trainer import auto_precision, components, debug, ema, evalsets, metric_attributes, saved, signals, step_functions
 from trainer import loop as loop_lib
 from trainer import precision as precision_lib
 from trainer.arrays import fit_arguments, fit_inputs
@@ -53,8 +53,9 @@ class Trainer(Step):
     Args:
       model: a keras.Model, or a zero-argument function that builds one (preferred: it is then built
         under the strategy scope and after the dtype policy is set).
-      loss: a Keras loss (its reduction is replaced by per-example), a function (y, y_pred) ->
-        per-example, or None (only the model's `add_loss` losses, or an overridden train_step's).
+      loss: a Keras loss (called per example and averaged over the global batch: a reduction='sum' is
+        replaced, with a warning), a function (y, y_pred) -> per-example, or None (only the model's
+        `add_loss` losses, or an overridden train_step's).
       optimizer: a Keras optimizer or a zero-argument function that builds one; with several models, a
         function, called once per model.
       metrics: Keras metrics (or builders), or a mapping name -> metric; computed on train and eval.
@@ -130,9 +131,11 @@ class Trainer(Step):
             self.train_metrics, self.eval_metrics = components.make_metrics(metrics, remake=strategy is not None)
             self.train_loss = keras.metrics.Mean(name="loss")
             self.eval_loss = keras.metrics.Mean(name="loss")
+            # Keras metrics a subclass holds itself (self.loss_tracker), adopted at fit(): metric_attributes.py
+            self.attribute_metrics = metric_attributes.AttributeMetrics()
             # what a log window reports: the loss, the metrics and an overridden step's logs (its step_logs)
-            self.train_window = Window(self.train_loss, self.train_metrics, {})
-            self.eval_window = Window(self.eval_loss, self.eval_metrics, {})
+            self.train_window = Window(self.train_loss, self.train_metrics, {}, self.attribute_metrics.adopted)
+            self.eval_window = Window(self.eval_loss, self.eval_metrics, {}, self.attribute_metrics.adopted)
             self._evaluating = False  # self.metrics is the eval metrics while evaluate() runs (and traces)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
             self.rng = tf.random.Generator.from_seed(seed)  # for recipes' augmentation seeds
@@ -322,6 +325,7 @@ class Trainer(Step):
         callbacks.on_train_begin(self)  # Checkpointing first: resume or warm start
         ema.start_averages(self)  # after a warm start; a resume keeps the checkpoint's averages
         start = int(self.step.numpy())
+        metric_attributes.adopt(self)  # the Keras metrics held as attributes restart with the windows from now
         self._reset_train_trackers()
         held, kept = [kept], None  # one not reused dies on the release thread once the loop made its own
 
@@ -356,6 +360,7 @@ class Trainer(Step):
         lr, grad_norm, loss_scale and skipped_steps (prefixed `name/` when there are several), and the
         memory readings (trainer/memory.py: host RSS now and its peak, each GPU's peak)."""
         logs: Dict[str, Any] = {"step": step, "split": "train", **self.train_window.logs()}
+        metric_attributes.warn_replaced_updated(self)  # a metric replaced under the scope, updated elsewhere
         # nan when no step was timed in this window (the first loop, with its compile time, is not timed)
         logs["examples_per_sec"] = examples / seconds if examples > 0 and seconds > 0 else float("nan")
         for name, updater in self.updaters.items():
@@ -373,6 +378,7 @@ class Trainer(Step):
         averaged weights (see ema.py)."""
         if not steps:
             steps = debug.eval_limit_of(eval_data, self.config, self.strategy, self._fit_eval_limit)
+        metric_attributes.adopt(self)
         evaluating, self._evaluating = self._evaluating, True
         try:
             with ema.averaged_weights(self):

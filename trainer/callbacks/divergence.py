@@ -69,6 +69,7 @@ class DivergenceGuard(Callback):
         self.not_learning_fix = ""  # its fix (learning.fix: from the learning rates logged then)
         self.train_loss: Optional[float] = None  # the last logged train loss, for the final evaluation's judgement
         self.last_eval: Tuple[Optional[int], Dict] = (None, {})  # the newest evaluation's step and results
+        self.said_no_logs = False  # a train_step returning no logs was warned about (once per Trainer)
 
     def state_dict(self):
         return {"reference": self.reference, "reference_step": self.reference_step, "rollbacks": self.rollbacks,
@@ -131,6 +132,8 @@ class DivergenceGuard(Callback):
 
     def on_log(self, trainer, step, logs):
         cfg, loss = trainer.config, logs.get("loss", 0.0)  # a step without a loss (a GAN's): nothing to judge
+        if "loss" not in logs and not trainer.train_window.step_logs and self._judges(cfg):
+            self._say_no_logs(cfg)
         if not math.isfinite(loss):
             return  # non-finite steps are the numerics guard's (precision.max_consecutive_skips)
         if self.reference is None and self._judges(cfg) and "loss" in logs:
@@ -163,6 +166,18 @@ class DivergenceGuard(Callback):
                 f"{self.last_good_step}'s loss was still under the threshold: checkpoints up to "
                 "it predate the divergence."
             )
+
+    def _say_no_logs(self, cfg) -> None:
+        """Once per Trainer: a train_step of one's own that returns nothing (None, {}) turns the checks off."""
+        if self.said_no_logs:
+            return
+        self.said_no_logs = True
+        checks = [name for name, on in (("divergence check (trainer.divergence_factor)", cfg.divergence_factor),
+                                        ("not-learning check (trainer.not_learning)", cfg.not_learning != "off")) if on]
+        log.warning("The train logs have no loss: the overridden train_step returned no logs (None or an empty "
+                    "dict), so the %s %s off for this run. Fix: return a dict with the loss from train_step, e.g. "
+                    "`return {\"loss\": loss}` (any other scalars too: they are logged).", " and the ".join(checks),
+                    "is" if len(checks) == 1 else "are")
 
     @staticmethod
     def _judges(cfg) -> bool:
