@@ -70,7 +70,7 @@ def tracked(**options):
 
 
 def test_a_metric_attribute_restarts_at_each_log_and_logs_its_value_over_the_window(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="trainer"):
+    with caplog.at_level(logging.INFO, logger="trainer.core"):
         t = tracked(run_dir=tmp_path)
         t.fit(blobs(), steps=20)
     train = [r for r in read_metrics(tmp_path) if r["split"] == "train"]
@@ -237,7 +237,7 @@ class OnModel(Trainer):
 
 def test_a_metric_the_model_holds_is_adopted_and_a_compiled_models_own_trackers_are_not(caplog):
     recorder = Recorder()
-    with caplog.at_level(logging.INFO, logger="trainer"):
+    with caplog.at_level(logging.INFO, logger="trainer.core"):
         t = OnModel(model=GuideModel, optimizer=lambda: keras.optimizers.SGD(0.1), callbacks=[recorder],
                     log_every=5, progress_bar=False, verbose=False, seed=0)
         t.fit(blobs(), steps=20)
