@@ -29,7 +29,7 @@ from trainer.callbacks.base import callback_objects
 from trainer.checkpoint import NO_BEST, Checkpointer
 from trainer.config import PrecisionConfig, TrainerConfig, check_ranges
 from trainer.console import show_logs_unless_configured
-from trainer.distribute import say_strategy_once
+from trainer.distribute import say_strategy_once, strategy_argument
 from trainer.inputs import (DataArg, KeptIterator, batches_read_per_step, check_batches_per_step, sample_batch,
                             steps_per_epoch_of, total_steps, training_iterator, warn_if_epochs_cut)
 from trainer.loop import Loop, TrainingInterrupted, evaluate
@@ -65,7 +65,8 @@ class Trainer(Step):
         the weights fingerprint; their weights come from their builder or init_from on every run. It sets
         trainable=False on the user's model for good (BatchNorm then uses its moving statistics; Dropout stays
         active under training=True).
-      strategy: a tf.distribute.Strategy (default: TensorFlow's current/default strategy).
+      strategy: a tf.distribute.Strategy, or as the CLI names it: "mirrored", {"name": "mirrored", "logical_cpus": 2}
+        (distribute.strategy_argument); default: TensorFlow's current strategy.
       precision: a policy name ("float32", "mixed_float16", "mixed_bfloat16", "auto"), a PrecisionConfig, a
         dict of its fields, or a Keras dtype policy (keras.mixed_precision.Policy: by its name).
       run_dir: where metrics.jsonl, checkpoints/ and tensorboard/ go; None: nothing is written.
@@ -82,7 +83,7 @@ class Trainer(Step):
     def __init__(self, model=None, loss=None, optimizer=None,
                  metrics: Union[Sequence[Any], Mapping[str, Any], None] = None, *,
                  models=None, optimizers: Optional[Mapping[str, Any]] = None, frozen: Iterable[str] = (),
-                 strategy: Optional[tf.distribute.Strategy] = None,
+                 strategy: Union[tf.distribute.Strategy, str, Mapping[str, Any], None] = None,
                  precision: Union[str, PrecisionConfig, Mapping[str, Any], keras.DTypePolicy] = "float32",
                  run_dir: Union[str, Path, None] = None, callbacks: Union[Callback, Iterable[Callback], None] = (),
                  loggers: Union[Callback, Iterable[Callback], None] = None,
@@ -95,6 +96,7 @@ class Trainer(Step):
         check_batches_per_step(type(self), self.config)  # before any data or model is built
         show_logs_unless_configured(self.config.verbose)  # construction logs (the optimizer's kernels) show too
         self.precision = PrecisionConfig(policy=precision) if isinstance(precision, str) else precision
+        strategy = strategy_argument(strategy)  # None for "default": TensorFlow's current one
         self.strategy = strategy or tf.distribute.get_strategy()
         # fast_dev_run writes nothing and reads no checkpoint: as if there were no run folder (trainer/debug.py)
         self.run_dir = Path(run_dir) if run_dir is not None and not self.config.fast_dev_run else None

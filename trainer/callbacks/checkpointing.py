@@ -68,13 +68,15 @@ def best_metric_fix(trainer) -> str:
     return f"{fix('<one of them>')} (a metric's name is its `name=`), or {fix(None)} to keep none"
 
 
-def best_mode_of(trainer, recorded: Optional[Tuple[Optional[str], Optional[str]]]) -> Optional[str]:
+def best_mode_of(trainer, recorded: Optional[Tuple[Optional[str], Optional[str]]],
+                 metric: Optional[str] = None) -> Optional[str]:
     """trainer.best_mode for this run; None without a best_metric. `auto` is decided as EarlyStopping's mode=auto
     decides (evalsets.resolve_mode: `loss`, `val_loss` min, `accuracy` max; a name it cannot judge is a ConfigError
     naming max|min), at the first fit() call, once the name is checked. A resumed run (`recorded`: what its
     checkpoint holds, _UNRECORDED for one saved before that record) keeps the mode its best/ is ranked by: one
-    from before best_mode=auto kept max, then the default; said loudly when the name says the other is better."""
-    metric, mode = trainer.config.best_metric, trainer.config.best_mode
+    from before best_mode=auto kept max, then the default; said loudly when the name says the other is better.
+    `metric`: the one ranked (default_best_metric's), else trainer.best_metric."""
+    metric, mode = metric or trainer.config.best_metric, trainer.config.best_mode
     if not metric or mode != "auto":
         return mode if metric else None
     kept = "max" if recorded == _UNRECORDED else recorded[1] if recorded and recorded[0] == metric else None
@@ -93,6 +95,20 @@ def best_mode_of(trainer, recorded: Optional[Tuple[Optional[str], Optional[str]]
                     "ranked again), or %s keeps them as they are, without this warning.", metric, kept, began,
                     _EXTREME[kept], metric, _EXTREME[guessed], fix(guessed), _EXTREME[guessed], fix(kept))
     return kept
+
+
+def default_best_metric(trainer, names: Optional[List[str]]) -> Optional[str]:
+    """The metric best checkpoints are ranked by: trainer.best_metric, or for its default (`accuracy`) on a Trainer
+    without metrics (its eval results known: only the loss), the eval loss, said at the start; it had said "the
+    largest accuracy", then warned at the first evaluation that there is none and kept no best checkpoint. With
+    metrics of other names the default stays that warning, which names them."""
+    given = trainer.config.best_metric
+    if given != _DEFAULT_BEST_METRIC or names != ["loss"]:
+        return given
+    log.info("The default trainer.best_metric=%r is not among the eval results %s: best checkpoints are ranked by the "
+             "eval loss (%s names another).", given, names,
+             written("trainer.best_metric", "<a metric>", "Trainer(best_metric=...)", trainer.from_cli))
+    return "loss"
 
 
 class Checkpointing(Callback):
@@ -115,6 +131,7 @@ class Checkpointing(Callback):
         # the checkpoint a resume restored recorded them
         self.best: Tuple[Optional[str], Optional[str]] = (None, None)
         self.recorded: Tuple[Optional[str], Optional[str]] = _UNRECORDED
+        self.metric: Optional[str] = None  # what best checkpoints are ranked by (default_best_metric)
 
     def state_dict(self) -> Dict:
         return {"best_metric": self.best[0], "best_mode": self.best[1]}
@@ -143,8 +160,9 @@ class Checkpointing(Callback):
         if trainer.run_dir is None or not trainer.config.best_metric:
             return None
         names, sets = log_names(trainer, train=False), trainer.eval_set_names
-        key = evalsets.resolve(trainer.config.best_metric, sets, names, "trainer.best_metric",
-                               "Trainer(best_metric=...)", trainer.from_cli)
+        self.metric = default_best_metric(trainer, names)
+        key = evalsets.resolve(self.metric, sets, names, "trainer.best_metric", "Trainer(best_metric=...)",
+                               trainer.from_cli)
         if names is not None:  # else Checkpointer.update_best warns at the first evaluation (a test_step's own)
             check_best_metric(trainer, key, [f"{s}/{n}" for s in sets for n in names] if sets else names)
         return key
@@ -188,7 +206,8 @@ class Checkpointing(Callback):
         # of that call training from scratch over the run's checkpoints.
         self.recorded = _UNRECORDED
         resumed, rewind = self._resume(trainer, checkpointer)
-        self.best = (cfg.best_metric, best_mode_of(trainer, self.recorded if resumed is not None else None))
+        self.best = (self.metric or cfg.best_metric,
+                     best_mode_of(trainer, self.recorded if resumed is not None else None, self.metric))
         checkpointer.best_mode = self.best[1] or "max"
         # A warm start is a fresh run's; a frozen model is in no checkpoint, so it is warm-started on every run.
         warm_start_models(trainer.models, {name: path for name, path in targets.items()
