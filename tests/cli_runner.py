@@ -198,10 +198,13 @@ def _restore(argv, cwd, handlers, level, loggers, modules, path, locks, folder) 
 
 def reset_process_state(free_memory: bool = False) -> None:
     """TensorFlow's and Keras' process-wide settings as a new process has them: the float32 policy, op
-    determinism, XLA auto-clustering and numeric checks off, a fresh Keras session."""
+    determinism, XLA auto-clustering and numeric checks off, a fresh Keras session, the trainer's
+    once-per-process warnings not yet given."""
     import keras
     import tensorflow as tf
     from tensorflow.python.framework import config as tf_config  # disable_op_determinism is not public
+
+    from trainer import precision
 
     keras.mixed_precision.set_dtype_policy("float32")
     if tf_config.is_op_determinism_enabled():
@@ -209,3 +212,4 @@ def reset_process_state(free_memory: bool = False) -> None:
     tf.config.optimizer.set_jit(False)
     tf.debugging.disable_check_numerics()
     keras.backend.clear_session(free_memory=free_memory)
+    precision.forget_said_once()

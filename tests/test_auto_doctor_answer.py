@@ -341,6 +341,78 @@ def test_verify_settles_what_a_quiet_grid_left_unsettled(monkeypatch, capsys):
     assert "Fix: rerun with a larger --verify N" in said and "the machine was quiet" in said and "quieter" not in said
 
 
+def _noisy_grid_then_verify(monkeypatch, unsettled_rounds, current_rounds):
+    """python -m trainer.doctor's measuring replaced: a noisy grid (spread 1.9x) that leaves mixed_bfloat16
+    unsettled against float32 (the trial's MNIST), then the real --verify (verify.verify), whose training rounds
+    are the given seconds per example."""
+    import trainer.doctor
+    import trainer.doctor.verify as verify_module
+    from trainer.doctor import recommend
+
+    rows = [{"name": f"{p} XLA off batch 16", "policy": p, "xla": False, "batch": 16, "examples_per_sec": 1.0,
+             "steps_per_sec": 1 / 16, "seconds_per_example": t, "memory_mb": 100.0, "memory_kind": "process_rss",
+             "spread": 1.9, "steps_per_call": [40] * 10, "first_call_seconds": 1.0, "xla_layout": "-"}
+            for p, t in (("float32", [1.0] * 10), ("mixed_bfloat16", _trial_rounds(
+                [0.6, 1.35, 0.7, 1.3, 0.75, 0.95, 1.25, 0.8, 0.9, 0.65])))]
+
+    def diagnose_parts(parts, data, **kw):
+        out = {"meta": {"command": "python -m trainer.doctor", "wall_seconds": 1.0},
+               "speed": {"rounds": 10, "configs": rows, "skipped": [], "memory_means": "RSS growth"}}
+        rec = recommend({**out, "numerics": {"float16": {"safe": True, "blockers": []},
+                                             "bfloat16": {"safe": True, "blockers": []}}},
+                        kw["overrides"], baseline_xla=False, batch=16)
+        assert "too noisy to tell; rerun when the machine is quieter, or with --verify N" in rec["noise_note"]
+        out["recommendation"] = verify_module.verify(None, None, rec, rows, kw["verify_steps"], lambda _: None)
+        return out
+
+    monkeypatch.setattr(trainer.doctor, "diagnose_parts", diagnose_parts)
+    monkeypatch.setattr(verify_module, "_train_pair", lambda *a: {"unsettled": unsettled_rounds,
+                                                                  "current": current_rounds})
+
+
+def test_once_verify_trained_its_noise_replaces_the_grids_in_the_report_json_and_set_auto(monkeypatch, tmp_path):
+    """The grid's noise note ("too noisy to tell; rerun ... or with --verify N") and its spread stayed in the
+    report after --verify had trained the unsettled configuration: a report advising --verify beside a
+    --set-auto that stored --verify's answer, or quoting the grid's 1.9x beside --set-auto's 2.6x. --verify's
+    rounds now replace the grid's: one noise verdict in doctor.txt, doctor.json and --set-auto's words."""
+    out = tmp_path / "quiet"
+    _noisy_grid_then_verify(monkeypatch, _trial_rounds([1.0, 0.98, 1.01, 0.99, 1.0, 1.0, 0.99, 1.01, 1.0]), [1.0] * 9)
+    done = run_cli("--set-auto", "--verify", "20", *RUN[:2], "--out", str(out), module="trainer.doctor")
+    assert done.returncode == 0, done.stderr[-2000:]
+    text, rec = (out / "doctor.txt").read_text(), json.loads((out / "doctor.json").read_text())["recommendation"]
+    assert "settled: keep what you run now" in text and "the machine was noisy" not in text  # quiet under --verify
+    assert "spread of --verify's rounds 1.03x (mixed_bfloat16 XLA off batch 16), 1.00x (current)" in text
+    assert rec["spread"]["by"] == "--verify" and rec["spread"]["largest"] < 1.5 and rec["noise_note"] is None
+    assert "the doctor measured no gain over float32" in done.stdout
+    assert auto_precision.choose(model=_cli_model(*RUN[:2])).policy == "float32"
+
+    out = tmp_path / "noisy"
+    current = [1.0, 2.0, 1.0, 1.5, 1.0, 2.2, 1.0, 1.2, 1.0]  # bursts of load in --verify's rounds too
+    _noisy_grid_then_verify(monkeypatch, [c / r for c, r in zip(current, [0.7, 1.3, 0.8, 1.25, 0.75, 1.2, 0.9, 1.3,
+                                                                           0.85])], current)
+    done = run_cli("--set-auto", "--verify", "20", *RUN[:2], "--out", str(out), module="trainer.doctor")
+    assert done.returncode == 0, done.stderr[-2000:]
+    text, rec = (out / "doctor.txt").read_text(), json.loads((out / "doctor.json").read_text())["recommendation"]
+    spread = rec["spread"]["largest"]
+    assert rec["spread"]["by"] == "--verify" and spread == pytest.approx(2.2)  # the current's rounds
+    (note,) = [n for n in rec["notes"] if n.startswith("the machine was noisy")]
+    assert note == rec["noise_note"] and f"varied up to {spread:.1f}x between --verify's rounds" in note
+    assert note.endswith("too noisy to tell; rerun when the machine is quieter, or with a larger --verify N: longer "
+                         "rounds average more of the noise out")
+    assert "1.9x" not in text and "or with --verify N" not in text  # the grid's note is gone
+    assert "NOTHING STORED" in done.stdout and f"rerun when the machine is quieter (its rounds varied up to " \
+        f"{spread:.1f}x)" in done.stdout
+
+    out = tmp_path / "faster_by_verify_only"  # the grid did not find it faster; --verify, noisy, did
+    _noisy_grid_then_verify(monkeypatch, [c / 1.4 for c in current], current)
+    done = run_cli("--verify", "20", *RUN[:2], "--out", str(out), module="trainer.doctor")
+    assert done.returncode == 0, done.stderr[-2000:]
+    rec = json.loads((out / "doctor.json").read_text())["recommendation"]
+    assert rec["noise_note"].endswith("measured faster by --verify only (the grid did not find it faster): rerun "
+                                      "the doctor, on a quieter machine if you can")
+    assert "held through the noise" not in (out / "doctor.txt").read_text()
+
+
 def test_an_answer_an_older_doctor_stored_as_no_gain_is_followed_with_the_advice_to_measure(caplog):
     """Before, an inconclusive measurement was stored as "no significant difference" too: auto still follows
     such an answer, says so, and names the doctor command that measures it again."""

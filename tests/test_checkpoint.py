@@ -436,8 +436,8 @@ def test_a_best_metric_the_eval_does_not_report_is_a_warning(tmp_path, caplog):
 def test_a_misspelt_best_metric_is_an_error_before_training_not_a_warning_after(tmp_path, caplog):
     """A best_metric no eval result has (a typo) stops the run before the first step, naming the results and the
     close spelling (it was a warning after the first evaluation: with eval_every=0, the run's end). An
-    overridden test_step's names are known once it runs: at its first evaluation a warning with the same fix
-    (stopping there would lose the steps since the last checkpoint). The CLI exits 2."""
+    overridden test_step's names are known once it runs: at its first evaluation the same error, after that
+    step is saved (nothing trained is lost). The CLI exits 2."""
     from trainer.config import ConfigError
 
     def make(run_dir, **options):
@@ -447,7 +447,7 @@ def test_a_misspelt_best_metric_is_an_error_before_training_not_a_warning_after(
                        progress_bar=False, eval_every=0, checkpoint_every=5, **options)
 
     trainer = make(tmp_path / "py", best_metric="acuracy")
-    with pytest.raises(ConfigError, match=r"trainer.best_metric='acuracy' is not among the eval results "
+    with pytest.raises(ConfigError, match=r"Trainer\(best_metric='acuracy'\) is not among the eval results "
                                           r"\['accuracy', 'loss'\] \(did you mean 'accuracy'\?\)"):
         trainer.fit(blobs(), blobs(), steps=10)
     assert int(trainer.step.numpy()) == 0 and not list_checkpoints(tmp_path / "py" / "checkpoints")
@@ -464,11 +464,10 @@ def test_a_misspelt_best_metric_is_an_error_before_training_not_a_warning_after(
     scored = Scored(model=_net(), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                     optimizer=lambda: keras.optimizers.SGD(0.1), run_dir=tmp_path / "scored", progress_bar=False,
                     eval_every=4, checkpoint_every=100, best_metric="scor", best_mode="max")  # auto: cannot judge
-    with caplog.at_level(logging.WARNING, logger="trainer.core"):
+    with pytest.raises(ConfigError, match=r"^Trainer\(best_metric='scor'\) is not among the eval results "
+                                          r"\['score'\] \(did you mean 'score'\?\).* Step 4 is saved"):
         scored.fit(blobs(), blobs(), steps=10)
-    assert int(scored.step.numpy()) == 10  # trained on
-    warned = [r.getMessage() for r in caplog.records if "best_metric='scor'" in r.getMessage()]
-    assert len(warned) == 1 and "not among the eval results ['score'] (did you mean 'score'?)" in warned[0], warned
+    assert [s for s, _ in list_checkpoints(tmp_path / "scored" / "checkpoints")] == [4]  # saved, then stopped
 
     run_dir = tmp_path / "cli"
     result = run_cli(*TINY, "trainer.best_metric=acuracy", f"hydra.run.dir={run_dir}")

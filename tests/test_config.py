@@ -291,7 +291,7 @@ def test_every_int_field_takes_only_whole_numbers(field, value):
     """One check for every int field of a schema (Python gives it no type check): the ranges alone let 2.5 pass."""
     from trainer.config import ConfigError, TrainerConfig
 
-    with pytest.raises(ConfigError, match=f"trainer.{field}=.* is not a whole number"):
+    with pytest.raises(ConfigError, match=rf"Trainer\({field}=.*\) is not a whole number"):
         TrainerConfig(**{field: value})
 
 

@@ -77,7 +77,8 @@ def test_a_monitor_that_is_not_in_the_logs_is_an_error_before_the_first_step(tmp
     from trainer.config import ConfigError
 
     trainer = classifier(None, [EarlyStopping(monitor="val_acc", mode="max")])
-    with pytest.raises(ConfigError, match=r"monitor='val_acc' is not among the eval results \['accuracy', 'loss'\]"):
+    with pytest.raises(ConfigError, match=r"EarlyStopping\(monitor='val_acc'\) is not among the eval "
+                                          r"results \['accuracy', 'loss'\]"):
         trainer.fit(blobs(), blobs(64), steps=10)
     assert int(trainer.step.numpy()) == 0
     with pytest.raises(ConfigError, match=r"is not among the train logs \[.*'train/loss'"):
@@ -88,9 +89,9 @@ def test_bad_values_are_refused(tmp_path):
     from trainer import EarlyStopping, ReduceLROnPlateau
     from trainer.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"callbacks\.early_stopping\.patience=-1 is out of range"):
+    with pytest.raises(ConfigError, match=r"EarlyStopping\(patience=-1\) is out of range"):
         EarlyStopping(patience=-1)
-    with pytest.raises(ConfigError, match=r"callbacks\.reduce_lr_on_plateau\.factor=1\.5 is out of range"):
+    with pytest.raises(ConfigError, match=r"ReduceLROnPlateau\(factor=1\.5\) is out of range"):
         ReduceLROnPlateau(factor=1.5)
     stopper = EarlyStopping(monitor="train/examples_per_sec")  # a log mode=auto cannot judge: refused at fit()
     with pytest.raises(ConfigError, match=r"EarlyStopping\(mode='auto'\) cannot tell whether a larger "
@@ -332,7 +333,8 @@ def test_a_misspelt_monitor_is_refused_before_training_also_with_eval_every_0(tm
 
     trainer = classifier(tmp_path / "py", [EarlyStopping(monitor="acuracy", mode="max")], eval_every=0,
                          checkpoint_every=10)
-    with pytest.raises(ConfigError, match=r"monitor='acuracy' is not among the eval results .*did you mean 'accuracy'"):
+    with pytest.raises(ConfigError, match=r"EarlyStopping\(monitor='acuracy'\) is not among the eval "
+                                          r"results .*did you mean 'accuracy'"):
         trainer.fit(blobs(), blobs(64), steps=25)
     assert int(trainer.step.numpy()) == 0 and checkpoint_steps(tmp_path / "py") == []
 
@@ -351,7 +353,8 @@ def test_a_misspelt_monitor_without_a_mode_is_named_as_misspelt_not_as_a_mode_to
     from trainer import EarlyStopping
     from trainer.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"monitor='acuracy' is not among the eval results .*did you mean "
+    with pytest.raises(ConfigError, match=r"EarlyStopping\(monitor='acuracy'\) is not among the eval "
+                                          r"results .*did you mean "
                                           r"'accuracy'") as raised:
         classifier(None, [EarlyStopping(monitor="acuracy")]).fit(blobs(), blobs(64), steps=10)
     assert "mode" not in str(raised.value).split("Fix:")[0]
@@ -384,7 +387,7 @@ def test_a_monitor_an_overridden_test_step_lacks_fails_after_the_end_save(tmp_pa
                      optimizer=lambda: keras.optimizers.SGD(0.05), run_dir=tmp_path, best_metric=None,
                      callbacks=[EarlyStopping(monitor="scor", mode="max")], log_every=5, eval_every=0,
                      checkpoint_every=10, progress_bar=False, tensorboard=False, verbose=False)
-    with pytest.raises(ConfigError, match=r"monitor='scor' is not among the eval results \['score'\]"):
+    with pytest.raises(ConfigError, match=r"EarlyStopping\(monitor='scor'\) is not among the eval results \['score'\]"):
         trainer.fit(blobs(), blobs(64), steps=25)
     assert checkpoint_steps(tmp_path) == [10, 20, 25]
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY, run_cli
+from trainer.checkpoint import list_checkpoints
 
 STABLE, UNSTABLE = 0.3, 1.5  # for regression(): SGD on it converges up to a rate of ~0.8, and diverges above
 
@@ -49,13 +50,15 @@ def test_the_options_are_checked():
     from trainer import TrainerConfig
     from trainer.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"trainer\.on_divergence='retry' is not one of stop\|rollback\|warn"):
+    with pytest.raises(ConfigError, match=r"Trainer\(on_divergence='retry'\) is not one of stop\|rollback\|warn"):
         TrainerConfig(on_divergence="retry")
-    with pytest.raises(ConfigError, match=r"trainer\.divergence_factor=0\.5 is out of range"):
+    with pytest.raises(ConfigError, match=r"Trainer\(divergence_factor=0\.5\) is out of range"):
         TrainerConfig(divergence_factor=0.5)
-    with pytest.raises(ConfigError, match=r"trainer\.max_rollbacks=0 is out of range"):
+    with pytest.raises(ConfigError, match=r"Trainer\(max_rollbacks=0\) is out of range"):
         TrainerConfig(max_rollbacks=0)
-    with pytest.raises(ConfigError, match="no run folder"):
+    with pytest.raises(ConfigError, match=r"^Trainer\(on_divergence='rollback'\) restores .* no run folder .*Fix: "
+                                          r"give it Trainer\(run_dir=\.\.\.\) too, or use "
+                                          r"Trainer\(on_divergence='stop'\)"):  # from Python: the argument's form
         make(STABLE, on_divergence="rollback").fit(regression(), steps=5)
 
 
@@ -194,8 +197,160 @@ def test_a_run_that_does_not_learn_is_said_loudly(caplog):
         classifier(1e-7).fit(classes(learnable=True), steps=240)  # a rate so low nothing moves
     said = not_learning_warnings(caplog)
     assert len(said) == 2, said  # at a quarter of the run, and again at its end
-    assert "is not below its early level" in said[0] and "at chance level (1/3 classes" in said[0], said[0]
-    assert "lower optimizer.lr" in said[0] and "trainer.not_learning=divergence" in said[0]
+    assert "is not below its early level" in said[0], said[0]
+    assert ("not clearly above chance (chance is 1/3 classes = 0.333; a run counts as learning above 0.667, twice "
+            "chance)") in said[0], said[0]
+    assert "check the learning rate (the train log's lr=1e-07)" in said[0], said[0]  # too low: raise it, or ...
+    assert "hardly moved from the start, raise it" in said[0] and "trainer.not_learning=divergence" in said[0]
+
+
+def test_a_learning_rate_of_0_is_named_as_the_cause_and_two_classes_have_a_reachable_bar(caplog):
+    """lr=0 was told "lower optimizer.lr"; with 2 classes the bar was said as "at chance (0.5)" for 0.64 (twice
+    chance, 1.0, cannot be reached: the bar is halfway from chance to 1, and the text says so)."""
+    import keras
+
+    from trainer import Trainer
+
+    trainer = Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      optimizer=lambda: keras.optimizers.Adam(0.0),
+                      metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")], log_every=20,
+                      checkpoint_every=0, progress_bar=False, tensorboard=False, best_metric=None)
+    with caplog.at_level(logging.WARNING, logger="trainer.core"):
+        trainer.fit(two_classes(False, 1024, 0).repeat().batch(32), steps=240)
+    said = not_learning_warnings(caplog)
+    assert len(said) == 2, said
+    assert "Fix: the learning rate is 0 (lr=0 in the train log): the weights do not move" in said[0], said[0]
+    assert "lower optimizer.lr" not in said[0] and "Set optimizer.lr above 0" in said[1], said
+    assert "a run counts as learning above 0.75, halfway from chance to 1" in said[0], said[0]
+
+
+def memoriser(**options):
+    """An MLP big enough to memorise 128 examples, with an accuracy metric."""
+    import keras
+
+    from trainer import Trainer
+
+    defaults = dict(log_every=20, eval_every=0, checkpoint_every=0, progress_bar=False, tensorboard=False,
+                    best_metric=None, seed=0)
+    return Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(64, activation="relu"),
+                                                   keras.layers.Dense(2)]),
+                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                   optimizer=lambda: keras.optimizers.Adam(1e-2),
+                   metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")], **{**defaults, **options})
+
+
+def two_classes(shuffled: bool, n: int, seed: int):
+    """2 classes decided by the inputs' sum, or (`shuffled`) the same labels in random order."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 4)).astype("float32")
+    y = (x.sum(axis=1) > 0).astype("int32")
+    return tf.data.Dataset.from_tensor_slices((x, rng.permutation(y) if shuffled else y))
+
+
+def test_shuffled_labels_are_flagged_by_the_final_evaluation(caplog, tmp_path):
+    """Shuffled labels: the train loss falls (memorised) while the eval accuracy stays at chance and the eval loss
+    above ln 2. Said at the end (warn), or exit 3 with not_learning=divergence, once the last step is saved; a
+    run that learns is not flagged."""
+    from trainer.callbacks.numerics import NumericalError
+
+    train = two_classes(True, 128, 0).repeat().batch(32)
+    evaluated = two_classes(True, 1024, 1).batch(256)
+    with caplog.at_level(logging.WARNING, logger="trainer.core"):
+        memoriser().fit(train, evaluated, steps=240)
+    said = not_learning_warnings(caplog)
+    assert len(said) == 1 and said[0].startswith("This run did not learn: the train loss fell to"), said
+    assert "is at chance (1/2 classes = 0.5; on 1024 examples, chance reaches 0.5312" in said[0], said[0]
+    assert "labels unrelated to the inputs" in said[0] and "check that each example's label" in said[0], said[0]
+
+    stopped = memoriser(not_learning="divergence", run_dir=tmp_path)
+    with pytest.raises(NumericalError, match=r"The run ended at step 240 \(its checkpoint is saved\) without "
+                                             r"learning: the train loss fell"):
+        stopped.fit(train, evaluated, steps=240)
+    assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [240]
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trainer.core"):
+        memoriser().fit(two_classes(False, 128, 0).repeat().batch(32), two_classes(False, 1024, 1).batch(256),
+                        steps=240)
+    assert not_learning_warnings(caplog) == []
+
+
+def noisy_two_classes(n: int, seed: int, flipped: float, weight: float = 1.0):
+    """two_classes's rule with a share `flipped` of the labels flipped; each example weighted `weight`."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 4)).astype("float32")
+    y = (x.sum(axis=1) > 0).astype("int32")
+    y = np.where(rng.random(n) < flipped, 1 - y, y).astype("int32")
+    return tf.data.Dataset.from_tensor_slices((x, y, np.full(n, weight, "float32")))
+
+
+@pytest.mark.parametrize("weight, said", [
+    (1.0, "its 20 examples cannot tell chance (1/2 classes) from a model that learned (it takes 256)"),
+    (100.0, "its accuracy weighs its 20 examples (weights summing to 2000)")], ids=["small", "weighted"])
+def test_a_small_or_weighted_eval_set_does_not_flag_a_model_that_learned(caplog, weight, said):
+    """20 noisy eval examples: a model at 0.85 on 2000 clean ones scored 0.45 there (eval loss 0.83), within
+    chance's noise for 20 (up to 0.72), and was flagged. Too few examples to tell chance from learning are not
+    judged (said at INFO); nor are weighted ones (the accuracy's count is the weights' sum, not the examples)."""
+    trainer = memoriser(seed=0)
+    with caplog.at_level(logging.INFO, logger="trainer.core"):
+        trainer.fit(noisy_two_classes(256, 100, 0.3).repeat().batch(32),
+                    noisy_two_classes(20, 200, 0.3, weight).batch(20), steps=240)
+    assert not_learning_warnings(caplog) == []
+    assert any(said in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert trainer.evaluate(noisy_two_classes(2000, 7, 0.0).batch(500))["accuracy"] > 0.75  # it did learn
+
+
+def test_a_run_stopped_after_its_last_evaluation_is_judged_once(caplog):
+    """A callback that stops the run after an evaluation's callbacks ran (at its save point): that evaluation is
+    the final one, and judged (the guard judged only when the stop was set before its own on_eval_end)."""
+    from trainer import Callback
+
+    class StopAt(Callback):
+        def on_save_point(self, trainer, step, reason):
+            if step == 280:
+                trainer.stop_training = True
+
+    trainer = memoriser(eval_every=40, callbacks=[StopAt()])
+    with caplog.at_level(logging.WARNING, logger="trainer.core"):
+        summary = trainer.fit(two_classes(True, 128, 0).repeat().batch(32), two_classes(True, 1024, 1).batch(256),
+                              steps=400)
+    assert summary["step"] == 280
+    said = not_learning_warnings(caplog)
+    assert len(said) == 1 and "the final eval accuracy" in said[0] and "on 1024 examples" in said[0], said
+
+
+def test_one_optimizer_at_lr_0_is_named_beside_the_general_fix(caplog):
+    """lr=0 was named as the cause when any optimizer's rate was ~0: with another one training, it is named
+    beside the fix for a rate that is wrong."""
+    import keras
+    import tensorflow as tf
+
+    from trainer import Trainer
+
+    class Two(Trainer):
+        def train_step(self, data):
+            x, y = data
+            with tf.GradientTape(persistent=True) as tape:
+                logits = self.models["a"](x, training=True) + self.models["b"](x, training=True)
+                loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
+            self.update(loss, tape, "a")
+            self.update(loss, tape, "b")
+            return {"loss": loss}
+
+    dense = lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])  # noqa: E731
+    trainer = Two(models={"a": dense, "b": dense}, best_metric=None, log_every=20, checkpoint_every=0,
+                  progress_bar=False, tensorboard=False,
+                  optimizers={"a": keras.optimizers.SGD(0.0), "b": keras.optimizers.SGD(1e-7)})
+    with caplog.at_level(logging.WARNING, logger="trainer.core"):
+        trainer.fit(classes(learnable=True, batch=256), steps=240)  # 4 batches: each log the same mean
+    said = not_learning_warnings(caplog)
+    assert said and "check the learning rate (the train log's a/lr=0, b/lr=1e-07)" in said[0], said
+    assert "a/lr=0 trains nothing" in said[0] and "the learning rate is 0" not in said[0], said[0]
 
 
 @pytest.mark.parametrize("lr, steps, data", [(0.1, 240, True), (1e-7, 40, True)], ids=["learns", "short-run"])

@@ -120,6 +120,48 @@ def test_doctor_on_a_trained_run_and_its_recommended_command_trains(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
 
 
+def test_trainer_epochs_on_the_command_line_is_the_run_length_python_m_trainer_makes(tmp_path, monkeypatch):
+    """`python -m trainer recipe=mnist trainer.epochs=1` trains one epoch: the recipe's max_steps=1500 is replaced
+    (assemble.run_length_of_command_line; tests/test_run_length.py). The doctor composed the recipe's max_steps
+    beside it; both given, both stand, as in the run. The measuring is replaced (the composed parts are read)."""
+    import trainer.doctor
+    from trainer.errors import UserError
+
+    composed = []
+
+    def diagnose_parts(parts, data, **kw):
+        composed.append((parts.config.max_steps, parts.config.epochs))
+        raise UserError("composed")  # nothing to measure here: the doctor stops with exit 2
+
+    monkeypatch.setattr(trainer.doctor, "diagnose_parts", diagnose_parts)
+    for given, length in ((["trainer.epochs=1"], (None, 1)), (["trainer.epochs=1", "trainer.max_steps=7"], (7, 1))):
+        done = run_cli("recipe=mnist", *given, "--out", str(tmp_path / "doctor"), module="trainer.doctor")
+        assert done.returncode == 2 and "composed" in done.stderr, done.stderr[-3000:]
+        assert composed[-1] == length
+
+
+def test_the_grid_times_a_trainer_config_with_epochs(monkeypatch):
+    """With trainer.epochs given (`python -m trainer.doctor trainer.epochs=1`, or diagnose(trainer_config=...)),
+    every configuration of the grid failed ("epochs needs a training set of known size"): the doctor's Trainers
+    train their own count of steps (fit(steps=...)), not the run's epochs (on data of known size, one epoch cut
+    their calls short). One configuration is timed (the grid's plan cut to it), on a tiny model and data of
+    unknown size, as a recipe's."""
+    import keras
+
+    from trainer import TrainerConfig
+    from trainer.doctor import diagnose, speed
+
+    monkeypatch.setattr(speed, "plan_grid", lambda batch, quick, on_cpu: ([speed.GridConfig("float32", False, batch)],
+                                                                         []))
+    unknown_size = blobs(n=256, batch=16).repeat()
+    report = diagnose(lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]), unknown_size,
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      lambda: keras.optimizers.SGD(0.1), trainer_config=TrainerConfig(epochs=1, max_steps=None),
+                      sections=("speed",), quick=True, progress=lambda _: None)
+    (row,) = report["speed"]["configs"]
+    assert "error" not in row and row["examples_per_sec"] > 0
+
+
 @pytest.mark.slow
 def test_examples_per_sec_counts_every_batch_a_step_reads(tmp_path):
     """A run with trainer.grad_accum_steps=2 reads 2 batches per step: its examples/s is steps/s x 2 x the batch."""

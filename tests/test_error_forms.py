@@ -3,6 +3,8 @@ Trainer built in Python, the override (`trainer.best_metric=...`) from `python -
 both. Tiny models through the public API; two CLI runs in process."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from conftest import TINY, blobs, run_cli
@@ -45,8 +47,11 @@ def test_from_python_the_fix_names_the_python_argument(tmp_path, case):
         make(tmp_path / "run")
     said = str(raised.value)
     assert fix in said, said
-    after = said.split("Fix:", 1)[1]
+    lead, after = said.split("Fix:", 1)
     assert "set trainer." not in after and "from the CLI" not in after and "=null" not in after, said
+    # the lead-in names the setting as given too: Trainer(best_metric='acc'), not trainer.best_metric='acc'
+    assert not re.search(r"\b(trainer|callbacks\.\w+)\.\w+=", lead), said
+    assert re.match(r"(Trainer|EarlyStopping|fit)\(\w+=", lead), said
 
 
 def test_from_python_the_warning_that_early_stopping_cannot_act_names_the_argument(caplog):
@@ -61,12 +66,56 @@ def test_from_python_the_warning_that_early_stopping_cannot_act_names_the_argume
      "Trainer(best_metric"),
     (["callbacks=[early_stopping]", "callbacks.early_stopping.monitor=train/examples_per_sec"],
      "Fix: callbacks.early_stopping.mode=min or callbacks.early_stopping.mode=max.", "EarlyStopping(mode"),
+    # the group's option (precision=bf16) and its key (precision.policy=bf16) are told the policy meant alike
+    (["precision.policy=bf16"], "precision.policy='bf16' is not one of float32|mixed_float16|mixed_bfloat16|auto. "
+     "Fix: did you mean precision.policy=mixed_bfloat16? Else set precision.policy to one of them.",
+     "Trainer(precision"),
+    # a dry run has no run folder: the two settings, not Trainer(run_dir=...), which a command cannot give
+    (["trainer.fast_dev_run=true", "trainer.resume_from=ckpt-2"], "trainer.resume_from=ckpt-2 and "
+     "trainer.fast_dev_run=true: a dry run reads no run folder, and resume_from names a checkpoint of one. Fix: drop "
+     "one of them.", "Trainer(run_dir"),
 ])
 def test_from_the_cli_the_fix_names_the_override(tmp_path, overrides, fix, python):
     result = run_cli(*TINY, *overrides, f"hydra.run.dir={tmp_path / 'run'}")
     output = result.stdout + result.stderr
     assert result.returncode == 2, output[-3000:]
     assert fix in output and python not in output and "Traceback" not in output, output[-3000:]
+
+
+def test_from_python_a_value_out_of_its_choices_is_told_the_one_meant_in_the_python_form():
+    from trainer import TrainerConfig
+    from trainer.config import ConfigError
+
+    with pytest.raises(ConfigError) as raised:
+        classifier(best_mode="minimum")
+    assert str(raised.value) == ("Trainer(best_mode='minimum') is not one of auto|max|min. Fix: did you mean "
+                                 "Trainer(best_mode='min')? Else give Trainer(best_mode=...) one of them.")
+    with pytest.raises(ConfigError, match=r"^Trainer\(limit_eval_batches=3\) and Trainer\(eval_steps=5\) both"):
+        TrainerConfig(limit_eval_batches=3, eval_steps=5)
+    with pytest.raises(ConfigError, match=r"^precision policy 'bf16' is not one of .*Fix: did you mean "
+                                          r"mixed_bfloat16\? From Python: Trainer\(precision=\"mixed_bfloat16\"\)"):
+        classifier(precision="bf16")
+
+
+def test_from_python_resume_from_without_a_run_folder_is_named_in_the_python_form(tmp_path):
+    from trainer.config import ConfigError
+
+    with pytest.raises(ConfigError) as raised:
+        classifier(run_dir=tmp_path / "run", fast_dev_run=True, resume_from="ckpt-2").fit(blobs(), steps=5)
+    assert str(raised.value) == ("Trainer(resume_from='ckpt-2') and Trainer(fast_dev_run=True): a dry run reads no "
+                                 "run folder, and resume_from names a checkpoint of one. Fix: drop one of them.")
+
+
+@pytest.mark.parametrize("typed, meant", [("ture", "True"), ("flase", "False"), ("nul", "None"),
+                                          ("mesure", "'measure'")])
+def test_from_python_a_choice_spelt_true_false_or_null_is_meant_as_the_python_literal(typed, meant):
+    """jit_compile's choices true|false|null are the CLI's spellings: from Python the value meant is the literal
+    (True), not the string 'true'."""
+    from trainer.config import ConfigError
+
+    with pytest.raises(ConfigError) as raised:
+        classifier(jit_compile=typed)
+    assert f"Fix: did you mean Trainer(jit_compile={meant})? Else" in str(raised.value), str(raised.value)
 
 
 def test_the_command_lines_trainers_are_from_the_cli_and_pythons_are_not():

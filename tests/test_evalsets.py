@@ -89,7 +89,8 @@ def test_val_names_the_one_set_as_it_does_beside_a_second(tmp_path):
     beside = EarlyStopping(monitor="val_accuracy", patience=100)
     make(callbacks=[beside]).fit(x, y, batch_size=32, steps=5, validation_split=0.25, validation_data={"ood": OOD})
     assert beside.reads == "val/accuracy"
-    with pytest.raises(UserError, match=r"monitor='val/acc' is not among the eval results \['accuracy', 'loss'\]"):
+    with pytest.raises(UserError, match=r"EarlyStopping\(monitor='val/acc'\) is not among the eval "
+                                        r"results \['accuracy', 'loss'\]"):
         make(callbacks=[EarlyStopping(monitor="val/acc")]).fit(x, y, batch_size=32, steps=5, validation_split=0.25)
 
 
@@ -138,7 +139,7 @@ def test_a_monitor_no_set_holds_is_an_error_naming_the_results(callback, message
 
 
 def test_best_metric_naming_no_set_is_an_error(tmp_path):
-    with pytest.raises(UserError, match="trainer.best_metric='test/accuracy': no eval set is named 'test'"):
+    with pytest.raises(UserError, match=r"Trainer\(best_metric='test/accuracy'\): no eval set is named 'test'"):
         make(run_dir=tmp_path, best_metric="test/accuracy").fit(batches(*TRAIN).repeat(), {"val": batches(*VAL)},
                                                                 steps=5)
 

@@ -103,13 +103,13 @@ def test_python_api_checks_ranges_too():
     from trainer import PrecisionConfig, StrategyConfig, Trainer, TrainerConfig
     from trainer.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"trainer\.epochs=-1 is out of range"):
+    with pytest.raises(ConfigError, match=r"Trainer\(epochs=-1\) is out of range"):
         TrainerConfig(epochs=-1)
-    with pytest.raises(ConfigError, match=r"precision\.max_consecutive_skips=0 is out of range"):
+    with pytest.raises(ConfigError, match=r"PrecisionConfig\(max_consecutive_skips=0\) is out of range"):
         PrecisionConfig(max_consecutive_skips=0)
-    with pytest.raises(ConfigError, match=r"strategy\.logical_cpus=0 is out of range: must be >= 1"):
+    with pytest.raises(ConfigError, match=r"StrategyConfig\(logical_cpus=0\) is out of range: must be >= 1"):
         StrategyConfig(name="mirrored", logical_cpus=0)  # 0 meant "no split" silently; unset (None) says that
-    with pytest.raises(ConfigError, match=r"trainer\.checkpoint_every=-5 is out of range"):
+    with pytest.raises(ConfigError, match=r"Trainer\(checkpoint_every=-5\) is out of range"):
         Trainer(model=lambda: keras.Sequential([keras.layers.Dense(1)]), loss="mse",
                 optimizer=lambda: keras.optimizers.SGD(0.1), checkpoint_every=-5)
 

@@ -142,16 +142,18 @@ def test_init_from_errors_name_the_model_the_path_and_what_the_checkpoint_holds(
         TwoModels(models=models, optimizer=keras.optimizers.Adam, verbose=False,
                   init_from=init_from).fit(blobs(), steps=1)
 
-    with pytest.raises(ConfigError, match=r"names \['x'\], not models of this Trainer \(models: \['a', 'c'\]\)"):
+    with pytest.raises(ConfigError, match=r"^Trainer\(init_from=\.\.\.\) names \['x'\], not models of this Trainer "
+                                          r"\(models: \['a', 'c'\]\)"):
         fit({"x": str(tmp_path / "source")})
     with pytest.raises(CheckpointError, match=r"init_from=\{c: '.*nowhere'\} is not a checkpoint"):
         fit({"c": str(tmp_path / "nowhere")})
     with pytest.raises(CheckpointError,
                        match=r"no variable of model 'c' is in .*ckpt-2 \(it holds the models \['a', 'b'\]\)"):
         fit({"c": str(tmp_path / "source")})
-    with pytest.raises(ConfigError, match=r"one path, and this Trainer has several models.*init_from=\{'a': PATH\}"):
+    with pytest.raises(ConfigError, match=r"^Trainer\(init_from='.*source'\) is one path, and this Trainer has several "
+                                          r"models.*Trainer\(init_from=\{'a': PATH\}\)"):
         fit(str(tmp_path / "source"))
-    with pytest.raises(ConfigError, match="neither a path nor model name -> path"):
+    with pytest.raises(ConfigError, match=r"^Trainer\(init_from=\{'a': 5\}\) is neither a path nor model name -> path"):
         fit({"a": 5})
     assert issubclass(ConfigError, UserError) and issubclass(CheckpointError, UserError)
 

@@ -79,7 +79,7 @@ def test_too_short_to_measure_keeps_auto_and_bad_values_name_the_choices(caplog)
     assert not measures_in_run(make(jit_compile=None, precision="mixed_float16", deterministic=False),
                                AUTO_MEASURE_STEPS)
     assert not measures_in_run(make(jit_compile=False), AUTO_MEASURE_STEPS)
-    with pytest.raises(ConfigError, match=r"trainer.jit_compile='maybe' is not one of true\|false\|null\|measure"):
+    with pytest.raises(ConfigError, match=r"Trainer\(jit_compile='maybe'\) is not one of true\|false\|null\|measure"):
         make(jit_compile="maybe")
 
 

@@ -92,6 +92,21 @@ def test_cli_lr_find_writes_json_and_plot_and_no_run_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["lr", "lr_find.json", "lr_find.png"]
 
 
+def test_cli_lr_find_composes_the_run_length_as_python_m_trainer_does(tmp_path, monkeypatch):
+    """`trainer.epochs=1` alone on the command line replaces recipe=mnist's max_steps=1500 in the run python -m
+    trainer makes (tests/test_run_length.py); lr_find composed the recipe's max_steps beside it."""
+    import trainer.assemble
+
+    composed, parts_of = [], trainer.assemble.parts_of  # the command runs as __main__: its find() calls this
+    monkeypatch.setattr(trainer.assemble, "parts_of",
+                        lambda cfg, **kw: (composed.append(dict(cfg.trainer)), parts_of(cfg, **kw))[1])
+    for given, length in ((["trainer.epochs=1"], (None, 1)), (["trainer.epochs=1", "trainer.max_steps=7"], (7, 1))):
+        result = run_cli("--steps", "13", "--out", str(tmp_path / "lr"), "recipe=mnist", "model.hidden_units=[8]",
+                         "data.batch_size=16", *given, module="trainer.lr_find", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert (composed[-1]["max_steps"], composed[-1]["epochs"]) == length  # both given: both stand
+
+
 def test_cli_lr_find_bad_input_exits_2(tmp_path):
     result = run_cli("--min", "1", "--max", "0.1", "recipe=mnist", module="trainer.lr_find", cwd=tmp_path)
     assert result.returncode == 2 and "0 < min_lr < max_lr" in result.stderr + result.stdout

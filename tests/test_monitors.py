@@ -253,3 +253,84 @@ def test_a_plateau_whose_min_lr_is_not_below_the_learning_rate_warns_that_it_can
         classifier([ReduceLROnPlateau(monitor="train/loss", patience=1, min_lr=1e-4, min_delta=10.0)],
                    log_every=2).fit(blobs(), steps=10)
     assert not idle_warnings(caplog) and said(caplog, "learning rate lowered"), caplog.text
+
+
+MISNAMED = {"best_metric": ["trainer.best_metric=acc"],
+            "early_stopping": ["callbacks=[early_stopping]", "callbacks.early_stopping.monitor=acc"],
+            "plateau": ["callbacks=[reduce_lr_on_plateau]", "callbacks.reduce_lr_on_plateau.monitor=acc"]}
+
+
+def files_of(folder):
+    """Every file of a run folder and its bytes, but its lock (the pid of the run holding it) and trainer.log (each
+    run started there adds its lines)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in (".trainer.lock", "trainer.log")}
+
+
+@pytest.mark.parametrize("where", list(MISNAMED))
+def test_cli_a_misnamed_monitor_leaves_no_run_folder_as_a_misnamed_best_metric(tmp_path, where):
+    """An early stopping or plateau monitor no eval result has left the run folder behind (its lock, trainer.log and
+    model_summary.txt, written before the monitors were checked) where a wrong best_metric removed it."""
+    run_dir = tmp_path / "run"
+    result = run_cli(*TINY, *MISNAMED[where], f"hydra.run.dir={run_dir}")
+    out = result.stdout + result.stderr
+    assert result.returncode == 2 and "(did you mean 'accuracy'?)" in out and "Traceback" not in out, out[-3000:]
+    assert not run_dir.exists(), sorted(p.name for p in run_dir.iterdir())
+
+
+def test_cli_a_misnamed_monitor_leaves_an_existing_run_folder_as_it_was(tmp_path):
+    run_dir = tmp_path / "run"
+    first = run_cli(*TINY, "trainer.max_steps=2", f"hydra.run.dir={run_dir}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = files_of(run_dir)
+    assert "checkpoints/ckpt-2.index" in before and "model_summary.txt" in before
+    for where in ("best_metric", "early_stopping"):
+        result = run_cli(*TINY, "trainer.max_steps=4", "model.hidden_units=[16]", *MISNAMED[where],
+                         f"hydra.run.dir={run_dir}")
+        out = result.stdout + result.stderr
+        assert result.returncode == 2 and "(did you mean 'accuracy'?)" in out, out[-3000:]
+        assert files_of(run_dir) == before, where  # model_summary.txt of another model was written over it
+
+
+@pytest.mark.parametrize("where", ["best_metric", "early_stopping"])
+def test_from_python_a_misnamed_monitor_leaves_no_run_folder_and_an_existing_one_as_it_was(tmp_path, where):
+    from trainer import EarlyStopping
+    from trainer.config import ConfigError
+
+    def fit(run_dir, name):
+        options = {"best_metric": name} if where == "best_metric" else {"callbacks": [EarlyStopping(monitor=name)]}
+        return classifier(run_dir=run_dir, **options).fit(blobs(), blobs(64), steps=5)
+
+    with pytest.raises(ConfigError, match=r"\(did you mean 'accuracy'\?\)"):
+        fit(tmp_path / "new", "acc")
+    assert not (tmp_path / "new").exists()
+    fit(tmp_path / "old", "accuracy")
+    before = files_of(tmp_path / "old")
+    with pytest.raises(ConfigError, match=r"\(did you mean 'accuracy'\?\)"):
+        fit(tmp_path / "old", "acc")
+    assert files_of(tmp_path / "old") == before and "checkpoints/ckpt-5.index" in before
+
+
+def test_from_python_a_new_run_folder_holding_the_users_own_trainer_log_is_kept_on_bad_input(tmp_path):
+    """fit() removes a run folder it made and stopped in on bad input only when it holds nothing but the lock: a
+    Python run writes no trainer.log, so one there is the user's (here their log file of trainer.core, opened in
+    the folder once fit() made it) and the folder stays, with it."""
+    from trainer import EarlyStopping, ReduceLROnPlateau
+    from trainer.config import ConfigError
+
+    run_dir = tmp_path / "new"
+    users_log = logging.FileHandler(run_dir / "trainer.log", delay=True)  # opened at its first line
+    core = logging.getLogger("trainer.core")
+    level = core.level
+    core.addHandler(users_log)
+    core.setLevel(logging.INFO)
+    try:  # the first monitor's name is said in trainer.core's log (in the folder), the second one is misspelt
+        with pytest.raises(ConfigError, match=r"ReduceLROnPlateau\(monitor='acc'\) is not among"):
+            classifier([EarlyStopping(monitor="accuracy"), ReduceLROnPlateau(monitor="acc")], run_dir=run_dir).fit(
+                blobs(), {"a": blobs(64), "b": blobs(32)}, steps=5)
+    finally:
+        core.removeHandler(users_log)
+        core.setLevel(level)
+        users_log.close()
+    assert sorted(p.name for p in run_dir.iterdir()) == [".trainer.lock", "trainer.log"]
+    assert "judged on the first, 'a/accuracy'" in (run_dir / "trainer.log").read_text()

@@ -283,21 +283,6 @@ def test_float16_outputs_are_wrapped_or_rejected(caplog):
         strict.fit(batches(), steps=1)
 
 
-def test_multiple_of_8_warning_and_float32_layers(caplog):
-    def model():
-        return keras.Sequential(
-            [keras.Input((8,)), keras.layers.Dense(12), keras.layers.LayerNormalization(),
-             keras.layers.Dense(2, dtype="float32")]
-        )
-
-    with caplog.at_level(logging.INFO):
-        trainer = make(PrecisionConfig(policy="mixed_float16", float32_layers=["LayerNormalization"]), model=model)
-        trainer.fit(batches(batch=12), steps=1)
-    assert "units=12" in caplog.text and "per-replica batch size=12" in caplog.text
-    assert trainer.model.layers[1].compute_dtype == "float32"
-    assert trainer.model.layers[0].compute_dtype == "float16"
-
-
 def test_conversion_round_trip_preserves_predictions():
     """(g) float32 -> mixed_float16 -> float32: close, then exactly the original weights' outputs."""
     keras.utils.set_random_seed(0)

@@ -103,7 +103,8 @@ def test_resume_from_best_and_from_a_path(tmp_path, caplog):
     assert int(fork.step.numpy()) == 12
     with pytest.raises(CheckpointError, match="is a folder; it takes one checkpoint"):
         make(tmp_path / "other", resume_from=str(run)).fit(data, steps=12)
-    with pytest.raises(ConfigError, match="needs the run folder"):
+    with pytest.raises(ConfigError, match=r"^Trainer\(resume_from='ckpt-10'\) needs the run folder .*Fix: give "
+                                          r"Trainer\(run_dir=\.\.\.\) too"):
         make(None, resume_from="ckpt-10").fit(data, steps=12)
 
 

@@ -200,6 +200,49 @@ def test_a_command_that_saves_nothing_stops_on_a_signal_its_trainers_fit_receive
     assert after == {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
 
 
+class SignalAtLoop(Callback):
+    """Sends SIGTERM to this process at the end of the loop of `step`; records the run's ends and errors."""
+
+    def __init__(self, step):
+        self.step, self.ends, self.errors = step, [], []
+
+    def on_loop_end(self, trainer, step):
+        if step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_exception(self, trainer, error):
+        self.errors.append(repr(error))
+
+    def on_train_end(self, trainer, summary):
+        self.ends.append({k: summary[k] for k in ("step", "interrupted", "failed") if k in summary})
+
+
+@pytest.mark.parametrize("at_step", [5, 20], ids=["before_the_last_loop", "in_the_last_loop"])
+def test_a_command_stopped_by_a_signal_ends_its_trainers_run_once(at_step, capsys, monkeypatch):
+    """The doctor's Trainer, signalled before its last loop, ran on_train_end twice: once as the loop stopped
+    ("interrupted"), then again, as "failed" with on_exception, when the command's stop (CommandStopped) left fit().
+    Its callbacks (a logger closing its files) now see one end, interrupted, and no error, wherever the signal
+    lands; the command stops as before (exit 143)."""
+    from trainer import iterator_release
+    from trainer.signals import stops_on_signals
+
+    monkeypatch.setattr(iterator_release, "_exit_code", None)
+    spy = SignalAtLoop(at_step)
+
+    @stops_on_signals("nothing written")
+    def command():
+        _make(None, [spy]).fit(blobs(), steps=20)  # loops of 5 steps
+        return 0
+
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        assert command() == 143
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert spy.ends == [{"step": at_step, "interrupted": True}] and spy.errors == []
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "stopped by SIGTERM: nothing written"
+
+
 def test_a_signal_after_a_command_wrote_its_results_says_what_was_written(capsys, monkeypatch):
     """The doctor's report (or lr_find's json) on disk, a signal during what follows (--set-auto, the plot) says
     that, not "wrote no report"; the next command starts from its own message again."""

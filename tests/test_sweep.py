@@ -1,5 +1,8 @@
 """trainer/sweep.py without a sweep: folder names and the table from job folders as a sweep leaves them."""
+import csv
 import json
+
+import pytest
 
 from trainer.sweep import format_table, job_folder, summarize
 
@@ -71,3 +74,41 @@ def test_the_sweeps_best_job_follows_best_mode_auto_as_the_best_checkpoint_does(
         (folder / "trainer.log").write_text("[trainer.callbacks][INFO] - Done: 20 steps in 1.5s (to step 20).\n")
     metric, mode = sweep_objective(TrainerConfig(best_metric="loss"))
     assert best_job(summarize(tmp_path, metric, mode), metric, mode)["job"] == 1
+
+
+@pytest.mark.parametrize("best_metric, finals, said", [
+    ("val_loss", [{"loss": 0.9}, {"loss": 0.4}], "final val_loss=0.4000 (min)"),  # one eval set: its `loss`
+    ("eval/loss", [{"loss": 0.9}, {"loss": 0.4}], "final eval/loss=0.4000 (min)"),
+    ("accuracy", [{"val/accuracy": 0.9, "ood/accuracy": 0.1}, {"val/accuracy": 0.4, "ood/accuracy": 0.8}],
+     "final accuracy=0.9000 (max)"),  # several sets: the first set's
+    # several sets, as the best checkpoint reads them (evalsets.resolve): Keras' val_loss is val/loss, eval/accuracy
+    # the first set's accuracy
+    ("val_loss", [{"ood/loss": 0.1, "val/loss": 0.9}, {"ood/loss": 0.8, "val/loss": 0.4}],
+     "final val_loss=0.4000 (min)"),
+    ("eval/accuracy", [{"val/accuracy": 0.9, "ood/accuracy": 0.1}, {"val/accuracy": 0.4, "ood/accuracy": 0.8}],
+     "final eval/accuracy=0.9000 (max)"),
+])
+def test_the_sweeps_table_ranks_the_value_each_job_returned_to_the_sweeper(tmp_path, capsys, best_metric, finals,
+                                                                           said):
+    """trainer.best_metric=val_loss: each job returned its eval `loss` to the sweeper, but the table looked up a
+    `val_loss` no record holds, so it printed no `Best:` line. It reads the key the job's value came from."""
+    from omegaconf import OmegaConf
+
+    from trainer.config import TrainerConfig
+    from trainer.sweep import BASIC_SWEEPER, CSV_NAME, SweepSummary, job_value
+
+    config = OmegaConf.create({"trainer": OmegaConf.structured(TrainerConfig(best_metric=best_metric, max_steps=20)),
+                               "hydra": {"sweep": {"dir": str(tmp_path)}, "sweeper": {"_target_": BASIC_SWEEPER}}})
+    returned = []
+    for job, final in enumerate(finals):
+        folder = tmp_path / f"{job}_optimizer.lr={job}"
+        folder.mkdir()
+        (folder / "metrics.jsonl").write_text(json.dumps({"step": 20, "split": "eval", **final}) + "\n")
+        (folder / "trainer.log").write_text("[trainer.callbacks][INFO] - Done: 20 steps in 1.5s (to step 20).\n")
+        returned.append(job_value({"step": 20, **final}, config.trainer)[0])
+    SweepSummary().on_multirun_end(config)
+    printed = capsys.readouterr().out
+    assert f"Best: job {returned.index((min if '(min)' in said else max)(returned))}, {said}: " in printed, printed
+    with open(tmp_path / CSV_NAME, newline="") as f:
+        column = [row[f"final_{best_metric}"] for row in csv.DictReader(f)]
+    assert column == [f"{value:.4f}" for value in returned]  # the values the sweeper was given

@@ -69,8 +69,9 @@ def compose(overrides, with_hydra: bool = False) -> DictConfig:
 
 def compose_config(overrides, error: type = ConfigError) -> DictConfig:
     """The config `python -m trainer OVERRIDES` would run, checked the same way, without Hydra's own node
-    (for the commands that take a run's overrides: the doctor, lr_find). Overrides that do not compose
-    raise `error`."""
+    (for the commands that take a run's overrides: the doctor, lr_find), its run length as the command line
+    sets it (run_length_of_command_line: `trainer.epochs=1` replaces a recipe's max_steps, as in the run).
+    Overrides that do not compose raise `error`."""
     from hydra.errors import HydraException
     from omegaconf import open_dict
     from omegaconf.errors import OmegaConfBaseException
@@ -86,6 +87,8 @@ def compose_config(overrides, error: type = ConfigError) -> DictConfig:
     check_config(cfg, cfg.hydra.runtime.choices)
     with open_dict(cfg):
         del cfg["hydra"]  # Hydra's own settings: not the run's
+    # as trainer/cli.py does to the run's config; its line is not logged: the doctor and lr_find train their own steps
+    run_length_of_command_line(cfg, overrides)
     return cfg
 
 

@@ -2,6 +2,7 @@
 metrics, loss and loss scales. Called under the strategy scope (trainer.py), after the dtype policy is set."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -15,6 +16,7 @@ from trainer.config import ConfigError, PrecisionConfig
 from trainer.distribute import StrategyError
 from trainer.errors import UserError
 from trainer.inputs import check_batched
+from trainer.layer_probe import LayerProbe, output_layers
 from trainer.loss_scale import LossScale
 from trainer.precision import PrecisionError
 from trainer.step import Step
@@ -269,7 +271,8 @@ def build_variables(trainer, sample_batch) -> Optional[keras.Model]:
     with trainer.strategy.scope():
         wrapped = None
         if len(trainer.models) == 1:
-            wrapped = _build_single_model(trainer.model, trainer.precision, sample_batch)
+            wrapped = _build_single_model(trainer.model, trainer.precision, sample_batch,
+                                          precision_lib.device_kind(trainer.strategy) == "GPU")
         # the models as the Trainer will hold them (the wrapper in the one model's place)
         models = {name: model if wrapped is None else wrapped for name, model in trainer.models.items()}
         for name, model in models.items():
@@ -288,16 +291,22 @@ def build_variables(trainer, sample_batch) -> Optional[keras.Model]:
     return wrapped
 
 
-def _build_single_model(model: keras.Model, precision: PrecisionConfig, sample_batch) -> Optional[keras.Model]:
-    """`model` called on two examples of `sample_batch`; its float32-output wrapper when it needs one, else None."""
+def _build_single_model(model: keras.Model, precision: PrecisionConfig, sample_batch,
+                        tensor_cores: bool) -> Optional[keras.Model]:
+    """`model` called on two examples of `sample_batch`; its float32-output wrapper when it needs one, else None.
+    `tensor_cores`: on GPUs, where the multiples-of-8 tip applies."""
     x, _, _ = keras.utils.unpack_x_y_sample_weight(sample_batch)
     check_batched(model, x)  # a dataset not batched: say so, not Keras' "Invalid input shape"
     first_two = tf.nest.map_structure(lambda t: t[:2], x)  # 2 examples suffice
-    outputs = model(first_two, training=False)
+    tip = precision.policy != "float32" and tensor_cores
+    probe = LayerProbe(model, record_calls=True) if tip else contextlib.nullcontext()
+    with probe:  # the calls in order: which layers size the outputs (the tip leaves small ones out)
+        outputs = model(first_two, training=False)
     precision_lib.keep_layers_in_float32(model, precision.float32_layers)
     wrapped = precision_lib.ensure_float32_outputs(model, outputs, precision.strict_outputs)
     if wrapped is not model:
         wrapped(first_two, training=False)  # build the wrapper
-    if precision.policy != "float32":
-        precision_lib.warn_not_multiple_of_8(wrapped, tf.nest.flatten(x)[0].shape[0])
+    if tip:
+        precision_lib.warn_not_multiple_of_8(wrapped, output_layers(probe.calls, outputs),
+                                             tf.nest.flatten(x)[0].shape[0])
     return wrapped if wrapped is not model else None

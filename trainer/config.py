@@ -14,7 +14,7 @@ from omegaconf import MISSING
 
 # The range machinery and ConfigError live in config_ranges; check_ranges is importable here too, as before.
 from trainer.config_ranges import (MAX_STEPS, Checked, ConfigError, check_ranges, chosen, combined,  # noqa: F401
-                                   meant_option, ranged, written)
+                                   as_given, meant_option, ranged, written)
 
 
 @dataclass
@@ -65,7 +65,8 @@ class TrainerConfig(Checked):
     on_divergence: str = chosen("stop", "stop|rollback|warn")
     max_rollbacks: int = ranged(3, "[1, inf)")  # on_divergence=rollback: rollbacks per run before it stops (exit 3)
     # A run that does not learn (docs/faults.md): a train loss still >= 95% of the run's first at
-    # not_learning_at of the run (not before step 200), with no accuracy above chance.
+    # not_learning_at of the run (not before step 200), with no accuracy clearly above chance; or, at the end, a
+    # train loss that fell with the final eval accuracy at chance.
 
     # warn | divergence (as trainer.on_divergence says: stop exits 3) | off
     not_learning: str = chosen("warn", "warn|divergence|off")
@@ -119,28 +120,32 @@ class TrainerConfig(Checked):
         def fix(name: str, value: Any) -> str:
             return written(f"{prefix}.{name}", value, (python or {}).get(name, ""), cli=not python)
 
+        def named(name: str, value: Any, quoted: bool = False) -> str:  # the lead-in's `trainer.x=1`, `Trainer(x=1)`
+            return as_given(f"{prefix}.{name}", value, (python or {}).get(name, ""), not python,
+                         None if quoted else str(value))
+
         if (per_step := values.get("batches_per_step", 1)) > 1 and values.get("grad_accum_steps", 1) > 1:
-            raise ConfigError(f"{prefix}.batches_per_step={per_step} and "
-                              f"{prefix}.grad_accum_steps={values['grad_accum_steps']}: the overridden step that takes "
-                              "several batches is not accumulated. Fix: set only one of them.")
+            raise ConfigError(f"{named('batches_per_step', per_step)} and "
+                              f"{named('grad_accum_steps', values['grad_accum_steps'])}: the overridden step that "
+                              "takes several batches is not accumulated. Fix: set only one of them.")
         steps = values.get("profile_steps")
         if steps is not None and (len(steps) != 2 or steps[0] > steps[1]):
-            raise ConfigError(f"{prefix}.profile_steps={list(steps)} must be two steps [N, M] with 1 <= N <= M. "
+            raise ConfigError(f"{named('profile_steps', list(steps))} must be two steps [N, M] with 1 <= N <= M. "
                               f"Fix: e.g. {fix('profile_steps', [10, 20])} (a trace of steps 10 to 20).")
         dev = values.get("fast_dev_run", False)
         # an Any field (OmegaConf lets 2.5, "yes" and null in), judged here alone: a range said -1 as "must be >= 0"
         if not isinstance(dev, (bool, numbers.Integral)) or (not isinstance(dev, bool) and dev < 0):
-            raise ConfigError(f"{prefix}.fast_dev_run={dev!r} is neither true/false nor a whole number of batches "
-                              f"(>= 0). Fix: {fix('fast_dev_run', True)} (2 train steps and 2 eval batches) or a "
-                              f"number N (N of each, as Lightning's fast_dev_run=N), e.g. {fix('fast_dev_run', 5)}; "
-                              f"{'false' if not python else 'False'} or 0: off.")
+            raise ConfigError(f"{named('fast_dev_run', dev, quoted=True)} is neither true/false nor a whole number "
+                              f"of batches (>= 0). Fix: {fix('fast_dev_run', True)} (2 train steps and 2 eval "
+                              f"batches) or a number N (N of each, as Lightning's fast_dev_run=N), e.g. "
+                              f"{fix('fast_dev_run', 5)}; {'false' if not python else 'False'} or 0: off.")
         limit, eval_steps = values.get("limit_eval_batches"), values.get("eval_steps")
         if limit is not None and limit > 1 and limit != int(limit):
-            raise ConfigError(f"{prefix}.limit_eval_batches={limit} is neither a whole number of batches nor a "
+            raise ConfigError(f"{named('limit_eval_batches', limit)} is neither a whole number of batches nor a "
                               f"fraction in (0, 1) of the eval set. Fix: e.g. {fix('limit_eval_batches', int(limit))} "
                               f"or {fix('limit_eval_batches', 0.25)}.")
         if limit is not None and eval_steps is not None and limit != eval_steps:
-            raise ConfigError(f"{prefix}.limit_eval_batches={limit} and {prefix}.eval_steps={eval_steps} both limit "
+            raise ConfigError(f"{named('limit_eval_batches', limit)} and {named('eval_steps', eval_steps)} both limit "
                               f"evaluation, to different sizes. Fix: set only one of them (limit_eval_batches "
                               "is Lightning's name; it also takes a fraction of the eval set).")
 
@@ -178,7 +183,8 @@ class PrecisionConfig(Checked):
             fix = (f"did you mean {meant}? From Python: Trainer(precision=\"{meant}\") (or "
                    f"PrecisionConfig(policy=\"{meant}\"))" if meant
                    else 'give one of them, e.g. Trainer(precision="mixed_bfloat16")')
-            raise ConfigError(f"precision.policy={self.policy!r} is not one of {'|'.join(policies)}. Fix: {fix}.")
+            # named as Python gives it: Trainer(precision=...) or PrecisionConfig(policy=...), not the config key
+            raise ConfigError(f"precision policy {self.policy!r} is not one of {'|'.join(policies)}. Fix: {fix}.")
         super().__post_init__()
 
 

@@ -90,6 +90,16 @@ def written(key: str, value: Any, python: str = "", cli: bool = True) -> str:
     return f"{key}={value if isinstance(value, str) else _cli_literal(value)}"
 
 
+def as_given(key: str, value: Any, python: str = "", cli: bool = True, shown: Optional[str] = None) -> str:
+    """A setting and its value as an error's lead-in names them, in the form its user gave them (as `written`
+    writes the fix): the config key (`trainer.on_divergence='retry'`; `shown`: the value as written there, else its
+    repr) or, from Python (`cli` false), the argument (`python`: `Trainer(on_divergence=...)` ->
+    `Trainer(on_divergence='retry')`)."""
+    if python and not cli:
+        return python.replace("...", repr(value))
+    return f"{key}={repr(value) if shown is None else shown}"
+
+
 def _cli_literal(value: Any) -> str:
     """A value as an override types it: true, null, [10,20]."""
     if isinstance(value, (list, tuple)):
@@ -100,6 +110,9 @@ def _cli_literal(value: Any) -> str:
 def python_forms(schema, call: str) -> Dict[str, str]:
     """Field name -> how Python sets it (`Trainer(max_steps=...)`) for every field of `schema`, set through `call`."""
     return {f.name: f"{call}({f.name}=...)" for f in dataclasses.fields(schema)}
+
+
+_PYTHON_LITERALS = {"true": True, "false": False, "null": None}  # choices the CLI spells so (an `Any` field's)
 
 
 def _as_choice(value: Any) -> Any:
@@ -139,22 +152,28 @@ def check_ranges(schema, values: Mapping[str, Any], prefix: str, python: Optiona
         key = f"{prefix}.{f.name}" if prefix else f.name
         form = (python or {}).get(f.name)
         fix = f"give {form}" if form else f"set {key} to"  # `give Trainer(max_steps=...) a value >= 1`
+        setting = as_given(key, value, form or "", cli=not form)  # `trainer.max_steps=-1`, `Trainer(max_steps=-1)`
         items = value if isinstance(value, (list, tuple)) else [value]
         if value not in (None, MISSING) and _WHOLE.fullmatch(str(f.type)) and not all(
                 isinstance(item, numbers.Integral) and not isinstance(item, bool) for item in items):
-            raise ConfigError(f"{key}={value!r} is not a whole number. Fix: {fix} whole numbers.")
+            raise ConfigError(f"{setting} is not a whole number. Fix: {fix} whole numbers.")
         if choices is not None and value is not None and _as_choice(value) not in choices:
-            raise ConfigError(f"{key}={value!r} is not one of {'|'.join(choices)}. Fix: {fix} one of them.")
+            meant = meant_option(prefix, value, choices) if isinstance(value, str) else None
+            # from Python, true/false/null are the literals: Trainer(jit_compile=True), not 'true'
+            given = _PYTHON_LITERALS.get(meant, meant) if form else meant
+            guess = f"did you mean {written(key, given, form or '', cli=not form)}? Else " if meant else ""
+            raise ConfigError(f"{setting} is not one of {'|'.join(choices)}. Fix: {guess}{fix} one of them.")
         if interval is None or value is None:
             continue
+        as_set = as_given(key, value, form or "", cli=not form, shown=str(value))
         for item in items:
             each = "each element " if isinstance(value, (list, tuple)) else ""
             if isinstance(item, float) and not math.isfinite(item):  # inf passes "(0, inf)"'s > 0; nan fails every test
-                raise ConfigError(f"{key}={value} is not a finite number: {each}must be finite and "
+                raise ConfigError(f"{as_set} is not a finite number: {each}must be finite and "
                                   f"{_describe(interval)}. Fix: {fix} "
                                   f"{'finite values' if each else 'a finite value'} {_describe(interval)}.")
             if isinstance(item, (int, float)) and not isinstance(item, bool) and not _inside(item, interval):
-                raise ConfigError(f"{key}={value} is out of range: {each}must be {_describe(interval)}. "
+                raise ConfigError(f"{as_set} is out of range: {each}must be {_describe(interval)}. "
                                   f"Fix: {fix} {'values' if each else 'a value'} {_describe(interval)}.")
 
 

@@ -12,7 +12,7 @@ import difflib
 import logging
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from trainer.config_ranges import ConfigError, written
+from trainer.config_ranges import ConfigError, as_given, written
 from trainer.errors import UserError
 
 log = logging.getLogger("trainer.core")
@@ -102,38 +102,99 @@ def meant(name: str, names: Sequence[str]) -> Optional[str]:
     return close[0] if close else None
 
 
+def _misspelt(name: str, known: str) -> bool:
+    """`name` reads as `known` misspelt (`acuracy`, `los`, `losss`), not as a result of its own: one holding `known`
+    as a `_`-separated word (`kl_loss`, `top1_accuracy`, `eval_loss`), `known` and a suffix (`lossA`, `loss2`,
+    `accuracy5`) or other digits, or another result by a short name (`mae` beside `mse`, `auc`, `acc`) is not."""
+    digitless = name.rstrip("0123456789") == known.rstrip("0123456789")
+    if name == known or digitless or known in name.split("_") or name in known.split("_"):
+        return False
+    if name.startswith(known) and name[len(known)] != known[-1]:  # a suffix, not a doubled last letter (losss)
+        return False
+    return difflib.SequenceMatcher(None, name, known).ratio() >= 0.85
+
+
+def probable_typo(asked: str, key: str, known: Sequence[str]) -> Optional[str]:
+    """Before an overridden step has run (its own result names unknown): the name among `known` (what the default
+    step reports: the loss and the Trainer's metrics, `<set>/` before each with several sets) that a monitored
+    name outside them is most likely misspelt from (`acuracy`: 'accuracy', `val_los`: 'val_loss'), as the user
+    writes it. Stricter than `meant` (no synonyms, a close spelling only): the step names results of its own
+    (`val_auc`, `kl_loss`, `acc`), which are no typo. None: `key`, the record key the name reads, is known, or
+    no known name is that close."""
+    if key in known:
+        return None
+    head, tail = _prefixed(asked)
+    plain = bool(head) and not any(n.startswith(head) for n in known)  # `val_` before one set's plain names
+    for name in known:
+        known_head, known_tail = (head, name) if plain else _prefixed(name)
+        if known_head == head and _misspelt(tail, known_tail):
+            return head + known_tail
+    return None
+
+
+def check_typo_before_run(lead: str, given: str, asked: str, key: str, default: Sequence[str],
+                          sets: Optional[Sequence[str]], step: str, mode_unknown: str, fix) -> None:
+    """With an overridden `step` (its result names are known only once it runs): a monitored name outside what
+    the default step reports (`default`, plain names; each `<set>/` with several `sets`) yet a misspelling of one
+    (probable_typo) is said as that, not as a mode to set: when mode=auto cannot judge the name (`mode_unknown`:
+    the mode's name, `best_mode`; "": it can), as a ConfigError; else warned now, as its first event may be the
+    run's end. `lead`: the setting and `given` name as the user gave them (as_given); `fix(what, value)`: the
+    setting ('name', or 'mode') to `value`, as the user writes it."""
+    train = step == "train_step"
+    known = [f"train/{n}" for n in default] if train else [f"{s}/{n}" for s in sets for n in default] if sets \
+        else list(default)
+    close = probable_typo(asked, key, known)
+    if close is None:
+        return
+    logs = "train logs" if train else "eval results"
+    why = (f"{lead} is not among the {logs} the Trainer knows before its overridden {step} first runs, {known} "
+           f"(did you mean {close!r}?)")
+    if mode_unknown:
+        raise ConfigError(f"{why}; and {mode_unknown}=auto cannot tell whether a larger {given!r} is better. "
+                          f"Fix: {fix('name', close)}; or, if your {step} returns {given!r}, {fix('mode', 'min')} or "
+                          f"{fix('mode', 'max')}.")
+    log.warning("%s. It is checked at the first %s: a name they lack stops the run there. Fix: %s; nothing, if your "
+                "%s returns %r.", why, "train log" if train else "evaluation", fix("name", close), step, given)
+
+
 def close_hint(name: str, names: Sequence[str]) -> str:
     """" (did you mean 'x'?)" for the name `meant`, else ""."""
     found = meant(name, names)
     return f" (did you mean {found!r}?)" if found else ""
 
 
-def single_set(name: str, metric_names: Optional[Sequence[str]], setting: str) -> str:
+def single_set(name: str, metric_names: Optional[Sequence[str]], setting: str, say: bool = True,
+               known: Optional[Sequence[str]] = None) -> str:
     """With one eval set (the recipe's split, fit's validation data) its results keep plain names, yet it is
     the set the docs call `val`, and named so beside a second one: `val/accuracy` and Keras' `val_accuracy`
     read its `accuracy`, so a monitor need not change when a set is added. That is said in the log unless
-    `metric_names` (None: not known yet) lacks the name: a misspelt one (`val_acuracy`) is its caller's error."""
+    `metric_names` (None: not known yet) lacks the name: a misspelt one (`val_acuracy`) is its caller's error, or
+    `say` is false (a sweep's table reading the jobs' records). With `metric_names` None (an overridden step's,
+    not known yet), nor when the name is a probable typo of a `known` one (`val_los`: its caller says so)."""
     name = name[len("eval/"):] if name.startswith("eval/") else name
     if metric_names is not None and name in metric_names:  # a step's own log named so
         return name
     for prefix in ("val/", "val_"):
         if name.startswith(prefix) and len(name) > len(prefix):
             plain = name[len(prefix):]
-            if metric_names is None or plain in metric_names:
+            known_name = plain in metric_names if metric_names is not None else not (
+                known and probable_typo(name, plain, known))
+            if say and known_name:
                 log.info("%s=%r: the one eval set's %r (its results keep plain names).", setting, name, plain)
             return plain
     return name
 
 
 def resolve(name: str, set_names: Optional[Sequence[str]], metric_names: Optional[Sequence[str]], setting: str,
-            python: str = "", cli: bool = True) -> str:
+            python: str = "", cli: bool = True, say: bool = True, known: Optional[Sequence[str]] = None) -> str:
     """The eval record key a monitored `name` reads: `val/accuracy` as given; a bare `accuracy` with several
     sets is the first set's (said in the log); Keras' `val_accuracy` is `val/accuracy`. `python`: the setting's
     Python form (`Trainer(best_metric=...)`), which an error's fix names when the user came from Python (`cli`
-    false). An unknown set is an EvalSetError naming the available keys."""
+    false). An unknown set is an EvalSetError naming the available keys. `say`: as single_set's. `known`: with
+    `metric_names` None, the names the default step would report (a name close to one is its caller's to say)."""
     name = name[len("eval/"):] if name.startswith("eval/") else name
     if not set_names:
-        return single_set(name, metric_names, setting)
+        return single_set(name, metric_names, setting, say, known)
     if name.startswith("val_") and "val" in set_names and (metric_names is None or name not in metric_names):
         name = "val/" + name[len("val_"):]  # Keras' val_accuracy
     head, _, tail = name.partition("/")
@@ -142,9 +203,12 @@ def resolve(name: str, set_names: Optional[Sequence[str]], metric_names: Optiona
     if tail:  # a set no set has (`vall/accuracy`), a metric its set lacks (`val/acc`)
         keys = [f"{s}/{m}" for s in set_names for m in (metric_names or [tail])]
         what = f"set {head!r} has no result {tail!r}" if head in set_names else f"no eval set is named {head!r}"
-        raise EvalSetError(f"{setting}={name!r}: {what}; the eval results are {keys}{close_hint(name, keys)}. "
-                           f"Fix: {written(setting, '<one of them>', python, cli)} (<set>/<metric>).")
-    if metric_names is None or name in metric_names:  # a misspelt name: the caller's error says so, not this
+        raise EvalSetError(f"{as_given(setting, name, python, cli)}: {what}; the eval results are {keys}"
+                           f"{close_hint(name, keys)}. Fix: {written(setting, '<one of them>', python, cli)} "
+                           "(<set>/<metric>).")
+    known_name = name in metric_names if metric_names is not None else not (
+        known and probable_typo(name, name, known))
+    if say and known_name:  # a misspelt name: the caller's error (or warning) says so
         log.info("%s=%r with the eval sets %s: judged on the first, %r (%s for another).", setting, name,
                  list(set_names), f"{set_names[0]}/{name}", written(setting, f"<set>/{name}", python, cli))
     return f"{set_names[0]}/{name}"

@@ -155,10 +155,11 @@ def training_iterator(data: DataArg, strategy, start: int, batches_read: int, ke
 
 
 def total_steps(steps: Optional[int], epochs: Optional[float], steps_per_epoch: Optional[int],
-                cli: Optional[bool] = None) -> int:
+                cli: Optional[bool] = None, epochs_from: str = "fit") -> int:
     """The step a fit ends at: the smaller of `steps` and `epochs` x `steps_per_epoch` (ceil); a ConfigError
     when neither says it, its fix in the user's form: the CLI's overrides (`cli`), fit()'s and the Trainer's
-    arguments (`cli` false), or both (None: not known)."""
+    arguments (`cli` false; `epochs_from`: the call `epochs` was given to, fit or Trainer), or both (None: not
+    known)."""
     def fix(python: str, command: str) -> str:
         both = f"{python}; from the CLI, {command}"
         return both if cli is None else command if cli else python
@@ -177,9 +178,10 @@ def total_steps(steps: Optional[int], epochs: Optional[float], steps_per_epoch: 
                                                           "trainer.max_steps=..."))
         if epochs * steps_per_epoch < 1:  # Lightning's rule for a limit_train_batches fraction under one batch
             least = f"{1 / steps_per_epoch:.3g}"
-            raise ConfigError(f"trainer.epochs={epochs} is {epochs * steps_per_epoch:.3g} of a step (an epoch is "
+            asked = f"{epochs_from}(epochs={epochs})" if cli is False else f"trainer.epochs={epochs}"
+            raise ConfigError(f"{asked} is {epochs * steps_per_epoch:.3g} of a step (an epoch is "
                               f"{steps_per_epoch} steps). Fix: at least "
-                              + fix(f"fit(epochs={least}) (one step), or fit(steps=...)",
+                              + fix(f"{epochs_from}(epochs={least}) (one step), or fit(steps=...)",
                                     f"trainer.epochs={least} (one step), or set trainer.max_steps") + ".")
         candidates.append(int(math.ceil(epochs * steps_per_epoch)))
     if not candidates:

@@ -16,7 +16,7 @@ import keras
 from trainer.checkpoint import CheckpointError
 from trainer.checkpoint_files import list_checkpoints
 from trainer.checkpoint_graph import match_variables
-from trainer.config import ConfigError
+from trainer.config import ConfigError, as_given
 
 log = logging.getLogger(__name__)
 
@@ -137,27 +137,34 @@ def warm_start(model, path: Union[str, os.PathLike], purpose: str = "Warm start"
     return {"restored": restored, "missing": missing, "unexpected": unexpected, "mismatched": mismatched}
 
 
-def init_from_targets(init_from: InitFrom, models: Mapping[str, keras.Model]) -> Dict[str, Optional[str]]:
+def init_from_targets(init_from: InitFrom, models: Mapping[str, keras.Model],
+                      cli: bool = True) -> Dict[str, Optional[str]]:
     """trainer.init_from as model name -> path, checked: one path for a Trainer of one model, else a mapping
-    whose names are the Trainer's models. (The mapping's keys come back; the single form's is None.)"""
+    whose names are the Trainer's models. (The mapping's keys come back; the single form's is None.) An error
+    names the setting as its user gave it: the override (`cli`) or Trainer(init_from=...)."""
     if init_from is None or init_from == "" or isinstance(init_from, Mapping) and not init_from:
         return {}
+    python = "Trainer(init_from=...)"
     path_like = (str, os.PathLike)
     if not isinstance(init_from, (*path_like, Mapping)) or isinstance(init_from, Mapping) and not all(
             isinstance(k, str) and isinstance(v, path_like) for k, v in init_from.items()):
-        raise ConfigError(f"trainer.init_from={init_from!r} is neither a path nor model name -> path. Fix: "
-                          "trainer.init_from=PATH (one model) or trainer.init_from={teacher:PATH} (several)")
+        forms = ("trainer.init_from=PATH (one model) or trainer.init_from={teacher:PATH} (several)" if cli else
+                 "Trainer(init_from=PATH) (one model) or Trainer(init_from={'teacher': PATH}) (several)")
+        raise ConfigError(f"{as_given('trainer.init_from', init_from, python, cli)} is neither a path nor model "
+                          f"name -> path. Fix: {forms}")
     if isinstance(init_from, path_like):
         init_from = os.fspath(init_from)
         if len(models) > 1:
-            raise ConfigError(f"trainer.init_from={init_from!r} is one path, and this Trainer has several models "
-                              f"{sorted(models)}. Fix: say which model each checkpoint is for, e.g. "
-                              f"init_from={{{next(iter(models))!r}: PATH}} (command line: "
-                              f"trainer.init_from={{{next(iter(models))}:PATH}})")
+            first = next(iter(models))
+            each = f"trainer.init_from={{{first}:PATH}}" if cli else f"Trainer(init_from={{{first!r}: PATH}})"
+            raise ConfigError(f"{as_given('trainer.init_from', init_from, python, cli)} is one path, and this "
+                              f"Trainer has several models {sorted(models)}. Fix: say which model each checkpoint "
+                              f"is for, e.g. {each}")
         return {None: init_from}
     unknown = sorted(set(init_from) - set(models))
     if unknown:
-        raise ConfigError(f"trainer.init_from names {unknown}, not models of this Trainer (models: {sorted(models)})")
+        setting = "trainer.init_from" if cli else python
+        raise ConfigError(f"{setting} names {unknown}, not models of this Trainer (models: {sorted(models)})")
     return {name: os.fspath(path) for name, path in init_from.items()}
 
 

@@ -97,6 +97,7 @@ class Loop:
         self.window_start, self.window_step = time.perf_counter(), self.step  # the log window's start
         self.ends_run = ends_run  # reaching `total` ends the run (its last train logs); run_windows: it does not
         self.interrupted = signals.SignalCatcher()  # run() makes the one it enters; not entered, it catches nothing
+        self.ended = False  # the callbacks' on_train_end ran (a stop by a signal): it runs once
 
     def run(self) -> Tuple[Dict, Dict, int]:
         t = self.trainer
@@ -132,6 +133,13 @@ class Loop:
             self.callbacks.on_train_end(t, {"step": self.step, "interrupted": True})
             raise
         except TrainingInterrupted:  # saved, and said so, above
+            raise
+        except signals.CommandStopped:  # a command that saves nothing stops (stops_on_signals): a stop, no error
+            if not self.ended:  # _interrupted ended the run already when the signal came before the last loop
+                try:
+                    self.callbacks.on_train_end(t, {"step": self.step, "interrupted": True})
+                except Exception:  # noqa: BLE001 - the command stops as the signal asked, without a traceback
+                    log.exception("A callback's on_train_end failed while fit() was stopping on a signal")
             raise
         except BaseException as e:  # writers and the progress bar are closed; the error goes on unchanged
             for hook, args in (("on_exception", (e,)),
@@ -273,6 +281,7 @@ class Loop:
                         how_to_resume(t))
         else:
             log.warning("Received %s at step %d: stopping (no run folder, nothing saved).", e, self.step)
+        self.ended = True  # a CommandStopped raised after it (SignalCatcher.__exit__) does not end the run again
         self.callbacks.on_train_end(t, {"step": self.step, "interrupted": True})
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import os
 from pathlib import Path
 from typing import Iterable, List, Mapping, Tuple
 
@@ -144,6 +145,9 @@ def check_variables_float32(model: keras.Model) -> None:
         raise PrecisionError(f"trainable variables must be float32 under mixed precision, found {bad[:5]}")
 
 
+SIZE_ATTRIBUTES = ("units", "filters", "key_dim", "num_heads_times_key_dim")  # the sizes Tensor Cores tile
+
+
 def dims_not_multiple_of_8(model: keras.Model) -> List[Tuple[keras.layers.Layer, str, int]]:
     """(layer, attribute, value) of each Dense units / conv filters / attention key_dim that is not a
     multiple of 8, in layers computing in reduced precision (a float32 head or kept-float32 layer does not
@@ -152,16 +156,46 @@ def dims_not_multiple_of_8(model: keras.Model) -> List[Tuple[keras.layers.Layer,
     for layer in _layers(model):
         if layer.compute_dtype == "float32":
             continue
-        for attr in ("units", "filters", "key_dim", "num_heads_times_key_dim"):
+        for attr in SIZE_ATTRIBUTES:
             value = getattr(layer, attr, None)
             if isinstance(value, int) and value % 8:
                 found.append((layer, attr, value))
     return found
 
 
-def warn_not_multiple_of_8(model: keras.Model, per_replica_batch: int | None) -> List[str]:
-    """The guide's tip: Tensor Cores want Dense units, conv filters and batch sizes in multiples of 8."""
-    offenders = [f"{layer.name}.{attr}={value}" for layer, attr, value in dims_not_multiple_of_8(model)]
+# An output layer narrower than this has the task's size (its classes): the tip leaves it out. A wider one (a
+# vocabulary) is named, with OUTPUT_PAD_NOTE: padding it pays, where the task allows.
+SMALL_OUTPUT = 256
+OUTPUT_PAD_NOTE = "output layer: pad the vocabulary to a multiple of 8 (64 is better) if you can"
+
+
+def is_small_output(layer, value: int, output_layer_ids: set) -> bool:
+    """Whether `layer` is an output layer (layer_probe.output_layers) of the task's size (< SMALL_OUTPUT)."""
+    return id(layer) in output_layer_ids and value < SMALL_OUTPUT
+
+
+def tensor_core_offenders(model: keras.Model, output_layer_ids: set) -> List[Tuple[keras.layers.Layer, str, int, str]]:
+    """dims_not_multiple_of_8 with a note each, less the small output layers: (layer, attribute, value, note);
+    the note is OUTPUT_PAD_NOTE for a wide output layer, else "". What the Trainer's tip and the doctor's fixes name."""
+    return [(layer, attr, value, OUTPUT_PAD_NOTE if id(layer) in output_layer_ids else "")
+            for layer, attr, value in dims_not_multiple_of_8(model)
+            if not is_small_output(layer, value, output_layer_ids)]
+
+
+def device_kind(strategy: tf.distribute.Strategy) -> str:
+    """"TPU", "GPU" or "CPU": what the steps run on. Only GPUs have Tensor Cores (the multiples-of-8 tip);
+    "CPU" is where float16 is emulated and XLA is turned on for it."""
+    if isinstance(strategy, tf.distribute.TPUStrategy):
+        return "TPU"
+    return "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
+
+
+def warn_not_multiple_of_8(model: keras.Model, output_layer_ids: set, per_replica_batch: int | None) -> List[str]:
+    """The guide's tip: Tensor Cores want Dense units, conv filters and batch sizes in multiples of 8. A small
+    output layer is left out (its size is the task's, 10 classes say), a wide one (a vocabulary) is named with
+    a note; the caller gives the tip only on GPUs (device_kind)."""
+    offenders = [f"{layer.name}.{attr}={value}" + (f" ({note})" if note else "")
+                 for layer, attr, value, note in tensor_core_offenders(model, output_layer_ids)]
     if per_replica_batch and per_replica_batch % 8:
         offenders.append(f"per-replica batch size={per_replica_batch}")
     if offenders:
@@ -231,6 +265,69 @@ def advise_xla_bfloat16_on_cpu() -> None:
             "XLA with mixed_bfloat16 on a CPU without AMX: on an Intel Xeon with AVX-512 BF16 and no AMX, XLA's "
             "bfloat16 matmuls measured ~1.5x TensorFlow's own (oneDNN's are slow there); %s.", measure,
         )
+
+
+def _onednn_custom_ops_on() -> bool:
+    """TF_ENABLE_ONEDNN_OPTS as TensorFlow read it when it loaded."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):  # TensorFlow moved it: the switch's own default (on, on Linux x86)
+        return os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1") not in ("0", "false", "False")
+
+
+def dt_half_line_here() -> str:
+    """Whether TensorFlow prints `E... util.cc:131] oneDNN supports DT_HALF only on platforms with AVX-512` at
+    its first float16 op: "yes", "maybe" or "no". It does when oneDNN's custom ops are on and the CPU lacks
+    oneDNN float16 kernels; TF 2.21 (tensorflow/core/util/util.cc, IsDataTypeSupportedByOneDNNOnThisCPU, since
+    tensorflow/tensorflow#69087) has them with (AVX-512 BW and (AVX-512 FP16 or AMX-FP16)) or AVX-NE-CONVERT.
+    Linux's /proc/cpuinfo does not list AVX-NE-CONVERT (Intel's cores without AVX-512 may have it), and some
+    systems have no flags there (not Linux; aarch64 lists `Features`): "maybe" then."""
+    if not _onednn_custom_ops_on():
+        return "no"
+    flags = cpu_flags()
+    if not flags:
+        return "maybe"
+    if ("avx512bw" in flags and flags & {"avx512_fp16", "amx_fp16"}) or "avx_ne_convert" in flags:
+        return "no"
+    if "avx512bw" not in flags and cpu_vendor() == "GenuineIntel":
+        return "maybe"
+    return "yes"
+
+
+DT_HALF_LINE = "E0000 ... util.cc:131] oneDNN supports DT_HALF only on platforms with AVX-512 ..."  # TF 2.21's
+
+
+def dt_half_line_note(line_here: str) -> str:
+    """Says TensorFlow's DT_HALF line is harmless: plainly where it is printed, hedged where it may be, "" where not."""
+    what = f"TensorFlow's line `{DT_HALF_LINE}` (once, at the first float16 op)"
+    if line_here == "yes":
+        return f"{what} is harmless, not a failure: float16 is emulated on this CPU, in float32. "
+    if line_here == "maybe":
+        return f"If {what} is printed, it is harmless, not a failure: float16 is emulated, in float32. "
+    return ""
+
+
+_said_once: set = set()  # the warnings given once per process (as TensorFlow's own line is)
+
+
+def forget_said_once() -> None:
+    """As a new process: each once-per-process warning is given again (tests)."""
+    _said_once.clear()
+
+
+def warn_float16_on_cpu() -> None:
+    """mixed_float16 on a CPU: slow, and TensorFlow's error-level line about it reads like a failure; said (with
+    the policy this CPU wants) before the first float16 op, so that it comes first; once per process, as
+    TensorFlow's line is (a sweep builds many Trainers)."""
+    if "float16_on_cpu" in _said_once:
+        return
+    _said_once.add("float16_on_cpu")
+    flags = cpu_flags()
+    advice = (cpu_policy_advice("mixed_float16", cpu_bfloat16_kernels(flags)) if flags else
+              "This CPU's flags are unknown here: `python -m trainer.doctor` measures which precision is fastest.")
+    log.warning("precision=mixed_float16 on a CPU: float16 is slow on CPUs (mixed_float16 is for GPUs with Tensor "
+                "Cores). %s%s", dt_half_line_note(dt_half_line_here()), advice)
 
 
 def hardware_report(policy: str, strategy: tf.distribute.Strategy) -> str:

@@ -173,18 +173,21 @@ def release(fd: Optional[int]) -> None:
         os.close(fd)  # closing the descriptor drops the flock
 
 
-def remove_if_unused(folder) -> bool:
-    """Removes `folder` when this process created it and it holds nothing but its lock and trainer.log: a run
-    that failed on bad input before training (data, model, init_from), so it leaves no run folder, as a
-    config error caught earlier does. A folder that existed before (a previous run's) is never touched."""
+def remove_if_unused(folder, leftovers: Tuple[str, ...] = (LOCK_FILE, "trainer.log")) -> bool:
+    """Removes `folder` when this process created it and it holds nothing but `leftovers`: a run that failed on
+    bad input before training (data, model, init_from), so it leaves no run folder, as a config error caught
+    earlier does. The CLI's leftovers are its lock and the trainer.log Hydra opened; a Python run writes no
+    trainer.log (one there is the user's), so it passes the lock alone. A folder that existed before (a previous
+    run's) is never touched."""
     import logging
 
     folder = Path(os.path.abspath(folder))
     if (folder not in _made or not folder.is_dir()
-            or any(p.name not in (LOCK_FILE, "trainer.log") for p in folder.iterdir())):
+            or any(p.name not in leftovers for p in folder.iterdir())):
         return False
     for handler in logging.getLogger().handlers[:]:  # Hydra's file handler writes trainer.log there
-        if Path(getattr(handler, "baseFilename", "/")).parent == folder:
+        file = Path(getattr(handler, "baseFilename", "/"))
+        if file.parent == folder and file.name in leftovers:
             handler.close()
             logging.getLogger().removeHandler(handler)
     shutil.rmtree(folder, ignore_errors=True)
@@ -193,12 +196,20 @@ def remove_if_unused(folder) -> bool:
 
 
 @contextlib.contextmanager
-def run_folder_lock(folder, hold: bool = True) -> Iterator[None]:
+def run_folder_lock(folder, hold: bool = True, remove_unused: bool = False) -> Iterator[None]:
     """Holds `folder`'s lock for the block (see `acquire`); `hold=False` (a non-chief worker) only
-    checks that the folder is writable."""
+    checks that the folder is writable. `remove_unused` (Trainer.fit's, from Python): a block that this lock
+    began and that ends on bad input (a UserError) before anything but the lock was written removes the folder
+    it made (remove_if_unused), as the CLI does for a single run. A sweep job's lock (cli._job_folder_lock)
+    leaves its folder, as the CLI does; under the CLI's own lock (or a non-chief's check) the folder is the
+    CLI's to judge."""
     fd = acquire(folder, hold)
     try:
         yield
+    except UserError:
+        if remove_unused and fd is not None:
+            remove_if_unused(folder, leftovers=(LOCK_FILE,))
+        raise
     finally:
         release(fd)
 

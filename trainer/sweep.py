@@ -22,7 +22,7 @@ import re
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
@@ -147,14 +147,27 @@ def sweep_direction(trainer_cfg: Any) -> str:
     return {"max": "maximize", "min": "minimize"}[sweep_objective(trainer_cfg)[1]]
 
 
+def logged_key(metric: str, keys: Sequence[str], say: bool = True) -> str:
+    """The key of a job's eval record (`keys`) that holds the sweep's `metric`: the one the job returns to its
+    sweeper (job_value) and the table ranks the jobs by (summarize), read as the best checkpoint reads
+    trainer.best_metric (evalsets.resolve): with several eval sets a bare name (or `eval/NAME`) is the first set's
+    and Keras' `val_loss` is `val/loss`; with one set, `val/accuracy`, `val_accuracy` and `eval/accuracy` are its
+    `accuracy`. A name it cannot place comes back as given (the caller says it is missing). `say`: the job's log
+    says which (the table reads the records quietly)."""
+    if metric in keys:
+        return metric
+    sets = list(dict.fromkeys(k.partition("/")[0] for k in keys if "/" in k))  # several eval sets, in order
+    names = (sorted({k.partition("/")[2] for k in keys if "/" in k}) if sets
+             else [k for k in keys if k not in ("step", "split")])
+    try:
+        return evalsets.resolve(metric, sets or None, names, "trainer.sweep_metric", say=say)
+    except evalsets.EvalSetError:  # a set no record has: job_value names the keys there are
+        return metric
+
+
 def job_value(logs: Dict[str, Any], trainer_cfg: Any) -> Tuple[float, Optional[str]]:
     """The value a job returns to its sweeper, and the error when the final logs lack a finite one."""
-    metric = _sweep_metric(trainer_cfg)
-    sets = list(dict.fromkeys(k.partition("/")[0] for k in logs if "/" in k))  # several eval sets, in order
-    if metric not in logs and "/" not in metric and sets and f"{sets[0]}/{metric}" in logs:
-        metric = evalsets.resolve(metric, sets, None, "trainer.sweep_metric")  # the first set's, said in the log
-    elif metric not in logs and not sets:  # one eval set: `val/accuracy` is its `accuracy`
-        metric = evalsets.single_set(metric, None, "trainer.sweep_metric")
+    metric = logged_key(_sweep_metric(trainer_cfg), list(logs))
     value = logs.get(metric)
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value), None
@@ -235,7 +248,9 @@ def _job_row(folder: Path, metric: str, mode: str) -> Dict[str, Any]:
     rows = []
     if (folder / "metrics.jsonl").exists():
         rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    evals = [r[metric] for r in rows if r.get("split") == "eval" and isinstance(r.get(metric), (int, float))]
+    evals = [r for r in rows if r.get("split") == "eval"]
+    key = logged_key(metric, list(dict.fromkeys(k for r in evals for k in r)), say=False)  # as the job returned it
+    evals = [r[key] for r in evals if isinstance(r.get(key), (int, float))]
     log_text = (folder / "trainer.log").read_text(errors="replace") if (folder / "trainer.log").exists() else ""
     done = _DONE.findall(log_text)
     status, seconds = (done[-1][0].lower(), float(done[-1][2])) if done else ("failed", math.nan)

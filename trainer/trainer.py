@@ -116,6 +116,8 @@ class Trainer(Step):
             tf.config.experimental.enable_op_determinism()
         keras.utils.set_random_seed(seed)
         precision_lib.set_policy(self.precision.policy)  # before any layer exists
+        if self.precision.policy == "mixed_float16" and self._on_cpu():  # before TensorFlow's line at the first op
+            precision_lib.warn_float16_on_cpu()
         if self.precision.debug_numerics:
             tf.debugging.enable_check_numerics()
 
@@ -235,7 +237,7 @@ class Trainer(Step):
         self._built = True
 
     def _on_cpu(self) -> bool:
-        return not tf.config.list_physical_devices("GPU") and not isinstance(self.strategy, tf.distribute.TPUStrategy)
+        return precision_lib.device_kind(self.strategy) == "CPU"
 
     @property
     def xla_measurement(self) -> Optional[XlaMeasurement]:
@@ -285,7 +287,7 @@ class Trainer(Step):
         if (made.train_examples and steps is None and epochs is None
                 and not (self.config.max_steps or self.config.epochs)):
             epochs = 1  # Keras' default, for arrays (their size is known)
-        with (run_folder_lock(self.run_dir, hold=self.is_chief) if self.run_dir is not None
+        with (run_folder_lock(self.run_dir, hold=self.is_chief, remove_unused=True) if self.run_dir is not None
               else contextlib.nullcontext()):
             return self._fit(made.train, made.eval, steps, epochs, made.steps_per_epoch(steps_per_epoch, per_step),
                              batch_size or made.batch_size)
@@ -297,7 +299,7 @@ class Trainer(Step):
         steps_per_epoch = debug.steps_per_epoch(cfg, steps_per_epoch)  # overfit_batches: an epoch is those batches
         limits = (steps if steps is not None else cfg.max_steps, epochs if epochs is not None else cfg.epochs)
         self.total = 0 if cfg.fast_dev_run else self.total_steps(  # fast_dev_run: debug.plan_fit says how long
-            *limits, steps_per_epoch, cli=self.from_cli)
+            *limits, steps_per_epoch, cli=self.from_cli, epochs_from="fit" if epochs is not None else "Trainer")
         if not cfg.fast_dev_run:
             warn_if_epochs_cut(*limits, steps_per_epoch, steps, epochs, cli=self.from_cli)
         self.steps_per_epoch = steps_per_epoch
@@ -318,6 +320,7 @@ class Trainer(Step):
         self.eval_set_names = evalsets.names_of(eval_data)  # None: one set, plain names (monitors read them)
         self.callback_list = callbacks = callback_list(self, self.callbacks.callbacks)
         callbacks.check_state()
+        callbacks.check_monitors(self)  # before any callback writes into the run folder
         callbacks.on_train_begin(self)  # Checkpointing first: resume or warm start
         ema.start_averages(self)  # after a warm start; a resume keeps the checkpoint's averages
         start = int(self.step.numpy())

@@ -90,6 +90,25 @@ class CallbackList(Callback):
                 raise TypeError(f"callback {key}'s state_dict() cannot be saved in a checkpoint ({e}): return "
                                 "numbers, strings, lists and dicts only") from None
 
+    def check_monitors(self, trainer) -> None:
+        """Each monitor's name (EarlyStopping, ReduceLROnPlateau: their `check_monitor`) refused before any
+        callback's on_train_begin writes a file (model_summary.txt, a logger's): a run stopped by a misspelt one
+        leaves no half run folder, as one stopped by trainer.best_metric (checked after them, in Checkpointing's
+        on_train_begin, before it writes) does. A monitor's `checked` says its on_train_begin need not check again:
+        each is unset first, and all are unset when one is refused, so none skips a check on a stale one."""
+        monitors = [cb for cb in self.callbacks if callable(getattr(cb, "check_monitor", None))]
+        for cb in monitors:
+            if hasattr(cb, "checked"):
+                cb.checked = False
+        try:
+            for cb in monitors:
+                cb.check_monitor(trainer)
+        except BaseException:
+            for cb in monitors:
+                if hasattr(cb, "checked"):
+                    cb.checked = False
+            raise
+
     def load_state_dict(self, state: Dict) -> None:
         """A callback whose saved state it cannot take (its code changed, say) starts fresh, with a warning."""
         for key, cb in self._keys():

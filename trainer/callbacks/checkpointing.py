@@ -4,33 +4,31 @@ training iterator read). The files and their guarantees are checkpoint.py's Chec
 decides when."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import os
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import keras
 
 from trainer import evalsets
 from trainer.callbacks.base import Callback, CallbackState
-from trainer.callbacks.control import log_names
+from trainer.callbacks.best_metric import (DEFAULT_BEST_METRIC, UNRECORDED, best_metric_fix, best_mode_of,
+                                         check_best_metric, check_probable_typo, default_best_metric)
+from trainer.callbacks.monitor import default_log_names, log_names
 from trainer.callbacks.numerics import check_weights_finite
 from trainer import resume_from
 from trainer.checkpoint import NO_BEST, Checkpointer
-from trainer.config import ConfigError, TrainerConfig, written
+from trainer.config import ConfigError, as_given, written
 from trainer.inputs import batches_read_per_step
 from trainer.load_weights import init_from_targets, warm_start_models
 from trainer.loop import due as loop_event_due
 from trainer.saved import check_frozen_unchanged, frozen_fingerprints
 
 log = logging.getLogger("trainer.core")
-_DEFAULT_BEST_METRIC = next(f.default for f in dataclasses.fields(TrainerConfig) if f.name == "best_metric")
-_UNRECORDED = ("(unrecorded)", None)  # a checkpoint saved before the best mode was recorded in it (see best_mode_of)
-_EXTREME = {"min": "smallest", "max": "largest"}
 
 
 def _configured_settings(trainer) -> Dict[str, Tuple[Optional[float], float]]:
@@ -44,73 +42,6 @@ def _configured_settings(trainer) -> Dict[str, Tuple[Optional[float], float]]:
     return settings
 
 
-def check_best_metric(trainer, key: Optional[str], names: List[str]) -> None:
-    """trainer.best_metric (`key`: the eval record's key it reads) must name an eval result: one no result has
-    is a ConfigError naming them and the closest spelling before the first step, when the names are known
-    (the default test_step's), not a warning after an evaluation that with eval_every=0 is the run's end. An
-    overridden test_step's names are known at its first evaluation, where stopping would lose the steps since
-    the last checkpoint: Checkpointer.update_best warns there, with the same hint. The default, `accuracy`, on a
-    model without that metric was not asked for: it stays that warning."""
-    given = trainer.config.best_metric
-    if not key or key in names or given == _DEFAULT_BEST_METRIC:
-        return
-    asked = key if trainer.eval_set_names else given[len("eval/"):] if given.startswith("eval/") else given
-    raise ConfigError(f"trainer.best_metric={given!r} is not among the eval results {names}"
-                      f"{evalsets.close_hint(asked, names)}: no best checkpoint could be kept. "
-                      f"Fix: {best_metric_fix(trainer)}.")
-
-
-def best_metric_fix(trainer) -> str:
-    """The fix for a best_metric no eval result has, in the form the user set it (CLI override or argument)."""
-    def fix(value) -> str:
-        return written("trainer.best_metric", value, "Trainer(best_metric=...)", trainer.from_cli)
-
-    return f"{fix('<one of them>')} (a metric's name is its `name=`), or {fix(None)} to keep none"
-
-
-def best_mode_of(trainer, recorded: Optional[Tuple[Optional[str], Optional[str]]],
-                 metric: Optional[str] = None) -> Optional[str]:
-    """trainer.best_mode for this run; None without a best_metric. `auto` is decided as EarlyStopping's mode=auto
-    decides (evalsets.resolve_mode: `loss`, `val_loss` min, `accuracy` max; a name it cannot judge is a ConfigError
-    naming max|min), at the first fit() call, once the name is checked. A resumed run (`recorded`: what its
-    checkpoint holds, _UNRECORDED for one saved before that record) keeps the mode its best/ is ranked by: one
-    from before best_mode=auto kept max, then the default; said loudly when the name says the other is better.
-    `metric`: the one ranked (default_best_metric's), else trainer.best_metric."""
-    metric, mode = metric or trainer.config.best_metric, trainer.config.best_mode
-    if not metric or mode != "auto":
-        return mode if metric else None
-    kept = "max" if recorded == _UNRECORDED else recorded[1] if recorded and recorded[0] == metric else None
-    if kept is None:  # a fresh run, or one that kept no best (or another best_metric) until now
-        mode = evalsets.resolve_mode("auto", metric, "trainer.best_mode", "Trainer(best_mode=...)", trainer.from_cli)
-        log.info("Best checkpoints: the %s %s (trainer.best_mode=auto: %s).", _EXTREME[mode], metric, mode)
-        return mode
-    guessed = evalsets.guess_mode("auto", metric)
-    if guessed not in (None, kept):
-        def fix(value):
-            return written("trainer.best_mode", value, "Trainer(best_mode=...)", trainer.from_cli)
-
-        began = " (the default before best_mode=auto)" if recorded == _UNRECORDED else ""
-        log.warning("trainer.best_metric=%r: this run began with best_mode=%s%s, so its best checkpoints are kept by "
-                    "the %s %s, as best/ is ranked, though the %s is better. Fix: %s keeps the %s from here (best/ is "
-                    "ranked again), or %s keeps them as they are, without this warning.", metric, kept, began,
-                    _EXTREME[kept], metric, _EXTREME[guessed], fix(guessed), _EXTREME[guessed], fix(kept))
-    return kept
-
-
-def default_best_metric(trainer, names: Optional[List[str]]) -> Optional[str]:
-    """The metric best checkpoints are ranked by: trainer.best_metric, or for its default (`accuracy`) on a Trainer
-    without metrics (its eval results known: only the loss), the eval loss, said at the start; it had said "the
-    largest accuracy", then warned at the first evaluation that there is none and kept no best checkpoint. With
-    metrics of other names the default stays that warning, which names them."""
-    given = trainer.config.best_metric
-    if given != _DEFAULT_BEST_METRIC or names != ["loss"]:
-        return given
-    log.info("The default trainer.best_metric=%r is not among the eval results %s: best checkpoints are ranked by the "
-             "eval loss (%s names another).", given, names,
-             written("trainer.best_metric", "<a metric>", "Trainer(best_metric=...)", trainer.from_cli))
-    return "loss"
-
-
 class Checkpointing(Callback):
     """One per Trainer (it carries the Checkpointer across fit() calls); first in the callback list, so
     every other callback starts from the restored state."""
@@ -121,6 +52,7 @@ class Checkpointing(Callback):
         self.configured: Dict[str, Tuple[Optional[float], float]] = {}
         self.frozen: Dict[str, str] = {}  # the frozen models' fingerprints, recorded at each save (trainer/saved.py)
         self.last_path: Optional[str] = None
+        self.saved_step: Optional[int] = None  # the step of this process's last save
         self.last_save_time = time.monotonic()
         # the step of the last save point (or the run's start): a loop from it went past a due save?
         self.last_point = 0
@@ -130,7 +62,7 @@ class Checkpointing(Callback):
         # (best_metric, best_mode) as decided at the first fit() call (best_mode_of), in every checkpoint; and as
         # the checkpoint a resume restored recorded them
         self.best: Tuple[Optional[str], Optional[str]] = (None, None)
-        self.recorded: Tuple[Optional[str], Optional[str]] = _UNRECORDED
+        self.recorded: Tuple[Optional[str], Optional[str]] = UNRECORDED
         self.metric: Optional[str] = None  # what best checkpoints are ranked by (default_best_metric)
 
     def state_dict(self) -> Dict:
@@ -154,6 +86,20 @@ class Checkpointing(Callback):
             self.batches_read = self.last_point * batches_read_per_step(trainer.config)
         self.counted_step = self.last_point
 
+    @staticmethod
+    def _refuse_resume_without_folder(trainer) -> None:
+        """trainer.resume_from with no run folder: a dry run (fast_dev_run, from the CLI too) reads none, and a
+        Trainer from Python may have been given none."""
+        cfg, cli = trainer.config, trainer.from_cli
+        asked = as_given("trainer.resume_from", cfg.resume_from, "Trainer(resume_from=...)", cli, str(cfg.resume_from))
+        if cfg.fast_dev_run:
+            dev = cfg.fast_dev_run
+            dry = as_given("trainer.fast_dev_run", dev, "Trainer(fast_dev_run=...)", cli, str(dev).lower())
+            raise ConfigError(f"{asked} and {dry}: a dry run reads no run folder, and resume_from names a checkpoint "
+                              "of one. Fix: drop one of them.")
+        raise ConfigError(f"{asked} needs the run folder it names a checkpoint of, and this Trainer has none. "
+                          "Fix: give Trainer(run_dir=...) too, or drop resume_from.")
+
     def _best_metric_key(self, trainer) -> Optional[str]:
         """The eval record key trainer.best_metric reads (`val/accuracy` with several eval sets), checked against
         the eval results when they are known now; None: no best checkpoint is tracked (no run folder)."""
@@ -162,10 +108,27 @@ class Checkpointing(Callback):
         names, sets = log_names(trainer, train=False), trainer.eval_set_names
         self.metric = default_best_metric(trainer, names)
         key = evalsets.resolve(self.metric, sets, names, "trainer.best_metric", "Trainer(best_metric=...)",
-                               trainer.from_cli)
-        if names is not None:  # else Checkpointer.update_best warns at the first evaluation (a test_step's own)
+                               trainer.from_cli, known=default_log_names(trainer, False))
+        if names is not None:
             check_best_metric(trainer, key, [f"{s}/{n}" for s in sets for n in names] if sets else names)
+        else:  # a test_step's own results: checked at its first evaluation (refuse_missing_best)
+            check_probable_typo(trainer, key)
         return key
+
+    def refuse_missing_best(self, trainer, step: int, eval_logs: Dict) -> None:
+        """At an evaluation (the first that lacks it: an overridden test_step's results are known only there), a
+        best_metric the results lack is a ConfigError, after this step is saved (nothing trained is lost; the
+        same command resumes from it once the name is fixed). The default, `accuracy`, was not asked for:
+        Checkpointer.update_best warns instead."""
+        key = self.checkpointer.best_metric
+        if not key or key in eval_logs or trainer.config.best_metric == DEFAULT_BEST_METRIC:
+            return
+        if self.saved_step != step:  # every worker alike: a save is collective
+            self.save(trainer, step)
+        try:
+            check_best_metric(trainer, key, sorted(k for k in eval_logs if k not in ("step", "split")))
+        except ConfigError as e:
+            raise ConfigError(f"{e} Step {step} is saved: with the name fixed, the run resumes from it.") from None
 
     def data_position(self) -> int:
         """The training batches read so far: the next fit() call's iterator skips them."""
@@ -187,12 +150,10 @@ class Checkpointing(Callback):
         if self.prepared:  # a later fit() call: the model and optimizer in memory are the newest
             return
         cfg = trainer.config
-        targets = init_from_targets(cfg.init_from, trainer.models)  # checked before anything is read
+        targets = init_from_targets(cfg.init_from, trainer.models, trainer.from_cli)  # checked before any read
         if trainer.run_dir is None:
             if cfg.resume_from is not None:
-                raise ConfigError(f"trainer.resume_from={cfg.resume_from} needs the run folder it names a checkpoint "
-                                  "of: give Trainer(run_dir=...) (trainer.fast_dev_run reads no run "
-                                  "folder). Fix: drop one of them.")
+                Checkpointing._refuse_resume_without_folder(trainer)
             warm_start_models(trainer.models, targets, trainer.frozen)
             self.prepared = True
             return
@@ -204,7 +165,7 @@ class Checkpointing(Callback):
         configured = _configured_settings(trainer)
         # Prepared only once this succeeds: a refused resume refuses again on the next fit() call, instead
         # of that call training from scratch over the run's checkpoints.
-        self.recorded = _UNRECORDED
+        self.recorded = UNRECORDED
         resumed, rewind = self._resume(trainer, checkpointer)
         self.best = (self.metric or cfg.best_metric,
                      best_mode_of(trainer, self.recorded if resumed is not None else None, self.metric))
@@ -235,8 +196,9 @@ class Checkpointing(Callback):
         value = cfg.resume_from
         if value is not None and not cfg.resume:
             resume = written("trainer.resume", False, "Trainer(resume=...)", trainer.from_cli)
-            raise ConfigError(f"trainer.resume_from={value} and trainer.resume=false: one resumes from a checkpoint, "
-                              f"the other refuses to. Fix: drop {resume}.")
+            asked = as_given("trainer.resume_from", value, "Trainer(resume_from=...)", trainer.from_cli, str(value))
+            raise ConfigError(f"{asked} and {resume}: one resumes from a checkpoint, the other refuses to. "
+                              f"Fix: drop {resume}.")
         journal = resume_from.unfinished(directory) if trainer.is_chief else None
         if journal is not None:
             value = Checkpointing._finish_cut_short(journal, value)
@@ -348,6 +310,7 @@ class Checkpointing(Callback):
             return
         evaluated, self.evaluated = getattr(self, "evaluated", None), None
         if evaluated is not None:
+            self.refuse_missing_best(trainer, *evaluated)
             self.checkpointer.update_best(*evaluated)
         cfg, last_point, self.last_point = trainer.config, self.last_point, step
         if reason == "loop":
@@ -363,7 +326,7 @@ class Checkpointing(Callback):
         a checkpoint holds that run's state, and after every worker has read the old record at its start."""
         check_weights_finite(trainer, step)
         path = self.checkpointer.save(step)
-        self.last_save_time = time.monotonic()
+        self.last_save_time, self.saved_step = time.monotonic(), step
         self.last_path = path
         lrs = {name: lr for name, (lr, _) in self.configured.items() if lr is not None}
         if path is not None:  # the chief's save

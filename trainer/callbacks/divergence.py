@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import keras
 import tensorflow as tf
@@ -22,7 +22,7 @@ from trainer.callbacks import learning
 from trainer.callbacks.base import Callback
 from trainer.callbacks.numerics import NumericalError, stuck_steps
 from trainer.checkpoint_files import list_checkpoints
-from trainer.config import ConfigError
+from trainer.config import ConfigError, as_given, written
 from trainer.optim import ScaledSchedule
 
 log = logging.getLogger("trainer.core")
@@ -66,6 +66,9 @@ class DivergenceGuard(Callback):
         self.mode = "stop"  # this fit() call's trainer.on_divergence (set in on_train_begin)
         self.learning_checked = False  # the learning check (callbacks/learning.py) runs once per run
         self.not_learning: Optional[str] = None  # why this run is not learning, once judged so (said again at the end)
+        self.not_learning_fix = ""  # its fix (learning.fix: from the learning rates logged then)
+        self.train_loss: Optional[float] = None  # the last logged train loss, for the final evaluation's judgement
+        self.last_eval: Tuple[Optional[int], Dict] = (None, {})  # the newest evaluation's step and results
 
     def state_dict(self):
         return {"reference": self.reference, "reference_step": self.reference_step, "rollbacks": self.rollbacks,
@@ -81,7 +84,7 @@ class DivergenceGuard(Callback):
     def on_train_begin(self, trainer):
         self.last_good_step = int(trainer.step.numpy())  # where this fit() starts: a checkpoint, or step 0
         self.looked_at_first_loop = False
-        self.not_learning = None
+        self.not_learning, self.last_eval, self.train_loss = None, (None, {}), None
         self.learning_from = learning.check_step(trainer)
         self.mode = trainer.config.on_divergence  # this fit() call's: fast_dev_run cannot roll back
         if self.mode != "rollback":
@@ -92,9 +95,12 @@ class DivergenceGuard(Callback):
                      "for this run.")
             return
         if trainer.run_dir is None:
-            raise ConfigError("trainer.on_divergence=rollback restores the last good checkpoint, and this Trainer has "
-                              "no run folder to keep checkpoints in. Fix: give it run_dir=..., or use "
-                              "on_divergence=stop or warn.")
+            cli = trainer.from_cli  # from the CLI a run always has a folder (but a dry run, above): not met there
+            raise ConfigError(f"{as_given('trainer.on_divergence', 'rollback', 'Trainer(on_divergence=...)', cli)} "
+                              "restores the last good checkpoint, and this Trainer has no run folder to keep "
+                              "checkpoints in. Fix: give it Trainer(run_dir=...) too, or use "
+                              f"{written('trainer.on_divergence', 'stop', 'Trainer(on_divergence=...)', cli)} "
+                              "(or 'warn').")
         why = "trainer.on_divergence=rollback halves the learning rate (or use on_divergence=stop or warn)"
         for name, updater in trainer.updaters.items():
             if name not in self.scales:  # wrapped once per run: an earlier fit() call's wrapping is kept
@@ -129,6 +135,8 @@ class DivergenceGuard(Callback):
             return  # non-finite steps are the numerics guard's (precision.max_consecutive_skips)
         if self.reference is None and self._judges(cfg) and "loss" in logs:
             self._take_reference(loss, step)
+        if "loss" in logs:
+            self.train_loss = loss
         later_than_reference = self.reference_step is not None and step > self.reference_step  # not its own window
         if (not self.learning_checked and self.learning_from is not None and step >= self.learning_from
                 and later_than_reference and "loss" in logs):
@@ -167,16 +175,43 @@ class DivergenceGuard(Callback):
         why = learning.not_learning(trainer, step, logs, self.reference, self.reference_step)
         if why is None:
             return
-        self.not_learning = why
-        if trainer.config.not_learning == "divergence" and self.mode != "warn":
+        self.not_learning, self.not_learning_fix = why, learning.fix(logs)
+        if self.stops_when_not_learning(trainer):
             rollback = (" (trainer.on_divergence=rollback: a run that never learned has no good checkpoint to roll "
                         "back to)" if self.mode == "rollback" else "")
-            raise NumericalError(f"Stopping at step {step}: {why}{rollback}. {learning.CAUSES} {learning.FIX}")
-        log.warning("Step %d: %s. %s %s Training goes on.", step, why, learning.CAUSES, learning.FIX)
+            raise NumericalError(f"Stopping at step {step}: {why}{rollback}. {learning.CAUSES} {self.not_learning_fix}")
+        log.warning("Step %d: %s. %s %s Training goes on.", step, why, learning.CAUSES, self.not_learning_fix)
+
+    def stops_when_not_learning(self, trainer) -> bool:
+        """trainer.not_learning=divergence under on_divergence=stop or rollback: a run that learned nothing stops
+        (exit 3); else (warn, or on_divergence=warn) it is warned about."""
+        return trainer.config.not_learning == "divergence" and self.mode != "warn"
+
+    def on_eval_end(self, trainer, step, logs):
+        self.last_eval = (step, logs)  # judged at the end's save point, if it is the final evaluation
+
+    def on_save_point(self, trainer, step, reason):
+        """At the run's end (after every callback's on_eval_end: an early stop is set there), the final evaluation
+        of a run judged by the learning check (not_learning on, long enough, not already judged not learning): is
+        the eval accuracy at chance while the train loss fell? Acted on once the run's last checkpoint is saved
+        (this guard's save point follows Checkpointing's)."""
+        evaluated, logs = self.last_eval
+        if (reason != "end" or evaluated != step or self.learning_from is None or step < self.learning_from
+                or self.not_learning):
+            return
+        verdict = learning.eval_at_chance(trainer, logs, self.train_loss, self.reference)
+        if not verdict:
+            return
+        self.not_learning, self.not_learning_fix = verdict, f"{learning.EVAL_CAUSES} {learning.EVAL_FIX}"
+        if self.stops_when_not_learning(trainer):  # the run is over (and saved): exit 3, as the train check does
+            saved = " (its checkpoint is saved)" if trainer.checkpointer is not None else ""
+            raise NumericalError(f"The run ended at step {step}{saved} without learning: {self.not_learning}. "
+                                 f"{self.not_learning_fix}")
+        # else on_train_end says it, after the run's summary
 
     def on_train_end(self, trainer, summary):
         if self.not_learning and not summary.get("failed"):
-            log.warning("This run did not learn: %s. %s", self.not_learning, learning.FIX)
+            log.warning("This run did not learn: %s. %s", self.not_learning, self.not_learning_fix)
 
     # -- rollback ---------------------------------------------------------------------------------
 

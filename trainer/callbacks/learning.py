@@ -6,23 +6,37 @@ first 2.35) and ends at chance accuracy (0.10), with exit 0. The divergence guar
 never sees it. So once, at `trainer.not_learning_at` of the run (and not before MIN_STEPS), a logged
 train loss still above LEARNED x the run's first train loss (the divergence guard's reference) is judged:
 unless the run logs an accuracy clearly above chance (a warm-started model whose loss starts low and
-stays flat), the run is not learning. `trainer.not_learning` says what then: warn (the default), treat it
-as a divergence (trainer.on_divergence), or off. The divergence guard calls these functions and acts.
+stays flat), the run is not learning. A run whose train loss falls can still learn nothing that carries
+over: labels unrelated to the inputs are memorised. So at the run's end the final evaluation is judged
+too (eval_at_chance). `trainer.not_learning` says what then: warn (the default), treat it as a divergence
+(trainer.on_divergence), or off. The divergence guard calls these functions and acts.
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Dict, Optional
 
+import keras
+
+log = logging.getLogger("trainer.core")
+
 MIN_STEPS = 200  # runs shorter than this are not judged (tests, smoke runs: their loss has barely moved)
 LEARNED = 0.95  # a train loss below 95% of the run's first has moved: the run learns
-ABOVE_CHANCE = 2.0  # an accuracy above twice chance (1 / classes) has learned something
+ZERO_LR = 1e-8  # a logged learning rate at or below this updates nothing (lr=0, a schedule at its floor)
+NOISE = 2.0  # an eval accuracy within this many binomial standard deviations of chance is at chance
 
 CAUSES = ("Likely causes: a learning rate so high that the model collapsed to predicting every class alike "
           "(optimizer.lr, or a schedule's peak), a learning rate far too low, labels that do not match the "
           "inputs, or a model that starts already trained (trainer.init_from, pretrained weights).")
-FIX = ("Fix: lower optimizer.lr (e.g. 10x), check the data and labels; trainer.not_learning=divergence treats "
-       "this as a divergence (trainer.on_divergence=stop: exit 3), trainer.not_learning=off turns the check off.")
+SWITCHES = ("trainer.not_learning=divergence treats this as a divergence (trainer.on_divergence=stop: exit 3), "
+            "trainer.not_learning=off turns the check off.")
+EVAL_CAUSES = ("Likely causes: labels unrelated to the inputs (shuffled, or misaligned with the examples), an eval "
+               "set prepared unlike the train set (other labels, preprocessing), or a model that memorises the "
+               "train set.")
+EVAL_FIX = ("Fix: check that each example's label belongs to it, and that the eval set is prepared as the train set "
+            "is; if they are right, the model memorises: more data, augmentation, regularisation (dropout, weight "
+            "decay) or a smaller model. " + SWITCHES)
 
 
 def check_step(trainer) -> Optional[int]:
@@ -44,6 +58,18 @@ def chance_accuracy(trainer) -> Optional[float]:
     return 1.0 / classes if classes >= 2 else None
 
 
+def above_chance(chance: float) -> float:
+    """The accuracy above which a run has learned something: twice chance, or halfway from chance to 1 when
+    that is lower (2 classes: 0.75, as twice chance, 1.0, is out of reach)."""
+    return min(2 * chance, (1 + chance) / 2)
+
+
+def _rule(chance: float) -> str:
+    bar = above_chance(chance)
+    how = "twice chance" if bar == 2 * chance else "halfway from chance to 1"
+    return f"chance is 1/{round(1 / chance)} classes = {chance:.3g}; a run counts as learning above {bar:.3g}, {how}"
+
+
 def not_learning(trainer, step: int, logs: Dict, reference: Optional[float],
                  reference_step: Optional[int]) -> Optional[str]:
     """Why the run is not learning at this log (a sentence naming the numbers), or None when it is (or
@@ -53,12 +79,91 @@ def not_learning(trainer, step: int, logs: Dict, reference: Optional[float],
         return None
     accuracy = next((float(v) for k, v in logs.items() if k.endswith("accuracy") and isinstance(v, (int, float))), None)
     chance = chance_accuracy(trainer)
-    # 2 classes: 0.75, not 1.0
-    if accuracy is not None and chance is not None and accuracy > min(ABOVE_CHANCE * chance, (1 + chance) / 2):
+    if accuracy is not None and chance is not None and accuracy > above_chance(chance):
         return None
-    at_chance = (f", and the train accuracy {accuracy:.4f} is at chance level "
-                 f"(1/{round(1 / chance)} classes = {chance:.3g})"
+    at_chance = (f", and the train accuracy {accuracy:.4f} is not clearly above chance ({_rule(chance)})"
                  if accuracy is not None and chance is not None else "")
     return (f"the train loss {loss:.4g} at step {step} ({step / trainer.total:.0%} of the run) is not below its "
             f"early level, the run's first train loss {reference:.4g} (step {reference_step}){at_chance}: "
             "training is not learning")
+
+
+def learning_rates(logs: Dict) -> Dict[str, float]:
+    """The logged learning rates: `lr`, or `<optimizer>/lr` with several optimizers."""
+    return {k: float(v) for k, v in logs.items() if (k == "lr" or k.endswith("/lr")) and isinstance(v, (int, float))}
+
+
+def fix(logs: Dict) -> str:
+    """The fix for a run that is not learning, from the learning rates this log shows: every rate 0 (or ~0) is
+    said as the cause; else both ways a rate can be wrong, with the rates logged (and those at ~0 named: an
+    optimizer whose rate is 0 trains nothing, yet the others' rates may be the cause)."""
+    rates = learning_rates(logs)
+    zero = {k: v for k, v in rates.items() if abs(v) <= ZERO_LR}
+    named = ", ".join(f"{k}={v:g}" for k, v in zero.items())
+    if zero and len(zero) == len(rates):
+        return (f"Fix: the learning rate is {'0' if not any(zero.values()) else '~0'} ({named} in the train log): "
+                "the weights do not move. Set optimizer.lr above 0, or, with a schedule, check its value at this "
+                "step (a warmup that has not started, a decay to 0). " + SWITCHES)
+    logged = f" (the train log's {', '.join(f'{k}={v:.3g}' for k, v in rates.items())})" if rates else ""
+    idle = (f" {named} trains nothing: if that optimizer's models should learn, set its rate above 0 (or check its "
+            "schedule at this step)." if zero else "")
+    return (f"Fix: check the learning rate{logged}: if the loss rose first and then settled (a collapse), lower "
+            f"optimizer.lr (e.g. 10x); if it hardly moved from the start, raise it; check the data and labels.{idle} "
+            + SWITCHES)
+
+
+def eval_examples(trainer, name: str) -> Optional[float]:
+    """The examples the last evaluation counted, or None: unknown (a step's own loss), or weighted (said). The eval
+    loss's count is the examples (the default test_step weighs each batch's mean loss by its size); the accuracy's
+    `count` is the sum of its sample weights: when the two differ, the binomial noise of a count does not apply."""
+    def count(metric) -> Optional[float]:
+        try:
+            return float(keras.ops.convert_to_numpy(metric.count))
+        except Exception:  # noqa: BLE001 - no metric, or a `count` that is no variable: unknown
+            return None
+
+    examples, weights = count(getattr(trainer, "eval_loss", None)), count(trainer.eval_metrics.get(name))
+    if not examples or weights is None:
+        return None
+    if abs(weights - examples) > 1e-6 * examples:
+        log.info("The final evaluation is not judged for learning: its %s weighs its %d examples (weights summing "
+                 "to %.4g), and chance's binomial noise is that of unweighted ones.", name, examples, weights)
+        return None
+    return examples
+
+
+def judged_examples(chance: float) -> int:
+    """The fewest eval examples on which chance's noise (NOISE standard deviations) stays within a quarter of the
+    way from chance to the learning bar (above_chance): a model halfway to that bar is then told from chance
+    (NOISE of its own standard deviations apart). 256 for 2 classes, 576 for 10."""
+    return math.ceil(chance * (1 - chance) * (4 * NOISE / (above_chance(chance) - chance)) ** 2 - 1e-9)
+
+
+def eval_at_chance(trainer, eval_logs: Dict, train_loss: Optional[float], reference: Optional[float]) -> Optional[str]:
+    """Called after the final evaluation: why a run whose train loss fell (below LEARNED x its first) learned
+    nothing that evaluation sees (one eval set, with an accuracy metric, of unweighted examples enough to tell
+    chance from learning: judged_examples), or None. Judged so when the eval accuracy is at chance, within NOISE
+    binomial standard deviations for its examples, and the eval loss is not below LEARNED x the loss of
+    predicting every class alike (ln of the classes)."""
+    chance = chance_accuracy(trainer)
+    if (chance is None or train_loss is None or reference is None or reference <= 0
+            or not math.isfinite(train_loss) or train_loss >= LEARNED * reference):
+        return None
+    name = next((k for k, v in eval_logs.items() if k.endswith("accuracy") and isinstance(v, (int, float))), None)
+    loss, examples = eval_logs.get("loss"), eval_examples(trainer, name) if name else None
+    if not examples or not isinstance(loss, (int, float)) or not math.isfinite(loss):
+        return None
+    accuracy, classes, needed = float(eval_logs[name]), round(1 / chance), judged_examples(chance)
+    if examples < needed:
+        log.info("The final evaluation is not judged for learning: its %d examples cannot tell chance (1/%d classes) "
+                 "from a model that learned (it takes %d).", examples, classes, needed)
+        return None
+    bound = chance + NOISE * math.sqrt(chance * (1 - chance) / examples)
+    chance_loss = math.log(classes)
+    if accuracy > bound or loss < LEARNED * chance_loss:
+        return None
+    return (f"the train loss fell to {train_loss:.4g} (from {reference:.4g}), yet the final eval {name} "
+            f"{accuracy:.4f} is at chance (1/{classes} classes = {chance:.3g}; on {examples:.0f} examples, chance "
+            f"reaches {bound:.4f}, {NOISE:g} standard deviations above it) and the eval loss {loss:.4g} is not below "
+            f"that of predicting every class alike (ln {classes} = {chance_loss:.4g}): the model fits the train "
+            "set but learned nothing that carries over to the eval set")

@@ -133,21 +133,17 @@ def diagnose_parts(parts, data, *, batch_size: Optional[int] = None, strategy=No
     import keras
     import tensorflow as tf
 
+    from trainer.auto_precision import AUTO, resolve_run_with_reason
     from trainer.doctor.hardware import device_section, hardware_section
-    from trainer.doctor.model_table import model_section
-    from trainer.doctor.numerics import numerics_section
-    from trainer.doctor.speed import plan_grid, speed_section
-    from trainer.components import per_example_loss
 
     start = time.perf_counter()
     progress = progress or _progress_to_stderr(start)
-    from trainer.auto_precision import AUTO, resolve_run_with_reason
-
     strategy = strategy or tf.distribute.get_strategy()
     # precision=auto: what the run would use (and why; the report says it), the baseline of the comparisons
     precision, xla, why = resolve_run_with_reason(parts.precision, strategy, model=model_identity,
                                                   jit_compile=parts.config.jit_compile, overrides=overrides)
-    trainer_config = parts.config if xla is None else dataclasses.replace(parts.config, jit_compile=xla)
+    config = parts.config if xla is None else dataclasses.replace(parts.config, jit_compile=xla)
+    run_parts = parts.replace(precision=precision, config=config)  # what the run uses: the baseline
     if batch_size is None and not isinstance(data, tf.data.Dataset):
         raise ValueError("trainer.doctor.diagnose: with data given as a function of the batch "
                          "size, give batch_size too")
@@ -163,47 +159,77 @@ def diagnose_parts(parts, data, *, batch_size: Optional[int] = None, strategy=No
         report["hardware"] = hardware_section(strategy, precision.policy, 2 if quick else 3, progress)
     else:
         report["hardware"] = {**device, "matmul": []}
+    _model_and_numerics(report, run_parts, batches, batch_size // strategy.num_replicas_in_sync,
+                        candidate_policy(precision.policy, device["kind"]), weights, sections, progress)
+    if "speed" in sections:
+        _speed_and_recommendation(report, run_parts, strategy, data_for_batch, batch_size, quick=quick,
+                                  on_cpu=device["kind"] == "CPU", overrides=overrides, verify_steps=verify_steps,
+                                  progress=progress)
+    keras.mixed_precision.set_dtype_policy("float32")
+    report["meta"]["wall_seconds"] = time.perf_counter() - start
+    return report
+
+
+def _model_and_numerics(report: dict, run_parts, batches: list, per_replica_batch: int, candidate: str,
+                        weights: Optional[list], sections: Sequence[str], progress: Callable[[str], None]) -> None:
+    """report["model"] (the layer table under the `candidate` policy) and report["numerics"] of `run_parts`
+    (the run's precision resolved), or why each was skipped: both take one model, the numerics a loss too."""
+    import keras
+
+    from trainer.components import per_example_loss
+    from trainer.doctor.model_table import model_section
+    from trainer.doctor.numerics import numerics_section
+
+    precision = run_parts.precision
     x, _, _ = keras.utils.unpack_x_y_sample_weight(batches[0])
-    single = _single_model(parts.model)
+    single = _single_model(run_parts.model)
     why_not = None if single else "the model builder returns several models: the table and numerics take one"
-    if parts.loss is None and "numerics" in sections and single:
+    if run_parts.loss is None and "numerics" in sections and single:
         why_not = "numerics need a loss (Trainer(loss=...))"
     if "model" in sections and single:
-        progress(f"model: the layer table under {candidate_policy(precision.policy, device['kind'])}")
+        progress(f"model: the layer table under {candidate}")
         _section(report, "model", progress, lambda: model_section(
-            parts.model, candidate_policy(precision.policy, device["kind"]), x,
-            batch_size // strategy.num_replicas_in_sync, weights=weights, float32_layers=precision.float32_layers))
+            run_parts.model, candidate, x, per_replica_batch, weights=weights,
+            float32_layers=precision.float32_layers))
     elif "model" in sections:
         report["model_skipped"] = why_not
     if "numerics" in sections and why_not is None:
         _section(report, "numerics", progress, lambda: numerics_section(
-            parts.model, per_example_loss(parts.loss), batches, weights=weights,
+            run_parts.model, per_example_loss(run_parts.loss), batches, weights=weights,
             float32_layers=precision.float32_layers, progress=progress))
     elif "numerics" in sections:
         report["numerics_skipped"] = why_not
-    if "speed" in sections:
-        configs, skipped = plan_grid(batch_size, quick, on_cpu=device["kind"] == "CPU")
 
-        def make_trainer(policy: str, xla: bool):
-            return parts.replace(
-                precision=dataclasses.replace(precision, policy=policy),
-                config=dataclasses.replace(trainer_config, jit_compile=xla, progress_bar=False, verbose=False,
-                                           tensorboard=False, init_from=None),
-            ).build(strategy=strategy)
 
-        from trainer.doctor.verify import mark_unverified, verify
-        from trainer.quiet import no_retracing_warnings
+def _speed_and_recommendation(report: dict, run_parts, strategy, data_for_batch: Callable[[int], object],
+                              batch_size: int, *, quick: bool, on_cpu: bool, overrides: Sequence[str],
+                              verify_steps: Optional[int], progress: Callable[[str], None]) -> None:
+    """report["speed"] (the grid: each configuration is `run_parts` built with its policy, XLA setting and batch)
+    and report["recommendation"] against what the run uses (`run_parts`' precision and XLA setting), checked by
+    --verify when `verify_steps` are given, else marked unverified."""
+    from trainer.doctor.speed import plan_grid, speed_section
+    from trainer.doctor.verify import mark_unverified, verify
+    from trainer.quiet import no_retracing_warnings
 
-        with no_retracing_warnings():  # every configuration is a new Trainer: its train loop traces again
-            report["speed"] = speed_section(make_trainer, data_for_batch, configs, skipped, rounds=10 if quick else 12,
-                                            call_seconds=0.2, progress=progress)
-            report["recommendation"] = recommend(report, overrides, baseline_xla(trainer_config, strategy, precision),
-                                                 batch_size, policy=precision.policy)
-            if verify_steps and report["recommendation"]:
-                report["recommendation"] = verify(make_trainer, data_for_batch, report["recommendation"],
-                                                  report["speed"]["configs"], verify_steps, progress)
-            elif report["recommendation"]:
-                report["recommendation"] = mark_unverified(report["recommendation"])
-    keras.mixed_precision.set_dtype_policy("float32")
-    report["meta"]["wall_seconds"] = time.perf_counter() - start
-    return report
+    configs, skipped = plan_grid(batch_size, quick, on_cpu=on_cpu)
+
+    def make_trainer(policy: str, xla: bool):
+        # epochs=None: the doctor trains its own count of steps (fit(steps=...)); a run's trainer.epochs asked
+        # each fit() for an epoch's size, which the doctor's data does not know, and every configuration failed
+        return run_parts.replace(
+            precision=dataclasses.replace(run_parts.precision, policy=policy),
+            config=dataclasses.replace(run_parts.config, jit_compile=xla, progress_bar=False, verbose=False,
+                                       tensorboard=False, init_from=None, epochs=None),
+        ).build(strategy=strategy)
+
+    with no_retracing_warnings():  # every configuration is a new Trainer: its train loop traces again
+        report["speed"] = speed_section(make_trainer, data_for_batch, configs, skipped, rounds=10 if quick else 12,
+                                        call_seconds=0.2, progress=progress)
+        report["recommendation"] = recommend(report, overrides, baseline_xla(run_parts.config, strategy,
+                                                                             run_parts.precision),
+                                             batch_size, policy=run_parts.precision.policy)
+        if verify_steps and report["recommendation"]:
+            report["recommendation"] = verify(make_trainer, data_for_batch, report["recommendation"],
+                                              report["speed"]["configs"], verify_steps, progress)
+        elif report["recommendation"]:
+            report["recommendation"] = mark_unverified(report["recommendation"])

@@ -222,12 +222,12 @@ def _inconclusive(rec: dict, unsettled: list, model: dict) -> str:
 
 
 def _inconclusive_fix(rec: dict) -> str:
-    """How to settle an inconclusive measurement, by whether the machine was measured noisy (the grid's
-    largest spread, or --verify's when it trained): on a quiet one, waiting does not help, longer rounds do."""
+    """How to settle an inconclusive measurement, by whether the machine was measured noisy (the largest
+    spread: the grid's, or --verify's when it trained, which replaced it): on a quiet one, waiting does not help,
+    longer rounds do."""
     from trainer.doctor.noise import NOISY_SPREAD
 
-    trained = rec.get("verify") or {}
-    spread = trained.get("spread") if "spread" in trained else (rec.get("spread") or {}).get("largest")
+    spread = (rec.get("spread") or {}).get("largest")
     longer = ("rerun with a larger --verify N: it trains the configuration whose interval reaches highest against "
               "what you run now through fit(), and longer rounds average more of the noise out")
     if spread is not None and spread <= NOISY_SPREAD:

@@ -8,7 +8,8 @@ from typing import Callable, Dict, Tuple
 
 import tensorflow as tf
 
-from trainer.precision import cpu_bfloat16_kernels, cpu_flags, cpu_model, hardware_report
+from trainer.precision import cpu_bfloat16_kernels, cpu_flags, cpu_model, device_kind, dt_half_line_here, \
+    dt_half_line_note, hardware_report
 from trainer.quiet import no_retracing_warnings
 from trainer.timing import interleaved_seconds, median_seconds, seconds_of
 
@@ -23,10 +24,7 @@ LARGEST_SIDE = 4096
 def device_section(strategy: tf.distribute.Strategy, policy: str) -> dict:
     """What the steps run on, in words; says plainly when there is no GPU or TPU."""
     gpus = tf.config.list_physical_devices("GPU")
-    if isinstance(strategy, tf.distribute.TPUStrategy):
-        kind = "TPU"
-    else:
-        kind = "GPU" if gpus else "CPU"
+    kind = device_kind(strategy)
     section = {
         "kind": kind,
         "replicas": strategy.num_replicas_in_sync,
@@ -85,10 +83,13 @@ def _measure_matmul(rounds: int, progress: Callable[[str], None]) -> dict:
     calls: Dict[str, Callable[[], None]] = {}
     sides: Dict[str, int] = {}
     side = _float32_side()
+    # TensorFlow's error-level line at the first float16 op on such a CPU reads like a failure: said before it
+    dt_half = "" if tf.config.list_physical_devices("GPU") else dt_half_line_note(dt_half_line_here()).rstrip(". ")
     for dtype in MATMUL_DTYPES:
         for xla in (False, True):
             key = f"{dtype} XLA {'on' if xla else 'off'}"
-            progress(f"hardware: sizing the {key} matmul")
+            note = f" ({dt_half})" if dt_half and key == "float16 XLA off" else ""
+            progress(f"hardware: sizing the {key} matmul{note}")
             calls[key], sides[key] = _sized_call(dtype, xla, side)
     progress(f"hardware: timing {len(calls)} matmuls, {rounds} interleaved rounds")
     samples = interleaved_seconds(calls, rounds=rounds, warmup=0)

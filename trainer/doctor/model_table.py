@@ -10,8 +10,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 import keras
 import tensorflow as tf
 
-from trainer.doctor.probe import LayerProbe
-from trainer.precision import dims_not_multiple_of_8, keep_layers_in_float32, set_policy
+from trainer.layer_probe import LayerProbe, output_layers
+from trainer.precision import OUTPUT_PAD_NOTE, dims_not_multiple_of_8, is_small_output, keep_layers_in_float32, \
+    set_policy
 
 # Layers whose compute dtype follows the policy but whose statistics Keras computes in float32 anyway.
 FLOAT32_INSIDE = {
@@ -68,13 +69,13 @@ def _dtype_names(outputs) -> List[str]:
     return sorted({t.dtype.name for t in tf.nest.flatten(outputs) if hasattr(t, "dtype")})
 
 
-def _float32_reason(layer, name: str, policy: str, float32_layers: Sequence[str], output_layers: set) -> str:
+def _float32_reason(layer, policy: str, float32_layers: Sequence[str], heads: set) -> str:
     if policy == "float32":
         return ""
     if layer.compute_dtype == "float32":
         if type(layer).__name__ in float32_layers:
             return f"precision.float32_layers has {type(layer).__name__}"
-        if name in output_layers:
+        if id(layer) in heads:
             return "model output: its dtype is float32 (the mixed-precision guide's rule)"
         if getattr(layer, "activation", None) is keras.activations.softmax or type(layer).__name__ == "Softmax":
             return "softmax, set to dtype float32 in the model"
@@ -95,19 +96,16 @@ def model_section(builder: Callable[[], keras.Model], policy: str, sample_x, per
     """The per-layer table of the model under `policy` (see the module docstring)."""
     model = build_under(builder, policy, sample_x, weights=weights, float32_layers=float32_layers)
     output_dtypes: Dict[str, List[str]] = {}
-    producer: Dict[int, str] = {}  # id(output tensor) -> the innermost layer that returned it
 
     def on_output(name, layer, outputs):
         output_dtypes.setdefault(name, _dtype_names(outputs))
-        for t in tf.nest.flatten(outputs):
-            producer.setdefault(id(t), name)
 
-    with LayerProbe(model, on_output) as probe:
+    with LayerProbe(model, on_output, record_calls=True) as probe:
         outputs = model(sample_x, training=False)
-    output_layers = {producer[id(t)] for t in tf.nest.flatten(outputs) if id(t) in producer}
+    heads = output_layers(probe.calls, outputs)  # as the Trainer's tip finds them
     x8 = {}
     for layer, attr, value in dims_not_multiple_of_8(model):
-        x8.setdefault(probe.names[id(layer)], []).append((attr, value))
+        x8.setdefault(probe.names[id(layer)], []).append((layer, attr, value))
     rows, fixes = [], []
     called_order = list(output_dtypes)  # the order the layers ran in (Keras lists nested layers otherwise)
     by_call = sorted(probe.layers, key=lambda layer: called_order.index(probe.names[id(layer)])
@@ -119,15 +117,17 @@ def model_section(builder: Callable[[], keras.Model], policy: str, sample_x, per
         row = {"name": name, "class": type(layer).__name__, "compute_dtype": layer.compute_dtype,
                "variable_dtype": layer.variable_dtype if layer.weights else "-",
                "output_dtype": ",".join(output_dtypes.get(name, [])) or "-",
-               "float32_reason": _float32_reason(layer, name, policy, float32_layers, output_layers),
-               "output_layer": name in output_layers, "not_multiple_of_8": [], "advice": _advice(layer, policy)}
-        for attr, value in x8.get(name, []):
-            if name in output_layers:
+               "float32_reason": _float32_reason(layer, policy, float32_layers, heads),
+               "output_layer": id(layer) in heads, "not_multiple_of_8": [], "advice": _advice(layer, policy)}
+        for _, attr, value in x8.get(name, []):
+            if is_small_output(layer, value, heads):
                 row["not_multiple_of_8"].append(f"{attr}={value}: fine, an output layer's size is the task's")
                 continue
             fix = -(-value // 8) * 8
-            row["not_multiple_of_8"].append(f"{attr}={value} -> {fix}")
-            fixes.append({"layer": name, "class": row["class"], "attribute": attr, "value": value, "fix": fix})
+            note = OUTPUT_PAD_NOTE if id(layer) in heads else ""
+            row["not_multiple_of_8"].append(f"{attr}={value} -> {fix}" + (f" ({note})" if note else ""))
+            fixes.append({"layer": name, "class": row["class"], "attribute": attr, "value": value, "fix": fix,
+                          "note": note})
         rows.append(row)
     batch_fix = None
     if per_replica_batch % 8:

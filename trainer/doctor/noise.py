@@ -36,13 +36,17 @@ def lead(verdict: dict, alpha: float, spread: float) -> Optional[str]:
 
 
 def noise_note(spread: float, name: Optional[str], baseline: str, verdict: Optional[dict],
-               is_lead: Optional[str]) -> Optional[str]:
+               is_lead: Optional[str], by_verify: bool = False, grid_disagrees: bool = False) -> Optional[str]:
     """The report's note on a noisy machine (None on a quiet one): how noisy (the spread, and the range of the
     paired speed-ups of `name`, the recommendation or the closest to it, over `baseline`) and what that
-    means for this answer: a lead, a gain that held, a no gain that held, or an interval too wide to tell."""
+    means for this answer: a lead, a gain that held, a no gain that held, or an interval too wide to tell.
+    `by_verify`: the spread and `verdict` are --verify's rounds (verify.py), which replace the grid's: the
+    next step it names is then a larger --verify N, not --verify itself. `grid_disagrees`: --verify found
+    `name` faster where the grid did not, so a gain is one measurement's, not one that held."""
     if spread <= NOISY_SPREAD:
         return None
-    how = f"the machine was noisy: a configuration's per-step time varied up to {spread:.1f}x between rounds"
+    rounds = "--verify's rounds" if by_verify else "rounds"
+    how = f"the machine was noisy: a configuration's per-step time varied up to {spread:.1f}x between {rounds}"
     if name is None or verdict is None:
         return how
     low, high = verdict["interval"]
@@ -51,12 +55,16 @@ def noise_note(spread: float, name: Optional[str], baseline: str, verdict: Optio
     if is_lead:
         return (f"{how}; {paired}, and passed only narrowly ({is_lead}): a lead, not a finding by itself; "
                 "--verify N settles it, training both through fit()")
+    if verdict["verdict"] == FASTER and grid_disagrees:
+        return (f"{how}; {paired} and won {verdict['wins']} of {verdict['rounds']} rounds: measured faster by "
+                "--verify only (the grid did not find it faster): rerun the doctor, on a quieter machine if you can")
     if verdict["verdict"] == FASTER:
         return (f"{how}; {paired} and won {verdict['wins']} of {verdict['rounds']} rounds: its gain held through the "
                 f"noise (95% interval {low:.2f}-{high:.2f}x)")
     if excludes_gain(verdict):
         return (f"{how}; {paired}, and its 95% interval, {low:.2f}-{high:.2f}x, still rules out a gain of "
                 f"{LEAST_SPEEDUP:g}x or more: the answer holds")
+    fix = ("with a larger --verify N: longer rounds average more of the noise out" if by_verify
+           else "with --verify N, which trains it against what you run now through fit()")
     return (f"{how}; {paired}: not measured faster, yet its 95% interval, {low:.2f}-{high:.2f}x, does not rule out "
-            f"a gain of {LEAST_SPEEDUP:g}x or more: too noisy to tell; rerun when the machine is quieter, or with "
-            "--verify N, which trains it against what you run now through fit()")
+            f"a gain of {LEAST_SPEEDUP:g}x or more: too noisy to tell; rerun when the machine is quieter, or {fix}")

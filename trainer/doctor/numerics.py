@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.doctor.model_table import build_under
-from trainer.doctor.probe import LayerProbe, layer_names, model_layers
+from trainer.layer_probe import LayerProbe, layer_names, model_layers
 from trainer.loss_scale import LossScale
 
 FLOAT16_MAX = 65504.0

@@ -170,9 +170,13 @@ def _recommendation_lines(rec: Optional[dict]) -> List[str]:
                    if rec["withdrawn_config"] in wide else ""))
     load = rec.get("load_average")
     spread = rec.get("spread") or {}
-    noise = (f"  machine: load average {'/'.join(f'{x:g}' for x in load) if load else 'unknown'} (1/5/15 min); "
-             f"spread of the rounds {_g(spread.get('recommended'), '.2f')}x (recommended), "
-             f"{_g(spread.get('baseline'), '.2f')}x (current)")
+    noise = f"  machine: load average {'/'.join(f'{x:g}' for x in load) if load else 'unknown'} (1/5/15 min); "
+    if spread.get("by") == "--verify":  # what --verify trained replaced the grid's spread (verify.py)
+        noise += (f"spread of --verify's rounds {_g(spread.get('config_spread'), '.2f')}x ({spread.get('config')}), "
+                  f"{_g(spread.get('baseline'), '.2f')}x (current)")
+    else:
+        noise += (f"spread of the rounds {_g(spread.get('recommended'), '.2f')}x (recommended), "
+                  f"{_g(spread.get('baseline'), '.2f')}x (current)")
     lines = ["5. RECOMMENDATION", f"  {head}; {saving}", noise, f"  {rec.get('comparison', '')}".rstrip(),
              f"  train with:  {rec['current_command'] if is_lead else rec['command']}"]
     if is_lead:

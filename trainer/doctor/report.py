@@ -55,7 +55,7 @@ def model_changes(report: dict) -> List[str]:
     model = report.get("model") or {}
     for fix in model.get("multiple_of_8_fixes", []):
         changes.append(f"{fix['layer']} ({fix['class']}): {fix['attribute']}={fix['value']} -> {fix['fix']} "
-                       "(a multiple of 8: Tensor Core tiles)")
+                       f"(a multiple of 8: Tensor Core tiles{'; ' + fix['note'] if fix.get('note') else ''})")
     if model.get("batch_fix"):
         b = model["batch_fix"]
         changes.append(f"per-replica batch {b['per_replica_batch']} -> {b['fix']} (a multiple of 8)")
@@ -182,18 +182,17 @@ def recommend(report: dict, overrides: Sequence[str], baseline_xla: bool, batch:
             "verdict": verdict["verdict"] if best is not baseline else SAME, "all_slower": all_slower,
             "speedup": verdict["speedup"], "interval": verdict["interval"], "rounds_won": verdict["wins"],
             "rounds": verdict["rounds"], "sign_test_p": verdict["sign_test_p"],
-            "comparison": comparison,
-            "lead": is_lead,
+            "comparison": comparison, "lead": is_lead,
             "versus_baseline": decision["versus"], "load_average": _load_average(),
             "gain_unsettled": wide,
-            "spread": {"recommended": best.get("spread"), "baseline": baseline.get("spread"), "largest": noisiest},
+            "spread": {"recommended": best.get("spread"), "baseline": baseline.get("spread"), "largest": noisiest,
+                       "by": "the grid"}, "noise_note": note,  # --verify's replace both (verify.py)
             "memory_saving_mb": memory, "memory_difference_measurable": memory_measurable,
             "memory_mb": {"recommended": best.get("memory_mb"), "baseline": baseline.get("memory_mb"),
                           "means": (report.get("speed") or {}).get("memory_means")},
             "command": _command(program, kept, best, scale), "current_command": _command(program, kept, current, scale),
             "policy": best["policy"], "xla": bool(best["xla"]), "batch": best["batch"], "current_policy": policy,
-            "current": current,
-            "blocked": blocked,
+            "current": current, "blocked": blocked,
             "model_changes": model_changes(report), "notes": notes,
             "rule": f"against what you run now ({baseline['name']}), per interleaved round: a configuration whose "
                     f"precision passed the numerics checks is faster if the {CONFIDENCE:.0%} bootstrap interval of "

@@ -11,6 +11,7 @@ import gc
 from typing import Callable, Dict, List
 
 from trainer.doctor.decide import FASTER, LEAST_SPEEDUP, SLOWER, excludes_gain, outcome, paired_verdict, wins_needed
+from trainer.doctor.noise import noise_note
 from trainer.doctor.report import evidence
 from trainer.timing import interleaved_seconds
 
@@ -39,9 +40,11 @@ def verify_outcome(rec: dict, recommended: List[float], current: List[float]) ->
     verdict = paired_verdict(recommended, current)
     low, high = verdict["interval"]
     withdrawn = (rec["verdict"] == FASTER and verdict["verdict"] != FASTER) or verdict["verdict"] == SLOWER
+    trained = rec["config"]
     rec = {**rec, "verify": {**verdict, "recommended_seconds_per_example": list(recommended),
                              "current_seconds_per_example": list(current), "withdrawn": withdrawn,
                              "spread": _spread(recommended, current)}}
+    rec = _noise_measured_by_verify(rec, trained, verdict, recommended, current, recommendation_trained=not withdrawn)
     said = (f"--verify: {rec['config']} trained at {verdict['speedup']:.2f}x {rec['baseline']} (95% interval "
             f"{low:.2f}-{high:.2f}x, won {verdict['wins']} of {verdict['rounds']} rounds): {outcome(verdict)}")
     if withdrawn:
@@ -66,6 +69,22 @@ def _spread(*timings: List[float]) -> float:
     return max((max(t) / min(t) for t in timings if t and min(t) > 0), default=1.0)
 
 
+def _noise_measured_by_verify(rec: dict, name: str, verdict: dict, trained: List[float], current: List[float],
+                              recommendation_trained: bool) -> dict:
+    """`rec` with --verify's noise in place of the grid's (report.recommend's "spread" and noise note): once
+    --verify trained `name` against what you run now, its rounds' spread and its verdict are the measurement,
+    so the report's note, doctor.json and --set-auto's advice say one thing (the grid's note advised --verify
+    N for an answer --verify has settled). `recommendation_trained`: the recommendation is `name` (else what
+    you run now)."""
+    spread = {"recommended": _spread(trained if recommendation_trained else current), "baseline": _spread(current),
+              "largest": _spread(trained, current), "by": "--verify", "config": name, "config_spread": _spread(trained)}
+    note = noise_note(spread["largest"], name, rec["baseline"], verdict, None, by_verify=True,
+                      grid_disagrees=not recommendation_trained)
+    grid_note = rec.get("noise_note")
+    notes = [n for n in rec["notes"] if n != grid_note]
+    return {**rec, "spread": spread, "noise_note": note, "notes": notes + ([note] if note else [])}
+
+
 def settle_outcome(rec: dict, name: str, candidate: List[float], current: List[float]) -> dict:
     """`rec` (what you run now is kept) with --verify's measure of `name`, a configuration the grid left
     unsettled: what --verify measured replaces the grid's figures for it in "gain_unsettled" (a no gain
@@ -78,6 +97,7 @@ def settle_outcome(rec: dict, name: str, candidate: List[float], current: List[f
            "verify": {**verdict, "config": name, "recommended_seconds_per_example": list(candidate),
                       "current_seconds_per_example": list(current), "withdrawn": False,
                       "spread": _spread(candidate, current)}}
+    rec = _noise_measured_by_verify(rec, name, verdict, candidate, current, recommendation_trained=False)
     said = (f"--verify: {name}, the configuration whose interval reached highest, trained at {verdict['speedup']:.2f}x "
             f"{rec['baseline']} (95% interval {low:.2f}-{high:.2f}x, won {verdict['wins']} of {verdict['rounds']} "
             f"rounds): {outcome(verdict)}")
