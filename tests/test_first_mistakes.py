@@ -179,3 +179,22 @@ def test_without_metrics_the_best_checkpoints_are_ranked_by_the_loss(tmp_path, c
     assert "the smallest loss" in caplog.text and "largest accuracy" not in caplog.text
     assert "WARNING" not in caplog.text, caplog.text
     assert list((tmp_path / "checkpoints" / "best").glob("ckpt-*"))
+
+
+def test_a_resumed_run_that_ranked_by_the_default_accuracy_starts_ranking_by_the_loss(tmp_path, caplog):
+    """A run saved while the default ranked by an accuracy it did not have (here: a test_step of its own; before,
+    any run without metrics) recorded ("accuracy", "max") and the best value -3.4e38, which no loss beats."""
+    class OwnResults(Trainer):
+        def test_step(self, data):
+            return {"score": tf.constant(0.5)}
+
+    options = parts(run_dir=tmp_path, eval_every=5, checkpoint_every=5)
+    OwnResults(**options).fit(blobs(), blobs(64), steps=5)
+    assert not list((tmp_path / "checkpoints" / "best").glob("ckpt-*"))  # accuracy: no best kept
+    with caplog.at_level("INFO", logger="trainer"):
+        resumed = Trainer(**{**options, "verbose": True})
+        resumed.fit(blobs(), blobs(64), steps=10)
+    assert ("the checkpoint resumed (step 5) ranked them by the largest accuracy; this run ranks them by the smallest "
+            "loss, so the ranking starts now") in caplog.text, caplog.text
+    assert 0 < float(resumed.best.numpy()) < 10  # the eval loss, not -3.4e38
+    assert list((tmp_path / "checkpoints" / "best").glob("ckpt-10*"))

@@ -14,7 +14,7 @@ from trainer.config import ConfigError, TrainerConfig, as_given, written
 log = logging.getLogger("trainer.core")
 DEFAULT_BEST_METRIC = next(f.default for f in dataclasses.fields(TrainerConfig) if f.name == "best_metric")
 UNRECORDED = ("(unrecorded)", None)  # a checkpoint saved before the best mode was recorded in it (see best_mode_of)
-_EXTREME = {"min": "smallest", "max": "largest"}
+EXTREME = {"min": "smallest", "max": "largest"}
 
 
 def check_best_metric(trainer, key: Optional[str], names: List[str]) -> None:
@@ -73,7 +73,7 @@ def best_mode_of(trainer, recorded: Optional[Tuple[Optional[str], Optional[str]]
     kept = "max" if recorded == UNRECORDED else recorded[1] if recorded and recorded[0] == metric else None
     if kept is None:  # a fresh run, or one that kept no best (or another best_metric) until now
         mode = evalsets.resolve_mode("auto", metric, "trainer.best_mode", "Trainer(best_mode=...)", trainer.from_cli)
-        log.info("Best checkpoints: the %s %s (trainer.best_mode=auto: %s).", _EXTREME[mode], metric, mode)
+        log.info("Best checkpoints: the %s %s (trainer.best_mode=auto: %s).", EXTREME[mode], metric, mode)
         return mode
     guessed = evalsets.guess_mode("auto", metric)
     if guessed not in (None, kept):
@@ -84,7 +84,7 @@ def best_mode_of(trainer, recorded: Optional[Tuple[Optional[str], Optional[str]]
         log.warning("trainer.best_metric=%r: this run began with best_mode=%s%s, so its best checkpoints are kept by "
                     "the %s %s, as best/ is ranked, though the %s is better. Fix: %s keeps the %s from here (best/ is "
                     "ranked again), or %s keeps them as they are, without this warning.", metric, kept, began,
-                    _EXTREME[kept], metric, _EXTREME[guessed], fix(guessed), _EXTREME[guessed], fix(kept))
+                    EXTREME[kept], metric, EXTREME[guessed], fix(guessed), EXTREME[guessed], fix(kept))
     return kept
 
 

@@ -16,7 +16,7 @@ import keras
 
 from trainer import evalsets
 from trainer.callbacks.base import Callback, CallbackState
-from trainer.callbacks.best_metric import (DEFAULT_BEST_METRIC, UNRECORDED, best_metric_fix, best_mode_of,
+from trainer.callbacks.best_metric import (EXTREME, DEFAULT_BEST_METRIC, UNRECORDED, best_metric_fix, best_mode_of,
                                          check_best_metric, check_probable_typo, default_best_metric)
 from trainer.callbacks.monitor import default_log_names, log_names
 from trainer.callbacks.numerics import check_weights_finite
@@ -40,6 +40,18 @@ def _configured_settings(trainer) -> Dict[str, Tuple[Optional[float], float]]:
         constant = float(keras.ops.convert_to_numpy(lr)) if isinstance(lr, keras.Variable) else None
         settings[name] = (constant, updater.loss_scale.status().scale)
     return settings
+
+
+def _say_ranking_starts(recorded: Tuple, best: Tuple, step: int) -> None:
+    """A resumed run whose checkpoint ranked its best by another metric or mode (a run without metrics ranked by
+    the default `accuracy`, now by the loss): its best value cannot be compared, so the ranking starts again."""
+    def ranking(metric, mode):
+        return f"the {EXTREME.get(mode, mode)} {metric}" if metric else "nothing"
+
+    log.info("Best checkpoints: the checkpoint resumed (step %d) ranked them by %s; this run ranks them by %s, so "
+             "the ranking starts now (the best value so far is forgotten; best/ copies kept by the old ranking are "
+             "the first replaced).",
+             step, ranking(*recorded), ranking(*best))
 
 
 class Checkpointing(Callback):
@@ -182,8 +194,11 @@ class Checkpointing(Callback):
         if resumed is not None:
             recorded = self._keep_configured_settings(trainer, rewound=rewind is not None)
             self._resume_data_position(trainer, recorded)
-        if self.best[1] and (resumed is None or math.isnan(float(trainer.best.numpy()))):  # NaN: saved before NO_BEST
-            trainer.best.assign(NO_BEST[self.best[1]])  # no best yet: the worst value for the mode decided
+        reranked = resumed is not None and self.recorded not in (UNRECORDED, self.best)
+        if reranked and self.best[1]:  # its best value is another metric's (or mode's): never beaten, or wrong
+            _say_ranking_starts(self.recorded, self.best, int(trainer.step.numpy()))
+        if self.best[1] and (resumed is None or reranked or math.isnan(float(trainer.best.numpy()))):
+            trainer.best.assign(NO_BEST[self.best[1]])  # no best yet (NaN: saved before NO_BEST): the mode's worst
         if rewind is not None:
             self._finish_rewind(trainer, resumed, *rewind)
 
