@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -291,9 +291,10 @@ KERAS_ELSEWHERE = {"initial_epoch": "Trainer(run_dir=...) resumes at its newest 
                    "callbacks": "Trainer(callbacks=[...])", "verbose": "Trainer(verbose=..., progress_bar=...)"}
 
 
-def fit_arguments(train_data, eval_data, keywords: Mapping[str, Any]) -> tuple:
+def fit_arguments(train_data, eval_data, keywords: Mapping[str, Any], fit: Callable) -> tuple:
     """fit()'s (training data, second argument) with Keras' keywords x= and y=. eval_data= with arrays x
-    (where the second argument is y) and Keras' keywords the Trainer takes elsewhere: a UserError saying so."""
+    (where the second argument is y) and Keras' keywords the Trainer takes elsewhere: a UserError saying so; a
+    keyword `fit` (Trainer.fit) does not take names the one meant."""
     given = dict(keywords)
     if "train_data" in given:  # fit(train_data=ds), as before fit took arrays
         if train_data is not None:
@@ -317,7 +318,7 @@ def fit_arguments(train_data, eval_data, keywords: Mapping[str, Any]) -> tuple:
     if given:
         from trainer.other_tools import unknown_fit_keyword
 
-        raise unknown_fit_keyword(*next(iter(given.items())))
+        raise unknown_fit_keyword(*next(iter(given.items())), fit)
     if train_data is None:
         raise TypeError("fit() missing the training data (x, a tf.data.Dataset or a function of an InputContext)")
     return train_data, eval_data

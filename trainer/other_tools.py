@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence
 
 from trainer.config_check import KEY_SYNONYMS
 from trainer.errors import UserError
@@ -112,16 +112,16 @@ def check_trainer_options(trainer_class: type, options: Mapping[str, Any]) -> No
 STRATEGY_FIELDS = ("logical_cpus", "devices", "communication", "tpu")  # StrategyConfig's, by a Trainer's argument
 
 
-def unknown_fit_keyword(name: str, value: Any) -> ArgumentError:
-    """fit(**{name: value}) that fit() does not take: an ArgumentError naming the one meant (fit(steps=...) for
-    num_steps, a Trainer setting given to fit, a close spelling), where Python said only "unexpected keyword"."""
+def unknown_fit_keyword(name: str, value: Any, fit: Callable) -> ArgumentError:
+    """fit(**{name: value}) that `fit` (Trainer.fit, handed in by its caller: this module sits below the Trainer)
+    does not take: an ArgumentError naming the one meant (fit(steps=...) for num_steps, a Trainer setting given to
+    fit, a close spelling), where Python said only "unexpected keyword"."""
     import dataclasses
 
     from trainer.config import TrainerConfig
-    from trainer.trainer import Trainer
 
     fields = [f.name for f in dataclasses.fields(TrainerConfig)]
-    arguments = [p for p in inspect.signature(Trainer.fit).parameters if p not in ("self", "keywords")]
+    arguments = [p for p in inspect.signature(fit).parameters if p not in ("self", "keywords")]
     arguments += ["x", "y", "eval_data"]  # Keras' x=, y= and ours, by keyword
     home, _, key = KEY_SYNONYMS.get(name.lower(), "").rpartition(".")
     close = _close(name, arguments)

@@ -278,7 +278,7 @@ class Trainer(Step):
                      {"max_steps": "fit(steps=...)", "epochs": "fit(epochs=...)"})
         show_logs_unless_configured(self.config.verbose)
         say_strategy_once(self.strategy)
-        train_data, eval_data = fit_arguments(train_data, eval_data, keywords)
+        train_data, eval_data = fit_arguments(train_data, eval_data, keywords, self.fit)
         self._fit_inputs = fit_inputs(self._fit_inputs, self.seed, train_data, eval_data, batch_size,
                                       validation_data=validation_data, validation_split=validation_split,
                                       class_weight=class_weight, sample_weight=sample_weight, shuffle=shuffle,
