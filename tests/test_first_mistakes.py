@@ -66,6 +66,26 @@ def test_a_subclass_that_forgets_super_init_is_told_at_construction():
     assert Deeper(**parts()).fit(blobs(), steps=2)["loss"] > 0
 
 
+def test_a_subclass_of_one_that_forgets_super_init_names_the_classes_that_may_have():
+    class Forgot(Trainer):
+        def __init__(self, **kwargs):
+            self.extra = 1
+
+    class Inherits(Forgot):  # no __init__ of its own: Forgot's runs, as the outermost
+        pass
+
+    class Calls(Forgot):  # calls its parent's, which forgets: the parent is named too
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+
+    for kind, said in [(Inherits, "Inherits's Forgot.__init__ did not call Trainer.__init__"),
+                       (Calls, "Calls.__init__ or a parent's: Forgot did not call Trainer.__init__")]:
+        with pytest.raises(UserError) as raised:
+            kind(**parts())
+        assert str(raised.value).startswith(said) and "Fix: call super().__init__(...)" in str(raised.value), \
+            str(raised.value)
+
+
 def test_a_dataset_not_batched_is_told_to_batch():
     with pytest.raises(UserError, match=r"single examples, not batches: its input has shape \(4,\) and the model "
                                         r"takes \(None, 4\).*Fix: batch the dataset, e.g. dataset.batch\(32"):
