@@ -39,6 +39,16 @@ def test_a_strategy_it_cannot_make_names_what_it_takes(strategy, said):
     assert said in str(raised.value) and '"logical_cpus": 2}' in str(raised.value), str(raised.value)
 
 
+def test_a_strategy_dict_without_the_name_its_fields_need_names_it():
+    """{"logical_cpus": 2} without a name was the default strategy: 1 replica, silently."""
+    with pytest.raises(UserError) as raised:
+        Trainer(**parts(strategy={"logical_cpus": 2}))
+    assert str(raised.value) == (
+        "Trainer(strategy={'logical_cpus': 2}): logical_cpus is a field of the mirrored or multi_worker strategy, and "
+        "the default strategy (one device) would ignore it. Fix: Trainer(strategy={'name': 'mirrored', "
+        "'logical_cpus': 2}).")
+
+
 def test_the_strategys_fields_as_trainer_arguments_name_the_strategy_dict():
     with pytest.raises(UserError, match=r"Fix: logical_cpus is the strategy's: Trainer\(strategy=\{'name': "
                                         r"'mirrored', 'logical_cpus': 2\}\)"):

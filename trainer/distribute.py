@@ -55,6 +55,7 @@ def strategy_argument(value: Any) -> Optional[tf.distribute.Strategy]:
     takes = (f"a tf.distribute.Strategy, a name ({', '.join(STRATEGIES)}), a trainer.config.StrategyConfig or a dict "
              "of its fields. Fix: e.g. Trainer(strategy=\"mirrored\") (all GPUs), or "
              "Trainer(strategy={\"name\": \"mirrored\", \"logical_cpus\": 2}) (2 replicas on the CPU)")
+    given = dict(value) if isinstance(value, Mapping) else value  # as the user wrote it, for an error
     if isinstance(value, str):
         if value not in STRATEGIES:
             import difflib
@@ -72,7 +73,31 @@ def strategy_argument(value: Any) -> Optional[tf.distribute.Strategy]:
         value = StrategyConfig(**value)
     elif not isinstance(value, StrategyConfig):
         raise StrategyError(f"Trainer(strategy={value!r}) ({type(value).__name__}): it takes {takes}.")
+    check_fields_used(value, where=f"Trainer(strategy={given!r})")
     return None if value.name == "default" else make_strategy(value, where="Trainer(strategy=...)")
+
+
+_FIELDS_OF = {"device": ("one_device",), "devices": ("mirrored",), "logical_cpus": ("mirrored", "multi_worker"),
+              "tpu": ("tpu",), "communication": ("multi_worker",)}  # StrategyConfig's, by the strategies using them
+
+
+def check_fields_used(cfg: StrategyConfig, where: Optional[str] = None) -> None:
+    """A field the named strategy does not use (strategy.logical_cpus=2 without strategy=mirrored, a dict without a
+    name: the default strategy) is a StrategyError naming the strategy it belongs to, where it ran 1 replica,
+    silently. `where`: the Python argument as given (else the CLI's keys)."""
+    unused = {f: getattr(cfg, f) for f, users in _FIELDS_OF.items()
+              if cfg.name not in users and getattr(cfg, f) not in (None, "auto")}
+    if not unused:
+        return
+    field, owner = next(iter(unused)), _FIELDS_OF[next(iter(unused))]
+    if where:
+        asked, fix = where, f"Trainer(strategy={ {'name': owner[0], **unused}!r})"
+    else:
+        keys = [f"strategy.{f}=" + (f"[{','.join(map(str, v))}]" if isinstance(v, (list, tuple)) else str(v))
+                for f, v in unused.items()]
+        asked, fix = " ".join([f"strategy={cfg.name}"] + keys), " ".join([f"strategy={owner[0]}"] + keys)
+    raise StrategyError(f"{asked}: {field} is a field of the {' or '.join(owner)} strategy, and the {cfg.name} "
+                        f"strategy{' (one device)' if cfg.name == 'default' else ''} would ignore it. Fix: {fix}.")
 
 
 def _check_device_exists(device: str) -> None:
@@ -94,6 +119,7 @@ def _check_device_exists(device: str) -> None:
 def make_strategy(cfg: StrategyConfig, where: Optional[str] = None) -> tf.distribute.Strategy:
     """Builds the strategy named by `cfg.name`, logging what it runs on. `where`: the Python argument it came from
     (strategy_argument), for an error's fix."""
+    check_fields_used(cfg, where)
     name = cfg.name
     gpus = tf.config.list_physical_devices("GPU")
     if name == "default":
