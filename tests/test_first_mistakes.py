@@ -102,6 +102,19 @@ def test_a_dataset_not_batched_is_told_to_batch():
         Trainer(**parts()).fit(blobs().unbatch(), steps=2)
 
 
+@pytest.mark.parametrize("input_shape, x_shape", [((1,), (1,)), ((None, 1), (8, 1))])
+def test_shapes_keras_takes_are_not_called_unbatched(input_shape, x_shape):
+    """Keras adds a missing trailing axis of 1: Input((1,)) takes a batch of one (1,), Input((None, 1)) a (B, 1)."""
+    def model():
+        inputs = keras.Input(input_shape)
+        pooled = keras.layers.GlobalAveragePooling1D()(inputs) if len(input_shape) > 1 else inputs
+        return keras.Model(inputs, keras.layers.Dense(2)(pooled))
+
+    x, y = np.ones((64,) + x_shape[1:], np.float32), np.zeros(64, np.int32)
+    batched = tf.data.Dataset.from_tensor_slices((x, y)).batch(x_shape[0]).repeat()
+    assert Trainer(**parts(model=model)).fit(batched, steps=2)["loss"] > 0
+
+
 class MisnamedMetric(Trainer):
     def train_step(self, data):
         x, y = data

@@ -15,7 +15,7 @@ from trainer import precision as precision_lib
 from trainer.config import ConfigError, PrecisionConfig
 from trainer.distribute import StrategyError
 from trainer.errors import UserError
-from trainer.inputs import check_batched
+from trainer.inputs import unbatched_error
 from trainer.layer_probe import LayerProbe, output_layers
 from trainer.loss_scale import LossScale
 from trainer.precision import PrecisionError
@@ -296,12 +296,17 @@ def _build_single_model(model: keras.Model, precision: PrecisionConfig, sample_b
     """`model` called on two examples of `sample_batch`; its float32-output wrapper when it needs one, else None.
     `tensor_cores`: on GPUs, where the multiples-of-8 tip applies."""
     x, _, _ = keras.utils.unpack_x_y_sample_weight(sample_batch)
-    check_batched(model, x)  # a dataset not batched: say so, not Keras' "Invalid input shape"
-    first_two = tf.nest.map_structure(lambda t: t[:2], x)  # 2 examples suffice
     tip = precision.policy != "float32" and tensor_cores
     probe = LayerProbe(model, record_calls=True) if tip else contextlib.nullcontext()
-    with probe:  # the calls in order: which layers size the outputs (the tip leaves small ones out)
-        outputs = model(first_two, training=False)
+    try:
+        first_two = tf.nest.map_structure(lambda t: t[:2], x)  # 2 examples suffice
+        with probe:  # the calls in order: which layers size the outputs (the tip leaves small ones out)
+            outputs = model(first_two, training=False)
+    except Exception:  # a dataset not batched? Say so, not Keras' "Invalid input shape"
+        unbatched = unbatched_error(model, x)
+        if unbatched is None:
+            raise
+        raise unbatched from None
     precision_lib.keep_layers_in_float32(model, precision.float32_layers)
     wrapped = precision_lib.ensure_float32_outputs(model, outputs, precision.strict_outputs)
     if wrapped is not model:
