@@ -135,7 +135,7 @@ def test_a_metric_name_misspelt_in_a_step_names_the_metrics():
     assert said.startswith("self.metrics['acc']: this Trainer has no metric named 'acc'; its metrics are "
                            "['accuracy'] (did you mean 'accuracy'?). Fix:"), said
     assert int(trainer.step.numpy()) == 0
-    with pytest.raises(UserError, match="it has none"):
+    with pytest.raises(UserError, match=r"it has none. Fix: give the metric to the Trainer: Trainer\(metrics="):
         MisnamedMetric(**parts()).fit(blobs(), steps=2)
 
 
@@ -220,8 +220,24 @@ def test_without_metrics_the_best_checkpoints_are_ranked_by_the_loss(tmp_path, c
     assert ("The default trainer.best_metric='accuracy' is not among the eval results ['loss']: best checkpoints are "
             "ranked by the eval loss (Trainer(best_metric=<a metric>) names another).") in caplog.text
     assert "the smallest loss" in caplog.text and "largest accuracy" not in caplog.text
-    assert "WARNING" not in caplog.text, caplog.text
+    assert not [r for r in caplog.records if r.levelname == "WARNING" and r.name.startswith("trainer")], caplog.text
     assert list((tmp_path / "checkpoints" / "best").glob("ckpt-*"))
+
+
+def test_the_loss_ranking_is_said_once_per_trainer_and_names_the_eval_set(tmp_path, caplog):
+    trainer = Trainer(**parts(run_dir=tmp_path, eval_every=5, checkpoint_every=5, verbose=True))
+    with caplog.at_level("INFO", logger="trainer"):
+        for steps in (5, 10):
+            trainer.fit(blobs(), {"val": blobs(64), "ood": blobs(64)}, steps=steps)
+    said = [r.getMessage() for r in caplog.records if "best checkpoints are ranked by the eval loss" in r.getMessage()]
+    assert len(said) == 1 and "ranked by the eval loss of the first eval set ('val/loss'; " in said[0], said
+    assert "trainer.best_metric='loss'" not in caplog.text and "Trainer(best_metric='loss')" not in caplog.text
+
+
+def test_an_accuracy_asked_for_without_metrics_is_an_error_not_the_loss(tmp_path):
+    with pytest.raises(UserError, match=r"Trainer\(best_metric='accuracy'\) is not among the eval results \['loss'\]"):
+        Trainer(**parts(run_dir=tmp_path, best_metric="accuracy", eval_every=5)).fit(blobs(), blobs(64), steps=5)
+    assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").glob("ckpt-*"))
 
 
 def test_a_resumed_run_that_ranked_by_the_default_accuracy_starts_ranking_by_the_loss(tmp_path, caplog):

@@ -209,10 +209,12 @@ class NamedMetrics(dict):
         close = difflib.get_close_matches(str(name), [str(k) for k in self], n=1, cutoff=0.5)
         have = (f"its metrics are {sorted(self)}" + (f" (did you mean {close[0]!r}?)" if close else "") if self
                 else "it has none")
+        use = ("use one of those names (a metric's name is its `name=`, or its key in Trainer(metrics={...})), or "
+               if self else "")
         raise MetricNameError(
-            f"self.metrics[{name!r}]: this Trainer has no metric named {name!r}; {have}. Fix: use one of those names "
-            "(a metric's name is its `name=`, or its key in Trainer(metrics={...})), or give the metric to the "
-            f"Trainer: Trainer(metrics=[keras.metrics.SparseCategoricalAccuracy(name={name!r})]) (any Keras metric).")
+            f"self.metrics[{name!r}]: this Trainer has no metric named {name!r}; {have}. Fix: {use}give the metric to "
+            f"the Trainer: Trainer(metrics=[keras.metrics.SparseCategoricalAccuracy(name={name!r})]) (any Keras "
+            "metric).")
 
 
 def make_loss_scale(p: PrecisionConfig, say_ignored: bool) -> LossScale:

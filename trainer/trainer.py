@@ -93,6 +93,7 @@ class Trainer(Step):
         callbacks = callback_objects(callbacks, "callbacks")  # one alone too; a Keras callback is refused
         self.loggers = callback_objects(loggers, "loggers") if loggers is not None else None
         self.config = dataclasses.replace(config or TrainerConfig(), **options)
+        self.best_metric_given = "best_metric" in options  # Trainer(best_metric="accuracy"): no default's switch
         check_batches_per_step(type(self), self.config)  # before any data or model is built
         show_logs_unless_configured(self.config.verbose)  # construction logs (the optimizer's kernels) show too
         self.precision = PrecisionConfig(policy=precision) if isinstance(precision, str) else precision
@@ -112,14 +113,7 @@ class Trainer(Step):
         self.from_cli = False
         self.hparams: Dict[str, Any] = {}  # the CLI sets it: the composed config, flattened (MLflow's params)
 
-        if self.config.deterministic:
-            tf.config.experimental.enable_op_determinism()
-        keras.utils.set_random_seed(seed)
-        precision_lib.set_policy(self.precision.policy)  # before any layer exists
-        if self.precision.policy == "mixed_float16" and self._on_cpu():  # before TensorFlow's line at the first op
-            precision_lib.warn_float16_on_cpu()
-        if self.precision.debug_numerics:
-            tf.debugging.enable_check_numerics()
+        self._set_process_state(seed)
 
         with self.strategy.scope():
             self.models: Dict[str, keras.Model] = components.make_models(model, models)
@@ -164,6 +158,17 @@ class Trainer(Step):
         self._fit_inputs, self.eval_set_names = None, None  # fit()'s last arguments made ready; named eval sets
         self.last_train_logs: Dict[str, Any] = {}  # what a later fit() with nothing to train returns (no eval data)
         self.eval_batches: Optional[int] = None  # global batches the last evaluation read
+
+    def _set_process_state(self, seed: int) -> None:
+        """TensorFlow's and Keras' process-wide settings this Trainer asks for, before any layer exists."""
+        if self.config.deterministic:
+            tf.config.experimental.enable_op_determinism()
+        keras.utils.set_random_seed(seed)
+        precision_lib.set_policy(self.precision.policy)
+        if self.precision.policy == "mixed_float16" and self._on_cpu():  # before TensorFlow's line at the first op
+            precision_lib.warn_float16_on_cpu()
+        if self.precision.debug_numerics:
+            tf.debugging.enable_check_numerics()
 
     # -- what the Trainer holds -------------------------------------------------------------------
 

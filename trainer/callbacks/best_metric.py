@@ -25,7 +25,7 @@ def check_best_metric(trainer, key: Optional[str], names: List[str]) -> None:
     saved (Checkpointing.refuse_missing_best). The default, `accuracy`, on a model without that metric was not
     asked for: Checkpointer.update_best warns."""
     given = trainer.config.best_metric
-    if not key or key in names or given == DEFAULT_BEST_METRIC:
+    if not key or key in names or not asked_for(trainer):
         return
     asked = key if trainer.eval_set_names else given[len("eval/"):] if given.startswith("eval/") else given
     setting = as_given("trainer.best_metric", given, "Trainer(best_metric=...)", trainer.from_cli)
@@ -39,7 +39,7 @@ def check_probable_typo(trainer, key: str) -> None:
     misspelt from a name the default step reports (`acuracy`, `val_los`) is said so (evalsets.check_typo_before_run),
     not as a best_mode to set."""
     given, cli = trainer.config.best_metric, trainer.from_cli
-    if given == DEFAULT_BEST_METRIC:
+    if not asked_for(trainer):
         return
     sets, auto_fails = trainer.eval_set_names, trainer.config.best_mode == "auto" and not evalsets.guess_mode(
         "auto", given)
@@ -88,15 +88,25 @@ def best_mode_of(trainer, recorded: Optional[Tuple[Optional[str], Optional[str]]
     return kept
 
 
+def asked_for(trainer) -> bool:
+    """trainer.best_metric was given (Trainer(best_metric="accuracy") too), not left at its default: a name the
+    results lack is then an error, and no default ranks by the loss instead."""
+    return trainer.config.best_metric != DEFAULT_BEST_METRIC or getattr(trainer, "best_metric_given", False)
+
+
 def default_best_metric(trainer, names: Optional[List[str]]) -> Optional[str]:
-    """The metric best checkpoints are ranked by: trainer.best_metric, or for its default (`accuracy`) on a Trainer
-    without metrics (its eval results known: only the loss), the eval loss, said at the start; it had said "the
-    largest accuracy", then warned at the first evaluation that there is none and kept no best checkpoint. With
-    metrics of other names the default stays that warning, which names them."""
+    """The metric best checkpoints are ranked by: trainer.best_metric, or for its default (`accuracy`, not given) on a
+    Trainer without metrics (its eval results known: only the loss), the eval loss (said_ranked_by_loss); it had
+    said "the largest accuracy", then warned at the first evaluation that there is none and kept no best
+    checkpoint. With metrics of other names the default stays that warning, which names them."""
     given = trainer.config.best_metric
-    if given != DEFAULT_BEST_METRIC or names != ["loss"]:
-        return given
-    log.info("The default trainer.best_metric=%r is not among the eval results %s: best checkpoints are ranked by the "
-             "eval loss (%s names another).", given, names,
+    return "loss" if not asked_for(trainer) and names == ["loss"] else given
+
+
+def say_ranked_by_loss(trainer, key: str) -> None:
+    """The default best_metric ranks by the eval loss (`key`: its record's, the first eval set's of several): said
+    once per Trainer, at its first fit() call."""
+    of_set = f" of the first eval set ({key!r}; " if key != "loss" else " ("
+    log.info("The default trainer.best_metric=%r is not among the eval results ['loss']: best checkpoints are ranked "
+             "by the eval loss%s%s names another).", DEFAULT_BEST_METRIC, of_set,
              written("trainer.best_metric", "<a metric>", "Trainer(best_metric=...)", trainer.from_cli))
-    return "loss"

@@ -16,8 +16,9 @@ import keras
 
 from trainer import evalsets
 from trainer.callbacks.base import Callback, CallbackState
-from trainer.callbacks.best_metric import (EXTREME, DEFAULT_BEST_METRIC, UNRECORDED, best_metric_fix, best_mode_of,
-                                         check_best_metric, check_probable_typo, default_best_metric)
+from trainer.callbacks.best_metric import (EXTREME, UNRECORDED, asked_for, best_metric_fix, best_mode_of,
+                                         check_best_metric, check_probable_typo, default_best_metric,
+                                         say_ranked_by_loss)
 from trainer.callbacks.monitor import default_log_names, log_names
 from trainer.callbacks.numerics import check_weights_finite
 from trainer import resume_from
@@ -118,9 +119,12 @@ class Checkpointing(Callback):
         if trainer.run_dir is None or not trainer.config.best_metric:
             return None
         names, sets = log_names(trainer, train=False), trainer.eval_set_names
-        self.metric = default_best_metric(trainer, names)
+        first, self.metric = self.metric is None, default_best_metric(trainer, names)
+        by_loss = self.metric != trainer.config.best_metric  # the default, without metrics: said here, once
         key = evalsets.resolve(self.metric, sets, names, "trainer.best_metric", "Trainer(best_metric=...)",
-                               trainer.from_cli, known=default_log_names(trainer, False))
+                               trainer.from_cli, say=not by_loss, known=default_log_names(trainer, False))
+        if by_loss and first:
+            say_ranked_by_loss(trainer, key)
         if names is not None:
             check_best_metric(trainer, key, [f"{s}/{n}" for s in sets for n in names] if sets else names)
         else:  # a test_step's own results: checked at its first evaluation (refuse_missing_best)
@@ -133,7 +137,7 @@ class Checkpointing(Callback):
         same command resumes from it once the name is fixed). The default, `accuracy`, was not asked for:
         Checkpointer.update_best warns instead."""
         key = self.checkpointer.best_metric
-        if not key or key in eval_logs or trainer.config.best_metric == DEFAULT_BEST_METRIC:
+        if not key or key in eval_logs or not asked_for(trainer):
             return
         if self.saved_step != step:  # every worker alike: a save is collective
             self.save(trainer, step)
