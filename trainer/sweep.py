@@ -93,8 +93,10 @@ def swept_keys(sweep_dir: Any) -> Optional[set]:
 
 
 def metric_names(config: Any) -> Optional[List[str]]:
-    """The names of a composed config's metrics, None when its step may log others (a trainer_class's own)."""
-    if config is None or str(config.get("trainer_class") or "trainer.Trainer") != "trainer.Trainer":
+    """The names of a composed config's metrics, None when not known: no `metrics` key, or a step that may log
+    others (a trainer_class's own)."""
+    if (config is None or "metrics" not in config
+            or str(config.get("trainer_class") or "trainer.Trainer") != "trainer.Trainer"):
         return None
     return [str(name) for name in (config.get("metrics") or {})]
 
