@@ -425,7 +425,7 @@ def test_a_best_metric_the_eval_does_not_report_is_a_warning(tmp_path, caplog):
     """The default, `accuracy`, on a model whose metric has another name: not asked for, so a warning (once)."""
     trainer = Trainer(model=_net(), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       optimizer=lambda: keras.optimizers.SGD(0.1), metrics=[keras.metrics.SparseCategoricalAccuracy()],
-                      run_dir=tmp_path, progress_bar=False, eval_every=5, best_metric="accuracy")
+                      run_dir=tmp_path, progress_bar=False, eval_every=5)  # the default best_metric
     with caplog.at_level("WARNING", logger="trainer"):
         trainer.fit(blobs(), blobs(), steps=10)
     warnings = [r.getMessage() for r in caplog.records if "best_metric" in r.getMessage()]

@@ -63,6 +63,10 @@ def test_bad_data_path_is_a_clear_error_with_exit_2(tmp_path):
         ("data.batch_size=0", "data.batch_size=0 is out of range: must be >= 1"),
         ("optimizer.schedule=nope", "optimizer.schedule='nope' is not one of"),
         ("strategy=one_device strategy.device=/gpu:7", "strategy.device='/gpu:7': this machine has"),
+        # a field of another strategy (strategy.logical_cpus=2 alone ran 1 replica): the same check
+        ("strategy.devices=[/cpu:0]", "strategy=default strategy.devices=[/cpu:0]: devices is a field of the mirrored "
+                                      "strategy, and the default strategy (one device) would ignore it. Fix: "
+                                      "strategy=mirrored strategy.devices=[/cpu:0]."),
     ],
 )
 def test_bad_values_exit_2_naming_the_key_without_a_traceback(tmp_path, override, expected):

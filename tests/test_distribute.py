@@ -282,6 +282,9 @@ s = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 t = Trainer(model=net, loss=loss, optimizer=lambda: keras.optimizers.Adam(1e-3), strategy=s, jit_compile=True,
             metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")], progress_bar=False)
 print("FIT", t.fit(ds, steps=4)["step"])
+by_dict = Trainer(model=net, loss=loss, optimizer=lambda: keras.optimizers.Adam(1e-3), progress_bar=False,
+                  strategy={"name": "mirrored", "logical_cpus": 2})  # docs/concepts/distribution.md's (slow) block
+print("REPLICAS", by_dict.strategy.num_replicas_in_sync)
 try:
     t.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(33), steps=6)
 except Exception as e:
@@ -298,13 +301,14 @@ for kwargs in [dict(precision="mixed_bfloat16"), dict(strategy=s)]:
 def test_ready_made_metrics_models_and_strategies(tmp_path):
     """Ready-made metrics are remade under the strategy (they crashed under Mirrored + XLA); a ready-made
     model that cannot honour the precision or the strategy, or a tf.data batch that does not split over
-    the replicas, is a clear error, not a silent float32, unmirrored or misweighted run."""
+    the replicas, is a clear error, not a silent float32, unmirrored or misweighted run. A strategy given as a
+    dict of StrategyConfig's fields makes its replicas."""
     script = tmp_path / "ready_made.py"
     script.write_text(READY_MADE + SKIP_TEARDOWN)
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith(("FIT", "ERROR"))]
-    assert lines[0] == "FIT 4"
+    assert lines[0] == "FIT 4" and "REPLICAS 2" in result.stdout  # Trainer(strategy={"name": "mirrored", ...})
     assert lines[1].startswith("ERROR DataError The training batches (33 examples) do not split "
                                "evenly over the 2 replicas")
     assert lines[2].startswith("ERROR PrecisionError The model was built before the Trainer set "

@@ -208,7 +208,10 @@ SLOW_BLOCK_COMMANDS = ("python -m trainer.doctor --quick",)
 
 
 def _staged(block: Block):
-    slow = any(command in block.code for command in SLOW_BLOCK_COMMANDS)
+    """A block over the default stage's 30 s is slow: the doctor, and a Python block in its own process (a fresh
+    TensorFlow, a split CPU: 20-40 s on 2 shared cores). test_distribute.py checks the same in its CPU-split script."""
+    slow = any(command in block.code for command in SLOW_BLOCK_COMMANDS) or (
+        block.lang == "python" and any(word in block.code for word in NEEDS_OWN_PROCESS))
     return pytest.param(block, id=block.id, marks=[pytest.mark.slow] if slow else [])
 
 

@@ -112,3 +112,27 @@ def test_the_sweeps_table_ranks_the_value_each_job_returned_to_the_sweeper(tmp_p
     with open(tmp_path / CSV_NAME, newline="") as f:
         column = [row[f"final_{best_metric}"] for row in csv.DictReader(f)]
     assert column == [f"{value:.4f}" for value in returned]  # the values the sweeper was given
+
+
+def test_a_sweep_of_a_config_without_metrics_ranks_by_the_loss_as_its_best_checkpoints_do():
+    """The default best_metric (accuracy) of a config without metrics ranks the best checkpoints by the eval loss
+    (callbacks/best_metric.py): the sweep's default objective is the same (it was the accuracy no job logs)."""
+    from trainer.config import TrainerConfig
+    from omegaconf import OmegaConf
+
+    from trainer.sweep import job_value, metric_names, register_resolver, sweep_objective
+
+    def config(**root):
+        return OmegaConf.create({"trainer": {"best_metric": "accuracy", "best_mode": "auto"}, **root})
+
+    bare, scored = config(metrics={}), config(metrics={"accuracy": {}})
+    assert sweep_objective(TrainerConfig(), metric_names(bare)) == ("loss", "min")
+    assert sweep_objective(TrainerConfig(), metric_names(scored)) == ("accuracy", "max")
+    own = config(metrics={}, trainer_class="trainer.recipes.gan.GAN")  # its step may log an accuracy
+    assert sweep_objective(TrainerConfig(), metric_names(own)) == ("accuracy", "max")
+    assert sweep_objective(TrainerConfig(best_metric="val_loss"), metric_names(bare))[0] == "val_loss"  # as given
+    assert job_value({"step": 5, "loss": 0.3}, bare.trainer, metric_names(bare)) == (0.3, None)
+    register_resolver()  # Optuna's direction: ${sweep_direction:${trainer}}, the composed config as _root_
+    for root, direction in [(bare, "minimize"), (scored, "maximize")]:
+        root.direction = "${sweep_direction:${trainer}}"
+        assert root.direction == direction

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -52,6 +52,23 @@ def as_arrays(data: Any) -> Any:
     return _as_array(data)
 
 
+SHOWN_ARRAYS = 6  # an error lists the sizes of this many arrays (a list of 4096 pairs made a 44,000-character one)
+
+
+def check_not_pairs(x: Any, argument: str = "x") -> None:
+    """A list of (x, y) pairs (or (x, y, weight) triples), one per example, is read as a model's several inputs (a
+    list of arrays, as in Keras): said with the fix, where the arrays' sizes disagreed in a message of every one."""
+    if not (isinstance(x, list) and len(x) >= 2 and all(isinstance(e, tuple) for e in x)):
+        return
+    sizes = {len(e) for e in x}
+    if len(sizes) == 1 and sizes <= {2, 3}:
+        raise DataError(
+            f"fit(): {argument} is a list of {len(x)} tuples of {sizes.pop()}, one per example ((x, y) pairs?); fit "
+            "reads a list as a model's several inputs. Fix: give the inputs and labels as separate arrays: "
+            "xs, ys = map(np.array, zip(*pairs)); fit(xs, ys, batch_size=32), or a batched tf.data.Dataset: "
+            "fit(tf.data.Dataset.from_tensor_slices((xs, ys)).batch(32)).")
+
+
 def length(parts: Mapping[str, Any]) -> int:
     """The examples in each of `parts` (name -> nested arrays), which must agree; a DataError names them."""
     lengths = {}
@@ -60,9 +77,10 @@ def length(parts: Mapping[str, Any]) -> int:
             for i, array in enumerate(tf.nest.flatten(value)):
                 lengths[name if len(tf.nest.flatten(value)) == 1 else f"{name}[{i}]"] = len(array) if array.ndim else 0
     if len(set(lengths.values())) > 1:
-        raise DataError("fit(): the arrays have different numbers of examples: "
-                        + ", ".join(f"{k} {v}" for k, v in lengths.items())
-                        + ". Fix: give one row per example in each (the first axis is the examples).")
+        listed = [f"{k} {v}" for k, v in lengths.items()]
+        more = f", ... ({len(listed)} arrays)" if len(listed) > SHOWN_ARRAYS else ""
+        raise DataError("fit(): the arrays have different numbers of examples: " + ", ".join(listed[:SHOWN_ARRAYS])
+                        + more + ". Fix: give one row per example in each (the first axis is the examples).")
     return next(iter(lengths.values()), 0)
 
 
@@ -198,6 +216,7 @@ def from_arrays(x, y=None, *, batch_size: Optional[int], seed: int, sample_weigh
         raise DataError(f"fit(): shuffle={shuffle!r}; give True or False (Keras' 'batch' is not supported).")
     eval_batch = batch_size if validation_batch_size is None else validation_batch_size
     check_batch_size(eval_batch)
+    check_not_pairs(x)
     x, y = as_arrays(x), None if y is None else _labels(y)
     weight = None if sample_weight is None else as_arrays(sample_weight)
     n = length({"x": x, "y": y, "sample_weight": weight})
@@ -272,9 +291,10 @@ KERAS_ELSEWHERE = {"initial_epoch": "Trainer(run_dir=...) resumes at its newest 
                    "callbacks": "Trainer(callbacks=[...])", "verbose": "Trainer(verbose=..., progress_bar=...)"}
 
 
-def fit_arguments(train_data, eval_data, keywords: Mapping[str, Any]) -> tuple:
+def fit_arguments(train_data, eval_data, keywords: Mapping[str, Any], fit: Callable) -> tuple:
     """fit()'s (training data, second argument) with Keras' keywords x= and y=. eval_data= with arrays x
-    (where the second argument is y) and Keras' keywords the Trainer takes elsewhere: a UserError saying so."""
+    (where the second argument is y) and Keras' keywords the Trainer takes elsewhere: a UserError saying so; a
+    keyword `fit` (Trainer.fit) does not take names the one meant."""
     given = dict(keywords)
     if "train_data" in given:  # fit(train_data=ds), as before fit took arrays
         if train_data is not None:
@@ -296,7 +316,9 @@ def fit_arguments(train_data, eval_data, keywords: Mapping[str, Any]) -> tuple:
     if elsewhere:
         raise DataError(f"fit(): Keras' {', '.join(elsewhere)}: the Trainer takes these elsewhere.")
     if given:
-        raise TypeError(f"fit() got an unexpected keyword argument {next(iter(given))!r}")
+        from trainer.other_tools import unknown_fit_keyword
+
+        raise unknown_fit_keyword(*next(iter(given.items())), fit)
     if train_data is None:
         raise TypeError("fit() missing the training data (x, a tf.data.Dataset or a function of an InputContext)")
     return train_data, eval_data

@@ -245,7 +245,9 @@ class Checkpointer:
         entries = json.loads(index_path.read_text()) if index_path.exists() else []
         entries = [e for e in entries if e["step"] != step]
         candidate = {"step": step, self.best_metric: value, "path": str(best_dir / f"ckpt-{step}")}
-        ranked = sorted(entries + [candidate], key=lambda e: e[self.best_metric], reverse=self.best_mode == "max")
+        worst = NO_BEST[self.best_mode]  # a copy ranked by another metric (a resume that changed it) goes first
+        ranked = sorted(entries + [candidate], key=lambda e: e.get(self.best_metric, worst),
+                        reverse=self.best_mode == "max")
         kept, dropped = ranked[: self.keep_best], ranked[self.keep_best :]
         if candidate in kept:
             self.checkpoint.write(candidate["path"])  # complete before the index names it

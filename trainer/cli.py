@@ -27,7 +27,8 @@ from trainer.config import ConfigError, PrecisionConfig, TrainerConfig
 from trainer.config_check import check_config
 from trainer.errors import EXIT_NUMERICAL, EXIT_USER_ERROR, exit_code_of, find_error, report_error
 from trainer.signals import take_signal_the_run_finished_despite
-from trainer.sweep import BASIC_SWEEPER, job_value, program, register_resolver, register_sweeper_configs
+from trainer.sweep import (BASIC_SWEEPER, job_value, metric_names, program, register_resolver,
+                           register_sweeper_configs)
 
 log = logging.getLogger("trainer")
 logging.getLogger("tensorflow").setLevel(logging.WARNING)  # collective all-reduce chatter at INFO
@@ -205,7 +206,7 @@ def _hydra_main(cfg: DictConfig) -> float:
 
             tf.debugging.disable_check_numerics()
     if failed is None:
-        value, problem = job_value(logs, cfg.trainer)  # what a multirun sweeper optimizes
+        value, problem = job_value(logs, cfg.trainer, metric_names(cfg))  # what a multirun sweeper optimizes
         if problem and (HydraConfig.get().mode == RunMode.MULTIRUN
                         and HydraConfig.get().sweeper._target_ != BASIC_SWEEPER):
             log.error("%s", problem)

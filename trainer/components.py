@@ -15,6 +15,8 @@ from trainer import model_summary
 from trainer import precision as precision_lib
 from trainer.config import ConfigError, PrecisionConfig
 from trainer.distribute import StrategyError
+from trainer.errors import UserError
+from trainer.inputs import unbatched_error
 from trainer.layer_probe import LayerProbe, output_layers
 from trainer.loss_scale import LossScale
 from trainer.precision import PrecisionError
@@ -210,7 +212,35 @@ def make_metrics(metrics, remake: bool) -> Tuple[Dict[str, keras.metrics.Metric]
         named = {name: metric(m) for name, m in metrics.items()}
     else:
         named = {(m := metric(x)).name: m for x in metrics or ()}
-    return named, {name: type(m).from_config(m.get_config()) for name, m in named.items()}
+    return NamedMetrics(named), NamedMetrics({name: type(m).from_config(m.get_config()) for name, m in named.items()})
+
+
+class MetricNameError(UserError, KeyError):
+    """A metric looked up by a name the Trainer has none of (`self.metrics["acc"]` in a step)."""
+
+    ag_pass_through = True  # raised while a step is traced: AutoGraph passes it on as it is, not in a StagingError
+
+    def __str__(self) -> str:  # KeyError's would show the message quoted
+        return str(self.args[0])
+
+
+class NamedMetrics(dict):
+    """name -> metric (Trainer.metrics, train_metrics, eval_metrics): a name it lacks is a MetricNameError naming the
+    ones it has and the closest, where a step's `self.metrics["acc"]` was a bare KeyError inside TensorFlow's
+    StagingError."""
+
+    def __missing__(self, name):
+        import difflib
+
+        close = difflib.get_close_matches(str(name), [str(k) for k in self], n=1, cutoff=0.5)
+        have = (f"its metrics are {sorted(self)}" + (f" (did you mean {close[0]!r}?)" if close else "") if self
+                else "it has none")
+        use = ("use one of those names (a metric's name is its `name=`, or its key in Trainer(metrics={...})), or "
+               if self else "")
+        raise MetricNameError(
+            f"self.metrics[{name!r}]: this Trainer has no metric named {name!r}; {have}. Fix: {use}give the metric to "
+            f"the Trainer: Trainer(metrics=[keras.metrics.SparseCategoricalAccuracy(name={name!r})]) (any Keras "
+            "metric).")
 
 
 def make_loss_scale(p: PrecisionConfig, say_ignored: bool) -> LossScale:
@@ -283,7 +313,8 @@ def build_variables(trainer, sample_batch) -> Optional[keras.Model]:
         for updater in trainer.updaters.values():  # a wrapper holds the model's variables: the same slots
             updater.build()
         for name, model in models.items():  # the per-layer table: model_summary.txt (callbacks/progress.py)
-            log.info("Model %s: %s%s", model.name, model_summary.total_line(model),
+            # by the name the user gave it (Trainer(models={"encoder": ...})), not Keras' `sequential_1`
+            log.info("Model %s: %s%s", model.name if name == "model" else name, model_summary.total_line(model),
                      f"; per layer: {trainer.run_dir / model_summary.FILE}" if trainer.run_dir is not None else "")
     return wrapped
 
@@ -293,11 +324,17 @@ def _build_single_model(model: keras.Model, precision: PrecisionConfig, sample_b
     """`model` called on two examples of `sample_batch`; its float32-output wrapper when it needs one, else None.
     `tensor_cores`: on GPUs, where the multiples-of-8 tip applies."""
     x, _, _ = keras.utils.unpack_x_y_sample_weight(sample_batch)
-    first_two = tf.nest.map_structure(lambda t: t[:2], x)  # 2 examples suffice
     tip = precision.policy != "float32" and tensor_cores
     probe = LayerProbe(model, record_calls=True) if tip else contextlib.nullcontext()
-    with probe:  # the calls in order: which layers size the outputs (the tip leaves small ones out)
-        outputs = model(first_two, training=False)
+    try:
+        first_two = tf.nest.map_structure(lambda t: t[:2], x)  # 2 examples suffice
+        with probe:  # the calls in order: which layers size the outputs (the tip leaves small ones out)
+            outputs = model(first_two, training=False)
+    except Exception:  # a dataset not batched? Say so, not Keras' "Invalid input shape"
+        unbatched = unbatched_error(model, x)
+        if unbatched is None:
+            raise
+        raise unbatched from None
     precision_lib.keep_layers_in_float32(model, precision.float32_layers)
     wrapped = precision_lib.ensure_float32_outputs(model, outputs, precision.strict_outputs)
     if wrapped is not model:

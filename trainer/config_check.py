@@ -102,6 +102,24 @@ KEY_SYNONYMS = {
     "summary_interval": "trainer.log_every",
     "checkpoint_interval": "trainer.checkpoint_every",
     "best_checkpoint_eval_metric": "trainer.best_metric",
+    "log_freq": "trainer.log_every",  # research code's, as the three below
+    "log_frequency": "trainer.log_every",
+    "log_interval": "trainer.log_every",
+    "logging_steps": "trainer.log_every",  # Hugging Face's TrainingArguments, as the two below
+    "save_steps": "trainer.checkpoint_every",
+    "max_iters": "trainer.max_steps",
+    "eval_frequency": "trainer.eval_every",
+    "eval_interval": "trainer.eval_every",
+    "save_every": "trainer.checkpoint_every",
+    "save_freq": "trainer.checkpoint_every",  # Keras' ModelCheckpoint
+    "num_steps": "trainer.max_steps",
+    "total_steps": "trainer.max_steps",
+    "num_train_steps": "trainer.max_steps",
+    "training_steps": "trainer.max_steps",
+    "max_iterations": "trainer.max_steps",
+    "num_epochs": "trainer.epochs",
+    "n_epochs": "trainer.epochs",
+    "num_train_epochs": "trainer.epochs",  # Hugging Face's TrainingArguments
 }
 
 

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import weakref
+from typing import Any, Mapping, Optional
 
 import tensorflow as tf
 
@@ -21,8 +22,9 @@ class StrategyError(UserError, RuntimeError):
     """The requested strategy cannot run here; the message says why and what to do."""
 
 
-def split_cpu(n: int) -> None:
-    """Splits the CPU into `n` logical devices (before TensorFlow initializes its devices)."""
+def split_cpu(n: int, where: Optional[str] = None) -> None:
+    """Splits the CPU into `n` logical devices (before TensorFlow initializes its devices). `where`: the Python
+    argument that asked for it, for the error (else the CLI's strategy.logical_cpus)."""
     cpus = tf.config.list_physical_devices("CPU")
     current = tf.config.get_logical_device_configuration(cpus[0])
     if current and len(current) == n:
@@ -30,10 +32,72 @@ def split_cpu(n: int) -> None:
     try:
         tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * n)
     except RuntimeError as e:
+        fix = (f"make the Trainer before any TensorFlow op runs (before making a dataset or tensor), or split the "
+               f"CPU first thing in the script: from trainer.distribute import split_cpu; split_cpu({n})" if where
+               else "choose the strategy before any TensorFlow op runs")
         raise StrategyError(
-            f"strategy.logical_cpus={n}: TensorFlow's devices were already initialized ({e}); "
-            "choose the strategy before any TensorFlow op runs"
+            f"{where or f'strategy.logical_cpus={n}'}: TensorFlow's devices were already initialized ({e}). Fix: {fix}."
         ) from None
+
+
+def _logical_cpus() -> int:
+    """How many logical devices the CPU is split into (0: not split), without initializing TensorFlow's devices."""
+    return len(tf.config.get_logical_device_configuration(tf.config.list_physical_devices("CPU")[0]) or [])
+
+
+def strategy_argument(value: Any) -> Optional[tf.distribute.Strategy]:
+    """Trainer(strategy=...): a tf.distribute.Strategy as it is; the CLI's names (STRATEGIES: "mirrored"), a
+    StrategyConfig or a dict of its fields ({"name": "mirrored", "logical_cpus": 2}: 2 replicas on the CPU) made as
+    the CLI makes them; None and "default": None (TensorFlow's current strategy). Anything else is a StrategyError
+    naming what it takes (a name used to fail on `'str' object has no attribute 'scope'`)."""
+    if value is None or isinstance(value, tf.distribute.Strategy):
+        return value
+    takes = (f"a tf.distribute.Strategy, a name ({', '.join(STRATEGIES)}), a trainer.config.StrategyConfig or a dict "
+             "of its fields. Fix: e.g. Trainer(strategy=\"mirrored\") (all GPUs), or "
+             "Trainer(strategy={\"name\": \"mirrored\", \"logical_cpus\": 2}) (2 replicas on the CPU)")
+    given = dict(value) if isinstance(value, Mapping) else value  # as the user wrote it, for an error
+    if isinstance(value, str):
+        if value not in STRATEGIES:
+            import difflib
+
+            close = difflib.get_close_matches(value, STRATEGIES, n=1)
+            raise StrategyError(f"Trainer(strategy={value!r}): "
+                                + (f"did you mean {close[0]!r}? " if close else "") + f"It takes {takes}.")
+        value = StrategyConfig(name=value)
+    elif isinstance(value, Mapping):
+        fields = list(StrategyConfig.__dataclass_fields__)
+        unknown = [key for key in value if key not in fields]
+        if unknown:
+            raise StrategyError(f"Trainer(strategy={dict(value)!r}): {unknown[0]!r} is no field of StrategyConfig "
+                                f"(its fields: {', '.join(fields)}). It takes {takes}.")
+        value = StrategyConfig(**value)
+    elif not isinstance(value, StrategyConfig):
+        raise StrategyError(f"Trainer(strategy={value!r}) ({type(value).__name__}): it takes {takes}.")
+    check_fields_used(value, where=f"Trainer(strategy={given!r})")
+    return None if value.name == "default" else make_strategy(value, where="Trainer(strategy=...)")
+
+
+_FIELDS_OF = {"device": ("one_device",), "devices": ("mirrored",), "logical_cpus": ("mirrored", "multi_worker"),
+              "tpu": ("tpu",), "communication": ("multi_worker",)}  # StrategyConfig's, by the strategies using them
+
+
+def check_fields_used(cfg: StrategyConfig, where: Optional[str] = None) -> None:
+    """A field the named strategy does not use (strategy.logical_cpus=2 without strategy=mirrored, a dict without a
+    name: the default strategy) is a StrategyError naming the strategy it belongs to, where it ran 1 replica,
+    silently. `where`: the Python argument as given (else the CLI's keys)."""
+    unused = {f: getattr(cfg, f) for f, users in _FIELDS_OF.items()
+              if cfg.name not in users and getattr(cfg, f) not in (None, "auto")}
+    if not unused:
+        return
+    field, owner = next(iter(unused)), _FIELDS_OF[next(iter(unused))]
+    if where:
+        asked, fix = where, f"Trainer(strategy={ {'name': owner[0], **unused}!r})"
+    else:
+        keys = [f"strategy.{f}=" + (f"[{','.join(map(str, v))}]" if isinstance(v, (list, tuple)) else str(v))
+                for f, v in unused.items()]
+        asked, fix = " ".join([f"strategy={cfg.name}"] + keys), " ".join([f"strategy={owner[0]}"] + keys)
+    raise StrategyError(f"{asked}: {field} is a field of the {' or '.join(owner)} strategy, and the {cfg.name} "
+                        f"strategy{' (one device)' if cfg.name == 'default' else ''} would ignore it. Fix: {fix}.")
 
 
 def _check_device_exists(device: str) -> None:
@@ -52,8 +116,10 @@ def _check_device_exists(device: str) -> None:
         )
 
 
-def make_strategy(cfg: StrategyConfig) -> tf.distribute.Strategy:
-    """Builds the strategy named by `cfg.name`, logging what it runs on."""
+def make_strategy(cfg: StrategyConfig, where: Optional[str] = None) -> tf.distribute.Strategy:
+    """Builds the strategy named by `cfg.name`, logging what it runs on. `where`: the Python argument it came from
+    (strategy_argument), for an error's fix."""
+    check_fields_used(cfg, where)
     name = cfg.name
     gpus = tf.config.list_physical_devices("GPU")
     if name == "default":
@@ -70,14 +136,17 @@ def make_strategy(cfg: StrategyConfig) -> tf.distribute.Strategy:
         elif gpus:
             devices = [f"/gpu:{i}" for i in range(len(gpus))]
         elif (cfg.logical_cpus or 0) > 1:
-            split_cpu(cfg.logical_cpus)
+            split_cpu(cfg.logical_cpus, where and f"Trainer(strategy={{'name': 'mirrored', 'logical_cpus': "
+                                                  f"{cfg.logical_cpus}}})")
             devices = [f"/cpu:{i}" for i in range(cfg.logical_cpus)]
+        elif cfg.logical_cpus is None and _logical_cpus() > 1:  # split by the user (split_cpu, tf.config)
+            devices = [f"/cpu:{i}" for i in range(_logical_cpus())]
         else:
             devices = ["/cpu:0"]
             log.warning(
-                "strategy=mirrored: no GPU found, so one replica on the CPU; "
-                "strategy.logical_cpus=N splits the CPU into N replicas (for testing multi-replica code)"
-            )
+                "strategy=mirrored: no GPU found, so one replica on the CPU; %s splits the CPU into N replicas (for "
+                "testing multi-replica code)", "Trainer(strategy={'name': 'mirrored', 'logical_cpus': N})" if where
+                else "strategy.logical_cpus=N")
         cross = None
         if all(d.lower().startswith("/cpu") for d in devices):
             cross = tf.distribute.ReductionToOneDevice()  # NCCL is GPU-only

@@ -63,6 +63,30 @@ def sample_batch(data: DataArg, strategy: tf.distribute.Strategy):
     return sample, batch_size
 
 
+def unbatched_error(model, x) -> Optional[DataError]:
+    """Why the model refused its input `x` (of the first training batch), when it is one example, not a batch: a
+    scalar, or a tensor of one rank less than the model's (keras.Input) input and of its shape, from a tf.data.Dataset
+    not batched. A DataError saying to batch it, where Keras said "Invalid input shape ... (2,)" (a slice of the
+    example); None: another cause. Asked only once the model refused `x` (Keras accepts some such shapes: it adds a
+    missing trailing axis of 1, so Input((1,)) takes a batch of shape (1,))."""
+    flat = tf.nest.flatten(x)
+    inputs = getattr(model, "inputs", None) if len(flat) == 1 else None
+    shape = flat[0].shape if flat and hasattr(flat[0], "shape") else None
+    if shape is None or shape.rank is None:
+        return None
+    wanted = inputs[0].shape if inputs and len(inputs) == 1 else None
+    one_example = shape.rank == 0 or (
+        wanted is not None and len(wanted) == shape.rank + 1
+        and all(a is None or b is None or a == b for a, b in zip(wanted[1:], shape.as_list())))
+    if not one_example:
+        return None
+    model_takes = f" and the model takes {tuple(wanted)} (a batch of them)" if wanted is not None else ""
+    return DataError(
+        f"The training data gives single examples, not batches: its input has shape {tuple(shape.as_list())}"
+        f"{model_takes}. Fix: batch the dataset, e.g. dataset.batch(32, drop_remainder=True) (or give arrays: "
+        "fit(x, y, batch_size=32)).")
+
+
 def batches_read_per_step(config) -> int:
     """The batches one train step reads: trainer.grad_accum_steps micro-batches, or trainer.batches_per_step
     batches for an overridden step (one of them is 1). Epochs, resume skips and examples/s count by it."""

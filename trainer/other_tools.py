@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence
 
 from trainer.config_check import KEY_SYNONYMS
 from trainer.errors import UserError
@@ -98,12 +98,45 @@ def check_trainer_options(trainer_class: type, options: Mapping[str, Any]) -> No
             fix = f"did you mean Trainer({key}={shown(value)})? ({name} is another tool's name for it)"
         elif KEY_SYNONYMS.get(name.lower()) in PYTHON_FORMS:
             fix = f"{name} is {PYTHON_FORMS[KEY_SYNONYMS[name.lower()]]}"
+        elif name in STRATEGY_FIELDS:
+            fix = (f"{name} is the strategy's: Trainer(strategy={{'name': 'mirrored', {name!r}: {shown(value)}}}) "
+                   "(docs/concepts/distribution.md)")
         elif close:
             fix = f"did you mean Trainer({close}={shown(value)})?"
         else:
             fix = ("Trainer() takes its own arguments and the fields of TrainerConfig (the trainer.* keys of "
                    "docs/reference/config.md)")
         raise ArgumentError(f"Trainer() got an unexpected keyword argument {name!r}. Fix: {_sentence(fix)}")
+
+
+STRATEGY_FIELDS = ("logical_cpus", "devices", "communication", "tpu")  # StrategyConfig's, by a Trainer's argument
+
+
+def unknown_fit_keyword(name: str, value: Any, fit: Callable) -> ArgumentError:
+    """fit(**{name: value}) that `fit` (Trainer.fit, handed in by its caller: this module sits below the Trainer)
+    does not take: an ArgumentError naming the one meant (fit(steps=...) for num_steps, a Trainer setting given to
+    fit, a close spelling), where Python said only "unexpected keyword"."""
+    import dataclasses
+
+    from trainer.config import TrainerConfig
+
+    fields = [f.name for f in dataclasses.fields(TrainerConfig)]
+    arguments = [p for p in inspect.signature(fit).parameters if p not in ("self", "keywords")]
+    arguments += ["x", "y", "eval_data"]  # Keras' x=, y= and ours, by keyword
+    home, _, key = KEY_SYNONYMS.get(name.lower(), "").rpartition(".")
+    close = _close(name, arguments)
+    if home == "trainer" and key in ("max_steps", "epochs"):
+        own = "steps" if key == "max_steps" else "epochs"
+        fix = f"did you mean fit({own}={shown(value)})? ({name} is another tool's name for it)"
+    elif home == "trainer" and key in fields:
+        fix = f"{name} is another tool's name for a Trainer setting: Trainer({key}={shown(value)})"
+    elif name in fields:
+        fix = f"{name} is a Trainer setting: Trainer({name}={shown(value)})"
+    elif close:
+        fix = f"did you mean fit({close}={shown(value)})?"
+    else:
+        fix = f"fit() takes {', '.join(arguments)}; the run's settings are Trainer()'s (TrainerConfig's fields)"
+    return ArgumentError(f"fit() got an unexpected keyword argument {name!r}. Fix: {_sentence(fix)}")
 
 
 def _restore_best_weights(monitor: Any, mode: Optional[str], cli: bool) -> str:

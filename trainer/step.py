@@ -15,6 +15,7 @@ import keras
 import tensorflow as tf
 
 from trainer.data import DataError
+from trainer.subclassing import check_super_init
 from trainer.loss_convention import divided, is_replica_share, keras_convention, own_step_replicas
 from trainer.tracing import framework_code
 
@@ -25,6 +26,7 @@ class Step:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        check_super_init(cls)  # an __init__ that forgets super().__init__(...) says so (subclassing.py)
         if cls.compute_loss is not Step.compute_loss:  # also a mixin's: Keras Loss objects in it keep Keras' division
             cls.compute_loss = keras_convention(cls.compute_loss)  # (loss_convention.py); no-op if already wrapped
 

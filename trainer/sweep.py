@@ -92,19 +92,37 @@ def swept_keys(sweep_dir: Any) -> Optional[set]:
     return set(recorded.get("keys", []))
 
 
-def _sweep_metric(trainer_cfg: Any) -> str:
-    return getattr(trainer_cfg, "sweep_metric", None) or getattr(trainer_cfg, "best_metric", None) or "loss"
+def metric_names(config: Any) -> Optional[List[str]]:
+    """The names of a composed config's metrics, None when not known: no `metrics` key, or a step that may log
+    others (a trainer_class's own)."""
+    if (config is None or "metrics" not in config
+            or str(config.get("trainer_class") or "trainer.Trainer") != "trainer.Trainer"):
+        return None
+    return [str(name) for name in (config.get("metrics") or {})]
 
 
-def sweep_objective(trainer_cfg: Any) -> Tuple[str, str]:
+def _sweep_metric(trainer_cfg: Any, metrics: Optional[Sequence[str]] = None) -> str:
+    """trainer.sweep_metric, else the metric the best checkpoints are ranked by (callbacks/best_metric.py's
+    default_best_metric: the default best_metric, `accuracy`, of a config without metrics is the loss), else the
+    loss. `metrics`: metric_names(config), None when not known."""
+    from trainer.config import TrainerConfig
+
+    best_metric = getattr(trainer_cfg, "best_metric", None)
+    if metrics is not None and not metrics and best_metric == TrainerConfig.best_metric:
+        best_metric = "loss"
+    return getattr(trainer_cfg, "sweep_metric", None) or best_metric or "loss"
+
+
+def sweep_objective(trainer_cfg: Any, metrics: Optional[Sequence[str]] = None) -> Tuple[str, str]:
     """(metric, "max" or "min"): what a sweep optimizes. trainer.sweep_metric, else the best_metric the
-    recipe keeps its best checkpoint by, else the loss; the mode is sweep_mode, else best_mode for the
-    best_metric (auto decided as the run's best checkpoint decides it), min for a loss. Raises ConfigError for
-    any other metric without a sweep_mode, and for a best_metric auto cannot judge."""
+    recipe keeps its best checkpoint by (the loss for the default one without metrics: `metrics`, as
+    metric_names gives them), else the loss; the mode is sweep_mode, else best_mode for the best_metric (auto
+    decided as the run's best checkpoint decides it), min for a loss. Raises ConfigError for any other metric
+    without a sweep_mode, and for a best_metric auto cannot judge."""
     from trainer.config import ConfigError
 
     best_metric, best_mode = getattr(trainer_cfg, "best_metric", None), getattr(trainer_cfg, "best_mode", "auto")
-    metric, mode = _sweep_metric(trainer_cfg), getattr(trainer_cfg, "sweep_mode", None)
+    metric, mode = _sweep_metric(trainer_cfg, metrics), getattr(trainer_cfg, "sweep_mode", None)
     if mode is None and metric == best_metric:
         mode = evalsets.resolve_mode(best_mode, best_metric, "trainer.best_mode")
     elif mode is None and metric.endswith("loss"):
@@ -142,9 +160,10 @@ def check_sweep_metric(config: Any) -> None:
     raise ConfigError(problem + " (or add it to metrics).")
 
 
-def sweep_direction(trainer_cfg: Any) -> str:
-    """hydra/sweeper=optuna's `direction: ${sweep_direction:${trainer}}` (register_sweeper_configs)."""
-    return {"max": "maximize", "min": "minimize"}[sweep_objective(trainer_cfg)[1]]
+def sweep_direction(trainer_cfg: Any, _root_: Any = None) -> str:
+    """hydra/sweeper=optuna's `direction: ${sweep_direction:${trainer}}` (register_sweeper_configs); OmegaConf
+    hands the resolver the composed config as `_root_` (its metrics)."""
+    return {"max": "maximize", "min": "minimize"}[sweep_objective(trainer_cfg, metric_names(_root_))[1]]
 
 
 def logged_key(metric: str, keys: Sequence[str], say: bool = True) -> str:
@@ -165,9 +184,11 @@ def logged_key(metric: str, keys: Sequence[str], say: bool = True) -> str:
         return metric
 
 
-def job_value(logs: Dict[str, Any], trainer_cfg: Any) -> Tuple[float, Optional[str]]:
-    """The value a job returns to its sweeper, and the error when the final logs lack a finite one."""
-    metric = logged_key(_sweep_metric(trainer_cfg), list(logs))
+def job_value(logs: Dict[str, Any], trainer_cfg: Any,
+              metrics: Optional[Sequence[str]] = None) -> Tuple[float, Optional[str]]:
+    """The value a job returns to its sweeper, and the error when the final logs lack a finite one. `metrics`:
+    metric_names of its config."""
+    metric = logged_key(_sweep_metric(trainer_cfg, metrics), list(logs))
     value = logs.get(metric)
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value), None
@@ -308,7 +329,7 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
 
 def _objective(config: DictConfig) -> Tuple[str, str]:
     """The sweep's (metric, mode); an explicit hydra.sweeper.direction (Optuna's) decides the mode."""
-    metric, mode = sweep_objective(config.trainer)
+    metric, mode = sweep_objective(config.trainer, metric_names(config))
     direction = OmegaConf.select(config, "hydra.sweeper.direction", default=None, throw_on_resolution_failure=False)
     return metric, {"maximize": "max", "minimize": "min"}.get(str(direction), mode)
 

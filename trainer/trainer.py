@@ -29,7 +29,7 @@ from trainer.callbacks.base import callback_objects
 from trainer.checkpoint import NO_BEST, Checkpointer
 from trainer.config import PrecisionConfig, TrainerConfig, check_ranges
 from trainer.console import show_logs_unless_configured
-from trainer.distribute import say_strategy_once
+from trainer.distribute import say_strategy_once, strategy_argument
 from trainer.inputs import (DataArg, KeptIterator, batches_read_per_step, check_batches_per_step, sample_batch,
                             steps_per_epoch_of, total_steps, training_iterator, warn_if_epochs_cut)
 from trainer.loop import Loop, TrainingInterrupted, evaluate
@@ -66,7 +66,8 @@ class Trainer(Step):
         the weights fingerprint; their weights come from their builder or init_from on every run. It sets
         trainable=False on the user's model for good (BatchNorm then uses its moving statistics; Dropout stays
         active under training=True).
-      strategy: a tf.distribute.Strategy (default: TensorFlow's current/default strategy).
+      strategy: a tf.distribute.Strategy, or as the CLI names it: "mirrored", {"name": "mirrored", "logical_cpus": 2}
+        (distribute.strategy_argument); default: TensorFlow's current strategy.
       precision: a policy name ("float32", "mixed_float16", "mixed_bfloat16", "auto"), a PrecisionConfig, a
         dict of its fields, or a Keras dtype policy (keras.mixed_precision.Policy: by its name).
       run_dir: where metrics.jsonl, checkpoints/ and tensorboard/ go; None: nothing is written.
@@ -83,7 +84,7 @@ class Trainer(Step):
     def __init__(self, model=None, loss=None, optimizer=None,
                  metrics: Union[Sequence[Any], Mapping[str, Any], None] = None, *,
                  models=None, optimizers: Optional[Mapping[str, Any]] = None, frozen: Iterable[str] = (),
-                 strategy: Optional[tf.distribute.Strategy] = None,
+                 strategy: Union[tf.distribute.Strategy, str, Mapping[str, Any], None] = None,
                  precision: Union[str, PrecisionConfig, Mapping[str, Any], keras.DTypePolicy] = "float32",
                  run_dir: Union[str, Path, None] = None, callbacks: Union[Callback, Iterable[Callback], None] = (),
                  loggers: Union[Callback, Iterable[Callback], None] = None,
@@ -93,9 +94,11 @@ class Trainer(Step):
         callbacks = callback_objects(callbacks, "callbacks")  # one alone too; a Keras callback is refused
         self.loggers = callback_objects(loggers, "loggers") if loggers is not None else None
         self.config = dataclasses.replace(config or TrainerConfig(), **options)
+        self.best_metric_given = "best_metric" in options  # Trainer(best_metric="accuracy"): no default's switch
         check_batches_per_step(type(self), self.config)  # before any data or model is built
         show_logs_unless_configured(self.config.verbose)  # construction logs (the optimizer's kernels) show too
         self.precision = PrecisionConfig(policy=precision) if isinstance(precision, str) else precision
+        strategy = strategy_argument(strategy)  # None for "default": TensorFlow's current one
         self.strategy = strategy or tf.distribute.get_strategy()
         # fast_dev_run writes nothing and reads no checkpoint: as if there were no run folder (trainer/debug.py)
         self.run_dir = Path(run_dir) if run_dir is not None and not self.config.fast_dev_run else None
@@ -111,14 +114,7 @@ class Trainer(Step):
         self.from_cli = False
         self.hparams: Dict[str, Any] = {}  # the CLI sets it: the composed config, flattened (MLflow's params)
 
-        if self.config.deterministic:
-            tf.config.experimental.enable_op_determinism()
-        keras.utils.set_random_seed(seed)
-        precision_lib.set_policy(self.precision.policy)  # before any layer exists
-        if self.precision.policy == "mixed_float16" and self._on_cpu():  # before TensorFlow's line at the first op
-            precision_lib.warn_float16_on_cpu()
-        if self.precision.debug_numerics:
-            tf.debugging.enable_check_numerics()
+        self._set_process_state(seed)
 
         with self.strategy.scope():
             self.models: Dict[str, keras.Model] = components.make_models(model, models)
@@ -165,6 +161,17 @@ class Trainer(Step):
         self._fit_inputs, self.eval_set_names = None, None  # fit()'s last arguments made ready; named eval sets
         self.last_train_logs: Dict[str, Any] = {}  # what a later fit() with nothing to train returns (no eval data)
         self.eval_batches: Optional[int] = None  # global batches the last evaluation read
+
+    def _set_process_state(self, seed: int) -> None:
+        """TensorFlow's and Keras' process-wide settings this Trainer asks for, before any layer exists."""
+        if self.config.deterministic:
+            tf.config.experimental.enable_op_determinism()
+        keras.utils.set_random_seed(seed)
+        precision_lib.set_policy(self.precision.policy)
+        if self.precision.policy == "mixed_float16" and self._on_cpu():  # before TensorFlow's line at the first op
+            precision_lib.warn_float16_on_cpu()
+        if self.precision.debug_numerics:
+            tf.debugging.enable_check_numerics()
 
     # -- what the Trainer holds -------------------------------------------------------------------
 
@@ -279,7 +286,7 @@ class Trainer(Step):
                      {"max_steps": "fit(steps=...)", "epochs": "fit(epochs=...)"})
         show_logs_unless_configured(self.config.verbose)
         say_strategy_once(self.strategy)
-        train_data, eval_data = fit_arguments(train_data, eval_data, keywords)
+        train_data, eval_data = fit_arguments(train_data, eval_data, keywords, self.fit)
         self._fit_inputs = fit_inputs(self._fit_inputs, self.seed, train_data, eval_data, batch_size,
                                       validation_data=validation_data, validation_split=validation_split,
                                       class_weight=class_weight, sample_weight=sample_weight, shuffle=shuffle,

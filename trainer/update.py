@@ -61,7 +61,7 @@ class Updater:
         if self.fused_update is not None:
             self.fused_update.in_use = self.fused
         if self.fused:
-            log.info("Optimizer %s: %s with TensorFlow's fused update kernels (trainer.fused_optimizer=false: "
+            log.info("Optimizer %s: %s with TensorFlow's fused update kernels (set trainer.fused_optimizer=false for "
                      "Keras' ops)", name, type(optimizer).__name__)
 
     def compile_in_xla(self, whole_step: bool) -> None:

@@ -16,8 +16,9 @@ import keras
 
 from trainer import evalsets
 from trainer.callbacks.base import Callback, CallbackState
-from trainer.callbacks.best_metric import (DEFAULT_BEST_METRIC, UNRECORDED, best_metric_fix, best_mode_of,
-                                         check_best_metric, check_probable_typo)
+from trainer.callbacks.best_metric import (EXTREME, UNRECORDED, asked_for, best_metric_fix, best_mode_of,
+                                         check_best_metric, check_probable_typo, default_best_metric,
+                                         say_ranked_by_loss)
 from trainer.callbacks.monitor import default_log_names, log_names
 from trainer.callbacks.numerics import check_weights_finite
 from trainer import resume_from
@@ -42,6 +43,18 @@ def _configured_settings(trainer) -> Dict[str, Tuple[Optional[float], float]]:
     return settings
 
 
+def _say_ranking_starts(recorded: Tuple, best: Tuple, step: int) -> None:
+    """A resumed run whose checkpoint ranked its best by another metric or mode (a run without metrics ranked by
+    the default `accuracy`, now by the loss): its best value cannot be compared, so the ranking starts again."""
+    def ranking(metric, mode):
+        return f"the {EXTREME.get(mode, mode)} {metric}" if metric else "nothing"
+
+    log.info("Best checkpoints: the checkpoint resumed (step %d) ranked them by %s; this run ranks them by %s, so "
+             "the ranking starts now (the best value so far is forgotten; best/ copies kept by the old ranking are "
+             "the first replaced).",
+             step, ranking(*recorded), ranking(*best))
+
+
 class Checkpointing(Callback):
     """One per Trainer (it carries the Checkpointer across fit() calls); first in the callback list, so
     every other callback starts from the restored state."""
@@ -63,6 +76,7 @@ class Checkpointing(Callback):
         # the checkpoint a resume restored recorded them
         self.best: Tuple[Optional[str], Optional[str]] = (None, None)
         self.recorded: Tuple[Optional[str], Optional[str]] = UNRECORDED
+        self.metric: Optional[str] = None  # what best checkpoints are ranked by (default_best_metric)
 
     def state_dict(self) -> Dict:
         return {"best_metric": self.best[0], "best_mode": self.best[1]}
@@ -105,8 +119,12 @@ class Checkpointing(Callback):
         if trainer.run_dir is None or not trainer.config.best_metric:
             return None
         names, sets = log_names(trainer, train=False), trainer.eval_set_names
-        key = evalsets.resolve(trainer.config.best_metric, sets, names, "trainer.best_metric",
-                               "Trainer(best_metric=...)", trainer.from_cli, known=default_log_names(trainer, False))
+        first, self.metric = self.metric is None, default_best_metric(trainer, names)
+        by_loss = self.metric != trainer.config.best_metric  # the default, without metrics: said here, once
+        key = evalsets.resolve(self.metric, sets, names, "trainer.best_metric", "Trainer(best_metric=...)",
+                               trainer.from_cli, say=not by_loss, known=default_log_names(trainer, False))
+        if by_loss and first:
+            say_ranked_by_loss(trainer, key)
         if names is not None:
             check_best_metric(trainer, key, [f"{s}/{n}" for s in sets for n in names] if sets else names)
         else:  # a test_step's own results: checked at its first evaluation (refuse_missing_best)
@@ -119,7 +137,7 @@ class Checkpointing(Callback):
         same command resumes from it once the name is fixed). The default, `accuracy`, was not asked for:
         Checkpointer.update_best warns instead."""
         key = self.checkpointer.best_metric
-        if not key or key in eval_logs or trainer.config.best_metric == DEFAULT_BEST_METRIC:
+        if not key or key in eval_logs or not asked_for(trainer):
             return
         if self.saved_step != step:  # every worker alike: a save is collective
             self.save(trainer, step)
@@ -165,7 +183,8 @@ class Checkpointing(Callback):
         # of that call training from scratch over the run's checkpoints.
         self.recorded = UNRECORDED
         resumed, rewind = self._resume(trainer, checkpointer)
-        self.best = (cfg.best_metric, best_mode_of(trainer, self.recorded if resumed is not None else None))
+        self.best = (self.metric or cfg.best_metric,
+                     best_mode_of(trainer, self.recorded if resumed is not None else None, self.metric))
         checkpointer.best_mode = self.best[1] or "max"
         # A warm start is a fresh run's; a frozen model is in no checkpoint, so it is warm-started on every run.
         warm_start_models(trainer.models, {name: path for name, path in targets.items()
@@ -179,8 +198,11 @@ class Checkpointing(Callback):
         if resumed is not None:
             recorded = self._keep_configured_settings(trainer, rewound=rewind is not None)
             self._resume_data_position(trainer, recorded)
-        if self.best[1] and (resumed is None or math.isnan(float(trainer.best.numpy()))):  # NaN: saved before NO_BEST
-            trainer.best.assign(NO_BEST[self.best[1]])  # no best yet: the worst value for the mode decided
+        reranked = resumed is not None and self.recorded not in (UNRECORDED, self.best)
+        if reranked and self.best[1]:  # its best value is another metric's (or mode's): never beaten, or wrong
+            _say_ranking_starts(self.recorded, self.best, int(trainer.step.numpy()))
+        if self.best[1] and (resumed is None or reranked or math.isnan(float(trainer.best.numpy()))):
+            trainer.best.assign(NO_BEST[self.best[1]])  # no best yet (NaN: saved before NO_BEST): the mode's worst
         if rewind is not None:
             self._finish_rewind(trainer, resumed, *rewind)
 
