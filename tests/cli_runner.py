@@ -17,6 +17,7 @@ import io
 import logging
 import os
 import runpy
+import signal
 import subprocess
 import sys
 import traceback
@@ -81,6 +82,7 @@ def _in_this_process(target: str, args, cwd: Optional[str], script: bool = False
     root = logging.getLogger()
     saved = (sys.argv[:], os.getcwd(), root.handlers[:], root.level, _logger_states(), set(sys.modules), sys.path[:],
              set(runlock._held))
+    sigterm = signal.getsignal(signal.SIGTERM)  # a run that exits early keeps its start-up handler (runlock.py)
     folder = os.path.abspath(cwd or os.getcwd())
     sys.argv = [target if script else _main_file(target), *args]
     # python -m puts the working directory first (a user's step module), python FILE the file's folder
@@ -106,6 +108,7 @@ def _in_this_process(target: str, args, cwd: Optional[str], script: bool = False
                 code = 1
     finally:
         _restore(*saved, folder)
+        signal.signal(signal.SIGTERM, sigterm)
         GlobalHydra.instance().clear()
     argv = [sys.executable, target] if script else [sys.executable, "-m", target]
     return subprocess.CompletedProcess([*argv, *args], code, out.getvalue(), err.getvalue())

@@ -1,6 +1,7 @@
 """Never lose work: resume, crash safety, exactly-once data, bit-identical resume, retention, warm start, export."""
 import logging
 import json
+import os
 import random
 import signal
 import subprocess
@@ -235,6 +236,26 @@ def test_sigterm_during_start_up_stops_before_the_first_step(tmp_path):
     assert list_checkpoints(run_dir / "checkpoints") == []
 
 
+def test_sigterm_after_the_folder_is_made_and_before_the_deferral_leaves_no_folder(tmp_path):
+    """A SIGTERM between Hydra making the run folder and the start-up deferral (trainer.signals) killed the process
+    with an empty folder and an empty trainer.log left behind: the folder goes, the process dies of the signal."""
+    run_dir = tmp_path / "run"
+    script = (
+        "import os, signal, sys\n"
+        "import trainer.cli as cli\n"
+        "def term(*args):\n"
+        "    assert os.path.isdir(sys.argv[-1].split('=', 1)[1])\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "cli.run_length_of_command_line = term\n"
+        "cli.main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, *TINY, f"hydra.run.dir={run_dir}"], capture_output=True,
+                          text=True, timeout=WAIT_LIMIT_S, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == -signal.SIGTERM, done.stderr[-2000:]
+    assert f"SIGTERM during start-up: removed the run folder {run_dir} this run had made" in done.stderr
+    assert not run_dir.exists()
+
+
 def test_sigterm_before_fit_is_honoured_by_the_loop_and_a_second_stops_at_once(tmp_path):
     from trainer.signals import sigterm_deferred_until_training, take_pending_sigterm
     from trainer import TrainingInterrupted
@@ -392,6 +413,26 @@ def test_init_from_reports_restored_missing_mismatched(tmp_path):
     tuned.fit(blobs(), steps=1)
     assert int(tuned.step.numpy()) == 1
     np.testing.assert_array_equal(tuned.model.layers[1].kernel.numpy(), source.model.layers[1].kernel.numpy())
+
+
+def test_a_warm_start_that_restores_under_half_of_the_model_is_a_warning_naming_the_mismatched(tmp_path, caplog):
+    """init_from a run of another width: 1 of 4 variables loaded, at INFO before, and exit 0."""
+    def net(width):
+        return keras.Sequential([keras.Input((4,)), keras.layers.Dense(width), keras.layers.Dense(2)])
+
+    Trainer(model=lambda: net(8), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            optimizer=lambda: keras.optimizers.SGD(0.1), run_dir=tmp_path / "a",
+            progress_bar=False).fit(blobs(), steps=2)
+    caplog.set_level(logging.INFO, logger="trainer.load_weights")
+    warm_start(net(16), str(tmp_path / "a"))
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "restored 1 variables" in warned[0].getMessage()
+    assert "[4, 8] vs [4, 16]" in warned[0].getMessage()
+    assert ("Only 1 of this model's 4 variables loaded: the others keep their initial values, as if untrained; the "
+            "checkpoint's model has other shapes") in warned[0].getMessage()
+    caplog.clear()
+    warm_start(net(8), str(tmp_path / "a"))  # all of it: INFO, as before
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
 def test_init_from_nonexistent_path_is_a_clear_error(tmp_path):

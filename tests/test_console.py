@@ -70,6 +70,28 @@ def test_fit_shows_the_summary_on_stderr_by_default_and_not_when_quiet(tmp_path)
     assert "Done:" not in quiet and "Final eval" not in quiet and "step 5/10" not in quiet, quiet[-3000:]
 
 
+THEN_QUIET_WARNINGS = """
+print("--- quiet warnings ---", file=sys.stderr, flush=True)
+quiet = Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), best_metric="accuracy",
+                optimizer=lambda: keras.optimizers.SGD(0.1), run_dir="run", progress_bar=False, verbose=False)
+quiet.fit(blobs(), blobs(), steps=4)  # a checkpoint save: absl adds its bare root handler
+quiet.fit(blobs(), blobs(), steps=4)  # nothing to train
+"""
+
+
+def test_a_quiet_trainers_warnings_have_the_format_of_the_others(tmp_path):
+    """verbose=False: the warnings still show, as `[trainer.core][WARNING] - ...` (they came bare, or after a
+    checkpoint save as absl's root handler's `WARNING:trainer.checkpoint:`, beside the verbose lines' format)."""
+    result = _fit(tmp_path, then=THEN_QUIET_WARNINGS)
+    assert result.returncode == 0, result.stderr[-2000:]
+    quiet = result.stderr.split("--- quiet warnings ---\n")[1]
+    assert "WARNING:trainer" not in quiet, quiet[-3000:]
+    assert quiet.count("[trainer.checkpoint][WARNING] - trainer.best_metric='accuracy' is not among") == 1, quiet
+    assert quiet.count("[trainer.core][WARNING] - fit(steps=4) trains until step 4 in total") == 1, quiet
+    assert "[trainer.callbacks][INFO]" not in quiet
+
+
 def test_configured_logging_gets_each_line_once(tmp_path):
     """Root logging configured by the user (as Hydra does for the CLI): no handler of ours, no doubled line."""
     result = _fit(tmp_path, configure="logging.basicConfig(level=logging.INFO, format='%(name)s: %(message)s')")

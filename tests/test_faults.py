@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import re
 import signal
@@ -588,8 +589,24 @@ def test_a_warmup_longer_than_the_run_is_named(tmp_path):
     result = run_cli(*TINY, "trainer.max_steps=4", "optimizer.warmup_steps=10", f"hydra.run.dir={tmp_path / 'run'}")
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
-    assert ("optimizer.warmup_steps=10 is not shorter than the run (4 steps): the learning rate never reaches "
-            "optimizer.lr=0.001 (it ends at 0.0004)" in out)
+    assert ("optimizer.warmup_steps=10 is not shorter than the run (4 steps): the whole run is warmup, and the "
+            "learning rate never reaches optimizer.lr=0.001: its last step trains at 0.0004 (40% of it). Fix: fewer "
+            "warmup steps (optimizer.warmup_steps=0: none), or a longer run." in out)
+
+
+def test_a_warmup_as_long_as_the_run_says_it_reaches_the_lr_only_at_the_last_step(caplog):
+    """warmup_steps == the run: its last step trains at optimizer.lr exactly (was: "never reaches optimizer.lr=0.0002
+    (it ends at 0.0002)"); the decay after it never starts."""
+    from omegaconf import OmegaConf
+
+    from trainer.optim import make_schedule
+
+    with caplog.at_level(logging.WARNING, logger="trainer.optim"):
+        schedule = make_schedule(OmegaConf.create({"lr": 2e-4, "warmup_steps": 10, "schedule": "cosine"}), 10)
+    assert float(schedule(9)) == pytest.approx(2e-4)
+    assert ("the whole run is warmup, and the learning rate reaches optimizer.lr=0.0002 only at the run's last step, "
+            "and the cosine schedule after the warmup never starts. Fix: fewer warmup steps "
+            "(optimizer.warmup_steps=1: a tenth of the run)") in caplog.text
 
 
 @pytest.mark.parametrize("override", ["trainer.init_from=/nonexistent/ckpt-5", "data.path=/nonexistent/mnist.npz"])

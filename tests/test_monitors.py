@@ -96,6 +96,33 @@ def idle_warnings(caplog):
     return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "cannot" in r.getMessage()]
 
 
+def test_the_eval_every_early_stopping_suggests_is_an_epoch_or_a_round_number(caplog):
+    """Keras-style fit(x, y, epochs=10, validation_split=...): the bound was 149 steps, suggested as such (449 in a
+    trial); an epoch (here 24 steps) is what a Keras user means by it. Without an epoch that fits: one
+    significant digit."""
+    import numpy as np
+
+    from trainer import EarlyStopping
+    from trainer.config_ranges import round_interval
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(960, 4)).astype("float32"), rng.integers(0, 2, 960).astype("int32")
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        classifier([EarlyStopping(patience=1)], eval_every=None).fit(x, y, epochs=10, validation_split=0.2)
+    warned = idle_warnings(caplog)
+    assert len(warned) == 1 and "Fix: Trainer(eval_every=24) (an epoch) (or less)" in warned[0], warned
+    assert round_interval(449, None) == (400, "") and round_interval(4, None) == (4, "")
+    assert round_interval(1873, 5000) == (1000, "") and round_interval(449, 30) == (30, " (an epoch)")
+
+
+def test_nothing_to_train_names_the_epoch_to_two_decimals():
+    from trainer.config import TrainerConfig
+    from trainer.inputs import nothing_to_train
+
+    said = nothing_to_train(200, 200, None, None, TrainerConfig(max_steps=200), 468, cli=True)
+    assert "nothing to train (epoch 0.43). Fix: trainer.max_steps=400 (a total)" in said, said
+
+
 def test_early_stopping_that_no_evaluation_before_the_end_can_trigger_warns_at_the_start_naming_the_fix(caplog):
     """eval_every above the steps to train: the only evaluation is the final one, after the last step, so early
     stopping silently never acted. Warned before the first step, once per Trainer, with an eval_every that works."""

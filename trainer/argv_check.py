@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from trainer.argv_keys import TYPED_SECTIONS, choices_of, first_job, lacks_key, typed_schema, unknown_key
 from trainer.hydra_flags import commands_problem, hydra_args, other_configs, positionals
 from trainer.groups import LIST_GROUPS, attempt, composed, group_options, meant_option
+from trainer.loss_overrides import shorthand_problem
 
 LIST_FIELDS = {"trainer.profile_steps": "trainer.profile_steps takes two steps: "
                                         "trainer.profile_steps=[N,M] (e.g. [10,20])"}
@@ -121,8 +122,11 @@ def _composition_error(lines: List[str], jobs, overrides) -> Optional[str]:
         if "is not Optional" in str(cause):
             return _not_optional(given, key, cause)
         kind = re.search(r"could not be converted to (\w+)", str(cause))
+        if "is not a ListConfig, list or tuple" in str(cause):  # model.hidden_units=16: one value for a list
+            return f"{given}: {key} takes a list, not {value!r}. Fix: {key}=[{value}] (brackets: a list of one)."
         if not kind:
-            return f"{given}: {str(cause).splitlines()[0]}"
+            return (f"{given}: {str(cause).splitlines()[0]}. Fix: give {key} a value of its type "
+                    "(python -m trainer --cfg job shows the config).")
         words = WORDS.get(kind.group(1), kind.group(1))
         bad = re.search(r"Value '(.*?)' (?:of type \S+ )?could not be converted", str(cause))
         if value.strip().startswith("[") and bad:  # a list key (model.hidden_units=[64,abc]): one element is wrong
@@ -215,6 +219,10 @@ def _problem(override, overrides, ours: bool) -> Optional[str]:
         return None if override.is_delete() else _group_problem(override, options)
     if lacks_key(override, ours):
         return unknown_key(given, key, overrides)
+    if ours and key in ("loss", "metrics") and not override.is_hydra_override():
+        shorthand = shorthand_problem(override)  # Keras' compile() forms: loss=mse, metrics=[accuracy]
+        if shorthand:
+            return shorthand
     if override.is_sweep_override() and not override.is_choice_sweep():
         return None  # range(...)/interval(...): Hydra and the sweeper expand them; each job is checked then
     for value in choices_of(override.value()):

@@ -333,6 +333,7 @@ class FitInputs:
     eval: Any
     train_examples: Optional[int] = None
     batch_size: Optional[int] = None
+    class_weight: Optional[Mapping] = None  # fit()'s, checked against the model once it is built (loss_fit.py)
 
     def steps_per_epoch(self, given: Optional[int], batches_per_step: int) -> Optional[int]:
         """fit()'s steps_per_epoch: as given, else arrays' examples // batch // batches a step reads (else None)."""
@@ -368,4 +369,5 @@ def fit_inputs(memo: Optional[tuple], seed: int, train_data, eval_data, batch_si
             raise DataError("fit(): eval data given twice (the second argument and validation_data). Fix: give one.")
         made = FitInputs(with_class_weight(train_data, keras_kwargs["class_weight"]),
                          eval_sets(validation if eval_data is None else eval_data, eval_batch, seed))
+    made.class_weight = keras_kwargs["class_weight"]
     return key, made

@@ -168,8 +168,10 @@ def parts_of(cfg: DictConfig, total_steps: Optional[int] = None) -> Parts:
     """The Trainer's parts a composed config (or a run's .hydra/config.yaml) names, for the command line's entry
     points (python -m trainer, the doctor, lr_find, evaluate, predict): its Trainer is `from_cli`. `total_steps`:
     the optimizer's schedule length (its decay ends there)."""
+    from trainer.loss_overrides import check_targets
     from trainer.optim import build_optimizer
 
+    check_targets(cfg)  # a misspelt class or an argument it lacks: one line, not Hydra's error or a traceback
     return Parts(
         model=functools.partial(instantiate, cfg.model, _convert_="all"),
         loss=instantiate(cfg.loss) if cfg.get("loss") is not None else None,

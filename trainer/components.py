@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import model_summary
+from trainer import loss_fit, model_summary
 from trainer import precision as precision_lib
 from trainer.config import ConfigError, PrecisionConfig
 from trainer.distribute import StrategyError
@@ -301,6 +301,9 @@ def build_variables(trainer, sample_batch) -> Optional[keras.Model]:
         if len(trainer.models) == 1:
             wrapped = _build_single_model(trainer.model, trainer.precision, sample_batch,
                                           precision_lib.device_kind(trainer.strategy) == "GPU")
+            if type(trainer).train_step is Step.train_step and trainer.loss is not None:  # the loss the step uses
+                loss_fit.check_labels(trainer.loss, trainer.model, sample_batch, trainer.from_cli)
+                loss_fit.warn_if_logits_mismatch(trainer.loss, trainer.model, trainer.from_cli)
         # the models as the Trainer will hold them (the wrapper in the one model's place)
         models = {name: model if wrapped is None else wrapped for name, model in trainer.models.items()}
         for name, model in models.items():

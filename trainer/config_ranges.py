@@ -15,7 +15,7 @@ import math
 import numbers
 import re
 from dataclasses import field
-from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence
+from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence, Tuple
 
 from omegaconf import MISSING
 
@@ -198,3 +198,14 @@ class Checked:
     def check_combined(values: Mapping[str, Any], prefix: str, python: Optional[Mapping[str, str]] = None) -> None:
         """Rules across fields (a schema's own): raise ConfigError naming the keys and the fix (`python`: as in
         check_ranges; write a fix with `written`)."""
+
+
+def round_interval(largest: int, steps_per_epoch: Optional[int]) -> Tuple[int, str]:
+    """An interval of at most `largest` steps a person would pick: an epoch when that fits, else `largest` to one
+    significant digit (449: 400), with what it is (" (an epoch)"), not the exact bound's odd number."""
+    if steps_per_epoch and 1 <= steps_per_epoch <= largest:
+        return steps_per_epoch, " (an epoch)"
+    if largest < 10:
+        return largest, ""
+    unit = 10 ** (len(str(largest)) - 1)
+    return largest // unit * unit, ""

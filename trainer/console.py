@@ -82,24 +82,30 @@ def bar_shown(progress_bar: Optional[bool]) -> bool:
 def show_logs_unless_configured(verbose: bool) -> None:
     """Logs the `trainer` logger's INFO lines: its level is INFO (unless set), and ours prints each line no handler
     of the user's shows (none, or a root handler at WARNING as `logging.basicConfig()` with no level leaves the
-    root logger: it silenced every INFO line). Called by every fit(); idempotent; quiet (verbose=False) adds none."""
+    root logger: it silenced every INFO line). Quiet (verbose=False): ours prints the warnings only, in the same
+    format (they came through Python's last resort bare, or absl's root handler as `WARNING:trainer.checkpoint:`,
+    beside the `[trainer...]` lines of a verbose Trainer). Called by every fit(); idempotent."""
     package = logging.getLogger("trainer")
     ours = [h for h in package.handlers if isinstance(h, _StderrHandler)]
     if not verbose and getattr(package, "_trainer_set_level", False):  # quiet: the level we set is undone
         package.setLevel(logging.NOTSET)
         package._trainer_set_level = False
-    if ours and (not verbose or len(ours) < len(package.handlers)):
-        for handler in ours:  # a handler of the user's on the trainer logger since, or quiet asked for
+    level = logging.NOTSET if verbose else logging.WARNING
+    if ours and len(ours) < len(package.handlers):
+        for handler in ours:  # a handler of the user's on the trainer logger since
             package.removeHandler(handler)
         return
-    if ours or not verbose or package.handlers:
+    if ours or package.handlers:
+        for handler in ours:
+            handler.setLevel(level)
         return
     # The root logger's WARNING (Python's default, and basicConfig's without a level) would drop the INFO lines;
     # a level the user chose (basicConfig(level=logging.ERROR), or one on the trainer logger) is theirs.
-    if package.level == logging.NOTSET and logging.getLogger().level == logging.WARNING:
+    if verbose and package.level == logging.NOTSET and logging.getLogger().level == logging.WARNING:
         package.setLevel(logging.INFO)
         package._trainer_set_level = True
     handler = _StderrHandler(sys.stderr)
+    handler.setLevel(level)
     handler.setFormatter(logging.Formatter("[%(name)s][%(levelname)s] - %(message)s"))  # as the CLI's
     package.addHandler(handler)
 

@@ -275,8 +275,8 @@ def nothing_to_train(step: int, total: int, fit_steps: Optional[int], fit_epochs
     given_to_fit = fit_epochs is not None if by_epochs else fit_steps is not None
     arg = "epochs" if by_epochs else "steps" if given_to_fit else "max_steps"
     form = f"trainer.{key}={value:g}" if cli else f"{'fit' if given_to_fit else 'Trainer'}({arg}={value:g})"
-    at = f" (epoch {step / steps_per_epoch:g})" if steps_per_epoch else ""  # after the CLI's old wording
-    more = step / steps_per_epoch + epochs if by_epochs else step + value
+    at = f" (epoch {round(step / steps_per_epoch, 2):g})" if steps_per_epoch else ""  # 0.43, not 0.42735
+    more = round(step / steps_per_epoch + epochs, 2) if by_epochs else step + value
     fix = (f"trainer.{key}={more:g} (a total) to train as much again" if cli else
            f"fit({'epochs' if by_epochs else 'steps'}={more:g}) to train as much again, or fit(steps=...)")
     return (f"{form} trains until {'epoch' if by_epochs else 'step'} {value:g} in total (a total, unlike Keras' "

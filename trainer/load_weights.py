@@ -91,6 +91,15 @@ def _refuse_incomplete(path, name, prefix, where, saved, restored, missing, mism
                               + ("" if name is None else ", or give it the name that checkpoint holds it under"))
 
 
+def _mostly_new(restored: int, variables: int, mismatched: List[str]) -> str:
+    """Why a warm start that restored under half of the model's variables is said loudly: the rest start as built."""
+    cause = ("the checkpoint's model has other shapes (another width: model.hidden_units, a head of another number "
+             "of classes)" if mismatched else "the checkpoint holds another model (other layers)")
+    return (f". Only {restored} of this model's {variables} variables loaded: the others keep their initial values, "
+            f"as if untrained; {cause}. Fix: build the model as the checkpoint's run did (its .hydra/config.yaml), "
+            "or drop trainer.init_from to train from scratch")
+
+
 def warm_start(model, path: Union[str, os.PathLike], purpose: str = "Warm start", name: Optional[str] = None,
                strict: bool = False) -> Dict[str, List[str]]:
     """Loads model weights only (no optimizer, no step) and reports restored / missing / unexpected.
@@ -127,11 +136,14 @@ def warm_start(model, path: Union[str, os.PathLike], purpose: str = "Warm start"
     unexpected = sorted(p for p in saved if p.startswith(f"{where}/") and p not in ours)
     if strict:  # a frozen model's error alone: the restored count before it would read like success
         _refuse_incomplete(path, name, prefix, where, saved, restored, missing, mismatched, strict)
-    log.info(
-        "%s%s from %s (its %s): restored %d variables, missing %d %s, mismatched %d %s, unexpected %d %s",
+    mostly_new = restored and len(restored) * 2 < len(rows)  # a warm start that left most of the model as built
+    log.log(
+        logging.WARNING if mostly_new else logging.INFO,
+        "%s%s from %s (its %s): restored %d variables, missing %d %s, mismatched %d %s, unexpected %d %s%s",
         purpose, "" if name is None else f" of {name}", prefix,
         "model, a one-model run's" if where == "model" and name is not None else where,
         len(restored), len(missing), missing[:5], len(mismatched), mismatched[:5], len(unexpected), unexpected[:5],
+        _mostly_new(len(restored), len(rows), mismatched) if mostly_new else "",
     )
     _refuse_incomplete(path, name, prefix, where, saved, restored, missing, mismatched, strict)
     return {"restored": restored, "missing": missing, "unexpected": unexpected, "mismatched": mismatched}

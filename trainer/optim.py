@@ -67,13 +67,26 @@ class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
                    tf.Variable(config["scale"], trainable=False))
 
 
+def warn_warmup_not_shorter(warmup: int, total_steps: int, lr: float, name: Optional[str]) -> None:
+    """The whole run is warmup: its last step (step total-1 trains at lr * total / warmup, Warmup) is below
+    optimizer.lr, or at it only then; a decay after the warmup never starts."""
+    if warmup > total_steps:
+        reach = (f"never reaches optimizer.lr={lr:g}: its last step trains at {lr * total_steps / warmup:.4g} "
+                 f"({100 * total_steps / warmup:.0f}% of it)")
+    else:
+        reach = f"reaches optimizer.lr={lr:g} only at the run's last step"
+    after = (f", and the {name} schedule after the warmup never starts" if name not in (None, "constant") else "")
+    tenth = total_steps // 10
+    log.warning("optimizer.warmup_steps=%d is not shorter than the run (%d steps): the whole run is warmup, and the "
+                "learning rate %s%s. Fix: fewer warmup steps (optimizer.warmup_steps=%d: %s), or a longer run.",
+                warmup, total_steps, reach, after, tenth, "a tenth of the run" if tenth else "none")
+
+
 def make_schedule(cfg: Dict[str, Any], total_steps: int):
     """A float (constant) or a LearningRateSchedule: constant | cosine | linear | step, with warmup."""
     lr, name, warmup = float(cfg["lr"]), cfg.get("schedule"), int(cfg.get("warmup_steps") or 0)
     if total_steps is not None and warmup >= total_steps:
-        log.warning("optimizer.warmup_steps=%d is not shorter than the run (%d steps): the learning rate never reaches "
-                    "optimizer.lr=%g (it ends at %g) and the schedule after the warmup never starts. Fix: fewer warmup "
-                    "steps, or a longer run.", warmup, total_steps, lr, lr * min(total_steps, warmup) / warmup)
+        warn_warmup_not_shorter(warmup, total_steps, lr, name)
     decay_steps = int(cfg.get("decay_steps") or max(total_steps - warmup, 1))
     if name in (None, "constant"):
         after = None

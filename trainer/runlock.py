@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -225,6 +226,27 @@ def is_chief_process(strategy_name: str, tf_config: Optional[str] = None) -> boo
     return kind in (None, "chief") or (kind == "worker" and index == 0 and "chief" not in config.get("cluster", {}))
 
 
+def _remove_on_sigterm(folder: str):
+    """Until the run defers SIGTERM (trainer/signals.py: from the strategy on), a SIGTERM (a platform stopping the
+    job while it starts) would kill the process with the folder it just made left behind, empty but for its lock
+    and an empty trainer.log. This handler removes such a folder, as any stop before training does, then dies of
+    the signal (exit 143). Only over the default handler, on the main thread; the handler, or None."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        return None
+
+    def stop(signum, frame):
+        if remove_if_unused(folder):
+            print(f"[trainer][WARNING] - SIGTERM during start-up: removed the run folder {folder} this run had made "
+                  "(nothing was trained in it)", file=sys.stderr, flush=True)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    return stop
+
+
 def _fail(e: UserError) -> None:
     """Hydra's logging is not set up yet (that is the point): the message goes to stderr, exit 2."""
     sys.exit(report_error(e, prefix="[trainer][ERROR] - "))
@@ -238,6 +260,7 @@ class RunFolderCallback(HydraCallback):
     def __init__(self) -> None:
         self.fd: Optional[int] = None
         self.scratch: Optional[str] = None
+        self.sigterm = None  # the handler _remove_on_sigterm installed
 
     def _take(self, config: DictConfig, folder: str) -> None:
         from trainer.config_check import check_config
@@ -254,6 +277,7 @@ class RunFolderCallback(HydraCallback):
             self.fd = acquire(folder, hold=is_chief_process(str(OmegaConf.select(config, "strategy.name"))))
         except UserError as e:  # ConfigError, RunFolderError
             _fail(e)
+        self.sigterm = _remove_on_sigterm(folder)
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         # The same config object run_job reads the folder from: Hydra caches ${now:...} per config,
@@ -272,5 +296,7 @@ class RunFolderCallback(HydraCallback):
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         release(self.fd)
         self.fd = None
+        if self.sigterm is not None and signal.getsignal(signal.SIGTERM) is self.sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)

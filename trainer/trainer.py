@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from trainer import auto_precision, components, debug, ema, evalsets, metric_attributes, saved, signals, step_functions
 from trainer import loop as loop_lib
+from trainer import loss_fit
 from trainer import precision as precision_lib
 from trainer.arrays import fit_arguments, fit_inputs
 from trainer.callbacks import (Callback, CallbackList, Checkpointing, DivergenceGuard, NumericalError, XlaChoice,
@@ -317,6 +318,7 @@ class Trainer(Step):
         if kept is None or kept.data is not train_data:  # build every variable before restoring and tracing
             sample, self.batch_size = sample_batch(train_data, self.strategy)
             self.build(sample)
+        loss_fit.check_class_weight(self._fit_inputs and self._fit_inputs[1].class_weight, self.models, self.from_cli)
         if batch_size:
             self.batch_size = batch_size
         if eval_data is not None and type(self).test_step is Step.test_step and (

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 from trainer import evalsets
 from trainer.callbacks.base import Callback
 from trainer.config import ConfigError, written
+from trainer.config_ranges import round_interval
 from trainer.memory import memory_logs
 from trainer.step import Step
 
@@ -136,7 +137,8 @@ class Monitor(Callback):
         what = "train log" if train else "evaluation"
         have = f"{events} before it" if events else f"none before it{'' if train else ', only the final evaluation'}"
         lower = (end - 1 - first) // needed  # the largest interval that gives `needed` events
-        fixes = [f"{self.fix(f'trainer.{key}', lower)} (or less)" if lower >= 1 else "train longer"]
+        every_fix, note = round_interval(lower, getattr(trainer, "steps_per_epoch", None))
+        fixes = [f"{self.fix(f'trainer.{key}', every_fix)}{note} (or less)" if lower >= 1 else "train longer"]
         if self.patience > 0:
             fixes.append("a smaller patience")
         log.warning("%s(monitor=%r, patience=%d) cannot %s in this fit() call: it needs %s before the last step "

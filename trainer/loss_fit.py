@@ -1,0 +1,136 @@
+"""The loss against the built model and the labels, once, before the first step (Trainer.build, Trainer._fit):
+a categorical loss given class ids (or a sparse one given one-hot rows) is refused naming the loss meant, where
+the step's trace failed with a 100-line traceback; a from_logits that contradicts the last layer (a linear layer
+read as probabilities trained silently to half the accuracy) is warned of; class_weight naming classes the model
+does not have (a silent no-op) is refused. Only what a functional or Sequential model's graph says is judged:
+a subclassed model's output is known only from a call."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping, Optional
+
+import keras
+
+from trainer.config import ConfigError
+
+log = logging.getLogger("trainer.core")
+
+CATEGORICAL = ("categorical_crossentropy", "categorical_focal_crossentropy")  # one-hot (or probability) rows
+SPARSE = ("sparse_categorical_crossentropy",)  # class ids
+
+
+def _output_shape(model) -> Optional[tuple]:
+    """The one output's shape from the model's graph (None: several outputs, or a subclassed model)."""
+    model = getattr(model, "inner", model)  # precision's Float32Outputs wrapper
+    try:
+        outputs = model.outputs
+    except (AttributeError, ValueError):
+        return None
+    if not outputs or len(outputs) != 1:
+        return None
+    return tuple(outputs[0].shape)
+
+
+def _last_activation(model) -> Optional[str]:
+    """'linear', 'softmax', 'sigmoid' (...) of the layer that makes a functional model's one output; None unknown."""
+    model = getattr(model, "inner", model)
+    try:
+        layer = model.outputs[0]._keras_history[0]
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return None
+    if isinstance(layer, keras.layers.Softmax):
+        return "softmax"
+    activation = getattr(layer, "activation", None)
+    if activation is None or not (isinstance(layer, (keras.layers.Dense, keras.layers.Activation,
+                                                     keras.layers.EinsumDense, keras.layers.Conv1D,
+                                                     keras.layers.Conv2D))):
+        return None
+    return getattr(activation, "__name__", None)
+
+
+def _loss_kind(loss) -> Optional[str]:
+    """The Keras function name of a Keras loss (CategoricalCrossentropy: categorical_crossentropy), else None."""
+    fn = getattr(loss, "fn", loss)
+    return getattr(fn, "__name__", None)
+
+
+def _from_logits(loss) -> Optional[bool]:
+    try:
+        value = loss.get_config().get("from_logits")
+    except (AttributeError, NotImplementedError, TypeError):
+        return None
+    return value if isinstance(value, bool) else None
+
+
+def _loss_setting(class_name: str, from_logits: Optional[bool], cli: bool) -> str:
+    if cli:
+        return f"loss._target_=keras.losses.{class_name}"
+    logits = "" if from_logits is None else f"from_logits={from_logits}"
+    return f"Trainer(loss=keras.losses.{class_name}({logits}))"
+
+
+def check_labels(loss, model, sample_batch, cli: bool) -> None:
+    """A categorical loss given class ids, or a sparse one given one-hot rows of the output's width: a ConfigError
+    naming the loss that fits these labels."""
+    out = _output_shape(model)
+    _, y, _ = keras.utils.unpack_x_y_sample_weight(sample_batch)
+    kind = _loss_kind(loss)
+    if out is None or y is None or not hasattr(y, "shape") or kind not in CATEGORICAL + SPARSE or not out[-1]:
+        return
+    labels, classes = tuple(y.shape), out[-1]
+    ids = len(labels) == len(out) - 1 or (len(labels) == len(out) and labels[-1] == 1 and classes > 1)
+    one_hot = len(labels) == len(out) and labels[-1] == classes and classes > 1
+    name, logits = type(loss).__name__, _from_logits(loss)
+    if kind in CATEGORICAL and ids:
+        meant = "SparseCategoricalCrossentropy"
+        raise ConfigError(f"loss {name} takes one-hot labels of the model's {classes} outputs (shape "
+                          f"(batch, {classes})), and these labels are class ids (shape {_shape(labels)}). Fix: "
+                          f"{_loss_setting(meant, logits, cli)} for class ids, or one-hot labels.")
+    if kind in SPARSE and one_hot:
+        raise ConfigError(f"loss {name} takes class ids (shape (batch,)), and these labels are one-hot rows of "
+                          f"the model's {classes} outputs (shape {_shape(labels)}). Fix: "
+                          f"{_loss_setting('CategoricalCrossentropy', logits, cli)} for one-hot labels, or class "
+                          "ids (argmax of the rows).")
+
+
+def _shape(shape: tuple) -> str:
+    dims = ["batch" if i == 0 else str(d) for i, d in enumerate(shape)]
+    return f"({', '.join(dims)}{',' if len(dims) == 1 else ''})"
+
+
+def warn_if_logits_mismatch(loss, model, cli: bool) -> bool:
+    """from_logits=False on a model whose last layer is linear (its outputs are logits, which the loss clips as if
+    probabilities: it trains, badly, with no error), or from_logits=True after a softmax or sigmoid: warned once
+    per Trainer. True when it warned."""
+    logits, activation = _from_logits(loss), _last_activation(model)
+    if logits is None or activation is None:
+        return False
+    setting = "loss.from_logits" if cli else f"{type(loss).__name__}(from_logits=...)"
+    if not logits and activation == "linear":
+        log.warning("The model's last layer is linear (it outputs logits), and %s=false makes the loss read them as "
+                    "probabilities: it trains, to a far worse model, with no error. Fix: %s=true (or a softmax/"
+                    "sigmoid last layer).", setting, setting)
+        return True
+    if logits and activation in ("softmax", "sigmoid"):
+        log.warning("The model's last layer ends in a %s (it outputs probabilities), and %s=true makes the loss "
+                    "apply one again: it trains, worse, with no error. Fix: %s=false (or a linear last layer).",
+                    activation, setting, setting)
+        return True
+    return False
+
+
+def check_class_weight(class_weight: Optional[Mapping[Any, Any]], models: Mapping[str, Any], cli: bool) -> None:
+    """class_weight keys beyond the model's classes weigh nothing (no label is that class): a ConfigError naming
+    them and the classes the one model has (its output's width; 2 for one sigmoid output)."""
+    if not class_weight or len(models) != 1:
+        return
+    out = _output_shape(next(iter(models.values())))
+    if out is None or not out[-1]:
+        return
+    classes = out[-1] if out[-1] > 1 else 2
+    beyond = sorted(int(k) for k in class_weight if str(k).lstrip("-").isdigit() and not 0 <= int(k) < classes)
+    if beyond:
+        setting = "data.class_weight" if cli else "fit(class_weight=...)"
+        raise ConfigError(f"{setting} names classes {beyond} that the model does not have: it has {classes} classes "
+                          f"(0..{classes - 1}), so their weights would weigh nothing. Fix: weights for classes "
+                          f"0..{classes - 1} only, or a model with as many classes as the labels have.")
