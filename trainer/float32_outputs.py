@@ -1,18 +1,20 @@
 """The float32-output wrapper the Trainer puts around a model whose outputs are float16/bfloat16 under a
-mixed policy (trainer.precision.ensure_float32_outputs), and how it saves: `model.save(...)` writes it as a
-plain Keras Functional model (the wrapped model, then a float32 linear activation), which
-`keras.saving.load_model` reads in any process, without `import trainer` (Keras imports no class of a
-package other than its own: a registered class loads only once its module is imported).
+mixed policy (trainer.precision.ensure_float32_outputs). It saves as itself (`model.save(...)` writes
+`trainer>Float32Outputs` around the wrapped model), so a checkpoint, a .keras file and a warm start all see
+the same object graph (the weights under `inner/...`). Keras imports no class of a package other than its
+own: load such a file after `import trainer` (which registers this class once Keras loads), else
+`keras.saving.load_model` says "Could not locate class 'Float32Outputs'". trainer's own tools import it.
 """
 from __future__ import annotations
-
-import logging
-from typing import Optional
 
 import keras
 import tensorflow as tf
 
-log = logging.getLogger(__name__)
+# What loading a file that holds the wrapper needs, for the warning when it is added and for the docs' wording.
+LOAD_NOTE = ("a .keras file trainer.model.save(...) writes holds this wrapper: load it after `import trainer` (else "
+             "keras.saving.load_model says \"Could not locate class 'Float32Outputs'\"); trainer's tools (export, "
+             "evaluate, predict, warm_start, init_from) do so themselves. For a file without it, save "
+             "trainer.model.inner (outputs in the reduced precision)")
 
 
 @keras.saving.register_keras_serializable(package="trainer")
@@ -41,27 +43,3 @@ class Float32Outputs(keras.Model):
     @classmethod
     def from_config(cls, config):
         return cls(keras.saving.deserialize_keras_object(config["inner"]), name=config.get("name"))
-
-    def as_functional(self) -> Optional[keras.Model]:
-        """The same computation, sharing these weights, as one Keras Functional model: the wrapped model's
-        graph (a Functional's, or a Sequential's) with the float32 activation on its outputs; None when the
-        wrapped model has no graph (a subclassed model)."""
-        graph = getattr(self.inner, "_functional", None) or self.inner  # a built Sequential keeps its graph there
-        inputs, outputs = getattr(graph, "_inputs_struct", None), getattr(graph, "_outputs_struct", None)
-        if inputs is None or outputs is None:
-            return None
-        return keras.Model(inputs, tf.nest.map_structure(self.to_float32, outputs), name=self.name)
-
-    def save(self, filepath, overwrite=True, zipped=None, **kwargs):
-        """Saves as a plain Keras model (as_functional), which loads without `import trainer`. A compiled
-        wrapper (its optimizer and loss are part of the file) or one around a subclassed model saves as
-        itself: loading it needs `import trainer` first, said here."""
-        plain = None if self.compiled else self.as_functional()
-        if plain is not None:
-            return plain.save(filepath, overwrite=overwrite, zipped=zipped, **kwargs)
-        log.warning("%s holds trainer's float32-output wrapper (%s): load it with `import trainer` before "
-                    "keras.saving.load_model (else Keras says \"Could not locate class 'Float32Outputs'\"). To save a "
-                    "file that loads without trainer, save the wrapped model: model.inner.save(...) (its outputs "
-                    "are then in the reduced precision).", filepath,
-                    "it is compiled" if self.compiled else "the wrapped model is subclassed, without symbolic inputs")
-        return super().save(filepath, overwrite=overwrite, zipped=zipped, **kwargs)

@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from trainer.config import ConfigError, PrecisionConfig
 from trainer.errors import UserError
-from trainer.float32_outputs import Float32Outputs  # its home before: `from trainer.precision import` works
+from trainer.float32_outputs import LOAD_NOTE, Float32Outputs  # its home before: `from trainer.precision import` works
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +105,10 @@ def ensure_float32_outputs(model: keras.Model, outputs, strict: bool) -> keras.M
     log.warning(
         "Model %r outputs %s; appended a float32 linear activation so the loss is computed in float32: "
         "trainer.model is now a Float32Outputs wrapper, your model is trainer.model.inner (the wrapper "
-        "forwards its attributes; trainer.model.save(...) writes a plain Keras model, which loads without trainer). "
-        "Give the last layer dtype='float32' to silence this.",
+        "forwards its attributes); %s. Give the last layer dtype='float32' to silence this.",
         model.name,
         bad,
+        LOAD_NOTE,
     )
     return Float32Outputs(model)
 

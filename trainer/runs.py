@@ -69,7 +69,7 @@ def is_run_folder(path: Path) -> bool:
 
 
 # What a folder Trainer(run_dir=...) wrote from Python lacks, and each command's way round it.
-PYTHON_RUN = ("{path} was written by Trainer(run_dir=...) from Python: it holds checkpoints, but no "
+PYTHON_RUN = ("{path} was written by Trainer(run_dir=...) from Python: {what} no "
               ".hydra/config.yaml, the recipe the command-line tools rebuild a model and its data from (a model "
               "built in Python has none). Fix: {fix}")
 _RESTORE_LATER = ("for this folder later: build the model as before, then trainer.warm_start(model, \"{folder}\") "
@@ -90,7 +90,10 @@ def not_a_run_folder(path, takes: str = "", fix: str = "give the folder a traini
     With `python_fix` (the command's way round), a folder the Python API wrote (or its checkpoints) is said as such."""
     folder = python_run_of(Path(path)) if python_fix else None
     if folder is not None:
-        return RunNotFound(PYTHON_RUN.format(path=path, fix=python_fix.format(folder=folder)))
+        what = ("it holds checkpoints, but" if Path(path).resolve() == folder.resolve() else
+                f"its folder {folder} holds checkpoints, but" if Path(path).name == "checkpoints" else
+                f"a checkpoint of {folder}, which holds")
+        return RunNotFound(PYTHON_RUN.format(path=path, what=what, fix=python_fix.format(folder=folder)))
     return RunNotFound(f"{path} is not a run folder (no .hydra/config.yaml){takes}. Fix: {fix}.")
 
 
@@ -373,6 +376,7 @@ def _load_keras_file(path: Path) -> Tuple[Any, Any]:
     import keras
     import tensorflow as tf
 
+    import trainer.float32_outputs  # noqa: F401  (registers trainer>Float32Outputs: a model saved under a mixed policy)
     import trainer.fused_elementwise  # noqa: F401  (registers trainer>LayerNormalization and trainer>gelu)
     import trainer.layers  # noqa: F401  (registers trainer>BatchNormalization, which the recipes' models hold)
 
