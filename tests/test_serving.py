@@ -310,3 +310,17 @@ def test_predict_inputs_are_read_batch_by_batch_and_a_bad_file_is_a_user_error(r
     code, _, stderr = in_process("trainer.predict", str(run_dir), "--input", str(inputs), "--out", str(out),
                                  capsys=capsys)
     assert code == 2 and stderr.startswith("error: ") and "Traceback" not in stderr and not out.exists(), stderr
+
+
+def test_export_takes_the_keras_file_it_wrote_by_a_relative_path(run_dir, tmp_path, capsys, monkeypatch):
+    """The trial's refusal of runs/exp/keras/model.keras ("not ... a .keras file"): a .keras file is exported,
+    checked on seeded random inputs (it carries no data)."""
+    code, _, stderr = in_process("trainer.export", str(run_dir), "--format", "keras", "--out", str(tmp_path / "k"),
+                                 capsys=capsys)
+    assert code == 0, stderr
+    monkeypatch.chdir(tmp_path)
+    code, stdout, stderr = in_process("trainer.export", "k/model.keras", "--format", "saved_model", "--out", "sm",
+                                      capsys=capsys)
+    assert code == 0, stderr
+    assert "wrote saved_model sm (model.keras)" in stdout and "16 seeded random inputs" in stdout
+    assert (tmp_path / "sm" / "saved_model.pb").is_file()

@@ -3,12 +3,13 @@
     python -m trainer.export RUN_DIR --format saved_model|keras|onnx|tflite --out PATH
         [--checkpoint latest|best|ckpt-N] [--policy float32]
 
-RUN_DIR may also be its checkpoints/ folder or one ckpt-N prefix. The model is rebuilt from the run's
-own config (.hydra/config.yaml) under float32 (mixed policies keep float32 variables, so this is the
-exact trained model computed in float32), and its weights are restored from the newest checkpoint (or
---checkpoint). `--policy mixed_bfloat16` (or mixed_float16) exports a converted copy instead (see
-trainer.convert). Every export is loaded back (trainer/export_formats.py) and its outputs compared with
-the trained model's (float32) on --check-batches batches of the recipe's eval split.
+RUN_DIR may also be its checkpoints/ folder, one ckpt-N prefix, or a .keras file (one model.save() wrote,
+e.g. from Python). A run's model is rebuilt from its own config (.hydra/config.yaml) under float32 (mixed
+policies keep float32 variables, so this is the exact trained model computed in float32), and its weights
+are restored from the newest checkpoint (or --checkpoint). `--policy mixed_bfloat16` (or mixed_float16)
+exports a converted copy instead (see trainer.convert). Every export is loaded back
+(trainer/export_formats.py) and its outputs compared with the trained model's (float32) on --check-batches
+batches of the recipe's eval split (a .keras file carries no data: seeded random inputs, as trainer.convert's).
 
 Exit codes: 0 written and checked; 2 a user error (no run or checkpoint, --out not empty, a missing package:
 the message gives the pip command); 3 written, but its outputs differ beyond --tolerance (kept for a look).
@@ -19,6 +20,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any, List, Tuple
 
 from trainer.errors import EXIT_NUMERICAL, reports_errors
 from trainer.runs import checkpoint_of, eval_inputs, find_run, load_trained_model  # noqa: F401 - find_run: its home before
@@ -34,7 +36,7 @@ def main(argv=None) -> int:
     from trainer import export_formats
 
     parser = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", help="a run folder, its checkpoints/ folder, or a ckpt-N prefix")
+    parser.add_argument("source", help="a run folder, its checkpoints/ folder, a ckpt-N prefix, or a .keras file")
     parser.add_argument("--format", choices=export_formats.FORMATS, default="saved_model")
     parser.add_argument("--out", required=True, help="a new folder (onnx/tflite: or a .onnx/.tflite file)")
     parser.add_argument("--checkpoint", default="latest", help="with a run folder: latest (default) | best | ckpt-N")
@@ -57,22 +59,50 @@ def main(argv=None) -> int:
     if tolerance is not None and not tolerance >= 0:  # also NaN
         raise export_formats.ExportError(f"--tolerance {tolerance}: must be >= 0 (0: outputs must match exactly)")
     export_formats.check_packages(args.format)  # before any work
-    checkpoint = checkpoint_of(args.source, args.checkpoint)
-    model, sample = checkpoint.load_model()  # names the one loaded, if rotation replaced the newest
+    if Path(args.source).suffix == ".keras":
+        model, batches, origin, checked_on = _from_keras_file(args.source, args.checkpoint, args.check_batches)
+        sample = batches[0]
+    else:
+        checkpoint = checkpoint_of(args.source, args.checkpoint)
+        model, sample = checkpoint.load_model()  # names the one loaded, if rotation replaced the newest
+        batches = eval_inputs(checkpoint.cfg, args.check_batches)
+        origin, checked_on = f"{checkpoint.name}, step {checkpoint.step}", "eval examples"
     trained = model  # what every export is compared with: the trained model in float32
     if args.policy != "float32":
         model, report = convert_model(model, args.policy, sample)
         tolerance = tolerance if tolerance is not None else report.tolerance
         print(f"converted to {args.policy}: relative output error {report.relative_error:.3g}")
-    batches = eval_inputs(checkpoint.cfg, args.check_batches)
     path = export_formats.write(model, args.format, out)
     result = export_formats.check(trained, args.format, path, batches,
                                   tolerance if tolerance is not None else export_formats.TOLERANCE)
-    print(f"wrote {args.format} {path} ({checkpoint.name}, step {checkpoint.step})")
-    print(f"checked: loaded back, {result.examples} eval examples, max abs error {result.max_abs_error:.3g}, "
+    print(f"wrote {args.format} {path} ({origin})")
+    print(f"checked: loaded back, {result.examples} {checked_on}, max abs error {result.max_abs_error:.3g}, "
           f"relative {result.relative_error:.3g} (tolerance {result.tolerance:g})")
     return 0
 
+
+def _from_keras_file(source: str, which: str, batches: int) -> Tuple[Any, List[Any], str, str]:
+    """(model in float32, `batches` seeded random input batches, what was loaded, what the check ran on) of a
+    .keras file, which holds one model and no data: its inputs are drawn as trainer.convert draws them for one.
+    A model saved under a mixed policy computes in float32 here, as a run's model does (its variables are
+    float32: the same weights); --policy keeps (or converts to) a reduced precision."""
+    from trainer import export_formats
+    from trainer.convert import TOLERANCE, convert_model, random_inputs
+
+    if which != "latest":
+        raise export_formats.ExportError(f"--checkpoint {which}: a .keras file holds one model's weights, it has no "
+                                         "checkpoints to pick from. Fix: drop --checkpoint, or give the run folder.")
+    model, _ = load_trained_model(source)
+    inputs = [random_inputs(model, seed=seed) for seed in range(batches)]
+    reduced = sorted({layer.compute_dtype for layer in model._flatten_layers(include_self=False, recursive=True)}
+                     & {"float16", "bfloat16"})
+    if reduced:
+        model, report = convert_model(model, "float32", inputs[0], tolerance=TOLERANCE[f"mixed_{reduced[0]}"],
+                                      measure_time=False)
+        print(f"{Path(source).name} computes in {reduced[0]}: exporting it in float32 (relative output error "
+              f"{report.relative_error:.3g}; --policy mixed_{reduced[0]} keeps {reduced[0]})")
+    return model, inputs, Path(source).name, "seeded random inputs (floats in [0, 1), integers in {0, 1}: a .keras " \
+        "file carries no data)"
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -160,6 +160,6 @@ def check(model, fmt: str, path: Path, batches: List[Any], tolerance: float = TO
     result = ExportCheck(fmt, str(path), examples, max_abs, max_abs / max(scale, 1e-12), tolerance)
     if not result.relative_error <= tolerance:
         raise ExportMismatch(f"{path} does not reproduce the trained model: relative error {result.relative_error:.3g} "
-                             f"(max abs {max_abs:.3g}) over {examples} eval examples, more than "
+                             f"(max abs {max_abs:.3g}) over {examples} examples, more than "
                              f"the tolerance {tolerance:g}")
     return result

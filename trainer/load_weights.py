@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Set, Tuple, Union
 
 import keras
 
@@ -28,44 +30,85 @@ def _setting(path: str, name: Optional[str]) -> str:
     return f"trainer.init_from={path!r}" if name is None else f"trainer.init_from={{{name}: {path!r}}}"
 
 
-def _resolve_checkpoint(path: str, name: Optional[str] = None) -> str:
+def _resolve_checkpoint(path: str, setting: str) -> str:
     p = Path(path).expanduser()
     if p.is_dir():
         for candidate in (p, p / "checkpoints"):
             found = list_checkpoints(candidate)
             if found:
                 return found[0][1]
-        raise CheckpointError(f"{_setting(path, name)}: no ckpt-N.index in it or in its checkpoints/")
+        raise CheckpointError(f"{setting}: no ckpt-N.index in it or in its checkpoints/")
     if Path(str(p) + ".index").exists():
         return str(p)
-    raise CheckpointError(f"{_setting(path, name)} is not a checkpoint (folder, ckpt prefix), "
-                          ".keras or .weights.h5 file")
+    raise CheckpointError(f"{setting} is not a checkpoint (folder, ckpt prefix), .keras or .weights.h5 file")
 
 
-def _keras_file(model, path: str, purpose: str, name: Optional[str], strict: bool) -> Dict[str, List[str]]:
-    """warm_start from a .keras or .weights.h5 file, through Keras' loader (strict: skipping nothing)."""
+def _keras_file(model, path: str, purpose: str, setting: str, name: Optional[str],
+                strict: bool) -> Dict[str, List[str]]:
+    """warm_start from a .keras or .weights.h5 file, through Keras' loader (strict: skipping nothing). The file's
+    model and this one are matched as the same form: either one inside trainer's float32-output wrapper (a model
+    trained under a mixed policy) loads into, or from, the model it wraps. What Keras could not load is said."""
+    from trainer.float32_outputs import Float32Outputs  # registers the class a mixed-policy .keras file names
+
     if not Path(path).is_file():
-        raise CheckpointError(f"{_setting(path, name)} does not exist")
+        raise CheckpointError(f"{setting} does not exist")
+    target = model
     try:
         if path.endswith(".keras"):
             source = keras.saving.load_model(path, compile=False)
+            if isinstance(source, Float32Outputs) and not isinstance(model, Float32Outputs):
+                source = source.inner
+            elif isinstance(model, Float32Outputs) and not isinstance(source, Float32Outputs):
+                target = model.inner
             with tempfile.TemporaryDirectory() as tmp:
                 source.save_weights(Path(tmp) / "w.weights.h5")
-                model.load_weights(Path(tmp) / "w.weights.h5", skip_mismatch=not strict)
+                failed, why = _load_weights_file(target, Path(tmp) / "w.weights.h5", strict)
         else:
-            model.load_weights(path, skip_mismatch=not strict)
+            failed, why = _load_weights_file(target, path, strict)
+            if failed is None and isinstance(model, Float32Outputs):  # nothing loaded: perhaps the wrapped model's
+                target = model.inner
+                failed, why = _load_weights_file(target, path, strict)
     except ValueError as e:
         if not strict:
             raise
-        raise CheckpointError(f"{_setting(path, name)}: frozen model {name!r} does not fit {path} "
+        raise CheckpointError(f"{setting}: frozen model {name!r} does not fit {path} "
                               f"({str(e).strip()[:300]}). A frozen model never trains, so every variable must load. "
                               "Fix: name the file of this model's weights, or build the model "
                               "as it was saved") from None
-    # Keras' loader does not say which layers it skipped (it warns about each); the report cannot either.
-    report = {"restored": [v.path for v in model.weights], "missing": [], "unexpected": [], "mismatched": []}
-    log.info("%s%s from %s: Keras loader, %s", purpose, "" if name is None else f" of {name}", path,
-             "every layer loaded" if strict else "layers of mismatched shapes skipped (see its warnings)")
+    if failed is None:
+        raise CheckpointError(f"{setting}: no layer of this model loaded from {path} (Keras' loader: {why}). Fix: "
+                              "give the file of this model's weights, or build the model as it was saved")
+    report = {"restored": [v.path for v in model.weights if v.path not in failed], "missing": sorted(failed),
+              "unexpected": [], "mismatched": []}
+    if failed:
+        log.warning("%s%s from %s: Keras' loader could not load %d variables, left at their initial values: %s "
+                    "(%s)", purpose, "" if name is None else f" of {name}", path, len(failed), sorted(failed)[:6], why)
+    log.info("%s%s from %s: Keras loader, restored %d variables, not loaded %d", purpose,
+             "" if name is None else f" of {name}", path, len(report["restored"]), len(failed))
     return report
+
+
+def _load_weights_file(model, path, strict: bool) -> Tuple[Optional[Set[str]], str]:
+    """Loads a .weights.h5 file into `model`: (the paths of the variables Keras' loader could not load, its
+    example error), or (None, why) when it loaded none. Keras only warns about them ("N objects could not be
+    loaded"), naming layers: their variables are what stayed at their initial values."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.load_weights(path, skip_mismatch=not strict)
+    failed_layers, why = set(), ""
+    for warning in caught:
+        text = str(warning.message)
+        if "could not be loaded" not in text:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+            continue
+        head, _, listed = text.partition("List of objects that could not be loaded:")
+        failed_layers |= set(re.findall(r"name=([^,>]+)", listed))
+        why = " ".join(head.split())[:300]
+    layers = [layer for layer in model._flatten_layers(include_self=True, recursive=True) if layer.weights]
+    failed = {v.path for layer in layers if layer.name in failed_layers for v in layer.weights}
+    if failed_layers and not failed_layers & {layer.name for layer in layers}:  # objects we cannot name: all
+        failed = {v.path for v in model.weights}
+    return (None if failed and failed >= {v.path for v in model.weights} else failed), why
 
 
 def _held_models(saved) -> List[str]:
@@ -74,11 +117,11 @@ def _held_models(saved) -> List[str]:
     return sorted(held | {p.split("/")[1] for p in saved if p.startswith("models/")})
 
 
-def _refuse_incomplete(path, name, prefix, where, saved, restored, missing, mismatched, strict) -> None:
+def _refuse_incomplete(setting, name, prefix, where, saved, restored, missing, mismatched, strict) -> None:
     """A CheckpointError when nothing of the model loaded, or (strict: a frozen model) not all of it."""
     if strict and restored and (missing or mismatched):
         raise CheckpointError(
-            f"{_setting(path, name)}: frozen model {name!r} is only partly in {prefix} (its {where}): "
+            f"{setting}: frozen model {name!r} is only partly in {prefix} (its {where}): "
             + "; ".join(f"{what} {found[:6]}" for what, found in (("missing", missing), ("of other shapes", mismatched))
                         if found)
             + ". A frozen model never trains, so these would stay at "
@@ -86,7 +129,7 @@ def _refuse_incomplete(path, name, prefix, where, saved, restored, missing, mism
             "run of several models that holds it under this name), or build the model as it was saved")
     if not restored:
         what = "this model" if name is None else f"model {name!r}"
-        raise CheckpointError(f"{_setting(path, name)}: no variable of {what} is in {prefix} (it holds the models "
+        raise CheckpointError(f"{setting}: no variable of {what} is in {prefix} (it holds the models "
                               f"{_held_models(saved)}). Fix: name a checkpoint of this model"
                               + ("" if name is None else ", or give it the name that checkpoint holds it under"))
 
@@ -100,29 +143,47 @@ def _mostly_new(restored: int, variables: int, mismatched: List[str]) -> str:
             "or drop trainer.init_from to train from scratch")
 
 
+def _match(model, prefix: str, name: Optional[str]):
+    """(reader, rows, saved, where) of match_variables for the checkpoint's object that holds this model: its
+    `models/<name>`, else a one-model run's `model`; in each, as saved or through trainer's float32-output wrapper
+    (a run under a mixed policy saves the model it wraps under `inner`): a plain model reads `<where>/inner`, a
+    wrapped one's `.inner` a plain checkpoint's `<where>`. The first that holds any of its variables, else the first."""
+    from trainer.float32_outputs import Float32Outputs
+
+    first = None
+    for where in (["model"] if name is None else [f"models/{name}", "model"]):
+        wrapped = isinstance(model, Float32Outputs)
+        forms = [(model, where), (model.inner, where) if wrapped else (model, f"{where}/inner")]
+        for target, at in forms:
+            reader, rows, saved = match_variables(target, prefix, at)
+            first = first or (reader, rows, saved, at)
+            if any(key for _, _, key, _ in rows):
+                return reader, rows, saved, at
+    return first
+
+
 def warm_start(model, path: Union[str, os.PathLike], purpose: str = "Warm start", name: Optional[str] = None,
-               strict: bool = False) -> Dict[str, List[str]]:
+               strict: bool = False, setting: Optional[str] = None) -> Dict[str, List[str]]:
     """Loads model weights only (no optimizer, no step) and reports restored / missing / unexpected.
 
     `purpose` starts the log line: "Warm start" for trainer.init_from, "Loading weights" for export/doctor.
     `name`: the Trainer's name of the model (init_from={name: path}): a checkpoint of several models gives its
     `models/<name>`, one of a one-model run its `model`; None: the `model` of a one-model run.
+    `setting`: what the user wrote, for errors (trainer.init_from=...); None: this Python call.
 
     TF checkpoints are matched by object structure, one variable at a time, so a new head of another
     shape is reported as mismatched and left at its initial value; .keras/.weights.h5 files go through
-    Keras' own loader (matching by layer, skipping mismatched shapes).
+    Keras' own loader (matching by layer, skipping mismatched shapes, said). A model trained under a mixed
+    policy (inside trainer's float32-output wrapper) loads into the plain model, and the reverse.
     `strict` (a frozen model, which never trains: a part left at its initial value would stay random all run):
     any variable missing or of another shape is a CheckpointError, and Keras' loader skips nothing.
     """
     path = os.fspath(path)
+    setting = setting or f"warm_start(model, {path!r})"
     if path.endswith(".keras") or path.endswith(".weights.h5"):
-        return _keras_file(model, path, purpose, name, strict)
-    prefix = _resolve_checkpoint(path, name)
-    where = "model" if name is None else f"models/{name}"
-    reader, rows, saved = match_variables(model, prefix, where)
-    if where != "model" and not any(key for _, _, key, _ in rows):  # not in a checkpoint of several: a one-model run's
-        where = "model"
-        reader, rows, saved = match_variables(model, prefix, where)
+        return _keras_file(model, path, purpose, setting, name, strict)
+    prefix = _resolve_checkpoint(path, setting)
+    reader, rows, saved, where = _match(model, prefix, name)
     restored, missing, mismatched = [], [], []
     for path_in, var, key, shape in rows:
         if key is None:
@@ -135,17 +196,17 @@ def warm_start(model, path: Union[str, os.PathLike], purpose: str = "Warm start"
     ours = {path_in for path_in, *_ in rows}
     unexpected = sorted(p for p in saved if p.startswith(f"{where}/") and p not in ours)
     if strict:  # a frozen model's error alone: the restored count before it would read like success
-        _refuse_incomplete(path, name, prefix, where, saved, restored, missing, mismatched, strict)
+        _refuse_incomplete(setting, name, prefix, where, saved, restored, missing, mismatched, strict)
     mostly_new = restored and len(restored) * 2 < len(rows)  # a warm start that left most of the model as built
     log.log(
         logging.WARNING if mostly_new else logging.INFO,
         "%s%s from %s (its %s): restored %d variables, missing %d %s, mismatched %d %s, unexpected %d %s%s",
         purpose, "" if name is None else f" of {name}", prefix,
-        "model, a one-model run's" if where == "model" and name is not None else where,
+        f"{where}, a one-model run's" if where.split("/")[0] == "model" and name is not None else where,
         len(restored), len(missing), missing[:5], len(mismatched), mismatched[:5], len(unexpected), unexpected[:5],
         _mostly_new(len(restored), len(rows), mismatched) if mostly_new else "",
     )
-    _refuse_incomplete(path, name, prefix, where, saved, restored, missing, mismatched, strict)
+    _refuse_incomplete(setting, name, prefix, where, saved, restored, missing, mismatched, strict)
     return {"restored": restored, "missing": missing, "unexpected": unexpected, "mismatched": mismatched}
 
 
@@ -186,4 +247,4 @@ def warm_start_models(models: Mapping[str, keras.Model], targets: Mapping[Option
     (every variable, see warm_start)."""
     for name, path in targets.items():
         warm_start(next(iter(models.values())) if name is None else models[name], path, name=name,
-                   strict=name in frozen)
+                   strict=name in frozen, setting=_setting(path, name))

@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from trainer.config import ConfigError, PrecisionConfig
 from trainer.errors import UserError
+from trainer.float32_outputs import LOAD_NOTE, Float32Outputs  # its home before: `from trainer.precision import` works
 
 log = logging.getLogger(__name__)
 
@@ -85,34 +86,6 @@ def keep_layers_in_float32(model: keras.Model, class_names: Iterable[str]) -> Li
     return changed
 
 
-@keras.saving.register_keras_serializable(package="trainer")
-class Float32Outputs(keras.Model):
-    """Wraps a model whose outputs are float16/bfloat16 with a float32 linear activation. The original
-    is `.inner`; attributes the wrapper lacks (a GAN's `.generator`, say) are read from it."""
-
-    def __init__(self, inner: keras.Model, **kwargs):
-        super().__init__(name=kwargs.pop("name", f"{inner.name}_float32_outputs"), **kwargs)
-        self.inner = inner
-        self.to_float32 = keras.layers.Activation("linear", dtype="float32", name="float32_outputs")
-
-    def __getattr__(self, name):  # only for names the wrapper does not have
-        inner = self.__dict__.get("inner")
-        if inner is None or name.startswith("__"):
-            raise AttributeError(name)
-        return getattr(inner, name)
-
-    def call(self, inputs, training=None):
-        outputs = self.inner(inputs, training=training)
-        return tf.nest.map_structure(self.to_float32, outputs)
-
-    def get_config(self):
-        return {"name": self.name, "inner": keras.saving.serialize_keras_object(self.inner)}
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(keras.saving.deserialize_keras_object(config["inner"]), name=config.get("name"))
-
-
 def ensure_float32_outputs(model: keras.Model, outputs, strict: bool) -> keras.Model:
     """Returns `model` if all its outputs are float32, else the model wrapped to make them so.
 
@@ -132,9 +105,10 @@ def ensure_float32_outputs(model: keras.Model, outputs, strict: bool) -> keras.M
     log.warning(
         "Model %r outputs %s; appended a float32 linear activation so the loss is computed in float32: "
         "trainer.model is now a Float32Outputs wrapper, your model is trainer.model.inner (the wrapper "
-        "forwards its attributes). Give the last layer dtype='float32' to silence this.",
+        "forwards its attributes); %s. Give the last layer dtype='float32' to silence this.",
         model.name,
         bad,
+        LOAD_NOTE,
     )
     return Float32Outputs(model)
 

@@ -68,10 +68,45 @@ def is_run_folder(path: Path) -> bool:
     return config_path(path).is_file()
 
 
+# What a folder Trainer(run_dir=...) wrote from Python lacks, and each command's way round it.
+PYTHON_RUN = ("{path} was written by Trainer(run_dir=...) from Python: {what} no "
+              ".hydra/config.yaml, the recipe the command-line tools rebuild a model and its data from (a model "
+              "built in Python has none). Fix: {fix}")
+_RESTORE_LATER = ("for this folder later: build the model as before, then trainer.warm_start(model, \"{folder}\") "
+                  "restores its newest checkpoint")
+EXPORT_FROM_PYTHON = ("save the model as a .keras file from Python and give that file instead: "
+                      "trainer.model.save(\"model.keras\") after fit() (" + _RESTORE_LATER + ", then "
+                      "model.save(\"model.keras\")), e.g. python -m trainer.export model.keras --format onnx "
+                      "--out exported; or export from Python: trainer.model.export(\"model.onnx\", format=\"onnx\") "
+                      "(docs/concepts/checkpoints.md, Export).")
+SERVE_FROM_PYTHON = ("evaluate or predict from Python with your data: trainer.evaluate(data) or trainer.predict(x) on "
+                     "the Trainer that trained it (" + _RESTORE_LATER + ", and Trainer(model=model, loss=..., "
+                     "metrics=...).evaluate(data) uses it).")
+
+
 def not_a_run_folder(path, takes: str = "", fix: str = "give the folder a training run wrote (hydra.run.dir, e.g. "
-                     "runs/mnist/<date_time>)") -> RunNotFound:
-    """The one wording of "this path is no run folder" for every command; `takes`: what else it accepts."""
+                     "runs/mnist/<date_time>)", python_fix: Optional[str] = None) -> RunNotFound:
+    """The one wording of "this path is no run folder" for every command; `takes`: what else it accepts.
+    With `python_fix` (the command's way round), a folder the Python API wrote (or its checkpoints) is said as such."""
+    folder = python_run_of(Path(path)) if python_fix else None
+    if folder is not None:
+        what = ("it holds checkpoints, but" if Path(path).resolve() == folder.resolve() else
+                f"its folder {folder} holds checkpoints, but" if Path(path).name == "checkpoints" else
+                f"a checkpoint of {folder}, which holds")
+        return RunNotFound(PYTHON_RUN.format(path=path, what=what, fix=python_fix.format(folder=folder)))
     return RunNotFound(f"{path} is not a run folder (no .hydra/config.yaml){takes}. Fix: {fix}.")
+
+
+def python_run_of(path: Path) -> Optional[Path]:
+    """The folder Trainer(run_dir=...) wrote from Python (checkpoints/, no .hydra/config.yaml) that `path` is,
+    or whose checkpoints/ folder or ckpt-N prefix (best/ckpt-N too) it is; else None."""
+    if re.fullmatch(r"ckpt-\d+", path.name):
+        path = path.parent.parent if path.parent.name == "checkpoints" else path.parent.parent.parent
+    elif path.name == "checkpoints":
+        path = path.parent
+    checkpoints = path / "checkpoints"
+    held = checkpoints.is_dir() and (bool(list_checkpoints(checkpoints)) or (checkpoints / "configured.json").is_file())
+    return path if held and not is_run_folder(path) else None
 
 
 def checkpoint_name(prefix) -> str:
@@ -129,7 +164,8 @@ def find_run(source: Path) -> Tuple[Path, str]:
         for run in (source.parent.parent, source.parent.parent.parent):
             if is_run_folder(run):
                 return run, str(source)
-    raise not_a_run_folder(source, takes=", nor its checkpoints/ folder, a ckpt-N prefix or a .keras file")
+    raise not_a_run_folder(source, takes=", nor its checkpoints/ folder, a ckpt-N prefix or a .keras file",
+                           python_fix=EXPORT_FROM_PYTHON)
 
 
 def resolve_checkpoint(run: Path, which: str = "latest") -> Tuple[str, str]:
@@ -179,7 +215,7 @@ def load_run(run: str, which: str = "latest", overrides: Sequence[str] = ()) -> 
     """The run's config (with data.*/trainer.* `overrides`) and the checkpoint `which`."""
     folder = Path(run).expanduser()
     if not is_run_folder(folder):
-        raise not_a_run_folder(folder)
+        raise not_a_run_folder(folder, python_fix=SERVE_FROM_PYTHON)
     cfg = OmegaConf.load(config_path(folder))
     apply_overrides(cfg, overrides)
     prefix, name = resolve_checkpoint(folder, which)
@@ -340,6 +376,7 @@ def _load_keras_file(path: Path) -> Tuple[Any, Any]:
     import keras
     import tensorflow as tf
 
+    import trainer.float32_outputs  # noqa: F401  (registers trainer>Float32Outputs: a model saved under a mixed policy)
     import trainer.fused_elementwise  # noqa: F401  (registers trainer>LayerNormalization and trainer>gelu)
     import trainer.layers  # noqa: F401  (registers trainer>BatchNormalization, which the recipes' models hold)
 
