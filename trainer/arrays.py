@@ -272,6 +272,21 @@ KERAS_ELSEWHERE = {"initial_epoch": "Trainer(run_dir=...) resumes at its newest 
                    "callbacks": "Trainer(callbacks=[...])", "verbose": "Trainer(verbose=..., progress_bar=...)"}
 
 
+def check_batch_sizes(train_data, what: str = "fit", **sizes: Optional[int]) -> None:
+    """fit()'s batch_size and validation_batch_size: whole numbers >= 1 (fit(batch_size="32") failed deep inside);
+    batch_size with a tf.data.Dataset is refused, not ignored as Keras ignores it: the Dataset is batched already."""
+    for name, value in sizes.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+            raise DataError(f"{what}(): {name}={value!r} is not a whole number of examples >= 1. Fix: e.g. "
+                            f"{what}(..., {name}=32).")
+    if isinstance(train_data, tf.data.Dataset) and sizes.get("batch_size") is not None:
+        raise DataError(f"{what}(..., batch_size={sizes['batch_size']}): the data is a tf.data.Dataset, which is "
+                        "batched already: each of its elements is one batch, and batch_size would change nothing "
+                        "(Keras ignores it silently). Fix: drop batch_size, and batch the Dataset as you want it "
+                        "(ds.batch(...))" + ("; for validation arrays, validation_batch_size=..." if what == "fit"
+                                             else ""))
+
+
 def fit_arguments(train_data, eval_data, keywords: Mapping[str, Any]) -> tuple:
     """fit()'s (training data, second argument) with Keras' keywords x= and y=. eval_data= with arrays x
     (where the second argument is y) and Keras' keywords the Trainer takes elsewhere: a UserError saying so."""
@@ -302,6 +317,29 @@ def fit_arguments(train_data, eval_data, keywords: Mapping[str, Any]) -> tuple:
     return train_data, eval_data
 
 
+def evaluate_inputs(x, y, *, batch_size: Optional[int], sample_weight, seed: int):
+    """Trainer.evaluate's data as fit() takes it: evaluate(x, y[, sample_weight=w], batch_size=...) with arrays,
+    as Keras' evaluate; else one eval set (a Dataset, a function of an InputContext, (x, y[, w]) arrays) or a dict
+    name -> set, as fit()'s validation_data."""
+    check_batch_sizes(x, "evaluate", batch_size=batch_size)
+    batch = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
+    if y is not None:
+        if not is_array_like(x):
+            raise DataError(f"evaluate(x, y): with labels y, x must be arrays (as in Keras); it is a "
+                            f"{type(x).__name__}. Fix: evaluate(dataset) alone, its batches holding the labels.")
+        return eval_pipeline((x, _labels(y)) + (() if sample_weight is None else (sample_weight,)), batch, seed,
+                             "evaluate(x, y)")
+    if sample_weight is not None:
+        raise DataError("evaluate(..., sample_weight=...): sample weights go with arrays x and y. Fix: "
+                        "evaluate(x, y, sample_weight=w), or give them as the third element of each batch.")
+    if x is None:
+        raise TypeError("evaluate() missing the eval data (x and y arrays, a tf.data.Dataset, or a dict of sets)")
+    ready = lambda d: isinstance(d, tf.data.Dataset) or callable(d)  # noqa: E731
+    if ready(x) or (isinstance(x, dict) and all(ready(d) for d in x.values())):
+        return x  # as given: fit()'s own eval data keeps its identity (its eval limit, debug.eval_limit_of)
+    return eval_sets(x, batch, seed)
+
+
 @dataclass
 class FitInputs:
     """fit()'s data made ready: the train and eval data (one set, or a dict of named sets), and for arrays
@@ -327,6 +365,7 @@ def fit_inputs(memo: Optional[tuple], seed: int, train_data, eval_data, batch_si
                **keras_kwargs) -> tuple:
     """(memo, FitInputs) for fit()'s arguments. `memo` is the last call's: the same arguments give the same
     data objects, so a later fit() call goes on with the iterator the last one left (inputs.KeptIterator)."""
+    check_batch_sizes(train_data, batch_size=batch_size, validation_batch_size=keras_kwargs["validation_batch_size"])
     key = (train_data, eval_data, batch_size, *keras_kwargs.values())
     if memo is not None and len(memo[0]) == len(key) and all(_same(a, b) for a, b in zip(memo[0], key)):
         return memo

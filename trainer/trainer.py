@@ -19,10 +19,10 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
 import keras
 import tensorflow as tf
 
-from trainer import auto_precision, components, debug, ema, evalsets, saved, signals, step_functions
+from trainer import auto_precision, components, debug, ema, evalsets, keras_compat, saved, signals, step_functions
 from trainer import loop as loop_lib
 from trainer import precision as precision_lib
-from trainer.arrays import fit_arguments, fit_inputs
+from trainer.arrays import evaluate_inputs, fit_arguments, fit_inputs
 from trainer.callbacks import (Callback, CallbackList, Checkpointing, DivergenceGuard, NumericalError, XlaChoice,
                                callback_list, loop_host_callbacks)
 from trainer.callbacks.base import callback_objects
@@ -121,6 +121,8 @@ class Trainer(Step):
             self.models: Dict[str, keras.Model] = components.make_models(model, models)
             if model is not None and self.models.get("model") is model:  # ready-made: built before the Trainer
                 components.check_ready_made_model(model, self.precision.policy, self.strategy, strategy is not None)
+            loss, optimizer, optimizers, metrics = keras_compat.keras_arguments(  # Keras' names; a compiled model's
+                self.models, model is not None, loss, optimizer, optimizers, metrics)
             self.frozen = components.freeze(frozen, self.models, optimizers)  # docs/research.md, Frozen models
             self._frozen_builders, self._random_frozen = components.frozen_builders(models, self.frozen), []
             trained = [n for n in self.models if n not in self.frozen]
@@ -362,12 +364,14 @@ class Trainer(Step):
         self.last_train_logs = logs
         return logs
 
-    def evaluate(self, eval_data: DataArg, *, steps: Optional[int] = None, step: Optional[int] = None,
-                 callbacks: Optional[CallbackList] = None) -> Dict[str, float]:
+    def evaluate(self, eval_data: Any = None, y=None, *, steps: Optional[int] = None, step: Optional[int] = None,
+                 callbacks: Optional[CallbackList] = None, batch_size: Optional[int] = None,
+                 sample_weight=None) -> Dict[str, float]:
         """Computes the loss and metrics (and an overridden test_step's logs) over the whole eval set, or each of a
         dict name -> set (logged `<name>/<metric>`: evalsets.py); `steps` batches, else eval_steps /
         limit_eval_batches, fast_dev_run's few (trainer/debug.py). With an optimizer's use_ema=True, of the
-        averaged weights (see ema.py)."""
+        averaged weights (see ema.py). Arrays as Keras' evaluate(x, y, batch_size=, sample_weight=) (arrays.py)."""
+        eval_data = evaluate_inputs(eval_data, y, batch_size=batch_size, sample_weight=sample_weight, seed=self.seed)
         if not steps:
             steps = debug.eval_limit_of(eval_data, self.config, self.strategy, self._fit_eval_limit)
         evaluating, self._evaluating = self._evaluating, True
