@@ -4,12 +4,15 @@ through the public API; Keras' own model.evaluate is the reference."""
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import SKIP_TEARDOWN
 from trainer import Trainer
 from trainer.errors import UserError
 
@@ -112,6 +115,7 @@ def test_evaluate_takes_arrays_as_fit_does():
     dataset = trainer.evaluate(tf.data.Dataset.from_tensor_slices((xv, yv)).batch(32))
     assert trainer.evaluate((xv, yv)) == pytest.approx(dataset)
     assert trainer.evaluate(xv, yv, batch_size=7) == pytest.approx(dataset, rel=1e-5)
+    assert trainer.evaluate(x=xv, y=yv) == pytest.approx(dataset)  # Keras' keywords
     w = (yv == 1).astype("float32")
     as_validation = trainer.evaluate((xv, yv, w))
     assert trainer.evaluate(xv, yv, sample_weight=w) == pytest.approx(as_validation)
@@ -144,6 +148,7 @@ def test_what_cannot_be_taken_is_refused_at_construction_with_the_fix(make, said
     (lambda t, x, y, ds: t.evaluate(ds, batch_size=64), "the data is a tf.data.Dataset, which is batched already"),
     (lambda t, x, y, ds: t.evaluate(ds, y), "with labels y, x must be arrays"),
     (lambda t, x, y, ds: t.evaluate(x, sample_weight=y), "sample weights go with arrays x and y"),
+    (lambda t, x, y, ds: t.evaluate(x, y[:10]), "evaluate(): the arrays have different numbers of examples"),
 ])
 def test_batch_sizes_and_evaluate_arguments_are_checked_before_anything_runs(call, said):
     x, y = arrays()
@@ -152,3 +157,77 @@ def test_batch_sizes_and_evaluate_arguments_are_checked_before_anything_runs(cal
         call(trainer, x, y, tf.data.Dataset.from_tensor_slices((x, y)).batch(32))
     assert said in str(raised.value), str(raised.value)
     assert trainer.traces == {"train": 0, "eval": 0}
+
+
+def test_a_run_with_the_compiled_optimizer_resumes_as_a_straight_run_and_warm_starts_weights_only(tmp_path):
+    x, y = arrays(512)
+    run = dict(**QUIET, seed=1, checkpoint_every=5)
+    straight = Trainer(model=compiled(), **run)
+    straight.fit(x, y, steps=10, batch_size=32)
+    Trainer(model=compiled(), run_dir=tmp_path / "run", **run).fit(x, y, steps=5, batch_size=32)
+    resumed = Trainer(model=compiled(), run_dir=tmp_path / "run", **run)  # model.optimizer is the `optimizer` root
+    resumed.fit(x, y, steps=10, batch_size=32)
+    assert resumed.weights_fingerprint() == straight.weights_fingerprint()
+    assert int(resumed.optimizer.iterations.numpy()) == 10
+    warm = compiled()
+    Trainer(model=warm, init_from=tmp_path / "run", **QUIET).fit(x, y, steps=2, batch_size=32)
+    assert int(warm.optimizer.iterations.numpy()) == 2  # the weights only, not the run's optimizer state
+
+
+def test_a_model_made_for_mixed_float16_trains_with_loss_scaling_or_is_refused(caplog):
+    x, y = arrays()
+    keras.mixed_precision.set_dtype_policy("mixed_float16")  # as Keras' guide: the policy, then build and compile
+    m = compiled()
+    assert isinstance(m.optimizer, keras.optimizers.LossScaleOptimizer)
+    with pytest.raises(UserError, match=r'Fix: Trainer\(precision="mixed_float16"\)') as raised:
+        Trainer(model=m, precision="float32", **QUIET)
+    assert "LossScaleOptimizer" in str(raised.value) and "without loss scaling" in str(raised.value)
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        trainer = Trainer(model=m, **QUIET)  # no precision given: the model's
+    assert trainer.precision.policy == "mixed_float16" and "Training in precision mixed_float16" in caplog.text
+    trainer.fit(x, y, steps=3)
+    assert trainer.updaters["model"].loss_scale.mode == "dynamic"
+    assert trainer.optimizer is m.optimizer.inner_optimizer
+    keras.mixed_precision.set_dtype_policy("mixed_float16")
+    uncompiled = model()  # float16 layers alone say it too
+    keras.mixed_precision.set_dtype_policy("float32")
+    with pytest.raises(UserError, match="its layers compute in float16"):
+        Trainer(model=uncompiled, loss="sparse_categorical_crossentropy", optimizer="adam",
+                precision="mixed_bfloat16", **QUIET)
+
+
+COMPILED_UNDER_TWO_REPLICAS = """
+import keras, numpy as np, tensorflow as tf
+tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
+                                           [tf.config.LogicalDeviceConfiguration()] * 2)
+from trainer import Trainer
+from trainer.errors import UserError
+rng = np.random.default_rng(0)
+y = rng.integers(0, 3, 256).astype("int32"); x = rng.normal(size=(256, 4)).astype("float32")
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+def compile_(m):
+    m.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
+with strategy.scope():
+    outside = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+compile_(outside)
+try:
+    Trainer(model=outside, strategy=strategy, progress_bar=False)
+except UserError as e:
+    print("REFUSED", type(e).__name__, e)
+with strategy.scope():
+    inside = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    compile_(inside)
+t = Trainer(model=inside, strategy=strategy, progress_bar=False)
+t.fit(x, y, steps=4, batch_size=32)
+print("ITERATIONS", int(inside.optimizer.iterations.numpy()), int(t.step.numpy()))
+"""
+
+
+@pytest.mark.slow  # a process with 2 logical CPUs
+def test_a_compiled_optimizer_made_outside_the_strategy_scope_is_refused_with_compile_in_the_fix(tmp_path):
+    script = tmp_path / "two.py"
+    script.write_text(COMPILED_UNDER_TWO_REPLICAS + SKIP_TEARDOWN)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REFUSED StrategyError" in result.stdout and "call model.compile() under strategy.scope()" in result.stdout
+    assert "ITERATIONS 4 4" in result.stdout  # compiled under the scope: one count per update

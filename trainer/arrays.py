@@ -52,15 +52,16 @@ def as_arrays(data: Any) -> Any:
     return _as_array(data)
 
 
-def length(parts: Mapping[str, Any]) -> int:
-    """The examples in each of `parts` (name -> nested arrays), which must agree; a DataError names them."""
+def length(parts: Mapping[str, Any], caller: str = "fit()") -> int:
+    """The examples in each of `parts` (name -> nested arrays), which must agree; a DataError names them (and
+    the `caller`, fit() or evaluate())."""
     lengths = {}
     for name, value in parts.items():
         if value is not None:
             for i, array in enumerate(tf.nest.flatten(value)):
                 lengths[name if len(tf.nest.flatten(value)) == 1 else f"{name}[{i}]"] = len(array) if array.ndim else 0
     if len(set(lengths.values())) > 1:
-        raise DataError("fit(): the arrays have different numbers of examples: "
+        raise DataError(f"{caller}: the arrays have different numbers of examples: "
                         + ", ".join(f"{k} {v}" for k, v in lengths.items())
                         + ". Fix: give one row per example in each (the first axis is the examples).")
     return next(iter(lengths.values()), 0)
@@ -154,13 +155,13 @@ class ArrayInputs:
     batch_size: int
 
 
-def eval_pipeline(data: Any, batch_size: int, seed: int, what: str) -> DatasetFn:
+def eval_pipeline(data: Any, batch_size: int, seed: int, what: str, caller: str = "fit()") -> DatasetFn:
     """(x, y) or (x, y, sample_weight) arrays -> an eval DatasetFn (the partial last batch kept)."""
     if not isinstance(data, (tuple, list)) or len(data) not in (2, 3):
         raise DataError(f"{what} is {type(data).__name__}; give (x, y) or (x, y, sample_weight) arrays, as in Keras, "
                         "or a tf.data.Dataset.")
     x, y, weight = (*as_arrays(tuple(data)), None)[:3]
-    length({f"{what} x": x, f"{what} y": y, f"{what} sample_weight": weight})
+    length({f"{what} x": x, f"{what} y": y, f"{what} sample_weight": weight}, caller)
     return classification_pipeline(x, y, sample_weight=weight, global_batch_size=batch_size, seed=seed, training=False)
 
 
@@ -228,20 +229,20 @@ def from_arrays(x, y=None, *, batch_size: Optional[int], seed: int, sample_weigh
     return ArrayInputs(train, eval_fn, n, batch_size)
 
 
-def eval_set(data: Any, batch_size: int, seed: int, what: str):
+def eval_set(data: Any, batch_size: int, seed: int, what: str, caller: str = "fit()"):
     """One eval set as fit() takes it: a Dataset or DatasetFn as it is, arrays (x, y[, w]) as a pipeline."""
     if isinstance(data, tf.data.Dataset) or callable(data):
         return data
-    return eval_pipeline(data, batch_size, seed, what)
+    return eval_pipeline(data, batch_size, seed, what, caller)
 
 
-def eval_sets(data: Any, batch_size: int, seed: int) -> Any:
+def eval_sets(data: Any, batch_size: int, seed: int, caller: str = "fit()") -> Any:
     """None, one eval set, or a dict name -> eval set (several), each made ready by eval_set."""
     if data is None:
         return None
     if isinstance(data, dict):
-        return {name: eval_set(d, batch_size, seed, f"eval set {name!r}") for name, d in data.items()}
-    return eval_set(data, batch_size, seed, "the eval data")
+        return {name: eval_set(d, batch_size, seed, f"eval set {name!r}", caller) for name, d in data.items()}
+    return eval_set(data, batch_size, seed, "the eval data", caller)
 
 
 def named(eval_data: Optional[dict], validation: Optional[Any]) -> Any:
@@ -317,10 +318,13 @@ def fit_arguments(train_data, eval_data, keywords: Mapping[str, Any]) -> tuple:
     return train_data, eval_data
 
 
-def evaluate_inputs(x, y, *, batch_size: Optional[int], sample_weight, seed: int):
+def evaluate_inputs(eval_data, y, *, x=None, batch_size: Optional[int], sample_weight, seed: int):
     """Trainer.evaluate's data as fit() takes it: evaluate(x, y[, sample_weight=w], batch_size=...) with arrays,
     as Keras' evaluate; else one eval set (a Dataset, a function of an InputContext, (x, y[, w]) arrays) or a dict
-    name -> set, as fit()'s validation_data."""
+    name -> set, as fit()'s validation_data. `x`: evaluate(x=..., y=...), Keras' keyword."""
+    if x is not None and eval_data is not None:
+        raise TypeError("evaluate() got x twice: as its first argument and as x=")
+    x = eval_data if x is None else x
     check_batch_sizes(x, "evaluate", batch_size=batch_size)
     batch = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
     if y is not None:
@@ -328,7 +332,7 @@ def evaluate_inputs(x, y, *, batch_size: Optional[int], sample_weight, seed: int
             raise DataError(f"evaluate(x, y): with labels y, x must be arrays (as in Keras); it is a "
                             f"{type(x).__name__}. Fix: evaluate(dataset) alone, its batches holding the labels.")
         return eval_pipeline((x, _labels(y)) + (() if sample_weight is None else (sample_weight,)), batch, seed,
-                             "evaluate(x, y)")
+                             "evaluate(x, y)", "evaluate()")
     if sample_weight is not None:
         raise DataError("evaluate(..., sample_weight=...): sample weights go with arrays x and y. Fix: "
                         "evaluate(x, y, sample_weight=w), or give them as the third element of each batch.")
@@ -337,7 +341,7 @@ def evaluate_inputs(x, y, *, batch_size: Optional[int], sample_weight, seed: int
     ready = lambda d: isinstance(d, tf.data.Dataset) or callable(d)  # noqa: E731
     if ready(x) or (isinstance(x, dict) and all(ready(d) for d in x.values())):
         return x  # as given: fit()'s own eval data keeps its identity (its eval limit, debug.eval_limit_of)
-    return eval_sets(x, batch, seed)
+    return eval_sets(x, batch, seed, "evaluate()")
 
 
 @dataclass

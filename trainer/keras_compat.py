@@ -13,7 +13,6 @@ import logging
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import keras
-from keras.src.losses.losses import LossFunctionWrapper  # what compile() wraps a loss function in (not exported)
 
 from trainer.config import ConfigError
 
@@ -52,6 +51,37 @@ def crossentropy_by_shape(y_true, y_pred):
     if is_sparse:
         return keras.losses.sparse_categorical_crossentropy(y_true, y_pred)
     return keras.losses.categorical_crossentropy(y_true, y_pred)
+
+
+def _same_rank(y_true, y_pred):
+    """Keras' rule (losses/loss.py squeeze_or_expand_to_same_rank) for a loss function compile() wraps: a last
+    axis of 1 on one side only is squeezed, or the other side's rank-1 tensor expanded to match it."""
+    true_rank, pred_rank = len(y_true.shape), len(y_pred.shape)
+    if true_rank == pred_rank + 1 and y_true.shape[-1] == 1:
+        if pred_rank == 1:
+            return y_true, keras.ops.expand_dims(y_pred, -1)
+        return keras.ops.squeeze(y_true, -1), y_pred
+    if pred_rank == true_rank + 1 and y_pred.shape[-1] == 1:
+        if true_rank == 1:
+            return keras.ops.expand_dims(y_true, -1), y_pred
+        return y_true, keras.ops.squeeze(y_pred, -1)
+    return y_true, y_pred
+
+
+class FunctionLoss(keras.losses.Loss):
+    """A loss function (y_true, y_pred) as compile() wraps one (Keras' LossFunctionWrapper, which Keras does
+    not export): labels of shape (batch,) and outputs (batch, 1) brought to one rank first, per-example values
+    (reduction None: the step averages over the global batch). Its copies hold the same function object."""
+
+    def __init__(self, fn, name: Optional[str] = None, reduction=None, dtype=None):
+        super().__init__(name=name or getattr(fn, "__name__", None), reduction=reduction, dtype=dtype)
+        self.fn = fn
+
+    def call(self, y_true, y_pred):
+        return self.fn(*_same_rank(y_true, y_pred))
+
+    def get_config(self) -> Dict[str, Any]:
+        return {**super().get_config(), "fn": self.fn}
 
 
 class FunctionMetric(keras.metrics.MeanMetricWrapper):
@@ -153,7 +183,7 @@ def loss_of(loss, where: str = "Trainer(loss=...)"):
     if loss is None or isinstance(loss, keras.losses.Loss):
         return loss
     if isinstance(loss, str) and loss.lower() in ("crossentropy", "ce"):
-        return LossFunctionWrapper(crossentropy_by_shape, name=loss, reduction=None)
+        return FunctionLoss(crossentropy_by_shape, name=loss)
     if isinstance(loss, str) or (isinstance(loss, Mapping) and "class_name" in loss):
         try:
             made = keras.losses.get(loss)
@@ -165,7 +195,7 @@ def loss_of(loss, where: str = "Trainer(loss=...)"):
         if isinstance(made, keras.losses.Loss):
             return made  # its reduction is replaced by per-example (components.per_example_loss)
         # as compile() wraps a function: labels of shape (batch,) and outputs (batch, 1) are brought to one rank
-        return LossFunctionWrapper(made, name=loss if isinstance(loss, str) else None, reduction=None)
+        return FunctionLoss(made, name=loss if isinstance(loss, str) else None)
     if isinstance(loss, (Mapping, list, tuple)) or hasattr(loss, "keys"):  # a Keras model's tracked DictWrapper too
         raise ConfigError(f"{where}: a loss per output ({type(loss).__name__} {_shown(loss)}) is not supported: "
                           f"the default step computes one loss from the labels and the outputs. {PER_OUTPUT_FIX}")

@@ -67,7 +67,8 @@ class Trainer(Step):
         active under training=True).
       strategy: a tf.distribute.Strategy (default: TensorFlow's current/default strategy).
       precision: a policy name ("float32", "mixed_float16", "mixed_bfloat16", "auto"), a PrecisionConfig, a
-        dict of its fields, or a Keras dtype policy (keras.mixed_precision.Policy: by its name).
+        dict of its fields, or a Keras dtype policy (keras.mixed_precision.Policy: by its name). Default float32,
+        or mixed_float16 for a ready-made model made under that policy (precision.for_ready_made).
       run_dir: where metrics.jsonl, checkpoints/ and tensorboard/ go; None: nothing is written.
       callbacks: extra Callback objects, or one (the progress bar is added from `config`); Keras' callbacks are
         refused, naming the Trainer's way (trainer/other_tools.py).
@@ -83,7 +84,7 @@ class Trainer(Step):
                  metrics: Union[Sequence[Any], Mapping[str, Any], None] = None, *,
                  models=None, optimizers: Optional[Mapping[str, Any]] = None, frozen: Iterable[str] = (),
                  strategy: Optional[tf.distribute.Strategy] = None,
-                 precision: Union[str, PrecisionConfig, Mapping[str, Any], keras.DTypePolicy] = "float32",
+                 precision: Union[str, PrecisionConfig, Mapping[str, Any], keras.DTypePolicy, None] = None,
                  run_dir: Union[str, Path, None] = None, callbacks: Union[Callback, Iterable[Callback], None] = (),
                  loggers: Union[Callback, Iterable[Callback], None] = None,
                  config: Optional[TrainerConfig] = None, seed: int = 0, clipnorm: Optional[float] = None,
@@ -94,12 +95,13 @@ class Trainer(Step):
         self.config = dataclasses.replace(config or TrainerConfig(), **options)
         check_batches_per_step(type(self), self.config)  # before any data or model is built
         show_logs_unless_configured(self.config.verbose)  # construction logs (the optimizer's kernels) show too
-        self.precision = PrecisionConfig(policy=precision) if isinstance(precision, str) else precision
+        self.precision = precision_lib.precision_config("float32" if precision is None else precision)
         self.strategy = strategy or tf.distribute.get_strategy()
         # fast_dev_run writes nothing and reads no checkpoint: as if there were no run folder (trainer/debug.py)
         self.run_dir = Path(run_dir) if run_dir is not None and not self.config.fast_dev_run else None
         # policy=auto: this machine's answer, or on a resume the policy the run trained in
         self.precision = auto_precision.resolve(self.precision, self.strategy, run_dir=self.run_dir)
+        self.precision = precision_lib.for_ready_made(model, self.precision, given=precision is not None)
         if isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
             signals.reclaim_sigterm_from_tensorflow()  # its coordination service's handler swallows SIGTERM
         self.is_chief, self.seed, self.clipnorm = is_chief, seed, clipnorm
@@ -366,12 +368,13 @@ class Trainer(Step):
 
     def evaluate(self, eval_data: Any = None, y=None, *, steps: Optional[int] = None, step: Optional[int] = None,
                  callbacks: Optional[CallbackList] = None, batch_size: Optional[int] = None,
-                 sample_weight=None) -> Dict[str, float]:
+                 sample_weight=None, x=None) -> Dict[str, float]:
         """Computes the loss and metrics (and an overridden test_step's logs) over the whole eval set, or each of a
         dict name -> set (logged `<name>/<metric>`: evalsets.py); `steps` batches, else eval_steps /
         limit_eval_batches, fast_dev_run's few (trainer/debug.py). With an optimizer's use_ema=True, of the
-        averaged weights (see ema.py). Arrays as Keras' evaluate(x, y, batch_size=, sample_weight=) (arrays.py)."""
-        eval_data = evaluate_inputs(eval_data, y, batch_size=batch_size, sample_weight=sample_weight, seed=self.seed)
+        averaged weights (see ema.py). Arrays as Keras' evaluate(x=, y=, batch_size=, sample_weight=) (arrays.py)."""
+        eval_data = evaluate_inputs(eval_data, y, x=x, batch_size=batch_size, sample_weight=sample_weight,
+                                    seed=self.seed)
         if not steps:
             steps = debug.eval_limit_of(eval_data, self.config, self.strategy, self._fit_eval_limit)
         evaluating, self._evaluating = self._evaluating, True
