@@ -111,14 +111,18 @@ def test_rejects_unknown_option():
         make_trainer(no_such_option=1)
 
 
-def test_a_metric_given_by_name_as_in_keras_compile_says_what_to_give():
-    """Keras' compile takes metrics=["accuracy"] and picks the accuracy from the loss; the Trainer takes metric
-    objects: a name is a clear error naming the fix, not an AttributeError from inside."""
+def test_a_metric_given_by_name_as_in_keras_compile_is_taken_and_an_unknown_name_says_what_to_give():
+    """Keras' compile takes metrics=["accuracy"] and picks the accuracy from the shapes; so does the Trainer
+    (tests/test_keras_compat.py). A name Keras does not know is a clear error naming the fix, not an
+    AttributeError from inside."""
     from trainer.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"'accuracy' is not a Keras metric.*SparseCategoricalAccuracy"):
+    trainer = Trainer(model=TinyNet, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      optimizer=lambda: keras.optimizers.Adam(1e-2), metrics=["accuracy"])
+    assert list(trainer.train_metrics) == ["accuracy"]
+    with pytest.raises(ConfigError, match=r"'accuracyy' is not a Keras metric name.*SparseCategoricalAccuracy"):
         Trainer(model=TinyNet, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                optimizer=lambda: keras.optimizers.Adam(1e-2), metrics=["accuracy"])
+                optimizer=lambda: keras.optimizers.Adam(1e-2), metrics=["accuracyy"])
 
 
 def test_example_script_trains_a_custom_model(tmp_path):

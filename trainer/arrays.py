@@ -69,8 +69,9 @@ def check_not_pairs(x: Any, argument: str = "x") -> None:
             "fit(tf.data.Dataset.from_tensor_slices((xs, ys)).batch(32)).")
 
 
-def length(parts: Mapping[str, Any]) -> int:
-    """The examples in each of `parts` (name -> nested arrays), which must agree; a DataError names them."""
+def length(parts: Mapping[str, Any], caller: str = "fit()") -> int:
+    """The examples in each of `parts` (name -> nested arrays), which must agree; a DataError names them (and
+    the `caller`, fit() or evaluate())."""
     lengths = {}
     for name, value in parts.items():
         if value is not None:
@@ -79,7 +80,7 @@ def length(parts: Mapping[str, Any]) -> int:
     if len(set(lengths.values())) > 1:
         listed = [f"{k} {v}" for k, v in lengths.items()]
         more = f", ... ({len(listed)} arrays)" if len(listed) > SHOWN_ARRAYS else ""
-        raise DataError("fit(): the arrays have different numbers of examples: " + ", ".join(listed[:SHOWN_ARRAYS])
+        raise DataError(f"{caller}: the arrays have different numbers of examples: " + ", ".join(listed[:SHOWN_ARRAYS])
                         + more + ". Fix: give one row per example in each (the first axis is the examples).")
     return next(iter(lengths.values()), 0)
 
@@ -172,13 +173,13 @@ class ArrayInputs:
     batch_size: int
 
 
-def eval_pipeline(data: Any, batch_size: int, seed: int, what: str) -> DatasetFn:
+def eval_pipeline(data: Any, batch_size: int, seed: int, what: str, caller: str = "fit()") -> DatasetFn:
     """(x, y) or (x, y, sample_weight) arrays -> an eval DatasetFn (the partial last batch kept)."""
     if not isinstance(data, (tuple, list)) or len(data) not in (2, 3):
         raise DataError(f"{what} is {type(data).__name__}; give (x, y) or (x, y, sample_weight) arrays, as in Keras, "
                         "or a tf.data.Dataset.")
     x, y, weight = (*as_arrays(tuple(data)), None)[:3]
-    length({f"{what} x": x, f"{what} y": y, f"{what} sample_weight": weight})
+    length({f"{what} x": x, f"{what} y": y, f"{what} sample_weight": weight}, caller)
     return classification_pipeline(x, y, sample_weight=weight, global_batch_size=batch_size, seed=seed, training=False)
 
 
@@ -247,20 +248,20 @@ def from_arrays(x, y=None, *, batch_size: Optional[int], seed: int, sample_weigh
     return ArrayInputs(train, eval_fn, n, batch_size)
 
 
-def eval_set(data: Any, batch_size: int, seed: int, what: str):
+def eval_set(data: Any, batch_size: int, seed: int, what: str, caller: str = "fit()"):
     """One eval set as fit() takes it: a Dataset or DatasetFn as it is, arrays (x, y[, w]) as a pipeline."""
     if isinstance(data, tf.data.Dataset) or callable(data):
         return data
-    return eval_pipeline(data, batch_size, seed, what)
+    return eval_pipeline(data, batch_size, seed, what, caller)
 
 
-def eval_sets(data: Any, batch_size: int, seed: int) -> Any:
+def eval_sets(data: Any, batch_size: int, seed: int, caller: str = "fit()") -> Any:
     """None, one eval set, or a dict name -> eval set (several), each made ready by eval_set."""
     if data is None:
         return None
     if isinstance(data, dict):
-        return {name: eval_set(d, batch_size, seed, f"eval set {name!r}") for name, d in data.items()}
-    return eval_set(data, batch_size, seed, "the eval data")
+        return {name: eval_set(d, batch_size, seed, f"eval set {name!r}", caller) for name, d in data.items()}
+    return eval_set(data, batch_size, seed, "the eval data", caller)
 
 
 def named(eval_data: Optional[dict], validation: Optional[Any]) -> Any:
@@ -289,6 +290,21 @@ def kwargs_for_arrays(**given: Dict[str, Any]) -> None:
 KERAS_ELSEWHERE = {"initial_epoch": "Trainer(run_dir=...) resumes at its newest checkpoint's step",
                    "validation_steps": "Trainer(eval_steps=...)", "validation_freq": "Trainer(eval_every=...)",
                    "callbacks": "Trainer(callbacks=[...])", "verbose": "Trainer(verbose=..., progress_bar=...)"}
+
+
+def check_batch_sizes(train_data, what: str = "fit", **sizes: Optional[int]) -> None:
+    """fit()'s batch_size and validation_batch_size: whole numbers >= 1 (fit(batch_size="32") failed deep inside);
+    batch_size with a tf.data.Dataset is refused, not ignored as Keras ignores it: the Dataset is batched already."""
+    for name, value in sizes.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+            raise DataError(f"{what}(): {name}={value!r} is not a whole number of examples >= 1. Fix: e.g. "
+                            f"{what}(..., {name}=32).")
+    if isinstance(train_data, tf.data.Dataset) and sizes.get("batch_size") is not None:
+        raise DataError(f"{what}(..., batch_size={sizes['batch_size']}): the data is a tf.data.Dataset, which is "
+                        "batched already: each of its elements is one batch, and batch_size would change nothing "
+                        "(Keras ignores it silently). Fix: drop batch_size, and batch the Dataset as you want it "
+                        "(ds.batch(...))" + ("; for validation arrays, validation_batch_size=..." if what == "fit"
+                                             else ""))
 
 
 def fit_arguments(train_data, eval_data, keywords: Mapping[str, Any], fit: Callable) -> tuple:
@@ -324,6 +340,32 @@ def fit_arguments(train_data, eval_data, keywords: Mapping[str, Any], fit: Calla
     return train_data, eval_data
 
 
+def evaluate_inputs(eval_data, y, *, x=None, batch_size: Optional[int], sample_weight, seed: int):
+    """Trainer.evaluate's data as fit() takes it: evaluate(x, y[, sample_weight=w], batch_size=...) with arrays,
+    as Keras' evaluate; else one eval set (a Dataset, a function of an InputContext, (x, y[, w]) arrays) or a dict
+    name -> set, as fit()'s validation_data. `x`: evaluate(x=..., y=...), Keras' keyword."""
+    if x is not None and eval_data is not None:
+        raise TypeError("evaluate() got x twice: as its first argument and as x=")
+    x = eval_data if x is None else x
+    check_batch_sizes(x, "evaluate", batch_size=batch_size)
+    batch = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
+    if y is not None:
+        if not is_array_like(x):
+            raise DataError(f"evaluate(x, y): with labels y, x must be arrays (as in Keras); it is a "
+                            f"{type(x).__name__}. Fix: evaluate(dataset) alone, its batches holding the labels.")
+        return eval_pipeline((x, _labels(y)) + (() if sample_weight is None else (sample_weight,)), batch, seed,
+                             "evaluate(x, y)", "evaluate()")
+    if sample_weight is not None:
+        raise DataError("evaluate(..., sample_weight=...): sample weights go with arrays x and y. Fix: "
+                        "evaluate(x, y, sample_weight=w), or give them as the third element of each batch.")
+    if x is None:
+        raise TypeError("evaluate() missing the eval data (x and y arrays, a tf.data.Dataset, or a dict of sets)")
+    ready = lambda d: isinstance(d, tf.data.Dataset) or callable(d)  # noqa: E731
+    if ready(x) or (isinstance(x, dict) and all(ready(d) for d in x.values())):
+        return x  # as given: fit()'s own eval data keeps its identity (its eval limit, debug.eval_limit_of)
+    return eval_sets(x, batch, seed, "evaluate()")
+
+
 @dataclass
 class FitInputs:
     """fit()'s data made ready: the train and eval data (one set, or a dict of named sets), and for arrays
@@ -350,6 +392,7 @@ def fit_inputs(memo: Optional[tuple], seed: int, train_data, eval_data, batch_si
                **keras_kwargs) -> tuple:
     """(memo, FitInputs) for fit()'s arguments. `memo` is the last call's: the same arguments give the same
     data objects, so a later fit() call goes on with the iterator the last one left (inputs.KeptIterator)."""
+    check_batch_sizes(train_data, batch_size=batch_size, validation_batch_size=keras_kwargs["validation_batch_size"])
     key = (train_data, eval_data, batch_size, *keras_kwargs.values())
     if memo is not None and len(memo[0]) == len(key) and all(_same(a, b) for a, b in zip(memo[0], key)):
         return memo

@@ -192,7 +192,8 @@ def make_optimizers(optimizer, optimizers, model_names, strategy=None) -> Dict[s
                 f"Optimizer {name!r} was made outside the strategy's scope: its step counter `iterations` is not "
                 "mirrored, and every replica would add its update to it (2 replicas: twice per update), so "
                 "learning-rate schedules and Adam's bias correction would run ahead. Fix: pass a function that "
-                "builds it (optimizer=lambda: keras.optimizers.Adam(...)), or make it under strategy.scope().")
+                "builds it (optimizer=lambda: keras.optimizers.Adam(...)), or make it under strategy.scope(), or "
+                "call model.compile() under strategy.scope() (a compiled model's optimizer).")
     return made
 
 

@@ -54,6 +54,29 @@ def set_policy(policy: str) -> None:
     keras.mixed_precision.set_dtype_policy(policy)
 
 
+def for_ready_made(model, precision: PrecisionConfig, given: bool) -> PrecisionConfig:
+    """A model made under Keras' mixed_float16 policy (its compile() optimizer a LossScaleOptimizer, or float16
+    layers) trains in float16: under another policy of the Trainer its gradients would go unscaled (float16
+    underflows them to zero, silently). Not `given` a precision, the Trainer takes mixed_float16 (said at INFO),
+    whose loss scale replaces compile()'s; given another, a PrecisionError names the fix."""
+    if not isinstance(model, keras.Model) or precision.policy == "mixed_float16":
+        return precision
+    if isinstance(getattr(model, "optimizer", None), keras.optimizers.LossScaleOptimizer):
+        why = "its compile() optimizer is a LossScaleOptimizer (compiled under the mixed_float16 policy)"
+    elif any(layer.compute_dtype == "float16" for layer in _layers(model)):
+        why = "its layers compute in float16 (built under the mixed_float16 policy)"
+    else:
+        return precision
+    if not given:
+        log.info("The model was made for mixed precision: %s. Training in precision mixed_float16, with the "
+                 "Trainer's loss scaling (Trainer(precision=...) chooses another).", why)
+        return dataclasses.replace(precision, policy="mixed_float16")
+    raise PrecisionError(
+        f"The model was made for mixed_float16: {why}. With Trainer(precision={precision.policy!r}) it would train "
+        "in float16 without loss scaling (small gradients underflow to zero). Fix: Trainer(precision="
+        "\"mixed_float16\"), or build (and compile) the model under the policy the Trainer is given.")
+
+
 def compute_dtype(policy: str) -> tf.DType:
     return {"float32": tf.float32, "mixed_float16": tf.float16, "mixed_bfloat16": tf.bfloat16}[policy]
 

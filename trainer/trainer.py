@@ -19,11 +19,12 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
 import keras
 import tensorflow as tf
 
-from trainer import auto_precision, components, debug, ema, evalsets, metric_attributes, saved, signals, step_functions
+from trainer import (auto_precision, components, debug, ema, evalsets, keras_compat, metric_attributes, saved, signals,
+                     step_functions)
 from trainer import loop as loop_lib
 from trainer import loss_fit
 from trainer import precision as precision_lib
-from trainer.arrays import fit_arguments, fit_inputs
+from trainer.arrays import evaluate_inputs, fit_arguments, fit_inputs
 from trainer.callbacks import (Callback, CallbackList, Checkpointing, DivergenceGuard, NumericalError, XlaChoice,
                                callback_list, loop_host_callbacks)
 from trainer.callbacks.base import callback_objects
@@ -70,7 +71,8 @@ class Trainer(Step):
       strategy: a tf.distribute.Strategy, or as the CLI names it: "mirrored", {"name": "mirrored", "logical_cpus": 2}
         (distribute.strategy_argument); default: TensorFlow's current strategy.
       precision: a policy name ("float32", "mixed_float16", "mixed_bfloat16", "auto"), a PrecisionConfig, a
-        dict of its fields, or a Keras dtype policy (keras.mixed_precision.Policy: by its name).
+        dict of its fields, or a Keras dtype policy (keras.mixed_precision.Policy: by its name). Default float32,
+        or mixed_float16 for a ready-made model made under that policy (precision.for_ready_made).
       run_dir: where metrics.jsonl, checkpoints/ and tensorboard/ go; None: nothing is written.
       callbacks: extra Callback objects, or one (the progress bar is added from `config`); Keras' callbacks are
         refused, naming the Trainer's way (trainer/other_tools.py).
@@ -86,7 +88,7 @@ class Trainer(Step):
                  metrics: Union[Sequence[Any], Mapping[str, Any], None] = None, *,
                  models=None, optimizers: Optional[Mapping[str, Any]] = None, frozen: Iterable[str] = (),
                  strategy: Union[tf.distribute.Strategy, str, Mapping[str, Any], None] = None,
-                 precision: Union[str, PrecisionConfig, Mapping[str, Any], keras.DTypePolicy] = "float32",
+                 precision: Union[str, PrecisionConfig, Mapping[str, Any], keras.DTypePolicy, None] = None,
                  run_dir: Union[str, Path, None] = None, callbacks: Union[Callback, Iterable[Callback], None] = (),
                  loggers: Union[Callback, Iterable[Callback], None] = None,
                  config: Optional[TrainerConfig] = None, seed: int = 0, clipnorm: Optional[float] = None,
@@ -98,13 +100,14 @@ class Trainer(Step):
         self.best_metric_given = "best_metric" in options  # Trainer(best_metric="accuracy"): no default's switch
         check_batches_per_step(type(self), self.config)  # before any data or model is built
         show_logs_unless_configured(self.config.verbose)  # construction logs (the optimizer's kernels) show too
-        self.precision = PrecisionConfig(policy=precision) if isinstance(precision, str) else precision
+        self.precision = precision_lib.precision_config("float32" if precision is None else precision)
         strategy = strategy_argument(strategy)  # None for "default": TensorFlow's current one
         self.strategy = strategy or tf.distribute.get_strategy()
         # fast_dev_run writes nothing and reads no checkpoint: as if there were no run folder (trainer/debug.py)
         self.run_dir = Path(run_dir) if run_dir is not None and not self.config.fast_dev_run else None
         # policy=auto: this machine's answer, or on a resume the policy the run trained in
         self.precision = auto_precision.resolve(self.precision, self.strategy, run_dir=self.run_dir)
+        self.precision = precision_lib.for_ready_made(model, self.precision, given=precision is not None)
         if isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
             signals.reclaim_sigterm_from_tensorflow()  # its coordination service's handler swallows SIGTERM
         self.is_chief, self.seed, self.clipnorm = is_chief, seed, clipnorm
@@ -121,6 +124,8 @@ class Trainer(Step):
             self.models: Dict[str, keras.Model] = components.make_models(model, models)
             if model is not None and self.models.get("model") is model:  # ready-made: built before the Trainer
                 components.check_ready_made_model(model, self.precision.policy, self.strategy, strategy is not None)
+            loss, optimizer, optimizers, metrics = keras_compat.keras_arguments(  # Keras' names; a compiled model's
+                self.models, model is not None, loss, optimizer, optimizers, metrics)
             self.frozen = components.freeze(frozen, self.models, optimizers)  # docs/research.md, Frozen models
             self._frozen_builders, self._random_frozen = components.frozen_builders(models, self.frozen), []
             trained = [n for n in self.models if n not in self.frozen]
@@ -379,12 +384,15 @@ class Trainer(Step):
         self.last_train_logs = logs
         return logs
 
-    def evaluate(self, eval_data: DataArg, *, steps: Optional[int] = None, step: Optional[int] = None,
-                 callbacks: Optional[CallbackList] = None) -> Dict[str, float]:
+    def evaluate(self, eval_data: Any = None, y=None, *, steps: Optional[int] = None, step: Optional[int] = None,
+                 callbacks: Optional[CallbackList] = None, batch_size: Optional[int] = None,
+                 sample_weight=None, x=None) -> Dict[str, float]:
         """Computes the loss and metrics (and an overridden test_step's logs) over the whole eval set, or each of a
         dict name -> set (logged `<name>/<metric>`: evalsets.py); `steps` batches, else eval_steps /
         limit_eval_batches, fast_dev_run's few (trainer/debug.py). With an optimizer's use_ema=True, of the
-        averaged weights (see ema.py)."""
+        averaged weights (see ema.py). Arrays as Keras' evaluate(x=, y=, batch_size=, sample_weight=) (arrays.py)."""
+        eval_data = evaluate_inputs(eval_data, y, x=x, batch_size=batch_size, sample_weight=sample_weight,
+                                    seed=self.seed)
         if not steps:
             steps = debug.eval_limit_of(eval_data, self.config, self.strategy, self._fit_eval_limit)
         metric_attributes.adopt(self)
