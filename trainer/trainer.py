@@ -35,12 +35,12 @@ from trainer.distribute import say_strategy_once, strategy_argument
 from trainer.inputs import (DataArg, KeptIterator, batches_read_per_step, check_batches_per_step, sample_batch,
                             steps_per_epoch_of, total_steps, training_iterator, warn_if_epochs_cut)
 from trainer.loop import Loop, TrainingInterrupted, evaluate
-from trainer.loss_scale import LossScale
 from trainer.memory import memory_logs
 from trainer.other_tools import check_trainer_options
 from trainer.runlock import run_folder_lock
 from trainer.step import Step
 from trainer.tracking import Window
+from trainer.trainer_properties import TrainerProperties
 from trainer.xla_measure import XlaMeasurement
 from trainer.xla_plan import XlaPlan, decide_jit_compile
 
@@ -49,7 +49,7 @@ log = logging.getLogger("trainer.core")  # its old module name: the log channel 
 __all__ = ["NumericalError", "Trainer", "TrainingInterrupted"]
 
 
-class Trainer(Step):
+class Trainer(TrainerProperties, Step):
     """Trains Keras models with tf.function steps, mixed precision and a tf.distribute strategy.
 
     Args:
@@ -120,38 +120,8 @@ class Trainer(Step):
 
         self._set_process_state(seed)
 
-        with self.strategy.scope():
-            self.models: Dict[str, keras.Model] = components.make_models(model, models)
-            if model is not None and self.models.get("model") is model:  # ready-made: built before the Trainer
-                components.check_ready_made_model(model, self.precision.policy, self.strategy, strategy is not None)
-            loss, optimizer, optimizers, metrics = keras_compat.keras_arguments(  # Keras' names; a compiled model's
-                self.models, model is not None, loss, optimizer, optimizers, metrics)
-            self.frozen = components.freeze(frozen, self.models, optimizers)  # docs/research.md, Frozen models
-            self._frozen_builders, self._random_frozen = components.frozen_builders(models, self.frozen), []
-            trained = [n for n in self.models if n not in self.frozen]
-            self.optimizers = components.make_optimizers(optimizer, optimizers, trained, self.strategy)
-            self.train_metrics, self.eval_metrics = components.make_metrics(metrics, remake=strategy is not None)
-            self.train_loss = keras.metrics.Mean(name="loss")
-            self.eval_loss = keras.metrics.Mean(name="loss")
-            # Keras metrics a subclass holds itself (self.loss_tracker), adopted at fit(): metric_attributes.py
-            self.attribute_metrics = metric_attributes.AttributeMetrics()
-            # what a log window reports: the loss, the metrics and an overridden step's logs (its step_logs)
-            self.train_window = Window(self.train_loss, self.train_metrics, {}, self.attribute_metrics.adopted)
-            self.eval_window = Window(self.eval_loss, self.eval_metrics, {}, self.attribute_metrics.adopted)
-            self._evaluating = False  # self.metrics is the eval metrics while evaluate() runs (and traces)
-            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-            self.rng = tf.random.Generator.from_seed(seed)  # for recipes' augmentation seeds
-            # No best yet: the worst finite value (NaN would trip precision.debug_numerics on every read); for
-            # best_mode=auto set when fit() decides the mode (callbacks/checkpointing.py)
-            self.best = tf.Variable(NO_BEST.get(self.config.best_mode, NO_BEST["max"]), dtype=tf.float32,
-                                    trainable=False, name="best_metric")
-            # Variable path -> factor applied to its unscaled gradient (a lower backbone rate when fine-tuning).
-            # Read at trace time; a change (or a change of `trainable`) is noticed before the next loop, which
-            # traces the train step again (step_functions.py, trace_inputs.py).
-            self.grad_multipliers: Dict[Any, float] = {}
-            self.updaters = components.make_updaters(self, clipnorm)
-        self.default_optimizer = next(iter(self.optimizers)) if len(self.optimizers) == 1 else None
-        self.loss = components.per_example_loss(loss)
+        self._make_parts(model, models, loss, optimizer, optimizers, metrics, frozen,
+                         strategy_given=strategy is not None)
         self._step_functions = step_functions.StepFunctions(decide_jit_compile(
             self.config, self.precision, on_cpu=self._on_cpu(), replicas=self.strategy.num_replicas_in_sync))
         self.callbacks = CallbackList(callbacks)
@@ -168,6 +138,44 @@ class Trainer(Step):
         self.last_train_logs: Dict[str, Any] = {}  # what a later fit() with nothing to train returns (no eval data)
         self.eval_batches: Optional[int] = None  # global batches the last evaluation read
 
+    def _make_parts(self, model, models, loss, optimizer, optimizers, metrics, frozen, strategy_given: bool) -> None:
+        """The models, optimizers, metrics and the variables a checkpoint holds, made under the strategy's scope
+        (a model builder runs there, after the dtype policy is set); then the per-example loss.
+        `strategy_given`: Trainer(strategy=...) named one: a ready-made model is checked against it, and
+        ready-made metrics are made anew so that their variables belong to it."""
+        with self.strategy.scope():
+            self.models: Dict[str, keras.Model] = components.make_models(model, models)
+            if model is not None and self.models.get("model") is model:  # ready-made: built before the Trainer
+                components.check_ready_made_model(model, self.precision.policy, self.strategy, strategy_given)
+            loss, optimizer, optimizers, metrics = keras_compat.keras_arguments(  # Keras' names; a compiled model's
+                self.models, model is not None, loss, optimizer, optimizers, metrics)
+            self.frozen = components.freeze(frozen, self.models, optimizers)  # docs/research.md, Frozen models
+            self._frozen_builders, self._random_frozen = components.frozen_builders(models, self.frozen), []
+            trained = [n for n in self.models if n not in self.frozen]
+            self.optimizers = components.make_optimizers(optimizer, optimizers, trained, self.strategy)
+            self.train_metrics, self.eval_metrics = components.make_metrics(metrics, remake=strategy_given)
+            self.train_loss = keras.metrics.Mean(name="loss")
+            self.eval_loss = keras.metrics.Mean(name="loss")
+            # Keras metrics a subclass holds itself (self.loss_tracker), adopted at fit(): metric_attributes.py
+            self.attribute_metrics = metric_attributes.AttributeMetrics()
+            # what a log window reports: the loss, the metrics and an overridden step's logs (its step_logs)
+            self.train_window = Window(self.train_loss, self.train_metrics, {}, self.attribute_metrics.adopted)
+            self.eval_window = Window(self.eval_loss, self.eval_metrics, {}, self.attribute_metrics.adopted)
+            self._evaluating = False  # self.metrics is the eval metrics while evaluate() runs (and traces)
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+            self.rng = tf.random.Generator.from_seed(self.seed)  # for recipes' augmentation seeds
+            # No best yet: the worst finite value (NaN would trip precision.debug_numerics on every read); for
+            # best_mode=auto set when fit() decides the mode (callbacks/checkpointing.py)
+            self.best = tf.Variable(NO_BEST.get(self.config.best_mode, NO_BEST["max"]), dtype=tf.float32,
+                                    trainable=False, name="best_metric")
+            # Variable path -> factor applied to its unscaled gradient (a lower backbone rate when fine-tuning).
+            # Read at trace time; a change (or a change of `trainable`) is noticed before the next loop, which
+            # traces the train step again (step_functions.py, trace_inputs.py).
+            self.grad_multipliers: Dict[Any, float] = {}
+            self.updaters = components.make_updaters(self, self.clipnorm)
+        self.default_optimizer = next(iter(self.optimizers)) if len(self.optimizers) == 1 else None
+        self.loss = components.per_example_loss(loss)
+
     def _set_process_state(self, seed: int) -> None:
         """TensorFlow's and Keras' process-wide settings this Trainer asks for, before any layer exists."""
         if self.config.deterministic:
@@ -178,59 +186,6 @@ class Trainer(Step):
             precision_lib.warn_float16_on_cpu()
         if self.precision.debug_numerics:
             tf.debugging.enable_check_numerics()
-
-    # -- what the Trainer holds -------------------------------------------------------------------
-
-    @property
-    def model(self) -> keras.Model:
-        """The model (with one); see `models`."""
-        return components.only("model", self.models, self.frozen)
-
-    @model.setter
-    def model(self, value) -> None:
-        components.only("model", self.models, self.frozen)  # with one model only
-        self.models[next(iter(self.models))] = value
-
-    @property
-    def metrics(self) -> Dict[str, keras.metrics.Metric]:
-        """The metrics a step updates, by name: the train metrics, and while evaluating the eval metrics (copies
-        of the same metrics, reset per evaluation), so a test_step may update `self.metrics` as in Keras."""
-        return self.eval_metrics if self._evaluating else self.train_metrics
-
-    @metrics.setter
-    def metrics(self, value) -> None:
-        raise AttributeError("Trainer.metrics is the metrics the current step updates (train or eval copies); give "
-                             "them as Trainer(metrics={...}), or read/extend Trainer.train_metrics before fit()")
-
-    @property
-    def optimizer(self) -> keras.optimizers.Optimizer:
-        return components.only("optimizer", self.optimizers)
-
-    @property
-    def jit_compile(self) -> bool:
-        """Whether the steps compile with XLA: auto resolved at construction, or measured (step_functions.py's)."""
-        return self._step_functions.jit_compile
-
-    @property
-    def eval_limit(self) -> Optional[int]:
-        """The batches each evaluation of the current fit() reads (eval_steps, limit_eval_batches, fast_dev_run);
-        None: the whole eval set."""
-        return self._fit_eval_limit[2] if self._fit_eval_limit else None
-
-    @property
-    def evaluates(self) -> bool:
-        """Whether the current fit() call has eval data: it evaluates every eval_every steps and at its end."""
-        return self._fit_eval_limit is not None
-
-    @property
-    def traces(self) -> Dict[str, int]:
-        """How many times the train and eval functions were traced: every trace, a function made anew after a reset
-        too (the run summary's `retraces` counts only a function traced again: step_functions.py)."""
-        return self._step_functions.traces
-
-    @property
-    def loss_scale(self) -> LossScale:
-        return components.only("loss_scale", {n: u.loss_scale for n, u in self.updaters.items()})
 
     # -- building and compiling -------------------------------------------------------------------
 
