@@ -128,6 +128,21 @@ def _slow_tests_keep_real_processes(request):
     cli_runner.ALWAYS_PROCESS["on"] = False
 
 
+@pytest.fixture(autouse=True)
+def _trainer_logger_as_in_a_fresh_process():
+    """The `trainer` logger as a new process has it after each test: the level and handler a verbose Trainer set
+    (console.show_logs_unless_configured) would otherwise outlive it, and a later quiet Trainer undoing that level
+    undid caplog.at_level(logger="trainer")'s too: its INFO lines were lost, depending on the test order."""
+    yield
+    import logging
+
+    package = logging.getLogger("trainer")
+    for handler in [h for h in package.handlers if type(h).__name__ == "_StderrHandler"]:
+        package.removeHandler(handler)
+    package.setLevel(logging.NOTSET)
+    package._trainer_set_level = False
+
+
 _frozen_in = {"module": None}  # the test module whose tests' survivors gc.freeze() last set aside
 
 
