@@ -154,3 +154,25 @@ def test_from_logits_false_on_the_recipes_logits_is_warned_with_the_override(tmp
     assert result.returncode == 0, out[-3000:]
     assert "loss.from_logits=false makes the loss read them as probabilities" in out
     assert "Fix: loss.from_logits=true" in out
+
+
+def test_a_compute_loss_override_that_turns_the_labels_is_not_refused(caplog):
+    """A compute_loss override (docs/research.md) that one-hots class ids for CategoricalCrossentropy: the loss
+    meets the labels only after the override, so the label and from_logits checks stay out of its way."""
+    import keras
+    import tensorflow as tf
+
+    from trainer import Trainer
+
+    class Smooth(Trainer):
+        def compute_loss(self, x, y, y_pred, sample_weight=None):
+            return super().compute_loss(x, tf.one_hot(y, 3), y_pred, sample_weight)
+
+    caplog.set_level(logging.WARNING)
+    trainer = Smooth(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]),
+                     loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1),
+                     optimizer=lambda: keras.optimizers.SGD(0.05), progress_bar=False, tensorboard=False,
+                     verbose=False)
+    trainer.fit(*_arrays(), steps=2)
+    assert int(trainer.step) == 2
+    assert "CategoricalCrossentropy takes one-hot labels" not in caplog.text
