@@ -176,3 +176,18 @@ def test_a_compute_loss_override_that_turns_the_labels_is_not_refused(caplog):
     trainer.fit(*_arrays(), steps=2)
     assert int(trainer.step) == 2
     assert "CategoricalCrossentropy takes one-hot labels" not in caplog.text
+
+
+def test_a_loss_module_failing_on_its_own_import_names_that_error(tmp_path):
+    """loss._target_ naming a module of the user's that is there but imports a package that is not: the error is
+    that import's (it said "no module 'userloss' can be imported"), exit 2, no traceback."""
+    (tmp_path / "userloss.py").write_text("import not_installed_dependency_xyz\n\nclass MyLoss:\n    pass\n")
+    result = run_cli("recipe=mnist", *TINY, "loss._target_=userloss.MyLoss", f"hydra.run.dir={tmp_path / 'run'}",
+                     cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    out = result.stdout + result.stderr
+    said = "importing 'userloss' failed: ModuleNotFoundError: No module named 'not_installed_dependency_xyz'"
+    assert said in out, out
+    assert "Traceback" not in out and not (tmp_path / "run").exists()
+    absent = run_cli("recipe=mnist", *TINY, "loss._target_=nosuchloss.MyLoss", cwd=tmp_path)
+    assert absent.returncode == 2 and "no module 'nosuchloss' can be imported" in absent.stdout + absent.stderr
