@@ -191,3 +191,21 @@ def test_a_loss_module_failing_on_its_own_import_names_that_error(tmp_path):
     assert "Traceback" not in out and not (tmp_path / "run").exists()
     absent = run_cli("recipe=mnist", *TINY, "loss._target_=nosuchloss.MyLoss", cwd=tmp_path)
     assert absent.returncode == 2 and "no module 'nosuchloss' can be imported" in absent.stdout + absent.stderr
+
+
+def test_a_dense_subclass_with_its_own_softmax_is_not_taken_for_logits(caplog):
+    """A Dense subclass whose call() applies a softmax over its linear `activation`: its output is probabilities,
+    so from_logits=False is right and no warning says the last layer outputs logits."""
+    import keras
+
+    from trainer import Trainer
+
+    class SoftmaxDense(keras.layers.Dense):
+        def call(self, inputs):
+            return keras.ops.softmax(super().call(inputs))
+
+    caplog.set_level(logging.WARNING)
+    Trainer(model=lambda: keras.Sequential([keras.Input((4,)), SoftmaxDense(3)]),
+            loss=keras.losses.SparseCategoricalCrossentropy(), optimizer=lambda: keras.optimizers.SGD(0.05),
+            progress_bar=False, tensorboard=False, verbose=False).fit(*_arrays(), steps=2)
+    assert "from_logits" not in caplog.text, caplog.text
