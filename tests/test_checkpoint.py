@@ -430,9 +430,19 @@ def test_a_warm_start_that_restores_under_half_of_the_model_is_a_warning_naming_
     assert "[4, 8] vs [4, 16]" in warned[0].getMessage()
     assert ("Only 1 of this model's 4 variables loaded: the others keep their initial values, as if untrained; the "
             "checkpoint's model has other shapes") in warned[0].getMessage()
+    assert f"or drop warm_start(model, {str(tmp_path / 'a')!r}) to train from scratch" in warned[0].getMessage()
     caplog.clear()
     warm_start(net(8), str(tmp_path / "a"))  # all of it: INFO, as before
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    # export/evaluate's restore ("Loading weights") refuses any gap after this line: no warm-start advice before it
+    warm_start(net(16), str(tmp_path / "a"), purpose="Loading weights")
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    # from Python, the fix names the Trainer's argument
+    Trainer(model=lambda: net(16), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            optimizer=lambda: keras.optimizers.SGD(0.1), init_from=tmp_path / "a", progress_bar=False,
+            verbose=False).fit(blobs(), steps=1)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "or drop Trainer(init_from=...) to train from scratch" in warned[0], warned
 
 
 def test_init_from_nonexistent_path_is_a_clear_error(tmp_path):

@@ -354,3 +354,41 @@ def test_the_auto_progress_bar_needs_a_terminal_with_columns(monkeypatch):
     with open(os.devnull, "w") as file:
         monkeypatch.setattr(sys, "stderr", file)
         assert bar_shown(None) is False and bar_shown(True) is True
+
+
+QUIET_THEN_VERBOSE = """
+import sys, keras
+from trainer import Trainer
+sys.path.insert(0, {tests!r})
+from conftest import blobs
+
+def make(verbose):
+    return Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]),
+                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                   optimizer=lambda: keras.optimizers.SGD(0.1), log_every=2, progress_bar=False, verbose=verbose)
+
+make(False).fit(blobs(), steps=2)
+print("--- verbose after a quiet fit ---", file=sys.stderr, flush=True)
+make(True).fit(blobs(), steps=2)
+print("--- verbose built before a quiet one ---", file=sys.stderr, flush=True)
+verbose = make(True)
+make(False)
+verbose.fit(blobs(), steps=2)
+"""
+
+
+def test_a_verbose_trainer_after_a_quiet_one_in_the_same_process_shows_its_lines(tmp_path):
+    """A quiet Trainer keeps our handler (for its warnings) and undoes the INFO level: a verbose Trainer after it
+    (made after, or fitted after) still shows its INFO lines (it printed none)."""
+    from pathlib import Path
+
+    script = QUIET_THEN_VERBOSE.format(tests=str(Path(__file__).parent))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    quiet, after_quiet = result.stderr.split("--- verbose after a quiet fit ---\n")
+    after_quiet, built_before = after_quiet.split("--- verbose built before a quiet one ---\n")
+    assert "[INFO]" not in quiet, quiet[-3000:]
+    for shown in (after_quiet, built_before):
+        assert "[trainer.core][INFO]" in shown, shown[-3000:]
+        assert shown.count("[trainer.callbacks][INFO] - Done: 2 steps") == 1, shown[-3000:]

@@ -154,3 +154,58 @@ def test_from_logits_false_on_the_recipes_logits_is_warned_with_the_override(tmp
     assert result.returncode == 0, out[-3000:]
     assert "loss.from_logits=false makes the loss read them as probabilities" in out
     assert "Fix: loss.from_logits=true" in out
+
+
+def test_a_compute_loss_override_that_turns_the_labels_is_not_refused(caplog):
+    """A compute_loss override (docs/research.md) that one-hots class ids for CategoricalCrossentropy: the loss
+    meets the labels only after the override, so the label and from_logits checks stay out of its way."""
+    import keras
+    import tensorflow as tf
+
+    from trainer import Trainer
+
+    class Smooth(Trainer):
+        def compute_loss(self, x, y, y_pred, sample_weight=None):
+            return super().compute_loss(x, tf.one_hot(y, 3), y_pred, sample_weight)
+
+    caplog.set_level(logging.WARNING)
+    trainer = Smooth(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]),
+                     loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1),
+                     optimizer=lambda: keras.optimizers.SGD(0.05), progress_bar=False, tensorboard=False,
+                     verbose=False)
+    trainer.fit(*_arrays(), steps=2)
+    assert int(trainer.step) == 2
+    assert "CategoricalCrossentropy takes one-hot labels" not in caplog.text
+
+
+def test_a_loss_module_failing_on_its_own_import_names_that_error(tmp_path):
+    """loss._target_ naming a module of the user's that is there but imports a package that is not: the error is
+    that import's (it said "no module 'userloss' can be imported"), exit 2, no traceback."""
+    (tmp_path / "userloss.py").write_text("import not_installed_dependency_xyz\n\nclass MyLoss:\n    pass\n")
+    result = run_cli("recipe=mnist", *TINY, "loss._target_=userloss.MyLoss", f"hydra.run.dir={tmp_path / 'run'}",
+                     cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    out = result.stdout + result.stderr
+    said = "importing 'userloss' failed: ModuleNotFoundError: No module named 'not_installed_dependency_xyz'"
+    assert said in out, out
+    assert "Traceback" not in out and not (tmp_path / "run").exists()
+    absent = run_cli("recipe=mnist", *TINY, "loss._target_=nosuchloss.MyLoss", cwd=tmp_path)
+    assert absent.returncode == 2 and "no module 'nosuchloss' can be imported" in absent.stdout + absent.stderr
+
+
+def test_a_dense_subclass_with_its_own_softmax_is_not_taken_for_logits(caplog):
+    """A Dense subclass whose call() applies a softmax over its linear `activation`: its output is probabilities,
+    so from_logits=False is right and no warning says the last layer outputs logits."""
+    import keras
+
+    from trainer import Trainer
+
+    class SoftmaxDense(keras.layers.Dense):
+        def call(self, inputs):
+            return keras.ops.softmax(super().call(inputs))
+
+    caplog.set_level(logging.WARNING)
+    Trainer(model=lambda: keras.Sequential([keras.Input((4,)), SoftmaxDense(3)]),
+            loss=keras.losses.SparseCategoricalCrossentropy(), optimizer=lambda: keras.optimizers.SGD(0.05),
+            progress_bar=False, tensorboard=False, verbose=False).fit(*_arrays(), steps=2)
+    assert "from_logits" not in caplog.text, caplog.text

@@ -361,3 +361,25 @@ def test_from_python_a_new_run_folder_holding_the_users_own_trainer_log_is_kept_
         users_log.close()
     assert sorted(p.name for p in run_dir.iterdir()) == [".trainer.lock", "trainer.log"]
     assert "judged on the first, 'a/accuracy'" in (run_dir / "trainer.log").read_text()
+
+
+def test_nothing_to_train_suggests_an_epoch_total_that_trains_as_much_again(caplog):
+    """fit(epochs=0.43) twice on 7 steps an epoch: 4 steps, then nothing. The total to ask for is rounded up:
+    1.01 (8 steps, 4 more); rounded, 1.0 was 7 steps, a step short of as much again."""
+    import keras
+    import numpy as np
+
+    from trainer import Trainer
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(56, 4)).astype("float32"), rng.integers(0, 2, 56).astype("int32")
+    trainer = Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      optimizer=lambda: keras.optimizers.SGD(0.1), progress_bar=False, verbose=False)
+    trainer.fit(x, y, epochs=0.43, batch_size=8)
+    caplog.set_level(logging.WARNING)
+    trainer.fit(x, y, epochs=0.43, batch_size=8)
+    said = [r.getMessage() for r in caplog.records if "nothing to train" in r.getMessage()]
+    assert len(said) == 1 and "Fix: fit(epochs=1.01) to train as much again" in said[0], said
+    trainer.fit(x, y, epochs=1.01, batch_size=8)
+    assert int(trainer.step) == 8

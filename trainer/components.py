@@ -289,6 +289,14 @@ def make_updaters(trainer, clipnorm) -> Dict[str, Updater]:
     }
 
 
+def _default_loss_path(trainer) -> bool:
+    """train_step, compute_loss and compute_gradients all Step's (none overridden by a subclass, a mixin or the
+    instance): only then does trainer.loss meet the model's output and the labels as given. An override may turn
+    them first (docs/research.md: one-hot the class ids, then super().compute_loss with CategoricalCrossentropy)."""
+    names = ("train_step", "compute_loss", "compute_gradients")
+    return all(getattr(type(trainer), name) is getattr(Step, name) and name not in vars(trainer) for name in names)
+
+
 def build_variables(trainer, sample_batch) -> Optional[keras.Model]:
     """Creates the variables of `trainer`'s models and optimizers before any step is traced: the model (on a sample
     batch), the float32-output check, every optimizer's slots. Tracing a step that creates variables would fail
@@ -302,7 +310,7 @@ def build_variables(trainer, sample_batch) -> Optional[keras.Model]:
         if len(trainer.models) == 1:
             wrapped = _build_single_model(trainer.model, trainer.precision, sample_batch,
                                           precision_lib.device_kind(trainer.strategy) == "GPU")
-            if type(trainer).train_step is Step.train_step and trainer.loss is not None:  # the loss the step uses
+            if _default_loss_path(trainer) and trainer.loss is not None:  # the loss meets the labels as given
                 loss_fit.check_labels(trainer.loss, trainer.model, sample_batch, trainer.from_cli)
                 loss_fit.warn_if_logits_mismatch(trainer.loss, trainer.model, trainer.from_cli)
         # the models as the Trainer will hold them (the wrapper in the one model's place)

@@ -95,15 +95,18 @@ def show_logs_unless_configured(verbose: bool) -> None:
         for handler in ours:  # a handler of the user's on the trainer logger since
             package.removeHandler(handler)
         return
-    if ours or package.handlers:
-        for handler in ours:
-            handler.setLevel(level)
-        return
+    if package.handlers and not ours:
+        return  # the user's handler: their levels
     # The root logger's WARNING (Python's default, and basicConfig's without a level) would drop the INFO lines;
-    # a level the user chose (basicConfig(level=logging.ERROR), or one on the trainer logger) is theirs.
+    # a level the user chose (basicConfig(level=logging.ERROR), or one on the trainer logger) is theirs. Set again
+    # when ours is kept from a quiet Trainer, which undid it: a verbose one after it printed nothing.
     if verbose and package.level == logging.NOTSET and logging.getLogger().level == logging.WARNING:
         package.setLevel(logging.INFO)
         package._trainer_set_level = True
+    if ours:
+        for handler in ours:
+            handler.setLevel(level)
+        return
     handler = _StderrHandler(sys.stderr)
     handler.setLevel(level)
     handler.setFormatter(logging.Formatter("[%(name)s][%(levelname)s] - %(message)s"))  # as the CLI's

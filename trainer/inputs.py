@@ -276,7 +276,8 @@ def nothing_to_train(step: int, total: int, fit_steps: Optional[int], fit_epochs
     arg = "epochs" if by_epochs else "steps" if given_to_fit else "max_steps"
     form = f"trainer.{key}={value:g}" if cli else f"{'fit' if given_to_fit else 'Trainer'}({arg}={value:g})"
     at = f" (epoch {round(step / steps_per_epoch, 2):g})" if steps_per_epoch else ""  # 0.43, not 0.42735
-    more = round(step / steps_per_epoch + epochs, 2) if by_epochs else step + value
+    # up, to 2 decimals: rounded down (1.0 for 1.0014), the total suggested ended a step short of "as much again"
+    more = math.ceil(round((step / steps_per_epoch + epochs) * 100, 6)) / 100 if by_epochs else step + value
     fix = (f"trainer.{key}={more:g} (a total) to train as much again" if cli else
            f"fit({'epochs' if by_epochs else 'steps'}={more:g}) to train as much again, or fit(steps=...)")
     return (f"{form} trains until {'epoch' if by_epochs else 'step'} {value:g} in total (a total, unlike Keras' "

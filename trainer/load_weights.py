@@ -134,13 +134,13 @@ def _refuse_incomplete(setting, name, prefix, where, saved, restored, missing, m
                               + ("" if name is None else ", or give it the name that checkpoint holds it under"))
 
 
-def _mostly_new(restored: int, variables: int, mismatched: List[str]) -> str:
+def _mostly_new(restored: int, variables: int, mismatched: List[str], drop: str) -> str:
     """Why a warm start that restored under half of the model's variables is said loudly: the rest start as built."""
     cause = ("the checkpoint's model has other shapes (another width: model.hidden_units, a head of another number "
              "of classes)" if mismatched else "the checkpoint holds another model (other layers)")
     return (f". Only {restored} of this model's {variables} variables loaded: the others keep their initial values, "
             f"as if untrained; {cause}. Fix: build the model as the checkpoint's run did (its .hydra/config.yaml), "
-            "or drop trainer.init_from to train from scratch")
+            f"or drop {drop} to train from scratch")
 
 
 def _match(model, prefix: str, name: Optional[str]):
@@ -163,13 +163,16 @@ def _match(model, prefix: str, name: Optional[str]):
 
 
 def warm_start(model, path: Union[str, os.PathLike], purpose: str = "Warm start", name: Optional[str] = None,
-               strict: bool = False, setting: Optional[str] = None) -> Dict[str, List[str]]:
+               strict: bool = False, setting: Optional[str] = None, *, drop: Optional[str] = None
+               ) -> Dict[str, List[str]]:
     """Loads model weights only (no optimizer, no step) and reports restored / missing / unexpected.
 
     `purpose` starts the log line: "Warm start" for trainer.init_from, "Loading weights" for export/doctor.
     `name`: the Trainer's name of the model (init_from={name: path}): a checkpoint of several models gives its
     `models/<name>`, one of a one-model run its `model`; None: the `model` of a one-model run.
     `setting`: what the user wrote, for errors (trainer.init_from=...); None: this Python call.
+    `drop`: what to drop to train from scratch, as the user wrote it, said when a warm start loads under half of
+    the model; None: `setting`.
 
     TF checkpoints are matched by object structure, one variable at a time, so a new head of another
     shape is reported as mismatched and left at its initial value; .keras/.weights.h5 files go through
@@ -197,14 +200,15 @@ def warm_start(model, path: Union[str, os.PathLike], purpose: str = "Warm start"
     unexpected = sorted(p for p in saved if p.startswith(f"{where}/") and p not in ours)
     if strict:  # a frozen model's error alone: the restored count before it would read like success
         _refuse_incomplete(setting, name, prefix, where, saved, restored, missing, mismatched, strict)
-    mostly_new = restored and len(restored) * 2 < len(rows)  # a warm start that left most of the model as built
+    # a warm start that left most of the model as built; another purpose (export's restore) refuses any gap after
+    mostly_new = purpose == "Warm start" and restored and len(restored) * 2 < len(rows)
     log.log(
         logging.WARNING if mostly_new else logging.INFO,
         "%s%s from %s (its %s): restored %d variables, missing %d %s, mismatched %d %s, unexpected %d %s%s",
         purpose, "" if name is None else f" of {name}", prefix,
         f"{where}, a one-model run's" if where.split("/")[0] == "model" and name is not None else where,
         len(restored), len(missing), missing[:5], len(mismatched), mismatched[:5], len(unexpected), unexpected[:5],
-        _mostly_new(len(restored), len(rows), mismatched) if mostly_new else "",
+        _mostly_new(len(restored), len(rows), mismatched, drop or setting) if mostly_new else "",
     )
     _refuse_incomplete(setting, name, prefix, where, saved, restored, missing, mismatched, strict)
     return {"restored": restored, "missing": missing, "unexpected": unexpected, "mismatched": mismatched}
@@ -242,9 +246,11 @@ def init_from_targets(init_from: InitFrom, models: Mapping[str, keras.Model],
 
 
 def warm_start_models(models: Mapping[str, keras.Model], targets: Mapping[Optional[str], str],
-                      frozen: Iterable[str] = ()) -> None:
+                      frozen: Iterable[str] = (), cli: bool = True) -> None:
     """Warm-starts each model of `targets` (init_from_targets' mapping) from its checkpoint; a frozen one strictly
-    (every variable, see warm_start)."""
+    (every variable, see warm_start). `cli`: the setting was the override (else Trainer(init_from=...))."""
     for name, path in targets.items():
+        setting = "trainer.init_from" if cli else "Trainer(init_from=...)"
         warm_start(next(iter(models.values())) if name is None else models[name], path, name=name,
-                   strict=name in frozen, setting=_setting(path, name))
+                   strict=name in frozen, setting=_setting(path, name),
+                   drop=setting if name is None else f"{name!r} from {setting}")

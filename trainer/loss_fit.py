@@ -38,12 +38,12 @@ def _last_activation(model) -> Optional[str]:
         layer = model.outputs[0]._keras_history[0]
     except (AttributeError, IndexError, TypeError, ValueError):
         return None
-    if isinstance(layer, keras.layers.Softmax):
+    if type(layer) is keras.layers.Softmax:
         return "softmax"
+    # Keras' own classes only: a subclass may apply a softmax of its own in call() over a linear `activation`
     activation = getattr(layer, "activation", None)
-    if activation is None or not (isinstance(layer, (keras.layers.Dense, keras.layers.Activation,
-                                                     keras.layers.EinsumDense, keras.layers.Conv1D,
-                                                     keras.layers.Conv2D))):
+    if activation is None or type(layer) not in (keras.layers.Dense, keras.layers.Activation, keras.layers.EinsumDense,
+                                                 keras.layers.Conv1D, keras.layers.Conv2D):
         return None
     return getattr(activation, "__name__", None)
 

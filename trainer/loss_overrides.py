@@ -112,6 +112,17 @@ def check_targets(cfg) -> None:
             _check_node(where, node)
 
 
+def _import_failed(where: str, target: str, module_name: str, exc: Exception) -> str:
+    """Why `module_name` did not import, with its own error: a module of the user's that is there but fails on a
+    dependency of its own (or a bug) was reported as "no module", hiding the import that failed."""
+    missing = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
+    if missing and (module_name == missing or module_name.startswith(missing + ".")):  # the module named is absent
+        return (f"{where}._target_={target}: no module {module_name!r} can be imported ({exc}). Fix: the full path "
+                f"of a class, e.g. {where}._target_=keras.losses.SparseCategoricalCrossentropy")
+    return (f"{where}._target_={target}: importing {module_name!r} failed: {type(exc).__name__}: {exc}. Fix: that "
+            f"error, in {module_name} or what it imports (e.g. install the missing package).")
+
+
 def _check_node(where: str, node) -> None:
     import importlib
 
@@ -126,10 +137,8 @@ def _check_node(where: str, node) -> None:
         module_name, _, name = target.rpartition(".")
         try:
             module = importlib.import_module(module_name)
-        except Exception:  # noqa: BLE001 - the module itself is not there
-            raise ConfigError(f"{where}._target_={target}: no module {module_name!r} can be imported. Fix: the full "
-                              f"path of a class, e.g. {where}._target_=keras.losses.SparseCategoricalCrossentropy"
-                              ) from None
+        except Exception as exc:  # noqa: BLE001 - the module is not there, or fails as it is imported
+            raise ConfigError(_import_failed(where, target, module_name, exc)) from None
         names = [n for n in dir(module) if not n.startswith("_") and n[:1].isupper() == name[:1].isupper()]
         meant = _meant(name, names)
         hint = f" (did you mean {module_name}.{meant}?)" if meant else ""

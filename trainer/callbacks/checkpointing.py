@@ -170,7 +170,7 @@ class Checkpointing(Callback):
         if trainer.run_dir is None:
             if cfg.resume_from is not None:
                 Checkpointing._refuse_resume_without_folder(trainer)
-            warm_start_models(trainer.models, targets, trainer.frozen)
+            warm_start_models(trainer.models, targets, trainer.frozen, trainer.from_cli)
             self.prepared = True
             return
         checkpointer = Checkpointer(  # its best_mode is decided below, after a resume (auto: "max" until then)
@@ -188,7 +188,8 @@ class Checkpointing(Callback):
         checkpointer.best_mode = self.best[1] or "max"
         # A warm start is a fresh run's; a frozen model is in no checkpoint, so it is warm-started on every run.
         warm_start_models(trainer.models, {name: path for name, path in targets.items()
-                                           if resumed is None or name in trainer.frozen}, trainer.frozen)
+                                           if resumed is None or name in trainer.frozen}, trainer.frozen,
+                          trainer.from_cli)
         frozen = frozen_fingerprints(trainer)  # once: a frozen model does not change during the run
         if resumed is not None:
             check_frozen_unchanged(self._record(trainer), frozen)
