@@ -62,7 +62,7 @@ def test_matching_labels_train(caplog):
 
 
 @pytest.mark.parametrize("from_logits, activation, says", [
-    (False, None, "last layer is linear (it outputs logits), and SparseCategoricalCrossentropy(from_logits=...)=false"),
+    (False, None, "linear (it outputs logits), and SparseCategoricalCrossentropy(from_logits=False) makes"),
     (True, "softmax", "last layer ends in a softmax (it outputs probabilities)"),
 ])
 def test_from_logits_against_the_last_layer_is_warned_once(from_logits, activation, says, caplog):
@@ -73,7 +73,29 @@ def test_from_logits_against_the_last_layer_is_warned_once(from_logits, activati
     trainer.fit(*_arrays(), steps=2)
     trainer.fit(*_arrays(), steps=4)
     assert caplog.text.count(says) == 1, caplog.text
-    assert f"Fix: SparseCategoricalCrossentropy(from_logits=...)={str(not from_logits).lower()}" in caplog.text
+    assert f"Fix: SparseCategoricalCrossentropy(from_logits={not from_logits})" in caplog.text
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_loss_named_as_in_compile_on_a_logits_model_is_warned(compiled, caplog):
+    """loss="sparse_categorical_crossentropy" (Keras' name, from_logits=False by default) on a linear last layer
+    trained to a far worse model without a word, where the loss object was warned about: the Trainer's argument and
+    compile()'s alike."""
+    import keras
+
+    from trainer import Trainer
+
+    caplog.set_level(logging.WARNING)
+    if compiled:
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+        trainer = Trainer(model=model, progress_bar=False, verbose=False)
+    else:
+        trainer = _trainer("sparse_categorical_crossentropy")
+    trainer.fit(*_arrays(), steps=2)
+    assert ("the loss 'sparse_categorical_crossentropy' (from_logits=False, its default) makes the loss read them as "
+            "probabilities") in caplog.text, caplog.text
+    assert "Fix: loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)" in caplog.text
 
 
 def test_class_weight_for_classes_the_model_lacks_is_refused():
@@ -100,7 +122,8 @@ def test_the_keras_names_of_the_shorthand_table_are_keras_classes():
 @pytest.mark.parametrize("override, says", [
     ("loss=categorical_crossentropy", "not Keras' string shorthand. Fix: "
                                       "loss._target_=keras.losses.CategoricalCrossentropy (the recipe's"),
-    ("loss=mse", "Fix: loss._target_=keras.losses.MeanSquaredError"),
+    ("loss=mse", "Fix: loss._target_=keras.losses.MeanSquaredError ~loss.from_logits (MeanSquaredError takes no "
+                 "from_logits"),
     ("metrics=[accuracy,auc]", "not Keras' list of names. Fix: "
                                "'++metrics.accuracy._target_=keras.metrics.SparseCategoricalAccuracy' "
                                "'++metrics.auc._target_=keras.metrics.AUC'"),
@@ -127,11 +150,15 @@ def test_the_fixes_the_shorthand_messages_give_compose(tmp_path):
      "Fix: loss._target_=keras.losses.SparseCategoricalCrossentropy."),
     ("+metrics.auc._target_=keras.metrics.AUCC", "(did you mean keras.metrics.AUC?)"),
     ("loss._target_=keras.losses.MeanSquaredError", "MeanSquaredError takes no argument 'from_logits'"),
+    ("loss._target_=keras.losses.MeanSquaredError ~loss.from_logits",  # the fix above, on 10 outputs: a graph error
+     "loss MeanSquaredError compares labels with the model's outputs element by element, and these labels hold one "
+     "value per example (shape (batch,)) for 10 outputs"),
     ("loss._target_=keras.losses.CategoricalCrossentropy",  # on fashion_mnist's class ids
      "Fix: loss._target_=keras.losses.SparseCategoricalCrossentropy for class ids"),
 ])
 def test_a_wrong_loss_or_metric_class_exits_2_and_leaves_no_run_folder(override, says, tmp_path):
-    result = run_cli("recipe=mnist", *TINY, "model.hidden_units=[8]", override, f"hydra.run.dir={tmp_path / 'run'}")
+    result = run_cli("recipe=mnist", *TINY, "model.hidden_units=[8]", *override.split(),
+                     f"hydra.run.dir={tmp_path / 'run'}")
     out = result.stdout + result.stderr  # the run's log lines: stdout in this process, stderr in another
     assert result.returncode == 2, out[-3000:]
     assert says in out and "Traceback" not in out

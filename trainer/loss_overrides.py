@@ -37,6 +37,10 @@ def _squeezed(name: str) -> str:
     return name.replace("_", "").lower()
 
 
+TAKE_FROM_LOGITS = {"BinaryCrossentropy", "BinaryFocalCrossentropy", "CategoricalCrossentropy",
+                    "CategoricalFocalCrossentropy", "SparseCategoricalCrossentropy", "CTC"}
+
+
 def keras_class(name: str, module: str) -> Optional[str]:
     """The class of keras.<module> that Keras' shorthand `name` (categorical_crossentropy, mse, accuracy) names."""
     if module == "metrics" and name.lower() in ACCURACY:
@@ -60,6 +64,10 @@ def _loss_fix(name: str) -> str:
         return (f"No Keras loss is called {name!r}{hint}. Fix: loss._target_=keras.losses.<Class> "
                 f"(e.g. keras.losses.{meant or 'SparseCategoricalCrossentropy'}; python -m trainer --cfg job shows "
                 "the recipe's loss)")
+    if cls not in TAKE_FROM_LOGITS:
+        return (f"Fix: loss._target_=keras.losses.{cls} ~loss.from_logits ({cls} takes no from_logits, which the "
+                "classification recipes set; drop `~loss.from_logits` if yours has none: python -m trainer --cfg job "
+                "shows the loss)")
     return (f"Fix: loss._target_=keras.losses.{cls} (the recipe's other loss.* keys, such as from_logits, stay; "
             "python -m trainer --cfg job shows them)")
 
