@@ -554,7 +554,8 @@ def test_the_precision_argument_takes_a_keras_policy_and_a_dict_and_names_what_w
         make({"policy": "float32", "loss_scal": 8.0})
     with pytest.raises(ConfigError, match=r"did you mean mixed_bfloat16\?"):  # Keras' pure bfloat16 policy
         make(keras.mixed_precision.Policy("bfloat16"))
-    for wrong in (None, 16, ["mixed_bfloat16"]):
+    assert make(None).precision.policy == "float32"  # None: the default (float32, or a ready-made model's policy)
+    for wrong in (16, ["mixed_bfloat16"]):
         with pytest.raises(TypeError, match=r"Trainer\(precision=\.\.\.\) got .*it takes a policy name \(float32, "
                                             r"mixed_float16, mixed_bfloat16 or auto\), a trainer.PrecisionConfig, a "
                                             r"dict of PrecisionConfig's fields or a Keras dtype policy"):
