@@ -31,26 +31,24 @@ def _is_binary_or_sparse(y_true, y_pred) -> Tuple[bool, bool]:
     return is_binary, is_sparse
 
 
+def _by_shape(y_true, y_pred, binary, sparse, categorical):
+    """`binary`, `sparse` or `categorical` (y_true, y_pred), chosen by _is_binary_or_sparse as compile() chooses."""
+    is_binary, is_sparse = _is_binary_or_sparse(y_true, y_pred)
+    return (binary if is_binary else sparse if is_sparse else categorical)(y_true, y_pred)
+
+
 @keras.saving.register_keras_serializable(package="trainer")
 def accuracy_by_shape(y_true, y_pred):
     """compile(metrics=['accuracy']): binary, sparse categorical or categorical accuracy, by the shapes."""
-    is_binary, is_sparse = _is_binary_or_sparse(y_true, y_pred)
-    if is_binary:
-        return keras.metrics.binary_accuracy(y_true, y_pred)
-    if is_sparse:
-        return keras.metrics.sparse_categorical_accuracy(y_true, y_pred)
-    return keras.metrics.categorical_accuracy(y_true, y_pred)
+    return _by_shape(y_true, y_pred, keras.metrics.binary_accuracy, keras.metrics.sparse_categorical_accuracy,
+                     keras.metrics.categorical_accuracy)
 
 
 @keras.saving.register_keras_serializable(package="trainer")
 def crossentropy_by_shape(y_true, y_pred):
     """compile(loss='crossentropy'): binary, sparse categorical or categorical crossentropy, by the shapes."""
-    is_binary, is_sparse = _is_binary_or_sparse(y_true, y_pred)
-    if is_binary:
-        return keras.losses.binary_crossentropy(y_true, y_pred)
-    if is_sparse:
-        return keras.losses.sparse_categorical_crossentropy(y_true, y_pred)
-    return keras.losses.categorical_crossentropy(y_true, y_pred)
+    return _by_shape(y_true, y_pred, keras.losses.binary_crossentropy, keras.losses.sparse_categorical_crossentropy,
+                     keras.losses.categorical_crossentropy)
 
 
 def _same_rank(y_true, y_pred):
