@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from trainer.sweep import format_table, job_folder, summarize
+from trainer.sweep import job_folder
+from trainer.sweep_table import format_table, summarize
 
 
 def test_job_folder_names_are_unique_flat_and_bounded():
@@ -58,7 +59,8 @@ def test_the_sweeps_best_job_follows_best_mode_auto_as_the_best_checkpoint_does(
     import pytest
 
     from trainer.config import ConfigError, TrainerConfig
-    from trainer.sweep import best_job, sweep_objective
+    from trainer.sweep import sweep_objective
+    from trainer.sweep_table import best_job
 
     assert sweep_objective(TrainerConfig(best_metric="loss")) == ("loss", "min")
     assert sweep_objective(TrainerConfig(best_metric="val/accuracy")) == ("val/accuracy", "max")
@@ -95,7 +97,8 @@ def test_the_sweeps_table_ranks_the_value_each_job_returned_to_the_sweeper(tmp_p
     from omegaconf import OmegaConf
 
     from trainer.config import TrainerConfig
-    from trainer.sweep import BASIC_SWEEPER, CSV_NAME, SweepSummary, job_value
+    from trainer.sweep import BASIC_SWEEPER, job_value
+    from trainer.sweep_table import CSV_NAME, SweepSummary
 
     config = OmegaConf.create({"trainer": OmegaConf.structured(TrainerConfig(best_metric=best_metric, max_steps=20)),
                                "hydra": {"sweep": {"dir": str(tmp_path)}, "sweeper": {"_target_": BASIC_SWEEPER}}})

@@ -27,8 +27,9 @@ from trainer.config import ConfigError, PrecisionConfig, TrainerConfig
 from trainer.config_check import check_config
 from trainer.errors import EXIT_NUMERICAL, EXIT_USER_ERROR, exit_code_of, find_error, report_error
 from trainer.signals import take_signal_the_run_finished_despite
-from trainer.sweep import (BASIC_SWEEPER, job_value, metric_names, program, register_resolver,
+from trainer.sweep import (BASIC_SWEEPER, job_value, metric_names, register_resolver,
                            register_sweeper_configs)
+from trainer.sweep_table import program
 
 log = logging.getLogger("trainer")
 logging.getLogger("tensorflow").setLevel(logging.WARNING)  # collective all-reduce chatter at INFO

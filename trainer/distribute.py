@@ -151,7 +151,8 @@ def make_strategy(cfg: StrategyConfig, where: Optional[str] = None) -> tf.distri
         if all(d.lower().startswith("/cpu") for d in devices):
             cross = tf.distribute.ReductionToOneDevice()  # NCCL is GPU-only
         strategy = tf.distribute.MirroredStrategy(devices, cross_device_ops=cross)
-        log.info("Strategy: mirrored over %s (%d replicas)", devices, strategy.num_replicas_in_sync)
+        replicas = strategy.num_replicas_in_sync
+        log.info("Strategy: mirrored over %s (%d replica%s)", devices, replicas, "" if replicas == 1 else "s")
     elif name == "multi_worker":
         if "TF_CONFIG" not in os.environ:
             raise StrategyError(

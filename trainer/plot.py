@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from trainer.callbacks.progress import HIDDEN
 from trainer.errors import UserError, reports_errors
 from trainer.memory import is_memory_field
-from trainer.sweep import differing, recorded_overrides
+from trainer.sweep_table import differing, recorded_overrides
 
 # speed and optimizer state; loss scale has its own panels; memory is no curve
 NOT_CURVES = HIDDEN | {"step", "split", "time"}

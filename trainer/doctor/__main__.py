@@ -105,7 +105,7 @@ def load_run(folder: str) -> Tuple[object, List[str], str, Path]:
     """(config, its overrides, the latest checkpoint, the run folder itself) of a run folder (or of a
     folder or checkpoint inside it), read by trainer.runs as every command reads one."""
     from trainer.runs import RunNotFound, checkpoint_of, not_a_run_folder
-    from trainer.sweep import recorded_overrides
+    from trainer.sweep_table import recorded_overrides
 
     try:
         checkpoint = checkpoint_of(folder)
