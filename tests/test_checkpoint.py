@@ -527,6 +527,14 @@ def test_a_misspelt_best_metric_is_an_error_before_training_not_a_warning_after(
     assert "did you mean 'accuracy'" in output and "Traceback" not in output
     assert not run_dir.exists()  # a failed start leaves no run folder (nothing was trained)
 
+    # trainer.best_metric=accuracy given on the command line is asked for, as Trainer(best_metric="accuracy") is:
+    # on a model without that metric an error, not the default's switch to ranking by the eval loss
+    result = run_cli(*TINY, "~metrics.accuracy", "trainer.best_metric=accuracy", f"hydra.run.dir={run_dir}")
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert "trainer.best_metric='accuracy' is not among the eval results ['loss']" in output
+    assert "ranked by the eval loss" not in output and not run_dir.exists()
+
 
 def _best_of(run_dir):
     return json.loads((Path(run_dir) / "checkpoints" / "best" / "best.json").read_text())[0]

@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence, Set
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -97,6 +97,11 @@ def schema(cls, node: DictConfig):
     return cls(**OmegaConf.to_container(node, resolve=True))
 
 
+def keys_given(overrides: Sequence[str]) -> Set[str]:
+    """The config keys a command line's overrides set (`+trainer.x=1`, `~key=`: trainer.x, key)."""
+    return {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
+
+
 def run_length_of_command_line(cfg: DictConfig, overrides) -> Optional[str]:
     """The command line's run length replaces the recipe's: `trainer.epochs=4` given without trainer.max_steps
     sets the recipe's max_steps (1500 for mnist) to null, where it would have cut the 4 epochs (1872 steps)
@@ -107,7 +112,7 @@ def run_length_of_command_line(cfg: DictConfig, overrides) -> Optional[str]:
     `overrides`: the command line's (Hydra's overrides.task)."""
     from omegaconf import open_dict
 
-    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
+    given = keys_given(overrides)
     for kept, dropped in (("epochs", "max_steps"), ("max_steps", "epochs")):
         value = cfg.trainer.get(dropped)
         if f"trainer.{kept}" in given and f"trainer.{dropped}" not in given and cfg.trainer.get(kept) is not None \
@@ -151,12 +156,14 @@ class Parts:
     seed: int
     clipnorm: Optional[float]
     from_cli: bool = False  # from a command line's config (parts_of): the Trainer's errors name its overrides
+    best_metric_given: bool = False  # trainer.best_metric=... on the command line: asked for, even if the default's
 
     def build(self, **rest):
         """The Trainer of these parts; `rest`: strategy, run_dir, callbacks, loggers, is_chief."""
+        asked = {"best_metric": self.config.best_metric} if self.best_metric_given else {}  # as Trainer(best_metric=)
         trainer = self.trainer_class(model=self.model, loss=self.loss, optimizer=self.optimizer, metrics=self.metrics,
                                      precision=self.precision, config=self.config, seed=self.seed,
-                                     clipnorm=self.clipnorm, **rest)
+                                     clipnorm=self.clipnorm, **asked, **rest)
         trainer.from_cli = self.from_cli
         return trainer
 
@@ -164,10 +171,11 @@ class Parts:
         return dataclasses.replace(self, **changes)
 
 
-def parts_of(cfg: DictConfig, total_steps: Optional[int] = None) -> Parts:
+def parts_of(cfg: DictConfig, total_steps: Optional[int] = None, overrides: Sequence[str] = ()) -> Parts:
     """The Trainer's parts a composed config (or a run's .hydra/config.yaml) names, for the command line's entry
     points (python -m trainer, the doctor, lr_find, evaluate, predict): its Trainer is `from_cli`. `total_steps`:
-    the optimizer's schedule length (its decay ends there)."""
+    the optimizer's schedule length (its decay ends there). `overrides`: the command line's (Hydra's
+    overrides.task): a trainer.best_metric given there is asked for, as Trainer(best_metric=...) is."""
     from trainer.loss_overrides import check_targets
     from trainer.optim import build_optimizer
 
@@ -183,6 +191,7 @@ def parts_of(cfg: DictConfig, total_steps: Optional[int] = None) -> Parts:
         seed=cfg.seed,
         clipnorm=cfg.optimizer.get("clipnorm"),
         from_cli=True,
+        best_metric_given="trainer.best_metric" in keys_given(overrides),
     )
 
 

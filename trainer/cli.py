@@ -144,7 +144,7 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
     steps_per_epoch = debug.steps_per_epoch(trainer_cfg,
                                             data.train_examples // examples_per_step if data.train_examples else None)
     total = Trainer.total_steps(trainer_cfg.max_steps, trainer_cfg.epochs, steps_per_epoch, cli=True)
-    trainer = parts_of(cfg, total).build(
+    trainer = parts_of(cfg, total, HydraConfig.get().overrides.task).build(
         strategy=strategy,
         run_dir=run_dir,
         is_chief=chief,
