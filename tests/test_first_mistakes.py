@@ -4,11 +4,14 @@ name misspelt in a step, text in a step's logs, a list of (x, y) pairs, other to
 what the user gave (model names, the default best metric without metrics). Tiny models, in this process."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+import trainer as trainer_module
 from conftest import blobs
 from trainer import Trainer
 from trainer.errors import UserError
@@ -137,6 +140,30 @@ def test_a_metric_name_misspelt_in_a_step_names_the_metrics():
     assert int(trainer.step.numpy()) == 0
     with pytest.raises(UserError, match=r"it has none. Fix: give the metric to the Trainer: Trainer\(metrics="):
         MisnamedMetric(**parts()).fit(blobs(), steps=2)
+
+
+def test_a_mistake_found_while_a_step_is_traced_shows_no_frames_of_the_library_unless_keras_is_asked():
+    """A UserError from inside a traced step came after ~35 frames of the Trainer, tf.function and autograph: it
+    leaves fit() with the user's frames only, as Keras' fit filters its own; Keras' switch shows them all."""
+    import traceback
+
+    package = str(Path(trainer_module.__file__).parent)
+
+    def frames_of(trainer):
+        with pytest.raises(UserError) as raised:
+            trainer.fit(blobs(), steps=2)
+        return [f.filename for f in traceback.extract_tb(raised.value.__traceback__)]
+
+    metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+    shown = frames_of(MisnamedMetric(**parts(metrics=metrics)))
+    assert shown[0] == __file__ and [f for f in shown if f.startswith(package)] == [
+        str(Path(package) / "user_traceback.py")], shown  # this test's call, then the re-raise: nothing between
+    keras.config.disable_traceback_filtering()
+    try:
+        shown = frames_of(MisnamedMetric(**parts(metrics=metrics)))
+    finally:
+        keras.config.enable_traceback_filtering()
+    assert len([f for f in shown if f.startswith(package)]) > 5 and any("tensorflow" in f for f in shown), shown
 
 
 def test_text_in_a_steps_logs_names_the_key():

@@ -41,6 +41,7 @@ from trainer.runlock import run_folder_lock
 from trainer.step import Step
 from trainer.tracking import Window
 from trainer.trainer_properties import TrainerProperties
+from trainer.user_traceback import user_errors_shown_short
 from trainer.xla_measure import XlaMeasurement
 from trainer.xla_plan import XlaPlan, decide_jit_compile
 
@@ -230,6 +231,7 @@ class Trainer(TrainerProperties, Step):
 
     total_steps = staticmethod(total_steps)  # how long a fit() call trains: trainer/inputs.py
 
+    @user_errors_shown_short
     def fit(self, train_data: Optional[DataArg] = None, eval_data: Optional[DataArg] = None, /, *,
             steps: Optional[int] = None, epochs: Optional[float] = None, steps_per_epoch: Optional[int] = None,
             batch_size: Optional[int] = None, validation_data=None, validation_split: Optional[float] = None,
@@ -339,6 +341,7 @@ class Trainer(TrainerProperties, Step):
         self.last_train_logs = logs
         return logs
 
+    @user_errors_shown_short
     def evaluate(self, eval_data: Any = None, y=None, *, steps: Optional[int] = None, step: Optional[int] = None,
                  callbacks: Optional[CallbackList] = None, batch_size: Optional[int] = None,
                  sample_weight=None, x=None) -> Dict[str, float]:
@@ -359,6 +362,7 @@ class Trainer(TrainerProperties, Step):
         finally:
             self._evaluating = evaluating
 
+    @user_errors_shown_short
     def predict(self, data: Any, batch_size: Optional[int] = None):
         """The model's outputs on `data` (a Dataset of batches, an array, a dict/tuple of arrays, an
         iterable of batches) as NumPy, in inference mode, under the strategy: see trainer/inference.py. With
