@@ -278,6 +278,27 @@ def test_shuffled_labels_are_flagged_by_the_final_evaluation(caplog, tmp_path):
     assert not_learning_warnings(caplog) == []
 
 
+def test_several_eval_sets_are_flagged_when_every_set_is_at_chance(caplog):
+    """Named eval sets were not judged at all: shuffled labels evaluated on {"val", "test"} ended without a word.
+    Each set is judged on its own counts; at chance on every set is said naming each; one set above chance (an
+    out-of-distribution set beside one that learned) is not."""
+    shuffled = two_classes(True, 128, 0).repeat().batch(32)
+    with caplog.at_level(logging.WARNING, logger="trainer.core"):
+        memoriser().fit(shuffled, {"val": two_classes(True, 1024, 1).batch(256),
+                                   "test": two_classes(True, 512, 2).batch(256)}, steps=240)
+    said = not_learning_warnings(caplog)
+    assert len(said) == 1 and "at chance (1/2 classes = 0.5, within 2 standard deviations) on every eval set" in said[0]
+    assert "val/accuracy" in said[0] and "on 1024 examples (chance reaches 0.5312)" in said[0], said[0]
+    assert "test/accuracy" in said[0] and "on 512 examples (chance reaches 0.5442)" in said[0], said[0]
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trainer.core"):
+        memoriser().fit(two_classes(False, 128, 0).repeat().batch(32),
+                        {"val": two_classes(False, 1024, 1).batch(256), "noise": two_classes(True, 1024, 2).batch(256)},
+                        steps=240)
+    assert not_learning_warnings(caplog) == []
+
+
 def noisy_two_classes(n: int, seed: int, flipped: float, weight: float = 1.0):
     """two_classes's rule with a share `flipped` of the labels flipped; each example weighted `weight`."""
     import tensorflow as tf

@@ -338,6 +338,7 @@ def evaluate(trainer, eval_data, *, steps: Optional[int], step: int, callbacks=N
     # a train window's state in the adopted metrics goes on after; on_eval_end reads the evaluation's
     with kept_aside(trainer.eval_window.adopted.values()):
         logs = _evaluated(trainer, eval_data, steps=steps, step=step, callbacks=callbacks)
+        trainer.eval_counts = {None: trainer.eval_window.counts()}
         if callbacks is not None:
             callbacks.on_eval_end(trainer, step, logs)
     return logs
@@ -378,13 +379,13 @@ def evaluate_sets(trainer, eval_sets, *, steps, step: int, callbacks=None) -> Di
     t = trainer
     if callbacks is not None:
         callbacks.on_eval_begin(t, step)
-    results, read = {}, 0
+    results, read, counts = {}, 0, {}
     with kept_aside(t.eval_window.adopted.values()):  # on_eval_end reads the adopted metrics at the last set's end
         for name, data in eval_sets.items():
             results[name] = _evaluated(t, data, steps=steps.get(name) if isinstance(steps, dict) else steps,
                                        step=step, callbacks=None)
-            read += t.eval_batches
-        t.eval_batches = read
+            read, counts[name] = read + t.eval_batches, t.eval_window.counts()
+        t.eval_batches, t.eval_counts = read, counts
         logs = evalsets.merged(results, step)
         if callbacks is not None:
             callbacks.on_eval_end(t, step, logs)

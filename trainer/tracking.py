@@ -58,6 +58,17 @@ class Window:
         """Whether metric `name`'s state changed since the restart (some step updated it)."""
         return not same_state(self._at_restart.get(name, []), metric_state(self.metrics[name]))
 
+    def counts(self) -> Dict[str, float]:
+        """What the loss and each metric counted since the restart (a Mean's examples, an accuracy's summed sample
+        weights), for those that keep a `count`: the learning check tells examples from weights by them."""
+        counted = {}
+        for name, metric in [("loss", self.loss), *self.metrics.items()]:
+            try:
+                counted[name] = float(keras.ops.convert_to_numpy(metric.count))
+            except Exception:  # noqa: BLE001 - a metric without a `count` variable: not counted
+                continue
+        return counted
+
     def logs(self) -> Dict[str, float]:
         """The window's logs as floats: the loss (when the default step ran), every metric the default
         step ran with or whose state moved, and the overridden step's logs."""

@@ -138,6 +138,7 @@ class Trainer(TrainerProperties, Step):
         self._fit_inputs, self.eval_set_names = None, None  # fit()'s last arguments made ready; named eval sets
         self.last_train_logs: Dict[str, Any] = {}  # what a later fit() with nothing to train returns (no eval data)
         self.eval_batches: Optional[int] = None  # global batches the last evaluation read
+        self.eval_counts: Dict[Optional[str], Dict[str, float]] = {}  # the last evaluation's, per set (None: one)
 
     def _make_parts(self, model, models, loss, optimizer, optimizers, metrics, frozen, strategy_given: bool) -> None:
         """The models, optimizers, metrics and the variables a checkpoint holds, made under the strategy's scope

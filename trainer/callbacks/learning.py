@@ -17,8 +17,6 @@ import logging
 import math
 from typing import Dict, Optional
 
-import keras
-
 log = logging.getLogger("trainer.core")
 
 MIN_STEPS = 200  # runs shorter than this are not judged (tests, smoke runs: their loss has barely moved)
@@ -112,22 +110,17 @@ def fix(logs: Dict) -> str:
             + SWITCHES)
 
 
-def eval_examples(trainer, name: str) -> Optional[float]:
-    """The examples the last evaluation counted, or None: unknown (a step's own loss), or weighted (said). The eval
-    loss's count is the examples (the default test_step weighs each batch's mean loss by its size); the accuracy's
-    `count` is the sum of its sample weights: when the two differ, the binomial noise of a count does not apply."""
-    def count(metric) -> Optional[float]:
-        try:
-            return float(keras.ops.convert_to_numpy(metric.count))
-        except Exception:  # noqa: BLE001 - no metric, or a `count` that is no variable: unknown
-            return None
-
-    examples, weights = count(getattr(trainer, "eval_loss", None)), count(trainer.eval_metrics.get(name))
+def eval_examples(counts: Dict[str, float], name: str, where: str) -> Optional[float]:
+    """The examples an eval set's last evaluation counted (`counts`: Window.counts of it), or None: unknown (a
+    step's own loss), or weighted (said). The eval loss's count is the examples (the default test_step weighs each
+    batch's mean loss by its size); the accuracy's `count` is the sum of its sample weights: when the two differ,
+    the binomial noise of a count does not apply."""
+    examples, weights = counts.get("loss"), counts.get(name)
     if not examples or weights is None:
         return None
     if abs(weights - examples) > 1e-6 * examples:
-        log.info("The final evaluation is not judged for learning: its %s weighs its %d examples (weights summing "
-                 "to %.4g), and chance's binomial noise is that of unweighted ones.", name, examples, weights)
+        log.info("The final evaluation%s is not judged for learning: its %s weighs its %d examples (weights summing "
+                 "to %.4g), and chance's binomial noise is that of unweighted ones.", where, name, examples, weights)
         return None
     return examples
 
@@ -141,29 +134,54 @@ def judged_examples(chance: float) -> int:
 
 def eval_at_chance(trainer, eval_logs: Dict, train_loss: Optional[float], reference: Optional[float]) -> Optional[str]:
     """Called after the final evaluation: why a run whose train loss fell (below LEARNED x its first) learned
-    nothing that evaluation sees (one eval set, with an accuracy metric, of unweighted examples enough to tell
-    chance from learning: judged_examples), or None. Judged so when the eval accuracy is at chance, within NOISE
-    binomial standard deviations for its examples, and the eval loss is not below LEARNED x the loss of
-    predicting every class alike (ln of the classes)."""
+    nothing that evaluation sees, or None. Judged so when on every eval set that can tell (with an accuracy
+    metric, of unweighted examples enough to tell chance from learning: judged_examples; at least one such set)
+    the eval accuracy is at chance, within NOISE binomial standard deviations for its examples, and the eval
+    loss is not below LEARNED x the loss of predicting every class alike (ln of the classes). Several sets: one
+    above chance (an in-distribution set beside an out-of-distribution one) says the model learned."""
     chance = chance_accuracy(trainer)
     if (chance is None or train_loss is None or reference is None or reference <= 0
             or not math.isfinite(train_loss) or train_loss >= LEARNED * reference):
         return None
-    name = next((k for k, v in eval_logs.items() if k.endswith("accuracy") and isinstance(v, (int, float))), None)
-    loss, examples = eval_logs.get("loss"), eval_examples(trainer, name) if name else None
-    if not examples or not isinstance(loss, (int, float)) or not math.isfinite(loss):
+    sets = trainer.eval_set_names or [None]
+    judged = [_set_at_chance(trainer, eval_logs, chance, name) for name in sets]
+    if not any(judged) or any(verdict is False for verdict in judged):
+        return None
+    at_chance = [verdict for verdict in judged if verdict]
+    classes, chance_loss = round(1 / chance), math.log(round(1 / chance))
+    if sets == [None]:
+        accuracy, examples, bound, loss, name = at_chance[0]
+        return (f"the train loss fell to {train_loss:.4g} (from {reference:.4g}), yet the final eval {name} "
+                f"{accuracy:.4f} is at chance (1/{classes} classes = {chance:.3g}; on {examples:.0f} examples, "
+                f"chance reaches {bound:.4f}, {NOISE:g} standard deviations above it) and the eval loss {loss:.4g} "
+                f"is not below that of predicting every class alike (ln {classes} = {chance_loss:.4g}): the model "
+                "fits the train set but learned nothing that carries over to the eval set")
+    each = "; ".join(f"{name} {accuracy:.4f} on {examples:.0f} examples (chance reaches {bound:.4f}), loss {loss:.4g}"
+                     for accuracy, examples, bound, loss, name in at_chance)
+    return (f"the train loss fell to {train_loss:.4g} (from {reference:.4g}), yet the final evaluation is at chance "
+            f"(1/{classes} classes = {chance:.3g}, within {NOISE:g} standard deviations) on every eval set it could "
+            f"judge: {each}; no eval loss is below that of predicting every class alike (ln {classes} = "
+            f"{chance_loss:.4g}): the model fits the train set but learned nothing that carries over to the eval sets")
+
+
+def _set_at_chance(trainer, eval_logs: Dict, chance: float, set_name: Optional[str]):
+    """One eval set's final evaluation: (accuracy, examples, chance's bound, loss, accuracy's key) when at chance,
+    False when it learned, None when it cannot tell (no accuracy, an unknown or weighted count, too few examples)."""
+    prefix, where = (f"{set_name}/", f" of {set_name}") if set_name else ("", "")
+    name = next((k for k, v in eval_logs.items() if k.startswith(prefix) and k.endswith("accuracy")
+                 and (set_name or "/" not in k) and isinstance(v, (int, float))), None)
+    loss = eval_logs.get(f"{prefix}loss")
+    if name is None or not isinstance(loss, (int, float)) or not math.isfinite(loss):
+        return None
+    examples = eval_examples(trainer.eval_counts.get(set_name, {}), name[len(prefix):], where)
+    if not examples:
         return None
     accuracy, classes, needed = float(eval_logs[name]), round(1 / chance), judged_examples(chance)
     if examples < needed:
-        log.info("The final evaluation is not judged for learning: its %d examples cannot tell chance (1/%d classes) "
-                 "from a model that learned (it takes %d).", examples, classes, needed)
+        log.info("The final evaluation%s is not judged for learning: its %d examples cannot tell chance (1/%d "
+                 "classes) from a model that learned (it takes %d).", where, examples, classes, needed)
         return None
     bound = chance + NOISE * math.sqrt(chance * (1 - chance) / examples)
-    chance_loss = math.log(classes)
-    if accuracy > bound or loss < LEARNED * chance_loss:
-        return None
-    return (f"the train loss fell to {train_loss:.4g} (from {reference:.4g}), yet the final eval {name} "
-            f"{accuracy:.4f} is at chance (1/{classes} classes = {chance:.3g}; on {examples:.0f} examples, chance "
-            f"reaches {bound:.4f}, {NOISE:g} standard deviations above it) and the eval loss {loss:.4g} is not below "
-            f"that of predicting every class alike (ln {classes} = {chance_loss:.4g}): the model fits the train "
-            "set but learned nothing that carries over to the eval set")
+    if accuracy > bound or loss < LEARNED * math.log(classes):
+        return False
+    return accuracy, examples, bound, loss, name
