@@ -418,7 +418,8 @@ def test_init_from_reports_restored_missing_mismatched(tmp_path):
 def test_a_warm_start_that_restores_under_half_of_the_model_is_a_warning_naming_the_mismatched(tmp_path, caplog):
     """init_from a run of another width: 1 of 4 variables loaded, at INFO before, and exit 0."""
     def net(width):
-        return keras.Sequential([keras.Input((4,)), keras.layers.Dense(width), keras.layers.Dense(2)])
+        return keras.Sequential([keras.Input((4,)), keras.layers.Dense(width, name="hidden"),
+                                 keras.layers.Dense(2, name="head")])
 
     Trainer(model=lambda: net(8), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             optimizer=lambda: keras.optimizers.SGD(0.1), run_dir=tmp_path / "a",
@@ -427,7 +428,8 @@ def test_a_warm_start_that_restores_under_half_of_the_model_is_a_warning_naming_
     warm_start(net(16), str(tmp_path / "a"))
     warned = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1 and "restored 1 variables" in warned[0].getMessage()
-    assert "[4, 8] vs [4, 16]" in warned[0].getMessage()
+    assert "hidden/kernel [4, 8] vs [4, 16]" in warned[0].getMessage()  # by its layer: not _operations/1/_kernel
+    assert "_operations" not in warned[0].getMessage()
     assert ("Only 1 of this model's 4 variables loaded: the others keep their initial values, as if untrained; the "
             "checkpoint's model has other shapes") in warned[0].getMessage()
     assert f"or drop warm_start(model, {str(tmp_path / 'a')!r}) to train from scratch" in warned[0].getMessage()

@@ -143,6 +143,12 @@ def _mostly_new(restored: int, variables: int, mismatched: List[str], drop: str)
             f"or drop {drop} to train from scratch")
 
 
+def _layer_path(variable, checkpoint_path: str) -> str:
+    """A model variable as the log names it: by its layer (`hidden/kernel`, Keras' variable path), which the user
+    wrote, not the checkpoint's object path (`model/_functional/_operations/1/_kernel`)."""
+    return str(getattr(variable, "path", "") or checkpoint_path)
+
+
 def _match(model, prefix: str, name: Optional[str]):
     """(reader, rows, saved, where) of match_variables for the checkpoint's object that holds this model: its
     `models/<name>`, else a one-model run's `model`; in each, as saved or through trainer's float32-output wrapper
@@ -187,12 +193,14 @@ def warm_start(model, path: Union[str, os.PathLike], purpose: str = "Warm start"
         return _keras_file(model, path, purpose, setting, name, strict)
     prefix = _resolve_checkpoint(path, setting)
     reader, rows, saved, where = _match(model, prefix, name)
-    restored, missing, mismatched = [], [], []
+    restored, missing, mismatched, said_missing, said_mismatched = [], [], [], [], []
     for path_in, var, key, shape in rows:
         if key is None:
             missing.append(path_in)
+            said_missing.append(_layer_path(var, path_in))
         elif list(shape) != list(var.shape):
             mismatched.append(f"{path_in} {shape} vs {list(var.shape)}")
+            said_mismatched.append(f"{_layer_path(var, path_in)} {shape} vs {list(var.shape)}")
         else:
             var.assign(reader.get_tensor(key))
             restored.append(path_in)
@@ -207,7 +215,8 @@ def warm_start(model, path: Union[str, os.PathLike], purpose: str = "Warm start"
         "%s%s from %s (its %s): restored %d variables, missing %d %s, mismatched %d %s, unexpected %d %s%s",
         purpose, "" if name is None else f" of {name}", prefix,
         f"{where}, a one-model run's" if where.split("/")[0] == "model" and name is not None else where,
-        len(restored), len(missing), missing[:5], len(mismatched), mismatched[:5], len(unexpected), unexpected[:5],
+        len(restored), len(missing), said_missing[:5], len(mismatched), said_mismatched[:5], len(unexpected),
+        unexpected[:5],
         _mostly_new(len(restored), len(rows), mismatched, drop or setting) if mostly_new else "",
     )
     _refuse_incomplete(setting, name, prefix, where, saved, restored, missing, mismatched, strict)
