@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import SKIP_TEARDOWN
+from conftest import SKIP_TEARDOWN, read_metrics
 from trainer import EarlyStopping, Trainer
 from trainer.errors import UserError
 
@@ -96,9 +96,12 @@ def test_epochs_is_a_total_so_a_second_fit_says_it_trains_nothing_and_returns_th
     with caplog.at_level("WARNING", logger="trainer"):
         again = make(run_dir=tmp_path).fit(x, y, batch_size=32, steps=3, validation_split=0.25)  # resumed, done
         assert again["split"] == "eval" and again["loss"] == pytest.approx(logs["loss"])
-        fresh = make(run_dir=tmp_path).fit(x, y, batch_size=32, steps=3)  # no eval data, no logs yet: not measured
+        fresh = make(run_dir=tmp_path).fit(x, y, batch_size=32, steps=3)  # no eval data: the run's record of step 3
+        unrecorded = make(run_dir=tmp_path, loggers=[]).fit(x, y, batch_size=32, steps=3)  # no record to read
     assert "fit(steps=3) trains until step 3 in total" in caplog.text and "Fix: fit(steps=6)" in caplog.text
-    assert fresh["step"] == 3 and np.isnan(fresh["loss"]) and np.isnan(fresh["accuracy"])
+    logged = [r for r in read_metrics(tmp_path) if r["split"] == "train" and r["step"] == 3][-1]
+    assert fresh["step"] == 3 and fresh["loss"] == logged["loss"] and fresh["accuracy"] == logged["accuracy"]
+    assert unrecorded["step"] == 3 and np.isnan(unrecorded["loss"]) and np.isnan(unrecorded["accuracy"])
 
 
 @pytest.mark.parametrize("call, message", [

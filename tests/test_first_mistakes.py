@@ -252,12 +252,18 @@ def test_without_metrics_the_best_checkpoints_are_ranked_by_the_loss(tmp_path, c
 
 
 def test_the_loss_ranking_is_said_once_per_trainer_and_names_the_eval_set(tmp_path, caplog):
+    """Said at the first fit() that evaluates: a fit without eval data has no eval results to name."""
     trainer = Trainer(**parts(run_dir=tmp_path, eval_every=5, checkpoint_every=5, verbose=True))
+
+    def said():
+        return [r.getMessage() for r in caplog.records if "best checkpoints are ranked by the eval loss" in r.getMessage()]
+
     with caplog.at_level("INFO", logger="trainer"):
-        for steps in (5, 10):
+        trainer.fit(blobs(), steps=5)
+        assert said() == []
+        for steps in (10, 15):
             trainer.fit(blobs(), {"val": blobs(64), "ood": blobs(64)}, steps=steps)
-    said = [r.getMessage() for r in caplog.records if "best checkpoints are ranked by the eval loss" in r.getMessage()]
-    assert len(said) == 1 and "ranked by the eval loss of the first eval set ('val/loss'; " in said[0], said
+    assert len(said()) == 1 and "ranked by the eval loss of the first eval set ('val/loss'; " in said()[0], said()
     assert "trainer.best_metric='loss'" not in caplog.text and "Trainer(best_metric='loss')" not in caplog.text
 
 

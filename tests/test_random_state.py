@@ -134,3 +134,38 @@ def test_a_shared_shuffled_data_set_is_not_named_when_no_resume_can_go_wrong(tmp
             trainer().fit(data, steps=1)  # the teacher
             trainer(**kwargs).fit(data, steps=1)  # the student, on the same object
     assert "iterated for training before" not in caplog.text
+
+
+class LoggedNoise(Trainer):
+    """tf.random.uniform (a stateful op) in the step, its draw logged."""
+
+    def train_step(self, data):
+        x, y = tf.cast(data[0], tf.float32), data[1]
+        noise = tf.random.uniform(tf.shape(x))
+        with tf.GradientTape() as tape:
+            logits = self.model(x + noise, training=True)
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
+        self.update(loss, tape)
+        return {"loss": loss, "noise": tf.reduce_sum(noise)}
+
+
+def test_a_retrace_that_restarts_stateful_random_ops_is_said(tmp_path, caplog):
+    """Under trainer.deterministic a retrace (here: a layer frozen between fit() calls) makes tf.random.uniform anew,
+    seeded by its place in the graph: its draws repeat those from the first trace on, within one run. Said with
+    the step and the fix; the logged draws show it."""
+    from conftest import read_metrics
+
+    trainer = LoggedNoise(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
+                                                          keras.layers.Dense(2)]),
+                          optimizer=lambda: keras.optimizers.Adam(1e-2), run_dir=tmp_path, seed=1, deterministic=True,
+                          log_every=1, checkpoint_every=0, progress_bar=False)
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        trainer.fit(blobs(), steps=2)
+        assert "traced again" not in caplog.text
+        trainer.model.layers[0].trainable = False
+        trainer.fit(blobs(), steps=4)
+    said = [r.getMessage() for r in caplog.records if "traced again" in r.getMessage()]
+    assert len(said) == 1 and "the train step was traced again (at step 2" in said[0], said
+    assert "RandomUniform" in said[0] and "Fix: draw from self.rng" in said[0]
+    noise = {r["step"]: r["noise"] for r in read_metrics(tmp_path) if r["split"] == "train"}
+    assert noise[3] == noise[1] and noise[4] == noise[2] and noise[1] != noise[2]  # what the warning says

@@ -231,7 +231,8 @@ class Loop:
             if self.start >= self.total:  # a finished run started again, or fit(epochs=1) twice (a total)
                 log.warning("%s", nothing_to_train(self.step, self.total, *self.request, t.config, t.steps_per_epoch,
                                                    cli=t.from_cli))
-                self.train_logs = dict(t.last_train_logs) or {  # this Trainer's last, else the keys unmeasured
+                # this Trainer's last, else the run's record of it (a new process), else the keys unmeasured
+                self.train_logs = dict(t.last_train_logs) or self.callbacks.logged("train", self.step) or {
                     "step": self.step, "split": "train", "loss": float("nan"), **{m: float("nan") for m in t.metrics}}
             else:  # a run that early stopping ended, say (the callback said why)
                 log.info("Stopped at step %d before training a step (a callback set trainer.stop_training at the "

@@ -156,10 +156,11 @@ def warn_random_state_outside_checkpoint(trainer) -> None:
         return
     graph = tf.compat.v1.get_default_graph()
     found = [f"{op} {name!r}" for op, name in stateful_random_ops(graph)]
+    named = _named.setdefault(trainer, set())  # what an earlier trace of this Trainer named already
+    _warn_draws_restart_at_retrace(trainer, [f for f in found if f in named])
     if _uses_keras_global_seed_generator(graph):
         found.append("keras.random.* without a seed (Keras' global SeedGenerator)")
     found += _generators_outside_checkpoint(graph, trainer)
-    named = _named.setdefault(trainer, set())  # what an earlier trace of this Trainer named already
     found = [f for f in found if f not in named]
     named.update(found)
     if not found:
@@ -172,6 +173,23 @@ def warn_random_state_outside_checkpoint(trainer) -> None:
         "(self.rng.uniform(shape), self.rng.normal(shape), or "
         "tf.random.stateless_*(shape, seed=self.rng.make_seeds(1)[:, 0])), give keras.random a SeedGenerator kept on a "
         "model (seed=model.seed_generator), or put the randomness in the data pipeline (see docs/research.md).", shown)
+
+
+def _warn_draws_restart_at_retrace(trainer, ops: List[str]) -> None:
+    """A retrace (another input shape, a changed trainable flag) makes the stateful random ops anew: seeded by
+    their place in the graph under trainer.deterministic, they draw from here what they drew from the run's start
+    (a mixup's lambda at step 30 equal to step 10's), within one uninterrupted run."""
+    if not ops:
+        return
+    with tf.init_scope():
+        step = int(trainer.step.numpy())
+    shown = ", ".join(ops[:6]) + (f" and {len(ops) - 6} more" if len(ops) > 6 else "")
+    log.warning(
+        "trainer.deterministic=true: the train step was traced again (at step %d: another input shape, a changed "
+        "trainable flag or precision), and its stateful random ops %s start their sequences afresh in the new trace "
+        "(each is seeded by its place in the graph), so from here they draw the numbers they drew from the first "
+        "trace on: the same noise again. Fix: draw from self.rng, the Trainer's checkpointed tf.random.Generator "
+        "(self.rng.uniform(shape)), whose state goes on across traces (see docs/research.md).", step, shown)
 
 
 def warn_unused_optimizers(trainer) -> None:

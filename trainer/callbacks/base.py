@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import tensorflow as tf
 
@@ -70,6 +70,11 @@ class CallbackList(Callback):
     def eval_missing(self, step: int) -> bool:
         """True when a logger's record lacks the evaluation at `step` (see Logger.has_eval)."""
         return any(getattr(cb, "has_eval", lambda s: None)(step) is False for cb in self.callbacks)
+
+    def logged(self, split: str, step: int) -> Optional[Dict]:
+        """A logger's record of the `split` log at `step` (see Logger.logged), else None."""
+        return next((row for cb in self.callbacks if (row := getattr(cb, "logged", lambda *a: None)(split, step))
+                     is not None), None)
 
     def _keys(self):
         seen: Dict[str, int] = {}

@@ -77,6 +77,7 @@ class Checkpointing(Callback):
         self.best: Tuple[Optional[str], Optional[str]] = (None, None)
         self.recorded: Tuple[Optional[str], Optional[str]] = UNRECORDED
         self.metric: Optional[str] = None  # what best checkpoints are ranked by (default_best_metric)
+        self.said_by_loss = False  # the default's ranking by the eval loss is said at the first fit() that evaluates
 
     def state_dict(self) -> Dict:
         return {"best_metric": self.best[0], "best_mode": self.best[1]}
@@ -119,12 +120,13 @@ class Checkpointing(Callback):
         if trainer.run_dir is None or not trainer.config.best_metric:
             return None
         names, sets = log_names(trainer, train=False), trainer.eval_set_names
-        first, self.metric = self.metric is None, default_best_metric(trainer, names)
+        self.metric = default_best_metric(trainer, names)
         by_loss = self.metric != trainer.config.best_metric  # the default, without metrics: said here, once
         key = evalsets.resolve(self.metric, sets, names, "trainer.best_metric", "Trainer(best_metric=...)",
                                trainer.from_cli, say=not by_loss, known=default_log_names(trainer, False))
-        if by_loss and first:
+        if by_loss and trainer.evaluates and not self.said_by_loss:  # without eval data there are no eval results
             say_ranked_by_loss(trainer, key)
+            self.said_by_loss = True
         if names is not None:
             check_best_metric(trainer, key, [f"{s}/{n}" for s in sets for n in names] if sets else names)
         else:  # a test_step's own results: checked at its first evaluation (refuse_missing_best)

@@ -56,6 +56,11 @@ class Logger(Callback):
         again logs its final evaluation only where it is missing (a run stopped during it)."""
         return None
 
+    def logged(self, split: str, step: int) -> Optional[Dict]:
+        """The record's `split` log at `step`, as it was logged; None: none, or cannot tell. A finished run
+        started again without eval data returns its last train log from it."""
+        return None
+
     @staticmethod
     def in_run_dir(trainer, path: Optional[Union[str, Path]], default: str) -> Path:
         """`path`, or `default` inside the Trainer's run folder; a logger without either cannot write."""
@@ -84,16 +89,22 @@ class MetricsWriter(Logger):
             f.write(json.dumps(record) + "\n")
 
     def has_eval(self, step):
+        return self.logged("eval", step) is not None
+
+    def logged(self, split, step):
         if self.path is None or not self.path.is_file():
-            return False
+            return None
+        found = None
         for line in self.path.read_text(errors="replace").splitlines():
             try:
                 row = json.loads(line)
             except ValueError:  # a line cut by a kill
                 continue
-            if isinstance(row, dict) and row.get("split") == "eval" and row.get("step") == step:
-                return True
-        return False
+            if isinstance(row, dict) and row.get("split") == split and row.get("step") == step:
+                found = row  # the last: a resumed run's rows after a rewind replace the earlier ones
+        if found is None:
+            return None
+        return {k: (math.nan if v is None else v) for k, v in found.items() if k != "time"}  # None: a non-finite
 
 
 class TensorBoardWriter(Logger):
