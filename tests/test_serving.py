@@ -169,6 +169,23 @@ def test_export_each_format_is_loaded_back_and_checked(run_dir, tmp_path, fmt, c
     assert any(p.is_file() for p in out.rglob("*"))
 
 
+def test_export_of_a_run_stopped_before_its_end_says_so(run_dir, tmp_path, capsys):
+    """A run stopped at step 40 of 100 (its config says 100) exported with exit 0 and only "step 40" shown."""
+    import shutil
+
+    stopped = tmp_path / "stopped"
+    shutil.copytree(run_dir, stopped)
+    config = stopped / ".hydra" / "config.yaml"
+    config.write_text(config.read_text().replace("max_steps: 40", "max_steps: 100"))
+    code, stdout, stderr = in_process("trainer.export", str(stopped), "--format", "keras", "--out",
+                                      str(tmp_path / "out"), capsys=capsys)
+    assert code == 0, stderr
+    assert "note: ckpt-40 is step 40 of the run's 100 (trainer.max_steps): the run stopped before its end" in stdout
+    code, stdout, _ = in_process("trainer.export", str(run_dir), "--format", "keras", "--out", str(tmp_path / "done"),
+                                 capsys=capsys)
+    assert code == 0 and "note:" not in stdout  # a finished run
+
+
 def test_export_without_its_packages_exits_2_with_the_pip_command(run_dir, tmp_path, capsys, monkeypatch):
     from trainer import export_formats
 

@@ -214,6 +214,27 @@ def test_step_schedule_boundaries_are_global_steps_with_or_without_warmup(warmup
         assert lr(0) == pytest.approx(0.1 / warmup) and lr(warmup - 1) == pytest.approx(0.1)
 
 
+def test_step_schedule_boundaries_out_of_order_or_inside_the_warmup_are_refused_and_late_ones_said(caplog):
+    """Boundaries [50, 10] gave a rate above optimizer.lr between them (1.01e-3 for lr=1e-3), exit 0."""
+    from trainer.config import ConfigError
+    from trainer.optim import make_schedule
+
+    def schedule(boundaries, warmup=0):
+        return make_schedule({"lr": 0.1, "schedule": "step", "boundaries": boundaries, "warmup_steps": warmup},
+                             total_steps=200)
+
+    with pytest.raises(ConfigError, match=r"optimizer.boundaries=\[50, 10\] must increase.*Fix: optimizer.boundaries="
+                                          r"\[10, 50\]"):
+        schedule([50, 10])
+    with pytest.raises(ConfigError, match=r"must increase"):
+        schedule([10, 10])
+    with pytest.raises(ConfigError, match=r"starts at or before the warmup's end \(optimizer.warmup_steps=40\)"):
+        schedule([30, 100], warmup=40)
+    with caplog.at_level("WARNING", logger="trainer"):
+        schedule([100, 250])
+    assert "optimizer.boundaries [250] are at or past the run's last step (200)" in caplog.text
+
+
 def test_the_default_step_and_update_take_one_seam_and_the_step_functions_have_one_owner():
     """The default step (compute_gradients) and self.update(loss, tape) reach the unscaled gradients the same way
     (Updater.unscaled_gradients): under a loss scale of 1024 they train the same weights, and an overflowing

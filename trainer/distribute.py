@@ -100,20 +100,28 @@ def check_fields_used(cfg: StrategyConfig, where: Optional[str] = None) -> None:
                         f"strategy{' (one device)' if cfg.name == 'default' else ''} would ignore it. Fix: {fix}.")
 
 
-def _check_device_exists(device: str) -> None:
-    """OneDeviceStrategy takes any device name and falls back to the CPU without a word."""
+def _check_device_exists(device: str, key: str = "strategy.device", given: Any = None) -> None:
+    """OneDeviceStrategy takes any device name and falls back to the CPU without a word; MirroredStrategy over
+    absent GPUs waits forever at its first step, deaf to SIGTERM and Ctrl-C (over one, it falls back to the CPU).
+    `key`, `given`: the setting as the user wrote it (strategy.devices=[...])."""
+    shown = f"{key}={device!r}" if given is None else f"{key}={given} ({device!r})"
     try:
         spec = tf.DeviceSpec.from_string(device)
     except ValueError as e:
-        raise StrategyError(f"strategy.device={device!r} is not a device name (like /gpu:0 or /cpu:0): {e}") from None
+        raise StrategyError(f"{shown} is not a device name (like /gpu:0 or /cpu:0): {e}") from None
     kind = (spec.device_type or "").upper()
     present = tf.config.list_physical_devices(kind) if kind else []
-    if not kind or (spec.device_index or 0) >= len(present):
+    count = max(len(present), _logical_cpus()) if kind == "CPU" else len(present)  # a split CPU: its logical ones
+    if not kind or (spec.device_index or 0) >= count:
+        none_here = (" (no GPU is visible to TensorFlow: this machine has none, or this TensorFlow build or its "
+                     "CUDA drivers cannot reach it)" if kind == "GPU" and not present else "")
         raise StrategyError(
-            f"strategy.device={device!r}: this machine has {len(present) if kind else 'no such'} {kind or 'device'} "
-            f"device(s) ({[d.name for d in present]}). Fix: name one of them, or drop strategy.device (the "
-            "first GPU, else the CPU)."
-        )
+            f"{shown}: this machine has {count if kind else 'no such'} {kind or 'device'} "
+            f"device(s) ({[d.name for d in present]}){none_here}. Fix: "
+            + ("name one of them, or " if count else "") + f"drop {key} (the "
+            f"{'first GPU' if key == 'strategy.device' else 'GPUs'}, else the CPU"
+            + ("; strategy.logical_cpus=N splits the CPU into N replicas, for testing)." if key != "strategy.device"
+               and kind == "GPU" else ")."))
 
 
 def make_strategy(cfg: StrategyConfig, where: Optional[str] = None) -> tf.distribute.Strategy:
@@ -133,6 +141,8 @@ def make_strategy(cfg: StrategyConfig, where: Optional[str] = None) -> tf.distri
     elif name == "mirrored":
         if cfg.devices:
             devices = list(cfg.devices)
+            for device in devices:
+                _check_device_exists(device, "strategy.devices", "[" + ",".join(map(str, devices)) + "]")
         elif gpus:
             devices = [f"/gpu:{i}" for i in range(len(gpus))]
         elif (cfg.logical_cpus or 0) > 1:

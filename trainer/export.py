@@ -20,12 +20,23 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any, List, Tuple
+from typing import Any, List, Optional, Tuple
 
 from trainer.errors import EXIT_NUMERICAL, reports_errors
 from trainer.runs import checkpoint_of, eval_inputs, find_run, load_trained_model  # noqa: F401 - find_run: its home before
 
 EXIT_MISMATCH = EXIT_NUMERICAL  # written, but its outputs differ beyond --tolerance (ExportMismatch)
+
+
+def _unfinished(checkpoint) -> Optional[str]:
+    """A line saying the run's newest checkpoint is from before its last step (a run stopped early, or still
+    training), or None: finished, an older checkpoint asked for, or a run length counted in epochs (unknown here)."""
+    trainer_cfg = checkpoint.cfg.get("trainer") or {}
+    total = trainer_cfg.get("max_steps") if trainer_cfg.get("epochs") is None else None
+    if not checkpoint.latest or not isinstance(total, int) or checkpoint.step >= total:  # an older one: chosen
+        return None
+    return (f"note: {checkpoint.name} is step {checkpoint.step} of the run's {total} (trainer.max_steps): the run "
+            "stopped before its end or is still training; resuming it finishes the training")
 
 
 @reports_errors()
@@ -67,6 +78,8 @@ def main(argv=None) -> int:
         model, sample = checkpoint.load_model()  # names the one loaded, if rotation replaced the newest
         batches = eval_inputs(checkpoint.cfg, args.check_batches)
         origin, checked_on = f"{checkpoint.name}, step {checkpoint.step}", "eval examples"
+        if _unfinished(checkpoint):
+            print(_unfinished(checkpoint))
     trained = model  # what every export is compared with: the trained model in float32
     if args.policy != "float32":
         model, report = convert_model(model, args.policy, sample)

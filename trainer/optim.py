@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import keras
 import tensorflow as tf
@@ -82,6 +82,22 @@ def warn_warmup_not_shorter(warmup: int, total_steps: int, lr: float, name: Opti
                 warmup, total_steps, reach, after, tenth, "a tenth of the run" if tenth else "none")
 
 
+def check_boundaries(boundaries: List[int], warmup: int, total_steps: Optional[int]) -> None:
+    """optimizer.boundaries out of order gave a rate above optimizer.lr between them, and one inside the warmup
+    a schedule that decayed before it began: ConfigErrors. One at or past the run's end never acts: said."""
+    if any(later <= earlier for earlier, later in zip(boundaries, boundaries[1:])):
+        raise ConfigError(f"optimizer.boundaries={boundaries} must increase, step by step: the rate drops at each, in "
+                          f"order. Fix: optimizer.boundaries={sorted(set(boundaries))}")
+    if boundaries and boundaries[0] <= warmup:
+        raise ConfigError(f"optimizer.boundaries={boundaries} starts at or before the warmup's end "
+                          f"(optimizer.warmup_steps={warmup}): the steps count from the run's start. Fix: boundaries "
+                          f"after step {warmup}, or a shorter warmup")
+    late = [b for b in boundaries if total_steps is not None and b >= total_steps]
+    if late:
+        log.warning("optimizer.boundaries %s are at or past the run's last step (%d): the rate never drops there. "
+                    "Fix: boundaries below %d, or a longer run", late, total_steps, total_steps)
+
+
 def make_schedule(cfg: Dict[str, Any], total_steps: int):
     """A float (constant) or a LearningRateSchedule: constant | cosine | linear | step, with warmup."""
     lr, name, warmup = float(cfg["lr"]), cfg.get("schedule"), int(cfg.get("warmup_steps") or 0)
@@ -98,6 +114,7 @@ def make_schedule(cfg: Dict[str, Any], total_steps: int):
                                                            power=1.0)
     elif name == "step":
         # Boundaries are global steps; the schedule after a warmup counts from the warmup's end.
+        check_boundaries([int(b) for b in cfg.get("boundaries") or []], warmup, total_steps)
         bounds = [int(b) - warmup for b in cfg.get("boundaries") or []]
         rate = float(cfg.get("decay_rate", 0.1))
         after = keras.optimizers.schedules.PiecewiseConstantDecay(bounds,
