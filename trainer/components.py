@@ -2,25 +2,20 @@
 metrics, loss and loss scales. Called under the strategy scope (trainer.py), after the dtype policy is set."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import weakref
-from typing import Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Tuple
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import loss_fit, model_summary
 from trainer import precision as precision_lib
 from trainer.config import ConfigError, PrecisionConfig
 from trainer.distribute import StrategyError
 from trainer.errors import UserError
-from trainer.inputs import unbatched_error
-from trainer.layer_probe import LayerProbe, output_layers
 from trainer.loss_scale import LossScale
 from trainer.precision import PrecisionError
-from trainer.step import Step
 from trainer.update import Updater
 
 log = logging.getLogger("trainer.core")
@@ -287,71 +282,3 @@ def make_updaters(trainer, clipnorm) -> Dict[str, Updater]:
                       fused=trainer.config.fused_optimizer, grad_multipliers=lambda: trainer.grad_multipliers)
         for i, (name, opt) in enumerate(trainer.optimizers.items())
     }
-
-
-def _default_loss_path(trainer) -> bool:
-    """train_step, compute_loss and compute_gradients all Step's (none overridden by a subclass, a mixin or the
-    instance): only then does trainer.loss meet the model's output and the labels as given. An override may turn
-    them first (docs/research.md: one-hot the class ids, then super().compute_loss with CategoricalCrossentropy)."""
-    names = ("train_step", "compute_loss", "compute_gradients")
-    return all(getattr(type(trainer), name) is getattr(Step, name) and name not in vars(trainer) for name in names)
-
-
-def build_variables(trainer, sample_batch) -> Optional[keras.Model]:
-    """Creates the variables of `trainer`'s models and optimizers before any step is traced: the model (on a sample
-    batch), the float32-output check, every optimizer's slots. Tracing a step that creates variables would fail
-    under tf.function, and a restore needs them all to exist. It reads the Trainer and sets none of its state:
-    returns the one model's float32-output wrapper, which Trainer.build puts in its place, or None."""
-    if len(trainer.models) > 1 and type(trainer).train_step is Step.train_step:
-        raise TypeError(f"Trainer: the default train_step trains one model; with several {sorted(trainer.models)}, "
-                        "override train_step and call self.update(loss, tape, name) (see docs/research.md)")
-    with trainer.strategy.scope():
-        wrapped = None
-        if len(trainer.models) == 1:
-            wrapped = _build_single_model(trainer.model, trainer.precision, sample_batch,
-                                          precision_lib.device_kind(trainer.strategy) == "GPU")
-            if _default_loss_path(trainer) and trainer.loss is not None:  # the loss meets the labels as given
-                loss_fit.check_labels(trainer.loss, trainer.model, sample_batch, trainer.from_cli)
-                loss_fit.warn_if_logits_mismatch(trainer.loss, trainer.model, trainer.from_cli)
-        # the models as the Trainer will hold them (the wrapper in the one model's place)
-        models = {name: model if wrapped is None else wrapped for name, model in trainer.models.items()}
-        for name, model in models.items():
-            if not model.weights:
-                raise ValueError(f"Trainer: model {name!r} has no variables yet: give it a keras.Input, or call "
-                                 "model.build(input_shape) in its builder, so its optimizer "
-                                 "can be built before tracing")
-            if trainer.precision.policy != "float32":
-                precision_lib.check_variables_float32(model)
-        for updater in trainer.updaters.values():  # a wrapper holds the model's variables: the same slots
-            updater.build()
-        for name, model in models.items():  # the per-layer table: model_summary.txt (callbacks/progress.py)
-            # by the name the user gave it (Trainer(models={"encoder": ...})), not Keras' `sequential_1`
-            log.info("Model %s: %s%s", model.name if name == "model" else name, model_summary.total_line(model),
-                     f"; per layer: {trainer.run_dir / model_summary.FILE}" if trainer.run_dir is not None else "")
-    return wrapped
-
-
-def _build_single_model(model: keras.Model, precision: PrecisionConfig, sample_batch,
-                        tensor_cores: bool) -> Optional[keras.Model]:
-    """`model` called on two examples of `sample_batch`; its float32-output wrapper when it needs one, else None.
-    `tensor_cores`: on GPUs, where the multiples-of-8 tip applies."""
-    x, _, _ = keras.utils.unpack_x_y_sample_weight(sample_batch)
-    tip = precision.policy != "float32" and tensor_cores
-    probe = LayerProbe(model, record_calls=True) if tip else contextlib.nullcontext()
-    try:
-        first_two = tf.nest.map_structure(lambda t: t[:2], x)  # 2 examples suffice
-        with probe:  # the calls in order: which layers size the outputs (the tip leaves small ones out)
-            outputs = model(first_two, training=False)
-    except Exception:  # a dataset not batched? Say so, not Keras' "Invalid input shape"
-        unbatched = unbatched_error(model, x)
-        if unbatched is None:
-            raise
-        raise unbatched from None
-    precision_lib.keep_layers_in_float32(model, precision.float32_layers)
-    wrapped = precision_lib.ensure_float32_outputs(model, outputs, precision.strict_outputs)
-    if wrapped is not model:
-        wrapped(first_two, training=False)  # build the wrapper
-    if tip:
-        precision_lib.warn_not_multiple_of_8(wrapped, output_layers(probe.calls, outputs),
-                                             tf.nest.flatten(x)[0].shape[0])
-    return wrapped if wrapped is not model else None

@@ -20,7 +20,11 @@ LOAD_NOTE = ("a .keras file trainer.model.save(...) writes holds this wrapper: l
 @keras.saving.register_keras_serializable(package="trainer")
 class Float32Outputs(keras.Model):
     """Wraps a model whose outputs are float16/bfloat16 with a float32 linear activation. The original
-    is `.inner`; attributes the wrapper lacks (a GAN's `.generator`, say) are read from it."""
+    is `.inner`; attributes the wrapper lacks (a GAN's `.generator`, say) are read from it, and so are the ones
+    Keras' Model has but would answer for the wrapper: `layers`, `get_layer` and `summary()` are the user's
+    model's, so code that walks `trainer.model.layers` (freezing a backbone) acts alike under every precision.
+    Its own two layers (the model and the activation) are `wrapper_layers`. What Keras reads to save, restore and
+    trace it (its variables, its tracked attributes) is unchanged: the same checkpoints and .keras files."""
 
     def __init__(self, inner: keras.Model, **kwargs):
         super().__init__(name=kwargs.pop("name", f"{inner.name}_float32_outputs"), **kwargs)
@@ -32,6 +36,21 @@ class Float32Outputs(keras.Model):
         if inner is None or name.startswith("__"):
             raise AttributeError(name)
         return getattr(inner, name)
+
+    @property
+    def layers(self):
+        return self.inner.layers
+
+    @property
+    def wrapper_layers(self):
+        """The wrapper's own layers, as Keras' `layers` would list them: the wrapped model, the float32 activation."""
+        return [self.inner, self.to_float32]
+
+    def get_layer(self, name=None, index=None):
+        return self.inner.get_layer(name=name, index=index)
+
+    def summary(self, *args, **kwargs):
+        return self.inner.summary(*args, **kwargs)
 
     def call(self, inputs, training=None):
         outputs = self.inner(inputs, training=training)

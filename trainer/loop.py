@@ -209,7 +209,11 @@ class Loop:
             self.window_start, self.window_step = time.perf_counter(), self.step
         paused = time.perf_counter()  # evaluation and saving do not count as training time
         if self.eval_data is not None and due(cfg.eval_every, before, self.step) and self.step < self.total:
-            self.eval_logs = t.evaluate(self.eval_data, step=self.step, callbacks=callbacks)
+            try:
+                self.eval_logs = t.evaluate(self.eval_data, step=self.step, callbacks=callbacks)
+            except Exception as e:  # an overridden test_step is first traced here: its mistakes end the run
+                self._save_before_failing(e, final=False)
+                raise
         callbacks.on_save_point(t, self.step, "loop")
         self.window_start += time.perf_counter() - paused
         if self.interrupted.signum is not None and self.step < self.total:
@@ -251,24 +255,26 @@ class Loop:
             try:
                 self.eval_logs = t.evaluate(self.eval_data, step=self.step, callbacks=self.callbacks)
             except Exception as e:
-                self._save_before_failing(e)
+                self._save_before_failing(e, final=True)
                 raise
         self.callbacks.on_save_point(t, self.step, "end")
 
-    def _save_before_failing(self, error: Exception) -> None:
-        """The final evaluation failed (or a callback refused its results: a monitor named a log an overridden
-        test_step does not return, say): the steps trained since the last checkpoint are saved first."""
+    def _save_before_failing(self, error: Exception, final: bool) -> None:
+        """An evaluation failed (an overridden test_step's mistake, found at its first trace; or a callback refused
+        its results: a monitor named a log the test_step does not return, say): the steps trained since the last
+        checkpoint are saved first, at the end's save point after the `final` one, else at an "error" one."""
         t = self.trainer
         if t.checkpointer is None or self.step == self.start:
             return
+        which = "final evaluation" if final else "evaluation"
         try:
-            self.callbacks.on_save_point(t, self.step, "end")
+            self.callbacks.on_save_point(t, self.step, "end" if final else "error")
         except Exception:  # noqa: BLE001 - the evaluation's error is the one to report
-            log.exception("Saving step %d after the final evaluation failed did not work either", self.step)
+            log.exception("Saving step %d after the %s failed did not work either", self.step, which)
             return
-        log.warning("The final evaluation at step %d failed (%s: %s); the trained steps were saved first: %s.",
+        log.warning("The %s at step %d failed (%s: %s); the trained steps were saved first: %s.", which,
                     self.step, type(error).__name__, str(error)[:200], t.checkpointing.last_path)
-        if self.interrupted.signum is not None:  # a checkpoint at the last step means the run is complete
+        if final and self.interrupted.signum is not None:  # a checkpoint at the last step means the run is complete
             log.warning("Received %s during the last loop: finished the run (final evaluation and save) "
                         "instead of stopping one loop early.", signal.Signals(self.interrupted.signum).name)
 

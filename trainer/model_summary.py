@@ -14,6 +14,8 @@ from typing import Iterable, List, Mapping, Sequence, Tuple
 import keras
 import numpy as np
 
+from trainer.float32_outputs import Float32Outputs
+
 FILE = "model_summary.txt"
 HEADER = ("layer", "class", "output shape", "params", "compute dtype", "variable dtype")
 
@@ -34,10 +36,15 @@ def _params(layer) -> int:
     return sum(int(np.prod(w.shape)) for w in layer.weights)
 
 
+def _children(model) -> list:
+    """A model's layers as Keras lists them; the float32-output wrapper's own two (its `layers` are the user's)."""
+    return model.wrapper_layers if isinstance(model, Float32Outputs) else model.layers
+
+
 def rows(model, prefix: str = "") -> List[Tuple[str, ...]]:
     """One row per layer, a nested model's layers in its place."""
     found = []
-    for layer in model.layers:
+    for layer in _children(model):
         name = f"{prefix}{layer.name}"
         if isinstance(layer, keras.Model) and layer.layers:
             found += rows(layer, f"{name}/")
@@ -68,7 +75,7 @@ def total_line(model) -> str:
 
 
 def _leaves(model) -> Iterable:
-    for layer in model.layers:
+    for layer in _children(model):
         if isinstance(layer, keras.Model) and layer.layers:
             yield from _leaves(layer)
         else:

@@ -128,7 +128,8 @@ def ensure_float32_outputs(model: keras.Model, outputs, strict: bool) -> keras.M
     log.warning(
         "Model %r outputs %s; appended a float32 linear activation so the loss is computed in float32: "
         "trainer.model is now a Float32Outputs wrapper, your model is trainer.model.inner (the wrapper "
-        "forwards its attributes); %s. Give the last layer dtype='float32' to silence this.",
+        "forwards its attributes, its layers and get_layer included); %s. Give the last layer dtype='float32' to "
+        "silence this.",
         model.name,
         bad,
         LOAD_NOTE,

@@ -30,6 +30,7 @@ import tensorflow as tf
 from trainer import metric_attributes, model_edits, trace_inputs
 from trainer.errors import UserError
 from trainer.loss_convention import is_replica_share, per_replica_mean
+from trainer.step_logs import StepLogsError, check_logs  # noqa: F401  (StepLogsError: its home before)
 from trainer.step import Step
 from trainer.tracking import Window
 from trainer.tracing import (framework_code, keras_random_explained, warn_random_state_outside_checkpoint,
@@ -233,23 +234,8 @@ def _log_names(trainer, step: Callable, iterator, what: str, batches: int = 1, s
         out = probe.get_concrete_function(iterator).structured_outputs
     if out is None or (isinstance(out, dict) and not out):
         return []
-    local = lambda v: trainer.strategy.experimental_local_results(v)[0]  # noqa: E731
-    scalar = lambda v: getattr(local(v), "shape", None) is not None and local(v).shape.rank == 0  # noqa: E731
-    if not isinstance(out, dict) or any(not isinstance(k, str) or not scalar(v) for k, v in out.items()):
-        raise StepLogsError(f"{what} must return None or a dict of scalar tensors (name -> value), got {out!r}")
-    text = [k for k, v in out.items() if not (local(v).dtype.is_floating or local(v).dtype.is_integer
-                                              or local(v).dtype.is_bool)]
-    if text:
-        raise StepLogsError(
-            f"{what} returned {text[0]!r}: a {local(out[text[0]]).dtype.name} value, which cannot be logged: a log is "
-            "a number (a scalar float, int or bool tensor, or a Python number), averaged over each log window. Fix: "
-            f"return numbers only; show text with tf.print, or from a callback's on_log (drop {text[0]!r} from the "
-            "dict).")
+    check_logs(out, what, lambda v: trainer.strategy.experimental_local_results(v)[0])
     return list(out)
-
-
-class StepLogsError(UserError, TypeError):
-    """An overridden step returned logs that cannot be logged (not a dict of numbers); said before its real trace."""
 
 
 def logged_step(trainer, step: Callable, iterator, window: Window, what: str, batches: int = 1,

@@ -19,8 +19,8 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
 import keras
 import tensorflow as tf
 
-from trainer import (auto_precision, components, debug, ema, evalsets, keras_compat, metric_attributes, saved, signals,
-                     step_functions)
+from trainer import (auto_precision, components, debug, ema, evalsets, keras_compat, metric_attributes, model_build,
+                     saved, signals, step_functions)
 from trainer import loop as loop_lib
 from trainer import loss_fit
 from trainer import precision as precision_lib
@@ -193,12 +193,12 @@ class Trainer(TrainerProperties, Step):
 
     def build(self, sample_batch) -> None:
         """Creates every variable before any step is traced: the model (on a sample batch), the
-        float32-output check, every optimizer's slots (components.build_variables) and the accumulators."""
+        float32-output check, every optimizer's slots (model_build.build_variables) and the accumulators."""
         if self._built:
             return
         if len(self.models) == 1 and type(self).train_step is Step.train_step:
             self._unpack(sample_batch)  # unlabelled data for a loss that needs labels: say so before tracing
-        wrapped = components.build_variables(self, sample_batch)
+        wrapped = model_build.build_variables(self, sample_batch)
         if wrapped is not None:
             self.model = wrapped
         with self.strategy.scope():

@@ -6,7 +6,8 @@ Hooks, in the order the loop calls them:
   on_log(trainer, step, logs)              train logs, every `log_every` steps
   on_eval_begin(trainer, step) / on_eval_end(trainer, step, logs)
   on_save_point(trainer, step, reason)     after each loop's logs and evaluation ("loop"), at the end
-                                           ("end"), on SIGTERM/SIGINT ("signal"): where Checkpointing saves
+                                           ("end"), on SIGTERM/SIGINT ("signal"), when an evaluation during
+                                           training failed ("error"): where Checkpointing saves
   on_exception(trainer, error)             fit() is ending on an error (then on_train_end runs too)
   on_train_end(trainer, summary)           also on an early end: summary["interrupted"] or ["failed"]
 Set `trainer.stop_training = True` in a hook to stop after the current loop.

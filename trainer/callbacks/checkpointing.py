@@ -331,7 +331,7 @@ class Checkpointing(Callback):
         if self.checkpointer is None:
             return
         evaluated, self.evaluated = getattr(self, "evaluated", None), None
-        if evaluated is not None:
+        if evaluated is not None and reason != "error":  # "error": an evaluation failed; its results are not judged
             self.refuse_missing_best(trainer, *evaluated)
             self.checkpointer.update_best(*evaluated)
         cfg, last_point, self.last_point = trainer.config, self.last_point, step
