@@ -234,6 +234,7 @@ def _failure(error: BaseException, ours, cfg: DictConfig) -> Optional[tuple]:
     first non-finite op (tf.debugging.enable_check_numerics raises an InvalidArgumentError on it)."""
     if ours is not None:
         code, cause = ours
+        cause = _in_command_line_terms(cause)
         log.error("%s", cause)
         return code, f"{type(cause).__name__}: {cause}"
     out_of = _out_of_resources(error, cfg)
@@ -249,6 +250,18 @@ def _failure(error: BaseException, ours, cfg: DictConfig) -> Optional[tuple]:
         log.error("precision.debug_numerics: the first non-finite value came from: %s", detail)
         return EXIT_NUMERICAL, f"non-finite value: {detail}"
     return None
+
+
+def _in_command_line_terms(cause: BaseException) -> BaseException:
+    """A checkpoint that does not fit because this command runs another recipe or model than the run folder's
+    run: said as that (config_record.started_otherwise), not as a Trainer's changed models or frozen=."""
+    checkpoint = sys.modules.get("trainer.checkpoint")  # not loaded: no checkpoint was read
+    if checkpoint is None or not isinstance(cause, checkpoint.CheckpointError):
+        return cause
+    from trainer.config_record import started_otherwise
+
+    other = started_otherwise(HydraConfig.get().runtime.output_dir, dict(HydraConfig.get().runtime.choices))
+    return checkpoint.CheckpointError(other) if other else cause
 
 
 def _label_out_of_range(error: BaseException) -> Optional[str]:
