@@ -137,7 +137,8 @@ class FineTune(Callback):
             "trainer.init_from, model.weights=none), and is %s: the head learns on random features, so the run "
             "learns little or nothing. Fix: start from trained weights with trainer.init_from=RUN_DIR (a run of "
             "recipe=resnet) or model.weights=imagenet|PATH; or train the whole model from scratch with recipe=resnet "
-            "(or finetune.freeze_steps=0 finetune.backbone_lr_mult=1).", " and then ".join(w for w in (held, slowed) if w))
+            "(or finetune.freeze_steps=0 finetune.backbone_lr_mult=1).",
+            " and then ".join(w for w in (held, slowed) if w))
 
     def on_loop_end(self, trainer, step: int) -> None:
         if self.frozen and step >= self.freeze_steps:

@@ -52,7 +52,7 @@ def test_a_sweep_a_signal_stops_writes_its_table_and_says_the_command_that_resum
         (row,) = list(csv.DictReader(f))
     assert row["job"] == "0" and row["status"] == "interrupted" and row["steps"] == "20"
     resume = re.search(r"to resume, run: (.*)", out).group(1)
-    assert f"-m " in resume and "optimizer.lr=1e-3,3e-3" in resume and f"hydra.sweep.dir={sweep}" in resume
+    assert "-m " in resume and "optimizer.lr=1e-3,3e-3" in resume and f"hydra.sweep.dir={sweep}" in resume
     assert f"to resume the whole sweep, run: {resume}" in out
 
     again = run_cli(*shlex.split(resume)[3:], cwd=tmp_path)  # after `python -m trainer`

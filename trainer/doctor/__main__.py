@@ -340,8 +340,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)  # before TensorFlow loads (11-21 s): -h and bad arguments answer at once
     _check_overrides(args.overrides)
     quiet_tensorflow_import()
-    import tensorflow as tf
-
     from trainer.doctor.plot import plot_report
     from trainer.doctor.render import render_text
     from trainer.doctor.report import write_json
@@ -355,6 +353,7 @@ def main(argv=None) -> int:
     out = _out_folder(args, run_folder)
     _prepare_out_folder(out)
     report = diagnose_config(cfg, overrides, args.quick, prefix, command, args.verify)
+    report["meta"]["command_seconds"] = _seconds_since_start()  # with start-up: what the user waited
     text = render_text(report)
     print(text, flush=True)  # first: the report is on screen even if writing the files fails
     write_json(report, out / "doctor.json")
@@ -370,6 +369,15 @@ def main(argv=None) -> int:
     if missing_plot:
         print(f"wrote {out / 'doctor.json'} and {out / 'doctor.txt'}")
     return 0
+
+
+def _seconds_since_start() -> float:
+    """Since this process started (the OS's record): loading TensorFlow, the config and the data count too."""
+    import time
+
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
 
 
 if __name__ == "__main__":
