@@ -9,7 +9,7 @@ skips them.
 from __future__ import annotations
 
 import logging
-from typing import List
+from typing import List, Optional
 
 import keras
 
@@ -88,10 +88,13 @@ class FineTune(Callback):
       new_head: re-initialize the head when starting from trainer.init_from (a new task with the same
         number of classes would otherwise inherit the old task's classifier).
       backbone: the name of the nested backbone layer.
+      backbone_weights: where the backbone's weights come from (the recipe passes model.weights): "none" is
+        freshly initialized, which a run without trainer.init_from then freezes or slows down (said loudly);
+        None: not known, nothing said.
     """
 
     def __init__(self, freeze_steps: int = 0, backbone_lr_mult: float = 1.0, new_head: bool = False,
-                 backbone: str = "backbone"):  # recipes/resnet.py's BACKBONE
+                 backbone: str = "backbone", backbone_weights: Optional[str] = None):  # recipes/resnet.py's BACKBONE
         if freeze_steps < 0 or backbone_lr_mult < 0:
             raise ConfigError(f"FineTune: freeze_steps={freeze_steps} and "
                               f"backbone_lr_mult={backbone_lr_mult} must be >= 0")
@@ -99,6 +102,7 @@ class FineTune(Callback):
         self.backbone_lr_mult = float(backbone_lr_mult)
         self.new_head = new_head
         self.backbone_name = backbone
+        self.backbone_weights = backbone_weights
         self.frozen = False
 
     def on_train_begin(self, trainer) -> None:
@@ -106,6 +110,8 @@ class FineTune(Callback):
         step = int(trainer.step.numpy())
         if self.new_head and step == 0 and trainer.config.init_from:
             self.reinitialize_head(trainer.model)
+        if step == 0:
+            self.warn_if_random_backbone(trainer)
         if self.backbone_lr_mult != 1.0 and not isinstance(trainer.optimizer, keras.optimizers.SGD):
             log.warning(
                 "FineTune: backbone_lr_mult scales the backbone's gradients, which equals a lower learning rate "
@@ -115,6 +121,24 @@ class FineTune(Callback):
             self.freeze(trainer)
         else:
             self.unfreeze(trainer)
+
+    def warn_if_random_backbone(self, trainer) -> None:
+        """Freezing (or slowing) a freshly initialized backbone trains a head on random features, with BatchNorm's
+        initial statistics: the run finishes and learns next to nothing. Said before training, with the fix; not
+        refused: a smoke run (fast_dev_run) or a from-scratch baseline of the recipe is a choice."""
+        random = self.backbone_weights is not None and str(self.backbone_weights).lower() in ("none", "null", "")
+        if not random or trainer.config.init_from or not (self.freeze_steps or self.backbone_lr_mult < 1):
+            return
+        held = (f"frozen for the first {self.freeze_steps} steps (BatchNorm in inference mode, with its initial "
+                "statistics)" if self.freeze_steps else "")
+        slowed = f"trained at x{self.backbone_lr_mult:g} the head's rate" if self.backbone_lr_mult < 1 else ""
+        log.warning(
+            "FineTune: the backbone holds freshly initialized (random) weights, no pretrained ones (no "
+            "trainer.init_from, model.weights=none), and is %s: the head learns on random features, so the run "
+            "learns little or nothing. Fix: start from trained weights with trainer.init_from=RUN_DIR (a run of "
+            "recipe=resnet) or model.weights=imagenet|PATH; or train the whole model from scratch with recipe=resnet "
+            "(or finetune.freeze_steps=0 finetune.backbone_lr_mult=1).",
+            " and then ".join(w for w in (held, slowed) if w))
 
     def on_loop_end(self, trainer, step: int) -> None:
         if self.frozen and step >= self.freeze_steps:

@@ -72,6 +72,37 @@ def test_early_stopping_stops_at_the_right_eval_and_keeps_counting_on_resume(tmp
     assert int(again.step.numpy()) == stop_step
 
 
+def test_an_early_stop_at_a_checkpoint_step_saves_it_once_and_a_resume_says_the_lowered_rate(tmp_path, caplog):
+    """Early stopping at a step the loop had just saved saved it again at the run's end ("Saved checkpoint
+    .../ckpt-N" twice). ReduceLROnPlateau lowering the rate at that step is Keras' behaviour, and the checkpoint
+    holds it: a resume goes on at that rate, as the run would have, and now says so."""
+    import logging
+
+    import keras
+
+    from trainer import EarlyStopping, ReduceLROnPlateau
+
+    def cosine():
+        return keras.optimizers.SGD(keras.optimizers.schedules.CosineDecay(0.05, 100))
+
+    def callbacks(patience):  # the eval loss falls: with mode=max it never "improves" after the first
+        return [EarlyStopping(monitor="loss", mode="max", patience=patience),
+                ReduceLROnPlateau(monitor="loss", mode="max", patience=1)]
+
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        trainer = classifier(tmp_path, callbacks(2), optimizer=cosine)
+        trainer.fit(blobs(), blobs(64), steps=60)
+    stop = int(trainer.step.numpy())
+    saves = re.findall(r"Saved checkpoint \S+/ckpt-(\d+)", caplog.text)
+    assert stop < 60 and saves.count(str(stop)) == 1 and len(saves) == len(set(saves)), saves
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        classifier(tmp_path, callbacks(100), optimizer=cosine).fit(blobs(), blobs(64), steps=stop + 5)
+    assert "ReduceLROnPlateau: resumed with the learning rate it lowered before the checkpoint: the schedule x0.01" \
+        in caplog.text
+
+
 def test_a_monitor_that_is_not_in_the_logs_is_an_error_before_the_first_step(tmp_path):
     from trainer import EarlyStopping, ReduceLROnPlateau
     from trainer.config import ConfigError

@@ -720,6 +720,20 @@ def test_quick_verify_through_the_cli_on_a_tiny_config(tmp_path):
         assert verified["withdrawn"] == (verified["verdict"] != "faster" and rec.get("withdrawn_config") is not None)
         assert "--verify:" in done.stdout and ("withdrawn" in done.stdout) == verified["withdrawn"]
     assert "load average" in done.stdout
+    meta = json.loads((out / "doctor.json").read_text())["meta"]
+    assert meta["command_seconds"] > meta["wall_seconds"]  # start-up counted: what the user waited
+    assert f"{meta['command_seconds']:.0f} s since the command started" in done.stdout
+
+
+def test_the_wall_time_says_what_it_covers():
+    """"wall time: 84 s" was read as the command's time, which /usr/bin/time measured at 105 s: the line names the
+    measuring's time, and the command's since its process started where the command recorded it."""
+    from trainer.doctor.render import render_text
+
+    report = {"meta": {"command": "", "wall_seconds": 1.0}}
+    assert render_text(report).splitlines()[-1] == "wall time: 1 s measuring"  # diagnose() from Python
+    report["meta"]["command_seconds"] = 9.4
+    assert render_text(report).splitlines()[-1].startswith("wall time: 1 s measuring; 9 s since the command started")
 
 
 def test_picture_marks_the_recommended_configuration_with_a_legend_and_the_rounds(tmp_path):

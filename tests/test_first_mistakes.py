@@ -256,7 +256,8 @@ def test_the_loss_ranking_is_said_once_per_trainer_and_names_the_eval_set(tmp_pa
     trainer = Trainer(**parts(run_dir=tmp_path, eval_every=5, checkpoint_every=5, verbose=True))
 
     def said():
-        return [r.getMessage() for r in caplog.records if "best checkpoints are ranked by the eval loss" in r.getMessage()]
+        return [r.getMessage() for r in caplog.records
+                if "best checkpoints are ranked by the eval loss" in r.getMessage()]
 
     with caplog.at_level("INFO", logger="trainer"):
         trainer.fit(blobs(), steps=5)

@@ -519,4 +519,18 @@ def test_cli_resnet_then_finetune_from_that_run(tmp_path):
     assert "Warm start from" in out and "FineTune: new head" in out
     assert "backbone frozen until step 10" in out and "backbone trainable at step 10" in out
     assert "traced more than once" not in out  # the step traced again on unfreezing is no accidental retrace
+    assert "freshly initialized (random) weights" not in out  # the backbone came from the pretrain run
     assert read_metrics(finetune)[-1]["step"] == 20
+
+
+def test_cli_finetune_without_pretrained_weights_says_so_before_training():
+    """recipe=resnet_finetune with neither trainer.init_from nor model.weights freezes a random backbone: the run
+    learns next to nothing, so a warning before the first step names the cause and both ways to give weights."""
+    result = run_cli("recipe=resnet_finetune", "trainer.fast_dev_run=true", "data.image_size=16", "data.batch_size=8",
+                     "trainer.progress_bar=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    warning = next(line for line in out.splitlines() if "freshly initialized (random) weights" in line)
+    assert "WARNING" in warning and "frozen for the first 20 steps" in warning
+    assert "trainer.init_from=RUN_DIR" in warning and "model.weights=imagenet|PATH" in warning
+    assert out.index("freshly initialized (random) weights") < out.index("First loop")  # before training

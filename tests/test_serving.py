@@ -113,6 +113,21 @@ def test_evaluate_user_errors_say_the_fix(run_dir, tmp_path):
     assert result.returncode == 2 and "not a run folder" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_evaluates_overrides_are_checked_as_python_m_trainer_checks_them(run_dir, capsys):
+    """A misspelt key listed the section's keys without the one meant; no argument said "required: run, overrides"
+    though overrides are optional."""
+    code, _, stderr = in_process("trainer.evaluate", str(run_dir), "trainer.eval_stepz=3", capsys=capsys)
+    assert code == 2
+    assert ("trainer.eval_stepz=3: trainer has no key 'eval_stepz'. Fix: did you mean trainer.eval_steps=3? "
+            "(max_steps,") in stderr
+    code, _, stderr = in_process("trainer.evaluate", "trainer.eval_steps=3", capsys=capsys)  # the run forgotten
+    assert code == 2 and "not a run folder" in stderr
+    with pytest.raises(SystemExit) as exited:
+        in_process("trainer.evaluate", capsys=capsys)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "required: run (a run folder" in err and "run, overrides" not in err
+
+
 def test_predict_cli_on_real_fashion_mnist_images_equals_trainer_predict(run_dir, tmp_path, capsys):
     from PIL import Image
 
@@ -341,3 +356,14 @@ def test_export_takes_the_keras_file_it_wrote_by_a_relative_path(run_dir, tmp_pa
     assert code == 0, stderr
     assert "wrote saved_model sm (model.keras)" in stdout and "16 seeded random inputs" in stdout
     assert (tmp_path / "sm" / "saved_model.pb").is_file()
+
+
+def test_an_export_prints_tensorflows_log_lines_once(run_dir, tmp_path):
+    """TensorFlow gave its logger a handler of its own (it loads before the command's logging is set up): through
+    the root's too, "Assets written to" came twice, as `INFO:tensorflow:` and `INFO tensorflow:`. A process of its
+    own: TensorFlow decides on that handler when it first loads."""
+    out = tmp_path / "saved"
+    result = run_cli(str(run_dir), "--format", "saved_model", "--out", str(out), module="trainer.export", process=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if "Assets written to" in line]
+    assert lines == [f"INFO tensorflow: Assets written to: {out}/assets"], lines

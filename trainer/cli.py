@@ -162,9 +162,19 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
 def resume_command(run_dir) -> str:
     """The command line that resumes this run: the user's overrides with the run folder named, since the
     default folder (runs/<recipe>/<date_time>) is new at every start. Hydra keeps the user's overrides
-    apart from its own (overrides.task, overrides.hydra); a multirun job resumes as a single run."""
+    apart from its own (overrides.task, overrides.hydra). In a grid sweep, the sweep's command with its folder: it
+    resumes every job (a job's single-run command, the fallback without the sweep's record and for a sampler such as
+    Optuna's, which samples anew, resumes that job alone)."""
     import shlex
 
+    if HydraConfig.get().mode == RunMode.MULTIRUN and HydraConfig.get().sweeper._target_ == BASIC_SWEEPER:
+        from pathlib import Path
+
+        from trainer.sweep_table import sweep_command
+
+        command = sweep_command(Path(str(HydraConfig.get().sweep.dir)).absolute())
+        if command:
+            return command
     overrides = HydraConfig.get().overrides
     ours = ("hydra.mode=", "hydra.run.dir=", "hydra.sweep.")
     kept = [o for o in overrides.hydra if not o.startswith(ours)] + list(overrides.task)
@@ -193,10 +203,11 @@ def _hydra_main(cfg: DictConfig) -> float:
     take_signal_the_run_finished_despite()  # one a Python-API run in this process finished despite
     try:
         logs = run(cfg)
-        _stop_the_sweep_after_a_signal()
+        _stop_the_sweep_after_a_signal(cfg)
     except Exception as e:  # noqa: BLE001 - ours (trainer/errors.py, found through hydra's wrapping) or a fault below
         ours = exit_code_of(e)
         if ours is not None and isinstance(ours[1], TrainingInterrupted):
+            _table_of_a_stopped_sweep(cfg, str(ours[1]))
             sys.exit(ours[0])  # a checkpoint was saved and the signal logged; a signal ends a sweep too
         failed = _failure(e, ours, cfg)
         if failed is None:
@@ -234,6 +245,7 @@ def _failure(error: BaseException, ours, cfg: DictConfig) -> Optional[tuple]:
     first non-finite op (tf.debugging.enable_check_numerics raises an InvalidArgumentError on it)."""
     if ours is not None:
         code, cause = ours
+        cause = _in_command_line_terms(cause)
         log.error("%s", cause)
         return code, f"{type(cause).__name__}: {cause}"
     out_of = _out_of_resources(error, cfg)
@@ -249,6 +261,18 @@ def _failure(error: BaseException, ours, cfg: DictConfig) -> Optional[tuple]:
         log.error("precision.debug_numerics: the first non-finite value came from: %s", detail)
         return EXIT_NUMERICAL, f"non-finite value: {detail}"
     return None
+
+
+def _in_command_line_terms(cause: BaseException) -> BaseException:
+    """A checkpoint that does not fit because this command runs another recipe or model than the run folder's
+    run: said as that (config_record.started_otherwise), not as a Trainer's changed models or frozen=."""
+    checkpoint = sys.modules.get("trainer.checkpoint")  # not loaded: no checkpoint was read
+    if checkpoint is None or not isinstance(cause, checkpoint.CheckpointError):
+        return cause
+    from trainer.config_record import started_otherwise
+
+    other = started_otherwise(HydraConfig.get().runtime.output_dir, dict(HydraConfig.get().runtime.choices))
+    return checkpoint.CheckpointError(other) if other else cause
 
 
 def _label_out_of_range(error: BaseException) -> Optional[str]:
@@ -300,14 +324,23 @@ def _out_of_resources(error: BaseException, cfg: DictConfig) -> Optional[str]:
             "sees K batches), or pick a smaller model or shorter inputs.")
 
 
-def _stop_the_sweep_after_a_signal() -> None:
+def _stop_the_sweep_after_a_signal(cfg: DictConfig) -> None:
     """A signal in a job's last loop lets the job finish (it is complete); a multirun then stops with the
     signal's exit code instead of starting the next job (a single run exits 0)."""
     signum = take_signal_the_run_finished_despite()
     if signum is not None and HydraConfig.get().mode == RunMode.MULTIRUN:
         log.warning("Received %s during this job's last loop: job complete; sweep stopped (exit %d).",
                     signal.Signals(signum).name, 128 + signum)
+        _table_of_a_stopped_sweep(cfg, signal.Signals(signum).name)
         sys.exit(128 + signum)
+
+
+def _table_of_a_stopped_sweep(cfg: DictConfig, signal_name: str) -> None:
+    """A multirun a signal stops writes its table of the jobs so far (Hydra's on_job_end is not reached)."""
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        from trainer.sweep_table import table_of_a_stopped_sweep
+
+        table_of_a_stopped_sweep(cfg, HydraConfig.get(), signal_name)
 
 
 class JobFailed(CompactHydraException, RuntimeError):

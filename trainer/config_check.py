@@ -145,6 +145,21 @@ def close_keys(name: str, section: str, keys: Mapping[str, List[str]], free_form
     return [full(section, k) for k in own]
 
 
+def missing_key_problem(given: str, cfg, what: str = "the run's config") -> str:
+    """`given` (key=value) sets a key `cfg` lacks: the message as python -m trainer says it, with the key meant (a
+    synonym or a close spelling, close_keys) and the section's keys. For the commands that take overrides of a
+    run's recorded config (trainer.evaluate), which python -m trainer's check cannot judge (it composes a recipe's)."""
+    key = given.lstrip("+~").partition("=")[0]
+    section, _, name = key.rpartition(".")
+    keys = keys_by_section(cfg)
+    if section not in keys:
+        return f"{given}: {key} is not a key of {what}. Fix: check the name (its sections: {', '.join(keys[''])})."
+    meant = " or ".join(f"{k}={given.partition('=')[2]}" for k in close_keys(name, section, keys,
+                                                                           free_form_sections(cfg)))
+    fix = f"did you mean {meant}?" if meant else "use one of its keys:"
+    return f"{given}: {section} has no key {name!r}. Fix: {fix} ({', '.join(keys[section])})"
+
+
 def free_form_sections(cfg) -> List[str]:
     """The sections without a schema, whose keys are names the user picks (eval_sets.<name>, logger, loss)."""
     from omegaconf import DictConfig, OmegaConf

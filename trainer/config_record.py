@@ -101,6 +101,29 @@ def _show(value: Any) -> str:
     return "(absent)" if not isinstance(value, (str, int, float, bool, list, dict, type(None))) else repr(value)
 
 
+def started_otherwise(run_dir: Path, choices: Dict[str, Any]) -> Optional[str]:
+    """Why a run folder's checkpoints cannot fit this command, in the CLI's words, when the folder's recorded
+    config (.hydra/hydra.yaml's choices) ran another recipe or model than `choices` (this command's): the cause a
+    checkpoint check names as the Trainer's (its models, frozen=) is the command line's. None: neither changed,
+    or nothing is recorded."""
+    import yaml
+
+    try:
+        recorded = OmegaConf.load(Path(run_dir) / ".hydra" / "hydra.yaml").hydra.runtime.choices
+    except (OSError, yaml.YAMLError, AttributeError, KeyError):
+        return None
+    changed = [g for g in ("recipe", "model") if recorded.get(g) is not None and recorded.get(g) != choices.get(g)]
+    if not changed:
+        return None
+
+    def named(picks) -> str:
+        return " ".join(f"{g}={picks.get(g)}" for g in ("recipe", "model"))
+    return (f"the run folder {run_dir} holds a run of {named(recorded)} (its .hydra/hydra.yaml), and this command "
+            f"runs {named(choices)}: its checkpoints hold another model, and a run folder resumes only the run it "
+            f"holds. Fix: give this run a folder of its own (another hydra.run.dir=..., or leave hydra.run.dir out "
+            f"for a new dated one), or resume that run with {' '.join(f'{g}={recorded.get(g)}' for g in changed)}.")
+
+
 class RunConfigWriter(Callback):
     """Writes .hydra/{config,hydra,overrides}.yaml once training begins (a resume: once it has trained a
     loop, so a run already complete keeps the record of the config it ran with), i.e. after the checkpoints were

@@ -45,6 +45,19 @@ def _bare(handler: logging.Handler) -> bool:
     return type(handler) is logging.StreamHandler and getattr(handler.formatter, "_fmt", None) == logging.BASIC_FORMAT
 
 
+def log_command_to_stderr(level: int) -> None:
+    """A command's (export, evaluate, predict, convert, the doctor, lr_find) log lines on stderr as `LEVEL name:
+    message`, each once. TensorFlow gives its logger a handler of its own when it loads before the root logger has
+    one (the commands load it first, quietly, before their slow steps): through the root's handler too, each of its
+    lines came twice (`INFO:tensorflow:Assets written to: X` and `INFO tensorflow: Assets written to: X`). That
+    handler goes; TensorFlow adds none when it loads later, the root's being there (its own rule)."""
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    tensorflow = logging.getLogger("tensorflow")
+    for handler in list(tensorflow.handlers):
+        if _bare(handler):
+            tensorflow.removeHandler(handler)
+
+
 def _handlers_reached(record: logging.LogRecord):
     """The handlers that show `record`, as Logger.callHandlers walks them (propagate as set): a handler whose
     level is above the record's (a WARNING-level one of the user's) does not show an INFO line."""

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Tuple
 
+from trainer.console import log_command_to_stderr
 from trainer.errors import UserError, reports_errors
 
 # Relative error allowed between the float32 model and the converted one, per target compute dtype:
@@ -229,7 +230,7 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-steps", type=int, default=None, help="eval batches for the before/after metrics "
                         "(default: the run's trainer.eval_steps, else the whole eval set)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    log_command_to_stderr(logging.INFO)  # TensorFlow's lines once (trainer/console.py)
 
     from trainer.evaluate import evaluate_run
     from trainer.runs import checkpoint_of, load_trained_model

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
+from trainer.console import log_command_to_stderr
 from trainer.assemble import trainer_for
 from trainer.errors import EXIT_USER_ERROR, report_error, reports_errors  # noqa: F401 - EXIT_USER_ERROR: importable here before
 from trainer.runs import (OVERRIDABLE, RunCheckpoint, ServingError, apply_overrides, checkpoint_of, eval_inputs,
@@ -65,12 +66,17 @@ def main(argv: List[str] = None) -> int:
 
     quiet_tensorflow_import()
     parser = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", help="a run folder (with .hydra/config.yaml and checkpoints/)")
+    # nargs="?", checked below: with a required one, argparse's intermixed parsing names the optional overrides as
+    # required too ("required: run, overrides")
+    parser.add_argument("run", nargs="?", help="a run folder (with .hydra/config.yaml and checkpoints/)")
     parser.add_argument("--checkpoint", default="latest", help="latest (default) | best | ckpt-N | best/ckpt-N")
     parser.add_argument("--out", default=None, help="the metrics JSON file (default: RUN/eval/<checkpoint>.json)")
     parser.add_argument("overrides", nargs="*", help="data.*/trainer.* key=value, e.g. trainer.eval_steps=5")
     args = parser.parse_intermixed_args(argv)  # overrides before or after the options
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.run is None:
+        parser.error("the following arguments are required: run (a run folder; data.*/trainer.* overrides may "
+                     "follow)")
+    log_command_to_stderr(logging.WARNING)  # TensorFlow's lines once (trainer/console.py)
     checkpoint = load_run(args.run, args.checkpoint, args.overrides)
     metrics, batches = evaluate_checkpoint(checkpoint)
     out = Path(args.out) if args.out else checkpoint.run / "eval" / f"{checkpoint.name}.json"

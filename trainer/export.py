@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
+from trainer.console import log_command_to_stderr
 from trainer.errors import EXIT_NUMERICAL, reports_errors
 from trainer.runs import checkpoint_of, eval_inputs, find_run, load_trained_model  # noqa: F401 - find_run: its home before
 
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tolerance", type=float, default=None, help="max relative output error (default: 1e-4, "
                         "or the conversion's with --policy)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    log_command_to_stderr(logging.INFO)  # TensorFlow's lines once (trainer/console.py)
 
     from trainer.convert import convert_model
 

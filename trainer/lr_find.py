@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from trainer.console import log_command_to_stderr
 from trainer.errors import UserError, report_error
 from trainer.quiet import quiet_tensorflow_import, quiet_when_loaded
 from trainer.signals import now_kept, stops_on_signals
@@ -76,8 +77,8 @@ def main(argv=None) -> int:
         problem = problem_in(args.overrides)  # as python -m trainer says it (trainer/argv_check.py), at once
         if problem:
             raise LRFindArgumentError(problem)
-        quiet_tensorflow_import()  # before basicConfig: TensorFlow gives its logger its own handler only then
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        quiet_tensorflow_import()
+        log_command_to_stderr(logging.INFO)  # TensorFlow's lines once (trainer/console.py)
         logging.getLogger("absl").setLevel(logging.ERROR)
         # not its INFO lines (a "Reduce to" per variable when mirrored)
         logging.getLogger("tensorflow").setLevel(logging.WARNING)

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Iterator, List, Optional
 
 import numpy as np
 
+from trainer.console import log_command_to_stderr
 from trainer.assemble import trainer_for
 from trainer.errors import reports_errors
 from trainer.inference import DEFAULT_BATCH_SIZE, as_batched_dataset, in_batches, predict  # noqa: F401 - their home before
@@ -162,7 +163,7 @@ def _predictions(argv: Optional[List[str]]):
     parser.add_argument("--checkpoint", default="latest", help="latest (default) | best | ckpt-N | best/ckpt-N")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the run's data.batch_size")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    log_command_to_stderr(logging.WARNING)  # TensorFlow's lines once (trainer/console.py)
     out = Path(args.out)
     if out.suffix not in (".csv", ".jsonl"):
         raise ServingError(f"--out {out}: the file name must end in .csv or .jsonl (it picks the format)")

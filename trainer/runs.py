@@ -243,9 +243,9 @@ def apply_overrides(cfg, overrides: Sequence[str]) -> None:
             raise ServingError(f"{item!r}: overrides are key=value of data.* or trainer.* keys (the model must stay "
                                "the one the checkpoint holds), e.g. data.batch_size=32 trainer.eval_steps=5")
         if OmegaConf.select(cfg, key, default="<missing>", throw_on_missing=False) == "<missing>":
-            section = cfg.get(key.split(".")[0]) or {}
-            raise ServingError(f"{key} is not a key of this run's config. Fix: one of {sorted(section)} "
-                               f"under {key.split('.')[0]}.")
+            from trainer.config_check import missing_key_problem
+
+            raise ServingError(missing_key_problem(item, cfg, "this run's config"))  # as python -m trainer says it
         try:
             cfg.merge_with(OmegaConf.from_dotlist([item]))
             trainer = OmegaConf.merge(OmegaConf.structured(TrainerConfig), cfg.trainer)

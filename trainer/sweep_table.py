@@ -120,11 +120,59 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells)
 
 
-def _objective(config: DictConfig) -> Tuple[str, str]:
-    """The sweep's (metric, mode); an explicit hydra.sweeper.direction (Optuna's) decides the mode."""
+def _objective(config: DictConfig, hydra_node: Optional[DictConfig] = None) -> Tuple[str, str]:
+    """The sweep's (metric, mode); an explicit hydra.sweeper.direction (Optuna's) decides the mode. `hydra_node`:
+    the hydra node apart (a job's config has none), else config's."""
     metric, mode = sweep_objective(config.trainer, metric_names(config))
-    direction = OmegaConf.select(config, "hydra.sweeper.direction", default=None, throw_on_resolution_failure=False)
+    where, key = (hydra_node, "sweeper.direction") if hydra_node is not None else (config, "hydra.sweeper.direction")
+    direction = OmegaConf.select(where, key, default=None, throw_on_resolution_failure=False)
     return metric, {"maximize": "max", "minimize": "min"}.get(str(direction), mode)
+
+
+def write_table(sweep_dir: Path, metric: str, mode: str) -> Tuple[List[Dict[str, Any]], Optional[Dict[str, Any]]]:
+    """Writes sweep_summary.csv of the jobs in `sweep_dir` so far; returns (rows, the best job's row). A table is a
+    convenience: it never fails a sweep (a problem is said, and no rows returned)."""
+    try:
+        rows = summarize(sweep_dir, metric, mode)
+        best = best_job(rows, metric, mode)
+        for row in rows:
+            row["best"] = row is best
+        write_csv(rows, sweep_dir / CSV_NAME)
+    except (OSError, ValueError, KeyError) as e:
+        log.warning("The sweep's table in %s could not be made: %s", sweep_dir, e)
+        return [], None
+    return rows, best
+
+
+def sweep_command(sweep_dir: Path) -> Optional[str]:
+    """The command that runs the sweep in `sweep_dir` again, from the multirun.yaml Hydra's sweeper wrote there at
+    its start: with the same hydra.sweep.dir each job resumes from its checkpoints, and the jobs not yet run run
+    (a job's single-run command would resume that job alone). None without that record."""
+    import yaml
+
+    try:
+        overrides = OmegaConf.load(Path(sweep_dir) / "multirun.yaml").hydra.overrides
+    except (OSError, yaml.YAMLError, AttributeError, KeyError):
+        return None
+    ours = ("hydra.mode=", "hydra.sweep.dir=")
+    kept = [str(o) for o in overrides.hydra if not str(o).startswith(ours)] + [str(o) for o in overrides.task]
+    return " ".join([program(), "-m", *map(shlex.quote, [*kept, f"hydra.sweep.dir={sweep_dir}"])])
+
+
+def table_of_a_stopped_sweep(cfg: DictConfig, hydra_node: DictConfig, signal_name: str) -> None:
+    """A signal stops a sweep by exiting in a job, so Hydra calls neither on_job_end nor on_multirun_end: the table
+    of the jobs so far is written (and said, with the command that resumes the whole sweep) here."""
+    sweep_dir = Path(str(hydra_node.sweep.dir)).absolute()
+    try:
+        metric, mode = _objective(cfg, hydra_node)
+    except ValueError as e:  # a ConfigError: checked at the sweep's start, so not expected here
+        log.warning("The sweep's table in %s could not be made: %s", sweep_dir, e)
+        return
+    rows, _ = write_table(sweep_dir, metric, mode)
+    command = sweep_command(sweep_dir) if OmegaConf.select(hydra_node, "sweeper._target_") == BASIC_SWEEPER else None
+    log.warning("%s stopped the sweep: %s%s", signal_name,
+                f"the table of its {len(rows)} jobs so far is in {sweep_dir / CSV_NAME}" if rows else "no job table",
+                f"; to resume the whole sweep, run: {command}" if command else "")
 
 
 def _missing_sweeper(config: DictConfig) -> Optional[str]:
@@ -166,16 +214,12 @@ class SweepSummary(HydraCallback):
 
     def _rows(self, config: DictConfig):
         sweep_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir")))
-        try:  # a table is a convenience: it never fails a sweep
+        try:
             metric, mode = _objective(config)
-            rows = summarize(sweep_dir, metric, mode)
-            best = best_job(rows, metric, mode)
-            for row in rows:
-                row["best"] = row is best
-            write_csv(rows, sweep_dir / CSV_NAME)
-        except (OSError, ValueError, KeyError) as e:  # ConfigError is a ValueError
+        except ValueError as e:  # a ConfigError
             log.warning("The sweep's table in %s could not be made: %s", sweep_dir, e)
             return [], sweep_dir, None
+        rows, best = write_table(sweep_dir, metric, mode)
         return rows, sweep_dir, best
 
     def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:

@@ -157,6 +157,11 @@ class ReduceLROnPlateau(Monitor):
 
     def on_train_begin(self, trainer) -> None:
         super().on_train_begin(trainer)
+        lowered = {name: scale for name, scale in self.scale.items() if scale != 1.0 and name not in self.scales}
+        if lowered:  # a resume goes on at the rate this callback lowered to, as the run would have: said, not silent
+            log.info("%s: resumed with the learning rate it lowered before the checkpoint: the schedule x%s",
+                     type(self).__name__, ", ".join(f"{s:.4g}" if len(lowered) == 1 else f"{n} x{s:.4g}"
+                                                    for n, s in lowered.items()))
         for name, updater in trainer.updaters.items():
             if name not in self.scales:
                 why = f"{type(self).__name__} lowers the learning rate"

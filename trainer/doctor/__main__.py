@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+from trainer.console import log_command_to_stderr
 from trainer.doctor.decide import LEAST_SPEEDUP
 from trainer.doctor.verify import VERIFY_ROUNDS
 from trainer.errors import EXIT_USER_ERROR, UserError, reports_errors  # noqa: F401 - EXIT_USER_ERROR: its name here before
@@ -338,16 +339,13 @@ def main(argv=None) -> int:
     command = " ".join(["python -m trainer.doctor", *map(shlex.quote, argv)])
     args = parse_args(argv)  # before TensorFlow loads (11-21 s): -h and bad arguments answer at once
     _check_overrides(args.overrides)
-    quiet_tensorflow_import()  # before basicConfig: TensorFlow gives its logger its own handler only then
-    import tensorflow as tf
-
+    quiet_tensorflow_import()
     from trainer.doctor.plot import plot_report
     from trainer.doctor.render import render_text
     from trainer.doctor.report import write_json
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    log_command_to_stderr(logging.WARNING)  # TensorFlow's lines once (trainer/console.py)
     logging.getLogger("absl").setLevel(logging.ERROR)
-    tf.get_logger().propagate = False  # it has its own handler: through the root's too, each line came twice
     if args.run:
         cfg, overrides, prefix, run_folder = load_run(args.run)
     else:
@@ -355,6 +353,7 @@ def main(argv=None) -> int:
     out = _out_folder(args, run_folder)
     _prepare_out_folder(out)
     report = diagnose_config(cfg, overrides, args.quick, prefix, command, args.verify)
+    report["meta"]["command_seconds"] = _seconds_since_start()  # with start-up: what the user waited
     text = render_text(report)
     print(text, flush=True)  # first: the report is on screen even if writing the files fails
     write_json(report, out / "doctor.json")
@@ -370,6 +369,15 @@ def main(argv=None) -> int:
     if missing_plot:
         print(f"wrote {out / 'doctor.json'} and {out / 'doctor.txt'}")
     return 0
+
+
+def _seconds_since_start() -> float:
+    """Since this process started (the OS's record): loading TensorFlow, the config and the data count too."""
+    import time
+
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
 
 
 if __name__ == "__main__":
