@@ -1,5 +1,7 @@
 """Frozen models (`Trainer(frozen=...)`: a distillation's teacher) and `trainer.init_from` by model name, through
 the public API: what a checkpoint holds, the fingerprint, exact resume, and the errors."""
+import logging
+
 import keras
 import numpy as np
 import pytest
@@ -340,3 +342,73 @@ def test_a_frozen_model_whose_builder_draws_random_weights_is_said_loudly(tmp_pa
                                     (mlp(7), {}, [])):
         calls.clear()
         assert not fit(teacher, **options) and calls == built, caplog.text
+
+
+class EmaTarget(Trainer):
+    """BYOL in small: the target follows the online model by an exponential moving average, assigned in the step from
+    step `follow_from` on; the online model learns the labels and to match the target."""
+
+    follow_from = 0
+
+    def train_step(self, data):
+        x, y = data
+        online, target = self.models["online"], self.models["target"]
+        with tf.GradientTape() as tape:
+            logits = online(x, training=True)
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
+            loss += 0.1 * tf.reduce_mean(tf.square(logits - tf.stop_gradient(target(x, training=False))))
+        self.update(loss, tape, "online")
+
+        def follow():
+            for o, t in zip(online.weights, target.weights):
+                t.assign(0.9 * t + 0.1 * o)
+            return tf.constant(0)
+
+        tf.cond(self.step >= self.follow_from, follow, lambda: tf.constant(0))
+        return {"loss": loss}
+
+
+def ema_target(run_dir, follow_from=0, **options):
+    trainer = EmaTarget(models={"online": lambda: mlp(3), "target": lambda: mlp(3)},
+                        optimizers={"online": lambda: keras.optimizers.Adam(1e-2)}, run_dir=run_dir, verbose=False,
+                        checkpoint_every=5, deterministic=True, **options)
+    trainer.follow_from = follow_from
+    return trainer
+
+
+def test_a_frozen_model_the_step_changes_is_an_error_before_any_save(tmp_path, caplog):
+    """A BYOL target listed in frozen= and updated by assign in the step would resume from its builder (no checkpoint
+    holds it): after the first loop, and before any checkpoint is written, that is a ConfigError naming the model and
+    the fix, not a 'random weights' warning; the checkpoints written before it changed are kept."""
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        with pytest.raises(ConfigError, match=r"frozen model 'target' changed during the run \(weights fingerprint "
+                                              r"target: \w+ at the start, \w+ at step \d+\).*Nothing of step \d+ was "
+                                              r"saved.*Fix: do not list 'target' in frozen=: a model without an "
+                                              r"optimizer .*\['online'\]\) is in every checkpoint and is not trained"):
+            ema_target(tmp_path / "frozen", frozen={"target"}).fit(blobs(), steps=20)
+    assert not list((tmp_path / "frozen").glob("checkpoints/**/*.index"))  # nothing saved
+    assert "random weights" not in caplog.text, caplog.text
+    with pytest.raises(ConfigError, match="frozen model 'target' changed during the run"):  # no run folder alike
+        ema_target(None, frozen={"target"}).fit(blobs(), steps=20)
+
+    later = ema_target(tmp_path / "later", follow_from=7, frozen={"target"})  # changes after the save of step 5
+    with pytest.raises(ConfigError, match=r"at step 10\).*Nothing of step 10 was saved"):
+        later.fit(blobs(), steps=20)
+    assert sorted(p.name for p in (tmp_path / "later").glob("checkpoints/**/*.index")) == ["ckpt-5.index"]
+
+
+def test_the_fix_a_model_without_an_optimizer_is_saved_untrained_and_resumes_exactly(tmp_path):
+    """The error's fix: the target not frozen and without an optimizer is in every checkpoint (no optimizer state),
+    only the step's assign changes it, and a resumed run ends where the whole run ends, target included."""
+    whole = ema_target(tmp_path / "whole")  # the fix: target not frozen, no optimizer of its own
+    whole.fit(blobs(), steps=20)
+    assert set(whole.optimizers) == {"online"} and not whole.frozen
+    saved = [key for key, _ in tf.train.list_variables(str(tmp_path / "whole" / "checkpoints" / "ckpt-20"))]
+    assert any(key.startswith("models/target/") for key in saved)
+    assert not any(key.startswith("optimizers/target") for key in saved)
+    ema_target(tmp_path / "resumed").fit(blobs(), steps=10)
+    resumed = ema_target(tmp_path / "resumed")
+    resumed.fit(blobs(), steps=20)
+    assert resumed.weights_fingerprint() == whole.weights_fingerprint()
+    for a, b in zip(resumed.models["target"].get_weights(), whole.models["target"].get_weights()):
+        np.testing.assert_array_equal(a, b)

@@ -16,7 +16,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import keras
 import numpy as np
@@ -145,8 +145,11 @@ class Checkpointer:
       keep: how many recent checkpoints to keep.
       keep_best, best_metric, best_mode: keep the best `keep_best` by eval `best_metric` (max/min).
       is_chief: non-chief workers (multi-worker) write to a temporary folder that is removed.
-      extra: name -> trackable saved with every checkpoint but restored leniently (the callbacks' state:
-        a checkpoint without it, from an older run or before a callback was added, still resumes).
+      extra: name -> trackable saved with every checkpoint but restored leniently (the callbacks' state, the state a
+        Trainer subclass holds: a checkpoint without it, from an older run or before it was added, still resumes).
+      reports: name -> function(prefix, the keys the checkpoint holds under that name) that says what a restore
+        lacked (or found that nothing now takes), in place of the one INFO line for a checkpoint without any of it;
+        called also for a name that is not (or no longer) in `extra`.
     """
 
     def __init__(
@@ -159,14 +162,15 @@ class Checkpointer:
         best_mode: str = "max",
         is_chief: bool = True,
         extra: Optional[Dict] = None,
+        reports: Optional[Dict[str, Callable[[str, List[str]], None]]] = None,
     ):
         if best_mode not in ("max", "min"):
             raise ConfigError(f"trainer.best_mode={best_mode!r} is not one of max|min")
         self.directory = Path(directory)
         self.objects = objects
-        self.extra = dict(extra or {})
-        self.checkpoint = tf.train.Checkpoint(**objects, **self.extra)
-        self._restorable = tf.train.Checkpoint(**objects) if self.extra else self.checkpoint
+        self.extra, self.reports = dict(extra or {}), dict(reports or {})
+        self._restorable = tf.train.Checkpoint(**objects)
+        self.checkpoint = tf.train.Checkpoint(**objects, **self.extra) if self.extra else self._restorable
         self.is_chief = is_chief
         self.keep = keep
         self.keep_best = keep_best
@@ -177,6 +181,14 @@ class Checkpointer:
         self.best_mode = best_mode
         self._manager = None
         self._warned_no_best = False
+
+    def set_extra(self, name: str, trackable) -> None:
+        """Saves `trackable` as `name` from the next save on (None: no longer), restored leniently (see `extra`)."""
+        self.extra.pop(name, None)
+        if trackable is not None:
+            self.extra[name] = trackable
+        self.checkpoint = tf.train.Checkpoint(**self.objects, **self.extra) if self.extra else self._restorable
+        self._manager = None  # made again over the new checkpoint object (it reads the folder's state file)
 
     # -- saving ------------------------------------------------------------------------------
 
@@ -333,10 +345,20 @@ class Checkpointer:
 
     def _restore_extra(self, prefix: str) -> None:
         saved = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
-        for name, trackable in self.extra.items():
-            if any(key.startswith(f"{name}/") for key in saved):
-                tf.train.Checkpoint(**{name: trackable}).read(prefix).expect_partial()
-            else:
+        for name in {**self.extra, **self.reports}:
+            keys = [key[len(name) + 1:] for key in saved if key.startswith(f"{name}/")]
+            trackable = self.extra.get(name)
+            if keys and trackable is not None:
+                try:
+                    tf.train.Checkpoint(**{name: trackable}).read(prefix).expect_partial()
+                except (ValueError, tf.errors.OpError) as e:  # another shape or dtype
+                    raise CheckpointError(
+                        f"{prefix}: its saved {name} state does not fit this Trainer's ({_readable_reason(e)}): the "
+                        "code changed it since the run saved it (an attribute's shape or dtype, say). Fix: run with "
+                        "the code the run was started with, or start a new run folder.") from None
+            if name in self.reports:
+                self.reports[name](prefix, keys)
+            elif not keys:
                 log.info("%s holds no saved %s state (an older run): it starts fresh", prefix, name)
 
 

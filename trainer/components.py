@@ -139,7 +139,8 @@ def frozen_builders(models, frozen) -> Dict[str, Callable]:
 def random_frozen(builders: Mapping[str, Callable], models: Mapping[str, keras.Model], init_from) -> List[str]:
     """The frozen models that would stay at random weights all run: no init_from entry, and a builder that draws
     other weights when called again (one extra build each, after the first; under the same scope and policy).
-    A builder that loads its weights builds the same ones twice. Each is said as a warning."""
+    A builder that loads its weights builds the same ones twice. Said by frozen_watch.py once the step is known not
+    to change them (a frozen model the step updates, an EMA target, is an error there, not random weights)."""
     loaded = set(init_from) if isinstance(init_from, Mapping) else set()
     found = []
     for name, builder in builders.items():
@@ -151,12 +152,11 @@ def random_frozen(builders: Mapping[str, Callable], models: Mapping[str, keras.M
                                            for a, b in zip(again, first)):
             found.append(name)
         del again
-    say_random_frozen(found)
     return found
 
 
 def say_random_frozen(names: List[str], when: str = "") -> None:
-    """The warning for random_frozen's models (said at build, and again at the end of each fit() call)."""
+    """The warning for random_frozen's models (said after the first loop, and again at the end of each fit() call)."""
     for name in names:
         log.warning("Frozen model %r has random weights%s: its builder draws new ones each call (called twice, they "
                     "differ) and no init_from names it, so the other models train against a random %s that never "

@@ -13,21 +13,25 @@ from typing import Any, Dict, Iterable
 
 import keras
 
+from trainer import held_state
 from trainer.checkpoint import CheckpointError
 
 
-def checkpoint_objects(trainer) -> Dict[str, Any]:
-    """Everything a checkpoint must hold to continue exactly: every model but the frozen, optimizer and loss scale."""
+def checkpoint_objects(trainer, held: bool = True) -> Dict[str, Any]:
+    """Everything a checkpoint must hold to continue exactly: every model but the frozen, optimizer and loss scale,
+    and (`held`) the state the Trainer subclass holds itself (held_state.py), under `held`, when there is any."""
     saved = {name: m for name, m in trainer.models.items() if name not in trainer.frozen}
     weights = {id(w) for m in trainer.models.values() for w in m.weights}
     # Keras 3 layers keep their dropout RNG state (SeedGenerator) outside model.weights.
     seed_states = [v.value for m in trainer.models.values() for v in m.variables if id(v) not in weights]
     scales = {name: u.loss_scale for name, u in trainer.updaters.items()}
     if len(saved) == 1 and len(trainer.optimizers) == 1:  # the layout of every one-model run
-        held = dict(model=next(iter(saved.values())), optimizer=trainer.optimizer, loss_scale=trainer.loss_scale)
+        trained = dict(model=next(iter(saved.values())), optimizer=trainer.optimizer, loss_scale=trainer.loss_scale)
     else:
-        held = dict(models=saved, optimizers=dict(trainer.optimizers), loss_scales=scales)
-    return dict(held, step=trainer.step, rng=trainer.rng, best_metric=trainer.best, seed_states=seed_states)
+        trained = dict(models=saved, optimizers=dict(trainer.optimizers), loss_scales=scales)
+    objects = dict(trained, step=trainer.step, rng=trainer.rng, best_metric=trainer.best, seed_states=seed_states)
+    found = held_state.find(trainer, objects) if held else {}
+    return dict(objects, held=held_state.tree(found)) if found else objects
 
 
 def fingerprint(models: Iterable[keras.Model]) -> str:

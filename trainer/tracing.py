@@ -171,8 +171,10 @@ def warn_random_state_outside_checkpoint(trainer) -> None:
         "resumed run draws other numbers than an uninterrupted one and ends with other weights: %s. Fix: draw from "
         "self.rng, the Trainer's checkpointed tf.random.Generator, in place of tf.random.* or a generator of your own "
         "(self.rng.uniform(shape), self.rng.normal(shape), or "
-        "tf.random.stateless_*(shape, seed=self.rng.make_seeds(1)[:, 0])), give keras.random a SeedGenerator kept on a "
-        "model (seed=model.seed_generator), or put the randomness in the data pipeline (see docs/research.md).", shown)
+        "tf.random.stateless_*(shape, seed=self.rng.make_seeds(1)[:, 0])), or hold your generator on the Trainer "
+        "(self.noise_rng = tf.random.Generator...: then every checkpoint holds it), give keras.random a SeedGenerator "
+        "kept on a model (seed=model.seed_generator), or put the randomness in the data pipeline (see "
+        "docs/research.md).", shown)
 
 
 def _warn_draws_restart_at_retrace(trainer, ops: List[str]) -> None:

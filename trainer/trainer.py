@@ -32,6 +32,7 @@ from trainer.checkpoint import NO_BEST, Checkpointer
 from trainer.config import PrecisionConfig, TrainerConfig, check_ranges
 from trainer.console import show_logs_unless_configured
 from trainer.distribute import say_strategy_once, strategy_argument
+from trainer.frozen_watch import FrozenWatch
 from trainer.inputs import (DataArg, KeptIterator, batches_read_per_step, check_batches_per_step, sample_batch,
                             steps_per_epoch_of, total_steps, training_iterator, warn_if_epochs_cut)
 from trainer.loop import Loop, TrainingInterrupted, evaluate
@@ -152,7 +153,9 @@ class Trainer(TrainerProperties, Step):
             loss, optimizer, optimizers, metrics = keras_compat.keras_arguments(  # Keras' names; a compiled model's
                 self.models, model is not None, loss, optimizer, optimizers, metrics)
             self.frozen = components.freeze(frozen, self.models, optimizers)  # docs/research.md, Frozen models
-            self._frozen_builders, self._random_frozen = components.frozen_builders(models, self.frozen), []
+            self._frozen_builders = components.frozen_builders(models, self.frozen)
+            # the frozen models' weights kept as they started, and their random-weights warning: frozen_watch.py
+            self.frozen_watch = FrozenWatch()
             trained = [n for n in self.models if n not in self.frozen]
             self.optimizers = components.make_optimizers(optimizer, optimizers, trained, self.strategy)
             self.train_metrics, self.eval_metrics = components.make_metrics(metrics, remake=strategy_given)
@@ -204,7 +207,8 @@ class Trainer(TrainerProperties, Step):
         with self.strategy.scope():
             if self.config.grad_accum_steps > 1:
                 self._make_accumulators()
-            self._random_frozen = components.random_frozen(self._frozen_builders, self.models, self.config.init_from)
+            self.frozen_watch.random = components.random_frozen(self._frozen_builders, self.models,
+                                                                self.config.init_from)
         self._built = True
 
     def _on_cpu(self) -> bool:
@@ -311,7 +315,7 @@ class Trainer(TrainerProperties, Step):
             summary = loop.summary()
             self._kept_iterator = KeptIterator(train_data, step, loop.iterator, self.strategy.num_replicas_in_sync)
             callbacks.on_train_end(self, summary)
-        components.say_random_frozen(self._random_frozen, " (the whole run)")
+        self.frozen_watch.at_fit_end(self)
         return eval_logs or train_logs
 
     def run_steps(self, num_steps: int, *, loop: bool = False) -> int:

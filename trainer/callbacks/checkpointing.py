@@ -21,13 +21,13 @@ from trainer.callbacks.best_metric import (EXTREME, UNRECORDED, asked_for, best_
                                          say_ranked_by_loss)
 from trainer.callbacks.monitor import default_log_names, log_names
 from trainer.callbacks.numerics import check_weights_finite
-from trainer import resume_from
+from trainer import held_state, resume_from
 from trainer.checkpoint import NO_BEST, Checkpointer
 from trainer.config import ConfigError, as_given, written
 from trainer.inputs import batches_read_per_step
 from trainer.load_weights import init_from_targets, warm_start_models
 from trainer.loop import due as loop_event_due
-from trainer.saved import check_frozen_unchanged, frozen_fingerprints
+from trainer.saved import check_frozen_unchanged, checkpoint_objects, frozen_fingerprints
 
 log = logging.getLogger("trainer.core")
 
@@ -64,6 +64,9 @@ class Checkpointing(Callback):
         self.prepared = False  # resumed, warm-started or started fresh by the first fit() call
         self.configured: Dict[str, Tuple[Optional[float], float]] = {}
         self.frozen: Dict[str, str] = {}  # the frozen models' fingerprints, recorded at each save (trainer/saved.py)
+        self.held: held_state.Found = {}  # the state the Trainer subclass holds, in every checkpoint (held_state.py)
+        self._held_said: set = set()  # the labels the INFO line named
+        self._first_loop = True  # the first loop of the current fit() call is still to end (frozen_watch.py)
         self.last_path: Optional[str] = None
         self.saved_step: Optional[int] = None  # the step of this process's last save
         self.last_save_time = time.monotonic()
@@ -90,6 +93,7 @@ class Checkpointing(Callback):
 
     def on_train_begin(self, trainer):
         first = not self.prepared
+        self._first_loop = True
         self.evaluated = None  # an evaluation of an earlier fit() call is never judged against later weights
         best = self._best_metric_key(trainer)  # checked before a resume reads anything
         self._prepare(trainer)
@@ -157,15 +161,33 @@ class Checkpointing(Callback):
 
     def on_loop_end(self, trainer, step):
         self.count_steps(trainer, step)
+        if self._first_loop:
+            self._first_loop = False
+            trainer.frozen_watch.after_first_loop(trainer, step)
 
     def count_steps(self, trainer, step: int) -> None:
         """The data position at `step`: the steps trained since the last count read their batches (a
         loop's, or Trainer.run_steps' outside the loop), so a resume does not read them again."""
         self.batches_read, self.counted_step = self._position(trainer, step), step
 
+    def _hold_state(self, trainer, checkpointer: Checkpointer) -> None:
+        """The state the Trainer subclass holds (held_state.py) saved from now on: found again at each fit() call,
+        so an attribute added between calls is saved too."""
+        found = held_state.find(trainer, checkpointer.objects)
+        def identities(held):
+            return {path: id(saved) for path, (_, saved, _) in held.items()}
+
+        if identities(found) != identities(self.held):
+            checkpointer.set_extra("held", held_state.tree(found) if found else None)
+            self.held = found
+        checkpointer.reports["held"] = held_state.restored_report(found)  # also when none: what a checkpoint held
+        held_state.say_saved(found, self._held_said)
+
     def _prepare(self, trainer):
         self.last_save_time = time.monotonic()
         if self.prepared:  # a later fit() call: the model and optimizer in memory are the newest
+            if self.checkpointer is not None:
+                self._hold_state(trainer, self.checkpointer)
             return
         cfg = trainer.config
         targets = init_from_targets(cfg.init_from, trainer.models, trainer.from_cli)  # checked before any read
@@ -173,13 +195,16 @@ class Checkpointing(Callback):
             if cfg.resume_from is not None:
                 Checkpointing._refuse_resume_without_folder(trainer)
             warm_start_models(trainer.models, targets, trainer.frozen, trainer.from_cli)
+            trainer.frozen_watch.started(frozen_fingerprints(trainer))
             self.prepared = True
             return
         checkpointer = Checkpointer(  # its best_mode is decided below, after a resume (auto: "max" until then)
-            trainer.run_dir / "checkpoints", trainer.checkpoint_objects(), keep=cfg.keep_checkpoints,
+            trainer.run_dir / "checkpoints", checkpoint_objects(trainer, held=False), keep=cfg.keep_checkpoints,
             keep_best=cfg.keep_best, best_metric=cfg.best_metric, best_mode="max" if cfg.best_mode == "auto"
             else cfg.best_mode, is_chief=trainer.is_chief, extra={"callbacks": CallbackState(trainer)},
         )
+        self.held = {}  # this Checkpointer saves none yet (a refused resume made another one before)
+        self._hold_state(trainer, checkpointer)
         configured = _configured_settings(trainer)
         # Prepared only once this succeeds: a refused resume refuses again on the next fit() call, instead
         # of that call training from scratch over the run's checkpoints.
@@ -196,6 +221,7 @@ class Checkpointing(Callback):
         if resumed is not None:
             check_frozen_unchanged(self._record(trainer), frozen)
         self.frozen = frozen
+        trainer.frozen_watch.started(frozen)
         self.checkpointer = trainer.checkpointer = checkpointer
         self.configured, self.prepared = configured, True
         if resumed is not None:
@@ -332,6 +358,7 @@ class Checkpointing(Callback):
             return
         evaluated, self.evaluated = getattr(self, "evaluated", None), None
         if evaluated is not None and reason != "error":  # "error": an evaluation failed; its results are not judged
+            trainer.frozen_watch.check(trainer, step)  # before best/ is written
             self.refuse_missing_best(trainer, *evaluated)
             self.checkpointer.update_best(*evaluated)
         cfg, last_point, self.last_point = trainer.config, self.last_point, step
@@ -349,6 +376,7 @@ class Checkpointing(Callback):
         With it, the configured constant learning rates (see _keep_configured_settings): written only once
         a checkpoint holds that run's state, and after every worker has read the old record at its start."""
         check_weights_finite(trainer, step)
+        trainer.frozen_watch.check(trainer, step)  # a frozen model changed: nothing of this step is saved
         path = self.checkpointer.save(step)
         self.last_save_time, self.saved_step = time.monotonic(), step
         self.last_path = path
