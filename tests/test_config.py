@@ -64,8 +64,8 @@ def test_bad_data_path_is_a_clear_error_with_exit_2(tmp_path):
         ("optimizer.schedule=nope", "optimizer.schedule='nope' is not one of"),
         ("strategy=one_device strategy.device=/gpu:7", "strategy.device='/gpu:7': this machine has"),
         # MirroredStrategy over absent GPUs waited forever at its first step, deaf to SIGTERM; over one, it used the CPU
-        ("strategy=mirrored strategy.devices=[GPU:0,GPU:1]", "strategy.devices=[GPU:0,GPU:1] ('GPU:0'): this machine "
-                                                            "has 0 GPU device(s) ([]) (no GPU is visible to TensorFlow"),
+        ("strategy=mirrored strategy.devices=[GPU:0,GPU:1]",
+         "strategy.devices=[GPU:0,GPU:1] ('GPU:0'): this machine has 0 GPU device(s) ([]) (no GPU is visible to"),
         ("strategy=mirrored strategy.devices=[/gpu:0]", "Fix: drop strategy.devices (the GPUs, else the CPU; "
                                                        "strategy.logical_cpus=N splits the CPU"),
         # a field of another strategy (strategy.logical_cpus=2 alone ran 1 replica): the same check
