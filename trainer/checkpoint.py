@@ -295,6 +295,7 @@ class Checkpointer:
         for step, prefix in found:
             try:
                 self._restore(prefix)
+                self._restore_extra(prefix)  # a damaged byte in the callbacks' state: as in the model's
             except CheckpointError:
                 raise
             except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous one
@@ -305,7 +306,6 @@ class Checkpointer:
                 continue
             if errors:
                 log.warning("Resumed from an older checkpoint (step %d) because newer ones were unreadable.", step)
-            self._restore_extra(prefix)
             log.info("Resuming from %s (step %d)", prefix, step)
             return step
         raise CheckpointError(
@@ -318,12 +318,12 @@ class Checkpointer:
         checkpoint that does not fit or cannot be read is a CheckpointError naming it, nothing changed."""
         try:
             self._restore(prefix)
+            self._restore_extra(prefix)
         except CheckpointError:
             raise
         except Exception as e:  # noqa: BLE001 - TF raises several types for an unreadable checkpoint
             raise CheckpointError(f"trainer.resume_from={named_as}: {prefix} is unreadable ({_readable_reason(e)}). "
                                   "Nothing was changed. Fix: name another checkpoint.") from None
-        self._restore_extra(prefix)
 
     def _restore(self, prefix: str) -> None:
         _check_compatible(self.objects, prefix)
