@@ -29,3 +29,19 @@ def test_a_damaged_byte_in_the_callbacks_state_falls_back_to_the_previous_checkp
     assert "Resumed from an older checkpoint (step 5)" in caplog.text
     assert int(trainer.step.numpy()) == 15
     assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")][0] == 15
+
+
+@pytest.mark.parametrize("damage", ["", '[\n {\n  "step": 1'])  # emptied, or cut short
+def test_a_damaged_best_record_is_rebuilt_from_the_best_copies_and_no_step_is_lost(tmp_path, caplog, damage):
+    _fit(tmp_path, 10, best_metric="loss", best_mode="min")
+    best = tmp_path / "checkpoints" / "best"
+    (step, value), = [(e["step"], e["loss"]) for e in json.loads((best / "best.json").read_text())]
+    (best / "best.json").write_text(damage)
+    caplog.set_level(logging.INFO, logger="trainer")
+    trainer = _fit(tmp_path, 20, best_metric="loss", best_mode="min")
+    assert int(trainer.step.numpy()) == 20
+    assert f"{best / 'best.json'} is unreadable" in caplog.text and f"steps [{step}], loss={value:g}" in caplog.text
+    ranked = json.loads((best / "best.json").read_text())
+    assert len(ranked) == 1 and ranked[0]["loss"] <= value  # the copy kept by its recorded value, or a better one
+    assert sorted(p.name for p in best.glob("*.index")) == [f"ckpt-{ranked[0]['step']}.index"]
+    assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")][0] == 20

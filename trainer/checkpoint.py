@@ -22,7 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer.checkpoint_files import incomplete_checkpoints, list_checkpoints, repair_state_file
+from trainer.checkpoint_files import incomplete_checkpoints, list_checkpoints, read_best_index, repair_state_file
 from trainer.checkpoint_graph import match_variables
 from trainer.config import ConfigError
 from trainer.errors import UserError
@@ -242,8 +242,7 @@ class Checkpointer:
         best_dir = directory / "best"
         best_dir.mkdir(parents=True, exist_ok=True)
         index_path = best_dir / "best.json"
-        entries = json.loads(index_path.read_text()) if index_path.exists() else []
-        entries = [e for e in entries if e["step"] != step]
+        entries = [e for e in read_best_index(best_dir, self.best_metric) if e["step"] != step]
         candidate = {"step": step, self.best_metric: value, "path": str(best_dir / f"ckpt-{step}")}
         worst = NO_BEST[self.best_mode]  # a copy ranked by another metric (a resume that changed it) goes first
         ranked = sorted(entries + [candidate], key=lambda e: e.get(self.best_metric, worst),

@@ -3,6 +3,7 @@ TensorFlow's `checkpoint` state file), which were cut short, and that state file
 read it or when trainer.resume_from sets later checkpoints aside."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -78,3 +79,34 @@ def write_state_file(directory: Path, before: Optional[int] = None) -> List[int]
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, state)
     return [step for step, _ in found]
+
+
+def read_best_index(best_dir: Path, metric: Optional[str]) -> List[dict]:
+    """best.json's entries (best/ copies, ranked). A damaged record (truncated, empty, not a list of entries), or
+    none beside copies (a kill before its first write), is rebuilt from the copies in best/ and said: a crash at the
+    next evaluation would lose the steps trained since the last save, at every resume. A rebuilt copy's value is
+    known only when it is the only one (its `best_metric` is the run's best then); the others rank last."""
+    index = Path(best_dir) / "best.json"
+    copies = list_checkpoints(best_dir)
+    try:
+        entries = json.loads(index.read_text()) if index.exists() else None
+        if entries is None and not copies:
+            return []
+        if isinstance(entries, list) and all(isinstance(e, dict) and isinstance(e.get("step"), int) for e in entries):
+            return entries
+        problem = "missing" if entries is None else "not a list of entries with a step"
+    except (OSError, ValueError) as e:
+        problem = f"unreadable: {type(e).__name__}: {str(e)[:120] or 'empty'}"
+    rebuilt = [{"step": step, "path": prefix} for step, prefix in copies]
+    known = ""
+    if len(rebuilt) == 1 and metric:
+        try:
+            reader = tf.train.load_checkpoint(rebuilt[0]["path"])
+            value = float(reader.get_tensor("best_metric/.ATTRIBUTES/VARIABLE_VALUE"))
+            rebuilt[0][metric], known = value, f", {metric}={value:g} as it recorded"
+        except Exception:  # noqa: BLE001 - an unreadable copy ranks last, as any copy of unknown value
+            pass
+    log.warning("The record of the best checkpoints %s is %s; rebuilt from the copies in %s (steps %s%s). A copy "
+                "whose value is unknown ranks last: the next evaluations replace it first.", index, problem, best_dir,
+                [e["step"] for e in rebuilt], known)
+    return rebuilt
