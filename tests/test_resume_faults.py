@@ -45,3 +45,71 @@ def test_a_damaged_best_record_is_rebuilt_from_the_best_copies_and_no_step_is_lo
     assert len(ranked) == 1 and ranked[0]["loss"] <= value  # the copy kept by its recorded value, or a better one
     assert sorted(p.name for p in best.glob("*.index")) == [f"ckpt-{ranked[0]['step']}.index"]
     assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")][0] == 20
+
+
+def _wide(run_dir):
+    """A Trainer whose checkpoint (~100 KB) outgrows a small file size limit that its logs stay under."""
+    import keras
+
+    from trainer import Trainer
+
+    return Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(4096),
+                                                   keras.layers.Dense(2)]),
+                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                   optimizer=lambda: keras.optimizers.SGD(0.01), run_dir=run_dir, log_every=5, eval_every=5,
+                   checkpoint_every=5, progress_bar=False, tensorboard=False, verbose=False)
+
+
+def _write_refused_then_resumed(run_dir, refuse, allow, expected):
+    from trainer.checkpoint import CheckpointError
+
+    _wide(run_dir).fit(blobs(), blobs(), steps=5)
+    checkpoints = run_dir / "checkpoints"
+    before = {p: p.read_bytes() for p in checkpoints.glob("ckpt-5*")}
+    refuse()
+    try:
+        with pytest.raises(CheckpointError) as raised:
+            _wide(run_dir).fit(blobs(), blobs(), steps=10)
+    finally:
+        allow()
+    assert expected in str(raised.value) and "the last complete checkpoint is step 5" in str(raised.value)
+    assert "Fix: " in str(raised.value) and str(checkpoints) in str(raised.value)
+    assert {p: p.read_bytes() for p in checkpoints.glob("ckpt-5*")} == before
+    assert not list(checkpoints.rglob("*_temp*")), "the partial save is removed"
+    assert int(_wide(run_dir).fit(blobs(), blobs(), steps=10)["step"]) == 10  # the same call resumes
+
+
+def test_a_file_size_limit_while_saving_is_a_checkpoint_error_and_the_run_resumes(tmp_path):
+    import resource
+
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)  # Python ignores SIGXFSZ: a write over it is EFBIG
+    _write_refused_then_resumed(tmp_path, lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, limits[1])),
+                                lambda: resource.setrlimit(resource.RLIMIT_FSIZE, limits), "file size limit")
+
+
+def test_a_run_folder_made_immutable_is_a_checkpoint_error_and_the_run_resumes(tmp_path):
+    import os
+    import subprocess
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
+        pytest.skip("needs root and a file system with chattr +i")
+    subprocess.run(["chattr", "-i", str(folder)], check=True)
+    _write_refused_then_resumed(tmp_path, lambda: subprocess.run(["chattr", "+i", str(folder)], check=True),
+                                lambda: subprocess.run(["chattr", "-i", str(folder)], check=True), "not permitted")
+
+
+@pytest.mark.parametrize("batch, skip, again", [(32, 5, 0), (48, 3, 16)])
+def test_a_resume_with_another_batch_size_skips_the_examples_read(tmp_path, caplog, batch, skip, again):
+    tiny_classifier(run_dir=tmp_path).fit(blobs(batch=16), steps=10)  # 10 batches of 16: 160 examples
+    caplog.set_level(logging.INFO, logger="trainer")
+    tiny_classifier(run_dir=tmp_path).fit(blobs(batch=batch), steps=15)
+    said = f"the run read 10 batches of 16 examples (160); batches are now {batch} examples"
+    assert said in caplog.text and f"the resume skips {skip} batches of {batch}" in caplog.text
+    if again:
+        assert f"the last {again} examples read, not a whole batch of {batch}, are trained on again" in caplog.text
+        assert "keep data.batch_size=16" in caplog.text
+    assert f"Data: skipping {skip} batches" in caplog.text
+    record = json.loads((tmp_path / "checkpoints" / "configured.json").read_text())
+    assert (record["step"], record["batches_read"], record["batch_size"]) == (15, skip + 5, batch)

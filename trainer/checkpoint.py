@@ -7,7 +7,6 @@ ones only after a newer one is complete), and `best/` with the best `keep_best` 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import math
@@ -26,6 +25,7 @@ from trainer.checkpoint_files import incomplete_checkpoints, list_checkpoints, r
 from trainer.checkpoint_graph import match_variables
 from trainer.config import ConfigError
 from trainer.errors import UserError
+from trainer.storage_errors import storage_failure
 from trainer.evalsets import close_hint
 
 log = logging.getLogger(__name__)
@@ -95,36 +95,32 @@ def _regrouped(rows, saved: Dict[str, str], reader, name: str) -> bool:
     return bool(held) and held == sorted(tuple(var.shape) for _, var, _, _ in rows)
 
 
-def is_disk_full(e: BaseException) -> bool:
-    """A full disk, as Python (OSError ENOSPC) or TensorFlow (ResourceExhaustedError from a file op such
-    as SaveV2; an out-of-memory is a ResourceExhaustedError too, without this text) reports it."""
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        return True
-    return isinstance(e, (OSError, tf.errors.ResourceExhaustedError)) and "No space left on device" in str(e)
-
-
 @contextlib.contextmanager
-def _no_space_is_checkpoint_error(folder: Path, what: str, last_complete):
-    """A full disk while writing into `folder` removes what the write left there (TF's `ckpt-N_temp/`,
-    a partial `ckpt-N.*`) and becomes a CheckpointError naming the last complete checkpoint
-    (`last_complete()`), so the same command resumes once space is freed."""
+def _refused_write_is_checkpoint_error(folder: Path, what: str, last_complete):
+    """A write the disk refuses in `folder` (full, a quota, a file size limit, read-only, not permitted:
+    trainer/storage_errors.py) removes what the write left there (TF's `ckpt-N_temp/`, a partial `ckpt-N.*`)
+    and becomes a CheckpointError naming the cause, the folder and the last complete checkpoint
+    (`last_complete()`), so the same command resumes once it is fixed."""
     before = set(folder.iterdir()) if folder.is_dir() else set()
     try:
         yield
-    except (OSError, tf.errors.ResourceExhaustedError) as e:
-        if not is_disk_full(e):
+    except (OSError, tf.errors.OpError) as e:
+        refused = storage_failure(e)
+        if refused is None:
             raise
-        for leftover in (set(folder.iterdir()) if folder.is_dir() else set()) - before:
-            if leftover.is_dir():
-                shutil.rmtree(leftover, ignore_errors=True)
-            else:
-                leftover.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a folder that refuses writes may refuse the removal too
+            for leftover in (set(folder.iterdir()) if folder.is_dir() else set()) - before:
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
         last = last_complete()
         kept = (f"the last complete checkpoint is step {last}" if last is not None
                 else "there is no complete checkpoint yet")
+        cause, fix = refused
         raise CheckpointError(
-            f"no space left on device in {folder} while {what}; {kept}. Fix: free space on that disk (or "
-            "move the run folder to a larger one) and run the same command again: it resumes from there."
+            f"{cause} in {folder} while {what}; {kept}. Fix: {fix}, and run the same command again: it resumes "
+            "from there."
         ) from None
 
 
@@ -199,7 +195,7 @@ class Checkpointer:
             log.error("Not saving step %d: the model has non-finite weights. The last good checkpoint is kept.", step)
             return None
         directory = self._write_dir()
-        with _no_space_is_checkpoint_error(directory, f"saving step {step}", self._last_complete):
+        with _refused_write_is_checkpoint_error(directory, f"saving step {step}", self._last_complete):
             directory.mkdir(parents=True, exist_ok=True)
             path = self.manager(directory).save(checkpoint_number=step)
         if not self.is_chief:
@@ -230,9 +226,8 @@ class Checkpointer:
         if self.keep_best <= 0:
             return False
         directory = self._write_dir()
-        (directory / "best").mkdir(parents=True, exist_ok=True)
-        with _no_space_is_checkpoint_error(directory / "best", f"saving the best checkpoint of step {step}",
-                                           self._last_complete):
+        with _refused_write_is_checkpoint_error(directory / "best", f"saving the best checkpoint of step {step}",
+                                                self._last_complete):
             kept = self._keep_best(directory, step, value)
         if not self.is_chief:
             shutil.rmtree(directory, ignore_errors=True)
