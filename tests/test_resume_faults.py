@@ -113,3 +113,22 @@ def test_a_resume_with_another_batch_size_skips_the_examples_read(tmp_path, capl
     assert f"Data: skipping {skip} batches" in caplog.text
     record = json.loads((tmp_path / "checkpoints" / "configured.json").read_text())
     assert (record["step"], record["batches_read"], record["batch_size"]) == (15, skip + 5, batch)
+
+
+def test_a_torn_last_row_of_the_metrics_files_is_dropped_on_resume(tmp_path, caplog):
+    import csv
+
+    from trainer import CSVLogger, MetricsWriter
+
+    _fit(tmp_path, 10, loggers=[MetricsWriter(), CSVLogger()])
+    for name in ("metrics.jsonl", "metrics.csv"):  # cut mid-row, as by a kill while it was written
+        path = tmp_path / name
+        path.write_bytes(path.read_bytes()[:-25])
+    caplog.set_level(logging.INFO, logger="trainer")
+    _fit(tmp_path, 15, loggers=[MetricsWriter(), CSVLogger()])
+    for name in ("metrics.jsonl", "metrics.csv"):
+        assert f"{tmp_path / name} ended in a line cut short" in caplog.text
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 15
+    table = list(csv.reader((tmp_path / "metrics.csv").open(newline="")))
+    assert len({len(r) for r in table}) == 1 and table[-1][0] == "15"
