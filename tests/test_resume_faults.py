@@ -132,3 +132,40 @@ def test_a_torn_last_row_of_the_metrics_files_is_dropped_on_resume(tmp_path, cap
     assert rows[-1]["step"] == 15
     table = list(csv.reader((tmp_path / "metrics.csv").open(newline="")))
     assert len({len(r) for r in table}) == 1 and table[-1][0] == "15"
+
+
+def test_what_a_kill_mid_save_left_is_removed_at_the_next_start_and_nothing_a_record_names(tmp_path, caplog):
+    import shutil
+
+    _fit(tmp_path, 10, best_metric="loss", best_mode="min")
+    checkpoints, best = tmp_path / "checkpoints", tmp_path / "checkpoints" / "best"
+    (named,) = [e["step"] for e in json.loads((best / "best.json").read_text())]
+    (checkpoints / "ckpt-15_temp").mkdir()  # a kill inside TF's save
+    (best / "ckpt-15_temp").mkdir()
+    for f in checkpoints.glob("ckpt-5.*"):  # a copy best.json dropped, its deletion cut short by a kill
+        shutil.copy(f, best / f.name.replace("ckpt-5", "ckpt-2"))
+    kept = {p.name for p in checkpoints.rglob("*") if "_temp" not in str(p) and "ckpt-2." not in p.name}
+    caplog.set_level(logging.INFO, logger="trainer")
+    trainer = tiny_classifier(run_dir=tmp_path, best_metric="loss", best_mode="min")
+    trainer.fit(blobs(), blobs(), steps=10)  # finished: nothing to train, but the start cleans
+    assert "ckpt-15_temp/, best/ckpt-15_temp/, best/ckpt-2.* (named by no record)" in caplog.text
+    assert {p.name for p in checkpoints.rglob("*")} == kept
+    assert (best / f"ckpt-{named}.index").exists()
+
+
+def test_a_second_ctrl_c_during_a_save_exits_130_in_one_line(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from conftest import TINY, run_cli
+    from trainer.checkpoint import Checkpointer
+
+    def save(self, step):  # a person pressing Ctrl-C twice while step 20 is saved
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        raise AssertionError("not reached")
+
+    monkeypatch.setattr(Checkpointer, "save", save)
+    result = run_cli(*TINY, f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "stopped at once by Ctrl-C (SIGINT)" in result.stderr

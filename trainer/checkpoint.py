@@ -21,7 +21,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer.checkpoint_files import incomplete_checkpoints, list_checkpoints, read_best_index, repair_state_file
+from trainer.checkpoint_files import (incomplete_checkpoints, list_checkpoints, read_best_index, remove_leftovers,
+                                      repair_state_file)
 from trainer.checkpoint_graph import match_variables
 from trainer.config import ConfigError
 from trainer.errors import UserError
@@ -264,6 +265,8 @@ class Checkpointer:
         Raises CheckpointError when the folder has checkpoints but resume is off, when none of them
         is readable, or when they do not fit the model.
         """
+        if self.is_chief and resume:
+            remove_leftovers(self.directory)
         found = list_checkpoints(self.directory)
         incomplete = incomplete_checkpoints(self.directory)
         if found and not resume:

@@ -342,6 +342,12 @@ def main() -> None:
         sys.exit(0)  # as Hydra's --help
     try:
         _hydra_main()
+    except KeyboardInterrupt:  # a second Ctrl-C (trainer/signals.py), or one before the run catches signals
+        print("[trainer] stopped at once by Ctrl-C (SIGINT): the newest complete checkpoint is kept (what a save it "
+              "cut short left is removed at the next start); run the same command to resume.", file=sys.stderr,
+              flush=True)
+        iterator_release.exit_promptly(130)
+        sys.exit(130)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) or e.code is None else 1
         if code:  # 143/130 after a signal: no minute-long wait at exit for the iterators being freed
