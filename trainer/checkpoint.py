@@ -329,9 +329,13 @@ class Checkpointer:
         status.expect_partial()  # the extra state is read by _restore_extra, on its own
 
     def _restore_extra(self, prefix: str) -> None:
-        saved = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
+        reader = tf.train.load_checkpoint(prefix)
+        saved = reader.get_variable_to_shape_map()
         for name, trackable in self.extra.items():
-            if any(key.startswith(f"{name}/") for key in saved):
+            keys = [key for key in saved if key.startswith(f"{name}/")]
+            if keys:
+                for key in keys:  # a damaged byte fails here: a Checkpoint cut short mid-read lists, at deletion,
+                    reader.get_tensor(key)  # every value it did not restore in a TF warning (dozens of lines)
                 tf.train.Checkpoint(**{name: trackable}).read(prefix).expect_partial()
             else:
                 log.info("%s holds no saved %s state (an older run): it starts fresh", prefix, name)
