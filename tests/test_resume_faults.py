@@ -170,3 +170,17 @@ def test_a_second_ctrl_c_during_a_save_exits_130_in_one_line(tmp_path, monkeypat
     result = run_cli(*TINY, f"hydra.run.dir={tmp_path}")
     assert result.returncode == 130, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and "stopped at once by Ctrl-C (SIGINT)" in result.stderr
+
+
+def test_a_resume_with_another_batch_size_from_a_record_without_it_reads_the_run_config(tmp_path):
+    from conftest import TINY, run_cli
+
+    run = [*TINY, f"hydra.run.dir={tmp_path}"]  # 40 steps of 64
+    assert run_cli(*run).returncode == 0
+    record = tmp_path / "checkpoints" / "configured.json"
+    older = {k: v for k, v in json.loads(record.read_text()).items() if k not in ("batch_size", "batches_per_epoch")}
+    record.write_text(json.dumps(older))  # as a run from before the record held the batch size
+    result = run_cli(*run, "data.batch_size=32", "trainer.max_steps=50")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    assert "the run read 40 batches of 64 examples (2560)" in out and "skips 80 batches of 32" in out

@@ -24,6 +24,7 @@ from trainer.callbacks.numerics import check_weights_finite
 from trainer import resume_from
 from trainer.checkpoint import NO_BEST, Checkpointer
 from trainer.config import ConfigError, as_given, written
+from trainer.data_position import batches_per_epoch, position_in_new_batches
 from trainer.inputs import batches_read_per_step
 from trainer.load_weights import init_from_targets, warm_start_models
 from trainer.loop import due as loop_event_due
@@ -53,32 +54,6 @@ def _say_ranking_starts(recorded: Tuple, best: Tuple, step: int) -> None:
              "the ranking starts now (the best value so far is forgotten; best/ copies kept by the old ranking are "
              "the first replaced).",
              step, ranking(*recorded), ranking(*best))
-
-
-def _batches_per_epoch(trainer) -> Optional[int]:
-    return trainer.steps_per_epoch * batches_read_per_step(trainer.config) if trainer.steps_per_epoch else None
-
-
-def _position_in_new_batches(trainer, read: int, recorded: Dict) -> int:
-    """The batches to skip when the run's batches (trainer.batch_size: data.batch_size, or a data set batched
-    otherwise) changed since the record: the examples read, in the new batches; by epochs when both epochs'
-    batches are known (an epoch drops a remainder of its own size). A position that is not a whole number of
-    new batches reads the examples of the part again, said."""
-    old, new, old_epoch = recorded.get("batch_size"), trainer.batch_size, recorded.get("batches_per_epoch")
-    if not isinstance(old, int) or not new or old == new:
-        return read
-    new_epoch = _batches_per_epoch(trainer)
-    epochs, within = divmod(read, old_epoch) if isinstance(old_epoch, int) and old_epoch and new_epoch else (0, read)
-    skip, again = epochs * (new_epoch or 0) + within * old // new, within * old % new
-    said = (f"Data: the run read {read} batches of {old} examples ({read * old}); batches are now {new} examples "
-            f"(data.batch_size, or the data set's batching), so the resume skips {skip} batches of {new}"
-            + (f" ({epochs} epochs, then {within * old} examples of the next)" if epochs else ""))
-    if again:
-        log.warning("%s, and the last %d examples read, not a whole batch of %d, are trained on again. To resume "
-                    "exactly: keep data.batch_size=%d, or one that divides %d.", said, again, new, old, within * old)
-    else:
-        log.info("%s: the same examples.", said)
-    return skip
 
 
 class Checkpointing(Callback):
@@ -341,7 +316,7 @@ class Checkpointing(Callback):
         # A checkpoint older than the record's (the newest unreadable): the record's batches per step back to it.
         self.batches_read = max(0, read + (step - at) * recorded.get("batches_read_per_step", 1))
         self.counted_step = step
-        self.batches_read = _position_in_new_batches(trainer, self.batches_read, recorded)
+        self.batches_read = position_in_new_batches(trainer, self.batches_read, recorded)
 
     def on_eval_end(self, trainer, step, logs):
         self.evaluated = (step, logs)  # judged at the save point, after every callback saw the results
@@ -384,7 +359,7 @@ class Checkpointing(Callback):
             written = {"lr": single} if single is not None else ({"lrs": lrs} if lrs else {})
             written.update(step=step, batches_read=self._position(trainer, step),  # the data position
                            batches_read_per_step=batches_read_per_step(trainer.config),
-                           batch_size=trainer.batch_size, batches_per_epoch=_batches_per_epoch(trainer))
+                           batch_size=trainer.batch_size, batches_per_epoch=batches_per_epoch(trainer))
             if self.frozen:  # compared on resume: the frozen models are in no checkpoint
                 written["frozen"] = self.frozen
             record.with_suffix(".tmp").write_text(json.dumps(written))
