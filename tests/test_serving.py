@@ -224,6 +224,20 @@ def test_export_beyond_tolerance_exits_3(run_dir, tmp_path):
     result = run_cli(str(run_dir), "--format", "keras", "--policy", "mixed_float16", "--tolerance", "1e-12",
                      "--out", str(tmp_path / "x"), module="trainer.export")
     assert result.returncode == 3 and "does not reproduce" in result.stderr and "Traceback" not in result.stderr
+    assert "it was removed, nothing is in" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "no unchecked model in --out or beside it"
+
+
+def test_an_export_killed_before_its_check_leaves_only_a_sibling_the_next_export_removes(run_dir, tmp_path):
+    out = tmp_path / "x"
+    left = tmp_path / "x.export-unchecked"  # as a SIGKILL between the write and the check leaves it
+    (left / "variables").mkdir(parents=True)
+    (left / "saved_model.pb").write_bytes(b"half")
+    result = run_cli(str(run_dir), "--out", str(out), module="trainer.export")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"removed {left}: an earlier export of {out} was stopped before its check" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"] and (out / "saved_model.pb").stat().st_size > 4
+    assert f"wrote saved_model {out} " in result.stdout
 
 
 def test_convert_reports_the_recipes_metrics_before_and_after_on_eval_data(run_dir, tmp_path, capsys):

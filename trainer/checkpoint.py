@@ -7,7 +7,6 @@ ones only after a newer one is complete), and `best/` with the best `keep_best` 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import math
@@ -22,10 +21,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer.checkpoint_files import incomplete_checkpoints, list_checkpoints, repair_state_file
+from trainer.checkpoint_files import (incomplete_checkpoints, list_checkpoints, read_best_index, remove_leftovers,
+                                      repair_state_file)
 from trainer.checkpoint_graph import match_variables
 from trainer.config import ConfigError
 from trainer.errors import UserError
+from trainer.storage_errors import storage_failure
 from trainer.evalsets import close_hint
 
 log = logging.getLogger(__name__)
@@ -95,36 +96,32 @@ def _regrouped(rows, saved: Dict[str, str], reader, name: str) -> bool:
     return bool(held) and held == sorted(tuple(var.shape) for _, var, _, _ in rows)
 
 
-def is_disk_full(e: BaseException) -> bool:
-    """A full disk, as Python (OSError ENOSPC) or TensorFlow (ResourceExhaustedError from a file op such
-    as SaveV2; an out-of-memory is a ResourceExhaustedError too, without this text) reports it."""
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        return True
-    return isinstance(e, (OSError, tf.errors.ResourceExhaustedError)) and "No space left on device" in str(e)
-
-
 @contextlib.contextmanager
-def _no_space_is_checkpoint_error(folder: Path, what: str, last_complete):
-    """A full disk while writing into `folder` removes what the write left there (TF's `ckpt-N_temp/`,
-    a partial `ckpt-N.*`) and becomes a CheckpointError naming the last complete checkpoint
-    (`last_complete()`), so the same command resumes once space is freed."""
+def _refused_write_is_checkpoint_error(folder: Path, what: str, last_complete):
+    """A write the disk refuses in `folder` (full, a quota, a file size limit, read-only, not permitted:
+    trainer/storage_errors.py) removes what the write left there (TF's `ckpt-N_temp/`, a partial `ckpt-N.*`)
+    and becomes a CheckpointError naming the cause, the folder and the last complete checkpoint
+    (`last_complete()`), so the same command resumes once it is fixed."""
     before = set(folder.iterdir()) if folder.is_dir() else set()
     try:
         yield
-    except (OSError, tf.errors.ResourceExhaustedError) as e:
-        if not is_disk_full(e):
+    except (OSError, tf.errors.OpError) as e:
+        refused = storage_failure(e)
+        if refused is None:
             raise
-        for leftover in (set(folder.iterdir()) if folder.is_dir() else set()) - before:
-            if leftover.is_dir():
-                shutil.rmtree(leftover, ignore_errors=True)
-            else:
-                leftover.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a folder that refuses writes may refuse the removal too
+            for leftover in (set(folder.iterdir()) if folder.is_dir() else set()) - before:
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
         last = last_complete()
         kept = (f"the last complete checkpoint is step {last}" if last is not None
                 else "there is no complete checkpoint yet")
+        cause, fix = refused
         raise CheckpointError(
-            f"no space left on device in {folder} while {what}; {kept}. Fix: free space on that disk (or "
-            "move the run folder to a larger one) and run the same command again: it resumes from there."
+            f"{cause} in {folder} while {what}; {kept}. Fix: {fix}, and run the same command again: it resumes "
+            "from there."
         ) from None
 
 
@@ -211,7 +208,7 @@ class Checkpointer:
             log.error("Not saving step %d: the model has non-finite weights. The last good checkpoint is kept.", step)
             return None
         directory = self._write_dir()
-        with _no_space_is_checkpoint_error(directory, f"saving step {step}", self._last_complete):
+        with _refused_write_is_checkpoint_error(directory, f"saving step {step}", self._last_complete):
             directory.mkdir(parents=True, exist_ok=True)
             path = self.manager(directory).save(checkpoint_number=step)
         if not self.is_chief:
@@ -242,9 +239,8 @@ class Checkpointer:
         if self.keep_best <= 0:
             return False
         directory = self._write_dir()
-        (directory / "best").mkdir(parents=True, exist_ok=True)
-        with _no_space_is_checkpoint_error(directory / "best", f"saving the best checkpoint of step {step}",
-                                           self._last_complete):
+        with _refused_write_is_checkpoint_error(directory / "best", f"saving the best checkpoint of step {step}",
+                                                self._last_complete):
             kept = self._keep_best(directory, step, value)
         if not self.is_chief:
             shutil.rmtree(directory, ignore_errors=True)
@@ -254,8 +250,7 @@ class Checkpointer:
         best_dir = directory / "best"
         best_dir.mkdir(parents=True, exist_ok=True)
         index_path = best_dir / "best.json"
-        entries = json.loads(index_path.read_text()) if index_path.exists() else []
-        entries = [e for e in entries if e["step"] != step]
+        entries = [e for e in read_best_index(best_dir, self.best_metric) if e["step"] != step]
         candidate = {"step": step, self.best_metric: value, "path": str(best_dir / f"ckpt-{step}")}
         worst = NO_BEST[self.best_mode]  # a copy ranked by another metric (a resume that changed it) goes first
         ranked = sorted(entries + [candidate], key=lambda e: e.get(self.best_metric, worst),
@@ -282,6 +277,8 @@ class Checkpointer:
         Raises CheckpointError when the folder has checkpoints but resume is off, when none of them
         is readable, or when they do not fit the model.
         """
+        if self.is_chief and resume:
+            remove_leftovers(self.directory)
         found = list_checkpoints(self.directory)
         incomplete = incomplete_checkpoints(self.directory)
         if found and not resume:
@@ -307,6 +304,7 @@ class Checkpointer:
         for step, prefix in found:
             try:
                 self._restore(prefix)
+                self._restore_extra(prefix)  # a damaged byte in the callbacks' state: as in the model's
             except CheckpointError:
                 raise
             except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous one
@@ -317,7 +315,6 @@ class Checkpointer:
                 continue
             if errors:
                 log.warning("Resumed from an older checkpoint (step %d) because newer ones were unreadable.", step)
-            self._restore_extra(prefix)
             log.info("Resuming from %s (step %d)", prefix, step)
             return step
         raise CheckpointError(
@@ -330,12 +327,12 @@ class Checkpointer:
         checkpoint that does not fit or cannot be read is a CheckpointError naming it, nothing changed."""
         try:
             self._restore(prefix)
+            self._restore_extra(prefix)
         except CheckpointError:
             raise
         except Exception as e:  # noqa: BLE001 - TF raises several types for an unreadable checkpoint
             raise CheckpointError(f"trainer.resume_from={named_as}: {prefix} is unreadable ({_readable_reason(e)}). "
                                   "Nothing was changed. Fix: name another checkpoint.") from None
-        self._restore_extra(prefix)
 
     def _restore(self, prefix: str) -> None:
         _check_compatible(self.objects, prefix)
@@ -344,11 +341,15 @@ class Checkpointer:
         status.expect_partial()  # the extra state is read by _restore_extra, on its own
 
     def _restore_extra(self, prefix: str) -> None:
-        saved = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
+        reader = tf.train.load_checkpoint(prefix)
+        saved = reader.get_variable_to_shape_map()
         for name in {**self.extra, **self.reports}:
-            keys = [key[len(name) + 1:] for key in saved if key.startswith(f"{name}/")]
+            full = [key for key in saved if key.startswith(f"{name}/")]
+            keys = [key[len(name) + 1:] for key in full]
             trackable = self.extra.get(name)
             if keys and trackable is not None:
+                for key in full:  # a damaged byte fails here: a Checkpoint cut short mid-read lists, at deletion,
+                    reader.get_tensor(key)  # every value it did not restore in a TF warning (dozens of lines)
                 try:
                     tf.train.Checkpoint(**{name: trackable}).read(prefix).expect_partial()
                 except (ValueError, tf.errors.OpError) as e:  # another shape or dtype

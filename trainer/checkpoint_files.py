@@ -3,9 +3,11 @@ TensorFlow's `checkpoint` state file), which were cut short, and that state file
 read it or when trainer.resume_from sets later checkpoints aside."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -78,3 +80,65 @@ def write_state_file(directory: Path, before: Optional[int] = None) -> List[int]
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, state)
     return [step for step, _ in found]
+
+
+def _recorded_best(index: Path) -> Tuple[Optional[List[dict]], str]:
+    """(best.json's entries, "") or (None, what is wrong with it)."""
+    try:
+        entries = json.loads(index.read_text()) if index.exists() else None
+    except (OSError, ValueError) as e:
+        return None, f"unreadable: {type(e).__name__}: {str(e)[:120] or 'empty'}"
+    if entries is None:
+        return None, "missing"
+    if isinstance(entries, list) and all(isinstance(e, dict) and isinstance(e.get("step"), int) for e in entries):
+        return entries, ""
+    return None, "not a list of entries with a step"
+
+
+def remove_leftovers(directory: Path) -> None:
+    """Removes what a run killed mid-save left, and only that: TensorFlow's `ckpt-N_temp/` folders (a save writes
+    there, then renames), and best/ copies best.json does not name (a kill between its update and the deletion of
+    the copies it dropped, or before a new copy was named). A damaged best.json names nothing for sure: its
+    copies are kept (read_best_index rebuilds it)."""
+    directory, removed = Path(directory), []
+    for folder in (directory, directory / "best"):
+        for temp in sorted(folder.glob("ckpt-*_temp")) if folder.is_dir() else []:
+            if re.fullmatch(r"ckpt-\d+_temp", temp.name) and temp.is_dir():
+                shutil.rmtree(temp, ignore_errors=True)
+                removed.append(f"{temp.relative_to(directory)}/")
+    named, _ = _recorded_best(directory / "best" / "best.json")
+    if named is not None:
+        steps = {e["step"] for e in named}
+        for step, prefix in list_checkpoints(directory / "best") + incomplete_checkpoints(directory / "best"):
+            if step not in steps:
+                for f in Path(prefix).parent.glob(f"{Path(prefix).name}.*"):
+                    f.unlink(missing_ok=True)
+                removed.append(f"best/ckpt-{step}.*")
+    if removed:
+        log.info("Removed what a run stopped during a save left in %s: %s (named by no record).", directory,
+                 ", ".join(removed))
+
+
+def read_best_index(best_dir: Path, metric: Optional[str]) -> List[dict]:
+    """best.json's entries (best/ copies, ranked). A damaged record (truncated, empty, not a list of entries), or
+    none beside copies (a kill before its first write), is rebuilt from the copies in best/ and said: a crash at the
+    next evaluation would lose the steps trained since the last save, at every resume. A rebuilt copy's value is
+    known only when it is the only one (its `best_metric` is the run's best then); the others rank last."""
+    index = Path(best_dir) / "best.json"
+    copies = list_checkpoints(best_dir)
+    entries, problem = _recorded_best(index)
+    if entries is not None or (not index.exists() and not copies):
+        return entries or []
+    rebuilt = [{"step": step, "path": prefix} for step, prefix in copies]
+    known = ""
+    if len(rebuilt) == 1 and metric:
+        try:
+            reader = tf.train.load_checkpoint(rebuilt[0]["path"])
+            value = float(reader.get_tensor("best_metric/.ATTRIBUTES/VARIABLE_VALUE"))
+            rebuilt[0][metric], known = value, f", {metric}={value:g} as it recorded"
+        except Exception:  # noqa: BLE001 - an unreadable copy ranks last, as any copy of unknown value
+            pass
+    log.warning("The record of the best checkpoints %s is %s; rebuilt from the copies in %s (steps %s%s). A copy "
+                "whose value is unknown ranks last: the next evaluations replace it first.", index, problem, best_dir,
+                [e["step"] for e in rebuilt], known)
+    return rebuilt

@@ -291,7 +291,8 @@ def _label_out_of_range(error: BaseException) -> Optional[str]:
 
 
 def _out_of_resources(error: BaseException, cfg: DictConfig) -> Optional[str]:
-    """The message for a full disk or an exhausted memory anywhere in `error`'s chain, else None.
+    """The message for a full disk (or another write the disk refused: trainer/storage_errors.py) or an exhausted
+    memory anywhere in `error`'s chain, else None.
 
     TensorFlow reports both as tf.errors.ResourceExhaustedError ("No space left on device" from a file
     op; "Failed to allocate memory", "OOM when allocating" from a batch or an op of the step)."""
@@ -299,18 +300,21 @@ def _out_of_resources(error: BaseException, cfg: DictConfig) -> Optional[str]:
 
     import tensorflow as tf
 
-    from trainer.checkpoint import is_disk_full
+    from trainer.storage_errors import storage_failure
 
-    seen = find_error(error, (tf.errors.ResourceExhaustedError, OSError), implicit=True)
+    run_dir = HydraConfig.get().runtime.output_dir
+    refused = find_error(error, (tf.errors.OpError, OSError), implicit=True)
+    if refused is not None and storage_failure(refused) is not None:
+        cause, fix = storage_failure(refused)
+        denied = cause.startswith(("permission", "the write is not"))  # a data file's is not the run folder's
+        if not denied or str(run_dir) in str(refused):
+            first = str(refused).strip().splitlines()[0][:300] or type(refused).__name__
+            return (f"{cause} under the run folder {run_dir} ({first}). Fix: {fix}, and resume from the last "
+                    f"checkpoint with: {resume_command(run_dir)}")
+    seen = find_error(error, (tf.errors.ResourceExhaustedError,), implicit=True)
     if seen is None:
         return None
     first = str(seen).strip().splitlines()[0][:300] if str(seen).strip() else type(seen).__name__
-    if is_disk_full(seen):
-        return (f"no space left on device under the run folder {HydraConfig.get().runtime.output_dir} ({first}). "
-                "Fix: free space there and resume from the last checkpoint with: "
-                f"{resume_command(HydraConfig.get().runtime.output_dir)}")
-    if not isinstance(seen, tf.errors.ResourceExhaustedError):
-        return None
     op = re.search(r"\[Op:(\w+)\]", str(seen))
     # IteratorGetNext: tf.data allocating a batch; any other op: a variable of the model, or the step.
     where = ("the batch does not fit in memory" if op and op.group(1) == "IteratorGetNext"
@@ -371,6 +375,12 @@ def main() -> None:
         sys.exit(0)  # as Hydra's --help
     try:
         _hydra_main()
+    except KeyboardInterrupt:  # a second Ctrl-C (trainer/signals.py), or one before the run catches signals
+        print("[trainer] stopped at once by Ctrl-C (SIGINT): the newest complete checkpoint is kept (what a save it "
+              "cut short left is removed at the next start); run the same command to resume.", file=sys.stderr,
+              flush=True)
+        iterator_release.exit_promptly(130)
+        sys.exit(130)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) or e.code is None else 1
         if code:  # 143/130 after a signal: no minute-long wait at exit for the iterators being freed

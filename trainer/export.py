@@ -12,12 +12,16 @@ exports a converted copy instead (see trainer.convert). Every export is loaded b
 batches of the recipe's eval split (a .keras file carries no data: seeded random inputs, as trainer.convert's).
 
 Exit codes: 0 written and checked; 2 a user error (no run or checkpoint, --out not empty, a missing package:
-the message gives the pip command); 3 written, but its outputs differ beyond --tolerance (kept for a look).
+the message gives the pip command); 3 its outputs differ beyond --tolerance. An export is written beside --out
+(`<out>.export-unchecked`) and moved there once its check passed: a failed check removes it, an interrupted one
+leaves only that sibling, which the next export removes.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
@@ -26,7 +30,7 @@ from trainer.console import log_command_to_stderr
 from trainer.errors import EXIT_NUMERICAL, reports_errors
 from trainer.runs import checkpoint_of, eval_inputs, find_run, load_trained_model  # noqa: F401 - find_run: its home before
 
-EXIT_MISMATCH = EXIT_NUMERICAL  # written, but its outputs differ beyond --tolerance (ExportMismatch)
+EXIT_MISMATCH = EXIT_NUMERICAL  # its outputs differ beyond --tolerance (ExportMismatch): removed
 
 
 def _unfinished(checkpoint) -> Optional[str]:
@@ -86,13 +90,42 @@ def main(argv=None) -> int:
         model, report = convert_model(model, args.policy, sample)
         tolerance = tolerance if tolerance is not None else report.tolerance
         print(f"converted to {args.policy}: relative output error {report.relative_error:.3g}")
-    path = export_formats.write(model, args.format, out)
-    result = export_formats.check(trained, args.format, path, batches,
-                                  tolerance if tolerance is not None else export_formats.TOLERANCE)
+    staging = unchecked_sibling(out)
+    written = export_formats.write(model, args.format, staging)
+    try:
+        result = export_formats.check(trained, args.format, written, batches,
+                                      tolerance if tolerance is not None else export_formats.TOLERANCE)
+    except BaseException as e:
+        _remove(staging)
+        if isinstance(e, export_formats.ExportMismatch):
+            other = ", or export in float32 (drop --policy)" if args.policy != "float32" else ""
+            raise export_formats.ExportMismatch(f"{e}; it was removed, nothing is in {out}. Fix: a larger "
+                                                f"--tolerance{other}") from None
+        raise
+    os.replace(staging, out)  # over an empty folder too (checked above)
+    path = out / written.relative_to(staging) if written != staging else out
     print(f"wrote {args.format} {path} ({origin})")
     print(f"checked: loaded back, {result.examples} {checked_on}, max abs error {result.max_abs_error:.3g}, "
           f"relative {result.relative_error:.3g} (tolerance {result.tolerance:g})")
     return 0
+
+
+def unchecked_sibling(out: Path) -> Path:
+    """Where an export is written until its check passes (then moved to `out`): `out`'s sibling, named for what it
+    is, with `out`'s suffix (export_formats.write reads it). One that an export killed before its check left is
+    removed, said."""
+    staging = out.with_name(f"{out.stem}.export-unchecked{out.suffix}")
+    if staging.exists():
+        _remove(staging)
+        print(f"removed {staging}: an earlier export of {out} was stopped before its check (never checked)")
+    return staging
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _from_keras_file(source: str, which: str, batches: int) -> Tuple[Any, List[Any], str, str]:

@@ -36,8 +36,8 @@ class ExportError(UserError, ValueError):
 
 
 class ExportMismatch(NumericalFailure, ValueError):
-    """The exported file does not reproduce the trained model's outputs within tolerance (exit 3: written,
-    kept for a look)."""
+    """The exported file does not reproduce the trained model's outputs within tolerance (exit 3; trainer.export
+    removes it)."""
 
 
 @dataclass

@@ -151,7 +151,7 @@ def training_iterator(data: DataArg, strategy, start: int, batches_read: int, ke
         iterator, kept.iterator = kept.iterator, None
         return iterator
     if batches_read:  # tf.data produces the skipped batches (reads, decodes) and drops them: it takes time
-        log.info("Data: skipping the %d batches the first %d steps trained on, to resume in the same order",
+        log.info("Data: skipping %d batches, the examples the first %d steps trained on, to resume in the same order",
                  batches_read, start)
     warn_if_reshuffled_again(data, start, exact_resume)
     return iter(distribute(data, strategy, skip_batches=batches_read))

@@ -9,7 +9,6 @@ commands, above the library (checkpoint, precision, config): it imports no comma
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 from omegaconf import OmegaConf
 
 from trainer.checkpoint import CheckpointError
-from trainer.checkpoint_files import list_checkpoints
+from trainer.checkpoint_files import list_checkpoints, read_best_index
 from trainer.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -180,8 +179,7 @@ def resolve_checkpoint(run: Path, which: str = "latest") -> Tuple[str, str]:
         prefix = newest_readable(regular, folder)
         return prefix, Path(prefix).name
     if which == "best":
-        index = folder / "best" / "best.json"
-        ranked = json.loads(index.read_text()) if index.exists() else []
+        ranked = read_best_index(folder / "best", None)  # a damaged record: the copies, said
         # The entries' paths are absolute when written: find them by step, so a moved run folder works.
         prefixes = [str(folder / "best" / f"ckpt-{e['step']}") for e in ranked]
         kept = [p for p in prefixes if Path(p + ".index").exists()]

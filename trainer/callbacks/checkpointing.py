@@ -24,6 +24,7 @@ from trainer.callbacks.numerics import check_weights_finite
 from trainer import held_state, resume_from
 from trainer.checkpoint import NO_BEST, Checkpointer
 from trainer.config import ConfigError, as_given, written
+from trainer.data_position import batches_per_epoch, position_in_new_batches
 from trainer.inputs import batches_read_per_step
 from trainer.load_weights import init_from_targets, warm_start_models
 from trainer.loop import due as loop_event_due
@@ -341,6 +342,7 @@ class Checkpointing(Callback):
         # A checkpoint older than the record's (the newest unreadable): the record's batches per step back to it.
         self.batches_read = max(0, read + (step - at) * recorded.get("batches_read_per_step", 1))
         self.counted_step = step
+        self.batches_read = position_in_new_batches(trainer, self.batches_read, recorded)
 
     def on_eval_end(self, trainer, step, logs):
         self.evaluated = (step, logs)  # judged at the save point, after every callback saw the results
@@ -386,7 +388,8 @@ class Checkpointing(Callback):
             single = lrs.get(trainer.default_optimizer) if len(self.configured) == 1 else None
             written = {"lr": single} if single is not None else ({"lrs": lrs} if lrs else {})
             written.update(step=step, batches_read=self._position(trainer, step),  # the data position
-                           batches_read_per_step=batches_read_per_step(trainer.config))
+                           batches_read_per_step=batches_read_per_step(trainer.config),
+                           batch_size=trainer.batch_size, batches_per_epoch=batches_per_epoch(trainer))
             if self.frozen:  # compared on resume: the frozen models are in no checkpoint
                 written["frozen"] = self.frozen
             record.with_suffix(".tmp").write_text(json.dumps(written))

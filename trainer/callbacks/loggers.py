@@ -62,6 +62,23 @@ class Logger(Callback):
         return None
 
     @staticmethod
+    def drop_torn_last_line(path: Path) -> None:
+        """A file that does not end in a newline holds a last line cut short (a kill while it was written):
+        dropped, and said, so the next row does not join it into one invalid row."""
+        if not path.is_file() or not path.stat().st_size:
+            return
+        with path.open("rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) == b"\n":
+                return
+            f.seek(0)
+            text = f.read()
+            keep = text.rfind(b"\n") + 1
+            f.truncate(keep)
+        log.info("%s ended in a line cut short (a kill while it was written): dropped it (%d bytes), so every row "
+                 "stays whole.", path, len(text) - keep)
+
+    @staticmethod
     def in_run_dir(trainer, path: Optional[Union[str, Path]], default: str) -> Path:
         """`path`, or `default` inside the Trainer's run folder; a logger without either cannot write."""
         if path is not None:
@@ -80,6 +97,7 @@ class MetricsWriter(Logger):
 
     def on_train_begin(self, trainer):
         self.path = self.in_run_dir(trainer, self.path, "metrics.jsonl")
+        self.drop_torn_last_line(self.path)
 
     def record(self, trainer, split, step, logs):
         record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in logs.items()}
@@ -160,6 +178,7 @@ class CSVLogger(Logger):
     def on_train_begin(self, trainer):
         self.path = self.in_run_dir(trainer, self.path, "metrics.csv")
         self.columns = []
+        self.drop_torn_last_line(self.path)
         if self.path.exists() and self.path.stat().st_size:
             with self.path.open(newline="") as f:
                 self.columns = next(csv.reader(f), [])
