@@ -380,4 +380,4 @@ def test_an_export_prints_tensorflows_log_lines_once(run_dir, tmp_path):
     result = run_cli(str(run_dir), "--format", "saved_model", "--out", str(out), module="trainer.export", process=True)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in (result.stdout + result.stderr).splitlines() if "Assets written to" in line]
-    assert lines == [f"INFO tensorflow: Assets written to: {out}/assets"], lines
+    assert len(lines) == 1 and lines[0].startswith("INFO tensorflow: Assets written to: "), lines  # staged, then moved
