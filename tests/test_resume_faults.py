@@ -101,6 +101,25 @@ def test_a_run_folder_made_immutable_is_a_checkpoint_error_and_the_run_resumes(t
                                 lambda: subprocess.run(["chattr", "-i", str(folder)], check=True), "not permitted")
 
 
+def test_a_refused_deletion_of_an_old_checkpoint_keeps_the_new_complete_one(tmp_path):
+    import os
+    import subprocess
+
+    from trainer.checkpoint import CheckpointError
+
+    _fit(tmp_path, 5, keep_checkpoints=1)
+    old = tmp_path / "checkpoints" / "ckpt-5.index"
+    if os.geteuid() != 0 or subprocess.run(["chattr", "+i", str(old)], capture_output=True).returncode:
+        pytest.skip("needs root and a file system with chattr +i")
+    try:  # the user protects a checkpoint they like: its deletion by the rotation is refused
+        with pytest.raises(CheckpointError, match=f"not permitted at {old} while saving step 10; the last complete "
+                                                  "checkpoint is step 10"):
+            _fit(tmp_path, 10, keep_checkpoints=1)
+    finally:
+        subprocess.run(["chattr", "-i", str(old)], check=True)
+    assert 10 in [step for step, _ in list_checkpoints(tmp_path / "checkpoints")], "the new complete one is kept"
+
+
 @pytest.mark.parametrize("batch, skip, again", [(32, 5, 0), (48, 3, 16)])
 def test_a_resume_with_another_batch_size_skips_the_examples_read(tmp_path, caplog, batch, skip, again):
     tiny_classifier(run_dir=tmp_path).fit(blobs(batch=16), steps=10)  # 10 batches of 16: 160 examples
@@ -114,6 +133,40 @@ def test_a_resume_with_another_batch_size_skips_the_examples_read(tmp_path, capl
     assert f"Data: skipping {skip} batches" in caplog.text
     record = json.loads((tmp_path / "checkpoints" / "configured.json").read_text())
     assert (record["step"], record["batches_read"], record["batch_size"]) == (15, skip + 5, batch)
+
+
+def test_a_batch_size_resume_counts_the_real_passes_over_the_data_not_the_epochs_steps(tmp_path, caplog):
+    # 100 examples in batches of 10: a pass is 10 batches; 4 accumulated batches a step and fit(steps_per_epoch=2)
+    # call an epoch 8. 3 steps read 12 batches: a pass and 2 batches (20 examples), so batches of 5 skip 20 + 4.
+    options = dict(run_dir=tmp_path, grad_accum_steps=4, checkpoint_every=3, eval_every=3, log_every=3)
+    tiny_classifier(**options).fit(blobs(n=100, batch=10), steps=3, steps_per_epoch=2)
+    caplog.set_level(logging.INFO, logger="trainer")
+    tiny_classifier(**options).fit(blobs(n=100, batch=5), steps=4, steps_per_epoch=2)
+    assert "skips 24 batches of 5 (1 passes over the data, then 20 examples of the next): the same examples" \
+        in caplog.text
+    record = json.loads((tmp_path / "checkpoints" / "configured.json").read_text())
+    assert (record["batch_size"], record["pass_batches"], record["batches_read"]) == (5, 20, 28)
+
+
+def test_a_batch_size_resume_over_data_of_unknown_length_counts_examples_and_says_so(tmp_path, caplog):
+    def unknown_length(batch):
+        return blobs(batch=batch).filter(lambda x, y: True)  # cardinality unknown
+
+    tiny_classifier(run_dir=tmp_path).fit(unknown_length(16), steps=6, steps_per_epoch=4)  # 96 examples
+    caplog.set_level(logging.INFO, logger="trainer")
+    tiny_classifier(run_dir=tmp_path).fit(unknown_length(32), steps=8, steps_per_epoch=4)
+    assert "skips 3 batches of 32: the same examples unless a pass over the data ended in between" in caplog.text
+    assert json.loads((tmp_path / "checkpoints" / "configured.json").read_text())["pass_batches"] is None
+
+
+def test_a_batch_size_resume_from_a_record_without_the_batch_size_warns_it_cannot_be_compared(tmp_path, caplog):
+    tiny_classifier(run_dir=tmp_path).fit(blobs(batch=16), steps=5)
+    record = tmp_path / "checkpoints" / "configured.json"
+    record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "batch_size"}))
+    caplog.set_level(logging.INFO, logger="trainer")
+    tiny_classifier(run_dir=tmp_path).fit(blobs(batch=32), steps=10)
+    warned = [r for r in caplog.records if "cannot be compared" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING and "skips 5 batches of 32" in caplog.text
 
 
 def test_a_torn_last_row_of_the_metrics_files_is_dropped_on_resume(tmp_path, caplog):
@@ -178,7 +231,7 @@ def test_a_resume_with_another_batch_size_from_a_record_without_it_reads_the_run
     run = [*TINY, f"hydra.run.dir={tmp_path}"]  # 40 steps of 64
     assert run_cli(*run).returncode == 0
     record = tmp_path / "checkpoints" / "configured.json"
-    older = {k: v for k, v in json.loads(record.read_text()).items() if k not in ("batch_size", "batches_per_epoch")}
+    older = {k: v for k, v in json.loads(record.read_text()).items() if k not in ("batch_size", "pass_batches")}
     record.write_text(json.dumps(older))  # as a run from before the record held the batch size
     result = run_cli(*run, "data.batch_size=32", "trainer.max_steps=50")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -248,3 +248,17 @@ def test_a_rewind_cut_short_is_finished_by_the_next_start(tmp_path, monkeypatch,
     best = json.loads((directory / "best" / "best.json").read_text())
     assert [s for s, _ in list_checkpoints(directory / "best")] == [n] == [e["step"] for e in best]
     assert not (directory / "set-aside.json").exists()
+
+
+def test_resume_from_with_a_damaged_best_record_rebuilds_it_and_sets_the_later_copies_aside(tmp_path, caplog):
+    from conftest import tiny_classifier
+
+    options = dict(run_dir=tmp_path, best_metric="loss", best_mode="min", keep_best=3)
+    tiny_classifier(**options).fit(blobs(), blobs(), steps=10)
+    best = tmp_path / "checkpoints" / "best"
+    (best / "best.json").write_text("[\n {")  # torn
+    caplog.set_level(logging.WARNING, logger="trainer")
+    tiny_classifier(resume_from="ckpt-5", **options).fit(blobs(), blobs(), steps=10)
+    assert "best.json is unreadable" in caplog.text and "rebuilt from the copies" in caplog.text
+    assert (tmp_path / "checkpoints" / "set-aside-after-5" / "best" / "ckpt-10.index").exists()
+    assert json.loads((best / "best.json").read_text())[0]["step"] in (5, 10)

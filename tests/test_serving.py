@@ -240,6 +240,43 @@ def test_an_export_killed_before_its_check_leaves_only_a_sibling_the_next_export
     assert f"wrote saved_model {out} " in result.stdout
 
 
+@pytest.mark.parametrize("given", ["empty folder", "symlink to one", "."])
+def test_an_export_to_an_existing_empty_folder_is_written_inside_it(run_dir, tmp_path, given, capsys, monkeypatch):
+    # A mount point, a symlink's target and `.` cannot be replaced by a rename: the export is staged inside them.
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / ".export-unchecked" / "variables").mkdir(parents=True)  # an interrupted export's, inside
+    out = {"empty folder": str(folder), "symlink to one": str(tmp_path / "link"), ".": "."}[given]
+    if given == "symlink to one":
+        (tmp_path / "link").symlink_to(folder)
+    monkeypatch.chdir(folder)
+    code, stdout, stderr = in_process("trainer.export", str(run_dir), "--out", out, capsys=capsys)
+    assert code == 0, stderr
+    assert f"removed {folder / '.export-unchecked'}: an earlier export" in stdout
+    assert f"wrote saved_model {out} " in stdout and (folder / "saved_model.pb").stat().st_size > 4
+    assert not (folder / ".export-unchecked").exists() and sorted(p.name for p in tmp_path.iterdir()) == (
+        ["link", "out"] if given == "symlink to one" else ["out"])
+
+
+@pytest.mark.parametrize("into", ["new", "empty folder"])
+def test_a_refused_move_into_place_removes_the_export_in_one_line(run_dir, tmp_path, into, capsys, monkeypatch):
+    import errno
+    import os
+
+    out = tmp_path / "x"
+    if into == "empty folder":
+        out.mkdir()
+
+    def refused(source, target):
+        raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(source))
+
+    monkeypatch.setattr("trainer.export.os.replace", refused)
+    code, _, stderr = in_process("trainer.export", str(run_dir), "--out", str(out), capsys=capsys)
+    assert code == 2 and "Traceback" not in stderr
+    assert f"could not be moved to {out}: {os.strerror(errno.EBUSY)}" in stderr and "Fix: " in stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == (["x"] if into == "empty folder" else [])
+
+
 def test_convert_reports_the_recipes_metrics_before_and_after_on_eval_data(run_dir, tmp_path, capsys):
     out = tmp_path / "converted"
     result = run_cli(str(run_dir), "--policy", "mixed_bfloat16", "--eval-steps", "5", "--out", str(out),

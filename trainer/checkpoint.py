@@ -96,12 +96,34 @@ def _regrouped(rows, saved: Dict[str, str], reader, name: str) -> bool:
     return bool(held) and held == sorted(tuple(var.shape) for _, var, _, _ in rows)
 
 
+def _write_leftovers(new_entries) -> List[Path]:
+    """What a refused save left among `new_entries`: TF's `ckpt-N_temp/` folders and the files of a `ckpt-N` without
+    its `.index` (written last: a checkpoint with one is complete, and kept)."""
+    left = []
+    for entry in new_entries:
+        partial = re.fullmatch(r"(ckpt-\d+)\..+", entry.name)
+        if (re.fullmatch(r"ckpt-\d+_temp", entry.name) and entry.is_dir()) or (
+                partial and not entry.is_dir() and not (entry.parent / f"{partial[1]}.index").exists()):
+            left.append(entry)
+    return left
+
+
+def _refused_path(error: BaseException, folder: Path) -> str:
+    """The file a refused write names (OSError's filename, or a path in TF's text), else `folder`."""
+    named = getattr(error, "filename", None)
+    if named:
+        return str(named)
+    found = re.search(re.escape(str(folder)) + r"[^\s;,'\"]*", str(error))
+    return found[0].rstrip(".:") if found else str(folder)
+
+
 @contextlib.contextmanager
 def _refused_write_is_checkpoint_error(folder: Path, what: str, last_complete):
     """A write the disk refuses in `folder` (full, a quota, a file size limit, read-only, not permitted:
-    trainer/storage_errors.py) removes what the write left there (TF's `ckpt-N_temp/`, a partial `ckpt-N.*`)
-    and becomes a CheckpointError naming the cause, the folder and the last complete checkpoint
-    (`last_complete()`), so the same command resumes once it is fixed."""
+    trainer/storage_errors.py) removes what the write left there (TF's `ckpt-N_temp/`, a partial `ckpt-N.*`;
+    never a complete checkpoint, such as the new one when an old one's deletion is refused) and becomes a
+    CheckpointError naming the cause, the file and the last complete checkpoint (`last_complete()`), so the same
+    command resumes once it is fixed."""
     before = set(folder.iterdir()) if folder.is_dir() else set()
     try:
         yield
@@ -110,7 +132,7 @@ def _refused_write_is_checkpoint_error(folder: Path, what: str, last_complete):
         if refused is None:
             raise
         with contextlib.suppress(OSError):  # a folder that refuses writes may refuse the removal too
-            for leftover in (set(folder.iterdir()) if folder.is_dir() else set()) - before:
+            for leftover in _write_leftovers((set(folder.iterdir()) if folder.is_dir() else set()) - before):
                 if leftover.is_dir():
                     shutil.rmtree(leftover, ignore_errors=True)
                 else:
@@ -120,8 +142,8 @@ def _refused_write_is_checkpoint_error(folder: Path, what: str, last_complete):
                 else "there is no complete checkpoint yet")
         cause, fix = refused
         raise CheckpointError(
-            f"{cause} in {folder} while {what}; {kept}. Fix: {fix}, and run the same command again: it resumes "
-            "from there."
+            f"{cause} at {_refused_path(e, folder)} while {what}; {kept}. Fix: {fix}, and run the same command "
+            "again: it resumes from there."
         ) from None
 
 

@@ -153,6 +153,7 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
         loggers=loggers,
     )
     trainer.resume_command = resume_command(run_dir)
+    trainer.data_pass_batches = data.train_examples // data.batch_size if data.train_examples else None
     trainer.hparams = flatten(OmegaConf.to_container(cfg, resolve=True))  # the loggers' params (MLflow)
     class_weight = cfg.data.get("class_weight") or None  # config.DataOptions: None (the default) weighs nothing
     return trainer.fit(data.train, eval_data_of(cfg, data), steps_per_epoch=steps_per_epoch, batch_size=data.batch_size,
@@ -307,10 +308,14 @@ def _out_of_resources(error: BaseException, cfg: DictConfig) -> Optional[str]:
     if refused is not None and storage_failure(refused) is not None:
         cause, fix = storage_failure(refused)
         denied = cause.startswith(("permission", "the write is not"))  # a data file's is not the run folder's
-        if not denied or str(run_dir) in str(refused):
+        named = getattr(refused, "filename", None) or next(iter(re.findall(r"/[^\s:;,'\"]+", str(refused))), None)
+        in_run = str(run_dir) in str(refused) or str(named or "").startswith(str(run_dir))
+        if in_run or not denied:
             first = str(refused).strip().splitlines()[0][:300] or type(refused).__name__
-            return (f"{cause} under the run folder {run_dir} ({first}). Fix: {fix}, and resume from the last "
-                    f"checkpoint with: {resume_command(run_dir)}")
+            where = (f"under the run folder {run_dir}" if in_run  # a data or cache mount's is named as it is
+                     else f"at {named}" if named else "on a disk the error does not name")
+            return (f"{cause} {where} ({first}). Fix: {fix}, and resume from the last checkpoint with: "
+                    f"{resume_command(run_dir)}")
     seen = find_error(error, (tf.errors.ResourceExhaustedError,), implicit=True)
     if seen is None:
         return None

@@ -13,8 +13,9 @@ batches of the recipe's eval split (a .keras file carries no data: seeded random
 
 Exit codes: 0 written and checked; 2 a user error (no run or checkpoint, --out not empty, a missing package:
 the message gives the pip command); 3 its outputs differ beyond --tolerance. An export is written beside --out
-(`<out>.export-unchecked`) and moved there once its check passed: a failed check removes it, an interrupted one
-leaves only that sibling, which the next export removes.
+(`<out>.export-unchecked`; inside an existing empty --out folder, `<out>/.export-unchecked`) and moved there once
+its check passed: a failed check or a refused move removes it, an interrupted one leaves only that, which the next
+export removes.
 """
 from __future__ import annotations
 
@@ -67,7 +68,9 @@ def main(argv=None) -> int:
     from trainer.convert import convert_model
 
     out = Path(args.out)
+    place = out.resolve() if out.is_dir() else out  # a symlink's folder, and `.`, by their real path
     tolerance = args.tolerance
+    staging = unchecked_staging(place)  # removes one an interrupted export left
     if (out.is_dir() and any(out.iterdir())) or out.is_file():
         raise export_formats.ExportError(f"{out} exists and is not empty; choose another --out (nothing was written)")
     if args.check_batches < 1:
@@ -90,11 +93,11 @@ def main(argv=None) -> int:
         model, report = convert_model(model, args.policy, sample)
         tolerance = tolerance if tolerance is not None else report.tolerance
         print(f"converted to {args.policy}: relative output error {report.relative_error:.3g}")
-    staging = unchecked_sibling(out)
-    written = export_formats.write(model, args.format, staging)
     try:
+        written = export_formats.write(model, args.format, staging)
         result = export_formats.check(trained, args.format, written, batches,
                                       tolerance if tolerance is not None else export_formats.TOLERANCE)
+        path = out / _move_into_place(staging, written, place).relative_to(place)
     except BaseException as e:
         _remove(staging)
         if isinstance(e, export_formats.ExportMismatch):
@@ -102,23 +105,51 @@ def main(argv=None) -> int:
             raise export_formats.ExportMismatch(f"{e}; it was removed, nothing is in {out}. Fix: a larger "
                                                 f"--tolerance{other}") from None
         raise
-    os.replace(staging, out)  # over an empty folder too (checked above)
-    path = out / written.relative_to(staging) if written != staging else out
     print(f"wrote {args.format} {path} ({origin})")
     print(f"checked: loaded back, {result.examples} {checked_on}, max abs error {result.max_abs_error:.3g}, "
           f"relative {result.relative_error:.3g} (tolerance {result.tolerance:g})")
     return 0
 
 
-def unchecked_sibling(out: Path) -> Path:
-    """Where an export is written until its check passes (then moved to `out`): `out`'s sibling, named for what it
-    is, with `out`'s suffix (export_formats.write reads it). One that an export killed before its check left is
+def unchecked_staging(out: Path) -> Path:
+    """Where an export is written until its check passes (then moved to `out`): inside `out` when it is an empty
+    folder (a mount point or a symlink's target cannot be replaced), else `out`'s sibling, named for what it is,
+    with `out`'s suffix (export_formats.write reads it). One that an export killed before its check left is
     removed, said."""
+    inside = out / ".export-unchecked"
+    if inside.exists() and [entry.name for entry in out.iterdir()] == [inside.name]:
+        _remove(inside)
+        print(f"removed {inside}: an earlier export of {out} was stopped before its check (never checked)")
+    if out.is_dir():
+        return inside
     staging = out.with_name(f"{out.stem}.export-unchecked{out.suffix}")
     if staging.exists():
         _remove(staging)
         print(f"removed {staging}: an earlier export of {out} was stopped before its check (never checked)")
     return staging
+
+
+def _move_into_place(staging: Path, written: Path, out: Path) -> Path:
+    """The checked export moved to `out` (its entries, from inside an empty folder `out`); where `written` is now.
+    A refused move (a full disk, a read-only or busy folder) removes what it moved: an ExportError, said."""
+    from trainer.export_formats import ExportError
+
+    moved: List[Path] = []
+    try:
+        if staging.parent == out:
+            for entry in sorted(staging.iterdir()):
+                os.replace(entry, out / entry.name)
+                moved.append(out / entry.name)
+            staging.rmdir()
+        else:
+            os.replace(staging, out)
+    except OSError as e:
+        for path in moved:
+            _remove(path)
+        raise ExportError(f"the checked export could not be moved to {out}: {e.strerror or e} ({e.filename}); it "
+                          "was removed, nothing is in it. Fix: an --out on a writable file system with room, then "
+                          "export again") from None
+    return out / written.relative_to(staging)
 
 
 def _remove(path: Path) -> None:

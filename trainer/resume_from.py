@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from trainer.checkpoint import CheckpointError
-from trainer.checkpoint_files import list_checkpoints, write_state_file
+from trainer.checkpoint_files import list_checkpoints, read_best_index, write_state_file
 
 log = logging.getLogger("trainer.core")
 
@@ -213,7 +213,7 @@ def _set_aside_best(best: Path, step: int, folder: Path) -> List[str]:
         # the ranking as it was, beside the copies (once: a finished job keeps it)
         if not (folder / "best.json").exists():
             _write(folder / "best.json", index.read_text())
-        kept = [e for e in json.loads(index.read_text()) if isinstance(e, dict) and e.get("step", 0) <= step]
+        kept = [e for e in read_best_index(best, None) if e["step"] <= step]  # a damaged one rebuilt, said
         index.with_suffix(".tmp").write_text(json.dumps(kept, indent=1))
         os.replace(index.with_suffix(".tmp"), index)
     for _, prefix in later:

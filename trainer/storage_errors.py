@@ -18,10 +18,10 @@ _CAUSES = {
     errno.EROFS: ("Read-only file system", "the file system is read-only",
                   "remount it read-write, or move the run folder to a writable disk"),
     errno.EACCES: ("Permission denied", "permission denied",
-                   "make the folder writable for this user again (`chmod u+w`, or `chattr -i` when it was made "
-                   "immutable)"),
+                   "make it writable for this user again (`chmod u+w`; `sudo chown $USER` when another user owns "
+                   "it; `chattr -i` when it was made immutable)"),
     errno.EPERM: ("Operation not permitted", "the write is not permitted",
-                  "make the folder writable again (`chattr -i` when it was made immutable, `chmod u+w`)"),
+                  "make it writable again (`chattr -i` when it was made immutable, `chmod u+w`)"),
 }
 
 
@@ -37,8 +37,3 @@ def storage_failure(error: BaseException) -> Optional[Tuple[str, str]]:
     text = str(error)
     return next((cause[1:] for cause in _CAUSES.values() if cause[0] in text), None)
 
-
-def is_disk_full(error: BaseException) -> bool:
-    """A full disk (ENOSPC), as Python or TensorFlow reports it."""
-    found = storage_failure(error)
-    return found is not None and found[0] == _CAUSES[errno.ENOSPC][1]

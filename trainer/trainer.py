@@ -19,8 +19,8 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
 import keras
 import tensorflow as tf
 
-from trainer import (auto_precision, components, debug, ema, evalsets, keras_compat, metric_attributes, model_build,
-                     saved, signals, step_functions)
+from trainer import (auto_precision, components, data_position, debug, ema, evalsets, keras_compat, metric_attributes,
+                     model_build, saved, signals, step_functions)
 from trainer import loop as loop_lib
 from trainer import loss_fit
 from trainer import precision as precision_lib
@@ -279,6 +279,8 @@ class Trainer(TrainerProperties, Step):
         if not cfg.fast_dev_run:
             warn_if_epochs_cut(*limits, steps_per_epoch, steps, epochs, cli=self.from_cli)
         self.steps_per_epoch = steps_per_epoch
+        self.data_pass_batches = data_position.pass_batches(  # the CLI's: train_examples // batch_size
+            cfg, train_data, getattr(self, "data_pass_batches", None) if self.from_cli else None)
         train_data, eval_data, self.total, self._fit_eval_limit = debug.plan_fit(self, train_data, eval_data,
                                                                                  self.total)
         kept, self._kept_iterator = self._kept_iterator, None  # kept again only if this call ends normally

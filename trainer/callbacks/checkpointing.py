@@ -24,7 +24,7 @@ from trainer.callbacks.numerics import check_weights_finite
 from trainer import held_state, resume_from
 from trainer.checkpoint import NO_BEST, Checkpointer
 from trainer.config import ConfigError, as_given, written
-from trainer.data_position import batches_per_epoch, position_in_new_batches
+from trainer.data_position import position_in_new_batches
 from trainer.inputs import batches_read_per_step
 from trainer.load_weights import init_from_targets, warm_start_models
 from trainer.loop import due as loop_event_due
@@ -389,7 +389,7 @@ class Checkpointing(Callback):
             written = {"lr": single} if single is not None else ({"lrs": lrs} if lrs else {})
             written.update(step=step, batches_read=self._position(trainer, step),  # the data position
                            batches_read_per_step=batches_read_per_step(trainer.config),
-                           batch_size=trainer.batch_size, batches_per_epoch=batches_per_epoch(trainer))
+                           batch_size=trainer.batch_size, pass_batches=getattr(trainer, "data_pass_batches", None))
             if self.frozen:  # compared on resume: the frozen models are in no checkpoint
                 written["frozen"] = self.frozen
             record.with_suffix(".tmp").write_text(json.dumps(written))
