@@ -381,14 +381,15 @@ def test_a_frozen_model_the_step_changes_is_an_error_before_any_save(tmp_path, c
     holds it): after the first loop, and before any checkpoint is written, that is a ConfigError naming the model and
     the fix, not a 'random weights' warning; the checkpoints written before it changed are kept."""
     with caplog.at_level(logging.WARNING, logger="trainer"):
-        with pytest.raises(ConfigError, match=r"frozen model 'target' changed during the run \(weights fingerprint "
-                                              r"target: \w+ at the start, \w+ at step \d+\).*Nothing of step \d+ was "
-                                              r"saved.*Fix: do not list 'target' in frozen=: a model without an "
-                                              r"optimizer .*\['online'\]\) is in every checkpoint and is not trained"):
+        with pytest.raises(ConfigError, match=r"frozen model 'target' changed during this fit\(\) call \(weights "
+                                              r"fingerprint target: \w+ at its start, \w+ at step \d+\).*Nothing "
+                                              r"of step \d+ was saved.*Fix: do not list 'target' in frozen=: a "
+                                              r"model without an optimizer .*\['online'\]\) is in every "
+                                              r"checkpoint and is not trained"):
             ema_target(tmp_path / "frozen", frozen={"target"}).fit(blobs(), steps=20)
     assert not list((tmp_path / "frozen").glob("checkpoints/**/*.index"))  # nothing saved
     assert "random weights" not in caplog.text, caplog.text
-    with pytest.raises(ConfigError, match="frozen model 'target' changed during the run"):  # no run folder alike
+    with pytest.raises(ConfigError, match="frozen model 'target' changed during this fit"):  # no run folder alike
         ema_target(None, frozen={"target"}).fit(blobs(), steps=20)
 
     later = ema_target(tmp_path / "later", follow_from=7, frozen={"target"})  # changes after the save of step 5
@@ -412,3 +413,13 @@ def test_the_fix_a_model_without_an_optimizer_is_saved_untrained_and_resumes_exa
     assert resumed.weights_fingerprint() == whole.weights_fingerprint()
     for a, b in zip(resumed.models["target"].get_weights(), whole.models["target"].get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_frozen_model_set_between_fit_calls_on_purpose_is_allowed(tmp_path):
+    """Weights loaded into a frozen model between fit() calls (a new teacher) are that call's start: no error, and
+    the next call trains against them."""
+    trainer = ema_target(tmp_path, follow_from=10**6, frozen={"target"})  # the step never changes it
+    trainer.fit(blobs(), steps=5)
+    trainer.models["target"].set_weights([w * 1.5 for w in trainer.models["target"].get_weights()])
+    trainer.fit(blobs(), steps=10)
+    assert int(trainer.step.numpy()) == 10

@@ -11,6 +11,8 @@ import tensorflow as tf
 
 from conftest import SKIP_TEARDOWN, blobs
 from trainer import CheckpointError, Trainer
+from trainer.callbacks import Callback
+from trainer.config import ConfigError
 
 SLOTS = 8
 
@@ -121,6 +123,94 @@ def test_a_variable_added_between_fit_calls_is_saved_from_then_on(tmp_path, capl
     assert "self.temperature (tf.Variable float32 [])" in caplog.text
     assert "held/temperature/.ATTRIBUTES/VARIABLE_VALUE" in dict(tf.train.list_variables(str(tmp_path / "checkpoints")))
 
+
+
+class Nested(Trainer):
+    """Variables deep in containers, under keys a checkpoint path could confuse, and a Keras metric."""
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.nested = {"q": [tf.Variable(0.0)], "pairs": ({"r": tf.Variable(0.0)},)}
+        self.keyed = {"a/b": tf.Variable(0.0), "a_b": tf.Variable(0.0), "a.b": tf.Variable(0.0)}
+        self.tracker = keras.metrics.Mean(name="tracked")
+
+    def train_step(self, data):
+        self.nested["q"][0].assign_add(1.0)
+        self.nested["pairs"][0]["r"].assign_add(2.0)
+        for i, v in enumerate(self.keyed.values()):
+            v.assign_add(float(i + 1))
+        self.tracker.update_state(1.0)
+        return super().train_step(data)
+
+
+def plain_options(run_dir):
+    return dict(model=mlp, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                optimizer=lambda: keras.optimizers.Adam(1e-2), run_dir=run_dir, verbose=False, checkpoint_every=5)
+
+
+def test_state_deep_in_containers_is_saved_under_keys_that_stay_apart_and_a_metric_is_not(tmp_path):
+    Nested(**plain_options(tmp_path)).fit(blobs(), steps=5)
+    held = sorted(key.split("/.ATTRIBUTES")[0] for key, _ in tf.train.list_variables(str(tmp_path / "checkpoints"))
+                  if key.startswith("held/"))
+    assert held == ["held/keyed/a..b", "held/keyed/a.Sb", "held/keyed/a_b", "held/nested/pairs/0/r",
+                    "held/nested/q/0"], held  # TensorFlow's escapes: '.' as '..', '/' as '.S'; no metric
+    resumed = Nested(**plain_options(tmp_path))
+    resumed.fit(blobs(), steps=7)
+    assert float(resumed.nested["q"][0].numpy()) == 7 and float(resumed.nested["pairs"][0]["r"].numpy()) == 14
+    assert [float(v.numpy()) for v in resumed.keyed.values()] == [7, 14, 21]  # each restored from its own
+
+    class Twins(Plain):
+        def __init__(self, **options):
+            super().__init__(**options)
+            self.twins = {1: tf.Variable(0.0), "1": tf.Variable(1.0)}
+
+    with pytest.raises(ConfigError, match=r"self.twins has the keys 1 and '1', which a checkpoint names alike"):
+        Twins(**plain_options(tmp_path / "twins")).fit(blobs(), steps=1)
+
+
+class MadeLate(Trainer):
+    """State made after fit() starts: a generator by a callback's on_train_begin, a layer built by the step."""
+
+    noise_rng = None
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.head = keras.layers.Dense(2)
+
+    def train_step(self, data):
+        x, y = data
+        x = x + tf.cast(self.noise_rng.normal(tf.shape(x)), x.dtype) * 0.1
+        with tf.GradientTape() as tape:
+            logits = self.model(x, training=True)
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
+            loss += 0.1 * tf.reduce_mean(self.head(logits))
+        self.update(loss, tape)
+        return {"loss": loss}
+
+
+class MakeRng(Callback):
+    def on_train_begin(self, trainer):
+        if trainer.noise_rng is None:
+            trainer.noise_rng = tf.random.Generator.from_seed(7)
+
+
+def test_state_made_after_fit_starts_is_said_loudly_and_an_error_when_deterministic(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        with pytest.raises(ConfigError, match=r"deterministic=true, but: State held by the Trainer was made after "
+                                              r"fit\(\) started.*no checkpoint holds it: self.head \(Dense\), "
+                                              r"self.noise_rng \(Generator\).*Fix: make it in __init__ "
+                                              r"\(before fit\(\)\)"):
+            MadeLate(**plain_options(tmp_path / "exact"), deterministic=True, callbacks=[MakeRng()]).fit(
+                blobs(), steps=10)
+    assert "a tf.random.Generator of your own (self.noise_rng), which no checkpoint holds" in caplog.text
+    assert not list((tmp_path / "exact").glob("checkpoints/*.index"))  # said before any save
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        MadeLate(**plain_options(tmp_path / "loose"), callbacks=[MakeRng()]).fit(blobs(), steps=5)
+    late = [r for r in caplog.records if "made after fit() started" in r.message]
+    assert len(late) == 1 and late[0].levelname == "WARNING" and "self.noise_rng (Generator)" in late[0].message
+    assert not any(k.startswith("held/") for k, _ in tf.train.list_variables(str(tmp_path / "loose" / "checkpoints")))
 
 TWO_REPLICAS = """
 import contextlib, sys, keras, numpy as np, tensorflow as tf

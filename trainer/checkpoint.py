@@ -209,6 +209,14 @@ class Checkpointer:
         self.checkpoint = tf.train.Checkpoint(**self.objects, **self.extra) if self.extra else self._restorable
         self._manager = None  # made again over the new checkpoint object (it reads the folder's state file)
 
+    def set_report(self, name: str, report: Callable[[str, List[str]], None]) -> None:
+        """`report` says, after a restore, what the checkpoint's `name` state lacked (see `reports`)."""
+        self.reports[name] = report
+
+    def saved_objects(self) -> Dict:
+        """What every checkpoint holds from the next save on: the objects and the extra state."""
+        return {**self.objects, **self.extra}
+
     # -- saving ------------------------------------------------------------------------------
 
     def _write_dir(self) -> Path:
@@ -243,8 +251,9 @@ class Checkpointer:
         found = list_checkpoints(self.directory)
         return found[0][0] if found else None
 
-    def update_best(self, step: int, eval_logs: Dict) -> bool:
-        """After an evaluation: records the best value, and keeps a copy in best/ when it is in the top k."""
+    def update_best(self, step: int, eval_logs: Dict, before_write: Optional[Callable[[], None]] = None) -> bool:
+        """After an evaluation: records the best value, and keeps a copy in best/ when it is in the top k
+        (`before_write` is called first: a check that may refuse it)."""
         if self.best_metric and self.best_metric not in eval_logs and not self._warned_no_best:
             self._warned_no_best = True
             names = sorted(k for k in eval_logs if k not in ("step", "split"))
@@ -263,12 +272,12 @@ class Checkpointer:
         directory = self._write_dir()
         with _refused_write_is_checkpoint_error(directory / "best", f"saving the best checkpoint of step {step}",
                                                 self._last_complete):
-            kept = self._keep_best(directory, step, value)
+            kept = self._keep_best(directory, step, value, before_write)
         if not self.is_chief:
             shutil.rmtree(directory, ignore_errors=True)
         return kept
 
-    def _keep_best(self, directory: Path, step: int, value: float) -> bool:
+    def _keep_best(self, directory: Path, step: int, value: float, before_write) -> bool:
         best_dir = directory / "best"
         best_dir.mkdir(parents=True, exist_ok=True)
         index_path = best_dir / "best.json"
@@ -279,6 +288,8 @@ class Checkpointer:
                         reverse=self.best_mode == "max")
         kept, dropped = ranked[: self.keep_best], ranked[self.keep_best :]
         if candidate in kept:
+            if before_write is not None:
+                before_write()
             self.checkpoint.write(candidate["path"])  # complete before the index names it
         tmp = index_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(kept, indent=1))

@@ -1,10 +1,12 @@
 """A frozen model keeps the weights it started with: it is in no checkpoint (saved.py), so a resumed run gets it again
 from its builder or init_from, and one changed during the run (a BYOL target or a MoCo key encoder updated by `assign`
 in the step, listed in `frozen`) would resume against other weights than the run it continues. Its weights
-fingerprint, taken when the run starts, is compared after the first loop of each fit() call, before every checkpoint
-is written and at the end of each fit() call (a hash per check, never per step); a change is a ConfigError naming the
-model and the fix, before anything of that step is saved. The warning for a frozen model left at random weights
-(components.random_frozen) is said once it is known not to change: after the first loop, and at each fit()'s end.
+fingerprint, taken when each fit() call starts (weights set between calls on purpose are allowed), is compared after
+the first loop of each fit() call, before every checkpoint and every best/ copy is written and at the end of each fit()
+call (a hash per check, never per step); a change is a ConfigError naming the model and the fix, before anything of
+that step is saved. The record a resume checks (configured.json's, callbacks/checkpointing.py) is another. The warning
+for a frozen model left at random weights (components.random_frozen) is said once it is known not to change: after
+the first loop, and at each fit()'s end.
 
 Below the Trainer (it reads the Trainer's models and frozen names).
 """
@@ -18,8 +20,8 @@ from trainer.saved import frozen_fingerprints
 
 
 class FrozenWatch:
-    """The frozen models' fingerprints at the run's start (`start`, name -> fingerprint), and the frozen models whose
-    builder draws random weights (`random`)."""
+    """The frozen models' fingerprints at the start of the fit() call (`start`, name -> fingerprint), and the frozen
+    models whose builder draws random weights (`random`)."""
 
     def __init__(self):
         self.start: Dict[str, str] = {}
@@ -28,12 +30,12 @@ class FrozenWatch:
         self._checked_step: Optional[int] = None  # a save and the end of fit() at one step hash once
 
     def started(self, fingerprints: Dict[str, str]) -> None:
-        """The fingerprints after the run's warm start or resume (callbacks/checkpointing.py), once per Trainer."""
+        """The fingerprints at a fit() call's start, after a warm start or resume (callbacks/checkpointing.py)."""
         self.start = dict(fingerprints)
         self._checked_step = None
 
     def check(self, trainer, step: int) -> None:
-        """Raises a ConfigError when a frozen model's weights are no longer those the run started with."""
+        """Raises a ConfigError when a frozen model's weights are no longer those this fit() call started with."""
         if not self.start or self._checked_step == step:
             return
         now = frozen_fingerprints(trainer)
@@ -42,16 +44,17 @@ class FrozenWatch:
             names = ", ".join(repr(name) for name in changed)
             trained = sorted(name for name in trainer.models if name not in trainer.frozen)
             raise ConfigError(
-                f"Trainer(frozen=...): the frozen model{'s' if len(changed) > 1 else ''} {names} changed during the "
-                f"run (weights fingerprint {', '.join(f'{n}: {self.start[n]} at the start, {now[n]}' for n in changed)}"
-                f" at step {step}): your step, a callback or your code assigns to its weights (an EMA target, a "
-                "momentum encoder). A frozen model is in no checkpoint: a resumed run would build it again from its "
-                "builder (or init_from) and go on against other weights than the run it continues. Nothing of step "
-                f"{step} was saved; the checkpoints written before are kept. Fix: do not list {names} in frozen=: a "
-                "model without an optimizer (give optimizers={name: ...} for the models that train only, here "
-                f"{trained}) is in every checkpoint and is not trained, so your updates to it are kept and a resume "
-                "continues exactly; then start the run again (in a new run folder if this one has checkpoints: "
-                "they hold no such model).")
+                f"Trainer(frozen=...): the frozen model{'s' if len(changed) > 1 else ''} {names} changed during this "
+                f"fit() call (weights fingerprint "
+                f"{', '.join(f'{n}: {self.start[n]} at its start, {now[n]}' for n in changed)}"
+                f" at step {step}): your step or a callback assigns to its weights (an EMA target, a momentum "
+                "encoder, a callback that loads weights). A frozen model is in no checkpoint: a resumed run would "
+                "build it again from its builder (or init_from) and go on against other weights than the run it "
+                f"continues. Nothing of step {step} was saved; the checkpoints written before are kept. Fix: do not "
+                f"list {names} in frozen=: a model without an optimizer (give optimizers={{name: ...}} for the models "
+                f"that train only, here {trained}) is in every checkpoint and is not trained, so your updates to it "
+                "are kept and a resume continues exactly; then start the run again (in a new run folder if this one "
+                "has checkpoints: they hold no such model).")
         self._checked_step = step
 
     def after_first_loop(self, trainer, step: int) -> None:

@@ -1,12 +1,14 @@
 """State a Trainer subclass holds itself, in every checkpoint: a tf.Variable assigned in the step (MoCo's queue of
 negatives and its pointer), a keras.Variable, a tf.random.Generator or keras.random.SeedGenerator, a tf.Module, Keras
-layer or optimizer of its own, held as an attribute or as an item of a list, tuple or dict attribute.
+layer or optimizer of its own, held as an attribute or as an item of a list, tuple or dict in one (however deep).
 
-Saved as `held/<attribute>` (`held/<attribute>/<index or key>`). What the Trainer saves already (step, rng, best, every
-model's variables, the frozen too, the optimizers', the loss scales') is left out by identity, so nothing is saved
-twice; Keras metrics restart with every log window instead (metric_attributes.py). Restored leniently (checkpoint.py's
-`extra`): a checkpoint without one (written before the Trainer saved them, or before the attribute was added) resumes
-with it at its initial value, said as a warning naming it. Below the Trainer: it reads the Trainer's attributes.
+Saved as `held/<attribute>` (`held/<attribute>/<index or key>/...`). What the Trainer saves already (step, rng, best,
+every model's variables, the frozen too, the optimizers', the loss scales') is left out by identity, so nothing is
+saved twice; Keras metrics restart with every log window instead (metric_attributes.py). Restored leniently
+(checkpoint.py's `extra`): a checkpoint without one (written before the Trainer saved them, or before the attribute
+was added) resumes with it at its initial value, said as a warning naming it. What is made after fit() starts is in
+no checkpoint: said after the first loop (HeldState.check_made_late). Below the Trainer: it reads the Trainer's
+attributes.
 """
 from __future__ import annotations
 
@@ -16,14 +18,18 @@ from typing import Any, Dict, Iterable, Iterator, Set, Tuple
 import keras
 import tensorflow as tf
 
+from trainer.config import ConfigError
+
 log = logging.getLogger("trainer.core")
 
 # The Trainer's own state that no checkpoint holds: the gradient accumulators, zeroed within each step (step.py)
 _NOT_STATE = ("_accumulators",)
 _VARIABLES = (tf.Variable, keras.Variable)
 
-# checkpoint path ("queue", "buffers/0") -> (label "self.buffers[0]", the object saved, what it is for the log)
-Found = Dict[str, Tuple[str, Any, str]]
+Path = Tuple[str, ...]
+# checkpoint path (("queue",), ("buffers", "0")) -> (label "self.buffers[0]", the object saved, what it is for the log)
+Found = Dict[Path, Tuple[str, Any, str]]
+_NO_KEY = object()
 
 
 def _unwrapped(v):
@@ -61,18 +67,42 @@ def _handled(trainer, objects: Dict[str, Any]) -> Set[int]:
     return ids
 
 
-def _attributes(trainer) -> Iterator[Tuple[str, str, Any]]:
-    """(checkpoint path, label, value) for each attribute of the Trainer and each item of a list, tuple or dict one."""
-    for name, value in list(vars(trainer).items()):
-        if name in _NOT_STATE:
-            continue
-        if isinstance(value, (list, tuple)):
-            yield from ((f"{name}/{i}", f"self.{name}[{i}]", item) for i, item in enumerate(value))
-        elif isinstance(value, dict):
-            yield from ((f"{name}/{str(key).replace('/', '_')}", f"self.{name}[{key!r}]", item)
-                        for key, item in list(value.items()))
+def _key_part(owner: str, value: dict) -> Dict[Any, str]:
+    """Each key of dict `value` as one part of a checkpoint path (TensorFlow escapes '/' and '.' in it); two keys
+    spelled alike (1 and '1') are a ConfigError: one would be saved in place of the other."""
+    parts: Dict[Any, str] = {}
+    for key in list(value):
+        part = str(key)
+        twin = next((k for k, p in parts.items() if p == part), _NO_KEY)
+        if twin is not _NO_KEY:
+            raise ConfigError(f"{owner} has the keys {twin!r} and {key!r}, which a checkpoint names alike ({part!r}): "
+                              "one would be saved in place of the other. Fix: give them keys that differ as strings.")
+        parts[key] = part
+    return parts
+
+
+def _items(path: Path, label: str, value, seen: Set[int]) -> Iterator[Tuple[Path, str, Any]]:
+    """(path, label, value) for `value` and each item of a list, tuple or dict in it, however deep."""
+    if not isinstance(value, (list, tuple, dict)):
+        yield path, label, value
+    elif id(value) not in seen:  # a container that holds itself is walked once
+        seen.add(id(value))
+        if isinstance(value, dict):
+            parts = _key_part(label, value)
+            items = [(parts[key], f"{label}[{key!r}]", item) for key, item in list(value.items())]
         else:
-            yield name, f"self.{name}", value
+            items = [(str(i), f"{label}[{i}]", item) for i, item in enumerate(value)]
+        for part, item_label, item in items:
+            yield from _items(path + (part,), item_label, item, seen)
+
+
+def _attributes(trainer) -> Iterator[Tuple[Path, str, Any]]:
+    """(checkpoint path, label, value) for each attribute of the Trainer and each item of a list, tuple or dict in
+    one (self.nested["q"][0] too)."""
+    seen: Set[int] = set()
+    for name, value in list(vars(trainer).items()):
+        if name not in _NOT_STATE:
+            yield from _items((name,), f"self.{name}", value, seen)
 
 
 def find(trainer, objects: Dict[str, Any]) -> Found:
@@ -90,14 +120,13 @@ def find(trainer, objects: Dict[str, Any]) -> Found:
 
 
 def tree(found: Found) -> Dict[str, Any]:
-    """The checkpoint object of `found`: attribute -> object, or attribute -> {index or key: object}."""
+    """The checkpoint object of `found`: attribute -> object, or attribute -> {index or key: ... -> object}."""
     out: Dict[str, Any] = {}
     for path, (_, saved, _) in found.items():
-        name, _, key = path.partition("/")
-        if key:
-            out.setdefault(name, {})[key] = saved
-        else:
-            out[name] = saved
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = saved
     return out
 
 
@@ -119,9 +148,9 @@ def say_saved(found: Found, said: Set[str]) -> None:
              "State of your own).", ", ".join(f"{found[p][0]} ({found[p][2]})" for p in new))
 
 
-def _checkpoint_name(path: str) -> str:
-    """A path as a checkpoint key spells it (TensorFlow escapes '.' and '/' in an object's name)."""
-    return "/".join(part.replace(".", "..") for part in path.split("/"))
+def _checkpoint_name(path: Path) -> str:
+    """A path as a checkpoint key spells it (TensorFlow escapes '.' as '..' and '/' as '.S' in an object's name)."""
+    return "/".join(part.replace(".", "..").replace("/", ".S") for part in path)
 
 
 def restored_report(found: Found):
@@ -131,7 +160,7 @@ def restored_report(found: Found):
         keys = list(keys)
         missing = [label for path, (label, _, _) in found.items()
                    if not any(key.startswith(_checkpoint_name(path) + "/") for key in keys)]
-        tops = {_checkpoint_name(path.split("/")[0]) for path in found}
+        tops = {_checkpoint_name(path[:1]) for path in found}
         unused = sorted({key.split("/")[0] for key in keys} - tops)
         if missing:
             log.warning(
@@ -143,6 +172,51 @@ def restored_report(found: Found):
                 "its" if len(missing) == 1 else "their", "" if len(missing) == 1 else "s",
                 "it" if len(missing) == 1 else "them")
         if unused:
-            log.warning("%s holds state of attributes this Trainer no longer has (%s): not restored.", prefix,
-                        ", ".join(f"self.{name}" for name in unused))
+            log.warning("%s holds state of attributes this Trainer no longer has (%s): not restored. Fix: nothing, "
+                        "if they were dropped on purpose; renamed? give the attribute its old name again, for this "
+                        "run to go on from its saved value.", prefix, ", ".join(f"self.{name}" for name in unused))
     return report
+
+
+class HeldState:
+    """What of the state the Trainer subclass holds a Checkpointer saves (`found`), found when each fit() call starts
+    (callbacks/checkpointing.py): an attribute added between calls is saved from then on."""
+
+    def __init__(self):
+        self.found: Found = {}
+        self._said: Set[str] = set()  # the labels the INFO line named
+
+    def hold(self, trainer, checkpointer, fresh: bool = False) -> None:
+        """Saves from the next save on what the Trainer holds now (`fresh`: a new Checkpointer, that saves none)."""
+        if fresh:
+            self.found = {}
+        found = find(trainer, checkpointer.objects)
+        if _identities(found) != _identities(self.found):
+            checkpointer.set_extra("held", tree(found) if found else None)
+            self.found = found
+        checkpointer.set_report("held", restored_report(found))  # also when none: what a checkpoint held
+        say_saved(found, self._said)
+
+    def check_made_late(self, trainer, checkpointer) -> None:
+        """After the first loop of a fit() call, before any save: state made since the call started (a callback's
+        on_train_begin, a layer the step builds) is in no checkpoint, said as a WARNING, a ConfigError under
+        trainer.deterministic=true (a resumed run would not be the run it continues)."""
+        saved = _identities(self.found)
+        late = [value for path, value in find(trainer, checkpointer.objects).items()
+                if saved.get(path) != id(value[1])]
+        if not late:
+            return
+        message = (
+            f"State held by the Trainer was made after fit() started, when what a checkpoint holds was already fixed, "
+            f"so no checkpoint holds it: {', '.join(f'{label} ({kind})' for label, _, kind in late)}. A resumed run "
+            "starts it again from its initial value and goes on from other state than the run it continues. Fix: "
+            "make it in __init__ (before fit()), not in a callback or the step; build a layer there too "
+            "(self.head.build(input_shape)), so its variables exist when fit() starts (docs/research.md, State of "
+            "your own).")
+        if trainer.config.deterministic:
+            raise ConfigError(f"trainer.deterministic=true, but: {message} Nothing of this loop was saved.")
+        log.warning(message)
+
+
+def _identities(found: Found) -> Dict[Path, int]:
+    return {path: id(saved) for path, (_, saved, _) in found.items()}

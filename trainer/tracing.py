@@ -111,7 +111,10 @@ def _generators_outside_checkpoint(graph, trainer) -> List[str]:
     if not read:
         return []
     with tf.init_scope():  # the checkpoint's object graph, walked eagerly
-        checkpoint = tf.train.Checkpoint(**trainer.checkpoint_objects())  # held: the view keeps a weak reference
+        # What the Checkpointer saves (its objects were fixed when fit() started: a generator made since is in
+        # none), or without one (no run folder) what a checkpoint would hold.
+        saved = trainer.checkpointer.saved_objects() if trainer.checkpointer else trainer.checkpoint_objects()
+        checkpoint = tf.train.Checkpoint(**saved)  # held: the view keeps a weak reference
         held = {id(_variable(thing.state if isinstance(thing, tf.random.Generator) else thing))
                 for thing in tf.train.TrackableView(checkpoint).descendants()}
     outside = [v for v in read if id(v) not in held]
@@ -150,7 +153,7 @@ def _one_level_in(value):
 @framework_code
 def warn_random_state_outside_checkpoint(trainer) -> None:
     """With trainer.deterministic, at each trace of the train step (call it at the end of the traced
-    function): names the random ops and generators whose state a checkpoint (trainer.checkpoint_objects())
+    function): names the random ops and generators whose state a checkpoint (trainer.checkpointer's)
     does not hold, and the fix; each once per Trainer."""
     if not trainer.config.deterministic:
         return

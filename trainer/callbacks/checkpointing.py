@@ -4,6 +4,7 @@ training iterator read). The files and their guarantees are checkpoint.py's Chec
 decides when."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import keras
+import tensorflow as tf
 
 from trainer import evalsets
 from trainer.callbacks.base import Callback, CallbackState
@@ -65,8 +67,7 @@ class Checkpointing(Callback):
         self.prepared = False  # resumed, warm-started or started fresh by the first fit() call
         self.configured: Dict[str, Tuple[Optional[float], float]] = {}
         self.frozen: Dict[str, str] = {}  # the frozen models' fingerprints, recorded at each save (trainer/saved.py)
-        self.held: held_state.Found = {}  # the state the Trainer subclass holds, in every checkpoint (held_state.py)
-        self._held_said: set = set()  # the labels the INFO line named
+        self.held = held_state.HeldState()  # the state the Trainer subclass holds, in every checkpoint
         self._first_loop = True  # the first loop of the current fit() call is still to end (frozen_watch.py)
         self.last_path: Optional[str] = None
         self.saved_step: Optional[int] = None  # the step of this process's last save
@@ -162,33 +163,23 @@ class Checkpointing(Callback):
 
     def on_loop_end(self, trainer, step):
         self.count_steps(trainer, step)
-        if self._first_loop:
+        if self._first_loop:  # before any save of this fit() call
             self._first_loop = False
             trainer.frozen_watch.after_first_loop(trainer, step)
+            if self.checkpointer is not None:
+                self.held.check_made_late(trainer, self.checkpointer)
 
     def count_steps(self, trainer, step: int) -> None:
         """The data position at `step`: the steps trained since the last count read their batches (a
         loop's, or Trainer.run_steps' outside the loop), so a resume does not read them again."""
         self.batches_read, self.counted_step = self._position(trainer, step), step
 
-    def _hold_state(self, trainer, checkpointer: Checkpointer) -> None:
-        """The state the Trainer subclass holds (held_state.py) saved from now on: found again at each fit() call,
-        so an attribute added between calls is saved too."""
-        found = held_state.find(trainer, checkpointer.objects)
-        def identities(held):
-            return {path: id(saved) for path, (_, saved, _) in held.items()}
-
-        if identities(found) != identities(self.held):
-            checkpointer.set_extra("held", held_state.tree(found) if found else None)
-            self.held = found
-        checkpointer.reports["held"] = held_state.restored_report(found)  # also when none: what a checkpoint held
-        held_state.say_saved(found, self._held_said)
-
     def _prepare(self, trainer):
         self.last_save_time = time.monotonic()
         if self.prepared:  # a later fit() call: the model and optimizer in memory are the newest
+            trainer.frozen_watch.started(frozen_fingerprints(trainer))  # set between calls on purpose: allowed
             if self.checkpointer is not None:
-                self._hold_state(trainer, self.checkpointer)
+                self.held.hold(trainer, self.checkpointer)
             return
         cfg = trainer.config
         targets = init_from_targets(cfg.init_from, trainer.models, trainer.from_cli)  # checked before any read
@@ -204,8 +195,7 @@ class Checkpointing(Callback):
             keep_best=cfg.keep_best, best_metric=cfg.best_metric, best_mode="max" if cfg.best_mode == "auto"
             else cfg.best_mode, is_chief=trainer.is_chief, extra={"callbacks": CallbackState(trainer)},
         )
-        self.held = {}  # this Checkpointer saves none yet (a refused resume made another one before)
-        self._hold_state(trainer, checkpointer)
+        self.held.hold(trainer, checkpointer, fresh=True)  # a refused resume made another Checkpointer before
         configured = _configured_settings(trainer)
         # Prepared only once this succeeds: a refused resume refuses again on the next fit() call, instead
         # of that call training from scratch over the run's checkpoints.
@@ -360,9 +350,12 @@ class Checkpointing(Callback):
             return
         evaluated, self.evaluated = getattr(self, "evaluated", None), None
         if evaluated is not None and reason != "error":  # "error": an evaluation failed; its results are not judged
-            trainer.frozen_watch.check(trainer, step)  # before best/ is written
             self.refuse_missing_best(trainer, *evaluated)
-            self.checkpointer.update_best(*evaluated)
+            check = functools.partial(trainer.frozen_watch.check, trainer, step)  # before best/ is written
+            if isinstance(trainer.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+                check()  # on every worker alike: the chief alone knows whether best/ is written
+                check = None
+            self.checkpointer.update_best(*evaluated, before_write=check)
         cfg, last_point, self.last_point = trainer.config, self.last_point, step
         if reason == "end" and self.saved_step == step:  # an early stop at a loop's save: nothing new since it
             return
