@@ -177,9 +177,22 @@ class Loop:
         return summary
 
     def _train(self, preemption) -> None:
+        self._evaluate_missing_at_start()
         self.window_start, self.window_step = time.perf_counter(), self.step
         while self.step < self.total and not self.trainer.stop_training:
             self.window(preemption)
+
+    def _evaluate_missing_at_start(self) -> None:
+        """A resumed run whose evaluation due at its step is not in the record (it failed: the "error" save of
+        _save_before_failing) runs it first: the loop evaluates only at steps it trains to, so none would."""
+        t, every = self.trainer, self.trainer.config.eval_every
+        if (self.eval_data is None or not self.start or self.start >= self.total or not every
+                or self.start % every or not self.callbacks.eval_missing(self.start)):
+            return
+        log.info("The evaluation at step %d is missing from the run's record (it failed, or the run was stopped "
+                 "during it): evaluating and logging it before training on.", self.start)
+        self.eval_logs = t.evaluate(self.eval_data, step=self.start, callbacks=self.callbacks)
+        t.checkpointing.judge_pending()  # no save point at this step follows: best/ judges it now
 
     def window(self, preemption=None) -> None:
         """One window of the loop: the steps to the next event in one call of the train function, then the
