@@ -15,7 +15,7 @@ from tensorflow.python.util import deprecation as _tf_deprecation
 from trainer import ema, evalsets, signals, step_functions
 from trainer.console import bar_shown
 from trainer.iterator_release import release_in_background
-from trainer.errors import EXIT_BUG, EXIT_SIGNAL, TrainerError
+from trainer.errors import EXIT_BUG, EXIT_SIGNAL, TrainerError, first_sentence
 from trainer.inputs import batches_read_per_step, distribute, nothing_to_train
 from trainer.tracking import kept_aside
 from trainer.xla_measure import measure_first_loop
@@ -285,7 +285,7 @@ class Loop:
             log.exception("Saving step %d after the %s failed did not work either", self.step, which)
             return
         log.warning("The %s at step %d failed (%s: %s); the trained steps were saved first: %s.", which,
-                    self.step, type(error).__name__, str(error)[:200], t.checkpointing.last_path)
+                    self.step, type(error).__name__, first_sentence(str(error)), t.checkpointing.last_path)
         if final and self.interrupted.signum is not None:  # a checkpoint at the last step means the run is complete
             log.warning("Received %s during the last loop: finished the run (final evaluation and save) "
                         "instead of stopping one loop early.", signal.Signals(self.interrupted.signum).name)
