@@ -1,6 +1,6 @@
-"""An overridden train_step takes batches of any structure (docs/research.md: they reach it as they are): a model
-that says what it takes (a keras.Input, model.build(shape)) is built on that, never on the data; one that does not
-gets a clear error naming the fix, with one model or several."""
+"""An overridden train_step takes batches of any structure (docs/research.md: they reach it as they are): the model
+is built on the batch's x where it has one the model takes, else a model that says what it takes (a keras.Input,
+model.build(shape)) is built on that; one that does not gets a clear error naming the fix, one model or several."""
 import keras
 import numpy as np
 import pytest
@@ -97,3 +97,59 @@ def test_several_models_each_say_their_input():
     with pytest.raises(UserError, match=r"model 'b' has no variables yet.*calls none of them on the data before "
                                         r"training.*keras\.Input.*model\.build\(input_shape\)"):
         unbuilt.fit(support_query(), steps=1)
+
+
+class Gather(keras.Model):
+    """Takes int ids (tf.gather): float32 zeros of its build shape are refused."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = self.add_weight(shape=(5, 1), initializer="ones")
+
+    def call(self, ids):
+        return tf.gather(self.table[:, 0], ids)[:, :1]
+
+
+class Pairs(Trainer):
+    def train_step(self, data):
+        x, y = tf.nest.flatten(data)[-2:]
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(self.model(x, training=True) - y))
+        self.update(loss, tape)
+        return {"loss": loss}
+
+
+def ids_and_labels(quadruples: bool = False):
+    rng = np.random.default_rng(0)
+    ids, y = rng.integers(0, 5, size=(64, 2)).astype("int32"), rng.normal(size=(64, 1)).astype("float32")
+    return tf.data.Dataset.from_tensor_slices((ids, y, ids, y) if quadruples else (ids, y)).batch(16)
+
+
+@pytest.mark.parametrize("first", ["call", "build"])
+def test_an_int_input_subclassed_model_is_built_on_the_batch(first):
+    def build():
+        model = Gather()
+        model(tf.constant([[1, 2]])) if first == "call" else model.build((None, 2))
+        return model
+
+    trainer = Pairs(model=build, optimizer=lambda: keras.optimizers.SGD(0.1), verbose=False)
+    assert np.isfinite(trainer.fit(ids_and_labels(), steps=2)["loss"])
+
+
+def test_float32_zeros_a_model_refuses_name_the_dtype_fix():
+    """A batch with no x: the model is built on zeros of its build shape, float32 (Keras records no dtype)."""
+    def build():
+        model = Gather()
+        model.build((None, 2))
+        return model
+
+    trainer = Pairs(model=build, optimizer=lambda: keras.optimizers.SGD(0.1), verbose=False)
+    with pytest.raises(UserError, match=r"assumed float32.*keras\.Input\(shape, dtype=\.\.\.\)"):
+        trainer.fit(ids_and_labels(quadruples=True), steps=1)
+
+
+def test_unbatched_data_under_an_overridden_step_is_told_to_batch():
+    x = np.zeros((8, 4), "float32")
+    trainer = Pairs(model=with_input, optimizer=lambda: keras.optimizers.SGD(0.1), verbose=False)
+    with pytest.raises(UserError, match=r"gives single examples, not batches.*Fix: batch the dataset"):
+        trainer.fit(tf.data.Dataset.from_tensor_slices((x, x[:, :1])), steps=1)

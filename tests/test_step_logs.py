@@ -1,6 +1,8 @@
 """What an overridden step returns as logs is checked where it is traced: a log that is not one number is named,
 with its shape and the fix; found at the first evaluation, the steps trained since the last checkpoint are saved
 before the error ends fit()."""
+import json
+
 import keras
 import pytest
 import tensorflow as tf
@@ -36,8 +38,10 @@ def test_a_vector_eval_log_is_named_with_its_shape_and_the_trained_steps_are_sav
     assert "tf.reduce_mean" in said and "{'recall_vec_0': v[0]" in said, said
     assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith("ckpt-6")  # not only ckpt-4
     resumed = make(Trainer, tmp_path)
-    resumed.fit(blobs(), steps=10)  # the same run, its test_step fixed (the default one here)
+    resumed.fit(blobs(), blobs(), steps=10)  # the same run, its test_step fixed (the default one here)
     assert int(resumed.step.numpy()) == 10
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if row.get("split") == "eval"] == [6, 10]  # step 6's, evaluated at the resume
 
 
 class LogsPerExample(Trainer):

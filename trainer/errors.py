@@ -9,6 +9,8 @@ The lowest layer: it imports nothing of the trainer and not TensorFlow.
 """
 from __future__ import annotations
 
+import re
+
 import functools
 import sys
 from typing import Callable, Optional, Tuple, Type, Union
@@ -95,3 +97,10 @@ def reports_errors(bad_input: Union[Tuple[Type[BaseException], ...], Callable[[]
                 return code
         return run
     return decorate
+
+
+def first_sentence(text: str) -> str:
+    """`text`'s first sentence (to a period before a capital: "... Fix: ..." is left out), else all of it."""
+    text = " ".join(text.split())
+    found = re.match(r"(.+?\.)\s+(?=[A-Z])", text)
+    return found.group(1) if found else text

@@ -23,8 +23,8 @@ class Float32Outputs(keras.Model):
     is `.inner`; attributes the wrapper lacks (a GAN's `.generator`, say) are read from it, and so are the ones
     Keras' Model has but would answer for the wrapper: `layers`, `get_layer` and `summary()` are the user's
     model's, so code that walks `trainer.model.layers` (freezing a backbone) acts alike under every precision.
-    Its own two layers (the model and the activation) are `wrapper_layers`. What Keras reads to save, restore and
-    trace it (its variables, its tracked attributes) is unchanged: the same checkpoints and .keras files."""
+    Its own two layers (the model and the activation) are `wrapper_layers`. Its variables and tracked attributes are
+    unchanged: the same checkpoints; a .keras file names the activation's group otherwise, and loads both ways."""
 
     def __init__(self, inner: keras.Model, **kwargs):
         super().__init__(name=kwargs.pop("name", f"{inner.name}_float32_outputs"), **kwargs)

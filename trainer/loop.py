@@ -7,17 +7,14 @@ import shutil
 import signal
 import tempfile
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import tensorflow as tf
 from tensorflow.python.util import deprecation as _tf_deprecation
 
-from trainer import ema, evalsets, signals, step_functions
-from trainer.console import bar_shown
-from trainer.iterator_release import release_in_background
-from trainer.errors import EXIT_BUG, EXIT_SIGNAL, TrainerError
-from trainer.inputs import batches_read_per_step, distribute, nothing_to_train
-from trainer.tracking import kept_aside
+from trainer import ema, signals, step_functions
+from trainer.errors import EXIT_BUG, EXIT_SIGNAL, TrainerError, first_sentence
+from trainer.inputs import batches_read_per_step, nothing_to_train
 from trainer.xla_measure import measure_first_loop
 
 log = logging.getLogger("trainer.core")
@@ -177,9 +174,23 @@ class Loop:
         return summary
 
     def _train(self, preemption) -> None:
+        self._evaluate_missing_at_start()
         self.window_start, self.window_step = time.perf_counter(), self.step
         while self.step < self.total and not self.trainer.stop_training:
             self.window(preemption)
+
+    def _evaluate_missing_at_start(self) -> None:
+        """A resumed run whose evaluation due at its step is not in the record (it failed: the "error" save of
+        _save_before_failing) runs it first: the loop evaluates only at steps it trains to, so none would."""
+        t, every = self.trainer, self.trainer.config.eval_every
+        if (self.eval_data is None or not self.start or self.start >= self.total or not every or self.start % every
+                or isinstance(t.strategy, tf.distribute.MultiWorkerMirroredStrategy)  # the chief alone keeps the record
+                or not self.callbacks.eval_missing(self.start)):
+            return
+        log.info("The evaluation at step %d is missing from the run's record (it failed, or the run was stopped "
+                 "during it): evaluating and logging it before training on.", self.start)
+        self.eval_logs = t.evaluate(self.eval_data, step=self.start, callbacks=self.callbacks)
+        t.checkpointing.judge_pending()  # no save point at this step follows: best/ judges it now
 
     def window(self, preemption=None) -> None:
         """One window of the loop: the steps to the next event in one call of the train function, then the
@@ -273,7 +284,7 @@ class Loop:
             log.exception("Saving step %d after the %s failed did not work either", self.step, which)
             return
         log.warning("The %s at step %d failed (%s: %s); the trained steps were saved first: %s.", which,
-                    self.step, type(error).__name__, str(error)[:200], t.checkpointing.last_path)
+                    self.step, type(error).__name__, first_sentence(str(error)), t.checkpointing.last_path)
         if final and self.interrupted.signum is not None:  # a checkpoint at the last step means the run is complete
             log.warning("Received %s during the last loop: finished the run (final evaluation and save) "
                         "instead of stopping one loop early.", signal.Signals(self.interrupted.signum).name)
@@ -333,67 +344,3 @@ def how_to_resume(trainer) -> str:
         return f"to resume, run: {trainer.resume_command}"
     return (f"to resume, call fit() on a Trainer built as this one with run_dir={str(trainer.run_dir)!r} "
             "(Trainer(run_dir=...) resumes from the newest checkpoint in the folder)")
-
-
-def evaluate(trainer, eval_data, *, steps: Optional[int], step: int, callbacks=None) -> Dict[str, Any]:
-    """The loss and metrics (and an overridden test_step's logs) over the eval set, or `steps` batches of
-    it; with `callbacks` (the loop's evaluations), on_eval_begin and on_eval_end around it. Sets
-    trainer.eval_batches before on_eval_end, so a callback reads this evaluation's count. Several named sets
-    (a dict): evaluate_sets."""
-    if evalsets.names_of(eval_data) is not None:
-        return evaluate_sets(trainer, eval_data, steps=steps, step=step, callbacks=callbacks)
-    # a train window's state in the adopted metrics goes on after; on_eval_end reads the evaluation's
-    with kept_aside(trainer.eval_window.adopted.values()):
-        logs = _evaluated(trainer, eval_data, steps=steps, step=step, callbacks=callbacks)
-        trainer.eval_counts = {None: trainer.eval_window.counts()}
-        if callbacks is not None:
-            callbacks.on_eval_end(trainer, step, logs)
-    return logs
-
-
-def _evaluated(trainer, eval_data, *, steps: Optional[int], step: int, callbacks) -> Dict[str, Any]:
-    """evaluate's logs (one set), on_eval_begin called."""
-    t = trainer
-    t.eval_window.restart()
-    if callbacks is not None:
-        callbacks.on_eval_begin(t, step)
-    holder = [iter(distribute(eval_data, t.strategy, training=False))]  # its only reference: see the end
-    bar = None
-    if t.config.verbose and bar_shown(t.config.progress_bar):  # verbose=False: nothing on the terminal
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc="eval", unit="batch", leave=False, dynamic_ncols=True)
-    done, chunk = 0, 25  # batches per call: the bar moves while the loop stays in the graph
-    while steps is None or done < steps:
-        want = chunk if steps is None else min(chunk, steps - done)
-        n = step_functions.run_eval(t, holder[0], want)
-        done += n
-        if bar is not None:
-            bar.update(n)
-        if n < want:
-            break
-    if bar is not None:
-        bar.close()
-    release_in_background(holder, t.strategy.num_replicas_in_sync)  # its destruction can wait (iterator_release.py)
-    t.eval_batches = done  # what this evaluation read (python -m trainer.evaluate records it)
-    return {"step": step, "split": "eval", **t.eval_window.logs()}
-
-
-def evaluate_sets(trainer, eval_sets, *, steps, step: int, callbacks=None) -> Dict[str, Any]:
-    """Each named eval set in turn (`steps`: one limit for all, or name -> limit), as one eval event: one
-    on_eval_begin/on_eval_end around them, with the results merged as `<name>/<metric>` (evalsets.py);
-    trainer.eval_batches: all sets' batches."""
-    t = trainer
-    if callbacks is not None:
-        callbacks.on_eval_begin(t, step)
-    results, read, counts = {}, 0, {}
-    with kept_aside(t.eval_window.adopted.values()):  # on_eval_end reads the adopted metrics at the last set's end
-        for name, data in eval_sets.items():
-            results[name] = _evaluated(t, data, steps=steps.get(name) if isinstance(steps, dict) else steps,
-                                       step=step, callbacks=None)
-            read, counts[name] = read + t.eval_batches, t.eval_window.counts()
-        t.eval_batches, t.eval_counts = read, counts
-        logs = evalsets.merged(results, step)
-        if callbacks is not None:
-            callbacks.on_eval_end(t, step, logs)
-    return logs

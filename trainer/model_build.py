@@ -2,12 +2,12 @@
 optimizer's slots. Tracing a step that creates variables would fail under tf.function, and a restore needs them
 all to exist.
 
-The one model is called once, to create its variables and to see its outputs' dtypes. Under the default step its
-batches are x, (x, y) or (x, y, w), and it is called on two examples of x. An overridden train_step may take
-batches of any structure (docs/research.md: they reach it as they are), so there a model that knows its inputs
-(a keras.Input, or model.build(shape)) is built on them instead, never on the data (traced on them when it has
-its variables; called on zeros of their shape when, subclassed, Keras' build made none); one that does not is
-called on the batch's x, and a batch that has no x to give is a clear error naming the fix.
+The one model is called once, to create its variables and to see its outputs' dtypes: on two examples of the
+first batch's x (of x, (x, y) or (x, y, w)). An overridden train_step may take batches of any structure
+(docs/research.md: they reach it as they are), so there, when the batch has no x or the model refuses it, a model
+that says what it takes (a keras.Input, or model.build(shape)) is built on that instead (traced on it when it has
+its variables; called on zeros of its shape when, subclassed, Keras' build made none), and one that does not is
+a clear error naming the fix.
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def build_variables(trainer, sample_batch) -> Optional[keras.Model]:
             for model in trainer.models.values():
                 zeros = _zeros_to_build_on(model)
                 if zeros is not None:
-                    model(zeros, training=False)
+                    _call_as(model, ("zeros", zeros))
         # the models as the Trainer will hold them (the wrapper in the one model's place)
         models = {name: model if wrapped is None else wrapped for name, model in trainer.models.items()}
         for name, model in models.items():
@@ -91,29 +91,75 @@ def _build_single_model(model: keras.Model, precision: PrecisionConfig, sample_b
                         own_step: bool) -> Optional[keras.Model]:
     """`model` called once (see the module's docstring); its float32-output wrapper when it needs one, else None.
     `tensor_cores`: on GPUs, where the multiples-of-8 tip applies. `own_step`: train_step is overridden."""
-    zeros = _zeros_to_build_on(model) if own_step else None
-    specs = own_input_specs(model) if own_step and (model.weights or zeros is not None) else None
     tip = precision.policy != "float32" and tensor_cores
     probe = LayerProbe(model, record_calls=True) if tip else contextlib.nullcontext()
     with probe:  # the calls in order: which layers size the outputs (the tip leaves small ones out)
-        if zeros is not None:  # built for a shape (model.build) but without variables: a subclassed model
-            outputs = model(zeros, training=False)
-        elif specs is not None:
-            outputs = traced_outputs(model, specs)
-        else:
-            x = _input_part(model, sample_batch, own_step)
-            first_two = tf.nest.map_structure(lambda t: t[:2], x)  # 2 examples suffice
-            outputs = _called(model, first_two, x, sample_batch, own_step)
+        outputs, built_on = _first_outputs(model, sample_batch, own_step)
     precision_lib.keep_layers_in_float32(model, precision.float32_layers)
     wrapped = precision_lib.ensure_float32_outputs(model, outputs, precision.strict_outputs)
-    if wrapped is not model and specs is not None:  # build the wrapper as the model was
-        traced_outputs(wrapped, specs)
-    elif wrapped is not model:
-        wrapped(first_two, training=False)
+    if wrapped is not model:  # build the wrapper as the model was
+        _call_as(wrapped, built_on)
     if tip:  # the batch size is known where the batch's x is (not said when the model was built on its inputs)
-        per_replica = None if specs is not None else tf.nest.flatten(x)[0].shape[0]
+        kind, inputs = built_on
+        per_replica = tf.nest.flatten(inputs)[0].shape[0] if kind == "data" else None
         precision_lib.warn_not_multiple_of_8(wrapped, output_layers(probe.calls, outputs), per_replica)
     return wrapped if wrapped is not model else None
+
+
+def _first_outputs(model: keras.Model, sample_batch, own_step: bool):
+    """`model`'s outputs and what gave them, ("data", x's first two examples), ("specs", TensorSpecs) or ("zeros",
+    tensors): the batch's x, as under the default step; under an overridden one, where the batch has no x or the
+    model refuses it, what the model says it takes (own_input_specs), else an UnbuiltModelError naming the fix."""
+    why = "it has no x, (x, y) or (x, y, w) structure"
+    try:
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(sample_batch)
+    except ValueError:
+        if not own_step:
+            raise
+    else:
+        try:
+            first_two = tf.nest.map_structure(lambda t: t[:2], x)  # 2 examples suffice
+            return model(first_two, training=False), ("data", first_two)
+        except Exception as e:  # a dataset not batched? Say so, not Keras' "Invalid input shape"
+            unbatched = unbatched_error(model, x)
+            if unbatched is not None:
+                raise unbatched from None
+            if not own_step:
+                raise
+            said = " ".join(str(e).split())
+            why = (f"calling the model on its x failed: {type(e).__name__}: {said[:300]}"
+                   f"{'...' if len(said) > 300 else ''}")
+    zeros = _zeros_to_build_on(model)
+    specs = own_input_specs(model) if model.weights else None
+    built_on = ("zeros", zeros) if zeros is not None else ("specs", specs) if specs is not None else None
+    if built_on is None:
+        raise _cannot_tell_input(model, sample_batch, why)
+    return _call_as(model, built_on), built_on
+
+
+def _call_as(model: keras.Model, built_on):
+    """`model`'s outputs on `built_on` (see _first_outputs). One that refuses what it said it takes, where Keras'
+    build config kept only a shape (float32 assumed), is an UnbuiltModelError naming the dtype fix."""
+    kind, inputs = built_on
+    if kind == "data":
+        return model(inputs, training=False)
+    try:
+        return model(inputs, training=False) if kind == "zeros" else traced_outputs(model, inputs)
+    except Exception as e:
+        if getattr(model, "inputs", None):  # a keras.Input said the dtype: Keras' own error
+            raise
+        raise _float32_assumed(model, inputs, e) from e
+
+
+def _float32_assumed(model: keras.Model, inputs, error: Exception) -> UnbuiltModelError:
+    shapes = tf.nest.map_structure(lambda t: tuple(t.shape), inputs)
+    said = " ".join(str(error).split())
+    return UnbuiltModelError(
+        f"Trainer: model {model.name!r} was built for a shape (model.build(shape) or its first call), which Keras "
+        f"records without a dtype, so the Trainer assumed float32 and called it on float32 inputs of shape {shapes} "
+        f"before training; it refused them: {type(error).__name__}: {said[:300]}{'...' if len(said) > 300 else ''}. "
+        "Fix: say the dtype with keras.Input(shape, dtype=...) in the builder, e.g. inputs = keras.Input((2,), "
+        "dtype=\"int32\"); return keras.Model(inputs, MyModel()(inputs)).")
 
 
 def own_input_specs(model: keras.Model):
@@ -153,34 +199,6 @@ def traced_outputs(model: keras.Model, specs):
     outputs = []
     tf.function(lambda inputs: outputs.append(model(inputs, training=False))).get_concrete_function(specs)
     return outputs[0]
-
-
-def _input_part(model: keras.Model, sample_batch, own_step: bool):
-    """The batch's x (of x, (x, y) or (x, y, w)); a batch of another structure is an UnbuiltModelError under an
-    overridden step (the default step says so itself: Trainer._unpack)."""
-    try:
-        x, _, _ = keras.utils.unpack_x_y_sample_weight(sample_batch)
-    except ValueError as e:
-        if not own_step:
-            raise
-        raise _cannot_tell_input(model, sample_batch, "it has no x, (x, y) or (x, y, w) structure") from e
-    return x
-
-
-def _called(model: keras.Model, first_two, x, sample_batch, own_step: bool):
-    """`model`'s outputs on `first_two` (of the batch's `x`); a refusal is said: an unbatched dataset (a DataError),
-    or under an overridden step the model that cannot tell its input (UnbuiltModelError, with Keras' words)."""
-    try:
-        return model(first_two, training=False)
-    except Exception as e:  # a dataset not batched? Say so, not Keras' "Invalid input shape"
-        unbatched = unbatched_error(model, x)
-        if unbatched is not None:
-            raise unbatched from None
-        if not own_step:
-            raise
-        said = " ".join(str(e).split())
-        raise _cannot_tell_input(model, sample_batch, f"calling the model on its x failed: {type(e).__name__}: "
-                                 f"{said[:300]}{'...' if len(said) > 300 else ''}") from e
 
 
 def _cannot_tell_input(model: keras.Model, sample_batch, why: str) -> UnbuiltModelError:

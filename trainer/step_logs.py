@@ -19,7 +19,8 @@ def check_logs(out, what: str, local: Callable) -> None:
     scalar numbers, naming the first that is not. `local`: this replica's value of a per-replica one."""
     if not isinstance(out, dict):
         raise StepLogsError(f"{what} must return None or a dict of scalar tensors (name -> value), got a "
-                            f"{type(out).__name__}{_shape_said(out)}. Fix: return a dict, e.g. {{'loss': loss}}.")
+                            f"{type(out).__name__}{_shape_said(out, kind=False)}. Fix: return a dict, e.g. "
+                            "{'loss': loss}.")
     for name, value in out.items():
         if not isinstance(name, str):
             raise StepLogsError(f"{what} returned a log named {name!r} (a {type(name).__name__}): a log's name is a "
@@ -39,10 +40,11 @@ def check_logs(out, what: str, local: Callable) -> None:
                 f"numbers only; show text with tf.print, or from a callback's on_log (drop {name!r} from the dict).")
 
 
-def _shape_said(value) -> str:
-    """` of shape (3,)`, ` of unknown shape`, or ` (a list)` for what has no shape."""
+def _shape_said(value, kind: bool = True) -> str:
+    """` of shape (3,)`, ` of unknown shape`, or for what has no shape ` (a list)` (nothing without `kind`: the
+    type is said already)."""
     shape = getattr(value, "shape", None)
     if shape is None:
-        return f" (a {type(value).__name__})"
+        return f" (a {type(value).__name__})" if kind else ""
     shape = tf.TensorShape(shape)
     return " of unknown shape" if shape.rank is None else f" of shape {tuple(shape.as_list())}"

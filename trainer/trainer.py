@@ -35,7 +35,8 @@ from trainer.distribute import say_strategy_once, strategy_argument
 from trainer.frozen_watch import FrozenWatch
 from trainer.inputs import (DataArg, KeptIterator, batches_read_per_step, check_batches_per_step, sample_batch,
                             steps_per_epoch_of, total_steps, training_iterator, warn_if_epochs_cut)
-from trainer.loop import Loop, TrainingInterrupted, evaluate
+from trainer.evaluating import evaluate
+from trainer.loop import Loop, TrainingInterrupted
 from trainer.memory import memory_logs
 from trainer.other_tools import check_trainer_options
 from trainer.runlock import run_folder_lock
