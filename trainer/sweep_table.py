@@ -151,11 +151,12 @@ def sweep_command(sweep_dir: Path) -> Optional[str]:
     import yaml
 
     try:
-        overrides = OmegaConf.load(Path(sweep_dir) / "multirun.yaml").hydra.overrides
-    except (OSError, yaml.YAMLError, AttributeError, KeyError):
+        overrides = OmegaConf.to_container(OmegaConf.load(Path(sweep_dir) / "multirun.yaml").hydra.overrides,
+                                           resolve=False)  # as typed: 'hydra.sweep.subdir=${hydra.job.num}'
+    except (OSError, yaml.YAMLError, AttributeError, KeyError, ValueError):
         return None
     ours = ("hydra.mode=", "hydra.sweep.dir=")
-    kept = [str(o) for o in overrides.hydra if not str(o).startswith(ours)] + [str(o) for o in overrides.task]
+    kept = [str(o) for o in overrides["hydra"] if not str(o).startswith(ours)] + [str(o) for o in overrides["task"]]
     return " ".join([program(), "-m", *map(shlex.quote, [*kept, f"hydra.sweep.dir={sweep_dir}"])])
 
 
