@@ -65,3 +65,11 @@ def test_a_sweep_a_signal_stops_writes_its_table_and_says_the_command_that_resum
         rows = list(csv.DictReader(f))
     assert [(r["job"], r["status"], r["steps"]) for r in rows] == [("0", "done", "40"), ("1", "done", "40")]
     assert [r["overrides"] for r in rows] == ["model.hidden_units=[8]", "model.hidden_units=[16]"]
+
+    # Run once more, every job finished: each says so (no "nothing to train" warning), and keeps its time.
+    third = run_cli(*shlex.split(resume)[3:], cwd=tmp_path)
+    out = third.stdout + third.stderr
+    assert third.returncode == 0 and out.count("This sweep job is complete (step 40 of 40)") == 2, out[-3000:]
+    assert "(a total) to train as much again" not in out
+    with (sweep / "sweep_summary.csv").open() as f:
+        assert [r["seconds"] for r in csv.DictReader(f)] == [r["seconds"] for r in rows]

@@ -153,6 +153,7 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
         loggers=loggers,
     )
     trainer.resume_command = resume_command(run_dir)
+    trainer.sweep_job = HydraConfig.get().mode == RunMode.MULTIRUN
     trainer.hparams = flatten(OmegaConf.to_container(cfg, resolve=True))  # the loggers' params (MLflow)
     class_weight = cfg.data.get("class_weight") or None  # config.DataOptions: None (the default) weighs nothing
     return trainer.fit(data.train, eval_data_of(cfg, data), steps_per_epoch=steps_per_epoch, batch_size=data.batch_size,
