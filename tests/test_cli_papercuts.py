@@ -24,6 +24,12 @@ def test_a_run_folder_reused_with_another_recipe_names_the_recipes_not_frozen(tm
     assert "frozen=" not in err and "Traceback" not in err
     assert read_metrics(run)[-1]["step"] == 20  # the run folder is left as it was
 
+    other_model = run_cli(*TINY, "trainer.max_steps=25", "model=mnist_cnn", f"hydra.run.dir={run}")
+    err = other_model.stdout + other_model.stderr
+    assert other_model.returncode == 2 and f"The run folder {run} holds a run of recipe=mnist model=mnist_mlp" in err
+    assert re.search(r"another model \([^)]*checkpoint \[", err), err[-3000:]  # the shapes that differ
+    assert f"trainer.init_from={run} (a warm start: weights only)" in err
+
 
 class TermOnce(Callback):
     """Sends SIGTERM to this process at the end of the loop of `step`, once per test process (the resumed sweep runs

@@ -270,9 +270,13 @@ def _in_command_line_terms(cause: BaseException) -> BaseException:
     checkpoint = sys.modules.get("trainer.checkpoint")  # not loaded: no checkpoint was read
     if checkpoint is None or not isinstance(cause, checkpoint.CheckpointError):
         return cause
+    import re
+
     from trainer.config_record import started_otherwise
 
-    other = started_otherwise(HydraConfig.get().runtime.output_dir, dict(HydraConfig.get().runtime.choices))
+    shapes = re.search(r" does not fit this \w+ \((.*)\)\. The config changed", str(cause))
+    other = started_otherwise(HydraConfig.get().runtime.output_dir, dict(HydraConfig.get().runtime.choices),
+                              found=shapes.group(1) if shapes else "", warm_start="trainer.init_from=" in str(cause))
     return checkpoint.CheckpointError(other) if other else cause
 
 
