@@ -132,13 +132,15 @@ class FineTune(Callback):
         held = (f"frozen for the first {self.freeze_steps} steps (BatchNorm in inference mode, with its initial "
                 "statistics)" if self.freeze_steps else "")
         slowed = f"trained at x{self.backbone_lr_mult:g} the head's rate" if self.backbone_lr_mult < 1 else ""
+        outcome = ("the head learns on random features, so the run learns little or nothing" if self.freeze_steps
+                   else "the backbone learns slowly from random features, and the head on them")
         log.warning(
             "FineTune: the backbone holds freshly initialized (random) weights, no pretrained ones (no "
-            "trainer.init_from, model.weights=none), and is %s: the head learns on random features, so the run "
-            "learns little or nothing. Fix: start from trained weights with trainer.init_from=RUN_DIR (a run of "
-            "recipe=resnet) or model.weights=imagenet|PATH; or train the whole model from scratch with recipe=resnet "
+            "trainer.init_from, model.weights=none), and is %s: %s. Fix: start from trained weights with "
+            "trainer.init_from=RUN_DIR (a run of recipe=resnet) or model.weights=imagenet|PATH; or train the whole "
+            "model from scratch with recipe=resnet "
             "(or finetune.freeze_steps=0 finetune.backbone_lr_mult=1).",
-            " and then ".join(w for w in (held, slowed) if w))
+            " and then ".join(w for w in (held, slowed) if w), outcome)
 
     def on_loop_end(self, trainer, step: int) -> None:
         if self.frozen and step >= self.freeze_steps:

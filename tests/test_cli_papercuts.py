@@ -24,6 +24,12 @@ def test_a_run_folder_reused_with_another_recipe_names_the_recipes_not_frozen(tm
     assert "frozen=" not in err and "Traceback" not in err
     assert read_metrics(run)[-1]["step"] == 20  # the run folder is left as it was
 
+    other_model = run_cli(*TINY, "trainer.max_steps=25", "model=mnist_cnn", f"hydra.run.dir={run}")
+    err = other_model.stdout + other_model.stderr
+    assert other_model.returncode == 2 and f"The run folder {run} holds a run of recipe=mnist model=mnist_mlp" in err
+    assert re.search(r"another model \([^)]*checkpoint \[", err), err[-3000:]  # the shapes that differ
+    assert f"trainer.init_from={run} (a warm start: weights only)" in err
+
 
 class TermOnce(Callback):
     """Sends SIGTERM to this process at the end of the loop of `step`, once per test process (the resumed sweep runs
@@ -41,10 +47,13 @@ class TermOnce(Callback):
 
 def test_a_sweep_a_signal_stops_writes_its_table_and_says_the_command_that_resumes_every_job(tmp_path):
     """The sweep exited 143 with no sweep_summary.csv, and its "to resume, run:" line resumed job 0 alone (job 1
-    never ran). The table of the jobs so far is written, and the sweep's own command, run again, finishes both."""
+    never ran). The table of the jobs so far is written, and the sweep's own command, run again, finishes both.
+    Over a list-valued key, with numbered job folders (TensorFlow reads `[8]` in a path as a glob pattern, see
+    docs/sweeps.md): an interpolation among the overrides made every job fail when the command was made."""
     sweep = tmp_path / "sweep"
-    result = run_cli("-m", *TINY, "trainer.eval_steps=1", "model.hidden_units=[8]", "optimizer.lr=1e-3,3e-3",
-                     "+callbacks.term._target_=test_cli_papercuts.TermOnce", "+callbacks.term.step=20",
+    result = run_cli("-m", *TINY, "trainer.eval_steps=1", "model.hidden_units=[8],[16]",
+                     "hydra.sweep.subdir=${hydra.job.num}", "+callbacks.term._target_=test_cli_papercuts.TermOnce",
+                     "+callbacks.term.step=20",
                      f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     out = result.stdout + result.stderr
     assert result.returncode == 143, out[-3000:]
@@ -52,7 +61,8 @@ def test_a_sweep_a_signal_stops_writes_its_table_and_says_the_command_that_resum
         (row,) = list(csv.DictReader(f))
     assert row["job"] == "0" and row["status"] == "interrupted" and row["steps"] == "20"
     resume = re.search(r"to resume, run: (.*)", out).group(1)
-    assert "-m " in resume and "optimizer.lr=1e-3,3e-3" in resume and f"hydra.sweep.dir={sweep}" in resume
+    assert "-m " in resume and "'model.hidden_units=[8],[16]'" in resume and f"hydra.sweep.dir={sweep}" in resume
+    assert "'hydra.sweep.subdir=${hydra.job.num}'" in resume
     assert f"to resume the whole sweep, run: {resume}" in out
 
     again = run_cli(*shlex.split(resume)[3:], cwd=tmp_path)  # after `python -m trainer`
@@ -60,3 +70,12 @@ def test_a_sweep_a_signal_stops_writes_its_table_and_says_the_command_that_resum
     with (sweep / "sweep_summary.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [(r["job"], r["status"], r["steps"]) for r in rows] == [("0", "done", "40"), ("1", "done", "40")]
+    assert [r["overrides"] for r in rows] == ["model.hidden_units=[8]", "model.hidden_units=[16]"]
+
+    # Run once more, every job finished: each says so (no "nothing to train" warning), and keeps its time.
+    third = run_cli(*shlex.split(resume)[3:], cwd=tmp_path)
+    out = third.stdout + third.stderr
+    assert third.returncode == 0 and out.count("This sweep job is complete (step 40 of 40)") == 2, out[-3000:]
+    assert "(a total) to train as much again" not in out
+    with (sweep / "sweep_summary.csv").open() as f:
+        assert [r["seconds"] for r in csv.DictReader(f)] == [r["seconds"] for r in rows]

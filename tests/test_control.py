@@ -99,8 +99,39 @@ def test_an_early_stop_at_a_checkpoint_step_saves_it_once_and_a_resume_says_the_
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="trainer"):
         classifier(tmp_path, callbacks(100), optimizer=cosine).fit(blobs(), blobs(64), steps=stop + 5)
-    assert "ReduceLROnPlateau: resumed with the learning rate it lowered before the checkpoint: the schedule x0.01" \
-        in caplog.text
+    assert re.search(r"ReduceLROnPlateau: resumed at the learning rate it lowered before the checkpoint: "
+                     r"[0-9.e-]+ \(the schedule x0\.01\)", caplog.text), caplog.text
+
+
+def test_an_early_stop_on_a_train_log_at_a_checkpoint_step_saves_the_final_evaluations_rate(tmp_path, caplog):
+    """Early stopping on a train log at a step the loop had just saved; the final evaluation that follows lets
+    ReduceLROnPlateau lower the rate. The run's end saves that step again: a resume starts at the lowered rate."""
+    import logging
+
+    import keras
+
+    from trainer import Callback, EarlyStopping, ReduceLROnPlateau
+
+    class StartRate(Callback):
+        def on_train_begin(self, trainer):
+            self.rate = float(keras.ops.convert_to_numpy(trainer.optimizer.learning_rate))
+
+    def callbacks(patience, *more):  # with mode=max the falling losses never "improve" after the first
+        return [EarlyStopping(monitor="train/loss", mode="max", patience=patience),
+                ReduceLROnPlateau(monitor="loss", mode="max", patience=1), *more]
+
+    options = dict(log_every=5, checkpoint_every=5, eval_every=7)
+    trainer = classifier(tmp_path, callbacks(1), **options)
+    trainer.fit(blobs(), blobs(64), steps=60)
+    stop, lowered = int(trainer.step.numpy()), float(keras.ops.convert_to_numpy(trainer.optimizer.learning_rate))
+    assert stop % 5 == 0 and stop % 7 != 0 and lowered < 0.05  # stopped at a save, lowered by the final evaluation
+
+    start = StartRate()
+    again = classifier(tmp_path, callbacks(100, start), **options)
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        again.fit(blobs(), blobs(64), steps=stop + 5)
+    assert start.rate == pytest.approx(lowered)
+    assert f"resumed at the learning rate it lowered before the checkpoint: {lowered:.4g}" in caplog.text
 
 
 def test_a_monitor_that_is_not_in_the_logs_is_an_error_before_the_first_step(tmp_path):

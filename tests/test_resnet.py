@@ -534,3 +534,9 @@ def test_cli_finetune_without_pretrained_weights_says_so_before_training():
     assert "WARNING" in warning and "frozen for the first 20 steps" in warning
     assert "trainer.init_from=RUN_DIR" in warning and "model.weights=imagenet|PATH" in warning
     assert out.index("freshly initialized (random) weights") < out.index("First loop")  # before training
+
+    never_frozen = run_cli("recipe=resnet_finetune", "trainer.fast_dev_run=true", "data.image_size=16",
+                           "data.batch_size=8", "trainer.progress_bar=false", "finetune.freeze_steps=0")
+    out = never_frozen.stdout + never_frozen.stderr
+    warning = next(line for line in out.splitlines() if "freshly initialized (random) weights" in line)
+    assert "the backbone learns slowly from random features" in warning and "frozen" not in warning, warning

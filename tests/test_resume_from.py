@@ -262,3 +262,20 @@ def test_resume_from_with_a_damaged_best_record_rebuilds_it_and_sets_the_later_c
     assert "best.json is unreadable" in caplog.text and "rebuilt from the copies" in caplog.text
     assert (tmp_path / "checkpoints" / "set-aside-after-5" / "best" / "ckpt-10.index").exists()
     assert json.loads((best / "best.json").read_text())[0]["step"] in (5, 10)
+
+
+def test_a_run_folder_with_brackets_says_why_it_cannot_resume_and_resumes_once_renamed(tmp_path, caplog):
+    """TensorFlow reads a checkpoint's path as a glob pattern: a folder named for a list-valued key
+    (`2_model.hidden_units=[8]`, a sweep's job) made every checkpoint "unreadable", with "restore the files from a
+    backup" as the fix. It says the cause; renamed, the run resumes."""
+    from trainer.checkpoint import CheckpointError
+
+    folder = tmp_path / "0_model.hidden_units=[8]"
+    make(folder).fit(blobs(), steps=10)
+    with pytest.raises(CheckpointError, match=r"brackets.*intact.*hydra.sweep.subdir=\$\{hydra.job.num\}"):
+        make(folder).fit(blobs(), steps=15)
+    renamed = folder.rename(tmp_path / "0_model.hidden_units=8")
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        make(renamed).fit(blobs(), steps=15)
+    assert "ckpt-10 (step 10)" in caplog.text
+    assert [int(r["step"]) for r in read_metrics(renamed) if r["split"] == "train"] == [5, 10, 15]

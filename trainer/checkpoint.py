@@ -328,6 +328,13 @@ class Checkpointer:
     def restore_latest(self, found=None, incomplete=None) -> int:
         found = found if found is not None else list_checkpoints(self.directory)
         incomplete = incomplete if incomplete is not None else incomplete_checkpoints(self.directory)
+        if found and _read_as_pattern(found[0][1]):
+            raise CheckpointError(
+                f"{self.directory}: TensorFlow cannot read checkpoints in a folder whose path has brackets: it matches "
+                "the path as a glob pattern ('[8]' matches '8', not itself). The checkpoints are intact. Fix: rename "
+                "the folder to a path without '[' and ']' and resume with hydra.run.dir=<that path> (Python: "
+                "run_dir=); for a sweep over a list-valued key (model.hidden_units=[8],[16,8]), number its job "
+                "folders: 'hydra.sweep.subdir=${hydra.job.num}'.")
         errors = []
         for step, prefix in incomplete:
             if not found or step > found[0][0]:  # an older one is shadowed by a newer complete one anyway
@@ -401,3 +408,9 @@ def _readable_reason(error: Exception) -> str:
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     first = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", first)
     return first if len(first) <= 200 else first[:200].rsplit(" ", 1)[0] + " ..."
+
+
+def _read_as_pattern(prefix: str) -> bool:
+    """TensorFlow's checkpoint reader finds `prefix` as a glob pattern: with brackets in its path it finds nothing
+    (and a glob-escaped path matches, but is then opened literally): every checkpoint reads as unreadable."""
+    return os.path.exists(prefix + ".index") and not tf.io.gfile.glob(prefix + ".index")

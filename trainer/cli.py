@@ -154,6 +154,7 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
     )
     trainer.resume_command = resume_command(run_dir)
     trainer.data_pass_batches = data.train_examples // data.batch_size if data.train_examples else None
+    trainer.sweep_job = HydraConfig.get().mode == RunMode.MULTIRUN
     trainer.hparams = flatten(OmegaConf.to_container(cfg, resolve=True))  # the loggers' params (MLflow)
     class_weight = cfg.data.get("class_weight") or None  # config.DataOptions: None (the default) weighs nothing
     return trainer.fit(data.train, eval_data_of(cfg, data), steps_per_epoch=steps_per_epoch, batch_size=data.batch_size,
@@ -270,9 +271,13 @@ def _in_command_line_terms(cause: BaseException) -> BaseException:
     checkpoint = sys.modules.get("trainer.checkpoint")  # not loaded: no checkpoint was read
     if checkpoint is None or not isinstance(cause, checkpoint.CheckpointError):
         return cause
+    import re
+
     from trainer.config_record import started_otherwise
 
-    other = started_otherwise(HydraConfig.get().runtime.output_dir, dict(HydraConfig.get().runtime.choices))
+    shapes = re.search(r" does not fit this \w+ \((.*)\)\. The config changed", str(cause))
+    other = started_otherwise(HydraConfig.get().runtime.output_dir, dict(HydraConfig.get().runtime.choices),
+                              found=shapes.group(1) if shapes else "", warm_start="trainer.init_from=" in str(cause))
     return checkpoint.CheckpointError(other) if other else cause
 
 

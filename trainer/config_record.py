@@ -101,10 +101,12 @@ def _show(value: Any) -> str:
     return "(absent)" if not isinstance(value, (str, int, float, bool, list, dict, type(None))) else repr(value)
 
 
-def started_otherwise(run_dir: Path, choices: Dict[str, Any]) -> Optional[str]:
+def started_otherwise(run_dir: Path, choices: Dict[str, Any], found: str = "",
+                      warm_start: bool = False) -> Optional[str]:
     """Why a run folder's checkpoints cannot fit this command, in the CLI's words, when the folder's recorded
     config (.hydra/hydra.yaml's choices) ran another recipe or model than `choices` (this command's): the cause a
-    checkpoint check names as the Trainer's (its models, frozen=) is the command line's. None: neither changed,
+    checkpoint check names as the Trainer's (its models, frozen=) is the command line's. `found`: the check's
+    shapes that differ; `warm_start`: trainer.init_from can start from the run's weights. None: neither changed,
     or nothing is recorded."""
     import yaml
 
@@ -118,10 +120,13 @@ def started_otherwise(run_dir: Path, choices: Dict[str, Any]) -> Optional[str]:
 
     def named(picks) -> str:
         return " ".join(f"{g}={picks.get(g)}" for g in ("recipe", "model"))
-    return (f"the run folder {run_dir} holds a run of {named(recorded)} (its .hydra/hydra.yaml), and this command "
-            f"runs {named(choices)}: its checkpoints hold another model, and a run folder resumes only the run it "
-            f"holds. Fix: give this run a folder of its own (another hydra.run.dir=..., or leave hydra.run.dir out "
-            f"for a new dated one), or resume that run with {' '.join(f'{g}={recorded.get(g)}' for g in changed)}.")
+    warm = (f"; to start from that run's weights, give this run a folder of its own and trainer.init_from={run_dir} "
+            "(a warm start: weights only)" if warm_start else "")
+    return (f"The run folder {run_dir} holds a run of {named(recorded)} (its .hydra/hydra.yaml), and this command "
+            f"runs {named(choices)}: its checkpoints hold another model{f' ({found})' if found else ''}, and a run "
+            f"folder resumes only the run it holds. Fix: give this run a folder of its own (another "
+            f"hydra.run.dir=..., or leave hydra.run.dir out for a new dated one), or resume that run with "
+            f"{' '.join(f'{g}={recorded.get(g)}' for g in changed)}{warm}.")
 
 
 class RunConfigWriter(Callback):

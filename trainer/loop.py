@@ -243,7 +243,9 @@ class Loop:
     def _finish(self) -> None:
         t = self.trainer
         if self.step == self.start and (self.start >= self.total or t.stop_training):  # no new rows, no new save
-            if self.start >= self.total:  # a finished run started again, or fit(epochs=1) twice (a total)
+            if self.start >= self.total and t.sweep_job:  # a sweep run again to finish its stopped jobs
+                log.info("This sweep job is complete (step %d of %d): nothing to train.", self.step, self.total)
+            elif self.start >= self.total:  # a finished run started again, or fit(epochs=1) twice (a total)
                 log.warning("%s", nothing_to_train(self.step, self.total, *self.request, t.config, t.steps_per_epoch,
                                                    cli=t.from_cli))
                 # this Trainer's last, else the run's record of it (a new process), else the keys unmeasured

@@ -66,7 +66,8 @@ def _job_row(folder: Path, metric: str, mode: str) -> Dict[str, Any]:
     evals = [r[key] for r in evals if isinstance(r.get(key), (int, float))]
     log_text = (folder / "trainer.log").read_text(errors="replace") if (folder / "trainer.log").exists() else ""
     done = _DONE.findall(log_text)
-    status, seconds = (done[-1][0].lower(), float(done[-1][2])) if done else ("failed", math.nan)
+    trained = [d for d in done if int(d[1]) > 0] or done  # a rerun of the finished job trained 0 steps: not its time
+    status, seconds = (done[-1][0].lower(), float(trained[-1][2])) if done else ("failed", math.nan)
     best = (max if mode == "max" else min)(evals) if evals else math.nan
     overrides = _overrides(folder)
     return {"job": int(folder.name.split("_")[0]), "overrides": overrides, "status": status,
@@ -151,11 +152,12 @@ def sweep_command(sweep_dir: Path) -> Optional[str]:
     import yaml
 
     try:
-        overrides = OmegaConf.load(Path(sweep_dir) / "multirun.yaml").hydra.overrides
-    except (OSError, yaml.YAMLError, AttributeError, KeyError):
+        overrides = OmegaConf.to_container(OmegaConf.load(Path(sweep_dir) / "multirun.yaml").hydra.overrides,
+                                           resolve=False)  # as typed: 'hydra.sweep.subdir=${hydra.job.num}'
+    except (OSError, yaml.YAMLError, AttributeError, KeyError, ValueError):
         return None
     ours = ("hydra.mode=", "hydra.sweep.dir=")
-    kept = [str(o) for o in overrides.hydra if not str(o).startswith(ours)] + [str(o) for o in overrides.task]
+    kept = [str(o) for o in overrides["hydra"] if not str(o).startswith(ours)] + [str(o) for o in overrides["task"]]
     return " ".join([program(), "-m", *map(shlex.quote, [*kept, f"hydra.sweep.dir={sweep_dir}"])])
 
 

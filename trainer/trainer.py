@@ -116,6 +116,7 @@ class Trainer(TrainerProperties, Step):
         self.is_chief, self.seed, self.clipnorm = is_chief, seed, clipnorm
         self.stop_training = False  # a callback may set it; the loop stops after the current loop
         self.resume_command: Optional[str] = None  # the CLI sets it: the command line that resumes this run
+        self.sweep_job = False  # the CLI sets it in a multirun: a finished job run again is the sweep's rerun
         # the command line's entry points set it (assemble.Parts.build): an error's fix then names the override
         # (trainer.best_metric=...), else the Python argument (Trainer(best_metric=...))
         self.from_cli = False

@@ -357,8 +357,8 @@ class Checkpointing(Callback):
                 check = None
             self.checkpointer.update_best(*evaluated, before_write=check)
         cfg, last_point, self.last_point = trainer.config, self.last_point, step
-        if reason == "end" and self.saved_step == step:  # an early stop at a loop's save: nothing new since it
-            return
+        if reason in ("end", "signal") and self.saved_step == step and evaluated is None:
+            return  # a stop at a loop's save, no evaluation since: nothing new (its callbacks may change state)
         if reason == "loop":
             due = loop_event_due(cfg.checkpoint_every, last_point, step) or (
                 cfg.checkpoint_every_secs and time.monotonic() - self.last_save_time >= cfg.checkpoint_every_secs)

@@ -8,6 +8,7 @@ on counting where it stopped.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Dict, Optional
 
 import keras
@@ -114,9 +115,12 @@ class ReduceLROnPlateau(Monitor):
         self.cooling = 0  # events left in the cooldown
         self.scale: Dict[str, float] = {}  # optimizer name -> the factor its schedule is multiplied by
         self.restored_scale: Dict[str, float] = {}  # the checkpoint's, taken on a resume (see adopt)
+        self.lowered_to: Dict[str, float] = {}  # optimizer name -> the constant rate it last set
+        self.restored_lowered: Dict[str, float] = {}
 
     def state_dict(self) -> Dict:
-        return {**super().state_dict(), "cooling": self.cooling, "scale": dict(self.scale)}
+        return {**super().state_dict(), "cooling": self.cooling, "scale": dict(self.scale),
+                "lowered_to": dict(self.lowered_to)}
 
     def load_state_dict(self, state: Dict) -> None:
         """On a resume, the checkpoint's scales apply when the schedules are wrapped (adopt). On a rollback
@@ -125,12 +129,14 @@ class ReduceLROnPlateau(Monitor):
         super().load_state_dict(state)
         self.cooling = int(state["cooling"])
         self.restored_scale = {k: float(v) for k, v in state["scale"].items()}
+        self.restored_lowered = {k: float(v) for k, v in state.get("lowered_to", {}).items()}  # none before it
 
     def adopt(self, trainer) -> None:
         restored = self.restored
         super().adopt(trainer)
         self.scales = {}  # another Trainer's variables, if any: this one's schedules are wrapped below
         self.scale = dict(self.restored_scale) if restored else {}
+        self.lowered_to = dict(self.restored_lowered) if restored else {}
 
     def events_to_act(self) -> int:
         """As Monitor's, after the cooldown left: its last event is the first counted again."""
@@ -156,18 +162,32 @@ class ReduceLROnPlateau(Monitor):
         return super().warn_if_idle(trainer)
 
     def on_train_begin(self, trainer) -> None:
+        resumed = self.restored
         super().on_train_begin(trainer)
-        lowered = {name: scale for name, scale in self.scale.items() if scale != 1.0 and name not in self.scales}
-        if lowered:  # a resume goes on at the rate this callback lowered to, as the run would have: said, not silent
-            log.info("%s: resumed with the learning rate it lowered before the checkpoint: the schedule x%s",
-                     type(self).__name__, ", ".join(f"{s:.4g}" if len(lowered) == 1 else f"{n} x{s:.4g}"
-                                                    for n, s in lowered.items()))
+        wrapped = set()
         for name, updater in trainer.updaters.items():
             if name not in self.scales:
                 why = f"{type(self).__name__} lowers the learning rate"
                 variable = scale_schedule(trainer, name, updater.optimizer, self.scale.get(name, 1.0), why)
                 if variable is not None:
                     self.scales[name] = variable
+                    wrapped.add(name)
+        if resumed:
+            self.say_lowered_rates(trainer, wrapped)
+
+    def say_lowered_rates(self, trainer, wrapped) -> None:
+        """A resume goes on at the rate this callback lowered to, as the run would have: said, not silent. A
+        constant rate the configuration set again (Checkpointing says so) is not this callback's any more."""
+        lowered = []
+        for name, updater in trainer.updaters.items():
+            rate = float(keras.ops.convert_to_numpy(updater.optimizer.learning_rate))
+            if name in wrapped and self.scale.get(name, 1.0) != 1.0:
+                lowered.append((name, f"{rate:.4g} (the schedule x{self.scale[name]:.4g})"))
+            elif name in self.lowered_to and math.isclose(rate, self.lowered_to[name], rel_tol=1e-6):
+                lowered.append((name, f"{rate:.4g}"))
+        if lowered:
+            log.info("%s: resumed at the learning rate it lowered before the checkpoint: %s", type(self).__name__,
+                     ", ".join(rate if len(trainer.updaters) == 1 else f"{name} {rate}" for name, rate in lowered))
 
     def judge(self, trainer, step, value) -> None:
         if self.cooling > 0:
@@ -195,7 +215,7 @@ class ReduceLROnPlateau(Monitor):
                 self.scale[name] = self.scale.get(name, 1.0) * new / old
                 self.scales[name].assign(self.scale[name])
             else:
-                optimizer.learning_rate = new
+                optimizer.learning_rate = self.lowered_to[name] = new
             changes.append(f"{name} {old:.4g} -> {new:.4g}" if len(trainer.updaters) > 1 else f"{old:.4g} -> {new:.4g}")
         if changes:
             log.info("Step %d: %s=%.6g has not improved on %.6g (step %s) for %s (patience=%d): learning "

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+IMPORTED = time.monotonic()  # `python -m trainer.doctor` started about now: before TensorFlow and the config load
+
 from trainer.console import log_command_to_stderr
 from trainer.doctor.decide import LEAST_SPEEDUP
 from trainer.doctor.verify import VERIFY_ROUNDS
@@ -335,6 +337,7 @@ def _set_auto(rec: Optional[dict], model: dict) -> None:
 @stops_on_signals("the doctor wrote no report (a partial measurement would mislead); run it again")
 @reports_errors()
 def main(argv=None) -> int:
+    started = IMPORTED if __name__ == "__main__" else time.monotonic()  # called in-process: from this call
     argv = sys.argv[1:] if argv is None else argv
     command = " ".join(["python -m trainer.doctor", *map(shlex.quote, argv)])
     args = parse_args(argv)  # before TensorFlow loads (11-21 s): -h and bad arguments answer at once
@@ -353,7 +356,7 @@ def main(argv=None) -> int:
     out = _out_folder(args, run_folder)
     _prepare_out_folder(out)
     report = diagnose_config(cfg, overrides, args.quick, prefix, command, args.verify)
-    report["meta"]["command_seconds"] = _seconds_since_start()  # with start-up: what the user waited
+    report["meta"]["command_seconds"] = time.monotonic() - started  # with start-up: what the user waited
     text = render_text(report)
     print(text, flush=True)  # first: the report is on screen even if writing the files fails
     write_json(report, out / "doctor.json")
@@ -369,15 +372,6 @@ def main(argv=None) -> int:
     if missing_plot:
         print(f"wrote {out / 'doctor.json'} and {out / 'doctor.txt'}")
     return 0
-
-
-def _seconds_since_start() -> float:
-    """Since this process started (the OS's record): loading TensorFlow, the config and the data count too."""
-    import time
-
-    import psutil
-
-    return time.time() - psutil.Process().create_time()
 
 
 if __name__ == "__main__":
