@@ -6,7 +6,6 @@ ones only after a newer one is complete), and `best/` with the best `keep_best` 
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -26,7 +25,7 @@ from trainer.checkpoint_files import (incomplete_checkpoints, list_checkpoints, 
 from trainer.checkpoint_graph import match_variables
 from trainer.config import ConfigError
 from trainer.errors import UserError
-from trainer.storage_errors import storage_failure
+from trainer.storage_errors import refused_write_is_error
 from trainer.evalsets import close_hint
 
 log = logging.getLogger(__name__)
@@ -96,55 +95,9 @@ def _regrouped(rows, saved: Dict[str, str], reader, name: str) -> bool:
     return bool(held) and held == sorted(tuple(var.shape) for _, var, _, _ in rows)
 
 
-def _write_leftovers(new_entries) -> List[Path]:
-    """What a refused save left among `new_entries`: TF's `ckpt-N_temp/` folders and the files of a `ckpt-N` without
-    its `.index` (written last: a checkpoint with one is complete, and kept)."""
-    left = []
-    for entry in new_entries:
-        partial = re.fullmatch(r"(ckpt-\d+)\..+", entry.name)
-        if (re.fullmatch(r"ckpt-\d+_temp", entry.name) and entry.is_dir()) or (
-                partial and not entry.is_dir() and not (entry.parent / f"{partial[1]}.index").exists()):
-            left.append(entry)
-    return left
-
-
-def _refused_path(error: BaseException, folder: Path) -> str:
-    """The file a refused write names (OSError's filename, or a path in TF's text), else `folder`."""
-    named = getattr(error, "filename", None)
-    if named:
-        return str(named)
-    found = re.search(re.escape(str(folder)) + r"[^\s;,'\"]*", str(error))
-    return found[0].rstrip(".:") if found else str(folder)
-
-
-@contextlib.contextmanager
-def _refused_write_is_checkpoint_error(folder: Path, what: str, last_complete):
-    """A write the disk refuses in `folder` (full, a quota, a file size limit, read-only, not permitted:
-    trainer/storage_errors.py) removes what the write left there (TF's `ckpt-N_temp/`, a partial `ckpt-N.*`;
-    never a complete checkpoint, such as the new one when an old one's deletion is refused) and becomes a
-    CheckpointError naming the cause, the file and the last complete checkpoint (`last_complete()`), so the same
-    command resumes once it is fixed."""
-    before = set(folder.iterdir()) if folder.is_dir() else set()
-    try:
-        yield
-    except (OSError, tf.errors.OpError) as e:
-        refused = storage_failure(e)
-        if refused is None:
-            raise
-        with contextlib.suppress(OSError):  # a folder that refuses writes may refuse the removal too
-            for leftover in _write_leftovers((set(folder.iterdir()) if folder.is_dir() else set()) - before):
-                if leftover.is_dir():
-                    shutil.rmtree(leftover, ignore_errors=True)
-                else:
-                    leftover.unlink(missing_ok=True)
-        last = last_complete()
-        kept = (f"the last complete checkpoint is step {last}" if last is not None
-                else "there is no complete checkpoint yet")
-        cause, fix = refused
-        raise CheckpointError(
-            f"{cause} at {_refused_path(e, folder)} while {what}; {kept}. Fix: {fix}, and run the same command "
-            "again: it resumes from there."
-        ) from None
+def _refused_write(folder: Path, what: str, last_complete):
+    """storage_errors.refused_write_is_error, raising a CheckpointError (the same command resumes once fixed)."""
+    return refused_write_is_error(folder, what, last_complete, CheckpointError)
 
 
 def non_finite_weights(model) -> List[str]:
@@ -238,7 +191,7 @@ class Checkpointer:
             log.error("Not saving step %d: the model has non-finite weights. The last good checkpoint is kept.", step)
             return None
         directory = self._write_dir()
-        with _refused_write_is_checkpoint_error(directory, f"saving step {step}", self._last_complete):
+        with _refused_write(directory, f"saving step {step}", self._last_complete):
             directory.mkdir(parents=True, exist_ok=True)
             path = self.manager(directory).save(checkpoint_number=step)
         if not self.is_chief:
@@ -270,7 +223,7 @@ class Checkpointer:
         if self.keep_best <= 0:
             return False
         directory = self._write_dir()
-        with _refused_write_is_checkpoint_error(directory / "best", f"saving the best checkpoint of step {step}",
+        with _refused_write(directory / "best", f"saving the best checkpoint of step {step}",
                                                 self._last_complete):
             kept = self._keep_best(directory, step, value, before_write)
         if not self.is_chief:
