@@ -151,7 +151,7 @@ def test_finished_iterators_are_destroyed_off_the_training_thread(monkeypatch):
 
     import trainer.inputs as inputs
     import trainer.iterator_release as iterator_release
-    import trainer.loop as loop
+    import trainer.evaluating as evaluating
 
     died_on = []
 
@@ -161,7 +161,7 @@ def test_finished_iterators_are_destroyed_off_the_training_thread(monkeypatch):
         del item  # else this frame, not the thread, would hold the last reference
         iterator_release.release_in_background(holder, replicas)
 
-    monkeypatch.setattr(loop, "release_in_background", watched_release)  # the eval iterator
+    monkeypatch.setattr(evaluating, "release_in_background", watched_release)  # the eval iterator
     monkeypatch.setattr(inputs, "release_in_background", watched_release)  # sample and kept iterators
     t = make_trainer()
     train, evaluation = datasets()

@@ -100,8 +100,9 @@ def _build_single_model(model: keras.Model, precision: PrecisionConfig, sample_b
     if wrapped is not model:  # build the wrapper as the model was
         _call_as(wrapped, built_on)
     if tip:  # the batch size is known where the batch's x is (not said when the model was built on its inputs)
-        kind, inputs = built_on
-        per_replica = tf.nest.flatten(inputs)[0].shape[0] if kind == "data" else None
+        kind = built_on[0]
+        x = keras.utils.unpack_x_y_sample_weight(sample_batch)[0] if kind == "data" else None  # the whole batch's
+        per_replica = tf.nest.flatten(x)[0].shape[0] if x is not None else None
         precision_lib.warn_not_multiple_of_8(wrapped, output_layers(probe.calls, outputs), per_replica)
     return wrapped if wrapped is not model else None
 
