@@ -180,6 +180,7 @@ def test_finished_iterators_are_destroyed_off_the_training_thread(monkeypatch):
     assert not iterator_release._releasing
 
 
+@pytest.mark.slow
 def test_process_exits_when_a_freed_trainer_is_collected_at_shutdown():
     """A Trainer freed by the garbage collector during interpreter shutdown (as after Hydra's task
     function) must not start its release thread then: Thread.start() would wait forever."""

@@ -250,6 +250,7 @@ def test_overfit_batches_evaluates_each_named_set_on_the_unweighted_training_bat
     assert logs["weighted"]["val/loss"] == pytest.approx(logs["weighted"]["ood/loss"], rel=1e-6)  # the same batches
 
 
+@pytest.mark.slow
 def test_class_weight_from_the_cli(tmp_path, tiny):
     """data.class_weight weighs the training loss: all ones trains as no weights, a weighted class otherwise;
     a negative weight exits 2 with the fix."""

@@ -184,6 +184,7 @@ def test_help_is_hydras_listing_options_not_schemas(tmp_path):
     assert ours.stdout == re.sub(r"base_\w+, ", "", hydras.stdout)
 
 
+@pytest.mark.slow
 def test_sigterm_prints_the_command_that_resumes_the_default_run_folder(tmp_path):
     """The default folder (runs/<recipe>/<date_time>) is new at every start: the message gives the command
     with hydra.run.dir set, and that command, run as printed, resumes the same run."""

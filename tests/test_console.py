@@ -56,6 +56,7 @@ Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)
 """
 
 
+@pytest.mark.slow
 def test_fit_shows_the_summary_on_stderr_by_default_and_not_when_quiet(tmp_path):
     result = _fit(tmp_path, then=THEN_BAR + THEN_QUIET)  # one process: the start-up is most of the cost
     assert result.returncode == 0, result.stderr[-2000:]
@@ -81,6 +82,7 @@ quiet.fit(blobs(), blobs(), steps=4)  # nothing to train
 """
 
 
+@pytest.mark.slow
 def test_a_quiet_trainers_warnings_have_the_format_of_the_others(tmp_path):
     """verbose=False: the warnings still show, as `[trainer.core][WARNING] - ...` (they came bare, or after a
     checkpoint save as absl's root handler's `WARNING:trainer.checkpoint:`, beside the verbose lines' format)."""
@@ -171,6 +173,7 @@ def users_handler_later(tmp_path_factory):
     return before.splitlines(), after.splitlines(), out
 
 
+@pytest.mark.slow
 def test_each_line_once_after_a_checkpoint_save_and_with_two_trainers(users_handler_later):
     """TensorFlow's saver logs through absl, which adds a bare root handler (logging.basicConfig()) at the
     first save: the `trainer` lines must not then print a second time through it."""
@@ -181,6 +184,7 @@ def test_each_line_once_after_a_checkpoint_save_and_with_two_trainers(users_hand
     assert not any(line.startswith("INFO:trainer") for line in lines), "\n".join(lines[-40:])
 
 
+@pytest.mark.slow
 def test_a_user_handler_on_the_trainer_logger_gets_each_line_once_and_propagate_stays_theirs(users_handler_later):
     """A user who sets logging.getLogger("trainer").propagate = False and adds a handler (after Trainers before
     added ours) gets each line once, in that handler only, the eval line under the progress bar too (a notebook's
@@ -223,6 +227,7 @@ print("MINE", repr(mine.getvalue()))
 """
 
 
+@pytest.mark.slow
 def test_a_warning_level_handler_of_the_users_does_not_silence_the_info_lines(tmp_path):
     """A root handler that shows WARNING and above, added mid-fit, does not show an INFO progress line: ours still
     prints it (it took any handler of the user's as showing every line); a warning goes to the user's handler."""
@@ -282,6 +287,7 @@ def assert_log_lines_start_their_rows(text: str, expected: tuple) -> None:
     assert any(row.startswith("train:") and "%|" in row for row in rows), text[-2000:]  # the bar was drawn
 
 
+@pytest.mark.slow
 def test_log_lines_clear_the_bar_and_train_lines_go_to_trainer_log_only(tmp_path, tiny):
     """The CLI with its bar (forced: a pipe is no terminal), stdout and stderr in one stream as `2>&1 | tee` has
     them: every log line (the first loop's, each checkpoint's, the eval's) starts its own row; the train lines (the
@@ -302,6 +308,7 @@ def test_log_lines_clear_the_bar_and_train_lines_go_to_trainer_log_only(tmp_path
     assert "step 10/40:" not in result.stdout, result.stdout[-3000:]  # the bar shows it
 
 
+@pytest.mark.slow
 def test_from_python_log_lines_clear_the_bar_and_the_bar_alone_shows_the_train_lines(tmp_path):
     """fit() from Python with the bar (forced), stderr and stdout in one stream: the first loop's line, the
     eval line and the summary each start their own row (the first loop's was glued onto the bar); no train line."""
@@ -378,6 +385,7 @@ verbose.fit(blobs(), steps=2)
 """
 
 
+@pytest.mark.slow
 def test_a_verbose_trainer_after_a_quiet_one_in_the_same_process_shows_its_lines(tmp_path):
     """A quiet Trainer keeps our handler (for its warnings) and undoes the INFO level: a verbose Trainer after it
     (made after, or fitted after) still shows its INFO lines (it printed none)."""

@@ -103,6 +103,7 @@ def test_tensorflow_loads_quietly_whoever_loads_it_first():
     assert shown.returncode == 0 and shown.stderr.strip() != ""  # the lines exist: the quiet run hid them
 
 
+@pytest.mark.slow
 def test_a_probe_for_tensorflow_is_not_its_import_and_submodules_are_attributes():
     """mlflow and etils probe with importlib.util.find_spec: the later real import is still quiet. And
     `import trainer` alone gives `trainer.callbacks`, `trainer.config`, ... as attributes, as before."""

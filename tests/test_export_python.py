@@ -35,6 +35,7 @@ def trained(tmp_path_factory):
     keras.mixed_precision.set_dtype_policy("float32")
 
 
+@pytest.mark.slow
 def test_a_mixed_precision_model_saved_from_python_loads_after_import_trainer_and_exports(trained, tmp_path):
     from trainer.precision import Float32Outputs
 

@@ -190,6 +190,7 @@ def test_cli_model_gets_the_same_multiple_of_8_tip(tmp_path, monkeypatch):
     assert len(said) == 1 and ".units=12" in said[0] and "units=10" not in said[0], said
 
 
+@pytest.mark.slow
 def test_float16_on_a_cpu_is_said_before_tensorflows_dt_half_line():
     """TensorFlow prints an error-level `oneDNN supports DT_HALF only on platforms with AVX-512` line at the first
     float16 op on a CPU without float16 kernels; the Trainer's warning comes first and names it as harmless."""

@@ -278,6 +278,7 @@ def test_a_recomputed_block_runs_the_fused_kernels_in_its_forward_pass_and_its_r
     np.testing.assert_allclose(recomputed[1], expected[1], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_keras_file_of_a_fused_model_loads_in_a_fresh_process_after_import_trainer(tmp_path):
     """export, warm starts and plain scripts call keras.saving.load_model: `import trainer` registers the
     classes its .keras config names (trainer>LayerNormalization, trainer>gelu)."""

@@ -162,6 +162,7 @@ def test_xla_compiles_the_fused_training_step(policy, rtol):
         np.testing.assert_allclose(ours, theirs, rtol=1e-5 if policy == "float32" else 1e-2)
 
 
+@pytest.mark.slow
 def test_the_projects_tools_load_a_keras_file_of_the_fused_layer_in_a_fresh_process(tmp_path):
     """trainer.convert / predict / evaluate read .keras files through trainer.runs, which must know the class
     without the user importing trainer.layers first."""

@@ -491,6 +491,7 @@ def test_mixed_precision_steps_have_float32_outputs(policy, compute):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_resnet_then_finetune_from_that_run(tmp_path):
     common = ["trainer.log_every=10", "trainer.eval_steps=10", "trainer.progress_bar=false", "data.image_size=16",
               "data.batch_size=32"]
@@ -523,6 +524,7 @@ def test_cli_resnet_then_finetune_from_that_run(tmp_path):
     assert read_metrics(finetune)[-1]["step"] == 20
 
 
+@pytest.mark.slow
 def test_cli_finetune_without_pretrained_weights_says_so_before_training():
     """recipe=resnet_finetune with neither trainer.init_from nor model.weights freezes a random backbone: the run
     learns next to nothing, so a warning before the first step names the cause and both ways to give weights."""

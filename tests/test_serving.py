@@ -409,6 +409,7 @@ def test_export_takes_the_keras_file_it_wrote_by_a_relative_path(run_dir, tmp_pa
     assert (tmp_path / "sm" / "saved_model.pb").is_file()
 
 
+@pytest.mark.slow
 def test_an_export_prints_tensorflows_log_lines_once(run_dir, tmp_path):
     """TensorFlow gave its logger a handler of its own (it loads before the command's logging is set up): through
     the root's too, "Assets written to" came twice, as `INFO:tensorflow:` and `INFO tensorflow:`. A process of its

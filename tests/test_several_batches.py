@@ -259,6 +259,7 @@ def test_the_gan_recipe_updates_its_discriminator_on_each_batch(tmp_path, k):
     assert iterations == {"discriminator": 4 * k, "generator": 4}
 
 
+@pytest.mark.slow
 def test_out_of_memory_with_several_batches_names_batches_per_step(tmp_path):
     """The out-of-memory hint says that a step holds its K batches at once (the allocation fails at once)."""
     result = run_cli("recipe=gan", "trainer.max_steps=1", "trainer.batches_per_step=2",

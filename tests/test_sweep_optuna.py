@@ -60,6 +60,7 @@ def test_the_objective_follows_sweep_metric_best_metric_and_their_modes():
     assert "cannot rank" in job_value({"loss": math.nan}, TrainerConfig(sweep_metric="loss"))[1]
 
 
+@pytest.mark.slow
 def test_an_optuna_sweep_maximizes_the_recipes_metric_and_ends_with_its_trials(tmp_path, tiny):
     import matplotlib.image
 
