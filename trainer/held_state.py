@@ -1,6 +1,7 @@
 """State a Trainer subclass holds itself, in every checkpoint: a tf.Variable assigned in the step (MoCo's queue of
-negatives and its pointer), a keras.Variable, a tf.random.Generator or keras.random.SeedGenerator, a tf.Module, Keras
-layer or optimizer of its own, held as an attribute or as an item of a list, tuple or dict in one (however deep).
+negatives and its pointer), a keras.Variable, a tf.random.Generator or keras.random.SeedGenerator, a tf.data iterator
+the step reads (a second data stream), a tf.Module, Keras layer or optimizer of its own, held as an attribute or as an
+item of a list, tuple or dict in one (however deep).
 
 Saved as `held/<attribute>` (`held/<attribute>/<index or key>/...`). What the Trainer saves already (step, rng, best,
 every model's variables, the frozen too, the optimizers', the loss scales') is left out by identity, so nothing is
@@ -25,6 +26,9 @@ log = logging.getLogger("trainer.core")
 # The Trainer's own state that no checkpoint holds: the gradient accumulators, zeroed within each step (step.py)
 _NOT_STATE = ("_accumulators",)
 _VARIABLES = (tf.Variable, keras.Variable)
+# A data iterator the step reads itself (a second, unlabelled stream): its position (and shuffle and prefetch
+# buffers) is its state, held in no variable
+_ITERATORS = (tf.data.Iterator,)
 
 Path = Tuple[str, ...]
 # checkpoint path (("queue",), ("buffers", "0")) -> (label "self.buffers[0]", the object saved, what it is for the log)
@@ -113,7 +117,7 @@ def find(trainer, objects: Dict[str, Any]) -> Found:
         if saved is None or id(saved) in seen or id(saved) in handled:  # the model again (self.encoder), self.step
             continue
         variables = _variables_in(saved)
-        if variables and not variables <= handled:
+        if isinstance(saved, _ITERATORS) or (variables and not variables <= handled):
             seen.add(id(saved))
             found[path] = (label, saved, _described(value))
     return found
@@ -135,6 +139,8 @@ def _described(value) -> str:
     if isinstance(value, _VARIABLES):
         kind = "keras.Variable" if isinstance(value, keras.Variable) else "tf.Variable"
         return f"{kind} {keras.backend.standardize_dtype(value.dtype)} {list(value.shape)}"
+    if isinstance(value, _ITERATORS):
+        return "tf.data iterator: its position and buffers"
     return type(value).__name__
 
 
@@ -178,6 +184,32 @@ def restored_report(found: Found):
     return report
 
 
+def _unsaveable(found: Found) -> Set[Path]:
+    """The paths of the data iterators of `found` TensorFlow cannot save (of a dataset of `from_generator` or
+    `py_function`: Python state), tried when fit() starts."""
+    refused = set()
+    for path, (_, saved, _) in found.items():
+        if isinstance(saved, _ITERATORS):
+            try:
+                saved._serialize_to_tensors()  # what a checkpoint write calls
+            except tf.errors.OpError:
+                refused.add(path)
+    return refused
+
+
+def _say_unsaveable(trainer, labels: str) -> None:
+    message = (
+        f"A data iterator the Trainer holds cannot be saved: {labels}: its dataset runs Python (from_generator, "
+        "py_function, numpy_function), whose state TensorFlow cannot save, "
+        "so no checkpoint holds its position and a resumed run reads it again from its start. Fix: zip it into the "
+        "data given to fit() (tf.data.Dataset.zip((labelled, unlabelled)): a resume puts that data back at the step's "
+        "batch), or build it of tensors or files (from_tensor_slices, TFRecord) (docs/research.md, A second data "
+        "stream).")
+    if trainer.config.deterministic:
+        raise ConfigError(f"trainer.deterministic=true, but: {message}")
+    log.warning(message)
+
+
 class HeldState:
     """What of the state the Trainer subclass holds a Checkpointer saves (`found`), found when each fit() call starts
     (callbacks/checkpointing.py): an attribute added between calls is saved from then on."""
@@ -185,12 +217,18 @@ class HeldState:
     def __init__(self):
         self.found: Found = {}
         self._said: Set[str] = set()  # the labels the INFO line named
+        self._refused: Set[Path] = set()  # the data iterators that cannot be saved: said when found
 
     def hold(self, trainer, checkpointer, fresh: bool = False) -> None:
         """Saves from the next save on what the Trainer holds now (`fresh`: a new Checkpointer, that saves none)."""
         if fresh:
             self.found = {}
         found = find(trainer, checkpointer.objects)
+        refused = _unsaveable(found)
+        if refused:
+            _say_unsaveable(trainer, ", ".join(found[path][0] for path in refused))
+            found = {path: value for path, value in found.items() if path not in refused}
+        self._refused = refused
         if _identities(found) != _identities(self.found):
             checkpointer.set_extra("held", tree(found) if found else None)
             self.found = found
@@ -203,7 +241,7 @@ class HeldState:
         trainer.deterministic=true (a resumed run would not be the run it continues)."""
         saved = _identities(self.found)
         late = [value for path, value in find(trainer, checkpointer.objects).items()
-                if saved.get(path) != id(value[1])]
+                if saved.get(path) != id(value[1]) and path not in self._refused]
         if not late:
             return
         message = (
