@@ -73,3 +73,28 @@ def test_an_iterator_no_checkpoint_can_hold_is_said_and_an_error_when_determinis
         pseudo_labels(tmp_path / "refused", python=True).fit(blobs(), steps=5)
     checkpoints = tmp_path / "refused" / "checkpoints"
     assert not checkpoints.exists() or not any(checkpoints.iterdir())  # refused before any save
+
+
+def test_a_stateful_random_op_is_named_and_lr_find_leaves_such_an_iterator_alone(tmp_path, caplog):
+    from trainer.lr_finder import lr_find
+
+    class RandomCrops(PseudoLabels):
+        def __init__(self, **options):
+            super().__init__(**options)
+            rows = tf.data.Dataset.from_tensor_slices((UNLABELLED, tf.range(200, dtype=tf.int64)))
+            self.unlabelled = iter(rows.map(lambda u, i: (u + tf.random.uniform((4,)), i)).repeat().batch(8))
+
+    trainer = RandomCrops(model=lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]),
+                          optimizer=lambda: keras.optimizers.Adam(1e-2), run_dir=tmp_path, verbose=False)
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        trainer.fit(blobs(), steps=2)
+    assert "cannot be saved: self.unlabelled (RandomUniform is stateful)" in caplog.text
+    assert "tf.random.stateless_*" in caplog.text
+    assert len(lr_find(trainer, blobs(), steps=15, min_lr=1e-4, max_lr=1e-2).lrs) > 0  # its snapshot: no iterator
+
+
+def test_an_iterator_replaced_between_fit_calls_is_the_one_the_step_reads_and_saves(tmp_path):
+    trainer = pseudo_labels(tmp_path)
+    assert trainer.fit(blobs(), steps=5)["unlabelled_row"] == 16  # rows 0, 8, .. 32: their mean
+    trainer.unlabelled = iter(unlabelled())  # from its start again
+    assert trainer.fit(blobs(), steps=10)["unlabelled_row"] == 16  # read the new one (56 from the old)

@@ -347,6 +347,8 @@ class Checkpointer:
                         reader.get_tensor(key)  # every value it did not restore in a TF warning (dozens of lines)
                 try:
                     tf.train.Checkpoint(**{name: trackable}).read(prefix).expect_partial()
+                except tf.errors.DataLossError:  # a damaged byte in a data iterator's state (read here only)
+                    raise
                 except (ValueError, tf.errors.OpError) as e:  # another shape or dtype
                     raise CheckpointError(
                         f"{prefix}: its saved {name} state does not fit this Trainer's ({_readable_reason(e)}): the "

@@ -14,7 +14,7 @@ attributes.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Iterable, Iterator, Set, Tuple
+from typing import Any, Dict, Iterable, Iterator, Optional, Set, Tuple
 
 import keras
 import tensorflow as tf
@@ -109,18 +109,41 @@ def _attributes(trainer) -> Iterator[Tuple[Path, str, Any]]:
             yield from _items((name,), f"self.{name}", value, seen)
 
 
-def find(trainer, objects: Dict[str, Any]) -> Found:
-    """The state the Trainer subclass holds that `objects` (the checkpoint's own) do not, by checkpoint path."""
+def find(trainer, objects: Dict[str, Any], refused: Optional[Dict[Path, str]] = None) -> Found:
+    """The state the Trainer subclass holds that `objects` (the checkpoint's own) do not, by checkpoint path; a data
+    iterator TensorFlow cannot save is left out, and put in `refused` (label, then why)."""
     handled, found, seen = _handled(trainer, objects), {}, set()
     for path, label, value in _attributes(trainer):
         saved = _saved_form(value)
         if saved is None or id(saved) in seen or id(saved) in handled:  # the model again (self.encoder), self.step
             continue
+        seen.add(id(saved))
+        if isinstance(saved, _ITERATORS):
+            why = _unsaveable(saved)
+            if why is None:
+                found[path] = (label, saved, _described(value))
+            elif refused is not None:
+                refused[path] = f"{label} ({why})"
+            continue
         variables = _variables_in(saved)
-        if isinstance(saved, _ITERATORS) or (variables and not variables <= handled):
-            seen.add(id(saved))
+        if variables and not variables <= handled:
             found[path] = (label, saved, _described(value))
     return found
+
+
+def _unsaveable(iterator) -> Optional[str]:
+    """Why TensorFlow cannot save `iterator` (its dataset holds a stateful op: from_generator's PyFunc, a
+    tf.random.uniform in a map, or one its options let through), else None: the dataset's graph serialized as a
+    checkpoint write would, without copying the buffers."""
+    dataset = getattr(iterator, "_dataset", None)
+    if dataset is None:
+        return None
+    try:
+        dataset._as_serialized_graph(external_state_policy=tf.data.experimental.ExternalStatePolicy.FAIL)
+    except tf.errors.OpError as e:
+        reason = str(e).strip().splitlines()[0].split("}}")[-1].split(" [Op:")[0]
+        return reason.replace("Failed to serialize the input pipeline graph: ", "").strip().rstrip(".")
+    return None
 
 
 def tree(found: Found) -> Dict[str, Any]:
@@ -184,27 +207,35 @@ def restored_report(found: Found):
     return report
 
 
-def _unsaveable(found: Found) -> Set[Path]:
-    """The paths of the data iterators of `found` TensorFlow cannot save (of a dataset of `from_generator` or
-    `py_function`: Python state), tried when fit() starts."""
-    refused = set()
-    for path, (_, saved, _) in found.items():
-        if isinstance(saved, _ITERATORS):
-            try:
-                saved._serialize_to_tensors()  # what a checkpoint write calls
-            except tf.errors.OpError:
-                refused.add(path)
-    return refused
-
-
-def _say_unsaveable(trainer, labels: str) -> None:
+def _say_unsaveable(trainer, refused: Iterable[str], said: Set[str]) -> None:
+    """The WARNING (once per iterator; a ConfigError under deterministic=true, at every fit() call)."""
+    refused = [label for label in refused if trainer.config.deterministic or label not in said]
+    if not refused:
+        return
+    said.update(refused)
     message = (
-        f"A data iterator the Trainer holds cannot be saved: {labels}: its dataset runs Python (from_generator, "
-        "py_function, numpy_function), whose state TensorFlow cannot save, "
-        "so no checkpoint holds its position and a resumed run reads it again from its start. Fix: zip it into the "
-        "data given to fit() (tf.data.Dataset.zip((labelled, unlabelled)): a resume puts that data back at the step's "
-        "batch), or build it of tensors or files (from_tensor_slices, TFRecord) (docs/research.md, A second data "
-        "stream).")
+        f"A data iterator the Trainer holds cannot be saved: {', '.join(refused)}: its dataset holds state TensorFlow "
+        "cannot save (Python's, from from_generator, py_function or numpy_function; a stateful random op's, from "
+        "tf.random.* or tf.image.random_* in a map), so no checkpoint holds its position and a resumed run reads it "
+        "again from its start. Fix: zip it into the data given to fit() (tf.data.Dataset.zip((labelled, "
+        "unlabelled)): a resume puts that data back at the step's batch), or build it of tensors or files "
+        "(from_tensor_slices, TFRecord) with stateless random ops (tf.random.stateless_*, "
+        "tf.image.stateless_random_*) (docs/research.md, A second data stream).")
+    if trainer.config.deterministic:
+        raise ConfigError(f"trainer.deterministic=true, but: {message}")
+    log.warning(message)
+
+
+def _say_replicas(trainer, found: Found) -> None:
+    """Replicas that each call next() on one iterator take its batches in an order TensorFlow does not fix."""
+    labels = [label for label, saved, _ in found.values() if isinstance(saved, _ITERATORS)]
+    if not labels or trainer.strategy.num_replicas_in_sync < 2:
+        return
+    message = (f"{', '.join(labels)}: a data iterator the step reads, on {trainer.strategy.num_replicas_in_sync} "
+               "replicas: each replica's next() takes a batch of it in an order TensorFlow does not fix, so runs "
+               "(and a resume) can differ. Fix: zip the stream into the data given to fit() "
+               "(tf.data.Dataset.zip((labelled, unlabelled))), which every replica reads its share of "
+               "(docs/research.md, A second data stream).")
     if trainer.config.deterministic:
         raise ConfigError(f"trainer.deterministic=true, but: {message}")
     log.warning(message)
@@ -217,18 +248,18 @@ class HeldState:
     def __init__(self):
         self.found: Found = {}
         self._said: Set[str] = set()  # the labels the INFO line named
-        self._refused: Set[Path] = set()  # the data iterators that cannot be saved: said when found
 
     def hold(self, trainer, checkpointer, fresh: bool = False) -> None:
         """Saves from the next save on what the Trainer holds now (`fresh`: a new Checkpointer, that saves none)."""
         if fresh:
             self.found = {}
-        found = find(trainer, checkpointer.objects)
-        refused = _unsaveable(found)
+        refused: Dict[Path, str] = {}
+        found = find(trainer, checkpointer.objects, refused)
         if refused:
-            _say_unsaveable(trainer, ", ".join(found[path][0] for path in refused))
-            found = {path: value for path, value in found.items() if path not in refused}
-        self._refused = refused
+            _say_unsaveable(trainer, refused.values(), self._said)
+        _say_replicas(trainer, found)
+        if any(_identities(found).get(path) != held for path, held in _identities(self.found).items()):
+            trainer.reset_step_functions()  # the traced step reads the object replaced (or dropped) since
         if _identities(found) != _identities(self.found):
             checkpointer.set_extra("held", tree(found) if found else None)
             self.found = found
@@ -241,7 +272,7 @@ class HeldState:
         trainer.deterministic=true (a resumed run would not be the run it continues)."""
         saved = _identities(self.found)
         late = [value for path, value in find(trainer, checkpointer.objects).items()
-                if saved.get(path) != id(value[1]) and path not in self._refused]
+                if saved.get(path) != id(value[1])]
         if not late:
             return
         message = (
