@@ -336,15 +336,19 @@ class Checkpointer:
     def _restore_extra(self, prefix: str) -> None:
         reader = tf.train.load_checkpoint(prefix)
         saved = reader.get_variable_to_shape_map()
+        dtypes = reader.get_variable_to_dtype_map()
         for name in {**self.extra, **self.reports}:
             full = [key for key in saved if key.startswith(f"{name}/")]
             keys = [key[len(name) + 1:] for key in full]
             trackable = self.extra.get(name)
             if keys and trackable is not None:
                 for key in full:  # a damaged byte fails here: a Checkpoint cut short mid-read lists, at deletion,
-                    reader.get_tensor(key)  # every value it did not restore in a TF warning (dozens of lines)
+                    if dtypes[key] != tf.variant:  # (a data iterator's state: no NumPy value, read by the restore)
+                        reader.get_tensor(key)  # every value it did not restore in a TF warning (dozens of lines)
                 try:
                     tf.train.Checkpoint(**{name: trackable}).read(prefix).expect_partial()
+                except tf.errors.DataLossError:  # a damaged byte in a data iterator's state (read here only)
+                    raise
                 except (ValueError, tf.errors.OpError) as e:  # another shape or dtype
                     raise CheckpointError(
                         f"{prefix}: its saved {name} state does not fit this Trainer's ({_readable_reason(e)}): the "

@@ -1,6 +1,7 @@
 """State a Trainer subclass holds itself, in every checkpoint: a tf.Variable assigned in the step (MoCo's queue of
-negatives and its pointer), a keras.Variable, a tf.random.Generator or keras.random.SeedGenerator, a tf.Module, Keras
-layer or optimizer of its own, held as an attribute or as an item of a list, tuple or dict in one (however deep).
+negatives and its pointer), a keras.Variable, a tf.random.Generator or keras.random.SeedGenerator, a tf.data iterator
+the step reads (a second data stream), a tf.Module, Keras layer or optimizer of its own, held as an attribute or as an
+item of a list, tuple or dict in one (however deep).
 
 Saved as `held/<attribute>` (`held/<attribute>/<index or key>/...`). What the Trainer saves already (step, rng, best,
 every model's variables, the frozen too, the optimizers', the loss scales') is left out by identity, so nothing is
@@ -13,7 +14,7 @@ attributes.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Iterable, Iterator, Set, Tuple
+from typing import Any, Dict, Iterable, Iterator, Optional, Set, Tuple
 
 import keras
 import tensorflow as tf
@@ -25,6 +26,9 @@ log = logging.getLogger("trainer.core")
 # The Trainer's own state that no checkpoint holds: the gradient accumulators, zeroed within each step (step.py)
 _NOT_STATE = ("_accumulators",)
 _VARIABLES = (tf.Variable, keras.Variable)
+# A data iterator the step reads itself (a second, unlabelled stream): its position (and shuffle and prefetch
+# buffers) is its state, held in no variable
+_ITERATORS = (tf.data.Iterator,)
 
 Path = Tuple[str, ...]
 # checkpoint path (("queue",), ("buffers", "0")) -> (label "self.buffers[0]", the object saved, what it is for the log)
@@ -105,18 +109,41 @@ def _attributes(trainer) -> Iterator[Tuple[Path, str, Any]]:
             yield from _items((name,), f"self.{name}", value, seen)
 
 
-def find(trainer, objects: Dict[str, Any]) -> Found:
-    """The state the Trainer subclass holds that `objects` (the checkpoint's own) do not, by checkpoint path."""
+def find(trainer, objects: Dict[str, Any], refused: Optional[Dict[Path, str]] = None) -> Found:
+    """The state the Trainer subclass holds that `objects` (the checkpoint's own) do not, by checkpoint path; a data
+    iterator TensorFlow cannot save is left out, and put in `refused` (label, then why)."""
     handled, found, seen = _handled(trainer, objects), {}, set()
     for path, label, value in _attributes(trainer):
         saved = _saved_form(value)
         if saved is None or id(saved) in seen or id(saved) in handled:  # the model again (self.encoder), self.step
             continue
+        seen.add(id(saved))
+        if isinstance(saved, _ITERATORS):
+            why = _unsaveable(saved)
+            if why is None:
+                found[path] = (label, saved, _described(value))
+            elif refused is not None:
+                refused[path] = f"{label} ({why})"
+            continue
         variables = _variables_in(saved)
         if variables and not variables <= handled:
-            seen.add(id(saved))
             found[path] = (label, saved, _described(value))
     return found
+
+
+def _unsaveable(iterator) -> Optional[str]:
+    """Why TensorFlow cannot save `iterator` (its dataset holds a stateful op: from_generator's PyFunc, a
+    tf.random.uniform in a map, or one its options let through), else None: the dataset's graph serialized as a
+    checkpoint write would, without copying the buffers."""
+    dataset = getattr(iterator, "_dataset", None)
+    if dataset is None:
+        return None
+    try:
+        dataset._as_serialized_graph(external_state_policy=tf.data.experimental.ExternalStatePolicy.FAIL)
+    except tf.errors.OpError as e:
+        reason = str(e).strip().splitlines()[0].split("}}")[-1].split(" [Op:")[0]
+        return reason.replace("Failed to serialize the input pipeline graph: ", "").strip().rstrip(".")
+    return None
 
 
 def tree(found: Found) -> Dict[str, Any]:
@@ -135,6 +162,8 @@ def _described(value) -> str:
     if isinstance(value, _VARIABLES):
         kind = "keras.Variable" if isinstance(value, keras.Variable) else "tf.Variable"
         return f"{kind} {keras.backend.standardize_dtype(value.dtype)} {list(value.shape)}"
+    if isinstance(value, _ITERATORS):
+        return "tf.data iterator: its position and buffers"
     return type(value).__name__
 
 
@@ -178,6 +207,40 @@ def restored_report(found: Found):
     return report
 
 
+def _say_unsaveable(trainer, refused: Iterable[str], said: Set[str]) -> None:
+    """The WARNING (once per iterator; a ConfigError under deterministic=true, at every fit() call)."""
+    refused = [label for label in refused if trainer.config.deterministic or label not in said]
+    if not refused:
+        return
+    said.update(refused)
+    message = (
+        f"A data iterator the Trainer holds cannot be saved: {', '.join(refused)}: its dataset holds state TensorFlow "
+        "cannot save (Python's, from from_generator, py_function or numpy_function; a stateful random op's, from "
+        "tf.random.* or tf.image.random_* in a map), so no checkpoint holds its position and a resumed run reads it "
+        "again from its start. Fix: zip it into the data given to fit() (tf.data.Dataset.zip((labelled, "
+        "unlabelled)): a resume puts that data back at the step's batch), or build it of tensors or files "
+        "(from_tensor_slices, TFRecord) with stateless random ops (tf.random.stateless_*, "
+        "tf.image.stateless_random_*) (docs/research.md, A second data stream).")
+    if trainer.config.deterministic:
+        raise ConfigError(f"trainer.deterministic=true, but: {message}")
+    log.warning(message)
+
+
+def _say_replicas(trainer, found: Found) -> None:
+    """Replicas that each call next() on one iterator take its batches in an order TensorFlow does not fix."""
+    labels = [label for label, saved, _ in found.values() if isinstance(saved, _ITERATORS)]
+    if not labels or trainer.strategy.num_replicas_in_sync < 2:
+        return
+    message = (f"{', '.join(labels)}: a data iterator the step reads, on {trainer.strategy.num_replicas_in_sync} "
+               "replicas: each replica's next() takes a batch of it in an order TensorFlow does not fix, so runs "
+               "(and a resume) can differ. Fix: zip the stream into the data given to fit() "
+               "(tf.data.Dataset.zip((labelled, unlabelled))), which every replica reads its share of "
+               "(docs/research.md, A second data stream).")
+    if trainer.config.deterministic:
+        raise ConfigError(f"trainer.deterministic=true, but: {message}")
+    log.warning(message)
+
+
 class HeldState:
     """What of the state the Trainer subclass holds a Checkpointer saves (`found`), found when each fit() call starts
     (callbacks/checkpointing.py): an attribute added between calls is saved from then on."""
@@ -190,7 +253,13 @@ class HeldState:
         """Saves from the next save on what the Trainer holds now (`fresh`: a new Checkpointer, that saves none)."""
         if fresh:
             self.found = {}
-        found = find(trainer, checkpointer.objects)
+        refused: Dict[Path, str] = {}
+        found = find(trainer, checkpointer.objects, refused)
+        if refused:
+            _say_unsaveable(trainer, refused.values(), self._said)
+        _say_replicas(trainer, found)
+        if any(_identities(found).get(path) != held for path, held in _identities(self.found).items()):
+            trainer.reset_step_functions()  # the traced step reads the object replaced (or dropped) since
         if _identities(found) != _identities(self.found):
             checkpointer.set_extra("held", tree(found) if found else None)
             self.found = found
