@@ -86,8 +86,8 @@ def _regrouped_cause(settings: List[str]):
     the model's layers (say_nested_by: the ResNet recipe's model.recompute) when the model has one, else the model's
     code. init_from reads the same layout: it cannot load these either."""
     if settings:
-        return (f"The config changed how the model's layers are nested, not its weights (the same variables, grouped "
-                f"otherwise: {', '.join(settings)} makes each block a nested model or not) since this run saved it.",
+        return (f"Since this run saved it, the config changed how the model's layers are nested, not its weights (the "
+                f"same variables, grouped otherwise: {', '.join(settings)} makes each block a nested model or not).",
                 f"keep {' and '.join(settings)} (and the model) as the run was started with (see .hydra/config.yaml; "
                 "from Python, the build function's argument), or start a new run folder (hydra.run.dir=...)")
     return ("The model's layers are nested otherwise than when this run saved it: the same weights, grouped otherwise "
