@@ -91,6 +91,7 @@ def cifar_resnet_backbone(depth_n: int, image_size: int, base_filters: int = 16,
     of stages 2 and 3), 1x1 projection shortcuts where the shape changes, global average pooling.
     `recompute`: each block is a nested model whose activations are recomputed in the backward pass
     (trainer.recompute); the same layers and names, grouped one level deeper."""
+    from trainer.checkpoint_graph import say_nested_by
     from trainer.recompute import recompute as recomputed
 
     inputs = keras.Input((image_size, image_size, 3), name="image")
@@ -106,7 +107,9 @@ def cifar_resnet_backbone(depth_n: int, image_size: int, base_filters: int = 16,
             else:
                 x = _basic_block(x, filters, stride, name)
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    return keras.Model(inputs, x, name=BACKBONE)
+    backbone = keras.Model(inputs, x, name=BACKBONE)
+    say_nested_by(backbone, "model.recompute")  # a resume that switches it finds the same weights nested otherwise
+    return backbone
 
 
 def _basic_block(x, filters: int, stride: int, name: str):

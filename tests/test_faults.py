@@ -673,7 +673,8 @@ def test_a_resume_past_an_unparseable_config_record_keeps_it_and_goes_on(tmp_pat
 @pytest.mark.slow
 def test_a_resume_that_changes_the_precision_says_so_and_keeps_the_earlier_config(tmp_path):
     """Resuming a float32 run with precision=mixed_bfloat16 changed its precision silently and overwrote
-    .hydra/config.yaml: the change is now a warning, and the config of the steps before it is kept."""
+    .hydra/config.yaml: the change is now a warning, and the config of the steps before it is kept. Every way
+    between float32 and a mixed policy resumes."""
     from omegaconf import OmegaConf
 
     run_dir = tmp_path / "run"
@@ -696,3 +697,10 @@ def test_a_resume_that_changes_the_precision_says_so_and_keeps_the_earlier_confi
     said = [line for line in (longer.stdout + longer.stderr).splitlines() if "with a changed config" in line]
     # a longer run: said, not warned
     assert len(said) == 1 and "INFO" in said[0] and "trainer.max_steps: 40 -> 50" in said[0]
+    # and back: the mixed run resumed under float32 (and under float16's loss scaling)
+    for steps, precision in ((60, "float32"), (70, "mixed_float16"), (80, "float32")):
+        again = run_cli(*TINY, f"trainer.max_steps={steps}", f"precision={precision}", f"hydra.run.dir={run_dir}")
+        assert again.returncode == 0, again.stderr[-3000:]
+        said = [line for line in (again.stdout + again.stderr).splitlines() if "with a changed config" in line]
+        assert len(said) == 1 and f"-> '{precision}'" in said[0], said
+        assert f"steps {steps - 9}- compute in {precision}" in said[0]

@@ -170,6 +170,28 @@ def test_resnet_run_keeps_its_recompute_setting_on_resume(tmp_path):
     assert "init_from" not in str(refused.value)  # it reads the same layout: no way to load these weights
 
 
+def test_a_model_of_your_own_nested_otherwise_is_not_blamed_on_model_recompute(tmp_path):
+    """The same weights grouped into a nested model since the run saved them: from a model of one's own, the
+    error says that, and names neither the ResNet recipe's model.recompute nor a .hydra/config.yaml."""
+    from trainer import Trainer
+    from trainer.checkpoint import CheckpointError
+
+    def fit(nested, steps):
+        hidden = keras.layers.Dense(8)
+        trainer = Trainer(model=lambda: keras.Sequential([keras.Input((4,)), keras.Sequential([hidden]) if nested
+                                                          else hidden, keras.layers.Dense(2)]),
+                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), optimizer="sgd",
+                          run_dir=tmp_path, verbose=False)
+        return trainer.fit(np.ones((8, 4), "float32"), np.arange(8) % 2, steps=steps, batch_size=4)
+
+    fit(False, 2)
+    with pytest.raises(CheckpointError, match="The model's layers are nested otherwise") as refused:
+        fit(True, 4)
+    said = str(refused.value)
+    assert "layers moved into a nested model" in said and "Trainer(run_dir=...)" in said
+    assert "recompute" not in said and "ResNet" not in said and ".hydra" not in said and "init_from" not in said
+
+
 class PairBlock(keras.layers.Layer):
     """A block whose input is a list (or a dict) of two tensors, with dropout inside."""
 

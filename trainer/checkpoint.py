@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from trainer.checkpoint_files import (incomplete_checkpoints, list_checkpoints, read_best_index, remove_leftovers,
                                       repair_state_file)
-from trainer.checkpoint_graph import match_variables
+from trainer.checkpoint_graph import as_saved, match_variables, nested_by
 from trainer.config import ConfigError
 from trainer.errors import UserError
 from trainer.storage_errors import refused_write_is_error
@@ -74,22 +74,31 @@ def _check_compatible(objects: Dict, prefix: str) -> None:
         if problems and all(p.endswith("/_learning_rate") for p in problems):
             what = ("the learning rate from a schedule to a constant (a constant rate is a variable of the "
                     "checkpoint, a schedule is not): keep optimizer.schedule as it was")
-        elif problems and name in ("model", "models") and _regrouped(rows, saved, reader, name):
-            what = ("how the model's layers are nested, not its weights (the same variables, grouped otherwise: "
-                    "for the ResNet recipe, model.recompute, which makes each block a nested model)")
-            # init_from reads the same layout: it cannot load these either
-            fix = ("keep model.recompute (and the model) as the run was started with (see .hydra/config.yaml), or "
-                   "start a new run folder (hydra.run.dir=...)")
+        cause = f"The config changed {what} since this run saved it."
+        if problems and name in ("model", "models") and _regrouped(rows, saved, reader, name):
+            cause, fix = _regrouped_cause(nested_by(objects[name]))
         if problems:
-            raise CheckpointError(
-                f"{prefix} does not fit this {name} ({'; '.join(problems[:6])}). The config changed {what} "
-                f"since this run saved it. Fix: {fix}."
-            )
+            raise CheckpointError(f"{prefix} does not fit this {name} ({'; '.join(problems[:6])}). {cause} Fix: {fix}.")
+
+
+def _regrouped_cause(settings: List[str]):
+    """(the cause, the fix) for a checkpoint of the same weights under other object paths: the setting that nests
+    the model's layers (say_nested_by: the ResNet recipe's model.recompute) when the model has one, else the model's
+    code. init_from reads the same layout: it cannot load these either."""
+    if settings:
+        return (f"Since this run saved it, the config changed how the model's layers are nested, not its weights (the "
+                f"same variables, grouped otherwise: {', '.join(settings)} makes each block a nested model or not).",
+                f"keep {' and '.join(settings)} (and the model) as the run was started with (see .hydra/config.yaml; "
+                "from Python, the build function's argument), or start a new run folder (hydra.run.dir=...)")
+    return ("The model's layers are nested otherwise than when this run saved it: the same weights, grouped otherwise "
+            "(layers moved into a nested model or layer of their own, or out of one).",
+            "build the model with its layers grouped as when the run started, or start a new run folder "
+            "(hydra.run.dir=...; from Python: Trainer(run_dir=...))")
 
 
 def _regrouped(rows, saved: Dict[str, str], reader, name: str) -> bool:
     """The checkpoint holds the same weights (the same shapes, as many) under other object paths: the
-    layers were nested otherwise (a model.recompute switch on the ResNet recipe), not changed."""
+    layers were nested otherwise (a model.recompute switch on the ResNet recipe, say), not changed."""
     shapes = reader.get_variable_to_shape_map()
     held = sorted(tuple(shapes[key]) for path, key in saved.items() if path.startswith(f"{name}/") and key in shapes)
     return bool(held) and held == sorted(tuple(var.shape) for _, var, _, _ in rows)
@@ -328,8 +337,12 @@ class Checkpointer:
                                   "Nothing was changed. Fix: name another checkpoint.") from None
 
     def _restore(self, prefix: str) -> None:
-        _check_compatible(self.objects, prefix)
-        status = self._restorable.restore(prefix)
+        """Restores the objects, each model as the checkpoint holds it (as_saved: inside trainer's float32-output
+        wrapper or not, whichever precision the run saved it under)."""
+        objects = as_saved(self.objects, prefix)
+        _check_compatible(objects, prefix)
+        same = all(objects[name] is self.objects[name] for name in objects)
+        status = (self._restorable if same else tf.train.Checkpoint(**objects)).restore(prefix)
         status.assert_existing_objects_matched()
         status.expect_partial()  # the extra state is read by _restore_extra, on its own
 

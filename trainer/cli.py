@@ -275,7 +275,7 @@ def _in_command_line_terms(cause: BaseException) -> BaseException:
 
     from trainer.config_record import started_otherwise
 
-    shapes = re.search(r" does not fit this \w+ \((.*)\)\. The config changed", str(cause))
+    shapes = re.search(r" does not fit this \w+ \((.*)\)\. The (config changed|model's layers are nested)", str(cause))
     other = started_otherwise(HydraConfig.get().runtime.output_dir, dict(HydraConfig.get().runtime.choices),
                               found=shapes.group(1) if shapes else "", warm_start="trainer.init_from=" in str(cause))
     return checkpoint.CheckpointError(other) if other else cause

@@ -17,7 +17,7 @@ import keras
 
 from trainer.checkpoint import CheckpointError
 from trainer.checkpoint_files import list_checkpoints
-from trainer.checkpoint_graph import match_variables
+from trainer.checkpoint_graph import saved_form
 from trainer.config import ConfigError, as_given
 
 log = logging.getLogger(__name__)
@@ -152,19 +152,13 @@ def _layer_path(variable, checkpoint_path: str) -> str:
 def _match(model, prefix: str, name: Optional[str]):
     """(reader, rows, saved, where) of match_variables for the checkpoint's object that holds this model: its
     `models/<name>`, else a one-model run's `model`; in each, as saved or through trainer's float32-output wrapper
-    (a run under a mixed policy saves the model it wraps under `inner`): a plain model reads `<where>/inner`, a
-    wrapped one's `.inner` a plain checkpoint's `<where>`. The first that holds any of its variables, else the first."""
-    from trainer.float32_outputs import Float32Outputs
-
+    (checkpoint_graph.saved_form). The first that holds any of its variables, else the first."""
     first = None
     for where in (["model"] if name is None else [f"models/{name}", "model"]):
-        wrapped = isinstance(model, Float32Outputs)
-        forms = [(model, where), (model.inner, where) if wrapped else (model, f"{where}/inner")]
-        for target, at in forms:
-            reader, rows, saved = match_variables(target, prefix, at)
-            first = first or (reader, rows, saved, at)
-            if any(key for _, _, key, _ in rows):
-                return reader, rows, saved, at
+        _, at, reader, rows, saved = saved_form(model, prefix, where)
+        first = first or (reader, rows, saved, at)
+        if any(key for _, _, key, _ in rows):
+            return reader, rows, saved, at
     return first
 
 
