@@ -297,9 +297,8 @@ def make_train_function(trainer, iterator, jit_compile: Optional[bool] = None) -
     trainer._wrap_own_compute_loss()  # t.compute_loss = f: as a class's (loss_convention.py)
     overridden = type(trainer).train_step is not Step.train_step
     several = overridden and bool(getattr(type(trainer), "takes_several_batches", False))  # a tuple also when K=1
-    if overridden and accum > 1:
-        log.warning("The overridden train_step is not used with grad_accum_steps > 1 (accumulate_step and "
-                    "apply_accumulated are)")
+    # an overridden train_step with grad_accum_steps > 1 was refused at Trainer() unless the class overrides
+    # accumulate_step or apply_accumulated (inputs.check_step_settings): accumulation runs those
     with trying(trainer, jit_compile):
         plan = trainer.plan_xla()  # a subclass may override it
     for warning in plan.warnings:
@@ -323,9 +322,12 @@ def make_train_function(trainer, iterator, jit_compile: Optional[bool] = None) -
             loss, grads = compute_gradients(data)
             trainer.apply_gradients(grads, loss)
 
-        def accumulate_step(data):
-            _, grads = compute_gradients(data)
-            trainer._accumulate(grads)
+        if type(trainer).accumulate_step is Step.accumulate_step:
+            def accumulate_step(data):
+                _, grads = compute_gradients(data)
+                trainer._accumulate(grads)
+        elif accum > 1:
+            log.info("XLA: the overridden accumulate_step runs as written, outside XLA")
 
     def one_update(iterator):
         if accum == 1:

@@ -33,7 +33,7 @@ from trainer.config import PrecisionConfig, TrainerConfig, check_ranges
 from trainer.console import show_logs_unless_configured
 from trainer.distribute import say_strategy_once, strategy_argument
 from trainer.frozen_watch import FrozenWatch
-from trainer.inputs import (DataArg, KeptIterator, batches_read_per_step, check_batches_per_step, sample_batch,
+from trainer.inputs import (DataArg, KeptIterator, batches_read_per_step, check_step_settings, sample_batch,
                             steps_per_epoch_of, total_steps, training_iterator, warn_if_epochs_cut)
 from trainer.evaluating import evaluate
 from trainer.loop import Loop, TrainingInterrupted
@@ -101,7 +101,7 @@ class Trainer(TrainerProperties, Step):
         self.loggers = callback_objects(loggers, "loggers") if loggers is not None else None
         self.config = dataclasses.replace(config or TrainerConfig(), **options)
         self.best_metric_given = "best_metric" in options  # Trainer(best_metric="accuracy"): no default's switch
-        check_batches_per_step(type(self), self.config)  # before any data or model is built
+        check_step_settings(type(self), self.config)  # before any data or model is built
         show_logs_unless_configured(self.config.verbose)  # construction logs (the optimizer's kernels) show too
         self.precision = precision_lib.precision_config("float32" if precision is None else precision)
         strategy = strategy_argument(strategy)  # None for "default": TensorFlow's current one
