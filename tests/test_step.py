@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import SKIP_TEARDOWN, run_cli
+from conftest import SKIP_TEARDOWN
 from trainer import PrecisionConfig, Trainer
-from trainer.config import ConfigError
 
 
 @pytest.fixture(autouse=True)
@@ -51,109 +50,6 @@ def test_accumulating_k_micro_batches_equals_one_large_batch():
     by_epoch = make(grad_accum_steps=4)
     by_epoch.fit(micro, epochs=1)
     assert int(by_epoch.step.numpy()) == 5
-
-
-def smoothed(y, logits):
-    """Label smoothing: a loss the default step does not compute."""
-    return keras.losses.categorical_crossentropy(tf.one_hot(y, 2), logits, from_logits=True, label_smoothing=0.5)
-
-
-def test_an_overridden_train_step_with_accumulation_is_refused_naming_the_fixes(tmp_path):
-    """Accumulation never calls train_step: an overridden one would be left out silently (its loss, its logs).
-    Refused at Trainer(), before any model is built, and by the CLI (exit 2) before the data is loaded."""
-
-    class Smoothing(Trainer):
-        def train_step(self, data):
-            x, y = data
-            with tf.GradientTape() as tape:
-                logits = self.model(x, training=True)
-                loss = tf.reduce_mean(smoothed(y, logits))
-            self.update(loss, tape)
-            return {"loss": loss, "mean_logit": tf.reduce_mean(logits)}
-
-    built = []
-    for loss in (keras.losses.SparseCategoricalCrossentropy(from_logits=True), None):
-        with pytest.raises(ConfigError) as refused:
-            Smoothing(model=lambda: built.append(1) or keras.Sequential([keras.Input((8,)), keras.layers.Dense(2)]),
-                      loss=loss, optimizer=keras.optimizers.SGD, grad_accum_steps=2)
-        said = str(refused.value)
-        for part in ("trainer.grad_accum_steps=2 and Smoothing.train_step is overridden", "never calls train_step",
-                     "override of compute_loss", "accumulate in your own step", "trainer.batches_per_step=K",
-                     "drop trainer.grad_accum_steps"):
-            assert part in said, said
-    assert not built
-    x, y = data(n=64)
-    assert set(Smoothing(model=lambda: keras.Sequential([keras.Input((8,)), keras.layers.Dense(2)]), loss=None,
-                         optimizer=keras.optimizers.SGD, progress_bar=False).fit(x, y, batch_size=16, steps=2)) >= {
-        "loss", "mean_logit"}  # grad_accum_steps=1: the step runs, its logs logged
-
-    result = run_cli("recipe=gan", "trainer.max_steps=1", "trainer.grad_accum_steps=2", f"hydra.run.dir={tmp_path}")
-    output = result.stdout + result.stderr
-    assert result.returncode == 2, output[-2000:]
-    assert "GAN.train_step is overridden" in output and "Traceback" not in output
-    assert "Data:" not in output  # before the data is loaded
-
-
-@pytest.mark.parametrize("jit_compile", [False, True])
-def test_a_class_that_overrides_accumulation_accumulates_as_it_says(jit_compile):
-    """accumulate_step / apply_accumulated are what accumulation runs: overriding them (next to train_step or
-    not) is accepted and run, also when XLA compiles the default accumulation's forward and backward."""
-    seen = []
-
-    class Counted(Trainer):
-        def train_step(self, data):
-            raise AssertionError("accumulation does not call train_step")
-
-        def accumulate_step(self, data):
-            seen.append("accumulate")  # at trace time: once per trace
-            super().accumulate_step(data)
-
-        def apply_accumulated(self):
-            seen.append("apply")
-            super().apply_accumulated()
-
-    x, y = data(n=128)
-    trainer = Counted(
-        model=lambda: keras.Sequential([keras.Input((8,)), keras.layers.Dense(2)]),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), optimizer=lambda: keras.optimizers.SGD(0.1),
-        grad_accum_steps=2, jit_compile=jit_compile, progress_bar=False)
-    trainer.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(16, drop_remainder=True), steps=3)
-    assert seen == ["accumulate", "apply"]
-    assert int(trainer.optimizer.iterations.numpy()) == 3
-
-
-def test_a_compute_loss_override_is_accumulated_and_an_own_step_of_k_batches_makes_the_same_update():
-    """The fixes the refusal names: a compute_loss override under grad_accum_steps=2 (micro-batches of 16),
-    and an own step given the 2 batches (batches_per_step=2, one self.update of their mean loss), both
-    train as the default accumulation-free step on batches of 32 with that loss."""
-
-    class SmoothedLoss(Trainer):
-        def compute_loss(self, x, y, y_pred, sample_weight=None):
-            return tf.nn.compute_average_loss(smoothed(y, y_pred))
-
-    class OwnAccumulation(Trainer):
-        takes_several_batches = True
-
-        def train_step(self, batches):
-            with tf.GradientTape() as tape:
-                losses = [tf.reduce_mean(smoothed(y, self.model(x, training=True))) for x, y in batches]
-                loss = tf.add_n(losses) / len(losses)
-            self.update(loss, tape)
-            return {"loss": loss}
-
-    def trained(cls, batch_size, loss=None, **options):
-        trainer = cls(model=lambda: keras.Sequential([keras.Input((8,)), keras.layers.Dense(2)]), loss=loss,
-                      optimizer=lambda: keras.optimizers.SGD(0.1), seed=0, progress_bar=False, **options)
-        x, y = data(n=320)
-        trainer.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size, drop_remainder=True), steps=5)
-        return trainer.model.get_weights()
-
-    large = trained(SmoothedLoss, 32)
-    for weights in (trained(SmoothedLoss, 16, grad_accum_steps=2), trained(OwnAccumulation, 16, batches_per_step=2)):
-        for a, b in zip(weights, large):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    assert not np.allclose(trained(Trainer, 32, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))[0],
-                           large[0], atol=1e-4)  # the smoothing changed the update: the override was used
 
 
 def test_accumulation_composes_with_loss_scaling():

@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional, Union
 
 import tensorflow as tf
 
+from trainer.accumulation import check_accumulation
 from trainer.config import ConfigError
 from trainer.data import DataError
 from trainer.iterator_release import hold_until_exit, release_in_background
@@ -94,37 +95,16 @@ def batches_read_per_step(config) -> int:
 
 
 def check_step_settings(trainer_type, config) -> None:
-    """The class's train_step against trainer.batches_per_step and trainer.grad_accum_steps, said at Trainer()
-    (and by the CLI before the data is loaded), before any data is loaded or model built."""
-    _check_batches_per_step(trainer_type, config)
-    _check_grad_accum_steps(trainer_type, config)
+    """The CLI's train command's, before the data is loaded: check_batches_per_step (Trainer() checks it too) and
+    accumulation.check_accumulation (fit() checks it too)."""
+    check_batches_per_step(trainer_type, config)
+    check_accumulation(trainer_type, config)
 
 
-def _check_grad_accum_steps(trainer_type, config) -> None:
-    """trainer.grad_accum_steps=K > 1 runs accumulate_step on each of K micro-batches (compute_gradients, so
-    compute_loss) and apply_accumulated once per update, never train_step: an overridden train_step would be
-    left out silently (its loss, its logs). A class that overrides accumulate_step or apply_accumulated
-    accumulates as it says."""
-    k = config.grad_accum_steps
-    if k == 1 or trainer_type.train_step is Step.train_step:
-        return
-    if (trainer_type.accumulate_step is not Step.accumulate_step
-            or trainer_type.apply_accumulated is not Step.apply_accumulated):
-        return
-    name = trainer_type.__name__
-    raise ConfigError(f"trainer.grad_accum_steps={k} and {name}.train_step is overridden: accumulation never "
-                      "calls train_step (it runs accumulate_step on each micro-batch, which calls compute_gradients "
-                      f"and so compute_loss, then apply_accumulated), so {name}.train_step's loss and logs would "
-                      "not be trained. Fix: with one model, put the loss in an override of compute_loss (or "
-                      "compute_gradients), which accumulation uses (only the loss is logged then); or accumulate "
-                      "in your own step, which keeps its logs (trainer.batches_per_step=K with "
-                      "`takes_several_batches = True` hands it K batches: docs/research.md, 'Several updates per "
-                      "step'); or drop trainer.grad_accum_steps (1, the default).")
-
-
-def _check_batches_per_step(trainer_type, config) -> None:
+def check_batches_per_step(trainer_type, config) -> None:
     """trainer.batches_per_step=K > 1 hands train_step a tuple of K batches: only a step written for them may
-    get it (its class says `takes_several_batches = True`; a step for one batch would mis-unpack the tuple)."""
+    get it (its class says `takes_several_batches = True`; a step for one batch would mis-unpack the tuple).
+    Said at Trainer(), before any data is loaded or model built."""
     k = config.batches_per_step
     if k == 1:
         return

@@ -6,7 +6,7 @@
     unscaled → that optimizer's Updater (all-reduce, finite check, clip, apply, loss scale; see update.py).
   * `compute_loss`, `compute_gradients`, `apply_gradients`: the pieces of the default step.
   * `accumulate_step(data)`, `apply_accumulated()`: what trainer.grad_accum_steps=K > 1 runs instead of
-    train_step (K times, then once); an overridden train_step alone is refused then (inputs.check_step_settings).
+    train_step (K times, then once); a train_step overridden below them is refused then (accumulation.py).
   * `test_step(data)`: forward and metrics; may return a dict of scalar logs.
 """
 from __future__ import annotations

@@ -24,6 +24,7 @@ from trainer import (auto_precision, components, data_position, debug, ema, eval
 from trainer import loop as loop_lib
 from trainer import loss_fit
 from trainer import precision as precision_lib
+from trainer.accumulation import check_accumulation
 from trainer.arrays import evaluate_inputs, fit_arguments, fit_inputs
 from trainer.callbacks import (Callback, CallbackList, Checkpointing, DivergenceGuard, NumericalError, XlaChoice,
                                callback_list, loop_host_callbacks)
@@ -33,7 +34,7 @@ from trainer.config import PrecisionConfig, TrainerConfig, check_ranges
 from trainer.console import show_logs_unless_configured
 from trainer.distribute import say_strategy_once, strategy_argument
 from trainer.frozen_watch import FrozenWatch
-from trainer.inputs import (DataArg, KeptIterator, batches_read_per_step, check_step_settings, sample_batch,
+from trainer.inputs import (DataArg, KeptIterator, batches_read_per_step, check_batches_per_step, sample_batch,
                             steps_per_epoch_of, total_steps, training_iterator, warn_if_epochs_cut)
 from trainer.evaluating import evaluate
 from trainer.loop import Loop, TrainingInterrupted
@@ -101,7 +102,7 @@ class Trainer(TrainerProperties, Step):
         self.loggers = callback_objects(loggers, "loggers") if loggers is not None else None
         self.config = dataclasses.replace(config or TrainerConfig(), **options)
         self.best_metric_given = "best_metric" in options  # Trainer(best_metric="accuracy"): no default's switch
-        check_step_settings(type(self), self.config)  # before any data or model is built
+        check_batches_per_step(type(self), self.config)  # before any data or model is built
         show_logs_unless_configured(self.config.verbose)  # construction logs (the optimizer's kernels) show too
         self.precision = precision_lib.precision_config("float32" if precision is None else precision)
         strategy = strategy_argument(strategy)  # None for "default": TensorFlow's current one
@@ -254,6 +255,8 @@ class Trainer(TrainerProperties, Step):
         """
         check_ranges(TrainerConfig, {"max_steps": steps, "epochs": epochs}, "trainer",  # fit()'s own
                      {"max_steps": "fit(steps=...)", "epochs": "fit(epochs=...)"})
+        # when training starts, before the data; not at Trainer(): evaluating a run made one too (trainer_for)
+        check_accumulation(self, self.config, cli=self.from_cli)
         show_logs_unless_configured(self.config.verbose)
         say_strategy_once(self.strategy)
         train_data, eval_data = fit_arguments(train_data, eval_data, keywords, self.fit)
