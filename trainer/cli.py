@@ -123,7 +123,7 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
     from trainer.trainer import Trainer
     from trainer.data import build_data, check_batch_size
     from trainer.distribute import is_chief
-    from trainer.inputs import batches_read_per_step, check_batches_per_step
+    from trainer.inputs import batches_read_per_step, check_step_settings
     from trainer.precision import hardware_report
 
     chief = is_chief(strategy)
@@ -137,7 +137,7 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
         log.info("XLA jit_compile: on (train and eval steps)")
 
     check_batch_size(cfg.data.get("batch_size", 1))  # before the division by it below
-    check_batches_per_step(parts_of(cfg).trainer_class, trainer_cfg)  # before the data is loaded
+    check_step_settings(parts_of(cfg).trainer_class, trainer_cfg)  # before the data is loaded
     data = build_data(cfg.data)
     log.info("Data: %s", data.description)
     examples_per_step = data.batch_size * batches_read_per_step(trainer_cfg)  # an epoch: one pass over the data

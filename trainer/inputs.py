@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional, Union
 
 import tensorflow as tf
 
+from trainer.accumulation import check_accumulation
 from trainer.config import ConfigError
 from trainer.data import DataError
 from trainer.iterator_release import hold_until_exit, release_in_background
@@ -91,6 +92,13 @@ def batches_read_per_step(config) -> int:
     """The batches one train step reads: trainer.grad_accum_steps micro-batches, or trainer.batches_per_step
     batches for an overridden step (one of them is 1). Epochs, resume skips and examples/s count by it."""
     return config.grad_accum_steps * config.batches_per_step
+
+
+def check_step_settings(trainer_type, config) -> None:
+    """The CLI's train command's, before the data is loaded: check_batches_per_step (Trainer() checks it too) and
+    accumulation.check_accumulation (fit() checks it too)."""
+    check_batches_per_step(trainer_type, config)
+    check_accumulation(trainer_type, config)
 
 
 def check_batches_per_step(trainer_type, config) -> None:

@@ -5,6 +5,8 @@
     WGAN's critic once per batch of trainer.batches_per_step): gradients seeded with the loss scale →
     unscaled → that optimizer's Updater (all-reduce, finite check, clip, apply, loss scale; see update.py).
   * `compute_loss`, `compute_gradients`, `apply_gradients`: the pieces of the default step.
+  * `accumulate_step(data)`, `apply_accumulated()`: what trainer.grad_accum_steps=K > 1 runs instead of
+    train_step (K times, then once); a train_step overridden below them is refused then (accumulation.py).
   * `test_step(data)`: forward and metrics; may return a dict of scalar logs.
 """
 from __future__ import annotations
@@ -49,7 +51,8 @@ class Step:
             loss = self._global_mean(tf.cast(self.loss(y, y_pred), tf.float32), sample_weight)
         elif not self.model.losses:
             raise ValueError("Trainer(loss=None): the model adds no losses (add_loss) either; give a loss, or "
-                             "override train_step (calling self.update(loss, tape)) and test_step (or no eval data)")
+                             "override compute_loss (the default steps and gradient accumulation call it), or "
+                             "train_step (calling self.update(loss, tape)) and test_step (or no eval data)")
         if self.model.losses:
             loss += tf.nn.scale_regularization_loss(tf.add_n([tf.cast(l, tf.float32) for l in self.model.losses]))
         return loss

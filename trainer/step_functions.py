@@ -28,6 +28,7 @@ import keras
 import tensorflow as tf
 
 from trainer import metric_attributes, model_edits, trace_inputs
+from trainer.accumulation import check_accumulation, runs_own_accumulate_step
 from trainer.errors import UserError
 from trainer.loss_convention import is_replica_share, per_replica_mean
 from trainer.step_logs import StepLogsError, check_logs  # noqa: F401  (StepLogsError: its home before)
@@ -297,9 +298,7 @@ def make_train_function(trainer, iterator, jit_compile: Optional[bool] = None) -
     trainer._wrap_own_compute_loss()  # t.compute_loss = f: as a class's (loss_convention.py)
     overridden = type(trainer).train_step is not Step.train_step
     several = overridden and bool(getattr(type(trainer), "takes_several_batches", False))  # a tuple also when K=1
-    if overridden and accum > 1:
-        log.warning("The overridden train_step is not used with grad_accum_steps > 1 (accumulate_step and "
-                    "apply_accumulated are)")
+    check_accumulation(trainer, trainer.config, cli=trainer.from_cli)  # fit() said it; run_steps, lr_find: here
     with trying(trainer, jit_compile):
         plan = trainer.plan_xla()  # a subclass may override it
     for warning in plan.warnings:
@@ -315,6 +314,8 @@ def make_train_function(trainer, iterator, jit_compile: Optional[bool] = None) -
         log.info("XLA: the whole train step (forward, backward, update) is compiled (%s)%s", plan.reason,
                  "; the update is Keras' ops, which XLA fuses" if _fused_kernels_chosen(trainer) else "")
         step = wrap_xla(step, replicas)
+    elif plan.jit_compile and accum > 1 and not runs_own_accumulate_step(trainer):  # a class's or the instance's
+        log.info("XLA: the overridden accumulate_step runs as written, outside XLA")
     elif plan.jit_compile:
         log.info("XLA: forward and backward are compiled; all-reduce and the update run outside XLA (%s)", plan.reason)
         compute_gradients = wrap_xla(trainer.compute_gradients, replicas)

@@ -24,6 +24,7 @@ from trainer import (auto_precision, components, data_position, debug, ema, eval
 from trainer import loop as loop_lib
 from trainer import loss_fit
 from trainer import precision as precision_lib
+from trainer.accumulation import check_accumulation
 from trainer.arrays import evaluate_inputs, fit_arguments, fit_inputs
 from trainer.callbacks import (Callback, CallbackList, Checkpointing, DivergenceGuard, NumericalError, XlaChoice,
                                callback_list, loop_host_callbacks)
@@ -254,6 +255,8 @@ class Trainer(TrainerProperties, Step):
         """
         check_ranges(TrainerConfig, {"max_steps": steps, "epochs": epochs}, "trainer",  # fit()'s own
                      {"max_steps": "fit(steps=...)", "epochs": "fit(epochs=...)"})
+        # when training starts, before the data; not at Trainer(): evaluating a run made one too (trainer_for)
+        check_accumulation(self, self.config, cli=self.from_cli)
         show_logs_unless_configured(self.config.verbose)
         say_strategy_once(self.strategy)
         train_data, eval_data = fit_arguments(train_data, eval_data, keywords, self.fit)
