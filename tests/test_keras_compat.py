@@ -159,6 +159,76 @@ def test_batch_sizes_and_evaluate_arguments_are_checked_before_anything_runs(cal
     assert trainer.traces == {"train": 0, "eval": 0}
 
 
+
+def test_evaluate_and_predict_take_keras_harmless_arguments_and_refuse_the_others_with_the_fix(capsys):
+    x, y = arrays(100)
+    trainer = Trainer(model=model, loss="sparse_categorical_crossentropy", optimizer="adam", metrics=["accuracy"],
+                      progress_bar=True, verbose=True, log_every=5)
+    trainer.fit(x, y, steps=2)
+    plain = trainer.evaluate(x, y)
+    assert "eval" in capsys.readouterr().err  # the bar, as the Trainer's config says
+    assert trainer.evaluate(x, y, verbose=0, return_dict=True) == pytest.approx(plain)
+    assert "eval" not in capsys.readouterr().err  # Keras' verbose=0: no bar
+    trainer.evaluate(x, y, steps=2, verbose=2)
+    assert trainer.eval_batches == 2
+    predictions = trainer.predict(x, verbose=0)
+    assert np.array_equal(trainer.predict(x, batch_size=10, steps=2, verbose=0), predictions[:20])
+    for call, said in [
+        (lambda: trainer.evaluate(x, y, return_dict=False), "evaluate(return_dict=False): Trainer.evaluate returns a "
+                                                            "dict"),
+        (lambda: trainer.evaluate(x, y, callbacks=[keras.callbacks.History()]), "Trainer.evaluate calls no callbacks"),
+        (lambda: trainer.evaluate(x, y, batchsize=10), "Fix: did you mean evaluate(batch_size=10)?"),
+        (lambda: trainer.predict(x, callbacks=[keras.callbacks.History()]), "Trainer.predict calls no callbacks"),
+        (lambda: trainer.predict(x, step=2), "Fix: did you mean predict(steps=2)?"),
+        (lambda: trainer.predict(x, steps=0), "predict(steps=0): steps is the number of batches"),
+    ]:
+        with pytest.raises(UserError, match="Fix:") as raised:
+            call()
+        assert said in str(raised.value), str(raised.value)
+
+
+def two_outputs():
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(8, activation="relu")(inputs)
+    return keras.Model(inputs, {"cls": keras.layers.Dense(3)(hidden), "reg": keras.layers.Dense(1)(hidden)})
+
+
+def joint_loss(y, p):
+    return (keras.losses.sparse_categorical_crossentropy(y["cls"], p["cls"], from_logits=True)
+            + keras.losses.mean_squared_error(y["reg"], p["reg"]))
+
+
+def test_metrics_per_output_are_refused_naming_the_fix_and_the_fix_trains():
+    x, y = arrays()
+    labels = {"cls": y, "reg": x[:, :1]}
+    make = lambda **given: Trainer(model=two_outputs, loss=joint_loss, optimizer="adam", **QUIET, **given)  # noqa
+    per_output = "metrics per output"
+    with pytest.raises(UserError, match="Fix: a metric function of the label and output dicts") as raised:
+        make(metrics={"cls": ["accuracy"], "reg": ["mae"]})  # Keras' compile() form: said before anything is built
+    assert "the entry 'cls': ['accuracy'] reads as " + per_output in str(raised.value), str(raised.value)
+    trainer = make(metrics=["accuracy", keras.metrics.MeanAbsoluteError()])
+    with pytest.raises(UserError, match="Fix: a metric function of the label and output dicts") as raised:
+        trainer.fit(x, labels, steps=2)  # it failed inside the traced step: 'dict' object has no attribute 'shape'
+    assert ("the model's outputs are a dict ['cls', 'reg'], and the metrics ['accuracy', 'mean_absolute_error'] "
+            f"compare one output with its labels: {per_output} are not supported") in str(raised.value)
+    assert trainer.traces == {"train": 0, "eval": 0}
+
+    class OwnTrainStep(Trainer):  # the default test_step still gives 'accuracy' the dicts: said at its trace
+        def train_step(self, data):
+            x, y = data
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(joint_loss(y, self.model(x, training=True)))
+            self.update(loss, tape)
+
+    own = OwnTrainStep(model=two_outputs, loss=joint_loss, optimizer="adam", metrics=["accuracy"], **QUIET)
+    with pytest.raises(UserError, match="The metric 'accuracy' compares one output with its labels, but the outputs "
+                                        "are a dict"):
+        own.fit(x, labels, steps=2, validation_data=(x, labels))
+    fixed = make(metrics={"cls_accuracy": lambda y, p: keras.metrics.sparse_categorical_accuracy(y["cls"], p["cls"])})
+    logs = fixed.fit(x, labels, steps=40, validation_data=(x, labels))
+    predicted = fixed.predict(x)["cls"].argmax(-1)
+    assert logs["cls_accuracy"] == pytest.approx(float(np.mean(predicted == y)), abs=1e-6)
+
 def test_a_run_with_the_compiled_optimizer_resumes_as_a_straight_run_and_warm_starts_weights_only(tmp_path):
     x, y = arrays(512)
     run = dict(**QUIET, seed=1, checkpoint_every=5)

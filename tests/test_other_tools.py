@@ -59,10 +59,11 @@ def test_a_keyword_the_trainer_lacks_names_the_one_meant_before_any_work(options
 
 
 @pytest.mark.parametrize("callback, said", [
-    (lambda: keras.callbacks.EarlyStopping(monitor="val_loss"),
-     "Fix: the Trainer's own: EarlyStopping(monitor='val_loss', ...) (from trainer import EarlyStopping)"),
+    (lambda: keras.callbacks.EarlyStopping(monitor="val_loss"),  # Keras' patience=0 is not the Trainer's default
+     "Fix: the Trainer's own: EarlyStopping(monitor='val_loss', patience=0) (from trainer import EarlyStopping)"),
     (lambda: keras.callbacks.ReduceLROnPlateau(monitor="val_loss"),
-     "Fix: the Trainer's own: ReduceLROnPlateau(monitor='val_loss', ...) (from trainer import ReduceLROnPlateau)"),
+     "Fix: the Trainer's own: ReduceLROnPlateau(monitor='val_loss', patience=10) (from trainer import "
+     "ReduceLROnPlateau)"),
     (lambda: keras.callbacks.ModelCheckpoint("best.keras"), "Trainer(best_metric=..., best_mode=..., keep_best=...)"),
     (lambda: keras.callbacks.TensorBoard(), "Trainer(run_dir=...) writes TensorBoard files"),
     (lambda: keras.callbacks.CSVLogger("log.csv"), "Trainer(loggers=[MetricsWriter(), CSVLogger(path)])"),
@@ -76,6 +77,31 @@ def test_a_keras_callback_is_refused_at_construction_naming_the_trainers_way(tmp
     refused(lambda: make(loggers=[callback()]), "Trainer(loggers=...): keras.callbacks.", said)
     assert not built and not (tmp_path / "run").exists()  # nothing built, no run folder (nor its lock)
 
+
+
+class MyCallback(keras.callbacks.Callback):
+    pass
+
+
+def test_a_keras_callbacks_fix_is_true_the_trainers_call_with_its_settings_and_a_users_class_by_its_module():
+    """The fix said 'with Keras' arguments' and the Trainer's EarlyStopping then refused restore_best_weights; a user's
+    class was named keras.callbacks.MyCallback."""
+    keras_stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=2, min_delta=0.01,
+                                               restore_best_weights=True, start_from_epoch=3)
+    message = refused(lambda: make(callbacks=[keras_stop]), "is a Keras callback")
+    call = "EarlyStopping(monitor='val_accuracy', patience=2, min_delta=0.01)"
+    assert f"Fix: the Trainer's own: {call} (from trainer import EarlyStopping)" in message, message
+    assert eval(call, {"EarlyStopping": EarlyStopping}).patience == 2  # the call said is one the Trainer takes
+    assert ("Its restore_best_weights=True: the Trainer keeps the best weights as a checkpoint: Trainer(run_dir=..., "
+            "best_metric='val_accuracy', best_mode='max')") in message
+    assert "Its start_from_epoch=3: EarlyStopping(start_from_step=...), in steps" in message
+    plateau = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=1, min_lr=1e-5)
+    call = "ReduceLROnPlateau(monitor='val_loss', patience=1, factor=0.5, min_lr=1e-05)"
+    refused(lambda: make(callbacks=[plateau]), f"Fix: the Trainer's own: {call} (from trainer import")
+    assert eval(call, {"ReduceLROnPlateau": ReduceLROnPlateau}).factor == 0.5
+    refused(lambda: make(callbacks=[MyCallback()]), f"Trainer(callbacks=...): {__name__}.MyCallback (a subclass of "
+                                                    "keras.callbacks.Callback) is a Keras callback",
+            "Fix: write your own: subclass trainer.Callback")
 
 def test_one_callback_alone_is_taken_as_a_list_of_one_and_what_is_no_callback_is_refused():
     stop = EarlyStopping(monitor="loss", patience=0, min_delta=100.0)  # the second evaluation stops the run

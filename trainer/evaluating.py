@@ -13,23 +13,25 @@ from trainer.iterator_release import release_in_background
 from trainer.tracking import kept_aside
 
 
-def evaluate(trainer, eval_data, *, steps: Optional[int], step: int, callbacks=None) -> Dict[str, Any]:
+def evaluate(trainer, eval_data, *, steps: Optional[int], step: int, callbacks=None, show_bar: bool = True
+             ) -> Dict[str, Any]:
     """The loss and metrics (and an overridden test_step's logs) over the eval set, or `steps` batches of
-    it; with `callbacks` (the loop's evaluations), on_eval_begin and on_eval_end around it. Sets
+    it; with `callbacks` (the loop's evaluations), on_eval_begin and on_eval_end around it. `show_bar`: False hides
+    the progress bar (Keras' evaluate(verbose=0)), else it shows as the Trainer's config says. Sets
     trainer.eval_batches before on_eval_end, so a callback reads this evaluation's count. Several named sets
     (a dict): evaluate_sets."""
     if evalsets.names_of(eval_data) is not None:
-        return evaluate_sets(trainer, eval_data, steps=steps, step=step, callbacks=callbacks)
+        return evaluate_sets(trainer, eval_data, steps=steps, step=step, callbacks=callbacks, show_bar=show_bar)
     # a train window's state in the adopted metrics goes on after; on_eval_end reads the evaluation's
     with kept_aside(trainer.eval_window.adopted.values()):
-        logs = _evaluated(trainer, eval_data, steps=steps, step=step, callbacks=callbacks)
+        logs = _evaluated(trainer, eval_data, steps=steps, step=step, callbacks=callbacks, show_bar=show_bar)
         trainer.eval_counts = {None: trainer.eval_window.counts()}
         if callbacks is not None:
             callbacks.on_eval_end(trainer, step, logs)
     return logs
 
 
-def _evaluated(trainer, eval_data, *, steps: Optional[int], step: int, callbacks) -> Dict[str, Any]:
+def _evaluated(trainer, eval_data, *, steps: Optional[int], step: int, callbacks, show_bar: bool) -> Dict[str, Any]:
     """evaluate's logs (one set), on_eval_begin called."""
     t = trainer
     t.eval_window.restart()
@@ -37,7 +39,7 @@ def _evaluated(trainer, eval_data, *, steps: Optional[int], step: int, callbacks
         callbacks.on_eval_begin(t, step)
     holder = [iter(distribute(eval_data, t.strategy, training=False))]  # its only reference: see the end
     bar = None
-    if t.config.verbose and bar_shown(t.config.progress_bar):  # verbose=False: nothing on the terminal
+    if show_bar and t.config.verbose and bar_shown(t.config.progress_bar):  # verbose=False: nothing on the terminal
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, desc="eval", unit="batch", leave=False, dynamic_ncols=True)
@@ -57,7 +59,7 @@ def _evaluated(trainer, eval_data, *, steps: Optional[int], step: int, callbacks
     return {"step": step, "split": "eval", **t.eval_window.logs()}
 
 
-def evaluate_sets(trainer, eval_sets, *, steps, step: int, callbacks=None) -> Dict[str, Any]:
+def evaluate_sets(trainer, eval_sets, *, steps, step: int, callbacks=None, show_bar: bool = True) -> Dict[str, Any]:
     """Each named eval set in turn (`steps`: one limit for all, or name -> limit), as one eval event: one
     on_eval_begin/on_eval_end around them, with the results merged as `<name>/<metric>` (evalsets.py);
     trainer.eval_batches: all sets' batches."""
@@ -68,7 +70,7 @@ def evaluate_sets(trainer, eval_sets, *, steps, step: int, callbacks=None) -> Di
     with kept_aside(t.eval_window.adopted.values()):  # on_eval_end reads the adopted metrics at the last set's end
         for name, data in eval_sets.items():
             results[name] = _evaluated(t, data, steps=steps.get(name) if isinstance(steps, dict) else steps,
-                                       step=step, callbacks=None)
+                                       step=step, callbacks=None, show_bar=show_bar)
             read, counts[name] = read + t.eval_batches, t.eval_window.counts()
         t.eval_batches, t.eval_counts = read, counts
         logs = evalsets.merged(results, step)

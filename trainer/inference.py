@@ -38,19 +38,24 @@ def as_batched_dataset(data: Any, batch_size: Optional[int]):
     return ds.rebatch(batch_size) if batch_size else ds
 
 
-def predict(trainer, data: Any, batch_size: Optional[int] = None):
-    """The model's outputs (inference mode) on every example of `data`, as NumPy (a dict or list of
-    arrays for a model with several outputs), concatenated over batches in order. Runs under the
+def predict(trainer, data: Any, batch_size: Optional[int] = None, steps: Optional[int] = None):
+    """The model's outputs (inference mode) on every example of `data` (its first `steps` batches), as NumPy (a dict
+    or list of arrays for a model with several outputs), concatenated over batches in order. Runs under the
     trainer's strategy (each batch split over its replicas), in a tf.function, with XLA when the trainer
     compiles its steps with XLA. Labels in (x, y) batches are ignored."""
     import keras
     import tensorflow as tf
 
-    from trainer.xla_plan import wrap_xla
     from trainer.iterator_release import release_in_background
+    from trainer.other_tools import ArgumentError
+    from trainer.xla_plan import wrap_xla
 
     model, strategy = trainer.model, trainer.strategy
-    dataset = as_batched_dataset(data, batch_size).map(lambda *b: keras.utils.unpack_x_y_sample_weight(
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1):
+        raise ArgumentError(f"predict(steps={steps!r}): steps is the number of batches to predict, a whole number "
+                            ">= 1 (None: all). Fix: e.g. predict(x, steps=10).")
+    batches = as_batched_dataset(data, batch_size)
+    dataset = (batches if steps is None else batches.take(steps)).map(lambda *b: keras.utils.unpack_x_y_sample_weight(
         b[0] if len(b) == 1 else b)[0])
 
     def forward(x):

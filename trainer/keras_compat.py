@@ -21,6 +21,24 @@ log = logging.getLogger("trainer.core")
 PER_OUTPUT_FIX = ("Fix: one loss over the model's outputs, a function (y_true, y_pred) -> per-example loss that "
                   "reads the dicts, e.g. loss=lambda y, p: keras.losses.mse(y['a'], p['a']) + keras.losses.mse(y['b'], "
                   "p['b']); or override compute_loss (or train_step), see docs/research.md")
+PER_OUTPUT_METRICS_FIX = ("Fix: a metric function of the label and output dicts, named by its key, e.g. "
+                          "metrics={'cls_accuracy': lambda y, p: keras.metrics.sparse_categorical_accuracy(y['cls'], "
+                          "p['cls'])} (docs/keras.md, A model with several outputs); or a Trainer subclass whose "
+                          "train_step and test_step update each metric on its output, "
+                          "self.metrics['cls_accuracy'].update_state(y['cls'], y_pred['cls']) (docs/research.md)")
+
+
+class PerOutputError(ConfigError):
+    """A loss or metric that compares one output with its labels, given a model's several outputs (a dict, a list).
+    Raised where the outputs are known: the model's first call, or a step's trace."""
+
+    ag_pass_through = True  # raised while a step is traced: AutoGraph passes it on as it is, not in a StagingError
+
+
+def _structure(value) -> str:
+    if isinstance(value, Mapping) or hasattr(value, "keys"):
+        return f"a dict {sorted(value.keys())}"
+    return f"a {type(value).__name__} of {len(value)}"
 
 
 def _is_binary_or_sparse(y_true, y_pred) -> Tuple[bool, bool]:
@@ -31,8 +49,16 @@ def _is_binary_or_sparse(y_true, y_pred) -> Tuple[bool, bool]:
     return is_binary, is_sparse
 
 
-def _by_shape(y_true, y_pred, binary, sparse, categorical):
-    """`binary`, `sparse` or `categorical` (y_true, y_pred), chosen by _is_binary_or_sparse as compile() chooses."""
+def _by_shape(y_true, y_pred, binary, sparse, categorical, what: str):
+    """`binary`, `sparse` or `categorical` (y_true, y_pred), chosen by _is_binary_or_sparse as compile() chooses;
+    labels or outputs of several tensors (a dict) are a PerOutputError. `what`: "loss 'crossentropy'", ..."""
+    for side, value in (("outputs", y_pred), ("labels", y_true)):
+        if keras.tree.is_nested(value):
+            kind = what.split()[0]
+            fix = PER_OUTPUT_FIX if kind == "loss" else PER_OUTPUT_METRICS_FIX
+            raise PerOutputError(f"The {what} compares one output with its labels, but the {side} are "
+                                 f"{_structure(value)}: a {kind} per output is not supported (the Trainer gives it all "
+                                 f"the labels and outputs). {fix}")
     is_binary, is_sparse = _is_binary_or_sparse(y_true, y_pred)
     return (binary if is_binary else sparse if is_sparse else categorical)(y_true, y_pred)
 
@@ -41,14 +67,14 @@ def _by_shape(y_true, y_pred, binary, sparse, categorical):
 def accuracy_by_shape(y_true, y_pred):
     """compile(metrics=['accuracy']): binary, sparse categorical or categorical accuracy, by the shapes."""
     return _by_shape(y_true, y_pred, keras.metrics.binary_accuracy, keras.metrics.sparse_categorical_accuracy,
-                     keras.metrics.categorical_accuracy)
+                     keras.metrics.categorical_accuracy, "metric 'accuracy'")
 
 
 @keras.saving.register_keras_serializable(package="trainer")
 def crossentropy_by_shape(y_true, y_pred):
     """compile(loss='crossentropy'): binary, sparse categorical or categorical crossentropy, by the shapes."""
     return _by_shape(y_true, y_pred, keras.losses.binary_crossentropy, keras.losses.sparse_categorical_crossentropy,
-                     keras.losses.categorical_crossentropy)
+                     keras.losses.categorical_crossentropy, "loss 'crossentropy'")
 
 
 def _same_rank(y_true, y_pred):
@@ -121,6 +147,32 @@ class Unweighted(keras.metrics.Metric):
         return cls(**config)
 
 
+def _compares_one_output(metric) -> bool:
+    """A metric of Keras' (or compile()'s 'accuracy'), which compares one tensor of labels with one of outputs; not a
+    metric function or Metric class of the user's, which may read the dicts."""
+    if isinstance(metric, Unweighted):
+        metric = metric.metric
+    if isinstance(metric, FunctionMetric):
+        fn = metric._fn
+        return fn in (accuracy_by_shape, crossentropy_by_shape) or getattr(fn, "__module__", "").startswith("keras")
+    return type(metric).__module__.split(".")[0] == "keras"
+
+
+def check_whole_output_metrics(metrics: Mapping[str, Any], outputs, labels) -> None:
+    """The default step gives each metric all the labels and outputs: with several (a dict or list), a Keras metric
+    is a PerOutputError naming the fix, said when the model's outputs are first seen (it failed inside the traced
+    step on "'dict' object has no attribute 'shape'")."""
+    for side, value in (("outputs", outputs), ("labels", labels)):
+        if value is None or not keras.tree.is_nested(value):
+            continue
+        named = [name for name, metric in metrics.items() if _compares_one_output(metric)]
+        if named:
+            raise PerOutputError(f"Trainer(metrics=...): the model's {side} are {_structure(value)}, and the metrics "
+                                 f"{named} compare one output with its labels: metrics per output are not supported "
+                                 "(the default step gives each metric all the labels and outputs, as it does the "
+                                 f"loss). {PER_OUTPUT_METRICS_FIX}")
+
+
 def _takes_labels_and_predictions(fn) -> bool:
     """A function of (y_true, y_pred), not a zero-argument builder."""
     try:
@@ -168,10 +220,23 @@ def metrics_of(metrics, where: str = "Trainer(metrics=...)"):
     if metrics is None:
         return None
     if isinstance(metrics, Mapping):
+        _refuse_per_output(where, metrics.items(), "the entry {name!r}: {value}")
         return {name: metric_of(m, where) for name, m in metrics.items()}
     if isinstance(metrics, (str, keras.metrics.Metric)) or callable(metrics):
         metrics = [metrics]
+    _refuse_per_output(where, enumerate(metrics), "the element [{name}], {value},")
     return [metric_of(m, where) for m in metrics]
+
+
+def _refuse_per_output(where: str, items, shown: str) -> None:
+    """Keras' metrics per output, {'cls': ['accuracy'], ...} or [['accuracy'], ['mae']]: a PerOutputError (a mapping
+    names each metric, name -> one metric; a list holds metrics), where it said "['accuracy'] is not a Keras metric"."""
+    for name, value in items:
+        if isinstance(value, (list, tuple)) or (isinstance(value, Mapping) and "class_name" not in value):
+            given = shown.format(name=name, value=_shown(value))
+            raise PerOutputError(f"{where}: {given} reads as metrics per output (Keras' compile() form), which are not "
+                                 "supported: the Trainer's metrics are one list, or a mapping name -> one metric, each "
+                                 f"given all the labels and outputs. {PER_OUTPUT_METRICS_FIX}")
 
 
 def loss_of(loss, where: str = "Trainer(loss=...)"):

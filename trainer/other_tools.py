@@ -1,7 +1,7 @@
 """What Keras and Lightning users write that the Trainer does another way, refused with the Trainer's way named:
-a keyword of Trainer() (`max_step`, `max_epochs`, `learning_rate`), a Keras callback among its callbacks (Keras'
-hooks are not the loop's), a Keras callback's argument given to the Trainer's EarlyStopping or ReduceLROnPlateau
-(`restore_best_weights`). The other tools' names for config keys are the CLI's table, config_check.KEY_SYNONYMS:
+a keyword of Trainer() (`max_step`, `max_epochs`, `learning_rate`) or of fit(), evaluate(), predict() (Keras'
+`return_dict=False`, `callbacks`), a Keras callback among its callbacks (Keras' hooks are not the loop's), a Keras
+callback's argument given to the Trainer's EarlyStopping or ReduceLROnPlateau (`restore_best_weights`). The other tools' names for config keys are the CLI's table, config_check.KEY_SYNONYMS:
 read here for their Python forms, not repeated. Loads no TensorFlow or Keras (the CLI's key check reads it too).
 """
 from __future__ import annotations
@@ -35,10 +35,10 @@ CUSTOM_CALLBACK = ("write your own: subclass trainer.Callback and implement the 
 
 # Keras' callbacks (keras.callbacks.NAME) -> what does their work in the Trainer.
 KERAS_CALLBACKS = {
-    "EarlyStopping": "the Trainer's own: {call} (from trainer import EarlyStopping), with Keras' arguments; its "
-                     "patience counts evaluations: set Trainer(eval_every=...)",
-    "ReduceLROnPlateau": "the Trainer's own: {call} (from trainer import ReduceLROnPlateau), with Keras' arguments; "
-                         "its patience counts evaluations: set Trainer(eval_every=...)",
+    "EarlyStopping": "the Trainer's own: {call} (from trainer import EarlyStopping), with this callback's settings; "
+                     "its patience counts evaluations: set Trainer(eval_every=...)",
+    "ReduceLROnPlateau": "the Trainer's own: {call} (from trainer import ReduceLROnPlateau), with this callback's "
+                         "settings; its patience counts evaluations: set Trainer(eval_every=...)",
     "ModelCheckpoint": "checkpoints are built in: Trainer(run_dir=..., checkpoint_every=...), and the best ones by "
                        "Trainer(best_metric=..., best_mode=..., keep_best=...) in run_dir/checkpoints/best/ "
                        "(docs/concepts/checkpoints.md)",
@@ -56,6 +56,55 @@ KERAS_CALLBACKS = {
                       "(docs/training-control.md)",
     "RemoteMonitor": "a logger: Trainer(loggers=[...]) with a trainer.callbacks.Logger of your own (docs/loggers.md)",
 }
+
+
+def keras_callback_error(callback: Any, argument: str) -> ArgumentError:
+    """Trainer(callbacks=[a Keras callback]): the ArgumentError naming the Trainer's way (KERAS_CALLBACKS), the
+    callback by its real module (a user's `__main__.MyCB`, Keras' own as keras.callbacks.NAME)."""
+    cls = type(callback)
+    keras_own = cls.__module__.split(".")[0] in ("keras", "tf_keras")
+    shown_name = f"keras.callbacks.{cls.__name__}" if keras_own else f"{cls.__module__}.{cls.__qualname__}"
+    if not keras_own:
+        base = next(c for c in cls.__mro__ if c.__module__.split(".")[0] in ("keras", "tf_keras"))
+        shown_name += f" (a subclass of keras.callbacks.{base.__name__})"
+    fix = CUSTOM_CALLBACK
+    if cls.__name__ in KERAS_CALLBACKS:
+        fix = KERAS_CALLBACKS[cls.__name__].format(call=_trainer_control_call(callback))
+        fix += _restore_best_weights_fix(callback)
+    return ArgumentError(f"Trainer({argument}=...): {shown_name} is a Keras callback, which the Trainer's loop does "
+                         f"not call (it has hooks of its own: trainer.Callback). Fix: {fix}.")
+
+
+def _trainer_control_call(callback: Any) -> str:
+    """The Trainer's EarlyStopping/ReduceLROnPlateau call with a Keras callback's settings (those of its config's
+    fields the Keras callback holds, each that differs from the Trainer's default, and the monitor); for another
+    callback, NAME(...)."""
+    import dataclasses
+
+    from trainer.config import EarlyStoppingConfig, ReduceLROnPlateauConfig
+
+    name = type(callback).__name__
+    config = {"EarlyStopping": EarlyStoppingConfig, "ReduceLROnPlateau": ReduceLROnPlateauConfig}.get(name)
+    if config is None:
+        monitor = getattr(callback, "monitor", None)
+        return f"{name}(monitor={monitor!r}, ...)" if isinstance(monitor, str) else f"{name}(...)"
+    settings = [f"{f.name}={getattr(callback, f.name)!r}" for f in dataclasses.fields(config)
+                if not f.name.startswith("_") and hasattr(callback, f.name)
+                and (f.name == "monitor" or getattr(callback, f.name) != f.default)]
+    return f"{name}({', '.join(settings)})"
+
+
+def _restore_best_weights_fix(callback: Any) -> str:
+    """Keras' EarlyStopping(restore_best_weights=True), start_from_epoch=N: what the Trainer has for them."""
+    said = ""
+    if getattr(callback, "restore_best_weights", False):
+        monitor, mode = callback.monitor, getattr(callback, "mode", "auto")
+        said += f". Its restore_best_weights=True: {_restore_best_weights(monitor, guess_mode(mode, monitor), False)}"
+    epochs = getattr(callback, "start_from_epoch", 0)
+    if epochs:
+        said += (f". Its start_from_epoch={epochs}: EarlyStopping(start_from_step=...), in steps ({epochs} x the steps "
+                 "of an epoch)")
+    return said
 
 
 def _close(name: str, names: Iterable[str]) -> Optional[str]:
@@ -112,20 +161,22 @@ def check_trainer_options(trainer_class: type, options: Mapping[str, Any]) -> No
 STRATEGY_FIELDS = ("logical_cpus", "devices", "communication", "tpu")  # StrategyConfig's, by a Trainer's argument
 
 
-def unknown_fit_keyword(name: str, value: Any, fit: Callable) -> ArgumentError:
-    """fit(**{name: value}) that `fit` (Trainer.fit, handed in by its caller: this module sits below the Trainer)
-    does not take: an ArgumentError naming the one meant (fit(steps=...) for num_steps, a Trainer setting given to
-    fit, a close spelling), where Python said only "unexpected keyword"."""
+def unknown_keyword(name: str, value: Any, call: Callable) -> ArgumentError:
+    """call(**{name: value}) that `call` (Trainer.fit, .evaluate or .predict, handed in by its caller: this module sits
+    below the Trainer) does not take: an ArgumentError naming the one meant (fit(steps=...) for num_steps, a Trainer
+    setting given to fit, a close spelling), where Python said only "unexpected keyword"."""
     import dataclasses
 
     from trainer.config import TrainerConfig
 
+    method = call.__name__
     fields = [f.name for f in dataclasses.fields(TrainerConfig)]
-    arguments = [p for p in inspect.signature(fit).parameters if p not in ("self", "keywords")]
-    arguments += ["x", "y", "eval_data"]  # Keras' x=, y= and ours, by keyword
+    arguments = [p for p in inspect.signature(call).parameters if p not in ("self", "keywords")]
+    if method == "fit":
+        arguments += ["x", "y", "eval_data"]  # Keras' x=, y= and ours, by keyword
     home, _, key = KEY_SYNONYMS.get(name.lower(), "").rpartition(".")
     close = _close(name, arguments)
-    if home == "trainer" and key in ("max_steps", "epochs"):
+    if method == "fit" and home == "trainer" and key in ("max_steps", "epochs"):
         own = "steps" if key == "max_steps" else "epochs"
         fix = f"did you mean fit({own}={shown(value)})? ({name} is another tool's name for it)"
     elif home == "trainer" and key in fields:
@@ -133,10 +184,29 @@ def unknown_fit_keyword(name: str, value: Any, fit: Callable) -> ArgumentError:
     elif name in fields:
         fix = f"{name} is a Trainer setting: Trainer({name}={shown(value)})"
     elif close:
-        fix = f"did you mean fit({close}={shown(value)})?"
+        fix = f"did you mean {method}({close}={shown(value)})?"
     else:
-        fix = f"fit() takes {', '.join(arguments)}; the run's settings are Trainer()'s (TrainerConfig's fields)"
-    return ArgumentError(f"fit() got an unexpected keyword argument {name!r}. Fix: {_sentence(fix)}")
+        fix = f"{method}() takes {', '.join(arguments)}; the run's settings are Trainer()'s (TrainerConfig's fields)"
+    return ArgumentError(f"{method}() got an unexpected keyword argument {name!r}. Fix: {_sentence(fix)}")
+
+
+def check_keras_keywords(call: Callable, keywords: Mapping[str, Any], return_dict: Any = True,
+                         callbacks: bool = False) -> None:
+    """Keras' evaluate()/predict() arguments the Trainer's `call` does not take as Keras does: return_dict=False
+    (it returns a dict), `callbacks` (a user's list: it calls none), and any other keyword (unknown_keyword). Keras'
+    verbose, batch_size, steps and return_dict=True are its own arguments, taken as Keras means them."""
+    method = call.__name__
+    if return_dict is not True:
+        raise ArgumentError(f"{method}(return_dict={return_dict!r}): Trainer.evaluate returns a dict of the results "
+                            "by name, always (Keras' return_dict=True). Fix: drop return_dict and read them by name: "
+                            "logs['loss'], logs['accuracy'].")
+    if callbacks:
+        seen = ("; the Trainer's own (Trainer(callbacks=[...])) see each evaluation of fit() (on_eval_begin, "
+                "on_eval_end)" if method == "evaluate" else "")
+        raise ArgumentError(f"{method}(callbacks=...): Trainer.{method} calls no callbacks{seen}. Fix: drop callbacks, "
+                            f"and use what {method}() returns.")
+    if keywords:
+        raise unknown_keyword(*next(iter(keywords.items())), call)
 
 
 def _restore_best_weights(monitor: Any, mode: Optional[str], cli: bool) -> str:

@@ -20,7 +20,7 @@ import keras
 import tensorflow as tf
 
 from trainer import (auto_precision, components, data_position, debug, ema, evalsets, keras_compat, metric_attributes,
-                     model_build, saved, signals, step_functions)
+                     model_build, model_steps, saved, signals, step_functions)
 from trainer import loop as loop_lib
 from trainer import loss_fit
 from trainer import precision as precision_lib
@@ -38,7 +38,7 @@ from trainer.inputs import (DataArg, KeptIterator, batches_read_per_step, check_
 from trainer.evaluating import evaluate
 from trainer.loop import Loop, TrainingInterrupted
 from trainer.memory import memory_logs
-from trainer.other_tools import check_trainer_options
+from trainer.other_tools import check_keras_keywords, check_trainer_options
 from trainer.runlock import run_folder_lock
 from trainer.step import Step
 from trainer.tracking import Window
@@ -155,6 +155,8 @@ class Trainer(TrainerProperties, Step):
             loss, optimizer, optimizers, metrics = keras_compat.keras_arguments(  # Keras' names; a compiled model's
                 self.models, model is not None, loss, optimizer, optimizers, metrics)
             self.frozen = components.freeze(frozen, self.models, optimizers)  # docs/research.md, Frozen models
+            # a model's own train_step/test_step/compute_loss, which no step of the Trainer calls: model_steps.py
+            model_steps.check_model_steps(type(self), self.models, self.frozen, "models" if model is None else "model")
             self._frozen_builders = components.frozen_builders(models, self.frozen)
             # the frozen models' weights kept as they started, and their random-weights warning: frozen_watch.py
             self.frozen_watch = FrozenWatch()
@@ -353,11 +355,15 @@ class Trainer(TrainerProperties, Step):
     @user_errors_shown_short
     def evaluate(self, eval_data: Any = None, y=None, *, steps: Optional[int] = None, step: Optional[int] = None,
                  callbacks: Optional[CallbackList] = None, batch_size: Optional[int] = None,
-                 sample_weight=None, x=None) -> Dict[str, float]:
+                 sample_weight=None, x=None, verbose: Union[int, str] = "auto", return_dict: bool = True,
+                 **keywords) -> Dict[str, float]:
         """Computes the loss and metrics (and an overridden test_step's logs) over the whole eval set, or each of a
         dict name -> set (logged `<name>/<metric>`: evalsets.py); `steps` batches, else eval_steps /
         limit_eval_batches, fast_dev_run's few (trainer/debug.py). With an optimizer's use_ema=True, of the
-        averaged weights (see ema.py). Arrays as Keras' evaluate(x=, y=, batch_size=, sample_weight=) (arrays.py)."""
+        averaged weights (see ema.py). Arrays as Keras' evaluate(x=, y=, batch_size=, sample_weight=) (arrays.py);
+        Keras' verbose=0 (or 2) shows no progress bar; return_dict=True is what it returns (other_tools.py)."""
+        own_callbacks = bool(callbacks) and not isinstance(callbacks, CallbackList)  # the loop's: a CallbackList
+        check_keras_keywords(self.evaluate, keywords, return_dict, callbacks=own_callbacks)
         eval_data = evaluate_inputs(eval_data, y, x=x, batch_size=batch_size, sample_weight=sample_weight,
                                     seed=self.seed)
         if not steps:
@@ -366,20 +372,23 @@ class Trainer(TrainerProperties, Step):
         evaluating, self._evaluating = self._evaluating, True
         try:
             with ema.averaged_weights(self):
-                return evaluate(self, eval_data, steps=steps,
-                                step=int(self.step.numpy()) if step is None else step, callbacks=callbacks)
+                return evaluate(self, eval_data, steps=steps, step=int(self.step.numpy()) if step is None else step,
+                                callbacks=callbacks, show_bar=verbose not in (0, 2))
         finally:
             self._evaluating = evaluating
 
     @user_errors_shown_short
-    def predict(self, data: Any, batch_size: Optional[int] = None):
+    def predict(self, data: Any, batch_size: Optional[int] = None, *, steps: Optional[int] = None,
+                verbose: Union[int, str] = "auto", callbacks=None, **keywords):
         """The model's outputs on `data` (a Dataset of batches, an array, a dict/tuple of arrays, an
         iterable of batches) as NumPy, in inference mode, under the strategy: see trainer/inference.py. With
-        an optimizer's use_ema=True, of the averaged weights (as evaluate and export)."""
+        an optimizer's use_ema=True, of the averaged weights (as evaluate and export). Keras' `steps`: that many
+        batches; its verbose changes nothing (no progress bar)."""
         from trainer.inference import predict
 
+        check_keras_keywords(self.predict, keywords, callbacks=bool(callbacks))
         with ema.averaged_weights(self):  # as evaluate, best/, export and python -m trainer.predict see it
-            return predict(self, data, batch_size)
+            return predict(self, data, batch_size, steps)
 
     def weights_fingerprint(self) -> str:
         """SHA-256 of the weights of all models but the frozen: equal on every worker, and across bit-identical runs."""

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional
 
 import tensorflow as tf
 
-from trainer.other_tools import CUSTOM_CALLBACK, KERAS_CALLBACKS, ArgumentError, shown
+from trainer.other_tools import CUSTOM_CALLBACK, ArgumentError, keras_callback_error, shown
 
 log = logging.getLogger(__name__)
 
@@ -163,12 +163,7 @@ def callback_objects(given: Any, argument: str) -> List[Any]:
     for cb in found:
         name = type(cb).__name__
         if _keras_callback(cb):
-            monitor = getattr(cb, "monitor", None)
-            call = f"{name}(monitor={monitor!r}, ...)" if isinstance(monitor, str) else f"{name}(...)"
-            fix = KERAS_CALLBACKS.get(name, CUSTOM_CALLBACK).format(call=call)
-            raise ArgumentError(f"Trainer({argument}=...): keras.callbacks.{name} is a Keras callback, which the "
-                                "Trainer's loop does not call (it has hooks of its own: trainer.Callback). "
-                                f"Fix: {fix}.")
+            raise keras_callback_error(cb, argument)
         if isinstance(cb, type) and issubclass(cb, Callback):
             raise ArgumentError(f"Trainer({argument}=...): {cb.__name__} is a class. Fix: give an instance: "
                                 f"{cb.__name__}(...).")
