@@ -187,6 +187,70 @@ def test_evaluate_and_predict_take_keras_harmless_arguments_and_refuse_the_other
         assert said in str(raised.value), str(raised.value)
 
 
+@pytest.mark.parametrize("call, said", [
+    (lambda t, x, y: t.evaluate(x, y, steps=-1), "evaluate(steps=-1): steps is the number of batches to read, a whole "
+                                                 "number >= 1 (None: all of them)"),  # it returned a dict with no loss
+    (lambda t, x, y: t.evaluate(x, y, steps=2.5), "evaluate(steps=2.5): steps is the number"),  # a raw TypeError
+    (lambda t, x, y: t.evaluate(x, y, steps=0), "evaluate(steps=0): steps is the number"),  # it read every batch
+    (lambda t, x, y: t.evaluate(x, y, steps=True), "evaluate(steps=True): steps is the number"),
+    (lambda t, x, y: t.predict(x, steps=-2), "predict(steps=-2): steps is the number"),
+    (lambda t, x, y: t.evaluate(x, y, verbose=3), "evaluate(verbose=3): verbose is 0 (silent), 1 (a progress bar), 2 "
+                                                  "or 'auto', as in Keras"),
+    (lambda t, x, y: t.predict(x, verbose="silent"), "predict(verbose='silent'): verbose is 0"),
+    (lambda t, x, y: t.evaluate(x, y, max_steps=3), "Fix: did you mean evaluate(steps=3)?"),  # it said Trainer(...)
+    (lambda t, x, y: t.predict(x, max_steps=3), "Fix: did you mean predict(steps=3)?"),
+    (lambda t, x, y: t.evaluate(x, y, validation_steps=3), "Fix: did you mean evaluate(steps=3)?"),
+    (lambda t, x, y: t.predict(x, x=x), "predict() got the data twice: as an argument and as x=."),
+    (lambda t, x, y: t.predict(), "predict() missing the data."),
+])
+def test_evaluate_and_predict_refuse_what_keras_refuses_too_with_the_fix(call, said):
+    x, y = arrays(64)
+    trainer = Trainer(model=model, loss="sparse_categorical_crossentropy", optimizer="adam", **QUIET)
+    with pytest.raises(UserError, match="Fix:") as raised:
+        call(trainer, x, y)
+    assert said in str(raised.value), str(raised.value)
+    assert "Trainer(max_steps" not in str(raised.value)
+
+
+def test_a_set_shorter_than_steps_gives_its_batches_and_a_warning_naming_both_counts(caplog):
+    x, y = arrays(64)
+    trainer = Trainer(model=model, loss="sparse_categorical_crossentropy", optimizer="adam", verbose=False,
+                      progress_bar=True)
+    with caplog.at_level(logging.WARNING, logger="trainer.core"):
+        logs = trainer.evaluate(x, y, batch_size=16, steps=10, verbose=False)  # Keras' 0, as False is
+        predicted = trainer.predict(x=x, batch_size=16, steps=10)  # Keras' keyword x=
+    assert trainer.eval_batches == 4 and logs == pytest.approx(trainer.evaluate(x, y, batch_size=16))
+    assert np.array_equal(predicted, trainer.predict(x))
+    assert "evaluate(steps=10): the eval set has only 4 batches, so the results are of those 4" in caplog.text
+    assert "predict(steps=10): the data has only 4 batches, so the outputs are of those 4" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trainer.core"):
+        trainer.evaluate({"a": (x, y), "b": (x[:16], y[:16])}, batch_size=16, steps=2)
+    assert "evaluate(steps=2): the eval set 'b' has only 1 batches" in caplog.text
+    assert "'a'" not in caplog.text
+
+
+def test_the_per_output_fixes_read_the_models_own_outputs_and_run():
+    """A list's outputs were shown y['cls'], and the loss fix named keras.losses.mse, which Keras 3 lacks."""
+    x, y = arrays()
+    inputs = keras.Input((4,))
+    listed = keras.Model(inputs, [keras.layers.Dense(3)(inputs), keras.layers.Dense(1)(inputs)])
+    trainer = Trainer(model=listed, loss=lambda y, p: tf.reduce_mean(p[1], -1), optimizer="adam", metrics=["accuracy"],
+                      **QUIET)
+    with pytest.raises(UserError) as raised:
+        trainer.fit(x, [y, x[:, :1]], steps=1)
+    assert ("metrics={'output_0_accuracy': lambda y, p: keras.metrics.sparse_categorical_accuracy(y[0], p[0])}"
+            in str(raised.value)), str(raised.value)
+    assert "y['cls']" not in str(raised.value)
+    with pytest.raises(UserError) as raised:
+        Trainer(model=two_outputs, loss={"cls": "sparse_categorical_crossentropy", "reg": "mse"}, optimizer="adam")
+    fix = str(raised.value).split("e.g. loss=")[1].split("; or")[0]
+    assert fix == ("lambda y, p: keras.losses.mean_squared_error(y['cls'], p['cls']) + "
+                   "keras.losses.mean_squared_error(y['reg'], p['reg'])"), fix
+    outputs = {"cls": tf.ones((2, 1)), "reg": tf.zeros((2, 1))}
+    assert eval(fix, {"keras": keras})(outputs, outputs).shape == (2,)  # the fix as written runs
+
+
 def two_outputs():
     inputs = keras.Input((4,))
     hidden = keras.layers.Dense(8, activation="relu")(inputs)

@@ -2,7 +2,10 @@
 Trainer never calls: its steps call the model's forward pass (`model(x, training=...)`) and nothing else of it.
 Trained as given, such a model's step was silently left out (its loss terms, its updates, its logs: the guide's
 `mae` vanished and 0 calls were made), so it is a ConfigError at Trainer() naming the fix, the same method in a
-Trainer subclass. Where the Trainer subclass has that method of its own, the model's is only unused: a WARNING.
+Trainer subclass. Where the Trainer subclass has that method of its own, the model's is only unused: a WARNING. A
+model's compute_loss (keras_hub's detectors and segmenters have one) is refused only under the default step with
+the default compute_loss: a Trainer subclass's train_step, compute_loss or compute_gradients may call it
+(`self.model.compute_loss(x, y, y_pred, sample_weight)`, the fix named), so there nothing is said.
 """
 from __future__ import annotations
 
@@ -29,14 +32,20 @@ TRAINER_FORM = {
                   "    ...  # x, y = data; y_pred = self.model(x, training=False)",
                   "    return {\"loss\": ..., ...}"),
     "compute_loss": ("def compute_loss(self, x, y, y_pred, sample_weight=None):",
-                     "    return super().compute_loss(x, y, y_pred, sample_weight) + "
-                     "tf.nn.scale_regularization_loss(...)  # your terms",),
+                     "    return self.model.compute_loss(x, y, y_pred, sample_weight)  # the model's own loss"),
 }
+# The Trainer's methods that may call a model's compute_loss: overriding any of them hands the loss to the user.
+LOSS_CALLERS = ("train_step", "compute_loss", "compute_gradients")
 
 
 def _own(model_class: type, name: str) -> bool:
     """`model_class` (or a class it inherits from, outside Keras) defines `name` over keras.Model's."""
     return getattr(model_class, name, None) is not getattr(keras.Model, name)
+
+
+def _trainer_own(trainer_class: type, name: str) -> bool:
+    """`trainer_class` (a Trainer subclass, or a mixin of it) overrides the Step's `name`."""
+    return getattr(trainer_class, name) is not getattr(Step, name)
 
 
 def _where(model_class: type) -> str:
@@ -45,8 +54,9 @@ def _where(model_class: type) -> str:
 
 def check_model_steps(trainer_class: type, models: Mapping[str, keras.Model], frozen: Iterable[str],
                       given: str) -> None:
-    """Each trained model's own train_step, test_step, compute_loss (an error, or a warning where `trainer_class`
-    overrides the same method) and predict_step (a warning: trainer.predict gives the model's outputs).
+    """Each trained model's own train_step, test_step (an error, or a warning where `trainer_class` overrides the
+    same method), compute_loss (an error under the default step and compute_loss, else nothing: LOSS_CALLERS) and
+    predict_step (a warning: trainer.predict gives the model's outputs).
     `given`: "model" or "models", as Trainer() was given them."""
     for name, model in models.items():
         model_class = type(model)
@@ -56,8 +66,9 @@ def check_model_steps(trainer_class: type, models: Mapping[str, keras.Model], fr
         for method in TRAINER_FORM:
             if not _own(model_class, method):
                 continue
-            theirs = getattr(trainer_class, method) is not getattr(Step, method)
-            if not theirs:
+            if method == "compute_loss" and any(_trainer_own(trainer_class, m) for m in LOSS_CALLERS):
+                continue  # it may call self.model.compute_loss: the fix this error names
+            if not _trainer_own(trainer_class, method):
                 raise ConfigError(_unused_step_error(model_class, method, f"Trainer({given}=...){which}"))
             log.warning("The model's %s.%s is not called: the Trainer runs %s.%s, which calls the model's forward "
                         "pass only (model(x, training=...)). Fix: nothing if %s.%s does all the work of "
@@ -75,9 +86,13 @@ def _unused_step_error(model_class: type, method: str, where: str) -> str:
     what = {"train_step": "its loss, updates and returned logs", "test_step": "its evaluation and returned logs",
             "compute_loss": "its loss"}[method]
     shape = "\n".join("    " + line for line in lines)
+    if method == "compute_loss":  # the model's loss is reused as it is: its class computes it, with its compile()'s
+        fix = ("reuse it: a Trainer subclass whose compute_loss calls the model's (with the loss the model was "
+               "compiled with, as Keras' fit uses it; in a train_step of your own, the same call)")
+    else:
+        fix = (f"move {method} into a Trainer subclass, where self.model is the model, self.update(loss, tape) "
+               "applies the gradients and self.compute_loss(x, y, y_pred) is the Trainer's loss")
     return (f"{where}: the model's class {model_class.__name__} ({_where(model_class)}) overrides Keras' "
-            f"{method}, which the Trainer never calls: its own step calls the model's forward pass only "
-            f"(model(x, training=...)), so {what} would be silently left out. Fix: move {method} into a Trainer "
-            f"subclass, where self.model is the model, self.update(loss, tape) applies the gradients and "
-            f"self.compute_loss(x, y, y_pred) is the Trainer's loss:\n{shape}\nthen MyTrainer(model=..., ...) "
-            f"({DOC}).")
+            f"{method}, which the Trainer's default step does not call: it calls the model's forward pass only "
+            f"(model(x, training=...)), so {what} would be silently left out. Fix: {fix}:\n{shape}\nthen "
+            f"MyTrainer(model=..., ...) ({DOC}).")
