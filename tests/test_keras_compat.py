@@ -159,6 +159,140 @@ def test_batch_sizes_and_evaluate_arguments_are_checked_before_anything_runs(cal
     assert trainer.traces == {"train": 0, "eval": 0}
 
 
+
+def test_evaluate_and_predict_take_keras_harmless_arguments_and_refuse_the_others_with_the_fix(capsys):
+    x, y = arrays(100)
+    trainer = Trainer(model=model, loss="sparse_categorical_crossentropy", optimizer="adam", metrics=["accuracy"],
+                      progress_bar=True, verbose=True, log_every=5)
+    trainer.fit(x, y, steps=2)
+    plain = trainer.evaluate(x, y)
+    assert "eval" in capsys.readouterr().err  # the bar, as the Trainer's config says
+    assert trainer.evaluate(x, y, verbose=0, return_dict=True) == pytest.approx(plain)
+    assert "eval" not in capsys.readouterr().err  # Keras' verbose=0: no bar
+    trainer.evaluate(x, y, steps=2, verbose=2)
+    assert trainer.eval_batches == 2
+    predictions = trainer.predict(x, verbose=0)
+    assert np.array_equal(trainer.predict(x, batch_size=10, steps=2, verbose=0), predictions[:20])
+    for call, said in [
+        (lambda: trainer.evaluate(x, y, return_dict=False), "evaluate(return_dict=False): Trainer.evaluate returns a "
+                                                            "dict"),
+        (lambda: trainer.evaluate(x, y, callbacks=[keras.callbacks.History()]), "Trainer.evaluate calls no callbacks"),
+        (lambda: trainer.evaluate(x, y, batchsize=10), "Fix: did you mean evaluate(batch_size=10)?"),
+        (lambda: trainer.predict(x, callbacks=[keras.callbacks.History()]), "Trainer.predict calls no callbacks"),
+        (lambda: trainer.predict(x, step=2), "Fix: did you mean predict(steps=2)?"),
+        (lambda: trainer.predict(x, steps=0), "predict(steps=0): steps is the number of batches"),
+    ]:
+        with pytest.raises(UserError, match="Fix:") as raised:
+            call()
+        assert said in str(raised.value), str(raised.value)
+
+
+@pytest.mark.parametrize("call, said", [
+    (lambda t, x, y: t.evaluate(x, y, steps=-1), "evaluate(steps=-1): steps is the number of batches to read, a whole "
+                                                 "number >= 1 (None: all of them)"),  # it returned a dict with no loss
+    (lambda t, x, y: t.evaluate(x, y, steps=2.5), "evaluate(steps=2.5): steps is the number"),  # a raw TypeError
+    (lambda t, x, y: t.evaluate(x, y, steps=0), "evaluate(steps=0): steps is the number"),  # it read every batch
+    (lambda t, x, y: t.evaluate(x, y, steps=True), "evaluate(steps=True): steps is the number"),
+    (lambda t, x, y: t.predict(x, steps=-2), "predict(steps=-2): steps is the number"),
+    (lambda t, x, y: t.evaluate(x, y, verbose=3), "evaluate(verbose=3): verbose is 0 (silent), 1 (a progress bar), 2 "
+                                                  "or 'auto', as in Keras"),
+    (lambda t, x, y: t.predict(x, verbose="silent"), "predict(verbose='silent'): verbose is 0"),
+    (lambda t, x, y: t.evaluate(x, y, max_steps=3), "Fix: did you mean evaluate(steps=3)?"),  # it said Trainer(...)
+    (lambda t, x, y: t.predict(x, max_steps=3), "Fix: did you mean predict(steps=3)?"),
+    (lambda t, x, y: t.evaluate(x, y, validation_steps=3), "Fix: did you mean evaluate(steps=3)?"),
+    (lambda t, x, y: t.predict(x, x=x), "predict() got the data twice: as an argument and as x=."),
+    (lambda t, x, y: t.predict(), "predict() missing the data."),
+])
+def test_evaluate_and_predict_refuse_what_keras_refuses_too_with_the_fix(call, said):
+    x, y = arrays(64)
+    trainer = Trainer(model=model, loss="sparse_categorical_crossentropy", optimizer="adam", **QUIET)
+    with pytest.raises(UserError, match="Fix:") as raised:
+        call(trainer, x, y)
+    assert said in str(raised.value), str(raised.value)
+    assert "Trainer(max_steps" not in str(raised.value)
+
+
+def test_a_set_shorter_than_steps_gives_its_batches_and_a_warning_naming_both_counts(caplog):
+    x, y = arrays(64)
+    trainer = Trainer(model=model, loss="sparse_categorical_crossentropy", optimizer="adam", verbose=False,
+                      progress_bar=True)
+    with caplog.at_level(logging.WARNING, logger="trainer.core"):
+        logs = trainer.evaluate(x, y, batch_size=16, steps=10, verbose=False)  # Keras' 0, as False is
+        predicted = trainer.predict(x=x, batch_size=16, steps=10)  # Keras' keyword x=
+    assert trainer.eval_batches == 4 and logs == pytest.approx(trainer.evaluate(x, y, batch_size=16))
+    assert np.array_equal(predicted, trainer.predict(x))
+    assert "evaluate(steps=10): the eval set has only 4 batches, so the results are of those 4" in caplog.text
+    assert "predict(steps=10): the data has only 4 batches, so the outputs are of those 4" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trainer.core"):
+        trainer.evaluate({"a": (x, y), "b": (x[:16], y[:16])}, batch_size=16, steps=2)
+    assert "evaluate(steps=2): the eval set 'b' has only 1 batches" in caplog.text
+    assert "'a'" not in caplog.text
+
+
+def test_the_per_output_fixes_read_the_models_own_outputs_and_run():
+    """A list's outputs were shown y['cls'], and the loss fix named keras.losses.mse, which Keras 3 lacks."""
+    x, y = arrays()
+    inputs = keras.Input((4,))
+    listed = keras.Model(inputs, [keras.layers.Dense(3)(inputs), keras.layers.Dense(1)(inputs)])
+    trainer = Trainer(model=listed, loss=lambda y, p: tf.reduce_mean(p[1], -1), optimizer="adam", metrics=["accuracy"],
+                      **QUIET)
+    with pytest.raises(UserError) as raised:
+        trainer.fit(x, [y, x[:, :1]], steps=1)
+    assert ("metrics={'output_0_accuracy': lambda y, p: keras.metrics.sparse_categorical_accuracy(y[0], p[0])}"
+            in str(raised.value)), str(raised.value)
+    assert "y['cls']" not in str(raised.value)
+    with pytest.raises(UserError) as raised:
+        Trainer(model=two_outputs, loss={"cls": "sparse_categorical_crossentropy", "reg": "mse"}, optimizer="adam")
+    fix = str(raised.value).split("e.g. loss=")[1].split("; or")[0]
+    assert fix == ("lambda y, p: keras.losses.mean_squared_error(y['cls'], p['cls']) + "
+                   "keras.losses.mean_squared_error(y['reg'], p['reg'])"), fix
+    outputs = {"cls": tf.ones((2, 1)), "reg": tf.zeros((2, 1))}
+    assert eval(fix, {"keras": keras})(outputs, outputs).shape == (2,)  # the fix as written runs
+
+
+def two_outputs():
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(8, activation="relu")(inputs)
+    return keras.Model(inputs, {"cls": keras.layers.Dense(3)(hidden), "reg": keras.layers.Dense(1)(hidden)})
+
+
+def joint_loss(y, p):
+    return (keras.losses.sparse_categorical_crossentropy(y["cls"], p["cls"], from_logits=True)
+            + keras.losses.mean_squared_error(y["reg"], p["reg"]))
+
+
+def test_metrics_per_output_are_refused_naming_the_fix_and_the_fix_trains():
+    x, y = arrays()
+    labels = {"cls": y, "reg": x[:, :1]}
+    make = lambda **given: Trainer(model=two_outputs, loss=joint_loss, optimizer="adam", **QUIET, **given)  # noqa
+    per_output = "metrics per output"
+    with pytest.raises(UserError, match="Fix: a metric function of the label and output dicts") as raised:
+        make(metrics={"cls": ["accuracy"], "reg": ["mae"]})  # Keras' compile() form: said before anything is built
+    assert "the entry 'cls': ['accuracy'] reads as " + per_output in str(raised.value), str(raised.value)
+    trainer = make(metrics=["accuracy", keras.metrics.MeanAbsoluteError()])
+    with pytest.raises(UserError, match="Fix: a metric function of the label and output dicts") as raised:
+        trainer.fit(x, labels, steps=2)  # it failed inside the traced step: 'dict' object has no attribute 'shape'
+    assert ("the model's outputs are a dict ['cls', 'reg'], and the metrics ['accuracy', 'mean_absolute_error'] "
+            f"compare one output with its labels: {per_output} are not supported") in str(raised.value)
+    assert trainer.traces == {"train": 0, "eval": 0}
+
+    class OwnTrainStep(Trainer):  # the default test_step still gives 'accuracy' the dicts: said at its trace
+        def train_step(self, data):
+            x, y = data
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(joint_loss(y, self.model(x, training=True)))
+            self.update(loss, tape)
+
+    own = OwnTrainStep(model=two_outputs, loss=joint_loss, optimizer="adam", metrics=["accuracy"], **QUIET)
+    with pytest.raises(UserError, match="The metric 'accuracy' compares one output with its labels, but the outputs "
+                                        "are a dict"):
+        own.fit(x, labels, steps=2, validation_data=(x, labels))
+    fixed = make(metrics={"cls_accuracy": lambda y, p: keras.metrics.sparse_categorical_accuracy(y["cls"], p["cls"])})
+    logs = fixed.fit(x, labels, steps=40, validation_data=(x, labels))
+    predicted = fixed.predict(x)["cls"].argmax(-1)
+    assert logs["cls_accuracy"] == pytest.approx(float(np.mean(predicted == y)), abs=1e-6)
+
 def test_a_run_with_the_compiled_optimizer_resumes_as_a_straight_run_and_warm_starts_weights_only(tmp_path):
     x, y = arrays(512)
     run = dict(**QUIET, seed=1, checkpoint_every=5)

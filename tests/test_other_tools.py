@@ -5,8 +5,10 @@ from dataclasses.py or from fit()'s middle. Tiny models through the public API."
 from __future__ import annotations
 
 import json
+import re
 
 import keras
+import numpy as np
 import pytest
 
 from conftest import blobs
@@ -59,10 +61,12 @@ def test_a_keyword_the_trainer_lacks_names_the_one_meant_before_any_work(options
 
 
 @pytest.mark.parametrize("callback, said", [
-    (lambda: keras.callbacks.EarlyStopping(monitor="val_loss"),
-     "Fix: the Trainer's own: EarlyStopping(monitor='val_loss', ...) (from trainer import EarlyStopping)"),
+    (lambda: keras.callbacks.EarlyStopping(monitor="val_loss"),  # Keras' patience=0 is not the Trainer's default
+     "Trainer(callbacks=[EarlyStopping(monitor='loss', patience=0)], eval_every=<the steps of one epoch>) (from "
+     "trainer import EarlyStopping)"),
     (lambda: keras.callbacks.ReduceLROnPlateau(monitor="val_loss"),
-     "Fix: the Trainer's own: ReduceLROnPlateau(monitor='val_loss', ...) (from trainer import ReduceLROnPlateau)"),
+     "Trainer(callbacks=[ReduceLROnPlateau(monitor='loss', patience=10)], eval_every=<the steps of one epoch>) (from "
+     "trainer import ReduceLROnPlateau)"),
     (lambda: keras.callbacks.ModelCheckpoint("best.keras"), "Trainer(best_metric=..., best_mode=..., keep_best=...)"),
     (lambda: keras.callbacks.TensorBoard(), "Trainer(run_dir=...) writes TensorBoard files"),
     (lambda: keras.callbacks.CSVLogger("log.csv"), "Trainer(loggers=[MetricsWriter(), CSVLogger(path)])"),
@@ -75,6 +79,92 @@ def test_a_keras_callback_is_refused_at_construction_naming_the_trainers_way(tmp
             "is a Keras callback, which the Trainer's loop does not call", said)
     refused(lambda: make(loggers=[callback()]), "Trainer(loggers=...): keras.callbacks.", said)
     assert not built and not (tmp_path / "run").exists()  # nothing built, no run folder (nor its lock)
+
+
+
+class MyCallback(keras.callbacks.Callback):
+    pass
+
+
+def test_a_keras_callbacks_fix_is_true_the_trainers_call_with_its_settings_and_a_users_class_by_its_module():
+    """The fix said 'with Keras' arguments' and the Trainer's EarlyStopping then refused restore_best_weights; a user's
+    class was named keras.callbacks.MyCallback. Keras' names mean Keras' values: val_accuracy is the Trainer's
+    accuracy, an epoch is eval_every's steps."""
+    keras_stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=2, min_delta=0.01,
+                                               restore_best_weights=True, start_from_epoch=3)
+    message = refused(lambda: make(callbacks=[keras_stop]), "is a Keras callback")
+    call = "EarlyStopping(monitor='accuracy', patience=2, min_delta=0.01, start_from_step=<3 x the steps of one epoch>)"
+    assert (f"Fix: the Trainer's own, with this callback's settings: Trainer(callbacks=[{call}], eval_every=<the steps "
+            "of one epoch>) (from trainer import EarlyStopping). Keras' monitor 'val_accuracy' is the Trainer's "
+            "'accuracy' (an eval result); its patience counts evaluations, where Keras' count epochs, and fit() "
+            "evaluates only at its end by default") in message, message
+    assert ("Its restore_best_weights=True: the Trainer keeps the best weights as a checkpoint: Trainer(run_dir=..., "
+            "best_metric='accuracy', best_mode='max')") in message
+    plateau = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=1, min_lr=1e-5)
+    call = "ReduceLROnPlateau(monitor='loss', patience=1, factor=0.5, min_lr=1e-05)"
+    refused(lambda: make(callbacks=[plateau]), f"Trainer(callbacks=[{call}], eval_every=",
+            "patience and cooldown count")
+    assert eval(call, {"ReduceLROnPlateau": ReduceLROnPlateau}).factor == 0.5  # a call the Trainer takes
+    refused(lambda: make(callbacks=[MyCallback()]), f"Trainer(callbacks=...): {__name__}.MyCallback (a subclass of "
+                                                    "keras.callbacks.Callback) is a Keras callback",
+            "Fix: write your own: subclass trainer.Callback")
+
+
+def test_keras_training_loss_monitor_is_the_trainers_train_loss_and_its_best_weights_an_eval_result():
+    """Keras' monitor='loss' is the training loss: it was copied as the Trainer's 'loss', the eval loss."""
+    stop = keras.callbacks.EarlyStopping(monitor="loss", patience=1, restore_best_weights=True)
+    refused(lambda: make(callbacks=[stop]),
+            "Trainer(callbacks=[EarlyStopping(monitor='train/loss', patience=1)], log_every=<the steps of one epoch>)",
+            "its patience counts train-log windows (log_every steps), not evaluations",
+            "Its restore_best_weights=True: the best checkpoint is ranked by an eval result, not a train log "
+            "(train/loss); with eval data, the eval 'loss': the Trainer keeps the best weights as a checkpoint: "
+            "Trainer(run_dir=..., best_metric='loss', best_mode='min')")
+    refused(lambda: EarlyStopping(monitor="train/loss", restore_best_weights=True),  # the Trainer's own, given it
+            "the best checkpoint is ranked by an eval result, not a train log (train/loss); with eval data, the eval "
+            "'loss': the Trainer keeps the best weights as a checkpoint: Trainer(run_dir=..., best_metric='loss'")
+
+
+def stopping_data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(96, 4)).astype("float32")
+    y = (x[:, 0] + 0.5 * rng.normal(size=96) > 0).astype("int32")
+    x_val = rng.normal(size=(32, 4)).astype("float32")
+    return x, y, (x_val, (x_val[:, 1] > 0).astype("int32"))  # another rule: the val loss soon stops improving
+
+
+def stopping_model():
+    keras.utils.set_random_seed(1)
+    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(2)])
+
+
+@pytest.mark.parametrize("monitor, every", [("val_loss", "eval_every"), ("loss", "log_every")])
+def test_the_call_fit_names_for_keras_early_stopping_stops_at_keras_epoch(monitor, every):
+    """Given to fit() (Keras' place), the epoch is known: the call names its steps, and it stops where Keras does.
+    Keras' min_delta is negative after its fit (Keras 3 flips it in min mode): the call takes its size."""
+    x, y, validation = stopping_data()
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    stop = keras.callbacks.EarlyStopping(monitor=monitor, patience=1, min_delta=0.001)
+    model = stopping_model()
+    model.compile(optimizer=keras.optimizers.SGD(0.3), loss=loss)
+    epochs = len(model.fit(x, y, batch_size=16, epochs=40, shuffle=False, validation_data=validation,
+                           callbacks=[stop], verbose=0).history["loss"])
+    assert stop.min_delta == -0.001 and 1 < epochs < 40
+    fit = dict(batch_size=16, epochs=40, shuffle=False, validation_data=validation)
+    trainer = lambda **given: Trainer(model=stopping_model, loss=loss,  # noqa: E731
+                                      optimizer=lambda: keras.optimizers.SGD(0.3), progress_bar=False, **given)
+    message = refused(lambda: trainer().fit(x, y, callbacks=[stop], **fit), "fit(callbacks=...): keras.callbacks.")
+    call = re.search(r"Trainer\((callbacks=\[EarlyStopping\(.*?\)\], \w+=\d+)\)", message).group(1)
+    assert "min_delta=0.001" in call and call.endswith(f"{every}=6"), call  # 96 examples // 16
+    given = eval(f"dict({call})", {"EarlyStopping": EarlyStopping})
+    trainer(**given).fit(x, y, **fit)
+    assert given["callbacks"][0].stopped_step == 6 * epochs
+
+
+def test_fit_takes_keras_empty_callbacks_and_refuses_the_trainers_there_naming_trainer_callbacks():
+    make().fit(blobs(), steps=2, callbacks=[])  # Keras' default: none
+    refused(lambda: make().fit(blobs(), steps=2, callbacks=[EarlyStopping()]),
+            "fit(callbacks=...): the Trainer takes its callbacks once, for every fit() call. Fix: "
+            "Trainer(callbacks=[...]).")
 
 
 def test_one_callback_alone_is_taken_as_a_list_of_one_and_what_is_no_callback_is_refused():

@@ -286,9 +286,9 @@ def fit_arguments(train_data, eval_data, keywords: Mapping[str, Any], fit: Calla
     if elsewhere:
         raise DataError(f"fit(): Keras' {', '.join(elsewhere)}: the Trainer takes these elsewhere.")
     if given:
-        from trainer.other_tools import unknown_fit_keyword
+        from trainer.other_tools import unknown_keyword
 
-        raise unknown_fit_keyword(*next(iter(given.items())), fit)
+        raise unknown_keyword(*next(iter(given.items())), fit)
     if train_data is None:
         raise TypeError("fit() missing the training data (x, a tf.data.Dataset or a function of an InputContext)")
     return train_data, eval_data

@@ -4,6 +4,7 @@ The library half of prediction; `python -m trainer.predict` (trainer/predict.py)
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
@@ -38,19 +39,20 @@ def as_batched_dataset(data: Any, batch_size: Optional[int]):
     return ds.rebatch(batch_size) if batch_size else ds
 
 
-def predict(trainer, data: Any, batch_size: Optional[int] = None):
-    """The model's outputs (inference mode) on every example of `data`, as NumPy (a dict or list of
-    arrays for a model with several outputs), concatenated over batches in order. Runs under the
+def predict(trainer, data: Any, batch_size: Optional[int] = None, steps: Optional[int] = None):
+    """The model's outputs (inference mode) on every example of `data` (its first `steps` batches), as NumPy (a dict
+    or list of arrays for a model with several outputs), concatenated over batches in order. Runs under the
     trainer's strategy (each batch split over its replicas), in a tf.function, with XLA when the trainer
     compiles its steps with XLA. Labels in (x, y) batches are ignored."""
     import keras
     import tensorflow as tf
 
-    from trainer.xla_plan import wrap_xla
     from trainer.iterator_release import release_in_background
+    from trainer.xla_plan import wrap_xla
 
     model, strategy = trainer.model, trainer.strategy
-    dataset = as_batched_dataset(data, batch_size).map(lambda *b: keras.utils.unpack_x_y_sample_weight(
+    batches = as_batched_dataset(data, batch_size)
+    dataset = (batches if steps is None else batches.take(steps)).map(lambda *b: keras.utils.unpack_x_y_sample_weight(
         b[0] if len(b) == 1 else b)[0])
 
     def forward(x):
@@ -62,13 +64,14 @@ def predict(trainer, data: Any, batch_size: Optional[int] = None):
     if not model.built:  # a model without keras.Input: its variables are made here, not in the tf.function
         with strategy.scope():
             model(next(iter(dataset)), training=False)
-    pieces = []
+    pieces, read = [], 0
     iterator = iter(strategy.experimental_distribute_dataset(dataset))
     while True:
         try:
             outputs = run(iterator)
         except tf.errors.OutOfRangeError:
             break
+        read += 1
         # Each replica holds a consecutive slice of the global batch, in replica order.
         local = [strategy.experimental_local_results(t) for t in tf.nest.flatten(outputs)]
         for replica in range(len(local[0])):
@@ -76,6 +79,10 @@ def predict(trainer, data: Any, batch_size: Optional[int] = None):
     release_in_background([iterator], strategy.num_replicas_in_sync)  # its destruction can wait (iterator_release.py)
     if not pieces:
         raise ValueError("Trainer.predict: the data has no examples")
+    if steps is not None and read < steps:  # Keras warns that the input ran out
+        logging.getLogger("trainer.core").warning(
+            "predict(steps=%d): the data has only %d batches, so the outputs are of those %d. Fix: steps=%d or fewer "
+            "(or None: every batch).", steps, read, read, read)
     return tf.nest.map_structure(lambda *parts: np.concatenate(parts, axis=0), *pieces)
 
 

@@ -15,13 +15,9 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import keras
 
 from trainer.config import ConfigError
+from trainer.per_output import PerOutputError, indexes, per_output_loss_fix, per_output_metrics_fix, structure
 
 log = logging.getLogger("trainer.core")
-
-PER_OUTPUT_FIX = ("Fix: one loss over the model's outputs, a function (y_true, y_pred) -> per-example loss that "
-                  "reads the dicts, e.g. loss=lambda y, p: keras.losses.mse(y['a'], p['a']) + keras.losses.mse(y['b'], "
-                  "p['b']); or override compute_loss (or train_step), see docs/research.md")
-
 
 def _is_binary_or_sparse(y_true, y_pred) -> Tuple[bool, bool]:
     """Keras compile()'s rule (trainers/compile_utils.py) for what 'accuracy' and 'crossentropy' mean: by the
@@ -31,8 +27,16 @@ def _is_binary_or_sparse(y_true, y_pred) -> Tuple[bool, bool]:
     return is_binary, is_sparse
 
 
-def _by_shape(y_true, y_pred, binary, sparse, categorical):
-    """`binary`, `sparse` or `categorical` (y_true, y_pred), chosen by _is_binary_or_sparse as compile() chooses."""
+def _by_shape(y_true, y_pred, binary, sparse, categorical, what: str):
+    """`binary`, `sparse` or `categorical` (y_true, y_pred), chosen by _is_binary_or_sparse as compile() chooses;
+    labels or outputs of several tensors (a dict) are a PerOutputError. `what`: "loss 'crossentropy'", ..."""
+    for side, value in (("outputs", y_pred), ("labels", y_true)):
+        if keras.tree.is_nested(value):
+            kind = what.split()[0]
+            fix = (per_output_loss_fix if kind == "loss" else per_output_metrics_fix)(indexes(value))
+            raise PerOutputError(f"The {what} compares one output with its labels, but the {side} are "
+                                 f"{structure(value)}: a {kind} per output is not supported (the Trainer gives it all "
+                                 f"the labels and outputs). {fix}")
     is_binary, is_sparse = _is_binary_or_sparse(y_true, y_pred)
     return (binary if is_binary else sparse if is_sparse else categorical)(y_true, y_pred)
 
@@ -41,14 +45,14 @@ def _by_shape(y_true, y_pred, binary, sparse, categorical):
 def accuracy_by_shape(y_true, y_pred):
     """compile(metrics=['accuracy']): binary, sparse categorical or categorical accuracy, by the shapes."""
     return _by_shape(y_true, y_pred, keras.metrics.binary_accuracy, keras.metrics.sparse_categorical_accuracy,
-                     keras.metrics.categorical_accuracy)
+                     keras.metrics.categorical_accuracy, "metric 'accuracy'")
 
 
 @keras.saving.register_keras_serializable(package="trainer")
 def crossentropy_by_shape(y_true, y_pred):
     """compile(loss='crossentropy'): binary, sparse categorical or categorical crossentropy, by the shapes."""
     return _by_shape(y_true, y_pred, keras.losses.binary_crossentropy, keras.losses.sparse_categorical_crossentropy,
-                     keras.losses.categorical_crossentropy)
+                     keras.losses.categorical_crossentropy, "loss 'crossentropy'")
 
 
 def _same_rank(y_true, y_pred):
@@ -121,6 +125,32 @@ class Unweighted(keras.metrics.Metric):
         return cls(**config)
 
 
+def _compares_one_output(metric) -> bool:
+    """A metric of Keras' (or compile()'s 'accuracy'), which compares one tensor of labels with one of outputs; not a
+    metric function or Metric class of the user's, which may read the dicts."""
+    if isinstance(metric, Unweighted):
+        metric = metric.metric
+    if isinstance(metric, FunctionMetric):
+        fn = metric._fn
+        return fn in (accuracy_by_shape, crossentropy_by_shape) or getattr(fn, "__module__", "").startswith("keras")
+    return type(metric).__module__.split(".")[0] == "keras"
+
+
+def check_whole_output_metrics(metrics: Mapping[str, Any], outputs, labels) -> None:
+    """The default step gives each metric all the labels and outputs: with several (a dict or list), a Keras metric
+    is a PerOutputError naming the fix, said when the model's outputs are first seen (it failed inside the traced
+    step on "'dict' object has no attribute 'shape'")."""
+    for side, value in (("outputs", outputs), ("labels", labels)):
+        if value is None or not keras.tree.is_nested(value):
+            continue
+        named = [name for name, metric in metrics.items() if _compares_one_output(metric)]
+        if named:
+            raise PerOutputError(f"Trainer(metrics=...): the model's {side} are {structure(value)}, and the metrics "
+                                 f"{named} compare one output with its labels: metrics per output are not supported "
+                                 "(the default step gives each metric all the labels and outputs, as it does the "
+                                 f"loss). {per_output_metrics_fix(indexes(value))}")
+
+
 def _takes_labels_and_predictions(fn) -> bool:
     """A function of (y_true, y_pred), not a zero-argument builder."""
     try:
@@ -168,10 +198,23 @@ def metrics_of(metrics, where: str = "Trainer(metrics=...)"):
     if metrics is None:
         return None
     if isinstance(metrics, Mapping):
+        _refuse_per_output(where, metrics.items(), "the entry {name!r}: {value}", indexes(metrics))
         return {name: metric_of(m, where) for name, m in metrics.items()}
-    if isinstance(metrics, (str, keras.metrics.Metric)) or callable(metrics):
-        metrics = [metrics]
+    metrics = [metrics] if isinstance(metrics, (str, keras.metrics.Metric)) or callable(metrics) else list(metrics)
+    _refuse_per_output(where, enumerate(metrics), "the element [{name}], {value},", indexes(metrics))
     return [metric_of(m, where) for m in metrics]
+
+
+def _refuse_per_output(where: str, items, shown: str, keys: List[Any]) -> None:
+    """Keras' metrics per output, {'cls': ['accuracy'], ...} or [['accuracy'], ['mae']]: a PerOutputError (a mapping
+    names each metric, name -> one metric; a list holds metrics), where it said "['accuracy'] is not a Keras metric".
+    `keys`: the outputs' as the fix reads them (per_output.indexes)."""
+    for name, value in items:
+        if isinstance(value, (list, tuple)) or (isinstance(value, Mapping) and "class_name" not in value):
+            given = shown.format(name=name, value=_shown(value))
+            raise PerOutputError(f"{where}: {given} reads as metrics per output (Keras' compile() form), which are not "
+                                 "supported: the Trainer's metrics are one list, or a mapping name -> one metric, each "
+                                 f"given all the labels and outputs. {per_output_metrics_fix(keys)}")
 
 
 def loss_of(loss, where: str = "Trainer(loss=...)"):
@@ -196,7 +239,8 @@ def loss_of(loss, where: str = "Trainer(loss=...)"):
         return FunctionLoss(made, name=loss if isinstance(loss, str) else None)
     if isinstance(loss, (Mapping, list, tuple)) or hasattr(loss, "keys"):  # a Keras model's tracked DictWrapper too
         raise ConfigError(f"{where}: a loss per output ({type(loss).__name__} {_shown(loss)}) is not supported: "
-                          f"the default step computes one loss from the labels and the outputs. {PER_OUTPUT_FIX}")
+                          f"the default step computes one loss from the labels and the outputs. "
+                          f"{per_output_loss_fix(indexes(loss))}")
     if inspect.isclass(loss) and issubclass(loss, keras.losses.Loss):
         return loss()
     if not callable(loss):
@@ -245,7 +289,7 @@ def _compiled(model) -> Dict[str, Any]:
         if given.get("loss_weights") is not None:
             raise ConfigError(f"The model's compile(loss_weights={_shown(given['loss_weights'])}) is not taken over "
                               "by the Trainer. Fix: give the weighted loss as Trainer(loss=...), e.g. "
-                              "loss=lambda y, p: 0.5 * keras.losses.mse(y, p)")
+                              "loss=lambda y, p: 0.5 * keras.losses.mean_squared_error(y, p)")
         found["loss"] = given.get("loss", model.loss)  # as given (model.loss may be a tracked dict)
     metrics = [Unweighted(_instance(metric_of(m, "the model's compile(metrics=...)")))  # as compile() computes them
                for m in _flat(given.get("metrics"), "metrics")]

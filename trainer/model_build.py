@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Optional
+from typing import Any, Optional, Tuple
 
 import keras
 import tensorflow as tf
 
-from trainer import loss_fit, model_summary
+from trainer import keras_compat, loss_fit, model_summary
 from trainer import precision as precision_lib
 from trainer.config import PrecisionConfig
 from trainer.errors import UserError
@@ -57,12 +57,15 @@ def build_variables(trainer, sample_batch) -> Optional[keras.Model]:
     with trainer.strategy.scope():
         wrapped = None
         if len(trainer.models) == 1:
-            wrapped = _build_single_model(trainer.model, trainer.precision, sample_batch,
-                                          precision_lib.device_kind(trainer.strategy) == "GPU",
-                                          own_step=_overridden(trainer, "train_step"))
+            wrapped, outputs = _build_single_model(trainer.model, trainer.precision, sample_batch,
+                                                   precision_lib.device_kind(trainer.strategy) == "GPU",
+                                                   own_step=_overridden(trainer, "train_step"))
             if _default_loss_path(trainer) and trainer.loss is not None:  # the loss meets the labels as given
                 loss_fit.check_labels(trainer.loss, trainer.model, sample_batch, trainer.from_cli)
                 loss_fit.warn_if_logits_mismatch(trainer.loss, trainer.model, trainer.from_cli)
+            if not any(_overridden(trainer, name) for name in ("train_step", "compute_gradients")):
+                # the default step gives each metric the labels and outputs as they are: several are refused here
+                keras_compat.check_whole_output_metrics(trainer.train_metrics, outputs, _labels_of(sample_batch))
         else:  # each called only by the user's step, none on the data
             for model in trainer.models.values():
                 zeros = _zeros_to_build_on(model)
@@ -87,10 +90,18 @@ def build_variables(trainer, sample_batch) -> Optional[keras.Model]:
     return wrapped
 
 
+def _labels_of(sample_batch):
+    try:
+        return keras.utils.unpack_x_y_sample_weight(sample_batch)[1]
+    except ValueError:  # no (x, y) structure: the data of an overridden step
+        return None
+
+
 def _build_single_model(model: keras.Model, precision: PrecisionConfig, sample_batch, tensor_cores: bool,
-                        own_step: bool) -> Optional[keras.Model]:
-    """`model` called once (see the module's docstring); its float32-output wrapper when it needs one, else None.
-    `tensor_cores`: on GPUs, where the multiples-of-8 tip applies. `own_step`: train_step is overridden."""
+                        own_step: bool) -> Tuple[Optional[keras.Model], Any]:
+    """`model` called once (see the module's docstring): (its float32-output wrapper when it needs one, else None;
+    its outputs). `tensor_cores`: on GPUs, where the multiples-of-8 tip applies. `own_step`: train_step is
+    overridden."""
     tip = precision.policy != "float32" and tensor_cores
     probe = LayerProbe(model, record_calls=True) if tip else contextlib.nullcontext()
     with probe:  # the calls in order: which layers size the outputs (the tip leaves small ones out)
@@ -104,7 +115,7 @@ def _build_single_model(model: keras.Model, precision: PrecisionConfig, sample_b
         x = keras.utils.unpack_x_y_sample_weight(sample_batch)[0] if kind == "data" else None  # the whole batch's
         per_replica = tf.nest.flatten(x)[0].shape[0] if x is not None else None
         precision_lib.warn_not_multiple_of_8(wrapped, output_layers(probe.calls, outputs), per_replica)
-    return wrapped if wrapped is not model else None
+    return (wrapped if wrapped is not model else None), outputs
 
 
 def _first_outputs(model: keras.Model, sample_batch, own_step: bool):

@@ -1,8 +1,9 @@
 """What Keras and Lightning users write that the Trainer does another way, refused with the Trainer's way named:
-a keyword of Trainer() (`max_step`, `max_epochs`, `learning_rate`), a Keras callback among its callbacks (Keras'
-hooks are not the loop's), a Keras callback's argument given to the Trainer's EarlyStopping or ReduceLROnPlateau
-(`restore_best_weights`). The other tools' names for config keys are the CLI's table, config_check.KEY_SYNONYMS:
-read here for their Python forms, not repeated. Loads no TensorFlow or Keras (the CLI's key check reads it too).
+a keyword of Trainer() (`max_step`, `max_epochs`, `learning_rate`) or of fit(), evaluate(), predict() (Keras'
+`return_dict=False`, `callbacks`, a `verbose` or `steps` Keras does not take either), a Keras callback's argument
+given to the Trainer's EarlyStopping or ReduceLROnPlateau (`restore_best_weights`); Keras' callbacks themselves:
+keras_callbacks.py. The other tools' names for config keys are the CLI's table, config_check.KEY_SYNONYMS: read here
+for their Python forms, not repeated. Loads no TensorFlow or Keras (the CLI's key check reads it too).
 """
 from __future__ import annotations
 
@@ -32,31 +33,6 @@ CUSTOM_CALLBACK = ("write your own: subclass trainer.Callback and implement the 
                    "on_train_begin(trainer), on_log(trainer, step, logs), on_eval_end(trainer, step, logs), "
                    "on_train_end(trainer, summary), ... (set trainer.stop_training = True to stop; "
                    "docs/concepts/step.md)")
-
-# Keras' callbacks (keras.callbacks.NAME) -> what does their work in the Trainer.
-KERAS_CALLBACKS = {
-    "EarlyStopping": "the Trainer's own: {call} (from trainer import EarlyStopping), with Keras' arguments; its "
-                     "patience counts evaluations: set Trainer(eval_every=...)",
-    "ReduceLROnPlateau": "the Trainer's own: {call} (from trainer import ReduceLROnPlateau), with Keras' arguments; "
-                         "its patience counts evaluations: set Trainer(eval_every=...)",
-    "ModelCheckpoint": "checkpoints are built in: Trainer(run_dir=..., checkpoint_every=...), and the best ones by "
-                       "Trainer(best_metric=..., best_mode=..., keep_best=...) in run_dir/checkpoints/best/ "
-                       "(docs/concepts/checkpoints.md)",
-    "BackupAndRestore": "built in: Trainer(run_dir=...) resumes from its newest checkpoint "
-                        "(docs/concepts/checkpoints.md)",
-    "TensorBoard": "built in: Trainer(run_dir=...) writes TensorBoard files to run_dir/tensorboard/ (elsewhere: "
-                   "Trainer(loggers=[TensorBoardWriter(logdir)]), from trainer; docs/loggers.md)",
-    "CSVLogger": "Trainer(loggers=[MetricsWriter(), CSVLogger(path)]), from trainer (the default loggers write "
-                 "run_dir/metrics.jsonl and TensorBoard; docs/loggers.md)",
-    "TerminateOnNaN": "built in: non-finite steps stop the run with NumericalError (docs/faults.md)",
-    "ProgbarLogger": "built in: Trainer(progress_bar=..., verbose=...)",
-    "History": "fit() returns the final logs, and run_dir/metrics.jsonl holds every log",
-    "LearningRateScheduler": "a keras.optimizers.schedules.LearningRateSchedule as the optimizer's learning_rate",
-    "SwapEMAWeights": "an optimizer with use_ema=True: evaluation and export use the averaged weights "
-                      "(docs/training-control.md)",
-    "RemoteMonitor": "a logger: Trainer(loggers=[...]) with a trainer.callbacks.Logger of your own (docs/loggers.md)",
-}
-
 
 def _close(name: str, names: Iterable[str]) -> Optional[str]:
     found = difflib.get_close_matches(name, list(names), n=1, cutoff=0.75)
@@ -109,39 +85,104 @@ def check_trainer_options(trainer_class: type, options: Mapping[str, Any]) -> No
         raise ArgumentError(f"Trainer() got an unexpected keyword argument {name!r}. Fix: {_sentence(fix)}")
 
 
+# The Trainer's limits of batches, named as evaluate() and predict() take theirs (steps=).
+BATCH_LIMITS = {"max_steps": "the length of training", "eval_steps": "the limit of fit()'s evaluations",
+                "limit_eval_batches": "the limit of fit()'s evaluations"}
 STRATEGY_FIELDS = ("logical_cpus", "devices", "communication", "tpu")  # StrategyConfig's, by a Trainer's argument
 
 
-def unknown_fit_keyword(name: str, value: Any, fit: Callable) -> ArgumentError:
-    """fit(**{name: value}) that `fit` (Trainer.fit, handed in by its caller: this module sits below the Trainer)
-    does not take: an ArgumentError naming the one meant (fit(steps=...) for num_steps, a Trainer setting given to
-    fit, a close spelling), where Python said only "unexpected keyword"."""
+def unknown_keyword(name: str, value: Any, call: Callable) -> ArgumentError:
+    """call(**{name: value}) that `call` (Trainer.fit, .evaluate or .predict, handed in by its caller: this module sits
+    below the Trainer) does not take: an ArgumentError naming the one meant (fit(steps=...) for num_steps, a Trainer
+    setting given to fit, a close spelling), where Python said only "unexpected keyword"."""
     import dataclasses
 
     from trainer.config import TrainerConfig
 
+    method = call.__name__
     fields = [f.name for f in dataclasses.fields(TrainerConfig)]
-    arguments = [p for p in inspect.signature(fit).parameters if p not in ("self", "keywords")]
-    arguments += ["x", "y", "eval_data"]  # Keras' x=, y= and ours, by keyword
+    arguments = [p for p in inspect.signature(call).parameters if p not in ("self", "keywords")]
+    if method == "fit":
+        arguments += ["x", "y", "eval_data"]  # Keras' x=, y= and ours, by keyword
     home, _, key = KEY_SYNONYMS.get(name.lower(), "").rpartition(".")
     close = _close(name, arguments)
-    if home == "trainer" and key in ("max_steps", "epochs"):
+    limit = name if name in BATCH_LIMITS else key if home == "trainer" and key in BATCH_LIMITS else None
+    if method == "fit" and home == "trainer" and key in ("max_steps", "epochs"):
         own = "steps" if key == "max_steps" else "epochs"
         fix = f"did you mean fit({own}={shown(value)})? ({name} is another tool's name for it)"
+    elif method != "fit" and limit:
+        fix = (f"did you mean {method}(steps={shown(value)})? The batches {method}() reads are its steps= (Trainer's "
+               f"{limit} is {BATCH_LIMITS[limit]})")
     elif home == "trainer" and key in fields:
         fix = f"{name} is another tool's name for a Trainer setting: Trainer({key}={shown(value)})"
     elif name in fields:
         fix = f"{name} is a Trainer setting: Trainer({name}={shown(value)})"
     elif close:
-        fix = f"did you mean fit({close}={shown(value)})?"
+        fix = f"did you mean {method}({close}={shown(value)})?"
     else:
-        fix = f"fit() takes {', '.join(arguments)}; the run's settings are Trainer()'s (TrainerConfig's fields)"
-    return ArgumentError(f"fit() got an unexpected keyword argument {name!r}. Fix: {_sentence(fix)}")
+        fix = f"{method}() takes {', '.join(arguments)}; the run's settings are Trainer()'s (TrainerConfig's fields)"
+    return ArgumentError(f"{method}() got an unexpected keyword argument {name!r}. Fix: {_sentence(fix)}")
 
 
-def _restore_best_weights(monitor: Any, mode: Optional[str], cli: bool) -> str:
-    """Keras keeps the best weights in memory and puts them back at the end; the Trainer keeps them as a checkpoint.
-    `mode`: the monitor's, None when it is auto and not known here."""
+def check_keras_keywords(call: Callable, keywords: Mapping[str, Any], steps: Any, verbose: Any,
+                         return_dict: Any = True, callbacks: bool = False) -> None:
+    """Keras' evaluate()/predict() arguments the Trainer's `call` does not take as Keras does: return_dict=False
+    (it returns a dict), `callbacks` (a user's list: it calls none), and any other keyword (unknown_keyword). Keras'
+    verbose, batch_size, steps and return_dict=True are its own arguments, taken as Keras means them: a `steps`
+    or `verbose` Keras does not take either is an error (steps=-1 returned no loss, steps=0 read every batch)."""
+    method = call.__name__
+    check_steps(method, steps, per_set=method == "evaluate")
+    if verbose not in (0, 1, 2, "auto"):  # True and False are 1 and 0, as Keras takes them
+        raise ArgumentError(f"{method}(verbose={shown(verbose)}): verbose is 0 (silent), 1 (a progress bar), 2 or "
+                            f"'auto', as in Keras. Fix: e.g. {method}(..., verbose=0).")
+    if return_dict is not True:
+        raise ArgumentError(f"{method}(return_dict={return_dict!r}): Trainer.evaluate returns a dict of the results "
+                            "by name, always (Keras' return_dict=True). Fix: drop return_dict and read them by name: "
+                            "logs['loss'], logs['accuracy'].")
+    if callbacks:
+        seen = ("; the Trainer's own (Trainer(callbacks=[...])) see each evaluation of fit() (on_eval_begin, "
+                "on_eval_end)" if method == "evaluate" else "")
+        raise ArgumentError(f"{method}(callbacks=...): Trainer.{method} calls no callbacks{seen}. Fix: drop callbacks, "
+                            f"and use what {method}() returns.")
+    if keywords:
+        raise unknown_keyword(*next(iter(keywords.items())), call)
+
+
+def check_steps(method: str, steps: Any, per_set: bool = False) -> None:
+    """evaluate()'s or predict()'s `steps`: a whole number of batches >= 1, or None (all of them); for evaluate
+    on named sets, a dict name -> such a number too."""
+    if per_set and isinstance(steps, Mapping):
+        for value in steps.values():
+            check_steps(method, value)
+        return
+    if steps is not None and (isinstance(steps, bool) or not hasattr(steps, "__index__") or steps < 1):
+        raise ArgumentError(f"{method}(steps={shown(steps)}): steps is the number of batches to read, a whole number "
+                            f">= 1 (None: all of them). Fix: e.g. {method}(..., steps=10).")
+
+
+def predict_data(data: Any, x: Any) -> Any:
+    """predict()'s data: the first argument, or Keras' keyword x=."""
+    if x is None and data is None:
+        raise ArgumentError("predict() missing the data. Fix: trainer.predict(x) (an array, a dict or tuple of arrays, "
+                            "a tf.data.Dataset, or an iterable of batches).")
+    if x is not None and data is not None:
+        raise ArgumentError("predict() got the data twice: as an argument and as x=. Fix: give one.")
+    return data if x is None else x
+
+
+def restore_best_weights_fix(monitor: Any, mode: Optional[str], cli: bool) -> str:
+    """Keras keeps the best weights in memory and puts them back at the end; the Trainer keeps them as a checkpoint,
+    ranked by an eval result (`monitor`, as the Trainer names it; a train log's name is said as such, and its eval
+    result named). `mode`: the monitor's, None when it is auto and not known here."""
+    lead = ""
+    if isinstance(monitor, str) and monitor.startswith("train/"):
+        lead = (f"the best checkpoint is ranked by an eval result, not a train log ({monitor}); with eval data, the "
+                f"eval {monitor[len('train/'):]!r}: ")
+        monitor = monitor[len("train/"):]
+    return lead + _best_checkpoint(monitor, mode, cli)
+
+
+def _best_checkpoint(monitor: Any, mode: Optional[str], cli: bool) -> str:
     if cli:
         best_mode = (f"trainer.best_mode={mode}" if mode
                      else f"trainer.best_mode=min (max if a larger {monitor} is better)")
@@ -165,7 +206,7 @@ def keras_argument_fix(call: str, key: str, name: str, value: Any, monitor: Any,
         return written(f"{key}.{argument}", to, f"{call}({argument}=...)", cli)
 
     if name == "restore_best_weights" and call == "EarlyStopping":
-        return _restore_best_weights(monitor, mode, cli)
+        return restore_best_weights_fix(monitor, mode, cli)
     if name == "verbose":
         acts = "when it stops" if call == "EarlyStopping" else "each time it lowers the learning rate"
         quiet = written("trainer.verbose", False, "Trainer(verbose=...)", cli)

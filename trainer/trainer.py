@@ -20,7 +20,7 @@ import keras
 import tensorflow as tf
 
 from trainer import (auto_precision, components, data_position, debug, ema, evalsets, keras_compat, metric_attributes,
-                     model_build, saved, signals, step_functions)
+                     model_build, model_steps, saved, signals, step_functions)
 from trainer import loop as loop_lib
 from trainer import loss_fit
 from trainer import precision as precision_lib
@@ -39,7 +39,8 @@ from trainer.inputs import (DataArg, KeptIterator, batches_read_per_step, check_
 from trainer.evaluating import evaluate
 from trainer.loop import Loop, TrainingInterrupted
 from trainer.memory import memory_logs
-from trainer.other_tools import check_trainer_options
+from trainer.keras_callbacks import refuse_fit_callbacks
+from trainer.other_tools import check_keras_keywords, check_trainer_options, predict_data
 from trainer.runlock import run_folder_lock
 from trainer.step import Step
 from trainer.tracking import Window
@@ -79,7 +80,7 @@ class Trainer(TrainerProperties, Step):
         or mixed_float16 for a ready-made model made under that policy (precision.for_ready_made).
       run_dir: where metrics.jsonl, checkpoints/ and tensorboard/ go; None: nothing is written.
       callbacks: extra Callback objects, or one (the progress bar is added from `config`); Keras' callbacks are
-        refused, naming the Trainer's way (trainer/other_tools.py).
+        refused, naming the Trainer's way (trainer/keras_callbacks.py).
       loggers: where each train log and evaluation is recorded (trainer.callbacks.loggers: MetricsWriter,
         TensorBoardWriter, CSVLogger, MLflowLogger); None: metrics.jsonl and TensorBoard in `run_dir`
         (config.tensorboard=False: without TensorBoard). Only the chief worker's loggers write.
@@ -156,6 +157,8 @@ class Trainer(TrainerProperties, Step):
             loss, optimizer, optimizers, metrics = keras_compat.keras_arguments(  # Keras' names; a compiled model's
                 self.models, model is not None, loss, optimizer, optimizers, metrics)
             self.frozen = components.freeze(frozen, self.models, optimizers)  # docs/research.md, Frozen models
+            # a model's own train_step/test_step/compute_loss, which no step of the Trainer calls: model_steps.py
+            model_steps.check_model_steps(type(self), self.models, self.frozen, "models" if model is None else "model")
             self._frozen_builders = components.frozen_builders(models, self.frozen)
             # the frozen models' weights kept as they started, and their random-weights warning: frozen_watch.py
             self.frozen_watch = FrozenWatch()
@@ -259,19 +262,21 @@ class Trainer(TrainerProperties, Step):
         check_accumulation(self, self.config, cli=self.from_cli)
         show_logs_unless_configured(self.config.verbose)
         say_strategy_once(self.strategy)
+        keras_callbacks = keywords.pop("callbacks", None)  # Keras' place for them: refused below, with an epoch's steps
         train_data, eval_data = fit_arguments(train_data, eval_data, keywords, self.fit)
         self._fit_inputs = fit_inputs(self._fit_inputs, self.seed, train_data, eval_data, batch_size,
                                       validation_data=validation_data, validation_split=validation_split,
                                       class_weight=class_weight, sample_weight=sample_weight, shuffle=shuffle,
                                       validation_batch_size=validation_batch_size)
         made, per_step = self._fit_inputs[1], batches_read_per_step(self.config)
+        epoch_steps = made.steps_per_epoch(steps_per_epoch, per_step)
+        refuse_fit_callbacks(keras_callbacks, epoch_steps or steps_per_epoch_of(made.train, per_step))
         if (made.train_examples and steps is None and epochs is None
                 and not (self.config.max_steps or self.config.epochs)):
             epochs = 1  # Keras' default, for arrays (their size is known)
         with (run_folder_lock(self.run_dir, hold=self.is_chief, remove_unused=True) if self.run_dir is not None
               else contextlib.nullcontext()):
-            return self._fit(made.train, made.eval, steps, epochs, made.steps_per_epoch(steps_per_epoch, per_step),
-                             batch_size or made.batch_size)
+            return self._fit(made.train, made.eval, steps, epochs, epoch_steps, batch_size or made.batch_size)
 
     def _fit(self, train_data, eval_data, steps, epochs, steps_per_epoch, batch_size) -> Dict[str, float]:
         cfg = self.config
@@ -356,33 +361,41 @@ class Trainer(TrainerProperties, Step):
     @user_errors_shown_short
     def evaluate(self, eval_data: Any = None, y=None, *, steps: Optional[int] = None, step: Optional[int] = None,
                  callbacks: Optional[CallbackList] = None, batch_size: Optional[int] = None,
-                 sample_weight=None, x=None) -> Dict[str, float]:
+                 sample_weight=None, x=None, verbose: Union[int, str] = "auto", return_dict: bool = True,
+                 **keywords) -> Dict[str, float]:
         """Computes the loss and metrics (and an overridden test_step's logs) over the whole eval set, or each of a
         dict name -> set (logged `<name>/<metric>`: evalsets.py); `steps` batches, else eval_steps /
         limit_eval_batches, fast_dev_run's few (trainer/debug.py). With an optimizer's use_ema=True, of the
-        averaged weights (see ema.py). Arrays as Keras' evaluate(x=, y=, batch_size=, sample_weight=) (arrays.py)."""
+        averaged weights (see ema.py). Arrays as Keras' evaluate(x=, y=, batch_size=, sample_weight=) (arrays.py);
+        Keras' verbose=0 (or 2) shows no progress bar; return_dict=True is what it returns (other_tools.py)."""
+        own_callbacks = bool(callbacks) and not isinstance(callbacks, CallbackList)  # the loop's: a CallbackList
+        check_keras_keywords(self.evaluate, keywords, steps, verbose, return_dict, callbacks=own_callbacks)
         eval_data = evaluate_inputs(eval_data, y, x=x, batch_size=batch_size, sample_weight=sample_weight,
                                     seed=self.seed)
-        if not steps:
-            steps = debug.eval_limit_of(eval_data, self.config, self.strategy, self._fit_eval_limit)
+        asked, steps = steps is not None, steps or debug.eval_limit_of(eval_data, self.config, self.strategy,
+                                                                       self._fit_eval_limit)
         metric_attributes.adopt(self)
         evaluating, self._evaluating = self._evaluating, True
         try:
             with ema.averaged_weights(self):
-                return evaluate(self, eval_data, steps=steps,
-                                step=int(self.step.numpy()) if step is None else step, callbacks=callbacks)
+                return evaluate(self, eval_data, steps=steps, step=int(self.step.numpy()) if step is None else step,
+                                callbacks=callbacks, show_bar=verbose not in (0, 2), asked=asked)
         finally:
             self._evaluating = evaluating
 
     @user_errors_shown_short
-    def predict(self, data: Any, batch_size: Optional[int] = None):
-        """The model's outputs on `data` (a Dataset of batches, an array, a dict/tuple of arrays, an
+    def predict(self, data: Any = None, batch_size: Optional[int] = None, *, x=None, steps: Optional[int] = None,
+                verbose: Union[int, str] = "auto", callbacks=None, **keywords):
+        """The model's outputs on `data` (or Keras' x=: a Dataset of batches, an array, a dict/tuple of arrays, an
         iterable of batches) as NumPy, in inference mode, under the strategy: see trainer/inference.py. With
-        an optimizer's use_ema=True, of the averaged weights (as evaluate and export)."""
+        an optimizer's use_ema=True, of the averaged weights (as evaluate and export). Keras' `steps`: that many
+        batches; its verbose changes nothing (no progress bar)."""
         from trainer.inference import predict
 
+        check_keras_keywords(self.predict, keywords, steps, verbose, callbacks=bool(callbacks))
+        data = predict_data(data, x)
         with ema.averaged_weights(self):  # as evaluate, best/, export and python -m trainer.predict see it
-            return predict(self, data, batch_size)
+            return predict(self, data, batch_size, steps)
 
     def weights_fingerprint(self) -> str:
         """SHA-256 of the weights of all models but the frozen: equal on every worker, and across bit-identical runs."""

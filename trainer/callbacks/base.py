@@ -25,7 +25,8 @@ from typing import Any, Dict, List, Optional
 
 import tensorflow as tf
 
-from trainer.other_tools import CUSTOM_CALLBACK, KERAS_CALLBACKS, ArgumentError, shown
+from trainer.keras_callbacks import is_keras_callback, keras_callback_error
+from trainer.other_tools import CUSTOM_CALLBACK, ArgumentError, shown
 
 log = logging.getLogger(__name__)
 
@@ -145,30 +146,19 @@ class CallbackState(tf.train.experimental.PythonState):
         self.trainer.callback_list.load_state_dict(json.loads(text or "{}"))
 
 
-def _keras_callback(obj: Any) -> bool:
-    """An instance of Keras' (or tf_keras') callback base, without importing Keras."""
-    return any(c.__name__ == "Callback" and c.__module__.split(".")[0] in ("keras", "tf_keras")
-               for c in type(obj).__mro__)
-
-
 def callback_objects(given: Any, argument: str) -> List[Any]:
     """Trainer(callbacks=...) or (loggers=...) as a list: a list or any iterable of them, one alone (as Lightning
     takes it) or None. A Keras callback is an ArgumentError naming the Trainer's way (it was taken, and fit() then
     failed on its missing `state_dict`); so is anything else that is not one of the Trainer's callbacks."""
     if given is None:
         return []
-    if isinstance(given, (Callback, str)) or _keras_callback(given) or not hasattr(given, "__iter__"):
+    if isinstance(given, (Callback, str)) or is_keras_callback(given) or not hasattr(given, "__iter__"):
         given = [given]
     found = list(given)
     for cb in found:
         name = type(cb).__name__
-        if _keras_callback(cb):
-            monitor = getattr(cb, "monitor", None)
-            call = f"{name}(monitor={monitor!r}, ...)" if isinstance(monitor, str) else f"{name}(...)"
-            fix = KERAS_CALLBACKS.get(name, CUSTOM_CALLBACK).format(call=call)
-            raise ArgumentError(f"Trainer({argument}=...): keras.callbacks.{name} is a Keras callback, which the "
-                                "Trainer's loop does not call (it has hooks of its own: trainer.Callback). "
-                                f"Fix: {fix}.")
+        if is_keras_callback(cb):
+            raise keras_callback_error(cb, f"Trainer({argument}=...)")
         if isinstance(cb, type) and issubclass(cb, Callback):
             raise ArgumentError(f"Trainer({argument}=...): {cb.__name__} is a class. Fix: give an instance: "
                                 f"{cb.__name__}(...).")
