@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional
 import keras
 import tensorflow as tf
 
-from trainer import metric_attributes, model_edits, trace_inputs
+from trainer import metric_attributes, model_edits, trace_inputs, trace_side_effects
 from trainer.errors import UserError
 from trainer.loss_convention import is_replica_share, per_replica_mean
 from trainer.step_logs import StepLogsError, check_logs  # noqa: F401  (StepLogsError: its home before)
@@ -230,8 +230,10 @@ def _log_names(trainer, step: Callable, iterator, what: str, batches: int = 1, s
     """The names of the logs an overridden step returns, from one throwaway trace (the trackers that
     average them must exist before the real trace)."""
     probe = tf.function(lambda it: trainer.strategy.run(step, args=(step_input(it, batches, several),)))
+    before = trace_side_effects.before_trace(trainer)
     with keras_random_explained():  # an overridden step is traced here first
         out = probe.get_concrete_function(iterator).structured_outputs
+    trace_side_effects.check_trace(trainer, before, what)  # a tensor stored on self: said before the real trace
     if out is None or (isinstance(out, dict) and not out):
         return []
     check_logs(out, what, lambda v: trainer.strategy.experimental_local_results(v)[0])
@@ -340,10 +342,13 @@ def make_train_function(trainer, iterator, jit_compile: Optional[bool] = None) -
 
     def train_loop(iterator, num_steps):
         count_trace()  # Python side effect: runs once per trace
+        before = trace_side_effects.before_trace(trainer)
         for _ in tf.range(num_steps):
             one_update(iterator)
         warn_unused_optimizers(trainer)  # the step is traced by now: every update it makes has set in_step
         warn_random_state_outside_checkpoint(trainer)  # trainer.deterministic: randomness a resume cannot repeat
+        # Python side effects of the step (self.calls += 1), a tensor kept on self, an iterator made in the step
+        trace_side_effects.check_trace(trainer, before, "train_step", tf.compat.v1.get_default_graph())
         # What the step read, as it is when the trace ends: a step that sets `trainable` itself (a Keras 2 GAN's
         # d.trainable = True ... False) leaves it so, and the check before the next loop compares with that.
         of(trainer).seen = trace_inputs.Seen.now(trainer.models.values(), trainer.grad_multipliers)
@@ -365,6 +370,7 @@ def make_eval_function(trainer, iterator) -> Callable:
 
     def eval_loop(iterator, max_batches):
         count_trace()
+        before = trace_side_effects.before_trace(trainer)
         n = tf.constant(0, tf.int64)
         while n < max_batches:
             batch = iterator.get_next_as_optional()
@@ -372,6 +378,7 @@ def make_eval_function(trainer, iterator) -> Callable:
                 break
             trainer.strategy.run(step, args=(batch.get_value(),))
             n += 1
+        trace_side_effects.check_trace(trainer, before, "test_step", tf.compat.v1.get_default_graph())
         return n
 
     return tf.function(eval_loop)
