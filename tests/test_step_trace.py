@@ -1,8 +1,9 @@
 """Python code in a step runs when TensorFlow traces it, not at each step: the habits of eager code that go silently
 wrong there are said at the trace. A data iterator made in the step (every step reads the first batch) and a plain
-value of the Trainer changed by the step (it counts traces) are WARNINGs naming the fix; a tensor of the trace kept
-on the Trainer is a ConfigError naming the attribute, instead of TensorFlow's 'out of scope' error at the next
-trace, which points into the framework."""
+value of the Trainer changed by the step (it counts traces) are WARNINGs naming the fix; a tensor an earlier trace
+kept on the Trainer, read by the next trace, is a ConfigError naming the attribute, instead of TensorFlow's 'out of
+scope' error, which points into the framework; one written before it is read (a value passed between methods) works
+and says nothing."""
 import logging
 
 import keras
@@ -116,20 +117,24 @@ class KeepsATensor(Trainer):
 
 
 class KeepsATensorInComputeLoss(Trainer):
-    """The default step, with a compute_loss that keeps the loss in a list on self."""
+    """The default step, with a compute_loss that keeps the loss on self for the step to read (written, then read, in
+    every trace), a flag set at the first trace and a phase's name: correct code, nothing said."""
 
     def compute_loss(self, x, y, y_pred, sample_weight=None):
         loss = super().compute_loss(x, y, y_pred, sample_weight)
         self.history = [loss]
-        return loss
+        self._built_extra = True
+        self.phase = "train"
+        return loss + 0.0 * self.history[0]
 
 
-def test_a_tensor_of_the_trace_kept_on_self_is_an_error_naming_it(tmp_path):
+def test_a_tensor_an_earlier_trace_kept_on_self_is_an_error_naming_it(tmp_path, caplog):
     with pytest.raises(ConfigError) as raised:
         make(KeepsATensor, run_dir=tmp_path / "ema").fit(blobs(), steps=2)
     said = str(raised.value)
-    assert said.startswith("train_step stored a tensor of its trace on the Trainer: self.ema."), said
+    assert said.startswith("train_step read a tensor an earlier trace stored on the Trainer: self.ema."), said
     assert "self.ema = tf.Variable(0.0, trainable=False)" in said and "self.ema.assign(" in said, said
     assert not (tmp_path / "ema" / "checkpoints").exists()  # before any step
-    with pytest.raises(ConfigError, match=r"stored a tensor of its trace on the Trainer: self\.history\[0\]\."):
-        make(KeepsATensorInComputeLoss).fit(blobs(), steps=2)
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        make(KeepsATensorInComputeLoss, eval_every=2).fit(blobs(), blobs(64), steps=4)
+    assert not [r for r in caplog.records if "traced it" in r.getMessage()], caplog.text

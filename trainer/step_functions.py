@@ -203,7 +203,8 @@ def run_train(trainer, iterator, num_steps: int) -> None:
     if functions.train is None:  # first loop, or reset by a callback
         functions.train = make_train_function(trainer, iterator)
         functions.made["train"] += 1
-    functions.train(iterator, tf.constant(num_steps, tf.int64))
+    with trace_side_effects.tensors_explained(trainer, "train_step"):
+        functions.train(iterator, tf.constant(num_steps, tf.int64))
 
 
 def run_eval(trainer, iterator, max_batches: int) -> int:
@@ -213,7 +214,8 @@ def run_eval(trainer, iterator, max_batches: int) -> int:
     if functions.eval is None:
         functions.eval = make_eval_function(trainer, iterator)
         functions.made["eval"] += 1
-    return int(functions.eval(iterator, tf.constant(max_batches, tf.int64)))
+    with trace_side_effects.tensors_explained(trainer, "test_step"):
+        return int(functions.eval(iterator, tf.constant(max_batches, tf.int64)))
 
 
 def step_input(iterator, batches_per_step: int, several: bool = False):
@@ -230,10 +232,9 @@ def _log_names(trainer, step: Callable, iterator, what: str, batches: int = 1, s
     """The names of the logs an overridden step returns, from one throwaway trace (the trackers that
     average them must exist before the real trace)."""
     probe = tf.function(lambda it: trainer.strategy.run(step, args=(step_input(it, batches, several),)))
-    before = trace_side_effects.before_trace(trainer)
-    with keras_random_explained():  # an overridden step is traced here first
-        out = probe.get_concrete_function(iterator).structured_outputs
-    trace_side_effects.check_trace(trainer, before, what)  # a tensor stored on self: said before the real trace
+    with keras_random_explained(), trace_side_effects.tensors_explained(trainer, what), \
+            trace_side_effects.watched(trainer, what, in_graph=False):
+        out = probe.get_concrete_function(iterator).structured_outputs  # an overridden step is traced here first
     if out is None or (isinstance(out, dict) and not out):
         return []
     check_logs(out, what, lambda v: trainer.strategy.experimental_local_results(v)[0])
@@ -342,13 +343,12 @@ def make_train_function(trainer, iterator, jit_compile: Optional[bool] = None) -
 
     def train_loop(iterator, num_steps):
         count_trace()  # Python side effect: runs once per trace
-        before = trace_side_effects.before_trace(trainer)
-        for _ in tf.range(num_steps):
-            one_update(iterator)
+        # Python side effects of the step (self.calls += 1), a tensor of a trace read, an iterator made in the step
+        with trace_side_effects.watched(trainer, "train_step"):
+            for _ in tf.range(num_steps):
+                one_update(iterator)
         warn_unused_optimizers(trainer)  # the step is traced by now: every update it makes has set in_step
         warn_random_state_outside_checkpoint(trainer)  # trainer.deterministic: randomness a resume cannot repeat
-        # Python side effects of the step (self.calls += 1), a tensor kept on self, an iterator made in the step
-        trace_side_effects.check_trace(trainer, before, "train_step", tf.compat.v1.get_default_graph())
         # What the step read, as it is when the trace ends: a step that sets `trainable` itself (a Keras 2 GAN's
         # d.trainable = True ... False) leaves it so, and the check before the next loop compares with that.
         of(trainer).seen = trace_inputs.Seen.now(trainer.models.values(), trainer.grad_multipliers)
@@ -370,15 +370,14 @@ def make_eval_function(trainer, iterator) -> Callable:
 
     def eval_loop(iterator, max_batches):
         count_trace()
-        before = trace_side_effects.before_trace(trainer)
         n = tf.constant(0, tf.int64)
-        while n < max_batches:
-            batch = iterator.get_next_as_optional()
-            if not batch.has_value():
-                break
-            trainer.strategy.run(step, args=(batch.get_value(),))
-            n += 1
-        trace_side_effects.check_trace(trainer, before, "test_step", tf.compat.v1.get_default_graph())
+        with trace_side_effects.watched(trainer, "test_step"):
+            while n < max_batches:
+                batch = iterator.get_next_as_optional()
+                if not batch.has_value():
+                    break
+                trainer.strategy.run(step, args=(batch.get_value(),))
+                n += 1
         return n
 
     return tf.function(eval_loop)

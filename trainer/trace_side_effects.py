@@ -5,18 +5,19 @@ per step. Three habits of eager code go silently wrong there, and each is said w
   step reads the data set's first batch (a WARNING: wrong in any run);
 - a plain Python value of the Trainer changed by the step (`self.calls += 1`, a NumPy array changed in place): it
   changes once per trace, not per step (a WARNING naming the attribute);
-- a tensor of the trace stored on the Trainer (`self.ema = 0.9 * self.ema + 0.1 * loss`): it exists only inside that
-  trace, so the next trace fails with TensorFlow's "out of scope" error pointing into the framework (a ConfigError
-  naming the attribute, raised at the end of the trace that stored it).
+- a tensor of a trace stored on the Trainer (`self.ema = 0.9 * self.ema + 0.1 * loss`): it exists only inside that
+  trace, so a later trace that reads it fails with TensorFlow's "out of scope" error pointing into the framework
+  (that error becomes a ConfigError naming the attribute).
 
 The Trainer's attributes are read before and after each trace of the train and eval steps (and of the throwaway
-trace that learns an overridden step's logs): the plain ones (int, float, bool, str, NumPy arrays, by content
+trace that learns an overridden step's logs): the plain public ones (int, float, NumPy numbers and arrays, by content
 up to _ARRAY_BYTES_COMPARED, larger ones by identity and shape) and one level into a list, tuple or dict for a
 tensor. The graph is searched once per trace of a train or eval function. Each finding is said once per
 Trainer. Below step_functions.py: it reads the Trainer's attributes and the traced graph.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
 from typing import Any, Dict, List
@@ -30,7 +31,7 @@ from trainer.tracing import framework_code, graph_nodes
 log = logging.getLogger("trainer.core")
 _said: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # Trainer -> what its traces were said to do
 
-_PLAIN = (bool, int, float, str, np.generic)
+_PLAIN = (int, float, np.number)  # counts and sums (a flag or a phase's name set at a trace is left alone)
 _ARRAY_BYTES_COMPARED = 1 << 20  # a bigger array (data, not state) is compared by identity and shape only
 # The ops that start reading a data set: an iterator made in the graph (OwnedIterator's MakeIterator, a multi-device
 # iterator's init); their first input is the data set.
@@ -58,7 +59,7 @@ def before_trace(trainer) -> Dict[str, Any]:
     """The Trainer's plain attributes as a trace starts, to compare with after it (`check_trace`)."""
     forms = {}
     for name, value in list(vars(trainer).items()):
-        form = _plain_form(value)
+        form = None if name.startswith("_") or isinstance(value, bool) else _plain_form(value)
         if form is not None:
             forms[name] = form
     return forms
@@ -70,7 +71,6 @@ def check_trace(trainer, before: Dict[str, Any], what: str, graph=None) -> None:
     TracedTensorError; a plain attribute changed since `before` and (with the traced `graph`) a data iterator made
     inside it are WARNINGs, each once per Trainer."""
     said = _said.setdefault(trainer, set())
-    _refuse_stored_tensors(trainer, what)
     changed = [name for name, form in before.items() if name in vars(trainer)
                and _changed(form, _plain_form(vars(trainer)[name])) and ("changed", name) not in said]
     if changed:
@@ -86,33 +86,51 @@ def _changed(before, after) -> bool:
     return after is not None and before[0] != after[0]  # (a float's NaN equals itself: the same object)
 
 
+def _symbolic(item) -> bool:
+    return isinstance(item, tf.Tensor) and tf.is_symbolic_tensor(item)
+
+
 def _stored_tensors(trainer) -> List[str]:
     """`self.name` (or `self.name[key]`) of each graph tensor the Trainer's attributes hold, one level in."""
     found = []
     for name, value in list(vars(trainer).items()):
-        items = [("", value)]
-        if isinstance(value, dict):
-            items += [(f"[{k!r}]", v) for k, v in list(value.items())]
+        if _symbolic(value):
+            found.append(f"self.{name}")
+        elif isinstance(value, dict):
+            found += [f"self.{name}[{k!r}]" for k, v in list(value.items()) if _symbolic(v)]
         elif isinstance(value, (list, tuple)):
-            items += [(f"[{i}]", v) for i, v in enumerate(value)]
-        found += [f"self.{name}{key}" for key, item in items if isinstance(item, tf.Tensor)
-                  and tf.is_symbolic_tensor(item)]
+            found += [f"self.{name}[{i}]" for i, v in enumerate(value) if _symbolic(v)]
     return found
 
 
-def _refuse_stored_tensors(trainer, what: str) -> None:
-    stored = _stored_tensors(trainer)
-    if not stored:
-        return
-    name = stored[0].split("[")[0]
-    raise TracedTensorError(
-        f"{what} stored a tensor of its trace on the Trainer: {', '.join(stored)}. Python code in a step runs once, "
-        "when TensorFlow traces the step into a graph, and the tensors it makes belong to that graph: the next trace "
-        "that reads one fails with TensorFlow's 'out of scope' error, and no step's value ever reaches it (it is not "
-        f"updated per step). Fix: make it a tf.Variable in __init__ ({name} = tf.Variable(0.0, trainable=False)) and "
-        f"assign to it in the step ({name}.assign(0.9 * {name} + 0.1 * loss)): it changes at every step, and the "
-        "Trainer saves it in every checkpoint (docs/research.md, State of your own). Raised where the step was traced, "
-        "before it ran.")
+@contextlib.contextmanager
+def watched(trainer, what: str, in_graph: bool = True):
+    """Around a trace of `what` ("train_step", "test_step"): checks it once it ends (`check_trace`; `in_graph`: the
+    with-block ends inside the traced function, whose graph is searched)."""
+    before = before_trace(trainer)
+    yield
+    check_trace(trainer, before, what, tf.compat.v1.get_default_graph() if in_graph else None)
+
+
+@contextlib.contextmanager
+def tensors_explained(trainer, what: str):
+    """Around a call that traces `what`: TensorFlow's 'out of scope' error, raised when a trace read a tensor an
+    earlier trace stored on the Trainer (`self.ema = 0.9 * self.ema + 0.1 * loss`), becomes a TracedTensorError
+    naming it. One written before it is read in each trace (a value passed between methods) works: nothing said."""
+    try:
+        yield
+    except TypeError as e:
+        stored = _stored_tensors(trainer)
+        if "out of scope" not in str(e) or not stored:
+            raise
+        name = stored[0].split("[")[0]
+        raise TracedTensorError(
+            f"{what} read a tensor an earlier trace stored on the Trainer: {', '.join(stored)}. Python code in a step "
+            "runs once, when TensorFlow traces the step into a graph, and the tensors it makes belong to that graph "
+            "(TensorFlow: 'out of scope'); no step's value ever reaches such an attribute. Fix: make it a tf.Variable "
+            f"in __init__ ({name} = tf.Variable(0.0, trainable=False)) and assign to it in the step "
+            f"({name}.assign(0.9 * {name} + 0.1 * loss)): it changes at every step, and the Trainer saves it in every "
+            "checkpoint (docs/research.md, State of your own).") from None
 
 
 def _warn_changed(trainer, changed: List[str], before: Dict[str, Any], what: str) -> None:
