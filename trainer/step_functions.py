@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional
 import keras
 import tensorflow as tf
 
-from trainer import metric_attributes, model_edits, trace_inputs
+from trainer import metric_attributes, model_edits, trace_inputs, trace_side_effects
 from trainer.accumulation import check_accumulation, runs_own_accumulate_step
 from trainer.errors import UserError
 from trainer.loss_convention import is_replica_share, per_replica_mean
@@ -204,7 +204,8 @@ def run_train(trainer, iterator, num_steps: int) -> None:
     if functions.train is None:  # first loop, or reset by a callback
         functions.train = make_train_function(trainer, iterator)
         functions.made["train"] += 1
-    functions.train(iterator, tf.constant(num_steps, tf.int64))
+    with trace_side_effects.tensors_explained(trainer, "train_step"):
+        functions.train(iterator, tf.constant(num_steps, tf.int64))
 
 
 def run_eval(trainer, iterator, max_batches: int) -> int:
@@ -214,7 +215,8 @@ def run_eval(trainer, iterator, max_batches: int) -> int:
     if functions.eval is None:
         functions.eval = make_eval_function(trainer, iterator)
         functions.made["eval"] += 1
-    return int(functions.eval(iterator, tf.constant(max_batches, tf.int64)))
+    with trace_side_effects.tensors_explained(trainer, "test_step"):
+        return int(functions.eval(iterator, tf.constant(max_batches, tf.int64)))
 
 
 def step_input(iterator, batches_per_step: int, several: bool = False):
@@ -231,8 +233,9 @@ def _log_names(trainer, step: Callable, iterator, what: str, batches: int = 1, s
     """The names of the logs an overridden step returns, from one throwaway trace (the trackers that
     average them must exist before the real trace)."""
     probe = tf.function(lambda it: trainer.strategy.run(step, args=(step_input(it, batches, several),)))
-    with keras_random_explained():  # an overridden step is traced here first
-        out = probe.get_concrete_function(iterator).structured_outputs
+    with keras_random_explained(), trace_side_effects.tensors_explained(trainer, what), \
+            trace_side_effects.watched(trainer, what, in_graph=False):
+        out = probe.get_concrete_function(iterator).structured_outputs  # an overridden step is traced here first
     if out is None or (isinstance(out, dict) and not out):
         return []
     check_logs(out, what, lambda v: trainer.strategy.experimental_local_results(v)[0])
@@ -341,8 +344,10 @@ def make_train_function(trainer, iterator, jit_compile: Optional[bool] = None) -
 
     def train_loop(iterator, num_steps):
         count_trace()  # Python side effect: runs once per trace
-        for _ in tf.range(num_steps):
-            one_update(iterator)
+        # Python side effects of the step (self.calls += 1), a tensor of a trace read, an iterator made in the step
+        with trace_side_effects.watched(trainer, "train_step"):
+            for _ in tf.range(num_steps):
+                one_update(iterator)
         warn_unused_optimizers(trainer)  # the step is traced by now: every update it makes has set in_step
         warn_random_state_outside_checkpoint(trainer)  # trainer.deterministic: randomness a resume cannot repeat
         # What the step read, as it is when the trace ends: a step that sets `trainable` itself (a Keras 2 GAN's
@@ -367,12 +372,13 @@ def make_eval_function(trainer, iterator) -> Callable:
     def eval_loop(iterator, max_batches):
         count_trace()
         n = tf.constant(0, tf.int64)
-        while n < max_batches:
-            batch = iterator.get_next_as_optional()
-            if not batch.has_value():
-                break
-            trainer.strategy.run(step, args=(batch.get_value(),))
-            n += 1
+        with trace_side_effects.watched(trainer, "test_step"):
+            while n < max_batches:
+                batch = iterator.get_next_as_optional()
+                if not batch.has_value():
+                    break
+                trainer.strategy.run(step, args=(batch.get_value(),))
+                n += 1
         return n
 
     return tf.function(eval_loop)

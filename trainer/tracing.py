@@ -69,12 +69,17 @@ def keras_random_explained():
             "created with the model (see docs/research.md, Randomness).") from error
 
 
+def graph_nodes(graph) -> List[list]:
+    """The NodeDefs of `graph` and of each function it calls (loop bodies, strategy.run's replicas, XLA-compiled
+    parts), one list per graph (a node's inputs name nodes of its own graph)."""
+    definition = graph.as_graph_def()
+    return [list(definition.node)] + [list(f.node_def) for f in definition.library.function]
+
+
 def stateful_random_ops(graph) -> List[Tuple[str, str]]:
     """(type, name) of each op of STATEFUL_RANDOM_OPS in `graph` and in every function it calls (loop
     bodies, strategy.run's replicas, XLA-compiled parts), once per name."""
-    definition = graph.as_graph_def()
-    nodes = list(definition.node) + [n for f in definition.library.function for n in f.node_def]
-    return sorted({(n.op, n.name) for n in nodes if n.op in STATEFUL_RANDOM_OPS})
+    return sorted({(n.op, n.name) for nodes in graph_nodes(graph) for n in nodes if n.op in STATEFUL_RANDOM_OPS})
 
 
 def _uses_keras_global_seed_generator(graph) -> bool:
