@@ -117,6 +117,23 @@ def test_sigterm_to_the_launcher_makes_every_worker_save_once(tmp_path, to_worke
     assert sorted(w for w, _ in saved) == ["w0", "w1"] and saved[0][1] == saved[1][1], text[-3000:]
     assert "starting the group again" not in text
     assert (run / f"checkpoints/ckpt-{saved[0][1]}.index").exists()
+    if not to_workers_too:
+        _resumed_in_one_process_is_refused(run, int(saved[0][1]))
+
+
+def _resumed_in_one_process_is_refused(run: Path, step: int):
+    """The 2-worker run resumed by a plain python -m trainer (one input pipeline) would read other examples: under
+    trainer.deterministic=true that is refused, naming both counts and the launcher command, nothing written."""
+    from conftest import run_cli
+
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    result = run_cli(*COMMON, f"hydra.run.dir={run}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    said = result.stdout + result.stderr
+    assert "trainer.deterministic=true and the run this one resumes read its training data as 2 workers" in said
+    assert "Fix: resume with python -m trainer.launch --workers 2 -- and the same overrides" in said
+    assert f"Resuming from {run / 'checkpoints' / f'ckpt-{step}'}" in said
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
 
 
 @pytest.mark.slow
