@@ -26,6 +26,7 @@ from trainer.assemble import (check_eval_sets, eval_data_of, parts_of, register_
 from trainer.config import ConfigError, PrecisionConfig, TrainerConfig
 from trainer.config_check import check_config
 from trainer.errors import EXIT_NUMERICAL, EXIT_USER_ERROR, exit_code_of, find_error, report_error
+from trainer.launch import launch_command
 from trainer.signals import take_signal_the_run_finished_despite
 from trainer.sweep import (BASIC_SWEEPER, job_value, metric_names, register_resolver,
                            register_sweeper_configs)
@@ -179,8 +180,8 @@ def resume_command(run_dir) -> str:
             return command
     overrides = HydraConfig.get().overrides
     ours = ("hydra.mode=", "hydra.run.dir=", "hydra.sweep.")
-    kept = [o for o in overrides.hydra if not o.startswith(ours)] + list(overrides.task)
-    return " ".join([program(), *map(shlex.quote, [*kept, f"hydra.run.dir={run_dir}"])])
+    kept = [o for o in overrides.hydra if not o.startswith(ours)] + list(overrides.task) + [f"hydra.run.dir={run_dir}"]
+    return launch_command(kept) or " ".join([program(), *map(shlex.quote, kept)])  # the launcher's, in its workers
 
 
 def _log_to_worker_file(run_dir, strategy) -> None:
