@@ -127,8 +127,20 @@ class Signals:
             time.sleep(min(0.1, max(0.0, end - time.monotonic())))
 
 
+def check_overrides(overrides: List[str]) -> None:
+    """The workers' overrides, checked here once as python -m trainer checks its command line (a typo: one
+    message, exit 2, before any worker starts, not one per worker and the launcher's). Composing the config
+    loads no TensorFlow."""
+    from trainer.argv_check import problem_in
+
+    problem = problem_in([*overrides, ADDED])
+    if problem:
+        raise LaunchError(problem)
+
+
 def run(args: argparse.Namespace) -> int:
     """The group's starts; the exit code (the chief's, or the failed worker's once no restart is left)."""
+    check_overrides(args.overrides)
     where = placement(os.environ, args.workers, args.port)
     named = any(o.startswith("hydra.run.dir=") for o in args.overrides)
     if where.where == "TF_CONFIG" and not named:  # each pod's launcher would stamp its own time: one folder each
