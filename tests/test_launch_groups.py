@@ -69,6 +69,7 @@ def test_two_workers_on_one_host_share_one_run_folder(whole_run):
     assert set(prints) == {"w0", "w1"} and prints["w0"] == prints["w1"], text[-3000:]
     assert "[w1] " in text and "task worker/1, 2 replicas in sync" in text
     assert (run / "trainer.worker1.log").exists() and (run / f"checkpoints/ckpt-{STEPS}.index").exists()
+    assert "Waiting for tf.data" not in text  # each worker frees its Trainer and ends at once (trainer/cli.py)
 
 
 @pytest.mark.slow

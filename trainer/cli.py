@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import signal
 import sys
@@ -158,8 +159,14 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
     trainer.sweep_job = HydraConfig.get().mode == RunMode.MULTIRUN
     trainer.hparams = flatten(OmegaConf.to_container(cfg, resolve=True))  # the loggers' params (MLflow)
     class_weight = cfg.data.get("class_weight") or None  # config.DataOptions: None (the default) weighs nothing
-    return trainer.fit(data.train, eval_data_of(cfg, data), steps_per_epoch=steps_per_epoch, batch_size=data.batch_size,
+    logs = trainer.fit(data.train, eval_data_of(cfg, data), steps_per_epoch=steps_per_epoch, batch_size=data.batch_size,
                        class_weight=None if class_weight is None else OmegaConf.to_container(class_weight))
+    # The Trainer holds itself in reference cycles (its checkpoint's callback state, its step functions' closures)
+    # that only the cyclic GC breaks: it lived until the exit hook, which waited for its kept train iterator and
+    # warned to `del trainer` (iterator_release.py). Freed now, the iterator is released on its thread.
+    del trainer
+    gc.collect()
+    return logs
 
 
 def resume_command(run_dir) -> str:
@@ -386,6 +393,7 @@ def main() -> None:
         sys.exit(0)  # as Hydra's --help
     try:
         _hydra_main()
+        iterator_release.exit_promptly(0)  # done: no wait at exit for the teardown of an iterator over replicas
     except KeyboardInterrupt:  # a second Ctrl-C (trainer/signals.py), or one before the run catches signals
         print("[trainer] stopped at once by Ctrl-C (SIGINT): the newest complete checkpoint is kept (what a save it "
               "cut short left is removed at the next start); run the same command to resume.", file=sys.stderr,
