@@ -45,13 +45,14 @@ def run(cfg: DictConfig) -> dict:
     """Builds everything the config names and trains; returns the final logs."""
     from pathlib import Path
 
-    from trainer.console import say_once_when_log_files_fail
+    from trainer.console import log_to_worker_file, say_once_when_log_files_fail
 
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    log_to_worker_file(run_dir, cfg.strategy.name)  # a non-chief worker's lines, from its first
     say_once_when_log_files_fail()  # a full disk: one line, not a traceback per log line
     _quiet_absl()
     check_config(cfg, HydraConfig.get().runtime.choices)  # a single run's was checked before its folder existed
     check_eval_sets(cfg)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
     with _job_folder_lock(run_dir, cfg):
         return _run_in(run_dir, cfg)
 
@@ -129,8 +130,6 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
     from trainer.precision import hardware_report
 
     chief = is_chief(strategy)
-    if not chief:
-        _log_to_worker_file(run_dir, strategy)
     log.info("Hardware: %s", hardware_report(precision.policy, strategy))
     if trainer_cfg.xla_auto_cluster:
         tf.config.optimizer.set_jit("autoclustering")
@@ -189,20 +188,6 @@ def resume_command(run_dir) -> str:
     ours = ("hydra.mode=", "hydra.run.dir=", "hydra.sweep.")
     kept = [o for o in overrides.hydra if not o.startswith(ours)] + list(overrides.task) + [f"hydra.run.dir={run_dir}"]
     return launch_command(kept) or " ".join([program(), *map(shlex.quote, kept)])  # the launcher's, in its workers
-
-
-def _log_to_worker_file(run_dir, strategy) -> None:
-    """Non-chief workers log to trainer.<task>.log, so the chief's trainer.log stays one clean file."""
-    resolver = strategy.cluster_resolver
-    name = run_dir / f"trainer.{resolver.task_type}{resolver.task_id}.log"
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if isinstance(handler, logging.FileHandler):
-            root.removeHandler(handler)
-            replacement = logging.FileHandler(name)
-            replacement.setFormatter(handler.formatter)
-            root.addHandler(replacement)
-    log.info("Non-chief worker: checkpoints, metrics and TensorBoard files go to temporary folders only")
 
 
 @hydra.main(version_base="1.3", config_path="pkg://trainer.conf", config_name="config")
