@@ -178,7 +178,7 @@ def _restore(argv, cwd, handlers, level, loggers, modules, path, locks, folder) 
     """Puts back what a process would have taken away at its end: logging (handlers, levels), the working
     directory, the user's modules loaded from the run's folder, run-folder locks, TensorFlow's process-wide settings."""
     import trainer
-    from trainer import runlock
+    from trainer import iterator_release, runlock
 
     sys.argv, sys.path[:] = argv, path
     os.chdir(cwd)
@@ -196,6 +196,9 @@ def _restore(argv, cwd, handlers, level, loggers, modules, path, locks, folder) 
             del sys.modules[name]
     for held in set(runlock._held) - locks:  # a lock the command's process would have dropped at exit
         runlock.release(runlock._held[held])
+    # The code the command's exit hook would have ended its process with (iterator_release.exit_promptly, also 0):
+    # at the test run's exit it would replace pytest's own.
+    iterator_release._exit_code = None
     reset_process_state()
 
 

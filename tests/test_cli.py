@@ -23,8 +23,17 @@ def _tensorboard_tags(folder: Path):
     return tags
 
 
+def _trainers_alive() -> int:
+    import gc
+
+    from trainer.trainer import Trainer
+
+    return sum(isinstance(o, Trainer) for o in gc.get_objects())
+
+
 def test_short_run_learns_and_writes_run_folder(tmp_path):
     run_dir = tmp_path / "run"
+    alive = _trainers_alive()
     result = run_cli(
         "trainer.max_steps=300",
         "trainer.log_every=50",
@@ -34,6 +43,9 @@ def test_short_run_learns_and_writes_run_folder(tmp_path):
         f"hydra.run.dir={run_dir}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    # The CLI freed its Trainer when the run was done: its own reference cycles kept it (and its train iterator,
+    # whose teardown the exit waited for) alive until the exit hook, which told the user to `del trainer`.
+    assert _trainers_alive() == alive
     out = result.stdout + result.stderr
     assert "fashion_mnist from" in out  # says plainly which data it uses
 

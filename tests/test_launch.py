@@ -48,6 +48,8 @@ def no_cluster(monkeypatch):
      "--worker: not an option of the launcher (nor an override of python -m trainer). Fix: --workers."),
     (["--workers", "2", "--", "trainer.max_steps=5", "--max-restart=1"],
      "--max-restart=1: not an option of the launcher"),
+    (["--workers", "2", "--", "trainer.max_step=60"],  # checked once, before any worker starts
+     "trainer.max_step=60: trainer has no key 'max_step'. Fix: did you mean trainer.max_steps=60?"),
 ])
 def test_bad_arguments_are_one_line_and_exit_2(args, expected, no_cluster):
     result = launch(*args)
@@ -225,8 +227,10 @@ def test_restarts_wait_longer_each_time(monkeypatch, capsys):
 
 
 def test_the_launcher_loads_no_tensorflow():
-    """It runs beside its workers for the whole run: TensorFlow would cost seconds and hundreds of MB there."""
-    code = "import sys, trainer.launch.__main__; assert 'tensorflow' not in sys.modules, 'tensorflow loaded'"
+    """It runs beside its workers for the whole run: TensorFlow would cost seconds and hundreds of MB there. Its
+    check of the overrides (the CLI's) loads none either."""
+    code = ("import sys, trainer.launch.__main__ as m; m.check_overrides(['trainer.max_steps=5', 'recipe=resnet']); "
+            "assert 'tensorflow' not in sys.modules, 'tensorflow loaded'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -68,6 +69,10 @@ def test_two_workers_on_one_host_share_one_run_folder(whole_run):
     assert set(prints) == {"w0", "w1"} and prints["w0"] == prints["w1"], text[-3000:]
     assert "[w1] " in text and "task worker/1, 2 replicas in sync" in text
     assert (run / "trainer.worker1.log").exists() and (run / f"checkpoints/ckpt-{STEPS}.index").exists()
+    assert "Waiting for tf.data" not in text  # each worker frees its Trainer and ends at once (trainer/cli.py)
+    own, chiefs = (run / "trainer.worker1.log").read_text(), (run / "trainer.log").read_text()
+    assert "Recipe: mnist" in own and "task worker/1" in own  # from worker 1's first line: none in the chief's
+    assert "task worker/1" not in chiefs and chiefs.count("Recipe: mnist") == 1
 
 
 @pytest.mark.slow
@@ -96,10 +101,12 @@ def test_no_restart_left_names_the_worker_and_its_last_lines(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("to_workers_too", [False, True])
-def test_sigterm_to_the_launcher_makes_every_worker_save_once(tmp_path, to_workers_too):
-    """`to_workers_too`: as SLURM signals every process of a step, each worker also gets the SIGTERM directly
-    (so twice): still one save, at one step."""
+@pytest.mark.parametrize("signum, to_workers_too", [(signal.SIGINT, False), (signal.SIGTERM, True)])
+def test_a_signal_to_the_launcher_makes_every_worker_save_once(tmp_path, signum, to_workers_too):
+    """SIGINT (Ctrl-C) is passed on as SIGTERM, so the workers save at one step (each stopped on its own SIGINT
+    where it was, and one waited in a collective the other had left); the chief alone says how to resume, with the
+    launcher's command. `to_workers_too`: as SLURM signals every process of a step, each worker also gets the
+    SIGTERM directly (so twice): still one save, at one step."""
     out, run = tmp_path / "launch.out", tmp_path / "run"
     proc = _start(out, "--workers", "2", "--", *COMMON, f"hydra.run.dir={run}")
     try:
@@ -107,16 +114,39 @@ def test_sigterm_to_the_launcher_makes_every_worker_save_once(tmp_path, to_worke
         if to_workers_too:
             for index in (0, 1):
                 subprocess.run(["kill", "-TERM", str(_worker_pid(out, index, proc))], check=True)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         code = proc.wait(timeout=1200)
     finally:
         proc.kill()
     text = out.read_text()
-    assert code == 143, text[-3000:]
+    assert code == 128 + signum, text[-3000:]
     saved = re.findall(r"^\[(w\d)\].*every worker saved step (\d+)", text, re.M)
     assert sorted(w for w, _ in saved) == ["w0", "w1"] and saved[0][1] == saved[1][1], text[-3000:]
-    assert "starting the group again" not in text
+    assert "starting the group again" not in text and "Traceback" not in text and "saved None" not in text
     assert (run / f"checkpoints/ckpt-{saved[0][1]}.index").exists()
+    resume = re.findall(r"^\[(w\d)\].*to resume, run: (.*?)\.?$", text, re.M)
+    assert [w for w, _ in resume] == ["w0"], text[-3000:]
+    assert shlex.split(resume[0][1]) == [*"python -m trainer.launch --workers 2 --".split(), *COMMON,
+                                         f"hydra.run.dir={run}"]
+    assert "[w1] " in text and "the chief (worker 0) says how to resume" in text
+    if signum == signal.SIGINT:
+        assert "[launch] received SIGINT: passed it on to 2 worker(s) as SIGTERM" in text
+        _resumed_in_one_process_is_refused(run, int(saved[0][1]))
+
+
+def _resumed_in_one_process_is_refused(run: Path, step: int):
+    """The 2-worker run resumed by a plain python -m trainer (one input pipeline) would read other examples: under
+    trainer.deterministic=true that is refused, naming both counts and the launcher command, nothing written."""
+    from conftest import run_cli
+
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    result = run_cli(*COMMON, f"hydra.run.dir={run}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    said = result.stdout + result.stderr
+    assert "trainer.deterministic=true and the run this one resumes read its training data as 2 workers" in said
+    assert "Fix: resume with python -m trainer.launch --workers 2 -- and the same overrides" in said
+    assert f"Resuming from {run / 'checkpoints' / f'ckpt-{step}'}" in said
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
 
 
 @pytest.mark.slow

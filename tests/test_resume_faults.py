@@ -169,6 +169,52 @@ def test_a_batch_size_resume_from_a_record_without_the_batch_size_warns_it_canno
     assert len(warned) == 1 and warned[0].levelno == logging.WARNING and "skips 5 batches of 32" in caplog.text
 
 
+def _recorded_as_read_by(run_dir, workers):
+    """The run's record as a run of `workers` workers wrote it (None: a record from before it held the count)."""
+    record = run_dir / "checkpoints" / "configured.json"
+    written = json.loads(record.read_text())
+    assert written["input_pipelines"] == 1  # this process: one input pipeline
+    written.pop("input_pipelines")
+    record.write_text(json.dumps(written if workers is None else {**written, "input_pipelines": workers}))
+
+
+def test_a_resume_with_another_worker_count_warns_it_reads_other_examples(tmp_path, caplog):
+    tiny_classifier(run_dir=tmp_path).fit(blobs(batch=16), steps=5)
+    _recorded_as_read_by(tmp_path, 2)  # as python -m trainer.launch --workers 2 records it
+    caplog.set_level(logging.INFO, logger="trainer")
+    tiny_classifier(run_dir=tmp_path).fit(blobs(batch=16), steps=10)
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and "2 workers" in r.getMessage()]
+    assert len(warned) == 1, caplog.text
+    said = warned[0].getMessage()
+    assert "read its training data as 2 workers (2 input shards), this one reads it as one process" in said
+    assert "other examples, in another order" in said
+    assert "To resume exactly: resume with the strategy of the run's start, over 2 workers" in said
+    assert "Data: skipping 5 batches, as many examples as the first 5 steps trained on, but not the same" in caplog.text
+    assert "in the same order" not in caplog.text
+    assert json.loads((tmp_path / "checkpoints" / "configured.json").read_text())["input_pipelines"] == 1
+
+
+def test_a_deterministic_resume_with_another_worker_count_is_refused_and_the_checkpoints_kept(tmp_path):
+    from trainer.config import ConfigError
+
+    tiny_classifier(run_dir=tmp_path, deterministic=True).fit(blobs(batch=16), steps=5)
+    _recorded_as_read_by(tmp_path, 3)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir() if p.is_file()}
+    with pytest.raises(ConfigError, match=r"Trainer\(deterministic=True\) and the run this one resumes read its "
+                                          r"training data as 3 workers .* Fix: resume with the strategy of the run's "
+                                          r"start, over 3 workers, or Trainer\(deterministic=False\)"):
+        tiny_classifier(run_dir=tmp_path, deterministic=True).fit(blobs(batch=16), steps=10)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir() if p.is_file()} == before
+
+
+def test_a_record_without_the_worker_count_resumes_as_before(tmp_path, caplog):
+    tiny_classifier(run_dir=tmp_path, deterministic=True).fit(blobs(batch=16), steps=5)
+    _recorded_as_read_by(tmp_path, None)  # a run from before the record held it
+    caplog.set_level(logging.INFO, logger="trainer")
+    tiny_classifier(run_dir=tmp_path, deterministic=True).fit(blobs(batch=16), steps=10)
+    assert "workers" not in caplog.text and "to resume in the same order" in caplog.text
+
+
 def test_a_torn_last_row_of_the_metrics_files_is_dropped_on_resume(tmp_path, caplog):
     import csv
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import signal
 import sys
@@ -26,6 +27,7 @@ from trainer.assemble import (check_eval_sets, eval_data_of, parts_of, register_
 from trainer.config import ConfigError, PrecisionConfig, TrainerConfig
 from trainer.config_check import check_config
 from trainer.errors import EXIT_NUMERICAL, EXIT_USER_ERROR, exit_code_of, find_error, report_error
+from trainer.launch import launch_command
 from trainer.signals import take_signal_the_run_finished_despite
 from trainer.sweep import (BASIC_SWEEPER, job_value, metric_names, register_resolver,
                            register_sweeper_configs)
@@ -43,13 +45,14 @@ def run(cfg: DictConfig) -> dict:
     """Builds everything the config names and trains; returns the final logs."""
     from pathlib import Path
 
-    from trainer.console import say_once_when_log_files_fail
+    from trainer.console import log_to_worker_file, say_once_when_log_files_fail
 
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    log_to_worker_file(run_dir, cfg.strategy.name)  # a non-chief worker's lines, from its first
     say_once_when_log_files_fail()  # a full disk: one line, not a traceback per log line
     _quiet_absl()
     check_config(cfg, HydraConfig.get().runtime.choices)  # a single run's was checked before its folder existed
     check_eval_sets(cfg)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
     with _job_folder_lock(run_dir, cfg):
         return _run_in(run_dir, cfg)
 
@@ -127,8 +130,6 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
     from trainer.precision import hardware_report
 
     chief = is_chief(strategy)
-    if not chief:
-        _log_to_worker_file(run_dir, strategy)
     log.info("Hardware: %s", hardware_report(precision.policy, strategy))
     if trainer_cfg.xla_auto_cluster:
         tf.config.optimizer.set_jit("autoclustering")
@@ -157,8 +158,14 @@ def _build_and_fit(cfg: DictConfig, strategy, run_dir, trainer_cfg: TrainerConfi
     trainer.sweep_job = HydraConfig.get().mode == RunMode.MULTIRUN
     trainer.hparams = flatten(OmegaConf.to_container(cfg, resolve=True))  # the loggers' params (MLflow)
     class_weight = cfg.data.get("class_weight") or None  # config.DataOptions: None (the default) weighs nothing
-    return trainer.fit(data.train, eval_data_of(cfg, data), steps_per_epoch=steps_per_epoch, batch_size=data.batch_size,
+    logs = trainer.fit(data.train, eval_data_of(cfg, data), steps_per_epoch=steps_per_epoch, batch_size=data.batch_size,
                        class_weight=None if class_weight is None else OmegaConf.to_container(class_weight))
+    # The Trainer holds itself in reference cycles (its checkpoint's callback state, its step functions' closures)
+    # that only the cyclic GC breaks: it lived until the exit hook, which waited for its kept train iterator and
+    # warned to `del trainer` (iterator_release.py). Freed now, the iterator is released on its thread.
+    del trainer
+    gc.collect()
+    return logs
 
 
 def resume_command(run_dir) -> str:
@@ -179,22 +186,8 @@ def resume_command(run_dir) -> str:
             return command
     overrides = HydraConfig.get().overrides
     ours = ("hydra.mode=", "hydra.run.dir=", "hydra.sweep.")
-    kept = [o for o in overrides.hydra if not o.startswith(ours)] + list(overrides.task)
-    return " ".join([program(), *map(shlex.quote, [*kept, f"hydra.run.dir={run_dir}"])])
-
-
-def _log_to_worker_file(run_dir, strategy) -> None:
-    """Non-chief workers log to trainer.<task>.log, so the chief's trainer.log stays one clean file."""
-    resolver = strategy.cluster_resolver
-    name = run_dir / f"trainer.{resolver.task_type}{resolver.task_id}.log"
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if isinstance(handler, logging.FileHandler):
-            root.removeHandler(handler)
-            replacement = logging.FileHandler(name)
-            replacement.setFormatter(handler.formatter)
-            root.addHandler(replacement)
-    log.info("Non-chief worker: checkpoints, metrics and TensorBoard files go to temporary folders only")
+    kept = [o for o in overrides.hydra if not o.startswith(ours)] + list(overrides.task) + [f"hydra.run.dir={run_dir}"]
+    return launch_command(kept) or " ".join([program(), *map(shlex.quote, kept)])  # the launcher's, in its workers
 
 
 @hydra.main(version_base="1.3", config_path="pkg://trainer.conf", config_name="config")
@@ -385,6 +378,7 @@ def main() -> None:
         sys.exit(0)  # as Hydra's --help
     try:
         _hydra_main()
+        iterator_release.exit_promptly(0)  # done: no wait at exit for the teardown of an iterator over replicas
     except KeyboardInterrupt:  # a second Ctrl-C (trainer/signals.py), or one before the run catches signals
         print("[trainer] stopped at once by Ctrl-C (SIGINT): the newest complete checkpoint is kept (what a save it "
               "cut short left is removed at the next start); run the same command to resume.", file=sys.stderr,

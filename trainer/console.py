@@ -182,3 +182,26 @@ def _dropper(handler: logging.FileHandler):
             pass
 
     return handle_error
+
+
+def log_to_worker_file(run_dir, strategy_name: str) -> None:
+    """A non-chief worker of a multi_worker run (TF_CONFIG's task) logs to trainer.<task>.log from its first line
+    on, its `Recipe` and `Strategy` lines too, so the chief's trainer.log stays one clean file."""
+    import json
+    from pathlib import Path
+
+    from trainer.runlock import is_chief_process
+
+    if is_chief_process(strategy_name):
+        return
+    task = json.loads(os.environ.get("TF_CONFIG") or "{}").get("task") or {}
+    name = Path(run_dir) / f"trainer.{task.get('type')}{task.get('index', 0)}.log"
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            replacement = logging.FileHandler(name)
+            replacement.setFormatter(handler.formatter)
+            root.addHandler(replacement)
+    logging.getLogger("trainer").info("Non-chief worker: checkpoints, metrics and TensorBoard files go to temporary "
+                                      "folders only")

@@ -1,6 +1,8 @@
-"""The data position across a resume with another batch size: the batches a run read are kept (in
-checkpoints/configured.json, by callbacks/checkpointing.py) with the batch size and the batches in one pass over
-the data, so a resume with other batches skips the same examples, in the new batches, and says so."""
+"""The data position across a resume with another batch size or worker count: the batches a run read are kept (in
+checkpoints/configured.json, by callbacks/checkpointing.py) with the batch size, the batches in one pass over
+the data and the input pipelines that read it, so a resume with other batches skips the same examples, in the new
+batches, and says so; one with another number of workers reads other examples (each worker reads its own shard
+in its own order), said loudly, refused under trainer.deterministic."""
 from __future__ import annotations
 
 import logging
@@ -8,6 +10,9 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import tensorflow as tf
+
+from trainer.config import ConfigError, written
+from trainer.distribute import input_pipelines
 
 log = logging.getLogger("trainer.core")
 
@@ -35,11 +40,48 @@ def _recorded_batch_size(path: Path) -> Optional[int]:
     return data.get("batch_size") if isinstance(data, dict) else None
 
 
-def position_in_new_batches(trainer, read: int, recorded: Dict) -> int:
+def _as_read_by(count: int) -> str:
+    return "one process (one input pipeline)" if count == 1 else f"{count} workers ({count} input shards)"
+
+
+def _resume_as(trainer, count: int) -> str:
+    """How to resume with the `count` input pipelines of the run's start, in the user's terms."""
+    if trainer.from_cli:
+        return (f"resume with python -m trainer.launch --workers {count} -- and the same overrides" if count > 1 else
+                "resume in one process: python -m trainer with the same overrides (or python -m trainer.launch "
+                "--workers 1 -- ...)")
+    return (f"resume with the strategy of the run's start, over {count} workers" if count > 1 else
+            "resume with a strategy in one process (the default, one_device or mirrored)")
+
+
+def reads_other_examples(trainer, recorded: Dict) -> bool:
+    """Whether this resume reads the training data with another number of input pipelines (workers) than the
+    record's run: it skips as many examples as that run trained on, but each worker reads its own shard in its
+    own shuffled order, both set by the count, so they are other examples, in another order. Said with the fix;
+    a ConfigError under trainer.deterministic (a resume it asks to repeat). A record without the count (from
+    before it held it) says nothing."""
+    old, new = recorded.get("input_pipelines"), input_pipelines(trainer.strategy)
+    if not isinstance(old, int) or old == new:
+        return False
+    cause = (f"the run this one resumes read its training data as {_as_read_by(old)}, this one reads it as "
+             f"{_as_read_by(new)}. Each worker reads its own shard of the examples in its own shuffled order, so "
+             "the resume skips as many examples as the run trained on, but other ones: from here on it reads "
+             "other examples, in another order, than the run it continues would have")
+    fix = _resume_as(trainer, old)
+    if trainer.config.deterministic:
+        asked = written("trainer.deterministic", True, "Trainer(deterministic=...)", trainer.from_cli)
+        other = written("trainer.deterministic", False, "Trainer(deterministic=...)", trainer.from_cli)
+        raise ConfigError(f"{asked} and {cause}. Fix: {fix}, or {other} to go on with other examples.")
+    log.warning("Data: %s. To resume exactly: %s.", cause, fix)
+    return True
+
+
+def position_in_new_batches(trainer, read: int, recorded: Dict, other_examples: bool = False) -> int:
     """The batches to skip when the run's batches (trainer.batch_size: data.batch_size, or a data set batched
     otherwise) changed since the record: the examples read, in the new batches; by passes over the data when both
     passes' batches are known (a pass drops a remainder of its own size), else by examples alone. A position that
-    is not a whole number of new batches reads the examples of the part again, said."""
+    is not a whole number of new batches reads the examples of the part again, said. `other_examples`: another
+    worker count reads other examples anyway (reads_other_examples), so none is claimed to be the same."""
     old, new = recorded.get("batch_size"), trainer.batch_size
     if old is None and trainer.from_cli:  # a record from before it held the batch size: the run's config record
         old = _recorded_batch_size(trainer.run_dir / ".hydra" / "config.yaml")
@@ -61,6 +103,8 @@ def position_in_new_batches(trainer, read: int, recorded: Dict) -> int:
     if again:
         log.warning("%s, and the last %d examples read, not a whole batch of %d, are trained on again. To resume "
                     "exactly: keep data.batch_size=%d, or one that divides %d.", said, again, new, old, within * old)
+    elif other_examples:
+        log.info("%s: as many examples as the run read (other ones: the worker count changed, said above).", said)
     elif by_passes:
         log.info("%s: the same examples.", said)
     else:

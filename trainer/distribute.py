@@ -268,3 +268,13 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return task_type in (None, "chief") or (
         task_type == "worker" and task_id == 0 and "chief" not in resolver.cluster_spec().as_dict()
     )
+
+
+def input_pipelines(strategy: tf.distribute.Strategy) -> int:
+    """The input pipelines a distributed data set is read by, each its own shard in its own shuffled order (the
+    InputContext's num_input_pipelines, trainer/data.py): the workers of a multi_worker run (chief included); 1
+    for a strategy in one process. Another count reads other examples at the same position (data_position.py)."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or strategy.cluster_resolver is None:
+        return 1
+    cluster = strategy.cluster_resolver.cluster_spec().as_dict()
+    return max(1, len(cluster.get("worker", [])) + len(cluster.get("chief", [])))

@@ -151,14 +151,18 @@ def distribute(data: DataArg, strategy: tf.distribute.Strategy, skip_batches: in
 
 
 def training_iterator(data: DataArg, strategy, start: int, batches_read: int, kept: Optional[KeptIterator],
-                      exact_resume: bool = False):
+                      exact_resume: bool = False, other_examples: bool = False):
     """The iterator a fit() call trains from: the one the last call left, when it ended at step `start` on
     the same data; else a new one that skips the `batches_read` batches the run trained on so far.
-    `exact_resume`: this run is one a resume should repeat (a run_dir, and a resume or trainer.deterministic)."""
+    `exact_resume`: this run is one a resume should repeat (a run_dir, and a resume or trainer.deterministic).
+    `other_examples`: the run read them with another worker count (data_position.reads_other_examples, warned)."""
     if kept is not None and kept.iterator is not None and kept.data is data and kept.step == start:
         iterator, kept.iterator = kept.iterator, None
         return iterator
-    if batches_read:  # tf.data produces the skipped batches (reads, decodes) and drops them: it takes time
+    if batches_read and other_examples:
+        log.info("Data: skipping %d batches, as many examples as the first %d steps trained on, but not the same ones "
+                 "(another worker count, warned above)", batches_read, start)
+    elif batches_read:  # tf.data produces the skipped batches (reads, decodes) and drops them: it takes time
         log.info("Data: skipping %d batches, the examples the first %d steps trained on, to resume in the same order",
                  batches_read, start)
     warn_if_reshuffled_again(data, start, exact_resume)

@@ -92,8 +92,9 @@ HELD_AT_EXIT = (  # the warning of _join_releases when Trainers held iterators a
 
 
 def exit_promptly(code: int) -> None:
-    """A command line ends with the non-zero `code` (143 or 130 after a signal, 2, 3): the exit must not
-    wait up to a minute for the iterators' releases (a 30 s grace period's SIGKILL follows a SIGTERM)."""
+    """A command line ends with `code`: the exit must not wait up to a minute for the iterators' releases (a 30 s
+    grace period's SIGKILL follows a SIGTERM's 143; 0: its run is done, its Trainer freed, nothing is left to
+    wait for but the teardown of an iterator no one uses)."""
     global _exit_code
     _exit_code = code
 
@@ -101,8 +102,8 @@ def exit_promptly(code: int) -> None:
 def _finish_releases_at_exit() -> None:
     """A release thread of a multi-replica iterator still inside its destructor when the interpreter
     finalizes is ended by pthread_exit through a noexcept C++ frame: a finished run aborted ("FATAL:
-    exception not rethrown", exit -6). So the process waits for those; after a command line's non-zero
-    exit it ends at once instead (os._exit skips the finalizing, and the later exit hooks have run).
+    exception not rethrown", exit -6). So the process waits for those; at a command line's exit (exit_promptly)
+    it ends at once instead (os._exit skips the finalizing, and the later exit hooks have run).
     Single-replica releases get 2 s: exiting with one still blocked ended cleanly in every trial."""
     global _exiting
     held = _let_go_of_kept()  # before _exiting: their releases start on threads

@@ -126,8 +126,7 @@ class Loop:
                     raise
         except PreemptedAndSaved as e:
             log.warning("Preemption notice at step %d (%s or the platform's maintenance notice to a worker of this "
-                        "run): every worker saved step %d; run the same commands again to resume.", self.step, e,
-                        self.step)
+                        "run): every worker saved step %d; %s.", self.step, e, self.step, how_to_resume(t))
             self.callbacks.on_train_end(t, {"step": self.step, "interrupted": True})
             raise
         except TrainingInterrupted:  # saved, and said so, above
@@ -293,13 +292,14 @@ class Loop:
 
     def _interrupted(self, e: TrainingInterrupted) -> None:
         t = self.trainer
+        resume = how_to_resume(t)
         if self.step == self.start:
             log.warning("Received %s at step %d, before this run trained a step: nothing new to save; %s.",
-                        e, self.step, how_to_resume(t) if self.start else "run the same command again to start")
+                        e, self.step, resume if self.start else "run the same command again to start")
         elif t.checkpointer:
             self.callbacks.on_save_point(t, self.step, "signal")
-            log.warning("Received %s at step %d: saved %s; %s", e, self.step, t.checkpointing.last_path,
-                        how_to_resume(t))
+            log.warning("Received %s at step %d: saved %s; %s", e, self.step, t.checkpointing.last_path if t.is_chief
+                        else "it with the other workers (the chief writes the checkpoint)", resume)
         else:
             log.warning("Received %s at step %d: stopping (no run folder, nothing saved).", e, self.step)
         self.ended = True  # a CommandStopped raised after it (SignalCatcher.__exit__) does not end the run again
@@ -341,7 +341,10 @@ def run_steps(trainer, kept, num_steps: int, host_work=None) -> int:
 
 
 def how_to_resume(trainer) -> str:
-    """The CLI gives the exact command (trainer.resume_command); from Python, the run folder resumes."""
+    """The CLI gives the exact command (trainer.resume_command: in a worker of python -m trainer.launch, the
+    launcher's); from Python, the run folder resumes. Said by the chief: a multi-worker run's others point to it."""
+    if not trainer.is_chief:
+        return "the chief (worker 0) says how to resume"
     if trainer.resume_command:
         return f"to resume, run: {trainer.resume_command}"
     return (f"to resume, call fit() on a Trainer built as this one with run_dir={str(trainer.run_dir)!r} "

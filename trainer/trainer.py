@@ -319,7 +319,8 @@ class Trainer(TrainerProperties, Step):
 
         def make_iterator():
             return training_iterator(train_data, self.strategy, start, self.checkpointing.data_position(), held.pop(),
-                                     self.run_dir is not None and (start > 0 or self.config.deterministic))
+                                     self.run_dir is not None and (start > 0 or self.config.deterministic),
+                                     self.checkpointing.other_examples)
 
         loop = Loop(self, callbacks, make_iterator, eval_data, self.total, request=(steps, epochs))
         train_logs, eval_logs, step = loop.run()

@@ -26,7 +26,8 @@ from trainer.callbacks.numerics import check_weights_finite
 from trainer import held_state, resume_from
 from trainer.checkpoint import NO_BEST, Checkpointer
 from trainer.config import ConfigError, as_given, written
-from trainer.data_position import position_in_new_batches
+from trainer.distribute import input_pipelines
+from trainer.data_position import position_in_new_batches, reads_other_examples
 from trainer.inputs import batches_read_per_step
 from trainer.load_weights import init_from_targets, warm_start_models
 from trainer.loop import due as loop_event_due
@@ -77,6 +78,7 @@ class Checkpointing(Callback):
         # The data position: the training batches read up to step `counted_step`. Counted, not step x batches
         # per step: a resume with other batches per step (or after a rollback) goes on where the data was.
         self.batches_read, self.counted_step = 0, None
+        self.other_examples = False  # resumed with another worker count: the position skipped holds other examples
         # (best_metric, best_mode) as decided at the first fit() call (best_mode_of), in every checkpoint; and as
         # the checkpoint a resume restored recorded them
         self.best: Tuple[Optional[str], Optional[str]] = (None, None)
@@ -332,7 +334,8 @@ class Checkpointing(Callback):
         # A checkpoint older than the record's (the newest unreadable): the record's batches per step back to it.
         self.batches_read = max(0, read + (step - at) * recorded.get("batches_read_per_step", 1))
         self.counted_step = step
-        self.batches_read = position_in_new_batches(trainer, self.batches_read, recorded)
+        self.other_examples = reads_other_examples(trainer, recorded)
+        self.batches_read = position_in_new_batches(trainer, self.batches_read, recorded, self.other_examples)
 
     def on_eval_end(self, trainer, step, logs):
         self.evaluated = (step, logs)  # judged at the save point, after every callback saw the results
@@ -382,7 +385,8 @@ class Checkpointing(Callback):
             written = {"lr": single} if single is not None else ({"lrs": lrs} if lrs else {})
             written.update(step=step, batches_read=self._position(trainer, step),  # the data position
                            batches_read_per_step=batches_read_per_step(trainer.config),
-                           batch_size=trainer.batch_size, pass_batches=getattr(trainer, "data_pass_batches", None))
+                           batch_size=trainer.batch_size, pass_batches=getattr(trainer, "data_pass_batches", None),
+                           input_pipelines=input_pipelines(trainer.strategy))  # the workers, each its own shard
             if self.frozen:  # compared on resume: the frozen models are in no checkpoint
                 written["frozen"] = self.frozen
             record.with_suffix(".tmp").write_text(json.dumps(written))

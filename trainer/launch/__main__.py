@@ -17,10 +17,12 @@ import time
 from typing import List, Optional
 
 from trainer.errors import EXIT_NUMERICAL, EXIT_USER_ERROR, report_error
+from trainer.launch import ADDED, LAUNCHED_WITH
 from trainer.launch.cluster import LaunchError, Placement, placement
 from trainer.launch.group import STOPPED, Group, Worker, exit_code, how_it_ended, names, say
 
 NOT_RESTARTED = (EXIT_USER_ERROR, EXIT_NUMERICAL)  # bad input, non-finite training: the same again on a restart
+MAX_RESTARTS, GRACE_PERIOD_S = 3, 60.0  # the options' defaults
 BACKOFF_S, BACKOFF_MAX_S = 1.0, 30.0  # before restart k (from 0): BACKOFF_S * 2**k, at most BACKOFF_MAX_S
 FORBIDDEN = ("-m", "--multirun", "hydra.mode=", "hydra/launcher=", "strategy=")
 
@@ -34,10 +36,10 @@ def parse(argv: List[str]) -> argparse.Namespace:
     parser = _Parser(allow_abbrev=False, prog="python -m trainer.launch", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, metavar="N",
                         help="workers on this host (under SLURM or with TF_CONFIG: the cluster's, if given)")
-    parser.add_argument("--max-restarts", type=int, metavar="R", default=3,
+    parser.add_argument("--max-restarts", type=int, metavar="R", default=MAX_RESTARTS,
                         help="starts of the group again after a failure (default 3)")
     parser.add_argument("--port", type=int, metavar="P", help="first port (one host: default free ones; SLURM: 8888)")
-    parser.add_argument("--grace-period", type=float, metavar="S", default=60.0,
+    parser.add_argument("--grace-period", type=float, metavar="S", default=GRACE_PERIOD_S,
                         help="seconds the other workers get to end after a failure, before SIGKILL (default 60)")
     parser.add_argument("overrides", nargs="*", help="python -m trainer's overrides (after --)")
     _check_option_typos(argv, [o for a in parser._actions for o in a.option_strings if o.startswith("--")])
@@ -69,9 +71,17 @@ def _check_option_typos(argv: List[str], options: List[str]) -> None:
                               f"Fix: {close[0]}.")
 
 
-def worker_envs(where: Placement) -> List[dict]:
-    base = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def worker_envs(where: Placement, options: str = "") -> List[dict]:
+    """Each worker's environment: its TF_CONFIG, and the launcher's `options` (launch_command: how it resumes)."""
+    base = {**os.environ, "PYTHONUNBUFFERED": "1", LAUNCHED_WITH: options}
     return [{**base, "TF_CONFIG": config} for config in where.tf_configs]
+
+
+def own_options(args: argparse.Namespace) -> str:
+    """The launcher's options as given (those left at their defaults left out), as a shell line."""
+    given = [("--workers", args.workers, None), ("--max-restarts", args.max_restarts, MAX_RESTARTS),
+             ("--port", args.port, None), ("--grace-period", args.grace_period, GRACE_PERIOD_S)]
+    return " ".join(f"{name} {value:g}" for name, value, default in given if value != default)
 
 
 def worker_command(overrides: List[str], where: Placement) -> List[str]:
@@ -80,7 +90,7 @@ def worker_command(overrides: List[str], where: Placement) -> List[str]:
     if not any(o.startswith("hydra.run.dir=") for o in overrides):
         stamp = where.run_time or time.strftime("%Y-%m-%d_%H-%M-%S")
         overrides = [*overrides, f"hydra.run.dir=runs/${{recipe}}/{stamp}"]
-    return [sys.executable, "-m", "trainer", *overrides, "strategy=multi_worker"]
+    return [sys.executable, "-m", "trainer", *overrides, ADDED]
 
 
 class Signals:
@@ -117,8 +127,20 @@ class Signals:
             time.sleep(min(0.1, max(0.0, end - time.monotonic())))
 
 
+def check_overrides(overrides: List[str]) -> None:
+    """The workers' overrides, checked here once as python -m trainer checks its command line (a typo: one
+    message, exit 2, before any worker starts, not one per worker and the launcher's). Composing the config
+    loads no TensorFlow."""
+    from trainer.argv_check import problem_in
+
+    problem = problem_in([*overrides, ADDED])
+    if problem:
+        raise LaunchError(problem)
+
+
 def run(args: argparse.Namespace) -> int:
     """The group's starts; the exit code (the chief's, or the failed worker's once no restart is left)."""
+    check_overrides(args.overrides)
     where = placement(os.environ, args.workers, args.port)
     named = any(o.startswith("hydra.run.dir=") for o in args.overrides)
     if where.where == "TF_CONFIG" and not named:  # each pod's launcher would stamp its own time: one folder each
@@ -136,7 +158,7 @@ def _starts(args: argparse.Namespace, where: Placement, signals: Signals) -> int
     command = worker_command(args.overrides, where)
     say(f"{where.size} worker(s), {where.where}; this launcher starts "
         f"{', '.join(f'worker {i}' for i in where.indices)}; at most {args.max_restarts} restart(s)")
-    envs = worker_envs(where)
+    envs = worker_envs(where, own_options(args))
     for start in range(args.max_restarts + 1):
         if start and where.where == "one host" and args.port is None:  # new free ports: the old may linger
             where = placement(os.environ, args.workers, None)
@@ -150,6 +172,8 @@ def _starts(args: argparse.Namespace, where: Placement, signals: Signals) -> int
         if ending.late:
             say(f"{names(ending.late)} after the chief (worker 0) finished with exit 0: the run is complete, "
                 "not restarted (check that worker's output above)")
+        if ending.signal is not None and ending.codes[0] in (130, 143):
+            return 128 + ending.signal  # the signal the launcher got (a SIGINT is passed on as a SIGTERM)
         if ending.signal is not None or not ending.failed:
             return ending.codes[0]  # the chief's (one host: worker 0; a cluster: this task's)
         _lost_peer_note(group, ending.failed)

@@ -145,13 +145,19 @@ class Group:
         return sent
 
     def on_signal(self, signum: int) -> None:
-        """The launcher's SIGTERM or SIGINT: passed on to every worker (a SIGTERM once: each saves)."""
+        """The launcher's SIGTERM or SIGINT: passed on to every worker as a SIGTERM, once: TensorFlow's preemption
+        handler makes every worker save at one step on it. A SIGINT is each worker's own: they stopped at the step
+        boundaries they had reached, and one went on into a collective the others had left (a traceback, no
+        save). A SIGINT after that is passed on as it is (the workers' second signal)."""
         self.received = self.received or signum
-        if signum == signal.SIGTERM and self.sent_sigterm:  # already sent (a second one, or the stop after a failure)
+        if self.sent_sigterm and signum == signal.SIGTERM:  # already sent (a second one, or the stop after a failure)
             return
-        self.sent_sigterm = self.sent_sigterm or signum == signal.SIGTERM
-        sent = self.signal_all(signum)
-        self.passed_on = self.passed_on or f"received {signal.Signals(signum).name}: passed it on to {sent} worker(s)"
+        passed = signal.SIGINT if self.sent_sigterm else signal.SIGTERM
+        self.sent_sigterm = True
+        sent = self.signal_all(passed)
+        as_sent = "" if passed == signum else f" as {passed.name}, on which every worker saves at one step"
+        self.passed_on = self.passed_on or f"received {signal.Signals(signum).name}: passed it on to {sent} worker(s)" \
+                                           f"{as_sent}"
 
     def stop(self, signum: int = signal.SIGTERM) -> None:
         if signum == signal.SIGTERM:
