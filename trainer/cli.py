@@ -378,7 +378,6 @@ def main() -> None:
         sys.exit(0)  # as Hydra's --help
     try:
         _hydra_main()
-        iterator_release.exit_promptly(0)  # done: no wait at exit for the teardown of an iterator over replicas
     except KeyboardInterrupt:  # a second Ctrl-C (trainer/signals.py), or one before the run catches signals
         print("[trainer] stopped at once by Ctrl-C (SIGINT): the newest complete checkpoint is kept (what a save it "
               "cut short left is removed at the next start); run the same command to resume.", file=sys.stderr,
@@ -392,5 +391,12 @@ def main() -> None:
         raise
 
 
-if __name__ == "__main__":
+def command() -> None:
+    """`python -m trainer` and the `trainer` script: main(), then an exit that does not wait for the teardown of an
+    iterator over replicas (main() alone, called by a program of its own, leaves the exit to that program)."""
     main()
+    iterator_release.exit_promptly(0)
+
+
+if __name__ == "__main__":
+    command()

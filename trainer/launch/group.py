@@ -148,11 +148,13 @@ class Group:
         """The launcher's SIGTERM or SIGINT: passed on to every worker as a SIGTERM, once: TensorFlow's preemption
         handler makes every worker save at one step on it. A SIGINT is each worker's own: they stopped at the step
         boundaries they had reached, and one went on into a collective the others had left (a traceback, no
-        save). A SIGINT after that is passed on as it is (the workers' second signal)."""
+        save). A SIGINT after that stops them at once, as a second Ctrl-C stops one process: a SIGKILL (a SIGINT
+        would be each worker's first signal of its own, TensorFlow's handler having taken the SIGTERM); the newest
+        complete checkpoint is kept, and what a save it cut short left is removed at the next start."""
         self.received = self.received or signum
         if self.sent_sigterm and signum == signal.SIGTERM:  # already sent (a second one, or the stop after a failure)
             return
-        passed = signal.SIGINT if self.sent_sigterm else signal.SIGTERM
+        passed = signal.SIGKILL if self.sent_sigterm else signal.SIGTERM
         self.sent_sigterm = True
         sent = self.signal_all(passed)
         as_sent = "" if passed == signum else f" as {passed.name}, on which every worker saves at one step"
