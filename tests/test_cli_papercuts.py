@@ -1,6 +1,5 @@
 """Papercuts a new user of the command line hit (a run folder reused, a sweep stopped, entry points' checks, logs
 printed twice): each a cheap regression test of the real entry point, in this process, on tiny settings."""
-import pytest
 import csv
 import os
 import re
@@ -46,7 +45,6 @@ class TermOnce(Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-@pytest.mark.slow
 def test_a_sweep_a_signal_stops_writes_its_table_and_says_the_command_that_resumes_every_job(tmp_path):
     """The sweep exited 143 with no sweep_summary.csv, and its "to resume, run:" line resumed job 0 alone (job 1
     never ran). The table of the jobs so far is written, and the sweep's own command, run again, finishes both.

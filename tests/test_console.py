@@ -95,6 +95,7 @@ def test_a_quiet_trainers_warnings_have_the_format_of_the_others(tmp_path):
     assert "[trainer.callbacks][INFO]" not in quiet
 
 
+@pytest.mark.slow
 def test_configured_logging_gets_each_line_once(tmp_path):
     """Root logging configured by the user (as Hydra does for the CLI): no handler of ours, no doubled line."""
     result = _fit(tmp_path, configure="logging.basicConfig(level=logging.INFO, format='%(name)s: %(message)s')")

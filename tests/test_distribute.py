@@ -301,6 +301,7 @@ for kwargs in [dict(precision="mixed_bfloat16"), dict(strategy=s)]:
 """
 
 
+@pytest.mark.slow
 def test_ready_made_metrics_models_and_strategies(tmp_path):
     """Ready-made metrics are remade under the strategy (they crashed under Mirrored + XLA); a ready-made
     model that cannot honour the precision or the strategy, or a tf.data batch that does not split over
@@ -458,6 +459,7 @@ print("RESULT", json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_a_keras_loss_object_in_an_overridden_step_gives_the_update_of_its_function_form_on_two_replicas(tmp_path):
     """The 2-replica runs of the steps the loss convention changes (the full matrix: the slow twin below)."""
     check_loss_objects(tmp_path, "quick")
@@ -591,6 +593,7 @@ print("RESULT", json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_an_optimizers_own_apply_gradients_averages_in_an_own_step_and_sums_elsewhere_on_two_replicas(tmp_path):
     """A Trainer optimizer's own apply_gradients: the mean over replicas in an overridden step, Keras' sum
     elsewhere (an apply_gradients override under the default step, Keras' own fit with the Trainer's optimizer),

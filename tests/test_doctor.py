@@ -140,6 +140,7 @@ def test_trainer_epochs_on_the_command_line_is_the_run_length_python_m_trainer_m
         assert composed[-1] == length
 
 
+@pytest.mark.slow
 def test_the_grid_times_a_trainer_config_with_epochs(monkeypatch):
     """With trainer.epochs given (`python -m trainer.doctor trainer.epochs=1`, or diagnose(trainer_config=...)),
     every configuration of the grid failed ("epochs needs a training set of known size"): the doctor's Trainers
@@ -478,6 +479,7 @@ def test_help_and_bad_arguments_answer_before_tensorflow_loads():
     assert "--set-auto" in done.stdout  # the help
 
 
+@pytest.mark.slow
 def test_tensorflow_warnings_are_printed_once():
     """main() configures logging; TensorFlow's logger has its own handler and must not also reach the root's."""
     import subprocess
@@ -560,6 +562,7 @@ def test_no_fitting_loss_scale_blocks_float16_and_weightless_layers_get_their_gr
     assert pre["max_gradient"] is not None and pre["max_gradient"] > 0
 
 
+@pytest.mark.slow
 def test_resnet_recipe_model_table_and_numerics_at_a_tiny_size():
     """Issue 21's acceptance on the resnet recipe: its own builder (a ResNet-8, 8 filters, 32x32 images)
     through diagnose's model and numerics sections: nested backbone layers are listed, BatchNormalization

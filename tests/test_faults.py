@@ -251,6 +251,7 @@ def _files(folder: Path) -> dict:
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_save_keeps_the_last_checkpoint_and_resumes(tmp_path):
     small = ["trainer.keep_best=0", "trainer.tensorboard=false", "model.hidden_units=[32]"]  # ~0.3 MB a checkpoint
     with tmpfs(tmp_path / "disk", "size=16m") as disk:

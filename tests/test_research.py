@@ -421,6 +421,7 @@ class NoisyInputs(Trainer):
         self.update(loss, tape)
 
 
+@pytest.mark.slow
 def test_random_state_no_checkpoint_holds_is_named_and_self_rng_resumes_exactly(tmp_path, caplog):
     """trainer.deterministic: tf.random.* in the step is named at its first trace (a resume draws other
     numbers, so other weights); self.rng and Keras' Dropout (seed generators kept on the model) resume exactly."""

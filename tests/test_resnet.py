@@ -446,6 +446,7 @@ def test_resumed_past_freeze_steps_starts_unfrozen():
     assert not trainer.grad_multipliers
 
 
+@pytest.mark.slow
 def test_init_from_restores_backbone_and_gives_a_new_head(tmp_path):
     first = make_trainer(num_classes=5, run_dir=tmp_path / "pretrain")
     first.fit(small_data(classes=[0, 1, 2, 3, 4]).train, steps=3)

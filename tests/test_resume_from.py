@@ -108,6 +108,7 @@ def test_resume_from_best_and_from_a_path(tmp_path, caplog):
         make(None, resume_from="ckpt-10").fit(data, steps=12)
 
 
+@pytest.mark.slow
 def test_cli_resume_from(tmp_path):
     """From the command line: a bad name exits 2 with one line listing the checkpoints; ckpt-20 then training
     to 40 ends with the weights of the run's own 40 steps (trainer.deterministic=true)."""

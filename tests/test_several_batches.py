@@ -191,6 +191,7 @@ with two.strategy.scope():  # the Trainer's strategy is the scope's, without str
 """
 
 
+@pytest.mark.slow
 def test_two_replicas_equal_one_device(tmp_path):
     """2 logical CPUs: each replica gets its half of each of the K batches; the weights equal one device's. A
     ready-made optimizer made outside the strategy's scope is refused (its iterations would count per replica)."""

@@ -125,6 +125,7 @@ def test_clipvalue_bounds_each_unscaled_gradient_value(precision):
     assert (clipped > 0.05).any() and (clipped < 0.04).any(), clipped  # both kinds of value in the test
 
 
+@pytest.mark.slow
 def test_clipvalue_with_two_replicas_clips_the_all_reduced_gradient(tmp_path):
     """On 2 logical CPUs (MirroredStrategy) the update is that of one device: clipped after the all-reduce."""
     import subprocess
